@@ -1,0 +1,13 @@
+//! FHIR R4 knowledge with no I/O: resource types, the patient compartment table, ids, instants,
+//! references and OperationOutcome.
+
+pub mod compartment;
+pub mod id;
+pub mod instant;
+pub mod outcome;
+pub mod resource_type;
+
+pub use id::is_valid_id;
+pub use instant::{format_instant, now_micros, parse_range, parse_since, DateRange, InstantError, Micros};
+pub use outcome::{operation_outcome, Issue, IssueType, Severity};
+pub use resource_type::{is_resource_type, RESOURCE_TYPES};

@@ -1,0 +1,103 @@
+//! Storage for Bulkhead: tenants, clients, versioned FHIR resources, the patient compartment
+//! index and Group membership history, behind one [`Store`] trait.
+//!
+//! The trait is blocking: callers on an async runtime run it on blocking threads. Every method
+//! that touches resources takes a [`TenantId`]; nothing crosses tenants. [`testsuite`] holds the
+//! conformance suite every implementation runs.
+
+mod error;
+mod model;
+mod search;
+pub mod sqlite;
+mod write;
+
+#[cfg(any(test, feature = "testsuite"))]
+pub mod testsuite;
+
+pub use error::StoreError;
+pub use model::{ClientRecord, MemberSelection, PartRange, StoredResource, Tenant, TenantId, Visibility};
+pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
+pub use write::{group_members, stamp_meta, WriteMode, WriteOp, Written};
+
+use bulkhead_fhir::Micros;
+
+/// Where export bytes go: called once per exported resource with its stored JSON text.
+pub type ResourceSink<'a> = dyn FnMut(&[u8]) -> std::io::Result<()> + 'a;
+
+/// The storage seam. Implementations: [`sqlite::SqliteStore`].
+pub trait Store: Send + Sync + 'static {
+    // ---- tenants and clients (admin) ----
+
+    /// Creates a tenant; a duplicate name is [`StoreError::Conflict`].
+    fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError>;
+    fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError>;
+    fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError>;
+    /// Registers a client; `secret_hash` is already a slow hash (PHC string).
+    fn create_client(&self, tenant: TenantId, client_id: &str, secret_hash: &str)
+        -> Result<ClientRecord, StoreError>;
+    fn list_clients(&self, tenant: TenantId) -> Result<Vec<ClientRecord>, StoreError>;
+    /// Looks a client up by its globally unique id (credentials identify the tenant).
+    fn client(&self, client_id: &str) -> Result<Option<ClientRecord>, StoreError>;
+    /// Revokes a client; false when no such client exists.
+    fn revoke_client(&self, client_id: &str) -> Result<bool, StoreError>;
+
+    // ---- FHIR resources ----
+
+    /// Applies writes as one transaction ([`WriteMode::Transaction`]: all or nothing; the first
+    /// failure is returned as `Err`) or entry by entry ([`WriteMode::Batch`]). Each written
+    /// version gets `meta.versionId` and `meta.lastUpdated`; the compartment index, search index
+    /// and Group membership history follow in the same transaction. `owner` is the user the
+    /// writes belong to (`None`: the tenant itself).
+    fn write(
+        &self,
+        tenant: TenantId,
+        owner: Option<&str>,
+        ops: Vec<WriteOp>,
+        mode: WriteMode,
+    ) -> Result<Vec<Result<Written, StoreError>>, StoreError>;
+
+    /// The current version (possibly a tombstone) of a resource visible to `visibility`.
+    fn read(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, id: &str)
+        -> Result<Option<StoredResource>, StoreError>;
+    /// One version of a resource.
+    fn vread(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, id: &str, version: i64)
+        -> Result<Option<StoredResource>, StoreError>;
+    /// Every version of a resource, newest first.
+    fn history(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, id: &str)
+        -> Result<Vec<StoredResource>, StoreError>;
+    /// Type-level search over current, non-deleted versions, in key order, keyset-paged.
+    fn search(&self, tenant: TenantId, visibility: &Visibility, query: &SearchQuery)
+        -> Result<SearchPage, StoreError>;
+    /// Resource ids (of `resource_type`) among `ids` that exist, current and not deleted.
+    fn existing_ids(&self, tenant: TenantId, resource_type: &str, ids: &[String])
+        -> Result<Vec<String>, StoreError>;
+
+    // ---- export ----
+
+    /// Reserves a transaction time: every write committed before the call has
+    /// `lastUpdated <= T`, every write after it `> T` (Bulk Data IG: transactionTime).
+    fn reserve_transaction_time(&self) -> Result<Micros, StoreError>;
+    /// The version of a resource as it was at `at` (None if it did not exist or was deleted).
+    fn version_at(&self, tenant: TenantId, resource_type: &str, id: &str, at: Micros)
+        -> Result<Option<StoredResource>, StoreError>;
+    /// Patient ids that were (active) members of the Group at `at`, from membership history.
+    fn members_at(&self, tenant: TenantId, group_id: &str, at: Micros) -> Result<Vec<String>, StoreError>;
+    /// For each of `resource_types`, splits its selected resources into consecutive key ranges
+    /// of at most `part_size` resources each, with exact counts (types with none get no part).
+    fn plan_parts(&self, tenant: TenantId, selection: &MemberSelection, resource_types: &[String], part_size: u64)
+        -> Result<Vec<(String, Vec<PartRange>)>, StoreError>;
+    /// Streams the stored JSON of the selected resources of one type within `range`, in key
+    /// order, one call of `sink` per resource; returns how many were written.
+    fn stream_part(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        resource_type: &str,
+        range: &PartRange,
+        sink: &mut ResourceSink<'_>,
+    ) -> Result<u64, StoreError>;
+    /// Resources of the type in the members' compartments that were deleted in
+    /// `(since, transaction_time]` (for `deleted[]`), as `(id, deleted_at)`, in key order.
+    fn deleted_in_compartments(&self, tenant: TenantId, selection: &MemberSelection, resource_type: &str)
+        -> Result<Vec<(String, Micros)>, StoreError>;
+}

@@ -1,0 +1,245 @@
+//! The embedded SQLite store (WAL mode): one writer connection, a small pool of readers.
+
+mod admin;
+mod export;
+mod resources;
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use bulkhead_fhir::{now_micros, Micros};
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+
+use crate::{
+    ClientRecord, MemberSelection, PartRange, ResourceSink, SearchPage, SearchQuery, StoreError, StoredResource,
+    Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
+};
+
+const SCHEMA: &str = include_str!("schema.sql");
+
+/// The SQLite implementation of [`crate::Store`].
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    path: std::path::PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and applies the schema.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let writer = open_connection(path)?;
+        writer.execute_batch(SCHEMA)?;
+        Ok(SqliteStore { writer: Mutex::new(writer), readers: Mutex::new(Vec::new()), path: path.to_owned() })
+    }
+
+    /// Runs `work` inside an immediate (write-locked) transaction with a fresh timestamp,
+    /// committing only when it returns `Ok`.
+    fn with_write<T>(
+        &self,
+        work: impl FnOnce(&Transaction<'_>, Micros) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut connection = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let timestamp = next_timestamp(&transaction)?;
+        let result = work(&transaction, timestamp)?;
+        transaction.commit()?;
+        Ok(result)
+    }
+
+    /// Runs `work` on a read connection inside one read transaction, so every statement it runs
+    /// sees the same committed state.
+    fn with_snapshot<T>(&self, work: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.with_read(|connection| {
+            connection.execute_batch("BEGIN DEFERRED")?;
+            let result = work(connection);
+            connection.execute_batch("COMMIT")?;
+            result
+        })
+    }
+
+    /// Runs `work` on a pooled read connection.
+    fn with_read<T>(&self, work: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let pooled = self.readers.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
+        let connection = match pooled {
+            Some(connection) => connection,
+            None => open_connection(&self.path)?,
+        };
+        let result = work(&connection);
+        // Keep a handful of idle readers; a connection mid-transaction is never returned.
+        if connection.is_autocommit() {
+            let mut readers = self.readers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if readers.len() < 8 {
+                readers.push(connection);
+            }
+        }
+        result
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let connection = Connection::open_with_flags(path, flags)?;
+    connection.busy_timeout(std::time::Duration::from_secs(10))?;
+    connection.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = NORMAL;
+         PRAGMA temp_store = MEMORY;
+         PRAGMA cache_size = -16000;",
+    )?;
+    connection.set_prepared_statement_cache_capacity(64);
+    Ok(connection)
+}
+
+/// Hands out the next timestamp: the wall clock, or one microsecond past the last one when the
+/// clock has not moved (or moved back), so timestamps never repeat.
+fn next_timestamp(transaction: &Transaction<'_>) -> Result<Micros, StoreError> {
+    let timestamp = transaction.query_row(
+        "UPDATE clock SET last = MAX(last + 1, ?1) WHERE id = 0 RETURNING last",
+        [now_micros()],
+        |row| row.get(0),
+    )?;
+    Ok(timestamp)
+}
+
+impl crate::Store for SqliteStore {
+    fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
+        self.with_write(|transaction, _| admin::create_tenant(transaction, name))
+    }
+
+    fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        self.with_read(admin::list_tenants)
+    }
+
+    fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
+        self.with_read(|connection| admin::tenant_by_name(connection, name))
+    }
+
+    fn create_client(&self, tenant: TenantId, client_id: &str, secret_hash: &str) -> Result<ClientRecord, StoreError> {
+        self.with_write(|transaction, _| admin::create_client(transaction, tenant, client_id, secret_hash))
+    }
+
+    fn list_clients(&self, tenant: TenantId) -> Result<Vec<ClientRecord>, StoreError> {
+        self.with_read(|connection| admin::list_clients(connection, tenant))
+    }
+
+    fn client(&self, client_id: &str) -> Result<Option<ClientRecord>, StoreError> {
+        self.with_read(|connection| admin::client(connection, client_id))
+    }
+
+    fn revoke_client(&self, client_id: &str) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| admin::revoke_client(transaction, client_id))
+    }
+
+    fn write(
+        &self,
+        tenant: TenantId,
+        owner: Option<&str>,
+        ops: Vec<WriteOp>,
+        mode: WriteMode,
+    ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        self.with_write(|transaction, timestamp| {
+            let mut results = Vec::with_capacity(ops.len());
+            for op in ops {
+                match mode {
+                    WriteMode::Transaction => {
+                        results.push(Ok(resources::apply(transaction, tenant, owner, op, timestamp)?));
+                    }
+                    WriteMode::Batch => {
+                        // A savepoint per entry: a failed entry leaves no partial rows behind.
+                        transaction.execute_batch("SAVEPOINT entry")?;
+                        let result = resources::apply(transaction, tenant, owner, op, timestamp);
+                        let end = if result.is_ok() { "RELEASE entry" } else { "ROLLBACK TO entry; RELEASE entry" };
+                        transaction.execute_batch(end)?;
+                        if let Err(StoreError::Database(detail)) = &result {
+                            return Err(StoreError::Database(detail.clone()));
+                        }
+                        results.push(result);
+                    }
+                }
+            }
+            Ok(results)
+        })
+    }
+
+    fn read(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, id: &str)
+        -> Result<Option<StoredResource>, StoreError> {
+        self.with_read(|connection| resources::read(connection, tenant, visibility, resource_type, id))
+    }
+
+    fn vread(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, id: &str, version: i64)
+        -> Result<Option<StoredResource>, StoreError> {
+        let versions = self.history(tenant, visibility, resource_type, id)?;
+        Ok(versions.into_iter().find(|stored| stored.version == version))
+    }
+
+    fn history(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, id: &str)
+        -> Result<Vec<StoredResource>, StoreError> {
+        self.with_read(|connection| resources::history(connection, tenant, visibility, resource_type, id))
+    }
+
+    fn search(&self, tenant: TenantId, visibility: &Visibility, query: &SearchQuery) -> Result<SearchPage, StoreError> {
+        self.with_read(|connection| resources::search(connection, tenant, visibility, query))
+    }
+
+    fn existing_ids(&self, tenant: TenantId, resource_type: &str, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        self.with_read(|connection| resources::existing_ids(connection, tenant, resource_type, ids))
+    }
+
+    fn reserve_transaction_time(&self) -> Result<Micros, StoreError> {
+        self.with_write(|_, timestamp| Ok(timestamp))
+    }
+
+    fn version_at(&self, tenant: TenantId, resource_type: &str, id: &str, at: Micros)
+        -> Result<Option<StoredResource>, StoreError> {
+        self.with_read(|connection| export::version_at(connection, tenant, resource_type, id, at))
+    }
+
+    fn members_at(&self, tenant: TenantId, group_id: &str, at: Micros) -> Result<Vec<String>, StoreError> {
+        self.with_read(|connection| export::members_at(connection, tenant, group_id, at))
+    }
+
+    fn plan_parts(&self, tenant: TenantId, selection: &MemberSelection, resource_types: &[String], part_size: u64)
+        -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
+        self.with_snapshot(|connection| export::plan_parts(connection, tenant, selection, resource_types, part_size))
+    }
+
+    fn stream_part(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        resource_type: &str,
+        range: &PartRange,
+        sink: &mut ResourceSink<'_>,
+    ) -> Result<u64, StoreError> {
+        self.with_snapshot(|connection| export::stream_part(connection, tenant, selection, resource_type, range, sink))
+    }
+
+    fn deleted_in_compartments(&self, tenant: TenantId, selection: &MemberSelection, resource_type: &str)
+        -> Result<Vec<(String, Micros)>, StoreError> {
+        self.with_snapshot(|connection| export::deleted_in_compartments(connection, tenant, selection, resource_type))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A store in its own temporary directory, removed when the test ends.
+    struct TestStore {
+        store: super::SqliteStore,
+        _directory: tempfile::TempDir,
+    }
+
+    impl std::ops::Deref for TestStore {
+        type Target = super::SqliteStore;
+        fn deref(&self) -> &Self::Target {
+            &self.store
+        }
+    }
+
+    fn fresh_store() -> TestStore {
+        let directory = tempfile::tempdir().unwrap();
+        let store = super::SqliteStore::open(&directory.path().join("test.db")).unwrap();
+        TestStore { store, _directory: directory }
+    }
+
+    crate::store_test_suite!(fresh_store());
+}

@@ -1,0 +1,449 @@
+//! Versioned resources: writes (with the compartment index, search tokens and Group membership
+//! history kept in step), reads, history and search.
+
+use bulkhead_fhir::{compartment::patient_compartments, Micros};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, ToSql, Transaction};
+use serde_json::Value;
+
+use crate::write::search_tokens;
+use crate::{
+    group_members, stamp_meta, LastUpdatedBound, SearchPage, SearchQuery, StoreError, StoredResource, TenantId,
+    Visibility, WriteOp, Written,
+};
+
+/// The current row of a resource, without its body.
+struct Current {
+    rid: i64,
+    version: i64,
+    deleted: bool,
+    owner: Option<String>,
+}
+
+fn current(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<Current>, StoreError> {
+    let mut statement = transaction.prepare_cached(
+        "SELECT rid, version, deleted, owner FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3",
+    )?;
+    let row = statement
+        .query_row(params![tenant.0, resource_type, id], |row| {
+            Ok(Current { rid: row.get(0)?, version: row.get(1)?, deleted: row.get(2)?, owner: row.get(3)? })
+        })
+        .optional()?;
+    Ok(row)
+}
+
+/// Applies one write inside an open transaction at `timestamp`.
+pub(super) fn apply(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    owner: Option<&str>,
+    op: WriteOp,
+    timestamp: Micros,
+) -> Result<Written, StoreError> {
+    let resource_type = op.resource_type().to_owned();
+    match op {
+        WriteOp::Create { id, body, .. } => {
+            if current(transaction, tenant, &resource_type, &id)?.is_some() {
+                return Err(StoreError::Conflict(format!("{resource_type}/{id} already exists")));
+            }
+            put(transaction, tenant, owner, &resource_type, &id, body, None, timestamp)
+        }
+        WriteOp::Update { id, body, if_match, .. } => {
+            let existing = current(transaction, tenant, &resource_type, &id)?;
+            if let Some(existing) = &existing {
+                if owner.is_some() && existing.owner.as_deref() != owner {
+                    // Another user's resource: not visible, so not updatable (and not revealed).
+                    return Err(StoreError::NotFound(format!("{resource_type}/{id}")));
+                }
+            }
+            if let Some(expected) = if_match {
+                let actual = existing.as_ref().map(|existing| existing.version);
+                if actual != Some(expected) {
+                    return Err(StoreError::VersionConflict(format!(
+                        "{resource_type}/{id} is at version {}, not {expected}",
+                        actual.map_or("none".to_owned(), |v| v.to_string())
+                    )));
+                }
+            }
+            if let Some(existing) = existing.as_ref().filter(|existing| !existing.deleted) {
+                if let Some(unchanged) = unchanged_version(transaction, existing, &resource_type, &id, &body)? {
+                    return Ok(unchanged);
+                }
+            }
+            put(transaction, tenant, owner, &resource_type, &id, body, existing, timestamp)
+        }
+        WriteOp::Delete { id, .. } => delete(transaction, tenant, owner, &resource_type, &id, timestamp),
+    }
+}
+
+/// When the new content equals the current version (ignoring `meta.versionId` and
+/// `meta.lastUpdated`), the write is a no-op and the current version is returned.
+fn unchanged_version(
+    transaction: &Transaction<'_>,
+    existing: &Current,
+    resource_type: &str,
+    id: &str,
+    body: &Value,
+) -> Result<Option<Written>, StoreError> {
+    let (stored_text, last_updated): (String, Micros) = transaction
+        .prepare_cached("SELECT body, last_updated FROM resources WHERE rid = ?1")?
+        .query_row([existing.rid], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let mut stored: Value = serde_json::from_str(&stored_text)?;
+    let mut incoming = body.clone();
+    for value in [&mut stored, &mut incoming] {
+        if let Some(meta) = value.get_mut("meta").and_then(Value::as_object_mut) {
+            meta.remove("versionId");
+            meta.remove("lastUpdated");
+            if meta.is_empty() {
+                value.as_object_mut().map(|object| object.remove("meta"));
+            }
+        }
+        value.as_object_mut().map(|object| object.insert("id".into(), Value::String(id.to_owned())));
+    }
+    if stored != incoming {
+        return Ok(None);
+    }
+    Ok(Some(Written {
+        resource_type: resource_type.to_owned(),
+        id: id.to_owned(),
+        version: existing.version,
+        last_updated,
+        created: false,
+        deleted: false,
+        body: Some(stored_text),
+    }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn put(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    owner: Option<&str>,
+    resource_type: &str,
+    id: &str,
+    mut body: Value,
+    existing: Option<Current>,
+    timestamp: Micros,
+) -> Result<Written, StoreError> {
+    let version = existing.as_ref().map_or(1, |existing| existing.version + 1);
+    stamp_meta(&mut body, id, version, timestamp);
+    let text = serde_json::to_string(&body)?;
+    let created = existing.as_ref().is_none_or(|existing| existing.deleted);
+    let rid = match &existing {
+        Some(existing) => {
+            archive_current(transaction, existing.rid)?;
+            // The owner of an existing resource never changes: a tenant-level update of a
+            // user's resource keeps it that user's.
+            transaction.prepare_cached(
+                "UPDATE resources SET version = ?2, last_updated = ?3, deleted = 0, body = ?4 WHERE rid = ?1",
+            )?
+            .execute(params![existing.rid, version, timestamp, text])?;
+            existing.rid
+        }
+        None => {
+            transaction
+                .prepare_cached(
+                    "INSERT INTO resources (tenant_id, resource_type, id, version, last_updated, deleted, owner, body)
+                     VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?6)",
+                )?
+                .execute(params![tenant.0, resource_type, id, timestamp, owner, text])?;
+            transaction.last_insert_rowid()
+        }
+    };
+    let is_new_row = existing.is_none();
+    sync_compartments(transaction, tenant, resource_type, rid, patient_compartments(resource_type, &body), timestamp, is_new_row)?;
+    sync_search_tokens(transaction, tenant, resource_type, rid, &body, is_new_row)?;
+    if resource_type == "Group" {
+        sync_group_membership(transaction, tenant, id, &group_members(&body, timestamp), timestamp)?;
+    }
+    Ok(Written {
+        resource_type: resource_type.to_owned(),
+        id: id.to_owned(),
+        version,
+        last_updated: timestamp,
+        created,
+        deleted: false,
+        body: Some(text),
+    })
+}
+
+fn delete(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    owner: Option<&str>,
+    resource_type: &str,
+    id: &str,
+    timestamp: Micros,
+) -> Result<Written, StoreError> {
+    let existing = current(transaction, tenant, resource_type, id)?
+        .filter(|existing| owner.is_none() || existing.owner.as_deref() == owner)
+        .ok_or_else(|| StoreError::NotFound(format!("{resource_type}/{id}")))?;
+    let mut written = Written {
+        resource_type: resource_type.to_owned(),
+        id: id.to_owned(),
+        version: existing.version,
+        last_updated: timestamp,
+        created: false,
+        deleted: true,
+        body: None,
+    };
+    if existing.deleted {
+        return Ok(written);
+    }
+    archive_current(transaction, existing.rid)?;
+    written.version = existing.version + 1;
+    transaction
+        .prepare_cached("UPDATE resources SET version = ?2, last_updated = ?3, deleted = 1, body = NULL WHERE rid = ?1")?
+        .execute(params![existing.rid, written.version, timestamp])?;
+    // Compartment rows stay open: deletions are found through them for `deleted[]`.
+    transaction.prepare_cached("DELETE FROM search_token WHERE rid = ?1")?.execute([existing.rid])?;
+    if resource_type == "Group" {
+        sync_group_membership(transaction, tenant, id, &[], timestamp)?;
+    }
+    Ok(written)
+}
+
+fn archive_current(transaction: &Transaction<'_>, rid: i64) -> Result<(), StoreError> {
+    transaction
+        .prepare_cached(
+            "INSERT INTO resource_history (rid, version, last_updated, deleted, owner, body)
+             SELECT rid, version, last_updated, deleted, owner, body FROM resources WHERE rid = ?1",
+        )?
+        .execute([rid])?;
+    Ok(())
+}
+
+/// Closes compartment rows the new version left and opens rows for compartments it entered.
+fn sync_compartments(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    rid: i64,
+    patients: Vec<String>,
+    timestamp: Micros,
+    is_new_row: bool,
+) -> Result<(), StoreError> {
+    let open: Vec<String> = if is_new_row {
+        Vec::new()
+    } else {
+        let mut statement =
+            transaction.prepare_cached("SELECT patient_id FROM compartment WHERE rid = ?1 AND to_ts IS NULL")?;
+        let rows = statement.query_map([rid], |row| row.get(0))?.collect::<Result<_, _>>()?;
+        rows
+    };
+    for gone in open.iter().filter(|patient| !patients.contains(patient)) {
+        transaction
+            .prepare_cached("UPDATE compartment SET to_ts = ?3 WHERE rid = ?1 AND patient_id = ?2 AND to_ts IS NULL")?
+            .execute(params![rid, gone, timestamp])?;
+    }
+    let mut insert = transaction.prepare_cached(
+        "INSERT INTO compartment (tenant_id, patient_id, resource_type, rid, from_ts) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for patient in patients.iter().filter(|patient| !open.contains(patient)) {
+        insert.execute(params![tenant.0, patient, resource_type, rid, timestamp])?;
+    }
+    Ok(())
+}
+
+fn sync_search_tokens(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    rid: i64,
+    body: &Value,
+    is_new_row: bool,
+) -> Result<(), StoreError> {
+    if !is_new_row {
+        transaction.prepare_cached("DELETE FROM search_token WHERE rid = ?1")?.execute([rid])?;
+    }
+    let mut insert = transaction.prepare_cached(
+        "INSERT INTO search_token (tenant_id, resource_type, param, system, value, rid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for (param, system, value) in search_tokens(body) {
+        insert.execute(params![tenant.0, resource_type, param, system, value, rid])?;
+    }
+    Ok(())
+}
+
+/// Records which patients joined and left the Group's active membership at `timestamp`.
+fn sync_group_membership(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    group_id: &str,
+    members: &[String],
+    timestamp: Micros,
+) -> Result<(), StoreError> {
+    let open: Vec<String> = transaction
+        .prepare_cached(
+            "SELECT patient_id FROM group_membership WHERE tenant_id = ?1 AND group_id = ?2 AND removed_at IS NULL",
+        )?
+        .query_map(params![tenant.0, group_id], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut close = transaction.prepare_cached(
+        "UPDATE group_membership SET removed_at = ?4
+         WHERE tenant_id = ?1 AND group_id = ?2 AND patient_id = ?3 AND removed_at IS NULL",
+    )?;
+    for gone in open.iter().filter(|patient| members.binary_search(patient).is_err()) {
+        close.execute(params![tenant.0, group_id, gone, timestamp])?;
+    }
+    let open: std::collections::HashSet<&String> = open.iter().collect();
+    let mut add = transaction.prepare_cached(
+        "INSERT INTO group_membership (tenant_id, group_id, patient_id, added_at) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for joined in members.iter().filter(|patient| !open.contains(patient)) {
+        add.execute(params![tenant.0, group_id, joined, timestamp])?;
+    }
+    Ok(())
+}
+
+// ---- reads ----
+
+const VERSION_COLUMNS: &str = "resource_type, id, version, last_updated, deleted, owner, body";
+
+pub(super) fn stored_from_row(row: &Row<'_>) -> rusqlite::Result<StoredResource> {
+    Ok(StoredResource {
+        resource_type: row.get(0)?,
+        id: row.get(1)?,
+        version: row.get(2)?,
+        last_updated: row.get(3)?,
+        deleted: row.get(4)?,
+        owner: row.get(5)?,
+        body: row.get(6)?,
+    })
+}
+
+fn visible(resource: &StoredResource, visibility: &Visibility) -> bool {
+    match visibility {
+        Visibility::Tenant => true,
+        Visibility::User(user) => resource.owner.as_deref() == Some(user),
+    }
+}
+
+pub(super) fn read(
+    connection: &Connection,
+    tenant: TenantId,
+    visibility: &Visibility,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<StoredResource>, StoreError> {
+    let sql = format!("SELECT {VERSION_COLUMNS} FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3");
+    let resource = connection.prepare_cached(&sql)?.query_row(params![tenant.0, resource_type, id], stored_from_row).optional()?;
+    Ok(resource.filter(|resource| visible(resource, visibility)))
+}
+
+pub(super) fn history(
+    connection: &Connection,
+    tenant: TenantId,
+    visibility: &Visibility,
+    resource_type: &str,
+    id: &str,
+) -> Result<Vec<StoredResource>, StoreError> {
+    let Some(current) = read(connection, tenant, visibility, resource_type, id)? else {
+        return Ok(Vec::new());
+    };
+    let sql = "SELECT r.resource_type, r.id, h.version, h.last_updated, h.deleted, h.owner, h.body
+               FROM resource_history h JOIN resources r ON r.rid = h.rid
+               WHERE r.tenant_id = ?1 AND r.resource_type = ?2 AND r.id = ?3 ORDER BY h.version DESC";
+    let mut versions = vec![current];
+    let mut statement = connection.prepare_cached(sql)?;
+    for version in statement.query_map(params![tenant.0, resource_type, id], stored_from_row)? {
+        versions.push(version?);
+    }
+    Ok(versions)
+}
+
+pub(super) fn search(
+    connection: &Connection,
+    tenant: TenantId,
+    visibility: &Visibility,
+    query: &SearchQuery,
+) -> Result<SearchPage, StoreError> {
+    let mut sql = format!(
+        "SELECT {VERSION_COLUMNS}, rid FROM resources WHERE tenant_id = ? AND resource_type = ? AND deleted = 0 AND rid > ?"
+    );
+    let mut values: Vec<Box<dyn ToSql>> =
+        vec![Box::new(tenant.0), Box::new(query.resource_type.clone()), Box::new(query.after_key.unwrap_or(0))];
+    if let Some(user) = visibility.user() {
+        sql.push_str(" AND owner = ?");
+        values.push(Box::new(user.to_owned()));
+    }
+    if !query.ids.is_empty() {
+        sql.push_str(&format!(" AND id IN ({})", vec!["?"; query.ids.len()].join(",")));
+        values.extend(query.ids.iter().map(|id| Box::new(id.clone()) as Box<dyn ToSql>));
+    }
+    for bound in &query.last_updated {
+        let (condition, at) = match bound {
+            LastUpdatedBound::AtLeast(at) => (" AND last_updated >= ?", at),
+            LastUpdatedBound::Before(at) => (" AND last_updated < ?", at),
+        };
+        sql.push_str(condition);
+        values.push(Box::new(*at));
+    }
+    let token_condition = " AND rid IN (SELECT rid FROM search_token WHERE tenant_id = ? AND resource_type = ? AND param = ? AND value = ?";
+    for identifier in &query.identifiers {
+        sql.push_str(token_condition);
+        values.extend([
+            Box::new(tenant.0) as Box<dyn ToSql>,
+            Box::new(query.resource_type.clone()),
+            Box::new("identifier"),
+            Box::new(identifier.value.clone()),
+        ]);
+        if let Some(system) = &identifier.system {
+            sql.push_str(" AND system = ?");
+            values.push(Box::new(system.clone()));
+        }
+        sql.push(')');
+    }
+    for reference in &query.references {
+        sql.push_str(token_condition);
+        values.extend([
+            Box::new(tenant.0) as Box<dyn ToSql>,
+            Box::new(query.resource_type.clone()),
+            Box::new(reference.param),
+            Box::new(reference.id.clone()),
+        ]);
+        if let Some(target_type) = &reference.target_type {
+            sql.push_str(" AND system = ?");
+            values.push(Box::new(target_type.clone()));
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ORDER BY rid LIMIT ?");
+    values.push(Box::new(query.count as i64 + 1));
+    let mut statement = connection.prepare_cached(&sql)?;
+    let mut rows = statement.query(params_from_iter(values.iter().map(|value| value.as_ref())))?;
+    let mut resources = Vec::new();
+    let mut last_key = None;
+    let mut has_more = false;
+    while let Some(row) = rows.next()? {
+        if resources.len() == query.count as usize {
+            has_more = true;
+            break;
+        }
+        resources.push(stored_from_row(row)?);
+        last_key = Some(row.get::<_, i64>(7)?);
+    }
+    Ok(SearchPage { resources, next_key: if has_more { last_key } else { None } })
+}
+
+pub(super) fn existing_ids(
+    connection: &Connection,
+    tenant: TenantId,
+    resource_type: &str,
+    ids: &[String],
+) -> Result<Vec<String>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT id FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3 AND deleted = 0",
+    )?;
+    let mut found = Vec::new();
+    for id in ids {
+        if let Some(id) = statement.query_row(params![tenant.0, resource_type, id], |row| row.get(0)).optional()? {
+            found.push(id);
+        }
+    }
+    Ok(found)
+}

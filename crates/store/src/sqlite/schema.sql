@@ -1,0 +1,85 @@
+-- Bulkhead SQLite schema. Every resource row carries tenant_id; rid is the export key order.
+CREATE TABLE IF NOT EXISTS tenants (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    tenant_id INTEGER NOT NULL REFERENCES tenants (id),
+    secret_hash TEXT NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    created INTEGER NOT NULL
+);
+
+-- One row: the last timestamp handed out. Writes and transaction-time reservations bump it
+-- inside the write lock, so timestamps are unique and ordered across processes.
+CREATE TABLE IF NOT EXISTS clock (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    last INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO clock (id, last) VALUES (0, 0);
+
+-- The current version of every resource (a tombstone has deleted = 1 and no body).
+CREATE TABLE IF NOT EXISTS resources (
+    rid INTEGER PRIMARY KEY,
+    tenant_id INTEGER NOT NULL,
+    resource_type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    last_updated INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    owner TEXT,
+    body TEXT,
+    UNIQUE (tenant_id, resource_type, id)
+);
+CREATE INDEX IF NOT EXISTS resources_by_type ON resources (tenant_id, resource_type, rid);
+CREATE INDEX IF NOT EXISTS resources_by_last_updated ON resources (tenant_id, resource_type, last_updated);
+
+-- Every earlier version.
+CREATE TABLE IF NOT EXISTS resource_history (
+    rid INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    last_updated INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    owner TEXT,
+    body TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS resource_history_key ON resource_history (rid, version);
+
+-- Patient compartment index, versioned by time: a row is valid for [from_ts, to_ts).
+-- Rows stay open when a resource is deleted, so deletions can be found per patient.
+CREATE TABLE IF NOT EXISTS compartment (
+    tenant_id INTEGER NOT NULL,
+    patient_id TEXT NOT NULL,
+    resource_type TEXT NOT NULL,
+    rid INTEGER NOT NULL,
+    from_ts INTEGER NOT NULL,
+    to_ts INTEGER
+);
+CREATE INDEX IF NOT EXISTS compartment_by_patient
+    ON compartment (tenant_id, patient_id, resource_type, rid, from_ts, to_ts);
+CREATE INDEX IF NOT EXISTS compartment_open_by_rid ON compartment (rid) WHERE to_ts IS NULL;
+
+-- Search tokens of current versions: identifiers and subject/patient references.
+CREATE TABLE IF NOT EXISTS search_token (
+    tenant_id INTEGER NOT NULL,
+    resource_type TEXT NOT NULL,
+    param TEXT NOT NULL,
+    system TEXT NOT NULL,
+    value TEXT NOT NULL,
+    rid INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS search_token_lookup ON search_token (tenant_id, resource_type, param, value, system, rid);
+CREATE INDEX IF NOT EXISTS search_token_by_rid ON search_token (rid);
+
+-- Group membership history: one row per interval during which a patient was an active member.
+CREATE TABLE IF NOT EXISTS group_membership (
+    tenant_id INTEGER NOT NULL,
+    group_id TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    added_at INTEGER NOT NULL,
+    removed_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS group_membership_by_group ON group_membership (tenant_id, group_id, patient_id);

@@ -1,0 +1,370 @@
+//! The conformance suite every [`Store`] implementation runs. Each function takes a fresh,
+//! empty store; `store_test_suite!` turns them into `#[test]`s for one implementation.
+
+use serde_json::{json, Value};
+
+use crate::{
+    IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ReferenceQuery, SearchQuery, Store, StoreError,
+    TenantId, Visibility, WriteMode, WriteOp, Written,
+};
+
+/// Generates one `#[test]` per suite function; `$make` builds a fresh store (or a guard that
+/// derefs to one).
+#[macro_export]
+macro_rules! store_test_suite {
+    ($make:expr) => {
+        $crate::store_test_suite!(@tests $make;
+            tenants_and_clients, versions_and_history, tenants_are_isolated, users_see_their_own,
+            deletes_leave_tombstones, unchanged_update_is_a_no_op, transactions_are_all_or_nothing,
+            batches_apply_per_entry, search_subset, compartment_index_follows_updates,
+            group_membership_history, export_is_a_snapshot, export_since_and_new_members,
+            export_reports_deletions, export_parts_split_by_size, transaction_time_orders_writes);
+    };
+    (@tests $make:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                let store = $make;
+                $crate::testsuite::$name(&*store);
+            }
+        )*
+    };
+}
+
+fn tenant(store: &dyn Store, name: &str) -> TenantId {
+    store.create_tenant(name).expect("create tenant").id
+}
+
+fn put(store: &dyn Store, tenant: TenantId, owner: Option<&str>, body: Value) -> Written {
+    let resource_type = body["resourceType"].as_str().unwrap().to_owned();
+    let id = body["id"].as_str().unwrap().to_owned();
+    let op = WriteOp::Update { resource_type, id, body, if_match: None };
+    store.write(tenant, owner, vec![op], WriteMode::Transaction).expect("write").remove(0).expect("write entry")
+}
+
+fn delete(store: &dyn Store, tenant: TenantId, resource_type: &str, id: &str) -> Written {
+    let op = WriteOp::Delete { resource_type: resource_type.into(), id: id.into() };
+    store.write(tenant, None, vec![op], WriteMode::Transaction).expect("delete").remove(0).expect("delete entry")
+}
+
+fn patient(id: &str) -> Value {
+    json!({"resourceType": "Patient", "id": id, "identifier": [{"system": "urn:mrn", "value": format!("mrn-{id}")}]})
+}
+
+fn observation(id: &str, patient: &str, value: i64) -> Value {
+    json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x"},
+           "subject": {"reference": format!("Patient/{patient}")}, "valueInteger": value})
+}
+
+fn group(id: &str, members: &[&str]) -> Value {
+    let member: Vec<Value> = members.iter().map(|m| json!({"entity": {"reference": format!("Patient/{m}")}})).collect();
+    json!({"resourceType": "Group", "id": id, "type": "person", "actual": true, "member": member})
+}
+
+fn selection(store: &dyn Store, members: &[(&str, Option<i64>)], since: Option<i64>) -> MemberSelection {
+    MemberSelection {
+        members: members.iter().map(|(id, since)| (id.to_string(), *since)).collect(),
+        since,
+        until: None,
+        transaction_time: store.reserve_transaction_time().unwrap(),
+        visibility: Visibility::Tenant,
+    }
+}
+
+/// Exported ids of one type, in key order, with the `valueInteger` of each line when present.
+fn export_ids(store: &dyn Store, tenant: TenantId, selection: &MemberSelection, resource_type: &str) -> Vec<String> {
+    let plan = store.plan_parts(tenant, selection, &[resource_type.to_owned()], 1_000).unwrap();
+    let mut lines = Vec::new();
+    for (_, parts) in plan {
+        for part in parts {
+            let mut sink = |bytes: &[u8]| {
+                let value: Value = serde_json::from_slice(bytes).unwrap();
+                let mut line = value["id"].as_str().unwrap().to_owned();
+                if let Some(n) = value.get("valueInteger") {
+                    line.push_str(&format!("={n}"));
+                }
+                lines.push(line);
+                Ok(())
+            };
+            let written = store.stream_part(tenant, selection, resource_type, &part, &mut sink).unwrap();
+            assert_eq!(written, part.count, "a part streams exactly its planned count");
+        }
+    }
+    lines
+}
+
+pub fn tenants_and_clients(store: &dyn Store) {
+    let acme = store.create_tenant("acme").unwrap();
+    assert!(matches!(store.create_tenant("acme"), Err(StoreError::Conflict(_))));
+    assert_eq!(store.tenant_by_name("acme").unwrap().unwrap().id, acme.id);
+    assert!(store.tenant_by_name("nope").unwrap().is_none());
+    store.create_client(acme.id, "c1", "$hash$").unwrap();
+    assert!(matches!(store.create_client(acme.id, "c1", "$x$"), Err(StoreError::Conflict(_))));
+    assert!(matches!(store.create_client(TenantId(9_999), "c2", "$x$"), Err(StoreError::NotFound(_))));
+    let client = store.client("c1").unwrap().unwrap();
+    assert_eq!((client.tenant, client.tenant_name.as_str(), client.revoked), (acme.id, "acme", false));
+    assert_eq!(store.list_clients(acme.id).unwrap().len(), 1);
+    assert!(store.revoke_client("c1").unwrap());
+    assert!(store.client("c1").unwrap().unwrap().revoked);
+    assert!(!store.revoke_client("missing").unwrap());
+    assert_eq!(store.list_tenants().unwrap().len(), 1);
+}
+
+pub fn versions_and_history(store: &dyn Store) {
+    let t = tenant(store, "t");
+    let first = put(store, t, None, observation("o1", "p1", 1));
+    assert!(first.created);
+    assert_eq!(first.version, 1);
+    let second = put(store, t, None, observation("o1", "p1", 2));
+    assert!(!second.created);
+    assert_eq!(second.version, 2);
+    assert!(second.last_updated > first.last_updated);
+    let read = store.read(t, &Visibility::Tenant, "Observation", "o1").unwrap().unwrap();
+    let body: Value = serde_json::from_str(read.body.as_deref().unwrap()).unwrap();
+    assert_eq!(body["meta"]["versionId"], "2");
+    assert_eq!(body["valueInteger"], 2);
+    let old = store.vread(t, &Visibility::Tenant, "Observation", "o1", 1).unwrap().unwrap();
+    assert!(old.body.unwrap().contains("\"valueInteger\":1"));
+    let versions: Vec<i64> =
+        store.history(t, &Visibility::Tenant, "Observation", "o1").unwrap().iter().map(|v| v.version).collect();
+    assert_eq!(versions, vec![2, 1]);
+    let stale = WriteOp::Update { resource_type: "Observation".into(), id: "o1".into(), body: observation("o1", "p1", 3), if_match: Some(1) };
+    assert!(matches!(store.write(t, None, vec![stale], WriteMode::Transaction), Err(StoreError::VersionConflict(_))));
+    let create_again = WriteOp::Create { resource_type: "Observation".into(), id: "o1".into(), body: observation("o1", "p1", 3) };
+    assert!(matches!(store.write(t, None, vec![create_again], WriteMode::Transaction), Err(StoreError::Conflict(_))));
+}
+
+pub fn tenants_are_isolated(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    put(store, a, None, patient("p1"));
+    assert!(store.read(b, &Visibility::Tenant, "Patient", "p1").unwrap().is_none());
+    assert!(store.history(b, &Visibility::Tenant, "Patient", "p1").unwrap().is_empty());
+    let query = SearchQuery { resource_type: "Patient".into(), count: 10, ..Default::default() };
+    assert!(store.search(b, &Visibility::Tenant, &query).unwrap().resources.is_empty());
+    let op = WriteOp::Delete { resource_type: "Patient".into(), id: "p1".into() };
+    assert!(matches!(store.write(b, None, vec![op], WriteMode::Transaction), Err(StoreError::NotFound(_))));
+    // The same id in another tenant is a different resource.
+    put(store, b, None, patient("p1"));
+    assert_eq!(store.read(a, &Visibility::Tenant, "Patient", "p1").unwrap().unwrap().version, 1);
+    let selection = selection(store, &[("p1", None)], None);
+    assert_eq!(export_ids(store, a, &selection, "Patient"), vec!["p1"]);
+}
+
+pub fn users_see_their_own(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, Some("alice"), patient("pa"));
+    put(store, t, Some("bob"), patient("pb"));
+    let alice = Visibility::User("alice".into());
+    assert!(store.read(t, &alice, "Patient", "pa").unwrap().is_some());
+    assert!(store.read(t, &alice, "Patient", "pb").unwrap().is_none());
+    assert!(store.read(t, &Visibility::Tenant, "Patient", "pb").unwrap().is_some());
+    let query = SearchQuery { resource_type: "Patient".into(), count: 10, ..Default::default() };
+    let ids: Vec<String> = store.search(t, &alice, &query).unwrap().resources.into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec!["pa"]);
+    let steal = WriteOp::Update { resource_type: "Patient".into(), id: "pb".into(), body: patient("pb"), if_match: None };
+    assert!(matches!(store.write(t, Some("alice"), vec![steal], WriteMode::Transaction), Err(StoreError::NotFound(_))));
+    let mut selection = selection(store, &[("pa", None), ("pb", None)], None);
+    selection.visibility = alice;
+    assert_eq!(export_ids(store, t, &selection, "Patient"), vec!["pa"]);
+}
+
+pub fn deletes_leave_tombstones(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, None, patient("p1"));
+    let deleted = delete(store, t, "Patient", "p1");
+    assert_eq!((deleted.version, deleted.deleted), (2, true));
+    let tombstone = store.read(t, &Visibility::Tenant, "Patient", "p1").unwrap().unwrap();
+    assert!(tombstone.deleted && tombstone.body.is_none());
+    assert_eq!(delete(store, t, "Patient", "p1").version, 2, "deleting twice adds no version");
+    let query = SearchQuery { resource_type: "Patient".into(), count: 10, ..Default::default() };
+    assert!(store.search(t, &Visibility::Tenant, &query).unwrap().resources.is_empty());
+    let recreated = put(store, t, None, patient("p1"));
+    assert_eq!((recreated.version, recreated.created), (3, true));
+}
+
+pub fn unchanged_update_is_a_no_op(store: &dyn Store) {
+    let t = tenant(store, "t");
+    let first = put(store, t, None, patient("p1"));
+    let again = put(store, t, None, patient("p1"));
+    assert_eq!((again.version, again.last_updated), (first.version, first.last_updated));
+    let mut with_meta = patient("p1");
+    with_meta["meta"] = json!({"versionId": "7", "lastUpdated": "2001-01-01T00:00:00Z"});
+    assert_eq!(put(store, t, None, with_meta).version, 1);
+    let mut changed = patient("p1");
+    changed["gender"] = json!("female");
+    assert_eq!(put(store, t, None, changed).version, 2);
+}
+
+pub fn transactions_are_all_or_nothing(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, None, patient("exists"));
+    let ops = vec![
+        WriteOp::Create { resource_type: "Patient".into(), id: "new".into(), body: patient("new") },
+        WriteOp::Create { resource_type: "Patient".into(), id: "exists".into(), body: patient("exists") },
+    ];
+    assert!(store.write(t, None, ops, WriteMode::Transaction).is_err());
+    assert!(store.read(t, &Visibility::Tenant, "Patient", "new").unwrap().is_none());
+    let query = SearchQuery { resource_type: "Patient".into(), count: 10, ..Default::default() };
+    assert_eq!(store.search(t, &Visibility::Tenant, &query).unwrap().resources.len(), 1);
+}
+
+pub fn batches_apply_per_entry(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, None, patient("exists"));
+    let ops = vec![
+        WriteOp::Create { resource_type: "Patient".into(), id: "new".into(), body: patient("new") },
+        WriteOp::Create { resource_type: "Patient".into(), id: "exists".into(), body: patient("exists") },
+        WriteOp::Delete { resource_type: "Patient".into(), id: "missing".into() },
+        WriteOp::Update { resource_type: "Observation".into(), id: "o".into(), body: observation("o", "new", 1), if_match: None },
+    ];
+    let results = store.write(t, None, ops, WriteMode::Batch).unwrap();
+    assert!(results[0].is_ok());
+    assert!(matches!(results[1], Err(StoreError::Conflict(_))));
+    assert!(matches!(results[2], Err(StoreError::NotFound(_))));
+    assert!(results[3].is_ok());
+    let selection = selection(store, &[("new", None)], None);
+    assert_eq!(export_ids(store, t, &selection, "Observation"), vec!["o=1"]);
+}
+
+pub fn search_subset(store: &dyn Store) {
+    let t = tenant(store, "t");
+    for i in 0..5 {
+        put(store, t, None, patient(&format!("p{i}")));
+    }
+    let middle = put(store, t, None, observation("o1", "p1", 1)).last_updated;
+    put(store, t, None, observation("o2", "p2", 1));
+    let search = |query: SearchQuery| -> Vec<String> {
+        store.search(t, &Visibility::Tenant, &query).unwrap().resources.into_iter().map(|r| r.id).collect()
+    };
+    let base = |resource_type: &str| SearchQuery { resource_type: resource_type.into(), count: 100, ..Default::default() };
+    assert_eq!(search(SearchQuery { ids: vec!["p3".into(), "p1".into()], ..base("Patient") }), vec!["p1", "p3"]);
+    let by_mrn = |system: Option<&str>| SearchQuery {
+        identifiers: vec![IdentifierQuery { system: system.map(str::to_owned), value: "mrn-p2".into() }],
+        ..base("Patient")
+    };
+    assert_eq!(search(by_mrn(None)), vec!["p2"]);
+    assert_eq!(search(by_mrn(Some("urn:mrn"))), vec!["p2"]);
+    assert!(search(by_mrn(Some("urn:other"))).is_empty());
+    let subject = |target: Option<&str>| SearchQuery {
+        references: vec![ReferenceQuery { param: "subject", target_type: target.map(str::to_owned), id: "p2".into() }],
+        ..base("Observation")
+    };
+    assert_eq!(search(subject(Some("Patient"))), vec!["o2"]);
+    assert_eq!(search(subject(None)), vec!["o2"]);
+    assert!(search(subject(Some("Group"))).is_empty());
+    assert_eq!(search(SearchQuery { last_updated: vec![LastUpdatedBound::AtLeast(middle + 1)], ..base("Observation") }), vec!["o2"]);
+    assert_eq!(search(SearchQuery { last_updated: vec![LastUpdatedBound::Before(middle + 1)], ..base("Observation") }), vec!["o1"]);
+    // Keyset paging visits every resource once.
+    let mut seen = Vec::new();
+    let mut after_key = None;
+    loop {
+        let page = store.search(t, &Visibility::Tenant, &SearchQuery { count: 2, after_key, ..base("Patient") }).unwrap();
+        seen.extend(page.resources.into_iter().map(|r| r.id));
+        match page.next_key {
+            Some(key) => after_key = Some(key),
+            None => break,
+        }
+    }
+    assert_eq!(seen, vec!["p0", "p1", "p2", "p3", "p4"]);
+}
+
+pub fn compartment_index_follows_updates(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, None, observation("o1", "a", 1));
+    let before_move = selection(store, &[("a", None), ("b", None)], None);
+    put(store, t, None, observation("o1", "b", 2));
+    let after_move = selection(store, &[("a", None)], None);
+    assert!(export_ids(store, t, &after_move, "Observation").is_empty(), "o1 left a's compartment");
+    let only_b = selection(store, &[("b", None)], None);
+    assert_eq!(export_ids(store, t, &only_b, "Observation"), vec!["o1=2"]);
+    // The snapshot taken before the move still sees the old version, in a's compartment.
+    let only_a_before = MemberSelection { members: vec![("a".into(), None)], ..before_move };
+    assert_eq!(export_ids(store, t, &only_a_before, "Observation"), vec!["o1=1"]);
+}
+
+pub fn group_membership_history(store: &dyn Store) {
+    let t = tenant(store, "t");
+    let v1 = put(store, t, None, group("g", &["a", "b"])).last_updated;
+    let v2 = put(store, t, None, group("g", &["b", "c"])).last_updated;
+    assert_eq!(store.members_at(t, "g", v1).unwrap(), vec!["a", "b"]);
+    assert_eq!(store.members_at(t, "g", v2).unwrap(), vec!["b", "c"]);
+    assert!(store.members_at(t, "g", v1 - 1).unwrap().is_empty());
+    let gone = delete(store, t, "Group", "g").last_updated;
+    assert!(store.members_at(t, "g", gone).unwrap().is_empty());
+    assert_eq!(store.members_at(t, "g", gone - 1).unwrap(), vec!["b", "c"]);
+    let group_then = store.version_at(t, "Group", "g", v1).unwrap().unwrap();
+    assert_eq!(group_then.version, 1);
+    assert!(store.version_at(t, "Group", "g", gone).unwrap().is_none());
+}
+
+pub fn export_is_a_snapshot(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, None, patient("p"));
+    put(store, t, None, observation("o1", "p", 1));
+    put(store, t, None, observation("o2", "p", 1));
+    let frozen = selection(store, &[("p", None)], None);
+    put(store, t, None, observation("o1", "p", 2));
+    delete(store, t, "Observation", "o2");
+    put(store, t, None, observation("o3", "p", 1));
+    assert_eq!(export_ids(store, t, &frozen, "Observation"), vec!["o1=1", "o2=1"]);
+    let now = selection(store, &[("p", None)], None);
+    assert_eq!(export_ids(store, t, &now, "Observation"), vec!["o1=2", "o3=1"]);
+}
+
+pub fn export_since_and_new_members(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, None, observation("old-a", "a", 1));
+    put(store, t, None, observation("old-b", "b", 1));
+    let since = store.reserve_transaction_time().unwrap();
+    put(store, t, None, observation("new-a", "a", 1));
+    // a is an existing member (only changes); b joined since (full history).
+    let selection = selection(store, &[("a", Some(since)), ("b", None)], Some(since));
+    assert_eq!(export_ids(store, t, &selection, "Observation"), vec!["old-b=1", "new-a=1"]);
+    let mut until = selection.clone();
+    until.until = Some(since);
+    assert_eq!(export_ids(store, t, &until, "Observation"), vec!["old-b=1"]);
+}
+
+pub fn export_reports_deletions(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, None, observation("keep", "a", 1));
+    put(store, t, None, observation("gone-early", "a", 1));
+    put(store, t, None, observation("gone", "a", 1));
+    put(store, t, None, observation("other", "z", 1));
+    delete(store, t, "Observation", "gone-early");
+    let since = store.reserve_transaction_time().unwrap();
+    let gone_at = delete(store, t, "Observation", "gone").last_updated;
+    delete(store, t, "Observation", "other");
+    let selection = selection(store, &[("a", Some(since))], Some(since));
+    assert_eq!(store.deleted_in_compartments(t, &selection, "Observation").unwrap(), vec![("gone".to_owned(), gone_at)]);
+    assert!(export_ids(store, t, &selection, "Observation").is_empty());
+    let without_since = MemberSelection { since: None, members: vec![("a".into(), None)], ..selection };
+    assert!(store.deleted_in_compartments(t, &without_since, "Observation").unwrap().is_empty());
+}
+
+pub fn export_parts_split_by_size(store: &dyn Store) {
+    let t = tenant(store, "t");
+    for i in 0..7 {
+        put(store, t, None, observation(&format!("o{i}"), if i % 2 == 0 { "a" } else { "b" }, i));
+    }
+    let selection = selection(store, &[("a", None), ("b", None)], None);
+    let plan = store.plan_parts(t, &selection, &["Observation".into(), "Condition".into()], 3).unwrap();
+    assert_eq!(plan.len(), 1, "types without data get no parts");
+    let counts: Vec<u64> = plan[0].1.iter().map(|part| part.count).collect();
+    assert_eq!(counts, vec![3, 3, 1]);
+    let keys: Vec<&PartRange> = plan[0].1.iter().collect();
+    assert!(keys.windows(2).all(|w| w[0].last_key < w[1].first_key));
+    let mut lines = 0;
+    for part in &plan[0].1 {
+        lines += store.stream_part(t, &selection, "Observation", part, &mut |_| Ok(())).unwrap();
+    }
+    assert_eq!(lines, 7);
+}
+
+pub fn transaction_time_orders_writes(store: &dyn Store) {
+    let t = tenant(store, "t");
+    let before = put(store, t, None, patient("p1")).last_updated;
+    let reserved = store.reserve_transaction_time().unwrap();
+    let after = put(store, t, None, patient("p2")).last_updated;
+    assert!(before <= reserved && reserved < after);
+}

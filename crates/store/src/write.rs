@@ -1,0 +1,149 @@
+//! Writes: the operations a caller asks for, and the pieces every implementation shares
+//! (meta stamping, Group member extraction, search tokens).
+
+use bulkhead_fhir::{compartment::parse_reference, format_instant, parse_range, Micros};
+use serde_json::{json, Value};
+
+/// One write. Ids are assigned by the caller (the HTTP layer assigns server ids before a
+/// transaction so `urn:uuid:` references can be rewritten).
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Creates a new resource; an existing id is a conflict.
+    Create { resource_type: String, id: String, body: Value },
+    /// Updates, or creates when the id is new (update-as-create). `if_match` is the expected
+    /// current version (`If-Match: W/"n"`).
+    Update { resource_type: String, id: String, body: Value, if_match: Option<i64> },
+    /// Deletes (a tombstone version). Deleting an already deleted resource changes nothing.
+    Delete { resource_type: String, id: String },
+}
+
+impl WriteOp {
+    pub fn resource_type(&self) -> &str {
+        match self {
+            WriteOp::Create { resource_type, .. }
+            | WriteOp::Update { resource_type, .. }
+            | WriteOp::Delete { resource_type, .. } => resource_type,
+        }
+    }
+}
+
+/// How a list of writes is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// All or nothing (FHIR transaction).
+    Transaction,
+    /// Each entry on its own (FHIR batch, bulk upload).
+    Batch,
+}
+
+/// The result of one write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    pub resource_type: String,
+    pub id: String,
+    pub version: i64,
+    pub last_updated: Micros,
+    /// True when this write created the resource (201), false for an update or delete.
+    pub created: bool,
+    pub deleted: bool,
+    /// The stored JSON text; `None` for deletes.
+    pub body: Option<String>,
+}
+
+/// Sets `id`, `meta.versionId` and `meta.lastUpdated` on a resource about to be stored,
+/// keeping the rest of `meta` (profiles, tags, security labels).
+pub fn stamp_meta(body: &mut Value, id: &str, version: i64, last_updated: Micros) {
+    let Some(object) = body.as_object_mut() else { return };
+    object.insert("id".into(), Value::String(id.to_owned()));
+    let meta = object.entry("meta").or_insert_with(|| json!({}));
+    if !meta.is_object() {
+        *meta = json!({});
+    }
+    meta["versionId"] = Value::String(version.to_string());
+    meta["lastUpdated"] = Value::String(format_instant(last_updated));
+}
+
+/// The patient ids a Group exports at time `at`: every `member.entity` that references a
+/// Patient, except members marked `inactive: true` or whose `period.end` is before `at`.
+/// Sorted and deduplicated.
+pub fn group_members(group: &Value, at: Micros) -> Vec<String> {
+    let mut members: Vec<String> = group
+        .get("member")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|member| member.get("inactive").and_then(Value::as_bool) != Some(true))
+        .filter(|member| {
+            let end = member.pointer("/period/end").and_then(Value::as_str);
+            end.and_then(|end| parse_range(end).ok()).is_none_or(|range| range.end > at)
+        })
+        .filter_map(|member| member.pointer("/entity/reference").and_then(Value::as_str))
+        .filter_map(parse_reference)
+        .filter(|(target_type, _)| *target_type == "Patient")
+        .map(|(_, id)| id.to_owned())
+        .collect();
+    members.sort();
+    members.dedup();
+    members
+}
+
+/// A search token: `(param, system, value)`. Identifiers give `("identifier", system, value)`;
+/// `subject` and `patient` references give `(param, target type, target id)`.
+pub(crate) fn search_tokens(body: &Value) -> Vec<(&'static str, String, String)> {
+    let mut tokens = Vec::new();
+    let identifiers = match body.get("identifier") {
+        Some(Value::Array(items)) => items.iter().collect::<Vec<_>>(),
+        Some(item @ Value::Object(_)) => vec![item],
+        _ => Vec::new(),
+    };
+    for identifier in identifiers {
+        if let Some(value) = identifier.get("value").and_then(Value::as_str) {
+            let system = identifier.get("system").and_then(Value::as_str).unwrap_or("");
+            tokens.push(("identifier", system.to_owned(), value.to_owned()));
+        }
+    }
+    for param in ["subject", "patient"] {
+        let references = match body.get(param) {
+            Some(Value::Array(items)) => items.iter().collect::<Vec<_>>(),
+            Some(item @ Value::Object(_)) => vec![item],
+            _ => Vec::new(),
+        };
+        for reference in references {
+            if let Some((target_type, id)) =
+                reference.get("reference").and_then(Value::as_str).and_then(parse_reference)
+            {
+                tokens.push((param, target_type.to_owned(), id.to_owned()));
+            }
+        }
+    }
+    tokens
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamping_keeps_other_meta() {
+        let mut body = json!({"resourceType": "Patient", "meta": {"profile": ["p"]}});
+        stamp_meta(&mut body, "a", 3, 0);
+        assert_eq!(body["id"], "a");
+        assert_eq!(body["meta"]["versionId"], "3");
+        assert_eq!(body["meta"]["lastUpdated"], "1970-01-01T00:00:00.000000Z");
+        assert_eq!(body["meta"]["profile"][0], "p");
+    }
+
+    #[test]
+    fn inactive_and_ended_members_are_not_exported() {
+        let group = json!({"member": [
+            {"entity": {"reference": "Patient/b"}},
+            {"entity": {"reference": "Patient/a"}},
+            {"entity": {"reference": "Patient/a"}},
+            {"entity": {"reference": "Patient/c"}, "inactive": true},
+            {"entity": {"reference": "Patient/d"}, "period": {"end": "2000-01-01"}},
+            {"entity": {"reference": "Patient/e"}, "period": {"end": "2999-01-01"}},
+            {"entity": {"reference": "Practitioner/f"}},
+        ]});
+        assert_eq!(group_members(&group, bulkhead_fhir::now_micros()), vec!["a", "b", "e"]);
+    }
+}

@@ -1,0 +1,1 @@
+//! Deterministic synthetic FHIR R4 data (placeholder; being written).
