@@ -1,1 +1,9 @@
-//! placeholder
+//! Bulk export: kick-off parameters, plans, signed file tokens, and NDJSON file production.
+
+pub mod files;
+pub mod group;
+pub mod params;
+pub mod prefer;
+pub mod token;
+
+pub use group::{plan_group_export, ExportError, GroupExportPlan, GroupExportRequest};

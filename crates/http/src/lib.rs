@@ -1,1 +1,149 @@
-//! placeholder
+//! Bulkhead's HTTP layer: FHIR R4 REST under `/r4`, Group bulk export (also under
+//! `/bulk-data/r4`, 1upHealth style), the admin API, and the error → OperationOutcome mapping.
+
+pub mod admin;
+pub mod auth;
+pub mod bulk;
+pub mod bundle;
+pub mod capability;
+pub mod credentials;
+pub mod error;
+pub mod ndjson_import;
+pub mod negotiation;
+pub mod rest;
+pub mod search;
+pub mod state;
+pub mod upload;
+pub mod urls;
+pub mod validate;
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::extract::{FromRequest, MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderName, StatusCode, Uri};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+pub use state::{AppState, HttpConfig};
+
+/// The FHIR JSON media type.
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Builds the complete router.
+pub fn router(state: AppState) -> Router {
+    let fhir = Router::new()
+        .route("/r4", post(bundle::process_bundle))
+        .route("/r4/{type}", get(type_get).post(type_post))
+        .route("/r4/{type}/{id}", get(rest::read).put(rest::update).delete(rest::delete))
+        .route("/r4/{type}/{id}/{operation}", get(instance_operation))
+        .route("/r4/{type}/{id}/_history/{version}", get(rest::vread))
+        .route("/bulk-data/r4/Group/{id}/$export", get(bulk::kick_off))
+        .route("/bulk-data/r4/$export/{type}/{file}", get(bulk::download));
+    let admin = Router::new()
+        .route("/admin/tenants", get(admin::list_tenants).post(admin::create_tenant))
+        .route("/admin/tenants/{tenant}/clients", get(admin::list_clients).post(admin::create_client))
+        .route("/admin/clients/{client_id}/revoke", post(admin::revoke_client));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(fhir)
+        .merge(admin)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, bulkhead_fhir::IssueType::NotSupported, "method not allowed on this endpoint")
+        })
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(error::panic_response))
+        .layer(
+            // Spans name the route template, never the raw URI: file URLs carry tokens.
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let route = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("unmatched");
+                let request_id = request.headers().get(&REQUEST_ID).and_then(|id| id.to_str().ok()).unwrap_or("");
+                tracing::info_span!("request", method = %request.method(), route, request_id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// `GET /r4/metadata` (public) or a type-level search.
+async fn type_get(
+    State(state): State<AppState>,
+    Path(resource_type): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if resource_type == "metadata" {
+        negotiation::check_accept(&headers)?;
+        return Ok(capability::metadata_response(&urls::base_url(&state, &headers)));
+    }
+    let caller = auth::authenticate(&state, &headers).await?;
+    search::search(state, caller, resource_type, query, headers).await
+}
+
+/// `POST /r4/$upload-ndjson` or a create.
+async fn type_post(
+    State(state): State<AppState>,
+    Path(resource_type): Path<String>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let caller = auth::authenticate(&state, &headers).await?;
+    if resource_type == "$upload-ndjson" {
+        return upload::upload_ndjson(state, caller, headers, request.into_body()).await;
+    }
+    let body = negotiation::JsonBody::from_request(request, &state).await?;
+    rest::create(State(state), caller, Path(resource_type), headers, body).await
+}
+
+/// `GET /r4/{type}/{id}/_history` and `GET /r4/Group/{id}/$export`.
+async fn instance_operation(
+    State(state): State<AppState>,
+    Path((resource_type, id, operation)): Path<(String, String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    match (resource_type.as_str(), operation.as_str()) {
+        (_, "_history") => {
+            let caller = auth::authenticate(&state, &headers).await?;
+            rest::history(state, caller, resource_type, id, headers).await
+        }
+        ("Group", "$export") => bulk::kick_off(State(state), Path(id), uri, headers).await,
+        (_, "$export") => Err(ApiError::bad_request(bulkhead_fhir::IssueType::NotSupported, "only Group/[id]/$export is supported")),
+        _ => Err(ApiError::not_found(format!("no operation '{operation}' on {resource_type}"))),
+    }
+}
+
+/// Serves `router` on an already bound listener until `shutdown` resolves, then lets in-flight
+/// requests finish (up to `grace`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let app = router(state).into_make_service();
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        let _ = stopping_tx.send(());
+    });
+    let server = tokio::spawn(async move { server.await });
+    let _ = stopping_rx.await;
+    match tokio::time::timeout(grace, server).await {
+        Ok(joined) => joined.map_err(std::io::Error::other)?,
+        Err(_) => {
+            tracing::warn!(grace_seconds = grace.as_secs(), "in-flight requests did not finish in time");
+            Ok(())
+        }
+    }
+}
+

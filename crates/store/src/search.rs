@@ -22,7 +22,8 @@ pub struct IdentifierQuery {
 /// `subject=` / `patient=`: a reference to `[type/]id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReferenceQuery {
-    /// `"subject"` or `"patient"`.
+    /// `"subject"`, or `"patient"` (the `patient` element or a Patient `subject`; the target
+    /// type is always Patient).
     pub param: &'static str,
     pub target_type: Option<String>,
     pub id: String,

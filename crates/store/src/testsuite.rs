@@ -252,6 +252,11 @@ pub fn search_subset(store: &dyn Store) {
     assert_eq!(search(subject(Some("Patient"))), vec!["o2"]);
     assert_eq!(search(subject(None)), vec!["o2"]);
     assert!(search(subject(Some("Group"))).is_empty());
+    let patient = SearchQuery {
+        references: vec![ReferenceQuery { param: "patient", target_type: None, id: "p1".into() }],
+        ..base("Observation")
+    };
+    assert_eq!(search(patient), vec!["o1"]);
     assert_eq!(search(SearchQuery { last_updated: vec![LastUpdatedBound::AtLeast(middle + 1)], ..base("Observation") }), vec!["o2"]);
     assert_eq!(search(SearchQuery { last_updated: vec![LastUpdatedBound::Before(middle + 1)], ..base("Observation") }), vec!["o1"]);
     // Keyset paging visits every resource once.

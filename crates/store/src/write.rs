@@ -46,6 +46,9 @@ pub struct Written {
     /// True when this write created the resource (201), false for an update or delete.
     pub created: bool,
     pub deleted: bool,
+    /// False when the write changed nothing (an update with identical content, or deleting a
+    /// deleted resource): no new version was made.
+    pub changed: bool,
     /// The stored JSON text; `None` for deletes.
     pub body: Option<String>,
 }

@@ -2,8 +2,9 @@
 
 use crate::calendar::Moment;
 use crate::json::JsonWriter;
+use crate::measures::Measure;
 use crate::rng::Id;
-use crate::terminology::{Code, Measure, UCUM};
+use crate::terminology::{Code, UCUM};
 
 /// A reference target: resource type, id, and whether it lives in the same patient Bundle.
 #[derive(Debug, Clone, Copy)]

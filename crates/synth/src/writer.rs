@@ -21,15 +21,22 @@ struct OutFile {
 impl OutFile {
     fn create(path: PathBuf) -> Result<OutFile, SynthError> {
         let file = File::create(&path).map_err(|source| SynthError::io(&path, source))?;
-        Ok(OutFile { writer: BufWriter::with_capacity(FILE_BUFFER, file), path })
+        Ok(OutFile {
+            writer: BufWriter::with_capacity(FILE_BUFFER, file),
+            path,
+        })
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), SynthError> {
-        self.writer.write_all(bytes).map_err(|source| SynthError::io(&self.path, source))
+        self.writer
+            .write_all(bytes)
+            .map_err(|source| SynthError::io(&self.path, source))
     }
 
     fn finish(mut self) -> Result<(), SynthError> {
-        self.writer.flush().map_err(|source| SynthError::io(&self.path, source))
+        self.writer
+            .flush()
+            .map_err(|source| SynthError::io(&self.path, source))
     }
 }
 
@@ -108,7 +115,9 @@ impl Output {
                     Some(file) => file,
                     None => {
                         let path = self.dir.join(format!("{resource_type}.ndjson"));
-                        self.ndjson.entry(resource_type).or_insert(OutFile::create(path)?)
+                        self.ndjson
+                            .entry(resource_type)
+                            .or_insert(OutFile::create(path)?)
                     }
                 };
                 file.write(&self.json.buf)?;
@@ -148,7 +157,11 @@ impl Output {
         Ok(self
             .stats
             .into_iter()
-            .map(|(t, (count, bytes))| TypeSummary { resource_type: t.to_string(), count, bytes })
+            .map(|(t, (count, bytes))| TypeSummary {
+                resource_type: t.to_string(),
+                count,
+                bytes,
+            })
             .collect())
     }
 }

@@ -114,6 +114,7 @@ fn unchanged_version(
         last_updated,
         created: false,
         deleted: false,
+        changed: false,
         body: Some(stored_text),
     }))
 }
@@ -167,6 +168,7 @@ fn put(
         last_updated: timestamp,
         created,
         deleted: false,
+        changed: true,
         body: Some(text),
     })
 }
@@ -189,11 +191,13 @@ fn delete(
         last_updated: timestamp,
         created: false,
         deleted: true,
+        changed: false,
         body: None,
     };
     if existing.deleted {
         return Ok(written);
     }
+    written.changed = true;
     archive_current(transaction, existing.rid)?;
     written.version = existing.version + 1;
     transaction
@@ -399,16 +403,23 @@ pub(super) fn search(
         sql.push(')');
     }
     for reference in &query.references {
-        sql.push_str(token_condition);
+        // `patient=` means "the patient this is about": the `patient` element, or a `subject`
+        // that is a Patient.
+        let (params, target_type) = match reference.param {
+            "patient" => ("param IN ('patient', 'subject')", Some("Patient".to_owned())),
+            _ => ("param = 'subject'", reference.target_type.clone()),
+        };
+        sql.push_str(&format!(
+            " AND rid IN (SELECT rid FROM search_token WHERE tenant_id = ? AND resource_type = ? AND {params} AND value = ?"
+        ));
         values.extend([
             Box::new(tenant.0) as Box<dyn ToSql>,
             Box::new(query.resource_type.clone()),
-            Box::new(reference.param),
             Box::new(reference.id.clone()),
         ]);
-        if let Some(target_type) = &reference.target_type {
+        if let Some(target_type) = target_type {
             sql.push_str(" AND system = ?");
-            values.push(Box::new(target_type.clone()));
+            values.push(Box::new(target_type));
         }
         sql.push(')');
     }

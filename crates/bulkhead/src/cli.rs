@@ -1,0 +1,119 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(name = "bulkhead", version, about = "Multi-tenant FHIR R4 server for bulk export of patient cohorts")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the configuration comes from; shared by every subcommand that opens the data directory.
+#[derive(Args, Clone, Default)]
+pub struct ConfigArgs {
+    /// TOML configuration file (keys as in the README).
+    #[arg(long, env = "BULKHEAD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (database, token keys, output); overrides the file and environment.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    pub fn load(&self, listen: Option<String>) -> anyhow::Result<Config> {
+        Config::load(self.config.as_deref(), Overrides { listen, data_dir: self.data_dir.clone() })
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Address to listen on, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Start a server with a demo tenant, client, synthetic patients and a Group, run an export
+    /// against it, print working curl lines, and keep serving.
+    Demo(crate::demo::DemoArgs),
+    /// Manage tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Manage clients (credentials acting inside one tenant).
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
+    /// Generate deterministic synthetic FHIR R4 data.
+    Synth(crate::synth::SynthArgs),
+    /// Import NDJSON (plain or .gz) and Bundle JSON files or directories into a tenant.
+    Import(crate::import::ImportArgs),
+    /// Measure import and export against the release binary (see BENCHMARKS.md).
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant.
+    Create {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List tenants.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Create a client; prints its client_id and client_secret once.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List a tenant's clients.
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Revoke a client: its credentials stop working at once.
+    Revoke {
+        client_id: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config, listen } => crate::serve::serve_command(config.load(listen)?),
+        Command::Demo(args) => crate::demo::run(args),
+        Command::Tenant { command: TenantCommand::Create { name, config } } => crate::admin::create_tenant(&config.load(None)?, &name),
+        Command::Tenant { command: TenantCommand::List { config } } => crate::admin::list_tenants(&config.load(None)?),
+        Command::Client { command: ClientCommand::Create { tenant, json, config } } => crate::admin::create_client(&config.load(None)?, &tenant, json),
+        Command::Client { command: ClientCommand::List { tenant, config } } => crate::admin::list_clients(&config.load(None)?, &tenant),
+        Command::Client { command: ClientCommand::Revoke { client_id, config } } => crate::admin::revoke_client(&config.load(None)?, &client_id),
+        Command::Synth(args) => crate::synth::run(args),
+        Command::Import(args) => crate::import::run(args),
+        Command::Bench(args) => crate::bench::run(args),
+    }
+}

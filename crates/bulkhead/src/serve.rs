@@ -1,0 +1,98 @@
+//! `bulkhead serve`: the HTTP server on the embedded store, with graceful shutdown.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine;
+use bulkhead_export::token::TokenKeys;
+use bulkhead_http::AppState;
+use rand::RngCore;
+
+use crate::admin::open_store;
+use crate::config::{Config, LogFormat};
+
+/// Sets up `tracing` once for the process (`RUST_LOG` overrides the default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Loads the file-URL signing keys from `token-keys` in the data directory (one `kid secret`
+/// line each, secret base64url; the first line signs), creating one random key the first time.
+pub fn load_token_keys(data_dir: &Path) -> anyhow::Result<TokenKeys> {
+    let path = data_dir.join("token-keys");
+    if !path.exists() {
+        let mut secret = [0u8; 32];
+        rand::rng().fill_bytes(&mut secret);
+        let line = format!("k1 {}\n", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        match options.open(&path) {
+            Ok(mut file) => file.write_all(line.as_bytes()).with_context(|| format!("writing {}", path.display()))?,
+            // Another process created it first: use theirs.
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(error).with_context(|| format!("creating {}", path.display())),
+        }
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut keys = Vec::new();
+    for (number, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty() && !line.starts_with('#')) {
+        let (kid, secret) = line.split_once(' ').with_context(|| format!("{}:{}: expected 'kid secret'", path.display(), number + 1))?;
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(secret.trim())
+            .with_context(|| format!("{}:{}: the secret is not base64url", path.display(), number + 1))?;
+        keys.push((kid.trim().to_owned(), secret));
+    }
+    TokenKeys::new(keys).with_context(|| format!("invalid token keys in {}", path.display()))
+}
+
+/// Builds the server state for a configuration.
+pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
+    let store = open_store(config)?;
+    std::fs::create_dir_all(config.data_dir.join("output")).context("creating the output directory")?;
+    let keys = load_token_keys(&config.data_dir)?;
+    Ok(AppState::new(Arc::new(store), config.http_config(), keys))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => return interrupt.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    interrupt.await.unwrap_or(());
+}
+
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+pub fn serve_command(config: Config) -> anyhow::Result<()> {
+    init_logging(config.log_format);
+    let state = app_state(&config)?;
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        tracing::info!(address = %listener.local_addr()?, data_dir = %config.data_dir.display(), "bulkhead listening");
+        bulkhead_http::serve(listener, state, shutdown_signal(), Duration::from_secs(config.shutdown_grace_seconds)).await?;
+        tracing::info!("bulkhead stopped");
+        Ok(())
+    })
+}

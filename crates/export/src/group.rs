@@ -1,0 +1,210 @@
+//! Planning a Group export: the frozen view (transaction time, membership snapshot, per-member
+//! `since`) and the list of files, each described by the claims that reproduce it.
+
+use bulkhead_fhir::{Issue, Micros};
+use bulkhead_store::{group_members, MemberSelection, Store, StoreError, StoredResource, TenantId, Visibility};
+
+use crate::params::{group_export_types, ExportParams};
+use crate::token::{FileClaims, FileKind};
+
+/// Why an export could not be planned or a file could not be produced.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The Group does not exist for this caller (or did not exist at the transaction time).
+    #[error("{0}")]
+    NotFound(String),
+    /// The Group was deleted.
+    #[error("{0}")]
+    Gone(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The download's destination failed (usually: the client went away).
+    #[error("writing the file failed: {0}")]
+    Sink(String),
+}
+
+/// Who asks, for which Group, with which parameters.
+#[derive(Debug, Clone)]
+pub struct GroupExportRequest {
+    pub tenant: TenantId,
+    pub client_id: String,
+    pub visibility: Visibility,
+    pub group_id: String,
+    pub params: ExportParams,
+    /// Lenient-mode warnings from parameter parsing, for the `error[]` file.
+    pub warnings: Vec<Issue>,
+    /// Most resources per file.
+    pub part_size: u64,
+}
+
+/// A planned export: everything the manifest needs except URLs (the HTTP layer mints those
+/// from `files`, whose `iat`/`exp` it fills in).
+#[derive(Debug, Clone)]
+pub struct GroupExportPlan {
+    pub transaction_time: Micros,
+    pub group_version: i64,
+    pub files: Vec<FileClaims>,
+    /// Members at `_since` that are no longer members (only with `_since`).
+    pub removed_members: Vec<String>,
+}
+
+/// The frozen view of one Group export.
+pub struct ExportView {
+    pub group: StoredResource,
+    pub selection: MemberSelection,
+    /// Current members (at the transaction time), sorted.
+    pub members: Vec<String>,
+}
+
+/// Rebuilds the view of a Group export at `transaction_time`. Deterministic: the same inputs
+/// give the same view whenever it is computed, so file downloads see what the plan saw.
+pub fn export_view(
+    store: &dyn Store,
+    tenant: TenantId,
+    visibility: &Visibility,
+    group_id: &str,
+    since: Option<Micros>,
+    until: Option<Micros>,
+    transaction_time: Micros,
+) -> Result<ExportView, ExportError> {
+    let group = store
+        .version_at(tenant, "Group", group_id, transaction_time)?
+        .filter(|group| visibility.user().is_none() || group.owner.as_deref() == visibility.user())
+        .ok_or_else(|| ExportError::NotFound(format!("Group/{group_id} not found")))?;
+    let body: serde_json::Value = serde_json::from_str(group.body.as_deref().unwrap_or("{}")).map_err(StoreError::from)?;
+    let members = group_members(&body, transaction_time);
+    let members_at_since = match since {
+        Some(since) => Some(store.members_at(tenant, group_id, since)?),
+        None => None,
+    };
+    let selection_members = members
+        .iter()
+        .map(|member| {
+            // A member who was already in the Group at `_since` gets only changes; one added
+            // since gets its full history (Bulk Data IG: group export and `_since`).
+            let member_since = match &members_at_since {
+                Some(earlier) if earlier.binary_search(member).is_ok() => since,
+                _ => None,
+            };
+            (member.clone(), member_since)
+        })
+        .collect();
+    let selection = MemberSelection {
+        members: selection_members,
+        since,
+        until,
+        transaction_time,
+        visibility: visibility.clone(),
+    };
+    Ok(ExportView { group, selection, members })
+}
+
+/// Members of the view whose Patient did not exist (for this caller) at the transaction time.
+pub fn missing_members(store: &dyn Store, tenant: TenantId, view: &ExportView) -> Result<Vec<String>, ExportError> {
+    let at = view.selection.transaction_time;
+    let user = view.selection.visibility.user();
+    let mut missing = Vec::new();
+    for member in &view.members {
+        let patient = store.version_at(tenant, "Patient", member, at)?;
+        if patient.filter(|patient| user.is_none() || patient.owner.as_deref() == user).is_none() {
+            missing.push(member.clone());
+        }
+    }
+    Ok(missing)
+}
+
+/// The target Group itself is exported as a Group line when its version at the transaction
+/// time passes the time filters.
+fn group_line_selected(view: &ExportView) -> bool {
+    let updated = view.group.last_updated;
+    view.selection.since.is_none_or(|since| updated > since) && view.selection.until.is_none_or(|until| updated < until)
+}
+
+/// Plans a Group export: reserves the transaction time, freezes the view, and lists the files.
+pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Result<GroupExportPlan, ExportError> {
+    let current = store.read(request.tenant, &request.visibility, "Group", &request.group_id)?;
+    match current {
+        None => return Err(ExportError::NotFound(format!("Group/{} not found", request.group_id))),
+        Some(group) if group.deleted => return Err(ExportError::Gone(format!("Group/{} was deleted", request.group_id))),
+        Some(_) => {}
+    }
+    let transaction_time = store.reserve_transaction_time()?;
+    let params = &request.params;
+    let view = export_view(store, request.tenant, &request.visibility, &request.group_id, params.since, params.until, transaction_time)?;
+    let types: Vec<String> = match &params.types {
+        Some(types) => types.clone(),
+        None => group_export_types().into_iter().map(str::to_owned).collect(),
+    };
+    let compartment_types: Vec<String> = types.iter().filter(|t| *t != "Group").cloned().collect();
+    let template = FileClaims {
+        tenant: request.tenant.0,
+        client: request.client_id.clone(),
+        user: request.visibility.user().map(str::to_owned),
+        group: request.group_id.clone(),
+        group_version: view.group.version,
+        kind: FileKind::Output,
+        resource_type: String::new(),
+        start: 0,
+        end: 0,
+        total: 0,
+        since: params.since,
+        until: params.until,
+        transaction_time,
+        requested_types: params.types.clone(),
+        warnings: Vec::new(),
+        iat: 0,
+        exp: 0,
+    };
+    let mut files = Vec::new();
+    let plan = store.plan_parts(request.tenant, &view.selection, &compartment_types, request.part_size)?;
+    for resource_type in &types {
+        if resource_type == "Group" {
+            if group_line_selected(&view) {
+                files.push(FileClaims { resource_type: "Group".into(), total: 1, ..template.clone() });
+            }
+            continue;
+        }
+        let Some((_, parts)) = plan.iter().find(|(planned_type, _)| planned_type == resource_type) else { continue };
+        for part in parts {
+            files.push(FileClaims {
+                resource_type: resource_type.clone(),
+                start: part.first_key,
+                end: part.last_key,
+                total: part.count,
+                ..template.clone()
+            });
+        }
+    }
+    if params.since.is_some() {
+        for resource_type in &compartment_types {
+            let deleted = store.deleted_in_compartments(request.tenant, &view.selection, resource_type)?;
+            if !deleted.is_empty() {
+                files.push(FileClaims {
+                    kind: FileKind::Deleted,
+                    resource_type: resource_type.clone(),
+                    total: deleted.len() as u64,
+                    ..template.clone()
+                });
+            }
+        }
+    }
+    let missing = missing_members(store, request.tenant, &view)?;
+    let warnings: Vec<String> = request.warnings.iter().map(|issue| issue.diagnostics.clone()).collect();
+    if !missing.is_empty() || !warnings.is_empty() {
+        files.push(FileClaims {
+            kind: FileKind::Error,
+            resource_type: "OperationOutcome".into(),
+            total: (missing.len() + warnings.len()) as u64,
+            warnings,
+            ..template.clone()
+        });
+    }
+    let removed_members = match params.since {
+        Some(since) => {
+            let before = store.members_at(request.tenant, &request.group_id, since)?;
+            before.into_iter().filter(|member| view.members.binary_search(member).is_err()).collect()
+        }
+        None => Vec::new(),
+    };
+    Ok(GroupExportPlan { transaction_time, group_version: view.group.version, files, removed_members })
+}

@@ -1,0 +1,259 @@
+//! Group bulk export over HTTP: the synchronous kick-off (1upHealth style: 200 with the
+//! manifest at once) and the signed file downloads, streamed from the store.
+
+use std::io::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use bulkhead_export::files::{open_file_view, write_file};
+use bulkhead_export::params::parse_group_export_params;
+use bulkhead_export::prefer::parse_prefer;
+use bulkhead_export::token::{FileClaims, FileKind, TokenError};
+use bulkhead_export::{plan_group_export, ExportError, GroupExportPlan, GroupExportRequest};
+use bulkhead_fhir::{format_instant, IssueType};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::auth::{authenticate, Caller};
+use crate::error::ApiError;
+use crate::negotiation::check_accept;
+use crate::state::AppState;
+use crate::urls::base_url;
+
+/// Bytes handed to the response body at a time; with the channel depth this bounds the memory
+/// of a download, whatever the file's size.
+const CHUNK_BYTES: usize = 64 * 1024;
+const CHANNEL_DEPTH: usize = 4;
+
+impl From<ExportError> for ApiError {
+    fn from(error: ExportError) -> ApiError {
+        match error {
+            ExportError::NotFound(what) => ApiError::not_found(what),
+            ExportError::Gone(what) => ApiError::new(StatusCode::GONE, IssueType::Deleted, what),
+            ExportError::Store(store_error) => store_error.into(),
+            ExportError::Sink(detail) => {
+                tracing::info!(error = %detail, "download interrupted");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+fn now_seconds() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
+
+/// `GET [/bulk-data]/r4/Group/{id}/$export`.
+pub async fn kick_off(State(state): State<AppState>, Path(group_id): Path<String>, uri: Uri, headers: HeaderMap) -> Result<Response, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    check_accept(&headers)?;
+    let preferences = parse_prefer(headers.get_all("prefer").iter().filter_map(|value| value.to_str().ok()));
+    let raw_query = uri.query().unwrap_or("");
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(raw_query.as_bytes()).into_owned().collect();
+    let (params, warnings) = parse_group_export_params(&pairs, preferences.lenient)
+        .map_err(|error| ApiError::from_issue(StatusCode::BAD_REQUEST, error.issue))?;
+    let request = GroupExportRequest {
+        tenant: caller.tenant,
+        client_id: caller.client_id.clone(),
+        visibility: caller.visibility.clone(),
+        group_id: group_id.clone(),
+        params,
+        warnings,
+        part_size: state.config.export_part_size,
+    };
+    let started = std::time::Instant::now();
+    let plan = state.blocking(move |store| Ok(plan_group_export(store, &request)?)).await?;
+    tracing::info!(group = %group_id, files = plan.files.len(), millis = started.elapsed().as_millis() as u64, "export planned");
+    let base = base_url(&state, &headers);
+    let request_url = format!("{base}{}", uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()));
+    let manifest = manifest(&state, &base, &request_url, plan, raw_query_has_since(&pairs));
+    let mut response = (StatusCode::OK, manifest.to_string()).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(response)
+}
+
+fn raw_query_has_since(pairs: &[(String, String)]) -> bool {
+    pairs.iter().any(|(name, _)| name == "_since")
+}
+
+/// The path segment a file URL carries for its kind.
+fn url_type(claims: &FileClaims) -> &str {
+    match claims.kind {
+        FileKind::Output => &claims.resource_type,
+        FileKind::Deleted => "Bundle",
+        FileKind::Error => "OperationOutcome",
+    }
+}
+
+/// Builds the Bulk Data manifest, minting a signed URL per file.
+fn manifest(state: &AppState, base: &str, request_url: &str, plan: GroupExportPlan, with_since: bool) -> Value {
+    let config = &state.config;
+    let ttl = if config.file_urls_require_credentials { config.file_url_ttl } else { config.self_authorising_url_ttl };
+    let issued = now_seconds();
+    let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
+    for mut claims in plan.files {
+        claims.iat = issued;
+        claims.exp = issued + ttl.as_secs() as i64;
+        let token = state.token_keys.sign(&claims);
+        let item_type = url_type(&claims).to_owned();
+        let item = json!({"type": item_type, "url": format!("{base}/bulk-data/r4/$export/{item_type}/{token}.ndjson"), "count": claims.total});
+        match claims.kind {
+            FileKind::Output => output.push(item),
+            FileKind::Deleted => deleted.push(item),
+            FileKind::Error => error.push(item),
+        }
+    }
+    let mut manifest = json!({
+        "transactionTime": format_instant(plan.transaction_time),
+        "request": request_url,
+        "requiresAccessToken": config.file_urls_require_credentials,
+        "output": output,
+        "error": error,
+    });
+    if with_since {
+        manifest["deleted"] = json!(deleted);
+        // Members that left the Group since `_since`: the client may want to drop their data.
+        let removed: Vec<String> = plan.removed_members.iter().map(|id| format!("Patient/{id}")).collect();
+        manifest["extension"] = json!({"removedMembers": removed});
+    }
+    manifest
+}
+
+/// `GET /bulk-data/r4/$export/{type}/{token}.ndjson`: the file, streamed (gzip on request).
+pub async fn download(State(state): State<AppState>, Path((path_type, file)): Path<(String, String)>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let claims = verify_file_token(&state, &path_type, &file)?;
+    if state.config.file_urls_require_credentials {
+        let caller = authenticate(&state, &headers).await?;
+        if !owns_file(&caller, &claims) {
+            // Another tenant's or client's file: as if it did not exist.
+            return Err(ApiError::not_found("no such export file"));
+        }
+    }
+    let gzip = accepts_gzip(&headers);
+    let (chunks_tx, chunks_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(CHANNEL_DEPTH);
+    let (ready_tx, ready_rx) = oneshot::channel::<Result<(), ApiError>>();
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let view = match open_file_view(store.as_ref(), &claims) {
+            Ok(view) => view,
+            Err(error) => {
+                let _ = ready_tx.send(Err(error.into()));
+                return;
+            }
+        };
+        let _ = ready_tx.send(Ok(()));
+        let mut writer = ChunkWriter { buffer: Vec::with_capacity(CHUNK_BYTES), chunks: chunks_tx };
+        let result = if gzip {
+            let mut encoder = flate2::write::GzEncoder::new(&mut writer, flate2::Compression::fast());
+            write_file(store.as_ref(), &claims, &view, &mut encoder)
+                .and_then(|written| encoder.finish().map(|_| written).map_err(|error| ExportError::Sink(error.to_string())))
+        } else {
+            write_file(store.as_ref(), &claims, &view, &mut writer)
+        };
+        let result = result.and_then(|written| writer.flush().map(|_| written).map_err(|error| ExportError::Sink(error.to_string())));
+        match result {
+            Ok(written) if written != claims.total => {
+                tracing::error!(group = %claims.group, resource_type = %claims.resource_type, written, planned = claims.total, "export file line count differs from its manifest count");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(group = %claims.group, resource_type = %claims.resource_type, error = %error, "export file stream ended early");
+                let _ = writer.chunks.blocking_send(Err(std::io::Error::other("export stream failed")));
+            }
+        }
+    });
+    ready_rx.await.map_err(|_| ApiError::internal())??;
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(chunks_rx));
+    let mut response = (StatusCode::OK, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/fhir+ndjson"));
+    if gzip {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    Ok(response)
+}
+
+fn verify_file_token(state: &AppState, path_type: &str, file: &str) -> Result<FileClaims, ApiError> {
+    let token = file.strip_suffix(".ndjson").ok_or_else(|| ApiError::not_found("no such export file"))?;
+    let claims = state.token_keys.verify(token, now_seconds()).map_err(|error| match error {
+        TokenError::Expired => ApiError::new(StatusCode::UNAUTHORIZED, IssueType::Security, "this file URL has expired; run the export again for fresh URLs"),
+        _ => {
+            tracing::info!(error = %error, "file token refused");
+            ApiError::not_found("no such export file")
+        }
+    })?;
+    if url_type(&claims) != path_type {
+        return Err(ApiError::not_found("no such export file"));
+    }
+    Ok(claims)
+}
+
+fn owns_file(caller: &Caller, claims: &FileClaims) -> bool {
+    caller.tenant.0 == claims.tenant && caller.client_id == claims.client && caller.visibility.user() == claims.user.as_deref()
+}
+
+/// True when `Accept-Encoding` lists gzip with a non-zero quality.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|value| value.to_str().ok()).flat_map(|value| value.split(',')).any(|item| {
+        let mut parts = item.split(';').map(str::trim);
+        let coding = parts.next().unwrap_or("");
+        let refused = parts.any(|param| param.replace(' ', "").trim_start_matches("q=").parse::<f32>().is_ok_and(|q| q == 0.0) && param.starts_with('q'));
+        coding.eq_ignore_ascii_case("gzip") && !refused
+    })
+}
+
+/// A `Write` that hands fixed-size chunks to the response body; it blocks (on a blocking
+/// thread) while the client is slower than the store, which keeps memory bounded.
+struct ChunkWriter {
+    buffer: Vec<u8>,
+    chunks: mpsc::Sender<Result<Bytes, std::io::Error>>,
+}
+
+impl ChunkWriter {
+    fn send_buffer(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK_BYTES));
+        self.chunks
+            .blocking_send(Ok(Bytes::from(chunk)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(bytes);
+        if self.buffer.len() >= CHUNK_BYTES {
+            self.send_buffer()?;
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send_buffer()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gzip_negotiation() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(value).unwrap());
+            accepts_gzip(&headers)
+        };
+        assert!(with("gzip"));
+        assert!(with("br, gzip;q=0.5"));
+        assert!(!with("gzip;q=0"));
+        assert!(!with("identity"));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
+}

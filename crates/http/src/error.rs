@@ -1,0 +1,92 @@
+//! The one place where errors become HTTP statuses and OperationOutcomes.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bulkhead_fhir::{operation_outcome, Issue, IssueType};
+use bulkhead_store::StoreError;
+
+/// An error a client sees: a status and the issues of its OperationOutcome.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub issues: Vec<Issue>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: IssueType, diagnostics: impl Into<String>) -> ApiError {
+        ApiError { status, issues: vec![Issue::error(code, diagnostics)] }
+    }
+
+    pub fn from_issue(status: StatusCode, issue: Issue) -> ApiError {
+        ApiError { status, issues: vec![issue] }
+    }
+
+    pub fn bad_request(code: IssueType, diagnostics: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, diagnostics)
+    }
+
+    pub fn unprocessable(code: IssueType, diagnostics: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, diagnostics)
+    }
+
+    pub fn not_found(diagnostics: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, IssueType::NotFound, diagnostics)
+    }
+
+    /// Missing or wrong credentials; deliberately silent about which part was wrong.
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, IssueType::Login, "missing or invalid client credentials")
+    }
+
+    pub fn internal() -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, IssueType::Exception, "internal server error")
+    }
+
+    /// Points the (first) issue at a FHIRPath expression or parameter name.
+    pub fn at(mut self, expression: impl Into<String>) -> ApiError {
+        if let Some(first) = self.issues.first_mut() {
+            first.expression = Some(expression.into());
+        }
+        self
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        match error {
+            StoreError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
+            StoreError::Gone(what) => ApiError::new(StatusCode::GONE, IssueType::Deleted, format!("{what} was deleted")),
+            StoreError::Conflict(what) => ApiError::new(StatusCode::CONFLICT, IssueType::Duplicate, what),
+            StoreError::VersionConflict(what) => ApiError::new(StatusCode::PRECONDITION_FAILED, IssueType::Conflict, what),
+            StoreError::Invalid(what) => ApiError::unprocessable(IssueType::Invalid, what),
+            StoreError::Database(detail) => {
+                tracing::error!(error = %detail, "store failure");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_client_error() {
+            let diagnostics: Vec<&str> = self.issues.iter().map(|issue| issue.diagnostics.as_str()).collect();
+            tracing::info!(status = self.status.as_u16(), diagnostics = ?diagnostics, "request refused");
+        }
+        let body = operation_outcome(&self.issues).to_string();
+        let mut response = (self.status, body).into_response();
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::FHIR_JSON));
+        response
+    }
+}
+
+/// A panic in a handler becomes a logged 500 OperationOutcome, never a dropped connection.
+pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(panic = detail, "handler panicked");
+    ApiError::internal().into_response()
+}

@@ -1,0 +1,239 @@
+//! Bulk loading of resources (NDJSON lines or Bundle entries) through the same write path as the
+//! REST API: validation, versioning, compartment index. Used by `bulkhead import` and by the
+//! `POST /r4/$upload-ndjson` endpoint.
+//!
+//! Resources keep their ids (a re-import of the same data changes nothing: unchanged content
+//! makes no new version). `urn:uuid:<id>` references are rewritten to `Type/<id>` when a resource
+//! with that id is part of the load; a line whose target comes later in the load waits until
+//! the end, and a reference that never resolves is kept as it is.
+
+use std::collections::HashMap;
+
+use bulkhead_store::{Store, StoreError, TenantId, WriteMode, WriteOp};
+use serde_json::Value;
+
+use crate::validate::validate_resource;
+
+/// Resources written per store transaction.
+const BATCH: usize = 2_000;
+/// Line errors kept for the summary; later ones are only counted.
+const KEPT_ERRORS: usize = 1_000;
+
+/// Where a resource came from, for error reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub source: String,
+    pub line: u64,
+}
+
+/// One refused line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineError {
+    pub location: Location,
+    pub message: String,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportSummary {
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub failed: u64,
+    /// The first failures (all are counted in `failed`).
+    pub errors: Vec<LineError>,
+}
+
+impl ImportSummary {
+    pub fn processed(&self) -> u64 {
+        self.created + self.updated + self.unchanged + self.failed
+    }
+}
+
+/// Loads resources into one tenant in batches.
+pub struct Importer<'a> {
+    store: &'a dyn Store,
+    tenant: TenantId,
+    owner: Option<String>,
+    max_group_members: usize,
+    /// `id` → type of every resource seen in this load (for `urn:uuid:` references).
+    known: HashMap<String, &'static str>,
+    /// `fullUrl` → `Type/id` for Bundle entries whose fullUrl is not `urn:uuid:<their id>`.
+    aliases: HashMap<String, String>,
+    pending: Vec<(Location, WriteOp)>,
+    deferred: Vec<(Location, Value)>,
+    summary: ImportSummary,
+}
+
+impl<'a> Importer<'a> {
+    pub fn new(store: &'a dyn Store, tenant: TenantId, owner: Option<String>, max_group_members: usize) -> Importer<'a> {
+        Importer {
+            store,
+            tenant,
+            owner,
+            max_group_members,
+            known: HashMap::new(),
+            aliases: HashMap::new(),
+            pending: Vec::with_capacity(BATCH),
+            deferred: Vec::new(),
+            summary: ImportSummary::default(),
+        }
+    }
+
+    /// How many resources were processed so far.
+    pub fn processed(&self) -> u64 {
+        self.summary.processed()
+    }
+
+    fn fail(&mut self, location: Location, message: impl Into<String>) {
+        self.summary.failed += 1;
+        if self.summary.errors.len() < KEPT_ERRORS {
+            self.summary.errors.push(LineError { location, message: message.into() });
+        }
+    }
+
+    /// Adds one NDJSON line (blank lines are skipped).
+    pub fn add_line(&mut self, location: Location, line: &str) -> Result<(), StoreError> {
+        if line.trim().is_empty() {
+            return Ok(());
+        }
+        match serde_json::from_str::<Value>(line) {
+            Ok(resource) => self.add_resource(location, resource, None),
+            Err(error) => {
+                self.fail(location, format!("not valid JSON: {error}"));
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds a whole Bundle (file import): each entry's resource, with its `fullUrl` resolved.
+    pub fn add_bundle(&mut self, source: &str, bundle: Value) -> Result<(), StoreError> {
+        let entries = match bundle.get("entry") {
+            Some(Value::Array(entries)) => entries.clone(),
+            _ => Vec::new(),
+        };
+        for (index, mut entry) in entries.into_iter().enumerate() {
+            let location = Location { source: format!("{source} entry[{index}]"), line: index as u64 + 1 };
+            let full_url = entry.get("fullUrl").and_then(Value::as_str).map(str::to_owned);
+            match entry.get_mut("resource").map(Value::take) {
+                Some(resource) => self.add_resource(location, resource, full_url)?,
+                None => self.fail(location, "Bundle entry has no resource"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds one resource; `full_url` is its Bundle `fullUrl`, if any.
+    pub fn add_resource(&mut self, location: Location, mut resource: Value, full_url: Option<String>) -> Result<(), StoreError> {
+        let Some(resource_type) = resource.get("resourceType").and_then(Value::as_str).and_then(static_type) else {
+            let shown = resource.get("resourceType").map(Value::to_string).unwrap_or_else(|| "missing".into());
+            self.fail(location, format!("resourceType {shown} is not an R4 resource type"));
+            return Ok(());
+        };
+        let id = match resource.get("id").and_then(Value::as_str) {
+            Some(id) => id.to_owned(),
+            None => {
+                // No id: the fullUrl's uuid keeps references to it working, else a fresh one.
+                let id = full_url
+                    .as_deref()
+                    .and_then(|url| url.strip_prefix("urn:uuid:"))
+                    .filter(|uuid| bulkhead_fhir::is_valid_id(uuid))
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+                resource["id"] = Value::String(id.clone());
+                id
+            }
+        };
+        if !bulkhead_fhir::is_valid_id(&id) {
+            self.fail(location, format!("'{id}' is not a valid FHIR id"));
+            return Ok(());
+        }
+        if let Some(full_url) = full_url.filter(|url| url.strip_prefix("urn:uuid:") != Some(id.as_str())) {
+            self.aliases.insert(full_url, format!("{resource_type}/{id}"));
+        }
+        self.known.insert(id, resource_type);
+        if self.resolve_references(&mut resource) {
+            self.queue(location, resource)
+        } else {
+            self.deferred.push((location, resource));
+            Ok(())
+        }
+    }
+
+    fn queue(&mut self, location: Location, resource: Value) -> Result<(), StoreError> {
+        let resource_type = resource["resourceType"].as_str().unwrap_or_default().to_owned();
+        let id = resource["id"].as_str().unwrap_or_default().to_owned();
+        if let Err(error) = validate_resource(&resource, &resource_type, Some(&id), self.max_group_members) {
+            let message = error.issues.iter().map(|issue| issue.diagnostics.as_str()).collect::<Vec<_>>().join("; ");
+            self.fail(location, message);
+            return Ok(());
+        }
+        self.pending.push((location, WriteOp::Update { resource_type, id, body: resource, if_match: None }));
+        if self.pending.len() >= BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites `urn:uuid:` references it can; false when one still waits for its target.
+    fn resolve_references(&self, value: &mut Value) -> bool {
+        match value {
+            Value::Object(object) => {
+                let mut resolved = true;
+                for (key, child) in object.iter_mut() {
+                    if key == "reference" {
+                        if let Value::String(reference) = child {
+                            if let Some(uuid) = reference.strip_prefix("urn:uuid:") {
+                                match self.aliases.get(reference.as_str()).cloned().or_else(|| self.known.get(uuid).map(|t| format!("{t}/{uuid}"))) {
+                                    Some(target) => *reference = target,
+                                    None => resolved = false,
+                                }
+                            }
+                        }
+                    } else {
+                        resolved &= self.resolve_references(child);
+                    }
+                }
+                resolved
+            }
+            Value::Array(items) => items.iter_mut().fold(true, |resolved, item| self.resolve_references(item) & resolved),
+            _ => true,
+        }
+    }
+
+    /// Writes the pending batch; per-entry failures are recorded, database failures abort.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let (locations, ops): (Vec<Location>, Vec<WriteOp>) = std::mem::take(&mut self.pending).into_iter().unzip();
+        let results = self.store.write(self.tenant, self.owner.as_deref(), ops, WriteMode::Batch)?;
+        for (location, result) in locations.into_iter().zip(results) {
+            match result {
+                Ok(written) if written.created => self.summary.created += 1,
+                Ok(written) if written.changed => self.summary.updated += 1,
+                Ok(_) => self.summary.unchanged += 1,
+                Err(error) => self.fail(location, error.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes everything still waiting (deferred lines last, with references that never
+    /// resolved kept as they are) and returns the summary.
+    pub fn finish(mut self) -> Result<ImportSummary, StoreError> {
+        self.flush()?;
+        for (location, mut resource) in std::mem::take(&mut self.deferred) {
+            self.resolve_references(&mut resource);
+            self.queue(location, resource)?;
+        }
+        self.flush()?;
+        Ok(self.summary)
+    }
+}
+
+/// The `'static` name of an R4 resource type.
+fn static_type(name: &str) -> Option<&'static str> {
+    let index = bulkhead_fhir::RESOURCE_TYPES.binary_search(&name).ok()?;
+    Some(bulkhead_fhir::RESOURCE_TYPES[index])
+}

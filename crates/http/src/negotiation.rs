@@ -1,0 +1,67 @@
+//! FHIR JSON in and out: `Accept` and `Content-Type` checks, body limits, responses.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bulkhead_fhir::IssueType;
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::FHIR_JSON;
+
+fn media_types(value: &str) -> impl Iterator<Item = String> + '_ {
+    value.split(',').map(|item| item.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+/// Refuses (406) an `Accept` header that allows no JSON: FHIR XML is not served.
+pub fn check_accept(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(accept) = headers.get(header::ACCEPT) else { return Ok(()) };
+    let accept = accept.to_str().unwrap_or("");
+    if accept.trim().is_empty() {
+        return Ok(());
+    }
+    let acceptable = media_types(accept).any(|media| {
+        matches!(media.as_str(), "application/fhir+json" | "application/json" | "*/*" | "application/*" | "json")
+    });
+    if acceptable {
+        return Ok(());
+    }
+    Err(ApiError::new(StatusCode::NOT_ACCEPTABLE, IssueType::NotSupported, format!("cannot produce '{accept}': this server speaks application/fhir+json"))
+        .at("Accept"))
+}
+
+/// A request body parsed as JSON, after the `Content-Type` (415) and size (413) checks.
+pub struct JsonBody(pub Value);
+
+impl FromRequest<AppState> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<JsonBody, ApiError> {
+        let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let media = media_types(content_type).next().unwrap_or_default();
+        if !matches!(media.as_str(), "application/fhir+json" | "application/json" | "") {
+            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, IssueType::NotSupported, format!("content type '{content_type}' is not supported: send application/fhir+json"))
+                .at("Content-Type"));
+        }
+        let bytes = read_limited(request.into_body(), state.config.max_body_bytes).await?;
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|error| ApiError::bad_request(IssueType::Structure, format!("request body is not valid JSON: {error}")))?;
+        Ok(JsonBody(value))
+    }
+}
+
+/// Reads a whole body, refusing (413) one larger than `limit`.
+pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, IssueType::TooCostly, format!("request body is larger than the limit of {limit} bytes"))
+    })
+}
+
+/// A FHIR JSON response from stored text (sent as is, never re-serialised).
+pub fn fhir_response(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut response = (status, body.into()).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    response
+}

@@ -1,0 +1,92 @@
+//! `POST /r4/$upload-ndjson`: a streamed NDJSON body loaded through the import path, answered
+//! with an OperationOutcome that lists every refused line. (Not `$import`: in the Bulk Data
+//! drafts that name means "pull from these URLs", a different operation.)
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+use bulkhead_fhir::{operation_outcome, Issue, IssueType};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::ndjson_import::{ImportSummary, Importer, Location};
+use crate::negotiation::fhir_response;
+use crate::state::AppState;
+
+const SOURCE: &str = "request body";
+
+/// Streams the body line by line into an [`Importer`] running on a blocking thread.
+pub async fn upload_ndjson(state: AppState, caller: Caller, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()).unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if !matches!(media.as_str(), "application/fhir+ndjson" | "application/ndjson" | "application/x-ndjson") {
+        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, IssueType::NotSupported, format!("send application/fhir+ndjson, not '{content_type}'")).at("Content-Type"));
+    }
+    let (lines_tx, mut lines_rx) = mpsc::channel::<(u64, String)>(256);
+    let store = state.store.clone();
+    let (tenant, owner, max_members) = (caller.tenant, caller.owner().map(str::to_owned), state.config.max_group_members);
+    let importer = tokio::task::spawn_blocking(move || -> Result<ImportSummary, ApiError> {
+        let mut importer = Importer::new(store.as_ref(), tenant, owner, max_members);
+        while let Some((line, text)) = lines_rx.blocking_recv() {
+            importer.add_line(Location { source: SOURCE.into(), line }, &text)?;
+        }
+        Ok(importer.finish()?)
+    });
+    let max_line = state.config.max_body_bytes;
+    let mut stream = body.into_data_stream();
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut line_number = 0u64;
+    let mut read_error = None;
+    'read: while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(error) => {
+                read_error = Some(ApiError::bad_request(IssueType::Structure, format!("reading the request body failed: {error}")));
+                break;
+            }
+        };
+        buffer.extend_from_slice(&chunk);
+        while let Some(newline) = buffer.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=newline).collect();
+            line_number += 1;
+            if lines_tx.send((line_number, String::from_utf8_lossy(&line).into_owned())).await.is_err() {
+                break 'read;
+            }
+        }
+        if buffer.len() > max_line {
+            read_error = Some(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, IssueType::TooCostly, format!("line {} is longer than {max_line} bytes", line_number + 1)));
+            break;
+        }
+    }
+    if read_error.is_none() && !buffer.is_empty() {
+        line_number += 1;
+        let _ = lines_tx.send((line_number, String::from_utf8_lossy(&buffer).into_owned())).await;
+    }
+    drop(lines_tx);
+    // Lines already read are written even when the body broke off; the outcome says where.
+    let summary = importer.await.map_err(|_| ApiError::internal())??;
+    if let Some(error) = read_error {
+        return Err(error);
+    }
+    Ok(summary_response(&summary))
+}
+
+fn summary_response(summary: &ImportSummary) -> Response {
+    let mut issues = vec![Issue::information(format!(
+        "processed {} resources: {} created, {} updated, {} unchanged, {} failed",
+        summary.processed(),
+        summary.created,
+        summary.updated,
+        summary.unchanged,
+        summary.failed
+    ))];
+    for error in &summary.errors {
+        issues.push(Issue::error(IssueType::Invalid, error.message.clone()).at(format!("line {}", error.location.line)));
+    }
+    if summary.failed > summary.errors.len() as u64 {
+        issues.push(Issue::warning(IssueType::TooCostly, format!("{} more failed lines are not listed", summary.failed - summary.errors.len() as u64)));
+    }
+    fhir_response(StatusCode::OK, operation_outcome(&issues).to_string())
+}

@@ -1,0 +1,161 @@
+//! Validation of resources on write: shape, type, id, references, and Group rules.
+
+use axum::http::StatusCode;
+use bulkhead_fhir::compartment::parse_reference;
+use bulkhead_fhir::{is_resource_type, is_valid_id, IssueType};
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// Checks a resource body against the URL it was sent to: `expected_type` from the path, and
+/// `expected_id` for an update. Returns 400 for URL mismatches and 422 for invalid resources.
+pub fn validate_resource(body: &Value, expected_type: &str, expected_id: Option<&str>, max_group_members: usize) -> Result<(), ApiError> {
+    let Some(object) = body.as_object() else {
+        return Err(ApiError::unprocessable(IssueType::Structure, "a resource must be a JSON object"));
+    };
+    let resource_type = match object.get("resourceType") {
+        Some(Value::String(name)) => name.as_str(),
+        _ => return Err(ApiError::unprocessable(IssueType::Required, "resourceType is missing").at("resourceType")),
+    };
+    if !is_resource_type(resource_type) {
+        return Err(ApiError::unprocessable(IssueType::Value, format!("'{resource_type}' is not an R4 resource type")).at("resourceType"));
+    }
+    if resource_type != expected_type {
+        return Err(ApiError::bad_request(IssueType::Invalid, format!("resourceType '{resource_type}' does not match the URL type '{expected_type}'"))
+            .at("resourceType"));
+    }
+    match (object.get("id"), expected_id) {
+        (Some(Value::String(id)), _) if !is_valid_id(id) => {
+            return Err(ApiError::bad_request(IssueType::Value, format!("'{id}' is not a valid FHIR id")).at(format!("{resource_type}.id")));
+        }
+        (Some(Value::String(id)), Some(expected)) if id != expected => {
+            return Err(ApiError::bad_request(IssueType::Invalid, format!("body id '{id}' does not match the URL id '{expected}'")).at(format!("{resource_type}.id")));
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request(IssueType::Required, "an update must carry the id of the URL in the body").at(format!("{resource_type}.id")));
+        }
+        (Some(Value::String(_)) | None, _) => {}
+        (Some(_), _) => return Err(ApiError::unprocessable(IssueType::Structure, "id must be a string").at(format!("{resource_type}.id"))),
+    }
+    check_references(body, resource_type)?;
+    if resource_type == "Group" {
+        validate_group(body, max_group_members)?;
+    }
+    Ok(())
+}
+
+/// Every `reference` string must be a well-formed reference: relative `Type/id`, absolute URL,
+/// `urn:uuid:`/`urn:oid:`, or a contained `#id`.
+fn check_references(value: &Value, path: &str) -> Result<(), ApiError> {
+    match value {
+        Value::Object(object) => {
+            for (key, child) in object {
+                if key == "reference" {
+                    if let Value::String(reference) = child {
+                        if !is_well_formed_reference(reference) {
+                            return Err(ApiError::unprocessable(IssueType::Value, format!("'{reference}' is not a valid reference"))
+                                .at(format!("{path}.reference")));
+                        }
+                    }
+                    continue;
+                }
+                // Contained resources and extensions are checked like the rest.
+                check_references(child, &format!("{path}.{key}"))?;
+            }
+            Ok(())
+        }
+        Value::Array(items) => items.iter().try_for_each(|item| check_references(item, path)),
+        _ => Ok(()),
+    }
+}
+
+fn is_well_formed_reference(reference: &str) -> bool {
+    if let Some(fragment) = reference.strip_prefix('#') {
+        return fragment.is_empty() || is_valid_id(fragment);
+    }
+    if reference.starts_with("urn:uuid:") || reference.starts_with("urn:oid:") {
+        return reference.len() > 9;
+    }
+    if reference.starts_with("http://") || reference.starts_with("https://") {
+        return !reference.contains(char::is_whitespace);
+    }
+    // Relative: `Type/id`, `Type/id/_history/n`, or a search-style conditional reference.
+    if reference.contains('?') {
+        let (target_type, _) = reference.split_once('?').unwrap_or(("", ""));
+        return is_resource_type(target_type);
+    }
+    parse_reference(reference).is_some_and(|(target_type, _)| is_resource_type(target_type))
+}
+
+/// R4 requires `type` and `actual`; members must reference Patients; the member count is capped.
+fn validate_group(group: &Value, max_members: usize) -> Result<(), ApiError> {
+    if !group.get("type").is_some_and(Value::is_string) {
+        return Err(ApiError::unprocessable(IssueType::Required, "Group.type is required").at("Group.type"));
+    }
+    if !group.get("actual").is_some_and(Value::is_boolean) {
+        return Err(ApiError::unprocessable(IssueType::Required, "Group.actual is required (true or false)").at("Group.actual"));
+    }
+    let members = match group.get("member") {
+        None => return Ok(()),
+        Some(Value::Array(members)) => members,
+        Some(_) => return Err(ApiError::unprocessable(IssueType::Structure, "Group.member must be an array").at("Group.member")),
+    };
+    if members.len() > max_members {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, IssueType::TooCostly, format!("Group has {} members; the limit is {max_members}", members.len()))
+            .at("Group.member"));
+    }
+    for (index, member) in members.iter().enumerate() {
+        let reference = member.pointer("/entity/reference").and_then(Value::as_str);
+        let is_patient = reference.and_then(parse_reference).is_some_and(|(target_type, _)| target_type == "Patient");
+        if !is_patient {
+            let shown = reference.unwrap_or("(no reference)");
+            return Err(ApiError::unprocessable(IssueType::Value, format!("Group.member[{index}].entity must reference a Patient as 'Patient/{{id}}', not '{shown}'"))
+                .at(format!("Group.member[{index}].entity")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(body: Value) -> Result<(), u16> {
+        let expected_type = body["resourceType"].as_str().unwrap_or("Patient").to_owned();
+        validate_resource(&body, &expected_type, None, 3).map_err(|error| error.status.as_u16())
+    }
+
+    #[test]
+    fn resource_shape() {
+        assert_eq!(check(json!([1])), Err(422));
+        assert_eq!(check(json!({"resourceType": "Nope"})), Err(422));
+        assert_eq!(check(json!({"resourceType": "Patient", "id": "a b"})), Err(400));
+        assert_eq!(check(json!({"resourceType": "Patient", "id": "ok"})), Ok(()));
+        let wrong_type = validate_resource(&json!({"resourceType": "Patient"}), "Observation", None, 3);
+        assert_eq!(wrong_type.unwrap_err().status, 400);
+        let wrong_id = validate_resource(&json!({"resourceType": "Patient", "id": "a"}), "Patient", Some("b"), 3);
+        assert_eq!(wrong_id.unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn references_must_be_well_formed() {
+        for good in ["Patient/1", "urn:uuid:abc", "#c1", "https://x.org/fhir/Patient/1", "Patient?identifier=x|1"] {
+            assert_eq!(check(json!({"resourceType": "Observation", "subject": {"reference": good}})), Ok(()), "{good}");
+        }
+        for bad in ["Patient", "Patient/", "Nope/1", "Patient/a b", "urn:uuid:"] {
+            assert_eq!(check(json!({"resourceType": "Observation", "subject": {"reference": bad}})), Err(422), "{bad}");
+        }
+    }
+
+    #[test]
+    fn group_rules() {
+        let member = |reference: &str| json!({"entity": {"reference": reference}});
+        assert_eq!(check(json!({"resourceType": "Group", "actual": true})), Err(422));
+        assert_eq!(check(json!({"resourceType": "Group", "type": "person"})), Err(422));
+        assert_eq!(check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": [member("Patient/1")]})), Ok(()));
+        assert_eq!(check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": [member("Practitioner/1")]})), Err(422));
+        let four: Vec<Value> = (0..4).map(|i| member(&format!("Patient/{i}"))).collect();
+        assert_eq!(check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": four})), Err(422));
+    }
+}
