@@ -1,0 +1,164 @@
+//! Benchmark results: a table for people, JSON for machines.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::BenchArgs;
+
+pub struct ExportResult {
+    pub gzip: bool,
+    pub files: usize,
+    pub resources: u64,
+    /// Bytes on the wire (compressed when gzip).
+    pub bytes: u64,
+    pub seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl ExportResult {
+    fn per_second(&self) -> f64 {
+        self.resources as f64 / self.seconds.max(1e-9)
+    }
+
+    fn mb_per_second(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.seconds.max(1e-9)
+    }
+}
+
+pub struct GroupResult {
+    pub members: usize,
+    pub manifest_p50_ms: f64,
+    pub manifest_p95_ms: f64,
+    pub exports: Vec<ExportResult>,
+}
+
+pub struct DatasetResult {
+    pub patients: u64,
+    pub resources: u64,
+    pub import_seconds: f64,
+    pub data_dir: String,
+    pub groups: Vec<GroupResult>,
+}
+
+pub struct BenchReport {
+    machine: Value,
+    command: String,
+    pub datasets: Vec<DatasetResult>,
+}
+
+fn machine() -> Value {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| info.lines().find(|line| line.starts_with("MemTotal"))?.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| Some(info.lines().find(|line| line.starts_with("model name"))?.split(':').nth(1)?.trim().to_owned()))
+        .unwrap_or_default();
+    json!({"cores": cores, "memory_gib": (memory_kib as f64 / 1048576.0 * 10.0).round() / 10.0, "cpu": cpu})
+}
+
+impl BenchReport {
+    pub fn new(binary: &Path, args: &BenchArgs) -> BenchReport {
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        let _ = (binary, args);
+        BenchReport { machine: machine(), command, datasets: Vec::new() }
+    }
+
+    pub fn print_table(&self) {
+        println!("machine: {}", self.machine);
+        println!("command: {}", self.command);
+        for dataset in &self.datasets {
+            println!(
+                "\ndata set: {} synthetic patients, {} resources ({}); import {:.1} s = {:.0} resources/s",
+                dataset.patients,
+                dataset.resources,
+                dataset.data_dir,
+                dataset.import_seconds,
+                dataset.resources as f64 / dataset.import_seconds.max(1e-9)
+            );
+            println!("{:>8} {:>9} {:>9} {:>5} {:>10} {:>11} {:>9} {:>8} {:>9}", "members", "p50 ms", "p95 ms", "gzip", "resources", "res/s", "MB/s", "seconds", "peak RSS");
+            for group in &dataset.groups {
+                for export in &group.exports {
+                    println!(
+                        "{:>8} {:>9.1} {:>9.1} {:>5} {:>10} {:>11.0} {:>9.1} {:>8.2} {:>8}M",
+                        group.members,
+                        group.manifest_p50_ms,
+                        group.manifest_p95_ms,
+                        if export.gzip { "yes" } else { "no" },
+                        export.resources,
+                        export.per_second(),
+                        export.mb_per_second(),
+                        export.seconds,
+                        export.peak_rss_bytes.map_or("?".to_owned(), |bytes| format!("{:.0}", bytes as f64 / 1048576.0))
+                    );
+                }
+            }
+        }
+        if let Some(ratio) = self.growth_ratio() {
+            println!("\ncost growth: largest/smallest data set, same Group size: {ratio}");
+        }
+    }
+
+    /// Export seconds per resource of the largest data set over the smallest, for the largest
+    /// Group size both measured (1.0 = perfectly linear cost).
+    fn growth_ratio(&self) -> Option<String> {
+        let (small, large) = (self.datasets.first()?, self.datasets.last()?);
+        if self.datasets.len() < 2 {
+            return None;
+        }
+        let largest_common = small.groups.iter().map(|g| g.members).filter(|m| large.groups.iter().any(|g| g.members == *m)).max()?;
+        let per_resource = |dataset: &DatasetResult| {
+            let export = &dataset.groups.iter().find(|g| g.members == largest_common)?.exports.first()?.clone_numbers();
+            Some(export.0 / export.1.max(1) as f64)
+        };
+        let (small_cost, large_cost) = (per_resource(small)?, per_resource(large)?);
+        let full_small = small.groups.iter().max_by_key(|g| g.members)?.exports.first()?.clone_numbers();
+        let full_large = large.groups.iter().max_by_key(|g| g.members)?.exports.first()?.clone_numbers();
+        Some(format!(
+            "same {largest_common}-member Group: {:.2}x time per resource; whole-cohort exports: {:.1}x the resources in {:.1}x the time",
+            large_cost / small_cost,
+            full_large.1 as f64 / full_small.1.max(1) as f64,
+            full_large.0 / full_small.0.max(1e-9)
+        ))
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "machine": self.machine,
+            "command": self.command,
+            "growth": self.growth_ratio(),
+            "datasets": self.datasets.iter().map(|d| json!({
+                "patients": d.patients,
+                "resources": d.resources,
+                "data": d.data_dir,
+                "import_seconds": d.import_seconds,
+                "import_resources_per_second": d.resources as f64 / d.import_seconds.max(1e-9),
+                "groups": d.groups.iter().map(|g| json!({
+                    "members": g.members,
+                    "manifest_p50_ms": g.manifest_p50_ms,
+                    "manifest_p95_ms": g.manifest_p95_ms,
+                    "exports": g.exports.iter().map(|e| json!({
+                        "gzip": e.gzip,
+                        "files": e.files,
+                        "resources": e.resources,
+                        "bytes": e.bytes,
+                        "seconds": e.seconds,
+                        "resources_per_second": e.per_second(),
+                        "mb_per_second": e.mb_per_second(),
+                        "server_peak_rss_bytes": e.peak_rss_bytes,
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl ExportResult {
+    /// `(seconds, resources)`.
+    fn clone_numbers(&self) -> (f64, u64) {
+        (self.seconds, self.resources)
+    }
+}
