@@ -8,6 +8,7 @@
 
 mod measure;
 mod report;
+mod writes;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,6 +41,14 @@ pub struct BenchArgs {
     /// Files downloaded at once.
     #[arg(long, default_value_t = 2)]
     pub concurrency: usize,
+    /// Single creates for the write benchmark (0 skips it).
+    #[arg(long, default_value_t = 2000)]
+    pub creates: usize,
+    /// Transaction Bundles (of `--bundle-entries` resources) for the write benchmark.
+    #[arg(long, default_value_t = 20)]
+    pub bundles: usize,
+    #[arg(long, default_value_t = 500)]
+    pub bundle_entries: usize,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -115,10 +124,15 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, patients: u64) -> anyhow::Resu
         for &size in args.groups.iter().filter(|size| **size as u64 <= patients) {
             results.push(bench_group(&client, &server, args, &patient_ids[..size]).await?);
         }
-        anyhow::Ok(results)
+        let writes = match args.creates + args.bundles {
+            0 => None,
+            _ => Some(writes::measure_writes(&client, args.creates, args.concurrency * 4, args.bundles, args.bundle_entries.max(2)).await?),
+        };
+        anyhow::Ok((results, writes))
     })?;
     drop(server);
-    Ok(DatasetResult { patients, resources, import_seconds, data_dir: data.display().to_string(), groups })
+    let (groups, writes) = groups;
+    Ok(DatasetResult { patients, resources, import_seconds, data_dir: data.display().to_string(), groups, writes })
 }
 
 /// The `imported N resources` line of `bulkhead import`.
@@ -216,6 +230,19 @@ impl Client {
         }
         ids.truncate(limit);
         Ok(ids)
+    }
+
+    async fn post(&self, url: &str, body: String) -> anyhow::Result<()> {
+        self.http
+            .post(url)
+            .header("client_id", &self.client_id)
+            .header("client_secret", &self.client_secret)
+            .header("content-type", "application/fhir+json")
+            .body(body)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
     }
 
     async fn put_group(&self, id: &str, members: &[String]) -> anyhow::Result<()> {

@@ -39,6 +39,7 @@ pub struct DatasetResult {
     pub import_seconds: f64,
     pub data_dir: String,
     pub groups: Vec<GroupResult>,
+    pub writes: Option<super::writes::WriteResult>,
 }
 
 pub struct BenchReport {
@@ -97,6 +98,19 @@ impl BenchReport {
                 }
             }
         }
+        for dataset in &self.datasets {
+            if let Some(writes) = &dataset.writes {
+                println!(
+                    "\nwrites over HTTP ({} patients loaded): {} single creates at {:.0}/s; {} transaction Bundles of {} at {:.0} resources/s",
+                    dataset.patients,
+                    writes.single_creates,
+                    writes.creates_per_second(),
+                    writes.bundles,
+                    writes.bundle_entries,
+                    writes.bundle_resources_per_second()
+                );
+            }
+        }
         if let Some(ratio) = self.growth_ratio() {
             println!("\ncost growth: largest/smallest data set, same Group size: {ratio}");
         }
@@ -136,6 +150,13 @@ impl BenchReport {
                 "data": d.data_dir,
                 "import_seconds": d.import_seconds,
                 "import_resources_per_second": d.resources as f64 / d.import_seconds.max(1e-9),
+                "writes": d.writes.as_ref().map(|w| json!({
+                    "single_creates": w.single_creates,
+                    "single_creates_per_second": w.creates_per_second(),
+                    "bundles": w.bundles,
+                    "bundle_entries": w.bundle_entries,
+                    "bundle_resources_per_second": w.bundle_resources_per_second(),
+                })),
                 "groups": d.groups.iter().map(|g| json!({
                     "members": g.members,
                     "manifest_p50_ms": g.manifest_p50_ms,

@@ -79,6 +79,10 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Contents of a TOML file passed with `--config`.
     pub config_toml: Option<String>,
+    /// A fixed port instead of a free one.
+    pub port: Option<u16>,
+    /// An existing data directory instead of a fresh one.
+    pub data_dir: Option<PathBuf>,
 }
 
 /// A running `bulkhead serve`, killed (by its own PID) when dropped.
@@ -101,7 +105,7 @@ impl Server {
     /// Starts a server and waits until `GET /healthz` answers 200.
     pub async fn start_with(options: Options) -> Server {
         let mut dir = tempfile::tempdir().expect("temporary directory");
-        let data_dir = dir.path().join("data");
+        let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.path().join("data"));
         let config = options.config_toml.as_ref().map(|toml| {
             let path = dir.path().join("bulkhead.toml");
             std::fs::write(&path, toml).expect("writing the config file");
@@ -109,7 +113,7 @@ impl Server {
         });
         // The port was free a moment ago; if someone else took it in between, try another.
         for attempt in 1..=3 {
-            let port = free_port();
+            let port = options.port.unwrap_or_else(free_port);
             let log = dir.path().join(format!("server-{attempt}.log"));
             let mut command = bulkhead();
             command.arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}")).arg("--data-dir").arg(&data_dir);
@@ -124,7 +128,7 @@ impl Server {
                 Server { child: Some(child), base: format!("http://127.0.0.1:{port}"), port, data_dir: data_dir.clone(), log, _dir: dir };
             match server.wait_ready().await {
                 Ok(()) => return server,
-                Err(log) if attempt < 3 && log.contains("binding") => {
+                Err(log) if attempt < 3 && options.port.is_none() && log.contains("binding") => {
                     dir = server.into_dir();
                     continue;
                 }
