@@ -101,16 +101,10 @@ pub fn export_view(
 
 /// Members of the view whose Patient did not exist (for this caller) at the transaction time.
 pub fn missing_members(store: &dyn Store, tenant: TenantId, view: &ExportView) -> Result<Vec<String>, ExportError> {
-    let at = view.selection.transaction_time;
-    let user = view.selection.visibility.user();
-    let mut missing = Vec::new();
-    for member in &view.members {
-        let patient = store.version_at(tenant, "Patient", member, at)?;
-        if patient.filter(|patient| user.is_none() || patient.owner.as_deref() == user).is_none() {
-            missing.push(member.clone());
-        }
-    }
-    Ok(missing)
+    let selection = &view.selection;
+    let existing = store.existing_at(tenant, &selection.visibility, "Patient", &view.members, selection.transaction_time)?;
+    // Both lists are sorted.
+    Ok(view.members.iter().filter(|member| existing.binary_search(member).is_err()).cloned().collect())
 }
 
 /// The target Group itself is exported as a Group line when its version at the transaction

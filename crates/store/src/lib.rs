@@ -68,10 +68,6 @@ pub trait Store: Send + Sync + 'static {
     /// Type-level search over current, non-deleted versions, in key order, keyset-paged.
     fn search(&self, tenant: TenantId, visibility: &Visibility, query: &SearchQuery)
         -> Result<SearchPage, StoreError>;
-    /// Resource ids (of `resource_type`) among `ids` that exist, current and not deleted.
-    fn existing_ids(&self, tenant: TenantId, resource_type: &str, ids: &[String])
-        -> Result<Vec<String>, StoreError>;
-
     // ---- export ----
 
     /// Reserves a transaction time: every write committed before the call has
@@ -80,6 +76,9 @@ pub trait Store: Send + Sync + 'static {
     /// The version of a resource as it was at `at` (None if it did not exist or was deleted).
     fn version_at(&self, tenant: TenantId, resource_type: &str, id: &str, at: Micros)
         -> Result<Option<StoredResource>, StoreError>;
+    /// The ids among `ids` (of `resource_type`) that existed, not deleted and visible, at `at`.
+    fn existing_at(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, ids: &[String], at: Micros)
+        -> Result<Vec<String>, StoreError>;
     /// Patient ids that were (active) members of the Group at `at`, from membership history.
     fn members_at(&self, tenant: TenantId, group_id: &str, at: Micros) -> Result<Vec<String>, StoreError>;
     /// For each of `resource_types`, splits its selected resources into consecutive key ranges

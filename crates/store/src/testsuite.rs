@@ -18,7 +18,8 @@ macro_rules! store_test_suite {
             deletes_leave_tombstones, unchanged_update_is_a_no_op, transactions_are_all_or_nothing,
             batches_apply_per_entry, search_subset, compartment_index_follows_updates,
             group_membership_history, export_is_a_snapshot, export_since_and_new_members,
-            export_reports_deletions, export_parts_split_by_size, transaction_time_orders_writes);
+            export_reports_deletions, export_parts_split_by_size, transaction_time_orders_writes,
+            existence_at_a_time);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -372,4 +373,19 @@ pub fn transaction_time_orders_writes(store: &dyn Store) {
     let reserved = store.reserve_transaction_time().unwrap();
     let after = put(store, t, None, patient("p2")).last_updated;
     assert!(before <= reserved && reserved < after);
+}
+
+pub fn existence_at_a_time(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, None, patient("a"));
+    put(store, t, Some("alice"), patient("b"));
+    let before = store.reserve_transaction_time().unwrap();
+    delete(store, t, "Patient", "a");
+    put(store, t, None, patient("c"));
+    let ids: Vec<String> = ["a", "b", "c", "z"].iter().map(|id| id.to_string()).collect();
+    let now = store.reserve_transaction_time().unwrap();
+    assert_eq!(store.existing_at(t, &Visibility::Tenant, "Patient", &ids, before).unwrap(), vec!["a", "b"]);
+    assert_eq!(store.existing_at(t, &Visibility::Tenant, "Patient", &ids, now).unwrap(), vec!["b", "c"]);
+    let alice = Visibility::User("alice".into());
+    assert_eq!(store.existing_at(t, &alice, "Patient", &ids, now).unwrap(), vec!["b"]);
 }

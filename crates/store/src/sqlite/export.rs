@@ -28,9 +28,8 @@ fn load_members(connection: &Connection, selection: &MemberSelection) -> Result<
 struct VersionAt {
     last_updated: Micros,
     deleted: bool,
-    owner: Option<String>,
-    /// True when that version is no longer current (its body is in the history table).
-    historical: bool,
+    /// The caller may see it (its owner matches a user-scoped selection).
+    visible: bool,
 }
 
 /// Which members a candidate resource was found through.
@@ -47,50 +46,90 @@ impl Reach {
     fn since(self) -> Option<Micros> {
         if self.full_history { None } else { self.existing_since }
     }
+
+    fn merge(self, other: Reach) -> Reach {
+        let existing_since = match (self.existing_since, other.existing_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Reach { full_history: self.full_history || other.full_history, existing_since }
+    }
 }
 
-/// Visits, in key order, every resource of `resource_type` in the members' compartments at the
-/// transaction time with a key in `[first_key, last_key]`, passing its key, how it was reached,
-/// and its version at the transaction time (resources that did not exist yet are skipped).
-fn for_each_candidate(
+/// Keys of `resource_type` in the members' compartments at the transaction time, within
+/// `[first_key, last_key]`, sorted and deduplicated, each with how it was reached.
+///
+/// The member table drives the join (CROSS JOIN fixes the order): each member is one seek into
+/// the compartment index, so the cost follows the export's size, not the tenant's.
+fn candidates(
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
     resource_type: &str,
     (first_key, last_key): (i64, i64),
-    mut visit: impl FnMut(i64, Reach, &VersionAt) -> Result<(), StoreError>,
+) -> Result<Vec<(i64, Reach)>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT c.rid, m.since IS NULL, m.since
+         FROM temp.export_member m
+         CROSS JOIN compartment c ON c.tenant_id = ?1 AND c.patient_id = m.patient_id AND c.resource_type = ?2
+         WHERE c.rid BETWEEN ?3 AND ?4 AND c.from_ts <= ?5 AND (c.to_ts IS NULL OR c.to_ts > ?5)",
+    )?;
+    let mut rows = statement.query(params![tenant.0, resource_type, first_key, last_key, selection.transaction_time])?;
+    let mut found: Vec<(i64, Reach)> = Vec::new();
+    while let Some(row) = rows.next()? {
+        found.push((row.get(0)?, Reach { full_history: row.get(1)?, existing_since: row.get(2)? }));
+    }
+    found.sort_unstable_by_key(|(rid, _)| *rid);
+    found.dedup_by(|later, earlier| {
+        if later.0 != earlier.0 {
+            return false;
+        }
+        earlier.1 = earlier.1.merge(later.1);
+        true
+    });
+    Ok(found)
+}
+
+/// Visits, in key order, every candidate (see [`candidates`]) with its version at the
+/// transaction time (resources that did not exist yet are skipped) and, when `with_body`, that
+/// version's stored JSON (empty otherwise, and for tombstones).
+fn for_each_candidate(
+    connection: &Connection,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+    range: (i64, i64),
+    with_body: bool,
+    mut visit: impl FnMut(i64, Reach, &VersionAt, &[u8]) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let at = selection.transaction_time;
-    let mut candidates = connection.prepare_cached(
-        "SELECT c.rid, MAX(m.since IS NULL), MIN(m.since)
-         FROM temp.export_member m
-         JOIN compartment c ON c.tenant_id = ?1 AND c.patient_id = m.patient_id AND c.resource_type = ?2
-         WHERE c.rid BETWEEN ?3 AND ?4 AND c.from_ts <= ?5 AND (c.to_ts IS NULL OR c.to_ts > ?5)
-         GROUP BY c.rid ORDER BY c.rid",
-    )?;
-    let mut current =
-        connection.prepare_cached("SELECT last_updated, deleted, owner FROM resources WHERE rid = ?1")?;
-    let mut earlier = connection.prepare_cached(
-        "SELECT last_updated, deleted, owner FROM resource_history
-         WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1",
-    )?;
-    let mut rows = candidates.query(params![tenant.0, resource_type, first_key, last_key, at])?;
-    while let Some(row) = rows.next()? {
-        let rid: i64 = row.get(0)?;
-        let reach = Reach { full_history: row.get(1)?, existing_since: row.get(2)? };
-        let read_version = |historical: bool| {
-            move |row: &rusqlite::Row<'_>| {
-                Ok(VersionAt { last_updated: row.get(0)?, deleted: row.get(1)?, owner: row.get(2)?, historical })
-            }
-        };
-        let mut version = current.query_row([rid], read_version(false))?;
-        if version.last_updated > at {
-            match earlier.query_row(params![rid, at], read_version(true)).optional()? {
-                Some(earlier_version) => version = earlier_version,
-                None => continue,
-            }
+    let body_column = if with_body { "body" } else { "NULL" };
+    let mut current = connection.prepare_cached(&format!(
+        "SELECT last_updated, deleted, owner, {body_column} FROM resources WHERE rid = ?1"
+    ))?;
+    let mut earlier = connection.prepare_cached(&format!(
+        "SELECT last_updated, deleted, owner, {body_column} FROM resource_history
+         WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1"
+    ))?;
+    let user = selection.visibility.user();
+    let version_of = |row: &rusqlite::Row<'_>| -> rusqlite::Result<VersionAt> {
+        let owner = row.get_ref(2)?.as_str_or_null()?;
+        Ok(VersionAt { last_updated: row.get(0)?, deleted: row.get(1)?, visible: user.is_none() || owner == user })
+    };
+    for (rid, reach) in candidates(connection, tenant, selection, resource_type, range)? {
+        let mut rows = current.query([rid])?;
+        let Some(row) = rows.next()? else { continue };
+        let version = version_of(row)?;
+        if version.last_updated <= at {
+            visit(rid, reach, &version, row.get_ref(3)?.as_bytes_or_null()?.unwrap_or_default())?;
+            continue;
         }
-        visit(rid, reach, &version)?;
+        drop(rows);
+        // Changed since the transaction time: the version then comes from history.
+        let mut rows = earlier.query(params![rid, at])?;
+        if let Some(row) = rows.next()? {
+            visit(rid, reach, &version_of(row)?, row.get_ref(3)?.as_bytes_or_null()?.unwrap_or_default())?;
+        }
     }
     Ok(())
 }
@@ -99,14 +138,7 @@ fn selected(selection: &MemberSelection, reach: Reach, version: &VersionAt) -> b
     !version.deleted
         && reach.since().is_none_or(|since| version.last_updated > since)
         && selection.until.is_none_or(|until| version.last_updated < until)
-        && visible(&selection.visibility, version)
-}
-
-fn visible(visibility: &Visibility, version: &VersionAt) -> bool {
-    match visibility {
-        Visibility::Tenant => true,
-        Visibility::User(user) => version.owner.as_deref() == Some(user),
-    }
+        && version.visible
 }
 
 pub(super) fn plan_parts(
@@ -119,9 +151,14 @@ pub(super) fn plan_parts(
     load_members(connection, selection)?;
     let part_size = part_size.max(1);
     let mut plan = Vec::new();
+    let mut present = connection.prepare_cached("SELECT EXISTS (SELECT 1 FROM resources WHERE tenant_id = ?1 AND resource_type = ?2)")?;
     for resource_type in resource_types {
+        // One index seek rules out the many compartment types a tenant never stored.
+        if !present.query_row(params![tenant.0, resource_type], |row| row.get::<_, bool>(0))? {
+            continue;
+        }
         let mut parts: Vec<PartRange> = Vec::new();
-        for_each_candidate(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), |rid, reach, version| {
+        for_each_candidate(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), false, |rid, reach, version, _| {
             if !selected(selection, reach, version) {
                 return Ok(());
             }
@@ -150,28 +187,13 @@ pub(super) fn stream_part(
     sink: &mut ResourceSink<'_>,
 ) -> Result<u64, StoreError> {
     load_members(connection, selection)?;
-    let at = selection.transaction_time;
-    let mut current_body = connection.prepare_cached("SELECT body FROM resources WHERE rid = ?1")?;
-    let mut earlier_body = connection.prepare_cached(
-        "SELECT body FROM resource_history WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1",
-    )?;
     let mut written = 0;
-    for_each_candidate(connection, tenant, selection, resource_type, (range.first_key, range.last_key), |rid, reach, version| {
+    for_each_candidate(connection, tenant, selection, resource_type, (range.first_key, range.last_key), true, |_, reach, version, body| {
         if !selected(selection, reach, version) {
             return Ok(());
         }
-        // The body is read by key only for selected resources, and handed to the sink without
-        // a copy or a parse.
-        let write = |row: &rusqlite::Row<'_>| {
-            let body = row.get_ref(0)?.as_bytes()?;
-            Ok(sink(body))
-        };
-        let outcome = if version.historical {
-            earlier_body.query_row(params![rid, at], write)?
-        } else {
-            current_body.query_row([rid], write)?
-        };
-        outcome.map_err(|error| StoreError::Database(format!("export sink: {error}")))?;
+        // Stored bytes go to the sink as they are: no copy, no parse.
+        sink(body).map_err(|error| StoreError::Database(format!("export sink: {error}")))?;
         written += 1;
         Ok(())
     })?;
@@ -190,11 +212,11 @@ pub(super) fn deleted_in_compartments(
     load_members(connection, selection)?;
     let mut id_of = connection.prepare_cached("SELECT id FROM resources WHERE rid = ?1")?;
     let mut deleted = Vec::new();
-    for_each_candidate(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), |rid, reach, version| {
+    for_each_candidate(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), false, |rid, reach, version, _| {
         // Members added since `_since` never received the resource, so only members that could
         // have had it hear of its deletion.
         let Some(since) = reach.existing_since else { return Ok(()) };
-        if version.deleted && version.last_updated > since && visible(&selection.visibility, version) {
+        if version.deleted && version.last_updated > since && version.visible {
             deleted.push((id_of.query_row([rid], |row| row.get(0))?, version.last_updated));
         }
         Ok(())
@@ -239,4 +261,42 @@ pub(super) fn members_at(
     )?;
     let members = statement.query_map(params![tenant.0, group_id, at], |row| row.get(0))?.collect::<Result<_, _>>()?;
     Ok(members)
+}
+
+pub(super) fn existing_at(
+    connection: &Connection,
+    tenant: TenantId,
+    visibility: &Visibility,
+    resource_type: &str,
+    ids: &[String],
+    at: Micros,
+) -> Result<Vec<String>, StoreError> {
+    let mut current = connection.prepare_cached(
+        "SELECT rid, last_updated, deleted, owner FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3",
+    )?;
+    let mut earlier = connection.prepare_cached(
+        "SELECT deleted, owner FROM resource_history WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1",
+    )?;
+    let user = visibility.user();
+    let mut existing = Vec::new();
+    for id in ids {
+        let row = current
+            .query_row(params![tenant.0, resource_type, id], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, Micros>(1)?, row.get::<_, bool>(2)?, row.get::<_, Option<String>>(3)?))
+            })
+            .optional()?;
+        let Some((rid, last_updated, deleted, owner)) = row else { continue };
+        let (deleted, owner) = if last_updated <= at {
+            (deleted, owner)
+        } else {
+            match earlier.query_row(params![rid, at], |row| Ok((row.get::<_, bool>(0)?, row.get::<_, Option<String>>(1)?))).optional()? {
+                Some(then) => then,
+                None => continue,
+            }
+        };
+        if !deleted && (user.is_none() || owner.as_deref() == user) {
+            existing.push(id.clone());
+        }
+    }
+    Ok(existing)
 }

@@ -181,9 +181,6 @@ impl crate::Store for SqliteStore {
         self.with_read(|connection| resources::search(connection, tenant, visibility, query))
     }
 
-    fn existing_ids(&self, tenant: TenantId, resource_type: &str, ids: &[String]) -> Result<Vec<String>, StoreError> {
-        self.with_read(|connection| resources::existing_ids(connection, tenant, resource_type, ids))
-    }
 
     fn reserve_transaction_time(&self) -> Result<Micros, StoreError> {
         self.with_write(|_, timestamp| Ok(timestamp))
@@ -192,6 +189,11 @@ impl crate::Store for SqliteStore {
     fn version_at(&self, tenant: TenantId, resource_type: &str, id: &str, at: Micros)
         -> Result<Option<StoredResource>, StoreError> {
         self.with_read(|connection| export::version_at(connection, tenant, resource_type, id, at))
+    }
+
+    fn existing_at(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, ids: &[String], at: Micros)
+        -> Result<Vec<String>, StoreError> {
+        self.with_snapshot(|connection| export::existing_at(connection, tenant, visibility, resource_type, ids, at))
     }
 
     fn members_at(&self, tenant: TenantId, group_id: &str, at: Micros) -> Result<Vec<String>, StoreError> {

@@ -440,21 +440,3 @@ pub(super) fn search(
     }
     Ok(SearchPage { resources, next_key: if has_more { last_key } else { None } })
 }
-
-pub(super) fn existing_ids(
-    connection: &Connection,
-    tenant: TenantId,
-    resource_type: &str,
-    ids: &[String],
-) -> Result<Vec<String>, StoreError> {
-    let mut statement = connection.prepare_cached(
-        "SELECT id FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3 AND deleted = 0",
-    )?;
-    let mut found = Vec::new();
-    for id in ids {
-        if let Some(id) = statement.query_row(params![tenant.0, resource_type, id], |row| row.get(0)).optional()? {
-            found.push(id);
-        }
-    }
-    Ok(found)
-}
