@@ -5,15 +5,20 @@ use anyhow::Context;
 use bulkhead_fhir::format_instant;
 use bulkhead_http::admin::valid_tenant_name;
 use bulkhead_http::credentials::{generate_credentials, hash_secret};
-use bulkhead_store::sqlite::SqliteStore;
+use bulkhead_store::sqlite::{SqliteOptions, SqliteStore};
 use bulkhead_store::{Store, Tenant};
 
 use crate::config::Config;
 
-/// Opens (creating if needed) the data directory's store.
+/// Opens (creating if needed) the data directory's store, sized for a server.
 pub fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
+    open_store_with(config, SqliteOptions::default())
+}
+
+pub fn open_store_with(config: &Config, options: SqliteOptions) -> anyhow::Result<SqliteStore> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    SqliteStore::open(&config.database_path()).with_context(|| format!("opening {}", config.database_path().display()))
+    let path = config.database_path();
+    SqliteStore::open_with(&path, options).with_context(|| format!("opening {}", path.display()))
 }
 
 pub fn find_tenant(store: &dyn Store, name: &str) -> anyhow::Result<Tenant> {

@@ -86,7 +86,12 @@ impl Config {
             .merge(Env::prefixed("BULKHEAD_").ignore(&["config"]))
             .merge(Serialized::defaults(overrides))
             .extract()
-            .map_err(|error| anyhow::anyhow!("invalid configuration: {error}"))?;
+            // Name the key as the file spells it: figment alone names an environment variable's
+            // key as `EXPORT_PART_SIZE`.
+            .map_err(|error| match error.path.join(".") {
+                key if key.is_empty() => anyhow::anyhow!("invalid configuration: {error}"),
+                key => anyhow::anyhow!("invalid configuration: {key}: {error}"),
+            })?;
         config.validate()?;
         Ok(config)
     }

@@ -11,7 +11,9 @@ use bulkhead_http::ndjson_import::{ImportSummary, Importer, Location};
 use bulkhead_store::Store;
 use clap::Args;
 
-use crate::admin::{find_tenant, open_store};
+use bulkhead_store::sqlite::SqliteOptions;
+
+use crate::admin::{find_tenant, open_store_with};
 use crate::cli::ConfigArgs;
 
 #[derive(Args)]
@@ -31,7 +33,7 @@ pub struct ImportArgs {
 
 pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     let config = args.config.load(None)?;
-    let store = open_store(&config)?;
+    let store = open_store_with(&config, SqliteOptions::bulk_load())?;
     let tenant = find_tenant(&store, &args.tenant)?;
     let files = collect_files(&args.paths)?;
     let total_bytes: u64 = files.iter().filter_map(|file| file.metadata().ok()).map(|meta| meta.len()).sum();

@@ -11,7 +11,13 @@ mod synth;
 
 use clap::Parser;
 
+// mimalloc: the write path allocates many small JSON nodes; glibc malloc spent a fifth of the
+// import's time in its free lists.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
+    bound_allocator_memory();
     let cli = cli::Cli::parse();
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -19,5 +25,20 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Keeps freed memory from piling up across the server's pool of blocking threads, so resident
+/// memory stays flat whatever the export's size: mimalloc returns freed pages at once instead of
+/// when the (possibly idle) thread next allocates, and glibc, which SQLite's page caches
+/// allocate from, gets two arenas instead of one per thread.
+fn bound_allocator_memory() {
+    // SAFETY: both calls only adjust allocator parameters, before any other thread exists.
+    unsafe {
+        // The Rust binding names no constant for `mi_option_purge_delay`; in mimalloc.h (v2 and v3)
+        // it is the option just before `mi_option_use_numa_nodes`.
+        libmimalloc_sys::mi_option_set(libmimalloc_sys::mi_option_use_numa_nodes - 1, 0);
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }

@@ -52,9 +52,7 @@ pub async fn process_bundle(
     let mut planned = Vec::with_capacity(entries.len());
     let mut full_urls: HashMap<String, String> = HashMap::new();
     for (index, entry) in entries.into_iter().enumerate() {
-        let step = plan_entry(&state, &caller, entry, &mut full_urls)
-            .await
-            .map_err(|error| error.at(format!("Bundle.entry[{index}]")));
+        let step = plan_entry(&state, &caller, entry, &mut full_urls).await.map_err(|error| within_entry(error, index));
         match (step, mode) {
             (Ok(step), _) => planned.push(step),
             (Err(error), WriteMode::Transaction) => return Err(error),
@@ -143,6 +141,20 @@ async fn plan_entry(state: &AppState, caller: &Caller, entry: Value, full_urls: 
     }
 }
 
+/// Re-roots an entry's error expression in the Bundle: `Observation.subject.reference` becomes
+/// `Bundle.entry[3].resource.subject.reference`, so the client sees both entry and element.
+fn within_entry(error: ApiError, index: usize) -> ApiError {
+    let entry = format!("Bundle.entry[{index}]");
+    let expression = match error.issues.first().and_then(|issue| issue.expression.as_deref()) {
+        Some(inner) => match inner.split_once('.') {
+            Some((root, rest)) if root.starts_with(char::is_uppercase) => format!("{entry}.resource.{rest}"),
+            _ => format!("{entry}.resource.{inner}"),
+        },
+        None => entry,
+    };
+    error.at(expression)
+}
+
 fn rewrite_references_in_plan(planned: &mut [Planned], full_urls: &HashMap<String, String>) {
     if full_urls.is_empty() {
         return;
@@ -211,6 +223,14 @@ fn bundle_response(mode: WriteMode, outcomes: Vec<Result<Written, ApiError>>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entry_errors_keep_the_element_path() {
+        let error = ApiError::unprocessable(IssueType::Value, "bad").at("Observation.subject.reference");
+        assert_eq!(within_entry(error, 3).issues[0].expression.as_deref(), Some("Bundle.entry[3].resource.subject.reference"));
+        let error = ApiError::bad_request(IssueType::Value, "bad");
+        assert_eq!(within_entry(error, 0).issues[0].expression.as_deref(), Some("Bundle.entry[0]"));
+    }
 
     #[test]
     fn references_to_full_urls_are_rewritten_everywhere() {

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::validate::validate_resource;
 
 /// Resources written per store transaction.
-const BATCH: usize = 2_000;
+const BATCH: usize = 10_000;
 /// Line errors kept for the summary; later ones are only counted.
 const KEPT_ERRORS: usize = 1_000;
 

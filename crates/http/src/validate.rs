@@ -46,26 +46,37 @@ pub fn validate_resource(body: &Value, expected_type: &str, expected_id: Option<
 
 /// Every `reference` string must be a well-formed reference: relative `Type/id`, absolute URL,
 /// `urn:uuid:`/`urn:oid:`, or a contained `#id`.
-fn check_references(value: &Value, path: &str) -> Result<(), ApiError> {
+fn check_references(value: &Value, resource_type: &str) -> Result<(), ApiError> {
+    let mut path = Vec::new();
+    match find_bad_reference(value, &mut path) {
+        None => Ok(()),
+        Some(reference) => {
+            // The path is only spelled out for the error, never on the common, valid path.
+            let expression = std::iter::once(resource_type).chain(path.iter().rev().copied()).collect::<Vec<_>>().join(".");
+            Err(ApiError::unprocessable(IssueType::Value, format!("'{reference}' is not a valid reference")).at(expression))
+        }
+    }
+}
+
+/// The first malformed reference, with the keys leading to it pushed innermost first.
+fn find_bad_reference<'a>(value: &'a Value, path: &mut Vec<&'a str>) -> Option<&'a str> {
     match value {
         Value::Object(object) => {
             for (key, child) in object {
-                if key == "reference" {
-                    if let Value::String(reference) = child {
-                        if !is_well_formed_reference(reference) {
-                            return Err(ApiError::unprocessable(IssueType::Value, format!("'{reference}' is not a valid reference"))
-                                .at(format!("{path}.reference")));
-                        }
-                    }
-                    continue;
+                let found = match (key.as_str(), child) {
+                    ("reference", Value::String(reference)) => (!is_well_formed_reference(reference)).then_some(reference.as_str()),
+                    // Contained resources and extensions are checked like the rest.
+                    _ => find_bad_reference(child, path),
+                };
+                if found.is_some() {
+                    path.push(key);
+                    return found;
                 }
-                // Contained resources and extensions are checked like the rest.
-                check_references(child, &format!("{path}.{key}"))?;
             }
-            Ok(())
+            None
         }
-        Value::Array(items) => items.iter().try_for_each(|item| check_references(item, path)),
-        _ => Ok(()),
+        Value::Array(items) => items.iter().find_map(|item| find_bad_reference(item, path)),
+        _ => None,
     }
 }
 

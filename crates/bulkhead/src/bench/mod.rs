@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Reuse a data directory a previous run imported (its import figures are repeated) instead of
+    /// importing again; for iterating on export performance.
+    #[arg(long)]
+    pub reuse_import: bool,
     /// The `bulkhead` binary to measure (default: this one).
     #[arg(long)]
     pub binary: Option<PathBuf>,
@@ -96,7 +100,9 @@ fn dataset(binary: &Path, args: &BenchArgs, patients: u64) -> anyhow::Result<Pat
 fn bench_dataset(binary: &Path, args: &BenchArgs, patients: u64) -> anyhow::Result<DatasetResult> {
     let data = dataset(binary, args, patients)?;
     let data_dir = args.work_dir.join(format!("db-{patients}"));
-    if data_dir.exists() {
+    let marker = data_dir.join(".imported");
+    let reused = args.reuse_import && marker.exists();
+    if data_dir.exists() && !reused {
         std::fs::remove_dir_all(&data_dir)?;
     }
     let cli = |command: &[&str]| -> anyhow::Result<String> {
@@ -104,16 +110,30 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, patients: u64) -> anyhow::Resu
         anyhow::ensure!(output.status.success(), "bulkhead {} failed: {}", command.join(" "), String::from_utf8_lossy(&output.stderr));
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     };
-    cli(&["tenant", "create", "bench"])?;
+    if !reused {
+        cli(&["tenant", "create", "bench"])?;
+    }
     let credentials: Value = serde_json::from_str(&cli(&["client", "create", "--tenant", "bench", "--json"])?)?;
     let (client_id, client_secret) = (credentials["client_id"].as_str().unwrap_or_default().to_owned(), credentials["client_secret"].as_str().unwrap_or_default().to_owned());
 
-    eprintln!("importing {}", data.display());
-    let started = Instant::now();
-    let output = Command::new(binary).args(["import", "--tenant", "bench", "--data-dir"]).arg(&data_dir).arg(&data).output()?;
-    let import_seconds = started.elapsed().as_secs_f64();
-    anyhow::ensure!(output.status.success(), "bulkhead import failed: {}", String::from_utf8_lossy(&output.stderr));
-    let resources = imported_count(&String::from_utf8_lossy(&output.stdout))?;
+    let (resources, import_seconds) = if reused {
+        // The figures of the import that made this data directory.
+        let text = std::fs::read_to_string(&marker)?;
+        let mut fields = text.split_whitespace();
+        let resources: u64 = fields.next().and_then(|n| n.parse().ok()).context("bad .imported marker")?;
+        let seconds: f64 = fields.next().and_then(|n| n.parse().ok()).context("bad .imported marker")?;
+        eprintln!("reusing the import in {} (made in {seconds:.1} s)", data_dir.display());
+        (resources, seconds)
+    } else {
+        eprintln!("importing {}", data.display());
+        let started = Instant::now();
+        let output = Command::new(binary).args(["import", "--tenant", "bench", "--data-dir"]).arg(&data_dir).arg(&data).output()?;
+        let import_seconds = started.elapsed().as_secs_f64();
+        anyhow::ensure!(output.status.success(), "bulkhead import failed: {}", String::from_utf8_lossy(&output.stderr));
+        let resources = imported_count(&String::from_utf8_lossy(&output.stdout))?;
+        std::fs::write(&marker, format!("{resources} {import_seconds}"))?;
+        (resources, import_seconds)
+    };
 
     let server = Server::start(binary, &data_dir)?;
     let runtime = crate::serve::runtime()?;

@@ -13,6 +13,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+mod api;
+mod export;
+
+pub use api::*;
+pub use export::*;
+
 /// The binary under test, built by cargo for this test target.
 pub const BIN: &str = env!("CARGO_BIN_EXE_bulkhead");
 
@@ -40,16 +46,23 @@ pub fn free_port() -> u16 {
 
 /// Runs a command to completion, failing the test if it takes longer than `deadline`.
 pub fn run_with_deadline(mut command: Command, deadline: Duration) -> Output {
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = command.spawn().expect("spawning the command");
     let started = Instant::now();
     loop {
         if child.try_wait().expect("waiting for the command").is_some() {
-            return child.wait_with_output().expect("collecting the command's output");
+            return child
+                .wait_with_output()
+                .expect("collecting the command's output");
         }
         if started.elapsed() > deadline {
             let _ = child.kill();
-            let output = child.wait_with_output().expect("collecting the command's output");
+            let output = child
+                .wait_with_output()
+                .expect("collecting the command's output");
             panic!(
                 "{command:?} did not finish within {deadline:?}\nstdout:\n{}\nstderr:\n{}",
                 String::from_utf8_lossy(&output.stdout),
@@ -105,7 +118,10 @@ impl Server {
     /// Starts a server and waits until `GET /healthz` answers 200.
     pub async fn start_with(options: Options) -> Server {
         let mut dir = tempfile::tempdir().expect("temporary directory");
-        let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.path().join("data"));
+        let data_dir = options
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
         let config = options.config_toml.as_ref().map(|toml| {
             let path = dir.path().join("bulkhead.toml");
             std::fs::write(&path, toml).expect("writing the config file");
@@ -116,16 +132,35 @@ impl Server {
             let port = options.port.unwrap_or_else(free_port);
             let log = dir.path().join(format!("server-{attempt}.log"));
             let mut command = bulkhead();
-            command.arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}")).arg("--data-dir").arg(&data_dir);
+            command
+                .arg("serve")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--data-dir")
+                .arg(&data_dir);
             if let Some(config) = &config {
                 command.arg("--config").arg(config);
             }
-            command.envs(options.env.iter().map(|(name, value)| (name.as_str(), value.as_str())));
+            command.envs(
+                options
+                    .env
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_str())),
+            );
             command.env("RUST_LOG", "info");
-            command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(File::create(&log).expect("creating the server log"));
+            command
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(File::create(&log).expect("creating the server log"));
             let child = command.spawn().expect("spawning bulkhead serve");
-            let mut server =
-                Server { child: Some(child), base: format!("http://127.0.0.1:{port}"), port, data_dir: data_dir.clone(), log, _dir: dir };
+            let mut server = Server {
+                child: Some(child),
+                base: format!("http://127.0.0.1:{port}"),
+                port,
+                data_dir: data_dir.clone(),
+                log,
+                _dir: dir,
+            };
             match server.wait_ready().await {
                 Ok(()) => return server,
                 Err(log) if attempt < 3 && options.port.is_none() && log.contains("binding") => {
@@ -143,7 +178,13 @@ impl Server {
         let http = http_client();
         let started = Instant::now();
         loop {
-            if let Some(status) = self.child.as_mut().expect("child").try_wait().expect("checking the server") {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .expect("child")
+                .try_wait()
+                .expect("checking the server")
+            {
                 return Err(format!("exited early with {status}\n{}", self.log()));
             }
             if let Ok(response) = http.get(format!("{}/healthz", self.base)).send().await {
@@ -152,7 +193,10 @@ impl Server {
                 }
             }
             if started.elapsed() > STARTUP_DEADLINE {
-                return Err(format!("no 200 from /healthz within {STARTUP_DEADLINE:?}\n{}", self.log()));
+                return Err(format!(
+                    "no 200 from /healthz within {STARTUP_DEADLINE:?}\n{}",
+                    self.log()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -184,7 +228,11 @@ impl Server {
     /// Sends SIGTERM and waits (up to `deadline`) for the process to exit.
     pub fn terminate(&mut self, deadline: Duration) -> ExitStatus {
         let pid = self.pid().to_string();
-        let status = Command::new("kill").arg("-TERM").arg(&pid).status().expect("running kill");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(&pid)
+            .status()
+            .expect("running kill");
         assert!(status.success(), "kill -TERM {pid} failed");
         let started = Instant::now();
         let child = self.child.as_mut().expect("server is running");
@@ -194,7 +242,10 @@ impl Server {
                 return status;
             }
             if started.elapsed() > deadline {
-                panic!("bulkhead did not exit within {deadline:?} of SIGTERM\n{}", self.log());
+                panic!(
+                    "bulkhead did not exit within {deadline:?} of SIGTERM\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -217,13 +268,36 @@ impl Server {
     /// `bulkhead client create --tenant NAME --json`: one JSON object with the credentials.
     pub fn create_client(&self, tenant: &str) -> Api {
         let stdout = self.cli(&["client", "create", "--tenant", tenant, "--json"]);
-        let lines: Vec<&str> = stdout.lines().filter(|line| !line.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "client create --json must print exactly one JSON object, got:\n{stdout}");
-        let created: Value = serde_json::from_str(lines[0]).unwrap_or_else(|error| panic!("not JSON ({error}): {stdout}"));
-        let id = created["client_id"].as_str().unwrap_or_else(|| panic!("no client_id in {created}")).to_owned();
-        let secret = created["client_secret"].as_str().unwrap_or_else(|| panic!("no client_secret in {created}")).to_owned();
-        assert!(!id.is_empty() && !secret.is_empty(), "empty credentials: {created}");
-        Api { http: http_client(), base: self.base.clone(), client_id: id, client_secret: secret, user: None }
+        let lines: Vec<&str> = stdout
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "client create --json must print exactly one JSON object, got:\n{stdout}"
+        );
+        let created: Value = serde_json::from_str(lines[0])
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {stdout}"));
+        let id = created["client_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no client_id in {created}"))
+            .to_owned();
+        let secret = created["client_secret"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no client_secret in {created}"))
+            .to_owned();
+        assert!(
+            !id.is_empty() && !secret.is_empty(),
+            "empty credentials: {created}"
+        );
+        Api {
+            http: http_client(),
+            base: self.base.clone(),
+            client_id: id,
+            client_secret: secret,
+            user: None,
+        }
     }
 }
 
@@ -233,154 +307,11 @@ impl Drop for Server {
     }
 }
 
-/// A plain HTTP client: no proxies, no automatic decompression (reqwest is built without it).
-pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().expect("http client")
-}
-
-/// A client of the server: its credentials and, optionally, a user scope.
-#[derive(Clone)]
-pub struct Api {
-    pub http: reqwest::Client,
-    pub base: String,
-    pub client_id: String,
-    pub client_secret: String,
-    pub user: Option<String>,
-}
-
-/// A response read to the end.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: u16,
-    pub headers: reqwest::header::HeaderMap,
-    pub body: Vec<u8>,
-}
-
-impl Reply {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|error| panic!("status {} body is not JSON ({error}): {}", self.status, self.text()))
-    }
-
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).map(|value| value.to_str().expect("ASCII header").to_owned())
-    }
-
-    /// Asserts the status and returns the JSON body.
-    pub fn expect(&self, status: u16) -> Value {
-        assert_eq!(self.status, status, "unexpected status; body: {}", self.text());
-        self.json()
-    }
-
-    /// Asserts an error status answered with a FHIR OperationOutcome.
-    pub fn expect_outcome(&self, status: u16) -> Value {
-        let outcome = self.expect(status);
-        assert_eq!(outcome["resourceType"], "OperationOutcome", "{outcome}");
-        assert_eq!(self.header("content-type").as_deref(), Some("application/fhir+json"));
-        outcome
-    }
-}
-
-impl Api {
-    /// The same credentials acting as a user (`x-oneup-user-id`).
-    pub fn as_user(&self, user: &str) -> Api {
-        Api { user: Some(user.to_owned()), ..self.clone() }
-    }
-
-    /// The same server with other credentials.
-    pub fn with_secret(&self, client_id: &str, client_secret: &str) -> Api {
-        Api { client_id: client_id.to_owned(), client_secret: client_secret.to_owned(), ..self.clone() }
-    }
-
-    /// A request with the client headers; `target` is a path or an absolute URL.
-    pub fn request(&self, method: reqwest::Method, target: &str) -> reqwest::RequestBuilder {
-        let url = if target.starts_with("http") { target.to_owned() } else { format!("{}{target}", self.base) };
-        let mut request = self.http.request(method, url).header("client_id", &self.client_id).header("client_secret", &self.client_secret);
-        if let Some(user) = &self.user {
-            request = request.header("x-oneup-user-id", user);
-        }
-        request
-    }
-
-    pub async fn send(request: reqwest::RequestBuilder) -> Reply {
-        let response = request.send().await.expect("HTTP request");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response.bytes().await.expect("response body").to_vec();
-        Reply { status, headers, body }
-    }
-
-    pub async fn get(&self, target: &str) -> Reply {
-        Api::send(self.request(reqwest::Method::GET, target)).await
-    }
-
-    pub async fn delete(&self, target: &str) -> Reply {
-        Api::send(self.request(reqwest::Method::DELETE, target)).await
-    }
-
-    pub async fn post(&self, target: &str, body: &Value) -> Reply {
-        Api::send(self.request(reqwest::Method::POST, target).header("content-type", "application/fhir+json").body(body.to_string())).await
-    }
-
-    pub async fn put(&self, target: &str, body: &Value) -> Reply {
-        Api::send(self.request(reqwest::Method::PUT, target).header("content-type", "application/fhir+json").body(body.to_string())).await
-    }
-
-    /// `POST /r4/{type}` → the server-assigned id.
-    pub async fn create(&self, body: &Value) -> String {
-        let resource_type = body["resourceType"].as_str().expect("resourceType");
-        let created = self.post(&format!("/r4/{resource_type}"), body).await.expect(201);
-        created["id"].as_str().expect("created resource has an id").to_owned()
-    }
-
-    /// `PUT /r4/{type}/{id}` (create or update) → the stored resource.
-    pub async fn upsert(&self, body: &Value) -> Value {
-        let resource_type = body["resourceType"].as_str().expect("resourceType");
-        let id = body["id"].as_str().expect("id");
-        let reply = self.put(&format!("/r4/{resource_type}/{id}"), body).await;
-        assert!(matches!(reply.status, 200 | 201), "PUT {resource_type}/{id}: {} {}", reply.status, reply.text());
-        reply.json()
-    }
-
-    /// `GET /r4/{reference}` expecting 200.
-    pub async fn read(&self, reference: &str) -> Value {
-        self.get(&format!("/r4/{reference}")).await.expect(200)
-    }
-}
-
-/// A Patient body.
-pub fn patient(id: Option<&str>, family: &str) -> Value {
-    let mut body = serde_json::json!({"resourceType": "Patient", "name": [{"family": family}], "gender": "female", "birthDate": "1970-01-01"});
-    if let Some(id) = id {
-        body["id"] = id.into();
-    }
-    body
-}
-
-/// An Observation body about `Patient/{patient}`.
-pub fn observation(id: Option<&str>, patient: &str, value: f64) -> Value {
-    let mut body = serde_json::json!({
-        "resourceType": "Observation",
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
-        "subject": {"reference": format!("Patient/{patient}")},
-        "valueQuantity": {"value": value, "unit": "kg"},
-    });
-    if let Some(id) = id {
-        body["id"] = id.into();
-    }
-    body
-}
-
-/// A Group body listing `Patient/{id}` members.
-pub fn group(id: Option<&str>, members: &[&str]) -> Value {
-    let member: Vec<Value> = members.iter().map(|id| serde_json::json!({"entity": {"reference": format!("Patient/{id}")}})).collect();
-    let mut body = serde_json::json!({"resourceType": "Group", "type": "person", "actual": true, "member": member});
-    if let Some(id) = id {
-        body["id"] = id.into();
-    }
-    body
+/// The path of `program` on `PATH`, if installed.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|path| path.is_file())
+    })
 }

@@ -90,48 +90,119 @@ fn candidates(
     Ok(found)
 }
 
+/// Keys examined at once: bounds the candidate list's memory whatever the export's size.
+/// (Tiny in unit tests, so the conformance suite crosses window edges.)
+const WINDOW: i64 = if cfg!(test) { 3 } else { 1 << 18 };
+
 /// Visits, in key order, every candidate (see [`candidates`]) with its version at the
 /// transaction time (resources that did not exist yet are skipped) and, when `with_body`, that
 /// version's stored JSON (empty otherwise, and for tombstones).
+///
+/// Candidates are taken a key window at a time. Where they are dense, one sequential scan of
+/// the window replaces a lookup per key; without bodies the scan reads the narrow
+/// `resources_meta` index instead of the rows.
 fn for_each_candidate(
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
     resource_type: &str,
-    range: (i64, i64),
+    (first_key, last_key): (i64, i64),
     with_body: bool,
     mut visit: impl FnMut(i64, Reach, &VersionAt, &[u8]) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
-    let at = selection.transaction_time;
-    let body_column = if with_body { "body" } else { "NULL" };
-    let mut current = connection.prepare_cached(&format!(
-        "SELECT last_updated, deleted, owner, {body_column} FROM resources WHERE rid = ?1"
-    ))?;
+    let span: (Option<i64>, Option<i64>) = connection
+        // Two subqueries, not MIN and MAX in one: SQLite answers each of those with one index
+        // seek only when it stands alone.
+        .prepare_cached(
+            "SELECT (SELECT rid FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 ORDER BY rid LIMIT 1),
+                    (SELECT rid FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 ORDER BY rid DESC LIMIT 1)",
+        )?
+        .query_row(params![tenant.0, resource_type], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let (Some(type_first), Some(type_last)) = span else { return Ok(()) };
+    let (source, body) = if with_body { ("resources", "body") } else { ("resources INDEXED BY resources_meta", "NULL") };
+    let columns = format!("rid, last_updated, deleted, owner, {body}");
+    let mut point = connection.prepare_cached(&format!("SELECT {columns} FROM {source} WHERE rid = ?1"))?;
+    let mut scan = connection.prepare_cached(&format!("SELECT {columns} FROM {source} WHERE rid BETWEEN ?1 AND ?2 ORDER BY rid"))?;
     let mut earlier = connection.prepare_cached(&format!(
-        "SELECT last_updated, deleted, owner, {body_column} FROM resource_history
+        "SELECT rid, last_updated, deleted, owner, {body} FROM resource_history
          WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1"
     ))?;
-    let user = selection.visibility.user();
-    let version_of = |row: &rusqlite::Row<'_>| -> rusqlite::Result<VersionAt> {
-        let owner = row.get_ref(2)?.as_str_or_null()?;
-        Ok(VersionAt { last_updated: row.get(0)?, deleted: row.get(1)?, visible: user.is_none() || owner == user })
-    };
-    for (rid, reach) in candidates(connection, tenant, selection, resource_type, range)? {
-        let mut rows = current.query([rid])?;
-        let Some(row) = rows.next()? else { continue };
-        let version = version_of(row)?;
-        if version.last_updated <= at {
-            visit(rid, reach, &version, row.get_ref(3)?.as_bytes_or_null()?.unwrap_or_default())?;
-            continue;
+    let mut context = Delivery { at: selection.transaction_time, user: selection.visibility.user(), earlier: &mut earlier };
+    let (mut start, end) = (first_key.max(type_first), last_key.min(type_last));
+    while start <= end {
+        let window_end = start.saturating_add(WINDOW - 1).min(end);
+        let found = candidates(connection, tenant, selection, resource_type, (start, window_end))?;
+        if let (Some(first), Some(last)) = (found.first(), found.last()) {
+            if found.len() as i64 * 4 >= last.0 - first.0 + 1 {
+                let mut rows = scan.query(params![first.0, last.0])?;
+                let mut pending = found.iter().peekable();
+                while let Some(row) = rows.next()? {
+                    let rid: i64 = row.get(0)?;
+                    while pending.next_if(|(key, _)| *key < rid).is_some() {}
+                    if let Some((_, reach)) = pending.next_if(|(key, _)| *key == rid) {
+                        context.deliver(row, rid, *reach, &mut visit)?;
+                    }
+                    if pending.peek().is_none() {
+                        break;
+                    }
+                }
+            } else {
+                for (rid, reach) in &found {
+                    let mut rows = point.query([rid])?;
+                    if let Some(row) = rows.next()? {
+                        context.deliver(row, *rid, *reach, &mut visit)?;
+                    }
+                }
+            }
         }
-        drop(rows);
-        // Changed since the transaction time: the version then comes from history.
-        let mut rows = earlier.query(params![rid, at])?;
-        if let Some(row) = rows.next()? {
-            visit(rid, reach, &version_of(row)?, row.get_ref(3)?.as_bytes_or_null()?.unwrap_or_default())?;
+        if window_end == end {
+            break;
         }
+        start = window_end + 1;
     }
     Ok(())
+}
+
+/// What turns a current row into the version at the transaction time.
+struct Delivery<'a, 'c> {
+    at: Micros,
+    user: Option<&'a str>,
+    earlier: &'a mut rusqlite::CachedStatement<'c>,
+}
+
+impl Delivery<'_, '_> {
+    fn version_of(&self, row: &rusqlite::Row<'_>) -> Result<VersionAt, StoreError> {
+        let owner = row.get_ref(3)?.as_str_or_null()?;
+        Ok(VersionAt { last_updated: row.get(1)?, deleted: row.get(2)?, visible: self.user.is_none() || owner == self.user })
+    }
+
+    /// Visits the current row's resource as it was at the transaction time (from history when it
+    /// changed since; not at all when it did not exist yet).
+    fn deliver(
+        &mut self,
+        row: &rusqlite::Row<'_>,
+        rid: i64,
+        reach: Reach,
+        visit: &mut impl FnMut(i64, Reach, &VersionAt, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let version = self.version_of(row)?;
+        if version.last_updated <= self.at {
+            return visit(rid, reach, &version, row.get_ref(4)?.as_bytes_or_null()?.unwrap_or_default());
+        }
+        let at = self.at;
+        let mut rows = self.earlier.query(params![rid, at])?;
+        match rows.next()? {
+            Some(then) => {
+                let version = VersionAt {
+                    last_updated: then.get(1)?,
+                    deleted: then.get(2)?,
+                    visible: self.user.is_none() || then.get_ref(3)?.as_str_or_null()? == self.user,
+                };
+                visit(rid, reach, &version, then.get_ref(4)?.as_bytes_or_null()?.unwrap_or_default())
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 fn selected(selection: &MemberSelection, reach: Reach, version: &VersionAt) -> bool {

@@ -17,19 +17,50 @@ use crate::{
 
 const SCHEMA: &str = include_str!("schema.sql");
 
+/// Memory the store may use for page caches: each open connection holds its own cache.
+#[derive(Debug, Clone, Copy)]
+pub struct SqliteOptions {
+    pub writer_cache_mib: u32,
+    pub reader_cache_mib: u32,
+    /// Idle read connections kept open.
+    pub idle_readers: usize,
+}
+
+impl Default for SqliteOptions {
+    /// Sized for a server: its memory must stay small during exports of any size.
+    fn default() -> Self {
+        SqliteOptions { writer_cache_mib: 16, reader_cache_mib: 8, idle_readers: 4 }
+    }
+}
+
+impl SqliteOptions {
+    /// Sized for a bulk load: a large writer cache keeps the indexes' hot pages in memory.
+    pub fn bulk_load() -> Self {
+        SqliteOptions { writer_cache_mib: 256, ..SqliteOptions::default() }
+    }
+}
+
 /// The SQLite implementation of [`crate::Store`].
 pub struct SqliteStore {
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     path: std::path::PathBuf,
+    options: SqliteOptions,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and applies the schema.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        let writer = open_connection(path)?;
+        SqliteStore::open_with(path, SqliteOptions::default())
+    }
+
+    pub fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        let writer = open_connection(path, options.writer_cache_mib)?;
+        // Larger pages mean fewer reads per exported resource (bodies are ~1 KiB); only takes
+        // effect when the database is created.
+        writer.execute_batch("PRAGMA page_size = 16384;")?;
         writer.execute_batch(SCHEMA)?;
-        Ok(SqliteStore { writer: Mutex::new(writer), readers: Mutex::new(Vec::new()), path: path.to_owned() })
+        Ok(SqliteStore { writer: Mutex::new(writer), readers: Mutex::new(Vec::new()), path: path.to_owned(), options })
     }
 
     /// Runs `work` inside an immediate (write-locked) transaction with a fresh timestamp,
@@ -62,13 +93,13 @@ impl SqliteStore {
         let pooled = self.readers.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
         let connection = match pooled {
             Some(connection) => connection,
-            None => open_connection(&self.path)?,
+            None => open_connection(&self.path, self.options.reader_cache_mib)?,
         };
         let result = work(&connection);
         // Keep a handful of idle readers; a connection mid-transaction is never returned.
         if connection.is_autocommit() {
             let mut readers = self.readers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if readers.len() < 8 {
+            if readers.len() < self.options.idle_readers {
                 readers.push(connection);
             }
         }
@@ -76,16 +107,16 @@ impl SqliteStore {
     }
 }
 
-fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+fn open_connection(path: &Path, cache_mib: u32) -> Result<Connection, StoreError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let connection = Connection::open_with_flags(path, flags)?;
     connection.busy_timeout(std::time::Duration::from_secs(10))?;
     connection.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = NORMAL;
-         PRAGMA temp_store = MEMORY;
-         PRAGMA cache_size = -16000;",
+         PRAGMA temp_store = MEMORY;",
     )?;
+    connection.pragma_update(None, "cache_size", -(i64::from(cache_mib) * 1024))?;
     connection.set_prepared_statement_cache_capacity(64);
     Ok(connection)
 }
@@ -146,10 +177,12 @@ impl crate::Store for SqliteStore {
                     }
                     WriteMode::Batch => {
                         // A savepoint per entry: a failed entry leaves no partial rows behind.
-                        transaction.execute_batch("SAVEPOINT entry")?;
+                        transaction.prepare_cached("SAVEPOINT entry")?.execute([])?;
                         let result = resources::apply(transaction, tenant, owner, op, timestamp);
-                        let end = if result.is_ok() { "RELEASE entry" } else { "ROLLBACK TO entry; RELEASE entry" };
-                        transaction.execute_batch(end)?;
+                        if result.is_err() {
+                            transaction.prepare_cached("ROLLBACK TO entry")?.execute([])?;
+                        }
+                        transaction.prepare_cached("RELEASE entry")?.execute([])?;
                         if let Err(StoreError::Database(detail)) = &result {
                             return Err(StoreError::Database(detail.clone()));
                         }

@@ -265,7 +265,7 @@ fn sync_search_tokens(
         transaction.prepare_cached("DELETE FROM search_token WHERE rid = ?1")?.execute([rid])?;
     }
     let mut insert = transaction.prepare_cached(
-        "INSERT INTO search_token (tenant_id, resource_type, param, system, value, rid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT OR IGNORE INTO search_token (tenant_id, resource_type, param, system, value, rid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
     for (param, system, value) in search_tokens(body) {
         insert.execute(params![tenant.0, resource_type, param, system, value, rid])?;

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS resources (
     UNIQUE (tenant_id, resource_type, id)
 );
 CREATE INDEX IF NOT EXISTS resources_by_type ON resources (tenant_id, resource_type, rid);
-CREATE INDEX IF NOT EXISTS resources_by_last_updated ON resources (tenant_id, resource_type, last_updated);
+-- A narrow copy of what export planning reads per resource, so counting never reads bodies.
+CREATE INDEX IF NOT EXISTS resources_meta ON resources (rid, last_updated, deleted, owner);
 
 -- Every earlier version.
 CREATE TABLE IF NOT EXISTS resource_history (
@@ -50,16 +51,16 @@ CREATE UNIQUE INDEX IF NOT EXISTS resource_history_key ON resource_history (rid,
 
 -- Patient compartment index, versioned by time: a row is valid for [from_ts, to_ts).
 -- Rows stay open when a resource is deleted, so deletions can be found per patient.
+-- WITHOUT ROWID: the table is its own index (one b-tree less to write per resource).
 CREATE TABLE IF NOT EXISTS compartment (
     tenant_id INTEGER NOT NULL,
     patient_id TEXT NOT NULL,
     resource_type TEXT NOT NULL,
     rid INTEGER NOT NULL,
     from_ts INTEGER NOT NULL,
-    to_ts INTEGER
-);
-CREATE INDEX IF NOT EXISTS compartment_by_patient
-    ON compartment (tenant_id, patient_id, resource_type, rid, from_ts, to_ts);
+    to_ts INTEGER,
+    PRIMARY KEY (tenant_id, patient_id, resource_type, rid, from_ts)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS compartment_open_by_rid ON compartment (rid) WHERE to_ts IS NULL;
 
 -- Search tokens of current versions: identifiers and subject/patient references.
@@ -67,11 +68,11 @@ CREATE TABLE IF NOT EXISTS search_token (
     tenant_id INTEGER NOT NULL,
     resource_type TEXT NOT NULL,
     param TEXT NOT NULL,
-    system TEXT NOT NULL,
     value TEXT NOT NULL,
-    rid INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS search_token_lookup ON search_token (tenant_id, resource_type, param, value, system, rid);
+    system TEXT NOT NULL,
+    rid INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, resource_type, param, value, system, rid)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS search_token_by_rid ON search_token (rid);
 
 -- Group membership history: one row per interval during which a patient was an active member.
