@@ -71,8 +71,7 @@ pub fn export_view(
         .version_at(tenant, "Group", group_id, transaction_time)?
         .filter(|group| visibility.user().is_none() || group.owner.as_deref() == visibility.user())
         .ok_or_else(|| ExportError::NotFound(format!("Group/{group_id} not found")))?;
-    let body: serde_json::Value = serde_json::from_str(group.body.as_deref().unwrap_or("{}")).map_err(StoreError::from)?;
-    let members = group_members(&body, transaction_time);
+    let members = group_members(group.body.as_deref().unwrap_or("{}"), transaction_time).map_err(StoreError::from)?;
     let members_at_since = match since {
         Some(since) => Some(store.members_at(tenant, group_id, since)?),
         None => None,

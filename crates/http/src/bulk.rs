@@ -1,5 +1,6 @@
-//! Group bulk export over HTTP: the synchronous kick-off (1upHealth style: 200 with the
-//! manifest at once) and the signed file downloads, streamed from the store.
+//! Group bulk export over HTTP: the kick-off (1upHealth style without `Prefer: respond-async`:
+//! 200 with the manifest at once; with it, 202 and a job, see [`crate::export_status`]) and the
+//! signed file downloads, streamed from the store.
 
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,7 +26,7 @@ use crate::urls::base_url;
 
 /// Bytes handed to the response body at a time; with the channel depth this bounds the memory
 /// of a download, whatever the file's size.
-const CHUNK_BYTES: usize = 64 * 1024;
+const CHUNK_BYTES: usize = 256 * 1024;
 const CHANNEL_DEPTH: usize = 4;
 
 impl From<ExportError> for ApiError {
@@ -42,11 +43,13 @@ impl From<ExportError> for ApiError {
     }
 }
 
-fn now_seconds() -> i64 {
+pub(crate) fn now_seconds() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
 
-/// `GET [/bulk-data]/r4/Group/{id}/$export`.
+/// `GET [/bulk-data]/r4/Group/{id}/$export`. Both modes plan the export the same way and build
+/// the same manifest; `Prefer: respond-async` only changes how it is delivered (a job polled at
+/// its status URL instead of the 200 body).
 pub async fn kick_off(State(state): State<AppState>, Path(group_id): Path<String>, uri: Uri, headers: HeaderMap) -> Result<Response, ApiError> {
     let caller = authenticate(&state, &headers).await?;
     check_accept(&headers)?;
@@ -70,7 +73,10 @@ pub async fn kick_off(State(state): State<AppState>, Path(group_id): Path<String
     let base = base_url(&state, &headers);
     let request_url = format!("{base}{}", uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()));
     let manifest = manifest(&state, &base, &request_url, plan, raw_query_has_since(&pairs));
-    let mut response = (StatusCode::OK, manifest.to_string()).into_response();
+    if preferences.respond_async {
+        return crate::export_status::accept(&state, &caller, &base, manifest).await;
+    }
+    let mut response = (StatusCode::OK, manifest.body.to_string()).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
 }
@@ -88,15 +94,23 @@ fn url_type(claims: &FileClaims) -> &str {
     }
 }
 
+/// A Bulk Data manifest and when its file URLs stop working.
+pub(crate) struct Manifest {
+    pub body: Value,
+    /// Expiry of every file URL it lists, in Unix seconds.
+    pub expires: i64,
+}
+
 /// Builds the Bulk Data manifest, minting a signed URL per file.
-fn manifest(state: &AppState, base: &str, request_url: &str, plan: GroupExportPlan, with_since: bool) -> Value {
+fn manifest(state: &AppState, base: &str, request_url: &str, plan: GroupExportPlan, with_since: bool) -> Manifest {
     let config = &state.config;
     let ttl = if config.file_urls_require_credentials { config.file_url_ttl } else { config.self_authorising_url_ttl };
     let issued = now_seconds();
+    let expires = issued + ttl.as_secs() as i64;
     let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
     for mut claims in plan.files {
         claims.iat = issued;
-        claims.exp = issued + ttl.as_secs() as i64;
+        claims.exp = expires;
         let token = state.token_keys.sign(&claims);
         let item_type = url_type(&claims).to_owned();
         let item = json!({"type": item_type, "url": format!("{base}/bulk-data/r4/$export/{item_type}/{token}.ndjson"), "count": claims.total});
@@ -119,7 +133,7 @@ fn manifest(state: &AppState, base: &str, request_url: &str, plan: GroupExportPl
         let removed: Vec<String> = plan.removed_members.iter().map(|id| format!("Patient/{id}")).collect();
         manifest["extension"] = json!({"removedMembers": removed});
     }
-    manifest
+    Manifest { body: manifest, expires }
 }
 
 /// `GET /bulk-data/r4/$export/{type}/{token}.ndjson`: the file, streamed (gzip on request).

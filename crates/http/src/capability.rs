@@ -35,7 +35,7 @@ pub fn capability_statement(base: &str) -> Value {
                 resource["operation"] = json!([{
                     "name": "export",
                     "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
-                    "documentation": "Synchronous (no Prefer: respond-async): 200 with the manifest at once. Parameters: _type, _since, _until, _outputFormat (NDJSON)."
+                    "documentation": "Without Prefer: respond-async: 200 with the manifest at once (synchronous). With Prefer: respond-async: 202 and an absolute Content-Location [base]/bulk-data/r4/$export-status/{job}; GET it for 200 with the manifest (application/json, Expires), DELETE it to cancel (202; later polls 404). Prefer: handling=lenient ignores unsupported parameters. Parameters: _type, _since, _until, _outputFormat (NDJSON)."
                 }]);
             }
             resource

@@ -1,5 +1,6 @@
 //! Bulkhead's HTTP layer: FHIR R4 REST under `/r4`, Group bulk export (also under
-//! `/bulk-data/r4`, 1upHealth style), the admin API, and the error → OperationOutcome mapping.
+//! `/bulk-data/r4`, 1upHealth style; synchronous, or asynchronous with status polling), the
+//! admin API, and the error → OperationOutcome mapping.
 
 pub mod admin;
 pub mod auth;
@@ -8,6 +9,7 @@ pub mod bundle;
 pub mod capability;
 pub mod credentials;
 pub mod error;
+pub mod export_status;
 pub mod ndjson_import;
 pub mod negotiation;
 pub mod rest;
@@ -46,7 +48,9 @@ pub fn router(state: AppState) -> Router {
         .route("/r4/{type}/{id}/{operation}", get(instance_operation))
         .route("/r4/{type}/{id}/_history/{version}", get(rest::vread))
         .route("/bulk-data/r4/Group/{id}/$export", get(bulk::kick_off))
-        .route("/bulk-data/r4/$export/{type}/{file}", get(bulk::download));
+        .route("/bulk-data/r4/$export/{type}/{file}", get(bulk::download))
+        .route("/bulk-data/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
+        .route("/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel));
     let admin = Router::new()
         .route("/admin/tenants", get(admin::list_tenants).post(admin::create_tenant))
         .route("/admin/tenants/{tenant}/clients", get(admin::list_clients).post(admin::create_client))

@@ -116,6 +116,12 @@ fn validate_group(group: &Value, max_members: usize) -> Result<(), ApiError> {
             .at("Group.member"));
     }
     for (index, member) in members.iter().enumerate() {
+        let well_typed = member.get("inactive").is_none_or(Value::is_boolean)
+            && member.pointer("/period/end").is_none_or(Value::is_string);
+        if !well_typed {
+            return Err(ApiError::unprocessable(IssueType::Structure, format!("Group.member[{index}]: inactive must be a boolean and period.end a dateTime"))
+                .at(format!("Group.member[{index}]")));
+        }
         let reference = member.pointer("/entity/reference").and_then(Value::as_str);
         let is_patient = reference.and_then(parse_reference).is_some_and(|(target_type, _)| target_type == "Patient");
         if !is_patient {
@@ -166,6 +172,8 @@ mod tests {
         assert_eq!(check(json!({"resourceType": "Group", "type": "person"})), Err(422));
         assert_eq!(check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": [member("Patient/1")]})), Ok(()));
         assert_eq!(check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": [member("Practitioner/1")]})), Err(422));
+        let inactive_text = json!({"entity": {"reference": "Patient/1"}, "inactive": "yes"});
+        assert_eq!(check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": [inactive_text]})), Err(422));
         let four: Vec<Value> = (0..4).map(|i| member(&format!("Patient/{i}"))).collect();
         assert_eq!(check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": four})), Err(422));
     }

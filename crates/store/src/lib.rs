@@ -15,7 +15,7 @@ mod write;
 pub mod testsuite;
 
 pub use error::StoreError;
-pub use model::{ClientRecord, MemberSelection, PartRange, StoredResource, Tenant, TenantId, Visibility};
+pub use model::{ClientRecord, ExportJob, MemberSelection, PartRange, StoredResource, Tenant, TenantId, Visibility};
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
 pub use write::{group_members, stamp_meta, WriteMode, WriteOp, Written};
 
@@ -99,4 +99,17 @@ pub trait Store: Send + Sync + 'static {
     /// `(since, transaction_time]` (for `deleted[]`), as `(id, deleted_at)`, in key order.
     fn deleted_in_compartments(&self, tenant: TenantId, selection: &MemberSelection, resource_type: &str)
         -> Result<Vec<(String, Micros)>, StoreError>;
+
+    // ---- asynchronous export jobs ----
+
+    /// Stores a new export job of `tenant`; an existing `(tenant, job.id)` is
+    /// [`StoreError::Conflict`].
+    fn create_export_job(&self, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError>;
+    /// The job `job_id` of `tenant` (None for another tenant's or an unknown id). Expired jobs
+    /// not yet swept are returned: the caller compares `expires` with its clock.
+    fn export_job(&self, tenant: TenantId, job_id: &str) -> Result<Option<ExportJob>, StoreError>;
+    /// Deletes the job `job_id` of `tenant`; false when `tenant` has no such job.
+    fn delete_export_job(&self, tenant: TenantId, job_id: &str) -> Result<bool, StoreError>;
+    /// Housekeeping across all tenants: deletes every job with `expires <= now`; returns how many.
+    fn delete_expired_export_jobs(&self, now: Micros) -> Result<u64, StoreError>;
 }

@@ -73,3 +73,22 @@ pub struct PartRange {
     pub last_key: i64,
     pub count: u64,
 }
+
+/// An asynchronous Bulk Data export job (kick-off with `Prefer: respond-async`). The export is
+/// planned at kick-off, so a job is complete once stored: it keeps the manifest the status URL
+/// answers with until `expires`. The tenant is not a field: it is part of every job method's
+/// signature (and of the job's key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportJob {
+    /// A random UUID; the status URL is `…/$export-status/{id}`.
+    pub id: String,
+    /// The client that kicked the export off; only it may poll or cancel the job.
+    pub client_id: String,
+    /// The user scope of the kick-off (`x-oneup-user-id`); only the same scope sees the job.
+    pub visibility: Visibility,
+    pub created: Micros,
+    /// When the job (and its file URLs) expire; an expired job is as if it did not exist.
+    pub expires: Micros,
+    /// The complete manifest, as JSON text.
+    pub manifest: String,
+}

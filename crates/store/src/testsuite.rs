@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::{
-    IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ReferenceQuery, SearchQuery, Store, StoreError,
+    ExportJob, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ReferenceQuery, SearchQuery, Store, StoreError,
     TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
@@ -19,7 +19,8 @@ macro_rules! store_test_suite {
             batches_apply_per_entry, search_subset, compartment_index_follows_updates,
             group_membership_history, export_is_a_snapshot, export_since_and_new_members,
             export_reports_deletions, export_parts_split_by_size, transaction_time_orders_writes,
-            existence_at_a_time);
+            existence_at_a_time, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
+            expired_export_jobs_are_swept);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -388,4 +389,63 @@ pub fn existence_at_a_time(store: &dyn Store) {
     assert_eq!(store.existing_at(t, &Visibility::Tenant, "Patient", &ids, now).unwrap(), vec!["b", "c"]);
     let alice = Visibility::User("alice".into());
     assert_eq!(store.existing_at(t, &alice, "Patient", &ids, now).unwrap(), vec!["b"]);
+}
+
+fn export_job(id: &str, client_id: &str, visibility: Visibility, expires: i64) -> ExportJob {
+    ExportJob {
+        id: id.into(),
+        client_id: client_id.into(),
+        visibility,
+        created: 1_000,
+        expires,
+        manifest: json!({"transactionTime": "2024-01-01T00:00:00Z", "job": id, "output": []}).to_string(),
+    }
+}
+
+pub fn export_jobs_round_trip(store: &dyn Store) {
+    let t = tenant(store, "t");
+    let job = export_job("job-1", "c1", Visibility::Tenant, 5_000);
+    let alice = export_job("job-2", "c1", Visibility::User("alice".into()), 6_000);
+    store.create_export_job(t, &job).unwrap();
+    store.create_export_job(t, &alice).unwrap();
+    assert_eq!(store.export_job(t, "job-1").unwrap(), Some(job.clone()));
+    assert_eq!(store.export_job(t, "job-2").unwrap(), Some(alice), "the user scope is kept");
+    assert!(store.export_job(t, "job-3").unwrap().is_none());
+    let duplicate = ExportJob { manifest: "{}".into(), ..job.clone() };
+    assert!(matches!(store.create_export_job(t, &duplicate), Err(StoreError::Conflict(_))));
+    assert_eq!(store.export_job(t, "job-1").unwrap(), Some(job), "a refused duplicate changes nothing");
+    assert!(store.delete_export_job(t, "job-1").unwrap());
+    assert!(store.export_job(t, "job-1").unwrap().is_none());
+    assert!(!store.delete_export_job(t, "job-1").unwrap(), "a second delete finds nothing");
+    assert!(store.export_job(t, "job-2").unwrap().is_some(), "deleting one job leaves the others");
+}
+
+pub fn export_jobs_are_isolated_by_tenant(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    let job = export_job("shared-id", "ca", Visibility::Tenant, 5_000);
+    store.create_export_job(a, &job).unwrap();
+    assert!(store.export_job(b, "shared-id").unwrap().is_none(), "another tenant cannot read the job");
+    assert!(!store.delete_export_job(b, "shared-id").unwrap(), "another tenant cannot delete the job");
+    assert_eq!(store.export_job(a, "shared-id").unwrap(), Some(job.clone()));
+    // The same id in another tenant is another job.
+    let other = export_job("shared-id", "cb", Visibility::Tenant, 7_000);
+    store.create_export_job(b, &other).unwrap();
+    assert_eq!(store.export_job(a, "shared-id").unwrap(), Some(job));
+    assert_eq!(store.export_job(b, "shared-id").unwrap(), Some(other.clone()));
+    assert!(store.delete_export_job(a, "shared-id").unwrap());
+    assert!(store.export_job(a, "shared-id").unwrap().is_none());
+    assert_eq!(store.export_job(b, "shared-id").unwrap(), Some(other));
+}
+
+pub fn expired_export_jobs_are_swept(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    store.create_export_job(a, &export_job("a-old", "ca", Visibility::Tenant, 100)).unwrap();
+    store.create_export_job(a, &export_job("a-new", "ca", Visibility::Tenant, 300)).unwrap();
+    store.create_export_job(b, &export_job("b-edge", "cb", Visibility::Tenant, 200)).unwrap();
+    assert_eq!(store.delete_expired_export_jobs(50).unwrap(), 0);
+    assert_eq!(store.delete_expired_export_jobs(200).unwrap(), 2, "expiry is inclusive and spans tenants");
+    assert!(store.export_job(a, "a-old").unwrap().is_none());
+    assert!(store.export_job(b, "b-edge").unwrap().is_none());
+    assert!(store.export_job(a, "a-new").unwrap().is_some());
+    assert_eq!(store.delete_expired_export_jobs(200).unwrap(), 0);
 }

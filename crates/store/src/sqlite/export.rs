@@ -56,35 +56,60 @@ impl Reach {
     }
 }
 
-/// Keys of `resource_type` in the members' compartments at the transaction time, within
-/// `[first_key, last_key]`, sorted and deduplicated, each with how it was reached.
+/// One resource found through the members' compartment rows, with its version at the
+/// transaction time as those rows describe it.
+struct Candidate {
+    rid: i64,
+    reach: Reach,
+    version: VersionAt,
+    /// The version at the transaction time may not be the current one (the row's version is newer
+    /// than the transaction time, or the row was closed by a later version): its state and body
+    /// are then looked up in the history table.
+    historical: bool,
+}
+
+/// Resources of `resource_type` in the members' compartments at the transaction time, with a
+/// key within `[first_key, last_key]`, sorted and deduplicated.
 ///
 /// The member table drives the join (CROSS JOIN fixes the order): each member is one seek into
-/// the compartment index, so the cost follows the export's size, not the tenant's.
+/// the compartment index, so the cost follows the export's size, not the tenant's. The rows
+/// carry each resource's last `lastUpdated`, tombstone flag and owner, so no resource row is read.
 fn candidates(
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
     resource_type: &str,
     (first_key, last_key): (i64, i64),
-) -> Result<Vec<(i64, Reach)>, StoreError> {
+) -> Result<Vec<Candidate>, StoreError> {
+    let at = selection.transaction_time;
+    let user = selection.visibility.user();
     let mut statement = connection.prepare_cached(
-        "SELECT c.rid, m.since IS NULL, m.since
+        "SELECT c.rid, m.since IS NULL, m.since, c.last_updated, c.deleted, c.owner, c.to_ts IS NOT NULL
          FROM temp.export_member m
          CROSS JOIN compartment c ON c.tenant_id = ?1 AND c.patient_id = m.patient_id AND c.resource_type = ?2
          WHERE c.rid BETWEEN ?3 AND ?4 AND c.from_ts <= ?5 AND (c.to_ts IS NULL OR c.to_ts > ?5)",
     )?;
-    let mut rows = statement.query(params![tenant.0, resource_type, first_key, last_key, selection.transaction_time])?;
-    let mut found: Vec<(i64, Reach)> = Vec::new();
+    let mut rows = statement.query(params![tenant.0, resource_type, first_key, last_key, at])?;
+    let mut found: Vec<Candidate> = Vec::new();
     while let Some(row) = rows.next()? {
-        found.push((row.get(0)?, Reach { full_history: row.get(1)?, existing_since: row.get(2)? }));
+        let last_updated: Micros = row.get(3)?;
+        found.push(Candidate {
+            rid: row.get(0)?,
+            reach: Reach { full_history: row.get(1)?, existing_since: row.get(2)? },
+            version: VersionAt { last_updated, deleted: row.get(4)?, visible: user.is_none() || row.get_ref(5)?.as_str_or_null()? == user },
+            // A closed row describes a version that has since been replaced.
+            historical: last_updated > at || row.get::<_, bool>(6)?,
+        });
     }
-    found.sort_unstable_by_key(|(rid, _)| *rid);
+    found.sort_unstable_by_key(|candidate| candidate.rid);
     found.dedup_by(|later, earlier| {
-        if later.0 != earlier.0 {
+        if later.rid != earlier.rid {
             return false;
         }
-        earlier.1 = earlier.1.merge(later.1);
+        // Rows of one resource describe the same version unless one was written after the
+        // transaction time; then history decides.
+        earlier.reach = earlier.reach.merge(later.reach);
+        earlier.historical |= later.historical;
         true
     });
     Ok(found)
@@ -92,23 +117,24 @@ fn candidates(
 
 /// Keys examined at once: bounds the candidate list's memory whatever the export's size.
 /// (Tiny in unit tests, so the conformance suite crosses window edges.)
-const WINDOW: i64 = if cfg!(test) { 3 } else { 1 << 18 };
+const WINDOW: i64 = if cfg!(test) { 3 } else { 1 << 17 };
 
-/// Visits, in key order, every candidate (see [`candidates`]) with its version at the
-/// transaction time (resources that did not exist yet are skipped) and, when `with_body`, that
-/// version's stored JSON (empty otherwise, and for tombstones).
+/// Visits, in key order, every resource in the members' compartments at the transaction time
+/// (see [`candidates`]) whose version then passes `select`, with that version and, when
+/// `with_body`, its stored JSON (empty otherwise).
 ///
-/// Candidates are taken a key window at a time. Where they are dense, one sequential scan of
-/// the window replaces a lookup per key; without bodies the scan reads the narrow
-/// `resources_meta` index instead of the rows.
-fn for_each_candidate(
+/// Candidates are taken a key window at a time. Bodies are read only for selected resources:
+/// one sequential scan of the window where they are dense, a lookup per key where sparse.
+#[allow(clippy::too_many_arguments)]
+fn for_each_selected(
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
     resource_type: &str,
     (first_key, last_key): (i64, i64),
     with_body: bool,
-    mut visit: impl FnMut(i64, Reach, &VersionAt, &[u8]) -> Result<(), StoreError>,
+    select: impl Fn(Reach, &VersionAt) -> bool,
+    mut visit: impl FnMut(i64, &VersionAt, &[u8]) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let span: (Option<i64>, Option<i64>) = connection
         // Two subqueries, not MIN and MAX in one: SQLite answers each of those with one index
@@ -119,38 +145,73 @@ fn for_each_candidate(
         )?
         .query_row(params![tenant.0, resource_type], |row| Ok((row.get(0)?, row.get(1)?)))?;
     let (Some(type_first), Some(type_last)) = span else { return Ok(()) };
-    let (source, body) = if with_body { ("resources", "body") } else { ("resources INDEXED BY resources_meta", "NULL") };
-    let columns = format!("rid, last_updated, deleted, owner, {body}");
-    let mut point = connection.prepare_cached(&format!("SELECT {columns} FROM {source} WHERE rid = ?1"))?;
-    let mut scan = connection.prepare_cached(&format!("SELECT {columns} FROM {source} WHERE rid BETWEEN ?1 AND ?2 ORDER BY rid"))?;
-    let mut earlier = connection.prepare_cached(&format!(
-        "SELECT rid, last_updated, deleted, owner, {body} FROM resource_history
-         WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1"
-    ))?;
-    let mut context = Delivery { at: selection.transaction_time, user: selection.visibility.user(), earlier: &mut earlier };
+    let at = selection.transaction_time;
+    let user = selection.visibility.user();
+    let mut earlier = connection.prepare_cached(
+        "SELECT version, last_updated, deleted, owner FROM resource_history
+         WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1",
+    )?;
+    let mut earlier_body = connection.prepare_cached("SELECT body FROM resource_history WHERE rid = ?1 AND version = ?2")?;
+    let mut point = connection.prepare_cached("SELECT body FROM resources WHERE rid = ?1")?;
+    let mut scan = connection.prepare_cached("SELECT rid, body FROM resources WHERE rid BETWEEN ?1 AND ?2 ORDER BY rid")?;
     let (mut start, end) = (first_key.max(type_first), last_key.min(type_last));
     while start <= end {
         let window_end = start.saturating_add(WINDOW - 1).min(end);
-        let found = candidates(connection, tenant, selection, resource_type, (start, window_end))?;
-        if let (Some(first), Some(last)) = (found.first(), found.last()) {
-            if found.len() as i64 * 4 >= last.0 - first.0 + 1 {
-                let mut rows = scan.query(params![first.0, last.0])?;
-                let mut pending = found.iter().peekable();
-                while let Some(row) = rows.next()? {
-                    let rid: i64 = row.get(0)?;
-                    while pending.next_if(|(key, _)| *key < rid).is_some() {}
-                    if let Some((_, reach)) = pending.next_if(|(key, _)| *key == rid) {
-                        context.deliver(row, rid, *reach, &mut visit)?;
-                    }
-                    if pending.peek().is_none() {
-                        break;
-                    }
+        // Resolve versions changed since the transaction time, then keep the selected ones;
+        // historical ones remember which version holds their body (0: the current row).
+        let mut chosen: Vec<(i64, VersionAt, i64)> = Vec::new();
+        for candidate in candidates(connection, tenant, selection, resource_type, (start, window_end))? {
+            let (version, history_version) = if candidate.historical {
+                let then = earlier
+                    .query_row(params![candidate.rid, at], |row| {
+                        Ok((row.get::<_, i64>(0)?, VersionAt {
+                            last_updated: row.get(1)?,
+                            deleted: row.get(2)?,
+                            visible: user.is_none() || row.get_ref(3)?.as_str_or_null()? == user,
+                        }))
+                    })
+                    .optional()?;
+                match then {
+                    Some((number, version)) => (version, number),
+                    None => continue, // created after the transaction time
                 }
             } else {
-                for (rid, reach) in &found {
-                    let mut rows = point.query([rid])?;
-                    if let Some(row) = rows.next()? {
-                        context.deliver(row, *rid, *reach, &mut visit)?;
+                (candidate.version, 0)
+            };
+            if select(candidate.reach, &version) {
+                chosen.push((candidate.rid, version, history_version));
+            }
+        }
+        if !with_body {
+            for (rid, version, _) in &chosen {
+                visit(*rid, version, b"")?;
+            }
+        } else if let (Some(first), Some(last)) = (chosen.first(), chosen.last()) {
+            let dense = chosen.len() as i64 * 4 >= last.0 - first.0 + 1;
+            let mut rows = if dense { Some(scan.query(params![first.0, last.0])?) } else { None };
+            for (rid, version, history_version) in &chosen {
+                if *history_version > 0 {
+                    let mut then = earlier_body.query(params![rid, history_version])?;
+                    if let Some(row) = then.next()? {
+                        visit(*rid, version, row.get_ref(0)?.as_bytes_or_null()?.unwrap_or_default())?;
+                    }
+                    continue;
+                }
+                match rows.as_mut() {
+                    Some(rows) => {
+                        // Advance the window scan to this key (keys in between are not ours).
+                        while let Some(row) = rows.next()? {
+                            if row.get::<_, i64>(0)? == *rid {
+                                visit(*rid, version, row.get_ref(1)?.as_bytes_or_null()?.unwrap_or_default())?;
+                                break;
+                            }
+                        }
+                    }
+                    None => {
+                        let mut current = point.query([rid])?;
+                        if let Some(row) = current.next()? {
+                            visit(*rid, version, row.get_ref(0)?.as_bytes_or_null()?.unwrap_or_default())?;
+                        }
                     }
                 }
             }
@@ -161,48 +222,6 @@ fn for_each_candidate(
         start = window_end + 1;
     }
     Ok(())
-}
-
-/// What turns a current row into the version at the transaction time.
-struct Delivery<'a, 'c> {
-    at: Micros,
-    user: Option<&'a str>,
-    earlier: &'a mut rusqlite::CachedStatement<'c>,
-}
-
-impl Delivery<'_, '_> {
-    fn version_of(&self, row: &rusqlite::Row<'_>) -> Result<VersionAt, StoreError> {
-        let owner = row.get_ref(3)?.as_str_or_null()?;
-        Ok(VersionAt { last_updated: row.get(1)?, deleted: row.get(2)?, visible: self.user.is_none() || owner == self.user })
-    }
-
-    /// Visits the current row's resource as it was at the transaction time (from history when it
-    /// changed since; not at all when it did not exist yet).
-    fn deliver(
-        &mut self,
-        row: &rusqlite::Row<'_>,
-        rid: i64,
-        reach: Reach,
-        visit: &mut impl FnMut(i64, Reach, &VersionAt, &[u8]) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let version = self.version_of(row)?;
-        if version.last_updated <= self.at {
-            return visit(rid, reach, &version, row.get_ref(4)?.as_bytes_or_null()?.unwrap_or_default());
-        }
-        let at = self.at;
-        let mut rows = self.earlier.query(params![rid, at])?;
-        match rows.next()? {
-            Some(then) => {
-                let version = VersionAt {
-                    last_updated: then.get(1)?,
-                    deleted: then.get(2)?,
-                    visible: self.user.is_none() || then.get_ref(3)?.as_str_or_null()? == self.user,
-                };
-                visit(rid, reach, &version, then.get_ref(4)?.as_bytes_or_null()?.unwrap_or_default())
-            }
-            None => Ok(()),
-        }
-    }
 }
 
 fn selected(selection: &MemberSelection, reach: Reach, version: &VersionAt) -> bool {
@@ -229,10 +248,8 @@ pub(super) fn plan_parts(
             continue;
         }
         let mut parts: Vec<PartRange> = Vec::new();
-        for_each_candidate(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), false, |rid, reach, version, _| {
-            if !selected(selection, reach, version) {
-                return Ok(());
-            }
+        let select = |reach, version: &VersionAt| selected(selection, reach, version);
+        for_each_selected(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), false, select, |rid, _, _| {
             match parts.last_mut() {
                 Some(part) if part.count < part_size => {
                     part.last_key = rid;
@@ -259,10 +276,8 @@ pub(super) fn stream_part(
 ) -> Result<u64, StoreError> {
     load_members(connection, selection)?;
     let mut written = 0;
-    for_each_candidate(connection, tenant, selection, resource_type, (range.first_key, range.last_key), true, |_, reach, version, body| {
-        if !selected(selection, reach, version) {
-            return Ok(());
-        }
+    let select = |reach, version: &VersionAt| selected(selection, reach, version);
+    for_each_selected(connection, tenant, selection, resource_type, (range.first_key, range.last_key), true, select, |_, _, body| {
         // Stored bytes go to the sink as they are: no copy, no parse.
         sink(body).map_err(|error| StoreError::Database(format!("export sink: {error}")))?;
         written += 1;
@@ -283,13 +298,13 @@ pub(super) fn deleted_in_compartments(
     load_members(connection, selection)?;
     let mut id_of = connection.prepare_cached("SELECT id FROM resources WHERE rid = ?1")?;
     let mut deleted = Vec::new();
-    for_each_candidate(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), false, |rid, reach, version, _| {
-        // Members added since `_since` never received the resource, so only members that could
-        // have had it hear of its deletion.
-        let Some(since) = reach.existing_since else { return Ok(()) };
-        if version.deleted && version.last_updated > since && version.visible {
-            deleted.push((id_of.query_row([rid], |row| row.get(0))?, version.last_updated));
-        }
+    // Members added since `_since` never received the resource, so only members that could have
+    // had it hear of its deletion.
+    let select = |reach: Reach, version: &VersionAt| {
+        reach.existing_since.is_some_and(|since| version.deleted && version.last_updated > since && version.visible)
+    };
+    for_each_selected(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), false, select, |rid, version, _| {
+        deleted.push((id_of.query_row([rid], |row| row.get(0))?, version.last_updated));
         Ok(())
     })?;
     Ok(deleted)

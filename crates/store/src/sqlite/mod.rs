@@ -2,6 +2,7 @@
 
 mod admin;
 mod export;
+mod jobs;
 mod resources;
 
 use std::path::Path;
@@ -11,7 +12,7 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, MemberSelection, PartRange, ResourceSink, SearchPage, SearchQuery, StoreError, StoredResource,
+    ClientRecord, ExportJob, MemberSelection, PartRange, ResourceSink, SearchPage, SearchQuery, StoreError, StoredResource,
     Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
@@ -29,7 +30,7 @@ pub struct SqliteOptions {
 impl Default for SqliteOptions {
     /// Sized for a server: its memory must stay small during exports of any size.
     fn default() -> Self {
-        SqliteOptions { writer_cache_mib: 16, reader_cache_mib: 8, idle_readers: 4 }
+        SqliteOptions { writer_cache_mib: 16, reader_cache_mib: 4, idle_readers: 4 }
     }
 }
 
@@ -252,6 +253,21 @@ impl crate::Store for SqliteStore {
     fn deleted_in_compartments(&self, tenant: TenantId, selection: &MemberSelection, resource_type: &str)
         -> Result<Vec<(String, Micros)>, StoreError> {
         self.with_snapshot(|connection| export::deleted_in_compartments(connection, tenant, selection, resource_type))
+    }
+    fn create_export_job(&self, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {
+        self.with_write(|transaction, _| jobs::create_export_job(transaction, tenant, job))
+    }
+
+    fn export_job(&self, tenant: TenantId, job_id: &str) -> Result<Option<ExportJob>, StoreError> {
+        self.with_read(|connection| jobs::export_job(connection, tenant, job_id))
+    }
+
+    fn delete_export_job(&self, tenant: TenantId, job_id: &str) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| jobs::delete_export_job(transaction, tenant, job_id))
+    }
+
+    fn delete_expired_export_jobs(&self, now: Micros) -> Result<u64, StoreError> {
+        self.with_write(|transaction, _| jobs::delete_expired_export_jobs(transaction, now))
     }
 }
 

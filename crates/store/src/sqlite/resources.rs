@@ -156,10 +156,16 @@ fn put(
         }
     };
     let is_new_row = existing.is_none();
-    sync_compartments(transaction, tenant, resource_type, rid, patient_compartments(resource_type, &body), timestamp, is_new_row)?;
+    let stored_owner = match &existing {
+        Some(existing) => existing.owner.as_deref(),
+        None => owner,
+    };
+    let patients = patient_compartments(resource_type, &body);
+    sync_compartments(transaction, tenant, resource_type, rid, patients, stored_owner, timestamp, is_new_row)?;
     sync_search_tokens(transaction, tenant, resource_type, rid, &body, is_new_row)?;
     if resource_type == "Group" {
-        sync_group_membership(transaction, tenant, id, &group_members(&body, timestamp), timestamp)?;
+        let members = group_members(&text, timestamp).map_err(|error| StoreError::Invalid(format!("Group.member: {error}")))?;
+        sync_group_membership(transaction, tenant, id, &members, timestamp)?;
     }
     Ok(Written {
         resource_type: resource_type.to_owned(),
@@ -203,7 +209,10 @@ fn delete(
     transaction
         .prepare_cached("UPDATE resources SET version = ?2, last_updated = ?3, deleted = 1, body = NULL WHERE rid = ?1")?
         .execute(params![existing.rid, written.version, timestamp])?;
-    // Compartment rows stay open: deletions are found through them for `deleted[]`.
+    // Compartment rows stay open, marked deleted: deletions are found through them for `deleted[]`.
+    transaction
+        .prepare_cached("UPDATE compartment SET last_updated = ?2, deleted = 1 WHERE rid = ?1 AND to_ts IS NULL")?
+        .execute(params![existing.rid, timestamp])?;
     transaction.prepare_cached("DELETE FROM search_token WHERE rid = ?1")?.execute([existing.rid])?;
     if resource_type == "Group" {
         sync_group_membership(transaction, tenant, id, &[], timestamp)?;
@@ -221,13 +230,17 @@ fn archive_current(transaction: &Transaction<'_>, rid: i64) -> Result<(), StoreE
     Ok(())
 }
 
-/// Closes compartment rows the new version left and opens rows for compartments it entered.
+/// Closes compartment rows the new version left, opens rows for compartments it entered, and
+/// copies the new version's `lastUpdated` (and owner) onto every open row, so export planning
+/// reads a resource's state from the index alone.
+#[allow(clippy::too_many_arguments)]
 fn sync_compartments(
     transaction: &Transaction<'_>,
     tenant: TenantId,
     resource_type: &str,
     rid: i64,
     patients: Vec<String>,
+    owner: Option<&str>,
     timestamp: Micros,
     is_new_row: bool,
 ) -> Result<(), StoreError> {
@@ -244,11 +257,17 @@ fn sync_compartments(
             .prepare_cached("UPDATE compartment SET to_ts = ?3 WHERE rid = ?1 AND patient_id = ?2 AND to_ts IS NULL")?
             .execute(params![rid, gone, timestamp])?;
     }
+    if open.iter().any(|patient| patients.contains(patient)) {
+        transaction
+            .prepare_cached("UPDATE compartment SET last_updated = ?2, deleted = 0 WHERE rid = ?1 AND to_ts IS NULL")?
+            .execute(params![rid, timestamp])?;
+    }
     let mut insert = transaction.prepare_cached(
-        "INSERT INTO compartment (tenant_id, patient_id, resource_type, rid, from_ts) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO compartment (tenant_id, patient_id, resource_type, rid, from_ts, last_updated, deleted, owner)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, 0, ?6)",
     )?;
     for patient in patients.iter().filter(|patient| !open.contains(patient)) {
-        insert.execute(params![tenant.0, patient, resource_type, rid, timestamp])?;
+        insert.execute(params![tenant.0, patient, resource_type, rid, timestamp, owner])?;
     }
     Ok(())
 }

@@ -35,8 +35,6 @@ CREATE TABLE IF NOT EXISTS resources (
     UNIQUE (tenant_id, resource_type, id)
 );
 CREATE INDEX IF NOT EXISTS resources_by_type ON resources (tenant_id, resource_type, rid);
--- A narrow copy of what export planning reads per resource, so counting never reads bodies.
-CREATE INDEX IF NOT EXISTS resources_meta ON resources (rid, last_updated, deleted, owner);
 
 -- Every earlier version.
 CREATE TABLE IF NOT EXISTS resource_history (
@@ -51,6 +49,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS resource_history_key ON resource_history (rid,
 
 -- Patient compartment index, versioned by time: a row is valid for [from_ts, to_ts).
 -- Rows stay open when a resource is deleted, so deletions can be found per patient.
+-- last_updated/deleted/owner describe the last version written while the row was open, so
+-- planning an export reads no resource rows at all.
 -- WITHOUT ROWID: the table is its own index (one b-tree less to write per resource).
 CREATE TABLE IF NOT EXISTS compartment (
     tenant_id INTEGER NOT NULL,
@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS compartment (
     rid INTEGER NOT NULL,
     from_ts INTEGER NOT NULL,
     to_ts INTEGER,
+    last_updated INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    owner TEXT,
     PRIMARY KEY (tenant_id, patient_id, resource_type, rid, from_ts)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS compartment_open_by_rid ON compartment (rid) WHERE to_ts IS NULL;
@@ -84,3 +87,17 @@ CREATE TABLE IF NOT EXISTS group_membership (
     removed_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS group_membership_by_group ON group_membership (tenant_id, group_id, patient_id);
+
+-- Asynchronous export jobs (Prefer: respond-async). Keyed by tenant first: every lookup names
+-- the tenant. The manifest is complete at kick-off; a job lives until `expires` (micros).
+CREATE TABLE IF NOT EXISTS export_jobs (
+    tenant_id INTEGER NOT NULL,
+    job_id TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    user_id TEXT,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    manifest TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, job_id)
+);
+CREATE INDEX IF NOT EXISTS export_jobs_by_expiry ON export_jobs (expires);

@@ -1,0 +1,53 @@
+//! Asynchronous export jobs: one row per kick-off with `Prefer: respond-async`, always looked up
+//! by `(tenant_id, job_id)`.
+
+use bulkhead_fhir::Micros;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::{ExportJob, StoreError, TenantId, Visibility};
+
+pub(super) fn create_export_job(connection: &Connection, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {
+    let inserted = connection.execute(
+        "INSERT INTO export_jobs (tenant_id, job_id, client_id, user_id, created, expires, manifest)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (tenant_id, job_id) DO NOTHING",
+        params![tenant.0, job.id, job.client_id, job.visibility.user(), job.created, job.expires, job.manifest],
+    )?;
+    if inserted == 0 {
+        return Err(StoreError::Conflict(format!("export job '{}' already exists", job.id)));
+    }
+    Ok(())
+}
+
+pub(super) fn export_job(
+    connection: &Connection,
+    tenant: TenantId,
+    job_id: &str,
+) -> Result<Option<ExportJob>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT job_id, client_id, user_id, created, expires, manifest FROM export_jobs
+         WHERE tenant_id = ?1 AND job_id = ?2",
+    )?;
+    Ok(statement.query_row(params![tenant.0, job_id], job_from_row).optional()?)
+}
+
+pub(super) fn delete_export_job(connection: &Connection, tenant: TenantId, job_id: &str) -> Result<bool, StoreError> {
+    let mut statement = connection.prepare_cached("DELETE FROM export_jobs WHERE tenant_id = ?1 AND job_id = ?2")?;
+    Ok(statement.execute(params![tenant.0, job_id])? > 0)
+}
+
+pub(super) fn delete_expired_export_jobs(connection: &Connection, now: Micros) -> Result<u64, StoreError> {
+    let mut statement = connection.prepare_cached("DELETE FROM export_jobs WHERE expires <= ?1")?;
+    Ok(statement.execute([now])? as u64)
+}
+
+fn job_from_row(row: &Row<'_>) -> rusqlite::Result<ExportJob> {
+    let user: Option<String> = row.get(2)?;
+    Ok(ExportJob {
+        id: row.get(0)?,
+        client_id: row.get(1)?,
+        visibility: user.map_or(Visibility::Tenant, Visibility::User),
+        created: row.get(3)?,
+        expires: row.get(4)?,
+        manifest: row.get(5)?,
+    })
+}
