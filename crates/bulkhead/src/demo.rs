@@ -41,6 +41,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         // Keep the demo's own output readable; RUST_LOG=info shows request logs.
         std::env::set_var("RUST_LOG", "warn");
     }
+    crate::bound_allocator_memory();
     init_logging(config.log_format);
     let store = open_store(&config)?;
     let (client_id, client_secret) = prepare_data(&store, &config, &args)?;
@@ -90,7 +91,7 @@ fn prepare_data(store: &dyn Store, config: &Config, args: &DemoArgs) -> anyhow::
     let member: Vec<Value> = members.iter().map(|id| json!({"entity": {"reference": format!("Patient/{id}")}})).collect();
     let group = json!({"resourceType": "Group", "id": GROUP, "type": "person", "actual": true, "name": "Demo cohort", "member": member});
     let op = WriteOp::Update { resource_type: "Group".into(), id: GROUP.into(), body: group, if_match: None };
-    store.write(tenant.id, None, vec![op], WriteMode::Transaction)?.remove(0)?;
+    store.write(tenant.id, None, &[op], WriteMode::Transaction)?.remove(0)?;
     println!("tenant '{TENANT}' has Group/{GROUP} with {} members", members.len());
     let (client_id, client_secret) = new_client(store, TENANT)?;
     Ok((client_id, client_secret))

@@ -88,6 +88,7 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 pub fn serve_command(config: Config) -> anyhow::Result<()> {
+    crate::bound_allocator_memory();
     init_logging(config.log_format);
     let state = app_state(&config)?;
     runtime()?.block_on(async {

@@ -69,7 +69,7 @@ pub async fn process_bundle(
         .collect();
     let (tenant, owner) = (caller.tenant, caller.owner().map(str::to_owned));
     let mut results = state
-        .blocking(move |store| Ok(store.write(tenant, owner.as_deref(), ops, mode)?))
+        .blocking(move |store| Ok(store.write(tenant, owner.as_deref(), &ops, mode)?))
         .await?
         .into_iter();
     let mut outcomes = Vec::with_capacity(planned.len());

@@ -207,7 +207,14 @@ impl<'a> Importer<'a> {
             return Ok(());
         }
         let (locations, ops): (Vec<Location>, Vec<WriteOp>) = std::mem::take(&mut self.pending).into_iter().unzip();
-        let results = self.store.write(self.tenant, self.owner.as_deref(), ops, WriteMode::Batch)?;
+        // Entries were validated already, so a whole batch almost always succeeds: try it as one
+        // transaction (no per-entry savepoints), and only on a failure redo it entry by entry.
+        let owner = self.owner.as_deref();
+        let results = match self.store.write(self.tenant, owner, &ops, WriteMode::Transaction) {
+            Ok(results) => results,
+            Err(StoreError::Database(detail)) => return Err(StoreError::Database(detail)),
+            Err(_) => self.store.write(self.tenant, owner, &ops, WriteMode::Batch)?,
+        };
         for (location, result) in locations.into_iter().zip(results) {
             match result {
                 Ok(written) if written.created => self.summary.created += 1,

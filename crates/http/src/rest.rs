@@ -51,7 +51,7 @@ pub async fn write_one(state: &AppState, caller: &Caller, op: WriteOp) -> Result
     let (tenant, owner) = (caller.tenant, caller.owner().map(str::to_owned));
     state
         .blocking(move |store| {
-            let mut results = store.write(tenant, owner.as_deref(), vec![op], WriteMode::Transaction)?;
+            let mut results = store.write(tenant, owner.as_deref(), &[op], WriteMode::Transaction)?;
             Ok(results.pop().ok_or_else(ApiError::internal)??)
         })
         .await

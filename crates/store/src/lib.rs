@@ -17,7 +17,7 @@ pub mod testsuite;
 pub use error::StoreError;
 pub use model::{ClientRecord, ExportJob, MemberSelection, PartRange, StoredResource, Tenant, TenantId, Visibility};
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
-pub use write::{group_members, stamp_meta, WriteMode, WriteOp, Written};
+pub use write::{group_members, stamped_json, WriteMode, WriteOp, Written};
 
 use bulkhead_fhir::Micros;
 
@@ -52,7 +52,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         tenant: TenantId,
         owner: Option<&str>,
-        ops: Vec<WriteOp>,
+        ops: &[WriteOp],
         mode: WriteMode,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError>;
 

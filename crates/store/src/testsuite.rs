@@ -19,7 +19,7 @@ macro_rules! store_test_suite {
             batches_apply_per_entry, search_subset, compartment_index_follows_updates,
             group_membership_history, export_is_a_snapshot, export_since_and_new_members,
             export_reports_deletions, export_parts_split_by_size, transaction_time_orders_writes,
-            existence_at_a_time, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
+            existence_at_a_time, a_patient_is_in_its_own_compartment_by_stored_id, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
             expired_export_jobs_are_swept);
     };
     (@tests $make:expr; $($name:ident),*) => {
@@ -41,12 +41,12 @@ fn put(store: &dyn Store, tenant: TenantId, owner: Option<&str>, body: Value) ->
     let resource_type = body["resourceType"].as_str().unwrap().to_owned();
     let id = body["id"].as_str().unwrap().to_owned();
     let op = WriteOp::Update { resource_type, id, body, if_match: None };
-    store.write(tenant, owner, vec![op], WriteMode::Transaction).expect("write").remove(0).expect("write entry")
+    store.write(tenant, owner, &[op], WriteMode::Transaction).expect("write").remove(0).expect("write entry")
 }
 
 fn delete(store: &dyn Store, tenant: TenantId, resource_type: &str, id: &str) -> Written {
     let op = WriteOp::Delete { resource_type: resource_type.into(), id: id.into() };
-    store.write(tenant, None, vec![op], WriteMode::Transaction).expect("delete").remove(0).expect("delete entry")
+    store.write(tenant, None, &[op], WriteMode::Transaction).expect("delete").remove(0).expect("delete entry")
 }
 
 fn patient(id: &str) -> Value {
@@ -131,9 +131,9 @@ pub fn versions_and_history(store: &dyn Store) {
         store.history(t, &Visibility::Tenant, "Observation", "o1").unwrap().iter().map(|v| v.version).collect();
     assert_eq!(versions, vec![2, 1]);
     let stale = WriteOp::Update { resource_type: "Observation".into(), id: "o1".into(), body: observation("o1", "p1", 3), if_match: Some(1) };
-    assert!(matches!(store.write(t, None, vec![stale], WriteMode::Transaction), Err(StoreError::VersionConflict(_))));
+    assert!(matches!(store.write(t, None, &[stale], WriteMode::Transaction), Err(StoreError::VersionConflict(_))));
     let create_again = WriteOp::Create { resource_type: "Observation".into(), id: "o1".into(), body: observation("o1", "p1", 3) };
-    assert!(matches!(store.write(t, None, vec![create_again], WriteMode::Transaction), Err(StoreError::Conflict(_))));
+    assert!(matches!(store.write(t, None, &[create_again], WriteMode::Transaction), Err(StoreError::Conflict(_))));
 }
 
 pub fn tenants_are_isolated(store: &dyn Store) {
@@ -144,7 +144,7 @@ pub fn tenants_are_isolated(store: &dyn Store) {
     let query = SearchQuery { resource_type: "Patient".into(), count: 10, ..Default::default() };
     assert!(store.search(b, &Visibility::Tenant, &query).unwrap().resources.is_empty());
     let op = WriteOp::Delete { resource_type: "Patient".into(), id: "p1".into() };
-    assert!(matches!(store.write(b, None, vec![op], WriteMode::Transaction), Err(StoreError::NotFound(_))));
+    assert!(matches!(store.write(b, None, &[op], WriteMode::Transaction), Err(StoreError::NotFound(_))));
     // The same id in another tenant is a different resource.
     put(store, b, None, patient("p1"));
     assert_eq!(store.read(a, &Visibility::Tenant, "Patient", "p1").unwrap().unwrap().version, 1);
@@ -164,7 +164,7 @@ pub fn users_see_their_own(store: &dyn Store) {
     let ids: Vec<String> = store.search(t, &alice, &query).unwrap().resources.into_iter().map(|r| r.id).collect();
     assert_eq!(ids, vec!["pa"]);
     let steal = WriteOp::Update { resource_type: "Patient".into(), id: "pb".into(), body: patient("pb"), if_match: None };
-    assert!(matches!(store.write(t, Some("alice"), vec![steal], WriteMode::Transaction), Err(StoreError::NotFound(_))));
+    assert!(matches!(store.write(t, Some("alice"), &[steal], WriteMode::Transaction), Err(StoreError::NotFound(_))));
     let mut selection = selection(store, &[("pa", None), ("pb", None)], None);
     selection.visibility = alice;
     assert_eq!(export_ids(store, t, &selection, "Patient"), vec!["pa"]);
@@ -204,7 +204,7 @@ pub fn transactions_are_all_or_nothing(store: &dyn Store) {
         WriteOp::Create { resource_type: "Patient".into(), id: "new".into(), body: patient("new") },
         WriteOp::Create { resource_type: "Patient".into(), id: "exists".into(), body: patient("exists") },
     ];
-    assert!(store.write(t, None, ops, WriteMode::Transaction).is_err());
+    assert!(store.write(t, None, &ops, WriteMode::Transaction).is_err());
     assert!(store.read(t, &Visibility::Tenant, "Patient", "new").unwrap().is_none());
     let query = SearchQuery { resource_type: "Patient".into(), count: 10, ..Default::default() };
     assert_eq!(store.search(t, &Visibility::Tenant, &query).unwrap().resources.len(), 1);
@@ -219,7 +219,7 @@ pub fn batches_apply_per_entry(store: &dyn Store) {
         WriteOp::Delete { resource_type: "Patient".into(), id: "missing".into() },
         WriteOp::Update { resource_type: "Observation".into(), id: "o".into(), body: observation("o", "new", 1), if_match: None },
     ];
-    let results = store.write(t, None, ops, WriteMode::Batch).unwrap();
+    let results = store.write(t, None, &ops, WriteMode::Batch).unwrap();
     assert!(results[0].is_ok());
     assert!(matches!(results[1], Err(StoreError::Conflict(_))));
     assert!(matches!(results[2], Err(StoreError::NotFound(_))));
@@ -374,6 +374,17 @@ pub fn transaction_time_orders_writes(store: &dyn Store) {
     let reserved = store.reserve_transaction_time().unwrap();
     let after = put(store, t, None, patient("p2")).last_updated;
     assert!(before <= reserved && reserved < after);
+}
+
+pub fn a_patient_is_in_its_own_compartment_by_stored_id(store: &dyn Store) {
+    let t = tenant(store, "t");
+    // A create assigns the id; whatever id the body carried does not count.
+    let op = WriteOp::Create { resource_type: "Patient".into(), id: "assigned".into(), body: json!({"resourceType": "Patient", "id": "claimed"}) };
+    store.write(t, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+    let stored = store.read(t, &Visibility::Tenant, "Patient", "assigned").unwrap().unwrap();
+    assert!(stored.body.unwrap().contains(r#""id":"assigned""#));
+    assert_eq!(export_ids(store, t, &selection(store, &[("assigned", None)], None), "Patient"), vec!["assigned"]);
+    assert!(export_ids(store, t, &selection(store, &[("claimed", None)], None), "Patient").is_empty());
 }
 
 pub fn existence_at_a_time(store: &dyn Store) {

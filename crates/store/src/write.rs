@@ -2,7 +2,7 @@
 //! (meta stamping, Group member extraction, search tokens).
 
 use bulkhead_fhir::{compartment::parse_reference, format_instant, parse_range, Micros};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// One write. Ids are assigned by the caller (the HTTP layer assigns server ids before a
 /// transaction so `urn:uuid:` references can be rewritten).
@@ -53,17 +53,38 @@ pub struct Written {
     pub body: Option<String>,
 }
 
-/// Sets `id`, `meta.versionId` and `meta.lastUpdated` on a resource about to be stored,
-/// keeping the rest of `meta` (profiles, tags, security labels).
-pub fn stamp_meta(body: &mut Value, id: &str, version: i64, last_updated: Micros) {
-    let Some(object) = body.as_object_mut() else { return };
-    object.insert("id".into(), Value::String(id.to_owned()));
-    let meta = object.entry("meta").or_insert_with(|| json!({}));
-    if !meta.is_object() {
-        *meta = json!({});
+/// The JSON text to store for a resource: its content with `id`, `meta.versionId` and
+/// `meta.lastUpdated` set, keeping the rest of `meta` (profiles, tags, security labels) and the
+/// order of every other element. `resourceType`, `id` and `meta` come first.
+///
+/// Serialises straight from the caller's value, so a write never copies the resource tree.
+pub fn stamped_json(body: &Value, id: &str, version: i64, last_updated: Micros) -> Result<String, serde_json::Error> {
+    use serde::ser::{SerializeMap, Serializer};
+
+    let empty = serde_json::Map::new();
+    let object = body.as_object().unwrap_or(&empty);
+    let mut meta = match object.get("meta") {
+        Some(Value::Object(meta)) => meta.clone(),
+        _ => serde_json::Map::new(),
+    };
+    meta.insert("versionId".into(), Value::String(version.to_string()));
+    meta.insert("lastUpdated".into(), Value::String(format_instant(last_updated)));
+    let mut text = Vec::with_capacity(256);
+    let mut serializer = serde_json::Serializer::new(&mut text);
+    let mut map = serializer.serialize_map(None)?;
+    if let Some(resource_type) = object.get("resourceType") {
+        map.serialize_entry("resourceType", resource_type)?;
     }
-    meta["versionId"] = Value::String(version.to_string());
-    meta["lastUpdated"] = Value::String(format_instant(last_updated));
+    map.serialize_entry("id", id)?;
+    map.serialize_entry("meta", &meta)?;
+    for (key, value) in object {
+        if !matches!(key.as_str(), "resourceType" | "id" | "meta") {
+            map.serialize_entry(key, value)?;
+        }
+    }
+    map.end()?;
+    // serde_json writes valid UTF-8.
+    Ok(String::from_utf8(text).unwrap_or_default())
 }
 
 /// The patient ids a Group (as stored JSON text) exports at time `at`: every `member.entity`
@@ -150,11 +171,15 @@ pub(crate) fn search_tokens(body: &Value) -> Vec<(&'static str, String, String)>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
-    fn stamping_keeps_other_meta() {
-        let mut body = json!({"resourceType": "Patient", "meta": {"profile": ["p"]}});
-        stamp_meta(&mut body, "a", 3, 0);
+    fn stamping_keeps_other_meta_and_order() {
+        let original = json!({"gender": "male", "resourceType": "Patient", "meta": {"profile": ["p"], "versionId": "9"}, "id": "old", "active": true});
+        let text = stamped_json(&original, "a", 3, 0).unwrap();
+        assert!(text.starts_with(r#"{"resourceType":"Patient","id":"a","meta":{"profile":["p"],"versionId":"3""#), "{text}");
+        assert!(text.ends_with(r#""gender":"male","active":true}"#), "{text}");
+        let body: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(body["id"], "a");
         assert_eq!(body["meta"]["versionId"], "3");
         assert_eq!(body["meta"]["lastUpdated"], "1970-01-01T00:00:00.000000Z");

@@ -166,7 +166,7 @@ impl crate::Store for SqliteStore {
         &self,
         tenant: TenantId,
         owner: Option<&str>,
-        ops: Vec<WriteOp>,
+        ops: &[WriteOp],
         mode: WriteMode,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
         self.with_write(|transaction, timestamp| {

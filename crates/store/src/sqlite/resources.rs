@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::write::search_tokens;
 use crate::{
-    group_members, stamp_meta, LastUpdatedBound, SearchPage, SearchQuery, StoreError, StoredResource, TenantId,
+    group_members, stamped_json, LastUpdatedBound, SearchPage, SearchQuery, StoreError, StoredResource, TenantId,
     Visibility, WriteOp, Written,
 };
 
@@ -41,26 +41,26 @@ pub(super) fn apply(
     transaction: &Transaction<'_>,
     tenant: TenantId,
     owner: Option<&str>,
-    op: WriteOp,
+    op: &WriteOp,
     timestamp: Micros,
 ) -> Result<Written, StoreError> {
     let resource_type = op.resource_type().to_owned();
     match op {
         WriteOp::Create { id, body, .. } => {
-            if current(transaction, tenant, &resource_type, &id)?.is_some() {
+            if current(transaction, tenant, &resource_type, id)?.is_some() {
                 return Err(StoreError::Conflict(format!("{resource_type}/{id} already exists")));
             }
-            put(transaction, tenant, owner, &resource_type, &id, body, None, timestamp)
+            put(transaction, tenant, owner, &resource_type, id, body, None, timestamp)
         }
         WriteOp::Update { id, body, if_match, .. } => {
-            let existing = current(transaction, tenant, &resource_type, &id)?;
+            let existing = current(transaction, tenant, &resource_type, id)?;
             if let Some(existing) = &existing {
                 if owner.is_some() && existing.owner.as_deref() != owner {
                     // Another user's resource: not visible, so not updatable (and not revealed).
                     return Err(StoreError::NotFound(format!("{resource_type}/{id}")));
                 }
             }
-            if let Some(expected) = if_match {
+            if let Some(expected) = *if_match {
                 let actual = existing.as_ref().map(|existing| existing.version);
                 if actual != Some(expected) {
                     return Err(StoreError::VersionConflict(format!(
@@ -70,13 +70,13 @@ pub(super) fn apply(
                 }
             }
             if let Some(existing) = existing.as_ref().filter(|existing| !existing.deleted) {
-                if let Some(unchanged) = unchanged_version(transaction, existing, &resource_type, &id, &body)? {
+                if let Some(unchanged) = unchanged_version(transaction, existing, &resource_type, id, body)? {
                     return Ok(unchanged);
                 }
             }
-            put(transaction, tenant, owner, &resource_type, &id, body, existing, timestamp)
+            put(transaction, tenant, owner, &resource_type, id, body, existing, timestamp)
         }
-        WriteOp::Delete { id, .. } => delete(transaction, tenant, owner, &resource_type, &id, timestamp),
+        WriteOp::Delete { id, .. } => delete(transaction, tenant, owner, &resource_type, id, timestamp),
     }
 }
 
@@ -126,13 +126,12 @@ fn put(
     owner: Option<&str>,
     resource_type: &str,
     id: &str,
-    mut body: Value,
+    body: &Value,
     existing: Option<Current>,
     timestamp: Micros,
 ) -> Result<Written, StoreError> {
     let version = existing.as_ref().map_or(1, |existing| existing.version + 1);
-    stamp_meta(&mut body, id, version, timestamp);
-    let text = serde_json::to_string(&body)?;
+    let text = stamped_json(body, id, version, timestamp)?;
     let created = existing.as_ref().is_none_or(|existing| existing.deleted);
     let rid = match &existing {
         Some(existing) => {
@@ -160,9 +159,18 @@ fn put(
         Some(existing) => existing.owner.as_deref(),
         None => owner,
     };
-    let patients = patient_compartments(resource_type, &body);
+    let mut patients = patient_compartments(resource_type, body);
+    if resource_type == "Patient" {
+        // A Patient's own compartment is its stored id, not whatever id its body carried.
+        if let Some(body_id) = body.get("id").and_then(Value::as_str).filter(|body_id| *body_id != id) {
+            patients.retain(|patient| patient != body_id);
+        }
+        if let Err(position) = patients.binary_search_by(|patient| patient.as_str().cmp(id)) {
+            patients.insert(position, id.to_owned());
+        }
+    }
     sync_compartments(transaction, tenant, resource_type, rid, patients, stored_owner, timestamp, is_new_row)?;
-    sync_search_tokens(transaction, tenant, resource_type, rid, &body, is_new_row)?;
+    sync_search_tokens(transaction, tenant, resource_type, rid, body, is_new_row)?;
     if resource_type == "Group" {
         let members = group_members(&text, timestamp).map_err(|error| StoreError::Invalid(format!("Group.member: {error}")))?;
         sync_group_membership(transaction, tenant, id, &members, timestamp)?;
