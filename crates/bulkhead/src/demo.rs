@@ -41,7 +41,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         // Keep the demo's own output readable; RUST_LOG=info shows request logs.
         std::env::set_var("RUST_LOG", "warn");
     }
-    crate::bound_allocator_memory();
+    crate::set_memory_profile(crate::MemoryProfile::Server);
     init_logging(config.log_format);
     let store = open_store(&config)?;
     let (client_id, client_secret) = prepare_data(&store, &config, &args)?;

@@ -32,6 +32,7 @@ pub struct ImportArgs {
 }
 
 pub fn run(args: ImportArgs) -> anyhow::Result<()> {
+    crate::set_memory_profile(crate::MemoryProfile::BulkLoad);
     let config = args.config.load(None)?;
     let store = open_store_with(&config, SqliteOptions::bulk_load())?;
     let tenant = find_tenant(&store, &args.tenant)?;

@@ -27,19 +27,32 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// For long-running servers: keeps freed memory from piling up across the pool of blocking
-/// threads, so resident memory stays flat whatever the export's size. mimalloc returns freed
-/// pages at once instead of when the (possibly idle) thread next allocates, and glibc, which
-/// SQLite's page caches allocate from, gets two arenas instead of one per thread. Bulk loads do
-/// without it: immediate purging costs them a fifth of their time in page faults.
-pub fn bound_allocator_memory() {
-    // SAFETY: both calls only adjust allocator parameters; callers run this before starting the
-    // server's threads.
+/// How the allocators should treat freed memory.
+pub enum MemoryProfile {
+    /// Long-running servers: freed memory goes back at once, so resident memory stays flat
+    /// across the pool of blocking threads whatever the export's size. mimalloc purges
+    /// immediately (instead of when the possibly idle thread next allocates), and glibc, which
+    /// SQLite's page caches allocate from, gets two arenas instead of one per thread.
+    Server,
+    /// Bulk loads: freed memory is kept for the next batch; purging it cost a fifth of the
+    /// import's time in page faults.
+    BulkLoad,
+}
+
+/// Applies a memory profile; call it before starting any thread.
+pub fn set_memory_profile(profile: MemoryProfile) {
+    // The Rust binding names no constant for `mi_option_purge_delay`; in mimalloc.h (v2 and v3)
+    // it is the option just before `mi_option_use_numa_nodes`.
+    let purge_delay = libmimalloc_sys::mi_option_use_numa_nodes - 1;
+    // SAFETY: these calls only adjust allocator parameters.
     unsafe {
-        // The Rust binding names no constant for `mi_option_purge_delay`; in mimalloc.h (v2 and v3)
-        // it is the option just before `mi_option_use_numa_nodes`.
-        libmimalloc_sys::mi_option_set(libmimalloc_sys::mi_option_use_numa_nodes - 1, 0);
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        match profile {
+            MemoryProfile::Server => {
+                libmimalloc_sys::mi_option_set(purge_delay, 0);
+                #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                libc::mallopt(libc::M_ARENA_MAX, 2);
+            }
+            MemoryProfile::BulkLoad => libmimalloc_sys::mi_option_set(purge_delay, -1),
+        }
     }
 }

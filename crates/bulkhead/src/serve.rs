@@ -88,7 +88,7 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 pub fn serve_command(config: Config) -> anyhow::Result<()> {
-    crate::bound_allocator_memory();
+    crate::set_memory_profile(crate::MemoryProfile::Server);
     init_logging(config.log_format);
     let state = app_state(&config)?;
     runtime()?.block_on(async {
