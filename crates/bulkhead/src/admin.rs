@@ -16,13 +16,16 @@ pub fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
 }
 
 pub fn open_store_with(config: &Config, options: SqliteOptions) -> anyhow::Result<SqliteStore> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let path = config.database_path();
     SqliteStore::open_with(&path, options).with_context(|| format!("opening {}", path.display()))
 }
 
 pub fn find_tenant(store: &dyn Store, name: &str) -> anyhow::Result<Tenant> {
-    store.tenant_by_name(name)?.with_context(|| format!("no tenant named '{name}' (create it with: bulkhead tenant create {name})"))
+    store
+        .tenant_by_name(name)?
+        .with_context(|| format!("no tenant named '{name}' (create it with: bulkhead tenant create {name})"))
 }
 
 pub fn create_tenant(config: &Config, name: &str) -> anyhow::Result<()> {
@@ -50,7 +53,10 @@ pub fn new_client(store: &dyn Store, tenant_name: &str) -> anyhow::Result<(Strin
 pub fn create_client(config: &Config, tenant_name: &str, json: bool) -> anyhow::Result<()> {
     let (client_id, client_secret) = new_client(&open_store(config)?, tenant_name)?;
     if json {
-        println!("{}", serde_json::json!({"client_id": client_id, "client_secret": client_secret, "tenant": tenant_name}));
+        println!(
+            "{}",
+            serde_json::json!({"client_id": client_id, "client_secret": client_secret, "tenant": tenant_name})
+        );
     } else {
         println!("client_id:     {client_id}\nclient_secret: {client_secret}\n(the secret is shown only once; only its hash is stored)");
     }

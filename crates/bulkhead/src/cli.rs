@@ -107,11 +107,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config, listen } => crate::serve::serve_command(config.load(listen)?),
         Command::Demo(args) => crate::demo::run(args),
-        Command::Tenant { command: TenantCommand::Create { name, config } } => crate::admin::create_tenant(&config.load(None)?, &name),
+        Command::Tenant { command: TenantCommand::Create { name, config } } => {
+            crate::admin::create_tenant(&config.load(None)?, &name)
+        }
         Command::Tenant { command: TenantCommand::List { config } } => crate::admin::list_tenants(&config.load(None)?),
-        Command::Client { command: ClientCommand::Create { tenant, json, config } } => crate::admin::create_client(&config.load(None)?, &tenant, json),
-        Command::Client { command: ClientCommand::List { tenant, config } } => crate::admin::list_clients(&config.load(None)?, &tenant),
-        Command::Client { command: ClientCommand::Revoke { client_id, config } } => crate::admin::revoke_client(&config.load(None)?, &client_id),
+        Command::Client { command: ClientCommand::Create { tenant, json, config } } => {
+            crate::admin::create_client(&config.load(None)?, &tenant, json)
+        }
+        Command::Client { command: ClientCommand::List { tenant, config } } => {
+            crate::admin::list_clients(&config.load(None)?, &tenant)
+        }
+        Command::Client { command: ClientCommand::Revoke { client_id, config } } => {
+            crate::admin::revoke_client(&config.load(None)?, &client_id)
+        }
         Command::Synth(args) => crate::synth::run(args),
         Command::Import(args) => crate::import::run(args),
         Command::Bench(args) => crate::bench::run(args),

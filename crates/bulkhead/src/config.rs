@@ -97,12 +97,17 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        self.listen.parse::<std::net::SocketAddr>().with_context(|| format!("invalid configuration: listen = '{}' is not an address like 127.0.0.1:8080", self.listen))?;
+        self.listen.parse::<std::net::SocketAddr>().with_context(|| {
+            format!("invalid configuration: listen = '{}' is not an address like 127.0.0.1:8080", self.listen)
+        })?;
         anyhow::ensure!(self.max_body_bytes >= 1024, "invalid configuration: max_body_bytes must be at least 1024");
         anyhow::ensure!(self.export_part_size >= 1, "invalid configuration: export_part_size must be at least 1");
         anyhow::ensure!(self.max_group_members >= 1, "invalid configuration: max_group_members must be at least 1");
         if let Some(base) = &self.public_base_url {
-            anyhow::ensure!(base.starts_with("http://") || base.starts_with("https://"), "invalid configuration: public_base_url must start with http:// or https://");
+            anyhow::ensure!(
+                base.starts_with("http://") || base.starts_with("https://"),
+                "invalid configuration: public_base_url must start with http:// or https://"
+            );
         }
         if let Some(token) = &self.admin_token {
             anyhow::ensure!(token.len() >= 16, "invalid configuration: admin_token must be at least 16 characters");

@@ -36,7 +36,8 @@ pub struct DemoArgs {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let config = Config::load(None, Overrides { listen: Some(args.listen.clone()), data_dir: Some(args.data_dir.clone()) })?;
+    let config =
+        Config::load(None, Overrides { listen: Some(args.listen.clone()), data_dir: Some(args.data_dir.clone()) })?;
     if std::env::var_os("RUST_LOG").is_none() {
         // Keep the demo's own output readable; RUST_LOG=info shows request logs.
         std::env::set_var("RUST_LOG", "warn");
@@ -47,7 +48,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (client_id, client_secret) = prepare_data(&store, &config, &args)?;
     let state = app_state(&config)?;
     runtime()?.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
         let base = format!("http://{}", listener.local_addr()?);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let once = args.once;
@@ -81,14 +84,19 @@ fn prepare_data(store: &dyn Store, config: &Config, args: &DemoArgs) -> anyhow::
     if patients.is_empty() {
         let synth_dir = config.data_dir.join("synth");
         println!("generating {} synthetic patients into {} …", args.patients, synth_dir.display());
-        let options = bulkhead_synth::SynthOptions { patients: args.patients, seed: 1, format: bulkhead_synth::OutputFormat::Ndjson };
+        let options = bulkhead_synth::SynthOptions {
+            patients: args.patients,
+            seed: 1,
+            format: bulkhead_synth::OutputFormat::Ndjson,
+        };
         bulkhead_synth::generate(&options, &synth_dir)?;
         let started = Instant::now();
         let summary = crate::import::import_into(store, TENANT, &[synth_dir], config.max_group_members)?;
         crate::import::report(&summary, started.elapsed().as_secs_f64());
     }
     let members = patient_ids(store, tenant.id, args.group_size)?;
-    let member: Vec<Value> = members.iter().map(|id| json!({"entity": {"reference": format!("Patient/{id}")}})).collect();
+    let member: Vec<Value> =
+        members.iter().map(|id| json!({"entity": {"reference": format!("Patient/{id}")}})).collect();
     let group = json!({"resourceType": "Group", "id": GROUP, "type": "person", "actual": true, "name": "Demo cohort", "member": member});
     let op = WriteOp::Update { resource_type: "Group".into(), id: GROUP.into(), body: group, if_match: None };
     store.write(tenant.id, None, &[op], WriteMode::Transaction)?.remove(0)?;
@@ -98,7 +106,8 @@ fn prepare_data(store: &dyn Store, config: &Config, args: &DemoArgs) -> anyhow::
 }
 
 fn patient_ids(store: &dyn Store, tenant: bulkhead_store::TenantId, limit: usize) -> anyhow::Result<Vec<String>> {
-    let query = SearchQuery { resource_type: "Patient".into(), count: limit.clamp(1, 1000) as u32, ..Default::default() };
+    let query =
+        SearchQuery { resource_type: "Patient".into(), count: limit.clamp(1, 1000) as u32, ..Default::default() };
     Ok(store.search(tenant, &Visibility::Tenant, &query)?.resources.into_iter().map(|patient| patient.id).collect())
 }
 
@@ -115,7 +124,11 @@ async fn show_export(base: &str, client_id: &str, client_secret: &str) -> anyhow
         .error_for_status()?
         .json()
         .await?;
-    println!("\nGET /bulk-data/r4/Group/{GROUP}/$export → 200 in {} ms, transactionTime {}", started.elapsed().as_millis(), manifest["transactionTime"]);
+    println!(
+        "\nGET /bulk-data/r4/Group/{GROUP}/$export → 200 in {} ms, transactionTime {}",
+        started.elapsed().as_millis(),
+        manifest["transactionTime"]
+    );
     let outputs = manifest["output"].as_array().cloned().unwrap_or_default();
     let mut total = 0;
     for output in &outputs {
@@ -125,9 +138,22 @@ async fn show_export(base: &str, client_id: &str, client_secret: &str) -> anyhow
     println!("  {:<24} {:>7} resources in {} files", "total", total, outputs.len());
     if let Some(first) = outputs.first() {
         let url = first["url"].as_str().unwrap_or_default();
-        let text = http.get(url).header("client_id", client_id).header("client_secret", client_secret).send().await?.error_for_status()?.text().await?;
+        let text = http
+            .get(url)
+            .header("client_id", client_id)
+            .header("client_secret", client_secret)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
         let line = text.lines().next().unwrap_or("");
-        println!("\nfirst line of the {} file ({} lines):\n  {}…", first["type"].as_str().unwrap_or("?"), text.lines().count(), &line[..line.len().min(160)]);
+        println!(
+            "\nfirst line of the {} file ({} lines):\n  {}…",
+            first["type"].as_str().unwrap_or("?"),
+            text.lines().count(),
+            &line[..line.len().min(160)]
+        );
     }
     Ok(())
 }

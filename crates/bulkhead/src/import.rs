@@ -82,9 +82,11 @@ pub fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     for path in paths {
         let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
         if meta.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect();
+            let mut entries: Vec<PathBuf> =
+                std::fs::read_dir(path)?.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect();
             entries.sort();
-            let importable = entries.into_iter().filter(|entry| entry.is_dir() || is_importable(entry)).collect::<Vec<_>>();
+            let importable =
+                entries.into_iter().filter(|entry| entry.is_dir() || is_importable(entry)).collect::<Vec<_>>();
             files.extend(collect_files(&importable)?);
         } else {
             files.push(path.clone());
@@ -113,14 +115,19 @@ impl<R: Read> Read for Counting<R> {
 }
 
 /// Feeds every file to the importer; `progress(bytes_read, resources_processed)`.
-pub fn load_files(importer: &mut Importer<'_>, files: &[PathBuf], mut progress: impl FnMut(u64, u64)) -> anyhow::Result<()> {
+pub fn load_files(
+    importer: &mut Importer<'_>,
+    files: &[PathBuf],
+    mut progress: impl FnMut(u64, u64),
+) -> anyhow::Result<()> {
     let mut done_bytes = 0u64;
     for path in files {
         let name = path.display().to_string();
         let count = std::rc::Rc::new(std::cell::Cell::new(0u64));
         let file = File::open(path).with_context(|| format!("opening {name}"))?;
         let raw = Counting { inner: file, count: count.clone() };
-        let reader: Box<dyn Read> = if name.ends_with(".gz") { Box::new(flate2::read::MultiGzDecoder::new(raw)) } else { Box::new(raw) };
+        let reader: Box<dyn Read> =
+            if name.ends_with(".gz") { Box::new(flate2::read::MultiGzDecoder::new(raw)) } else { Box::new(raw) };
         let mut reader = BufReader::with_capacity(256 * 1024, reader);
         if name.trim_end_matches(".gz").ends_with(".ndjson") {
             let mut line = String::new();
@@ -150,7 +157,9 @@ pub fn load_files(importer: &mut Importer<'_>, files: &[PathBuf], mut progress: 
             let mut text = String::new();
             reader.read_to_string(&mut text).with_context(|| format!("reading {name}"))?;
             match serde_json::from_str::<serde_json::Value>(&text) {
-                Ok(value) if value.get("resourceType").and_then(|t| t.as_str()) == Some("Bundle") => importer.add_bundle(&name, value)?,
+                Ok(value) if value.get("resourceType").and_then(|t| t.as_str()) == Some("Bundle") => {
+                    importer.add_bundle(&name, value)?
+                }
                 Ok(value) => importer.add_resource(Location { source: name.clone(), line: 1 }, value, None)?,
                 Err(error) => importer.add_line(Location { source: name.clone(), line: error.line() as u64 }, &text)?,
             }
@@ -162,7 +171,12 @@ pub fn load_files(importer: &mut Importer<'_>, files: &[PathBuf], mut progress: 
 }
 
 /// Imports `paths` into `tenant_name` of an open store (used by the demo).
-pub fn import_into(store: &dyn Store, tenant_name: &str, paths: &[PathBuf], max_group_members: usize) -> anyhow::Result<ImportSummary> {
+pub fn import_into(
+    store: &dyn Store,
+    tenant_name: &str,
+    paths: &[PathBuf],
+    max_group_members: usize,
+) -> anyhow::Result<ImportSummary> {
     let tenant = find_tenant(store, tenant_name)?;
     let files = collect_files(paths)?;
     let mut importer = Importer::new(store, tenant.id, None, max_group_members);

@@ -47,8 +47,11 @@ pub fn load_token_keys(data_dir: &Path) -> anyhow::Result<TokenKeys> {
     }
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut keys = Vec::new();
-    for (number, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty() && !line.starts_with('#')) {
-        let (kid, secret) = line.split_once(' ').with_context(|| format!("{}:{}: expected 'kid secret'", path.display(), number + 1))?;
+    for (number, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty() && !line.starts_with('#'))
+    {
+        let (kid, secret) = line
+            .split_once(' ')
+            .with_context(|| format!("{}:{}: expected 'kid secret'", path.display(), number + 1))?;
         let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(secret.trim())
             .with_context(|| format!("{}:{}: the secret is not base64url", path.display(), number + 1))?;
@@ -92,9 +95,12 @@ pub fn serve_command(config: Config) -> anyhow::Result<()> {
     init_logging(config.log_format);
     let state = app_state(&config)?;
     runtime()?.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
         tracing::info!(address = %listener.local_addr()?, data_dir = %config.data_dir.display(), "bulkhead listening");
-        bulkhead_http::serve(listener, state, shutdown_signal(), Duration::from_secs(config.shutdown_grace_seconds)).await?;
+        bulkhead_http::serve(listener, state, shutdown_signal(), Duration::from_secs(config.shutdown_grace_seconds))
+            .await?;
         tracing::info!("bulkhead stopped");
         Ok(())
     })

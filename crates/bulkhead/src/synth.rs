@@ -35,7 +35,10 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     let options = SynthOptions { patients: args.patients, seed: args.seed, format };
     let started = Instant::now();
     let bar = indicatif::ProgressBar::new(args.patients);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} patients {per_sec} eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} patients {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let summary = generate_with_progress(&options, &args.out, |done| {
         if done % 64 == 0 || done == args.patients {
             bar.set_position(done);
@@ -48,6 +51,12 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     }
     let bytes: u64 = summary.types.iter().map(|row| row.bytes).sum();
     println!("{:<24} {:>12} {:>14}", "total", summary.resources, bytes);
-    println!("{} patients, seed {}, in {:.1} s → {}", summary.patients, args.seed, started.elapsed().as_secs_f64(), args.out.display());
+    println!(
+        "{} patients, seed {}, in {:.1} s → {}",
+        summary.patients,
+        args.seed,
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
     Ok(())
 }

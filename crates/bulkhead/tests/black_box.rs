@@ -49,19 +49,11 @@ async fn load_cohort(api: &Api) -> Cohort {
     let response = api.post("/r4", &bundle).await.expect(200);
     assert_eq!(response["type"], "transaction-response");
     let assigned = |index: usize, resource_type: &str| -> String {
-        let location = response["entry"][index]["response"]["location"]
-            .as_str()
-            .expect("location");
-        let rest = location
-            .strip_prefix(&format!("{resource_type}/"))
-            .unwrap_or_else(|| panic!("location {location}"));
+        let location = response["entry"][index]["response"]["location"].as_str().expect("location");
+        let rest = location.strip_prefix(&format!("{resource_type}/")).unwrap_or_else(|| panic!("location {location}"));
         rest.split('/').next().unwrap().to_owned()
     };
-    let (p3, e3, o3) = (
-        assigned(0, "Patient"),
-        assigned(1, "Encounter"),
-        assigned(2, "Observation"),
-    );
+    let (p3, e3, o3) = (assigned(0, "Patient"), assigned(1, "Encounter"), assigned(2, "Observation"));
     let stored = api.read(&format!("Observation/{o3}")).await;
     assert_eq!(
         stored["subject"]["reference"],
@@ -69,49 +61,23 @@ async fn load_cohort(api: &Api) -> Cohort {
         "urn:uuid reference rewritten to the assigned id"
     );
     assert_eq!(stored["encounter"]["reference"], format!("Encounter/{e3}"));
-    assert_eq!(
-        api.read(&format!("Encounter/{e3}")).await["subject"]["reference"],
-        format!("Patient/{p3}")
-    );
-    assert_eq!(
-        api.read(&format!("Patient/{p3}")).await["name"][0]["family"],
-        "Three"
-    );
+    assert_eq!(api.read(&format!("Encounter/{e3}")).await["subject"]["reference"], format!("Patient/{p3}"));
+    assert_eq!(api.read(&format!("Patient/{p3}")).await["name"][0]["family"], "Three");
 
     let group = api.create(&common::group(None, &[&p1, "p2", &p3])).await;
-    Cohort {
-        p1,
-        p3,
-        e3,
-        o1b,
-        o3,
-        group,
-    }
+    Cohort { p1, p3, e3, o1b, o3, group }
 }
 
 /// Kicks off a synchronous export and checks the manifest's fixed fields.
 async fn export(api: &Api, url: &str) -> Value {
-    let request = api
-        .request(reqwest::Method::GET, url)
-        .header("accept", "application/fhir+json");
+    let request = api.request(reqwest::Method::GET, url).header("accept", "application/fhir+json");
     let reply = Api::send(request).await;
     assert_eq!(reply.status, 200, "{url}: {}", reply.text());
     let media = reply.header("content-type").unwrap_or_default();
-    assert!(
-        media.starts_with("application/json"),
-        "manifest content type {media}"
-    );
+    assert!(media.starts_with("application/json"), "manifest content type {media}");
     let manifest = reply.json();
-    assert!(
-        manifest["transactionTime"]
-            .as_str()
-            .is_some_and(|time| time.ends_with('Z')),
-        "{manifest}"
-    );
-    assert_eq!(
-        manifest["request"], url,
-        "the manifest's request is the full kick-off URL"
-    );
+    assert!(manifest["transactionTime"].as_str().is_some_and(|time| time.ends_with('Z')), "{manifest}");
+    assert_eq!(manifest["request"], url, "the manifest's request is the full kick-off URL");
     assert_eq!(manifest["requiresAccessToken"], true);
     manifest
 }
@@ -121,19 +87,13 @@ async fn export(api: &Api, url: &str) -> Value {
 #[tokio::test]
 async fn cli_credentials_work_at_once_and_the_synchronous_group_export_is_exact() {
     // Small parts so that a type spans several files; configured through a TOML file.
-    let server = Server::start_with(Options {
-        config_toml: Some("export_part_size = 2\n".into()),
-        ..Default::default()
-    })
-    .await;
+    let server =
+        Server::start_with(Options { config_toml: Some("export_part_size = 2\n".into()), ..Default::default() }).await;
 
     // The operator creates the tenant and client while the server runs; they work at once.
     server.create_tenant("acme");
     let api = server.create_client("acme");
-    assert_eq!(
-        api.get("/r4/Patient").await.expect(200)["resourceType"],
-        "Bundle"
-    );
+    assert_eq!(api.get("/r4/Patient").await.expect(200)["resourceType"], "Bundle");
 
     let c = load_cohort(&api).await;
     let kick_off = format!("{}/bulk-data/r4/Group/{}/$export", server.base, c.group);
@@ -146,34 +106,19 @@ async fn cli_credentials_work_at_once_and_the_synchronous_group_export_is_exact(
         ("Observation", &["o1a", &c.o1b, "o2a", &c.o3]),
         ("Patient", &[&c.p1, "p2", &c.p3]),
     ]);
-    assert_eq!(
-        ids_by_type(&first),
-        expected,
-        "first export: exactly the members' data"
-    );
+    assert_eq!(ids_by_type(&first), expected, "first export: exactly the members' data");
     assert_belongs_to_members(&first, &[&c.p1, "p2", &c.p3], &c.group);
-    assert_eq!(
-        first["Observation"].len(),
-        2,
-        "export_part_size = 2 splits 4 Observations into 2 files"
-    );
+    assert_eq!(first["Observation"].len(), 2, "export_part_size = 2 splits 4 Observations into 2 files");
 
     // Everything changes after the export: p2 leaves and p4 joins, a member's resource is
     // updated (twice), one created and one deleted.
-    api.upsert(&common::group(Some(&c.group), &[&c.p1, &c.p3, "p4"]))
-        .await;
-    assert_eq!(
-        api.upsert(&observation(Some("o1a"), &c.p1, 72.0)).await["meta"]["versionId"],
-        "2"
-    );
+    api.upsert(&common::group(Some(&c.group), &[&c.p1, &c.p3, "p4"])).await;
+    assert_eq!(api.upsert(&observation(Some("o1a"), &c.p1, 72.0)).await["meta"]["versionId"], "2");
     api.upsert(&observation(Some("o1a"), &c.p1, 73.0)).await;
     let o1c = api.create(&observation(None, &c.p1, 74.0)).await;
     let deleted = api.delete(&format!("/r4/Observation/{}", c.o3)).await;
     assert_eq!(deleted.status, 204, "{}", deleted.text());
-    assert_eq!(
-        api.get(&format!("/r4/Observation/{}", c.o3)).await.status,
-        410
-    );
+    assert_eq!(api.get(&format!("/r4/Observation/{}", c.o3)).await.status, 410);
 
     // The first export's files still download as the same bytes: they are a snapshot.
     for file in first.values().flatten() {
@@ -189,89 +134,46 @@ async fn cli_credentials_work_at_once_and_the_synchronous_group_export_is_exact(
     }
     // Gzip on request, same content.
     for file in &first["Observation"] {
-        let gz = Api::send(
-            api.request(reqwest::Method::GET, &file.url)
-                .header("accept-encoding", "gzip"),
-        )
-        .await;
+        let gz = Api::send(api.request(reqwest::Method::GET, &file.url).header("accept-encoding", "gzip")).await;
         assert_eq!(gz.status, 200);
         assert_eq!(gz.header("content-encoding").as_deref(), Some("gzip"));
-        assert_eq!(
-            gz.header("content-type").as_deref(),
-            Some("application/fhir+ndjson")
-        );
-        assert!(
-            gunzip(&gz.body) == file.bytes,
-            "the gzip download of {} decompresses to other bytes",
-            file.url
-        );
+        assert_eq!(gz.header("content-type").as_deref(), Some("application/fhir+ndjson"));
+        assert!(gunzip(&gz.body) == file.bytes, "the gzip download of {} decompresses to other bytes", file.url);
     }
 
     // `_since` the first export: exactly the changes, plus the new member's full data.
     let since_kick_off = format!("{kick_off}?_since={t1}");
     let manifest = export(&api, &since_kick_off).await;
     let t2 = manifest["transactionTime"].as_str().unwrap();
-    assert!(
-        t2 > t1.as_str(),
-        "transactionTime moves forward: {t1} then {t2}"
-    );
+    assert!(t2 > t1.as_str(), "transactionTime moves forward: {t1} then {t2}");
     let changes = download_list(&api, &manifest, "output").await;
-    let expected = expected_ids(&[
-        ("Group", &[&c.group]),
-        ("Observation", &["o1a", &o1c, "o4a"]),
-        ("Patient", &["p4"]),
-    ]);
-    assert_eq!(
-        ids_by_type(&changes),
-        expected,
-        "_since export: the changes and p4's full data, each once"
-    );
+    let expected =
+        expected_ids(&[("Group", &[&c.group]), ("Observation", &["o1a", &o1c, "o4a"]), ("Patient", &["p4"])]);
+    assert_eq!(ids_by_type(&changes), expected, "_since export: the changes and p4's full data, each once");
     assert_belongs_to_members(&changes, &[&c.p1, &c.p3, "p4"], &c.group);
-    let o1a = all_lines(&changes)
-        .find(|line| line["id"] == "o1a")
-        .unwrap();
+    let o1a = all_lines(&changes).find(|line| line["id"] == "o1a").unwrap();
     assert_eq!(
-        (
-            o1a["valueQuantity"]["value"].as_f64(),
-            o1a["meta"]["versionId"].as_str()
-        ),
+        (o1a["valueQuantity"]["value"].as_f64(), o1a["meta"]["versionId"].as_str()),
         (Some(73.0), Some("3")),
         "the latest version"
     );
     assert_eq!(
-        all_lines(&changes)
-            .find(|line| line["resourceType"] == "Group")
-            .unwrap()["member"]
-            .as_array()
-            .unwrap()
-            .len(),
+        all_lines(&changes).find(|line| line["resourceType"] == "Group").unwrap()["member"].as_array().unwrap().len(),
         3
     );
 
     let deleted_files = download_list(&api, &manifest, "deleted").await;
-    assert_eq!(
-        deleted_files.keys().collect::<Vec<_>>(),
-        vec!["Bundle"],
-        "deleted[] files are Bundles"
-    );
+    assert_eq!(deleted_files.keys().collect::<Vec<_>>(), vec!["Bundle"], "deleted[] files are Bundles");
     let mut deleted_urls = Vec::new();
     for bundle in all_lines(&deleted_files) {
         assert_eq!(bundle["type"], "transaction", "{bundle}");
         for entry in bundle["entry"].as_array().expect("entries") {
             assert_eq!(entry["request"]["method"], "DELETE", "{entry}");
-            deleted_urls.push(
-                entry["request"]["url"]
-                    .as_str()
-                    .expect("request.url")
-                    .to_owned(),
-            );
+            deleted_urls.push(entry["request"]["url"].as_str().expect("request.url").to_owned());
         }
     }
     assert_eq!(deleted_urls, vec![format!("Observation/{}", c.o3)]);
-    assert_eq!(
-        manifest["extension"]["removedMembers"],
-        json!(["Patient/p2"])
-    );
+    assert_eq!(manifest["extension"]["removedMembers"], json!(["Patient/p2"]));
 }
 
 /// Item 3: tenants never see each other's data, nor users within a tenant.
@@ -284,35 +186,17 @@ async fn tenants_never_see_each_other() {
     let globex = server.create_client("globex");
 
     acme.upsert(&patient(Some("shared"), "Acme")).await;
-    acme.upsert(&observation(Some("acme-obs"), "shared", 1.0))
-        .await;
+    acme.upsert(&observation(Some("acme-obs"), "shared", 1.0)).await;
     acme.upsert(&group(Some("cohort"), &["shared"])).await;
     // The same id in the other tenant is another resource.
     globex.upsert(&patient(Some("shared"), "Globex")).await;
-    assert_eq!(
-        globex.read("Patient/shared").await["name"][0]["family"],
-        "Globex"
-    );
-    assert_eq!(
-        acme.read("Patient/shared").await["name"][0]["family"],
-        "Acme"
-    );
+    assert_eq!(globex.read("Patient/shared").await["name"][0]["family"], "Globex");
+    assert_eq!(acme.read("Patient/shared").await["name"][0]["family"], "Acme");
 
-    let manifest = acme
-        .get("/bulk-data/r4/Group/cohort/$export")
-        .await
-        .expect(200);
-    let file_urls: Vec<String> = manifest["output"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|item| item["url"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(
-        file_urls.len(),
-        3,
-        "Group, Observation and Patient files: {manifest}"
-    );
+    let manifest = acme.get("/bulk-data/r4/Group/cohort/$export").await.expect(200);
+    let file_urls: Vec<String> =
+        manifest["output"].as_array().unwrap().iter().map(|item| item["url"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(file_urls.len(), 3, "Group, Observation and Patient files: {manifest}");
 
     for path in [
         "/r4/Group/cohort",
@@ -323,17 +207,9 @@ async fn tenants_never_see_each_other() {
         globex.get(path).await.expect_outcome(404);
     }
     let found = globex.get("/r4/Observation?_id=acme-obs").await.expect(200);
-    assert_eq!(
-        found["entry"].as_array().map_or(0, Vec::len),
-        0,
-        "another tenant's resource found by search: {found}"
-    );
+    assert_eq!(found["entry"].as_array().map_or(0, Vec::len), 0, "another tenant's resource found by search: {found}");
     let found = globex.get("/r4/Group").await.expect(200);
-    assert_eq!(
-        found["entry"].as_array().map_or(0, Vec::len),
-        0,
-        "another tenant's Group found by search: {found}"
-    );
+    assert_eq!(found["entry"].as_array().map_or(0, Vec::len), 0, "another tenant's Group found by search: {found}");
     for path in ["/r4/Observation/acme-obs", "/r4/Group/cohort"] {
         globex.delete(path).await.expect_outcome(404);
     }
@@ -343,30 +219,15 @@ async fn tenants_never_see_each_other() {
         assert!(!reply.text().contains("Acme"));
     }
     // Acme's data survived every attempt, and its files still download.
-    assert_eq!(
-        acme.read("Group/cohort").await["member"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
-    assert_eq!(
-        acme.read("Observation/acme-obs").await["subject"]["reference"],
-        "Patient/shared"
-    );
+    assert_eq!(acme.read("Group/cohort").await["member"].as_array().unwrap().len(), 1);
+    assert_eq!(acme.read("Observation/acme-obs").await["subject"]["reference"], "Patient/shared");
     assert_eq!(download_list(&acme, &manifest, "output").await.len(), 3);
 
     // Globex's own Group of the same id exports only Globex's data.
     globex.upsert(&group(Some("cohort"), &["shared"])).await;
-    let manifest = globex
-        .get("/bulk-data/r4/Group/cohort/$export")
-        .await
-        .expect(200);
+    let manifest = globex.get("/bulk-data/r4/Group/cohort/$export").await.expect(200);
     let files = download_list(&globex, &manifest, "output").await;
-    assert_eq!(
-        ids_by_type(&files),
-        expected_ids(&[("Group", &["cohort"]), ("Patient", &["shared"])])
-    );
+    assert_eq!(ids_by_type(&files), expected_ids(&[("Group", &["cohort"]), ("Patient", &["shared"])]));
     assert_eq!(files["Patient"][0].lines[0]["name"][0]["family"], "Globex");
 }
 
@@ -379,57 +240,27 @@ async fn users_never_see_each_other() {
     let acme = server.create_client("acme");
     let (alice, bob) = (acme.as_user("alice"), acme.as_user("bob"));
     bob.upsert(&patient(Some("bob-pat"), "Bob")).await;
-    bob.upsert(&observation(Some("bob-obs"), "bob-pat", 2.0))
-        .await;
+    bob.upsert(&observation(Some("bob-obs"), "bob-pat", 2.0)).await;
     alice.upsert(&patient(Some("alice-pat"), "Alice")).await;
-    alice
-        .upsert(&observation(Some("alice-obs"), "alice-pat", 3.0))
-        .await;
+    alice.upsert(&observation(Some("alice-obs"), "alice-pat", 3.0)).await;
     assert_eq!(bob.read("Patient/bob-pat").await["id"], "bob-pat");
-    assert_eq!(
-        acme.read("Patient/bob-pat").await["id"],
-        "bob-pat",
-        "the tenant as a whole sees every user's data"
-    );
+    assert_eq!(acme.read("Patient/bob-pat").await["id"], "bob-pat", "the tenant as a whole sees every user's data");
 
     alice.get("/r4/Patient/bob-pat").await.expect_outcome(404);
-    alice
-        .get("/r4/Observation/bob-obs")
-        .await
-        .expect_outcome(404);
+    alice.get("/r4/Observation/bob-obs").await.expect_outcome(404);
     let patients = alice.get("/r4/Patient").await.expect(200);
-    let seen: Vec<&str> = patients["entry"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|entry| entry["resource"]["id"].as_str().unwrap())
-        .collect();
+    let seen: Vec<&str> =
+        patients["entry"].as_array().unwrap().iter().map(|entry| entry["resource"]["id"].as_str().unwrap()).collect();
     assert_eq!(seen, vec!["alice-pat"]);
-    let observations = alice
-        .get("/r4/Observation?subject=Patient/bob-pat")
-        .await
-        .expect(200);
-    assert_eq!(
-        observations["entry"].as_array().map_or(0, Vec::len),
-        0,
-        "{observations}"
-    );
+    let observations = alice.get("/r4/Observation?subject=Patient/bob-pat").await.expect(200);
+    assert_eq!(observations["entry"].as_array().map_or(0, Vec::len), 0, "{observations}");
 
-    alice
-        .upsert(&group(Some("alice-cohort"), &["alice-pat", "bob-pat"]))
-        .await;
-    let manifest = alice
-        .get("/bulk-data/r4/Group/alice-cohort/$export")
-        .await
-        .expect(200);
+    alice.upsert(&group(Some("alice-cohort"), &["alice-pat", "bob-pat"])).await;
+    let manifest = alice.get("/bulk-data/r4/Group/alice-cohort/$export").await.expect(200);
     let files = download_list(&alice, &manifest, "output").await;
     assert_eq!(
         ids_by_type(&files),
-        expected_ids(&[
-            ("Group", &["alice-cohort"]),
-            ("Observation", &["alice-obs"]),
-            ("Patient", &["alice-pat"])
-        ])
+        expected_ids(&[("Group", &["alice-cohort"]), ("Observation", &["alice-obs"]), ("Patient", &["alice-pat"])])
     );
     // Bob cannot download alice's files either.
     for file in files.values().flatten() {
@@ -442,11 +273,7 @@ async fn users_never_see_each_other() {
 #[tokio::test]
 async fn bad_requests_are_refused_and_change_nothing() {
     let env = vec![("BULKHEAD_MAX_BODY_BYTES".to_owned(), "2048".to_owned())];
-    let server = Server::start_with(Options {
-        env,
-        ..Default::default()
-    })
-    .await;
+    let server = Server::start_with(Options { env, ..Default::default() }).await;
     server.create_tenant("acme");
     let api = server.create_client("acme");
     api.upsert(&patient(Some("p1"), "Original")).await;
@@ -455,17 +282,9 @@ async fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!(original.status, 200);
     let unchanged = || async {
         let now = api.get("/r4/Patient/p1").await;
-        assert!(
-            now.status == 200 && now.body == original.body,
-            "Patient/p1 changed: {}",
-            now.text()
-        );
+        assert!(now.status == 200 && now.body == original.body, "Patient/p1 changed: {}", now.text());
         let all = api.get("/r4/Patient").await.expect(200);
-        assert_eq!(
-            all["entry"].as_array().unwrap().len(),
-            1,
-            "a refused write created something: {all}"
-        );
+        assert_eq!(all["entry"].as_array().unwrap().len(), 1, "a refused write created something: {all}");
     };
     let mut changed = patient(Some("p1"), "Changed");
 
@@ -476,26 +295,11 @@ async fn bad_requests_are_refused_and_change_nothing() {
     let refused_id = unknown_id.get("/r4/Patient/p1").await;
     refused_secret.expect_outcome(401);
     refused_id.expect_outcome(401);
-    assert_eq!(
-        refused_secret.text(),
-        refused_id.text(),
-        "the 401 must not tell a wrong id from a wrong secret"
-    );
-    Api::send(http_client().get(format!("{}/r4/Patient/p1", server.base)))
-        .await
-        .expect_outcome(401);
-    wrong_secret
-        .put("/r4/Patient/p1", &changed)
-        .await
-        .expect_outcome(401);
-    wrong_secret
-        .delete("/r4/Patient/p1")
-        .await
-        .expect_outcome(401);
-    wrong_secret
-        .get("/bulk-data/r4/Group/g/$export")
-        .await
-        .expect_outcome(401);
+    assert_eq!(refused_secret.text(), refused_id.text(), "the 401 must not tell a wrong id from a wrong secret");
+    Api::send(http_client().get(format!("{}/r4/Patient/p1", server.base))).await.expect_outcome(401);
+    wrong_secret.put("/r4/Patient/p1", &changed).await.expect_outcome(401);
+    wrong_secret.delete("/r4/Patient/p1").await.expect_outcome(401);
+    wrong_secret.get("/bulk-data/r4/Group/g/$export").await.expect_outcome(401);
     unchanged().await;
 
     // Malformed JSON: 400.
@@ -505,36 +309,26 @@ async fn bad_requests_are_refused_and_change_nothing() {
         (reqwest::Method::POST, "/r4/Patient"),
         (reqwest::Method::POST, "/r4"),
     ] {
-        let request = api
-            .request(method, path)
-            .header("content-type", "application/fhir+json")
-            .body(malformed);
+        let request = api.request(method, path).header("content-type", "application/fhir+json").body(malformed);
         Api::send(request).await.expect_outcome(400);
     }
     unchanged().await;
 
     // FHIR XML is not served: 406.
-    Api::send(
-        api.request(reqwest::Method::GET, "/r4/Patient/p1")
-            .header("accept", "application/fhir+xml"),
-    )
-    .await
-    .expect_outcome(406);
+    Api::send(api.request(reqwest::Method::GET, "/r4/Patient/p1").header("accept", "application/fhir+xml"))
+        .await
+        .expect_outcome(406);
 
     // Larger than max_body_bytes (2048 here): 413.
     changed["name"][0]["family"] = "x".repeat(4096).into();
-    api.put("/r4/Patient/p1", &changed)
-        .await
-        .expect_outcome(413);
+    api.put("/r4/Patient/p1", &changed).await.expect_outcome(413);
     api.post("/r4/Patient", &changed).await.expect_outcome(413);
     unchanged().await;
 
     // A body id that contradicts the URL: 400.
     changed["name"][0]["family"] = "Changed".into();
     changed["id"] = "p2".into();
-    api.put("/r4/Patient/p1", &changed)
-        .await
-        .expect_outcome(400);
+    api.put("/r4/Patient/p1", &changed).await.expect_outcome(400);
     changed["id"] = "p1".into();
     // A transaction with one bad entry writes nothing at all.
     let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
@@ -543,34 +337,17 @@ async fn bad_requests_are_refused_and_change_nothing() {
         {"resource": {"resourceType": "NotAType"}, "request": {"method": "POST", "url": "NotAType"}},
     ]});
     let reply = api.post("/r4", &bundle).await;
-    assert!(
-        matches!(reply.status, 400 | 422),
-        "bad transaction: {} {}",
-        reply.status,
-        reply.text()
-    );
+    assert!(matches!(reply.status, 400 | 422), "bad transaction: {} {}", reply.status, reply.text());
     reply.expect_outcome(reply.status);
     unchanged().await;
 
     // A type a Group export cannot hold: 400 naming it.
-    let outcome = api
-        .get("/bulk-data/r4/Group/g/$export?_type=Practitioner")
-        .await
-        .expect_outcome(400);
-    assert!(
-        outcome.to_string().contains("Practitioner"),
-        "the OperationOutcome names the refused type: {outcome}"
-    );
+    let outcome = api.get("/bulk-data/r4/Group/g/$export?_type=Practitioner").await.expect_outcome(400);
+    assert!(outcome.to_string().contains("Practitioner"), "the OperationOutcome names the refused type: {outcome}");
 
     // File URLs: credentials required, and a tampered token gives no data.
-    let manifest = api
-        .get("/bulk-data/r4/Group/g/$export?_type=Patient")
-        .await
-        .expect(200);
-    let url = manifest["output"][0]["url"]
-        .as_str()
-        .expect("a Patient file")
-        .to_owned();
+    let manifest = api.get("/bulk-data/r4/Group/g/$export?_type=Patient").await.expect(200);
+    let url = manifest["output"][0]["url"].as_str().expect("a Patient file").to_owned();
     Api::send(http_client().get(&url)).await.expect_outcome(401);
     let (prefix, token) = url.rsplit_once('/').unwrap();
     let token = token.strip_suffix(".ndjson").unwrap();
@@ -592,43 +369,20 @@ async fn bad_requests_are_refused_and_change_nothing() {
             .collect()
     };
     let tampered = [
-        format!(
-            "{prefix}/{}.{}.{}.ndjson",
-            parts[0],
-            parts[1],
-            flip(parts[2], 5)
-        ),
-        format!(
-            "{prefix}/{}.{}.{}.ndjson",
-            parts[0],
-            flip(parts[1], parts[1].len() / 2),
-            parts[2]
-        ),
+        format!("{prefix}/{}.{}.{}.ndjson", parts[0], parts[1], flip(parts[2], 5)),
+        format!("{prefix}/{}.{}.{}.ndjson", parts[0], flip(parts[1], parts[1].len() / 2), parts[2]),
         format!("{prefix}/{}.{}.ndjson", parts[0], parts[1]),
         format!("{prefix}/{token}x.ndjson"),
         url.replace("/$export/Patient/", "/$export/Observation/"),
     ];
     for bad in &tampered {
         let reply = api.get(bad).await;
-        assert!(
-            matches!(reply.status, 401 | 404),
-            "tampered URL {bad}: {} {}",
-            reply.status,
-            reply.text()
-        );
+        assert!(matches!(reply.status, 401 | 404), "tampered URL {bad}: {} {}", reply.status, reply.text());
         reply.expect_outcome(reply.status);
-        assert!(
-            !reply.text().contains("Original"),
-            "a tampered URL returned data: {}",
-            reply.text()
-        );
+        assert!(!reply.text().contains("Original"), "a tampered URL returned data: {}", reply.text());
     }
     let genuine = api.get(&url).await;
-    assert!(
-        genuine.status == 200 && genuine.text().contains("Original"),
-        "{}",
-        genuine.text()
-    );
+    assert!(genuine.status == 200 && genuine.text().contains("Original"), "{}", genuine.text());
 }
 
 /// Item 5: SIGTERM with nothing in flight (an idle keep-alive connection open) stops the server
@@ -640,35 +394,14 @@ async fn sigterm_stops_an_idle_server_cleanly() {
     let api = server.create_client("acme");
     api.upsert(&patient(Some("p1"), "Kept")).await;
     let status = server.terminate(Duration::from_secs(5));
-    assert!(
-        status.success(),
-        "exit status after SIGTERM: {status}\n{}",
-        server.log()
-    );
-    assert!(
-        http_client()
-            .get(format!("{}/healthz", server.base))
-            .send()
-            .await
-            .is_err(),
-        "still answering after exit"
-    );
+    assert!(status.success(), "exit status after SIGTERM: {status}\n{}", server.log());
+    assert!(http_client().get(format!("{}/healthz", server.base)).send().await.is_err(), "still answering after exit");
     // Logs sent to a file (not a terminal) are plain text, without colour escape codes.
     let log = server.log();
     assert!(log.contains("bulkhead listening"), "{log}");
-    assert!(
-        !log.contains('\u{1b}'),
-        "terminal escape codes in a log file:\n{log}"
-    );
-    let restarted = Server::start_with(Options {
-        data_dir: Some(server.data_dir.clone()),
-        ..Default::default()
-    })
-    .await;
-    let api = Api {
-        base: restarted.base.clone(),
-        ..api
-    };
+    assert!(!log.contains('\u{1b}'), "terminal escape codes in a log file:\n{log}");
+    let restarted = Server::start_with(Options { data_dir: Some(server.data_dir.clone()), ..Default::default() }).await;
+    let api = Api { base: restarted.base.clone(), ..api };
     assert_eq!(api.read("Patient/p1").await["name"][0]["family"], "Kept");
 }
 
@@ -681,23 +414,11 @@ async fn demo_once_prints_a_manifest_summary_and_working_curl_lines() {
     let port = free_port();
     let mut command = bulkhead();
     command
-        .args([
-            "demo",
-            "--once",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
+        .args(["demo", "--once", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(&data_dir)
         .args(["--patients", "20"]);
-    let stdout = expect_success(
-        &run_with_deadline(command, Duration::from_secs(120)),
-        "bulkhead demo --once",
-    );
-    assert!(
-        stdout.contains("$export → 200"),
-        "no export line:\n{stdout}"
-    );
+    let stdout = expect_success(&run_with_deadline(command, Duration::from_secs(120)), "bulkhead demo --once");
+    assert!(stdout.contains("$export → 200"), "no export line:\n{stdout}");
     // Per-type lines `Type  N resources`, then `total  N resources in M files`.
     let (mut per_type, mut total) = (0, None);
     for line in stdout.lines() {
@@ -711,61 +432,36 @@ async fn demo_once_prints_a_manifest_summary_and_working_curl_lines() {
     }
     let (resources, files) = total.unwrap_or_else(|| panic!("no total line:\n{stdout}"));
     assert!(resources > 20 && files > 1, "{stdout}");
-    assert_eq!(
-        per_type, resources,
-        "the per-type lines add up to the total:\n{stdout}"
-    );
-    let curl_lines: Vec<&str> = stdout
-        .lines()
-        .map(str::trim)
-        .filter(|line| line.starts_with("curl "))
-        .collect();
+    assert_eq!(per_type, resources, "the per-type lines add up to the total:\n{stdout}");
+    let curl_lines: Vec<&str> = stdout.lines().map(str::trim).filter(|line| line.starts_with("curl ")).collect();
     assert!(curl_lines.len() >= 3, "curl lines:\n{stdout}");
     for line in &curl_lines {
-        assert!(
-            line.contains(&format!("http://127.0.0.1:{port}/")) && line.contains("client_id: bh_"),
-            "{line}"
-        );
+        assert!(line.contains(&format!("http://127.0.0.1:{port}/")) && line.contains("client_id: bh_"), "{line}");
     }
 
     if which("curl").is_none() {
         eprintln!("curl is not installed: not running the printed curl lines");
         return;
     }
-    let _server = Server::start_with(Options {
-        port: Some(port),
-        data_dir: Some(data_dir.clone()),
-        ..Default::default()
-    })
-    .await;
+    let _server =
+        Server::start_with(Options { port: Some(port), data_dir: Some(data_dir.clone()), ..Default::default() }).await;
     let mut typed_manifest = None;
     for line in &curl_lines {
         let mut shell = Command::new("sh");
-        shell
-            .arg("-c")
-            .arg(format!("{line} --noproxy '*' -w '\\n%{{http_code}}'"));
+        shell.arg("-c").arg(format!("{line} --noproxy '*' -w '\\n%{{http_code}}'"));
         let text = expect_success(&run_with_deadline(shell, Duration::from_secs(30)), line);
-        let (body, code) = text
-            .trim_end()
-            .rsplit_once('\n')
-            .unwrap_or_else(|| panic!("{line}: {text}"));
+        let (body, code) = text.trim_end().rsplit_once('\n').unwrap_or_else(|| panic!("{line}: {text}"));
         assert_eq!(code, "200", "{line}: {body}");
-        let body: Value = serde_json::from_str(body)
-            .unwrap_or_else(|error| panic!("{line}: not JSON ({error}): {body}"));
+        let body: Value =
+            serde_json::from_str(body).unwrap_or_else(|error| panic!("{line}: not JSON ({error}): {body}"));
         if !line.contains("$export") {
             assert_eq!(
-                (
-                    body["resourceType"].as_str(),
-                    body["member"].as_array().map(Vec::len)
-                ),
+                (body["resourceType"].as_str(), body["member"].as_array().map(Vec::len)),
                 (Some("Group"), Some(20)),
                 "{line}"
             );
         } else {
-            assert!(
-                !body["output"].as_array().unwrap().is_empty(),
-                "{line}: {body}"
-            );
+            assert!(!body["output"].as_array().unwrap().is_empty(), "{line}: {body}");
             if line.contains("_type=") {
                 typed_manifest = Some(body);
             }
@@ -774,23 +470,11 @@ async fn demo_once_prints_a_manifest_summary_and_working_curl_lines() {
     // The `_type=Patient,Observation` line gives just those, and its Patient file downloads with
     // curl --compressed (as the demo suggests) with `count` lines.
     let typed = typed_manifest.expect("a curl line with _type");
-    let types: BTreeSet<&str> = typed["output"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|item| item["type"].as_str().unwrap())
-        .collect();
+    let types: BTreeSet<&str> =
+        typed["output"].as_array().unwrap().iter().map(|item| item["type"].as_str().unwrap()).collect();
     assert_eq!(types, BTreeSet::from(["Observation", "Patient"]));
-    let patients = typed["output"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|item| item["type"] == "Patient")
-        .unwrap();
-    let headers: Vec<&str> = curl_lines[0]
-        .split('\'')
-        .filter(|part| part.starts_with("client_"))
-        .collect();
+    let patients = typed["output"].as_array().unwrap().iter().find(|item| item["type"] == "Patient").unwrap();
+    let headers: Vec<&str> = curl_lines[0].split('\'').filter(|part| part.starts_with("client_")).collect();
     assert_eq!(headers.len(), 2, "{}", curl_lines[0]);
     let mut curl = Command::new("curl");
     curl.args([
@@ -805,20 +489,9 @@ async fn demo_once_prints_a_manifest_summary_and_working_curl_lines() {
         headers[1],
         patients["url"].as_str().unwrap(),
     ]);
-    let ndjson = expect_success(
-        &run_with_deadline(curl, Duration::from_secs(30)),
-        "curl download",
-    );
-    assert_eq!(
-        ndjson.lines().count() as u64,
-        patients["count"].as_u64().unwrap()
-    );
-    assert!(
-        ndjson
-            .lines()
-            .all(|line| line.starts_with("{\"resourceType\":\"Patient\"")),
-        "{ndjson}"
-    );
+    let ndjson = expect_success(&run_with_deadline(curl, Duration::from_secs(30)), "curl download");
+    assert_eq!(ndjson.lines().count() as u64, patients["count"].as_u64().unwrap());
+    assert!(ndjson.lines().all(|line| line.starts_with("{\"resourceType\":\"Patient\"")), "{ndjson}");
 }
 
 /// Item 7: a bad configuration value stops startup with an error that names the key.
@@ -828,31 +501,20 @@ fn a_configuration_error_names_the_key() {
     let listen = format!("127.0.0.1:{}", free_port());
     let serve = |configure: &dyn Fn(&mut Command)| {
         let mut command = bulkhead();
-        command
-            .args(["serve", "--listen", &listen, "--data-dir"])
-            .arg(dir.path().join("data"));
+        command.args(["serve", "--listen", &listen, "--data-dir"]).arg(dir.path().join("data"));
         configure(&mut command);
         let output = run_with_deadline(command, Duration::from_secs(20));
-        assert!(
-            !output.status.success(),
-            "serve started despite a bad configuration"
-        );
+        assert!(!output.status.success(), "serve started despite a bad configuration");
         String::from_utf8_lossy(&output.stderr).into_owned()
     };
     let stderr = serve(&|command| {
         command.env("BULKHEAD_EXPORT_PART_SIZE", "abc");
     });
-    assert!(
-        stderr.contains("export_part_size"),
-        "stderr does not name the key:\n{stderr}"
-    );
+    assert!(stderr.contains("export_part_size"), "stderr does not name the key:\n{stderr}");
     let file = dir.path().join("bulkhead.toml");
     std::fs::write(&file, "max_body_bytes = 4096\nexport_part_sise = 10\n").unwrap();
     let stderr = serve(&|command| {
         command.arg("--config").arg(&file);
     });
-    assert!(
-        stderr.contains("export_part_sise"),
-        "stderr does not name the misspelt key:\n{stderr}"
-    );
+    assert!(stderr.contains("export_part_sise"), "stderr does not name the misspelt key:\n{stderr}");
 }

@@ -29,7 +29,11 @@ fn synth_is_deterministic_and_imports_cleanly_and_idempotently() {
     files.sort();
     assert!(files.len() >= 15, "a realistic mix of types: {files:?}");
     for file in &files {
-        assert_eq!(std::fs::read(first.join(file)).unwrap(), std::fs::read(second.join(file)).unwrap(), "{file:?} differs between runs");
+        assert_eq!(
+            std::fs::read(first.join(file)).unwrap(),
+            std::fs::read(second.join(file)).unwrap(),
+            "{file:?} differs between runs"
+        );
     }
 
     assert!(bulkhead(&["tenant", "create", "t", "--data-dir", path(&data)]).status.success());
@@ -40,7 +44,10 @@ fn synth_is_deterministic_and_imports_cleanly_and_idempotently() {
     // The same files again: nothing changes, nothing fails.
     let again = bulkhead(&["import", "--tenant", "t", "--data-dir", path(&data), path(&first)]);
     let summary = text(&again.stdout);
-    assert!(again.status.success() && summary.contains("0 created, 0 updated") && summary.contains(" 0 failed"), "{summary}");
+    assert!(
+        again.status.success() && summary.contains("0 created, 0 updated") && summary.contains(" 0 failed"),
+        "{summary}"
+    );
 }
 
 #[test]
@@ -66,7 +73,11 @@ fn import_reports_bad_lines_with_file_and_line_and_keeps_the_rest() {
         assert!(errors.contains(&format!("{name}:{line}:")), "line {line} reported: {errors}");
     }
     assert!(!errors.contains(&format!("{name}:1:")) && !errors.contains(&format!("{name}:5:")), "{errors}");
-    assert!(text(&import.stdout).contains("2 created") && text(&import.stdout).contains("4 failed"), "{}", text(&import.stdout));
+    assert!(
+        text(&import.stdout).contains("2 created") && text(&import.stdout).contains("4 failed"),
+        "{}",
+        text(&import.stdout)
+    );
 }
 
 #[test]
@@ -74,8 +85,23 @@ fn a_tiny_benchmark_runs_end_to_end() {
     let work = tempfile::tempdir().unwrap();
     let json = work.path().join("bench.json");
     let run = bulkhead(&[
-        "bench", "--patients", "6", "--groups", "2,6", "--work-dir", path(work.path()), "--manifest-runs", "2",
-        "--creates", "5", "--bundles", "1", "--bundle-entries", "5", "--json", path(&json),
+        "bench",
+        "--patients",
+        "6",
+        "--groups",
+        "2,6",
+        "--work-dir",
+        path(work.path()),
+        "--manifest-runs",
+        "2",
+        "--creates",
+        "5",
+        "--bundles",
+        "1",
+        "--bundle-entries",
+        "5",
+        "--json",
+        path(&json),
     ]);
     assert!(run.status.success(), "{}\n{}", text(&run.stdout), text(&run.stderr));
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
@@ -86,7 +112,10 @@ fn a_tiny_benchmark_runs_end_to_end() {
     assert_eq!(groups.iter().map(|g| g["members"].as_u64().unwrap()).collect::<Vec<_>>(), vec![2, 6]);
     for export in groups.iter().flat_map(|g| g["exports"].as_array().unwrap()) {
         assert!(export["resources"].as_u64().unwrap() > 0 && export["resources_per_second"].as_f64().unwrap() > 0.0);
-        assert!(export["server_peak_rss_bytes"].as_u64().unwrap() > 1_000_000, "peak RSS is read from the server process");
+        assert!(
+            export["server_peak_rss_bytes"].as_u64().unwrap() > 1_000_000,
+            "peak RSS is read from the server process"
+        );
     }
     assert!(report["machine"]["cores"].as_u64().unwrap() >= 1);
     assert!(dataset["writes"]["single_creates_per_second"].as_f64().unwrap() > 0.0);

@@ -16,15 +16,31 @@ pub fn open_file_view(store: &dyn Store, claims: &FileClaims) -> Result<ExportVi
         Some(user) => Visibility::User(user.clone()),
         None => Visibility::Tenant,
     };
-    let view = export_view(store, TenantId(claims.tenant), &visibility, &claims.group, claims.since, claims.until, claims.transaction_time)?;
+    let view = export_view(
+        store,
+        TenantId(claims.tenant),
+        &visibility,
+        &claims.group,
+        claims.since,
+        claims.until,
+        claims.transaction_time,
+    )?;
     if view.group.version != claims.group_version {
-        return Err(ExportError::NotFound(format!("Group/{} version {} is not the exported one", claims.group, claims.group_version)));
+        return Err(ExportError::NotFound(format!(
+            "Group/{} version {} is not the exported one",
+            claims.group, claims.group_version
+        )));
     }
     Ok(view)
 }
 
 /// Writes the file's NDJSON lines to `out`; returns how many lines were written.
-pub fn write_file(store: &dyn Store, claims: &FileClaims, view: &ExportView, out: &mut dyn Write) -> Result<u64, ExportError> {
+pub fn write_file(
+    store: &dyn Store,
+    claims: &FileClaims,
+    view: &ExportView,
+    out: &mut dyn Write,
+) -> Result<u64, ExportError> {
     let sink_error = |error: std::io::Error| ExportError::Sink(error.to_string());
     let tenant = TenantId(claims.tenant);
     match (claims.kind, claims.resource_type.as_str()) {
@@ -63,8 +79,11 @@ pub fn write_file(store: &dyn Store, claims: &FileClaims, view: &ExportView, out
                 written += 1;
             }
             for member in missing_members(store, tenant, view)? {
-                let issue = Issue::error(IssueType::NotFound, format!("Group member Patient/{member} does not exist in this tenant; it has no data to export"))
-                    .at("Group.member.entity");
+                let issue = Issue::error(
+                    IssueType::NotFound,
+                    format!("Group member Patient/{member} does not exist in this tenant; it has no data to export"),
+                )
+                .at("Group.member.entity");
                 writeln!(out, "{}", operation_outcome(&[issue])).map_err(sink_error)?;
                 written += 1;
             }

@@ -88,20 +88,16 @@ pub fn export_view(
             (member.clone(), member_since)
         })
         .collect();
-    let selection = MemberSelection {
-        members: selection_members,
-        since,
-        until,
-        transaction_time,
-        visibility: visibility.clone(),
-    };
+    let selection =
+        MemberSelection { members: selection_members, since, until, transaction_time, visibility: visibility.clone() };
     Ok(ExportView { group, selection, members })
 }
 
 /// Members of the view whose Patient did not exist (for this caller) at the transaction time.
 pub fn missing_members(store: &dyn Store, tenant: TenantId, view: &ExportView) -> Result<Vec<String>, ExportError> {
     let selection = &view.selection;
-    let existing = store.existing_at(tenant, &selection.visibility, "Patient", &view.members, selection.transaction_time)?;
+    let existing =
+        store.existing_at(tenant, &selection.visibility, "Patient", &view.members, selection.transaction_time)?;
     // Both lists are sorted.
     Ok(view.members.iter().filter(|member| existing.binary_search(member).is_err()).cloned().collect())
 }
@@ -118,12 +114,22 @@ pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Res
     let current = store.read(request.tenant, &request.visibility, "Group", &request.group_id)?;
     match current {
         None => return Err(ExportError::NotFound(format!("Group/{} not found", request.group_id))),
-        Some(group) if group.deleted => return Err(ExportError::Gone(format!("Group/{} was deleted", request.group_id))),
+        Some(group) if group.deleted => {
+            return Err(ExportError::Gone(format!("Group/{} was deleted", request.group_id)))
+        }
         Some(_) => {}
     }
     let transaction_time = store.reserve_transaction_time()?;
     let params = &request.params;
-    let view = export_view(store, request.tenant, &request.visibility, &request.group_id, params.since, params.until, transaction_time)?;
+    let view = export_view(
+        store,
+        request.tenant,
+        &request.visibility,
+        &request.group_id,
+        params.since,
+        params.until,
+        transaction_time,
+    )?;
     let types: Vec<String> = match &params.types {
         Some(types) => types.clone(),
         None => group_export_types().into_iter().map(str::to_owned).collect(),

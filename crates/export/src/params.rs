@@ -31,12 +31,8 @@ pub const NDJSON: &str = "application/fhir+ndjson";
 
 /// `_outputFormat` values meaning FHIR NDJSON (compared case-insensitively). The spec requires
 /// the first three; the fourth is what a raw `+` becomes after form-decoding.
-const NDJSON_SPELLINGS: &[&str] = &[
-    "application/fhir+ndjson",
-    "application/ndjson",
-    "ndjson",
-    "application/fhir ndjson",
-];
+const NDJSON_SPELLINGS: &[&str] =
+    &["application/fhir+ndjson", "application/ndjson", "ndjson", "application/fhir ndjson"];
 
 /// Bulk Data parameters we know of but do not implement (yet).
 const UNSUPPORTED_PARAMS: &[&str] = &[
@@ -81,9 +77,7 @@ pub struct ParamError {
 
 impl ParamError {
     fn new(code: IssueType, param: &str, diagnostics: impl Into<String>) -> ParamError {
-        ParamError {
-            issue: Issue::error(code, diagnostics).at(param),
-        }
+        ParamError { issue: Issue::error(code, diagnostics).at(param) }
     }
 }
 
@@ -107,12 +101,7 @@ pub fn parse_group_export_params(
     let until = raw.until.map(|v| parse_instant("_until", v)).transpose()?;
     check_window(since, until, &raw)?;
     let output_format = parse_output_format(raw.output_format)?;
-    let params = ExportParams {
-        types,
-        since,
-        until,
-        output_format,
-    };
+    let params = ExportParams { types, since, until, output_format };
     Ok((params, warnings))
 }
 
@@ -219,36 +208,19 @@ fn ignore_unsupported(names: &[(&str, bool)], lenient: bool) -> Result<Vec<Issue
         if !lenient {
             return Err(ParamError::new(code, name, message));
         }
-        warnings.push(
-            Issue::warning(
-                code,
-                format!("{message}; ignored (Prefer: handling=lenient)"),
-            )
-            .at(name),
-        );
+        warnings.push(Issue::warning(code, format!("{message}; ignored (Prefer: handling=lenient)")).at(name));
     }
     Ok(warnings)
 }
 
 /// Splits, trims, checks and deduplicates every `_type` entry. Lenient mode drops unsupported
 /// entries with one warning per distinct name, but refuses to drop them all.
-fn parse_types(
-    values: &[&str],
-    lenient: bool,
-    warnings: &mut Vec<Issue>,
-) -> Result<Vec<String>, ParamError> {
+fn parse_types(values: &[&str], lenient: bool, warnings: &mut Vec<Issue>) -> Result<Vec<String>, ParamError> {
     let mut types: Vec<String> = Vec::new();
     let mut dropped: Vec<&str> = Vec::new();
-    for entry in values
-        .iter()
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-    {
+    for entry in values.iter().flat_map(|value| value.split(',')).map(str::trim) {
         if entry.is_empty() {
-            let message = format!(
-                "Parameter '_type' has an empty entry in '{}'",
-                echo(&values.join(","))
-            );
+            let message = format!("Parameter '_type' has an empty entry in '{}'", echo(&values.join(",")));
             return Err(ParamError::new(IssueType::Value, "_type", message));
         }
         match check_type(entry) {
@@ -264,10 +236,8 @@ fn parse_types(
         }
     }
     if types.is_empty() {
-        let message = format!(
-            "None of the requested types ({}) can be exported from a Group",
-            echo(&dropped.join(","))
-        );
+        let message =
+            format!("None of the requested types ({}) can be exported from a Group", echo(&dropped.join(",")));
         return Err(ParamError::new(IssueType::NotSupported, "_type", message));
     }
     Ok(types)
@@ -276,10 +246,7 @@ fn parse_types(
 /// Why a single `_type` entry cannot be honoured, if it cannot.
 fn check_type(name: &str) -> Result<(), ParamError> {
     if !is_resource_type(name) {
-        let message = format!(
-            "Parameter '_type': '{}' is not an R4 resource type",
-            echo(name)
-        );
+        let message = format!("Parameter '_type': '{}' is not an R4 resource type", echo(name));
         return Err(ParamError::new(IssueType::Value, "_type", message));
     }
     if !is_group_export_type(name) {
@@ -309,21 +276,14 @@ fn as_lenient_warning(issue: Issue) -> Issue {
 fn parse_instant(name: &str, value: &str) -> Result<Micros, ParamError> {
     let repaired = value.trim().replace(' ', "+");
     parse_since(&repaired).map_err(|_| {
-        let message = format!(
-            "Parameter '{name}': '{}' is not a FHIR instant or a date (YYYY-MM-DD)",
-            echo(value)
-        );
+        let message = format!("Parameter '{name}': '{}' is not a FHIR instant or a date (YYYY-MM-DD)", echo(value));
         ParamError::new(IssueType::Value, name, message)
     })
 }
 
 /// `_until` must lie after `_since`, otherwise the window is empty by construction, which is
 /// almost certainly a client mistake rather than a wish for an empty export.
-fn check_window(
-    since: Option<Micros>,
-    until: Option<Micros>,
-    raw: &RawParams<'_>,
-) -> Result<(), ParamError> {
+fn check_window(since: Option<Micros>, until: Option<Micros>, raw: &RawParams<'_>) -> Result<(), ParamError> {
     match (since, until) {
         (Some(since), Some(until)) if until <= since => {
             let message = format!(
@@ -343,21 +303,11 @@ fn parse_output_format(value: Option<&str>) -> Result<String, ParamError> {
         return Ok(NDJSON.to_owned());
     };
     let trimmed = value.trim();
-    if NDJSON_SPELLINGS
-        .iter()
-        .any(|s| s.eq_ignore_ascii_case(trimmed))
-    {
+    if NDJSON_SPELLINGS.iter().any(|s| s.eq_ignore_ascii_case(trimmed)) {
         return Ok(NDJSON.to_owned());
     }
-    let message = format!(
-        "Parameter '_outputFormat': '{}' is not supported; use {NDJSON}",
-        echo(value)
-    );
-    Err(ParamError::new(
-        IssueType::NotSupported,
-        "_outputFormat",
-        message,
-    ))
+    let message = format!("Parameter '_outputFormat': '{}' is not supported; use {NDJSON}", echo(value));
+    Err(ParamError::new(IssueType::NotSupported, "_outputFormat", message))
 }
 
 /// A client value shortened for diagnostics.
@@ -374,16 +324,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn query(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    fn parse(
-        pairs: &[(&str, &str)],
-        lenient: bool,
-    ) -> Result<(ExportParams, Vec<Issue>), ParamError> {
+    fn parse(pairs: &[(&str, &str)], lenient: bool) -> Result<(ExportParams, Vec<Issue>), ParamError> {
         parse_group_export_params(&query(pairs), lenient)
     }
 
@@ -398,13 +342,7 @@ mod tests {
     }
 
     fn types(params: &ExportParams) -> Vec<&str> {
-        params
-            .types
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(String::as_str)
-            .collect()
+        params.types.as_ref().unwrap().iter().map(String::as_str).collect()
     }
 
     // ---- defaults ----
@@ -412,15 +350,7 @@ mod tests {
     #[test]
     fn empty_query_gives_defaults() {
         let params = ok(&[]);
-        assert_eq!(
-            params,
-            ExportParams {
-                types: None,
-                since: None,
-                until: None,
-                output_format: NDJSON.to_owned()
-            }
-        );
+        assert_eq!(params, ExportParams { types: None, since: None, until: None, output_format: NDJSON.to_owned() });
     }
 
     // ---- _type ----
@@ -433,22 +363,15 @@ mod tests {
 
     #[test]
     fn type_entries_are_trimmed_and_deduplicated() {
-        let params = ok(&[
-            ("_type", " Observation , Patient"),
-            ("_type", "Observation,Patient ,Group"),
-        ]);
+        let params = ok(&[("_type", " Observation , Patient"), ("_type", "Observation,Patient ,Group")]);
         assert_eq!(types(&params), ["Observation", "Patient", "Group"]);
     }
 
     #[test]
     fn empty_type_value_or_entry_is_an_error_even_lenient() {
-        for (value, lenient) in [
-            ("", false),
-            ("", true),
-            (" ", true),
-            ("Patient,,Observation", true),
-            ("Patient,", false),
-        ] {
+        for (value, lenient) in
+            [("", false), ("", true), (" ", true), ("Patient,,Observation", true), ("Patient,", false)]
+        {
             let issue = err(&[("_type", value)], lenient);
             assert_eq!(issue.code, IssueType::Value, "{value:?}");
             assert_eq!(issue.expression.as_deref(), Some("_type"));
@@ -468,14 +391,7 @@ mod tests {
 
     #[test]
     fn types_outside_the_group_compartment_are_not_supported() {
-        for t in [
-            "Practitioner",
-            "Organization",
-            "Medication",
-            "Location",
-            "Device",
-            "Bundle",
-        ] {
+        for t in ["Practitioner", "Organization", "Medication", "Location", "Device", "Bundle"] {
             let issue = err(&[("_type", t)], false);
             assert_eq!(issue.code, IssueType::NotSupported, "{t}");
             assert!(issue.diagnostics.contains(t));
@@ -484,10 +400,7 @@ mod tests {
 
     #[test]
     fn lenient_drops_bad_types_with_one_warning_each() {
-        let pairs = [
-            ("_type", "Patient,Practitioner,Bogus"),
-            ("_type", "Practitioner,Observation"),
-        ];
+        let pairs = [("_type", "Patient,Practitioner,Bogus"), ("_type", "Practitioner,Observation")];
         let (params, warnings) = parse(&pairs, true).unwrap();
         assert_eq!(types(&params), ["Patient", "Observation"]);
         assert_eq!(warnings.len(), 2, "{warnings:?}");
@@ -503,11 +416,7 @@ mod tests {
         let issue = err(&[("_type", "Practitioner,Organization")], true);
         assert_eq!(issue.code, IssueType::NotSupported);
         assert_eq!(issue.severity, Severity::Error);
-        assert!(
-            issue.diagnostics.contains("Practitioner,Organization"),
-            "{}",
-            issue.diagnostics
-        );
+        assert!(issue.diagnostics.contains("Practitioner,Organization"), "{}", issue.diagnostics);
     }
 
     #[test]
@@ -520,39 +429,25 @@ mod tests {
             assert!(!allowed.contains(&t), "{t}");
         }
         assert!(allowed.windows(2).all(|w| w[0] < w[1]), "sorted, unique");
-        assert!(allowed
-            .iter()
-            .all(|t| is_group_export_type(t) && is_resource_type(t)));
+        assert!(allowed.iter().all(|t| is_group_export_type(t) && is_resource_type(t)));
     }
 
     // ---- _since / _until ----
 
     #[test]
     fn since_accepts_dates_and_instants() {
-        assert_eq!(
-            ok(&[("_since", "2024-01-01")]).since,
-            Some(1_704_067_200_000_000)
-        );
-        assert_eq!(
-            ok(&[("_since", "2024-01-01T01:00:00.5+01:00")]).since,
-            Some(1_704_067_200_500_000)
-        );
+        assert_eq!(ok(&[("_since", "2024-01-01")]).since, Some(1_704_067_200_000_000));
+        assert_eq!(ok(&[("_since", "2024-01-01T01:00:00.5+01:00")]).since, Some(1_704_067_200_500_000));
     }
 
     #[test]
     fn since_repairs_a_form_decoded_plus() {
-        assert_eq!(
-            ok(&[("_since", "2024-01-01T01:00:00 01:00")]).since,
-            Some(1_704_067_200_000_000)
-        );
+        assert_eq!(ok(&[("_since", "2024-01-01T01:00:00 01:00")]).since, Some(1_704_067_200_000_000));
     }
 
     #[test]
     fn since_in_the_future_is_fine() {
-        assert_eq!(
-            ok(&[("_since", "2999-01-01")]).since,
-            Some(32_472_144_000_000_000)
-        );
+        assert_eq!(ok(&[("_since", "2999-01-01")]).since, Some(32_472_144_000_000_000));
     }
 
     #[test]
@@ -604,18 +499,9 @@ mod tests {
 
     #[test]
     fn ndjson_spellings_are_normalised() {
-        for spelling in [
-            "application/fhir+ndjson",
-            "application/ndjson",
-            "ndjson",
-            "application/fhir ndjson",
-            "NDJSON",
-        ] {
-            assert_eq!(
-                ok(&[("_outputFormat", spelling)]).output_format,
-                NDJSON,
-                "{spelling}"
-            );
+        for spelling in ["application/fhir+ndjson", "application/ndjson", "ndjson", "application/fhir ndjson", "NDJSON"]
+        {
+            assert_eq!(ok(&[("_outputFormat", spelling)]).output_format, NDJSON, "{spelling}");
         }
     }
 
@@ -661,15 +547,10 @@ mod tests {
         ];
         let (params, warnings) = parse(&pairs, true).unwrap();
         assert_eq!(types(&params), ["Observation"]);
-        let named: Vec<_> = warnings
-            .iter()
-            .map(|w| w.expression.as_deref().unwrap())
-            .collect();
+        let named: Vec<_> = warnings.iter().map(|w| w.expression.as_deref().unwrap()).collect();
         assert_eq!(named, ["_typeFilter", "foo", "_elements"]);
         assert!(warnings.iter().all(|w| w.severity == Severity::Warning));
-        assert!(warnings
-            .iter()
-            .all(|w| w.diagnostics.contains(w.expression.as_deref().unwrap())));
+        assert!(warnings.iter().all(|w| w.diagnostics.contains(w.expression.as_deref().unwrap())));
     }
 
     #[test]

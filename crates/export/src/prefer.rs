@@ -24,11 +24,7 @@ pub struct Preferences {
 pub fn parse_prefer<'a>(values: impl IntoIterator<Item = &'a str>) -> Preferences {
     let mut preferences = Preferences::default();
     let mut handling_seen = false;
-    for (name, value) in values
-        .into_iter()
-        .flat_map(|line| line.split(','))
-        .filter_map(preference)
-    {
+    for (name, value) in values.into_iter().flat_map(|line| line.split(',')).filter_map(preference) {
         if name.eq_ignore_ascii_case("respond-async") {
             preferences.respond_async = true;
         } else if name.eq_ignore_ascii_case("handling") && !handling_seen {
@@ -51,10 +47,7 @@ fn preference(element: &str) -> Option<(&str, &str)> {
 
 /// Strips one pair of surrounding double quotes (a quoted-string without escapes).
 fn unquote(value: &str) -> &str {
-    value
-        .strip_prefix('"')
-        .and_then(|v| v.strip_suffix('"'))
-        .unwrap_or(value)
+    value.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(value)
 }
 
 #[cfg(test)]
@@ -65,10 +58,7 @@ mod tests {
         parse_prefer(lines.iter().copied())
     }
 
-    const ASYNC_LENIENT: Preferences = Preferences {
-        respond_async: true,
-        lenient: true,
-    };
+    const ASYNC_LENIENT: Preferences = Preferences { respond_async: true, lenient: true };
 
     #[test]
     fn nothing_means_strict_and_sync() {
@@ -79,10 +69,7 @@ mod tests {
 
     #[test]
     fn single_respond_async() {
-        let expected = Preferences {
-            respond_async: true,
-            lenient: false,
-        };
+        let expected = Preferences { respond_async: true, lenient: false };
         assert_eq!(prefs(&["respond-async"]), expected);
     }
 
@@ -95,10 +82,7 @@ mod tests {
     #[test]
     fn several_header_lines() {
         assert_eq!(prefs(&["respond-async", "handling=lenient"]), ASYNC_LENIENT);
-        assert_eq!(
-            prefs(&["return=minimal", "handling=lenient,respond-async"]),
-            ASYNC_LENIENT
-        );
+        assert_eq!(prefs(&["return=minimal", "handling=lenient,respond-async"]), ASYNC_LENIENT);
     }
 
     #[test]
@@ -108,31 +92,19 @@ mod tests {
 
     #[test]
     fn optional_whitespace() {
-        assert_eq!(
-            prefs(&["  respond-async  ,   handling = lenient  "]),
-            ASYNC_LENIENT
-        );
+        assert_eq!(prefs(&["  respond-async  ,   handling = lenient  "]), ASYNC_LENIENT);
         assert_eq!(prefs(&["respond-async,\thandling=lenient"]), ASYNC_LENIENT);
     }
 
     #[test]
     fn quoted_value() {
-        assert_eq!(
-            prefs(&["respond-async, handling=\"lenient\""]),
-            ASYNC_LENIENT
-        );
-        assert_eq!(
-            prefs(&["respond-async, handling = \"LENIENT\" "]),
-            ASYNC_LENIENT
-        );
+        assert_eq!(prefs(&["respond-async, handling=\"lenient\""]), ASYNC_LENIENT);
+        assert_eq!(prefs(&["respond-async, handling = \"LENIENT\" "]), ASYNC_LENIENT);
     }
 
     #[test]
     fn preference_parameters_are_ignored() {
-        assert_eq!(
-            prefs(&["respond-async; wait=10, handling=lenient;foo"]),
-            ASYNC_LENIENT
-        );
+        assert_eq!(prefs(&["respond-async; wait=10, handling=lenient;foo"]), ASYNC_LENIENT);
     }
 
     #[test]

@@ -188,11 +188,7 @@ impl TokenKeys {
     /// `base64url(header) . base64url(claims JSON) . base64url(HMAC-SHA256)`, no padding.
     pub fn sign(&self, claims: &FileClaims) -> String {
         let (kid, secret) = &self.keys[0];
-        let header = Header {
-            alg: ALG.to_owned(),
-            typ: Some("JWT".to_owned()),
-            kid: Some(kid.clone()),
-        };
+        let header = Header { alg: ALG.to_owned(), typ: Some("JWT".to_owned()), kid: Some(kid.clone()) };
         let signing_input = format!("{}.{}", encode_json(&header), encode_json(claims));
         let signature = mac(secret, &signing_input).finalize().into_bytes();
         format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
@@ -211,9 +207,7 @@ impl TokenKeys {
         }
         let secret = self.secret(header.kid.as_deref())?;
         let signature = decode(signature)?;
-        mac(secret, signing_input)
-            .verify_slice(&signature)
-            .map_err(|_| TokenError::BadSignature)?;
+        mac(secret, signing_input).verify_slice(&signature).map_err(|_| TokenError::BadSignature)?;
         let claims: FileClaims = decode_json(payload)?;
         if claims.exp <= now_seconds {
             return Err(TokenError::Expired);
@@ -233,10 +227,7 @@ impl TokenKeys {
 
 /// `[A-Za-z0-9_-]{1,32}`: safe in headers, logs and config keys.
 fn is_valid_kid(kid: &str) -> bool {
-    (1..=MAX_KID_LEN).contains(&kid.len())
-        && kid
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=MAX_KID_LEN).contains(&kid.len()) && kid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Splits into (signing input, header, payload, signature), all still base64url.
@@ -269,9 +260,7 @@ fn encode_json<T: Serialize>(value: &T) -> String {
 /// Strict base64url: padding and non-zero trailing bits are refused, so each byte string has
 /// exactly one accepted encoding and a token cannot be altered without breaking it.
 fn decode(part: &str) -> Result<Vec<u8>, TokenError> {
-    URL_SAFE_NO_PAD
-        .decode(part)
-        .map_err(|_| TokenError::Malformed)
+    URL_SAFE_NO_PAD.decode(part).map_err(|_| TokenError::Malformed)
 }
 
 fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, TokenError> {
@@ -308,19 +297,11 @@ mod tests {
     }
 
     fn keys(list: &[(&str, &[u8])]) -> TokenKeys {
-        TokenKeys::new(
-            list.iter()
-                .map(|(k, s)| (k.to_string(), s.to_vec()))
-                .collect(),
-        )
-        .unwrap()
+        TokenKeys::new(list.iter().map(|(k, s)| (k.to_string(), s.to_vec())).collect()).unwrap()
     }
 
     fn main_keys() -> TokenKeys {
-        keys(&[
-            ("k2", b"new-secret-0123456789abcdef0123"),
-            ("k1", b"old-secret-0123456789abcdef0123"),
-        ])
+        keys(&[("k2", b"new-secret-0123456789abcdef0123"), ("k1", b"old-secret-0123456789abcdef0123")])
     }
 
     fn parts(token: &str) -> Vec<String> {
@@ -367,18 +348,10 @@ mod tests {
     #[test]
     fn token_shape_is_a_compact_url_safe_jwt() {
         let token = main_keys().sign(&claims());
-        assert!(
-            token
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
-            "{token}"
-        );
+        assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)), "{token}");
         let p = parts(&token);
         assert_eq!(p.len(), 3);
-        assert_eq!(
-            json_part(&p[0]),
-            serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": "k2"})
-        );
+        assert_eq!(json_part(&p[0]), serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": "k2"}));
         let payload = json_part(&p[1]);
         assert_eq!(payload["k"], "output");
         assert_eq!(payload["t"], 7);
@@ -390,10 +363,7 @@ mod tests {
     fn deterministic() {
         let keys = main_keys();
         assert_eq!(keys.sign(&claims()), keys.sign(&claims()));
-        let other = FileClaims {
-            start: 101,
-            ..claims()
-        };
+        let other = FileClaims { start: 101, ..claims() };
         assert_ne!(keys.sign(&claims()), keys.sign(&other));
     }
 
@@ -442,25 +412,11 @@ mod tests {
         let keys = main_keys();
         let token = keys.sign(&claims());
         let p = parts(&token);
-        let none = format!(
-            "{}.{}.",
-            b64(&serde_json::json!({"alg": "none", "typ": "JWT", "kid": "k2"})),
-            p[1]
-        );
-        assert_eq!(
-            keys.verify(&none, NOW),
-            Err(TokenError::UnsupportedAlgorithm)
-        );
+        let none = format!("{}.{}.", b64(&serde_json::json!({"alg": "none", "typ": "JWT", "kid": "k2"})), p[1]);
+        assert_eq!(keys.verify(&none, NOW), Err(TokenError::UnsupportedAlgorithm));
         for alg in ["none", "None", "HS512", "RS256", "hs256"] {
-            let forged = with_header(
-                &token,
-                serde_json::json!({"alg": alg, "typ": "JWT", "kid": "k2"}),
-            );
-            assert_eq!(
-                keys.verify(&forged, NOW),
-                Err(TokenError::UnsupportedAlgorithm),
-                "{alg}"
-            );
+            let forged = with_header(&token, serde_json::json!({"alg": alg, "typ": "JWT", "kid": "k2"}));
+            assert_eq!(keys.verify(&forged, NOW), Err(TokenError::UnsupportedAlgorithm), "{alg}");
         }
     }
 
@@ -469,15 +425,9 @@ mod tests {
         let keys = main_keys();
         let token = keys.sign(&claims());
         // Claiming the other known key: the signature no longer matches.
-        let swapped = with_header(
-            &token,
-            serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": "k1"}),
-        );
+        let swapped = with_header(&token, serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": "k1"}));
         assert_eq!(keys.verify(&swapped, NOW), Err(TokenError::BadSignature));
-        let unknown = with_header(
-            &token,
-            serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": "k9"}),
-        );
+        let unknown = with_header(&token, serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": "k9"}));
         assert_eq!(keys.verify(&unknown, NOW), Err(TokenError::UnknownKey));
         let missing = with_header(&token, serde_json::json!({"alg": "HS256", "typ": "JWT"}));
         assert_eq!(keys.verify(&missing, NOW), Err(TokenError::UnknownKey));
@@ -497,10 +447,7 @@ mod tests {
         assert_eq!(retired.verify(&old_token, NOW), Err(TokenError::UnknownKey));
         // Same kid, different secret (a botched rotation): refused.
         let reused = keys(&[("k1", b"another-secret")]);
-        assert_eq!(
-            reused.verify(&old_token, NOW),
-            Err(TokenError::BadSignature)
-        );
+        assert_eq!(reused.verify(&old_token, NOW), Err(TokenError::BadSignature));
     }
 
     #[test]
@@ -520,11 +467,7 @@ mod tests {
             "x".repeat(MAX_TOKEN_LEN + 1),
         ];
         for case in cases {
-            assert_eq!(
-                keys.verify(&case, NOW),
-                Err(TokenError::Malformed),
-                "{case:.60}"
-            );
+            assert_eq!(keys.verify(&case, NOW), Err(TokenError::Malformed), "{case:.60}");
         }
     }
 
@@ -535,31 +478,18 @@ mod tests {
         let header = b64(&serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": kid}));
         let input = format!("{header}.{}", b64(&serde_json::json!({"sub": "x"})));
         let sig = URL_SAFE_NO_PAD.encode(mac(secret, &input).finalize().into_bytes());
-        assert_eq!(
-            main_keys().verify(&format!("{input}.{sig}"), NOW),
-            Err(TokenError::Malformed)
-        );
+        assert_eq!(main_keys().verify(&format!("{input}.{sig}"), NOW), Err(TokenError::Malformed));
     }
 
     #[test]
     fn key_set_validation() {
         let new = |list: Vec<(&str, &[u8])>| {
-            TokenKeys::new(
-                list.into_iter()
-                    .map(|(k, s)| (k.to_string(), s.to_vec()))
-                    .collect(),
-            )
+            TokenKeys::new(list.into_iter().map(|(k, s)| (k.to_string(), s.to_vec())).collect())
         };
         assert_eq!(new(vec![]).unwrap_err(), TokenError::NoKeys);
-        assert_eq!(
-            new(vec![("k1", b"")]).unwrap_err(),
-            TokenError::EmptySecret("k1".into())
-        );
+        assert_eq!(new(vec![("k1", b"")]).unwrap_err(), TokenError::EmptySecret("k1".into()));
         for kid in ["", "a.b", "a b", "ä", "k/1", &"k".repeat(33)] {
-            assert_eq!(
-                new(vec![(kid, b"s")]).unwrap_err(),
-                TokenError::InvalidKid(kid.into())
-            );
+            assert_eq!(new(vec![(kid, b"s")]).unwrap_err(), TokenError::InvalidKid(kid.into()));
         }
         assert_eq!(
             new(vec![("k1", b"s"), ("k2", b"t"), ("k1", b"u")]).unwrap_err(),
@@ -575,25 +505,9 @@ mod tests {
     }
 
     fn any_claims() -> impl Strategy<Value = FileClaims> {
-        let ids = (
-            any::<i64>(),
-            ".*",
-            proptest::option::of(".*"),
-            ".*",
-            any::<i64>(),
-        );
-        let kind = prop_oneof![
-            Just(FileKind::Output),
-            Just(FileKind::Deleted),
-            Just(FileKind::Error)
-        ];
-        let range = (
-            kind,
-            "[A-Za-z]{1,30}",
-            any::<i64>(),
-            any::<i64>(),
-            any::<u64>(),
-        );
+        let ids = (any::<i64>(), ".*", proptest::option::of(".*"), ".*", any::<i64>());
+        let kind = prop_oneof![Just(FileKind::Output), Just(FileKind::Deleted), Just(FileKind::Error)];
+        let range = (kind, "[A-Za-z]{1,30}", any::<i64>(), any::<i64>(), any::<u64>());
         let times = (
             proptest::option::of(any::<i64>()),
             proptest::option::of(any::<i64>()),
@@ -602,26 +516,24 @@ mod tests {
             any::<i64>(),
             (NOW + 1)..i64::MAX,
         );
-        (ids, range, times).prop_map(|((tenant, client, user, group, group_version), r, t)| {
-            FileClaims {
-                tenant,
-                client,
-                user,
-                group,
-                group_version,
-                kind: r.0,
-                resource_type: r.1,
-                start: r.2,
-                end: r.3,
-                total: r.4,
-                since: t.0,
-                until: t.1,
-                transaction_time: t.2,
-                requested_types: t.3,
-                warnings: Vec::new(),
-                iat: t.4,
-                exp: t.5,
-            }
+        (ids, range, times).prop_map(|((tenant, client, user, group, group_version), r, t)| FileClaims {
+            tenant,
+            client,
+            user,
+            group,
+            group_version,
+            kind: r.0,
+            resource_type: r.1,
+            start: r.2,
+            end: r.3,
+            total: r.4,
+            since: t.0,
+            until: t.1,
+            transaction_time: t.2,
+            requested_types: t.3,
+            warnings: Vec::new(),
+            iat: t.4,
+            exp: t.5,
         })
     }
 

@@ -54,11 +54,7 @@ pub fn is_compartment_type(resource_type: &str) -> bool {
 pub fn patient_compartments(resource_type: &str, resource: &Value) -> Vec<String> {
     let mut ids = Vec::new();
     if resource_type == "Patient" {
-        if let Some(id) = resource
-            .get("id")
-            .and_then(Value::as_str)
-            .filter(|id| is_id(id))
-        {
+        if let Some(id) = resource.get("id").and_then(Value::as_str).filter(|id| is_id(id)) {
             ids.push(id.to_owned());
         }
     }
@@ -77,9 +73,7 @@ pub fn patient_compartments(resource_type: &str, resource: &Value) -> Vec<String
 /// Each path is a list of JSON property names from the resource root to the Reference, e.g.
 /// `("payee", &["payee", "party"])` for Claim. A code appears once per path, so usually once, but
 /// twice for AuditEvent `patient` (`agent.who` and `entity.what`). Empty for other types.
-pub fn compartment_params(
-    resource_type: &str,
-) -> &'static [(&'static str, &'static [&'static str])] {
+pub fn compartment_params(resource_type: &str) -> &'static [(&'static str, &'static [&'static str])] {
     row(resource_type).map_or(&[], |row| row.params)
 }
 
@@ -132,10 +126,7 @@ fn is_type_name(name: &str) -> bool {
 
 /// True for a FHIR logical id (or version id): `[A-Za-z0-9\-\.]{1,64}`.
 fn is_id(id: &str) -> bool {
-    (1..=MAX_ID_LEN).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    (1..=MAX_ID_LEN).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// The generated row for a type (binary search: `TYPES` is sorted and parallel to `ROWS`).
@@ -185,9 +176,7 @@ mod tests {
     use serde_json::json;
 
     fn compartments(resource: Value) -> Vec<String> {
-        let resource_type = resource["resourceType"]
-            .as_str()
-            .expect("test resource has a type");
+        let resource_type = resource["resourceType"].as_str().expect("test resource has a type");
         patient_compartments(resource_type, &resource)
     }
 
@@ -200,34 +189,16 @@ mod tests {
     #[test]
     fn parses_relative_references() {
         assert_eq!(parse_reference("Patient/123"), Some(("Patient", "123")));
-        assert_eq!(
-            parse_reference("Patient/a-b.C9"),
-            Some(("Patient", "a-b.C9"))
-        );
-        assert_eq!(
-            parse_reference("Practitioner/x"),
-            Some(("Practitioner", "x"))
-        );
-        assert_eq!(
-            parse_reference("Patient/123/_history/4"),
-            Some(("Patient", "123"))
-        );
+        assert_eq!(parse_reference("Patient/a-b.C9"), Some(("Patient", "a-b.C9")));
+        assert_eq!(parse_reference("Practitioner/x"), Some(("Practitioner", "x")));
+        assert_eq!(parse_reference("Patient/123/_history/4"), Some(("Patient", "123")));
     }
 
     #[test]
     fn parses_absolute_references() {
-        assert_eq!(
-            parse_reference("http://example.org/fhir/Patient/123"),
-            Some(("Patient", "123"))
-        );
-        assert_eq!(
-            parse_reference("https://example.org/fhir/R4/Patient/123/_history/7"),
-            Some(("Patient", "123"))
-        );
-        assert_eq!(
-            parse_reference("https://host/Observation/o1"),
-            Some(("Observation", "o1"))
-        );
+        assert_eq!(parse_reference("http://example.org/fhir/Patient/123"), Some(("Patient", "123")));
+        assert_eq!(parse_reference("https://example.org/fhir/R4/Patient/123/_history/7"), Some(("Patient", "123")));
+        assert_eq!(parse_reference("https://host/Observation/o1"), Some(("Observation", "o1")));
     }
 
     #[test]
@@ -269,10 +240,7 @@ mod tests {
     fn types_are_sorted_unique_and_parallel_to_rows() {
         let types = compartment_types();
         assert_eq!(types.len(), 66);
-        assert!(
-            types.windows(2).all(|w| w[0] < w[1]),
-            "TYPES must be sorted for binary search"
-        );
+        assert!(types.windows(2).all(|w| w[0] < w[1]), "TYPES must be sorted for binary search");
         assert_eq!(types.len(), table::ROWS.len());
         for (name, row) in types.iter().zip(table::ROWS) {
             assert_eq!(*name, row.resource_type);
@@ -282,26 +250,11 @@ mod tests {
 
     #[test]
     fn compartment_type_membership() {
-        for t in [
-            "Patient",
-            "Observation",
-            "Claim",
-            "Group",
-            "Provenance",
-            "VisionPrescription",
-        ] {
+        for t in ["Patient", "Observation", "Claim", "Group", "Provenance", "VisionPrescription"] {
             assert!(is_compartment_type(t), "{t}");
         }
         // Not in the R4 Patient compartment (Device only joined it in R5).
-        for t in [
-            "Practitioner",
-            "Organization",
-            "Device",
-            "Medication",
-            "Location",
-            "",
-            "patient",
-        ] {
+        for t in ["Practitioner", "Organization", "Device", "Medication", "Location", "", "patient"] {
             assert!(!is_compartment_type(t), "{t}");
             assert!(compartment_params(t).is_empty(), "{t}");
         }
@@ -309,32 +262,14 @@ mod tests {
 
     #[test]
     fn params_for_known_types() {
-        assert_eq!(
-            compartment_params("Claim"),
-            &[
-                ("patient", &["patient"][..]),
-                ("payee", &["payee", "party"][..])
-            ]
-        );
-        assert_eq!(
-            compartment_params("Group"),
-            &[("member", &["member", "entity"][..])]
-        );
+        assert_eq!(compartment_params("Claim"), &[("patient", &["patient"][..]), ("payee", &["payee", "party"][..])]);
+        assert_eq!(compartment_params("Group"), &[("member", &["member", "entity"][..])]);
         assert_eq!(
             compartment_params("AuditEvent"),
-            &[
-                ("patient", &["agent", "who"][..]),
-                ("patient", &["entity", "what"][..])
-            ]
+            &[("patient", &["agent", "who"][..]), ("patient", &["entity", "what"][..])]
         );
-        assert_eq!(
-            compartment_params("Provenance"),
-            &[("patient", &["target"][..])]
-        );
-        assert_eq!(
-            compartment_params("Patient"),
-            &[("link", &["link", "other"][..])]
-        );
+        assert_eq!(compartment_params("Provenance"), &[("patient", &["target"][..])]);
+        assert_eq!(compartment_params("Patient"), &[("link", &["link", "other"][..])]);
     }
 
     // ---- table-driven: every (type, param, path) ----
@@ -383,10 +318,7 @@ mod tests {
             for &(code, path) in compartment_params(resource_type) {
                 for leaf in &not_patients {
                     let resource = resource_with(resource_type, path, leaf.clone(), true);
-                    assert!(
-                        compartments(resource).is_empty(),
-                        "{resource_type}.{code} {leaf}"
-                    );
+                    assert!(compartments(resource).is_empty(), "{resource_type}.{code} {leaf}");
                 }
             }
         }
@@ -404,10 +336,7 @@ mod tests {
         });
         assert!(compartments(observation).is_empty());
         let device = json!({ "resourceType": "Device", "patient": { "reference": "Patient/p1" } });
-        assert!(
-            compartments(device).is_empty(),
-            "Device is not in the R4 Patient compartment"
-        );
+        assert!(compartments(device).is_empty(), "Device is not in the R4 Patient compartment");
     }
 
     // ---- hand-written, realistic resources ----
@@ -462,21 +391,13 @@ mod tests {
                 "payee": { "type": { "text": "subscriber" }, "party": { "reference": "Patient/p2" } },
                 "provider": { "reference": "Patient/not-a-compartment-param" }
             });
-            assert_eq!(
-                compartments(resource),
-                ids(&["p1", "p2"]),
-                "{resource_type}"
-            );
+            assert_eq!(compartments(resource), ids(&["p1", "p2"]), "{resource_type}");
             let paid_to_provider = json!({
                 "resourceType": resource_type,
                 "patient": { "reference": "Patient/p1" },
                 "payee": { "party": { "reference": "Organization/o1" } }
             });
-            assert_eq!(
-                compartments(paid_to_provider),
-                ids(&["p1"]),
-                "{resource_type}"
-            );
+            assert_eq!(compartments(paid_to_provider), ids(&["p1"]), "{resource_type}");
         }
     }
 
@@ -488,11 +409,7 @@ mod tests {
             "requester": { "reference": "Patient/p2" },
             "medicationReference": { "reference": "Medication/m1" }
         });
-        assert_eq!(
-            compartments(request),
-            ids(&["p1"]),
-            "requester is not a compartment param"
-        );
+        assert_eq!(compartments(request), ids(&["p1"]), "requester is not a compartment param");
     }
 
     #[test]
@@ -552,8 +469,7 @@ mod tests {
 
     #[test]
     fn patient_is_in_its_own_compartment_and_those_it_links_to() {
-        let patient =
-            json!({ "resourceType": "Patient", "id": "p1", "name": [{ "family": "Doe" }] });
+        let patient = json!({ "resourceType": "Patient", "id": "p1", "name": [{ "family": "Doe" }] });
         assert_eq!(compartments(patient), ids(&["p1"]));
         let linked = json!({
             "resourceType": "Patient",
@@ -580,10 +496,7 @@ mod tests {
             "beneficiary": { "reference": "Patient/beneficiary" },
             "payor": [{ "reference": "Organization/ins" }, { "reference": "Patient/payor" }]
         });
-        assert_eq!(
-            compartments(coverage),
-            ids(&["beneficiary", "holder", "payor", "subscriber"])
-        );
+        assert_eq!(compartments(coverage), ids(&["beneficiary", "holder", "payor", "subscriber"]));
     }
 
     #[test]
@@ -618,17 +531,12 @@ mod tests {
             "patient": { "reference": "Patient/p1" },
             "performer": [{ "actor": { "reference": "Patient/p2" } }]
         });
-        assert_eq!(
-            compartments(immunization),
-            ids(&["p1"]),
-            "performer is not a compartment param"
-        );
+        assert_eq!(compartments(immunization), ids(&["p1"]), "performer is not a compartment param");
     }
 
     #[test]
     fn related_person_patient() {
-        let related =
-            json!({ "resourceType": "RelatedPerson", "patient": { "reference": "Patient/p1" } });
+        let related = json!({ "resourceType": "RelatedPerson", "patient": { "reference": "Patient/p1" } });
         assert_eq!(compartments(related), ids(&["p1"]));
     }
 
@@ -663,10 +571,7 @@ mod tests {
             json!({ "resourceType": "Claim", "payee": { "party": [] } }),
             json!("not an object"),
         ];
-        let found: Vec<Vec<String>> = odd
-            .iter()
-            .map(|r| patient_compartments("Observation", r))
-            .collect();
+        let found: Vec<Vec<String>> = odd.iter().map(|r| patient_compartments("Observation", r)).collect();
         // Nested arrays are walked too (not valid FHIR, but harmless).
         assert_eq!(found[3], ids(&["p1"]));
         for (i, ids) in found.iter().enumerate().filter(|(i, _)| *i != 3) {

@@ -276,12 +276,7 @@ pub(super) static ROWS: &[CompartmentRow] = &[
             // SearchParameter/Coverage-payor: Coverage.payor
             ("payor", &["payor"]),
         ],
-        paths: &[
-            &["policyHolder"],
-            &["subscriber"],
-            &["beneficiary"],
-            &["payor"],
-        ],
+        paths: &[&["policyHolder"], &["subscriber"], &["beneficiary"], &["payor"]],
     },
     CompartmentRow {
         resource_type: "CoverageEligibilityRequest",

@@ -58,8 +58,8 @@ pub fn parse_range(value: &str) -> Result<DateRange, InstantError> {
         return Err(err());
     }
     let month_of = |m: u32| Month::try_from(m as u8).map_err(|_| err());
-    let start_date = Date::from_calendar_date(year, month_of(month.unwrap_or(1))?, day.unwrap_or(1) as u8)
-        .map_err(|_| err())?;
+    let start_date =
+        Date::from_calendar_date(year, month_of(month.unwrap_or(1))?, day.unwrap_or(1) as u8).map_err(|_| err())?;
     let Some(time_part) = time_part else {
         let start = to_micros(PrimitiveDateTime::new(start_date, Time::MIDNIGHT).assume_utc());
         let end_date = match (month, day) {
@@ -139,8 +139,7 @@ fn to_micros(at: OffsetDateTime) -> Micros {
 /// Formats microseconds as a FHIR instant in UTC with microsecond precision,
 /// e.g. `2026-11-26T12:00:00.123456Z`.
 pub fn format_instant(micros: Micros) -> String {
-    let at = OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let at = OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
         at.year(),
@@ -178,9 +177,18 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_an_instant() {
-        for bad in ["", "yesterday", "2024-13-01", "2024-02-30", "2024-01-01T00:00:00", "2024-01-01T25:00:00Z",
-            "2024-01-01T00:00Z0", "2024-01-01T00:00:00.Z", "2024-1-01", "2024-01-01T00:00:00+15:00"]
-        {
+        for bad in [
+            "",
+            "yesterday",
+            "2024-13-01",
+            "2024-02-30",
+            "2024-01-01T00:00:00",
+            "2024-01-01T25:00:00Z",
+            "2024-01-01T00:00Z0",
+            "2024-01-01T00:00:00.Z",
+            "2024-1-01",
+            "2024-01-01T00:00:00+15:00",
+        ] {
             assert!(parse_since(bad).is_err(), "{bad} should be refused");
         }
     }

@@ -4,23 +4,15 @@
 //! The data lives in `shared/`, a sibling of the repository checkout (`/work/shared` next to
 //! `/work/main`); these tests fail, rather than skip, when it is missing.
 
-use bulkhead_fhir::compartment::{
-    compartment_params, compartment_types, is_compartment_type, patient_compartments,
-};
+use bulkhead_fhir::compartment::{compartment_params, compartment_types, is_compartment_type, patient_compartments};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Command;
 
 fn shared_data(relative: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data")
-        .join(relative);
-    assert!(
-        path.exists(),
-        "test data missing: {} (expected shared/ beside the checkout)",
-        path.display()
-    );
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data").join(relative);
+    assert!(path.exists(), "test data missing: {} (expected shared/ beside the checkout)", path.display());
     path
 }
 
@@ -37,10 +29,7 @@ fn official_definition() -> BTreeMap<String, BTreeSet<String>> {
             continue;
         };
         let codes = params.iter().map(|p| p.as_str().unwrap().to_owned());
-        table.insert(
-            entry["code"].as_str().unwrap().to_owned(),
-            codes.filter(|c| c != "{def}").collect(),
-        );
+        table.insert(entry["code"].as_str().unwrap().to_owned(), codes.filter(|c| c != "{def}").collect());
     }
     table
 }
@@ -48,11 +37,7 @@ fn official_definition() -> BTreeMap<String, BTreeSet<String>> {
 #[test]
 fn table_has_exactly_the_types_of_the_official_definition() {
     let official = official_definition();
-    assert_eq!(
-        official.len(),
-        66,
-        "R4 4.0.1 has 66 types with compartment params"
-    );
+    assert_eq!(official.len(), 66, "R4 4.0.1 has 66 types with compartment params");
     let ours: BTreeSet<&str> = compartment_types().iter().copied().collect();
     let theirs: BTreeSet<&str> = official.keys().map(String::as_str).collect();
     assert_eq!(ours, theirs);
@@ -62,10 +47,8 @@ fn table_has_exactly_the_types_of_the_official_definition() {
 #[test]
 fn table_covers_every_official_type_and_param() {
     for (resource_type, official_codes) in official_definition() {
-        let ours: BTreeSet<String> = compartment_params(&resource_type)
-            .iter()
-            .map(|(code, _)| code.to_string())
-            .collect();
+        let ours: BTreeSet<String> =
+            compartment_params(&resource_type).iter().map(|(code, _)| code.to_string()).collect();
         assert_eq!(ours, official_codes, "params of {resource_type}");
         for (code, path) in compartment_params(&resource_type) {
             assert!(!path.is_empty(), "{resource_type}.{code} has an empty path");
@@ -76,45 +59,24 @@ fn table_covers_every_official_type_and_param() {
 /// Decompresses one Synthea NDJSON file (no gzip crate in this package, so use the gzip tool).
 fn synthea(resource_type: &str) -> Vec<Value> {
     let path = shared_data(&format!("synthea-100/{resource_type}.ndjson.gz"));
-    let output = Command::new("gzip")
-        .arg("-dc")
-        .arg(&path)
-        .output()
-        .expect("run gzip -dc");
-    assert!(
-        output.status.success(),
-        "gzip -dc {} failed",
-        path.display()
-    );
+    let output = Command::new("gzip").arg("-dc").arg(&path).output().expect("run gzip -dc");
+    assert!(output.status.success(), "gzip -dc {} failed", path.display());
     let text = String::from_utf8(output.stdout).expect("utf-8 NDJSON");
-    text.lines()
-        .map(|line| serde_json::from_str(line).expect("NDJSON line"))
-        .collect()
+    text.lines().map(|line| serde_json::from_str(line).expect("NDJSON line")).collect()
 }
 
 /// The referenced patient id of `resource[field]`, which Synthea writes as "Patient/<id>".
 fn patient_at(resource: &Value, field: &str) -> String {
-    let reference = resource[field]["reference"]
-        .as_str()
-        .expect("reference string");
-    reference
-        .strip_prefix("Patient/")
-        .expect("Patient reference")
-        .to_owned()
+    let reference = resource[field]["reference"].as_str().expect("reference string");
+    reference.strip_prefix("Patient/").expect("Patient reference").to_owned()
 }
 
 #[test]
 fn synthea_resources_land_in_their_patients_compartment() {
-    let patients: BTreeSet<String> = synthea("Patient")
-        .iter()
-        .map(|p| p["id"].as_str().unwrap().to_owned())
-        .collect();
+    let patients: BTreeSet<String> = synthea("Patient").iter().map(|p| p["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(patients.len(), 100);
     for patient in synthea("Patient") {
-        assert_eq!(
-            patient_compartments("Patient", &patient),
-            vec![patient["id"].as_str().unwrap()]
-        );
+        assert_eq!(patient_compartments("Patient", &patient), vec![patient["id"].as_str().unwrap()]);
     }
 
     // Each Synthea clinical resource names exactly its own patient, at `subject` or `patient`.
@@ -139,15 +101,8 @@ fn synthea_resources_land_in_their_patients_compartment() {
         assert_eq!(resources.len(), count, "{resource_type} count");
         for resource in &resources {
             let expected = patient_at(resource, field);
-            assert!(
-                patients.contains(&expected),
-                "{resource_type} names unknown patient {expected}"
-            );
-            assert_eq!(
-                patient_compartments(resource_type, resource),
-                vec![expected],
-                "{resource_type}"
-            );
+            assert!(patients.contains(&expected), "{resource_type} names unknown patient {expected}");
+            assert_eq!(patient_compartments(resource_type, resource), vec![expected], "{resource_type}");
         }
     }
 }

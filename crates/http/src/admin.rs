@@ -36,31 +36,45 @@ pub fn valid_tenant_name(name: &str) -> bool {
 }
 
 /// `POST /admin/tenants` with `{"name": "..."}`.
-pub async fn create_tenant(State(state): State<AppState>, headers: HeaderMap, JsonBody(request): JsonBody) -> Result<Response, ApiError> {
+pub async fn create_tenant(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody,
+) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
     let name = request.get("name").and_then(|name| name.as_str()).unwrap_or("").to_owned();
     if !valid_tenant_name(&name) {
-        return Err(ApiError::bad_request(IssueType::Value, "tenant names are 1-64 letters, digits, '-', '_', '.'").at("name"));
+        return Err(
+            ApiError::bad_request(IssueType::Value, "tenant names are 1-64 letters, digits, '-', '_', '.'").at("name")
+        );
     }
     let tenant = state.blocking(move |store| Ok(store.create_tenant(&name)?)).await?;
-    Ok((StatusCode::CREATED, Json(json!({"name": tenant.name, "created": format_instant(tenant.created)}))).into_response())
+    Ok((StatusCode::CREATED, Json(json!({"name": tenant.name, "created": format_instant(tenant.created)})))
+        .into_response())
 }
 
 pub async fn list_tenants(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
     let tenants = state.blocking(|store| Ok(store.list_tenants()?)).await?;
-    let tenants: Vec<_> = tenants.iter().map(|t| json!({"name": t.name, "created": format_instant(t.created)})).collect();
+    let tenants: Vec<_> =
+        tenants.iter().map(|t| json!({"name": t.name, "created": format_instant(t.created)})).collect();
     Ok(Json(json!({"tenants": tenants})).into_response())
 }
 
-pub async fn create_client(State(state): State<AppState>, headers: HeaderMap, Path(tenant_name): Path<String>) -> Result<Response, ApiError> {
+pub async fn create_client(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(tenant_name): Path<String>,
+) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
     let credentials = generate_credentials();
     let hash = hash_secret(&credentials.client_secret);
     let client_id = credentials.client_id.clone();
     let record = state
         .blocking(move |store| {
-            let tenant = store.tenant_by_name(&tenant_name)?.ok_or_else(|| ApiError::not_found(format!("no tenant '{tenant_name}'")))?;
+            let tenant = store
+                .tenant_by_name(&tenant_name)?
+                .ok_or_else(|| ApiError::not_found(format!("no tenant '{tenant_name}'")))?;
             Ok(store.create_client(tenant.id, &client_id, &hash)?)
         })
         .await?;
@@ -69,11 +83,17 @@ pub async fn create_client(State(state): State<AppState>, headers: HeaderMap, Pa
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-pub async fn list_clients(State(state): State<AppState>, headers: HeaderMap, Path(tenant_name): Path<String>) -> Result<Response, ApiError> {
+pub async fn list_clients(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(tenant_name): Path<String>,
+) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
     let clients = state
         .blocking(move |store| {
-            let tenant = store.tenant_by_name(&tenant_name)?.ok_or_else(|| ApiError::not_found(format!("no tenant '{tenant_name}'")))?;
+            let tenant = store
+                .tenant_by_name(&tenant_name)?
+                .ok_or_else(|| ApiError::not_found(format!("no tenant '{tenant_name}'")))?;
             Ok(store.list_clients(tenant.id)?)
         })
         .await?;
@@ -84,7 +104,11 @@ pub async fn list_clients(State(state): State<AppState>, headers: HeaderMap, Pat
     Ok(Json(json!({"clients": clients})).into_response())
 }
 
-pub async fn revoke_client(State(state): State<AppState>, headers: HeaderMap, Path(client_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn revoke_client(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(client_id): Path<String>,
+) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
     let revoked = state.blocking(move |store| Ok(store.revoke_client(&client_id)?)).await?;
     if !revoked {

@@ -40,8 +40,12 @@ fn visibility(headers: &HeaderMap) -> Result<Visibility, ApiError> {
     let valid = (1..=64).contains(&user.len())
         && user.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
     if !valid {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, IssueType::Value, "x-oneup-user-id must be 'client' or a user id of 1-64 letters, digits, '-', '.', '_'")
-            .at("x-oneup-user-id"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            IssueType::Value,
+            "x-oneup-user-id must be 'client' or a user id of 1-64 letters, digits, '-', '.', '_'",
+        )
+        .at("x-oneup-user-id"));
     }
     Ok(Visibility::User(user.to_owned()))
 }

@@ -50,7 +50,12 @@ pub(crate) fn now_seconds() -> i64 {
 /// `GET [/bulk-data]/r4/Group/{id}/$export`. Both modes plan the export the same way and build
 /// the same manifest; `Prefer: respond-async` only changes how it is delivered (a job polled at
 /// its status URL instead of the 200 body).
-pub async fn kick_off(State(state): State<AppState>, Path(group_id): Path<String>, uri: Uri, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn kick_off(
+    State(state): State<AppState>,
+    Path(group_id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let caller = authenticate(&state, &headers).await?;
     check_accept(&headers)?;
     let preferences = parse_prefer(headers.get_all("prefer").iter().filter_map(|value| value.to_str().ok()));
@@ -137,7 +142,11 @@ fn manifest(state: &AppState, base: &str, request_url: &str, plan: GroupExportPl
 }
 
 /// `GET /bulk-data/r4/$export/{type}/{token}.ndjson`: the file, streamed (gzip on request).
-pub async fn download(State(state): State<AppState>, Path((path_type, file)): Path<(String, String)>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn download(
+    State(state): State<AppState>,
+    Path((path_type, file)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let claims = verify_file_token(&state, &path_type, &file)?;
     if state.config.file_urls_require_credentials {
         let caller = authenticate(&state, &headers).await?;
@@ -162,12 +171,14 @@ pub async fn download(State(state): State<AppState>, Path((path_type, file)): Pa
         let mut writer = ChunkWriter { buffer: Vec::with_capacity(CHUNK_BYTES), chunks: chunks_tx };
         let result = if gzip {
             let mut encoder = flate2::write::GzEncoder::new(&mut writer, flate2::Compression::fast());
-            write_file(store.as_ref(), &claims, &view, &mut encoder)
-                .and_then(|written| encoder.finish().map(|_| written).map_err(|error| ExportError::Sink(error.to_string())))
+            write_file(store.as_ref(), &claims, &view, &mut encoder).and_then(|written| {
+                encoder.finish().map(|_| written).map_err(|error| ExportError::Sink(error.to_string()))
+            })
         } else {
             write_file(store.as_ref(), &claims, &view, &mut writer)
         };
-        let result = result.and_then(|written| writer.flush().map(|_| written).map_err(|error| ExportError::Sink(error.to_string())));
+        let result = result
+            .and_then(|written| writer.flush().map(|_| written).map_err(|error| ExportError::Sink(error.to_string())));
         match result {
             Ok(written) if written != claims.total => {
                 tracing::error!(group = %claims.group, resource_type = %claims.resource_type, written, planned = claims.total, "export file line count differs from its manifest count");
@@ -194,7 +205,11 @@ pub async fn download(State(state): State<AppState>, Path((path_type, file)): Pa
 fn verify_file_token(state: &AppState, path_type: &str, file: &str) -> Result<FileClaims, ApiError> {
     let token = file.strip_suffix(".ndjson").ok_or_else(|| ApiError::not_found("no such export file"))?;
     let claims = state.token_keys.verify(token, now_seconds()).map_err(|error| match error {
-        TokenError::Expired => ApiError::new(StatusCode::UNAUTHORIZED, IssueType::Security, "this file URL has expired; run the export again for fresh URLs"),
+        TokenError::Expired => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            IssueType::Security,
+            "this file URL has expired; run the export again for fresh URLs",
+        ),
         _ => {
             tracing::info!(error = %error, "file token refused");
             ApiError::not_found("no such export file")
@@ -207,17 +222,27 @@ fn verify_file_token(state: &AppState, path_type: &str, file: &str) -> Result<Fi
 }
 
 fn owns_file(caller: &Caller, claims: &FileClaims) -> bool {
-    caller.tenant.0 == claims.tenant && caller.client_id == claims.client && caller.visibility.user() == claims.user.as_deref()
+    caller.tenant.0 == claims.tenant
+        && caller.client_id == claims.client
+        && caller.visibility.user() == claims.user.as_deref()
 }
 
 /// True when `Accept-Encoding` lists gzip with a non-zero quality.
 fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|value| value.to_str().ok()).flat_map(|value| value.split(',')).any(|item| {
-        let mut parts = item.split(';').map(str::trim);
-        let coding = parts.next().unwrap_or("");
-        let refused = parts.any(|param| param.replace(' ', "").trim_start_matches("q=").parse::<f32>().is_ok_and(|q| q == 0.0) && param.starts_with('q'));
-        coding.eq_ignore_ascii_case("gzip") && !refused
-    })
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or("");
+            let refused = parts.any(|param| {
+                param.replace(' ', "").trim_start_matches("q=").parse::<f32>().is_ok_and(|q| q == 0.0)
+                    && param.starts_with('q')
+            });
+            coding.eq_ignore_ascii_case("gzip") && !refused
+        })
 }
 
 /// A `Write` that hands fixed-size chunks to the response body; it blocks (on a blocking

@@ -23,7 +23,11 @@ use crate::validate::validate_resource;
 enum Planned {
     Write(WriteOp),
     /// A conditional create that matched an existing resource.
-    Existing { resource_type: String, id: String, version: i64 },
+    Existing {
+        resource_type: String,
+        id: String,
+        version: i64,
+    },
     Failed(ApiError),
 }
 
@@ -36,14 +40,19 @@ pub async fn process_bundle(
 ) -> Result<Response, ApiError> {
     check_accept(&headers)?;
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-        return Err(ApiError::unprocessable(IssueType::Invalid, "POST to the base must carry a Bundle").at("resourceType"));
+        return Err(
+            ApiError::unprocessable(IssueType::Invalid, "POST to the base must carry a Bundle").at("resourceType")
+        );
     }
     let mode = match bundle.get("type").and_then(Value::as_str) {
         Some("transaction") => WriteMode::Transaction,
         Some("batch") => WriteMode::Batch,
         other => {
-            return Err(ApiError::unprocessable(IssueType::Value, format!("Bundle.type must be transaction or batch, not {}", other.unwrap_or("missing")))
-                .at("Bundle.type"));
+            return Err(ApiError::unprocessable(
+                IssueType::Value,
+                format!("Bundle.type must be transaction or batch, not {}", other.unwrap_or("missing")),
+            )
+            .at("Bundle.type"));
         }
     };
     let Some(Value::Array(entries)) = bundle.get("entry").cloned() else {
@@ -63,15 +72,15 @@ pub async fn process_bundle(
     let ops: Vec<WriteOp> = planned
         .iter_mut()
         .filter_map(|step| match step {
-            Planned::Write(op) => Some(std::mem::replace(op, WriteOp::Delete { resource_type: String::new(), id: String::new() })),
+            Planned::Write(op) => {
+                Some(std::mem::replace(op, WriteOp::Delete { resource_type: String::new(), id: String::new() }))
+            }
             _ => None,
         })
         .collect();
     let (tenant, owner) = (caller.tenant, caller.owner().map(str::to_owned));
-    let mut results = state
-        .blocking(move |store| Ok(store.write(tenant, owner.as_deref(), &ops, mode)?))
-        .await?
-        .into_iter();
+    let mut results =
+        state.blocking(move |store| Ok(store.write(tenant, owner.as_deref(), &ops, mode)?)).await?.into_iter();
     let mut outcomes = Vec::with_capacity(planned.len());
     for step in planned {
         outcomes.push(match step {
@@ -92,7 +101,12 @@ pub async fn process_bundle(
     Ok(bundle_response(mode, outcomes))
 }
 
-async fn plan_entry(state: &AppState, caller: &Caller, entry: Value, full_urls: &mut HashMap<String, String>) -> Result<Planned, ApiError> {
+async fn plan_entry(
+    state: &AppState,
+    caller: &Caller,
+    entry: Value,
+    full_urls: &mut HashMap<String, String>,
+) -> Result<Planned, ApiError> {
     let method = entry.pointer("/request/method").and_then(Value::as_str).unwrap_or("").to_owned();
     let url = entry.pointer("/request/url").and_then(Value::as_str).unwrap_or("").to_owned();
     let full_url = entry.get("fullUrl").and_then(Value::as_str).map(str::to_owned);
@@ -101,13 +115,19 @@ async fn plan_entry(state: &AppState, caller: &Caller, entry: Value, full_urls: 
     let resource_type = segments.next().unwrap_or("").to_owned();
     let url_id = segments.next().map(str::to_owned);
     if segments.next().is_some() {
-        return Err(ApiError::bad_request(IssueType::NotSupported, format!("entry request url '{url}' is not Type or Type/id")));
+        return Err(ApiError::bad_request(
+            IssueType::NotSupported,
+            format!("entry request url '{url}' is not Type or Type/id"),
+        ));
     }
     known_type(&resource_type).map_err(|error| ApiError { status: StatusCode::BAD_REQUEST, ..error })?;
     let max_members = state.config.max_group_members;
     match method.as_str() {
         "POST" => {
-            let body = entry.get("resource").cloned().ok_or_else(|| ApiError::bad_request(IssueType::Required, "a POST entry needs a resource"))?;
+            let body = entry
+                .get("resource")
+                .cloned()
+                .ok_or_else(|| ApiError::bad_request(IssueType::Required, "a POST entry needs a resource"))?;
             validate_resource(&body, &resource_type, None, max_members)?;
             if let Some(condition) = entry.pointer("/request/ifNoneExist").and_then(Value::as_str) {
                 if let Some(existing) = find_one(state, caller, conditional_query(&resource_type, condition)?).await? {
@@ -124,20 +144,33 @@ async fn plan_entry(state: &AppState, caller: &Caller, entry: Value, full_urls: 
             Ok(Planned::Write(WriteOp::Create { resource_type, id, body }))
         }
         "PUT" => {
-            let id = url_id.filter(|id| is_valid_id(id)).ok_or_else(|| ApiError::bad_request(IssueType::Value, format!("PUT entry url '{url}' needs a valid Type/id")))?;
-            let body = entry.get("resource").cloned().ok_or_else(|| ApiError::bad_request(IssueType::Required, "a PUT entry needs a resource"))?;
+            let id = url_id.filter(|id| is_valid_id(id)).ok_or_else(|| {
+                ApiError::bad_request(IssueType::Value, format!("PUT entry url '{url}' needs a valid Type/id"))
+            })?;
+            let body = entry
+                .get("resource")
+                .cloned()
+                .ok_or_else(|| ApiError::bad_request(IssueType::Required, "a PUT entry needs a resource"))?;
             validate_resource(&body, &resource_type, Some(&id), max_members)?;
             if let Some(full_url) = full_url {
                 full_urls.insert(full_url, format!("{resource_type}/{id}"));
             }
-            let if_match = entry.pointer("/request/ifMatch").and_then(Value::as_str).and_then(|tag| tag.trim_start_matches("W/").trim_matches('"').parse().ok());
+            let if_match = entry
+                .pointer("/request/ifMatch")
+                .and_then(Value::as_str)
+                .and_then(|tag| tag.trim_start_matches("W/").trim_matches('"').parse().ok());
             Ok(Planned::Write(WriteOp::Update { resource_type, id, body, if_match }))
         }
         "DELETE" => {
-            let id = url_id.filter(|id| is_valid_id(id)).ok_or_else(|| ApiError::bad_request(IssueType::Value, format!("DELETE entry url '{url}' needs a valid Type/id")))?;
+            let id = url_id.filter(|id| is_valid_id(id)).ok_or_else(|| {
+                ApiError::bad_request(IssueType::Value, format!("DELETE entry url '{url}' needs a valid Type/id"))
+            })?;
             Ok(Planned::Write(WriteOp::Delete { resource_type, id }))
         }
-        other => Err(ApiError::bad_request(IssueType::NotSupported, format!("entry method '{other}' is not supported in a Bundle; use POST, PUT or DELETE"))),
+        other => Err(ApiError::bad_request(
+            IssueType::NotSupported,
+            format!("entry method '{other}' is not supported in a Bundle; use POST, PUT or DELETE"),
+        )),
     }
 }
 
@@ -219,7 +252,6 @@ fn bundle_response(mode: WriteMode, outcomes: Vec<Result<Written, ApiError>>) ->
     fhir_response(StatusCode::OK, bundle.to_string())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,7 +259,10 @@ mod tests {
     #[test]
     fn entry_errors_keep_the_element_path() {
         let error = ApiError::unprocessable(IssueType::Value, "bad").at("Observation.subject.reference");
-        assert_eq!(within_entry(error, 3).issues[0].expression.as_deref(), Some("Bundle.entry[3].resource.subject.reference"));
+        assert_eq!(
+            within_entry(error, 3).issues[0].expression.as_deref(),
+            Some("Bundle.entry[3].resource.subject.reference")
+        );
         let error = ApiError::bad_request(IssueType::Value, "bad");
         assert_eq!(within_entry(error, 0).issues[0].expression.as_deref(), Some("Bundle.entry[0]"));
     }

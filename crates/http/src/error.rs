@@ -55,9 +55,13 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
         match error {
             StoreError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
-            StoreError::Gone(what) => ApiError::new(StatusCode::GONE, IssueType::Deleted, format!("{what} was deleted")),
+            StoreError::Gone(what) => {
+                ApiError::new(StatusCode::GONE, IssueType::Deleted, format!("{what} was deleted"))
+            }
             StoreError::Conflict(what) => ApiError::new(StatusCode::CONFLICT, IssueType::Duplicate, what),
-            StoreError::VersionConflict(what) => ApiError::new(StatusCode::PRECONDITION_FAILED, IssueType::Conflict, what),
+            StoreError::VersionConflict(what) => {
+                ApiError::new(StatusCode::PRECONDITION_FAILED, IssueType::Conflict, what)
+            }
             StoreError::Invalid(what) => ApiError::unprocessable(IssueType::Invalid, what),
             StoreError::Database(detail) => {
                 tracing::error!(error = %detail, "store failure");

@@ -61,7 +61,11 @@ pub fn router(state: AppState) -> Router {
         .merge(admin)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, bulkhead_fhir::IssueType::NotSupported, "method not allowed on this endpoint")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                bulkhead_fhir::IssueType::NotSupported,
+                "method not allowed on this endpoint",
+            )
         })
         .with_state(state)
         .layer(CatchPanicLayer::custom(error::panic_response))
@@ -120,7 +124,9 @@ async fn instance_operation(
             rest::history(state, caller, resource_type, id, headers).await
         }
         ("Group", "$export") => bulk::kick_off(State(state), Path(id), uri, headers).await,
-        (_, "$export") => Err(ApiError::bad_request(bulkhead_fhir::IssueType::NotSupported, "only Group/[id]/$export is supported")),
+        (_, "$export") => {
+            Err(ApiError::bad_request(bulkhead_fhir::IssueType::NotSupported, "only Group/[id]/$export is supported"))
+        }
         _ => Err(ApiError::not_found(format!("no operation '{operation}' on {resource_type}"))),
     }
 }
@@ -150,4 +156,3 @@ pub async fn serve(
         }
     }
 }
-

@@ -66,7 +66,12 @@ pub struct Importer<'a> {
 }
 
 impl<'a> Importer<'a> {
-    pub fn new(store: &'a dyn Store, tenant: TenantId, owner: Option<String>, max_group_members: usize) -> Importer<'a> {
+    pub fn new(
+        store: &'a dyn Store,
+        tenant: TenantId,
+        owner: Option<String>,
+        max_group_members: usize,
+    ) -> Importer<'a> {
         Importer {
             store,
             tenant,
@@ -124,7 +129,12 @@ impl<'a> Importer<'a> {
     }
 
     /// Adds one resource; `full_url` is its Bundle `fullUrl`, if any.
-    pub fn add_resource(&mut self, location: Location, mut resource: Value, full_url: Option<String>) -> Result<(), StoreError> {
+    pub fn add_resource(
+        &mut self,
+        location: Location,
+        mut resource: Value,
+        full_url: Option<String>,
+    ) -> Result<(), StoreError> {
         let Some(resource_type) = resource.get("resourceType").and_then(Value::as_str).and_then(static_type) else {
             let shown = resource.get("resourceType").map(Value::to_string).unwrap_or_else(|| "missing".into());
             self.fail(location, format!("resourceType {shown} is not an R4 resource type"));
@@ -184,7 +194,12 @@ impl<'a> Importer<'a> {
                     if key == "reference" {
                         if let Value::String(reference) = child {
                             if let Some(uuid) = reference.strip_prefix("urn:uuid:") {
-                                match self.aliases.get(reference.as_str()).cloned().or_else(|| self.known.get(uuid).map(|t| format!("{t}/{uuid}"))) {
+                                match self
+                                    .aliases
+                                    .get(reference.as_str())
+                                    .cloned()
+                                    .or_else(|| self.known.get(uuid).map(|t| format!("{t}/{uuid}")))
+                                {
                                     Some(target) => *reference = target,
                                     None => resolved = false,
                                 }
@@ -196,7 +211,9 @@ impl<'a> Importer<'a> {
                 }
                 resolved
             }
-            Value::Array(items) => items.iter_mut().fold(true, |resolved, item| self.resolve_references(item) & resolved),
+            Value::Array(items) => {
+                items.iter_mut().fold(true, |resolved, item| self.resolve_references(item) & resolved)
+            }
             _ => true,
         }
     }

@@ -28,8 +28,12 @@ pub fn check_accept(headers: &HeaderMap) -> Result<(), ApiError> {
     if acceptable {
         return Ok(());
     }
-    Err(ApiError::new(StatusCode::NOT_ACCEPTABLE, IssueType::NotSupported, format!("cannot produce '{accept}': this server speaks application/fhir+json"))
-        .at("Accept"))
+    Err(ApiError::new(
+        StatusCode::NOT_ACCEPTABLE,
+        IssueType::NotSupported,
+        format!("cannot produce '{accept}': this server speaks application/fhir+json"),
+    )
+    .at("Accept"))
 }
 
 /// A request body parsed as JSON, after the `Content-Type` (415) and size (413) checks.
@@ -42,12 +46,17 @@ impl FromRequest<AppState> for JsonBody {
         let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         let media = media_types(content_type).next().unwrap_or_default();
         if !matches!(media.as_str(), "application/fhir+json" | "application/json" | "") {
-            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, IssueType::NotSupported, format!("content type '{content_type}' is not supported: send application/fhir+json"))
-                .at("Content-Type"));
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                IssueType::NotSupported,
+                format!("content type '{content_type}' is not supported: send application/fhir+json"),
+            )
+            .at("Content-Type"));
         }
         let bytes = read_limited(request.into_body(), state.config.max_body_bytes).await?;
-        let value = serde_json::from_slice(&bytes)
-            .map_err(|error| ApiError::bad_request(IssueType::Structure, format!("request body is not valid JSON: {error}")))?;
+        let value = serde_json::from_slice(&bytes).map_err(|error| {
+            ApiError::bad_request(IssueType::Structure, format!("request body is not valid JSON: {error}"))
+        })?;
         Ok(JsonBody(value))
     }
 }
@@ -55,7 +64,11 @@ impl FromRequest<AppState> for JsonBody {
 /// Reads a whole body, refusing (413) one larger than `limit`.
 pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, IssueType::TooCostly, format!("request body is larger than the limit of {limit} bytes"))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            IssueType::TooCostly,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
     })
 }
 

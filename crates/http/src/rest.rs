@@ -19,11 +19,22 @@ pub fn known_type(resource_type: &str) -> Result<(), ApiError> {
     if is_resource_type(resource_type) {
         return Ok(());
     }
-    Err(ApiError::new(StatusCode::NOT_FOUND, IssueType::NotSupported, format!("'{resource_type}' is not an R4 resource type")))
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        IssueType::NotSupported,
+        format!("'{resource_type}' is not an R4 resource type"),
+    ))
 }
 
 /// `ETag`, `Last-Modified` and (for creates) `Location` for a written or read version.
-fn version_headers(response: &mut Response, base: &str, resource_type: &str, id: &str, version: i64, last_updated: i64) {
+fn version_headers(
+    response: &mut Response,
+    base: &str,
+    resource_type: &str,
+    id: &str,
+    version: i64,
+    last_updated: i64,
+) {
     let headers = response.headers_mut();
     if let Ok(etag) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
         headers.insert(header::ETAG, etag);
@@ -73,7 +84,14 @@ pub async fn create(
         let query = crate::search::conditional_query(&resource_type, condition)?;
         if let Some(existing) = crate::search::find_one(&state, &caller, query).await? {
             let mut response = fhir_response(StatusCode::OK, existing.body.clone().unwrap_or_default());
-            version_headers(&mut response, &base, &existing.resource_type, &existing.id, existing.version, existing.last_updated);
+            version_headers(
+                &mut response,
+                &base,
+                &existing.resource_type,
+                &existing.id,
+                existing.version,
+                existing.last_updated,
+            );
             return Ok(response);
         }
     }
@@ -88,7 +106,8 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
     let text = value.to_str().unwrap_or("").trim();
     let digits = text.trim_start_matches("W/").trim_matches('"');
     digits.parse().map(Some).map_err(|_| {
-        ApiError::bad_request(IssueType::Value, format!("If-Match must look like W/\"<version>\", not '{text}'")).at("If-Match")
+        ApiError::bad_request(IssueType::Value, format!("If-Match must look like W/\"<version>\", not '{text}'"))
+            .at("If-Match")
     })
 }
 
@@ -119,7 +138,12 @@ pub async fn delete(
     Ok(fhir_response(StatusCode::NO_CONTENT, ""))
 }
 
-async fn load_current(state: &AppState, caller: &Caller, resource_type: &str, id: &str) -> Result<StoredResource, ApiError> {
+async fn load_current(
+    state: &AppState,
+    caller: &Caller,
+    resource_type: &str,
+    id: &str,
+) -> Result<StoredResource, ApiError> {
     let (tenant, visibility) = (caller.tenant, caller.visibility.clone());
     let (resource_type, id) = (resource_type.to_owned(), id.to_owned());
     let found = state.blocking(move |store| Ok(store.read(tenant, &visibility, &resource_type, &id)?)).await?;
@@ -141,10 +165,21 @@ pub async fn read(
 
 fn stored_response(state: &AppState, headers: &HeaderMap, resource: StoredResource) -> Result<Response, ApiError> {
     if resource.deleted {
-        return Err(ApiError::new(StatusCode::GONE, IssueType::Deleted, format!("{}/{} was deleted", resource.resource_type, resource.id)));
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            IssueType::Deleted,
+            format!("{}/{} was deleted", resource.resource_type, resource.id),
+        ));
     }
     let mut response = fhir_response(StatusCode::OK, resource.body.clone().unwrap_or_default());
-    version_headers(&mut response, &base_url(state, headers), &resource.resource_type, &resource.id, resource.version, resource.last_updated);
+    version_headers(
+        &mut response,
+        &base_url(state, headers),
+        &resource.resource_type,
+        &resource.id,
+        resource.version,
+        resource.last_updated,
+    );
     Ok(response)
 }
 
@@ -167,12 +202,19 @@ pub async fn vread(
 }
 
 /// `GET /r4/{type}/{id}/_history`: a `history` Bundle, newest first.
-pub async fn history(state: AppState, caller: Caller, resource_type: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn history(
+    state: AppState,
+    caller: Caller,
+    resource_type: String,
+    id: String,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     known_type(&resource_type)?;
     check_accept(&headers)?;
     let (tenant, visibility) = (caller.tenant, caller.visibility.clone());
     let (lookup_type, lookup_id) = (resource_type.clone(), id.clone());
-    let versions = state.blocking(move |store| Ok(store.history(tenant, &visibility, &lookup_type, &lookup_id)?)).await?;
+    let versions =
+        state.blocking(move |store| Ok(store.history(tenant, &visibility, &lookup_type, &lookup_id)?)).await?;
     if versions.is_empty() {
         return Err(ApiError::not_found("resource not found"));
     }

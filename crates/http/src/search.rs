@@ -59,7 +59,8 @@ pub fn parse_search(resource_type: &str, pairs: &[(String, String)]) -> Result<S
                     .ok_or_else(|| invalid(name, format!("_count must be a number from 1 to {MAX_COUNT}")))?;
             }
             "_cursor" => {
-                query.after_key = Some(value.parse().map_err(|_| invalid(name, "_cursor is not a cursor this server issued"))?);
+                query.after_key =
+                    Some(value.parse().map_err(|_| invalid(name, "_cursor is not a cursor this server issued"))?);
             }
             "_format" if matches!(value.as_str(), "json" | "application/json" | "application/fhir+json") => {}
             _ => {
@@ -74,7 +75,9 @@ pub fn parse_search(resource_type: &str, pairs: &[(String, String)]) -> Result<S
 fn parse_last_updated(value: &str) -> Result<Vec<LastUpdatedBound>, ApiError> {
     let (prefix, date) = match value.get(..2) {
         Some(prefix @ ("eq" | "gt" | "ge" | "lt" | "le")) => (prefix, &value[2..]),
-        Some("ne" | "sa" | "eb" | "ap") => return Err(invalid("_lastUpdated", format!("prefix '{}' is not supported", &value[..2]))),
+        Some("ne" | "sa" | "eb" | "ap") => {
+            return Err(invalid("_lastUpdated", format!("prefix '{}' is not supported", &value[..2])))
+        }
         _ => ("eq", value),
     };
     let range = parse_range(date).map_err(|error| invalid("_lastUpdated", error.to_string()))?;
@@ -104,10 +107,15 @@ fn parse_reference_param(name: &str, value: &str) -> Result<ReferenceQuery, ApiE
 
 /// `If-None-Exist: identifier=system|value` (only `identifier` and `_id` conditions).
 pub fn conditional_query(resource_type: &str, condition: &str) -> Result<SearchQuery, ApiError> {
-    let pairs: Vec<(String, String)> = form_urlencoded::parse(condition.trim_start_matches('?').as_bytes()).into_owned().collect();
+    let pairs: Vec<(String, String)> =
+        form_urlencoded::parse(condition.trim_start_matches('?').as_bytes()).into_owned().collect();
     let usable = !pairs.is_empty() && pairs.iter().all(|(name, _)| name == "identifier" || name == "_id");
     if !usable {
-        return Err(ApiError::bad_request(IssueType::NotSupported, "conditional create supports only identifier= and _id= conditions").at("If-None-Exist"));
+        return Err(ApiError::bad_request(
+            IssueType::NotSupported,
+            "conditional create supports only identifier= and _id= conditions",
+        )
+        .at("If-None-Exist"));
     }
     let mut query = parse_search(resource_type, &pairs)?;
     query.count = 2;
@@ -115,17 +123,31 @@ pub fn conditional_query(resource_type: &str, condition: &str) -> Result<SearchQ
 }
 
 /// The single match of a conditional query; several matches are a 412 (FHIR conditional create).
-pub async fn find_one(state: &AppState, caller: &Caller, query: SearchQuery) -> Result<Option<StoredResource>, ApiError> {
+pub async fn find_one(
+    state: &AppState,
+    caller: &Caller,
+    query: SearchQuery,
+) -> Result<Option<StoredResource>, ApiError> {
     let (tenant, visibility) = (caller.tenant, caller.visibility.clone());
     let page = state.blocking(move |store| Ok(store.search(tenant, &visibility, &query)?)).await?;
     if page.resources.len() > 1 {
-        return Err(ApiError::new(StatusCode::PRECONDITION_FAILED, IssueType::Duplicate, "the condition matches more than one resource"));
+        return Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            IssueType::Duplicate,
+            "the condition matches more than one resource",
+        ));
     }
     Ok(page.resources.into_iter().next())
 }
 
 /// `GET /r4/{type}?...`: a `searchset` Bundle with a `next` link while more results remain.
-pub async fn search(state: AppState, caller: Caller, resource_type: String, raw_query: Option<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn search(
+    state: AppState,
+    caller: Caller,
+    resource_type: String,
+    raw_query: Option<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     known_type(&resource_type)?;
     check_accept(&headers)?;
     let raw_query = raw_query.unwrap_or_default();
@@ -134,7 +156,10 @@ pub async fn search(state: AppState, caller: Caller, resource_type: String, raw_
     let (tenant, visibility) = (caller.tenant, caller.visibility.clone());
     let page = state.blocking(move |store| Ok(store.search(tenant, &visibility, &query)?)).await?;
     let base = base_url(&state, &headers);
-    let self_url = format!("{base}/r4/{resource_type}{}", if raw_query.is_empty() { String::new() } else { format!("?{raw_query}") });
+    let self_url = format!(
+        "{base}/r4/{resource_type}{}",
+        if raw_query.is_empty() { String::new() } else { format!("?{raw_query}") }
+    );
     let mut links = vec![json!({"relation": "self", "url": self_url})];
     if let Some(next_key) = page.next_key {
         let mut next = form_urlencoded::Serializer::new(String::new());
@@ -176,7 +201,8 @@ mod tests {
 
     #[test]
     fn last_updated_prefixes() {
-        let query = parse_search("Patient", &pairs(&[("_lastUpdated", "gt2024-01-01"), ("_lastUpdated", "lt2025")])).unwrap();
+        let query =
+            parse_search("Patient", &pairs(&[("_lastUpdated", "gt2024-01-01"), ("_lastUpdated", "lt2025")])).unwrap();
         assert_eq!(query.last_updated.len(), 2);
         assert!(parse_search("Patient", &pairs(&[("_lastUpdated", "ne2024")])).is_err());
         assert!(parse_search("Patient", &pairs(&[("_lastUpdated", "gtyesterday")])).is_err());
@@ -184,7 +210,11 @@ mod tests {
 
     #[test]
     fn identifiers_and_references() {
-        let query = parse_search("Observation", &pairs(&[("identifier", "urn:x|1"), ("subject", "Patient/p1"), ("_count", "5")])).unwrap();
+        let query = parse_search(
+            "Observation",
+            &pairs(&[("identifier", "urn:x|1"), ("subject", "Patient/p1"), ("_count", "5")]),
+        )
+        .unwrap();
         assert_eq!(query.identifiers[0].system.as_deref(), Some("urn:x"));
         assert_eq!(query.references[0].target_type.as_deref(), Some("Patient"));
         assert_eq!(query.count, 5);

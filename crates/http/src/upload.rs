@@ -18,15 +18,26 @@ use crate::state::AppState;
 const SOURCE: &str = "request body";
 
 /// Streams the body line by line into an [`Importer`] running on a blocking thread.
-pub async fn upload_ndjson(state: AppState, caller: Caller, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn upload_ndjson(
+    state: AppState,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()).unwrap_or("");
     let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if !matches!(media.as_str(), "application/fhir+ndjson" | "application/ndjson" | "application/x-ndjson") {
-        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, IssueType::NotSupported, format!("send application/fhir+ndjson, not '{content_type}'")).at("Content-Type"));
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IssueType::NotSupported,
+            format!("send application/fhir+ndjson, not '{content_type}'"),
+        )
+        .at("Content-Type"));
     }
     let (lines_tx, mut lines_rx) = mpsc::channel::<(u64, String)>(256);
     let store = state.store.clone();
-    let (tenant, owner, max_members) = (caller.tenant, caller.owner().map(str::to_owned), state.config.max_group_members);
+    let (tenant, owner, max_members) =
+        (caller.tenant, caller.owner().map(str::to_owned), state.config.max_group_members);
     let importer = tokio::task::spawn_blocking(move || -> Result<ImportSummary, ApiError> {
         let mut importer = Importer::new(store.as_ref(), tenant, owner, max_members);
         while let Some((line, text)) = lines_rx.blocking_recv() {
@@ -43,7 +54,10 @@ pub async fn upload_ndjson(state: AppState, caller: Caller, headers: HeaderMap, 
         let chunk = match chunk {
             Ok(chunk) => chunk,
             Err(error) => {
-                read_error = Some(ApiError::bad_request(IssueType::Structure, format!("reading the request body failed: {error}")));
+                read_error = Some(ApiError::bad_request(
+                    IssueType::Structure,
+                    format!("reading the request body failed: {error}"),
+                ));
                 break;
             }
         };
@@ -56,7 +70,11 @@ pub async fn upload_ndjson(state: AppState, caller: Caller, headers: HeaderMap, 
             }
         }
         if buffer.len() > max_line {
-            read_error = Some(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, IssueType::TooCostly, format!("line {} is longer than {max_line} bytes", line_number + 1)));
+            read_error = Some(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                IssueType::TooCostly,
+                format!("line {} is longer than {max_line} bytes", line_number + 1),
+            ));
             break;
         }
     }
@@ -83,10 +101,14 @@ fn summary_response(summary: &ImportSummary) -> Response {
         summary.failed
     ))];
     for error in &summary.errors {
-        issues.push(Issue::error(IssueType::Invalid, error.message.clone()).at(format!("line {}", error.location.line)));
+        issues
+            .push(Issue::error(IssueType::Invalid, error.message.clone()).at(format!("line {}", error.location.line)));
     }
     if summary.failed > summary.errors.len() as u64 {
-        issues.push(Issue::warning(IssueType::TooCostly, format!("{} more failed lines are not listed", summary.failed - summary.errors.len() as u64)));
+        issues.push(Issue::warning(
+            IssueType::TooCostly,
+            format!("{} more failed lines are not listed", summary.failed - summary.errors.len() as u64),
+        ));
     }
     fhir_response(StatusCode::OK, operation_outcome(&issues).to_string())
 }

@@ -15,5 +15,7 @@ pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
 
 /// A Host header only ever contributes `name[:port]` characters to URLs we hand out.
 fn is_plausible_host(host: &str) -> bool {
-    !host.is_empty() && host.len() <= 255 && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+    !host.is_empty()
+        && host.len() <= 255
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }

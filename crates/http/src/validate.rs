@@ -9,7 +9,12 @@ use crate::error::ApiError;
 
 /// Checks a resource body against the URL it was sent to: `expected_type` from the path, and
 /// `expected_id` for an update. Returns 400 for URL mismatches and 422 for invalid resources.
-pub fn validate_resource(body: &Value, expected_type: &str, expected_id: Option<&str>, max_group_members: usize) -> Result<(), ApiError> {
+pub fn validate_resource(
+    body: &Value,
+    expected_type: &str,
+    expected_id: Option<&str>,
+    max_group_members: usize,
+) -> Result<(), ApiError> {
     let Some(object) = body.as_object() else {
         return Err(ApiError::unprocessable(IssueType::Structure, "a resource must be a JSON object"));
     };
@@ -18,24 +23,41 @@ pub fn validate_resource(body: &Value, expected_type: &str, expected_id: Option<
         _ => return Err(ApiError::unprocessable(IssueType::Required, "resourceType is missing").at("resourceType")),
     };
     if !is_resource_type(resource_type) {
-        return Err(ApiError::unprocessable(IssueType::Value, format!("'{resource_type}' is not an R4 resource type")).at("resourceType"));
+        return Err(ApiError::unprocessable(IssueType::Value, format!("'{resource_type}' is not an R4 resource type"))
+            .at("resourceType"));
     }
     if resource_type != expected_type {
-        return Err(ApiError::bad_request(IssueType::Invalid, format!("resourceType '{resource_type}' does not match the URL type '{expected_type}'"))
-            .at("resourceType"));
+        return Err(ApiError::bad_request(
+            IssueType::Invalid,
+            format!("resourceType '{resource_type}' does not match the URL type '{expected_type}'"),
+        )
+        .at("resourceType"));
     }
     match (object.get("id"), expected_id) {
         (Some(Value::String(id)), _) if !is_valid_id(id) => {
-            return Err(ApiError::bad_request(IssueType::Value, format!("'{id}' is not a valid FHIR id")).at(format!("{resource_type}.id")));
+            return Err(ApiError::bad_request(IssueType::Value, format!("'{id}' is not a valid FHIR id"))
+                .at(format!("{resource_type}.id")));
         }
         (Some(Value::String(id)), Some(expected)) if id != expected => {
-            return Err(ApiError::bad_request(IssueType::Invalid, format!("body id '{id}' does not match the URL id '{expected}'")).at(format!("{resource_type}.id")));
+            return Err(ApiError::bad_request(
+                IssueType::Invalid,
+                format!("body id '{id}' does not match the URL id '{expected}'"),
+            )
+            .at(format!("{resource_type}.id")));
         }
         (None, Some(_)) => {
-            return Err(ApiError::bad_request(IssueType::Required, "an update must carry the id of the URL in the body").at(format!("{resource_type}.id")));
+            return Err(ApiError::bad_request(
+                IssueType::Required,
+                "an update must carry the id of the URL in the body",
+            )
+            .at(format!("{resource_type}.id")));
         }
         (Some(Value::String(_)) | None, _) => {}
-        (Some(_), _) => return Err(ApiError::unprocessable(IssueType::Structure, "id must be a string").at(format!("{resource_type}.id"))),
+        (Some(_), _) => {
+            return Err(
+                ApiError::unprocessable(IssueType::Structure, "id must be a string").at(format!("{resource_type}.id"))
+            )
+        }
     }
     check_references(body, resource_type)?;
     if resource_type == "Group" {
@@ -52,8 +74,10 @@ fn check_references(value: &Value, resource_type: &str) -> Result<(), ApiError> 
         None => Ok(()),
         Some(reference) => {
             // The path is only spelled out for the error, never on the common, valid path.
-            let expression = std::iter::once(resource_type).chain(path.iter().rev().copied()).collect::<Vec<_>>().join(".");
-            Err(ApiError::unprocessable(IssueType::Value, format!("'{reference}' is not a valid reference")).at(expression))
+            let expression =
+                std::iter::once(resource_type).chain(path.iter().rev().copied()).collect::<Vec<_>>().join(".");
+            Err(ApiError::unprocessable(IssueType::Value, format!("'{reference}' is not a valid reference"))
+                .at(expression))
         }
     }
 }
@@ -64,7 +88,9 @@ fn find_bad_reference<'a>(value: &'a Value, path: &mut Vec<&'a str>) -> Option<&
         Value::Object(object) => {
             for (key, child) in object {
                 let found = match (key.as_str(), child) {
-                    ("reference", Value::String(reference)) => (!is_well_formed_reference(reference)).then_some(reference.as_str()),
+                    ("reference", Value::String(reference)) => {
+                        (!is_well_formed_reference(reference)).then_some(reference.as_str())
+                    }
                     // Contained resources and extensions are checked like the rest.
                     _ => find_bad_reference(child, path),
                 };
@@ -104,30 +130,46 @@ fn validate_group(group: &Value, max_members: usize) -> Result<(), ApiError> {
         return Err(ApiError::unprocessable(IssueType::Required, "Group.type is required").at("Group.type"));
     }
     if !group.get("actual").is_some_and(Value::is_boolean) {
-        return Err(ApiError::unprocessable(IssueType::Required, "Group.actual is required (true or false)").at("Group.actual"));
+        return Err(
+            ApiError::unprocessable(IssueType::Required, "Group.actual is required (true or false)").at("Group.actual")
+        );
     }
     let members = match group.get("member") {
         None => return Ok(()),
         Some(Value::Array(members)) => members,
-        Some(_) => return Err(ApiError::unprocessable(IssueType::Structure, "Group.member must be an array").at("Group.member")),
+        Some(_) => {
+            return Err(
+                ApiError::unprocessable(IssueType::Structure, "Group.member must be an array").at("Group.member")
+            )
+        }
     };
     if members.len() > max_members {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, IssueType::TooCostly, format!("Group has {} members; the limit is {max_members}", members.len()))
-            .at("Group.member"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            IssueType::TooCostly,
+            format!("Group has {} members; the limit is {max_members}", members.len()),
+        )
+        .at("Group.member"));
     }
     for (index, member) in members.iter().enumerate() {
         let well_typed = member.get("inactive").is_none_or(Value::is_boolean)
             && member.pointer("/period/end").is_none_or(Value::is_string);
         if !well_typed {
-            return Err(ApiError::unprocessable(IssueType::Structure, format!("Group.member[{index}]: inactive must be a boolean and period.end a dateTime"))
-                .at(format!("Group.member[{index}]")));
+            return Err(ApiError::unprocessable(
+                IssueType::Structure,
+                format!("Group.member[{index}]: inactive must be a boolean and period.end a dateTime"),
+            )
+            .at(format!("Group.member[{index}]")));
         }
         let reference = member.pointer("/entity/reference").and_then(Value::as_str);
         let is_patient = reference.and_then(parse_reference).is_some_and(|(target_type, _)| target_type == "Patient");
         if !is_patient {
             let shown = reference.unwrap_or("(no reference)");
-            return Err(ApiError::unprocessable(IssueType::Value, format!("Group.member[{index}].entity must reference a Patient as 'Patient/{{id}}', not '{shown}'"))
-                .at(format!("Group.member[{index}].entity")));
+            return Err(ApiError::unprocessable(
+                IssueType::Value,
+                format!("Group.member[{index}].entity must reference a Patient as 'Patient/{{id}}', not '{shown}'"),
+            )
+            .at(format!("Group.member[{index}].entity")));
         }
     }
     Ok(())
@@ -170,10 +212,21 @@ mod tests {
         let member = |reference: &str| json!({"entity": {"reference": reference}});
         assert_eq!(check(json!({"resourceType": "Group", "actual": true})), Err(422));
         assert_eq!(check(json!({"resourceType": "Group", "type": "person"})), Err(422));
-        assert_eq!(check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": [member("Patient/1")]})), Ok(()));
-        assert_eq!(check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": [member("Practitioner/1")]})), Err(422));
+        assert_eq!(
+            check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": [member("Patient/1")]})),
+            Ok(())
+        );
+        assert_eq!(
+            check(
+                json!({"resourceType": "Group", "type": "person", "actual": true, "member": [member("Practitioner/1")]})
+            ),
+            Err(422)
+        );
         let inactive_text = json!({"entity": {"reference": "Patient/1"}, "inactive": "yes"});
-        assert_eq!(check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": [inactive_text]})), Err(422));
+        assert_eq!(
+            check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": [inactive_text]})),
+            Err(422)
+        );
         let four: Vec<Value> = (0..4).map(|i| member(&format!("Patient/{i}"))).collect();
         assert_eq!(check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": four})), Err(422));
     }

@@ -43,23 +43,10 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 /// The compartment types the scenarios write (plus Patient and the Group).
-const KINDS: [&str; 5] = [
-    "Observation",
-    "AllergyIntolerance",
-    "Encounter",
-    "Claim",
-    "Provenance",
-];
+const KINDS: [&str; 5] = ["Observation", "AllergyIntolerance", "Encounter", "Claim", "Provenance"];
 /// Every type an export can be asked for in these scenarios.
-const EXPORT_TYPES: [&str; 7] = [
-    "Patient",
-    "Observation",
-    "AllergyIntolerance",
-    "Encounter",
-    "Claim",
-    "Provenance",
-    "Group",
-];
+const EXPORT_TYPES: [&str; 7] =
+    ["Patient", "Observation", "AllergyIntolerance", "Encounter", "Claim", "Provenance", "Group"];
 const TARGET_GROUP: &str = "g";
 const DECOY_GROUP: &str = "decoy";
 /// A patient that is created only by a later step.
@@ -163,20 +150,9 @@ fn step_strategy() -> impl Strategy<Value = Step> {
 
 fn scenario_strategy() -> impl Strategy<Value = Scenario> {
     let members = || proptest::collection::vec((any::<u8>(), proptest::bool::weighted(0.2)), 1..7);
-    (
-        1..4u64,
-        2..5usize,
-        2..5usize,
-        members(),
-        members(),
-        proptest::collection::vec(step_strategy(), 20..80),
+    (1..4u64, 2..5usize, 2..5usize, members(), members(), proptest::collection::vec(step_strategy(), 20..80)).prop_map(
+        |(part_size, p0, p1, m0, m1, steps)| Scenario { part_size, patients: [p0, p1], members: [m0, m1], steps },
     )
-        .prop_map(|(part_size, p0, p1, m0, m1, steps)| Scenario {
-            part_size,
-            patients: [p0, p1],
-            members: [m0, m1],
-            steps,
-        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -243,11 +219,7 @@ impl TenantModel {
     }
 
     fn version_at(&self, key: &(String, String), at: Micros) -> Option<&Ver> {
-        self.resources
-            .get(key)?
-            .iter()
-            .rev()
-            .find(|version| version.last_updated <= at)
+        self.resources.get(key)?.iter().rev().find(|version| version.last_updated <= at)
     }
 
     fn record(&mut self, key: (String, String), ver: Ver) {
@@ -260,10 +232,7 @@ impl TenantModel {
                 ver.version,
                 last.version
             );
-            assert!(
-                ver.last_updated > last.last_updated,
-                "lastUpdated must grow"
-            );
+            assert!(ver.last_updated > last.last_updated, "lastUpdated must grow");
         } else {
             assert_eq!(ver.version, 1, "a new resource starts at version 1");
         }
@@ -271,10 +240,7 @@ impl TenantModel {
     }
 
     fn is_live(&self, key: &(String, String)) -> bool {
-        self.resources
-            .get(key)
-            .and_then(|versions| versions.last())
-            .is_some_and(|version| version.body.is_some())
+        self.resources.get(key).and_then(|versions| versions.last()).is_some_and(|version| version.body.is_some())
     }
 }
 
@@ -287,12 +253,7 @@ struct Expected {
     removed: BTreeSet<String>,
 }
 
-fn expected(
-    model: &TenantModel,
-    at: Micros,
-    since: Option<Micros>,
-    types: &BTreeSet<&str>,
-) -> Expected {
+fn expected(model: &TenantModel, at: Micros, since: Option<Micros>, types: &BTreeSet<&str>) -> Expected {
     let members = model.members_at(at);
     let members_at_since = since.map(|since| model.members_at(since));
     let mut result = Expected::default();
@@ -305,29 +266,17 @@ fn expected(
             continue;
         };
         if resource_type == "Group" {
-            if key.1 == TARGET_GROUP
-                && version.body.is_some()
-                && since.is_none_or(|since| version.last_updated > since)
+            if key.1 == TARGET_GROUP && version.body.is_some() && since.is_none_or(|since| version.last_updated > since)
             {
-                result
-                    .output
-                    .insert(key.clone(), version.body.clone().unwrap());
+                result.output.insert(key.clone(), version.body.clone().unwrap());
             }
             continue;
         }
-        let reaching: Vec<&String> = version
-            .compartments
-            .iter()
-            .filter(|patient| members.contains(*patient))
-            .collect();
+        let reaching: Vec<&String> = version.compartments.iter().filter(|patient| members.contains(*patient)).collect();
         if reaching.is_empty() {
             continue;
         }
-        let existing = |patient: &String| {
-            members_at_since
-                .as_ref()
-                .is_some_and(|earlier| earlier.contains(patient))
-        };
+        let existing = |patient: &String| members_at_since.as_ref().is_some_and(|earlier| earlier.contains(patient));
         match &version.body {
             Some(body) => {
                 let full = since.is_none() || reaching.iter().any(|patient| !existing(patient));
@@ -337,9 +286,7 @@ fn expected(
             }
             None => {
                 if let Some(since) = since {
-                    if version.last_updated > since
-                        && reaching.iter().any(|patient| existing(patient))
-                    {
+                    if version.last_updated > since && reaching.iter().any(|patient| existing(patient)) {
                         result.deleted.insert(key.clone());
                     }
                 }
@@ -366,13 +313,7 @@ fn reference(target: &str) -> Value {
 }
 
 /// The body of a compartment resource and the patients whose compartments it is in.
-fn build(
-    kind: &str,
-    id: &str,
-    shape: &Shape,
-    counter: u64,
-    tenant: usize,
-) -> (Value, BTreeSet<String>) {
+fn build(kind: &str, id: &str, shape: &Shape, counter: u64, tenant: usize) -> (Value, BTreeSet<String>) {
     let a = format!("Patient/{}", shape.a);
     let b = shape.b.as_ref().map(|b| format!("Patient/{b}"));
     let marker = json!([{"system": "urn:oracle", "value": format!("t{tenant}-{id}-{counter}")}]);
@@ -392,7 +333,8 @@ fn build(
         }
         "AllergyIntolerance" => {
             // `recorder` puts it in a second patient's compartment.
-            let mut body = json!({"resourceType": "AllergyIntolerance", "id": id, "identifier": marker, "patient": reference(&a)});
+            let mut body =
+                json!({"resourceType": "AllergyIntolerance", "id": id, "identifier": marker, "patient": reference(&a)});
             if let Some(b) = &b {
                 body["recorder"] = reference(b);
             }
@@ -403,7 +345,8 @@ fn build(
             let mut body = json!({"resourceType": "Encounter", "id": id, "identifier": marker, "status": "finished",
                 "class": {"code": "AMB"}, "subject": reference(&a)});
             if let Some(b) = &b {
-                body["participant"] = json!([{"individual": reference(&format!("RelatedPerson/{}", b.trim_start_matches("Patient/")))}]);
+                body["participant"] =
+                    json!([{"individual": reference(&format!("RelatedPerson/{}", b.trim_start_matches("Patient/")))}]);
             }
             body
         }
@@ -448,11 +391,7 @@ fn group_body(id: &str, entries: &[(String, bool)]) -> Value {
 }
 
 fn active(entries: &[(String, bool)]) -> BTreeSet<String> {
-    entries
-        .iter()
-        .filter(|(_, inactive)| !inactive)
-        .map(|(patient, _)| patient.clone())
-        .collect()
+    entries.iter().filter(|(_, inactive)| !inactive).map(|(patient, _)| patient.clone()).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -493,12 +432,8 @@ struct Reply {
 
 impl Reply {
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
-            panic!(
-                "not JSON ({error}): {}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", String::from_utf8_lossy(&self.body)))
     }
 }
 
@@ -509,25 +444,13 @@ impl Server {
         let creds = credentials();
         for tenant in 0..2 {
             let created = store.create_tenant(&format!("tenant{tenant}")).unwrap();
-            store
-                .create_client(created.id, &creds.ids[tenant], &creds.hashes[tenant])
-                .unwrap();
+            store.create_client(created.id, &creds.ids[tenant], &creds.hashes[tenant]).unwrap();
         }
-        let config = HttpConfig {
-            export_part_size: part_size,
-            ..HttpConfig::default()
-        };
-        let keys = TokenKeys::new(vec![(
-            "k1".into(),
-            b"oracle-test-signing-key-32-bytes!".to_vec(),
-        )])
-        .unwrap();
+        let config = HttpConfig { export_part_size: part_size, ..HttpConfig::default() };
+        let keys = TokenKeys::new(vec![("k1".into(), b"oracle-test-signing-key-32-bytes!".to_vec())]).unwrap();
         let mut state = AppState::new(Arc::new(store), config, keys);
         state.verifier = creds.verifier.clone();
-        Server {
-            app: router(state),
-            _dir: dir,
-        }
+        Server { app: router(state), _dir: dir }
     }
 
     async fn call(&self, tenant: usize, method: Method, uri: &str, body: Option<&Value>) -> Reply {
@@ -544,47 +467,18 @@ impl Server {
             }
             None => Body::empty(),
         };
-        let response = self
-            .app
-            .clone()
-            .oneshot(request.body(body).unwrap())
-            .await
-            .unwrap();
+        let response = self.app.clone().oneshot(request.body(body).unwrap()).await.unwrap();
         let status = response.status();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec();
-        Reply {
-            status,
-            content_type,
-            body,
-        }
+        let content_type =
+            response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let body = response.into_body().collect().await.unwrap().to_bytes().to_vec();
+        Reply { status, content_type, body }
     }
 
     /// PUTs a resource and returns the version the server made.
     async fn put(&self, tenant: usize, body: &Value) -> Ver {
-        let (resource_type, id) = (
-            body["resourceType"].as_str().unwrap(),
-            body["id"].as_str().unwrap(),
-        );
-        let reply = self
-            .call(
-                tenant,
-                Method::PUT,
-                &format!("/r4/{resource_type}/{id}"),
-                Some(body),
-            )
-            .await;
+        let (resource_type, id) = (body["resourceType"].as_str().unwrap(), body["id"].as_str().unwrap());
+        let reply = self.call(tenant, Method::PUT, &format!("/r4/{resource_type}/{id}"), Some(body)).await;
         assert!(
             reply.status.is_success(),
             "PUT {resource_type}/{id}: {} {}",
@@ -594,11 +488,7 @@ impl Server {
         let text = String::from_utf8(reply.body.clone()).unwrap();
         let stored = reply.json();
         Ver {
-            version: stored["meta"]["versionId"]
-                .as_str()
-                .unwrap()
-                .parse()
-                .unwrap(),
+            version: stored["meta"]["versionId"].as_str().unwrap().parse().unwrap(),
             last_updated: parse_since(stored["meta"]["lastUpdated"].as_str().unwrap()).unwrap(),
             body: Some(text),
             compartments: BTreeSet::new(),
@@ -607,43 +497,17 @@ impl Server {
 
     /// DELETEs a resource; returns the tombstone's (version, lastUpdated) from its history.
     async fn delete(&self, tenant: usize, resource_type: &str, id: &str) -> (i64, Micros) {
-        let reply = self
-            .call(
-                tenant,
-                Method::DELETE,
-                &format!("/r4/{resource_type}/{id}"),
-                None,
-            )
-            .await;
-        assert_eq!(
-            reply.status,
-            StatusCode::NO_CONTENT,
-            "DELETE {resource_type}/{id}"
-        );
-        let history = self
-            .call(
-                tenant,
-                Method::GET,
-                &format!("/r4/{resource_type}/{id}/_history"),
-                None,
-            )
-            .await
-            .json();
+        let reply = self.call(tenant, Method::DELETE, &format!("/r4/{resource_type}/{id}"), None).await;
+        assert_eq!(reply.status, StatusCode::NO_CONTENT, "DELETE {resource_type}/{id}");
+        let history = self.call(tenant, Method::GET, &format!("/r4/{resource_type}/{id}/_history"), None).await.json();
         let newest = &history["entry"][0];
         assert_eq!(
             newest["request"]["method"], "DELETE",
             "newest history entry of {resource_type}/{id} after a delete"
         );
         let etag = newest["response"]["etag"].as_str().unwrap();
-        let version = etag
-            .trim_start_matches("W/")
-            .trim_matches('"')
-            .parse()
-            .unwrap();
-        (
-            version,
-            parse_since(newest["response"]["lastModified"].as_str().unwrap()).unwrap(),
-        )
+        let version = etag.trim_start_matches("W/").trim_matches('"').parse().unwrap();
+        (version, parse_since(newest["response"]["lastModified"].as_str().unwrap()).unwrap())
     }
 }
 
@@ -659,12 +523,7 @@ struct Exported {
 
 fn type_list(mask: Option<u8>) -> Option<Vec<&'static str>> {
     mask.map(|mask| {
-        EXPORT_TYPES
-            .iter()
-            .enumerate()
-            .filter(|(bit, _)| mask & (1 << bit) != 0)
-            .map(|(_, name)| *name)
-            .collect()
+        EXPORT_TYPES.iter().enumerate().filter(|(bit, _)| mask & (1 << bit) != 0).map(|(_, name)| *name).collect()
     })
 }
 
@@ -690,12 +549,7 @@ struct Kicked {
     since: Option<Micros>,
 }
 
-async fn kick_off(
-    server: &Server,
-    tenant: usize,
-    types: Option<Vec<&'static str>>,
-    since: Option<Micros>,
-) -> Kicked {
+async fn kick_off(server: &Server, tenant: usize, types: Option<Vec<&'static str>>, since: Option<Micros>) -> Kicked {
     let mut query = form_urlencoded::Serializer::new(String::new());
     if let Some(types) = &types {
         query.append_pair("_type", &types.join(","));
@@ -705,89 +559,36 @@ async fn kick_off(
     }
     let query = query.finish();
     let what = format!("tenant {tenant} export ?{query}");
-    let reply = server
-        .call(
-            tenant,
-            Method::GET,
-            &format!("/r4/Group/{TARGET_GROUP}/$export?{query}"),
-            None,
-        )
-        .await;
-    assert_eq!(
-        reply.status,
-        StatusCode::OK,
-        "{what}: {}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    assert!(
-        reply.content_type.contains("application/json"),
-        "{what}: manifest content type {}",
-        reply.content_type
-    );
+    let reply = server.call(tenant, Method::GET, &format!("/r4/Group/{TARGET_GROUP}/$export?{query}"), None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{what}: {}", String::from_utf8_lossy(&reply.body));
+    assert!(reply.content_type.contains("application/json"), "{what}: manifest content type {}", reply.content_type);
     let manifest = reply.json();
-    let transaction_time = parse_since(
-        manifest["transactionTime"]
-            .as_str()
-            .expect("transactionTime"),
-    )
-    .unwrap();
+    let transaction_time = parse_since(manifest["transactionTime"].as_str().expect("transactionTime")).unwrap();
     assert_eq!(manifest["requiresAccessToken"], json!(true));
-    assert_eq!(
-        manifest.get("deleted").is_some(),
-        since.is_some(),
-        "{what}: deleted[] is present exactly with _since"
-    );
+    assert_eq!(manifest.get("deleted").is_some(), since.is_some(), "{what}: deleted[] is present exactly with _since");
 
-    Kicked {
-        what,
-        manifest,
-        transaction_time,
-        types,
-        since,
-    }
+    Kicked { what, manifest, transaction_time, types, since }
 }
 
 /// Downloads every file of a manifest and checks the export against the oracle.
 async fn collect(server: &Server, model: &TenantModel, tenant: usize, kicked: Kicked) -> Exported {
-    let Kicked {
-        what,
-        manifest,
-        transaction_time,
-        types,
-        since,
-    } = kicked;
+    let Kicked { what, manifest, transaction_time, types, since } = kicked;
     let mut output: BTreeMap<(String, String), String> = BTreeMap::new();
     for item in manifest["output"].as_array().expect("output[]") {
         let item_type = item["type"].as_str().unwrap();
         assert!(
-            types
-                .as_ref()
-                .is_none_or(|types| types.contains(&item_type)),
+            types.as_ref().is_none_or(|types| types.contains(&item_type)),
             "{what}: file of unrequested type {item_type}"
         );
         for line in download(server, tenant, item, &what).await {
             let resource: Value = serde_json::from_str(&line).unwrap();
-            assert_eq!(
-                resource["resourceType"], item_type,
-                "{what}: line in the {item_type} file: {line}"
-            );
-            let key = (
-                item_type.to_owned(),
-                resource["id"].as_str().unwrap().to_owned(),
-            );
-            assert!(
-                output.insert(key.clone(), line).is_none(),
-                "{what}: {key:?} exported twice"
-            );
+            assert_eq!(resource["resourceType"], item_type, "{what}: line in the {item_type} file: {line}");
+            let key = (item_type.to_owned(), resource["id"].as_str().unwrap().to_owned());
+            assert!(output.insert(key.clone(), line).is_none(), "{what}: {key:?} exported twice");
         }
     }
     let mut deleted = BTreeSet::new();
-    for item in manifest
-        .get("deleted")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for item in manifest.get("deleted").and_then(Value::as_array).into_iter().flatten() {
         assert_eq!(item["type"], "Bundle", "{what}: deleted[] item type");
         for line in download(server, tenant, item, &what).await {
             let bundle: Value = serde_json::from_str(&line).unwrap();
@@ -800,33 +601,20 @@ async fn collect(server: &Server, model: &TenantModel, tenant: usize, kicked: Ki
                 assert_eq!(entry["request"]["method"], "DELETE", "{what}: {line}");
                 let url = entry["request"]["url"].as_str().unwrap();
                 let (resource_type, id) = url.split_once('/').expect("Type/id");
-                assert!(
-                    deleted.insert((resource_type.to_owned(), id.to_owned())),
-                    "{what}: {url} in deleted[] twice"
-                );
+                assert!(deleted.insert((resource_type.to_owned(), id.to_owned())), "{what}: {url} in deleted[] twice");
             }
         }
     }
     let mut missing = BTreeSet::new();
     for item in manifest["error"].as_array().expect("error[]") {
-        assert_eq!(
-            item["type"], "OperationOutcome",
-            "{what}: error[] item type"
-        );
+        assert_eq!(item["type"], "OperationOutcome", "{what}: error[] item type");
         for line in download(server, tenant, item, &what).await {
             let outcome: Value = serde_json::from_str(&line).unwrap();
             assert_eq!(outcome["resourceType"], "OperationOutcome");
             let diagnostics = outcome["issue"][0]["diagnostics"].as_str().unwrap_or("");
-            let patient = diagnostics
-                .split("Patient/")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next());
-            let patient =
-                patient.unwrap_or_else(|| panic!("{what}: error line names no Patient: {line}"));
-            assert!(
-                missing.insert(patient.to_owned()),
-                "{what}: missing member {patient} reported twice"
-            );
+            let patient = diagnostics.split("Patient/").nth(1).and_then(|rest| rest.split_whitespace().next());
+            let patient = patient.unwrap_or_else(|| panic!("{what}: error line names no Patient: {line}"));
+            assert!(missing.insert(patient.to_owned()), "{what}: missing member {patient} reported twice");
         }
     }
     let removed: BTreeSet<String> = manifest
@@ -834,70 +622,34 @@ async fn collect(server: &Server, model: &TenantModel, tenant: usize, kicked: Ki
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .map(|member| {
-            member
-                .as_str()
-                .unwrap()
-                .trim_start_matches("Patient/")
-                .to_owned()
-        })
+        .map(|member| member.as_str().unwrap().trim_start_matches("Patient/").to_owned())
         .collect();
 
-    let wanted: BTreeSet<&str> = types
-        .clone()
-        .unwrap_or(EXPORT_TYPES.to_vec())
-        .into_iter()
-        .collect();
+    let wanted: BTreeSet<&str> = types.clone().unwrap_or(EXPORT_TYPES.to_vec()).into_iter().collect();
     let oracle = expected(model, transaction_time, since, &wanted);
     compare(&what, &oracle.output, &output, model, transaction_time);
-    assert_eq!(
-        oracle.deleted, deleted,
-        "{what}: deleted[] (expected left, got right)"
-    );
-    assert_eq!(
-        oracle.missing, missing,
-        "{what}: members reported missing (expected left, got right)"
-    );
-    assert_eq!(
-        oracle.removed, removed,
-        "{what}: removedMembers (expected left, got right)"
-    );
+    assert_eq!(oracle.deleted, deleted, "{what}: deleted[] (expected left, got right)");
+    assert_eq!(oracle.missing, missing, "{what}: members reported missing (expected left, got right)");
+    assert_eq!(oracle.removed, removed, "{what}: removedMembers (expected left, got right)");
     for key in &deleted {
-        assert!(
-            !output.contains_key(key),
-            "{what}: {key:?} both in output and deleted[]"
-        );
+        assert!(!output.contains_key(key), "{what}: {key:?} both in output and deleted[]");
     }
     count(&STATS.exports, 1);
     count(&STATS.with_since, since.is_some() as usize);
-    count(
-        &STATS.files,
-        manifest["output"].as_array().map_or(0, Vec::len),
-    );
+    count(&STATS.files, manifest["output"].as_array().map_or(0, Vec::len));
     count(&STATS.lines, output.len());
-    count(
-        &STATS.group_lines,
-        output.keys().filter(|(t, _)| t == "Group").count(),
-    );
+    count(&STATS.group_lines, output.keys().filter(|(t, _)| t == "Group").count());
     count(&STATS.deleted, deleted.len());
     count(&STATS.missing, missing.len());
     count(&STATS.removed, removed.len());
     if let Some(since) = since {
         let lifted = output
             .keys()
-            .filter(|key| {
-                model
-                    .version_at(key, transaction_time)
-                    .is_some_and(|v| v.last_updated <= since)
-            })
+            .filter(|key| model.version_at(key, transaction_time).is_some_and(|v| v.last_updated <= since))
             .count();
         count(&STATS.lifted, lifted);
     }
-    Exported {
-        transaction_time,
-        output,
-        deleted,
-    }
+    Exported { transaction_time, output, deleted }
 }
 
 /// Downloads one manifest file; checks its content type and that it has `count` lines.
@@ -905,18 +657,10 @@ async fn download(server: &Server, tenant: usize, item: &Value, what: &str) -> V
     let url = item["url"].as_str().unwrap();
     let path = &url[url.find("/bulk-data/").expect("file URL path")..];
     let reply = server.call(tenant, Method::GET, path, None).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::OK,
-        "{what}: download {}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    assert_eq!(reply.status, StatusCode::OK, "{what}: download {}", String::from_utf8_lossy(&reply.body));
     assert_eq!(reply.content_type, "application/fhir+ndjson");
     let text = String::from_utf8(reply.body).unwrap();
-    assert!(
-        text.is_empty() || text.ends_with('\n'),
-        "{what}: NDJSON ends with a newline"
-    );
+    assert!(text.is_empty() || text.ends_with('\n'), "{what}: NDJSON ends with a newline");
     let lines: Vec<String> = text.lines().map(str::to_owned).collect();
     assert_eq!(
         Some(lines.len() as u64),
@@ -942,9 +686,9 @@ fn compare(
     for (key, body) in expected {
         match got.get(key) {
             None => problems.push(format!("missing {key:?}: {body}")),
-            Some(line) if line != body => problems.push(format!(
-                "wrong version of {key:?}: expected {body}, got {line}"
-            )),
+            Some(line) if line != body => {
+                problems.push(format!("wrong version of {key:?}: expected {body}, got {line}"))
+            }
             _ => {}
         }
     }
@@ -954,19 +698,11 @@ fn compare(
                 versions
                     .iter()
                     .map(|v| {
-                        format!(
-                            "v{}@{} live={} in {:?}",
-                            v.version,
-                            v.last_updated,
-                            v.body.is_some(),
-                            v.compartments
-                        )
+                        format!("v{}@{} live={} in {:?}", v.version, v.last_updated, v.body.is_some(), v.compartments)
                     })
                     .collect::<Vec<_>>()
             });
-            problems.push(format!(
-                "unexpected {key:?}: {line}; model history: {history:?}"
-            ));
+            problems.push(format!("unexpected {key:?}: {line}; model history: {history:?}"));
         }
     }
     panic!(
@@ -981,17 +717,10 @@ async fn write_target_group(server: &Server, model: &mut TenantModel, tenant: us
     let body = group_body(TARGET_GROUP, &model.entries);
     let ver = server.put(tenant, &body).await;
     let key = ("Group".to_owned(), TARGET_GROUP.to_owned());
-    if model
-        .resources
-        .get(&key)
-        .and_then(|v| v.last())
-        .is_some_and(|last| last.version == ver.version)
-    {
+    if model.resources.get(&key).and_then(|v| v.last()).is_some_and(|last| last.version == ver.version) {
         return; // unchanged content: no new version
     }
-    model
-        .membership
-        .push((ver.last_updated, active(&model.entries)));
+    model.membership.push((ver.last_updated, active(&model.entries)));
     model.record(key, ver);
 }
 
@@ -1017,15 +746,9 @@ async fn run(scenario: Scenario) {
     let mut models: [TenantModel; 2] = Default::default();
     for tenant in 0..2 {
         let model = &mut models[tenant];
-        model.patients = (0..scenario.patients[tenant])
-            .map(|i| format!("p{i}"))
-            .collect();
+        model.patients = (0..scenario.patients[tenant]).map(|i| format!("p{i}")).collect();
         for patient in model.patients.clone() {
-            let shape = Shape {
-                kind: "Patient",
-                a: patient.clone(),
-                b: None,
-            };
+            let shape = Shape { kind: "Patient", a: patient.clone(), b: None };
             write_resource(&server, model, tenant, "Patient", patient, shape).await;
         }
         for (pick, inactive) in &scenario.members[tenant] {
@@ -1037,30 +760,14 @@ async fn run(scenario: Scenario) {
         write_target_group(&server, model, tenant).await;
         // Another cohort sharing the same patients: must never leak into the target's export.
         model.decoy_entries = model.patients.clone();
-        let decoy = group_body(
-            DECOY_GROUP,
-            &model
-                .decoy_entries
-                .iter()
-                .map(|p| (p.clone(), false))
-                .collect::<Vec<_>>(),
-        );
+        let decoy =
+            group_body(DECOY_GROUP, &model.decoy_entries.iter().map(|p| (p.clone(), false)).collect::<Vec<_>>());
         server.put(tenant, &decoy).await;
     }
     let mut steps = scenario.steps.clone();
     steps.extend([
-        Step::Export {
-            tenant: 0,
-            types: None,
-            since: SinceChoice::Checkpoint(u8::MAX),
-            deferred: false,
-        },
-        Step::Export {
-            tenant: 1,
-            types: None,
-            since: SinceChoice::None,
-            deferred: false,
-        },
+        Step::Export { tenant: 0, types: None, since: SinceChoice::Checkpoint(u8::MAX), deferred: false },
+        Step::Export { tenant: 1, types: None, since: SinceChoice::None, deferred: false },
         Step::Sync { tenant: 0 },
         Step::Sync { tenant: 1 },
     ]);
@@ -1084,20 +791,9 @@ async fn run(scenario: Scenario) {
 }
 
 /// Applies one step to the server and the model.
-async fn apply(
-    server: &Server,
-    models: &mut [TenantModel; 2],
-    step: Step,
-    pending: &mut Option<(usize, Kicked)>,
-) {
+async fn apply(server: &Server, models: &mut [TenantModel; 2], step: Step, pending: &mut Option<(usize, Kicked)>) {
     match step {
-        Step::Create {
-            tenant,
-            kind,
-            a,
-            b,
-            two,
-        } => {
+        Step::Create { tenant, kind, a, b, two } => {
             let model = &mut models[tenant];
             if kind as usize == KINDS.len() {
                 // A Patient: one of the pool (the late one comes alive, a deleted one returns).
@@ -1105,32 +801,17 @@ async fn apply(
                 if patient == GHOST {
                     return;
                 }
-                let shape = Shape {
-                    kind: "Patient",
-                    a: patient.clone(),
-                    b: None,
-                };
+                let shape = Shape { kind: "Patient", a: patient.clone(), b: None };
                 write_resource(&server, model, tenant, "Patient", patient, shape).await;
             } else {
                 let kind = KINDS[kind as usize];
                 model.next_id += 1;
                 let id = format!("{}{}", &kind[..3].to_lowercase(), model.next_id);
-                let shape = Shape {
-                    kind,
-                    a: model.pick_patient(a),
-                    b: two.then(|| model.pick_patient(b)),
-                };
+                let shape = Shape { kind, a: model.pick_patient(a), b: two.then(|| model.pick_patient(b)) };
                 write_resource(&server, model, tenant, kind, id, shape).await;
             }
         }
-        Step::Update {
-            tenant,
-            pick,
-            a,
-            b,
-            two,
-            moved,
-        } => {
+        Step::Update { tenant, pick, a, b, two, moved } => {
             let model = &mut models[tenant];
             let keys: Vec<(String, String)> = model.shapes.keys().cloned().collect();
             let key = keys[pick as usize % keys.len()].clone();
@@ -1149,15 +830,7 @@ async fn apply(
             let (version, last_updated) = server.delete(tenant, &key.0, &key.1).await;
             if was_live {
                 let compartments = model.resources[&key].last().unwrap().compartments.clone();
-                model.record(
-                    key,
-                    Ver {
-                        version,
-                        last_updated,
-                        body: None,
-                        compartments,
-                    },
-                );
+                model.record(key, Ver { version, last_updated, body: None, compartments });
             } else {
                 // Deleting a tombstone changes nothing.
                 let last = model.resources[&key].last().unwrap();
@@ -1168,21 +841,14 @@ async fn apply(
                 );
             }
         }
-        Step::Member {
-            tenant,
-            patient,
-            action,
-        } => {
+        Step::Member { tenant, patient, action } => {
             let model = &mut models[tenant];
             let patient = model.pick_patient(patient);
             // Every change rewrites the Group (a no-op rewrite must make no version; a deleted
             // Group comes back).
             match action {
                 0..=2 => {
-                    let listed_active = model
-                        .entries
-                        .iter()
-                        .any(|(listed, inactive)| *listed == patient && !inactive);
+                    let listed_active = model.entries.iter().any(|(listed, inactive)| *listed == patient && !inactive);
                     // A second entry for a patient listed inactive: active wins.
                     if !listed_active {
                         model.entries.push((patient, false));
@@ -1205,11 +871,7 @@ async fn apply(
                     model.decoy_entries.push(patient);
                     let decoy = group_body(
                         DECOY_GROUP,
-                        &model
-                            .decoy_entries
-                            .iter()
-                            .map(|p| (p.clone(), false))
-                            .collect::<Vec<_>>(),
+                        &model.decoy_entries.iter().map(|p| (p.clone(), false)).collect::<Vec<_>>(),
                     );
                     server.put(tenant, &decoy).await;
                     return;
@@ -1217,23 +879,17 @@ async fn apply(
             }
             write_target_group(&server, model, tenant).await;
         }
-        Step::Export {
-            tenant,
-            types,
-            since,
-            deferred,
-        } => {
+        Step::Export { tenant, types, since, deferred } => {
             let model = &mut models[tenant];
             if !group_is_live(server, model, tenant).await {
                 return;
             }
             let since = match since {
                 SinceChoice::None => None,
-                SinceChoice::Checkpoint(k) => (!model.checkpoints.is_empty())
-                    .then(|| model.checkpoints[k as usize % model.checkpoints.len()]),
-                SinceChoice::WriteTime(k) => {
-                    Some(model.write_times[k as usize % model.write_times.len()])
+                SinceChoice::Checkpoint(k) => {
+                    (!model.checkpoints.is_empty()).then(|| model.checkpoints[k as usize % model.checkpoints.len()])
                 }
+                SinceChoice::WriteTime(k) => Some(model.write_times[k as usize % model.write_times.len()]),
             };
             let kicked = kick_off(server, tenant, type_list(types), since).await;
             model.checkpoints.push(kicked.transaction_time);
@@ -1255,15 +911,7 @@ async fn apply(
                 return;
             }
             let (version, last_updated) = server.delete(tenant, "Group", TARGET_GROUP).await;
-            model.record(
-                key,
-                Ver {
-                    version,
-                    last_updated,
-                    body: None,
-                    compartments: BTreeSet::new(),
-                },
-            );
+            model.record(key, Ver { version, last_updated, body: None, compartments: BTreeSet::new() });
             model.membership.push((last_updated, BTreeSet::new()));
         }
     }
@@ -1274,14 +922,7 @@ async fn group_is_live(server: &Server, model: &TenantModel, tenant: usize) -> b
     if model.is_live(&("Group".to_owned(), TARGET_GROUP.to_owned())) {
         return true;
     }
-    let reply = server
-        .call(
-            tenant,
-            Method::GET,
-            &format!("/r4/Group/{TARGET_GROUP}/$export"),
-            None,
-        )
-        .await;
+    let reply = server.call(tenant, Method::GET, &format!("/r4/Group/{TARGET_GROUP}/$export"), None).await;
     assert_eq!(reply.status, StatusCode::GONE, "export of a deleted Group");
     false
 }
@@ -1296,23 +937,13 @@ async fn sync(server: &Server, model: &mut TenantModel, tenant: usize) {
     count(&STATS.syncs, 1);
     let at = exported.transaction_time;
     model.checkpoints.push(at);
-    let mut replica = model
-        .replica
-        .take()
-        .map(|(_, replica)| replica)
-        .unwrap_or_default();
+    let mut replica = model.replica.take().map(|(_, replica)| replica).unwrap_or_default();
     if let Some(since) = since {
-        let new_members: BTreeSet<String> = model
-            .members_at(at)
-            .difference(&model.members_at(since))
-            .cloned()
-            .collect();
+        let new_members: BTreeSet<String> =
+            model.members_at(at).difference(&model.members_at(since)).cloned().collect();
         for key in exported.output.keys() {
             let version = model.version_at(key, at).unwrap();
-            let via_new_member = version
-                .compartments
-                .iter()
-                .any(|patient| new_members.contains(patient));
+            let via_new_member = version.compartments.iter().any(|patient| new_members.contains(patient));
             assert!(
                 version.last_updated > since || via_new_member,
                 "tenant {tenant}: {key:?} unchanged since the previous transactionTime was sent again"
@@ -1326,13 +957,10 @@ async fn sync(server: &Server, model: &mut TenantModel, tenant: usize) {
     let all: BTreeSet<&str> = EXPORT_TYPES.into_iter().collect();
     for (key, body) in expected(model, at, None, &all).output {
         match replica.get(&key) {
-            Some(held) => assert_eq!(
-                held, &body,
-                "tenant {tenant}: replica holds a stale {key:?} after an incremental export"
-            ),
-            None => panic!(
-                "tenant {tenant}: replica lost {key:?} (incremental exports since {since:?})"
-            ),
+            Some(held) => {
+                assert_eq!(held, &body, "tenant {tenant}: replica holds a stale {key:?} after an incremental export")
+            }
+            None => panic!("tenant {tenant}: replica lost {key:?} (incremental exports since {since:?})"),
         }
     }
     model.replica = Some((at, replica));
@@ -1372,17 +1000,9 @@ fn count(counter: &AtomicUsize, n: usize) {
 
 #[test]
 fn group_export_matches_the_oracle() {
-    let config = ProptestConfig {
-        cases: 48,
-        failure_persistence: None,
-        max_shrink_iters: 200,
-        ..ProptestConfig::default()
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let config =
+        ProptestConfig { cases: 48, failure_persistence: None, max_shrink_iters: 200, ..ProptestConfig::default() };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut runner = proptest::test_runner::TestRunner::new(config);
     let started = std::time::Instant::now();
     let result = runner.run(&scenario_strategy(), |scenario| {
@@ -1417,106 +1037,28 @@ fn fixed_scenario() {
     let scenario = Scenario {
         part_size: 2,
         patients: [3, 2],
-        members: [
-            vec![(0, false), (1, false), (4, false), (2, true)],
-            vec![(0, false)],
-        ],
+        members: [vec![(0, false), (1, false), (4, false), (2, true)], vec![(0, false)]],
         steps: vec![
-            Step::Create {
-                tenant: 0,
-                kind: 0,
-                a: 0,
-                b: 1,
-                two: true,
-            },
-            Step::Create {
-                tenant: 0,
-                kind: 1,
-                a: 1,
-                b: 2,
-                two: true,
-            },
-            Step::Create {
-                tenant: 0,
-                kind: 4,
-                a: 4,
-                b: 0,
-                two: true,
-            },
-            Step::Create {
-                tenant: 1,
-                kind: 0,
-                a: 0,
-                b: 0,
-                two: false,
-            },
-            Step::Export {
-                tenant: 0,
-                types: None,
-                since: SinceChoice::None,
-                deferred: false,
-            },
+            Step::Create { tenant: 0, kind: 0, a: 0, b: 1, two: true },
+            Step::Create { tenant: 0, kind: 1, a: 1, b: 2, two: true },
+            Step::Create { tenant: 0, kind: 4, a: 4, b: 0, two: true },
+            Step::Create { tenant: 1, kind: 0, a: 0, b: 0, two: false },
+            Step::Export { tenant: 0, types: None, since: SinceChoice::None, deferred: false },
             Step::Sync { tenant: 0 },
-            Step::Update {
-                tenant: 0,
-                pick: 0,
-                a: 2,
-                b: 0,
-                two: false,
-                moved: true,
-            },
-            Step::Member {
-                tenant: 0,
-                patient: 2,
-                action: 0,
-            },
+            Step::Update { tenant: 0, pick: 0, a: 2, b: 0, two: false, moved: true },
+            Step::Member { tenant: 0, patient: 2, action: 0 },
             Step::Delete { tenant: 0, pick: 1 },
-            Step::Create {
-                tenant: 0,
-                kind: 5,
-                a: 3,
-                b: 0,
-                two: false,
-            },
-            Step::Member {
-                tenant: 0,
-                patient: 3,
-                action: 0,
-            },
-            Step::Member {
-                tenant: 0,
-                patient: 1,
-                action: 4,
-            },
-            Step::Export {
-                tenant: 0,
-                types: None,
-                since: SinceChoice::Checkpoint(0),
-                deferred: true,
-            },
+            Step::Create { tenant: 0, kind: 5, a: 3, b: 0, two: false },
+            Step::Member { tenant: 0, patient: 3, action: 0 },
+            Step::Member { tenant: 0, patient: 1, action: 4 },
+            Step::Export { tenant: 0, types: None, since: SinceChoice::Checkpoint(0), deferred: true },
             // Written after the kick-off, before the downloads.
-            Step::Update {
-                tenant: 0,
-                pick: 2,
-                a: 0,
-                b: 0,
-                two: false,
-                moved: true,
-            },
+            Step::Update { tenant: 0, pick: 2, a: 0, b: 0, two: false, moved: true },
             Step::Delete { tenant: 0, pick: 0 },
-            Step::Export {
-                tenant: 0,
-                types: Some(0b100_0011),
-                since: SinceChoice::Checkpoint(0),
-                deferred: false,
-            },
+            Step::Export { tenant: 0, types: Some(0b100_0011), since: SinceChoice::Checkpoint(0), deferred: false },
             Step::Sync { tenant: 0 },
         ],
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(run(scenario));
 }

@@ -38,10 +38,7 @@ fn token_keys() -> TokenKeys {
 }
 
 fn test_config() -> HttpConfig {
-    HttpConfig {
-        public_base_url: Some(BASE.into()),
-        ..HttpConfig::default()
-    }
+    HttpConfig { public_base_url: Some(BASE.into()), ..HttpConfig::default() }
 }
 
 /// A router over its own temporary database.
@@ -65,14 +62,9 @@ impl Server {
 
     fn with_config(config: HttpConfig) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store =
-            Arc::new(SqliteStore::open(&dir.path().join("bulkhead.db")).expect("open store"));
+        let store = Arc::new(SqliteStore::open(&dir.path().join("bulkhead.db")).expect("open store"));
         let state = AppState::new(store.clone(), config, token_keys());
-        Server {
-            app: router(state),
-            store,
-            _dir: dir,
-        }
+        Server { app: router(state), store, _dir: dir }
     }
 
     fn tenant(&self, name: &str) -> TenantId {
@@ -82,13 +74,8 @@ impl Server {
     fn client(&self, tenant: TenantId) -> Client {
         let credentials = generate_credentials();
         let hash = hash_secret(&credentials.client_secret);
-        self.store
-            .create_client(tenant, &credentials.client_id, &hash)
-            .expect("create client");
-        Client {
-            id: credentials.client_id,
-            secret: credentials.client_secret,
-        }
+        self.store.create_client(tenant, &credentials.client_id, &hash).expect("create client");
+        Client { id: credentials.client_id, secret: credentials.client_secret }
     }
 
     /// A new tenant with one client.
@@ -103,41 +90,17 @@ impl Server {
             request = request.header(name.as_str(), value.as_str());
         }
         let request = request.body(Body::from(call.body)).expect("valid request");
-        let response = self
-            .app
-            .clone()
-            .oneshot(request)
-            .await
-            .expect("the router is infallible");
+        let response = self.app.clone().oneshot(request).await.expect("the router is infallible");
         let status = response.status();
         let headers = response.headers().clone();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("readable body")
-            .to_bytes()
-            .to_vec();
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        let body = response.into_body().collect().await.expect("readable body").to_bytes().to_vec();
+        Reply { status, headers, body }
     }
 
     /// Creates a resource and returns its stored JSON.
     async fn create(&self, client: &Client, resource: Value) -> Value {
-        let resource_type = resource["resourceType"]
-            .as_str()
-            .expect("resourceType")
-            .to_owned();
-        let reply = self
-            .send(
-                post(&format!("/r4/{resource_type}"))
-                    .by(client)
-                    .json(&resource),
-            )
-            .await;
+        let resource_type = resource["resourceType"].as_str().expect("resourceType").to_owned();
+        let reply = self.send(post(&format!("/r4/{resource_type}")).by(client).json(&resource)).await;
         assert_status(&reply, 201);
         reply.json()
     }
@@ -154,15 +117,9 @@ impl Server {
             assert_eq!(bundle["type"], "searchset");
             for entry in bundle["entry"].as_array().expect("entry array") {
                 let resource = entry["resource"].clone();
-                let key = format!(
-                    "{}/{}",
-                    resource["resourceType"].as_str().unwrap(),
-                    resource["id"].as_str().unwrap()
-                );
-                assert!(
-                    seen.insert(key.clone()),
-                    "{key} appeared twice while paging {path_and_query}"
-                );
+                let key =
+                    format!("{}/{}", resource["resourceType"].as_str().unwrap(), resource["id"].as_str().unwrap());
+                assert!(seen.insert(key.clone()), "{key} appeared twice while paging {path_and_query}");
                 found.push(resource);
             }
             next = link(&bundle, "next").map(|url| local(&url));
@@ -175,15 +132,9 @@ impl Server {
     async fn stored_state(&self, client: &Client, types: &[&str]) -> BTreeSet<(String, String)> {
         let mut state = BTreeSet::new();
         for resource_type in types {
-            for resource in self
-                .search_all(client, &format!("/r4/{resource_type}?_count=1000"))
-                .await
-            {
+            for resource in self.search_all(client, &format!("/r4/{resource_type}?_count=1000")).await {
                 let key = format!("{resource_type}/{}", resource["id"].as_str().unwrap());
-                state.insert((
-                    key,
-                    resource["meta"]["versionId"].as_str().unwrap().to_owned(),
-                ));
+                state.insert((key, resource["meta"]["versionId"].as_str().unwrap().to_owned()));
             }
         }
         state
@@ -199,12 +150,7 @@ struct Call {
 }
 
 fn request(method: Method, uri: &str) -> Call {
-    Call {
-        method,
-        uri: uri.to_owned(),
-        headers: Vec::new(),
-        body: Vec::new(),
-    }
+    Call { method, uri: uri.to_owned(), headers: Vec::new(), body: Vec::new() }
 }
 
 fn get(uri: &str) -> Call {
@@ -226,8 +172,7 @@ fn delete(uri: &str) -> Call {
 impl Call {
     /// Authenticates with the 1upHealth client headers.
     fn by(self, client: &Client) -> Call {
-        self.header("client_id", &client.id)
-            .header("client_secret", &client.secret)
+        self.header("client_id", &client.id).header("client_secret", &client.secret)
     }
 
     fn header(mut self, name: &str, value: &str) -> Call {
@@ -258,8 +203,7 @@ impl Reply {
     }
 
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|error| panic!("body is not JSON ({error}): {}", self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|error| panic!("body is not JSON ({error}): {}", self.text()))
     }
 
     fn header(&self, name: &str) -> &str {
@@ -272,12 +216,7 @@ impl Reply {
 
 #[track_caller]
 fn assert_status(reply: &Reply, status: u16) {
-    assert_eq!(
-        reply.status.as_u16(),
-        status,
-        "unexpected status; body: {}",
-        reply.text()
-    );
+    assert_eq!(reply.status.as_u16(), status, "unexpected status; body: {}", reply.text());
 }
 
 /// Checks an error answer: status, FHIR JSON, an OperationOutcome whose first issue is an
@@ -291,12 +230,7 @@ fn assert_outcome(reply: &Reply, status: u16, code: &str, expression: Option<&st
     let issue = &outcome["issue"][0];
     assert_eq!(issue["severity"], "error", "{outcome}");
     assert_eq!(issue["code"], code, "{outcome}");
-    assert!(
-        issue["diagnostics"]
-            .as_str()
-            .is_some_and(|text| !text.is_empty()),
-        "{outcome}"
-    );
+    assert!(issue["diagnostics"].as_str().is_some_and(|text| !text.is_empty()), "{outcome}");
     match expression {
         Some(expression) => assert_eq!(issue["expression"], json!([expression]), "{outcome}"),
         None => assert!(issue.get("expression").is_none(), "{outcome}"),
@@ -347,20 +281,20 @@ fn redact_text(text: &str) -> String {
 
 fn is_uuid(text: &str) -> bool {
     text.len() == 36
-        && text.char_indices().all(|(i, c)| {
-            if matches!(i, 8 | 13 | 18 | 23) {
-                c == '-'
-            } else {
-                c.is_ascii_hexdigit()
-            }
-        })
+        && text.char_indices().all(
+            |(i, c)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }
+            },
+        )
 }
 
 /// A URL the server minted, as a path for the next request.
 fn local(url: &str) -> String {
-    url.strip_prefix(BASE)
-        .unwrap_or_else(|| panic!("'{url}' does not start with {BASE}"))
-        .to_owned()
+    url.strip_prefix(BASE).unwrap_or_else(|| panic!("'{url}' does not start with {BASE}")).to_owned()
 }
 
 fn link(bundle: &Value, relation: &str) -> Option<String> {
@@ -373,10 +307,7 @@ fn link(bundle: &Value, relation: &str) -> Option<String> {
 }
 
 fn ids(resources: &[Value]) -> BTreeSet<String> {
-    resources
-        .iter()
-        .map(|resource| resource["id"].as_str().expect("id").to_owned())
-        .collect()
+    resources.iter().map(|resource| resource["id"].as_str().expect("id").to_owned()).collect()
 }
 
 fn set(items: &[&str]) -> BTreeSet<String> {
@@ -396,28 +327,18 @@ async fn create_read_update_history_delete() {
     let server = Server::start();
     let client = server.tenant_client("acme");
 
-    let reply = server
-        .send(post("/r4/Patient").by(&client).json(&patient("Chalmers")))
-        .await;
+    let reply = server.send(post("/r4/Patient").by(&client).json(&patient("Chalmers"))).await;
     assert_status(&reply, 201);
     let created = reply.json();
     let id = created["id"].as_str().expect("server id").to_owned();
     assert_eq!(created["meta"]["versionId"], "1");
-    let first_updated = created["meta"]["lastUpdated"]
-        .as_str()
-        .expect("lastUpdated")
-        .to_owned();
-    assert_eq!(
-        reply.header("location"),
-        format!("{BASE}/r4/Patient/{id}/_history/1")
-    );
+    let first_updated = created["meta"]["lastUpdated"].as_str().expect("lastUpdated").to_owned();
+    assert_eq!(reply.header("location"), format!("{BASE}/r4/Patient/{id}/_history/1"));
     assert_eq!(reply.header("etag"), "W/\"1\"");
     assert_eq!(reply.header("last-modified"), first_updated);
     assert_eq!(reply.header("content-type"), "application/fhir+json");
 
-    let read = server
-        .send(get(&format!("/r4/Patient/{id}")).by(&client))
-        .await;
+    let read = server.send(get(&format!("/r4/Patient/{id}")).by(&client)).await;
     assert_status(&read, 200);
     assert_eq!(read.json(), created);
     assert_eq!(read.header("etag"), "W/\"1\"");
@@ -425,14 +346,8 @@ async fn create_read_update_history_delete() {
     // Update: version 2, new lastUpdated, the old version still readable.
     let mut changed = created.clone();
     changed["name"][0]["family"] = json!("Chalmers-Smith");
-    let reply = server
-        .send(
-            put(&format!("/r4/Patient/{id}"))
-                .by(&client)
-                .header("if-match", "W/\"1\"")
-                .json(&changed),
-        )
-        .await;
+    let reply =
+        server.send(put(&format!("/r4/Patient/{id}")).by(&client).header("if-match", "W/\"1\"").json(&changed)).await;
     assert_status(&reply, 200);
     let updated = reply.json();
     assert_eq!(updated["meta"]["versionId"], "2");
@@ -440,55 +355,33 @@ async fn create_read_update_history_delete() {
     assert!(updated["meta"]["lastUpdated"].as_str().unwrap() > first_updated.as_str());
     assert_eq!(reply.header("etag"), "W/\"2\"");
 
-    let old = server
-        .send(get(&format!("/r4/Patient/{id}/_history/1")).by(&client))
-        .await;
+    let old = server.send(get(&format!("/r4/Patient/{id}/_history/1")).by(&client)).await;
     assert_status(&old, 200);
     assert_eq!(old.json(), created);
 
     // A PUT of identical content is not a new version.
-    let same = server
-        .send(put(&format!("/r4/Patient/{id}")).by(&client).json(&changed))
-        .await;
+    let same = server.send(put(&format!("/r4/Patient/{id}")).by(&client).json(&changed)).await;
     assert_status(&same, 200);
     assert_eq!(same.json()["meta"]["versionId"], "2");
-    assert_eq!(
-        same.json()["meta"]["lastUpdated"],
-        updated["meta"]["lastUpdated"]
-    );
+    assert_eq!(same.json()["meta"]["lastUpdated"], updated["meta"]["lastUpdated"]);
 
     // A stale If-Match is refused and changes nothing.
     let mut stale = changed.clone();
     stale["gender"] = json!("other");
-    let reply = server
-        .send(
-            put(&format!("/r4/Patient/{id}"))
-                .by(&client)
-                .header("if-match", "W/\"1\"")
-                .json(&stale),
-        )
-        .await;
+    let reply =
+        server.send(put(&format!("/r4/Patient/{id}")).by(&client).header("if-match", "W/\"1\"").json(&stale)).await;
     assert_outcome(&reply, 412, "conflict", None);
-    let current = server
-        .send(get(&format!("/r4/Patient/{id}")).by(&client))
-        .await
-        .json();
+    let current = server.send(get(&format!("/r4/Patient/{id}")).by(&client)).await.json();
     assert_eq!(current, updated);
 
     // History: newest first, one entry per real version.
-    let history = server
-        .send(get(&format!("/r4/Patient/{id}/_history")).by(&client))
-        .await;
+    let history = server.send(get(&format!("/r4/Patient/{id}/_history")).by(&client)).await;
     assert_status(&history, 200);
     let history = history.json();
     assert_eq!(history["type"], "history");
     assert_eq!(history["total"], 2);
-    let versions: Vec<&Value> = history["entry"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|entry| &entry["resource"]["meta"]["versionId"])
-        .collect();
+    let versions: Vec<&Value> =
+        history["entry"].as_array().unwrap().iter().map(|entry| &entry["resource"]["meta"]["versionId"]).collect();
     assert_eq!(versions, [&json!("2"), &json!("1")]);
     assert_eq!(history["entry"][0]["resource"], updated);
     assert_eq!(history["entry"][1]["request"]["method"], "POST");
@@ -496,60 +389,36 @@ async fn create_read_update_history_delete() {
     // Update-as-create with the client's id.
     let mut chosen = patient("Chosen");
     chosen["id"] = json!("my-own-id");
-    let reply = server
-        .send(put("/r4/Patient/my-own-id").by(&client).json(&chosen))
-        .await;
+    let reply = server.send(put("/r4/Patient/my-own-id").by(&client).json(&chosen)).await;
     assert_status(&reply, 201);
-    assert_eq!(
-        reply.header("location"),
-        format!("{BASE}/r4/Patient/my-own-id/_history/1")
-    );
+    assert_eq!(reply.header("location"), format!("{BASE}/r4/Patient/my-own-id/_history/1"));
     assert_eq!(reply.json()["meta"]["versionId"], "1");
 
     // Delete: 204, then 410 with an OperationOutcome; the old versions stay in history.
-    let reply = server
-        .send(delete(&format!("/r4/Patient/{id}")).by(&client))
-        .await;
+    let reply = server.send(delete(&format!("/r4/Patient/{id}")).by(&client)).await;
     assert_status(&reply, 204);
     assert!(reply.body.is_empty());
-    let gone = server
-        .send(get(&format!("/r4/Patient/{id}")).by(&client))
-        .await;
+    let gone = server.send(get(&format!("/r4/Patient/{id}")).by(&client)).await;
     assert_outcome(&gone, 410, "deleted", None);
-    let history = server
-        .send(get(&format!("/r4/Patient/{id}/_history")).by(&client))
-        .await
-        .json();
+    let history = server.send(get(&format!("/r4/Patient/{id}/_history")).by(&client)).await.json();
     assert_eq!(history["total"], 3);
     assert_eq!(history["entry"][0]["request"]["method"], "DELETE");
     assert!(history["entry"][0].get("resource").is_none());
-    let old = server
-        .send(get(&format!("/r4/Patient/{id}/_history/2")).by(&client))
-        .await;
+    let old = server.send(get(&format!("/r4/Patient/{id}/_history/2")).by(&client)).await;
     assert_status(&old, 200);
     assert_eq!(old.json(), updated);
-    let tombstone = server
-        .send(get(&format!("/r4/Patient/{id}/_history/3")).by(&client))
-        .await;
+    let tombstone = server.send(get(&format!("/r4/Patient/{id}/_history/3")).by(&client)).await;
     assert_outcome(&tombstone, 410, "deleted", None);
     let remaining = server.search_all(&client, "/r4/Patient").await;
     assert_eq!(ids(&remaining), set(&["my-own-id"]));
 
     // A PUT brings a deleted resource back as a new version (201: it exists again).
-    let reply = server
-        .send(put(&format!("/r4/Patient/{id}")).by(&client).json(&changed))
-        .await;
+    let reply = server.send(put(&format!("/r4/Patient/{id}")).by(&client).json(&changed)).await;
     assert_status(&reply, 201);
     assert_eq!(reply.json()["meta"]["versionId"], "4");
 
-    let reply = server
-        .send(
-            put(&format!("/r4/Patient/{id}"))
-                .by(&client)
-                .header("if-match", "version 4")
-                .json(&changed),
-        )
-        .await;
+    let reply =
+        server.send(put(&format!("/r4/Patient/{id}")).by(&client).header("if-match", "version 4").json(&changed)).await;
     assert_outcome(&reply, 400, "value", Some("If-Match"));
 }
 
@@ -568,62 +437,156 @@ struct Refusal {
 
 #[tokio::test]
 async fn invalid_writes_are_refused_and_change_nothing() {
-    let server = Server::with_config(HttpConfig {
-        max_body_bytes: 4096,
-        max_group_members: 3,
-        ..test_config()
-    });
+    let server = Server::with_config(HttpConfig { max_body_bytes: 4096, max_group_members: 3, ..test_config() });
     let client = server.tenant_client("acme");
     let existing = server.create(&client, patient("Existing")).await;
     let id = existing["id"].as_str().unwrap().to_owned();
-    let group = |members: Vec<Value>| json!({"resourceType": "Group", "type": "person", "actual": true, "member": members});
+    let group =
+        |members: Vec<Value>| json!({"resourceType": "Group", "type": "person", "actual": true, "member": members});
     let member = |reference: &str| json!({"entity": {"reference": reference}});
     let long_id = "a".repeat(65);
     let by = |call: Call| call.by(&client);
     let refusals = vec![
-        Refusal { what: "malformed JSON", call: by(post("/r4/Patient").raw("application/fhir+json", "{\"resourceType\": \"Patient\",")), status: 400, code: "structure", expression: None },
-        Refusal { what: "JSON array", call: by(post("/r4/Patient").json(&json!([patient("A")]))), status: 422, code: "structure", expression: None },
-        Refusal { what: "unknown resourceType", call: by(post("/r4/Patient").json(&json!({"resourceType": "Nope"}))), status: 422, code: "value", expression: Some("resourceType") },
-        Refusal { what: "resourceType differs from the URL", call: by(post("/r4/Patient").json(&json!({"resourceType": "Observation", "status": "final"}))), status: 400, code: "invalid", expression: Some("resourceType") },
-        Refusal { what: "id with an underscore", call: by(put("/r4/Patient/a_b").json(&json!({"resourceType": "Patient", "id": "a_b"}))), status: 400, code: "value", expression: Some("Patient.id") },
-        Refusal { what: "65-character id", call: by(put(&format!("/r4/Patient/{long_id}")).json(&json!({"resourceType": "Patient", "id": long_id}))), status: 400, code: "value", expression: Some("Patient.id") },
-        Refusal { what: "body id differs from the URL id", call: by(put(&format!("/r4/Patient/{id}")).json(&json!({"resourceType": "Patient", "id": "other"}))), status: 400, code: "invalid", expression: Some("Patient.id") },
-        Refusal { what: "update without an id", call: by(put(&format!("/r4/Patient/{id}")).json(&patient("NoId"))), status: 400, code: "required", expression: Some("Patient.id") },
-        Refusal { what: "malformed reference", call: by(post("/r4/Observation").json(&json!({"resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/"}}))), status: 422, code: "value", expression: Some("Observation.subject.reference") },
-        Refusal { what: "Group without type", call: by(post("/r4/Group").json(&json!({"resourceType": "Group", "actual": true}))), status: 422, code: "required", expression: Some("Group.type") },
-        Refusal { what: "Group without actual", call: by(post("/r4/Group").json(&json!({"resourceType": "Group", "type": "person"}))), status: 422, code: "required", expression: Some("Group.actual") },
-        Refusal { what: "Group member that is a Practitioner", call: by(post("/r4/Group").json(&group(vec![member(&format!("Patient/{id}")), member("Practitioner/p1")]))), status: 422, code: "value", expression: Some("Group.member[1].entity") },
-        Refusal { what: "Group above the member cap", call: by(post("/r4/Group").json(&group((0..4).map(|i| member(&format!("Patient/p{i}"))).collect()))), status: 422, code: "too-costly", expression: Some("Group.member") },
-        Refusal { what: "body over max_body_bytes", call: by(post("/r4/Patient").json(&json!({"resourceType": "Patient", "text": {"status": "generated", "div": "x".repeat(5000)}}))), status: 413, code: "too-costly", expression: None },
-        Refusal { what: "XML body", call: by(post("/r4/Patient").raw("application/fhir+xml", "<Patient xmlns=\"http://hl7.org/fhir\"/>")), status: 415, code: "not-supported", expression: Some("Content-Type") },
-        Refusal { what: "XML wanted back", call: by(post("/r4/Patient").header("accept", "application/fhir+xml").json(&patient("Xml"))), status: 406, code: "not-supported", expression: Some("Accept") },
-        Refusal { what: "unknown type in the URL", call: by(post("/r4/Nope").json(&json!({"resourceType": "Nope"}))), status: 404, code: "not-supported", expression: None },
-        Refusal { what: "update of an unknown type", call: by(put("/r4/Nope/1").json(&json!({"resourceType": "Nope", "id": "1"}))), status: 404, code: "not-supported", expression: None },
+        Refusal {
+            what: "malformed JSON",
+            call: by(post("/r4/Patient").raw("application/fhir+json", "{\"resourceType\": \"Patient\",")),
+            status: 400,
+            code: "structure",
+            expression: None,
+        },
+        Refusal {
+            what: "JSON array",
+            call: by(post("/r4/Patient").json(&json!([patient("A")]))),
+            status: 422,
+            code: "structure",
+            expression: None,
+        },
+        Refusal {
+            what: "unknown resourceType",
+            call: by(post("/r4/Patient").json(&json!({"resourceType": "Nope"}))),
+            status: 422,
+            code: "value",
+            expression: Some("resourceType"),
+        },
+        Refusal {
+            what: "resourceType differs from the URL",
+            call: by(post("/r4/Patient").json(&json!({"resourceType": "Observation", "status": "final"}))),
+            status: 400,
+            code: "invalid",
+            expression: Some("resourceType"),
+        },
+        Refusal {
+            what: "id with an underscore",
+            call: by(put("/r4/Patient/a_b").json(&json!({"resourceType": "Patient", "id": "a_b"}))),
+            status: 400,
+            code: "value",
+            expression: Some("Patient.id"),
+        },
+        Refusal {
+            what: "65-character id",
+            call: by(put(&format!("/r4/Patient/{long_id}")).json(&json!({"resourceType": "Patient", "id": long_id}))),
+            status: 400,
+            code: "value",
+            expression: Some("Patient.id"),
+        },
+        Refusal {
+            what: "body id differs from the URL id",
+            call: by(put(&format!("/r4/Patient/{id}")).json(&json!({"resourceType": "Patient", "id": "other"}))),
+            status: 400,
+            code: "invalid",
+            expression: Some("Patient.id"),
+        },
+        Refusal {
+            what: "update without an id",
+            call: by(put(&format!("/r4/Patient/{id}")).json(&patient("NoId"))),
+            status: 400,
+            code: "required",
+            expression: Some("Patient.id"),
+        },
+        Refusal {
+            what: "malformed reference",
+            call: by(post("/r4/Observation").json(
+                &json!({"resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/"}}),
+            )),
+            status: 422,
+            code: "value",
+            expression: Some("Observation.subject.reference"),
+        },
+        Refusal {
+            what: "Group without type",
+            call: by(post("/r4/Group").json(&json!({"resourceType": "Group", "actual": true}))),
+            status: 422,
+            code: "required",
+            expression: Some("Group.type"),
+        },
+        Refusal {
+            what: "Group without actual",
+            call: by(post("/r4/Group").json(&json!({"resourceType": "Group", "type": "person"}))),
+            status: 422,
+            code: "required",
+            expression: Some("Group.actual"),
+        },
+        Refusal {
+            what: "Group member that is a Practitioner",
+            call: by(post("/r4/Group").json(&group(vec![member(&format!("Patient/{id}")), member("Practitioner/p1")]))),
+            status: 422,
+            code: "value",
+            expression: Some("Group.member[1].entity"),
+        },
+        Refusal {
+            what: "Group above the member cap",
+            call: by(post("/r4/Group").json(&group((0..4).map(|i| member(&format!("Patient/p{i}"))).collect()))),
+            status: 422,
+            code: "too-costly",
+            expression: Some("Group.member"),
+        },
+        Refusal {
+            what: "body over max_body_bytes",
+            call: by(post("/r4/Patient")
+                .json(&json!({"resourceType": "Patient", "text": {"status": "generated", "div": "x".repeat(5000)}}))),
+            status: 413,
+            code: "too-costly",
+            expression: None,
+        },
+        Refusal {
+            what: "XML body",
+            call: by(post("/r4/Patient").raw("application/fhir+xml", "<Patient xmlns=\"http://hl7.org/fhir\"/>")),
+            status: 415,
+            code: "not-supported",
+            expression: Some("Content-Type"),
+        },
+        Refusal {
+            what: "XML wanted back",
+            call: by(post("/r4/Patient").header("accept", "application/fhir+xml").json(&patient("Xml"))),
+            status: 406,
+            code: "not-supported",
+            expression: Some("Accept"),
+        },
+        Refusal {
+            what: "unknown type in the URL",
+            call: by(post("/r4/Nope").json(&json!({"resourceType": "Nope"}))),
+            status: 404,
+            code: "not-supported",
+            expression: None,
+        },
+        Refusal {
+            what: "update of an unknown type",
+            call: by(put("/r4/Nope/1").json(&json!({"resourceType": "Nope", "id": "1"}))),
+            status: 404,
+            code: "not-supported",
+            expression: None,
+        },
     ];
     let types = ["Patient", "Observation", "Group"];
     let before = server.stored_state(&client, &types).await;
     assert_eq!(before.len(), 1);
     for refusal in refusals {
         let reply = server.send(refusal.call).await;
-        assert_eq!(
-            reply.status.as_u16(),
-            refusal.status,
-            "{}: {}",
-            refusal.what,
-            reply.text()
-        );
+        assert_eq!(reply.status.as_u16(), refusal.status, "{}: {}", refusal.what, reply.text());
         assert_outcome(&reply, refusal.status, refusal.code, refusal.expression);
-        assert_eq!(
-            server.stored_state(&client, &types).await,
-            before,
-            "{} changed what is stored",
-            refusal.what
-        );
+        assert_eq!(server.stored_state(&client, &types).await, before, "{} changed what is stored", refusal.what);
     }
-    let unchanged = server
-        .send(get(&format!("/r4/Patient/{id}")).by(&client))
-        .await
-        .json();
+    let unchanged = server.send(get(&format!("/r4/Patient/{id}")).by(&client)).await.json();
     assert_eq!(unchanged, existing);
 
     // The limits are not off by one: at the cap is accepted.
@@ -638,35 +601,24 @@ async fn reads_refuse_xml_and_unknown_types() {
     let created = server.create(&client, patient("Reader")).await;
     let id = created["id"].as_str().unwrap();
 
+    let reply =
+        server.send(get(&format!("/r4/Patient/{id}")).by(&client).header("accept", "application/fhir+xml")).await;
+    assert_outcome(&reply, 406, "not-supported", Some("Accept"));
+    // A list that allows JSON is served.
     let reply = server
         .send(
             get(&format!("/r4/Patient/{id}"))
                 .by(&client)
-                .header("accept", "application/fhir+xml"),
+                .header("accept", "application/fhir+xml;q=0.9, application/fhir+json"),
         )
-        .await;
-    assert_outcome(&reply, 406, "not-supported", Some("Accept"));
-    // A list that allows JSON is served.
-    let reply = server
-        .send(get(&format!("/r4/Patient/{id}")).by(&client).header(
-            "accept",
-            "application/fhir+xml;q=0.9, application/fhir+json",
-        ))
         .await;
     assert_status(&reply, 200);
 
-    for path in [
-        "/r4/Nope",
-        "/r4/Nope/1",
-        "/r4/Nope/1/_history",
-        "/r4/Nope/1/_history/1",
-    ] {
+    for path in ["/r4/Nope", "/r4/Nope/1", "/r4/Nope/1/_history", "/r4/Nope/1/_history/1"] {
         let reply = server.send(get(path).by(&client)).await;
         assert_outcome(&reply, 404, "not-supported", None);
     }
-    let reply = server
-        .send(get("/r4/Patient/does-not-exist").by(&client))
-        .await;
+    let reply = server.send(get("/r4/Patient/does-not-exist").by(&client)).await;
     assert_outcome(&reply, 404, "not-found", None);
     let reply = server.send(get("/nowhere").by(&client)).await;
     assert_outcome(&reply, 404, "not-found", None);
@@ -687,23 +639,13 @@ async fn authentication_failures_are_indistinguishable() {
 
     let failures = [
         ("no headers", get("/r4/Patient")),
-        (
-            "wrong secret",
-            get("/r4/Patient")
-                .header("client_id", &client.id)
-                .header("client_secret", "not-the-secret"),
-        ),
+        ("wrong secret", get("/r4/Patient").header("client_id", &client.id).header("client_secret", "not-the-secret")),
         (
             "unknown client",
-            get("/r4/Patient")
-                .header("client_id", "bh_0000000000000000")
-                .header("client_secret", &client.secret),
+            get("/r4/Patient").header("client_id", "bh_0000000000000000").header("client_secret", &client.secret),
         ),
         ("revoked client", get("/r4/Patient").by(&revoked)),
-        (
-            "id without secret",
-            get("/r4/Patient").header("client_id", &client.id),
-        ),
+        ("id without secret", get("/r4/Patient").header("client_id", &client.id)),
     ];
     let mut bodies = BTreeSet::new();
     for (what, call) in failures {
@@ -711,45 +653,27 @@ async fn authentication_failures_are_indistinguishable() {
         assert_eq!(reply.status.as_u16(), 401, "{what}");
         bodies.insert(assert_outcome(&reply, 401, "login", None).to_string());
     }
-    assert_eq!(
-        bodies.len(),
-        1,
-        "401 bodies reveal which part was wrong: {bodies:?}"
-    );
+    assert_eq!(bodies.len(), 1, "401 bodies reveal which part was wrong: {bodies:?}");
     let expected = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "login", "diagnostics": "missing or invalid client credentials"}]});
     assert_eq!(bodies.into_iter().next().unwrap(), expected.to_string());
 
     // Writes are refused the same way, and store nothing.
     let reply = server
         .send(
-            post("/r4/Patient")
-                .header("client_id", &client.id)
-                .header("client_secret", "x")
-                .json(&patient("Intruder")),
+            post("/r4/Patient").header("client_id", &client.id).header("client_secret", "x").json(&patient("Intruder")),
         )
         .await;
     assert_outcome(&reply, 401, "login", None);
     assert_eq!(server.search_all(&client, "/r4/Patient").await.len(), 1);
 
     // Hyphenated spellings work.
-    let reply = server
-        .send(
-            get("/r4/Patient")
-                .header("client-id", &client.id)
-                .header("client-secret", &client.secret),
-        )
-        .await;
+    let reply =
+        server.send(get("/r4/Patient").header("client-id", &client.id).header("client-secret", &client.secret)).await;
     assert_status(&reply, 200);
     assert_eq!(reply.json()["entry"].as_array().unwrap().len(), 1);
 
     for bad_user in ["has space", "sl/ash", &"u".repeat(65)] {
-        let reply = server
-            .send(
-                get("/r4/Patient")
-                    .by(&client)
-                    .header("x-oneup-user-id", bad_user),
-            )
-            .await;
+        let reply = server.send(get("/r4/Patient").by(&client).header("x-oneup-user-id", bad_user)).await;
         assert_outcome(&reply, 400, "value", Some("x-oneup-user-id"));
     }
 }
@@ -768,52 +692,27 @@ async fn tenants_never_see_each_other() {
     let created = server.create(&acme, resource).await;
     let id = created["id"].as_str().unwrap().to_owned();
 
-    for path in [
-        format!("/r4/Patient/{id}"),
-        format!("/r4/Patient/{id}/_history/1"),
-        format!("/r4/Patient/{id}/_history"),
-    ] {
+    for path in
+        [format!("/r4/Patient/{id}"), format!("/r4/Patient/{id}/_history/1"), format!("/r4/Patient/{id}/_history")]
+    {
         let reply = server.send(get(&path).by(&globex)).await;
         assert_outcome(&reply, 404, "not-found", None);
     }
-    let reply = server
-        .send(delete(&format!("/r4/Patient/{id}")).by(&globex))
-        .await;
+    let reply = server.send(delete(&format!("/r4/Patient/{id}")).by(&globex)).await;
     assert_outcome(&reply, 404, "not-found", None);
-    for query in [
-        format!("_id={id}"),
-        "identifier=urn:mrn|m-1".to_owned(),
-        String::new(),
-    ] {
-        assert!(
-            server
-                .search_all(&globex, &format!("/r4/Patient?{query}"))
-                .await
-                .is_empty(),
-            "{query}"
-        );
+    for query in [format!("_id={id}"), "identifier=urn:mrn|m-1".to_owned(), String::new()] {
+        assert!(server.search_all(&globex, &format!("/r4/Patient?{query}")).await.is_empty(), "{query}");
     }
 
     // Ids are per tenant: the same id in another tenant is another resource.
     let mut lookalike = patient("Lookalike");
     lookalike["id"] = json!(id);
-    let reply = server
-        .send(
-            put(&format!("/r4/Patient/{id}"))
-                .by(&globex)
-                .json(&lookalike),
-        )
-        .await;
+    let reply = server.send(put(&format!("/r4/Patient/{id}")).by(&globex).json(&lookalike)).await;
     assert_status(&reply, 201);
     assert_eq!(reply.json()["meta"]["versionId"], "1");
-    let original = server
-        .send(get(&format!("/r4/Patient/{id}")).by(&acme))
-        .await;
+    let original = server.send(get(&format!("/r4/Patient/{id}")).by(&acme)).await;
     assert_eq!(original.json(), created);
-    let history = server
-        .send(get(&format!("/r4/Patient/{id}/_history")).by(&acme))
-        .await
-        .json();
+    let history = server.send(get(&format!("/r4/Patient/{id}/_history")).by(&acme)).await.json();
     assert_eq!(history["total"], 1);
 }
 
@@ -823,45 +722,19 @@ async fn users_own_what_they_write() {
     let client = server.tenant_client("acme");
     let as_user = |call: Call, user: &str| call.by(&client).header("x-oneup-user-id", user);
 
-    let reply = server
-        .send(as_user(post("/r4/Patient"), "alice").json(&patient("Alice")))
-        .await;
+    let reply = server.send(as_user(post("/r4/Patient"), "alice").json(&patient("Alice"))).await;
     assert_status(&reply, 201);
     let alice_patient = reply.json();
     let id = alice_patient["id"].as_str().unwrap().to_owned();
     let path = format!("/r4/Patient/{id}");
 
     assert_status(&server.send(as_user(get(&path), "alice")).await, 200);
-    assert_outcome(
-        &server.send(as_user(get(&path), "bob")).await,
-        404,
-        "not-found",
-        None,
-    );
-    assert_outcome(
-        &server
-            .send(as_user(get(&format!("{path}/_history")), "bob"))
-            .await,
-        404,
-        "not-found",
-        None,
-    );
-    assert_outcome(
-        &server.send(as_user(delete(&path), "bob")).await,
-        404,
-        "not-found",
-        None,
-    );
+    assert_outcome(&server.send(as_user(get(&path), "bob")).await, 404, "not-found", None);
+    assert_outcome(&server.send(as_user(get(&format!("{path}/_history")), "bob")).await, 404, "not-found", None);
+    assert_outcome(&server.send(as_user(delete(&path), "bob")).await, 404, "not-found", None);
     let mut takeover = alice_patient.clone();
     takeover["gender"] = json!("male");
-    assert_outcome(
-        &server
-            .send(as_user(put(&path), "bob").json(&takeover))
-            .await,
-        404,
-        "not-found",
-        None,
-    );
+    assert_outcome(&server.send(as_user(put(&path), "bob").json(&takeover)).await, 404, "not-found", None);
     let bob_search = server.send(as_user(get("/r4/Patient"), "bob")).await.json();
     assert!(bob_search["entry"].as_array().unwrap().is_empty());
 
@@ -870,14 +743,8 @@ async fn users_own_what_they_write() {
     assert_status(&as_client, 200);
     assert_eq!(as_client.json(), alice_patient);
     assert_status(&server.send(get(&path).by(&client)).await, 200);
-    assert_eq!(
-        ids(&server.search_all(&client, "/r4/Patient").await),
-        set(&[&id])
-    );
-    let alice_search = server
-        .send(as_user(get("/r4/Patient"), "alice"))
-        .await
-        .json();
+    assert_eq!(ids(&server.search_all(&client, "/r4/Patient").await), set(&[&id]));
+    let alice_search = server.send(as_user(get("/r4/Patient"), "alice")).await.json();
     assert_eq!(alice_search["entry"][0]["resource"], alice_patient);
 }
 
@@ -889,25 +756,11 @@ async fn users_own_what_they_write() {
 async fn search_by_id_identifier_and_reference() {
     let server = Server::start();
     let client = server.tenant_client("acme");
-    let with_identifier =
-        |identifier: Value| json!({"resourceType": "Patient", "identifier": [identifier]});
-    let mrn = server
-        .create(
-            &client,
-            with_identifier(json!({"system": "urn:mrn", "value": "123"})),
-        )
-        .await;
-    let other = server
-        .create(
-            &client,
-            with_identifier(json!({"system": "urn:other", "value": "123"})),
-        )
-        .await;
-    let bare = server
-        .create(&client, with_identifier(json!({"value": "123"})))
-        .await;
-    let [mrn, other, bare] =
-        [&mrn, &other, &bare].map(|resource| resource["id"].as_str().unwrap().to_owned());
+    let with_identifier = |identifier: Value| json!({"resourceType": "Patient", "identifier": [identifier]});
+    let mrn = server.create(&client, with_identifier(json!({"system": "urn:mrn", "value": "123"}))).await;
+    let other = server.create(&client, with_identifier(json!({"system": "urn:other", "value": "123"}))).await;
+    let bare = server.create(&client, with_identifier(json!({"value": "123"}))).await;
+    let [mrn, other, bare] = [&mrn, &other, &bare].map(|resource| resource["id"].as_str().unwrap().to_owned());
 
     let cases = [
         (format!("_id={mrn}"), vec![&mrn]),
@@ -920,23 +773,15 @@ async fn search_by_id_identifier_and_reference() {
         ("_id=nope".into(), vec![]),
     ];
     for (query, expected) in cases {
-        let found = server
-            .search_all(&client, &format!("/r4/Patient?{query}"))
-            .await;
+        let found = server.search_all(&client, &format!("/r4/Patient?{query}")).await;
         let expected: BTreeSet<String> = expected.into_iter().cloned().collect();
         assert_eq!(ids(&found), expected, "{query}");
     }
 
     let observation = |subject: &str| json!({"resourceType": "Observation", "status": "final", "code": {"text": "bp"}, "subject": {"reference": subject}});
-    let on_mrn = server
-        .create(&client, observation(&format!("Patient/{mrn}")))
-        .await;
-    let on_other = server
-        .create(&client, observation(&format!("Patient/{other}")))
-        .await;
-    let on_group = server
-        .create(&client, observation(&format!("Group/{mrn}")))
-        .await;
+    let on_mrn = server.create(&client, observation(&format!("Patient/{mrn}"))).await;
+    let on_other = server.create(&client, observation(&format!("Patient/{other}"))).await;
+    let on_group = server.create(&client, observation(&format!("Group/{mrn}"))).await;
     let [on_mrn, on_other, on_group] =
         [&on_mrn, &on_other, &on_group].map(|resource| resource["id"].as_str().unwrap().to_owned());
     let cases = [
@@ -949,9 +794,7 @@ async fn search_by_id_identifier_and_reference() {
         (format!("patient={mrn}&_id={on_other}"), vec![]),
     ];
     for (query, expected) in cases {
-        let found = server
-            .search_all(&client, &format!("/r4/Observation?{query}"))
-            .await;
+        let found = server.search_all(&client, &format!("/r4/Observation?{query}")).await;
         let expected: BTreeSet<String> = expected.into_iter().cloned().collect();
         assert_eq!(ids(&found), expected, "{query}");
     }
@@ -966,12 +809,7 @@ async fn search_by_last_updated_prefixes() {
         created.push(server.create(&client, patient(family)).await);
     }
     let id = |index: usize| created[index]["id"].as_str().unwrap().to_owned();
-    let at = |index: usize| {
-        created[index]["meta"]["lastUpdated"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let at = |index: usize| created[index]["meta"]["lastUpdated"].as_str().unwrap().to_owned();
     let (first, second, third) = (id(0), id(1), id(2));
     let instant = at(1);
     let day = &instant[..10];
@@ -980,17 +818,9 @@ async fn search_by_last_updated_prefixes() {
 
     // Partial dates cover their whole day, month or year. Expectations come from the stamps
     // themselves, so a run across midnight (or New Year) still holds.
-    let stamped = [
-        (first.clone(), at(0)),
-        (second.clone(), at(1)),
-        (third.clone(), at(2)),
-    ];
+    let stamped = [(first.clone(), at(0)), (second.clone(), at(1)), (third.clone(), at(2))];
     let select = |len: usize, keep: fn(Ordering) -> bool, bound: &str| -> Vec<String> {
-        stamped
-            .iter()
-            .filter(|(_, stamp)| keep(stamp[..len].cmp(&bound[..len])))
-            .map(|(id, _)| id.clone())
-            .collect()
+        stamped.iter().filter(|(_, stamp)| keep(stamp[..len].cmp(&bound[..len]))).map(|(id, _)| id.clone()).collect()
     };
     let (last_year, next_year) = ((year - 1).to_string(), (year + 1).to_string());
     let cases: Vec<(String, Vec<String>)> = vec![
@@ -1004,48 +834,24 @@ async fn search_by_last_updated_prefixes() {
         (format!("gt{day}"), select(10, Ordering::is_gt, day)),
         (format!("lt{day}"), select(10, Ordering::is_lt, day)),
         (format!("ge{month}"), select(7, Ordering::is_ge, month)),
-        (
-            format!("le{year}"),
-            select(4, Ordering::is_le, &year.to_string()),
-        ),
-        (
-            format!("gt{last_year}"),
-            select(4, Ordering::is_gt, &last_year),
-        ),
-        (
-            format!("lt{next_year}"),
-            select(4, Ordering::is_lt, &next_year),
-        ),
+        (format!("le{year}"), select(4, Ordering::is_le, &year.to_string())),
+        (format!("gt{last_year}"), select(4, Ordering::is_gt, &last_year)),
+        (format!("lt{next_year}"), select(4, Ordering::is_lt, &next_year)),
         (format!("ge{next_year}"), vec![]),
     ];
-    assert!(
-        cases[6].1.contains(&second) && cases[10].1.len() == 3,
-        "the partial-date cases are not vacuous"
-    );
+    assert!(cases[6].1.contains(&second) && cases[10].1.len() == 3, "the partial-date cases are not vacuous");
     for (value, expected) in cases {
-        let found = server
-            .search_all(&client, &format!("/r4/Patient?_lastUpdated={value}"))
-            .await;
+        let found = server.search_all(&client, &format!("/r4/Patient?_lastUpdated={value}")).await;
         let expected: BTreeSet<String> = expected.into_iter().collect();
         assert_eq!(ids(&found), expected, "_lastUpdated={value}");
     }
     // Two bounds make a window.
-    let window = server
-        .search_all(
-            &client,
-            &format!(
-                "/r4/Patient?_lastUpdated=gt{}&_lastUpdated=lt{}",
-                at(0),
-                at(2)
-            ),
-        )
-        .await;
+    let window =
+        server.search_all(&client, &format!("/r4/Patient?_lastUpdated=gt{}&_lastUpdated=lt{}", at(0), at(2))).await;
     assert_eq!(ids(&window), set(&[&second]));
 
     for bad in ["ne2024", "yesterday", "gt2024-13", "2024-01-01T10:00"] {
-        let reply = server
-            .send(get(&format!("/r4/Patient?_lastUpdated={bad}")).by(&client))
-            .await;
+        let reply = server.send(get(&format!("/r4/Patient?_lastUpdated={bad}")).by(&client)).await;
         assert_outcome(&reply, 400, "invalid", Some("_lastUpdated"));
     }
 }
@@ -1057,12 +863,7 @@ async fn search_pages_return_every_match_exactly_once() {
     let mut expected = BTreeSet::new();
     for index in 0..7 {
         let resource = json!({"resourceType": "Patient", "identifier": [{"system": "urn:page", "value": "p"}], "name": [{"family": format!("P{index}")}]});
-        expected.insert(
-            server.create(&client, resource).await["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        expected.insert(server.create(&client, resource).await["id"].as_str().unwrap().to_owned());
     }
     server.create(&client, patient("NotOnAnyPage")).await;
 
@@ -1076,17 +877,10 @@ async fn search_pages_return_every_match_exactly_once() {
         assert!(local(&self_link).starts_with("/r4/Patient?"), "{self_link}");
         let entries = bundle["entry"].as_array().unwrap();
         pages.push(entries.len());
-        seen.extend(
-            entries
-                .iter()
-                .map(|entry| entry["resource"]["id"].as_str().unwrap().to_owned()),
-        );
+        seen.extend(entries.iter().map(|entry| entry["resource"]["id"].as_str().unwrap().to_owned()));
         url = link(&bundle, "next").map(|next| local(&next));
         if let Some(next) = &url {
-            assert!(
-                next.contains("_count=3") && next.contains("identifier="),
-                "next link keeps the query: {next}"
-            );
+            assert!(next.contains("_count=3") && next.contains("identifier="), "next link keeps the query: {next}");
         }
     }
     assert_eq!(pages, [3, 3, 1]);
@@ -1100,11 +894,7 @@ async fn search_refuses_what_it_cannot_honour() {
     let client = server.tenant_client("acme");
     let cases = [
         ("/r4/Patient?name=smith", "not-supported", "name"),
-        (
-            "/r4/Patient?_id=a&birthdate=2000",
-            "not-supported",
-            "birthdate",
-        ),
+        ("/r4/Patient?_id=a&birthdate=2000", "not-supported", "birthdate"),
         ("/r4/Patient?_count=0", "invalid", "_count"),
         ("/r4/Patient?_count=ten", "invalid", "_count"),
         ("/r4/Patient?_count=100000", "invalid", "_count"),
@@ -1113,9 +903,7 @@ async fn search_refuses_what_it_cannot_honour() {
         ("/r4/Observation?subject=Patient/a b", "invalid", "subject"),
     ];
     for (path, code, parameter) in cases {
-        let reply = server
-            .send(get(&path.replace(' ', "%20")).by(&client))
-            .await;
+        let reply = server.send(get(&path.replace(' ', "%20")).by(&client)).await;
         assert_outcome(&reply, 400, code, Some(parameter));
     }
 }
@@ -1135,28 +923,14 @@ async fn metadata_and_health_need_no_credentials() {
     assert_eq!(capability["fhirVersion"], "4.0.1");
     assert_eq!(capability["implementation"]["url"], format!("{BASE}/r4"));
     let resources = capability["rest"][0]["resource"].as_array().unwrap();
-    let group = resources
-        .iter()
-        .find(|resource| resource["type"] == "Group")
-        .expect("Group listed");
+    let group = resources.iter().find(|resource| resource["type"] == "Group").expect("Group listed");
     assert_eq!(group["operation"][0]["name"], "export");
-    let search_params: BTreeSet<&str> = group["searchParam"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|param| param["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        search_params,
-        ["_id", "_lastUpdated", "identifier", "patient", "subject"]
-            .into_iter()
-            .collect()
-    );
+    let search_params: BTreeSet<&str> =
+        group["searchParam"].as_array().unwrap().iter().map(|param| param["name"].as_str().unwrap()).collect();
+    assert_eq!(search_params, ["_id", "_lastUpdated", "identifier", "patient", "subject"].into_iter().collect());
 
     assert_outcome(
-        &server
-            .send(get("/r4/metadata").header("accept", "application/fhir+xml"))
-            .await,
+        &server.send(get("/r4/metadata").header("accept", "application/fhir+xml")).await,
         406,
         "not-supported",
         Some("Accept"),
@@ -1171,9 +945,7 @@ async fn admin_api_is_off_without_a_token() {
     let server = Server::start();
     for call in [
         get("/admin/tenants"),
-        post("/admin/tenants")
-            .json(&json!({"name": "x"}))
-            .header("authorization", "Bearer anything"),
+        post("/admin/tenants").json(&json!({"name": "x"})).header("authorization", "Bearer anything"),
     ] {
         assert_outcome(&server.send(call).await, 404, "not-found", None);
     }
@@ -1182,62 +954,35 @@ async fn admin_api_is_off_without_a_token() {
 
 #[tokio::test]
 async fn admin_api_creates_tenants_and_clients_with_the_right_token() {
-    let server = Server::with_config(HttpConfig {
-        admin_token: Some("admin-secret-token".into()),
-        ..test_config()
-    });
+    let server = Server::with_config(HttpConfig { admin_token: Some("admin-secret-token".into()), ..test_config() });
     let admin = |call: Call| call.header("authorization", "Bearer admin-secret-token");
     for call in [
         post("/admin/tenants").json(&json!({"name": "acme"})),
-        post("/admin/tenants")
-            .json(&json!({"name": "acme"}))
-            .header("authorization", "Bearer wrong-token"),
-        post("/admin/tenants")
-            .json(&json!({"name": "acme"}))
-            .header("authorization", "admin-secret-token"),
+        post("/admin/tenants").json(&json!({"name": "acme"})).header("authorization", "Bearer wrong-token"),
+        post("/admin/tenants").json(&json!({"name": "acme"})).header("authorization", "admin-secret-token"),
     ] {
         assert_outcome(&server.send(call).await, 401, "login", None);
     }
     assert!(server.store.list_tenants().unwrap().is_empty());
 
-    let reply = server
-        .send(admin(post("/admin/tenants").json(&json!({"name": "acme"}))))
-        .await;
+    let reply = server.send(admin(post("/admin/tenants").json(&json!({"name": "acme"})))).await;
     assert_status(&reply, 201);
-    assert_eq!(
-        redact(reply.json()),
-        json!({"name": "acme", "created": "<instant>"})
-    );
+    assert_eq!(redact(reply.json()), json!({"name": "acme", "created": "<instant>"}));
     assert_outcome(
-        &server
-            .send(admin(post("/admin/tenants").json(&json!({"name": "acme"}))))
-            .await,
+        &server.send(admin(post("/admin/tenants").json(&json!({"name": "acme"})))).await,
         409,
         "duplicate",
         None,
     );
     assert_outcome(
-        &server
-            .send(admin(
-                post("/admin/tenants").json(&json!({"name": "bad name"})),
-            ))
-            .await,
+        &server.send(admin(post("/admin/tenants").json(&json!({"name": "bad name"})))).await,
         400,
         "value",
         Some("name"),
     );
-    assert_outcome(
-        &server
-            .send(admin(post("/admin/tenants/nope/clients")))
-            .await,
-        404,
-        "not-found",
-        None,
-    );
+    assert_outcome(&server.send(admin(post("/admin/tenants/nope/clients"))).await, 404, "not-found", None);
 
-    let reply = server
-        .send(admin(post("/admin/tenants/acme/clients")))
-        .await;
+    let reply = server.send(admin(post("/admin/tenants/acme/clients"))).await;
     assert_status(&reply, 201);
     let credentials = reply.json();
     assert_eq!(credentials["tenant"], "acme");
@@ -1247,26 +992,10 @@ async fn admin_api_creates_tenants_and_clients_with_the_right_token() {
     };
     assert_status(&server.send(get("/r4/Patient").by(&client)).await, 200);
 
-    let listed = server
-        .send(admin(get("/admin/tenants/acme/clients")))
-        .await
-        .json();
+    let listed = server.send(admin(get("/admin/tenants/acme/clients"))).await.json();
     assert_eq!(listed["clients"][0]["client_id"], json!(client.id));
-    assert!(
-        !listed.to_string().contains(&client.secret),
-        "the secret is shown once only"
-    );
+    assert!(!listed.to_string().contains(&client.secret), "the secret is shown once only");
 
-    assert_status(
-        &server
-            .send(admin(post(&format!("/admin/clients/{}/revoke", client.id))))
-            .await,
-        204,
-    );
-    assert_outcome(
-        &server.send(get("/r4/Patient").by(&client)).await,
-        401,
-        "login",
-        None,
-    );
+    assert_status(&server.send(admin(post(&format!("/admin/clients/{}/revoke", client.id)))).await, 204);
+    assert_outcome(&server.send(get("/r4/Patient").by(&client)).await, 401, "login", None);
 }

@@ -133,38 +133,23 @@ fn differences(got: &Value, expected: &Value) -> String {
     let short = |value: Option<&Value>| {
         let text = value.map_or("(absent)".to_owned(), Value::to_string);
         if text.len() > 200 {
-            format!(
-                "{}…",
-                &text[..text.char_indices().nth(200).map_or(text.len(), |(i, _)| i)]
-            )
+            format!("{}…", &text[..text.char_indices().nth(200).map_or(text.len(), |(i, _)| i)])
         } else {
             text
         }
     };
-    let keys: BTreeSet<&String> = got
-        .as_object()
-        .into_iter()
-        .chain(expected.as_object())
-        .flat_map(|o| o.keys())
-        .collect();
+    let keys: BTreeSet<&String> =
+        got.as_object().into_iter().chain(expected.as_object()).flat_map(|o| o.keys()).collect();
     keys.into_iter()
         .filter(|key| got.get(key.as_str()) != expected.get(key.as_str()))
         .map(|key| {
-            format!(
-                "{key}: exported {} / source {}",
-                short(got.get(key.as_str())),
-                short(expected.get(key.as_str()))
-            )
+            format!("{key}: exported {} / source {}", short(got.get(key.as_str())), short(expected.get(key.as_str())))
         })
         .collect::<Vec<_>>()
         .join("; ")
 }
 
-async fn get(
-    app: &Router,
-    credentials: &(String, String),
-    uri: &str,
-) -> (StatusCode, String, Vec<u8>) {
+async fn get(app: &Router, credentials: &(String, String), uri: &str) -> (StatusCode, String, Vec<u8>) {
     let request = Request::builder()
         .method(Method::GET)
         .uri(uri)
@@ -174,23 +159,8 @@ async fn get(
         .unwrap();
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    (
-        status,
-        content_type,
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
+    let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    (status, content_type, response.into_body().collect().await.unwrap().to_bytes().to_vec())
 }
 
 #[test]
@@ -202,12 +172,9 @@ fn synthea_group_exports_follow_the_compartment_definition() {
     // ---- the independent view of the data ----
     let mut resources: Vec<(&'static str, String, Value)> = Vec::with_capacity(source.len());
     for (resource_type, line_number, line) in &source {
-        let resource: Value = serde_json::from_str(line)
-            .unwrap_or_else(|error| panic!("{resource_type}:{line_number}: {error}"));
-        assert_eq!(
-            resource["resourceType"], *resource_type,
-            "{resource_type}:{line_number}"
-        );
+        let resource: Value =
+            serde_json::from_str(line).unwrap_or_else(|error| panic!("{resource_type}:{line_number}: {error}"));
+        assert_eq!(resource["resourceType"], *resource_type, "{resource_type}:{line_number}");
         let id = resource["id"].as_str().unwrap().to_owned();
         resources.push((resource_type, id, resource));
     }
@@ -220,19 +187,15 @@ fn synthea_group_exports_follow_the_compartment_definition() {
         resolve(resource, &types_by_id);
     }
     // The server stamps its own versionId/lastUpdated (a few source resources carry some).
-    let stripped: HashMap<(&str, &str), Value> = resources
-        .iter()
-        .map(|(t, id, resource)| ((*t, id.as_str()), without_server_meta(resource.clone())))
-        .collect();
+    let stripped: HashMap<(&str, &str), Value> =
+        resources.iter().map(|(t, id, resource)| ((*t, id.as_str()), without_server_meta(resource.clone()))).collect();
 
     // ---- the server ----
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("synthea.db")).unwrap());
     let tenant = store.create_tenant("synthea").unwrap().id;
     let new = generate_credentials();
-    store
-        .create_client(tenant, &new.client_id, &hash_secret(&new.client_secret))
-        .unwrap();
+    store.create_client(tenant, &new.client_id, &hash_secret(&new.client_secret)).unwrap();
     let credentials = (new.client_id, new.client_secret);
     // Another tenant with the same data's Groups must not matter (ids collide on purpose).
     let other = store.create_tenant("other").unwrap().id;
@@ -240,15 +203,7 @@ fn synthea_group_exports_follow_the_compartment_definition() {
     let loading = Instant::now();
     let mut importer = Importer::new(store.as_ref(), tenant, None, 100_000);
     for (resource_type, line_number, line) in &source {
-        importer
-            .add_line(
-                Location {
-                    source: format!("{resource_type}.ndjson.gz"),
-                    line: *line_number,
-                },
-                line,
-            )
-            .unwrap();
+        importer.add_line(Location { source: format!("{resource_type}.ndjson.gz"), line: *line_number }, line).unwrap();
     }
     let summary = importer.finish().unwrap();
     assert_eq!(summary.failed, 0, "import failures: {:#?}", summary.errors);
@@ -260,33 +215,15 @@ fn synthea_group_exports_follow_the_compartment_definition() {
         let mut group: Value = serde_json::from_str(line).unwrap();
         resolve(&mut group, &types_by_id);
         decoys
-            .add_resource(
-                Location {
-                    source: format!("{resource_type}.ndjson.gz"),
-                    line: *line_number,
-                },
-                group,
-                None,
-            )
+            .add_resource(Location { source: format!("{resource_type}.ndjson.gz"), line: *line_number }, group, None)
             .unwrap();
     }
     assert_eq!(decoys.finish().unwrap().failed, 0);
 
-    let config = HttpConfig {
-        export_part_size: 1_000,
-        ..HttpConfig::default()
-    };
-    let keys = TokenKeys::new(vec![(
-        "k1".into(),
-        b"synthea-test-signing-key-32-byte".to_vec(),
-    )])
-    .unwrap();
+    let config = HttpConfig { export_part_size: 1_000, ..HttpConfig::default() };
+    let keys = TokenKeys::new(vec![("k1".into(), b"synthea-test-signing-key-32-byte".to_vec())]).unwrap();
     let app = router(AppState::new(store.clone(), config, keys));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
 
     let exporting = Instant::now();
     let mut exported_everywhere: BTreeMap<String, usize> = BTreeMap::new();
@@ -294,11 +231,7 @@ fn synthea_group_exports_follow_the_compartment_definition() {
     for (group_id, size) in GROUP_SIZES {
         // ---- members: urn:uuid: in the source, Patient/<id> once stored ----
         let source_group: Value = serde_json::from_str(
-            &source
-                .iter()
-                .find(|(t, _, l)| *t == "Group" && l.contains(&format!("\"id\":\"{group_id}\"")))
-                .unwrap()
-                .2,
+            &source.iter().find(|(t, _, l)| *t == "Group" && l.contains(&format!("\"id\":\"{group_id}\""))).unwrap().2,
         )
         .unwrap();
         let members: BTreeSet<String> = source_group["member"]
@@ -314,8 +247,7 @@ fn synthea_group_exports_follow_the_compartment_definition() {
             })
             .collect();
         assert_eq!(members.len(), size, "{group_id}: member count (README)");
-        let (status, _, body) =
-            runtime.block_on(get(&app, &credentials, &format!("/r4/Group/{group_id}")));
+        let (status, _, body) = runtime.block_on(get(&app, &credentials, &format!("/r4/Group/{group_id}")));
         assert_eq!(status, StatusCode::OK);
         let stored: Value = serde_json::from_slice(&body).unwrap();
         let stored_members: BTreeSet<String> = stored["member"]
@@ -326,9 +258,7 @@ fn synthea_group_exports_follow_the_compartment_definition() {
                 let reference = member["entity"]["reference"].as_str().unwrap();
                 reference
                     .strip_prefix("Patient/")
-                    .unwrap_or_else(|| {
-                        panic!("{group_id}: stored member {reference} is not Patient/<id>")
-                    })
+                    .unwrap_or_else(|| panic!("{group_id}: stored member {reference} is not Patient/<id>"))
                     .to_owned()
             })
             .collect();
@@ -345,81 +275,47 @@ fn synthea_group_exports_follow_the_compartment_definition() {
             if *resource_type == "Group" {
                 continue;
             }
-            if patient_compartments(resource_type, resource)
-                .iter()
-                .any(|patient| members.contains(patient))
-            {
-                expected
-                    .entry(resource_type.to_string())
-                    .or_default()
-                    .insert(id.clone());
+            if patient_compartments(resource_type, resource).iter().any(|patient| members.contains(patient)) {
+                expected.entry(resource_type.to_string()).or_default().insert(id.clone());
             }
         }
-        expected
-            .entry("Group".into())
-            .or_default()
-            .insert(group_id.to_owned());
-        assert_eq!(
-            expected["Patient"], members,
-            "{group_id}: every member's Patient is in the data set"
-        );
+        expected.entry("Group".into()).or_default().insert(group_id.to_owned());
+        assert_eq!(expected["Patient"], members, "{group_id}: every member's Patient is in the data set");
 
         // ---- the actual export ----
-        let (status, content_type, body) = runtime.block_on(get(
-            &app,
-            &credentials,
-            &format!("/r4/Group/{group_id}/$export"),
-        ));
-        assert_eq!(
-            status,
-            StatusCode::OK,
-            "{group_id}: {}",
-            String::from_utf8_lossy(&body)
-        );
+        let (status, content_type, body) =
+            runtime.block_on(get(&app, &credentials, &format!("/r4/Group/{group_id}/$export")));
+        assert_eq!(status, StatusCode::OK, "{group_id}: {}", String::from_utf8_lossy(&body));
         assert!(content_type.contains("application/json"));
         let manifest: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(
-            manifest["error"],
-            serde_json::json!([]),
-            "{group_id}: every member exists, so no error file"
-        );
+        assert_eq!(manifest["error"], serde_json::json!([]), "{group_id}: every member exists, so no error file");
         let mut got: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for item in manifest["output"].as_array().unwrap() {
             let item_type = item["type"].as_str().unwrap();
             let url = item["url"].as_str().unwrap();
             let path = &url[url.find("/bulk-data/").unwrap()..];
             let (status, content_type, body) = runtime.block_on(get(&app, &credentials, path));
-            assert_eq!(
-                status,
-                StatusCode::OK,
-                "{group_id}: download of a {item_type} file"
-            );
+            assert_eq!(status, StatusCode::OK, "{group_id}: download of a {item_type} file");
             assert_eq!(content_type, "application/fhir+ndjson");
             let text = String::from_utf8(body).unwrap();
             let lines: Vec<&str> = text.lines().collect();
-            assert_eq!(
-                Some(lines.len() as u64),
-                item["count"].as_u64(),
-                "{group_id}: {item_type} file count"
-            );
+            assert_eq!(Some(lines.len() as u64), item["count"].as_u64(), "{group_id}: {item_type} file count");
             for line in lines {
                 let resource: Value = serde_json::from_str(line).unwrap();
-                assert_eq!(
-                    resource["resourceType"], item_type,
-                    "{group_id}: a line in a {item_type} file"
-                );
+                assert_eq!(resource["resourceType"], item_type, "{group_id}: a line in a {item_type} file");
                 let id = resource["id"].as_str().unwrap().to_owned();
-                let source = stripped.get(&(item_type, id.as_str())).unwrap_or_else(|| {
-                    panic!("{group_id}: exported {item_type}/{id} is not in the data set")
-                });
+                let source = stripped
+                    .get(&(item_type, id.as_str()))
+                    .unwrap_or_else(|| panic!("{group_id}: exported {item_type}/{id} is not in the data set"));
                 let exported = without_server_meta(resource);
                 if &exported != source {
-                    panic!("{group_id}: exported {item_type}/{id} differs from its resolved source: {}", differences(&exported, source));
+                    panic!(
+                        "{group_id}: exported {item_type}/{id} differs from its resolved source: {}",
+                        differences(&exported, source)
+                    );
                 }
                 assert!(
-                    got.entry(item_type.to_owned())
-                        .or_default()
-                        .insert(id.clone()),
+                    got.entry(item_type.to_owned()).or_default().insert(id.clone()),
                     "{group_id}: {item_type}/{id} exported twice"
                 );
             }
@@ -427,32 +323,24 @@ fn synthea_group_exports_follow_the_compartment_definition() {
         for never in ["Practitioner", "Organization"] {
             assert!(!got.contains_key(never), "{group_id}: {never} exported");
         }
-        assert_eq!(
-            got.get("Group"),
-            Some(&BTreeSet::from([group_id.to_owned()])),
-            "{group_id}: only the target Group"
-        );
-        assert_eq!(
-            got.get("Patient").map(BTreeSet::len),
-            Some(size),
-            "{group_id}: Patients exported"
-        );
+        assert_eq!(got.get("Group"), Some(&BTreeSet::from([group_id.to_owned()])), "{group_id}: only the target Group");
+        assert_eq!(got.get("Patient").map(BTreeSet::len), Some(size), "{group_id}: Patients exported");
         for (resource_type, ids) in expected.iter() {
             let actual = got.get(resource_type).cloned().unwrap_or_default();
             let missing: Vec<_> = ids.difference(&actual).take(5).collect();
             let extra: Vec<_> = actual.difference(ids).take(5).collect();
-            assert!(missing.is_empty() && extra.is_empty(), "{group_id}: {resource_type}: {} expected, {} exported; missing {missing:?}, unexpected {extra:?}", ids.len(), actual.len());
-        }
-        for resource_type in got.keys() {
             assert!(
-                expected.contains_key(resource_type),
-                "{group_id}: unexpected type {resource_type}"
+                missing.is_empty() && extra.is_empty(),
+                "{group_id}: {resource_type}: {} expected, {} exported; missing {missing:?}, unexpected {extra:?}",
+                ids.len(),
+                actual.len()
             );
         }
+        for resource_type in got.keys() {
+            assert!(expected.contains_key(resource_type), "{group_id}: unexpected type {resource_type}");
+        }
         for (resource_type, ids) in &got {
-            *exported_everywhere
-                .entry(resource_type.clone())
-                .or_default() += ids.len();
+            *exported_everywhere.entry(resource_type.clone()).or_default() += ids.len();
         }
         patients_seen.extend(got["Patient"].iter().cloned());
     }

@@ -33,8 +33,7 @@ pub trait Store: Send + Sync + 'static {
     fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError>;
     fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError>;
     /// Registers a client; `secret_hash` is already a slow hash (PHC string).
-    fn create_client(&self, tenant: TenantId, client_id: &str, secret_hash: &str)
-        -> Result<ClientRecord, StoreError>;
+    fn create_client(&self, tenant: TenantId, client_id: &str, secret_hash: &str) -> Result<ClientRecord, StoreError>;
     fn list_clients(&self, tenant: TenantId) -> Result<Vec<ClientRecord>, StoreError>;
     /// Looks a client up by its globally unique id (credentials identify the tenant).
     fn client(&self, client_id: &str) -> Result<Option<ClientRecord>, StoreError>;
@@ -57,34 +56,65 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError>;
 
     /// The current version (possibly a tombstone) of a resource visible to `visibility`.
-    fn read(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, id: &str)
-        -> Result<Option<StoredResource>, StoreError>;
+    fn read(
+        &self,
+        tenant: TenantId,
+        visibility: &Visibility,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<StoredResource>, StoreError>;
     /// One version of a resource.
-    fn vread(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, id: &str, version: i64)
-        -> Result<Option<StoredResource>, StoreError>;
+    fn vread(
+        &self,
+        tenant: TenantId,
+        visibility: &Visibility,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<StoredResource>, StoreError>;
     /// Every version of a resource, newest first.
-    fn history(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, id: &str)
-        -> Result<Vec<StoredResource>, StoreError>;
+    fn history(
+        &self,
+        tenant: TenantId,
+        visibility: &Visibility,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Vec<StoredResource>, StoreError>;
     /// Type-level search over current, non-deleted versions, in key order, keyset-paged.
-    fn search(&self, tenant: TenantId, visibility: &Visibility, query: &SearchQuery)
-        -> Result<SearchPage, StoreError>;
+    fn search(&self, tenant: TenantId, visibility: &Visibility, query: &SearchQuery) -> Result<SearchPage, StoreError>;
     // ---- export ----
 
     /// Reserves a transaction time: every write committed before the call has
     /// `lastUpdated <= T`, every write after it `> T` (Bulk Data IG: transactionTime).
     fn reserve_transaction_time(&self) -> Result<Micros, StoreError>;
     /// The version of a resource as it was at `at` (None if it did not exist or was deleted).
-    fn version_at(&self, tenant: TenantId, resource_type: &str, id: &str, at: Micros)
-        -> Result<Option<StoredResource>, StoreError>;
+    fn version_at(
+        &self,
+        tenant: TenantId,
+        resource_type: &str,
+        id: &str,
+        at: Micros,
+    ) -> Result<Option<StoredResource>, StoreError>;
     /// The ids among `ids` (of `resource_type`) that existed, not deleted and visible, at `at`.
-    fn existing_at(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, ids: &[String], at: Micros)
-        -> Result<Vec<String>, StoreError>;
+    fn existing_at(
+        &self,
+        tenant: TenantId,
+        visibility: &Visibility,
+        resource_type: &str,
+        ids: &[String],
+        at: Micros,
+    ) -> Result<Vec<String>, StoreError>;
     /// Patient ids that were (active) members of the Group at `at`, from membership history.
     fn members_at(&self, tenant: TenantId, group_id: &str, at: Micros) -> Result<Vec<String>, StoreError>;
     /// For each of `resource_types`, splits its selected resources into consecutive key ranges
     /// of at most `part_size` resources each, with exact counts (types with none get no part).
-    fn plan_parts(&self, tenant: TenantId, selection: &MemberSelection, resource_types: &[String], part_size: u64)
-        -> Result<Vec<(String, Vec<PartRange>)>, StoreError>;
+    fn plan_parts(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        resource_types: &[String],
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError>;
     /// Streams the stored JSON of the selected resources of one type within `range`, in key
     /// order, one call of `sink` per resource; returns how many were written.
     fn stream_part(
@@ -97,8 +127,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
     /// Resources of the type in the members' compartments that were deleted in
     /// `(since, transaction_time]` (for `deleted[]`), as `(id, deleted_at)`, in key order.
-    fn deleted_in_compartments(&self, tenant: TenantId, selection: &MemberSelection, resource_type: &str)
-        -> Result<Vec<(String, Micros)>, StoreError>;
+    fn deleted_in_compartments(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        resource_type: &str,
+    ) -> Result<Vec<(String, Micros)>, StoreError>;
 
     // ---- asynchronous export jobs ----
 

@@ -4,8 +4,8 @@
 use serde_json::{json, Value};
 
 use crate::{
-    ExportJob, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ReferenceQuery, SearchQuery, Store, StoreError,
-    TenantId, Visibility, WriteMode, WriteOp, Written,
+    ExportJob, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ReferenceQuery, SearchQuery, Store,
+    StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 /// Generates one `#[test]` per suite function; `$make` builds a fresh store (or a guard that
@@ -130,9 +130,15 @@ pub fn versions_and_history(store: &dyn Store) {
     let versions: Vec<i64> =
         store.history(t, &Visibility::Tenant, "Observation", "o1").unwrap().iter().map(|v| v.version).collect();
     assert_eq!(versions, vec![2, 1]);
-    let stale = WriteOp::Update { resource_type: "Observation".into(), id: "o1".into(), body: observation("o1", "p1", 3), if_match: Some(1) };
+    let stale = WriteOp::Update {
+        resource_type: "Observation".into(),
+        id: "o1".into(),
+        body: observation("o1", "p1", 3),
+        if_match: Some(1),
+    };
     assert!(matches!(store.write(t, None, &[stale], WriteMode::Transaction), Err(StoreError::VersionConflict(_))));
-    let create_again = WriteOp::Create { resource_type: "Observation".into(), id: "o1".into(), body: observation("o1", "p1", 3) };
+    let create_again =
+        WriteOp::Create { resource_type: "Observation".into(), id: "o1".into(), body: observation("o1", "p1", 3) };
     assert!(matches!(store.write(t, None, &[create_again], WriteMode::Transaction), Err(StoreError::Conflict(_))));
 }
 
@@ -163,7 +169,8 @@ pub fn users_see_their_own(store: &dyn Store) {
     let query = SearchQuery { resource_type: "Patient".into(), count: 10, ..Default::default() };
     let ids: Vec<String> = store.search(t, &alice, &query).unwrap().resources.into_iter().map(|r| r.id).collect();
     assert_eq!(ids, vec!["pa"]);
-    let steal = WriteOp::Update { resource_type: "Patient".into(), id: "pb".into(), body: patient("pb"), if_match: None };
+    let steal =
+        WriteOp::Update { resource_type: "Patient".into(), id: "pb".into(), body: patient("pb"), if_match: None };
     assert!(matches!(store.write(t, Some("alice"), &[steal], WriteMode::Transaction), Err(StoreError::NotFound(_))));
     let mut selection = selection(store, &[("pa", None), ("pb", None)], None);
     selection.visibility = alice;
@@ -217,7 +224,12 @@ pub fn batches_apply_per_entry(store: &dyn Store) {
         WriteOp::Create { resource_type: "Patient".into(), id: "new".into(), body: patient("new") },
         WriteOp::Create { resource_type: "Patient".into(), id: "exists".into(), body: patient("exists") },
         WriteOp::Delete { resource_type: "Patient".into(), id: "missing".into() },
-        WriteOp::Update { resource_type: "Observation".into(), id: "o".into(), body: observation("o", "new", 1), if_match: None },
+        WriteOp::Update {
+            resource_type: "Observation".into(),
+            id: "o".into(),
+            body: observation("o", "new", 1),
+            if_match: None,
+        },
     ];
     let results = store.write(t, None, &ops, WriteMode::Batch).unwrap();
     assert!(results[0].is_ok());
@@ -238,7 +250,8 @@ pub fn search_subset(store: &dyn Store) {
     let search = |query: SearchQuery| -> Vec<String> {
         store.search(t, &Visibility::Tenant, &query).unwrap().resources.into_iter().map(|r| r.id).collect()
     };
-    let base = |resource_type: &str| SearchQuery { resource_type: resource_type.into(), count: 100, ..Default::default() };
+    let base =
+        |resource_type: &str| SearchQuery { resource_type: resource_type.into(), count: 100, ..Default::default() };
     assert_eq!(search(SearchQuery { ids: vec!["p3".into(), "p1".into()], ..base("Patient") }), vec!["p1", "p3"]);
     let by_mrn = |system: Option<&str>| SearchQuery {
         identifiers: vec![IdentifierQuery { system: system.map(str::to_owned), value: "mrn-p2".into() }],
@@ -259,13 +272,20 @@ pub fn search_subset(store: &dyn Store) {
         ..base("Observation")
     };
     assert_eq!(search(patient), vec!["o1"]);
-    assert_eq!(search(SearchQuery { last_updated: vec![LastUpdatedBound::AtLeast(middle + 1)], ..base("Observation") }), vec!["o2"]);
-    assert_eq!(search(SearchQuery { last_updated: vec![LastUpdatedBound::Before(middle + 1)], ..base("Observation") }), vec!["o1"]);
+    assert_eq!(
+        search(SearchQuery { last_updated: vec![LastUpdatedBound::AtLeast(middle + 1)], ..base("Observation") }),
+        vec!["o2"]
+    );
+    assert_eq!(
+        search(SearchQuery { last_updated: vec![LastUpdatedBound::Before(middle + 1)], ..base("Observation") }),
+        vec!["o1"]
+    );
     // Keyset paging visits every resource once.
     let mut seen = Vec::new();
     let mut after_key = None;
     loop {
-        let page = store.search(t, &Visibility::Tenant, &SearchQuery { count: 2, after_key, ..base("Patient") }).unwrap();
+        let page =
+            store.search(t, &Visibility::Tenant, &SearchQuery { count: 2, after_key, ..base("Patient") }).unwrap();
         seen.extend(page.resources.into_iter().map(|r| r.id));
         match page.next_key {
             Some(key) => after_key = Some(key),
@@ -343,7 +363,10 @@ pub fn export_reports_deletions(store: &dyn Store) {
     let gone_at = delete(store, t, "Observation", "gone").last_updated;
     delete(store, t, "Observation", "other");
     let selection = selection(store, &[("a", Some(since))], Some(since));
-    assert_eq!(store.deleted_in_compartments(t, &selection, "Observation").unwrap(), vec![("gone".to_owned(), gone_at)]);
+    assert_eq!(
+        store.deleted_in_compartments(t, &selection, "Observation").unwrap(),
+        vec![("gone".to_owned(), gone_at)]
+    );
     assert!(export_ids(store, t, &selection, "Observation").is_empty());
     let without_since = MemberSelection { since: None, members: vec![("a".into(), None)], ..selection };
     assert!(store.deleted_in_compartments(t, &without_since, "Observation").unwrap().is_empty());
@@ -379,7 +402,11 @@ pub fn transaction_time_orders_writes(store: &dyn Store) {
 pub fn a_patient_is_in_its_own_compartment_by_stored_id(store: &dyn Store) {
     let t = tenant(store, "t");
     // A create assigns the id; whatever id the body carried does not count.
-    let op = WriteOp::Create { resource_type: "Patient".into(), id: "assigned".into(), body: json!({"resourceType": "Patient", "id": "claimed"}) };
+    let op = WriteOp::Create {
+        resource_type: "Patient".into(),
+        id: "assigned".into(),
+        body: json!({"resourceType": "Patient", "id": "claimed"}),
+    };
     store.write(t, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
     let stored = store.read(t, &Visibility::Tenant, "Patient", "assigned").unwrap().unwrap();
     assert!(stored.body.unwrap().contains(r#""id":"assigned""#));

@@ -177,7 +177,10 @@ mod tests {
     fn stamping_keeps_other_meta_and_order() {
         let original = json!({"gender": "male", "resourceType": "Patient", "meta": {"profile": ["p"], "versionId": "9"}, "id": "old", "active": true});
         let text = stamped_json(&original, "a", 3, 0).unwrap();
-        assert!(text.starts_with(r#"{"resourceType":"Patient","id":"a","meta":{"profile":["p"],"versionId":"3""#), "{text}");
+        assert!(
+            text.starts_with(r#"{"resourceType":"Patient","id":"a","meta":{"profile":["p"],"versionId":"3""#),
+            "{text}"
+        );
         assert!(text.ends_with(r#""gender":"male","active":true}"#), "{text}");
         let body: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(body["id"], "a");

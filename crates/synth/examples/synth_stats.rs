@@ -23,11 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             temp.path().to_path_buf()
         }
     };
-    let options = SynthOptions {
-        patients,
-        seed: 42,
-        format,
-    };
+    let options = SynthOptions { patients, seed: 42, format };
     let started = Instant::now();
     let summary = generate(&options, &dir)?;
     let elapsed = started.elapsed().as_secs_f64();

@@ -21,10 +21,7 @@ impl Moment {
     /// `YYYY-MM-DD` (FHIR `date`).
     pub(crate) fn date(self) -> DateText {
         let (y, m, d) = civil_from_days(self.0.div_euclid(DAY));
-        let mut t = DateText {
-            bytes: [0; 20],
-            len: 10,
-        };
+        let mut t = DateText { bytes: [0; 20], len: 10 };
         put_digits(&mut t.bytes[0..4], y as u64);
         t.bytes[4] = b'-';
         put_digits(&mut t.bytes[5..7], m as u64);
@@ -99,10 +96,7 @@ mod tests {
         assert_eq!(ANCHOR.date_time().as_str(), "2026-01-01T00:00:00Z");
         assert_eq!(Moment(0).date().as_str(), "1970-01-01");
         // 2000-02-29T12:34:56Z, a leap day.
-        assert_eq!(
-            Moment(951_827_696).date_time().as_str(),
-            "2000-02-29T12:34:56Z"
-        );
+        assert_eq!(Moment(951_827_696).date_time().as_str(), "2000-02-29T12:34:56Z");
         assert_eq!(Moment(-DAY).date().as_str(), "1969-12-31");
         assert_eq!(ANCHOR.year(), 2026);
     }

@@ -18,11 +18,7 @@ pub(crate) const ENCOUNTER_KINDS: &[EncounterKind] = &[
         class_code: "AMB",
         class_display: "ambulatory",
         types: &[
-            c(
-                SNOMED,
-                "162673000",
-                "General examination of patient (procedure)",
-            ),
+            c(SNOMED, "162673000", "General examination of patient (procedure)"),
             c(SNOMED, "185349003", "Encounter for check up (procedure)"),
             c(SNOMED, "185345009", "Encounter for symptom"),
             c(SNOMED, "185347001", "Encounter for problem (procedure)"),
@@ -77,30 +73,12 @@ const fn dx(
     medication: Option<usize>,
     care_plan: Option<(Code, Code)>,
 ) -> Diagnosis {
-    Diagnosis {
-        code,
-        display,
-        chronic,
-        medication,
-        care_plan,
-    }
+    Diagnosis { code, display, chronic, medication, care_plan }
 }
 
 pub(crate) const DIAGNOSES: &[Diagnosis] = &[
-    dx(
-        "444814009",
-        "Viral sinusitis (disorder)",
-        false,
-        Some(7),
-        None,
-    ),
-    dx(
-        "195662009",
-        "Acute viral pharyngitis (disorder)",
-        false,
-        Some(7),
-        None,
-    ),
+    dx("444814009", "Viral sinusitis (disorder)", false, Some(7), None),
+    dx("195662009", "Acute viral pharyngitis (disorder)", false, Some(7), None),
     dx(
         "10509002",
         "Acute bronchitis (disorder)",
@@ -111,13 +89,7 @@ pub(crate) const DIAGNOSES: &[Diagnosis] = &[
             c(SNOMED, "304510005", "Recommendation to avoid exercise"),
         )),
     ),
-    dx(
-        "43878008",
-        "Streptococcal sore throat (disorder)",
-        false,
-        Some(6),
-        None,
-    ),
+    dx("43878008", "Streptococcal sore throat (disorder)", false, Some(6), None),
     dx(
         "44465007",
         "Sprain of ankle",
@@ -125,11 +97,7 @@ pub(crate) const DIAGNOSES: &[Diagnosis] = &[
         Some(9),
         Some((
             c(SNOMED, "91251008", "Physical therapy procedure"),
-            c(
-                SNOMED,
-                "229586001",
-                "Rest, ice, compression and elevation treatment programme",
-            ),
+            c(SNOMED, "229586001", "Rest, ice, compression and elevation treatment programme"),
         )),
     ),
     dx("65363002", "Otitis media", false, Some(6), None),
@@ -139,16 +107,8 @@ pub(crate) const DIAGNOSES: &[Diagnosis] = &[
         true,
         Some(0),
         Some((
-            c(
-                SNOMED,
-                "443402002",
-                "Lifestyle education regarding hypertension",
-            ),
-            c(
-                SNOMED,
-                "386463000",
-                "Prescribed activity/exercise education",
-            ),
+            c(SNOMED, "443402002", "Lifestyle education regarding hypertension"),
+            c(SNOMED, "386463000", "Prescribed activity/exercise education"),
         )),
     ),
     dx(
@@ -157,11 +117,7 @@ pub(crate) const DIAGNOSES: &[Diagnosis] = &[
         true,
         Some(3),
         Some((
-            c(
-                SNOMED,
-                "736285004",
-                "Hyperlipidemia clinical management plan",
-            ),
+            c(SNOMED, "736285004", "Hyperlipidemia clinical management plan"),
             c(SNOMED, "183063000", "Low salt diet education"),
         )),
     ),
@@ -170,49 +126,31 @@ pub(crate) const DIAGNOSES: &[Diagnosis] = &[
         "Prediabetes",
         true,
         None,
-        Some((
-            c(SNOMED, "698360004", "Diabetes self management plan"),
-            c(SNOMED, "160670007", "Diabetic diet"),
-        )),
+        Some((c(SNOMED, "698360004", "Diabetes self management plan"), c(SNOMED, "160670007", "Diabetic diet"))),
     ),
     dx(
         "44054006",
         "Diabetes mellitus type 2 (disorder)",
         true,
         Some(1),
-        Some((
-            c(SNOMED, "698360004", "Diabetes self management plan"),
-            c(SNOMED, "160670007", "Diabetic diet"),
-        )),
+        Some((c(SNOMED, "698360004", "Diabetes self management plan"), c(SNOMED, "160670007", "Diabetic diet"))),
     ),
     dx(
         "195967001",
         "Asthma",
         true,
         Some(4),
-        Some((
-            c(SNOMED, "699728000", "Asthma self management"),
-            c(SNOMED, "710081004", "Smoking cessation therapy"),
-        )),
+        Some((c(SNOMED, "699728000", "Asthma self management"), c(SNOMED, "710081004", "Smoking cessation therapy"))),
     ),
     dx("49436004", "Atrial Fibrillation", true, Some(10), None),
     dx("271737000", "Anemia (disorder)", true, None, None),
-    dx(
-        "162864005",
-        "Body mass index 30+ - obesity (finding)",
-        true,
-        None,
-        None,
-    ),
+    dx("162864005", "Body mass index 30+ - obesity (finding)", true, None, None),
     dx(
         "239873007",
         "Osteoarthritis of knee",
         true,
         Some(9),
-        Some((
-            c(SNOMED, "408869004", "Musculoskeletal care"),
-            c(SNOMED, "229065009", "Exercise therapy"),
-        )),
+        Some((c(SNOMED, "408869004", "Musculoskeletal care"), c(SNOMED, "229065009", "Exercise therapy"))),
     ),
     dx("82423001", "Chronic pain", true, Some(11), None),
     dx("40055000", "Chronic sinusitis (disorder)", true, None, None),

@@ -6,8 +6,8 @@ use crate::care_patterns::{EncounterKind, DIAGNOSES, ENCOUNTER_KINDS};
 use crate::datatypes::Ref;
 use crate::patient::PatientCtx;
 use crate::terminology::{
-    Code, ACT_CODE, CONDITION_CATEGORY, CONDITION_CLINICAL, CONDITION_VER_STATUS, MEDICATIONS,
-    PROCEDURES, SNOMED, VACCINES,
+    Code, ACT_CODE, CONDITION_CATEGORY, CONDITION_CLINICAL, CONDITION_VER_STATUS, MEDICATIONS, PROCEDURES, SNOMED,
+    VACCINES,
 };
 use crate::writer::Output;
 use crate::SynthError;
@@ -78,11 +78,8 @@ pub(crate) fn encounter(
         start = limit.plus(-minutes * 60 - 60);
     }
     let end = start.plus(minutes * 60);
-    let provider = if ctx.rng.chance(0.8) {
-        ctx.home
-    } else {
-        ctx.rng.below(ctx.shared.providers.len() as u64) as usize
-    };
+    let provider =
+        if ctx.rng.chance(0.8) { ctx.home } else { ctx.rng.below(ctx.shared.providers.len() as u64) as usize };
     let p = &ctx.shared.providers[provider];
     let practitioner_index = p.staff.start + ctx.rng.below(p.staff.len() as u64) as usize;
     let practitioner = ctx.shared.practitioners[practitioner_index].person;
@@ -102,14 +99,7 @@ pub(crate) fn encounter(
         w.reference_value(patient, Some(display_name));
         w.field_arr("participant");
         w.begin_obj();
-        w.concept_list(
-            "type",
-            &Code {
-                system: PARTICIPATION_TYPE,
-                code: "PPRF",
-                display: "primary performer",
-            },
-        );
+        w.concept_list("type", &Code { system: PARTICIPATION_TYPE, code: "PPRF", display: "primary performer" });
         w.period("period", start, Some(end));
         w.reference("individual", practitioner);
         w.end_obj();
@@ -122,17 +112,7 @@ pub(crate) fn encounter(
         w.end_arr();
         w.reference("serviceProvider", org);
     })?;
-    Ok(Visit {
-        encounter,
-        start,
-        end,
-        kind,
-        type_code,
-        practitioner,
-        practitioner_index,
-        location,
-        org,
-    })
+    Ok(Visit { encounter, start, end, kind, type_code, practitioner, practitioner_index, location, org })
 }
 
 /// Records diagnosis `dx` at `visit`: the Condition, a prescription and a care plan when the
@@ -145,42 +125,21 @@ pub(crate) fn diagnose(
     limit: Moment,
 ) -> Result<ActiveProblem, SynthError> {
     let d = &DIAGNOSES[dx];
-    let abatement = (!d.chronic)
-        .then(|| visit.start.plus(ctx.rng.range(7, 30) * DAY))
-        .filter(|&a| a < limit);
+    let abatement = (!d.chronic).then(|| visit.start.plus(ctx.rng.range(7, 30) * DAY)).filter(|&a| a < limit);
     let condition = ctx.mint("Condition");
     let patient = ctx.patient;
     out.resource("Condition", condition.id, |w| {
         // con-3/con-4: an abated condition must not be `active`.
-        let clinical = if abatement.is_some() {
-            "resolved"
-        } else {
-            "active"
-        };
+        let clinical = if abatement.is_some() { "resolved" } else { "active" };
         w.status_concept("clinicalStatus", CONDITION_CLINICAL, clinical);
         w.status_concept("verificationStatus", CONDITION_VER_STATUS, "confirmed");
         let category = if d.chronic {
-            Code {
-                system: CONDITION_CATEGORY,
-                code: "problem-list-item",
-                display: "Problem List Item",
-            }
+            Code { system: CONDITION_CATEGORY, code: "problem-list-item", display: "Problem List Item" }
         } else {
-            Code {
-                system: CONDITION_CATEGORY,
-                code: "encounter-diagnosis",
-                display: "Encounter Diagnosis",
-            }
+            Code { system: CONDITION_CATEGORY, code: "encounter-diagnosis", display: "Encounter Diagnosis" }
         };
         w.concept_list("category", &category);
-        w.concept(
-            "code",
-            &Code {
-                system: SNOMED,
-                code: d.code,
-                display: d.display,
-            },
-        );
+        w.concept("code", &Code { system: SNOMED, code: d.code, display: d.display });
         w.reference("subject", patient);
         w.reference("encounter", visit.encounter);
         w.field_date_time("onsetDateTime", visit.start);
@@ -190,10 +149,7 @@ pub(crate) fn diagnose(
         w.field_date_time("recordedDate", visit.start);
         w.reference("recorder", visit.practitioner);
     })?;
-    let problem = ActiveProblem {
-        condition,
-        diagnosis: dx,
-    };
+    let problem = ActiveProblem { condition, diagnosis: dx };
     if d.medication.is_some() {
         refill(ctx, out, visit, &problem)?;
     }
@@ -202,21 +158,10 @@ pub(crate) fn diagnose(
         // A plan for an acute problem ends when the problem resolves.
         let plan_end = abatement;
         out.resource("CarePlan", plan.id, |w| {
-            w.field_str(
-                "status",
-                if plan_end.is_some() {
-                    "completed"
-                } else {
-                    "active"
-                },
-            );
+            w.field_str("status", if plan_end.is_some() { "completed" } else { "active" });
             w.field_str("intent", "plan");
             w.field_arr("category");
-            w.concept_value(&Code {
-                system: SNOMED,
-                code: "734163000",
-                display: "Care plan",
-            });
+            w.concept_value(&Code { system: SNOMED, code: "734163000", display: "Care plan" });
             w.concept_value(&category);
             w.end_arr();
             w.field_str("title", category.display);
@@ -231,14 +176,7 @@ pub(crate) fn diagnose(
             w.begin_obj();
             w.field_obj("detail");
             w.concept("code", &activity);
-            w.field_str(
-                "status",
-                if plan_end.is_some() {
-                    "completed"
-                } else {
-                    "in-progress"
-                },
-            );
+            w.field_str("status", if plan_end.is_some() { "completed" } else { "in-progress" });
             w.reference("location", visit.location);
             w.end_obj();
             w.end_obj();
@@ -265,11 +203,7 @@ pub(crate) fn refill(
     let request = ctx.mint("MedicationRequest");
     let patient = ctx.patient;
     let medication = ctx.shared.medications[med];
-    let status = if visit.start > ANCHOR.plus(-YEAR) {
-        "active"
-    } else {
-        "completed"
-    };
+    let status = if visit.start > ANCHOR.plus(-YEAR) { "active" } else { "completed" };
     out.resource("MedicationRequest", request.id, |w| {
         w.field_str("status", status);
         w.field_str("intent", "order");
@@ -288,14 +222,7 @@ pub(crate) fn refill(
         w.field_arr("dosageInstruction");
         w.begin_obj();
         w.field_u64("sequence", 1);
-        w.field_str(
-            "text",
-            if per_day == 1 {
-                "Take one dose daily"
-            } else {
-                "Take one dose several times a day"
-            },
-        );
+        w.field_str("text", if per_day == 1 { "Take one dose daily" } else { "Take one dose several times a day" });
         w.field_obj("timing");
         w.field_obj("repeat");
         w.field_u64("frequency", per_day);
@@ -317,11 +244,7 @@ pub(crate) fn refill(
 }
 
 /// A completed Procedure during the visit; returns its reference for the Claim.
-pub(crate) fn procedure(
-    ctx: &mut PatientCtx,
-    out: &mut Output,
-    visit: &Visit,
-) -> Result<(Ref, Code), SynthError> {
+pub(crate) fn procedure(ctx: &mut PatientCtx, out: &mut Output, visit: &Visit) -> Result<(Ref, Code), SynthError> {
     let code = *ctx.rng.pick(PROCEDURES);
     let minutes = ctx.rng.range(5, 45).min((visit.end.0 - visit.start.0) / 60);
     let r = ctx.mint("Procedure");
@@ -331,11 +254,7 @@ pub(crate) fn procedure(
         w.concept("code", &code);
         w.reference("subject", patient);
         w.reference("encounter", visit.encounter);
-        w.period(
-            "performedPeriod",
-            visit.start,
-            Some(visit.start.plus(minutes * 60)),
-        );
+        w.period("performedPeriod", visit.start, Some(visit.start.plus(minutes * 60)));
         w.field_arr("performer");
         w.begin_obj();
         w.reference("actor", visit.practitioner);

@@ -5,8 +5,7 @@ use crate::datatypes::Ref;
 use crate::json::JsonWriter;
 use crate::patient::PatientCtx;
 use crate::terminology::{
-    Code, ACT_CODE, ADJUDICATION, CLAIM_TYPE, MEMBER_ID_SYSTEM, PROCESS_PRIORITY,
-    SUBSCRIBER_RELATIONSHIP,
+    Code, ACT_CODE, ADJUDICATION, CLAIM_TYPE, MEMBER_ID_SYSTEM, PROCESS_PRIORITY, SUBSCRIBER_RELATIONSHIP,
 };
 use crate::writer::Output;
 use crate::SynthError;
@@ -20,46 +19,23 @@ pub(crate) fn coverage(ctx: &mut PatientCtx, out: &mut Output) -> Result<Ref, Sy
     let member_id = format!("M{:09}", ctx.rng.below(1_000_000_000));
     let group = format!("GRP-{:04}", ctx.rng.below(10_000));
     let patient = ctx.patient;
-    let since = ctx
-        .birth
-        .max(crate::calendar::ANCHOR.plus(-12 * crate::calendar::YEAR));
+    let since = ctx.birth.max(crate::calendar::ANCHOR.plus(-12 * crate::calendar::YEAR));
     out.resource("Coverage", r.id, |w| {
         w.field_arr("identifier");
         w.identifier_value(MEMBER_ID_SYSTEM, &member_id);
         w.end_arr();
         w.field_str("status", "active");
-        w.concept(
-            "type",
-            &Code {
-                system: ACT_CODE,
-                code: "HIP",
-                display: "health insurance plan policy",
-            },
-        );
+        w.concept("type", &Code { system: ACT_CODE, code: "HIP", display: "health insurance plan policy" });
         w.field_str("subscriberId", &member_id);
         w.reference("beneficiary", patient);
-        w.concept(
-            "relationship",
-            &Code {
-                system: SUBSCRIBER_RELATIONSHIP,
-                code: "self",
-                display: "Self",
-            },
-        );
+        w.concept("relationship", &Code { system: SUBSCRIBER_RELATIONSHIP, code: "self", display: "Self" });
         w.period("period", since, None);
         w.field_arr("payor");
         w.reference_value(payer.org, Some(payer.name));
         w.end_arr();
         w.field_arr("class");
         w.begin_obj();
-        w.concept(
-            "type",
-            &Code {
-                system: COVERAGE_CLASS,
-                code: "group",
-                display: "Group",
-            },
-        );
+        w.concept("type", &Code { system: COVERAGE_CLASS, code: "group", display: "Group" });
         w.field_str("value", &group);
         w.field_str("name", payer.name);
         w.end_obj();
@@ -88,21 +64,10 @@ pub(crate) fn claim_and_eob(
     }
     let total: u64 = lines.iter().map(|l| l.1).sum();
     // The payer pays 60–90% of the charge.
-    let paid: Vec<u64> = lines
-        .iter()
-        .map(|l| l.1 * ctx.rng.range(60, 90) as u64 / 100)
-        .collect();
+    let paid: Vec<u64> = lines.iter().map(|l| l.1 * ctx.rng.range(60, 90) as u64 / 100).collect();
     let claim_type = match visit.class_code() {
-        "IMP" | "EMER" => Code {
-            system: CLAIM_TYPE,
-            code: "institutional",
-            display: "Institutional",
-        },
-        _ => Code {
-            system: CLAIM_TYPE,
-            code: "professional",
-            display: "Professional",
-        },
+        "IMP" | "EMER" => Code { system: CLAIM_TYPE, code: "institutional", display: "Institutional" },
+        _ => Code { system: CLAIM_TYPE, code: "professional", display: "Professional" },
     };
     let payer = &ctx.shared.payers[ctx.payer];
     let (patient, coverage) = (ctx.patient, ctx.coverage);
@@ -115,14 +80,7 @@ pub(crate) fn claim_and_eob(
         w.period("billablePeriod", visit.start, Some(visit.end));
         w.field_date_time("created", visit.end);
         w.reference("provider", visit.org);
-        w.concept(
-            "priority",
-            &Code {
-                system: PROCESS_PRIORITY,
-                code: "normal",
-                display: "Normal",
-            },
-        );
+        w.concept("priority", &Code { system: PROCESS_PRIORITY, code: "normal", display: "Normal" });
         w.reference("facility", visit.location);
         if !procedures.is_empty() {
             w.field_arr("procedure");
@@ -156,10 +114,7 @@ pub(crate) fn claim_and_eob(
         w.field_str("use", "claim");
         w.reference("patient", patient);
         w.period("billablePeriod", visit.start, Some(visit.end));
-        w.field_date_time(
-            "created",
-            visit.end.plus(7 * 86_400).min(crate::calendar::ANCHOR),
-        );
+        w.field_date_time("created", visit.end.plus(7 * 86_400).min(crate::calendar::ANCHOR));
         w.key("insurer");
         w.reference_value(payer.org, Some(payer.name));
         w.reference("provider", visit.org);
@@ -211,14 +166,7 @@ fn insurance(w: &mut JsonWriter, coverage: Ref, payer: &str, with_sequence: bool
 
 fn adjudication(w: &mut JsonWriter, code: &'static str, display: &'static str, cents: u64) {
     w.begin_obj();
-    w.concept(
-        "category",
-        &Code {
-            system: ADJUDICATION,
-            code,
-            display,
-        },
-    );
+    w.concept("category", &Code { system: ADJUDICATION, code, display });
     w.money("amount", cents);
     w.end_obj();
 }

@@ -16,11 +16,7 @@ pub(crate) struct JsonWriter {
 
 impl JsonWriter {
     pub(crate) fn new(local_refs_as_urn: bool) -> JsonWriter {
-        JsonWriter {
-            buf: Vec::with_capacity(64 * 1024),
-            needs_comma: false,
-            local_refs_as_urn,
-        }
+        JsonWriter { buf: Vec::with_capacity(64 * 1024), needs_comma: false, local_refs_as_urn }
     }
 
     /// Empties the buffer for the next document.
@@ -183,24 +179,12 @@ impl JsonWriter {
 pub(crate) fn base64_encode(input: &[u8], out: &mut String) {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         out.push(ALPHABET[(n >> 18) as usize & 63] as char);
         out.push(ALPHABET[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 {
-            ALPHABET[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if chunk.len() > 2 {
-            ALPHABET[n as usize & 63] as char
-        } else {
-            '='
-        });
+        out.push(if chunk.len() > 1 { ALPHABET[(n >> 6) as usize & 63] as char } else { '=' });
+        out.push(if chunk.len() > 2 { ALPHABET[n as usize & 63] as char } else { '=' });
     }
 }
 
@@ -232,13 +216,7 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
-        for (input, expect) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foobar", "Zm9vYmFy"),
-        ] {
+        for (input, expect) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
             let mut out = String::new();
             base64_encode(input.as_bytes(), &mut out);
             assert_eq!(out, expect);

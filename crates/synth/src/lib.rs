@@ -89,10 +89,7 @@ pub enum SynthError {
 
 impl SynthError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> SynthError {
-        SynthError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        SynthError::Io { path: path.to_path_buf(), source }
     }
 }
 
@@ -127,9 +124,5 @@ pub fn generate_with_progress(
     }
     let types = out.finish()?;
     let resources = types.iter().map(|t| t.count).sum();
-    Ok(SynthSummary {
-        types,
-        patients: options.patients,
-        resources,
-    })
+    Ok(SynthSummary { types, patients: options.patients, resources })
 }

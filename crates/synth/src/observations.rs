@@ -6,30 +6,16 @@ use crate::datatypes::Ref;
 use crate::json::{base64_encode, JsonWriter};
 use crate::measures::{Measure, Panel, BLOOD_PRESSURE, DIASTOLIC, LAB_PANELS, SYSTOLIC, VITALS};
 use crate::patient::PatientCtx;
-use crate::terminology::{
-    Code, DOCUMENT_CATEGORY, LOINC, NOTE_TYPES, OBSERVATION_CATEGORY, V2_0074,
-};
+use crate::terminology::{Code, DOCUMENT_CATEGORY, LOINC, NOTE_TYPES, OBSERVATION_CATEGORY, V2_0074};
 use crate::writer::Output;
 use crate::SynthError;
 
 /// The R4 vital-signs profile's fixed category coding.
-const VITAL_SIGNS: Code = Code {
-    system: OBSERVATION_CATEGORY,
-    code: "vital-signs",
-    display: "Vital Signs",
-};
-const LABORATORY: Code = Code {
-    system: OBSERVATION_CATEGORY,
-    code: "laboratory",
-    display: "Laboratory",
-};
+const VITAL_SIGNS: Code = Code { system: OBSERVATION_CATEGORY, code: "vital-signs", display: "Vital Signs" };
+const LABORATORY: Code = Code { system: OBSERVATION_CATEGORY, code: "laboratory", display: "Laboratory" };
 
 const PULSE_OXIMETRY: &str = "59408-5";
-const OXYGEN_SATURATION: Code = Code {
-    system: LOINC,
-    code: "2708-6",
-    display: "Oxygen saturation in Arterial blood",
-};
+const OXYGEN_SATURATION: Code = Code { system: LOINC, code: "2708-6", display: "Oxygen saturation in Arterial blood" };
 
 /// Draws a plausible value for `m`, never negative.
 fn draw(ctx: &mut PatientCtx, m: &Measure) -> f64 {
@@ -60,11 +46,7 @@ fn observation_head(w: &mut JsonWriter, category: &Code, code: &Code, patient: R
 }
 
 /// The full vital-signs set: seven single-value Observations and a blood pressure panel.
-pub(crate) fn vital_signs(
-    ctx: &mut PatientCtx,
-    out: &mut Output,
-    visit: &Visit,
-) -> Result<(), SynthError> {
+pub(crate) fn vital_signs(ctx: &mut PatientCtx, out: &mut Output, visit: &Visit) -> Result<(), SynthError> {
     let patient = ctx.patient;
     for m in VITALS {
         let value = draw(ctx, m);
@@ -73,11 +55,7 @@ pub(crate) fn vital_signs(
             observation_head(
                 w,
                 &VITAL_SIGNS,
-                &Code {
-                    system: LOINC,
-                    code: m.code,
-                    display: m.display,
-                },
+                &Code { system: LOINC, code: m.code, display: m.display },
                 patient,
                 visit,
             );
@@ -92,14 +70,7 @@ pub(crate) fn vital_signs(
         w.field_arr("component");
         for (m, v) in [(&SYSTOLIC, systolic), (&DIASTOLIC, diastolic)] {
             w.begin_obj();
-            w.concept(
-                "code",
-                &Code {
-                    system: LOINC,
-                    code: m.code,
-                    display: m.display,
-                },
-            );
+            w.concept("code", &Code { system: LOINC, code: m.code, display: m.display });
             w.ucum_quantity("valueQuantity", v, m);
             w.end_obj();
         }
@@ -108,11 +79,7 @@ pub(crate) fn vital_signs(
 }
 
 /// One laboratory panel: an Observation per test and the DiagnosticReport that lists them.
-pub(crate) fn lab_panel(
-    ctx: &mut PatientCtx,
-    out: &mut Output,
-    visit: &Visit,
-) -> Result<(), SynthError> {
+pub(crate) fn lab_panel(ctx: &mut PatientCtx, out: &mut Output, visit: &Visit) -> Result<(), SynthError> {
     let panel: &Panel = ctx.rng.pick(LAB_PANELS);
     let patient = ctx.patient;
     let mut results = Vec::with_capacity(panel.tests.len());
@@ -129,24 +96,13 @@ pub(crate) fn lab_panel(
         let r = ctx.mint("Observation");
         results.push(r);
         out.resource("Observation", r.id, |w| {
-            observation_head(
-                w,
-                &LABORATORY,
-                &Code {
-                    system: LOINC,
-                    code: m.code,
-                    display: m.display,
-                },
-                patient,
-                visit,
-            );
+            observation_head(w, &LABORATORY, &Code { system: LOINC, code: m.code, display: m.display }, patient, visit);
             w.ucum_quantity("valueQuantity", value, m);
             if let Some((code, display)) = flag {
                 w.concept_list(
                     "interpretation",
                     &Code {
-                        system:
-                            "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+                        system: "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
                         code,
                         display,
                     },
@@ -157,22 +113,8 @@ pub(crate) fn lab_panel(
     let report = ctx.mint("DiagnosticReport");
     out.resource("DiagnosticReport", report.id, |w| {
         w.field_str("status", "final");
-        w.concept_list(
-            "category",
-            &Code {
-                system: V2_0074,
-                code: "LAB",
-                display: "Laboratory",
-            },
-        );
-        w.concept(
-            "code",
-            &Code {
-                system: LOINC,
-                code: panel.code,
-                display: panel.display,
-            },
-        );
+        w.concept_list("category", &Code { system: V2_0074, code: "LAB", display: "Laboratory" });
+        w.concept("code", &Code { system: LOINC, code: panel.code, display: panel.display });
         w.reference("subject", patient);
         w.reference("encounter", visit.encounter);
         w.field_date_time("effectiveDateTime", visit.start);
@@ -190,16 +132,8 @@ pub(crate) fn lab_panel(
 
 /// A clinical note: inline base64 text for most, a URL to the document store for some (both
 /// shapes occur in real exports and consumers must handle both).
-pub(crate) fn document(
-    ctx: &mut PatientCtx,
-    out: &mut Output,
-    visit: &Visit,
-) -> Result<(), SynthError> {
-    let note = if visit.class_code() == "IMP" {
-        NOTE_TYPES[2]
-    } else {
-        NOTE_TYPES[ctx.rng.below(2) as usize]
-    };
+pub(crate) fn document(ctx: &mut PatientCtx, out: &mut Output, visit: &Visit) -> Result<(), SynthError> {
+    let note = if visit.class_code() == "IMP" { NOTE_TYPES[2] } else { NOTE_TYPES[ctx.rng.below(2) as usize] };
     let inline = ctx.rng.chance(0.8);
     let r = ctx.mint("DocumentReference");
     let patient = ctx.patient;
@@ -222,11 +156,7 @@ pub(crate) fn document(
         w.concept("type", &note);
         w.concept_list(
             "category",
-            &Code {
-                system: DOCUMENT_CATEGORY,
-                code: "clinical-note",
-                display: "Clinical Note",
-            },
+            &Code { system: DOCUMENT_CATEGORY, code: "clinical-note", display: "Clinical Note" },
         );
         w.reference("subject", patient);
         w.field_date_time("date", visit.end);
@@ -242,11 +172,7 @@ pub(crate) fn document(
             w.field_str("data", &data);
         } else {
             w.key("url");
-            w.str_parts(&[
-                "https://documents.bulkhead.example/notes/",
-                r.id.as_str(),
-                ".txt",
-            ]);
+            w.str_parts(&["https://documents.bulkhead.example/notes/", r.id.as_str(), ".txt"]);
             w.field_u64("size", text.len() as u64);
         }
         w.field_str("title", note.display);

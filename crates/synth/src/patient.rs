@@ -10,8 +10,8 @@ use crate::population::{CITIES, FAMILY, GIVEN_FEMALE, GIVEN_MALE, STREETS};
 use crate::rng::{Id, Rng};
 use crate::shared::{address_list, Shared};
 use crate::terminology::{
-    Code, ALLERGIES, ALLERGY_CLINICAL, ALLERGY_VERIFICATION, MARITAL, MRN_SYSTEM,
-    PROVENANCE_PARTICIPANT, RELATIONSHIPS, SSN, V2_0203,
+    Code, ALLERGIES, ALLERGY_CLINICAL, ALLERGY_VERIFICATION, MARITAL, MRN_SYSTEM, PROVENANCE_PARTICIPANT,
+    RELATIONSHIPS, SSN, V2_0203,
 };
 use crate::writer::Output;
 use crate::SynthError;
@@ -47,50 +47,25 @@ impl PatientCtx<'_> {
     pub(crate) fn mint(&mut self, resource_type: &'static str) -> Ref {
         let key = (self.slot << 24) | self.next;
         self.next += 1;
-        let r = Ref {
-            resource_type,
-            id: Id::mint(self.seed, key),
-            local: true,
-        };
+        let r = Ref { resource_type, id: Id::mint(self.seed, key), local: true };
         self.written.push(r);
         r
     }
 }
 
 /// Writes patient `index` (0-based) and all of its resources; returns how many were written.
-pub(crate) fn generate(
-    seed: u64,
-    index: u64,
-    shared: &Shared,
-    out: &mut Output,
-) -> Result<u64, SynthError> {
+pub(crate) fn generate(seed: u64, index: u64, shared: &Shared, out: &mut Output) -> Result<u64, SynthError> {
     let mut rng = Rng::for_stream(seed, index);
     let female = rng.chance(0.51);
     // Ages 0..95, weighted towards adults as in a real practice panel.
-    let age_years = if rng.chance(0.2) {
-        rng.range(0, 17)
-    } else {
-        rng.range(18, 95)
-    };
+    let age_years = if rng.chance(0.2) { rng.range(0, 17) } else { rng.range(18, 95) };
     let birth = ANCHOR.plus(-(age_years * YEAR) - rng.range(1, 364) * DAY);
-    let given = if female {
-        *rng.pick(GIVEN_FEMALE)
-    } else {
-        *rng.pick(GIVEN_MALE)
-    };
+    let given = if female { *rng.pick(GIVEN_FEMALE) } else { *rng.pick(GIVEN_MALE) };
     let family = *rng.pick(FAMILY);
     let home = rng.below(shared.providers.len() as u64) as usize;
     // Medicare (index 5 of PAYERS) covers the over-65s and only them.
-    let payer = if age_years >= 65 {
-        5
-    } else {
-        *rng.pick(&[0, 1, 2, 3, 4, 6])
-    };
-    let placeholder = Ref {
-        resource_type: "Patient",
-        id: Id::mint(seed, 0),
-        local: true,
-    };
+    let payer = if age_years >= 65 { 5 } else { *rng.pick(&[0, 1, 2, 3, 4, 6]) };
+    let placeholder = Ref { resource_type: "Patient", id: Id::mint(seed, 0), local: true };
     let mut ctx = PatientCtx {
         seed,
         slot: index + 1,
@@ -106,15 +81,10 @@ pub(crate) fn generate(
         written: Vec::with_capacity(256),
     };
     ctx.patient = ctx.mint("Patient");
-    out.begin_group(&format!(
-        "patient-{:07}-{}.json",
-        index,
-        ctx.patient.id.as_str()
-    ));
+    out.begin_group(&format!("patient-{:07}-{}.json", index, ctx.patient.id.as_str()));
 
     // About 2% died within the record window; nothing is recorded after death.
-    let death = (age_years > 40 && ctx.rng.chance(0.02))
-        .then(|| ANCHOR.plus(-ctx.rng.range(30, 5 * 365) * DAY));
+    let death = (age_years > 40 && ctx.rng.chance(0.02)).then(|| ANCHOR.plus(-ctx.rng.range(30, 5 * 365) * DAY));
     write_patient(&mut ctx, out, female, given, family, age_years, death)?;
     write_related_persons(&mut ctx, out, family)?;
     ctx.coverage = financial::coverage(&mut ctx, out)?;
@@ -136,13 +106,7 @@ fn write_patient(
     death: Option<Moment>,
 ) -> Result<(), SynthError> {
     let rng = &mut ctx.rng;
-    let middle = rng.chance(0.4).then(|| {
-        if female {
-            *rng.pick(GIVEN_FEMALE)
-        } else {
-            *rng.pick(GIVEN_MALE)
-        }
-    });
+    let middle = rng.chance(0.4).then(|| if female { *rng.pick(GIVEN_FEMALE) } else { *rng.pick(GIVEN_MALE) });
     let (city, state, zip) = *rng.pick(CITIES);
     let street = format!("{} {}", rng.range(1, 9999), rng.pick(STREETS));
     let ssn = format!("999-{:02}-{:04}", rng.below(100), rng.below(10_000));
@@ -154,26 +118,12 @@ fn write_patient(
     out.resource("Patient", ctx.patient.id, |w| {
         w.field_arr("identifier");
         w.begin_obj();
-        w.concept(
-            "type",
-            &Code {
-                system: V2_0203,
-                code: "MR",
-                display: "Medical Record Number",
-            },
-        );
+        w.concept("type", &Code { system: V2_0203, code: "MR", display: "Medical Record Number" });
         w.field_str("system", MRN_SYSTEM);
         w.field_str("value", &mrn);
         w.end_obj();
         w.begin_obj();
-        w.concept(
-            "type",
-            &Code {
-                system: V2_0203,
-                code: "SS",
-                display: "Social Security number",
-            },
-        );
+        w.concept("type", &Code { system: V2_0203, code: "SS", display: "Social Security number" });
         w.field_str("system", SSN);
         w.field_str("value", &ssn);
         w.end_obj();
@@ -209,14 +159,7 @@ fn write_patient(
         }
         w.field_arr("communication");
         w.begin_obj();
-        w.concept(
-            "language",
-            &Code {
-                system: "urn:ietf:bcp:47",
-                code: "en-US",
-                display: "English (United States)",
-            },
-        );
+        w.concept("language", &Code { system: "urn:ietf:bcp:47", code: "en-US", display: "English (United States)" });
         w.field_bool("preferred", true);
         w.end_obj();
         w.end_arr();
@@ -224,16 +167,8 @@ fn write_patient(
 }
 
 /// Next of kin for about a third of patients.
-fn write_related_persons(
-    ctx: &mut PatientCtx,
-    out: &mut Output,
-    family: &str,
-) -> Result<(), SynthError> {
-    let count = if ctx.rng.chance(0.33) {
-        ctx.rng.range(1, 2)
-    } else {
-        0
-    };
+fn write_related_persons(ctx: &mut PatientCtx, out: &mut Output, family: &str) -> Result<(), SynthError> {
+    let count = if ctx.rng.chance(0.33) { ctx.rng.range(1, 2) } else { 0 };
     for _ in 0..count {
         let relation = *ctx.rng.pick(RELATIONSHIPS);
         let female = match relation.code {
@@ -241,16 +176,8 @@ fn write_related_persons(
             "FTH" => false,
             _ => ctx.rng.chance(0.5),
         };
-        let given = if female {
-            *ctx.rng.pick(GIVEN_FEMALE)
-        } else {
-            *ctx.rng.pick(GIVEN_MALE)
-        };
-        let phone = format!(
-            "555-{:03}-{:04}",
-            ctx.rng.below(1000),
-            ctx.rng.below(10_000)
-        );
+        let given = if female { *ctx.rng.pick(GIVEN_FEMALE) } else { *ctx.rng.pick(GIVEN_MALE) };
+        let phone = format!("555-{:03}-{:04}", ctx.rng.below(1000), ctx.rng.below(10_000));
         let r = ctx.mint("RelatedPerson");
         let patient = ctx.patient;
         out.resource("RelatedPerson", r.id, |w| {
@@ -278,17 +205,10 @@ fn write_related_persons(
 }
 
 fn write_allergies(ctx: &mut PatientCtx, out: &mut Output) -> Result<(), SynthError> {
-    let count = if ctx.rng.chance(0.15) {
-        ctx.rng.range(1, 3)
-    } else {
-        0
-    };
+    let count = if ctx.rng.chance(0.15) { ctx.rng.range(1, 3) } else { 0 };
     for _ in 0..count {
         let (code, category) = *ctx.rng.pick(ALLERGIES);
-        let recorded = ctx
-            .birth
-            .max(ANCHOR.plus(-HISTORY))
-            .plus(ctx.rng.range(1, 300) * DAY);
+        let recorded = ctx.birth.max(ANCHOR.plus(-HISTORY)).plus(ctx.rng.range(1, 300) * DAY);
         let critical = ctx.rng.chance(0.2);
         let r = ctx.mint("AllergyIntolerance");
         let patient = ctx.patient;
@@ -315,15 +235,11 @@ fn write_timeline(ctx: &mut PatientCtx, out: &mut Output, end: Moment) -> Result
     let start = Moment(first_day.0.div_euclid(DAY) * DAY);
     let span = (end.0 - start.0).max(DAY);
     let n = ctx.rng.heavy_tail(ENCOUNTER_MIN, ENCOUNTER_CAP).max(1) as usize;
-    let mut days: Vec<i64> = (0..n)
-        .map(|_| ctx.rng.below(span as u64) as i64 / DAY)
-        .collect();
+    let mut days: Vec<i64> = (0..n).map(|_| ctx.rng.below(span as u64) as i64 / DAY).collect();
     days.sort_unstable();
 
     // Chronic problems appear at some encounter and then drive refills; heavy users have more.
-    let chronic: Vec<usize> = (0..DIAGNOSES.len())
-        .filter(|&i| DIAGNOSES[i].chronic)
-        .collect();
+    let chronic: Vec<usize> = (0..DIAGNOSES.len()).filter(|&i| DIAGNOSES[i].chronic).collect();
     let wanted = ((n as f64).sqrt() as usize / 2 + ctx.rng.below(2) as usize).min(5);
     let mut onsets: Vec<(usize, usize)> = Vec::with_capacity(wanted);
     for _ in 0..wanted {
@@ -342,9 +258,7 @@ fn write_timeline(ctx: &mut PatientCtx, out: &mut Output, end: Moment) -> Result
             active.push(problem);
         }
         if !visit.is_virtual() && ctx.rng.chance(0.2) {
-            let acute: Vec<usize> = (0..DIAGNOSES.len())
-                .filter(|&i| !DIAGNOSES[i].chronic)
-                .collect();
+            let acute: Vec<usize> = (0..DIAGNOSES.len()).filter(|&i| !DIAGNOSES[i].chronic).collect();
             let dx = *ctx.rng.pick(&acute);
             clinical::diagnose(ctx, out, &visit, dx, end)?;
         }

@@ -141,21 +141,8 @@ pub(crate) const STREETS: &[&str] = &[
 ];
 
 /// Payer names; each becomes an Organization of type `pay`.
-pub(crate) const PAYERS: &[&str] = &[
-    "Blue Cross Blue Shield",
-    "Aetna",
-    "UnitedHealthcare",
-    "Cigna Health",
-    "Humana",
-    "Medicare",
-    "Medicaid",
-];
+pub(crate) const PAYERS: &[&str] =
+    &["Blue Cross Blue Shield", "Aetna", "UnitedHealthcare", "Cigna Health", "Humana", "Medicare", "Medicaid"];
 
-pub(crate) const HOSPITAL_WORDS: &[&str] = &[
-    "General Hospital",
-    "Medical Center",
-    "Family Practice",
-    "Community Health Center",
-    "Urgent Care",
-    "Clinic",
-];
+pub(crate) const HOSPITAL_WORDS: &[&str] =
+    &["General Hospital", "Medical Center", "Family Practice", "Community Health Center", "Urgent Care", "Clinic"];

@@ -5,13 +5,9 @@ use std::ops::Range;
 
 use crate::datatypes::Ref;
 use crate::json::JsonWriter;
-use crate::population::{
-    CITIES, FAMILY, GIVEN_FEMALE, GIVEN_MALE, HOSPITAL_WORDS, PAYERS, STREETS,
-};
+use crate::population::{CITIES, FAMILY, GIVEN_FEMALE, GIVEN_MALE, HOSPITAL_WORDS, PAYERS, STREETS};
 use crate::rng::{Id, Rng};
-use crate::terminology::{
-    Code, LOCATION_PHYSICAL_TYPE, MEDICATIONS, NPI, ORGANIZATION_TYPE, PAYER_ID_SYSTEM,
-};
+use crate::terminology::{Code, LOCATION_PHYSICAL_TYPE, MEDICATIONS, NPI, ORGANIZATION_TYPE, PAYER_ID_SYSTEM};
 use crate::writer::Output;
 use crate::SynthError;
 
@@ -58,11 +54,7 @@ impl SharedIds {
     fn mint(&mut self, resource_type: &'static str) -> Ref {
         let key = (SHARED_SLOT << 24) | self.next;
         self.next += 1;
-        Ref {
-            resource_type,
-            id: Id::mint(self.seed, key),
-            local: false,
-        }
+        Ref { resource_type, id: Id::mint(self.seed, key), local: false }
     }
 }
 
@@ -76,47 +68,20 @@ pub(crate) fn plan(seed: u64, patients: u64) -> Shared {
     let mut practitioners = Vec::new();
     for i in 0..provider_count {
         let (city, _, _) = CITIES[i % CITIES.len()];
-        let name = format!(
-            "{city} {} {}",
-            rng.pick(HOSPITAL_WORDS),
-            i / CITIES.len() + 1
-        );
+        let name = format!("{city} {} {}", rng.pick(HOSPITAL_WORDS), i / CITIES.len() + 1);
         let org = ids.mint("Organization");
         let location = ids.mint("Location");
         let first = practitioners.len();
         for _ in 0..rng.range(4, 12) {
-            let given = if rng.chance(0.5) {
-                rng.pick(GIVEN_FEMALE)
-            } else {
-                rng.pick(GIVEN_MALE)
-            };
+            let given = if rng.chance(0.5) { rng.pick(GIVEN_FEMALE) } else { rng.pick(GIVEN_MALE) };
             let name = format!("{given} {}", rng.pick(FAMILY));
-            practitioners.push(Clinician {
-                person: ids.mint("Practitioner"),
-                name,
-            });
+            practitioners.push(Clinician { person: ids.mint("Practitioner"), name });
         }
-        providers.push(Provider {
-            org,
-            location,
-            name,
-            staff: first..practitioners.len(),
-        });
+        providers.push(Provider { org, location, name, staff: first..practitioners.len() });
     }
-    let payers = PAYERS
-        .iter()
-        .map(|&name| Payer {
-            org: ids.mint("Organization"),
-            name,
-        })
-        .collect();
+    let payers = PAYERS.iter().map(|&name| Payer { org: ids.mint("Organization"), name }).collect();
     let medications = MEDICATIONS.iter().map(|_| ids.mint("Medication")).collect();
-    Shared {
-        providers,
-        payers,
-        practitioners,
-        medications,
-    }
+    Shared { providers, payers, practitioners, medications }
 }
 
 /// Writes the shared resources (as the first group: a Bundle named to sort before patients').
@@ -129,20 +94,10 @@ pub(crate) fn write(shared: &Shared, seed: u64, out: &mut Output) -> Result<(), 
         let phone = format!("555-{:03}-{:04}", rng.below(1000), rng.below(10_000));
         out.resource("Organization", p.org.id, |w| {
             w.field_arr("identifier");
-            w.identifier_value(
-                NPI,
-                &format!("{:010}", 1_000_000_000 + i as u64 * 7919 % 1_000_000_000),
-            );
+            w.identifier_value(NPI, &format!("{:010}", 1_000_000_000 + i as u64 * 7919 % 1_000_000_000));
             w.end_arr();
             w.field_bool("active", true);
-            w.concept_list(
-                "type",
-                &Code {
-                    system: ORGANIZATION_TYPE,
-                    code: "prov",
-                    display: "Healthcare Provider",
-                },
-            );
+            w.concept_list("type", &Code { system: ORGANIZATION_TYPE, code: "prov", display: "Healthcare Provider" });
             w.field_str("name", &p.name);
             phone_list(w, &phone);
             address_list(w, &street, city, state, zip, i as u64);
@@ -154,27 +109,13 @@ pub(crate) fn write(shared: &Shared, seed: u64, out: &mut Output) -> Result<(), 
             phone_list(w, &phone);
             w.key("address");
             address_value(w, &street, city, state, zip, i as u64);
-            w.concept(
-                "physicalType",
-                &Code {
-                    system: LOCATION_PHYSICAL_TYPE,
-                    code: "bu",
-                    display: "Building",
-                },
-            );
+            w.concept("physicalType", &Code { system: LOCATION_PHYSICAL_TYPE, code: "bu", display: "Building" });
             w.reference("managingOrganization", p.org);
         })?;
         for (n, c) in shared.practitioners[p.staff.clone()].iter().enumerate() {
             let (given, family) = c.name.split_once(' ').unwrap_or((&c.name, ""));
-            let npi = format!(
-                "{:010}",
-                1_500_000_000 + (i as u64 * 64 + n as u64) * 104_729 % 500_000_000
-            );
-            let gender = if GIVEN_FEMALE.contains(&given) {
-                "female"
-            } else {
-                "male"
-            };
+            let npi = format!("{:010}", 1_500_000_000 + (i as u64 * 64 + n as u64) * 104_729 % 500_000_000);
+            let gender = if GIVEN_FEMALE.contains(&given) { "female" } else { "male" };
             out.resource("Practitioner", c.person.id, |w| {
                 w.field_arr("identifier");
                 w.identifier_value(NPI, &npi);
@@ -203,14 +144,7 @@ pub(crate) fn write(shared: &Shared, seed: u64, out: &mut Output) -> Result<(), 
             w.identifier_value(PAYER_ID_SYSTEM, &format!("PAYER-{:03}", i + 1));
             w.end_arr();
             w.field_bool("active", true);
-            w.concept_list(
-                "type",
-                &Code {
-                    system: ORGANIZATION_TYPE,
-                    code: "pay",
-                    display: "Payer",
-                },
-            );
+            w.concept_list("type", &Code { system: ORGANIZATION_TYPE, code: "pay", display: "Payer" });
             w.field_str("name", p.name);
         })?;
     }
@@ -234,14 +168,7 @@ fn phone_list(w: &mut JsonWriter, phone: &str) {
 }
 
 /// `"address":[{...}]`; `salt` varies the ZIP suffix.
-pub(crate) fn address_list(
-    w: &mut JsonWriter,
-    street: &str,
-    city: &str,
-    state: &str,
-    zip: &str,
-    salt: u64,
-) {
+pub(crate) fn address_list(w: &mut JsonWriter, street: &str, city: &str, state: &str, zip: &str, salt: u64) {
     w.field_arr("address");
     address_value(w, street, city, state, zip, salt);
     w.end_arr();

@@ -21,22 +21,15 @@ struct OutFile {
 impl OutFile {
     fn create(path: PathBuf) -> Result<OutFile, SynthError> {
         let file = File::create(&path).map_err(|source| SynthError::io(&path, source))?;
-        Ok(OutFile {
-            writer: BufWriter::with_capacity(FILE_BUFFER, file),
-            path,
-        })
+        Ok(OutFile { writer: BufWriter::with_capacity(FILE_BUFFER, file), path })
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), SynthError> {
-        self.writer
-            .write_all(bytes)
-            .map_err(|source| SynthError::io(&self.path, source))
+        self.writer.write_all(bytes).map_err(|source| SynthError::io(&self.path, source))
     }
 
     fn finish(mut self) -> Result<(), SynthError> {
-        self.writer
-            .flush()
-            .map_err(|source| SynthError::io(&self.path, source))
+        self.writer.flush().map_err(|source| SynthError::io(&self.path, source))
     }
 }
 
@@ -75,8 +68,7 @@ impl Output {
     pub(crate) fn begin_group(&mut self, name: &str) {
         if self.format == OutputFormat::Bundles {
             self.bundle.clear();
-            self.bundle
-                .extend_from_slice(br#"{"resourceType":"Bundle","type":"transaction","entry":["#);
+            self.bundle.extend_from_slice(br#"{"resourceType":"Bundle","type":"transaction","entry":["#);
             self.bundle_path = Some(self.dir.join(name));
             self.bundle_entries = 0;
         }
@@ -115,9 +107,7 @@ impl Output {
                     Some(file) => file,
                     None => {
                         let path = self.dir.join(format!("{resource_type}.ndjson"));
-                        self.ndjson
-                            .entry(resource_type)
-                            .or_insert(OutFile::create(path)?)
+                        self.ndjson.entry(resource_type).or_insert(OutFile::create(path)?)
                     }
                 };
                 file.write(&self.json.buf)?;
@@ -157,11 +147,7 @@ impl Output {
         Ok(self
             .stats
             .into_iter()
-            .map(|(t, (count, bytes))| TypeSummary {
-                resource_type: t.to_string(),
-                count,
-                bytes,
-            })
+            .map(|(t, (count, bytes))| TypeSummary { resource_type: t.to_string(), count, bytes })
             .collect())
     }
 }

@@ -37,19 +37,11 @@ struct Rule {
 }
 
 const fn req(path: &'static str) -> Rule {
-    Rule {
-        path,
-        min: 1,
-        codes: &[],
-    }
+    Rule { path, min: 1, codes: &[] }
 }
 
 const fn bound(path: &'static str, codes: &'static [&'static str]) -> Rule {
-    Rule {
-        path,
-        min: 1,
-        codes,
-    }
+    Rule { path, min: 1, codes }
 }
 
 const FINANCIAL_STATUS: &[&str] = &["active", "cancelled", "draft", "entered-in-error"];
@@ -73,16 +65,10 @@ fn rules(resource_type: &str) -> Vec<Rule> {
         ],
         "Practitioner" => vec![req("name.family"), req("identifier.system")],
         "Organization" => vec![req("name"), req("identifier.system")],
-        "Location" => vec![
-            bound("status", &["active", "suspended", "inactive"]),
-            bound("mode", &["instance", "kind"]),
-        ],
+        "Location" => vec![bound("status", &["active", "suspended", "inactive"]), bound("mode", &["instance", "kind"])],
         "Medication" => vec![
             bound("status", &["active", "inactive", "entered-in-error"]),
-            bound(
-                "code.coding.system",
-                &["http://www.nlm.nih.gov/research/umls/rxnorm"],
-            ),
+            bound("code.coding.system", &["http://www.nlm.nih.gov/research/umls/rxnorm"]),
         ],
         "Encounter" => vec![
             bound(
@@ -99,17 +85,8 @@ fn rules(resource_type: &str) -> Vec<Rule> {
                     "unknown",
                 ],
             ),
-            bound(
-                "class.system",
-                &["http://terminology.hl7.org/CodeSystem/v3-ActCode"],
-            ),
-            bound(
-                "class.code",
-                &[
-                    "AMB", "EMER", "IMP", "VR", "HH", "FLD", "SS", "ACUTE", "NONAC", "OBSENC",
-                    "PRENC",
-                ],
-            ),
+            bound("class.system", &["http://terminology.hl7.org/CodeSystem/v3-ActCode"]),
+            bound("class.code", &["AMB", "EMER", "IMP", "VR", "HH", "FLD", "SS", "ACUTE", "NONAC", "OBSENC", "PRENC"]),
             req("subject.reference"),
             req("period.start"),
         ],
@@ -129,10 +106,7 @@ fn rules(resource_type: &str) -> Vec<Rule> {
             ),
             bound("code.coding.system", &["http://loinc.org"]),
             req("code.coding.code"),
-            bound(
-                "category.coding.system",
-                &["http://terminology.hl7.org/CodeSystem/observation-category"],
-            ),
+            bound("category.coding.system", &["http://terminology.hl7.org/CodeSystem/observation-category"]),
             bound("category.coding.code", &["vital-signs", "laboratory"]),
             req("subject.reference"),
             req("effectiveDateTime"),
@@ -141,29 +115,12 @@ fn rules(resource_type: &str) -> Vec<Rule> {
             bound("clinicalStatus.coding.system", &[CLINICAL_CONDITION]),
             bound(
                 "clinicalStatus.coding.code",
-                &[
-                    "active",
-                    "recurrence",
-                    "relapse",
-                    "inactive",
-                    "remission",
-                    "resolved",
-                ],
+                &["active", "recurrence", "relapse", "inactive", "remission", "resolved"],
             ),
-            bound(
-                "verificationStatus.coding.system",
-                &["http://terminology.hl7.org/CodeSystem/condition-ver-status"],
-            ),
+            bound("verificationStatus.coding.system", &["http://terminology.hl7.org/CodeSystem/condition-ver-status"]),
             bound(
                 "verificationStatus.coding.code",
-                &[
-                    "unconfirmed",
-                    "provisional",
-                    "differential",
-                    "confirmed",
-                    "refuted",
-                    "entered-in-error",
-                ],
+                &["unconfirmed", "provisional", "differential", "confirmed", "refuted", "entered-in-error"],
             ),
             bound("code.coding.system", &["http://snomed.info/sct"]),
             req("subject.reference"),
@@ -171,16 +128,7 @@ fn rules(resource_type: &str) -> Vec<Rule> {
         "MedicationRequest" => vec![
             bound(
                 "status",
-                &[
-                    "active",
-                    "on-hold",
-                    "cancelled",
-                    "completed",
-                    "entered-in-error",
-                    "stopped",
-                    "draft",
-                    "unknown",
-                ],
+                &["active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown"],
             ),
             bound(
                 "intent",
@@ -216,10 +164,7 @@ fn rules(resource_type: &str) -> Vec<Rule> {
         ],
         "Immunization" => vec![
             bound("status", &["completed", "entered-in-error", "not-done"]),
-            bound(
-                "vaccineCode.coding.system",
-                &["http://hl7.org/fhir/sid/cvx"],
-            ),
+            bound("vaccineCode.coding.system", &["http://hl7.org/fhir/sid/cvx"]),
             req("patient.reference"),
             req("occurrenceDateTime"),
         ],
@@ -228,19 +173,10 @@ fn rules(resource_type: &str) -> Vec<Rule> {
                 "clinicalStatus.coding.system",
                 &["http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"],
             ),
-            bound(
-                "clinicalStatus.coding.code",
-                &["active", "inactive", "resolved"],
-            ),
-            bound(
-                "verificationStatus.coding.code",
-                &["unconfirmed", "confirmed", "refuted", "entered-in-error"],
-            ),
+            bound("clinicalStatus.coding.code", &["active", "inactive", "resolved"]),
+            bound("verificationStatus.coding.code", &["unconfirmed", "confirmed", "refuted", "entered-in-error"]),
             bound("type", &["allergy", "intolerance"]),
-            bound(
-                "category",
-                &["food", "medication", "environment", "biologic"],
-            ),
+            bound("category", &["food", "medication", "environment", "biologic"]),
             bound("criticality", &["low", "high", "unable-to-assess"]),
             req("patient.reference"),
         ],
@@ -266,26 +202,12 @@ fn rules(resource_type: &str) -> Vec<Rule> {
         ],
         "DocumentReference" => vec![
             bound("status", &["current", "superseded", "entered-in-error"]),
-            bound(
-                "docStatus",
-                &["preliminary", "final", "amended", "entered-in-error"],
-            ),
+            bound("docStatus", &["preliminary", "final", "amended", "entered-in-error"]),
             req("content.attachment.contentType"),
             req("subject.reference"),
         ],
         "CarePlan" => vec![
-            bound(
-                "status",
-                &[
-                    "draft",
-                    "active",
-                    "on-hold",
-                    "revoked",
-                    "completed",
-                    "entered-in-error",
-                    "unknown",
-                ],
-            ),
+            bound("status", &["draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"]),
             bound("intent", &["proposal", "plan", "order", "option"]),
             req("subject.reference"),
             bound(
@@ -303,35 +225,16 @@ fn rules(resource_type: &str) -> Vec<Rule> {
                 ],
             ),
         ],
-        "Coverage" => vec![
-            bound("status", FINANCIAL_STATUS),
-            req("beneficiary.reference"),
-            req("payor.reference"),
-        ],
+        "Coverage" => vec![bound("status", FINANCIAL_STATUS), req("beneficiary.reference"), req("payor.reference")],
         "Claim" => vec![
             bound("status", FINANCIAL_STATUS),
-            bound(
-                "type.coding.system",
-                &["http://terminology.hl7.org/CodeSystem/claim-type"],
-            ),
-            bound(
-                "type.coding.code",
-                &[
-                    "institutional",
-                    "oral",
-                    "pharmacy",
-                    "professional",
-                    "vision",
-                ],
-            ),
+            bound("type.coding.system", &["http://terminology.hl7.org/CodeSystem/claim-type"]),
+            bound("type.coding.code", &["institutional", "oral", "pharmacy", "professional", "vision"]),
             bound("use", &["claim", "preauthorization", "predetermination"]),
             req("patient.reference"),
             req("created"),
             req("provider.reference"),
-            bound(
-                "priority.coding.system",
-                &["http://terminology.hl7.org/CodeSystem/processpriority"],
-            ),
+            bound("priority.coding.system", &["http://terminology.hl7.org/CodeSystem/processpriority"]),
             req("insurance.sequence"),
             req("insurance.focal"),
             req("insurance.coverage.reference"),
@@ -353,11 +256,7 @@ fn rules(resource_type: &str) -> Vec<Rule> {
             req("total.category.coding.code"),
             req("total.amount.value"),
         ],
-        "Provenance" => vec![
-            req("target.reference"),
-            req("recorded"),
-            req("agent.who.reference"),
-        ],
+        "Provenance" => vec![req("target.reference"), req("recorded"), req("agent.who.reference")],
         other => panic!("no rules for {other}: add them"),
     }
 }
@@ -369,11 +268,8 @@ fn check_special(r: &Value, problems: &mut Vec<String>) {
     let mut fail = |msg: String| problems.push(format!("{t}/{id}: {msg}"));
     match t {
         "Observation" => {
-            let quantities: Vec<&Value> = if r.get("component").is_some() {
-                at(r, "component.valueQuantity")
-            } else {
-                at(r, "valueQuantity")
-            };
+            let quantities: Vec<&Value> =
+                if r.get("component").is_some() { at(r, "component.valueQuantity") } else { at(r, "valueQuantity") };
             if quantities.is_empty() {
                 fail("no valueQuantity".into());
             }
@@ -402,17 +298,13 @@ fn check_special(r: &Value, problems: &mut Vec<String>) {
         // con-3/con-4: an abated condition is not active.
         "Condition"
             if r.get("abatementDateTime").is_some()
-                && !matches!(
-                    strings(r, "clinicalStatus.coding.code")[..],
-                    ["inactive" | "resolved" | "remission"]
-                ) =>
+                && !matches!(strings(r, "clinicalStatus.coding.code")[..], ["inactive" | "resolved" | "remission"]) =>
         {
             fail("abated but still active".into());
         }
         // medication[x] is 1..1: exactly one of the two choices.
         "MedicationRequest"
-            if r.get("medicationReference").is_some()
-                == r.get("medicationCodeableConcept").is_some() =>
+            if r.get("medicationReference").is_some() == r.get("medicationCodeableConcept").is_some() =>
         {
             fail("needs exactly one medication[x]".into());
         }
@@ -421,9 +313,7 @@ fn check_special(r: &Value, problems: &mut Vec<String>) {
                 match (a["data"].as_str(), a["url"].as_str()) {
                     (Some(data), None) => {
                         if data.len() % 4 != 0
-                            || !data
-                                .bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+                            || !data.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
                         {
                             fail("attachment data is not base64".into());
                         }
@@ -449,10 +339,7 @@ fn every_resource_satisfies_required_elements_and_bindings() {
             }
             for v in values.iter().filter_map(|v| v.as_str()) {
                 if !rule.codes.is_empty() && !rule.codes.contains(&v) {
-                    problems.push(format!(
-                        "{t}/{}: {} = {v:?} not in required value set",
-                        r["id"], rule.path
-                    ));
+                    problems.push(format!("{t}/{}: {} = {v:?} not in required value set", r["id"], rule.path));
                 }
             }
         }
@@ -472,10 +359,7 @@ fn every_resource_passes_fhirkit_r4_structural_validation() {
         if decoded.is_none() {
             problems.push(format!("{t}/{}: not decodable", r["id"]));
         }
-        for issue in issues
-            .iter()
-            .filter(|i| i.severity == fhirkit::Severity::Error)
-        {
+        for issue in issues.iter().filter(|i| i.severity == fhirkit::Severity::Error) {
             problems.push(format!("{t}/{}: {issue}", r["id"]));
         }
     }
@@ -487,30 +371,16 @@ fn every_resource_passes_fhirkit_r4_structural_validation() {
 fn the_checker_rejects_broken_resources() {
     // Guard against a checker that cannot fail: break a valid resource in several ways.
     let data = common::ndjson(5, 23);
-    let (_, obs) = data
-        .resources
-        .iter()
-        .find(|(t, r)| t == "Observation" && r.get("valueQuantity").is_some())
-        .unwrap();
+    let (_, obs) = data.resources.iter().find(|(t, r)| t == "Observation" && r.get("valueQuantity").is_some()).unwrap();
     let mut broken = obs.clone();
     broken["status"] = "done".into();
     broken["valueQuantity"]["system"] = "http://example.org".into();
     let mut problems = Vec::new();
     check_special(&broken, &mut problems);
     assert_eq!(problems.len(), 1, "{problems:?}");
-    let status = rules("Observation")
-        .into_iter()
-        .find(|r| r.path == "status")
-        .unwrap();
+    let status = rules("Observation").into_iter().find(|r| r.path == "status").unwrap();
     assert!(!status.codes.contains(&broken["status"].as_str().unwrap()));
-    let (_, issues) = fhirkit::from_json::<fhirkit::r4::Resource>(
-        r#"{"resourceType":"Claim","status":"active","bogus":1}"#,
-    )
-    .unwrap();
-    assert!(
-        issues
-            .iter()
-            .any(|i| i.severity == fhirkit::Severity::Error),
-        "fhirkit accepted an invalid Claim"
-    );
+    let (_, issues) =
+        fhirkit::from_json::<fhirkit::r4::Resource>(r#"{"resourceType":"Claim","status":"active","bogus":1}"#).unwrap();
+    assert!(issues.iter().any(|i| i.severity == fhirkit::Severity::Error), "fhirkit accepted an invalid Claim");
 }

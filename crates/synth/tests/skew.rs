@@ -15,10 +15,7 @@ fn resources_per_patient_are_heavy_tailed() {
     let median = v[v.len() / 2];
     let max = *v.last().unwrap();
     let mean = v.iter().sum::<u64>() as f64 / v.len() as f64;
-    println!(
-        "resources/patient: min {} median {median} mean {mean:.0} max {max}",
-        v[0]
-    );
+    println!("resources/patient: min {} median {median} mean {mean:.0} max {max}", v[0]);
     assert!(max >= 10 * median, "max {max} < 10 × median {median}");
     assert!(max >= 1000, "the heaviest patient has only {max} resources");
     assert!((20..=150).contains(&median), "median {median}");
@@ -29,11 +26,8 @@ fn resources_per_patient_are_heavy_tailed() {
 fn timing_smoke_1000_patients() {
     let started = Instant::now();
     let data = tempfile::tempdir().unwrap();
-    let options = bulkhead_synth::SynthOptions {
-        patients: 1000,
-        seed: 42,
-        format: bulkhead_synth::OutputFormat::Ndjson,
-    };
+    let options =
+        bulkhead_synth::SynthOptions { patients: 1000, seed: 42, format: bulkhead_synth::OutputFormat::Ndjson };
     let summary = bulkhead_synth::generate(&options, data.path()).unwrap();
     let secs = started.elapsed().as_secs_f64();
     for t in &summary.types {

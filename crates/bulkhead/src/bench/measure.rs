@@ -25,7 +25,10 @@ pub async fn download(request: reqwest::RequestBuilder, gzip: bool, expected: u6
     let request = if gzip { request.header("accept-encoding", "gzip") } else { request };
     let response = request.send().await?.error_for_status()?;
     if gzip {
-        anyhow::ensure!(response.headers().get("content-encoding").is_some_and(|value| value == "gzip"), "asked for gzip, got an uncompressed file");
+        anyhow::ensure!(
+            response.headers().get("content-encoding").is_some_and(|value| value == "gzip"),
+            "asked for gzip, got an uncompressed file"
+        );
     }
     let mut body = response.bytes_stream();
     let (mut bytes, mut lines) = (0u64, 0u64);

@@ -107,14 +107,22 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, patients: u64) -> anyhow::Resu
     }
     let cli = |command: &[&str]| -> anyhow::Result<String> {
         let output = Command::new(binary).args(command).arg("--data-dir").arg(&data_dir).output()?;
-        anyhow::ensure!(output.status.success(), "bulkhead {} failed: {}", command.join(" "), String::from_utf8_lossy(&output.stderr));
+        anyhow::ensure!(
+            output.status.success(),
+            "bulkhead {} failed: {}",
+            command.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     };
     if !reused {
         cli(&["tenant", "create", "bench"])?;
     }
     let credentials: Value = serde_json::from_str(&cli(&["client", "create", "--tenant", "bench", "--json"])?)?;
-    let (client_id, client_secret) = (credentials["client_id"].as_str().unwrap_or_default().to_owned(), credentials["client_secret"].as_str().unwrap_or_default().to_owned());
+    let (client_id, client_secret) = (
+        credentials["client_id"].as_str().unwrap_or_default().to_owned(),
+        credentials["client_secret"].as_str().unwrap_or_default().to_owned(),
+    );
 
     let (resources, import_seconds) = if reused {
         // The figures of the import that made this data directory.
@@ -127,7 +135,11 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, patients: u64) -> anyhow::Resu
     } else {
         eprintln!("importing {}", data.display());
         let started = Instant::now();
-        let output = Command::new(binary).args(["import", "--tenant", "bench", "--data-dir"]).arg(&data_dir).arg(&data).output()?;
+        let output = Command::new(binary)
+            .args(["import", "--tenant", "bench", "--data-dir"])
+            .arg(&data_dir)
+            .arg(&data)
+            .output()?;
         let import_seconds = started.elapsed().as_secs_f64();
         anyhow::ensure!(output.status.success(), "bulkhead import failed: {}", String::from_utf8_lossy(&output.stderr));
         let resources = imported_count(&String::from_utf8_lossy(&output.stdout))?;
@@ -146,7 +158,16 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, patients: u64) -> anyhow::Resu
         }
         let writes = match args.creates + args.bundles {
             0 => None,
-            _ => Some(writes::measure_writes(&client, args.creates, args.concurrency * 4, args.bundles, args.bundle_entries.max(2)).await?),
+            _ => Some(
+                writes::measure_writes(
+                    &client,
+                    args.creates,
+                    args.concurrency * 4,
+                    args.bundles,
+                    args.bundle_entries.max(2),
+                )
+                .await?,
+            ),
         };
         anyhow::Ok((results, writes))
     })?;
@@ -163,7 +184,12 @@ fn imported_count(stdout: &str) -> anyhow::Result<u64> {
         .context("bulkhead import printed no summary")
 }
 
-async fn bench_group(client: &Client, server: &Server, args: &BenchArgs, members: &[String]) -> anyhow::Result<GroupResult> {
+async fn bench_group(
+    client: &Client,
+    server: &Server,
+    args: &BenchArgs,
+    members: &[String],
+) -> anyhow::Result<GroupResult> {
     let group_id = format!("bench-{}", members.len());
     client.put_group(&group_id, members).await?;
     let mut latencies = Vec::new();
@@ -266,7 +292,8 @@ impl Client {
     }
 
     async fn put_group(&self, id: &str, members: &[String]) -> anyhow::Result<()> {
-        let member: Vec<Value> = members.iter().map(|m| json!({"entity": {"reference": format!("Patient/{m}")}})).collect();
+        let member: Vec<Value> =
+            members.iter().map(|m| json!({"entity": {"reference": format!("Patient/{m}")}})).collect();
         let group = json!({"resourceType": "Group", "id": id, "type": "person", "actual": true, "member": member});
         self.http
             .put(format!("{}/r4/Group/{id}", self.base))
@@ -295,13 +322,21 @@ impl Client {
             .flatten()
             .map(|item| (item["url"].as_str().unwrap_or_default().to_owned(), item["count"].as_u64().unwrap_or(0)))
             .collect();
-        let mut downloads = futures::stream::iter(outputs.iter().map(|(url, count)| measure::download(self.get(url), gzip, *count)))
-            .buffer_unordered(concurrency.max(1));
+        let mut downloads =
+            futures::stream::iter(outputs.iter().map(|(url, count)| measure::download(self.get(url), gzip, *count)))
+                .buffer_unordered(concurrency.max(1));
         let mut totals = Download::default();
         while let Some(download) = downloads.next().await {
             totals.add(&download?);
         }
         let seconds = started.elapsed().as_secs_f64();
-        Ok(ExportResult { gzip, files: outputs.len(), resources: totals.resources, bytes: totals.bytes, seconds, peak_rss_bytes: None })
+        Ok(ExportResult {
+            gzip,
+            files: outputs.len(),
+            resources: totals.resources,
+            bytes: totals.bytes,
+            seconds,
+            peak_rss_bytes: None,
+        })
     }
 }

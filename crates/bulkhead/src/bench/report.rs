@@ -52,11 +52,15 @@ fn machine() -> Value {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let memory_kib: u64 = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|info| info.lines().find(|line| line.starts_with("MemTotal"))?.split_whitespace().nth(1)?.parse().ok())
+        .and_then(|info| {
+            info.lines().find(|line| line.starts_with("MemTotal"))?.split_whitespace().nth(1)?.parse().ok()
+        })
         .unwrap_or(0);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|info| Some(info.lines().find(|line| line.starts_with("model name"))?.split(':').nth(1)?.trim().to_owned()))
+        .and_then(|info| {
+            Some(info.lines().find(|line| line.starts_with("model name"))?.split(':').nth(1)?.trim().to_owned())
+        })
         .unwrap_or_default();
     json!({"cores": cores, "memory_gib": (memory_kib as f64 / 1048576.0 * 10.0).round() / 10.0, "cpu": cpu})
 }
@@ -80,7 +84,10 @@ impl BenchReport {
                 dataset.import_seconds,
                 dataset.resources as f64 / dataset.import_seconds.max(1e-9)
             );
-            println!("{:>8} {:>9} {:>9} {:>5} {:>10} {:>11} {:>9} {:>8} {:>9}", "members", "p50 ms", "p95 ms", "gzip", "resources", "res/s", "MB/s", "seconds", "peak RSS");
+            println!(
+                "{:>8} {:>9} {:>9} {:>5} {:>10} {:>11} {:>9} {:>8} {:>9}",
+                "members", "p50 ms", "p95 ms", "gzip", "resources", "res/s", "MB/s", "seconds", "peak RSS"
+            );
             for group in &dataset.groups {
                 for export in &group.exports {
                     println!(
@@ -93,7 +100,9 @@ impl BenchReport {
                         export.per_second(),
                         export.mb_per_second(),
                         export.seconds,
-                        export.peak_rss_bytes.map_or("?".to_owned(), |bytes| format!("{:.0}", bytes as f64 / 1048576.0))
+                        export
+                            .peak_rss_bytes
+                            .map_or("?".to_owned(), |bytes| format!("{:.0}", bytes as f64 / 1048576.0))
                     );
                 }
             }
@@ -123,7 +132,8 @@ impl BenchReport {
         if self.datasets.len() < 2 {
             return None;
         }
-        let largest_common = small.groups.iter().map(|g| g.members).filter(|m| large.groups.iter().any(|g| g.members == *m)).max()?;
+        let largest_common =
+            small.groups.iter().map(|g| g.members).filter(|m| large.groups.iter().any(|g| g.members == *m)).max()?;
         let per_resource = |dataset: &DatasetResult| {
             let export = &dataset.groups.iter().find(|g| g.members == largest_common)?.exports.first()?.clone_numbers();
             Some(export.0 / export.1.max(1) as f64)

@@ -39,7 +39,13 @@ fn observation(patient_reference: &str, index: usize) -> Value {
 
 /// `creates` single POSTs (`concurrency` in flight), then `bundles` transaction Bundles of
 /// `entries` resources each (one Patient, the rest Observations referencing it by urn:uuid).
-pub async fn measure_writes(client: &Client, creates: usize, concurrency: usize, bundles: usize, entries: usize) -> anyhow::Result<WriteResult> {
+pub async fn measure_writes(
+    client: &Client,
+    creates: usize,
+    concurrency: usize,
+    bundles: usize,
+    entries: usize,
+) -> anyhow::Result<WriteResult> {
     let started = Instant::now();
     let observation_url = format!("{}/r4/Observation", client.base);
     let mut posts = futures::stream::iter((0..creates).map(|index| {

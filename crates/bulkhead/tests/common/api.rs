@@ -7,11 +7,7 @@ use serde_json::Value;
 
 /// A plain HTTP client: no proxies, no automatic decompression (reqwest is built without it).
 pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("http client")
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().expect("http client")
 }
 
 /// A client of the server: its credentials and, optionally, a user scope.
@@ -38,29 +34,17 @@ impl Reply {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
-            panic!(
-                "status {} body is not JSON ({error}): {}",
-                self.status,
-                self.text()
-            )
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|error| panic!("status {} body is not JSON ({error}): {}", self.status, self.text()))
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|value| value.to_str().expect("ASCII header").to_owned())
+        self.headers.get(name).map(|value| value.to_str().expect("ASCII header").to_owned())
     }
 
     /// Asserts the status and returns the JSON body.
     pub fn expect(&self, status: u16) -> Value {
-        assert_eq!(
-            self.status,
-            status,
-            "unexpected status; body: {}",
-            self.text()
-        );
+        assert_eq!(self.status, status, "unexpected status; body: {}", self.text());
         self.json()
     }
 
@@ -68,10 +52,7 @@ impl Reply {
     pub fn expect_outcome(&self, status: u16) -> Value {
         let outcome = self.expect(status);
         assert_eq!(outcome["resourceType"], "OperationOutcome", "{outcome}");
-        assert_eq!(
-            self.header("content-type").as_deref(),
-            Some("application/fhir+json")
-        );
+        assert_eq!(self.header("content-type").as_deref(), Some("application/fhir+json"));
         outcome
     }
 }
@@ -79,28 +60,17 @@ impl Reply {
 impl Api {
     /// The same credentials acting as a user (`x-oneup-user-id`).
     pub fn as_user(&self, user: &str) -> Api {
-        Api {
-            user: Some(user.to_owned()),
-            ..self.clone()
-        }
+        Api { user: Some(user.to_owned()), ..self.clone() }
     }
 
     /// The same server with other credentials.
     pub fn with_secret(&self, client_id: &str, client_secret: &str) -> Api {
-        Api {
-            client_id: client_id.to_owned(),
-            client_secret: client_secret.to_owned(),
-            ..self.clone()
-        }
+        Api { client_id: client_id.to_owned(), client_secret: client_secret.to_owned(), ..self.clone() }
     }
 
     /// A request with the client headers; `target` is a path or an absolute URL.
     pub fn request(&self, method: reqwest::Method, target: &str) -> reqwest::RequestBuilder {
-        let url = if target.starts_with("http") {
-            target.to_owned()
-        } else {
-            format!("{}{target}", self.base)
-        };
+        let url = if target.starts_with("http") { target.to_owned() } else { format!("{}{target}", self.base) };
         let mut request = self
             .http
             .request(method, url)
@@ -117,11 +87,7 @@ impl Api {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let body = response.bytes().await.expect("response body").to_vec();
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        Reply { status, headers, body }
     }
 
     pub async fn get(&self, target: &str) -> Reply {
@@ -153,14 +119,8 @@ impl Api {
     /// `POST /r4/{type}` → the server-assigned id.
     pub async fn create(&self, body: &Value) -> String {
         let resource_type = body["resourceType"].as_str().expect("resourceType");
-        let created = self
-            .post(&format!("/r4/{resource_type}"), body)
-            .await
-            .expect(201);
-        created["id"]
-            .as_str()
-            .expect("created resource has an id")
-            .to_owned()
+        let created = self.post(&format!("/r4/{resource_type}"), body).await.expect(201);
+        created["id"].as_str().expect("created resource has an id").to_owned()
     }
 
     /// `PUT /r4/{type}/{id}` (create or update) → the stored resource.
@@ -168,12 +128,7 @@ impl Api {
         let resource_type = body["resourceType"].as_str().expect("resourceType");
         let id = body["id"].as_str().expect("id");
         let reply = self.put(&format!("/r4/{resource_type}/{id}"), body).await;
-        assert!(
-            matches!(reply.status, 200 | 201),
-            "PUT {resource_type}/{id}: {} {}",
-            reply.status,
-            reply.text()
-        );
+        assert!(matches!(reply.status, 200 | 201), "PUT {resource_type}/{id}: {} {}", reply.status, reply.text());
         reply.json()
     }
 
@@ -209,10 +164,8 @@ pub fn observation(id: Option<&str>, patient: &str, value: f64) -> Value {
 
 /// A Group body listing `Patient/{id}` members.
 pub fn group(id: Option<&str>, members: &[&str]) -> Value {
-    let member: Vec<Value> = members
-        .iter()
-        .map(|id| serde_json::json!({"entity": {"reference": format!("Patient/{id}")}}))
-        .collect();
+    let member: Vec<Value> =
+        members.iter().map(|id| serde_json::json!({"entity": {"reference": format!("Patient/{id}")}})).collect();
     let mut body = serde_json::json!({"resourceType": "Group", "type": "person", "actual": true, "member": member});
     if let Some(id) = id {
         body["id"] = id.into();

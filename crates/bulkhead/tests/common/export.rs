@@ -22,45 +22,28 @@ pub type Files = BTreeMap<String, Vec<Downloaded>>;
 /// headers.
 pub async fn download_list(api: &Api, manifest: &Value, list: &str) -> Files {
     let mut files = Files::new();
-    let items = manifest[list]
-        .as_array()
-        .unwrap_or_else(|| panic!("manifest has no {list}[]: {manifest}"));
+    let items = manifest[list].as_array().unwrap_or_else(|| panic!("manifest has no {list}[]: {manifest}"));
     for item in items {
         let file_type = item["type"].as_str().expect("type").to_owned();
         let url = item["url"].as_str().expect("url").to_owned();
-        let count = item["count"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{list} item without count: {item}"));
+        let count = item["count"].as_u64().unwrap_or_else(|| panic!("{list} item without count: {item}"));
         let prefix = format!("{}/bulk-data/r4/$export/{file_type}/", api.base);
-        let token = url
-            .strip_prefix(&prefix)
-            .and_then(|rest| rest.strip_suffix(".ndjson"));
+        let token = url.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".ndjson"));
         assert!(
             token.is_some_and(|token| !token.is_empty() && !token.contains('/')),
             "file URL {url} is not {prefix}{{token}}.ndjson"
         );
         let reply = api.get(&url).await;
         assert_eq!(reply.status, 200, "downloading {url}: {}", reply.text());
-        assert_eq!(
-            reply.header("content-type").as_deref(),
-            Some("application/fhir+ndjson")
-        );
-        assert_eq!(
-            reply.header("content-encoding"),
-            None,
-            "not compressed unless asked"
-        );
+        assert_eq!(reply.header("content-type").as_deref(), Some("application/fhir+ndjson"));
+        assert_eq!(reply.header("content-encoding"), None, "not compressed unless asked");
         let text = reply.text();
-        assert!(
-            text.is_empty() || text.ends_with('\n'),
-            "every NDJSON line ends with a newline"
-        );
+        assert!(text.is_empty() || text.ends_with('\n'), "every NDJSON line ends with a newline");
         let lines: Vec<Value> = text
             .lines()
             .map(|line| {
-                serde_json::from_str(line).unwrap_or_else(|error| {
-                    panic!("a line of the {file_type} file is not JSON ({error}): {line}")
-                })
+                serde_json::from_str(line)
+                    .unwrap_or_else(|error| panic!("a line of the {file_type} file is not JSON ({error}): {line}"))
             })
             .collect();
         assert_eq!(
@@ -70,17 +53,9 @@ pub async fn download_list(api: &Api, manifest: &Value, list: &str) -> Files {
             lines.len()
         );
         for line in &lines {
-            assert_eq!(
-                line["resourceType"],
-                file_type.as_str(),
-                "a line of the {file_type} file: {line}"
-            );
+            assert_eq!(line["resourceType"], file_type.as_str(), "a line of the {file_type} file: {line}");
         }
-        files.entry(file_type).or_default().push(Downloaded {
-            url,
-            bytes: reply.body,
-            lines,
-        });
+        files.entry(file_type).or_default().push(Downloaded { url, bytes: reply.body, lines });
     }
     files
 }
@@ -95,14 +70,8 @@ pub fn ids_by_type(files: &Files) -> BTreeMap<String, BTreeSet<String>> {
     let mut ids: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (file_type, parts) in files {
         for line in parts.iter().flat_map(|part| &part.lines) {
-            let id = line["id"]
-                .as_str()
-                .expect("exported resource has an id")
-                .to_owned();
-            assert!(
-                ids.entry(file_type.clone()).or_default().insert(id.clone()),
-                "{file_type}/{id} exported twice"
-            );
+            let id = line["id"].as_str().expect("exported resource has an id").to_owned();
+            assert!(ids.entry(file_type.clone()).or_default().insert(id.clone()), "{file_type}/{id} exported twice");
         }
     }
     ids
@@ -112,12 +81,7 @@ pub fn ids_by_type(files: &Files) -> BTreeMap<String, BTreeSet<String>> {
 pub fn expected_ids(items: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {
     items
         .iter()
-        .map(|(file_type, ids)| {
-            (
-                file_type.to_string(),
-                ids.iter().map(|id| id.to_string()).collect(),
-            )
-        })
+        .map(|(file_type, ids)| (file_type.to_string(), ids.iter().map(|id| id.to_string()).collect()))
         .collect()
 }
 
@@ -135,18 +99,13 @@ pub fn assert_belongs_to_members(files: &Files, members: &[&str], group_id: &str
                     .and_then(|r| r.strip_prefix("Patient/"))
                     .is_some_and(|id| members.contains(id)),
             };
-            assert!(
-                belongs,
-                "an exported {file_type} does not belong to the members {members:?}: {line}"
-            );
+            assert!(belongs, "an exported {file_type} does not belong to the members {members:?}: {line}");
         }
     }
 }
 
 pub fn gunzip(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .read_to_end(&mut out)
-        .expect("valid gzip");
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).expect("valid gzip");
     out
 }

@@ -46,23 +46,16 @@ pub fn free_port() -> u16 {
 
 /// Runs a command to completion, failing the test if it takes longer than `deadline`.
 pub fn run_with_deadline(mut command: Command, deadline: Duration) -> Output {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command.spawn().expect("spawning the command");
     let started = Instant::now();
     loop {
         if child.try_wait().expect("waiting for the command").is_some() {
-            return child
-                .wait_with_output()
-                .expect("collecting the command's output");
+            return child.wait_with_output().expect("collecting the command's output");
         }
         if started.elapsed() > deadline {
             let _ = child.kill();
-            let output = child
-                .wait_with_output()
-                .expect("collecting the command's output");
+            let output = child.wait_with_output().expect("collecting the command's output");
             panic!(
                 "{command:?} did not finish within {deadline:?}\nstdout:\n{}\nstderr:\n{}",
                 String::from_utf8_lossy(&output.stdout),
@@ -118,10 +111,7 @@ impl Server {
     /// Starts a server and waits until `GET /healthz` answers 200.
     pub async fn start_with(options: Options) -> Server {
         let mut dir = tempfile::tempdir().expect("temporary directory");
-        let data_dir = options
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| dir.path().join("data"));
+        let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.path().join("data"));
         let config = options.config_toml.as_ref().map(|toml| {
             let path = dir.path().join("bulkhead.toml");
             std::fs::write(&path, toml).expect("writing the config file");
@@ -132,21 +122,11 @@ impl Server {
             let port = options.port.unwrap_or_else(free_port);
             let log = dir.path().join(format!("server-{attempt}.log"));
             let mut command = bulkhead();
-            command
-                .arg("serve")
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--data-dir")
-                .arg(&data_dir);
+            command.arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}")).arg("--data-dir").arg(&data_dir);
             if let Some(config) = &config {
                 command.arg("--config").arg(config);
             }
-            command.envs(
-                options
-                    .env
-                    .iter()
-                    .map(|(name, value)| (name.as_str(), value.as_str())),
-            );
+            command.envs(options.env.iter().map(|(name, value)| (name.as_str(), value.as_str())));
             command.env("RUST_LOG", "info");
             command
                 .stdin(Stdio::null())
@@ -178,13 +158,7 @@ impl Server {
         let http = http_client();
         let started = Instant::now();
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .expect("child")
-                .try_wait()
-                .expect("checking the server")
-            {
+            if let Some(status) = self.child.as_mut().expect("child").try_wait().expect("checking the server") {
                 return Err(format!("exited early with {status}\n{}", self.log()));
             }
             if let Ok(response) = http.get(format!("{}/healthz", self.base)).send().await {
@@ -193,10 +167,7 @@ impl Server {
                 }
             }
             if started.elapsed() > STARTUP_DEADLINE {
-                return Err(format!(
-                    "no 200 from /healthz within {STARTUP_DEADLINE:?}\n{}",
-                    self.log()
-                ));
+                return Err(format!("no 200 from /healthz within {STARTUP_DEADLINE:?}\n{}", self.log()));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -228,11 +199,7 @@ impl Server {
     /// Sends SIGTERM and waits (up to `deadline`) for the process to exit.
     pub fn terminate(&mut self, deadline: Duration) -> ExitStatus {
         let pid = self.pid().to_string();
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(&pid)
-            .status()
-            .expect("running kill");
+        let status = Command::new("kill").arg("-TERM").arg(&pid).status().expect("running kill");
         assert!(status.success(), "kill -TERM {pid} failed");
         let started = Instant::now();
         let child = self.child.as_mut().expect("server is running");
@@ -242,10 +209,7 @@ impl Server {
                 return status;
             }
             if started.elapsed() > deadline {
-                panic!(
-                    "bulkhead did not exit within {deadline:?} of SIGTERM\n{}",
-                    self.log()
-                );
+                panic!("bulkhead did not exit within {deadline:?} of SIGTERM\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -268,36 +232,15 @@ impl Server {
     /// `bulkhead client create --tenant NAME --json`: one JSON object with the credentials.
     pub fn create_client(&self, tenant: &str) -> Api {
         let stdout = self.cli(&["client", "create", "--tenant", tenant, "--json"]);
-        let lines: Vec<&str> = stdout
-            .lines()
-            .filter(|line| !line.trim().is_empty())
-            .collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "client create --json must print exactly one JSON object, got:\n{stdout}"
-        );
-        let created: Value = serde_json::from_str(lines[0])
-            .unwrap_or_else(|error| panic!("not JSON ({error}): {stdout}"));
-        let id = created["client_id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no client_id in {created}"))
-            .to_owned();
-        let secret = created["client_secret"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no client_secret in {created}"))
-            .to_owned();
-        assert!(
-            !id.is_empty() && !secret.is_empty(),
-            "empty credentials: {created}"
-        );
-        Api {
-            http: http_client(),
-            base: self.base.clone(),
-            client_id: id,
-            client_secret: secret,
-            user: None,
-        }
+        let lines: Vec<&str> = stdout.lines().filter(|line| !line.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "client create --json must print exactly one JSON object, got:\n{stdout}");
+        let created: Value =
+            serde_json::from_str(lines[0]).unwrap_or_else(|error| panic!("not JSON ({error}): {stdout}"));
+        let id = created["client_id"].as_str().unwrap_or_else(|| panic!("no client_id in {created}")).to_owned();
+        let secret =
+            created["client_secret"].as_str().unwrap_or_else(|| panic!("no client_secret in {created}")).to_owned();
+        assert!(!id.is_empty() && !secret.is_empty(), "empty credentials: {created}");
+        Api { http: http_client(), base: self.base.clone(), client_id: id, client_secret: secret, user: None }
     }
 }
 
@@ -309,9 +252,6 @@ impl Drop for Server {
 
 /// The path of `program` on `PATH`, if installed.
 pub fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|path| path.is_file())
-    })
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(program)).find(|path| path.is_file()))
 }

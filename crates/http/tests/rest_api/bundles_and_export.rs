@@ -20,10 +20,7 @@ fn reference(full_url: &str) -> Value {
 }
 
 fn post_entry(full_url: &str, resource: Value, if_none_exist: Option<String>) -> Value {
-    let resource_type = resource["resourceType"]
-        .as_str()
-        .expect("resourceType")
-        .to_owned();
+    let resource_type = resource["resourceType"].as_str().expect("resourceType").to_owned();
     let mut request = json!({"method": "POST", "url": resource_type});
     if let Some(condition) = if_none_exist {
         request["ifNoneExist"] = json!(condition);
@@ -89,16 +86,8 @@ fn synthea_record(family: &str, mrn: &str) -> Value {
             }),
             None,
         ),
-        post_entry(
-            &glucose,
-            observation("2339-0", "Glucose", 93.0, "mg/dL"),
-            None,
-        ),
-        post_entry(
-            &bmi,
-            observation("39156-5", "Body mass index", 27.1, "kg/m2"),
-            None,
-        ),
+        post_entry(&glucose, observation("2339-0", "Glucose", 93.0, "mg/dL"), None),
+        post_entry(&bmi, observation("39156-5", "Body mass index", 27.1, "kg/m2"), None),
         post_entry(
             &condition,
             json!({
@@ -231,9 +220,7 @@ impl Loaded {
     }
 
     fn patient_id(&self) -> String {
-        self.of_type("Patient")[0]
-            .trim_start_matches("Patient/")
-            .to_owned()
+        self.of_type("Patient")[0].trim_start_matches("Patient/").to_owned()
     }
 }
 
@@ -253,17 +240,9 @@ async fn load(server: &Server, client: &Client, bundle: &Value) -> Loaded {
             let status = response["response"]["status"].as_str().unwrap();
             assert!(status == "201 Created" || status == "200 OK", "{response}");
             let location = response["response"]["location"].as_str().unwrap();
-            let (target, _) = location
-                .split_once("/_history/")
-                .expect("versioned location");
-            assert!(
-                target.starts_with(request["resource"]["resourceType"].as_str().unwrap()),
-                "{location}"
-            );
-            (
-                request["fullUrl"].as_str().unwrap().to_owned(),
-                target.to_owned(),
-            )
+            let (target, _) = location.split_once("/_history/").expect("versioned location");
+            assert!(target.starts_with(request["resource"]["resourceType"].as_str().unwrap()), "{location}");
+            (request["fullUrl"].as_str().unwrap().to_owned(), target.to_owned())
         })
         .collect();
     Loaded { entries }
@@ -279,9 +258,7 @@ fn collect_references(value: &Value, found: &mut Vec<String>) {
                 }
             }
         }
-        Value::Array(items) => items
-            .iter()
-            .for_each(|item| collect_references(item, found)),
+        Value::Array(items) => items.iter().for_each(|item| collect_references(item, found)),
         _ => {}
     }
 }
@@ -296,37 +273,15 @@ async fn synthea_transaction_loads_with_references_rewritten() {
     let client = server.tenant_client("acme");
     let bundle = synthea_record("Alvarez", "mrn-1");
     let loaded = load(&server, &client, &bundle).await;
-    let targets: BTreeSet<String> = loaded
-        .entries
-        .iter()
-        .map(|(_, target)| target.clone())
-        .collect();
-    assert_eq!(
-        targets.len(),
-        bundle["entry"].as_array().unwrap().len(),
-        "every entry got its own id"
-    );
+    let targets: BTreeSet<String> = loaded.entries.iter().map(|(_, target)| target.clone()).collect();
+    assert_eq!(targets.len(), bundle["entry"].as_array().unwrap().len(), "every entry got its own id");
 
-    for ((full_url, target), request) in loaded
-        .entries
-        .iter()
-        .zip(bundle["entry"].as_array().unwrap())
-    {
+    for ((full_url, target), request) in loaded.entries.iter().zip(bundle["entry"].as_array().unwrap()) {
         let reply = server.send(get(&format!("/r4/{target}")).by(&client)).await;
         assert_status(&reply, 200);
         let stored = reply.json();
-        assert_eq!(
-            format!(
-                "{}/{}",
-                stored["resourceType"].as_str().unwrap(),
-                stored["id"].as_str().unwrap()
-            ),
-            *target
-        );
-        assert!(
-            !target.contains(full_url.trim_start_matches("urn:uuid:")),
-            "the server assigns new ids"
-        );
+        assert_eq!(format!("{}/{}", stored["resourceType"].as_str().unwrap(), stored["id"].as_str().unwrap()), *target);
+        assert!(!target.contains(full_url.trim_start_matches("urn:uuid:")), "the server assigns new ids");
         let mut references = Vec::new();
         collect_references(&stored, &mut references);
         for reference in &references {
@@ -344,29 +299,14 @@ async fn synthea_transaction_loads_with_references_rewritten() {
         assert_eq!(kept, sent, "{target}");
     }
     let patient = format!("Patient/{}", loaded.patient_id());
-    let encounter = server
-        .send(get(&format!("/r4/{}", loaded.of_type("Encounter")[0])).by(&client))
-        .await
-        .json();
+    let encounter = server.send(get(&format!("/r4/{}", loaded.of_type("Encounter")[0])).by(&client)).await.json();
     assert_eq!(encounter["subject"]["reference"], json!(patient));
-    let report = server
-        .send(get(&format!("/r4/{}", loaded.of_type("DiagnosticReport")[0])).by(&client))
-        .await
-        .json();
+    let report = server.send(get(&format!("/r4/{}", loaded.of_type("DiagnosticReport")[0])).by(&client)).await.json();
     assert_eq!(
         report["result"],
-        json!(loaded
-            .of_type("Observation")
-            .iter()
-            .map(|o| json!({"reference": o}))
-            .collect::<Vec<_>>())
+        json!(loaded.of_type("Observation").iter().map(|o| json!({"reference": o})).collect::<Vec<_>>())
     );
-    let by_patient = server
-        .search_all(
-            &client,
-            &format!("/r4/Observation?patient={}", loaded.patient_id()),
-        )
-        .await;
+    let by_patient = server.search_all(&client, &format!("/r4/Observation?patient={}", loaded.patient_id())).await;
     assert_eq!(by_patient.len(), 2);
 }
 
@@ -422,16 +362,10 @@ async fn transaction_with_one_bad_entry_stores_nothing() {
 
     // Not a transaction or batch at all.
     let reply = server
-        .send(
-            post("/r4")
-                .by(&client)
-                .json(&json!({"resourceType": "Bundle", "type": "collection", "entry": []})),
-        )
+        .send(post("/r4").by(&client).json(&json!({"resourceType": "Bundle", "type": "collection", "entry": []})))
         .await;
     assert_outcome(&reply, 422, "value", Some("Bundle.type"));
-    let reply = server
-        .send(post("/r4").by(&client).json(&patient("NotABundle")))
-        .await;
+    let reply = server.send(post("/r4").by(&client).json(&patient("NotABundle"))).await;
     assert_outcome(&reply, 422, "invalid", Some("resourceType"));
     assert_eq!(server.stored_state(&client, &types).await, before);
 }
@@ -468,21 +402,13 @@ async fn batch_reports_each_entry_and_keeps_the_good_ones() {
     ]});
     assert_eq!(redact(response.clone()), expected);
 
-    let created = response["entry"][0]["response"]["location"]
-        .as_str()
-        .unwrap()
-        .split("/_history/")
-        .next()
-        .unwrap()
-        .to_owned();
+    let created =
+        response["entry"][0]["response"]["location"].as_str().unwrap().split("/_history/").next().unwrap().to_owned();
     assert_eq!(
         ids(&server.search_all(&client, "/r4/Patient").await),
         set(&[created.trim_start_matches("Patient/"), "fixed-id"])
     );
-    assert!(server
-        .search_all(&client, "/r4/Observation")
-        .await
-        .is_empty());
+    assert!(server.search_all(&client, "/r4/Observation").await.is_empty());
 }
 
 #[tokio::test]
@@ -495,47 +421,16 @@ async fn conditional_create_does_not_duplicate_the_patient() {
 
     // Patient, Organization and Practitioner matched the first load; the rest is new.
     for resource_type in ["Patient", "Organization", "Practitioner"] {
-        assert_eq!(
-            first.of_type(resource_type),
-            second.of_type(resource_type),
-            "{resource_type}"
-        );
-        assert_eq!(
-            server
-                .search_all(&client, &format!("/r4/{resource_type}"))
-                .await
-                .len(),
-            1,
-            "{resource_type}"
-        );
+        assert_eq!(first.of_type(resource_type), second.of_type(resource_type), "{resource_type}");
+        assert_eq!(server.search_all(&client, &format!("/r4/{resource_type}")).await.len(), 1, "{resource_type}");
     }
-    let patients = server
-        .search_all(
-            &client,
-            &format!("/r4/Patient?identifier={SYNTHEA}|mrn-twice"),
-        )
-        .await;
+    let patients = server.search_all(&client, &format!("/r4/Patient?identifier={SYNTHEA}|mrn-twice")).await;
     assert_eq!(patients.len(), 1);
     assert_eq!(patients[0]["meta"]["versionId"], "1");
     assert_ne!(first.of_type("Encounter"), second.of_type("Encounter"));
-    let encounter = server
-        .send(get(&format!("/r4/{}", second.of_type("Encounter")[0])).by(&client))
-        .await
-        .json();
-    assert_eq!(
-        encounter["subject"]["reference"],
-        json!(format!("Patient/{}", first.patient_id()))
-    );
-    assert_eq!(
-        server
-            .search_all(
-                &client,
-                &format!("/r4/Encounter?patient={}", first.patient_id())
-            )
-            .await
-            .len(),
-        2
-    );
+    let encounter = server.send(get(&format!("/r4/{}", second.of_type("Encounter")[0])).by(&client)).await.json();
+    assert_eq!(encounter["subject"]["reference"], json!(format!("Patient/{}", first.patient_id())));
+    assert_eq!(server.search_all(&client, &format!("/r4/Encounter?patient={}", first.patient_id())).await.len(), 2);
 
     // The REST form: If-None-Exist on a create.
     let mut again = patients[0].clone();
@@ -568,19 +463,10 @@ async fn ten_thousand_entry_transaction_loads() {
     let loaded = load(&server, &client, &bundle).await;
     let elapsed = started.elapsed();
     eprintln!("10,000-entry transaction: {elapsed:?}");
-    assert!(
-        elapsed < Duration::from_secs(10),
-        "a 10,000-entry transaction took {elapsed:?}"
-    );
+    assert!(elapsed < Duration::from_secs(10), "a 10,000-entry transaction took {elapsed:?}");
     assert_eq!(loaded.entries.len(), 10_000);
     let observations = server
-        .search_all(
-            &client,
-            &format!(
-                "/r4/Observation?subject=Patient/{}&_count=1000",
-                loaded.patient_id()
-            ),
-        )
+        .search_all(&client, &format!("/r4/Observation?subject=Patient/{}&_count=1000", loaded.patient_id()))
         .await;
     assert_eq!(observations.len(), 9_999);
 }
@@ -590,10 +476,8 @@ async fn ten_thousand_entry_transaction_loads() {
 // ---------------------------------------------------------------------------------------------
 
 fn group_of(patient_ids: &[&str]) -> Value {
-    let members: Vec<Value> = patient_ids
-        .iter()
-        .map(|id| json!({"entity": {"reference": format!("Patient/{id}")}}))
-        .collect();
+    let members: Vec<Value> =
+        patient_ids.iter().map(|id| json!({"entity": {"reference": format!("Patient/{id}")}})).collect();
     json!({"resourceType": "Group", "type": "person", "actual": true, "member": members})
 }
 
@@ -609,11 +493,7 @@ async fn download(server: &Server, client: &Client, url: &str) -> Vec<Value> {
     let reply = server.send(get(&local(url)).by(client)).await;
     assert_status(&reply, 200);
     assert_eq!(reply.header("content-type"), "application/fhir+ndjson");
-    reply
-        .text()
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("NDJSON line"))
-        .collect()
+    reply.text().lines().map(|line| serde_json::from_str(line).expect("NDJSON line")).collect()
 }
 
 /// Every `Type/id` in a manifest's `output[]` files, checking each file's type and count.
@@ -624,11 +504,7 @@ async fn exported(server: &Server, client: &Client, manifest: &Value) -> BTreeSe
         assert_eq!(json!(lines.len()), item["count"], "{item}");
         for resource in lines {
             assert_eq!(resource["resourceType"], item["type"]);
-            let key = format!(
-                "{}/{}",
-                resource["resourceType"].as_str().unwrap(),
-                resource["id"].as_str().unwrap()
-            );
+            let key = format!("{}/{}", resource["resourceType"].as_str().unwrap(), resource["id"].as_str().unwrap());
             assert!(found.insert(key.clone()), "{key} exported twice");
         }
     }
@@ -651,22 +527,10 @@ async fn group_export_lists_each_resource_under_its_patients() {
         .await;
     let shared: BTreeSet<String> = [&allergy, &observation]
         .iter()
-        .map(|r| {
-            format!(
-                "{}/{}",
-                r["resourceType"].as_str().unwrap(),
-                r["id"].as_str().unwrap()
-            )
-        })
+        .map(|r| format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap()))
         .collect();
-    let group_a = server.create(&client, group_of(&[&a])).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let group_b = server.create(&client, group_of(&[&b])).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let group_a = server.create(&client, group_of(&[&a])).await["id"].as_str().unwrap().to_owned();
+    let group_b = server.create(&client, group_of(&[&b])).await["id"].as_str().unwrap().to_owned();
 
     // Everything of the record except the shared, non-compartment Organization and Practitioner.
     let compartment = |loaded: &Loaded| -> BTreeSet<String> {
@@ -674,20 +538,12 @@ async fn group_export_lists_each_resource_under_its_patients() {
             .entries
             .iter()
             .map(|(_, target)| target.clone())
-            .filter(|target| {
-                !target.starts_with("Organization/") && !target.starts_with("Practitioner/")
-            })
+            .filter(|target| !target.starts_with("Organization/") && !target.starts_with("Practitioner/"))
             .collect()
     };
-    let record_types: BTreeSet<String> = compartment(&alpha)
-        .iter()
-        .map(|target| target.split('/').next().unwrap().to_owned())
-        .collect();
-    assert_eq!(
-        record_types.len(),
-        14,
-        "the record covers 14 compartment types: {record_types:?}"
-    );
+    let record_types: BTreeSet<String> =
+        compartment(&alpha).iter().map(|target| target.split('/').next().unwrap().to_owned()).collect();
+    assert_eq!(record_types.len(), 14, "the record covers 14 compartment types: {record_types:?}");
 
     for (group, own, other) in [(&group_a, &alpha, &beta), (&group_b, &beta, &alpha)] {
         let manifest = export(&server, &client, &format!("/r4/Group/{group}/$export")).await;
@@ -696,16 +552,10 @@ async fn group_export_lists_each_resource_under_its_patients() {
         expected.extend(shared.iter().cloned());
         expected.insert(format!("Group/{group}"));
         for target in &expected {
-            assert!(
-                found.contains(target),
-                "{target} is missing from the export of Group/{group}"
-            );
+            assert!(found.contains(target), "{target} is missing from the export of Group/{group}");
         }
         for target in compartment(other) {
-            assert!(
-                !found.contains(&target),
-                "{target} of the other patient leaked into the export of Group/{group}"
-            );
+            assert!(!found.contains(&target), "{target} of the other patient leaked into the export of Group/{group}");
         }
         assert_eq!(found, expected);
     }
@@ -716,14 +566,8 @@ async fn export_kick_off_refuses_bad_parameters() {
     let server = Server::start();
     let client = server.tenant_client("acme");
     let other = server.tenant_client("globex");
-    let patient_id = server.create(&client, patient("Member")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let group = server.create(&client, group_of(&[&patient_id])).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let patient_id = server.create(&client, patient("Member")).await["id"].as_str().unwrap().to_owned();
+    let group = server.create(&client, group_of(&[&patient_id])).await["id"].as_str().unwrap().to_owned();
     let cases = [
         ("_type=Practitioner", "not-supported", "_type"),
         ("_type=Nope", "value", "_type"),
@@ -731,46 +575,25 @@ async fn export_kick_off_refuses_bad_parameters() {
         ("_since=yesterday", "value", "_since"),
         ("_outputFormat=text/csv", "not-supported", "_outputFormat"),
         ("foo=1", "invalid", "foo"),
-        (
-            "_typeFilter=Observation%3Fstatus%3Dfinal",
-            "not-supported",
-            "_typeFilter",
-        ),
+        ("_typeFilter=Observation%3Fstatus%3Dfinal", "not-supported", "_typeFilter"),
     ];
     for base in ["/r4", "/bulk-data/r4"] {
         for (query, code, expression) in cases {
-            let reply = server
-                .send(get(&format!("{base}/Group/{group}/$export?{query}")).by(&client))
-                .await;
+            let reply = server.send(get(&format!("{base}/Group/{group}/$export?{query}")).by(&client)).await;
             assert_outcome(&reply, 400, code, Some(expression));
         }
     }
     for (who, group_id) in [(&client, "no-such-group"), (&other, group.as_str())] {
-        let reply = server
-            .send(get(&format!("/r4/Group/{group_id}/$export")).by(who))
-            .await;
+        let reply = server.send(get(&format!("/r4/Group/{group_id}/$export")).by(who)).await;
         assert_outcome(&reply, 404, "not-found", None);
     }
-    assert_outcome(
-        &server
-            .send(get(&format!("/r4/Group/{group}/$export")))
-            .await,
-        401,
-        "login",
-        None,
-    );
-    let reply = server
-        .send(get(&format!("/r4/Patient/{patient_id}/$export")).by(&client))
-        .await;
+    assert_outcome(&server.send(get(&format!("/r4/Group/{group}/$export"))).await, 401, "login", None);
+    let reply = server.send(get(&format!("/r4/Patient/{patient_id}/$export")).by(&client)).await;
     assert_outcome(&reply, 400, "not-supported", None);
 
-    let reply = server
-        .send(delete(&format!("/r4/Group/{group}")).by(&client))
-        .await;
+    let reply = server.send(delete(&format!("/r4/Group/{group}")).by(&client)).await;
     assert_status(&reply, 204);
-    let reply = server
-        .send(get(&format!("/r4/Group/{group}/$export")).by(&client))
-        .await;
+    let reply = server.send(get(&format!("/r4/Group/{group}/$export")).by(&client)).await;
     assert_outcome(&reply, 410, "deleted", None);
 }
 
@@ -778,16 +601,8 @@ async fn export_kick_off_refuses_bad_parameters() {
 async fn export_reports_members_without_data_in_its_error_file() {
     let server = Server::start();
     let client = server.tenant_client("acme");
-    let patient_id = server.create(&client, patient("Member")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let group = server
-        .create(&client, group_of(&[&patient_id, "ghost"]))
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let patient_id = server.create(&client, patient("Member")).await["id"].as_str().unwrap().to_owned();
+    let group = server.create(&client, group_of(&[&patient_id, "ghost"])).await["id"].as_str().unwrap().to_owned();
     let manifest = export(&server, &client, &format!("/r4/Group/{group}/$export")).await;
     assert_eq!(
         exported(&server, &client, &manifest).await,
@@ -800,35 +615,21 @@ async fn export_reports_members_without_data_in_its_error_file() {
     assert_eq!(outcomes.len(), 1);
     let issue = &outcomes[0]["issue"][0];
     assert_eq!(issue["code"], "not-found");
-    assert!(
-        issue["diagnostics"]
-            .as_str()
-            .unwrap()
-            .contains("Patient/ghost"),
-        "{issue}"
-    );
+    assert!(issue["diagnostics"].as_str().unwrap().contains("Patient/ghost"), "{issue}");
 }
 
 #[tokio::test]
 async fn lenient_export_reports_ignored_parameters_in_its_error_file() {
     let server = Server::start();
     let client = server.tenant_client("acme");
-    let patient_id = server.create(&client, patient("Member")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let group = server.create(&client, group_of(&[&patient_id])).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let patient_id = server.create(&client, patient("Member")).await["id"].as_str().unwrap().to_owned();
+    let group = server.create(&client, group_of(&[&patient_id])).await["id"].as_str().unwrap().to_owned();
 
     let reply = server
         .send(
-            get(&format!(
-                "/bulk-data/r4/Group/{group}/$export?foo=1&_type=Patient"
-            ))
-            .by(&client)
-            .header("prefer", "handling=lenient"),
+            get(&format!("/bulk-data/r4/Group/{group}/$export?foo=1&_type=Patient"))
+                .by(&client)
+                .header("prefer", "handling=lenient"),
         )
         .await;
     assert_status(&reply, 200);
@@ -843,31 +644,18 @@ async fn lenient_export_reports_ignored_parameters_in_its_error_file() {
     });
     assert_eq!(redact(manifest.clone()), expected);
 
-    let outcomes = download(
-        &server,
-        &client,
-        manifest["error"][0]["url"].as_str().unwrap(),
-    )
-    .await;
+    let outcomes = download(&server, &client, manifest["error"][0]["url"].as_str().unwrap()).await;
     assert_eq!(outcomes.len(), 1);
     assert_eq!(outcomes[0]["resourceType"], "OperationOutcome");
     let issue = &outcomes[0]["issue"][0];
     assert_eq!(issue["severity"], "warning");
     // (The kick-off's issue code and expression are not carried into the file: the token
     // keeps only the diagnostics text.)
-    assert!(
-        issue["diagnostics"].as_str().unwrap().contains("'foo'"),
-        "{issue}"
-    );
-    assert_eq!(
-        exported(&server, &client, &manifest).await,
-        set(&[&format!("Patient/{patient_id}")])
-    );
+    assert!(issue["diagnostics"].as_str().unwrap().contains("'foo'"), "{issue}");
+    assert_eq!(exported(&server, &client, &manifest).await, set(&[&format!("Patient/{patient_id}")]));
 
     // Strict (the default) refuses the same request.
-    let reply = server
-        .send(get(&format!("/bulk-data/r4/Group/{group}/$export?foo=1")).by(&client))
-        .await;
+    let reply = server.send(get(&format!("/bulk-data/r4/Group/{group}/$export?foo=1")).by(&client)).await;
     assert_outcome(&reply, 400, "invalid", Some("foo"));
 }
 
@@ -878,77 +666,33 @@ async fn export_file_urls_serve_only_their_client_and_expire() {
     let client = server.client(acme_tenant);
     let colleague = server.client(acme_tenant);
     let outsider = server.tenant_client("globex");
-    let patient_id = server.create(&client, patient("Member")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let group = server.create(&client, group_of(&[&patient_id])).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let manifest = export(
-        &server,
-        &client,
-        &format!("/bulk-data/r4/Group/{group}/$export?_type=Patient"),
-    )
-    .await;
+    let patient_id = server.create(&client, patient("Member")).await["id"].as_str().unwrap().to_owned();
+    let group = server.create(&client, group_of(&[&patient_id])).await["id"].as_str().unwrap().to_owned();
+    let manifest = export(&server, &client, &format!("/bulk-data/r4/Group/{group}/$export?_type=Patient")).await;
     let minted = manifest["output"][0]["url"].as_str().unwrap();
     assert_eq!(download(&server, &client, minted).await.len(), 1);
     let url = local(minted);
 
     for stranger in [&colleague, &outsider] {
-        assert_outcome(
-            &server.send(get(&url).by(stranger)).await,
-            404,
-            "not-found",
-            None,
-        );
+        assert_outcome(&server.send(get(&url).by(stranger)).await, 404, "not-found", None);
     }
     assert_outcome(&server.send(get(&url)).await, 401, "login", None);
 
     let (prefix, file) = url.rsplit_once('/').unwrap();
     let token = file.strip_suffix(".ndjson").unwrap();
     let signature_at = token.rfind('.').unwrap() + 5;
-    let flipped = if &token[signature_at..=signature_at] == "A" {
-        "B"
-    } else {
-        "A"
-    };
-    let tampered = format!(
-        "{prefix}/{}{flipped}{}.ndjson",
-        &token[..signature_at],
-        &token[signature_at + 1..]
-    );
-    assert_outcome(
-        &server.send(get(&tampered).by(&client)).await,
-        404,
-        "not-found",
-        None,
-    );
+    let flipped = if &token[signature_at..=signature_at] == "A" { "B" } else { "A" };
+    let tampered = format!("{prefix}/{}{flipped}{}.ndjson", &token[..signature_at], &token[signature_at + 1..]);
+    assert_outcome(&server.send(get(&tampered).by(&client)).await, 404, "not-found", None);
     let wrong_type = url.replace("/$export/Patient/", "/$export/Observation/");
-    assert_outcome(
-        &server.send(get(&wrong_type).by(&client)).await,
-        404,
-        "not-found",
-        None,
-    );
+    assert_outcome(&server.send(get(&wrong_type).by(&client)).await, 404, "not-found", None);
 
     // The same claims, signed with the same key, but past their expiry.
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
     let keys = token_keys();
-    let mut claims = keys
-        .verify(token, now)
-        .expect("the manifest's token verifies");
+    let mut claims = keys.verify(token, now).expect("the manifest's token verifies");
     claims.iat = now - 120;
     claims.exp = now - 60;
     let expired = format!("{prefix}/{}.ndjson", keys.sign(&claims));
-    assert_outcome(
-        &server.send(get(&expired).by(&client)).await,
-        401,
-        "security",
-        None,
-    );
+    assert_outcome(&server.send(get(&expired).by(&client)).await, 401, "security", None);
 }

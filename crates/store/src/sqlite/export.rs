@@ -17,7 +17,8 @@ fn load_members(connection: &Connection, selection: &MemberSelection) -> Result<
         "CREATE TEMP TABLE IF NOT EXISTS export_member (patient_id TEXT PRIMARY KEY, since INTEGER);
          DELETE FROM temp.export_member;",
     )?;
-    let mut insert = connection.prepare_cached("INSERT OR IGNORE INTO temp.export_member (patient_id, since) VALUES (?1, ?2)")?;
+    let mut insert =
+        connection.prepare_cached("INSERT OR IGNORE INTO temp.export_member (patient_id, since) VALUES (?1, ?2)")?;
     for (patient, since) in &selection.members {
         insert.execute(params![patient, since])?;
     }
@@ -44,7 +45,11 @@ struct Reach {
 impl Reach {
     /// The lower bound on `lastUpdated` that applies (`None`: none).
     fn since(self) -> Option<Micros> {
-        if self.full_history { None } else { self.existing_since }
+        if self.full_history {
+            None
+        } else {
+            self.existing_since
+        }
     }
 
     fn merge(self, other: Reach) -> Reach {
@@ -96,7 +101,11 @@ fn candidates(
         found.push(Candidate {
             rid: row.get(0)?,
             reach: Reach { full_history: row.get(1)?, existing_since: row.get(2)? },
-            version: VersionAt { last_updated, deleted: row.get(4)?, visible: user.is_none() || row.get_ref(5)?.as_str_or_null()? == user },
+            version: VersionAt {
+                last_updated,
+                deleted: row.get(4)?,
+                visible: user.is_none() || row.get_ref(5)?.as_str_or_null()? == user,
+            },
             // A closed row describes a version that has since been replaced.
             historical: last_updated > at || row.get::<_, bool>(6)?,
         });
@@ -151,9 +160,11 @@ fn for_each_selected(
         "SELECT version, last_updated, deleted, owner FROM resource_history
          WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1",
     )?;
-    let mut earlier_body = connection.prepare_cached("SELECT body FROM resource_history WHERE rid = ?1 AND version = ?2")?;
+    let mut earlier_body =
+        connection.prepare_cached("SELECT body FROM resource_history WHERE rid = ?1 AND version = ?2")?;
     let mut point = connection.prepare_cached("SELECT body FROM resources WHERE rid = ?1")?;
-    let mut scan = connection.prepare_cached("SELECT rid, body FROM resources WHERE rid BETWEEN ?1 AND ?2 ORDER BY rid")?;
+    let mut scan =
+        connection.prepare_cached("SELECT rid, body FROM resources WHERE rid BETWEEN ?1 AND ?2 ORDER BY rid")?;
     let (mut start, end) = (first_key.max(type_first), last_key.min(type_last));
     while start <= end {
         let window_end = start.saturating_add(WINDOW - 1).min(end);
@@ -164,11 +175,14 @@ fn for_each_selected(
             let (version, history_version) = if candidate.historical {
                 let then = earlier
                     .query_row(params![candidate.rid, at], |row| {
-                        Ok((row.get::<_, i64>(0)?, VersionAt {
-                            last_updated: row.get(1)?,
-                            deleted: row.get(2)?,
-                            visible: user.is_none() || row.get_ref(3)?.as_str_or_null()? == user,
-                        }))
+                        Ok((
+                            row.get::<_, i64>(0)?,
+                            VersionAt {
+                                last_updated: row.get(1)?,
+                                deleted: row.get(2)?,
+                                visible: user.is_none() || row.get_ref(3)?.as_str_or_null()? == user,
+                            },
+                        ))
                     })
                     .optional()?;
                 match then {
@@ -241,7 +255,8 @@ pub(super) fn plan_parts(
     load_members(connection, selection)?;
     let part_size = part_size.max(1);
     let mut plan = Vec::new();
-    let mut present = connection.prepare_cached("SELECT EXISTS (SELECT 1 FROM resources WHERE tenant_id = ?1 AND resource_type = ?2)")?;
+    let mut present = connection
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM resources WHERE tenant_id = ?1 AND resource_type = ?2)")?;
     for resource_type in resource_types {
         // One index seek rules out the many compartment types a tenant never stored.
         if !present.query_row(params![tenant.0, resource_type], |row| row.get::<_, bool>(0))? {
@@ -249,16 +264,25 @@ pub(super) fn plan_parts(
         }
         let mut parts: Vec<PartRange> = Vec::new();
         let select = |reach, version: &VersionAt| selected(selection, reach, version);
-        for_each_selected(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), false, select, |rid, _, _| {
-            match parts.last_mut() {
-                Some(part) if part.count < part_size => {
-                    part.last_key = rid;
-                    part.count += 1;
+        for_each_selected(
+            connection,
+            tenant,
+            selection,
+            resource_type,
+            (i64::MIN, i64::MAX),
+            false,
+            select,
+            |rid, _, _| {
+                match parts.last_mut() {
+                    Some(part) if part.count < part_size => {
+                        part.last_key = rid;
+                        part.count += 1;
+                    }
+                    _ => parts.push(PartRange { first_key: rid, last_key: rid, count: 1 }),
                 }
-                _ => parts.push(PartRange { first_key: rid, last_key: rid, count: 1 }),
-            }
-            Ok(())
-        })?;
+                Ok(())
+            },
+        )?;
         if !parts.is_empty() {
             plan.push((resource_type.clone(), parts));
         }
@@ -277,12 +301,21 @@ pub(super) fn stream_part(
     load_members(connection, selection)?;
     let mut written = 0;
     let select = |reach, version: &VersionAt| selected(selection, reach, version);
-    for_each_selected(connection, tenant, selection, resource_type, (range.first_key, range.last_key), true, select, |_, _, body| {
-        // Stored bytes go to the sink as they are: no copy, no parse.
-        sink(body).map_err(|error| StoreError::Database(format!("export sink: {error}")))?;
-        written += 1;
-        Ok(())
-    })?;
+    for_each_selected(
+        connection,
+        tenant,
+        selection,
+        resource_type,
+        (range.first_key, range.last_key),
+        true,
+        select,
+        |_, _, body| {
+            // Stored bytes go to the sink as they are: no copy, no parse.
+            sink(body).map_err(|error| StoreError::Database(format!("export sink: {error}")))?;
+            written += 1;
+            Ok(())
+        },
+    )?;
     Ok(written)
 }
 
@@ -303,10 +336,19 @@ pub(super) fn deleted_in_compartments(
     let select = |reach: Reach, version: &VersionAt| {
         reach.existing_since.is_some_and(|since| version.deleted && version.last_updated > since && version.visible)
     };
-    for_each_selected(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), false, select, |rid, version, _| {
-        deleted.push((id_of.query_row([rid], |row| row.get(0))?, version.last_updated));
-        Ok(())
-    })?;
+    for_each_selected(
+        connection,
+        tenant,
+        selection,
+        resource_type,
+        (i64::MIN, i64::MAX),
+        false,
+        select,
+        |rid, version, _| {
+            deleted.push((id_of.query_row([rid], |row| row.get(0))?, version.last_updated));
+            Ok(())
+        },
+    )?;
     Ok(deleted)
 }
 
@@ -319,7 +361,9 @@ pub(super) fn version_at(
 ) -> Result<Option<StoredResource>, StoreError> {
     let sql = "SELECT resource_type, id, version, last_updated, deleted, owner, body FROM resources
                WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3";
-    let Some(current) = connection.prepare_cached(sql)?.query_row(params![tenant.0, resource_type, id], stored_from_row).optional()? else {
+    let Some(current) =
+        connection.prepare_cached(sql)?.query_row(params![tenant.0, resource_type, id], stored_from_row).optional()?
+    else {
         return Ok(None);
     };
     let version = if current.last_updated <= at {
@@ -329,7 +373,10 @@ pub(super) fn version_at(
                    FROM resource_history h JOIN resources r ON r.rid = h.rid
                    WHERE r.tenant_id = ?1 AND r.resource_type = ?2 AND r.id = ?3 AND h.last_updated <= ?4
                    ORDER BY h.version DESC LIMIT 1";
-        connection.prepare_cached(sql)?.query_row(params![tenant.0, resource_type, id, at], stored_from_row).optional()?
+        connection
+            .prepare_cached(sql)?
+            .query_row(params![tenant.0, resource_type, id, at], stored_from_row)
+            .optional()?
     };
     Ok(version.filter(|version| !version.deleted))
 }
@@ -368,14 +415,22 @@ pub(super) fn existing_at(
     for id in ids {
         let row = current
             .query_row(params![tenant.0, resource_type, id], |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, Micros>(1)?, row.get::<_, bool>(2)?, row.get::<_, Option<String>>(3)?))
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, Micros>(1)?,
+                    row.get::<_, bool>(2)?,
+                    row.get::<_, Option<String>>(3)?,
+                ))
             })
             .optional()?;
         let Some((rid, last_updated, deleted, owner)) = row else { continue };
         let (deleted, owner) = if last_updated <= at {
             (deleted, owner)
         } else {
-            match earlier.query_row(params![rid, at], |row| Ok((row.get::<_, bool>(0)?, row.get::<_, Option<String>>(1)?))).optional()? {
+            match earlier
+                .query_row(params![rid, at], |row| Ok((row.get::<_, bool>(0)?, row.get::<_, Option<String>>(1)?)))
+                .optional()?
+            {
                 Some(then) => then,
                 None => continue,
             }

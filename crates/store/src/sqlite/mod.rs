@@ -12,8 +12,8 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, ExportJob, MemberSelection, PartRange, ResourceSink, SearchPage, SearchQuery, StoreError, StoredResource,
-    Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ClientRecord, ExportJob, MemberSelection, PartRange, ResourceSink, SearchPage, SearchQuery, StoreError,
+    StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -195,19 +195,35 @@ impl crate::Store for SqliteStore {
         })
     }
 
-    fn read(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, id: &str)
-        -> Result<Option<StoredResource>, StoreError> {
+    fn read(
+        &self,
+        tenant: TenantId,
+        visibility: &Visibility,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<StoredResource>, StoreError> {
         self.with_read(|connection| resources::read(connection, tenant, visibility, resource_type, id))
     }
 
-    fn vread(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, id: &str, version: i64)
-        -> Result<Option<StoredResource>, StoreError> {
+    fn vread(
+        &self,
+        tenant: TenantId,
+        visibility: &Visibility,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<StoredResource>, StoreError> {
         let versions = self.history(tenant, visibility, resource_type, id)?;
         Ok(versions.into_iter().find(|stored| stored.version == version))
     }
 
-    fn history(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, id: &str)
-        -> Result<Vec<StoredResource>, StoreError> {
+    fn history(
+        &self,
+        tenant: TenantId,
+        visibility: &Visibility,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Vec<StoredResource>, StoreError> {
         self.with_read(|connection| resources::history(connection, tenant, visibility, resource_type, id))
     }
 
@@ -215,18 +231,28 @@ impl crate::Store for SqliteStore {
         self.with_read(|connection| resources::search(connection, tenant, visibility, query))
     }
 
-
     fn reserve_transaction_time(&self) -> Result<Micros, StoreError> {
         self.with_write(|_, timestamp| Ok(timestamp))
     }
 
-    fn version_at(&self, tenant: TenantId, resource_type: &str, id: &str, at: Micros)
-        -> Result<Option<StoredResource>, StoreError> {
+    fn version_at(
+        &self,
+        tenant: TenantId,
+        resource_type: &str,
+        id: &str,
+        at: Micros,
+    ) -> Result<Option<StoredResource>, StoreError> {
         self.with_read(|connection| export::version_at(connection, tenant, resource_type, id, at))
     }
 
-    fn existing_at(&self, tenant: TenantId, visibility: &Visibility, resource_type: &str, ids: &[String], at: Micros)
-        -> Result<Vec<String>, StoreError> {
+    fn existing_at(
+        &self,
+        tenant: TenantId,
+        visibility: &Visibility,
+        resource_type: &str,
+        ids: &[String],
+        at: Micros,
+    ) -> Result<Vec<String>, StoreError> {
         self.with_snapshot(|connection| export::existing_at(connection, tenant, visibility, resource_type, ids, at))
     }
 
@@ -234,8 +260,13 @@ impl crate::Store for SqliteStore {
         self.with_read(|connection| export::members_at(connection, tenant, group_id, at))
     }
 
-    fn plan_parts(&self, tenant: TenantId, selection: &MemberSelection, resource_types: &[String], part_size: u64)
-        -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
+    fn plan_parts(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        resource_types: &[String],
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
         self.with_snapshot(|connection| export::plan_parts(connection, tenant, selection, resource_types, part_size))
     }
 
@@ -250,8 +281,12 @@ impl crate::Store for SqliteStore {
         self.with_snapshot(|connection| export::stream_part(connection, tenant, selection, resource_type, range, sink))
     }
 
-    fn deleted_in_compartments(&self, tenant: TenantId, selection: &MemberSelection, resource_type: &str)
-        -> Result<Vec<(String, Micros)>, StoreError> {
+    fn deleted_in_compartments(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        resource_type: &str,
+    ) -> Result<Vec<(String, Micros)>, StoreError> {
         self.with_snapshot(|connection| export::deleted_in_compartments(connection, tenant, selection, resource_type))
     }
     fn create_export_job(&self, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {

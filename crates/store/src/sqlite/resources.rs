@@ -138,10 +138,11 @@ fn put(
             archive_current(transaction, existing.rid)?;
             // The owner of an existing resource never changes: a tenant-level update of a
             // user's resource keeps it that user's.
-            transaction.prepare_cached(
-                "UPDATE resources SET version = ?2, last_updated = ?3, deleted = 0, body = ?4 WHERE rid = ?1",
-            )?
-            .execute(params![existing.rid, version, timestamp, text])?;
+            transaction
+                .prepare_cached(
+                    "UPDATE resources SET version = ?2, last_updated = ?3, deleted = 0, body = ?4 WHERE rid = ?1",
+                )?
+                .execute(params![existing.rid, version, timestamp, text])?;
             existing.rid
         }
         None => {
@@ -172,7 +173,8 @@ fn put(
     sync_compartments(transaction, tenant, resource_type, rid, patients, stored_owner, timestamp, is_new_row)?;
     sync_search_tokens(transaction, tenant, resource_type, rid, body, is_new_row)?;
     if resource_type == "Group" {
-        let members = group_members(&text, timestamp).map_err(|error| StoreError::Invalid(format!("Group.member: {error}")))?;
+        let members =
+            group_members(&text, timestamp).map_err(|error| StoreError::Invalid(format!("Group.member: {error}")))?;
         sync_group_membership(transaction, tenant, id, &members, timestamp)?;
     }
     Ok(Written {
@@ -215,7 +217,9 @@ fn delete(
     archive_current(transaction, existing.rid)?;
     written.version = existing.version + 1;
     transaction
-        .prepare_cached("UPDATE resources SET version = ?2, last_updated = ?3, deleted = 1, body = NULL WHERE rid = ?1")?
+        .prepare_cached(
+            "UPDATE resources SET version = ?2, last_updated = ?3, deleted = 1, body = NULL WHERE rid = ?1",
+        )?
         .execute(params![existing.rid, written.version, timestamp])?;
     // Compartment rows stay open, marked deleted: deletions are found through them for `deleted[]`.
     transaction
@@ -361,8 +365,10 @@ pub(super) fn read(
     resource_type: &str,
     id: &str,
 ) -> Result<Option<StoredResource>, StoreError> {
-    let sql = format!("SELECT {VERSION_COLUMNS} FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3");
-    let resource = connection.prepare_cached(&sql)?.query_row(params![tenant.0, resource_type, id], stored_from_row).optional()?;
+    let sql =
+        format!("SELECT {VERSION_COLUMNS} FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3");
+    let resource =
+        connection.prepare_cached(&sql)?.query_row(params![tenant.0, resource_type, id], stored_from_row).optional()?;
     Ok(resource.filter(|resource| visible(resource, visibility)))
 }
 

@@ -18,34 +18,20 @@ pub struct Dataset {
 
 pub fn ndjson(patients: u64, seed: u64) -> Dataset {
     let dir = tempfile::tempdir().expect("temp dir");
-    let summary = generate(
-        &SynthOptions {
-            patients,
-            seed,
-            format: OutputFormat::Ndjson,
-        },
-        dir.path(),
-    )
-    .expect("generate");
+    let summary =
+        generate(&SynthOptions { patients, seed, format: OutputFormat::Ndjson }, dir.path()).expect("generate");
     let resources = load_ndjson(dir.path());
-    Dataset {
-        dir,
-        summary,
-        resources,
-    }
+    Dataset { dir, summary, resources }
 }
 
 /// Every `{Type}.ndjson` file in `dir`, parsed line by line (panics on a bad line).
 pub fn load_ndjson(dir: &Path) -> Vec<(String, Value)> {
     let mut out = Vec::new();
     for (name, text) in read_dir_sorted(dir) {
-        let file_type = name
-            .strip_suffix(".ndjson")
-            .unwrap_or_else(|| panic!("unexpected file {name}"));
+        let file_type = name.strip_suffix(".ndjson").unwrap_or_else(|| panic!("unexpected file {name}"));
         assert!(text.ends_with('\n'), "{name} does not end with a newline");
         for (n, line) in text.lines().enumerate() {
-            let v: Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("{name}:{} is not JSON: {e}", n + 1));
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{name}:{} is not JSON: {e}", n + 1));
             out.push((file_type.to_string(), v));
         }
     }
@@ -67,10 +53,7 @@ pub fn read_dir_sorted(dir: &Path) -> BTreeMap<String, String> {
 
 /// FHIR R4 `id`: `[A-Za-z0-9\-\.]{1,64}`.
 pub fn is_fhir_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// Calls `f(path, reference_string)` for every `reference` in `v`; the path is dotted element
@@ -113,9 +96,7 @@ pub fn owning_patient(resource: &Value) -> Option<String> {
         }
     }
     if t == "Provenance" {
-        return resource["target"][0]["reference"]
-            .as_str()
-            .map(str::to_string);
+        return resource["target"][0]["reference"].as_str().map(str::to_string);
     }
     None
 }
