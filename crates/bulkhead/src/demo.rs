@@ -62,8 +62,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             }
         };
         let server = tokio::spawn(bulkhead_http::serve(listener, state, shutdown, Duration::from_secs(5)));
-        show_export(&base, &client_id, &client_secret).await?;
-        print_curl_lines(&base, &client_id, &client_secret);
+        let transaction_time = show_export(&base, &client_id, &client_secret).await?;
+        print_curl_lines(&base, &client_id, &client_secret, &transaction_time);
         if once {
             let _ = stop_tx.send(());
         } else {
@@ -111,8 +111,9 @@ fn patient_ids(store: &dyn Store, tenant: bulkhead_store::TenantId, limit: usize
     Ok(store.search(tenant, &Visibility::Tenant, &query)?.resources.into_iter().map(|patient| patient.id).collect())
 }
 
-/// Runs the synchronous Group export against the live server and prints what came back.
-async fn show_export(base: &str, client_id: &str, client_secret: &str) -> anyhow::Result<()> {
+/// Runs the synchronous Group export against the live server, prints what came back, and
+/// returns its `transactionTime`.
+async fn show_export(base: &str, client_id: &str, client_secret: &str) -> anyhow::Result<String> {
     let http = reqwest::Client::new();
     let started = Instant::now();
     let manifest: Value = http
@@ -152,17 +153,20 @@ async fn show_export(base: &str, client_id: &str, client_secret: &str) -> anyhow
             "\nfirst line of the {} file ({} lines):\n  {}…",
             first["type"].as_str().unwrap_or("?"),
             text.lines().count(),
-            &line[..line.len().min(160)]
+            line.char_indices().nth(160).map_or(line, |(cut, _)| &line[..cut])
         );
     }
-    Ok(())
+    Ok(manifest["transactionTime"].as_str().unwrap_or_default().to_owned())
 }
 
-fn print_curl_lines(base: &str, client_id: &str, client_secret: &str) {
+fn print_curl_lines(base: &str, client_id: &str, client_secret: &str, transaction_time: &str) {
     let auth = format!("-H 'client_id: {client_id}' -H 'client_secret: {client_secret}'");
     println!("\nTry it yourself (credentials of a fresh demo client):");
     println!("  curl -s {auth} '{base}/r4/Group/{GROUP}'");
     println!("  curl -s {auth} '{base}/bulk-data/r4/Group/{GROUP}/$export?_type=Patient,Observation'");
-    println!("  curl -s {auth} '{base}/bulk-data/r4/Group/{GROUP}/$export?_since=2026-01-01'");
+    println!("  # only what changed since the export above (nothing yet: output is empty):");
+    println!("  curl -s {auth} '{base}/bulk-data/r4/Group/{GROUP}/$export?_since={transaction_time}'");
+    println!("  # the standard asynchronous pattern: 202 and a Content-Location to poll:");
+    println!("  curl -s -D - -H 'Prefer: respond-async' {auth} '{base}/r4/Group/{GROUP}/$export'");
     println!("  # then download any output[].url with the same two headers (add --compressed for gzip)");
 }

@@ -19,9 +19,10 @@ use crate::search::{conditional_query, find_one};
 use crate::state::AppState;
 use crate::validate::validate_resource;
 
-/// What one entry asks for, once checked.
+/// What one entry asks for, once checked. Writes go to a separate list, in entry order, so they
+/// can be handed to the store in one call.
 enum Planned {
-    Write(WriteOp),
+    Write,
     /// A conditional create that matched an existing resource.
     Existing {
         resource_type: String,
@@ -59,32 +60,34 @@ pub async fn process_bundle(
         return Ok(bundle_response(mode, Vec::new()));
     };
     let mut planned = Vec::with_capacity(entries.len());
+    let mut ops = Vec::with_capacity(entries.len());
     let mut full_urls: HashMap<String, String> = HashMap::new();
     for (index, entry) in entries.into_iter().enumerate() {
         let step = plan_entry(&state, &caller, entry, &mut full_urls).await.map_err(|error| within_entry(error, index));
         match (step, mode) {
-            (Ok(step), _) => planned.push(step),
+            (Ok(Step::Write(op)), _) => {
+                ops.push(op);
+                planned.push(Planned::Write);
+            }
+            (Ok(Step::Existing(existing)), _) => planned.push(existing),
             (Err(error), WriteMode::Transaction) => return Err(error),
             (Err(error), WriteMode::Batch) => planned.push(Planned::Failed(error)),
         }
     }
-    rewrite_references_in_plan(&mut planned, &full_urls);
-    let ops: Vec<WriteOp> = planned
-        .iter_mut()
-        .filter_map(|step| match step {
-            Planned::Write(op) => {
-                Some(std::mem::replace(op, WriteOp::Delete { resource_type: String::new(), id: String::new() }))
+    if !full_urls.is_empty() {
+        for op in &mut ops {
+            if let WriteOp::Create { body, .. } | WriteOp::Update { body, .. } = op {
+                rewrite_references(body, &full_urls);
             }
-            _ => None,
-        })
-        .collect();
+        }
+    }
     let (tenant, owner) = (caller.tenant, caller.owner().map(str::to_owned));
     let mut results =
         state.blocking(move |store| Ok(store.write(tenant, owner.as_deref(), &ops, mode)?)).await?.into_iter();
     let mut outcomes = Vec::with_capacity(planned.len());
     for step in planned {
         outcomes.push(match step {
-            Planned::Write(_) => results.next().ok_or_else(ApiError::internal)?.map_err(ApiError::from),
+            Planned::Write => results.next().ok_or_else(ApiError::internal)?.map_err(ApiError::from),
             Planned::Existing { resource_type, id, version } => Ok(Written {
                 resource_type,
                 id,
@@ -101,12 +104,18 @@ pub async fn process_bundle(
     Ok(bundle_response(mode, outcomes))
 }
 
+/// A checked entry: a write, or a conditional create that found its match.
+enum Step {
+    Write(WriteOp),
+    Existing(Planned),
+}
+
 async fn plan_entry(
     state: &AppState,
     caller: &Caller,
     entry: Value,
     full_urls: &mut HashMap<String, String>,
-) -> Result<Planned, ApiError> {
+) -> Result<Step, ApiError> {
     let method = entry.pointer("/request/method").and_then(Value::as_str).unwrap_or("").to_owned();
     let url = entry.pointer("/request/url").and_then(Value::as_str).unwrap_or("").to_owned();
     let full_url = entry.get("fullUrl").and_then(Value::as_str).map(str::to_owned);
@@ -134,14 +143,14 @@ async fn plan_entry(
                     if let Some(full_url) = full_url {
                         full_urls.insert(full_url, format!("{resource_type}/{}", existing.id));
                     }
-                    return Ok(Planned::Existing { resource_type, id: existing.id, version: existing.version });
+                    return Ok(Step::Existing(Planned::Existing { resource_type, id: existing.id, version: existing.version }));
                 }
             }
             let id = uuid::Uuid::new_v4().to_string();
             if let Some(full_url) = full_url {
                 full_urls.insert(full_url, format!("{resource_type}/{id}"));
             }
-            Ok(Planned::Write(WriteOp::Create { resource_type, id, body }))
+            Ok(Step::Write(WriteOp::Create { resource_type, id, body }))
         }
         "PUT" => {
             let id = url_id.filter(|id| is_valid_id(id)).ok_or_else(|| {
@@ -159,13 +168,13 @@ async fn plan_entry(
                 .pointer("/request/ifMatch")
                 .and_then(Value::as_str)
                 .and_then(|tag| tag.trim_start_matches("W/").trim_matches('"').parse().ok());
-            Ok(Planned::Write(WriteOp::Update { resource_type, id, body, if_match }))
+            Ok(Step::Write(WriteOp::Update { resource_type, id, body, if_match }))
         }
         "DELETE" => {
             let id = url_id.filter(|id| is_valid_id(id)).ok_or_else(|| {
                 ApiError::bad_request(IssueType::Value, format!("DELETE entry url '{url}' needs a valid Type/id"))
             })?;
-            Ok(Planned::Write(WriteOp::Delete { resource_type, id }))
+            Ok(Step::Write(WriteOp::Delete { resource_type, id }))
         }
         other => Err(ApiError::bad_request(
             IssueType::NotSupported,
@@ -186,17 +195,6 @@ fn within_entry(error: ApiError, index: usize) -> ApiError {
         None => entry,
     };
     error.at(expression)
-}
-
-fn rewrite_references_in_plan(planned: &mut [Planned], full_urls: &HashMap<String, String>) {
-    if full_urls.is_empty() {
-        return;
-    }
-    for step in planned {
-        if let Planned::Write(WriteOp::Create { body, .. } | WriteOp::Update { body, .. }) = step {
-            rewrite_references(body, full_urls);
-        }
-    }
 }
 
 /// Replaces every `reference` that names a Bundle entry's fullUrl with that entry's `Type/id`.

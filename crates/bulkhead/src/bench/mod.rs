@@ -67,7 +67,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => std::env::current_exe().context("locating the bulkhead binary")?,
     };
     std::fs::create_dir_all(&args.work_dir)?;
-    let mut report = BenchReport::new(&binary, &args);
+    let mut report = BenchReport::new();
     for &patients in &args.patients {
         report.datasets.push(bench_dataset(&binary, &args, patients)?);
     }

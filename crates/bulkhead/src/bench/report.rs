@@ -1,10 +1,6 @@
 //! Benchmark results: a table for people, JSON for machines.
 
-use std::path::Path;
-
 use serde_json::{json, Value};
-
-use super::BenchArgs;
 
 pub struct ExportResult {
     pub gzip: bool,
@@ -66,9 +62,8 @@ fn machine() -> Value {
 }
 
 impl BenchReport {
-    pub fn new(binary: &Path, args: &BenchArgs) -> BenchReport {
+    pub fn new() -> BenchReport {
         let command = std::env::args().collect::<Vec<_>>().join(" ");
-        let _ = (binary, args);
         BenchReport { machine: machine(), command, datasets: Vec::new() }
     }
 
@@ -125,27 +120,26 @@ impl BenchReport {
         }
     }
 
-    /// Export seconds per resource of the largest data set over the smallest, for the largest
-    /// Group size both measured (1.0 = perfectly linear cost).
+    /// How export cost grows from the smallest data set to the largest: time per resource for
+    /// the same Group size (1.0 = flat), and resources and time of the whole-cohort exports.
     fn growth_ratio(&self) -> Option<String> {
-        let (small, large) = (self.datasets.first()?, self.datasets.last()?);
-        if self.datasets.len() < 2 {
-            return None;
+        let [small, .., large] = self.datasets.as_slice() else { return None };
+        fn uncompressed(dataset: &DatasetResult, members: usize) -> Option<&ExportResult> {
+            let group = dataset.groups.iter().find(|group| group.members == members)?;
+            group.exports.iter().find(|export| !export.gzip)
         }
-        let largest_common =
-            small.groups.iter().map(|g| g.members).filter(|m| large.groups.iter().any(|g| g.members == *m)).max()?;
-        let per_resource = |dataset: &DatasetResult| {
-            let export = &dataset.groups.iter().find(|g| g.members == largest_common)?.exports.first()?.clone_numbers();
-            Some(export.0 / export.1.max(1) as f64)
-        };
-        let (small_cost, large_cost) = (per_resource(small)?, per_resource(large)?);
-        let full_small = small.groups.iter().max_by_key(|g| g.members)?.exports.first()?.clone_numbers();
-        let full_large = large.groups.iter().max_by_key(|g| g.members)?.exports.first()?.clone_numbers();
+        let same_size = small.groups.iter().map(|g| g.members).filter(|m| uncompressed(large, *m).is_some()).max()?;
+        let per_resource = |export: &ExportResult| export.seconds / export.resources.max(1) as f64;
+        let (small_same, large_same) = (uncompressed(small, same_size)?, uncompressed(large, same_size)?);
+        fn largest(dataset: &DatasetResult) -> Option<&ExportResult> {
+            uncompressed(dataset, dataset.groups.iter().map(|g| g.members).max()?)
+        }
+        let (small_all, large_all) = (largest(small)?, largest(large)?);
         Some(format!(
-            "same {largest_common}-member Group: {:.2}x time per resource; whole-cohort exports: {:.1}x the resources in {:.1}x the time",
-            large_cost / small_cost,
-            full_large.1 as f64 / full_small.1.max(1) as f64,
-            full_large.0 / full_small.0.max(1e-9)
+            "same {same_size}-member Group: {:.2}x time per resource; whole-cohort exports: {:.1}x the resources in {:.1}x the time",
+            per_resource(large_same) / per_resource(small_same),
+            large_all.resources as f64 / small_all.resources.max(1) as f64,
+            large_all.seconds / small_all.seconds.max(1e-9)
         ))
     }
 
@@ -184,12 +178,5 @@ impl BenchReport {
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })
-    }
-}
-
-impl ExportResult {
-    /// `(seconds, resources)`.
-    fn clone_numbers(&self) -> (f64, u64) {
-        (self.seconds, self.resources)
     }
 }
