@@ -143,7 +143,11 @@ async fn plan_entry(
                     if let Some(full_url) = full_url {
                         full_urls.insert(full_url, format!("{resource_type}/{}", existing.id));
                     }
-                    return Ok(Step::Existing(Planned::Existing { resource_type, id: existing.id, version: existing.version }));
+                    return Ok(Step::Existing(Planned::Existing {
+                        resource_type,
+                        id: existing.id,
+                        version: existing.version,
+                    }));
                 }
             }
             let id = uuid::Uuid::new_v4().to_string();

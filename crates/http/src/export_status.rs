@@ -10,13 +10,11 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bulkhead_fhir::{now_micros, operation_outcome, Issue, Micros};
 use bulkhead_store::{ExportJob, Store, StoreError};
-use time::macros::format_description;
-use time::OffsetDateTime;
 
 use crate::auth::{authenticate, Caller};
 use crate::bulk::Manifest;
 use crate::error::ApiError;
-use crate::negotiation::{check_accept, fhir_response};
+use crate::negotiation::{check_accept, fhir_response, http_date};
 use crate::state::AppState;
 
 const MICROS_PER_SECOND: i64 = 1_000_000;
@@ -124,22 +122,4 @@ fn owned_job(store: &dyn Store, caller: &Caller, job_id: &str) -> Result<Option<
 
 fn no_such_job() -> ApiError {
     ApiError::not_found("no such export job (unknown, expired or deleted)")
-}
-
-/// An RFC 9110 IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) for Unix seconds.
-fn http_date(seconds: i64) -> Option<String> {
-    let format =
-        format_description!("[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT");
-    OffsetDateTime::from_unix_timestamp(seconds).ok()?.format(&format).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn http_dates_are_imf_fixdates() {
-        assert_eq!(http_date(784_111_777).as_deref(), Some("Sun, 06 Nov 1994 08:49:37 GMT"));
-        assert_eq!(http_date(0).as_deref(), Some("Thu, 01 Jan 1970 00:00:00 GMT"));
-    }
 }

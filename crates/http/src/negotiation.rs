@@ -10,6 +10,8 @@ use serde_json::Value;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::FHIR_JSON;
+use time::macros::format_description;
+use time::OffsetDateTime;
 
 fn media_types(value: &str) -> impl Iterator<Item = String> + '_ {
     value.split(',').map(|item| item.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
@@ -77,4 +79,23 @@ pub fn fhir_response(status: StatusCode, body: impl Into<Body>) -> Response {
     let mut response = (status, body.into()).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     response
+}
+
+/// An RFC 9110 IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) for Unix seconds, as `Expires` and
+/// `Last-Modified` require.
+pub fn http_date(seconds: i64) -> Option<String> {
+    let format =
+        format_description!("[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT");
+    OffsetDateTime::from_unix_timestamp(seconds).ok()?.format(&format).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_dates_are_imf_fixdates() {
+        assert_eq!(http_date(784_111_777).as_deref(), Some("Sun, 06 Nov 1994 08:49:37 GMT"));
+        assert_eq!(http_date(0).as_deref(), Some("Thu, 01 Jan 1970 00:00:00 GMT"));
+    }
 }

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::negotiation::{check_accept, fhir_response, JsonBody};
+use crate::negotiation::{check_accept, fhir_response, http_date, JsonBody};
 use crate::state::AppState;
 use crate::urls::base_url;
 use crate::validate::validate_resource;
@@ -39,7 +39,7 @@ fn version_headers(
     if let Ok(etag) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
         headers.insert(header::ETAG, etag);
     }
-    if let Ok(modified) = HeaderValue::from_str(&format_instant(last_updated)) {
+    if let Some(modified) = http_date(last_updated / 1_000_000).and_then(|date| HeaderValue::from_str(&date).ok()) {
         headers.insert(header::LAST_MODIFIED, modified);
     }
     if let Ok(location) = HeaderValue::from_str(&format!("{base}/r4/{resource_type}/{id}/_history/{version}")) {

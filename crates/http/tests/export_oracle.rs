@@ -24,23 +24,21 @@
 //! - a client that keeps a replica (full export, then `_since` = previous `transactionTime`)
 //!   loses nothing and receives nothing twice (except a new member's full data).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
-use axum::Router;
-use bulkhead_export::token::TokenKeys;
+use axum::http::StatusCode;
 use bulkhead_fhir::{format_instant, parse_since, Micros};
 use bulkhead_http::credentials::{generate_credentials, hash_secret, SecretVerifier};
-use bulkhead_http::{router, AppState, HttpConfig};
-use bulkhead_store::sqlite::SqliteStore;
+use bulkhead_http::HttpConfig;
 use bulkhead_store::Store;
-use http_body_util::BodyExt;
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use tower::ServiceExt;
+
+use common::{delete, get, put, Call, Client, Reply, Server};
 
 /// The compartment types the scenarios write (plus Patient and the Group).
 const KINDS: [&str; 5] = ["Observation", "AllergyIntolerance", "Encounter", "Claim", "Provenance"];
@@ -398,8 +396,7 @@ fn active(entries: &[(String, bool)]) -> BTreeSet<String> {
 // The server under test
 
 struct Credentials {
-    ids: [String; 2],
-    secrets: [String; 2],
+    clients: [Client; 2],
     hashes: [String; 2],
     verifier: Arc<SecretVerifier>,
 }
@@ -412,79 +409,42 @@ fn credentials() -> &'static Credentials {
         let (a, b) = (generate_credentials(), generate_credentials());
         Credentials {
             hashes: [hash_secret(&a.client_secret), hash_secret(&b.client_secret)],
-            ids: [a.client_id, b.client_id],
-            secrets: [a.client_secret, b.client_secret],
+            clients: [
+                Client { id: a.client_id, secret: a.client_secret },
+                Client { id: b.client_id, secret: b.client_secret },
+            ],
             verifier: Arc::new(SecretVerifier::new(std::time::Duration::from_secs(3600))),
         }
     })
 }
 
-struct Server {
-    app: Router,
-    _dir: tempfile::TempDir,
+/// The server of one case: two tenants (`tenant0`, `tenant1`) with one client each.
+struct Tenants {
+    server: Server,
 }
 
-struct Reply {
-    status: StatusCode,
-    content_type: String,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-impl Server {
-    fn start(part_size: u64) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("oracle.db")).unwrap();
+impl Tenants {
+    fn start(part_size: u64) -> Tenants {
         let creds = credentials();
-        for tenant in 0..2 {
-            let created = store.create_tenant(&format!("tenant{tenant}")).unwrap();
-            store.create_client(created.id, &creds.ids[tenant], &creds.hashes[tenant]).unwrap();
-        }
         let config = HttpConfig { export_part_size: part_size, ..HttpConfig::default() };
-        let keys = TokenKeys::new(vec![("k1".into(), b"oracle-test-signing-key-32-bytes!".to_vec())]).unwrap();
-        let mut state = AppState::new(Arc::new(store), config, keys);
-        state.verifier = creds.verifier.clone();
-        Server { app: router(state), _dir: dir }
+        let server = Server::with_state(config, |state| state.verifier = creds.verifier.clone());
+        for tenant in 0..2 {
+            let created = server.tenant(&format!("tenant{tenant}"));
+            server.store.create_client(created, &creds.clients[tenant].id, &creds.hashes[tenant]).unwrap();
+        }
+        Tenants { server }
     }
 
-    async fn call(&self, tenant: usize, method: Method, uri: &str, body: Option<&Value>) -> Reply {
-        let creds = credentials();
-        let mut request = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("client_id", &creds.ids[tenant])
-            .header("client_secret", &creds.secrets[tenant]);
-        let body = match body {
-            Some(body) => {
-                request = request.header("content-type", "application/fhir+json");
-                Body::from(body.to_string())
-            }
-            None => Body::empty(),
-        };
-        let response = self.app.clone().oneshot(request.body(body).unwrap()).await.unwrap();
-        let status = response.status();
-        let content_type =
-            response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let body = response.into_body().collect().await.unwrap().to_bytes().to_vec();
-        Reply { status, content_type, body }
+    /// Sends `call` with the credentials of `tenant`'s client.
+    async fn send(&self, tenant: usize, call: Call) -> Reply {
+        self.server.send(call.by(&credentials().clients[tenant])).await
     }
 
     /// PUTs a resource and returns the version the server made.
     async fn put(&self, tenant: usize, body: &Value) -> Ver {
         let (resource_type, id) = (body["resourceType"].as_str().unwrap(), body["id"].as_str().unwrap());
-        let reply = self.call(tenant, Method::PUT, &format!("/r4/{resource_type}/{id}"), Some(body)).await;
-        assert!(
-            reply.status.is_success(),
-            "PUT {resource_type}/{id}: {} {}",
-            reply.status,
-            String::from_utf8_lossy(&reply.body)
-        );
+        let reply = self.send(tenant, put(&format!("/r4/{resource_type}/{id}")).json(body)).await;
+        assert!(reply.status.is_success(), "PUT {resource_type}/{id}: {} {}", reply.status, reply.text());
         let text = String::from_utf8(reply.body.clone()).unwrap();
         let stored = reply.json();
         Ver {
@@ -497,9 +457,9 @@ impl Server {
 
     /// DELETEs a resource; returns the tombstone's (version, lastUpdated) from its history.
     async fn delete(&self, tenant: usize, resource_type: &str, id: &str) -> (i64, Micros) {
-        let reply = self.call(tenant, Method::DELETE, &format!("/r4/{resource_type}/{id}"), None).await;
+        let reply = self.send(tenant, delete(&format!("/r4/{resource_type}/{id}"))).await;
         assert_eq!(reply.status, StatusCode::NO_CONTENT, "DELETE {resource_type}/{id}");
-        let history = self.call(tenant, Method::GET, &format!("/r4/{resource_type}/{id}/_history"), None).await.json();
+        let history = self.send(tenant, get(&format!("/r4/{resource_type}/{id}/_history"))).await.json();
         let newest = &history["entry"][0];
         assert_eq!(
             newest["request"]["method"], "DELETE",
@@ -530,7 +490,7 @@ fn type_list(mask: Option<u8>) -> Option<Vec<&'static str>> {
 /// Runs one export, downloads every file, checks the files' own consistency and compares the
 /// result with the oracle.
 async fn export(
-    server: &Server,
+    server: &Tenants,
     model: &TenantModel,
     tenant: usize,
     types: Option<Vec<&'static str>>,
@@ -549,7 +509,7 @@ struct Kicked {
     since: Option<Micros>,
 }
 
-async fn kick_off(server: &Server, tenant: usize, types: Option<Vec<&'static str>>, since: Option<Micros>) -> Kicked {
+async fn kick_off(server: &Tenants, tenant: usize, types: Option<Vec<&'static str>>, since: Option<Micros>) -> Kicked {
     let mut query = form_urlencoded::Serializer::new(String::new());
     if let Some(types) = &types {
         query.append_pair("_type", &types.join(","));
@@ -559,9 +519,10 @@ async fn kick_off(server: &Server, tenant: usize, types: Option<Vec<&'static str
     }
     let query = query.finish();
     let what = format!("tenant {tenant} export ?{query}");
-    let reply = server.call(tenant, Method::GET, &format!("/r4/Group/{TARGET_GROUP}/$export?{query}"), None).await;
-    assert_eq!(reply.status, StatusCode::OK, "{what}: {}", String::from_utf8_lossy(&reply.body));
-    assert!(reply.content_type.contains("application/json"), "{what}: manifest content type {}", reply.content_type);
+    let reply = server.send(tenant, get(&format!("/r4/Group/{TARGET_GROUP}/$export?{query}"))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{what}: {}", reply.text());
+    let content_type = reply.header("content-type");
+    assert!(content_type.contains("application/json"), "{what}: manifest content type {content_type}");
     let manifest = reply.json();
     let transaction_time = parse_since(manifest["transactionTime"].as_str().expect("transactionTime")).unwrap();
     assert_eq!(manifest["requiresAccessToken"], json!(true));
@@ -571,7 +532,7 @@ async fn kick_off(server: &Server, tenant: usize, types: Option<Vec<&'static str
 }
 
 /// Downloads every file of a manifest and checks the export against the oracle.
-async fn collect(server: &Server, model: &TenantModel, tenant: usize, kicked: Kicked) -> Exported {
+async fn collect(server: &Tenants, model: &TenantModel, tenant: usize, kicked: Kicked) -> Exported {
     let Kicked { what, manifest, transaction_time, types, since } = kicked;
     let mut output: BTreeMap<(String, String), String> = BTreeMap::new();
     for item in manifest["output"].as_array().expect("output[]") {
@@ -653,12 +614,12 @@ async fn collect(server: &Server, model: &TenantModel, tenant: usize, kicked: Ki
 }
 
 /// Downloads one manifest file; checks its content type and that it has `count` lines.
-async fn download(server: &Server, tenant: usize, item: &Value, what: &str) -> Vec<String> {
+async fn download(server: &Tenants, tenant: usize, item: &Value, what: &str) -> Vec<String> {
     let url = item["url"].as_str().unwrap();
     let path = &url[url.find("/bulk-data/").expect("file URL path")..];
-    let reply = server.call(tenant, Method::GET, path, None).await;
-    assert_eq!(reply.status, StatusCode::OK, "{what}: download {}", String::from_utf8_lossy(&reply.body));
-    assert_eq!(reply.content_type, "application/fhir+ndjson");
+    let reply = server.send(tenant, get(path)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{what}: download {}", reply.text());
+    assert_eq!(reply.header("content-type"), "application/fhir+ndjson");
     let text = String::from_utf8(reply.body).unwrap();
     assert!(text.is_empty() || text.ends_with('\n'), "{what}: NDJSON ends with a newline");
     let lines: Vec<String> = text.lines().map(str::to_owned).collect();
@@ -713,7 +674,7 @@ fn compare(
     );
 }
 
-async fn write_target_group(server: &Server, model: &mut TenantModel, tenant: usize) {
+async fn write_target_group(server: &Tenants, model: &mut TenantModel, tenant: usize) {
     let body = group_body(TARGET_GROUP, &model.entries);
     let ver = server.put(tenant, &body).await;
     let key = ("Group".to_owned(), TARGET_GROUP.to_owned());
@@ -725,7 +686,7 @@ async fn write_target_group(server: &Server, model: &mut TenantModel, tenant: us
 }
 
 async fn write_resource(
-    server: &Server,
+    server: &Tenants,
     model: &mut TenantModel,
     tenant: usize,
     kind: &'static str,
@@ -742,7 +703,7 @@ async fn write_resource(
 }
 
 async fn run(scenario: Scenario) {
-    let server = Server::start(scenario.part_size);
+    let server = Tenants::start(scenario.part_size);
     let mut models: [TenantModel; 2] = Default::default();
     for tenant in 0..2 {
         let model = &mut models[tenant];
@@ -791,7 +752,7 @@ async fn run(scenario: Scenario) {
 }
 
 /// Applies one step to the server and the model.
-async fn apply(server: &Server, models: &mut [TenantModel; 2], step: Step, pending: &mut Option<(usize, Kicked)>) {
+async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pending: &mut Option<(usize, Kicked)>) {
     match step {
         Step::Create { tenant, kind, a, b, two } => {
             let model = &mut models[tenant];
@@ -918,11 +879,11 @@ async fn apply(server: &Server, models: &mut [TenantModel; 2], step: Step, pendi
 }
 
 /// True when the target Group exists; otherwise checks that an export of it answers 410.
-async fn group_is_live(server: &Server, model: &TenantModel, tenant: usize) -> bool {
+async fn group_is_live(server: &Tenants, model: &TenantModel, tenant: usize) -> bool {
     if model.is_live(&("Group".to_owned(), TARGET_GROUP.to_owned())) {
         return true;
     }
-    let reply = server.call(tenant, Method::GET, &format!("/r4/Group/{TARGET_GROUP}/$export"), None).await;
+    let reply = server.send(tenant, get(&format!("/r4/Group/{TARGET_GROUP}/$export"))).await;
     assert_eq!(reply.status, StatusCode::GONE, "export of a deleted Group");
     false
 }
@@ -931,7 +892,7 @@ async fn group_is_live(server: &Server, model: &TenantModel, tenant: usize) -> b
 /// `transactionTime`. The replica must hold every resource of a full export at the latest
 /// transaction time, at its version then; an incremental export must not resend a resource
 /// unchanged since the previous one unless a member added since reaches it.
-async fn sync(server: &Server, model: &mut TenantModel, tenant: usize) {
+async fn sync(server: &Tenants, model: &mut TenantModel, tenant: usize) {
     let since = model.replica.as_ref().map(|(at, _)| *at);
     let exported = export(server, model, tenant, None, since).await;
     count(&STATS.syncs, 1);

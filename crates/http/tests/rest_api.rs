@@ -1,322 +1,21 @@
 //! Tier-2 tests (STYLE.md "Tests, in three tiers"): the real router, driven in process with
-//! `tower::ServiceExt::oneshot` over a fresh SQLite store per test. Every refusal is checked for
-//! its status and its OperationOutcome, and every refused write for having stored nothing.
+//! `tower::ServiceExt::oneshot` over a fresh SQLite store per test (the harness is in
+//! `common/mod.rs`). Every refusal is checked for its status and its OperationOutcome, and every
+//! refused write for having stored nothing.
 //!
-//! This file holds the harness and the FHIR REST tests (CRUD, validation, auth, tenancy, users,
-//! search, metadata, admin); Bundles and Group export are in `rest_api/bundles_and_export.rs`.
+//! This file holds the FHIR REST tests (CRUD, validation, auth, tenancy, users, search, metadata,
+//! admin); Bundles and Group export are in `bundles_and_export.rs`.
 
-#[path = "rest_api/bundles_and_export.rs"]
-mod bundles_and_export;
+mod common;
 
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{HeaderMap, Method, Request, StatusCode};
-use axum::Router;
-use bulkhead_export::token::TokenKeys;
-use bulkhead_http::credentials::{generate_credentials, hash_secret};
-use bulkhead_http::{router, AppState, HttpConfig};
-use bulkhead_store::sqlite::SqliteStore;
-use bulkhead_store::{Store, TenantId};
-use http_body_util::BodyExt;
+use bulkhead_http::HttpConfig;
+use bulkhead_store::Store;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
-// ---------------------------------------------------------------------------------------------
-// Harness
-// ---------------------------------------------------------------------------------------------
-
-/// The configured public base: every URL the server mints starts with it.
-const BASE: &str = "http://bulkhead.test";
-const TOKEN_KID: &str = "k1";
-const TOKEN_SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
-
-fn token_keys() -> TokenKeys {
-    TokenKeys::new(vec![(TOKEN_KID.into(), TOKEN_SECRET.to_vec())]).expect("valid token key")
-}
-
-fn test_config() -> HttpConfig {
-    HttpConfig { public_base_url: Some(BASE.into()), ..HttpConfig::default() }
-}
-
-/// A router over its own temporary database.
-struct Server {
-    app: Router,
-    store: Arc<SqliteStore>,
-    _dir: tempfile::TempDir,
-}
-
-/// Client-header credentials.
-#[derive(Clone)]
-struct Client {
-    id: String,
-    secret: String,
-}
-
-impl Server {
-    fn start() -> Server {
-        Server::with_config(test_config())
-    }
-
-    fn with_config(config: HttpConfig) -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Arc::new(SqliteStore::open(&dir.path().join("bulkhead.db")).expect("open store"));
-        let state = AppState::new(store.clone(), config, token_keys());
-        Server { app: router(state), store, _dir: dir }
-    }
-
-    fn tenant(&self, name: &str) -> TenantId {
-        self.store.create_tenant(name).expect("create tenant").id
-    }
-
-    fn client(&self, tenant: TenantId) -> Client {
-        let credentials = generate_credentials();
-        let hash = hash_secret(&credentials.client_secret);
-        self.store.create_client(tenant, &credentials.client_id, &hash).expect("create client");
-        Client { id: credentials.client_id, secret: credentials.client_secret }
-    }
-
-    /// A new tenant with one client.
-    fn tenant_client(&self, name: &str) -> Client {
-        let tenant = self.tenant(name);
-        self.client(tenant)
-    }
-
-    async fn send(&self, call: Call) -> Reply {
-        let mut request = Request::builder().method(call.method).uri(&call.uri);
-        for (name, value) in &call.headers {
-            request = request.header(name.as_str(), value.as_str());
-        }
-        let request = request.body(Body::from(call.body)).expect("valid request");
-        let response = self.app.clone().oneshot(request).await.expect("the router is infallible");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.into_body().collect().await.expect("readable body").to_bytes().to_vec();
-        Reply { status, headers, body }
-    }
-
-    /// Creates a resource and returns its stored JSON.
-    async fn create(&self, client: &Client, resource: Value) -> Value {
-        let resource_type = resource["resourceType"].as_str().expect("resourceType").to_owned();
-        let reply = self.send(post(&format!("/r4/{resource_type}")).by(client).json(&resource)).await;
-        assert_status(&reply, 201);
-        reply.json()
-    }
-
-    /// Every result of a search, following `next` links; panics on a repeated resource.
-    async fn search_all(&self, client: &Client, path_and_query: &str) -> Vec<Value> {
-        let mut found = Vec::new();
-        let mut seen = BTreeSet::new();
-        let mut next = Some(path_and_query.to_owned());
-        while let Some(url) = next.take() {
-            let reply = self.send(get(&url).by(client)).await;
-            assert_status(&reply, 200);
-            let bundle = reply.json();
-            assert_eq!(bundle["type"], "searchset");
-            for entry in bundle["entry"].as_array().expect("entry array") {
-                let resource = entry["resource"].clone();
-                let key =
-                    format!("{}/{}", resource["resourceType"].as_str().unwrap(), resource["id"].as_str().unwrap());
-                assert!(seen.insert(key.clone()), "{key} appeared twice while paging {path_and_query}");
-                found.push(resource);
-            }
-            next = link(&bundle, "next").map(|url| local(&url));
-        }
-        found
-    }
-
-    /// `(type/id, versionId)` of every current resource of `types`, to prove a refused write
-    /// changed nothing.
-    async fn stored_state(&self, client: &Client, types: &[&str]) -> BTreeSet<(String, String)> {
-        let mut state = BTreeSet::new();
-        for resource_type in types {
-            for resource in self.search_all(client, &format!("/r4/{resource_type}?_count=1000")).await {
-                let key = format!("{resource_type}/{}", resource["id"].as_str().unwrap());
-                state.insert((key, resource["meta"]["versionId"].as_str().unwrap().to_owned()));
-            }
-        }
-        state
-    }
-}
-
-/// One request being built.
-struct Call {
-    method: Method,
-    uri: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-fn request(method: Method, uri: &str) -> Call {
-    Call { method, uri: uri.to_owned(), headers: Vec::new(), body: Vec::new() }
-}
-
-fn get(uri: &str) -> Call {
-    request(Method::GET, uri)
-}
-
-fn post(uri: &str) -> Call {
-    request(Method::POST, uri)
-}
-
-fn put(uri: &str) -> Call {
-    request(Method::PUT, uri)
-}
-
-fn delete(uri: &str) -> Call {
-    request(Method::DELETE, uri)
-}
-
-impl Call {
-    /// Authenticates with the 1upHealth client headers.
-    fn by(self, client: &Client) -> Call {
-        self.header("client_id", &client.id).header("client_secret", &client.secret)
-    }
-
-    fn header(mut self, name: &str, value: &str) -> Call {
-        self.headers.push((name.to_owned(), value.to_owned()));
-        self
-    }
-
-    fn json(self, body: &Value) -> Call {
-        self.raw("application/fhir+json", body.to_string())
-    }
-
-    fn raw(mut self, content_type: &str, body: impl Into<Vec<u8>>) -> Call {
-        self.body = body.into();
-        self.header("content-type", content_type)
-    }
-}
-
-/// A response with its body read.
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|error| panic!("body is not JSON ({error}): {}", self.text()))
-    }
-
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
-    }
-}
-
-#[track_caller]
-fn assert_status(reply: &Reply, status: u16) {
-    assert_eq!(reply.status.as_u16(), status, "unexpected status; body: {}", reply.text());
-}
-
-/// Checks an error answer: status, FHIR JSON, an OperationOutcome whose first issue is an
-/// error with `code` and exactly `expression` (None: the server names no location).
-#[track_caller]
-fn assert_outcome(reply: &Reply, status: u16, code: &str, expression: Option<&str>) -> Value {
-    assert_status(reply, status);
-    assert_eq!(reply.header("content-type"), "application/fhir+json");
-    let outcome = reply.json();
-    assert_eq!(outcome["resourceType"], "OperationOutcome", "{outcome}");
-    let issue = &outcome["issue"][0];
-    assert_eq!(issue["severity"], "error", "{outcome}");
-    assert_eq!(issue["code"], code, "{outcome}");
-    assert!(issue["diagnostics"].as_str().is_some_and(|text| !text.is_empty()), "{outcome}");
-    match expression {
-        Some(expression) => assert_eq!(issue["expression"], json!([expression]), "{outcome}"),
-        None => assert!(issue.get("expression").is_none(), "{outcome}"),
-    }
-    outcome
-}
-
-/// Replaces what changes from run to run (instants, UUIDs, file tokens) with placeholders, so
-/// whole Bundles and OperationOutcomes can be compared.
-fn redact(mut value: Value) -> Value {
-    fn walk(value: &mut Value) {
-        match value {
-            Value::String(text) => *text = redact_text(text),
-            Value::Array(items) => items.iter_mut().for_each(walk),
-            Value::Object(object) => object.values_mut().for_each(walk),
-            _ => {}
-        }
-    }
-    walk(&mut value);
-    value
-}
-
-fn redact_text(text: &str) -> String {
-    if text.len() >= 20 && text.contains('T') && bulkhead_fhir::parse_since(text).is_ok() {
-        return "<instant>".into();
-    }
-    if let Some((head, file)) = text.rsplit_once('/') {
-        if text.contains("/$export/") && file.ends_with(".ndjson") {
-            return format!("{head}/<token>.ndjson");
-        }
-    }
-    let mut redacted = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(first) = rest.chars().next() {
-        match rest.get(..36).filter(|candidate| is_uuid(candidate)) {
-            Some(_) => {
-                redacted.push_str("<uuid>");
-                rest = &rest[36..];
-            }
-            None => {
-                redacted.push(first);
-                rest = &rest[first.len_utf8()..];
-            }
-        }
-    }
-    redacted
-}
-
-fn is_uuid(text: &str) -> bool {
-    text.len() == 36
-        && text.char_indices().all(
-            |(i, c)| {
-                if matches!(i, 8 | 13 | 18 | 23) {
-                    c == '-'
-                } else {
-                    c.is_ascii_hexdigit()
-                }
-            },
-        )
-}
-
-/// A URL the server minted, as a path for the next request.
-fn local(url: &str) -> String {
-    url.strip_prefix(BASE).unwrap_or_else(|| panic!("'{url}' does not start with {BASE}")).to_owned()
-}
-
-fn link(bundle: &Value, relation: &str) -> Option<String> {
-    bundle["link"]
-        .as_array()?
-        .iter()
-        .find(|link| link["relation"] == relation)
-        .and_then(|link| link["url"].as_str())
-        .map(str::to_owned)
-}
-
-fn ids(resources: &[Value]) -> BTreeSet<String> {
-    resources.iter().map(|resource| resource["id"].as_str().expect("id").to_owned()).collect()
-}
-
-fn set(items: &[&str]) -> BTreeSet<String> {
-    items.iter().map(|item| item.to_string()).collect()
-}
-
-fn patient(family: &str) -> Value {
-    json!({"resourceType": "Patient", "name": [{"family": family}], "gender": "female"})
-}
+use common::*;
 
 // ---------------------------------------------------------------------------------------------
 // CRUD
@@ -335,7 +34,12 @@ async fn create_read_update_history_delete() {
     let first_updated = created["meta"]["lastUpdated"].as_str().expect("lastUpdated").to_owned();
     assert_eq!(reply.header("location"), format!("{BASE}/r4/Patient/{id}/_history/1"));
     assert_eq!(reply.header("etag"), "W/\"1\"");
-    assert_eq!(reply.header("last-modified"), first_updated);
+    // Last-Modified is an HTTP-date of meta.lastUpdated (to the second).
+    let instant = time::OffsetDateTime::parse(&first_updated, &time::format_description::well_known::Rfc3339).unwrap();
+    let http_date = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    assert_eq!(reply.header("last-modified"), instant.format(&http_date).unwrap());
     assert_eq!(reply.header("content-type"), "application/fhir+json");
 
     let read = server.send(get(&format!("/r4/Patient/{id}")).by(&client)).await;

@@ -7,25 +7,20 @@
 //! here, compartments from `bulkhead_fhir::compartment::patient_compartments`. Exported lines are
 //! also compared, field by field, with the (resolved) source resource.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
-use axum::Router;
-use bulkhead_export::token::TokenKeys;
+use axum::http::StatusCode;
 use bulkhead_fhir::compartment::patient_compartments;
-use bulkhead_http::credentials::{generate_credentials, hash_secret};
 use bulkhead_http::ndjson_import::{Importer, Location};
-use bulkhead_http::{router, AppState, HttpConfig};
-use bulkhead_store::sqlite::SqliteStore;
-use bulkhead_store::Store;
-use http_body_util::BodyExt;
+use bulkhead_http::HttpConfig;
 use serde_json::Value;
-use tower::ServiceExt;
+
+use common::{get, Server};
 
 /// The 19 files of the data set.
 const TYPES: [&str; 19] = [
@@ -149,18 +144,20 @@ fn differences(got: &Value, expected: &Value) -> String {
         .join("; ")
 }
 
-async fn get(app: &Router, credentials: &(String, String), uri: &str) -> (StatusCode, String, Vec<u8>) {
-    let request = Request::builder()
-        .method(Method::GET)
-        .uri(uri)
-        .header("client_id", &credentials.0)
-        .header("client_secret", &credentials.1)
-        .body(Body::empty())
-        .unwrap();
-    let response = app.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    (status, content_type, response.into_body().collect().await.unwrap().to_bytes().to_vec())
+/// The patient ids of a Group's members, whose references must all start with `prefix`.
+fn member_ids(group: &Value, prefix: &str, what: &str) -> BTreeSet<String> {
+    group["member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|member| {
+            let reference = member["entity"]["reference"].as_str().unwrap();
+            reference
+                .strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("{what} {reference} is not {prefix}<id>"))
+                .to_owned()
+        })
+        .collect()
 }
 
 #[test]
@@ -191,17 +188,14 @@ fn synthea_group_exports_follow_the_compartment_definition() {
         resources.iter().map(|(t, id, resource)| ((*t, id.as_str()), without_server_meta(resource.clone()))).collect();
 
     // ---- the server ----
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("synthea.db")).unwrap());
-    let tenant = store.create_tenant("synthea").unwrap().id;
-    let new = generate_credentials();
-    store.create_client(tenant, &new.client_id, &hash_secret(&new.client_secret)).unwrap();
-    let credentials = (new.client_id, new.client_secret);
+    let server = Server::with_config(HttpConfig { export_part_size: 1_000, ..HttpConfig::default() });
+    let tenant = server.tenant("synthea");
+    let client = server.client(tenant);
     // Another tenant with the same data's Groups must not matter (ids collide on purpose).
-    let other = store.create_tenant("other").unwrap().id;
+    let other = server.tenant("other");
 
     let loading = Instant::now();
-    let mut importer = Importer::new(store.as_ref(), tenant, None, 100_000);
+    let mut importer = Importer::new(server.store.as_ref(), tenant, None, 100_000);
     for (resource_type, line_number, line) in &source {
         importer.add_line(Location { source: format!("{resource_type}.ndjson.gz"), line: *line_number }, line).unwrap();
     }
@@ -210,7 +204,7 @@ fn synthea_group_exports_follow_the_compartment_definition() {
     assert_eq!(summary.created as usize, TOTAL, "{summary:?}");
     let load_time = loading.elapsed();
     // A copy of the Groups (only) in the other tenant, with their members resolved by hand.
-    let mut decoys = Importer::new(store.as_ref(), other, None, 100_000);
+    let mut decoys = Importer::new(server.store.as_ref(), other, None, 100_000);
     for (resource_type, line_number, line) in source.iter().filter(|(t, _, _)| *t == "Group") {
         let mut group: Value = serde_json::from_str(line).unwrap();
         resolve(&mut group, &types_by_id);
@@ -220,9 +214,6 @@ fn synthea_group_exports_follow_the_compartment_definition() {
     }
     assert_eq!(decoys.finish().unwrap().failed, 0);
 
-    let config = HttpConfig { export_part_size: 1_000, ..HttpConfig::default() };
-    let keys = TokenKeys::new(vec![("k1".into(), b"synthea-test-signing-key-32-byte".to_vec())]).unwrap();
-    let app = router(AppState::new(store.clone(), config, keys));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
 
     let exporting = Instant::now();
@@ -234,34 +225,12 @@ fn synthea_group_exports_follow_the_compartment_definition() {
             &source.iter().find(|(t, _, l)| *t == "Group" && l.contains(&format!("\"id\":\"{group_id}\""))).unwrap().2,
         )
         .unwrap();
-        let members: BTreeSet<String> = source_group["member"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|member| {
-                let reference = member["entity"]["reference"].as_str().unwrap();
-                reference
-                    .strip_prefix("urn:uuid:")
-                    .unwrap_or_else(|| panic!("{group_id}: member {reference} is not urn:uuid:"))
-                    .to_owned()
-            })
-            .collect();
+        let members = member_ids(&source_group, "urn:uuid:", &format!("{group_id}: member"));
         assert_eq!(members.len(), size, "{group_id}: member count (README)");
-        let (status, _, body) = runtime.block_on(get(&app, &credentials, &format!("/r4/Group/{group_id}")));
-        assert_eq!(status, StatusCode::OK);
-        let stored: Value = serde_json::from_slice(&body).unwrap();
-        let stored_members: BTreeSet<String> = stored["member"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|member| {
-                let reference = member["entity"]["reference"].as_str().unwrap();
-                reference
-                    .strip_prefix("Patient/")
-                    .unwrap_or_else(|| panic!("{group_id}: stored member {reference} is not Patient/<id>"))
-                    .to_owned()
-            })
-            .collect();
+        let reply = runtime.block_on(server.send(get(&format!("/r4/Group/{group_id}")).by(&client)));
+        assert_eq!(reply.status, StatusCode::OK);
+        let stored: Value = serde_json::from_slice(&reply.body).unwrap();
+        let stored_members = member_ids(&stored, "Patient/", &format!("{group_id}: stored member"));
         assert_eq!(stored_members, members, "{group_id}: stored members");
         assert_eq!(
             without_server_meta(stored),
@@ -283,21 +252,20 @@ fn synthea_group_exports_follow_the_compartment_definition() {
         assert_eq!(expected["Patient"], members, "{group_id}: every member's Patient is in the data set");
 
         // ---- the actual export ----
-        let (status, content_type, body) =
-            runtime.block_on(get(&app, &credentials, &format!("/r4/Group/{group_id}/$export")));
-        assert_eq!(status, StatusCode::OK, "{group_id}: {}", String::from_utf8_lossy(&body));
-        assert!(content_type.contains("application/json"));
-        let manifest: Value = serde_json::from_slice(&body).unwrap();
+        let reply = runtime.block_on(server.send(get(&format!("/r4/Group/{group_id}/$export")).by(&client)));
+        assert_eq!(reply.status, StatusCode::OK, "{group_id}: {}", reply.text());
+        assert!(reply.header("content-type").contains("application/json"));
+        let manifest: Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(manifest["error"], serde_json::json!([]), "{group_id}: every member exists, so no error file");
         let mut got: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for item in manifest["output"].as_array().unwrap() {
             let item_type = item["type"].as_str().unwrap();
             let url = item["url"].as_str().unwrap();
             let path = &url[url.find("/bulk-data/").unwrap()..];
-            let (status, content_type, body) = runtime.block_on(get(&app, &credentials, path));
-            assert_eq!(status, StatusCode::OK, "{group_id}: download of a {item_type} file");
-            assert_eq!(content_type, "application/fhir+ndjson");
-            let text = String::from_utf8(body).unwrap();
+            let reply = runtime.block_on(server.send(get(path).by(&client)));
+            assert_eq!(reply.status, StatusCode::OK, "{group_id}: download of a {item_type} file");
+            assert_eq!(reply.header("content-type"), "application/fhir+ndjson");
+            let text = String::from_utf8(reply.body).unwrap();
             let lines: Vec<&str> = text.lines().collect();
             assert_eq!(Some(lines.len() as u64), item["count"].as_u64(), "{group_id}: {item_type} file count");
             for line in lines {

@@ -12,7 +12,7 @@ use crate::{MemberSelection, PartRange, ResourceSink, StoreError, StoredResource
 use super::resources::stored_from_row;
 
 /// Loads the members into this connection's temporary member table.
-fn load_members(connection: &Connection, selection: &MemberSelection) -> Result<(), StoreError> {
+pub(super) fn load_members(connection: &Connection, selection: &MemberSelection) -> Result<(), StoreError> {
     connection.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS export_member (patient_id TEXT PRIMARY KEY, since INTEGER);
          DELETE FROM temp.export_member;",
@@ -245,49 +245,46 @@ fn selected(selection: &MemberSelection, reach: Reach, version: &VersionAt) -> b
         && version.visible
 }
 
-pub(super) fn plan_parts(
+/// Splits the selected resources of one type into consecutive key ranges of at most
+/// `part_size` resources (none when the type has no selected resource). The members must be
+/// loaded on this connection ([`load_members`]).
+pub(super) fn plan_type(
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
-    resource_types: &[String],
+    resource_type: &str,
     part_size: u64,
-) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
-    load_members(connection, selection)?;
-    let part_size = part_size.max(1);
-    let mut plan = Vec::new();
-    let mut present = connection
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM resources WHERE tenant_id = ?1 AND resource_type = ?2)")?;
-    for resource_type in resource_types {
-        // One index seek rules out the many compartment types a tenant never stored.
-        if !present.query_row(params![tenant.0, resource_type], |row| row.get::<_, bool>(0))? {
-            continue;
-        }
-        let mut parts: Vec<PartRange> = Vec::new();
-        let select = |reach, version: &VersionAt| selected(selection, reach, version);
-        for_each_selected(
-            connection,
-            tenant,
-            selection,
-            resource_type,
-            (i64::MIN, i64::MAX),
-            false,
-            select,
-            |rid, _, _| {
-                match parts.last_mut() {
-                    Some(part) if part.count < part_size => {
-                        part.last_key = rid;
-                        part.count += 1;
-                    }
-                    _ => parts.push(PartRange { first_key: rid, last_key: rid, count: 1 }),
-                }
-                Ok(())
-            },
-        )?;
-        if !parts.is_empty() {
-            plan.push((resource_type.clone(), parts));
-        }
+) -> Result<Vec<PartRange>, StoreError> {
+    // One index seek rules out the many compartment types a tenant never stored.
+    let present: bool = connection
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM resources WHERE tenant_id = ?1 AND resource_type = ?2)")?
+        .query_row(params![tenant.0, resource_type], |row| row.get(0))?;
+    let mut parts: Vec<PartRange> = Vec::new();
+    if !present {
+        return Ok(parts);
     }
-    Ok(plan)
+    let part_size = part_size.max(1);
+    let select = |reach, version: &VersionAt| selected(selection, reach, version);
+    for_each_selected(
+        connection,
+        tenant,
+        selection,
+        resource_type,
+        (i64::MIN, i64::MAX),
+        false,
+        select,
+        |rid, _, _| {
+            match parts.last_mut() {
+                Some(part) if part.count < part_size => {
+                    part.last_key = rid;
+                    part.count += 1;
+                }
+                _ => parts.push(PartRange { first_key: rid, last_key: rid, count: 1 }),
+            }
+            Ok(())
+        },
+    )?;
+    Ok(parts)
 }
 
 pub(super) fn stream_part(

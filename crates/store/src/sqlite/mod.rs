@@ -267,7 +267,37 @@ impl crate::Store for SqliteStore {
         resource_types: &[String],
         part_size: u64,
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
-        self.with_snapshot(|connection| export::plan_parts(connection, tenant, selection, resource_types, part_size))
+        // Types are planned on several connections at once, one per core. A type's plan depends
+        // only on the transaction time, so the workers' snapshots agree.
+        let next_type = std::sync::atomic::AtomicUsize::new(0);
+        let worker = || {
+            self.with_snapshot(|connection| {
+                export::load_members(connection, selection)?;
+                let mut planned = Vec::new();
+                loop {
+                    let index = next_type.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(resource_type) = resource_types.get(index) else { return Ok(planned) };
+                    planned.push((index, export::plan_type(connection, tenant, selection, resource_type, part_size)?));
+                }
+            })
+        };
+        let workers = std::thread::available_parallelism().map_or(1, |cores| cores.get()).clamp(1, 4);
+        let mut planned = std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(worker)).collect();
+            let mut planned = worker()?;
+            for helper in helpers {
+                let helped =
+                    helper.join().map_err(|_| StoreError::Database("export planning thread panicked".into()))?;
+                planned.extend(helped?);
+            }
+            Ok::<_, StoreError>(planned)
+        })?;
+        planned.sort_unstable_by_key(|(index, _)| *index);
+        Ok(planned
+            .into_iter()
+            .filter(|(_, parts)| !parts.is_empty())
+            .map(|(index, parts)| (resource_types[index].clone(), parts))
+            .collect())
     }
 
     fn stream_part(

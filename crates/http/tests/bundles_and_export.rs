@@ -1,13 +1,16 @@
-//! Transaction and batch Bundles (Synthea-style loads, atomicity, conditional create, size) and
-//! Group export through HTTP: the compartment index seen from a one-patient export, kick-off
-//! refusals, lenient mode, and the signed file URLs.
+//! Tier-2 tests (the harness is in `common/mod.rs`) of transaction and batch Bundles
+//! (Synthea-style loads, atomicity, conditional create, size) and Group export through HTTP: the
+//! compartment index seen from a one-patient export, kick-off refusals, lenient mode, and the
+//! signed file URLs.
+
+mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use super::*;
+use common::*;
 
 const SYNTHEA: &str = "https://github.com/synthetichealth/synthea";
 
@@ -475,12 +478,6 @@ async fn ten_thousand_entry_transaction_loads() {
 // Group export
 // ---------------------------------------------------------------------------------------------
 
-fn group_of(patient_ids: &[&str]) -> Value {
-    let members: Vec<Value> =
-        patient_ids.iter().map(|id| json!({"entity": {"reference": format!("Patient/{id}")}})).collect();
-    json!({"resourceType": "Group", "type": "person", "actual": true, "member": members})
-}
-
 /// Kicks off a synchronous Group export and returns the manifest.
 async fn export(server: &Server, client: &Client, path_and_query: &str) -> Value {
     let reply = server.send(get(path_and_query).by(client)).await;
@@ -490,23 +487,16 @@ async fn export(server: &Server, client: &Client, path_and_query: &str) -> Value
 
 /// Downloads a manifest file: its NDJSON lines, parsed.
 async fn download(server: &Server, client: &Client, url: &str) -> Vec<Value> {
-    let reply = server.send(get(&local(url)).by(client)).await;
-    assert_status(&reply, 200);
-    assert_eq!(reply.header("content-type"), "application/fhir+ndjson");
-    reply.text().lines().map(|line| serde_json::from_str(line).expect("NDJSON line")).collect()
+    let lines = server.download_lines(client, url).await;
+    lines.iter().map(|line| serde_json::from_str(line).expect("NDJSON line")).collect()
 }
 
 /// Every `Type/id` in a manifest's `output[]` files, checking each file's type and count.
 async fn exported(server: &Server, client: &Client, manifest: &Value) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
-    for item in manifest["output"].as_array().unwrap() {
-        let lines = download(server, client, item["url"].as_str().unwrap()).await;
-        assert_eq!(json!(lines.len()), item["count"], "{item}");
-        for resource in lines {
-            assert_eq!(resource["resourceType"], item["type"]);
-            let key = format!("{}/{}", resource["resourceType"].as_str().unwrap(), resource["id"].as_str().unwrap());
-            assert!(found.insert(key.clone()), "{key} exported twice");
-        }
+    for (_, resource) in server.output_lines(client, manifest).await {
+        let key = format!("{}/{}", resource["resourceType"].as_str().unwrap(), resource["id"].as_str().unwrap());
+        assert!(found.insert(key.clone()), "{key} exported twice");
     }
     found
 }
