@@ -703,3 +703,43 @@ async fn admin_api_creates_tenants_and_clients_with_the_right_token() {
     assert_status(&server.send(admin(post(&format!("/admin/clients/{}/revoke", client.id)))).await, 204);
     assert_outcome(&server.send(get("/r4/Patient").by(&client)).await, 401, "login", None);
 }
+
+/// `POST /r4/$upload-ndjson`: a streamed NDJSON body goes through the import path; every refused
+/// line is listed (with its line number) and the rest is stored; a second upload changes nothing.
+#[tokio::test]
+async fn ndjson_upload_reports_each_bad_line_and_stores_the_rest() {
+    let server = Server::start();
+    let client = server.tenant_client("acme");
+    let lines = [
+        r#"{"resourceType":"Patient","id":"u1"}"#,
+        r#"{"resourceType":"Patient","id":"u2""#,
+        r#"{"resourceType":"Nope","id":"x"}"#,
+        "",
+        r#"{"resourceType":"Observation","id":"o1","status":"final","code":{"text":"x"},"subject":{"reference":"urn:uuid:u1"}}"#,
+        r#"{"resourceType":"Observation","id":"o2","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/"}}"#,
+    ];
+    let body = lines.join("\n");
+    let reply = server.send(post("/r4/$upload-ndjson").by(&client).raw("application/fhir+ndjson", body.clone())).await;
+    assert_status(&reply, 200);
+    let outcome = reply.json();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    let issues = outcome["issue"].as_array().unwrap();
+    assert_eq!(issues[0]["severity"], "information");
+    assert!(issues[0]["diagnostics"].as_str().unwrap().contains("2 created, 0 updated, 0 unchanged, 3 failed"), "{outcome}");
+    let failed_lines: Vec<&str> = issues[1..].iter().map(|issue| issue["expression"][0].as_str().unwrap()).collect();
+    assert_eq!(failed_lines, vec!["line 2", "line 3", "line 6"]);
+    // The urn:uuid reference was resolved to the Patient of the same upload.
+    let observation = server.send(get("/r4/Observation/o1").by(&client)).await;
+    assert_status(&observation, 200);
+    assert_eq!(observation.json()["subject"]["reference"], "Patient/u1");
+    assert_status(&server.send(get("/r4/Patient/u2").by(&client)).await, 404);
+
+    let again = server.send(post("/r4/$upload-ndjson").by(&client).raw("application/ndjson", body)).await;
+    assert_status(&again, 200);
+    assert!(again.json()["issue"][0]["diagnostics"].as_str().unwrap().contains("0 created, 0 updated, 2 unchanged"));
+
+    let wrong_type = server.send(post("/r4/$upload-ndjson").by(&client).raw("application/fhir+json", "{}")).await;
+    assert_outcome(&wrong_type, 415, "not-supported", Some("Content-Type"));
+    let anonymous = server.send(post("/r4/$upload-ndjson").raw("application/fhir+ndjson", lines[0])).await;
+    assert_error(&anonymous, 401, "login");
+}
