@@ -61,20 +61,25 @@ pub async fn upload_ndjson(
                 break;
             }
         };
+        // Only the new bytes are searched for line ends: a long line arriving in many small
+        // chunks must not be rescanned from its start each time.
+        let searched = buffer.len();
         buffer.extend_from_slice(&chunk);
-        while let Some(newline) = buffer.iter().position(|b| *b == b'\n') {
+        let mut next_line_end = buffer[searched..].iter().position(|b| *b == b'\n').map(|at| at + searched);
+        while let Some(newline) = next_line_end {
+            if newline > max_line {
+                read_error = Some(line_too_long(line_number + 1, max_line));
+                break 'read;
+            }
             let line: Vec<u8> = buffer.drain(..=newline).collect();
             line_number += 1;
             if lines_tx.send((line_number, String::from_utf8_lossy(&line).into_owned())).await.is_err() {
                 break 'read;
             }
+            next_line_end = buffer.iter().position(|b| *b == b'\n');
         }
         if buffer.len() > max_line {
-            read_error = Some(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                IssueType::TooCostly,
-                format!("line {} is longer than {max_line} bytes", line_number + 1),
-            ));
+            read_error = Some(line_too_long(line_number + 1, max_line));
             break;
         }
     }
@@ -83,15 +88,26 @@ pub async fn upload_ndjson(
         let _ = lines_tx.send((line_number, String::from_utf8_lossy(&buffer).into_owned())).await;
     }
     drop(lines_tx);
-    // Lines already read are written even when the body broke off; the outcome says where.
+    // Lines already read are written even when the body broke off; the outcome says so.
     let summary = importer.await.map_err(|_| ApiError::internal())??;
-    if let Some(error) = read_error {
+    if let Some(mut error) = read_error {
+        error.issues.extend(summary_issues(&summary));
         return Err(error);
     }
-    Ok(summary_response(&summary))
+    Ok(fhir_response(StatusCode::OK, operation_outcome(&summary_issues(&summary)).to_string()))
 }
 
-fn summary_response(summary: &ImportSummary) -> Response {
+fn line_too_long(line: u64, max_line: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        IssueType::TooCostly,
+        format!("line {line} is longer than {max_line} bytes"),
+    )
+    .at(format!("line {line}"))
+}
+
+/// What an upload did: one information issue with the counts, then one issue per refused line.
+fn summary_issues(summary: &ImportSummary) -> Vec<Issue> {
     let mut issues = vec![Issue::information(format!(
         "processed {} resources: {} created, {} updated, {} unchanged, {} failed",
         summary.processed(),
@@ -105,10 +121,8 @@ fn summary_response(summary: &ImportSummary) -> Response {
             .push(Issue::error(IssueType::Invalid, error.message.clone()).at(format!("line {}", error.location.line)));
     }
     if summary.failed > summary.errors.len() as u64 {
-        issues.push(Issue::warning(
-            IssueType::TooCostly,
-            format!("{} more failed lines are not listed", summary.failed - summary.errors.len() as u64),
-        ));
+        let unlisted = summary.failed - summary.errors.len() as u64;
+        issues.push(Issue::warning(IssueType::TooCostly, format!("{unlisted} more failed lines are not listed")));
     }
-    fhir_response(StatusCode::OK, operation_outcome(&issues).to_string())
+    issues
 }

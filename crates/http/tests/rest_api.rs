@@ -725,7 +725,10 @@ async fn ndjson_upload_reports_each_bad_line_and_stores_the_rest() {
     assert_eq!(outcome["resourceType"], "OperationOutcome");
     let issues = outcome["issue"].as_array().unwrap();
     assert_eq!(issues[0]["severity"], "information");
-    assert!(issues[0]["diagnostics"].as_str().unwrap().contains("2 created, 0 updated, 0 unchanged, 3 failed"), "{outcome}");
+    assert!(
+        issues[0]["diagnostics"].as_str().unwrap().contains("2 created, 0 updated, 0 unchanged, 3 failed"),
+        "{outcome}"
+    );
     let failed_lines: Vec<&str> = issues[1..].iter().map(|issue| issue["expression"][0].as_str().unwrap()).collect();
     assert_eq!(failed_lines, vec!["line 2", "line 3", "line 6"]);
     // The urn:uuid reference was resolved to the Patient of the same upload.
@@ -742,4 +745,23 @@ async fn ndjson_upload_reports_each_bad_line_and_stores_the_rest() {
     assert_outcome(&wrong_type, 415, "not-supported", Some("Content-Type"));
     let anonymous = server.send(post("/r4/$upload-ndjson").raw("application/fhir+ndjson", lines[0])).await;
     assert_error(&anonymous, 401, "login");
+}
+
+/// An upload line longer than the body limit stops the upload with 413; the lines before it are
+/// stored and the outcome says so.
+#[tokio::test]
+async fn ndjson_upload_refuses_an_oversized_line_and_reports_what_was_stored() {
+    let server = Server::with_config(HttpConfig { max_body_bytes: 2048, ..test_config() });
+    let client = server.tenant_client("acme");
+    let long_name = "x".repeat(4096);
+    let body = format!(
+        "{}\n{}\n",
+        r#"{"resourceType":"Patient","id":"first"}"#,
+        json!({"resourceType": "Patient", "id": "second", "name": [{"family": long_name}]})
+    );
+    let reply = server.send(post("/r4/$upload-ndjson").by(&client).raw("application/fhir+ndjson", body)).await;
+    let outcome = assert_error(&reply, 413, "too-costly");
+    assert!(outcome["issue"][1]["diagnostics"].as_str().unwrap().contains("1 created"), "{outcome}");
+    assert_status(&server.send(get("/r4/Patient/first").by(&client)).await, 200);
+    assert_status(&server.send(get("/r4/Patient/second").by(&client)).await, 404);
 }
