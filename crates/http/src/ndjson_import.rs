@@ -14,8 +14,13 @@ use serde_json::Value;
 
 use crate::validate::validate_resource;
 
-/// Resources written per store transaction.
+/// A batch is written when it holds this many resources…
 const BATCH: usize = 10_000;
+/// …or this many bytes of JSON text by default (a parsed resource takes several times its text
+/// in memory), which bounds an import's memory whatever the file sizes.
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Size assumed for a resource that did not come as a line of text (a Bundle entry).
+const ENTRY_BYTES: usize = 2 * 1024;
 /// Line errors kept for the summary; later ones are only counted.
 const KEPT_ERRORS: usize = 1_000;
 
@@ -61,6 +66,11 @@ pub struct Importer<'a> {
     /// `fullUrl` → `Type/id` for Bundle entries whose fullUrl is not `urn:uuid:<their id>`.
     aliases: HashMap<String, String>,
     pending: Vec<(Location, WriteOp)>,
+    /// JSON text bytes of the pending batch.
+    pending_bytes: usize,
+    /// The text size of the resource being added (set by `add_line`).
+    size_hint: usize,
+    batch_bytes: usize,
     deferred: Vec<(Location, Value)>,
     summary: ImportSummary,
 }
@@ -80,9 +90,18 @@ impl<'a> Importer<'a> {
             known: HashMap::new(),
             aliases: HashMap::new(),
             pending: Vec::with_capacity(BATCH),
+            pending_bytes: 0,
+            size_hint: ENTRY_BYTES,
+            batch_bytes: BATCH_BYTES,
             deferred: Vec::new(),
             summary: ImportSummary::default(),
         }
+    }
+
+    /// Writes smaller batches (a server importing beside its exports keeps its memory small).
+    pub fn with_batch_bytes(mut self, batch_bytes: usize) -> Importer<'a> {
+        self.batch_bytes = batch_bytes.max(1);
+        self
     }
 
     /// How many resources were processed so far.
@@ -103,7 +122,12 @@ impl<'a> Importer<'a> {
             return Ok(());
         }
         match serde_json::from_str::<Value>(line) {
-            Ok(resource) => self.add_resource(location, resource, None),
+            Ok(resource) => {
+                self.size_hint = line.len();
+                let added = self.add_resource(location, resource, None);
+                self.size_hint = ENTRY_BYTES;
+                added
+            }
             Err(error) => {
                 self.fail(location, format!("not valid JSON: {error}"));
                 Ok(())
@@ -179,7 +203,8 @@ impl<'a> Importer<'a> {
             return Ok(());
         }
         self.pending.push((location, WriteOp::Update { resource_type, id, body: resource, if_match: None }));
-        if self.pending.len() >= BATCH {
+        self.pending_bytes += self.size_hint;
+        if self.pending.len() >= BATCH || self.pending_bytes >= self.batch_bytes {
             self.flush()?;
         }
         Ok(())
@@ -223,6 +248,7 @@ impl<'a> Importer<'a> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        self.pending_bytes = 0;
         let (locations, ops): (Vec<Location>, Vec<WriteOp>) = std::mem::take(&mut self.pending).into_iter().unzip();
         // Entries were validated already, so a whole batch almost always succeeds: try it as one
         // transaction (no per-entry savepoints), and only on a failure redo it entry by entry.
