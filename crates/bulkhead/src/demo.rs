@@ -2,6 +2,7 @@
 //! synthetic patients, a Group, a live server, and a real export printed.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -44,7 +45,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     crate::set_memory_profile(crate::MemoryProfile::Server);
     init_logging(config.log_format);
-    let store = open_store(&config)?;
+    let store: Arc<dyn Store> = Arc::new(open_store(&config)?);
     let (client_id, client_secret) = prepare_data(&store, &config, &args)?;
     let state = app_state(&config)?;
     runtime()?.block_on(async move {
@@ -75,12 +76,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// Creates the tenant, synthetic data and Group on first use; a new client every run.
-fn prepare_data(store: &dyn Store, config: &Config, args: &DemoArgs) -> anyhow::Result<(String, String)> {
+fn prepare_data(store: &Arc<dyn Store>, config: &Config, args: &DemoArgs) -> anyhow::Result<(String, String)> {
     if store.tenant_by_name(TENANT)?.is_none() {
         store.create_tenant(TENANT)?;
     }
-    let tenant = find_tenant(store, TENANT)?;
-    let patients = patient_ids(store, tenant.id, args.group_size)?;
+    let tenant = find_tenant(store.as_ref(), TENANT)?;
+    let patients = patient_ids(store.as_ref(), tenant.id, args.group_size)?;
     if patients.is_empty() {
         let synth_dir = config.data_dir.join("synth");
         println!("generating {} synthetic patients into {} …", args.patients, synth_dir.display());
@@ -91,17 +92,17 @@ fn prepare_data(store: &dyn Store, config: &Config, args: &DemoArgs) -> anyhow::
         };
         bulkhead_synth::generate(&options, &synth_dir)?;
         let started = Instant::now();
-        let summary = crate::import::import_into(store, TENANT, &[synth_dir], config.max_group_members)?;
+        let summary = crate::import::import_into(store.clone(), TENANT, &[synth_dir], config.max_group_members)?;
         crate::import::report(&summary, started.elapsed().as_secs_f64());
     }
-    let members = patient_ids(store, tenant.id, args.group_size)?;
+    let members = patient_ids(store.as_ref(), tenant.id, args.group_size)?;
     let member: Vec<Value> =
         members.iter().map(|id| json!({"entity": {"reference": format!("Patient/{id}")}})).collect();
     let group = json!({"resourceType": "Group", "id": GROUP, "type": "person", "actual": true, "name": "Demo cohort", "member": member});
     let op = WriteOp::Update { resource_type: "Group".into(), id: GROUP.into(), body: group, if_match: None };
     store.write(tenant.id, None, &[op], WriteMode::Transaction)?.remove(0)?;
     println!("tenant '{TENANT}' has Group/{GROUP} with {} members", members.len());
-    let (client_id, client_secret) = new_client(store, TENANT)?;
+    let (client_id, client_secret) = new_client(store.as_ref(), TENANT)?;
     Ok((client_id, client_secret))
 }
 

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -44,7 +45,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let mut importer = Importer::new(&store, tenant.id, args.user.clone(), config.max_group_members);
+    let mut importer = Importer::new(Arc::new(store), tenant.id, args.user.clone(), config.max_group_members);
     let summary = load_files(&mut importer, &files, |bytes, processed| {
         bar.set_position(bytes);
         let rate = processed as f64 / started.elapsed().as_secs_f64().max(0.001);
@@ -116,7 +117,7 @@ impl<R: Read> Read for Counting<R> {
 
 /// Feeds every file to the importer; `progress(bytes_read, resources_processed)`.
 pub fn load_files(
-    importer: &mut Importer<'_>,
+    importer: &mut Importer,
     files: &[PathBuf],
     mut progress: impl FnMut(u64, u64),
 ) -> anyhow::Result<()> {
@@ -172,12 +173,12 @@ pub fn load_files(
 
 /// Imports `paths` into `tenant_name` of an open store (used by the demo).
 pub fn import_into(
-    store: &dyn Store,
+    store: Arc<dyn Store>,
     tenant_name: &str,
     paths: &[PathBuf],
     max_group_members: usize,
 ) -> anyhow::Result<ImportSummary> {
-    let tenant = find_tenant(store, tenant_name)?;
+    let tenant = find_tenant(store.as_ref(), tenant_name)?;
     let files = collect_files(paths)?;
     let mut importer = Importer::new(store, tenant.id, None, max_group_members);
     load_files(&mut importer, &files, |_, _| {})?;

@@ -8,8 +8,11 @@
 //! the end, and a reference that never resolves is kept as it is.
 
 use std::collections::HashMap;
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
-use bulkhead_store::{Store, StoreError, TenantId, WriteMode, WriteOp};
+use bulkhead_store::{Store, StoreError, TenantId, WriteMode, WriteOp, Written};
 use serde_json::Value;
 
 use crate::validate::validate_resource;
@@ -55,9 +58,24 @@ impl ImportSummary {
     }
 }
 
-/// Loads resources into one tenant in batches.
-pub struct Importer<'a> {
-    store: &'a dyn Store,
+/// A batch on its way to the writer thread.
+type Batch = (Vec<Location>, Vec<WriteOp>);
+/// A written batch coming back (its operations too, so they are freed on the importing thread).
+type WrittenBatch = Result<(Vec<Location>, Vec<WriteOp>, Vec<Result<Written, StoreError>>), StoreError>;
+
+/// The thread that writes batches while the importer prepares the next one (parsing, validating
+/// and resolving references overlap with SQLite's work).
+struct BatchWriter {
+    batches: SyncSender<Batch>,
+    written: Receiver<WrittenBatch>,
+    in_flight: usize,
+    thread: JoinHandle<()>,
+}
+
+/// Loads resources into one tenant in batches, written on a second thread.
+pub struct Importer {
+    store: Arc<dyn Store>,
+    writer: Option<BatchWriter>,
     tenant: TenantId,
     owner: Option<String>,
     max_group_members: usize,
@@ -75,15 +93,11 @@ pub struct Importer<'a> {
     summary: ImportSummary,
 }
 
-impl<'a> Importer<'a> {
-    pub fn new(
-        store: &'a dyn Store,
-        tenant: TenantId,
-        owner: Option<String>,
-        max_group_members: usize,
-    ) -> Importer<'a> {
+impl Importer {
+    pub fn new(store: Arc<dyn Store>, tenant: TenantId, owner: Option<String>, max_group_members: usize) -> Importer {
         Importer {
             store,
+            writer: None,
             tenant,
             owner,
             max_group_members,
@@ -99,7 +113,7 @@ impl<'a> Importer<'a> {
     }
 
     /// Writes smaller batches (a server importing beside its exports keeps its memory small).
-    pub fn with_batch_bytes(mut self, batch_bytes: usize) -> Importer<'a> {
+    pub fn with_batch_bytes(mut self, batch_bytes: usize) -> Importer {
         self.batch_bytes = batch_bytes.max(1);
         self
     }
@@ -243,21 +257,31 @@ impl<'a> Importer<'a> {
         }
     }
 
-    /// Writes the pending batch; per-entry failures are recorded, database failures abort.
+    /// Hands the pending batch to the writer thread (waiting while the previous one is still
+    /// being written) and records the outcomes of batches written meanwhile.
     pub fn flush(&mut self) -> Result<(), StoreError> {
         if self.pending.is_empty() {
             return Ok(());
         }
         self.pending_bytes = 0;
-        let (locations, ops): (Vec<Location>, Vec<WriteOp>) = std::mem::take(&mut self.pending).into_iter().unzip();
-        // Entries were validated already, so a whole batch almost always succeeds: try it as one
-        // transaction (no per-entry savepoints), and only on a failure redo it entry by entry.
-        let owner = self.owner.as_deref();
-        let results = match self.store.write(self.tenant, owner, &ops, WriteMode::Transaction) {
-            Ok(results) => results,
-            Err(StoreError::Database(detail)) => return Err(StoreError::Database(detail)),
-            Err(_) => self.store.write(self.tenant, owner, &ops, WriteMode::Batch)?,
+        let batch: Batch = std::mem::take(&mut self.pending).into_iter().unzip();
+        let writer = match &mut self.writer {
+            Some(writer) => writer,
+            None => self.writer.insert(start_writer(self.store.clone(), self.tenant, self.owner.clone())),
         };
+        writer.batches.send(batch).map_err(|_| StoreError::Database("the import writer stopped".into()))?;
+        writer.in_flight += 1;
+        let mut done = Vec::new();
+        while let Ok(written) = writer.written.try_recv() {
+            writer.in_flight -= 1;
+            done.push(written);
+        }
+        done.into_iter().try_for_each(|written| self.record(written))
+    }
+
+    /// Counts a written batch's outcomes; per-entry failures are recorded, database failures abort.
+    fn record(&mut self, written: WrittenBatch) -> Result<(), StoreError> {
+        let (locations, _ops, results) = written?;
         for (location, result) in locations.into_iter().zip(results) {
             match result {
                 Ok(written) if written.created => self.summary.created += 1,
@@ -278,7 +302,47 @@ impl<'a> Importer<'a> {
             self.queue(location, resource)?;
         }
         self.flush()?;
+        if let Some(writer) = self.writer.take() {
+            let BatchWriter { batches, written, mut in_flight, thread } = writer;
+            drop(batches);
+            while in_flight > 0 {
+                let batch = written.recv().map_err(|_| StoreError::Database("the import writer stopped".into()))?;
+                in_flight -= 1;
+                self.record(batch)?;
+            }
+            thread.join().map_err(|_| StoreError::Database("the import writer panicked".into()))?;
+        }
         Ok(self.summary)
+    }
+}
+
+fn start_writer(store: Arc<dyn Store>, tenant: TenantId, owner: Option<String>) -> BatchWriter {
+    // One batch waits while another is written: memory stays at a few batches.
+    let (batches, incoming) = sync_channel::<Batch>(1);
+    let (outgoing, written) = channel::<WrittenBatch>();
+    let thread = std::thread::spawn(move || {
+        for (locations, ops) in incoming {
+            let results = write_batch(store.as_ref(), tenant, owner.as_deref(), &ops);
+            if outgoing.send(results.map(|results| (locations, ops, results))).is_err() {
+                return;
+            }
+        }
+    });
+    BatchWriter { batches, written, in_flight: 0, thread }
+}
+
+/// Entries were validated already, so a whole batch almost always succeeds: it is tried as one
+/// transaction (no per-entry savepoints), and only after a failure redone entry by entry.
+fn write_batch(
+    store: &dyn Store,
+    tenant: TenantId,
+    owner: Option<&str>,
+    ops: &[WriteOp],
+) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+    match store.write(tenant, owner, ops, WriteMode::Transaction) {
+        Ok(results) => Ok(results),
+        Err(StoreError::Database(detail)) => Err(StoreError::Database(detail)),
+        Err(_) => store.write(tenant, owner, ops, WriteMode::Batch),
     }
 }
 

@@ -40,7 +40,7 @@ pub async fn upload_ndjson(
         (caller.tenant, caller.owner().map(str::to_owned), state.config.max_group_members);
     let importer = tokio::task::spawn_blocking(move || -> Result<ImportSummary, ApiError> {
         // Small batches: this runs inside the server, whose memory must stay small.
-        let mut importer = Importer::new(store.as_ref(), tenant, owner, max_members).with_batch_bytes(2 * 1024 * 1024);
+        let mut importer = Importer::new(store, tenant, owner, max_members).with_batch_bytes(2 * 1024 * 1024);
         while let Some((line, text)) = lines_rx.blocking_recv() {
             importer.add_line(Location { source: SOURCE.into(), line }, &text)?;
         }

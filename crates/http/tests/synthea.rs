@@ -195,7 +195,7 @@ fn synthea_group_exports_follow_the_compartment_definition() {
     let other = server.tenant("other");
 
     let loading = Instant::now();
-    let mut importer = Importer::new(server.store.as_ref(), tenant, None, 100_000);
+    let mut importer = Importer::new(server.store.clone(), tenant, None, 100_000);
     for (resource_type, line_number, line) in &source {
         importer.add_line(Location { source: format!("{resource_type}.ndjson.gz"), line: *line_number }, line).unwrap();
     }
@@ -204,7 +204,7 @@ fn synthea_group_exports_follow_the_compartment_definition() {
     assert_eq!(summary.created as usize, TOTAL, "{summary:?}");
     let load_time = loading.elapsed();
     // A copy of the Groups (only) in the other tenant, with their members resolved by hand.
-    let mut decoys = Importer::new(server.store.as_ref(), other, None, 100_000);
+    let mut decoys = Importer::new(server.store.clone(), other, None, 100_000);
     for (resource_type, line_number, line) in source.iter().filter(|(t, _, _)| *t == "Group") {
         let mut group: Value = serde_json::from_str(line).unwrap();
         resolve(&mut group, &types_by_id);
