@@ -150,7 +150,7 @@ pub fn load_files(
                 }
                 number += 1;
                 importer.add_line(Location { source: name.clone(), line: number }, &line)?;
-                if number % 4096 == 0 {
+                if number.is_multiple_of(4096) {
                     progress(done_bytes + count.get(), importer.processed());
                 }
             }

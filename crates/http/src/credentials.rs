@@ -44,11 +44,15 @@ pub fn hash_secret(secret: &str) -> String {
         .to_string()
 }
 
+/// A remembered successful verification: the stored hash it was checked against, a keyed
+/// digest of the secret that passed, and when.
+type Verified = (String, [u8; 32], Instant);
+
 /// Verifies secrets against stored hashes, remembering successes for `ttl`.
 pub struct SecretVerifier {
     key: [u8; 32],
     ttl: Duration,
-    verified: Mutex<HashMap<String, (String, [u8; 32], Instant)>>,
+    verified: Mutex<HashMap<String, Verified>>,
 }
 
 impl SecretVerifier {

@@ -201,7 +201,8 @@ fn for_each_selected(
                 visit(*rid, version, b"")?;
             }
         } else if let (Some(first), Some(last)) = (chosen.first(), chosen.last()) {
-            let dense = chosen.len() as i64 * 4 >= last.0 - first.0 + 1;
+            // Dense: at least one key in four of the span is ours.
+            let dense = chosen.len() as i64 * 4 > last.0 - first.0;
             let mut rows = if dense { Some(scan.query(params![first.0, last.0])?) } else { None };
             for (rid, version, history_version) in &chosen {
                 if *history_version > 0 {
