@@ -11,18 +11,45 @@ use crate::{MemberSelection, PartRange, ResourceSink, StoreError, StoredResource
 
 use super::resources::stored_from_row;
 
-/// Loads the members into this connection's temporary member table.
+/// Loads the members into this connection's temporary member table, unless it already holds
+/// exactly these members: the files of one export, downloaded one after another on pooled
+/// connections, then skip reloading thousands of rows each.
 pub(super) fn load_members(connection: &Connection, selection: &MemberSelection) -> Result<(), StoreError> {
     connection.execute_batch(
         "CREATE TEMP TABLE IF NOT EXISTS export_member (patient_id TEXT PRIMARY KEY, since INTEGER);
-         DELETE FROM temp.export_member;",
+         CREATE TEMP TABLE IF NOT EXISTS export_member_digest (digest BLOB NOT NULL);",
     )?;
+    let digest = members_digest(selection);
+    let loaded: Option<Vec<u8>> = connection
+        .prepare_cached("SELECT digest FROM temp.export_member_digest")?
+        .query_row([], |row| row.get(0))
+        .optional()?;
+    if loaded.as_deref() == Some(digest.as_slice()) {
+        return Ok(());
+    }
+    connection.execute_batch("DELETE FROM temp.export_member; DELETE FROM temp.export_member_digest;")?;
     let mut insert =
         connection.prepare_cached("INSERT OR IGNORE INTO temp.export_member (patient_id, since) VALUES (?1, ?2)")?;
     for (patient, since) in &selection.members {
         insert.execute(params![patient, since])?;
     }
+    connection.prepare_cached("INSERT INTO temp.export_member_digest (digest) VALUES (?1)")?.execute([&digest[..]])?;
     Ok(())
+}
+
+/// SHA-256 of the member list and each member's `since`: equal digests mean equal tables.
+fn members_digest(selection: &MemberSelection) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for (patient, since) in &selection.members {
+        hasher.update((patient.len() as u64).to_le_bytes());
+        hasher.update(patient.as_bytes());
+        match since {
+            Some(since) => hasher.update([[1u8].as_slice(), &since.to_le_bytes()].concat()),
+            None => hasher.update([0u8]),
+        }
+    }
+    hasher.finalize().into()
 }
 
 /// The version of one resource (by key) as it was at the transaction time.
