@@ -74,8 +74,8 @@ pub fn write_file(
         (FileKind::Error, _) => {
             let mut written = 0;
             for warning in &claims.warnings {
-                let outcome = operation_outcome(&[Issue::warning(IssueType::NotSupported, warning.clone())]);
-                writeln!(out, "{outcome}").map_err(sink_error)?;
+                // Already an OperationOutcome line (see `plan_group_export`).
+                writeln!(out, "{warning}").map_err(sink_error)?;
                 written += 1;
             }
             for member in missing_members(store, tenant, view)? {

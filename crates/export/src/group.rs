@@ -1,7 +1,7 @@
 //! Planning a Group export: the frozen view (transaction time, membership snapshot, per-member
 //! `since`) and the list of files, each described by the claims that reproduce it.
 
-use bulkhead_fhir::{Issue, Micros};
+use bulkhead_fhir::{operation_outcome, Issue, Micros};
 use bulkhead_store::{group_members, MemberSelection, Store, StoreError, StoredResource, TenantId, Visibility};
 
 use crate::params::{group_export_types, ExportParams};
@@ -188,7 +188,10 @@ pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Res
         }
     }
     let missing = missing_members(store, request.tenant, &view)?;
-    let warnings: Vec<String> = request.warnings.iter().map(|issue| issue.diagnostics.clone()).collect();
+    // Each warning travels as its whole OperationOutcome line, so the file keeps its issue code
+    // and the parameter it names.
+    let warnings: Vec<String> =
+        request.warnings.iter().map(|issue| operation_outcome(std::slice::from_ref(issue)).to_string()).collect();
     if !missing.is_empty() || !warnings.is_empty() {
         files.push(FileClaims {
             kind: FileKind::Error,

@@ -89,7 +89,8 @@ pub struct FileClaims {
     /// [`ty`] The `_type` list, when needed to reproduce an error file.
     #[serde(rename = "ty", default, skip_serializing_if = "Option::is_none")]
     pub requested_types: Option<Vec<String>>,
-    /// [`w`] For error files: the lenient-mode warnings of the kick-off, to be reproduced.
+    /// [`w`] For error files: the lenient-mode warnings of the kick-off, each as the
+    /// OperationOutcome line to write.
     #[serde(rename = "w", default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
     /// Issued at, seconds since the epoch.

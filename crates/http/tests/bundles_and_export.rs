@@ -639,8 +639,9 @@ async fn lenient_export_reports_ignored_parameters_in_its_error_file() {
     assert_eq!(outcomes[0]["resourceType"], "OperationOutcome");
     let issue = &outcomes[0]["issue"][0];
     assert_eq!(issue["severity"], "warning");
-    // (The kick-off's issue code and expression are not carried into the file: the token
-    // keeps only the diagnostics text.)
+    // The file keeps the kick-off's issue whole: code, text and the parameter it names.
+    assert_eq!(issue["code"], "invalid");
+    assert_eq!(issue["expression"][0], "foo");
     assert!(issue["diagnostics"].as_str().unwrap().contains("'foo'"), "{issue}");
     assert_eq!(exported(&server, &client, &manifest).await, set(&[&format!("Patient/{patient_id}")]));
 
