@@ -63,6 +63,7 @@ pub async fn kick_off(
     let pairs: Vec<(String, String)> = form_urlencoded::parse(raw_query.as_bytes()).into_owned().collect();
     let (params, warnings) = parse_group_export_params(&pairs, preferences.lenient)
         .map_err(|error| ApiError::from_issue(StatusCode::BAD_REQUEST, error.issue))?;
+    let with_since = params.since.is_some();
     let request = GroupExportRequest {
         tenant: caller.tenant,
         client_id: caller.client_id.clone(),
@@ -77,17 +78,13 @@ pub async fn kick_off(
     tracing::info!(group = %group_id, files = plan.files.len(), millis = started.elapsed().as_millis() as u64, "export planned");
     let base = base_url(&state, &headers);
     let request_url = format!("{base}{}", uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()));
-    let manifest = manifest(&state, &base, &request_url, plan, raw_query_has_since(&pairs));
+    let manifest = manifest(&state, &base, &request_url, plan, with_since);
     if preferences.respond_async {
         return crate::export_status::accept(&state, &caller, &base, manifest).await;
     }
     let mut response = (StatusCode::OK, manifest.body.to_string()).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
-}
-
-fn raw_query_has_since(pairs: &[(String, String)]) -> bool {
-    pairs.iter().any(|(name, _)| name == "_since")
 }
 
 /// The path segment a file URL carries for its kind.
