@@ -52,11 +52,16 @@ pub fn is_compartment_type(resource_type: &str) -> bool {
 /// and non-Patient references are ignored. Arrays at any level of the path are walked.
 /// Types outside the compartment (see [`is_compartment_type`]) give an empty Vec.
 pub fn patient_compartments(resource_type: &str, resource: &Value) -> Vec<String> {
+    let own_id = resource.get("id").and_then(Value::as_str).unwrap_or("");
+    patient_compartments_of(resource_type, own_id, resource)
+}
+
+/// As [`patient_compartments`], for a resource stored under `id` whatever id its body carries
+/// (a create assigns the id): a Patient is in its own compartment by that id.
+pub fn patient_compartments_of(resource_type: &str, id: &str, resource: &Value) -> Vec<String> {
     let mut ids = Vec::new();
-    if resource_type == "Patient" {
-        if let Some(id) = resource.get("id").and_then(Value::as_str).filter(|id| is_id(id)) {
-            ids.push(id.to_owned());
-        }
+    if resource_type == "Patient" && is_id(id) {
+        ids.push(id.to_owned());
     }
     if let Some(row) = row(resource_type) {
         for path in row.paths {

@@ -1,7 +1,7 @@
 //! Versioned resources: writes (with the compartment index, search tokens and Group membership
 //! history kept in step), reads, history and search.
 
-use bulkhead_fhir::{compartment::patient_compartments, Micros};
+use bulkhead_fhir::{compartment::patient_compartments_of, Micros};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, ToSql, Transaction};
 use serde_json::Value;
 
@@ -160,16 +160,7 @@ fn put(
         Some(existing) => existing.owner.as_deref(),
         None => owner,
     };
-    let mut patients = patient_compartments(resource_type, body);
-    if resource_type == "Patient" {
-        // A Patient's own compartment is its stored id, not whatever id its body carried.
-        if let Some(body_id) = body.get("id").and_then(Value::as_str).filter(|body_id| *body_id != id) {
-            patients.retain(|patient| patient != body_id);
-        }
-        if let Err(position) = patients.binary_search_by(|patient| patient.as_str().cmp(id)) {
-            patients.insert(position, id.to_owned());
-        }
-    }
+    let patients = patient_compartments_of(resource_type, id, body);
     sync_compartments(transaction, tenant, resource_type, rid, patients, stored_owner, timestamp, is_new_row)?;
     sync_search_tokens(transaction, tenant, resource_type, rid, body, is_new_row)?;
     if resource_type == "Group" {
