@@ -125,6 +125,8 @@ pub fn versions_and_history(store: &dyn Store) {
     let body: Value = serde_json::from_str(read.body.as_deref().unwrap()).unwrap();
     assert_eq!(body["meta"]["versionId"], "2");
     assert_eq!(body["valueInteger"], 2);
+    assert!(store.vread(t, &Visibility::Tenant, "Observation", "o1", 9).unwrap().is_none());
+    assert_eq!(store.vread(t, &Visibility::Tenant, "Observation", "o1", 2).unwrap().unwrap().version, 2);
     let old = store.vread(t, &Visibility::Tenant, "Observation", "o1", 1).unwrap().unwrap();
     assert!(old.body.unwrap().contains("\"valueInteger\":1"));
     let versions: Vec<i64> =
@@ -147,6 +149,7 @@ pub fn tenants_are_isolated(store: &dyn Store) {
     put(store, a, None, patient("p1"));
     assert!(store.read(b, &Visibility::Tenant, "Patient", "p1").unwrap().is_none());
     assert!(store.history(b, &Visibility::Tenant, "Patient", "p1").unwrap().is_empty());
+    assert!(store.vread(b, &Visibility::Tenant, "Patient", "p1", 1).unwrap().is_none());
     let query = SearchQuery { resource_type: "Patient".into(), count: 10, ..Default::default() };
     assert!(store.search(b, &Visibility::Tenant, &query).unwrap().resources.is_empty());
     let op = WriteOp::Delete { resource_type: "Patient".into(), id: "p1".into() };

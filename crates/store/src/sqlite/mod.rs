@@ -213,8 +213,7 @@ impl crate::Store for SqliteStore {
         id: &str,
         version: i64,
     ) -> Result<Option<StoredResource>, StoreError> {
-        let versions = self.history(tenant, visibility, resource_type, id)?;
-        Ok(versions.into_iter().find(|stored| stored.version == version))
+        self.with_read(|connection| resources::vread(connection, tenant, visibility, resource_type, id, version))
     }
 
     fn history(

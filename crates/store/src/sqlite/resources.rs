@@ -363,6 +363,32 @@ pub(super) fn read(
     Ok(resource.filter(|resource| visible(resource, visibility)))
 }
 
+/// One version: the current row when it is that version, else the history row (visibility is
+/// the current owner's, which never changes).
+pub(super) fn vread(
+    connection: &Connection,
+    tenant: TenantId,
+    visibility: &Visibility,
+    resource_type: &str,
+    id: &str,
+    version: i64,
+) -> Result<Option<StoredResource>, StoreError> {
+    let Some(current) = read(connection, tenant, visibility, resource_type, id)? else {
+        return Ok(None);
+    };
+    if current.version == version {
+        return Ok(Some(current));
+    }
+    let sql = "SELECT r.resource_type, r.id, h.version, h.last_updated, h.deleted, h.owner, h.body
+               FROM resource_history h JOIN resources r ON r.rid = h.rid
+               WHERE r.tenant_id = ?1 AND r.resource_type = ?2 AND r.id = ?3 AND h.version = ?4";
+    let found = connection
+        .prepare_cached(sql)?
+        .query_row(params![tenant.0, resource_type, id, version], stored_from_row)
+        .optional()?;
+    Ok(found)
+}
+
 pub(super) fn history(
     connection: &Connection,
     tenant: TenantId,
