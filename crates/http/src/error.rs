@@ -55,9 +55,6 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
         match error {
             StoreError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
-            StoreError::Gone(what) => {
-                ApiError::new(StatusCode::GONE, IssueType::Deleted, format!("{what} was deleted"))
-            }
             StoreError::Conflict(what) => ApiError::new(StatusCode::CONFLICT, IssueType::Duplicate, what),
             StoreError::VersionConflict(what) => {
                 ApiError::new(StatusCode::PRECONDITION_FAILED, IssueType::Conflict, what)

@@ -259,7 +259,7 @@ impl Importer {
 
     /// Hands the pending batch to the writer thread (waiting while the previous one is still
     /// being written) and records the outcomes of batches written meanwhile.
-    pub fn flush(&mut self) -> Result<(), StoreError> {
+    fn flush(&mut self) -> Result<(), StoreError> {
         if self.pending.is_empty() {
             return Ok(());
         }

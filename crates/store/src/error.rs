@@ -1,13 +1,11 @@
 use thiserror::Error;
 
-/// What can go wrong in a store. `Conflict`, `NotFound`, `Gone` and `Invalid` are the caller's
+/// What can go wrong in a store. `Conflict`, `NotFound`, `VersionConflict` and `Invalid` are the caller's
 /// doing; `Database` is ours and its detail is logged, never shown to a client.
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("not found: {0}")]
     NotFound(String),
-    #[error("gone: {0}")]
-    Gone(String),
     #[error("conflict: {0}")]
     Conflict(String),
     #[error("invalid: {0}")]
