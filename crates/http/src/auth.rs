@@ -60,22 +60,20 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Calle
     let visibility = visibility(headers)?;
     let verifier = state.verifier.clone();
     let lookup_id = client_id.clone();
-    let record = state.blocking(move |store| Ok(store.client(&lookup_id)?)).await?;
-    let Some(record) = record.filter(|record| !record.revoked) else {
-        tracing::info!("authentication failed");
-        return Err(ApiError::unauthorized());
-    };
-    // Argon2 runs on a blocking thread: it is deliberately slow.
-    let hash = record.secret_hash.clone();
-    let id = client_id.clone();
-    let valid = tokio::task::spawn_blocking(move || verifier.verify(&id, &secret, &hash))
-        .await
-        .map_err(|_| ApiError::internal())?;
-    if !valid {
+    // One blocking task for the lookup and the check (Argon2 is deliberately slow).
+    let tenant = state
+        .blocking(move |store| {
+            let record = store.client(&lookup_id)?.filter(|record| !record.revoked);
+            Ok(record
+                .filter(|record| verifier.verify(&lookup_id, &secret, &record.secret_hash))
+                .map(|record| record.tenant))
+        })
+        .await?;
+    let Some(tenant) = tenant else {
         tracing::info!(client_id = %client_id, "authentication failed");
         return Err(ApiError::unauthorized());
-    }
-    Ok(Caller { tenant: record.tenant, client_id, visibility })
+    };
+    Ok(Caller { tenant, client_id, visibility })
 }
 
 impl FromRequestParts<AppState> for Caller {
