@@ -12,8 +12,7 @@ its FHIRPath `expression` that start with `{Type}.`, and turns each branch into 
 path (a list of property names). The table is written sorted by type name so that the Rust
 side can binary-search it.
 
-Usage (from anywhere; paths default to the repository layout with `shared/` as a sibling of
-the checkout):
+Usage (from anywhere; paths default to the definitions vendored under `testdata/fhir-r4`):
   python3 crates/fhir/gen/gen_compartment_table.py            # (re)write the table
   python3 crates/fhir/gen/gen_compartment_table.py --check    # exit 1 if the file is stale
   python3 crates/fhir/gen/gen_compartment_table.py --data-dir DIR --out FILE
@@ -31,10 +30,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CRATE_DIR = os.path.dirname(HERE)
-# shared/ is a sibling of the checkout: /work/shared next to /work/main.
-DEFAULT_DATA_DIR = os.path.normpath(
-    os.path.join(CRATE_DIR, "..", "..", "..", "shared", "data", "fhir-r4")
-)
+# The official definitions are vendored in the repository (testdata/README.md says from where).
+DEFAULT_DATA_DIR = os.path.normpath(os.path.join(CRATE_DIR, "..", "..", "testdata", "fhir-r4"))
 DEFAULT_OUT = os.path.join(CRATE_DIR, "src", "compartment_table.rs")
 
 COMPARTMENT_FILE = "compartmentdefinition-patient.json"

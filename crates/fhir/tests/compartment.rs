@@ -1,8 +1,8 @@
 //! Checks the generated Patient compartment table against the official R4 definition, and the
 //! extraction against real Synthea data.
 //!
-//! The data lives in `shared/`, a sibling of the repository checkout (`/work/shared` next to
-//! `/work/main`); these tests fail, rather than skip, when it is missing.
+//! The data is vendored under `testdata/` in the repository; these tests fail, rather than skip,
+//! when it is missing.
 
 use bulkhead_fhir::compartment::{compartment_params, compartment_types, is_compartment_type, patient_compartments};
 use serde_json::Value;
@@ -10,15 +10,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Command;
 
-fn shared_data(relative: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data").join(relative);
-    assert!(path.exists(), "test data missing: {} (expected shared/ beside the checkout)", path.display());
+fn test_data(relative: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(relative);
+    assert!(path.exists(), "test data missing: {} (vendored under testdata/)", path.display());
     path
 }
 
 /// Type -> compartment parameter codes (without `{def}`), for types that have any.
 fn official_definition() -> BTreeMap<String, BTreeSet<String>> {
-    let path = shared_data("fhir-r4/compartmentdefinition-patient.json");
+    let path = test_data("fhir-r4/compartmentdefinition-patient.json");
     let text = std::fs::read_to_string(&path).expect("read CompartmentDefinition");
     let definition: Value = serde_json::from_str(&text).expect("parse CompartmentDefinition");
     assert_eq!(definition["code"], "Patient");
@@ -58,7 +58,7 @@ fn table_covers_every_official_type_and_param() {
 
 /// Decompresses one Synthea NDJSON file (no gzip crate in this package, so use the gzip tool).
 fn synthea(resource_type: &str) -> Vec<Value> {
-    let path = shared_data(&format!("synthea-100/{resource_type}.ndjson.gz"));
+    let path = test_data(&format!("synthea-100/{resource_type}.ndjson.gz"));
     let output = Command::new("gzip").arg("-dc").arg(&path).output().expect("run gzip -dc");
     assert!(output.status.success(), "gzip -dc {} failed", path.display());
     let text = String::from_utf8(output.stdout).expect("utf-8 NDJSON");

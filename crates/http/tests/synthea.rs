@@ -1,4 +1,4 @@
-//! Group export over the real Synthea data set (`shared/data/synthea-100`: 100 patients, 19
+//! Group export over the real Synthea data set (`testdata/synthea-100`: 100 patients, 19
 //! types, 8 Groups whose members are `urn:uuid:<patient id>` references).
 //!
 //! The data is loaded through the NDJSON importer (which resolves `urn:uuid:` references to
@@ -61,10 +61,10 @@ const GROUP_SIZES: [(&str, usize); 8] = [
 const TOTAL: usize = 38_483;
 
 fn data_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/synthea-100");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-100");
     assert!(
         dir.join("Patient.ndjson.gz").is_file(),
-        "the Synthea data set is missing: expected {} (the `shared/` directory must sit next to the clone)",
+        "the Synthea data set is missing: expected {} (it is vendored in the repository under testdata/)",
         dir.display()
     );
     dir
