@@ -131,21 +131,13 @@ pub fn load_files(
             if name.ends_with(".gz") { Box::new(flate2::read::MultiGzDecoder::new(raw)) } else { Box::new(raw) };
         let mut reader = BufReader::with_capacity(256 * 1024, reader);
         if name.trim_end_matches(".gz").ends_with(".ndjson") {
-            let mut line = String::new();
+            // Lines are handed over as bytes: the importer checks them exactly as the server
+            // checks a request body (text that is not UTF-8 is refused, never repaired).
+            let mut line = Vec::new();
             let mut number = 0u64;
             loop {
                 line.clear();
-                let read = match reader.read_line(&mut line) {
-                    Ok(read) => read,
-                    Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
-                        // Not UTF-8: report the line and go on with the next.
-                        number += 1;
-                        importer.add_line(Location { source: name.clone(), line: number }, "\u{0}")?;
-                        continue;
-                    }
-                    Err(error) => return Err(error).with_context(|| format!("reading {name}")),
-                };
-                if read == 0 {
+                if reader.read_until(b'\n', &mut line).with_context(|| format!("reading {name}"))? == 0 {
                     break;
                 }
                 number += 1;
@@ -155,13 +147,14 @@ pub fn load_files(
                 }
             }
         } else {
-            let mut text = String::new();
-            reader.read_to_string(&mut text).with_context(|| format!("reading {name}"))?;
-            match serde_json::from_str::<serde_json::Value>(&text) {
+            let mut text = Vec::new();
+            reader.read_to_end(&mut text).with_context(|| format!("reading {name}"))?;
+            match bulkhead_fhir::parse_exact(&text) {
                 Ok(value) if value.get("resourceType").and_then(|t| t.as_str()) == Some("Bundle") => {
                     importer.add_bundle(&name, value)?
                 }
                 Ok(value) => importer.add_resource(Location { source: name.clone(), line: 1 }, value, None)?,
+                // The importer words the refusal (not UTF-8, not JSON) as it does for any line.
                 Err(error) => importer.add_line(Location { source: name.clone(), line: error.line() as u64 }, &text)?,
             }
         }

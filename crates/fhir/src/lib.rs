@@ -1,12 +1,14 @@
 //! FHIR R4 knowledge with no I/O: resource types, the patient compartment table, ids, instants,
-//! references and OperationOutcome.
+//! references, OperationOutcome, and JSON parsing that keeps every number's digits.
 
 pub mod compartment;
+pub mod exact_json;
 pub mod id;
 pub mod instant;
 pub mod outcome;
 pub mod resource_type;
 
+pub use exact_json::parse_exact;
 pub use id::is_valid_id;
 pub use instant::{format_instant, now_micros, parse_range, parse_since, DateRange, InstantError, Micros};
 pub use outcome::{operation_outcome, Issue, IssueType, Severity};

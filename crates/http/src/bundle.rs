@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::negotiation::{check_accept, fhir_response, JsonBody};
-use crate::rest::known_type;
+use crate::rest::{known_type, parse_version_tag};
 use crate::search::{conditional_query, find_one};
 use crate::state::AppState;
 use crate::validate::validate_resource;
@@ -62,10 +62,29 @@ pub async fn process_bundle(
     let mut planned = Vec::with_capacity(entries.len());
     let mut ops = Vec::with_capacity(entries.len());
     let mut full_urls: HashMap<String, String> = HashMap::new();
+    // The entry that first wrote each resource: a transaction may name a resource only once
+    // (FHIR RESTful API §transaction), or its outcome would depend on entry order.
+    let mut written_by: HashMap<(String, String), usize> = HashMap::new();
     for (index, entry) in entries.into_iter().enumerate() {
         let step = plan_entry(&state, &caller, entry, &mut full_urls).await.map_err(|error| within_entry(error, index));
         match (step, mode) {
-            (Ok(Step::Write(op)), _) => {
+            (Ok(Step::Write(op)), WriteMode::Transaction) => {
+                let target = (op.resource_type().to_owned(), op.id().to_owned());
+                if let Some(first) = written_by.insert(target, index) {
+                    return Err(ApiError::bad_request(
+                        IssueType::Duplicate,
+                        format!(
+                            "entries {first} and {index} both write {}/{}; a transaction may name a resource once",
+                            op.resource_type(),
+                            op.id()
+                        ),
+                    )
+                    .at(format!("Bundle.entry[{index}]")));
+                }
+                ops.push(op);
+                planned.push(Planned::Write);
+            }
+            (Ok(Step::Write(op)), WriteMode::Batch) => {
                 ops.push(op);
                 planned.push(Planned::Write);
             }
@@ -168,10 +187,12 @@ async fn plan_entry(
             if let Some(full_url) = full_url {
                 full_urls.insert(full_url, format!("{resource_type}/{id}"));
             }
-            let if_match = entry
-                .pointer("/request/ifMatch")
-                .and_then(Value::as_str)
-                .and_then(|tag| tag.trim_start_matches("W/").trim_matches('"').parse().ok());
+            // Parsed as the If-Match header is: a tag that cannot be read is refused, not ignored.
+            let if_match = match entry.pointer("/request/ifMatch") {
+                None => None,
+                Some(Value::String(tag)) => Some(parse_version_tag(tag, "request.ifMatch")?),
+                Some(other) => Some(parse_version_tag(&other.to_string(), "request.ifMatch")?),
+            };
             Ok(Step::Write(WriteOp::Update { resource_type, id, body, if_match }))
         }
         "DELETE" => {
@@ -192,6 +213,7 @@ async fn plan_entry(
 fn within_entry(error: ApiError, index: usize) -> ApiError {
     let entry = format!("Bundle.entry[{index}]");
     let expression = match error.issues.first().and_then(|issue| issue.expression.as_deref()) {
+        Some(inner) if inner.starts_with("request.") => format!("{entry}.{inner}"),
         Some(inner) => match inner.split_once('.') {
             Some((root, rest)) if root.starts_with(char::is_uppercase) => format!("{entry}.resource.{rest}"),
             _ => format!("{entry}.resource.{inner}"),

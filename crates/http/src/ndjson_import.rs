@@ -15,7 +15,8 @@ use std::thread::JoinHandle;
 use bulkhead_store::{Store, StoreError, TenantId, WriteMode, WriteOp, Written};
 use serde_json::Value;
 
-use crate::validate::validate_resource;
+use crate::error::ApiError;
+use crate::validate::{parse_resource, validate_resource};
 
 /// A batch is written when it holds this many resources…
 const BATCH: usize = 10_000;
@@ -130,12 +131,13 @@ impl Importer {
         }
     }
 
-    /// Adds one NDJSON line (blank lines are skipped).
-    pub fn add_line(&mut self, location: Location, line: &str) -> Result<(), StoreError> {
-        if line.trim().is_empty() {
+    /// Adds one NDJSON line (blank lines are skipped). The line is checked and parsed exactly
+    /// as a REST body is, so every way in refuses the same input with the same message.
+    pub fn add_line(&mut self, location: Location, line: &[u8]) -> Result<(), StoreError> {
+        if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(());
         }
-        match serde_json::from_str::<Value>(line) {
+        match parse_resource(line) {
             Ok(resource) => {
                 self.size_hint = line.len();
                 let added = self.add_resource(location, resource, None);
@@ -143,7 +145,7 @@ impl Importer {
                 added
             }
             Err(error) => {
-                self.fail(location, format!("not valid JSON: {error}"));
+                self.fail(location, error_message(&error));
                 Ok(())
             }
         }
@@ -174,12 +176,26 @@ impl Importer {
         full_url: Option<String>,
     ) -> Result<(), StoreError> {
         let Some(resource_type) = resource.get("resourceType").and_then(Value::as_str).and_then(static_type) else {
-            let shown = resource.get("resourceType").map(Value::to_string).unwrap_or_else(|| "missing".into());
-            self.fail(location, format!("resourceType {shown} is not an R4 resource type"));
+            // Refused with the message REST gives for the same body.
+            let refusal = validate_resource(&resource, "", None, self.max_group_members)
+                .err()
+                .map(|error| error_message(&error))
+                .unwrap_or_else(|| "resourceType is not an R4 resource type".to_owned());
+            self.fail(location, refusal);
             return Ok(());
         };
-        let id = match resource.get("id").and_then(Value::as_str) {
-            Some(id) => id.to_owned(),
+        let id = match resource.get("id") {
+            Some(Value::String(id)) if bulkhead_fhir::is_valid_id(id) => id.to_owned(),
+            // A malformed id is refused with the message REST gives, never replaced (a re-import
+            // would then duplicate the resource).
+            Some(_) => {
+                let refusal = validate_resource(&resource, resource_type, None, self.max_group_members)
+                    .err()
+                    .map(|error| error_message(&error))
+                    .unwrap_or_else(|| "the resource id is not valid".to_owned());
+                self.fail(location, refusal);
+                return Ok(());
+            }
             None => {
                 // No id: the fullUrl's uuid keeps references to it working, else a fresh one.
                 let id = full_url
@@ -192,10 +208,6 @@ impl Importer {
                 id
             }
         };
-        if !bulkhead_fhir::is_valid_id(&id) {
-            self.fail(location, format!("'{id}' is not a valid FHIR id"));
-            return Ok(());
-        }
         if let Some(full_url) = full_url.filter(|url| url.strip_prefix("urn:uuid:") != Some(id.as_str())) {
             self.aliases.insert(full_url, format!("{resource_type}/{id}"));
         }
@@ -212,8 +224,7 @@ impl Importer {
         let resource_type = resource["resourceType"].as_str().unwrap_or_default().to_owned();
         let id = resource["id"].as_str().unwrap_or_default().to_owned();
         if let Err(error) = validate_resource(&resource, &resource_type, Some(&id), self.max_group_members) {
-            let message = error.issues.iter().map(|issue| issue.diagnostics.as_str()).collect::<Vec<_>>().join("; ");
-            self.fail(location, message);
+            self.fail(location, error_message(&error));
             return Ok(());
         }
         self.pending.push((location, WriteOp::Update { resource_type, id, body: resource, if_match: None }));
@@ -344,6 +355,15 @@ fn write_batch(
         Err(StoreError::Database(detail)) => Err(StoreError::Database(detail)),
         Err(_) => store.write(tenant, owner, ops, WriteMode::Batch),
     }
+}
+
+/// A refusal as one line of an import report: each issue's diagnostics, with its element path.
+fn error_message(error: &ApiError) -> String {
+    let issues = error.issues.iter().map(|issue| match &issue.expression {
+        Some(expression) => format!("{expression}: {}", issue.diagnostics),
+        None => issue.diagnostics.clone(),
+    });
+    issues.collect::<Vec<_>>().join("; ")
 }
 
 /// The `'static` name of an R4 resource type.

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::validate::parse_resource;
 use crate::FHIR_JSON;
 use time::macros::format_description;
 use time::OffsetDateTime;
@@ -56,10 +57,7 @@ impl FromRequest<AppState> for JsonBody {
             .at("Content-Type"));
         }
         let bytes = read_limited(request.into_body(), state.config.max_body_bytes).await?;
-        let value = serde_json::from_slice(&bytes).map_err(|error| {
-            ApiError::bad_request(IssueType::Structure, format!("request body is not valid JSON: {error}"))
-        })?;
-        Ok(JsonBody(value))
+        Ok(JsonBody(parse_resource(&bytes)?))
     }
 }
 

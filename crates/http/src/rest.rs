@@ -103,11 +103,17 @@ pub async fn create(
 /// `If-Match: W/"3"` → 3.
 fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
     let Some(value) = headers.get(header::IF_MATCH) else { return Ok(None) };
-    let text = value.to_str().unwrap_or("").trim();
+    parse_version_tag(value.to_str().unwrap_or(""), "If-Match").map(Some)
+}
+
+/// A version ETag, `W/"3"` (or `"3"`, `3`) → 3, from the `If-Match` header or a Bundle entry's
+/// `request.ifMatch` (named by `expression` in the refusal).
+pub(crate) fn parse_version_tag(text: &str, expression: &str) -> Result<i64, ApiError> {
+    let text = text.trim();
     let digits = text.trim_start_matches("W/").trim_matches('"');
-    digits.parse().map(Some).map_err(|_| {
-        ApiError::bad_request(IssueType::Value, format!("If-Match must look like W/\"<version>\", not '{text}'"))
-            .at("If-Match")
+    digits.parse().map_err(|_| {
+        ApiError::bad_request(IssueType::Value, format!("{expression} must look like W/\"<version>\", not '{text}'"))
+            .at(expression)
     })
 }
 
@@ -246,7 +252,7 @@ pub async fn history(
 /// Parses stored JSON text for embedding in a Bundle (search and history pages are small;
 /// exports never take this path).
 pub fn raw_json(text: String) -> Result<Value, ApiError> {
-    serde_json::from_str(&text).map_err(|error| {
+    bulkhead_fhir::parse_exact(text.as_bytes()).map_err(|error| {
         tracing::error!(error = %error, "stored resource is not valid json");
         ApiError::internal()
     })

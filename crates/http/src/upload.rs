@@ -34,7 +34,7 @@ pub async fn upload_ndjson(
         )
         .at("Content-Type"));
     }
-    let (lines_tx, mut lines_rx) = mpsc::channel::<(u64, String)>(256);
+    let (lines_tx, mut lines_rx) = mpsc::channel::<(u64, Vec<u8>)>(256);
     let store = state.store.clone();
     let (tenant, owner, max_members) =
         (caller.tenant, caller.owner().map(str::to_owned), state.config.max_group_members);
@@ -74,7 +74,7 @@ pub async fn upload_ndjson(
             }
             let line: Vec<u8> = buffer.drain(..=newline).collect();
             line_number += 1;
-            if lines_tx.send((line_number, String::from_utf8_lossy(&line).into_owned())).await.is_err() {
+            if lines_tx.send((line_number, line)).await.is_err() {
                 break 'read;
             }
             next_line_end = buffer.iter().position(|b| *b == b'\n');
@@ -86,7 +86,7 @@ pub async fn upload_ndjson(
     }
     if read_error.is_none() && !buffer.is_empty() {
         line_number += 1;
-        let _ = lines_tx.send((line_number, String::from_utf8_lossy(&buffer).into_owned())).await;
+        let _ = lines_tx.send((line_number, std::mem::take(&mut buffer))).await;
     }
     drop(lines_tx);
     // Lines already read are written even when the body broke off; the outcome says so.
@@ -94,6 +94,16 @@ pub async fn upload_ndjson(
     if let Some(mut error) = read_error {
         error.issues.extend(summary_issues(&summary));
         return Err(error);
+    }
+    // An upload that stored nothing failed as a whole: the client must not read it as a success.
+    let stored = summary.created + summary.updated + summary.unchanged;
+    if stored == 0 {
+        let refusal = match summary.failed {
+            0 => Issue::error(IssueType::Required, "the body holds no resources (send one JSON resource per line)"),
+            failed => Issue::error(IssueType::Invalid, format!("nothing was stored: all {failed} lines were refused")),
+        };
+        let issues = std::iter::once(refusal).chain(summary_issues(&summary)).collect();
+        return Err(ApiError { status: StatusCode::BAD_REQUEST, issues });
     }
     Ok(fhir_response(StatusCode::OK, operation_outcome(&summary_issues(&summary)).to_string()))
 }

@@ -2,10 +2,23 @@
 
 use axum::http::StatusCode;
 use bulkhead_fhir::compartment::parse_reference;
-use bulkhead_fhir::{is_resource_type, is_valid_id, IssueType};
+use bulkhead_fhir::{is_resource_type, is_valid_id, parse_exact, IssueType};
 use serde_json::Value;
 
 use crate::error::ApiError;
+
+/// Parses one resource's JSON text, the same way for every way in (REST bodies, Bundle and
+/// NDJSON files, uploads), so each refusal reads the same: text that is not UTF-8 is refused,
+/// never repaired with replacement characters.
+pub fn parse_resource(bytes: &[u8]) -> Result<Value, ApiError> {
+    if let Err(error) = std::str::from_utf8(bytes) {
+        return Err(ApiError::bad_request(
+            IssueType::Structure,
+            format!("the JSON text is not valid UTF-8 (invalid byte at offset {})", error.valid_up_to()),
+        ));
+    }
+    parse_exact(bytes).map_err(|error| ApiError::bad_request(IssueType::Structure, format!("not valid JSON: {error}")))
+}
 
 /// Checks a resource body against the URL it was sent to: `expected_type` from the path, and
 /// `expected_id` for an update. Returns 400 for URL mismatches and 422 for invalid resources.
@@ -183,6 +196,17 @@ mod tests {
     fn check(body: Value) -> Result<(), u16> {
         let expected_type = body["resourceType"].as_str().unwrap_or("Patient").to_owned();
         validate_resource(&body, &expected_type, None, 3).map_err(|error| error.status.as_u16())
+    }
+
+    #[test]
+    fn parsing_refuses_what_it_cannot_read_with_one_message() {
+        let not_utf8 = parse_resource(b"{\"resourceType\":\"Patient\",\"name\":[{\"text\":\"\xff\"}]}").unwrap_err();
+        assert_eq!(not_utf8.status, 400);
+        assert_eq!(not_utf8.issues[0].diagnostics, "the JSON text is not valid UTF-8 (invalid byte at offset 43)");
+        let not_json = parse_resource(b"{").unwrap_err();
+        assert!(not_json.issues[0].diagnostics.starts_with("not valid JSON: "), "{:?}", not_json.issues);
+        let numbers = parse_resource(br#"{"v":[1.50,0.010,1e2,1E-2,-0.0,112.41600000000001]}"#).unwrap();
+        assert_eq!(numbers.to_string(), r#"{"v":[1.50,0.010,1e2,1E-2,-0.0,112.41600000000001]}"#);
     }
 
     #[test]

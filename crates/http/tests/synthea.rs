@@ -111,6 +111,36 @@ fn resolve(value: &mut Value, types_by_id: &HashMap<String, &'static str>) {
     }
 }
 
+/// The number literals of a JSON text, in order, exactly as written: a tokenizer of its own, so
+/// the comparison does not go through the JSON library the server uses.
+fn number_literals(text: &str) -> Vec<&str> {
+    let bytes = text.as_bytes();
+    let (mut numbers, mut index, mut in_string) = (Vec::new(), 0, false);
+    while index < bytes.len() {
+        let byte = bytes[index];
+        if in_string {
+            match byte {
+                b'\\' => index += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            index += 1;
+        } else if byte == b'"' {
+            in_string = true;
+            index += 1;
+        } else if byte == b'-' || byte.is_ascii_digit() {
+            let start = index;
+            while index < bytes.len() && matches!(bytes[index], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                index += 1;
+            }
+            numbers.push(&text[start..index]);
+        } else {
+            index += 1;
+        }
+    }
+    numbers
+}
+
 /// The resource without the server's `meta.versionId`/`meta.lastUpdated`.
 fn without_server_meta(mut resource: Value) -> Value {
     if let Some(meta) = resource.get_mut("meta").and_then(Value::as_object_mut) {
@@ -186,6 +216,13 @@ fn synthea_group_exports_follow_the_compartment_definition() {
     // The server stamps its own versionId/lastUpdated (a few source resources carry some).
     let stripped: HashMap<(&str, &str), Value> =
         resources.iter().map(|(t, id, resource)| ((*t, id.as_str()), without_server_meta(resource.clone()))).collect();
+    // Every number exactly as the source wrote it (the server stamps only strings into `meta`).
+    let source_numbers: HashMap<(&str, &str), Vec<&str>> = resources
+        .iter()
+        .zip(&source)
+        .map(|((t, id, _), (_, _, line))| ((*t, id.as_str()), number_literals(line)))
+        .collect();
+    let mut numbers_compared = 0usize;
 
     // ---- the server ----
     let server = Server::with_config(HttpConfig { export_part_size: 1_000, ..HttpConfig::default() });
@@ -197,7 +234,9 @@ fn synthea_group_exports_follow_the_compartment_definition() {
     let loading = Instant::now();
     let mut importer = Importer::new(server.store.clone(), tenant, None, 100_000);
     for (resource_type, line_number, line) in &source {
-        importer.add_line(Location { source: format!("{resource_type}.ndjson.gz"), line: *line_number }, line).unwrap();
+        importer
+            .add_line(Location { source: format!("{resource_type}.ndjson.gz"), line: *line_number }, line.as_bytes())
+            .unwrap();
     }
     let summary = importer.finish().unwrap();
     assert_eq!(summary.failed, 0, "import failures: {:#?}", summary.errors);
@@ -275,6 +314,12 @@ fn synthea_group_exports_follow_the_compartment_definition() {
                 let source = stripped
                     .get(&(item_type, id.as_str()))
                     .unwrap_or_else(|| panic!("{group_id}: exported {item_type}/{id} is not in the data set"));
+                assert_eq!(
+                    number_literals(line),
+                    source_numbers[&(item_type, id.as_str())],
+                    "{group_id}: exported {item_type}/{id} does not carry the source's numbers character for character"
+                );
+                numbers_compared += source_numbers[&(item_type, id.as_str())].len();
                 let exported = without_server_meta(resource);
                 if &exported != source {
                     panic!(
@@ -312,8 +357,9 @@ fn synthea_group_exports_follow_the_compartment_definition() {
         }
         patients_seen.extend(got["Patient"].iter().cloned());
     }
+    assert!(numbers_compared > 10_000, "only {numbers_compared} numbers were compared");
     eprintln!(
-        "synthea: total {:?} (import of {TOTAL} resources {:?}, 8 exports {:?}); exported per type over the 8 Groups: {exported_everywhere:?}; {} distinct patients",
+        "synthea: {numbers_compared} numbers compared as text; total {:?} (import of {TOTAL} resources {:?}, 8 exports {:?}); exported per type over the 8 Groups: {exported_everywhere:?}; {} distinct patients",
         started.elapsed(),
         load_time,
         exporting.elapsed(),

@@ -18,6 +18,12 @@ pub enum WriteOp {
 }
 
 impl WriteOp {
+    pub fn id(&self) -> &str {
+        match self {
+            WriteOp::Create { id, .. } | WriteOp::Update { id, .. } | WriteOp::Delete { id, .. } => id,
+        }
+    }
+
     pub fn resource_type(&self) -> &str {
         match self {
             WriteOp::Create { resource_type, .. }

@@ -92,7 +92,8 @@ fn unchanged_version(
     let (stored_text, last_updated): (String, Micros) = transaction
         .prepare_cached("SELECT body, last_updated FROM resources WHERE rid = ?1")?
         .query_row([existing.rid], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    let mut stored: Value = serde_json::from_str(&stored_text)?;
+    // Parsed as the incoming body was, so equal digits compare equal.
+    let mut stored: Value = bulkhead_fhir::parse_exact(stored_text.as_bytes())?;
     let mut incoming = body.clone();
     for value in [&mut stored, &mut incoming] {
         if let Some(meta) = value.get_mut("meta").and_then(Value::as_object_mut) {
