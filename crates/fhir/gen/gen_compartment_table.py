@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -251,6 +252,17 @@ def wrap_list(prefix, items):
     return [prefix + "&["] + ["%s    %s," % (indent, item) for item in items] + [indent + "],"]
 
 
+def rustfmt(source):
+    """The source as `cargo fmt` leaves it (the repository's rustfmt.toml), so the committed,
+    formatted file and a fresh rendering compare equal."""
+    config = os.path.join(CRATE_DIR, "..", "..", "rustfmt.toml")
+    result = subprocess.run(
+        ["rustfmt", "--edition", "2021", "--config-path", config, "--emit", "stdout"],
+        input=source, capture_output=True, text=True, check=True,
+    )
+    return result.stdout
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
@@ -264,7 +276,7 @@ def main():
         bundle = json.load(f)
     search_params = [e["resource"] for e in bundle.get("entry", [])]
 
-    source = render(build_table(compartment, search_params), compartment)
+    source = rustfmt(render(build_table(compartment, search_params), compartment))
     if args.check:
         with open(args.out) as f:
             if f.read() != source:
