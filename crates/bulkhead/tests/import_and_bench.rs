@@ -120,3 +120,45 @@ fn a_tiny_benchmark_runs_end_to_end() {
     assert!(report["machine"]["cores"].as_u64().unwrap() >= 1);
     assert!(dataset["writes"]["single_creates_per_second"].as_f64().unwrap() > 0.0);
 }
+
+/// `bulkhead import` reads lines as bytes and refuses what REST refuses, with the same words:
+/// text that is not UTF-8 (never stored with replacement characters) and a numeric id (never
+/// given a random id, so a second import cannot duplicate it). Numbers keep their digits.
+#[test]
+fn import_refuses_what_rest_refuses_and_keeps_numbers_exact() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let file = work.path().join("edge.ndjson");
+    let mut body = Vec::new();
+    body.extend_from_slice(b"{\"resourceType\":\"Patient\",\"id\":\"p1\",\"name\":[{\"text\":\"M\xfcller\"}]}\n");
+    body.extend_from_slice(b"{\"resourceType\":\"Patient\",\"id\":12}\n");
+    body.extend_from_slice(
+        br#"{"resourceType":"Observation","id":"o1","status":"final","code":{"text":"x"},"valueQuantity":{"value":1.50E2}}"#,
+    );
+    std::fs::write(&file, &body).unwrap();
+    assert!(bulkhead(&["tenant", "create", "t", "--data-dir", path(&data)]).status.success());
+    for run in 0..2 {
+        let import = bulkhead(&["import", "--tenant", "t", "--data-dir", path(&data), path(&file)]);
+        let (out, errors, name) = (text(&import.stdout), text(&import.stderr), path(&file));
+        assert!(errors.contains(&format!("{name}:1:")) && errors.contains("not valid UTF-8"), "run {run}: {errors}");
+        assert!(
+            errors.contains(&format!("{name}:2:")) && errors.contains("id must be a string"),
+            "run {run}: {errors}"
+        );
+        let expected = if run == 0 { "1 created" } else { "1 unchanged" };
+        assert!(out.contains(expected) && out.contains("2 failed"), "run {run}: {out}");
+    }
+    let database = database_text(&data.join("bulkhead.db"));
+    assert!(database.contains(r#""value":1.50E2"#), "the stored Observation keeps 1.50E2");
+}
+
+/// The database's bytes (file and WAL) as text, lossily: a small database keeps JSON bodies
+/// inline, so a stored body's exact characters can be looked for without another SQLite client.
+fn database_text(path: &Path) -> String {
+    let mut text = String::from_utf8_lossy(&std::fs::read(path).unwrap()).into_owned();
+    let wal = path.with_extension("db-wal");
+    if let Ok(bytes) = std::fs::read(wal) {
+        text.push_str(&String::from_utf8_lossy(&bytes));
+    }
+    text
+}

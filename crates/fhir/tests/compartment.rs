@@ -127,10 +127,5 @@ fn synthea_shared_resources_are_outside_the_compartment() {
 fn the_committed_table_is_the_generators_output() {
     let generator = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("gen/gen_compartment_table.py");
     let output = Command::new("python3").arg(&generator).arg("--check").output().expect("run python3");
-    assert!(
-        output.status.success(),
-        "{} --check: {}",
-        generator.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{} --check: {}", generator.display(), String::from_utf8_lossy(&output.stderr));
 }
