@@ -125,8 +125,12 @@ pub trait Store: Send + Sync + 'static {
         range: &PartRange,
         sink: &mut ResourceSink<'_>,
     ) -> Result<u64, StoreError>;
-    /// Resources of the type in the members' compartments that were deleted in
-    /// `(since, transaction_time]` (for `deleted[]`), as `(id, deleted_at)`, in key order.
+    /// `deleted[]` of one type (empty without `since`), as `(id, lastUpdated of the version at the
+    /// transaction time)`, in key order, each resource once: resources deleted in
+    /// `(since, transaction_time]` found through a member that was a member at `since` too, and
+    /// resources that at `since` were live in such a member's compartment but at the transaction
+    /// time are live in no member's compartment (re-pointed elsewhere: "no longer part of this
+    /// cohort's data"). Data held only through members removed since `since` is not listed.
     fn deleted_in_compartments(
         &self,
         tenant: TenantId,

@@ -65,6 +65,11 @@ CREATE TABLE IF NOT EXISTS compartment (
     PRIMARY KEY (tenant_id, patient_id, resource_type, rid, from_ts)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS compartment_open_by_rid ON compartment (rid) WHERE to_ts IS NULL;
+-- Closed rows (a version moved the resource out of a patient's compartment) are rare: these two
+-- small indexes find the resources that left the cohort's compartments since `_since`.
+CREATE INDEX IF NOT EXISTS compartment_closed_by_time ON compartment (tenant_id, resource_type, to_ts)
+    WHERE to_ts IS NOT NULL;
+CREATE INDEX IF NOT EXISTS compartment_closed_by_rid ON compartment (rid, to_ts) WHERE to_ts IS NOT NULL;
 
 -- Search tokens of current versions: identifiers and subject/patient references.
 CREATE TABLE IF NOT EXISTS search_token (
