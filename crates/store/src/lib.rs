@@ -15,7 +15,9 @@ mod write;
 pub mod testsuite;
 
 pub use error::StoreError;
-pub use model::{ClientRecord, ExportJob, MemberSelection, PartRange, StoredResource, Tenant, TenantId, Visibility};
+pub use model::{
+    ClientRecord, ExportJob, ExportRecord, MemberSelection, PartRange, StoredResource, Tenant, TenantId, Visibility,
+};
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
 pub use write::{group_members, stamped_json, WriteMode, WriteOp, Written};
 
@@ -150,4 +152,16 @@ pub trait Store: Send + Sync + 'static {
     fn delete_export_job(&self, tenant: TenantId, job_id: &str) -> Result<bool, StoreError>;
     /// Housekeeping across all tenants: deletes every job with `expires <= now`; returns how many.
     fn delete_expired_export_jobs(&self, now: Micros) -> Result<u64, StoreError>;
+
+    // ---- export records (what file URLs refer to) ----
+
+    /// Stores the record of a planned export of `tenant`; an existing `(tenant, record.id)` is
+    /// [`StoreError::Conflict`].
+    fn create_export_record(&self, tenant: TenantId, record: &ExportRecord) -> Result<(), StoreError>;
+    /// The record `record_id` of `tenant` (None for another tenant's or an unknown id). Expired
+    /// records not yet swept are returned: the caller compares `expires` with its clock.
+    fn export_record(&self, tenant: TenantId, record_id: &str) -> Result<Option<ExportRecord>, StoreError>;
+    /// Housekeeping across all tenants: deletes every record with `expires <= now`; returns how
+    /// many.
+    fn delete_expired_export_records(&self, now: Micros) -> Result<u64, StoreError>;
 }

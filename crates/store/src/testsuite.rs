@@ -4,8 +4,8 @@
 use serde_json::{json, Value};
 
 use crate::{
-    ExportJob, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ReferenceQuery, SearchQuery, Store,
-    StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ExportJob, ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ReferenceQuery,
+    SearchQuery, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 /// Generates one `#[test]` per suite function; `$make` builds a fresh store (or a guard that
@@ -20,7 +20,7 @@ macro_rules! store_test_suite {
             group_membership_history, export_is_a_snapshot, export_since_and_new_members,
             export_reports_deletions, export_reports_resources_that_left_the_cohort, export_parts_split_by_size, transaction_time_orders_writes,
             existence_at_a_time, a_patient_is_in_its_own_compartment_by_stored_id, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
-            expired_export_jobs_are_swept);
+            expired_export_jobs_are_swept, export_records_round_trip_by_tenant_and_expire);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -572,4 +572,29 @@ pub fn expired_export_jobs_are_swept(store: &dyn Store) {
     assert!(store.export_job(b, "b-edge").unwrap().is_none());
     assert!(store.export_job(a, "a-new").unwrap().is_some());
     assert_eq!(store.delete_expired_export_jobs(200).unwrap(), 0);
+}
+
+pub fn export_records_round_trip_by_tenant_and_expire(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    let record = |id: &str, expires: i64| ExportRecord {
+        id: id.into(),
+        created: 10,
+        expires,
+        plan: format!(r#"{{"files":[],"w":["{}"]}}"#, "x".repeat(10_000)),
+    };
+    store.create_export_record(a, &record("r1", 100)).unwrap();
+    assert!(matches!(store.create_export_record(a, &record("r1", 300)), Err(StoreError::Conflict(_))));
+    assert_eq!(store.export_record(a, "r1").unwrap(), Some(record("r1", 100)), "stored whole");
+    // Tenant-scoped: the same id in another tenant is another record, and a lookup never crosses.
+    assert_eq!(store.export_record(b, "r1").unwrap(), None);
+    store.create_export_record(b, &record("r1", 300)).unwrap();
+    store.create_export_record(b, &record("r2", 100)).unwrap();
+    assert_eq!(store.export_record(b, "r1").unwrap().unwrap().expires, 300);
+    assert_eq!(store.export_record(a, "r1").unwrap().unwrap().expires, 100);
+    // Expiry is inclusive, spans tenants, and leaves jobs alone.
+    assert_eq!(store.delete_expired_export_records(99).unwrap(), 0);
+    assert_eq!(store.delete_expired_export_records(100).unwrap(), 2);
+    assert_eq!(store.export_record(a, "r1").unwrap(), None);
+    assert_eq!(store.export_record(b, "r2").unwrap(), None);
+    assert!(store.export_record(b, "r1").unwrap().is_some());
 }

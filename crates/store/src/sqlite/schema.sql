@@ -106,3 +106,15 @@ CREATE TABLE IF NOT EXISTS export_jobs (
     PRIMARY KEY (tenant_id, job_id)
 );
 CREATE INDEX IF NOT EXISTS export_jobs_by_expiry ON export_jobs (expires);
+
+-- What an export's file URLs point at (one row per kick-off, either mode), so the URLs stay short
+-- whatever the request. Keyed by tenant first; lives until `expires` (micros), then is swept.
+CREATE TABLE IF NOT EXISTS export_records (
+    tenant_id INTEGER NOT NULL,
+    record_id TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    plan TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, record_id)
+);
+CREATE INDEX IF NOT EXISTS export_records_by_expiry ON export_records (expires);
