@@ -431,7 +431,7 @@ fn left_the_cohort(
             continue;
         }
         // The client holds it only if it was live at `since`.
-        if !state_at(connection, rid, since)?.is_some_and(|(_, deleted)| !deleted) {
+        if state_at(connection, rid, since)?.is_none_or(|(_, deleted)| deleted) {
             continue;
         }
         let Some((last_updated, deleted)) = state_at(connection, rid, at)? else { continue };
