@@ -5,7 +5,8 @@ use bulkhead_fhir::{operation_outcome, Issue, Micros};
 use bulkhead_store::{group_members, MemberSelection, Store, StoreError, StoredResource, TenantId, Visibility};
 
 use crate::params::{group_export_types, ExportParams};
-use crate::token::{FileClaims, FileKind};
+use crate::record::{PlannedExport, PlannedFile};
+use crate::token::FileKind;
 
 /// Why an export could not be planned or a file could not be produced.
 #[derive(Debug, thiserror::Error)]
@@ -37,13 +38,13 @@ pub struct GroupExportRequest {
     pub part_size: u64,
 }
 
-/// A planned export: everything the manifest needs except URLs (the HTTP layer mints those
-/// from `files`, whose `iat`/`exp` it fills in).
+/// A planned export: everything the manifest needs except URLs (the HTTP layer stores `export`
+/// and mints a URL per file of it).
 #[derive(Debug, Clone)]
 pub struct GroupExportPlan {
     pub transaction_time: Micros,
     pub group_version: i64,
-    pub files: Vec<FileClaims>,
+    pub export: PlannedExport,
     /// Members at `_since` that are no longer members (only with `_since`).
     pub removed_members: Vec<String>,
 }
@@ -135,42 +136,28 @@ pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Res
         None => group_export_types().into_iter().map(str::to_owned).collect(),
     };
     let compartment_types: Vec<String> = types.iter().filter(|t| *t != "Group").cloned().collect();
-    let template = FileClaims {
-        tenant: request.tenant.0,
-        client: request.client_id.clone(),
-        user: request.visibility.user().map(str::to_owned),
-        group: request.group_id.clone(),
-        group_version: view.group.version,
-        kind: FileKind::Output,
-        resource_type: String::new(),
+    let file = |kind, resource_type: &str, total| PlannedFile {
+        kind,
+        resource_type: resource_type.to_owned(),
         start: 0,
         end: 0,
-        total: 0,
-        since: params.since,
-        until: params.until,
-        transaction_time,
-        requested_types: params.types.clone(),
-        warnings: Vec::new(),
-        iat: 0,
-        exp: 0,
+        total,
     };
     let mut files = Vec::new();
     let plan = store.plan_parts(request.tenant, &view.selection, &compartment_types, request.part_size)?;
     for resource_type in &types {
         if resource_type == "Group" {
             if group_line_selected(&view) {
-                files.push(FileClaims { resource_type: "Group".into(), total: 1, ..template.clone() });
+                files.push(file(FileKind::Output, "Group", 1));
             }
             continue;
         }
         let Some((_, parts)) = plan.iter().find(|(planned_type, _)| planned_type == resource_type) else { continue };
         for part in parts {
-            files.push(FileClaims {
-                resource_type: resource_type.clone(),
+            files.push(PlannedFile {
                 start: part.first_key,
                 end: part.last_key,
-                total: part.count,
-                ..template.clone()
+                ..file(FileKind::Output, resource_type, part.count)
             });
         }
     }
@@ -178,12 +165,7 @@ pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Res
         for resource_type in &compartment_types {
             let deleted = store.deleted_in_compartments(request.tenant, &view.selection, resource_type)?;
             if !deleted.is_empty() {
-                files.push(FileClaims {
-                    kind: FileKind::Deleted,
-                    resource_type: resource_type.clone(),
-                    total: deleted.len() as u64,
-                    ..template.clone()
-                });
+                files.push(file(FileKind::Deleted, resource_type, deleted.len() as u64));
             }
         }
     }
@@ -193,14 +175,20 @@ pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Res
     let warnings: Vec<String> =
         request.warnings.iter().map(|issue| operation_outcome(std::slice::from_ref(issue)).to_string()).collect();
     if !missing.is_empty() || !warnings.is_empty() {
-        files.push(FileClaims {
-            kind: FileKind::Error,
-            resource_type: "OperationOutcome".into(),
-            total: (missing.len() + warnings.len()) as u64,
-            warnings,
-            ..template.clone()
-        });
+        files.push(file(FileKind::Error, "OperationOutcome", (missing.len() + warnings.len()) as u64));
     }
+    let export = PlannedExport {
+        client: request.client_id.clone(),
+        user: request.visibility.user().map(str::to_owned),
+        group: request.group_id.clone(),
+        group_version: view.group.version,
+        since: params.since,
+        until: params.until,
+        transaction_time,
+        requested_types: params.types.clone(),
+        warnings,
+        files,
+    };
     let removed_members = match params.since {
         Some(since) => {
             let before = store.members_at(request.tenant, &request.group_id, since)?;
@@ -208,5 +196,5 @@ pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Res
         }
         None => Vec::new(),
     };
-    Ok(GroupExportPlan { transaction_time, group_version: view.group.version, files, removed_members })
+    Ok(GroupExportPlan { transaction_time, group_version: view.group.version, export, removed_members })
 }

@@ -4,6 +4,7 @@ pub mod files;
 pub mod group;
 pub mod params;
 pub mod prefer;
+pub mod record;
 pub mod token;
 
 pub use group::{plan_group_export, ExportError, GroupExportPlan, GroupExportRequest};

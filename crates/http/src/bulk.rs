@@ -12,9 +12,11 @@ use axum::response::{IntoResponse, Response};
 use bulkhead_export::files::{open_file_view, write_file};
 use bulkhead_export::params::parse_group_export_params;
 use bulkhead_export::prefer::parse_prefer;
-use bulkhead_export::token::{FileClaims, FileKind, TokenError};
+use bulkhead_export::record::PlannedExport;
+use bulkhead_export::token::{record_id, FileClaims, FileKind, FileRef, TokenError};
 use bulkhead_export::{plan_group_export, ExportError, GroupExportPlan, GroupExportRequest};
-use bulkhead_fhir::{format_instant, IssueType};
+use bulkhead_fhir::{format_instant, now_micros, IssueType};
+use bulkhead_store::{ExportRecord, TenantId};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,6 +30,8 @@ use crate::urls::base_url;
 /// of a download, whatever the file's size.
 const CHUNK_BYTES: usize = 256 * 1024;
 const CHANNEL_DEPTH: usize = 4;
+
+const MICROS_PER_SECOND: i64 = 1_000_000;
 
 impl From<ExportError> for ApiError {
     fn from(error: ExportError) -> ApiError {
@@ -74,11 +78,19 @@ pub async fn kick_off(
         part_size: state.config.export_part_size,
     };
     let started = std::time::Instant::now();
-    let plan = state.blocking(move |store| Ok(plan_group_export(store, &request)?)).await?;
-    tracing::info!(group = %group_id, files = plan.files.len(), millis = started.elapsed().as_millis() as u64, "export planned");
+    let urls = FileUrls::new(&state, caller.tenant);
+    let plan = state
+        .blocking(move |store| {
+            crate::export_status::sweep_expired(store, now_micros());
+            let plan = plan_group_export(store, &request)?;
+            urls.store_record(store, &plan.export)?;
+            Ok(plan)
+        })
+        .await?;
+    tracing::info!(group = %group_id, files = plan.export.files.len(), millis = started.elapsed().as_millis() as u64, "export planned");
     let base = base_url(&state, &headers);
     let request_url = format!("{base}{}", uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()));
-    let manifest = manifest(&state, &base, &request_url, plan, with_since);
+    let manifest = manifest(&state, &urls, &base, &request_url, plan, with_since);
     if preferences.respond_async {
         return crate::export_status::accept(&state, &caller, &base, manifest).await;
     }
@@ -88,11 +100,58 @@ pub async fn kick_off(
 }
 
 /// The path segment a file URL carries for its kind.
-fn url_type(claims: &FileClaims) -> &str {
-    match claims.kind {
-        FileKind::Output => &claims.resource_type,
+fn url_type(kind: FileKind, resource_type: &str) -> &str {
+    match kind {
+        FileKind::Output => resource_type,
         FileKind::Deleted => "Bundle",
         FileKind::Error => "OperationOutcome",
+    }
+}
+
+/// How one export's file URLs are minted: the record they refer to (stored at kick-off), when
+/// they expire, and whether they need the client's credentials (the server's mode now, recorded
+/// in every token).
+#[derive(Clone, Copy)]
+struct FileUrls {
+    tenant: TenantId,
+    record: [u8; 16],
+    issued: i64,
+    expires: i64,
+    requires_credentials: bool,
+}
+
+impl FileUrls {
+    fn new(state: &AppState, tenant: TenantId) -> FileUrls {
+        let config = &state.config;
+        let requires_credentials = config.file_urls_require_credentials;
+        let ttl = if requires_credentials { config.file_url_ttl } else { config.self_authorising_url_ttl };
+        let issued = now_seconds();
+        let record = *uuid::Uuid::new_v4().as_bytes();
+        FileUrls { tenant, record, issued, expires: issued + ttl.as_secs() as i64, requires_credentials }
+    }
+
+    /// Stores what the URLs refer to (nothing when there are no files), expiring with them.
+    fn store_record(&self, store: &dyn bulkhead_store::Store, export: &PlannedExport) -> Result<(), ApiError> {
+        if export.files.is_empty() {
+            return Ok(());
+        }
+        let record = ExportRecord {
+            id: record_id(&self.record),
+            created: self.issued.saturating_mul(MICROS_PER_SECOND),
+            expires: self.expires.saturating_mul(MICROS_PER_SECOND),
+            plan: export.to_json(),
+        };
+        Ok(store.create_export_record(self.tenant, &record)?)
+    }
+
+    fn file(&self, index: usize) -> FileRef {
+        FileRef {
+            tenant: self.tenant.0,
+            record: self.record,
+            file: u32::try_from(index).unwrap_or(u32::MAX),
+            exp: self.expires,
+            requires_credentials: self.requires_credentials,
+        }
     }
 }
 
@@ -104,19 +163,20 @@ pub(crate) struct Manifest {
 }
 
 /// Builds the Bulk Data manifest, minting a signed URL per file.
-fn manifest(state: &AppState, base: &str, request_url: &str, plan: GroupExportPlan, with_since: bool) -> Manifest {
-    let config = &state.config;
-    let ttl = if config.file_urls_require_credentials { config.file_url_ttl } else { config.self_authorising_url_ttl };
-    let issued = now_seconds();
-    let expires = issued + ttl.as_secs() as i64;
+fn manifest(
+    state: &AppState,
+    urls: &FileUrls,
+    base: &str,
+    request_url: &str,
+    plan: GroupExportPlan,
+    with_since: bool,
+) -> Manifest {
     let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
-    for mut claims in plan.files {
-        claims.iat = issued;
-        claims.exp = expires;
-        let token = state.token_keys.sign(&claims);
-        let item_type = url_type(&claims).to_owned();
-        let item = json!({"type": item_type, "url": format!("{base}/bulk-data/r4/$export/{item_type}/{token}.ndjson"), "count": claims.total});
-        match claims.kind {
+    for (index, file) in plan.export.files.iter().enumerate() {
+        let token = state.token_keys.sign(&urls.file(index));
+        let item_type = url_type(file.kind, &file.resource_type);
+        let item = json!({"type": item_type, "url": format!("{base}/bulk-data/r4/$export/{item_type}/{token}.ndjson"), "count": file.total});
+        match file.kind {
             FileKind::Output => output.push(item),
             FileKind::Deleted => deleted.push(item),
             FileKind::Error => error.push(item),
@@ -125,7 +185,7 @@ fn manifest(state: &AppState, base: &str, request_url: &str, plan: GroupExportPl
     let mut manifest = json!({
         "transactionTime": format_instant(plan.transaction_time),
         "request": request_url,
-        "requiresAccessToken": config.file_urls_require_credentials,
+        "requiresAccessToken": urls.requires_credentials,
         "output": output,
         "error": error,
     });
@@ -135,7 +195,7 @@ fn manifest(state: &AppState, base: &str, request_url: &str, plan: GroupExportPl
         let removed: Vec<String> = plan.removed_members.iter().map(|id| format!("Patient/{id}")).collect();
         manifest["extension"] = json!({"removedMembers": removed});
     }
-    Manifest { body: manifest, expires }
+    Manifest { body: manifest, expires: urls.expires }
 }
 
 /// `GET /bulk-data/r4/$export/{type}/{token}.ndjson`: the file, streamed (gzip on request).
@@ -144,14 +204,7 @@ pub async fn download(
     Path((path_type, file)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let claims = verify_file_token(&state, &path_type, &file)?;
-    if state.config.file_urls_require_credentials {
-        let caller = authenticate(&state, &headers).await?;
-        if !owns_file(&caller, &claims) {
-            // Another tenant's or client's file: as if it did not exist.
-            return Err(ApiError::not_found("no such export file"));
-        }
-    }
+    let claims = authorize_download(&state, &headers, &path_type, &file).await?;
     let gzip = accepts_gzip(&headers);
     let (chunks_tx, chunks_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(CHANNEL_DEPTH);
     let (ready_tx, ready_rx) = oneshot::channel::<Result<(), ApiError>>();
@@ -199,9 +252,51 @@ pub async fn download(
     Ok(response)
 }
 
-fn verify_file_token(state: &AppState, path_type: &str, file: &str) -> Result<FileClaims, ApiError> {
-    let token = file.strip_suffix(".ndjson").ok_or_else(|| ApiError::not_found("no such export file"))?;
-    let claims = state.token_keys.verify(token, now_seconds()).map_err(|error| match error {
+/// Resolves a file URL to the claims of its file and checks that the caller may download it.
+///
+/// Credentials are needed when the URL was minted while they were required (its token says so,
+/// so switching `file_urls_require_credentials` off later does not open it) or when the server
+/// requires them now (switching them on closes every self-authorising URL still out there): the
+/// stricter of the two modes.
+async fn authorize_download(
+    state: &AppState,
+    headers: &HeaderMap,
+    path_type: &str,
+    file: &str,
+) -> Result<FileClaims, ApiError> {
+    let file_ref = verify_file_token(state, file)?;
+    let caller = if file_ref.requires_credentials || state.config.file_urls_require_credentials {
+        Some(authenticate(state, headers).await?)
+    } else {
+        None
+    };
+    let record = state
+        .blocking(move |store| Ok(store.export_record(TenantId(file_ref.tenant), &file_ref.record_id())?))
+        .await?
+        .filter(|record| record.expires > now_micros())
+        .ok_or_else(no_such_file)?;
+    let planned = PlannedExport::from_json(&record.plan).map_err(|error| {
+        tracing::error!(error = %error, "unreadable export record");
+        ApiError::internal()
+    })?;
+    let claims = planned.claims(&file_ref, record.created / MICROS_PER_SECOND).ok_or_else(no_such_file)?;
+    if url_type(claims.kind, &claims.resource_type) != path_type {
+        return Err(no_such_file());
+    }
+    if caller.is_some_and(|caller| !owns_file(&caller, &claims)) {
+        // Another tenant's or client's file: as if it did not exist.
+        return Err(no_such_file());
+    }
+    Ok(claims)
+}
+
+fn no_such_file() -> ApiError {
+    ApiError::not_found("no such export file")
+}
+
+fn verify_file_token(state: &AppState, file: &str) -> Result<FileRef, ApiError> {
+    let token = file.strip_suffix(".ndjson").ok_or_else(no_such_file)?;
+    let file_ref = state.token_keys.verify(token, now_seconds()).map_err(|error| match error {
         TokenError::Expired => ApiError::new(
             StatusCode::UNAUTHORIZED,
             IssueType::Security,
@@ -209,13 +304,10 @@ fn verify_file_token(state: &AppState, path_type: &str, file: &str) -> Result<Fi
         ),
         _ => {
             tracing::info!(error = %error, "file token refused");
-            ApiError::not_found("no such export file")
+            no_such_file()
         }
     })?;
-    if url_type(&claims) != path_type {
-        return Err(ApiError::not_found("no such export file"));
-    }
-    Ok(claims)
+    Ok(file_ref)
 }
 
 fn owns_file(caller: &Caller, claims: &FileClaims) -> bool {

@@ -20,7 +20,7 @@ use crate::state::AppState;
 const MICROS_PER_SECOND: i64 = 1_000_000;
 
 /// Stores the kick-off's manifest as a new job of `caller` and answers 202 with the job's
-/// absolute status URL. Expired jobs of every tenant are swept on the way.
+/// absolute status URL.
 pub(crate) async fn accept(
     state: &AppState,
     caller: &Caller,
@@ -38,12 +38,7 @@ pub(crate) async fn accept(
     };
     let job_id = job.id.clone();
     let tenant = caller.tenant;
-    state
-        .blocking(move |store| {
-            sweep_expired(store, created);
-            Ok(store.create_export_job(tenant, &job)?)
-        })
-        .await?;
+    state.blocking(move |store| Ok(store.create_export_job(tenant, &job)?)).await?;
     tracing::info!(job = %job_id, "export job created");
     let status_url = format!("{base}/bulk-data/r4/$export-status/{job_id}");
     let outcome = operation_outcome(&[Issue::information(format!(
@@ -55,12 +50,18 @@ pub(crate) async fn accept(
     Ok(response)
 }
 
-/// Opportunistic housekeeping: a failed sweep is logged and never fails the kick-off.
-fn sweep_expired(store: &dyn Store, now: Micros) {
+/// Opportunistic housekeeping at every kick-off: deletes expired jobs and export records of
+/// every tenant. A failed sweep is logged and never fails the kick-off.
+pub(crate) fn sweep_expired(store: &dyn Store, now: Micros) {
     match store.delete_expired_export_jobs(now) {
         Ok(0) => {}
         Ok(swept) => tracing::info!(swept, "expired export jobs deleted"),
         Err(error) => tracing::warn!(error = %error, "sweeping expired export jobs failed"),
+    }
+    match store.delete_expired_export_records(now) {
+        Ok(0) => {}
+        Ok(swept) => tracing::info!(swept, "expired export records deleted"),
+        Err(error) => tracing::warn!(error = %error, "sweeping expired export records failed"),
     }
 }
 

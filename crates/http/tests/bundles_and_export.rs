@@ -678,12 +678,11 @@ async fn export_file_urls_serve_only_their_client_and_expire() {
     let wrong_type = url.replace("/$export/Patient/", "/$export/Observation/");
     assert_outcome(&server.send(get(&wrong_type).by(&client)).await, 404, "not-found", None);
 
-    // The same claims, signed with the same key, but past their expiry.
+    // The same file, signed with the same key, but past its expiry.
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
     let keys = token_keys();
-    let mut claims = keys.verify(token, now).expect("the manifest's token verifies");
-    claims.iat = now - 120;
-    claims.exp = now - 60;
-    let expired = format!("{prefix}/{}.ndjson", keys.sign(&claims));
+    let mut file = keys.verify(token, now).expect("the manifest's token verifies");
+    file.exp = now - 60;
+    let expired = format!("{prefix}/{}.ndjson", keys.sign(&file));
     assert_outcome(&server.send(get(&expired).by(&client)).await, 401, "security", None);
 }

@@ -2,7 +2,8 @@
 //!
 //! Property test: random scenarios (two tenants with the same patient and resource ids, a target
 //! Group and a decoy Group per tenant, resources of several compartment types, updates that move
-//! resources between patients, deletes, resurrections, membership changes) are driven through
+//! resources between patients, wrong-patient corrections that re-point resources out of the
+//! cohort or into it, deletes, resurrections, membership changes) are driven through
 //! the real router in-process. At every export checkpoint the manifest and every file are
 //! downloaded and compared with a brute-force model kept here: every version written (with the
 //! `meta.versionId`/`meta.lastUpdated` the server returned for it), the compartments of each
@@ -17,12 +18,16 @@
 //!   target (and that one only when its version at T passes `_since` and `_type` allows it);
 //! - `deleted[]` (only with `_since`): resources whose version at T is a tombstone made in
 //!   `(_since, T]` and whose last live version was in the compartment of a member active both at
-//!   `_since` and at T;
+//!   `_since` and at T (a continuing member); and resources whose version at `_since` was live in
+//!   a continuing member's compartment and whose version at T is not live in any member's
+//!   compartment ("no longer part of this cohort's data", e.g. re-pointed to a non-member);
 //! - `error[]`: one OperationOutcome per active member whose Patient does not exist at T;
 //! - manifest `count` = lines in the file; `extension.removedMembers` = members at `_since` that
 //!   are no longer members at T;
-//! - a client that keeps a replica (full export, then `_since` = previous `transactionTime`)
-//!   loses nothing and receives nothing twice (except a new member's full data).
+//! - a client that keeps a replica (full export, then `_since` = previous `transactionTime`;
+//!   it removes `deleted[]`, drops what it holds only through removed members, i.e. resources in
+//!   no continuing member's compartment, and stores `output`) holds exactly a full export at T,
+//!   and receives nothing twice (except a new member's full data).
 
 mod common;
 
@@ -88,6 +93,14 @@ enum Step {
         tenant: usize,
         pick: u16,
     },
+    /// A wrong-patient correction: re-points a picked resource to one patient only, a member of
+    /// the target Group (`into_cohort`) or a patient that is not one (picked by `to`).
+    Repoint {
+        tenant: usize,
+        pick: u16,
+        to: u8,
+        into_cohort: bool,
+    },
     /// 0-2: add (a second, active entry when the patient is listed inactive), 3: remove,
     /// 4: mark inactive, 5: add to the decoy Group.
     Member {
@@ -138,6 +151,8 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         4 => (tenant.clone(), any::<u16>(), any::<u8>(), any::<u8>(), any::<bool>(), any::<bool>())
             .prop_map(|(tenant, pick, a, b, two, moved)| Step::Update { tenant, pick, a, b, two, moved }),
         2 => (tenant.clone(), any::<u16>()).prop_map(|(tenant, pick)| Step::Delete { tenant, pick }),
+        3 => (tenant.clone(), any::<u16>(), any::<u8>(), any::<bool>())
+            .prop_map(|(tenant, pick, to, into_cohort)| Step::Repoint { tenant, pick, to, into_cohort }),
         3 => (tenant.clone(), any::<u8>(), 0..6u8).prop_map(|(tenant, patient, action)| Step::Member { tenant, patient, action }),
         3 => (tenant.clone(), proptest::option::of(1..128u8), since_strategy(), proptest::bool::weighted(0.3))
             .prop_map(|(tenant, types, since, deferred)| Step::Export { tenant, types, since, deferred }),
@@ -254,6 +269,8 @@ struct Expected {
 fn expected(model: &TenantModel, at: Micros, since: Option<Micros>, types: &BTreeSet<&str>) -> Expected {
     let members = model.members_at(at);
     let members_at_since = since.map(|since| model.members_at(since));
+    let continuing: BTreeSet<String> =
+        members_at_since.iter().flat_map(|earlier| earlier.intersection(&members).cloned()).collect();
     let mut result = Expected::default();
     for (key, _) in &model.resources {
         let (resource_type, _) = key;
@@ -271,6 +288,15 @@ fn expected(model: &TenantModel, at: Micros, since: Option<Micros>, types: &BTre
             continue;
         }
         let reaching: Vec<&String> = version.compartments.iter().filter(|patient| members.contains(*patient)).collect();
+        if let Some(since) = since {
+            // Live in a continuing member's compartment at `_since`, in no member's live data at T.
+            let held = model.version_at(key, since).is_some_and(|then| {
+                then.body.is_some() && then.compartments.iter().any(|patient| continuing.contains(patient))
+            });
+            if held && (version.body.is_none() || reaching.is_empty()) {
+                result.deleted.insert(key.clone());
+            }
+        }
         if reaching.is_empty() {
             continue;
         }
@@ -601,6 +627,10 @@ async fn collect(server: &Tenants, model: &TenantModel, tenant: usize, kicked: K
     count(&STATS.lines, output.len());
     count(&STATS.group_lines, output.keys().filter(|(t, _)| t == "Group").count());
     count(&STATS.deleted, deleted.len());
+    count(
+        &STATS.left,
+        deleted.iter().filter(|key| model.version_at(key, transaction_time).is_some_and(|v| v.body.is_some())).count(),
+    );
     count(&STATS.missing, missing.len());
     count(&STATS.removed, removed.len());
     if let Some(since) = since {
@@ -783,6 +813,26 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
             }
             write_resource(&server, model, tenant, shape.kind, key.1.clone(), shape).await;
         }
+        Step::Repoint { tenant, pick, to, into_cohort } => {
+            let model = &mut models[tenant];
+            let keys: Vec<(String, String)> =
+                model.shapes.keys().filter(|(kind, _)| kind != "Patient").cloned().collect();
+            if keys.is_empty() {
+                return;
+            }
+            let key = keys[pick as usize % keys.len()].clone();
+            let members = active(&model.entries);
+            let targets: Vec<String> =
+                model.pool().into_iter().filter(|patient| members.contains(patient) == into_cohort).collect();
+            if targets.is_empty() {
+                return;
+            }
+            let mut shape = model.shapes[&key].clone();
+            shape.a = targets[to as usize % targets.len()].clone();
+            shape.b = None;
+            count(&STATS.repointed, 1);
+            write_resource(server, model, tenant, shape.kind, key.1.clone(), shape).await;
+        }
         Step::Delete { tenant, pick } => {
             let model = &mut models[tenant];
             let keys: Vec<(String, String)> = model.shapes.keys().cloned().collect();
@@ -914,15 +964,43 @@ async fn sync(server: &Tenants, model: &mut TenantModel, tenant: usize) {
     for key in &exported.deleted {
         replica.remove(key);
     }
+    if let Some(since) = since {
+        // `removedMembers`: drop what is held only through removed members, that is in no
+        // compartment (of the held version) of a member that stayed.
+        let members = model.members_at(at);
+        let stayed: BTreeSet<String> = model.members_at(since).intersection(&members).cloned().collect();
+        replica.retain(|key, held| {
+            if key.0 == "Group" {
+                return true;
+            }
+            let versions = &model.resources[key];
+            let version = versions.iter().find(|version| version.body.as_ref() == Some(held)).expect("held version");
+            let keep = version.compartments.iter().any(|patient| stayed.contains(patient));
+            count(&STATS.dropped, usize::from(!keep));
+            keep
+        });
+    }
     replica.extend(exported.output);
     let all: BTreeSet<&str> = EXPORT_TYPES.into_iter().collect();
-    for (key, body) in expected(model, at, None, &all).output {
-        match replica.get(&key) {
+    let full = expected(model, at, None, &all).output;
+    for (key, body) in &full {
+        match replica.get(key) {
             Some(held) => {
-                assert_eq!(held, &body, "tenant {tenant}: replica holds a stale {key:?} after an incremental export")
+                assert_eq!(held, body, "tenant {tenant}: replica holds a stale {key:?} after an incremental export")
             }
             None => panic!("tenant {tenant}: replica lost {key:?} (incremental exports since {since:?})"),
         }
+    }
+    for key in replica.keys() {
+        assert!(
+            full.contains_key(key),
+            "tenant {tenant}: replica still holds {key:?}, which is no longer part of the cohort's data \
+             (incremental exports since {since:?}); model history: {:?}",
+            model.resources[key]
+                .iter()
+                .map(|v| (v.last_updated, v.body.is_some(), &v.compartments))
+                .collect::<Vec<_>>()
+        );
     }
     model.replica = Some((at, replica));
 }
@@ -940,6 +1018,11 @@ struct Stats {
     lifted: AtomicUsize,
     group_lines: AtomicUsize,
     syncs: AtomicUsize,
+    repointed: AtomicUsize,
+    /// `deleted[]` entries for resources that are live at T (they left the cohort).
+    left: AtomicUsize,
+    /// Resources a replica dropped because of `removedMembers`.
+    dropped: AtomicUsize,
 }
 
 static STATS: Stats = Stats {
@@ -953,6 +1036,9 @@ static STATS: Stats = Stats {
     lifted: AtomicUsize::new(0),
     group_lines: AtomicUsize::new(0),
     syncs: AtomicUsize::new(0),
+    repointed: AtomicUsize::new(0),
+    left: AtomicUsize::new(0),
+    dropped: AtomicUsize::new(0),
 };
 
 fn count(counter: &AtomicUsize, n: usize) {
@@ -976,7 +1062,8 @@ fn group_export_matches_the_oracle() {
     let get = |counter: &AtomicUsize| counter.load(Ordering::Relaxed);
     eprintln!(
         "oracle: {:?}; {} exports ({} with _since, {} replica syncs), {} files, {} resource lines ({} Group), {} deleted[] entries, \
-         {} missing-member errors, {} removed members, {} resources exported only through a new member's full history",
+         {} missing-member errors, {} removed members, {} resources exported only through a new member's full history, \
+         {} re-pointings, {} deleted[] entries for resources that left the cohort, {} held resources dropped for removed members",
         started.elapsed(),
         get(&STATS.exports),
         get(&STATS.with_since),
@@ -988,6 +1075,9 @@ fn group_export_matches_the_oracle() {
         get(&STATS.missing),
         get(&STATS.removed),
         get(&STATS.lifted),
+        get(&STATS.repointed),
+        get(&STATS.left),
+        get(&STATS.dropped),
     );
 }
 
@@ -1006,6 +1096,10 @@ fn fixed_scenario() {
             Step::Create { tenant: 1, kind: 0, a: 0, b: 0, two: false },
             Step::Export { tenant: 0, types: None, since: SinceChoice::None, deferred: false },
             Step::Sync { tenant: 0 },
+            Step::Repoint { tenant: 0, pick: 1, to: 0, into_cohort: false },
+            Step::Repoint { tenant: 1, pick: 0, to: 0, into_cohort: false },
+            Step::Sync { tenant: 0 },
+            Step::Repoint { tenant: 0, pick: 1, to: 0, into_cohort: true },
             Step::Update { tenant: 0, pick: 0, a: 2, b: 0, two: false, moved: true },
             Step::Member { tenant: 0, patient: 2, action: 0 },
             Step::Delete { tenant: 0, pick: 1 },

@@ -15,7 +15,9 @@ mod write;
 pub mod testsuite;
 
 pub use error::StoreError;
-pub use model::{ClientRecord, ExportJob, MemberSelection, PartRange, StoredResource, Tenant, TenantId, Visibility};
+pub use model::{
+    ClientRecord, ExportJob, ExportRecord, MemberSelection, PartRange, StoredResource, Tenant, TenantId, Visibility,
+};
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
 pub use write::{group_members, stamped_json, WriteMode, WriteOp, Written};
 
@@ -125,8 +127,12 @@ pub trait Store: Send + Sync + 'static {
         range: &PartRange,
         sink: &mut ResourceSink<'_>,
     ) -> Result<u64, StoreError>;
-    /// Resources of the type in the members' compartments that were deleted in
-    /// `(since, transaction_time]` (for `deleted[]`), as `(id, deleted_at)`, in key order.
+    /// `deleted[]` of one type (empty without `since`), as `(id, lastUpdated of the version at the
+    /// transaction time)`, in key order, each resource once: resources deleted in
+    /// `(since, transaction_time]` found through a member that was a member at `since` too, and
+    /// resources that at `since` were live in such a member's compartment but at the transaction
+    /// time are live in no member's compartment (re-pointed elsewhere: "no longer part of this
+    /// cohort's data"). Data held only through members removed since `since` is not listed.
     fn deleted_in_compartments(
         &self,
         tenant: TenantId,
@@ -146,4 +152,16 @@ pub trait Store: Send + Sync + 'static {
     fn delete_export_job(&self, tenant: TenantId, job_id: &str) -> Result<bool, StoreError>;
     /// Housekeeping across all tenants: deletes every job with `expires <= now`; returns how many.
     fn delete_expired_export_jobs(&self, now: Micros) -> Result<u64, StoreError>;
+
+    // ---- export records (what file URLs refer to) ----
+
+    /// Stores the record of a planned export of `tenant`; an existing `(tenant, record.id)` is
+    /// [`StoreError::Conflict`].
+    fn create_export_record(&self, tenant: TenantId, record: &ExportRecord) -> Result<(), StoreError>;
+    /// The record `record_id` of `tenant` (None for another tenant's or an unknown id). Expired
+    /// records not yet swept are returned: the caller compares `expires` with its clock.
+    fn export_record(&self, tenant: TenantId, record_id: &str) -> Result<Option<ExportRecord>, StoreError>;
+    /// Housekeeping across all tenants: deletes every record with `expires <= now`; returns how
+    /// many.
+    fn delete_expired_export_records(&self, now: Micros) -> Result<u64, StoreError>;
 }

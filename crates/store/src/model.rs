@@ -74,6 +74,20 @@ pub struct PartRange {
     pub count: u64,
 }
 
+/// What the file URLs of one export (either mode) refer to: the planned files and the kick-off's
+/// details (client, user, filters, lenient-mode warnings), kept server-side so a URL carries only
+/// the record's id and the file's number. The tenant is not a field: it keys every record method.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportRecord {
+    /// A random UUID.
+    pub id: String,
+    pub created: Micros,
+    /// When the export's file URLs expire; an expired record is as if it did not exist.
+    pub expires: Micros,
+    /// The plan, as JSON text (its shape belongs to the export crate).
+    pub plan: String,
+}
+
 /// An asynchronous Bulk Data export job (kick-off with `Prefer: respond-async`). The export is
 /// planned at kick-off, so a job is complete once stored: it keeps the manifest the status URL
 /// answers with until `expires`. The tenant is not a field: it is part of every job method's

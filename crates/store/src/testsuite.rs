@@ -4,8 +4,8 @@
 use serde_json::{json, Value};
 
 use crate::{
-    ExportJob, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ReferenceQuery, SearchQuery, Store,
-    StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ExportJob, ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ReferenceQuery,
+    SearchQuery, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 /// Generates one `#[test]` per suite function; `$make` builds a fresh store (or a guard that
@@ -18,9 +18,9 @@ macro_rules! store_test_suite {
             deletes_leave_tombstones, unchanged_update_is_a_no_op, transactions_are_all_or_nothing,
             batches_apply_per_entry, search_subset, compartment_index_follows_updates,
             group_membership_history, export_is_a_snapshot, export_since_and_new_members,
-            export_reports_deletions, export_parts_split_by_size, transaction_time_orders_writes,
+            export_reports_deletions, export_reports_resources_that_left_the_cohort, export_parts_split_by_size, transaction_time_orders_writes,
             existence_at_a_time, a_patient_is_in_its_own_compartment_by_stored_id, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
-            expired_export_jobs_are_swept);
+            expired_export_jobs_are_swept, export_records_round_trip_by_tenant_and_expire);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -375,6 +375,89 @@ pub fn export_reports_deletions(store: &dyn Store) {
     assert!(store.deleted_in_compartments(t, &without_since, "Observation").unwrap().is_empty());
 }
 
+/// A wrong-patient correction: a resource re-pointed from a member to a non-member since
+/// `_since` is listed in `deleted[]` ("no longer part of this cohort's data"); one re-pointed into
+/// the cohort is exported instead.
+pub fn export_reports_resources_that_left_the_cohort(store: &dyn Store) {
+    let t = tenant(store, "t");
+    let with_performer = |id: &str, subject: &str, performer: &str| {
+        let mut body = observation(id, subject, 1);
+        body["performer"] = json!([{"reference": format!("Patient/{performer}")}]);
+        body
+    };
+    // a and a2 stay members, n joins after `since`, r leaves, x never is a member.
+    for (id, subject) in [
+        ("moved-out", "a"),
+        ("moved-in", "x"),
+        ("moved-to-new", "a"),
+        ("moved-and-back", "a"),
+        ("moved-then-deleted", "a"),
+        ("removed-only", "r"),
+        ("moved-after-export", "a"),
+        ("owned", "a"),
+    ] {
+        put(store, t, None, observation(id, subject, 1));
+    }
+    put(store, t, Some("u"), observation("owned-by-u", "a", 1));
+    put(store, t, None, with_performer("still-with-a2", "a", "a2"));
+    let since = store.reserve_transaction_time().unwrap();
+    let moved_at = put(store, t, None, observation("moved-out", "x", 2)).last_updated;
+    put(store, t, None, observation("moved-in", "a", 2));
+    put(store, t, None, observation("moved-to-new", "n", 2));
+    put(store, t, None, observation("moved-and-back", "x", 2));
+    put(store, t, None, observation("moved-and-back", "a", 3));
+    put(store, t, None, observation("moved-then-deleted", "x", 2));
+    let deleted_at = delete(store, t, "Observation", "moved-then-deleted").last_updated;
+    put(store, t, None, observation("removed-only", "x", 2));
+    put(store, t, None, observation("created-after", "a", 1));
+    put(store, t, None, observation("created-after", "x", 2));
+    let owned_moved_at = put(store, t, Some("u"), observation("owned-by-u", "x", 2)).last_updated;
+    put(store, t, None, with_performer("still-with-a2", "x", "a2"));
+    let members = [("a", Some(since)), ("a2", Some(since)), ("n", None)];
+    let selection = selection(store, &members, Some(since));
+    put(store, t, None, observation("moved-after-export", "x", 2));
+
+    let deleted = store.deleted_in_compartments(t, &selection, "Observation").unwrap();
+    assert_eq!(
+        deleted,
+        vec![
+            ("moved-out".to_owned(), moved_at),
+            ("moved-then-deleted".to_owned(), deleted_at),
+            ("owned-by-u".to_owned(), owned_moved_at),
+        ],
+        "resources that left the continuing members' compartments, once each, in key order"
+    );
+    assert_eq!(
+        export_ids(store, t, &selection, "Observation"),
+        vec!["moved-in=2", "moved-to-new=2", "moved-and-back=3", "still-with-a2=1"],
+        "re-pointed into the cohort (or still in it): exported"
+    );
+    // A user sees only its own resources leave.
+    let as_user = MemberSelection { visibility: Visibility::User("u".into()), ..selection.clone() };
+    assert_eq!(
+        store.deleted_in_compartments(t, &as_user, "Observation").unwrap(),
+        vec![("owned-by-u".to_owned(), owned_moved_at)]
+    );
+    // Without `_since` nothing is listed; a `since` after the move sees nothing leave.
+    let without_since = MemberSelection { since: None, ..selection.clone() };
+    assert!(store.deleted_in_compartments(t, &without_since, "Observation").unwrap().is_empty());
+    let later = MemberSelection {
+        since: Some(selection.transaction_time),
+        members: vec![("a".into(), Some(selection.transaction_time))],
+        transaction_time: store.reserve_transaction_time().unwrap(),
+        ..selection.clone()
+    };
+    assert_eq!(
+        store
+            .deleted_in_compartments(t, &later, "Observation")
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect::<Vec<_>>(),
+        vec!["moved-after-export"]
+    );
+}
+
 pub fn export_parts_split_by_size(store: &dyn Store) {
     let t = tenant(store, "t");
     for i in 0..7 {
@@ -489,4 +572,29 @@ pub fn expired_export_jobs_are_swept(store: &dyn Store) {
     assert!(store.export_job(b, "b-edge").unwrap().is_none());
     assert!(store.export_job(a, "a-new").unwrap().is_some());
     assert_eq!(store.delete_expired_export_jobs(200).unwrap(), 0);
+}
+
+pub fn export_records_round_trip_by_tenant_and_expire(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    let record = |id: &str, expires: i64| ExportRecord {
+        id: id.into(),
+        created: 10,
+        expires,
+        plan: format!(r#"{{"files":[],"w":["{}"]}}"#, "x".repeat(10_000)),
+    };
+    store.create_export_record(a, &record("r1", 100)).unwrap();
+    assert!(matches!(store.create_export_record(a, &record("r1", 300)), Err(StoreError::Conflict(_))));
+    assert_eq!(store.export_record(a, "r1").unwrap(), Some(record("r1", 100)), "stored whole");
+    // Tenant-scoped: the same id in another tenant is another record, and a lookup never crosses.
+    assert_eq!(store.export_record(b, "r1").unwrap(), None);
+    store.create_export_record(b, &record("r1", 300)).unwrap();
+    store.create_export_record(b, &record("r2", 100)).unwrap();
+    assert_eq!(store.export_record(b, "r1").unwrap().unwrap().expires, 300);
+    assert_eq!(store.export_record(a, "r1").unwrap().unwrap().expires, 100);
+    // Expiry is inclusive, spans tenants, and leaves jobs alone.
+    assert_eq!(store.delete_expired_export_records(99).unwrap(), 0);
+    assert_eq!(store.delete_expired_export_records(100).unwrap(), 2);
+    assert_eq!(store.export_record(a, "r1").unwrap(), None);
+    assert_eq!(store.export_record(b, "r2").unwrap(), None);
+    assert!(store.export_record(b, "r1").unwrap().is_some());
 }

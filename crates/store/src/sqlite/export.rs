@@ -344,18 +344,27 @@ pub(super) fn stream_part(
     Ok(written)
 }
 
+/// `deleted[]` of one type, in key order: resources the client must drop.
+///
+/// Two kinds (Bulk Data IG §deleted; README "Group export"):
+/// - deleted: the version at the transaction time is a tombstone written after `_since`, found
+///   through a member that was a member at `_since` too (a continuing member);
+/// - no longer part of this cohort's data: live at `_since` in a continuing member's compartment,
+///   and at the transaction time not live in any member's compartment (e.g. a wrong-patient
+///   correction re-pointed it to a non-member), see [`left_the_cohort`].
+///
+/// Data held only through members removed since `_since` is not listed: the manifest's
+/// `removedMembers` covers it.
 pub(super) fn deleted_in_compartments(
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
     resource_type: &str,
 ) -> Result<Vec<(String, Micros)>, StoreError> {
-    if selection.since.is_none() {
-        return Ok(Vec::new());
-    }
+    let Some(since) = selection.since else { return Ok(Vec::new()) };
     load_members(connection, selection)?;
     let mut id_of = connection.prepare_cached("SELECT id FROM resources WHERE rid = ?1")?;
-    let mut deleted = Vec::new();
+    let mut deleted: Vec<(i64, Micros)> = Vec::new();
     // Members added since `_since` never received the resource, so only members that could have
     // had it hear of its deletion.
     let select = |reach: Reach, version: &VersionAt| {
@@ -370,11 +379,86 @@ pub(super) fn deleted_in_compartments(
         false,
         select,
         |rid, version, _| {
-            deleted.push((id_of.query_row([rid], |row| row.get(0))?, version.last_updated));
+            deleted.push((rid, version.last_updated));
             Ok(())
         },
     )?;
-    Ok(deleted)
+    deleted.extend(left_the_cohort(connection, tenant, selection, resource_type, since)?);
+    // A resource both deleted and moved out is listed once.
+    deleted.sort_unstable_by_key(|(rid, _)| *rid);
+    deleted.dedup_by_key(|(rid, _)| *rid);
+    deleted.into_iter().map(|(rid, at)| Ok((id_of.query_row([rid], |row| row.get(0))?, at))).collect()
+}
+
+/// Resources of the type that were live, visible and in a continuing member's compartment at
+/// `since`, and at the transaction time are not live in any member's compartment, as
+/// `(rid, lastUpdated of the version at the transaction time)`.
+///
+/// Such a resource left a continuing member's compartment in `(since, transaction time]` (its
+/// row there was closed), or is deleted (the caller's deleted pass finds those whose rows stayed
+/// open). Closed rows are rare and indexed by time, so this reads only the tenant's moves in the
+/// window, whatever the cohort's size.
+fn left_the_cohort(
+    connection: &Connection,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+    since: Micros,
+) -> Result<Vec<(i64, Micros)>, StoreError> {
+    let at = selection.transaction_time;
+    let user = selection.visibility.user();
+    let mut moved = connection.prepare_cached(
+        // CROSS JOIN: the closed rows drive (through their partial index), not the members.
+        "SELECT DISTINCT c.rid, c.owner FROM compartment c
+         CROSS JOIN temp.export_member m ON m.patient_id = c.patient_id AND m.since IS NOT NULL
+         WHERE c.tenant_id = ?1 AND c.resource_type = ?2 AND c.to_ts IS NOT NULL AND c.to_ts > ?3 AND c.to_ts <= ?4
+           AND c.from_ts <= ?3",
+    )?;
+    let candidates: Vec<(i64, Option<String>)> = moved
+        .query_map(params![tenant.0, resource_type, since, at], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    // Rows of the resource valid at the transaction time that name a member (open ones, or ones
+    // closed after it).
+    let mut in_cohort_at = connection.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM compartment c CROSS JOIN temp.export_member m ON m.patient_id = c.patient_id
+                        WHERE c.rid = ?1 AND c.to_ts IS NULL AND c.from_ts <= ?2)
+             OR EXISTS (SELECT 1 FROM compartment c CROSS JOIN temp.export_member m ON m.patient_id = c.patient_id
+                        WHERE c.rid = ?1 AND c.to_ts IS NOT NULL AND c.to_ts > ?2 AND c.from_ts <= ?2)",
+    )?;
+    let mut left = Vec::new();
+    for (rid, owner) in candidates {
+        if user.is_some_and(|user| owner.as_deref() != Some(user)) {
+            continue;
+        }
+        // The client holds it only if it was live at `since`.
+        if state_at(connection, rid, since)?.is_none_or(|(_, deleted)| deleted) {
+            continue;
+        }
+        let Some((last_updated, deleted)) = state_at(connection, rid, at)? else { continue };
+        let still_in_cohort = !deleted && in_cohort_at.query_row(params![rid, at], |row| row.get::<_, bool>(0))?;
+        if !still_in_cohort {
+            left.push((rid, last_updated));
+        }
+    }
+    Ok(left)
+}
+
+/// `(lastUpdated, deleted)` of a resource's version at `at`; `None` before it existed.
+fn state_at(connection: &Connection, rid: i64, at: Micros) -> Result<Option<(Micros, bool)>, StoreError> {
+    let current: Option<(Micros, bool)> = connection
+        .prepare_cached("SELECT last_updated, deleted FROM resources WHERE rid = ?1")?
+        .query_row([rid], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    match current {
+        Some(current) if current.0 <= at => Ok(Some(current)),
+        _ => Ok(connection
+            .prepare_cached(
+                "SELECT last_updated, deleted FROM resource_history WHERE rid = ?1 AND last_updated <= ?2
+                 ORDER BY version DESC LIMIT 1",
+            )?
+            .query_row(params![rid, at], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?),
+    }
 }
 
 pub(super) fn version_at(

@@ -1,10 +1,11 @@
-//! Asynchronous export jobs: one row per kick-off with `Prefer: respond-async`, always looked up
-//! by `(tenant_id, job_id)`.
+//! Asynchronous export jobs (one row per kick-off with `Prefer: respond-async`, looked up by
+//! `(tenant_id, job_id)`) and export records (one row per kick-off, what its file URLs refer to,
+//! looked up by `(tenant_id, record_id)`).
 
 use bulkhead_fhir::Micros;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::{ExportJob, StoreError, TenantId, Visibility};
+use crate::{ExportJob, ExportRecord, StoreError, TenantId, Visibility};
 
 pub(super) fn create_export_job(connection: &Connection, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {
     let inserted = connection.execute(
@@ -37,6 +38,43 @@ pub(super) fn delete_export_job(connection: &Connection, tenant: TenantId, job_i
 
 pub(super) fn delete_expired_export_jobs(connection: &Connection, now: Micros) -> Result<u64, StoreError> {
     let mut statement = connection.prepare_cached("DELETE FROM export_jobs WHERE expires <= ?1")?;
+    Ok(statement.execute([now])? as u64)
+}
+
+pub(super) fn create_export_record(
+    connection: &Connection,
+    tenant: TenantId,
+    record: &ExportRecord,
+) -> Result<(), StoreError> {
+    let inserted = connection.execute(
+        "INSERT INTO export_records (tenant_id, record_id, created, expires, plan) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (tenant_id, record_id) DO NOTHING",
+        params![tenant.0, record.id, record.created, record.expires, record.plan],
+    )?;
+    if inserted == 0 {
+        return Err(StoreError::Conflict(format!("export record '{}' already exists", record.id)));
+    }
+    Ok(())
+}
+
+pub(super) fn export_record(
+    connection: &Connection,
+    tenant: TenantId,
+    record_id: &str,
+) -> Result<Option<ExportRecord>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT record_id, created, expires, plan FROM export_records WHERE tenant_id = ?1 AND record_id = ?2",
+    )?;
+    let record = statement
+        .query_row(params![tenant.0, record_id], |row| {
+            Ok(ExportRecord { id: row.get(0)?, created: row.get(1)?, expires: row.get(2)?, plan: row.get(3)? })
+        })
+        .optional()?;
+    Ok(record)
+}
+
+pub(super) fn delete_expired_export_records(connection: &Connection, now: Micros) -> Result<u64, StoreError> {
+    let mut statement = connection.prepare_cached("DELETE FROM export_records WHERE expires <= ?1")?;
     Ok(statement.execute([now])? as u64)
 }
 

@@ -12,8 +12,8 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, ExportJob, MemberSelection, PartRange, ResourceSink, SearchPage, SearchQuery, StoreError,
-    StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ClientRecord, ExportJob, ExportRecord, MemberSelection, PartRange, ResourceSink, SearchPage, SearchQuery,
+    StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -332,6 +332,18 @@ impl crate::Store for SqliteStore {
 
     fn delete_expired_export_jobs(&self, now: Micros) -> Result<u64, StoreError> {
         self.with_write(|transaction, _| jobs::delete_expired_export_jobs(transaction, now))
+    }
+
+    fn create_export_record(&self, tenant: TenantId, record: &ExportRecord) -> Result<(), StoreError> {
+        self.with_write(|transaction, _| jobs::create_export_record(transaction, tenant, record))
+    }
+
+    fn export_record(&self, tenant: TenantId, record_id: &str) -> Result<Option<ExportRecord>, StoreError> {
+        self.with_read(|connection| jobs::export_record(connection, tenant, record_id))
+    }
+
+    fn delete_expired_export_records(&self, now: Micros) -> Result<u64, StoreError> {
+        self.with_write(|transaction, _| jobs::delete_expired_export_records(transaction, now))
     }
 }
 

@@ -65,6 +65,11 @@ CREATE TABLE IF NOT EXISTS compartment (
     PRIMARY KEY (tenant_id, patient_id, resource_type, rid, from_ts)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS compartment_open_by_rid ON compartment (rid) WHERE to_ts IS NULL;
+-- Closed rows (a version moved the resource out of a patient's compartment) are rare: these two
+-- small indexes find the resources that left the cohort's compartments since `_since`.
+CREATE INDEX IF NOT EXISTS compartment_closed_by_time ON compartment (tenant_id, resource_type, to_ts)
+    WHERE to_ts IS NOT NULL;
+CREATE INDEX IF NOT EXISTS compartment_closed_by_rid ON compartment (rid, to_ts) WHERE to_ts IS NOT NULL;
 
 -- Search tokens of current versions: identifiers and subject/patient references.
 CREATE TABLE IF NOT EXISTS search_token (
@@ -101,3 +106,15 @@ CREATE TABLE IF NOT EXISTS export_jobs (
     PRIMARY KEY (tenant_id, job_id)
 );
 CREATE INDEX IF NOT EXISTS export_jobs_by_expiry ON export_jobs (expires);
+
+-- What an export's file URLs point at (one row per kick-off, either mode), so the URLs stay short
+-- whatever the request. Keyed by tenant first; lives until `expires` (micros), then is swept.
+CREATE TABLE IF NOT EXISTS export_records (
+    tenant_id INTEGER NOT NULL,
+    record_id TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    plan TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, record_id)
+);
+CREATE INDEX IF NOT EXISTS export_records_by_expiry ON export_records (expires);
