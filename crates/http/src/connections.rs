@@ -84,9 +84,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// Answers a connection over the cap with a 503 OperationOutcome and closes it. The request is
-/// read (briefly, and discarded) after the answer so closing does not reset the connection
-/// before the client has read the answer.
+/// Answers a connection over the cap with a 503 OperationOutcome and closes it. The request
+/// head is read first (briefly, up to 16 KiB, and discarded): clients treat an answer that comes
+/// before their request as a broken connection, and closing with unread bytes resets it.
 async fn refuse_connection(mut stream: TcpStream, max_connections: usize) {
     let body = operation_outcome(&[Issue::error(
         IssueType::Transient,
@@ -102,11 +102,18 @@ async fn refuse_connection(mut stream: TcpStream, max_connections: usize) {
         body.len()
     );
     let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        let mut request = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while request.len() < 16 * 1024 && !request.windows(4).any(|window| window == b"\r\n\r\n") {
+            match stream.read(&mut buffer).await? {
+                0 => break,
+                n => request.extend_from_slice(&buffer[..n]),
+            }
+        }
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body.as_bytes()).await?;
         stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
-        while stream.read(&mut sink).await? > 0 {}
+        while stream.read(&mut buffer).await? > 0 {}
         Ok::<(), std::io::Error>(())
     })
     .await;
