@@ -224,4 +224,24 @@ mod tests {
         let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
         assert!(error.contains("listen"), "{error}");
     }
+
+    #[test]
+    fn the_host_header_is_trusted_only_on_loopback_unless_configured() {
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("bulkhead.toml");
+        let load = |toml: &str| {
+            std::fs::write(&file, toml).unwrap();
+            Config::load(Some(&file), Overrides::default())
+        };
+        let local = load("listen = \"127.0.0.1:9000\"\n").unwrap().http_config();
+        assert!(local.trust_host_header);
+        let error = load("listen = \"0.0.0.0:9000\"\n").unwrap_err().to_string();
+        assert!(error.contains("public_base_url") && error.contains("trust_host_header"), "{error}");
+        let public = load("listen = \"0.0.0.0:9000\"\npublic_base_url = \"https://fhir.example.org\"\n").unwrap();
+        assert!(!public.http_config().trust_host_header);
+        let proxied = load("listen = \"0.0.0.0:9000\"\ntrust_host_header = true\n").unwrap();
+        assert!(proxied.http_config().trust_host_header);
+        let error = load("max_connections = 0\n").unwrap_err().to_string();
+        assert!(error.contains("max_connections"), "{error}");
+    }
 }

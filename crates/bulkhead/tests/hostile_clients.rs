@@ -102,7 +102,8 @@ async fn slow_loris_connections_are_closed_while_others_are_answered() {
     assert!(slowest < Duration::from_secs(1), "a normal request took {slowest:?} beside 32 slow connections");
 
     for (kind, handle) in slow {
-        let ended = handle.await.expect("trickle task").unwrap_or_else(|| panic!("a {kind} connection was never closed"));
+        let ended =
+            handle.await.expect("trickle task").unwrap_or_else(|| panic!("a {kind} connection was never closed"));
         let timeout = if kind == "body" { REQUEST_TIMEOUT } else { HEADER_TIMEOUT };
         let window = Duration::from_secs(timeout) - Duration::from_millis(300)..Duration::from_secs(timeout + 3);
         assert!(window.contains(&ended.after), "a {kind} connection closed after {:?}, not ~{timeout} s", ended.after);
@@ -144,10 +145,7 @@ async fn the_log_holds_no_token_secret_or_flood() {
     let api = server.create_client("acme");
     let patient = api.create(&patient(None, "Chalmers")).await;
     let group = api.create(&group(None, &[&patient])).await;
-    let manifest = api
-        .get(&format!("/bulk-data/r4/Group/{group}/$export"))
-        .await
-        .expect(200);
+    let manifest = api.get(&format!("/bulk-data/r4/Group/{group}/$export")).await.expect(200);
     let url = manifest["output"][0]["url"].as_str().expect("a file URL").to_owned();
     let file = url.rsplit('/').next().expect("a file name").to_owned();
     let token = file.strip_suffix(".ndjson").expect("a .ndjson file").to_owned();
@@ -186,7 +184,9 @@ async fn the_log_holds_no_token_secret_or_flood() {
     }
 
     let log = server.log();
-    for (what, secret) in [("file token", token.as_str()), ("token signature", &signature), ("client secret", &api.client_secret)] {
+    for (what, secret) in
+        [("file token", token.as_str()), ("token signature", &signature), ("client secret", &api.client_secret)]
+    {
         assert!(!log.contains(secret), "the log holds the {what}:\n{log}");
     }
     assert!(!log.contains(&"A".repeat(200)), "the log holds the long client id");
