@@ -99,7 +99,7 @@ async fn slow_loris_connections_are_closed_while_others_are_answered() {
         slowest = slowest.max(asked.elapsed());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(slowest < Duration::from_secs(1), "a normal request took {slowest:?} beside 32 slow connections");
+    assert!(slowest < Duration::from_secs(2), "a normal request took {slowest:?} beside 32 slow connections");
 
     for (kind, handle) in slow {
         let ended =
@@ -116,7 +116,9 @@ async fn slow_loris_connections_are_closed_while_others_are_answered() {
 
 #[tokio::test]
 async fn a_connection_over_the_cap_gets_a_503_operation_outcome() {
-    let config = "max_connections = 4\nheader_read_timeout_seconds = 2\n".to_owned();
+    // A long header timeout: the idle connections must still be open when the fifth arrives,
+    // however slow the machine.
+    let config = "max_connections = 4\nheader_read_timeout_seconds = 30\n".to_owned();
     let server = Server::start_with(Options { config_toml: Some(config), ..Options::default() }).await;
     let mut idle = Vec::new();
     for _ in 0..4 {
@@ -131,11 +133,17 @@ async fn a_connection_over_the_cap_gets_a_503_operation_outcome() {
     let outcome: Value = response.json().await.expect("JSON");
     assert_eq!(outcome["resourceType"], "OperationOutcome");
     assert_eq!(outcome["issue"][0]["code"], "transient");
-    // Once the idle ones time out, there is room again.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let response = http.get(format!("{}/healthz", server.base)).send().await.expect("an answer");
-    assert_eq!(response.status(), 200);
+    // Once the idle ones are gone, there is room again.
     drop(idle);
+    let started = Instant::now();
+    loop {
+        let response = http.get(format!("{}/healthz", server.base)).send().await.expect("an answer");
+        if response.status() == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no room 10 s after the idle connections closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
