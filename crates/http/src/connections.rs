@@ -43,6 +43,8 @@ pub async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_buf_size(MAX_HEAD_BYTES);
     tokio::pin!(shutdown);
+    // Refusals are logged at most every 10 s, with a count: a flood must not flood the log.
+    let (mut refused, mut last_warning): (u64, Option<std::time::Instant>) = (0, None);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -57,6 +59,11 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(refused, max_connections = limits.max_connections, "connection cap reached: refusing");
+                (refused, last_warning) = (0, Some(std::time::Instant::now()));
+            }
             tokio::spawn(refuse_connection(stream, limits.max_connections));
             continue;
         };
