@@ -120,11 +120,22 @@ async fn a_connection_over_the_cap_gets_a_503_operation_outcome() {
     // however slow the machine.
     let config = "max_connections = 4\nheader_read_timeout_seconds = 30\n".to_owned();
     let server = Server::start_with(Options { config_toml: Some(config), ..Options::default() }).await;
-    let mut idle = Vec::new();
-    for _ in 0..4 {
-        idle.push(TcpStream::connect(("127.0.0.1", server.port)).await.expect("connecting"));
+    // Four idle connections that the server holds open. The harness's readiness probe may still
+    // hold a slot for a moment, so one of ours can be refused (closed within 1 s): replace any
+    // that closed until four stay open.
+    let mut idle: Vec<TcpStream> = Vec::new();
+    for _ in 0..5 {
+        while idle.len() < 4 {
+            idle.push(TcpStream::connect(("127.0.0.1", server.port)).await.expect("connecting"));
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut probe = [0u8; 1];
+        idle.retain(|stream| matches!(stream.try_read(&mut probe), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock));
+        if idle.len() == 4 {
+            break;
+        }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(idle.len(), 4, "four idle connections did not stay open");
     let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build().expect("http client");
     let response = http.get(format!("{}/healthz", server.base)).send().await.expect("an answer, not a reset");
     assert_eq!(response.status(), 503);
