@@ -4,7 +4,7 @@
 use anyhow::Context;
 use bulkhead_fhir::format_instant;
 use bulkhead_http::admin::valid_tenant_name;
-use bulkhead_http::credentials::{generate_credentials, hash_secret};
+use bulkhead_http::credentials::register_client;
 use bulkhead_store::sqlite::{SqliteOptions, SqliteStore};
 use bulkhead_store::{Store, Tenant};
 
@@ -45,8 +45,7 @@ pub fn list_tenants(config: &Config) -> anyhow::Result<()> {
 /// Creates a client and returns `(client_id, client_secret)`.
 pub fn new_client(store: &dyn Store, tenant_name: &str) -> anyhow::Result<(String, String)> {
     let tenant = find_tenant(store, tenant_name)?;
-    let credentials = generate_credentials();
-    store.create_client(tenant.id, &credentials.client_id, &hash_secret(&credentials.client_secret))?;
+    let (_, credentials) = register_client(store, tenant.id)?;
     Ok((credentials.client_id, credentials.client_secret))
 }
 
@@ -58,7 +57,7 @@ pub fn create_client(config: &Config, tenant_name: &str, json: bool) -> anyhow::
             serde_json::json!({"client_id": client_id, "client_secret": client_secret, "tenant": tenant_name})
         );
     } else {
-        println!("client_id:     {client_id}\nclient_secret: {client_secret}\n(the secret is shown only once; only its hash is stored)");
+        println!("client_id:     {client_id}\nclient_secret: {client_secret}\n(the secret is shown only once; only a keyed hash of it is stored)");
     }
     Ok(())
 }

@@ -18,8 +18,27 @@ pub struct Config {
     pub listen: String,
     /// Directory holding the SQLite database, the token keys and the output directory.
     pub data_dir: PathBuf,
-    /// Absolute base URL used in minted URLs; default: from the request's Host header.
+    /// Absolute base URL used in minted URLs; default: from the request's Host header when
+    /// `trust_host_header`.
     pub public_base_url: Option<String>,
+    /// Whether the Host header may name the server in minted URLs when `public_base_url` is
+    /// unset; default: only when listening on a loopback address.
+    pub trust_host_header: Option<bool>,
+    /// Seconds a client has to send a request's headers (also how long an idle keep-alive
+    /// connection stays open).
+    pub header_read_timeout_seconds: u64,
+    /// Longest pause, in seconds, within a request body.
+    pub body_idle_timeout_seconds: u64,
+    /// Seconds from a request's headers to the start of its response (a download's streaming
+    /// after that is not counted).
+    pub request_timeout_seconds: u64,
+    /// Open connections at most; more are answered 503.
+    pub max_connections: usize,
+    /// Failed logins per peer address (IPv6: per /64), and per client id, in each window of
+    /// `failed_login_window_seconds`, before further attempts get 429.
+    pub failed_logins_per_peer: u32,
+    pub failed_logins_per_client: u32,
+    pub failed_login_window_seconds: u64,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
     /// Bearer token for the `/admin` API; the admin API is off when unset.
@@ -52,6 +71,14 @@ impl Default for Config {
             listen: "127.0.0.1:8080".into(),
             data_dir: PathBuf::from("./bulkhead-data"),
             public_base_url: None,
+            trust_host_header: None,
+            header_read_timeout_seconds: 10,
+            body_idle_timeout_seconds: 30,
+            request_timeout_seconds: 300,
+            max_connections: 1024,
+            failed_logins_per_peer: 20,
+            failed_logins_per_client: 50,
+            failed_login_window_seconds: 60,
             max_body_bytes: 16 * 1024 * 1024,
             admin_token: None,
             max_group_members: 100_000,
@@ -109,10 +136,37 @@ impl Config {
                 "invalid configuration: public_base_url must start with http:// or https://"
             );
         }
+        for (key, value) in [
+            ("header_read_timeout_seconds", self.header_read_timeout_seconds),
+            ("body_idle_timeout_seconds", self.body_idle_timeout_seconds),
+            ("request_timeout_seconds", self.request_timeout_seconds),
+            ("failed_login_window_seconds", self.failed_login_window_seconds),
+            ("max_connections", self.max_connections as u64),
+            ("failed_logins_per_peer", u64::from(self.failed_logins_per_peer)),
+            ("failed_logins_per_client", u64::from(self.failed_logins_per_client)),
+        ] {
+            anyhow::ensure!(value >= 1, "invalid configuration: {key} must be at least 1");
+        }
+        anyhow::ensure!(
+            self.public_base_url.is_some() || self.trust_host_header.is_some() || self.listens_on_loopback(),
+            "invalid configuration: listening on {} (not loopback) needs public_base_url (the URL clients reach \
+             this server at, used in every URL it hands out) or trust_host_header = true (only behind a proxy that \
+             sets Host)",
+            self.listen
+        );
         if let Some(token) = &self.admin_token {
             anyhow::ensure!(token.len() >= 16, "invalid configuration: admin_token must be at least 16 characters");
         }
         Ok(())
+    }
+
+    /// True when `listen` is a loopback address (or `localhost`): only local clients can then
+    /// send a Host header.
+    pub fn listens_on_loopback(&self) -> bool {
+        match self.listen.parse::<std::net::SocketAddr>() {
+            Ok(address) => address.ip().is_loopback(),
+            Err(_) => self.listen.rsplit_once(':').is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost")),
+        }
     }
 
     pub fn database_path(&self) -> PathBuf {
@@ -122,6 +176,20 @@ impl Config {
     pub fn http_config(&self) -> bulkhead_http::HttpConfig {
         bulkhead_http::HttpConfig {
             public_base_url: self.public_base_url.clone(),
+            trust_host_header: self.trust_host_header.unwrap_or_else(|| self.listens_on_loopback()),
+            fallback_base_url: format!("http://{}", self.listen),
+            limits: bulkhead_http::ConnectionLimits {
+                header_read_timeout: Duration::from_secs(self.header_read_timeout_seconds),
+                body_idle_timeout: Duration::from_secs(self.body_idle_timeout_seconds),
+                request_timeout: Duration::from_secs(self.request_timeout_seconds),
+                max_connections: self.max_connections,
+            },
+            login_limits: bulkhead_http::login_limits::LoginLimits {
+                per_peer: self.failed_logins_per_peer,
+                per_client: self.failed_logins_per_client,
+                window: Duration::from_secs(self.failed_login_window_seconds),
+                ..Default::default()
+            },
             max_body_bytes: self.max_body_bytes,
             admin_token: self.admin_token.clone(),
             max_group_members: self.max_group_members,
@@ -155,5 +223,25 @@ mod tests {
         std::fs::write(&file, "listen = \"nowhere\"\n").unwrap();
         let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
         assert!(error.contains("listen"), "{error}");
+    }
+
+    #[test]
+    fn the_host_header_is_trusted_only_on_loopback_unless_configured() {
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("bulkhead.toml");
+        let load = |toml: &str| {
+            std::fs::write(&file, toml).unwrap();
+            Config::load(Some(&file), Overrides::default())
+        };
+        let local = load("listen = \"127.0.0.1:9000\"\n").unwrap().http_config();
+        assert!(local.trust_host_header);
+        let error = load("listen = \"0.0.0.0:9000\"\n").unwrap_err().to_string();
+        assert!(error.contains("public_base_url") && error.contains("trust_host_header"), "{error}");
+        let public = load("listen = \"0.0.0.0:9000\"\npublic_base_url = \"https://fhir.example.org\"\n").unwrap();
+        assert!(!public.http_config().trust_host_header);
+        let proxied = load("listen = \"0.0.0.0:9000\"\ntrust_host_header = true\n").unwrap();
+        assert!(proxied.http_config().trust_host_header);
+        let error = load("max_connections = 0\n").unwrap_err().to_string();
+        assert!(error.contains("max_connections"), "{error}");
     }
 }

@@ -98,7 +98,14 @@ pub fn serve_command(config: Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
-        tracing::info!(address = %listener.local_addr()?, data_dir = %config.data_dir.display(), "bulkhead listening");
+        tracing::info!(
+            address = %listener.local_addr()?,
+            data_dir = %config.data_dir.display(),
+            public_base_url = config.public_base_url.as_deref().unwrap_or("unset"),
+            trust_host_header = state.config.trust_host_header,
+            max_connections = config.max_connections,
+            "bulkhead listening"
+        );
         bulkhead_http::serve(listener, state, shutdown_signal(), Duration::from_secs(config.shutdown_grace_seconds))
             .await?;
         tracing::info!("bulkhead stopped");

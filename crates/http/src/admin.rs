@@ -9,11 +9,15 @@ use bulkhead_fhir::{format_instant, IssueType};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::credentials::{generate_credentials, hash_secret};
+use crate::credentials::register_client;
 use crate::error::ApiError;
 use crate::negotiation::JsonBody;
 use crate::state::AppState;
+use axum::extract::{FromRequest, Request};
+use axum::middleware::Next;
 
+/// Checks the admin token; every admin handler calls it before reading anything else of the
+/// request (a body is parsed only for a caller known to be the admin).
 fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &state.config.admin_token else {
         return Err(ApiError::not_found("the admin API is disabled (no admin token configured)"));
@@ -30,18 +34,24 @@ fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> 
     }
 }
 
+/// Middleware on every admin route: the token is checked before any extractor reads the path
+/// or the body, so an unauthenticated caller learns nothing from how its request is parsed.
+pub async fn admin_only(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match require_admin(&state, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
 /// Tenant names are short identifiers: they appear in CLIs and logs.
 pub fn valid_tenant_name(name: &str) -> bool {
     (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// `POST /admin/tenants` with `{"name": "..."}`.
-pub async fn create_tenant(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    JsonBody(request): JsonBody,
-) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+pub async fn create_tenant(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    require_admin(&state, request.headers())?;
+    let JsonBody(request) = JsonBody::from_request(request, &state).await?;
     let name = request.get("name").and_then(|name| name.as_str()).unwrap_or("").to_owned();
     if !valid_tenant_name(&name) {
         return Err(
@@ -67,15 +77,12 @@ pub async fn create_client(
     Path(tenant_name): Path<String>,
 ) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
-    let credentials = generate_credentials();
-    let hash = hash_secret(&credentials.client_secret);
-    let client_id = credentials.client_id.clone();
-    let record = state
+    let (record, credentials) = state
         .blocking(move |store| {
             let tenant = store
                 .tenant_by_name(&tenant_name)?
                 .ok_or_else(|| ApiError::not_found(format!("no tenant '{tenant_name}'")))?;
-            Ok(store.create_client(tenant.id, &client_id, &hash)?)
+            Ok(register_client(store, tenant.id)?)
         })
         .await?;
     tracing::info!(client_id = %record.client_id, tenant = %record.tenant_name, "client created");

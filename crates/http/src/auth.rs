@@ -7,7 +7,9 @@ use axum::http::{HeaderMap, StatusCode};
 use bulkhead_fhir::IssueType;
 use bulkhead_store::{TenantId, Visibility};
 
+use crate::credentials::MAX_SECRET_LEN;
 use crate::error::ApiError;
+use crate::log_value::log_value;
 use crate::state::AppState;
 
 /// An authenticated caller.
@@ -26,54 +28,77 @@ impl Caller {
     }
 }
 
-fn header<'a>(headers: &'a HeaderMap, names: &[&str]) -> Option<&'a str> {
-    names.iter().find_map(|name| headers.get(*name)).and_then(|value| value.to_str().ok())
+/// The longest `client_id` compared (generated ones are 19 characters).
+const MAX_CLIENT_ID_LEN: usize = 128;
+
+fn malformed(name: &str, diagnostics: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, IssueType::Value, diagnostics).at(name.to_owned())
+}
+
+/// The one value of a credential header known under any of `names`: `None` when absent, a 400
+/// when it is not visible ASCII or when it is given more than once with different values. A
+/// malformed credential is refused, never treated as absent: absent can mean a wider scope.
+fn credential_header<'a>(headers: &'a HeaderMap, names: &[&str]) -> Result<Option<&'a str>, ApiError> {
+    let mut found: Option<&'a str> = None;
+    for name in names {
+        for value in headers.get_all(*name) {
+            let bytes = value.as_bytes();
+            if bytes.is_empty() || !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
+                return Err(malformed(name, format!("the {name} header must be visible ASCII characters")));
+            }
+            let text = std::str::from_utf8(bytes).map_err(|_| malformed(name, "not ASCII"))?;
+            match found {
+                Some(previous) if previous != text => {
+                    return Err(malformed(
+                        name,
+                        format!("the {name} header is given more than once with different values"),
+                    ));
+                }
+                _ => found = Some(text),
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// The user scope from `x-oneup-user-id`: absent or `client` means the whole tenant.
 fn visibility(headers: &HeaderMap) -> Result<Visibility, ApiError> {
-    let Some(user) = header(headers, &["x-oneup-user-id"]) else { return Ok(Visibility::Tenant) };
-    let user = user.trim();
+    let Some(user) = credential_header(headers, &["x-oneup-user-id"])? else { return Ok(Visibility::Tenant) };
     if user.eq_ignore_ascii_case("client") {
         return Ok(Visibility::Tenant);
     }
     let valid = (1..=64).contains(&user.len())
         && user.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
     if !valid {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            IssueType::Value,
+        return Err(malformed(
+            "x-oneup-user-id",
             "x-oneup-user-id must be 'client' or a user id of 1-64 letters, digits, '-', '.', '_'",
-        )
-        .at("x-oneup-user-id"));
+        ));
     }
     Ok(Visibility::User(user.to_owned()))
 }
 
 /// Checks the client headers against the store.
 pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let client_id = header(headers, &["client_id", "client-id"]).map(str::to_owned);
-    let secret = header(headers, &["client_secret", "client-secret"]).map(str::to_owned);
+    let client_id = credential_header(headers, &["client_id", "client-id"])?;
+    let secret = credential_header(headers, &["client_secret", "client-secret"])?;
+    let visibility = visibility(headers)?;
     let (Some(client_id), Some(secret)) = (client_id, secret) else {
         return Err(ApiError::unauthorized());
     };
-    let visibility = visibility(headers)?;
+    if client_id.len() > MAX_CLIENT_ID_LEN || secret.len() > MAX_SECRET_LEN {
+        tracing::info!(client_id = %log_value(client_id), "authentication failed: oversized credentials");
+        return Err(ApiError::unauthorized());
+    }
     let verifier = state.verifier.clone();
-    let lookup_id = client_id.clone();
-    // One blocking task for the lookup and the check (Argon2 is deliberately slow).
-    let tenant = state
-        .blocking(move |store| {
-            let record = store.client(&lookup_id)?.filter(|record| !record.revoked);
-            Ok(record
-                .filter(|record| verifier.verify(&lookup_id, &secret, &record.secret_hash))
-                .map(|record| record.tenant))
-        })
-        .await?;
-    let Some(tenant) = tenant else {
-        tracing::info!(client_id = %client_id, "authentication failed");
+    let (lookup_id, secret) = (client_id.to_owned(), secret.to_owned());
+    // One blocking task for the lookup and the check (a legacy Argon2 row is slow to check).
+    let record = state.blocking(move |store| Ok(verifier.check(store, &lookup_id, &secret)?)).await?;
+    let Some(record) = record else {
+        tracing::info!(client_id = %log_value(client_id), "authentication failed");
         return Err(ApiError::unauthorized());
     };
-    Ok(Caller { tenant, client_id, visibility })
+    Ok(Caller { tenant: record.tenant, client_id: record.client_id, visibility })
 }
 
 impl FromRequestParts<AppState> for Caller {

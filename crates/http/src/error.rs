@@ -71,12 +71,19 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_client_error() {
-            let diagnostics: Vec<&str> = self.issues.iter().map(|issue| issue.diagnostics.as_str()).collect();
+            // Diagnostics echo what the client sent: logged only through `log_value`.
+            let diagnostics: Vec<String> =
+                self.issues.iter().map(|issue| crate::log_value::log_value(&issue.diagnostics)).collect();
             tracing::info!(status = self.status.as_u16(), diagnostics = ?diagnostics, "request refused");
         }
+        let refused_credentials = self.status == StatusCode::UNAUTHORIZED
+            && self.issues.first().is_some_and(|issue| issue.code == IssueType::Login);
         let body = operation_outcome(&self.issues).to_string();
         let mut response = (self.status, body).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::FHIR_JSON));
+        if refused_credentials {
+            response.extensions_mut().insert(crate::login_limits::CredentialsRefused);
+        }
         response
     }
 }

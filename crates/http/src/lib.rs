@@ -7,20 +7,22 @@ pub mod auth;
 pub mod bulk;
 pub mod bundle;
 pub mod capability;
+pub mod connections;
 pub mod credentials;
 pub mod error;
 pub mod export_status;
+pub mod log_value;
+pub mod login_limits;
 pub mod ndjson_import;
 pub mod negotiation;
+pub mod plain_errors;
 pub mod rest;
 pub mod search;
 pub mod state;
+pub mod timeouts;
 pub mod upload;
 pub mod urls;
 pub mod validate;
-
-use std::future::Future;
-use std::time::Duration;
 
 use axum::extract::{FromRequest, MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderName, StatusCode, Uri};
@@ -31,8 +33,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+pub use connections::serve;
 pub use error::ApiError;
-pub use state::{AppState, HttpConfig};
+pub use state::{AppState, ConnectionLimits, HttpConfig};
 
 /// The FHIR JSON media type.
 pub const FHIR_JSON: &str = "application/fhir+json";
@@ -54,7 +57,8 @@ pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/admin/tenants", get(admin::list_tenants).post(admin::create_tenant))
         .route("/admin/tenants/{tenant}/clients", get(admin::list_clients).post(admin::create_client))
-        .route("/admin/clients/{client_id}/revoke", post(admin::revoke_client));
+        .route("/admin/clients/{client_id}/revoke", post(admin::revoke_client))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::admin_only));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .merge(fhir)
@@ -67,14 +71,19 @@ pub fn router(state: AppState) -> Router {
                 "method not allowed on this endpoint",
             )
         })
-        .with_state(state)
+        .with_state(state.clone())
         .layer(CatchPanicLayer::custom(error::panic_response))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), login_limits::limit_failed_logins))
+        .layer(axum::middleware::from_fn_with_state(state, timeouts::request_deadlines))
+        .layer(axum::middleware::from_fn(plain_errors::errors_as_operation_outcomes))
         .layer(
-            // Spans name the route template, never the raw URI: file URLs carry tokens.
+            // Spans name the route template, never the raw URI: file URLs carry tokens. The
+            // request id may come from the client, so it is logged through `log_value`.
             TraceLayer::new_for_http().make_span_with(|request: &Request| {
                 let route = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("unmatched");
-                let request_id = request.headers().get(&REQUEST_ID).and_then(|id| id.to_str().ok()).unwrap_or("");
-                tracing::info_span!("request", method = %request.method(), route, request_id)
+                let request_id = request.headers().get(&REQUEST_ID).map(|id| String::from_utf8_lossy(id.as_bytes()));
+                let request_id = log_value::log_value(request_id.as_deref().unwrap_or(""));
+                tracing::info_span!("request", method = %request.method(), route, request_id = %request_id)
             }),
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
@@ -128,31 +137,5 @@ async fn instance_operation(
             Err(ApiError::bad_request(bulkhead_fhir::IssueType::NotSupported, "only Group/[id]/$export is supported"))
         }
         _ => Err(ApiError::not_found(format!("no operation '{operation}' on {resource_type}"))),
-    }
-}
-
-/// Serves `router` on an already bound listener until `shutdown` resolves, then lets in-flight
-/// requests finish (up to `grace`).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
-) -> std::io::Result<()> {
-    let app = router(state).into_make_service();
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: finishing in-flight requests");
-        let _ = stopping_tx.send(());
-    });
-    let server = tokio::spawn(async move { server.await });
-    let _ = stopping_rx.await;
-    match tokio::time::timeout(grace, server).await {
-        Ok(joined) => joined.map_err(std::io::Error::other)?,
-        Err(_) => {
-            tracing::warn!(grace_seconds = grace.as_secs(), "in-flight requests did not finish in time");
-            Ok(())
-        }
     }
 }

@@ -61,15 +61,27 @@ impl FromRequest<AppState> for JsonBody {
     }
 }
 
-/// Reads a whole body, refusing (413) one larger than `limit`.
+/// Reads a whole body, refusing one larger than `limit` (413), one that paused too long (408)
+/// and one that ended early (400: the client aborted it).
 pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
+    axum::body::to_bytes(body, limit).await.map_err(|error| body_error(&error, limit))
+}
+
+/// The client-facing error for a request body that could not be read.
+pub fn body_error(error: &axum::Error, limit: usize) -> ApiError {
+    if crate::timeouts::is_idle_timeout(error) {
+        return ApiError::new(StatusCode::REQUEST_TIMEOUT, IssueType::Timeout, error.to_string());
+    }
+    let too_large = std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |e| e.source())
+        .any(|e| e.is::<http_body_util::LengthLimitError>());
+    if too_large {
+        return ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             IssueType::TooCostly,
             format!("request body is larger than the limit of {limit} bytes"),
-        )
-    })
+        );
+    }
+    ApiError::bad_request(IssueType::Structure, "the request body ended before it was complete")
 }
 
 /// A FHIR JSON response from stored text (sent as is, never re-serialised).

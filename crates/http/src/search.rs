@@ -16,6 +16,11 @@ use crate::urls::base_url;
 
 const DEFAULT_COUNT: u32 = 50;
 const MAX_COUNT: u32 = 1_000;
+/// Most parameters in one search: each becomes a condition of one SQL statement, and a
+/// thousand repeats made the statement too large for SQLite (a 500).
+pub const MAX_PARAMETERS: usize = 32;
+/// Most ids in `_id` lists, all together.
+pub const MAX_IDS: usize = 1_000;
 
 /// Parameters this server supports on every type, for the CapabilityStatement.
 pub const SEARCH_PARAMS: &[(&str, &str, &str)] = &[
@@ -33,12 +38,27 @@ fn invalid(param: &str, diagnostics: impl Into<String>) -> ApiError {
 /// Turns decoded query pairs into a store query.
 pub fn parse_search(resource_type: &str, pairs: &[(String, String)]) -> Result<SearchQuery, ApiError> {
     let mut query = SearchQuery { resource_type: resource_type.to_owned(), count: DEFAULT_COUNT, ..Default::default() };
+    if pairs.len() > MAX_PARAMETERS {
+        return Err(ApiError::bad_request(
+            IssueType::TooCostly,
+            format!("a search takes at most {MAX_PARAMETERS} parameters; this one has {}", pairs.len()),
+        ));
+    }
     for (name, value) in pairs {
         if value.is_empty() {
             return Err(invalid(name, format!("search parameter '{name}' has an empty value")));
         }
         match name.as_str() {
-            "_id" => query.ids.extend(value.split(',').map(str::to_owned)),
+            "_id" => {
+                query.ids.extend(value.split(',').map(str::to_owned));
+                if query.ids.len() > MAX_IDS {
+                    return Err(ApiError::bad_request(
+                        IssueType::TooCostly,
+                        format!("_id lists at most {MAX_IDS} ids"),
+                    )
+                    .at(name.to_owned()));
+                }
+            }
             "_lastUpdated" => query.last_updated.extend(parse_last_updated(value)?),
             "identifier" => {
                 if value.contains(',') {

@@ -13,8 +13,17 @@ use crate::error::ApiError;
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     /// Absolute base for URLs the server mints (`http://host:port`); when unset it comes from the
-    /// request's `Host` header.
+    /// request's `Host` header if `trust_host_header`, else it is `fallback_base_url`.
     pub public_base_url: Option<String>,
+    /// Whether the `Host` header may name the server in minted URLs (when `public_base_url` is
+    /// unset). A forged Host must not end up in manifests a client hands on.
+    pub trust_host_header: bool,
+    /// The base used when neither `public_base_url` nor a trusted Host applies.
+    pub fallback_base_url: String,
+    /// Connection limits, applied by [`crate::serve`].
+    pub limits: ConnectionLimits,
+    /// Failed logins allowed per peer address and per client id in each window, before 429.
+    pub login_limits: crate::login_limits::LoginLimits,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// Token for `/admin`; the admin API is off when unset.
@@ -34,6 +43,10 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             public_base_url: None,
+            trust_host_header: true,
+            fallback_base_url: "http://127.0.0.1".into(),
+            limits: ConnectionLimits::default(),
+            login_limits: crate::login_limits::LoginLimits::default(),
             max_body_bytes: 16 * 1024 * 1024,
             admin_token: None,
             max_group_members: 100_000,
@@ -45,6 +58,31 @@ impl Default for HttpConfig {
     }
 }
 
+/// Limits that keep slow or idle clients from holding the server.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Time a client has to send a request's headers (and an idle keep-alive connection lives).
+    pub header_read_timeout: Duration,
+    /// Longest pause between two pieces of a request body.
+    pub body_idle_timeout: Duration,
+    /// Time from a request's headers until its response starts (a download's streaming after
+    /// that is not counted).
+    pub request_timeout: Duration,
+    /// Open connections at most; one more is answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(300),
+            max_connections: 1024,
+        }
+    }
+}
+
 /// Everything a handler can reach.
 #[derive(Clone)]
 pub struct AppState {
@@ -52,14 +90,16 @@ pub struct AppState {
     pub config: Arc<HttpConfig>,
     pub verifier: Arc<SecretVerifier>,
     pub token_keys: Arc<TokenKeys>,
+    pub login_limiter: Arc<crate::login_limits::LoginLimiter>,
 }
 
 impl AppState {
     pub fn new(store: Arc<dyn Store>, config: HttpConfig, token_keys: TokenKeys) -> AppState {
         AppState {
             store,
+            login_limiter: Arc::new(crate::login_limits::LoginLimiter::new(config.login_limits.clone())),
             config: Arc::new(config),
-            verifier: Arc::new(SecretVerifier::new(Duration::from_secs(300))),
+            verifier: Arc::new(SecretVerifier::new()),
             token_keys: Arc::new(token_keys),
         }
     }

@@ -4,13 +4,19 @@ use axum::http::{header, HeaderMap};
 
 use crate::state::AppState;
 
-/// The server's absolute base (`http://host:port`), from configuration or the `Host` header.
+/// The server's absolute base (`http://host:port`): `public_base_url` when configured, else the
+/// `Host` header when the configuration trusts it, else the configured fallback. A forged Host
+/// must not reach a manifest or a `Location` a client hands on.
 pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
-    if let Some(base) = &state.config.public_base_url {
+    let config = &state.config;
+    if let Some(base) = &config.public_base_url {
         return base.trim_end_matches('/').to_owned();
     }
     let host = headers.get(header::HOST).and_then(|host| host.to_str().ok()).filter(|host| is_plausible_host(host));
-    format!("http://{}", host.unwrap_or("127.0.0.1"))
+    match host {
+        Some(host) if config.trust_host_header => format!("http://{host}"),
+        _ => config.fallback_base_url.trim_end_matches('/').to_owned(),
+    }
 }
 
 /// A Host header only ever contributes `name[:port]` characters to URLs we hand out.

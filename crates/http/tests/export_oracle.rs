@@ -33,13 +33,12 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use axum::http::StatusCode;
 use bulkhead_fhir::{format_instant, parse_since, Micros};
-use bulkhead_http::credentials::{generate_credentials, hash_secret, SecretVerifier};
+use bulkhead_http::credentials::{generate_credentials, store_client};
 use bulkhead_http::HttpConfig;
-use bulkhead_store::Store;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
@@ -423,23 +422,19 @@ fn active(entries: &[(String, bool)]) -> BTreeSet<String> {
 
 struct Credentials {
     clients: [Client; 2],
-    hashes: [String; 2],
-    verifier: Arc<SecretVerifier>,
 }
 
-/// Argon2 is slow in a debug build: hash once, and share the verifier (and its cache) across
-/// cases. Client ids only need to be unique per store, and every case has a fresh store.
+/// The same two clients in every case: client ids only need to be unique per store, and every
+/// case has a fresh store.
 fn credentials() -> &'static Credentials {
     static CREDENTIALS: OnceLock<Credentials> = OnceLock::new();
     CREDENTIALS.get_or_init(|| {
         let (a, b) = (generate_credentials(), generate_credentials());
         Credentials {
-            hashes: [hash_secret(&a.client_secret), hash_secret(&b.client_secret)],
             clients: [
                 Client { id: a.client_id, secret: a.client_secret },
                 Client { id: b.client_id, secret: b.client_secret },
             ],
-            verifier: Arc::new(SecretVerifier::new(std::time::Duration::from_secs(3600))),
         }
     })
 }
@@ -453,10 +448,11 @@ impl Tenants {
     fn start(part_size: u64) -> Tenants {
         let creds = credentials();
         let config = HttpConfig { export_part_size: part_size, ..HttpConfig::default() };
-        let server = Server::with_state(config, |state| state.verifier = creds.verifier.clone());
+        let server = Server::with_config(config);
         for tenant in 0..2 {
             let created = server.tenant(&format!("tenant{tenant}"));
-            server.store.create_client(created, &creds.clients[tenant].id, &creds.hashes[tenant]).unwrap();
+            let client = &creds.clients[tenant];
+            store_client(server.store.as_ref(), created, &client.id, &client.secret).unwrap();
         }
         Tenants { server }
     }

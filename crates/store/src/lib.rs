@@ -34,13 +34,19 @@ pub trait Store: Send + Sync + 'static {
     fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError>;
     fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError>;
     fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError>;
-    /// Registers a client; `secret_hash` is already a slow hash (PHC string).
+    /// Registers a client; `secret_hash` is already a hash of the secret (never the secret).
     fn create_client(&self, tenant: TenantId, client_id: &str, secret_hash: &str) -> Result<ClientRecord, StoreError>;
     fn list_clients(&self, tenant: TenantId) -> Result<Vec<ClientRecord>, StoreError>;
     /// Looks a client up by its globally unique id (credentials identify the tenant).
     fn client(&self, client_id: &str) -> Result<Option<ClientRecord>, StoreError>;
     /// Revokes a client; false when no such client exists.
     fn revoke_client(&self, client_id: &str) -> Result<bool, StoreError>;
+    /// Replaces a client's secret hash if it still is `expected` (a compare-and-swap, so two
+    /// processes migrating the same row cannot undo a re-key); true when it was replaced.
+    fn replace_client_secret_hash(&self, client_id: &str, expected: &str, new_hash: &str) -> Result<bool, StoreError>;
+    /// The server-wide key stored under `name`, storing `candidate` first when there is none
+    /// (the first process to ask wins; every later caller gets the same bytes).
+    fn server_key(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError>;
 
     // ---- FHIR resources ----
 

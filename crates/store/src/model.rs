@@ -16,7 +16,8 @@ pub struct ClientRecord {
     pub client_id: String,
     pub tenant: TenantId,
     pub tenant_name: String,
-    /// PHC-formatted slow hash of the secret; never the secret.
+    /// A hash of the secret (a keyed `hmac-sha256$…` or a legacy Argon2 PHC string); never the
+    /// secret.
     pub secret_hash: String,
     pub revoked: bool,
     pub created: Micros,

@@ -14,7 +14,7 @@ use crate::{
 macro_rules! store_test_suite {
     ($make:expr) => {
         $crate::store_test_suite!(@tests $make;
-            tenants_and_clients, versions_and_history, tenants_are_isolated, users_see_their_own,
+            tenants_and_clients, client_secret_hashes_and_server_keys, versions_and_history, tenants_are_isolated, users_see_their_own,
             deletes_leave_tombstones, unchanged_update_is_a_no_op, transactions_are_all_or_nothing,
             batches_apply_per_entry, search_subset, compartment_index_follows_updates,
             group_membership_history, export_is_a_snapshot, export_since_and_new_members,
@@ -109,6 +109,22 @@ pub fn tenants_and_clients(store: &dyn Store) {
     assert!(store.revoke_client("c1").unwrap());
     assert!(store.client("c1").unwrap().unwrap().revoked);
     assert!(!store.revoke_client("missing").unwrap());
+}
+
+/// A secret hash is replaced only while it is the expected one; a server key is created once
+/// and then the same for every caller.
+pub fn client_secret_hashes_and_server_keys(store: &dyn Store) {
+    let acme = store.create_tenant("acme").unwrap();
+    store.create_client(acme.id, "c1", "$old$").unwrap();
+    assert!(!store.replace_client_secret_hash("c1", "$other$", "$new$").unwrap());
+    assert_eq!(store.client("c1").unwrap().unwrap().secret_hash, "$old$");
+    assert!(store.replace_client_secret_hash("c1", "$old$", "$new$").unwrap());
+    assert_eq!(store.client("c1").unwrap().unwrap().secret_hash, "$new$");
+    assert!(!store.replace_client_secret_hash("missing", "$old$", "$new$").unwrap());
+    let first = store.server_key("credentials", &[1; 32]).unwrap();
+    assert_eq!(first, vec![1; 32]);
+    assert_eq!(store.server_key("credentials", &[2; 32]).unwrap(), first, "the first key stays");
+    assert_eq!(store.server_key("other", &[3; 32]).unwrap(), vec![3; 32]);
     assert_eq!(store.list_tenants().unwrap().len(), 1);
 }
 

@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
 use bulkhead_export::token::TokenKeys;
-use bulkhead_http::credentials::{generate_credentials, hash_secret};
+use bulkhead_http::credentials::register_client;
 use bulkhead_http::{router, AppState, HttpConfig};
 use bulkhead_store::sqlite::SqliteStore;
 use bulkhead_store::{Store, TenantId};
@@ -80,9 +80,7 @@ impl Server {
     }
 
     pub fn client(&self, tenant: TenantId) -> Client {
-        let credentials = generate_credentials();
-        let hash = hash_secret(&credentials.client_secret);
-        self.store.create_client(tenant, &credentials.client_id, &hash).expect("create client");
+        let (_, credentials) = register_client(self.store.as_ref(), tenant).expect("create client");
         Client { id: credentials.client_id, secret: credentials.client_secret }
     }
 

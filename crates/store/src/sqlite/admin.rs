@@ -76,6 +76,27 @@ pub(super) fn revoke_client(connection: &Connection, client_id: &str) -> Result<
     Ok(changed > 0)
 }
 
+pub(super) fn replace_client_secret_hash(
+    connection: &Connection,
+    client_id: &str,
+    expected: &str,
+    new_hash: &str,
+) -> Result<bool, StoreError> {
+    let changed = connection.execute(
+        "UPDATE clients SET secret_hash = ?3 WHERE client_id = ?1 AND secret_hash = ?2",
+        params![client_id, expected, new_hash],
+    )?;
+    Ok(changed > 0)
+}
+
+pub(super) fn server_key(connection: &Connection, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+    connection.execute(
+        "INSERT INTO server_keys (name, key) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+        params![name, candidate],
+    )?;
+    Ok(connection.query_row("SELECT key FROM server_keys WHERE name = ?1", [name], |row| row.get(0))?)
+}
+
 fn client_from_row(row: &Row<'_>) -> rusqlite::Result<ClientRecord> {
     Ok(ClientRecord {
         client_id: row.get(0)?,

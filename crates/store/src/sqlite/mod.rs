@@ -162,6 +162,14 @@ impl crate::Store for SqliteStore {
         self.with_write(|transaction, _| admin::revoke_client(transaction, client_id))
     }
 
+    fn replace_client_secret_hash(&self, client_id: &str, expected: &str, new_hash: &str) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| admin::replace_client_secret_hash(transaction, client_id, expected, new_hash))
+    }
+
+    fn server_key(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.with_write(|transaction, _| admin::server_key(transaction, name, candidate))
+    }
+
     fn write(
         &self,
         tenant: TenantId,

@@ -13,6 +13,13 @@ CREATE TABLE IF NOT EXISTS clients (
     created INTEGER NOT NULL
 );
 
+-- Server-wide secret keys shared by every process on this database (e.g. the key of the keyed
+-- hash of client secrets), so several instances on one database verify the same credentials.
+CREATE TABLE IF NOT EXISTS server_keys (
+    name TEXT PRIMARY KEY,
+    key BLOB NOT NULL
+);
+
 -- One row: the last timestamp handed out. Writes and transaction-time reservations bump it
 -- inside the write lock, so timestamps are unique and ordered across processes.
 CREATE TABLE IF NOT EXISTS clock (
