@@ -50,7 +50,8 @@ pub fn router(state: AppState) -> Router {
         .route("/bulk-data/r4/Group/{id}/$export", get(bulk::kick_off))
         .route("/bulk-data/r4/$export/{type}/{file}", get(bulk::download))
         .route("/bulk-data/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
-        .route("/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel));
+        .route("/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
+        .route_layer(axum::middleware::from_fn(negotiation::general_params));
     let admin = Router::new()
         .route("/admin/tenants", get(admin::list_tenants).post(admin::create_tenant))
         .route("/admin/tenants/{tenant}/clients", get(admin::list_clients).post(admin::create_client))
