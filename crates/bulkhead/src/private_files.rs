@@ -10,10 +10,14 @@ use anyhow::Context;
 const DIRECTORY_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
 
-/// Creates `directory` (and missing parents) and makes `directory` itself private.
+/// Creates `directory` (and missing parents) and makes `directory` itself private; an existing
+/// one is tightened with a warning.
 pub fn create_private_dir(directory: &Path) -> anyhow::Result<()> {
+    if directory.is_dir() {
+        return make_private(directory, DIRECTORY_MODE);
+    }
     std::fs::create_dir_all(directory).with_context(|| format!("creating directory {}", directory.display()))?;
-    make_private(directory, DIRECTORY_MODE)
+    set_mode(directory, DIRECTORY_MODE)
 }
 
 /// Creates an empty private file unless it exists, then makes it private. SQLite gives the

@@ -372,6 +372,7 @@ async fn the_data_directory_is_private_whatever_the_umask() {
     server.create_tenant("acme");
     let api = server.create_client("acme");
     api.upsert(&patient(Some("p1"), "Private")).await;
+    assert!(!server.log().contains("readable by other users"), "a false alarm:\n{}", server.log());
     let found = modes(&server.data_dir);
     for name in ["bulkhead.db", "bulkhead.db-wal", "bulkhead.db-shm", "token-keys", "output"] {
         assert!(found.iter().any(|(path, _)| path.ends_with(name)), "{name} not created: {found:?}");
