@@ -38,6 +38,8 @@ pub struct Config {
     pub file_urls_require_credentials: bool,
     pub file_url_ttl_seconds: u64,
     pub self_authorising_url_ttl_seconds: u64,
+    /// `/healthz` answers 503 when the data directory's disk has less free space than this.
+    pub min_free_disk_bytes: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     pub shutdown_grace_seconds: u64,
     /// `text` or `json` log lines.
@@ -65,6 +67,7 @@ impl Default for Config {
             file_urls_require_credentials: true,
             file_url_ttl_seconds: 24 * 3600,
             self_authorising_url_ttl_seconds: 600,
+            min_free_disk_bytes: 64 * 1024 * 1024,
             shutdown_grace_seconds: 30,
             log_format: LogFormat::Text,
         }
@@ -175,6 +178,7 @@ impl Config {
             file_urls_require_credentials: self.file_urls_require_credentials,
             file_url_ttl: Duration::from_secs(self.file_url_ttl_seconds),
             self_authorising_url_ttl: Duration::from_secs(self.self_authorising_url_ttl_seconds),
+            min_free_disk_bytes: self.min_free_disk_bytes,
         }
     }
 }

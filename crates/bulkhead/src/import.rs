@@ -49,13 +49,21 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     );
     let started = Instant::now();
     let mut importer = Importer::new(Arc::new(store), tenant.id, args.user.clone(), config.max_group_members);
-    let summary = load_files(&mut importer, &files, |bytes, processed| {
+    let loaded = load_files(&mut importer, &files, |bytes, processed| {
         bar.set_position(bytes);
         let rate = processed as f64 / started.elapsed().as_secs_f64().max(0.001);
         bar.set_message(format!("{processed} resources, {rate:.0}/s"));
     })
-    .and_then(|_| Ok(importer.finish()?))?;
+    .and_then(|_| Ok(importer.finish()?));
     bar.finish_and_clear();
+    let summary = match loaded {
+        Ok(summary) => summary,
+        Err(error) => {
+            // Say what is stored before the error (a full disk), so a rerun is not a guess.
+            report(importer.summary(), started.elapsed().as_secs_f64());
+            return Err(error.context("the import stopped; the resources counted above are stored"));
+        }
+    };
     report(&summary, started.elapsed().as_secs_f64());
     anyhow::ensure!(summary.failed == 0, "{} not imported (see above)", count(summary.failed, "resource"));
     Ok(())

@@ -10,6 +10,7 @@ pub mod capability;
 pub mod credentials;
 pub mod error;
 pub mod export_status;
+pub mod health;
 pub mod ndjson_import;
 pub mod negotiation;
 pub mod rest;
@@ -57,7 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/tenants/{tenant}/clients", get(admin::list_clients).post(admin::create_client))
         .route("/admin/clients/{client_id}/revoke", post(admin::revoke_client));
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(health::healthz))
         .merge(fhir)
         .merge(admin)
         .fallback(|| async { ApiError::not_found("no such endpoint") })

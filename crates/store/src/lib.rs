@@ -146,4 +146,11 @@ pub trait Store: Send + Sync + 'static {
     fn delete_export_job(&self, tenant: TenantId, job_id: &str) -> Result<bool, StoreError>;
     /// Housekeeping across all tenants: deletes every job with `expires <= now`; returns how many.
     fn delete_expired_export_jobs(&self, now: Micros) -> Result<u64, StoreError>;
+
+    // ---- health ----
+
+    /// Whether the store can take writes now: [`StoreError::StorageFull`] when the disk holding
+    /// its data has less than `min_free_bytes` available, else the error of a small real write
+    /// (a read-only or broken database), if any.
+    fn check_writable(&self, min_free_bytes: u64) -> Result<(), StoreError>;
 }

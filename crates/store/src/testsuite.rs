@@ -20,7 +20,7 @@ macro_rules! store_test_suite {
             group_membership_history, export_is_a_snapshot, export_since_and_new_members,
             export_reports_deletions, export_parts_split_by_size, transaction_time_orders_writes,
             existence_at_a_time, a_patient_is_in_its_own_compartment_by_stored_id, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
-            expired_export_jobs_are_swept);
+            expired_export_jobs_are_swept, a_fresh_store_is_writable_above_its_free_space_floor);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -489,4 +489,12 @@ pub fn expired_export_jobs_are_swept(store: &dyn Store) {
     assert!(store.export_job(b, "b-edge").unwrap().is_none());
     assert!(store.export_job(a, "a-new").unwrap().is_some());
     assert_eq!(store.delete_expired_export_jobs(200).unwrap(), 0);
+}
+
+pub fn a_fresh_store_is_writable_above_its_free_space_floor(store: &dyn Store) {
+    store.check_writable(0).expect("a fresh store takes writes");
+    match store.check_writable(u64::MAX) {
+        Err(StoreError::StorageFull(_)) => {}
+        other => panic!("no disk has u64::MAX bytes free, yet check_writable answered {other:?}"),
+    }
 }
