@@ -101,6 +101,8 @@ fn prepare_data(store: &Arc<dyn Store>, config: &Config, args: &DemoArgs) -> any
         say!("generating {} into {} …", count(wanted, "synthetic patient"), synth_dir.display());
         let options =
             bulkhead_synth::SynthOptions { patients: wanted, seed: 1, format: bulkhead_synth::OutputFormat::Ndjson };
+        // Patient data, even synthetic, stays private like the rest of the data directory.
+        crate::private_files::create_private_dir(&synth_dir)?;
         let bar = crate::synth::patients_bar(wanted);
         bulkhead_synth::generate_with_progress(&options, &synth_dir, |done| {
             if done % 16 == 0 || done == wanted {

@@ -131,7 +131,7 @@ fn line_too_long(line: u64, max_line: usize) -> ApiError {
 fn summary_issues(summary: &ImportSummary) -> Vec<Issue> {
     let stored = summary.created + summary.updated + summary.unchanged;
     let mut issues = vec![Issue::information(format!(
-        "{stored} resources stored: {} created, {} updated, {} unchanged; {} failed",
+        "{stored} resources stored: {} created, {} updated, {} unchanged, {} failed",
         summary.created, summary.updated, summary.unchanged, summary.failed
     ))];
     for error in &summary.errors {
