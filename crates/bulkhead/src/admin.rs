@@ -9,71 +9,111 @@ use bulkhead_store::sqlite::{SqliteOptions, SqliteStore};
 use bulkhead_store::{Store, Tenant};
 
 use crate::config::Config;
+use crate::private_files::{create_private_dir, create_private_file, tighten_if_exists};
 
-/// Opens (creating if needed) the data directory's store, sized for a server.
+/// Opens (creating if needed) the data directory's store, sized for a server. Only `serve`,
+/// `demo` and `tenant create` start a data directory; every other command uses
+/// [`open_existing_store`].
 pub fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
     open_store_with(config, SqliteOptions::default())
 }
 
 pub fn open_store_with(config: &Config, options: SqliteOptions) -> anyhow::Result<SqliteStore> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    create_private_dir(&config.data_dir)?;
     let path = config.database_path();
+    create_private_file(&path)?;
+    for existing in ["bulkhead.db-wal", "bulkhead.db-shm", "token-keys", "output"] {
+        tighten_if_exists(&config.data_dir.join(existing))?;
+    }
     SqliteStore::open_with(&path, options).with_context(|| format!("opening {}", path.display()))
 }
 
-pub fn find_tenant(store: &dyn Store, name: &str) -> anyhow::Result<Tenant> {
-    store
-        .tenant_by_name(name)?
-        .with_context(|| format!("no tenant named '{name}' (create it with: bulkhead tenant create {name})"))
+/// Opens the store of a data directory that must already hold one: a mistyped `--data-dir`
+/// must not quietly start an empty database.
+pub fn open_existing_store(config: &Config) -> anyhow::Result<SqliteStore> {
+    open_existing_store_with(config, SqliteOptions::default())
+}
+
+pub fn open_existing_store_with(config: &Config, options: SqliteOptions) -> anyhow::Result<SqliteStore> {
+    let path = config.database_path();
+    anyhow::ensure!(
+        path.is_file(),
+        "no Bulkhead database at {} (is the data directory right? start one with: bulkhead tenant create NAME {})",
+        path.display(),
+        data_dir_flag(config)
+    );
+    open_store_with(config, options)
+}
+
+/// The `--data-dir …` a command needs to reach this configuration's data, for hints.
+pub fn data_dir_flag(config: &Config) -> String {
+    let directory = config.data_dir.display().to_string();
+    if directory.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+,:@".contains(c)) {
+        format!("--data-dir {directory}")
+    } else {
+        format!("--data-dir '{}'", directory.replace('\'', "'\\''"))
+    }
+}
+
+pub fn find_tenant(store: &dyn Store, config: &Config, name: &str) -> anyhow::Result<Tenant> {
+    store.tenant_by_name(name)?.with_context(|| {
+        format!("no tenant named '{name}' (create it with: bulkhead tenant create {name} {})", data_dir_flag(config))
+    })
 }
 
 pub fn create_tenant(config: &Config, name: &str) -> anyhow::Result<()> {
     anyhow::ensure!(valid_tenant_name(name), "tenant names are 1-64 letters, digits, '-', '_', '.'");
     let tenant = open_store(config)?.create_tenant(name)?;
-    println!("created tenant {}", tenant.name);
+    say!(
+        "created tenant {} (next: bulkhead client create --tenant {} {})",
+        tenant.name,
+        tenant.name,
+        data_dir_flag(config)
+    );
     Ok(())
 }
 
 pub fn list_tenants(config: &Config) -> anyhow::Result<()> {
-    for tenant in open_store(config)?.list_tenants()? {
-        println!("{}\t{}", tenant.name, format_instant(tenant.created));
+    for tenant in open_existing_store(config)?.list_tenants()? {
+        say!("{}\t{}", tenant.name, format_instant(tenant.created));
     }
     Ok(())
 }
 
 /// Creates a client and returns `(client_id, client_secret)`.
-pub fn new_client(store: &dyn Store, tenant_name: &str) -> anyhow::Result<(String, String)> {
-    let tenant = find_tenant(store, tenant_name)?;
+pub fn new_client(store: &dyn Store, config: &Config, tenant_name: &str) -> anyhow::Result<(String, String)> {
+    let tenant = find_tenant(store, config, tenant_name)?;
     let (_, credentials) = register_client(store, tenant.id)?;
     Ok((credentials.client_id, credentials.client_secret))
 }
 
 pub fn create_client(config: &Config, tenant_name: &str, json: bool) -> anyhow::Result<()> {
-    let (client_id, client_secret) = new_client(&open_store(config)?, tenant_name)?;
+    let (client_id, client_secret) = new_client(&open_existing_store(config)?, config, tenant_name)?;
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"client_id": client_id, "client_secret": client_secret, "tenant": tenant_name})
-        );
+        say!("{}", serde_json::json!({"client_id": client_id, "client_secret": client_secret, "tenant": tenant_name}));
     } else {
-        println!("client_id:     {client_id}\nclient_secret: {client_secret}\n(the secret is shown only once; only a keyed hash of it is stored)");
+        say!("client_id:     {client_id}\nclient_secret: {client_secret}\n(the secret is shown only once; only a keyed hash of it is stored)");
     }
     Ok(())
 }
 
 pub fn list_clients(config: &Config, tenant_name: &str) -> anyhow::Result<()> {
-    let store = open_store(config)?;
-    let tenant = find_tenant(&store, tenant_name)?;
+    let store = open_existing_store(config)?;
+    let tenant = find_tenant(&store, config, tenant_name)?;
     for client in store.list_clients(tenant.id)? {
         let state = if client.revoked { "revoked" } else { "active" };
-        println!("{}\t{}\t{}", client.client_id, state, format_instant(client.created));
+        say!("{}\t{}\t{}", client.client_id, state, format_instant(client.created));
     }
     Ok(())
 }
 
 pub fn revoke_client(config: &Config, client_id: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(open_store(config)?.revoke_client(client_id)?, "no client '{client_id}'");
-    println!("revoked {client_id}");
+    anyhow::ensure!(
+        open_existing_store(config)?.revoke_client(client_id)?,
+        "no client '{client_id}' in {} (list them with: bulkhead client list --tenant NAME {})",
+        config.database_path().display(),
+        data_dir_flag(config)
+    );
+    say!("revoked {client_id}");
     Ok(())
 }

@@ -19,14 +19,24 @@ pub struct ConfigArgs {
     /// TOML configuration file (keys as in the README).
     #[arg(long, env = "BULKHEAD_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Data directory (database, token keys, output); overrides the file and environment.
+    /// Data directory (database, token keys, output); overrides the file and environment. Only
+    /// `serve`, `demo` and `tenant create` start a new one; other commands refuse a directory
+    /// without a database.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
 }
 
 impl ConfigArgs {
+    /// Loads the configuration; the caller reports [`Config::warn_ignored`] once logging is set.
     pub fn load(&self, listen: Option<String>) -> anyhow::Result<Config> {
         Config::load(self.config.as_deref(), Overrides { listen, data_dir: self.data_dir.clone() })
+    }
+
+    /// Loads the configuration for a command-line tool, warning on stderr at once.
+    pub fn load_for_tool(&self) -> anyhow::Result<Config> {
+        let config = self.load(None)?;
+        config.warn_ignored();
+        Ok(config)
     }
 }
 
@@ -36,7 +46,7 @@ enum Command {
     Serve {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Address to listen on, e.g. 127.0.0.1:8080.
+        /// Address to listen on, e.g. 127.0.0.1:8080 or localhost:8080.
         #[arg(long)]
         listen: Option<String>,
     },
@@ -108,17 +118,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { config, listen } => crate::serve::serve_command(config.load(listen)?),
         Command::Demo(args) => crate::demo::run(args),
         Command::Tenant { command: TenantCommand::Create { name, config } } => {
-            crate::admin::create_tenant(&config.load(None)?, &name)
+            crate::admin::create_tenant(&config.load_for_tool()?, &name)
         }
-        Command::Tenant { command: TenantCommand::List { config } } => crate::admin::list_tenants(&config.load(None)?),
+        Command::Tenant { command: TenantCommand::List { config } } => {
+            crate::admin::list_tenants(&config.load_for_tool()?)
+        }
         Command::Client { command: ClientCommand::Create { tenant, json, config } } => {
-            crate::admin::create_client(&config.load(None)?, &tenant, json)
+            crate::admin::create_client(&config.load_for_tool()?, &tenant, json)
         }
         Command::Client { command: ClientCommand::List { tenant, config } } => {
-            crate::admin::list_clients(&config.load(None)?, &tenant)
+            crate::admin::list_clients(&config.load_for_tool()?, &tenant)
         }
         Command::Client { command: ClientCommand::Revoke { client_id, config } } => {
-            crate::admin::revoke_client(&config.load(None)?, &client_id)
+            crate::admin::revoke_client(&config.load_for_tool()?, &client_id)
         }
         Command::Synth(args) => crate::synth::run(args),
         Command::Import(args) => crate::import::run(args),

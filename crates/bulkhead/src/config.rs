@@ -1,10 +1,12 @@
 //! Typed configuration: defaults < TOML file < environment (`BULKHEAD_*`) < command-line flags,
-//! parsed once. An invalid value is a startup error that names the key.
+//! parsed once. An invalid value is a startup error that names the key. An unknown key in the file
+//! is an error too (a typo must not pass silently), but an unknown `BULKHEAD_*` variable is only a
+//! warning: the environment is shared with others (Kubernetes injects `BULKHEAD_PORT=tcp://…`
+//! for a Service named `bulkhead`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -14,6 +16,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `BULKHEAD_*` environment variables that name no key (ignored; see [`Config::warn_ignored`]).
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
     /// Address to listen on.
     pub listen: String,
     /// Directory holding the SQLite database, the token keys and the output directory.
@@ -52,6 +57,8 @@ pub struct Config {
     pub file_urls_require_credentials: bool,
     pub file_url_ttl_seconds: u64,
     pub self_authorising_url_ttl_seconds: u64,
+    /// `/healthz` answers 503 when the data directory's disk has less free space than this.
+    pub min_free_disk_bytes: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     pub shutdown_grace_seconds: u64,
     /// `text` or `json` log lines.
@@ -68,6 +75,7 @@ pub enum LogFormat {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            ignored_env: Vec::new(),
             listen: "127.0.0.1:8080".into(),
             data_dir: PathBuf::from("./bulkhead-data"),
             public_base_url: None,
@@ -86,11 +94,15 @@ impl Default for Config {
             file_urls_require_credentials: true,
             file_url_ttl_seconds: 24 * 3600,
             self_authorising_url_ttl_seconds: 600,
+            min_free_disk_bytes: 64 * 1024 * 1024,
             shutdown_grace_seconds: 30,
             log_format: LogFormat::Text,
         }
     }
 }
+
+/// The environment variables' prefix.
+const PREFIX: &str = "BULKHEAD_";
 
 /// Command-line overrides (only the ones given).
 #[derive(Debug, Default, Serialize)]
@@ -109,8 +121,21 @@ impl Config {
             anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
             figment = figment.merge(Toml::file(file));
         }
-        let config: Config = figment
-            .merge(Env::prefixed("BULKHEAD_").ignore(&["config"]))
+        let keys = Config::keys();
+        let ignored_env: Vec<String> = std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .filter(|name| name.get(..PREFIX.len()).is_some_and(|prefix| prefix.eq_ignore_ascii_case(PREFIX)))
+            .filter(|name| {
+                let key = name[PREFIX.len()..].to_ascii_lowercase();
+                key != "config" && !keys.contains(&key)
+            })
+            .collect();
+        let mut config: Config = figment
+            .merge(
+                Env::prefixed(PREFIX)
+                    .ignore(&["config"])
+                    .filter(move |key| keys.iter().any(|known| key.as_str().eq_ignore_ascii_case(known))),
+            )
             .merge(Serialized::defaults(overrides))
             .extract()
             // Name the key as the file spells it: figment alone names an environment variable's
@@ -120,13 +145,37 @@ impl Config {
                 key => anyhow::anyhow!("invalid configuration: {key}: {error}"),
             })?;
         config.validate()?;
+        config.ignored_env = ignored_env;
         Ok(config)
     }
 
+    /// Every key a file or the environment may set.
+    fn keys() -> Vec<String> {
+        match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(fields)) => fields.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Warns about each ignored `BULKHEAD_*` variable, by name only: its value may be a secret.
+    pub fn warn_ignored(&self) {
+        for name in &self.ignored_env {
+            crate::warn(&format!(
+                "ignoring environment variable {name}: no configuration key '{}'",
+                name[PREFIX.len()..].to_ascii_lowercase()
+            ));
+        }
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
-        self.listen.parse::<std::net::SocketAddr>().with_context(|| {
-            format!("invalid configuration: listen = '{}' is not an address like 127.0.0.1:8080", self.listen)
-        })?;
+        // A host name (`localhost:8080`) is resolved here, as binding will resolve it.
+        let resolved = std::net::ToSocketAddrs::to_socket_addrs(&self.listen).map(|mut addresses| addresses.next());
+        anyhow::ensure!(
+            matches!(resolved, Ok(Some(_))),
+            "invalid configuration: listen = '{}' is not an address like 127.0.0.1:8080 or localhost:8080{}",
+            self.listen,
+            resolved.err().map(|error| format!(" ({error})")).unwrap_or_default()
+        );
         anyhow::ensure!(self.max_body_bytes >= 1024, "invalid configuration: max_body_bytes must be at least 1024");
         anyhow::ensure!(self.export_part_size >= 1, "invalid configuration: export_part_size must be at least 1");
         anyhow::ensure!(self.max_group_members >= 1, "invalid configuration: max_group_members must be at least 1");
@@ -197,6 +246,7 @@ impl Config {
             file_urls_require_credentials: self.file_urls_require_credentials,
             file_url_ttl: Duration::from_secs(self.file_url_ttl_seconds),
             self_authorising_url_ttl: Duration::from_secs(self.self_authorising_url_ttl_seconds),
+            min_free_disk_bytes: self.min_free_disk_bytes,
         }
     }
 }

@@ -10,8 +10,9 @@ use bulkhead_store::{SearchQuery, Store, Visibility, WriteMode, WriteOp};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::admin::{find_tenant, new_client, open_store};
+use crate::admin::{data_dir_flag, find_tenant, new_client, open_store};
 use crate::config::{Config, Overrides};
+use crate::output::count;
 use crate::serve::{app_state, init_logging, runtime, shutdown_signal};
 
 const TENANT: &str = "demo";
@@ -25,16 +26,21 @@ pub struct DemoArgs {
     /// Data directory for the demo.
     #[arg(long, default_value = "./bulkhead-demo")]
     pub data_dir: PathBuf,
-    /// Synthetic patients to load the first time.
-    #[arg(long, default_value_t = 300)]
-    pub patients: u64,
+    /// Synthetic patients to load the first time [default: 300]; a data directory that already
+    /// holds the demo's data keeps it (use a new --data-dir to generate again).
+    #[arg(long)]
+    pub patients: Option<u64>,
     /// Members of the demo Group.
     #[arg(long, default_value_t = 100)]
     pub group_size: usize,
-    /// Stop after showing the export instead of serving until Ctrl-C.
+    /// Stop after showing the export instead of serving until Ctrl-C (no curl lines then: the
+    /// server they would call has stopped).
     #[arg(long)]
     pub once: bool,
 }
+
+/// Patients generated when `--patients` is not given.
+const DEFAULT_PATIENTS: u64 = 300;
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let config =
@@ -45,13 +51,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     crate::set_memory_profile(crate::MemoryProfile::Server);
     init_logging(config.log_format);
+    config.warn_ignored();
+    // Bind before anything else: a port in use must fail now, not after minutes of generating.
+    let listener = std::net::TcpListener::bind(&config.listen).with_context(|| format!("binding {}", config.listen))?;
     let store: Arc<dyn Store> = Arc::new(open_store(&config)?);
     let (client_id, client_secret) = prepare_data(&store, &config, &args)?;
     let state = app_state(&config)?;
     runtime()?.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
+        listener.set_nonblocking(true).context("configuring the listener")?;
+        let listener = tokio::net::TcpListener::from_std(listener).context("configuring the listener")?;
         let base = format!("http://{}", listener.local_addr()?);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let once = args.once;
@@ -64,11 +72,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         };
         let server = tokio::spawn(bulkhead_http::serve(listener, state, shutdown, Duration::from_secs(5)));
         let transaction_time = show_export(&base, &client_id, &client_secret).await?;
-        print_curl_lines(&base, &client_id, &client_secret, &transaction_time);
         if once {
             let _ = stop_tx.send(());
+            say!(
+                "\nthe server has stopped (--once). To try the API with curl, run it again without --once:\n  bulkhead demo --listen {} {}",
+                config.listen,
+                data_dir_flag(&config)
+            );
         } else {
-            println!("\nserving on {base} with data in {}; Ctrl-C stops", config.data_dir.display());
+            print_curl_lines(&base, &client_id, &client_secret, &transaction_time);
+            say!("\nserving on {base} with data in {}; Ctrl-C stops", config.data_dir.display());
         }
         server.await.context("server task")??;
         Ok(())
@@ -80,20 +93,31 @@ fn prepare_data(store: &Arc<dyn Store>, config: &Config, args: &DemoArgs) -> any
     if store.tenant_by_name(TENANT)?.is_none() {
         store.create_tenant(TENANT)?;
     }
-    let tenant = find_tenant(store.as_ref(), TENANT)?;
+    let tenant = find_tenant(store.as_ref(), config, TENANT)?;
     let patients = patient_ids(store.as_ref(), tenant.id, args.group_size)?;
     if patients.is_empty() {
+        let wanted = args.patients.unwrap_or(DEFAULT_PATIENTS);
         let synth_dir = config.data_dir.join("synth");
-        println!("generating {} synthetic patients into {} …", args.patients, synth_dir.display());
-        let options = bulkhead_synth::SynthOptions {
-            patients: args.patients,
-            seed: 1,
-            format: bulkhead_synth::OutputFormat::Ndjson,
-        };
-        bulkhead_synth::generate(&options, &synth_dir)?;
+        say!("generating {} into {} …", count(wanted, "synthetic patient"), synth_dir.display());
+        let options =
+            bulkhead_synth::SynthOptions { patients: wanted, seed: 1, format: bulkhead_synth::OutputFormat::Ndjson };
+        // Patient data, even synthetic, stays private like the rest of the data directory.
+        crate::private_files::create_private_dir(&synth_dir)?;
+        let bar = crate::synth::patients_bar(wanted);
+        bulkhead_synth::generate_with_progress(&options, &synth_dir, |done| {
+            if done % 16 == 0 || done == wanted {
+                bar.set_position(done);
+            }
+        })?;
+        bar.finish_and_clear();
         let started = Instant::now();
-        let summary = crate::import::import_into(store.clone(), TENANT, &[synth_dir], config.max_group_members)?;
+        let summary = crate::import::import_into(store.clone(), config, TENANT, &[synth_dir])?;
         crate::import::report(&summary, started.elapsed().as_secs_f64());
+    } else if let Some(wanted) = args.patients {
+        say!(
+            "--patients {wanted} is ignored: {} already holds the demo's data (use a new --data-dir to generate again)",
+            config.data_dir.display()
+        );
     }
     let members = patient_ids(store.as_ref(), tenant.id, args.group_size)?;
     let member: Vec<Value> =
@@ -101,8 +125,8 @@ fn prepare_data(store: &Arc<dyn Store>, config: &Config, args: &DemoArgs) -> any
     let group = json!({"resourceType": "Group", "id": GROUP, "type": "person", "actual": true, "name": "Demo cohort", "member": member});
     let op = WriteOp::Update { resource_type: "Group".into(), id: GROUP.into(), body: group, if_match: None };
     store.write(tenant.id, None, &[op], WriteMode::Transaction)?.remove(0)?;
-    println!("tenant '{TENANT}' has Group/{GROUP} with {} members", members.len());
-    let (client_id, client_secret) = new_client(store.as_ref(), TENANT)?;
+    say!("tenant '{TENANT}' has Group/{GROUP} with {}", count(members.len() as u64, "member"));
+    let (client_id, client_secret) = new_client(store.as_ref(), config, TENANT)?;
     Ok((client_id, client_secret))
 }
 
@@ -126,7 +150,7 @@ async fn show_export(base: &str, client_id: &str, client_secret: &str) -> anyhow
         .error_for_status()?
         .json()
         .await?;
-    println!(
+    say!(
         "\nGET /bulk-data/r4/Group/{GROUP}/$export → 200 in {} ms, transactionTime {}",
         started.elapsed().as_millis(),
         manifest["transactionTime"]
@@ -135,9 +159,21 @@ async fn show_export(base: &str, client_id: &str, client_secret: &str) -> anyhow
     let mut total = 0;
     for output in &outputs {
         total += output["count"].as_u64().unwrap_or(0);
-        println!("  {:<24} {:>7} resources", output["type"].as_str().unwrap_or("?"), output["count"]);
+        let n = output["count"].as_u64().unwrap_or(0);
+        say!(
+            "  {:<24} {:>7} {}",
+            output["type"].as_str().unwrap_or("?"),
+            n,
+            if n == 1 { "resource" } else { "resources" }
+        );
     }
-    println!("  {:<24} {:>7} resources in {} files", "total", total, outputs.len());
+    say!(
+        "  {:<24} {:>7} {} in {}",
+        "total",
+        total,
+        if total == 1 { "resource" } else { "resources" },
+        count(outputs.len() as u64, "file")
+    );
     if let Some(first) = outputs.first() {
         let url = first["url"].as_str().unwrap_or_default();
         let text = http
@@ -150,10 +186,10 @@ async fn show_export(base: &str, client_id: &str, client_secret: &str) -> anyhow
             .text()
             .await?;
         let line = text.lines().next().unwrap_or("");
-        println!(
-            "\nfirst line of the {} file ({} lines):\n  {}…",
+        say!(
+            "\nfirst line of the {} file ({}):\n  {}…",
             first["type"].as_str().unwrap_or("?"),
-            text.lines().count(),
+            count(text.lines().count() as u64, "line"),
             line.char_indices().nth(160).map_or(line, |(cut, _)| &line[..cut])
         );
     }
@@ -162,12 +198,12 @@ async fn show_export(base: &str, client_id: &str, client_secret: &str) -> anyhow
 
 fn print_curl_lines(base: &str, client_id: &str, client_secret: &str, transaction_time: &str) {
     let auth = format!("-H 'client_id: {client_id}' -H 'client_secret: {client_secret}'");
-    println!("\nTry it yourself (credentials of a fresh demo client):");
-    println!("  curl -s {auth} '{base}/r4/Group/{GROUP}'");
-    println!("  curl -s {auth} '{base}/bulk-data/r4/Group/{GROUP}/$export?_type=Patient,Observation'");
-    println!("  # only what changed since the export above (nothing yet: output is empty):");
-    println!("  curl -s {auth} '{base}/bulk-data/r4/Group/{GROUP}/$export?_since={transaction_time}'");
-    println!("  # the standard asynchronous pattern: 202 and a Content-Location to poll:");
-    println!("  curl -s -D - -H 'Prefer: respond-async' {auth} '{base}/r4/Group/{GROUP}/$export'");
-    println!("  # then download any output[].url with the same two headers (add --compressed for gzip)");
+    say!("\nTry it yourself (credentials of a fresh demo client):");
+    say!("  curl -s {auth} '{base}/r4/Group/{GROUP}'");
+    say!("  curl -s {auth} '{base}/bulk-data/r4/Group/{GROUP}/$export?_type=Patient,Observation'");
+    say!("  # only what changed since the export above (nothing yet: output is empty):");
+    say!("  curl -s {auth} '{base}/bulk-data/r4/Group/{GROUP}/$export?_since={transaction_time}'");
+    say!("  # the standard asynchronous pattern: 202 and a Content-Location to poll:");
+    say!("  curl -s -D - -H 'Prefer: respond-async' {auth} '{base}/r4/Group/{GROUP}/$export'");
+    say!("  # then download any output[].url with the same two headers (add --compressed for gzip)");
 }

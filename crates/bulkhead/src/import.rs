@@ -1,5 +1,5 @@
-//! `bulkhead import`: NDJSON (plain or `.gz`) and Bundle JSON files or directories into a
-//! tenant, through the same validation and write path as the REST API.
+//! `bulkhead import`: NDJSON (`.ndjson` or `.jsonl`, plain or `.gz`) and Bundle JSON files or
+//! directories into a tenant, through the same validation and write path as the REST API.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -14,8 +14,10 @@ use clap::Args;
 
 use bulkhead_store::sqlite::SqliteOptions;
 
-use crate::admin::{find_tenant, open_store_with};
+use crate::admin::{find_tenant, open_existing_store_with};
 use crate::cli::ConfigArgs;
+use crate::config::Config;
+use crate::output::count;
 
 #[derive(Args)]
 pub struct ImportArgs {
@@ -27,17 +29,18 @@ pub struct ImportArgs {
     pub user: Option<String>,
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Files or directories (`*.ndjson`, `*.ndjson.gz`, `*.json` Bundles or resources).
+    /// Files or directories (`*.ndjson`, `*.jsonl`, `*.json` Bundles or resources; each may be
+    /// gzipped as `*.gz`).
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
 }
 
 pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     crate::set_memory_profile(crate::MemoryProfile::BulkLoad);
-    let config = args.config.load(None)?;
-    let store = open_store_with(&config, SqliteOptions::bulk_load())?;
-    let tenant = find_tenant(&store, &args.tenant)?;
+    let config = args.config.load_for_tool()?;
     let files = collect_files(&args.paths)?;
+    let store = open_existing_store_with(&config, SqliteOptions::bulk_load())?;
+    let tenant = find_tenant(&store, &config, &args.tenant)?;
     let total_bytes: u64 = files.iter().filter_map(|file| file.metadata().ok()).map(|meta| meta.len()).sum();
     let bar = indicatif::ProgressBar::new(total_bytes);
     bar.set_style(
@@ -46,19 +49,29 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     );
     let started = Instant::now();
     let mut importer = Importer::new(Arc::new(store), tenant.id, args.user.clone(), config.max_group_members);
-    let summary = load_files(&mut importer, &files, |bytes, processed| {
+    let loaded = load_files(&mut importer, &files, |bytes, processed| {
         bar.set_position(bytes);
         let rate = processed as f64 / started.elapsed().as_secs_f64().max(0.001);
         bar.set_message(format!("{processed} resources, {rate:.0}/s"));
     })
-    .and_then(|_| Ok(importer.finish()?))?;
+    .and_then(|_| Ok(importer.finish()?));
     bar.finish_and_clear();
+    let summary = match loaded {
+        Ok(summary) => summary,
+        Err(error) => {
+            // Say what is stored before the error (a full disk), so a rerun is not a guess.
+            report(importer.summary(), started.elapsed().as_secs_f64());
+            return Err(error.context("the import stopped; the resources counted above are stored"));
+        }
+    };
     report(&summary, started.elapsed().as_secs_f64());
-    anyhow::ensure!(summary.failed == 0, "{} resources were not imported (see above)", summary.failed);
+    anyhow::ensure!(summary.failed == 0, "{} not imported (see above)", count(summary.failed, "resource"));
     Ok(())
 }
 
-/// Prints the summary and every kept line error as `file:line: message`.
+/// Prints every kept line error as `file:line: message`, then what is now stored: `imported`
+/// counts only the resources that are in the database as sent (created, updated or already
+/// there unchanged), out of all those read when some failed.
 pub fn report(summary: &ImportSummary, seconds: f64) {
     for error in &summary.errors {
         eprintln!("{}:{}: {}", error.location.source, error.location.line, error.message);
@@ -67,28 +80,39 @@ pub fn report(summary: &ImportSummary, seconds: f64) {
         eprintln!("… and {} more failed lines", summary.failed - summary.errors.len() as u64);
     }
     let rate = summary.processed() as f64 / seconds.max(0.001);
-    println!(
-        "imported {} resources in {seconds:.1} s ({rate:.0}/s): {} created, {} updated, {} unchanged, {} failed",
-        summary.processed(),
+    let stored = summary.created + summary.updated + summary.unchanged;
+    let imported = match summary.failed {
+        0 => count(stored, "resource"),
+        _ => format!("{stored} of {}", count(summary.processed(), "resource")),
+    };
+    say!(
+        "imported {imported} in {seconds:.1} s ({rate:.0}/s): {} created, {} updated, {} unchanged, {} failed{}",
         summary.created,
         summary.updated,
         summary.unchanged,
-        summary.failed
+        summary.failed,
+        if summary.failed == 0 { "" } else { " (not stored)" }
     );
 }
 
-/// Expands directories (sorted, recursively) into the files an import reads.
+/// What an import reads; anything else in a directory is skipped with a warning.
+const IMPORTABLE: [&str; 6] = [".ndjson", ".jsonl", ".json", ".ndjson.gz", ".jsonl.gz", ".json.gz"];
+
+/// Expands directories (sorted, recursively) into the files an import reads. A directory
+/// without one importable file is an error, not an import of nothing.
 pub fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for path in paths {
         let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
         if meta.is_dir() {
-            let mut entries: Vec<PathBuf> =
-                std::fs::read_dir(path)?.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect();
-            entries.sort();
-            let importable =
-                entries.into_iter().filter(|entry| entry.is_dir() || is_importable(entry)).collect::<Vec<_>>();
-            files.extend(collect_files(&importable)?);
+            let found = collect_directory(path)?;
+            anyhow::ensure!(
+                !found.is_empty(),
+                "{} holds no file to import (expected {})",
+                path.display(),
+                IMPORTABLE.map(|suffix| format!("*{suffix}")).join(", ")
+            );
+            files.extend(found);
         } else {
             files.push(path.clone());
         }
@@ -96,9 +120,34 @@ pub fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+fn collect_directory(directory: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(directory)
+        .with_context(|| format!("cannot read {}", directory.display()))?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .collect();
+    entries.sort();
+    let mut files = Vec::new();
+    for entry in entries {
+        if entry.is_dir() {
+            files.extend(collect_directory(&entry)?);
+        } else if is_importable(&entry) {
+            files.push(entry);
+        } else {
+            crate::warn(&format!("skipping {}: not one of {}", entry.display(), IMPORTABLE.join(" ")));
+        }
+    }
+    Ok(files)
+}
+
 fn is_importable(path: &Path) -> bool {
     let name = path.file_name().and_then(|name| name.to_str()).unwrap_or("");
-    [".ndjson", ".ndjson.gz", ".json", ".json.gz"].iter().any(|suffix| name.ends_with(suffix))
+    IMPORTABLE.iter().any(|suffix| name.ends_with(suffix))
+}
+
+/// NDJSON (one resource per line) rather than one JSON document.
+fn is_ndjson(name: &str) -> bool {
+    let name = name.trim_end_matches(".gz");
+    name.ends_with(".ndjson") || name.ends_with(".jsonl")
 }
 
 /// Counts the bytes read from a file, for progress.
@@ -130,7 +179,7 @@ pub fn load_files(
         let reader: Box<dyn Read> =
             if name.ends_with(".gz") { Box::new(flate2::read::MultiGzDecoder::new(raw)) } else { Box::new(raw) };
         let mut reader = BufReader::with_capacity(256 * 1024, reader);
-        if name.trim_end_matches(".gz").ends_with(".ndjson") {
+        if is_ndjson(&name) {
             // Lines are handed over as bytes: the importer checks them exactly as the server
             // checks a request body (text that is not UTF-8 is refused, never repaired).
             let mut line = Vec::new();
@@ -167,13 +216,13 @@ pub fn load_files(
 /// Imports `paths` into `tenant_name` of an open store (used by the demo).
 pub fn import_into(
     store: Arc<dyn Store>,
+    config: &Config,
     tenant_name: &str,
     paths: &[PathBuf],
-    max_group_members: usize,
 ) -> anyhow::Result<ImportSummary> {
-    let tenant = find_tenant(store.as_ref(), tenant_name)?;
+    let tenant = find_tenant(store.as_ref(), config, tenant_name)?;
     let files = collect_files(paths)?;
-    let mut importer = Importer::new(store, tenant.id, None, max_group_members);
+    let mut importer = Importer::new(store, tenant.id, None, config.max_group_members);
     load_files(&mut importer, &files, |_, _| {})?;
     Ok(importer.finish()?)
 }

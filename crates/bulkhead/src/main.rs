@@ -1,11 +1,19 @@
 //! The `bulkhead` binary: a thin dispatcher over the subcommands.
 
+/// `println!` for the commands' output; when stdout is a closed pipe (`bulkhead synth … | head`)
+/// the process ends quietly, as Unix tools do, instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => { $crate::output::line(format_args!($($arg)*)) };
+}
+
 mod admin;
 mod bench;
 mod cli;
 mod config;
 mod demo;
 mod import;
+mod output;
+mod private_files;
 mod serve;
 mod synth;
 
@@ -24,6 +32,16 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Reports a problem that does not stop the command: a log line once logging is set up (the
+/// server), a `warning:` line on stderr before that and in the command-line tools.
+pub fn warn(message: &str) {
+    if tracing::dispatcher::has_been_set() {
+        tracing::warn!("{message}");
+    } else {
+        eprintln!("warning: {message}");
     }
 }
 

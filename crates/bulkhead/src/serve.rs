@@ -63,7 +63,7 @@ pub fn load_token_keys(data_dir: &Path) -> anyhow::Result<TokenKeys> {
 /// Builds the server state for a configuration.
 pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     let store = open_store(config)?;
-    std::fs::create_dir_all(config.data_dir.join("output")).context("creating the output directory")?;
+    crate::private_files::create_private_dir(&config.data_dir.join("output"))?;
     let keys = load_token_keys(&config.data_dir)?;
     Ok(AppState::new(Arc::new(store), config.http_config(), keys))
 }
@@ -93,6 +93,7 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn serve_command(config: Config) -> anyhow::Result<()> {
     crate::set_memory_profile(crate::MemoryProfile::Server);
     init_logging(config.log_format);
+    config.warn_ignored();
     let state = app_state(&config)?;
     runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(&config.listen)

@@ -27,6 +27,16 @@ pub enum Format {
     Bundles,
 }
 
+/// The progress bar of patient generation (hidden when stderr is not a terminal).
+pub fn patients_bar(patients: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(patients);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} patients {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     let format = match args.format {
         Format::Ndjson => OutputFormat::Ndjson,
@@ -34,26 +44,22 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     };
     let options = SynthOptions { patients: args.patients, seed: args.seed, format };
     let started = Instant::now();
-    let bar = indicatif::ProgressBar::new(args.patients);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} patients {per_sec} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = patients_bar(args.patients);
     let summary = generate_with_progress(&options, &args.out, |done| {
         if done % 64 == 0 || done == args.patients {
             bar.set_position(done);
         }
     })?;
     bar.finish_and_clear();
-    println!("{:<24} {:>12} {:>14}", "type", "count", "bytes");
+    say!("{:<24} {:>12} {:>14}", "type", "count", "bytes");
     for row in &summary.types {
-        println!("{:<24} {:>12} {:>14}", row.resource_type, row.count, row.bytes);
+        say!("{:<24} {:>12} {:>14}", row.resource_type, row.count, row.bytes);
     }
     let bytes: u64 = summary.types.iter().map(|row| row.bytes).sum();
-    println!("{:<24} {:>12} {:>14}", "total", summary.resources, bytes);
-    println!(
-        "{} patients, seed {}, in {:.1} s → {}",
-        summary.patients,
+    say!("{:<24} {:>12} {:>14}", "total", summary.resources, bytes);
+    say!(
+        "{}, seed {}, in {:.1} s → {}",
+        crate::output::count(summary.patients, "patient"),
         args.seed,
         started.elapsed().as_secs_f64(),
         args.out.display()

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
@@ -403,105 +402,6 @@ async fn sigterm_stops_an_idle_server_cleanly() {
     let restarted = Server::start_with(Options { data_dir: Some(server.data_dir.clone()), ..Default::default() }).await;
     let api = Api { base: restarted.base.clone(), ..api };
     assert_eq!(api.read("Patient/p1").await["name"][0]["family"], "Kept");
-}
-
-/// Item 6: the README's first command works, and the curl lines it prints work against a server
-/// on the same data directory and address.
-#[tokio::test]
-async fn demo_once_prints_a_manifest_summary_and_working_curl_lines() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("demo");
-    let port = free_port();
-    let mut command = bulkhead();
-    command
-        .args(["demo", "--once", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(&data_dir)
-        .args(["--patients", "20"]);
-    let stdout = expect_success(&run_with_deadline(command, Duration::from_secs(120)), "bulkhead demo --once");
-    assert!(stdout.contains("$export → 200"), "no export line:\n{stdout}");
-    // Per-type lines `Type  N resources`, then `total  N resources in M files`.
-    let (mut per_type, mut total) = (0, None);
-    for line in stdout.lines() {
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["total", n, "resources", "in", m, "files"] => {
-                total = Some((n.parse::<u64>().unwrap(), m.parse::<u64>().unwrap()))
-            }
-            [_, n, "resources"] => per_type += n.parse::<u64>().unwrap(),
-            _ => {}
-        }
-    }
-    let (resources, files) = total.unwrap_or_else(|| panic!("no total line:\n{stdout}"));
-    assert!(resources > 20 && files > 1, "{stdout}");
-    assert_eq!(per_type, resources, "the per-type lines add up to the total:\n{stdout}");
-    let curl_lines: Vec<&str> = stdout.lines().map(str::trim).filter(|line| line.starts_with("curl ")).collect();
-    assert!(curl_lines.len() >= 3, "curl lines:\n{stdout}");
-    for line in &curl_lines {
-        assert!(line.contains(&format!("http://127.0.0.1:{port}/")) && line.contains("client_id: bh_"), "{line}");
-    }
-
-    if which("curl").is_none() {
-        eprintln!("curl is not installed: not running the printed curl lines");
-        return;
-    }
-    let _server =
-        Server::start_with(Options { port: Some(port), data_dir: Some(data_dir.clone()), ..Default::default() }).await;
-    let mut typed_manifest = None;
-    for line in &curl_lines {
-        let mut shell = Command::new("sh");
-        shell.arg("-c").arg(format!("{line} --noproxy '*' -w '\\n%{{http_code}}'"));
-        let text = expect_success(&run_with_deadline(shell, Duration::from_secs(30)), line);
-        let (body, code) = text.trim_end().rsplit_once('\n').unwrap_or_else(|| panic!("{line}: {text}"));
-        if line.contains("respond-async") {
-            // Headers are dumped (-D -): a 202 with a status URL to poll.
-            assert_eq!(code, "202", "{line}: {body}");
-            assert!(body.to_ascii_lowercase().contains("content-location: http://127.0.0.1:"), "{line}: {body}");
-            continue;
-        }
-        assert_eq!(code, "200", "{line}: {body}");
-        let body: Value =
-            serde_json::from_str(body).unwrap_or_else(|error| panic!("{line}: not JSON ({error}): {body}"));
-        if !line.contains("$export") {
-            assert_eq!(
-                (body["resourceType"].as_str(), body["member"].as_array().map(Vec::len)),
-                (Some("Group"), Some(20)),
-                "{line}"
-            );
-        } else if line.contains("_since=") {
-            // Nothing changed since the demo's own export.
-            assert!(body["output"].as_array().unwrap().is_empty(), "{line}: {body}");
-            assert!(body["deleted"].as_array().unwrap().is_empty(), "{line}: {body}");
-        } else {
-            assert!(!body["output"].as_array().unwrap().is_empty(), "{line}: {body}");
-            if line.contains("_type=") {
-                typed_manifest = Some(body);
-            }
-        }
-    }
-    // The `_type=Patient,Observation` line gives just those, and its Patient file downloads with
-    // curl --compressed (as the demo suggests) with `count` lines.
-    let typed = typed_manifest.expect("a curl line with _type");
-    let types: BTreeSet<&str> =
-        typed["output"].as_array().unwrap().iter().map(|item| item["type"].as_str().unwrap()).collect();
-    assert_eq!(types, BTreeSet::from(["Observation", "Patient"]));
-    let patients = typed["output"].as_array().unwrap().iter().find(|item| item["type"] == "Patient").unwrap();
-    let headers: Vec<&str> = curl_lines[0].split('\'').filter(|part| part.starts_with("client_")).collect();
-    assert_eq!(headers.len(), 2, "{}", curl_lines[0]);
-    let mut curl = Command::new("curl");
-    curl.args([
-        "-s",
-        "-f",
-        "--compressed",
-        "--noproxy",
-        "*",
-        "-H",
-        headers[0],
-        "-H",
-        headers[1],
-        patients["url"].as_str().unwrap(),
-    ]);
-    let ndjson = expect_success(&run_with_deadline(curl, Duration::from_secs(30)), "curl download");
-    assert_eq!(ndjson.lines().count() as u64, patients["count"].as_u64().unwrap());
-    assert!(ndjson.lines().all(|line| line.starts_with("{\"resourceType\":\"Patient\"")), "{ndjson}");
 }
 
 /// Item 7: a bad configuration value stops startup with an error that names the key.

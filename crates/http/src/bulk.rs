@@ -64,7 +64,10 @@ pub async fn kick_off(
     check_accept(&headers)?;
     let preferences = parse_prefer(headers.get_all("prefer").iter().filter_map(|value| value.to_str().ok()));
     let raw_query = uri.query().unwrap_or("");
-    let pairs: Vec<(String, String)> = form_urlencoded::parse(raw_query.as_bytes()).into_owned().collect();
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(raw_query.as_bytes())
+        .into_owned()
+        .filter(|(name, _)| !crate::negotiation::is_general_param(name))
+        .collect();
     let (params, warnings) = parse_group_export_params(&pairs, preferences.lenient)
         .map_err(|error| ApiError::from_issue(StatusCode::BAD_REQUEST, error.issue))?;
     let with_since = params.since.is_some();

@@ -38,6 +38,15 @@ impl ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, IssueType::Login, "missing or invalid client credentials")
     }
 
+    /// 507: the server's disk is full; the request stored nothing and can be sent again later.
+    pub fn insufficient_storage() -> ApiError {
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            IssueType::Transient,
+            "the server's storage is full: nothing of this request was stored; try again later",
+        )
+    }
+
     pub fn internal() -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, IssueType::Exception, "internal server error")
     }
@@ -63,6 +72,10 @@ impl From<StoreError> for ApiError {
             StoreError::Database(detail) => {
                 tracing::error!(error = %detail, "store failure");
                 ApiError::internal()
+            }
+            StoreError::StorageFull(detail) => {
+                tracing::error!(error = %detail, "storage full");
+                ApiError::insufficient_storage()
             }
         }
     }

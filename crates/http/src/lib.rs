@@ -13,6 +13,7 @@ pub mod error;
 pub mod export_status;
 pub mod log_value;
 pub mod login_limits;
+pub mod health;
 pub mod ndjson_import;
 pub mod negotiation;
 pub mod plain_errors;
@@ -53,14 +54,15 @@ pub fn router(state: AppState) -> Router {
         .route("/bulk-data/r4/Group/{id}/$export", get(bulk::kick_off))
         .route("/bulk-data/r4/$export/{type}/{file}", get(bulk::download))
         .route("/bulk-data/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
-        .route("/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel));
+        .route("/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
+        .route_layer(axum::middleware::from_fn(negotiation::general_params));
     let admin = Router::new()
         .route("/admin/tenants", get(admin::list_tenants).post(admin::create_tenant))
         .route("/admin/tenants/{tenant}/clients", get(admin::list_clients).post(admin::create_client))
         .route("/admin/clients/{client_id}/revoke", post(admin::revoke_client))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::admin_only));
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(health::healthz))
         .merge(fhir)
         .merge(admin)
         .fallback(|| async { ApiError::not_found("no such endpoint") })

@@ -280,7 +280,12 @@ impl Importer {
             Some(writer) => writer,
             None => self.writer.insert(start_writer(self.store.clone(), self.tenant, self.owner.clone())),
         };
-        writer.batches.send(batch).map_err(|_| StoreError::Database("the import writer stopped".into()))?;
+        if writer.batches.send(batch).is_err() {
+            // The writer stopped at a failed batch: its error is waiting to be recorded.
+            let failed: Vec<WrittenBatch> = writer.written.try_iter().collect();
+            failed.into_iter().try_for_each(|written| self.record(written))?;
+            return Err(StoreError::Database("the import writer stopped".into()));
+        }
         writer.in_flight += 1;
         let mut done = Vec::new();
         while let Ok(written) = writer.written.try_recv() {
@@ -304,9 +309,15 @@ impl Importer {
         Ok(())
     }
 
+    /// What is stored so far and the lines refused so far. After an error this is exactly what
+    /// the import committed: batches are written in order and the writer stops at a failed one.
+    pub fn summary(&self) -> &ImportSummary {
+        &self.summary
+    }
+
     /// Writes everything still waiting (deferred lines last, with references that never
-    /// resolved kept as they are) and returns the summary.
-    pub fn finish(mut self) -> Result<ImportSummary, StoreError> {
+    /// resolved kept as they are) and returns the summary; after an error, see [`Importer::summary`].
+    pub fn finish(&mut self) -> Result<ImportSummary, StoreError> {
         self.flush()?;
         for (location, mut resource) in std::mem::take(&mut self.deferred) {
             self.resolve_references(&mut resource);
@@ -323,7 +334,7 @@ impl Importer {
             }
             thread.join().map_err(|_| StoreError::Database("the import writer panicked".into()))?;
         }
-        Ok(self.summary)
+        Ok(std::mem::take(&mut self.summary))
     }
 }
 
@@ -334,7 +345,10 @@ fn start_writer(store: Arc<dyn Store>, tenant: TenantId, owner: Option<String>) 
     let thread = std::thread::spawn(move || {
         for (locations, ops) in incoming {
             let results = write_batch(store.as_ref(), tenant, owner.as_deref(), &ops);
-            if outgoing.send(results.map(|results| (locations, ops, results))).is_err() {
+            // Stop at a failed batch: nothing after it is written, so what was recorded before
+            // the error is exactly what is stored.
+            let failed = results.is_err();
+            if outgoing.send(results.map(|results| (locations, ops, results))).is_err() || failed {
                 return;
             }
         }
@@ -352,7 +366,7 @@ fn write_batch(
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     match store.write(tenant, owner, ops, WriteMode::Transaction) {
         Ok(results) => Ok(results),
-        Err(StoreError::Database(detail)) => Err(StoreError::Database(detail)),
+        Err(error) if error.is_store_failure() => Err(error),
         Err(_) => store.write(tenant, owner, ops, WriteMode::Batch),
     }
 }

@@ -3,6 +3,7 @@
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bulkhead_fhir::IssueType;
 use serde_json::Value;
@@ -37,6 +38,57 @@ pub fn check_accept(headers: &HeaderMap) -> Result<(), ApiError> {
         format!("cannot produce '{accept}': this server speaks application/fhir+json"),
     )
     .at("Accept"))
+}
+
+/// FHIR's general parameters (R4 §3.1.0.1.10: `_format`, `_pretty`), allowed on every FHIR
+/// route and checked once by [`general_params`]; route-specific parsers skip them.
+pub fn is_general_param(name: &str) -> bool {
+    matches!(name, "_format" | "_pretty")
+}
+
+/// Checks the general parameters of a query: a JSON `_format` and `_pretty=true|false` are
+/// accepted (the JSON served is the stored text, so `_pretty` changes nothing), any other
+/// `_format` is 406 like an `Accept` without JSON, and any other `_pretty` is 400.
+pub fn check_general_params(query: &str) -> Result<(), ApiError> {
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        match name.as_ref() {
+            "_format" => {
+                // `+` in a query decodes to a space: `_format=application/fhir+json` arrives as
+                // `application/fhir json` unless the client percent-encoded it.
+                let media = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+                let json = matches!(
+                    media.as_str(),
+                    "json"
+                        | "application/json"
+                        | "application/fhir+json"
+                        | "application/fhir json"
+                        | "application/json+fhir"
+                        | "application/json fhir"
+                );
+                if !json {
+                    return Err(ApiError::new(
+                        StatusCode::NOT_ACCEPTABLE,
+                        IssueType::NotSupported,
+                        format!("_format '{value}' is not supported: this server speaks application/fhir+json (_format=json)"),
+                    )
+                    .at("_format"));
+                }
+            }
+            "_pretty" if !matches!(value.as_ref(), "true" | "false") => {
+                return Err(ApiError::bad_request(IssueType::Invalid, "_pretty must be true or false").at("_pretty"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Middleware for the FHIR routes: [`check_general_params`] before the handler runs.
+pub async fn general_params(request: Request, next: Next) -> Response {
+    match check_general_params(request.uri().query().unwrap_or("")) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
 }
 
 /// A request body parsed as JSON, after the `Content-Type` (415) and size (413) checks.
@@ -102,6 +154,32 @@ pub fn http_date(seconds: i64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_formats_and_pretty_pass_and_xml_is_not_acceptable() {
+        for query in [
+            "_format=json",
+            "_format=application/json",
+            "_format=application/fhir+json",
+            "_format=application%2Ffhir%2Bjson",
+            "_format=application/fhir%2Bjson;fhirVersion=4.0",
+            "_pretty=true",
+            "_pretty=false&_format=JSON",
+            "_count=5",
+            "",
+        ] {
+            assert!(check_general_params(query).is_ok(), "{query}");
+        }
+        for (query, status, at) in [
+            ("_format=xml", StatusCode::NOT_ACCEPTABLE, "_format"),
+            ("_format=application/fhir%2Bxml", StatusCode::NOT_ACCEPTABLE, "_format"),
+            ("_format=json&_format=html", StatusCode::NOT_ACCEPTABLE, "_format"),
+            ("_pretty=yes", StatusCode::BAD_REQUEST, "_pretty"),
+        ] {
+            let error = check_general_params(query).unwrap_err();
+            assert_eq!((error.status, error.issues[0].expression.as_deref()), (status, Some(at)), "{query}");
+        }
+    }
 
     #[test]
     fn http_dates_are_imf_fixdates() {

@@ -82,7 +82,8 @@ pub fn parse_search(resource_type: &str, pairs: &[(String, String)]) -> Result<S
                 query.after_key =
                     Some(value.parse().map_err(|_| invalid(name, "_cursor is not a cursor this server issued"))?);
             }
-            "_format" if matches!(value.as_str(), "json" | "application/json" | "application/fhir+json") => {}
+            // Checked on every FHIR route by `negotiation::general_params`.
+            name if crate::negotiation::is_general_param(name) => {}
             _ => {
                 return Err(ApiError::bad_request(IssueType::NotSupported, format!("search parameter '{name}' is not supported on {resource_type}; supported: _id, _lastUpdated, identifier, patient, subject, _count"))
                     .at(name.to_owned()));

@@ -37,6 +37,8 @@ pub struct HttpConfig {
     pub file_urls_require_credentials: bool,
     pub file_url_ttl: Duration,
     pub self_authorising_url_ttl: Duration,
+    /// `/healthz` answers 503 when the store's disk has less free space than this.
+    pub min_free_disk_bytes: u64,
 }
 
 impl Default for HttpConfig {
@@ -54,6 +56,7 @@ impl Default for HttpConfig {
             file_urls_require_credentials: true,
             file_url_ttl: Duration::from_secs(24 * 3600),
             self_authorising_url_ttl: Duration::from_secs(600),
+            min_free_disk_bytes: 64 * 1024 * 1024,
         }
     }
 }

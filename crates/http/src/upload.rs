@@ -6,6 +6,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use bulkhead_fhir::{operation_outcome, Issue, IssueType};
+use bulkhead_store::StoreError;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
@@ -38,13 +39,19 @@ pub async fn upload_ndjson(
     let store = state.store.clone();
     let (tenant, owner, max_members) =
         (caller.tenant, caller.owner().map(str::to_owned), state.config.max_group_members);
-    let importer = tokio::task::spawn_blocking(move || -> Result<ImportSummary, ApiError> {
+    // Returns what was stored, and the store's error when it stopped the upload part-way.
+    let importer = tokio::task::spawn_blocking(move || -> (ImportSummary, Option<StoreError>) {
         // Small batches: this runs inside the server, whose memory must stay small.
         let mut importer = Importer::new(store, tenant, owner, max_members).with_batch_bytes(2 * 1024 * 1024);
         while let Some((line, text)) = lines_rx.blocking_recv() {
-            importer.add_line(Location { source: SOURCE.into(), line }, &text)?;
+            if let Err(error) = importer.add_line(Location { source: SOURCE.into(), line }, &text) {
+                return (importer.summary().clone(), Some(error));
+            }
         }
-        Ok(importer.finish()?)
+        match importer.finish() {
+            Ok(summary) => (summary, None),
+            Err(error) => (importer.summary().clone(), Some(error)),
+        }
     });
     let max_line = state.config.max_body_bytes;
     let mut stream = body.into_data_stream();
@@ -90,8 +97,20 @@ pub async fn upload_ndjson(
     }
     drop(lines_tx);
     // Lines already read are written even when the body broke off; the outcome says so.
-    let summary = importer.await.map_err(|_| ApiError::internal())??;
-    if let Some(mut error) = read_error {
+    let (summary, store_error) = importer.await.map_err(|_| ApiError::internal())?;
+    // A store failure (a full disk: 507) stops the upload; the outcome says what was committed
+    // before it, so the client knows what to send again.
+    let store_error = store_error.map(|error| {
+        let full = matches!(error, StoreError::StorageFull(_));
+        let mut error = ApiError::from(error);
+        if let Some(issue) = error.issues.first_mut().filter(|_| full) {
+            issue.diagnostics = "the server's storage is full: the upload stopped there; the resources counted \
+                                 below are stored, the rest is not (send it again later)"
+                .into();
+        }
+        error
+    });
+    if let Some(mut error) = store_error.or(read_error) {
         error.issues.extend(summary_issues(&summary));
         return Err(error);
     }
@@ -117,15 +136,13 @@ fn line_too_long(line: u64, max_line: usize) -> ApiError {
     .at(format!("line {line}"))
 }
 
-/// What an upload did: one information issue with the counts, then one issue per refused line.
+/// What an upload stored (all of it committed, also when the upload stopped part-way): one
+/// information issue with the counts, then one issue per refused line.
 fn summary_issues(summary: &ImportSummary) -> Vec<Issue> {
+    let stored = summary.created + summary.updated + summary.unchanged;
     let mut issues = vec![Issue::information(format!(
-        "processed {} resources: {} created, {} updated, {} unchanged, {} failed",
-        summary.processed(),
-        summary.created,
-        summary.updated,
-        summary.unchanged,
-        summary.failed
+        "{stored} resources stored: {} created, {} updated, {} unchanged, {} failed",
+        summary.created, summary.updated, summary.unchanged, summary.failed
     ))];
     for error in &summary.errors {
         issues

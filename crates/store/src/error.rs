@@ -1,7 +1,7 @@
 use thiserror::Error;
 
 /// What can go wrong in a store. `Conflict`, `NotFound`, `VersionConflict` and `Invalid` are the caller's
-/// doing; `Database` is ours and its detail is logged, never shown to a client.
+/// doing; `Database` and `StorageFull` are ours and their detail is logged, never shown to a client.
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("not found: {0}")]
@@ -14,11 +14,27 @@ pub enum StoreError {
     VersionConflict(String),
     #[error("database error: {0}")]
     Database(String),
+    /// The disk (or the database's size cap) is full: the failed write stored nothing, and
+    /// the same request can succeed once space is freed.
+    #[error("storage full: {0}")]
+    StorageFull(String),
+}
+
+impl StoreError {
+    /// The store's own failure rather than the request's: retrying the request entry by entry
+    /// cannot help, so a batch stops at it.
+    pub fn is_store_failure(&self) -> bool {
+        matches!(self, StoreError::Database(_) | StoreError::StorageFull(_))
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(error: rusqlite::Error) -> Self {
-        StoreError::Database(error.to_string())
+        // SQLITE_FULL: the disk is full (SQLite maps ENOSPC to it) or `max_page_count` is reached.
+        match error.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::StorageFull(error.to_string()),
+            _ => StoreError::Database(error.to_string()),
+        }
     }
 }
 

@@ -170,4 +170,11 @@ pub trait Store: Send + Sync + 'static {
     /// Housekeeping across all tenants: deletes every record with `expires <= now`; returns how
     /// many.
     fn delete_expired_export_records(&self, now: Micros) -> Result<u64, StoreError>;
+
+    // ---- health ----
+
+    /// Whether the store can take writes now: [`StoreError::StorageFull`] when the disk holding
+    /// its data has less than `min_free_bytes` available, else the error of a small real write
+    /// (a read-only or broken database), if any.
+    fn check_writable(&self, min_free_bytes: u64) -> Result<(), StoreError>;
 }

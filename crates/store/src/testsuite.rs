@@ -20,7 +20,8 @@ macro_rules! store_test_suite {
             group_membership_history, export_is_a_snapshot, export_since_and_new_members,
             export_reports_deletions, export_reports_resources_that_left_the_cohort, export_parts_split_by_size, transaction_time_orders_writes,
             existence_at_a_time, a_patient_is_in_its_own_compartment_by_stored_id, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
-            expired_export_jobs_are_swept, export_records_round_trip_by_tenant_and_expire);
+            expired_export_jobs_are_swept, export_records_round_trip_by_tenant_and_expire,
+            a_fresh_store_is_writable_above_its_free_space_floor);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -613,4 +614,12 @@ pub fn export_records_round_trip_by_tenant_and_expire(store: &dyn Store) {
     assert_eq!(store.export_record(a, "r1").unwrap(), None);
     assert_eq!(store.export_record(b, "r2").unwrap(), None);
     assert!(store.export_record(b, "r1").unwrap().is_some());
+}
+
+pub fn a_fresh_store_is_writable_above_its_free_space_floor(store: &dyn Store) {
+    store.check_writable(0).expect("a fresh store takes writes");
+    match store.check_writable(u64::MAX) {
+        Err(StoreError::StorageFull(_)) => {}
+        other => panic!("no disk has u64::MAX bytes free, yet check_writable answered {other:?}"),
+    }
 }

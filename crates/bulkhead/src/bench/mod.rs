@@ -73,7 +73,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     report.print_table();
     let json_text = serde_json::to_string_pretty(&report.to_json())?;
-    println!("{json_text}");
+    say!("{json_text}");
     if let Some(path) = &args.json {
         std::fs::write(path, &json_text).with_context(|| format!("writing {}", path.display()))?;
     }

@@ -68,10 +68,10 @@ impl BenchReport {
     }
 
     pub fn print_table(&self) {
-        println!("machine: {}", self.machine);
-        println!("command: {}", self.command);
+        say!("machine: {}", self.machine);
+        say!("command: {}", self.command);
         for dataset in &self.datasets {
-            println!(
+            say!(
                 "\ndata set: {} synthetic patients, {} resources ({}); import {:.1} s = {:.0} resources/s",
                 dataset.patients,
                 dataset.resources,
@@ -79,13 +79,21 @@ impl BenchReport {
                 dataset.import_seconds,
                 dataset.resources as f64 / dataset.import_seconds.max(1e-9)
             );
-            println!(
+            say!(
                 "{:>8} {:>9} {:>9} {:>5} {:>10} {:>11} {:>9} {:>8} {:>9}",
-                "members", "p50 ms", "p95 ms", "gzip", "resources", "res/s", "MB/s", "seconds", "peak RSS"
+                "members",
+                "p50 ms",
+                "p95 ms",
+                "gzip",
+                "resources",
+                "res/s",
+                "MB/s",
+                "seconds",
+                "peak RSS"
             );
             for group in &dataset.groups {
                 for export in &group.exports {
-                    println!(
+                    say!(
                         "{:>8} {:>9.1} {:>9.1} {:>5} {:>10} {:>11.0} {:>9.1} {:>8.2} {:>8}M",
                         group.members,
                         group.manifest_p50_ms,
@@ -104,7 +112,7 @@ impl BenchReport {
         }
         for dataset in &self.datasets {
             if let Some(writes) = &dataset.writes {
-                println!(
+                say!(
                     "\nwrites over HTTP ({} patients loaded): {} single creates at {:.0}/s; {} transaction Bundles of {} at {:.0} resources/s",
                     dataset.patients,
                     writes.single_creates,
@@ -116,7 +124,7 @@ impl BenchReport {
             }
         }
         if let Some(ratio) = self.growth_ratio() {
-            println!("\ncost growth: largest/smallest data set, same Group size: {ratio}");
+            say!("\ncost growth: largest/smallest data set, same Group size: {ratio}");
         }
     }
 

@@ -16,7 +16,10 @@ use tempfile::TempDir;
 mod api;
 mod export;
 
+// Each test crate uses a part of the harness.
+#[allow(unused_imports)]
 pub use api::*;
+#[allow(unused_imports)]
 pub use export::*;
 
 /// The binary under test, built by cargo for this test target.
@@ -36,6 +39,83 @@ pub fn bulkhead() -> Command {
         }
     }
     command
+}
+
+/// Runs `command` with the given umask (set in the child, so other tests are unaffected).
+pub fn with_umask(command: &mut Command, mask: u32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask is async-signal-safe and touches only the child's own process state.
+    unsafe {
+        command.pre_exec(move || {
+            libc::umask(mask as libc::mode_t);
+            Ok(())
+        });
+    }
+}
+
+/// Spawns `command` and reads its stdout until a line contains `marker`; returns the child
+/// (still running, stdout still being drained) and the output so far. Fails the test when the
+/// child exits first or `deadline` passes.
+pub fn spawn_until(mut command: Command, marker: &str, deadline: Duration) -> (Child, String) {
+    use std::io::BufRead;
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("spawning the command");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    // Keeps draining after the marker so the child never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut seen = String::new();
+    loop {
+        match lines_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains(marker) {
+                    return (child, seen);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let output = child.wait_with_output().expect("collecting the command's output");
+                panic!(
+                    "{command:?} ended without printing {marker:?}\nstdout:\n{seen}\nstderr:\n{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("collecting the command's output");
+            panic!(
+                "{command:?} did not print {marker:?} within {deadline:?}\nstdout:\n{seen}\nstderr:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+}
+
+/// Sends SIGTERM to a child this test started and waits for it to exit.
+pub fn terminate_child(child: &mut Child, deadline: Duration) -> ExitStatus {
+    let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().expect("running kill");
+    assert!(status.success(), "kill -TERM {} failed", child.id());
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for the child") {
+            return status;
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            panic!("the child did not exit within {deadline:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A port nobody listens on right now (bound, read, released).
@@ -89,6 +169,8 @@ pub struct Options {
     pub port: Option<u16>,
     /// An existing data directory instead of a fresh one.
     pub data_dir: Option<PathBuf>,
+    /// The server's umask (default: the test's own).
+    pub umask: Option<u32>,
 }
 
 /// A running `bulkhead serve`, killed (by its own PID) when dropped.
@@ -127,6 +209,9 @@ impl Server {
                 command.arg("--config").arg(config);
             }
             command.envs(options.env.iter().map(|(name, value)| (name.as_str(), value.as_str())));
+            if let Some(mask) = options.umask {
+                with_umask(&mut command, mask);
+            }
             command.env("RUST_LOG", "info");
             command
                 .stdin(Stdio::null())

@@ -17,7 +17,7 @@ use axum::Router;
 use bulkhead_export::token::TokenKeys;
 use bulkhead_http::credentials::register_client;
 use bulkhead_http::{router, AppState, HttpConfig};
-use bulkhead_store::sqlite::SqliteStore;
+use bulkhead_store::sqlite::{SqliteOptions, SqliteStore};
 use bulkhead_store::{Store, TenantId};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
@@ -73,6 +73,26 @@ impl Server {
         let mut state = AppState::new(store.clone(), config, token_keys());
         adjust(&mut state);
         Server { app: router(state), store, _dir: dir }
+    }
+
+    /// The same database reopened under `config` with a cap of `extra_pages` pages
+    /// beyond what it holds now: writes past the cap fail as on a full disk (SQLITE_FULL).
+    pub fn reopen_with_page_cap(self, config: HttpConfig, extra_pages: u64) -> Server {
+        let Server { app, store, _dir } = self;
+        // The last connection to close checkpoints the WAL into the file, so its size is exact.
+        drop(app);
+        drop(store);
+        let path = _dir.path().join("bulkhead.db");
+        let file = std::fs::read(&path).expect("database file");
+        // The page size is in the file header (bytes 16-17, big-endian; 1 means 65536).
+        let page_size = match u16::from_be_bytes([file[16], file[17]]) {
+            1 => 65_536,
+            size => u64::from(size),
+        };
+        let pages = file.len() as u64 / page_size;
+        let options = SqliteOptions { max_page_count: Some(pages + extra_pages), ..SqliteOptions::default() };
+        let store = Arc::new(SqliteStore::open_with(&path, options).expect("reopen store"));
+        Server { app: router(AppState::new(store.clone(), config, token_keys())), store, _dir }
     }
 
     pub fn tenant(&self, name: &str) -> TenantId {

@@ -25,12 +25,15 @@ pub struct SqliteOptions {
     pub reader_cache_mib: u32,
     /// Idle read connections kept open.
     pub idle_readers: usize,
+    /// A cap on the database file, in pages (`PRAGMA max_page_count`): writes past it fail as
+    /// [`StoreError::StorageFull`], as on a full disk. `None`: no cap but the disk's.
+    pub max_page_count: Option<u64>,
 }
 
 impl Default for SqliteOptions {
     /// Sized for a server: its memory must stay small during exports of any size.
     fn default() -> Self {
-        SqliteOptions { writer_cache_mib: 16, reader_cache_mib: 4, idle_readers: 4 }
+        SqliteOptions { writer_cache_mib: 16, reader_cache_mib: 4, idle_readers: 4, max_page_count: None }
     }
 }
 
@@ -61,6 +64,10 @@ impl SqliteStore {
         // effect when the database is created.
         writer.execute_batch("PRAGMA page_size = 16384;")?;
         writer.execute_batch(SCHEMA)?;
+        if let Some(pages) = options.max_page_count {
+            // Per connection; only the writer grows the file.
+            writer.pragma_update(None, "max_page_count", pages)?;
+        }
         Ok(SqliteStore { writer: Mutex::new(writer), readers: Mutex::new(Vec::new()), path: path.to_owned(), options })
     }
 
@@ -188,13 +195,18 @@ impl crate::Store for SqliteStore {
                         // A savepoint per entry: a failed entry leaves no partial rows behind.
                         transaction.prepare_cached("SAVEPOINT entry")?.execute([])?;
                         let result = resources::apply(transaction, tenant, owner, op, timestamp);
-                        if result.is_err() {
+                        // The store's own failure ends the whole write; SQLite may already have
+                        // rolled the transaction back (it does on SQLITE_FULL), savepoint and all.
+                        if let Err(error) = result {
+                            if error.is_store_failure() {
+                                return Err(error);
+                            }
                             transaction.prepare_cached("ROLLBACK TO entry")?.execute([])?;
+                            transaction.prepare_cached("RELEASE entry")?.execute([])?;
+                            results.push(Err(error));
+                            continue;
                         }
                         transaction.prepare_cached("RELEASE entry")?.execute([])?;
-                        if let Err(StoreError::Database(detail)) = &result {
-                            return Err(StoreError::Database(detail.clone()));
-                        }
                         results.push(result);
                     }
                 }
@@ -353,6 +365,52 @@ impl crate::Store for SqliteStore {
     fn delete_expired_export_records(&self, now: Micros) -> Result<u64, StoreError> {
         self.with_write(|transaction, _| jobs::delete_expired_export_records(transaction, now))
     }
+
+    fn check_writable(&self, min_free_bytes: u64) -> Result<(), StoreError> {
+        let directory = self.path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if let Some(available) = available_bytes(directory) {
+            if available < min_free_bytes {
+                return Err(StoreError::StorageFull(format!(
+                    "{available} bytes available on the disk of {}, below the floor of {min_free_bytes}",
+                    directory.display()
+                )));
+            }
+        }
+        // A write in progress shows that writes go through (its own failure answers its client);
+        // waiting for it, possibly a large import batch, would stall the probe.
+        let mut connection = match self.writer.try_lock() {
+            Ok(connection) => connection,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        };
+        // A real write (the clock row): what a full disk, a read-only file or a broken
+        // database refuses.
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        next_timestamp(&transaction)?;
+        transaction.commit()?;
+        Ok(())
+    }
+}
+
+/// Bytes available to this process on the file system holding `directory`.
+#[cfg(unix)]
+fn available_bytes(directory: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(directory.as_os_str().as_bytes()).ok()?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `path` is NUL-terminated and `stats` is a writable statvfs for the call to fill.
+    if unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs succeeded, so it filled `stats`.
+    let stats = unsafe { stats.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+    Some(stats.f_bavail as u64 * stats.f_frsize as u64)
+}
+
+#[cfg(not(unix))]
+fn available_bytes(_directory: &Path) -> Option<u64> {
+    None
 }
 
 #[cfg(test)]
@@ -377,4 +435,38 @@ mod tests {
     }
 
     crate::store_test_suite!(fresh_store());
+
+    /// SQLITE_FULL (a full disk, or the page cap reached) is `StorageFull`, and a batch stops
+    /// at it instead of reporting it per entry.
+    #[test]
+    fn a_full_database_is_storage_full() {
+        use crate::{Store, StoreError, WriteMode, WriteOp};
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("test.db");
+        let pages = {
+            let store = super::SqliteStore::open(&path).unwrap();
+            store.create_tenant("t").unwrap();
+            store
+                .with_read(|connection| Ok(connection.query_row("PRAGMA page_count", [], |row| row.get::<_, u64>(0))?))
+                .unwrap()
+        };
+        let options = super::SqliteOptions { max_page_count: Some(pages + 2), ..Default::default() };
+        let store = super::SqliteStore::open_with(&path, options).unwrap();
+        let tenant = store.tenant_by_name("t").unwrap().unwrap().id;
+        let big = |id: usize| WriteOp::Update {
+            resource_type: "Basic".into(),
+            id: format!("b{id}"),
+            body: serde_json::json!({"resourceType": "Basic", "id": format!("b{id}"), "code": {"text": "x".repeat(60_000)}}),
+            if_match: None,
+        };
+        let ops: Vec<WriteOp> = (0..4).map(big).collect();
+        for mode in [WriteMode::Transaction, WriteMode::Batch] {
+            match store.write(tenant, None, &ops, mode) {
+                Err(StoreError::StorageFull(_)) => {}
+                other => panic!("{mode:?}: expected StorageFull, got {other:?}"),
+            }
+        }
+        assert!(store.read(tenant, &crate::Visibility::Tenant, "Basic", "b0").unwrap().is_none(), "nothing stored");
+        store.check_writable(0).expect("small writes still fit");
+    }
 }
