@@ -168,8 +168,9 @@ async fn the_log_holds_no_token_secret_or_flood() {
     let url = manifest["output"][0]["url"].as_str().expect("a file URL").to_owned();
     let file = url.rsplit('/').next().expect("a file name").to_owned();
     let token = file.strip_suffix(".ndjson").expect("a .ndjson file").to_owned();
-    let signature = token.rsplit('.').next().expect("a JWT signature").to_owned();
-    assert!(token.len() > 100 && signature.len() >= 40, "{token}");
+    let signature = token.rsplit('.').next().expect("a token signature").to_owned();
+    let payload = token.split('.').nth(1).expect("a token payload").to_owned();
+    assert!(token.len() >= 60 && signature.len() >= 40 && payload.len() >= 20, "{token}");
 
     // Mistyped and mis-routed variants of the file URL, with and without credentials.
     let anonymous = api.with_secret("", "");
@@ -203,9 +204,12 @@ async fn the_log_holds_no_token_secret_or_flood() {
     }
 
     let log = server.log();
-    for (what, secret) in
-        [("file token", token.as_str()), ("token signature", &signature), ("client secret", &api.client_secret)]
-    {
+    for (what, secret) in [
+        ("file token", token.as_str()),
+        ("token payload", &payload),
+        ("token signature", &signature),
+        ("client secret", &api.client_secret),
+    ] {
         assert!(!log.contains(secret), "the log holds the {what}:\n{log}");
     }
     assert!(!log.contains(&"A".repeat(200)), "the log holds the long client id");

@@ -11,9 +11,9 @@ const MAX_INPUT_BYTES: usize = 256;
 /// Characters kept in the log (after escaping, before the truncation note).
 const MAX_LOGGED_CHARS: usize = 96;
 
-/// Runs of URL-token characters at least this long are redacted: file tokens (JWTs of a few
-/// hundred characters) and client secrets (43) are longer; client ids (19) and UUIDs (36) are
-/// shorter.
+/// Runs of URL-token characters at least this long are redacted: file tokens (about 80
+/// characters, `.`-separated parts included) and client secrets (43) are longer; client ids (19)
+/// and UUIDs (36) are shorter.
 const REDACT_RUN: usize = 40;
 
 /// `value` made safe for a log line: control and non-ASCII characters escaped, runs of 40 or
