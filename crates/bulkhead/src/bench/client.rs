@@ -78,25 +78,21 @@ impl Client {
 
     /// The synchronous manifest (no `Prefer: respond-async`).
     pub async fn manifest(&self, group_id: &str) -> anyhow::Result<Value> {
-        Ok(self.get(&self.kick_off_url(group_id)).send().await?.error_for_status()?.json().await?)
+        Ok(measure::send_patiently(self.get(&self.kick_off_url(group_id))).await?.0.json().await?)
     }
 
     /// The synchronous manifest of what changed after `since` (a server instant).
     pub async fn manifest_since(&self, group_id: &str, since: &str) -> anyhow::Result<Value> {
         let request = self.get(&self.kick_off_url(group_id)).query(&[("_since", since)]);
-        Ok(request.send().await?.error_for_status()?.json().await?)
+        Ok(measure::send_patiently(request).await?.0.json().await?)
     }
 
     /// `Prefer: respond-async`: times the 202, then polls the status URL (every `poll`) until it
     /// answers 200 with a manifest, and deletes the job.
     pub async fn export_async(&self, group_id: &str, poll: Duration) -> anyhow::Result<AsyncExport> {
         let started = Instant::now();
-        let response = self
-            .get(&self.kick_off_url(group_id))
-            .header("prefer", "respond-async")
-            .send()
-            .await?
-            .error_for_status()?;
+        let request = self.get(&self.kick_off_url(group_id)).header("prefer", "respond-async");
+        let (response, _) = measure::send_patiently(request).await?;
         let kick_off_ms = started.elapsed().as_secs_f64() * 1000.0;
         anyhow::ensure!(response.status() == reqwest::StatusCode::ACCEPTED, "kick-off answered {}", response.status());
         let status_url = response

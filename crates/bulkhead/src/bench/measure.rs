@@ -64,16 +64,7 @@ pub async fn download(request: reqwest::RequestBuilder, encoding: Encoding, expe
         Encoding::Identity => request,
         other => request.header("accept-encoding", other.name()),
     };
-    let mut throttled = 0;
-    let response = loop {
-        let attempt = request.try_clone().context("cloning the download request")?;
-        let response = attempt.send().await?;
-        if response.status() != reqwest::StatusCode::TOO_MANY_REQUESTS || throttled >= 600 {
-            break response.error_for_status()?;
-        }
-        throttled += 1;
-        tokio::time::sleep(retry_after(&response)).await;
-    };
+    let (response, throttled) = send_patiently(request).await?;
     let content_encoding = response.headers().get("content-encoding").and_then(|value| value.to_str().ok());
     match encoding {
         Encoding::Identity => anyhow::ensure!(content_encoding.is_none(), "asked for no encoding, got one"),
@@ -98,6 +89,22 @@ pub async fn download(request: reqwest::RequestBuilder, encoding: Encoding, expe
         anyhow::ensure!(lines == expected, "file had {lines} lines, the manifest said {expected}");
     }
     Ok(Download { resources: expected, bytes, throttled })
+}
+
+/// Sends `request`, waiting out `429 Too Many Requests` answers as their `Retry-After` says (a
+/// server may bound its concurrent work that way); returns the final response, which must be a
+/// success, and how many 429s came first.
+pub async fn send_patiently(request: reqwest::RequestBuilder) -> anyhow::Result<(reqwest::Response, u64)> {
+    let mut throttled = 0;
+    loop {
+        let attempt = request.try_clone().context("cloning a request")?;
+        let response = attempt.send().await?;
+        if response.status() != reqwest::StatusCode::TOO_MANY_REQUESTS || throttled >= 600 {
+            return Ok((response.error_for_status()?, throttled));
+        }
+        throttled += 1;
+        tokio::time::sleep(retry_after(&response)).await;
+    }
 }
 
 /// `Retry-After` in seconds (capped at 5 s; 100 ms when absent or unreadable).

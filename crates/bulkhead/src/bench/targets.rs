@@ -34,7 +34,7 @@ fn rss_at_most(what: String, limit_mb: f64, bytes: Option<u64>) -> Target {
     }
 }
 
-fn export<'a>(group: &'a GroupResult, encoding: Encoding) -> Option<&'a ExportResult> {
+fn export(group: &GroupResult, encoding: Encoding) -> Option<&ExportResult> {
     group.exports.iter().find(|export| export.encoding == encoding)
 }
 
