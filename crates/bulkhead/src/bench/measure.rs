@@ -67,8 +67,10 @@ pub async fn download(request: reqwest::RequestBuilder, encoding: Encoding, expe
     let (response, throttled) = send_patiently(request).await?;
     let content_encoding = response.headers().get("content-encoding").and_then(|value| value.to_str().ok());
     match encoding {
-        Encoding::Identity => anyhow::ensure!(content_encoding.is_none(), "asked for no encoding, got one"),
-        Encoding::Gzip => anyhow::ensure!(content_encoding == Some("gzip"), "asked for gzip, got an uncompressed file"),
+        Encoding::Identity => {
+            anyhow::ensure!(content_encoding.is_none(), "asked for no encoding, got {content_encoding:?}")
+        }
+        Encoding::Gzip => anyhow::ensure!(content_encoding == Some("gzip"), "asked for gzip, got {content_encoding:?}"),
         Encoding::Zstd if content_encoding != Some("zstd") => {
             // Read to the end so the server sees a finished download, not a client gone away.
             response.bytes().await?;
@@ -234,6 +236,7 @@ pub fn percentile(values: &[f64], q: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use super::{download, Encoding, EncodingNotOffered};
     #[test]
     fn nearest_rank_percentiles() {
         let values = [5.0, 1.0, 3.0, 2.0, 4.0];
@@ -270,5 +273,42 @@ mod tests {
         // The machine may be shared, so only bounds: some CPU was used, at most every core's.
         let (share, cores) = (clock.share(), std::thread::available_parallelism().unwrap().get() as f64);
         assert!(share > 0.01 && share <= cores + 0.5, "a busy loop's CPU share: {share}");
+    }
+
+    /// A stand-in file server: a 429 first, an encoding it does not offer, a short file.
+    #[tokio::test]
+    async fn downloads_wait_out_429s_check_lines_and_notice_an_encoding_not_offered() {
+        use axum::http::{header, StatusCode};
+        use axum::response::IntoResponse;
+        use axum::routing::get;
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let app = axum::Router::new()
+            .route(
+                "/throttled",
+                get(move || async move {
+                    match calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+                        0 => (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "0")], "").into_response(),
+                        _ => "a\nb\n".into_response(),
+                    }
+                }),
+            )
+            .route("/plain", get(|| async { "a\nb\n" }))
+            .route("/zstd", get(|| async { ([(header::CONTENT_ENCODING, "zstd")], "0123456789") }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+        let get = |path: &str| http.get(format!("{base}{path}"));
+
+        let throttled = download(get("/throttled"), Encoding::Identity, 2).await.unwrap();
+        assert_eq!((throttled.resources, throttled.bytes, throttled.throttled), (2, 4, 1));
+        let short = download(get("/plain"), Encoding::Identity, 3).await.unwrap_err();
+        assert!(short.to_string().contains("manifest said 3"), "{short}");
+        let not_offered = download(get("/plain"), Encoding::Zstd, 2).await.unwrap_err();
+        assert!(not_offered.downcast_ref::<EncodingNotOffered>().is_some(), "{not_offered}");
+        let zstd = download(get("/zstd"), Encoding::Zstd, 2).await.unwrap();
+        assert_eq!((zstd.resources, zstd.bytes), (2, 10), "compressed files count by the manifest");
+        let wrong = download(get("/zstd"), Encoding::Gzip, 2).await.unwrap_err();
+        assert!(wrong.downcast_ref::<EncodingNotOffered>().is_none(), "asked for gzip, got zstd: a failure");
     }
 }

@@ -305,35 +305,7 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, spec: &DataSpec) -> anyhow::Re
             result.upload = Some(upload);
         }
         let members = &patient_ids[..args.concurrent_members.min(patient_ids.len())];
-        if !members.is_empty() && (args.concurrent_exports > 0 || args.mixed_seconds > 0.0) {
-            client.put_group(&group_id(members.len()), members).await?;
-        }
-        if args.concurrent_exports > 0 && !members.is_empty() {
-            eprintln!("{} concurrent exports of {} members", args.concurrent_exports, members.len());
-            let concurrent = concurrency::concurrent_exports(
-                &client,
-                server.pid,
-                &group_id(members.len()),
-                members.len(),
-                args.concurrent_exports,
-                args.concurrency,
-            )
-            .await?;
-            result.concurrent = Some(concurrent);
-        }
-        if args.mixed_seconds > 0.0 && !members.is_empty() {
-            let load = MixedLoad {
-                writers: args.mixed.first().copied().unwrap_or(16),
-                exporters: args.mixed.get(1).copied().unwrap_or(4),
-                readers: args.mixed.get(2).copied().unwrap_or(8),
-                duration: Duration::from_secs_f64(args.mixed_seconds),
-            };
-            eprintln!("mixed load {load:?}");
-            let mixed =
-                concurrency::mixed_load(&client, server.pid, &group_id(members.len()), members, load, args.concurrency)
-                    .await?;
-            result.mixed = Some(mixed);
-        }
+        under_load(&client, &server, args, members, &mut result).await?;
         if args.creates + args.bundles > 0 {
             let writes = writes::measure_writes(
                 &client,
@@ -349,6 +321,41 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, spec: &DataSpec) -> anyhow::Re
     })?;
     drop(server);
     Ok(result)
+}
+
+/// Memory under concurrency: `--concurrent-exports` exports of one Group at once, then the mixed
+/// load, both on the Group of the first `--concurrent-members` patients.
+async fn under_load(
+    client: &Client,
+    server: &Server,
+    args: &BenchArgs,
+    members: &[String],
+    result: &mut DatasetResult,
+) -> anyhow::Result<()> {
+    if members.is_empty() || (args.concurrent_exports == 0 && args.mixed_seconds <= 0.0) {
+        return Ok(());
+    }
+    let group = group_id(members.len());
+    client.put_group(&group, members).await?;
+    if args.concurrent_exports > 0 {
+        eprintln!("{} concurrent exports of {} members", args.concurrent_exports, members.len());
+        let (exports, concurrency) = (args.concurrent_exports, args.concurrency);
+        let concurrent =
+            concurrency::concurrent_exports(client, server.pid, &group, members.len(), exports, concurrency).await?;
+        result.concurrent = Some(concurrent);
+    }
+    if args.mixed_seconds > 0.0 {
+        let load = MixedLoad {
+            writers: args.mixed.first().copied().unwrap_or(16),
+            exporters: args.mixed.get(1).copied().unwrap_or(4),
+            readers: args.mixed.get(2).copied().unwrap_or(8),
+            duration: Duration::from_secs_f64(args.mixed_seconds),
+        };
+        eprintln!("mixed load {load:?}");
+        let mixed = concurrency::mixed_load(client, server.pid, &group, members, load, args.concurrency).await?;
+        result.mixed = Some(mixed);
+    }
+    Ok(())
 }
 
 fn group_id(members: usize) -> String {
