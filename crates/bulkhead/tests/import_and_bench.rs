@@ -93,6 +93,18 @@ fn a_tiny_benchmark_runs_end_to_end() {
         path(work.path()),
         "--manifest-runs",
         "2",
+        "--since-writes",
+        "3",
+        "--upload-resources",
+        "50",
+        "--concurrent-exports",
+        "3",
+        "--concurrent-members",
+        "6",
+        "--mixed",
+        "2,1,2",
+        "--mixed-seconds",
+        "1",
         "--creates",
         "5",
         "--bundles",
@@ -102,22 +114,175 @@ fn a_tiny_benchmark_runs_end_to_end() {
         "--json",
         path(&json),
     ]);
+    let stdout = text(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", text(&run.stderr));
+    assert!(stdout.contains("against the targets"), "the table says met or missed: {stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let cores = report["machine"]["cores"].as_f64().unwrap();
+    assert!(cores >= 1.0);
+    let dataset = &report["datasets"][0];
+    assert_eq!(dataset["patients"], 6);
+    let resources = dataset["resources"].as_u64().unwrap();
+    assert!(resources > 6);
+    // The import: every line created, its own peak RSS read from the child process.
+    assert_eq!(dataset["import_counts"]["created"].as_u64(), Some(resources));
+    assert_eq!(dataset["import_counts"]["failed"], 0);
+    assert!(dataset["import_peak_rss_bytes"].as_u64().unwrap() > 1_000_000, "import RSS from wait4");
+    let cpu_share = |value: &serde_json::Value| {
+        let share = value["client_cpu_share"].as_f64().unwrap();
+        assert!(share > 0.0 && share <= cores + 0.5, "the client's CPU share is a share: {share}");
+    };
+
+    let groups = dataset["groups"].as_array().unwrap();
+    assert_eq!(groups.iter().map(|g| g["members"].as_u64().unwrap()).collect::<Vec<_>>(), vec![2, 6]);
+    for group in groups {
+        let (kick_off, complete) =
+            (group["async_kick_off_p50_ms"].as_f64().unwrap(), group["async_complete_p50_ms"].as_f64().unwrap());
+        assert!(kick_off > 0.0 && complete >= kick_off, "202 first, then the status's 200: {group}");
+        let exports = group["exports"].as_array().unwrap();
+        let encodings: Vec<&str> = exports.iter().map(|e| e["encoding"].as_str().unwrap()).collect();
+        assert!(encodings.starts_with(&["none", "gzip"]), "{encodings:?}");
+        assert!(encodings.len() == 2 || encodings[2] == "zstd", "zstd only when offered: {encodings:?}");
+        for export in exports {
+            assert_eq!(export["resources"], exports[0]["resources"], "every encoding exports the same resources");
+            assert!(
+                export["resources"].as_u64().unwrap() > 0 && export["resources_per_second"].as_f64().unwrap() > 0.0
+            );
+            assert!(
+                export["server_peak_rss_bytes"].as_u64().unwrap() > 1_000_000,
+                "peak RSS is read from the server process"
+            );
+            cpu_share(export);
+        }
+    }
+    let largest_export = groups[1]["exports"][0]["resources"].as_u64().unwrap();
+
+    // `_since` after 3 writes to members lists exactly those 3.
+    let since = &dataset["since"];
+    assert_eq!((since["members"].as_u64(), since["writes"].as_u64()), (Some(6), Some(3)));
+    assert_eq!(since["resources"], 3, "{since}");
+    assert!(since["manifest_p50_ms"].as_f64().unwrap() > 0.0);
+
+    // $upload-ndjson: the first 50 lines, each a create in the upload's own tenant.
+    let upload = &dataset["upload"];
+    assert_eq!((upload["sent"].as_u64(), upload["counts"]["created"].as_u64()), (Some(50), Some(50)), "{upload}");
+    assert!(upload["resources_per_second"].as_f64().unwrap() > 0.0);
+    assert!(upload["server_peak_rss_bytes"].as_u64().unwrap() > 1_000_000);
+    cpu_share(upload);
+
+    // 3 concurrent exports of the 6-member Group, which now also holds the 3 `_since` writes.
+    let concurrent = &dataset["concurrent_exports"];
+    assert_eq!((concurrent["exports"].as_u64(), concurrent["members"].as_u64()), (Some(3), Some(6)));
+    assert_eq!(concurrent["resources"].as_u64(), Some(3 * (largest_export + 3)), "{concurrent}");
+    assert!(concurrent["server_peak_rss_bytes"].as_u64().unwrap() > 1_000_000);
+    cpu_share(concurrent);
+
+    let mixed = &dataset["mixed_load"];
+    assert_eq!(
+        (mixed["writers"].as_u64(), mixed["exporters"].as_u64(), mixed["readers"].as_u64()),
+        (Some(2), Some(1), Some(2))
+    );
+    for class in ["writes", "exports", "reads"] {
+        assert!(mixed[class].as_u64().unwrap() > 0, "every class did work: {mixed}");
+        assert_eq!(mixed[format!("{class}_failed")], 0, "{mixed}");
+        assert!(mixed[format!("{class}_per_second")].as_f64().unwrap() > 0.0);
+    }
+    assert!(mixed["seconds"].as_f64().unwrap() >= 1.0, "runs for the fixed duration");
+    assert!(mixed["server_peak_rss_bytes"].as_u64().unwrap() > 1_000_000);
+    cpu_share(mixed);
+    assert!(dataset["writes"]["single_creates_per_second"].as_f64().unwrap() > 0.0);
+
+    // Every row of issue 10's table is there, each with its target and a verdict.
+    let targets = dataset["targets"].as_array().unwrap();
+    for row in [
+        "synchronous manifest p50, 6-member Group",
+        "manifest growth p50(6)/p50(2)",
+        "async kick-off (202) p50",
+        "async: status 200 p50, 6-member Group",
+        "_since manifest p50, 6 members, 3 writes",
+        "CLI import",
+        "CLI import peak RSS",
+        "POST /r4/$upload-ndjson",
+        "server peak RSS during $upload-ndjson",
+        "export NDJSON, 6-member Group",
+        "export gzip, 6-member Group",
+        "export zstd, 6-member Group",
+        "server peak RSS, one ",
+        "server peak RSS, 3 concurrent exports of 6 members",
+        "server peak RSS, mixed load 2/1/2",
+    ] {
+        let found = targets.iter().find(|t| t["what"].as_str().unwrap().starts_with(row));
+        let found = found.unwrap_or_else(|| panic!("no target row '{row}' in {targets:?}"));
+        assert!(found["met"].is_boolean() || found["target"] == "-", "{found}");
+    }
+}
+
+/// `--shape synthea`: the vendored Synthea sample copied twice with fresh ids, shared
+/// organisations and practitioners written once, imported without a refusal.
+#[test]
+fn a_synthea_shaped_benchmark_imports_the_scaled_sample() {
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-100");
+    let (mut total, mut shared) = (0u64, 0u64);
+    for entry in std::fs::read_dir(&sample).unwrap() {
+        let file = entry.unwrap().path();
+        let name = file.file_name().unwrap().to_str().unwrap().to_owned();
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(flate2::read::GzDecoder::new(
+            std::fs::File::open(&file).unwrap(),
+        )))
+        .filter(|line| !line.as_ref().unwrap().trim().is_empty())
+        .count() as u64;
+        total += lines;
+        if ["Organization.", "Practitioner.", "Location.", "Medication."].iter().any(|t| name.starts_with(t)) {
+            shared += lines;
+        }
+    }
+    assert_eq!(total, 38_483, "the sample as testdata/README.md describes it");
+    let expected = 2 * total - shared;
+
+    let work = tempfile::tempdir().unwrap();
+    let json = work.path().join("bench.json");
+    let run = bulkhead(&[
+        "bench",
+        "--shape",
+        "synthea",
+        "--scale",
+        "2",
+        "--synthea-sample",
+        path(&sample),
+        "--groups",
+        "100,200",
+        "--work-dir",
+        path(work.path()),
+        "--manifest-runs",
+        "1",
+        "--since-writes",
+        "0",
+        "--upload-resources",
+        "0",
+        "--concurrent-exports",
+        "0",
+        "--mixed-seconds",
+        "0",
+        "--creates",
+        "0",
+        "--bundles",
+        "0",
+        "--json",
+        path(&json),
+    ]);
     assert!(run.status.success(), "{}\n{}", text(&run.stdout), text(&run.stderr));
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let dataset = &report["datasets"][0];
-    assert_eq!(dataset["patients"], 6);
-    assert!(dataset["resources"].as_u64().unwrap() > 6);
+    assert_eq!(dataset["shape"], "Synthea-shaped (sample x2)");
+    assert_eq!(dataset["patients"], 200);
+    assert_eq!(dataset["resources"].as_u64(), Some(expected));
+    assert_eq!(dataset["import_counts"]["created"].as_u64(), Some(expected), "fresh ids: nothing updated twice");
+    assert_eq!(dataset["import_counts"]["failed"], 0);
     let groups = dataset["groups"].as_array().unwrap();
-    assert_eq!(groups.iter().map(|g| g["members"].as_u64().unwrap()).collect::<Vec<_>>(), vec![2, 6]);
-    for export in groups.iter().flat_map(|g| g["exports"].as_array().unwrap()) {
-        assert!(export["resources"].as_u64().unwrap() > 0 && export["resources_per_second"].as_f64().unwrap() > 0.0);
-        assert!(
-            export["server_peak_rss_bytes"].as_u64().unwrap() > 1_000_000,
-            "peak RSS is read from the server process"
-        );
-    }
-    assert!(report["machine"]["cores"].as_u64().unwrap() >= 1);
-    assert!(dataset["writes"]["single_creates_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(groups.iter().map(|g| g["members"].as_u64().unwrap()).collect::<Vec<_>>(), vec![100, 200]);
+    let exported = |group: &serde_json::Value| group["exports"][0]["resources"].as_u64().unwrap();
+    // Each copy's patients own their resources: twice the patients, about twice the resources.
+    assert!(exported(&groups[1]) > exported(&groups[0]) && exported(&groups[1]) < expected);
 }
 
 /// `bulkhead import` reads lines as bytes and refuses what REST refuses, with the same words:

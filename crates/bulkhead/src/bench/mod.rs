@@ -1,13 +1,22 @@
-//! `bulkhead bench`: the benchmark that holds Bulkhead to DESIGN.md §6.
+//! `bulkhead bench`: the benchmark that holds Bulkhead to DESIGN.md §6 and issue 10's table.
 //!
-//! It generates (or reuses) synthetic data sets, imports each into a fresh data directory with
-//! `bulkhead import`, starts `bulkhead serve` on it, creates Groups through the FHIR API, and
-//! measures as a user would, over HTTP: manifest latency, end-to-end export throughput (manifest
-//! plus every file) uncompressed and gzip, and the server's peak RSS during each export, read
-//! from the server process.
+//! It generates (or reuses) a data set — synthetic (`bulkhead synth`) or Synthea-shaped (the
+//! vendored sample scaled), imports it into a fresh data directory with `bulkhead import`
+//! (throughput and the import's own peak RSS), starts `bulkhead serve` on it, creates Groups
+//! through the FHIR API, and measures as a user would, over HTTP: synchronous, asynchronous and
+//! `_since` manifest latency, end-to-end export throughput (manifest plus every file) as NDJSON,
+//! gzip and zstd, `$upload-ndjson`, concurrent exports and a mixed load, with the server's peak
+//! RSS read from the server process and the benchmark's own CPU share beside each figure.
 
+mod client;
+mod concurrency;
+mod latency;
 mod measure;
 mod report;
+mod summary;
+mod synthea_shape;
+mod targets;
+mod upload;
 mod writes;
 
 use std::path::{Path, PathBuf};
@@ -15,18 +24,37 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Args;
-use futures::StreamExt;
+use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 
-use measure::{peak_rss_during, percentile, Download};
-use report::{BenchReport, DatasetResult, ExportResult, GroupResult};
+use client::Client;
+use concurrency::MixedLoad;
+use measure::{peak_rss_during, Encoding, EncodingNotOffered};
+use report::{BenchReport, DatasetResult, GroupResult, ImportResult};
+use summary::ImportCounts;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Shape {
+    /// `bulkhead synth` data, `--patients` patients per data set.
+    Synthetic,
+    /// The Synthea sample (`--synthea-sample`) copied `--scale` times with fresh ids.
+    Synthea,
+}
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Data set sizes in patients, comma separated.
+    /// Which data to measure on.
+    #[arg(long, value_enum, default_value_t = Shape::Synthetic)]
+    pub shape: Shape,
+    /// Data set sizes in patients (synthetic shape), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     pub patients: Vec<u64>,
+    /// Copies of the Synthea sample per data set (Synthea shape), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "10")]
+    pub scale: Vec<u64>,
+    /// The Synthea sample: a directory of `Type.ndjson.gz` files.
+    #[arg(long, default_value = "testdata/synthea-100")]
+    pub synthea_sample: PathBuf,
     /// Group sizes to measure (each capped by the data set size), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
     pub groups: Vec<usize>,
@@ -35,12 +63,34 @@ pub struct BenchArgs {
     /// Where generated data sets are cached and data directories are made.
     #[arg(long, default_value = "./bench-data")]
     pub work_dir: PathBuf,
-    /// Manifest requests per Group for the latency percentiles.
+    /// Manifest requests per Group for the latency percentiles (synchronous, asynchronous and
+    /// `_since` alike).
     #[arg(long, default_value_t = 15)]
     pub manifest_runs: usize,
-    /// Files downloaded at once.
+    /// How often an asynchronous export's status is polled, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    pub status_poll_ms: u64,
+    /// Writes before the `_since` manifest of the largest Group (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    pub since_writes: usize,
+    /// Files downloaded at once, per export.
     #[arg(long, default_value_t = 2)]
     pub concurrency: usize,
+    /// Resources sent with `POST /r4/$upload-ndjson` (into a tenant of their own; 0 skips it).
+    #[arg(long, default_value_t = 200_000)]
+    pub upload_resources: u64,
+    /// Exports run at once for the concurrency row (0 skips it).
+    #[arg(long, default_value_t = 20)]
+    pub concurrent_exports: usize,
+    /// Members of the Group the concurrent exports and the mixed load's exporters export.
+    #[arg(long, default_value_t = 1000)]
+    pub concurrent_members: usize,
+    /// Mixed load: writers, exporters, readers, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "16,4,8")]
+    pub mixed: Vec<usize>,
+    /// How long the mixed load runs, in seconds (0 skips it).
+    #[arg(long, default_value_t = 30.0)]
+    pub mixed_seconds: f64,
     /// Single creates for the write benchmark (0 skips it).
     #[arg(long, default_value_t = 2000)]
     pub creates: usize,
@@ -61,6 +111,16 @@ pub struct BenchArgs {
     pub binary: Option<PathBuf>,
 }
 
+/// One data set to measure: where its NDJSON files are and what it holds.
+struct DataSpec {
+    /// For the report: `synthetic` or `Synthea-shaped (sample x10)`.
+    shape: String,
+    /// Names its data directory under `--work-dir`.
+    key: String,
+    files: PathBuf,
+    patients: u64,
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let binary = match &args.binary {
         Some(binary) => binary.clone(),
@@ -68,8 +128,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.work_dir)?;
     let mut report = BenchReport::new();
-    for &patients in &args.patients {
-        report.datasets.push(bench_dataset(&binary, &args, patients)?);
+    let specs = match args.shape {
+        Shape::Synthetic => args
+            .patients
+            .iter()
+            .map(|&patients| synthetic_dataset(&binary, &args, patients))
+            .collect::<anyhow::Result<Vec<_>>>(),
+        Shape::Synthea => {
+            args.scale.iter().map(|&scale| synthea_dataset(&args, scale)).collect::<anyhow::Result<Vec<_>>>()
+        }
+    }?;
+    for spec in &specs {
+        report.datasets.push(bench_dataset(&binary, &args, spec)?);
     }
     report.print_table();
     let json_text = serde_json::to_string_pretty(&report.to_json())?;
@@ -80,33 +150,45 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Generates the data set once per (size, seed); later runs reuse it.
-fn dataset(binary: &Path, args: &BenchArgs, patients: u64) -> anyhow::Result<PathBuf> {
+/// Generates the synthetic data set once per (size, seed); later runs reuse it.
+fn synthetic_dataset(binary: &Path, args: &BenchArgs, patients: u64) -> anyhow::Result<DataSpec> {
     let dir = args.work_dir.join(format!("synth-{patients}-seed{}", args.seed));
-    if dir.join(".complete").exists() {
-        return Ok(dir);
+    if !dir.join(".complete").exists() {
+        eprintln!("generating {patients} patients into {}", dir.display());
+        let status = Command::new(binary)
+            .args(["synth", "--patients", &patients.to_string(), "--seed", &args.seed.to_string(), "--out"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "bulkhead synth failed");
+        std::fs::write(dir.join(".complete"), "")?;
     }
-    eprintln!("generating {patients} patients into {}", dir.display());
-    let status = Command::new(binary)
-        .args(["synth", "--patients", &patients.to_string(), "--seed", &args.seed.to_string(), "--out"])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "bulkhead synth failed");
-    std::fs::write(dir.join(".complete"), "")?;
-    Ok(dir)
+    Ok(DataSpec { shape: "synthetic".into(), key: patients.to_string(), files: dir, patients })
 }
 
-fn bench_dataset(binary: &Path, args: &BenchArgs, patients: u64) -> anyhow::Result<DatasetResult> {
-    let data = dataset(binary, args, patients)?;
-    let data_dir = args.work_dir.join(format!("db-{patients}"));
-    let marker = data_dir.join(".imported");
-    let reused = args.reuse_import && marker.exists();
-    if data_dir.exists() && !reused {
-        std::fs::remove_dir_all(&data_dir)?;
-    }
+/// Scales the Synthea sample once per scale; later runs reuse it.
+fn synthea_dataset(args: &BenchArgs, scale: u64) -> anyhow::Result<DataSpec> {
+    let dir = args.work_dir.join(format!("synthea-x{scale}"));
+    let counts = if dir.join(".complete").exists() {
+        synthea_shape::scaled_counts(&args.synthea_sample, scale)?
+    } else {
+        eprintln!("scaling the Synthea sample {}x into {}", scale, dir.display());
+        let counts = synthea_shape::scaled(&args.synthea_sample, scale, &dir)?;
+        std::fs::write(dir.join(".complete"), "")?;
+        counts
+    };
+    Ok(DataSpec {
+        shape: format!("Synthea-shaped (sample x{scale})"),
+        key: format!("synthea-x{scale}"),
+        files: dir,
+        patients: counts.patients,
+    })
+}
+
+/// Creates a tenant and a client of it with the CLI; returns the client's credentials.
+fn tenant_client(binary: &Path, data_dir: &Path, tenant: &str, create: bool) -> anyhow::Result<(String, String)> {
     let cli = |command: &[&str]| -> anyhow::Result<String> {
-        let output = Command::new(binary).args(command).arg("--data-dir").arg(&data_dir).output()?;
+        let output = Command::new(binary).args(command).arg("--data-dir").arg(data_dir).output()?;
         anyhow::ensure!(
             output.status.success(),
             "bulkhead {} failed: {}",
@@ -115,73 +197,169 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, patients: u64) -> anyhow::Resu
         );
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     };
-    if !reused {
-        cli(&["tenant", "create", "bench"])?;
+    if create {
+        cli(&["tenant", "create", tenant])?;
     }
-    let credentials: Value = serde_json::from_str(&cli(&["client", "create", "--tenant", "bench", "--json"])?)?;
-    let (client_id, client_secret) = (
-        credentials["client_id"].as_str().unwrap_or_default().to_owned(),
-        credentials["client_secret"].as_str().unwrap_or_default().to_owned(),
-    );
+    let credentials: Value = serde_json::from_str(&cli(&["client", "create", "--tenant", tenant, "--json"])?)?;
+    let field = |name: &str| credentials[name].as_str().unwrap_or_default().to_owned();
+    Ok((field("client_id"), field("client_secret")))
+}
 
-    let (resources, import_seconds) = if reused {
-        // The figures of the import that made this data directory.
-        let text = std::fs::read_to_string(&marker)?;
-        let mut fields = text.split_whitespace();
-        let resources: u64 = fields.next().and_then(|n| n.parse().ok()).context("bad .imported marker")?;
-        let seconds: f64 = fields.next().and_then(|n| n.parse().ok()).context("bad .imported marker")?;
-        eprintln!("reusing the import in {} (made in {seconds:.1} s)", data_dir.display());
-        (resources, seconds)
-    } else {
-        eprintln!("importing {}", data.display());
-        let started = Instant::now();
-        let output = Command::new(binary)
-            .args(["import", "--tenant", "bench", "--data-dir"])
-            .arg(&data_dir)
-            .arg(&data)
-            .output()?;
-        let import_seconds = started.elapsed().as_secs_f64();
-        anyhow::ensure!(output.status.success(), "bulkhead import failed: {}", String::from_utf8_lossy(&output.stderr));
-        let resources = imported_count(&String::from_utf8_lossy(&output.stdout))?;
-        std::fs::write(&marker, format!("{resources} {import_seconds}"))?;
-        (resources, import_seconds)
+/// Imports the data set with `bulkhead import` (a child process, reaped with its peak RSS), or
+/// repeats the figures of the import that made a reused data directory.
+fn import(
+    binary: &Path,
+    args: &BenchArgs,
+    spec: &DataSpec,
+    data_dir: &Path,
+    reused: bool,
+) -> anyhow::Result<ImportResult> {
+    let marker = data_dir.join(".imported");
+    if reused {
+        let recorded: Value = serde_json::from_str(&std::fs::read_to_string(&marker)?).context("bad .imported")?;
+        eprintln!("reusing the import in {}", data_dir.display());
+        let number = |name: &str| recorded[name].as_u64().unwrap_or(0);
+        return Ok(ImportResult {
+            counts: ImportCounts {
+                created: number("created"),
+                updated: number("updated"),
+                unchanged: number("unchanged"),
+                failed: number("failed"),
+            },
+            seconds: recorded["seconds"].as_f64().unwrap_or(0.0),
+            peak_rss_bytes: recorded["peak_rss_bytes"].as_u64(),
+        });
+    }
+    eprintln!("importing {}", spec.files.display());
+    let mut command = Command::new(binary);
+    command.args(["import", "--tenant", "bench", "--data-dir"]).arg(data_dir).arg(&spec.files);
+    let finished = measure::run_measured(command, &args.work_dir.join(format!("import-{}", spec.key)))?;
+    anyhow::ensure!(finished.success, "bulkhead import failed: {}", tail(&finished.stderr));
+    let counts = ImportCounts::parse(&finished.stdout)?;
+    anyhow::ensure!(counts.failed == 0, "bulkhead import refused {} lines: {}", counts.failed, tail(&finished.stderr));
+    let peak_rss_bytes = Some(finished.peak_rss_bytes).filter(|bytes| *bytes > 0);
+    let recorded = json!({
+        "created": counts.created, "updated": counts.updated, "unchanged": counts.unchanged,
+        "failed": counts.failed, "seconds": finished.seconds, "peak_rss_bytes": peak_rss_bytes,
+    });
+    std::fs::write(&marker, recorded.to_string())?;
+    Ok(ImportResult { counts, seconds: finished.seconds, peak_rss_bytes })
+}
+
+/// The last few lines of a child's stderr, for an error message.
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+fn bench_dataset(binary: &Path, args: &BenchArgs, spec: &DataSpec) -> anyhow::Result<DatasetResult> {
+    let data_dir = args.work_dir.join(format!("db-{}", spec.key));
+    let reused = args.reuse_import && data_dir.join(".imported").exists();
+    if data_dir.exists() && !reused {
+        std::fs::remove_dir_all(&data_dir)?;
+    }
+    let (client_id, client_secret) = tenant_client(binary, &data_dir, "bench", !reused)?;
+    // Uploads go to a tenant of their own, new each run, so every line is a create.
+    let upload_tenant =
+        format!("upload-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs());
+    let upload_credentials = match args.upload_resources {
+        0 => None,
+        _ => Some(tenant_client(binary, &data_dir, &upload_tenant, true)?),
     };
+    let import = import(binary, args, spec, &data_dir, reused)?;
+    let upload_files = crate::import::collect_files(std::slice::from_ref(&spec.files))?;
 
     let server = Server::start(binary, &data_dir)?;
     let runtime = crate::serve::runtime()?;
-    let groups = runtime.block_on(async {
-        let client = Client { http: reqwest::Client::new(), base: server.base.clone(), client_id, client_secret };
-        let patient_ids = client.patient_ids(patients as usize).await?;
-        let mut results = Vec::new();
-        for &size in args.groups.iter().filter(|size| **size as u64 <= patients) {
-            results.push(bench_group(&client, &server, args, &patient_ids[..size]).await?);
+    let http = reqwest::Client::new();
+    let client = Client { http: http.clone(), base: server.base.clone(), client_id, client_secret };
+    let mut result = DatasetResult {
+        shape: spec.shape.clone(),
+        patients: spec.patients,
+        resources: import.counts.processed() - import.counts.failed,
+        import,
+        data_dir: spec.files.display().to_string(),
+        groups: Vec::new(),
+        since: None,
+        upload: None,
+        concurrent: None,
+        mixed: None,
+        writes: None,
+    };
+    runtime.block_on(async {
+        let patient_ids = client.patient_ids(spec.patients as usize).await?;
+        let mut offers_zstd = true;
+        for &size in args.groups.iter().filter(|size| **size <= patient_ids.len()) {
+            result.groups.push(bench_group(&client, &server, args, &patient_ids[..size], &mut offers_zstd).await?);
         }
-        let writes = match args.creates + args.bundles {
-            0 => None,
-            _ => Some(
-                writes::measure_writes(
-                    &client,
-                    args.creates,
-                    args.concurrency * 4,
-                    args.bundles,
-                    args.bundle_entries.max(2),
-                )
-                .await?,
-            ),
-        };
-        anyhow::Ok((results, writes))
+        if let (Some(largest), true) = (result.groups.iter().map(|group| group.members).max(), args.since_writes > 0) {
+            let members = &patient_ids[..largest];
+            let since =
+                latency::since(&client, &group_id(largest), members, args.since_writes, args.manifest_runs).await?;
+            result.since = Some(since);
+        }
+        if let Some((client_id, client_secret)) = upload_credentials {
+            eprintln!("uploading up to {} resources with $upload-ndjson", args.upload_resources);
+            let uploader = Client { http: http.clone(), base: server.base.clone(), client_id, client_secret };
+            let upload = upload::measure_upload(&uploader, server.pid, upload_files, args.upload_resources).await?;
+            result.upload = Some(upload);
+        }
+        let members = &patient_ids[..args.concurrent_members.min(patient_ids.len())];
+        under_load(&client, &server, args, members, &mut result).await?;
+        if args.creates + args.bundles > 0 {
+            let writes = writes::measure_writes(
+                &client,
+                args.creates,
+                args.concurrency * 4,
+                args.bundles,
+                args.bundle_entries.max(2),
+            )
+            .await?;
+            result.writes = Some(writes);
+        }
+        anyhow::Ok(())
     })?;
     drop(server);
-    let (groups, writes) = groups;
-    Ok(DatasetResult { patients, resources, import_seconds, data_dir: data.display().to_string(), groups, writes })
+    Ok(result)
 }
 
-/// The `imported N resources` line of `bulkhead import`.
-fn imported_count(stdout: &str) -> anyhow::Result<u64> {
-    stdout
-        .lines()
-        .find_map(|line| line.strip_prefix("imported ")?.split_whitespace().next()?.parse().ok())
-        .context("bulkhead import printed no summary")
+/// Memory under concurrency: `--concurrent-exports` exports of one Group at once, then the mixed
+/// load, both on the Group of the first `--concurrent-members` patients.
+async fn under_load(
+    client: &Client,
+    server: &Server,
+    args: &BenchArgs,
+    members: &[String],
+    result: &mut DatasetResult,
+) -> anyhow::Result<()> {
+    if members.is_empty() || (args.concurrent_exports == 0 && args.mixed_seconds <= 0.0) {
+        return Ok(());
+    }
+    let group = group_id(members.len());
+    client.put_group(&group, members).await?;
+    if args.concurrent_exports > 0 {
+        eprintln!("{} concurrent exports of {} members", args.concurrent_exports, members.len());
+        let (exports, concurrency) = (args.concurrent_exports, args.concurrency);
+        let concurrent =
+            concurrency::concurrent_exports(client, server.pid, &group, members.len(), exports, concurrency).await?;
+        result.concurrent = Some(concurrent);
+    }
+    if args.mixed_seconds > 0.0 {
+        let load = MixedLoad {
+            writers: args.mixed.first().copied().unwrap_or(16),
+            exporters: args.mixed.get(1).copied().unwrap_or(4),
+            readers: args.mixed.get(2).copied().unwrap_or(8),
+            duration: Duration::from_secs_f64(args.mixed_seconds),
+        };
+        eprintln!("mixed load {load:?}");
+        let mixed = concurrency::mixed_load(client, server.pid, &group, members, load, args.concurrency).await?;
+        result.mixed = Some(mixed);
+    }
+    Ok(())
+}
+
+fn group_id(members: usize) -> String {
+    format!("bench-{members}")
 }
 
 async fn bench_group(
@@ -189,28 +367,36 @@ async fn bench_group(
     server: &Server,
     args: &BenchArgs,
     members: &[String],
+    offers_zstd: &mut bool,
 ) -> anyhow::Result<GroupResult> {
-    let group_id = format!("bench-{}", members.len());
+    let group_id = group_id(members.len());
+    eprintln!("Group of {} members", members.len());
     client.put_group(&group_id, members).await?;
-    let mut latencies = Vec::new();
-    for _ in 0..args.manifest_runs.max(1) {
-        let started = Instant::now();
-        client.manifest(&group_id).await?;
-        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
+    let manifest = latency::synchronous(client, &group_id, args.manifest_runs).await?;
+    let poll = Duration::from_millis(args.status_poll_ms.max(1));
+    let asynchronous = latency::asynchronous(client, &group_id, args.manifest_runs, poll).await?;
     let mut exports = Vec::new();
-    for gzip in [false, true] {
-        let (result, peak_rss) = peak_rss_during(server.pid, client.export(&group_id, gzip, args.concurrency)).await;
-        let mut result = result?;
-        result.peak_rss_bytes = peak_rss;
-        exports.push(result);
+    let encodings = [Encoding::Identity, Encoding::Gzip, Encoding::Zstd];
+    for encoding in encodings {
+        if encoding == Encoding::Zstd && !*offers_zstd {
+            continue;
+        }
+        let (result, peak_rss) =
+            peak_rss_during(server.pid, client.export(&group_id, encoding, args.concurrency)).await;
+        match result {
+            Ok(mut result) => {
+                result.peak_rss_bytes = peak_rss;
+                exports.push(result);
+            }
+            // A server without zstd answers identity: that row is skipped, not failed.
+            Err(error) if error.downcast_ref::<EncodingNotOffered>().is_some() => {
+                eprintln!("the server does not offer {}: its rows are skipped", encoding.name());
+                *offers_zstd = false;
+            }
+            Err(error) => return Err(error),
+        }
     }
-    Ok(GroupResult {
-        members: members.len(),
-        manifest_p50_ms: percentile(&latencies, 0.50),
-        manifest_p95_ms: percentile(&latencies, 0.95),
-        exports,
-    })
+    Ok(GroupResult { members: members.len(), manifest, asynchronous, exports })
 }
 
 /// A `bulkhead serve` child process on a free loopback port, stopped on drop.
@@ -246,97 +432,5 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-struct Client {
-    http: reqwest::Client,
-    base: String,
-    client_id: String,
-    client_secret: String,
-}
-
-impl Client {
-    fn get(&self, url: &str) -> reqwest::RequestBuilder {
-        self.http.get(url).header("client_id", &self.client_id).header("client_secret", &self.client_secret)
-    }
-
-    async fn patient_ids(&self, limit: usize) -> anyhow::Result<Vec<String>> {
-        let mut ids = Vec::with_capacity(limit);
-        let mut url = format!("{}/r4/Patient?_count=1000", self.base);
-        while ids.len() < limit {
-            let page: Value = self.get(&url).send().await?.error_for_status()?.json().await?;
-            for entry in page["entry"].as_array().into_iter().flatten() {
-                ids.extend(entry["resource"]["id"].as_str().map(str::to_owned));
-            }
-            match page["link"].as_array().into_iter().flatten().find(|link| link["relation"] == "next") {
-                Some(next) => url = next["url"].as_str().unwrap_or_default().to_owned(),
-                None => break,
-            }
-        }
-        ids.truncate(limit);
-        Ok(ids)
-    }
-
-    async fn post(&self, url: &str, body: String) -> anyhow::Result<()> {
-        self.http
-            .post(url)
-            .header("client_id", &self.client_id)
-            .header("client_secret", &self.client_secret)
-            .header("content-type", "application/fhir+json")
-            .body(body)
-            .send()
-            .await?
-            .error_for_status()?;
-        Ok(())
-    }
-
-    async fn put_group(&self, id: &str, members: &[String]) -> anyhow::Result<()> {
-        let member: Vec<Value> =
-            members.iter().map(|m| json!({"entity": {"reference": format!("Patient/{m}")}})).collect();
-        let group = json!({"resourceType": "Group", "id": id, "type": "person", "actual": true, "member": member});
-        self.http
-            .put(format!("{}/r4/Group/{id}", self.base))
-            .header("client_id", &self.client_id)
-            .header("client_secret", &self.client_secret)
-            .header("content-type", "application/fhir+json")
-            .body(group.to_string())
-            .send()
-            .await?
-            .error_for_status()?;
-        Ok(())
-    }
-
-    async fn manifest(&self, group_id: &str) -> anyhow::Result<Value> {
-        let url = format!("{}/bulk-data/r4/Group/{group_id}/$export", self.base);
-        Ok(self.get(&url).send().await?.error_for_status()?.json().await?)
-    }
-
-    /// Manifest plus every output file, `concurrency` downloads at a time.
-    async fn export(&self, group_id: &str, gzip: bool, concurrency: usize) -> anyhow::Result<ExportResult> {
-        let started = Instant::now();
-        let manifest = self.manifest(group_id).await?;
-        let outputs: Vec<(String, u64)> = manifest["output"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|item| (item["url"].as_str().unwrap_or_default().to_owned(), item["count"].as_u64().unwrap_or(0)))
-            .collect();
-        let mut downloads =
-            futures::stream::iter(outputs.iter().map(|(url, count)| measure::download(self.get(url), gzip, *count)))
-                .buffer_unordered(concurrency.max(1));
-        let mut totals = Download::default();
-        while let Some(download) = downloads.next().await {
-            totals.add(&download?);
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        Ok(ExportResult {
-            gzip,
-            files: outputs.len(),
-            resources: totals.resources,
-            bytes: totals.bytes,
-            seconds,
-            peak_rss_bytes: None,
-        })
     }
 }

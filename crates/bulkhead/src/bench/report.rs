@@ -2,18 +2,30 @@
 
 use serde_json::{json, Value};
 
+use super::concurrency::{ConcurrentResult, MixedResult};
+use super::latency::{AsyncLatency, Latency, SinceResult};
+use super::measure::Encoding;
+use super::summary::ImportCounts;
+use super::targets::{targets, Target};
+use super::upload::UploadResult;
+use super::writes::WriteResult;
+
 pub struct ExportResult {
-    pub gzip: bool,
+    pub encoding: Encoding,
     pub files: usize,
     pub resources: u64,
-    /// Bytes on the wire (compressed when gzip).
+    /// Bytes on the wire (compressed when gzip or zstd).
     pub bytes: u64,
     pub seconds: f64,
+    /// `429` answers waited out.
+    pub throttled: u64,
     pub peak_rss_bytes: Option<u64>,
+    /// The benchmark process's CPU seconds per wall second during this export.
+    pub client_cpu_share: f64,
 }
 
 impl ExportResult {
-    fn per_second(&self) -> f64 {
+    pub fn per_second(&self) -> f64 {
         self.resources as f64 / self.seconds.max(1e-9)
     }
 
@@ -24,18 +36,37 @@ impl ExportResult {
 
 pub struct GroupResult {
     pub members: usize,
-    pub manifest_p50_ms: f64,
-    pub manifest_p95_ms: f64,
+    pub manifest: Latency,
+    pub asynchronous: AsyncLatency,
     pub exports: Vec<ExportResult>,
 }
 
+/// `bulkhead import` of the whole data set, as a child process.
+pub struct ImportResult {
+    pub counts: ImportCounts,
+    pub seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl ImportResult {
+    pub fn per_second(&self) -> f64 {
+        self.counts.processed() as f64 / self.seconds.max(1e-9)
+    }
+}
+
 pub struct DatasetResult {
+    /// `synthetic` or `synthea ×K`.
+    pub shape: String,
     pub patients: u64,
     pub resources: u64,
-    pub import_seconds: f64,
+    pub import: ImportResult,
     pub data_dir: String,
     pub groups: Vec<GroupResult>,
-    pub writes: Option<super::writes::WriteResult>,
+    pub since: Option<SinceResult>,
+    pub upload: Option<UploadResult>,
+    pub concurrent: Option<ConcurrentResult>,
+    pub mixed: Option<MixedResult>,
+    pub writes: Option<WriteResult>,
 }
 
 pub struct BenchReport {
@@ -61,6 +92,11 @@ fn machine() -> Value {
     json!({"cores": cores, "memory_gib": (memory_kib as f64 / 1048576.0 * 10.0).round() / 10.0, "cpu": cpu})
 }
 
+/// Bytes as MiB for the table ("?" when not measured).
+pub fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("?".to_owned(), |bytes| format!("{:.0}M", bytes as f64 / 1048576.0))
+}
+
 impl BenchReport {
     pub fn new() -> BenchReport {
         let command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -71,57 +107,7 @@ impl BenchReport {
         say!("machine: {}", self.machine);
         say!("command: {}", self.command);
         for dataset in &self.datasets {
-            say!(
-                "\ndata set: {} synthetic patients, {} resources ({}); import {:.1} s = {:.0} resources/s",
-                dataset.patients,
-                dataset.resources,
-                dataset.data_dir,
-                dataset.import_seconds,
-                dataset.resources as f64 / dataset.import_seconds.max(1e-9)
-            );
-            say!(
-                "{:>8} {:>9} {:>9} {:>5} {:>10} {:>11} {:>9} {:>8} {:>9}",
-                "members",
-                "p50 ms",
-                "p95 ms",
-                "gzip",
-                "resources",
-                "res/s",
-                "MB/s",
-                "seconds",
-                "peak RSS"
-            );
-            for group in &dataset.groups {
-                for export in &group.exports {
-                    say!(
-                        "{:>8} {:>9.1} {:>9.1} {:>5} {:>10} {:>11.0} {:>9.1} {:>8.2} {:>8}M",
-                        group.members,
-                        group.manifest_p50_ms,
-                        group.manifest_p95_ms,
-                        if export.gzip { "yes" } else { "no" },
-                        export.resources,
-                        export.per_second(),
-                        export.mb_per_second(),
-                        export.seconds,
-                        export
-                            .peak_rss_bytes
-                            .map_or("?".to_owned(), |bytes| format!("{:.0}", bytes as f64 / 1048576.0))
-                    );
-                }
-            }
-        }
-        for dataset in &self.datasets {
-            if let Some(writes) = &dataset.writes {
-                say!(
-                    "\nwrites over HTTP ({} patients loaded): {} single creates at {:.0}/s; {} transaction Bundles of {} at {:.0} resources/s",
-                    dataset.patients,
-                    writes.single_creates,
-                    writes.creates_per_second(),
-                    writes.bundles,
-                    writes.bundle_entries,
-                    writes.bundle_resources_per_second()
-                );
-            }
+            print_dataset(dataset);
         }
         if let Some(ratio) = self.growth_ratio() {
             say!("\ncost growth: largest/smallest data set, same Group size: {ratio}");
@@ -134,7 +120,7 @@ impl BenchReport {
         let [small, .., large] = self.datasets.as_slice() else { return None };
         fn uncompressed(dataset: &DatasetResult, members: usize) -> Option<&ExportResult> {
             let group = dataset.groups.iter().find(|group| group.members == members)?;
-            group.exports.iter().find(|export| !export.gzip)
+            group.exports.iter().find(|export| export.encoding == Encoding::Identity)
         }
         let same_size = small.groups.iter().map(|g| g.members).filter(|m| uncompressed(large, *m).is_some()).max()?;
         let per_resource = |export: &ExportResult| export.seconds / export.resources.max(1) as f64;
@@ -156,35 +142,225 @@ impl BenchReport {
             "machine": self.machine,
             "command": self.command,
             "growth": self.growth_ratio(),
-            "datasets": self.datasets.iter().map(|d| json!({
-                "patients": d.patients,
-                "resources": d.resources,
-                "data": d.data_dir,
-                "import_seconds": d.import_seconds,
-                "import_resources_per_second": d.resources as f64 / d.import_seconds.max(1e-9),
-                "writes": d.writes.as_ref().map(|w| json!({
-                    "single_creates": w.single_creates,
-                    "single_creates_per_second": w.creates_per_second(),
-                    "bundles": w.bundles,
-                    "bundle_entries": w.bundle_entries,
-                    "bundle_resources_per_second": w.bundle_resources_per_second(),
-                })),
-                "groups": d.groups.iter().map(|g| json!({
-                    "members": g.members,
-                    "manifest_p50_ms": g.manifest_p50_ms,
-                    "manifest_p95_ms": g.manifest_p95_ms,
-                    "exports": g.exports.iter().map(|e| json!({
-                        "gzip": e.gzip,
-                        "files": e.files,
-                        "resources": e.resources,
-                        "bytes": e.bytes,
-                        "seconds": e.seconds,
-                        "resources_per_second": e.per_second(),
-                        "mb_per_second": e.mb_per_second(),
-                        "server_peak_rss_bytes": e.peak_rss_bytes,
-                    })).collect::<Vec<_>>(),
-                })).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
+            "datasets": self.datasets.iter().map(dataset_json).collect::<Vec<_>>(),
         })
     }
+}
+
+fn print_dataset(dataset: &DatasetResult) {
+    let import = &dataset.import;
+    say!(
+        "\ndata set: {} {} patients, {} resources ({}); import {:.1} s = {:.0} resources/s, import peak RSS {}",
+        dataset.patients,
+        dataset.shape,
+        dataset.resources,
+        dataset.data_dir,
+        import.seconds,
+        import.per_second(),
+        mib(import.peak_rss_bytes),
+    );
+    say!(
+        "{:>8} {:>9} {:>9} {:>8} {:>10} {:>11} {:>9} {:>8} {:>9} {:>10}",
+        "members",
+        "p50 ms",
+        "p95 ms",
+        "encoding",
+        "resources",
+        "res/s",
+        "MB/s",
+        "seconds",
+        "peak RSS",
+        "client CPU"
+    );
+    for group in &dataset.groups {
+        for export in &group.exports {
+            say!(
+                "{:>8} {:>9.1} {:>9.1} {:>8} {:>10} {:>11.0} {:>9.1} {:>8.2} {:>9} {:>10.2}",
+                group.members,
+                group.manifest.p50_ms,
+                group.manifest.p95_ms,
+                export.encoding.name(),
+                export.resources,
+                export.per_second(),
+                export.mb_per_second(),
+                export.seconds,
+                mib(export.peak_rss_bytes),
+                export.client_cpu_share,
+            );
+        }
+    }
+    say!("{:>8} {:>14} {:>14} {:>16}", "members", "async 202 p50", "async 202 p95", "status 200 p50");
+    for group in &dataset.groups {
+        let asynchronous = &group.asynchronous;
+        say!(
+            "{:>8} {:>11.1} ms {:>11.1} ms {:>13.1} ms",
+            group.members,
+            asynchronous.kick_off.p50_ms,
+            asynchronous.kick_off.p95_ms,
+            asynchronous.complete.p50_ms
+        );
+    }
+    if let Some(since) = &dataset.since {
+        say!(
+            "_since manifest, {}-member Group after {} writes: p50 {:.1} ms, p95 {:.1} ms, {} resources listed",
+            since.members,
+            since.writes,
+            since.latency.p50_ms,
+            since.latency.p95_ms,
+            since.resources
+        );
+    }
+    if let Some(upload) = &dataset.upload {
+        say!(
+            "$upload-ndjson: {} resources in {:.1} s = {:.0} res/s, server peak RSS {}, client CPU {:.2}",
+            upload.counts.processed(),
+            upload.seconds,
+            upload.per_second(),
+            mib(upload.peak_rss_bytes),
+            upload.client_cpu_share
+        );
+    }
+    if let Some(concurrent) = &dataset.concurrent {
+        say!(
+            "{} concurrent exports of a {}-member Group: {} resources in {:.1} s = {:.0} res/s, {} throttled (429), server peak RSS {}, client CPU {:.2}",
+            concurrent.exports,
+            concurrent.members,
+            concurrent.resources,
+            concurrent.seconds,
+            concurrent.per_second(),
+            concurrent.throttled,
+            mib(concurrent.peak_rss_bytes),
+            concurrent.client_cpu_share
+        );
+    }
+    if let Some(mixed) = &dataset.mixed {
+        say!(
+            "mixed load {} writers / {} exporters / {} readers, {:.1} s: writes {:.0}/s ({} failed), exports {:.2}/s = {:.0} res/s ({} failed), reads {:.0}/s ({} failed); server peak RSS {}, client CPU {:.2}",
+            mixed.load.writers,
+            mixed.load.exporters,
+            mixed.load.readers,
+            mixed.seconds,
+            mixed.rate(&mixed.writes),
+            mixed.writes.failed(),
+            mixed.rate(&mixed.exports),
+            mixed.export_resources_per_second(),
+            mixed.exports.failed(),
+            mixed.rate(&mixed.reads),
+            mixed.reads.failed(),
+            mib(mixed.peak_rss_bytes),
+            mixed.client_cpu_share
+        );
+    }
+    if let Some(writes) = &dataset.writes {
+        say!(
+            "writes over HTTP: {} single creates at {:.0}/s; {} transaction Bundles of {} at {:.0} resources/s",
+            writes.single_creates,
+            writes.creates_per_second(),
+            writes.bundles,
+            writes.bundle_entries,
+            writes.bundle_resources_per_second()
+        );
+    }
+    say!("against the targets (DESIGN.md §6, issue 10):");
+    for Target { what, target, measured, met } in targets(dataset) {
+        let verdict = match met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "-",
+        };
+        say!("  {what:<58} {measured:>16}  target {target:<14} {verdict}");
+    }
+}
+
+fn dataset_json(d: &DatasetResult) -> Value {
+    json!({
+        "shape": d.shape,
+        "patients": d.patients,
+        "resources": d.resources,
+        "data": d.data_dir,
+        "import_seconds": d.import.seconds,
+        "import_resources_per_second": d.import.per_second(),
+        "import_peak_rss_bytes": d.import.peak_rss_bytes,
+        "import_counts": counts_json(&d.import.counts),
+        "writes": d.writes.as_ref().map(|w| json!({
+            "single_creates": w.single_creates,
+            "single_creates_per_second": w.creates_per_second(),
+            "bundles": w.bundles,
+            "bundle_entries": w.bundle_entries,
+            "bundle_resources_per_second": w.bundle_resources_per_second(),
+        })),
+        "groups": d.groups.iter().map(|g| json!({
+            "members": g.members,
+            "manifest_p50_ms": g.manifest.p50_ms,
+            "manifest_p95_ms": g.manifest.p95_ms,
+            "async_kick_off_p50_ms": g.asynchronous.kick_off.p50_ms,
+            "async_kick_off_p95_ms": g.asynchronous.kick_off.p95_ms,
+            "async_complete_p50_ms": g.asynchronous.complete.p50_ms,
+            "async_complete_p95_ms": g.asynchronous.complete.p95_ms,
+            "exports": g.exports.iter().map(|e| json!({
+                "gzip": e.encoding == Encoding::Gzip,
+                "encoding": e.encoding.name(),
+                "files": e.files,
+                "resources": e.resources,
+                "bytes": e.bytes,
+                "seconds": e.seconds,
+                "resources_per_second": e.per_second(),
+                "mb_per_second": e.mb_per_second(),
+                "throttled": e.throttled,
+                "server_peak_rss_bytes": e.peak_rss_bytes,
+                "client_cpu_share": e.client_cpu_share,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "since": d.since.as_ref().map(|s| json!({
+            "members": s.members,
+            "writes": s.writes,
+            "manifest_p50_ms": s.latency.p50_ms,
+            "manifest_p95_ms": s.latency.p95_ms,
+            "resources": s.resources,
+        })),
+        "upload": d.upload.as_ref().map(|u| json!({
+            "sent": u.sent,
+            "counts": counts_json(&u.counts),
+            "seconds": u.seconds,
+            "resources_per_second": u.per_second(),
+            "server_peak_rss_bytes": u.peak_rss_bytes,
+            "client_cpu_share": u.client_cpu_share,
+        })),
+        "concurrent_exports": d.concurrent.as_ref().map(|c| json!({
+            "exports": c.exports,
+            "members": c.members,
+            "resources": c.resources,
+            "seconds": c.seconds,
+            "resources_per_second": c.per_second(),
+            "throttled": c.throttled,
+            "server_peak_rss_bytes": c.peak_rss_bytes,
+            "client_cpu_share": c.client_cpu_share,
+        })),
+        "mixed_load": d.mixed.as_ref().map(|m| json!({
+            "writers": m.load.writers,
+            "exporters": m.load.exporters,
+            "readers": m.load.readers,
+            "members": m.members,
+            "seconds": m.seconds,
+            "writes": m.writes.done(),
+            "writes_failed": m.writes.failed(),
+            "writes_per_second": m.rate(&m.writes),
+            "exports": m.exports.done(),
+            "exports_failed": m.exports.failed(),
+            "exports_per_second": m.rate(&m.exports),
+            "export_resources_per_second": m.export_resources_per_second(),
+            "reads": m.reads.done(),
+            "reads_failed": m.reads.failed(),
+            "reads_per_second": m.rate(&m.reads),
+            "server_peak_rss_bytes": m.peak_rss_bytes,
+            "client_cpu_share": m.client_cpu_share,
+        })),
+        "targets": targets(d).iter().map(|t| json!({
+            "what": t.what, "target": t.target, "measured": t.measured, "met": t.met,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn counts_json(counts: &ImportCounts) -> Value {
+    json!({"created": counts.created, "updated": counts.updated, "unchanged": counts.unchanged, "failed": counts.failed})
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::Client;
+use super::client::Client;
 
 pub struct WriteResult {
     pub single_creates: usize,
@@ -25,7 +25,7 @@ impl WriteResult {
     }
 }
 
-fn observation(patient_reference: &str, index: usize) -> Value {
+pub fn observation(patient_reference: &str, index: usize) -> Value {
     json!({
         "resourceType": "Observation",
         "status": "final",

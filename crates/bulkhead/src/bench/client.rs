@@ -1,0 +1,168 @@
+//! The benchmark's HTTP client: what a Bulk Data user does, with the tenant's credentials.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use super::measure::{self, CpuClock, Download, Encoding};
+use super::report::ExportResult;
+
+#[derive(Clone)]
+pub struct Client {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+/// One asynchronous kick-off: how long the 202 took, and how long until the status said 200.
+pub struct AsyncExport {
+    pub kick_off_ms: f64,
+    pub complete_ms: f64,
+}
+
+impl Client {
+    pub fn get(&self, url: &str) -> reqwest::RequestBuilder {
+        self.authorised(self.http.get(url))
+    }
+
+    fn authorised(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        request.header("client_id", &self.client_id).header("client_secret", &self.client_secret)
+    }
+
+    pub async fn patient_ids(&self, limit: usize) -> anyhow::Result<Vec<String>> {
+        let mut ids = Vec::with_capacity(limit);
+        let mut url = format!("{}/r4/Patient?_count=1000", self.base);
+        while ids.len() < limit {
+            let page: Value = self.get(&url).send().await?.error_for_status()?.json().await?;
+            for entry in page["entry"].as_array().into_iter().flatten() {
+                ids.extend(entry["resource"]["id"].as_str().map(str::to_owned));
+            }
+            match page["link"].as_array().into_iter().flatten().find(|link| link["relation"] == "next") {
+                Some(next) => url = next["url"].as_str().unwrap_or_default().to_owned(),
+                None => break,
+            }
+        }
+        ids.truncate(limit);
+        Ok(ids)
+    }
+
+    pub async fn post(&self, url: &str, body: String) -> anyhow::Result<()> {
+        self.authorised(self.http.post(url))
+            .header("content-type", "application/fhir+json")
+            .body(body)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    pub async fn put_group(&self, id: &str, members: &[String]) -> anyhow::Result<()> {
+        let member: Vec<Value> =
+            members.iter().map(|m| json!({"entity": {"reference": format!("Patient/{m}")}})).collect();
+        let group = json!({"resourceType": "Group", "id": id, "type": "person", "actual": true, "member": member});
+        self.authorised(self.http.put(format!("{}/r4/Group/{id}", self.base)))
+            .header("content-type", "application/fhir+json")
+            .body(group.to_string())
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    fn kick_off_url(&self, group_id: &str) -> String {
+        format!("{}/bulk-data/r4/Group/{group_id}/$export", self.base)
+    }
+
+    /// The synchronous manifest (no `Prefer: respond-async`).
+    pub async fn manifest(&self, group_id: &str) -> anyhow::Result<Value> {
+        Ok(measure::send_patiently(self.get(&self.kick_off_url(group_id))).await?.0.json().await?)
+    }
+
+    /// The synchronous manifest of what changed after `since` (a server instant).
+    pub async fn manifest_since(&self, group_id: &str, since: &str) -> anyhow::Result<Value> {
+        let request = self.get(&self.kick_off_url(group_id)).query(&[("_since", since)]);
+        Ok(measure::send_patiently(request).await?.0.json().await?)
+    }
+
+    /// `Prefer: respond-async`: times the 202, then polls the status URL (every `poll`) until it
+    /// answers 200 with a manifest, and deletes the job.
+    pub async fn export_async(&self, group_id: &str, poll: Duration) -> anyhow::Result<AsyncExport> {
+        let started = Instant::now();
+        let request = self.get(&self.kick_off_url(group_id)).header("prefer", "respond-async");
+        let (response, _) = measure::send_patiently(request).await?;
+        let kick_off_ms = started.elapsed().as_secs_f64() * 1000.0;
+        anyhow::ensure!(response.status() == reqwest::StatusCode::ACCEPTED, "kick-off answered {}", response.status());
+        let status_url = response
+            .headers()
+            .get("content-location")
+            .and_then(|value| value.to_str().ok())
+            .context("the 202 has no Content-Location")?
+            .to_owned();
+        let deadline = started + Duration::from_secs(600);
+        loop {
+            let response = self.get(&status_url).send().await?;
+            match response.status() {
+                reqwest::StatusCode::OK => {
+                    let complete_ms = started.elapsed().as_secs_f64() * 1000.0;
+                    let manifest: Value = response.json().await?;
+                    anyhow::ensure!(manifest["output"].is_array(), "the finished status has no output list");
+                    self.authorised(self.http.delete(&status_url)).send().await?.error_for_status()?;
+                    return Ok(AsyncExport { kick_off_ms, complete_ms });
+                }
+                reqwest::StatusCode::ACCEPTED => {}
+                other => anyhow::bail!("export status answered {other}"),
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the export did not finish within 600 s");
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    /// Manifest plus every output file, `concurrency` downloads at a time.
+    pub async fn export(&self, group_id: &str, encoding: Encoding, concurrency: usize) -> anyhow::Result<ExportResult> {
+        let clock = CpuClock::start();
+        let started = Instant::now();
+        let manifest = self.manifest(group_id).await?;
+        let outputs: Vec<(String, u64)> = manifest["output"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|item| (item["url"].as_str().unwrap_or_default().to_owned(), item["count"].as_u64().unwrap_or(0)))
+            .collect();
+        let mut downloads = futures::stream::iter(
+            outputs.iter().map(|(url, count)| measure::download(self.get(url), encoding, *count)),
+        )
+        .buffer_unordered(concurrency.max(1));
+        let mut totals = Download::default();
+        while let Some(download) = downloads.next().await {
+            totals.add(&download?);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(ExportResult {
+            encoding,
+            files: outputs.len(),
+            resources: totals.resources,
+            bytes: totals.bytes,
+            seconds,
+            throttled: totals.throttled,
+            peak_rss_bytes: None,
+            client_cpu_share: clock.share(),
+        })
+    }
+
+    /// `POST /r4/$upload-ndjson` with `body` streamed; returns the OperationOutcome's text.
+    pub async fn upload_ndjson(&self, body: reqwest::Body) -> anyhow::Result<String> {
+        let response = self
+            .authorised(self.http.post(format!("{}/r4/$upload-ndjson", self.base)))
+            .header("content-type", "application/fhir+ndjson")
+            .body(body)
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        anyhow::ensure!(status.is_success(), "$upload-ndjson answered {status}: {text}");
+        Ok(text)
+    }
+}
