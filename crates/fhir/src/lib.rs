@@ -1,11 +1,12 @@
 //! FHIR R4 knowledge with no I/O: resource types, the patient compartment table, ids, instants,
-//! references and OperationOutcome.
+//! references, OperationOutcome and structural R4 validation.
 
 pub mod compartment;
 pub mod id;
 pub mod instant;
 pub mod outcome;
 pub mod resource_type;
+pub mod validation;
 
 pub use id::is_valid_id;
 pub use instant::{format_instant, now_micros, parse_range, parse_since, DateRange, InstantError, Micros};
