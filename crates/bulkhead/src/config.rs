@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use bulkhead_http::validate::ValidationMode;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,8 @@ pub struct Config {
     pub shutdown_grace_seconds: u64,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
+    /// `strict`: every write is validated against R4; `off`: stores what the client sent.
+    pub validation: ValidationMode,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -61,6 +64,7 @@ impl Default for Config {
             self_authorising_url_ttl_seconds: 600,
             shutdown_grace_seconds: 30,
             log_format: LogFormat::Text,
+            validation: ValidationMode::Strict,
         }
     }
 }
@@ -129,6 +133,7 @@ impl Config {
             file_urls_require_credentials: self.file_urls_require_credentials,
             file_url_ttl: Duration::from_secs(self.file_url_ttl_seconds),
             self_authorising_url_ttl: Duration::from_secs(self.self_authorising_url_ttl_seconds),
+            validation: self.validation,
         }
     }
 }

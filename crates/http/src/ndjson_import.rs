@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use bulkhead_store::{Store, StoreError, TenantId, WriteMode, WriteOp, Written};
 use serde_json::Value;
 
-use crate::validate::validate_resource;
+use crate::validate::{describe_issues, validate_resource, ValidationMode};
 
 /// A batch is written when it holds this many resources…
 const BATCH: usize = 10_000;
@@ -79,6 +79,7 @@ pub struct Importer {
     tenant: TenantId,
     owner: Option<String>,
     max_group_members: usize,
+    validation: ValidationMode,
     /// `id` → type of every resource seen in this load (for `urn:uuid:` references).
     known: HashMap<String, &'static str>,
     /// `fullUrl` → `Type/id` for Bundle entries whose fullUrl is not `urn:uuid:<their id>`.
@@ -101,6 +102,7 @@ impl Importer {
             tenant,
             owner,
             max_group_members,
+            validation: ValidationMode::Strict,
             known: HashMap::new(),
             aliases: HashMap::new(),
             pending: Vec::with_capacity(BATCH),
@@ -115,6 +117,12 @@ impl Importer {
     /// Writes smaller batches (a server importing beside its exports keeps its memory small).
     pub fn with_batch_bytes(mut self, batch_bytes: usize) -> Importer {
         self.batch_bytes = batch_bytes.max(1);
+        self
+    }
+
+    /// Sets how strictly resources are checked against R4 (default `Strict`).
+    pub fn with_validation(mut self, validation: ValidationMode) -> Importer {
+        self.validation = validation;
         self
     }
 
@@ -211,9 +219,10 @@ impl Importer {
     fn queue(&mut self, location: Location, resource: Value) -> Result<(), StoreError> {
         let resource_type = resource["resourceType"].as_str().unwrap_or_default().to_owned();
         let id = resource["id"].as_str().unwrap_or_default().to_owned();
-        if let Err(error) = validate_resource(&resource, &resource_type, Some(&id), self.max_group_members) {
-            let message = error.issues.iter().map(|issue| issue.diagnostics.as_str()).collect::<Vec<_>>().join("; ");
-            self.fail(location, message);
+        if let Err(error) =
+            validate_resource(&resource, &resource_type, Some(&id), self.max_group_members, self.validation)
+        {
+            self.fail(location, describe_issues(&error.issues));
             return Ok(());
         }
         self.pending.push((location, WriteOp::Update { resource_type, id, body: resource, if_match: None }));

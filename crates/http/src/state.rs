@@ -8,6 +8,7 @@ use bulkhead_store::Store;
 
 use crate::credentials::SecretVerifier;
 use crate::error::ApiError;
+use crate::validate::ValidationMode;
 
 /// What the HTTP layer needs to know from the configuration.
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct HttpConfig {
     pub file_urls_require_credentials: bool,
     pub file_url_ttl: Duration,
     pub self_authorising_url_ttl: Duration,
+    /// Whether writes are validated against R4 (`strict`) or stored as sent (`off`).
+    pub validation: ValidationMode,
 }
 
 impl Default for HttpConfig {
@@ -41,6 +44,7 @@ impl Default for HttpConfig {
             file_urls_require_credentials: true,
             file_url_ttl: Duration::from_secs(24 * 3600),
             self_authorising_url_ttl: Duration::from_secs(600),
+            validation: ValidationMode::Strict,
         }
     }
 }

@@ -36,11 +36,13 @@ pub async fn upload_ndjson(
     }
     let (lines_tx, mut lines_rx) = mpsc::channel::<(u64, String)>(256);
     let store = state.store.clone();
-    let (tenant, owner, max_members) =
-        (caller.tenant, caller.owner().map(str::to_owned), state.config.max_group_members);
+    let (tenant, owner, max_members, validation) =
+        (caller.tenant, caller.owner().map(str::to_owned), state.config.max_group_members, state.config.validation);
     let importer = tokio::task::spawn_blocking(move || -> Result<ImportSummary, ApiError> {
         // Small batches: this runs inside the server, whose memory must stay small.
-        let mut importer = Importer::new(store, tenant, owner, max_members).with_batch_bytes(2 * 1024 * 1024);
+        let mut importer = Importer::new(store, tenant, owner, max_members)
+            .with_batch_bytes(2 * 1024 * 1024)
+            .with_validation(validation);
         while let Some((line, text)) = lines_rx.blocking_recv() {
             importer.add_line(Location { source: SOURCE.into(), line }, &text)?;
         }
