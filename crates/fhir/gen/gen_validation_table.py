@@ -213,7 +213,8 @@ class Builder:
                     t = {"code": override[0]}
                 row.append(dict(name=name, ty=self.type_number(t), many=many, required=required, choice=None,
                                 binding=binding if t["code"] == "code" else None))
-        self.rows[row_name] = sorted(row, key=lambda e: e["name"].encode())
+        # Sorted by (length, bytes): a lookup compares lengths, held in the element, before text.
+        self.rows[row_name] = sorted(row, key=lambda e: (len(e["name"].encode()), e["name"].encode()))
 
     def type_number(self, t):
         code = t["code"]
@@ -315,7 +316,7 @@ def render(builder):
     out += ["];", ""]
 
     out += [
-        "/// Rows: name, first element in `ELEMENTS`, element count (elements sorted by name).",
+        "/// Rows: name, first element in `ELEMENTS`, element count (sorted by name length, then name).",
         "#[rustfmt::skip]",
         "pub(super) static ROWS: &[Row] = &[",
     ]
@@ -338,8 +339,8 @@ def render(builder):
             choice = groups.index(e["choice"]) + 1 if e["choice"] else 0
             req = required.index(e["choice"] or e["name"]) + 1 if e["required"] else 0
             binding = "NB" if e["binding"] is None else str(e["binding"])
-            elements.append("    el(%d, %d, %s, %d, %d, %d)," % (name_index[e["name"]], e["ty"], binding,
-                                                                int(e["many"]), choice, req))
+            elements.append("    el(%d, %d, %d, %s, %d, %d, %d)," % (name_index[e["name"]], len(e["name"].encode()),
+                                                                    e["ty"], binding, int(e["many"]), choice, req))
         start += len(row)
     out += ["];", ""]
     # The row comment numbers are rows, not lines: fix them up.
@@ -350,7 +351,7 @@ def render(builder):
             row_number += 1
         fixed.append(line)
     out += [
-        "/// Elements of every row: `el(name, type, binding, repeats, choice group, required slot)`.",
+        "/// Elements of every row: `el(name, name length, type, binding, repeats, choice group, required slot)`.",
         "#[rustfmt::skip]",
         "pub(super) static ELEMENTS: &[Element] = &[",
     ] + fixed + ["];", ""]

@@ -57,6 +57,8 @@ pub fn validate_resource(resource: &Value) -> Vec<Violation> {
 struct Element {
     /// Index into `NAMES`.
     name: u16,
+    /// Length of the name in bytes (lookups compare it first).
+    name_len: u8,
     /// A primitive (`Primitive` order), `RESOURCE_TYPE`, or `FIRST_ROW` + row.
     ty: u16,
     /// Index into `BINDINGS`, or `NB`.
@@ -70,8 +72,8 @@ struct Element {
 }
 
 /// Compact constructor for the generated table.
-const fn el(name: u16, ty: u16, binding: u16, many: u8, choice: u8, required: u8) -> Element {
-    Element { name, ty, binding, many: many != 0, choice, required }
+const fn el(name: u16, name_len: u8, ty: u16, binding: u16, many: u8, choice: u8, required: u8) -> Element {
+    Element { name, name_len, ty, binding, many: many != 0, choice, required }
 }
 
 /// No binding.
@@ -81,7 +83,9 @@ const NB: u16 = u16::MAX;
 const RESOURCE_TYPE: u16 = Primitive::ALL.len() as u16;
 
 /// A resource type, data type or BackboneElement: its elements are
-/// `ELEMENTS[start..start + len]`, sorted by name; `required` is the number of required slots.
+/// `ELEMENTS[start..start + len]`, sorted by name length and then name (most comparisons of a
+/// lookup stop at the length, which sits in the element); `required` is the number of required
+/// slots.
 struct Row {
     name: &'static str,
     start: u16,
@@ -103,7 +107,11 @@ impl Row {
 
     fn find(&self, name: &str) -> Option<&'static Element> {
         let elements = self.elements();
-        elements.binary_search_by(|element| element.name().cmp(name)).ok().map(|index| &elements[index])
+        let len = u8::try_from(name.len()).ok()?;
+        let index = elements
+            .binary_search_by(|element| element.name_len.cmp(&len).then_with(|| element.name().cmp(name)))
+            .ok()?;
+        Some(&elements[index])
     }
 }
 
@@ -300,7 +308,7 @@ impl Validator {
             if element.required != 0 {
                 required_seen |= 1 << (element.required - 1);
             }
-            if key == "contained" && kind == (ObjectKind::Resource { contained: true }) {
+            if element.ty == RESOURCE_TYPE && kind == (ObjectKind::Resource { contained: true }) && key == "contained" {
                 let message = "a contained resource cannot contain resources".to_owned();
                 self.report(&path.field(key), IssueType::Structure, message);
                 continue;
@@ -515,7 +523,9 @@ mod tests {
         assert!(table::NAMES.windows(2).all(|w| w[0] < w[1]));
         assert!(table::RESOURCES.windows(2).all(|w| w[0].0 < w[1].0));
         for row in table::ROWS {
-            assert!(row.elements().windows(2).all(|w| w[0].name() < w[1].name()), "{}", row.name);
+            let key = |e: &Element| (e.name().len(), e.name());
+            assert!(row.elements().windows(2).all(|w| key(&w[0]) < key(&w[1])), "{}", row.name);
+            assert!(row.elements().iter().all(|e| usize::from(e.name_len) == e.name().len()), "{}", row.name);
         }
         for binding in table::BINDINGS {
             assert!(binding.codes.windows(2).all(|w| w[0] < w[1]), "{}", binding.value_set);

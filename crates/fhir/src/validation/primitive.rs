@@ -218,9 +218,9 @@ fn is_decimal(text: &str) -> bool {
     }
 }
 
-/// `\S*` (and, as for every primitive, not empty).
+/// `\S*` (and, as for every primitive, not empty); `\s` is the ASCII whitespace of the regex.
 fn is_uri(text: &str) -> bool {
-    !text.is_empty() && !text.chars().any(char::is_whitespace)
+    !text.is_empty() && !text.bytes().any(|b| b.is_ascii_whitespace() || b == 0x0b)
 }
 
 /// `[^\s]+(\s[^\s]+)*`
