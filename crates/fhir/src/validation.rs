@@ -382,9 +382,6 @@ impl Validator {
                         self.report(path, IssueType::Structure, message);
                     }
                 }
-                if items.is_empty() {
-                    self.report(path, IssueType::Structure, format!("'{key}' must not be an empty array"));
-                }
                 for (index, item) in items.iter().enumerate() {
                     if item.is_null() && self.null_allowed(object, element, key, index, underscore) {
                         continue;
