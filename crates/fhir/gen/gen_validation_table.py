@@ -145,6 +145,30 @@ def all_concepts(concepts):
         yield from all_concepts(concept.get("concept", []))
 
 
+def slot_hash(name):
+    """The lookup hash of an element name; `validation::slot_hash` computes the same."""
+    data = name.encode()
+    n = len(data)
+    h = n
+    for i in (0, n // 2, n - 1, n * 3 // 4):
+        h = (h * 31 + data[i]) & 0xFFFFFFFF
+    return (h * 0x9E3779B1) & 0xFFFFFFFF
+
+
+def slot_table(row):
+    """Open-addressing table (load ≤ 1/2) of 1-based element indexes, 0 for an empty slot."""
+    bits = 1
+    while (1 << bits) < 2 * len(row):
+        bits += 1
+    slots = [0] * (1 << bits)
+    for index, element in enumerate(row):
+        at = slot_hash(element["name"]) >> (32 - bits)
+        while slots[at]:
+            at = (at + 1) & ((1 << bits) - 1)
+        slots[at] = index + 1
+    return bits, slots
+
+
 def upper_first(name):
     return name[0].upper() + name[1:]
 
@@ -316,11 +340,12 @@ def render(builder):
     out += ["];", ""]
 
     out += [
-        "/// Rows: name, first element in `ELEMENTS`, element count (sorted by name length, then name).",
+        "/// Rows: name, first element in `ELEMENTS`, element count (sorted by name length, then name),",
+        "/// required slots, and the row's hash table in `SLOTS`.",
         "#[rustfmt::skip]",
         "pub(super) static ROWS: &[Row] = &[",
     ]
-    elements, start = [], 0
+    elements, start, slots = [], 0, []
     for r in order:
         row = builder.rows[r]
         groups = []
@@ -332,8 +357,10 @@ def render(builder):
         required = sorted({e["choice"] or e["name"] for e in row if e["required"]})
         if len(required) > 32:
             sys.exit("%s has more than 32 required elements" % r)
-        out.append("    Row { name: %s, start: %d, len: %d, required: %d }," % (json.dumps(r), start, len(row),
-                                                                               len(required)))
+        bits, row_slots = slot_table(row)
+        out.append("    Row { name: %s, start: %d, len: %d, required: %d, slots: %d, slot_bits: %d }," % (
+            json.dumps(r), start, len(row), len(required), len(slots), bits))
+        slots.extend(row_slots)
         elements.append("    // %d: %s" % (len(out) - 1, r))
         for e in row:
             choice = groups.index(e["choice"]) + 1 if e["choice"] else 0
@@ -356,6 +383,22 @@ def render(builder):
         "pub(super) static ELEMENTS: &[Element] = &[",
     ] + fixed + ["];", ""]
 
+    if max(len(builder.rows[r]) for r in order) > 254 or len(slots) > 0xFFFF:
+        sys.exit("rows too long for u8 slots or too many slots for u16 offsets")
+    out += [
+        "/// Hash slots of every row (`Row::slots`, 2^`slot_bits` each): 1-based element index in",
+        "/// the row, 0 for empty.",
+        "#[rustfmt::skip]",
+        "pub(super) static SLOTS: &[u8] = &[",
+    ]
+    line = "   "
+    for value in slots:
+        item = " %d," % value
+        if len(line) + len(item) > 118:
+            out.append(line)
+            line = "   "
+        line += item
+    out += [line, "];", ""]
     out += [
         "/// Required bindings whose codes are known (codes sorted by bytes).",
         "#[rustfmt::skip]",
