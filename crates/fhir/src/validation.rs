@@ -389,8 +389,8 @@ impl Validator {
         match (value, element.many) {
             (Value::Array(items), true) => {
                 // Primitive arrays and their `_name` twin are aligned, with nulls for the gaps.
-                let twin = match (underscore, object.get(&key[usize::from(underscore)..])) {
-                    (true, Some(Value::Array(values))) => Some(values),
+                let twin = match underscore.then(|| object.get(&key[1..])).flatten() {
+                    Some(Value::Array(values)) => Some(values),
                     _ => None,
                 };
                 if let Some(values) = twin {
