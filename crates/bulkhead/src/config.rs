@@ -157,6 +157,15 @@ mod tests {
         std::fs::write(&file, "no_such_key = 1\n").unwrap();
         let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
         assert!(error.contains("no_such_key"), "{error}");
+        assert_eq!(Config::load(None, Overrides::default()).unwrap().validation, ValidationMode::Strict);
+        std::fs::write(&file, "validation = \"off\"\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&file), Overrides::default()).unwrap().http_config().validation,
+            ValidationMode::Off
+        );
+        std::fs::write(&file, "validation = \"lenient\"\n").unwrap();
+        let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
+        assert!(error.contains("validation"), "{error}");
         std::fs::write(&file, "listen = \"nowhere\"\n").unwrap();
         let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
         assert!(error.contains("listen"), "{error}");

@@ -246,7 +246,7 @@ fn is_base64(text: &str) -> bool {
             _ => return false,
         }
     }
-    count > 0 && count % 4 == 0
+    count > 0 && count.is_multiple_of(4)
 }
 
 /// `urn:oid:[0-2](\.(0|[1-9][0-9]*))+`
