@@ -15,6 +15,10 @@ property names: a choice element `value[x]` expands to one element per allowed t
 (`Questionnaire.item.item`) points at the row of the referenced backbone. Data types are
 listed once and referenced by index, so their element lists are shared.
 
+Element names are interned (`NAMES`); each row's elements are sorted by name length, then
+name, and the row has a small open-addressing hash table (`SLOTS`) for lookups. Element types
+that the snapshots get wrong are overridden in TYPE_OVERRIDES, with the reason.
+
 Each element records its minimum (required or not), whether it repeats (max > 1, a JSON array),
 its type (a primitive, `Resource` for any resource, or a row), and for a `code` element with a
 `required` binding the allowed codes, when the ValueSet can be enumerated from the bundle
