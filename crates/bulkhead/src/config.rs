@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bulkhead_http::validate::ValidationMode;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,8 @@ pub struct Config {
     pub shutdown_grace_seconds: u64,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
+    /// `strict`: every write is validated against R4; `off`: stores what the client sent.
+    pub validation: ValidationMode,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -97,6 +100,7 @@ impl Default for Config {
             min_free_disk_bytes: 64 * 1024 * 1024,
             shutdown_grace_seconds: 30,
             log_format: LogFormat::Text,
+            validation: ValidationMode::Strict,
         }
     }
 }
@@ -247,6 +251,7 @@ impl Config {
             file_url_ttl: Duration::from_secs(self.file_url_ttl_seconds),
             self_authorising_url_ttl: Duration::from_secs(self.self_authorising_url_ttl_seconds),
             min_free_disk_bytes: self.min_free_disk_bytes,
+            validation: self.validation,
         }
     }
 }
@@ -270,6 +275,15 @@ mod tests {
         std::fs::write(&file, "no_such_key = 1\n").unwrap();
         let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
         assert!(error.contains("no_such_key"), "{error}");
+        assert_eq!(Config::load(None, Overrides::default()).unwrap().validation, ValidationMode::Strict);
+        std::fs::write(&file, "validation = \"off\"\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&file), Overrides::default()).unwrap().http_config().validation,
+            ValidationMode::Off
+        );
+        std::fs::write(&file, "validation = \"lenient\"\n").unwrap();
+        let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
+        assert!(error.contains("validation"), "{error}");
         std::fs::write(&file, "listen = \"nowhere\"\n").unwrap();
         let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
         assert!(error.contains("listen"), "{error}");

@@ -79,6 +79,47 @@ fn import_reports_bad_lines_with_file_and_line_and_keeps_the_rest() {
     assert!(summary.contains("2 created") && summary.contains("4 failed (not stored)"), "{summary}");
 }
 
+/// Structurally invalid R4 is refused line by line, naming file, line and element; with
+/// `BULKHEAD_VALIDATION=off` the same file is stored as it is.
+#[test]
+fn import_validates_r4_unless_validation_is_off() {
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("Patient.ndjson");
+    let lines = [
+        r#"{"resourceType":"Patient","id":"good","gender":"female"}"#,
+        r#"{"resourceType":"Patient","id":"bad","gender":"banana","birthDate":"not-a-date","foo":1}"#,
+        r#"{"resourceType":"Observation","id":"o1","status":"bogus"}"#,
+    ];
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let name = path(&file);
+
+    let strict = work.path().join("strict");
+    assert!(bulkhead(&["tenant", "create", "t", "--data-dir", path(&strict)]).status.success());
+    let import = bulkhead(&["import", "--tenant", "t", "--data-dir", path(&strict), name]);
+    assert!(!import.status.success(), "a partial import exits non-zero");
+    let errors = text(&import.stderr);
+    for expected in [
+        format!("{name}:2: Patient.gender: 'banana'"),
+        "; Patient.birthDate: 'not-a-date' is not a date".to_owned(),
+        "; Patient.foo: unknown element 'foo'".to_owned(),
+        format!("{name}:3: Observation.status: 'bogus'"),
+        "; Observation.code: Observation requires 'code' (min 1)".to_owned(),
+    ] {
+        assert!(errors.contains(&expected), "{expected:?} in {errors}");
+    }
+    assert!(text(&import.stdout).contains("1 created") && text(&import.stdout).contains("2 failed"));
+
+    let off = work.path().join("off");
+    assert!(bulkhead(&["tenant", "create", "t", "--data-dir", path(&off)]).status.success());
+    let import = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["import", "--tenant", "t", "--data-dir", path(&off), name])
+        .env("BULKHEAD_VALIDATION", "off")
+        .output()
+        .expect("run bulkhead");
+    assert!(import.status.success(), "{}", text(&import.stderr));
+    assert!(text(&import.stdout).contains("3 created"), "{}", text(&import.stdout));
+}
+
 #[test]
 fn a_tiny_benchmark_runs_end_to_end() {
     let work = tempfile::tempdir().unwrap();

@@ -1,5 +1,6 @@
 //! FHIR R4 knowledge with no I/O: resource types, the patient compartment table, ids, instants,
-//! references, OperationOutcome, and JSON parsing that keeps every number's digits.
+//! references, OperationOutcome, structural R4 validation, and JSON parsing that keeps every
+//! number's digits.
 
 pub mod compartment;
 pub mod exact_json;
@@ -7,6 +8,7 @@ pub mod id;
 pub mod instant;
 pub mod outcome;
 pub mod resource_type;
+pub mod validation;
 
 pub use exact_json::parse_exact;
 pub use id::is_valid_id;

@@ -149,14 +149,14 @@ async fn plan_entry(
         ));
     }
     known_type(&resource_type).map_err(|error| ApiError { status: StatusCode::BAD_REQUEST, ..error })?;
-    let max_members = state.config.max_group_members;
+    let (max_members, validation) = (state.config.max_group_members, state.config.validation);
     match method.as_str() {
         "POST" => {
             let body = entry
                 .get("resource")
                 .cloned()
                 .ok_or_else(|| ApiError::bad_request(IssueType::Required, "a POST entry needs a resource"))?;
-            validate_resource(&body, &resource_type, None, max_members)?;
+            validate_resource(&body, &resource_type, None, max_members, validation)?;
             if let Some(condition) = entry.pointer("/request/ifNoneExist").and_then(Value::as_str) {
                 if let Some(existing) = find_one(state, caller, conditional_query(&resource_type, condition)?).await? {
                     if let Some(full_url) = full_url {
@@ -183,7 +183,7 @@ async fn plan_entry(
                 .get("resource")
                 .cloned()
                 .ok_or_else(|| ApiError::bad_request(IssueType::Required, "a PUT entry needs a resource"))?;
-            validate_resource(&body, &resource_type, Some(&id), max_members)?;
+            validate_resource(&body, &resource_type, Some(&id), max_members, validation)?;
             if let Some(full_url) = full_url {
                 full_urls.insert(full_url, format!("{resource_type}/{id}"));
             }
@@ -208,19 +208,23 @@ async fn plan_entry(
     }
 }
 
-/// Re-roots an entry's error expression in the Bundle: `Observation.subject.reference` becomes
+/// Re-roots an entry's error expressions in the Bundle: `Observation.subject.reference` becomes
 /// `Bundle.entry[3].resource.subject.reference`, so the client sees both entry and element.
-fn within_entry(error: ApiError, index: usize) -> ApiError {
+fn within_entry(mut error: ApiError, index: usize) -> ApiError {
     let entry = format!("Bundle.entry[{index}]");
-    let expression = match error.issues.first().and_then(|issue| issue.expression.as_deref()) {
-        Some(inner) if inner.starts_with("request.") => format!("{entry}.{inner}"),
-        Some(inner) => match inner.split_once('.') {
-            Some((root, rest)) if root.starts_with(char::is_uppercase) => format!("{entry}.resource.{rest}"),
-            _ => format!("{entry}.resource.{inner}"),
-        },
-        None => entry,
-    };
-    error.at(expression)
+    for issue in &mut error.issues {
+        issue.expression = Some(match issue.expression.as_deref() {
+            Some(inner) if inner.starts_with("request.") => format!("{entry}.{inner}"),
+            Some(inner) => match inner.split_once(['.', '[']) {
+                Some((root, _)) if root.starts_with(char::is_uppercase) => {
+                    format!("{entry}.resource{}", &inner[root.len()..])
+                }
+                _ => format!("{entry}.resource.{inner}"),
+            },
+            None => entry.clone(),
+        });
+    }
+    error
 }
 
 /// Replaces every `reference` that names a Bundle entry's fullUrl with that entry's `Type/id`.

@@ -15,8 +15,7 @@ use std::thread::JoinHandle;
 use bulkhead_store::{Store, StoreError, TenantId, WriteMode, WriteOp, Written};
 use serde_json::Value;
 
-use crate::error::ApiError;
-use crate::validate::{parse_resource, validate_resource};
+use crate::validate::{describe_issues, parse_resource, validate_resource, ValidationMode};
 
 /// A batch is written when it holds this many resources…
 const BATCH: usize = 10_000;
@@ -80,6 +79,7 @@ pub struct Importer {
     tenant: TenantId,
     owner: Option<String>,
     max_group_members: usize,
+    validation: ValidationMode,
     /// `id` → type of every resource seen in this load (for `urn:uuid:` references).
     known: HashMap<String, &'static str>,
     /// `fullUrl` → `Type/id` for Bundle entries whose fullUrl is not `urn:uuid:<their id>`.
@@ -102,6 +102,7 @@ impl Importer {
             tenant,
             owner,
             max_group_members,
+            validation: ValidationMode::Strict,
             known: HashMap::new(),
             aliases: HashMap::new(),
             pending: Vec::with_capacity(BATCH),
@@ -116,6 +117,12 @@ impl Importer {
     /// Writes smaller batches (a server importing beside its exports keeps its memory small).
     pub fn with_batch_bytes(mut self, batch_bytes: usize) -> Importer {
         self.batch_bytes = batch_bytes.max(1);
+        self
+    }
+
+    /// Sets how strictly resources are checked against R4 (default `Strict`).
+    pub fn with_validation(mut self, validation: ValidationMode) -> Importer {
+        self.validation = validation;
         self
     }
 
@@ -145,7 +152,7 @@ impl Importer {
                 added
             }
             Err(error) => {
-                self.fail(location, error_message(&error));
+                self.fail(location, describe_issues(&error.issues));
                 Ok(())
             }
         }
@@ -177,9 +184,9 @@ impl Importer {
     ) -> Result<(), StoreError> {
         let Some(resource_type) = resource.get("resourceType").and_then(Value::as_str).and_then(static_type) else {
             // Refused with the message REST gives for the same body.
-            let refusal = validate_resource(&resource, "", None, self.max_group_members)
+            let refusal = validate_resource(&resource, "", None, self.max_group_members, self.validation)
                 .err()
-                .map(|error| error_message(&error))
+                .map(|error| describe_issues(&error.issues))
                 .unwrap_or_else(|| "resourceType is not an R4 resource type".to_owned());
             self.fail(location, refusal);
             return Ok(());
@@ -189,10 +196,11 @@ impl Importer {
             // A malformed id is refused with the message REST gives, never replaced (a re-import
             // would then duplicate the resource).
             Some(_) => {
-                let refusal = validate_resource(&resource, resource_type, None, self.max_group_members)
-                    .err()
-                    .map(|error| error_message(&error))
-                    .unwrap_or_else(|| "the resource id is not valid".to_owned());
+                let refusal =
+                    validate_resource(&resource, resource_type, None, self.max_group_members, self.validation)
+                        .err()
+                        .map(|error| describe_issues(&error.issues))
+                        .unwrap_or_else(|| "the resource id is not valid".to_owned());
                 self.fail(location, refusal);
                 return Ok(());
             }
@@ -223,8 +231,10 @@ impl Importer {
     fn queue(&mut self, location: Location, resource: Value) -> Result<(), StoreError> {
         let resource_type = resource["resourceType"].as_str().unwrap_or_default().to_owned();
         let id = resource["id"].as_str().unwrap_or_default().to_owned();
-        if let Err(error) = validate_resource(&resource, &resource_type, Some(&id), self.max_group_members) {
-            self.fail(location, error_message(&error));
+        if let Err(error) =
+            validate_resource(&resource, &resource_type, Some(&id), self.max_group_members, self.validation)
+        {
+            self.fail(location, describe_issues(&error.issues));
             return Ok(());
         }
         self.pending.push((location, WriteOp::Update { resource_type, id, body: resource, if_match: None }));
@@ -369,15 +379,6 @@ fn write_batch(
         Err(error) if error.is_store_failure() => Err(error),
         Err(_) => store.write(tenant, owner, ops, WriteMode::Batch),
     }
-}
-
-/// A refusal as one line of an import report: each issue's diagnostics, with its element path.
-fn error_message(error: &ApiError) -> String {
-    let issues = error.issues.iter().map(|issue| match &issue.expression {
-        Some(expression) => format!("{expression}: {}", issue.diagnostics),
-        None => issue.diagnostics.clone(),
-    });
-    issues.collect::<Vec<_>>().join("; ")
 }
 
 /// The `'static` name of an R4 resource type.

@@ -8,6 +8,7 @@ use bulkhead_store::Store;
 
 use crate::credentials::SecretVerifier;
 use crate::error::ApiError;
+use crate::validate::ValidationMode;
 
 /// What the HTTP layer needs to know from the configuration.
 #[derive(Debug, Clone)]
@@ -39,6 +40,8 @@ pub struct HttpConfig {
     pub self_authorising_url_ttl: Duration,
     /// `/healthz` answers 503 when the store's disk has less free space than this.
     pub min_free_disk_bytes: u64,
+    /// Whether writes are validated against R4 (`strict`) or stored as sent (`off`).
+    pub validation: ValidationMode,
 }
 
 impl Default for HttpConfig {
@@ -57,6 +60,7 @@ impl Default for HttpConfig {
             file_url_ttl: Duration::from_secs(24 * 3600),
             self_authorising_url_ttl: Duration::from_secs(600),
             min_free_disk_bytes: 64 * 1024 * 1024,
+            validation: ValidationMode::Strict,
         }
     }
 }

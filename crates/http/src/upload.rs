@@ -37,12 +37,14 @@ pub async fn upload_ndjson(
     }
     let (lines_tx, mut lines_rx) = mpsc::channel::<(u64, Vec<u8>)>(256);
     let store = state.store.clone();
-    let (tenant, owner, max_members) =
-        (caller.tenant, caller.owner().map(str::to_owned), state.config.max_group_members);
+    let (tenant, owner, max_members, validation) =
+        (caller.tenant, caller.owner().map(str::to_owned), state.config.max_group_members, state.config.validation);
     // Returns what was stored, and the store's error when it stopped the upload part-way.
     let importer = tokio::task::spawn_blocking(move || -> (ImportSummary, Option<StoreError>) {
         // Small batches: this runs inside the server, whose memory must stay small.
-        let mut importer = Importer::new(store, tenant, owner, max_members).with_batch_bytes(2 * 1024 * 1024);
+        let mut importer = Importer::new(store, tenant, owner, max_members)
+            .with_batch_bytes(2 * 1024 * 1024)
+            .with_validation(validation);
         while let Some((line, text)) = lines_rx.blocking_recv() {
             if let Err(error) = importer.add_line(Location { source: SOURCE.into(), line }, &text) {
                 return (importer.summary().clone(), Some(error));

@@ -1,8 +1,12 @@
-//! Validation of resources on write: shape, type, id, references, and Group rules.
+//! Validation of resources on write: shape, type, id, R4 structure, references, and Group rules.
+//! Every write path (REST create/update, Bundle entries, `bulkhead import`, `$upload-ndjson`)
+//! goes through [`validate_resource`].
 
 use axum::http::StatusCode;
 use bulkhead_fhir::compartment::parse_reference;
-use bulkhead_fhir::{is_resource_type, is_valid_id, parse_exact, IssueType};
+use bulkhead_fhir::validation::validate_resource as validate_structure;
+use bulkhead_fhir::{is_resource_type, is_valid_id, parse_exact, Issue, IssueType};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ApiError;
@@ -20,13 +24,28 @@ pub fn parse_resource(bytes: &[u8]) -> Result<Value, ApiError> {
     parse_exact(bytes).map_err(|error| ApiError::bad_request(IssueType::Structure, format!("not valid JSON: {error}")))
 }
 
+/// Whether writes are checked against the R4 StructureDefinitions (config key `validation`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValidationMode {
+    /// Structurally invalid R4 is refused (400, one issue per problem).
+    #[default]
+    Strict,
+    /// Stores what the client sent: only the checks the server itself relies on remain (resource
+    /// type and id, well-formed references, Group membership rules).
+    Off,
+}
+
 /// Checks a resource body against the URL it was sent to: `expected_type` from the path, and
-/// `expected_id` for an update. Returns 400 for URL mismatches and 422 for invalid resources.
+/// `expected_id` for an update. Returns 400 for URL mismatches and, in `Strict` mode, for
+/// structurally invalid R4 (one issue per violation, each with its `expression`); 422 for
+/// malformed references and Group rules.
 pub fn validate_resource(
     body: &Value,
     expected_type: &str,
     expected_id: Option<&str>,
     max_group_members: usize,
+    mode: ValidationMode,
 ) -> Result<(), ApiError> {
     let Some(object) = body.as_object() else {
         return Err(ApiError::unprocessable(IssueType::Structure, "a resource must be a JSON object"));
@@ -72,11 +91,34 @@ pub fn validate_resource(
             )
         }
     }
+    if mode == ValidationMode::Strict {
+        let violations = validate_structure(body);
+        if !violations.is_empty() {
+            let issues = violations
+                .into_iter()
+                .map(|violation| Issue::error(violation.code, violation.message).at(violation.expression))
+                .collect();
+            return Err(ApiError { status: StatusCode::BAD_REQUEST, issues });
+        }
+    }
     check_references(body, resource_type)?;
     if resource_type == "Group" {
         validate_group(body, max_group_members)?;
     }
     Ok(())
+}
+
+/// The issues of a refusal on one line, each led by its element path (`Patient.gender: …`), for
+/// import summaries that report `file:line`.
+pub fn describe_issues(issues: &[Issue]) -> String {
+    let described: Vec<String> = issues
+        .iter()
+        .map(|issue| match &issue.expression {
+            Some(expression) => format!("{expression}: {}", issue.diagnostics),
+            None => issue.diagnostics.clone(),
+        })
+        .collect();
+    described.join("; ")
 }
 
 /// Every `reference` string must be a well-formed reference: relative `Type/id`, absolute URL,
@@ -193,9 +235,18 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn check(body: Value) -> Result<(), u16> {
+    fn check_in(mode: ValidationMode, body: Value) -> Result<(), u16> {
         let expected_type = body["resourceType"].as_str().unwrap_or("Patient").to_owned();
-        validate_resource(&body, &expected_type, None, 3).map_err(|error| error.status.as_u16())
+        validate_resource(&body, &expected_type, None, 3, mode).map_err(|error| error.status.as_u16())
+    }
+
+    fn check(body: Value) -> Result<(), u16> {
+        check_in(ValidationMode::Strict, body)
+    }
+
+    /// The Group rules and reference checks hold with validation off too.
+    fn check_off(body: Value) -> Result<(), u16> {
+        check_in(ValidationMode::Off, body)
     }
 
     #[test]
@@ -215,27 +266,53 @@ mod tests {
         assert_eq!(check(json!({"resourceType": "Nope"})), Err(422));
         assert_eq!(check(json!({"resourceType": "Patient", "id": "a b"})), Err(400));
         assert_eq!(check(json!({"resourceType": "Patient", "id": "ok"})), Ok(()));
-        let wrong_type = validate_resource(&json!({"resourceType": "Patient"}), "Observation", None, 3);
+        let wrong_type =
+            validate_resource(&json!({"resourceType": "Patient"}), "Observation", None, 3, ValidationMode::Strict);
         assert_eq!(wrong_type.unwrap_err().status, 400);
-        let wrong_id = validate_resource(&json!({"resourceType": "Patient", "id": "a"}), "Patient", Some("b"), 3);
+        let wrong_id = validate_resource(
+            &json!({"resourceType": "Patient", "id": "a"}),
+            "Patient",
+            Some("b"),
+            3,
+            ValidationMode::Strict,
+        );
         assert_eq!(wrong_id.unwrap_err().status, 400);
     }
 
     #[test]
     fn references_must_be_well_formed() {
+        let observation = |reference: &str| json!({"resourceType": "Observation", "status": "final", "code": {"text": "t"}, "subject": {"reference": reference}});
         for good in ["Patient/1", "urn:uuid:abc", "#c1", "https://x.org/fhir/Patient/1", "Patient?identifier=x|1"] {
-            assert_eq!(check(json!({"resourceType": "Observation", "subject": {"reference": good}})), Ok(()), "{good}");
+            assert_eq!(check(observation(good)), Ok(()), "{good}");
         }
         for bad in ["Patient", "Patient/", "Nope/1", "Patient/a b", "urn:uuid:"] {
-            assert_eq!(check(json!({"resourceType": "Observation", "subject": {"reference": bad}})), Err(422), "{bad}");
+            assert_eq!(check(observation(bad)), Err(422), "{bad}");
+            assert_eq!(check_off(observation(bad)), Err(422), "{bad}");
         }
+    }
+
+    #[test]
+    fn structural_violations_are_one_issue_each() {
+        let body = json!({"resourceType": "Patient", "gender": "banana", "birthDate": "not-a-date", "foo": 1});
+        let error = validate_resource(&body, "Patient", None, 3, ValidationMode::Strict).unwrap_err();
+        assert_eq!(error.status, 400);
+        let expressions: Vec<_> = error.issues.iter().map(|issue| issue.expression.as_deref()).collect();
+        assert_eq!(expressions, [Some("Patient.gender"), Some("Patient.birthDate"), Some("Patient.foo")]);
+        let codes: Vec<_> = error.issues.iter().map(|issue| issue.code).collect();
+        assert_eq!(codes, [IssueType::CodeInvalid, IssueType::Value, IssueType::Structure]);
+        assert!(describe_issues(&error.issues).starts_with("Patient.gender: 'banana'"));
+        assert_eq!(check_off(body), Ok(()), "validation = off stores what the client sent");
     }
 
     #[test]
     fn group_rules() {
         let member = |reference: &str| json!({"entity": {"reference": reference}});
-        assert_eq!(check(json!({"resourceType": "Group", "actual": true})), Err(422));
-        assert_eq!(check(json!({"resourceType": "Group", "type": "person"})), Err(422));
+        // Group.type and Group.actual are required by R4 (400 when validating), and by the export
+        // rules even when validation is off (422).
+        assert_eq!(check(json!({"resourceType": "Group", "actual": true})), Err(400));
+        assert_eq!(check(json!({"resourceType": "Group", "type": "person"})), Err(400));
+        assert_eq!(check_off(json!({"resourceType": "Group", "actual": true})), Err(422));
+        assert_eq!(check_off(json!({"resourceType": "Group", "type": "person"})), Err(422));
         assert_eq!(
             check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": [member("Patient/1")]})),
             Ok(())
@@ -247,10 +324,9 @@ mod tests {
             Err(422)
         );
         let inactive_text = json!({"entity": {"reference": "Patient/1"}, "inactive": "yes"});
-        assert_eq!(
-            check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": [inactive_text]})),
-            Err(422)
-        );
+        let group = json!({"resourceType": "Group", "type": "person", "actual": true, "member": [inactive_text]});
+        assert_eq!(check(group.clone()), Err(400));
+        assert_eq!(check_off(group), Err(422));
         let four: Vec<Value> = (0..4).map(|i| member(&format!("Patient/{i}"))).collect();
         assert_eq!(check(json!({"resourceType": "Group", "type": "person", "actual": true, "member": four})), Err(422));
     }

@@ -375,7 +375,9 @@ fn build(kind: &str, id: &str, shape: &Shape, counter: u64, tenant: usize) -> (V
         }
         "Claim" => {
             let mut body = json!({"resourceType": "Claim", "id": id, "identifier": marker, "status": "active",
-                "use": "claim", "patient": reference(&a), "created": "2020-01-01", "provider": reference("Organization/o1")});
+                "type": {"text": "professional"}, "use": "claim", "patient": reference(&a), "created": "2020-01-01",
+                "provider": reference("Organization/o1"), "priority": {"text": "normal"},
+                "insurance": [{"sequence": 1, "focal": true, "coverage": reference("Coverage/c1")}]});
             if let Some(b) = &b {
                 body["payee"] = json!({"type": {"text": "subscriber"}, "party": reference(b)});
             }
@@ -386,7 +388,9 @@ fn build(kind: &str, id: &str, shape: &Shape, counter: u64, tenant: usize) -> (V
             if let Some(b) = &b {
                 targets.push(reference(b));
             }
-            json!({"resourceType": "Provenance", "id": id, "identifier": marker, "target": targets,
+            // R4 Provenance has no identifier: the marker goes into `policy` (a uri).
+            let policy = format!("urn:oracle:t{tenant}-{id}-{counter}");
+            json!({"resourceType": "Provenance", "id": id, "policy": [policy], "target": targets,
                 "recorded": "2020-01-01T00:00:00Z", "agent": [{"who": reference("Practitioner/pr1")}]})
         }
         other => unreachable!("unknown kind {other}"),

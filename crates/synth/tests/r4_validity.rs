@@ -1,4 +1,5 @@
-//! Structural R4 validity: every resource decodes cleanly with `fhirkit` (an R4 4.0.1 structural
+//! Structural R4 validity: every resource passes the server's own validator
+//! (`bulkhead_fhir::validation`) and decodes cleanly with `fhirkit` (an R4 4.0.1 structural
 //! validator: cardinalities, unknown elements, primitive formats), and a compact checker of
 //! our own covers what fhirkit does not: required bindings, fixed systems, the vital-signs
 //! profile, and invariants such as con-3.
@@ -361,6 +362,20 @@ fn every_resource_passes_fhirkit_r4_structural_validation() {
         }
         for issue in issues.iter().filter(|i| i.severity == fhirkit::Severity::Error) {
             problems.push(format!("{t}/{}: {issue}", r["id"]));
+        }
+    }
+    problems.truncate(20);
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[test]
+fn every_resource_passes_the_servers_r4_validator() {
+    // The validator every write path uses (bulkhead_fhir::validation): what synth emits must load.
+    let data = common::ndjson(150, 24);
+    let mut problems = Vec::new();
+    for (t, r) in &data.resources {
+        for violation in bulkhead_fhir::validation::validate_resource(r) {
+            problems.push(format!("{t}/{}: {}: {}", r["id"], violation.expression, violation.message));
         }
     }
     problems.truncate(20);
