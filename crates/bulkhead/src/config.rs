@@ -4,6 +4,7 @@
 //! warning: the environment is shared with others (Kubernetes injects `BULKHEAD_PORT=tcp://…`
 //! for a Service named `bulkhead`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -66,6 +67,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `strict`: every write is validated against R4; `off`: stores what the client sent.
     pub validation: ValidationMode,
+    /// Per-tenant exceptions to `validation`, by tenant name (`[tenant_validation]` table).
+    pub tenant_validation: BTreeMap<String, ValidationMode>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -101,6 +104,7 @@ impl Default for Config {
             shutdown_grace_seconds: 30,
             log_format: LogFormat::Text,
             validation: ValidationMode::Strict,
+            tenant_validation: BTreeMap::new(),
         }
     }
 }
@@ -252,7 +256,13 @@ impl Config {
             self_authorising_url_ttl: Duration::from_secs(self.self_authorising_url_ttl_seconds),
             min_free_disk_bytes: self.min_free_disk_bytes,
             validation: self.validation,
+            tenant_validation: self.tenant_validation.clone(),
         }
+    }
+
+    /// The validation mode of a tenant's writes (its own setting, else the server's).
+    pub fn validation_for(&self, tenant_name: &str) -> ValidationMode {
+        self.tenant_validation.get(tenant_name).copied().unwrap_or(self.validation)
     }
 }
 
@@ -281,6 +291,14 @@ mod tests {
             Config::load(Some(&file), Overrides::default()).unwrap().http_config().validation,
             ValidationMode::Off
         );
+        std::fs::write(&file, "validation = \"off\"\n[tenant_validation]\nclinic = \"strict\"\n").unwrap();
+        let config = Config::load(Some(&file), Overrides::default()).unwrap();
+        assert_eq!(config.validation_for("clinic"), ValidationMode::Strict);
+        assert_eq!(config.validation_for("legacy"), ValidationMode::Off);
+        assert_eq!(config.http_config().validation_for("clinic"), ValidationMode::Strict);
+        std::fs::write(&file, "[tenant_validation]\nlegacy = \"sometimes\"\n").unwrap();
+        let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
+        assert!(error.contains("tenant_validation"), "{error}");
         std::fs::write(&file, "validation = \"lenient\"\n").unwrap();
         let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
         assert!(error.contains("validation"), "{error}");

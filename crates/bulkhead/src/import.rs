@@ -49,7 +49,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     );
     let started = Instant::now();
     let mut importer = Importer::new(Arc::new(store), tenant.id, args.user.clone(), config.max_group_members)
-        .with_validation(config.validation);
+        .with_validation(config.validation_for(&args.tenant));
     let loaded = load_files(&mut importer, &files, |bytes, processed| {
         bar.set_position(bytes);
         let rate = processed as f64 / started.elapsed().as_secs_f64().max(0.001);
@@ -223,7 +223,8 @@ pub fn import_into(
 ) -> anyhow::Result<ImportSummary> {
     let tenant = find_tenant(store.as_ref(), config, tenant_name)?;
     let files = collect_files(paths)?;
-    let mut importer = Importer::new(store, tenant.id, None, config.max_group_members);
+    let mut importer = Importer::new(store, tenant.id, None, config.max_group_members)
+        .with_validation(config.validation_for(tenant_name));
     load_files(&mut importer, &files, |_, _| {})?;
     Ok(importer.finish()?)
 }

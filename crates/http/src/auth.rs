@@ -16,6 +16,8 @@ use crate::state::AppState;
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub tenant: TenantId,
+    /// The tenant's name (per-tenant settings are keyed by it).
+    pub tenant_name: String,
     pub client_id: String,
     /// What the caller may read: a user's resources or the whole tenant.
     pub visibility: Visibility,
@@ -98,7 +100,7 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Calle
         tracing::info!(client_id = %log_value(client_id), "authentication failed");
         return Err(ApiError::unauthorized());
     };
-    Ok(Caller { tenant: record.tenant, client_id: record.client_id, visibility })
+    Ok(Caller { tenant: record.tenant, tenant_name: record.tenant_name, client_id: record.client_id, visibility })
 }
 
 impl FromRequestParts<AppState> for Caller {

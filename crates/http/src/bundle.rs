@@ -149,7 +149,7 @@ async fn plan_entry(
         ));
     }
     known_type(&resource_type).map_err(|error| ApiError { status: StatusCode::BAD_REQUEST, ..error })?;
-    let (max_members, validation) = (state.config.max_group_members, state.config.validation);
+    let (max_members, validation) = (state.config.max_group_members, state.config.validation_for(&caller.tenant_name));
     match method.as_str() {
         "POST" => {
             let body = entry

@@ -78,7 +78,13 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     known_type(&resource_type)?;
     check_accept(&headers)?;
-    validate_resource(&body, &resource_type, None, state.config.max_group_members, state.config.validation)?;
+    validate_resource(
+        &body,
+        &resource_type,
+        None,
+        state.config.max_group_members,
+        state.config.validation_for(&caller.tenant_name),
+    )?;
     let base = base_url(&state, &headers);
     if let Some(condition) = headers.get("if-none-exist").and_then(|value| value.to_str().ok()) {
         let query = crate::search::conditional_query(&resource_type, condition)?;
@@ -127,7 +133,13 @@ pub async fn update(
 ) -> Result<Response, ApiError> {
     known_type(&resource_type)?;
     check_accept(&headers)?;
-    validate_resource(&body, &resource_type, Some(&id), state.config.max_group_members, state.config.validation)?;
+    validate_resource(
+        &body,
+        &resource_type,
+        Some(&id),
+        state.config.max_group_members,
+        state.config.validation_for(&caller.tenant_name),
+    )?;
     let op = WriteOp::Update { resource_type, id, body, if_match: if_match(&headers)? };
     let base = base_url(&state, &headers);
     Ok(written_response(write_one(&state, &caller, op).await?, &base))

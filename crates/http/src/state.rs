@@ -1,5 +1,6 @@
 //! Shared server state and configuration.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,8 +41,17 @@ pub struct HttpConfig {
     pub self_authorising_url_ttl: Duration,
     /// `/healthz` answers 503 when the store's disk has less free space than this.
     pub min_free_disk_bytes: u64,
-    /// Whether writes are validated against R4 (`strict`) or stored as sent (`off`).
+    /// Whether writes are validated against R4 (`strict`) or stored as sent (`off`)…
     pub validation: ValidationMode,
+    /// …unless the tenant (by name) has its own setting.
+    pub tenant_validation: BTreeMap<String, ValidationMode>,
+}
+
+impl HttpConfig {
+    /// The validation mode of a tenant's writes: its own setting, else the server's.
+    pub fn validation_for(&self, tenant_name: &str) -> ValidationMode {
+        self.tenant_validation.get(tenant_name).copied().unwrap_or(self.validation)
+    }
 }
 
 impl Default for HttpConfig {
@@ -61,6 +71,7 @@ impl Default for HttpConfig {
             self_authorising_url_ttl: Duration::from_secs(600),
             min_free_disk_bytes: 64 * 1024 * 1024,
             validation: ValidationMode::Strict,
+            tenant_validation: BTreeMap::new(),
         }
     }
 }

@@ -37,8 +37,12 @@ pub async fn upload_ndjson(
     }
     let (lines_tx, mut lines_rx) = mpsc::channel::<(u64, Vec<u8>)>(256);
     let store = state.store.clone();
-    let (tenant, owner, max_members, validation) =
-        (caller.tenant, caller.owner().map(str::to_owned), state.config.max_group_members, state.config.validation);
+    let (tenant, owner, max_members, validation) = (
+        caller.tenant,
+        caller.owner().map(str::to_owned),
+        state.config.max_group_members,
+        state.config.validation_for(&caller.tenant_name),
+    );
     // Returns what was stored, and the store's error when it stopped the upload part-way.
     let importer = tokio::task::spawn_blocking(move || -> (ImportSummary, Option<StoreError>) {
         // Small batches: this runs inside the server, whose memory must stay small.

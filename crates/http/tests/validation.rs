@@ -202,3 +202,28 @@ async fn with_validation_off_the_server_stores_what_the_client_sent() {
     let bad_reference = json!({"resourceType": "Observation", "subject": {"reference": "Patient/"}});
     assert_error(&server.send(post("/r4/Observation").by(&client).json(&bad_reference)).await, 422, "value");
 }
+
+/// `[tenant_validation]` overrides the server's mode for one tenant, on every way in; the other
+/// tenants keep the server's mode.
+#[tokio::test]
+async fn a_tenant_can_have_its_own_validation_mode() {
+    let config = HttpConfig {
+        tenant_validation: [("legacy".to_owned(), ValidationMode::Off)].into_iter().collect(),
+        ..test_config()
+    };
+    let server = Server::with_config(config);
+    let (legacy, clinic) = (server.tenant_client("legacy"), server.tenant_client("clinic"));
+
+    assert_status(&server.send(post("/r4/Patient").by(&legacy).json(&bad_patient())).await, 201);
+    assert_error(&server.send(post("/r4/Patient").by(&clinic).json(&bad_patient())).await, 400, "code-invalid");
+
+    let line = bad_observation().to_string();
+    let upload = |client: &Client| post("/r4/$upload-ndjson").by(client).raw("application/fhir+ndjson", line.clone());
+    assert_status(&server.send(upload(&legacy)).await, 200);
+    assert_status(&server.send(upload(&clinic)).await, 400);
+
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction",
+        "entry": [entry("PUT", "Observation/b1", json!({"resourceType": "Observation", "id": "b1", "status": "bogus"}))]});
+    assert_status(&server.send(post("/r4").by(&legacy).json(&bundle)).await, 200);
+    assert_status(&server.send(post("/r4").by(&clinic).json(&bundle)).await, 400);
+}
