@@ -3,6 +3,7 @@
 mod admin;
 mod export;
 mod jobs;
+mod part_reader;
 mod resources;
 
 use std::path::Path;
@@ -12,7 +13,7 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, ExportJob, MemberSelection, PartRange, ResourceSink, SearchPage, SearchQuery, StoreError,
+    ClientRecord, ExportJob, MemberSelection, PartRange, PartReader, SearchPage, SearchQuery, StoreError,
     StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
@@ -299,15 +300,14 @@ impl crate::Store for SqliteStore {
             .collect())
     }
 
-    fn stream_part(
-        &self,
+    fn part_reader<'a>(
+        &'a self,
         tenant: TenantId,
-        selection: &MemberSelection,
-        resource_type: &str,
-        range: &PartRange,
-        sink: &mut ResourceSink<'_>,
-    ) -> Result<u64, StoreError> {
-        self.with_snapshot(|connection| export::stream_part(connection, tenant, selection, resource_type, range, sink))
+        selection: &'a MemberSelection,
+        resource_type: &'a str,
+        range: PartRange,
+    ) -> Box<dyn PartReader + 'a> {
+        Box::new(part_reader::SqlitePartReader::new(self, tenant, selection, resource_type, range))
     }
 
     fn deleted_in_compartments(
