@@ -33,6 +33,9 @@ pub struct Config {
     pub file_urls_require_credentials: bool,
     pub file_url_ttl_seconds: u64,
     pub self_authorising_url_ttl_seconds: u64,
+    /// Seconds a client may take no bytes of a download (or any response) before it is
+    /// disconnected.
+    pub download_stall_timeout_seconds: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     pub shutdown_grace_seconds: u64,
     /// `text` or `json` log lines.
@@ -59,6 +62,7 @@ impl Default for Config {
             file_urls_require_credentials: true,
             file_url_ttl_seconds: 24 * 3600,
             self_authorising_url_ttl_seconds: 600,
+            download_stall_timeout_seconds: 60,
             shutdown_grace_seconds: 30,
             log_format: LogFormat::Text,
         }
@@ -103,6 +107,10 @@ impl Config {
         anyhow::ensure!(self.max_body_bytes >= 1024, "invalid configuration: max_body_bytes must be at least 1024");
         anyhow::ensure!(self.export_part_size >= 1, "invalid configuration: export_part_size must be at least 1");
         anyhow::ensure!(self.max_group_members >= 1, "invalid configuration: max_group_members must be at least 1");
+        anyhow::ensure!(
+            self.download_stall_timeout_seconds >= 1,
+            "invalid configuration: download_stall_timeout_seconds must be at least 1"
+        );
         if let Some(base) = &self.public_base_url {
             anyhow::ensure!(
                 base.starts_with("http://") || base.starts_with("https://"),
@@ -129,6 +137,7 @@ impl Config {
             file_urls_require_credentials: self.file_urls_require_credentials,
             file_url_ttl: Duration::from_secs(self.file_url_ttl_seconds),
             self_authorising_url_ttl: Duration::from_secs(self.self_authorising_url_ttl_seconds),
+            download_stall_timeout: Duration::from_secs(self.download_stall_timeout_seconds),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod ndjson_import;
 pub mod negotiation;
 pub mod rest;
 pub mod search;
+pub mod stall;
 pub mod state;
 pub mod upload;
 pub mod urls;
@@ -139,6 +140,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
+    let listener = stall::StallLimitedListener::new(listener, state.config.download_stall_timeout);
     let app = router(state).into_make_service();
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {

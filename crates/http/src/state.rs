@@ -28,6 +28,8 @@ pub struct HttpConfig {
     pub file_urls_require_credentials: bool,
     pub file_url_ttl: Duration,
     pub self_authorising_url_ttl: Duration,
+    /// A client that takes no bytes of a response (a download) for this long is disconnected.
+    pub download_stall_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -41,6 +43,7 @@ impl Default for HttpConfig {
             file_urls_require_credentials: true,
             file_url_ttl: Duration::from_secs(24 * 3600),
             self_authorising_url_ttl: Duration::from_secs(600),
+            download_stall_timeout: Duration::from_secs(60),
         }
     }
 }
