@@ -61,6 +61,9 @@ pub struct Config {
     pub self_authorising_url_ttl_seconds: u64,
     /// `/healthz` answers 503 when the data directory's disk has less free space than this.
     pub min_free_disk_bytes: u64,
+    /// Seconds a client may take no bytes of a download (or any response) before it is
+    /// disconnected.
+    pub download_stall_timeout_seconds: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     pub shutdown_grace_seconds: u64,
     /// `text` or `json` log lines.
@@ -101,6 +104,7 @@ impl Default for Config {
             file_url_ttl_seconds: 24 * 3600,
             self_authorising_url_ttl_seconds: 600,
             min_free_disk_bytes: 64 * 1024 * 1024,
+            download_stall_timeout_seconds: 60,
             shutdown_grace_seconds: 30,
             log_format: LogFormat::Text,
             validation: ValidationMode::Strict,
@@ -187,6 +191,10 @@ impl Config {
         anyhow::ensure!(self.max_body_bytes >= 1024, "invalid configuration: max_body_bytes must be at least 1024");
         anyhow::ensure!(self.export_part_size >= 1, "invalid configuration: export_part_size must be at least 1");
         anyhow::ensure!(self.max_group_members >= 1, "invalid configuration: max_group_members must be at least 1");
+        anyhow::ensure!(
+            self.download_stall_timeout_seconds >= 1,
+            "invalid configuration: download_stall_timeout_seconds must be at least 1"
+        );
         if let Some(base) = &self.public_base_url {
             anyhow::ensure!(
                 base.starts_with("http://") || base.starts_with("https://"),
@@ -257,6 +265,7 @@ impl Config {
             min_free_disk_bytes: self.min_free_disk_bytes,
             validation: self.validation,
             tenant_validation: self.tenant_validation.clone(),
+            download_stall_timeout: Duration::from_secs(self.download_stall_timeout_seconds),
         }
     }
 

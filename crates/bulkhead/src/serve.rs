@@ -9,6 +9,7 @@ use anyhow::Context;
 use base64::Engine;
 use bulkhead_export::token::TokenKeys;
 use bulkhead_http::AppState;
+use bulkhead_store::sqlite::SqliteStore;
 use rand::RngCore;
 
 use crate::admin::open_store;
@@ -62,10 +63,31 @@ pub fn load_token_keys(data_dir: &Path) -> anyhow::Result<TokenKeys> {
 
 /// Builds the server state for a configuration.
 pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
-    let store = open_store(config)?;
+    let store = Arc::new(open_store(config)?);
     crate::private_files::create_private_dir(&config.data_dir.join("output"))?;
     let keys = load_token_keys(&config.data_dir)?;
-    Ok(AppState::new(Arc::new(store), config.http_config(), keys))
+    spawn_wal_checkpoints(&store);
+    Ok(AppState::new(store, config.http_config(), keys))
+}
+
+/// How often the server looks at the WAL's size.
+const WAL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Truncates the WAL whenever it has grown past its limit, for as long as the store lives, so
+/// it returns to a small size once no reader pins it (writers' own checkpoints keep reusing a
+/// grown file).
+fn spawn_wal_checkpoints(store: &Arc<SqliteStore>) {
+    let store = Arc::downgrade(store);
+    let spawned = std::thread::Builder::new().name("wal-checkpoint".into()).spawn(move || loop {
+        std::thread::sleep(WAL_CHECK_INTERVAL);
+        let Some(store) = store.upgrade() else { return };
+        if let Err(error) = store.checkpoint_wal() {
+            tracing::warn!(error = %error, "wal checkpoint failed");
+        }
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(error = %error, "could not start the wal checkpoint thread");
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -34,7 +34,12 @@ pub fn open_file_view(store: &dyn Store, claims: &FileClaims) -> Result<ExportVi
     Ok(view)
 }
 
-/// Writes the file's NDJSON lines to `out`; returns how many lines were written.
+/// Bytes of an output file read from the store at a time, each window in its own short read
+/// transaction: with the caller's buffers, this bounds a download's memory.
+pub const WINDOW_BYTES: usize = 1 << 20;
+
+/// Writes the file's NDJSON lines to `out`; returns how many lines were written. No database
+/// transaction is open while `out` is written to, so `out` may block (on a slow client).
 pub fn write_file(
     store: &dyn Store,
     claims: &FileClaims,
@@ -51,12 +56,18 @@ pub fn write_file(
         }
         (FileKind::Output, resource_type) => {
             let range = PartRange { first_key: claims.start, last_key: claims.end, count: claims.total };
-            let mut sink = |body: &[u8]| {
-                out.write_all(body)?;
-                out.write_all(b"\n")
-            };
-            let written = store.stream_part(tenant, &view.selection, resource_type, &range, &mut sink)?;
-            Ok(written)
+            let mut reader = store.part_reader(tenant, &view.selection, resource_type, range);
+            let mut window = Vec::with_capacity(WINDOW_BYTES + WINDOW_BYTES / 4);
+            let mut written = 0;
+            loop {
+                window.clear();
+                match reader.next_window(&mut window, WINDOW_BYTES)? {
+                    0 => return Ok(written),
+                    read => written += read,
+                }
+                // No read transaction is open here: `out` may block on a slow client.
+                out.write_all(&window).map_err(sink_error)?;
+            }
         }
         (FileKind::Deleted, resource_type) => {
             let deleted = store.deleted_in_compartments(tenant, &view.selection, resource_type)?;

@@ -209,9 +209,11 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let claims = authorize_download(&state, &headers, &path_type, &file).await?;
     let gzip = accepts_gzip(&headers);
-    let (chunks_tx, chunks_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(CHANNEL_DEPTH);
+    let (chunks_tx, chunks_rx) = mpsc::channel::<Piece>(CHANNEL_DEPTH);
     let (ready_tx, ready_rx) = oneshot::channel::<Result<(), ApiError>>();
     let store = state.store.clone();
+    let stall_timeout = state.config.download_stall_timeout;
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let view = match open_file_view(store.as_ref(), &claims) {
             Ok(view) => view,
@@ -221,7 +223,8 @@ pub async fn download(
             }
         };
         let _ = ready_tx.send(Ok(()));
-        let mut writer = ChunkWriter { buffer: Vec::with_capacity(CHUNK_BYTES), chunks: chunks_tx };
+        let mut writer =
+            ChunkWriter { buffer: Vec::with_capacity(CHUNK_BYTES), chunks: chunks_tx, runtime, stall_timeout };
         let result = if gzip {
             let mut encoder = flate2::write::GzEncoder::new(&mut writer, flate2::Compression::fast());
             write_file(store.as_ref(), &claims, &view, &mut encoder).and_then(|written| {
@@ -230,21 +233,27 @@ pub async fn download(
         } else {
             write_file(store.as_ref(), &claims, &view, &mut writer)
         };
-        let result = result
-            .and_then(|written| writer.flush().map(|_| written).map_err(|error| ExportError::Sink(error.to_string())));
+        let result = result.and_then(|written| {
+            writer
+                .flush()
+                .and_then(|_| writer.send(Piece::Complete))
+                .map(|_| written)
+                .map_err(|error| ExportError::Sink(error.to_string()))
+        });
         match result {
             Ok(written) if written != claims.total => {
                 tracing::error!(group = %claims.group, resource_type = %claims.resource_type, written, planned = claims.total, "export file line count differs from its manifest count");
             }
             Ok(_) => {}
+            // Dropping the sender without `Complete` ends the body with an error, so the client
+            // sees a broken download, never a short file that looks whole.
             Err(error) => {
                 tracing::warn!(group = %claims.group, resource_type = %claims.resource_type, error = %error, "export file stream ended early");
-                let _ = writer.chunks.blocking_send(Err(std::io::Error::other("export stream failed")));
             }
         }
     });
     ready_rx.await.map_err(|_| ApiError::internal())??;
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(chunks_rx));
+    let body = Body::from_stream(FileBody { pieces: chunks_rx, ended: false });
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/fhir+ndjson"));
@@ -337,32 +346,92 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
         })
 }
 
-/// A `Write` that hands fixed-size chunks to the response body; it blocks (on a blocking
-/// thread) while the client is slower than the store, which keeps memory bounded.
+/// What the producing thread hands the response body.
+enum Piece {
+    Bytes(Bytes),
+    /// The whole file was sent.
+    Complete,
+}
+
+/// A download's response body: the producer's chunks, ending cleanly only on
+/// [`Piece::Complete`]; a producer that stops without it (store error, stalled or departed
+/// client) makes the body end with an error, so hyper aborts the response.
+struct FileBody {
+    pieces: mpsc::Receiver<Piece>,
+    ended: bool,
+}
+
+impl tokio_stream::Stream for FileBody {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.ended {
+            return std::task::Poll::Ready(None);
+        }
+        let piece = std::task::ready!(self.pieces.poll_recv(cx));
+        std::task::Poll::Ready(match piece {
+            Some(Piece::Bytes(bytes)) => Some(Ok(bytes)),
+            Some(Piece::Complete) => {
+                self.ended = true;
+                None
+            }
+            None => {
+                self.ended = true;
+                Some(Err(std::io::Error::other("export file stream ended early")))
+            }
+        })
+    }
+}
+
+/// A `Write` that hands fixed-size chunks to the response body. It blocks (on a blocking
+/// thread, never inside a store transaction) while the client is slower than the store, which
+/// keeps memory bounded, and gives up when the client has taken nothing for `stall_timeout`.
 struct ChunkWriter {
     buffer: Vec<u8>,
-    chunks: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    chunks: mpsc::Sender<Piece>,
+    runtime: tokio::runtime::Handle,
+    stall_timeout: std::time::Duration,
 }
 
 impl ChunkWriter {
+    fn send(&mut self, piece: Piece) -> std::io::Result<()> {
+        let piece = match self.chunks.try_send(piece) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(client_gone()),
+            Err(mpsc::error::TrySendError::Full(piece)) => piece,
+        };
+        match self.runtime.block_on(tokio::time::timeout(self.stall_timeout, self.chunks.send(piece))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(client_gone()),
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading")),
+        }
+    }
+
     fn send_buffer(&mut self) -> std::io::Result<()> {
         if self.buffer.is_empty() {
             return Ok(());
         }
         let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK_BYTES));
-        self.chunks
-            .blocking_send(Ok(Bytes::from(chunk)))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
+        self.send(Piece::Bytes(Bytes::from(chunk)))
     }
+}
+
+fn client_gone() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away")
 }
 
 impl Write for ChunkWriter {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.buffer.extend_from_slice(bytes);
+        // Never more than a chunk at once: `write_all` hands over the rest.
+        let taken = bytes.len().min(CHUNK_BYTES - self.buffer.len());
+        self.buffer.extend_from_slice(&bytes[..taken]);
         if self.buffer.len() >= CHUNK_BYTES {
             self.send_buffer()?;
         }
-        Ok(bytes.len())
+        Ok(taken)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

@@ -1,6 +1,7 @@
-//! The listener: HTTP/1.1 connections under a cap, each with a header read timeout, serving the
-//! router until shutdown. Slow or idle clients cost a small task each, never a blocking thread,
-//! and are disconnected when they stall ([`crate::timeouts`] bounds the rest of a request).
+//! The listener: HTTP/1.1 connections under a cap, each with a header read timeout and a limit on
+//! how long a client may stop reading ([`crate::stall`]), serving the router until shutdown.
+//! Slow or idle clients cost a small task each, never a blocking thread, and are disconnected
+//! when they stall ([`crate::timeouts`] bounds the rest of a request).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
+use crate::stall::StallLimited;
 use crate::state::AppState;
 
 /// Largest request head (request line and headers) read: beyond it hyper answers 431. Real
@@ -37,6 +39,7 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let limits = state.config.limits.clone();
+    let stall_limit = state.config.download_stall_timeout;
     let app = crate::router(state);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
@@ -74,7 +77,8 @@ pub async fn serve(
             request.extensions_mut().insert(ConnectInfo(peer));
             app.clone().oneshot(request)
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let connection =
+            graceful.watch(http.serve_connection(TokioIo::new(StallLimited::new(stream, stall_limit)), service));
         tokio::spawn(async move {
             // Timeouts and clients hanging up end here; neither is the server's error.
             if let Err(error) = connection.await {

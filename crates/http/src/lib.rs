@@ -19,6 +19,7 @@ pub mod negotiation;
 pub mod plain_errors;
 pub mod rest;
 pub mod search;
+pub mod stall;
 pub mod state;
 pub mod timeouts;
 pub mod upload;

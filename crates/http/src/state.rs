@@ -45,6 +45,8 @@ pub struct HttpConfig {
     pub validation: ValidationMode,
     /// …unless the tenant (by name) has its own setting.
     pub tenant_validation: BTreeMap<String, ValidationMode>,
+    /// A client that takes no bytes of a response (a download) for this long is disconnected.
+    pub download_stall_timeout: Duration,
 }
 
 impl HttpConfig {
@@ -72,6 +74,7 @@ impl Default for HttpConfig {
             min_free_disk_bytes: 64 * 1024 * 1024,
             validation: ValidationMode::Strict,
             tenant_validation: BTreeMap::new(),
+            download_stall_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -23,8 +23,16 @@ pub use write::{group_members, stamped_json, WriteMode, WriteOp, Written};
 
 use bulkhead_fhir::Micros;
 
-/// Where export bytes go: called once per exported resource with its stored JSON text.
-pub type ResourceSink<'a> = dyn FnMut(&[u8]) -> std::io::Result<()> + 'a;
+/// Reads one planned part of an export a window at a time ([`Store::part_reader`]).
+pub trait PartReader {
+    /// Appends the part's next resources to `out`, in key order, each as one NDJSON line (its
+    /// stored JSON, then `\n`), stopping once it has appended `max_bytes` or more; returns how many
+    /// it appended, 0 once the part is complete.
+    ///
+    /// Each call is one short read transaction, and none is open when it returns: the caller
+    /// may wait as long as it likes (on a slow client) between calls without pinning the database.
+    fn next_window(&mut self, out: &mut Vec<u8>, max_bytes: usize) -> Result<u64, StoreError>;
+}
 
 /// The storage seam. Implementations: [`sqlite::SqliteStore`].
 pub trait Store: Send + Sync + 'static {
@@ -123,16 +131,16 @@ pub trait Store: Send + Sync + 'static {
         resource_types: &[String],
         part_size: u64,
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError>;
-    /// Streams the stored JSON of the selected resources of one type within `range`, in key
-    /// order, one call of `sink` per resource; returns how many were written.
-    fn stream_part(
-        &self,
+    /// A reader of the selected resources of one type within `range` (a planned part), in key
+    /// order. Every window is read as of the selection's transaction time, so the windows agree
+    /// with each other and with the plan whatever is written between them.
+    fn part_reader<'a>(
+        &'a self,
         tenant: TenantId,
-        selection: &MemberSelection,
-        resource_type: &str,
-        range: &PartRange,
-        sink: &mut ResourceSink<'_>,
-    ) -> Result<u64, StoreError>;
+        selection: &'a MemberSelection,
+        resource_type: &'a str,
+        range: PartRange,
+    ) -> Box<dyn PartReader + 'a>;
     /// `deleted[]` of one type (empty without `since`), as `(id, lastUpdated of the version at the
     /// transaction time)`, in key order, each resource once: resources deleted in
     /// `(since, transaction_time]` found through a member that was a member at `since` too, and

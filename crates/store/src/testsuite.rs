@@ -21,7 +21,8 @@ macro_rules! store_test_suite {
             export_reports_deletions, export_reports_resources_that_left_the_cohort, export_parts_split_by_size, transaction_time_orders_writes,
             existence_at_a_time, a_patient_is_in_its_own_compartment_by_stored_id, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
             expired_export_jobs_are_swept, export_records_round_trip_by_tenant_and_expire,
-            a_fresh_store_is_writable_above_its_free_space_floor);
+            a_fresh_store_is_writable_above_its_free_space_floor,
+            export_windows_agree_whatever_is_written_between_them);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -80,20 +81,39 @@ fn export_ids(store: &dyn Store, tenant: TenantId, selection: &MemberSelection, 
     let mut lines = Vec::new();
     for (_, parts) in plan {
         for part in parts {
-            let mut sink = |bytes: &[u8]| {
-                let value: Value = serde_json::from_slice(bytes).unwrap();
+            // One resource per window: every test crosses window edges.
+            let (text, written) = read_part(store, tenant, selection, resource_type, &part, 1);
+            assert_eq!(written, part.count, "a part streams exactly its planned count");
+            for line in text.split(|byte| *byte == b'\n').filter(|line| !line.is_empty()) {
+                let value: Value = serde_json::from_slice(line).unwrap();
                 let mut line = value["id"].as_str().unwrap().to_owned();
                 if let Some(n) = value.get("valueInteger") {
                     line.push_str(&format!("={n}"));
                 }
                 lines.push(line);
-                Ok(())
-            };
-            let written = store.stream_part(tenant, selection, resource_type, &part, &mut sink).unwrap();
-            assert_eq!(written, part.count, "a part streams exactly its planned count");
+            }
         }
     }
     lines
+}
+
+/// Reads a whole part, `max_bytes` at a time: its NDJSON text and line count.
+fn read_part(
+    store: &dyn Store,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+    part: &PartRange,
+    max_bytes: usize,
+) -> (Vec<u8>, u64) {
+    let mut reader = store.part_reader(tenant, selection, resource_type, *part);
+    let (mut text, mut written) = (Vec::new(), 0);
+    loop {
+        match reader.next_window(&mut text, max_bytes).unwrap() {
+            0 => return (text, written),
+            read => written += read,
+        }
+    }
 }
 
 pub fn tenants_and_clients(store: &dyn Store) {
@@ -489,7 +509,7 @@ pub fn export_parts_split_by_size(store: &dyn Store) {
     assert!(keys.windows(2).all(|w| w[0].last_key < w[1].first_key));
     let mut lines = 0;
     for part in &plan[0].1 {
-        lines += store.stream_part(t, &selection, "Observation", part, &mut |_| Ok(())).unwrap();
+        lines += read_part(store, t, &selection, "Observation", part, usize::MAX).1;
     }
     assert_eq!(lines, 7);
 }
@@ -622,4 +642,88 @@ pub fn a_fresh_store_is_writable_above_its_free_space_floor(store: &dyn Store) {
         Err(StoreError::StorageFull(_)) => {}
         other => panic!("no disk has u64::MAX bytes free, yet check_writable answered {other:?}"),
     }
+}
+
+/// A part read window by window, with writes between the windows that touch every exported
+/// resource (update, delete, re-point away, delete and re-create) and bring new ones into the
+/// members' compartments, reads exactly what a one-shot read at the transaction time reads.
+pub fn export_windows_agree_whatever_is_written_between_them(store: &dyn Store) {
+    let t = tenant(store, "t");
+    for member in ["a", "b", "z"] {
+        put(store, t, None, patient(member));
+    }
+    for i in 0..12 {
+        put(store, t, None, observation(&format!("o{i}"), ["a", "b", "z"][i % 3], i as i64));
+    }
+    // History before the transaction time too: an update, a delete, a move into the cohort.
+    put(store, t, None, observation("o0", "a", 100));
+    delete(store, t, "Observation", "o1");
+    put(store, t, None, observation("o2", "a", 102));
+    let frozen = selection(store, &[("a", None), ("b", None)], None);
+    let plan = store.plan_parts(t, &frozen, &["Observation".into(), "Patient".into()], 4).unwrap();
+    let parts: Vec<(String, PartRange)> =
+        plan.iter().flat_map(|(kind, parts)| parts.iter().map(move |part| (kind.clone(), *part))).collect();
+    assert!(parts.len() >= 3, "several parts: {plan:?}");
+    let one_shot: Vec<Vec<u8>> =
+        parts.iter().map(|(kind, part)| read_part(store, t, &frozen, kind, part, usize::MAX).0).collect();
+
+    // Before each window, the resource it is about to read is written (updated, deleted, moved
+    // out of the cohort, deleted and re-created, in turn), whether an earlier window already
+    // resolved it or not; and a new resource enters the cohort.
+    let mut step = 0i64;
+    let mut write = |next: Option<&Value>| {
+        put(store, t, None, observation(&format!("new{step}"), "b", step));
+        let Some(next) = next else { return };
+        let (kind, id) = (next["resourceType"].as_str().unwrap(), next["id"].as_str().unwrap());
+        let gone = || WriteOp::Delete { resource_type: kind.into(), id: id.into() };
+        let changed = |patient: &str| match kind {
+            "Patient" => json!({"resourceType": "Patient", "id": id, "gender": "other"}),
+            _ => observation(id, patient, 1_000 + step),
+        };
+        match step % 4 {
+            0 => drop(put(store, t, None, changed("a"))),
+            1 => drop(store.write(t, None, &[gone()], WriteMode::Transaction).unwrap()),
+            2 => drop(put(store, t, None, changed("z"))),
+            _ => {
+                store.write(t, None, &[gone()], WriteMode::Transaction).unwrap();
+                put(store, t, None, next.clone());
+            }
+        }
+        step += 1;
+    };
+    for ((kind, part), expected) in parts.iter().zip(&one_shot) {
+        let lines: Vec<Value> = expected
+            .split(|byte| *byte == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice(line).unwrap())
+            .collect();
+        let mut reader = store.part_reader(t, &frozen, kind, *part);
+        let (mut text, mut written) = (Vec::new(), 0);
+        loop {
+            write(lines.get(written as usize));
+            match reader.next_window(&mut text, 1).unwrap() {
+                0 => break,
+                read => written += read,
+            }
+        }
+        assert_eq!(written, part.count, "{kind} part {part:?}: the planned count");
+        assert_eq!(String::from_utf8_lossy(&text), String::from_utf8_lossy(expected), "{kind} part {part:?}");
+    }
+    let now = MemberSelection { transaction_time: store.reserve_transaction_time().unwrap(), ..frozen.clone() };
+    assert_ne!(
+        export_ids(store, t, &now, "Observation"),
+        export_ids(store, t, &frozen, "Observation"),
+        "the writes between windows changed what a later export sees"
+    );
+    // Read again after all those writes, in one go and in windows: still the same bytes.
+    for ((kind, part), expected) in parts.iter().zip(&one_shot) {
+        assert_eq!(&read_part(store, t, &frozen, kind, part, usize::MAX).0, expected);
+        assert_eq!(&read_part(store, t, &frozen, kind, part, 1).0, expected);
+    }
+    let all: Vec<u8> = one_shot.concat();
+    let text = String::from_utf8(all).unwrap();
+    for expected in ["\"o0\"", "\"valueInteger\":100", "\"o2\"", "\"valueInteger\":102", "\"o3\"", "\"o4\""] {
+        assert!(text.contains(expected), "{expected} exported: {text}");
+    }
+    assert!(!text.contains("\"o1\""), "deleted before the transaction time: {text}");
 }

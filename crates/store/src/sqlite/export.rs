@@ -7,7 +7,7 @@
 use bulkhead_fhir::Micros;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{MemberSelection, PartRange, ResourceSink, StoreError, StoredResource, TenantId, Visibility};
+use crate::{MemberSelection, PartRange, StoreError, StoredResource, TenantId, Visibility};
 
 use super::resources::stored_from_row;
 
@@ -53,7 +53,7 @@ fn members_digest(selection: &MemberSelection) -> [u8; 32] {
 }
 
 /// The version of one resource (by key) as it was at the transaction time.
-struct VersionAt {
+pub(super) struct VersionAt {
     last_updated: Micros,
     deleted: bool,
     /// The caller may see it (its owner matches a user-scoped selection).
@@ -62,7 +62,7 @@ struct VersionAt {
 
 /// Which members a candidate resource was found through.
 #[derive(Clone, Copy)]
-struct Reach {
+pub(super) struct Reach {
     /// Some member gets its full history (added to the Group since `_since`).
     full_history: bool,
     /// The smallest `since` among the other members, if any.
@@ -153,25 +153,14 @@ fn candidates(
 
 /// Keys examined at once: bounds the candidate list's memory whatever the export's size.
 /// (Tiny in unit tests, so the conformance suite crosses window edges.)
-const WINDOW: i64 = if cfg!(test) { 3 } else { 1 << 17 };
+pub(super) const WINDOW: i64 = if cfg!(test) { 3 } else { 1 << 17 };
 
-/// Visits, in key order, every resource in the members' compartments at the transaction time
-/// (see [`candidates`]) whose version then passes `select`, with that version and, when
-/// `with_body`, its stored JSON (empty otherwise).
-///
-/// Candidates are taken a key window at a time. Bodies are read only for selected resources:
-/// one sequential scan of the window where they are dense, a lookup per key where sparse.
-#[allow(clippy::too_many_arguments)]
-fn for_each_selected(
+/// The smallest and largest key of the tenant's resources of `resource_type` (None: it has none).
+pub(super) fn type_span(
     connection: &Connection,
     tenant: TenantId,
-    selection: &MemberSelection,
     resource_type: &str,
-    (first_key, last_key): (i64, i64),
-    with_body: bool,
-    select: impl Fn(Reach, &VersionAt) -> bool,
-    mut visit: impl FnMut(i64, &VersionAt, &[u8]) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
+) -> Result<Option<(i64, i64)>, StoreError> {
     let span: (Option<i64>, Option<i64>) = connection
         // Two subqueries, not MIN and MAX in one: SQLite answers each of those with one index
         // seek only when it stands alone.
@@ -180,83 +169,89 @@ fn for_each_selected(
                     (SELECT rid FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 ORDER BY rid DESC LIMIT 1)",
         )?
         .query_row(params![tenant.0, resource_type], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    let (Some(type_first), Some(type_last)) = span else { return Ok(()) };
+    Ok(match span {
+        (Some(first), Some(last)) => Some((first, last)),
+        _ => None,
+    })
+}
+
+/// A resource whose version at the transaction time passed the selection.
+pub(super) struct Chosen {
+    pub(super) rid: i64,
+    version: VersionAt,
+    /// The history version holding that version's body; 0 when it was the current row then.
+    pub(super) history_version: i64,
+}
+
+/// The resources in the members' compartments at the transaction time (see [`candidates`]) with
+/// a key within one window `[start, end]` whose version then passes `select`, in key order.
+///
+/// The outcome depends only on the transaction time, not on the snapshot that reads it: the
+/// compartment index is versioned by time and history keeps every replaced version, so windows
+/// read in separate transactions agree whatever was written in between. The members must be
+/// loaded on this connection ([`load_members`]).
+pub(super) fn select_window(
+    connection: &Connection,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+    (start, end): (i64, i64),
+    select: impl Fn(Reach, &VersionAt) -> bool,
+) -> Result<Vec<Chosen>, StoreError> {
     let at = selection.transaction_time;
     let user = selection.visibility.user();
     let mut earlier = connection.prepare_cached(
         "SELECT version, last_updated, deleted, owner FROM resource_history
          WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1",
     )?;
-    let mut earlier_body =
-        connection.prepare_cached("SELECT body FROM resource_history WHERE rid = ?1 AND version = ?2")?;
-    let mut point = connection.prepare_cached("SELECT body FROM resources WHERE rid = ?1")?;
-    let mut scan =
-        connection.prepare_cached("SELECT rid, body FROM resources WHERE rid BETWEEN ?1 AND ?2 ORDER BY rid")?;
+    let mut chosen = Vec::new();
+    // Resolve versions changed since the transaction time, then keep the selected ones;
+    // historical ones remember which version holds their body.
+    for candidate in candidates(connection, tenant, selection, resource_type, (start, end))? {
+        let (version, history_version) = if candidate.historical {
+            let then = earlier
+                .query_row(params![candidate.rid, at], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        VersionAt {
+                            last_updated: row.get(1)?,
+                            deleted: row.get(2)?,
+                            visible: user.is_none() || row.get_ref(3)?.as_str_or_null()? == user,
+                        },
+                    ))
+                })
+                .optional()?;
+            match then {
+                Some((number, version)) => (version, number),
+                None => continue, // created after the transaction time
+            }
+        } else {
+            (candidate.version, 0)
+        };
+        if select(candidate.reach, &version) {
+            chosen.push(Chosen { rid: candidate.rid, version, history_version });
+        }
+    }
+    Ok(chosen)
+}
+
+/// Visits, in key order, every resource in the members' compartments at the transaction time
+/// whose version then passes `select`, with that version, a key window at a time.
+fn for_each_selected(
+    connection: &Connection,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+    (first_key, last_key): (i64, i64),
+    select: impl Fn(Reach, &VersionAt) -> bool,
+    mut visit: impl FnMut(i64, &VersionAt) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let Some((type_first, type_last)) = type_span(connection, tenant, resource_type)? else { return Ok(()) };
     let (mut start, end) = (first_key.max(type_first), last_key.min(type_last));
     while start <= end {
         let window_end = start.saturating_add(WINDOW - 1).min(end);
-        // Resolve versions changed since the transaction time, then keep the selected ones;
-        // historical ones remember which version holds their body (0: the current row).
-        let mut chosen: Vec<(i64, VersionAt, i64)> = Vec::new();
-        for candidate in candidates(connection, tenant, selection, resource_type, (start, window_end))? {
-            let (version, history_version) = if candidate.historical {
-                let then = earlier
-                    .query_row(params![candidate.rid, at], |row| {
-                        Ok((
-                            row.get::<_, i64>(0)?,
-                            VersionAt {
-                                last_updated: row.get(1)?,
-                                deleted: row.get(2)?,
-                                visible: user.is_none() || row.get_ref(3)?.as_str_or_null()? == user,
-                            },
-                        ))
-                    })
-                    .optional()?;
-                match then {
-                    Some((number, version)) => (version, number),
-                    None => continue, // created after the transaction time
-                }
-            } else {
-                (candidate.version, 0)
-            };
-            if select(candidate.reach, &version) {
-                chosen.push((candidate.rid, version, history_version));
-            }
-        }
-        if !with_body {
-            for (rid, version, _) in &chosen {
-                visit(*rid, version, b"")?;
-            }
-        } else if let (Some(first), Some(last)) = (chosen.first(), chosen.last()) {
-            // Dense: at least one key in four of the span is ours.
-            let dense = chosen.len() as i64 * 4 > last.0 - first.0;
-            let mut rows = if dense { Some(scan.query(params![first.0, last.0])?) } else { None };
-            for (rid, version, history_version) in &chosen {
-                if *history_version > 0 {
-                    let mut then = earlier_body.query(params![rid, history_version])?;
-                    if let Some(row) = then.next()? {
-                        visit(*rid, version, row.get_ref(0)?.as_bytes_or_null()?.unwrap_or_default())?;
-                    }
-                    continue;
-                }
-                match rows.as_mut() {
-                    Some(rows) => {
-                        // Advance the window scan to this key (keys in between are not ours).
-                        while let Some(row) = rows.next()? {
-                            if row.get::<_, i64>(0)? == *rid {
-                                visit(*rid, version, row.get_ref(1)?.as_bytes_or_null()?.unwrap_or_default())?;
-                                break;
-                            }
-                        }
-                    }
-                    None => {
-                        let mut current = point.query([rid])?;
-                        if let Some(row) = current.next()? {
-                            visit(*rid, version, row.get_ref(0)?.as_bytes_or_null()?.unwrap_or_default())?;
-                        }
-                    }
-                }
-            }
+        for chosen in select_window(connection, tenant, selection, resource_type, (start, window_end), &select)? {
+            visit(chosen.rid, &chosen.version)?;
         }
         if window_end == end {
             break;
@@ -266,7 +261,7 @@ fn for_each_selected(
     Ok(())
 }
 
-fn selected(selection: &MemberSelection, reach: Reach, version: &VersionAt) -> bool {
+pub(super) fn selected(selection: &MemberSelection, reach: Reach, version: &VersionAt) -> bool {
     !version.deleted
         && reach.since().is_none_or(|since| version.last_updated > since)
         && selection.until.is_none_or(|until| version.last_updated < until)
@@ -293,55 +288,17 @@ pub(super) fn plan_type(
     }
     let part_size = part_size.max(1);
     let select = |reach, version: &VersionAt| selected(selection, reach, version);
-    for_each_selected(
-        connection,
-        tenant,
-        selection,
-        resource_type,
-        (i64::MIN, i64::MAX),
-        false,
-        select,
-        |rid, _, _| {
-            match parts.last_mut() {
-                Some(part) if part.count < part_size => {
-                    part.last_key = rid;
-                    part.count += 1;
-                }
-                _ => parts.push(PartRange { first_key: rid, last_key: rid, count: 1 }),
+    for_each_selected(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), select, |rid, _| {
+        match parts.last_mut() {
+            Some(part) if part.count < part_size => {
+                part.last_key = rid;
+                part.count += 1;
             }
-            Ok(())
-        },
-    )?;
+            _ => parts.push(PartRange { first_key: rid, last_key: rid, count: 1 }),
+        }
+        Ok(())
+    })?;
     Ok(parts)
-}
-
-pub(super) fn stream_part(
-    connection: &Connection,
-    tenant: TenantId,
-    selection: &MemberSelection,
-    resource_type: &str,
-    range: &PartRange,
-    sink: &mut ResourceSink<'_>,
-) -> Result<u64, StoreError> {
-    load_members(connection, selection)?;
-    let mut written = 0;
-    let select = |reach, version: &VersionAt| selected(selection, reach, version);
-    for_each_selected(
-        connection,
-        tenant,
-        selection,
-        resource_type,
-        (range.first_key, range.last_key),
-        true,
-        select,
-        |_, _, body| {
-            // Stored bytes go to the sink as they are: no copy, no parse.
-            sink(body).map_err(|error| StoreError::Database(format!("export sink: {error}")))?;
-            written += 1;
-            Ok(())
-        },
-    )?;
-    Ok(written)
 }
 
 /// `deleted[]` of one type, in key order: resources the client must drop.
@@ -370,19 +327,10 @@ pub(super) fn deleted_in_compartments(
     let select = |reach: Reach, version: &VersionAt| {
         reach.existing_since.is_some_and(|since| version.deleted && version.last_updated > since && version.visible)
     };
-    for_each_selected(
-        connection,
-        tenant,
-        selection,
-        resource_type,
-        (i64::MIN, i64::MAX),
-        false,
-        select,
-        |rid, version, _| {
-            deleted.push((rid, version.last_updated));
-            Ok(())
-        },
-    )?;
+    for_each_selected(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), select, |rid, version| {
+        deleted.push((rid, version.last_updated));
+        Ok(())
+    })?;
     deleted.extend(left_the_cohort(connection, tenant, selection, resource_type, since)?);
     // A resource both deleted and moved out is listed once.
     deleted.sort_unstable_by_key(|(rid, _)| *rid);

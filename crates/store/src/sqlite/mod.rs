@@ -3,6 +3,7 @@
 mod admin;
 mod export;
 mod jobs;
+mod part_reader;
 mod resources;
 
 use std::path::Path;
@@ -12,11 +13,15 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, ExportJob, ExportRecord, MemberSelection, PartRange, ResourceSink, SearchPage, SearchQuery,
-    StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ClientRecord, ExportJob, ExportRecord, MemberSelection, PartRange, PartReader, SearchPage, SearchQuery, StoreError,
+    StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
+
+/// The WAL size the store returns to once no reader pins it (`journal_size_limit`, and the
+/// size above which [`SqliteStore::checkpoint_wal`] truncates it).
+pub const WAL_SIZE_LIMIT: u64 = 32 * 1024 * 1024;
 
 /// Memory the store may use for page caches: each open connection holds its own cache.
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +74,27 @@ impl SqliteStore {
             writer.pragma_update(None, "max_page_count", pages)?;
         }
         Ok(SqliteStore { writer: Mutex::new(writer), readers: Mutex::new(Vec::new()), path: path.to_owned(), options })
+    }
+
+    /// Copies the WAL back into the database and truncates it when it has grown past
+    /// [`WAL_SIZE_LIMIT`] (writers' automatic checkpoints only restart it from its beginning).
+    /// Never waits long: with readers or a writer in the way it checkpoints what it can and
+    /// returns. Returns the WAL's size afterwards, in bytes.
+    pub fn checkpoint_wal(&self) -> Result<u64, StoreError> {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        let wal = std::path::PathBuf::from(wal);
+        let size = |path: &Path| std::fs::metadata(path).map_or(0, |metadata| metadata.len());
+        if size(&wal) <= WAL_SIZE_LIMIT {
+            return Ok(size(&wal));
+        }
+        let connection = open_connection(&self.path, 1)?;
+        connection.busy_timeout(std::time::Duration::from_millis(100))?;
+        let (busy, frames, copied): (i64, i64, i64) =
+            connection
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        tracing::debug!(busy, frames, copied, "wal checkpoint");
+        Ok(size(&wal))
     }
 
     /// Runs `work` inside an immediate (write-locked) transaction with a fresh timestamp,
@@ -124,6 +150,8 @@ fn open_connection(path: &Path, cache_mib: u32) -> Result<Connection, StoreError
          PRAGMA synchronous = NORMAL;
          PRAGMA temp_store = MEMORY;",
     )?;
+    // When a checkpoint lets the WAL start over, it is cut back to this size.
+    connection.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT as i64)?;
     connection.pragma_update(None, "cache_size", -(i64::from(cache_mib) * 1024))?;
     connection.set_prepared_statement_cache_capacity(64);
     Ok(connection)
@@ -319,15 +347,14 @@ impl crate::Store for SqliteStore {
             .collect())
     }
 
-    fn stream_part(
-        &self,
+    fn part_reader<'a>(
+        &'a self,
         tenant: TenantId,
-        selection: &MemberSelection,
-        resource_type: &str,
-        range: &PartRange,
-        sink: &mut ResourceSink<'_>,
-    ) -> Result<u64, StoreError> {
-        self.with_snapshot(|connection| export::stream_part(connection, tenant, selection, resource_type, range, sink))
+        selection: &'a MemberSelection,
+        resource_type: &'a str,
+        range: PartRange,
+    ) -> Box<dyn PartReader + 'a> {
+        Box::new(part_reader::SqlitePartReader::new(self, tenant, selection, resource_type, range))
     }
 
     fn deleted_in_compartments(
