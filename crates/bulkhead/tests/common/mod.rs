@@ -265,6 +265,11 @@ impl Server {
         std::mem::replace(&mut self._dir, dir)
     }
 
+    /// SIGKILL, as a crash or an out-of-memory kill would stop it: no shutdown of any kind.
+    pub fn sigkill(&mut self) {
+        self.kill();
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
