@@ -1,4 +1,4 @@
-//! The 145 R4 (4.0.1) resource types.
+//! The 146 R4 (4.0.1) resource types.
 
 /// Every concrete R4 resource type, sorted (binary-searchable).
 pub const RESOURCE_TYPES: &[&str] = &[
@@ -11,6 +11,7 @@ pub const RESOURCE_TYPES: &[&str] = &[
     "AuditEvent",
     "Basic",
     "Binary",
+    "BiologicallyDerivedProduct",
     "BodyStructure",
     "Bundle",
     "CapabilityStatement",
@@ -161,9 +162,10 @@ mod tests {
     #[test]
     fn list_is_sorted_and_complete() {
         assert!(RESOURCE_TYPES.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(RESOURCE_TYPES.len(), 145);
+        assert_eq!(RESOURCE_TYPES.len(), 146);
         assert!(is_resource_type("Observation"));
         assert!(is_resource_type("Binary"));
+        assert!(is_resource_type("BiologicallyDerivedProduct"));
         assert!(!is_resource_type("observation"));
         assert!(!is_resource_type("MedicationOrder"));
     }

@@ -537,6 +537,14 @@ mod tests {
         assert_eq!(table::FIRST_ROW, RESOURCE_TYPE + 1);
     }
 
+    /// The server's list of resource types (routes, `_type`, references) and the types the
+    /// official StructureDefinitions define are the same list.
+    #[test]
+    fn the_resource_types_are_those_of_the_definitions() {
+        let defined: Vec<&str> = table::RESOURCES.iter().map(|(name, _)| *name).collect();
+        assert_eq!(defined, crate::RESOURCE_TYPES);
+    }
+
     #[test]
     fn table_is_sorted_for_binary_search() {
         assert!(table::NAMES.windows(2).all(|w| w[0] < w[1]));
