@@ -38,9 +38,10 @@ impl Default for SqliteOptions {
 }
 
 impl SqliteOptions {
-    /// Sized for a bulk load: a large writer cache keeps the indexes' hot pages in memory.
+    /// Sized for a bulk load: a large writer cache keeps the indexes' hot pages in memory, within
+    /// an import's 400 MB budget (the rest is batches in flight).
     pub fn bulk_load() -> Self {
-        SqliteOptions { writer_cache_mib: 256, ..SqliteOptions::default() }
+        SqliteOptions { writer_cache_mib: 128, ..SqliteOptions::default() }
     }
 }
 
