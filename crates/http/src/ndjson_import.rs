@@ -20,8 +20,13 @@ use crate::validate::{describe_issues, parse_resource, validate_resource, Valida
 /// A batch is written when it holds this many resources…
 const BATCH: usize = 10_000;
 /// …or this many bytes of JSON text by default (a parsed resource takes several times its text
-/// in memory), which bounds an import's memory whatever the file sizes.
-const BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// in memory, about 10× for Synthea-shaped data, and up to three batches are alive: one being
+/// built, one queued, one being written), which bounds an import's memory whatever the file
+/// sizes. Larger batches were no faster: 8 MiB took 330 MB for batches alone.
+const BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// Deferred resources (waiting for a reference's target) kept in memory up to this many bytes of
+/// JSON text; past it they go to a temporary file.
+const DEFERRED_BYTES: usize = 4 * 1024 * 1024;
 /// Size assumed for a resource that did not come as a line of text (a Bundle entry).
 const ENTRY_BYTES: usize = 2 * 1024;
 /// Line errors kept for the summary; later ones are only counted.
@@ -81,7 +86,7 @@ pub struct Importer {
     max_group_members: usize,
     validation: ValidationMode,
     /// `id` → type of every resource seen in this load (for `urn:uuid:` references).
-    known: HashMap<String, &'static str>,
+    known: KnownIds,
     /// `fullUrl` → `Type/id` for Bundle entries whose fullUrl is not `urn:uuid:<their id>`.
     aliases: HashMap<String, String>,
     pending: Vec<(Location, WriteOp)>,
@@ -90,7 +95,9 @@ pub struct Importer {
     /// The text size of the resource being added (set by `add_line`).
     size_hint: usize,
     batch_bytes: usize,
-    deferred: Vec<(Location, Value)>,
+    /// Resources waiting for a reference's target, spilled to a temporary file (in real exports
+    /// most lines of some types wait, and a load's memory must not grow with it).
+    deferred: Deferred,
     summary: ImportSummary,
 }
 
@@ -103,13 +110,13 @@ impl Importer {
             owner,
             max_group_members,
             validation: ValidationMode::Strict,
-            known: HashMap::new(),
+            known: KnownIds::default(),
             aliases: HashMap::new(),
             pending: Vec::with_capacity(BATCH),
             pending_bytes: 0,
             size_hint: ENTRY_BYTES,
             batch_bytes: BATCH_BYTES,
-            deferred: Vec::new(),
+            deferred: Deferred::default(),
             summary: ImportSummary::default(),
         }
     }
@@ -219,12 +226,11 @@ impl Importer {
         if let Some(full_url) = full_url.filter(|url| url.strip_prefix("urn:uuid:") != Some(id.as_str())) {
             self.aliases.insert(full_url, format!("{resource_type}/{id}"));
         }
-        self.known.insert(id, resource_type);
+        self.known.insert(&id, resource_type);
         if self.resolve_references(&mut resource) {
             self.queue(location, resource)
         } else {
-            self.deferred.push((location, resource));
-            Ok(())
+            self.deferred.push(location, resource, self.size_hint)
         }
     }
 
@@ -329,9 +335,13 @@ impl Importer {
     /// resolved kept as they are) and returns the summary; after an error, see [`Importer::summary`].
     pub fn finish(&mut self) -> Result<ImportSummary, StoreError> {
         self.flush()?;
-        for (location, mut resource) in std::mem::take(&mut self.deferred) {
+        let mut deferred = std::mem::take(&mut self.deferred).into_reader()?;
+        while let Some((location, mut resource, size)) = deferred.next()? {
             self.resolve_references(&mut resource);
-            self.queue(location, resource)?;
+            self.size_hint = size;
+            let queued = self.queue(location, resource);
+            self.size_hint = ENTRY_BYTES;
+            queued?;
         }
         self.flush()?;
         if let Some(writer) = self.writer.take() {
@@ -381,8 +391,195 @@ fn write_batch(
     }
 }
 
+/// Resources set aside until the end of a load, in arrival order: the first few in memory, the
+/// rest one JSON line each (`[source, line, resource]`) in an anonymous temporary file, so a
+/// load whose every line waits (Synthea's per-type files reference types that come later) keeps
+/// its memory whatever its size.
+#[derive(Default)]
+struct Deferred {
+    memory: Vec<(Location, Value, usize)>,
+    memory_bytes: usize,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    /// Resources spilled to the file (for tests).
+    spilled: u64,
+}
+
+fn spill_error(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(format!("the import's temporary file: {error}"))
+}
+
+impl Deferred {
+    fn push(&mut self, location: Location, resource: Value, size: usize) -> Result<(), StoreError> {
+        use std::io::Write;
+        if self.file.is_none() && self.memory_bytes + size <= DEFERRED_BYTES {
+            self.memory_bytes += size;
+            self.memory.push((location, resource, size));
+            return Ok(());
+        }
+        self.spilled += 1;
+        let file = match &mut self.file {
+            Some(file) => file,
+            None => self.file.insert(std::io::BufWriter::new(tempfile::tempfile().map_err(spill_error)?)),
+        };
+        serde_json::to_writer(&mut *file, &(&location.source, location.line, &resource)).map_err(spill_error)?;
+        file.write_all(b"\n").map_err(spill_error)
+    }
+
+    fn into_reader(self) -> Result<DeferredReader, StoreError> {
+        use std::io::Seek;
+        let reader = match self.file {
+            Some(file) => {
+                let mut file = file.into_inner().map_err(|error| spill_error(error.error()))?;
+                file.rewind().map_err(spill_error)?;
+                Some(std::io::BufReader::new(file))
+            }
+            None => None,
+        };
+        Ok(DeferredReader { memory: self.memory.into_iter(), reader, line: Vec::new() })
+    }
+}
+
+struct DeferredReader {
+    memory: std::vec::IntoIter<(Location, Value, usize)>,
+    reader: Option<std::io::BufReader<std::fs::File>>,
+    line: Vec<u8>,
+}
+
+impl DeferredReader {
+    /// The next deferred resource, with its location and text size.
+    fn next(&mut self) -> Result<Option<(Location, Value, usize)>, StoreError> {
+        use std::io::BufRead;
+        if let Some(kept) = self.memory.next() {
+            return Ok(Some(kept));
+        }
+        let Some(reader) = &mut self.reader else { return Ok(None) };
+        self.line.clear();
+        if reader.read_until(b'\n', &mut self.line).map_err(spill_error)? == 0 {
+            return Ok(None);
+        }
+        // Written by `push` from a parsed resource (numbers keep their text both ways).
+        let (source, line, resource): (String, u64, Value) = serde_json::from_slice(&self.line).map_err(spill_error)?;
+        Ok(Some((Location { source, line }, resource, self.line.len())))
+    }
+}
+
+/// The type of every id seen in a load, kept compactly since it grows with the load: an id in the
+/// canonical UUID form (lower-case hex with hyphens, as Synthea and most exporters write them)
+/// takes 17 bytes, as its 16 bytes and its type's index in [`bulkhead_fhir::RESOURCE_TYPES`];
+/// any other id is kept as text.
+#[derive(Default)]
+struct KnownIds {
+    // (A type index fits a byte.)
+    uuids: HashMap<[u8; 16], u8>,
+    others: HashMap<Box<str>, u8>,
+}
+
+const _: () = assert!(bulkhead_fhir::RESOURCE_TYPES.len() <= 256);
+
+impl KnownIds {
+    /// The 16 bytes of an id that is exactly a canonical UUID (so no two ids share a key).
+    fn uuid_key(id: &str) -> Option<[u8; 16]> {
+        if id.len() != 36 {
+            return None;
+        }
+        let uuid = uuid::Uuid::try_parse(id).ok()?;
+        let mut text = [0u8; 36];
+        (uuid.hyphenated().encode_lower(&mut text).as_bytes() == id.as_bytes()).then(|| uuid.into_bytes())
+    }
+
+    fn insert(&mut self, id: &str, resource_type: &'static str) {
+        let Ok(index) = bulkhead_fhir::RESOURCE_TYPES.binary_search(&resource_type) else { return };
+        let index = index as u8;
+        match KnownIds::uuid_key(id) {
+            Some(key) => self.uuids.insert(key, index),
+            None => self.others.insert(id.into(), index),
+        };
+    }
+
+    fn get(&self, id: &str) -> Option<&'static str> {
+        let index = match KnownIds::uuid_key(id) {
+            Some(key) => self.uuids.get(&key),
+            None => self.others.get(id),
+        }?;
+        bulkhead_fhir::RESOURCE_TYPES.get(usize::from(*index)).copied()
+    }
+}
+
 /// The `'static` name of an R4 resource type.
 fn static_type(name: &str) -> Option<&'static str> {
     let index = bulkhead_fhir::RESOURCE_TYPES.binary_search(&name).ok()?;
     Some(bulkhead_fhir::RESOURCE_TYPES[index])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_store::sqlite::SqliteStore;
+    use bulkhead_store::Visibility;
+
+    /// A canonical UUID is kept as 16 bytes; any other spelling of an id (upper case, no
+    /// hyphens, not a UUID at all) is a different id and is kept as its text.
+    #[test]
+    fn known_ids_keep_every_spelling_apart() {
+        let mut known = KnownIds::default();
+        let lower = "6f1c7c1e-3b8a-4c4e-9d5f-0a1b2c3d4e5f";
+        known.insert(lower, "Patient");
+        known.insert(&lower.to_uppercase(), "Practitioner");
+        known.insert(&lower.replace('-', ""), "Organization");
+        known.insert("p1", "Encounter");
+        assert_eq!((known.uuids.len(), known.others.len()), (1, 3));
+        assert_eq!(known.get(lower), Some("Patient"));
+        assert_eq!(known.get(&lower.to_uppercase()), Some("Practitioner"));
+        assert_eq!(known.get(&lower.replace('-', "")), Some("Organization"));
+        assert_eq!(known.get("p1"), Some("Encounter"));
+        assert_eq!(known.get("6f1c7c1e-3b8a-4c4e-9d5f-0a1b2c3d4e50"), None);
+        known.insert(lower, "Group");
+        assert_eq!(known.get(lower), Some("Group"), "the last type seen wins, as before");
+    }
+
+    /// Lines waiting for their targets past the in-memory budget go through the temporary file
+    /// and come back in order, with their locations and their numbers' exact digits, and their
+    /// references resolved.
+    #[test]
+    fn deferred_lines_past_the_memory_budget_are_spilled_and_resolved() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&directory.path().join("t.db")).unwrap());
+        let tenant = store.create_tenant("t").unwrap().id;
+        let mut importer = Importer::new(store.clone(), tenant, None, 100);
+        let patient = "0d4c7b2e-51a4-4f3c-8f7e-5b2a9c1d3e4f";
+        let padding = "x".repeat(2_000);
+        let count = 2 * DEFERRED_BYTES / 2_000 + 10;
+        for index in 0..count {
+            let line = format!(
+                r#"{{"resourceType":"Observation","id":"o{index}","status":"final","code":{{"text":"{padding}"}},"subject":{{"reference":"urn:uuid:{patient}"}},"valueQuantity":{{"value":1.50}}}}"#
+            );
+            importer
+                .add_line(Location { source: "obs.ndjson".into(), line: index as u64 + 1 }, line.as_bytes())
+                .unwrap();
+        }
+        assert!(importer.deferred.spilled > 0, "some lines went to the file");
+        assert!(!importer.deferred.memory.is_empty(), "the first ones stayed in memory");
+        // One refused line among the spilled ones keeps its location.
+        importer
+            .add_line(
+                Location { source: "bad.ndjson".into(), line: 7 },
+                format!(
+                    r#"{{"resourceType":"Observation","id":"bad","subject":{{"reference":"urn:uuid:{patient}"}}}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+        let patient_line = format!(r#"{{"resourceType":"Patient","id":"{patient}"}}"#);
+        importer.add_line(Location { source: "patients.ndjson".into(), line: 1 }, patient_line.as_bytes()).unwrap();
+        let summary = importer.finish().unwrap();
+        assert_eq!(summary.created, count as u64 + 1);
+        assert_eq!(summary.failed, 1);
+        assert_eq!(summary.errors[0].location, Location { source: "bad.ndjson".into(), line: 7 });
+        for index in [0, count / 2, count - 1] {
+            let stored = store.read(tenant, &Visibility::Tenant, "Observation", &format!("o{index}")).unwrap().unwrap();
+            let body = stored.body.unwrap();
+            assert!(body.contains(&format!(r#""reference":"Patient/{patient}""#)), "o{index}: {body}");
+            assert!(body.contains(r#""value":1.50"#), "o{index}: {body}");
+        }
+    }
 }

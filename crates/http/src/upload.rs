@@ -76,22 +76,27 @@ pub async fn upload_ndjson(
             }
         };
         // Only the new bytes are searched for line ends: a long line arriving in many small
-        // chunks must not be rescanned from its start each time.
-        let searched = buffer.len();
+        // chunks must not be rescanned from its start each time. The chunk's whole lines are
+        // cut off the buffer at once afterwards (draining line by line moved the rest of the
+        // buffer once per line).
+        let mut start = 0;
+        let mut searched = buffer.len();
         buffer.extend_from_slice(&chunk);
-        let mut next_line_end = buffer[searched..].iter().position(|b| *b == b'\n').map(|at| at + searched);
-        while let Some(newline) = next_line_end {
-            if newline > max_line {
+        while let Some(newline) = buffer[searched..].iter().position(|b| *b == b'\n').map(|at| at + searched) {
+            if newline - start > max_line {
                 read_error = Some(line_too_long(line_number + 1, max_line));
                 break 'read;
             }
-            let line: Vec<u8> = buffer.drain(..=newline).collect();
+            let line = buffer[start..=newline].to_vec();
+            start = newline + 1;
+            searched = start;
             line_number += 1;
             if lines_tx.send((line_number, line)).await.is_err() {
+                buffer.clear();
                 break 'read;
             }
-            next_line_end = buffer.iter().position(|b| *b == b'\n');
         }
+        buffer.drain(..start);
         if buffer.len() > max_line {
             read_error = Some(line_too_long(line_number + 1, max_line));
             break;

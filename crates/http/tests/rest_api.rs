@@ -749,6 +749,40 @@ async fn ndjson_upload_reports_each_bad_line_and_stores_the_rest() {
     assert_error(&anonymous, 401, "login");
 }
 
+/// However the body is cut into chunks (a line split over many, many lines in one), every line
+/// arrives whole and keeps its number; a line over the limit is refused even when it comes in
+/// pieces.
+#[tokio::test]
+async fn ndjson_upload_reassembles_lines_across_chunks() {
+    let server = Server::with_config(HttpConfig { max_body_bytes: 2048, ..test_config() });
+    let client = server.tenant_client("acme");
+    let mut lines: Vec<String> = (0..40).map(|n| format!(r#"{{"resourceType":"Patient","id":"c{n}"}}"#)).collect();
+    lines[17] = r#"{"resourceType":"Patient","id":"c17""#.to_owned();
+    let body = lines.join("\n") + "\n";
+    for (round, chunk) in [1, 7, 64, 1000].into_iter().enumerate() {
+        let reply = server
+            .send_in_chunks(post("/r4/$upload-ndjson").by(&client).raw("application/fhir+ndjson", body.clone()), chunk)
+            .await;
+        assert_status(&reply, 200);
+        let outcome = reply.json();
+        let expected = if round == 0 {
+            "39 created, 0 updated, 0 unchanged, 1 failed"
+        } else {
+            "0 created, 0 updated, 39 unchanged, 1 failed"
+        };
+        assert!(
+            outcome["issue"][0]["diagnostics"].as_str().unwrap().contains(expected),
+            "chunks of {chunk}: {outcome}"
+        );
+        assert_eq!(outcome["issue"][1]["expression"][0], "line 18", "chunks of {chunk}");
+    }
+    let long = format!(r#"{{"resourceType":"Patient","id":"long","name":[{{"text":"{}"}}]}}"#, "x".repeat(4096));
+    let body = format!("{}\n{long}\n{}\n", lines[0], lines[1]);
+    let reply =
+        server.send_in_chunks(post("/r4/$upload-ndjson").by(&client).raw("application/fhir+ndjson", body), 100).await;
+    assert_eq!(reply.status.as_u16(), 413, "{}", reply.text());
+}
+
 /// An upload line longer than the body limit stops the upload with 413; the lines before it are
 /// stored and the outcome says so.
 #[tokio::test]

@@ -78,8 +78,8 @@ async fn health_is_503_below_the_free_space_floor() {
 async fn an_upload_stopped_by_a_full_store_reports_what_it_committed() {
     let server = Server::start();
     let client = server.tenant_client("acme");
-    // Room (8 MiB of 4 KiB pages) for a few of the upload's 2 MiB batches, not all of them.
-    let server = server.reopen_with_page_cap(test_config(), 2_000);
+    // Room (8 MiB of 16 KiB pages) for a few of the upload's 2 MiB batches, not all of them.
+    let server = server.reopen_with_page_cap(test_config(), 512);
     let lines: Vec<String> = (0..6_000).map(|n| patient(&format!("u{n}"), 2_000).to_string()).collect();
     let reply =
         server.send(post("/r4/$upload-ndjson").by(&client).raw("application/fhir+ndjson", lines.join("\n"))).await;

@@ -111,11 +111,23 @@ impl Server {
     }
 
     pub async fn send(&self, call: Call) -> Reply {
+        self.send_in_chunks(call, usize::MAX).await
+    }
+
+    /// Sends the call's body as a stream of `chunk` bytes at a time (as a slow client would).
+    pub async fn send_in_chunks(&self, call: Call, chunk: usize) -> Reply {
         let mut request = Request::builder().method(call.method).uri(&call.uri);
         for (name, value) in &call.headers {
             request = request.header(name.as_str(), value.as_str());
         }
-        let request = request.body(Body::from(call.body)).expect("valid request");
+        let body = if chunk >= call.body.len() {
+            Body::from(call.body)
+        } else {
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+                call.body.chunks(chunk).map(|part| Ok(part.to_vec())).collect();
+            Body::from_stream(futures::stream::iter(chunks))
+        };
+        let request = request.body(body).expect("valid request");
         let response = self.app.clone().oneshot(request).await.expect("the router is infallible");
         let status = response.status();
         let headers = response.headers().clone();

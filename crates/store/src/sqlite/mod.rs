@@ -43,9 +43,10 @@ impl Default for SqliteOptions {
 }
 
 impl SqliteOptions {
-    /// Sized for a bulk load: a large writer cache keeps the indexes' hot pages in memory.
+    /// Sized for a bulk load: a large writer cache keeps the indexes' hot pages in memory, within
+    /// an import's 400 MB budget (the rest is batches in flight).
     pub fn bulk_load() -> Self {
-        SqliteOptions { writer_cache_mib: 256, ..SqliteOptions::default() }
+        SqliteOptions { writer_cache_mib: 128, ..SqliteOptions::default() }
     }
 }
 
@@ -65,9 +66,6 @@ impl SqliteStore {
 
     pub fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let writer = open_connection(path, options.writer_cache_mib)?;
-        // Larger pages mean fewer reads per exported resource (bodies are ~1 KiB); only takes
-        // effect when the database is created.
-        writer.execute_batch("PRAGMA page_size = 16384;")?;
         writer.execute_batch(SCHEMA)?;
         if let Some(pages) = options.max_page_count {
             // Per connection; only the writer grows the file.
@@ -145,8 +143,12 @@ fn open_connection(path: &Path, cache_mib: u32) -> Result<Connection, StoreError
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let connection = Connection::open_with_flags(path, flags)?;
     connection.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Larger pages mean fewer reads per exported resource (bodies are ~1 KiB). The page size
+    // only takes effect while a database is still empty, and switching to WAL writes the file
+    // header, so it comes first (on an existing database it changes nothing).
     connection.execute_batch(
-        "PRAGMA journal_mode = WAL;
+        "PRAGMA page_size = 16384;
+         PRAGMA journal_mode = WAL;
          PRAGMA synchronous = NORMAL;
          PRAGMA temp_store = MEMORY;",
     )?;
@@ -462,6 +464,28 @@ mod tests {
     }
 
     crate::store_test_suite!(fresh_store());
+
+    /// A new database gets 16 KiB pages (the pragma must come before WAL mode writes the header);
+    /// an existing database keeps the page size it was created with.
+    #[test]
+    fn a_new_database_has_16_kib_pages_and_an_old_one_keeps_its_own() {
+        let page_size = |store: &super::SqliteStore| {
+            store.with_read(|connection| Ok(connection.query_row("PRAGMA page_size", [], |row| row.get::<_, u32>(0))?))
+        };
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("new.db");
+        let store = super::SqliteStore::open(&path).unwrap();
+        assert_eq!(page_size(&store).unwrap(), 16384);
+        drop(store);
+        assert_eq!(page_size(&super::SqliteStore::open(&path).unwrap()).unwrap(), 16384, "reopened");
+
+        let old = directory.path().join("old.db");
+        {
+            let connection = rusqlite::Connection::open(&old).unwrap();
+            connection.execute_batch("PRAGMA page_size = 4096; PRAGMA journal_mode = WAL;").unwrap();
+        }
+        assert_eq!(page_size(&super::SqliteStore::open(&old).unwrap()).unwrap(), 4096);
+    }
 
     /// SQLITE_FULL (a full disk, or the page cap reached) is `StorageFull`, and a batch stops
     /// at it instead of reporting it per entry.
