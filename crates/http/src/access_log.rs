@@ -132,3 +132,114 @@ impl Drop for LoggedBody {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use axum::routing::get;
+    use axum::Router;
+    use bulkhead_store::{TenantId, Visibility};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata, Subscriber};
+
+    use super::*;
+
+    /// The fields of every `bulkhead::access` event, as text.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<BTreeMap<String, String>>>>);
+
+    struct Fields(BTreeMap<String, String>);
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0.insert(field.name().to_owned(), format!("{value:?}"));
+        }
+    }
+
+    impl Subscriber for Lines {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &Event<'_>) {
+            if event.metadata().target() == "bulkhead::access" {
+                let mut fields = Fields(BTreeMap::new());
+                event.record(&mut fields);
+                self.0.lock().unwrap().push(fields.0);
+            }
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    fn app() -> Router {
+        let chunks =
+            || futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"12345")), Ok("678".into())]);
+        Router::new()
+            .route(
+                "/whole/{token}",
+                get(move || async move {
+                    let caller = Caller {
+                        tenant: TenantId(7),
+                        tenant_name: "acme".into(),
+                        client_id: "bh_client".into(),
+                        visibility: Visibility::Tenant,
+                    };
+                    record_caller(&caller);
+                    Body::from_stream(chunks())
+                }),
+            )
+            .route(
+                "/broken",
+                get(move || async move {
+                    use futures::StreamExt;
+                    Body::from_stream(chunks().chain(futures::stream::iter([Err(std::io::Error::other("cut"))])))
+                }),
+            )
+            .layer(axum::middleware::from_fn(access_log))
+    }
+
+    async fn one_request(uri: &str, read_body: bool) -> BTreeMap<String, String> {
+        let lines = Lines::default();
+        let _default = tracing::subscriber::set_default(lines.clone());
+        let request = Request::builder().uri(uri).header("x-request-id", "r\t1").body(Body::empty()).unwrap();
+        let response = app().oneshot(request).await.unwrap();
+        assert!(lines.0.lock().unwrap().is_empty(), "the line waits for the end of the body");
+        if read_body {
+            let _ = response.into_body().collect().await;
+        } else {
+            drop(response);
+        }
+        let mut lines = lines.0.lock().unwrap().clone();
+        assert_eq!(lines.len(), 1, "one line per request");
+        lines.remove(0)
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_logs_the_caller_the_route_template_and_its_bytes() {
+        let line = one_request("/whole/secret-token-in-the-path", true).await;
+        assert_eq!(line["route"], "/whole/{token}");
+        assert_eq!((line["tenant"].as_str(), line["client"].as_str()), ("acme", "bh_client"));
+        assert_eq!((line["status"].as_str(), line["bytes"].as_str(), line["complete"].as_str()), ("200", "8", "true"));
+        assert_eq!(line["request_id"], "r\\u{9}1", "client values are escaped");
+        assert!(!line.values().any(|value| value.contains("secret-token")), "{line:?}");
+    }
+
+    #[tokio::test]
+    async fn a_broken_or_abandoned_body_logs_what_was_sent_and_that_it_did_not_complete() {
+        let line = one_request("/broken", true).await;
+        assert_eq!((line["bytes"].as_str(), line["complete"].as_str()), ("8", "false"));
+        assert_eq!((line["tenant"].as_str(), line["client"].as_str()), ("", ""));
+        let line = one_request("/whole/t", false).await;
+        assert_eq!((line["bytes"].as_str(), line["complete"].as_str()), ("0", "false"));
+    }
+}
