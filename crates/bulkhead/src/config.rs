@@ -59,7 +59,7 @@ pub struct Config {
     pub file_urls_require_credentials: bool,
     pub file_url_ttl_seconds: u64,
     pub self_authorising_url_ttl_seconds: u64,
-    /// `/healthz` answers 503 when the data directory's disk has less free space than this.
+    /// `/healthz/ready` (and `/healthz`) answer 503 when the data directory's disk has less free space than this.
     pub min_free_disk_bytes: u64,
     /// Seconds a client may take no bytes of a download (or any response) before it is
     /// disconnected.
