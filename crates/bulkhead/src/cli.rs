@@ -16,7 +16,7 @@ pub struct Cli {
 /// Where the configuration comes from; shared by every subcommand that opens the data directory.
 #[derive(Args, Clone, Default)]
 pub struct ConfigArgs {
-    /// TOML configuration file (keys as in the README).
+    /// TOML configuration file (keys in docs/configuration.md).
     #[arg(long, env = "BULKHEAD_CONFIG")]
     pub config: Option<PathBuf>,
     /// Data directory (database, token keys, output); overrides the file and environment. Only

@@ -59,7 +59,7 @@ pub struct Config {
     pub file_urls_require_credentials: bool,
     pub file_url_ttl_seconds: u64,
     pub self_authorising_url_ttl_seconds: u64,
-    /// `/healthz` answers 503 when the data directory's disk has less free space than this.
+    /// `/healthz/ready` (and `/healthz`) answer 503 when the data directory's disk has less free space than this.
     pub min_free_disk_bytes: u64,
     /// Seconds a client may take no bytes of a download (or any response) before it is
     /// disconnected.
@@ -334,5 +334,71 @@ mod tests {
         assert!(proxied.http_config().trust_host_header);
         let error = load("max_connections = 0\n").unwrap_err().to_string();
         assert!(error.contains("max_connections"), "{error}");
+    }
+
+    /// A file at the repository root.
+    fn repository_file(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(name)
+    }
+
+    #[test]
+    fn the_reference_names_every_key() {
+        let reference = std::fs::read_to_string(repository_file("docs/configuration.md")).unwrap();
+        for key in Config::keys() {
+            assert!(reference.contains(&format!("| `{key}` |")), "docs/configuration.md has no row for `{key}`");
+            let variable = format!("`{PREFIX}{}`", key.to_ascii_uppercase());
+            assert!(reference.contains(&variable), "docs/configuration.md does not name {variable}");
+        }
+    }
+
+    #[test]
+    fn the_sample_file_loads() {
+        let sample = repository_file("bulkhead.toml");
+        // As shipped (everything commented out): the defaults.
+        let config = Config::load(Some(&sample), Overrides::default()).unwrap();
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        assert_eq!(serde_json::to_value(&config).unwrap(), defaults);
+        // Every key switched on: each is known (unknown keys are an error), its value valid, and
+        // the commented value is the default unless the key has none (an example then).
+        let text = std::fs::read_to_string(&sample).unwrap();
+        let mut keys = Vec::new();
+        let mut in_table = false;
+        let uncommented: Vec<&str> = text
+            .lines()
+            .map(|line| {
+                let Some(setting) = line.strip_prefix("# ") else { return line };
+                if setting.starts_with('[') {
+                    in_table = true;
+                    keys.push(setting.trim_matches(['[', ']']).to_owned());
+                    return setting;
+                }
+                match setting.split_once(" = ") {
+                    Some((key, _)) if key.chars().all(|c| c.is_ascii_lowercase() || c == '_' || c == '-') => {
+                        if !in_table {
+                            keys.push(key.to_owned());
+                        }
+                        setting
+                    }
+                    _ => line,
+                }
+            })
+            .collect();
+        let mut all_keys = Config::keys();
+        all_keys.sort();
+        keys.sort();
+        assert_eq!(keys, all_keys, "bulkhead.toml must list every key, once");
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("bulkhead.toml");
+        std::fs::write(&file, uncommented.join("\n")).unwrap();
+        let loaded = serde_json::to_value(Config::load(Some(&file), Overrides::default()).unwrap()).unwrap();
+        for key in Config::keys().iter().filter(|key| !defaults[key.as_str()].is_null() && *key != "tenant_validation")
+        {
+            assert_eq!(
+                loaded[key.as_str()],
+                defaults[key.as_str()],
+                "bulkhead.toml's commented `{key}` is not the default"
+            );
+        }
+        assert_eq!(loaded["tenant_validation"]["legacy-feed"], "off");
     }
 }

@@ -100,7 +100,10 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Calle
         tracing::info!(client_id = %log_value(client_id), "authentication failed");
         return Err(ApiError::unauthorized());
     };
-    Ok(Caller { tenant: record.tenant, tenant_name: record.tenant_name, client_id: record.client_id, visibility })
+    let caller =
+        Caller { tenant: record.tenant, tenant_name: record.tenant_name, client_id: record.client_id, visibility };
+    crate::access_log::record_caller(&caller);
+    Ok(caller)
 }
 
 impl FromRequestParts<AppState> for Caller {

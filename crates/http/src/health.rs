@@ -1,6 +1,12 @@
-//! `GET /healthz`: `ok` (200) while the server can take writes; otherwise 503 with an
-//! OperationOutcome saying why (the store refuses a write, or its disk has less free space than
-//! `min_free_disk_bytes`), so a load balancer stops sending writes before they fail with 507.
+//! Health probes, public (no credentials) and cheap.
+//!
+//! - `GET /healthz/live`: `ok` (200) whenever the process answers HTTP; it touches no store, so a
+//!   full disk or a read-only database never gets a live server restarted.
+//! - `GET /healthz/ready` (and its alias `GET /healthz`): `ok` (200) while the server can take
+//!   writes; otherwise 503 with an OperationOutcome saying why (the store refuses a write, or its
+//!   disk has less free space than `min_free_disk_bytes`), so a load balancer stops sending
+//!   writes before they fail with 507. The schema is applied when the store opens, before the
+//!   server listens, and the probe's write goes to one of its tables: a database without it fails.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,7 +17,13 @@ use bulkhead_store::StoreError;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub async fn healthz(State(state): State<AppState>) -> Response {
+/// `GET /healthz/live`.
+pub async fn live() -> &'static str {
+    "ok"
+}
+
+/// `GET /healthz/ready` and `GET /healthz`.
+pub async fn ready(State(state): State<AppState>) -> Response {
     let floor = state.config.min_free_disk_bytes;
     let checked = state.blocking(move |store| Ok(store.check_writable(floor))).await;
     let diagnostics = match checked {

@@ -2,6 +2,7 @@
 //! `/bulk-data/r4`, 1upHealth style; synchronous, or asynchronous with status polling), the
 //! admin API, and the error → OperationOutcome mapping.
 
+pub mod access_log;
 pub mod admin;
 pub mod auth;
 pub mod bulk;
@@ -63,7 +64,9 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/clients/{client_id}/revoke", post(admin::revoke_client))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::admin_only));
     Router::new()
-        .route("/healthz", get(health::healthz))
+        .route("/healthz", get(health::ready))
+        .route("/healthz/ready", get(health::ready))
+        .route("/healthz/live", get(health::live))
         .merge(fhir)
         .merge(admin)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
@@ -79,6 +82,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), login_limits::limit_failed_logins))
         .layer(axum::middleware::from_fn_with_state(state, timeouts::request_deadlines))
         .layer(axum::middleware::from_fn(plain_errors::errors_as_operation_outcomes))
+        // Inside the span, outside everything that can answer: one line per request, final status.
+        .layer(axum::middleware::from_fn(access_log::access_log))
         .layer(
             // Spans name the route template, never the raw URI: file URLs carry tokens. The
             // request id may come from the client, so it is logged through `log_value`.

@@ -641,9 +641,11 @@ async fn metadata_and_health_need_no_credentials() {
         "not-supported",
         Some("Accept"),
     );
-    let health = server.send(get("/healthz")).await;
-    assert_status(&health, 200);
-    assert_eq!(health.text(), "ok");
+    for path in ["/healthz", "/healthz/ready", "/healthz/live"] {
+        let health = server.send(get(path)).await;
+        assert_status(&health, 200);
+        assert_eq!(health.text(), "ok", "{path}");
+    }
 }
 
 #[tokio::test]

@@ -69,9 +69,15 @@ async fn health_is_503_below_the_free_space_floor() {
     assert_status(&server.send(get("/healthz")).await, 200);
     let floor_unreachable = HttpConfig { min_free_disk_bytes: u64::MAX, ..test_config() };
     let server = server.reopen_with_page_cap(floor_unreachable, 1_000_000);
-    let reply = server.send(get("/healthz")).await;
-    let outcome = assert_outcome(&reply, 503, "transient", None);
-    assert!(outcome["issue"][0]["diagnostics"].as_str().unwrap().contains("floor"), "{outcome}");
+    for path in ["/healthz", "/healthz/ready"] {
+        let reply = server.send(get(path)).await;
+        let outcome = assert_outcome(&reply, 503, "transient", None);
+        assert!(outcome["issue"][0]["diagnostics"].as_str().unwrap().contains("floor"), "{path}: {outcome}");
+    }
+    // Liveness does not look at the store: restarting the process would not free the disk.
+    let live = server.send(get("/healthz/live")).await;
+    assert_status(&live, 200);
+    assert_eq!(live.text(), "ok");
 }
 
 #[tokio::test]
