@@ -48,10 +48,14 @@ async fn a_sigkill_loses_no_acknowledged_write_and_changes_no_file() {
                 let id =
                     if n % 2 == 0 { format!("w{writer}-{n}") } else { format!("before-{}", (writer * 50 + n) % 300) };
                 let body = observation(Some(&id), "p1", (writer * 100_000 + n) as f64 + 0.5);
-                let reply =
-                    Api::send(api.request(reqwest::Method::PUT, &format!("/r4/Observation/{id}")).json(&body)).await;
-                if matches!(reply.status, 200 | 201) {
-                    acknowledged.push((id, reply.json()));
+                // The kill breaks the requests in flight: those were never acknowledged.
+                let sent = api.request(reqwest::Method::PUT, &format!("/r4/Observation/{id}")).json(&body).send().await;
+                if let Ok(response) = sent {
+                    if matches!(response.status().as_u16(), 200 | 201) {
+                        if let Ok(stored) = response.json::<Value>().await {
+                            acknowledged.push((id, stored));
+                        }
+                    }
                 }
                 n += 1;
             }
@@ -60,7 +64,9 @@ async fn a_sigkill_loses_no_acknowledged_write_and_changes_no_file() {
     }
     let downloader = {
         let (api, url) = (api.clone(), urls[0].clone());
-        tokio::spawn(async move { Api::send(api.request(reqwest::Method::GET, &url)).await })
+        tokio::spawn(
+            async move { api.request(reqwest::Method::GET, &url).send().await.map(|response| response.status()) },
+        )
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
     server.sigkill();
