@@ -12,8 +12,8 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, ExportJob, ExportRecord, MemberSelection, PartRange, ResourceSink, SearchPage, SearchQuery,
-    StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, ResourceSink, SearchPage,
+    SearchQuery, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -64,6 +64,7 @@ impl SqliteStore {
         // effect when the database is created.
         writer.execute_batch("PRAGMA page_size = 16384;")?;
         writer.execute_batch(SCHEMA)?;
+        jobs::migrate(&writer)?;
         if let Some(pages) = options.max_page_count {
             // Per connection; only the writer grows the file.
             writer.pragma_update(None, "max_page_count", pages)?;
@@ -344,6 +345,16 @@ impl crate::Store for SqliteStore {
 
     fn export_job(&self, tenant: TenantId, job_id: &str) -> Result<Option<ExportJob>, StoreError> {
         self.with_read(|connection| jobs::export_job(connection, tenant, job_id))
+    }
+
+    fn finish_export_job(
+        &self,
+        tenant: TenantId,
+        job_id: &str,
+        state: ExportJobState,
+        manifest: &str,
+    ) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| jobs::finish_export_job(transaction, tenant, job_id, state, manifest))
     }
 
     fn delete_export_job(&self, tenant: TenantId, job_id: &str) -> Result<bool, StoreError> {
