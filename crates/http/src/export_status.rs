@@ -40,8 +40,9 @@ const DEFAULT_STATUS_WAIT: Duration = Duration::from_secs(2);
 /// `Retry-After` of a 202 while planning, in seconds.
 const RETRY_AFTER_SECONDS: &str = "1";
 
-/// Called at each step of every plan, before the step starts (tests use it to hold a planner).
-pub type PlanHook = dyn Fn(PlanStep) + Send + Sync;
+/// Called at each step of every plan, before the step starts; an error fails the plan as the
+/// store's own would. Tests use it to hold a planner at a step or make it fail there.
+pub type PlanHook = dyn Fn(PlanStep) -> Result<(), StoreError> + Send + Sync;
 
 /// The planners running in this process, by tenant and job id.
 pub struct Planners {
@@ -62,7 +63,7 @@ impl Planners {
         Planners { status_wait, ..self }
     }
 
-    pub fn with_hook(self, hook: impl Fn(PlanStep) + Send + Sync + 'static) -> Planners {
+    pub fn with_hook(self, hook: impl Fn(PlanStep) -> Result<(), StoreError> + Send + Sync + 'static) -> Planners {
         Planners { hook: Some(Arc::new(hook)), ..self }
     }
 
@@ -166,7 +167,7 @@ fn start_planner(state: &AppState, tenant: TenantId, job_id: String, transaction
             let progress = |step: PlanStep| {
                 work_planner.progress.send_replace(Progress::At(step));
                 if let Some(hook) = &hook {
-                    hook(step);
+                    hook(step)?;
                 }
                 if work_planner.cancelled.load(Ordering::Acquire) {
                     return Err(bulkhead_export::ExportError::Cancelled);
