@@ -187,7 +187,12 @@ fn start_planner(state: &AppState, tenant: TenantId, job_id: String, transaction
             tracing::error!(job = %job_id, error = %join_error, "export planner failed");
             let (state_after, body) = failure(ApiError::internal());
             let finish_job = job_id.clone();
-            let _ = state.blocking(move |store| Ok(finish(store, tenant, &finish_job, state_after, &body))).await;
+            let _ = state
+                .blocking(move |store| {
+                    finish(store, tenant, &finish_job, state_after, &body);
+                    Ok(())
+                })
+                .await;
         }
         state.planners.lock().remove(&(tenant, job_id));
         planner.progress.send_replace(Progress::Finished);
@@ -263,7 +268,12 @@ pub async fn status(
                 )])
                 .to_string();
                 let (tenant, id) = (caller.tenant, job.id.clone());
-                state.blocking(move |store| Ok(finish(store, tenant, &id, failed, &body))).await?;
+                state
+                    .blocking(move |store| {
+                        finish(store, tenant, &id, failed, &body);
+                        Ok(())
+                    })
+                    .await?;
             }
         }
         job = lookup(&state, &caller, &job_id).await?;
