@@ -22,7 +22,37 @@ pub enum ExportError {
     /// The download's destination failed (usually: the client went away).
     #[error("writing the file failed: {0}")]
     Sink(String),
+    /// The plan's progress callback stopped it (its job was cancelled).
+    #[error("planning was cancelled")]
+    Cancelled,
 }
+
+/// A step of planning, reported before it starts (an asynchronous job's `X-Progress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanStep {
+    /// Freezing the Group's membership at the transaction time.
+    Membership,
+    /// Counting the selected resources of `types` types (exact counts, split into parts).
+    Counting { types: usize },
+    /// Listing deletions (`_since`): `done` of `types` types so far.
+    Deletions { done: usize, types: usize },
+    /// Checking that the members' Patients exist.
+    Members,
+}
+
+impl std::fmt::Display for PlanStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlanStep::Membership => write!(f, "planning: membership snapshot"),
+            PlanStep::Counting { types } => write!(f, "planning: counting resources of {types} types"),
+            PlanStep::Deletions { done, types } => write!(f, "planning: deletions, {done} of {types} types"),
+            PlanStep::Members => write!(f, "planning: checking members"),
+        }
+    }
+}
+
+/// Told each [`PlanStep`] before it starts; an error stops the plan with that error.
+pub type PlanProgress<'a> = dyn Fn(PlanStep) -> Result<(), ExportError> + 'a;
 
 /// Who asks, for which Group, with which parameters.
 #[derive(Debug, Clone)]
@@ -110,18 +140,35 @@ fn group_line_selected(view: &ExportView) -> bool {
     view.selection.since.is_none_or(|since| updated > since) && view.selection.until.is_none_or(|until| updated < until)
 }
 
-/// Plans a Group export: reserves the transaction time, freezes the view, and lists the files.
+/// Plans a Group export: checks the Group, reserves the transaction time, freezes the view, and
+/// lists the files.
 pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Result<GroupExportPlan, ExportError> {
-    let current = store.read(request.tenant, &request.visibility, "Group", &request.group_id)?;
-    match current {
-        None => return Err(ExportError::NotFound(format!("Group/{} not found", request.group_id))),
-        Some(group) if group.deleted => {
-            return Err(ExportError::Gone(format!("Group/{} was deleted", request.group_id)))
-        }
-        Some(_) => {}
-    }
+    check_group(store, request)?;
     let transaction_time = store.reserve_transaction_time()?;
+    plan_group_export_at(store, request, transaction_time, &|_| Ok(()))
+}
+
+/// The kick-off's check of the Group as the caller sees it now: unknown (or another user's) is
+/// [`ExportError::NotFound`], deleted is [`ExportError::Gone`].
+pub fn check_group(store: &dyn Store, request: &GroupExportRequest) -> Result<(), ExportError> {
+    match store.read(request.tenant, &request.visibility, "Group", &request.group_id)? {
+        None => Err(ExportError::NotFound(format!("Group/{} not found", request.group_id))),
+        Some(group) if group.deleted => Err(ExportError::Gone(format!("Group/{} was deleted", request.group_id))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Plans a Group export at a transaction time already reserved (after [`check_group`]), telling
+/// `progress` each step. Deterministic: the same request and time give the same plan whenever
+/// it runs (history is kept), so planning may happen after the kick-off has answered.
+pub fn plan_group_export_at(
+    store: &dyn Store,
+    request: &GroupExportRequest,
+    transaction_time: Micros,
+    progress: &PlanProgress<'_>,
+) -> Result<GroupExportPlan, ExportError> {
     let params = &request.params;
+    progress(PlanStep::Membership)?;
     let view = export_view(
         store,
         request.tenant,
@@ -144,6 +191,7 @@ pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Res
         total,
     };
     let mut files = Vec::new();
+    progress(PlanStep::Counting { types: compartment_types.len() })?;
     let plan = store.plan_parts(request.tenant, &view.selection, &compartment_types, request.part_size)?;
     for resource_type in &types {
         if resource_type == "Group" {
@@ -162,13 +210,15 @@ pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Res
         }
     }
     if params.since.is_some() {
-        for resource_type in &compartment_types {
+        for (done, resource_type) in compartment_types.iter().enumerate() {
+            progress(PlanStep::Deletions { done, types: compartment_types.len() })?;
             let deleted = store.deleted_in_compartments(request.tenant, &view.selection, resource_type)?;
             if !deleted.is_empty() {
                 files.push(file(FileKind::Deleted, resource_type, deleted.len() as u64));
             }
         }
     }
+    progress(PlanStep::Members)?;
     let missing = missing_members(store, request.tenant, &view)?;
     // Each warning travels as its whole OperationOutcome line, so the file keeps its issue code
     // and the parameter it names.

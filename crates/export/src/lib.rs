@@ -7,4 +7,7 @@ pub mod prefer;
 pub mod record;
 pub mod token;
 
-pub use group::{plan_group_export, ExportError, GroupExportPlan, GroupExportRequest};
+pub use group::{
+    check_group, plan_group_export, plan_group_export_at, ExportError, GroupExportPlan, GroupExportRequest,
+    PlanProgress, PlanStep,
+};

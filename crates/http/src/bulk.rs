@@ -14,7 +14,7 @@ use bulkhead_export::params::parse_group_export_params;
 use bulkhead_export::prefer::parse_prefer;
 use bulkhead_export::record::PlannedExport;
 use bulkhead_export::token::{record_id, FileClaims, FileKind, FileRef, TokenError};
-use bulkhead_export::{plan_group_export, ExportError, GroupExportPlan, GroupExportRequest};
+use bulkhead_export::{plan_group_export, plan_group_export_at, ExportError, GroupExportPlan, GroupExportRequest};
 use bulkhead_fhir::{format_instant, now_micros, IssueType};
 use bulkhead_store::{ExportRecord, TenantId};
 use serde_json::{json, Value};
@@ -39,6 +39,8 @@ impl From<ExportError> for ApiError {
             ExportError::NotFound(what) => ApiError::not_found(what),
             ExportError::Gone(what) => ApiError::new(StatusCode::GONE, IssueType::Deleted, what),
             ExportError::Store(store_error) => store_error.into(),
+            // Only a cancelled job's planner sees it, and nobody is waiting for that answer.
+            ExportError::Cancelled => ApiError::internal(),
             ExportError::Sink(detail) => {
                 tracing::info!(error = %detail, "download interrupted");
                 ApiError::internal()
@@ -52,8 +54,9 @@ pub(crate) fn now_seconds() -> i64 {
 }
 
 /// `GET [/bulk-data]/r4/Group/{id}/$export`. Both modes plan the export the same way and build
-/// the same manifest; `Prefer: respond-async` only changes how it is delivered (a job polled at
-/// its status URL instead of the 200 body).
+/// the same manifest; `Prefer: respond-async` only changes how it is delivered: a 202 as soon as
+/// the request and the Group are checked, the plan made in the background at the kick-off's
+/// transaction time, and the manifest at the job's status URL instead of the 200 body.
 pub async fn kick_off(
     State(state): State<AppState>,
     Path(group_id): Path<String>,
@@ -80,8 +83,22 @@ pub async fn kick_off(
         warnings,
         part_size: state.config.export_part_size,
     };
-    let started = std::time::Instant::now();
     let urls = FileUrls::new(&state, caller.tenant);
+    let base = base_url(&state, &headers);
+    let request_url = format!("{base}{}", uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()));
+    if preferences.respond_async {
+        // The 202 goes out once the Group is checked and the job stored; the plan follows.
+        let manifest_state = state.clone();
+        let manifest_base = base.clone();
+        let planned_request = request.clone();
+        let build: crate::export_status::BuildManifest = Box::new(move |store, transaction_time, progress| {
+            let plan = plan_group_export_at(store, &planned_request, transaction_time, progress)?;
+            urls.store_record(store, &plan.export)?;
+            Ok(manifest(&manifest_state, &urls, &manifest_base, &request_url, plan, with_since))
+        });
+        return crate::export_status::accept(&state, &caller, &base, request, urls.expires, build).await;
+    }
+    let started = std::time::Instant::now();
     let plan = state
         .blocking(move |store| {
             crate::export_status::sweep_expired(store, now_micros());
@@ -91,12 +108,7 @@ pub async fn kick_off(
         })
         .await?;
     tracing::info!(group = %group_id, files = plan.export.files.len(), millis = started.elapsed().as_millis() as u64, "export planned");
-    let base = base_url(&state, &headers);
-    let request_url = format!("{base}{}", uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()));
     let manifest = manifest(&state, &urls, &base, &request_url, plan, with_since);
-    if preferences.respond_async {
-        return crate::export_status::accept(&state, &caller, &base, manifest).await;
-    }
     let mut response = (StatusCode::OK, manifest.body.to_string()).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
@@ -158,11 +170,9 @@ impl FileUrls {
     }
 }
 
-/// A Bulk Data manifest and when its file URLs stop working.
+/// A Bulk Data manifest.
 pub(crate) struct Manifest {
     pub body: Value,
-    /// Expiry of every file URL it lists, in Unix seconds.
-    pub expires: i64,
 }
 
 /// Builds the Bulk Data manifest, minting a signed URL per file.
@@ -198,7 +208,7 @@ fn manifest(
         let removed: Vec<String> = plan.removed_members.iter().map(|id| format!("Patient/{id}")).collect();
         manifest["extension"] = json!({"removedMembers": removed});
     }
-    Manifest { body: manifest, expires: urls.expires }
+    Manifest { body: manifest }
 }
 
 /// `GET /bulk-data/r4/$export/{type}/{token}.ndjson`: the file, streamed (gzip on request).

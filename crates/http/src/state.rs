@@ -112,6 +112,8 @@ pub struct AppState {
     pub verifier: Arc<SecretVerifier>,
     pub token_keys: Arc<TokenKeys>,
     pub login_limiter: Arc<crate::login_limits::LoginLimiter>,
+    /// Background planners of asynchronous exports running in this process.
+    pub planners: Arc<crate::export_status::Planners>,
 }
 
 impl AppState {
@@ -122,6 +124,7 @@ impl AppState {
             config: Arc::new(config),
             verifier: Arc::new(SecretVerifier::new()),
             token_keys: Arc::new(token_keys),
+            planners: Arc::new(crate::export_status::Planners::default()),
         }
     }
 

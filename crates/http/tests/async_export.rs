@@ -6,10 +6,14 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use bulkhead_http::HttpConfig;
-use bulkhead_store::Store;
+use bulkhead_export::PlanStep;
+use bulkhead_fhir::parse_since;
+use bulkhead_http::export_status::Planners;
+use bulkhead_http::{router, AppState, HttpConfig};
+use bulkhead_store::{Store, StoreError};
 use serde_json::{json, Value};
 
 use common::*;
@@ -103,6 +107,87 @@ fn expires_in(http_date: &str) -> i64 {
         .unwrap_or_else(|error| panic!("Expires '{http_date}' is not an HTTP-date: {error}"))
         .assume_utc();
     (at - time::OffsetDateTime::now_utc()).whole_seconds()
+}
+
+/// Holds background planners at the first step `at` accepts until the test opens it, and
+/// records every step planners reached (so a test can wait for one, and see where it stopped).
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    reached: Vec<PlanStep>,
+    open: bool,
+}
+
+impl Gate {
+    fn hold(&self, step: PlanStep, at: fn(PlanStep) -> bool) {
+        let mut state = self.state.lock().unwrap();
+        state.reached.push(step);
+        self.changed.notify_all();
+        // Bounded, so a failed test (which never opens the gate) cannot hang the runtime's drop.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while at(step) && !state.open && Instant::now() < deadline {
+            state = self.changed.wait_timeout(state, Duration::from_millis(100)).unwrap().0;
+        }
+    }
+
+    fn open(&self) {
+        self.state.lock().unwrap().open = true;
+        self.changed.notify_all();
+    }
+
+    fn reached(&self) -> Vec<PlanStep> {
+        self.state.lock().unwrap().reached.clone()
+    }
+
+    /// Waits (without blocking the test's runtime) until a planner reached a step `at` accepts.
+    async fn wait_for(&self, at: fn(PlanStep) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.reached().into_iter().any(at) {
+            assert!(Instant::now() < deadline, "no planner reached the step; reached {:?}", self.reached());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+fn counting(step: PlanStep) -> bool {
+    matches!(step, PlanStep::Counting { .. })
+}
+
+/// A server whose planners stop at the counting step until `gate` opens, and whose polls wait
+/// only briefly for a planning job.
+fn gated_server(gate: &Arc<Gate>) -> (Server, Arc<Planners>) {
+    let hook_gate = gate.clone();
+    let planners = Arc::new(Planners::default().with_status_wait(Duration::from_millis(50)).with_hook(move |step| {
+        hook_gate.hold(step, counting);
+        Ok(())
+    }));
+    let state_planners = planners.clone();
+    (Server::with_state(test_config(), move |state| state.planners = state_planners), planners)
+}
+
+/// Waits until no planner runs any more.
+async fn planners_done(planners: &Planners) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while planners.running() > 0 {
+        assert!(Instant::now() < deadline, "a planner is still running");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A poll that finds the job planning: 202, `X-Progress`, `Retry-After`, an information outcome.
+async fn poll_planning(server: &Server, client: &Client, status_path: &str) -> String {
+    let reply = server.send(get(status_path).by(client).header("accept", "application/json")).await;
+    assert_status(&reply, 202);
+    assert_eq!(reply.header("retry-after"), "1");
+    assert_eq!(reply.json()["issue"][0]["severity"], "information");
+    let progress = reply.header("x-progress").to_owned();
+    assert!(progress.len() < 100, "{progress}");
+    progress
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,4 +427,107 @@ async fn without_respond_async_the_kick_off_stays_synchronous() {
         assert_eq!(reply.json()["output"].as_array().unwrap().len(), 3);
     }
     assert_eq!(drain_jobs(&server), 0, "the synchronous path creates no job");
+}
+
+#[tokio::test]
+async fn the_202_comes_before_the_plan_and_the_plan_is_the_synchronous_one_at_the_kick_off() {
+    let gate = Arc::new(Gate::default());
+    let (server, planners) = gated_server(&gate);
+    let (client, group) = populated(&server, "acme").await;
+    let path = format!("/bulk-data/r4/Group/{group}/$export?_type=Patient,Observation,Group");
+    let sync = server.send(get(&path).by(&client)).await;
+    assert_status(&sync, 200);
+    let sync_manifest = sync.json();
+    let sync_lines = exported(&server, &client, &sync_manifest).await;
+
+    // The planner is held at its counting step: the 202 cannot have waited for the plan.
+    let status = kick_off(&server, get(&path).by(&client).respond_async()).await;
+    gate.wait_for(counting).await;
+    let progress = poll_planning(&server, &client, &status).await;
+    assert_eq!(progress, "planning: counting resources of 2 types", "the Group line needs no counting");
+    assert_eq!(poll_planning(&server, &client, &status).await, progress, "polls do not move the plan");
+
+    // Writes after the kick-off are after its transaction time: the plan must not see them.
+    let group_body = server.send(get(&format!("/r4/Group/{group}")).by(&client)).await.json();
+    let member = group_body["member"][0]["entity"]["reference"].as_str().unwrap().trim_start_matches("Patient/");
+    let late = server.create(&client, observation(member)).await;
+    let newcomer = id_of(&server.create(&client, patient("Late")).await);
+    let mut grown = group_body.clone();
+    grown["member"].as_array_mut().unwrap().push(json!({"entity": {"reference": format!("Patient/{newcomer}")}}));
+    assert_status(&server.send(put(&format!("/r4/Group/{group}")).by(&client).json(&grown)).await, 200);
+
+    gate.open();
+    let (manifest, _) = poll(&server, &client, &status).await;
+    assert_eq!(redact_manifest(manifest.clone()), redact_manifest(sync_manifest.clone()));
+    assert_eq!(exported(&server, &client, &manifest).await, sync_lines, "the same lines as the synchronous export");
+    let transaction_time = parse_since(manifest["transactionTime"].as_str().unwrap()).unwrap();
+    let sync_time = parse_since(sync_manifest["transactionTime"].as_str().unwrap()).unwrap();
+    let late_time = parse_since(late["meta"]["lastUpdated"].as_str().unwrap()).unwrap();
+    assert!(sync_time < transaction_time && transaction_time < late_time, "the kick-off's time, not the plan's");
+    planners_done(&planners).await;
+    assert!(gate.reached().contains(&PlanStep::Members), "the plan ran to its end");
+}
+
+#[tokio::test]
+async fn delete_while_planning_cancels_the_plan() {
+    let gate = Arc::new(Gate::default());
+    let (server, planners) = gated_server(&gate);
+    let (client, group) = populated(&server, "acme").await;
+    let status =
+        kick_off(&server, get(&format!("/bulk-data/r4/Group/{group}/$export")).by(&client).respond_async()).await;
+    gate.wait_for(counting).await;
+    poll_planning(&server, &client, &status).await;
+
+    assert_status(&server.send(delete(&status).by(&client)).await, 202);
+    assert_error(&server.send(get(&status).by(&client)).await, 404, "not-found");
+    gate.open();
+    planners_done(&planners).await;
+    assert_error(&server.send(get(&status).by(&client)).await, 404, "not-found");
+    assert_error(&server.send(delete(&status).by(&client)).await, 404, "not-found");
+    assert!(!gate.reached().contains(&PlanStep::Members), "the planner stopped: {:?}", gate.reached());
+    assert_eq!(drain_jobs(&server), 0, "the cancelled plan's result was discarded, not stored");
+}
+
+#[tokio::test]
+async fn a_failure_during_planning_is_an_operation_outcome_at_the_status_url() {
+    let planners = Planners::default().with_hook(|step| match step {
+        PlanStep::Counting { .. } => Err(StoreError::Database("disk I/O error".into())),
+        _ => Ok(()),
+    });
+    let server = Server::with_state(test_config(), move |state| state.planners = Arc::new(planners));
+    let (client, group) = populated(&server, "acme").await;
+    let status =
+        kick_off(&server, get(&format!("/bulk-data/r4/Group/{group}/$export")).by(&client).respond_async()).await;
+    let reply = server.send(get(&status).by(&client).header("accept", "application/json")).await;
+    let outcome = assert_error(&reply, 500, "exception");
+    let diagnostics = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(diagnostics.contains("kick the export off again"), "{diagnostics}");
+    assert!(!diagnostics.contains("disk I/O"), "store details stay in the log: {diagnostics}");
+    assert_eq!(server.send(get(&status).by(&client)).await.body, reply.body, "the failure is kept");
+    assert_status(&server.send(delete(&status).by(&client)).await, 202);
+    assert_error(&server.send(get(&status).by(&client)).await, 404, "not-found");
+}
+
+#[tokio::test]
+async fn a_job_left_planning_by_a_restart_fails_when_polled() {
+    let gate = Arc::new(Gate::default());
+    let (mut server, planners) = gated_server(&gate);
+    let (client, group) = populated(&server, "acme").await;
+    let status =
+        kick_off(&server, get(&format!("/bulk-data/r4/Group/{group}/$export")).by(&client).respond_async()).await;
+    gate.wait_for(counting).await;
+
+    // A new process over the same database: the job is planning and nobody plans it.
+    let before_restart =
+        std::mem::replace(&mut server.app, router(AppState::new(server.store.clone(), test_config(), token_keys())));
+    let reply = server.send(get(&status).by(&client).header("accept", "application/json")).await;
+    let outcome = assert_error(&reply, 500, "exception");
+    assert!(outcome["issue"][0]["diagnostics"].as_str().unwrap().contains("restarted"), "{outcome}");
+
+    // The old planner finishing late does not overwrite the verdict.
+    gate.open();
+    planners_done(&planners).await;
+    server.app = before_restart;
+    let again = server.send(get(&status).by(&client)).await;
+    assert_eq!((again.status, again.body), (reply.status, reply.body));
 }

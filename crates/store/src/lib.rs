@@ -16,7 +16,8 @@ pub mod testsuite;
 
 pub use error::StoreError;
 pub use model::{
-    ClientRecord, ExportJob, ExportRecord, MemberSelection, PartRange, StoredResource, Tenant, TenantId, Visibility,
+    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, StoredResource, Tenant,
+    TenantId, Visibility,
 };
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
 pub use write::{group_members, stamped_json, WriteMode, WriteOp, Written};
@@ -162,6 +163,16 @@ pub trait Store: Send + Sync + 'static {
     /// The job `job_id` of `tenant` (None for another tenant's or an unknown id). Expired jobs
     /// not yet swept are returned: the caller compares `expires` with its clock.
     fn export_job(&self, tenant: TenantId, job_id: &str) -> Result<Option<ExportJob>, StoreError>;
+    /// Finishes the job `job_id` of `tenant` if it is still [`ExportJobState::Planning`]: sets
+    /// `state` (never `Planning`) and `manifest`. False when there is no such planning job (it
+    /// was deleted, i.e. cancelled, or already finished): the caller's result is discarded.
+    fn finish_export_job(
+        &self,
+        tenant: TenantId,
+        job_id: &str,
+        state: ExportJobState,
+        manifest: &str,
+    ) -> Result<bool, StoreError>;
     /// Deletes the job `job_id` of `tenant`; false when `tenant` has no such job.
     fn delete_export_job(&self, tenant: TenantId, job_id: &str) -> Result<bool, StoreError>;
     /// Housekeeping across all tenants: deletes every job with `expires <= now`; returns how many.

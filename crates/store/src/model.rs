@@ -89,10 +89,19 @@ pub struct ExportRecord {
     pub plan: String,
 }
 
-/// An asynchronous Bulk Data export job (kick-off with `Prefer: respond-async`). The export is
-/// planned at kick-off, so a job is complete once stored: it keeps the manifest the status URL
-/// answers with until `expires`. The tenant is not a field: it is part of every job method's
-/// signature (and of the job's key).
+/// Where an asynchronous export job is: planned in the background after its 202, then complete
+/// (its manifest) or failed (an OperationOutcome and the HTTP status the status URL answers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportJobState {
+    Planning,
+    Complete,
+    Failed { status: u16 },
+}
+
+/// An asynchronous Bulk Data export job (kick-off with `Prefer: respond-async`). It is stored as
+/// [`ExportJobState::Planning`] when the 202 goes out and finished once by its planner
+/// ([`crate::Store::finish_export_job`]); the status URL answers from it until `expires`. The
+/// tenant is not a field: it is part of every job method's signature (and of the job's key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportJob {
     /// A random UUID; the status URL is `…/$export-status/{id}`.
@@ -104,6 +113,7 @@ pub struct ExportJob {
     pub created: Micros,
     /// When the job (and its file URLs) expire; an expired job is as if it did not exist.
     pub expires: Micros,
-    /// The complete manifest, as JSON text.
+    pub state: ExportJobState,
+    /// JSON text: the complete manifest, the failure's OperationOutcome, or empty while planning.
     pub manifest: String,
 }

@@ -4,8 +4,8 @@
 use serde_json::{json, Value};
 
 use crate::{
-    ExportJob, ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ReferenceQuery,
-    SearchQuery, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ExportJob, ExportJobState, ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange,
+    ReferenceQuery, SearchQuery, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 /// Generates one `#[test]` per suite function; `$make` builds a fresh store (or a guard that
@@ -20,7 +20,7 @@ macro_rules! store_test_suite {
             group_membership_history, export_is_a_snapshot, export_since_and_new_members,
             export_reports_deletions, export_reports_resources_that_left_the_cohort, export_parts_split_by_size, transaction_time_orders_writes,
             existence_at_a_time, a_patient_is_in_its_own_compartment_by_stored_id, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
-            expired_export_jobs_are_swept, export_records_round_trip_by_tenant_and_expire,
+            expired_export_jobs_are_swept, planning_jobs_are_finished_once, export_records_round_trip_by_tenant_and_expire,
             a_fresh_store_is_writable_above_its_free_space_floor,
             export_windows_agree_whatever_is_written_between_them);
     };
@@ -559,8 +559,40 @@ fn export_job(id: &str, client_id: &str, visibility: Visibility, expires: i64) -
         visibility,
         created: 1_000,
         expires,
+        state: ExportJobState::Complete,
         manifest: json!({"transactionTime": "2024-01-01T00:00:00Z", "job": id, "output": []}).to_string(),
     }
+}
+
+/// A planning job is finished once (complete or failed); a cancelled (deleted) or finished job
+/// is not touched again, so a planner's late result is discarded.
+pub fn planning_jobs_are_finished_once(store: &dyn Store) {
+    let t = store.create_tenant("acme").unwrap().id;
+    let other = store.create_tenant("globex").unwrap().id;
+    let planning = |id: &str| ExportJob {
+        state: ExportJobState::Planning,
+        manifest: String::new(),
+        ..export_job(id, "c1", Visibility::Tenant, 5_000)
+    };
+    store.create_export_job(t, &planning("p1")).unwrap();
+    assert_eq!(store.export_job(t, "p1").unwrap(), Some(planning("p1")));
+    assert!(!store.finish_export_job(other, "p1", ExportJobState::Complete, "{}").unwrap(), "another tenant's job");
+    assert!(store.finish_export_job(t, "p1", ExportJobState::Complete, "{\"output\":[]}").unwrap());
+    let finished = store.export_job(t, "p1").unwrap().unwrap();
+    assert_eq!((finished.state, finished.manifest.as_str()), (ExportJobState::Complete, "{\"output\":[]}"));
+    let failed = ExportJobState::Failed { status: 500 };
+    assert!(!store.finish_export_job(t, "p1", failed, "{}").unwrap(), "a finished job stays as it is");
+    assert_eq!(store.export_job(t, "p1").unwrap().unwrap(), finished);
+
+    store.create_export_job(t, &planning("p2")).unwrap();
+    assert!(store.finish_export_job(t, "p2", failed, "{\"resourceType\":\"OperationOutcome\"}").unwrap());
+    let p2 = store.export_job(t, "p2").unwrap().unwrap();
+    assert_eq!((p2.state, p2.manifest.as_str()), (failed, "{\"resourceType\":\"OperationOutcome\"}"));
+
+    store.create_export_job(t, &planning("p3")).unwrap();
+    assert!(store.delete_export_job(t, "p3").unwrap());
+    assert!(!store.finish_export_job(t, "p3", ExportJobState::Complete, "{}").unwrap(), "cancelled: discarded");
+    assert!(store.export_job(t, "p3").unwrap().is_none(), "finishing a cancelled job does not bring it back");
 }
 
 pub fn export_jobs_round_trip(store: &dyn Store) {

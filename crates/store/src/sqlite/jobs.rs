@@ -5,13 +5,51 @@
 use bulkhead_fhir::Micros;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::{ExportJob, ExportRecord, StoreError, TenantId, Visibility};
+use crate::{ExportJob, ExportJobState, ExportRecord, StoreError, TenantId, Visibility};
+
+/// Adds the columns of background planning (`state`, `failure_status`) to an `export_jobs`
+/// table created before them; its jobs were all planned at kick-off, so they are 'complete'.
+pub(super) fn migrate(connection: &Connection) -> Result<(), StoreError> {
+    let has_state: bool = connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('export_jobs') WHERE name = 'state')",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_state {
+        connection.execute_batch(
+            "ALTER TABLE export_jobs ADD COLUMN state TEXT NOT NULL DEFAULT 'complete';
+             ALTER TABLE export_jobs ADD COLUMN failure_status INTEGER;",
+        )?;
+    }
+    Ok(())
+}
+
+/// The stored text of a state and its failure status.
+fn state_columns(state: ExportJobState) -> (&'static str, Option<u16>) {
+    match state {
+        ExportJobState::Planning => ("planning", None),
+        ExportJobState::Complete => ("complete", None),
+        ExportJobState::Failed { status } => ("failed", Some(status)),
+    }
+}
 
 pub(super) fn create_export_job(connection: &Connection, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {
+    let (state, failure_status) = state_columns(job.state);
     let inserted = connection.execute(
-        "INSERT INTO export_jobs (tenant_id, job_id, client_id, user_id, created, expires, manifest)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (tenant_id, job_id) DO NOTHING",
-        params![tenant.0, job.id, job.client_id, job.visibility.user(), job.created, job.expires, job.manifest],
+        "INSERT INTO export_jobs (tenant_id, job_id, client_id, user_id, created, expires, manifest, state,
+                                  failure_status)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (tenant_id, job_id) DO NOTHING",
+        params![
+            tenant.0,
+            job.id,
+            job.client_id,
+            job.visibility.user(),
+            job.created,
+            job.expires,
+            job.manifest,
+            state,
+            failure_status
+        ],
     )?;
     if inserted == 0 {
         return Err(StoreError::Conflict(format!("export job '{}' already exists", job.id)));
@@ -25,10 +63,28 @@ pub(super) fn export_job(
     job_id: &str,
 ) -> Result<Option<ExportJob>, StoreError> {
     let mut statement = connection.prepare_cached(
-        "SELECT job_id, client_id, user_id, created, expires, manifest FROM export_jobs
+        "SELECT job_id, client_id, user_id, created, expires, manifest, state, failure_status FROM export_jobs
          WHERE tenant_id = ?1 AND job_id = ?2",
     )?;
     Ok(statement.query_row(params![tenant.0, job_id], job_from_row).optional()?)
+}
+
+pub(super) fn finish_export_job(
+    connection: &Connection,
+    tenant: TenantId,
+    job_id: &str,
+    state: ExportJobState,
+    manifest: &str,
+) -> Result<bool, StoreError> {
+    if state == ExportJobState::Planning {
+        return Err(StoreError::Invalid("a job is finished as complete or failed, not planning".into()));
+    }
+    let (state, failure_status) = state_columns(state);
+    let mut statement = connection.prepare_cached(
+        "UPDATE export_jobs SET state = ?3, failure_status = ?4, manifest = ?5
+         WHERE tenant_id = ?1 AND job_id = ?2 AND state = 'planning'",
+    )?;
+    Ok(statement.execute(params![tenant.0, job_id, state, failure_status, manifest])? > 0)
 }
 
 pub(super) fn delete_export_job(connection: &Connection, tenant: TenantId, job_id: &str) -> Result<bool, StoreError> {
@@ -87,5 +143,39 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<ExportJob> {
         created: row.get(3)?,
         expires: row.get(4)?,
         manifest: row.get(5)?,
+        state: match (row.get_ref(6)?.as_str()?, row.get::<_, Option<u16>>(7)?) {
+            ("planning", _) => ExportJobState::Planning,
+            ("failed", status) => ExportJobState::Failed { status: status.unwrap_or(500) },
+            _ => ExportJobState::Complete,
+        },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_from_before_background_planning_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE export_jobs (tenant_id INTEGER NOT NULL, job_id TEXT NOT NULL,
+                     client_id TEXT NOT NULL, user_id TEXT, created INTEGER NOT NULL,
+                     expires INTEGER NOT NULL, manifest TEXT NOT NULL, PRIMARY KEY (tenant_id, job_id));
+                 INSERT INTO export_jobs VALUES (1, 'old-job', 'c', NULL, 10, 20, '{\"output\":[]}');",
+            )
+            .unwrap();
+        }
+        let store = crate::sqlite::SqliteStore::open(&path).unwrap();
+        let job = crate::Store::export_job(&store, TenantId(1), "old-job").unwrap().unwrap();
+        assert_eq!(job.state, ExportJobState::Complete, "jobs of old databases were planned at kick-off");
+        assert_eq!(job.manifest, "{\"output\":[]}");
+        drop(store);
+        // Opening again finds the columns and changes nothing.
+        let store = crate::sqlite::SqliteStore::open(&path).unwrap();
+        assert_eq!(crate::Store::export_job(&store, TenantId(1), "old-job").unwrap().unwrap(), job);
+    }
 }

@@ -13,8 +13,8 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, ExportJob, ExportRecord, MemberSelection, PartRange, PartReader, SearchPage, SearchQuery, StoreError,
-    StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, SearchPage,
+    SearchQuery, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -67,6 +67,7 @@ impl SqliteStore {
     pub fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let writer = open_connection(path, options.writer_cache_mib)?;
         writer.execute_batch(SCHEMA)?;
+        jobs::migrate(&writer)?;
         if let Some(pages) = options.max_page_count {
             // Per connection; only the writer grows the file.
             writer.pragma_update(None, "max_page_count", pages)?;
@@ -373,6 +374,16 @@ impl crate::Store for SqliteStore {
 
     fn export_job(&self, tenant: TenantId, job_id: &str) -> Result<Option<ExportJob>, StoreError> {
         self.with_read(|connection| jobs::export_job(connection, tenant, job_id))
+    }
+
+    fn finish_export_job(
+        &self,
+        tenant: TenantId,
+        job_id: &str,
+        state: ExportJobState,
+        manifest: &str,
+    ) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| jobs::finish_export_job(transaction, tenant, job_id, state, manifest))
     }
 
     fn delete_export_job(&self, tenant: TenantId, job_id: &str) -> Result<bool, StoreError> {

@@ -101,7 +101,10 @@ CREATE TABLE IF NOT EXISTS group_membership (
 CREATE INDEX IF NOT EXISTS group_membership_by_group ON group_membership (tenant_id, group_id, patient_id);
 
 -- Asynchronous export jobs (Prefer: respond-async). Keyed by tenant first: every lookup names
--- the tenant. The manifest is complete at kick-off; a job lives until `expires` (micros).
+-- the tenant. `state` is 'planning' (manifest empty) until the background planner sets
+-- 'complete' (the manifest) or 'failed' (an OperationOutcome, answered with `failure_status`);
+-- a job lives until `expires` (micros). Databases from before background planning get the two
+-- columns added on open (`jobs::migrate`).
 CREATE TABLE IF NOT EXISTS export_jobs (
     tenant_id INTEGER NOT NULL,
     job_id TEXT NOT NULL,
@@ -110,6 +113,8 @@ CREATE TABLE IF NOT EXISTS export_jobs (
     created INTEGER NOT NULL,
     expires INTEGER NOT NULL,
     manifest TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'complete',
+    failure_status INTEGER,
     PRIMARY KEY (tenant_id, job_id)
 );
 CREATE INDEX IF NOT EXISTS export_jobs_by_expiry ON export_jobs (expires);
