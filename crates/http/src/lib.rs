@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod capability;
 pub mod connections;
 pub mod credentials;
+pub mod encoding;
 pub mod error;
 pub mod export_status;
 pub mod health;
