@@ -222,8 +222,6 @@ pub async fn download(
     let stall_timeout = state.config.download_stall_timeout;
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        // Held until the file has been produced: the stream's memory and read connection.
-        let _slot = slot;
         let view = match open_file_view(store.as_ref(), &claims) {
             Ok(view) => view,
             Err(error) => {
@@ -255,7 +253,8 @@ pub async fn download(
         }
     });
     ready_rx.await.map_err(|_| ApiError::internal())??;
-    let body = Body::from_stream(FileBody { pieces: chunks_rx, ended: false });
+    // The slot is held until the body is sent or dropped: it covers the buffered chunks too.
+    let body = Body::from_stream(FileBody { pieces: chunks_rx, ended: false, _slot: slot });
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/fhir+ndjson"));
@@ -375,6 +374,8 @@ enum Piece {
 struct FileBody {
     pieces: mpsc::Receiver<Piece>,
     ended: bool,
+    /// This stream's place in the download pool.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl tokio_stream::Stream for FileBody {
