@@ -4,7 +4,9 @@
 //! Compressed bytes are deterministic: one encoder with fixed settings sees the file's bytes in
 //! order, so the same file downloads to the same bytes every time.
 
+use std::cell::Cell;
 use std::io::Write;
+use std::rc::Rc;
 use std::sync::mpsc::{sync_channel, SyncSender};
 
 use axum::http::{header, HeaderMap};
@@ -99,9 +101,11 @@ where
             writer.send().map_err(sink_error)?;
             Ok(written)
         });
+        let closed = Rc::new(Cell::new(false));
+        let gate = Gate { sink, closed: closed.clone() };
         let mut encoder = match coding {
-            Coding::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL).map_err(sink_error)?),
-            _ => Encoder::Gzip(flate2::write::GzEncoder::new(sink, flate2::Compression::fast())),
+            Coding::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(gate, ZSTD_LEVEL).map_err(sink_error)?),
+            _ => Encoder::Gzip(flate2::write::GzEncoder::new(gate, flate2::Compression::fast())),
         };
         let mut compressed = Ok(());
         while let Ok(buffer) = received.recv() {
@@ -113,6 +117,10 @@ where
         // A failed encoder (the client went away) ends the producer: its next send fails.
         drop(received);
         let produced = producer.join().unwrap_or_else(|_| Err(ExportError::Sink("file producer panicked".into())));
+        if produced.is_err() || compressed.is_err() {
+            // Dropping an encoder writes its trailer: the gate keeps a failed file from looking whole.
+            closed.set(true);
+        }
         let written = produced?;
         compressed.map_err(sink_error)?;
         // The trailer is written only once the whole file was: a failed file never ends cleanly.
@@ -121,9 +129,31 @@ where
     })
 }
 
+/// The encoder's way to the sink, closed once the file has failed.
+struct Gate<'a> {
+    sink: &'a mut (dyn Write + Send),
+    closed: Rc<Cell<bool>>,
+}
+
+impl Write for Gate<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.closed.get() {
+            return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the file failed"));
+        }
+        self.sink.write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.closed.get() {
+            return Ok(());
+        }
+        self.sink.flush()
+    }
+}
+
 enum Encoder<'a> {
-    Gzip(flate2::write::GzEncoder<&'a mut (dyn Write + Send)>),
-    Zstd(zstd::stream::write::Encoder<'static, &'a mut (dyn Write + Send)>),
+    Gzip(flate2::write::GzEncoder<Gate<'a>>),
+    Zstd(zstd::stream::write::Encoder<'static, Gate<'a>>),
 }
 
 impl Encoder<'_> {
@@ -237,12 +267,13 @@ mod tests {
     #[test]
     fn a_failed_producer_leaves_the_stream_unfinished() {
         let failing = |out: &mut dyn Write| -> Result<u64, ExportError> {
-            out.write_all(&[b'x'; 1 << 20]).map_err(|error| ExportError::Sink(error.to_string()))?;
+            produce_lines(out)?;
             Err(ExportError::Sink("store failed".into()))
         };
         for coding in [Coding::Gzip, Coding::Zstd] {
             let mut out = Vec::new();
             assert!(encode(coding, failing, &mut out).is_err());
+            assert!(!out.is_empty(), "{coding:?}: the file's start was sent");
             let decoded = match coding {
                 Coding::Gzip => {
                     let mut decoded = Vec::new();
