@@ -185,9 +185,7 @@ impl Handoff {
             return Ok(());
         }
         let full = std::mem::replace(&mut self.buffer, Vec::with_capacity(HANDOFF_BYTES));
-        self.handoff
-            .send(full)
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "compression ended"))
+        self.handoff.send(full).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "compression ended"))
     }
 }
 

@@ -121,7 +121,8 @@ async fn a_download_beyond_the_pool_gets_429_with_retry_after_and_the_others_com
 
 #[tokio::test]
 async fn a_download_beyond_the_pool_waits_for_a_stream_when_the_queue_allows() {
-    let config = HttpConfig { max_concurrent_downloads: 1, download_queue_wait: Duration::from_secs(30), ..test_config() };
+    let config =
+        HttpConfig { max_concurrent_downloads: 1, download_queue_wait: Duration::from_secs(30), ..test_config() };
     let server = Server::with_config(config);
     let client = server.tenant_client("acme");
     let url = cohort(&server, &client, 5).await;
