@@ -64,6 +64,11 @@ pub struct Config {
     /// Seconds a client may take no bytes of a download (or any response) before it is
     /// disconnected.
     pub download_stall_timeout_seconds: u64,
+    /// Export file downloads streamed at once; more wait (see `download_queue_seconds`).
+    pub max_concurrent_downloads: usize,
+    /// Seconds a download beyond `max_concurrent_downloads` waits for a stream before it is
+    /// answered 429 with `Retry-After` (0: at once).
+    pub download_queue_seconds: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     pub shutdown_grace_seconds: u64,
     /// `text` or `json` log lines.
@@ -105,6 +110,8 @@ impl Default for Config {
             self_authorising_url_ttl_seconds: 600,
             min_free_disk_bytes: 64 * 1024 * 1024,
             download_stall_timeout_seconds: 60,
+            max_concurrent_downloads: 8,
+            download_queue_seconds: 10,
             shutdown_grace_seconds: 30,
             log_format: LogFormat::Text,
             validation: ValidationMode::Strict,
@@ -195,6 +202,10 @@ impl Config {
             self.download_stall_timeout_seconds >= 1,
             "invalid configuration: download_stall_timeout_seconds must be at least 1"
         );
+        anyhow::ensure!(
+            self.max_concurrent_downloads >= 1,
+            "invalid configuration: max_concurrent_downloads must be at least 1"
+        );
         if let Some(base) = &self.public_base_url {
             anyhow::ensure!(
                 base.starts_with("http://") || base.starts_with("https://"),
@@ -266,6 +277,8 @@ impl Config {
             validation: self.validation,
             tenant_validation: self.tenant_validation.clone(),
             download_stall_timeout: Duration::from_secs(self.download_stall_timeout_seconds),
+            max_concurrent_downloads: self.max_concurrent_downloads,
+            download_queue_wait: Duration::from_secs(self.download_queue_seconds),
         }
     }
 

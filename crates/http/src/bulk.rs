@@ -18,9 +18,10 @@ use bulkhead_export::{plan_group_export, plan_group_export_at, ExportError, Grou
 use bulkhead_fhir::{format_instant, now_micros, IssueType};
 use bulkhead_store::{ExportRecord, TenantId};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use crate::auth::{authenticate, Caller};
+use crate::encoding::{encode, negotiate};
 use crate::error::ApiError;
 use crate::negotiation::check_accept;
 use crate::state::AppState;
@@ -211,14 +212,20 @@ fn manifest(
     Manifest { body: manifest }
 }
 
-/// `GET /bulk-data/r4/$export/{type}/{token}.ndjson`: the file, streamed (gzip on request).
+/// `GET /bulk-data/r4/$export/{type}/{token}.ndjson`: the file, streamed (zstd or gzip on
+/// request). At most `max_concurrent_downloads` files stream at once, each with a fixed memory
+/// budget; one more waits for a stream up to `download_queue_wait`, then gets 429.
 pub async fn download(
     State(state): State<AppState>,
     Path((path_type, file)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let claims = authorize_download(&state, &headers, &path_type, &file).await?;
-    let gzip = accepts_gzip(&headers);
+    let slot = match download_slot(&state).await {
+        Ok(slot) => slot,
+        Err(throttled) => return Ok(throttled),
+    };
+    let coding = negotiate(&headers);
     let (chunks_tx, chunks_rx) = mpsc::channel::<Piece>(CHANNEL_DEPTH);
     let (ready_tx, ready_rx) = oneshot::channel::<Result<(), ApiError>>();
     let store = state.store.clone();
@@ -235,14 +242,7 @@ pub async fn download(
         let _ = ready_tx.send(Ok(()));
         let mut writer =
             ChunkWriter { buffer: Vec::with_capacity(CHUNK_BYTES), chunks: chunks_tx, runtime, stall_timeout };
-        let result = if gzip {
-            let mut encoder = flate2::write::GzEncoder::new(&mut writer, flate2::Compression::fast());
-            write_file(store.as_ref(), &claims, &view, &mut encoder).and_then(|written| {
-                encoder.finish().map(|_| written).map_err(|error| ExportError::Sink(error.to_string()))
-            })
-        } else {
-            write_file(store.as_ref(), &claims, &view, &mut writer)
-        };
+        let result = encode(coding, |out| write_file(store.as_ref(), &claims, &view, out), &mut writer);
         let result = result.and_then(|written| {
             writer
                 .flush()
@@ -263,15 +263,48 @@ pub async fn download(
         }
     });
     ready_rx.await.map_err(|_| ApiError::internal())??;
-    let body = Body::from_stream(FileBody { pieces: chunks_rx, ended: false });
+    // The slot is held until the body is sent or dropped: it covers the buffered chunks too.
+    let body = Body::from_stream(FileBody { pieces: chunks_rx, ended: false, _slot: slot });
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/fhir+ndjson"));
-    if gzip {
-        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    if let Some(value) = coding.header_value() {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(value));
     }
     headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     Ok(response)
+}
+
+/// Seconds a client turned away by a full download pool is told to wait.
+const POOL_RETRY_AFTER_SECONDS: u64 = 1;
+
+/// A permit to stream one file: waits up to `download_queue_wait` for one of the
+/// `max_concurrent_downloads` streams, then answers 429 with `Retry-After`.
+async fn download_slot(state: &AppState) -> Result<OwnedSemaphorePermit, Response> {
+    let slots = state.download_slots.clone();
+    let wait = state.config.download_queue_wait;
+    let acquired = match slots.clone().try_acquire_owned() {
+        Ok(permit) => Ok(permit),
+        Err(_) if wait.is_zero() => Err(()),
+        Err(_) => match tokio::time::timeout(wait, slots.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(()),
+        },
+    };
+    acquired.map_err(|()| {
+        tracing::info!(limit = state.config.max_concurrent_downloads, "download pool full; answering 429");
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            IssueType::Throttled,
+            format!(
+                "{} export files are already being downloaded; retry after {POOL_RETRY_AFTER_SECONDS} s",
+                state.config.max_concurrent_downloads
+            ),
+        )
+        .into_response();
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(POOL_RETRY_AFTER_SECONDS));
+        response
+    })
 }
 
 /// Resolves a file URL to the claims of its file and checks that the caller may download it.
@@ -338,24 +371,6 @@ fn owns_file(caller: &Caller, claims: &FileClaims) -> bool {
         && caller.visibility.user() == claims.user.as_deref()
 }
 
-/// True when `Accept-Encoding` lists gzip with a non-zero quality.
-fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|item| {
-            let mut parts = item.split(';').map(str::trim);
-            let coding = parts.next().unwrap_or("");
-            let refused = parts.any(|param| {
-                param.replace(' ', "").trim_start_matches("q=").parse::<f32>().is_ok_and(|q| q == 0.0)
-                    && param.starts_with('q')
-            });
-            coding.eq_ignore_ascii_case("gzip") && !refused
-        })
-}
-
 /// What the producing thread hands the response body.
 enum Piece {
     Bytes(Bytes),
@@ -369,6 +384,8 @@ enum Piece {
 struct FileBody {
     pieces: mpsc::Receiver<Piece>,
     ended: bool,
+    /// This stream's place in the download pool.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl tokio_stream::Stream for FileBody {
@@ -446,24 +463,5 @@ impl Write for ChunkWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.send_buffer()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gzip_negotiation() {
-        let with = |value: &str| {
-            let mut headers = HeaderMap::new();
-            headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(value).unwrap());
-            accepts_gzip(&headers)
-        };
-        assert!(with("gzip"));
-        assert!(with("br, gzip;q=0.5"));
-        assert!(!with("gzip;q=0"));
-        assert!(!with("identity"));
-        assert!(!accepts_gzip(&HeaderMap::new()));
     }
 }

@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod capability;
 pub mod connections;
 pub mod credentials;
+pub mod encoding;
 pub mod error;
 pub mod export_status;
 pub mod health;

@@ -47,6 +47,10 @@ pub struct HttpConfig {
     pub tenant_validation: BTreeMap<String, ValidationMode>,
     /// A client that takes no bytes of a response (a download) for this long is disconnected.
     pub download_stall_timeout: Duration,
+    /// Export file downloads streamed at once (each holds a fixed memory budget and a read
+    /// connection); one more waits up to `download_queue_wait`, then gets 429 + `Retry-After`.
+    pub max_concurrent_downloads: usize,
+    pub download_queue_wait: Duration,
 }
 
 impl HttpConfig {
@@ -75,6 +79,8 @@ impl Default for HttpConfig {
             validation: ValidationMode::Strict,
             tenant_validation: BTreeMap::new(),
             download_stall_timeout: Duration::from_secs(60),
+            max_concurrent_downloads: 8,
+            download_queue_wait: Duration::from_secs(10),
         }
     }
 }
@@ -114,6 +120,8 @@ pub struct AppState {
     pub login_limiter: Arc<crate::login_limits::LoginLimiter>,
     /// Background planners of asynchronous exports running in this process.
     pub planners: Arc<crate::export_status::Planners>,
+    /// Permits for streaming export files: `max_concurrent_downloads` of them.
+    pub download_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -121,6 +129,7 @@ impl AppState {
         AppState {
             store,
             login_limiter: Arc::new(crate::login_limits::LoginLimiter::new(config.login_limits.clone())),
+            download_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_downloads.max(1))),
             config: Arc::new(config),
             verifier: Arc::new(SecretVerifier::new()),
             token_keys: Arc::new(token_keys),
