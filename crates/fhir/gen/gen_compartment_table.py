@@ -29,6 +29,8 @@ import re
 import subprocess
 import sys
 
+from generated_file import write_or_check
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CRATE_DIR = os.path.dirname(HERE)
 # The official definitions are vendored in the repository (testdata/README.md says from where).
@@ -277,14 +279,7 @@ def main():
     search_params = [e["resource"] for e in bundle.get("entry", [])]
 
     source = rustfmt(render(build_table(compartment, search_params), compartment))
-    if args.check:
-        with open(args.out) as f:
-            if f.read() != source:
-                sys.exit("%s is stale; rerun the generator" % args.out)
-        return
-    with open(args.out, "w") as f:
-        f.write(source)
-    print("wrote %s" % args.out, file=sys.stderr)
+    write_or_check(args.out, source, args.check)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ import json
 import os
 import sys
 
+from generated_file import write_or_check
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CRATE_DIR = os.path.dirname(HERE)
 DEFAULT_DATA_DIR = os.path.normpath(os.path.join(CRATE_DIR, "..", "..", "testdata", "fhir-r4"))
@@ -434,14 +436,7 @@ def main():
     value_sets = ValueSets(load_bundle(args.data_dir, VALUESETS_FILE))
     builder = Builder(structure_definitions(args.data_dir), value_sets).build()
     source = render(builder)
-    if args.check:
-        with open(args.out) as f:
-            if f.read() != source:
-                sys.exit("%s is stale; rerun the generator" % args.out)
-        return
-    with open(args.out, "w") as f:
-        f.write(source)
-    print("wrote %s" % args.out, file=sys.stderr)
+    write_or_check(args.out, source, args.check)
 
 
 if __name__ == "__main__":
