@@ -3,6 +3,7 @@
 mod admin;
 mod export;
 mod jobs;
+mod migrate;
 mod part_reader;
 mod resources;
 
@@ -65,7 +66,8 @@ impl SqliteStore {
     }
 
     pub fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
-        let writer = open_connection(path, options.writer_cache_mib)?;
+        let mut writer = open_connection(path, options.writer_cache_mib)?;
+        migrate::migrate_v1_to_v2(&mut writer, SCHEMA)?;
         writer.execute_batch(SCHEMA)?;
         jobs::migrate(&writer)?;
         if let Some(pages) = options.max_page_count {
@@ -322,7 +324,7 @@ impl crate::Store for SqliteStore {
         let next_type = std::sync::atomic::AtomicUsize::new(0);
         let worker = || {
             self.with_snapshot(|connection| {
-                export::load_members(connection, selection)?;
+                export::load_members(connection, tenant, selection)?;
                 let mut planned = Vec::new();
                 loop {
                     let index = next_type.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
