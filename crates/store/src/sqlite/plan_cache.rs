@@ -22,8 +22,9 @@ use crate::{MemberSelection, PartRange, StoreError, TenantId};
 
 /// Results kept (the oldest goes first).
 const ENTRIES: usize = 64;
-/// A `deleted[]` list longer than this is not kept (memory stays small whatever the lists).
-pub(super) const MAX_CACHED_DELETED: usize = 10_000;
+/// A `deleted[]` list longer than this is not kept: the cache stays within a few MB (64 entries
+/// of at most this many ids) whatever the lists; short lists are the "little changed" case.
+pub(super) const MAX_CACHED_DELETED: usize = 1_000;
 
 pub(super) type Plan = Arc<Vec<(String, Vec<PartRange>)>>;
 pub(super) type Deleted = Arc<Vec<(String, Micros)>>;
