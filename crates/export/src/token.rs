@@ -54,9 +54,9 @@ pub struct FileClaims {
     pub client: String,
     /// User scope (`x-oneup-user-id`), or `None` for the whole tenant.
     pub user: Option<String>,
-    /// Group id.
-    pub group: String,
-    /// Group version the export was planned against.
+    /// System, Patient, or which Group.
+    pub level: crate::level::ExportLevel,
+    /// Group version the export was planned against (0 at the other levels).
     pub group_version: i64,
     /// `output`, `deleted` or `error`.
     pub kind: FileKind,
@@ -79,6 +79,12 @@ pub struct FileClaims {
     /// For error files: the lenient-mode warnings of the kick-off, each as the
     /// OperationOutcome line to write.
     pub warnings: Vec<String>,
+    /// `_typeFilter` queries of the export.
+    pub type_filters: Vec<String>,
+    /// `_elements` entries of the export, when given.
+    pub elements: Option<Vec<String>>,
+    /// `patient` (POST) of the export, when given.
+    pub patients: Option<Vec<String>>,
     /// Issued at, seconds since the epoch.
     pub iat: i64,
     /// Expiry, seconds since the epoch; the token is valid while `now < exp`.

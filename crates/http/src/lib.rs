@@ -52,9 +52,13 @@ pub fn router(state: AppState) -> Router {
         .route("/r4", post(bundle::process_bundle))
         .route("/r4/{type}", get(type_get).post(type_post))
         .route("/r4/{type}/{id}", get(rest::read).put(rest::update).delete(rest::delete))
-        .route("/r4/{type}/{id}/{operation}", get(instance_operation))
+        .route("/r4/{type}/{id}/{operation}", get(instance_operation).post(instance_operation_post))
+        .route("/r4/Patient/$export", get(bulk::patient_kick_off).post(bulk::patient_kick_off_post))
         .route("/r4/{type}/{id}/_history/{version}", get(rest::vread))
-        .route("/bulk-data/r4/Group/{id}/$export", get(bulk::kick_off))
+        .route("/bulk-data/r4/Group/{id}/$export", get(bulk::kick_off).post(bulk::group_kick_off_post))
+        .route("/bulk-data/r4/Patient/$export", get(bulk::patient_kick_off).post(bulk::patient_kick_off_post))
+        .route("/bulk-data/r4/$export", get(bulk::system_kick_off).post(bulk::system_kick_off_post))
+        .route("/bulk-data/r4/metadata", get(bulk_metadata))
         .route("/bulk-data/r4/$export/{type}/{file}", get(bulk::download))
         .route("/bulk-data/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
         .route("/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
@@ -99,28 +103,43 @@ pub fn router(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
-/// `GET /r4/metadata` (public) or a type-level search.
+/// `GET /bulk-data/r4/metadata` (public): the same CapabilityStatement as `/r4/metadata`.
+async fn bulk_metadata(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    negotiation::check_accept(&headers)?;
+    Ok(capability::metadata_response(&urls::base_url(&state, &headers)))
+}
+
+/// `GET /r4/metadata` (public), `GET /r4/$export` (system-level export) or a type-level search.
 async fn type_get(
     State(state): State<AppState>,
     Path(resource_type): Path<String>,
     RawQuery(query): RawQuery,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if resource_type == "metadata" {
         negotiation::check_accept(&headers)?;
         return Ok(capability::metadata_response(&urls::base_url(&state, &headers)));
     }
+    if resource_type == "$export" {
+        return bulk::system_kick_off(State(state), uri, headers).await;
+    }
     let caller = auth::authenticate(&state, &headers).await?;
     search::search(state, caller, resource_type, query, headers).await
 }
 
-/// `POST /r4/$upload-ndjson` or a create.
+/// `POST /r4/$upload-ndjson`, `POST /r4/$export` (system-level export) or a create.
 async fn type_post(
     State(state): State<AppState>,
     Path(resource_type): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
+    if resource_type == "$export" {
+        let body = negotiation::JsonBody::from_request(request, &state).await?;
+        return bulk::system_kick_off_post(State(state), uri, headers, body).await;
+    }
     let caller = auth::authenticate(&state, &headers).await?;
     if resource_type == "$upload-ndjson" {
         return upload::upload_ndjson(state, caller, headers, request.into_body()).await;
@@ -142,9 +161,32 @@ async fn instance_operation(
             rest::history(state, caller, resource_type, id, headers).await
         }
         ("Group", "$export") => bulk::kick_off(State(state), Path(id), uri, headers).await,
-        (_, "$export") => {
-            Err(ApiError::bad_request(bulkhead_fhir::IssueType::NotSupported, "only Group/[id]/$export is supported"))
-        }
+        (_, "$export") => Err(export_elsewhere()),
         _ => Err(ApiError::not_found(format!("no operation '{operation}' on {resource_type}"))),
     }
+}
+
+/// `POST /r4/Group/{id}/$export` (a `Parameters` body).
+async fn instance_operation_post(
+    State(state): State<AppState>,
+    Path((resource_type, id, operation)): Path<(String, String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    match (resource_type.as_str(), operation.as_str()) {
+        ("Group", "$export") => {
+            let body = negotiation::JsonBody::from_request(request, &state).await?;
+            bulk::group_kick_off_post(State(state), Path(id), uri, headers, body).await
+        }
+        (_, "$export") => Err(export_elsewhere()),
+        _ => Err(ApiError::not_found(format!("no operation '{operation}' on {resource_type}"))),
+    }
+}
+
+fn export_elsewhere() -> ApiError {
+    ApiError::bad_request(
+        bulkhead_fhir::IssueType::NotSupported,
+        "$export is available at [base]/$export, [base]/Patient/$export and [base]/Group/[id]/$export",
+    )
 }

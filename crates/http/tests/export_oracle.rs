@@ -545,7 +545,7 @@ async fn kick_off(server: &Tenants, tenant: usize, types: Option<Vec<&'static st
     }
     let query = query.finish();
     let what = format!("tenant {tenant} export ?{query}");
-    let reply = server.send(tenant, get(&format!("/r4/Group/{TARGET_GROUP}/$export?{query}"))).await;
+    let reply = server.send(tenant, get(&format!("/bulk-data/r4/Group/{TARGET_GROUP}/$export?{query}"))).await;
     assert_eq!(reply.status, StatusCode::OK, "{what}: {}", reply.text());
     let content_type = reply.header("content-type");
     assert!(content_type.contains("application/json"), "{what}: manifest content type {content_type}");

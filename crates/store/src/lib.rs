@@ -16,8 +16,8 @@ pub mod testsuite;
 
 pub use error::StoreError;
 pub use model::{
-    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, StoredResource, Tenant,
-    TenantId, Visibility,
+    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, SelectionScope, StoredResource,
+    Tenant, TenantId, Visibility,
 };
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
 pub use write::{group_members, stamped_json, WriteMode, WriteOp, Written};
@@ -154,6 +154,9 @@ pub trait Store: Send + Sync + 'static {
         selection: &MemberSelection,
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError>;
+    /// Ids of the tenant's Patients that existed, not deleted and visible, at `at`, sorted (the
+    /// members of a Patient-level export).
+    fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError>;
 
     // ---- asynchronous export jobs ----
 

@@ -1,3 +1,4 @@
+use bulkhead_fhir::type_filter::TypeFilters;
 use bulkhead_fhir::Micros;
 
 /// A tenant's database key. Every resource query takes one, so no query can forget the tenant.
@@ -65,6 +66,22 @@ pub struct MemberSelection {
     pub until: Option<Micros>,
     pub transaction_time: Micros,
     pub visibility: Visibility,
+    /// Which resources are candidates: the members' compartments, or every resource of the
+    /// tenant (a system-level export; `members` is then empty and `since` applies to all).
+    pub scope: SelectionScope,
+    /// `_typeFilter`: resources of a filtered type are selected only when their version at the
+    /// transaction time matches (evaluated on the stored JSON, when counting and when reading).
+    pub filters: TypeFilters,
+}
+
+/// Where an export's candidates come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SelectionScope {
+    /// Resources in the members' Patient compartments (Group- and Patient-level exports).
+    #[default]
+    Members,
+    /// Every resource of the type in the tenant, read in key order (system-level export).
+    Tenant,
 }
 
 /// A contiguous key range of one type's selected resources, with its exact count.

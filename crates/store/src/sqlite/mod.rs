@@ -368,6 +368,16 @@ impl crate::Store for SqliteStore {
     ) -> Result<Vec<(String, Micros)>, StoreError> {
         self.with_snapshot(|connection| export::deleted_in_compartments(connection, tenant, selection, resource_type))
     }
+
+    fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError> {
+        self.with_snapshot(|connection| {
+            let ids: Vec<String> = connection
+                .prepare_cached("SELECT id FROM resources WHERE tenant_id = ?1 AND resource_type = 'Patient' ORDER BY id")?
+                .query_map([tenant.0], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            export::existing_at(connection, tenant, visibility, "Patient", &ids, at)
+        })
+    }
     fn create_export_job(&self, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {
         self.with_write(|transaction, _| jobs::create_export_job(transaction, tenant, job))
     }
