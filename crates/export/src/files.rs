@@ -7,7 +7,7 @@ use bulkhead_store::{PartRange, Store, TenantId, Visibility};
 use serde_json::json;
 
 use crate::elements::ElementSubset;
-use crate::group::{export_view, missing_members, ExportError, ExportView, ViewSpec};
+use crate::group::{deleted_ids, export_view, missing_members, ExportError, ExportView, ViewSpec};
 use crate::token::{FileClaims, FileKind};
 
 /// Checks that the file's view can be rebuilt as planned (a Group export's Group still has, at
@@ -94,8 +94,8 @@ pub fn write_file(
             }
         }
         (FileKind::Deleted, resource_type, _) => {
-            let deleted = store.deleted_in_compartments(tenant, &view.selection, resource_type)?;
-            for (id, _) in &deleted {
+            let deleted = deleted_ids(store, tenant, view, resource_type)?;
+            for id in &deleted {
                 // Bulk Data IG: each line a transaction Bundle with DELETE entries.
                 let line = json!({
                     "resourceType": "Bundle",

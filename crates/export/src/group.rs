@@ -97,6 +97,10 @@ pub struct ExportView {
     /// Members (at the transaction time), sorted: the Group's (Group level) or the tenant's
     /// Patients (Patient level), narrowed by `patient`; empty at the system level.
     pub members: Vec<String>,
+    /// Patient level with `_since`: the Patients live at `_since` and deleted since (narrowed
+    /// by `patient`), sorted. They are the export's removed members, and their Patient
+    /// resources are listed in `deleted[]`.
+    pub removed: Vec<String>,
 }
 
 /// What an export's view is made of: the same at kick-off and at every file download.
@@ -134,11 +138,21 @@ pub fn export_view(
     };
     match spec.level {
         ExportLevel::System => {
-            Ok(ExportView { group: None, selection: selection(Vec::new(), SelectionScope::Tenant), members: Vec::new() })
+            let selection = selection(Vec::new(), SelectionScope::Tenant);
+            Ok(ExportView { group: None, selection, members: Vec::new(), removed: Vec::new() })
         }
         ExportLevel::Patient => {
             let mut members = store.patients_at(tenant, visibility, transaction_time)?;
+            let mut removed: Vec<String> = match since {
+                Some(since) => store
+                    .patients_at(tenant, visibility, since)?
+                    .into_iter()
+                    .filter(|patient| members.binary_search(patient).is_err())
+                    .collect(),
+                None => Vec::new(),
+            };
             if let Some(patients) = spec.patients {
+                removed.retain(|patient| patients.binary_search(patient).is_ok());
                 let unknown: Vec<&String> = patients.iter().filter(|p| members.binary_search(p).is_err()).collect();
                 if let Some(first) = unknown.first() {
                     return Err(ExportError::Invalid(format!("patient: Patient/{first} is not a Patient of this tenant")));
@@ -146,7 +160,8 @@ pub fn export_view(
                 members = patients.to_vec();
             }
             let selection_members = members.iter().map(|member| (member.clone(), since)).collect();
-            Ok(ExportView { group: None, selection: selection(selection_members, SelectionScope::Members), members })
+            let selection = selection(selection_members, SelectionScope::Members);
+            Ok(ExportView { group: None, selection, members, removed })
         }
         ExportLevel::Group(group_id) => {
             let group = store
@@ -184,9 +199,29 @@ pub fn export_view(
                 group: Some(group),
                 selection: selection(selection_members, SelectionScope::Members),
                 members,
+                removed: Vec::new(),
             })
         }
     }
+}
+
+/// `deleted[]` of one type as ids, sorted: the store's deletions for the view
+/// ([`Store::deleted_in_compartments`]) and, at the Patient level, the Patients deleted since
+/// `_since` (no member's compartment holds them any more).
+pub fn deleted_ids(
+    store: &dyn Store,
+    tenant: TenantId,
+    view: &ExportView,
+    resource_type: &str,
+) -> Result<Vec<String>, ExportError> {
+    let mut ids: Vec<String> =
+        store.deleted_in_compartments(tenant, &view.selection, resource_type)?.into_iter().map(|(id, _)| id).collect();
+    if resource_type == "Patient" && !view.removed.is_empty() {
+        ids.extend(view.removed.iter().cloned());
+        ids.sort_unstable();
+        ids.dedup();
+    }
+    Ok(ids)
 }
 
 /// Members of a Group export's view whose Patient did not exist (for this caller) at the
@@ -308,7 +343,7 @@ pub fn plan_group_export_at(
     if params.since.is_some() {
         for (done, resource_type) in compartment_types.iter().enumerate() {
             progress(PlanStep::Deletions { done, types: compartment_types.len() })?;
-            let deleted = store.deleted_in_compartments(request.tenant, &view.selection, resource_type)?;
+            let deleted = deleted_ids(store, request.tenant, &view, resource_type)?;
             if !deleted.is_empty() {
                 files.push(file(FileKind::Deleted, resource_type, deleted.len() as u64));
             }
@@ -349,7 +384,8 @@ pub fn plan_group_export_at(
                 .filter(|member| params.patients.as_ref().is_none_or(|named| named.binary_search(member).is_ok()))
                 .collect()
         }
-        _ => Vec::new(),
+        // Patient level: the Patients deleted since `_since`.
+        _ => view.removed.clone(),
     };
     Ok(GroupExportPlan { transaction_time, group_version, export, removed_members })
 }
