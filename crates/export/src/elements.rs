@@ -52,7 +52,9 @@ impl ElementSubset {
             return copy_line(line, out);
         };
         let required: Vec<&str> = top_level_elements(resource_type)
-            .map(|elements| elements.into_iter().filter(|element| element.required).map(|element| element.name).collect())
+            .map(|elements| {
+                elements.into_iter().filter(|element| element.required).map(|element| element.name).collect()
+            })
             .unwrap_or_default();
         let keep = |key: &str| {
             // `_birthDate` (a primitive's extensions) goes with `birthDate`.
@@ -61,10 +63,12 @@ impl ElementSubset {
                 || required.contains(&name)
                 || listed.iter().any(|element| {
                     name == *element
-                        || name.strip_prefix(element).is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
+                        || name
+                            .strip_prefix(element)
+                            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
                 })
         };
-        let mut kept: Map<String, Value> = resource.into_iter().filter(|(key, _)| keep(key)).collect();
+        let mut kept: Map<String, Value> = resource.into_iter().filter(|(key, _)| keep(key.as_str())).collect();
         tag_subsetted(&mut kept);
         // Serialising a map of parsed JSON cannot fail.
         if serde_json::to_writer(&mut *out, &Value::Object(kept)).is_ok() {
@@ -104,9 +108,13 @@ mod tests {
     }
 
     fn observation() -> Value {
-        json!({"resourceType": "Observation", "id": "o", "meta": {"versionId": "1"}, "status": "final",
-               "code": {"text": "x"}, "subject": {"reference": "Patient/p"}, "valueQuantity": {"value": 1.50},
-               "note": [{"text": "n"}], "_status": {"extension": []}})
+        // Parsed from text: `arbitrary_precision` keeps `1.50` as written.
+        serde_json::from_str(
+            r#"{"resourceType": "Observation", "id": "o", "meta": {"versionId": "1"}, "status": "final",
+                "code": {"text": "x"}, "subject": {"reference": "Patient/p"}, "valueQuantity": {"value": 1.50},
+                "note": [{"text": "n"}], "_status": {"extension": []}}"#,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -125,8 +133,11 @@ mod tests {
         assert!(got.get("valueQuantity").is_some() && got.get("note").is_none());
         assert_eq!(got["valueQuantity"]["value"].to_string(), "1.50", "numbers keep their digits");
         let patient = apply(&["id"], json!({"resourceType": "Patient", "id": "p", "name": [{"family": "F"}]}));
-        assert_eq!(patient, json!({"resourceType": "Patient", "id": "p",
-            "meta": {"tag": [{"system": SUBSETTED_SYSTEM, "code": "SUBSETTED"}]}}));
+        assert_eq!(
+            patient,
+            json!({"resourceType": "Patient", "id": "p",
+            "meta": {"tag": [{"system": SUBSETTED_SYSTEM, "code": "SUBSETTED"}]}})
+        );
     }
 
     #[test]

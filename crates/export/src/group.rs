@@ -153,9 +153,11 @@ pub fn export_view(
             };
             if let Some(patients) = spec.patients {
                 removed.retain(|patient| patients.binary_search(patient).is_ok());
-                let unknown: Vec<&String> = patients.iter().filter(|p| members.binary_search(p).is_err()).collect();
+                let unknown: Vec<&String> = patients.iter().filter(|p| members.binary_search(*p).is_err()).collect();
                 if let Some(first) = unknown.first() {
-                    return Err(ExportError::Invalid(format!("patient: Patient/{first} is not a Patient of this tenant")));
+                    return Err(ExportError::Invalid(format!(
+                        "patient: Patient/{first} is not a Patient of this tenant"
+                    )));
                 }
                 members = patients.to_vec();
             }
@@ -172,7 +174,7 @@ pub fn export_view(
                 group_members(group.body.as_deref().unwrap_or("{}"), transaction_time).map_err(StoreError::from)?;
             if let Some(patients) = spec.patients {
                 // Bulk Data IG §patient: a patient who is not a member SHOULD fail the request.
-                if let Some(outsider) = patients.iter().find(|p| members.binary_search(p).is_err()) {
+                if let Some(outsider) = patients.iter().find(|p| members.binary_search(*p).is_err()) {
                     return Err(ExportError::Invalid(format!(
                         "patient: Patient/{outsider} is not a member of Group/{group_id}"
                     )));
@@ -263,8 +265,10 @@ pub fn check_group(store: &dyn Store, request: &GroupExportRequest) -> Result<()
         ExportLevel::System => Ok(()),
         ExportLevel::Patient => {
             let existing = store.existing_at(request.tenant, &request.visibility, "Patient", patients, Micros::MAX)?;
-            match patients.iter().find(|p| existing.binary_search(p).is_err()) {
-                Some(unknown) => Err(ExportError::Invalid(format!("patient: Patient/{unknown} is not a Patient of this tenant"))),
+            match patients.iter().find(|p| existing.binary_search(*p).is_err()) {
+                Some(unknown) => {
+                    Err(ExportError::Invalid(format!("patient: Patient/{unknown} is not a Patient of this tenant")))
+                }
                 None => Ok(()),
             }
         }
@@ -276,7 +280,7 @@ pub fn check_group(store: &dyn Store, request: &GroupExportRequest) -> Result<()
             };
             let now = bulkhead_fhir::now_micros();
             let members = group_members(group.body.as_deref().unwrap_or("{}"), now).map_err(StoreError::from)?;
-            match patients.iter().find(|p| members.binary_search(p).is_err()) {
+            match patients.iter().find(|p| members.binary_search(*p).is_err()) {
                 Some(outsider) => Err(ExportError::Invalid(format!(
                     "patient: Patient/{outsider} is not a member of Group/{group_id}"
                 ))),

@@ -46,7 +46,9 @@ impl ExportLevel {
     pub fn exports(&self, resource_type: &str) -> bool {
         match self {
             ExportLevel::System => is_resource_type(resource_type),
-            ExportLevel::Patient => resource_type == "Patient" || (resource_type != "Group" && is_compartment_type(resource_type)),
+            ExportLevel::Patient => {
+                resource_type == "Patient" || (resource_type != "Group" && is_compartment_type(resource_type))
+            }
             ExportLevel::Group(_) => matches!(resource_type, "Patient" | "Group") || is_compartment_type(resource_type),
         }
     }

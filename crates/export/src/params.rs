@@ -290,8 +290,11 @@ fn parse_types(
         }
     }
     if types.is_empty() {
-        let message =
-            format!("None of the requested types ({}) can be exported by {}", echo(&dropped.join(",")), level.describe());
+        let message = format!(
+            "None of the requested types ({}) can be exported by {}",
+            echo(&dropped.join(",")),
+            level.describe()
+        );
         return Err(ParamError::new(IssueType::NotSupported, "_type", message));
     }
     Ok(types)
@@ -398,7 +401,10 @@ pub(crate) fn has_element(resource_type: &str, element: &str) -> bool {
         elements.iter().any(|found| {
             found.name == element
                 || (found.choice
-                    && found.name.strip_prefix(element).is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase())))
+                    && found
+                        .name
+                        .strip_prefix(element)
+                        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase())))
         })
     })
 }
@@ -421,7 +427,10 @@ fn parse_patients(
     if let Some(why) = refusal {
         let message = format!("Parameter 'patient' {why}");
         if context.lenient {
-            warnings.push(Issue::warning(IssueType::NotSupported, format!("{message}; ignored (Prefer: handling=lenient)")).at("patient"));
+            warnings.push(
+                Issue::warning(IssueType::NotSupported, format!("{message}; ignored (Prefer: handling=lenient)"))
+                    .at("patient"),
+            );
             return Ok(None);
         }
         return Err(ParamError::new(IssueType::NotSupported, "patient", message));
@@ -431,7 +440,8 @@ fn parse_patients(
         match parse_reference(value) {
             Some(("Patient", id)) => patients.push(id.to_owned()),
             _ => {
-                let message = format!("Parameter 'patient': '{}' is not a reference to a Patient (Patient/id)", echo(value));
+                let message =
+                    format!("Parameter 'patient': '{}' is not a reference to a Patient (Patient/id)", echo(value));
                 return Err(ParamError::new(IssueType::Value, "patient", message));
             }
         }
@@ -758,7 +768,8 @@ mod tests {
 
     #[test]
     fn types_allowed_depend_on_the_level() {
-        let (params, _) = parse_at(&[("_type", "Practitioner,Organization,Group")], &ExportLevel::System, false, false).unwrap();
+        let (params, _) =
+            parse_at(&[("_type", "Practitioner,Organization,Group")], &ExportLevel::System, false, false).unwrap();
         assert_eq!(types(&params), ["Practitioner", "Organization", "Group"]);
         for t in ["Practitioner", "Group"] {
             let issue = parse_at(&[("_type", t)], &ExportLevel::Patient, false, false).unwrap_err().issue;

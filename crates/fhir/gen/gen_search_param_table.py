@@ -141,7 +141,7 @@ def render(table):
         "use super::{ParamKind, ParamRow};",
         "",
         "#[rustfmt::skip]",
-        "pub(super) static SEARCH_PARAMS: &[ParamRow] = &[",
+        "pub static SEARCH_PARAMS: &[ParamRow] = &[",
     ]
     for (base, code) in sorted(table):
         kind, paths = table[(base, code)]

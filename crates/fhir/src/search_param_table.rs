@@ -10,7 +10,7 @@
 use super::{ParamKind, ParamRow};
 
 #[rustfmt::skip]
-pub(super) static SEARCH_PARAMS: &[ParamRow] = &[
+pub static SEARCH_PARAMS: &[ParamRow] = &[
     ("Account", "identifier", ParamKind::Token, &[(&["identifier"], "")]),
     ("Account", "name", ParamKind::String, &[(&["name"], "")]),
     ("Account", "owner", ParamKind::Reference, &[(&["owner"], "")]),

@@ -99,10 +99,20 @@ struct Criterion {
 #[derive(Debug, Clone, PartialEq)]
 enum Wanted {
     /// `system` (`None`: any; `Some("")`: none) and `code` (`None`: any).
-    Token { system: Option<String>, code: Option<String> },
+    Token {
+        system: Option<String>,
+        code: Option<String>,
+    },
     /// `Type/id` or a bare id.
-    Reference { resource_type: Option<String>, id: String },
-    Date { prefix: Prefix, start: Micros, end: Micros },
+    Reference {
+        resource_type: Option<String>,
+        id: String,
+    },
+    Date {
+        prefix: Prefix,
+        start: Micros,
+        end: Micros,
+    },
     /// Lowercased unless exact.
     String(String),
 }
@@ -271,7 +281,8 @@ fn split_values(value: &str) -> Vec<String> {
 
 impl Wanted {
     fn parse(kind: ParamKind, value: &str, exact: bool, code: &str) -> Result<Wanted, FilterError> {
-        let invalid = |why: &str| FilterError::Invalid(format!("'{}' is not a valid {code} value: {why}", shorten(value)));
+        let invalid =
+            |why: &str| FilterError::Invalid(format!("'{}' is not a valid {code} value: {why}", shorten(value)));
         match kind {
             ParamKind::Token => {
                 let (system, code) = match split_unescaped_bar(value) {
@@ -301,10 +312,13 @@ impl Wanted {
             ParamKind::Date => {
                 let (prefix, rest) = date_prefix(value);
                 let Some(prefix) = prefix else {
-                    return Err(FilterError::NotSupported(format!(
-                        "date prefix of '{}' is not supported (use eq, ne, gt, lt, ge, le, sa or eb)",
-                        shorten(value)
-                    )));
+                    if value.starts_with("ap") {
+                        return Err(FilterError::NotSupported(format!(
+                            "date prefix 'ap' of '{}' is not supported (use eq, ne, gt, lt, ge, le, sa or eb)",
+                            shorten(value)
+                        )));
+                    }
+                    return Err(invalid("expected an optional prefix and a FHIR date or dateTime"));
                 };
                 // Form decoding may have turned an offset's `+` into a space.
                 let repaired = rest.trim().replace(' ', "+");
@@ -317,7 +331,9 @@ impl Wanted {
 
     fn matches(&self, kind: ParamKind, element: &Value, target: &str, exact: bool) -> bool {
         match (self, kind) {
-            (Wanted::Token { system, code }, ParamKind::Token) => token_matches(element, system.as_deref(), code.as_deref()),
+            (Wanted::Token { system, code }, ParamKind::Token) => {
+                token_matches(element, system.as_deref(), code.as_deref())
+            }
             (Wanted::Reference { resource_type, id }, ParamKind::Reference) => {
                 let Some(reference) = element.get("reference").and_then(Value::as_str) else { return false };
                 let Some((found_type, found_id)) = crate::compartment::parse_reference(reference) else { return false };
@@ -462,9 +478,19 @@ fn strings(element: &Value, found: &mut dyn FnMut(&str)) {
     match element {
         Value::String(text) => found(text),
         Value::Object(object) => {
-            for key in
-                ["text", "family", "given", "prefix", "suffix", "line", "city", "district", "state", "postalCode", "country"]
-            {
+            for key in [
+                "text",
+                "family",
+                "given",
+                "prefix",
+                "suffix",
+                "line",
+                "city",
+                "district",
+                "state",
+                "postalCode",
+                "country",
+            ] {
                 match object.get(key) {
                     Some(Value::String(text)) => found(text),
                     Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).for_each(&mut *found),
@@ -497,7 +523,9 @@ fn visit(value: &Value, path: &[&str], found: &mut dyn FnMut(&Value)) {
             Some(child) => visit(child, rest, found),
             None => {
                 for (key, child) in object {
-                    let typed = key.strip_prefix(step).is_some_and(|suffix| suffix.starts_with(|c: char| c.is_ascii_uppercase()));
+                    let typed = key
+                        .strip_prefix(step)
+                        .is_some_and(|suffix| suffix.starts_with(|c: char| c.is_ascii_uppercase()));
                     if typed {
                         visit(child, rest, found);
                     }

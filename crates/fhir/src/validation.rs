@@ -69,7 +69,11 @@ pub fn top_level_elements(resource_type: &str) -> Option<Vec<TopElement>> {
     Some(
         row.elements()
             .iter()
-            .map(|element| TopElement { name: element.name(), required: element.required != 0, choice: element.choice != 0 })
+            .map(|element| TopElement {
+                name: element.name(),
+                required: element.required != 0,
+                choice: element.choice != 0,
+            })
             .collect(),
     )
 }

@@ -68,11 +68,19 @@ pub async fn kick_off(
 }
 
 /// `[/bulk-data]/r4/$export` and `[/bulk-data]/r4/Patient/$export` by GET.
-pub async fn system_kick_off(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn system_kick_off(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     kick_off_at(state, ExportLevel::System, uri, headers, None).await
 }
 
-pub async fn patient_kick_off(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn patient_kick_off(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     kick_off_at(state, ExportLevel::Patient, uri, headers, None).await
 }
 

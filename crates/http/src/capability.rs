@@ -18,10 +18,11 @@ pub fn capability_statement(base: &str) -> Value {
         .iter()
         .filter(|name| !matches!(**name, "Bundle" | "OperationOutcome" | "Parameters"))
         .map(|name| {
-            let interactions: Vec<Value> = ["create", "read", "vread", "update", "delete", "history-instance", "search-type"]
-                .iter()
-                .map(|code| json!({"code": code}))
-                .collect();
+            let interactions: Vec<Value> =
+                ["create", "read", "vread", "update", "delete", "history-instance", "search-type"]
+                    .iter()
+                    .map(|code| json!({"code": code}))
+                    .collect();
             let mut resource = json!({
                 "type": name,
                 "interaction": interactions,
@@ -32,8 +33,18 @@ pub fn capability_statement(base: &str) -> Value {
                 "searchParam": search_params,
             });
             match *name {
-                "Group" => resource["operation"] = json!([export_operation("group-export", "the compartments of the Group's members, and the Group itself")]),
-                "Patient" => resource["operation"] = json!([export_operation("patient-export", "the compartments of all the tenant's Patients (no Group resources)")]),
+                "Group" => {
+                    resource["operation"] = json!([export_operation(
+                        "group-export",
+                        "the compartments of the Group's members, and the Group itself"
+                    )])
+                }
+                "Patient" => {
+                    resource["operation"] = json!([export_operation(
+                        "patient-export",
+                        "the compartments of all the tenant's Patients (no Group resources)"
+                    )])
+                }
                 _ => {}
             }
             resource

@@ -982,14 +982,18 @@ fn filter_keeps(filter: usize, resource_type: &str, body: &Value) -> Option<bool
         (2, "Observation") => Some(is(&body["subject"], &["Patient/p1", "Patient/p0"])),
         (2, "AllergyIntolerance") => Some(is(&body["patient"], &["Patient/p1"])),
         (3, "Patient") => Some(
-            body["name"].as_array().into_iter().flatten().any(|name| {
-                name["family"].as_str().is_some_and(|family| family.to_lowercase().starts_with("f1"))
-            }),
+            body["name"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|name| name["family"].as_str().is_some_and(|family| family.to_lowercase().starts_with("f1"))),
         ),
         (4, "Claim") => Some(body["use"] == "claim" && is(&body["patient"], &["Patient/p0"])),
         (4, "Observation") => Some(["obs1", "obs3", "obs5"].contains(&body["id"].as_str().unwrap_or(""))),
         (5, "Encounter") => Some(true),
-        (5, "Provenance") => Some(body["target"].as_array().into_iter().flatten().any(|target| is(target, &["Patient/p0"]))),
+        (5, "Provenance") => {
+            Some(body["target"].as_array().into_iter().flatten().any(|target| is(target, &["Patient/p0"])))
+        }
         _ => None,
     }
 }
@@ -1013,7 +1017,8 @@ fn subsetted(resource_type: &str, body: &str) -> Value {
     let mut kept: serde_json::Map<String, Value> = resource
         .into_iter()
         .filter(|(key, _)| {
-            ["resourceType", "id", "meta", "identifier"].contains(&key.as_str()) || mandatory(resource_type).contains(&key.as_str())
+            ["resourceType", "id", "meta", "identifier"].contains(&key.as_str())
+                || mandatory(resource_type).contains(&key.as_str())
         })
         .collect();
     let tag = json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"});
@@ -1039,7 +1044,8 @@ fn expected_standard(
         .resources
         .keys()
         .filter(|(resource_type, id)| {
-            resource_type == "Patient" && model.version_at(&(resource_type.clone(), id.clone()), at).is_some_and(|v| v.body.is_some())
+            resource_type == "Patient"
+                && model.version_at(&(resource_type.clone(), id.clone()), at).is_some_and(|v| v.body.is_some())
         })
         .map(|(_, id)| id.clone())
         .collect();
@@ -1109,8 +1115,8 @@ async fn standard_export(
     if let Some(since) = since {
         query.append_pair("_since", &format_instant(since));
     }
-    for filter in FILTERS[filter] {
-        query.append_pair("_typeFilter", filter);
+    for query_text in FILTERS[filter] {
+        query.append_pair("_typeFilter", query_text);
     }
     if elements {
         query.append_pair("_elements", "identifier");
@@ -1171,7 +1177,8 @@ async fn standard_export(
                 .map(|((_, id), _)| format!("Patient/{id}"))
                 .collect()
         };
-        let expected: BTreeSet<String> = if system { BTreeSet::new() } else { live(since).difference(&live(at)).cloned().collect() };
+        let expected: BTreeSet<String> =
+            if system { BTreeSet::new() } else { live(since).difference(&live(at)).cloned().collect() };
         let removed: BTreeSet<String> = manifest["extension"]["removedMembers"]
             .as_array()
             .expect("removedMembers with _since")

@@ -31,9 +31,11 @@ async fn fixture(server: &Server) -> Fixture {
         ids.push(id_of(&server.create(&client, patient(family)).await));
     }
     for (n, id) in ids.iter().enumerate() {
-        for (category, code, date) in
-            [("laboratory", "2345-7", "2024-01-10"), ("vital-signs", "8867-4", "2024-03-05"), ("survey", "72166-2", "2023-06-01")]
-        {
+        for (category, code, date) in [
+            ("laboratory", "2345-7", "2024-01-10"),
+            ("vital-signs", "8867-4", "2024-03-05"),
+            ("survey", "72166-2", "2023-06-01"),
+        ] {
             let observation = json!({
                 "resourceType": "Observation", "status": if n == 0 { "final" } else { "amended" },
                 "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category}]}],
@@ -49,8 +51,13 @@ async fn fixture(server: &Server) -> Fixture {
         server.create(&client, condition).await;
     }
     for (resource_type, id) in [("Practitioner", "dr1"), ("Organization", "org1")] {
-        let reply =
-            server.send(put(&format!("/r4/{resource_type}/{id}")).by(&client).json(&json!({"resourceType": resource_type, "id": id}))).await;
+        let reply = server
+            .send(
+                put(&format!("/r4/{resource_type}/{id}"))
+                    .by(&client)
+                    .json(&json!({"resourceType": resource_type, "id": id})),
+            )
+            .await;
         assert!(reply.status.is_success(), "{}", reply.text());
     }
     let group = id_of(&server.create(&client, group_of(&[&ids[0], &ids[1]])).await);
@@ -104,17 +111,20 @@ async fn each_level_exports_what_it_covers_on_both_bases_by_get_and_post() {
     let f = fixture(&server).await;
     let [a, b, c] = &f.patients;
     for base in BASES {
-        for post in [false, true] {
-            let call = |path: &str| match post {
+        for by_post in [false, true] {
+            let call = |path: &str| match by_post {
                 false => get(path).by(&f.client),
                 true => post(path).by(&f.client).json(&parameters(&[])),
             };
-            let what = format!("{base} post={post}");
+            let what = format!("{base} post={by_post}");
             let system = server.manifest_of(&f.client, call(&kick_off_path(base, "system", &f))).await;
             let found = exported(&server, &f.client, &system).await;
             assert_eq!(of_type(&found, "Patient").len(), 3, "{what}: system export has every Patient");
             assert_eq!(of_type(&found, "Observation").len(), 9, "{what}");
-            assert!(found.contains("Practitioner/dr1") && found.contains("Organization/org1"), "{what}: non-compartment types");
+            assert!(
+                found.contains("Practitioner/dr1") && found.contains("Organization/org1"),
+                "{what}: non-compartment types"
+            );
             assert!(found.contains(&format!("Group/{}", f.group)), "{what}: Groups are a type like any other");
 
             let patients = server.manifest_of(&f.client, call(&kick_off_path(base, "patient", &f))).await;
@@ -124,7 +134,10 @@ async fn each_level_exports_what_it_covers_on_both_bases_by_get_and_post() {
             }
             assert_eq!(of_type(&found, "Observation").len(), 9, "{what}");
             assert_eq!(of_type(&found, "Condition").len(), 3, "{what}");
-            assert!(of_type(&found, "Group").is_empty() && of_type(&found, "Practitioner").is_empty(), "{what}: {found:?}");
+            assert!(
+                of_type(&found, "Group").is_empty() && of_type(&found, "Practitioner").is_empty(),
+                "{what}: {found:?}"
+            );
 
             let group = server.manifest_of(&f.client, call(&kick_off_path(base, "group", &f))).await;
             let found = exported(&server, &f.client, &group).await;
@@ -161,7 +174,10 @@ async fn bulk_data_metadata_declares_every_level_and_nothing_more() {
         assert_status(&reply, 200);
         let capability = reply.json();
         let instantiates = capability["instantiates"].as_array().unwrap();
-        assert!(instantiates.iter().any(|url| url.as_str().unwrap().starts_with("http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data")));
+        assert!(instantiates.iter().any(|url| url
+            .as_str()
+            .unwrap()
+            .starts_with("http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data")));
         let rest = capability["rest"].as_array().unwrap();
         assert_eq!(rest.len(), 1, "one rest entry");
         let operations = rest[0]["operation"].as_array().unwrap();
@@ -179,7 +195,10 @@ async fn bulk_data_metadata_declares_every_level_and_nothing_more() {
                 Some(definition) => {
                     let operation = &operation.unwrap()[0];
                     assert_eq!(operation["name"], "export");
-                    assert_eq!(operation["definition"], json!(format!("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/{definition}")));
+                    assert_eq!(
+                        operation["definition"],
+                        json!(format!("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/{definition}"))
+                    );
                     assert!(operation["documentation"].as_str().unwrap().contains("_typeFilter"));
                 }
                 None => assert!(operation.is_none(), "{}: no export there", resource["type"]),
@@ -209,17 +228,19 @@ async fn type_filter_narrows_exactly_and_client_defaults_work() {
             assert_eq!(of_type(&found, "Observation").len(), 6, "{path}");
             assert_eq!(of_type(&found, "Condition").len(), 3, "{path}: other types are not filtered");
         }
+        let subject_filter = format!("Observation%3Fsubject%3DPatient%2F{}", f.patients[1]);
         let cases = [
             ("Observation%3Fcode%3Dhttp%3A%2F%2Floinc.org%7C8867-4", 3),
             ("Observation%3Fstatus%3Dfinal%26date%3Dge2024-01-01", 2),
-            (&*format!("Observation%3Fsubject%3DPatient%2F{}", f.patients[1]), 3),
+            (subject_filter.as_str(), 3),
             ("Observation%3Fdate%3Dlt2024", 3),
             ("Observation%3F_lastUpdated%3Dgt2000-01-01", 9),
         ];
         for (filter, count) in cases {
             let path = format!("{}?_type=Observation&_typeFilter={filter}", kick_off_path(base, "patient", &f));
             let manifest = server.manifest_of(&f.client, get(&path).by(&f.client)).await;
-            let total: u64 = manifest["output"].as_array().unwrap().iter().map(|item| item["count"].as_u64().unwrap()).sum();
+            let total: u64 =
+                manifest["output"].as_array().unwrap().iter().map(|item| item["count"].as_u64().unwrap()).sum();
             assert_eq!(total, count, "{path}: manifest count");
             assert_eq!(exported(&server, &f.client, &manifest).await.len() as u64, count, "{path}: lines");
         }
@@ -267,12 +288,17 @@ async fn elements_keep_listed_mandatory_id_and_meta_and_tag_subsetted() {
             let tags = resource["meta"]["tag"].as_array().unwrap();
             assert!(tags.iter().any(|tag| tag["code"] == "SUBSETTED"), "{resource}");
         }
-        let path = format!("{}?_type=Observation,Condition&_elements=Observation.subject", kick_off_path(base, "system", &f));
+        let path =
+            format!("{}?_type=Observation,Condition&_elements=Observation.subject", kick_off_path(base, "system", &f));
         let manifest = server.manifest_of(&f.client, get(&path).by(&f.client)).await;
         for (_, resource) in server.output_lines(&f.client, &manifest).await {
             match resource["resourceType"].as_str().unwrap() {
                 "Observation" => {
-                    assert!(resource.get("subject").is_some() && resource.get("status").is_some() && resource.get("code").is_some());
+                    assert!(
+                        resource.get("subject").is_some()
+                            && resource.get("status").is_some()
+                            && resource.get("code").is_some()
+                    );
                     assert!(resource.get("valueString").is_none() && resource.get("category").is_none(), "{resource}");
                 }
                 _ => assert!(resource.get("onsetDateTime").is_some(), "types not named are whole: {resource}"),
@@ -299,7 +325,10 @@ async fn patient_restricts_post_exports_and_must_be_a_member() {
         // Patient-level: any Patient of the tenant; Group-level: members only.
         let only_c = parameters(&[("patient", json!({"reference": format!("Patient/{c}")}))]);
         let call = post(&kick_off_path(base, "patient", &f)).by(&f.client).json(&only_c);
-        assert_eq!(of_type(&exported(&server, &f.client, &server.manifest_of(&f.client, call).await).await, "Patient").len(), 1);
+        assert_eq!(
+            of_type(&exported(&server, &f.client, &server.manifest_of(&f.client, call).await).await, "Patient").len(),
+            1
+        );
         let reply = server.send(post(&kick_off_path(base, "group", &f)).by(&f.client).json(&only_c)).await;
         assert_outcome(&reply, 400, "value", None);
         assert!(reply.text().contains(c.as_str()), "{}", reply.text());
@@ -311,7 +340,10 @@ async fn patient_restricts_post_exports_and_must_be_a_member() {
         let call = post(&kick_off_path(base, "system", &f)).by(&f.client).json(&body);
         let found = exported(&server, &f.client, &server.manifest_of(&f.client, call).await).await;
         assert_eq!(found.len(), 3, "{found:?}");
-        for bad in [json!({"resourceType": "Patient"}), json!({"resourceType": "Parameters", "parameter": [{"name": "_type"}]})] {
+        for bad in [
+            json!({"resourceType": "Patient"}),
+            json!({"resourceType": "Parameters", "parameter": [{"name": "_type"}]}),
+        ] {
             let reply = server.send(post(&kick_off_path(base, "system", &f)).by(&f.client).json(&bad)).await;
             assert_outcome(&reply, 400, "invalid", None);
         }
@@ -343,7 +375,7 @@ async fn inferno_export_assertions_hold_at_every_level_on_both_bases() {
     for base in BASES {
         for level in ["system", "patient", "group"] {
             let path = kick_off_path(base, level, &f);
-            let what = format!("{path}");
+            let what = path.clone();
             // x.1.02 no_auth_reject: 400 or 401, never 403.
             let reply = server.send(get(&path).respond_async()).await;
             assert!(matches!(reply.status.as_u16(), 400 | 401), "{what}: {}", reply.status);

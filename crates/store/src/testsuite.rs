@@ -776,7 +776,8 @@ pub fn tenant_scope_selects_every_resource_of_a_type(store: &dyn Store) {
     put(store, acme, None, json!({"resourceType": "Practitioner", "id": "dr1"}));
     put(store, acme, Some("u"), json!({"resourceType": "Practitioner", "id": "dr2"}));
     put(store, other, None, json!({"resourceType": "Practitioner", "id": "dr9"}));
-    let everything = MemberSelection { members: Vec::new(), scope: SelectionScope::Tenant, ..selection(store, &[], None) };
+    let everything =
+        MemberSelection { members: Vec::new(), scope: SelectionScope::Tenant, ..selection(store, &[], None) };
     put(store, acme, None, json!({"resourceType": "Practitioner", "id": "dr3"})); // after the transaction time
     put(store, acme, None, observation("o1", "a", 10)); // changed after it: exported as it was
     assert_eq!(export_ids(store, acme, &everything, "Practitioner"), ["dr1", "dr2"]);
@@ -786,7 +787,11 @@ pub fn tenant_scope_selects_every_resource_of_a_type(store: &dyn Store) {
     assert_eq!(export_ids(store, acme, &as_user, "Practitioner"), ["dr2"]);
     let since = everything.transaction_time;
     delete(store, acme, "Practitioner", "dr1");
-    let later = MemberSelection { since: Some(since), transaction_time: store.reserve_transaction_time().unwrap(), ..everything };
+    let later = MemberSelection {
+        since: Some(since),
+        transaction_time: store.reserve_transaction_time().unwrap(),
+        ..everything
+    };
     assert_eq!(export_ids(store, acme, &later, "Practitioner"), ["dr3"]);
     assert_eq!(export_ids(store, acme, &later, "Observation"), ["o1=10"]);
     let deleted: Vec<String> =

@@ -6,8 +6,8 @@ use super::concurrency::{ConcurrentResult, MixedResult};
 use super::latency::{AsyncLatency, Latency, SinceResult};
 use super::measure::Encoding;
 use super::summary::ImportCounts;
-use super::targets::{targets, Target};
 use super::system_export::SystemResult;
+use super::targets::{targets, Target};
 use super::upload::UploadResult;
 use super::writes::WriteResult;
 

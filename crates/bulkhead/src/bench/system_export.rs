@@ -33,7 +33,8 @@ pub async fn measure(
     let group_url = client.group_kick_off_url(group_id);
     let system_url = client.system_kick_off_url();
     let run = |url: String| async move {
-        let (result, peak_rss) = peak_rss_during(server_pid, client.export_from(&url, Encoding::Identity, concurrency)).await;
+        let (result, peak_rss) =
+            peak_rss_during(server_pid, client.export_from(&url, Encoding::Identity, concurrency)).await;
         result.map(|mut result| {
             result.peak_rss_bytes = peak_rss;
             result

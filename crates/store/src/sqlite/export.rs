@@ -235,11 +235,10 @@ pub(super) fn select_window(
     resource_type: &str,
     (start, end): (i64, i64),
     select: impl Fn(Reach, &VersionAt) -> bool,
-    apply_filters: bool,
 ) -> Result<Vec<Chosen>, StoreError> {
     let at = selection.transaction_time;
     // `_typeFilter` needs the version's JSON: read only for filtered types.
-    let filtered = apply_filters && selection.filters.filters(resource_type);
+    let filtered = selection.filters.filters(resource_type);
     let user = selection.visibility.user();
     let mut earlier = connection.prepare_cached(
         "SELECT version, last_updated, deleted, owner FROM resource_history
@@ -308,7 +307,6 @@ fn for_each_selected(
     resource_type: &str,
     (first_key, last_key): (i64, i64),
     select: impl Fn(Reach, &VersionAt) -> bool,
-    apply_filters: bool,
     mut visit: impl FnMut(i64, &VersionAt) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let Some((type_first, type_last)) = type_span(connection, tenant, resource_type)? else { return Ok(()) };
@@ -316,7 +314,7 @@ fn for_each_selected(
     while start <= end {
         let window_end = start.saturating_add(WINDOW - 1).min(end);
         let window = (start, window_end);
-        for chosen in select_window(connection, tenant, selection, resource_type, window, &select, apply_filters)? {
+        for chosen in select_window(connection, tenant, selection, resource_type, window, &select)? {
             visit(chosen.rid, &chosen.version)?;
         }
         if window_end == end {
@@ -354,7 +352,7 @@ pub(super) fn plan_type(
     }
     let part_size = part_size.max(1);
     let select = |reach, version: &VersionAt| selected(selection, reach, version);
-    for_each_selected(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), select, true, |rid, _| {
+    for_each_selected(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), select, |rid, _| {
         match parts.last_mut() {
             Some(part) if part.count < part_size => {
                 part.last_key = rid;
@@ -394,8 +392,15 @@ pub(super) fn deleted_in_compartments(
         reach.existing_since.is_some_and(|since| version.deleted && version.last_updated > since && version.visible)
     };
     // Tombstones have no JSON to filter: every deletion of the type is listed (a superset).
+    let unfiltered;
+    let selection = if selection.filters.is_empty() {
+        selection
+    } else {
+        unfiltered = MemberSelection { filters: Default::default(), ..selection.clone() };
+        &unfiltered
+    };
     let all = (i64::MIN, i64::MAX);
-    for_each_selected(connection, tenant, selection, resource_type, all, select, false, |rid, version| {
+    for_each_selected(connection, tenant, selection, resource_type, all, select, |rid, version| {
         deleted.push((rid, version.last_updated));
         Ok(())
     })?;

@@ -372,7 +372,9 @@ impl crate::Store for SqliteStore {
     fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError> {
         self.with_snapshot(|connection| {
             let ids: Vec<String> = connection
-                .prepare_cached("SELECT id FROM resources WHERE tenant_id = ?1 AND resource_type = 'Patient' ORDER BY id")?
+                .prepare_cached(
+                    "SELECT id FROM resources WHERE tenant_id = ?1 AND resource_type = 'Patient' ORDER BY id",
+                )?
                 .query_map([tenant.0], |row| row.get(0))?
                 .collect::<Result<_, _>>()?;
             export::existing_at(connection, tenant, visibility, "Patient", &ids, at)

@@ -70,7 +70,7 @@ impl<'a> SqlitePartReader<'a> {
         loop {
             let end = start.saturating_add(WINDOW - 1).min(self.last_key);
             let window = (start, end);
-            let chosen = select_window(connection, self.tenant, selection, self.resource_type, window, select, true)?;
+            let chosen = select_window(connection, self.tenant, selection, self.resource_type, window, select)?;
             self.pending.extend(chosen.iter().map(|chosen| (chosen.rid, chosen.history_version)));
             self.unresolved = (end < self.last_key).then(|| end + 1);
             match self.unresolved {
