@@ -1030,8 +1030,10 @@ fn subsetted(resource_type: &str, body: &str) -> Value {
     Value::Object(kept)
 }
 
-/// The oracle of a system- (`system`) or Patient-level export: output lines (as JSON) and
-/// `deleted[]`.
+/// Output lines (as JSON) by `(type, id)`, and `deleted[]`.
+type StandardExpected = (BTreeMap<(String, String), Value>, BTreeSet<(String, String)>);
+
+/// The oracle of a system- (`system`) or Patient-level export.
 fn expected_standard(
     model: &TenantModel,
     at: Micros,
@@ -1039,7 +1041,7 @@ fn expected_standard(
     system: bool,
     filter: usize,
     elements: bool,
-) -> (BTreeMap<(String, String), Value>, BTreeSet<(String, String)>) {
+) -> StandardExpected {
     let members: BTreeSet<String> = model
         .resources
         .keys()
