@@ -10,8 +10,9 @@ resource type, the generator keeps the union branches of its `expression` that s
 `X.a.as(T)` name the choice element `aT`; `X.a.where(resolve() is T)` is ["a"] restricted to
 references to T. A bare choice element (`Observation.effective`) stays as its base name; the
 evaluator expands it to whichever `effective[x]` the resource has. Branches using any other
-FHIRPath function are left out (reported on stderr); a parameter with no translatable branch
-for a base is not in the table, so `_typeFilter` refuses it.
+FHIRPath function cannot be translated: a parameter with such a branch for a base is left out
+of the table for that base (never half-applied), so `_typeFilter` refuses it; the count of
+parameters left out is reported on stderr.
 
 Usage (paths default to the definitions vendored under `testdata/fhir-r4`):
   python3 crates/fhir/gen/gen_search_param_table.py            # (re)write the table
@@ -107,6 +108,7 @@ def translate(branch, base):
 
 def rows(bundle):
     table = {}
+    left_out = 0
     for entry in bundle["entry"]:
         param = entry["resource"]
         kind = KINDS.get(param.get("type"))
@@ -115,15 +117,19 @@ def rows(bundle):
             continue
         for base in param["base"]:
             paths = []
+            complete = True
             for branch in split_union(expression):
                 if not branch.startswith(base + ".") and not branch.startswith("(" + base + "."):
                     continue
                 try:
                     paths.append(translate(branch, base))
                 except Untranslatable:
-                    print("untranslatable: %s %s: %s" % (base, param["code"], branch), file=sys.stderr)
-            if paths:
+                    complete = False
+            if paths and complete:
                 table[(base, param["code"])] = (kind, paths)
+            elif paths or not complete:
+                left_out += 1
+    print("%d (type, parameter) pairs left out: an expression branch is not a plain path" % left_out, file=sys.stderr)
     return table
 
 

@@ -603,6 +603,9 @@ mod tests {
         }
         assert!(SEARCH_PARAMS.windows(2).all(|w| (w[0].0, w[0].1) < (w[1].0, w[1].1)), "sorted for binary search");
         assert!(search_param("Observation", "value-quantity").is_none(), "quantity is not a supported kind");
+        // `(Observation.value as CodeableConcept).text` is not a plain path: the parameter is
+        // left out rather than applied to its other branch only.
+        assert!(search_param("Observation", "value-string").is_none());
     }
 
     #[test]
