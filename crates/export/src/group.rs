@@ -34,6 +34,9 @@ pub enum ExportError {
     /// The plan's progress callback stopped it (its job was cancelled).
     #[error("planning was cancelled")]
     Cancelled,
+    /// `_since` is before the prune horizon: the history it needs is gone (a 400).
+    #[error("{0}")]
+    HistoryPruned(String),
 }
 
 /// A step of planning, reported before it starts (an asynchronous job's `X-Progress`).
@@ -260,6 +263,7 @@ pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Res
 /// a `patient` that is not a member [`ExportError::Invalid`]. Patient level: a `patient` that is
 /// not a Patient of the tenant is [`ExportError::Invalid`].
 pub fn check_group(store: &dyn Store, request: &GroupExportRequest) -> Result<(), ExportError> {
+    crate::retention::check_since_retained(store, request.params.since)?;
     let patients = request.params.patients.as_deref().unwrap_or_default();
     match &request.level {
         ExportLevel::System => Ok(()),
@@ -391,5 +395,6 @@ pub fn plan_group_export_at(
         // Patient level: the Patients deleted since `_since`.
         _ => view.removed.clone(),
     };
+    crate::retention::check_since_retained(store, params.since)?;
     Ok(GroupExportPlan { transaction_time, group_version, export, removed_members })
 }

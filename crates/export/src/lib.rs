@@ -7,6 +7,7 @@ pub mod level;
 pub mod params;
 pub mod prefer;
 pub mod record;
+pub mod retention;
 pub mod token;
 
 pub use group::{
