@@ -851,6 +851,7 @@ pub fn storage_bytes_are_reported(store: &dyn Store) {
     put(store, t, None, patient("p1"));
     let bytes = store.storage_bytes().unwrap();
     assert!(bytes.database + bytes.wal > 0, "{bytes:?}");
+}
 
 /// A system-level selection reads every resource of a type in the tenant (compartment or not)
 /// as of the transaction time, with `_since`, deletions and user scope, and nothing of another
