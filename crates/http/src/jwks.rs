@@ -253,8 +253,10 @@ mod tests {
 
     #[test]
     fn a_key_is_chosen_by_kid_and_kty_and_only_when_unique() {
-        let ec = serde_json::json!({"kty":"EC","crv":"P-384","kid":"a","x":"iA7lWQLzVrKGEFjfGMfMHfTEZ2KnLiKU7JuNT3E7ygsfE7ygsfE7ygsfE7ygsfE7","y":"iA7lWQLzVrKGEFjfGMfMHfTEZ2KnLiKU7JuNT3E7ygsfE7ygsfE7ygsfE7ygsfE7"});
-        let rsa = serde_json::json!({"kty":"RSA","kid":"a","n":"sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAaxKSmzK6dBpDOVmRQaaJgq-hFXmAwvKF-qg1Ai6NXXJw5lt4fwFwcg9AmDuF","e":"AQAB"});
+        let coordinate = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, [7u8; 48]);
+        let ec = serde_json::json!({"kty":"EC","crv":"P-384","kid":"a","x": coordinate,"y": coordinate});
+        let n = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, [0xc5u8; 256]);
+        let rsa = serde_json::json!({"kty":"RSA","kid":"a","n": n,"e":"AQAB"});
         let keys = vec![ec.clone(), rsa.clone()];
         assert!(select_key(&keys, "a", Algorithm::ES384).is_ok());
         assert!(select_key(&keys, "a", Algorithm::RS384).is_ok());

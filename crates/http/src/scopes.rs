@@ -85,6 +85,16 @@ impl Scope {
         Ok(Scope { resource_type, permissions, text: text.to_owned() })
     }
 
+    /// Whether everything `other` allows, `self` allows too.
+    fn subsumes(&self, other: &Scope) -> bool {
+        let types = match (&self.resource_type, &other.resource_type) {
+            (None, _) => true,
+            (Some(own), Some(theirs)) => own == theirs,
+            (Some(_), None) => false,
+        };
+        types && self.permissions & other.permissions == other.permissions
+    }
+
     fn covers_type(&self, resource_type: &str) -> bool {
         self.resource_type.as_deref().is_none_or(|own| own == resource_type)
     }
@@ -181,7 +191,16 @@ impl Grant {
                 }
             }
         }
-        granted
+        // Drop what another granted scope already allows (the first of two equal ones stays).
+        let kept: Vec<bool> = (0..granted.len())
+            .map(|i| {
+                !granted
+                    .iter()
+                    .enumerate()
+                    .any(|(j, other)| j != i && other.subsumes(&granted[i]) && (!granted[i].subsumes(other) || j < i))
+            })
+            .collect();
+        granted.into_iter().zip(kept).filter_map(|(scope, keep)| keep.then_some(scope)).collect()
     }
 
     /// Adds read on Group to a grant that reads something and lacks it, when the registration
