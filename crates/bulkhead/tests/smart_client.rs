@@ -137,6 +137,11 @@ fn exported(dir: &Path) -> BTreeMap<String, BTreeSet<String>> {
                 pending.push(path);
                 continue;
             }
+            // Resource files are named after their type (Patient.000.ndjson.gz); smart-fetch's
+            // own logs (log.ndjson) are not resources.
+            if !name.starts_with(|c: char| c.is_ascii_uppercase()) {
+                continue;
+            }
             let bytes = std::fs::read(&path).expect("reading an export file");
             let text = if name.ends_with(".ndjson.gz") {
                 String::from_utf8(gunzip(&bytes)).unwrap()
@@ -248,7 +253,7 @@ async fn smart_fetch_exports_a_group_with_an_es384_token_and_with_basic() {
     assert_eq!(created["scopes"], "system/*.rs");
 
     // SMART Backend Services: a private_key_jwt assertion signed ES384.
-    let private_file = work.path().join("private.jwks.json");
+    let private_file = work.path().join("client.jwks");
     std::fs::write(&private_file, json!({"keys": [private]}).to_string()).unwrap();
     let smart = run_smart_fetch(
         program,
