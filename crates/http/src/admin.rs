@@ -97,12 +97,14 @@ pub async fn create_client(
 /// `{"jwks_url": "..."}`, `"scopes": "system/*.rs ..."`, `"token_ttl_seconds": 300`. No body: a
 /// client-headers client with full access to its tenant.
 async fn client_registration(state: &AppState, request: Request) -> Result<Option<ClientRegistration>, ApiError> {
-    let has_body = request.headers().get(header::CONTENT_LENGTH).is_some_and(|length| length != "0")
-        || request.headers().contains_key(header::TRANSFER_ENCODING);
-    if !has_body {
+    let bytes = axum::body::to_bytes(request.into_body(), state.config.max_body_bytes)
+        .await
+        .map_err(|_| ApiError::bad_request(IssueType::Invalid, "the request body could not be read"))?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let JsonBody(body) = JsonBody::from_request(request, state).await?;
+    let body: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|error| ApiError::bad_request(IssueType::Invalid, format!("the body is not JSON: {error}")))?;
     let field_error = |name: &str, what: &str| {
         ApiError::bad_request(IssueType::Value, format!("{name} must be {what}")).at(name.to_owned())
     };

@@ -684,3 +684,36 @@ async fn basic_is_another_spelling_of_client_headers() {
     assert_error(&server.send(write).await, 403, "forbidden");
     assert_error(&server.send(post("/r4/Patient").by(&reader).json(&patient("No"))).await, 403, "forbidden");
 }
+
+#[tokio::test]
+async fn the_admin_api_registers_smart_clients_and_refuses_bad_registrations() {
+    let admin_token = "an-admin-token-of-some-length";
+    let server = Server::with_config(bulkhead_http::HttpConfig {
+        admin_token: Some(admin_token.into()),
+        ..common::test_config()
+    });
+    server.tenant("acme");
+    let admin = |call: Call| call.header("authorization", &format!("Bearer {admin_token}"));
+    let ec = ec_key("ec-1");
+    let body = json!({"jwks": jwks(&[&ec]), "scopes": "system/Patient.rs", "token_ttl_seconds": 120});
+    let reply = server.send(admin(post("/admin/tenants/acme/clients")).raw("application/json", body.to_string())).await;
+    assert_status(&reply, 201);
+    let client_id = reply.json()["client_id"].as_str().unwrap().to_owned();
+    let reply = server.send(token_request(&sign(&ec, &claims(&client_id)), "system/Patient.rs")).await;
+    granted(&reply, "system/Patient.rs", 120);
+
+    for bad in [
+        json!({"jwks": {"keys": [{"kty": "EC", "crv": "P-384", "x": "AAAA", "y": "AAAA"}]}}),
+        json!({"jwks": jwks(&[&ec]), "jwks_url": "https://keys.example/jwks.json"}),
+        json!({"jwks_url": "http://keys.example/jwks.json"}),
+        json!({"scopes": "patient/*.read"}),
+        json!({"token_ttl_seconds": 86_400}),
+        json!({"token_ttl_seconds": "soon"}),
+    ] {
+        let reply =
+            server.send(admin(post("/admin/tenants/acme/clients")).raw("application/json", bad.to_string())).await;
+        assert_error(&reply, 400, "value");
+    }
+    // Without a body: a client-headers client, as before.
+    assert_status(&server.send(admin(post("/admin/tenants/acme/clients"))).await, 201);
+}
