@@ -644,7 +644,7 @@ async fn scopes_limit_exports_and_files_belong_to_the_client_that_started_them()
 
     // A token of tenant A on tenant B's Group: 404.
     let b_client = server.tenant_client("globex");
-    let b_group = cohort(&server, &b_client).await;
+    let b_group = cohort(server, &b_client).await;
     let reply = server.send(bearer(get(&format!("/r4/Group/{b_group}/$export")), &everything).respond_async()).await;
     assert_status(&reply, 404);
     // A synchronous export started with client headers follows the server's mode, as before.
