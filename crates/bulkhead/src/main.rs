@@ -7,6 +7,7 @@ macro_rules! say {
 }
 
 mod admin;
+mod backup;
 mod bench;
 mod cli;
 mod config;
@@ -15,6 +16,7 @@ mod import;
 mod keys;
 mod output;
 mod private_files;
+mod retention;
 mod serve;
 mod synth;
 

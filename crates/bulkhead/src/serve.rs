@@ -30,6 +30,7 @@ pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     spawn_wal_checkpoints(&store);
     let state = AppState::new(store, config.http_config(), keys);
     crate::keys::spawn_reloader(config, &state.token_keys);
+    crate::retention::spawn_pruning(&state.store, config.history_retention()?);
     Ok(state)
 }
 

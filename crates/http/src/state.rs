@@ -57,6 +57,10 @@ pub struct HttpConfig {
     pub jwks_fetch_timeout: Duration,
     /// Development only: accept plain-http JWKS URLs on any host (always accepted on loopback).
     pub allow_http_jwks_urls: bool,
+    /// Whether `GET /metrics` answers (with the admin token).
+    pub metrics: bool,
+    /// Per-tenant limits.
+    pub quotas: crate::quotas::QuotaConfig,
 }
 
 impl HttpConfig {
@@ -90,6 +94,8 @@ impl Default for HttpConfig {
             access_token_ttl: Duration::from_secs(300),
             jwks_fetch_timeout: Duration::from_secs(5),
             allow_http_jwks_urls: false,
+            metrics: false,
+            quotas: crate::quotas::QuotaConfig::default(),
         }
     }
 }
@@ -134,6 +140,10 @@ pub struct AppState {
     pub planners: Arc<crate::export_status::Planners>,
     /// Permits for streaming export files: `max_concurrent_downloads` of them.
     pub download_slots: Arc<tokio::sync::Semaphore>,
+    /// Prometheus metrics; `None` when `metrics` is off.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The per-tenant quotas' running state.
+    pub quotas: Arc<crate::quotas::Quotas>,
 }
 
 impl AppState {
@@ -143,6 +153,8 @@ impl AppState {
             login_limiter: Arc::new(crate::login_limits::LoginLimiter::new(config.login_limits.clone())),
             download_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_downloads.max(1))),
             jwks: Arc::new(crate::jwks::JwksCache::new(config.jwks_fetch_timeout, config.allow_http_jwks_urls)),
+            metrics: config.metrics.then(|| Arc::new(crate::metrics::Metrics::new())),
+            quotas: Arc::default(),
             config: Arc::new(config),
             verifier: Arc::new(SecretVerifier::new()),
             token_keys: Arc::new(KeyRing::new(token_keys)),
