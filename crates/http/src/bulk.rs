@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bulkhead_export::files::{open_file_view, write_file};
 use bulkhead_export::params::{parse_export_params, ParseContext};
@@ -22,10 +22,11 @@ use bulkhead_store::{ExportRecord, TenantId};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
-use crate::auth::{authenticate, Caller};
+use crate::auth::{authenticate, authorize, AuthMethod, Caller};
 use crate::encoding::{encode, negotiate};
 use crate::error::ApiError;
 use crate::negotiation::{check_accept, JsonBody};
+use crate::scopes::{Access, Grant};
 use crate::state::AppState;
 use crate::urls::base_url;
 
@@ -127,7 +128,8 @@ pub(crate) async fn kick_off_at(
     headers: HeaderMap,
     parameters: Option<Value>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
+    let method = if parameters.is_some() { Method::POST } else { Method::GET };
+    let caller = authorize(&state, &method, uri.path(), &headers).await?;
     check_accept(&headers)?;
     let preferences = parse_prefer(headers.get_all("prefer").iter().filter_map(|value| value.to_str().ok()));
     let raw_query = uri.query().unwrap_or("");
@@ -140,8 +142,9 @@ pub(crate) async fn kick_off_at(
         pairs.extend(parameters_as_pairs(parameters)?);
     }
     let context = ParseContext { level: &level, lenient: preferences.lenient, post };
-    let (params, warnings) = parse_export_params(&pairs, context)
+    let (mut params, warnings) = parse_export_params(&pairs, context)
         .map_err(|error| ApiError::from_issue(StatusCode::BAD_REQUEST, error.issue))?;
+    params.types = exportable_types(&caller, &level, params.types)?;
     let with_since = params.since.is_some();
     let running = crate::quotas::admit_export(&state, &caller)?;
     let request = GroupExportRequest {
@@ -153,7 +156,7 @@ pub(crate) async fn kick_off_at(
         warnings,
         part_size: state.config.export_part_size,
     };
-    let urls = FileUrls::new(&state, caller.tenant);
+    let urls = FileUrls::new(&state, &caller);
     let base = base_url(&state, &headers);
     // Bulk Data IG §manifest `request`: the full URL of a GET; a POST's without its parameters.
     let request_url = match post {
@@ -229,6 +232,39 @@ fn parameters_as_pairs(parameters: &Value) -> Result<Vec<(String, String)>, ApiE
     Ok(pairs)
 }
 
+/// The types an export of `caller` covers (SMART backend-services: a Group export needs read
+/// on Group; an explicit `_type` the scopes do not cover fails the kick-off with 403; without
+/// `_type` only the covered types are exported).
+fn exportable_types(
+    caller: &Caller,
+    level: &ExportLevel,
+    requested: Option<Vec<String>>,
+) -> Result<Option<Vec<String>>, ApiError> {
+    if caller.grant == Grant::Full {
+        return Ok(requested);
+    }
+    if level.group().is_some() {
+        caller.require("Group", Access::Read)?;
+    }
+    match requested {
+        Some(types) => {
+            for resource_type in &types {
+                caller.require(resource_type, Access::Read)?;
+            }
+            Ok(Some(types))
+        }
+        None => {
+            let covered: Vec<String> = level
+                .exportable_types()
+                .into_iter()
+                .filter(|resource_type| caller.grant.permits(resource_type, Access::Read))
+                .map(str::to_owned)
+                .collect();
+            Ok(Some(covered))
+        }
+    }
+}
+
 /// The path segment a file URL carries for its kind.
 fn url_type(kind: FileKind, resource_type: &str) -> &str {
     match kind {
@@ -251,9 +287,13 @@ struct FileUrls {
 }
 
 impl FileUrls {
-    fn new(state: &AppState, tenant: TenantId) -> FileUrls {
+    /// An export started with an access token always needs one to download (Bulk Data:
+    /// `requiresAccessToken: true`); one started with client credentials follows
+    /// `file_urls_require_credentials`.
+    fn new(state: &AppState, caller: &Caller) -> FileUrls {
         let config = &state.config;
-        let requires_credentials = config.file_urls_require_credentials;
+        let tenant = caller.tenant;
+        let requires_credentials = config.file_urls_require_credentials || caller.method == AuthMethod::Bearer;
         let ttl = if requires_credentials { config.file_url_ttl } else { config.self_authorising_url_ttl };
         let issued = now_seconds();
         let record = *uuid::Uuid::new_v4().as_bytes();
@@ -300,8 +340,9 @@ fn manifest(
     with_since: bool,
 ) -> Manifest {
     let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
+    let keys = state.token_keys.get();
     for (index, file) in plan.export.files.iter().enumerate() {
-        let token = state.token_keys.sign(&urls.file(index));
+        let token = keys.sign(&urls.file(index));
         let item_type = url_type(file.kind, &file.resource_type);
         let item = json!({"type": item_type, "url": format!("{base}/bulk-data/r4/$export/{item_type}/{token}.ndjson"), "count": file.total});
         match file.kind {
@@ -471,7 +512,7 @@ fn no_such_file() -> ApiError {
 
 fn verify_file_token(state: &AppState, file: &str) -> Result<FileRef, ApiError> {
     let token = file.strip_suffix(".ndjson").ok_or_else(no_such_file)?;
-    let file_ref = state.token_keys.verify(token, now_seconds()).map_err(|error| match error {
+    let file_ref = state.token_keys.get().verify(token, now_seconds()).map_err(|error| match error {
         TokenError::Expired => ApiError::new(
             StatusCode::UNAUTHORIZED,
             IssueType::Security,

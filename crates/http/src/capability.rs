@@ -63,7 +63,15 @@ pub fn capability_statement(base: &str) -> Value {
         "rest": [{
             "mode": "server",
             "security": {
-                "description": "Client headers on every request: client_id and client_secret (hyphenated spellings accepted), optional x-oneup-user-id (a user id, or 'client' for the whole tenant)."
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{"url": "token", "valueUri": format!("{base}{}", crate::token_endpoint::TOKEN_PATH)}]
+                }],
+                "service": [{
+                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}],
+                    "text": "SMART Backend Services (client_credentials with private_key_jwt; see [base]/.well-known/smart-configuration)"
+                }],
+                "description": "Two ways in, on every request: (1) a bearer access token from the token endpoint (SMART Backend Services: client_credentials grant, private_key_jwt client assertion signed RS384/ES384, RS256/ES256; SMART v1 and v2 system scopes); (2) client credentials, as the headers client_id and client_secret (hyphenated spellings accepted) or as HTTP Basic. Optional x-oneup-user-id (a user id, or 'client' for the whole tenant)."
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],

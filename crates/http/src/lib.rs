@@ -3,6 +3,7 @@
 //! admin API, and the error → OperationOutcome mapping.
 
 pub mod access_log;
+pub mod access_token;
 pub mod admin;
 pub mod auth;
 pub mod bulk;
@@ -14,6 +15,7 @@ pub mod encoding;
 pub mod error;
 pub mod export_status;
 pub mod health;
+pub mod jwks;
 pub mod log_value;
 pub mod login_limits;
 pub mod metrics;
@@ -21,17 +23,20 @@ pub mod ndjson_import;
 pub mod negotiation;
 pub mod plain_errors;
 pub mod quotas;
+pub mod registration;
 pub mod rest;
+pub mod scopes;
 pub mod search;
 pub mod stall;
 pub mod state;
 pub mod timeouts;
+pub mod token_endpoint;
 pub mod upload;
 pub mod urls;
 pub mod validate;
 
 use axum::extract::{FromRequest, MatchedPath, Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderName, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
@@ -66,6 +71,11 @@ pub fn router(state: AppState) -> Router {
         .route("/bulk-data/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
         .route("/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
         .route_layer(axum::middleware::from_fn(negotiation::general_params));
+    // SMART Backend Services: discovery at each FHIR base, and the token endpoint.
+    let smart = Router::new()
+        .route("/r4/.well-known/smart-configuration", get(token_endpoint::smart_configuration))
+        .route("/bulk-data/r4/.well-known/smart-configuration", get(token_endpoint::smart_configuration))
+        .route(token_endpoint::TOKEN_PATH, post(token_endpoint::token));
     let admin = Router::new()
         .route("/admin/tenants", get(admin::list_tenants).post(admin::create_tenant))
         .route("/admin/tenants/{tenant}/clients", get(admin::list_clients).post(admin::create_client))
@@ -77,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz/live", get(health::live))
         .route("/metrics", get(metrics::scrape))
         .merge(fhir)
+        .merge(smart)
         .merge(admin)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -120,6 +131,7 @@ async fn type_get(
     State(state): State<AppState>,
     Path(resource_type): Path<String>,
     RawQuery(query): RawQuery,
+    method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -130,7 +142,7 @@ async fn type_get(
     if resource_type == "$export" {
         return bulk::system_kick_off(State(state), uri, headers).await;
     }
-    let caller = auth::authenticate(&state, &headers).await?;
+    let caller = auth::authorize(&state, &method, uri.path(), &headers).await?;
     search::search(state, caller, resource_type, query, headers).await
 }
 
@@ -146,7 +158,7 @@ async fn type_post(
         let body = negotiation::JsonBody::from_request(request, &state).await?;
         return bulk::system_kick_off_post(State(state), uri, headers, body).await;
     }
-    let caller = auth::authenticate(&state, &headers).await?;
+    let caller = auth::authorize(&state, request.method(), request.uri().path(), &headers).await?;
     if resource_type == "$upload-ndjson" {
         return upload::upload_ndjson(state, caller, headers, request.into_body()).await;
     }
@@ -163,7 +175,7 @@ async fn instance_operation(
 ) -> Result<Response, ApiError> {
     match (resource_type.as_str(), operation.as_str()) {
         (_, "_history") => {
-            let caller = auth::authenticate(&state, &headers).await?;
+            let caller = auth::authorize(&state, &Method::GET, uri.path(), &headers).await?;
             rest::history(state, caller, resource_type, id, headers).await
         }
         ("Group", "$export") => bulk::kick_off(State(state), Path(id), uri, headers).await,

@@ -24,6 +24,22 @@ pub struct ClientRecord {
     pub created: Micros,
 }
 
+/// How a client may use SMART Backend Services, and what it may do: its public keys (an
+/// inline JWKS, or the URL of one), the scopes it is pre-authorised for and the lifetime of the
+/// access tokens it gets.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientRegistration {
+    /// An inline JWK Set (JSON text).
+    pub jwks: Option<String>,
+    /// The URL of the client's JWK Set.
+    pub jwks_url: Option<String>,
+    /// Space-separated SMART scopes; `None`: full access to the tenant (as client headers
+    /// always had).
+    pub scopes: Option<String>,
+    /// Access token lifetime in seconds; `None`: the server's default.
+    pub token_ttl_seconds: Option<u32>,
+}
+
 /// Which part of a tenant a reader sees: the whole tenant, or one user's resources
 /// (1upHealth `x-oneup-user-id`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,8 +4,9 @@
 use serde_json::{json, Value};
 
 use crate::{
-    ExportJob, ExportJobState, ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange,
-    ReferenceQuery, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ClientRegistration, ExportJob, ExportJobState, ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection,
+    PartRange, ReferenceQuery, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp,
+    Written,
 };
 use bulkhead_fhir::type_filter::{TypeFilter, TypeFilters};
 
@@ -23,7 +24,8 @@ macro_rules! store_test_suite {
             existence_at_a_time, a_patient_is_in_its_own_compartment_by_stored_id, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
             expired_export_jobs_are_swept, planning_jobs_are_finished_once, export_records_round_trip_by_tenant_and_expire,
             a_fresh_store_is_writable_above_its_free_space_floor,
-            export_windows_agree_whatever_is_written_between_them,
+            export_windows_agree_whatever_is_written_between_them, client_registrations_round_trip,
+            assertion_jtis_are_accepted_once_until_they_expire,
             pruning_removes_history_before_the_horizon_only, pruning_keeps_what_unexpired_exports_need,
             storage_bytes_are_reported,
             tenant_scope_selects_every_resource_of_a_type, patients_at_a_time, type_filters_select_exactly);
@@ -153,6 +155,39 @@ pub fn client_secret_hashes_and_server_keys(store: &dyn Store) {
     assert_eq!(store.server_key("credentials", &[2; 32]).unwrap(), first, "the first key stays");
     assert_eq!(store.server_key("other", &[3; 32]).unwrap(), vec![3; 32]);
     assert_eq!(store.list_tenants().unwrap().len(), 1);
+}
+
+/// A SMART registration is stored per client, replaced as a whole, and refused for an unknown
+/// client.
+pub fn client_registrations_round_trip(store: &dyn Store) {
+    let acme = store.create_tenant("acme").unwrap();
+    store.create_client(acme.id, "c1", "$hash$").unwrap();
+    assert_eq!(store.client_registration("c1").unwrap(), None);
+    let registration = ClientRegistration {
+        jwks: Some(r#"{"keys":[]}"#.into()),
+        jwks_url: None,
+        scopes: Some("system/*.rs".into()),
+        token_ttl_seconds: Some(900),
+    };
+    assert!(store.set_client_registration("c1", &registration).unwrap());
+    assert_eq!(store.client_registration("c1").unwrap(), Some(registration));
+    let by_url = ClientRegistration { jwks_url: Some("https://keys.example/jwks.json".into()), ..Default::default() };
+    assert!(store.set_client_registration("c1", &by_url).unwrap());
+    assert_eq!(store.client_registration("c1").unwrap(), Some(by_url.clone()));
+    assert!(!store.set_client_registration("missing", &by_url).unwrap());
+    assert_eq!(store.client_registration("missing").unwrap(), None);
+}
+
+/// A jti is accepted once per (tenant, client) while it lives, again once it expired; other
+/// clients and tenants have their own.
+pub fn assertion_jtis_are_accepted_once_until_they_expire(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    assert!(store.record_assertion_jti(a, "c1", "j1", 2_000, 1_000).unwrap());
+    assert!(!store.record_assertion_jti(a, "c1", "j1", 2_000, 1_500).unwrap(), "a replay");
+    assert!(store.record_assertion_jti(a, "c2", "j1", 2_000, 1_500).unwrap(), "another client");
+    assert!(store.record_assertion_jti(b, "c1", "j1", 2_000, 1_500).unwrap(), "another tenant");
+    assert!(!store.record_assertion_jti(a, "c1", "j1", 2_500, 1_999).unwrap(), "still live");
+    assert!(store.record_assertion_jti(a, "c1", "j1", 3_000, 2_000).unwrap(), "expired records are gone");
 }
 
 pub fn versions_and_history(store: &dyn Store) {

@@ -95,6 +95,12 @@ impl Server {
         Server { app: router(AppState::new(store.clone(), config, token_keys())), store, _dir }
     }
 
+    /// Another instance of the server (its own state: limiter, caches) on the same database.
+    pub fn sibling(&self) -> Server {
+        let app = router(AppState::new(self.store.clone(), test_config(), token_keys()));
+        Server { app, store: self.store.clone(), _dir: tempfile::tempdir().expect("temp dir") }
+    }
+
     pub fn tenant(&self, name: &str) -> TenantId {
         self.store.create_tenant(name).expect("create tenant").id
     }
