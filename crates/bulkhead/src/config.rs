@@ -77,6 +77,25 @@ pub struct Config {
     pub validation: ValidationMode,
     /// Per-tenant exceptions to `validation`, by tenant name (`[tenant_validation]` table).
     pub tenant_validation: BTreeMap<String, ValidationMode>,
+    /// Lifetime of SMART access tokens, in seconds, for clients registered without their own
+    /// (`--token-ttl`); at most 3600.
+    pub access_token_ttl_seconds: u64,
+    /// Seconds one fetch of a client's JWKS URL may take.
+    pub jwks_fetch_timeout_seconds: u64,
+    /// Development only: accept plain-http JWKS URLs on any host (loopback hosts always may).
+    pub allow_http_jwks_urls: bool,
+    /// Serve Prometheus metrics at `/metrics` (needs `admin_token`, which it then requires).
+    pub metrics: bool,
+    /// Authenticated requests per second per tenant, beyond which 429 (0: no limit).
+    pub tenant_requests_per_second: u32,
+    /// Exports of one tenant being planned at once, beyond which a kick-off gets 429 (0: no limit).
+    pub tenant_concurrent_exports: usize,
+    /// `$upload-ndjson` body bytes per tenant per minute, beyond which 429 (0: no limit).
+    pub tenant_upload_bytes_per_minute: u64,
+    /// Export files one tenant streams at once: its share of `max_concurrent_downloads`.
+    pub tenant_concurrent_downloads: usize,
+    /// How long history (earlier versions, tombstones) is kept, e.g. `90d`; unset: for ever.
+    pub history_retention: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -116,6 +135,15 @@ impl Default for Config {
             log_format: LogFormat::Text,
             validation: ValidationMode::Strict,
             tenant_validation: BTreeMap::new(),
+            access_token_ttl_seconds: 300,
+            jwks_fetch_timeout_seconds: 5,
+            allow_http_jwks_urls: false,
+            metrics: false,
+            tenant_requests_per_second: 0,
+            tenant_concurrent_exports: 0,
+            tenant_upload_bytes_per_minute: 0,
+            tenant_concurrent_downloads: 4,
+            history_retention: None,
         }
     }
 }
@@ -130,6 +158,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<bool>,
 }
 
 impl Config {
@@ -220,6 +250,8 @@ impl Config {
             ("max_connections", self.max_connections as u64),
             ("failed_logins_per_peer", u64::from(self.failed_logins_per_peer)),
             ("failed_logins_per_client", u64::from(self.failed_logins_per_client)),
+            ("access_token_ttl_seconds", self.access_token_ttl_seconds),
+            ("jwks_fetch_timeout_seconds", self.jwks_fetch_timeout_seconds),
         ] {
             anyhow::ensure!(value >= 1, "invalid configuration: {key} must be at least 1");
         }
@@ -230,10 +262,39 @@ impl Config {
              sets Host)",
             self.listen
         );
+        anyhow::ensure!(
+            self.access_token_ttl_seconds <= bulkhead_http::access_token::MAX_ACCESS_TOKEN_TTL.as_secs(),
+            "invalid configuration: access_token_ttl_seconds must be at most {}",
+            bulkhead_http::access_token::MAX_ACCESS_TOKEN_TTL.as_secs()
+        );
         if let Some(token) = &self.admin_token {
             anyhow::ensure!(token.len() >= 16, "invalid configuration: admin_token must be at least 16 characters");
         }
+        anyhow::ensure!(
+            !self.metrics || self.admin_token.is_some(),
+            "invalid configuration: metrics = true needs admin_token (scrapes present it as a bearer token)"
+        );
+        anyhow::ensure!(
+            self.tenant_concurrent_downloads >= 1,
+            "invalid configuration: tenant_concurrent_downloads must be at least 1"
+        );
+        self.history_retention()?;
         Ok(())
+    }
+
+    /// `history_retention` as a duration (`None`: history is kept for ever).
+    pub fn history_retention(&self) -> anyhow::Result<Option<Duration>> {
+        let Some(text) = &self.history_retention else { return Ok(None) };
+        let retention = humantime::parse_duration(text).map_err(|error| {
+            anyhow::anyhow!(
+                "invalid configuration: history_retention = '{text}' is not a duration like 90d or 720h ({error})"
+            )
+        })?;
+        anyhow::ensure!(
+            retention >= Duration::from_secs(1),
+            "invalid configuration: history_retention must be at least 1s"
+        );
+        Ok(Some(retention))
     }
 
     /// True when `listen` is a loopback address (or `localhost`): only local clients can then
@@ -279,6 +340,16 @@ impl Config {
             download_stall_timeout: Duration::from_secs(self.download_stall_timeout_seconds),
             max_concurrent_downloads: self.max_concurrent_downloads,
             download_queue_wait: Duration::from_secs(self.download_queue_seconds),
+            access_token_ttl: Duration::from_secs(self.access_token_ttl_seconds),
+            jwks_fetch_timeout: Duration::from_secs(self.jwks_fetch_timeout_seconds),
+            allow_http_jwks_urls: self.allow_http_jwks_urls,
+            metrics: self.metrics,
+            quotas: bulkhead_http::quotas::QuotaConfig {
+                requests_per_second: self.tenant_requests_per_second,
+                concurrent_exports: self.tenant_concurrent_exports,
+                upload_bytes_per_minute: self.tenant_upload_bytes_per_minute,
+                concurrent_downloads: self.tenant_concurrent_downloads,
+            },
         }
     }
 
@@ -299,7 +370,7 @@ mod tests {
         std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nexport_part_size = 10\n").unwrap();
         let config = Config::load(Some(&file), Overrides::default()).unwrap();
         assert_eq!((config.listen.as_str(), config.export_part_size), ("127.0.0.1:9000", 10));
-        let overrides = Overrides { listen: Some("127.0.0.1:9001".into()), data_dir: None };
+        let overrides = Overrides { listen: Some("127.0.0.1:9001".into()), ..Overrides::default() };
         assert_eq!(Config::load(Some(&file), overrides).unwrap().listen, "127.0.0.1:9001");
         std::fs::write(&file, "export_part_size = \"many\"\n").unwrap();
         let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();

@@ -7,13 +7,16 @@ macro_rules! say {
 }
 
 mod admin;
+mod backup;
 mod bench;
 mod cli;
 mod config;
 mod demo;
 mod import;
+mod keys;
 mod output;
 mod private_files;
+mod retention;
 mod serve;
 mod synth;
 

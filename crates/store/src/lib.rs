@@ -7,6 +7,7 @@
 
 mod error;
 mod model;
+mod retention;
 mod search;
 pub mod sqlite;
 mod write;
@@ -16,9 +17,10 @@ pub mod testsuite;
 
 pub use error::StoreError;
 pub use model::{
-    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, StoredResource, Tenant,
-    TenantId, Visibility,
+    ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange,
+    SelectionScope, StoredResource, Tenant, TenantId, Visibility,
 };
+pub use retention::{PruneReport, StorageBytes};
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
 pub use write::{group_members, stamped_json, WriteMode, WriteOp, Written};
 
@@ -56,6 +58,24 @@ pub trait Store: Send + Sync + 'static {
     /// The server-wide key stored under `name`, storing `candidate` first when there is none
     /// (the first process to ask wins; every later caller gets the same bytes).
     fn server_key(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError>;
+    /// Stores the SMART Backend Services registration of `client_id` (keys, scopes, token
+    /// lifetime), replacing any earlier one; false when no such client exists.
+    fn set_client_registration(&self, client_id: &str, registration: &ClientRegistration) -> Result<bool, StoreError>;
+    /// The registration of `client_id` (None when it has none: a client-headers-only client with
+    /// full access to its tenant).
+    fn client_registration(&self, client_id: &str) -> Result<Option<ClientRegistration>, StoreError>;
+    /// Records that `client_id` of `tenant` used the assertion `jti`, which expires at
+    /// `expires`: true when it is new, false when a record of it that has not expired (by `now`)
+    /// exists, i.e. a replay. Records that expired by `now` are deleted on the way, so the table
+    /// holds only live assertions. Shared by every instance on the store.
+    fn record_assertion_jti(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        jti: &str,
+        expires: Micros,
+        now: Micros,
+    ) -> Result<bool, StoreError>;
 
     // ---- FHIR resources ----
 
@@ -154,6 +174,9 @@ pub trait Store: Send + Sync + 'static {
         selection: &MemberSelection,
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError>;
+    /// Ids of the tenant's Patients that existed, not deleted and visible, at `at`, sorted (the
+    /// members of a Patient-level export).
+    fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError>;
 
     // ---- asynchronous export jobs ----
 
@@ -196,4 +219,20 @@ pub trait Store: Send + Sync + 'static {
     /// its data has less than `min_free_bytes` available, else the error of a small real write
     /// (a read-only or broken database), if any.
     fn check_writable(&self, min_free_bytes: u64) -> Result<(), StoreError>;
+
+    // ---- retention and operations ----
+
+    /// The prune horizon: history before it has been removed ([`Store::prune_history`]), so an
+    /// export with a `_since` before it would be incomplete. `None` until the first prune.
+    fn history_horizon(&self) -> Result<Option<Micros>, StoreError>;
+    /// Removes history from before `cutoff`, in small batches (each its own short write
+    /// transaction, so writers are never held up for long): earlier versions superseded at or
+    /// before the horizon, tombstones deleted at or before it (with their index rows), closed
+    /// compartment rows and ended Group memberships. Current versions are never removed. The
+    /// horizon is `cutoff`, or earlier when an unexpired export record or a planning export job
+    /// (created before `cutoff`) still needs the history at its transaction time; it is recorded
+    /// (never moving back) before anything is removed.
+    fn prune_history(&self, cutoff: Micros, now: Micros, batch: usize) -> Result<PruneReport, StoreError>;
+    /// The store's size on disk.
+    fn storage_bytes(&self) -> Result<StorageBytes, StoreError>;
 }

@@ -181,6 +181,8 @@ mod tests {
             until: None,
             transaction_time: at,
             visibility: Visibility::Tenant,
+            scope: Default::default(),
+            filters: Default::default(),
         }
     }
 

@@ -1,12 +1,14 @@
 //! The embedded SQLite store (WAL mode): one writer connection, a small pool of readers.
 
 mod admin;
+pub mod backup;
 mod export;
 mod jobs;
 mod migrate;
 mod part_reader;
 mod plan_cache;
 mod resources;
+mod retention;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -15,8 +17,9 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, SearchPage,
-    SearchQuery, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader,
+    PruneReport, SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility,
+    WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -279,6 +282,25 @@ impl crate::Store for SqliteStore {
         self.with_write(|transaction, _| admin::server_key(transaction, name, candidate))
     }
 
+    fn set_client_registration(&self, client_id: &str, registration: &ClientRegistration) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| admin::set_client_registration(transaction, client_id, registration))
+    }
+
+    fn client_registration(&self, client_id: &str) -> Result<Option<ClientRegistration>, StoreError> {
+        self.with_read(|connection| admin::client_registration(connection, client_id))
+    }
+
+    fn record_assertion_jti(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        jti: &str,
+        expires: Micros,
+        now: Micros,
+    ) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| admin::record_assertion_jti(transaction, tenant, client_id, jti, expires, now))
+    }
+
     fn write(
         &self,
         tenant: TenantId,
@@ -390,6 +412,9 @@ impl crate::Store for SqliteStore {
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
         // A plan of the same request at an earlier time is this plan while no member's
         // compartment changed since (see `plan_cache`).
+        if selection.scope != crate::SelectionScope::Members {
+            return self.compute_plan(tenant, selection, resource_types, part_size);
+        }
         let key = plan_cache::key(tenant, selection, "parts", resource_types, part_size);
         let plan = self.plans.plan(
             key,
@@ -416,6 +441,11 @@ impl crate::Store for SqliteStore {
         selection: &MemberSelection,
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError> {
+        if selection.scope != crate::SelectionScope::Members {
+            return self.with_snapshot(|connection| {
+                export::deleted_in_compartments(connection, tenant, selection, resource_type)
+            });
+        }
         let key = plan_cache::key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
         let deleted = self.plans.deleted(
             key,
@@ -428,6 +458,18 @@ impl crate::Store for SqliteStore {
             },
         )?;
         Ok(deleted.as_ref().clone())
+    }
+
+    fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError> {
+        self.with_snapshot(|connection| {
+            let ids: Vec<String> = connection
+                .prepare_cached(
+                    "SELECT id FROM resources WHERE tenant_id = ?1 AND resource_type = 'Patient' ORDER BY id",
+                )?
+                .query_map([tenant.0], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            export::existing_at(connection, tenant, visibility, "Patient", &ids, at)
+        })
     }
 
     fn create_export_job(&self, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {
@@ -491,6 +533,23 @@ impl crate::Store for SqliteStore {
         next_timestamp(&transaction)?;
         transaction.commit()?;
         Ok(())
+    }
+
+    fn history_horizon(&self) -> Result<Option<Micros>, StoreError> {
+        self.with_read(retention::history_horizon)
+    }
+
+    fn prune_history(&self, cutoff: Micros, now: Micros, batch: usize) -> Result<PruneReport, StoreError> {
+        retention::prune(self, cutoff, now, batch)
+    }
+
+    fn storage_bytes(&self) -> Result<StorageBytes, StoreError> {
+        let size = |suffix: &str| {
+            let mut path = self.path.clone().into_os_string();
+            path.push(suffix);
+            std::fs::metadata(path).map_or(0, |metadata| metadata.len())
+        };
+        Ok(StorageBytes { database: size(""), wal: size("-wal") })
     }
 }
 
@@ -586,6 +645,8 @@ mod tests {
             until: None,
             transaction_time: at,
             visibility: Visibility::Tenant,
+            scope: Default::default(),
+            filters: Default::default(),
         };
         let count = |at| -> u64 {
             let plan = store.plan_parts(tenant, &selection_at(at), &["Observation".to_owned()], 100).unwrap();
@@ -631,6 +692,23 @@ mod tests {
         assert_eq!(hits(), before + 1);
         delete("o1");
         assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 1, "a member's deletion is listed");
+
+        // A `_since` manifest asks for every type's list and the plan: all of them stay cached
+        // together, so the next one is answered from the cache throughout.
+        let types: Vec<String> =
+            bulkhead_fhir::compartment::compartment_types().iter().map(|name| name.to_string()).collect();
+        let since_manifest = |at| {
+            let selection =
+                MemberSelection { members: vec![("a".into(), Some(since))], since: Some(since), ..selection_at(at) };
+            for resource_type in &types {
+                store.deleted_in_compartments(tenant, &selection, resource_type).unwrap();
+            }
+            store.plan_parts(tenant, &selection, &types, 100).unwrap();
+        };
+        since_manifest(store.reserve_transaction_time().unwrap());
+        let before = hits();
+        since_manifest(store.reserve_transaction_time().unwrap());
+        assert_eq!(hits(), before + types.len() as u64 + 1, "every list and the plan reused");
     }
 
     /// SQLITE_FULL (a full disk, or the page cap reached) is `StorageFull`, and a batch stops

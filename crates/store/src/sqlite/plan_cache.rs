@@ -10,7 +10,9 @@
 //! are handed out in commit order, so "no member's `changed_at` is above T1", read after T2 was
 //! reserved, is exactly that condition. A member without a key yet has no rows; a key created
 //! later comes with `changed_at` above T1. The cache key is everything else the result depends
-//! on: tenant, members with their `since`, `_since`, `_until`, visibility, types, part size.
+//! on: tenant, members with their `since`, `_since`, `_until`, visibility, `_typeFilter`s, types,
+//! part size. Only member-scoped selections are cached: a system-level selection reads every
+//! resource of the tenant, which no patient watermark covers.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -20,11 +22,14 @@ use rusqlite::{params, Connection};
 
 use crate::{MemberSelection, PartRange, StoreError, TenantId};
 
-/// Results kept (the oldest goes first).
-const ENTRIES: usize = 64;
-/// A `deleted[]` list longer than this is not kept: the cache stays within a few MB (64 entries
-/// of at most this many ids) whatever the lists; short lists are the "little changed" case.
+/// Results kept (the oldest goes first). A `_since` manifest needs one entry per type (its
+/// `deleted[]` lists) besides its plan: room for several such manifests at once.
+const ENTRIES: usize = 1024;
+/// A `deleted[]` list longer than this is not kept; short lists are the "little changed" case.
 pub(super) const MAX_CACHED_DELETED: usize = 1_000;
+/// Ids held in all kept `deleted[]` lists together (the oldest entries go first beyond it), so
+/// the cache stays within a few MB whatever the lists.
+const MAX_DELETED_IDS: usize = 20_000;
 
 pub(super) type Plan = Arc<Vec<(String, Vec<PartRange>)>>;
 pub(super) type Deleted = Arc<Vec<(String, Micros)>>;
@@ -89,6 +94,9 @@ pub(super) fn key(
         Some(user) => field(&[b"user:".as_slice(), user.as_bytes()].concat()),
         None => field(b"tenant".as_slice()),
     }
+    // `_typeFilter`s select by the stored JSON of versions at the transaction time: a change to
+    // those is a change to their compartment rows too, so only the filters themselves key.
+    field(format!("{:?}", selection.filters).as_bytes());
     field((types.len() as u64).to_le_bytes().as_slice());
     for resource_type in types {
         field(resource_type.as_bytes());
@@ -123,10 +131,16 @@ impl PlanCache {
     fn put(&self, key: [u8; 32], planned_at: Micros, value: Cached) {
         let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         entries.retain(|entry| entry.key != key);
-        if entries.len() >= ENTRIES {
-            entries.pop_front();
-        }
         entries.push_back(Entry { key, planned_at, value });
+        let ids = |entry: &Entry| match &entry.value {
+            Cached::Deleted(deleted) => deleted.len(),
+            Cached::Plan(_) => 0,
+        };
+        let mut held: usize = entries.iter().map(ids).sum();
+        while entries.len() > ENTRIES || held > MAX_DELETED_IDS {
+            let Some(oldest) = entries.pop_front() else { break };
+            held -= ids(&oldest);
+        }
     }
 
     fn count(&self, hit: bool) {
