@@ -6,6 +6,7 @@ use bulkhead_fhir::{operation_outcome, Issue, IssueType};
 use bulkhead_store::{PartRange, Store, TenantId, Visibility};
 use serde_json::json;
 
+use crate::associated::deleted_outside_set;
 use crate::group::{export_view, missing_members, ExportError, ExportView};
 use crate::token::{FileClaims, FileKind};
 
@@ -56,7 +57,10 @@ pub fn write_file(
         }
         (FileKind::Output, resource_type) => {
             let range = PartRange { first_key: claims.start, last_key: claims.end, count: claims.total };
-            let mut reader = store.part_reader(tenant, &view.selection, resource_type, range);
+            let mut reader = match &claims.associated_set {
+                Some(set) => store.associated_reader(tenant, &view.selection, set, resource_type, range),
+                None => store.part_reader(tenant, &view.selection, resource_type, range),
+            };
             let mut window = Vec::with_capacity(WINDOW_BYTES + WINDOW_BYTES / 4);
             let mut written = 0;
             loop {
@@ -70,7 +74,8 @@ pub fn write_file(
             }
         }
         (FileKind::Deleted, resource_type) => {
-            let deleted = store.deleted_in_compartments(tenant, &view.selection, resource_type)?;
+            let set = claims.export_associated_set.as_deref();
+            let deleted = deleted_outside_set(store, tenant, &view.selection, resource_type, set)?;
             for (id, _) in &deleted {
                 // Bulk Data IG: each line a transaction Bundle with DELETE entries.
                 let line = json!({

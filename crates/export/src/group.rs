@@ -4,6 +4,7 @@
 use bulkhead_fhir::{operation_outcome, Issue, Micros};
 use bulkhead_store::{group_members, MemberSelection, Store, StoreError, StoredResource, TenantId, Visibility};
 
+use crate::associated::{deleted_outside_set, plan_associated_files};
 use crate::params::{group_export_types, ExportParams};
 use crate::record::{PlannedExport, PlannedFile};
 use crate::token::FileKind;
@@ -38,6 +39,8 @@ pub enum PlanStep {
     Deletions { done: usize, types: usize },
     /// Checking that the members' Patients exist.
     Members,
+    /// Finding the associated data: Provenance and referenced resources.
+    Associated,
 }
 
 impl std::fmt::Display for PlanStep {
@@ -47,6 +50,7 @@ impl std::fmt::Display for PlanStep {
             PlanStep::Counting { types } => write!(f, "planning: counting resources of {types} types"),
             PlanStep::Deletions { done, types } => write!(f, "planning: deletions, {done} of {types} types"),
             PlanStep::Members => write!(f, "planning: checking members"),
+            PlanStep::Associated => write!(f, "planning: provenance and referenced resources"),
         }
     }
 }
@@ -66,6 +70,8 @@ pub struct GroupExportRequest {
     pub warnings: Vec<Issue>,
     /// Most resources per file.
     pub part_size: u64,
+    /// When the export's file URLs expire (µs): its stored associated data goes with them.
+    pub files_expire: Micros,
 }
 
 /// A planned export: everything the manifest needs except URLs (the HTTP layer stores `export`
@@ -182,17 +188,23 @@ pub fn plan_group_export_at(
         Some(types) => types.clone(),
         None => group_export_types().into_iter().map(str::to_owned).collect(),
     };
-    let compartment_types: Vec<String> = types.iter().filter(|t| *t != "Group").cloned().collect();
+    // Types outside the compartment come only as associated data; Provenance too, through its
+    // targets (README "Associated data"), though its deletions are still found through the
+    // compartment index.
+    let compartment_types: Vec<String> =
+        types.iter().filter(|t| *t != "Group" && !bulkhead_fhir::references::is_referenced_type(t)).cloned().collect();
+    let joined_types: Vec<String> = compartment_types.iter().filter(|t| *t != "Provenance").cloned().collect();
     let file = |kind, resource_type: &str, total| PlannedFile {
         kind,
         resource_type: resource_type.to_owned(),
         start: 0,
         end: 0,
         total,
+        associated: false,
     };
     let mut files = Vec::new();
     progress(PlanStep::Counting { types: compartment_types.len() })?;
-    let plan = store.plan_parts(request.tenant, &view.selection, &compartment_types, request.part_size)?;
+    let plan = store.plan_parts(request.tenant, &view.selection, &joined_types, request.part_size)?;
     for resource_type in &types {
         if resource_type == "Group" {
             if group_line_selected(&view) {
@@ -209,10 +221,23 @@ pub fn plan_group_export_at(
             });
         }
     }
+    progress(PlanStep::Associated)?;
+    let (associated_set, associated_files) = plan_associated_files(
+        store,
+        request.tenant,
+        &view.selection,
+        &params.associated,
+        params.types.as_deref(),
+        &compartment_types,
+        request.part_size,
+        request.files_expire,
+    )?;
+    files.extend(associated_files);
     if params.since.is_some() {
         for (done, resource_type) in compartment_types.iter().enumerate() {
             progress(PlanStep::Deletions { done, types: compartment_types.len() })?;
-            let deleted = store.deleted_in_compartments(request.tenant, &view.selection, resource_type)?;
+            let deleted =
+                deleted_outside_set(store, request.tenant, &view.selection, resource_type, associated_set.as_deref())?;
             if !deleted.is_empty() {
                 files.push(file(FileKind::Deleted, resource_type, deleted.len() as u64));
             }
@@ -238,6 +263,7 @@ pub fn plan_group_export_at(
         requested_types: params.types.clone(),
         warnings,
         files,
+        associated_set,
     };
     let removed_members = match params.since {
         Some(since) => {

@@ -24,7 +24,10 @@
 //! query string, which this function's decoded `pairs` no longer distinguish.
 
 use bulkhead_fhir::compartment::{compartment_types, is_compartment_type};
+use bulkhead_fhir::references::is_referenced_type;
 use bulkhead_fhir::{is_resource_type, parse_since, Issue, IssueType, Micros, Severity};
+
+use crate::associated::{parse_include_associated_data, AssociatedData};
 
 /// The canonical NDJSON media type every accepted `_outputFormat` spelling is normalised to.
 pub const NDJSON: &str = "application/fhir+ndjson";
@@ -39,7 +42,6 @@ const UNSUPPORTED_PARAMS: &[&str] = &[
     "_elements",
     "_typeFilter",
     "patient",
-    "includeAssociatedData",
     "organizeOutputBy",
     "allowPartialManifests",
     "_minimumFileSize",
@@ -62,6 +64,8 @@ pub struct ExportParams {
     pub until: Option<Micros>,
     /// Always [`NDJSON`] (`application/fhir+ndjson`): every accepted spelling is normalised.
     pub output_format: String,
+    /// `includeAssociatedData` (Provenance and referenced resources; see [`crate::associated`]).
+    pub associated: AssociatedData,
 }
 
 /// A kick-off parameter problem that must fail the request (HTTP 400).
@@ -101,7 +105,12 @@ pub fn parse_group_export_params(
     let until = raw.until.map(|v| parse_instant("_until", v)).transpose()?;
     check_window(since, until, &raw)?;
     let output_format = parse_output_format(raw.output_format)?;
-    let params = ExportParams { types, since, until, output_format };
+    let associated = parse_include_associated_data(&raw.associated, lenient, &mut warnings)?;
+    let types = match types {
+        Some(types) => Some(check_referenced_types(types, &associated, lenient, &mut warnings)?),
+        None => None,
+    };
+    let params = ExportParams { types, since, until, output_format, associated };
     Ok((params, warnings))
 }
 
@@ -128,6 +137,7 @@ enum Param {
     Since,
     Until,
     OutputFormat,
+    IncludeAssociatedData,
     /// Defined by the Bulk Data IG but not implemented here.
     Unsupported,
     /// Not a Bulk Data kick-off parameter at all.
@@ -141,6 +151,7 @@ fn classify(name: &str) -> Param {
         "_since" => Param::Since,
         "_until" => Param::Until,
         "_outputFormat" => Param::OutputFormat,
+        "includeAssociatedData" => Param::IncludeAssociatedData,
         _ if UNSUPPORTED_PARAMS.contains(&name) => Param::Unsupported,
         _ => Param::Unknown,
     }
@@ -154,6 +165,8 @@ struct RawParams<'a> {
     since: Option<&'a str>,
     until: Option<&'a str>,
     output_format: Option<&'a str>,
+    /// Every `includeAssociatedData` value in order (each may be a comma list).
+    associated: Vec<&'a str>,
     /// Unsupported or unknown parameter names, first occurrence order, deduplicated.
     unsupported: Vec<(&'a str, bool)>,
 }
@@ -173,6 +186,7 @@ fn collect(pairs: &[(String, String)]) -> Result<RawParams<'_>, ParamError> {
             Param::Since => set_once(&mut raw.since, name, value)?,
             Param::Until => set_once(&mut raw.until, name, value)?,
             Param::OutputFormat => set_once(&mut raw.output_format, name, value)?,
+            Param::IncludeAssociatedData => raw.associated.push(value),
             Param::Unsupported | Param::Unknown => {
                 let is_known = matches!(param, Param::Unsupported);
                 if !raw.unsupported.iter().any(|(seen, _)| seen == name) {
@@ -249,7 +263,7 @@ fn check_type(name: &str) -> Result<(), ParamError> {
         let message = format!("Parameter '_type': '{}' is not an R4 resource type", echo(name));
         return Err(ParamError::new(IssueType::Value, "_type", message));
     }
-    if !is_group_export_type(name) {
+    if !is_group_export_type(name) && !is_referenced_type(name) {
         let message = format!(
             "Parameter '_type': '{name}' is not available from a Group export \
              (only Patient, Group and Patient-compartment types are)"
@@ -257,6 +271,43 @@ fn check_type(name: &str) -> Result<(), ParamError> {
         return Err(ParamError::new(IssueType::NotSupported, "_type", message));
     }
     Ok(())
+}
+
+/// Types outside the Patient compartment are exported only as resources referenced by the
+/// compartment data (README "Associated data"): a `_type` list of nothing else exports nothing
+/// (an error even when lenient, like any list lenient mode would empty), and one that names them
+/// while `includeAssociatedData=_noReferencedResources` turns referenced resources off is a
+/// contradiction (strict: an error; lenient: they are dropped).
+fn check_referenced_types(
+    types: Vec<String>,
+    associated: &AssociatedData,
+    lenient: bool,
+    warnings: &mut Vec<Issue>,
+) -> Result<Vec<String>, ParamError> {
+    let (referenced, cohort): (Vec<&String>, Vec<&String>) = types.iter().partition(|t| !is_group_export_type(t));
+    if cohort.is_empty() {
+        let names = referenced.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(",");
+        let message = format!(
+            "Parameter '_type': {} lie outside the Patient compartment; a Patient or Group export returns such \
+             resources only when its compartment data references them, so name a Patient-compartment type too",
+            echo(&names)
+        );
+        return Err(ParamError::new(IssueType::NotSupported, "_type", message));
+    }
+    if associated.referenced || referenced.is_empty() {
+        return Ok(types);
+    }
+    let names = referenced.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(",");
+    let message = format!(
+        "Parameter '_type': {} would only be exported as referenced resources, which \
+         includeAssociatedData=_noReferencedResources turns off",
+        echo(&names)
+    );
+    if !lenient {
+        return Err(ParamError::new(IssueType::NotSupported, "_type", message));
+    }
+    warnings.push(as_lenient_warning(ParamError::new(IssueType::NotSupported, "_type", message).issue));
+    Ok(types.into_iter().filter(|t| is_group_export_type(t)).collect())
 }
 
 /// Turns a would-be error into the warning lenient mode records instead.
@@ -350,7 +401,16 @@ mod tests {
     #[test]
     fn empty_query_gives_defaults() {
         let params = ok(&[]);
-        assert_eq!(params, ExportParams { types: None, since: None, until: None, output_format: NDJSON.to_owned() });
+        assert_eq!(
+            params,
+            ExportParams {
+                types: None,
+                since: None,
+                until: None,
+                output_format: NDJSON.to_owned(),
+                associated: AssociatedData::default()
+            }
+        );
     }
 
     // ---- _type ----
@@ -400,15 +460,35 @@ mod tests {
 
     #[test]
     fn lenient_drops_bad_types_with_one_warning_each() {
-        let pairs = [("_type", "Patient,Practitioner,Bogus"), ("_type", "Practitioner,Observation")];
+        let pairs = [("_type", "Patient,Bundle2,Bogus"), ("_type", "Bundle2,Observation")];
         let (params, warnings) = parse(&pairs, true).unwrap();
         assert_eq!(types(&params), ["Patient", "Observation"]);
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings.iter().all(|w| w.severity == Severity::Warning));
-        assert!(warnings[0].diagnostics.contains("Practitioner"));
-        assert_eq!(warnings[0].code, IssueType::NotSupported);
+        assert!(warnings[0].diagnostics.contains("Bundle2"));
+        assert_eq!(warnings[0].code, IssueType::Value);
         assert!(warnings[1].diagnostics.contains("Bogus"));
         assert_eq!(warnings[1].expression.as_deref(), Some("_type"));
+    }
+
+    #[test]
+    fn referenced_types_are_accepted_beside_compartment_types() {
+        let params = ok(&[("_type", "MedicationRequest,Medication,Practitioner")]);
+        assert_eq!(types(&params), ["MedicationRequest", "Medication", "Practitioner"]);
+        assert!(params.associated.referenced);
+    }
+
+    #[test]
+    fn referenced_types_contradict_the_switch_off() {
+        let pairs = [("_type", "Observation,Practitioner"), ("includeAssociatedData", "_noReferencedResources")];
+        let issue = err(&pairs, false);
+        assert_eq!(issue.code, IssueType::NotSupported);
+        assert!(issue.diagnostics.contains("Practitioner"), "{}", issue.diagnostics);
+        let (params, warnings) = parse(&pairs, true).unwrap();
+        assert_eq!(types(&params), ["Observation"]);
+        assert!(!params.associated.referenced);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].severity, Severity::Warning);
     }
 
     #[test]

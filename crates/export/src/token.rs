@@ -79,6 +79,10 @@ pub struct FileClaims {
     /// For error files: the lenient-mode warnings of the kick-off, each as the
     /// OperationOutcome line to write.
     pub warnings: Vec<String>,
+    /// For an output file of associated data: the stored associated set it reads.
+    pub associated_set: Option<String>,
+    /// The export's associated set, if any (its `deleted[]` files leave out what it holds).
+    pub export_associated_set: Option<String>,
     /// Issued at, seconds since the epoch.
     pub iat: i64,
     /// Expiry, seconds since the epoch; the token is valid while `now < exp`.

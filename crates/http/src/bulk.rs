@@ -75,6 +75,7 @@ pub async fn kick_off(
     let (params, warnings) = parse_group_export_params(&pairs, preferences.lenient)
         .map_err(|error| ApiError::from_issue(StatusCode::BAD_REQUEST, error.issue))?;
     let with_since = params.since.is_some();
+    let urls = FileUrls::new(&state, caller.tenant);
     let request = GroupExportRequest {
         tenant: caller.tenant,
         client_id: caller.client_id.clone(),
@@ -83,8 +84,8 @@ pub async fn kick_off(
         params,
         warnings,
         part_size: state.config.export_part_size,
+        files_expire: urls.expires.saturating_mul(MICROS_PER_SECOND),
     };
-    let urls = FileUrls::new(&state, caller.tenant);
     let base = base_url(&state, &headers);
     let request_url = format!("{base}{}", uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()));
     if preferences.respond_async {

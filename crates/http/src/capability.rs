@@ -35,7 +35,7 @@ pub fn capability_statement(base: &str) -> Value {
                 resource["operation"] = json!([{
                     "name": "export",
                     "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
-                    "documentation": "Without Prefer: respond-async: 200 with the manifest at once (synchronous). With Prefer: respond-async: 202 and an absolute Content-Location [base]/bulk-data/r4/$export-status/{job}; GET it for 200 with the manifest (application/json, Expires), DELETE it to cancel (202; later polls 404). Prefer: handling=lenient ignores unsupported parameters. Parameters: _type, _since, _until, _outputFormat (NDJSON)."
+                    "documentation": "Without Prefer: respond-async: 200 with the manifest at once (synchronous). With Prefer: respond-async: 202 and an absolute Content-Location [base]/bulk-data/r4/$export-status/{job}; GET it for 200 with the manifest (application/json, Expires), DELETE it to cancel (202; later polls 404). Prefer: handling=lenient ignores unsupported parameters. Parameters: _type, _since, _until, _outputFormat (NDJSON), includeAssociatedData (LatestProvenanceResources, RelevantProvenanceResources; _noReferencedResources turns referenced resources off). Self-contained: Provenance targeting any exported resource, and resources outside the Patient compartment that exported resources reference (Practitioner, Organization, Location, Medication, ...), followed up to 3 references deep; with _type, only the named types (README: Associated data)."
                 }]);
             }
             resource
