@@ -78,7 +78,13 @@ impl Client {
 
     /// The synchronous manifest (no `Prefer: respond-async`).
     pub async fn manifest(&self, group_id: &str) -> anyhow::Result<Value> {
-        Ok(measure::send_patiently(self.get(&self.kick_off_url(group_id))).await?.0.json().await?)
+        self.manifest_with(group_id, &[]).await
+    }
+
+    /// The synchronous manifest of a kick-off with extra query parameters.
+    pub async fn manifest_with(&self, group_id: &str, query: &[(&str, &str)]) -> anyhow::Result<Value> {
+        let request = self.get(&self.kick_off_url(group_id)).query(query);
+        Ok(measure::send_patiently(request).await?.0.json().await?)
     }
 
     /// The synchronous manifest of what changed after `since` (a server instant).
@@ -122,9 +128,20 @@ impl Client {
 
     /// Manifest plus every output file, `concurrency` downloads at a time.
     pub async fn export(&self, group_id: &str, encoding: Encoding, concurrency: usize) -> anyhow::Result<ExportResult> {
+        self.export_with(group_id, encoding, concurrency, &[]).await
+    }
+
+    /// [`Client::export`] of a kick-off with extra query parameters.
+    pub async fn export_with(
+        &self,
+        group_id: &str,
+        encoding: Encoding,
+        concurrency: usize,
+        query: &[(&str, &str)],
+    ) -> anyhow::Result<ExportResult> {
         let clock = CpuClock::start();
         let started = Instant::now();
-        let manifest = self.manifest(group_id).await?;
+        let manifest = self.manifest_with(group_id, query).await?;
         let outputs: Vec<(String, u64)> = manifest["output"]
             .as_array()
             .into_iter()

@@ -230,6 +230,15 @@ struct Via {
     forced: bool,
 }
 
+const UPSERT_NODE: &str = "INSERT INTO temp.assoc_node (target_type, target_id, level, full_history, since, forced)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+    ON CONFLICT (target_type, target_id) DO UPDATE SET
+        full_history = max(full_history, excluded.full_history),
+        since = CASE WHEN since IS NULL THEN excluded.since WHEN excluded.since IS NULL THEN since
+                     ELSE min(since, excluded.since) END,
+        forced = max(forced, excluded.forced)
+    WHERE level = excluded.level";
+
 /// Rows stored in `export_associated` per write transaction.
 const STORE_BATCH: usize = 10_000;
 /// Rows of one BFS level read into memory at a time.
@@ -341,13 +350,22 @@ fn compute(
         let mut start = first;
         while start <= last {
             let end = start.saturating_add(WINDOW - 1).min(last);
-            for chosen in select_window(connection, tenant, selection, resource_type, (start, end), live)? {
-                let via = Via { reach: chosen.reach, forced: selected(selection, chosen.reach, &chosen.version) };
-                if follow {
-                    add_references(connection, chosen.rid, at, via, 1, &request.referenced)?;
-                }
-                if provenance {
-                    let id: String = id_of.query_row([chosen.rid], |row| row.get(0))?;
+            let chosen: Vec<(i64, Via)> =
+                select_window(connection, tenant, selection, resource_type, (start, end), live)?
+                    .into_iter()
+                    .map(|chosen| {
+                        (
+                            chosen.rid,
+                            Via { reach: chosen.reach, forced: selected(selection, chosen.reach, &chosen.version) },
+                        )
+                    })
+                    .collect();
+            if follow {
+                add_window_references(connection, &chosen, (start, end), at, &request.referenced)?;
+            }
+            if provenance {
+                for &(rid, via) in &chosen {
+                    let id: String = id_of.query_row([rid], |row| row.get(0))?;
                     add_provenance(connection, tenant, selection, resource_type, &id, via, request.provenance)?;
                 }
             }
@@ -368,6 +386,36 @@ fn compute(
     Ok(())
 }
 
+/// Records the references of the window's chosen resources (sorted by key) as level-1 nodes.
+/// A dense window (at least one key in four is chosen: a large cohort, or a type imported in one
+/// go) reads the index once over the key range instead of seeking per resource.
+fn add_window_references(
+    connection: &Connection,
+    chosen: &[(i64, Via)],
+    (start, end): (i64, i64),
+    at: Micros,
+    allowed: &ReferencedTypes,
+) -> Result<(), StoreError> {
+    let (Some(&(first, _)), Some(&(last, _))) = (chosen.first(), chosen.last()) else { return Ok(()) };
+    if (chosen.len() as i64).saturating_mul(4) <= end - start {
+        for &(rid, via) in chosen {
+            add_references(connection, rid, at, via, 1, allowed)?;
+        }
+        return Ok(());
+    }
+    let mut references = connection.prepare_cached(
+        "SELECT rid, target_type, target_id FROM reference_index
+         WHERE rid BETWEEN ?1 AND ?2 AND provenance_target = 0 AND from_ts <= ?3 AND (to_ts IS NULL OR to_ts > ?3)",
+    )?;
+    let mut rows = references.query(params![first, last, at])?;
+    while let Some(row) = rows.next()? {
+        let rid: i64 = row.get(0)?;
+        let Ok(index) = chosen.binary_search_by_key(&rid, |(key, _)| *key) else { continue };
+        record_node(connection, row.get_ref(1)?.as_str()?, row.get_ref(2)?.as_str()?, 1, chosen[index].1, allowed)?;
+    }
+    Ok(())
+}
+
 /// Records the references of `rid`'s version at `at` (to allowed types) as nodes of `level`,
 /// merging `via` into nodes of that level already found.
 fn add_references(
@@ -382,35 +430,38 @@ fn add_references(
         "SELECT target_type, target_id FROM reference_index
          WHERE rid = ?1 AND provenance_target = 0 AND from_ts <= ?2 AND (to_ts IS NULL OR to_ts > ?2)",
     )?;
-    let mut upsert = connection.prepare_cached(
-        "INSERT INTO temp.assoc_node (target_type, target_id, level, full_history, since, forced)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (target_type, target_id) DO UPDATE SET
-             full_history = max(full_history, excluded.full_history),
-             since = CASE WHEN since IS NULL THEN excluded.since WHEN excluded.since IS NULL THEN since
-                          ELSE min(since, excluded.since) END,
-             forced = max(forced, excluded.forced)
-         WHERE level = excluded.level",
-    )?;
     let mut rows = references.query(params![rid, at])?;
     while let Some(row) = rows.next()? {
-        let target_type = row.get_ref(0)?.as_str()?;
-        let allowed = match allowed {
-            ReferencedTypes::None => false,
-            ReferencedTypes::All => true,
-            ReferencedTypes::Only(types) => types.iter().any(|t| t == target_type),
-        };
-        if allowed {
-            let target_id = row.get_ref(1)?.as_str()?;
-            upsert.execute(params![
-                target_type,
-                target_id,
-                level,
-                via.reach.full_history,
-                via.reach.existing_since,
-                via.forced
-            ])?;
-        }
+        record_node(connection, row.get_ref(0)?.as_str()?, row.get_ref(1)?.as_str()?, level, via, allowed)?;
+    }
+    Ok(())
+}
+
+/// Records one referenced resource (when its type is allowed) as a node of `level`, merging
+/// `via` into a node of that level already found; a node found at a lower level stays as it is.
+fn record_node(
+    connection: &Connection,
+    target_type: &str,
+    target_id: &str,
+    level: u32,
+    via: Via,
+    allowed: &ReferencedTypes,
+) -> Result<(), StoreError> {
+    let allowed = match allowed {
+        ReferencedTypes::None => false,
+        ReferencedTypes::All => true,
+        ReferencedTypes::Only(types) => types.iter().any(|t| t == target_type),
+    };
+    if allowed {
+        let mut upsert = connection.prepare_cached(UPSERT_NODE)?;
+        upsert.execute(params![
+            target_type,
+            target_id,
+            level,
+            via.reach.full_history,
+            via.reach.existing_since,
+            via.forced
+        ])?;
     }
     Ok(())
 }
