@@ -308,7 +308,7 @@ fn expected(model: &TenantModel, at: Micros, since: Option<Micros>, types: &BTre
     let mut result = Expected::default();
     // The cohort's data at T, whatever `_type` and `_since`: key -> how it is reached.
     let mut cohort: BTreeMap<(String, String), Via> = BTreeMap::new();
-    for (key, _) in &model.resources {
+    for key in model.resources.keys() {
         let (resource_type, _) = key;
         if SHARED.contains(&resource_type.as_str()) {
             continue;
@@ -1017,7 +1017,7 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
                 };
                 let link = if two { organization(b) } else { String::new() };
                 let shape = Shape { kind: shared_kind, a: link, b: None, r: 0 };
-                write_resource(&server, model, tenant, shared_kind, id, shape).await;
+                write_resource(server, model, tenant, shared_kind, id, shape).await;
             } else if kind as usize == KINDS.len() {
                 // A Patient: one of the pool (the late one comes alive, a deleted one returns).
                 let patient = model.pick_patient(a);
@@ -1025,13 +1025,13 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
                     return;
                 }
                 let shape = Shape { kind: "Patient", a: patient.clone(), b: None, r: a ^ b };
-                write_resource(&server, model, tenant, "Patient", patient, shape).await;
+                write_resource(server, model, tenant, "Patient", patient, shape).await;
             } else {
                 let kind = KINDS[kind as usize];
                 model.next_id += 1;
                 let id = format!("{}{}", &kind[..3].to_lowercase(), model.next_id);
                 let shape = Shape { kind, a: model.pick_patient(a), b: two.then(|| model.pick_patient(b)), r: a ^ b };
-                write_resource(&server, model, tenant, kind, id, shape).await;
+                write_resource(server, model, tenant, kind, id, shape).await;
             }
         }
         Step::Update { tenant, pick, a, b, two, moved } => {
@@ -1050,7 +1050,7 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
                 // Other Practitioners and Organizations referenced.
                 shape.r = shape.r.wrapping_add(1);
             }
-            write_resource(&server, model, tenant, shape.kind, key.1.clone(), shape).await;
+            write_resource(server, model, tenant, shape.kind, key.1.clone(), shape).await;
         }
         Step::Repoint { tenant, pick, to, into_cohort } => {
             let model = &mut models[tenant];
@@ -1141,7 +1141,7 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
                     return;
                 }
             }
-            write_target_group(&server, model, tenant).await;
+            write_target_group(server, model, tenant).await;
         }
         Step::Export { tenant, types, since, deferred } => {
             let model = &mut models[tenant];
