@@ -67,7 +67,9 @@ pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     crate::private_files::create_private_dir(&config.data_dir.join("output"))?;
     let keys = load_token_keys(&config.data_dir)?;
     spawn_wal_checkpoints(&store);
-    Ok(AppState::new(store, config.http_config(), keys))
+    let state = AppState::new(store, config.http_config(), keys);
+    crate::retention::spawn_pruning(&state.store, config.history_retention()?);
+    Ok(state)
 }
 
 /// How often the server looks at the WAL's size.

@@ -144,3 +144,10 @@ CREATE TABLE IF NOT EXISTS export_associated (
     PRIMARY KEY (tenant_id, set_id, resource_type, rid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS export_associated_by_expiry ON export_associated (expires);
+
+-- History retention: history before `horizon` (micros) has been pruned, so `_since` exports
+-- before it are refused. One row, written by the first prune; it never moves back.
+CREATE TABLE IF NOT EXISTS retention (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    horizon INTEGER NOT NULL
+);
