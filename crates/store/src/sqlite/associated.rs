@@ -38,6 +38,24 @@ CREATE INDEX provenance_by_target ON reference_index (tenant_id, target_type, ta
     WHERE provenance_target = 1;
 ";
 
+/// The types of a tenant whose resources have ever referenced a resource outside the compartment
+/// (only grows): planning follows no references from the other types' cohort resources.
+const REFERENCING_TYPES: &str = "
+CREATE TABLE IF NOT EXISTS referencing_types (
+    tenant_id INTEGER NOT NULL,
+    resource_type TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, resource_type)
+) WITHOUT ROWID;
+";
+
+/// Notes that `resource_type` has references to follow in `tenant`.
+fn note_referencing_type(connection: &Connection, tenant: i64, resource_type: &str) -> Result<(), StoreError> {
+    connection
+        .prepare_cached("INSERT OR IGNORE INTO referencing_types (tenant_id, resource_type) VALUES (?1, ?2)")?
+        .execute(params![tenant, resource_type])?;
+    Ok(())
+}
+
 /// Creates the reference index when the database has none, backfilling it from every stored
 /// version (history included, so exports as of earlier transaction times stay exact), all in
 /// one transaction: a crash leaves the database as it was, and the next open starts over.
@@ -48,10 +66,12 @@ pub(super) fn migrate(connection: &mut Connection) -> Result<u64, StoreError> {
         |row| row.get(0),
     )?;
     if exists {
+        connection.execute_batch(REFERENCING_TYPES)?;
         return Ok(0);
     }
     let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     transaction.execute_batch(REFERENCE_INDEX)?;
+    transaction.execute_batch(REFERENCING_TYPES)?;
     let backfilled = backfill(&transaction)?;
     transaction.commit()?;
     if backfilled > 0 {
@@ -109,6 +129,9 @@ fn backfill(transaction: &Transaction<'_>) -> Result<u64, StoreError> {
                     ])?;
                 }
             }
+            if references.iter().any(|reference| !reference.provenance_target) {
+                note_referencing_type(transaction, tenant, &resource_type)?;
+            }
             for reference in references {
                 if !still_open.iter().any(|(held, _)| *held == reference) {
                     still_open.push((reference, version.last_updated));
@@ -149,6 +172,9 @@ pub(super) fn sync_references(
     is_new_row: bool,
 ) -> Result<(), StoreError> {
     let references = outgoing_references(resource_type, body);
+    if references.iter().any(|reference| !reference.provenance_target) {
+        note_referencing_type(transaction, tenant.0, resource_type)?;
+    }
     let open: Vec<OutgoingReference> = if is_new_row { Vec::new() } else { open_references(transaction, rid)? };
     for gone in open.iter().filter(|reference| !references.contains(reference)) {
         close(transaction, rid, Some(gone), timestamp)?;
@@ -342,9 +368,19 @@ fn compute(
         }
     }
     let mut id_of = connection.prepare_cached("SELECT id FROM resources WHERE rid = ?1")?;
+    let mut has_references = connection.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM referencing_types WHERE tenant_id = ?1 AND resource_type = ?2)",
+    )?;
     for resource_type in sources {
-        let follow = referencing && request.reference_sources.contains(resource_type);
+        // A type none of whose resources ever referenced anything to follow is not read at all
+        // for references (e.g. Observations in Synthea data).
+        let follow = referencing
+            && request.reference_sources.contains(resource_type)
+            && has_references.query_row(params![tenant.0, resource_type], |row| row.get::<_, bool>(0))?;
         let provenance = any_provenance && request.provenance_sources.contains(resource_type);
+        if !follow && !provenance {
+            continue;
+        }
         let Some((first, last)) = type_span(connection, tenant, resource_type)? else { continue };
         let live = |_: Reach, version: &VersionAt| !version.deleted && version.visible;
         let mut start = first;
