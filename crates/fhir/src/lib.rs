@@ -9,6 +9,7 @@ pub mod instant;
 pub mod outcome;
 pub mod references;
 pub mod resource_type;
+pub mod type_filter;
 pub mod validation;
 
 pub use exact_json::parse_exact;

@@ -355,7 +355,7 @@ fn synthea_group_exports_follow_the_compartment_definition() {
         }
 
         // ---- the actual export ----
-        let reply = runtime.block_on(server.send(get(&format!("/r4/Group/{group_id}/$export")).by(&client)));
+        let reply = runtime.block_on(server.send(get(&format!("/bulk-data/r4/Group/{group_id}/$export")).by(&client)));
         assert_eq!(reply.status, StatusCode::OK, "{group_id}: {}", reply.text());
         assert!(reply.header("content-type").contains("application/json"));
         let manifest: Value = serde_json::from_slice(&reply.body).unwrap();

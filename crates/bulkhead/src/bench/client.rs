@@ -73,18 +73,27 @@ impl Client {
     }
 
     fn kick_off_url(&self, group_id: &str) -> String {
+        self.group_kick_off_url(group_id)
+    }
+
+    /// `Group/{id}/$export` on the 1upHealth-style base (synchronous without `Prefer`).
+    pub fn group_kick_off_url(&self, group_id: &str) -> String {
         format!("{}/bulk-data/r4/Group/{group_id}/$export", self.base)
+    }
+
+    /// The system-level `$export` on the 1upHealth-style base.
+    pub fn system_kick_off_url(&self) -> String {
+        format!("{}/bulk-data/r4/$export", self.base)
     }
 
     /// The synchronous manifest (no `Prefer: respond-async`).
     pub async fn manifest(&self, group_id: &str) -> anyhow::Result<Value> {
-        self.manifest_with(group_id, &[]).await
+        self.manifest_from(&self.kick_off_url(group_id)).await
     }
 
-    /// The synchronous manifest of a kick-off with extra query parameters.
-    pub async fn manifest_with(&self, group_id: &str, query: &[(&str, &str)]) -> anyhow::Result<Value> {
-        let request = self.get(&self.kick_off_url(group_id)).query(query);
-        Ok(measure::send_patiently(request).await?.0.json().await?)
+    /// The synchronous manifest of a kick-off URL.
+    async fn manifest_from(&self, kick_off_url: &str) -> anyhow::Result<Value> {
+        Ok(measure::send_patiently(self.get(kick_off_url)).await?.0.json().await?)
     }
 
     /// The synchronous manifest of what changed after `since` (a server instant).
@@ -128,10 +137,10 @@ impl Client {
 
     /// Manifest plus every output file, `concurrency` downloads at a time.
     pub async fn export(&self, group_id: &str, encoding: Encoding, concurrency: usize) -> anyhow::Result<ExportResult> {
-        self.export_with(group_id, encoding, concurrency, &[]).await
+        self.export_from(&self.kick_off_url(group_id), encoding, concurrency).await
     }
 
-    /// [`Client::export`] of a kick-off with extra query parameters.
+    /// [`Client::export`] of a kick-off with extra query parameters (URL-safe values).
     pub async fn export_with(
         &self,
         group_id: &str,
@@ -139,9 +148,21 @@ impl Client {
         concurrency: usize,
         query: &[(&str, &str)],
     ) -> anyhow::Result<ExportResult> {
+        let query: Vec<String> = query.iter().map(|(name, value)| format!("{name}={value}")).collect();
+        let url = format!("{}?{}", self.kick_off_url(group_id), query.join("&"));
+        self.export_from(&url, encoding, concurrency).await
+    }
+
+    /// Manifest plus every output file of a kick-off URL (any level).
+    pub async fn export_from(
+        &self,
+        kick_off_url: &str,
+        encoding: Encoding,
+        concurrency: usize,
+    ) -> anyhow::Result<ExportResult> {
         let clock = CpuClock::start();
         let started = Instant::now();
-        let manifest = self.manifest_with(group_id, query).await?;
+        let manifest = self.manifest_from(kick_off_url).await?;
         let outputs: Vec<(String, u64)> = manifest["output"]
             .as_array()
             .into_iter()

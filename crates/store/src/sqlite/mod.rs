@@ -16,9 +16,9 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    AssociatedRequest, ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader,
-    PruneReport, SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility,
-    WriteMode, WriteOp, Written,
+    AssociatedRequest, ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection,
+    PartRange, PartReader, PruneReport, SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant,
+    TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -211,6 +211,25 @@ impl crate::Store for SqliteStore {
 
     fn server_key(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
         self.with_write(|transaction, _| admin::server_key(transaction, name, candidate))
+    }
+
+    fn set_client_registration(&self, client_id: &str, registration: &ClientRegistration) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| admin::set_client_registration(transaction, client_id, registration))
+    }
+
+    fn client_registration(&self, client_id: &str) -> Result<Option<ClientRegistration>, StoreError> {
+        self.with_read(|connection| admin::client_registration(connection, client_id))
+    }
+
+    fn record_assertion_jti(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        jti: &str,
+        expires: Micros,
+        now: Micros,
+    ) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| admin::record_assertion_jti(transaction, tenant, client_id, jti, expires, now))
     }
 
     fn write(
@@ -411,6 +430,17 @@ impl crate::Store for SqliteStore {
         ids: &[String],
     ) -> Result<Vec<String>, StoreError> {
         self.with_read(|connection| associated::associated_ids(connection, tenant, set_id, resource_type, ids))
+    }
+    fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError> {
+        self.with_snapshot(|connection| {
+            let ids: Vec<String> = connection
+                .prepare_cached(
+                    "SELECT id FROM resources WHERE tenant_id = ?1 AND resource_type = 'Patient' ORDER BY id",
+                )?
+                .query_map([tenant.0], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            export::existing_at(connection, tenant, visibility, "Patient", &ids, at)
+        })
     }
     fn create_export_job(&self, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {
         self.with_write(|transaction, _| jobs::create_export_job(transaction, tenant, job))
@@ -622,6 +652,8 @@ mod tests {
                 until: None,
                 transaction_time: at,
                 visibility: Visibility::Tenant,
+                scope: crate::SelectionScope::Members,
+                filters: Default::default(),
             };
             let sources = vec!["Patient".to_owned(), "Encounter".to_owned()];
             let request = AssociatedRequest {
