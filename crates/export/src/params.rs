@@ -27,11 +27,14 @@
 //! [`split_type_filter`]), so it does not matter whether a client encoded its commas.
 
 use bulkhead_fhir::compartment::parse_reference;
+use bulkhead_fhir::references::is_referenced_type;
 use bulkhead_fhir::type_filter::{split_type_filter, FilterError, TypeFilter};
 use bulkhead_fhir::validation::top_level_elements;
 use bulkhead_fhir::{is_resource_type, parse_since, Issue, IssueType, Micros, Severity, RESOURCE_TYPES};
 
 use crate::level::ExportLevel;
+
+use crate::associated::{parse_include_associated_data, AssociatedData};
 
 /// The canonical NDJSON media type every accepted `_outputFormat` spelling is normalised to.
 pub const NDJSON: &str = "application/fhir+ndjson";
@@ -42,7 +45,7 @@ const NDJSON_SPELLINGS: &[&str] =
     &["application/fhir+ndjson", "application/ndjson", "ndjson", "application/fhir ndjson"];
 
 /// Bulk Data parameters we know of but do not implement (yet).
-const UNSUPPORTED_PARAMS: &[&str] = &["includeAssociatedData", "organizeOutputBy"];
+const UNSUPPORTED_PARAMS: &[&str] = &["organizeOutputBy"];
 
 /// Parameters accepted as hints only: the server keeps its own file policy.
 const HINT_PARAMS: &[&str] = &["allowPartialManifests", "_minimumFileSize", "_maximumFileSize"];
@@ -63,6 +66,8 @@ pub struct ExportParams {
     pub until: Option<Micros>,
     /// Always [`NDJSON`] (`application/fhir+ndjson`): every accepted spelling is normalised.
     pub output_format: String,
+    /// `includeAssociatedData` (Provenance and referenced resources; see [`crate::associated`]).
+    pub associated: AssociatedData,
     /// `_typeFilter` queries, each checked to compile ([`TypeFilter::parse`]), in request order.
     pub type_filters: Vec<String>,
     /// `_elements` entries (`Type.element` or `element`), checked, deduplicated; `None` when
@@ -139,7 +144,12 @@ pub fn parse_export_params(
         true => None,
         false => parse_patients(&raw.patients, context, &mut warnings)?,
     };
-    let params = ExportParams { types, since, until, output_format, type_filters, elements, patients };
+    let associated = parse_include_associated_data(&raw.associated, lenient, &mut warnings)?;
+    let types = match types {
+        Some(types) => Some(check_referenced_types(types, context.level, &associated, lenient, &mut warnings)?),
+        None => None,
+    };
+    let params = ExportParams { types, since, until, output_format, type_filters, elements, patients, associated };
     Ok((params, warnings))
 }
 
@@ -160,6 +170,7 @@ enum Param {
     Since,
     Until,
     OutputFormat,
+    IncludeAssociatedData,
     TypeFilter,
     Elements,
     Patient,
@@ -178,6 +189,7 @@ fn classify(name: &str) -> Param {
         "_since" => Param::Since,
         "_until" => Param::Until,
         "_outputFormat" => Param::OutputFormat,
+        "includeAssociatedData" => Param::IncludeAssociatedData,
         "_typeFilter" => Param::TypeFilter,
         "_elements" => Param::Elements,
         "patient" => Param::Patient,
@@ -195,6 +207,8 @@ struct RawParams<'a> {
     since: Option<&'a str>,
     until: Option<&'a str>,
     output_format: Option<&'a str>,
+    /// Every `includeAssociatedData` value in order (each may be a comma list).
+    associated: Vec<&'a str>,
     /// Every `_typeFilter`, `_elements` and `patient` value in order.
     type_filters: Vec<&'a str>,
     elements: Vec<&'a str>,
@@ -218,6 +232,7 @@ fn collect(pairs: &[(String, String)]) -> Result<RawParams<'_>, ParamError> {
             Param::Since => set_once(&mut raw.since, name, value)?,
             Param::Until => set_once(&mut raw.until, name, value)?,
             Param::OutputFormat => set_once(&mut raw.output_format, name, value)?,
+            Param::IncludeAssociatedData => raw.associated.push(value),
             Param::TypeFilter => raw.type_filters.push(value),
             Param::Elements => raw.elements.push(value),
             Param::Patient => raw.patients.push(value),
@@ -311,7 +326,7 @@ fn check_type_of(param: &str, name: &str, level: &ExportLevel) -> Result<(), Par
         let message = format!("Parameter '{param}': '{}' is not an R4 resource type", echo(name));
         return Err(ParamError::new(IssueType::Value, param, message));
     }
-    if !level.exports(name) {
+    if !level.exports(name) && (param != "_type" || !is_referenced_type(name)) {
         let what = match level {
             ExportLevel::Patient => "only Patient and Patient-compartment types other than Group are",
             _ => "only Patient, Group and Patient-compartment types are",
@@ -320,6 +335,48 @@ fn check_type_of(param: &str, name: &str, level: &ExportLevel) -> Result<(), Par
         return Err(ParamError::new(IssueType::NotSupported, param, message));
     }
     Ok(())
+}
+
+/// Types outside the Patient compartment are exported only as resources referenced by the
+/// compartment data (README "Associated data"): a `_type` list of nothing else exports nothing
+/// (an error even when lenient, like any list lenient mode would empty), and one that names them
+/// while `includeAssociatedData=_noReferencedResources` turns referenced resources off is a
+/// contradiction (strict: an error; lenient: they are dropped).
+fn check_referenced_types(
+    types: Vec<String>,
+    level: &ExportLevel,
+    associated: &AssociatedData,
+    lenient: bool,
+    warnings: &mut Vec<Issue>,
+) -> Result<Vec<String>, ParamError> {
+    if matches!(level, ExportLevel::System) {
+        return Ok(types);
+    }
+    let (referenced, cohort): (Vec<&String>, Vec<&String>) = types.iter().partition(|t| !level.exports(t));
+    if cohort.is_empty() {
+        let names = referenced.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(",");
+        let message = format!(
+            "Parameter '_type': {} lie outside the Patient compartment; {} returns such resources only when \
+             its compartment data references them, so name a Patient-compartment type too",
+            echo(&names),
+            level.describe()
+        );
+        return Err(ParamError::new(IssueType::NotSupported, "_type", message));
+    }
+    if associated.referenced || referenced.is_empty() {
+        return Ok(types);
+    }
+    let names = referenced.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(",");
+    let message = format!(
+        "Parameter '_type': {} would only be exported as referenced resources, which \
+         includeAssociatedData=_noReferencedResources turns off",
+        echo(&names)
+    );
+    if !lenient {
+        return Err(ParamError::new(IssueType::NotSupported, "_type", message));
+    }
+    warnings.push(as_lenient_warning(ParamError::new(IssueType::NotSupported, "_type", message).issue));
+    Ok(types.into_iter().filter(|t| level.exports(t)).collect())
 }
 
 /// Compiles every `_typeFilter` query (each value may hold several). A malformed query is an
@@ -550,6 +607,7 @@ mod tests {
             type_filters: Vec::new(),
             elements: None,
             patients: None,
+            associated: AssociatedData::default(),
         };
         assert_eq!(params, expected);
     }
@@ -601,15 +659,35 @@ mod tests {
 
     #[test]
     fn lenient_drops_bad_types_with_one_warning_each() {
-        let pairs = [("_type", "Patient,Practitioner,Bogus"), ("_type", "Practitioner,Observation")];
+        let pairs = [("_type", "Patient,Bundle2,Bogus"), ("_type", "Bundle2,Observation")];
         let (params, warnings) = parse(&pairs, true).unwrap();
         assert_eq!(types(&params), ["Patient", "Observation"]);
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings.iter().all(|w| w.severity == Severity::Warning));
-        assert!(warnings[0].diagnostics.contains("Practitioner"));
-        assert_eq!(warnings[0].code, IssueType::NotSupported);
+        assert!(warnings[0].diagnostics.contains("Bundle2"));
+        assert_eq!(warnings[0].code, IssueType::Value);
         assert!(warnings[1].diagnostics.contains("Bogus"));
         assert_eq!(warnings[1].expression.as_deref(), Some("_type"));
+    }
+
+    #[test]
+    fn referenced_types_are_accepted_beside_compartment_types() {
+        let params = ok(&[("_type", "MedicationRequest,Medication,Practitioner")]);
+        assert_eq!(types(&params), ["MedicationRequest", "Medication", "Practitioner"]);
+        assert!(params.associated.referenced);
+    }
+
+    #[test]
+    fn referenced_types_contradict_the_switch_off() {
+        let pairs = [("_type", "Observation,Practitioner"), ("includeAssociatedData", "_noReferencedResources")];
+        let issue = err(&pairs, false);
+        assert_eq!(issue.code, IssueType::NotSupported);
+        assert!(issue.diagnostics.contains("Practitioner"), "{}", issue.diagnostics);
+        let (params, warnings) = parse(&pairs, true).unwrap();
+        assert_eq!(types(&params), ["Observation"]);
+        assert!(!params.associated.referenced);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].severity, Severity::Warning);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod exact_json;
 pub mod id;
 pub mod instant;
 pub mod outcome;
+pub mod references;
 pub mod resource_type;
 pub mod type_filter;
 pub mod validation;

@@ -147,6 +147,7 @@ pub(crate) async fn kick_off_at(
     params.types = exportable_types(&caller, &level, params.types)?;
     let with_since = params.since.is_some();
     let running = crate::quotas::admit_export(&state, &caller)?;
+    let urls = FileUrls::new(&state, &caller);
     let request = GroupExportRequest {
         tenant: caller.tenant,
         client_id: caller.client_id.clone(),
@@ -155,8 +156,8 @@ pub(crate) async fn kick_off_at(
         params,
         warnings,
         part_size: state.config.export_part_size,
+        files_expire: urls.expires.saturating_mul(MICROS_PER_SECOND),
     };
-    let urls = FileUrls::new(&state, &caller);
     let base = base_url(&state, &headers);
     // Bulk Data IG §manifest `request`: the full URL of a GET; a POST's without its parameters.
     let request_url = match post {

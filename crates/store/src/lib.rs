@@ -17,8 +17,8 @@ pub mod testsuite;
 
 pub use error::StoreError;
 pub use model::{
-    ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange,
-    SelectionScope, StoredResource, Tenant, TenantId, Visibility,
+    AssociatedRequest, ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection,
+    PartRange, ProvenanceSelection, ReferencedTypes, SelectionScope, StoredResource, Tenant, TenantId, Visibility,
 };
 pub use retention::{PruneReport, StorageBytes};
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
@@ -174,6 +174,38 @@ pub trait Store: Send + Sync + 'static {
         selection: &MemberSelection,
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError>;
+    /// Computes the associated data of a Patient or Group export (Provenance and referenced
+    /// resources, see [`AssociatedRequest`]) as of the selection's transaction time, stores it
+    /// under `request.set_id` (swept by [`Store::delete_expired_export_records`] once
+    /// `request.expires` has passed), and splits each type's resources into consecutive key
+    /// ranges of at most `part_size`, with exact counts (types with none get no entry). Memory
+    /// stays bounded whatever the cohort's size: the working sets live in the database.
+    fn plan_associated(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        request: &AssociatedRequest,
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError>;
+    /// A reader of one planned part of a stored associated set (see [`Store::plan_associated`]):
+    /// each resource's version at the selection's transaction time, in key order, a window at a
+    /// time, like [`Store::part_reader`].
+    fn associated_reader<'a>(
+        &'a self,
+        tenant: TenantId,
+        selection: &'a MemberSelection,
+        set_id: &'a str,
+        resource_type: &'a str,
+        range: PartRange,
+    ) -> Box<dyn PartReader + 'a>;
+    /// The ids among `ids` (of `resource_type`) that the stored associated set `set_id` holds.
+    fn associated_ids(
+        &self,
+        tenant: TenantId,
+        set_id: &str,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<String>, StoreError>;
     /// Ids of the tenant's Patients that existed, not deleted and visible, at `at`, sorted (the
     /// members of a Patient-level export).
     fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError>;

@@ -40,6 +40,25 @@ pub struct GroupResult {
     pub manifest: Latency,
     pub asynchronous: AsyncLatency,
     pub exports: Vec<ExportResult>,
+    /// The cost of referenced resources (self-contained export) on the NDJSON export.
+    pub closure: Option<ClosureCost>,
+}
+
+/// Group export (NDJSON, end to end) with referenced resources (the default) and without them
+/// (`includeAssociatedData=_noReferencedResources`), runs alternated; medians.
+pub struct ClosureCost {
+    pub runs: usize,
+    pub with_resources: u64,
+    pub with_seconds: f64,
+    pub without_resources: u64,
+    pub without_seconds: f64,
+}
+
+impl ClosureCost {
+    /// Extra time of the export with referenced resources, in percent of the one without.
+    pub fn extra_percent(&self) -> f64 {
+        (self.with_seconds / self.without_seconds.max(1e-9) - 1.0) * 100.0
+    }
 }
 
 /// `bulkhead import` of the whole data set, as a child process.
@@ -193,6 +212,20 @@ fn print_dataset(dataset: &DatasetResult) {
             );
         }
     }
+    for group in &dataset.groups {
+        if let Some(closure) = &group.closure {
+            say!(
+                "referenced resources, {}-member Group (NDJSON, median of {}): with {} resources in {:.3} s, without {} in {:.3} s: {:+.1}% time",
+                group.members,
+                closure.runs,
+                closure.with_resources,
+                closure.with_seconds,
+                closure.without_resources,
+                closure.without_seconds,
+                closure.extra_percent()
+            );
+        }
+    }
     say!("{:>8} {:>14} {:>14} {:>16}", "members", "async 202 p50", "async 202 p95", "status 200 p50");
     for group in &dataset.groups {
         let asynchronous = &group.asynchronous;
@@ -331,6 +364,14 @@ fn dataset_json(d: &DatasetResult) -> Value {
                 "server_peak_rss_bytes": e.peak_rss_bytes,
                 "client_cpu_share": e.client_cpu_share,
             })).collect::<Vec<_>>(),
+            "referenced_resources": g.closure.as_ref().map(|c| json!({
+                "runs": c.runs,
+                "with_resources": c.with_resources,
+                "with_seconds": c.with_seconds,
+                "without_resources": c.without_resources,
+                "without_seconds": c.without_seconds,
+                "extra_percent": c.extra_percent(),
+            })),
         })).collect::<Vec<_>>(),
         "since": d.since.as_ref().map(|s| json!({
             "members": s.members,

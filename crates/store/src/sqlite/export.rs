@@ -79,24 +79,24 @@ fn members_digest(tenant: TenantId, selection: &MemberSelection) -> [u8; 32] {
 
 /// The version of one resource (by key) as it was at the transaction time.
 pub(super) struct VersionAt {
-    last_updated: Micros,
-    deleted: bool,
+    pub(super) last_updated: Micros,
+    pub(super) deleted: bool,
     /// The caller may see it (its owner matches a user-scoped selection).
-    visible: bool,
+    pub(super) visible: bool,
 }
 
 /// Which members a candidate resource was found through.
 #[derive(Clone, Copy)]
 pub(super) struct Reach {
     /// Some member gets its full history (added to the Group since `_since`).
-    full_history: bool,
+    pub(super) full_history: bool,
     /// The smallest `since` among the other members, if any.
-    existing_since: Option<Micros>,
+    pub(super) existing_since: Option<Micros>,
 }
 
 impl Reach {
     /// The lower bound on `lastUpdated` that applies (`None`: none).
-    fn since(self) -> Option<Micros> {
+    pub(super) fn since(self) -> Option<Micros> {
         if self.full_history {
             None
         } else {
@@ -104,7 +104,7 @@ impl Reach {
         }
     }
 
-    fn merge(self, other: Reach) -> Reach {
+    pub(super) fn merge(self, other: Reach) -> Reach {
         let existing_since = match (self.existing_since, other.existing_since) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -243,7 +243,9 @@ pub(super) fn type_span(
 /// A resource whose version at the transaction time passed the selection.
 pub(super) struct Chosen {
     pub(super) rid: i64,
-    version: VersionAt,
+    /// Which members it was found through.
+    pub(super) reach: Reach,
+    pub(super) version: VersionAt,
     /// The history version holding that version's body; 0 when it was the current row then.
     pub(super) history_version: i64,
 }
@@ -298,7 +300,7 @@ pub(super) fn select_window(
         if select(candidate.reach, &version)
             && (!filtered || filter_matches(connection, selection, resource_type, candidate.rid, history_version)?)
         {
-            chosen.push(Chosen { rid: candidate.rid, version, history_version });
+            chosen.push(Chosen { rid: candidate.rid, reach: candidate.reach, version, history_version });
         }
     }
     Ok(chosen)

@@ -131,7 +131,10 @@ pub(super) fn export_record(
 
 pub(super) fn delete_expired_export_records(connection: &Connection, now: Micros) -> Result<u64, StoreError> {
     let mut statement = connection.prepare_cached("DELETE FROM export_records WHERE expires <= ?1")?;
-    Ok(statement.execute([now])? as u64)
+    let swept = statement.execute([now])? as u64;
+    // The associated sets of those exports expire with them.
+    connection.prepare_cached("DELETE FROM export_associated WHERE expires <= ?1")?.execute([now])?;
+    Ok(swept)
 }
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<ExportJob> {

@@ -1,6 +1,7 @@
 //! The embedded SQLite store (WAL mode): one writer connection, a small pool of readers.
 
 mod admin;
+mod associated;
 pub mod backup;
 mod export;
 mod jobs;
@@ -17,9 +18,9 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader,
-    PruneReport, SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility,
-    WriteMode, WriteOp, Written,
+    AssociatedRequest, ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection,
+    PartRange, PartReader, PruneReport, SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant,
+    TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -77,6 +78,7 @@ impl SqliteStore {
         migrate::migrate_v1_to_v2(&mut writer, SCHEMA)?;
         writer.execute_batch(SCHEMA)?;
         jobs::migrate(&writer)?;
+        associated::migrate(&mut writer)?;
         if let Some(pages) = options.max_page_count {
             // Per connection; only the writer grows the file.
             writer.pragma_update(None, "max_page_count", pages)?;
@@ -460,6 +462,44 @@ impl crate::Store for SqliteStore {
         Ok(deleted.as_ref().clone())
     }
 
+    fn plan_associated(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        request: &AssociatedRequest,
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
+        self.plan_associated_set(tenant, selection, request, part_size)
+    }
+
+    fn associated_reader<'a>(
+        &'a self,
+        tenant: TenantId,
+        selection: &'a MemberSelection,
+        set_id: &'a str,
+        resource_type: &'a str,
+        range: PartRange,
+    ) -> Box<dyn PartReader + 'a> {
+        Box::new(associated::AssociatedPartReader {
+            store: self,
+            tenant,
+            selection,
+            set_id,
+            resource_type,
+            next_key: (range.first_key <= range.last_key).then_some(range.first_key),
+            last_key: range.last_key,
+        })
+    }
+
+    fn associated_ids(
+        &self,
+        tenant: TenantId,
+        set_id: &str,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        self.with_read(|connection| associated::associated_ids(connection, tenant, set_id, resource_type, ids))
+    }
     fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError> {
         self.with_snapshot(|connection| {
             let ids: Vec<String> = connection
@@ -709,6 +749,131 @@ mod tests {
         let before = hits();
         since_manifest(store.reserve_transaction_time().unwrap());
         assert_eq!(hits(), before + types.len() as u64 + 1, "every list and the plan reused");
+    }
+
+    /// A database from before the reference index gets it on open, backfilled from every stored
+    /// version: the same rows the write path keeps (so exports as of earlier transaction times
+    /// stay exact), and the same associated data at each of those times.
+    #[test]
+    fn an_old_database_gets_its_reference_index_backfilled() {
+        use crate::{
+            AssociatedRequest, MemberSelection, ProvenanceSelection, ReferencedTypes, Store, Visibility, WriteMode,
+            WriteOp,
+        };
+        use serde_json::json;
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("old.db");
+        let store = super::SqliteStore::open(&path).unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        let put = |body: serde_json::Value| {
+            let (resource_type, id) =
+                (body["resourceType"].as_str().unwrap().to_owned(), body["id"].as_str().unwrap().to_owned());
+            let op = WriteOp::Update { resource_type, id, body, if_match: None };
+            store.write(tenant, None, &[op], WriteMode::Transaction).unwrap();
+        };
+        let encounter = |practitioner: &str| {
+            json!({"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "AMB"},
+                   "subject": {"reference": "Patient/a"},
+                   "participant": [{"individual": {"reference": format!("Practitioner/{practitioner}")}}]})
+        };
+        put(json!({"resourceType": "Patient", "id": "a"}));
+        for id in ["pr1", "pr2", "pr3"] {
+            put(json!({"resourceType": "Practitioner", "id": id}));
+        }
+        put(encounter("pr1"));
+        put(json!({"resourceType": "Provenance", "id": "v", "target": [{"reference": "Encounter/e1"}],
+                   "recorded": "2020-01-01T00:00:00Z", "agent": [{"who": {"reference": "Practitioner/pr3"}}]}));
+        let first = store.reserve_transaction_time().unwrap();
+        put(encounter("pr2"));
+        store
+            .write(
+                tenant,
+                None,
+                &[WriteOp::Delete { resource_type: "Provenance".into(), id: "v".into() }],
+                WriteMode::Transaction,
+            )
+            .unwrap();
+        let second = store.reserve_transaction_time().unwrap();
+        // Two versions in one transaction, and a resurrection.
+        let twice = [encounter("pr3"), encounter("pr1")].map(|body| WriteOp::Update {
+            resource_type: "Encounter".into(),
+            id: "e1".into(),
+            body,
+            if_match: None,
+        });
+        store.write(tenant, None, &twice, WriteMode::Transaction).unwrap();
+        put(json!({"resourceType": "Provenance", "id": "v", "target": [{"reference": "Patient/a"}],
+                   "recorded": "2020-01-01T00:00:00Z", "agent": [{"who": {"reference": "Practitioner/pr2"}}]}));
+        let third = store.reserve_transaction_time().unwrap();
+        let set = std::cell::Cell::new(0);
+        let associated_at = |store: &super::SqliteStore, at| {
+            set.set(set.get() + 1);
+            let selection = MemberSelection {
+                members: vec![("a".into(), None)],
+                since: None,
+                until: None,
+                transaction_time: at,
+                visibility: Visibility::Tenant,
+                scope: crate::SelectionScope::Members,
+                filters: Default::default(),
+            };
+            let sources = vec!["Patient".to_owned(), "Encounter".to_owned()];
+            let request = AssociatedRequest {
+                set_id: format!("s{}", set.get()),
+                expires: i64::MAX,
+                provenance: ProvenanceSelection::Relevant,
+                provenance_sources: sources.clone(),
+                referenced: ReferencedTypes::All,
+                reference_sources: sources,
+                depth: 2,
+            };
+            let planned = store.plan_associated(tenant, &selection, &request, 100).unwrap();
+            planned.into_iter().map(|(resource_type, parts)| (resource_type, parts[0].count)).collect::<Vec<_>>()
+        };
+        let rows = |store: &super::SqliteStore| {
+            store
+                .with_read(|connection| {
+                    let mut statement = connection.prepare(
+                        "SELECT rid, provenance_target, target_type, target_id, from_ts, to_ts, tenant_id
+                         FROM reference_index ORDER BY 1, 2, 3, 4, 5",
+                    )?;
+                    let rows = statement
+                        .query_map([], |row| {
+                            Ok(format!(
+                                "{:?}",
+                                (
+                                    row.get::<_, i64>(0)?,
+                                    row.get::<_, bool>(1)?,
+                                    row.get::<_, String>(2)?,
+                                    row.get::<_, String>(3)?,
+                                    row.get::<_, i64>(4)?,
+                                    row.get::<_, Option<i64>>(5)?,
+                                    row.get::<_, i64>(6)?
+                                )
+                            ))
+                        })?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(rows)
+                })
+                .unwrap()
+        };
+        let kept = rows(&store);
+        let expected: Vec<_> = [first, second, third].iter().map(|at| associated_at(&store, *at)).collect();
+        assert_eq!(expected[0], [("Practitioner".to_owned(), 2), ("Provenance".to_owned(), 1)], "pr1, pr3 and v");
+        assert_eq!(expected[1], [("Practitioner".to_owned(), 1)], "pr2; v deleted");
+        assert_eq!(expected[2], [("Practitioner".to_owned(), 2), ("Provenance".to_owned(), 1)], "pr1, pr2 and v");
+        drop(store);
+        {
+            let connection = rusqlite::Connection::open(&path).unwrap();
+            connection.execute_batch("DROP TABLE reference_index; DROP TABLE export_associated;").unwrap();
+        }
+        let reopened = super::SqliteStore::open(&path).unwrap();
+        assert_eq!(rows(&reopened), kept, "the backfill rebuilds exactly the rows the writes kept");
+        let rebuilt: Vec<_> = [first, second, third].iter().map(|at| associated_at(&reopened, *at)).collect();
+        assert_eq!(rebuilt, expected);
+        drop(reopened);
+        // Opening again changes nothing.
+        assert_eq!(rows(&super::SqliteStore::open(&path).unwrap()), kept);
     }
 
     /// SQLITE_FULL (a full disk, or the page cap reached) is `StorageFull`, and a batch stops

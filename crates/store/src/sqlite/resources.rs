@@ -164,6 +164,7 @@ fn put(
     let patients = patient_compartments_of(resource_type, id, body);
     sync_compartments(transaction, tenant, resource_type, rid, patients, stored_owner, timestamp, is_new_row)?;
     sync_search_tokens(transaction, tenant, resource_type, rid, body, is_new_row)?;
+    super::associated::sync_references(transaction, tenant, resource_type, rid, body, timestamp, is_new_row)?;
     if resource_type == "Group" {
         let members =
             group_members(&text, timestamp).map_err(|error| StoreError::Invalid(format!("Group.member: {error}")))?;
@@ -224,6 +225,7 @@ fn delete(
         mark_patient_changed(transaction, pkey, timestamp)?;
     }
     transaction.prepare_cached("DELETE FROM search_token WHERE rid = ?1")?.execute([existing.rid])?;
+    super::associated::close_references(transaction, existing.rid, timestamp)?;
     if resource_type == "Group" {
         sync_group_membership(transaction, tenant, existing.rid, &[], timestamp)?;
     }

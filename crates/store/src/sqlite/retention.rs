@@ -80,6 +80,7 @@ pub(super) fn prune(store: &SqliteStore, cutoff: Micros, now: Micros, batch: usi
                 "DELETE FROM compartment WHERE rid = ?1 AND to_ts IS NULL",
                 "DELETE FROM compartment WHERE rid = ?1 AND to_ts IS NOT NULL",
                 "DELETE FROM search_token WHERE rid = ?1",
+                "DELETE FROM reference_index WHERE rid = ?1",
                 "DELETE FROM resources WHERE rid = ?1",
             ] {
                 transaction.prepare_cached(statement)?.execute([rid])?;
@@ -107,6 +108,21 @@ pub(super) fn prune(store: &SqliteStore, cutoff: Micros, now: Micros, batch: usi
             Ok(patients.len() as u64)
         })?;
         report.compartment_rows += removed;
+        if removed < batch as u64 {
+            break;
+        }
+    }
+    // Closed reference-index rows: no export reads the references of versions before the horizon.
+    loop {
+        let removed = store.with_write(|transaction, _| {
+            Ok(transaction
+                .prepare_cached(
+                    "DELETE FROM reference_index WHERE (rid, provenance_target, target_type, target_id, from_ts) IN (
+                         SELECT rid, provenance_target, target_type, target_id, from_ts FROM reference_index
+                         WHERE to_ts IS NOT NULL AND to_ts <= ?1 LIMIT ?2)",
+                )?
+                .execute(params![horizon, batch])? as u64)
+        })?;
         if removed < batch as u64 {
             break;
         }

@@ -181,6 +181,20 @@ CREATE TABLE IF NOT EXISTS export_records (
 );
 CREATE INDEX IF NOT EXISTS export_records_by_expiry ON export_records (expires);
 
+-- The associated data of one Patient or Group export (Provenance and referenced resources),
+-- computed at planning and read by its file downloads; swept with the export records once
+-- `expires` (micros) has passed. The reference index it is computed from (`reference_index`) is
+-- created by `associated::migrate`, which backfills it on databases from before it.
+CREATE TABLE IF NOT EXISTS export_associated (
+    tenant_id INTEGER NOT NULL,
+    set_id TEXT NOT NULL,
+    resource_type TEXT NOT NULL,
+    rid INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, set_id, resource_type, rid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS export_associated_by_expiry ON export_associated (expires);
+
 -- History retention: history before `horizon` (micros) has been pruned, so `_since` exports
 -- before it are refused. One row, written by the first prune; it never moves back.
 CREATE TABLE IF NOT EXISTS retention (
