@@ -1,6 +1,7 @@
 //! The embedded SQLite store (WAL mode): one writer connection, a small pool of readers.
 
 mod admin;
+mod audit;
 mod export;
 mod jobs;
 mod part_reader;
@@ -13,8 +14,9 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, SearchPage,
-    SearchQuery, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
+    AuditQuery, AuditRecord, AuditRecords, ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection,
+    PartRange, PartReader, SearchPage, SearchQuery, StoreError, StoredResource, Tenant, TenantId, Visibility,
+    WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -208,12 +210,13 @@ impl crate::Store for SqliteStore {
         self.with_write(|transaction, _| admin::server_key(transaction, name, candidate))
     }
 
-    fn write(
+    fn write_audited(
         &self,
         tenant: TenantId,
         owner: Option<&str>,
         ops: &[WriteOp],
         mode: WriteMode,
+        audit_records: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
         self.with_write(|transaction, timestamp| {
             let mut results = Vec::with_capacity(ops.len());
@@ -242,6 +245,7 @@ impl crate::Store for SqliteStore {
                     }
                 }
             }
+            audit::append(transaction, &audit_records(&results))?;
             Ok(results)
         })
     }
@@ -404,6 +408,18 @@ impl crate::Store for SqliteStore {
 
     fn delete_expired_export_records(&self, now: Micros) -> Result<u64, StoreError> {
         self.with_write(|transaction, _| jobs::delete_expired_export_records(transaction, now))
+    }
+
+    fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        self.with_write(|transaction, _| audit::append(transaction, records))
+    }
+
+    fn audit_records(&self, tenant: TenantId, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.with_snapshot(|connection| audit::records(connection, tenant, query))
+    }
+
+    fn prune_audit(&self, before: Micros) -> Result<u64, StoreError> {
+        self.with_write(|transaction, _| audit::prune(transaction, before))
     }
 
     fn check_writable(&self, min_free_bytes: u64) -> Result<(), StoreError> {
