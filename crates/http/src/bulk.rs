@@ -72,6 +72,7 @@ pub async fn kick_off(
         .into_owned()
         .filter(|(name, _)| !crate::negotiation::is_general_param(name))
         .collect();
+    crate::audit::note_export_kickoff(&group_id, &pairs);
     let (params, warnings) = parse_group_export_params(&pairs, preferences.lenient)
         .map_err(|error| ApiError::from_issue(StatusCode::BAD_REQUEST, error.issue))?;
     let with_since = params.since.is_some();
@@ -109,6 +110,7 @@ pub async fn kick_off(
         })
         .await?;
     tracing::info!(group = %group_id, files = plan.export.files.len(), millis = started.elapsed().as_millis() as u64, "export planned");
+    crate::audit::note_export_plan(&plan);
     let manifest = manifest(&state, &urls, &base, &request_url, plan, with_since);
     let mut response = (StatusCode::OK, manifest.body.to_string()).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -220,7 +222,9 @@ pub async fn download(
     Path((path_type, file)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("export.download", path_type.clone());
     let claims = authorize_download(&state, &headers, &path_type, &file).await?;
+    crate::audit::note_download(&claims);
     let slot = match download_slot(&state).await {
         Ok(slot) => slot,
         Err(throttled) => return Ok(throttled),

@@ -139,6 +139,7 @@ pub(crate) async fn accept(
             Ok(transaction_time)
         })
         .await?;
+    crate::audit::note_export_accepted(&job_id, transaction_time);
     start_planner(state, tenant, job_id.clone(), transaction_time, build);
     tracing::info!(job = %job_id, "export job accepted");
     let status_url = format!("{base}/bulk-data/r4/$export-status/{job_id}");
@@ -247,6 +248,7 @@ pub async fn status(
     Path(job_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("export.status", job_id.clone());
     let caller = authenticate(&state, &headers).await?;
     check_accept(&headers)?;
     let mut job = lookup(&state, &caller, &job_id).await?;
@@ -323,6 +325,7 @@ pub async fn cancel(
     Path(job_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("export.cancel", job_id.clone());
     let caller = authenticate(&state, &headers).await?;
     check_accept(&headers)?;
     let lookup = caller.clone();
