@@ -69,6 +69,8 @@ enum Command {
     Import(crate::import::ImportArgs),
     /// Measure import and export against the release binary (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
+    /// Show a tenant's audit trail (who accessed which data, when, from where, with what outcome).
+    Audit(crate::audit::AuditArgs),
 }
 
 #[derive(Subcommand)]
@@ -135,5 +137,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(args) => crate::synth::run(args),
         Command::Import(args) => crate::import::run(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Audit(args) => crate::audit::run(args),
     }
 }

@@ -77,6 +77,8 @@ pub struct Config {
     pub validation: ValidationMode,
     /// Per-tenant exceptions to `validation`, by tenant name (`[tenant_validation]` table).
     pub tenant_validation: BTreeMap<String, ValidationMode>,
+    /// Days audit records are kept before pruning (0: forever).
+    pub audit_retention_days: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -116,6 +118,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             validation: ValidationMode::Strict,
             tenant_validation: BTreeMap::new(),
+            // Six years: HIPAA's retention period for compliance documentation.
+            audit_retention_days: 6 * 366,
         }
     }
 }

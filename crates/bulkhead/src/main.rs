@@ -7,6 +7,7 @@ macro_rules! say {
 }
 
 mod admin;
+mod audit;
 mod bench;
 mod cli;
 mod config;

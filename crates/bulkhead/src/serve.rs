@@ -67,6 +67,7 @@ pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     crate::private_files::create_private_dir(&config.data_dir.join("output"))?;
     let keys = load_token_keys(&config.data_dir)?;
     spawn_wal_checkpoints(&store);
+    crate::audit::spawn_pruning(&store, config.audit_retention_days);
     Ok(AppState::new(store, config.http_config(), keys))
 }
 
