@@ -79,6 +79,18 @@ pub struct Config {
     pub tenant_validation: BTreeMap<String, ValidationMode>,
     /// Days audit records are kept before pruning (0: forever).
     pub audit_retention_days: u64,
+    /// Serve Prometheus metrics at `/metrics` (needs `admin_token`, which it then requires).
+    pub metrics: bool,
+    /// Authenticated requests per second per tenant, beyond which 429 (0: no limit).
+    pub tenant_requests_per_second: u32,
+    /// Exports of one tenant being planned at once, beyond which a kick-off gets 429 (0: no limit).
+    pub tenant_concurrent_exports: usize,
+    /// `$upload-ndjson` body bytes per tenant per minute, beyond which 429 (0: no limit).
+    pub tenant_upload_bytes_per_minute: u64,
+    /// Export files one tenant streams at once: its share of `max_concurrent_downloads`.
+    pub tenant_concurrent_downloads: usize,
+    /// How long history (earlier versions, tombstones) is kept, e.g. `90d`; unset: for ever.
+    pub history_retention: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -120,6 +132,12 @@ impl Default for Config {
             tenant_validation: BTreeMap::new(),
             // Six years: HIPAA's retention period for compliance documentation.
             audit_retention_days: 6 * 366,
+            metrics: false,
+            tenant_requests_per_second: 0,
+            tenant_concurrent_exports: 0,
+            tenant_upload_bytes_per_minute: 0,
+            tenant_concurrent_downloads: 4,
+            history_retention: None,
         }
     }
 }
@@ -134,6 +152,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<bool>,
 }
 
 impl Config {
@@ -237,7 +257,31 @@ impl Config {
         if let Some(token) = &self.admin_token {
             anyhow::ensure!(token.len() >= 16, "invalid configuration: admin_token must be at least 16 characters");
         }
+        anyhow::ensure!(
+            !self.metrics || self.admin_token.is_some(),
+            "invalid configuration: metrics = true needs admin_token (scrapes present it as a bearer token)"
+        );
+        anyhow::ensure!(
+            self.tenant_concurrent_downloads >= 1,
+            "invalid configuration: tenant_concurrent_downloads must be at least 1"
+        );
+        self.history_retention()?;
         Ok(())
+    }
+
+    /// `history_retention` as a duration (`None`: history is kept for ever).
+    pub fn history_retention(&self) -> anyhow::Result<Option<Duration>> {
+        let Some(text) = &self.history_retention else { return Ok(None) };
+        let retention = humantime::parse_duration(text).map_err(|error| {
+            anyhow::anyhow!(
+                "invalid configuration: history_retention = '{text}' is not a duration like 90d or 720h ({error})"
+            )
+        })?;
+        anyhow::ensure!(
+            retention >= Duration::from_secs(1),
+            "invalid configuration: history_retention must be at least 1s"
+        );
+        Ok(Some(retention))
     }
 
     /// True when `listen` is a loopback address (or `localhost`): only local clients can then
@@ -283,6 +327,13 @@ impl Config {
             download_stall_timeout: Duration::from_secs(self.download_stall_timeout_seconds),
             max_concurrent_downloads: self.max_concurrent_downloads,
             download_queue_wait: Duration::from_secs(self.download_queue_seconds),
+            metrics: self.metrics,
+            quotas: bulkhead_http::quotas::QuotaConfig {
+                requests_per_second: self.tenant_requests_per_second,
+                concurrent_exports: self.tenant_concurrent_exports,
+                upload_bytes_per_minute: self.tenant_upload_bytes_per_minute,
+                concurrent_downloads: self.tenant_concurrent_downloads,
+            },
         }
     }
 
@@ -303,7 +354,7 @@ mod tests {
         std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nexport_part_size = 10\n").unwrap();
         let config = Config::load(Some(&file), Overrides::default()).unwrap();
         assert_eq!((config.listen.as_str(), config.export_part_size), ("127.0.0.1:9000", 10));
-        let overrides = Overrides { listen: Some("127.0.0.1:9001".into()), data_dir: None };
+        let overrides = Overrides { listen: Some("127.0.0.1:9001".into()), ..Overrides::default() };
         assert_eq!(Config::load(Some(&file), overrides).unwrap().listen, "127.0.0.1:9001");
         std::fs::write(&file, "export_part_size = \"many\"\n").unwrap();
         let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();

@@ -43,8 +43,10 @@ pub struct DemoArgs {
 const DEFAULT_PATIENTS: u64 = 300;
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let config =
-        Config::load(None, Overrides { listen: Some(args.listen.clone()), data_dir: Some(args.data_dir.clone()) })?;
+    let config = Config::load(
+        None,
+        Overrides { listen: Some(args.listen.clone()), data_dir: Some(args.data_dir.clone()), ..Overrides::default() },
+    )?;
     if std::env::var_os("RUST_LOG").is_none() {
         // Keep the demo's own output readable; RUST_LOG=info shows request logs.
         std::env::set_var("RUST_LOG", "warn");

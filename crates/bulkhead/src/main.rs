@@ -8,6 +8,7 @@ macro_rules! say {
 
 mod admin;
 mod audit;
+mod backup;
 mod bench;
 mod cli;
 mod config;
@@ -15,6 +16,7 @@ mod demo;
 mod import;
 mod output;
 mod private_files;
+mod retention;
 mod serve;
 mod synth;
 

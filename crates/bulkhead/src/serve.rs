@@ -68,7 +68,9 @@ pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     let keys = load_token_keys(&config.data_dir)?;
     spawn_wal_checkpoints(&store);
     crate::audit::spawn_pruning(&store, config.audit_retention_days);
-    Ok(AppState::new(store, config.http_config(), keys))
+    let state = AppState::new(store, config.http_config(), keys);
+    crate::retention::spawn_pruning(&state.store, config.history_retention()?);
+    Ok(state)
 }
 
 /// How often the server looks at the WAL's size.

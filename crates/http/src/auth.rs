@@ -104,6 +104,7 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Calle
         Caller { tenant: record.tenant, tenant_name: record.tenant_name, client_id: record.client_id, visibility };
     crate::access_log::record_caller(&caller);
     crate::audit::record_caller(&caller);
+    crate::quotas::admit_request(state, &caller)?;
     Ok(caller)
 }
 

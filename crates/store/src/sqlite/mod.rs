@@ -2,10 +2,12 @@
 
 mod admin;
 mod audit;
+pub mod backup;
 mod export;
 mod jobs;
 mod part_reader;
 mod resources;
+mod retention;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -15,8 +17,8 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
     AuditQuery, AuditRecord, AuditRecords, ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection,
-    PartRange, PartReader, SearchPage, SearchQuery, StoreError, StoredResource, Tenant, TenantId, Visibility,
-    WriteMode, WriteOp, Written,
+    PartRange, PartReader, PruneReport, SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant,
+    TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -445,6 +447,23 @@ impl crate::Store for SqliteStore {
         next_timestamp(&transaction)?;
         transaction.commit()?;
         Ok(())
+    }
+
+    fn history_horizon(&self) -> Result<Option<Micros>, StoreError> {
+        self.with_read(retention::history_horizon)
+    }
+
+    fn prune_history(&self, cutoff: Micros, now: Micros, batch: usize) -> Result<PruneReport, StoreError> {
+        retention::prune(self, cutoff, now, batch)
+    }
+
+    fn storage_bytes(&self) -> Result<StorageBytes, StoreError> {
+        let size = |suffix: &str| {
+            let mut path = self.path.clone().into_os_string();
+            path.push(suffix);
+            std::fs::metadata(path).map_or(0, |metadata| metadata.len())
+        };
+        Ok(StorageBytes { database: size(""), wal: size("-wal") })
     }
 }
 

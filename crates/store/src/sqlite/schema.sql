@@ -166,3 +166,9 @@ CREATE TRIGGER IF NOT EXISTS audit_log_append_only BEFORE UPDATE ON audit_log
 BEGIN
     SELECT RAISE(ABORT, 'audit records are append-only');
 END;
+-- History retention: history before `horizon` (micros) has been pruned, so `_since` exports
+-- before it are refused. One row, written by the first prune; it never moves back.
+CREATE TABLE IF NOT EXISTS retention (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    horizon INTEGER NOT NULL
+);
