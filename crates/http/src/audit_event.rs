@@ -79,12 +79,15 @@ pub fn audit_event(record: &AuditRecord, tenant_name: &str, base: &str) -> Value
     let mut event = json!({
         "resourceType": "AuditEvent",
         "id": format!("{tenant_name}-{}", record.seq).chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')).take(64).collect::<String>(),
-        "type": {"system": AUDIT_EVENT_TYPE, "code": "rest", "display": "Restful Operation"},
+        "type": event_type(record),
         "subtype": [{"system": RESTFUL_INTERACTION, "code": subtype}],
         "action": action,
         "recorded": format_instant(record.time),
         "outcome": outcome_code(&record.outcome),
-        "outcomeDesc": format!("{} (HTTP {}): {}", record.outcome, record.status, record.action),
+        "outcomeDesc": match record.status {
+            0 => format!("{} (command line): {}", record.outcome, record.action),
+            status => format!("{} (HTTP {status}): {}", record.outcome, record.action),
+        },
         "agent": agents(record, base),
         "source": {
             "site": tenant_name,
@@ -98,6 +101,16 @@ pub fn audit_event(record: &AuditRecord, tenant_name: &str, base: &str) -> Value
         event["meta"] = json!({"profile": [format!("{BALP_PROFILE}{name}")]});
     }
     event
+}
+
+/// `rest` for what came over the API; DICOM "Application Activity" for command-line actions
+/// (status 0), which no REST request carried.
+fn event_type(record: &AuditRecord) -> Value {
+    if record.status == 0 {
+        json!({"system": DICOM, "code": "110100", "display": "Application Activity"})
+    } else {
+        json!({"system": AUDIT_EVENT_TYPE, "code": "rest", "display": "Restful Operation"})
+    }
 }
 
 fn agents(record: &AuditRecord, base: &str) -> Value {
@@ -261,10 +274,12 @@ mod tests {
             peer: None,
             request_id: String::new(),
             detail: "{}".into(),
-            ..record("read", "success", &[])
+            status: 0,
+            ..record("tenant.create", "success", &[])
         };
         let event = audit_event(&bare, "acme", "http://h");
         assert!(bulkhead_fhir::validation::validate_resource(&event).is_empty(), "{event:#}");
+        assert_eq!(event["type"]["code"], "110100", "a command-line action is no REST operation");
         // The validator does look at AuditEvents: a wrong instant or code is caught.
         for (element, wrong) in [("recorded", json!("yesterday")), ("outcome", json!("7")), ("action", json!("X"))] {
             let mut broken = event.clone();
