@@ -7,7 +7,7 @@
 //! ([`note`], [`note_resource`], [`note_export_plan`], …). When the response is ready the
 //! middleware appends the record with the outcome read from the status: `success` (2xx/3xx),
 //! `failure` (4xx), `error` (5xx). Writes are recorded by the store in the same transaction
-//! ([`WriteAudit`]), one record per entry; a download is recorded when its body ends, with the
+//! ([`WriteAudit`]), a Bundle as one record listing its entries; a download is recorded when its body ends, with the
 //! bytes sent and whether it completed (`aborted` otherwise).
 //!
 //! A request that names no tenant (refused credentials, public endpoints) makes no record: the
@@ -330,7 +330,7 @@ struct BundleEntries {
 }
 
 /// The audit context of the writes of the current request, carried onto the blocking thread
-/// that writes: the store then appends one record per entry in the write's own transaction.
+/// that writes: the store then appends the write's record in the write's own transaction.
 #[derive(Debug, Clone)]
 pub struct WriteAudit {
     pending: Option<Arc<Mutex<Pending>>>,
@@ -380,43 +380,54 @@ impl WriteAudit {
     }
 }
 
-/// One record per entry, in entry order: a written one with its action (`create`, `update`,
-/// `delete`), the version written, the patients whose compartment it is in and its own outcome;
-/// a Bundle entry refused before writing as a `batch` failure naming the entry.
+/// The records of a write: one per written resource for a plain write (a single create,
+/// update or delete); one for a whole Bundle, listing each entry's action, target, outcome and
+/// status in `detail.entries` (one record per request, not per resource, keeps the trail's cost
+/// flat however large the Bundle), with the patients of every entry.
 fn entry_records(
     template: &AuditRecord,
     bundle: Option<&BundleEntries>,
     ops: &[WriteOp],
     results: &[Result<Written, StoreError>],
 ) -> Vec<AuditRecord> {
+    let Some(bundle) = bundle else {
+        return ops.iter().zip(results).map(|(op, result)| written_record(template, op, result, Map::new())).collect();
+    };
     let mut written = ops.iter().zip(results);
-    let single = vec![BundleEntry::Written; ops.len()];
-    let entries = bundle.map_or(&single, |bundle| &bundle.entries);
-    let mut records = Vec::with_capacity(entries.len());
-    for (index, entry) in entries.iter().enumerate() {
-        let mut detail = Map::new();
-        if let Some(bundle) = bundle {
-            detail.insert("bundle".into(), json!(bundle.kind));
-            detail.insert("entry".into(), json!(index));
-        }
-        match *entry {
-            BundleEntry::Unwritten => {}
-            BundleEntry::Refused(status) => records.push(AuditRecord {
-                action: bundle.map_or("batch", |bundle| bundle.kind).to_owned(),
+    let mut listed = Vec::with_capacity(bundle.entries.len());
+    let mut patients = Vec::new();
+    let mut failed = 0;
+    for (index, entry) in bundle.entries.iter().enumerate() {
+        let record = match *entry {
+            BundleEntry::Unwritten => continue,
+            BundleEntry::Refused(status) => AuditRecord {
+                action: "refused".into(),
                 target: format!("Bundle.entry[{index}]"),
                 outcome: outcome_of(status).to_owned(),
                 status: status.as_u16(),
-                detail: Value::Object(detail).to_string(),
-                patients: Vec::new(),
                 ..template.clone()
-            }),
+            },
             BundleEntry::Written => {
                 let Some((op, result)) = written.next() else { break };
-                records.push(written_record(template, op, result, detail));
+                written_record(template, op, result, Map::new())
             }
-        }
+        };
+        failed += usize::from(record.outcome != "success");
+        listed.push(json!({"entry": index, "action": record.action, "target": record.target,
+            "outcome": record.outcome, "status": record.status}));
+        patients.extend(record.patients);
     }
-    records
+    patients.sort_unstable();
+    patients.dedup();
+    vec![AuditRecord {
+        action: bundle.kind.to_owned(),
+        target: "Bundle".into(),
+        outcome: if failed == 0 { "success" } else { "failure" }.into(),
+        status: 200,
+        detail: json!({"entries": listed, "failed": failed}).to_string(),
+        patients,
+        ..template.clone()
+    }]
 }
 
 /// The record of one written entry.

@@ -55,6 +55,8 @@ fn interaction(action: &str) -> (&'static str, &'static str, Option<&'static str
         "create" => ("create", "C", Some("Create")),
         "update" => ("update", "U", Some("Update")),
         "delete" => ("delete", "D", Some("Delete")),
+        "transaction" => ("transaction", "E", None),
+        "batch" => ("batch", "E", None),
         "export.download" | "export.status" | "audit.read" => ("operation", "R", None),
         "export.cancel" | "client.revoke" => ("operation", "D", None),
         "client.create" | "tenant.create" | "token.issue" => ("operation", "C", None),

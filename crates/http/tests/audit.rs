@@ -1,6 +1,7 @@
 //! The audit trail in process: outcomes a black-box client cannot easily cause or observe —
 //! a download abandoned part-way (`aborted`), a refused write recorded once with its status and
-//! no success record, and a batch recorded entry by entry (refused entries included).
+//! no success record, and a batch recorded as one record listing every entry's outcome (refused
+//! entries included).
 
 mod common;
 
@@ -90,7 +91,7 @@ async fn a_refused_write_has_one_failure_record_and_no_success_record() {
 }
 
 #[tokio::test]
-async fn a_batch_is_recorded_entry_by_entry_with_each_outcome() {
+async fn a_batch_is_one_record_listing_each_entry_with_its_outcome() {
     let server = Server::start();
     let tenant = server.tenant("acme");
     let client = server.client(tenant);
@@ -106,22 +107,47 @@ async fn a_batch_is_recorded_entry_by_entry_with_each_outcome() {
         {"resource": {"resourceType": "Patient", "id": "c"}, "request": {"method": "PUT", "url": "Patient/c"}},
     ]});
     assert_status(&server.send(post("/r4").by(&client).json(&conflicting)).await, 200);
-    let found: Vec<(String, String, String, i64)> = records(&server, tenant)
-        .into_iter()
-        .map(|record| {
-            let entry = detail(&record)["entry"].as_i64().unwrap();
-            (record.action, record.target, record.outcome, entry)
-        })
-        .collect();
-    let expected = [
-        ("create", "Patient/a/_history/1", "success", 0),
-        ("create", "Patient/b/_history/1", "success", 1),
-        ("delete", "Patient/a/_history/2", "success", 2),
-        ("update", "Patient/b", "failure", 0),
-        ("batch", "Bundle.entry[1]", "failure", 1),
-        ("create", "Patient/c/_history/1", "success", 2),
-    ];
-    let expected: Vec<(String, String, String, i64)> =
-        expected.iter().map(|(a, t, o, e)| (a.to_string(), t.to_string(), o.to_string(), *e)).collect();
-    assert_eq!(found, expected);
+    // One record per Bundle (per request), listing every entry with its own outcome.
+    let found = records(&server, tenant);
+    let summary: Vec<(&str, &str, &str)> =
+        found.iter().map(|record| (record.action.as_str(), record.target.as_str(), record.outcome.as_str())).collect();
+    assert_eq!(summary, [("batch", "Bundle", "success"), ("batch", "Bundle", "failure")]);
+    assert_eq!(found[0].patients, ["a", "b"]);
+    let entries = |record: &AuditRecord| -> Vec<(i64, String, String, String, u64)> {
+        detail(record)["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| {
+                let text = |name: &str| entry[name].as_str().unwrap().to_owned();
+                (
+                    entry["entry"].as_i64().unwrap(),
+                    text("action"),
+                    text("target"),
+                    text("outcome"),
+                    entry["status"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let owned = |items: &[(i64, &str, &str, &str, u64)]| -> Vec<(i64, String, String, String, u64)> {
+        items.iter().map(|(e, a, t, o, s)| (*e, a.to_string(), t.to_string(), o.to_string(), *s)).collect()
+    };
+    assert_eq!(
+        entries(&found[0]),
+        owned(&[
+            (0, "create", "Patient/a/_history/1", "success", 201),
+            (1, "create", "Patient/b/_history/1", "success", 201),
+            (2, "delete", "Patient/a/_history/2", "success", 204),
+        ])
+    );
+    assert_eq!(
+        entries(&found[1]),
+        owned(&[
+            (0, "update", "Patient/b", "failure", 412),
+            (1, "refused", "Bundle.entry[1]", "failure", 400),
+            (2, "create", "Patient/c/_history/1", "success", 201),
+        ])
+    );
+    assert_eq!(detail(&found[1])["failed"], 2);
 }
