@@ -247,11 +247,19 @@ fn patients_of(resource_type: &str, id: &str, body: &str) -> Vec<String> {
         .map_or_else(|_| Vec::new(), |value| patient_compartments_of(resource_type, id, &value))
 }
 
-/// An export kick-off: the Group and the parameters.
-pub fn note_export_kickoff(group_id: &str, pairs: &[(String, String)]) {
-    note("export.kickoff", format!("Group/{group_id}"));
+/// An export kick-off: its level (`Group/{id}`, `Patient`, `system`) and the parameters. Only
+/// a Group export names its cohort: Patient- and system-level exports are not linked to
+/// individual patients (`--patient` does not find them; `--action export.kickoff` does).
+pub fn note_export_kickoff(level: &bulkhead_export::ExportLevel, pairs: &[(String, String)]) {
+    use bulkhead_export::ExportLevel;
+    let (target, group) = match level {
+        ExportLevel::Group(id) => (format!("Group/{id}"), Some(id.clone())),
+        ExportLevel::Patient => ("Patient".to_owned(), None),
+        ExportLevel::System => ("system".to_owned(), None),
+    };
+    note("export.kickoff", target);
     note_detail("parameters", parameters(pairs));
-    with_event(|event| event.group = Some(group_id.to_owned()));
+    with_event(|event| event.group = group);
 }
 
 /// A planned export: the Group's version, the transaction time (the cohort) and the counts.
@@ -262,13 +270,23 @@ pub fn note_export_plan(plan: &GroupExportPlan) {
         let total = counts.get(&key).and_then(Value::as_u64).unwrap_or(0) + file.total;
         counts.insert(key, json!(total));
     }
-    let group = plan.export.group.clone();
+    let (target, group) = export_target(&plan.export.level, plan.group_version);
     with_event(|event| {
-        event.target = format!("Group/{group}/_history/{}", plan.group_version);
+        event.target = target;
         event.detail.insert("counts".into(), Value::Object(counts));
         event.detail.insert("files".into(), json!(plan.export.files.len()));
-        event.cohort = Some(AuditCohort { group_id: group, transaction_time: plan.transaction_time });
+        event.cohort = group.map(|group_id| AuditCohort { group_id, transaction_time: plan.transaction_time });
     });
+}
+
+/// The target of an export of `level` (a Group's with its version) and its Group, if any.
+fn export_target(level: &bulkhead_export::ExportLevel, group_version: i64) -> (String, Option<String>) {
+    use bulkhead_export::ExportLevel;
+    match level {
+        ExportLevel::Group(id) => (format!("Group/{id}/_history/{group_version}"), Some(id.clone())),
+        ExportLevel::Patient => ("Patient".to_owned(), None),
+        ExportLevel::System => ("system".to_owned(), None),
+    }
 }
 
 /// An asynchronous kick-off accepted: its job and transaction time (the plan follows later).
@@ -284,11 +302,12 @@ pub fn note_export_accepted(job_id: &str, transaction_time: Micros) {
 pub fn note_download(claims: &FileClaims) {
     let actor = Actor { tenant: TenantId(claims.tenant), client: claims.client.clone(), user: claims.user.clone() };
     with_pending(|pending| pending.actor = Some(actor));
-    note("export.download", format!("Group/{}/_history/{}", claims.group, claims.group_version));
-    let cohort = AuditCohort { group_id: claims.group.clone(), transaction_time: claims.transaction_time };
+    let (target, group) = export_target(&claims.level, claims.group_version);
+    note("export.download", target);
+    let cohort = group.map(|group_id| AuditCohort { group_id, transaction_time: claims.transaction_time });
     let detail = json!({"type": claims.resource_type, "kind": format!("{:?}", claims.kind).to_ascii_lowercase()});
     with_event(|event| {
-        event.cohort = Some(cohort);
+        event.cohort = cohort;
         event.planned_resources = Some(claims.total);
         if let Value::Object(detail) = detail {
             event.detail = detail;
@@ -303,10 +322,10 @@ pub fn note_upload(stored_by_type: &std::collections::BTreeMap<String, u64>, fai
     note_detail("failed", failed);
 }
 
-/// A token issued to `caller` (SMART backend services): the hook for the token endpoint.
-pub fn note_token_issue(caller: &Caller, scope: &str) {
-    record_caller(caller);
-    note("token.issue", caller.client_id.clone());
+/// An access token issued to `client_id` of `tenant` (SMART Backend Services token endpoint).
+pub fn note_token_issue(tenant: TenantId, client_id: &str, scope: &str) {
+    with_pending(|pending| pending.actor = Some(Actor { tenant, client: client_id.to_owned(), user: None }));
+    note("token.issue", client_id);
     note_detail("scope", scope);
 }
 
