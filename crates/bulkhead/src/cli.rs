@@ -82,6 +82,8 @@ enum Command {
     Import(crate::import::ImportArgs),
     /// Measure import and export against the release binary (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
+    /// Show a tenant's audit trail (who accessed which data, when, from where, with what outcome).
+    Audit(crate::audit::AuditArgs),
     /// Write a consistent backup of a data directory (database, server keys and file-URL
     /// signing keys) to one file, while a server keeps running on it.
     Backup {
@@ -196,6 +198,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(args) => crate::synth::run(args),
         Command::Import(args) => crate::import::run(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Audit(args) => crate::audit::run(args),
         Command::Backup { to, config } => crate::backup::backup(&config.load_for_tool()?, &to),
         Command::Restore { from, force, config } => crate::backup::restore(&config.load_for_tool()?, &from, force),
         Command::Prune { older_than, config } => {

@@ -77,6 +77,8 @@ pub struct Config {
     pub validation: ValidationMode,
     /// Per-tenant exceptions to `validation`, by tenant name (`[tenant_validation]` table).
     pub tenant_validation: BTreeMap<String, ValidationMode>,
+    /// Days audit records are kept before pruning (0: forever).
+    pub audit_retention_days: u64,
     /// Lifetime of SMART access tokens, in seconds, for clients registered without their own
     /// (`--token-ttl`); at most 3600.
     pub access_token_ttl_seconds: u64,
@@ -135,6 +137,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             validation: ValidationMode::Strict,
             tenant_validation: BTreeMap::new(),
+            // Six years: HIPAA's retention period for compliance documentation.
+            audit_retention_days: 6 * 366,
             access_token_ttl_seconds: 300,
             jwks_fetch_timeout_seconds: 5,
             allow_http_jwks_urls: false,

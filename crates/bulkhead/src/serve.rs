@@ -28,6 +28,7 @@ pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     crate::private_files::create_private_dir(&config.data_dir.join("output"))?;
     let keys = crate::keys::load_token_keys(config)?;
     spawn_wal_checkpoints(&store);
+    crate::audit::spawn_pruning(&store, config.audit_retention_days);
     let state = AppState::new(store, config.http_config(), keys);
     crate::keys::spawn_reloader(config, &state.token_keys);
     crate::retention::spawn_pruning(&state.store, config.history_retention()?);

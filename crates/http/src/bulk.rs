@@ -141,6 +141,7 @@ pub(crate) async fn kick_off_at(
     if let Some(parameters) = &parameters {
         pairs.extend(parameters_as_pairs(parameters)?);
     }
+    crate::audit::note_export_kickoff(&level, &pairs);
     let context = ParseContext { level: &level, lenient: preferences.lenient, post };
     let (mut params, warnings) = parse_export_params(&pairs, context)
         .map_err(|error| ApiError::from_issue(StatusCode::BAD_REQUEST, error.issue))?;
@@ -188,6 +189,7 @@ pub(crate) async fn kick_off_at(
         })
         .await?;
     tracing::info!(level = ?level, files = plan.export.files.len(), millis = started.elapsed().as_millis() as u64, "export planned");
+    crate::audit::note_export_plan(&plan);
     let manifest = manifest(&state, &urls, &base, &request_url, plan, with_since);
     let mut response = (StatusCode::OK, manifest.body.to_string()).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -376,7 +378,9 @@ pub async fn download(
     Path((path_type, file)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("export.download", path_type.clone());
     let claims = authorize_download(&state, &headers, &path_type, &file).await?;
+    crate::audit::note_download(&claims);
     let share = match crate::quotas::download_share(&state, TenantId(claims.tenant)).await {
         Ok(share) => share,
         Err(throttled) => return Ok(throttled),

@@ -139,6 +139,7 @@ pub(crate) async fn accept(
             Ok(transaction_time)
         })
         .await?;
+    crate::audit::note_export_accepted(&job_id, transaction_time);
     start_planner(state, tenant, job_id.clone(), transaction_time, build);
     tracing::info!(job = %job_id, "export job accepted");
     let status_url = format!("{base}/bulk-data/r4/$export-status/{job_id}");
@@ -248,6 +249,7 @@ pub async fn status(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("export.status", job_id.clone());
     let caller = authorize(&state, &Method::GET, uri.path(), &headers).await?;
     check_accept(&headers)?;
     let mut job = lookup(&state, &caller, &job_id).await?;
@@ -325,6 +327,7 @@ pub async fn cancel(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("export.cancel", job_id.clone());
     let caller = authorize(&state, &Method::DELETE, uri.path(), &headers).await?;
     check_accept(&headers)?;
     let lookup = caller.clone();

@@ -5,6 +5,9 @@
 pub mod access_log;
 pub mod access_token;
 pub mod admin;
+pub mod audit;
+pub mod audit_api;
+pub mod audit_event;
 pub mod auth;
 pub mod bulk;
 pub mod bundle;
@@ -80,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/tenants", get(admin::list_tenants).post(admin::create_tenant))
         .route("/admin/tenants/{tenant}/clients", get(admin::list_clients).post(admin::create_client))
         .route("/admin/clients/{client_id}/revoke", post(admin::revoke_client))
+        .route("/admin/audit", get(audit_api::audit_records))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::admin_only));
     Router::new()
         .route("/healthz", get(health::ready))
@@ -100,9 +104,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state.clone())
         .layer(CatchPanicLayer::custom(error::panic_response))
         .layer(axum::middleware::from_fn_with_state(state.clone(), login_limits::limit_failed_logins))
-        .layer(axum::middleware::from_fn_with_state(state, timeouts::request_deadlines))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), timeouts::request_deadlines))
         .layer(axum::middleware::from_fn(quotas::retry_after_header))
         .layer(axum::middleware::from_fn(plain_errors::errors_as_operation_outcomes))
+        // Outside every layer that can answer, so each audited request's final status is known.
+        .layer(axum::middleware::from_fn_with_state(state, audit::trail))
         // Inside the span, outside everything that can answer: one line per request, final status.
         .layer(axum::middleware::from_fn(access_log::access_log))
         .layer(axum::Extension(metrics))

@@ -2,6 +2,7 @@
 
 mod admin;
 mod associated;
+mod audit;
 pub mod backup;
 mod export;
 mod jobs;
@@ -18,9 +19,9 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    AssociatedRequest, ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection,
-    PartRange, PartReader, PruneReport, SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant,
-    TenantId, Visibility, WriteMode, WriteOp, Written,
+    AssociatedRequest, AuditQuery, AuditRecord, AuditRecords, ClientRecord, ClientRegistration, ExportJob,
+    ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, PruneReport, SearchPage, SearchQuery,
+    StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -303,12 +304,13 @@ impl crate::Store for SqliteStore {
         self.with_write(|transaction, _| admin::record_assertion_jti(transaction, tenant, client_id, jti, expires, now))
     }
 
-    fn write(
+    fn write_audited(
         &self,
         tenant: TenantId,
         owner: Option<&str>,
         ops: &[WriteOp],
         mode: WriteMode,
+        audit_records: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
         self.with_write(|transaction, timestamp| {
             let mut results = Vec::with_capacity(ops.len());
@@ -337,6 +339,7 @@ impl crate::Store for SqliteStore {
                     }
                 }
             }
+            audit::append(transaction, &audit_records(&results))?;
             Ok(results)
         })
     }
@@ -548,6 +551,18 @@ impl crate::Store for SqliteStore {
 
     fn delete_expired_export_records(&self, now: Micros) -> Result<u64, StoreError> {
         self.with_write(|transaction, _| jobs::delete_expired_export_records(transaction, now))
+    }
+
+    fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        self.with_write(|transaction, _| audit::append(transaction, records))
+    }
+
+    fn audit_records(&self, tenant: TenantId, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.with_snapshot(|connection| audit::records(connection, tenant, query))
+    }
+
+    fn prune_audit(&self, before: Micros) -> Result<u64, StoreError> {
+        self.with_write(|transaction, _| audit::prune(transaction, before))
     }
 
     fn check_writable(&self, min_free_bytes: u64) -> Result<(), StoreError> {

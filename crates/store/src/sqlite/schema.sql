@@ -195,6 +195,41 @@ CREATE TABLE IF NOT EXISTS export_associated (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS export_associated_by_expiry ON export_associated (expires);
 
+-- The audit trail: one row per audited request or file download, append-only (nothing updates
+-- it; rows leave only by age, `prune_audit`). The export's Group and transaction time
+-- (cohort_*) let a patient's records include exports whose Group had them as a member.
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY,
+    tenant_id INTEGER NOT NULL,
+    time INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    user_id TEXT,
+    peer TEXT,
+    request_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    cohort_group TEXT,
+    cohort_time INTEGER
+);
+CREATE INDEX IF NOT EXISTS audit_log_by_tenant ON audit_log (tenant_id, seq);
+CREATE INDEX IF NOT EXISTS audit_log_by_time ON audit_log (time);
+
+-- The patients each audit record touched.
+CREATE TABLE IF NOT EXISTS audit_patient (
+    tenant_id INTEGER NOT NULL,
+    patient_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, patient_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS audit_patient_by_seq ON audit_patient (seq);
+-- Append-only, whatever a future code path tries.
+CREATE TRIGGER IF NOT EXISTS audit_log_append_only BEFORE UPDATE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'audit records are append-only');
+END;
 -- History retention: history before `horizon` (micros) has been pruned, so `_since` exports
 -- before it are refused. One row, written by the first prune; it never moves back.
 CREATE TABLE IF NOT EXISTS retention (
