@@ -1085,6 +1085,12 @@ pub fn associated_data_follows_since_rules(store: &dyn Store) {
     let mut until = later.clone();
     until.until = Some(since);
     assert_eq!(associated(store, acme, &until, &all()), ["Practitioner/pr4"]);
+}
+
+fn versions(store: &dyn Store, t: TenantId, resource_type: &str, id: &str) -> Vec<i64> {
+    store.history(t, &Visibility::Tenant, resource_type, id).unwrap().iter().map(|v| v.version).collect()
+}
+
 fn audit_record(
     tenant: TenantId,
     time: i64,
@@ -1245,10 +1251,6 @@ pub fn audit_records_are_pruned_by_age(store: &dyn Store) {
         .unwrap()
         .is_empty());
     assert_eq!(store.prune_audit(200).unwrap(), 0);
-}
-
-fn versions(store: &dyn Store, t: TenantId, resource_type: &str, id: &str) -> Vec<i64> {
-    store.history(t, &Visibility::Tenant, resource_type, id).unwrap().iter().map(|v| v.version).collect()
 }
 
 /// Versions superseded before the horizon, tombstones, closed compartment rows and ended
