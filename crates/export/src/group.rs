@@ -41,6 +41,8 @@ pub enum PlanStep {
     Deletions { done: usize, types: usize },
     /// Checking that the members' Patients exist.
     Members,
+    /// Writing the planned files to the output store (materialised exports): `done` of `files`.
+    Writing { done: usize, files: usize },
 }
 
 impl std::fmt::Display for PlanStep {
@@ -50,6 +52,7 @@ impl std::fmt::Display for PlanStep {
             PlanStep::Counting { types } => write!(f, "planning: counting resources of {types} types"),
             PlanStep::Deletions { done, types } => write!(f, "planning: deletions, {done} of {types} types"),
             PlanStep::Members => write!(f, "planning: checking members"),
+            PlanStep::Writing { done, files } => write!(f, "writing output: {done} of {files} files"),
         }
     }
 }

@@ -16,9 +16,11 @@ pub mod export_status;
 pub mod health;
 pub mod log_value;
 pub mod login_limits;
+mod materialise;
 pub mod metrics;
 pub mod ndjson_import;
 pub mod negotiation;
+pub mod object_output;
 pub mod plain_errors;
 pub mod quotas;
 pub mod rest;
@@ -59,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/r4/{type}/{id}/_history/{version}", get(rest::vread))
         .route("/bulk-data/r4/Group/{id}/$export", get(bulk::kick_off))
         .route("/bulk-data/r4/$export/{type}/{file}", get(bulk::download))
+        .route("/bulk-data/r4/$export-object/{type}/{file}", get(bulk::download_object))
         .route("/bulk-data/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
         .route("/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
         .route_layer(axum::middleware::from_fn(negotiation::general_params));
