@@ -113,13 +113,9 @@ impl OutputStore {
     }
 
     fn job_prefix(&self, tenant: TenantId, job_id: &str) -> Path {
-        let parts = self
-            .prefix
-            .iter()
-            .map(String::as_str)
-            .chain([tenant.0.to_string().as_str(), job_id])
-            .map(|part| PathPart::from(part.to_owned()));
-        Path::from_iter(parts)
+        let tenant = tenant.0.to_string();
+        let parts = self.prefix.iter().map(String::as_str).chain([tenant.as_str(), job_id]);
+        Path::from_iter(parts.map(|part| PathPart::from(part.to_owned())))
     }
 
     /// The key of file `index` of the job.
