@@ -36,9 +36,11 @@ fn s3_endpoint() -> Option<String> {
             panic!("BULKHEAD_TEST_S3_ENDPOINT is unset in CI: run the tests through scripts/with-s3")
         }
         _ => {
-            eprintln!(
-                "\n*** SKIPPED: S3 output tests need an S3 server; run them as \
-                 `scripts/with-s3 cargo test -p bulkhead-http --test s3_output` ***\n"
+            // Straight to the process's stderr: the harness captures `eprintln!` of passing tests.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                b"\n*** SKIPPED: S3 output tests need an S3 server; run them as \
+                  `scripts/with-s3 cargo test -p bulkhead-http --test s3_output` ***\n",
             );
             None
         }
