@@ -5,8 +5,8 @@ use serde_json::{json, Value};
 
 use crate::{
     ClientRegistration, ExportJob, ExportJobState, ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection,
-    PartRange, ReferenceQuery, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp,
-    Written,
+    PartRange, ReferenceQuery, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode,
+    WriteOp, Written,
 };
 use bulkhead_fhir::type_filter::{TypeFilter, TypeFilters};
 
