@@ -57,6 +57,9 @@ enum Command {
         /// Serve Prometheus metrics at /metrics (config key `metrics`; needs admin_token).
         #[arg(long)]
         metrics: bool,
+        /// Output store for asynchronous exports, s3://BUCKET/PREFIX (config key `output_url`).
+        #[arg(long)]
+        output_url: Option<String>,
     },
     /// Start a server with a demo tenant, client, synthetic patients and a Group, run an export
     /// against it, print working curl lines, and keep serving.
@@ -173,11 +176,14 @@ enum ClientCommand {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, listen, metrics } => crate::serve::serve_command(config.load_with(Overrides {
-            listen,
-            metrics: metrics.then_some(true),
-            ..Overrides::default()
-        })?),
+        Command::Serve { config, listen, metrics, output_url } => {
+            crate::serve::serve_command(config.load_with(Overrides {
+                listen,
+                metrics: metrics.then_some(true),
+                output_url,
+                ..Overrides::default()
+            })?)
+        }
         Command::Demo(args) => crate::demo::run(args),
         Command::Tenant { command: TenantCommand::Create { name, config } } => {
             crate::admin::create_tenant(&config.load_for_tool()?, &name)

@@ -29,7 +29,13 @@ pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     let keys = crate::keys::load_token_keys(config)?;
     spawn_wal_checkpoints(&store);
     crate::audit::spawn_pruning(&store, config.audit_retention_days);
-    let state = AppState::new(store, config.http_config(), keys);
+    let mut state = AppState::new(store, config.http_config(), keys);
+    if let Some(settings) = config.output_settings() {
+        let output = bulkhead_http::object_output::OutputStore::connect(&settings)
+            .with_context(|| format!("invalid configuration: output_url = '{}'", settings.url))?;
+        tracing::info!(output = ?output, presigned_urls = settings.presigned_urls, "asynchronous exports are written to the output store");
+        state.output = Some(Arc::new(output));
+    }
     crate::keys::spawn_reloader(config, &state.token_keys);
     crate::retention::spawn_pruning(&state.store, config.history_retention()?);
     Ok(state)

@@ -21,9 +21,11 @@ pub mod health;
 pub mod jwks;
 pub mod log_value;
 pub mod login_limits;
+mod materialise;
 pub mod metrics;
 pub mod ndjson_import;
 pub mod negotiation;
+pub mod object_output;
 pub mod plain_errors;
 pub mod quotas;
 pub mod registration;
@@ -71,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .route("/bulk-data/r4/$export", get(bulk::system_kick_off).post(bulk::system_kick_off_post))
         .route("/bulk-data/r4/metadata", get(bulk_metadata))
         .route("/bulk-data/r4/$export/{type}/{file}", get(bulk::download))
+        .route("/bulk-data/r4/$export-object/{type}/{file}", get(bulk::download_object))
         .route("/bulk-data/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
         .route("/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
         .route_layer(axum::middleware::from_fn(negotiation::general_params));

@@ -248,6 +248,11 @@ pub trait Store: Send + Sync + 'static {
     fn delete_export_job(&self, tenant: TenantId, job_id: &str) -> Result<bool, StoreError>;
     /// Housekeeping across all tenants: deletes every job with `expires <= now`; returns how many.
     fn delete_expired_export_jobs(&self, now: Micros) -> Result<u64, StoreError>;
+    /// Housekeeping across all tenants: up to `limit` jobs with `expires <= now`, as
+    /// `(tenant, job id)`, soonest expiry first, without deleting them. The caller removes what a
+    /// job owns outside the store (its output objects) before [`Store::delete_export_job`], so a
+    /// failed removal leaves the job to be found again by the next sweep.
+    fn expired_export_jobs(&self, now: Micros, limit: usize) -> Result<Vec<(TenantId, String)>, StoreError>;
 
     // ---- export records (what file URLs refer to) ----
 

@@ -23,7 +23,7 @@ macro_rules! store_test_suite {
             group_membership_history, export_is_a_snapshot, export_since_and_new_members,
             export_reports_deletions, export_reports_resources_that_left_the_cohort, export_parts_split_by_size, transaction_time_orders_writes,
             existence_at_a_time, a_patient_is_in_its_own_compartment_by_stored_id, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
-            expired_export_jobs_are_swept, planning_jobs_are_finished_once, export_records_round_trip_by_tenant_and_expire,
+            expired_export_jobs_are_swept, expired_export_jobs_are_listed_before_they_are_removed, planning_jobs_are_finished_once, export_records_round_trip_by_tenant_and_expire,
             a_fresh_store_is_writable_above_its_free_space_floor,
             export_windows_agree_whatever_is_written_between_them, client_registrations_round_trip,
             assertion_jtis_are_accepted_once_until_they_expire,
@@ -687,6 +687,20 @@ pub fn expired_export_jobs_are_swept(store: &dyn Store) {
     assert!(store.export_job(b, "b-edge").unwrap().is_none());
     assert!(store.export_job(a, "a-new").unwrap().is_some());
     assert_eq!(store.delete_expired_export_jobs(200).unwrap(), 0);
+}
+
+pub fn expired_export_jobs_are_listed_before_they_are_removed(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    store.create_export_job(a, &export_job("a-old", "ca", Visibility::Tenant, 100)).unwrap();
+    store.create_export_job(b, &export_job("b-edge", "cb", Visibility::Tenant, 200)).unwrap();
+    store.create_export_job(a, &export_job("a-new", "ca", Visibility::Tenant, 300)).unwrap();
+    assert!(store.expired_export_jobs(50, 10).unwrap().is_empty());
+    let expired = store.expired_export_jobs(200, 10).unwrap();
+    assert_eq!(expired, vec![(a, "a-old".to_owned()), (b, "b-edge".to_owned())], "inclusive, across tenants");
+    assert_eq!(store.expired_export_jobs(200, 1).unwrap(), vec![(a, "a-old".to_owned())], "soonest first, limited");
+    assert!(store.export_job(a, "a-old").unwrap().is_some(), "listing deletes nothing");
+    assert!(store.delete_export_job(a, "a-old").unwrap());
+    assert_eq!(store.expired_export_jobs(200, 10).unwrap(), vec![(b, "b-edge".to_owned())]);
 }
 
 pub fn export_records_round_trip_by_tenant_and_expire(store: &dyn Store) {

@@ -541,6 +541,10 @@ impl crate::Store for SqliteStore {
         self.with_write(|transaction, _| jobs::delete_expired_export_jobs(transaction, now))
     }
 
+    fn expired_export_jobs(&self, now: Micros, limit: usize) -> Result<Vec<(TenantId, String)>, StoreError> {
+        self.with_read(|connection| jobs::expired_export_jobs(connection, now, limit))
+    }
+
     fn create_export_record(&self, tenant: TenantId, record: &ExportRecord) -> Result<(), StoreError> {
         self.with_write(|transaction, _| jobs::create_export_record(transaction, tenant, record))
     }
