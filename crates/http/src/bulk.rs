@@ -607,8 +607,10 @@ pub async fn download_object(
     Path((path_type, file)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("export.download", path_type.clone());
     let output = state.output.clone().ok_or_else(no_such_file)?;
     let (file_ref, claims) = authorize_download(&state, &headers, &path_type, &file).await?;
+    crate::audit::note_download(&claims);
     let share = match crate::quotas::download_share(&state, TenantId(claims.tenant)).await {
         Ok(share) => share,
         Err(throttled) => return Ok(throttled),
