@@ -57,6 +57,9 @@ enum Command {
         /// Serve Prometheus metrics at /metrics (config key `metrics`; needs admin_token).
         #[arg(long)]
         metrics: bool,
+        /// Output store for asynchronous exports, s3://BUCKET/PREFIX (config key `output_url`).
+        #[arg(long)]
+        output_url: Option<String>,
     },
     /// Start a server with a demo tenant, client, synthetic patients and a Group, run an export
     /// against it, print working curl lines, and keep serving.
@@ -82,6 +85,8 @@ enum Command {
     Import(crate::import::ImportArgs),
     /// Measure import and export against the release binary (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
+    /// Show a tenant's audit trail (who accessed which data, when, from where, with what outcome).
+    Audit(crate::audit::AuditArgs),
     /// Write a consistent backup of a data directory (database, server keys and file-URL
     /// signing keys) to one file, while a server keeps running on it.
     Backup {
@@ -171,11 +176,14 @@ enum ClientCommand {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, listen, metrics } => crate::serve::serve_command(config.load_with(Overrides {
-            listen,
-            metrics: metrics.then_some(true),
-            ..Overrides::default()
-        })?),
+        Command::Serve { config, listen, metrics, output_url } => {
+            crate::serve::serve_command(config.load_with(Overrides {
+                listen,
+                metrics: metrics.then_some(true),
+                output_url,
+                ..Overrides::default()
+            })?)
+        }
         Command::Demo(args) => crate::demo::run(args),
         Command::Tenant { command: TenantCommand::Create { name, config } } => {
             crate::admin::create_tenant(&config.load_for_tool()?, &name)
@@ -196,6 +204,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(args) => crate::synth::run(args),
         Command::Import(args) => crate::import::run(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Audit(args) => crate::audit::run(args),
         Command::Backup { to, config } => crate::backup::backup(&config.load_for_tool()?, &to),
         Command::Restore { from, force, config } => crate::backup::restore(&config.load_for_tool()?, &from, force),
         Command::Prune { older_than, config } => {

@@ -53,6 +53,8 @@ pub enum PlanStep {
     Members,
     /// Finding the associated data: Provenance and referenced resources.
     Associated,
+    /// Writing the planned files to the output store (materialised exports): `done` of `files`.
+    Writing { done: usize, files: usize },
 }
 
 impl std::fmt::Display for PlanStep {
@@ -63,6 +65,7 @@ impl std::fmt::Display for PlanStep {
             PlanStep::Deletions { done, types } => write!(f, "planning: deletions, {done} of {types} types"),
             PlanStep::Members => write!(f, "planning: checking members"),
             PlanStep::Associated => write!(f, "planning: provenance and referenced resources"),
+            PlanStep::Writing { done, files } => write!(f, "writing output: {done} of {files} files"),
         }
     }
 }

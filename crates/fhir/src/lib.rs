@@ -16,4 +16,4 @@ pub use exact_json::parse_exact;
 pub use id::is_valid_id;
 pub use instant::{format_instant, now_micros, parse_range, parse_since, DateRange, InstantError, Micros};
 pub use outcome::{operation_outcome, Issue, IssueType, Severity};
-pub use resource_type::{is_resource_type, RESOURCE_TYPES};
+pub use resource_type::{is_resource_type, resource_type_code, resource_type_name, RESOURCE_TYPES};

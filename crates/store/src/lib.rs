@@ -5,6 +5,7 @@
 //! that touches resources takes a [`TenantId`]; nothing crosses tenants. [`testsuite`] holds the
 //! conformance suite every implementation runs.
 
+mod audit;
 mod error;
 mod model;
 mod retention;
@@ -15,6 +16,7 @@ mod write;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
 
+pub use audit::{AuditCohort, AuditQuery, AuditRecord};
 pub use error::StoreError;
 pub use model::{
     AssociatedRequest, ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection,
@@ -90,6 +92,20 @@ pub trait Store: Send + Sync + 'static {
         owner: Option<&str>,
         ops: &[WriteOp],
         mode: WriteMode,
+    ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        self.write_audited(tenant, owner, ops, mode, &|_: &[Result<Written, StoreError>]| Vec::new())
+    }
+
+    /// [`Store::write`], appending the audit records `audit` makes from the entries' results in
+    /// the same transaction: the records commit exactly when the writes do. A transaction that
+    /// fails (`Err`) stores neither, and the caller records the failure on its own.
+    fn write_audited(
+        &self,
+        tenant: TenantId,
+        owner: Option<&str>,
+        ops: &[WriteOp],
+        mode: WriteMode,
+        audit: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError>;
 
     /// The current version (possibly a tombstone) of a resource visible to `visibility`.
@@ -232,6 +248,11 @@ pub trait Store: Send + Sync + 'static {
     fn delete_export_job(&self, tenant: TenantId, job_id: &str) -> Result<bool, StoreError>;
     /// Housekeeping across all tenants: deletes every job with `expires <= now`; returns how many.
     fn delete_expired_export_jobs(&self, now: Micros) -> Result<u64, StoreError>;
+    /// Housekeeping across all tenants: up to `limit` jobs with `expires <= now`, as
+    /// `(tenant, job id)`, soonest expiry first, without deleting them. The caller removes what a
+    /// job owns outside the store (its output objects) before [`Store::delete_export_job`], so a
+    /// failed removal leaves the job to be found again by the next sweep.
+    fn expired_export_jobs(&self, now: Micros, limit: usize) -> Result<Vec<(TenantId, String)>, StoreError>;
 
     // ---- export records (what file URLs refer to) ----
 
@@ -252,6 +273,17 @@ pub trait Store: Send + Sync + 'static {
     /// (a read-only or broken database), if any.
     fn check_writable(&self, min_free_bytes: u64) -> Result<(), StoreError>;
 
+    // ---- audit trail (append-only) ----
+
+    /// Appends audit records (their `seq` is assigned by the store), in one transaction.
+    fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+    /// The audit records of `tenant` matching `query`, in append order (ascending `seq`), at most
+    /// `query.limit`, each with its `patients`.
+    fn audit_records(&self, tenant: TenantId, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Housekeeping across all tenants (audit retention): deletes every audit record with
+    /// `time < before`; returns how many. The only way records leave the trail.
+    fn prune_audit(&self, before: Micros) -> Result<u64, StoreError>;
+
     // ---- retention and operations ----
 
     /// The prune horizon: history before it has been removed ([`Store::prune_history`]), so an
@@ -268,3 +300,6 @@ pub trait Store: Send + Sync + 'static {
     /// The store's size on disk.
     fn storage_bytes(&self) -> Result<StorageBytes, StoreError>;
 }
+
+/// Makes the audit records of a write from its entries' results ([`Store::write_audited`]).
+pub type AuditRecords<'a> = dyn Fn(&[Result<Written, StoreError>]) -> Vec<AuditRecord> + 'a;

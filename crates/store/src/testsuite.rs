@@ -4,9 +4,10 @@
 use serde_json::{json, Value};
 
 use crate::{
-    AssociatedRequest, ClientRegistration, ExportJob, ExportJobState, ExportRecord, IdentifierQuery, LastUpdatedBound,
-    MemberSelection, PartRange, ProvenanceSelection, ReferenceQuery, ReferencedTypes, SearchQuery, SelectionScope,
-    Store, StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
+    AssociatedRequest, AuditCohort, AuditQuery, AuditRecord, ClientRegistration, ExportJob, ExportJobState,
+    ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ProvenanceSelection, ReferenceQuery,
+    ReferencedTypes, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp,
+    Written,
 };
 use bulkhead_fhir::type_filter::{TypeFilter, TypeFilters};
 
@@ -22,12 +23,14 @@ macro_rules! store_test_suite {
             group_membership_history, export_is_a_snapshot, export_since_and_new_members,
             export_reports_deletions, export_reports_resources_that_left_the_cohort, export_parts_split_by_size, transaction_time_orders_writes,
             existence_at_a_time, a_patient_is_in_its_own_compartment_by_stored_id, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
-            expired_export_jobs_are_swept, planning_jobs_are_finished_once, export_records_round_trip_by_tenant_and_expire,
+            expired_export_jobs_are_swept, expired_export_jobs_are_listed_before_they_are_removed, planning_jobs_are_finished_once, export_records_round_trip_by_tenant_and_expire,
             a_fresh_store_is_writable_above_its_free_space_floor,
             export_windows_agree_whatever_is_written_between_them, client_registrations_round_trip,
             assertion_jtis_are_accepted_once_until_they_expire,
             associated_data_follows_references_and_provenance, associated_data_is_as_of_the_transaction_time,
             associated_data_follows_since_rules, associated_data_is_exact_after_pruning,
+            audit_records_are_per_tenant_filtered_and_paged, audited_writes_commit_with_their_records,
+            audit_finds_exports_through_group_membership_at_their_time, audit_records_are_pruned_by_age,
             pruning_removes_history_before_the_horizon_only, pruning_keeps_what_unexpired_exports_need,
             storage_bytes_are_reported,
             tenant_scope_selects_every_resource_of_a_type, patients_at_a_time, type_filters_select_exactly,
@@ -687,6 +690,20 @@ pub fn expired_export_jobs_are_swept(store: &dyn Store) {
     assert_eq!(store.delete_expired_export_jobs(200).unwrap(), 0);
 }
 
+pub fn expired_export_jobs_are_listed_before_they_are_removed(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    store.create_export_job(a, &export_job("a-old", "ca", Visibility::Tenant, 100)).unwrap();
+    store.create_export_job(b, &export_job("b-edge", "cb", Visibility::Tenant, 200)).unwrap();
+    store.create_export_job(a, &export_job("a-new", "ca", Visibility::Tenant, 300)).unwrap();
+    assert!(store.expired_export_jobs(50, 10).unwrap().is_empty());
+    let expired = store.expired_export_jobs(200, 10).unwrap();
+    assert_eq!(expired, vec![(a, "a-old".to_owned()), (b, "b-edge".to_owned())], "inclusive, across tenants");
+    assert_eq!(store.expired_export_jobs(200, 1).unwrap(), vec![(a, "a-old".to_owned())], "soonest first, limited");
+    assert!(store.export_job(a, "a-old").unwrap().is_some(), "listing deletes nothing");
+    assert!(store.delete_export_job(a, "a-old").unwrap());
+    assert_eq!(store.expired_export_jobs(200, 10).unwrap(), vec![(b, "b-edge".to_owned())]);
+}
+
 pub fn export_records_round_trip_by_tenant_and_expire(store: &dyn Store) {
     let (a, b) = (tenant(store, "a"), tenant(store, "b"));
     let record = |id: &str, expires: i64| ExportRecord {
@@ -1087,6 +1104,168 @@ pub fn associated_data_follows_since_rules(store: &dyn Store) {
 
 fn versions(store: &dyn Store, t: TenantId, resource_type: &str, id: &str) -> Vec<i64> {
     store.history(t, &Visibility::Tenant, resource_type, id).unwrap().iter().map(|v| v.version).collect()
+}
+
+fn audit_record(
+    tenant: TenantId,
+    time: i64,
+    client: &str,
+    action: &str,
+    target: &str,
+    patients: &[&str],
+) -> AuditRecord {
+    AuditRecord {
+        seq: 0,
+        time,
+        tenant,
+        client: client.into(),
+        user: Some("u1".into()),
+        peer: Some("127.0.0.1:5000".into()),
+        request_id: format!("req-{time}"),
+        action: action.into(),
+        target: target.into(),
+        outcome: "success".into(),
+        status: 200,
+        detail: r#"{"k":"v"}"#.into(),
+        patients: patients.iter().map(|id| id.to_string()).collect(),
+        cohort: None,
+    }
+}
+
+fn audit_query(limit: usize) -> AuditQuery {
+    AuditQuery { limit, ..AuditQuery::default() }
+}
+
+fn audited(store: &dyn Store, tenant: TenantId, query: AuditQuery) -> Vec<(String, String)> {
+    let found = store.audit_records(tenant, &query).unwrap();
+    found.into_iter().map(|record| (record.action, record.target)).collect()
+}
+
+pub fn audit_records_are_per_tenant_filtered_and_paged(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    let records = [
+        audit_record(a, 100, "c1", "read", "Patient/p1", &["p1"]),
+        audit_record(b, 150, "c9", "read", "Patient/p1", &["p1"]),
+        audit_record(a, 200, "c2", "search", "Observation", &["p1", "p2"]),
+        audit_record(a, 300, "c1", "export.kickoff", "Group/g/_history/1", &[]),
+    ];
+    store.append_audit(&records).unwrap();
+    let all = store.audit_records(a, &audit_query(100)).unwrap();
+    assert_eq!(all.len(), 3, "only tenant a's records: {all:?}");
+    assert!(all.windows(2).all(|pair| pair[0].seq < pair[1].seq), "append order");
+    let first = AuditRecord { seq: all[0].seq, ..records[0].clone() };
+    assert_eq!(all[0], first, "every field round-trips");
+    assert_eq!(all[1].patients, vec!["p1", "p2"]);
+    assert_eq!(audited(store, b, audit_query(100)), vec![("read".into(), "Patient/p1".into())]);
+
+    let since = AuditQuery { since: Some(200), ..audit_query(100) };
+    assert_eq!(audited(store, a, since).len(), 2);
+    let client = AuditQuery { client: Some("c1".into()), ..audit_query(100) };
+    assert_eq!(
+        audited(store, a, client).iter().map(|(action, _)| action.as_str()).collect::<Vec<_>>(),
+        ["read", "export.kickoff"]
+    );
+    let action = AuditQuery { action: Some("search".into()), ..audit_query(100) };
+    assert_eq!(audited(store, a, action), vec![("search".into(), "Observation".into())]);
+    let patient = AuditQuery { patient: Some("p2".into()), ..audit_query(100) };
+    assert_eq!(audited(store, a, patient), vec![("search".into(), "Observation".into())]);
+    let nobody = AuditQuery { patient: Some("p3".into()), ..audit_query(100) };
+    assert!(audited(store, a, nobody).is_empty());
+
+    // Keyset paging: two at a time, then the rest.
+    let page = store.audit_records(a, &audit_query(2)).unwrap();
+    assert_eq!(page.len(), 2);
+    let rest = store.audit_records(a, &AuditQuery { after_seq: Some(page[1].seq), ..audit_query(2) }).unwrap();
+    assert_eq!(rest.iter().map(|record| record.time).collect::<Vec<_>>(), [300]);
+}
+
+pub fn audited_writes_commit_with_their_records(store: &dyn Store) {
+    let t = tenant(store, "t");
+    let describe = |results: &[Result<Written, StoreError>]| -> Vec<AuditRecord> {
+        results
+            .iter()
+            .map(|result| match result {
+                Ok(written) => {
+                    audit_record(t, 1, "c", "update", &format!("{}/{}", written.resource_type, written.id), &[])
+                }
+                Err(_) => AuditRecord { outcome: "failure".into(), ..audit_record(t, 1, "c", "update", "?", &[]) },
+            })
+            .collect()
+    };
+    let ops = [
+        WriteOp::Update { resource_type: "Patient".into(), id: "p1".into(), body: patient("p1"), if_match: None },
+        WriteOp::Update { resource_type: "Patient".into(), id: "p2".into(), body: patient("p2"), if_match: None },
+    ];
+    store.write_audited(t, None, &ops, WriteMode::Transaction, &describe).unwrap();
+    assert_eq!(
+        audited(store, t, audit_query(100)),
+        vec![("update".into(), "Patient/p1".into()), ("update".into(), "Patient/p2".into())]
+    );
+
+    // A failed transaction stores neither its writes nor its records.
+    let failing = [
+        WriteOp::Update { resource_type: "Patient".into(), id: "p3".into(), body: patient("p3"), if_match: None },
+        WriteOp::Create { resource_type: "Patient".into(), id: "p1".into(), body: patient("p1") },
+    ];
+    assert!(store.write_audited(t, None, &failing, WriteMode::Transaction, &describe).is_err());
+    assert!(store.read(t, &Visibility::Tenant, "Patient", "p3").unwrap().is_none());
+    assert_eq!(store.audit_records(t, &audit_query(100)).unwrap().len(), 2, "no record of the rolled-back write");
+
+    // A batch: the records see each entry's own result.
+    let results = store.write_audited(t, None, &failing, WriteMode::Batch, &describe).unwrap();
+    assert!(results[0].is_ok() && results[1].is_err());
+    let outcomes: Vec<String> =
+        store.audit_records(t, &audit_query(100)).unwrap().into_iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, ["success", "success", "success", "failure"]);
+
+    // Plain writes record nothing.
+    put(store, t, None, patient("p4"));
+    assert_eq!(store.audit_records(t, &audit_query(100)).unwrap().len(), 4);
+}
+
+pub fn audit_finds_exports_through_group_membership_at_their_time(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, None, group("g", &["a", "b"]));
+    let first = store.reserve_transaction_time().unwrap();
+    put(store, t, None, group("g", &["b", "c"]));
+    let second = store.reserve_transaction_time().unwrap();
+    let export = |time: i64, target: &str| AuditRecord {
+        cohort: Some(AuditCohort { group_id: "g".into(), transaction_time: time }),
+        ..audit_record(t, time, "c", "export.kickoff", target, &[])
+    };
+    store.append_audit(&[export(first, "first"), export(second, "second")]).unwrap();
+    let for_patient = |id: &str| {
+        let query = AuditQuery { patient: Some(id.into()), ..audit_query(100) };
+        store.audit_records(t, &query).unwrap().into_iter().map(|record| record.target).collect::<Vec<_>>()
+    };
+    assert_eq!(for_patient("a"), ["first"], "a left the Group before the second export");
+    assert_eq!(for_patient("b"), ["first", "second"]);
+    assert_eq!(for_patient("c"), ["second"], "c joined after the first export");
+    assert!(for_patient("z").is_empty());
+    let other = tenant(store, "other");
+    assert!(store
+        .audit_records(other, &AuditQuery { patient: Some("b".into()), ..audit_query(100) })
+        .unwrap()
+        .is_empty());
+}
+
+pub fn audit_records_are_pruned_by_age(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    store
+        .append_audit(&[
+            audit_record(a, 100, "c", "read", "Patient/old", &["old"]),
+            audit_record(b, 150, "c", "read", "Patient/old", &["old"]),
+            audit_record(a, 200, "c", "read", "Patient/new", &["new"]),
+        ])
+        .unwrap();
+    assert_eq!(store.prune_audit(200).unwrap(), 2, "both tenants' records before 200");
+    assert_eq!(audited(store, a, audit_query(100)), vec![("read".into(), "Patient/new".into())]);
+    assert!(store.audit_records(b, &audit_query(100)).unwrap().is_empty());
+    assert!(store
+        .audit_records(a, &AuditQuery { patient: Some("old".into()), ..audit_query(100) })
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.prune_audit(200).unwrap(), 0);
 }
 
 /// Versions superseded before the horizon, tombstones, closed compartment rows and ended

@@ -181,10 +181,11 @@ fn print_dataset(dataset: &DatasetResult) {
         mib(import.peak_rss_bytes),
     );
     say!(
-        "{:>8} {:>9} {:>9} {:>8} {:>10} {:>11} {:>9} {:>8} {:>9} {:>10}",
+        "{:>8} {:>9} {:>9} {:>9} {:>8} {:>10} {:>11} {:>9} {:>8} {:>9} {:>10}",
         "members",
         "p50 ms",
         "p95 ms",
+        "first ms",
         "encoding",
         "resources",
         "res/s",
@@ -196,10 +197,11 @@ fn print_dataset(dataset: &DatasetResult) {
     for group in &dataset.groups {
         for export in &group.exports {
             say!(
-                "{:>8} {:>9.1} {:>9.1} {:>8} {:>10} {:>11.0} {:>9.1} {:>8.2} {:>9} {:>10.2}",
+                "{:>8} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>10} {:>11.0} {:>9.1} {:>8.2} {:>9} {:>10.2}",
                 group.members,
                 group.manifest.p50_ms,
                 group.manifest.p95_ms,
+                group.manifest.first_ms,
                 export.encoding.name(),
                 export.resources,
                 export.per_second(),
@@ -237,11 +239,12 @@ fn print_dataset(dataset: &DatasetResult) {
     }
     if let Some(since) = &dataset.since {
         say!(
-            "_since manifest, {}-member Group after {} writes: p50 {:.1} ms, p95 {:.1} ms, {} resources listed",
+            "_since manifest, {}-member Group after {} writes: p50 {:.1} ms, p95 {:.1} ms, first {:.1} ms, {} resources listed",
             since.members,
             since.writes,
             since.latency.p50_ms,
             since.latency.p95_ms,
+            since.latency.first_ms,
             since.resources
         );
     }
@@ -343,6 +346,7 @@ fn dataset_json(d: &DatasetResult) -> Value {
             "members": g.members,
             "manifest_p50_ms": g.manifest.p50_ms,
             "manifest_p95_ms": g.manifest.p95_ms,
+            "manifest_first_ms": g.manifest.first_ms,
             "async_kick_off_p50_ms": g.asynchronous.kick_off.p50_ms,
             "async_kick_off_p95_ms": g.asynchronous.kick_off.p95_ms,
             "async_complete_p50_ms": g.asynchronous.complete.p50_ms,
@@ -374,6 +378,7 @@ fn dataset_json(d: &DatasetResult) -> Value {
             "writes": s.writes,
             "manifest_p50_ms": s.latency.p50_ms,
             "manifest_p95_ms": s.latency.p95_ms,
+            "manifest_first_ms": s.latency.first_ms,
             "resources": s.resources,
         })),
         "system_export": d.system.as_ref().map(|s| json!({

@@ -346,7 +346,7 @@ fn compute(
     selection: &MemberSelection,
     request: &AssociatedRequest,
 ) -> Result<(), StoreError> {
-    load_members(connection, selection)?;
+    load_members(connection, tenant, selection)?;
     let at = selection.transaction_time;
     let referencing = request.referenced != ReferencedTypes::None && request.depth > 0;
     let any_provenance: bool = request.provenance != ProvenanceSelection::None

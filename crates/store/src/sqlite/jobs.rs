@@ -97,6 +97,19 @@ pub(super) fn delete_expired_export_jobs(connection: &Connection, now: Micros) -
     Ok(statement.execute([now])? as u64)
 }
 
+pub(super) fn expired_export_jobs(
+    connection: &Connection,
+    now: Micros,
+    limit: usize,
+) -> Result<Vec<(TenantId, String)>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT tenant_id, job_id FROM export_jobs WHERE expires <= ?1 ORDER BY expires, tenant_id, job_id LIMIT ?2",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = statement.query_map(params![now, limit], |row| Ok((TenantId(row.get(0)?), row.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 pub(super) fn create_export_record(
     connection: &Connection,
     tenant: TenantId,

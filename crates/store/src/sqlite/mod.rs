@@ -2,10 +2,13 @@
 
 mod admin;
 mod associated;
+mod audit;
 pub mod backup;
 mod export;
 mod jobs;
+mod migrate;
 mod part_reader;
+mod plan_cache;
 mod resources;
 mod retention;
 
@@ -16,9 +19,9 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    AssociatedRequest, ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection,
-    PartRange, PartReader, PruneReport, SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant,
-    TenantId, Visibility, WriteMode, WriteOp, Written,
+    AssociatedRequest, AuditQuery, AuditRecord, AuditRecords, ClientRecord, ClientRegistration, ExportJob,
+    ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, PruneReport, SearchPage, SearchQuery,
+    StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -60,7 +63,10 @@ pub struct SqliteStore {
     readers: Mutex<Vec<Connection>>,
     path: std::path::PathBuf,
     options: SqliteOptions,
+    plans: plan_cache::PlanCache,
 }
+
+pub use plan_cache::PlanCacheStats;
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and applies the schema.
@@ -70,6 +76,7 @@ impl SqliteStore {
 
     pub fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let mut writer = open_connection(path, options.writer_cache_mib)?;
+        migrate::migrate_v1_to_v2(&mut writer, SCHEMA)?;
         writer.execute_batch(SCHEMA)?;
         jobs::migrate(&writer)?;
         associated::migrate(&mut writer)?;
@@ -77,7 +84,72 @@ impl SqliteStore {
             // Per connection; only the writer grows the file.
             writer.pragma_update(None, "max_page_count", pages)?;
         }
-        Ok(SqliteStore { writer: Mutex::new(writer), readers: Mutex::new(Vec::new()), path: path.to_owned(), options })
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            path: path.to_owned(),
+            options,
+            plans: plan_cache::PlanCache::default(),
+        })
+    }
+
+    /// How often export plans and `deleted[]` lists were answered from the plan cache.
+    pub fn plan_cache_stats(&self) -> PlanCacheStats {
+        self.plans.stats()
+    }
+
+    /// Whether a result computed at `planned_at` for `selection`'s members is still exact.
+    fn members_unchanged_since(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        planned_at: Micros,
+    ) -> Result<bool, StoreError> {
+        self.with_snapshot(|connection| {
+            export::load_members(connection, tenant, selection)?;
+            plan_cache::members_unchanged_since(connection, planned_at)
+        })
+    }
+
+    /// [`crate::Store::plan_parts`], computed.
+    fn compute_plan(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        resource_types: &[String],
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
+        // Types are planned on several connections at once, one per core. A type's plan depends
+        // only on the transaction time, so the workers' snapshots agree.
+        let next_type = std::sync::atomic::AtomicUsize::new(0);
+        let worker = || {
+            self.with_snapshot(|connection| {
+                export::load_members(connection, tenant, selection)?;
+                let mut planned = Vec::new();
+                loop {
+                    let index = next_type.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(resource_type) = resource_types.get(index) else { return Ok(planned) };
+                    planned.push((index, export::plan_type(connection, tenant, selection, resource_type, part_size)?));
+                }
+            })
+        };
+        let workers = std::thread::available_parallelism().map_or(1, |cores| cores.get()).clamp(1, 4);
+        let mut planned = std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(worker)).collect();
+            let mut planned = worker()?;
+            for helper in helpers {
+                let helped =
+                    helper.join().map_err(|_| StoreError::Database("export planning thread panicked".into()))?;
+                planned.extend(helped?);
+            }
+            Ok::<_, StoreError>(planned)
+        })?;
+        planned.sort_unstable_by_key(|(index, _)| *index);
+        Ok(planned
+            .into_iter()
+            .filter(|(_, parts)| !parts.is_empty())
+            .map(|(index, parts)| (resource_types[index].clone(), parts))
+            .collect())
     }
 
     /// Copies the WAL back into the database and truncates it when it has grown past
@@ -232,12 +304,13 @@ impl crate::Store for SqliteStore {
         self.with_write(|transaction, _| admin::record_assertion_jti(transaction, tenant, client_id, jti, expires, now))
     }
 
-    fn write(
+    fn write_audited(
         &self,
         tenant: TenantId,
         owner: Option<&str>,
         ops: &[WriteOp],
         mode: WriteMode,
+        audit_records: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
         self.with_write(|transaction, timestamp| {
             let mut results = Vec::with_capacity(ops.len());
@@ -266,6 +339,7 @@ impl crate::Store for SqliteStore {
                     }
                 }
             }
+            audit::append(transaction, &audit_records(&results))?;
             Ok(results)
         })
     }
@@ -341,37 +415,19 @@ impl crate::Store for SqliteStore {
         resource_types: &[String],
         part_size: u64,
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
-        // Types are planned on several connections at once, one per core. A type's plan depends
-        // only on the transaction time, so the workers' snapshots agree.
-        let next_type = std::sync::atomic::AtomicUsize::new(0);
-        let worker = || {
-            self.with_snapshot(|connection| {
-                export::load_members(connection, selection)?;
-                let mut planned = Vec::new();
-                loop {
-                    let index = next_type.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(resource_type) = resource_types.get(index) else { return Ok(planned) };
-                    planned.push((index, export::plan_type(connection, tenant, selection, resource_type, part_size)?));
-                }
-            })
-        };
-        let workers = std::thread::available_parallelism().map_or(1, |cores| cores.get()).clamp(1, 4);
-        let mut planned = std::thread::scope(|scope| {
-            let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(worker)).collect();
-            let mut planned = worker()?;
-            for helper in helpers {
-                let helped =
-                    helper.join().map_err(|_| StoreError::Database("export planning thread panicked".into()))?;
-                planned.extend(helped?);
-            }
-            Ok::<_, StoreError>(planned)
-        })?;
-        planned.sort_unstable_by_key(|(index, _)| *index);
-        Ok(planned
-            .into_iter()
-            .filter(|(_, parts)| !parts.is_empty())
-            .map(|(index, parts)| (resource_types[index].clone(), parts))
-            .collect())
+        // A plan of the same request at an earlier time is this plan while no member's
+        // compartment changed since (see `plan_cache`).
+        if selection.scope != crate::SelectionScope::Members {
+            return self.compute_plan(tenant, selection, resource_types, part_size);
+        }
+        let key = plan_cache::key(tenant, selection, "parts", resource_types, part_size);
+        let plan = self.plans.plan(
+            key,
+            selection.transaction_time,
+            |planned_at| self.members_unchanged_since(tenant, selection, planned_at),
+            || self.compute_plan(tenant, selection, resource_types, part_size),
+        )?;
+        Ok(plan.as_ref().clone())
     }
 
     fn part_reader<'a>(
@@ -390,7 +446,23 @@ impl crate::Store for SqliteStore {
         selection: &MemberSelection,
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError> {
-        self.with_snapshot(|connection| export::deleted_in_compartments(connection, tenant, selection, resource_type))
+        if selection.scope != crate::SelectionScope::Members {
+            return self.with_snapshot(|connection| {
+                export::deleted_in_compartments(connection, tenant, selection, resource_type)
+            });
+        }
+        let key = plan_cache::key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
+        let deleted = self.plans.deleted(
+            key,
+            selection.transaction_time,
+            |planned_at| self.members_unchanged_since(tenant, selection, planned_at),
+            || {
+                self.with_snapshot(|connection| {
+                    export::deleted_in_compartments(connection, tenant, selection, resource_type)
+                })
+            },
+        )?;
+        Ok(deleted.as_ref().clone())
     }
 
     fn plan_associated(
@@ -442,6 +514,7 @@ impl crate::Store for SqliteStore {
             export::existing_at(connection, tenant, visibility, "Patient", &ids, at)
         })
     }
+
     fn create_export_job(&self, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {
         self.with_write(|transaction, _| jobs::create_export_job(transaction, tenant, job))
     }
@@ -468,6 +541,10 @@ impl crate::Store for SqliteStore {
         self.with_write(|transaction, _| jobs::delete_expired_export_jobs(transaction, now))
     }
 
+    fn expired_export_jobs(&self, now: Micros, limit: usize) -> Result<Vec<(TenantId, String)>, StoreError> {
+        self.with_read(|connection| jobs::expired_export_jobs(connection, now, limit))
+    }
+
     fn create_export_record(&self, tenant: TenantId, record: &ExportRecord) -> Result<(), StoreError> {
         self.with_write(|transaction, _| jobs::create_export_record(transaction, tenant, record))
     }
@@ -478,6 +555,18 @@ impl crate::Store for SqliteStore {
 
     fn delete_expired_export_records(&self, now: Micros) -> Result<u64, StoreError> {
         self.with_write(|transaction, _| jobs::delete_expired_export_records(transaction, now))
+    }
+
+    fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        self.with_write(|transaction, _| audit::append(transaction, records))
+    }
+
+    fn audit_records(&self, tenant: TenantId, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.with_snapshot(|connection| audit::records(connection, tenant, query))
+    }
+
+    fn prune_audit(&self, before: Micros) -> Result<u64, StoreError> {
+        self.with_write(|transaction, _| audit::prune(transaction, before))
     }
 
     fn check_writable(&self, min_free_bytes: u64) -> Result<(), StoreError> {
@@ -587,6 +676,98 @@ mod tests {
             connection.execute_batch("PRAGMA page_size = 4096; PRAGMA journal_mode = WAL;").unwrap();
         }
         assert_eq!(page_size(&super::SqliteStore::open(&old).unwrap()).unwrap(), 4096);
+    }
+
+    /// A repeated plan is answered from the plan cache only while no member's compartment
+    /// changed since it was computed: writes elsewhere keep it, every kind of write to a member's
+    /// compartment (new resource, update, moving out, deletion, a first resource of a member that
+    /// had none) replaces it, and an earlier transaction time never gets a later plan.
+    #[test]
+    fn plans_are_reused_exactly_while_the_members_compartments_are_unchanged() {
+        use crate::{MemberSelection, Store, Visibility, WriteMode, WriteOp};
+        let store = fresh_store();
+        let tenant = store.create_tenant("t").unwrap().id;
+        let put = |id: &str, patient: &str| {
+            let body = serde_json::json!({"resourceType": "Observation", "id": id,
+                                          "subject": {"reference": format!("Patient/{patient}")}});
+            let op = WriteOp::Update { resource_type: "Observation".into(), id: id.into(), body, if_match: None };
+            store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+        };
+        let delete = |id: &str| {
+            let op = WriteOp::Delete { resource_type: "Observation".into(), id: id.into() };
+            store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+        };
+        // Members a and z (z has no data yet); c is not a member.
+        let selection_at = |at| MemberSelection {
+            members: vec![("a".into(), None), ("z".into(), None)],
+            since: None,
+            until: None,
+            transaction_time: at,
+            visibility: Visibility::Tenant,
+            scope: Default::default(),
+            filters: Default::default(),
+        };
+        let count = |at| -> u64 {
+            let plan = store.plan_parts(tenant, &selection_at(at), &["Observation".to_owned()], 100).unwrap();
+            plan.iter().flat_map(|(_, parts)| parts).map(|part| part.count).sum()
+        };
+        let hits = || store.plan_cache_stats().hits;
+
+        put("o1", "a");
+        let first = store.reserve_transaction_time().unwrap();
+        assert_eq!(count(first), 1);
+        assert_eq!(hits(), 0);
+        put("o2", "c");
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 1);
+        assert_eq!(hits(), 1, "a write outside the members' compartments keeps the plan");
+
+        put("o3", "a");
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 2, "a new resource of a member");
+        assert_eq!(hits(), 1);
+        assert_eq!(count(first), 1, "an earlier transaction time is planned as of then");
+        put("o2", "a");
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 3, "moved into a member's compartment");
+        put("o2", "c");
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 2, "moved out");
+        delete("o3");
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 1, "deleted");
+        put("o4", "z");
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 2, "the first resource of a member");
+        let misses = store.plan_cache_stats().misses;
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 2);
+        assert_eq!(store.plan_cache_stats().misses, misses, "and then the plan is reused again");
+
+        // `deleted[]` follows the same rule.
+        let since = store.reserve_transaction_time().unwrap();
+        let deleted = |at| {
+            let selection =
+                MemberSelection { members: vec![("a".into(), Some(since))], since: Some(since), ..selection_at(at) };
+            store.deleted_in_compartments(tenant, &selection, "Observation").unwrap().len()
+        };
+        assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 0);
+        put("o5", "c");
+        let before = hits();
+        assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 0);
+        assert_eq!(hits(), before + 1);
+        delete("o1");
+        assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 1, "a member's deletion is listed");
+
+        // A `_since` manifest asks for every type's list and the plan: all of them stay cached
+        // together, so the next one is answered from the cache throughout.
+        let types: Vec<String> =
+            bulkhead_fhir::compartment::compartment_types().iter().map(|name| name.to_string()).collect();
+        let since_manifest = |at| {
+            let selection =
+                MemberSelection { members: vec![("a".into(), Some(since))], since: Some(since), ..selection_at(at) };
+            for resource_type in &types {
+                store.deleted_in_compartments(tenant, &selection, resource_type).unwrap();
+            }
+            store.plan_parts(tenant, &selection, &types, 100).unwrap();
+        };
+        since_manifest(store.reserve_transaction_time().unwrap());
+        let before = hits();
+        since_manifest(store.reserve_transaction_time().unwrap());
+        assert_eq!(hits(), before + types.len() as u64 + 1, "every list and the plan reused");
     }
 
     /// A database from before the reference index gets it on open, backfilled from every stored
