@@ -6,8 +6,7 @@ use serde_json::{json, Value};
 use crate::{
     AssociatedRequest, AuditCohort, AuditQuery, AuditRecord, ClientRegistration, ExportJob, ExportJobState,
     ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ProvenanceSelection, ReferenceQuery,
-    ReferencedTypes, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp,
-    Written,
+    ReferencedTypes, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 use bulkhead_fhir::type_filter::{TypeFilter, TypeFilters};
 
