@@ -15,6 +15,10 @@
 //! - an empty value or an empty `_type` entry (`_type=`, `_type=A,,B`: a malformed request,
 //!   not an unsupported feature);
 //! - a malformed `_typeFilter` query (not `Type?criteria`, a bad date) or `patient` reference;
+//!
+//! At the Patient and Group levels a `_typeFilter` on Provenance or on a type outside the Patient
+//! compartment is unsupported (400, or a lenient warning): those come only as associated data,
+//! found from the cohort's unfiltered data.
 //! - a `_type` list of which lenient mode would drop *every* entry: exporting all types instead
 //!   would surprise the client far more than a 400.
 //!
@@ -379,6 +383,25 @@ fn check_referenced_types(
     Ok(types.into_iter().filter(|t| level.exports(t)).collect())
 }
 
+/// At the Patient and Group levels, Provenance and the types outside the Patient compartment
+/// come only as associated data, found from the cohort's unfiltered data (README "Associated
+/// data"): a `_typeFilter` on them cannot narrow anything, so it is refused rather than
+/// silently ignored.
+fn check_associated_filter(name: &str, level: &ExportLevel) -> Result<(), ParamError> {
+    if matches!(level, ExportLevel::System) || !is_resource_type(name) {
+        return Ok(());
+    }
+    if name != "Provenance" && !is_referenced_type(name) {
+        return Ok(());
+    }
+    let message = format!(
+        "Parameter '_typeFilter': {} delivers '{name}' only as associated data (through the cohort's \
+         resources, whatever their filters), so a filter on it is not supported",
+        level.describe()
+    );
+    Err(ParamError::new(IssueType::NotSupported, "_typeFilter", message))
+}
+
 /// Compiles every `_typeFilter` query (each value may hold several). A malformed query is an
 /// error even when lenient; an unsupported one (parameter, modifier, prefix, or a type the level
 /// cannot export) is dropped with a warning when lenient, and then no longer narrows its type.
@@ -397,7 +420,10 @@ fn parse_type_filters(
             };
             ParamError::new(code, "_typeFilter", format!("Parameter '_typeFilter': {} ({})", error, echo(query)))
         });
-        let checked = compiled.and_then(|filter| check_type_of("_typeFilter", &filter.resource_type, level));
+        let checked = compiled.and_then(|filter| {
+            check_associated_filter(&filter.resource_type, level)?;
+            check_type_of("_typeFilter", &filter.resource_type, level)
+        });
         match checked {
             Ok(()) if !queries.iter().any(|seen| seen == query) => queries.push(query.to_owned()),
             Ok(()) => {}
@@ -884,7 +910,23 @@ mod tests {
         assert!(params.type_filters.is_empty());
         assert_eq!(warnings.len(), 1);
         // A type the level cannot export.
-        assert_eq!(err(&[("_typeFilter", "Practitioner?name=x")], false).code, IssueType::NotSupported);
+        assert_eq!(err(&[("_typeFilter", "Bundle?_id=x")], false).code, IssueType::NotSupported);
+        // Types a Group export delivers only as associated data: strict 400, lenient warning.
+        for associated in ["Provenance?patient=Patient/p1", "Practitioner?name=x"] {
+            let issue = err(&[("_typeFilter", associated)], false);
+            assert_eq!(issue.code, IssueType::NotSupported, "{associated}");
+            assert!(issue.diagnostics.contains("only as associated data"), "{}", issue.diagnostics);
+            let (params, warnings) = parse(&[("_typeFilter", associated), ("_typeFilter", "Patient?family=x")], true)
+                .expect("lenient mode drops it");
+            assert_eq!(params.type_filters, ["Patient?family=x"]);
+            assert_eq!(warnings.len(), 1);
+            assert!(warnings[0].diagnostics.contains("only as associated data"), "{}", warnings[0].diagnostics);
+            let issue = parse_at(&[("_typeFilter", associated)], &ExportLevel::Patient, false, false).unwrap_err();
+            assert!(issue.issue.diagnostics.contains("Patient-level"), "{}", issue.issue.diagnostics);
+            // The system level exports them like any type: the filter applies.
+            let (params, _) = parse_at(&[("_typeFilter", associated)], &ExportLevel::System, false, false).unwrap();
+            assert_eq!(params.type_filters, [associated]);
+        }
         // Malformed: an error even when lenient.
         for bad in ["Observation", "Bogus?code=1", "Observation?date=notadate"] {
             assert_eq!(err(&[("_typeFilter", bad)], true).code, IssueType::Value, "{bad}");

@@ -37,10 +37,13 @@
 //! - system level: every resource of the tenant whose version at T is live and `lastUpdated >
 //!   _since`; `deleted[]`: every resource whose version at T is a tombstone made after `_since`;
 //! - Patient level: as a Group whose members are the Patients live at T, every one of them a
-//!   continuing member (no full-history lift), and no Group resources;
+//!   continuing member (no full-history lift), with the same associated data, and no Group
+//!   resources;
 //! - `_typeFilter` (brute force here over each version's JSON, one predicate per query): a
 //!   filtered type keeps the resources matching any of its queries, counts included;
-//!   `deleted[]` is not filtered (a tombstone has nothing to match);
+//!   `deleted[]` is not filtered (a tombstone has nothing to match). At the Patient level the
+//!   associated data is found from the unfiltered cohort (only sent resources force what they
+//!   reach), and a filter on Provenance is a 400, or ignored with a warning when lenient;
 //! - `_elements=identifier`: each line keeps `resourceType`, `id`, `meta`, `identifier` and the
 //!   type's mandatory elements (listed here from the R4 specification), with the SUBSETTED tag;
 //! - a client that keeps a replica (full export, then `_since` = previous `transactionTime`;
@@ -324,8 +327,24 @@ struct Expected {
 fn expected(model: &TenantModel, at: Micros, since: Option<Micros>, types: &BTreeSet<&str>) -> Expected {
     let members = model.members_at(at);
     let members_at_since = since.map(|since| model.members_at(since));
+    expected_for(model, at, since, types, &members, members_at_since.as_ref(), &|_, _| true)
+}
+
+/// [`expected`] for a cohort of `members` at T (`members_at_since`: the members at `_since`),
+/// with `keeps` as the `_typeFilter` (whether the export sends a compartment resource's version,
+/// given its type and stored text). The cohort's data, from which associated data is found, is
+/// not filtered; only what a sent resource references or is the target of is forced.
+fn expected_for(
+    model: &TenantModel,
+    at: Micros,
+    since: Option<Micros>,
+    types: &BTreeSet<&str>,
+    members: &BTreeSet<String>,
+    members_at_since: Option<&BTreeSet<String>>,
+    keeps: &dyn Fn(&str, &str) -> bool,
+) -> Expected {
     let continuing: BTreeSet<String> =
-        members_at_since.iter().flat_map(|earlier| earlier.intersection(&members).cloned()).collect();
+        members_at_since.iter().flat_map(|earlier| earlier.intersection(members).cloned()).collect();
     let mut result = Expected::default();
     // The cohort's data at T, whatever `_type` and `_since`: key -> how it is reached.
     let mut cohort: BTreeMap<(String, String), Via> = BTreeMap::new();
@@ -362,15 +381,16 @@ fn expected(model: &TenantModel, at: Micros, since: Option<Micros>, types: &BTre
         if reaching.is_empty() {
             continue;
         }
-        let existing = |patient: &String| members_at_since.as_ref().is_some_and(|earlier| earlier.contains(patient));
+        let existing = |patient: &String| members_at_since.is_some_and(|earlier| earlier.contains(patient));
         match &version.body {
             Some(body) => {
                 let full = since.is_none() || reaching.iter().any(|patient| !existing(patient));
-                let sent = full || version.last_updated > since.unwrap();
+                let sent = (full || version.last_updated > since.unwrap()) && keeps(resource_type, body);
                 if types.contains(resource_type.as_str()) && sent && resource_type != "Provenance" {
                     result.output.insert(key.clone(), body.clone());
                 }
                 let since_bound = if full { None } else { since };
+                // In the cohort whether or not `_typeFilter` keeps it; forcing only when sent.
                 cohort.insert(key.clone(), Via { full, since: since_bound, forced: sent });
             }
             None => {
@@ -390,14 +410,14 @@ fn expected(model: &TenantModel, at: Micros, since: Option<Micros>, types: &BTre
         result.deleted.remove(key);
     }
     result.output.extend(associated);
-    for member in &members {
+    for member in members {
         let patient = model.version_at(&("Patient".into(), member.clone()), at);
         if patient.is_none_or(|patient| patient.body.is_none()) {
             result.missing.insert(member.clone());
         }
     }
-    if let Some(earlier) = &members_at_since {
-        result.removed = earlier.difference(&members).cloned().collect();
+    if let Some(earlier) = members_at_since {
+        result.removed = earlier.difference(members).cloned().collect();
     }
     result
 }
@@ -1225,6 +1245,8 @@ fn pick_since(model: &TenantModel, since: SinceChoice) -> Option<Micros> {
 // System- and Patient-level exports, `_typeFilter` and `_elements`
 
 /// `_typeFilter` sets the scenarios use; each query has a brute-force twin in [`filter_keeps`].
+/// A set naming Provenance applies at the system level only: a Patient-level export refuses it
+/// (strict) or ignores it with a warning (lenient), see [`names_associated_type`].
 const FILTERS: [&[&str]; 6] = [
     &[],
     &["Observation?subject=Patient/p0"],
@@ -1303,52 +1325,26 @@ fn expected_standard(
     filter: usize,
     elements: bool,
 ) -> StandardExpected {
-    let members: BTreeSet<String> = model
-        .resources
-        .keys()
-        .filter(|(resource_type, id)| {
-            resource_type == "Patient"
-                && model.version_at(&(resource_type.clone(), id.clone()), at).is_some_and(|v| v.body.is_some())
-        })
-        .map(|(_, id)| id.clone())
-        .collect();
+    let line = |resource_type: &str, body: &str| -> Value {
+        if elements {
+            subsetted(resource_type, body)
+        } else {
+            serde_json::from_str(body).unwrap()
+        }
+    };
+    if !system {
+        return expected_patient_level(model, at, since, filter, line);
+    }
     let (mut output, mut deleted) = (BTreeMap::new(), BTreeSet::new());
     for key in model.resources.keys() {
         let resource_type = key.0.as_str();
-        if !system && resource_type == "Group" {
-            continue;
-        }
         let Some(version) = model.version_at(key, at) else { continue };
         let changed = since.is_none_or(|since| version.last_updated > since);
-        if !system {
-            let reaching = version.compartments.iter().any(|patient| members.contains(patient));
-            if let Some(since) = since {
-                // Every member is a continuing one: what left all members' compartments is
-                // reported, as a Group export reports it.
-                let held = model.version_at(key, since).is_some_and(|then| {
-                    then.body.is_some() && then.compartments.iter().any(|patient| members.contains(patient))
-                });
-                if held && (version.body.is_none() || !reaching) {
-                    deleted.insert(key.clone());
-                }
-            }
-            // A Patient deleted since `_since` is no longer a member: its own deletion is listed.
-            let patient_deleted = resource_type == "Patient"
-                && version.body.is_none()
-                && since.is_some_and(|since| model.version_at(key, since).is_some_and(|then| then.body.is_some()));
-            if patient_deleted {
-                deleted.insert(key.clone());
-            }
-            if !reaching {
-                continue;
-            }
-        }
         match &version.body {
             Some(body) if changed => {
                 let parsed: Value = serde_json::from_str(body).unwrap();
                 if filter_keeps(filter, resource_type, &parsed).unwrap_or(true) {
-                    let line = if elements { subsetted(resource_type, body) } else { parsed };
-                    output.insert(key.clone(), line);
+                    output.insert(key.clone(), line(resource_type, body));
                 }
             }
             Some(_) => {}
@@ -1360,6 +1356,54 @@ fn expected_standard(
         }
     }
     (output, deleted)
+}
+
+/// The Patient level: a Group export (with its associated data) whose members are the Patients
+/// live at T, every one of them a continuing member (README: `_since` applies to every Patient
+/// alike, no full-history lift), without Group resources. `_typeFilter` narrows what is sent of
+/// the compartment types, not the cohort the associated data is found from (README
+/// "Associated data"); a filter on an associated-only type was refused or, lenient, ignored.
+fn expected_patient_level(
+    model: &TenantModel,
+    at: Micros,
+    since: Option<Micros>,
+    filter: usize,
+    line: impl Fn(&str, &str) -> Value,
+) -> StandardExpected {
+    let live = |at: Micros| -> BTreeSet<String> {
+        model
+            .resources
+            .iter()
+            .filter(|((resource_type, _), _)| resource_type == "Patient")
+            .filter(|(key, _)| model.version_at(key, at).is_some_and(|v| v.body.is_some()))
+            .map(|((_, id), _)| id.clone())
+            .collect()
+    };
+    let members = live(at);
+    let types: BTreeSet<&str> = EXPORT_TYPES.into_iter().filter(|t| *t != "Group").collect();
+    let keeps = |resource_type: &str, body: &str| {
+        ASSOCIATED.contains(&resource_type)
+            || filter_keeps(filter, resource_type, &serde_json::from_str(body).unwrap()).unwrap_or(true)
+    };
+    let result = expected_for(model, at, since, &types, &members, since.map(|_| &members), &keeps);
+    let output = result.output.iter().map(|(key, body)| (key.clone(), line(&key.0, body))).collect();
+    let mut deleted = result.deleted;
+    if let Some(since) = since {
+        // A Patient deleted since `_since` is no longer a member: its own deletion is listed.
+        for id in live(since).difference(&members) {
+            let key = ("Patient".to_owned(), id.clone());
+            if model.version_at(&key, at).is_some_and(|version| version.body.is_none()) {
+                deleted.insert(key);
+            }
+        }
+    }
+    (output, deleted)
+}
+
+/// True when filter set `filter` names a type that Patient- and Group-level exports deliver
+/// only as associated data (refused there; lenient: ignored with a warning).
+fn names_associated_type(filter: usize) -> bool {
+    FILTERS[filter].iter().any(|query| ASSOCIATED.iter().any(|t| query.starts_with(&format!("{t}?"))))
 }
 
 /// Runs a system- or Patient-level export on the standard base (202, polled to its
@@ -1387,7 +1431,18 @@ async fn standard_export(
     let query = query.finish();
     let path = if system { "/r4/$export" } else { "/r4/Patient/$export" };
     let what = format!("tenant {tenant} {path}?{query}");
-    let reply = server.send(tenant, get(&format!("{path}?{query}"))).await;
+    let refused = !system && names_associated_type(filter);
+    let mut call = get(&format!("{path}?{query}"));
+    if refused {
+        // Strict: a 400 saying why; lenient: ignored, with a warning in `error[]`.
+        let reply = server.send(tenant, get(&format!("{path}?{query}"))).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{what}: {}", reply.text());
+        let outcome = reply.json();
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{what}");
+        assert!(outcome.to_string().contains("only as associated data"), "{what}: {outcome}");
+        call = call.header("prefer", "handling=lenient");
+    }
+    let reply = server.send(tenant, call).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{what}: {}", reply.text());
     let location = reply.header("content-location");
     let status = location[location.find("/bulk-data/").expect("status URL path")..].to_owned();
@@ -1401,7 +1456,15 @@ async fn standard_export(
     };
     let at = parse_since(manifest["transactionTime"].as_str().unwrap()).unwrap();
     model.checkpoints.push(at);
-    assert_eq!(manifest["error"], json!([]), "{what}");
+    if refused {
+        let errors = manifest["error"].as_array().expect("error[]");
+        assert_eq!(errors.len(), 1, "{what}: {manifest}");
+        let warnings = download(server, tenant, &errors[0], &what).await;
+        assert_eq!(warnings.len(), 1, "{what}: {warnings:?}");
+        assert!(warnings[0].contains("only as associated data"), "{what}: {warnings:?}");
+    } else {
+        assert_eq!(manifest["error"], json!([]), "{what}");
+    }
     let mut output: BTreeMap<(String, String), Value> = BTreeMap::new();
     for item in manifest["output"].as_array().expect("output[]") {
         let item_type = item["type"].as_str().unwrap();

@@ -180,13 +180,15 @@ pub enum ReferencedTypes {
 /// export reads the same set ([`crate::Store::plan_associated`]).
 ///
 /// Rules (README "Associated data"): the cohort is every resource of a member's compartment
-/// at the transaction time (live, visible), whatever `_since`. A Provenance is added when it
+/// at the transaction time (live, visible), whatever `_since` and the selection's `_typeFilter`
+/// (a filter narrows what is exported of its type, not the cohort). A Provenance is added when it
 /// targets a cohort resource of `provenance_sources`; a referenced resource when a cohort
 /// resource of `reference_sources`, an added Provenance, or (transitively, up to `depth`
 /// references away from the cohort) another referenced resource references it. `_since`: an
 /// added resource is exported when it changed since, when it is reached through a member added
-/// since (full history), or when a resource exported by this export references (or is the
-/// target of) it; `_until` applies as to compartment data.
+/// since (full history), or when a resource exported by this export (one matching the
+/// `_typeFilter` of its type) references (or is the target of) it; `_until` applies as to
+/// compartment data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AssociatedRequest {
     /// A random id naming the materialised set.

@@ -6,8 +6,7 @@ use serde_json::{json, Value};
 use crate::{
     AssociatedRequest, AuditCohort, AuditQuery, AuditRecord, ClientRegistration, ExportJob, ExportJobState,
     ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ProvenanceSelection, ReferenceQuery,
-    ReferencedTypes, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp,
-    Written,
+    ReferencedTypes, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 use bulkhead_fhir::type_filter::{TypeFilter, TypeFilters};
 
@@ -33,7 +32,8 @@ macro_rules! store_test_suite {
             audit_finds_exports_through_group_membership_at_their_time, audit_records_are_pruned_by_age,
             pruning_removes_history_before_the_horizon_only, pruning_keeps_what_unexpired_exports_need,
             storage_bytes_are_reported,
-            tenant_scope_selects_every_resource_of_a_type, patients_at_a_time, type_filters_select_exactly);
+            tenant_scope_selects_every_resource_of_a_type, patients_at_a_time, type_filters_select_exactly,
+            associated_data_is_found_before_type_filters);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -1450,4 +1450,39 @@ pub fn type_filters_select_exactly(store: &dyn Store) {
     assert_eq!(export_ids(store, acme, &filtered, "Patient"), ["a"]);
     let everything = MemberSelection { members: Vec::new(), scope: SelectionScope::Tenant, ..filtered };
     assert_eq!(export_ids(store, acme, &everything, "Observation"), ["o1=1", "o3=1", "o4=1"]);
+}
+
+/// The associated data comes from the cohort before `_typeFilter` (README "Associated data"): a
+/// filter leaving out a member Patient or an Observation keeps their Provenance and what they
+/// reference; only a resource the export sends (one the filter keeps) forces, with `_since`,
+/// the unchanged resources it reaches.
+pub fn associated_data_is_found_before_type_filters(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    associated_world(store, acme);
+    let all = || associated_request(ProvenanceSelection::Relevant, ReferencedTypes::All, 3);
+    let nothing_kept = || {
+        TypeFilters::new(vec![
+            TypeFilter::parse("Observation?status=amended").unwrap(),
+            TypeFilter::parse("Patient?_id=nobody").unwrap(),
+        ])
+    };
+    let plain = selection(store, &[("a", None)], None);
+    let filtered = MemberSelection { filters: nothing_kept(), ..plain.clone() };
+    let expected = associated(store, acme, &plain, &all());
+    assert!(expected.contains(&"Provenance/prov3".to_owned()) && expected.contains(&"Provenance/prov1".to_owned()));
+    assert_eq!(associated(store, acme, &filtered, &all()), expected, "the filter does not narrow the cohort");
+    // With `_since`: o1 changed since, so an export sending it brings its unchanged Provenance,
+    // performer and the Provenance's agent; one whose filter leaves o1 out does not.
+    let since = store.reserve_transaction_time().unwrap();
+    let mut o1 = observation("o1", "a", 5);
+    o1["performer"] = json!([reference("Practitioner/pr5"), reference("Practitioner/missing")]);
+    put(store, acme, None, o1);
+    let plain = selection(store, &[("a", Some(since))], Some(since));
+    assert_eq!(
+        associated(store, acme, &plain, &all()),
+        ["Practitioner/pr5", "Practitioner/pr7", "Provenance/prov1"],
+        "the changed o1 forces what it reaches"
+    );
+    let filtered = MemberSelection { filters: nothing_kept(), ..plain };
+    assert!(associated(store, acme, &filtered, &all()).is_empty(), "o1 is not sent: it forces nothing");
 }

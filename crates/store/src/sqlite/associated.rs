@@ -16,7 +16,7 @@ use bulkhead_fhir::Micros;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 
-use super::export::{load_members, select_window, selected, type_span, Reach, VersionAt, WINDOW};
+use super::export::{filter_matches, load_members, select_window, selected, type_span, Reach, VersionAt, WINDOW};
 use super::SqliteStore;
 use crate::{
     AssociatedRequest, MemberSelection, PartRange, PartReader, ProvenanceSelection, ReferencedTypes, StoreError,
@@ -367,6 +367,7 @@ fn compute(
             }
         }
     }
+    let cohort = MemberSelection { filters: Default::default(), ..selection.clone() };
     let mut id_of = connection.prepare_cached("SELECT id FROM resources WHERE rid = ?1")?;
     let mut has_references = connection.prepare_cached(
         "SELECT EXISTS (SELECT 1 FROM referencing_types WHERE tenant_id = ?1 AND resource_type = ?2)",
@@ -383,19 +384,20 @@ fn compute(
         }
         let Some((first, last)) = type_span(connection, tenant, resource_type)? else { continue };
         let live = |_: Reach, version: &VersionAt| !version.deleted && version.visible;
+        // The cohort is found before `_typeFilter`: a filter narrows what is exported of its
+        // type, not which Provenance and referenced resources come. Only a resource the export
+        // sends (selected and, for a filtered type, matching) forces what it reaches.
+        let filtered = selection.filters.filters(resource_type);
         let mut start = first;
         while start <= last {
             let end = start.saturating_add(WINDOW - 1).min(last);
-            let chosen: Vec<(i64, Via)> =
-                select_window(connection, tenant, selection, resource_type, (start, end), live)?
-                    .into_iter()
-                    .map(|chosen| {
-                        (
-                            chosen.rid,
-                            Via { reach: chosen.reach, forced: selected(selection, chosen.reach, &chosen.version) },
-                        )
-                    })
-                    .collect();
+            let mut chosen: Vec<(i64, Via)> = Vec::new();
+            for found in select_window(connection, tenant, &cohort, resource_type, (start, end), live)? {
+                let sent = selected(selection, found.reach, &found.version)
+                    && (!filtered
+                        || filter_matches(connection, selection, resource_type, found.rid, found.history_version)?);
+                chosen.push((found.rid, Via { reach: found.reach, forced: sent }));
+            }
             if follow {
                 add_window_references(connection, &chosen, (start, end), at, &request.referenced)?;
             }

@@ -309,7 +309,7 @@ pub(super) fn select_window(
 /// Whether the version of `rid` held by the current row (`history_version` 0) or by that history
 /// version matches the selection's `_typeFilter` for its type. Versions never change, so the
 /// plan's counts and the download's lines agree.
-fn filter_matches(
+pub(super) fn filter_matches(
     connection: &Connection,
     selection: &MemberSelection,
     resource_type: &str,
