@@ -15,11 +15,9 @@
 //! target `bulkhead::audit` and the response still goes out: refusing reads while the disk is
 //! full would turn a storage alarm into an outage (see docs/security.md).
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -31,10 +29,10 @@ use bulkhead_fhir::{now_micros, Micros};
 use bulkhead_store::{
     AuditCohort, AuditRecord, Store, StoreError, StoredResource, TenantId, WriteMode, WriteOp, Written,
 };
-use http_body::{Frame, SizeHint};
 use serde_json::{json, Map, Value};
 
 use crate::auth::Caller;
+use crate::counted_body::CountedBody;
 use crate::state::AppState;
 
 tokio::task_local! {
@@ -146,8 +144,9 @@ pub async fn trail(State(state): State<AppState>, request: Request, next: Next) 
     });
     if let Some((record, planned)) = download.filter(|_| status.is_success()) {
         let (parts, body) = response.into_parts();
+        let store = state.store;
         let body =
-            AuditedBody { inner: body, record: Some(record), planned, bytes: 0, complete: false, store: state.store };
+            CountedBody::new(body, move |bytes, complete| append_download(store, record, planned, bytes, complete));
         return Response::from_parts(parts, Body::new(body));
     }
     let record = pending.lock().ok().and_then(|pending| pending.record(outcome_of(status), status.as_u16()));
@@ -508,62 +507,20 @@ fn store_error_status(error: &StoreError) -> StatusCode {
     }
 }
 
-/// A download's body: counts the bytes handed to the connection and appends the record when
-/// it ends or is dropped (`aborted` when it did not complete).
-struct AuditedBody {
-    inner: Body,
-    record: Option<AuditRecord>,
-    planned: u64,
-    bytes: u64,
-    complete: bool,
-    store: Arc<dyn Store>,
-}
-
-impl http_body::Body for AuditedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.bytes += data.len() as u64;
-                }
-                if self.inner.is_end_stream() {
-                    self.complete = true;
-                }
-            }
-            Poll::Ready(None) => self.complete = true,
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for AuditedBody {
-    fn drop(&mut self) {
-        let Some(mut record) = self.record.take() else { return };
-        let complete = self.complete;
+/// Appends a download's record once its body is done: bytes handed to the connection, and
+/// `aborted` when it did not complete.
+fn append_download(store: Arc<dyn Store>, mut record: AuditRecord, planned: u64, bytes: u64, complete: bool) {
+    {
         let mut detail: Map<String, Value> = serde_json::from_str(&record.detail).unwrap_or_default();
-        detail.insert("bytes".into(), json!(self.bytes));
+        detail.insert("bytes".into(), json!(bytes));
         detail.insert("complete".into(), json!(complete));
         // Resources sent: the file's count when it completed; a cut-off stream does not say
         // how many whole lines reached the client (it may be compressed), so none is claimed.
-        detail.insert("resources".into(), if complete { json!(self.planned) } else { Value::Null });
+        detail.insert("resources".into(), if complete { json!(planned) } else { Value::Null });
         record.detail = Value::Object(detail).to_string();
         if !complete {
             record.outcome = "aborted".into();
         }
-        let store = self.store.clone();
         let append = move || append_or_log(store.as_ref(), &[record]);
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn_blocking(append)),

@@ -13,6 +13,7 @@ pub mod bulk;
 pub mod bundle;
 pub mod capability;
 pub mod connections;
+pub mod counted_body;
 pub mod credentials;
 pub mod encoding;
 pub mod error;
