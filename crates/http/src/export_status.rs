@@ -172,8 +172,11 @@ pub(crate) async fn accept(
     };
     let job_id = job.id.clone();
     let tenant = caller.tenant;
-    let Some(cap) = crate::quotas::job_cap(state, caller).map_or(Some(0), |cap| (cap > 0).then_some(cap)) else {
-        return Err(crate::quotas::exports_throttled(state, caller));
+    // 0: no cap (the store's meaning).
+    let cap = match crate::quotas::job_cap(state, caller) {
+        None => 0,
+        Some(0) => return Err(crate::quotas::exports_throttled(state, caller)),
+        Some(cap) => cap,
     };
     let output = state.output.clone();
     let admitted = state
