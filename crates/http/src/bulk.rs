@@ -370,7 +370,7 @@ pub(crate) struct Manifest {
 pub const OBJECT_EXTENSION: &str = "https://bulkhead.example/fhir/bulk-data/extension/output-object";
 
 /// A materialised file as its manifest item shows it.
-struct ObjectItem {
+pub(crate) struct ObjectItem {
     url: String,
     object: WrittenObject,
 }

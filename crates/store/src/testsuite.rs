@@ -1633,7 +1633,11 @@ pub fn the_export_cap_is_counted_with_the_insert_across_instances(store: &dyn St
                 })
             })
             .collect();
-        kick_offs.into_iter().filter(|kick_off| kick_off.join().unwrap().unwrap() == JobAdmission::Queued).count()
+        kick_offs
+            .into_iter()
+            .map(|kick_off| kick_off.join().unwrap().unwrap())
+            .filter(|admitted| *admitted == JobAdmission::Queued)
+            .count()
     });
     assert_eq!(admitted, 3);
     assert_eq!(store.unfinished_export_jobs(c, 100).unwrap(), 3);
