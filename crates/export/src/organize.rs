@@ -11,8 +11,8 @@
 //! 3. the Group export's own Group line, in the first block only (when `_type` asks for it);
 //! 4. the export's associated data that this patient's data leads to: the Provenance of the
 //!    export's associated set that targets the patient or one of its compartment resources, and
-//!    the set's referenced resources its compartment resources or those Provenance reference
-//!    (transitively, up to [`REFERENCE_DEPTH`]). The IG lets resources that do not reference the
+//!    the set's referenced resources its compartment resources or the Provenance about them
+//!    reference (transitively, up to [`REFERENCE_DEPTH`]). The IG lets resources that do not reference the
 //!    patient go "in resource blocks that contain resources they reference"; a Practitioner seen
 //!    by two patients is therefore in both blocks, so every block stands alone.
 //!
@@ -260,12 +260,14 @@ impl BlockWriter<'_> {
         }
     }
 
-    /// Looks the noted targets up in the associated set (a window at a time, so the list stays
-    /// short).
+    /// Looks up the Provenance targeting the noted resources (a window at a time, so the list
+    /// stays short).
     fn find_provenance(&self, leads: &mut Leads) -> Result<(), ExportError> {
-        let (Some(set_id), false) = (self.set_id, leads.targets.is_empty()) else { return Ok(()) };
+        if leads.targets.is_empty() {
+            return Ok(());
+        }
         let at = self.view.selection.transaction_time;
-        let found = self.store.associated_provenance_targeting(self.tenant, set_id, &leads.targets, at)?;
+        let found = self.store.provenance_targeting(self.tenant, &leads.targets, at)?;
         leads.targets.clear();
         leads.provenance.extend(found);
         Ok(())
@@ -284,9 +286,18 @@ impl BlockWriter<'_> {
             self.find_provenance(leads)?;
         }
         let mut frontier = std::mem::take(&mut leads.referenced);
-        for id in std::mem::take(&mut leads.provenance) {
-            let Some(body) = self.body_at("Provenance", &id, at)? else { continue };
-            block.line("Provenance", body.as_bytes())?;
+        // Every Provenance about the block's data leads on to what it references, whether the
+        // export holds it (changed since `_since`, or the latest) or not.
+        let provenance: Vec<String> = std::mem::take(&mut leads.provenance).into_iter().collect();
+        let held = match provenance.is_empty() {
+            true => Vec::new(),
+            false => self.store.associated_ids(self.tenant, set_id, "Provenance", &provenance)?,
+        };
+        for id in &provenance {
+            let Some(body) = self.body_at("Provenance", id, at)? else { continue };
+            if held.contains(id) {
+                block.line("Provenance", body.as_bytes())?;
+            }
             if let Ok(resource) = serde_json::from_str::<Value>(&body) {
                 self.note_references("Provenance", &resource, &mut frontier);
             }

@@ -785,26 +785,22 @@ pub(super) fn associated_ids(
     Ok(held)
 }
 
-/// The Provenance of the set `set_id` whose target rows valid at `at` name one of `targets`
-/// (one seek each into `provenance_by_target`), sorted and deduplicated.
+/// The Provenance whose target rows valid at `at` name one of `targets` (one seek each into
+/// `provenance_by_target`; a deleted Provenance's rows are closed), sorted and deduplicated.
 pub(super) fn provenance_targeting(
     connection: &Connection,
     tenant: TenantId,
-    set_id: &str,
     targets: &[(String, String)],
     at: Micros,
 ) -> Result<Vec<String>, StoreError> {
     let mut statement = connection.prepare_cached(
-        "SELECT r.id FROM reference_index x
-         JOIN export_associated a
-           ON a.tenant_id = x.tenant_id AND a.set_id = ?2 AND a.resource_type = 'Provenance' AND a.rid = x.rid
-         JOIN resources r ON r.rid = x.rid
-         WHERE x.tenant_id = ?1 AND x.target_type = ?3 AND x.target_id = ?4 AND x.provenance_target = 1
-           AND x.from_ts <= ?5 AND (x.to_ts IS NULL OR x.to_ts > ?5)",
+        "SELECT r.id FROM reference_index x JOIN resources r ON r.rid = x.rid
+         WHERE x.tenant_id = ?1 AND x.target_type = ?2 AND x.target_id = ?3 AND x.provenance_target = 1
+           AND x.from_ts <= ?4 AND (x.to_ts IS NULL OR x.to_ts > ?4)",
     )?;
     let mut ids = Vec::new();
     for (target_type, target_id) in targets {
-        let mut rows = statement.query(params![tenant.0, set_id, target_type, target_id, at])?;
+        let mut rows = statement.query(params![tenant.0, target_type, target_id, at])?;
         while let Some(row) = rows.next()? {
             ids.push(row.get::<_, String>(0)?);
         }

@@ -503,14 +503,13 @@ impl crate::Store for SqliteStore {
     ) -> Result<Vec<String>, StoreError> {
         self.with_read(|connection| associated::associated_ids(connection, tenant, set_id, resource_type, ids))
     }
-    fn associated_provenance_targeting(
+    fn provenance_targeting(
         &self,
         tenant: TenantId,
-        set_id: &str,
         targets: &[(String, String)],
         at: Micros,
     ) -> Result<Vec<String>, StoreError> {
-        self.with_read(|connection| associated::provenance_targeting(connection, tenant, set_id, targets, at))
+        self.with_read(|connection| associated::provenance_targeting(connection, tenant, targets, at))
     }
     fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError> {
         self.with_snapshot(|connection| {
