@@ -419,6 +419,7 @@ pub(crate) fn manifest(
     objects: Option<Vec<ObjectItem>>,
 ) -> Manifest {
     let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
+    let organized = plan.export.organized.is_some();
     let mut objects = objects.map(Vec::into_iter);
     let keys = state.token_keys.get();
     for (index, file) in plan.export.files.iter().enumerate() {
@@ -435,6 +436,14 @@ pub(crate) fn manifest(
                 json!({"type": item_type, "url": format!("{base}/bulk-data/r4/$export/{item_type}/{token}.ndjson"), "count": file.total})
             }
         };
+        let mut item = item;
+        if organized && file.kind == FileKind::Output {
+            // STU3: with organizeOutputBy, output items SHALL NOT carry `type` (a file holds
+            // patient blocks of every type).
+            if let Some(fields) = item.as_object_mut() {
+                fields.remove("type");
+            }
+        }
         match file.kind {
             FileKind::Output => output.push(item),
             FileKind::Deleted => deleted.push(item),
@@ -448,6 +457,9 @@ pub(crate) fn manifest(
         "output": output,
         "error": error,
     });
+    if organized {
+        manifest["outputOrganizedBy"] = json!(bulkhead_export::organize::ORGANIZED_BY);
+    }
     if with_since {
         manifest["deleted"] = json!(deleted);
         // Members that left the Group since `_since`: the client may want to drop their data.

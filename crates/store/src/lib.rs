@@ -227,6 +227,15 @@ pub trait Store: Send + Sync + 'static {
     /// Ids of the tenant's Patients that existed, not deleted and visible, at `at`, sorted (the
     /// members of a Patient-level export).
     fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError>;
+    /// The ids of the Provenance resources whose `Provenance.target`, at `at`, names one of
+    /// `targets` (`(type, id)`), sorted, each once: the Provenance of one patient's resources,
+    /// for output organised by patient (which ones the export holds, its associated set says).
+    fn provenance_targeting(
+        &self,
+        tenant: TenantId,
+        targets: &[(String, String)],
+        at: Micros,
+    ) -> Result<Vec<String>, StoreError>;
 
     // ---- asynchronous export jobs ----
 

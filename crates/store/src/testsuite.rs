@@ -34,7 +34,7 @@ macro_rules! store_test_suite {
             pruning_removes_history_before_the_horizon_only, pruning_keeps_what_unexpired_exports_need,
             storage_bytes_are_reported,
             tenant_scope_selects_every_resource_of_a_type, patients_at_a_time, type_filters_select_exactly,
-            associated_data_is_found_before_type_filters,
+            associated_data_is_found_before_type_filters, provenance_is_found_by_target,
             export_job_claims_are_exclusive_and_fair_across_tenants, an_expired_lease_is_taken_over_and_the_stale_holder_fenced,
             the_export_cap_is_counted_with_the_insert_across_instances, a_cancelled_job_stops_its_holder);
     };
@@ -1488,6 +1488,33 @@ pub fn associated_data_is_found_before_type_filters(store: &dyn Store) {
     );
     let filtered = MemberSelection { filters: nothing_kept(), ..plain };
     assert!(associated(store, acme, &filtered, &all()).is_empty(), "o1 is not sent: it forces nothing");
+}
+
+pub fn provenance_is_found_by_target(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    let other = tenant(store, "other");
+    associated_world(store, acme);
+    put(store, other, None, patient("a"));
+    let at = store.reserve_transaction_time().unwrap();
+    let target = |t: &str, id: &str| (t.to_owned(), id.to_owned());
+    let found = |tenant, targets: &[(String, String)], at| store.provenance_targeting(tenant, targets, at).unwrap();
+    assert_eq!(found(acme, &[target("Observation", "o1")], at), ["prov1"]);
+    assert_eq!(
+        found(acme, &[target("Patient", "a"), target("Observation", "o1"), target("Observation", "o2")], at),
+        ["prov1", "prov2", "prov3"],
+        "sorted, each once"
+    );
+    assert!(found(acme, &[target("Practitioner", "pr7")], at).is_empty(), "an agent is no target");
+    assert!(found(acme, &[target("Observation", "nope")], at).is_empty());
+    assert!(found(other, &[target("Observation", "o1"), target("Patient", "a")], at).is_empty(), "per tenant");
+    // As of `at`: prov1 retargeted later is still found through its target then, and a deleted
+    // Provenance no longer after its deletion.
+    put(store, acme, None, provenance("prov1", &["Observation/o2"], "Practitioner/pr7"));
+    delete(store, acme, "Provenance", "prov3");
+    assert_eq!(found(acme, &[target("Observation", "o1"), target("Patient", "a")], at), ["prov1", "prov3"]);
+    let later = store.reserve_transaction_time().unwrap();
+    assert!(found(acme, &[target("Observation", "o1"), target("Patient", "a")], later).is_empty());
+    assert_eq!(found(acme, &[target("Observation", "o2")], later), ["prov1", "prov2"]);
 }
 
 // ---- export job leases ----

@@ -505,6 +505,14 @@ impl crate::Store for SqliteStore {
     ) -> Result<Vec<String>, StoreError> {
         self.with_read(|connection| associated::associated_ids(connection, tenant, set_id, resource_type, ids))
     }
+    fn provenance_targeting(
+        &self,
+        tenant: TenantId,
+        targets: &[(String, String)],
+        at: Micros,
+    ) -> Result<Vec<String>, StoreError> {
+        self.with_read(|connection| associated::provenance_targeting(connection, tenant, targets, at))
+    }
     fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError> {
         self.with_snapshot(|connection| {
             let ids: Vec<String> = connection
