@@ -99,7 +99,8 @@ enum Progress {
 impl Progress {
     fn text(self) -> String {
         match self {
-            Progress::Queued | Progress::Finished => "planning".to_owned(),
+            Progress::Queued => "queued: waiting for a free planner".to_owned(),
+            Progress::Finished => "planning".to_owned(),
             Progress::At(step) => step.to_string(),
         }
     }
@@ -164,12 +165,18 @@ fn start_planner(state: &AppState, tenant: TenantId, job_id: String, transaction
     state.planners.lock().insert((tenant, job_id.clone()), planner.clone());
     let state = state.clone();
     tokio::spawn(async move {
+        // Beyond `max_concurrent_plans` the job stays queued (its polls say so) until a planner
+        // is free; the slot is given back once the plan is made, before any output is written.
+        let slot = Mutex::new(crate::planning_pool::queued_planning_slot(&state).await);
         let store = state.store.clone();
         let (work_planner, work_job, hook) = (planner.clone(), job_id.clone(), state.planners.hook.clone());
         let output = state.output.clone();
         let planned = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             let progress = |step: PlanStep| {
+                if matches!(step, PlanStep::Writing { .. }) {
+                    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+                }
                 work_planner.progress.send_replace(Progress::At(step));
                 if let Some(hook) = &hook {
                     hook(step)?;
