@@ -6,9 +6,9 @@
 //! page cache, and the associated data on one more. Twenty simultaneous kick-offs of a
 //! 1,000-member Group planned in parallel took the server past 400 MiB; queued, they take a
 //! planner's memory times the pool's size, and a queued kick-off of the same request usually
-//! finds the plan cached by the one before it. An asynchronous job beyond the pool waits
-//! (its status says `queued`); a synchronous kick-off waits up to `plan_queue_wait`, then gets
-//! 429 with `Retry-After`.
+//! finds the plan cached by the one before it. An asynchronous job beyond the pool is not
+//! claimed by the export worker until a place is free; a synchronous kick-off waits up to
+//! `plan_queue_wait`, then gets 429 with `Retry-After`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -49,9 +49,4 @@ pub(crate) async fn planning_slot(state: &AppState) -> Result<OwnedSemaphorePerm
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(PLAN_RETRY_AFTER_SECONDS));
         response
     })
-}
-
-/// A permit for a background planner: waits as long as it takes (the job shows `queued`).
-pub(crate) async fn queued_planning_slot(state: &AppState) -> Option<OwnedSemaphorePermit> {
-    state.planning_slots.clone().acquire_owned().await.ok()
 }
