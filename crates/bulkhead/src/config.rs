@@ -81,6 +81,12 @@ pub struct Config {
     /// Seconds a download beyond `max_concurrent_downloads` waits for a stream before it is
     /// answered 429 with `Retry-After` (0: at once).
     pub download_queue_seconds: u64,
+    /// Export plans computed at once; more kick-offs queue (see `plan_queue_seconds`).
+    pub max_concurrent_plans: usize,
+    /// Seconds a synchronous kick-off beyond `max_concurrent_plans` waits for a planner before
+    /// it is answered 429 with `Retry-After` (0: at once). Asynchronous jobs wait as long as it
+    /// takes.
+    pub plan_queue_seconds: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     pub shutdown_grace_seconds: u64,
     /// `text` or `json` log lines.
@@ -156,6 +162,8 @@ impl Default for Config {
             download_stall_timeout_seconds: 60,
             max_concurrent_downloads: 8,
             download_queue_seconds: 10,
+            max_concurrent_plans: 2,
+            plan_queue_seconds: 30,
             shutdown_grace_seconds: 30,
             log_format: LogFormat::Text,
             validation: ValidationMode::Strict,
@@ -265,6 +273,10 @@ impl Config {
         anyhow::ensure!(
             self.max_concurrent_downloads >= 1,
             "invalid configuration: max_concurrent_downloads must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_concurrent_plans >= 1,
+            "invalid configuration: max_concurrent_plans must be at least 1"
         );
         if let Some(base) = &self.public_base_url {
             anyhow::ensure!(
@@ -390,6 +402,8 @@ impl Config {
             download_stall_timeout: Duration::from_secs(self.download_stall_timeout_seconds),
             max_concurrent_downloads: self.max_concurrent_downloads,
             download_queue_wait: Duration::from_secs(self.download_queue_seconds),
+            max_concurrent_plans: self.max_concurrent_plans,
+            plan_queue_wait: Duration::from_secs(self.plan_queue_seconds),
             access_token_ttl: Duration::from_secs(self.access_token_ttl_seconds),
             jwks_fetch_timeout: Duration::from_secs(self.jwks_fetch_timeout_seconds),
             allow_http_jwks_urls: self.allow_http_jwks_urls,

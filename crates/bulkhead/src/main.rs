@@ -15,6 +15,7 @@ mod config;
 mod demo;
 mod import;
 mod keys;
+mod memory;
 mod output;
 mod private_files;
 mod retention;

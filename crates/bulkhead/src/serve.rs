@@ -38,6 +38,7 @@ pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     }
     crate::keys::spawn_reloader(config, &state.token_keys);
     crate::retention::spawn_pruning(&state.store, config.history_retention()?);
+    crate::memory::spawn_reporter();
     Ok(state)
 }
 

@@ -201,10 +201,15 @@ pub(crate) async fn kick_off_at(
         }
     };
     let _running = crate::quotas::admit_export(&state, &caller, unfinished)?;
+    let slot = match crate::planning_pool::planning_slot(&state).await {
+        Ok(slot) => slot,
+        Err(throttled) => return Ok(throttled),
+    };
     let started = std::time::Instant::now();
     let sweep_output = state.output.clone();
     let plan = state
         .blocking(move |store| {
+            let _slot = slot;
             crate::export_status::sweep_expired(store, sweep_output.as_deref(), now_micros());
             let plan = plan_group_export(store, &request)?;
             urls.store_record(store, &plan.export)?;

@@ -59,12 +59,19 @@ async fn claim_loop(state: AppState) {
     // A lapsed lease is noticed within a quarter of a lease (between 0.1 s and 1 s).
     let idle = (lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
     loop {
-        while let Ok(slot) = slots.clone().try_acquire_owned() {
+        // A job is claimed only with a worker slot and a place in the server-wide planning pool
+        // (`max_concurrent_plans`, shared with synchronous kick-offs); without one it waits.
+        while let Some((slot, planning)) = slots
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .and_then(|slot| Some((slot, state.planning_slots.clone().try_acquire_owned().ok()?)))
+        {
             let owner = state.planners.instance.clone();
             let claimed =
                 state.blocking(move |store| Ok(store.claim_export_job(&owner, now_micros(), micros(lease))?)).await;
             match claimed {
-                Ok(Some(job)) => run_claimed(&state, job, slot),
+                Ok(Some(job)) => run_claimed(&state, job, (slot, planning)),
                 Ok(None) => break,
                 Err(error) => {
                     tracing::warn!(status = %error.status, "claiming export jobs failed; retrying");
@@ -81,7 +88,7 @@ async fn claim_loop(state: AppState) {
 
 /// Runs a claimed job on a blocking thread, holding `slot`. Whatever happens to it (done,
 /// failed, lease lost, panicked), the job is registered here until its row is finished.
-fn run_claimed(state: &AppState, claimed: ClaimedJob, slot: OwnedSemaphorePermit) {
+fn run_claimed(state: &AppState, claimed: ClaimedJob, slot: (OwnedSemaphorePermit, OwnedSemaphorePermit)) {
     let lease = claimed.lease.clone();
     let planner = state.planners.register(lease.tenant, &lease.job_id);
     tracing::info!(job = %lease.job_id, tenant = lease.tenant.0, fence = lease.fence, parts_done = claimed.parts.len(), "export job claimed");

@@ -30,6 +30,7 @@ pub mod ndjson_import;
 pub mod negotiation;
 pub mod object_output;
 pub mod plain_errors;
+pub mod planning_pool;
 pub mod quotas;
 pub mod registration;
 pub mod rest;

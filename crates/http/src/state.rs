@@ -51,6 +51,11 @@ pub struct HttpConfig {
     /// connection); one more waits up to `download_queue_wait`, then gets 429 + `Retry-After`.
     pub max_concurrent_downloads: usize,
     pub download_queue_wait: Duration,
+    /// Export plans computed at once, server-wide (each holds its candidate windows, read
+    /// connections and their page caches). An asynchronous job beyond it stays queued; a
+    /// synchronous kick-off waits up to `plan_queue_wait`, then gets 429 + `Retry-After`.
+    pub max_concurrent_plans: usize,
+    pub plan_queue_wait: Duration,
     /// Lifetime of access tokens for clients registered without their own.
     pub access_token_ttl: Duration,
     /// Timeout of one fetch of a client's JWKS URL.
@@ -94,6 +99,8 @@ impl Default for HttpConfig {
             download_stall_timeout: Duration::from_secs(60),
             max_concurrent_downloads: 8,
             download_queue_wait: Duration::from_secs(10),
+            max_concurrent_plans: 2,
+            plan_queue_wait: Duration::from_secs(30),
             access_token_ttl: Duration::from_secs(300),
             jwks_fetch_timeout: Duration::from_secs(5),
             allow_http_jwks_urls: false,
@@ -144,6 +151,8 @@ pub struct AppState {
     pub planners: Arc<crate::export_status::Planners>,
     /// Permits for streaming export files: `max_concurrent_downloads` of them.
     pub download_slots: Arc<tokio::sync::Semaphore>,
+    /// Permits for computing export plans: `max_concurrent_plans` of them.
+    pub planning_slots: Arc<tokio::sync::Semaphore>,
     /// Prometheus metrics; `None` when `metrics` is off.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// The per-tenant quotas' running state.
@@ -158,6 +167,7 @@ impl AppState {
             store,
             login_limiter: Arc::new(crate::login_limits::LoginLimiter::new(config.login_limits.clone())),
             download_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_downloads.max(1))),
+            planning_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_plans.max(1))),
             jwks: Arc::new(crate::jwks::JwksCache::new(config.jwks_fetch_timeout, config.allow_http_jwks_urls)),
             metrics: config.metrics.then(|| Arc::new(crate::metrics::Metrics::new())),
             quotas: Arc::default(),

@@ -565,3 +565,59 @@ async fn a_job_whose_worker_stalls_past_its_lease_is_taken_over_by_another_insta
     assert_status(&again, 200);
     assert_eq!(again.json(), manifest, "the job keeps B's manifest");
 }
+
+#[tokio::test]
+async fn kick_offs_beyond_the_planning_pool_queue_and_a_synchronous_one_gets_429() {
+    let gate = Arc::new(Gate::default());
+    let hook_gate = gate.clone();
+    let planners = Arc::new(Planners::default().with_status_wait(Duration::from_millis(50)).with_hook(move |step| {
+        hook_gate.hold(step, counting);
+        Ok(())
+    }));
+    let state_planners = planners.clone();
+    let config = HttpConfig { max_concurrent_plans: 1, plan_queue_wait: Duration::ZERO, ..test_config() };
+    let server = Server::with_state(config, move |state| state.planners = state_planners);
+    let (client, group) = populated(&server, "acme").await;
+    let path = format!("/bulk-data/r4/Group/{group}/$export?_type=Patient,Observation");
+
+    // The first job takes the only planner and is held at its counting step.
+    let first = kick_off(&server, get(&path).by(&client).respond_async()).await;
+    gate.wait_for(counting).await;
+    // A second job is accepted at once, but it waits for the pool: its plan has not started.
+    let second = kick_off(&server, get(&path).by(&client).respond_async()).await;
+    poll_planning(&server, &client, &second).await;
+    let started = |gate: &Gate| gate.reached().into_iter().filter(|step| *step == PlanStep::Membership).count();
+    assert_eq!(started(&gate), 1, "one plan at a time: {:?}", gate.reached());
+    // A synchronous kick-off finds no planner free and may not wait for one.
+    let refused = server.send(get(&path).by(&client)).await;
+    let outcome = assert_outcome(&refused, 429, "throttled", None);
+    assert!(outcome["issue"][0]["diagnostics"].as_str().unwrap().contains("being planned"), "{outcome}");
+    assert_eq!(refused.header("retry-after"), "2");
+    assert_eq!(started(&gate), 1, "the refused kick-off planned nothing");
+
+    // Once the first plan is made, the queued one runs; both jobs end with the same manifest.
+    gate.open();
+    let first_manifest = poll_until_done(&server, &client, &first).await;
+    let second_manifest = poll_until_done(&server, &client, &second).await;
+    planners_done(&planners).await;
+    assert_eq!(started(&gate), 2);
+    assert_eq!(redact_manifest(second_manifest), redact_manifest(first_manifest.clone()));
+    // With the planner free, the synchronous kick-off is answered.
+    let answered = server.send(get(&path).by(&client)).await;
+    assert_status(&answered, 200);
+    assert_eq!(redact_manifest(answered.json()), redact_manifest(first_manifest));
+}
+
+/// Polls a status URL until the job is done (bounded) and returns its manifest.
+async fn poll_until_done(server: &Server, client: &Client, status_path: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = server.send(get(status_path).by(client).header("accept", "application/json")).await;
+        if reply.status.as_u16() == 200 {
+            return reply.json();
+        }
+        assert_status(&reply, 202);
+        assert!(Instant::now() < deadline, "the job did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

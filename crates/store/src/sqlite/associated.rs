@@ -392,12 +392,13 @@ fn compute(
         while start <= last {
             let end = start.saturating_add(WINDOW - 1).min(last);
             let mut chosen: Vec<(i64, Via)> = Vec::new();
-            for found in select_window(connection, tenant, &cohort, resource_type, (start, end), live)? {
+            select_window(connection, tenant, &cohort, resource_type, (start, end), live, |found| {
                 let sent = selected(selection, found.reach, &found.version)
                     && (!filtered
                         || filter_matches(connection, selection, resource_type, found.rid, found.history_version)?);
                 chosen.push((found.rid, Via { reach: found.reach, forced: sent }));
-            }
+                Ok(())
+            })?;
             if follow {
                 add_window_references(connection, &chosen, (start, end), at, &request.referenced)?;
             }

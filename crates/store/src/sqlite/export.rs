@@ -114,15 +114,75 @@ impl Reach {
 }
 
 /// One resource found through the members' compartment rows, with its version at the
-/// transaction time as those rows describe it.
+/// transaction time as those rows describe it. Packed into 32 bytes (a key window may hold
+/// ~100k of them, in every planner and download at once): the reach's `since` and the version's
+/// flags are stored flat.
 struct Candidate {
     rid: i64,
-    reach: Reach,
-    version: VersionAt,
-    /// The version at the transaction time may not be the current one (the row's version is newer
-    /// than the transaction time, or the row was closed by a later version): its state and body
-    /// are then looked up in the history table.
-    historical: bool,
+    last_updated: Micros,
+    /// [`Reach::existing_since`] when `flags` has [`Candidate::HAS_SINCE`].
+    existing_since: Micros,
+    flags: u8,
+}
+
+// The packing is the point: a larger candidate multiplies every planner's and download's window.
+const _: () = assert!(std::mem::size_of::<Candidate>() == 32);
+
+impl Candidate {
+    const FULL_HISTORY: u8 = 1;
+    const HAS_SINCE: u8 = 2;
+    const DELETED: u8 = 4;
+    const VISIBLE: u8 = 8;
+    /// The version at the transaction time may not be the current one (the row's version is
+    /// newer than the transaction time, or the row was closed by a later version): its state and
+    /// body are then looked up in the history table.
+    const HISTORICAL: u8 = 16;
+
+    fn new(rid: i64, reach: Reach, version: VersionAt, historical: bool) -> Candidate {
+        let mut candidate = Candidate { rid, last_updated: version.last_updated, existing_since: 0, flags: 0 };
+        candidate.set_reach(reach);
+        candidate.set(Candidate::DELETED, version.deleted);
+        candidate.set(Candidate::VISIBLE, version.visible);
+        candidate.set(Candidate::HISTORICAL, historical);
+        candidate
+    }
+
+    fn set(&mut self, flag: u8, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    fn reach(&self) -> Reach {
+        Reach {
+            full_history: self.has(Candidate::FULL_HISTORY),
+            existing_since: self.has(Candidate::HAS_SINCE).then_some(self.existing_since),
+        }
+    }
+
+    fn set_reach(&mut self, reach: Reach) {
+        self.set(Candidate::FULL_HISTORY, reach.full_history);
+        self.set(Candidate::HAS_SINCE, reach.existing_since.is_some());
+        self.existing_since = reach.existing_since.unwrap_or(0);
+    }
+
+    fn version(&self) -> VersionAt {
+        VersionAt {
+            last_updated: self.last_updated,
+            deleted: self.has(Candidate::DELETED),
+            visible: self.has(Candidate::VISIBLE),
+        }
+    }
+
+    fn historical(&self) -> bool {
+        self.has(Candidate::HISTORICAL)
+    }
 }
 
 /// Resources of `resource_type` in the members' compartments at the transaction time, with a
@@ -155,17 +215,17 @@ fn candidates(
     let mut found: Vec<Candidate> = Vec::new();
     while let Some(row) = rows.next()? {
         let last_updated: Micros = row.get(3)?;
-        found.push(Candidate {
-            rid: row.get(0)?,
-            reach: Reach { full_history: row.get(1)?, existing_since: row.get(2)? },
-            version: VersionAt {
+        found.push(Candidate::new(
+            row.get(0)?,
+            Reach { full_history: row.get(1)?, existing_since: row.get(2)? },
+            VersionAt {
                 last_updated,
                 deleted: row.get(4)?,
                 visible: user.is_none() || row.get_ref(5)?.as_str_or_null()? == user,
             },
             // A closed row describes a version that has since been replaced.
-            historical: last_updated > at || row.get::<_, bool>(6)?,
-        });
+            last_updated > at || row.get::<_, bool>(6)?,
+        ));
     }
     found.sort_unstable_by_key(|candidate| candidate.rid);
     found.dedup_by(|later, earlier| {
@@ -174,8 +234,9 @@ fn candidates(
         }
         // Rows of one resource describe the same version unless one was written after the
         // transaction time; then history decides.
-        earlier.reach = earlier.reach.merge(later.reach);
-        earlier.historical |= later.historical;
+        earlier.set_reach(earlier.reach().merge(later.reach()));
+        let historical = earlier.historical() || later.historical();
+        earlier.set(Candidate::HISTORICAL, historical);
         true
     });
     Ok(found)
@@ -201,17 +262,17 @@ fn tenant_candidates(
     let mut found = Vec::new();
     while let Some(row) = rows.next()? {
         let last_updated: Micros = row.get(1)?;
-        found.push(Candidate {
-            rid: row.get(0)?,
-            reach: Reach { full_history: false, existing_since: selection.since },
-            version: VersionAt {
+        found.push(Candidate::new(
+            row.get(0)?,
+            Reach { full_history: false, existing_since: selection.since },
+            VersionAt {
                 last_updated,
                 deleted: row.get(2)?,
                 visible: user.is_none() || row.get_ref(3)?.as_str_or_null()? == user,
             },
             // Written since the transaction time: history holds the version then, if any.
-            historical: last_updated > at,
-        });
+            last_updated > at,
+        ));
     }
     Ok(found)
 }
@@ -251,7 +312,9 @@ pub(super) struct Chosen {
 }
 
 /// The resources in the members' compartments at the transaction time (see [`candidates`]) with
-/// a key within one window `[start, end]` whose version then passes `select`, in key order.
+/// a key within one window `[start, end]` whose version then passes `select`, handed to `visit`
+/// in key order as each is resolved (not collected: only the window's compact candidates are
+/// held at once).
 ///
 /// The outcome depends only on the transaction time, not on the snapshot that reads it: the
 /// compartment index is versioned by time and history keeps every replaced version, so windows
@@ -264,7 +327,8 @@ pub(super) fn select_window(
     resource_type: &str,
     (start, end): (i64, i64),
     select: impl Fn(Reach, &VersionAt) -> bool,
-) -> Result<Vec<Chosen>, StoreError> {
+    mut visit: impl FnMut(Chosen) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     let at = selection.transaction_time;
     // `_typeFilter` needs the version's JSON: read only for filtered types.
     let filtered = selection.filters.filters(resource_type);
@@ -273,11 +337,10 @@ pub(super) fn select_window(
         "SELECT version, last_updated, deleted, owner FROM resource_history
          WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1",
     )?;
-    let mut chosen = Vec::new();
     // Resolve versions changed since the transaction time, then keep the selected ones;
     // historical ones remember which version holds their body.
     for candidate in candidates(connection, tenant, selection, resource_type, (start, end))? {
-        let (version, history_version) = if candidate.historical {
+        let (version, history_version) = if candidate.historical() {
             let then = earlier
                 .query_row(params![candidate.rid, at], |row| {
                     Ok((
@@ -295,15 +358,16 @@ pub(super) fn select_window(
                 None => continue, // created after the transaction time
             }
         } else {
-            (candidate.version, 0)
+            (candidate.version(), 0)
         };
-        if select(candidate.reach, &version)
+        let reach = candidate.reach();
+        if select(reach, &version)
             && (!filtered || filter_matches(connection, selection, resource_type, candidate.rid, history_version)?)
         {
-            chosen.push(Chosen { rid: candidate.rid, reach: candidate.reach, version, history_version });
+            visit(Chosen { rid: candidate.rid, reach, version, history_version })?;
         }
     }
-    Ok(chosen)
+    Ok(())
 }
 
 /// Whether the version of `rid` held by the current row (`history_version` 0) or by that history
@@ -343,9 +407,9 @@ fn for_each_selected(
     while start <= end {
         let window_end = start.saturating_add(WINDOW - 1).min(end);
         let window = (start, window_end);
-        for chosen in select_window(connection, tenant, selection, resource_type, window, &select)? {
-            visit(chosen.rid, &chosen.version)?;
-        }
+        select_window(connection, tenant, selection, resource_type, window, &select, |chosen| {
+            visit(chosen.rid, &chosen.version)
+        })?;
         if window_end == end {
             break;
         }

@@ -69,6 +69,13 @@ pub struct SqliteStore {
 
 pub use plan_cache::PlanCacheStats;
 
+/// Bytes SQLite has allocated now, and the most it had since the process started (page caches,
+/// schemas, prepared statements, in-memory temporary tables of every connection).
+pub fn sqlite_memory() -> (i64, i64) {
+    // SAFETY: both only read SQLite's global memory statistics.
+    unsafe { (rusqlite::ffi::sqlite3_memory_used(), rusqlite::ffi::sqlite3_memory_highwater(0)) }
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database file and applies the schema.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {

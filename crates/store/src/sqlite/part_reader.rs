@@ -70,8 +70,11 @@ impl<'a> SqlitePartReader<'a> {
         loop {
             let end = start.saturating_add(WINDOW - 1).min(self.last_key);
             let window = (start, end);
-            let chosen = select_window(connection, self.tenant, selection, self.resource_type, window, select)?;
-            self.pending.extend(chosen.iter().map(|chosen| (chosen.rid, chosen.history_version)));
+            let pending = &mut self.pending;
+            select_window(connection, self.tenant, selection, self.resource_type, window, select, |chosen| {
+                pending.push_back((chosen.rid, chosen.history_version));
+                Ok(())
+            })?;
             self.unresolved = (end < self.last_key).then(|| end + 1);
             match self.unresolved {
                 Some(next) if self.pending.is_empty() => start = next,
