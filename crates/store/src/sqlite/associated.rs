@@ -17,6 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 
 use super::export::{filter_matches, load_members, select_window, selected, type_span, Reach, VersionAt, WINDOW};
+use super::plan_cache::AssociatedSet;
 use super::SqliteStore;
 use crate::{
     AssociatedRequest, MemberSelection, PartRange, PartReader, ProvenanceSelection, ReferencedTypes, StoreError,
@@ -48,6 +49,39 @@ CREATE TABLE IF NOT EXISTS referencing_types (
 ) WITHOUT ROWID;
 ";
 
+/// Per tenant and type (Provenance and the types outside the Patient compartment), the timestamp
+/// of the last write of a resource of that type: the plan cache reuses an associated set only
+/// while none of the types it can reach changed (see `plan_cache`). A type never written since
+/// the table was made has no row (no write after any cached set's time).
+const ASSOCIATED_TYPE_CHANGES: &str = "
+CREATE TABLE IF NOT EXISTS associated_type_changes (
+    tenant_id INTEGER NOT NULL,
+    resource_type TEXT NOT NULL,
+    changed_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, resource_type)
+) WITHOUT ROWID;
+";
+
+/// Records that a resource of `resource_type` was written at `timestamp`, when an associated set
+/// can reach that type (a Provenance, or a type outside the Patient compartment).
+fn note_type_changed(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    timestamp: Micros,
+) -> Result<(), StoreError> {
+    if resource_type != "Provenance" && !bulkhead_fhir::references::is_referenced_type(resource_type) {
+        return Ok(());
+    }
+    transaction
+        .prepare_cached(
+            "INSERT INTO associated_type_changes (tenant_id, resource_type, changed_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (tenant_id, resource_type) DO UPDATE SET changed_at = MAX(changed_at, excluded.changed_at)",
+        )?
+        .execute(params![tenant.0, resource_type, timestamp])?;
+    Ok(())
+}
+
 /// Notes that `resource_type` has references to follow in `tenant`.
 fn note_referencing_type(connection: &Connection, tenant: i64, resource_type: &str) -> Result<(), StoreError> {
     connection
@@ -65,6 +99,7 @@ pub(super) fn migrate(connection: &mut Connection) -> Result<u64, StoreError> {
         [],
         |row| row.get(0),
     )?;
+    connection.execute_batch(ASSOCIATED_TYPE_CHANGES)?;
     if exists {
         connection.execute_batch(REFERENCING_TYPES)?;
         return Ok(0);
@@ -171,6 +206,7 @@ pub(super) fn sync_references(
     timestamp: Micros,
     is_new_row: bool,
 ) -> Result<(), StoreError> {
+    note_type_changed(transaction, tenant, resource_type, timestamp)?;
     let references = outgoing_references(resource_type, body);
     if references.iter().any(|reference| !reference.provenance_target) {
         note_referencing_type(transaction, tenant.0, resource_type)?;
@@ -197,7 +233,14 @@ pub(super) fn sync_references(
 }
 
 /// Closes every open reference row of a deleted resource.
-pub(super) fn close_references(transaction: &Transaction<'_>, rid: i64, timestamp: Micros) -> Result<(), StoreError> {
+pub(super) fn close_references(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    rid: i64,
+    timestamp: Micros,
+) -> Result<(), StoreError> {
+    note_type_changed(transaction, tenant, resource_type, timestamp)?;
     close(transaction, rid, None, timestamp)
 }
 
@@ -337,6 +380,33 @@ impl SqliteStore {
         }
         Ok(planned)
     }
+}
+
+/// Copies the stored rows of a cached set under `set_id` (expiring at `expires`), in one write
+/// transaction; false (and nothing copied) when some of them are gone (swept once expired).
+pub(super) fn copy_set(
+    store: &SqliteStore,
+    tenant: TenantId,
+    cached: &AssociatedSet,
+    set_id: &str,
+    expires: Micros,
+) -> Result<bool, StoreError> {
+    store.with_write(|transaction, _| {
+        let copied = transaction
+            .prepare_cached(
+                "INSERT OR IGNORE INTO export_associated (tenant_id, set_id, resource_type, rid, expires)
+                 SELECT tenant_id, ?3, resource_type, rid, ?4 FROM export_associated
+                 WHERE tenant_id = ?1 AND set_id = ?2",
+            )?
+            .execute(params![tenant.0, cached.set_id, set_id, expires])?;
+        if copied as u64 == cached.len() {
+            return Ok(true);
+        }
+        transaction
+            .prepare_cached("DELETE FROM export_associated WHERE tenant_id = ?1 AND set_id = ?2")?
+            .execute(params![tenant.0, set_id])?;
+        Ok(false)
+    })
 }
 
 /// Fills `temp.assoc_out` with the set's `(type, key)` pairs.
