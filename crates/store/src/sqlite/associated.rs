@@ -472,10 +472,21 @@ fn compute(
                 add_window_references(connection, &chosen, (start, end), at, &request.referenced)?;
             }
             if provenance {
+                let mut found = FoundProvenance::default();
                 for &(rid, via) in &chosen {
                     let id: String = id_of.query_row([rid], |row| row.get(0))?;
-                    add_provenance(connection, tenant, selection, resource_type, &id, via, request.provenance)?;
+                    find_provenance(
+                        connection,
+                        tenant,
+                        selection,
+                        resource_type,
+                        &id,
+                        via,
+                        request.provenance,
+                        &mut found,
+                    )?;
                 }
+                found.record(connection)?;
             }
             if end == last {
                 break;
@@ -574,9 +585,48 @@ fn record_node(
     Ok(())
 }
 
-/// Records the Provenance that targeted `resource_type/id` at the transaction time (only the
+/// The Provenance found through one window of cohort resources, merged in memory and recorded
+/// once each ([`FoundProvenance::record`]): a Provenance usually targets many resources of a
+/// window. Bounded by the window's resources and their targeting rows.
+#[derive(Default)]
+struct FoundProvenance {
+    found: std::collections::HashMap<i64, Via>,
+    /// Each Provenance looked up so far: `Some(lastUpdated)` when its version at the transaction
+    /// time is live and visible.
+    states: std::collections::HashMap<i64, Option<Micros>>,
+}
+
+impl FoundProvenance {
+    /// Merges `via` into what reaches each Provenance found (as [`UPSERT_NODE`] merges): the
+    /// merge is associative and commutative, so merging in memory first changes nothing.
+    fn add(&mut self, rid: i64, via: Via) {
+        self.found
+            .entry(rid)
+            .and_modify(|held| *held = Via { reach: held.reach.merge(via.reach), forced: held.forced || via.forced })
+            .or_insert(via);
+    }
+
+    /// Records the window's Provenance in `temp.assoc_provenance`, merging with earlier windows'.
+    fn record(self, connection: &Connection) -> Result<(), StoreError> {
+        let mut upsert = connection.prepare_cached(
+            "INSERT INTO temp.assoc_provenance (rid, full_history, since, forced) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (rid) DO UPDATE SET
+                 full_history = max(full_history, excluded.full_history),
+                 since = CASE WHEN since IS NULL THEN excluded.since WHEN excluded.since IS NULL THEN since
+                              ELSE min(since, excluded.since) END,
+                 forced = max(forced, excluded.forced)",
+        )?;
+        for (rid, via) in self.found {
+            upsert.execute(params![rid, via.reach.full_history, via.reach.existing_since, via.forced])?;
+        }
+        Ok(())
+    }
+}
+
+/// Finds the Provenance that targeted `resource_type/id` at the transaction time (only the
 /// latest one for [`ProvenanceSelection::Latest`]), merging `via` into those already found.
-fn add_provenance(
+#[allow(clippy::too_many_arguments)]
+fn find_provenance(
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
@@ -584,6 +634,7 @@ fn add_provenance(
     id: &str,
     via: Via,
     mode: ProvenanceSelection,
+    found: &mut FoundProvenance,
 ) -> Result<(), StoreError> {
     let at = selection.transaction_time;
     let mut targeting = connection.prepare_cached(
@@ -597,26 +648,26 @@ fn add_provenance(
     // visibility, the version's time which one is latest.
     let mut candidates = Vec::new();
     for rid in rids {
-        if let Some(state) = state_at(connection, rid, at)? {
-            if !state.deleted && visible(selection, state.owner.as_deref()) {
-                candidates.push((state.last_updated, rid));
+        let live = match found.states.get(&rid) {
+            Some(live) => *live,
+            None => {
+                let live = state_at(connection, rid, at)?
+                    .filter(|state| !state.deleted && visible(selection, state.owner.as_deref()))
+                    .map(|state| state.last_updated);
+                found.states.insert(rid, live);
+                live
             }
+        };
+        if let Some(last_updated) = live {
+            candidates.push((last_updated, rid));
         }
     }
     if mode == ProvenanceSelection::Latest {
         candidates.sort_unstable();
         candidates.drain(..candidates.len().saturating_sub(1));
     }
-    let mut upsert = connection.prepare_cached(
-        "INSERT INTO temp.assoc_provenance (rid, full_history, since, forced) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (rid) DO UPDATE SET
-             full_history = max(full_history, excluded.full_history),
-             since = CASE WHEN since IS NULL THEN excluded.since WHEN excluded.since IS NULL THEN since
-                          ELSE min(since, excluded.since) END,
-             forced = max(forced, excluded.forced)",
-    )?;
     for (_, rid) in candidates {
-        upsert.execute(params![rid, via.reach.full_history, via.reach.existing_since, via.forced])?;
+        found.add(rid, via);
     }
     Ok(())
 }
