@@ -107,6 +107,8 @@ enum SinceChoice {
     Checkpoint(u8),
     /// The `lastUpdated` of an earlier write (index modulo their count): a boundary case.
     WriteTime(u8),
+    /// The same `_since` as the tenant's previous Group export (a repeated request).
+    Previous,
 }
 
 #[derive(Debug, Clone)]
@@ -165,6 +167,27 @@ enum Step {
     DeleteGroup {
         tenant: usize,
     },
+    /// Updates (or deletes) a picked Practitioner or Organization, or (`provenance`) a picked
+    /// Provenance: a change to associated data alone.
+    Touch {
+        tenant: usize,
+        pick: u16,
+        delete: bool,
+        provenance: bool,
+    },
+    /// The same Group export three times: twice in a row (the second may reuse the first's plan
+    /// and associated set), then after one change to associated data (`change` picks a
+    /// Practitioner or Organization updated, deleted or created, or a Provenance created,
+    /// updated or deleted; see [`expand`]), which a reused set must not miss.
+    Repeat {
+        tenant: usize,
+        types: Option<u16>,
+        since: SinceChoice,
+        change: u8,
+        a: u8,
+        b: u8,
+        pick: u16,
+    },
     /// A system- (`system`) or Patient-level export on the standard base, with the
     /// `_typeFilter` set `FILTERS[filter % FILTERS.len()]` and optionally `_elements=identifier`.
     Standard {
@@ -208,6 +231,8 @@ fn step_strategy() -> impl Strategy<Value = Step> {
             .prop_map(|(tenant, types, since, deferred)| Step::Export { tenant, types, since, deferred }),
         1 => tenant.clone().prop_map(|tenant| Step::Sync { tenant }),
         1 => tenant.clone().prop_map(|tenant| Step::DeleteGroup { tenant }),
+        3 => (tenant.clone(), proptest::option::weighted(0.3, 1..512u16), since_strategy(), 0..5u8, any::<u8>(), any::<u8>(), any::<u16>())
+            .prop_map(|(tenant, types, since, change, a, b, pick)| Step::Repeat { tenant, types, since, change, a, b, pick }),
         3 => (tenant, any::<bool>(), since_strategy(), any::<u8>(), proptest::bool::weighted(0.3))
             .prop_map(|(tenant, system, since, filter, elements)| Step::Standard { tenant, system, since, filter, elements }),
     ]
@@ -265,6 +290,8 @@ struct TenantModel {
     checkpoints: Vec<Micros>,
     write_times: Vec<Micros>,
     replica: Option<(Micros, BTreeMap<(String, String), String>)>,
+    /// The `_since` of the previous Group export.
+    last_since: Option<Micros>,
 }
 
 impl TenantModel {
@@ -995,7 +1022,8 @@ async fn write_resource(
     model.shapes.insert(key, shape);
 }
 
-async fn run(scenario: Scenario) {
+/// Runs a scenario; returns how often the server reused an associated set.
+async fn run(scenario: Scenario) -> u64 {
     let server = Tenants::start(scenario.part_size);
     let mut models: [TenantModel; 2] = Default::default();
     for tenant in 0..2 {
@@ -1019,7 +1047,7 @@ async fn run(scenario: Scenario) {
         let ver = server.put(tenant, &decoy).await;
         model.record(("Group".into(), DECOY_GROUP.into()), ver);
     }
-    let mut steps = scenario.steps.clone();
+    let mut steps: Vec<Step> = scenario.steps.iter().cloned().flat_map(expand).collect();
     steps.extend([
         Step::Export { tenant: 0, types: None, since: SinceChoice::Checkpoint(u8::MAX), deferred: false },
         Step::Export { tenant: 1, types: None, since: SinceChoice::None, deferred: false },
@@ -1028,6 +1056,7 @@ async fn run(scenario: Scenario) {
     ]);
     let mut pending: Option<(usize, Kicked)> = None;
     for step in steps {
+        let Some(step) = resolve_touch(&models, step) else { continue };
         // An export checkpoint first completes a deferred one.
         if matches!(step, Step::Export { .. } | Step::Sync { .. } | Step::Standard { .. }) {
             if let Some((tenant, kicked)) = pending.take() {
@@ -1043,6 +1072,9 @@ async fn run(scenario: Scenario) {
     if let Some((tenant, kicked)) = pending.take() {
         collect(&server, &models[tenant], tenant, kicked).await;
     }
+    let reused = server.server.store.plan_cache_stats().associated_hits;
+    count(&STATS.associated_reused, reused as usize);
+    reused
 }
 
 /// Applies one step to the server and the model.
@@ -1192,6 +1224,7 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
                 return;
             }
             let since = pick_since(model, since);
+            model.last_since = since;
             let kicked = kick_off(server, tenant, type_list(types), since).await;
             model.checkpoints.push(kicked.transaction_time);
             if deferred {
@@ -1210,6 +1243,7 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
             let since = pick_since(model, since);
             standard_export(server, model, tenant, system, since, filter, elements).await;
         }
+        Step::Touch { .. } | Step::Repeat { .. } => unreachable!("resolved and expanded by run()"),
         Step::DeleteGroup { tenant } => {
             let model = &mut models[tenant];
             let key = ("Group".to_owned(), TARGET_GROUP.to_owned());
@@ -1238,7 +1272,50 @@ fn pick_since(model: &TenantModel, since: SinceChoice) -> Option<Micros> {
             (!model.checkpoints.is_empty()).then(|| model.checkpoints[k as usize % model.checkpoints.len()])
         }
         SinceChoice::WriteTime(k) => Some(model.write_times[k as usize % model.write_times.len()]),
+        SinceChoice::Previous => model.last_since,
     }
+}
+
+/// The steps a step stands for: a [`Step::Repeat`] is three exports of the same request around
+/// one change to associated data.
+fn expand(step: Step) -> Vec<Step> {
+    let Step::Repeat { tenant, types, since, change, a, b, pick } = step else { return vec![step] };
+    let export = |since| Step::Export { tenant, types, since, deferred: false };
+    let change = match change % 5 {
+        0 => Step::Touch { tenant, pick, delete: false, provenance: false },
+        1 => Step::Touch { tenant, pick, delete: true, provenance: false },
+        // A Practitioner or an Organization (maybe one referenced before it existed).
+        2 => Step::Create { tenant, kind: 6 + (a & 1), a: a >> 1, b, two: b & 1 == 1 },
+        // A Provenance about a picked patient (maybe not a member) and an Observation.
+        3 => Step::Create { tenant, kind: 4, a, b, two: false },
+        _ => Step::Touch { tenant, pick, delete: a & 1 == 1, provenance: true },
+    };
+    vec![export(since), export(SinceChoice::Previous), change, export(SinceChoice::Previous)]
+}
+
+/// A [`Step::Touch`] as the update or delete of the resource it picks (`None`: nothing to pick).
+fn resolve_touch(models: &[TenantModel; 2], step: Step) -> Option<Step> {
+    let Step::Touch { tenant, pick, delete, provenance } = step else { return Some(step) };
+    let keys: Vec<&(String, String)> = models[tenant].shapes.keys().collect();
+    let candidates: Vec<usize> = (0..keys.len())
+        .filter(|index| {
+            let kind = keys[*index].0.as_str();
+            if provenance {
+                kind == "Provenance"
+            } else {
+                SHARED.contains(&kind)
+            }
+        })
+        .collect();
+    if candidates.is_empty() {
+        return None;
+    }
+    let pick = candidates[pick as usize % candidates.len()] as u16;
+    Some(if delete {
+        Step::Delete { tenant, pick }
+    } else {
+        Step::Update { tenant, pick, a: 0, b: 0, two: false, moved: false }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1685,8 +1762,7 @@ struct Stats {
     standard: AtomicUsize,
     filtered: AtomicUsize,
     subsetted: AtomicUsize,
-    /// Patient-level exports repeated organised by patient.
-    organised: AtomicUsize,
+         {} system/Patient-level exports ({} with _typeFilter, {} with _elements, {} repeated organised by patient); {} associated sets reused",
 }
 
 static STATS: Stats = Stats {
@@ -1710,6 +1786,7 @@ static STATS: Stats = Stats {
     filtered: AtomicUsize::new(0),
     subsetted: AtomicUsize::new(0),
     organised: AtomicUsize::new(0),
+    associated_reused: AtomicUsize::new(0),
 };
 
 fn count(counter: &AtomicUsize, n: usize) {
@@ -1736,7 +1813,7 @@ fn group_export_matches_the_oracle() {
          {} missing-member errors, {} removed members, {} resources exported only through a new member's full history, \
          {} re-pointings, {} deleted[] entries for resources that left the cohort, {} held resources dropped for removed members, \
          {} Provenance lines ({} only through a target other than a member Patient), {} referenced-resource lines; \
-         {} system/Patient-level exports ({} with _typeFilter, {} with _elements, {} repeated organised by patient)",
+         {} system/Patient-level exports ({} with _typeFilter, {} with _elements, {} repeated organised by patient); {} associated sets reused",
         started.elapsed(),
         get(&STATS.exports),
         get(&STATS.with_since),
@@ -1758,6 +1835,7 @@ fn group_export_matches_the_oracle() {
         get(&STATS.filtered),
         get(&STATS.subsetted),
         get(&STATS.organised),
+        get(&STATS.associated_reused),
     );
 }
 
@@ -1858,4 +1936,64 @@ fn fixed_associated_scenario() {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(run(scenario));
+}
+
+/// Repeated Group exports around changes to associated data alone: a referenced Practitioner or
+/// Organization updated, deleted or created (one referenced before it existed), a Provenance
+/// about a non-member Patient and a member's Observation created (in no member's compartment),
+/// updated and deleted. The repeat right after an export reuses its associated set (the server
+/// says so); the export after each change must see it, which the oracle checks line by line.
+#[test]
+fn repeated_exports_see_changes_to_associated_data() {
+    let repeat = |change: u8, a: u8, b: u8, pick: u16, types: Option<u16>, since: SinceChoice| Step::Repeat {
+        tenant: 0,
+        types,
+        since,
+        change,
+        a,
+        b,
+        pick,
+    };
+    let create = |kind: u8, a: u8, b: u8, two: bool| Step::Create { tenant: 0, kind, a, b, two };
+    let scenario = Scenario {
+        part_size: 2,
+        patients: [3, 2],
+        members: [vec![(0, false), (1, false)], vec![(0, false)]],
+        steps: vec![
+            // o0 -> o1; pr0 -> o2; pr1; (pr2 and o3 referenced before they exist).
+            create(7, 0, 1, true),
+            create(7, 1, 0, false),
+            create(7, 2, 0, false),
+            create(6, 0, 2, true),
+            create(6, 1, 0, false),
+            // Observations of members performed by Practitioners, an Encounter and a Claim
+            // (Organizations), a non-member's Observation.
+            create(0, 0, 1, true),
+            create(0, 1, 2, true),
+            create(0, 2, 1, true),
+            create(2, 0, 3, false),
+            create(3, 1, 2, false),
+            // Provenance about the non-member p2 and an Observation.
+            create(4, 2, 0, false),
+            create(4, 2, 1, false),
+            repeat(0, 0, 0, 0, None, SinceChoice::None),
+            repeat(0, 0, 0, 3, None, SinceChoice::None),
+            repeat(2, 4, 3, 0, None, SinceChoice::None),
+            repeat(2, 5, 0, 0, None, SinceChoice::None),
+            repeat(3, 2, 1, 0, None, SinceChoice::None),
+            repeat(4, 0, 0, 1, None, SinceChoice::None),
+            repeat(4, 1, 0, 0, None, SinceChoice::None),
+            repeat(1, 0, 0, 1, None, SinceChoice::None),
+            Step::Sync { tenant: 0 },
+            repeat(0, 0, 0, 2, None, SinceChoice::Checkpoint(0)),
+            repeat(3, 2, 2, 0, Some(0b1_1010_0001), SinceChoice::None),
+            repeat(1, 0, 0, 0, Some(0b1000_0001), SinceChoice::None),
+            repeat(4, 0, 0, 0, None, SinceChoice::Checkpoint(1)),
+            Step::Sync { tenant: 0 },
+        ],
+    };
+    let repeats = scenario.steps.iter().filter(|step| matches!(step, Step::Repeat { .. })).count() as u64;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let reused = runtime.block_on(run(scenario));
+    assert!(reused >= repeats, "each repeat right after an export reuses its associated set: {reused} of {repeats}");
 }

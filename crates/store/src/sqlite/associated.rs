@@ -17,6 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 
 use super::export::{filter_matches, load_members, select_window, selected, type_span, Reach, VersionAt, WINDOW};
+use super::plan_cache::AssociatedSet;
 use super::SqliteStore;
 use crate::{
     AssociatedRequest, MemberSelection, PartRange, PartReader, ProvenanceSelection, ReferencedTypes, StoreError,
@@ -48,6 +49,39 @@ CREATE TABLE IF NOT EXISTS referencing_types (
 ) WITHOUT ROWID;
 ";
 
+/// Per tenant and type (Provenance and the types outside the Patient compartment), the timestamp
+/// of the last write of a resource of that type: the plan cache reuses an associated set only
+/// while none of the types it can reach changed (see `plan_cache`). A type never written since
+/// the table was made has no row (no write after any cached set's time).
+const ASSOCIATED_TYPE_CHANGES: &str = "
+CREATE TABLE IF NOT EXISTS associated_type_changes (
+    tenant_id INTEGER NOT NULL,
+    resource_type TEXT NOT NULL,
+    changed_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, resource_type)
+) WITHOUT ROWID;
+";
+
+/// Records that a resource of `resource_type` was written at `timestamp`, when an associated set
+/// can reach that type (a Provenance, or a type outside the Patient compartment).
+fn note_type_changed(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    timestamp: Micros,
+) -> Result<(), StoreError> {
+    if resource_type != "Provenance" && !bulkhead_fhir::references::is_referenced_type(resource_type) {
+        return Ok(());
+    }
+    transaction
+        .prepare_cached(
+            "INSERT INTO associated_type_changes (tenant_id, resource_type, changed_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (tenant_id, resource_type) DO UPDATE SET changed_at = MAX(changed_at, excluded.changed_at)",
+        )?
+        .execute(params![tenant.0, resource_type, timestamp])?;
+    Ok(())
+}
+
 /// Notes that `resource_type` has references to follow in `tenant`.
 fn note_referencing_type(connection: &Connection, tenant: i64, resource_type: &str) -> Result<(), StoreError> {
     connection
@@ -65,6 +99,7 @@ pub(super) fn migrate(connection: &mut Connection) -> Result<u64, StoreError> {
         [],
         |row| row.get(0),
     )?;
+    connection.execute_batch(ASSOCIATED_TYPE_CHANGES)?;
     if exists {
         connection.execute_batch(REFERENCING_TYPES)?;
         return Ok(0);
@@ -171,6 +206,7 @@ pub(super) fn sync_references(
     timestamp: Micros,
     is_new_row: bool,
 ) -> Result<(), StoreError> {
+    note_type_changed(transaction, tenant, resource_type, timestamp)?;
     let references = outgoing_references(resource_type, body);
     if references.iter().any(|reference| !reference.provenance_target) {
         note_referencing_type(transaction, tenant.0, resource_type)?;
@@ -197,7 +233,14 @@ pub(super) fn sync_references(
 }
 
 /// Closes every open reference row of a deleted resource.
-pub(super) fn close_references(transaction: &Transaction<'_>, rid: i64, timestamp: Micros) -> Result<(), StoreError> {
+pub(super) fn close_references(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    rid: i64,
+    timestamp: Micros,
+) -> Result<(), StoreError> {
+    note_type_changed(transaction, tenant, resource_type, timestamp)?;
     close(transaction, rid, None, timestamp)
 }
 
@@ -339,6 +382,33 @@ impl SqliteStore {
     }
 }
 
+/// Copies the stored rows of a cached set under `set_id` (expiring at `expires`), in one write
+/// transaction; false (and nothing copied) when some of them are gone (swept once expired).
+pub(super) fn copy_set(
+    store: &SqliteStore,
+    tenant: TenantId,
+    cached: &AssociatedSet,
+    set_id: &str,
+    expires: Micros,
+) -> Result<bool, StoreError> {
+    store.with_write(|transaction, _| {
+        let copied = transaction
+            .prepare_cached(
+                "INSERT OR IGNORE INTO export_associated (tenant_id, set_id, resource_type, rid, expires)
+                 SELECT tenant_id, ?3, resource_type, rid, ?4 FROM export_associated
+                 WHERE tenant_id = ?1 AND set_id = ?2",
+            )?
+            .execute(params![tenant.0, cached.set_id, set_id, expires])?;
+        if copied as u64 == cached.len() {
+            return Ok(true);
+        }
+        transaction
+            .prepare_cached("DELETE FROM export_associated WHERE tenant_id = ?1 AND set_id = ?2")?
+            .execute(params![tenant.0, set_id])?;
+        Ok(false)
+    })
+}
+
 /// Fills `temp.assoc_out` with the set's `(type, key)` pairs.
 fn compute(
     connection: &Connection,
@@ -403,10 +473,21 @@ fn compute(
                 add_window_references(connection, &chosen, (start, end), at, &request.referenced)?;
             }
             if provenance {
+                let mut found = FoundProvenance::default();
                 for &(rid, via) in &chosen {
                     let id: String = id_of.query_row([rid], |row| row.get(0))?;
-                    add_provenance(connection, tenant, selection, resource_type, &id, via, request.provenance)?;
+                    find_provenance(
+                        connection,
+                        tenant,
+                        selection,
+                        resource_type,
+                        &id,
+                        via,
+                        request.provenance,
+                        &mut found,
+                    )?;
                 }
+                found.record(connection)?;
             }
             if end == last {
                 break;
@@ -505,9 +586,48 @@ fn record_node(
     Ok(())
 }
 
-/// Records the Provenance that targeted `resource_type/id` at the transaction time (only the
+/// The Provenance found through one window of cohort resources, merged in memory and recorded
+/// once each ([`FoundProvenance::record`]): a Provenance usually targets many resources of a
+/// window. Bounded by the window's resources and their targeting rows.
+#[derive(Default)]
+struct FoundProvenance {
+    found: std::collections::HashMap<i64, Via>,
+    /// Each Provenance looked up so far: `Some(lastUpdated)` when its version at the transaction
+    /// time is live and visible.
+    states: std::collections::HashMap<i64, Option<Micros>>,
+}
+
+impl FoundProvenance {
+    /// Merges `via` into what reaches each Provenance found (as [`UPSERT_NODE`] merges): the
+    /// merge is associative and commutative, so merging in memory first changes nothing.
+    fn add(&mut self, rid: i64, via: Via) {
+        self.found
+            .entry(rid)
+            .and_modify(|held| *held = Via { reach: held.reach.merge(via.reach), forced: held.forced || via.forced })
+            .or_insert(via);
+    }
+
+    /// Records the window's Provenance in `temp.assoc_provenance`, merging with earlier windows'.
+    fn record(self, connection: &Connection) -> Result<(), StoreError> {
+        let mut upsert = connection.prepare_cached(
+            "INSERT INTO temp.assoc_provenance (rid, full_history, since, forced) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (rid) DO UPDATE SET
+                 full_history = max(full_history, excluded.full_history),
+                 since = CASE WHEN since IS NULL THEN excluded.since WHEN excluded.since IS NULL THEN since
+                              ELSE min(since, excluded.since) END,
+                 forced = max(forced, excluded.forced)",
+        )?;
+        for (rid, via) in self.found {
+            upsert.execute(params![rid, via.reach.full_history, via.reach.existing_since, via.forced])?;
+        }
+        Ok(())
+    }
+}
+
+/// Finds the Provenance that targeted `resource_type/id` at the transaction time (only the
 /// latest one for [`ProvenanceSelection::Latest`]), merging `via` into those already found.
-fn add_provenance(
+#[allow(clippy::too_many_arguments)]
+fn find_provenance(
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
@@ -515,6 +635,7 @@ fn add_provenance(
     id: &str,
     via: Via,
     mode: ProvenanceSelection,
+    found: &mut FoundProvenance,
 ) -> Result<(), StoreError> {
     let at = selection.transaction_time;
     let mut targeting = connection.prepare_cached(
@@ -528,26 +649,26 @@ fn add_provenance(
     // visibility, the version's time which one is latest.
     let mut candidates = Vec::new();
     for rid in rids {
-        if let Some(state) = state_at(connection, rid, at)? {
-            if !state.deleted && visible(selection, state.owner.as_deref()) {
-                candidates.push((state.last_updated, rid));
+        let live = match found.states.get(&rid) {
+            Some(live) => *live,
+            None => {
+                let live = state_at(connection, rid, at)?
+                    .filter(|state| !state.deleted && visible(selection, state.owner.as_deref()))
+                    .map(|state| state.last_updated);
+                found.states.insert(rid, live);
+                live
             }
+        };
+        if let Some(last_updated) = live {
+            candidates.push((last_updated, rid));
         }
     }
     if mode == ProvenanceSelection::Latest {
         candidates.sort_unstable();
         candidates.drain(..candidates.len().saturating_sub(1));
     }
-    let mut upsert = connection.prepare_cached(
-        "INSERT INTO temp.assoc_provenance (rid, full_history, since, forced) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (rid) DO UPDATE SET
-             full_history = max(full_history, excluded.full_history),
-             since = CASE WHEN since IS NULL THEN excluded.since WHEN excluded.since IS NULL THEN since
-                          ELSE min(since, excluded.since) END,
-             forced = max(forced, excluded.forced)",
-    )?;
     for (_, rid) in candidates {
-        upsert.execute(params![rid, via.reach.full_history, via.reach.existing_since, via.forced])?;
+        found.add(rid, via);
     }
     Ok(())
 }

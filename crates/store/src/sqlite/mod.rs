@@ -481,7 +481,27 @@ impl crate::Store for SqliteStore {
         request: &AssociatedRequest,
         part_size: u64,
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
-        self.plan_associated_set(tenant, selection, request, part_size)
+        // A set computed earlier for the same request is this set while neither the members'
+        // compartments nor any type it reaches outside them changed since (see `plan_cache`).
+        if selection.scope != crate::SelectionScope::Members {
+            return self.plan_associated_set(tenant, selection, request, part_size);
+        }
+        let key = plan_cache::associated_key(tenant, selection, request, part_size);
+        let plan = self.plans.associated(
+            key,
+            selection.transaction_time,
+            &request.set_id,
+            |planned_at| {
+                self.with_snapshot(|connection| {
+                    export::load_members(connection, tenant, selection)?;
+                    Ok(plan_cache::members_unchanged_since(connection, planned_at)?
+                        && plan_cache::associated_types_unchanged_since(connection, tenant, request, planned_at)?)
+                })
+            },
+            |cached| associated::copy_set(self, tenant, cached, &request.set_id, request.expires),
+            || self.plan_associated_set(tenant, selection, request, part_size),
+        )?;
+        Ok(plan.as_ref().clone())
     }
 
     fn associated_reader<'a>(
@@ -849,6 +869,155 @@ mod tests {
         let before = hits();
         since_manifest(store.reserve_transaction_time().unwrap());
         assert_eq!(hits(), before + types.len() as u64 + 1, "every list and the plan reused");
+    }
+
+    /// An associated set (Provenance and referenced resources) is reused from the plan cache only
+    /// while neither the members' compartments nor any type it reaches outside them changed: a
+    /// referenced Practitioner updated, deleted or re-created, a Provenance about a member's
+    /// Observation (not in any compartment), and a swept earlier copy each make it recompute, and
+    /// every reused set reads (under its own set id) exactly what a fresh one would.
+    #[test]
+    fn associated_sets_are_reused_exactly_while_nothing_they_reach_changed() {
+        use crate::{
+            AssociatedRequest, MemberSelection, ProvenanceSelection, ReferencedTypes, Store, Visibility, WriteMode,
+            WriteOp,
+        };
+        use std::collections::BTreeSet;
+        let store = fresh_store();
+        let tenant = store.create_tenant("t").unwrap().id;
+        let write = |body: serde_json::Value| {
+            let (resource_type, id) = (body["resourceType"].as_str().unwrap(), body["id"].as_str().unwrap());
+            let op = WriteOp::Update {
+                resource_type: resource_type.into(),
+                id: id.into(),
+                body: body.clone(),
+                if_match: None,
+            };
+            store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+        };
+        let delete = |resource_type: &str, id: &str| {
+            let op = WriteOp::Delete { resource_type: resource_type.into(), id: id.into() };
+            store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+        };
+        let observation = |id: &str, patient: &str, practitioner: &str| {
+            write(
+                serde_json::json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x"},
+                "subject": {"reference": format!("Patient/{patient}")},
+                "performer": [{"reference": format!("Practitioner/{practitioner}")}]}),
+            );
+        };
+        let practitioner = |id: &str, name: &str| {
+            write(serde_json::json!({"resourceType": "Practitioner", "id": id, "name": [{"family": name}]}));
+        };
+        let sets = std::cell::Cell::new(0);
+        let request = |referenced: ReferencedTypes| {
+            sets.set(sets.get() + 1);
+            AssociatedRequest {
+                set_id: format!("set{}", sets.get()),
+                expires: i64::MAX,
+                provenance: ProvenanceSelection::Relevant,
+                provenance_sources: vec!["Observation".into(), "Patient".into()],
+                referenced,
+                reference_sources: vec!["Observation".into()],
+                depth: 3,
+            }
+        };
+        // The set at a new transaction time, as read back through its own set id: each line's
+        // `type/id/name-or-target`.
+        let associated_as = |referenced: ReferencedTypes| -> BTreeSet<String> {
+            let at = store.reserve_transaction_time().unwrap();
+            let selection = MemberSelection {
+                members: vec![("a".into(), None)],
+                since: None,
+                until: None,
+                transaction_time: at,
+                visibility: Visibility::Tenant,
+                scope: Default::default(),
+                filters: Default::default(),
+            };
+            let request = request(referenced);
+            let plan = store.plan_associated(tenant, &selection, &request, 1).unwrap();
+            let mut lines = BTreeSet::new();
+            for (resource_type, parts) in plan {
+                for part in parts {
+                    let mut reader = store.associated_reader(tenant, &selection, &request.set_id, &resource_type, part);
+                    let mut out = Vec::new();
+                    while reader.next_window(&mut out, 1 << 20).unwrap() > 0 {}
+                    let read: Vec<&str> = std::str::from_utf8(&out).unwrap().lines().collect();
+                    assert_eq!(read.len() as u64, part.count, "a part holds its planned count");
+                    for line in read {
+                        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+                        let detail = value["name"][0]["family"].as_str().or(value["target"][0]["reference"].as_str());
+                        lines.insert(format!(
+                            "{}/{}/{}",
+                            value["resourceType"].as_str().unwrap(),
+                            value["id"].as_str().unwrap(),
+                            detail.unwrap_or("")
+                        ));
+                    }
+                }
+            }
+            lines
+        };
+        let associated = || associated_as(ReferencedTypes::All);
+        let set = |lines: &[&str]| lines.iter().map(|line| line.to_string()).collect::<BTreeSet<_>>();
+        let stats = || {
+            let stats = store.plan_cache_stats();
+            (stats.associated_hits, stats.associated_misses)
+        };
+
+        write(serde_json::json!({"resourceType": "Patient", "id": "a"}));
+        practitioner("pr1", "One");
+        observation("o1", "a", "pr1");
+        assert_eq!(associated(), set(&["Practitioner/pr1/One"]));
+        assert_eq!(stats(), (0, 1));
+        assert_eq!(associated(), set(&["Practitioner/pr1/One"]));
+        assert_eq!(stats(), (1, 1), "nothing changed: reused");
+        observation("o2", "c", "pr2");
+        assert_eq!(associated(), set(&["Practitioner/pr1/One"]));
+        assert_eq!(stats(), (2, 1), "a non-member's new Observation changes nothing the set reaches");
+
+        practitioner("pr1", "Renamed");
+        assert_eq!(associated(), set(&["Practitioner/pr1/Renamed"]), "a referenced Practitioner updated");
+        assert_eq!(stats(), (2, 2));
+        delete("Practitioner", "pr1");
+        assert_eq!(associated(), set(&[]), "a referenced Practitioner deleted");
+        practitioner("pr1", "Back");
+        assert_eq!(associated(), set(&["Practitioner/pr1/Back"]), "and created again");
+        observation("o3", "a", "pr3");
+        assert_eq!(associated(), set(&["Practitioner/pr1/Back"]), "a member's new Observation, dangling reference");
+        practitioner("pr3", "Three");
+        assert_eq!(associated(), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]), "the dangling one created");
+        assert_eq!(stats(), (2, 6));
+
+        // A Provenance about the member's Observation only: in no patient's compartment.
+        write(serde_json::json!({"resourceType": "Provenance", "id": "v1", "recorded": "2020-01-01T00:00:00Z",
+            "target": [{"reference": "Observation/o1"}], "agent": [{"who": {"reference": "Practitioner/pr3"}}]}));
+        let with_provenance = set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three", "Provenance/v1/Observation/o1"]);
+        assert_eq!(associated(), with_provenance, "a new Provenance about a cohort resource");
+        assert_eq!(associated(), with_provenance);
+        assert_eq!(stats(), (3, 7));
+        delete("Provenance", "v1");
+        assert_eq!(associated(), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]), "the Provenance deleted");
+        assert_eq!(stats(), (3, 8));
+
+        // A type the request cannot reach changes nothing; one it can reach does.
+        let only = || ReferencedTypes::Only(vec!["Practitioner".into()]);
+        assert_eq!(associated_as(only()), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]));
+        write(serde_json::json!({"resourceType": "Organization", "id": "org1"}));
+        assert_eq!(associated_as(only()), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]));
+        assert_eq!(stats(), (4, 9), "an Organization written: a Practitioner-only set is reused");
+        assert_eq!(associated(), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]));
+        assert_eq!(stats(), (4, 10), "but a set of every referenced type is not");
+
+        // The stored copy a cached set names is swept: the set is computed again.
+        assert_eq!(associated(), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]));
+        assert_eq!(stats(), (5, 10));
+        store.delete_expired_export_records(i64::MAX).unwrap();
+        assert_eq!(associated(), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]));
+        assert_eq!(stats(), (5, 11), "swept: recomputed");
+        assert_eq!(associated(), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]));
+        assert_eq!(stats(), (6, 11));
     }
 
     /// A database from before the reference index gets it on open, backfilled from every stored

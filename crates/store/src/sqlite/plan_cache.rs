@@ -13,6 +13,16 @@
 //! on: tenant, members with their `since`, `_since`, `_until`, visibility, `_typeFilter`s, types,
 //! part size. Only member-scoped selections are cached: a system-level selection reads every
 //! resource of the tenant, which no patient watermark covers.
+//!
+//! An associated set (Provenance and referenced resources, [`super::associated`]) also reads
+//! what lies outside the members' compartments: the Provenance targeting cohort resources, and
+//! the referenced resources (Practitioner, Organization, …) with their own references. Every
+//! write of a Provenance or of a type outside the compartment raises that type's
+//! `associated_type_changes.changed_at` in the same transaction, so a set computed at T1 is the
+//! set at T2 when, besides the members' rule, no such type it can reach changed in (T1, T2]
+//! ([`associated_types_unchanged_since`]). Its rows are stored per export (`export_associated`,
+//! under the export's set id): a reused set is copied from the set it was stored under, and
+//! recomputed when that one has been swept.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -20,7 +30,9 @@ use std::sync::{Arc, Mutex};
 use bulkhead_fhir::Micros;
 use rusqlite::{params, Connection};
 
-use crate::{MemberSelection, PartRange, StoreError, TenantId};
+use crate::{
+    AssociatedRequest, MemberSelection, PartRange, ProvenanceSelection, ReferencedTypes, StoreError, TenantId,
+};
 
 /// Results kept (the oldest goes first). A `_since` manifest needs one entry per type (its
 /// `deleted[]` lists) besides its plan: room for several such manifests at once.
@@ -34,10 +46,24 @@ const MAX_DELETED_IDS: usize = 20_000;
 pub(super) type Plan = Arc<Vec<(String, Vec<PartRange>)>>;
 pub(super) type Deleted = Arc<Vec<(String, Micros)>>;
 
+/// An associated set's plan, with the set id its rows are stored under.
+pub(super) struct AssociatedSet {
+    pub(super) set_id: String,
+    pub(super) plan: Plan,
+}
+
+impl AssociatedSet {
+    /// How many resources the set holds.
+    pub(super) fn len(&self) -> u64 {
+        self.plan.iter().flat_map(|(_, parts)| parts).map(|part| part.count).sum()
+    }
+}
+
 #[derive(Clone)]
 enum Cached {
     Plan(Plan),
     Deleted(Deleted),
+    Associated(Arc<AssociatedSet>),
 }
 
 struct Entry {
@@ -52,6 +78,9 @@ struct Entry {
 pub struct PlanCacheStats {
     pub hits: u64,
     pub misses: u64,
+    /// Associated sets reused (copied from an earlier export's set) and computed.
+    pub associated_hits: u64,
+    pub associated_misses: u64,
 }
 
 #[derive(Default)]
@@ -105,6 +134,47 @@ pub(super) fn key(
     hasher.finalize().into()
 }
 
+/// The cache key of an associated set: [`key`] plus what the request asks for (not its set id or
+/// expiry, which name where the result is stored).
+pub(super) fn associated_key(
+    tenant: TenantId,
+    selection: &MemberSelection,
+    request: &AssociatedRequest,
+    part_size: u64,
+) -> [u8; 32] {
+    let what = format!(
+        "associated {:?} {:?} {:?} {:?} {}",
+        request.provenance, request.provenance_sources, request.referenced, request.reference_sources, request.depth
+    );
+    key(tenant, selection, &what, &[], part_size)
+}
+
+/// True when no resource of a type outside the compartment that `request` can reach, and (when
+/// it asks for Provenance) no Provenance, of `tenant` was written after `planned_at`.
+pub(super) fn associated_types_unchanged_since(
+    connection: &Connection,
+    tenant: TenantId,
+    request: &AssociatedRequest,
+    planned_at: Micros,
+) -> Result<bool, StoreError> {
+    let changed: Vec<String> = connection
+        .prepare_cached("SELECT resource_type FROM associated_type_changes WHERE tenant_id = ?1 AND changed_at > ?2")?
+        .query_map(params![tenant.0, planned_at], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    let reaches = |resource_type: &str| {
+        if resource_type == "Provenance" {
+            return request.provenance != ProvenanceSelection::None;
+        }
+        request.depth > 0
+            && match &request.referenced {
+                ReferencedTypes::None => false,
+                ReferencedTypes::All => true,
+                ReferencedTypes::Only(types) => types.iter().any(|t| t == resource_type),
+            }
+    };
+    Ok(!changed.iter().any(|resource_type| reaches(resource_type)))
+}
+
 /// True when no member loaded on this connection ([`super::export::load_members`]) has a
 /// compartment row changed after `planned_at`.
 pub(super) fn members_unchanged_since(connection: &Connection, planned_at: Micros) -> Result<bool, StoreError> {
@@ -134,7 +204,7 @@ impl PlanCache {
         entries.push_back(Entry { key, planned_at, value });
         let ids = |entry: &Entry| match &entry.value {
             Cached::Deleted(deleted) => deleted.len(),
-            Cached::Plan(_) => 0,
+            Cached::Plan(_) | Cached::Associated(_) => 0,
         };
         let mut held: usize = entries.iter().map(ids).sum();
         while entries.len() > ENTRIES || held > MAX_DELETED_IDS {
@@ -149,6 +219,15 @@ impl PlanCache {
             stats.hits += 1;
         } else {
             stats.misses += 1;
+        }
+    }
+
+    fn count_associated(&self, hit: bool) {
+        let mut stats = self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if hit {
+            stats.associated_hits += 1;
+        } else {
+            stats.associated_misses += 1;
         }
     }
 
@@ -197,5 +276,35 @@ impl PlanCache {
             self.put(key, at, Cached::Deleted(deleted.clone()));
         }
         Ok(deleted)
+    }
+
+    /// The plan of the associated set under `key`, to be stored under `set_id`: when
+    /// one computed at or before `at` is still exact (`still_valid` is asked with its transaction
+    /// time) and `copy` could copy its stored rows under `set_id` (false: they were swept), that
+    /// one; else `compute`'s (which stores the rows itself). Either way the entry then names
+    /// `set_id`, the newest stored copy.
+    pub(super) fn associated(
+        &self,
+        key: [u8; 32],
+        at: Micros,
+        set_id: &str,
+        still_valid: impl FnOnce(Micros) -> Result<bool, StoreError>,
+        copy: impl FnOnce(&AssociatedSet) -> Result<bool, StoreError>,
+        compute: impl FnOnce() -> Result<Vec<(String, Vec<PartRange>)>, StoreError>,
+    ) -> Result<Plan, StoreError> {
+        if let Some((planned_at, Cached::Associated(set))) = self.get(&key, at) {
+            if still_valid(planned_at)? && copy(&set)? {
+                self.count_associated(true);
+                // Checked unchanged through `at`: the set is the set at `at` too.
+                let copied = AssociatedSet { set_id: set_id.to_owned(), plan: set.plan.clone() };
+                self.put(key, at, Cached::Associated(Arc::new(copied)));
+                return Ok(set.plan.clone());
+            }
+        }
+        self.count_associated(false);
+        let plan = Arc::new(compute()?);
+        let computed = AssociatedSet { set_id: set_id.to_owned(), plan: plan.clone() };
+        self.put(key, at, Cached::Associated(Arc::new(computed)));
+        Ok(plan)
     }
 }

@@ -225,7 +225,7 @@ fn delete(
         mark_patient_changed(transaction, pkey, timestamp)?;
     }
     transaction.prepare_cached("DELETE FROM search_token WHERE rid = ?1")?.execute([existing.rid])?;
-    super::associated::close_references(transaction, existing.rid, timestamp)?;
+    super::associated::close_references(transaction, tenant, resource_type, existing.rid, timestamp)?;
     if resource_type == "Group" {
         sync_group_membership(transaction, tenant, existing.rid, &[], timestamp)?;
     }
