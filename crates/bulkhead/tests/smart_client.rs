@@ -2,7 +2,7 @@
 //! pinned) is installed once into a virtual environment under the target directory; it reads
 //! the server's discovery and CapabilityStatement, gets a token with an ES384 client assertion
 //! and completes a Group export, whose files are checked resource by resource. The same client
-//! then exports with HTTP Basic. Also here: failed token requests count toward the failed-login
+//! then exports with HTTP Basic, and exports the system and Patient levels. Also here: failed token requests count toward the failed-login
 //! limit, and `bulkhead keys rotate` on a running server.
 //!
 //! Needs python3 with venv and pip, and the package registry: when `CI` is set a missing
@@ -87,10 +87,22 @@ fn es384_key(kid: &str) -> (Value, Value) {
     (private, public)
 }
 
-/// Two member patients with Observations, Conditions and an Encounter, and one non-member
-/// with data of its own; returns the Group id and, per type, the ids the export must hold.
-async fn cohort(api: &Api) -> (String, BTreeMap<String, BTreeSet<String>>) {
+/// What [`cohort`] wrote: the Group, and per type the ids each level's export must hold.
+struct Cohort {
+    group: String,
+    /// The members' resources (a Group export).
+    members: BTreeMap<String, BTreeSet<String>>,
+    /// Every Patient's resources (a Patient-level export).
+    patients: BTreeMap<String, BTreeSet<String>>,
+    /// Everything (a system-level export): also an Observation about no patient.
+    all: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// Two member patients with Observations, Conditions and an Encounter, one non-member with
+/// data of its own, and an Observation about no patient.
+async fn cohort(api: &Api) -> Cohort {
     let mut expected: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut patients: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut members = Vec::new();
     for (index, family) in ["Ames", "Baker", "Outsider"].iter().enumerate() {
         let patient = api.create(&patient(None, family)).await;
@@ -105,19 +117,32 @@ async fn cohort(api: &Api) -> (String, BTreeMap<String, BTreeSet<String>>) {
             .create(&json!({"resourceType": "Encounter", "status": "finished", "subject": subject,
                 "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"}}))
             .await;
+        let created = [
+            ("Patient", &patient),
+            ("Observation", &observation),
+            ("Condition", &condition),
+            ("Encounter", &encounter),
+        ];
+        for (resource_type, id) in created {
+            patients.entry(resource_type.to_owned()).or_default().insert(id.clone());
+        }
         if *family == "Outsider" {
             continue;
         }
-        for (resource_type, id) in
-            [("Patient", &patient), ("Observation", &observation), ("Condition", &condition), ("Encounter", &encounter)]
-        {
+        for (resource_type, id) in created {
             expected.entry(resource_type.to_owned()).or_default().insert(id.clone());
         }
         members.push(patient);
     }
     let members: Vec<&str> = members.iter().map(String::as_str).collect();
     let group = api.create(&group(None, &members)).await;
-    (group, expected)
+    let mut all = patients.clone();
+    let unattached = api
+        .create(&json!({"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]}}))
+        .await;
+    all.entry("Observation".to_owned()).or_default().insert(unattached);
+    Cohort { group, members: expected, patients, all }
 }
 
 /// Every resource in the NDJSON files (plain or gzipped) under `dir`, as type → ids; panics on
@@ -165,18 +190,35 @@ fn exported(dir: &Path) -> BTreeMap<String, BTreeSet<String>> {
     found
 }
 
-/// Runs smart-fetch's Group export into a new folder and returns what it wrote.
+/// Which `$export` smart-fetch runs.
+enum Level<'a> {
+    /// `--group ID`: `[base]/Group/ID/$export`.
+    Group(&'a str),
+    /// No `--group`: `[base]/$export`.
+    System,
+    /// `--fhir-url [base]/Patient`: smart-fetch appends `$export` to the URL it is given, so a
+    /// Patient-level export is the "system" export of that URL. SMART discovery below it finds
+    /// nothing (smart-fetch 1.0.3 asks even with `--token-url`), so this level runs with Basic.
+    Patient,
+}
+
+/// Runs a smart-fetch export into a new folder and returns what it wrote.
 fn run_smart_fetch(
     program: &Path,
     base: &str,
-    group: &str,
+    level: Level<'_>,
     auth: &[String],
     work: &Path,
 ) -> BTreeMap<String, BTreeSet<String>> {
     let output_dir = work.join("export");
     let mut command = Command::new(program);
+    command.arg("export").arg("--export-mode").arg("bulk");
+    match level {
+        Level::Group(group) => command.args(["--fhir-url", &format!("{base}/r4"), "--group", group]),
+        Level::System => command.args(["--fhir-url", &format!("{base}/r4")]),
+        Level::Patient => command.args(["--fhir-url", &format!("{base}/r4/Patient")]),
+    };
     command
-        .args(["export", "--fhir-url", &format!("{base}/r4"), "--group", group, "--export-mode", "bulk"])
         .args([
             "--type",
             "Patient,Observation,Condition,Encounter",
@@ -228,7 +270,7 @@ async fn smart_fetch_exports_a_group_with_an_es384_token_and_with_basic() {
     let server = Server::start().await;
     server.create_tenant("acme");
     let loader = server.create_client("acme");
-    let (group, expected) = cohort(&loader).await;
+    let Cohort { group, members: expected, patients, all } = cohort(&loader).await;
 
     let work = tempfile::tempdir().unwrap();
     let (private, public) = es384_key("smart-fetch-1");
@@ -255,13 +297,9 @@ async fn smart_fetch_exports_a_group_with_an_es384_token_and_with_basic() {
     // SMART Backend Services: a private_key_jwt assertion signed ES384.
     let private_file = work.path().join("client.jwks");
     std::fs::write(&private_file, json!({"keys": [private]}).to_string()).unwrap();
-    let smart = run_smart_fetch(
-        program,
-        &server.base,
-        &group,
-        &["--smart-client-id".into(), client_id.clone(), "--smart-key".into(), private_file.display().to_string()],
-        &work.path().join("smart"),
-    );
+    let smart_auth =
+        ["--smart-client-id".into(), client_id.clone(), "--smart-key".into(), private_file.display().to_string()];
+    let smart = run_smart_fetch(program, &server.base, Level::Group(&group), &smart_auth, &work.path().join("smart"));
     assert_eq!(smart, expected, "the SMART export holds exactly the members' resources of the requested types");
     let log = server.log();
     assert!(log.contains("access token issued"), "the export used a token:\n{log}");
@@ -270,14 +308,21 @@ async fn smart_fetch_exports_a_group_with_an_es384_token_and_with_basic() {
     // HTTP Basic with the same client's secret.
     let password_file = work.path().join("password");
     std::fs::write(&password_file, &client_secret).unwrap();
-    let basic = run_smart_fetch(
-        program,
-        &server.base,
-        &group,
-        &["--basic-user".into(), client_id, "--basic-passwd".into(), password_file.display().to_string()],
-        &work.path().join("basic"),
-    );
+    let basic_auth = ["--basic-user".into(), client_id, "--basic-passwd".into(), password_file.display().to_string()];
+    let basic = run_smart_fetch(program, &server.base, Level::Group(&group), &basic_auth, &work.path().join("basic"));
     assert_eq!(basic, expected, "the Basic export holds exactly the members' resources");
+
+    // The system level: everything of the requested types, the Observation about no patient too.
+    let system = run_smart_fetch(program, &server.base, Level::System, &smart_auth, &work.path().join("system"));
+    assert_eq!(system, all, "the system-level export holds exactly the tenant's resources, type by type");
+    // The Patient level: every Patient's compartment, but not the Observation about no patient.
+    let patient = run_smart_fetch(program, &server.base, Level::Patient, &basic_auth, &work.path().join("patient"));
+    assert_eq!(patient, patients, "the Patient-level export holds exactly every Patient's resources, type by type");
+    assert_ne!(patients, all, "the levels differ by the Observation about no patient");
+    let log = server.log();
+    for path in ["/r4/$export", "/r4/Patient/$export"] {
+        assert!(log.contains(path), "smart-fetch kicked {path} off:\n{log}");
+    }
 }
 
 /// A bad client assertion, as an attacker guessing keys would send.
@@ -317,7 +362,7 @@ async fn keys_rotate_on_a_running_server_new_urls_use_the_new_key_and_old_ones_s
     let server = Server::start().await;
     server.create_tenant("acme");
     let api = server.create_client("acme");
-    let (group, _) = cohort(&api).await;
+    let Cohort { group, .. } = cohort(&api).await;
     let kick_off = format!("/bulk-data/r4/Group/{group}/$export?_type=Patient");
     let before = api.get(&kick_off).await.expect(200);
     let old_url = before["output"][0]["url"].as_str().unwrap().to_owned();

@@ -155,6 +155,7 @@ pub fn plan_associated_files(
                 end: part.last_key,
                 total: part.count,
                 associated: true,
+                members: None,
             })
         })
         .collect();

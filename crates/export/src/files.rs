@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::elements::ElementSubset;
 use crate::group::{deleted_ids, export_view, missing_members, ExportError, ExportView, ViewSpec};
+use crate::organize::BlockWriter;
 use crate::token::{FileClaims, FileKind};
 
 /// Checks that the file's view can be rebuilt as planned (a Group export's Group still has, at
@@ -67,6 +68,21 @@ pub fn write_file(
             }
             out.write_all(&line).map_err(sink_error)?;
             Ok(1)
+        }
+        (FileKind::Output, _, _) if claims.members.is_some() => {
+            let ([first, end], Some(spec)) = (claims.members.unwrap_or_default(), &claims.organized) else {
+                return Err(ExportError::NotFound("an organised file without its block description".to_owned()));
+            };
+            let writer = BlockWriter {
+                store,
+                tenant,
+                view,
+                spec,
+                set_id: claims.export_associated_set.as_deref(),
+                elements: claims.elements.as_deref(),
+            };
+            let index = |value: u64| usize::try_from(value).unwrap_or(usize::MAX);
+            writer.write_members(index(first), index(end), out)
         }
         (FileKind::Output, resource_type, _) => {
             let range = PartRange { first_key: claims.start, last_key: claims.end, count: claims.total };

@@ -10,6 +10,7 @@ use bulkhead_store::{
 
 use crate::associated::{deleted_outside_set, plan_associated_files};
 use crate::level::ExportLevel;
+use crate::organize::{plan_blocks, BlockSpec, BlockWriter, ReferencedScope};
 use crate::params::ExportParams;
 use crate::record::{PlannedExport, PlannedFile};
 use crate::token::FileKind;
@@ -55,6 +56,8 @@ pub enum PlanStep {
     Associated,
     /// Writing the planned files to the output store (materialised exports): `done` of `files`.
     Writing { done: usize, files: usize },
+    /// Organising the output by patient (counting each block): `done` of `members`.
+    Blocks { done: usize, members: usize },
 }
 
 impl std::fmt::Display for PlanStep {
@@ -66,6 +69,7 @@ impl std::fmt::Display for PlanStep {
             PlanStep::Members => write!(f, "planning: checking members"),
             PlanStep::Associated => write!(f, "planning: provenance and referenced resources"),
             PlanStep::Writing { done, files } => write!(f, "writing output: {done} of {files} files"),
+            PlanStep::Blocks { done, members } => write!(f, "planning: patient blocks, {done} of {members} patients"),
         }
     }
 }
@@ -354,6 +358,7 @@ pub fn plan_group_export_at(
         end: 0,
         total,
         associated: false,
+        members: None,
     };
     let mut files = Vec::new();
     progress(PlanStep::Counting { types: compartment_types.len() })?;
@@ -390,6 +395,21 @@ pub fn plan_group_export_at(
         associated_set = set;
         files.extend(associated_files);
     }
+    let mut organized = None;
+    if params.organize_by_patient {
+        // The same data, in patient blocks instead of by type (see `crate::organize`).
+        let spec = block_spec(&joined_types, &types, is_group_level, &view, params);
+        let writer = BlockWriter {
+            store,
+            tenant: request.tenant,
+            view: &view,
+            spec: &spec,
+            set_id: associated_set.as_deref(),
+            elements: params.elements.as_deref(),
+        };
+        files = plan_blocks(&writer, request.part_size, progress)?;
+        organized = Some(spec);
+    }
     if params.since.is_some() {
         for (done, resource_type) in compartment_types.iter().enumerate() {
             progress(PlanStep::Deletions { done, types: compartment_types.len() })?;
@@ -424,6 +444,7 @@ pub fn plan_group_export_at(
         patients: params.patients.clone(),
         files,
         associated_set,
+        organized,
     };
     let removed_members = match (params.since, request.level.group()) {
         (Some(since), Some(group_id)) => {
@@ -440,4 +461,35 @@ pub fn plan_group_export_at(
     };
     crate::retention::check_since_retained(store, params.since)?;
     Ok(GroupExportPlan { transaction_time, group_version, export, removed_members })
+}
+
+/// What each patient block of an organised export holds: the compartment types the export by
+/// type reads (`Patient` first), the Group line when it would be exported, and the associated
+/// data the export's set holds.
+fn block_spec(
+    joined_types: &[String],
+    types: &[String],
+    is_group_level: bool,
+    view: &ExportView,
+    params: &ExportParams,
+) -> BlockSpec {
+    let mut block_types: Vec<String> = joined_types.iter().filter(|t| *t == "Patient").cloned().collect();
+    block_types.extend(joined_types.iter().filter(|t| *t != "Patient").cloned());
+    let wants =
+        |resource_type: &str| params.types.as_ref().is_none_or(|named| named.iter().any(|t| t == resource_type));
+    let referenced = match (&params.associated.referenced, &params.types) {
+        (false, _) => None,
+        (true, None) => Some(ReferencedScope::All),
+        (true, Some(named)) => {
+            let named: Vec<String> =
+                named.iter().filter(|t| bulkhead_fhir::references::is_referenced_type(t)).cloned().collect();
+            (!named.is_empty()).then_some(ReferencedScope::Only(named))
+        }
+    };
+    BlockSpec {
+        types: block_types,
+        group_line: is_group_level && types.iter().any(|t| t == "Group") && group_line_selected(view),
+        provenance: wants("Provenance") && params.associated.provenance != bulkhead_store::ProvenanceSelection::None,
+        referenced,
+    }
 }

@@ -5,6 +5,7 @@ pub mod elements;
 pub mod files;
 pub mod group;
 pub mod level;
+pub mod organize;
 pub mod params;
 pub mod prefer;
 pub mod record;

@@ -49,7 +49,7 @@ const NDJSON_SPELLINGS: &[&str] =
     &["application/fhir+ndjson", "application/ndjson", "ndjson", "application/fhir ndjson"];
 
 /// Bulk Data parameters we know of but do not implement (yet).
-const UNSUPPORTED_PARAMS: &[&str] = &["organizeOutputBy"];
+const UNSUPPORTED_PARAMS: &[&str] = &[];
 
 /// Parameters accepted as hints only: the server keeps its own file policy.
 const HINT_PARAMS: &[&str] = &["allowPartialManifests", "_minimumFileSize", "_maximumFileSize"];
@@ -80,6 +80,8 @@ pub struct ExportParams {
     /// `patient` (POST only): the Patient ids the export is restricted to, sorted, deduplicated;
     /// `None` when absent.
     pub patients: Option<Vec<String>>,
+    /// `organizeOutputBy=Patient` (STU3): output files hold one block per patient.
+    pub organize_by_patient: bool,
 }
 
 /// Where a kick-off's parameters came from and how to treat them.
@@ -149,11 +151,25 @@ pub fn parse_export_params(
         false => parse_patients(&raw.patients, context, &mut warnings)?,
     };
     let associated = parse_include_associated_data(&raw.associated, lenient, &mut warnings)?;
+    let organize_by_patient = match raw.organize_output_by {
+        Some(value) => parse_organize_output_by(value, context, &mut warnings)?,
+        None => false,
+    };
     let types = match types {
         Some(types) => Some(check_referenced_types(types, context.level, &associated, lenient, &mut warnings)?),
         None => None,
     };
-    let params = ExportParams { types, since, until, output_format, type_filters, elements, patients, associated };
+    let params = ExportParams {
+        types,
+        since,
+        until,
+        output_format,
+        type_filters,
+        elements,
+        patients,
+        associated,
+        organize_by_patient,
+    };
     Ok((params, warnings))
 }
 
@@ -178,6 +194,7 @@ enum Param {
     TypeFilter,
     Elements,
     Patient,
+    OrganizeOutputBy,
     /// Accepted, not acted on.
     Hint,
     /// Defined by the Bulk Data IG but not implemented here.
@@ -197,6 +214,7 @@ fn classify(name: &str) -> Param {
         "_typeFilter" => Param::TypeFilter,
         "_elements" => Param::Elements,
         "patient" => Param::Patient,
+        "organizeOutputBy" => Param::OrganizeOutputBy,
         _ if HINT_PARAMS.contains(&name) => Param::Hint,
         _ if UNSUPPORTED_PARAMS.contains(&name) => Param::Unsupported,
         _ => Param::Unknown,
@@ -211,6 +229,7 @@ struct RawParams<'a> {
     since: Option<&'a str>,
     until: Option<&'a str>,
     output_format: Option<&'a str>,
+    organize_output_by: Option<&'a str>,
     /// Every `includeAssociatedData` value in order (each may be a comma list).
     associated: Vec<&'a str>,
     /// Every `_typeFilter`, `_elements` and `patient` value in order.
@@ -236,6 +255,7 @@ fn collect(pairs: &[(String, String)]) -> Result<RawParams<'_>, ParamError> {
             Param::Since => set_once(&mut raw.since, name, value)?,
             Param::Until => set_once(&mut raw.until, name, value)?,
             Param::OutputFormat => set_once(&mut raw.output_format, name, value)?,
+            Param::OrganizeOutputBy => set_once(&mut raw.organize_output_by, name, value)?,
             Param::IncludeAssociatedData => raw.associated.push(value),
             Param::TypeFilter => raw.type_filters.push(value),
             Param::Elements => raw.elements.push(value),
@@ -534,6 +554,32 @@ fn parse_patients(
     Ok(Some(patients))
 }
 
+/// `organizeOutputBy` (STU3): `Patient` at the Patient and Group levels. Anything else is
+/// unsupported (IG: the server SHOULD return an error, or MAY proceed under `handling=lenient`,
+/// organising by type as without the parameter).
+fn parse_organize_output_by(
+    value: &str,
+    context: ParseContext<'_>,
+    warnings: &mut Vec<Issue>,
+) -> Result<bool, ParamError> {
+    let value = value.trim();
+    let message = if value != "Patient" {
+        format!("Parameter 'organizeOutputBy': '{}' is not supported (supported: Patient)", echo(value))
+    } else if *context.level == ExportLevel::System {
+        "Parameter 'organizeOutputBy': a system-level export cannot be organised by Patient (resources outside \
+         every patient's compartment belong to no patient's block); use Patient/$export or Group/[id]/$export"
+            .to_owned()
+    } else {
+        return Ok(true);
+    };
+    let error = ParamError::new(IssueType::NotSupported, "organizeOutputBy", message);
+    if !context.lenient {
+        return Err(error);
+    }
+    warnings.push(as_lenient_warning(error.issue));
+    Ok(false)
+}
+
 /// Turns a would-be error into the warning lenient mode records instead.
 fn as_lenient_warning(issue: Issue) -> Issue {
     Issue {
@@ -634,6 +680,7 @@ mod tests {
             elements: None,
             patients: None,
             associated: AssociatedData::default(),
+            organize_by_patient: false,
         };
         assert_eq!(params, expected);
     }
@@ -823,13 +870,29 @@ mod tests {
     // ---- unsupported and unknown parameters ----
 
     #[test]
-    fn unsupported_bulk_parameters_are_errors_when_strict() {
-        for name in UNSUPPORTED_PARAMS {
-            let issue = err(&[(name, "x")], false);
-            assert_eq!(issue.code, IssueType::NotSupported, "{name}");
-            assert_eq!(issue.expression.as_deref(), Some(*name));
-            assert!(issue.diagnostics.contains(name));
+    fn organize_output_by_patient_at_the_patient_and_group_levels_only() {
+        assert!(ok(&[("organizeOutputBy", "Patient")]).organize_by_patient);
+        assert!(!ok(&[]).organize_by_patient);
+        let (params, _) = parse_at(&[("organizeOutputBy", "Patient")], &ExportLevel::Patient, false, false).unwrap();
+        assert!(params.organize_by_patient);
+        // Other types, and the system level: strict 400, lenient warning and output by type.
+        for (value, level) in [
+            ("Encounter", ExportLevel::Group("g".into())),
+            ("patient", ExportLevel::Patient),
+            ("Patient", ExportLevel::System),
+        ] {
+            let issue = parse_at(&[("organizeOutputBy", value)], &level, false, false).unwrap_err().issue;
+            assert_eq!(issue.code, IssueType::NotSupported, "{value} {level:?}");
+            assert_eq!(issue.expression.as_deref(), Some("organizeOutputBy"));
+            let (params, warnings) = parse_at(&[("organizeOutputBy", value)], &level, true, false).unwrap();
+            assert!(!params.organize_by_patient);
+            assert_eq!(warnings.len(), 1);
+            assert_eq!(warnings[0].severity, Severity::Warning);
         }
+        // Single-valued, never empty, even when lenient.
+        let repeated = [("organizeOutputBy", "Patient"), ("organizeOutputBy", "Patient")];
+        assert_eq!(err(&repeated, true).code, IssueType::Invalid);
+        assert_eq!(err(&[("organizeOutputBy", "")], true).code, IssueType::Value);
     }
 
     #[test]
@@ -844,7 +907,7 @@ mod tests {
     #[test]
     fn lenient_ignores_unknown_parameters_with_one_warning_each() {
         let pairs = [
-            ("organizeOutputBy", "Patient"),
+            ("organizeOutputBy", "Encounter"),
             ("_type", "Observation"),
             ("foo", "1"),
             ("_typeFilter", "Condition?x=y"),
@@ -854,7 +917,7 @@ mod tests {
         assert_eq!(types(&params), ["Observation"]);
         assert!(params.type_filters.is_empty() && params.elements.is_none());
         let named: Vec<_> = warnings.iter().map(|w| w.expression.as_deref().unwrap()).collect();
-        assert_eq!(named, ["organizeOutputBy", "foo", "_typeFilter", "_elements"]);
+        assert_eq!(named, ["foo", "_typeFilter", "_elements", "organizeOutputBy"]);
         assert!(warnings.iter().all(|w| w.severity == Severity::Warning));
         assert!(warnings.iter().all(|w| w.diagnostics.contains(w.expression.as_deref().unwrap())));
     }
@@ -960,12 +1023,18 @@ mod tests {
 
     #[test]
     fn size_and_partial_manifest_hints_are_accepted_quietly() {
-        let (_, warnings) = parse(
-            &[("allowPartialManifests", "true"), ("_minimumFileSize", "10"), ("_maximumFileSize", "whatever")],
+        let (params, warnings) = parse(
+            &[
+                ("allowPartialManifests", "true"),
+                ("_minimumFileSize", "10"),
+                ("_maximumFileSize", "whatever"),
+                ("organizeOutputBy", "Patient"),
+            ],
             false,
         )
         .unwrap();
         assert!(warnings.is_empty());
+        assert!(params.organize_by_patient, "hints combine with organizeOutputBy");
     }
 
     #[test]

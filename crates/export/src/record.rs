@@ -44,6 +44,9 @@ pub struct PlannedExport {
     /// The stored associated set (Provenance, referenced resources) its associated files read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub associated_set: Option<String>,
+    /// `organizeOutputBy=Patient`: what each block holds (its output files name member ranges).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organized: Option<crate::organize::BlockSpec>,
 }
 
 /// One file of a planned export.
@@ -60,6 +63,10 @@ pub struct PlannedFile {
     /// An output file of associated data: its keys index the export's associated set.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub associated: bool,
+    /// An output file organised by patient: the blocks of members `[start, end)` of the
+    /// export's view (see [`crate::organize`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<[u64; 2]>,
 }
 
 impl PlannedExport {
@@ -89,6 +96,8 @@ impl PlannedExport {
             type_filters: self.type_filters.clone(),
             elements: self.elements.clone(),
             patients: self.patients.clone(),
+            members: planned.members,
+            organized: planned.members.and(self.organized.clone()),
             iat: issued,
             exp: file.exp,
         })
@@ -131,6 +140,7 @@ mod tests {
                     end: 8,
                     total: 4,
                     associated: false,
+                    members: None,
                 },
                 PlannedFile {
                     kind: FileKind::Error,
@@ -139,9 +149,11 @@ mod tests {
                     end: 0,
                     total: 1,
                     associated: false,
+                    members: None,
                 },
             ],
             associated_set: None,
+            organized: None,
         }
     }
 

@@ -92,6 +92,10 @@ pub struct FileClaims {
     pub elements: Option<Vec<String>>,
     /// `patient` (POST) of the export, when given.
     pub patients: Option<Vec<String>>,
+    /// An output file organised by patient: the member index range `[start, end)` of its blocks.
+    pub members: Option<[u64; 2]>,
+    /// What each block of an organised file holds.
+    pub organized: Option<crate::organize::BlockSpec>,
     /// Issued at, seconds since the epoch.
     pub iat: i64,
     /// Expiry, seconds since the epoch; the token is valid while `now < exp`.

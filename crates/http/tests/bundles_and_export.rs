@@ -572,7 +572,7 @@ async fn export_kick_off_refuses_bad_parameters() {
         ("_outputFormat=text/csv", "not-supported", "_outputFormat"),
         ("foo=1", "invalid", "foo"),
         ("_typeFilter=Observation%3Fvalue-quantity%3D5", "not-supported", "_typeFilter"),
-        ("organizeOutputBy=Patient", "not-supported", "organizeOutputBy"),
+        ("organizeOutputBy=Encounter", "not-supported", "organizeOutputBy"),
     ];
     for base in ["/r4", "/bulk-data/r4"] {
         for (query, code, expression) in cases {

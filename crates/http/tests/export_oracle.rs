@@ -1513,10 +1513,71 @@ async fn standard_export(
             .collect();
         assert_eq!(expected, removed, "{what}: removedMembers (expected left, got right)");
     }
+    if !system {
+        // The same export organised by patient (no write in between, so the same data): the
+        // blocks together hold exactly the resources, and lines, of the export by type.
+        let call = get(&format!("{path}?{query}&organizeOutputBy=Patient"));
+        let call = if refused { call.header("prefer", "handling=lenient") } else { call };
+        let organised = organised_blocks(server, tenant, call, &what).await;
+        let mut union: BTreeMap<(String, String), Value> = BTreeMap::new();
+        for (patient, resources) in &organised {
+            for resource in resources {
+                let key = (
+                    resource["resourceType"].as_str().unwrap().to_owned(),
+                    resource["id"].as_str().unwrap().to_owned(),
+                );
+                if key.0 == "Patient" {
+                    assert_eq!(&key.1, patient, "{what}: a Patient is in its own block only");
+                }
+                union.insert(key, resource.clone());
+            }
+        }
+        let keys = |map: &BTreeMap<(String, String), Value>| map.keys().cloned().collect::<BTreeSet<_>>();
+        assert_eq!(keys(&union), keys(&output), "{what}: organised by patient (left) vs by type (right)");
+        for (key, resource) in &union {
+            assert_eq!(resource, &output[key], "{what}: {key:?} organised by patient");
+        }
+        count(&STATS.organised, 1);
+    }
     count(&STATS.standard, 1);
     count(&STATS.filtered, usize::from(filter != 0));
     count(&STATS.subsetted, usize::from(elements));
     count(&STATS.lines, output.len());
+}
+
+/// Kicks an organised export off on the standard base, polls it, and returns its blocks
+/// (patient, resources) in file order, checking the manifest's shape, each file's count, that
+/// each file starts with a header and that each patient has one block.
+async fn organised_blocks(server: &Tenants, tenant: usize, call: Call, what: &str) -> Vec<(String, Vec<Value>)> {
+    let reply = server.send(tenant, call).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{what}: {}", reply.text());
+    let location = reply.header("content-location");
+    let status = location[location.find("/bulk-data/").expect("status URL path")..].to_owned();
+    let manifest = loop {
+        let poll = server.send(tenant, get(&status)).await;
+        match poll.status {
+            StatusCode::OK => break poll.json(),
+            StatusCode::ACCEPTED => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            other => panic!("{what}: organised status poll answered {other}: {}", poll.text()),
+        }
+    };
+    assert_eq!(manifest["outputOrganizedBy"], "Patient", "{what}: {manifest}");
+    let mut blocks: Vec<(String, Vec<Value>)> = Vec::new();
+    for item in manifest["output"].as_array().expect("output[]") {
+        assert!(item.get("type").is_none(), "{what}: {item}");
+        for (index, line) in download(server, tenant, item, what).await.iter().enumerate() {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            if resource["resourceType"] == "Parameters" {
+                let reference = resource["parameter"][0]["valueReference"]["reference"].as_str().unwrap();
+                blocks.push((reference.strip_prefix("Patient/").unwrap().to_owned(), Vec::new()));
+            } else {
+                assert!(index > 0, "{what}: a file starts with a header");
+                blocks.last_mut().unwrap().1.push(resource);
+            }
+        }
+    }
+    assert!(blocks.windows(2).all(|pair| pair[0].0 < pair[1].0), "{what}: one block per patient, in order");
+    blocks
 }
 
 /// True when the target Group exists; otherwise checks that an export of it answers 410.
@@ -1624,6 +1685,8 @@ struct Stats {
     standard: AtomicUsize,
     filtered: AtomicUsize,
     subsetted: AtomicUsize,
+    /// Patient-level exports repeated organised by patient.
+    organised: AtomicUsize,
 }
 
 static STATS: Stats = Stats {
@@ -1646,6 +1709,7 @@ static STATS: Stats = Stats {
     standard: AtomicUsize::new(0),
     filtered: AtomicUsize::new(0),
     subsetted: AtomicUsize::new(0),
+    organised: AtomicUsize::new(0),
 };
 
 fn count(counter: &AtomicUsize, n: usize) {
@@ -1672,7 +1736,7 @@ fn group_export_matches_the_oracle() {
          {} missing-member errors, {} removed members, {} resources exported only through a new member's full history, \
          {} re-pointings, {} deleted[] entries for resources that left the cohort, {} held resources dropped for removed members, \
          {} Provenance lines ({} only through a target other than a member Patient), {} referenced-resource lines; \
-         {} system/Patient-level exports ({} with _typeFilter, {} with _elements)",
+         {} system/Patient-level exports ({} with _typeFilter, {} with _elements, {} repeated organised by patient)",
         started.elapsed(),
         get(&STATS.exports),
         get(&STATS.with_since),
@@ -1693,6 +1757,7 @@ fn group_export_matches_the_oracle() {
         get(&STATS.standard),
         get(&STATS.filtered),
         get(&STATS.subsetted),
+        get(&STATS.organised),
     );
 }
 

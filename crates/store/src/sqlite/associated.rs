@@ -784,3 +784,28 @@ pub(super) fn associated_ids(
     }
     Ok(held)
 }
+
+/// The Provenance whose target rows valid at `at` name one of `targets` (one seek each into
+/// `provenance_by_target`; a deleted Provenance's rows are closed), sorted and deduplicated.
+pub(super) fn provenance_targeting(
+    connection: &Connection,
+    tenant: TenantId,
+    targets: &[(String, String)],
+    at: Micros,
+) -> Result<Vec<String>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT r.id FROM reference_index x JOIN resources r ON r.rid = x.rid
+         WHERE x.tenant_id = ?1 AND x.target_type = ?2 AND x.target_id = ?3 AND x.provenance_target = 1
+           AND x.from_ts <= ?4 AND (x.to_ts IS NULL OR x.to_ts > ?4)",
+    )?;
+    let mut ids = Vec::new();
+    for (target_type, target_id) in targets {
+        let mut rows = statement.query(params![tenant.0, target_type, target_id, at])?;
+        while let Some(row) = rows.next()? {
+            ids.push(row.get::<_, String>(0)?);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
