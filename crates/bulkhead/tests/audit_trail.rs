@@ -323,3 +323,30 @@ async fn every_audited_action_leaves_exactly_its_record_in_its_tenant_only() {
     let access_lines = log.lines().filter(|line| line.contains("\"message\":\"access\"")).count();
     assert!(access_lines > 20, "the access log is on: {access_lines} lines");
 }
+
+/// The records of reads answered just before SIGTERM (group-committed just after their
+/// responses) are stored before the server exits, exactly one per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_server_stores_the_records_of_its_last_requests() {
+    const BURST: usize = 200;
+    let mut server = Server::start().await;
+    server.create_tenant("acme");
+    let api = server.create_client("acme");
+    let created = send(&api, Method::PUT, "/r4/Patient/p1", "stop-create", Some(&patient(Some("p1"), "One"))).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let ids: Vec<String> = (0..BURST).map(|index| format!("stop-{index}")).collect();
+    let replies =
+        futures::future::join_all(ids.iter().map(|id| send(&api, Method::GET, "/r4/Patient/p1", id, None))).await;
+    assert!(replies.iter().all(|reply| reply.status == 200));
+    let status = server.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {}", server.log());
+
+    let mut stored: Vec<String> = audit(&server, "acme", &["--action", "read"])
+        .iter()
+        .filter_map(|record| record["request_id"].as_str().map(str::to_owned))
+        .collect();
+    stored.sort();
+    let mut expected = ids;
+    expected.sort();
+    assert_eq!(stored, expected, "exactly one record per read, all stored before the exit");
+}

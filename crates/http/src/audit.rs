@@ -31,6 +31,7 @@ use bulkhead_store::{
 };
 use serde_json::{json, Map, Value};
 
+use crate::audit_writer::AuditWriter;
 use crate::auth::Caller;
 use crate::counted_body::CountedBody;
 use crate::state::AppState;
@@ -62,6 +63,9 @@ struct Event {
     group: Option<String>,
     /// A file download: recorded when its body ends.
     planned_resources: Option<u64>,
+    /// The record is stored before the response goes out (administrative actions); other
+    /// records are stored by the group-committing [`AuditWriter`] just after.
+    durable: bool,
 }
 
 /// The record being assembled for the current request.
@@ -144,26 +148,21 @@ pub async fn trail(State(state): State<AppState>, request: Request, next: Next) 
     });
     if let Some((record, planned)) = download.filter(|_| status.is_success()) {
         let (parts, body) = response.into_parts();
-        let store = state.store;
+        let audit = state.audit;
         let body =
-            CountedBody::new(body, move |bytes, complete| append_download(store, record, planned, bytes, complete));
+            CountedBody::new(body, move |bytes, complete| append_download(&audit, record, planned, bytes, complete));
         return Response::from_parts(parts, Body::new(body));
     }
-    let record = pending.lock().ok().and_then(|pending| pending.record(outcome_of(status), status.as_u16()));
-    if let Some(record) = record {
-        let stored = state.blocking(move |store| Ok(store.append_audit(std::slice::from_ref(&record))?)).await;
-        if stored.is_err() {
-            tracing::error!(target: "bulkhead::audit", "an audit record could not be stored");
-        }
+    let record = pending.lock().ok().and_then(|pending| {
+        let durable = pending.event.as_ref().is_some_and(|event| event.durable);
+        Some((pending.record(outcome_of(status), status.as_u16())?, durable))
+    });
+    match record {
+        Some((record, true)) => state.audit.submit_durable(record).await,
+        Some((record, false)) => state.audit.submit(record).await,
+        None => {}
     }
     response
-}
-
-/// Appends records now, logging (never answering) a failure.
-pub fn append_or_log(store: &dyn Store, records: &[AuditRecord]) {
-    if let Err(error) = store.append_audit(records) {
-        tracing::error!(target: "bulkhead::audit", error = %error, "an audit record could not be stored");
-    }
 }
 
 /// Names the authenticated client as the request's actor (called by `auth::authenticate`).
@@ -180,6 +179,7 @@ pub fn record_caller(caller: &Caller) {
 pub fn note_admin(tenant: TenantId, action: &str, target: &str) {
     with_pending(|pending| pending.actor = Some(Actor { tenant, client: "admin".into(), user: None }));
     note(action, target);
+    with_event(|event| event.durable = true);
 }
 
 /// Says what the request does (`read`, `Patient/123`). A later call replaces an earlier one.
@@ -509,7 +509,7 @@ fn store_error_status(error: &StoreError) -> StatusCode {
 
 /// Appends a download's record once its body is done: bytes handed to the connection, and
 /// `aborted` when it did not complete.
-fn append_download(store: Arc<dyn Store>, mut record: AuditRecord, planned: u64, bytes: u64, complete: bool) {
+fn append_download(audit: &AuditWriter, mut record: AuditRecord, planned: u64, bytes: u64, complete: bool) {
     {
         let mut detail: Map<String, Value> = serde_json::from_str(&record.detail).unwrap_or_default();
         detail.insert("bytes".into(), json!(bytes));
@@ -521,10 +521,6 @@ fn append_download(store: Arc<dyn Store>, mut record: AuditRecord, planned: u64,
         if !complete {
             record.outcome = "aborted".into();
         }
-        let append = move || append_or_log(store.as_ref(), &[record]);
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(append)),
-            Err(_) => append(),
-        }
+        audit.submit_detached(record);
     }
 }

@@ -137,6 +137,8 @@ pub async fn audit_records(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let request = parse_request(raw_query.as_deref().unwrap_or(""))?;
+    // Records of requests answered before this one may still be on their way to the store.
+    state.audit.flush().await;
     let name = request.tenant.clone();
     let tenant = state
         .blocking(move |store| Ok(store.tenant_by_name(&name)?))

@@ -43,6 +43,7 @@ pub async fn serve(
     let limits = state.config.limits.clone();
     let stall_limit = state.config.download_stall_timeout;
     let metrics = state.metrics.clone();
+    let audit = state.audit.clone();
     let app = crate::router(state);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
@@ -96,6 +97,8 @@ pub async fn serve(
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(grace_seconds = grace.as_secs(), "in-flight requests did not finish in time");
     }
+    // The records of the last requests (and downloads) are stored before the process ends.
+    audit.flush().await;
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod audit;
 pub mod audit_api;
 pub mod audit_event;
+pub mod audit_writer;
 pub mod auth;
 pub mod bulk;
 pub mod bundle;

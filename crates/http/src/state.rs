@@ -159,11 +159,14 @@ pub struct AppState {
     pub quotas: Arc<crate::quotas::Quotas>,
     /// Where asynchronous exports are materialised; `None`: every file streams from the store.
     pub output: Option<Arc<crate::object_output::OutputStore>>,
+    /// Group commit of the audit records that are not part of a write.
+    pub audit: Arc<crate::audit_writer::AuditWriter>,
 }
 
 impl AppState {
     pub fn new(store: Arc<dyn Store>, config: HttpConfig, token_keys: TokenKeys) -> AppState {
         AppState {
+            audit: Arc::new(crate::audit_writer::AuditWriter::start(store.clone())),
             store,
             login_limiter: Arc::new(crate::login_limits::LoginLimiter::new(config.login_limits.clone())),
             download_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_downloads.max(1))),

@@ -1,7 +1,8 @@
 //! The audit trail in process: outcomes a black-box client cannot easily cause or observe —
 //! a download abandoned part-way (`aborted`), a refused write recorded once with its status and
 //! no success record, and a batch recorded as one record listing every entry's outcome (refused
-//! entries included).
+//! entries included); and that a burst of concurrent requests, whose records are group-committed
+//! after the responses, leaves exactly one record each, which the admin API shows at once.
 
 mod common;
 
@@ -13,9 +14,12 @@ use bulkhead_store::{AuditQuery, AuditRecord, Store, TenantId};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use common::{assert_status, get, local, post, put, Server};
+use bulkhead_http::HttpConfig;
+use common::{assert_status, get, local, post, put, test_config, Server};
 
+/// The records of `tenant`, once every record handed to the audit writer so far is stored.
 fn records(server: &Server, tenant: TenantId) -> Vec<AuditRecord> {
+    server.audit.flush_blocking();
     server.store.audit_records(tenant, &AuditQuery { limit: 1_000, ..AuditQuery::default() }).unwrap()
 }
 
@@ -150,4 +154,49 @@ async fn a_batch_is_one_record_listing_each_entry_with_its_outcome() {
         ])
     );
     assert_eq!(detail(&found[1])["failed"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_concurrent_requests_leaves_exactly_one_record_each() {
+    const ADMIN_TOKEN: &str = "admin-token-for-the-burst-0123456789";
+    const BURST: usize = 300;
+    let server = Server::with_config(HttpConfig { admin_token: Some(ADMIN_TOKEN.into()), ..test_config() });
+    let tenant = server.tenant("acme");
+    let client = server.client(tenant);
+    let patient = json!({"resourceType": "Patient", "id": "p1"});
+    assert_status(&server.send(put("/r4/Patient/p1").by(&client).json(&patient)).await, 201);
+    let ids: Vec<String> = (0..BURST).map(|index| format!("burst-{index}")).collect();
+    let reads = ids.iter().map(|id| {
+        let server = &server;
+        let call = get(if id.ends_with('7') { "/r4/Patient/nobody" } else { "/r4/Patient/p1" })
+            .by(&client)
+            .header("x-request-id", id);
+        async move { server.send(call).await.status }
+    });
+    let statuses = futures::future::join_all(reads).await;
+    assert!(statuses.iter().all(|status| [200, 404].contains(&status.as_u16())), "{statuses:?}");
+
+    // Asked right after the last response, the admin API lists every one of them: it waits for
+    // the records still on their way to the store.
+    let listed =
+        server.send(get("/admin/audit?tenant=acme").header("authorization", &format!("Bearer {ADMIN_TOKEN}"))).await;
+    assert_status(&listed, 200);
+    let listed: Vec<String> = listed
+        .text()
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["request_id"].as_str().unwrap().to_owned())
+        .filter(|id| id.starts_with("burst-"))
+        .collect();
+    assert_eq!(listed.len(), BURST, "{listed:?}");
+
+    let mut found: Vec<(String, String)> = records(&server, tenant)
+        .into_iter()
+        .filter(|record| record.request_id.starts_with("burst-"))
+        .map(|record| (record.request_id, record.outcome))
+        .collect();
+    found.sort();
+    let mut expected: Vec<(String, String)> =
+        ids.iter().map(|id| (id.clone(), if id.ends_with('7') { "failure" } else { "success" }.to_owned())).collect();
+    expected.sort();
+    assert_eq!(found, expected, "exactly one record per request, with its outcome");
 }

@@ -46,6 +46,8 @@ pub fn test_config() -> HttpConfig {
 pub struct Server {
     pub app: Router,
     pub store: Arc<SqliteStore>,
+    /// The app's audit writer (its records reach the store just after the response).
+    pub audit: Arc<bulkhead_http::audit_writer::AuditWriter>,
     _dir: tempfile::TempDir,
 }
 
@@ -72,15 +74,15 @@ impl Server {
         let store = Arc::new(SqliteStore::open(&dir.path().join("bulkhead.db")).expect("open store"));
         let mut state = AppState::new(store.clone(), config, token_keys());
         adjust(&mut state);
-        Server { app: router(state), store, _dir: dir }
+        Server { audit: state.audit.clone(), app: router(state), store, _dir: dir }
     }
 
     /// The same database reopened under `config` with a cap of `extra_pages` pages
     /// beyond what it holds now: writes past the cap fail as on a full disk (SQLITE_FULL).
     pub fn reopen_with_page_cap(self, config: HttpConfig, extra_pages: u64) -> Server {
-        let Server { app, store, _dir } = self;
+        let Server { app, store, audit, _dir } = self;
         // The last connection to close checkpoints the WAL into the file, so its size is exact.
-        drop(app);
+        drop((app, audit));
         drop(store);
         let path = _dir.path().join("bulkhead.db");
         let file = std::fs::read(&path).expect("database file");
@@ -92,13 +94,15 @@ impl Server {
         let pages = file.len() as u64 / page_size;
         let options = SqliteOptions { max_page_count: Some(pages + extra_pages), ..SqliteOptions::default() };
         let store = Arc::new(SqliteStore::open_with(&path, options).expect("reopen store"));
-        Server { app: router(AppState::new(store.clone(), config, token_keys())), store, _dir }
+        let state = AppState::new(store.clone(), config, token_keys());
+        Server { audit: state.audit.clone(), app: router(state), store, _dir }
     }
 
     /// Another instance of the server (its own state: limiter, caches) on the same database.
     pub fn sibling(&self) -> Server {
-        let app = router(AppState::new(self.store.clone(), test_config(), token_keys()));
-        Server { app, store: self.store.clone(), _dir: tempfile::tempdir().expect("temp dir") }
+        let state = AppState::new(self.store.clone(), test_config(), token_keys());
+        let audit = state.audit.clone();
+        Server { app: router(state), store: self.store.clone(), audit, _dir: tempfile::tempdir().expect("temp dir") }
     }
 
     pub fn tenant(&self, name: &str) -> TenantId {
