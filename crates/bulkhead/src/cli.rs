@@ -24,12 +24,18 @@ pub struct ConfigArgs {
     /// without a database.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// PostgreSQL to use instead of SQLite in the data directory:
+    /// `postgres://USER[:PASSWORD]@HOST:PORT/DATABASE` (config `database_url`, env
+    /// `BULKHEAD_DATABASE_URL`).
+    #[arg(long)]
+    pub database_url: Option<String>,
 }
 
 impl ConfigArgs {
     /// Loads the configuration; the caller reports [`Config::warn_ignored`] once logging is set.
     pub fn load(&self, listen: Option<String>) -> anyhow::Result<Config> {
-        Config::load(self.config.as_deref(), Overrides { listen, data_dir: self.data_dir.clone() })
+        let overrides = Overrides { listen, data_dir: self.data_dir.clone(), database_url: self.database_url.clone() };
+        Config::load(self.config.as_deref(), overrides)
     }
 
     /// Loads the configuration for a command-line tool, warning on stderr at once.
@@ -69,6 +75,12 @@ enum Command {
     Import(crate::import::ImportArgs),
     /// Measure import and export against the release binary (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
+    /// Apply pending PostgreSQL schema migrations (`serve` also applies them at start-up) and
+    /// print the schema version. SQLite data directories need no migration command.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -135,5 +147,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(args) => crate::synth::run(args),
         Command::Import(args) => crate::import::run(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Migrate { config } => crate::admin::migrate(&config.load_for_tool()?),
     }
 }

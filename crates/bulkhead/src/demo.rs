@@ -43,8 +43,10 @@ pub struct DemoArgs {
 const DEFAULT_PATIENTS: u64 = 300;
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let config =
-        Config::load(None, Overrides { listen: Some(args.listen.clone()), data_dir: Some(args.data_dir.clone()) })?;
+    let config = Config::load(
+        None,
+        Overrides { listen: Some(args.listen.clone()), data_dir: Some(args.data_dir.clone()), ..Overrides::default() },
+    )?;
     if std::env::var_os("RUST_LOG").is_none() {
         // Keep the demo's own output readable; RUST_LOG=info shows request logs.
         std::env::set_var("RUST_LOG", "warn");
@@ -54,7 +56,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     config.warn_ignored();
     // Bind before anything else: a port in use must fail now, not after minutes of generating.
     let listener = std::net::TcpListener::bind(&config.listen).with_context(|| format!("binding {}", config.listen))?;
-    let store: Arc<dyn Store> = Arc::new(open_store(&config)?);
+    let store: Arc<dyn Store> = open_store(&config)?.shared();
     let (client_id, client_secret) = prepare_data(&store, &config, &args)?;
     let state = app_state(&config)?;
     runtime()?.block_on(async move {

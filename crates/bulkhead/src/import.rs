@@ -48,7 +48,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let mut importer = Importer::new(Arc::new(store), tenant.id, args.user.clone(), config.max_group_members)
+    let mut importer = Importer::new(store.shared(), tenant.id, args.user.clone(), config.max_group_members)
         .with_validation(config.validation_for(&args.tenant));
     let loaded = load_files(&mut importer, &files, |bytes, processed| {
         bar.set_position(bytes);

@@ -12,7 +12,7 @@ use bulkhead_http::AppState;
 use bulkhead_store::sqlite::SqliteStore;
 use rand::RngCore;
 
-use crate::admin::open_store;
+use crate::admin::{open_store, OpenedStore};
 use crate::config::{Config, LogFormat};
 
 /// Sets up `tracing` once for the process (`RUST_LOG` overrides the default `info`).
@@ -63,11 +63,14 @@ pub fn load_token_keys(data_dir: &Path) -> anyhow::Result<TokenKeys> {
 
 /// Builds the server state for a configuration.
 pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
-    let store = Arc::new(open_store(config)?);
+    let store = open_store(config)?;
+    crate::private_files::create_private_dir(&config.data_dir)?;
     crate::private_files::create_private_dir(&config.data_dir.join("output"))?;
     let keys = load_token_keys(&config.data_dir)?;
-    spawn_wal_checkpoints(&store);
-    Ok(AppState::new(store, config.http_config(), keys))
+    if let OpenedStore::Sqlite(sqlite) = &store {
+        spawn_wal_checkpoints(sqlite);
+    }
+    Ok(AppState::new(store.shared(), config.http_config(), keys))
 }
 
 /// How often the server looks at the WAL's size.
@@ -124,6 +127,7 @@ pub fn serve_command(config: Config) -> anyhow::Result<()> {
         tracing::info!(
             address = %listener.local_addr()?,
             data_dir = %config.data_dir.display(),
+            database = %config.database_display(),
             public_base_url = config.public_base_url.as_deref().unwrap_or("unset"),
             trust_host_header = state.config.trust_host_header,
             max_connections = config.max_connections,

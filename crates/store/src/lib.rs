@@ -7,6 +7,7 @@
 
 mod error;
 mod model;
+pub mod postgres;
 mod search;
 pub mod sqlite;
 mod write;
@@ -35,7 +36,7 @@ pub trait PartReader {
     fn next_window(&mut self, out: &mut Vec<u8>, max_bytes: usize) -> Result<u64, StoreError>;
 }
 
-/// The storage seam. Implementations: [`sqlite::SqliteStore`].
+/// The storage seam. Implementations: [`sqlite::SqliteStore`], [`postgres::PgStore`].
 pub trait Store: Send + Sync + 'static {
     // ---- tenants and clients (admin) ----
 
