@@ -56,9 +56,9 @@ async fn serve_on_postgres_from_tenant_to_downloaded_group_export() {
         .collect();
     let check = |files: &Files| {
         let ids = ids_by_type(files);
-        assert_eq!(ids["Patient"], ["p1", "p2"].map(String::from).into(), "{ids:?}");
+        assert_eq!(ids["Patient"], BTreeSet::from(["p1", "p2"].map(String::from)), "{ids:?}");
         assert_eq!(ids["Observation"], expected_observations, "members' observations, imported ones too");
-        assert_eq!(ids["Group"], ["g1"].map(String::from).into());
+        assert_eq!(ids["Group"], BTreeSet::from(["g1".to_owned()]));
     };
 
     // Synchronous (1upHealth) export: the manifest at once, files streamed from PostgreSQL.

@@ -91,8 +91,8 @@ impl<'a> PgPartReader<'a> {
         let at = self.selection.transaction_time;
         let (start_len, mut count) = (out.len(), 0u64);
         while out.len() - start_len < max_bytes && !self.pending.is_empty() {
-            let batch: Vec<(i64, i64)> =
-                self.pending.drain(..self.batch_size(max_bytes - (out.len() - start_len))).collect();
+            let size = self.batch_size(max_bytes - (out.len() - start_len));
+            let batch: Vec<(i64, i64)> = self.pending.drain(..size).collect();
             let current: Vec<i64> = batch.iter().filter(|(_, version)| *version == 0).map(|(rid, _)| *rid).collect();
             let (history_rids, history_versions): (Vec<i64>, Vec<i64>) =
                 batch.iter().filter(|(_, version)| *version > 0).copied().unzip();

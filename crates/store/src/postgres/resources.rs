@@ -137,10 +137,11 @@ fn insert_new(
     let (mut patients, mut patient_types, mut patient_rids) = (Vec::new(), Vec::new(), Vec::new());
     let mut tokens: (Vec<&str>, Vec<&str>, Vec<String>, Vec<String>, Vec<i64>) = Default::default();
     for (_, resource_type, id, body, _) in &chosen {
+        let (resource_type, id, body) = (*resource_type, *id, *body);
         let rid = rid_of(resource_type, id)?;
         for patient in patient_compartments_of(resource_type, id, body) {
             patients.push(patient);
-            patient_types.push(*resource_type);
+            patient_types.push(resource_type);
             patient_rids.push(rid);
         }
         for (param, system, value) in search_tokens(body) {
@@ -616,7 +617,7 @@ pub(super) fn search(
          WHERE tenant_id = $1 AND resource_type = $2 AND deleted = false AND rid > $3"
     );
     // Appends a parameter and returns its placeholder.
-    let mut bind = |values: &mut Vec<Box<dyn ToSql + Sync>>, value: Box<dyn ToSql + Sync>| {
+    let bind = |values: &mut Vec<Box<dyn ToSql + Sync>>, value: Box<dyn ToSql + Sync>| {
         values.push(value);
         format!("${}", values.len())
     };

@@ -21,9 +21,12 @@ pub struct TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        if let Ok(mut client) = postgres::Client::connect(&self.admin_url, NoTls) {
-            let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
-        }
+        let (admin_url, name) = (&self.admin_url, &self.name);
+        super::off_runtime(|| {
+            if let Ok(mut client) = postgres::Client::connect(admin_url, NoTls) {
+                let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+            }
+        });
     }
 }
 
@@ -50,9 +53,11 @@ pub fn cluster_url() -> Option<String> {
 pub fn fresh_database() -> Option<TestDatabase> {
     let admin_url = cluster_url()?;
     let name = format!("bulkhead_test_{}", uuid::Uuid::new_v4().simple());
-    let mut client = postgres::Client::connect(&admin_url, NoTls)
-        .unwrap_or_else(|error| panic!("connecting to {URL_VARIABLE}: {error}"));
-    client.batch_execute(&format!("CREATE DATABASE {name}")).expect("create a test database");
+    super::off_runtime(|| {
+        let mut client = postgres::Client::connect(&admin_url, NoTls)
+            .unwrap_or_else(|error| panic!("connecting to {URL_VARIABLE}: {error}"));
+        client.batch_execute(&format!("CREATE DATABASE {name}")).expect("create a test database");
+    });
     Some(TestDatabase { url: with_database(&admin_url, &name), name, admin_url })
 }
 
