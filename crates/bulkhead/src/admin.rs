@@ -150,7 +150,7 @@ pub fn new_client(store: &dyn Store, config: &Config, tenant_name: &str) -> anyh
 }
 
 pub fn create_client(config: &Config, tenant_name: &str, json: bool) -> anyhow::Result<()> {
-    let (client_id, client_secret) = new_client(&open_existing_store(config)?, config, tenant_name)?;
+    let (client_id, client_secret) = new_client(&*open_existing_store(config)?, config, tenant_name)?;
     if json {
         say!("{}", serde_json::json!({"client_id": client_id, "client_secret": client_secret, "tenant": tenant_name}));
     } else {
@@ -161,7 +161,7 @@ pub fn create_client(config: &Config, tenant_name: &str, json: bool) -> anyhow::
 
 pub fn list_clients(config: &Config, tenant_name: &str) -> anyhow::Result<()> {
     let store = open_existing_store(config)?;
-    let tenant = find_tenant(&store, config, tenant_name)?;
+    let tenant = find_tenant(&*store, config, tenant_name)?;
     for client in store.list_clients(tenant.id)? {
         let state = if client.revoked { "revoked" } else { "active" };
         say!("{}\t{}\t{}", client.client_id, state, format_instant(client.created));

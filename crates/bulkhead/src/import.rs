@@ -40,7 +40,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     let config = args.config.load_for_tool()?;
     let files = collect_files(&args.paths)?;
     let store = open_existing_store_with(&config, SqliteOptions::bulk_load())?;
-    let tenant = find_tenant(&store, &config, &args.tenant)?;
+    let tenant = find_tenant(&*store, &config, &args.tenant)?;
     let total_bytes: u64 = files.iter().filter_map(|file| file.metadata().ok()).map(|meta| meta.len()).sum();
     let bar = indicatif::ProgressBar::new(total_bytes);
     bar.set_style(
