@@ -34,8 +34,16 @@ pub struct ConfigArgs {
 impl ConfigArgs {
     /// Loads the configuration; the caller reports [`Config::warn_ignored`] once logging is set.
     pub fn load(&self, listen: Option<String>) -> anyhow::Result<Config> {
-        let overrides = Overrides { listen, data_dir: self.data_dir.clone(), database_url: self.database_url.clone() };
-        Config::load(self.config.as_deref(), overrides)
+        self.load_with(Overrides { listen, ..Overrides::default() })
+    }
+
+    /// Loads the configuration with command-line overrides besides `--data-dir` and
+    /// `--database-url`.
+    pub fn load_with(&self, overrides: Overrides) -> anyhow::Result<Config> {
+        Config::load(
+            self.config.as_deref(),
+            Overrides { data_dir: self.data_dir.clone(), database_url: self.database_url.clone(), ..overrides },
+        )
     }
 
     /// Loads the configuration for a command-line tool, warning on stderr at once.
@@ -55,6 +63,9 @@ enum Command {
         /// Address to listen on, e.g. 127.0.0.1:8080 or localhost:8080.
         #[arg(long)]
         listen: Option<String>,
+        /// Serve Prometheus metrics at /metrics (config key `metrics`; needs admin_token).
+        #[arg(long)]
+        metrics: bool,
     },
     /// Start a server with a demo tenant, client, synthetic patients and a Group, run an export
     /// against it, print working curl lines, and keep serving.
@@ -78,6 +89,36 @@ enum Command {
     /// Apply pending PostgreSQL schema migrations (`serve` also applies them at start-up) and
     /// print the schema version. SQLite data directories need no migration command.
     Migrate {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Write a consistent backup of a data directory (database, server keys and file-URL
+    /// signing keys) to one file, while a server keeps running on it.
+    Backup {
+        /// The backup file to write (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Restore a backup into a data directory (a new or empty one unless --force).
+    Restore {
+        /// The backup file (from `bulkhead backup`).
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace the database and keys of a data directory that already holds some (never
+        /// one a running server has open).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Remove history older than `history_retention` (earlier versions, tombstones), in small
+    /// batches, while a server keeps running.
+    Prune {
+        /// Retention to apply instead of the configured `history_retention`, e.g. 90d or 12h.
+        #[arg(long)]
+        older_than: Option<String>,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -127,7 +168,11 @@ enum ClientCommand {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, listen } => crate::serve::serve_command(config.load(listen)?),
+        Command::Serve { config, listen, metrics } => crate::serve::serve_command(config.load_with(Overrides {
+            listen,
+            metrics: metrics.then_some(true),
+            ..Overrides::default()
+        })?),
         Command::Demo(args) => crate::demo::run(args),
         Command::Tenant { command: TenantCommand::Create { name, config } } => {
             crate::admin::create_tenant(&config.load_for_tool()?, &name)
@@ -148,5 +193,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(args) => crate::import::run(args),
         Command::Bench(args) => crate::bench::run(args),
         Command::Migrate { config } => crate::admin::migrate(&config.load_for_tool()?),
+        Command::Backup { to, config } => crate::backup::backup(&config.load_for_tool()?, &to),
+        Command::Restore { from, force, config } => crate::backup::restore(&config.load_for_tool()?, &from, force),
+        Command::Prune { older_than, config } => {
+            crate::retention::prune(&config.load_for_tool()?, older_than.as_deref())
+        }
     }
 }

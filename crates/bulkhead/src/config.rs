@@ -88,6 +88,18 @@ pub struct Config {
     pub validation: ValidationMode,
     /// Per-tenant exceptions to `validation`, by tenant name (`[tenant_validation]` table).
     pub tenant_validation: BTreeMap<String, ValidationMode>,
+    /// Serve Prometheus metrics at `/metrics` (needs `admin_token`, which it then requires).
+    pub metrics: bool,
+    /// Authenticated requests per second per tenant, beyond which 429 (0: no limit).
+    pub tenant_requests_per_second: u32,
+    /// Exports of one tenant being planned at once, beyond which a kick-off gets 429 (0: no limit).
+    pub tenant_concurrent_exports: usize,
+    /// `$upload-ndjson` body bytes per tenant per minute, beyond which 429 (0: no limit).
+    pub tenant_upload_bytes_per_minute: u64,
+    /// Export files one tenant streams at once: its share of `max_concurrent_downloads`.
+    pub tenant_concurrent_downloads: usize,
+    /// How long history (earlier versions, tombstones) is kept, e.g. `90d`; unset: for ever.
+    pub history_retention: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -132,6 +144,12 @@ impl Default for Config {
             log_format: LogFormat::Text,
             validation: ValidationMode::Strict,
             tenant_validation: BTreeMap::new(),
+            metrics: false,
+            tenant_requests_per_second: 0,
+            tenant_concurrent_exports: 0,
+            tenant_upload_bytes_per_minute: 0,
+            tenant_concurrent_downloads: 4,
+            history_retention: None,
         }
     }
 }
@@ -148,6 +166,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<bool>,
 }
 
 impl Config {
@@ -261,7 +281,31 @@ impl Config {
         if let Some(token) = &self.admin_token {
             anyhow::ensure!(token.len() >= 16, "invalid configuration: admin_token must be at least 16 characters");
         }
+        anyhow::ensure!(
+            !self.metrics || self.admin_token.is_some(),
+            "invalid configuration: metrics = true needs admin_token (scrapes present it as a bearer token)"
+        );
+        anyhow::ensure!(
+            self.tenant_concurrent_downloads >= 1,
+            "invalid configuration: tenant_concurrent_downloads must be at least 1"
+        );
+        self.history_retention()?;
         Ok(())
+    }
+
+    /// `history_retention` as a duration (`None`: history is kept for ever).
+    pub fn history_retention(&self) -> anyhow::Result<Option<Duration>> {
+        let Some(text) = &self.history_retention else { return Ok(None) };
+        let retention = humantime::parse_duration(text).map_err(|error| {
+            anyhow::anyhow!(
+                "invalid configuration: history_retention = '{text}' is not a duration like 90d or 720h ({error})"
+            )
+        })?;
+        anyhow::ensure!(
+            retention >= Duration::from_secs(1),
+            "invalid configuration: history_retention must be at least 1s"
+        );
+        Ok(Some(retention))
     }
 
     /// True when `listen` is a loopback address (or `localhost`): only local clients can then
@@ -327,6 +371,13 @@ impl Config {
             download_stall_timeout: Duration::from_secs(self.download_stall_timeout_seconds),
             max_concurrent_downloads: self.max_concurrent_downloads,
             download_queue_wait: Duration::from_secs(self.download_queue_seconds),
+            metrics: self.metrics,
+            quotas: bulkhead_http::quotas::QuotaConfig {
+                requests_per_second: self.tenant_requests_per_second,
+                concurrent_exports: self.tenant_concurrent_exports,
+                upload_bytes_per_minute: self.tenant_upload_bytes_per_minute,
+                concurrent_downloads: self.tenant_concurrent_downloads,
+            },
         }
     }
 

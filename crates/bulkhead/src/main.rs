@@ -7,6 +7,7 @@ macro_rules! say {
 }
 
 mod admin;
+mod backup;
 mod bench;
 mod cli;
 mod config;
@@ -14,6 +15,7 @@ mod demo;
 mod import;
 mod output;
 mod private_files;
+mod retention;
 mod serve;
 mod synth;
 

@@ -70,7 +70,9 @@ pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     if let OpenedStore::Sqlite(sqlite) = &store {
         spawn_wal_checkpoints(sqlite);
     }
-    Ok(AppState::new(store.shared(), config.http_config(), keys))
+    let state = AppState::new(store.shared(), config.http_config(), keys);
+    crate::retention::spawn_pruning(&state.store, config.history_retention()?);
+    Ok(state)
 }
 
 /// How often the server looks at the WAL's size.

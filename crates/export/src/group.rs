@@ -25,6 +25,9 @@ pub enum ExportError {
     /// The plan's progress callback stopped it (its job was cancelled).
     #[error("planning was cancelled")]
     Cancelled,
+    /// `_since` is before the prune horizon: the history it needs is gone (a 400).
+    #[error("{0}")]
+    HistoryPruned(String),
 }
 
 /// A step of planning, reported before it starts (an asynchronous job's `X-Progress`).
@@ -151,6 +154,7 @@ pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Res
 /// The kick-off's check of the Group as the caller sees it now: unknown (or another user's) is
 /// [`ExportError::NotFound`], deleted is [`ExportError::Gone`].
 pub fn check_group(store: &dyn Store, request: &GroupExportRequest) -> Result<(), ExportError> {
+    crate::retention::check_since_retained(store, request.params.since)?;
     match store.read(request.tenant, &request.visibility, "Group", &request.group_id)? {
         None => Err(ExportError::NotFound(format!("Group/{} not found", request.group_id))),
         Some(group) if group.deleted => Err(ExportError::Gone(format!("Group/{} was deleted", request.group_id))),
@@ -246,5 +250,6 @@ pub fn plan_group_export_at(
         }
         None => Vec::new(),
     };
+    crate::retention::check_since_retained(store, params.since)?;
     Ok(GroupExportPlan { transaction_time, group_version: view.group.version, export, removed_members })
 }

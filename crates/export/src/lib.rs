@@ -5,6 +5,7 @@ pub mod group;
 pub mod params;
 pub mod prefer;
 pub mod record;
+pub mod retention;
 pub mod token;
 
 pub use group::{

@@ -46,6 +46,7 @@ pub async fn access_log(request: Request, next: Next) -> Response {
     let method = request.method().to_string();
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
     let request_id = request.headers().get(&REQUEST_ID).map(|id| log_value(&String::from_utf8_lossy(id.as_bytes())));
+    let metrics = request.extensions().get::<crate::metrics::MetricsHandle>().and_then(|handle| handle.0.clone());
     let slot = CallerSlot::default();
     let response = CALLER.scope(slot.clone(), next.run(request)).await;
     let (tenant, client) = slot.lock().ok().and_then(|caller| caller.clone()).unwrap_or_default();
@@ -59,6 +60,7 @@ pub async fn access_log(request: Request, next: Next) -> Response {
         status: response.status().as_u16(),
         bytes: 0,
         complete: false,
+        metrics,
     };
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, Body::new(LoggedBody { inner: body, entry }))
@@ -74,6 +76,7 @@ struct Entry {
     status: u16,
     bytes: u64,
     complete: bool,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 /// A response body that counts its bytes and writes the access line when it is dropped.
@@ -117,6 +120,9 @@ impl Drop for LoggedBody {
         // An empty body may never be polled: it is complete all the same.
         let complete = self.entry.complete || (self.entry.bytes == 0 && self.inner.is_end_stream());
         let entry = &self.entry;
+        if let Some(metrics) = &entry.metrics {
+            metrics.observe_request(&entry.method, &entry.route, entry.status, entry.started.elapsed());
+        }
         tracing::info!(
             target: "bulkhead::access",
             request_id = %entry.request_id,

@@ -18,7 +18,7 @@ use axum::middleware::Next;
 
 /// Checks the admin token; every admin handler calls it before reading anything else of the
 /// request (a body is parsed only for a caller known to be the admin).
-fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &state.config.admin_token else {
         return Err(ApiError::not_found("the admin API is disabled (no admin token configured)"));
     };

@@ -103,6 +103,7 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Calle
     let caller =
         Caller { tenant: record.tenant, tenant_name: record.tenant_name, client_id: record.client_id, visibility };
     crate::access_log::record_caller(&caller);
+    crate::quotas::admit_request(state, &caller)?;
     Ok(caller)
 }
 

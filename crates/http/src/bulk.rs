@@ -39,6 +39,7 @@ impl From<ExportError> for ApiError {
         match error {
             ExportError::NotFound(what) => ApiError::not_found(what),
             ExportError::Gone(what) => ApiError::new(StatusCode::GONE, IssueType::Deleted, what),
+            ExportError::HistoryPruned(what) => ApiError::bad_request(IssueType::Value, what).at("_since"),
             ExportError::Store(store_error) => store_error.into(),
             // Only a cancelled job's planner sees it, and nobody is waiting for that answer.
             ExportError::Cancelled => ApiError::internal(),
@@ -75,6 +76,7 @@ pub async fn kick_off(
     let (params, warnings) = parse_group_export_params(&pairs, preferences.lenient)
         .map_err(|error| ApiError::from_issue(StatusCode::BAD_REQUEST, error.issue))?;
     let with_since = params.since.is_some();
+    let running = crate::quotas::admit_export(&state, &caller)?;
     let request = GroupExportRequest {
         tenant: caller.tenant,
         client_id: caller.client_id.clone(),
@@ -93,6 +95,7 @@ pub async fn kick_off(
         let manifest_base = base.clone();
         let planned_request = request.clone();
         let build: crate::export_status::BuildManifest = Box::new(move |store, transaction_time, progress| {
+            let _running = running;
             let plan = plan_group_export_at(store, &planned_request, transaction_time, progress)?;
             urls.store_record(store, &plan.export)?;
             Ok(manifest(&manifest_state, &urls, &manifest_base, &request_url, plan, with_since))
@@ -221,6 +224,10 @@ pub async fn download(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let claims = authorize_download(&state, &headers, &path_type, &file).await?;
+    let share = match crate::quotas::download_share(&state, TenantId(claims.tenant)).await {
+        Ok(share) => share,
+        Err(throttled) => return Ok(throttled),
+    };
     let slot = match download_slot(&state).await {
         Ok(slot) => slot,
         Err(throttled) => return Ok(throttled),
@@ -231,6 +238,7 @@ pub async fn download(
     let store = state.store.clone();
     let stall_timeout = state.config.download_stall_timeout;
     let runtime = tokio::runtime::Handle::current();
+    let exported = crate::metrics::ExportCounter::new(&state, claims.tenant);
     tokio::task::spawn_blocking(move || {
         let view = match open_file_view(store.as_ref(), &claims) {
             Ok(view) => view,
@@ -241,7 +249,7 @@ pub async fn download(
         };
         let _ = ready_tx.send(Ok(()));
         let mut writer =
-            ChunkWriter { buffer: Vec::with_capacity(CHUNK_BYTES), chunks: chunks_tx, runtime, stall_timeout };
+            ChunkWriter { buffer: Vec::with_capacity(CHUNK_BYTES), chunks: chunks_tx, runtime, stall_timeout, sent: 0 };
         let result = encode(coding, |out| write_file(store.as_ref(), &claims, &view, out), &mut writer);
         let result = result.and_then(|written| {
             writer
@@ -250,6 +258,7 @@ pub async fn download(
                 .map(|_| written)
                 .map_err(|error| ExportError::Sink(error.to_string()))
         });
+        exported.sent(*result.as_ref().unwrap_or(&0), writer.sent);
         match result {
             Ok(written) if written != claims.total => {
                 tracing::error!(group = %claims.group, resource_type = %claims.resource_type, written, planned = claims.total, "export file line count differs from its manifest count");
@@ -264,7 +273,7 @@ pub async fn download(
     });
     ready_rx.await.map_err(|_| ApiError::internal())??;
     // The slot is held until the body is sent or dropped: it covers the buffered chunks too.
-    let body = Body::from_stream(FileBody { pieces: chunks_rx, ended: false, _slot: slot });
+    let body = Body::from_stream(FileBody { pieces: chunks_rx, ended: false, _slot: (slot, share) });
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/fhir+ndjson"));
@@ -384,8 +393,8 @@ enum Piece {
 struct FileBody {
     pieces: mpsc::Receiver<Piece>,
     ended: bool,
-    /// This stream's place in the download pool.
-    _slot: OwnedSemaphorePermit,
+    /// This stream's place in the download pool, and in its tenant's share of it.
+    _slot: (OwnedSemaphorePermit, crate::quotas::DownloadShare),
 }
 
 impl tokio_stream::Stream for FileBody {
@@ -421,6 +430,8 @@ struct ChunkWriter {
     chunks: mpsc::Sender<Piece>,
     runtime: tokio::runtime::Handle,
     stall_timeout: std::time::Duration,
+    /// Bytes handed to the response body so far (metrics).
+    sent: u64,
 }
 
 impl ChunkWriter {
@@ -442,6 +453,7 @@ impl ChunkWriter {
             return Ok(());
         }
         let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK_BYTES));
+        self.sent += chunk.len() as u64;
         self.send(Piece::Bytes(Bytes::from(chunk)))
     }
 }

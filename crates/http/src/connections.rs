@@ -40,6 +40,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let limits = state.config.limits.clone();
     let stall_limit = state.config.download_stall_timeout;
+    let metrics = state.metrics.clone();
     let app = crate::router(state);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
@@ -79,12 +80,13 @@ pub async fn serve(
         });
         let connection =
             graceful.watch(http.serve_connection(TokioIo::new(StallLimited::new(stream, stall_limit)), service));
+        let open = metrics.as_ref().map(|metrics| metrics.connection());
         tokio::spawn(async move {
             // Timeouts and clients hanging up end here; neither is the server's error.
             if let Err(error) = connection.await {
                 tracing::debug!(error = %error, "connection ended with an error");
             }
-            drop(slot);
+            drop((slot, open));
         });
     }
     drop(listener);

@@ -16,9 +16,11 @@ pub mod export_status;
 pub mod health;
 pub mod log_value;
 pub mod login_limits;
+pub mod metrics;
 pub mod ndjson_import;
 pub mod negotiation;
 pub mod plain_errors;
+pub mod quotas;
 pub mod rest;
 pub mod search;
 pub mod stall;
@@ -48,6 +50,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Builds the complete router.
 pub fn router(state: AppState) -> Router {
+    let metrics = metrics::MetricsHandle(state.metrics.clone());
     let fhir = Router::new()
         .route("/r4", post(bundle::process_bundle))
         .route("/r4/{type}", get(type_get).post(type_post))
@@ -68,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::ready))
         .route("/healthz/ready", get(health::ready))
         .route("/healthz/live", get(health::live))
+        .route("/metrics", get(metrics::scrape))
         .merge(fhir)
         .merge(admin)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
@@ -82,9 +86,11 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(error::panic_response))
         .layer(axum::middleware::from_fn_with_state(state.clone(), login_limits::limit_failed_logins))
         .layer(axum::middleware::from_fn_with_state(state, timeouts::request_deadlines))
+        .layer(axum::middleware::from_fn(quotas::retry_after_header))
         .layer(axum::middleware::from_fn(plain_errors::errors_as_operation_outcomes))
         // Inside the span, outside everything that can answer: one line per request, final status.
         .layer(axum::middleware::from_fn(access_log::access_log))
+        .layer(axum::Extension(metrics))
         .layer(
             // Spans name the route template, never the raw URI: file URLs carry tokens. The
             // request id may come from the client, so it is logged through `log_value`.

@@ -51,6 +51,10 @@ pub struct HttpConfig {
     /// connection); one more waits up to `download_queue_wait`, then gets 429 + `Retry-After`.
     pub max_concurrent_downloads: usize,
     pub download_queue_wait: Duration,
+    /// Whether `GET /metrics` answers (with the admin token).
+    pub metrics: bool,
+    /// Per-tenant limits.
+    pub quotas: crate::quotas::QuotaConfig,
 }
 
 impl HttpConfig {
@@ -81,6 +85,8 @@ impl Default for HttpConfig {
             download_stall_timeout: Duration::from_secs(60),
             max_concurrent_downloads: 8,
             download_queue_wait: Duration::from_secs(10),
+            metrics: false,
+            quotas: crate::quotas::QuotaConfig::default(),
         }
     }
 }
@@ -122,6 +128,10 @@ pub struct AppState {
     pub planners: Arc<crate::export_status::Planners>,
     /// Permits for streaming export files: `max_concurrent_downloads` of them.
     pub download_slots: Arc<tokio::sync::Semaphore>,
+    /// Prometheus metrics; `None` when `metrics` is off.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The per-tenant quotas' running state.
+    pub quotas: Arc<crate::quotas::Quotas>,
 }
 
 impl AppState {
@@ -130,6 +140,8 @@ impl AppState {
             store,
             login_limiter: Arc::new(crate::login_limits::LoginLimiter::new(config.login_limits.clone())),
             download_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_downloads.max(1))),
+            metrics: config.metrics.then(|| Arc::new(crate::metrics::Metrics::new())),
+            quotas: Arc::default(),
             config: Arc::new(config),
             verifier: Arc::new(SecretVerifier::new()),
             token_keys: Arc::new(token_keys),

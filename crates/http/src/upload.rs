@@ -35,6 +35,7 @@ pub async fn upload_ndjson(
         )
         .at("Content-Type"));
     }
+    let body = crate::quotas::metered_upload(&state, &caller, &headers, body)?;
     let (lines_tx, mut lines_rx) = mpsc::channel::<(u64, Vec<u8>)>(256);
     let store = state.store.clone();
     let (tenant, owner, max_members, validation) = (
@@ -109,6 +110,7 @@ pub async fn upload_ndjson(
     drop(lines_tx);
     // Lines already read are written even when the body broke off; the outcome says so.
     let (summary, store_error) = importer.await.map_err(|_| ApiError::internal())?;
+    crate::metrics::imported(&state, &caller, summary.created + summary.updated);
     // A store failure (a full disk: 507) stops the upload; the outcome says what was committed
     // before it, so the client knows what to send again.
     let store_error = store_error.map(|error| {

@@ -8,6 +8,7 @@
 mod error;
 mod model;
 pub mod postgres;
+mod retention;
 mod search;
 pub mod sqlite;
 mod write;
@@ -20,6 +21,7 @@ pub use model::{
     ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, StoredResource, Tenant,
     TenantId, Visibility,
 };
+pub use retention::{PruneReport, StorageBytes};
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
 pub use write::{group_members, stamped_json, WriteMode, WriteOp, Written};
 
@@ -197,4 +199,20 @@ pub trait Store: Send + Sync + 'static {
     /// its data has less than `min_free_bytes` available, else the error of a small real write
     /// (a read-only or broken database), if any.
     fn check_writable(&self, min_free_bytes: u64) -> Result<(), StoreError>;
+
+    // ---- retention and operations ----
+
+    /// The prune horizon: history before it has been removed ([`Store::prune_history`]), so an
+    /// export with a `_since` before it would be incomplete. `None` until the first prune.
+    fn history_horizon(&self) -> Result<Option<Micros>, StoreError>;
+    /// Removes history from before `cutoff`, in small batches (each its own short write
+    /// transaction, so writers are never held up for long): earlier versions superseded at or
+    /// before the horizon, tombstones deleted at or before it (with their index rows), closed
+    /// compartment rows and ended Group memberships. Current versions are never removed. The
+    /// horizon is `cutoff`, or earlier when an unexpired export record or a planning export job
+    /// (created before `cutoff`) still needs the history at its transaction time; it is recorded
+    /// (never moving back) before anything is removed.
+    fn prune_history(&self, cutoff: Micros, now: Micros, batch: usize) -> Result<PruneReport, StoreError>;
+    /// The store's size on disk.
+    fn storage_bytes(&self) -> Result<StorageBytes, StoreError>;
 }

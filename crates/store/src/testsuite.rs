@@ -23,7 +23,9 @@ macro_rules! store_test_suite {
             expired_export_jobs_are_swept, planning_jobs_are_finished_once, export_records_round_trip_by_tenant_and_expire,
             a_fresh_store_is_writable_above_its_free_space_floor,
             export_windows_agree_whatever_is_written_between_them,
-            large_writes_mix_new_and_existing_resources, transaction_time_holds_across_concurrent_writers);
+            large_writes_mix_new_and_existing_resources, transaction_time_holds_across_concurrent_writers,
+            pruning_removes_history_before_the_horizon_only, pruning_keeps_what_unexpired_exports_need,
+            storage_bytes_are_reported);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -870,4 +872,91 @@ pub fn transaction_time_holds_across_concurrent_writers(store: &dyn Store) {
     for (at, ids) in seen {
         assert_eq!(upto(at), ids, "a write stamped at or before {at} committed after it was reserved");
     }
+}
+
+fn versions(store: &dyn Store, t: TenantId, resource_type: &str, id: &str) -> Vec<i64> {
+    store.history(t, &Visibility::Tenant, resource_type, id).unwrap().iter().map(|v| v.version).collect()
+}
+
+/// Versions superseded before the horizon, tombstones, closed compartment rows and ended
+/// memberships go; what was current at the horizon, and everything after it, stays; the
+/// horizon is recorded and never moves back.
+pub fn pruning_removes_history_before_the_horizon_only(store: &dyn Store) {
+    let t = tenant(store, "t");
+    assert_eq!(store.history_horizon().unwrap(), None);
+    put(store, t, None, patient("p1"));
+    put(store, t, None, patient("p2"));
+    put(store, t, None, observation("o1", "p1", 1));
+    put(store, t, None, observation("o1", "p1", 2));
+    put(store, t, None, observation("o2", "p1", 1));
+    delete(store, t, "Observation", "o2");
+    put(store, t, None, group("g", &["p1"]));
+    put(store, t, None, group("g", &[]));
+    put(store, t, None, observation("o3", "p1", 1));
+    let moved = put(store, t, None, observation("o3", "p2", 1));
+    let cutoff = moved.last_updated + 1;
+    put(store, t, None, observation("o1", "p1", 3));
+    // A second tenant's history goes by the same rule and is not mixed up with the first's.
+    let other = tenant(store, "other");
+    put(store, other, None, observation("o1", "p1", 1));
+
+    let report = store.prune_history(cutoff, cutoff, 2).unwrap();
+    assert_eq!(report.horizon, cutoff);
+    assert_eq!(store.history_horizon().unwrap(), Some(cutoff));
+    // Versions: o1 v1, o2 v1, g v1, o3 v1 (o1 v2 was current at the horizon). Closed compartment
+    // rows: o3 in p1's, g in p1's (a Group is in its members' compartments).
+    assert_eq!((report.versions, report.tombstones, report.compartment_rows, report.memberships), (4, 1, 2, 1));
+    assert_eq!(versions(store, t, "Observation", "o1"), vec![3, 2]);
+    assert_eq!(versions(store, t, "Observation", "o3"), vec![2]);
+    assert_eq!(versions(store, t, "Group", "g"), vec![2]);
+    assert!(store.read(t, &Visibility::Tenant, "Observation", "o2").unwrap().is_none(), "tombstone removed");
+    assert!(store.history(t, &Visibility::Tenant, "Observation", "o2").unwrap().is_empty());
+    assert_eq!(versions(store, other, "Observation", "o1"), vec![1]);
+    for (resource_type, id) in [("Patient", "p1"), ("Patient", "p2"), ("Group", "g")] {
+        assert!(store.read(t, &Visibility::Tenant, resource_type, id).unwrap().is_some(), "{id} is current");
+    }
+    // Exports at or after the horizon read what they read before.
+    let o1_at_cutoff = store.version_at(t, "Observation", "o1", cutoff).unwrap().unwrap();
+    assert_eq!(o1_at_cutoff.version, 2);
+    assert!(store.members_at(t, "g", cutoff).unwrap().is_empty());
+    let frozen = selection(store, &[("p1", None), ("p2", None)], None);
+    assert_eq!(export_ids(store, t, &frozen, "Observation"), vec!["o1=3", "o3=1"]);
+    // A later prune with an earlier cutoff leaves the recorded horizon where it was.
+    store.prune_history(cutoff - 1_000_000, cutoff, 100).unwrap();
+    assert_eq!(store.history_horizon().unwrap(), Some(cutoff));
+    // Deleted and re-created: a new resource.
+    assert_eq!(put(store, t, None, observation("o2", "p1", 9)).version, 1);
+}
+
+/// An unexpired export record (or a planning job) older than the cutoff holds the horizon back
+/// to its creation, so its file URLs still read their snapshot; once expired it no longer does.
+pub fn pruning_keeps_what_unexpired_exports_need(store: &dyn Store) {
+    let t = tenant(store, "t");
+    let first = put(store, t, None, observation("o1", "p1", 1));
+    let export_created = first.last_updated + 1;
+    let record = ExportRecord { id: "r1".into(), created: export_created, expires: i64::MAX - 1, plan: "{}".into() };
+    store.create_export_record(t, &record).unwrap();
+    let second = put(store, t, None, observation("o1", "p1", 2));
+    let cutoff = second.last_updated + 10;
+    let report = store.prune_history(cutoff, cutoff, 10).unwrap();
+    assert_eq!(report.horizon, export_created);
+    assert_eq!((report.versions, store.history_horizon().unwrap()), (0, Some(export_created)));
+    assert_eq!(store.version_at(t, "Observation", "o1", export_created).unwrap().unwrap().version, 1);
+
+    let job = ExportJob { created: export_created, expires: i64::MAX, ..export_job("j1", "c", Visibility::Tenant, 0) };
+    let job = ExportJob { state: ExportJobState::Planning, manifest: String::new(), ..job };
+    store.create_export_job(t, &job).unwrap();
+    assert_eq!(store.delete_expired_export_records(i64::MAX).unwrap(), 1);
+    assert_eq!(store.prune_history(cutoff, cutoff, 10).unwrap().horizon, export_created, "the planning job");
+    store.delete_export_job(t, "j1").unwrap();
+    let report = store.prune_history(cutoff, cutoff, 10).unwrap();
+    assert_eq!((report.horizon, report.versions), (cutoff, 1));
+    assert_eq!(versions(store, t, "Observation", "o1"), vec![2]);
+}
+
+pub fn storage_bytes_are_reported(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, None, patient("p1"));
+    let bytes = store.storage_bytes().unwrap();
+    assert!(bytes.database + bytes.wal > 0, "{bytes:?}");
 }

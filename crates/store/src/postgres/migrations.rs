@@ -11,7 +11,10 @@ use crate::StoreError;
 
 /// `(version, name, SQL)`, in version order. A released migration is never edited: a change is
 /// a new file.
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(1, "initial", include_str!("migrations/0001_initial.sql"))];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (1, "initial", include_str!("migrations/0001_initial.sql")),
+    (2, "retention", include_str!("migrations/0002_retention.sql")),
+];
 
 /// The advisory lock key of the migration runner ("bulkhead" in ASCII, as an int8).
 const LOCK_KEY: i64 = 0x6275_6c6b_6865_6164;

@@ -15,6 +15,7 @@ mod jobs;
 pub mod migrations;
 mod part_reader;
 mod resources;
+mod retention;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testing;
 
@@ -28,8 +29,9 @@ use postgres::types::ToSql;
 use postgres::{NoTls, Row, Statement};
 
 use crate::{
-    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, SearchPage,
-    SearchQuery, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, PruneReport,
+    SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode,
+    WriteOp, Written,
 };
 
 /// Pool and timeout settings (config keys `database_*`).
@@ -527,6 +529,22 @@ impl crate::Store for PgStore {
             db.transaction.commit()?;
             Ok(())
         })
+    }
+
+    fn history_horizon(&self) -> Result<Option<Micros>, StoreError> {
+        self.with_read(retention::history_horizon)
+    }
+
+    fn prune_history(&self, cutoff: Micros, now: Micros, batch: usize) -> Result<PruneReport, StoreError> {
+        retention::prune(self, cutoff, now, batch)
+    }
+
+    /// The database's size as PostgreSQL reports it; its WAL is the server's, shared with other
+    /// databases, so it is not counted here.
+    fn storage_bytes(&self) -> Result<StorageBytes, StoreError> {
+        let database: i64 =
+            self.with_read(|db| Ok(db.query_one("SELECT pg_database_size(current_database())", &[])?.try_get(0)?))?;
+        Ok(StorageBytes { database: database.max(0) as u64, wal: 0 })
     }
 }
 

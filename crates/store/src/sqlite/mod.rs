@@ -1,10 +1,12 @@
 //! The embedded SQLite store (WAL mode): one writer connection, a small pool of readers.
 
 mod admin;
+pub mod backup;
 mod export;
 mod jobs;
 mod part_reader;
 mod resources;
+mod retention;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -13,8 +15,9 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, SearchPage,
-    SearchQuery, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, PruneReport,
+    SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode,
+    WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -429,6 +432,23 @@ impl crate::Store for SqliteStore {
         next_timestamp(&transaction)?;
         transaction.commit()?;
         Ok(())
+    }
+
+    fn history_horizon(&self) -> Result<Option<Micros>, StoreError> {
+        self.with_read(retention::history_horizon)
+    }
+
+    fn prune_history(&self, cutoff: Micros, now: Micros, batch: usize) -> Result<PruneReport, StoreError> {
+        retention::prune(self, cutoff, now, batch)
+    }
+
+    fn storage_bytes(&self) -> Result<StorageBytes, StoreError> {
+        let size = |suffix: &str| {
+            let mut path = self.path.clone().into_os_string();
+            path.push(suffix);
+            std::fs::metadata(path).map_or(0, |metadata| metadata.len())
+        };
+        Ok(StorageBytes { database: size(""), wal: size("-wal") })
     }
 }
 

@@ -130,3 +130,10 @@ CREATE TABLE IF NOT EXISTS export_records (
     PRIMARY KEY (tenant_id, record_id)
 );
 CREATE INDEX IF NOT EXISTS export_records_by_expiry ON export_records (expires);
+
+-- History retention: history before `horizon` (micros) has been pruned, so `_since` exports
+-- before it are refused. One row, written by the first prune; it never moves back.
+CREATE TABLE IF NOT EXISTS retention (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    horizon INTEGER NOT NULL
+);
