@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use bulkhead_store::sqlite::backup::{database_in_use, restore_backup};
-use bulkhead_store::Store;
 
 use crate::admin::{open_existing_store, open_existing_store_with, OpenedStore};
 use crate::config::Config;

@@ -18,15 +18,17 @@ use serde_json::{json, Value};
 async fn serve_on_postgres_from_tenant_to_downloaded_group_export() {
     let Some(database) = bulkhead_store::postgres::testing::fresh_database() else { return };
 
-    // `migrate` on an empty database applies version 1; a second run has nothing to do.
+    // `migrate` on an empty database applies every version; a second run has nothing to do.
+    let latest = bulkhead_store::postgres::migrations::latest();
+    let all: Vec<String> = (1..=latest).map(|version| version.to_string()).collect();
     let migrate = |expected: &str| {
         let mut command = bulkhead();
         command.args(["migrate", "--database-url", &database.url]);
         let stdout = expect_success(&run_with_deadline(command, Duration::from_secs(30)), "bulkhead migrate");
         assert!(stdout.contains(expected), "migrate printed: {stdout}");
     };
-    migrate("applied migration(s) 1; schema at version 1");
-    migrate("schema up to date at version 1");
+    migrate(&format!("applied migration(s) {}; schema at version {latest}", all.join(", ")));
+    migrate(&format!("schema up to date at version {latest}"));
 
     let options = || Options { database_url: Some(database.url.clone()), ..Default::default() };
     let mut server = Server::start_with(options()).await;
