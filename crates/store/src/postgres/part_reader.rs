@@ -82,7 +82,7 @@ impl<'a> PgPartReader<'a> {
     /// How many pending resources the next statement fetches: about what fills the rest of
     /// `max_bytes` at the average size so far, so a small window reads one resource.
     fn batch_size(&self, remaining: usize) -> usize {
-        let average = if self.read_lines == 0 { 1024 } else { (self.read_bytes / self.read_lines).max(1) };
+        let average = self.read_bytes.checked_div(self.read_lines).map_or(1024, |average| average.max(1));
         ((remaining as u64).div_ceil(average) as usize).clamp(1, BATCH).min(self.pending.len())
     }
 

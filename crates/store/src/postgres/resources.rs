@@ -24,6 +24,9 @@ struct Current {
     owner: Option<String>,
 }
 
+/// Search tokens as parallel arrays (type, param, system, value, key) for one multi-row insert.
+type TokenColumns<'a> = (Vec<&'a str>, Vec<&'a str>, Vec<String>, Vec<String>, Vec<i64>);
+
 /// Writes at least this many at once go through [`insert_new`] for the new resources among them.
 const BULK_FROM: usize = 8;
 
@@ -135,7 +138,7 @@ fn insert_new(
             .ok_or_else(|| StoreError::Database(format!("{resource_type}/{id}: no key after insert")))
     };
     let (mut patients, mut patient_types, mut patient_rids) = (Vec::new(), Vec::new(), Vec::new());
-    let mut tokens: (Vec<&str>, Vec<&str>, Vec<String>, Vec<String>, Vec<i64>) = Default::default();
+    let mut tokens: TokenColumns<'_> = Default::default();
     for (_, resource_type, id, body, _) in &chosen {
         let (resource_type, id, body) = (*resource_type, *id, *body);
         let rid = rid_of(resource_type, id)?;
