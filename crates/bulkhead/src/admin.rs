@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use bulkhead_store::postgres::PgStore;
 use bulkhead_store::sqlite::{SqliteOptions, SqliteStore};
-use bulkhead_store::{Store, Tenant};
+use std::path::PathBuf;
+
+use bulkhead_store::{ClientRegistration, Store, Tenant};
 
 use crate::config::Config;
 use crate::private_files::{create_private_dir, create_private_file, tighten_if_exists};
@@ -149,12 +151,92 @@ pub fn new_client(store: &dyn Store, config: &Config, tenant_name: &str) -> anyh
     Ok((credentials.client_id, credentials.client_secret))
 }
 
-pub fn create_client(config: &Config, tenant_name: &str, json: bool) -> anyhow::Result<()> {
-    let (client_id, client_secret) = new_client(&*open_existing_store(config)?, config, tenant_name)?;
+/// SMART Backend Services registration flags of `client create`.
+#[derive(clap::Args, Debug, Default)]
+pub struct SmartArgs {
+    /// A JWK Set file (JSON) with the client's public keys.
+    #[arg(long, conflicts_with = "jwks_url")]
+    pub jwks_file: Option<PathBuf>,
+    /// The URL the client publishes its JWK Set at (https; http only for loopback hosts or with
+    /// allow_http_jwks_urls).
+    #[arg(long)]
+    pub jwks_url: Option<String>,
+    /// Space-separated SMART scopes the client may be granted, e.g. "system/*.rs" (v2) or
+    /// "system/Patient.read system/Observation.read" (v1). Default: the whole tenant.
+    #[arg(long)]
+    pub scopes: Option<String>,
+    /// Access token lifetime, e.g. 300s, 15m (at most 1h). Default: access_token_ttl_seconds.
+    #[arg(long, value_parser = parse_ttl)]
+    pub token_ttl: Option<u32>,
+}
+
+/// `300`, `300s`, `15m` or `1h` as seconds.
+fn parse_ttl(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let number: u32 = number.parse().map_err(|_| format!("'{text}' is not a duration like 300s or 15m"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("'{text}': use s, m or h")),
+    };
+    number.checked_mul(scale).ok_or_else(|| format!("'{text}' is too long"))
+}
+
+impl SmartArgs {
+    fn registration(&self) -> anyhow::Result<Option<ClientRegistration>> {
+        let jwks = match &self.jwks_file {
+            Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?),
+            None => None,
+        };
+        let registration = ClientRegistration {
+            jwks,
+            jwks_url: self.jwks_url.clone(),
+            scopes: self.scopes.clone(),
+            token_ttl_seconds: self.token_ttl,
+        };
+        Ok((registration != ClientRegistration::default()).then_some(registration))
+    }
+}
+
+pub fn create_client(config: &Config, tenant_name: &str, json: bool, smart: &SmartArgs) -> anyhow::Result<()> {
+    let registration = smart.registration()?;
+    if let Some(registration) = &registration {
+        bulkhead_http::registration::check_registration(registration, config.allow_http_jwks_urls)
+            .map_err(|error| anyhow::anyhow!(error))?;
+    }
+    let store = open_existing_store(config)?;
+    let tenant = find_tenant(&*store, config, tenant_name)?;
+    let (_, credentials) = bulkhead_http::registration::create_client(
+        &*store,
+        tenant.id,
+        registration.as_ref(),
+        config.allow_http_jwks_urls,
+    )
+    .map_err(|error| {
+        anyhow::anyhow!("{}", error.issues.first().map_or("invalid registration", |issue| issue.diagnostics.as_str()))
+    })?;
+    let (client_id, client_secret) = (credentials.client_id, credentials.client_secret);
     if json {
-        say!("{}", serde_json::json!({"client_id": client_id, "client_secret": client_secret, "tenant": tenant_name}));
+        let mut body =
+            serde_json::json!({"client_id": client_id, "client_secret": client_secret, "tenant": tenant_name});
+        if let Some(registration) = &registration {
+            body["scopes"] = serde_json::json!(registration.scopes);
+            body["token_ttl_seconds"] = serde_json::json!(registration.token_ttl_seconds);
+            body["jwks_url"] = serde_json::json!(registration.jwks_url);
+        }
+        say!("{body}");
     } else {
         say!("client_id:     {client_id}\nclient_secret: {client_secret}\n(the secret is shown only once; only a keyed hash of it is stored)");
+        if registration.is_some() {
+            say!(
+                "SMART Backend Services: token endpoint [base]/auth/token, assertions signed with the registered keys"
+            );
+        }
     }
     Ok(())
 }

@@ -80,6 +80,11 @@ enum Command {
         #[command(subcommand)]
         command: ClientCommand,
     },
+    /// Manage the keys that sign file URLs and access tokens.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Generate deterministic synthetic FHIR R4 data.
     Synth(crate::synth::SynthArgs),
     /// Import NDJSON (plain or .gz) and Bundle JSON files or directories into a tenant.
@@ -140,14 +145,27 @@ enum TenantCommand {
 }
 
 #[derive(Subcommand)]
+enum KeysCommand {
+    /// Start signing with a new key; the previous keys keep verifying what they signed until it
+    /// expires. A running server picks the change up within a second.
+    Rotate {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum ClientCommand {
-    /// Create a client; prints its client_id and client_secret once.
+    /// Create a client; prints its client_id and client_secret once. With --jwks-file or
+    /// --jwks-url it can also get SMART Backend Services access tokens.
     Create {
         #[arg(long)]
         tenant: String,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        smart: crate::admin::SmartArgs,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -180,9 +198,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tenant { command: TenantCommand::List { config } } => {
             crate::admin::list_tenants(&config.load_for_tool()?)
         }
-        Command::Client { command: ClientCommand::Create { tenant, json, config } } => {
-            crate::admin::create_client(&config.load_for_tool()?, &tenant, json)
+        Command::Client { command: ClientCommand::Create { tenant, json, smart, config } } => {
+            crate::admin::create_client(&config.load_for_tool()?, &tenant, json, &smart)
         }
+        Command::Keys { command: KeysCommand::Rotate { config } } => crate::keys::rotate(&config.load_for_tool()?),
         Command::Client { command: ClientCommand::List { tenant, config } } => {
             crate::admin::list_clients(&config.load_for_tool()?, &tenant)
         }

@@ -88,6 +88,13 @@ pub struct Config {
     pub validation: ValidationMode,
     /// Per-tenant exceptions to `validation`, by tenant name (`[tenant_validation]` table).
     pub tenant_validation: BTreeMap<String, ValidationMode>,
+    /// Lifetime of SMART access tokens, in seconds, for clients registered without their own
+    /// (`--token-ttl`); at most 3600.
+    pub access_token_ttl_seconds: u64,
+    /// Seconds one fetch of a client's JWKS URL may take.
+    pub jwks_fetch_timeout_seconds: u64,
+    /// Development only: accept plain-http JWKS URLs on any host (loopback hosts always may).
+    pub allow_http_jwks_urls: bool,
     /// Serve Prometheus metrics at `/metrics` (needs `admin_token`, which it then requires).
     pub metrics: bool,
     /// Authenticated requests per second per tenant, beyond which 429 (0: no limit).
@@ -144,6 +151,9 @@ impl Default for Config {
             log_format: LogFormat::Text,
             validation: ValidationMode::Strict,
             tenant_validation: BTreeMap::new(),
+            access_token_ttl_seconds: 300,
+            jwks_fetch_timeout_seconds: 5,
+            allow_http_jwks_urls: false,
             metrics: false,
             tenant_requests_per_second: 0,
             tenant_concurrent_exports: 0,
@@ -262,6 +272,8 @@ impl Config {
             ("database_statement_timeout_seconds", self.database_statement_timeout_seconds),
             ("failed_logins_per_peer", u64::from(self.failed_logins_per_peer)),
             ("failed_logins_per_client", u64::from(self.failed_logins_per_client)),
+            ("access_token_ttl_seconds", self.access_token_ttl_seconds),
+            ("jwks_fetch_timeout_seconds", self.jwks_fetch_timeout_seconds),
         ] {
             anyhow::ensure!(value >= 1, "invalid configuration: {key} must be at least 1");
         }
@@ -278,6 +290,11 @@ impl Config {
                 "invalid configuration: database_url must be a postgres:// URL"
             );
         }
+        anyhow::ensure!(
+            self.access_token_ttl_seconds <= bulkhead_http::access_token::MAX_ACCESS_TOKEN_TTL.as_secs(),
+            "invalid configuration: access_token_ttl_seconds must be at most {}",
+            bulkhead_http::access_token::MAX_ACCESS_TOKEN_TTL.as_secs()
+        );
         if let Some(token) = &self.admin_token {
             anyhow::ensure!(token.len() >= 16, "invalid configuration: admin_token must be at least 16 characters");
         }
@@ -371,6 +388,9 @@ impl Config {
             download_stall_timeout: Duration::from_secs(self.download_stall_timeout_seconds),
             max_concurrent_downloads: self.max_concurrent_downloads,
             download_queue_wait: Duration::from_secs(self.download_queue_seconds),
+            access_token_ttl: Duration::from_secs(self.access_token_ttl_seconds),
+            jwks_fetch_timeout: Duration::from_secs(self.jwks_fetch_timeout_seconds),
+            allow_http_jwks_urls: self.allow_http_jwks_urls,
             metrics: self.metrics,
             quotas: bulkhead_http::quotas::QuotaConfig {
                 requests_per_second: self.tenant_requests_per_second,

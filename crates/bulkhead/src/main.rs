@@ -13,6 +13,7 @@ mod cli;
 mod config;
 mod demo;
 mod import;
+mod keys;
 mod output;
 mod private_files;
 mod retention;

@@ -1,16 +1,11 @@
 //! `bulkhead serve`: the HTTP server on the embedded store, with graceful shutdown.
 
-use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use base64::Engine;
-use bulkhead_export::token::TokenKeys;
 use bulkhead_http::AppState;
 use bulkhead_store::sqlite::SqliteStore;
-use rand::RngCore;
 
 use crate::admin::{open_store, OpenedStore};
 use crate::config::{Config, LogFormat};
@@ -27,50 +22,17 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// Loads the file-URL signing keys from `token-keys` in the data directory (one `kid secret`
-/// line each, secret base64url; the first line signs), creating one random key the first time.
-pub fn load_token_keys(data_dir: &Path) -> anyhow::Result<TokenKeys> {
-    let path = data_dir.join("token-keys");
-    if !path.exists() {
-        let mut secret = [0u8; 32];
-        rand::rng().fill_bytes(&mut secret);
-        let line = format!("k1 {}\n", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        match options.open(&path) {
-            Ok(mut file) => file.write_all(line.as_bytes()).with_context(|| format!("writing {}", path.display()))?,
-            // Another process created it first: use theirs.
-            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(error) => return Err(error).with_context(|| format!("creating {}", path.display())),
-        }
-    }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut keys = Vec::new();
-    for (number, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty() && !line.starts_with('#'))
-    {
-        let (kid, secret) = line
-            .split_once(' ')
-            .with_context(|| format!("{}:{}: expected 'kid secret'", path.display(), number + 1))?;
-        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(secret.trim())
-            .with_context(|| format!("{}:{}: the secret is not base64url", path.display(), number + 1))?;
-        keys.push((kid.trim().to_owned(), secret));
-    }
-    TokenKeys::new(keys).with_context(|| format!("invalid token keys in {}", path.display()))
-}
-
 /// Builds the server state for a configuration.
 pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     let store = open_store(config)?;
     crate::private_files::create_private_dir(&config.data_dir)?;
     crate::private_files::create_private_dir(&config.data_dir.join("output"))?;
-    let keys = load_token_keys(&config.data_dir)?;
+    let keys = crate::keys::load_token_keys(config)?;
     if let OpenedStore::Sqlite(sqlite) = &store {
         spawn_wal_checkpoints(sqlite);
     }
     let state = AppState::new(store.shared(), config.http_config(), keys);
+    crate::keys::spawn_reloader(config, &state.token_keys);
     crate::retention::spawn_pruning(&state.store, config.history_retention()?);
     Ok(state)
 }

@@ -204,6 +204,15 @@ fn a_tiny_benchmark_runs_end_to_end() {
     assert_eq!(since["resources"], 3, "{since}");
     assert!(since["manifest_p50_ms"].as_f64().unwrap() > 0.0);
 
+    // The system-level export: every resource of the tenant (the import, the 3 `_since` writes
+    // and the Groups bench-2, bench-6 and bench-all-6), beside a Group of every patient.
+    let system = &dataset["system_export"];
+    assert_eq!(system["resources"].as_u64(), Some(resources + 3 + 3), "{system}");
+    assert_eq!(system["group_members"], 6);
+    let group_all = system["group_before_resources_per_second"].as_f64().unwrap();
+    assert!(group_all > 0.0 && system["ratio_to_group"].as_f64().unwrap() > 0.0, "{system}");
+    assert!(system["server_peak_rss_bytes"].as_u64().unwrap() > 1_000_000);
+
     // $upload-ndjson: the first 50 lines, each a create in the upload's own tenant.
     let upload = &dataset["upload"];
     assert_eq!((upload["sent"].as_u64(), upload["counts"]["created"].as_u64()), (Some(50), Some(50)), "{upload}");

@@ -6,30 +6,33 @@ use bulkhead_fhir::{operation_outcome, Issue, IssueType};
 use bulkhead_store::{PartRange, Store, TenantId, Visibility};
 use serde_json::json;
 
-use crate::group::{export_view, missing_members, ExportError, ExportView};
+use crate::elements::ElementSubset;
+use crate::group::{deleted_ids, export_view, missing_members, ExportError, ExportView, ViewSpec};
 use crate::token::{FileClaims, FileKind};
 
-/// Checks that the file's view can be rebuilt as planned (the Group still has, at the
-/// transaction time, the version the plan saw) and returns it.
+/// Checks that the file's view can be rebuilt as planned (a Group export's Group still has, at
+/// the transaction time, the version the plan saw) and returns it.
 pub fn open_file_view(store: &dyn Store, claims: &FileClaims) -> Result<ExportView, ExportError> {
     let visibility = match &claims.user {
         Some(user) => Visibility::User(user.clone()),
         None => Visibility::Tenant,
     };
-    let view = export_view(
-        store,
-        TenantId(claims.tenant),
-        &visibility,
-        &claims.group,
-        claims.since,
-        claims.until,
-        claims.transaction_time,
-    )?;
-    if view.group.version != claims.group_version {
-        return Err(ExportError::NotFound(format!(
-            "Group/{} version {} is not the exported one",
-            claims.group, claims.group_version
-        )));
+    let spec = ViewSpec {
+        level: &claims.level,
+        patients: claims.patients.as_deref(),
+        type_filters: &claims.type_filters,
+        since: claims.since,
+        until: claims.until,
+        transaction_time: claims.transaction_time,
+    };
+    let view = export_view(store, TenantId(claims.tenant), &visibility, &spec)?;
+    if let Some(group) = &view.group {
+        if group.version != claims.group_version {
+            return Err(ExportError::NotFound(format!(
+                "Group/{} version {} is not the exported one",
+                group.id, claims.group_version
+            )));
+        }
     }
     Ok(view)
 }
@@ -48,16 +51,28 @@ pub fn write_file(
 ) -> Result<u64, ExportError> {
     let sink_error = |error: std::io::Error| ExportError::Sink(error.to_string());
     let tenant = TenantId(claims.tenant);
-    match (claims.kind, claims.resource_type.as_str()) {
-        (FileKind::Output, "Group") => {
-            let body = view.group.body.as_deref().unwrap_or("{}");
-            out.write_all(body.as_bytes()).and_then(|_| out.write_all(b"\n")).map_err(sink_error)?;
+    let subset = claims.elements.as_deref().map(ElementSubset::new);
+    let subset = subset.filter(|subset| subset.applies_to(&claims.resource_type));
+    match (claims.kind, claims.resource_type.as_str(), &view.group) {
+        // A Group export's own Group line.
+        (FileKind::Output, "Group", Some(group)) => {
+            let body = group.body.as_deref().unwrap_or("{}");
+            let mut line = Vec::new();
+            match &subset {
+                Some(subset) => subset.apply("Group", body.as_bytes(), &mut line),
+                None => {
+                    line.extend_from_slice(body.as_bytes());
+                    line.push(b'\n');
+                }
+            }
+            out.write_all(&line).map_err(sink_error)?;
             Ok(1)
         }
-        (FileKind::Output, resource_type) => {
+        (FileKind::Output, resource_type, _) => {
             let range = PartRange { first_key: claims.start, last_key: claims.end, count: claims.total };
             let mut reader = store.part_reader(tenant, &view.selection, resource_type, range);
             let mut window = Vec::with_capacity(WINDOW_BYTES + WINDOW_BYTES / 4);
+            let mut subsetted = Vec::new();
             let mut written = 0;
             loop {
                 window.clear();
@@ -66,12 +81,21 @@ pub fn write_file(
                     read => written += read,
                 }
                 // No read transaction is open here: `out` may block on a slow client.
-                out.write_all(&window).map_err(sink_error)?;
+                match &subset {
+                    Some(subset) => {
+                        subsetted.clear();
+                        for line in window.split(|byte| *byte == b'\n').filter(|line| !line.is_empty()) {
+                            subset.apply(resource_type, line, &mut subsetted);
+                        }
+                        out.write_all(&subsetted).map_err(sink_error)?;
+                    }
+                    None => out.write_all(&window).map_err(sink_error)?,
+                }
             }
         }
-        (FileKind::Deleted, resource_type) => {
-            let deleted = store.deleted_in_compartments(tenant, &view.selection, resource_type)?;
-            for (id, _) in &deleted {
+        (FileKind::Deleted, resource_type, _) => {
+            let deleted = deleted_ids(store, tenant, view, resource_type)?;
+            for id in &deleted {
                 // Bulk Data IG: each line a transaction Bundle with DELETE entries.
                 let line = json!({
                     "resourceType": "Bundle",
@@ -82,7 +106,7 @@ pub fn write_file(
             }
             Ok(deleted.len() as u64)
         }
-        (FileKind::Error, _) => {
+        (FileKind::Error, _, _) => {
             let mut written = 0;
             for warning in &claims.warnings {
                 // Already an OperationOutcome line (see `plan_group_export`).

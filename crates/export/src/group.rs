@@ -1,10 +1,15 @@
-//! Planning a Group export: the frozen view (transaction time, membership snapshot, per-member
-//! `since`) and the list of files, each described by the claims that reproduce it.
+//! Planning an export at any level (system, Patient, Group): the frozen view (transaction
+//! time, the members and per-member `since`, or the whole tenant) and the list of files, each
+//! described by the claims that reproduce it.
 
+use bulkhead_fhir::type_filter::TypeFilters;
 use bulkhead_fhir::{operation_outcome, Issue, Micros};
-use bulkhead_store::{group_members, MemberSelection, Store, StoreError, StoredResource, TenantId, Visibility};
+use bulkhead_store::{
+    group_members, MemberSelection, SelectionScope, Store, StoreError, StoredResource, TenantId, Visibility,
+};
 
-use crate::params::{group_export_types, ExportParams};
+use crate::level::ExportLevel;
+use crate::params::ExportParams;
 use crate::record::{PlannedExport, PlannedFile};
 use crate::token::FileKind;
 
@@ -17,6 +22,10 @@ pub enum ExportError {
     /// The Group was deleted.
     #[error("{0}")]
     Gone(String),
+    /// The request names something the export cannot cover (a `patient` that is not a member
+    /// of the Group, or not a Patient of the tenant): a 400.
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The download's destination failed (usually: the client went away).
@@ -33,7 +42,7 @@ pub enum ExportError {
 /// A step of planning, reported before it starts (an asynchronous job's `X-Progress`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlanStep {
-    /// Freezing the Group's membership at the transaction time.
+    /// Freezing the Group's membership (or the tenant's Patients) at the transaction time.
     Membership,
     /// Counting the selected resources of `types` types (exact counts, split into parts).
     Counting { types: usize },
@@ -57,13 +66,13 @@ impl std::fmt::Display for PlanStep {
 /// Told each [`PlanStep`] before it starts; an error stops the plan with that error.
 pub type PlanProgress<'a> = dyn Fn(PlanStep) -> Result<(), ExportError> + 'a;
 
-/// Who asks, for which Group, with which parameters.
+/// Who asks, for which level (system, Patient, or which Group), with which parameters.
 #[derive(Debug, Clone)]
 pub struct GroupExportRequest {
     pub tenant: TenantId,
     pub client_id: String,
     pub visibility: Visibility,
-    pub group_id: String,
+    pub level: ExportLevel,
     pub params: ExportParams,
     /// Lenient-mode warnings from parameter parsing, for the `error[]` file.
     pub warnings: Vec<Issue>,
@@ -76,59 +85,156 @@ pub struct GroupExportRequest {
 #[derive(Debug, Clone)]
 pub struct GroupExportPlan {
     pub transaction_time: Micros,
+    /// The exported Group's version (0 at the other levels).
     pub group_version: i64,
     pub export: PlannedExport,
     /// Members at `_since` that are no longer members (only with `_since`).
     pub removed_members: Vec<String>,
 }
 
-/// The frozen view of one Group export.
+/// The frozen view of one export.
 pub struct ExportView {
-    pub group: StoredResource,
+    /// The exported Group at the transaction time (Group level only).
+    pub group: Option<StoredResource>,
     pub selection: MemberSelection,
-    /// Current members (at the transaction time), sorted.
+    /// Members (at the transaction time), sorted: the Group's (Group level) or the tenant's
+    /// Patients (Patient level), narrowed by `patient`; empty at the system level.
     pub members: Vec<String>,
+    /// Patient level with `_since`: the Patients live at `_since` and deleted since (narrowed
+    /// by `patient`), sorted. They are the export's removed members, and their Patient
+    /// resources are listed in `deleted[]`.
+    pub removed: Vec<String>,
 }
 
-/// Rebuilds the view of a Group export at `transaction_time`. Deterministic: the same inputs
-/// give the same view whenever it is computed, so file downloads see what the plan saw.
+/// What an export's view is made of: the same at kick-off and at every file download.
+#[derive(Debug, Clone, Copy)]
+pub struct ViewSpec<'a> {
+    pub level: &'a ExportLevel,
+    /// `patient` (POST): the members the export is restricted to.
+    pub patients: Option<&'a [String]>,
+    /// `_typeFilter` queries, already checked at kick-off.
+    pub type_filters: &'a [String],
+    pub since: Option<Micros>,
+    pub until: Option<Micros>,
+    pub transaction_time: Micros,
+}
+
+/// Rebuilds the view of an export at its transaction time. Deterministic: the same inputs give
+/// the same view whenever it is computed, so file downloads see what the plan saw.
 pub fn export_view(
     store: &dyn Store,
     tenant: TenantId,
     visibility: &Visibility,
-    group_id: &str,
-    since: Option<Micros>,
-    until: Option<Micros>,
-    transaction_time: Micros,
+    spec: &ViewSpec<'_>,
 ) -> Result<ExportView, ExportError> {
-    let group = store
-        .version_at(tenant, "Group", group_id, transaction_time)?
-        .filter(|group| visibility.user().is_none() || group.owner.as_deref() == visibility.user())
-        .ok_or_else(|| ExportError::NotFound(format!("Group/{group_id} not found")))?;
-    let members = group_members(group.body.as_deref().unwrap_or("{}"), transaction_time).map_err(StoreError::from)?;
-    let members_at_since = match since {
-        Some(since) => Some(store.members_at(tenant, group_id, since)?),
-        None => None,
+    let (since, until, transaction_time) = (spec.since, spec.until, spec.transaction_time);
+    let filters = TypeFilters::parse_all(spec.type_filters.iter().map(String::as_str))
+        .map_err(|error| ExportError::Invalid(format!("_typeFilter: {error}")))?;
+    let selection = |members, scope| MemberSelection {
+        members,
+        since,
+        until,
+        transaction_time,
+        visibility: visibility.clone(),
+        scope,
+        filters: filters.clone(),
     };
-    let selection_members = members
-        .iter()
-        .map(|member| {
-            // A member who was already in the Group at `_since` gets only changes; one added
-            // since gets its full history (Bulk Data IG: group export and `_since`).
-            let member_since = match &members_at_since {
-                Some(earlier) if earlier.binary_search(member).is_ok() => since,
-                _ => None,
+    match spec.level {
+        ExportLevel::System => {
+            let selection = selection(Vec::new(), SelectionScope::Tenant);
+            Ok(ExportView { group: None, selection, members: Vec::new(), removed: Vec::new() })
+        }
+        ExportLevel::Patient => {
+            let mut members = store.patients_at(tenant, visibility, transaction_time)?;
+            let mut removed: Vec<String> = match since {
+                Some(since) => store
+                    .patients_at(tenant, visibility, since)?
+                    .into_iter()
+                    .filter(|patient| members.binary_search(patient).is_err())
+                    .collect(),
+                None => Vec::new(),
             };
-            (member.clone(), member_since)
-        })
-        .collect();
-    let selection =
-        MemberSelection { members: selection_members, since, until, transaction_time, visibility: visibility.clone() };
-    Ok(ExportView { group, selection, members })
+            if let Some(patients) = spec.patients {
+                removed.retain(|patient| patients.binary_search(patient).is_ok());
+                let unknown: Vec<&String> = patients.iter().filter(|p| members.binary_search(*p).is_err()).collect();
+                if let Some(first) = unknown.first() {
+                    return Err(ExportError::Invalid(format!(
+                        "patient: Patient/{first} is not a Patient of this tenant"
+                    )));
+                }
+                members = patients.to_vec();
+            }
+            let selection_members = members.iter().map(|member| (member.clone(), since)).collect();
+            let selection = selection(selection_members, SelectionScope::Members);
+            Ok(ExportView { group: None, selection, members, removed })
+        }
+        ExportLevel::Group(group_id) => {
+            let group = store
+                .version_at(tenant, "Group", group_id, transaction_time)?
+                .filter(|group| visibility.user().is_none() || group.owner.as_deref() == visibility.user())
+                .ok_or_else(|| ExportError::NotFound(format!("Group/{group_id} not found")))?;
+            let mut members =
+                group_members(group.body.as_deref().unwrap_or("{}"), transaction_time).map_err(StoreError::from)?;
+            if let Some(patients) = spec.patients {
+                // Bulk Data IG §patient: a patient who is not a member SHOULD fail the request.
+                if let Some(outsider) = patients.iter().find(|p| members.binary_search(*p).is_err()) {
+                    return Err(ExportError::Invalid(format!(
+                        "patient: Patient/{outsider} is not a member of Group/{group_id}"
+                    )));
+                }
+                members = patients.to_vec();
+            }
+            let members_at_since = match since {
+                Some(since) => Some(store.members_at(tenant, group_id, since)?),
+                None => None,
+            };
+            let selection_members = members
+                .iter()
+                .map(|member| {
+                    // A member who was already in the Group at `_since` gets only changes; one
+                    // added since gets its full history (Bulk Data IG: group export and `_since`).
+                    let member_since = match &members_at_since {
+                        Some(earlier) if earlier.binary_search(member).is_ok() => since,
+                        _ => None,
+                    };
+                    (member.clone(), member_since)
+                })
+                .collect();
+            Ok(ExportView {
+                group: Some(group),
+                selection: selection(selection_members, SelectionScope::Members),
+                members,
+                removed: Vec::new(),
+            })
+        }
+    }
 }
 
-/// Members of the view whose Patient did not exist (for this caller) at the transaction time.
+/// `deleted[]` of one type as ids, sorted: the store's deletions for the view
+/// ([`Store::deleted_in_compartments`]) and, at the Patient level, the Patients deleted since
+/// `_since` (no member's compartment holds them any more).
+pub fn deleted_ids(
+    store: &dyn Store,
+    tenant: TenantId,
+    view: &ExportView,
+    resource_type: &str,
+) -> Result<Vec<String>, ExportError> {
+    let mut ids: Vec<String> =
+        store.deleted_in_compartments(tenant, &view.selection, resource_type)?.into_iter().map(|(id, _)| id).collect();
+    if resource_type == "Patient" && !view.removed.is_empty() {
+        ids.extend(view.removed.iter().cloned());
+        ids.sort_unstable();
+        ids.dedup();
+    }
+    Ok(ids)
+}
+
+/// Members of a Group export's view whose Patient did not exist (for this caller) at the
+/// transaction time (none at the other levels: their members are existing Patients).
 pub fn missing_members(store: &dyn Store, tenant: TenantId, view: &ExportView) -> Result<Vec<String>, ExportError> {
+    if view.group.is_none() {
+        return Ok(Vec::new());
+    }
     let selection = &view.selection;
     let existing =
         store.existing_at(tenant, &selection.visibility, "Patient", &view.members, selection.transaction_time)?;
@@ -139,11 +245,12 @@ pub fn missing_members(store: &dyn Store, tenant: TenantId, view: &ExportView) -
 /// The target Group itself is exported as a Group line when its version at the transaction
 /// time passes the time filters.
 fn group_line_selected(view: &ExportView) -> bool {
-    let updated = view.group.last_updated;
+    let Some(group) = &view.group else { return false };
+    let updated = group.last_updated;
     view.selection.since.is_none_or(|since| updated > since) && view.selection.until.is_none_or(|until| updated < until)
 }
 
-/// Plans a Group export: checks the Group, reserves the transaction time, freezes the view, and
+/// Plans an export: checks the request, reserves the transaction time, freezes the view, and
 /// lists the files.
 pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Result<GroupExportPlan, ExportError> {
     check_group(store, request)?;
@@ -151,14 +258,39 @@ pub fn plan_group_export(store: &dyn Store, request: &GroupExportRequest) -> Res
     plan_group_export_at(store, request, transaction_time, &|_| Ok(()))
 }
 
-/// The kick-off's check of the Group as the caller sees it now: unknown (or another user's) is
-/// [`ExportError::NotFound`], deleted is [`ExportError::Gone`].
+/// The kick-off's check of the request as the caller sees it now. Group level: an unknown (or
+/// another user's) Group is [`ExportError::NotFound`], a deleted one [`ExportError::Gone`], and
+/// a `patient` that is not a member [`ExportError::Invalid`]. Patient level: a `patient` that is
+/// not a Patient of the tenant is [`ExportError::Invalid`].
 pub fn check_group(store: &dyn Store, request: &GroupExportRequest) -> Result<(), ExportError> {
     crate::retention::check_since_retained(store, request.params.since)?;
-    match store.read(request.tenant, &request.visibility, "Group", &request.group_id)? {
-        None => Err(ExportError::NotFound(format!("Group/{} not found", request.group_id))),
-        Some(group) if group.deleted => Err(ExportError::Gone(format!("Group/{} was deleted", request.group_id))),
-        Some(_) => Ok(()),
+    let patients = request.params.patients.as_deref().unwrap_or_default();
+    match &request.level {
+        ExportLevel::System => Ok(()),
+        ExportLevel::Patient => {
+            let existing = store.existing_at(request.tenant, &request.visibility, "Patient", patients, Micros::MAX)?;
+            match patients.iter().find(|p| existing.binary_search(*p).is_err()) {
+                Some(unknown) => {
+                    Err(ExportError::Invalid(format!("patient: Patient/{unknown} is not a Patient of this tenant")))
+                }
+                None => Ok(()),
+            }
+        }
+        ExportLevel::Group(group_id) => {
+            let group = match store.read(request.tenant, &request.visibility, "Group", group_id)? {
+                None => return Err(ExportError::NotFound(format!("Group/{group_id} not found"))),
+                Some(group) if group.deleted => return Err(ExportError::Gone(format!("Group/{group_id} was deleted"))),
+                Some(group) => group,
+            };
+            let now = bulkhead_fhir::now_micros();
+            let members = group_members(group.body.as_deref().unwrap_or("{}"), now).map_err(StoreError::from)?;
+            match patients.iter().find(|p| members.binary_search(*p).is_err()) {
+                Some(outsider) => Err(ExportError::Invalid(format!(
+                    "patient: Patient/{outsider} is not a member of Group/{group_id}"
+                ))),
+                None => Ok(()),
+            }
+        }
     }
 }
 
@@ -173,20 +305,23 @@ pub fn plan_group_export_at(
 ) -> Result<GroupExportPlan, ExportError> {
     let params = &request.params;
     progress(PlanStep::Membership)?;
-    let view = export_view(
-        store,
-        request.tenant,
-        &request.visibility,
-        &request.group_id,
-        params.since,
-        params.until,
+    let spec = ViewSpec {
+        level: &request.level,
+        patients: params.patients.as_deref(),
+        type_filters: &params.type_filters,
+        since: params.since,
+        until: params.until,
         transaction_time,
-    )?;
+    };
+    let view = export_view(store, request.tenant, &request.visibility, &spec)?;
     let types: Vec<String> = match &params.types {
         Some(types) => types.clone(),
-        None => group_export_types().into_iter().map(str::to_owned).collect(),
+        None => request.level.exportable_types().into_iter().map(str::to_owned).collect(),
     };
-    let compartment_types: Vec<String> = types.iter().filter(|t| *t != "Group").cloned().collect();
+    // At the Group level only the target Group is exported as a Group (its own line, below);
+    // at the system level Groups are a type like any other.
+    let is_group_level = request.level.group().is_some();
+    let compartment_types: Vec<String> = types.iter().filter(|t| !is_group_level || *t != "Group").cloned().collect();
     let file = |kind, resource_type: &str, total| PlannedFile {
         kind,
         resource_type: resource_type.to_owned(),
@@ -198,7 +333,7 @@ pub fn plan_group_export_at(
     progress(PlanStep::Counting { types: compartment_types.len() })?;
     let plan = store.plan_parts(request.tenant, &view.selection, &compartment_types, request.part_size)?;
     for resource_type in &types {
-        if resource_type == "Group" {
+        if is_group_level && resource_type == "Group" {
             if group_line_selected(&view) {
                 files.push(file(FileKind::Output, "Group", 1));
             }
@@ -216,7 +351,7 @@ pub fn plan_group_export_at(
     if params.since.is_some() {
         for (done, resource_type) in compartment_types.iter().enumerate() {
             progress(PlanStep::Deletions { done, types: compartment_types.len() })?;
-            let deleted = store.deleted_in_compartments(request.tenant, &view.selection, resource_type)?;
+            let deleted = deleted_ids(store, request.tenant, &view, resource_type)?;
             if !deleted.is_empty() {
                 files.push(file(FileKind::Deleted, resource_type, deleted.len() as u64));
             }
@@ -231,25 +366,35 @@ pub fn plan_group_export_at(
     if !missing.is_empty() || !warnings.is_empty() {
         files.push(file(FileKind::Error, "OperationOutcome", (missing.len() + warnings.len()) as u64));
     }
+    let group_version = view.group.as_ref().map_or(0, |group| group.version);
     let export = PlannedExport {
         client: request.client_id.clone(),
         user: request.visibility.user().map(str::to_owned),
-        group: request.group_id.clone(),
-        group_version: view.group.version,
+        level: request.level.clone(),
+        group_version,
         since: params.since,
         until: params.until,
         transaction_time,
         requested_types: params.types.clone(),
         warnings,
+        type_filters: params.type_filters.clone(),
+        elements: params.elements.clone(),
+        patients: params.patients.clone(),
         files,
     };
-    let removed_members = match params.since {
-        Some(since) => {
-            let before = store.members_at(request.tenant, &request.group_id, since)?;
-            before.into_iter().filter(|member| view.members.binary_search(member).is_err()).collect()
+    let removed_members = match (params.since, request.level.group()) {
+        (Some(since), Some(group_id)) => {
+            let before = store.members_at(request.tenant, group_id, since)?;
+            before
+                .into_iter()
+                .filter(|member| view.members.binary_search(member).is_err())
+                // Restricted by `patient`: only the named patients' removal is news.
+                .filter(|member| params.patients.as_ref().is_none_or(|named| named.binary_search(member).is_ok()))
+                .collect()
         }
-        None => Vec::new(),
+        // Patient level: the Patients deleted since `_since`.
+        _ => view.removed.clone(),
     };
     crate::retention::check_since_retained(store, params.since)?;
-    Ok(GroupExportPlan { transaction_time, group_version: view.group.version, export, removed_members })
+    Ok(GroupExportPlan { transaction_time, group_version, export, removed_members })
 }

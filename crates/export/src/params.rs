@@ -1,10 +1,11 @@
-//! Kick-off parameters of `GET [base]/Group/[id]/$export` (Bulk Data STU2, plus STU3 `_until`).
+//! Kick-off parameters of `$export` at every level (Bulk Data STU2, plus STU3 `_until` and the
+//! STU3/STU4 hints).
 //!
 //! Strict by default: a parameter the server cannot honour exactly is a 400 with an
 //! OperationOutcome, because silently ignoring a filter hands the client more (or other) data
-//! than it asked for. Under `Prefer: handling=lenient` unsupported parameters and unsupported
-//! `_type` entries are dropped instead, each reported as a warning issue for the manifest's
-//! `error[]` file.
+//! than it asked for. Under `Prefer: handling=lenient` unsupported parameters, unsupported
+//! `_type` entries, unsupported `_typeFilter` queries and unknown `_elements` entries are
+//! dropped instead, each reported as a warning issue for the manifest's `error[]` file.
 //!
 //! Some mistakes stay fatal even when lenient, because "ignoring" them cannot give the client
 //! what it meant:
@@ -13,18 +14,24 @@
 //! - a repeated `_since`, `_until` or `_outputFormat` (which one did the client mean?);
 //! - an empty value or an empty `_type` entry (`_type=`, `_type=A,,B`: a malformed request,
 //!   not an unsupported feature);
+//! - a malformed `_typeFilter` query (not `Type?criteria`, a bad date) or `patient` reference;
 //! - a `_type` list of which lenient mode would drop *every* entry: exporting all types instead
 //!   would surprise the client far more than a 400.
 //!
+//! `allowPartialManifests`, `_minimumFileSize` and `_maximumFileSize` are hints (STU3/STU4): they
+//! are accepted and the server keeps its own file policy.
+//!
 //! The parser runs in two steps: [`collect`] sorts the query pairs by parameter (checking
 //! repeats and empty values), then one small function per parameter interprets its raw text.
-//! Supporting another parameter later (e.g. `_typeFilter`) means a [`Param`] variant, a field in
-//! [`RawParams`] and its interpreter. Note for `_typeFilter`: STU2 separates its queries with
-//! literal commas while commas inside a query are `%2C`, so it must be split on the *undecoded*
-//! query string, which this function's decoded `pairs` no longer distinguish.
+//! `_typeFilter` values are split into queries where a comma is followed by `Type?` (see
+//! [`split_type_filter`]), so it does not matter whether a client encoded its commas.
 
-use bulkhead_fhir::compartment::{compartment_types, is_compartment_type};
-use bulkhead_fhir::{is_resource_type, parse_since, Issue, IssueType, Micros, Severity};
+use bulkhead_fhir::compartment::parse_reference;
+use bulkhead_fhir::type_filter::{split_type_filter, FilterError, TypeFilter};
+use bulkhead_fhir::validation::top_level_elements;
+use bulkhead_fhir::{is_resource_type, parse_since, Issue, IssueType, Micros, Severity, RESOURCE_TYPES};
+
+use crate::level::ExportLevel;
 
 /// The canonical NDJSON media type every accepted `_outputFormat` spelling is normalised to.
 pub const NDJSON: &str = "application/fhir+ndjson";
@@ -35,16 +42,10 @@ const NDJSON_SPELLINGS: &[&str] =
     &["application/fhir+ndjson", "application/ndjson", "ndjson", "application/fhir ndjson"];
 
 /// Bulk Data parameters we know of but do not implement (yet).
-const UNSUPPORTED_PARAMS: &[&str] = &[
-    "_elements",
-    "_typeFilter",
-    "patient",
-    "includeAssociatedData",
-    "organizeOutputBy",
-    "allowPartialManifests",
-    "_minimumFileSize",
-    "_maximumFileSize",
-];
+const UNSUPPORTED_PARAMS: &[&str] = &["includeAssociatedData", "organizeOutputBy"];
+
+/// Parameters accepted as hints only: the server keeps its own file policy.
+const HINT_PARAMS: &[&str] = &["allowPartialManifests", "_minimumFileSize", "_maximumFileSize"];
 
 /// Longest slice of a client value echoed into diagnostics, so a huge query cannot bloat the
 /// OperationOutcome.
@@ -62,6 +63,24 @@ pub struct ExportParams {
     pub until: Option<Micros>,
     /// Always [`NDJSON`] (`application/fhir+ndjson`): every accepted spelling is normalised.
     pub output_format: String,
+    /// `_typeFilter` queries, each checked to compile ([`TypeFilter::parse`]), in request order.
+    pub type_filters: Vec<String>,
+    /// `_elements` entries (`Type.element` or `element`), checked, deduplicated; `None` when
+    /// absent.
+    pub elements: Option<Vec<String>>,
+    /// `patient` (POST only): the Patient ids the export is restricted to, sorted, deduplicated;
+    /// `None` when absent.
+    pub patients: Option<Vec<String>>,
+}
+
+/// Where a kick-off's parameters came from and how to treat them.
+#[derive(Debug, Clone, Copy)]
+pub struct ParseContext<'a> {
+    pub level: &'a ExportLevel,
+    /// `Prefer: handling=lenient`.
+    pub lenient: bool,
+    /// A POST kick-off (`patient` is POST-only).
+    pub post: bool,
 }
 
 /// A kick-off parameter problem that must fail the request (HTTP 400).
@@ -81,45 +100,58 @@ impl ParamError {
     }
 }
 
-/// Parses and validates the kick-off parameters of `Group/[id]/$export`.
-///
-/// `pairs` are the decoded query pairs in request order (repeats allowed); `lenient` is
-/// `Prefer: handling=lenient`. Returns the parameters plus the warning issues (one per ignored
-/// parameter or dropped type) that belong in the manifest's `error[]` file. See the module
-/// documentation for which problems stay errors even in lenient mode.
+/// Parses and validates the kick-off parameters of `Group/[id]/$export` sent by GET.
 pub fn parse_group_export_params(
     pairs: &[(String, String)],
     lenient: bool,
 ) -> Result<(ExportParams, Vec<Issue>), ParamError> {
+    let level = ExportLevel::Group(String::new());
+    parse_export_params(pairs, ParseContext { level: &level, lenient, post: false })
+}
+
+/// Parses and validates the kick-off parameters of `$export` at any level.
+///
+/// `pairs` are the decoded parameters in request order (repeats allowed): the query string of
+/// a GET, or the `Parameters` of a POST turned into text. Returns the parameters plus the
+/// warning issues (one per ignored item) that belong in the manifest's `error[]` file. See the
+/// module documentation for which problems stay errors even in lenient mode.
+pub fn parse_export_params(
+    pairs: &[(String, String)],
+    context: ParseContext<'_>,
+) -> Result<(ExportParams, Vec<Issue>), ParamError> {
+    let lenient = context.lenient;
     let raw = collect(pairs)?;
     let mut warnings = ignore_unsupported(&raw.unsupported, lenient)?;
     let types = match &raw.types {
-        Some(values) => Some(parse_types(values, lenient, &mut warnings)?),
+        Some(values) => Some(parse_types(values, context.level, lenient, &mut warnings)?),
         None => None,
     };
     let since = raw.since.map(|v| parse_instant("_since", v)).transpose()?;
     let until = raw.until.map(|v| parse_instant("_until", v)).transpose()?;
     check_window(since, until, &raw)?;
     let output_format = parse_output_format(raw.output_format)?;
-    let params = ExportParams { types, since, until, output_format };
+    let type_filters = parse_type_filters(&raw.type_filters, context.level, lenient, &mut warnings)?;
+    let elements = match raw.elements.is_empty() {
+        true => None,
+        false => parse_elements(&raw.elements, lenient, &mut warnings)?,
+    };
+    let patients = match raw.patients.is_empty() {
+        true => None,
+        false => parse_patients(&raw.patients, context, &mut warnings)?,
+    };
+    let params = ExportParams { types, since, until, output_format, type_filters, elements, patients };
     Ok((params, warnings))
 }
 
 /// Types a Group export may return: `Patient`, `Group` (only the exported Group itself) and
 /// every R4 Patient-compartment type. Sorted.
 pub fn group_export_types() -> Vec<&'static str> {
-    let mut types = compartment_types().to_vec();
-    // Both are in the R4 Patient compartment today; listed explicitly so that a change to the
-    // generated table cannot silently remove them.
-    types.extend(["Patient", "Group"]);
-    types.sort_unstable();
-    types.dedup();
-    types
+    ExportLevel::Group(String::new()).exportable_types()
 }
 
-/// True when a Group export may return resources of this type (see [`group_export_types`]).
+#[cfg(test)]
 fn is_group_export_type(resource_type: &str) -> bool {
-    matches!(resource_type, "Patient" | "Group") || is_compartment_type(resource_type)
+    ExportLevel::Group(String::new()).exports(resource_type)
 }
 
 /// What a query parameter name means to us.
@@ -128,6 +160,11 @@ enum Param {
     Since,
     Until,
     OutputFormat,
+    TypeFilter,
+    Elements,
+    Patient,
+    /// Accepted, not acted on.
+    Hint,
     /// Defined by the Bulk Data IG but not implemented here.
     Unsupported,
     /// Not a Bulk Data kick-off parameter at all.
@@ -141,6 +178,10 @@ fn classify(name: &str) -> Param {
         "_since" => Param::Since,
         "_until" => Param::Until,
         "_outputFormat" => Param::OutputFormat,
+        "_typeFilter" => Param::TypeFilter,
+        "_elements" => Param::Elements,
+        "patient" => Param::Patient,
+        _ if HINT_PARAMS.contains(&name) => Param::Hint,
         _ if UNSUPPORTED_PARAMS.contains(&name) => Param::Unsupported,
         _ => Param::Unknown,
     }
@@ -154,6 +195,10 @@ struct RawParams<'a> {
     since: Option<&'a str>,
     until: Option<&'a str>,
     output_format: Option<&'a str>,
+    /// Every `_typeFilter`, `_elements` and `patient` value in order.
+    type_filters: Vec<&'a str>,
+    elements: Vec<&'a str>,
+    patients: Vec<&'a str>,
     /// Unsupported or unknown parameter names, first occurrence order, deduplicated.
     unsupported: Vec<(&'a str, bool)>,
 }
@@ -163,7 +208,7 @@ fn collect(pairs: &[(String, String)]) -> Result<RawParams<'_>, ParamError> {
     let mut raw = RawParams::default();
     for (name, value) in pairs {
         let param = classify(name);
-        let known = !matches!(param, Param::Unsupported | Param::Unknown);
+        let known = !matches!(param, Param::Unsupported | Param::Unknown | Param::Hint);
         if known && value.trim().is_empty() {
             let message = format!("Parameter '{name}' has an empty value");
             return Err(ParamError::new(IssueType::Value, name, message));
@@ -173,6 +218,10 @@ fn collect(pairs: &[(String, String)]) -> Result<RawParams<'_>, ParamError> {
             Param::Since => set_once(&mut raw.since, name, value)?,
             Param::Until => set_once(&mut raw.until, name, value)?,
             Param::OutputFormat => set_once(&mut raw.output_format, name, value)?,
+            Param::TypeFilter => raw.type_filters.push(value),
+            Param::Elements => raw.elements.push(value),
+            Param::Patient => raw.patients.push(value),
+            Param::Hint => {}
             Param::Unsupported | Param::Unknown => {
                 let is_known = matches!(param, Param::Unsupported);
                 if !raw.unsupported.iter().any(|(seen, _)| seen == name) {
@@ -215,7 +264,12 @@ fn ignore_unsupported(names: &[(&str, bool)], lenient: bool) -> Result<Vec<Issue
 
 /// Splits, trims, checks and deduplicates every `_type` entry. Lenient mode drops unsupported
 /// entries with one warning per distinct name, but refuses to drop them all.
-fn parse_types(values: &[&str], lenient: bool, warnings: &mut Vec<Issue>) -> Result<Vec<String>, ParamError> {
+fn parse_types(
+    values: &[&str],
+    level: &ExportLevel,
+    lenient: bool,
+    warnings: &mut Vec<Issue>,
+) -> Result<Vec<String>, ParamError> {
     let mut types: Vec<String> = Vec::new();
     let mut dropped: Vec<&str> = Vec::new();
     for entry in values.iter().flat_map(|value| value.split(',')).map(str::trim) {
@@ -223,7 +277,7 @@ fn parse_types(values: &[&str], lenient: bool, warnings: &mut Vec<Issue>) -> Res
             let message = format!("Parameter '_type' has an empty entry in '{}'", echo(&values.join(",")));
             return Err(ParamError::new(IssueType::Value, "_type", message));
         }
-        match check_type(entry) {
+        match check_type(entry, level) {
             Ok(()) if !types.iter().any(|t| t == entry) => types.push(entry.to_owned()),
             Ok(()) => {}
             Err(error) if lenient => {
@@ -236,27 +290,165 @@ fn parse_types(values: &[&str], lenient: bool, warnings: &mut Vec<Issue>) -> Res
         }
     }
     if types.is_empty() {
-        let message =
-            format!("None of the requested types ({}) can be exported from a Group", echo(&dropped.join(",")));
+        let message = format!(
+            "None of the requested types ({}) can be exported by {}",
+            echo(&dropped.join(",")),
+            level.describe()
+        );
         return Err(ParamError::new(IssueType::NotSupported, "_type", message));
     }
     Ok(types)
 }
 
 /// Why a single `_type` entry cannot be honoured, if it cannot.
-fn check_type(name: &str) -> Result<(), ParamError> {
+fn check_type(name: &str, level: &ExportLevel) -> Result<(), ParamError> {
+    check_type_of("_type", name, level)
+}
+
+/// Why `param` naming `name` cannot be honoured at `level`, if it cannot.
+fn check_type_of(param: &str, name: &str, level: &ExportLevel) -> Result<(), ParamError> {
     if !is_resource_type(name) {
-        let message = format!("Parameter '_type': '{}' is not an R4 resource type", echo(name));
-        return Err(ParamError::new(IssueType::Value, "_type", message));
+        let message = format!("Parameter '{param}': '{}' is not an R4 resource type", echo(name));
+        return Err(ParamError::new(IssueType::Value, param, message));
     }
-    if !is_group_export_type(name) {
-        let message = format!(
-            "Parameter '_type': '{name}' is not available from a Group export \
-             (only Patient, Group and Patient-compartment types are)"
-        );
-        return Err(ParamError::new(IssueType::NotSupported, "_type", message));
+    if !level.exports(name) {
+        let what = match level {
+            ExportLevel::Patient => "only Patient and Patient-compartment types other than Group are",
+            _ => "only Patient, Group and Patient-compartment types are",
+        };
+        let message = format!("Parameter '{param}': '{name}' is not available from {} ({what})", level.describe());
+        return Err(ParamError::new(IssueType::NotSupported, param, message));
     }
     Ok(())
+}
+
+/// Compiles every `_typeFilter` query (each value may hold several). A malformed query is an
+/// error even when lenient; an unsupported one (parameter, modifier, prefix, or a type the level
+/// cannot export) is dropped with a warning when lenient, and then no longer narrows its type.
+fn parse_type_filters(
+    values: &[&str],
+    level: &ExportLevel,
+    lenient: bool,
+    warnings: &mut Vec<Issue>,
+) -> Result<Vec<String>, ParamError> {
+    let mut queries: Vec<String> = Vec::new();
+    for query in values.iter().flat_map(|value| split_type_filter(value)) {
+        let compiled = TypeFilter::parse(query).map_err(|error| {
+            let code = match error {
+                FilterError::Invalid(_) => IssueType::Value,
+                FilterError::NotSupported(_) => IssueType::NotSupported,
+            };
+            ParamError::new(code, "_typeFilter", format!("Parameter '_typeFilter': {} ({})", error, echo(query)))
+        });
+        let checked = compiled.and_then(|filter| check_type_of("_typeFilter", &filter.resource_type, level));
+        match checked {
+            Ok(()) if !queries.iter().any(|seen| seen == query) => queries.push(query.to_owned()),
+            Ok(()) => {}
+            Err(error) if lenient && error.issue.code == IssueType::NotSupported => {
+                warnings.push(as_lenient_warning(error.issue));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(queries)
+}
+
+/// Checks `_elements` entries: `Type.element` or `element`, root elements only (a choice by
+/// its base name, `value` for `value[x]`). Unknown entries are errors, or dropped with a warning
+/// when lenient; `None` when lenient dropped them all (the resources are then exported whole).
+fn parse_elements(
+    values: &[&str],
+    lenient: bool,
+    warnings: &mut Vec<Issue>,
+) -> Result<Option<Vec<String>>, ParamError> {
+    let mut elements: Vec<String> = Vec::new();
+    for entry in values.iter().flat_map(|value| value.split(',')).map(str::trim) {
+        if entry.is_empty() {
+            let message = format!("Parameter '_elements' has an empty entry in '{}'", echo(&values.join(",")));
+            return Err(ParamError::new(IssueType::Value, "_elements", message));
+        }
+        let known = match entry.split_once('.') {
+            Some((resource_type, element)) => {
+                is_resource_type(resource_type) && !element.contains('.') && has_element(resource_type, element)
+            }
+            None => RESOURCE_TYPES.iter().any(|resource_type| has_element(resource_type, entry)),
+        };
+        if !known {
+            let message = format!(
+                "Parameter '_elements': '{}' is not a root element of an R4 resource (Type.element or element)",
+                echo(entry)
+            );
+            let error = ParamError::new(IssueType::Value, "_elements", message);
+            if lenient {
+                warnings.push(as_lenient_warning(error.issue));
+                continue;
+            }
+            return Err(error);
+        }
+        if !elements.iter().any(|seen| seen == entry) {
+            elements.push(entry.to_owned());
+        }
+    }
+    Ok((!elements.is_empty()).then_some(elements))
+}
+
+/// True when `element` is a root element of `resource_type` (a choice by its base name too).
+pub(crate) fn has_element(resource_type: &str, element: &str) -> bool {
+    if matches!(element, "id" | "meta" | "resourceType") {
+        return true;
+    }
+    top_level_elements(resource_type).is_some_and(|elements| {
+        elements.iter().any(|found| {
+            found.name == element
+                || (found.choice
+                    && found
+                        .name
+                        .strip_prefix(element)
+                        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase())))
+        })
+    })
+}
+
+/// `patient` (POST only, Group and Patient levels): references to Patients (`Patient/id`, or
+/// an absolute URL ending so). Sent by GET, or at the system level, it is an unsupported use
+/// (strict: 400; lenient: ignored with a warning). A malformed reference is always an error.
+fn parse_patients(
+    values: &[&str],
+    context: ParseContext<'_>,
+    warnings: &mut Vec<Issue>,
+) -> Result<Option<Vec<String>>, ParamError> {
+    let refusal = if !context.post {
+        Some("is only accepted in a POST kick-off (a Parameters body)")
+    } else if *context.level == ExportLevel::System {
+        Some("applies to Patient- and Group-level exports only")
+    } else {
+        None
+    };
+    if let Some(why) = refusal {
+        let message = format!("Parameter 'patient' {why}");
+        if context.lenient {
+            warnings.push(
+                Issue::warning(IssueType::NotSupported, format!("{message}; ignored (Prefer: handling=lenient)"))
+                    .at("patient"),
+            );
+            return Ok(None);
+        }
+        return Err(ParamError::new(IssueType::NotSupported, "patient", message));
+    }
+    let mut patients = Vec::new();
+    for value in values.iter().flat_map(|value| value.split(',')).map(str::trim) {
+        match parse_reference(value) {
+            Some(("Patient", id)) => patients.push(id.to_owned()),
+            _ => {
+                let message =
+                    format!("Parameter 'patient': '{}' is not a reference to a Patient (Patient/id)", echo(value));
+                return Err(ParamError::new(IssueType::Value, "patient", message));
+            }
+        }
+    }
+    patients.sort_unstable();
+    patients.dedup();
+    Ok(Some(patients))
 }
 
 /// Turns a would-be error into the warning lenient mode records instead.
@@ -350,7 +542,16 @@ mod tests {
     #[test]
     fn empty_query_gives_defaults() {
         let params = ok(&[]);
-        assert_eq!(params, ExportParams { types: None, since: None, until: None, output_format: NDJSON.to_owned() });
+        let expected = ExportParams {
+            types: None,
+            since: None,
+            until: None,
+            output_format: NDJSON.to_owned(),
+            type_filters: Vec::new(),
+            elements: None,
+            patients: None,
+        };
+        assert_eq!(params, expected);
     }
 
     // ---- _type ----
@@ -539,18 +740,112 @@ mod tests {
     #[test]
     fn lenient_ignores_unknown_parameters_with_one_warning_each() {
         let pairs = [
-            ("_typeFilter", "Observation?status=final"),
+            ("organizeOutputBy", "Patient"),
             ("_type", "Observation"),
             ("foo", "1"),
             ("_typeFilter", "Condition?x=y"),
-            ("_elements", ""),
+            ("_elements", "bogusElement"),
         ];
         let (params, warnings) = parse(&pairs, true).unwrap();
         assert_eq!(types(&params), ["Observation"]);
+        assert!(params.type_filters.is_empty() && params.elements.is_none());
         let named: Vec<_> = warnings.iter().map(|w| w.expression.as_deref().unwrap()).collect();
-        assert_eq!(named, ["_typeFilter", "foo", "_elements"]);
+        assert_eq!(named, ["organizeOutputBy", "foo", "_typeFilter", "_elements"]);
         assert!(warnings.iter().all(|w| w.severity == Severity::Warning));
         assert!(warnings.iter().all(|w| w.diagnostics.contains(w.expression.as_deref().unwrap())));
+    }
+
+    // ---- levels, _typeFilter, _elements, patient, hints ----
+
+    fn parse_at(
+        pairs: &[(&str, &str)],
+        level: &ExportLevel,
+        lenient: bool,
+        post: bool,
+    ) -> Result<(ExportParams, Vec<Issue>), ParamError> {
+        parse_export_params(&query(pairs), ParseContext { level, lenient, post })
+    }
+
+    #[test]
+    fn types_allowed_depend_on_the_level() {
+        let (params, _) =
+            parse_at(&[("_type", "Practitioner,Organization,Group")], &ExportLevel::System, false, false).unwrap();
+        assert_eq!(types(&params), ["Practitioner", "Organization", "Group"]);
+        for t in ["Practitioner", "Group"] {
+            let issue = parse_at(&[("_type", t)], &ExportLevel::Patient, false, false).unwrap_err().issue;
+            assert_eq!(issue.code, IssueType::NotSupported, "{t}");
+            assert!(issue.diagnostics.contains("Patient-level"), "{}", issue.diagnostics);
+        }
+    }
+
+    #[test]
+    fn type_filters_compile_split_and_dedupe() {
+        let pairs = [
+            ("_typeFilter", "Observation?category=laboratory,vital-signs,MedicationRequest?status=active"),
+            ("_typeFilter", "Observation?code=http%3A%2F%2Floinc.org%7C8867-4"),
+            ("_typeFilter", "MedicationRequest?status=active"),
+        ];
+        let filters = ok(&pairs).type_filters;
+        assert_eq!(
+            filters,
+            [
+                "Observation?category=laboratory,vital-signs",
+                "MedicationRequest?status=active",
+                "Observation?code=http%3A%2F%2Floinc.org%7C8867-4"
+            ]
+        );
+    }
+
+    #[test]
+    fn type_filter_problems() {
+        // Unsupported: strict 400, lenient warning.
+        let issue = err(&[("_typeFilter", "Observation?value-quantity=5")], false);
+        assert_eq!((issue.code, issue.expression.as_deref()), (IssueType::NotSupported, Some("_typeFilter")));
+        assert!(issue.diagnostics.contains("value-quantity"), "{}", issue.diagnostics);
+        let (params, warnings) = parse(&[("_typeFilter", "Observation?value-quantity=5")], true).unwrap();
+        assert!(params.type_filters.is_empty());
+        assert_eq!(warnings.len(), 1);
+        // A type the level cannot export.
+        assert_eq!(err(&[("_typeFilter", "Practitioner?name=x")], false).code, IssueType::NotSupported);
+        // Malformed: an error even when lenient.
+        for bad in ["Observation", "Bogus?code=1", "Observation?date=notadate"] {
+            assert_eq!(err(&[("_typeFilter", bad)], true).code, IssueType::Value, "{bad}");
+        }
+    }
+
+    #[test]
+    fn elements_are_checked_root_elements() {
+        let params = ok(&[("_elements", "id,Patient.name, code"), ("_elements", "Observation.value,code")]);
+        assert_eq!(params.elements.unwrap(), ["id", "Patient.name", "code", "Observation.value"]);
+        for bad in ["Patient.name.given", "Patient.bogus", "Bogus.id", "notAnElement"] {
+            assert_eq!(err(&[("_elements", bad)], false).code, IssueType::Value, "{bad}");
+        }
+        assert_eq!(err(&[("_elements", "id,,code")], true).code, IssueType::Value);
+    }
+
+    #[test]
+    fn patient_is_post_only_and_a_patient_reference() {
+        let group = ExportLevel::Group("g".into());
+        let (params, _) =
+            parse_at(&[("patient", "Patient/b"), ("patient", "Patient/a,Patient/b")], &group, false, true).unwrap();
+        assert_eq!(params.patients.unwrap(), ["a", "b"]);
+        let issue = parse_at(&[("patient", "Patient/a")], &group, false, false).unwrap_err().issue;
+        assert_eq!((issue.code, issue.expression.as_deref()), (IssueType::NotSupported, Some("patient")));
+        let (params, warnings) = parse_at(&[("patient", "Patient/a")], &group, true, false).unwrap();
+        assert_eq!((params.patients, warnings.len()), (None, 1));
+        assert!(parse_at(&[("patient", "Patient/a")], &ExportLevel::System, false, true).is_err());
+        let issue = parse_at(&[("patient", "Observation/a")], &ExportLevel::Patient, true, true).unwrap_err().issue;
+        assert_eq!(issue.code, IssueType::Value);
+    }
+
+    #[test]
+    fn size_and_partial_manifest_hints_are_accepted_quietly() {
+        let (_, warnings) = parse(
+            &[("allowPartialManifests", "true"), ("_minimumFileSize", "10"), ("_maximumFileSize", "whatever")],
+            false,
+        )
+        .unwrap();
+        assert!(warnings.is_empty());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::level::ExportLevel;
 use crate::token::{FileClaims, FileKind, FileRef};
 
 /// A planned export: the kick-off's details shared by every file, and the files.
@@ -14,8 +15,9 @@ pub struct PlannedExport {
     pub client: String,
     /// User scope (`x-oneup-user-id`), or `None` for the whole tenant.
     pub user: Option<String>,
-    pub group: String,
-    /// Group version the export was planned against.
+    /// System, Patient, or which Group.
+    pub level: ExportLevel,
+    /// Group version the export was planned against (0 at the other levels).
     pub group_version: i64,
     /// `_since`, µs since the epoch.
     pub since: Option<i64>,
@@ -28,6 +30,15 @@ pub struct PlannedExport {
     /// Lenient-mode warnings of the kick-off, each the OperationOutcome line the error file
     /// writes.
     pub warnings: Vec<String>,
+    /// `_typeFilter` queries (checked at kick-off), recompiled for each download.
+    #[serde(default)]
+    pub type_filters: Vec<String>,
+    /// `_elements` entries, when given.
+    #[serde(default)]
+    pub elements: Option<Vec<String>>,
+    /// `patient` (POST): the Patient ids the export was restricted to.
+    #[serde(default)]
+    pub patients: Option<Vec<String>>,
     /// In manifest order; a file URL names its index here.
     pub files: Vec<PlannedFile>,
 }
@@ -54,7 +65,7 @@ impl PlannedExport {
             tenant: file.tenant,
             client: self.client.clone(),
             user: self.user.clone(),
-            group: self.group.clone(),
+            level: self.level.clone(),
             group_version: self.group_version,
             kind: planned.kind,
             resource_type: planned.resource_type.clone(),
@@ -67,6 +78,9 @@ impl PlannedExport {
             requested_types: self.requested_types.clone(),
             // Only the error file writes them.
             warnings: if planned.kind == FileKind::Error { self.warnings.clone() } else { Vec::new() },
+            type_filters: self.type_filters.clone(),
+            elements: self.elements.clone(),
+            patients: self.patients.clone(),
             iat: issued,
             exp: file.exp,
         })
@@ -91,13 +105,16 @@ mod tests {
         PlannedExport {
             client: "c".into(),
             user: Some("u".into()),
-            group: "g".into(),
+            level: ExportLevel::Group("g".into()),
             group_version: 2,
             since: Some(5),
             until: None,
             transaction_time: 9,
             requested_types: Some(vec!["Observation".into()]),
             warnings: vec!["{\"resourceType\":\"OperationOutcome\"}".into()],
+            type_filters: vec!["Observation?status=final".into()],
+            elements: Some(vec!["id".into()]),
+            patients: None,
             files: vec![
                 PlannedFile { kind: FileKind::Output, resource_type: "Observation".into(), start: 1, end: 8, total: 4 },
                 PlannedFile {

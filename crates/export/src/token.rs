@@ -1,37 +1,40 @@
-//! Signed, expiring file tokens: the `{token}` in `/bulk-data/r4/$export/{Type}/{token}.ndjson`.
+//! Signed, expiring server tokens: the `{token}` in `/bulk-data/r4/$export/{Type}/{token}.ndjson`,
+//! and (through [`TokenKeys::sign_jwt`]) the SMART access tokens the HTTP layer issues. One JWT
+//! implementation (`jsonwebtoken`) signs and verifies both, HS256 under server keys with ids.
 //!
-//! A token names a file, it does not describe it: the tenant, the stored export record
+//! A file token names a file, it does not describe it: the tenant, the stored export record
 //! ([`crate::record::PlannedExport`]: client, user, Group, filters, key ranges, lenient-mode
 //! warnings) and the file's number in it, its expiry, and whether downloading it needs the
-//! client's credentials. Whatever the kick-off asked, a token is at most
-//! [`MAX_TOKEN_LEN`] characters, so a file URL stays well under 256.
+//! client's credentials. Whatever the kick-off asked, a token is at most [`MAX_TOKEN_LEN`]
+//! characters, so a file URL stays short.
 //!
-//! Format: `{kid}.{base64url(payload)}.{base64url(HMAC-SHA256(kid "." payload))}`, unpadded,
-//! so only `[A-Za-z0-9_-]` and two dots; the payload is binary: a format byte, a flags byte
-//! (bit 0: credentials required), the 16-byte record id, then LEB128 varints of the tenant,
-//! the file number and `exp` (Unix seconds). Tokens are deterministic (same fields and key, same
-//! string). Keys carry a `kid` so secrets can rotate: the first key signs, every configured key
-//! verifies.
+//! Format: a compact JWS, `base64url(header).base64url(claims).base64url(HMAC-SHA256)`; the
+//! header is `{"alg":"HS256","kid":…,"typ":"bhf"}` (each kind of token has its own `typ`, so an
+//! access token is never accepted as a file token or the reverse); the claims are
+//! `{"t":tenant,"r":record id (base64url of 16 bytes),"f":file number,"exp":Unix seconds,"c":1
+//! when credentials are required}`. Tokens are deterministic (same fields and key, same string).
+//! Keys carry a `kid` so secrets can rotate: the first key signs, every configured key verifies.
+
+use std::sync::{Arc, RwLock};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use hmac::{Hmac, Mac};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// Longest kid accepted by [`TokenKeys::new`].
 const MAX_KID_LEN: usize = 32;
 
-/// The payload format this code writes and reads.
-const FORMAT: u8 = 1;
-const FLAG_CREDENTIALS: u8 = 1;
+/// The header `typ` of file tokens.
+const FILE_TOKEN_TYPE: &str = "bhf";
 
-/// The longest token [`TokenKeys::sign`] makes (a 32-character kid, every varint at its longest);
-/// anything longer is refused before any decoding.
-pub const MAX_TOKEN_LEN: usize = MAX_KID_LEN + 1 + 58 + 1 + 43;
+/// The longest token [`TokenKeys::sign`] makes (a 32-character kid, every number at its
+/// longest); anything longer is refused before any decoding.
+pub const MAX_TOKEN_LEN: usize = 280;
 
+/// Longest server JWT of any kind [`TokenKeys::verify_jwt`] decodes.
+pub const MAX_JWT_LEN: usize = 8 * 1024;
 /// Which manifest list a file belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -54,9 +57,9 @@ pub struct FileClaims {
     pub client: String,
     /// User scope (`x-oneup-user-id`), or `None` for the whole tenant.
     pub user: Option<String>,
-    /// Group id.
-    pub group: String,
-    /// Group version the export was planned against.
+    /// System, Patient, or which Group.
+    pub level: crate::level::ExportLevel,
+    /// Group version the export was planned against (0 at the other levels).
     pub group_version: i64,
     /// `output`, `deleted` or `error`.
     pub kind: FileKind,
@@ -79,6 +82,12 @@ pub struct FileClaims {
     /// For error files: the lenient-mode warnings of the kick-off, each as the
     /// OperationOutcome line to write.
     pub warnings: Vec<String>,
+    /// `_typeFilter` queries of the export.
+    pub type_filters: Vec<String>,
+    /// `_elements` entries of the export, when given.
+    pub elements: Option<Vec<String>>,
+    /// `patient` (POST) of the export, when given.
+    pub patients: Option<Vec<String>>,
     /// Issued at, seconds since the epoch.
     pub iat: i64,
     /// Expiry, seconds since the epoch; the token is valid while `now < exp`.
@@ -157,6 +166,22 @@ impl std::fmt::Debug for TokenKeys {
     }
 }
 
+/// The claims of a file token (short names: they travel in every file URL).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTokenClaims {
+    t: i64,
+    r: String,
+    f: u32,
+    exp: i64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    c: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
 impl TokenKeys {
     /// Builds a key set from `(kid, secret)` pairs. The first pair signs new tokens; all pairs
     /// verify, so a rotated-out key keeps its tokens valid until they expire.
@@ -186,36 +211,77 @@ impl TokenKeys {
         &self.keys[0].0
     }
 
+    /// Every kid, the signing one first.
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|(kid, _)| kid.as_str())
+    }
+
     /// Signs `file` with the current key.
     pub fn sign(&self, file: &FileRef) -> String {
-        let (kid, secret) = &self.keys[0];
-        let signing_input = format!("{kid}.{}", URL_SAFE_NO_PAD.encode(encode_payload(file)));
-        let signature = mac(secret, &signing_input).finalize().into_bytes();
-        format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
+        let claims = FileTokenClaims {
+            t: file.tenant,
+            r: URL_SAFE_NO_PAD.encode(file.record),
+            f: file.file,
+            exp: file.exp,
+            c: file.requires_credentials,
+        };
+        self.sign_jwt(FILE_TOKEN_TYPE, &claims)
     }
 
     /// Verifies `token` and returns what it names.
     ///
-    /// Checks, in order: length and shape, a known kid, the signature (constant-time), the
-    /// payload, then `exp > now_seconds`. The payload is decoded only after the signature
-    /// matched, so unauthenticated input never reaches the decoder.
+    /// Checks, in order: length, a known kid, the algorithm and the token type, the signature
+    /// (constant-time), the claims, then `exp > now_seconds`. The claims are decoded only after
+    /// the signature matched, so unauthenticated input never reaches their decoder.
     pub fn verify(&self, token: &str, now_seconds: i64) -> Result<FileRef, TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed);
         }
-        let (signing_input, signature) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
-        let (kid, payload) = signing_input.split_once('.').ok_or(TokenError::Malformed)?;
-        if payload.contains('.') {
-            return Err(TokenError::Malformed);
-        }
-        let secret = self.secret(kid)?;
-        let signature = decode(signature)?;
-        mac(secret, signing_input).verify_slice(&signature).map_err(|_| TokenError::BadSignature)?;
-        let file = decode_payload(&decode(payload)?)?;
-        if file.exp <= now_seconds {
+        let claims: FileTokenClaims = self.verify_jwt(FILE_TOKEN_TYPE, token)?;
+        let record: [u8; 16] = decode(&claims.r)?.try_into().map_err(|_| TokenError::Malformed)?;
+        if claims.exp <= now_seconds {
             return Err(TokenError::Expired);
         }
-        Ok(file)
+        Ok(FileRef { tenant: claims.t, record, file: claims.f, exp: claims.exp, requires_credentials: claims.c })
+    }
+
+    /// Signs `claims` as a compact JWS (HS256) with the current key, its kid and the header
+    /// `typ` `token_type` (which [`TokenKeys::verify_jwt`] checks: each kind of server token has
+    /// its own, so one kind is never accepted as another).
+    pub fn sign_jwt<T: Serialize>(&self, token_type: &str, claims: &T) -> String {
+        let (kid, secret) = &self.keys[0];
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(kid.clone());
+        header.typ = Some(token_type.to_owned());
+        let key = EncodingKey::from_secret(secret).expect("HMAC takes any non-empty key");
+        // Plain claim structs always serialize, and HS256 signing cannot fail.
+        jsonwebtoken::encode(&header, claims, &key).expect("HS256 signing of serializable claims")
+    }
+
+    /// Verifies a server token of type `token_type`: a known kid, HS256, the signature, then
+    /// decodes its claims. Time claims are the caller's to check (with its clock).
+    pub fn verify_jwt<T: DeserializeOwned>(&self, token_type: &str, token: &str) -> Result<T, TokenError> {
+        if token.len() > MAX_JWT_LEN || token.bytes().filter(|b| *b == b'.').count() != 2 {
+            return Err(TokenError::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        let kid = header.kid.as_deref().ok_or(TokenError::Malformed)?;
+        let secret = self.secret(kid)?;
+        if header.alg != Algorithm::HS256 || header.typ.as_deref() != Some(token_type) {
+            return Err(TokenError::Malformed);
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        validation.validate_aud = false;
+        let key = DecodingKey::from_secret(secret).map_err(|_| TokenError::Malformed)?;
+        match jsonwebtoken::decode::<T>(token, &key, &validation) {
+            Ok(data) => Ok(data.claims),
+            Err(error) => match error.kind() {
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => Err(TokenError::BadSignature),
+                _ => Err(TokenError::Malformed),
+            },
+        }
     }
 
     fn secret(&self, kid: &str) -> Result<&[u8], TokenError> {
@@ -227,86 +293,41 @@ impl TokenKeys {
     }
 }
 
+/// The key set in force, replaceable while the server runs (`bulkhead keys rotate` writes the
+/// key file; the server reloads it): readers take a snapshot per token.
+pub struct KeyRing {
+    current: RwLock<Arc<TokenKeys>>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+impl KeyRing {
+    pub fn new(keys: TokenKeys) -> KeyRing {
+        KeyRing { current: RwLock::new(Arc::new(keys)) }
+    }
+
+    /// The keys in force now.
+    pub fn get(&self) -> Arc<TokenKeys> {
+        self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// Puts `keys` in force for every later token.
+    pub fn replace(&self, keys: TokenKeys) {
+        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(keys);
+    }
+}
+
 /// `[A-Za-z0-9_-]{1,32}`: safe in URLs, headers, logs and config keys.
 fn is_valid_kid(kid: &str) -> bool {
     (1..=MAX_KID_LEN).contains(&kid.len()) && kid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn encode_payload(file: &FileRef) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(40);
-    payload.push(FORMAT);
-    payload.push(if file.requires_credentials { FLAG_CREDENTIALS } else { 0 });
-    payload.extend_from_slice(&file.record);
-    put_varint(&mut payload, zigzag(file.tenant));
-    put_varint(&mut payload, u64::from(file.file));
-    put_varint(&mut payload, zigzag(file.exp));
-    payload
-}
-
-fn decode_payload(payload: &[u8]) -> Result<FileRef, TokenError> {
-    let [FORMAT, flags, rest @ ..] = payload else { return Err(TokenError::Malformed) };
-    if flags & !FLAG_CREDENTIALS != 0 || rest.len() < 16 {
-        return Err(TokenError::Malformed);
-    }
-    let (record, mut rest) = rest.split_at(16);
-    let tenant = unzigzag(take_varint(&mut rest)?);
-    let file = u32::try_from(take_varint(&mut rest)?).map_err(|_| TokenError::Malformed)?;
-    let exp = unzigzag(take_varint(&mut rest)?);
-    if !rest.is_empty() {
-        return Err(TokenError::Malformed);
-    }
-    let record = record.try_into().map_err(|_| TokenError::Malformed)?;
-    Ok(FileRef { tenant, record, file, exp, requires_credentials: flags & FLAG_CREDENTIALS != 0 })
-}
-
-fn zigzag(value: i64) -> u64 {
-    ((value << 1) ^ (value >> 63)) as u64
-}
-
-fn unzigzag(value: u64) -> i64 {
-    ((value >> 1) as i64) ^ -((value & 1) as i64)
-}
-
-/// LEB128: seven bits a byte, low first, high bit set on all but the last.
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-/// Reads one LEB128 varint; refuses one past 64 bits or not in its shortest form.
-fn take_varint(input: &mut &[u8]) -> Result<u64, TokenError> {
-    let mut value: u64 = 0;
-    for (i, byte) in input.iter().enumerate() {
-        let bits = u64::from(byte & 0x7f);
-        let shift = 7 * i as u32;
-        if shift >= 64 || (shift == 63 && bits > 1) {
-            return Err(TokenError::Malformed);
-        }
-        value |= bits << shift;
-        if byte & 0x80 == 0 {
-            if i > 0 && bits == 0 {
-                return Err(TokenError::Malformed); // a longer form of a shorter number
-            }
-            *input = &input[i + 1..];
-            return Ok(value);
-        }
-    }
-    Err(TokenError::Malformed)
-}
-
-/// An HMAC-SHA256 state fed with `data`.
-fn mac(secret: &[u8], data: &str) -> HmacSha256 {
-    // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(data.as_bytes());
-    mac
-}
-
 /// Strict base64url: padding and non-zero trailing bits are refused, so each byte string has
-/// exactly one accepted encoding and a token cannot be altered without breaking it.
+/// exactly one accepted encoding.
 fn decode(part: &str) -> Result<Vec<u8>, TokenError> {
     URL_SAFE_NO_PAD.decode(part).map_err(|_| TokenError::Malformed)
 }
@@ -315,6 +336,7 @@ fn decode(part: &str) -> Result<Vec<u8>, TokenError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use serde_json::{json, Value};
 
     const NOW: i64 = 1_800_000_000;
 
@@ -334,11 +356,17 @@ mod tests {
         token.split('.').map(str::to_owned).collect()
     }
 
-    /// Re-signs a hand-made payload with k2, as a forger holding the key could.
-    fn signed(payload: &[u8]) -> String {
-        let input = format!("k2.{}", URL_SAFE_NO_PAD.encode(payload));
-        let signature = mac(b"new-secret-0123456789abcdef0123", &input).finalize().into_bytes();
-        format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
+    fn decoded(part: &str) -> Value {
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+    }
+
+    fn encoded(value: &Value) -> String {
+        URL_SAFE_NO_PAD.encode(value.to_string())
+    }
+
+    /// Signs hand-made claims with k2, as a forger holding the key could.
+    fn signed(claims: Value) -> String {
+        main_keys().sign_jwt(FILE_TOKEN_TYPE, &claims)
     }
 
     #[test]
@@ -352,12 +380,13 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_short_url_safe_and_deterministic() {
+    fn tokens_are_short_url_safe_and_deterministic_jws() {
         let main = main_keys();
         let token = main.sign(&file());
         assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)), "{token}");
-        assert_eq!(parts(&token)[0], "k2");
-        assert!(token.len() <= 100, "{} bytes: {token}", token.len());
+        let header = decoded(&parts(&token)[0]);
+        assert_eq!(header, json!({"typ": "bhf", "alg": "HS256", "kid": "k2"}));
+        assert!(token.len() <= 190, "{} bytes: {token}", token.len());
         assert_eq!(token, main.sign(&file()));
         assert_ne!(token, main.sign(&FileRef { file: 4, ..file() }));
         // The longest possible token stays within the bound.
@@ -368,7 +397,7 @@ mod tests {
             exp: i64::MIN,
             ..file()
         });
-        assert_eq!(longest.len(), MAX_TOKEN_LEN, "{longest}");
+        assert!(longest.len() <= MAX_TOKEN_LEN, "{} bytes: {longest}", longest.len());
     }
 
     #[test]
@@ -376,9 +405,9 @@ mod tests {
         let keys = main_keys();
         let token = keys.sign(&file());
         let p = parts(&token);
-        let mut payload = URL_SAFE_NO_PAD.decode(&p[1]).unwrap();
-        payload[1] = 0;
-        let forged = format!("{}.{}.{}", p[0], URL_SAFE_NO_PAD.encode(&payload), p[2]);
+        let mut claims = decoded(&p[1]);
+        claims.as_object_mut().unwrap().remove("c");
+        let forged = format!("{}.{}.{}", p[0], encoded(&claims), p[2]);
         assert_eq!(keys.verify(&forged, NOW), Err(TokenError::BadSignature));
     }
 
@@ -408,14 +437,32 @@ mod tests {
     }
 
     #[test]
-    fn kid_swap_is_rejected() {
+    fn kid_swap_alg_swap_and_other_token_types_are_rejected() {
         let keys = main_keys();
         let token = keys.sign(&file());
-        let rest = token.strip_prefix("k2").unwrap();
+        let p = parts(&token);
+        let with_header = |header: Value| format!("{}.{}.{}", encoded(&header), p[1], p[2]);
         // Claiming the other known key: the signature no longer matches.
-        assert_eq!(keys.verify(&format!("k1{rest}"), NOW), Err(TokenError::BadSignature));
-        assert_eq!(keys.verify(&format!("k9{rest}"), NOW), Err(TokenError::UnknownKey));
-        assert_eq!(keys.verify(&rest[1..], NOW), Err(TokenError::Malformed));
+        assert_eq!(
+            keys.verify(&with_header(json!({"typ": "bhf", "alg": "HS256", "kid": "k1"})), NOW),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            keys.verify(&with_header(json!({"typ": "bhf", "alg": "HS256", "kid": "k9"})), NOW),
+            Err(TokenError::UnknownKey)
+        );
+        for header in [
+            json!({"typ": "bhf", "alg": "none", "kid": "k2"}),
+            json!({"typ": "bhf", "alg": "HS512", "kid": "k2"}),
+            json!({"typ": "bhf", "alg": "RS256", "kid": "k2"}),
+            json!({"typ": "bhf", "alg": "HS256"}),
+        ] {
+            assert_eq!(keys.verify(&with_header(header.clone()), NOW), Err(TokenError::Malformed), "{header}");
+        }
+        // Same key and claims, another kind of token: refused.
+        let claims = decoded(&p[1]);
+        let access = keys.sign_jwt("at+jwt", &claims);
+        assert_eq!(keys.verify(&access, NOW), Err(TokenError::Malformed));
     }
 
     #[test]
@@ -425,11 +472,17 @@ mod tests {
         let rotated = main_keys();
         assert_eq!(rotated.current_kid(), "k2");
         assert_eq!(rotated.verify(&old_token, NOW), Ok(file()));
-        assert_eq!(parts(&rotated.sign(&file()))[0], "k2");
+        assert_eq!(decoded(&parts(&rotated.sign(&file()))[0])["kid"], "k2");
         let retired = keys(&[("k2", b"new-secret-0123456789abcdef0123")]);
         assert_eq!(retired.verify(&old_token, NOW), Err(TokenError::UnknownKey));
         let reused = keys(&[("k1", b"another-secret")]);
         assert_eq!(reused.verify(&old_token, NOW), Err(TokenError::BadSignature));
+        // A key ring swaps the whole set at once.
+        let ring = KeyRing::new(old);
+        assert_eq!(ring.get().current_kid(), "k1");
+        ring.replace(rotated);
+        assert_eq!(ring.get().current_kid(), "k2");
+        assert_eq!(ring.get().verify(&old_token, NOW), Ok(file()));
     }
 
     #[test]
@@ -442,6 +495,7 @@ mod tests {
             "abc".into(),
             "k2.b".into(),
             format!("{token}.x"),
+            format!("{}=.{}.{}", p[0], p[1], p[2]),
             format!("{}.{}=.{}", p[0], p[1], p[2]),
             format!("{}.{}.{}=", p[0], p[1], p[2]),
             format!("{}.!{}.{}", p[0], p[1], p[2]),
@@ -457,30 +511,30 @@ mod tests {
     }
 
     #[test]
-    fn signed_but_malformed_payloads_are_refused() {
-        let good = encode_payload(&file());
-        let mut wrong_format = good.clone();
-        wrong_format[0] = 2;
-        let mut unknown_flag = good.clone();
-        unknown_flag[1] = 2;
-        let mut trailing = good.clone();
-        trailing.push(0);
-        let mut overlong = good[..18].to_vec();
-        overlong.extend([0x87, 0x00]); // 7 written in two bytes
+    fn signed_but_malformed_claims_are_refused() {
+        let record = URL_SAFE_NO_PAD.encode([0xab; 16]);
+        let good = json!({"t": 7, "r": record, "f": 3, "exp": NOW + 3_600, "c": true});
+        assert_eq!(main_keys().verify(&signed(good.clone()), NOW), Ok(file()));
+        let with = |key: &str, value: Value| {
+            let mut claims = good.clone();
+            claims[key] = value;
+            claims
+        };
+        let mut missing = good.clone();
+        missing.as_object_mut().unwrap().remove("f");
         let cases = [
-            vec![],
-            vec![FORMAT],
-            good[..17].to_vec(),
-            good[..good.len() - 1].to_vec(),
-            wrong_format,
-            unknown_flag,
-            trailing,
-            overlong,
+            json!({}),
+            missing,
+            with("x", json!(1)),
+            with("r", json!(URL_SAFE_NO_PAD.encode([0xab; 15]))),
+            with("r", json!("not base64!")),
+            with("f", json!(-1)),
+            with("t", json!("7")),
+            with("exp", json!(1.5)),
         ];
-        for payload in cases {
-            assert_eq!(main_keys().verify(&signed(&payload), NOW), Err(TokenError::Malformed), "{payload:?}");
+        for claims in cases {
+            assert_eq!(main_keys().verify(&signed(claims.clone()), NOW), Err(TokenError::Malformed), "{claims}");
         }
-        assert_eq!(main_keys().verify(&signed(&good), NOW), Ok(file()));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod id;
 pub mod instant;
 pub mod outcome;
 pub mod resource_type;
+pub mod type_filter;
 pub mod validation;
 
 pub use exact_json::parse_exact;

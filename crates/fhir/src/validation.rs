@@ -52,6 +52,32 @@ pub fn validate_resource(resource: &Value) -> Vec<Violation> {
     validator.violations
 }
 
+/// A top-level element of a resource type, as `_elements` needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopElement {
+    /// The JSON property name (a choice is listed once per type: `valueQuantity`, `valueString`…).
+    pub name: &'static str,
+    /// min ≥ 1 (for a choice: one of its forms is required).
+    pub required: bool,
+    /// Part of a choice element (`value[x]`).
+    pub choice: bool,
+}
+
+/// The top-level elements of an R4 resource type; `None` for an unknown type.
+pub fn top_level_elements(resource_type: &str) -> Option<Vec<TopElement>> {
+    let row = resource_row(resource_type)?;
+    Some(
+        row.elements()
+            .iter()
+            .map(|element| TopElement {
+                name: element.name(),
+                required: element.required != 0,
+                choice: element.choice != 0,
+            })
+            .collect(),
+    )
+}
+
 /// One element of a row (see the generated table).
 #[derive(Debug, Clone, Copy)]
 struct Element {

@@ -199,6 +199,8 @@ mod tests {
                         tenant_name: "acme".into(),
                         client_id: "bh_client".into(),
                         visibility: Visibility::Tenant,
+                        grant: crate::scopes::Grant::Full,
+                        method: crate::auth::AuthMethod::ClientHeaders,
                     };
                     record_caller(&caller);
                     Body::from_stream(chunks())

@@ -9,12 +9,13 @@ use bulkhead_fhir::{format_instant, IssueType};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::credentials::register_client;
 use crate::error::ApiError;
 use crate::negotiation::JsonBody;
+use crate::registration::create_client as create_client_with;
 use crate::state::AppState;
 use axum::extract::{FromRequest, Request};
 use axum::middleware::Next;
+use bulkhead_store::ClientRegistration;
 
 /// Checks the admin token; every admin handler calls it before reading anything else of the
 /// request (a body is parsed only for a caller known to be the admin).
@@ -73,21 +74,64 @@ pub async fn list_tenants(State(state): State<AppState>, headers: HeaderMap) -> 
 
 pub async fn create_client(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(tenant_name): Path<String>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    require_admin(&state, request.headers())?;
+    let registration = client_registration(&state, request).await?;
+    let allow_http = state.config.allow_http_jwks_urls;
     let (record, credentials) = state
         .blocking(move |store| {
             let tenant = store
                 .tenant_by_name(&tenant_name)?
                 .ok_or_else(|| ApiError::not_found(format!("no tenant '{tenant_name}'")))?;
-            Ok(register_client(store, tenant.id)?)
+            create_client_with(store, tenant.id, registration.as_ref(), allow_http)
         })
         .await?;
     tracing::info!(client_id = %record.client_id, tenant = %record.tenant_name, "client created");
     let body = json!({"client_id": record.client_id, "client_secret": credentials.client_secret, "tenant": record.tenant_name});
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// The optional SMART registration in a client-creation body: `{"jwks": {...}}` or
+/// `{"jwks_url": "..."}`, `"scopes": "system/*.rs ..."`, `"token_ttl_seconds": 300`. No body: a
+/// client-headers client with full access to its tenant.
+async fn client_registration(state: &AppState, request: Request) -> Result<Option<ClientRegistration>, ApiError> {
+    let bytes = axum::body::to_bytes(request.into_body(), state.config.max_body_bytes)
+        .await
+        .map_err(|_| ApiError::bad_request(IssueType::Invalid, "the request body could not be read"))?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let body: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|error| ApiError::bad_request(IssueType::Invalid, format!("the body is not JSON: {error}")))?;
+    let field_error = |name: &str, what: &str| {
+        ApiError::bad_request(IssueType::Value, format!("{name} must be {what}")).at(name.to_owned())
+    };
+    let jwks = match body.get("jwks") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(set @ serde_json::Value::Object(_)) => Some(set.to_string()),
+        Some(_) => return Err(field_error("jwks", "a JWK Set object")),
+    };
+    let text = |name: &str| -> Result<Option<String>, ApiError> {
+        match body.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(text)) => Ok(Some(text.clone())),
+            Some(_) => Err(field_error(name, "a string")),
+        }
+    };
+    let token_ttl_seconds = match body.get("token_ttl_seconds") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(value) => Some(
+            value
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| field_error("token_ttl_seconds", "a number of seconds"))?,
+        ),
+    };
+    let registration =
+        ClientRegistration { jwks, jwks_url: text("jwks_url")?, scopes: text("scopes")?, token_ttl_seconds };
+    Ok((registration != ClientRegistration::default()).then_some(registration))
 }
 
 pub async fn list_clients(

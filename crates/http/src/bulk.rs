@@ -7,23 +7,26 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bulkhead_export::files::{open_file_view, write_file};
-use bulkhead_export::params::parse_group_export_params;
+use bulkhead_export::params::{parse_export_params, ParseContext};
 use bulkhead_export::prefer::parse_prefer;
 use bulkhead_export::record::PlannedExport;
 use bulkhead_export::token::{record_id, FileClaims, FileKind, FileRef, TokenError};
-use bulkhead_export::{plan_group_export, plan_group_export_at, ExportError, GroupExportPlan, GroupExportRequest};
+use bulkhead_export::{
+    plan_group_export, plan_group_export_at, ExportError, ExportLevel, GroupExportPlan, GroupExportRequest,
+};
 use bulkhead_fhir::{format_instant, now_micros, IssueType};
 use bulkhead_store::{ExportRecord, TenantId};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
-use crate::auth::{authenticate, Caller};
+use crate::auth::{authenticate, authorize, AuthMethod, Caller};
 use crate::encoding::{encode, negotiate};
 use crate::error::ApiError;
-use crate::negotiation::check_accept;
+use crate::negotiation::{check_accept, JsonBody};
+use crate::scopes::{Access, Grant};
 use crate::state::AppState;
 use crate::urls::base_url;
 
@@ -39,6 +42,7 @@ impl From<ExportError> for ApiError {
         match error {
             ExportError::NotFound(what) => ApiError::not_found(what),
             ExportError::Gone(what) => ApiError::new(StatusCode::GONE, IssueType::Deleted, what),
+            ExportError::Invalid(what) => ApiError::bad_request(IssueType::Value, what),
             ExportError::HistoryPruned(what) => ApiError::bad_request(IssueType::Value, what).at("_since"),
             ExportError::Store(store_error) => store_error.into(),
             // Only a cancelled job's planner sees it, and nobody is waiting for that answer.
@@ -55,42 +59,113 @@ pub(crate) fn now_seconds() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
 
-/// `GET [/bulk-data]/r4/Group/{id}/$export`. Both modes plan the export the same way and build
-/// the same manifest; `Prefer: respond-async` only changes how it is delivered: a 202 as soon as
-/// the request and the Group are checked, the plan made in the background at the kick-off's
-/// transaction time, and the manifest at the job's status URL instead of the 200 body.
+/// `GET|POST [/bulk-data]/r4/Group/{id}/$export`.
 pub async fn kick_off(
     State(state): State<AppState>,
     Path(group_id): Path<String>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
+    kick_off_at(state, ExportLevel::Group(group_id), uri, headers, None).await
+}
+
+/// `[/bulk-data]/r4/$export` and `[/bulk-data]/r4/Patient/$export` by GET.
+pub async fn system_kick_off(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    kick_off_at(state, ExportLevel::System, uri, headers, None).await
+}
+
+pub async fn patient_kick_off(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    kick_off_at(state, ExportLevel::Patient, uri, headers, None).await
+}
+
+/// The POST kick-offs: the parameters come as a FHIR `Parameters` body.
+pub async fn system_kick_off_post(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    kick_off_at(state, ExportLevel::System, uri, headers, Some(body.0)).await
+}
+
+pub async fn patient_kick_off_post(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    kick_off_at(state, ExportLevel::Patient, uri, headers, Some(body.0)).await
+}
+
+pub async fn group_kick_off_post(
+    State(state): State<AppState>,
+    Path(group_id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    kick_off_at(state, ExportLevel::Group(group_id), uri, headers, Some(body.0)).await
+}
+
+/// A kick-off at any level, by GET (`parameters` None: the query string) or POST (a
+/// `Parameters` body). Every level plans the same way and builds the same manifest; the base
+/// decides the manner: `/bulk-data/r4` keeps 1upHealth's (without `Prefer: respond-async`, 200
+/// with the manifest at once), `/r4` follows the Bulk Data IG (always asynchronous: 202 as soon
+/// as the request is checked, the plan made in the background at the kick-off's transaction
+/// time, and the manifest at the job's status URL).
+pub(crate) async fn kick_off_at(
+    state: AppState,
+    level: ExportLevel,
+    uri: Uri,
+    headers: HeaderMap,
+    parameters: Option<Value>,
+) -> Result<Response, ApiError> {
+    let method = if parameters.is_some() { Method::POST } else { Method::GET };
+    let caller = authorize(&state, &method, uri.path(), &headers).await?;
     check_accept(&headers)?;
     let preferences = parse_prefer(headers.get_all("prefer").iter().filter_map(|value| value.to_str().ok()));
     let raw_query = uri.query().unwrap_or("");
-    let pairs: Vec<(String, String)> = form_urlencoded::parse(raw_query.as_bytes())
+    let mut pairs: Vec<(String, String)> = form_urlencoded::parse(raw_query.as_bytes())
         .into_owned()
         .filter(|(name, _)| !crate::negotiation::is_general_param(name))
         .collect();
-    let (params, warnings) = parse_group_export_params(&pairs, preferences.lenient)
+    let post = parameters.is_some();
+    if let Some(parameters) = &parameters {
+        pairs.extend(parameters_as_pairs(parameters)?);
+    }
+    let context = ParseContext { level: &level, lenient: preferences.lenient, post };
+    let (mut params, warnings) = parse_export_params(&pairs, context)
         .map_err(|error| ApiError::from_issue(StatusCode::BAD_REQUEST, error.issue))?;
+    params.types = exportable_types(&caller, &level, params.types)?;
     let with_since = params.since.is_some();
     let running = crate::quotas::admit_export(&state, &caller)?;
     let request = GroupExportRequest {
         tenant: caller.tenant,
         client_id: caller.client_id.clone(),
         visibility: caller.visibility.clone(),
-        group_id: group_id.clone(),
+        level: level.clone(),
         params,
         warnings,
         part_size: state.config.export_part_size,
     };
-    let urls = FileUrls::new(&state, caller.tenant);
+    let urls = FileUrls::new(&state, &caller);
     let base = base_url(&state, &headers);
-    let request_url = format!("{base}{}", uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()));
-    if preferences.respond_async {
-        // The 202 goes out once the Group is checked and the job stored; the plan follows.
+    // Bulk Data IG §manifest `request`: the full URL of a GET; a POST's without its parameters.
+    let request_url = match post {
+        false => format!("{base}{}", uri.path_and_query().map_or(uri.path(), |pq| pq.as_str())),
+        true => format!("{base}{}", uri.path()),
+    };
+    let standard_base = !uri.path().starts_with("/bulk-data/");
+    if preferences.respond_async || standard_base {
+        // The 202 goes out once the request is checked and the job stored; the plan follows.
         let manifest_state = state.clone();
         let manifest_base = base.clone();
         let planned_request = request.clone();
@@ -111,11 +186,83 @@ pub async fn kick_off(
             Ok(plan)
         })
         .await?;
-    tracing::info!(group = %group_id, files = plan.export.files.len(), millis = started.elapsed().as_millis() as u64, "export planned");
+    tracing::info!(level = ?level, files = plan.export.files.len(), millis = started.elapsed().as_millis() as u64, "export planned");
     let manifest = manifest(&state, &urls, &base, &request_url, plan, with_since);
     let mut response = (StatusCode::OK, manifest.body.to_string()).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
+}
+
+/// A POST kick-off's `Parameters` body as `(name, value)` text pairs, in order, for the same
+/// parser a GET query goes through. Each parameter needs a `name` and exactly one primitive
+/// `value[x]` (or a `valueReference`, whose `reference` is the text).
+fn parameters_as_pairs(parameters: &Value) -> Result<Vec<(String, String)>, ApiError> {
+    let invalid = |message: String| ApiError::bad_request(IssueType::Invalid, message);
+    if parameters.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return Err(invalid("a POST $export takes a Parameters resource as its body".to_owned()));
+    }
+    let entries = match parameters.get("parameter") {
+        None => return Ok(Vec::new()),
+        Some(Value::Array(entries)) => entries,
+        Some(_) => return Err(invalid("Parameters.parameter must be an array".to_owned())),
+    };
+    let mut pairs = Vec::with_capacity(entries.len());
+    for (index, entry) in entries.iter().enumerate() {
+        let Some(name) = entry.get("name").and_then(Value::as_str) else {
+            return Err(invalid(format!("Parameters.parameter[{index}] has no name")));
+        };
+        let values: Vec<(&String, &Value)> =
+            entry.as_object().into_iter().flatten().filter(|(key, _)| key.starts_with("value")).collect();
+        let text = match values.as_slice() {
+            [(key, Value::Object(reference))] if key.as_str() == "valueReference" => {
+                reference.get("reference").and_then(Value::as_str).map(str::to_owned)
+            }
+            [(_, Value::String(text))] => Some(text.clone()),
+            [(_, value @ (Value::Bool(_) | Value::Number(_)))] => Some(value.to_string()),
+            _ => None,
+        };
+        let Some(text) = text else {
+            return Err(invalid(format!(
+                "Parameters.parameter[{index}] ('{}') needs exactly one primitive value[x] or a valueReference",
+                name.chars().take(64).collect::<String>()
+            )));
+        };
+        pairs.push((name.to_owned(), text));
+    }
+    Ok(pairs)
+}
+
+/// The types an export of `caller` covers (SMART backend-services: a Group export needs read
+/// on Group; an explicit `_type` the scopes do not cover fails the kick-off with 403; without
+/// `_type` only the covered types are exported).
+fn exportable_types(
+    caller: &Caller,
+    level: &ExportLevel,
+    requested: Option<Vec<String>>,
+) -> Result<Option<Vec<String>>, ApiError> {
+    if caller.grant == Grant::Full {
+        return Ok(requested);
+    }
+    if level.group().is_some() {
+        caller.require("Group", Access::Read)?;
+    }
+    match requested {
+        Some(types) => {
+            for resource_type in &types {
+                caller.require(resource_type, Access::Read)?;
+            }
+            Ok(Some(types))
+        }
+        None => {
+            let covered: Vec<String> = level
+                .exportable_types()
+                .into_iter()
+                .filter(|resource_type| caller.grant.permits(resource_type, Access::Read))
+                .map(str::to_owned)
+                .collect();
+            Ok(Some(covered))
+        }
+    }
 }
 
 /// The path segment a file URL carries for its kind.
@@ -140,9 +287,13 @@ struct FileUrls {
 }
 
 impl FileUrls {
-    fn new(state: &AppState, tenant: TenantId) -> FileUrls {
+    /// An export started with an access token always needs one to download (Bulk Data:
+    /// `requiresAccessToken: true`); one started with client credentials follows
+    /// `file_urls_require_credentials`.
+    fn new(state: &AppState, caller: &Caller) -> FileUrls {
         let config = &state.config;
-        let requires_credentials = config.file_urls_require_credentials;
+        let tenant = caller.tenant;
+        let requires_credentials = config.file_urls_require_credentials || caller.method == AuthMethod::Bearer;
         let ttl = if requires_credentials { config.file_url_ttl } else { config.self_authorising_url_ttl };
         let issued = now_seconds();
         let record = *uuid::Uuid::new_v4().as_bytes();
@@ -189,8 +340,9 @@ fn manifest(
     with_since: bool,
 ) -> Manifest {
     let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
+    let keys = state.token_keys.get();
     for (index, file) in plan.export.files.iter().enumerate() {
-        let token = state.token_keys.sign(&urls.file(index));
+        let token = keys.sign(&urls.file(index));
         let item_type = url_type(file.kind, &file.resource_type);
         let item = json!({"type": item_type, "url": format!("{base}/bulk-data/r4/$export/{item_type}/{token}.ndjson"), "count": file.total});
         match file.kind {
@@ -261,13 +413,13 @@ pub async fn download(
         exported.sent(*result.as_ref().unwrap_or(&0), writer.sent);
         match result {
             Ok(written) if written != claims.total => {
-                tracing::error!(group = %claims.group, resource_type = %claims.resource_type, written, planned = claims.total, "export file line count differs from its manifest count");
+                tracing::error!(level = ?claims.level, resource_type = %claims.resource_type, written, planned = claims.total, "export file line count differs from its manifest count");
             }
             Ok(_) => {}
             // Dropping the sender without `Complete` ends the body with an error, so the client
             // sees a broken download, never a short file that looks whole.
             Err(error) => {
-                tracing::warn!(group = %claims.group, resource_type = %claims.resource_type, error = %error, "export file stream ended early");
+                tracing::warn!(level = ?claims.level, resource_type = %claims.resource_type, error = %error, "export file stream ended early");
             }
         }
     });
@@ -360,7 +512,7 @@ fn no_such_file() -> ApiError {
 
 fn verify_file_token(state: &AppState, file: &str) -> Result<FileRef, ApiError> {
     let token = file.strip_suffix(".ndjson").ok_or_else(no_such_file)?;
-    let file_ref = state.token_keys.verify(token, now_seconds()).map_err(|error| match error {
+    let file_ref = state.token_keys.get().verify(token, now_seconds()).map_err(|error| match error {
         TokenError::Expired => ApiError::new(
             StatusCode::UNAUTHORIZED,
             IssueType::Security,

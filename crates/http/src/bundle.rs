@@ -15,6 +15,7 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::negotiation::{check_accept, fhir_response, JsonBody};
 use crate::rest::{known_type, parse_version_tag};
+use crate::scopes::Access;
 use crate::search::{conditional_query, find_one};
 use crate::state::AppState;
 use crate::validate::validate_resource;
@@ -149,6 +150,15 @@ async fn plan_entry(
         ));
     }
     known_type(&resource_type).map_err(|error| ApiError { status: StatusCode::BAD_REQUEST, ..error })?;
+    // Each entry within the caller's scopes, as the same request on its own would be.
+    let access = match (method.as_str(), &url_id) {
+        ("POST", _) => Access::Create,
+        ("PUT" | "PATCH", _) => Access::Update,
+        ("DELETE", _) => Access::Delete,
+        ("GET", Some(_)) => Access::Read,
+        _ => Access::Search,
+    };
+    caller.require(&resource_type, access)?;
     let (max_members, validation) = (state.config.max_group_members, state.config.validation_for(&caller.tenant_name));
     match method.as_str() {
         "POST" => {

@@ -19,14 +19,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bulkhead_export::{check_group, GroupExportRequest, PlanProgress, PlanStep};
 use bulkhead_fhir::{now_micros, operation_outcome, Issue, IssueType, Micros};
 use bulkhead_store::{ExportJob, ExportJobState, Store, StoreError, TenantId};
 use tokio::sync::watch;
 
-use crate::auth::{authenticate, Caller};
+use crate::auth::{authorize, Caller};
 use crate::bulk::Manifest;
 use crate::error::ApiError;
 use crate::negotiation::{check_accept, fhir_response, http_date};
@@ -245,9 +245,10 @@ pub(crate) fn sweep_expired(store: &dyn Store, now: Micros) {
 pub async fn status(
     State(state): State<AppState>,
     Path(job_id): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
+    let caller = authorize(&state, &Method::GET, uri.path(), &headers).await?;
     check_accept(&headers)?;
     let mut job = lookup(&state, &caller, &job_id).await?;
     let mut progress = Progress::Queued;
@@ -321,9 +322,10 @@ async fn lookup(state: &AppState, caller: &Caller, job_id: &str) -> Result<Expor
 pub async fn cancel(
     State(state): State<AppState>,
     Path(job_id): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
+    let caller = authorize(&state, &Method::DELETE, uri.path(), &headers).await?;
     check_accept(&headers)?;
     let lookup = caller.clone();
     let deleted = state

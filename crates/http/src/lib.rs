@@ -3,6 +3,7 @@
 //! admin API, and the error → OperationOutcome mapping.
 
 pub mod access_log;
+pub mod access_token;
 pub mod admin;
 pub mod auth;
 pub mod bulk;
@@ -14,6 +15,7 @@ pub mod encoding;
 pub mod error;
 pub mod export_status;
 pub mod health;
+pub mod jwks;
 pub mod log_value;
 pub mod login_limits;
 pub mod metrics;
@@ -21,17 +23,20 @@ pub mod ndjson_import;
 pub mod negotiation;
 pub mod plain_errors;
 pub mod quotas;
+pub mod registration;
 pub mod rest;
+pub mod scopes;
 pub mod search;
 pub mod stall;
 pub mod state;
 pub mod timeouts;
+pub mod token_endpoint;
 pub mod upload;
 pub mod urls;
 pub mod validate;
 
 use axum::extract::{FromRequest, MatchedPath, Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderName, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
@@ -55,13 +60,22 @@ pub fn router(state: AppState) -> Router {
         .route("/r4", post(bundle::process_bundle))
         .route("/r4/{type}", get(type_get).post(type_post))
         .route("/r4/{type}/{id}", get(rest::read).put(rest::update).delete(rest::delete))
-        .route("/r4/{type}/{id}/{operation}", get(instance_operation))
+        .route("/r4/{type}/{id}/{operation}", get(instance_operation).post(instance_operation_post))
+        .route("/r4/Patient/$export", get(bulk::patient_kick_off).post(bulk::patient_kick_off_post))
         .route("/r4/{type}/{id}/_history/{version}", get(rest::vread))
-        .route("/bulk-data/r4/Group/{id}/$export", get(bulk::kick_off))
+        .route("/bulk-data/r4/Group/{id}/$export", get(bulk::kick_off).post(bulk::group_kick_off_post))
+        .route("/bulk-data/r4/Patient/$export", get(bulk::patient_kick_off).post(bulk::patient_kick_off_post))
+        .route("/bulk-data/r4/$export", get(bulk::system_kick_off).post(bulk::system_kick_off_post))
+        .route("/bulk-data/r4/metadata", get(bulk_metadata))
         .route("/bulk-data/r4/$export/{type}/{file}", get(bulk::download))
         .route("/bulk-data/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
         .route("/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
         .route_layer(axum::middleware::from_fn(negotiation::general_params));
+    // SMART Backend Services: discovery at each FHIR base, and the token endpoint.
+    let smart = Router::new()
+        .route("/r4/.well-known/smart-configuration", get(token_endpoint::smart_configuration))
+        .route("/bulk-data/r4/.well-known/smart-configuration", get(token_endpoint::smart_configuration))
+        .route(token_endpoint::TOKEN_PATH, post(token_endpoint::token));
     let admin = Router::new()
         .route("/admin/tenants", get(admin::list_tenants).post(admin::create_tenant))
         .route("/admin/tenants/{tenant}/clients", get(admin::list_clients).post(admin::create_client))
@@ -73,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz/live", get(health::live))
         .route("/metrics", get(metrics::scrape))
         .merge(fhir)
+        .merge(smart)
         .merge(admin)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -105,29 +120,45 @@ pub fn router(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
-/// `GET /r4/metadata` (public) or a type-level search.
+/// `GET /bulk-data/r4/metadata` (public): the same CapabilityStatement as `/r4/metadata`.
+async fn bulk_metadata(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    negotiation::check_accept(&headers)?;
+    Ok(capability::metadata_response(&urls::base_url(&state, &headers)))
+}
+
+/// `GET /r4/metadata` (public), `GET /r4/$export` (system-level export) or a type-level search.
 async fn type_get(
     State(state): State<AppState>,
     Path(resource_type): Path<String>,
     RawQuery(query): RawQuery,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if resource_type == "metadata" {
         negotiation::check_accept(&headers)?;
         return Ok(capability::metadata_response(&urls::base_url(&state, &headers)));
     }
-    let caller = auth::authenticate(&state, &headers).await?;
+    if resource_type == "$export" {
+        return bulk::system_kick_off(State(state), uri, headers).await;
+    }
+    let caller = auth::authorize(&state, &method, uri.path(), &headers).await?;
     search::search(state, caller, resource_type, query, headers).await
 }
 
-/// `POST /r4/$upload-ndjson` or a create.
+/// `POST /r4/$upload-ndjson`, `POST /r4/$export` (system-level export) or a create.
 async fn type_post(
     State(state): State<AppState>,
     Path(resource_type): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let caller = auth::authenticate(&state, &headers).await?;
+    if resource_type == "$export" {
+        let body = negotiation::JsonBody::from_request(request, &state).await?;
+        return bulk::system_kick_off_post(State(state), uri, headers, body).await;
+    }
+    let caller = auth::authorize(&state, request.method(), request.uri().path(), &headers).await?;
     if resource_type == "$upload-ndjson" {
         return upload::upload_ndjson(state, caller, headers, request.into_body()).await;
     }
@@ -144,13 +175,36 @@ async fn instance_operation(
 ) -> Result<Response, ApiError> {
     match (resource_type.as_str(), operation.as_str()) {
         (_, "_history") => {
-            let caller = auth::authenticate(&state, &headers).await?;
+            let caller = auth::authorize(&state, &Method::GET, uri.path(), &headers).await?;
             rest::history(state, caller, resource_type, id, headers).await
         }
         ("Group", "$export") => bulk::kick_off(State(state), Path(id), uri, headers).await,
-        (_, "$export") => {
-            Err(ApiError::bad_request(bulkhead_fhir::IssueType::NotSupported, "only Group/[id]/$export is supported"))
-        }
+        (_, "$export") => Err(export_elsewhere()),
         _ => Err(ApiError::not_found(format!("no operation '{operation}' on {resource_type}"))),
     }
+}
+
+/// `POST /r4/Group/{id}/$export` (a `Parameters` body).
+async fn instance_operation_post(
+    State(state): State<AppState>,
+    Path((resource_type, id, operation)): Path<(String, String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    match (resource_type.as_str(), operation.as_str()) {
+        ("Group", "$export") => {
+            let body = negotiation::JsonBody::from_request(request, &state).await?;
+            bulk::group_kick_off_post(State(state), Path(id), uri, headers, body).await
+        }
+        (_, "$export") => Err(export_elsewhere()),
+        _ => Err(ApiError::not_found(format!("no operation '{operation}' on {resource_type}"))),
+    }
+}
+
+fn export_elsewhere() -> ApiError {
+    ApiError::bad_request(
+        bulkhead_fhir::IssueType::NotSupported,
+        "$export is available at [base]/$export, [base]/Patient/$export and [base]/Group/[id]/$export",
+    )
 }

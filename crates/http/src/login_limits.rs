@@ -139,9 +139,20 @@ fn client_key(id: &[u8]) -> Vec<u8> {
     id[..id.len().min(128)].to_vec()
 }
 
-/// The presented client id's raw bytes, if any.
-fn presented_client_id(headers: &HeaderMap) -> Option<&[u8]> {
-    headers.get("client_id").or_else(|| headers.get("client-id")).map(HeaderValue::as_bytes)
+/// The presented client id's raw bytes, if any: a client header, or the id of HTTP Basic.
+fn presented_client_id(headers: &HeaderMap) -> Option<Vec<u8>> {
+    if let Some(id) = headers.get("client_id").or_else(|| headers.get("client-id")) {
+        return Some(id.as_bytes().to_vec());
+    }
+    let authorization = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, value) = authorization.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(value.trim()).ok()?;
+    let id = decoded.split(|b| *b == b':').next()?;
+    Some(id.to_vec())
 }
 
 /// Whether a request carries credentials of any kind (client headers or an admin token).
@@ -153,11 +164,13 @@ fn carries_credentials(headers: &HeaderMap) -> bool {
 /// Middleware: refuses (429) credentialed requests from a peer or for a client id over its
 /// limit, and counts the credentials other layers refused.
 pub async fn limit_failed_logins(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if !carries_credentials(request.headers()) {
+    // Token requests carry their credentials in the body: every one counts as a login.
+    let token_request = request.uri().path() == crate::token_endpoint::TOKEN_PATH;
+    if !carries_credentials(request.headers()) && !token_request {
         return next.run(request).await;
     }
     let peer = crate::connections::peer_address(&request).map(|address| address.ip());
-    let client_id = presented_client_id(request.headers()).map(<[u8]>::to_vec);
+    let client_id = presented_client_id(request.headers());
     let limiter = &state.login_limiter;
     if let Some(wait) = limiter.retry_after(peer, client_id.as_deref()) {
         let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);

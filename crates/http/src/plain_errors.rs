@@ -22,7 +22,9 @@ pub async fn errors_as_operation_outcomes(request: Request, next: Next) -> Respo
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.starts_with(crate::FHIR_JSON));
-    if !(status.is_client_error() || status.is_server_error()) || is_fhir {
+    // The token endpoint answers in OAuth's shape (RFC 6749 §5.2), which clients parse.
+    let is_oauth = response.extensions().get::<crate::token_endpoint::OAuthAnswer>().is_some();
+    if !(status.is_client_error() || status.is_server_error()) || is_fhir || is_oauth {
         return response;
     }
     let (parts, body) = response.into_parts();

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_export::token::TokenKeys;
+use bulkhead_export::token::{KeyRing, TokenKeys};
 use bulkhead_store::Store;
 
 use crate::credentials::SecretVerifier;
@@ -51,6 +51,12 @@ pub struct HttpConfig {
     /// connection); one more waits up to `download_queue_wait`, then gets 429 + `Retry-After`.
     pub max_concurrent_downloads: usize,
     pub download_queue_wait: Duration,
+    /// Lifetime of access tokens for clients registered without their own.
+    pub access_token_ttl: Duration,
+    /// Timeout of one fetch of a client's JWKS URL.
+    pub jwks_fetch_timeout: Duration,
+    /// Development only: accept plain-http JWKS URLs on any host (always accepted on loopback).
+    pub allow_http_jwks_urls: bool,
     /// Whether `GET /metrics` answers (with the admin token).
     pub metrics: bool,
     /// Per-tenant limits.
@@ -85,6 +91,9 @@ impl Default for HttpConfig {
             download_stall_timeout: Duration::from_secs(60),
             max_concurrent_downloads: 8,
             download_queue_wait: Duration::from_secs(10),
+            access_token_ttl: Duration::from_secs(300),
+            jwks_fetch_timeout: Duration::from_secs(5),
+            allow_http_jwks_urls: false,
             metrics: false,
             quotas: crate::quotas::QuotaConfig::default(),
         }
@@ -122,7 +131,10 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub config: Arc<HttpConfig>,
     pub verifier: Arc<SecretVerifier>,
-    pub token_keys: Arc<TokenKeys>,
+    /// The keys of file tokens and access tokens (replaced when the key file is rotated).
+    pub token_keys: Arc<KeyRing>,
+    /// Clients' JWK Sets fetched by URL.
+    pub jwks: Arc<crate::jwks::JwksCache>,
     pub login_limiter: Arc<crate::login_limits::LoginLimiter>,
     /// Background planners of asynchronous exports running in this process.
     pub planners: Arc<crate::export_status::Planners>,
@@ -140,11 +152,12 @@ impl AppState {
             store,
             login_limiter: Arc::new(crate::login_limits::LoginLimiter::new(config.login_limits.clone())),
             download_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_downloads.max(1))),
+            jwks: Arc::new(crate::jwks::JwksCache::new(config.jwks_fetch_timeout, config.allow_http_jwks_urls)),
             metrics: config.metrics.then(|| Arc::new(crate::metrics::Metrics::new())),
             quotas: Arc::default(),
             config: Arc::new(config),
             verifier: Arc::new(SecretVerifier::new()),
-            token_keys: Arc::new(token_keys),
+            token_keys: Arc::new(KeyRing::new(token_keys)),
             planners: Arc::new(crate::export_status::Planners::default()),
         }
     }

@@ -1,4 +1,5 @@
-//! Correctness oracle for Group export.
+//! Correctness oracle for Group export, and for system- and Patient-level exports with
+//! `_typeFilter` and `_elements`.
 //!
 //! Property test: random scenarios (two tenants with the same patient and resource ids, a target
 //! Group and a decoy Group per tenant, resources of several compartment types, updates that move
@@ -24,6 +25,15 @@
 //! - `error[]`: one OperationOutcome per active member whose Patient does not exist at T;
 //! - manifest `count` = lines in the file; `extension.removedMembers` = members at `_since` that
 //!   are no longer members at T;
+//! - system level: every resource of the tenant whose version at T is live and `lastUpdated >
+//!   _since`; `deleted[]`: every resource whose version at T is a tombstone made after `_since`;
+//! - Patient level: as a Group whose members are the Patients live at T, every one of them a
+//!   continuing member (no full-history lift), and no Group resources;
+//! - `_typeFilter` (brute force here over each version's JSON, one predicate per query): a
+//!   filtered type keeps the resources matching any of its queries, counts included;
+//!   `deleted[]` is not filtered (a tombstone has nothing to match);
+//! - `_elements=identifier`: each line keeps `resourceType`, `id`, `meta`, `identifier` and the
+//!   type's mandatory elements (listed here from the R4 specification), with the SUBSETTED tag;
 //! - a client that keeps a replica (full export, then `_since` = previous `transactionTime`;
 //!   it removes `deleted[]`, drops what it holds only through removed members, i.e. resources in
 //!   no continuing member's compartment, and stores `output`) holds exactly a full export at T,
@@ -123,6 +133,15 @@ enum Step {
     DeleteGroup {
         tenant: usize,
     },
+    /// A system- (`system`) or Patient-level export on the standard base, with the
+    /// `_typeFilter` set `FILTERS[filter % FILTERS.len()]` and optionally `_elements=identifier`.
+    Standard {
+        tenant: usize,
+        system: bool,
+        since: SinceChoice,
+        filter: u8,
+        elements: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -156,7 +175,9 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         3 => (tenant.clone(), proptest::option::of(1..128u8), since_strategy(), proptest::bool::weighted(0.3))
             .prop_map(|(tenant, types, since, deferred)| Step::Export { tenant, types, since, deferred }),
         1 => tenant.clone().prop_map(|tenant| Step::Sync { tenant }),
-        1 => tenant.prop_map(|tenant| Step::DeleteGroup { tenant }),
+        1 => tenant.clone().prop_map(|tenant| Step::DeleteGroup { tenant }),
+        3 => (tenant, any::<bool>(), since_strategy(), any::<u8>(), proptest::bool::weighted(0.3))
+            .prop_map(|(tenant, system, since, filter, elements)| Step::Standard { tenant, system, since, filter, elements }),
     ]
 }
 
@@ -545,7 +566,7 @@ async fn kick_off(server: &Tenants, tenant: usize, types: Option<Vec<&'static st
     }
     let query = query.finish();
     let what = format!("tenant {tenant} export ?{query}");
-    let reply = server.send(tenant, get(&format!("/r4/Group/{TARGET_GROUP}/$export?{query}"))).await;
+    let reply = server.send(tenant, get(&format!("/bulk-data/r4/Group/{TARGET_GROUP}/$export?{query}"))).await;
     assert_eq!(reply.status, StatusCode::OK, "{what}: {}", reply.text());
     let content_type = reply.header("content-type");
     assert!(content_type.contains("application/json"), "{what}: manifest content type {content_type}");
@@ -753,7 +774,8 @@ async fn run(scenario: Scenario) {
         model.decoy_entries = model.patients.clone();
         let decoy =
             group_body(DECOY_GROUP, &model.decoy_entries.iter().map(|p| (p.clone(), false)).collect::<Vec<_>>());
-        server.put(tenant, &decoy).await;
+        let ver = server.put(tenant, &decoy).await;
+        model.record(("Group".into(), DECOY_GROUP.into()), ver);
     }
     let mut steps = scenario.steps.clone();
     steps.extend([
@@ -765,7 +787,7 @@ async fn run(scenario: Scenario) {
     let mut pending: Option<(usize, Kicked)> = None;
     for step in steps {
         // An export checkpoint first completes a deferred one.
-        if matches!(step, Step::Export { .. } | Step::Sync { .. }) {
+        if matches!(step, Step::Export { .. } | Step::Sync { .. } | Step::Standard { .. }) {
             if let Some((tenant, kicked)) = pending.take() {
                 collect(&server, &models[tenant], tenant, kicked).await;
             }
@@ -884,7 +906,8 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
                         DECOY_GROUP,
                         &model.decoy_entries.iter().map(|p| (p.clone(), false)).collect::<Vec<_>>(),
                     );
-                    server.put(tenant, &decoy).await;
+                    let ver = server.put(tenant, &decoy).await;
+                    model.record(("Group".into(), DECOY_GROUP.into()), ver);
                     return;
                 }
             }
@@ -895,13 +918,7 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
             if !group_is_live(server, model, tenant).await {
                 return;
             }
-            let since = match since {
-                SinceChoice::None => None,
-                SinceChoice::Checkpoint(k) => {
-                    (!model.checkpoints.is_empty()).then(|| model.checkpoints[k as usize % model.checkpoints.len()])
-                }
-                SinceChoice::WriteTime(k) => Some(model.write_times[k as usize % model.write_times.len()]),
-            };
+            let since = pick_since(model, since);
             let kicked = kick_off(server, tenant, type_list(types), since).await;
             model.checkpoints.push(kicked.transaction_time);
             if deferred {
@@ -915,6 +932,11 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
                 sync(server, &mut models[tenant], tenant).await;
             }
         }
+        Step::Standard { tenant, system, since, filter, elements } => {
+            let model = &mut models[tenant];
+            let since = pick_since(model, since);
+            standard_export(server, model, tenant, system, since, filter, elements).await;
+        }
         Step::DeleteGroup { tenant } => {
             let model = &mut models[tenant];
             let key = ("Group".to_owned(), TARGET_GROUP.to_owned());
@@ -926,6 +948,251 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
             model.membership.push((last_updated, BTreeSet::new()));
         }
     }
+}
+
+fn pick_since(model: &TenantModel, since: SinceChoice) -> Option<Micros> {
+    match since {
+        SinceChoice::None => None,
+        SinceChoice::Checkpoint(k) => {
+            (!model.checkpoints.is_empty()).then(|| model.checkpoints[k as usize % model.checkpoints.len()])
+        }
+        SinceChoice::WriteTime(k) => Some(model.write_times[k as usize % model.write_times.len()]),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// System- and Patient-level exports, `_typeFilter` and `_elements`
+
+/// `_typeFilter` sets the scenarios use; each query has a brute-force twin in [`filter_keeps`].
+const FILTERS: [&[&str]; 6] = [
+    &[],
+    &["Observation?subject=Patient/p0"],
+    &["Observation?subject=p1,Patient/p0", "AllergyIntolerance?patient=Patient/p1"],
+    &["Patient?family=F1"],
+    &["Claim?use=claim&patient=Patient/p0", "Observation?_id=obs1,obs3,obs5"],
+    &["Encounter?_lastUpdated=gt2000-01-01", "Provenance?patient=Patient/p0"],
+];
+
+/// The brute-force `_typeFilter` of set `filter`: `None` when the set does not filter the type.
+fn filter_keeps(filter: usize, resource_type: &str, body: &Value) -> Option<bool> {
+    let reference = |value: &Value| value["reference"].as_str().unwrap_or("").to_owned();
+    let is = |value: &Value, wanted: &[&str]| wanted.contains(&reference(value).as_str());
+    match (filter, resource_type) {
+        (1, "Observation") => Some(is(&body["subject"], &["Patient/p0"])),
+        (2, "Observation") => Some(is(&body["subject"], &["Patient/p1", "Patient/p0"])),
+        (2, "AllergyIntolerance") => Some(is(&body["patient"], &["Patient/p1"])),
+        (3, "Patient") => Some(
+            body["name"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|name| name["family"].as_str().is_some_and(|family| family.to_lowercase().starts_with("f1"))),
+        ),
+        (4, "Claim") => Some(body["use"] == "claim" && is(&body["patient"], &["Patient/p0"])),
+        (4, "Observation") => Some(["obs1", "obs3", "obs5"].contains(&body["id"].as_str().unwrap_or(""))),
+        (5, "Encounter") => Some(true),
+        (5, "Provenance") => {
+            Some(body["target"].as_array().into_iter().flatten().any(|target| is(target, &["Patient/p0"])))
+        }
+        _ => None,
+    }
+}
+
+/// R4 mandatory (min ≥ 1) root elements of the types the scenarios write.
+fn mandatory(resource_type: &str) -> &'static [&'static str] {
+    match resource_type {
+        "Observation" => &["status", "code"],
+        "AllergyIntolerance" => &["patient"],
+        "Encounter" => &["status", "class"],
+        "Claim" => &["status", "type", "use", "patient", "created", "provider", "priority", "insurance"],
+        "Provenance" => &["target", "recorded", "agent"],
+        "Group" => &["type", "actual"],
+        _ => &[],
+    }
+}
+
+/// What `_elements=identifier` makes of a stored body.
+fn subsetted(resource_type: &str, body: &str) -> Value {
+    let Value::Object(resource) = serde_json::from_str::<Value>(body).unwrap() else { unreachable!() };
+    let mut kept: serde_json::Map<String, Value> = resource
+        .into_iter()
+        .filter(|(key, _)| {
+            ["resourceType", "id", "meta", "identifier"].contains(&key.as_str())
+                || mandatory(resource_type).contains(&key.as_str())
+        })
+        .collect();
+    let tag = json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"});
+    let meta = kept.entry("meta").or_insert_with(|| json!({}));
+    match meta.get_mut("tag").and_then(Value::as_array_mut) {
+        Some(tags) => tags.push(tag),
+        None => meta["tag"] = json!([tag]),
+    }
+    Value::Object(kept)
+}
+
+/// Output lines (as JSON) by `(type, id)`, and `deleted[]`.
+type StandardExpected = (BTreeMap<(String, String), Value>, BTreeSet<(String, String)>);
+
+/// The oracle of a system- (`system`) or Patient-level export.
+fn expected_standard(
+    model: &TenantModel,
+    at: Micros,
+    since: Option<Micros>,
+    system: bool,
+    filter: usize,
+    elements: bool,
+) -> StandardExpected {
+    let members: BTreeSet<String> = model
+        .resources
+        .keys()
+        .filter(|(resource_type, id)| {
+            resource_type == "Patient"
+                && model.version_at(&(resource_type.clone(), id.clone()), at).is_some_and(|v| v.body.is_some())
+        })
+        .map(|(_, id)| id.clone())
+        .collect();
+    let (mut output, mut deleted) = (BTreeMap::new(), BTreeSet::new());
+    for key in model.resources.keys() {
+        let resource_type = key.0.as_str();
+        if !system && resource_type == "Group" {
+            continue;
+        }
+        let Some(version) = model.version_at(key, at) else { continue };
+        let changed = since.is_none_or(|since| version.last_updated > since);
+        if !system {
+            let reaching = version.compartments.iter().any(|patient| members.contains(patient));
+            if let Some(since) = since {
+                // Every member is a continuing one: what left all members' compartments is
+                // reported, as a Group export reports it.
+                let held = model.version_at(key, since).is_some_and(|then| {
+                    then.body.is_some() && then.compartments.iter().any(|patient| members.contains(patient))
+                });
+                if held && (version.body.is_none() || !reaching) {
+                    deleted.insert(key.clone());
+                }
+            }
+            // A Patient deleted since `_since` is no longer a member: its own deletion is listed.
+            let patient_deleted = resource_type == "Patient"
+                && version.body.is_none()
+                && since.is_some_and(|since| model.version_at(key, since).is_some_and(|then| then.body.is_some()));
+            if patient_deleted {
+                deleted.insert(key.clone());
+            }
+            if !reaching {
+                continue;
+            }
+        }
+        match &version.body {
+            Some(body) if changed => {
+                let parsed: Value = serde_json::from_str(body).unwrap();
+                if filter_keeps(filter, resource_type, &parsed).unwrap_or(true) {
+                    let line = if elements { subsetted(resource_type, body) } else { parsed };
+                    output.insert(key.clone(), line);
+                }
+            }
+            Some(_) => {}
+            None => {
+                if since.is_some() && changed {
+                    deleted.insert(key.clone());
+                }
+            }
+        }
+    }
+    (output, deleted)
+}
+
+/// Runs a system- or Patient-level export on the standard base (202, polled to its
+/// manifest), downloads every file and compares with [`expected_standard`].
+async fn standard_export(
+    server: &Tenants,
+    model: &mut TenantModel,
+    tenant: usize,
+    system: bool,
+    since: Option<Micros>,
+    filter: u8,
+    elements: bool,
+) {
+    let filter = filter as usize % FILTERS.len();
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    if let Some(since) = since {
+        query.append_pair("_since", &format_instant(since));
+    }
+    for query_text in FILTERS[filter] {
+        query.append_pair("_typeFilter", query_text);
+    }
+    if elements {
+        query.append_pair("_elements", "identifier");
+    }
+    let query = query.finish();
+    let path = if system { "/r4/$export" } else { "/r4/Patient/$export" };
+    let what = format!("tenant {tenant} {path}?{query}");
+    let reply = server.send(tenant, get(&format!("{path}?{query}"))).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{what}: {}", reply.text());
+    let location = reply.header("content-location");
+    let status = location[location.find("/bulk-data/").expect("status URL path")..].to_owned();
+    let manifest = loop {
+        let poll = server.send(tenant, get(&status)).await;
+        match poll.status {
+            StatusCode::OK => break poll.json(),
+            StatusCode::ACCEPTED => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            other => panic!("{what}: status poll answered {other}: {}", poll.text()),
+        }
+    };
+    let at = parse_since(manifest["transactionTime"].as_str().unwrap()).unwrap();
+    model.checkpoints.push(at);
+    assert_eq!(manifest["error"], json!([]), "{what}");
+    let mut output: BTreeMap<(String, String), Value> = BTreeMap::new();
+    for item in manifest["output"].as_array().expect("output[]") {
+        let item_type = item["type"].as_str().unwrap();
+        for line in download(server, tenant, item, &what).await {
+            let resource: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(resource["resourceType"], item_type, "{what}: {line}");
+            let key = (item_type.to_owned(), resource["id"].as_str().unwrap().to_owned());
+            assert!(output.insert(key.clone(), resource).is_none(), "{what}: {key:?} exported twice");
+        }
+    }
+    let mut deleted = BTreeSet::new();
+    for item in manifest.get("deleted").and_then(Value::as_array).into_iter().flatten() {
+        for line in download(server, tenant, item, &what).await {
+            let bundle: Value = serde_json::from_str(&line).unwrap();
+            let url = bundle["entry"][0]["request"]["url"].as_str().unwrap();
+            let (resource_type, id) = url.split_once('/').expect("Type/id");
+            assert!(deleted.insert((resource_type.to_owned(), id.to_owned())), "{what}: {url} twice");
+        }
+    }
+    let (expected_output, expected_deleted) = expected_standard(model, at, since, system, filter, elements);
+    let missing: Vec<_> = expected_output.keys().filter(|key| !output.contains_key(*key)).collect();
+    let extra: Vec<_> = output.keys().filter(|key| !expected_output.contains_key(*key)).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "{what} (T={at}): missing {missing:?}, unexpected {extra:?}");
+    for (key, line) in &output {
+        assert_eq!(line, &expected_output[key], "{what}: {key:?} (got left, expected right)");
+    }
+    assert_eq!(expected_deleted, deleted, "{what}: deleted[] (expected left, got right)");
+    if let Some(since) = since {
+        // Patient level: the Patients deleted since `_since` are its removed members.
+        let live = |at: Micros| -> BTreeSet<String> {
+            model
+                .resources
+                .iter()
+                .filter(|((resource_type, _), _)| resource_type == "Patient")
+                .filter(|(key, _)| model.version_at(key, at).is_some_and(|v| v.body.is_some()))
+                .map(|((_, id), _)| format!("Patient/{id}"))
+                .collect()
+        };
+        let expected: BTreeSet<String> =
+            if system { BTreeSet::new() } else { live(since).difference(&live(at)).cloned().collect() };
+        let removed: BTreeSet<String> = manifest["extension"]["removedMembers"]
+            .as_array()
+            .expect("removedMembers with _since")
+            .iter()
+            .map(|member| member.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(expected, removed, "{what}: removedMembers (expected left, got right)");
+    }
+    count(&STATS.standard, 1);
+    count(&STATS.filtered, usize::from(filter != 0));
+    count(&STATS.subsetted, usize::from(elements));
+    count(&STATS.lines, output.len());
 }
 
 /// True when the target Group exists; otherwise checks that an export of it answers 410.
@@ -1023,6 +1290,10 @@ struct Stats {
     left: AtomicUsize,
     /// Resources a replica dropped because of `removedMembers`.
     dropped: AtomicUsize,
+    /// System- and Patient-level exports; those with `_typeFilter`; with `_elements`.
+    standard: AtomicUsize,
+    filtered: AtomicUsize,
+    subsetted: AtomicUsize,
 }
 
 static STATS: Stats = Stats {
@@ -1039,6 +1310,9 @@ static STATS: Stats = Stats {
     repointed: AtomicUsize::new(0),
     left: AtomicUsize::new(0),
     dropped: AtomicUsize::new(0),
+    standard: AtomicUsize::new(0),
+    filtered: AtomicUsize::new(0),
+    subsetted: AtomicUsize::new(0),
 };
 
 fn count(counter: &AtomicUsize, n: usize) {
@@ -1063,7 +1337,8 @@ fn group_export_matches_the_oracle() {
     eprintln!(
         "oracle: {:?}; {} exports ({} with _since, {} replica syncs), {} files, {} resource lines ({} Group), {} deleted[] entries, \
          {} missing-member errors, {} removed members, {} resources exported only through a new member's full history, \
-         {} re-pointings, {} deleted[] entries for resources that left the cohort, {} held resources dropped for removed members",
+         {} re-pointings, {} deleted[] entries for resources that left the cohort, {} held resources dropped for removed members; \
+         {} system/Patient-level exports ({} with _typeFilter, {} with _elements)",
         started.elapsed(),
         get(&STATS.exports),
         get(&STATS.with_since),
@@ -1078,6 +1353,9 @@ fn group_export_matches_the_oracle() {
         get(&STATS.repointed),
         get(&STATS.left),
         get(&STATS.dropped),
+        get(&STATS.standard),
+        get(&STATS.filtered),
+        get(&STATS.subsetted),
     );
 }
 
@@ -1112,6 +1390,11 @@ fn fixed_scenario() {
             Step::Delete { tenant: 0, pick: 0 },
             Step::Export { tenant: 0, types: Some(0b100_0011), since: SinceChoice::Checkpoint(0), deferred: false },
             Step::Sync { tenant: 0 },
+            Step::Standard { tenant: 0, system: true, since: SinceChoice::None, filter: 2, elements: false },
+            Step::Standard { tenant: 0, system: false, since: SinceChoice::None, filter: 4, elements: true },
+            Step::Standard { tenant: 0, system: true, since: SinceChoice::Checkpoint(1), filter: 5, elements: true },
+            Step::Standard { tenant: 0, system: false, since: SinceChoice::Checkpoint(1), filter: 3, elements: false },
+            Step::Standard { tenant: 1, system: false, since: SinceChoice::WriteTime(0), filter: 1, elements: false },
         ],
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();

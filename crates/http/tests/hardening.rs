@@ -268,7 +268,7 @@ async fn a_forged_host_does_not_reach_minted_urls() {
     let create = server.send(post("/r4/Patient").by(&client).header("host", forged).json(&patient("Other"))).await;
     assert_status(&create, 201);
     assert!(create.header("location").starts_with(BASE), "{}", create.header("location"));
-    let export_path = format!("/r4/Group/{}/$export", id_of(&group));
+    let export_path = format!("/bulk-data/r4/Group/{}/$export", id_of(&group));
     let manifest = server.send(get(&export_path).by(&client).header("host", forged)).await;
     assert_status(&manifest, 200);
     assert!(!manifest.text().contains(forged), "{}", manifest.text());

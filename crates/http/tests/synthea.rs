@@ -291,7 +291,7 @@ fn synthea_group_exports_follow_the_compartment_definition() {
         assert_eq!(expected["Patient"], members, "{group_id}: every member's Patient is in the data set");
 
         // ---- the actual export ----
-        let reply = runtime.block_on(server.send(get(&format!("/r4/Group/{group_id}/$export")).by(&client)));
+        let reply = runtime.block_on(server.send(get(&format!("/bulk-data/r4/Group/{group_id}/$export")).by(&client)));
         assert_eq!(reply.status, StatusCode::OK, "{group_id}: {}", reply.text());
         assert!(reply.header("content-type").contains("application/json"));
         let manifest: Value = serde_json::from_slice(&reply.body).unwrap();

@@ -18,8 +18,8 @@ pub mod testsuite;
 
 pub use error::StoreError;
 pub use model::{
-    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, StoredResource, Tenant,
-    TenantId, Visibility,
+    ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange,
+    SelectionScope, StoredResource, Tenant, TenantId, Visibility,
 };
 pub use retention::{PruneReport, StorageBytes};
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
@@ -59,6 +59,24 @@ pub trait Store: Send + Sync + 'static {
     /// The server-wide key stored under `name`, storing `candidate` first when there is none
     /// (the first process to ask wins; every later caller gets the same bytes).
     fn server_key(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError>;
+    /// Stores the SMART Backend Services registration of `client_id` (keys, scopes, token
+    /// lifetime), replacing any earlier one; false when no such client exists.
+    fn set_client_registration(&self, client_id: &str, registration: &ClientRegistration) -> Result<bool, StoreError>;
+    /// The registration of `client_id` (None when it has none: a client-headers-only client with
+    /// full access to its tenant).
+    fn client_registration(&self, client_id: &str) -> Result<Option<ClientRegistration>, StoreError>;
+    /// Records that `client_id` of `tenant` used the assertion `jti`, which expires at
+    /// `expires`: true when it is new, false when a record of it that has not expired (by `now`)
+    /// exists, i.e. a replay. Records that expired by `now` are deleted on the way, so the table
+    /// holds only live assertions. Shared by every instance on the store.
+    fn record_assertion_jti(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        jti: &str,
+        expires: Micros,
+        now: Micros,
+    ) -> Result<bool, StoreError>;
 
     // ---- FHIR resources ----
 
@@ -157,6 +175,9 @@ pub trait Store: Send + Sync + 'static {
         selection: &MemberSelection,
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError>;
+    /// Ids of the tenant's Patients that existed, not deleted and visible, at `at`, sorted (the
+    /// members of a Patient-level export).
+    fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError>;
 
     // ---- asynchronous export jobs ----
 

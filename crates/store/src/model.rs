@@ -1,3 +1,4 @@
+use bulkhead_fhir::type_filter::TypeFilters;
 use bulkhead_fhir::Micros;
 
 /// A tenant's database key. Every resource query takes one, so no query can forget the tenant.
@@ -21,6 +22,22 @@ pub struct ClientRecord {
     pub secret_hash: String,
     pub revoked: bool,
     pub created: Micros,
+}
+
+/// How a client may use SMART Backend Services, and what it may do: its public keys (an
+/// inline JWKS, or the URL of one), the scopes it is pre-authorised for and the lifetime of the
+/// access tokens it gets.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientRegistration {
+    /// An inline JWK Set (JSON text).
+    pub jwks: Option<String>,
+    /// The URL of the client's JWK Set.
+    pub jwks_url: Option<String>,
+    /// Space-separated SMART scopes; `None`: full access to the tenant (as client headers
+    /// always had).
+    pub scopes: Option<String>,
+    /// Access token lifetime in seconds; `None`: the server's default.
+    pub token_ttl_seconds: Option<u32>,
 }
 
 /// Which part of a tenant a reader sees: the whole tenant, or one user's resources
@@ -65,6 +82,22 @@ pub struct MemberSelection {
     pub until: Option<Micros>,
     pub transaction_time: Micros,
     pub visibility: Visibility,
+    /// Which resources are candidates: the members' compartments, or every resource of the
+    /// tenant (a system-level export; `members` is then empty and `since` applies to all).
+    pub scope: SelectionScope,
+    /// `_typeFilter`: resources of a filtered type are selected only when their version at the
+    /// transaction time matches (evaluated on the stored JSON, when counting and when reading).
+    pub filters: TypeFilters,
+}
+
+/// Where an export's candidates come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SelectionScope {
+    /// Resources in the members' Patient compartments (Group- and Patient-level exports).
+    #[default]
+    Members,
+    /// Every resource of the type in the tenant, read in key order (system-level export).
+    Tenant,
 }
 
 /// A contiguous key range of one type's selected resources, with its exact count.

@@ -4,9 +4,11 @@
 use serde_json::{json, Value};
 
 use crate::{
-    ExportJob, ExportJobState, ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange,
-    ReferenceQuery, SearchQuery, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ClientRegistration, ExportJob, ExportJobState, ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection,
+    PartRange, ReferenceQuery, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode,
+    WriteOp, Written,
 };
+use bulkhead_fhir::type_filter::{TypeFilter, TypeFilters};
 
 /// Generates one `#[test]` per suite function; `$make` builds a fresh store (or a guard that
 /// derefs to one).
@@ -22,10 +24,12 @@ macro_rules! store_test_suite {
             existence_at_a_time, a_patient_is_in_its_own_compartment_by_stored_id, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
             expired_export_jobs_are_swept, planning_jobs_are_finished_once, export_records_round_trip_by_tenant_and_expire,
             a_fresh_store_is_writable_above_its_free_space_floor,
-            export_windows_agree_whatever_is_written_between_them,
+            export_windows_agree_whatever_is_written_between_them, client_registrations_round_trip,
+            assertion_jtis_are_accepted_once_until_they_expire,
             large_writes_mix_new_and_existing_resources, transaction_time_holds_across_concurrent_writers,
             pruning_removes_history_before_the_horizon_only, pruning_keeps_what_unexpired_exports_need,
-            storage_bytes_are_reported);
+            storage_bytes_are_reported,
+            tenant_scope_selects_every_resource_of_a_type, patients_at_a_time, type_filters_select_exactly);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -75,6 +79,8 @@ fn selection(store: &dyn Store, members: &[(&str, Option<i64>)], since: Option<i
         until: None,
         transaction_time: store.reserve_transaction_time().unwrap(),
         visibility: Visibility::Tenant,
+        scope: SelectionScope::Members,
+        filters: TypeFilters::default(),
     }
 }
 
@@ -150,6 +156,39 @@ pub fn client_secret_hashes_and_server_keys(store: &dyn Store) {
     assert_eq!(store.server_key("credentials", &[2; 32]).unwrap(), first, "the first key stays");
     assert_eq!(store.server_key("other", &[3; 32]).unwrap(), vec![3; 32]);
     assert_eq!(store.list_tenants().unwrap().len(), 1);
+}
+
+/// A SMART registration is stored per client, replaced as a whole, and refused for an unknown
+/// client.
+pub fn client_registrations_round_trip(store: &dyn Store) {
+    let acme = store.create_tenant("acme").unwrap();
+    store.create_client(acme.id, "c1", "$hash$").unwrap();
+    assert_eq!(store.client_registration("c1").unwrap(), None);
+    let registration = ClientRegistration {
+        jwks: Some(r#"{"keys":[]}"#.into()),
+        jwks_url: None,
+        scopes: Some("system/*.rs".into()),
+        token_ttl_seconds: Some(900),
+    };
+    assert!(store.set_client_registration("c1", &registration).unwrap());
+    assert_eq!(store.client_registration("c1").unwrap(), Some(registration));
+    let by_url = ClientRegistration { jwks_url: Some("https://keys.example/jwks.json".into()), ..Default::default() };
+    assert!(store.set_client_registration("c1", &by_url).unwrap());
+    assert_eq!(store.client_registration("c1").unwrap(), Some(by_url.clone()));
+    assert!(!store.set_client_registration("missing", &by_url).unwrap());
+    assert_eq!(store.client_registration("missing").unwrap(), None);
+}
+
+/// A jti is accepted once per (tenant, client) while it lives, again once it expired; other
+/// clients and tenants have their own.
+pub fn assertion_jtis_are_accepted_once_until_they_expire(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    assert!(store.record_assertion_jti(a, "c1", "j1", 2_000, 1_000).unwrap());
+    assert!(!store.record_assertion_jti(a, "c1", "j1", 2_000, 1_500).unwrap(), "a replay");
+    assert!(store.record_assertion_jti(a, "c2", "j1", 2_000, 1_500).unwrap(), "another client");
+    assert!(store.record_assertion_jti(b, "c1", "j1", 2_000, 1_500).unwrap(), "another tenant");
+    assert!(!store.record_assertion_jti(a, "c1", "j1", 2_500, 1_999).unwrap(), "still live");
+    assert!(store.record_assertion_jti(a, "c1", "j1", 3_000, 2_000).unwrap(), "expired records are gone");
 }
 
 pub fn versions_and_history(store: &dyn Store) {
@@ -959,4 +998,80 @@ pub fn storage_bytes_are_reported(store: &dyn Store) {
     put(store, t, None, patient("p1"));
     let bytes = store.storage_bytes().unwrap();
     assert!(bytes.database + bytes.wal > 0, "{bytes:?}");
+}
+
+/// A system-level selection reads every resource of a type in the tenant (compartment or not)
+/// as of the transaction time, with `_since`, deletions and user scope, and nothing of another
+/// tenant.
+pub fn tenant_scope_selects_every_resource_of_a_type(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    let other = tenant(store, "other");
+    put(store, acme, None, patient("a"));
+    put(store, acme, None, observation("o1", "a", 1));
+    put(store, acme, None, observation("o2", "nobody", 2)); // in no stored patient's compartment
+    put(store, acme, None, json!({"resourceType": "Practitioner", "id": "dr1"}));
+    put(store, acme, Some("u"), json!({"resourceType": "Practitioner", "id": "dr2"}));
+    put(store, other, None, json!({"resourceType": "Practitioner", "id": "dr9"}));
+    let everything =
+        MemberSelection { members: Vec::new(), scope: SelectionScope::Tenant, ..selection(store, &[], None) };
+    put(store, acme, None, json!({"resourceType": "Practitioner", "id": "dr3"})); // after the transaction time
+    put(store, acme, None, observation("o1", "a", 10)); // changed after it: exported as it was
+    assert_eq!(export_ids(store, acme, &everything, "Practitioner"), ["dr1", "dr2"]);
+    assert_eq!(export_ids(store, acme, &everything, "Observation"), ["o1=1", "o2=2"]);
+    assert_eq!(export_ids(store, acme, &everything, "Patient"), ["a"]);
+    let as_user = MemberSelection { visibility: Visibility::User("u".into()), ..everything.clone() };
+    assert_eq!(export_ids(store, acme, &as_user, "Practitioner"), ["dr2"]);
+    let since = everything.transaction_time;
+    delete(store, acme, "Practitioner", "dr1");
+    let later = MemberSelection {
+        since: Some(since),
+        transaction_time: store.reserve_transaction_time().unwrap(),
+        ..everything
+    };
+    assert_eq!(export_ids(store, acme, &later, "Practitioner"), ["dr3"]);
+    assert_eq!(export_ids(store, acme, &later, "Observation"), ["o1=10"]);
+    let deleted: Vec<String> =
+        store.deleted_in_compartments(acme, &later, "Practitioner").unwrap().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(deleted, ["dr1"]);
+}
+
+/// The Patients that existed at a time (a Patient-level export's members), per tenant and user.
+pub fn patients_at_a_time(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    let other = tenant(store, "other");
+    put(store, acme, None, patient("b"));
+    put(store, acme, Some("u"), patient("a"));
+    put(store, acme, None, patient("c"));
+    put(store, other, None, patient("z"));
+    let at = store.reserve_transaction_time().unwrap();
+    delete(store, acme, "Patient", "c");
+    put(store, acme, None, patient("d"));
+    assert_eq!(store.patients_at(acme, &Visibility::Tenant, at).unwrap(), ["a", "b", "c"]);
+    assert_eq!(store.patients_at(acme, &Visibility::User("u".into()), at).unwrap(), ["a"]);
+    let now = store.reserve_transaction_time().unwrap();
+    assert_eq!(store.patients_at(acme, &Visibility::Tenant, now).unwrap(), ["a", "b", "d"]);
+}
+
+/// `_typeFilter` narrows planned counts and streamed lines alike, on the version at the
+/// transaction time; unfiltered types are untouched.
+pub fn type_filters_select_exactly(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    put(store, acme, None, patient("a"));
+    for (id, status) in [("o1", "final"), ("o2", "preliminary"), ("o3", "final"), ("o4", "amended")] {
+        let mut body = observation(id, "a", 1);
+        body["status"] = json!(status);
+        put(store, acme, None, body);
+    }
+    let filters = TypeFilters::new(vec![
+        TypeFilter::parse("Observation?status=final").unwrap(),
+        TypeFilter::parse("Observation?status=amended").unwrap(),
+    ]);
+    let filtered = MemberSelection { filters, ..selection(store, &[("a", None)], None) };
+    let mut body = observation("o1", "a", 1);
+    body["status"] = json!("cancelled"); // after the transaction time: the filter sees the old version
+    put(store, acme, None, body);
+    assert_eq!(export_ids(store, acme, &filtered, "Observation"), ["o1=1", "o3=1", "o4=1"]);
+    assert_eq!(export_ids(store, acme, &filtered, "Patient"), ["a"]);
+    let everything = MemberSelection { members: Vec::new(), scope: SelectionScope::Tenant, ..filtered };
+    assert_eq!(export_ids(store, acme, &everything, "Observation"), ["o1=1", "o3=1", "o4=1"]);
 }

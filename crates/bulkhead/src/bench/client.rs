@@ -73,12 +73,27 @@ impl Client {
     }
 
     fn kick_off_url(&self, group_id: &str) -> String {
+        self.group_kick_off_url(group_id)
+    }
+
+    /// `Group/{id}/$export` on the 1upHealth-style base (synchronous without `Prefer`).
+    pub fn group_kick_off_url(&self, group_id: &str) -> String {
         format!("{}/bulk-data/r4/Group/{group_id}/$export", self.base)
+    }
+
+    /// The system-level `$export` on the 1upHealth-style base.
+    pub fn system_kick_off_url(&self) -> String {
+        format!("{}/bulk-data/r4/$export", self.base)
     }
 
     /// The synchronous manifest (no `Prefer: respond-async`).
     pub async fn manifest(&self, group_id: &str) -> anyhow::Result<Value> {
-        Ok(measure::send_patiently(self.get(&self.kick_off_url(group_id))).await?.0.json().await?)
+        self.manifest_from(&self.kick_off_url(group_id)).await
+    }
+
+    /// The synchronous manifest of a kick-off URL.
+    async fn manifest_from(&self, kick_off_url: &str) -> anyhow::Result<Value> {
+        Ok(measure::send_patiently(self.get(kick_off_url)).await?.0.json().await?)
     }
 
     /// The synchronous manifest of what changed after `since` (a server instant).
@@ -122,9 +137,19 @@ impl Client {
 
     /// Manifest plus every output file, `concurrency` downloads at a time.
     pub async fn export(&self, group_id: &str, encoding: Encoding, concurrency: usize) -> anyhow::Result<ExportResult> {
+        self.export_from(&self.kick_off_url(group_id), encoding, concurrency).await
+    }
+
+    /// Manifest plus every output file of a kick-off URL (any level).
+    pub async fn export_from(
+        &self,
+        kick_off_url: &str,
+        encoding: Encoding,
+        concurrency: usize,
+    ) -> anyhow::Result<ExportResult> {
         let clock = CpuClock::start();
         let started = Instant::now();
-        let manifest = self.manifest(group_id).await?;
+        let manifest = self.manifest_from(kick_off_url).await?;
         let outputs: Vec<(String, u64)> = manifest["output"]
             .as_array()
             .into_iter()

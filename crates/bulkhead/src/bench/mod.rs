@@ -15,6 +15,7 @@ mod measure;
 mod report;
 mod summary;
 mod synthea_shape;
+mod system_export;
 mod targets;
 mod upload;
 mod writes;
@@ -99,6 +100,9 @@ pub struct BenchArgs {
     pub bundles: usize,
     #[arg(long, default_value_t = 500)]
     pub bundle_entries: usize,
+    /// Skip the system-level export row (`[base]/$export` beside a Group of every patient).
+    #[arg(long)]
+    pub skip_system_export: bool,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -285,6 +289,7 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, spec: &DataSpec) -> anyhow::Re
         concurrent: None,
         mixed: None,
         writes: None,
+        system: None,
     };
     runtime.block_on(async {
         let patient_ids = client.patient_ids(spec.patients as usize).await?;
@@ -297,6 +302,13 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, spec: &DataSpec) -> anyhow::Re
             let since =
                 latency::since(&client, &group_id(largest), members, args.since_writes, args.manifest_runs).await?;
             result.since = Some(since);
+        }
+        if !args.skip_system_export && !patient_ids.is_empty() {
+            let group = format!("bench-all-{}", patient_ids.len());
+            client.put_group(&group, &patient_ids).await?;
+            let system =
+                system_export::measure(&client, server.pid, &group, patient_ids.len(), args.concurrency).await?;
+            result.system = Some(system);
         }
         if let Some((client_id, client_secret)) = upload_credentials {
             eprintln!("uploading up to {} resources with $upload-ndjson", args.upload_resources);

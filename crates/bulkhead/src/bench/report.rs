@@ -6,6 +6,7 @@ use super::concurrency::{ConcurrentResult, MixedResult};
 use super::latency::{AsyncLatency, Latency, SinceResult};
 use super::measure::Encoding;
 use super::summary::ImportCounts;
+use super::system_export::SystemResult;
 use super::targets::{targets, Target};
 use super::upload::UploadResult;
 use super::writes::WriteResult;
@@ -67,6 +68,7 @@ pub struct DatasetResult {
     pub concurrent: Option<ConcurrentResult>,
     pub mixed: Option<MixedResult>,
     pub writes: Option<WriteResult>,
+    pub system: Option<SystemResult>,
 }
 
 pub struct BenchReport {
@@ -210,6 +212,21 @@ fn print_dataset(dataset: &DatasetResult) {
             since.resources
         );
     }
+    if let Some(system) = &dataset.system {
+        say!(
+            "system-level $export: {} resources in {} files, {:.1} s = {:.0} res/s, server peak RSS {}; \
+             {:.2}x the mean of two {}-member Group exports around it ({:.0} and {:.0} res/s)",
+            system.system.resources,
+            system.system.files,
+            system.system.seconds,
+            system.system.per_second(),
+            mib(system.system.peak_rss_bytes),
+            system.ratio(),
+            system.members,
+            system.group_before.per_second(),
+            system.group_after.per_second(),
+        );
+    }
     if let Some(upload) = &dataset.upload {
         say!(
             "$upload-ndjson: {} resources in {:.1} s = {:.0} res/s, server peak RSS {}, client CPU {:.2}",
@@ -317,6 +334,17 @@ fn dataset_json(d: &DatasetResult) -> Value {
             "manifest_p50_ms": s.latency.p50_ms,
             "manifest_p95_ms": s.latency.p95_ms,
             "resources": s.resources,
+        })),
+        "system_export": d.system.as_ref().map(|s| json!({
+            "resources": s.system.resources,
+            "files": s.system.files,
+            "seconds": s.system.seconds,
+            "resources_per_second": s.system.per_second(),
+            "server_peak_rss_bytes": s.system.peak_rss_bytes,
+            "group_members": s.members,
+            "group_before_resources_per_second": s.group_before.per_second(),
+            "group_after_resources_per_second": s.group_after.per_second(),
+            "ratio_to_group": s.ratio(),
         })),
         "upload": d.upload.as_ref().map(|u| json!({
             "sent": u.sent,

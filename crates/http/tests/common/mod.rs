@@ -146,6 +146,12 @@ impl Server {
         }
     }
 
+    /// Another instance of the server (its own state: limiter, caches) on the same database.
+    pub fn sibling(&self) -> Server {
+        let app = router(AppState::new(self.store.clone(), test_config(), token_keys()));
+        Server { app, store: self.store.clone(), _dir: tempfile::tempdir().expect("temp dir") }
+    }
+
     pub fn tenant(&self, name: &str) -> TenantId {
         self.store.create_tenant(name).expect("create tenant").id
     }
@@ -246,6 +252,30 @@ impl Server {
         assert_status(&reply, 200);
         assert_eq!(reply.header("content-type"), "application/fhir+ndjson");
         reply.text().lines().map(str::to_owned).collect()
+    }
+
+    /// Runs an export kick-off (any level, GET or POST) and returns its manifest: the 200 body at
+    /// once, or, after a 202, the status URL's 200 body once planning is done.
+    pub async fn manifest_of(&self, client: &Client, call: Call) -> Value {
+        let reply = self.send(call).await;
+        if reply.status.as_u16() == 200 {
+            assert!(reply.header("content-type").contains("application/json"));
+            return reply.json();
+        }
+        assert_status(&reply, 202);
+        let status_url = local(reply.header("content-location"));
+        for _ in 0..200 {
+            let poll = self.send(get(&status_url).by(client)).await;
+            match poll.status.as_u16() {
+                200 => {
+                    assert!(poll.header("content-type").contains("application/json"));
+                    return poll.json();
+                }
+                202 => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                _ => panic!("status poll answered {}: {}", poll.status, poll.text()),
+            }
+        }
+        panic!("the export did not finish planning");
     }
 
     /// Every line of a manifest's `output[]` files with the resource it holds, checking each

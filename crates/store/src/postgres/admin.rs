@@ -1,10 +1,10 @@
 //! Tenants, clients and server keys (small global tables).
 
-use bulkhead_fhir::now_micros;
+use bulkhead_fhir::{now_micros, Micros};
 use postgres::Row;
 
 use super::Db;
-use crate::{ClientRecord, StoreError, Tenant, TenantId};
+use crate::{ClientRecord, ClientRegistration, StoreError, Tenant, TenantId};
 
 pub(super) fn create_tenant(db: &mut Db<'_>, name: &str) -> Result<Tenant, StoreError> {
     let created = now_micros();
@@ -100,4 +100,54 @@ fn client_from_row(row: &Row) -> Result<ClientRecord, StoreError> {
         revoked: row.try_get(4)?,
         created: row.try_get(5)?,
     })
+}
+
+pub(super) fn set_client_registration(
+    db: &mut Db<'_>,
+    client_id: &str,
+    registration: &ClientRegistration,
+) -> Result<bool, StoreError> {
+    let ttl = registration.token_ttl_seconds.map(|seconds| i32::try_from(seconds).unwrap_or(i32::MAX));
+    let changed = db.execute(
+        "INSERT INTO client_registrations (client_id, jwks, jwks_url, scopes, token_ttl_seconds)
+         SELECT client_id, $2, $3, $4, $5 FROM clients WHERE client_id = $1
+         ON CONFLICT (client_id) DO UPDATE SET jwks = excluded.jwks, jwks_url = excluded.jwks_url,
+             scopes = excluded.scopes, token_ttl_seconds = excluded.token_ttl_seconds",
+        &[&client_id, &registration.jwks, &registration.jwks_url, &registration.scopes, &ttl],
+    )?;
+    Ok(changed > 0)
+}
+
+pub(super) fn client_registration(db: &mut Db<'_>, client_id: &str) -> Result<Option<ClientRegistration>, StoreError> {
+    let row = db.query_opt(
+        "SELECT jwks, jwks_url, scopes, token_ttl_seconds FROM client_registrations WHERE client_id = $1",
+        &[&client_id],
+    )?;
+    row.map(|row| {
+        let ttl: Option<i32> = row.try_get(3)?;
+        Ok(ClientRegistration {
+            jwks: row.try_get(0)?,
+            jwks_url: row.try_get(1)?,
+            scopes: row.try_get(2)?,
+            token_ttl_seconds: ttl.and_then(|seconds| u32::try_from(seconds).ok()),
+        })
+    })
+    .transpose()
+}
+
+pub(super) fn record_assertion_jti(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    client_id: &str,
+    jti: &str,
+    expires: Micros,
+    now: Micros,
+) -> Result<bool, StoreError> {
+    db.execute("DELETE FROM assertion_jtis WHERE tenant_id = $1 AND expires <= $2", &[&tenant.0, &now])?;
+    let inserted = db.execute(
+        "INSERT INTO assertion_jtis (tenant_id, client_id, jti, expires) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (tenant_id, client_id, jti) DO NOTHING",
+        &[&tenant.0, &client_id, &jti, &expires],
+    )?;
+    Ok(inserted > 0)
 }

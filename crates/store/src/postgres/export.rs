@@ -12,7 +12,7 @@ use bulkhead_fhir::Micros;
 
 use super::resources::{stored_from_row, VERSION_COLUMNS};
 use super::Db;
-use crate::{MemberSelection, PartRange, StoreError, StoredResource, TenantId, Visibility};
+use crate::{MemberSelection, PartRange, SelectionScope, StoreError, StoredResource, TenantId, Visibility};
 
 /// The members of a selection as array parameters: patient ids and each one's `since`.
 pub(super) struct Members {
@@ -105,33 +105,12 @@ pub(super) fn select_window(
 ) -> Result<Vec<Chosen>, StoreError> {
     let at = selection.transaction_time;
     let user = selection.visibility.user();
-    let rows = db.query(
-        "SELECT c.rid, m.since IS NULL, m.since, c.last_updated, c.deleted, c.owner, c.to_ts IS NOT NULL
-         FROM unnest($3::text[], $4::int8[]) AS m(patient_id, since)
-         JOIN compartment c ON c.tenant_id = $1 AND c.patient_id = m.patient_id AND c.resource_type = $2
-         WHERE c.rid BETWEEN $5 AND $6 AND c.from_ts <= $7 AND (c.to_ts IS NULL OR c.to_ts > $7)
-         ORDER BY c.rid",
-        &[&tenant.0, &resource_type, &members.ids, &members.since, &start, &end, &at],
-    )?;
-    // (rid, reach, version per the index row, historical)
-    let mut candidates: Vec<(i64, Reach, VersionAt, bool)> = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let rid: i64 = row.try_get(0)?;
-        let last_updated: Micros = row.try_get(3)?;
-        let owner: Option<&str> = row.try_get(5)?;
-        let reach = Reach { full_history: row.try_get(1)?, existing_since: row.try_get(2)? };
-        let version = VersionAt { last_updated, deleted: row.try_get(4)?, visible: user.is_none() || owner == user };
-        // A row written after the transaction time, or closed by a later version, describes a
-        // version other than the one at the transaction time: history decides.
-        let historical = last_updated > at || row.try_get::<_, bool>(6)?;
-        match candidates.last_mut() {
-            Some(last) if last.0 == rid => {
-                last.1 = last.1.merge(reach);
-                last.3 |= historical;
-            }
-            _ => candidates.push((rid, reach, version, historical)),
-        }
-    }
+    let candidates = match selection.scope {
+        SelectionScope::Members => member_candidates(db, tenant, selection, members, resource_type, (start, end))?,
+        SelectionScope::Tenant => tenant_candidates(db, tenant, selection, resource_type, (start, end))?,
+    };
+    // `_typeFilter` needs the version's JSON: read only for filtered types.
+    let filtered = selection.filters.filters(resource_type);
     let mut chosen = Vec::new();
     for (rid, reach, version, historical) in candidates {
         let (version, history_version) = if historical {
@@ -151,11 +130,111 @@ pub(super) fn select_window(
         } else {
             (version, 0)
         };
-        if select(reach, &version) {
+        if select(reach, &version)
+            && (!filtered || filter_matches(db, tenant, selection, resource_type, rid, history_version)?)
+        {
             chosen.push(Chosen { rid, version, history_version });
         }
     }
     Ok(chosen)
+}
+
+/// A candidate: `(key, reach, version per the row read, whether history decides the version)`.
+type Candidate = (i64, Reach, VersionAt, bool);
+
+/// Resources in the members' compartments at the transaction time within a key window, each
+/// once, in key order.
+fn member_candidates(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    members: &Members,
+    resource_type: &str,
+    (start, end): (i64, i64),
+) -> Result<Vec<Candidate>, StoreError> {
+    let at = selection.transaction_time;
+    let user = selection.visibility.user();
+    let rows = db.query(
+        "SELECT c.rid, m.since IS NULL, m.since, c.last_updated, c.deleted, c.owner, c.to_ts IS NOT NULL
+         FROM unnest($3::text[], $4::int8[]) AS m(patient_id, since)
+         JOIN compartment c ON c.tenant_id = $1 AND c.patient_id = m.patient_id AND c.resource_type = $2
+         WHERE c.rid BETWEEN $5 AND $6 AND c.from_ts <= $7 AND (c.to_ts IS NULL OR c.to_ts > $7)
+         ORDER BY c.rid",
+        &[&tenant.0, &resource_type, &members.ids, &members.since, &start, &end, &at],
+    )?;
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let rid: i64 = row.try_get(0)?;
+        let last_updated: Micros = row.try_get(3)?;
+        let owner: Option<&str> = row.try_get(5)?;
+        let reach = Reach { full_history: row.try_get(1)?, existing_since: row.try_get(2)? };
+        let version = VersionAt { last_updated, deleted: row.try_get(4)?, visible: user.is_none() || owner == user };
+        // A row written after the transaction time, or closed by a later version, describes a
+        // version other than the one at the transaction time: history decides.
+        let historical = last_updated > at || row.try_get::<_, bool>(6)?;
+        match candidates.last_mut() {
+            Some(last) if last.0 == rid => {
+                last.1 = last.1.merge(reach);
+                last.3 |= historical;
+            }
+            _ => candidates.push((rid, reach, version, historical)),
+        }
+    }
+    Ok(candidates)
+}
+
+/// Every resource of the type in the tenant within a key window, in key order (a system-level
+/// export), from the resource rows; the export's `_since` applies to each.
+fn tenant_candidates(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+    (start, end): (i64, i64),
+) -> Result<Vec<Candidate>, StoreError> {
+    let at = selection.transaction_time;
+    let user = selection.visibility.user();
+    let rows = db.query(
+        "SELECT rid, last_updated, deleted, owner FROM resources
+         WHERE tenant_id = $1 AND resource_type = $2 AND rid BETWEEN $3 AND $4 ORDER BY rid",
+        &[&tenant.0, &resource_type, &start, &end],
+    )?;
+    let mut candidates = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let last_updated: Micros = row.try_get(1)?;
+        let owner: Option<&str> = row.try_get(3)?;
+        let reach = Reach { full_history: false, existing_since: selection.since };
+        let version = VersionAt { last_updated, deleted: row.try_get(2)?, visible: user.is_none() || owner == user };
+        // Written since the transaction time: history holds the version then, if any.
+        candidates.push((row.try_get(0)?, reach, version, last_updated > at));
+    }
+    Ok(candidates)
+}
+
+/// Whether the version of `rid` held by the current row (`history_version` 0) or by that
+/// history version matches the selection's `_typeFilter` for its type. Versions never change,
+/// so the plan's counts and the download's lines agree.
+fn filter_matches(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+    rid: i64,
+    history_version: i64,
+) -> Result<bool, StoreError> {
+    let row = if history_version == 0 {
+        db.query_opt("SELECT body FROM resources WHERE tenant_id = $1 AND rid = $2", &[&tenant.0, &rid])?
+    } else {
+        db.query_opt(
+            "SELECT body FROM resource_history WHERE tenant_id = $1 AND rid = $2 AND version = $3",
+            &[&tenant.0, &rid, &history_version],
+        )?
+    };
+    let body: Option<&str> = match &row {
+        Some(row) => row.try_get(0)?,
+        None => None,
+    };
+    Ok(body.is_some_and(|body| selection.filters.matches_json(resource_type, body.as_bytes())))
 }
 
 /// Visits, in key order, every selected resource within `[first_key, last_key]`, a window at a
@@ -222,6 +301,14 @@ pub(super) fn deleted_in_compartments(
     resource_type: &str,
 ) -> Result<Vec<(String, Micros)>, StoreError> {
     let Some(since) = selection.since else { return Ok(Vec::new()) };
+    // Tombstones have no JSON to filter: every deletion of the type is listed (a superset).
+    let unfiltered;
+    let selection = if selection.filters.is_empty() {
+        selection
+    } else {
+        unfiltered = MemberSelection { filters: Default::default(), ..selection.clone() };
+        &unfiltered
+    };
     let members = Members::of(selection);
     let mut deleted: Vec<(i64, Micros)> = Vec::new();
     let select = |reach: Reach, version: &VersionAt| {
@@ -230,7 +317,10 @@ pub(super) fn deleted_in_compartments(
     for_each_selected(db, tenant, selection, &members, resource_type, select, |rid, version| {
         deleted.push((rid, version.last_updated))
     })?;
-    deleted.extend(left_the_cohort(db, tenant, selection, &members, resource_type, since)?);
+    // A system-level export has no cohort to leave.
+    if selection.scope == SelectionScope::Members {
+        deleted.extend(left_the_cohort(db, tenant, selection, &members, resource_type, since)?);
+    }
     deleted.sort_unstable_by_key(|(rid, _)| *rid);
     deleted.dedup_by_key(|(rid, _)| *rid);
     let mut listed = Vec::with_capacity(deleted.len());

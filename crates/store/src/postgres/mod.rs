@@ -29,9 +29,9 @@ use postgres::types::ToSql;
 use postgres::{NoTls, Row, Statement};
 
 use crate::{
-    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, PruneReport,
-    SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode,
-    WriteOp, Written,
+    ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader,
+    PruneReport, SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility,
+    WriteMode, WriteOp, Written,
 };
 
 /// Pool and timeout settings (config keys `database_*`).
@@ -528,6 +528,39 @@ impl crate::Store for PgStore {
             db.execute("UPDATE health_probe SET checked = $1 WHERE id = 0", &[&now_micros()])?;
             db.transaction.commit()?;
             Ok(())
+        })
+    }
+
+    fn set_client_registration(&self, client_id: &str, registration: &ClientRegistration) -> Result<bool, StoreError> {
+        self.with_write(|db, _| admin::set_client_registration(db, client_id, registration))
+    }
+
+    fn client_registration(&self, client_id: &str) -> Result<Option<ClientRegistration>, StoreError> {
+        self.with_read(|db| admin::client_registration(db, client_id))
+    }
+
+    fn record_assertion_jti(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        jti: &str,
+        expires: Micros,
+        now: Micros,
+    ) -> Result<bool, StoreError> {
+        self.with_write(|db, _| admin::record_assertion_jti(db, tenant, client_id, jti, expires, now))
+    }
+
+    fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError> {
+        self.with_read(|db| {
+            let ids: Vec<String> = db
+                .query(
+                    "SELECT id FROM resources WHERE tenant_id = $1 AND resource_type = 'Patient' ORDER BY id",
+                    &[&tenant.0],
+                )?
+                .iter()
+                .map(|row| row.try_get(0))
+                .collect::<Result<_, _>>()?;
+            export::existing_at(db, tenant, visibility, "Patient", &ids, at)
         })
     }
 

@@ -3,7 +3,7 @@
 use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::{ClientRecord, StoreError, Tenant, TenantId};
+use crate::{ClientRecord, ClientRegistration, StoreError, Tenant, TenantId};
 
 pub(super) fn create_tenant(connection: &Connection, name: &str) -> Result<Tenant, StoreError> {
     let created = now_micros();
@@ -95,6 +95,64 @@ pub(super) fn server_key(connection: &Connection, name: &str, candidate: &[u8]) 
         params![name, candidate],
     )?;
     Ok(connection.query_row("SELECT key FROM server_keys WHERE name = ?1", [name], |row| row.get(0))?)
+}
+
+pub(super) fn set_client_registration(
+    connection: &Connection,
+    client_id: &str,
+    registration: &ClientRegistration,
+) -> Result<bool, StoreError> {
+    let changed = connection.execute(
+        "INSERT INTO client_registrations (client_id, jwks, jwks_url, scopes, token_ttl_seconds)
+         SELECT client_id, ?2, ?3, ?4, ?5 FROM clients WHERE client_id = ?1
+         ON CONFLICT (client_id) DO UPDATE SET jwks = excluded.jwks, jwks_url = excluded.jwks_url,
+             scopes = excluded.scopes, token_ttl_seconds = excluded.token_ttl_seconds",
+        params![
+            client_id,
+            registration.jwks,
+            registration.jwks_url,
+            registration.scopes,
+            registration.token_ttl_seconds
+        ],
+    )?;
+    Ok(changed > 0)
+}
+
+pub(super) fn client_registration(
+    connection: &Connection,
+    client_id: &str,
+) -> Result<Option<ClientRegistration>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT jwks, jwks_url, scopes, token_ttl_seconds FROM client_registrations WHERE client_id = ?1",
+    )?;
+    let registration = statement
+        .query_row([client_id], |row| {
+            Ok(ClientRegistration {
+                jwks: row.get(0)?,
+                jwks_url: row.get(1)?,
+                scopes: row.get(2)?,
+                token_ttl_seconds: row.get(3)?,
+            })
+        })
+        .optional()?;
+    Ok(registration)
+}
+
+pub(super) fn record_assertion_jti(
+    connection: &Connection,
+    tenant: TenantId,
+    client_id: &str,
+    jti: &str,
+    expires: Micros,
+    now: Micros,
+) -> Result<bool, StoreError> {
+    connection.execute("DELETE FROM assertion_jtis WHERE expires <= ?1", [now])?;
+    let inserted = connection.execute(
+        "INSERT INTO assertion_jtis (tenant_id, client_id, jti, expires) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (tenant_id, client_id, jti) DO NOTHING",
+        params![tenant.0, client_id, jti, expires],
+    )?;
+    Ok(inserted > 0)
 }
 
 fn client_from_row(row: &Row<'_>) -> rusqlite::Result<ClientRecord> {

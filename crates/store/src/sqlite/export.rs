@@ -7,7 +7,7 @@
 use bulkhead_fhir::Micros;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{MemberSelection, PartRange, StoreError, StoredResource, TenantId, Visibility};
+use crate::{MemberSelection, PartRange, SelectionScope, StoreError, StoredResource, TenantId, Visibility};
 
 use super::resources::stored_from_row;
 
@@ -113,6 +113,9 @@ fn candidates(
     resource_type: &str,
     (first_key, last_key): (i64, i64),
 ) -> Result<Vec<Candidate>, StoreError> {
+    if selection.scope == SelectionScope::Tenant {
+        return tenant_candidates(connection, tenant, selection, resource_type, (first_key, last_key));
+    }
     let at = selection.transaction_time;
     let user = selection.visibility.user();
     let mut statement = connection.prepare_cached(
@@ -148,6 +151,41 @@ fn candidates(
         earlier.historical |= later.historical;
         true
     });
+    Ok(found)
+}
+
+/// Every resource of `resource_type` in the tenant with a key within `[first_key, last_key]`, in
+/// key order (a system-level export): read by type in key order from the resource rows, not
+/// through the compartment index. The export's `_since` applies to each.
+fn tenant_candidates(
+    connection: &Connection,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+    (first_key, last_key): (i64, i64),
+) -> Result<Vec<Candidate>, StoreError> {
+    let at = selection.transaction_time;
+    let user = selection.visibility.user();
+    let mut statement = connection.prepare_cached(
+        "SELECT rid, last_updated, deleted, owner FROM resources
+         WHERE tenant_id = ?1 AND resource_type = ?2 AND rid BETWEEN ?3 AND ?4 ORDER BY rid",
+    )?;
+    let mut rows = statement.query(params![tenant.0, resource_type, first_key, last_key])?;
+    let mut found = Vec::new();
+    while let Some(row) = rows.next()? {
+        let last_updated: Micros = row.get(1)?;
+        found.push(Candidate {
+            rid: row.get(0)?,
+            reach: Reach { full_history: false, existing_since: selection.since },
+            version: VersionAt {
+                last_updated,
+                deleted: row.get(2)?,
+                visible: user.is_none() || row.get_ref(3)?.as_str_or_null()? == user,
+            },
+            // Written since the transaction time: history holds the version then, if any.
+            historical: last_updated > at,
+        });
+    }
     Ok(found)
 }
 
@@ -199,6 +237,8 @@ pub(super) fn select_window(
     select: impl Fn(Reach, &VersionAt) -> bool,
 ) -> Result<Vec<Chosen>, StoreError> {
     let at = selection.transaction_time;
+    // `_typeFilter` needs the version's JSON: read only for filtered types.
+    let filtered = selection.filters.filters(resource_type);
     let user = selection.visibility.user();
     let mut earlier = connection.prepare_cached(
         "SELECT version, last_updated, deleted, owner FROM resource_history
@@ -228,11 +268,34 @@ pub(super) fn select_window(
         } else {
             (candidate.version, 0)
         };
-        if select(candidate.reach, &version) {
+        if select(candidate.reach, &version)
+            && (!filtered || filter_matches(connection, selection, resource_type, candidate.rid, history_version)?)
+        {
             chosen.push(Chosen { rid: candidate.rid, version, history_version });
         }
     }
     Ok(chosen)
+}
+
+/// Whether the version of `rid` held by the current row (`history_version` 0) or by that history
+/// version matches the selection's `_typeFilter` for its type. Versions never change, so the
+/// plan's counts and the download's lines agree.
+fn filter_matches(
+    connection: &Connection,
+    selection: &MemberSelection,
+    resource_type: &str,
+    rid: i64,
+    history_version: i64,
+) -> Result<bool, StoreError> {
+    let mut statement = if history_version == 0 {
+        connection.prepare_cached("SELECT body FROM resources WHERE rid = ?1 AND ?2 = 0")?
+    } else {
+        connection.prepare_cached("SELECT body FROM resource_history WHERE rid = ?1 AND version = ?2")?
+    };
+    let mut rows = statement.query(params![rid, history_version])?;
+    let Some(row) = rows.next()? else { return Ok(false) };
+    let Some(body) = row.get_ref(0)?.as_bytes_or_null()? else { return Ok(false) };
+    Ok(selection.filters.matches_json(resource_type, body))
 }
 
 /// Visits, in key order, every resource in the members' compartments at the transaction time
@@ -250,7 +313,8 @@ fn for_each_selected(
     let (mut start, end) = (first_key.max(type_first), last_key.min(type_last));
     while start <= end {
         let window_end = start.saturating_add(WINDOW - 1).min(end);
-        for chosen in select_window(connection, tenant, selection, resource_type, (start, window_end), &select)? {
+        let window = (start, window_end);
+        for chosen in select_window(connection, tenant, selection, resource_type, window, &select)? {
             visit(chosen.rid, &chosen.version)?;
         }
         if window_end == end {
@@ -327,11 +391,23 @@ pub(super) fn deleted_in_compartments(
     let select = |reach: Reach, version: &VersionAt| {
         reach.existing_since.is_some_and(|since| version.deleted && version.last_updated > since && version.visible)
     };
-    for_each_selected(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), select, |rid, version| {
+    // Tombstones have no JSON to filter: every deletion of the type is listed (a superset).
+    let unfiltered;
+    let selection = if selection.filters.is_empty() {
+        selection
+    } else {
+        unfiltered = MemberSelection { filters: Default::default(), ..selection.clone() };
+        &unfiltered
+    };
+    let all = (i64::MIN, i64::MAX);
+    for_each_selected(connection, tenant, selection, resource_type, all, select, |rid, version| {
         deleted.push((rid, version.last_updated));
         Ok(())
     })?;
-    deleted.extend(left_the_cohort(connection, tenant, selection, resource_type, since)?);
+    // A system-level export has no cohort to leave.
+    if selection.scope == SelectionScope::Members {
+        deleted.extend(left_the_cohort(connection, tenant, selection, resource_type, since)?);
+    }
     // A resource both deleted and moved out is listed once.
     deleted.sort_unstable_by_key(|(rid, _)| *rid);
     deleted.dedup_by_key(|(rid, _)| *rid);

@@ -15,9 +15,9 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, PruneReport,
-    SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode,
-    WriteOp, Written,
+    ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader,
+    PruneReport, SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility,
+    WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -211,6 +211,25 @@ impl crate::Store for SqliteStore {
         self.with_write(|transaction, _| admin::server_key(transaction, name, candidate))
     }
 
+    fn set_client_registration(&self, client_id: &str, registration: &ClientRegistration) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| admin::set_client_registration(transaction, client_id, registration))
+    }
+
+    fn client_registration(&self, client_id: &str) -> Result<Option<ClientRegistration>, StoreError> {
+        self.with_read(|connection| admin::client_registration(connection, client_id))
+    }
+
+    fn record_assertion_jti(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        jti: &str,
+        expires: Micros,
+        now: Micros,
+    ) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| admin::record_assertion_jti(transaction, tenant, client_id, jti, expires, now))
+    }
+
     fn write(
         &self,
         tenant: TenantId,
@@ -370,6 +389,18 @@ impl crate::Store for SqliteStore {
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError> {
         self.with_snapshot(|connection| export::deleted_in_compartments(connection, tenant, selection, resource_type))
+    }
+
+    fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError> {
+        self.with_snapshot(|connection| {
+            let ids: Vec<String> = connection
+                .prepare_cached(
+                    "SELECT id FROM resources WHERE tenant_id = ?1 AND resource_type = 'Patient' ORDER BY id",
+                )?
+                .query_map([tenant.0], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            export::existing_at(connection, tenant, visibility, "Patient", &ids, at)
+        })
     }
     fn create_export_job(&self, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {
         self.with_write(|transaction, _| jobs::create_export_job(transaction, tenant, job))

@@ -69,7 +69,8 @@ impl<'a> SqlitePartReader<'a> {
         let select = |reach, version: &VersionAt| selected(selection, reach, version);
         loop {
             let end = start.saturating_add(WINDOW - 1).min(self.last_key);
-            let chosen = select_window(connection, self.tenant, selection, self.resource_type, (start, end), select)?;
+            let window = (start, end);
+            let chosen = select_window(connection, self.tenant, selection, self.resource_type, window, select)?;
             self.pending.extend(chosen.iter().map(|chosen| (chosen.rid, chosen.history_version)));
             self.unresolved = (end < self.last_key).then(|| end + 1);
             match self.unresolved {

@@ -13,6 +13,27 @@ CREATE TABLE IF NOT EXISTS clients (
     created INTEGER NOT NULL
 );
 
+-- SMART Backend Services registrations: a client's public keys (inline JWKS or its URL), the
+-- scopes it is pre-authorised for (NULL: full access to its tenant) and its token lifetime.
+CREATE TABLE IF NOT EXISTS client_registrations (
+    client_id TEXT PRIMARY KEY REFERENCES clients (client_id),
+    jwks TEXT,
+    jwks_url TEXT,
+    scopes TEXT,
+    token_ttl_seconds INTEGER
+);
+
+-- Client assertion ids seen (SMART: a jti is never accepted twice within its lifetime), kept
+-- until the assertion expires; shared by every process on the database.
+CREATE TABLE IF NOT EXISTS assertion_jtis (
+    tenant_id INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    jti TEXT NOT NULL,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, client_id, jti)
+);
+CREATE INDEX IF NOT EXISTS assertion_jtis_by_expiry ON assertion_jtis (expires);
+
 -- Server-wide secret keys shared by every process on this database (e.g. the key of the keyed
 -- hash of client secrets), so several instances on one database verify the same credentials.
 CREATE TABLE IF NOT EXISTS server_keys (
