@@ -58,7 +58,7 @@ pub enum Backing {
     Sqlite(tempfile::TempDir),
     /// Dropped after the store: the database goes when the test ends.
     Postgres(TestDatabase),
-    /// A store the test made itself.
+    /// A store the test made itself, or shares with another server.
     Given,
 }
 
@@ -146,10 +146,11 @@ impl Server {
         }
     }
 
-    /// Another instance of the server (its own state: limiter, caches) on the same database.
+    /// Another instance of the server (its own state: limiter, caches) on the same database
+    /// (which lives as long as this server).
     pub fn sibling(&self) -> Server {
         let app = router(AppState::new(self.store.clone(), test_config(), token_keys()));
-        Server { app, store: self.store.clone(), _dir: tempfile::tempdir().expect("temp dir") }
+        Server { app, store: self.store.clone(), backing: Backing::Given }
     }
 
     pub fn tenant(&self, name: &str) -> TenantId {
