@@ -127,7 +127,9 @@ pub fn find_tenant(store: &dyn Store, config: &Config, name: &str) -> anyhow::Re
 
 pub fn create_tenant(config: &Config, name: &str) -> anyhow::Result<()> {
     anyhow::ensure!(valid_tenant_name(name), "tenant names are 1-64 letters, digits, '-', '_', '.'");
-    let tenant = open_store(config)?.create_tenant(name)?;
+    let store = open_store(config)?;
+    let tenant = store.create_tenant(name)?;
+    crate::audit::record_command(&store, tenant.id, "tenant.create", &tenant.name);
     say!(
         "created tenant {} (next: bulkhead client create --tenant {} {})",
         tenant.name,
@@ -148,6 +150,7 @@ pub fn list_tenants(config: &Config) -> anyhow::Result<()> {
 pub fn new_client(store: &dyn Store, config: &Config, tenant_name: &str) -> anyhow::Result<(String, String)> {
     let tenant = find_tenant(store, config, tenant_name)?;
     let (_, credentials) = register_client(store, tenant.id)?;
+    crate::audit::record_command(store, tenant.id, "client.create", &credentials.client_id);
     Ok((credentials.client_id, credentials.client_secret))
 }
 
@@ -221,6 +224,7 @@ pub fn create_client(config: &Config, tenant_name: &str, json: bool, smart: &Sma
         anyhow::anyhow!("{}", error.issues.first().map_or("invalid registration", |issue| issue.diagnostics.as_str()))
     })?;
     let (client_id, client_secret) = (credentials.client_id, credentials.client_secret);
+    crate::audit::record_command(&store, tenant.id, "client.create", &client_id);
     if json {
         let mut body =
             serde_json::json!({"client_id": client_id, "client_secret": client_secret, "tenant": tenant_name});
@@ -252,12 +256,17 @@ pub fn list_clients(config: &Config, tenant_name: &str) -> anyhow::Result<()> {
 }
 
 pub fn revoke_client(config: &Config, client_id: &str) -> anyhow::Result<()> {
+    let store = open_existing_store(config)?;
+    let tenant = store.client(client_id)?.map(|client| client.tenant);
     anyhow::ensure!(
-        open_existing_store(config)?.revoke_client(client_id)?,
+        store.revoke_client(client_id)?,
         "no client '{client_id}' in {} (list them with: bulkhead client list --tenant NAME {})",
         config.database_display(),
         data_dir_flag(config)
     );
+    if let Some(tenant) = tenant {
+        crate::audit::record_command(&store, tenant, "client.revoke", client_id);
+    }
     say!("revoked {client_id}");
     Ok(())
 }

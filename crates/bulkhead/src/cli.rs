@@ -66,6 +66,9 @@ enum Command {
         /// Serve Prometheus metrics at /metrics (config key `metrics`; needs admin_token).
         #[arg(long)]
         metrics: bool,
+        /// Output store for asynchronous exports, s3://BUCKET/PREFIX (config key `output_url`).
+        #[arg(long)]
+        output_url: Option<String>,
     },
     /// Start a server with a demo tenant, client, synthetic patients and a Group, run an export
     /// against it, print working curl lines, and keep serving.
@@ -97,6 +100,8 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Show a tenant's audit trail (who accessed which data, when, from where, with what outcome).
+    Audit(crate::audit::AuditArgs),
     /// Write a consistent backup of a data directory (database, server keys and file-URL
     /// signing keys) to one file, while a server keeps running on it.
     Backup {
@@ -186,11 +191,14 @@ enum ClientCommand {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, listen, metrics } => crate::serve::serve_command(config.load_with(Overrides {
-            listen,
-            metrics: metrics.then_some(true),
-            ..Overrides::default()
-        })?),
+        Command::Serve { config, listen, metrics, output_url } => {
+            crate::serve::serve_command(config.load_with(Overrides {
+                listen,
+                metrics: metrics.then_some(true),
+                output_url,
+                ..Overrides::default()
+            })?)
+        }
         Command::Demo(args) => crate::demo::run(args),
         Command::Tenant { command: TenantCommand::Create { name, config } } => {
             crate::admin::create_tenant(&config.load_for_tool()?, &name)
@@ -212,6 +220,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(args) => crate::import::run(args),
         Command::Bench(args) => crate::bench::run(args),
         Command::Migrate { config } => crate::admin::migrate(&config.load_for_tool()?),
+        Command::Audit(args) => crate::audit::run(args),
         Command::Backup { to, config } => crate::backup::backup(&config.load_for_tool()?, &to),
         Command::Restore { from, force, config } => crate::backup::restore(&config.load_for_tool()?, &from, force),
         Command::Prune { older_than, config } => {

@@ -70,6 +70,18 @@ pub struct Config {
     pub file_urls_require_credentials: bool,
     pub file_url_ttl_seconds: u64,
     pub self_authorising_url_ttl_seconds: u64,
+    /// Output store for asynchronous exports, `s3://BUCKET/PREFIX`; unset: files stream from the
+    /// database. Endpoint, region and credentials below, each defaulting to its `AWS_*` variable.
+    pub output_url: Option<String>,
+    pub output_endpoint: Option<String>,
+    pub output_region: Option<String>,
+    pub output_access_key_id: Option<String>,
+    pub output_secret_access_key: Option<String>,
+    /// Allow a plain-HTTP `output_endpoint` (a local test server; `AWS_ALLOW_HTTP`).
+    pub output_allow_http: Option<bool>,
+    /// Manifests of materialised exports list presigned S3 URLs (`requiresAccessToken: false`,
+    /// expiring with the job) instead of Bulkhead URLs that need credentials.
+    pub output_presigned_urls: bool,
     /// `/healthz/ready` (and `/healthz`) answer 503 when the data directory's disk has less free space than this.
     pub min_free_disk_bytes: u64,
     /// Seconds a client may take no bytes of a download (or any response) before it is
@@ -88,6 +100,8 @@ pub struct Config {
     pub validation: ValidationMode,
     /// Per-tenant exceptions to `validation`, by tenant name (`[tenant_validation]` table).
     pub tenant_validation: BTreeMap<String, ValidationMode>,
+    /// Days audit records are kept before pruning (0: forever).
+    pub audit_retention_days: u64,
     /// Lifetime of SMART access tokens, in seconds, for clients registered without their own
     /// (`--token-ttl`); at most 3600.
     pub access_token_ttl_seconds: u64,
@@ -143,6 +157,13 @@ impl Default for Config {
             file_urls_require_credentials: true,
             file_url_ttl_seconds: 24 * 3600,
             self_authorising_url_ttl_seconds: 600,
+            output_url: None,
+            output_endpoint: None,
+            output_region: None,
+            output_access_key_id: None,
+            output_secret_access_key: None,
+            output_allow_http: None,
+            output_presigned_urls: false,
             min_free_disk_bytes: 64 * 1024 * 1024,
             download_stall_timeout_seconds: 60,
             max_concurrent_downloads: 8,
@@ -151,6 +172,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             validation: ValidationMode::Strict,
             tenant_validation: BTreeMap::new(),
+            // Six years: HIPAA's retention period for compliance documentation.
+            audit_retention_days: 6 * 366,
             access_token_ttl_seconds: 300,
             jwks_fetch_timeout_seconds: 5,
             allow_http_jwks_urls: false,
@@ -178,6 +201,8 @@ pub struct Overrides {
     pub database_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_url: Option<String>,
 }
 
 impl Config {
@@ -307,7 +332,26 @@ impl Config {
             "invalid configuration: tenant_concurrent_downloads must be at least 1"
         );
         self.history_retention()?;
+        if let Some(url) = &self.output_url {
+            anyhow::ensure!(
+                url.strip_prefix("s3://").is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/')),
+                "invalid configuration: output_url = '{url}' is not s3://BUCKET or s3://BUCKET/PREFIX"
+            );
+        }
         Ok(())
+    }
+
+    /// The output store's settings (`None`: no output store).
+    pub fn output_settings(&self) -> Option<bulkhead_http::object_output::OutputSettings> {
+        Some(bulkhead_http::object_output::OutputSettings {
+            url: self.output_url.clone()?,
+            endpoint: self.output_endpoint.clone(),
+            region: self.output_region.clone(),
+            access_key_id: self.output_access_key_id.clone(),
+            secret_access_key: self.output_secret_access_key.clone(),
+            allow_http: self.output_allow_http,
+            presigned_urls: self.output_presigned_urls,
+        })
     }
 
     /// `history_retention` as a duration (`None`: history is kept for ever).

@@ -48,7 +48,8 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let mut importer = Importer::new(store.shared(), tenant.id, args.user.clone(), config.max_group_members)
+    let store: Arc<dyn Store> = store.shared();
+    let mut importer = Importer::new(store.clone(), tenant.id, args.user.clone(), config.max_group_members)
         .with_validation(config.validation_for(&args.tenant));
     let loaded = load_files(&mut importer, &files, |bytes, processed| {
         bar.set_position(bytes);
@@ -57,6 +58,12 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     })
     .and_then(|_| Ok(importer.finish()?));
     bar.finish_and_clear();
+    let stored = loaded.as_ref().map_or_else(|_| importer.summary().clone(), Clone::clone);
+    let mut detail = serde_json::Map::new();
+    detail.insert("stored".into(), serde_json::json!(stored.stored_by_type));
+    detail.insert("failed".into(), stored.failed.into());
+    detail.insert("user".into(), serde_json::json!(args.user));
+    crate::audit::record_command_outcome(store.as_ref(), tenant.id, "import", "import", loaded.is_ok(), detail);
     let summary = match loaded {
         Ok(summary) => summary,
         Err(error) => {

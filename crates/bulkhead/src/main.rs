@@ -7,6 +7,7 @@ macro_rules! say {
 }
 
 mod admin;
+mod audit;
 mod backup;
 mod bench;
 mod cli;

@@ -15,6 +15,20 @@ pub fn line(args: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Writes bytes (whole lines) to stdout, as [`line`] does; always true (a closed pipe or a
+/// write error ends the process).
+pub fn bytes(bytes: &[u8]) -> bool {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to standard output: {error}");
+        std::process::exit(1);
+    }
+    true
+}
+
 /// `1 resource`, `2 resources`: a count with its noun, plural when it is not one.
 pub fn count(n: u64, noun: &str) -> String {
     if n == 1 {

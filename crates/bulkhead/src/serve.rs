@@ -31,7 +31,15 @@ pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     if let OpenedStore::Sqlite(sqlite) = &store {
         spawn_wal_checkpoints(sqlite);
     }
-    let state = AppState::new(store.shared(), config.http_config(), keys);
+    let store = store.shared();
+    crate::audit::spawn_pruning(&store, config.audit_retention_days);
+    let mut state = AppState::new(store, config.http_config(), keys);
+    if let Some(settings) = config.output_settings() {
+        let output = bulkhead_http::object_output::OutputStore::connect(&settings)
+            .with_context(|| format!("invalid configuration: output_url = '{}'", settings.url))?;
+        tracing::info!(output = ?output, presigned_urls = settings.presigned_urls, "asynchronous exports are written to the output store");
+        state.output = Some(Arc::new(output));
+    }
     crate::keys::spawn_reloader(config, &state.token_keys);
     crate::retention::spawn_pruning(&state.store, config.history_retention()?);
     Ok(state)

@@ -180,6 +180,7 @@ fn a_tiny_benchmark_runs_end_to_end() {
         let (kick_off, complete) =
             (group["async_kick_off_p50_ms"].as_f64().unwrap(), group["async_complete_p50_ms"].as_f64().unwrap());
         assert!(kick_off > 0.0 && complete >= kick_off, "202 first, then the status's 200: {group}");
+        assert!(group["manifest_first_ms"].as_f64().unwrap() > 0.0, "{group}");
         let exports = group["exports"].as_array().unwrap();
         let encodings: Vec<&str> = exports.iter().map(|e| e["encoding"].as_str().unwrap()).collect();
         assert!(encodings.starts_with(&["none", "gzip"]), "{encodings:?}");
@@ -203,6 +204,7 @@ fn a_tiny_benchmark_runs_end_to_end() {
     assert_eq!((since["members"].as_u64(), since["writes"].as_u64()), (Some(6), Some(3)));
     assert_eq!(since["resources"], 3, "{since}");
     assert!(since["manifest_p50_ms"].as_f64().unwrap() > 0.0);
+    assert!(since["manifest_first_ms"].as_f64().unwrap() > 0.0, "the first (uncached) manifest is reported too");
 
     // The system-level export: every resource of the tenant (the import, the 3 `_since` writes
     // and the Groups bench-2, bench-6 and bench-all-6), beside a Group of every patient.

@@ -70,7 +70,10 @@ pub fn write_file(
         }
         (FileKind::Output, resource_type, _) => {
             let range = PartRange { first_key: claims.start, last_key: claims.end, count: claims.total };
-            let mut reader = store.part_reader(tenant, &view.selection, resource_type, range);
+            let mut reader = match &claims.associated_set {
+                Some(set) => store.associated_reader(tenant, &view.selection, set, resource_type, range),
+                None => store.part_reader(tenant, &view.selection, resource_type, range),
+            };
             let mut window = Vec::with_capacity(WINDOW_BYTES + WINDOW_BYTES / 4);
             let mut subsetted = Vec::new();
             let mut written = 0;
@@ -94,7 +97,7 @@ pub fn write_file(
             }
         }
         (FileKind::Deleted, resource_type, _) => {
-            let deleted = deleted_ids(store, tenant, view, resource_type)?;
+            let deleted = deleted_ids(store, tenant, view, resource_type, claims.export_associated_set.as_deref())?;
             for id in &deleted {
                 // Bulk Data IG: each line a transaction Bundle with DELETE entries.
                 let line = json!({

@@ -8,6 +8,7 @@ use bulkhead_store::{
     group_members, MemberSelection, SelectionScope, Store, StoreError, StoredResource, TenantId, Visibility,
 };
 
+use crate::associated::{deleted_outside_set, plan_associated_files};
 use crate::level::ExportLevel;
 use crate::params::ExportParams;
 use crate::record::{PlannedExport, PlannedFile};
@@ -50,6 +51,10 @@ pub enum PlanStep {
     Deletions { done: usize, types: usize },
     /// Checking that the members' Patients exist.
     Members,
+    /// Finding the associated data: Provenance and referenced resources.
+    Associated,
+    /// Writing the planned files to the output store (materialised exports): `done` of `files`.
+    Writing { done: usize, files: usize },
 }
 
 impl std::fmt::Display for PlanStep {
@@ -59,6 +64,8 @@ impl std::fmt::Display for PlanStep {
             PlanStep::Counting { types } => write!(f, "planning: counting resources of {types} types"),
             PlanStep::Deletions { done, types } => write!(f, "planning: deletions, {done} of {types} types"),
             PlanStep::Members => write!(f, "planning: checking members"),
+            PlanStep::Associated => write!(f, "planning: provenance and referenced resources"),
+            PlanStep::Writing { done, files } => write!(f, "writing output: {done} of {files} files"),
         }
     }
 }
@@ -78,6 +85,8 @@ pub struct GroupExportRequest {
     pub warnings: Vec<Issue>,
     /// Most resources per file.
     pub part_size: u64,
+    /// When the export's file URLs expire (µs): its stored associated data goes with them.
+    pub files_expire: Micros,
 }
 
 /// A planned export: everything the manifest needs except URLs (the HTTP layer stores `export`
@@ -218,9 +227,14 @@ pub fn deleted_ids(
     tenant: TenantId,
     view: &ExportView,
     resource_type: &str,
+    associated_set: Option<&str>,
 ) -> Result<Vec<String>, ExportError> {
-    let mut ids: Vec<String> =
-        store.deleted_in_compartments(tenant, &view.selection, resource_type)?.into_iter().map(|(id, _)| id).collect();
+    // A resource the export's associated set sends is not also deleted (a Provenance re-pointed
+    // from a member Patient to another resource of the cohort).
+    let mut ids: Vec<String> = deleted_outside_set(store, tenant, &view.selection, resource_type, associated_set)?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
     if resource_type == "Patient" && !view.removed.is_empty() {
         ids.extend(view.removed.iter().cloned());
         ids.sort_unstable();
@@ -319,19 +333,31 @@ pub fn plan_group_export_at(
         None => request.level.exportable_types().into_iter().map(str::to_owned).collect(),
     };
     // At the Group level only the target Group is exported as a Group (its own line, below);
-    // at the system level Groups are a type like any other.
+    // at the system level Groups are a type like any other. At the Patient and Group levels,
+    // types outside the compartment come only as associated data, and so does Provenance,
+    // through its targets (README "Associated data"), though its deletions are still found
+    // through the compartment index.
     let is_group_level = request.level.group().is_some();
-    let compartment_types: Vec<String> = types.iter().filter(|t| !is_group_level || *t != "Group").cloned().collect();
+    let with_associated = !matches!(request.level, ExportLevel::System);
+    let compartment_types: Vec<String> = types
+        .iter()
+        .filter(|t| !is_group_level || *t != "Group")
+        .filter(|t| !with_associated || !bulkhead_fhir::references::is_referenced_type(t))
+        .cloned()
+        .collect();
+    let joined_types: Vec<String> =
+        compartment_types.iter().filter(|t| !with_associated || *t != "Provenance").cloned().collect();
     let file = |kind, resource_type: &str, total| PlannedFile {
         kind,
         resource_type: resource_type.to_owned(),
         start: 0,
         end: 0,
         total,
+        associated: false,
     };
     let mut files = Vec::new();
     progress(PlanStep::Counting { types: compartment_types.len() })?;
-    let plan = store.plan_parts(request.tenant, &view.selection, &compartment_types, request.part_size)?;
+    let plan = store.plan_parts(request.tenant, &view.selection, &joined_types, request.part_size)?;
     for resource_type in &types {
         if is_group_level && resource_type == "Group" {
             if group_line_selected(&view) {
@@ -348,10 +374,26 @@ pub fn plan_group_export_at(
             });
         }
     }
+    let mut associated_set = None;
+    if with_associated {
+        progress(PlanStep::Associated)?;
+        let (set, associated_files) = plan_associated_files(
+            store,
+            request.tenant,
+            &view.selection,
+            &params.associated,
+            params.types.as_deref(),
+            &compartment_types,
+            request.part_size,
+            request.files_expire,
+        )?;
+        associated_set = set;
+        files.extend(associated_files);
+    }
     if params.since.is_some() {
         for (done, resource_type) in compartment_types.iter().enumerate() {
             progress(PlanStep::Deletions { done, types: compartment_types.len() })?;
-            let deleted = deleted_ids(store, request.tenant, &view, resource_type)?;
+            let deleted = deleted_ids(store, request.tenant, &view, resource_type, associated_set.as_deref())?;
             if !deleted.is_empty() {
                 files.push(file(FileKind::Deleted, resource_type, deleted.len() as u64));
             }
@@ -381,6 +423,7 @@ pub fn plan_group_export_at(
         elements: params.elements.clone(),
         patients: params.patients.clone(),
         files,
+        associated_set,
     };
     let removed_members = match (params.since, request.level.group()) {
         (Some(since), Some(group_id)) => {

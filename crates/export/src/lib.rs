@@ -1,5 +1,6 @@
 //! Bulk export: kick-off parameters, plans, signed file tokens, and NDJSON file production.
 
+pub mod associated;
 pub mod elements;
 pub mod files;
 pub mod group;

@@ -15,6 +15,10 @@
 //! - an empty value or an empty `_type` entry (`_type=`, `_type=A,,B`: a malformed request,
 //!   not an unsupported feature);
 //! - a malformed `_typeFilter` query (not `Type?criteria`, a bad date) or `patient` reference;
+//!
+//! At the Patient and Group levels a `_typeFilter` on Provenance or on a type outside the Patient
+//! compartment is unsupported (400, or a lenient warning): those come only as associated data,
+//! found from the cohort's unfiltered data.
 //! - a `_type` list of which lenient mode would drop *every* entry: exporting all types instead
 //!   would surprise the client far more than a 400.
 //!
@@ -27,11 +31,14 @@
 //! [`split_type_filter`]), so it does not matter whether a client encoded its commas.
 
 use bulkhead_fhir::compartment::parse_reference;
+use bulkhead_fhir::references::is_referenced_type;
 use bulkhead_fhir::type_filter::{split_type_filter, FilterError, TypeFilter};
 use bulkhead_fhir::validation::top_level_elements;
 use bulkhead_fhir::{is_resource_type, parse_since, Issue, IssueType, Micros, Severity, RESOURCE_TYPES};
 
 use crate::level::ExportLevel;
+
+use crate::associated::{parse_include_associated_data, AssociatedData};
 
 /// The canonical NDJSON media type every accepted `_outputFormat` spelling is normalised to.
 pub const NDJSON: &str = "application/fhir+ndjson";
@@ -42,7 +49,7 @@ const NDJSON_SPELLINGS: &[&str] =
     &["application/fhir+ndjson", "application/ndjson", "ndjson", "application/fhir ndjson"];
 
 /// Bulk Data parameters we know of but do not implement (yet).
-const UNSUPPORTED_PARAMS: &[&str] = &["includeAssociatedData", "organizeOutputBy"];
+const UNSUPPORTED_PARAMS: &[&str] = &["organizeOutputBy"];
 
 /// Parameters accepted as hints only: the server keeps its own file policy.
 const HINT_PARAMS: &[&str] = &["allowPartialManifests", "_minimumFileSize", "_maximumFileSize"];
@@ -63,6 +70,8 @@ pub struct ExportParams {
     pub until: Option<Micros>,
     /// Always [`NDJSON`] (`application/fhir+ndjson`): every accepted spelling is normalised.
     pub output_format: String,
+    /// `includeAssociatedData` (Provenance and referenced resources; see [`crate::associated`]).
+    pub associated: AssociatedData,
     /// `_typeFilter` queries, each checked to compile ([`TypeFilter::parse`]), in request order.
     pub type_filters: Vec<String>,
     /// `_elements` entries (`Type.element` or `element`), checked, deduplicated; `None` when
@@ -139,7 +148,12 @@ pub fn parse_export_params(
         true => None,
         false => parse_patients(&raw.patients, context, &mut warnings)?,
     };
-    let params = ExportParams { types, since, until, output_format, type_filters, elements, patients };
+    let associated = parse_include_associated_data(&raw.associated, lenient, &mut warnings)?;
+    let types = match types {
+        Some(types) => Some(check_referenced_types(types, context.level, &associated, lenient, &mut warnings)?),
+        None => None,
+    };
+    let params = ExportParams { types, since, until, output_format, type_filters, elements, patients, associated };
     Ok((params, warnings))
 }
 
@@ -160,6 +174,7 @@ enum Param {
     Since,
     Until,
     OutputFormat,
+    IncludeAssociatedData,
     TypeFilter,
     Elements,
     Patient,
@@ -178,6 +193,7 @@ fn classify(name: &str) -> Param {
         "_since" => Param::Since,
         "_until" => Param::Until,
         "_outputFormat" => Param::OutputFormat,
+        "includeAssociatedData" => Param::IncludeAssociatedData,
         "_typeFilter" => Param::TypeFilter,
         "_elements" => Param::Elements,
         "patient" => Param::Patient,
@@ -195,6 +211,8 @@ struct RawParams<'a> {
     since: Option<&'a str>,
     until: Option<&'a str>,
     output_format: Option<&'a str>,
+    /// Every `includeAssociatedData` value in order (each may be a comma list).
+    associated: Vec<&'a str>,
     /// Every `_typeFilter`, `_elements` and `patient` value in order.
     type_filters: Vec<&'a str>,
     elements: Vec<&'a str>,
@@ -218,6 +236,7 @@ fn collect(pairs: &[(String, String)]) -> Result<RawParams<'_>, ParamError> {
             Param::Since => set_once(&mut raw.since, name, value)?,
             Param::Until => set_once(&mut raw.until, name, value)?,
             Param::OutputFormat => set_once(&mut raw.output_format, name, value)?,
+            Param::IncludeAssociatedData => raw.associated.push(value),
             Param::TypeFilter => raw.type_filters.push(value),
             Param::Elements => raw.elements.push(value),
             Param::Patient => raw.patients.push(value),
@@ -311,7 +330,7 @@ fn check_type_of(param: &str, name: &str, level: &ExportLevel) -> Result<(), Par
         let message = format!("Parameter '{param}': '{}' is not an R4 resource type", echo(name));
         return Err(ParamError::new(IssueType::Value, param, message));
     }
-    if !level.exports(name) {
+    if !level.exports(name) && (param != "_type" || !is_referenced_type(name)) {
         let what = match level {
             ExportLevel::Patient => "only Patient and Patient-compartment types other than Group are",
             _ => "only Patient, Group and Patient-compartment types are",
@@ -320,6 +339,67 @@ fn check_type_of(param: &str, name: &str, level: &ExportLevel) -> Result<(), Par
         return Err(ParamError::new(IssueType::NotSupported, param, message));
     }
     Ok(())
+}
+
+/// Types outside the Patient compartment are exported only as resources referenced by the
+/// compartment data (README "Associated data"): a `_type` list of nothing else exports nothing
+/// (an error even when lenient, like any list lenient mode would empty), and one that names them
+/// while `includeAssociatedData=_noReferencedResources` turns referenced resources off is a
+/// contradiction (strict: an error; lenient: they are dropped).
+fn check_referenced_types(
+    types: Vec<String>,
+    level: &ExportLevel,
+    associated: &AssociatedData,
+    lenient: bool,
+    warnings: &mut Vec<Issue>,
+) -> Result<Vec<String>, ParamError> {
+    if matches!(level, ExportLevel::System) {
+        return Ok(types);
+    }
+    let (referenced, cohort): (Vec<&String>, Vec<&String>) = types.iter().partition(|t| !level.exports(t));
+    if cohort.is_empty() {
+        let names = referenced.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(",");
+        let message = format!(
+            "Parameter '_type': {} lie outside the Patient compartment; {} returns such resources only when \
+             its compartment data references them, so name a Patient-compartment type too",
+            echo(&names),
+            level.describe()
+        );
+        return Err(ParamError::new(IssueType::NotSupported, "_type", message));
+    }
+    if associated.referenced || referenced.is_empty() {
+        return Ok(types);
+    }
+    let names = referenced.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(",");
+    let message = format!(
+        "Parameter '_type': {} would only be exported as referenced resources, which \
+         includeAssociatedData=_noReferencedResources turns off",
+        echo(&names)
+    );
+    if !lenient {
+        return Err(ParamError::new(IssueType::NotSupported, "_type", message));
+    }
+    warnings.push(as_lenient_warning(ParamError::new(IssueType::NotSupported, "_type", message).issue));
+    Ok(types.into_iter().filter(|t| level.exports(t)).collect())
+}
+
+/// At the Patient and Group levels, Provenance and the types outside the Patient compartment
+/// come only as associated data, found from the cohort's unfiltered data (README "Associated
+/// data"): a `_typeFilter` on them cannot narrow anything, so it is refused rather than
+/// silently ignored.
+fn check_associated_filter(name: &str, level: &ExportLevel) -> Result<(), ParamError> {
+    if matches!(level, ExportLevel::System) || !is_resource_type(name) {
+        return Ok(());
+    }
+    if name != "Provenance" && !is_referenced_type(name) {
+        return Ok(());
+    }
+    let message = format!(
+        "Parameter '_typeFilter': {} delivers '{name}' only as associated data (through the cohort's \
+         resources, whatever their filters), so a filter on it is not supported",
+        level.describe()
+    );
+    Err(ParamError::new(IssueType::NotSupported, "_typeFilter", message))
 }
 
 /// Compiles every `_typeFilter` query (each value may hold several). A malformed query is an
@@ -340,7 +420,10 @@ fn parse_type_filters(
             };
             ParamError::new(code, "_typeFilter", format!("Parameter '_typeFilter': {} ({})", error, echo(query)))
         });
-        let checked = compiled.and_then(|filter| check_type_of("_typeFilter", &filter.resource_type, level));
+        let checked = compiled.and_then(|filter| {
+            check_associated_filter(&filter.resource_type, level)?;
+            check_type_of("_typeFilter", &filter.resource_type, level)
+        });
         match checked {
             Ok(()) if !queries.iter().any(|seen| seen == query) => queries.push(query.to_owned()),
             Ok(()) => {}
@@ -550,6 +633,7 @@ mod tests {
             type_filters: Vec::new(),
             elements: None,
             patients: None,
+            associated: AssociatedData::default(),
         };
         assert_eq!(params, expected);
     }
@@ -601,15 +685,35 @@ mod tests {
 
     #[test]
     fn lenient_drops_bad_types_with_one_warning_each() {
-        let pairs = [("_type", "Patient,Practitioner,Bogus"), ("_type", "Practitioner,Observation")];
+        let pairs = [("_type", "Patient,Bundle2,Bogus"), ("_type", "Bundle2,Observation")];
         let (params, warnings) = parse(&pairs, true).unwrap();
         assert_eq!(types(&params), ["Patient", "Observation"]);
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings.iter().all(|w| w.severity == Severity::Warning));
-        assert!(warnings[0].diagnostics.contains("Practitioner"));
-        assert_eq!(warnings[0].code, IssueType::NotSupported);
+        assert!(warnings[0].diagnostics.contains("Bundle2"));
+        assert_eq!(warnings[0].code, IssueType::Value);
         assert!(warnings[1].diagnostics.contains("Bogus"));
         assert_eq!(warnings[1].expression.as_deref(), Some("_type"));
+    }
+
+    #[test]
+    fn referenced_types_are_accepted_beside_compartment_types() {
+        let params = ok(&[("_type", "MedicationRequest,Medication,Practitioner")]);
+        assert_eq!(types(&params), ["MedicationRequest", "Medication", "Practitioner"]);
+        assert!(params.associated.referenced);
+    }
+
+    #[test]
+    fn referenced_types_contradict_the_switch_off() {
+        let pairs = [("_type", "Observation,Practitioner"), ("includeAssociatedData", "_noReferencedResources")];
+        let issue = err(&pairs, false);
+        assert_eq!(issue.code, IssueType::NotSupported);
+        assert!(issue.diagnostics.contains("Practitioner"), "{}", issue.diagnostics);
+        let (params, warnings) = parse(&pairs, true).unwrap();
+        assert_eq!(types(&params), ["Observation"]);
+        assert!(!params.associated.referenced);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].severity, Severity::Warning);
     }
 
     #[test]
@@ -806,7 +910,23 @@ mod tests {
         assert!(params.type_filters.is_empty());
         assert_eq!(warnings.len(), 1);
         // A type the level cannot export.
-        assert_eq!(err(&[("_typeFilter", "Practitioner?name=x")], false).code, IssueType::NotSupported);
+        assert_eq!(err(&[("_typeFilter", "Bundle?_id=x")], false).code, IssueType::NotSupported);
+        // Types a Group export delivers only as associated data: strict 400, lenient warning.
+        for associated in ["Provenance?patient=Patient/p1", "Practitioner?name=x"] {
+            let issue = err(&[("_typeFilter", associated)], false);
+            assert_eq!(issue.code, IssueType::NotSupported, "{associated}");
+            assert!(issue.diagnostics.contains("only as associated data"), "{}", issue.diagnostics);
+            let (params, warnings) = parse(&[("_typeFilter", associated), ("_typeFilter", "Patient?family=x")], true)
+                .expect("lenient mode drops it");
+            assert_eq!(params.type_filters, ["Patient?family=x"]);
+            assert_eq!(warnings.len(), 1);
+            assert!(warnings[0].diagnostics.contains("only as associated data"), "{}", warnings[0].diagnostics);
+            let issue = parse_at(&[("_typeFilter", associated)], &ExportLevel::Patient, false, false).unwrap_err();
+            assert!(issue.issue.diagnostics.contains("Patient-level"), "{}", issue.issue.diagnostics);
+            // The system level exports them like any type: the filter applies.
+            let (params, _) = parse_at(&[("_typeFilter", associated)], &ExportLevel::System, false, false).unwrap();
+            assert_eq!(params.type_filters, [associated]);
+        }
         // Malformed: an error even when lenient.
         for bad in ["Observation", "Bogus?code=1", "Observation?date=notadate"] {
             assert_eq!(err(&[("_typeFilter", bad)], true).code, IssueType::Value, "{bad}");

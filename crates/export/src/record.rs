@@ -41,6 +41,9 @@ pub struct PlannedExport {
     pub patients: Option<Vec<String>>,
     /// In manifest order; a file URL names its index here.
     pub files: Vec<PlannedFile>,
+    /// The stored associated set (Provenance, referenced resources) its associated files read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub associated_set: Option<String>,
 }
 
 /// One file of a planned export.
@@ -54,6 +57,9 @@ pub struct PlannedFile {
     pub end: i64,
     /// Lines in the file when the manifest was made.
     pub total: u64,
+    /// An output file of associated data: its keys index the export's associated set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub associated: bool,
 }
 
 impl PlannedExport {
@@ -78,6 +84,8 @@ impl PlannedExport {
             requested_types: self.requested_types.clone(),
             // Only the error file writes them.
             warnings: if planned.kind == FileKind::Error { self.warnings.clone() } else { Vec::new() },
+            associated_set: if planned.associated { self.associated_set.clone() } else { None },
+            export_associated_set: self.associated_set.clone(),
             type_filters: self.type_filters.clone(),
             elements: self.elements.clone(),
             patients: self.patients.clone(),
@@ -116,15 +124,24 @@ mod tests {
             elements: Some(vec!["id".into()]),
             patients: None,
             files: vec![
-                PlannedFile { kind: FileKind::Output, resource_type: "Observation".into(), start: 1, end: 8, total: 4 },
+                PlannedFile {
+                    kind: FileKind::Output,
+                    resource_type: "Observation".into(),
+                    start: 1,
+                    end: 8,
+                    total: 4,
+                    associated: false,
+                },
                 PlannedFile {
                     kind: FileKind::Error,
                     resource_type: "OperationOutcome".into(),
                     start: 0,
                     end: 0,
                     total: 1,
+                    associated: false,
                 },
             ],
+            associated_set: None,
         }
     }
 

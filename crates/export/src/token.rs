@@ -82,6 +82,10 @@ pub struct FileClaims {
     /// For error files: the lenient-mode warnings of the kick-off, each as the
     /// OperationOutcome line to write.
     pub warnings: Vec<String>,
+    /// For an output file of associated data: the stored associated set it reads.
+    pub associated_set: Option<String>,
+    /// The export's associated set, if any (its `deleted[]` files leave out what it holds).
+    pub export_associated_set: Option<String>,
     /// `_typeFilter` queries of the export.
     pub type_filters: Vec<String>,
     /// `_elements` entries of the export, when given.

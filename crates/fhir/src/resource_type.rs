@@ -155,6 +155,18 @@ pub fn is_resource_type(name: &str) -> bool {
     RESOURCE_TYPES.binary_search(&name).is_ok()
 }
 
+/// A small integer standing for an R4 resource type in storage indexes: its position in
+/// [`RESOURCE_TYPES`] (Account = 0 … VisionPrescription = 145). R4 is frozen, so the codes are
+/// stable; databases store them, so the list must never be reordered. None for other names.
+pub fn resource_type_code(name: &str) -> Option<i64> {
+    RESOURCE_TYPES.binary_search(&name).ok().map(|index| index as i64)
+}
+
+/// The resource type a [`resource_type_code`] stands for.
+pub fn resource_type_name(code: i64) -> Option<&'static str> {
+    usize::try_from(code).ok().and_then(|index| RESOURCE_TYPES.get(index)).copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +180,21 @@ mod tests {
         assert!(is_resource_type("BiologicallyDerivedProduct"));
         assert!(!is_resource_type("observation"));
         assert!(!is_resource_type("MedicationOrder"));
+    }
+
+    /// Databases store these codes: they must never change.
+    #[test]
+    fn type_codes_are_stable_and_round_trip() {
+        assert_eq!(resource_type_code("Account"), Some(0));
+        assert_eq!(resource_type_code("Observation"), Some(95));
+        assert_eq!(resource_type_code("Patient"), Some(102));
+        assert_eq!(resource_type_code("VisionPrescription"), Some(145));
+        assert_eq!(resource_type_code("observation"), None);
+        assert_eq!(resource_type_name(146), None);
+        assert_eq!(resource_type_name(-1), None);
+        for (index, name) in RESOURCE_TYPES.iter().enumerate() {
+            assert_eq!(resource_type_code(name), Some(index as i64));
+            assert_eq!(resource_type_name(index as i64), Some(*name));
+        }
     }
 }

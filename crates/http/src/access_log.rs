@@ -8,18 +8,16 @@
 //! [`log_value`]; the tenant and client are the authenticated caller's (recorded by
 //! [`record_caller`] from `auth::authenticate`), empty for public and admin requests.
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
-use http_body::{Body as _, Frame, SizeHint};
 
 use crate::auth::Caller;
+use crate::counted_body::CountedBody;
 use crate::log_value::log_value;
 use crate::REQUEST_ID;
 
@@ -58,12 +56,10 @@ pub async fn access_log(request: Request, next: Next) -> Response {
         method,
         route,
         status: response.status().as_u16(),
-        bytes: 0,
-        complete: false,
         metrics,
     };
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, Body::new(LoggedBody { inner: body, entry }))
+    Response::from_parts(parts, Body::new(CountedBody::new(body, move |bytes, complete| entry.write(bytes, complete))))
 }
 
 struct Entry {
@@ -74,52 +70,13 @@ struct Entry {
     method: String,
     route: String,
     status: u16,
-    bytes: u64,
-    complete: bool,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
-/// A response body that counts its bytes and writes the access line when it is dropped.
-struct LoggedBody {
-    inner: Body,
-    entry: Entry,
-}
-
-impl http_body::Body for LoggedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.entry.bytes += data.len() as u64;
-                }
-                if self.inner.is_end_stream() {
-                    self.entry.complete = true;
-                }
-            }
-            Poll::Ready(None) => self.entry.complete = true,
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for LoggedBody {
-    fn drop(&mut self) {
-        // An empty body may never be polled: it is complete all the same.
-        let complete = self.entry.complete || (self.entry.bytes == 0 && self.inner.is_end_stream());
-        let entry = &self.entry;
+impl Entry {
+    /// Writes the access line (and the request's metrics) once the body is done.
+    fn write(self, bytes: u64, complete: bool) {
+        let entry = &self;
         if let Some(metrics) = &entry.metrics {
             metrics.observe_request(&entry.method, &entry.route, entry.status, entry.started.elapsed());
         }
@@ -131,7 +88,7 @@ impl Drop for LoggedBody {
             method = %entry.method,
             route = %entry.route,
             status = entry.status,
-            bytes = entry.bytes,
+            bytes,
             latency_ms = (entry.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
             complete,
             "access"
@@ -188,8 +145,9 @@ mod tests {
     }
 
     fn app() -> Router {
-        let chunks =
-            || futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"12345")), Ok("678".into())]);
+        let chunks = || {
+            futures::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"12345")), Ok("678".into())])
+        };
         Router::new()
             .route(
                 "/whole/{token}",

@@ -60,6 +60,7 @@ pub async fn create_tenant(State(state): State<AppState>, request: Request) -> R
         );
     }
     let tenant = state.blocking(move |store| Ok(store.create_tenant(&name)?)).await?;
+    crate::audit::note_admin(tenant.id, "tenant.create", &tenant.name);
     Ok((StatusCode::CREATED, Json(json!({"name": tenant.name, "created": format_instant(tenant.created)})))
         .into_response())
 }
@@ -89,6 +90,7 @@ pub async fn create_client(
         })
         .await?;
     tracing::info!(client_id = %record.client_id, tenant = %record.tenant_name, "client created");
+    crate::audit::note_admin(record.tenant, "client.create", &record.client_id);
     let body = json!({"client_id": record.client_id, "client_secret": credentials.client_secret, "tenant": record.tenant_name});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -161,9 +163,17 @@ pub async fn revoke_client(
     Path(client_id): Path<String>,
 ) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
-    let revoked = state.blocking(move |store| Ok(store.revoke_client(&client_id)?)).await?;
-    if !revoked {
-        return Err(ApiError::not_found("no such client"));
-    }
+    // The client's tenant is looked up first: the revocation is recorded in its audit trail.
+    let revoked = state
+        .blocking(move |store| {
+            let client = store.client(&client_id)?;
+            Ok(match client {
+                Some(client) if store.revoke_client(&client.client_id)? => Some(client),
+                _ => None,
+            })
+        })
+        .await?;
+    let Some(client) = revoked else { return Err(ApiError::not_found("no such client")) };
+    crate::audit::note_admin(client.tenant, "client.revoke", &client.client_id);
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -262,6 +262,7 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Calle
         Presented::Bearer(token) => bearer_caller(state, token, visibility).await?,
     };
     crate::access_log::record_caller(&caller);
+    crate::audit::record_caller(&caller);
     crate::quotas::admit_request(state, &caller)?;
     Ok(caller)
 }

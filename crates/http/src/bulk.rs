@@ -26,6 +26,7 @@ use crate::auth::{authenticate, authorize, AuthMethod, Caller};
 use crate::encoding::{encode, negotiate};
 use crate::error::ApiError;
 use crate::negotiation::{check_accept, JsonBody};
+use crate::object_output::{OutputStore, WrittenObject};
 use crate::scopes::{Access, Grant};
 use crate::state::AppState;
 use crate::urls::base_url;
@@ -141,12 +142,18 @@ pub(crate) async fn kick_off_at(
     if let Some(parameters) = &parameters {
         pairs.extend(parameters_as_pairs(parameters)?);
     }
+    crate::audit::note_export_kickoff(&level, &pairs);
     let context = ParseContext { level: &level, lenient: preferences.lenient, post };
     let (mut params, warnings) = parse_export_params(&pairs, context)
         .map_err(|error| ApiError::from_issue(StatusCode::BAD_REQUEST, error.issue))?;
     params.types = exportable_types(&caller, &level, params.types)?;
     let with_since = params.since.is_some();
     let running = crate::quotas::admit_export(&state, &caller)?;
+    let standard_base = !uri.path().starts_with("/bulk-data/");
+    // With an output store, an asynchronous export's files are written to it before the job
+    // completes (see `crate::materialise`); a synchronous one always streams from the store.
+    let output = state.output.clone().filter(|_| preferences.respond_async || standard_base);
+    let urls = FileUrls::new(&state, &caller, output.as_deref());
     let request = GroupExportRequest {
         tenant: caller.tenant,
         client_id: caller.client_id.clone(),
@@ -155,39 +162,59 @@ pub(crate) async fn kick_off_at(
         params,
         warnings,
         part_size: state.config.export_part_size,
+        files_expire: urls.expires.saturating_mul(MICROS_PER_SECOND),
     };
-    let urls = FileUrls::new(&state, &caller);
     let base = base_url(&state, &headers);
     // Bulk Data IG §manifest `request`: the full URL of a GET; a POST's without its parameters.
     let request_url = match post {
         false => format!("{base}{}", uri.path_and_query().map_or(uri.path(), |pq| pq.as_str())),
         true => format!("{base}{}", uri.path()),
     };
-    let standard_base = !uri.path().starts_with("/bulk-data/");
     if preferences.respond_async || standard_base {
         // The 202 goes out once the request is checked and the job stored; the plan follows.
         let manifest_state = state.clone();
         let manifest_base = base.clone();
         let planned_request = request.clone();
+        // The job is named by its export record, so its output objects are found from either.
+        let job_id = uuid::Uuid::from_bytes(urls.record).to_string();
+        let job = job_id.clone();
         let build: crate::export_status::BuildManifest = Box::new(move |store, transaction_time, progress| {
             let _running = running;
             let plan = plan_group_export_at(store, &planned_request, transaction_time, progress)?;
             urls.store_record(store, &plan.export)?;
-            Ok(manifest(&manifest_state, &urls, &manifest_base, &request_url, plan, with_since))
+            let objects = match &output {
+                Some(output) => {
+                    let claims_of = |index: usize| plan.export.claims(&urls.file(index), urls.issued);
+                    let written = crate::materialise::materialise(
+                        store,
+                        output,
+                        urls.tenant,
+                        &job,
+                        &plan.export,
+                        &claims_of,
+                        progress,
+                    )?;
+                    Some(object_items(&manifest_state, &urls, &manifest_base, output, &job, &plan.export, written)?)
+                }
+                None => None,
+            };
+            Ok(manifest(&manifest_state, &urls, &manifest_base, &request_url, plan, with_since, objects))
         });
-        return crate::export_status::accept(&state, &caller, &base, request, urls.expires, build).await;
+        return crate::export_status::accept(&state, &caller, &base, request, job_id, urls.expires, build).await;
     }
     let started = std::time::Instant::now();
+    let sweep_output = state.output.clone();
     let plan = state
         .blocking(move |store| {
-            crate::export_status::sweep_expired(store, now_micros());
+            crate::export_status::sweep_expired(store, sweep_output.as_deref(), now_micros());
             let plan = plan_group_export(store, &request)?;
             urls.store_record(store, &plan.export)?;
             Ok(plan)
         })
         .await?;
     tracing::info!(level = ?level, files = plan.export.files.len(), millis = started.elapsed().as_millis() as u64, "export planned");
-    let manifest = manifest(&state, &urls, &base, &request_url, plan, with_since);
+    crate::audit::note_export_plan(&plan);
+    let manifest = manifest(&state, &urls, &base, &request_url, plan, with_since, None);
     let mut response = (StatusCode::OK, manifest.body.to_string()).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
@@ -289,12 +316,21 @@ struct FileUrls {
 impl FileUrls {
     /// An export started with an access token always needs one to download (Bulk Data:
     /// `requiresAccessToken: true`); one started with client credentials follows
-    /// `file_urls_require_credentials`.
-    fn new(state: &AppState, caller: &Caller) -> FileUrls {
+    /// `file_urls_require_credentials`. One materialised to `output` lists Bulkhead URLs that
+    /// always need credentials, or presigned URLs that need none; it lives `file_url_ttl`
+    /// whichever URLs its manifest lists (presigned ones expire with it).
+    fn new(state: &AppState, caller: &Caller, output: Option<&OutputStore>) -> FileUrls {
         let config = &state.config;
         let tenant = caller.tenant;
-        let requires_credentials = config.file_urls_require_credentials || caller.method == AuthMethod::Bearer;
-        let ttl = if requires_credentials { config.file_url_ttl } else { config.self_authorising_url_ttl };
+        let requires_credentials = match output {
+            Some(output) => !output.presigned_urls(),
+            None => config.file_urls_require_credentials || caller.method == AuthMethod::Bearer,
+        };
+        let ttl = if requires_credentials || output.is_some() {
+            config.file_url_ttl
+        } else {
+            config.self_authorising_url_ttl
+        };
         let issued = now_seconds();
         let record = *uuid::Uuid::new_v4().as_bytes();
         FileUrls { tenant, record, issued, expires: issued + ttl.as_secs() as i64, requires_credentials }
@@ -330,7 +366,50 @@ pub(crate) struct Manifest {
     pub body: Value,
 }
 
-/// Builds the Bulk Data manifest, minting a signed URL per file.
+/// The extension of a materialised manifest item: `{"size": bytes, "sha256": "lowercase hex"}` of
+/// its object (Bulk Data IG: `extension`, namespaced by URL). See README, "Output store".
+pub const OBJECT_EXTENSION: &str = "https://bulkhead.example/fhir/bulk-data/extension/output-object";
+
+/// A materialised file as its manifest item shows it.
+struct ObjectItem {
+    url: String,
+    object: WrittenObject,
+}
+
+/// The manifest items of a materialised export: presigned S3 URLs expiring with the job, or
+/// Bulkhead URLs (credentials required) that stream the object back.
+fn object_items(
+    state: &AppState,
+    urls: &FileUrls,
+    base: &str,
+    output: &OutputStore,
+    job_id: &str,
+    export: &PlannedExport,
+    written: Vec<WrittenObject>,
+) -> Result<Vec<ObjectItem>, ApiError> {
+    let runtime = tokio::runtime::Handle::current();
+    let lifetime = std::time::Duration::from_secs(u64::try_from(urls.expires - now_seconds()).unwrap_or(1).max(1));
+    let mut items = Vec::with_capacity(written.len());
+    for (index, object) in written.into_iter().enumerate() {
+        let file = urls.file(index);
+        let url = if output.presigned_urls() {
+            let path = output.object_path(urls.tenant, job_id, file.file);
+            runtime.block_on(output.presign(&path, lifetime)).map_err(|error| {
+                tracing::error!(job = %job_id, error = %error, "presigning an export object failed");
+                ApiError::internal()
+            })?
+        } else {
+            let planned = &export.files[index];
+            let item_type = url_type(planned.kind, &planned.resource_type);
+            format!("{base}/bulk-data/r4/$export-object/{item_type}/{}.ndjson", state.token_keys.get().sign(&file))
+        };
+        items.push(ObjectItem { url, object });
+    }
+    Ok(items)
+}
+
+/// Builds the Bulk Data manifest, minting a signed URL per file (or listing the materialised
+/// objects' URLs, with their size and SHA-256).
 fn manifest(
     state: &AppState,
     urls: &FileUrls,
@@ -338,13 +417,25 @@ fn manifest(
     request_url: &str,
     plan: GroupExportPlan,
     with_since: bool,
+    objects: Option<Vec<ObjectItem>>,
 ) -> Manifest {
     let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
+    let mut objects = objects.map(Vec::into_iter);
     let keys = state.token_keys.get();
     for (index, file) in plan.export.files.iter().enumerate() {
-        let token = keys.sign(&urls.file(index));
         let item_type = url_type(file.kind, &file.resource_type);
-        let item = json!({"type": item_type, "url": format!("{base}/bulk-data/r4/$export/{item_type}/{token}.ndjson"), "count": file.total});
+        let item = match objects.as_mut().and_then(Iterator::next) {
+            Some(ObjectItem { url, object }) => json!({
+                "type": item_type,
+                "url": url,
+                "count": file.total,
+                "extension": {OBJECT_EXTENSION: {"size": object.bytes, "sha256": object.sha256}},
+            }),
+            None => {
+                let token = keys.sign(&urls.file(index));
+                json!({"type": item_type, "url": format!("{base}/bulk-data/r4/$export/{item_type}/{token}.ndjson"), "count": file.total})
+            }
+        };
         match file.kind {
             FileKind::Output => output.push(item),
             FileKind::Deleted => deleted.push(item),
@@ -375,7 +466,9 @@ pub async fn download(
     Path((path_type, file)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let claims = authorize_download(&state, &headers, &path_type, &file).await?;
+    crate::audit::note("export.download", path_type.clone());
+    let (_, claims) = authorize_download(&state, &headers, &path_type, &file).await?;
+    crate::audit::note_download(&claims);
     let share = match crate::quotas::download_share(&state, TenantId(claims.tenant)).await {
         Ok(share) => share,
         Err(throttled) => return Ok(throttled),
@@ -479,7 +572,7 @@ async fn authorize_download(
     headers: &HeaderMap,
     path_type: &str,
     file: &str,
-) -> Result<FileClaims, ApiError> {
+) -> Result<(FileRef, FileClaims), ApiError> {
     let file_ref = verify_file_token(state, file)?;
     let caller = if file_ref.requires_credentials || state.config.file_urls_require_credentials {
         Some(authenticate(state, headers).await?)
@@ -503,7 +596,49 @@ async fn authorize_download(
         // Another tenant's or client's file: as if it did not exist.
         return Err(no_such_file());
     }
-    Ok(claims)
+    Ok((file_ref, claims))
+}
+
+/// `GET /bulk-data/r4/$export-object/{type}/{token}.ndjson`: a materialised file, streamed back
+/// from the output store as it is stored. Authorised as a file URL (its tokens always require
+/// credentials) and counted in the download pool like one.
+pub async fn download_object(
+    State(state): State<AppState>,
+    Path((path_type, file)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    crate::audit::note("export.download", path_type.clone());
+    let output = state.output.clone().ok_or_else(no_such_file)?;
+    let (file_ref, claims) = authorize_download(&state, &headers, &path_type, &file).await?;
+    crate::audit::note_download(&claims);
+    let share = match crate::quotas::download_share(&state, TenantId(claims.tenant)).await {
+        Ok(share) => share,
+        Err(throttled) => return Ok(throttled),
+    };
+    let slot = match download_slot(&state).await {
+        Ok(slot) => slot,
+        Err(throttled) => return Ok(throttled),
+    };
+    let job_id = uuid::Uuid::from_bytes(file_ref.record).to_string();
+    let path = output.object_path(TenantId(claims.tenant), &job_id, file_ref.file);
+    let (size, stream) = output.read(&path).await.map_err(|error| match error {
+        crate::object_output::OutputError::ObjectStore(object_store::Error::NotFound { .. }) => no_such_file(),
+        error => {
+            tracing::error!(job = %job_id, error = %error, "reading an export object failed");
+            ApiError::internal()
+        }
+    })?;
+    // The permits live as long as the body's stream.
+    let held = (slot, share);
+    let stream = futures::StreamExt::map(stream, move |chunk| {
+        let _held = &held;
+        chunk.map_err(std::io::Error::other)
+    });
+    let mut response = (StatusCode::OK, Body::from_stream(stream)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/fhir+ndjson"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    Ok(response)
 }
 
 fn no_such_file() -> ApiError {

@@ -11,6 +11,7 @@ use bulkhead_fhir::{format_instant, is_valid_id, operation_outcome, Issue, Issue
 use bulkhead_store::{WriteMode, WriteOp, Written};
 use serde_json::{json, Value};
 
+use crate::audit::BundleEntry;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::negotiation::{check_accept, fhir_response, JsonBody};
@@ -57,6 +58,7 @@ pub async fn process_bundle(
             .at("Bundle.type"));
         }
     };
+    crate::audit::note(if mode == WriteMode::Transaction { "transaction" } else { "batch" }, "Bundle");
     let Some(Value::Array(entries)) = bundle.get("entry").cloned() else {
         return Ok(bundle_response(mode, Vec::new()));
     };
@@ -101,9 +103,15 @@ pub async fn process_bundle(
             }
         }
     }
+    let entries = planned.iter().map(|step| match step {
+        Planned::Write => BundleEntry::Written,
+        Planned::Failed(error) => BundleEntry::Refused(error.status),
+        Planned::Existing { .. } => BundleEntry::Unwritten,
+    });
+    let audit = crate::audit::WriteAudit::for_bundle(mode, entries);
     let (tenant, owner) = (caller.tenant, caller.owner().map(str::to_owned));
     let mut results =
-        state.blocking(move |store| Ok(store.write(tenant, owner.as_deref(), &ops, mode)?)).await?.into_iter();
+        state.blocking(move |store| Ok(audit.write(store, tenant, owner.as_deref(), &ops, mode)?)).await?.into_iter();
     let mut outcomes = Vec::with_capacity(planned.len());
     for step in planned {
         outcomes.push(match step {

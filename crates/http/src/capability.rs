@@ -36,13 +36,15 @@ pub fn capability_statement(base: &str) -> Value {
                 "Group" => {
                     resource["operation"] = json!([export_operation(
                         "group-export",
-                        "the compartments of the Group's members, and the Group itself"
+                        &format!("the compartments of the Group's members, and the Group itself; {ASSOCIATED_DATA}")
                     )])
                 }
                 "Patient" => {
                     resource["operation"] = json!([export_operation(
                         "patient-export",
-                        "the compartments of all the tenant's Patients (no Group resources)"
+                        &format!(
+                            "the compartments of all the tenant's Patients (no Group resources); {ASSOCIATED_DATA}"
+                        )
                     )])
                 }
                 _ => {}
@@ -82,6 +84,9 @@ pub fn capability_statement(base: &str) -> Value {
 
 /// Bulk Data kick-off parameters and how they are treated (the same at every level).
 const EXPORT_PARAMETERS: &str = "GET (query string) or POST (a Parameters body). Parameters: _outputFormat (application/fhir+ndjson, application/ndjson, ndjson), _since, _until, _type, _typeFilter, _elements, patient (POST only; Patient and Group levels); allowPartialManifests, _minimumFileSize and _maximumFileSize are accepted as hints. Unsupported parameters or values are a 400 OperationOutcome unless Prefer: handling=lenient, which ignores them and lists each in the manifest's error[]. _typeFilter: FHIR search queries per type (several for one type are OR'ed), with R4 token parameters ([system]|[code], |code, system|), reference parameters (Type/id or id), date parameters (prefixes eq, ne, gt, lt, ge, le, sa, eb), string parameters (default and :exact), _id and _lastUpdated; other parameter kinds, modifiers and chains are refused. _elements: root elements (Type.element or element); mandatory elements, id and meta are kept and meta.tag SUBSETTED added. Manner: under [base]/r4 a kick-off is always asynchronous (202 and an absolute Content-Location; GET it for 200 with the manifest, DELETE to cancel); under [base]/bulk-data/r4 a kick-off without Prefer: respond-async answers 200 with the manifest at once (1upHealth style).";
+
+/// What Patient and Group exports add (README "Associated data").
+const ASSOCIATED_DATA: &str = "self-contained: every Provenance targeting an exported resource, and the resources outside the Patient compartment that exported resources reference (Practitioner, Organization, Location, Medication, ...), followed up to 3 references deep; with _type only the named types. includeAssociatedData: LatestProvenanceResources, RelevantProvenanceResources, and _noReferencedResources to leave referenced resources out";
 
 /// One `$export` operation entry: `definition` names the Bulk Data OperationDefinition.
 fn export_operation(definition: &str, covers: &str) -> Value {

@@ -30,6 +30,7 @@ use crate::auth::{authorize, Caller};
 use crate::bulk::Manifest;
 use crate::error::ApiError;
 use crate::negotiation::{check_accept, fhir_response, http_date};
+use crate::object_output::OutputStore;
 use crate::state::AppState;
 
 const MICROS_PER_SECOND: i64 = 1_000_000;
@@ -116,11 +117,12 @@ pub(crate) async fn accept(
     caller: &Caller,
     base: &str,
     request: GroupExportRequest,
+    job_id: String,
     expires: i64,
     build: BuildManifest,
 ) -> Result<Response, ApiError> {
     let job = ExportJob {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: job_id,
         client_id: caller.client_id.clone(),
         visibility: caller.visibility.clone(),
         created: now_micros(),
@@ -130,15 +132,17 @@ pub(crate) async fn accept(
     };
     let job_id = job.id.clone();
     let tenant = caller.tenant;
+    let output = state.output.clone();
     let transaction_time = state
         .blocking(move |store| {
-            sweep_expired(store, now_micros());
+            sweep_expired(store, output.as_deref(), now_micros());
             check_group(store, &request)?;
             let transaction_time = store.reserve_transaction_time()?;
             store.create_export_job(tenant, &job)?;
             Ok(transaction_time)
         })
         .await?;
+    crate::audit::note_export_accepted(&job_id, transaction_time);
     start_planner(state, tenant, job_id.clone(), transaction_time, build);
     tracing::info!(job = %job_id, "export job accepted");
     let status_url = format!("{base}/bulk-data/r4/$export-status/{job_id}");
@@ -162,6 +166,7 @@ fn start_planner(state: &AppState, tenant: TenantId, job_id: String, transaction
     tokio::spawn(async move {
         let store = state.store.clone();
         let (work_planner, work_job, hook) = (planner.clone(), job_id.clone(), state.planners.hook.clone());
+        let output = state.output.clone();
         let planned = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             let progress = |step: PlanStep| {
@@ -180,7 +185,15 @@ fn start_planner(state: &AppState, tenant: TenantId, job_id: String, transaction
                 Ok(manifest) => (ExportJobState::Complete, manifest.body.to_string()),
                 Err(error) => failure(error),
             };
-            finish(store.as_ref(), tenant, &work_job, state, &body);
+            if !finish(store.as_ref(), tenant, &work_job, state, &body) {
+                // Cancelled while its output was being written: nobody will ask for it.
+                if let Some(output) = &output {
+                    let runtime = tokio::runtime::Handle::current();
+                    if let Err(error) = runtime.block_on(output.delete_job(tenant, &work_job)) {
+                        tracing::error!(job = %work_job, error = %error, "removing a cancelled job's output failed");
+                    }
+                }
+            }
         })
         .await;
         if let Err(join_error) = planned {
@@ -214,27 +227,59 @@ fn failure(error: ApiError) -> (ExportJobState, String) {
     (ExportJobState::Failed { status: error.status.as_u16() }, operation_outcome(&error.issues).to_string())
 }
 
-/// Finishes a planning job; a job deleted meanwhile (cancelled) keeps no result.
-fn finish(store: &dyn Store, tenant: TenantId, job_id: &str, state: ExportJobState, body: &str) {
+/// Finishes a planning job; a job deleted meanwhile (cancelled) keeps no result. False when the
+/// result was discarded.
+fn finish(store: &dyn Store, tenant: TenantId, job_id: &str, state: ExportJobState, body: &str) -> bool {
     match store.finish_export_job(tenant, job_id, state, body) {
-        Ok(true) => {}
-        Ok(false) => tracing::info!(job = %job_id, "export job cancelled or finished meanwhile: plan discarded"),
-        Err(error) => tracing::error!(job = %job_id, error = %error, "finishing an export job failed"),
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::info!(job = %job_id, "export job cancelled or finished meanwhile: plan discarded");
+            false
+        }
+        Err(error) => {
+            tracing::error!(job = %job_id, error = %error, "finishing an export job failed");
+            false
+        }
     }
 }
 
+/// Expired jobs whose output objects one sweep removes (the rest wait for the next kick-off).
+const OUTPUT_SWEEP_BATCH: usize = 16;
+
 /// Opportunistic housekeeping at every kick-off: deletes expired jobs and export records of
-/// every tenant. A failed sweep is logged and never fails the kick-off.
-pub(crate) fn sweep_expired(store: &dyn Store, now: Micros) {
-    match store.delete_expired_export_jobs(now) {
-        Ok(0) => {}
-        Ok(swept) => tracing::info!(swept, "expired export jobs deleted"),
-        Err(error) => tracing::warn!(error = %error, "sweeping expired export jobs failed"),
+/// every tenant, and with an output store each expired job's objects first (a job whose objects
+/// could not be removed stays, invisible, for the next sweep). A failed sweep is logged and
+/// never fails the kick-off. Runs on a blocking thread.
+pub(crate) fn sweep_expired(store: &dyn Store, output: Option<&OutputStore>, now: Micros) {
+    match output {
+        None => match store.delete_expired_export_jobs(now) {
+            Ok(0) => {}
+            Ok(swept) => tracing::info!(swept, "expired export jobs deleted"),
+            Err(error) => tracing::warn!(error = %error, "sweeping expired export jobs failed"),
+        },
+        Some(output) => sweep_expired_output(store, output, now),
     }
     match store.delete_expired_export_records(now) {
         Ok(0) => {}
         Ok(swept) => tracing::info!(swept, "expired export records deleted"),
         Err(error) => tracing::warn!(error = %error, "sweeping expired export records failed"),
+    }
+}
+
+fn sweep_expired_output(store: &dyn Store, output: &OutputStore, now: Micros) {
+    let expired = match store.expired_export_jobs(now, OUTPUT_SWEEP_BATCH) {
+        Ok(expired) => expired,
+        Err(error) => return tracing::warn!(error = %error, "listing expired export jobs failed"),
+    };
+    let runtime = tokio::runtime::Handle::current();
+    for (tenant, job_id) in expired {
+        match runtime.block_on(output.delete_job(tenant, &job_id)) {
+            Ok(objects) => match store.delete_export_job(tenant, &job_id) {
+                Ok(_) => tracing::info!(job = %job_id, objects, "expired export job and its output deleted"),
+                Err(error) => tracing::warn!(job = %job_id, error = %error, "deleting an expired export job failed"),
+            },
+            Err(error) => tracing::warn!(job = %job_id, error = %error, "deleting an expired job's output failed"),
+        }
     }
 }
 
@@ -248,6 +293,7 @@ pub async fn status(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("export.status", job_id.clone());
     let caller = authorize(&state, &Method::GET, uri.path(), &headers).await?;
     check_accept(&headers)?;
     let mut job = lookup(&state, &caller, &job_id).await?;
@@ -325,8 +371,22 @@ pub async fn cancel(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("export.cancel", job_id.clone());
     let caller = authorize(&state, &Method::DELETE, uri.path(), &headers).await?;
     check_accept(&headers)?;
+    if let Some(output) = &state.output {
+        // The objects go first: a failure leaves the job for the client to DELETE again. A job
+        // still being written is cancelled below, and its planner removes what it wrote.
+        let job = lookup(&state, &caller, &job_id).await?;
+        output.delete_job(caller.tenant, &job.id).await.map_err(|error| {
+            tracing::error!(job = %job.id, error = %error, "deleting a job's output failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                IssueType::Transient,
+                "the export's output could not be deleted now; retry the DELETE",
+            )
+        })?;
+    }
     let lookup = caller.clone();
     let deleted = state
         .blocking(move |store| {

@@ -5,11 +5,15 @@
 pub mod access_log;
 pub mod access_token;
 pub mod admin;
+pub mod audit;
+pub mod audit_api;
+pub mod audit_event;
 pub mod auth;
 pub mod bulk;
 pub mod bundle;
 pub mod capability;
 pub mod connections;
+pub mod counted_body;
 pub mod credentials;
 pub mod encoding;
 pub mod error;
@@ -18,9 +22,11 @@ pub mod health;
 pub mod jwks;
 pub mod log_value;
 pub mod login_limits;
+mod materialise;
 pub mod metrics;
 pub mod ndjson_import;
 pub mod negotiation;
+pub mod object_output;
 pub mod plain_errors;
 pub mod quotas;
 pub mod registration;
@@ -68,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/bulk-data/r4/$export", get(bulk::system_kick_off).post(bulk::system_kick_off_post))
         .route("/bulk-data/r4/metadata", get(bulk_metadata))
         .route("/bulk-data/r4/$export/{type}/{file}", get(bulk::download))
+        .route("/bulk-data/r4/$export-object/{type}/{file}", get(bulk::download_object))
         .route("/bulk-data/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
         .route("/r4/$export-status/{job_id}", get(export_status::status).delete(export_status::cancel))
         .route_layer(axum::middleware::from_fn(negotiation::general_params));
@@ -80,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/tenants", get(admin::list_tenants).post(admin::create_tenant))
         .route("/admin/tenants/{tenant}/clients", get(admin::list_clients).post(admin::create_client))
         .route("/admin/clients/{client_id}/revoke", post(admin::revoke_client))
+        .route("/admin/audit", get(audit_api::audit_records))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::admin_only));
     Router::new()
         .route("/healthz", get(health::ready))
@@ -100,9 +108,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state.clone())
         .layer(CatchPanicLayer::custom(error::panic_response))
         .layer(axum::middleware::from_fn_with_state(state.clone(), login_limits::limit_failed_logins))
-        .layer(axum::middleware::from_fn_with_state(state, timeouts::request_deadlines))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), timeouts::request_deadlines))
         .layer(axum::middleware::from_fn(quotas::retry_after_header))
         .layer(axum::middleware::from_fn(plain_errors::errors_as_operation_outcomes))
+        // Outside every layer that can answer, so each audited request's final status is known.
+        .layer(axum::middleware::from_fn_with_state(state, audit::trail))
         // Inside the span, outside everything that can answer: one line per request, final status.
         .layer(axum::middleware::from_fn(access_log::access_log))
         .layer(axum::Extension(metrics))

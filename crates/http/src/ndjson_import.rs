@@ -53,11 +53,26 @@ pub struct ImportSummary {
     pub updated: u64,
     pub unchanged: u64,
     pub failed: u64,
+    /// Resources stored (created, updated or unchanged) per type, for the audit trail.
+    pub stored_by_type: std::collections::BTreeMap<String, u64>,
     /// The first failures (all are counted in `failed`).
     pub errors: Vec<LineError>,
 }
 
 impl ImportSummary {
+    /// Counts one stored resource.
+    fn count(&mut self, written: &Written) {
+        match (written.created, written.changed) {
+            (true, _) => self.created += 1,
+            (false, true) => self.updated += 1,
+            (false, false) => self.unchanged += 1,
+        }
+        match self.stored_by_type.get_mut(&written.resource_type) {
+            Some(count) => *count += 1,
+            None => drop(self.stored_by_type.insert(written.resource_type.clone(), 1)),
+        }
+    }
+
     pub fn processed(&self) -> u64 {
         self.created + self.updated + self.unchanged + self.failed
     }
@@ -316,9 +331,7 @@ impl Importer {
         let (locations, _ops, results) = written?;
         for (location, result) in locations.into_iter().zip(results) {
             match result {
-                Ok(written) if written.created => self.summary.created += 1,
-                Ok(written) if written.changed => self.summary.updated += 1,
-                Ok(_) => self.summary.unchanged += 1,
+                Ok(written) => self.summary.count(&written),
                 Err(error) => self.fail(location, error.to_string()),
             }
         }

@@ -60,9 +60,10 @@ fn written_response(written: Written, base: &str) -> Response {
 /// Runs one write and returns its single result.
 pub async fn write_one(state: &AppState, caller: &Caller, op: WriteOp) -> Result<Written, ApiError> {
     let (tenant, owner) = (caller.tenant, caller.owner().map(str::to_owned));
+    let audit = crate::audit::WriteAudit::current();
     state
         .blocking(move |store| {
-            let mut results = store.write(tenant, owner.as_deref(), &[op], WriteMode::Transaction)?;
+            let mut results = audit.write(store, tenant, owner.as_deref(), &[op], WriteMode::Transaction)?;
             Ok(results.pop().ok_or_else(ApiError::internal)??)
         })
         .await
@@ -76,6 +77,7 @@ pub async fn create(
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("create", resource_type.clone());
     known_type(&resource_type)?;
     check_accept(&headers)?;
     validate_resource(
@@ -131,6 +133,7 @@ pub async fn update(
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("update", format!("{resource_type}/{id}"));
     known_type(&resource_type)?;
     check_accept(&headers)?;
     validate_resource(
@@ -151,6 +154,7 @@ pub async fn delete(
     caller: Caller,
     Path((resource_type, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("delete", format!("{resource_type}/{id}"));
     known_type(&resource_type)?;
     write_one(&state, &caller, WriteOp::Delete { resource_type, id }).await?;
     Ok(fhir_response(StatusCode::NO_CONTENT, ""))
@@ -175,6 +179,7 @@ pub async fn read(
     Path((resource_type, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("read", format!("{resource_type}/{id}"));
     known_type(&resource_type)?;
     check_accept(&headers)?;
     let resource = load_current(&state, &caller, &resource_type, &id).await?;
@@ -182,6 +187,7 @@ pub async fn read(
 }
 
 fn stored_response(state: &AppState, headers: &HeaderMap, resource: StoredResource) -> Result<Response, ApiError> {
+    crate::audit::note_resource(&resource);
     if resource.deleted {
         return Err(ApiError::new(
             StatusCode::GONE,
@@ -208,6 +214,7 @@ pub async fn vread(
     Path((resource_type, id, version)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("vread", format!("{resource_type}/{id}/_history/{version}"));
     known_type(&resource_type)?;
     check_accept(&headers)?;
     let version: i64 = version.parse().map_err(|_| ApiError::not_found(format!("no version '{version}'")))?;
@@ -227,6 +234,7 @@ pub async fn history(
     id: String,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    crate::audit::note("history", format!("{resource_type}/{id}"));
     known_type(&resource_type)?;
     check_accept(&headers)?;
     let (tenant, visibility) = (caller.tenant, caller.visibility.clone());
@@ -236,6 +244,7 @@ pub async fn history(
     if versions.is_empty() {
         return Err(ApiError::not_found("resource not found"));
     }
+    crate::audit::note_found(&versions);
     let base = base_url(&state, &headers);
     let entries = versions
         .into_iter()

@@ -173,9 +173,11 @@ pub async fn search(
     check_accept(&headers)?;
     let raw_query = raw_query.unwrap_or_default();
     let pairs: Vec<(String, String)> = form_urlencoded::parse(raw_query.as_bytes()).into_owned().collect();
+    crate::audit::note_search(&resource_type, &pairs);
     let query = parse_search(&resource_type, &pairs)?;
     let (tenant, visibility) = (caller.tenant, caller.visibility.clone());
     let page = state.blocking(move |store| Ok(store.search(tenant, &visibility, &query)?)).await?;
+    crate::audit::note_found(&page.resources);
     let base = base_url(&state, &headers);
     let self_url = format!(
         "{base}/r4/{resource_type}{}",

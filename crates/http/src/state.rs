@@ -144,6 +144,8 @@ pub struct AppState {
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// The per-tenant quotas' running state.
     pub quotas: Arc<crate::quotas::Quotas>,
+    /// Where asynchronous exports are materialised; `None`: every file streams from the store.
+    pub output: Option<Arc<crate::object_output::OutputStore>>,
 }
 
 impl AppState {
@@ -159,6 +161,7 @@ impl AppState {
             verifier: Arc::new(SecretVerifier::new()),
             token_keys: Arc::new(KeyRing::new(token_keys)),
             planners: Arc::new(crate::export_status::Planners::default()),
+            output: None,
         }
     }
 

@@ -157,6 +157,7 @@ async fn issue_token(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Resu
     let now = crate::bulk::now_seconds();
     let access_token = crate::access_token::issue(&keys, &client.client_id, client.tenant.0, &scope, ttl, now);
     tracing::info!(client_id = %client.client_id, tenant = %client.tenant_name, scope = %scope, "access token issued");
+    crate::audit::note_token_issue(client.tenant, &client.client_id, &scope);
     let body = json!({
         "access_token": access_token,
         "token_type": "bearer",

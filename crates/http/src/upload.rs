@@ -110,6 +110,7 @@ pub async fn upload_ndjson(
     drop(lines_tx);
     // Lines already read are written even when the body broke off; the outcome says so.
     let (summary, store_error) = importer.await.map_err(|_| ApiError::internal())?;
+    crate::audit::note_upload(&summary.stored_by_type, summary.failed);
     crate::metrics::imported(&state, &caller, summary.created + summary.updated);
     // A store failure (a full disk: 507) stops the upload; the outcome says what was committed
     // before it, so the client knows what to send again.

@@ -521,7 +521,7 @@ async fn group_export_lists_each_resource_under_its_patients() {
     let group_a = server.create(&client, group_of(&[&a])).await["id"].as_str().unwrap().to_owned();
     let group_b = server.create(&client, group_of(&[&b])).await["id"].as_str().unwrap().to_owned();
 
-    // Everything of the record except the shared, non-compartment Organization and Practitioner.
+    // Everything of the record except its non-compartment Organization and Practitioner.
     let compartment = |loaded: &Loaded| -> BTreeSet<String> {
         loaded
             .entries
@@ -540,6 +540,13 @@ async fn group_export_lists_each_resource_under_its_patients() {
         let mut expected = compartment(own);
         expected.extend(shared.iter().cloned());
         expected.insert(format!("Group/{group}"));
+        // Without referenced resources: exactly the compartment data.
+        let query = "includeAssociatedData=_noReferencedResources";
+        let manifest = export(&server, &client, &format!("/r4/Group/{group}/$export?{query}")).await;
+        assert_eq!(exported(&server, &client, &manifest).await, expected, "Group/{group} with {query}");
+        // By default the export is self-contained: the record's Organization and Practitioner,
+        // which its resources reference, come along.
+        expected.extend(own.entries.iter().map(|(_, target)| target.clone()));
         for target in &expected {
             assert!(found.contains(target), "{target} is missing from the export of Group/{group}");
         }

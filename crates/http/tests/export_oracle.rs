@@ -23,21 +23,35 @@
 //!   a continuing member's compartment and whose version at T is not live in any member's
 //!   compartment ("no longer part of this cohort's data", e.g. re-pointed to a non-member);
 //! - `error[]`: one OperationOutcome per active member whose Patient does not exist at T;
+//! - associated data (README "Associated data"), computed here by a brute-force walk of the
+//!   model: every Provenance live at T whose target (at T) is a resource of the cohort's data
+//!   (compartment data of a member at T, of a requested type, or a member Patient); and every
+//!   Practitioner and Organization (types outside the compartment) live at T that the cohort's
+//!   data of requested types, those Provenance, or (up to three references away from the
+//!   cohort, through Practitioners and Organizations) each other reference; each once, none
+//!   missing. With `_since`, one comes when it changed since, when it is reached through a member
+//!   added since, or when a resource this export sends references it (is its target);
+//!   `deleted[]` of Provenance leaves out those in `output`;
 //! - manifest `count` = lines in the file; `extension.removedMembers` = members at `_since` that
 //!   are no longer members at T;
 //! - system level: every resource of the tenant whose version at T is live and `lastUpdated >
 //!   _since`; `deleted[]`: every resource whose version at T is a tombstone made after `_since`;
 //! - Patient level: as a Group whose members are the Patients live at T, every one of them a
-//!   continuing member (no full-history lift), and no Group resources;
+//!   continuing member (no full-history lift), with the same associated data, and no Group
+//!   resources;
 //! - `_typeFilter` (brute force here over each version's JSON, one predicate per query): a
 //!   filtered type keeps the resources matching any of its queries, counts included;
-//!   `deleted[]` is not filtered (a tombstone has nothing to match);
+//!   `deleted[]` is not filtered (a tombstone has nothing to match). At the Patient level the
+//!   associated data is found from the unfiltered cohort (only sent resources force what they
+//!   reach), and a filter on Provenance is a 400, or ignored with a warning when lenient;
 //! - `_elements=identifier`: each line keeps `resourceType`, `id`, `meta`, `identifier` and the
 //!   type's mandatory elements (listed here from the R4 specification), with the SUBSETTED tag;
 //! - a client that keeps a replica (full export, then `_since` = previous `transactionTime`;
 //!   it removes `deleted[]`, drops what it holds only through removed members, i.e. resources in
 //!   no continuing member's compartment, and stores `output`) holds exactly a full export at T,
-//!   and receives nothing twice (except a new member's full data).
+//!   and receives nothing twice (except a new member's full data); its associated data holds
+//!   every associated resource of a full export at T, at its version then (deletions of
+//!   associated data are not reported, so it may hold more).
 
 mod common;
 
@@ -56,9 +70,26 @@ use common::{delete, get, put, Call, Client, Reply, Server};
 
 /// The compartment types the scenarios write (plus Patient and the Group).
 const KINDS: [&str; 5] = ["Observation", "AllergyIntolerance", "Encounter", "Claim", "Provenance"];
+/// The types outside the Patient compartment the scenarios write (referenced resources).
+const SHARED: [&str; 2] = ["Practitioner", "Organization"];
+/// How many ids of each shared type the scenarios use (some never written: dangling).
+const SHARED_IDS: [u8; 2] = [3, 4];
 /// Every type an export can be asked for in these scenarios.
-const EXPORT_TYPES: [&str; 7] =
-    ["Patient", "Observation", "AllergyIntolerance", "Encounter", "Claim", "Provenance", "Group"];
+const EXPORT_TYPES: [&str; 9] = [
+    "Patient",
+    "Observation",
+    "AllergyIntolerance",
+    "Encounter",
+    "Claim",
+    "Provenance",
+    "Group",
+    "Practitioner",
+    "Organization",
+];
+/// The associated types: exported only through their targets or referrers.
+const ASSOCIATED: [&str; 3] = ["Provenance", "Practitioner", "Organization"];
+/// How many references away from the cohort's data a referenced resource may be.
+const REFERENCE_DEPTH: u32 = 3;
 const TARGET_GROUP: &str = "g";
 const DECOY_GROUP: &str = "decoy";
 /// A patient that is created only by a later step.
@@ -81,7 +112,8 @@ enum SinceChoice {
 #[derive(Debug, Clone)]
 enum Step {
     /// Creates a resource of `KINDS[kind]` (or a Patient when `kind == 5`) referencing patients
-    /// picked by `a` and `b` (`b` only when `two`).
+    /// picked by `a` and `b` (`b` only when `two`); kinds 6 and 7 write a Practitioner or an
+    /// Organization (id picked by `a`, linked to an Organization picked by `b` when `two`).
     Create {
         tenant: usize,
         kind: u8,
@@ -121,7 +153,7 @@ enum Step {
     /// only after the next step's writes (files come from the snapshot at `transactionTime`).
     Export {
         tenant: usize,
-        types: Option<u8>,
+        types: Option<u16>,
         since: SinceChoice,
         deferred: bool,
     },
@@ -164,7 +196,7 @@ fn since_strategy() -> impl Strategy<Value = SinceChoice> {
 fn step_strategy() -> impl Strategy<Value = Step> {
     let tenant = 0..2usize;
     prop_oneof![
-        8 => (tenant.clone(), 0..6u8, any::<u8>(), any::<u8>(), any::<bool>())
+        10 => (tenant.clone(), 0..8u8, any::<u8>(), any::<u8>(), any::<bool>())
             .prop_map(|(tenant, kind, a, b, two)| Step::Create { tenant, kind, a, b, two }),
         4 => (tenant.clone(), any::<u16>(), any::<u8>(), any::<u8>(), any::<bool>(), any::<bool>())
             .prop_map(|(tenant, pick, a, b, two, moved)| Step::Update { tenant, pick, a, b, two, moved }),
@@ -172,7 +204,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         3 => (tenant.clone(), any::<u16>(), any::<u8>(), any::<bool>())
             .prop_map(|(tenant, pick, to, into_cohort)| Step::Repoint { tenant, pick, to, into_cohort }),
         3 => (tenant.clone(), any::<u8>(), 0..6u8).prop_map(|(tenant, patient, action)| Step::Member { tenant, patient, action }),
-        3 => (tenant.clone(), proptest::option::of(1..128u8), since_strategy(), proptest::bool::weighted(0.3))
+        3 => (tenant.clone(), proptest::option::of(1..512u16), since_strategy(), proptest::bool::weighted(0.3))
             .prop_map(|(tenant, types, since, deferred)| Step::Export { tenant, types, since, deferred }),
         1 => tenant.clone().prop_map(|tenant| Step::Sync { tenant }),
         1 => tenant.clone().prop_map(|tenant| Step::DeleteGroup { tenant }),
@@ -201,6 +233,10 @@ struct Ver {
     /// Patients whose compartment this version is in; for a tombstone, those of the last live
     /// version.
     compartments: BTreeSet<String>,
+    /// Practitioners and Organizations this version references (empty for a tombstone).
+    refs: BTreeSet<(String, String)>,
+    /// For a Provenance: its targets (empty for a tombstone).
+    targets: BTreeSet<(String, String)>,
 }
 
 /// What a live resource looks like, so an update can re-create it with a change.
@@ -209,6 +245,8 @@ struct Shape {
     kind: &'static str,
     a: String,
     b: Option<String>,
+    /// Picks the shared resources it references (and a Provenance's Observation target).
+    r: u8,
 }
 
 #[derive(Default)]
@@ -289,64 +327,191 @@ struct Expected {
 fn expected(model: &TenantModel, at: Micros, since: Option<Micros>, types: &BTreeSet<&str>) -> Expected {
     let members = model.members_at(at);
     let members_at_since = since.map(|since| model.members_at(since));
+    expected_for(model, at, since, types, &members, members_at_since.as_ref(), &|_, _| true)
+}
+
+/// [`expected`] for a cohort of `members` at T (`members_at_since`: the members at `_since`),
+/// with `keeps` as the `_typeFilter` (whether the export sends a compartment resource's version,
+/// given its type and stored text). The cohort's data, from which associated data is found, is
+/// not filtered; only what a sent resource references or is the target of is forced.
+fn expected_for(
+    model: &TenantModel,
+    at: Micros,
+    since: Option<Micros>,
+    types: &BTreeSet<&str>,
+    members: &BTreeSet<String>,
+    members_at_since: Option<&BTreeSet<String>>,
+    keeps: &dyn Fn(&str, &str) -> bool,
+) -> Expected {
     let continuing: BTreeSet<String> =
-        members_at_since.iter().flat_map(|earlier| earlier.intersection(&members).cloned()).collect();
+        members_at_since.iter().flat_map(|earlier| earlier.intersection(members).cloned()).collect();
     let mut result = Expected::default();
-    for (key, _) in &model.resources {
+    // The cohort's data at T, whatever `_type` and `_since`: key -> how it is reached.
+    let mut cohort: BTreeMap<(String, String), Via> = BTreeMap::new();
+    for key in model.resources.keys() {
         let (resource_type, _) = key;
-        if !types.contains(resource_type.as_str()) {
+        if SHARED.contains(&resource_type.as_str()) {
             continue;
         }
         let Some(version) = model.version_at(key, at) else {
             continue;
         };
         if resource_type == "Group" {
-            if key.1 == TARGET_GROUP && version.body.is_some() && since.is_none_or(|since| version.last_updated > since)
+            if types.contains("Group")
+                && key.1 == TARGET_GROUP
+                && version.body.is_some()
+                && since.is_none_or(|since| version.last_updated > since)
             {
                 result.output.insert(key.clone(), version.body.clone().unwrap());
             }
             continue;
         }
         let reaching: Vec<&String> = version.compartments.iter().filter(|patient| members.contains(*patient)).collect();
-        if let Some(since) = since {
-            // Live in a continuing member's compartment at `_since`, in no member's live data at T.
-            let held = model.version_at(key, since).is_some_and(|then| {
-                then.body.is_some() && then.compartments.iter().any(|patient| continuing.contains(patient))
-            });
-            if held && (version.body.is_none() || reaching.is_empty()) {
-                result.deleted.insert(key.clone());
+        if types.contains(resource_type.as_str()) {
+            if let Some(since) = since {
+                // Live in a continuing member's compartment at `_since`, in no member's live data at T.
+                let held = model.version_at(key, since).is_some_and(|then| {
+                    then.body.is_some() && then.compartments.iter().any(|patient| continuing.contains(patient))
+                });
+                if held && (version.body.is_none() || reaching.is_empty()) {
+                    result.deleted.insert(key.clone());
+                }
             }
         }
         if reaching.is_empty() {
             continue;
         }
-        let existing = |patient: &String| members_at_since.as_ref().is_some_and(|earlier| earlier.contains(patient));
+        let existing = |patient: &String| members_at_since.is_some_and(|earlier| earlier.contains(patient));
         match &version.body {
             Some(body) => {
                 let full = since.is_none() || reaching.iter().any(|patient| !existing(patient));
-                if full || version.last_updated > since.unwrap() {
+                let sent = (full || version.last_updated > since.unwrap()) && keeps(resource_type, body);
+                if types.contains(resource_type.as_str()) && sent && resource_type != "Provenance" {
                     result.output.insert(key.clone(), body.clone());
                 }
+                let since_bound = if full { None } else { since };
+                // In the cohort whether or not `_typeFilter` keeps it; forcing only when sent.
+                cohort.insert(key.clone(), Via { full, since: since_bound, forced: sent });
             }
             None => {
-                if let Some(since) = since {
-                    if version.last_updated > since && reaching.iter().any(|patient| existing(patient)) {
-                        result.deleted.insert(key.clone());
+                if types.contains(resource_type.as_str()) {
+                    if let Some(since) = since {
+                        if version.last_updated > since && reaching.iter().any(|patient| existing(patient)) {
+                            result.deleted.insert(key.clone());
+                        }
                     }
                 }
             }
         }
     }
-    for member in &members {
+    let associated = expected_associated(model, at, types, &cohort);
+    for key in associated.keys() {
+        // A Provenance sent as associated data is not also deleted.
+        result.deleted.remove(key);
+    }
+    result.output.extend(associated);
+    for member in members {
         let patient = model.version_at(&("Patient".into(), member.clone()), at);
         if patient.is_none_or(|patient| patient.body.is_none()) {
             result.missing.insert(member.clone());
         }
     }
-    if let Some(earlier) = &members_at_since {
-        result.removed = earlier.difference(&members).cloned().collect();
+    if let Some(earlier) = members_at_since {
+        result.removed = earlier.difference(members).cloned().collect();
     }
     result
+}
+
+/// How an associated resource (or a cohort resource it is found through) is reached: through a
+/// member added since `_since` (`full`), else the `_since` that applies; `forced`: a resource
+/// this export sends reaches it.
+#[derive(Debug, Clone, Copy)]
+struct Via {
+    full: bool,
+    since: Option<Micros>,
+    forced: bool,
+}
+
+impl Via {
+    fn merge(self, other: Via) -> Via {
+        let since = match (self.since, other.since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Via { full: self.full || other.full, since, forced: self.forced || other.forced }
+    }
+
+    fn sends(self, last_updated: Micros) -> bool {
+        self.forced || self.full || self.since.is_none_or(|since| last_updated > since)
+    }
+}
+
+/// The associated data a brute-force walk of the model finds (README "Associated data").
+fn expected_associated(
+    model: &TenantModel,
+    at: Micros,
+    types: &BTreeSet<&str>,
+    cohort: &BTreeMap<(String, String), Via>,
+) -> BTreeMap<(String, String), String> {
+    let mut output = BTreeMap::new();
+    let live_at = |key: &(String, String)| model.version_at(key, at).filter(|version| version.body.is_some());
+    // Provenance: targets among the cohort's data of requested types, or member Patients.
+    let mut provenance: BTreeMap<(String, String), Via> = BTreeMap::new();
+    if types.contains("Provenance") {
+        for (key, _) in model.resources.iter().filter(|(key, _)| key.0 == "Provenance") {
+            let Some(version) = live_at(key) else { continue };
+            let vias: Vec<Via> = version
+                .targets
+                .iter()
+                .filter(|target| {
+                    target.0 != "Provenance" && (types.contains(target.0.as_str()) || target.0 == "Patient")
+                })
+                .filter_map(|target| cohort.get(target).copied())
+                .collect();
+            if let Some(via) = vias.into_iter().reduce(Via::merge) {
+                if via.sends(version.last_updated) {
+                    output.insert(key.clone(), version.body.clone().unwrap());
+                }
+                provenance.insert(key.clone(), Via { forced: via.sends(version.last_updated), ..via });
+            }
+        }
+    }
+    // Referenced resources, level by level; a resource keeps the level it was first found at.
+    let allowed = |resource_type: &str| types.contains(resource_type);
+    let mut level: BTreeMap<(String, String), Via> = BTreeMap::new();
+    let sources = cohort
+        .iter()
+        .filter(|(key, _)| key.0 != "Provenance" && types.contains(key.0.as_str()))
+        .chain(provenance.iter());
+    for (key, via) in sources {
+        let version = live_at(key).expect("cohort resources are live");
+        for target in version.refs.iter().filter(|target| allowed(&target.0)) {
+            let merged = level.get(target).map_or(*via, |found| found.merge(*via));
+            level.insert(target.clone(), merged);
+        }
+    }
+    let mut seen: BTreeSet<(String, String)> = level.keys().cloned().collect();
+    for depth in 1..=REFERENCE_DEPTH {
+        let mut next: BTreeMap<(String, String), Via> = BTreeMap::new();
+        for (key, via) in &level {
+            let Some(version) = live_at(key) else { continue };
+            let sent = via.sends(version.last_updated);
+            if sent {
+                output.insert(key.clone(), version.body.clone().unwrap());
+            }
+            if depth == REFERENCE_DEPTH {
+                continue;
+            }
+            for target in version.refs.iter().filter(|target| allowed(&target.0) && !seen.contains(*target)) {
+                let via = Via { forced: sent, ..*via };
+                let merged = next.get(target).map_or(via, |found| found.merge(via));
+                next.insert(target.clone(), merged);
+            }
+        }
+        seen.extend(next.keys().cloned());
+        level = next;
+    }
+    output
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -356,22 +521,65 @@ fn reference(target: &str) -> Value {
     json!({"reference": target})
 }
 
-/// The body of a compartment resource and the patients whose compartments it is in.
-fn build(kind: &str, id: &str, shape: &Shape, counter: u64, tenant: usize) -> (Value, BTreeSet<String>) {
+/// A body as written, with what the oracle needs to know about it.
+struct Built {
+    body: Value,
+    compartments: BTreeSet<String>,
+    refs: BTreeSet<(String, String)>,
+    targets: BTreeSet<(String, String)>,
+}
+
+fn practitioner(pick: u8) -> String {
+    format!("pr{}", pick % SHARED_IDS[0])
+}
+
+fn organization(pick: u8) -> String {
+    format!("o{}", pick % SHARED_IDS[1])
+}
+
+fn key(resource_type: &str, id: &str) -> (String, String) {
+    (resource_type.to_owned(), id.to_owned())
+}
+
+/// The body of a resource, the patients whose compartments it is in, the Practitioners and
+/// Organizations it references, and (a Provenance) its targets. `observation`: an Observation a
+/// Provenance also targets.
+fn build(kind: &str, id: &str, shape: &Shape, counter: u64, tenant: usize, observation: Option<&str>) -> Built {
     let a = format!("Patient/{}", shape.a);
     let b = shape.b.as_ref().map(|b| format!("Patient/{b}"));
     let marker = json!([{"system": "urn:oracle", "value": format!("t{tenant}-{id}-{counter}")}]);
     let mut compartments: BTreeSet<String> = [shape.a.clone()].into();
+    let mut refs = BTreeSet::new();
+    let mut targets = BTreeSet::new();
+    let (pr, org) = (practitioner(shape.r), organization(shape.r));
     let body = match kind {
         "Patient" => {
             compartments = [id.to_owned()].into();
-            json!({"resourceType": "Patient", "id": id, "identifier": marker, "name": [{"family": format!("F{counter}")}]})
+            refs.insert(key("Organization", &org));
+            json!({"resourceType": "Patient", "id": id, "identifier": marker, "name": [{"family": format!("F{counter}")}],
+                "managingOrganization": reference(&format!("Organization/{org}"))})
+        }
+        "Practitioner" | "Organization" => {
+            compartments = BTreeSet::new();
+            let mut body = json!({"resourceType": kind, "id": id, "identifier": marker});
+            // `a` holds the Organization it links to, if any.
+            if !shape.a.is_empty() {
+                refs.insert(key("Organization", &shape.a));
+                let link = reference(&format!("Organization/{}", shape.a));
+                if kind == "Organization" {
+                    body["partOf"] = link;
+                } else {
+                    body["qualification"] = json!([{"code": {"text": "md"}, "issuer": link}]);
+                }
+            }
+            body
         }
         "Observation" => {
             let mut body = json!({"resourceType": "Observation", "id": id, "identifier": marker, "status": "final",
                 "code": {"text": "x"}, "subject": reference(&a), "valueInteger": counter});
             if let Some(b) = &b {
-                body["performer"] = json!([reference("Practitioner/pr1"), reference(b)]);
+                refs.insert(key("Practitioner", &pr));
+                body["performer"] = json!([reference(&format!("Practitioner/{pr}")), reference(b)]);
             }
             body
         }
@@ -387,7 +595,9 @@ fn build(kind: &str, id: &str, shape: &Shape, counter: u64, tenant: usize) -> (V
         "Encounter" => {
             // A non-Patient reference elsewhere must not count.
             let mut body = json!({"resourceType": "Encounter", "id": id, "identifier": marker, "status": "finished",
-                "class": {"code": "AMB"}, "subject": reference(&a)});
+                "class": {"code": "AMB"}, "subject": reference(&a),
+                "serviceProvider": reference(&format!("Organization/{org}"))});
+            refs.insert(key("Organization", &org));
             if let Some(b) = &b {
                 body["participant"] =
                     json!([{"individual": reference(&format!("RelatedPerson/{}", b.trim_start_matches("Patient/")))}]);
@@ -397,31 +607,37 @@ fn build(kind: &str, id: &str, shape: &Shape, counter: u64, tenant: usize) -> (V
         "Claim" => {
             let mut body = json!({"resourceType": "Claim", "id": id, "identifier": marker, "status": "active",
                 "type": {"text": "professional"}, "use": "claim", "patient": reference(&a), "created": "2020-01-01",
-                "provider": reference("Organization/o1"), "priority": {"text": "normal"},
+                "provider": reference(&format!("Organization/{org}")), "priority": {"text": "normal"},
                 "insurance": [{"sequence": 1, "focal": true, "coverage": reference("Coverage/c1")}]});
+            refs.insert(key("Organization", &org));
             if let Some(b) = &b {
                 body["payee"] = json!({"type": {"text": "subscriber"}, "party": reference(b)});
             }
             body
         }
         "Provenance" => {
-            let mut targets = vec![reference(&a), reference("Observation/elsewhere")];
+            let observation = observation.unwrap_or("elsewhere");
+            let mut target = vec![reference(&a), reference(&format!("Observation/{observation}"))];
+            targets.insert(key("Patient", &shape.a));
+            targets.insert(key("Observation", observation));
             if let Some(b) = &b {
-                targets.push(reference(b));
+                target.push(reference(b));
+                targets.insert(key("Patient", shape.b.as_ref().unwrap()));
             }
+            refs.insert(key("Practitioner", &pr));
             // R4 Provenance has no identifier: the marker goes into `policy` (a uri).
             let policy = format!("urn:oracle:t{tenant}-{id}-{counter}");
-            json!({"resourceType": "Provenance", "id": id, "policy": [policy], "target": targets,
-                "recorded": "2020-01-01T00:00:00Z", "agent": [{"who": reference("Practitioner/pr1")}]})
+            json!({"resourceType": "Provenance", "id": id, "policy": [policy], "target": target,
+                "recorded": "2020-01-01T00:00:00Z", "agent": [{"who": reference(&format!("Practitioner/{pr}"))}]})
         }
         other => unreachable!("unknown kind {other}"),
     };
-    if kind != "Patient" && kind != "Encounter" {
+    if !matches!(kind, "Patient" | "Encounter" | "Practitioner" | "Organization") {
         if let Some(b) = &shape.b {
             compartments.insert(b.clone());
         }
     }
-    (body, compartments)
+    Built { body, compartments, refs, targets }
 }
 
 fn group_body(id: &str, entries: &[(String, bool)]) -> Value {
@@ -499,6 +715,8 @@ impl Tenants {
             last_updated: parse_since(stored["meta"]["lastUpdated"].as_str().unwrap()).unwrap(),
             body: Some(text),
             compartments: BTreeSet::new(),
+            refs: BTreeSet::new(),
+            targets: BTreeSet::new(),
         }
     }
 
@@ -528,9 +746,15 @@ struct Exported {
     deleted: BTreeSet<(String, String)>,
 }
 
-fn type_list(mask: Option<u8>) -> Option<Vec<&'static str>> {
+fn type_list(mask: Option<u16>) -> Option<Vec<&'static str>> {
     mask.map(|mask| {
-        EXPORT_TYPES.iter().enumerate().filter(|(bit, _)| mask & (1 << bit) != 0).map(|(_, name)| *name).collect()
+        let mut types: Vec<&str> =
+            EXPORT_TYPES.iter().enumerate().filter(|(bit, _)| mask & (1 << bit) != 0).map(|(_, name)| *name).collect();
+        // Referenced types alone are a 400 (they come only with compartment data).
+        if types.iter().all(|t| SHARED.contains(t)) {
+            types.insert(0, "Patient");
+        }
+        types
     })
 }
 
@@ -647,6 +871,19 @@ async fn collect(server: &Tenants, model: &TenantModel, tenant: usize, kicked: K
     count(&STATS.files, manifest["output"].as_array().map_or(0, Vec::len));
     count(&STATS.lines, output.len());
     count(&STATS.group_lines, output.keys().filter(|(t, _)| t == "Group").count());
+    count(&STATS.provenance_lines, output.keys().filter(|(t, _)| t == "Provenance").count());
+    count(&STATS.referenced_lines, output.keys().filter(|(t, _)| SHARED.contains(&t.as_str())).count());
+    let beyond_patient = output
+        .keys()
+        .filter(|key| key.0 == "Provenance")
+        .filter_map(|key| model.version_at(key, transaction_time))
+        .filter(|version| {
+            version.targets.iter().any(|target| {
+                target.0 != "Patient" && version.compartments.is_disjoint(&model.members_at(transaction_time))
+            })
+        })
+        .count();
+    count(&STATS.provenance_beyond_patient, beyond_patient);
     count(&STATS.deleted, deleted.len());
     count(
         &STATS.left,
@@ -745,9 +982,14 @@ async fn write_resource(
     shape: Shape,
 ) {
     model.counter += 1;
-    let (body, compartments) = build(kind, &id, &shape, model.counter, tenant);
-    let mut ver = server.put(tenant, &body).await;
-    ver.compartments = compartments;
+    let observations: Vec<&String> =
+        model.shapes.keys().filter(|(kind, _)| kind == "Observation").map(|(_, id)| id).collect();
+    let observation = (!observations.is_empty()).then(|| observations[shape.r as usize % observations.len()].clone());
+    let built = build(kind, &id, &shape, model.counter, tenant, observation.as_deref());
+    let mut ver = server.put(tenant, &built.body).await;
+    ver.compartments = built.compartments;
+    ver.refs = built.refs;
+    ver.targets = built.targets;
     let key = (kind.to_owned(), id);
     model.record(key.clone(), ver);
     model.shapes.insert(key, shape);
@@ -760,7 +1002,7 @@ async fn run(scenario: Scenario) {
         let model = &mut models[tenant];
         model.patients = (0..scenario.patients[tenant]).map(|i| format!("p{i}")).collect();
         for patient in model.patients.clone() {
-            let shape = Shape { kind: "Patient", a: patient.clone(), b: None };
+            let shape = Shape { kind: "Patient", a: patient.clone(), b: None, r: model.patients.len() as u8 };
             write_resource(&server, model, tenant, "Patient", patient, shape).await;
         }
         for (pick, inactive) in &scenario.members[tenant] {
@@ -808,20 +1050,30 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
     match step {
         Step::Create { tenant, kind, a, b, two } => {
             let model = &mut models[tenant];
-            if kind as usize == KINDS.len() {
+            if kind as usize > KINDS.len() {
+                // A Practitioner or an Organization, linked to an Organization when `two`.
+                let shared = kind as usize - KINDS.len() - 1;
+                let (shared_kind, id) = match shared {
+                    0 => (SHARED[0], practitioner(a)),
+                    _ => (SHARED[1], organization(a)),
+                };
+                let link = if two { organization(b) } else { String::new() };
+                let shape = Shape { kind: shared_kind, a: link, b: None, r: 0 };
+                write_resource(server, model, tenant, shared_kind, id, shape).await;
+            } else if kind as usize == KINDS.len() {
                 // A Patient: one of the pool (the late one comes alive, a deleted one returns).
                 let patient = model.pick_patient(a);
                 if patient == GHOST {
                     return;
                 }
-                let shape = Shape { kind: "Patient", a: patient.clone(), b: None };
-                write_resource(&server, model, tenant, "Patient", patient, shape).await;
+                let shape = Shape { kind: "Patient", a: patient.clone(), b: None, r: a ^ b };
+                write_resource(server, model, tenant, "Patient", patient, shape).await;
             } else {
                 let kind = KINDS[kind as usize];
                 model.next_id += 1;
                 let id = format!("{}{}", &kind[..3].to_lowercase(), model.next_id);
-                let shape = Shape { kind, a: model.pick_patient(a), b: two.then(|| model.pick_patient(b)) };
-                write_resource(&server, model, tenant, kind, id, shape).await;
+                let shape = Shape { kind, a: model.pick_patient(a), b: two.then(|| model.pick_patient(b)), r: a ^ b };
+                write_resource(server, model, tenant, kind, id, shape).await;
             }
         }
         Step::Update { tenant, pick, a, b, two, moved } => {
@@ -829,16 +1081,27 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
             let keys: Vec<(String, String)> = model.shapes.keys().cloned().collect();
             let key = keys[pick as usize % keys.len()].clone();
             let mut shape = model.shapes[&key].clone();
-            if moved && shape.kind != "Patient" {
-                shape.a = model.pick_patient(a);
-                shape.b = two.then(|| model.pick_patient(b));
+            if moved && SHARED.contains(&shape.kind) {
+                // A Practitioner or Organization re-linked (or unlinked).
+                shape.a = if two { organization(b) } else { String::new() };
+            } else if moved {
+                if shape.kind != "Patient" {
+                    shape.a = model.pick_patient(a);
+                    shape.b = two.then(|| model.pick_patient(b));
+                }
+                // Other Practitioners and Organizations referenced.
+                shape.r = shape.r.wrapping_add(1);
             }
-            write_resource(&server, model, tenant, shape.kind, key.1.clone(), shape).await;
+            write_resource(server, model, tenant, shape.kind, key.1.clone(), shape).await;
         }
         Step::Repoint { tenant, pick, to, into_cohort } => {
             let model = &mut models[tenant];
-            let keys: Vec<(String, String)> =
-                model.shapes.keys().filter(|(kind, _)| kind != "Patient").cloned().collect();
+            let keys: Vec<(String, String)> = model
+                .shapes
+                .keys()
+                .filter(|(kind, _)| kind != "Patient" && !SHARED.contains(&kind.as_str()))
+                .cloned()
+                .collect();
             if keys.is_empty() {
                 return;
             }
@@ -863,7 +1126,17 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
             let (version, last_updated) = server.delete(tenant, &key.0, &key.1).await;
             if was_live {
                 let compartments = model.resources[&key].last().unwrap().compartments.clone();
-                model.record(key, Ver { version, last_updated, body: None, compartments });
+                model.record(
+                    key,
+                    Ver {
+                        version,
+                        last_updated,
+                        body: None,
+                        compartments,
+                        refs: BTreeSet::new(),
+                        targets: BTreeSet::new(),
+                    },
+                );
             } else {
                 // Deleting a tombstone changes nothing.
                 let last = model.resources[&key].last().unwrap();
@@ -911,7 +1184,7 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
                     return;
                 }
             }
-            write_target_group(&server, model, tenant).await;
+            write_target_group(server, model, tenant).await;
         }
         Step::Export { tenant, types, since, deferred } => {
             let model = &mut models[tenant];
@@ -944,7 +1217,15 @@ async fn apply(server: &Tenants, models: &mut [TenantModel; 2], step: Step, pend
                 return;
             }
             let (version, last_updated) = server.delete(tenant, "Group", TARGET_GROUP).await;
-            model.record(key, Ver { version, last_updated, body: None, compartments: BTreeSet::new() });
+            let ver = Ver {
+                version,
+                last_updated,
+                body: None,
+                compartments: BTreeSet::new(),
+                refs: BTreeSet::new(),
+                targets: BTreeSet::new(),
+            };
+            model.record(key, ver);
             model.membership.push((last_updated, BTreeSet::new()));
         }
     }
@@ -964,6 +1245,8 @@ fn pick_since(model: &TenantModel, since: SinceChoice) -> Option<Micros> {
 // System- and Patient-level exports, `_typeFilter` and `_elements`
 
 /// `_typeFilter` sets the scenarios use; each query has a brute-force twin in [`filter_keeps`].
+/// A set naming Provenance applies at the system level only: a Patient-level export refuses it
+/// (strict) or ignores it with a warning (lenient), see [`names_associated_type`].
 const FILTERS: [&[&str]; 6] = [
     &[],
     &["Observation?subject=Patient/p0"],
@@ -1042,52 +1325,26 @@ fn expected_standard(
     filter: usize,
     elements: bool,
 ) -> StandardExpected {
-    let members: BTreeSet<String> = model
-        .resources
-        .keys()
-        .filter(|(resource_type, id)| {
-            resource_type == "Patient"
-                && model.version_at(&(resource_type.clone(), id.clone()), at).is_some_and(|v| v.body.is_some())
-        })
-        .map(|(_, id)| id.clone())
-        .collect();
+    let line = |resource_type: &str, body: &str| -> Value {
+        if elements {
+            subsetted(resource_type, body)
+        } else {
+            serde_json::from_str(body).unwrap()
+        }
+    };
+    if !system {
+        return expected_patient_level(model, at, since, filter, line);
+    }
     let (mut output, mut deleted) = (BTreeMap::new(), BTreeSet::new());
     for key in model.resources.keys() {
         let resource_type = key.0.as_str();
-        if !system && resource_type == "Group" {
-            continue;
-        }
         let Some(version) = model.version_at(key, at) else { continue };
         let changed = since.is_none_or(|since| version.last_updated > since);
-        if !system {
-            let reaching = version.compartments.iter().any(|patient| members.contains(patient));
-            if let Some(since) = since {
-                // Every member is a continuing one: what left all members' compartments is
-                // reported, as a Group export reports it.
-                let held = model.version_at(key, since).is_some_and(|then| {
-                    then.body.is_some() && then.compartments.iter().any(|patient| members.contains(patient))
-                });
-                if held && (version.body.is_none() || !reaching) {
-                    deleted.insert(key.clone());
-                }
-            }
-            // A Patient deleted since `_since` is no longer a member: its own deletion is listed.
-            let patient_deleted = resource_type == "Patient"
-                && version.body.is_none()
-                && since.is_some_and(|since| model.version_at(key, since).is_some_and(|then| then.body.is_some()));
-            if patient_deleted {
-                deleted.insert(key.clone());
-            }
-            if !reaching {
-                continue;
-            }
-        }
         match &version.body {
             Some(body) if changed => {
                 let parsed: Value = serde_json::from_str(body).unwrap();
                 if filter_keeps(filter, resource_type, &parsed).unwrap_or(true) {
-                    let line = if elements { subsetted(resource_type, body) } else { parsed };
-                    output.insert(key.clone(), line);
+                    output.insert(key.clone(), line(resource_type, body));
                 }
             }
             Some(_) => {}
@@ -1099,6 +1356,54 @@ fn expected_standard(
         }
     }
     (output, deleted)
+}
+
+/// The Patient level: a Group export (with its associated data) whose members are the Patients
+/// live at T, every one of them a continuing member (README: `_since` applies to every Patient
+/// alike, no full-history lift), without Group resources. `_typeFilter` narrows what is sent of
+/// the compartment types, not the cohort the associated data is found from (README
+/// "Associated data"); a filter on an associated-only type was refused or, lenient, ignored.
+fn expected_patient_level(
+    model: &TenantModel,
+    at: Micros,
+    since: Option<Micros>,
+    filter: usize,
+    line: impl Fn(&str, &str) -> Value,
+) -> StandardExpected {
+    let live = |at: Micros| -> BTreeSet<String> {
+        model
+            .resources
+            .iter()
+            .filter(|((resource_type, _), _)| resource_type == "Patient")
+            .filter(|(key, _)| model.version_at(key, at).is_some_and(|v| v.body.is_some()))
+            .map(|((_, id), _)| id.clone())
+            .collect()
+    };
+    let members = live(at);
+    let types: BTreeSet<&str> = EXPORT_TYPES.into_iter().filter(|t| *t != "Group").collect();
+    let keeps = |resource_type: &str, body: &str| {
+        ASSOCIATED.contains(&resource_type)
+            || filter_keeps(filter, resource_type, &serde_json::from_str(body).unwrap()).unwrap_or(true)
+    };
+    let result = expected_for(model, at, since, &types, &members, since.map(|_| &members), &keeps);
+    let output = result.output.iter().map(|(key, body)| (key.clone(), line(&key.0, body))).collect();
+    let mut deleted = result.deleted;
+    if let Some(since) = since {
+        // A Patient deleted since `_since` is no longer a member: its own deletion is listed.
+        for id in live(since).difference(&members) {
+            let key = ("Patient".to_owned(), id.clone());
+            if model.version_at(&key, at).is_some_and(|version| version.body.is_none()) {
+                deleted.insert(key);
+            }
+        }
+    }
+    (output, deleted)
+}
+
+/// True when filter set `filter` names a type that Patient- and Group-level exports deliver
+/// only as associated data (refused there; lenient: ignored with a warning).
+fn names_associated_type(filter: usize) -> bool {
+    FILTERS[filter].iter().any(|query| ASSOCIATED.iter().any(|t| query.starts_with(&format!("{t}?"))))
 }
 
 /// Runs a system- or Patient-level export on the standard base (202, polled to its
@@ -1126,7 +1431,18 @@ async fn standard_export(
     let query = query.finish();
     let path = if system { "/r4/$export" } else { "/r4/Patient/$export" };
     let what = format!("tenant {tenant} {path}?{query}");
-    let reply = server.send(tenant, get(&format!("{path}?{query}"))).await;
+    let refused = !system && names_associated_type(filter);
+    let mut call = get(&format!("{path}?{query}"));
+    if refused {
+        // Strict: a 400 saying why; lenient: ignored, with a warning in `error[]`.
+        let reply = server.send(tenant, get(&format!("{path}?{query}"))).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{what}: {}", reply.text());
+        let outcome = reply.json();
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{what}");
+        assert!(outcome.to_string().contains("only as associated data"), "{what}: {outcome}");
+        call = call.header("prefer", "handling=lenient");
+    }
+    let reply = server.send(tenant, call).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{what}: {}", reply.text());
     let location = reply.header("content-location");
     let status = location[location.find("/bulk-data/").expect("status URL path")..].to_owned();
@@ -1140,7 +1456,15 @@ async fn standard_export(
     };
     let at = parse_since(manifest["transactionTime"].as_str().unwrap()).unwrap();
     model.checkpoints.push(at);
-    assert_eq!(manifest["error"], json!([]), "{what}");
+    if refused {
+        let errors = manifest["error"].as_array().expect("error[]");
+        assert_eq!(errors.len(), 1, "{what}: {manifest}");
+        let warnings = download(server, tenant, &errors[0], &what).await;
+        assert_eq!(warnings.len(), 1, "{what}: {warnings:?}");
+        assert!(warnings[0].contains("only as associated data"), "{what}: {warnings:?}");
+    } else {
+        assert_eq!(manifest["error"], json!([]), "{what}");
+    }
     let mut output: BTreeMap<(String, String), Value> = BTreeMap::new();
     for item in manifest["output"].as_array().expect("output[]") {
         let item_type = item["type"].as_str().unwrap();
@@ -1219,7 +1543,7 @@ async fn sync(server: &Tenants, model: &mut TenantModel, tenant: usize) {
     if let Some(since) = since {
         let new_members: BTreeSet<String> =
             model.members_at(at).difference(&model.members_at(since)).cloned().collect();
-        for key in exported.output.keys() {
+        for key in exported.output.keys().filter(|key| !ASSOCIATED.contains(&key.0.as_str())) {
             let version = model.version_at(key, at).unwrap();
             let via_new_member = version.compartments.iter().any(|patient| new_members.contains(patient));
             assert!(
@@ -1237,7 +1561,8 @@ async fn sync(server: &Tenants, model: &mut TenantModel, tenant: usize) {
         let members = model.members_at(at);
         let stayed: BTreeSet<String> = model.members_at(since).intersection(&members).cloned().collect();
         replica.retain(|key, held| {
-            if key.0 == "Group" {
+            // Associated data is kept: its deletions are not reported (README).
+            if key.0 == "Group" || ASSOCIATED.contains(&key.0.as_str()) {
                 return true;
             }
             let versions = &model.resources[key];
@@ -1258,7 +1583,7 @@ async fn sync(server: &Tenants, model: &mut TenantModel, tenant: usize) {
             None => panic!("tenant {tenant}: replica lost {key:?} (incremental exports since {since:?})"),
         }
     }
-    for key in replica.keys() {
+    for key in replica.keys().filter(|key| !ASSOCIATED.contains(&key.0.as_str())) {
         assert!(
             full.contains_key(key),
             "tenant {tenant}: replica still holds {key:?}, which is no longer part of the cohort's data \
@@ -1284,6 +1609,11 @@ struct Stats {
     removed: AtomicUsize,
     lifted: AtomicUsize,
     group_lines: AtomicUsize,
+    provenance_lines: AtomicUsize,
+    /// Provenance exported only through a target other than a member Patient.
+    provenance_beyond_patient: AtomicUsize,
+    /// Practitioner and Organization lines (referenced resources).
+    referenced_lines: AtomicUsize,
     syncs: AtomicUsize,
     repointed: AtomicUsize,
     /// `deleted[]` entries for resources that are live at T (they left the cohort).
@@ -1306,6 +1636,9 @@ static STATS: Stats = Stats {
     removed: AtomicUsize::new(0),
     lifted: AtomicUsize::new(0),
     group_lines: AtomicUsize::new(0),
+    provenance_lines: AtomicUsize::new(0),
+    provenance_beyond_patient: AtomicUsize::new(0),
+    referenced_lines: AtomicUsize::new(0),
     syncs: AtomicUsize::new(0),
     repointed: AtomicUsize::new(0),
     left: AtomicUsize::new(0),
@@ -1337,7 +1670,8 @@ fn group_export_matches_the_oracle() {
     eprintln!(
         "oracle: {:?}; {} exports ({} with _since, {} replica syncs), {} files, {} resource lines ({} Group), {} deleted[] entries, \
          {} missing-member errors, {} removed members, {} resources exported only through a new member's full history, \
-         {} re-pointings, {} deleted[] entries for resources that left the cohort, {} held resources dropped for removed members; \
+         {} re-pointings, {} deleted[] entries for resources that left the cohort, {} held resources dropped for removed members, \
+         {} Provenance lines ({} only through a target other than a member Patient), {} referenced-resource lines; \
          {} system/Patient-level exports ({} with _typeFilter, {} with _elements)",
         started.elapsed(),
         get(&STATS.exports),
@@ -1353,6 +1687,9 @@ fn group_export_matches_the_oracle() {
         get(&STATS.repointed),
         get(&STATS.left),
         get(&STATS.dropped),
+        get(&STATS.provenance_lines),
+        get(&STATS.provenance_beyond_patient),
+        get(&STATS.referenced_lines),
         get(&STATS.standard),
         get(&STATS.filtered),
         get(&STATS.subsetted),
@@ -1395,6 +1732,63 @@ fn fixed_scenario() {
             Step::Standard { tenant: 0, system: true, since: SinceChoice::Checkpoint(1), filter: 5, elements: true },
             Step::Standard { tenant: 0, system: false, since: SinceChoice::Checkpoint(1), filter: 3, elements: false },
             Step::Standard { tenant: 1, system: false, since: SinceChoice::WriteTime(0), filter: 1, elements: false },
+        ],
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(run(scenario));
+}
+
+/// A fixed scenario for associated data: a chain of Organizations longer than the reference
+/// depth, Practitioners linked to Organizations, Provenance about Observations, changes to
+/// referenced resources between incremental exports, a new member, `_type` lists naming
+/// referenced types, and deletions of referenced resources.
+#[test]
+fn fixed_associated_scenario() {
+    let organization =
+        |a: u8, link: Option<u8>| Step::Create { tenant: 0, kind: 7, a, b: link.unwrap_or(0), two: link.is_some() };
+    let practitioner =
+        |a: u8, link: Option<u8>| Step::Create { tenant: 0, kind: 6, a, b: link.unwrap_or(0), two: link.is_some() };
+    let scenario = Scenario {
+        part_size: 2,
+        patients: [3, 2],
+        members: [vec![(0, false), (1, false)], vec![(0, false)]],
+        steps: vec![
+            // o0 -> o1 -> o2 -> o3: o3 is four references from a Patient managed by o0.
+            organization(0, Some(1)),
+            organization(1, Some(2)),
+            organization(2, Some(3)),
+            organization(3, None),
+            practitioner(0, Some(2)),
+            practitioner(1, None),
+            practitioner(2, Some(0)),
+            // Observations performed by Practitioners, of members and of a non-member.
+            Step::Create { tenant: 0, kind: 0, a: 0, b: 1, two: true },
+            Step::Create { tenant: 0, kind: 0, a: 2, b: 2, two: true },
+            Step::Create { tenant: 0, kind: 0, a: 1, b: 3, two: true },
+            // Provenance about Observations (and Patients), a Claim, an Encounter.
+            Step::Create { tenant: 0, kind: 4, a: 0, b: 1, two: false },
+            Step::Create { tenant: 0, kind: 4, a: 2, b: 0, two: false },
+            Step::Create { tenant: 0, kind: 3, a: 1, b: 5, two: false },
+            Step::Create { tenant: 0, kind: 2, a: 0, b: 6, two: false },
+            Step::Create { tenant: 1, kind: 0, a: 0, b: 1, two: true },
+            organization(1, None),
+            Step::Export { tenant: 0, types: None, since: SinceChoice::None, deferred: false },
+            Step::Sync { tenant: 0 },
+            // A referenced resource changes: the next incremental export sends it.
+            Step::Update { tenant: 0, pick: 1, a: 0, b: 2, two: true, moved: true },
+            Step::Sync { tenant: 0 },
+            // A new member: its referenced resources come with its full data.
+            Step::Member { tenant: 0, patient: 2, action: 0 },
+            Step::Sync { tenant: 0 },
+            Step::Export { tenant: 0, types: Some(0b1000_0010), since: SinceChoice::None, deferred: false },
+            Step::Export { tenant: 0, types: Some(0b1_0001_0000), since: SinceChoice::Checkpoint(0), deferred: false },
+            Step::Export { tenant: 0, types: Some(0b10_0000), since: SinceChoice::None, deferred: true },
+            // Deleted after the kick-off: the deferred export still has it.
+            Step::Delete { tenant: 0, pick: 0 },
+            Step::Repoint { tenant: 0, pick: 3, to: 0, into_cohort: false },
+            Step::Sync { tenant: 0 },
+            Step::Update { tenant: 0, pick: 5, a: 0, b: 0, two: false, moved: true },
+            Step::Sync { tenant: 0 },
         ],
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();

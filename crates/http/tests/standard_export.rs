@@ -271,6 +271,65 @@ async fn unsupported_type_filters_are_400_or_listed_in_error_when_lenient() {
     }
 }
 
+/// Patient and Group exports deliver Provenance and non-compartment types only as associated
+/// data, found from the cohort before `_typeFilter`: a filter on them is refused (lenient:
+/// ignored with a warning), and a filter on Patient does not drop the Provenance of the Patients
+/// it leaves out, nor what they reference. The system level filters those types like any other.
+#[tokio::test]
+async fn type_filters_narrow_compartment_data_not_associated_data() {
+    let server = Server::start();
+    let f = fixture(&server).await;
+    let [a, b, _] = &f.patients;
+    for patient in [a, b] {
+        let provenance = json!({
+            "resourceType": "Provenance", "id": format!("pro-{patient}"),
+            "target": [{"reference": format!("Patient/{patient}")}], "recorded": "2024-01-01T00:00:00Z",
+            "agent": [{"who": {"reference": "Practitioner/dr1"}}]
+        });
+        let reply = server.send(put(&format!("/r4/Provenance/pro-{patient}")).by(&f.client).json(&provenance)).await;
+        assert!(reply.status.is_success(), "{}", reply.text());
+    }
+    // Beta is managed by org1: it comes as a referenced resource even when Beta is filtered out.
+    let mut beta = patient("Beta");
+    beta["id"] = json!(b);
+    beta["managingOrganization"] = json!({"reference": "Organization/org1"});
+    let reply = server.send(put(&format!("/r4/Patient/{b}")).by(&f.client).json(&beta)).await;
+    assert!(reply.status.is_success(), "{}", reply.text());
+    let both = BTreeSet::from([format!("Provenance/pro-{a}"), format!("Provenance/pro-{b}")]);
+    for base in BASES {
+        for level in ["patient", "group"] {
+            let path = format!("{}?_typeFilter=Patient%3Ffamily%3DAlpha", kick_off_path(base, level, &f));
+            let found =
+                exported(&server, &f.client, &server.manifest_of(&f.client, get(&path).by(&f.client)).await).await;
+            assert_eq!(of_type(&found, "Patient"), [&format!("Patient/{a}")], "{path}");
+            let provenance: BTreeSet<String> = of_type(&found, "Provenance").into_iter().cloned().collect();
+            assert_eq!(provenance, both, "{path}: Provenance of every member Patient, filtered out or not");
+            assert!(found.contains("Organization/org1") && found.contains("Practitioner/dr1"), "{path}: {found:?}");
+            for filter in ["Provenance%3Fpatient%3DPatient%2F", "Practitioner%3Fname%3Dx"] {
+                let filter = if filter.starts_with("Provenance") { format!("{filter}{a}") } else { filter.to_owned() };
+                let path = format!("{}?_typeFilter={filter}", kick_off_path(base, level, &f));
+                let reply = server.send(get(&path).by(&f.client)).await;
+                let outcome = assert_outcome(&reply, 400, "not-supported", Some("_typeFilter"));
+                assert!(outcome.to_string().contains("only as associated data"), "{path}: {outcome}");
+                let lenient = get(&path).by(&f.client).header("prefer", "handling=lenient");
+                let manifest = server.manifest_of(&f.client, lenient).await;
+                assert_eq!(manifest["error"].as_array().unwrap().len(), 1, "{path}: {manifest}");
+                let lines = server.download_lines(&f.client, manifest["error"][0]["url"].as_str().unwrap()).await;
+                assert!(lines.len() == 1 && lines[0].contains("only as associated data"), "{path}: {lines:?}");
+                let found = exported(&server, &f.client, &manifest).await;
+                let provenance: BTreeSet<String> = of_type(&found, "Provenance").into_iter().cloned().collect();
+                assert_eq!(provenance, both, "{path}: the ignored filter narrows nothing");
+            }
+        }
+        // The system level exports Provenance as a type like any other: the filter applies.
+        let path = format!("{}?_typeFilter=Provenance%3Fpatient%3DPatient%2F{a}", kick_off_path(base, "system", &f));
+        let manifest = server.manifest_of(&f.client, get(&path).by(&f.client)).await;
+        assert_eq!(manifest["error"], json!([]), "{path}");
+        let found = exported(&server, &f.client, &manifest).await;
+        assert_eq!(of_type(&found, "Provenance"), [&format!("Provenance/pro-{a}")], "{path}");
+    }
+}
+
 #[tokio::test]
 async fn elements_keep_listed_mandatory_id_and_meta_and_tag_subsetted() {
     let server = Server::start();

@@ -6,6 +6,11 @@
 //! is compared with an independent computation over the raw source files: references resolved
 //! here, compartments from `bulkhead_fhir::compartment::patient_compartments`. Exported lines are
 //! also compared, field by field, with the (resolved) source resource.
+//!
+//! Exports are self-contained (README "Associated data"): the Practitioners, Organizations and
+//! other resources outside the Patient compartment that the members' data references come
+//! along, computed here by an independent walk of the source; and every reference in an export
+//! resolves within it, except those whose target is not in the data set at all.
 
 mod common;
 
@@ -15,7 +20,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use axum::http::StatusCode;
-use bulkhead_fhir::compartment::patient_compartments;
+use bulkhead_fhir::compartment::{is_compartment_type, patient_compartments};
 use bulkhead_http::ndjson_import::{Importer, Location};
 use bulkhead_http::HttpConfig;
 use serde_json::Value;
@@ -174,6 +179,33 @@ fn differences(got: &Value, expected: &Value) -> String {
         .join("; ")
 }
 
+/// Every literal `Type/id` reference in a resource (resolved `urn:uuid:` ones included), by an
+/// independent walk.
+fn literal_references(value: &Value, out: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(object) => {
+            for (key, child) in object {
+                match child {
+                    Value::String(reference) if key == "reference" => {
+                        let mut parts = reference.split('/');
+                        if let (Some(t), Some(id), None) = (parts.next(), parts.next(), parts.next()) {
+                            if t.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+                                out.push((t.to_owned(), id.to_owned()));
+                            }
+                        }
+                    }
+                    _ => literal_references(child, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| literal_references(item, out)),
+        _ => {}
+    }
+}
+
+/// How many references away from the members' data a referenced resource may be (README).
+const REFERENCE_DEPTH: usize = 3;
+
 /// The patient ids of a Group's members, whose references must all start with `prefix`.
 fn member_ids(group: &Value, prefix: &str, what: &str) -> BTreeSet<String> {
     group["member"]
@@ -223,6 +255,7 @@ fn synthea_group_exports_follow_the_compartment_definition() {
         .map(|((t, id, _), (_, _, line))| ((*t, id.as_str()), number_literals(line)))
         .collect();
     let mut numbers_compared = 0usize;
+    let mut references_resolved = 0usize;
 
     // ---- the server ----
     let server = Server::with_config(HttpConfig { export_part_size: 1_000, ..HttpConfig::default() });
@@ -289,6 +322,37 @@ fn synthea_group_exports_follow_the_compartment_definition() {
         }
         expected.entry("Group".into()).or_default().insert(group_id.to_owned());
         assert_eq!(expected["Patient"], members, "{group_id}: every member's Patient is in the data set");
+        // Referenced resources: types outside the compartment (never a Group), level by level.
+        let by_key: HashMap<(&str, &str), &Value> =
+            resources.iter().map(|(t, id, resource)| ((*t, id.as_str()), resource)).collect();
+        let mut frontier: Vec<&Value> = resources
+            .iter()
+            .filter(|(t, id, _)| *t != "Group" && expected.get(*t).is_some_and(|ids| ids.contains(id)))
+            .map(|(_, _, resource)| resource)
+            .collect();
+        let mut referenced: BTreeSet<(String, String)> = BTreeSet::new();
+        for _ in 0..REFERENCE_DEPTH {
+            let mut next = Vec::new();
+            for resource in frontier {
+                let mut found = Vec::new();
+                literal_references(resource, &mut found);
+                for (t, id) in found {
+                    if t == "Group" || is_compartment_type(&t) || referenced.contains(&(t.clone(), id.clone())) {
+                        continue;
+                    }
+                    if let Some(target) = by_key.get(&(t.as_str(), id.as_str())) {
+                        next.push(*target);
+                    }
+                    referenced.insert((t, id));
+                }
+            }
+            frontier = next;
+        }
+        for (t, id) in &referenced {
+            if by_key.contains_key(&(t.as_str(), id.as_str())) {
+                expected.entry(t.clone()).or_default().insert(id.clone());
+            }
+        }
 
         // ---- the actual export ----
         let reply = runtime.block_on(server.send(get(&format!("/bulk-data/r4/Group/{group_id}/$export")).by(&client)));
@@ -333,9 +397,30 @@ fn synthea_group_exports_follow_the_compartment_definition() {
                 );
             }
         }
-        for never in ["Practitioner", "Organization"] {
-            assert!(!got.contains_key(never), "{group_id}: {never} exported");
+        for needed in ["Practitioner", "Organization"] {
+            assert!(got.get(needed).is_some_and(|ids| !ids.is_empty()), "{group_id}: no {needed} exported");
         }
+        // Self-contained: every reference of every exported line resolves within the export,
+        // unless its target is not in the data set at all.
+        let mut resolved = 0usize;
+        for (resource_type, ids) in &got {
+            for id in ids {
+                let mut found = Vec::new();
+                literal_references(&stripped[&(resource_type.as_str(), id.as_str())], &mut found);
+                for (t, target) in found {
+                    if got.get(&t).is_some_and(|ids| ids.contains(&target)) {
+                        resolved += 1;
+                        continue;
+                    }
+                    assert!(
+                        !types_by_id.contains_key(&target),
+                        "{group_id}: exported {resource_type}/{id} references {t}/{target}, which is in the tenant \
+                         but not in the export"
+                    );
+                }
+            }
+        }
+        references_resolved += resolved;
         assert_eq!(got.get("Group"), Some(&BTreeSet::from([group_id.to_owned()])), "{group_id}: only the target Group");
         assert_eq!(got.get("Patient").map(BTreeSet::len), Some(size), "{group_id}: Patients exported");
         for (resource_type, ids) in expected.iter() {
@@ -358,8 +443,9 @@ fn synthea_group_exports_follow_the_compartment_definition() {
         patients_seen.extend(got["Patient"].iter().cloned());
     }
     assert!(numbers_compared > 10_000, "only {numbers_compared} numbers were compared");
+    assert!(references_resolved > 10_000, "only {references_resolved} references resolved within exports");
     eprintln!(
-        "synthea: {numbers_compared} numbers compared as text; total {:?} (import of {TOTAL} resources {:?}, 8 exports {:?}); exported per type over the 8 Groups: {exported_everywhere:?}; {} distinct patients",
+        "synthea: {numbers_compared} numbers compared as text, {references_resolved} references resolved within their export; total {:?} (import of {TOTAL} resources {:?}, 8 exports {:?}); exported per type over the 8 Groups: {exported_everywhere:?}; {} distinct patients",
         started.elapsed(),
         load_time,
         exporting.elapsed(),

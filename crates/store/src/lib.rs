@@ -5,6 +5,7 @@
 //! that touches resources takes a [`TenantId`]; nothing crosses tenants. [`testsuite`] holds the
 //! conformance suite every implementation runs.
 
+mod audit;
 mod error;
 mod model;
 pub mod postgres;
@@ -16,10 +17,11 @@ mod write;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
 
+pub use audit::{AuditCohort, AuditQuery, AuditRecord};
 pub use error::StoreError;
 pub use model::{
-    ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange,
-    SelectionScope, StoredResource, Tenant, TenantId, Visibility,
+    AssociatedRequest, ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection,
+    PartRange, ProvenanceSelection, ReferencedTypes, SelectionScope, StoredResource, Tenant, TenantId, Visibility,
 };
 pub use retention::{PruneReport, StorageBytes};
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
@@ -91,6 +93,20 @@ pub trait Store: Send + Sync + 'static {
         owner: Option<&str>,
         ops: &[WriteOp],
         mode: WriteMode,
+    ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        self.write_audited(tenant, owner, ops, mode, &|_: &[Result<Written, StoreError>]| Vec::new())
+    }
+
+    /// [`Store::write`], appending the audit records `audit` makes from the entries' results in
+    /// the same transaction: the records commit exactly when the writes do. A transaction that
+    /// fails (`Err`) stores neither, and the caller records the failure on its own.
+    fn write_audited(
+        &self,
+        tenant: TenantId,
+        owner: Option<&str>,
+        ops: &[WriteOp],
+        mode: WriteMode,
+        audit: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError>;
 
     /// The current version (possibly a tombstone) of a resource visible to `visibility`.
@@ -175,6 +191,38 @@ pub trait Store: Send + Sync + 'static {
         selection: &MemberSelection,
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError>;
+    /// Computes the associated data of a Patient or Group export (Provenance and referenced
+    /// resources, see [`AssociatedRequest`]) as of the selection's transaction time, stores it
+    /// under `request.set_id` (swept by [`Store::delete_expired_export_records`] once
+    /// `request.expires` has passed), and splits each type's resources into consecutive key
+    /// ranges of at most `part_size`, with exact counts (types with none get no entry). Memory
+    /// stays bounded whatever the cohort's size: the working sets live in the database.
+    fn plan_associated(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        request: &AssociatedRequest,
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError>;
+    /// A reader of one planned part of a stored associated set (see [`Store::plan_associated`]):
+    /// each resource's version at the selection's transaction time, in key order, a window at a
+    /// time, like [`Store::part_reader`].
+    fn associated_reader<'a>(
+        &'a self,
+        tenant: TenantId,
+        selection: &'a MemberSelection,
+        set_id: &'a str,
+        resource_type: &'a str,
+        range: PartRange,
+    ) -> Box<dyn PartReader + 'a>;
+    /// The ids among `ids` (of `resource_type`) that the stored associated set `set_id` holds.
+    fn associated_ids(
+        &self,
+        tenant: TenantId,
+        set_id: &str,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<String>, StoreError>;
     /// Ids of the tenant's Patients that existed, not deleted and visible, at `at`, sorted (the
     /// members of a Patient-level export).
     fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError>;
@@ -201,6 +249,11 @@ pub trait Store: Send + Sync + 'static {
     fn delete_export_job(&self, tenant: TenantId, job_id: &str) -> Result<bool, StoreError>;
     /// Housekeeping across all tenants: deletes every job with `expires <= now`; returns how many.
     fn delete_expired_export_jobs(&self, now: Micros) -> Result<u64, StoreError>;
+    /// Housekeeping across all tenants: up to `limit` jobs with `expires <= now`, as
+    /// `(tenant, job id)`, soonest expiry first, without deleting them. The caller removes what a
+    /// job owns outside the store (its output objects) before [`Store::delete_export_job`], so a
+    /// failed removal leaves the job to be found again by the next sweep.
+    fn expired_export_jobs(&self, now: Micros, limit: usize) -> Result<Vec<(TenantId, String)>, StoreError>;
 
     // ---- export records (what file URLs refer to) ----
 
@@ -221,6 +274,17 @@ pub trait Store: Send + Sync + 'static {
     /// (a read-only or broken database), if any.
     fn check_writable(&self, min_free_bytes: u64) -> Result<(), StoreError>;
 
+    // ---- audit trail (append-only) ----
+
+    /// Appends audit records (their `seq` is assigned by the store), in one transaction.
+    fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+    /// The audit records of `tenant` matching `query`, in append order (ascending `seq`), at most
+    /// `query.limit`, each with its `patients`.
+    fn audit_records(&self, tenant: TenantId, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Housekeeping across all tenants (audit retention): deletes every audit record with
+    /// `time < before`; returns how many. The only way records leave the trail.
+    fn prune_audit(&self, before: Micros) -> Result<u64, StoreError>;
+
     // ---- retention and operations ----
 
     /// The prune horizon: history before it has been removed ([`Store::prune_history`]), so an
@@ -237,3 +301,6 @@ pub trait Store: Send + Sync + 'static {
     /// The store's size on disk.
     fn storage_bytes(&self) -> Result<StorageBytes, StoreError>;
 }
+
+/// Makes the audit records of a write from its entries' results ([`Store::write_audited`]).
+pub type AuditRecords<'a> = dyn Fn(&[Result<Written, StoreError>]) -> Vec<AuditRecord> + 'a;

@@ -150,3 +150,58 @@ pub struct ExportJob {
     /// JSON text: the complete manifest, the failure's OperationOutcome, or empty while planning.
     pub manifest: String,
 }
+
+/// Which Provenance resources an export adds as associated data (Bulk Data IG
+/// `includeAssociatedData`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProvenanceSelection {
+    /// None.
+    None,
+    /// Every Provenance whose `target` is one of the export's cohort resources
+    /// (`RelevantProvenanceResources`, and the IG's default).
+    Relevant,
+    /// For each cohort resource, only the Provenance targeting it that was updated last
+    /// (`LatestProvenanceResources`; ties go to the larger key).
+    Latest,
+}
+
+/// Which referenced resources (types outside the Patient compartment) an export adds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReferencedTypes {
+    None,
+    /// Every type outside the Patient compartment (no `_type`).
+    All,
+    /// Only these (the `_type` entries outside the compartment).
+    Only(Vec<String>),
+}
+
+/// The associated data of one Patient or Group export, computed once at planning (as of the
+/// selection's transaction time) and kept under `set_id` until `expires`, so every file of the
+/// export reads the same set ([`crate::Store::plan_associated`]).
+///
+/// Rules (README "Associated data"): the cohort is every resource of a member's compartment
+/// at the transaction time (live, visible), whatever `_since` and the selection's `_typeFilter`
+/// (a filter narrows what is exported of its type, not the cohort). A Provenance is added when it
+/// targets a cohort resource of `provenance_sources`; a referenced resource when a cohort
+/// resource of `reference_sources`, an added Provenance, or (transitively, up to `depth`
+/// references away from the cohort) another referenced resource references it. `_since`: an
+/// added resource is exported when it changed since, when it is reached through a member added
+/// since (full history), or when a resource exported by this export (one matching the
+/// `_typeFilter` of its type) references (or is the target of) it; `_until` applies as to
+/// compartment data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssociatedRequest {
+    /// A random id naming the materialised set.
+    pub set_id: String,
+    /// When the set may be swept (with its export's file URLs).
+    pub expires: Micros,
+    pub provenance: ProvenanceSelection,
+    /// Cohort types whose resources' Provenance is added.
+    pub provenance_sources: Vec<String>,
+    pub referenced: ReferencedTypes,
+    /// Cohort types whose resources' references are followed.
+    pub reference_sources: Vec<String>,
+    /// How many references away from the cohort a referenced resource may be (1: only those the
+    /// cohort's resources reference directly).
+    pub depth: u32,
+}

@@ -4,9 +4,9 @@
 use serde_json::{json, Value};
 
 use crate::{
-    ClientRegistration, ExportJob, ExportJobState, ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection,
-    PartRange, ReferenceQuery, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode,
-    WriteOp, Written,
+    AssociatedRequest, AuditCohort, AuditQuery, AuditRecord, ClientRegistration, ExportJob, ExportJobState,
+    ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ProvenanceSelection, ReferenceQuery,
+    ReferencedTypes, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 use bulkhead_fhir::type_filter::{TypeFilter, TypeFilters};
 
@@ -22,14 +22,19 @@ macro_rules! store_test_suite {
             group_membership_history, export_is_a_snapshot, export_since_and_new_members,
             export_reports_deletions, export_reports_resources_that_left_the_cohort, export_parts_split_by_size, transaction_time_orders_writes,
             existence_at_a_time, a_patient_is_in_its_own_compartment_by_stored_id, export_jobs_round_trip, export_jobs_are_isolated_by_tenant,
-            expired_export_jobs_are_swept, planning_jobs_are_finished_once, export_records_round_trip_by_tenant_and_expire,
+            expired_export_jobs_are_swept, expired_export_jobs_are_listed_before_they_are_removed, planning_jobs_are_finished_once, export_records_round_trip_by_tenant_and_expire,
             a_fresh_store_is_writable_above_its_free_space_floor,
             export_windows_agree_whatever_is_written_between_them, client_registrations_round_trip,
             assertion_jtis_are_accepted_once_until_they_expire,
             large_writes_mix_new_and_existing_resources, transaction_time_holds_across_concurrent_writers,
+            associated_data_follows_references_and_provenance, associated_data_is_as_of_the_transaction_time,
+            associated_data_follows_since_rules, associated_data_is_exact_after_pruning,
+            audit_records_are_per_tenant_filtered_and_paged, audited_writes_commit_with_their_records,
+            audit_finds_exports_through_group_membership_at_their_time, audit_records_are_pruned_by_age,
             pruning_removes_history_before_the_horizon_only, pruning_keeps_what_unexpired_exports_need,
             storage_bytes_are_reported,
-            tenant_scope_selects_every_resource_of_a_type, patients_at_a_time, type_filters_select_exactly);
+            tenant_scope_selects_every_resource_of_a_type, patients_at_a_time, type_filters_select_exactly,
+            associated_data_is_found_before_type_filters);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -685,6 +690,20 @@ pub fn expired_export_jobs_are_swept(store: &dyn Store) {
     assert_eq!(store.delete_expired_export_jobs(200).unwrap(), 0);
 }
 
+pub fn expired_export_jobs_are_listed_before_they_are_removed(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    store.create_export_job(a, &export_job("a-old", "ca", Visibility::Tenant, 100)).unwrap();
+    store.create_export_job(b, &export_job("b-edge", "cb", Visibility::Tenant, 200)).unwrap();
+    store.create_export_job(a, &export_job("a-new", "ca", Visibility::Tenant, 300)).unwrap();
+    assert!(store.expired_export_jobs(50, 10).unwrap().is_empty());
+    let expired = store.expired_export_jobs(200, 10).unwrap();
+    assert_eq!(expired, vec![(a, "a-old".to_owned()), (b, "b-edge".to_owned())], "inclusive, across tenants");
+    assert_eq!(store.expired_export_jobs(200, 1).unwrap(), vec![(a, "a-old".to_owned())], "soonest first, limited");
+    assert!(store.export_job(a, "a-old").unwrap().is_some(), "listing deletes nothing");
+    assert!(store.delete_export_job(a, "a-old").unwrap());
+    assert_eq!(store.expired_export_jobs(200, 10).unwrap(), vec![(b, "b-edge".to_owned())]);
+}
+
 pub fn export_records_round_trip_by_tenant_and_expire(store: &dyn Store) {
     let (a, b) = (tenant(store, "a"), tenant(store, "b"));
     let record = |id: &str, expires: i64| ExportRecord {
@@ -913,8 +932,451 @@ pub fn transaction_time_holds_across_concurrent_writers(store: &dyn Store) {
     }
 }
 
+// ---- associated data ----
+
+static NEXT_SET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn associated_request(provenance: ProvenanceSelection, referenced: ReferencedTypes, depth: u32) -> AssociatedRequest {
+    let sources: Vec<String> = ["Patient", "Observation", "Encounter"].map(String::from).to_vec();
+    AssociatedRequest {
+        set_id: format!("set-{}", NEXT_SET.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+        expires: i64::MAX,
+        provenance,
+        provenance_sources: sources.clone(),
+        referenced,
+        reference_sources: sources,
+        depth,
+    }
+}
+
+/// Plans an associated set and reads every part back (one resource per window): sorted
+/// `Type/id` of every line, checking each part's count.
+fn associated(
+    store: &dyn Store,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    request: &AssociatedRequest,
+) -> Vec<String> {
+    let planned = store.plan_associated(tenant, selection, request, 2).unwrap();
+    let mut found = Vec::new();
+    for (resource_type, parts) in planned {
+        assert!(!parts.is_empty(), "a planned type has parts");
+        for part in parts {
+            assert!(part.count <= 2, "parts hold at most part_size");
+            let mut reader = store.associated_reader(tenant, selection, &request.set_id, &resource_type, part);
+            let (mut text, mut written) = (Vec::new(), 0);
+            loop {
+                match reader.next_window(&mut text, 1).unwrap() {
+                    0 => break,
+                    read => written += read,
+                }
+            }
+            assert_eq!(written, part.count, "an associated part streams exactly its planned count");
+            for line in text.split(|byte| *byte == b'\n').filter(|line| !line.is_empty()) {
+                let value: Value = serde_json::from_slice(line).unwrap();
+                assert_eq!(value["resourceType"], resource_type.as_str());
+                found.push(format!("{resource_type}/{}", value["id"].as_str().unwrap()));
+            }
+        }
+    }
+    let mut sorted = found.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), found.len(), "each associated resource once: {found:?}");
+    sorted
+}
+
+fn reference(target: &str) -> Value {
+    json!({"reference": target})
+}
+
+fn provenance(id: &str, targets: &[&str], agent: &str) -> Value {
+    let target: Vec<Value> = targets.iter().map(|t| reference(t)).collect();
+    json!({"resourceType": "Provenance", "id": id, "target": target, "recorded": "2020-01-01T00:00:00Z",
+           "agent": [{"who": reference(agent)}]})
+}
+
+/// A small world: member `a`, non-member `b`; an Encounter of `a` reaching a chain
+/// PractitionerRole → Practitioner/Organization → Organization → Organization; Provenance about
+/// `a`'s data and about `b`'s.
+fn associated_world(store: &dyn Store, tenant: TenantId) {
+    for id in ["a", "b"] {
+        put(store, tenant, None, patient(id));
+    }
+    put(store, tenant, None, json!({"resourceType": "Organization", "id": "org4"}));
+    put(
+        store,
+        tenant,
+        None,
+        json!({"resourceType": "Organization", "id": "org3", "partOf": reference("Organization/org4")}),
+    );
+    put(
+        store,
+        tenant,
+        None,
+        json!({"resourceType": "Organization", "id": "org2", "partOf": reference("Organization/org3")}),
+    );
+    put(
+        store,
+        tenant,
+        None,
+        json!({"resourceType": "Organization", "id": "org1", "partOf": reference("Organization/org2")}),
+    );
+    for id in ["pr1", "pr5", "pr7", "pr9"] {
+        put(store, tenant, None, json!({"resourceType": "Practitioner", "id": id}));
+    }
+    put(
+        store,
+        tenant,
+        None,
+        json!({"resourceType": "PractitionerRole", "id": "role1",
+        "practitioner": reference("Practitioner/pr1"), "organization": reference("Organization/org1")}),
+    );
+    put(store, tenant, None, json!({"resourceType": "Organization", "id": "orgX"}));
+    put(
+        store,
+        tenant,
+        None,
+        json!({"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "AMB"},
+        "subject": reference("Patient/a"), "participant": [{"individual": reference("PractitionerRole/role1")}],
+        "serviceProvider": reference("Organization/orgX")}),
+    );
+    let mut o1 = observation("o1", "a", 1);
+    o1["performer"] = json!([reference("Practitioner/pr5"), reference("Practitioner/missing")]);
+    put(store, tenant, None, o1);
+    let mut o2 = observation("o2", "b", 2);
+    o2["performer"] = json!([reference("Practitioner/pr9")]);
+    put(store, tenant, None, o2);
+    put(store, tenant, None, provenance("prov1", &["Observation/o1"], "Practitioner/pr7"));
+    put(store, tenant, None, provenance("prov2", &["Observation/o2"], "Practitioner/pr9"));
+    put(store, tenant, None, provenance("prov3", &["Patient/a"], "Organization/orgX"));
+    put(store, tenant, None, group("g", &["a"]));
+}
+
+pub fn associated_data_follows_references_and_provenance(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    let other = tenant(store, "other");
+    associated_world(store, acme);
+    // The other tenant has the same ids, and its member `b` reaches pr9 and prov2.
+    associated_world(store, other);
+    put(store, other, None, group("g", &["b"]));
+    let all = associated_request(ProvenanceSelection::Relevant, ReferencedTypes::All, 3);
+    let chosen = selection(store, &[("a", None)], None);
+    assert_eq!(
+        associated(store, acme, &chosen, &all),
+        [
+            // Depth 3: role1 (1), pr1 and org1 (2), org2 (3); org3 is four references away.
+            "Organization/org1",
+            "Organization/org2",
+            "Organization/orgX",
+            "Practitioner/pr1",
+            "Practitioner/pr5",
+            "Practitioner/pr7",
+            "PractitionerRole/role1",
+            "Provenance/prov1",
+            "Provenance/prov3",
+        ],
+        "b's Observation, its Provenance and its Practitioner stay out; a dangling reference is skipped"
+    );
+    let shallow = associated_request(ProvenanceSelection::None, ReferencedTypes::All, 1);
+    assert_eq!(
+        associated(store, acme, &chosen, &shallow),
+        ["Organization/orgX", "Practitioner/pr5", "PractitionerRole/role1"]
+    );
+    // Only named types, and only through named types.
+    let organizations =
+        associated_request(ProvenanceSelection::None, ReferencedTypes::Only(vec!["Organization".into()]), 3);
+    assert_eq!(associated(store, acme, &chosen, &organizations), ["Organization/orgX"]);
+    let provenance_only = associated_request(ProvenanceSelection::Relevant, ReferencedTypes::None, 3);
+    assert_eq!(associated(store, acme, &chosen, &provenance_only), ["Provenance/prov1", "Provenance/prov3"]);
+    // Latest: one Provenance per targeted resource, the last updated.
+    put(store, acme, None, provenance("prov4", &["Observation/o1", "Patient/a"], "Practitioner/pr1"));
+    let latest = associated_request(ProvenanceSelection::Latest, ReferencedTypes::None, 3);
+    let later = selection(store, &[("a", None)], None);
+    assert_eq!(associated(store, acme, &later, &latest), ["Provenance/prov4"]);
+    let relevant = associated_request(ProvenanceSelection::Relevant, ReferencedTypes::None, 3);
+    assert_eq!(
+        associated(store, acme, &later, &relevant),
+        ["Provenance/prov1", "Provenance/prov3", "Provenance/prov4"]
+    );
+    // The other tenant's member b: its own data only.
+    let other_selection = selection(store, &[("b", None)], None);
+    let other_request = associated_request(ProvenanceSelection::Relevant, ReferencedTypes::All, 3);
+    assert_eq!(associated(store, other, &other_selection, &other_request), ["Practitioner/pr9", "Provenance/prov2"]);
+    // A user-scoped export sees only that user's associated resources.
+    let mut scoped = chosen.clone();
+    scoped.visibility = Visibility::User("u".into());
+    assert!(associated(store, acme, &scoped, &all).is_empty(), "nothing belongs to user u");
+    // associated_ids answers from the stored set; the set is swept with the export records.
+    let ids: Vec<String> = ["prov1", "prov2", "prov3"].map(String::from).to_vec();
+    assert_eq!(store.associated_ids(acme, &all.set_id, "Provenance", &ids).unwrap(), ["prov1", "prov3"]);
+    assert!(store.associated_ids(other, &all.set_id, "Provenance", &ids).unwrap().is_empty(), "sets are per tenant");
+    let expiring =
+        AssociatedRequest { expires: 10, ..associated_request(ProvenanceSelection::Relevant, ReferencedTypes::All, 3) };
+    associated(store, acme, &chosen, &expiring);
+    assert_eq!(store.associated_ids(acme, &expiring.set_id, "Provenance", &ids).unwrap().len(), 2);
+    store.delete_expired_export_records(11).unwrap();
+    assert!(store.associated_ids(acme, &expiring.set_id, "Provenance", &ids).unwrap().is_empty(), "swept");
+    assert_eq!(store.associated_ids(acme, &all.set_id, "Provenance", &ids).unwrap().len(), 2, "unexpired kept");
+}
+
+pub fn associated_data_is_as_of_the_transaction_time(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    associated_world(store, acme);
+    let fresh = || associated_request(ProvenanceSelection::Relevant, ReferencedTypes::All, 1);
+    let before = selection(store, &[("a", None)], None);
+    // After the transaction time: the Encounter re-pointed, an Organization deleted, a new
+    // Provenance, and prov1 retargeted to b's Observation.
+    put(
+        store,
+        acme,
+        None,
+        json!({"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "AMB"},
+        "subject": reference("Patient/a"), "participant": [{"individual": reference("Practitioner/pr9")}]}),
+    );
+    delete(store, acme, "Organization", "orgX");
+    put(store, acme, None, provenance("prov5", &["Encounter/e1"], "Practitioner/pr1"));
+    put(store, acme, None, provenance("prov1", &["Observation/o2"], "Practitioner/pr7"));
+    let expected_before = [
+        "Organization/orgX",
+        "Practitioner/pr5",
+        "Practitioner/pr7",
+        "PractitionerRole/role1",
+        "Provenance/prov1",
+        "Provenance/prov3",
+    ];
+    assert_eq!(associated(store, acme, &before, &fresh()), expected_before, "planned after later writes: as of T");
+    let after = selection(store, &[("a", None)], None);
+    assert_eq!(
+        associated(store, acme, &after, &fresh()),
+        ["Practitioner/pr1", "Practitioner/pr5", "Practitioner/pr9", "Provenance/prov3", "Provenance/prov5"]
+    );
+    // A set planned at T reads the versions at T, whatever is written between planning and reading.
+    let all = fresh();
+    let planned = store.plan_associated(acme, &before, &all, 100).unwrap();
+    put(store, acme, None, json!({"resourceType": "Practitioner", "id": "pr5", "name": [{"family": "Later"}]}));
+    for (resource_type, parts) in planned {
+        let mut reader = store.associated_reader(acme, &before, &all.set_id, &resource_type, parts[0]);
+        let mut text = Vec::new();
+        while reader.next_window(&mut text, 1 << 20).unwrap() > 0 {}
+        let text = String::from_utf8(text).unwrap();
+        assert!(!text.contains("Later"), "{text}");
+        if resource_type == "Organization" {
+            assert!(text.contains("orgX"), "a resource deleted since T is read at its version then");
+        }
+    }
+    // Deleting the Encounter closes its references.
+    delete(store, acme, "Encounter", "e1");
+    let gone = selection(store, &[("a", None)], None);
+    assert!(!associated(store, acme, &gone, &fresh()).contains(&"Practitioner/pr9".to_owned()));
+}
+
+pub fn associated_data_follows_since_rules(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    for id in ["a", "c"] {
+        put(store, acme, None, patient(id));
+    }
+    for id in ["pr1", "pr2", "pr3", "pr4"] {
+        put(store, acme, None, json!({"resourceType": "Practitioner", "id": id}));
+    }
+    let performed = |id: &str, subject: &str, by: &str, value: i64| {
+        let mut body = observation(id, subject, value);
+        body["performer"] = json!([reference(&format!("Practitioner/{by}"))]);
+        body
+    };
+    put(store, acme, None, performed("o1", "a", "pr1", 1));
+    put(store, acme, None, performed("o2", "a", "pr3", 1));
+    put(store, acme, None, performed("o4", "c", "pr4", 1));
+    put(store, acme, None, provenance("prov1", &["Observation/o1"], "Practitioner/pr1"));
+    let since = store.reserve_transaction_time().unwrap();
+    // Since: o3 (new) references the unchanged pr2; pr3 changed; prov1 unchanged.
+    put(store, acme, None, performed("o3", "a", "pr2", 1));
+    put(store, acme, None, json!({"resourceType": "Practitioner", "id": "pr3", "active": true}));
+    let all = || associated_request(ProvenanceSelection::Relevant, ReferencedTypes::All, 3);
+    // a was a member at `since`; c joined since (full history).
+    let chosen = selection(store, &[("a", Some(since)), ("c", None)], Some(since));
+    assert_eq!(
+        associated(store, acme, &chosen, &all()),
+        ["Practitioner/pr2", "Practitioner/pr3", "Practitioner/pr4"],
+        "unchanged pr1 and prov1 reached only through unchanged data stay out"
+    );
+    // Changing the Observation the Provenance is about brings the Provenance (and its agent).
+    put(store, acme, None, performed("o1", "a", "pr1", 2));
+    let later = selection(store, &[("a", Some(since)), ("c", None)], Some(since));
+    assert_eq!(
+        associated(store, acme, &later, &all()),
+        ["Practitioner/pr1", "Practitioner/pr2", "Practitioner/pr3", "Practitioner/pr4", "Provenance/prov1"]
+    );
+    // `_until` applies too: only what the new member's full history reaches, updated before it.
+    let mut until = later.clone();
+    until.until = Some(since);
+    assert_eq!(associated(store, acme, &until, &all()), ["Practitioner/pr4"]);
+}
+
 fn versions(store: &dyn Store, t: TenantId, resource_type: &str, id: &str) -> Vec<i64> {
     store.history(t, &Visibility::Tenant, resource_type, id).unwrap().iter().map(|v| v.version).collect()
+}
+
+fn audit_record(
+    tenant: TenantId,
+    time: i64,
+    client: &str,
+    action: &str,
+    target: &str,
+    patients: &[&str],
+) -> AuditRecord {
+    AuditRecord {
+        seq: 0,
+        time,
+        tenant,
+        client: client.into(),
+        user: Some("u1".into()),
+        peer: Some("127.0.0.1:5000".into()),
+        request_id: format!("req-{time}"),
+        action: action.into(),
+        target: target.into(),
+        outcome: "success".into(),
+        status: 200,
+        detail: r#"{"k":"v"}"#.into(),
+        patients: patients.iter().map(|id| id.to_string()).collect(),
+        cohort: None,
+    }
+}
+
+fn audit_query(limit: usize) -> AuditQuery {
+    AuditQuery { limit, ..AuditQuery::default() }
+}
+
+fn audited(store: &dyn Store, tenant: TenantId, query: AuditQuery) -> Vec<(String, String)> {
+    let found = store.audit_records(tenant, &query).unwrap();
+    found.into_iter().map(|record| (record.action, record.target)).collect()
+}
+
+pub fn audit_records_are_per_tenant_filtered_and_paged(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    let records = [
+        audit_record(a, 100, "c1", "read", "Patient/p1", &["p1"]),
+        audit_record(b, 150, "c9", "read", "Patient/p1", &["p1"]),
+        audit_record(a, 200, "c2", "search", "Observation", &["p1", "p2"]),
+        audit_record(a, 300, "c1", "export.kickoff", "Group/g/_history/1", &[]),
+    ];
+    store.append_audit(&records).unwrap();
+    let all = store.audit_records(a, &audit_query(100)).unwrap();
+    assert_eq!(all.len(), 3, "only tenant a's records: {all:?}");
+    assert!(all.windows(2).all(|pair| pair[0].seq < pair[1].seq), "append order");
+    let first = AuditRecord { seq: all[0].seq, ..records[0].clone() };
+    assert_eq!(all[0], first, "every field round-trips");
+    assert_eq!(all[1].patients, vec!["p1", "p2"]);
+    assert_eq!(audited(store, b, audit_query(100)), vec![("read".into(), "Patient/p1".into())]);
+
+    let since = AuditQuery { since: Some(200), ..audit_query(100) };
+    assert_eq!(audited(store, a, since).len(), 2);
+    let client = AuditQuery { client: Some("c1".into()), ..audit_query(100) };
+    assert_eq!(
+        audited(store, a, client).iter().map(|(action, _)| action.as_str()).collect::<Vec<_>>(),
+        ["read", "export.kickoff"]
+    );
+    let action = AuditQuery { action: Some("search".into()), ..audit_query(100) };
+    assert_eq!(audited(store, a, action), vec![("search".into(), "Observation".into())]);
+    let patient = AuditQuery { patient: Some("p2".into()), ..audit_query(100) };
+    assert_eq!(audited(store, a, patient), vec![("search".into(), "Observation".into())]);
+    let nobody = AuditQuery { patient: Some("p3".into()), ..audit_query(100) };
+    assert!(audited(store, a, nobody).is_empty());
+
+    // Keyset paging: two at a time, then the rest.
+    let page = store.audit_records(a, &audit_query(2)).unwrap();
+    assert_eq!(page.len(), 2);
+    let rest = store.audit_records(a, &AuditQuery { after_seq: Some(page[1].seq), ..audit_query(2) }).unwrap();
+    assert_eq!(rest.iter().map(|record| record.time).collect::<Vec<_>>(), [300]);
+}
+
+pub fn audited_writes_commit_with_their_records(store: &dyn Store) {
+    let t = tenant(store, "t");
+    let describe = |results: &[Result<Written, StoreError>]| -> Vec<AuditRecord> {
+        results
+            .iter()
+            .map(|result| match result {
+                Ok(written) => {
+                    audit_record(t, 1, "c", "update", &format!("{}/{}", written.resource_type, written.id), &[])
+                }
+                Err(_) => AuditRecord { outcome: "failure".into(), ..audit_record(t, 1, "c", "update", "?", &[]) },
+            })
+            .collect()
+    };
+    let ops = [
+        WriteOp::Update { resource_type: "Patient".into(), id: "p1".into(), body: patient("p1"), if_match: None },
+        WriteOp::Update { resource_type: "Patient".into(), id: "p2".into(), body: patient("p2"), if_match: None },
+    ];
+    store.write_audited(t, None, &ops, WriteMode::Transaction, &describe).unwrap();
+    assert_eq!(
+        audited(store, t, audit_query(100)),
+        vec![("update".into(), "Patient/p1".into()), ("update".into(), "Patient/p2".into())]
+    );
+
+    // A failed transaction stores neither its writes nor its records.
+    let failing = [
+        WriteOp::Update { resource_type: "Patient".into(), id: "p3".into(), body: patient("p3"), if_match: None },
+        WriteOp::Create { resource_type: "Patient".into(), id: "p1".into(), body: patient("p1") },
+    ];
+    assert!(store.write_audited(t, None, &failing, WriteMode::Transaction, &describe).is_err());
+    assert!(store.read(t, &Visibility::Tenant, "Patient", "p3").unwrap().is_none());
+    assert_eq!(store.audit_records(t, &audit_query(100)).unwrap().len(), 2, "no record of the rolled-back write");
+
+    // A batch: the records see each entry's own result.
+    let results = store.write_audited(t, None, &failing, WriteMode::Batch, &describe).unwrap();
+    assert!(results[0].is_ok() && results[1].is_err());
+    let outcomes: Vec<String> =
+        store.audit_records(t, &audit_query(100)).unwrap().into_iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, ["success", "success", "success", "failure"]);
+
+    // Plain writes record nothing.
+    put(store, t, None, patient("p4"));
+    assert_eq!(store.audit_records(t, &audit_query(100)).unwrap().len(), 4);
+}
+
+pub fn audit_finds_exports_through_group_membership_at_their_time(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, None, group("g", &["a", "b"]));
+    let first = store.reserve_transaction_time().unwrap();
+    put(store, t, None, group("g", &["b", "c"]));
+    let second = store.reserve_transaction_time().unwrap();
+    let export = |time: i64, target: &str| AuditRecord {
+        cohort: Some(AuditCohort { group_id: "g".into(), transaction_time: time }),
+        ..audit_record(t, time, "c", "export.kickoff", target, &[])
+    };
+    store.append_audit(&[export(first, "first"), export(second, "second")]).unwrap();
+    let for_patient = |id: &str| {
+        let query = AuditQuery { patient: Some(id.into()), ..audit_query(100) };
+        store.audit_records(t, &query).unwrap().into_iter().map(|record| record.target).collect::<Vec<_>>()
+    };
+    assert_eq!(for_patient("a"), ["first"], "a left the Group before the second export");
+    assert_eq!(for_patient("b"), ["first", "second"]);
+    assert_eq!(for_patient("c"), ["second"], "c joined after the first export");
+    assert!(for_patient("z").is_empty());
+    let other = tenant(store, "other");
+    assert!(store
+        .audit_records(other, &AuditQuery { patient: Some("b".into()), ..audit_query(100) })
+        .unwrap()
+        .is_empty());
+}
+
+pub fn audit_records_are_pruned_by_age(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    store
+        .append_audit(&[
+            audit_record(a, 100, "c", "read", "Patient/old", &["old"]),
+            audit_record(b, 150, "c", "read", "Patient/old", &["old"]),
+            audit_record(a, 200, "c", "read", "Patient/new", &["new"]),
+        ])
+        .unwrap();
+    assert_eq!(store.prune_audit(200).unwrap(), 2, "both tenants' records before 200");
+    assert_eq!(audited(store, a, audit_query(100)), vec![("read".into(), "Patient/new".into())]);
+    assert!(store.audit_records(b, &audit_query(100)).unwrap().is_empty());
+    assert!(store
+        .audit_records(a, &AuditQuery { patient: Some("old".into()), ..audit_query(100) })
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.prune_audit(200).unwrap(), 0);
 }
 
 /// Versions superseded before the horizon, tombstones, closed compartment rows and ended
@@ -1000,6 +1462,32 @@ pub fn storage_bytes_are_reported(store: &dyn Store) {
     assert!(bytes.database + bytes.wal > 0, "{bytes:?}");
 }
 
+pub fn associated_data_is_exact_after_pruning(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    put(store, acme, None, patient("a"));
+    for id in ["pr1", "pr2", "pr3"] {
+        put(store, acme, None, json!({"resourceType": "Practitioner", "id": id}));
+    }
+    let encounter = |practitioner: &str| {
+        json!({"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "AMB"},
+               "subject": reference("Patient/a"), "participant": [{"individual": reference(&format!("Practitioner/{practitioner}"))}]})
+    };
+    put(store, acme, None, encounter("pr1"));
+    put(store, acme, None, provenance("gone", &["Encounter/e1"], "Practitioner/pr3"));
+    delete(store, acme, "Provenance", "gone");
+    put(store, acme, None, encounter("pr2"));
+    put(store, acme, None, provenance("kept", &["Encounter/e1"], "Practitioner/pr1"));
+    let cutoff = store.reserve_transaction_time().unwrap() + 1;
+    store.prune_history(cutoff, cutoff + 1, 2).unwrap();
+    let request = associated_request(ProvenanceSelection::Relevant, ReferencedTypes::All, 3);
+    let after = selection(store, &[("a", None)], None);
+    assert_eq!(
+        associated(store, acme, &after, &request),
+        ["Practitioner/pr1", "Practitioner/pr2", "Provenance/kept"],
+        "pruned history leaves the references of current versions intact"
+    );
+}
+
 /// A system-level selection reads every resource of a type in the tenant (compartment or not)
 /// as of the transaction time, with `_since`, deletions and user scope, and nothing of another
 /// tenant.
@@ -1074,4 +1562,39 @@ pub fn type_filters_select_exactly(store: &dyn Store) {
     assert_eq!(export_ids(store, acme, &filtered, "Patient"), ["a"]);
     let everything = MemberSelection { members: Vec::new(), scope: SelectionScope::Tenant, ..filtered };
     assert_eq!(export_ids(store, acme, &everything, "Observation"), ["o1=1", "o3=1", "o4=1"]);
+}
+
+/// The associated data comes from the cohort before `_typeFilter` (README "Associated data"): a
+/// filter leaving out a member Patient or an Observation keeps their Provenance and what they
+/// reference; only a resource the export sends (one the filter keeps) forces, with `_since`,
+/// the unchanged resources it reaches.
+pub fn associated_data_is_found_before_type_filters(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    associated_world(store, acme);
+    let all = || associated_request(ProvenanceSelection::Relevant, ReferencedTypes::All, 3);
+    let nothing_kept = || {
+        TypeFilters::new(vec![
+            TypeFilter::parse("Observation?status=amended").unwrap(),
+            TypeFilter::parse("Patient?_id=nobody").unwrap(),
+        ])
+    };
+    let plain = selection(store, &[("a", None)], None);
+    let filtered = MemberSelection { filters: nothing_kept(), ..plain.clone() };
+    let expected = associated(store, acme, &plain, &all());
+    assert!(expected.contains(&"Provenance/prov3".to_owned()) && expected.contains(&"Provenance/prov1".to_owned()));
+    assert_eq!(associated(store, acme, &filtered, &all()), expected, "the filter does not narrow the cohort");
+    // With `_since`: o1 changed since, so an export sending it brings its unchanged Provenance,
+    // performer and the Provenance's agent; one whose filter leaves o1 out does not.
+    let since = store.reserve_transaction_time().unwrap();
+    let mut o1 = observation("o1", "a", 5);
+    o1["performer"] = json!([reference("Practitioner/pr5"), reference("Practitioner/missing")]);
+    put(store, acme, None, o1);
+    let plain = selection(store, &[("a", Some(since))], Some(since));
+    assert_eq!(
+        associated(store, acme, &plain, &all()),
+        ["Practitioner/pr5", "Practitioner/pr7", "Provenance/prov1"],
+        "the changed o1 forces what it reaches"
+    );
+    let filtered = MemberSelection { filters: nothing_kept(), ..plain };
+    assert!(associated(store, acme, &filtered, &all()).is_empty(), "o1 is not sent: it forces nothing");
 }

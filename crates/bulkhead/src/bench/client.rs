@@ -140,6 +140,19 @@ impl Client {
         self.export_from(&self.kick_off_url(group_id), encoding, concurrency).await
     }
 
+    /// [`Client::export`] of a kick-off with extra query parameters (URL-safe values).
+    pub async fn export_with(
+        &self,
+        group_id: &str,
+        encoding: Encoding,
+        concurrency: usize,
+        query: &[(&str, &str)],
+    ) -> anyhow::Result<ExportResult> {
+        let query: Vec<String> = query.iter().map(|(name, value)| format!("{name}={value}")).collect();
+        let url = format!("{}?{}", self.kick_off_url(group_id), query.join("&"));
+        self.export_from(&url, encoding, concurrency).await
+    }
+
     /// Manifest plus every output file of a kick-off URL (any level).
     pub async fn export_from(
         &self,

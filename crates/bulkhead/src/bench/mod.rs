@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use client::Client;
 use concurrency::MixedLoad;
 use measure::{peak_rss_during, Encoding, EncodingNotOffered};
-use report::{BenchReport, DatasetResult, GroupResult, ImportResult};
+use report::{BenchReport, ClosureCost, DatasetResult, GroupResult, ImportResult};
 use summary::ImportCounts;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// Files downloaded at once, per export.
     #[arg(long, default_value_t = 2)]
     pub concurrency: usize,
+    /// NDJSON exports per Group with and without referenced resources, alternated, for the
+    /// cost of self-contained exports (0 skips it).
+    #[arg(long, default_value_t = 3)]
+    pub closure_runs: usize,
     /// Resources sent with `POST /r4/$upload-ndjson` (into a tenant of their own; 0 skips it).
     #[arg(long, default_value_t = 200_000)]
     pub upload_resources: u64,
@@ -408,7 +412,30 @@ async fn bench_group(
             Err(error) => return Err(error),
         }
     }
-    Ok(GroupResult { members: members.len(), manifest, asynchronous, exports })
+    let closure = match args.closure_runs {
+        0 => None,
+        runs => Some(closure_cost(client, &group_id, args.concurrency, runs).await?),
+    };
+    Ok(GroupResult { members: members.len(), manifest, asynchronous, exports, closure })
+}
+
+/// The cost of referenced resources: `runs` NDJSON exports with them and `runs` without,
+/// alternated so drift in the machine's load hits both alike; medians.
+async fn closure_cost(client: &Client, group_id: &str, concurrency: usize, runs: usize) -> anyhow::Result<ClosureCost> {
+    let without = [("includeAssociatedData", "_noReferencedResources")];
+    let (mut with_runs, mut without_runs) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        with_runs.push(client.export_with(group_id, Encoding::Identity, concurrency, &[]).await?);
+        without_runs.push(client.export_with(group_id, Encoding::Identity, concurrency, &without).await?);
+    }
+    let median = |runs: &mut Vec<report::ExportResult>| {
+        runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+        let middle = &runs[runs.len() / 2];
+        (middle.resources, middle.seconds)
+    };
+    let (with_resources, with_seconds) = median(&mut with_runs);
+    let (without_resources, without_seconds) = median(&mut without_runs);
+    Ok(ClosureCost { runs, with_resources, with_seconds, without_resources, without_seconds })
 }
 
 /// A `bulkhead serve` child process on a free loopback port, stopped on drop.

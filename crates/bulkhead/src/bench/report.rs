@@ -40,6 +40,25 @@ pub struct GroupResult {
     pub manifest: Latency,
     pub asynchronous: AsyncLatency,
     pub exports: Vec<ExportResult>,
+    /// The cost of referenced resources (self-contained export) on the NDJSON export.
+    pub closure: Option<ClosureCost>,
+}
+
+/// Group export (NDJSON, end to end) with referenced resources (the default) and without them
+/// (`includeAssociatedData=_noReferencedResources`), runs alternated; medians.
+pub struct ClosureCost {
+    pub runs: usize,
+    pub with_resources: u64,
+    pub with_seconds: f64,
+    pub without_resources: u64,
+    pub without_seconds: f64,
+}
+
+impl ClosureCost {
+    /// Extra time of the export with referenced resources, in percent of the one without.
+    pub fn extra_percent(&self) -> f64 {
+        (self.with_seconds / self.without_seconds.max(1e-9) - 1.0) * 100.0
+    }
 }
 
 /// `bulkhead import` of the whole data set, as a child process.
@@ -162,10 +181,11 @@ fn print_dataset(dataset: &DatasetResult) {
         mib(import.peak_rss_bytes),
     );
     say!(
-        "{:>8} {:>9} {:>9} {:>8} {:>10} {:>11} {:>9} {:>8} {:>9} {:>10}",
+        "{:>8} {:>9} {:>9} {:>9} {:>8} {:>10} {:>11} {:>9} {:>8} {:>9} {:>10}",
         "members",
         "p50 ms",
         "p95 ms",
+        "first ms",
         "encoding",
         "resources",
         "res/s",
@@ -177,10 +197,11 @@ fn print_dataset(dataset: &DatasetResult) {
     for group in &dataset.groups {
         for export in &group.exports {
             say!(
-                "{:>8} {:>9.1} {:>9.1} {:>8} {:>10} {:>11.0} {:>9.1} {:>8.2} {:>9} {:>10.2}",
+                "{:>8} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>10} {:>11.0} {:>9.1} {:>8.2} {:>9} {:>10.2}",
                 group.members,
                 group.manifest.p50_ms,
                 group.manifest.p95_ms,
+                group.manifest.first_ms,
                 export.encoding.name(),
                 export.resources,
                 export.per_second(),
@@ -188,6 +209,20 @@ fn print_dataset(dataset: &DatasetResult) {
                 export.seconds,
                 mib(export.peak_rss_bytes),
                 export.client_cpu_share,
+            );
+        }
+    }
+    for group in &dataset.groups {
+        if let Some(closure) = &group.closure {
+            say!(
+                "referenced resources, {}-member Group (NDJSON, median of {}): with {} resources in {:.3} s, without {} in {:.3} s: {:+.1}% time",
+                group.members,
+                closure.runs,
+                closure.with_resources,
+                closure.with_seconds,
+                closure.without_resources,
+                closure.without_seconds,
+                closure.extra_percent()
             );
         }
     }
@@ -204,11 +239,12 @@ fn print_dataset(dataset: &DatasetResult) {
     }
     if let Some(since) = &dataset.since {
         say!(
-            "_since manifest, {}-member Group after {} writes: p50 {:.1} ms, p95 {:.1} ms, {} resources listed",
+            "_since manifest, {}-member Group after {} writes: p50 {:.1} ms, p95 {:.1} ms, first {:.1} ms, {} resources listed",
             since.members,
             since.writes,
             since.latency.p50_ms,
             since.latency.p95_ms,
+            since.latency.first_ms,
             since.resources
         );
     }
@@ -310,6 +346,7 @@ fn dataset_json(d: &DatasetResult) -> Value {
             "members": g.members,
             "manifest_p50_ms": g.manifest.p50_ms,
             "manifest_p95_ms": g.manifest.p95_ms,
+            "manifest_first_ms": g.manifest.first_ms,
             "async_kick_off_p50_ms": g.asynchronous.kick_off.p50_ms,
             "async_kick_off_p95_ms": g.asynchronous.kick_off.p95_ms,
             "async_complete_p50_ms": g.asynchronous.complete.p50_ms,
@@ -327,12 +364,21 @@ fn dataset_json(d: &DatasetResult) -> Value {
                 "server_peak_rss_bytes": e.peak_rss_bytes,
                 "client_cpu_share": e.client_cpu_share,
             })).collect::<Vec<_>>(),
+            "referenced_resources": g.closure.as_ref().map(|c| json!({
+                "runs": c.runs,
+                "with_resources": c.with_resources,
+                "with_seconds": c.with_seconds,
+                "without_resources": c.without_resources,
+                "without_seconds": c.without_seconds,
+                "extra_percent": c.extra_percent(),
+            })),
         })).collect::<Vec<_>>(),
         "since": d.since.as_ref().map(|s| json!({
             "members": s.members,
             "writes": s.writes,
             "manifest_p50_ms": s.latency.p50_ms,
             "manifest_p95_ms": s.latency.p95_ms,
+            "manifest_first_ms": s.latency.first_ms,
             "resources": s.resources,
         })),
         "system_export": d.system.as_ref().map(|s| json!({

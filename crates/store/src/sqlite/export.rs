@@ -4,43 +4,68 @@
 //! time names a member, and its version at that time exists, is not deleted, is visible, and was
 //! last updated after the member's `since` (the most permissive member wins) and before `until`.
 
-use bulkhead_fhir::Micros;
+use bulkhead_fhir::{resource_type_code, Micros};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{MemberSelection, PartRange, SelectionScope, StoreError, StoredResource, TenantId, Visibility};
 
 use super::resources::stored_from_row;
 
-/// Loads the members into this connection's temporary member table, unless it already holds
-/// exactly these members: the files of one export, downloaded one after another on pooled
-/// connections, then skip reloading thousands of rows each.
-pub(super) fn load_members(connection: &Connection, selection: &MemberSelection) -> Result<(), StoreError> {
+/// Loads the members into this connection's temporary member table, each with its patient key
+/// (NULL for an id no write has named yet), unless it already holds exactly these members: the
+/// files of one export, downloaded one after another on pooled connections, then skip reloading
+/// thousands of rows each. Keys created since the table was loaded (patient keys only grow) are
+/// filled in on reuse, so a reused table is as fresh as a reloaded one.
+pub(super) fn load_members(
+    connection: &Connection,
+    tenant: TenantId,
+    selection: &MemberSelection,
+) -> Result<(), StoreError> {
     connection.execute_batch(
-        "CREATE TEMP TABLE IF NOT EXISTS export_member (patient_id TEXT PRIMARY KEY, since INTEGER);
-         CREATE TEMP TABLE IF NOT EXISTS export_member_digest (digest BLOB NOT NULL);",
+        "CREATE TEMP TABLE IF NOT EXISTS export_member (patient_id TEXT PRIMARY KEY, since INTEGER, pkey INTEGER);
+         CREATE INDEX IF NOT EXISTS temp.export_member_by_pkey ON export_member (pkey);
+         CREATE TEMP TABLE IF NOT EXISTS export_member_digest (digest BLOB NOT NULL, max_pkey INTEGER NOT NULL);",
     )?;
-    let digest = members_digest(selection);
-    let loaded: Option<Vec<u8>> = connection
-        .prepare_cached("SELECT digest FROM temp.export_member_digest")?
-        .query_row([], |row| row.get(0))
+    let digest = members_digest(tenant, selection);
+    let max_pkey: i64 = connection
+        .prepare_cached("SELECT COALESCE(MAX(pkey), 0) FROM patient_keys")?
+        .query_row([], |row| row.get(0))?;
+    let loaded: Option<(Vec<u8>, i64)> = connection
+        .prepare_cached("SELECT digest, max_pkey FROM temp.export_member_digest")?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
-    if loaded.as_deref() == Some(digest.as_slice()) {
+    if let Some((_, loaded_max)) = loaded.filter(|(loaded, _)| *loaded == digest) {
+        if loaded_max < max_pkey {
+            connection
+                .prepare_cached(
+                    "UPDATE temp.export_member SET pkey = (SELECT p.pkey FROM patient_keys p
+                         WHERE p.tenant_id = ?1 AND p.patient_id = temp.export_member.patient_id)
+                     WHERE pkey IS NULL",
+                )?
+                .execute([tenant.0])?;
+            connection.prepare_cached("UPDATE temp.export_member_digest SET max_pkey = ?1")?.execute([max_pkey])?;
+        }
         return Ok(());
     }
     connection.execute_batch("DELETE FROM temp.export_member; DELETE FROM temp.export_member_digest;")?;
-    let mut insert =
-        connection.prepare_cached("INSERT OR IGNORE INTO temp.export_member (patient_id, since) VALUES (?1, ?2)")?;
+    let mut insert = connection.prepare_cached(
+        "INSERT OR IGNORE INTO temp.export_member (patient_id, since, pkey)
+         VALUES (?1, ?2, (SELECT pkey FROM patient_keys WHERE tenant_id = ?3 AND patient_id = ?1))",
+    )?;
     for (patient, since) in &selection.members {
-        insert.execute(params![patient, since])?;
+        insert.execute(params![patient, since, tenant.0])?;
     }
-    connection.prepare_cached("INSERT INTO temp.export_member_digest (digest) VALUES (?1)")?.execute([&digest[..]])?;
+    connection
+        .prepare_cached("INSERT INTO temp.export_member_digest (digest, max_pkey) VALUES (?1, ?2)")?
+        .execute(params![&digest[..], max_pkey])?;
     Ok(())
 }
 
 /// SHA-256 of the member list and each member's `since`: equal digests mean equal tables.
-fn members_digest(selection: &MemberSelection) -> [u8; 32] {
+fn members_digest(tenant: TenantId, selection: &MemberSelection) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
+    hasher.update(tenant.0.to_le_bytes());
     for (patient, since) in &selection.members {
         hasher.update((patient.len() as u64).to_le_bytes());
         hasher.update(patient.as_bytes());
@@ -54,24 +79,24 @@ fn members_digest(selection: &MemberSelection) -> [u8; 32] {
 
 /// The version of one resource (by key) as it was at the transaction time.
 pub(super) struct VersionAt {
-    last_updated: Micros,
-    deleted: bool,
+    pub(super) last_updated: Micros,
+    pub(super) deleted: bool,
     /// The caller may see it (its owner matches a user-scoped selection).
-    visible: bool,
+    pub(super) visible: bool,
 }
 
 /// Which members a candidate resource was found through.
 #[derive(Clone, Copy)]
 pub(super) struct Reach {
     /// Some member gets its full history (added to the Group since `_since`).
-    full_history: bool,
+    pub(super) full_history: bool,
     /// The smallest `since` among the other members, if any.
-    existing_since: Option<Micros>,
+    pub(super) existing_since: Option<Micros>,
 }
 
 impl Reach {
     /// The lower bound on `lastUpdated` that applies (`None`: none).
-    fn since(self) -> Option<Micros> {
+    pub(super) fn since(self) -> Option<Micros> {
         if self.full_history {
             None
         } else {
@@ -79,7 +104,7 @@ impl Reach {
         }
     }
 
-    fn merge(self, other: Reach) -> Reach {
+    pub(super) fn merge(self, other: Reach) -> Reach {
         let existing_since = match (self.existing_since, other.existing_since) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -118,13 +143,15 @@ fn candidates(
     }
     let at = selection.transaction_time;
     let user = selection.visibility.user();
+    let Some(code) = resource_type_code(resource_type) else { return Ok(Vec::new()) };
     let mut statement = connection.prepare_cached(
         "SELECT c.rid, m.since IS NULL, m.since, c.last_updated, c.deleted, c.owner, c.to_ts IS NOT NULL
          FROM temp.export_member m
-         CROSS JOIN compartment c ON c.tenant_id = ?1 AND c.patient_id = m.patient_id AND c.resource_type = ?2
-         WHERE c.rid BETWEEN ?3 AND ?4 AND c.from_ts <= ?5 AND (c.to_ts IS NULL OR c.to_ts > ?5)",
+         CROSS JOIN compartment c ON c.pkey = m.pkey AND c.type_code = ?2
+         WHERE c.rid BETWEEN ?3 AND ?4 AND c.from_ts <= ?5 AND (c.to_ts IS NULL OR c.to_ts > ?5)
+           AND c.tenant_id = ?1",
     )?;
-    let mut rows = statement.query(params![tenant.0, resource_type, first_key, last_key, at])?;
+    let mut rows = statement.query(params![tenant.0, code, first_key, last_key, at])?;
     let mut found: Vec<Candidate> = Vec::new();
     while let Some(row) = rows.next()? {
         let last_updated: Micros = row.get(3)?;
@@ -216,7 +243,9 @@ pub(super) fn type_span(
 /// A resource whose version at the transaction time passed the selection.
 pub(super) struct Chosen {
     pub(super) rid: i64,
-    version: VersionAt,
+    /// Which members it was found through.
+    pub(super) reach: Reach,
+    pub(super) version: VersionAt,
     /// The history version holding that version's body; 0 when it was the current row then.
     pub(super) history_version: i64,
 }
@@ -271,7 +300,7 @@ pub(super) fn select_window(
         if select(candidate.reach, &version)
             && (!filtered || filter_matches(connection, selection, resource_type, candidate.rid, history_version)?)
         {
-            chosen.push(Chosen { rid: candidate.rid, version, history_version });
+            chosen.push(Chosen { rid: candidate.rid, reach: candidate.reach, version, history_version });
         }
     }
     Ok(chosen)
@@ -280,7 +309,7 @@ pub(super) fn select_window(
 /// Whether the version of `rid` held by the current row (`history_version` 0) or by that history
 /// version matches the selection's `_typeFilter` for its type. Versions never change, so the
 /// plan's counts and the download's lines agree.
-fn filter_matches(
+pub(super) fn filter_matches(
     connection: &Connection,
     selection: &MemberSelection,
     resource_type: &str,
@@ -383,7 +412,7 @@ pub(super) fn deleted_in_compartments(
     resource_type: &str,
 ) -> Result<Vec<(String, Micros)>, StoreError> {
     let Some(since) = selection.since else { return Ok(Vec::new()) };
-    load_members(connection, selection)?;
+    load_members(connection, tenant, selection)?;
     let mut id_of = connection.prepare_cached("SELECT id FROM resources WHERE rid = ?1")?;
     let mut deleted: Vec<(i64, Micros)> = Vec::new();
     // Members added since `_since` never received the resource, so only members that could have
@@ -431,22 +460,23 @@ fn left_the_cohort(
 ) -> Result<Vec<(i64, Micros)>, StoreError> {
     let at = selection.transaction_time;
     let user = selection.visibility.user();
+    let Some(code) = resource_type_code(resource_type) else { return Ok(Vec::new()) };
     let mut moved = connection.prepare_cached(
         // CROSS JOIN: the closed rows drive (through their partial index), not the members.
         "SELECT DISTINCT c.rid, c.owner FROM compartment c
-         CROSS JOIN temp.export_member m ON m.patient_id = c.patient_id AND m.since IS NOT NULL
-         WHERE c.tenant_id = ?1 AND c.resource_type = ?2 AND c.to_ts IS NOT NULL AND c.to_ts > ?3 AND c.to_ts <= ?4
+         CROSS JOIN temp.export_member m ON m.pkey = c.pkey AND m.since IS NOT NULL
+         WHERE c.tenant_id = ?1 AND c.type_code = ?2 AND c.to_ts IS NOT NULL AND c.to_ts > ?3 AND c.to_ts <= ?4
            AND c.from_ts <= ?3",
     )?;
     let candidates: Vec<(i64, Option<String>)> = moved
-        .query_map(params![tenant.0, resource_type, since, at], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .query_map(params![tenant.0, code, since, at], |row| Ok((row.get(0)?, row.get(1)?)))?
         .collect::<Result<_, _>>()?;
     // Rows of the resource valid at the transaction time that name a member (open ones, or ones
     // closed after it).
     let mut in_cohort_at = connection.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM compartment c CROSS JOIN temp.export_member m ON m.patient_id = c.patient_id
+        "SELECT EXISTS (SELECT 1 FROM compartment c CROSS JOIN temp.export_member m ON m.pkey = c.pkey
                         WHERE c.rid = ?1 AND c.to_ts IS NULL AND c.from_ts <= ?2)
-             OR EXISTS (SELECT 1 FROM compartment c CROSS JOIN temp.export_member m ON m.patient_id = c.patient_id
+             OR EXISTS (SELECT 1 FROM compartment c CROSS JOIN temp.export_member m ON m.pkey = c.pkey
                         WHERE c.rid = ?1 AND c.to_ts IS NOT NULL AND c.to_ts > ?2 AND c.from_ts <= ?2)",
     )?;
     let mut left = Vec::new();
@@ -521,9 +551,10 @@ pub(super) fn members_at(
     at: Micros,
 ) -> Result<Vec<String>, StoreError> {
     let mut statement = connection.prepare_cached(
-        "SELECT DISTINCT patient_id FROM group_membership
-         WHERE tenant_id = ?1 AND group_id = ?2 AND added_at <= ?3 AND (removed_at IS NULL OR removed_at > ?3)
-         ORDER BY patient_id",
+        "SELECT DISTINCT p.patient_id FROM group_membership g JOIN patient_keys p ON p.pkey = g.pkey
+         WHERE g.group_rid = (SELECT rid FROM resources WHERE tenant_id = ?1 AND resource_type = 'Group' AND id = ?2)
+           AND g.tenant_id = ?1 AND g.added_at <= ?3 AND (g.removed_at IS NULL OR g.removed_at > ?3)
+         ORDER BY p.patient_id",
     )?;
     let members = statement.query_map(params![tenant.0, group_id, at], |row| row.get(0))?.collect::<Result<_, _>>()?;
     Ok(members)

@@ -97,6 +97,19 @@ pub(super) fn delete_expired_export_jobs(connection: &Connection, now: Micros) -
     Ok(statement.execute([now])? as u64)
 }
 
+pub(super) fn expired_export_jobs(
+    connection: &Connection,
+    now: Micros,
+    limit: usize,
+) -> Result<Vec<(TenantId, String)>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT tenant_id, job_id FROM export_jobs WHERE expires <= ?1 ORDER BY expires, tenant_id, job_id LIMIT ?2",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = statement.query_map(params![now, limit], |row| Ok((TenantId(row.get(0)?), row.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 pub(super) fn create_export_record(
     connection: &Connection,
     tenant: TenantId,
@@ -131,7 +144,10 @@ pub(super) fn export_record(
 
 pub(super) fn delete_expired_export_records(connection: &Connection, now: Micros) -> Result<u64, StoreError> {
     let mut statement = connection.prepare_cached("DELETE FROM export_records WHERE expires <= ?1")?;
-    Ok(statement.execute([now])? as u64)
+    let swept = statement.execute([now])? as u64;
+    // The associated sets of those exports expire with them.
+    connection.prepare_cached("DELETE FROM export_associated WHERE expires <= ?1")?.execute([now])?;
+    Ok(swept)
 }
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<ExportJob> {

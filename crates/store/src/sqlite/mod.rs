@@ -1,10 +1,14 @@
 //! The embedded SQLite store (WAL mode): one writer connection, a small pool of readers.
 
 mod admin;
+mod associated;
+mod audit;
 pub mod backup;
 mod export;
 mod jobs;
+mod migrate;
 mod part_reader;
+mod plan_cache;
 mod resources;
 mod retention;
 
@@ -15,9 +19,9 @@ use bulkhead_fhir::{now_micros, Micros};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::{
-    ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader,
-    PruneReport, SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility,
-    WriteMode, WriteOp, Written,
+    AssociatedRequest, AuditQuery, AuditRecord, AuditRecords, ClientRecord, ClientRegistration, ExportJob,
+    ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, PruneReport, SearchPage, SearchQuery,
+    StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -59,7 +63,10 @@ pub struct SqliteStore {
     readers: Mutex<Vec<Connection>>,
     path: std::path::PathBuf,
     options: SqliteOptions,
+    plans: plan_cache::PlanCache,
 }
+
+pub use plan_cache::PlanCacheStats;
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and applies the schema.
@@ -68,14 +75,81 @@ impl SqliteStore {
     }
 
     pub fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
-        let writer = open_connection(path, options.writer_cache_mib)?;
+        let mut writer = open_connection(path, options.writer_cache_mib)?;
+        migrate::migrate_v1_to_v2(&mut writer, SCHEMA)?;
         writer.execute_batch(SCHEMA)?;
         jobs::migrate(&writer)?;
+        associated::migrate(&mut writer)?;
         if let Some(pages) = options.max_page_count {
             // Per connection; only the writer grows the file.
             writer.pragma_update(None, "max_page_count", pages)?;
         }
-        Ok(SqliteStore { writer: Mutex::new(writer), readers: Mutex::new(Vec::new()), path: path.to_owned(), options })
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            path: path.to_owned(),
+            options,
+            plans: plan_cache::PlanCache::default(),
+        })
+    }
+
+    /// How often export plans and `deleted[]` lists were answered from the plan cache.
+    pub fn plan_cache_stats(&self) -> PlanCacheStats {
+        self.plans.stats()
+    }
+
+    /// Whether a result computed at `planned_at` for `selection`'s members is still exact.
+    fn members_unchanged_since(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        planned_at: Micros,
+    ) -> Result<bool, StoreError> {
+        self.with_snapshot(|connection| {
+            export::load_members(connection, tenant, selection)?;
+            plan_cache::members_unchanged_since(connection, planned_at)
+        })
+    }
+
+    /// [`crate::Store::plan_parts`], computed.
+    fn compute_plan(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        resource_types: &[String],
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
+        // Types are planned on several connections at once, one per core. A type's plan depends
+        // only on the transaction time, so the workers' snapshots agree.
+        let next_type = std::sync::atomic::AtomicUsize::new(0);
+        let worker = || {
+            self.with_snapshot(|connection| {
+                export::load_members(connection, tenant, selection)?;
+                let mut planned = Vec::new();
+                loop {
+                    let index = next_type.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(resource_type) = resource_types.get(index) else { return Ok(planned) };
+                    planned.push((index, export::plan_type(connection, tenant, selection, resource_type, part_size)?));
+                }
+            })
+        };
+        let workers = std::thread::available_parallelism().map_or(1, |cores| cores.get()).clamp(1, 4);
+        let mut planned = std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(worker)).collect();
+            let mut planned = worker()?;
+            for helper in helpers {
+                let helped =
+                    helper.join().map_err(|_| StoreError::Database("export planning thread panicked".into()))?;
+                planned.extend(helped?);
+            }
+            Ok::<_, StoreError>(planned)
+        })?;
+        planned.sort_unstable_by_key(|(index, _)| *index);
+        Ok(planned
+            .into_iter()
+            .filter(|(_, parts)| !parts.is_empty())
+            .map(|(index, parts)| (resource_types[index].clone(), parts))
+            .collect())
     }
 
     /// Copies the WAL back into the database and truncates it when it has grown past
@@ -230,12 +304,13 @@ impl crate::Store for SqliteStore {
         self.with_write(|transaction, _| admin::record_assertion_jti(transaction, tenant, client_id, jti, expires, now))
     }
 
-    fn write(
+    fn write_audited(
         &self,
         tenant: TenantId,
         owner: Option<&str>,
         ops: &[WriteOp],
         mode: WriteMode,
+        audit_records: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
         self.with_write(|transaction, timestamp| {
             let mut results = Vec::with_capacity(ops.len());
@@ -264,6 +339,7 @@ impl crate::Store for SqliteStore {
                     }
                 }
             }
+            audit::append(transaction, &audit_records(&results))?;
             Ok(results)
         })
     }
@@ -339,37 +415,19 @@ impl crate::Store for SqliteStore {
         resource_types: &[String],
         part_size: u64,
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
-        // Types are planned on several connections at once, one per core. A type's plan depends
-        // only on the transaction time, so the workers' snapshots agree.
-        let next_type = std::sync::atomic::AtomicUsize::new(0);
-        let worker = || {
-            self.with_snapshot(|connection| {
-                export::load_members(connection, selection)?;
-                let mut planned = Vec::new();
-                loop {
-                    let index = next_type.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(resource_type) = resource_types.get(index) else { return Ok(planned) };
-                    planned.push((index, export::plan_type(connection, tenant, selection, resource_type, part_size)?));
-                }
-            })
-        };
-        let workers = std::thread::available_parallelism().map_or(1, |cores| cores.get()).clamp(1, 4);
-        let mut planned = std::thread::scope(|scope| {
-            let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(worker)).collect();
-            let mut planned = worker()?;
-            for helper in helpers {
-                let helped =
-                    helper.join().map_err(|_| StoreError::Database("export planning thread panicked".into()))?;
-                planned.extend(helped?);
-            }
-            Ok::<_, StoreError>(planned)
-        })?;
-        planned.sort_unstable_by_key(|(index, _)| *index);
-        Ok(planned
-            .into_iter()
-            .filter(|(_, parts)| !parts.is_empty())
-            .map(|(index, parts)| (resource_types[index].clone(), parts))
-            .collect())
+        // A plan of the same request at an earlier time is this plan while no member's
+        // compartment changed since (see `plan_cache`).
+        if selection.scope != crate::SelectionScope::Members {
+            return self.compute_plan(tenant, selection, resource_types, part_size);
+        }
+        let key = plan_cache::key(tenant, selection, "parts", resource_types, part_size);
+        let plan = self.plans.plan(
+            key,
+            selection.transaction_time,
+            |planned_at| self.members_unchanged_since(tenant, selection, planned_at),
+            || self.compute_plan(tenant, selection, resource_types, part_size),
+        )?;
+        Ok(plan.as_ref().clone())
     }
 
     fn part_reader<'a>(
@@ -388,9 +446,63 @@ impl crate::Store for SqliteStore {
         selection: &MemberSelection,
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError> {
-        self.with_snapshot(|connection| export::deleted_in_compartments(connection, tenant, selection, resource_type))
+        if selection.scope != crate::SelectionScope::Members {
+            return self.with_snapshot(|connection| {
+                export::deleted_in_compartments(connection, tenant, selection, resource_type)
+            });
+        }
+        let key = plan_cache::key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
+        let deleted = self.plans.deleted(
+            key,
+            selection.transaction_time,
+            |planned_at| self.members_unchanged_since(tenant, selection, planned_at),
+            || {
+                self.with_snapshot(|connection| {
+                    export::deleted_in_compartments(connection, tenant, selection, resource_type)
+                })
+            },
+        )?;
+        Ok(deleted.as_ref().clone())
     }
 
+    fn plan_associated(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        request: &AssociatedRequest,
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
+        self.plan_associated_set(tenant, selection, request, part_size)
+    }
+
+    fn associated_reader<'a>(
+        &'a self,
+        tenant: TenantId,
+        selection: &'a MemberSelection,
+        set_id: &'a str,
+        resource_type: &'a str,
+        range: PartRange,
+    ) -> Box<dyn PartReader + 'a> {
+        Box::new(associated::AssociatedPartReader {
+            store: self,
+            tenant,
+            selection,
+            set_id,
+            resource_type,
+            next_key: (range.first_key <= range.last_key).then_some(range.first_key),
+            last_key: range.last_key,
+        })
+    }
+
+    fn associated_ids(
+        &self,
+        tenant: TenantId,
+        set_id: &str,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        self.with_read(|connection| associated::associated_ids(connection, tenant, set_id, resource_type, ids))
+    }
     fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError> {
         self.with_snapshot(|connection| {
             let ids: Vec<String> = connection
@@ -402,6 +514,7 @@ impl crate::Store for SqliteStore {
             export::existing_at(connection, tenant, visibility, "Patient", &ids, at)
         })
     }
+
     fn create_export_job(&self, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {
         self.with_write(|transaction, _| jobs::create_export_job(transaction, tenant, job))
     }
@@ -428,6 +541,10 @@ impl crate::Store for SqliteStore {
         self.with_write(|transaction, _| jobs::delete_expired_export_jobs(transaction, now))
     }
 
+    fn expired_export_jobs(&self, now: Micros, limit: usize) -> Result<Vec<(TenantId, String)>, StoreError> {
+        self.with_read(|connection| jobs::expired_export_jobs(connection, now, limit))
+    }
+
     fn create_export_record(&self, tenant: TenantId, record: &ExportRecord) -> Result<(), StoreError> {
         self.with_write(|transaction, _| jobs::create_export_record(transaction, tenant, record))
     }
@@ -438,6 +555,18 @@ impl crate::Store for SqliteStore {
 
     fn delete_expired_export_records(&self, now: Micros) -> Result<u64, StoreError> {
         self.with_write(|transaction, _| jobs::delete_expired_export_records(transaction, now))
+    }
+
+    fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        self.with_write(|transaction, _| audit::append(transaction, records))
+    }
+
+    fn audit_records(&self, tenant: TenantId, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.with_snapshot(|connection| audit::records(connection, tenant, query))
+    }
+
+    fn prune_audit(&self, before: Micros) -> Result<u64, StoreError> {
+        self.with_write(|transaction, _| audit::prune(transaction, before))
     }
 
     fn check_writable(&self, min_free_bytes: u64) -> Result<(), StoreError> {
@@ -547,6 +676,223 @@ mod tests {
             connection.execute_batch("PRAGMA page_size = 4096; PRAGMA journal_mode = WAL;").unwrap();
         }
         assert_eq!(page_size(&super::SqliteStore::open(&old).unwrap()).unwrap(), 4096);
+    }
+
+    /// A repeated plan is answered from the plan cache only while no member's compartment
+    /// changed since it was computed: writes elsewhere keep it, every kind of write to a member's
+    /// compartment (new resource, update, moving out, deletion, a first resource of a member that
+    /// had none) replaces it, and an earlier transaction time never gets a later plan.
+    #[test]
+    fn plans_are_reused_exactly_while_the_members_compartments_are_unchanged() {
+        use crate::{MemberSelection, Store, Visibility, WriteMode, WriteOp};
+        let store = fresh_store();
+        let tenant = store.create_tenant("t").unwrap().id;
+        let put = |id: &str, patient: &str| {
+            let body = serde_json::json!({"resourceType": "Observation", "id": id,
+                                          "subject": {"reference": format!("Patient/{patient}")}});
+            let op = WriteOp::Update { resource_type: "Observation".into(), id: id.into(), body, if_match: None };
+            store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+        };
+        let delete = |id: &str| {
+            let op = WriteOp::Delete { resource_type: "Observation".into(), id: id.into() };
+            store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+        };
+        // Members a and z (z has no data yet); c is not a member.
+        let selection_at = |at| MemberSelection {
+            members: vec![("a".into(), None), ("z".into(), None)],
+            since: None,
+            until: None,
+            transaction_time: at,
+            visibility: Visibility::Tenant,
+            scope: Default::default(),
+            filters: Default::default(),
+        };
+        let count = |at| -> u64 {
+            let plan = store.plan_parts(tenant, &selection_at(at), &["Observation".to_owned()], 100).unwrap();
+            plan.iter().flat_map(|(_, parts)| parts).map(|part| part.count).sum()
+        };
+        let hits = || store.plan_cache_stats().hits;
+
+        put("o1", "a");
+        let first = store.reserve_transaction_time().unwrap();
+        assert_eq!(count(first), 1);
+        assert_eq!(hits(), 0);
+        put("o2", "c");
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 1);
+        assert_eq!(hits(), 1, "a write outside the members' compartments keeps the plan");
+
+        put("o3", "a");
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 2, "a new resource of a member");
+        assert_eq!(hits(), 1);
+        assert_eq!(count(first), 1, "an earlier transaction time is planned as of then");
+        put("o2", "a");
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 3, "moved into a member's compartment");
+        put("o2", "c");
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 2, "moved out");
+        delete("o3");
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 1, "deleted");
+        put("o4", "z");
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 2, "the first resource of a member");
+        let misses = store.plan_cache_stats().misses;
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), 2);
+        assert_eq!(store.plan_cache_stats().misses, misses, "and then the plan is reused again");
+
+        // `deleted[]` follows the same rule.
+        let since = store.reserve_transaction_time().unwrap();
+        let deleted = |at| {
+            let selection =
+                MemberSelection { members: vec![("a".into(), Some(since))], since: Some(since), ..selection_at(at) };
+            store.deleted_in_compartments(tenant, &selection, "Observation").unwrap().len()
+        };
+        assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 0);
+        put("o5", "c");
+        let before = hits();
+        assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 0);
+        assert_eq!(hits(), before + 1);
+        delete("o1");
+        assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 1, "a member's deletion is listed");
+
+        // A `_since` manifest asks for every type's list and the plan: all of them stay cached
+        // together, so the next one is answered from the cache throughout.
+        let types: Vec<String> =
+            bulkhead_fhir::compartment::compartment_types().iter().map(|name| name.to_string()).collect();
+        let since_manifest = |at| {
+            let selection =
+                MemberSelection { members: vec![("a".into(), Some(since))], since: Some(since), ..selection_at(at) };
+            for resource_type in &types {
+                store.deleted_in_compartments(tenant, &selection, resource_type).unwrap();
+            }
+            store.plan_parts(tenant, &selection, &types, 100).unwrap();
+        };
+        since_manifest(store.reserve_transaction_time().unwrap());
+        let before = hits();
+        since_manifest(store.reserve_transaction_time().unwrap());
+        assert_eq!(hits(), before + types.len() as u64 + 1, "every list and the plan reused");
+    }
+
+    /// A database from before the reference index gets it on open, backfilled from every stored
+    /// version: the same rows the write path keeps (so exports as of earlier transaction times
+    /// stay exact), and the same associated data at each of those times.
+    #[test]
+    fn an_old_database_gets_its_reference_index_backfilled() {
+        use crate::{
+            AssociatedRequest, MemberSelection, ProvenanceSelection, ReferencedTypes, Store, Visibility, WriteMode,
+            WriteOp,
+        };
+        use serde_json::json;
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("old.db");
+        let store = super::SqliteStore::open(&path).unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        let put = |body: serde_json::Value| {
+            let (resource_type, id) =
+                (body["resourceType"].as_str().unwrap().to_owned(), body["id"].as_str().unwrap().to_owned());
+            let op = WriteOp::Update { resource_type, id, body, if_match: None };
+            store.write(tenant, None, &[op], WriteMode::Transaction).unwrap();
+        };
+        let encounter = |practitioner: &str| {
+            json!({"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "AMB"},
+                   "subject": {"reference": "Patient/a"},
+                   "participant": [{"individual": {"reference": format!("Practitioner/{practitioner}")}}]})
+        };
+        put(json!({"resourceType": "Patient", "id": "a"}));
+        for id in ["pr1", "pr2", "pr3"] {
+            put(json!({"resourceType": "Practitioner", "id": id}));
+        }
+        put(encounter("pr1"));
+        put(json!({"resourceType": "Provenance", "id": "v", "target": [{"reference": "Encounter/e1"}],
+                   "recorded": "2020-01-01T00:00:00Z", "agent": [{"who": {"reference": "Practitioner/pr3"}}]}));
+        let first = store.reserve_transaction_time().unwrap();
+        put(encounter("pr2"));
+        store
+            .write(
+                tenant,
+                None,
+                &[WriteOp::Delete { resource_type: "Provenance".into(), id: "v".into() }],
+                WriteMode::Transaction,
+            )
+            .unwrap();
+        let second = store.reserve_transaction_time().unwrap();
+        // Two versions in one transaction, and a resurrection.
+        let twice = [encounter("pr3"), encounter("pr1")].map(|body| WriteOp::Update {
+            resource_type: "Encounter".into(),
+            id: "e1".into(),
+            body,
+            if_match: None,
+        });
+        store.write(tenant, None, &twice, WriteMode::Transaction).unwrap();
+        put(json!({"resourceType": "Provenance", "id": "v", "target": [{"reference": "Patient/a"}],
+                   "recorded": "2020-01-01T00:00:00Z", "agent": [{"who": {"reference": "Practitioner/pr2"}}]}));
+        let third = store.reserve_transaction_time().unwrap();
+        let set = std::cell::Cell::new(0);
+        let associated_at = |store: &super::SqliteStore, at| {
+            set.set(set.get() + 1);
+            let selection = MemberSelection {
+                members: vec![("a".into(), None)],
+                since: None,
+                until: None,
+                transaction_time: at,
+                visibility: Visibility::Tenant,
+                scope: crate::SelectionScope::Members,
+                filters: Default::default(),
+            };
+            let sources = vec!["Patient".to_owned(), "Encounter".to_owned()];
+            let request = AssociatedRequest {
+                set_id: format!("s{}", set.get()),
+                expires: i64::MAX,
+                provenance: ProvenanceSelection::Relevant,
+                provenance_sources: sources.clone(),
+                referenced: ReferencedTypes::All,
+                reference_sources: sources,
+                depth: 2,
+            };
+            let planned = store.plan_associated(tenant, &selection, &request, 100).unwrap();
+            planned.into_iter().map(|(resource_type, parts)| (resource_type, parts[0].count)).collect::<Vec<_>>()
+        };
+        let rows = |store: &super::SqliteStore| {
+            store
+                .with_read(|connection| {
+                    let mut statement = connection.prepare(
+                        "SELECT rid, provenance_target, target_type, target_id, from_ts, to_ts, tenant_id
+                         FROM reference_index ORDER BY 1, 2, 3, 4, 5",
+                    )?;
+                    let rows = statement
+                        .query_map([], |row| {
+                            Ok(format!(
+                                "{:?}",
+                                (
+                                    row.get::<_, i64>(0)?,
+                                    row.get::<_, bool>(1)?,
+                                    row.get::<_, String>(2)?,
+                                    row.get::<_, String>(3)?,
+                                    row.get::<_, i64>(4)?,
+                                    row.get::<_, Option<i64>>(5)?,
+                                    row.get::<_, i64>(6)?
+                                )
+                            ))
+                        })?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(rows)
+                })
+                .unwrap()
+        };
+        let kept = rows(&store);
+        let expected: Vec<_> = [first, second, third].iter().map(|at| associated_at(&store, *at)).collect();
+        assert_eq!(expected[0], [("Practitioner".to_owned(), 2), ("Provenance".to_owned(), 1)], "pr1, pr3 and v");
+        assert_eq!(expected[1], [("Practitioner".to_owned(), 1)], "pr2; v deleted");
+        assert_eq!(expected[2], [("Practitioner".to_owned(), 2), ("Provenance".to_owned(), 1)], "pr1, pr2 and v");
+        drop(store);
+        {
+            let connection = rusqlite::Connection::open(&path).unwrap();
+            connection.execute_batch("DROP TABLE reference_index; DROP TABLE export_associated;").unwrap();
+        }
+        let reopened = super::SqliteStore::open(&path).unwrap();
+        assert_eq!(rows(&reopened), kept, "the backfill rebuilds exactly the rows the writes kept");
+        let rebuilt: Vec<_> = [first, second, third].iter().map(|at| associated_at(&reopened, *at)).collect();
+        assert_eq!(rebuilt, expected);
+        drop(reopened);
+        // Opening again changes nothing.
+        assert_eq!(rows(&super::SqliteStore::open(&path).unwrap()), kept);
     }
 
     /// SQLITE_FULL (a full disk, or the page cap reached) is `StorageFull`, and a batch stops

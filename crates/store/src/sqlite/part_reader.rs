@@ -65,7 +65,7 @@ impl<'a> SqlitePartReader<'a> {
         }
         let Some(mut start) = self.unresolved else { return Ok(()) };
         let selection = self.selection;
-        load_members(connection, selection)?;
+        load_members(connection, self.tenant, selection)?;
         let select = |reach, version: &VersionAt| selected(selection, reach, version);
         loop {
             let end = start.saturating_add(WINDOW - 1).min(self.last_key);

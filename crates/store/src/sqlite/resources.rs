@@ -1,7 +1,7 @@
 //! Versioned resources: writes (with the compartment index, search tokens and Group membership
 //! history kept in step), reads, history and search.
 
-use bulkhead_fhir::{compartment::patient_compartments_of, Micros};
+use bulkhead_fhir::{compartment::patient_compartments_of, resource_type_code, Micros};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, ToSql, Transaction};
 use serde_json::Value;
 
@@ -164,10 +164,11 @@ fn put(
     let patients = patient_compartments_of(resource_type, id, body);
     sync_compartments(transaction, tenant, resource_type, rid, patients, stored_owner, timestamp, is_new_row)?;
     sync_search_tokens(transaction, tenant, resource_type, rid, body, is_new_row)?;
+    super::associated::sync_references(transaction, tenant, resource_type, rid, body, timestamp, is_new_row)?;
     if resource_type == "Group" {
         let members =
             group_members(&text, timestamp).map_err(|error| StoreError::Invalid(format!("Group.member: {error}")))?;
-        sync_group_membership(transaction, tenant, id, &members, timestamp)?;
+        sync_group_membership(transaction, tenant, rid, &members, timestamp)?;
     }
     Ok(Written {
         resource_type: resource_type.to_owned(),
@@ -214,12 +215,19 @@ fn delete(
         )?
         .execute(params![existing.rid, written.version, timestamp])?;
     // Compartment rows stay open, marked deleted: deletions are found through them for `deleted[]`.
-    transaction
-        .prepare_cached("UPDATE compartment SET last_updated = ?2, deleted = 1 WHERE rid = ?1 AND to_ts IS NULL")?
-        .execute(params![existing.rid, timestamp])?;
+    let patients: Vec<i64> = transaction
+        .prepare_cached(
+            "UPDATE compartment SET last_updated = ?2, deleted = 1 WHERE rid = ?1 AND to_ts IS NULL RETURNING pkey",
+        )?
+        .query_map(params![existing.rid, timestamp], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    for pkey in patients {
+        mark_patient_changed(transaction, pkey, timestamp)?;
+    }
     transaction.prepare_cached("DELETE FROM search_token WHERE rid = ?1")?.execute([existing.rid])?;
+    super::associated::close_references(transaction, existing.rid, timestamp)?;
     if resource_type == "Group" {
-        sync_group_membership(transaction, tenant, id, &[], timestamp)?;
+        sync_group_membership(transaction, tenant, existing.rid, &[], timestamp)?;
     }
     Ok(written)
 }
@@ -232,6 +240,55 @@ fn archive_current(transaction: &Transaction<'_>, rid: i64) -> Result<(), StoreE
         )?
         .execute([rid])?;
     Ok(())
+}
+
+/// The index code of a resource type (its position in the R4 list): a type outside R4 cannot be
+/// indexed.
+pub(super) fn type_code(resource_type: &str) -> Result<i64, StoreError> {
+    resource_type_code(resource_type)
+        .ok_or_else(|| StoreError::Invalid(format!("'{resource_type}' is not an R4 resource type")))
+}
+
+/// The tenant's key of a patient id, created on first mention, with its `changed_at` raised to
+/// `timestamp`: every write that touches a patient's compartment rows passes through here or
+/// [`mark_patient_changed`].
+fn touch_patient(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    patient: &str,
+    timestamp: Micros,
+) -> Result<i64, StoreError> {
+    let pkey = transaction
+        .prepare_cached(
+            "INSERT INTO patient_keys (tenant_id, patient_id, changed_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (tenant_id, patient_id) DO UPDATE SET changed_at = MAX(changed_at, excluded.changed_at)
+             RETURNING pkey",
+        )?
+        .query_row(params![tenant.0, patient, timestamp], |row| row.get(0))?;
+    Ok(pkey)
+}
+
+/// Raises a patient's `changed_at` to `timestamp` (a compartment row of theirs changed).
+fn mark_patient_changed(transaction: &Transaction<'_>, pkey: i64, timestamp: Micros) -> Result<(), StoreError> {
+    transaction
+        .prepare_cached("UPDATE patient_keys SET changed_at = MAX(changed_at, ?2) WHERE pkey = ?1")?
+        .execute(params![pkey, timestamp])?;
+    Ok(())
+}
+
+/// The tenant's key of a patient id, created on first mention; no compartment row changes.
+fn patient_key(transaction: &Transaction<'_>, tenant: TenantId, patient: &str) -> Result<i64, StoreError> {
+    let found: Option<i64> = transaction
+        .prepare_cached("SELECT pkey FROM patient_keys WHERE tenant_id = ?1 AND patient_id = ?2")?
+        .query_row(params![tenant.0, patient], |row| row.get(0))
+        .optional()?;
+    if let Some(pkey) = found {
+        return Ok(pkey);
+    }
+    transaction
+        .prepare_cached("INSERT INTO patient_keys (tenant_id, patient_id) VALUES (?1, ?2)")?
+        .execute(params![tenant.0, patient])?;
+    Ok(transaction.last_insert_rowid())
 }
 
 /// Closes compartment rows the new version left, opens rows for compartments it entered, and
@@ -248,30 +305,45 @@ fn sync_compartments(
     timestamp: Micros,
     is_new_row: bool,
 ) -> Result<(), StoreError> {
-    let open: Vec<String> = if is_new_row {
+    // `(pkey, patient id)` of the open rows.
+    let open: Vec<(i64, String)> = if is_new_row {
         Vec::new()
     } else {
-        let mut statement =
-            transaction.prepare_cached("SELECT patient_id FROM compartment WHERE rid = ?1 AND to_ts IS NULL")?;
-        let rows = statement.query_map([rid], |row| row.get(0))?.collect::<Result<_, _>>()?;
+        let mut statement = transaction.prepare_cached(
+            "SELECT c.pkey, p.patient_id FROM compartment c JOIN patient_keys p ON p.pkey = c.pkey
+             WHERE c.rid = ?1 AND c.to_ts IS NULL",
+        )?;
+        let rows = statement.query_map([rid], |row| Ok((row.get(0)?, row.get(1)?)))?.collect::<Result<_, _>>()?;
         rows
     };
-    for gone in open.iter().filter(|patient| !patients.contains(patient)) {
-        transaction
-            .prepare_cached("UPDATE compartment SET to_ts = ?3 WHERE rid = ?1 AND patient_id = ?2 AND to_ts IS NULL")?
-            .execute(params![rid, gone, timestamp])?;
+    if open.is_empty() && patients.is_empty() {
+        return Ok(());
     }
-    if open.iter().any(|patient| patients.contains(patient)) {
+    let code = type_code(resource_type)?;
+    for (pkey, _) in open.iter().filter(|(_, patient)| !patients.contains(patient)) {
+        transaction
+            .prepare_cached(
+                "UPDATE compartment SET to_ts = ?4
+                 WHERE pkey = ?1 AND type_code = ?2 AND rid = ?3 AND to_ts IS NULL",
+            )?
+            .execute(params![pkey, code, rid, timestamp])?;
+        mark_patient_changed(transaction, *pkey, timestamp)?;
+    }
+    if open.iter().any(|(_, patient)| patients.contains(patient)) {
         transaction
             .prepare_cached("UPDATE compartment SET last_updated = ?2, deleted = 0 WHERE rid = ?1 AND to_ts IS NULL")?
             .execute(params![rid, timestamp])?;
     }
     let mut insert = transaction.prepare_cached(
-        "INSERT INTO compartment (tenant_id, patient_id, resource_type, rid, from_ts, last_updated, deleted, owner)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, 0, ?6)",
+        "INSERT INTO compartment (pkey, type_code, rid, from_ts, tenant_id, last_updated, deleted, owner)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?4, 0, ?6)",
     )?;
-    for patient in patients.iter().filter(|patient| !open.contains(patient)) {
-        insert.execute(params![tenant.0, patient, resource_type, rid, timestamp, owner])?;
+    for patient in &patients {
+        // Every patient of the new version has a row that changed (opened or updated).
+        let pkey = touch_patient(transaction, tenant, patient, timestamp)?;
+        if !open.iter().any(|(_, open)| open == patient) {
+            insert.execute(params![pkey, code, rid, timestamp, tenant.0, owner])?;
+        }
     }
     Ok(())
 }
@@ -287,42 +359,49 @@ fn sync_search_tokens(
     if !is_new_row {
         transaction.prepare_cached("DELETE FROM search_token WHERE rid = ?1")?.execute([rid])?;
     }
+    let tokens = search_tokens(body);
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let code = type_code(resource_type)?;
     let mut insert = transaction.prepare_cached(
-        "INSERT OR IGNORE INTO search_token (tenant_id, resource_type, param, system, value, rid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT OR IGNORE INTO search_token (tenant_id, type_code, param, system, value, rid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
-    for (param, system, value) in search_tokens(body) {
-        insert.execute(params![tenant.0, resource_type, param, system, value, rid])?;
+    for (param, system, value) in tokens {
+        insert.execute(params![tenant.0, code, param, system, value, rid])?;
     }
     Ok(())
 }
 
-/// Records which patients joined and left the Group's active membership at `timestamp`.
+/// Records which patients joined and left the active membership of the Group (by its key) at
+/// `timestamp`.
 fn sync_group_membership(
     transaction: &Transaction<'_>,
     tenant: TenantId,
-    group_id: &str,
+    group_rid: i64,
     members: &[String],
     timestamp: Micros,
 ) -> Result<(), StoreError> {
-    let open: Vec<String> = transaction
+    let open: Vec<(i64, String)> = transaction
         .prepare_cached(
-            "SELECT patient_id FROM group_membership WHERE tenant_id = ?1 AND group_id = ?2 AND removed_at IS NULL",
+            "SELECT g.pkey, p.patient_id FROM group_membership g JOIN patient_keys p ON p.pkey = g.pkey
+             WHERE g.group_rid = ?1 AND g.removed_at IS NULL",
         )?
-        .query_map(params![tenant.0, group_id], |row| row.get(0))?
+        .query_map([group_rid], |row| Ok((row.get(0)?, row.get(1)?)))?
         .collect::<Result<_, _>>()?;
     let mut close = transaction.prepare_cached(
-        "UPDATE group_membership SET removed_at = ?4
-         WHERE tenant_id = ?1 AND group_id = ?2 AND patient_id = ?3 AND removed_at IS NULL",
+        "UPDATE group_membership SET removed_at = ?3 WHERE group_rid = ?1 AND pkey = ?2 AND removed_at IS NULL",
     )?;
-    for gone in open.iter().filter(|patient| members.binary_search(patient).is_err()) {
-        close.execute(params![tenant.0, group_id, gone, timestamp])?;
+    for (pkey, _) in open.iter().filter(|(_, patient)| members.binary_search(patient).is_err()) {
+        close.execute(params![group_rid, pkey, timestamp])?;
     }
-    let open: std::collections::HashSet<&String> = open.iter().collect();
+    let open: std::collections::HashSet<&String> = open.iter().map(|(_, patient)| patient).collect();
     let mut add = transaction.prepare_cached(
-        "INSERT INTO group_membership (tenant_id, group_id, patient_id, added_at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO group_membership (group_rid, pkey, added_at, tenant_id) VALUES (?1, ?2, ?3, ?4)",
     )?;
     for joined in members.iter().filter(|patient| !open.contains(patient)) {
-        add.execute(params![tenant.0, group_id, joined, timestamp])?;
+        let pkey = patient_key(transaction, tenant, joined)?;
+        add.execute(params![group_rid, pkey, timestamp, tenant.0])?;
     }
     Ok(())
 }
@@ -438,12 +517,15 @@ pub(super) fn search(
         sql.push_str(condition);
         values.push(Box::new(*at));
     }
-    let token_condition = " AND rid IN (SELECT rid FROM search_token WHERE tenant_id = ? AND resource_type = ? AND param = ? AND value = ?";
+    // A type outside R4 has no tokens (-1 matches none).
+    let code = resource_type_code(&query.resource_type).unwrap_or(-1);
+    let token_condition =
+        " AND rid IN (SELECT rid FROM search_token WHERE tenant_id = ? AND type_code = ? AND param = ? AND value = ?";
     for identifier in &query.identifiers {
         sql.push_str(token_condition);
         values.extend([
             Box::new(tenant.0) as Box<dyn ToSql>,
-            Box::new(query.resource_type.clone()),
+            Box::new(code),
             Box::new("identifier"),
             Box::new(identifier.value.clone()),
         ]);
@@ -461,13 +543,9 @@ pub(super) fn search(
             _ => ("param = 'subject'", reference.target_type.clone()),
         };
         sql.push_str(&format!(
-            " AND rid IN (SELECT rid FROM search_token WHERE tenant_id = ? AND resource_type = ? AND {params} AND value = ?"
+            " AND rid IN (SELECT rid FROM search_token WHERE tenant_id = ? AND type_code = ? AND {params} AND value = ?"
         ));
-        values.extend([
-            Box::new(tenant.0) as Box<dyn ToSql>,
-            Box::new(query.resource_type.clone()),
-            Box::new(reference.id.clone()),
-        ]);
+        values.extend([Box::new(tenant.0) as Box<dyn ToSql>, Box::new(code), Box::new(reference.id.clone())]);
         if let Some(target_type) = target_type {
             sql.push_str(" AND system = ?");
             values.push(Box::new(target_type));

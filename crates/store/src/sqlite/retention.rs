@@ -63,36 +63,66 @@ pub(super) fn prune(store: &SqliteStore, cutoff: Micros, now: Micros, batch: usi
             )?
             .query_map(params![after, upto, horizon], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
             .collect::<Result<_, _>>()?;
-        for (rid, tenant, resource_type, id) in &gone {
+        for (rid, _tenant, resource_type, _id) in &gone {
+            // The export plan cache keys validity on the patients' change watermark: removing
+            // index rows is a change to their compartments.
+            transaction
+                .prepare_cached(
+                    "UPDATE patient_keys SET changed_at = MAX(changed_at, (SELECT last FROM clock WHERE id = 0))
+                     WHERE pkey IN (SELECT pkey FROM compartment WHERE rid = ?1)",
+                )?
+                .execute([rid])?;
+            if resource_type == "Group" {
+                transaction.prepare_cached("DELETE FROM group_membership WHERE group_rid = ?1")?.execute([rid])?;
+            }
             for statement in [
                 "DELETE FROM resource_history WHERE rid = ?1",
                 "DELETE FROM compartment WHERE rid = ?1 AND to_ts IS NULL",
                 "DELETE FROM compartment WHERE rid = ?1 AND to_ts IS NOT NULL",
                 "DELETE FROM search_token WHERE rid = ?1",
+                "DELETE FROM reference_index WHERE rid = ?1",
                 "DELETE FROM resources WHERE rid = ?1",
             ] {
                 transaction.prepare_cached(statement)?.execute([rid])?;
-            }
-            if resource_type == "Group" {
-                transaction
-                    .prepare_cached("DELETE FROM group_membership WHERE tenant_id = ?1 AND group_id = ?2")?
-                    .execute(params![tenant, id])?;
             }
         }
         Ok(gone.len() as u64)
     })?;
     // Closed compartment rows (rare: a version moved a resource out of a compartment).
     loop {
+        let removed = store.with_write(|transaction, timestamp| {
+            let patients: Vec<i64> = transaction
+                .prepare_cached(
+                    "DELETE FROM compartment WHERE (pkey, type_code, rid, from_ts) IN (
+                         SELECT pkey, type_code, rid, from_ts FROM compartment
+                         WHERE to_ts IS NOT NULL AND to_ts <= ?1 LIMIT ?2)
+                     RETURNING pkey",
+                )?
+                .query_map(params![horizon, batch], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut changed = transaction
+                .prepare_cached("UPDATE patient_keys SET changed_at = MAX(changed_at, ?2) WHERE pkey = ?1")?;
+            for pkey in &patients {
+                changed.execute(params![pkey, timestamp])?;
+            }
+            Ok(patients.len() as u64)
+        })?;
+        report.compartment_rows += removed;
+        if removed < batch as u64 {
+            break;
+        }
+    }
+    // Closed reference-index rows: no export reads the references of versions before the horizon.
+    loop {
         let removed = store.with_write(|transaction, _| {
             Ok(transaction
                 .prepare_cached(
-                    "DELETE FROM compartment WHERE (tenant_id, patient_id, resource_type, rid, from_ts) IN (
-                         SELECT tenant_id, patient_id, resource_type, rid, from_ts FROM compartment
+                    "DELETE FROM reference_index WHERE (rid, provenance_target, target_type, target_id, from_ts) IN (
+                         SELECT rid, provenance_target, target_type, target_id, from_ts FROM reference_index
                          WHERE to_ts IS NOT NULL AND to_ts <= ?1 LIMIT ?2)",
                 )?
                 .execute(params![horizon, batch])? as u64)
         })?;
-        report.compartment_rows += removed;
         if removed < batch as u64 {
             break;
         }

@@ -75,51 +75,80 @@ CREATE TABLE IF NOT EXISTS resource_history (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS resource_history_key ON resource_history (rid, version);
 
+-- ---- Schema version 2: integer keys in the compartment and search indexes ----
+-- (Version 1, `schema_v1.sql`, keyed these by TEXT patient ids and resource type names;
+-- `migrate.rs` converts a version-1 database on open, in one transaction.)
+--
+-- Summary for other stores (PostgreSQL mirrors this design):
+-- * `patient_keys`: one integer `pkey` per (tenant, patient id) that a compartment row or a Group
+--   names, created on first mention (the Patient resource need not exist yet) and never deleted.
+--   `changed_at` is the timestamp of the last write that opened, closed or changed a compartment
+--   row of that patient: an export plan computed at T stays valid at a later T' while no member's
+--   `changed_at` exceeds T (the store's plan cache relies on it).
+-- * Resource types in indexes are `type_code`s: the position of the type in the R4 type list
+--   (`bulkhead_fhir::resource_type_code`, Account = 0 … Patient = 102 … VisionPrescription = 145).
+-- * `compartment` is keyed (pkey, type_code, rid, from_ts): all integers, so each key is a few
+--   bytes instead of a 36-byte UUID plus a type name; `group_membership` is keyed (group_rid,
+--   pkey) where group_rid is the Group resource's `rid`; `search_token` by type_code.
+-- * tenant_id stays on every row (checked by every query) even where the key implies it.
+
+-- Per-tenant integer keys of patient ids (see above). INTEGER PRIMARY KEY: pkeys only grow.
+CREATE TABLE IF NOT EXISTS patient_keys (
+    pkey INTEGER PRIMARY KEY,
+    tenant_id INTEGER NOT NULL,
+    patient_id TEXT NOT NULL,
+    changed_at INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (tenant_id, patient_id)
+);
+
 -- Patient compartment index, versioned by time: a row is valid for [from_ts, to_ts).
 -- Rows stay open when a resource is deleted, so deletions can be found per patient.
 -- last_updated/deleted/owner describe the last version written while the row was open, so
 -- planning an export reads no resource rows at all.
 -- WITHOUT ROWID: the table is its own index (one b-tree less to write per resource).
 CREATE TABLE IF NOT EXISTS compartment (
-    tenant_id INTEGER NOT NULL,
-    patient_id TEXT NOT NULL,
-    resource_type TEXT NOT NULL,
+    pkey INTEGER NOT NULL,
+    type_code INTEGER NOT NULL,
     rid INTEGER NOT NULL,
     from_ts INTEGER NOT NULL,
     to_ts INTEGER,
+    tenant_id INTEGER NOT NULL,
     last_updated INTEGER NOT NULL,
     deleted INTEGER NOT NULL,
     owner TEXT,
-    PRIMARY KEY (tenant_id, patient_id, resource_type, rid, from_ts)
+    PRIMARY KEY (pkey, type_code, rid, from_ts)
 ) WITHOUT ROWID;
+-- Open rows by resource (updates and deletes find a resource's compartments); keys only grow,
+-- so inserts append.
 CREATE INDEX IF NOT EXISTS compartment_open_by_rid ON compartment (rid) WHERE to_ts IS NULL;
 -- Closed rows (a version moved the resource out of a patient's compartment) are rare: these two
 -- small indexes find the resources that left the cohort's compartments since `_since`.
-CREATE INDEX IF NOT EXISTS compartment_closed_by_time ON compartment (tenant_id, resource_type, to_ts)
+CREATE INDEX IF NOT EXISTS compartment_closed_by_time ON compartment (tenant_id, type_code, to_ts)
     WHERE to_ts IS NOT NULL;
 CREATE INDEX IF NOT EXISTS compartment_closed_by_rid ON compartment (rid, to_ts) WHERE to_ts IS NOT NULL;
 
 -- Search tokens of current versions: identifiers and subject/patient references.
 CREATE TABLE IF NOT EXISTS search_token (
     tenant_id INTEGER NOT NULL,
-    resource_type TEXT NOT NULL,
+    type_code INTEGER NOT NULL,
     param TEXT NOT NULL,
     value TEXT NOT NULL,
     system TEXT NOT NULL,
     rid INTEGER NOT NULL,
-    PRIMARY KEY (tenant_id, resource_type, param, value, system, rid)
+    PRIMARY KEY (tenant_id, type_code, param, value, system, rid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS search_token_by_rid ON search_token (rid);
 
 -- Group membership history: one row per interval during which a patient was an active member.
+-- group_rid is the Group resource's rid (a Group keeps its rid across versions and deletion).
 CREATE TABLE IF NOT EXISTS group_membership (
-    tenant_id INTEGER NOT NULL,
-    group_id TEXT NOT NULL,
-    patient_id TEXT NOT NULL,
+    group_rid INTEGER NOT NULL,
+    pkey INTEGER NOT NULL,
     added_at INTEGER NOT NULL,
-    removed_at INTEGER
+    removed_at INTEGER,
+    tenant_id INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS group_membership_by_group ON group_membership (tenant_id, group_id, patient_id);
+CREATE INDEX IF NOT EXISTS group_membership_by_group ON group_membership (group_rid, pkey);
 
 -- Asynchronous export jobs (Prefer: respond-async). Keyed by tenant first: every lookup names
 -- the tenant. `state` is 'planning' (manifest empty) until the background planner sets
@@ -152,6 +181,55 @@ CREATE TABLE IF NOT EXISTS export_records (
 );
 CREATE INDEX IF NOT EXISTS export_records_by_expiry ON export_records (expires);
 
+-- The associated data of one Patient or Group export (Provenance and referenced resources),
+-- computed at planning and read by its file downloads; swept with the export records once
+-- `expires` (micros) has passed. The reference index it is computed from (`reference_index`) is
+-- created by `associated::migrate`, which backfills it on databases from before it.
+CREATE TABLE IF NOT EXISTS export_associated (
+    tenant_id INTEGER NOT NULL,
+    set_id TEXT NOT NULL,
+    resource_type TEXT NOT NULL,
+    rid INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, set_id, resource_type, rid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS export_associated_by_expiry ON export_associated (expires);
+
+-- The audit trail: one row per audited request or file download, append-only (nothing updates
+-- it; rows leave only by age, `prune_audit`). The export's Group and transaction time
+-- (cohort_*) let a patient's records include exports whose Group had them as a member.
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY,
+    tenant_id INTEGER NOT NULL,
+    time INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    user_id TEXT,
+    peer TEXT,
+    request_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    cohort_group TEXT,
+    cohort_time INTEGER
+);
+CREATE INDEX IF NOT EXISTS audit_log_by_tenant ON audit_log (tenant_id, seq);
+CREATE INDEX IF NOT EXISTS audit_log_by_time ON audit_log (time);
+
+-- The patients each audit record touched.
+CREATE TABLE IF NOT EXISTS audit_patient (
+    tenant_id INTEGER NOT NULL,
+    patient_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, patient_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS audit_patient_by_seq ON audit_patient (seq);
+-- Append-only, whatever a future code path tries.
+CREATE TRIGGER IF NOT EXISTS audit_log_append_only BEFORE UPDATE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'audit records are append-only');
+END;
 -- History retention: history before `horizon` (micros) has been pruned, so `_since` exports
 -- before it are refused. One row, written by the first prune; it never moves back.
 CREATE TABLE IF NOT EXISTS retention (

@@ -1,0 +1,786 @@
+//! Associated data of Patient and Group exports: the reference index kept on write, and the
+//! per-export set of Provenance and referenced resources computed from it.
+//!
+//! `reference_index` holds, per resource version, its references to types outside the Patient
+//! compartment and its `Provenance.target` entries ([`outgoing_references`]), versioned by time
+//! like the compartment index: a row is valid for `[from_ts, to_ts)`, and a delete closes the
+//! rows. So "what did this resource reference at the transaction time" and "which Provenance
+//! targeted this resource then" are exact whatever was written since.
+//!
+//! Planning works in temporary tables on a connection of its own whose temporary storage is a
+//! file (bounded memory whatever the cohort's size), and stores the result in
+//! `export_associated` in batches of short write transactions.
+
+use bulkhead_fhir::references::{outgoing_references, OutgoingReference};
+use bulkhead_fhir::Micros;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde_json::Value;
+
+use super::export::{filter_matches, load_members, select_window, selected, type_span, Reach, VersionAt, WINDOW};
+use super::SqliteStore;
+use crate::{
+    AssociatedRequest, MemberSelection, PartRange, PartReader, ProvenanceSelection, ReferencedTypes, StoreError,
+    TenantId,
+};
+
+const REFERENCE_INDEX: &str = "
+CREATE TABLE reference_index (
+    rid INTEGER NOT NULL,
+    provenance_target INTEGER NOT NULL,
+    target_type TEXT NOT NULL,
+    target_id TEXT NOT NULL,
+    from_ts INTEGER NOT NULL,
+    to_ts INTEGER,
+    tenant_id INTEGER NOT NULL,
+    PRIMARY KEY (rid, provenance_target, target_type, target_id, from_ts)
+) WITHOUT ROWID;
+CREATE INDEX provenance_by_target ON reference_index (tenant_id, target_type, target_id)
+    WHERE provenance_target = 1;
+";
+
+/// The types of a tenant whose resources have ever referenced a resource outside the compartment
+/// (only grows): planning follows no references from the other types' cohort resources.
+const REFERENCING_TYPES: &str = "
+CREATE TABLE IF NOT EXISTS referencing_types (
+    tenant_id INTEGER NOT NULL,
+    resource_type TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, resource_type)
+) WITHOUT ROWID;
+";
+
+/// Notes that `resource_type` has references to follow in `tenant`.
+fn note_referencing_type(connection: &Connection, tenant: i64, resource_type: &str) -> Result<(), StoreError> {
+    connection
+        .prepare_cached("INSERT OR IGNORE INTO referencing_types (tenant_id, resource_type) VALUES (?1, ?2)")?
+        .execute(params![tenant, resource_type])?;
+    Ok(())
+}
+
+/// Creates the reference index when the database has none, backfilling it from every stored
+/// version (history included, so exports as of earlier transaction times stay exact), all in
+/// one transaction: a crash leaves the database as it was, and the next open starts over.
+pub(super) fn migrate(connection: &mut Connection) -> Result<u64, StoreError> {
+    let exists: bool = connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'reference_index')",
+        [],
+        |row| row.get(0),
+    )?;
+    if exists {
+        connection.execute_batch(REFERENCING_TYPES)?;
+        return Ok(0);
+    }
+    let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    transaction.execute_batch(REFERENCE_INDEX)?;
+    transaction.execute_batch(REFERENCING_TYPES)?;
+    let backfilled = backfill(&transaction)?;
+    transaction.commit()?;
+    if backfilled > 0 {
+        tracing::info!(resources = backfilled, "reference index backfilled from stored resources");
+    }
+    Ok(backfilled)
+}
+
+/// One stored version, oldest first, as the backfill replays it.
+struct StoredVersion {
+    last_updated: Micros,
+    body: Option<String>,
+}
+
+fn backfill(transaction: &Transaction<'_>) -> Result<u64, StoreError> {
+    let mut resources = transaction.prepare("SELECT rid, tenant_id, resource_type FROM resources ORDER BY rid")?;
+    let mut history = transaction
+        .prepare_cached("SELECT last_updated, deleted, body FROM resource_history WHERE rid = ?1 ORDER BY version")?;
+    let mut current = transaction.prepare_cached("SELECT last_updated, deleted, body FROM resources WHERE rid = ?1")?;
+    let mut insert = transaction.prepare_cached(
+        "INSERT OR IGNORE INTO reference_index (rid, provenance_target, target_type, target_id, from_ts, to_ts, tenant_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    let mut rows = resources.query([])?;
+    let mut count = 0;
+    while let Some(row) = rows.next()? {
+        let (rid, tenant, resource_type): (i64, i64, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
+        let version = |row: &rusqlite::Row<'_>| {
+            let deleted: bool = row.get(1)?;
+            Ok(StoredVersion { last_updated: row.get(0)?, body: if deleted { None } else { row.get(2)? } })
+        };
+        let mut versions: Vec<StoredVersion> = history.query_map([rid], version)?.collect::<Result<_, _>>()?;
+        versions.push(current.query_row([rid], version)?);
+        // Replays the versions: a reference's row opens with the first version that has it and
+        // closes with the first that does not.
+        let mut open: Vec<(OutgoingReference, Micros)> = Vec::new();
+        for version in &versions {
+            let references = match &version.body {
+                Some(body) => references_of(&resource_type, body)?,
+                None => Vec::new(),
+            };
+            let mut still_open = Vec::new();
+            for (reference, from) in open.drain(..) {
+                if references.contains(&reference) {
+                    still_open.push((reference, from));
+                } else if from < version.last_updated {
+                    insert.execute(params![
+                        rid,
+                        reference.provenance_target,
+                        reference.target_type,
+                        reference.target_id,
+                        from,
+                        version.last_updated,
+                        tenant
+                    ])?;
+                }
+            }
+            if references.iter().any(|reference| !reference.provenance_target) {
+                note_referencing_type(transaction, tenant, &resource_type)?;
+            }
+            for reference in references {
+                if !still_open.iter().any(|(held, _)| *held == reference) {
+                    still_open.push((reference, version.last_updated));
+                }
+            }
+            open = still_open;
+        }
+        for (reference, from) in open {
+            insert.execute(params![
+                rid,
+                reference.provenance_target,
+                reference.target_type,
+                reference.target_id,
+                from,
+                None::<i64>,
+                tenant
+            ])?;
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
+fn references_of(resource_type: &str, body: &str) -> Result<Vec<OutgoingReference>, StoreError> {
+    let value: Value = serde_json::from_str(body)?;
+    Ok(outgoing_references(resource_type, &value))
+}
+
+/// Brings a resource's open reference rows in line with its new version (written at
+/// `timestamp`): closes the rows of references it dropped, opens rows for new ones.
+pub(super) fn sync_references(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    rid: i64,
+    body: &Value,
+    timestamp: Micros,
+    is_new_row: bool,
+) -> Result<(), StoreError> {
+    let references = outgoing_references(resource_type, body);
+    if references.iter().any(|reference| !reference.provenance_target) {
+        note_referencing_type(transaction, tenant.0, resource_type)?;
+    }
+    let open: Vec<OutgoingReference> = if is_new_row { Vec::new() } else { open_references(transaction, rid)? };
+    for gone in open.iter().filter(|reference| !references.contains(reference)) {
+        close(transaction, rid, Some(gone), timestamp)?;
+    }
+    let mut insert = transaction.prepare_cached(
+        "INSERT INTO reference_index (rid, provenance_target, target_type, target_id, from_ts, tenant_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for reference in references.iter().filter(|reference| !open.contains(reference)) {
+        insert.execute(params![
+            rid,
+            reference.provenance_target,
+            reference.target_type,
+            reference.target_id,
+            timestamp,
+            tenant.0
+        ])?;
+    }
+    Ok(())
+}
+
+/// Closes every open reference row of a deleted resource.
+pub(super) fn close_references(transaction: &Transaction<'_>, rid: i64, timestamp: Micros) -> Result<(), StoreError> {
+    close(transaction, rid, None, timestamp)
+}
+
+fn open_references(connection: &Connection, rid: i64) -> Result<Vec<OutgoingReference>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT target_type, target_id, provenance_target FROM reference_index WHERE rid = ?1 AND to_ts IS NULL",
+    )?;
+    let open = statement
+        .query_map([rid], |row| {
+            Ok(OutgoingReference { target_type: row.get(0)?, target_id: row.get(1)?, provenance_target: row.get(2)? })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(open)
+}
+
+/// Closes the open row of `reference` (every open row when `None`) at `timestamp`. A row opened
+/// at that very timestamp (an earlier write of the same transaction) is removed instead: it was
+/// never valid at any time.
+fn close(
+    transaction: &Transaction<'_>,
+    rid: i64,
+    reference: Option<&OutgoingReference>,
+    timestamp: Micros,
+) -> Result<(), StoreError> {
+    let (filter, values): (&str, Vec<Box<dyn rusqlite::ToSql>>) = match reference {
+        Some(reference) => (
+            " AND provenance_target = ?3 AND target_type = ?4 AND target_id = ?5",
+            vec![
+                Box::new(reference.provenance_target),
+                Box::new(reference.target_type.clone()),
+                Box::new(reference.target_id.clone()),
+            ],
+        ),
+        None => ("", Vec::new()),
+    };
+    let mut all: Vec<&dyn rusqlite::ToSql> = vec![&rid, &timestamp];
+    all.extend(values.iter().map(|value| value.as_ref()));
+    transaction
+        .prepare_cached(&format!(
+            "DELETE FROM reference_index WHERE rid = ?1 AND to_ts IS NULL AND from_ts = ?2{filter}"
+        ))?
+        .execute(rusqlite::params_from_iter(all.iter()))?;
+    transaction
+        .prepare_cached(&format!("UPDATE reference_index SET to_ts = ?2 WHERE rid = ?1 AND to_ts IS NULL{filter}"))?
+        .execute(rusqlite::params_from_iter(all.iter()))?;
+    Ok(())
+}
+
+// ---- planning ----
+
+/// What reaches an associated resource: the merged reach of the resources it was found through,
+/// and whether one of those is exported by this export ("forced": sent whatever `_since`).
+#[derive(Clone, Copy)]
+struct Via {
+    reach: Reach,
+    forced: bool,
+}
+
+const UPSERT_NODE: &str = "INSERT INTO temp.assoc_node (target_type, target_id, level, full_history, since, forced)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+    ON CONFLICT (target_type, target_id) DO UPDATE SET
+        full_history = max(full_history, excluded.full_history),
+        since = CASE WHEN since IS NULL THEN excluded.since WHEN excluded.since IS NULL THEN since
+                     ELSE min(since, excluded.since) END,
+        forced = max(forced, excluded.forced)
+    WHERE level = excluded.level";
+
+/// Rows stored in `export_associated` per write transaction.
+const STORE_BATCH: usize = 10_000;
+/// Rows of one BFS level read into memory at a time.
+const LEVEL_BATCH: usize = 1_000;
+
+const WORK_TABLES: &str = "
+CREATE TEMP TABLE IF NOT EXISTS assoc_node (
+    target_type TEXT NOT NULL, target_id TEXT NOT NULL, level INTEGER NOT NULL,
+    full_history INTEGER NOT NULL, since INTEGER, forced INTEGER NOT NULL,
+    PRIMARY KEY (target_type, target_id));
+CREATE TEMP TABLE IF NOT EXISTS assoc_provenance (
+    rid INTEGER PRIMARY KEY, full_history INTEGER NOT NULL, since INTEGER, forced INTEGER NOT NULL);
+CREATE TEMP TABLE IF NOT EXISTS assoc_out (
+    resource_type TEXT NOT NULL, rid INTEGER NOT NULL, PRIMARY KEY (resource_type, rid)) WITHOUT ROWID;
+DELETE FROM temp.assoc_node; DELETE FROM temp.assoc_provenance; DELETE FROM temp.assoc_out;
+";
+
+impl SqliteStore {
+    pub(super) fn plan_associated_set(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        request: &AssociatedRequest,
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
+        // A connection of its own: its temporary tables spill to a file, not to memory.
+        let connection = super::open_connection(&self.path, self.options.reader_cache_mib)?;
+        connection.execute_batch("PRAGMA temp_store = FILE;")?;
+        connection.execute_batch(WORK_TABLES)?;
+        connection.execute_batch("BEGIN DEFERRED")?;
+        let computed = compute(&connection, tenant, selection, request);
+        connection.execute_batch("COMMIT")?;
+        computed?;
+        // Stores the set and plans its parts from the same sorted stream.
+        let mut statement = connection.prepare(
+            "SELECT resource_type, rid FROM temp.assoc_out WHERE resource_type > ?1 OR (resource_type = ?1 AND rid > ?2)
+             ORDER BY resource_type, rid LIMIT ?3",
+        )?;
+        let mut planned: Vec<(String, Vec<PartRange>)> = Vec::new();
+        let mut after = (String::new(), i64::MIN);
+        loop {
+            let batch: Vec<(String, i64)> = statement
+                .query_map(params![after.0, after.1, STORE_BATCH as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let Some(last) = batch.last() else { break };
+            after = last.clone();
+            self.with_write(|transaction, _| {
+                let mut insert = transaction.prepare_cached(
+                    "INSERT OR IGNORE INTO export_associated (tenant_id, set_id, resource_type, rid, expires)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for (resource_type, rid) in &batch {
+                    insert.execute(params![tenant.0, request.set_id, resource_type, rid, request.expires])?;
+                }
+                Ok(())
+            })?;
+            for (resource_type, rid) in batch {
+                if planned.last().is_none_or(|(planned_type, _)| *planned_type != resource_type) {
+                    planned.push((resource_type.clone(), Vec::new()));
+                }
+                let parts = &mut planned.last_mut().expect("pushed above").1;
+                match parts.last_mut() {
+                    Some(part) if part.count < part_size.max(1) => {
+                        part.last_key = rid;
+                        part.count += 1;
+                    }
+                    _ => parts.push(PartRange { first_key: rid, last_key: rid, count: 1 }),
+                }
+            }
+        }
+        Ok(planned)
+    }
+}
+
+/// Fills `temp.assoc_out` with the set's `(type, key)` pairs.
+fn compute(
+    connection: &Connection,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    request: &AssociatedRequest,
+) -> Result<(), StoreError> {
+    load_members(connection, tenant, selection)?;
+    let at = selection.transaction_time;
+    let referencing = request.referenced != ReferencedTypes::None && request.depth > 0;
+    let any_provenance: bool = request.provenance != ProvenanceSelection::None
+        && connection
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM reference_index INDEXED BY provenance_by_target
+                                WHERE tenant_id = ?1 AND provenance_target = 1)",
+            )?
+            .query_row([tenant.0], |row| row.get(0))?;
+    let mut sources: Vec<&String> = Vec::new();
+    if referencing {
+        sources.extend(&request.reference_sources);
+    }
+    if any_provenance {
+        for resource_type in &request.provenance_sources {
+            if !sources.contains(&resource_type) {
+                sources.push(resource_type);
+            }
+        }
+    }
+    let cohort = MemberSelection { filters: Default::default(), ..selection.clone() };
+    let mut id_of = connection.prepare_cached("SELECT id FROM resources WHERE rid = ?1")?;
+    let mut has_references = connection.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM referencing_types WHERE tenant_id = ?1 AND resource_type = ?2)",
+    )?;
+    for resource_type in sources {
+        // A type none of whose resources ever referenced anything to follow is not read at all
+        // for references (e.g. Observations in Synthea data).
+        let follow = referencing
+            && request.reference_sources.contains(resource_type)
+            && has_references.query_row(params![tenant.0, resource_type], |row| row.get::<_, bool>(0))?;
+        let provenance = any_provenance && request.provenance_sources.contains(resource_type);
+        if !follow && !provenance {
+            continue;
+        }
+        let Some((first, last)) = type_span(connection, tenant, resource_type)? else { continue };
+        let live = |_: Reach, version: &VersionAt| !version.deleted && version.visible;
+        // The cohort is found before `_typeFilter`: a filter narrows what is exported of its
+        // type, not which Provenance and referenced resources come. Only a resource the export
+        // sends (selected and, for a filtered type, matching) forces what it reaches.
+        let filtered = selection.filters.filters(resource_type);
+        let mut start = first;
+        while start <= last {
+            let end = start.saturating_add(WINDOW - 1).min(last);
+            let mut chosen: Vec<(i64, Via)> = Vec::new();
+            for found in select_window(connection, tenant, &cohort, resource_type, (start, end), live)? {
+                let sent = selected(selection, found.reach, &found.version)
+                    && (!filtered
+                        || filter_matches(connection, selection, resource_type, found.rid, found.history_version)?);
+                chosen.push((found.rid, Via { reach: found.reach, forced: sent }));
+            }
+            if follow {
+                add_window_references(connection, &chosen, (start, end), at, &request.referenced)?;
+            }
+            if provenance {
+                for &(rid, via) in &chosen {
+                    let id: String = id_of.query_row([rid], |row| row.get(0))?;
+                    add_provenance(connection, tenant, selection, resource_type, &id, via, request.provenance)?;
+                }
+            }
+            if end == last {
+                break;
+            }
+            start = end + 1;
+        }
+    }
+    if any_provenance {
+        resolve_provenance(connection, selection, request, referencing)?;
+    }
+    if referencing {
+        for level in 1..=request.depth {
+            resolve_level(connection, tenant, selection, request, level)?;
+        }
+    }
+    Ok(())
+}
+
+/// Records the references of the window's chosen resources (sorted by key) as level-1 nodes.
+/// A dense window (at least one key in four is chosen: a large cohort, or a type imported in one
+/// go) reads the index once over the key range instead of seeking per resource.
+fn add_window_references(
+    connection: &Connection,
+    chosen: &[(i64, Via)],
+    (start, end): (i64, i64),
+    at: Micros,
+    allowed: &ReferencedTypes,
+) -> Result<(), StoreError> {
+    let (Some(&(first, _)), Some(&(last, _))) = (chosen.first(), chosen.last()) else { return Ok(()) };
+    if (chosen.len() as i64).saturating_mul(4) <= end - start {
+        for &(rid, via) in chosen {
+            add_references(connection, rid, at, via, 1, allowed)?;
+        }
+        return Ok(());
+    }
+    let mut references = connection.prepare_cached(
+        "SELECT rid, target_type, target_id FROM reference_index
+         WHERE rid BETWEEN ?1 AND ?2 AND provenance_target = 0 AND from_ts <= ?3 AND (to_ts IS NULL OR to_ts > ?3)",
+    )?;
+    let mut rows = references.query(params![first, last, at])?;
+    while let Some(row) = rows.next()? {
+        let rid: i64 = row.get(0)?;
+        let Ok(index) = chosen.binary_search_by_key(&rid, |(key, _)| *key) else { continue };
+        record_node(connection, row.get_ref(1)?.as_str()?, row.get_ref(2)?.as_str()?, 1, chosen[index].1, allowed)?;
+    }
+    Ok(())
+}
+
+/// Records the references of `rid`'s version at `at` (to allowed types) as nodes of `level`,
+/// merging `via` into nodes of that level already found.
+fn add_references(
+    connection: &Connection,
+    rid: i64,
+    at: Micros,
+    via: Via,
+    level: u32,
+    allowed: &ReferencedTypes,
+) -> Result<(), StoreError> {
+    let mut references = connection.prepare_cached(
+        "SELECT target_type, target_id FROM reference_index
+         WHERE rid = ?1 AND provenance_target = 0 AND from_ts <= ?2 AND (to_ts IS NULL OR to_ts > ?2)",
+    )?;
+    let mut rows = references.query(params![rid, at])?;
+    while let Some(row) = rows.next()? {
+        record_node(connection, row.get_ref(0)?.as_str()?, row.get_ref(1)?.as_str()?, level, via, allowed)?;
+    }
+    Ok(())
+}
+
+/// Records one referenced resource (when its type is allowed) as a node of `level`, merging
+/// `via` into a node of that level already found; a node found at a lower level stays as it is.
+fn record_node(
+    connection: &Connection,
+    target_type: &str,
+    target_id: &str,
+    level: u32,
+    via: Via,
+    allowed: &ReferencedTypes,
+) -> Result<(), StoreError> {
+    let allowed = match allowed {
+        ReferencedTypes::None => false,
+        ReferencedTypes::All => true,
+        ReferencedTypes::Only(types) => types.iter().any(|t| t == target_type),
+    };
+    if allowed {
+        let mut upsert = connection.prepare_cached(UPSERT_NODE)?;
+        upsert.execute(params![
+            target_type,
+            target_id,
+            level,
+            via.reach.full_history,
+            via.reach.existing_since,
+            via.forced
+        ])?;
+    }
+    Ok(())
+}
+
+/// Records the Provenance that targeted `resource_type/id` at the transaction time (only the
+/// latest one for [`ProvenanceSelection::Latest`]), merging `via` into those already found.
+fn add_provenance(
+    connection: &Connection,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+    id: &str,
+    via: Via,
+    mode: ProvenanceSelection,
+) -> Result<(), StoreError> {
+    let at = selection.transaction_time;
+    let mut targeting = connection.prepare_cached(
+        "SELECT rid FROM reference_index INDEXED BY provenance_by_target
+         WHERE tenant_id = ?1 AND target_type = ?2 AND target_id = ?3 AND provenance_target = 1
+           AND from_ts <= ?4 AND (to_ts IS NULL OR to_ts > ?4)",
+    )?;
+    let rids: Vec<i64> =
+        targeting.query_map(params![tenant.0, resource_type, id, at], |row| row.get(0))?.collect::<Result<_, _>>()?;
+    // A row valid at the transaction time means that version was live then; the owner decides
+    // visibility, the version's time which one is latest.
+    let mut candidates = Vec::new();
+    for rid in rids {
+        if let Some(state) = state_at(connection, rid, at)? {
+            if !state.deleted && visible(selection, state.owner.as_deref()) {
+                candidates.push((state.last_updated, rid));
+            }
+        }
+    }
+    if mode == ProvenanceSelection::Latest {
+        candidates.sort_unstable();
+        candidates.drain(..candidates.len().saturating_sub(1));
+    }
+    let mut upsert = connection.prepare_cached(
+        "INSERT INTO temp.assoc_provenance (rid, full_history, since, forced) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (rid) DO UPDATE SET
+             full_history = max(full_history, excluded.full_history),
+             since = CASE WHEN since IS NULL THEN excluded.since WHEN excluded.since IS NULL THEN since
+                          ELSE min(since, excluded.since) END,
+             forced = max(forced, excluded.forced)",
+    )?;
+    for (_, rid) in candidates {
+        upsert.execute(params![rid, via.reach.full_history, via.reach.existing_since, via.forced])?;
+    }
+    Ok(())
+}
+
+fn visible(selection: &MemberSelection, owner: Option<&str>) -> bool {
+    selection.visibility.user().is_none_or(|user| owner == Some(user))
+}
+
+/// Whether an associated resource with this version and reach is exported: changed since
+/// (`_since` of the members it was reached through), reached through a member added since, or
+/// forced by an exported resource; and before `_until`.
+fn exported(selection: &MemberSelection, via: Via, last_updated: Micros) -> bool {
+    (via.forced || via.reach.since().is_none_or(|since| last_updated > since))
+        && selection.until.is_none_or(|until| last_updated < until)
+}
+
+fn via_from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Via> {
+    Ok(Via {
+        reach: Reach { full_history: row.get(first)?, existing_since: row.get(first + 1)? },
+        forced: row.get(first + 2)?,
+    })
+}
+
+/// Moves the found Provenance into the output, and records their references as level-1 nodes.
+fn resolve_provenance(
+    connection: &Connection,
+    selection: &MemberSelection,
+    request: &AssociatedRequest,
+    referencing: bool,
+) -> Result<(), StoreError> {
+    let at = selection.transaction_time;
+    let mut batch_statement = connection.prepare(
+        "SELECT rid, full_history, since, forced FROM temp.assoc_provenance WHERE rid > ?1 ORDER BY rid LIMIT ?2",
+    )?;
+    let mut output = connection
+        .prepare_cached("INSERT OR IGNORE INTO temp.assoc_out (resource_type, rid) VALUES ('Provenance', ?1)")?;
+    let mut after = i64::MIN;
+    loop {
+        let batch: Vec<(i64, Via)> = batch_statement
+            .query_map(params![after, LEVEL_BATCH as i64], |row| Ok((row.get(0)?, via_from_row(row, 1)?)))?
+            .collect::<Result<_, _>>()?;
+        let Some(&(last, _)) = batch.last() else { return Ok(()) };
+        after = last;
+        for (rid, via) in batch {
+            let Some(state) = state_at(connection, rid, at)? else { continue };
+            let sent = exported(selection, via, state.last_updated);
+            if sent {
+                output.execute([rid])?;
+            }
+            if referencing {
+                add_references(connection, rid, at, Via { forced: sent, ..via }, 1, &request.referenced)?;
+            }
+        }
+    }
+}
+
+/// Resolves the nodes of one level: those live and visible at the transaction time join the
+/// output when [`exported`]; below the depth limit, their own references become the next level.
+fn resolve_level(
+    connection: &Connection,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    request: &AssociatedRequest,
+    level: u32,
+) -> Result<(), StoreError> {
+    let at = selection.transaction_time;
+    let mut batch_statement = connection.prepare(
+        "SELECT target_type, target_id, full_history, since, forced FROM temp.assoc_node
+         WHERE level = ?1 AND (target_type > ?2 OR (target_type = ?2 AND target_id > ?3))
+         ORDER BY target_type, target_id LIMIT ?4",
+    )?;
+    let mut rid_of = connection
+        .prepare_cached("SELECT rid FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3")?;
+    let mut output =
+        connection.prepare_cached("INSERT OR IGNORE INTO temp.assoc_out (resource_type, rid) VALUES (?1, ?2)")?;
+    let mut after = (String::new(), String::new());
+    loop {
+        let batch: Vec<(String, String, Via)> = batch_statement
+            .query_map(params![level, after.0, after.1, LEVEL_BATCH as i64], |row| {
+                Ok((row.get(0)?, row.get(1)?, via_from_row(row, 2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let Some(last) = batch.last() else { return Ok(()) };
+        after = (last.0.clone(), last.1.clone());
+        for (target_type, target_id, via) in batch {
+            let rid: Option<i64> =
+                rid_of.query_row(params![tenant.0, target_type, target_id], |row| row.get(0)).optional()?;
+            let Some(rid) = rid else { continue }; // referenced, never stored
+            let Some(state) = state_at(connection, rid, at)? else { continue };
+            if state.deleted || !visible(selection, state.owner.as_deref()) {
+                continue;
+            }
+            let sent = exported(selection, via, state.last_updated);
+            if sent {
+                output.execute(params![target_type, rid])?;
+            }
+            if level < request.depth {
+                add_references(connection, rid, at, Via { forced: sent, ..via }, level + 1, &request.referenced)?;
+            }
+        }
+    }
+}
+
+/// A resource's version at a time, as planning needs it.
+struct StateAt {
+    last_updated: Micros,
+    deleted: bool,
+    owner: Option<String>,
+}
+
+/// The state of `rid`'s version at `at`; `None` before it existed.
+fn state_at(connection: &Connection, rid: i64, at: Micros) -> Result<Option<StateAt>, StoreError> {
+    let row =
+        |row: &rusqlite::Row<'_>| Ok(StateAt { last_updated: row.get(0)?, deleted: row.get(1)?, owner: row.get(2)? });
+    let current = connection
+        .prepare_cached("SELECT last_updated, deleted, owner FROM resources WHERE rid = ?1")?
+        .query_row([rid], row)
+        .optional()?;
+    match current {
+        Some(current) if current.last_updated <= at => Ok(Some(current)),
+        Some(_) => Ok(connection
+            .prepare_cached(
+                "SELECT last_updated, deleted, owner FROM resource_history WHERE rid = ?1 AND last_updated <= ?2
+                 ORDER BY version DESC LIMIT 1",
+            )?
+            .query_row(params![rid, at], row)
+            .optional()?),
+        None => Ok(None),
+    }
+}
+
+// ---- reading ----
+
+/// Keys of a stored set read per window.
+const READ_BATCH: i64 = 512;
+
+/// Reads one part of a stored associated set: each window is one short read transaction.
+pub(super) struct AssociatedPartReader<'a> {
+    pub(super) store: &'a SqliteStore,
+    pub(super) tenant: TenantId,
+    pub(super) selection: &'a MemberSelection,
+    pub(super) set_id: &'a str,
+    pub(super) resource_type: &'a str,
+    /// The next key to read; `None` once the part is complete.
+    pub(super) next_key: Option<i64>,
+    pub(super) last_key: i64,
+}
+
+impl PartReader for AssociatedPartReader<'_> {
+    fn next_window(&mut self, out: &mut Vec<u8>, max_bytes: usize) -> Result<u64, StoreError> {
+        let Some(next_key) = self.next_key else { return Ok(0) };
+        let at = self.selection.transaction_time;
+        let (start_len, last_key) = (out.len(), self.last_key);
+        let (tenant, set_id, resource_type) = (self.tenant, self.set_id, self.resource_type);
+        let (count, next) = self.store.with_snapshot(|connection| {
+            let mut keys = connection.prepare_cached(
+                "SELECT rid FROM export_associated WHERE tenant_id = ?1 AND set_id = ?2 AND resource_type = ?3
+                   AND rid BETWEEN ?4 AND ?5 ORDER BY rid LIMIT ?6",
+            )?;
+            let rids: Vec<i64> = keys
+                .query_map(params![tenant.0, set_id, resource_type, next_key, last_key, READ_BATCH], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut count = 0u64;
+            let mut next = None;
+            for (index, rid) in rids.iter().enumerate() {
+                if out.len() - start_len >= max_bytes {
+                    next = Some(*rid);
+                    break;
+                }
+                append_version_at(connection, *rid, at, out)?;
+                count += 1;
+                if index + 1 == rids.len() && rids.len() as i64 == READ_BATCH && *rid < last_key {
+                    next = Some(rid + 1);
+                }
+            }
+            Ok((count, next))
+        })?;
+        self.next_key = next;
+        if count == 0 && next.is_some() {
+            // Cannot happen (max_bytes > 0 reads at least one), but never loop without progress.
+            return Err(StoreError::Database("export: associated part made no progress".into()));
+        }
+        Ok(count)
+    }
+}
+
+/// Appends the body of `rid`'s version at `at` as one NDJSON line.
+fn append_version_at(connection: &Connection, rid: i64, at: Micros, out: &mut Vec<u8>) -> Result<(), StoreError> {
+    let mut current = connection.prepare_cached("SELECT last_updated, body FROM resources WHERE rid = ?1")?;
+    let mut earlier = connection.prepare_cached(
+        "SELECT body FROM resource_history WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1",
+    )?;
+    let mut rows = current.query([rid])?;
+    let appended = match rows.next()? {
+        Some(row) if row.get::<_, i64>(0)? <= at => append(row.get_ref(1)?.as_bytes_or_null()?, out),
+        Some(_) => {
+            let mut then = earlier.query(params![rid, at])?;
+            match then.next()? {
+                Some(row) => append(row.get_ref(0)?.as_bytes_or_null()?, out),
+                None => false,
+            }
+        }
+        None => false,
+    };
+    if !appended {
+        return Err(StoreError::Database(format!("export: no stored version of resource {rid} at {at}")));
+    }
+    Ok(())
+}
+
+fn append(body: Option<&[u8]>, out: &mut Vec<u8>) -> bool {
+    let Some(body) = body else { return false };
+    out.extend_from_slice(body);
+    out.push(b'\n');
+    true
+}
+
+pub(super) fn associated_ids(
+    connection: &Connection,
+    tenant: TenantId,
+    set_id: &str,
+    resource_type: &str,
+    ids: &[String],
+) -> Result<Vec<String>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM resources r JOIN export_associated a
+                        ON a.tenant_id = r.tenant_id AND a.resource_type = r.resource_type AND a.rid = r.rid
+                        WHERE r.tenant_id = ?1 AND r.resource_type = ?2 AND r.id = ?3 AND a.set_id = ?4)",
+    )?;
+    let mut held = Vec::new();
+    for id in ids {
+        if statement.query_row(params![tenant.0, resource_type, id, set_id], |row| row.get::<_, bool>(0))? {
+            held.push(id.clone());
+        }
+    }
+    Ok(held)
+}
