@@ -11,6 +11,7 @@ mod model;
 pub mod postgres;
 mod retention;
 mod search;
+mod selection;
 pub mod sqlite;
 mod write;
 
@@ -303,4 +304,4 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Makes the audit records of a write from its entries' results ([`Store::write_audited`]).
-pub type AuditRecords<'a> = dyn Fn(&[Result<Written, StoreError>]) -> Vec<AuditRecord> + 'a;
+pub type AuditRecords<'a> = dyn Fn(&[Result<Written, StoreError>]) -> Vec<AuditRecord> + Sync + 'a;

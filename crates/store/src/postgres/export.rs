@@ -5,60 +5,46 @@
 //! time names a member, and its version at that time exists, is not deleted, is visible, and was
 //! last updated after the member's `since` (the most permissive member wins) and before `until`.
 //!
-//! The members travel as two array parameters (`unnest`), not a temporary table: nothing is
-//! left on a pooled connection, and every statement is a plain, tenant-scoped join.
+//! The members travel as two array parameters (`unnest`) of patient keys and `since`s, not a
+//! temporary table: nothing is left on a pooled connection, and every statement is a plain,
+//! tenant-scoped join.
 
 use bulkhead_fhir::Micros;
 
-use super::resources::{stored_from_row, VERSION_COLUMNS};
+use super::resources::{stored_from_row, type_code, VERSION_COLUMNS};
 use super::Db;
+use crate::selection::add_to_parts;
+pub(super) use crate::selection::{selected, Reach, VersionAt};
 use crate::{MemberSelection, PartRange, SelectionScope, StoreError, StoredResource, TenantId, Visibility};
 
-/// The members of a selection as array parameters: patient ids and each one's `since`.
+/// The members of a selection as array parameters: patient keys and each one's `since`.
 pub(super) struct Members {
-    ids: Vec<String>,
+    pkeys: Vec<i64>,
     since: Vec<Option<i64>>,
 }
 
 impl Members {
-    pub(super) fn of(selection: &MemberSelection) -> Members {
-        let (ids, since) = selection.members.iter().cloned().unzip();
-        Members { ids, since }
-    }
-}
-
-/// The version of one resource as it was at the transaction time.
-#[derive(Clone, Copy)]
-pub(super) struct VersionAt {
-    last_updated: Micros,
-    deleted: bool,
-    visible: bool,
-}
-
-/// Which members a candidate resource was found through.
-#[derive(Clone, Copy)]
-pub(super) struct Reach {
-    /// Some member gets its full history (added to the Group since `_since`).
-    full_history: bool,
-    /// The smallest `since` among the other members, if any.
-    existing_since: Option<Micros>,
-}
-
-impl Reach {
-    fn since(self) -> Option<Micros> {
-        if self.full_history {
-            None
-        } else {
-            self.existing_since
+    /// Looks the members' patient keys up once. A member without a key has never been named by
+    /// any write, so it has no compartment rows; resolved at or after the transaction time
+    /// (every write stamped before it has committed), it cannot gain rows valid then.
+    pub(super) fn resolve(
+        db: &mut Db<'_>,
+        tenant: TenantId,
+        selection: &MemberSelection,
+    ) -> Result<Members, StoreError> {
+        let (ids, since): (Vec<&str>, Vec<Option<i64>>) =
+            selection.members.iter().map(|(id, since)| (id.as_str(), *since)).unzip();
+        let rows = db.query(
+            "SELECT k.pkey, m.since FROM unnest($2::text[], $3::int8[]) AS m(patient_id, since)
+             JOIN patient_keys k ON k.tenant_id = $1 AND k.patient_id = m.patient_id",
+            &[&tenant.0, &ids, &since],
+        )?;
+        let mut members = Members { pkeys: Vec::with_capacity(rows.len()), since: Vec::with_capacity(rows.len()) };
+        for row in &rows {
+            members.pkeys.push(row.try_get(0)?);
+            members.since.push(row.try_get(1)?);
         }
-    }
-
-    fn merge(self, other: Reach) -> Reach {
-        let existing_since = match (self.existing_since, other.existing_since) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        Reach { full_history: self.full_history || other.full_history, existing_since }
+        Ok(members)
     }
 }
 
@@ -66,7 +52,9 @@ impl Reach {
 /// version holding that version's body (0: the current row then).
 pub(super) struct Chosen {
     pub(super) rid: i64,
-    version: VersionAt,
+    /// Which members it was found through.
+    pub(super) reach: Reach,
+    pub(super) version: VersionAt,
     pub(super) history_version: i64,
 }
 
@@ -106,7 +94,10 @@ pub(super) fn select_window(
     let at = selection.transaction_time;
     let user = selection.visibility.user();
     let candidates = match selection.scope {
-        SelectionScope::Members => member_candidates(db, tenant, selection, members, resource_type, (start, end))?,
+        SelectionScope::Members => {
+            let Ok(code) = type_code(resource_type) else { return Ok(Vec::new()) };
+            member_candidates(db, tenant, selection, members, code, (start, end))?
+        }
         SelectionScope::Tenant => tenant_candidates(db, tenant, selection, resource_type, (start, end))?,
     };
     // `_typeFilter` needs the version's JSON: read only for filtered types.
@@ -133,7 +124,7 @@ pub(super) fn select_window(
         if select(reach, &version)
             && (!filtered || filter_matches(db, tenant, selection, resource_type, rid, history_version)?)
         {
-            chosen.push(Chosen { rid, version, history_version });
+            chosen.push(Chosen { rid, reach, version, history_version });
         }
     }
     Ok(chosen)
@@ -149,18 +140,19 @@ fn member_candidates(
     tenant: TenantId,
     selection: &MemberSelection,
     members: &Members,
-    resource_type: &str,
+    code: i16,
     (start, end): (i64, i64),
 ) -> Result<Vec<Candidate>, StoreError> {
     let at = selection.transaction_time;
     let user = selection.visibility.user();
+    // The member list drives: each member is one range scan of the compartment key.
     let rows = db.query(
         "SELECT c.rid, m.since IS NULL, m.since, c.last_updated, c.deleted, c.owner, c.to_ts IS NOT NULL
-         FROM unnest($3::text[], $4::int8[]) AS m(patient_id, since)
-         JOIN compartment c ON c.tenant_id = $1 AND c.patient_id = m.patient_id AND c.resource_type = $2
+         FROM unnest($3::int8[], $4::int8[]) AS m(pkey, since)
+         JOIN compartment c ON c.tenant_id = $1 AND c.pkey = m.pkey AND c.type_code = $2
          WHERE c.rid BETWEEN $5 AND $6 AND c.from_ts <= $7 AND (c.to_ts IS NULL OR c.to_ts > $7)
          ORDER BY c.rid",
-        &[&tenant.0, &resource_type, &members.ids, &members.since, &start, &end, &at],
+        &[&tenant.0, &code, &members.pkeys, &members.since, &start, &end, &at],
     )?;
     let mut candidates: Vec<Candidate> = Vec::with_capacity(rows.len());
     for row in &rows {
@@ -214,7 +206,7 @@ fn tenant_candidates(
 /// Whether the version of `rid` held by the current row (`history_version` 0) or by that
 /// history version matches the selection's `_typeFilter` for its type. Versions never change,
 /// so the plan's counts and the download's lines agree.
-fn filter_matches(
+pub(super) fn filter_matches(
     db: &mut Db<'_>,
     tenant: TenantId,
     selection: &MemberSelection,
@@ -263,13 +255,6 @@ fn for_each_selected(
     Ok(())
 }
 
-pub(super) fn selected(selection: &MemberSelection, reach: Reach, version: &VersionAt) -> bool {
-    !version.deleted
-        && reach.since().is_none_or(|since| version.last_updated > since)
-        && selection.until.is_none_or(|until| version.last_updated < until)
-        && version.visible
-}
-
 /// Splits the selected resources of one type into consecutive key ranges of at most
 /// `part_size` resources.
 pub(super) fn plan_type(
@@ -280,15 +265,10 @@ pub(super) fn plan_type(
     resource_type: &str,
     part_size: u64,
 ) -> Result<Vec<PartRange>, StoreError> {
-    let part_size = part_size.max(1);
     let mut parts: Vec<PartRange> = Vec::new();
     let select = |reach, version: &VersionAt| selected(selection, reach, version);
-    for_each_selected(db, tenant, selection, members, resource_type, select, |rid, _| match parts.last_mut() {
-        Some(part) if part.count < part_size => {
-            part.last_key = rid;
-            part.count += 1;
-        }
-        _ => parts.push(PartRange { first_key: rid, last_key: rid, count: 1 }),
+    for_each_selected(db, tenant, selection, members, resource_type, select, |rid, _| {
+        add_to_parts(&mut parts, rid, part_size)
     })?;
     Ok(parts)
 }
@@ -309,7 +289,7 @@ pub(super) fn deleted_in_compartments(
         unfiltered = MemberSelection { filters: Default::default(), ..selection.clone() };
         &unfiltered
     };
-    let members = Members::of(selection);
+    let members = Members::resolve(db, tenant, selection)?;
     let mut deleted: Vec<(i64, Micros)> = Vec::new();
     let select = |reach: Reach, version: &VersionAt| {
         reach.existing_since.is_some_and(|since| version.deleted && version.last_updated > since && version.visible)
@@ -343,12 +323,14 @@ fn left_the_cohort(
 ) -> Result<Vec<(i64, Micros)>, StoreError> {
     let at = selection.transaction_time;
     let user = selection.visibility.user();
+    let Ok(code) = type_code(resource_type) else { return Ok(Vec::new()) };
+    // The closed rows drive (through their partial index), not the members.
     let moved = db.query(
         "SELECT DISTINCT c.rid, c.owner FROM compartment c
-         JOIN unnest($3::text[], $4::int8[]) AS m(patient_id, since) ON m.patient_id = c.patient_id AND m.since IS NOT NULL
-         WHERE c.tenant_id = $1 AND c.resource_type = $2 AND c.to_ts IS NOT NULL AND c.to_ts > $5 AND c.to_ts <= $6
+         JOIN unnest($3::int8[], $4::int8[]) AS m(pkey, since) ON m.pkey = c.pkey AND m.since IS NOT NULL
+         WHERE c.tenant_id = $1 AND c.type_code = $2 AND c.to_ts IS NOT NULL AND c.to_ts > $5 AND c.to_ts <= $6
            AND c.from_ts <= $5",
-        &[&tenant.0, &resource_type, &members.ids, &members.since, &since, &at],
+        &[&tenant.0, &code, &members.pkeys, &members.since, &since, &at],
     )?;
     let mut left = Vec::new();
     for row in &moved {
@@ -365,8 +347,8 @@ fn left_the_cohort(
             && db
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM compartment WHERE tenant_id = $1 AND rid = $2
-                                    AND patient_id = ANY($3) AND from_ts <= $4 AND (to_ts IS NULL OR to_ts > $4))",
-                    &[&tenant.0, &rid, &members.ids, &at],
+                                    AND pkey = ANY($3) AND from_ts <= $4 AND (to_ts IS NULL OR to_ts > $4))",
+                    &[&tenant.0, &rid, &members.pkeys, &at],
                 )?
                 .try_get::<_, bool>(0)?;
         if !still_in_cohort {
@@ -430,9 +412,11 @@ pub(super) fn members_at(
     at: Micros,
 ) -> Result<Vec<String>, StoreError> {
     db.query(
-        "SELECT DISTINCT patient_id FROM group_membership
-         WHERE tenant_id = $1 AND group_id = $2 AND added_at <= $3 AND (removed_at IS NULL OR removed_at > $3)
-         ORDER BY patient_id",
+        "SELECT DISTINCT k.patient_id FROM group_membership g
+         JOIN patient_keys k ON k.tenant_id = g.tenant_id AND k.pkey = g.pkey
+         WHERE g.tenant_id = $1 AND g.added_at <= $3 AND (g.removed_at IS NULL OR g.removed_at > $3)
+           AND g.group_rid = (SELECT rid FROM resources WHERE tenant_id = $1 AND resource_type = 'Group' AND id = $2)
+         ORDER BY k.patient_id",
         &[&tenant.0, &group_id, &at],
     )?
     .iter()

@@ -77,6 +77,22 @@ pub(super) fn delete_expired_export_jobs(db: &mut Db<'_>, now: Micros) -> Result
     db.execute("DELETE FROM export_jobs WHERE expires <= $1", &[&now])
 }
 
+/// Housekeeping across tenants: up to `limit` expired jobs, soonest expiry first.
+pub(super) fn expired_export_jobs(
+    db: &mut Db<'_>,
+    now: Micros,
+    limit: usize,
+) -> Result<Vec<(TenantId, String)>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    db.query(
+        "SELECT tenant_id, job_id FROM export_jobs WHERE expires <= $1 ORDER BY expires, tenant_id, job_id LIMIT $2",
+        &[&now, &limit],
+    )?
+    .iter()
+    .map(|row| Ok((TenantId(row.try_get(0)?), row.try_get(1)?)))
+    .collect()
+}
+
 pub(super) fn create_export_record(db: &mut Db<'_>, tenant: TenantId, record: &ExportRecord) -> Result<(), StoreError> {
     let inserted = db.execute(
         "INSERT INTO export_records (tenant_id, record_id, created, expires, plan) VALUES ($1, $2, $3, $4, $5)
@@ -110,7 +126,10 @@ pub(super) fn export_record(
 }
 
 pub(super) fn delete_expired_export_records(db: &mut Db<'_>, now: Micros) -> Result<u64, StoreError> {
-    db.execute("DELETE FROM export_records WHERE expires <= $1", &[&now])
+    let swept = db.execute("DELETE FROM export_records WHERE expires <= $1", &[&now])?;
+    // The associated sets of those exports expire with them.
+    super::associated::delete_expired_sets(db, now)?;
+    Ok(swept)
 }
 
 fn job_from_row(row: &Row) -> Result<ExportJob, StoreError> {

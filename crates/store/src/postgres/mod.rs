@@ -10,6 +10,8 @@
 //!   so commit order is timestamp order across every instance (see [`PgStore::with_write`]).
 
 mod admin;
+mod associated;
+mod audit;
 mod export;
 mod jobs;
 pub mod migrations;
@@ -29,9 +31,9 @@ use postgres::types::ToSql;
 use postgres::{NoTls, Row, Statement};
 
 use crate::{
-    ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader,
-    PruneReport, SearchPage, SearchQuery, StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility,
-    WriteMode, WriteOp, Written,
+    AssociatedRequest, AuditQuery, AuditRecord, AuditRecords, ClientRecord, ClientRegistration, ExportJob,
+    ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, PruneReport, SearchPage, SearchQuery,
+    StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 /// Pool and timeout settings (config keys `database_*`).
@@ -260,6 +262,22 @@ impl PgStore {
         })
     }
 
+    /// Runs `work` in one read-write transaction that does not take the clock (it writes nothing
+    /// versioned: audit records, associated sets), committing only when it returns `Ok`.
+    fn with_transaction<T: Send>(
+        &self,
+        work: impl FnOnce(&mut Db<'_>) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        off_runtime(|| {
+            let mut connection = self.checkout()?;
+            let Connection { client, statements } = &mut *connection;
+            let mut db = Db { transaction: client.transaction()?, statements };
+            let result = work(&mut db)?;
+            db.transaction.commit()?;
+            Ok(result)
+        })
+    }
+
     /// Runs `work` in one read-only snapshot transaction.
     fn with_read<T: Send>(
         &self,
@@ -291,23 +309,24 @@ fn next_timestamp(db: &mut Db<'_>) -> Result<Micros, StoreError> {
 
 impl From<postgres::Error> for StoreError {
     fn from(error: postgres::Error) -> Self {
-        if let Some(code) = error.code() {
-            let code = code.code();
-            return match code {
+        if let Some(db) = error.as_db_error() {
+            // The server's own message (the error's Display says only "db error").
+            let message = format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+            return match db.code().code() {
                 // disk_full, out_of_memory's neighbours in class 53 that mean "no space".
-                "53100" => StoreError::StorageFull(error.to_string()),
+                "53100" => StoreError::StorageFull(message),
                 // Class 08 (connection exception), admin/crash shutdown, cannot connect now, too
                 // many connections, a statement timeout, serialisation failure, deadlock: the
                 // same request can succeed later.
-                _ if code.starts_with("08")
+                code if code.starts_with("08")
                     || matches!(
                         code,
                         "57P01" | "57P02" | "57P03" | "53300" | "57014" | "40001" | "40P01" | "55P03"
                     ) =>
                 {
-                    StoreError::Unavailable(error.to_string())
+                    StoreError::Unavailable(message)
                 }
-                _ => StoreError::Database(error.to_string()),
+                _ => StoreError::Database(message),
             };
         }
         let io = std::error::Error::source(&error).is_some_and(|source| source.is::<std::io::Error>());
@@ -356,14 +375,19 @@ impl crate::Store for PgStore {
         self.with_write(|db, _| admin::server_key(db, name, candidate))
     }
 
-    fn write(
+    fn write_audited(
         &self,
         tenant: TenantId,
         owner: Option<&str>,
         ops: &[WriteOp],
         mode: WriteMode,
+        audit_records: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
-        self.with_write(|db, timestamp| resources::write(db, tenant, owner, ops, mode, timestamp))
+        self.with_write(|db, timestamp| {
+            let results = resources::write(db, tenant, owner, ops, mode, timestamp)?;
+            audit::append(db, &audit_records(&results))?;
+            Ok(results)
+        })
     }
 
     fn read(
@@ -437,7 +461,7 @@ impl crate::Store for PgStore {
         resource_types: &[String],
         part_size: u64,
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
-        let members = export::Members::of(selection);
+        let members = self.with_read(|db| export::Members::resolve(db, tenant, selection))?;
         let mut planned = Vec::new();
         // One short transaction per type: what a type selects depends only on the transaction
         // time, so separate snapshots agree.
@@ -470,6 +494,47 @@ impl crate::Store for PgStore {
         self.with_read(|db| export::deleted_in_compartments(db, tenant, selection, resource_type))
     }
 
+    fn plan_associated(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        request: &AssociatedRequest,
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
+        self.plan_associated_set(tenant, selection, request, part_size)
+    }
+
+    fn associated_reader<'a>(
+        &'a self,
+        tenant: TenantId,
+        selection: &'a MemberSelection,
+        set_id: &'a str,
+        resource_type: &'a str,
+        range: PartRange,
+    ) -> Box<dyn PartReader + 'a> {
+        Box::new(associated::AssociatedPartReader {
+            store: self,
+            tenant,
+            selection,
+            set_id,
+            resource_type,
+            next_key: Some(range.first_key),
+            last_key: range.last_key,
+            read_bytes: 0,
+            read_lines: 0,
+        })
+    }
+
+    fn associated_ids(
+        &self,
+        tenant: TenantId,
+        set_id: &str,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        self.with_read(|db| associated::associated_ids(db, tenant, set_id, resource_type, ids))
+    }
+
     fn create_export_job(&self, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {
         self.with_write(|db, _| jobs::create_export_job(db, tenant, job))
     }
@@ -494,6 +559,10 @@ impl crate::Store for PgStore {
 
     fn delete_expired_export_jobs(&self, now: Micros) -> Result<u64, StoreError> {
         self.with_write(|db, _| jobs::delete_expired_export_jobs(db, now))
+    }
+
+    fn expired_export_jobs(&self, now: Micros, limit: usize) -> Result<Vec<(TenantId, String)>, StoreError> {
+        self.with_read(|db| jobs::expired_export_jobs(db, now, limit))
     }
 
     fn create_export_record(&self, tenant: TenantId, record: &ExportRecord) -> Result<(), StoreError> {
@@ -564,6 +633,18 @@ impl crate::Store for PgStore {
         })
     }
 
+    fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        self.with_transaction(|db| audit::append(db, records))
+    }
+
+    fn audit_records(&self, tenant: TenantId, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.with_read(|db| audit::records(db, tenant, query))
+    }
+
+    fn prune_audit(&self, before: Micros) -> Result<u64, StoreError> {
+        self.with_transaction(|db| audit::prune(db, before))
+    }
+
     fn history_horizon(&self) -> Result<Option<Micros>, StoreError> {
         self.with_read(retention::history_horizon)
     }
@@ -593,6 +674,39 @@ mod tests {
         Some(store) => store,
         None => return,
     });
+
+    /// The audit trail is append-only in the database itself: an UPDATE fails, whoever runs it,
+    /// and the record stays as it was.
+    #[test]
+    fn audit_records_cannot_be_updated() {
+        use crate::{AuditQuery, AuditRecord};
+        let Some(store) = super::testing::fresh_store() else { return };
+        let tenant = store.create_tenant("t").unwrap().id;
+        let record = AuditRecord {
+            seq: 0,
+            time: 1,
+            tenant,
+            client: "c".into(),
+            user: None,
+            peer: None,
+            request_id: "r".into(),
+            action: "read".into(),
+            target: "Patient/a".into(),
+            outcome: "failure".into(),
+            status: 404,
+            detail: "{}".into(),
+            patients: vec!["a".into()],
+            cohort: None,
+        };
+        store.append_audit(&[record]).unwrap();
+        let updated = store.with_transaction(|db| db.execute("UPDATE audit_log SET outcome = 'success'", &[]));
+        match updated {
+            Err(StoreError::Database(message)) => assert!(message.contains("append-only"), "{message}"),
+            other => panic!("an UPDATE of the audit trail must fail, got {other:?}"),
+        }
+        let stored = store.audit_records(tenant, &AuditQuery { limit: 10, ..Default::default() }).unwrap();
+        assert_eq!((stored.len(), stored[0].outcome.as_str()), (1, "failure"));
+    }
 
     /// Nothing listens: calls fail within the connect timeout as `Unavailable` (503), never hang.
     #[test]

@@ -16,7 +16,8 @@ pub(super) struct PgPartReader<'a> {
     store: &'a PgStore,
     tenant: TenantId,
     selection: &'a MemberSelection,
-    members: Members,
+    /// Resolved by the first window.
+    members: Option<Members>,
     resource_type: &'a str,
     range: PartRange,
     /// The first key whose window is not resolved yet; `None` once the whole range is.
@@ -42,7 +43,7 @@ impl<'a> PgPartReader<'a> {
             store,
             tenant,
             selection,
-            members: Members::of(selection),
+            members: None,
             resource_type,
             range,
             unresolved: None,
@@ -65,11 +66,14 @@ impl<'a> PgPartReader<'a> {
         }
         let Some(mut start) = self.unresolved else { return Ok(()) };
         let selection = self.selection;
+        if self.members.is_none() {
+            self.members = Some(Members::resolve(db, self.tenant, selection)?);
+        }
+        let Some(members) = &self.members else { return Ok(()) };
         let select = |reach, version: &VersionAt| selected(selection, reach, version);
         loop {
             let end = start.saturating_add(WINDOW - 1).min(self.last_key);
-            let chosen =
-                select_window(db, self.tenant, selection, &self.members, self.resource_type, (start, end), select)?;
+            let chosen = select_window(db, self.tenant, selection, members, self.resource_type, (start, end), select)?;
             self.pending.extend(chosen.iter().map(|chosen| (chosen.rid, chosen.history_version)));
             self.unresolved = (end < self.last_key).then(|| end + 1);
             match self.unresolved {

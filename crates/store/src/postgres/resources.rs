@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use bulkhead_fhir::{compartment::patient_compartments_of, Micros};
+use bulkhead_fhir::{compartment::patient_compartments_of, resource_type_code, Micros};
 use postgres::types::ToSql;
 use postgres::Row;
 use serde_json::Value;
@@ -24,8 +24,8 @@ struct Current {
     owner: Option<String>,
 }
 
-/// Search tokens as parallel arrays (type, param, system, value, key) for one multi-row insert.
-type TokenColumns<'a> = (Vec<&'a str>, Vec<&'a str>, Vec<String>, Vec<String>, Vec<i64>);
+/// Search tokens as parallel arrays (type code, param, system, value, key) for one multi-row insert.
+type TokenColumns<'a> = (Vec<i16>, Vec<&'a str>, Vec<String>, Vec<String>, Vec<i64>);
 
 /// Writes at least this many at once go through [`insert_new`] for the new resources among them.
 const BULK_FROM: usize = 8;
@@ -109,7 +109,12 @@ fn insert_new(
             _ => continue,
         };
         let key = (op.resource_type(), op.id());
-        if key.0 == "Group" || named[&key] > 1 || existing.contains(&(key.0.to_owned(), key.1.to_owned())) {
+        // A type outside R4 cannot be indexed: `apply` fails that entry alone.
+        if key.0 == "Group"
+            || named[&key] > 1
+            || existing.contains(&(key.0.to_owned(), key.1.to_owned()))
+            || resource_type_code(key.0).is_none()
+        {
             continue;
         }
         chosen.push((index, key.0, key.1, body, stamped_json(body, key.1, 1, timestamp)?));
@@ -137,38 +142,43 @@ fn insert_new(
             .copied()
             .ok_or_else(|| StoreError::Database(format!("{resource_type}/{id}: no key after insert")))
     };
-    let (mut patients, mut patient_types, mut patient_rids) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut patients, mut patient_types, mut patient_rids): (Vec<String>, Vec<i16>, Vec<i64>) = Default::default();
     let mut tokens: TokenColumns<'_> = Default::default();
+    let mut referencing: Vec<(&str, i64, &Value)> = Vec::with_capacity(chosen.len());
     for (_, resource_type, id, body, _) in &chosen {
         let (resource_type, id, body) = (*resource_type, *id, *body);
         let rid = rid_of(resource_type, id)?;
+        referencing.push((resource_type, rid, body));
+        let code = type_code(resource_type)?;
         for patient in patient_compartments_of(resource_type, id, body) {
             patients.push(patient);
-            patient_types.push(resource_type);
+            patient_types.push(code);
             patient_rids.push(rid);
         }
         for (param, system, value) in search_tokens(body) {
-            tokens.0.push(resource_type);
+            tokens.0.push(code);
             tokens.1.push(param);
             tokens.2.push(system);
             tokens.3.push(value);
             tokens.4.push(rid);
         }
     }
+    let pkeys = patient_keys(db, tenant, &patients)?;
     db.execute(
-        "INSERT INTO compartment (tenant_id, patient_id, resource_type, rid, from_ts, last_updated, deleted, owner)
-         SELECT $1, n.patient_id, n.resource_type, n.rid, $5, $5, false, $6
-         FROM unnest($2::text[], $3::text[], $4::int8[]) AS n(patient_id, resource_type, rid)
+        "INSERT INTO compartment (tenant_id, pkey, type_code, rid, from_ts, last_updated, deleted, owner)
+         SELECT $1, n.pkey, n.type_code, n.rid, $5, $5, false, $6
+         FROM unnest($2::int8[], $3::int2[], $4::int8[]) AS n(pkey, type_code, rid)
          ON CONFLICT DO NOTHING",
-        &[&tenant.0, &patients, &patient_types, &patient_rids, &timestamp, &owner],
+        &[&tenant.0, &pkeys, &patient_types, &patient_rids, &timestamp, &owner],
     )?;
     db.execute(
-        "INSERT INTO search_token (tenant_id, resource_type, param, system, value, rid)
-         SELECT $1, n.resource_type, n.param, n.system, n.value, n.rid
-         FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::int8[]) AS n(resource_type, param, system, value, rid)
+        "INSERT INTO search_token (tenant_id, type_code, param, system, value, rid)
+         SELECT $1, n.type_code, n.param, n.system, n.value, n.rid
+         FROM unnest($2::int2[], $3::text[], $4::text[], $5::text[], $6::int8[]) AS n(type_code, param, system, value, rid)
          ON CONFLICT DO NOTHING",
         &[&tenant.0, &tokens.0, &tokens.1, &tokens.2, &tokens.3, &tokens.4],
     )?;
+    super::associated::index_new(db, tenant, &referencing, timestamp)?;
     Ok(chosen
         .into_iter()
         .map(|(index, resource_type, id, _, text)| {
@@ -328,10 +338,11 @@ fn put(
     let patients = patient_compartments_of(resource_type, id, body);
     sync_compartments(db, tenant, resource_type, rid, patients, stored_owner, timestamp, is_new_row)?;
     sync_search_tokens(db, tenant, resource_type, rid, body, is_new_row)?;
+    super::associated::sync_references(db, tenant, resource_type, rid, body, timestamp, is_new_row)?;
     if resource_type == "Group" {
         let members =
             group_members(&text, timestamp).map_err(|error| StoreError::Invalid(format!("Group.member: {error}")))?;
-        sync_group_membership(db, tenant, id, &members, timestamp)?;
+        sync_group_membership(db, tenant, rid, &members, timestamp)?;
     }
     Ok(Written {
         resource_type: resource_type.to_owned(),
@@ -383,8 +394,9 @@ fn delete(
         &[&tenant.0, &existing.rid, &timestamp],
     )?;
     db.execute("DELETE FROM search_token WHERE tenant_id = $1 AND rid = $2", &[&tenant.0, &existing.rid])?;
+    super::associated::close_references(db, tenant, existing.rid, timestamp)?;
     if resource_type == "Group" {
-        sync_group_membership(db, tenant, id, &[], timestamp)?;
+        sync_group_membership(db, tenant, existing.rid, &[], timestamp)?;
     }
     Ok(written)
 }
@@ -397,6 +409,39 @@ fn archive_current(db: &mut Db<'_>, tenant: TenantId, rid: i64) -> Result<(), St
         &[&tenant.0, &rid],
     )?;
     Ok(())
+}
+
+/// The index code of a resource type (its position in the R4 list): a type outside R4 cannot be
+/// indexed.
+pub(super) fn type_code(resource_type: &str) -> Result<i16, StoreError> {
+    resource_type_code(resource_type)
+        .and_then(|code| i16::try_from(code).ok())
+        .ok_or_else(|| StoreError::Invalid(format!("'{resource_type}' is not an R4 resource type")))
+}
+
+/// The tenant's keys of `patients` (in the order given), each created on first mention.
+fn patient_keys(db: &mut Db<'_>, tenant: TenantId, patients: &[String]) -> Result<Vec<i64>, StoreError> {
+    if patients.is_empty() {
+        return Ok(Vec::new());
+    }
+    db.execute(
+        "INSERT INTO patient_keys (tenant_id, patient_id) SELECT $1, p FROM unnest($2::text[]) AS p
+         ON CONFLICT DO NOTHING",
+        &[&tenant.0, &patients],
+    )?;
+    let keys: Vec<i64> = db
+        .query(
+            "SELECT k.pkey FROM unnest($2::text[]) WITH ORDINALITY AS n(patient_id, ord)
+             JOIN patient_keys k ON k.tenant_id = $1 AND k.patient_id = n.patient_id ORDER BY n.ord",
+            &[&tenant.0, &patients],
+        )?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    if keys.len() != patients.len() {
+        return Err(StoreError::Database("a patient key is missing after its insert".into()));
+    }
+    Ok(keys)
 }
 
 /// Closes compartment rows the new version left, opens rows for compartments it entered, and
@@ -412,38 +457,48 @@ fn sync_compartments(
     timestamp: Micros,
     is_new_row: bool,
 ) -> Result<(), StoreError> {
-    let open: Vec<String> = if is_new_row {
+    // `(pkey, patient id)` of the open rows.
+    let open: Vec<(i64, String)> = if is_new_row {
         Vec::new()
     } else {
         db.query(
-            "SELECT patient_id FROM compartment WHERE tenant_id = $1 AND rid = $2 AND to_ts IS NULL",
+            "SELECT c.pkey, k.patient_id FROM compartment c
+             JOIN patient_keys k ON k.tenant_id = c.tenant_id AND k.pkey = c.pkey
+             WHERE c.tenant_id = $1 AND c.rid = $2 AND c.to_ts IS NULL",
             &[&tenant.0, &rid],
         )?
         .iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()?
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<Result<_, StoreError>>()?
     };
-    let gone: Vec<&String> = open.iter().filter(|patient| !patients.contains(patient)).collect();
+    if open.is_empty() && patients.is_empty() {
+        return Ok(());
+    }
+    let code = type_code(resource_type)?;
+    let gone: Vec<i64> =
+        open.iter().filter(|(_, patient)| !patients.contains(patient)).map(|(pkey, _)| *pkey).collect();
     if !gone.is_empty() {
         db.execute(
-            "UPDATE compartment SET to_ts = $4
-             WHERE tenant_id = $1 AND rid = $2 AND patient_id = ANY($3) AND to_ts IS NULL",
-            &[&tenant.0, &rid, &gone, &timestamp],
+            "UPDATE compartment SET to_ts = $5
+             WHERE tenant_id = $1 AND pkey = ANY($2) AND type_code = $3 AND rid = $4 AND to_ts IS NULL",
+            &[&tenant.0, &gone, &code, &rid, &timestamp],
         )?;
     }
-    if open.iter().any(|patient| patients.contains(patient)) {
+    if open.iter().any(|(_, patient)| patients.contains(patient)) {
         db.execute(
             "UPDATE compartment SET last_updated = $3, deleted = false WHERE tenant_id = $1 AND rid = $2 AND to_ts IS NULL",
             &[&tenant.0, &rid, &timestamp],
         )?;
     }
-    let entered: Vec<&String> = patients.iter().filter(|patient| !open.contains(patient)).collect();
+    let entered: Vec<String> =
+        patients.into_iter().filter(|patient| !open.iter().any(|(_, open)| open == patient)).collect();
     if !entered.is_empty() {
+        let pkeys = patient_keys(db, tenant, &entered)?;
         db.execute(
-            "INSERT INTO compartment (tenant_id, patient_id, resource_type, rid, from_ts, last_updated, deleted, owner)
-             SELECT $1, patient_id, $3, $4, $5, $5, false, $6 FROM unnest($2::text[]) AS n(patient_id)
+            "INSERT INTO compartment (tenant_id, pkey, type_code, rid, from_ts, last_updated, deleted, owner)
+             SELECT $1, pkey, $3, $4, $5, $5, false, $6 FROM unnest($2::int8[]) AS n(pkey)
              ON CONFLICT DO NOTHING",
-            &[&tenant.0, &entered, &resource_type, &rid, &timestamp, &owner],
+            &[&tenant.0, &pkeys, &code, &rid, &timestamp, &owner],
         )?;
     }
     Ok(())
@@ -464,50 +519,56 @@ fn sync_search_tokens(
     if tokens.is_empty() {
         return Ok(());
     }
+    let code = type_code(resource_type)?;
     let params: Vec<&str> = tokens.iter().map(|token| token.0).collect();
     let systems: Vec<&str> = tokens.iter().map(|token| token.1.as_str()).collect();
     let values: Vec<&str> = tokens.iter().map(|token| token.2.as_str()).collect();
     db.execute(
-        "INSERT INTO search_token (tenant_id, resource_type, param, system, value, rid)
+        "INSERT INTO search_token (tenant_id, type_code, param, system, value, rid)
          SELECT $1, $2, n.param, n.system, n.value, $6
          FROM unnest($3::text[], $4::text[], $5::text[]) AS n(param, system, value)
          ON CONFLICT DO NOTHING",
-        &[&tenant.0, &resource_type, &params, &systems, &values, &rid],
+        &[&tenant.0, &code, &params, &systems, &values, &rid],
     )?;
     Ok(())
 }
 
-/// Records which patients joined and left the Group's active membership at `timestamp`.
+/// Records which patients joined and left the active membership of the Group (by its key) at
+/// `timestamp`.
 fn sync_group_membership(
     db: &mut Db<'_>,
     tenant: TenantId,
-    group_id: &str,
+    group_rid: i64,
     members: &[String],
     timestamp: Micros,
 ) -> Result<(), StoreError> {
-    let open: Vec<String> = db
+    let open: Vec<(i64, String)> = db
         .query(
-            "SELECT patient_id FROM group_membership WHERE tenant_id = $1 AND group_id = $2 AND removed_at IS NULL",
-            &[&tenant.0, &group_id],
+            "SELECT g.pkey, k.patient_id FROM group_membership g
+             JOIN patient_keys k ON k.tenant_id = g.tenant_id AND k.pkey = g.pkey
+             WHERE g.tenant_id = $1 AND g.group_rid = $2 AND g.removed_at IS NULL",
+            &[&tenant.0, &group_rid],
         )?
         .iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()?;
-    let gone: Vec<&String> = open.iter().filter(|patient| members.binary_search(patient).is_err()).collect();
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<Result<_, StoreError>>()?;
+    let gone: Vec<i64> =
+        open.iter().filter(|(_, patient)| members.binary_search(patient).is_err()).map(|(pkey, _)| *pkey).collect();
     if !gone.is_empty() {
         db.execute(
             "UPDATE group_membership SET removed_at = $4
-             WHERE tenant_id = $1 AND group_id = $2 AND patient_id = ANY($3) AND removed_at IS NULL",
-            &[&tenant.0, &group_id, &gone, &timestamp],
+             WHERE tenant_id = $1 AND group_rid = $2 AND pkey = ANY($3) AND removed_at IS NULL",
+            &[&tenant.0, &group_rid, &gone, &timestamp],
         )?;
     }
-    let open: HashSet<&String> = open.iter().collect();
-    let joined: Vec<&String> = members.iter().filter(|patient| !open.contains(patient)).collect();
+    let open: HashSet<&String> = open.iter().map(|(_, patient)| patient).collect();
+    let joined: Vec<String> = members.iter().filter(|patient| !open.contains(patient)).cloned().collect();
     if !joined.is_empty() {
+        let pkeys = patient_keys(db, tenant, &joined)?;
         db.execute(
-            "INSERT INTO group_membership (tenant_id, group_id, patient_id, added_at)
-             SELECT $1, $2, patient_id, $4 FROM unnest($3::text[]) AS n(patient_id)",
-            &[&tenant.0, &group_id, &joined, &timestamp],
+            "INSERT INTO group_membership (tenant_id, group_rid, pkey, added_at)
+             SELECT $1, $2, pkey, $4 FROM unnest($3::int8[]) AS n(pkey)",
+            &[&tenant.0, &group_rid, &pkeys, &timestamp],
         )?;
     }
     Ok(())
@@ -637,10 +698,16 @@ pub(super) fn search(
         };
         sql.push_str(&format!(" AND last_updated {operator} {}", bind(&mut values, Box::new(*at))));
     }
+    // Bound only when a token condition needs it; a type outside R4 has no tokens (-1 matches none).
+    let code = if query.identifiers.is_empty() && query.references.is_empty() {
+        String::new()
+    } else {
+        bind(&mut values, Box::new(type_code(&query.resource_type).unwrap_or(-1)))
+    };
     for identifier in &query.identifiers {
         let value = bind(&mut values, Box::new(identifier.value.clone()));
         sql.push_str(&format!(
-            " AND rid IN (SELECT rid FROM search_token WHERE tenant_id = $1 AND resource_type = $2
+            " AND rid IN (SELECT rid FROM search_token WHERE tenant_id = $1 AND type_code = {code}
                           AND param = 'identifier' AND value = {value}"
         ));
         if let Some(system) = &identifier.system {
@@ -656,7 +723,7 @@ pub(super) fn search(
         };
         let value = bind(&mut values, Box::new(reference.id.clone()));
         sql.push_str(&format!(
-            " AND rid IN (SELECT rid FROM search_token WHERE tenant_id = $1 AND resource_type = $2
+            " AND rid IN (SELECT rid FROM search_token WHERE tenant_id = $1 AND type_code = {code}
                           AND {params} AND value = {value}"
         ));
         if let Some(target_type) = target_type {

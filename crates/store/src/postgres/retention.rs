@@ -67,13 +67,13 @@ pub(super) fn prune(store: &PgStore, cutoff: Micros, now: Micros, batch: usize) 
                 "DELETE FROM compartment WHERE tenant_id = $1 AND rid = $2 AND to_ts IS NULL",
                 "DELETE FROM compartment WHERE tenant_id = $1 AND rid = $2 AND to_ts IS NOT NULL",
                 "DELETE FROM search_token WHERE tenant_id = $1 AND rid = $2",
+                "DELETE FROM reference_index WHERE tenant_id = $1 AND rid = $2",
                 "DELETE FROM resources WHERE tenant_id = $1 AND rid = $2",
             ] {
                 db.execute(statement, &[&tenant, &rid])?;
             }
             if row.try_get::<_, &str>(2)? == "Group" {
-                let id: &str = row.try_get(3)?;
-                db.execute("DELETE FROM group_membership WHERE tenant_id = $1 AND group_id = $2", &[&tenant, &id])?;
+                db.execute("DELETE FROM group_membership WHERE tenant_id = $1 AND group_rid = $2", &[&tenant, &rid])?;
             }
         }
         Ok(gone.len() as u64)
@@ -83,6 +83,14 @@ pub(super) fn prune(store: &PgStore, cutoff: Micros, now: Micros, batch: usize) 
         db.execute(
             "DELETE FROM compartment WHERE ctid IN (
                  SELECT ctid FROM compartment WHERE to_ts IS NOT NULL AND to_ts <= $1 LIMIT $2)",
+            &[&horizon, &batch],
+        )
+    })?;
+    // Closed reference-index rows: no export reads the references of versions before the horizon.
+    until_done(store, batch, |db| {
+        db.execute(
+            "DELETE FROM reference_index WHERE ctid IN (
+                 SELECT ctid FROM reference_index WHERE to_ts IS NOT NULL AND to_ts <= $1 LIMIT $2)",
             &[&horizon, &batch],
         )
     })?;

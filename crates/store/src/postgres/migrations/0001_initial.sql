@@ -73,46 +73,61 @@ CREATE TABLE resource_history (
     PRIMARY KEY (tenant_id, rid, version)
 );
 
+-- Per-tenant integer keys of patient ids (the SQLite store's schema version 2): one `pkey` per
+-- (tenant, patient id) that a compartment row or a Group names, created on first mention (the
+-- Patient resource need not exist yet) and never deleted. The compartment index and Group
+-- membership are keyed by it, so their keys are a few integers instead of UUID text.
+CREATE TABLE patient_keys (
+    tenant_id bigint NOT NULL,
+    pkey bigint GENERATED ALWAYS AS IDENTITY,
+    patient_id text NOT NULL,
+    PRIMARY KEY (tenant_id, pkey),
+    UNIQUE (tenant_id, patient_id)
+);
+
 -- Patient compartment index, versioned by time: a row is valid for [from_ts, to_ts). Rows stay
 -- open when a resource is deleted (deleted = true) so deletions are found per patient.
--- last_updated/deleted/owner describe the last version written while the row was open.
+-- last_updated/deleted/owner describe the last version written while the row was open, so
+-- planning reads no resource rows. type_code is the type's position in the R4 type list
+-- (`bulkhead_fhir::resource_type_code`).
 CREATE TABLE compartment (
     tenant_id bigint NOT NULL,
-    patient_id text NOT NULL,
-    resource_type text NOT NULL,
+    pkey bigint NOT NULL,
+    type_code smallint NOT NULL,
     rid bigint NOT NULL,
     from_ts bigint NOT NULL,
     to_ts bigint,
     last_updated bigint NOT NULL,
     deleted boolean NOT NULL,
     owner text,
-    PRIMARY KEY (tenant_id, patient_id, resource_type, rid, from_ts)
+    PRIMARY KEY (tenant_id, pkey, type_code, rid, from_ts)
 );
 CREATE INDEX compartment_open_by_rid ON compartment (tenant_id, rid) WHERE to_ts IS NULL;
-CREATE INDEX compartment_closed_by_time ON compartment (tenant_id, resource_type, to_ts) WHERE to_ts IS NOT NULL;
+CREATE INDEX compartment_closed_by_time ON compartment (tenant_id, type_code, to_ts) WHERE to_ts IS NOT NULL;
 CREATE INDEX compartment_closed_by_rid ON compartment (tenant_id, rid, to_ts) WHERE to_ts IS NOT NULL;
 
 -- Search tokens of current versions: identifiers and subject/patient references.
 CREATE TABLE search_token (
     tenant_id bigint NOT NULL,
-    resource_type text NOT NULL,
+    type_code smallint NOT NULL,
     param text NOT NULL,
     value text NOT NULL,
     system text NOT NULL,
     rid bigint NOT NULL,
-    PRIMARY KEY (tenant_id, resource_type, param, value, system, rid)
+    PRIMARY KEY (tenant_id, type_code, param, value, system, rid)
 );
 CREATE INDEX search_token_by_rid ON search_token (tenant_id, rid);
 
 -- Group membership history: one row per interval during which a patient was an active member.
+-- group_rid is the Group resource's rid (a Group keeps its rid across versions and deletion).
 CREATE TABLE group_membership (
     tenant_id bigint NOT NULL,
-    group_id text NOT NULL,
-    patient_id text NOT NULL,
+    group_rid bigint NOT NULL,
+    pkey bigint NOT NULL,
     added_at bigint NOT NULL,
     removed_at bigint
 );
-CREATE INDEX group_membership_by_group ON group_membership (tenant_id, group_id, patient_id);
+CREATE INDEX group_membership_by_group ON group_membership (tenant_id, group_rid, pkey);
 
 -- Asynchronous export jobs: 'planning' until the planner sets 'complete' or 'failed'.
 CREATE TABLE export_jobs (
