@@ -129,7 +129,7 @@ pub fn create_tenant(config: &Config, name: &str) -> anyhow::Result<()> {
     anyhow::ensure!(valid_tenant_name(name), "tenant names are 1-64 letters, digits, '-', '_', '.'");
     let store = open_store(config)?;
     let tenant = store.create_tenant(name)?;
-    crate::audit::record_command(&store, tenant.id, "tenant.create", &tenant.name);
+    crate::audit::record_command(&*store, tenant.id, "tenant.create", &tenant.name);
     say!(
         "created tenant {} (next: bulkhead client create --tenant {} {})",
         tenant.name,
@@ -224,7 +224,7 @@ pub fn create_client(config: &Config, tenant_name: &str, json: bool, smart: &Sma
         anyhow::anyhow!("{}", error.issues.first().map_or("invalid registration", |issue| issue.diagnostics.as_str()))
     })?;
     let (client_id, client_secret) = (credentials.client_id, credentials.client_secret);
-    crate::audit::record_command(&store, tenant.id, "client.create", &client_id);
+    crate::audit::record_command(&*store, tenant.id, "client.create", &client_id);
     if json {
         let mut body =
             serde_json::json!({"client_id": client_id, "client_secret": client_secret, "tenant": tenant_name});
@@ -265,7 +265,7 @@ pub fn revoke_client(config: &Config, client_id: &str) -> anyhow::Result<()> {
         data_dir_flag(config)
     );
     if let Some(tenant) = tenant {
-        crate::audit::record_command(&store, tenant, "client.revoke", client_id);
+        crate::audit::record_command(&*store, tenant, "client.revoke", client_id);
     }
     say!("revoked {client_id}");
     Ok(())
