@@ -9,7 +9,7 @@ use crate::{AuditCohort, AuditQuery, AuditRecord, StoreError, TenantId};
 
 /// The advisory lock appends hold until they commit ("audit" in ASCII): `seq` then ascends in
 /// commit order, so a reader paging by `seq` never skips a record that committed after it read.
-const APPEND_LOCK: i64 = 0x6175_6469_74;
+const APPEND_LOCK: i64 = 0x0061_7564_6974;
 
 /// Appends records inside the open transaction; `seq` is assigned here.
 pub(super) fn append(db: &mut Db<'_>, records: &[AuditRecord]) -> Result<(), StoreError> {
