@@ -113,7 +113,8 @@ pub struct Config {
     pub metrics: bool,
     /// Authenticated requests per second per tenant, beyond which 429 (0: no limit).
     pub tenant_requests_per_second: u32,
-    /// Exports of one tenant being planned at once, beyond which a kick-off gets 429 (0: no limit).
+    /// Exports of one tenant at once across instances (unfinished asynchronous jobs and
+    /// synchronous plans), beyond which a kick-off gets 429 (0: no limit).
     pub tenant_concurrent_exports: usize,
     /// `$upload-ndjson` body bytes per tenant per minute, beyond which 429 (0: no limit).
     pub tenant_upload_bytes_per_minute: u64,
@@ -121,6 +122,9 @@ pub struct Config {
     pub tenant_concurrent_downloads: usize,
     /// How long history (earlier versions, tombstones) is kept, e.g. `90d`; unset: for ever.
     pub history_retention: Option<String>,
+    /// Seconds an instance's claim on an export job lasts without a heartbeat: another instance
+    /// takes over the jobs of one that died this long after its last sign of progress.
+    pub export_lease_seconds: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -180,6 +184,7 @@ impl Default for Config {
             metrics: false,
             tenant_requests_per_second: 0,
             tenant_concurrent_exports: 0,
+            export_lease_seconds: 30,
             tenant_upload_bytes_per_minute: 0,
             tenant_concurrent_downloads: 4,
             history_retention: None,
@@ -299,6 +304,7 @@ impl Config {
             ("failed_logins_per_client", u64::from(self.failed_logins_per_client)),
             ("access_token_ttl_seconds", self.access_token_ttl_seconds),
             ("jwks_fetch_timeout_seconds", self.jwks_fetch_timeout_seconds),
+            ("export_lease_seconds", self.export_lease_seconds),
         ] {
             anyhow::ensure!(value >= 1, "invalid configuration: {key} must be at least 1");
         }
@@ -442,6 +448,7 @@ impl Config {
                 upload_bytes_per_minute: self.tenant_upload_bytes_per_minute,
                 concurrent_downloads: self.tenant_concurrent_downloads,
             },
+            export_lease: Duration::from_secs(self.export_lease_seconds),
         }
     }
 

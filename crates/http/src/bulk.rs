@@ -14,11 +14,9 @@ use bulkhead_export::params::{parse_export_params, ParseContext};
 use bulkhead_export::prefer::parse_prefer;
 use bulkhead_export::record::PlannedExport;
 use bulkhead_export::token::{record_id, FileClaims, FileKind, FileRef, TokenError};
-use bulkhead_export::{
-    plan_group_export, plan_group_export_at, ExportError, ExportLevel, GroupExportPlan, GroupExportRequest,
-};
+use bulkhead_export::{plan_group_export, ExportError, ExportLevel, GroupExportPlan, GroupExportRequest};
 use bulkhead_fhir::{format_instant, now_micros, IssueType};
-use bulkhead_store::{ExportRecord, TenantId};
+use bulkhead_store::{ExportRecord, StoreError, TenantId};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
@@ -148,7 +146,6 @@ pub(crate) async fn kick_off_at(
         .map_err(|error| ApiError::from_issue(StatusCode::BAD_REQUEST, error.issue))?;
     params.types = exportable_types(&caller, &level, params.types)?;
     let with_since = params.since.is_some();
-    let running = crate::quotas::admit_export(&state, &caller)?;
     let standard_base = !uri.path().starts_with("/bulk-data/");
     // With an output store, an asynchronous export's files are written to it before the job
     // completes (see `crate::materialise`); a synchronous one always streams from the store.
@@ -171,37 +168,39 @@ pub(crate) async fn kick_off_at(
         true => format!("{base}{}", uri.path()),
     };
     if preferences.respond_async || standard_base {
-        // The 202 goes out once the request is checked and the job stored; the plan follows.
-        let manifest_state = state.clone();
-        let manifest_base = base.clone();
-        let planned_request = request.clone();
-        // The job is named by its export record, so its output objects are found from either.
-        let job_id = uuid::Uuid::from_bytes(urls.record).to_string();
-        let job = job_id.clone();
-        let build: crate::export_status::BuildManifest = Box::new(move |store, transaction_time, progress| {
-            let _running = running;
-            let plan = plan_group_export_at(store, &planned_request, transaction_time, progress)?;
-            urls.store_record(store, &plan.export)?;
-            let objects = match &output {
-                Some(output) => {
-                    let claims_of = |index: usize| plan.export.claims(&urls.file(index), urls.issued);
-                    let written = crate::materialise::materialise(
-                        store,
-                        output,
-                        urls.tenant,
-                        &job,
-                        &plan.export,
-                        &claims_of,
-                        progress,
-                    )?;
-                    Some(object_items(&manifest_state, &urls, &manifest_base, output, &job, &plan.export, written)?)
-                }
-                None => None,
-            };
-            Ok(manifest(&manifest_state, &urls, &manifest_base, &request_url, plan, with_since, objects))
-        });
-        return crate::export_status::accept(&state, &caller, &base, request, job_id, urls.expires, build).await;
+        // The 202 goes out once the request is checked and the job stored with its work; a
+        // worker (of any instance on the store) plans it, and writes its files to the output
+        // store, if any. The job is named by its export record, so its objects are found from
+        // either.
+        let record = uuid::Uuid::from_bytes(urls.record).to_string();
+        let work = crate::export_work::ExportWork {
+            level: level.clone(),
+            pairs,
+            lenient: preferences.lenient,
+            post,
+            types: request.params.types.clone(),
+            client_id: caller.client_id.clone(),
+            user: caller.visibility.user().map(str::to_owned),
+            part_size: request.part_size,
+            record,
+            issued: urls.issued,
+            expires: urls.expires,
+            requires_credentials: urls.requires_credentials,
+            base: base.clone(),
+            request_url,
+            materialise: output.is_some(),
+            transaction_time: 0,
+        };
+        return crate::export_status::accept(&state, &caller, &base, request, work).await;
     }
+    let unfinished = match state.config.quotas.concurrent_exports {
+        0 => 0,
+        _ => {
+            let tenant = caller.tenant;
+            state.blocking(move |store| Ok(store.unfinished_export_jobs(tenant, now_micros())?)).await?
+        }
+    };
+    let _running = crate::quotas::admit_export(&state, &caller, unfinished)?;
     let started = std::time::Instant::now();
     let sweep_output = state.output.clone();
     let plan = state
@@ -305,12 +304,12 @@ fn url_type(kind: FileKind, resource_type: &str) -> &str {
 /// they expire, and whether they need the client's credentials (the server's mode now, recorded
 /// in every token).
 #[derive(Clone, Copy)]
-struct FileUrls {
-    tenant: TenantId,
-    record: [u8; 16],
-    issued: i64,
-    expires: i64,
-    requires_credentials: bool,
+pub(crate) struct FileUrls {
+    pub tenant: TenantId,
+    pub record: [u8; 16],
+    pub issued: i64,
+    pub expires: i64,
+    pub requires_credentials: bool,
 }
 
 impl FileUrls {
@@ -337,7 +336,7 @@ impl FileUrls {
     }
 
     /// Stores what the URLs refer to (nothing when there are no files), expiring with them.
-    fn store_record(&self, store: &dyn bulkhead_store::Store, export: &PlannedExport) -> Result<(), ApiError> {
+    pub fn store_record(&self, store: &dyn bulkhead_store::Store, export: &PlannedExport) -> Result<(), StoreError> {
         if export.files.is_empty() {
             return Ok(());
         }
@@ -347,10 +346,10 @@ impl FileUrls {
             expires: self.expires.saturating_mul(MICROS_PER_SECOND),
             plan: export.to_json(),
         };
-        Ok(store.create_export_record(self.tenant, &record)?)
+        store.create_export_record(self.tenant, &record)
     }
 
-    fn file(&self, index: usize) -> FileRef {
+    pub fn file(&self, index: usize) -> FileRef {
         FileRef {
             tenant: self.tenant.0,
             record: self.record,
@@ -371,14 +370,14 @@ pub(crate) struct Manifest {
 pub const OBJECT_EXTENSION: &str = "https://bulkhead.example/fhir/bulk-data/extension/output-object";
 
 /// A materialised file as its manifest item shows it.
-struct ObjectItem {
+pub(crate) struct ObjectItem {
     url: String,
     object: WrittenObject,
 }
 
 /// The manifest items of a materialised export: presigned S3 URLs expiring with the job, or
 /// Bulkhead URLs (credentials required) that stream the object back.
-fn object_items(
+pub(crate) fn object_items(
     state: &AppState,
     urls: &FileUrls,
     base: &str,
@@ -410,7 +409,7 @@ fn object_items(
 
 /// Builds the Bulk Data manifest, minting a signed URL per file (or listing the materialised
 /// objects' URLs, with their size and SHA-256).
-fn manifest(
+pub(crate) fn manifest(
     state: &AppState,
     urls: &FileUrls,
     base: &str,

@@ -38,6 +38,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
+    // Jobs of instances that died are taken over even when this one gets no kick-off.
+    crate::export_worker::start(&state);
     let limits = state.config.limits.clone();
     let stall_limit = state.config.download_stall_timeout;
     let metrics = state.metrics.clone();

@@ -2,13 +2,15 @@
 //! (202 + `Content-Location`), polled and cancelled at `[/bulk-data]/r4/$export-status/{job_id}`.
 //!
 //! The kick-off checks the request and the Group, reserves the transaction time and stores the
-//! job as planning, then answers 202 at once; a planner on a blocking thread plans the export at
-//! that transaction time (history is kept, so the plan is exactly what a synchronous kick-off at
-//! that instant gives) and finishes the job: complete with the manifest, or failed with an
-//! OperationOutcome. While it plans, a poll waits a moment for it (small exports answer 200 on
-//! the first poll) and otherwise answers 202 with `X-Progress` and `Retry-After`. `DELETE`
-//! removes the job at once and stops its planner, whose result is then discarded. A job still
-//! planning whose planner is gone (the server restarted) is marked failed when polled.
+//! job with its work (counted against the tenant's cap in the same transaction), wakes this
+//! instance's worker and answers 202 at once. A worker of any instance on the store claims the
+//! job under a lease ([`crate::export_worker`]), plans it at that transaction time (history is
+//! kept, so the plan is exactly what a synchronous kick-off at that instant gives), writes its
+//! files to the output store if there is one, and finishes the job: complete with the manifest,
+//! or failed with an OperationOutcome. An instance that dies mid-job leaves its lease to lapse,
+//! and another takes the job over. A poll (on any instance) waits a moment for a running job
+//! (small exports answer 200 on the first poll) and otherwise answers 202 with `X-Progress` and
+//! `Retry-After`. `DELETE` removes the job at once; its holder notices and stops.
 //!
 //! A job is visible only to the tenant, client and user scope that started it, until its file
 //! URLs expire; anything else is a 404.
@@ -21,22 +23,25 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use bulkhead_export::{check_group, GroupExportRequest, PlanProgress, PlanStep};
+use bulkhead_export::{check_group, GroupExportRequest, PlanStep};
 use bulkhead_fhir::{now_micros, operation_outcome, Issue, IssueType, Micros};
-use bulkhead_store::{ExportJob, ExportJobState, Store, StoreError, TenantId};
-use tokio::sync::watch;
+use bulkhead_store::{ExportJob, ExportJobState, JobAdmission, Store, StoreError, TenantId};
+use tokio::sync::{watch, Notify};
 
 use crate::auth::{authorize, Caller};
-use crate::bulk::Manifest;
 use crate::error::ApiError;
+use crate::export_work::ExportWork;
 use crate::negotiation::{check_accept, fhir_response, http_date};
 use crate::object_output::OutputStore;
 use crate::state::AppState;
 
 const MICROS_PER_SECOND: i64 = 1_000_000;
 
-/// How long a poll waits for a planning job to finish before answering 202.
+/// How long a poll waits for a running job to finish before answering 202.
 const DEFAULT_STATUS_WAIT: Duration = Duration::from_secs(2);
+
+/// How often a poll waiting for a job another instance runs looks at it again.
+const REMOTE_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// `Retry-After` of a 202 while planning, in seconds.
 const RETRY_AFTER_SECONDS: &str = "1";
@@ -45,16 +50,31 @@ const RETRY_AFTER_SECONDS: &str = "1";
 /// store's own would. Tests use it to hold a planner at a step or make it fail there.
 pub type PlanHook = dyn Fn(PlanStep) -> Result<(), StoreError> + Send + Sync;
 
-/// The planners running in this process, by tenant and job id.
+/// This instance's export worker: its id (the lease owner it claims jobs as), the jobs it runs
+/// now, by tenant and job id, and what wakes it.
 pub struct Planners {
     running: Mutex<HashMap<(TenantId, String), Arc<Planner>>>,
     status_wait: Duration,
-    hook: Option<Arc<PlanHook>>,
+    pub(crate) hook: Option<Arc<PlanHook>>,
+    /// The lease owner this instance claims jobs as: random, new at every start.
+    pub(crate) instance: String,
+    pub(crate) wake: Notify,
+    pub(crate) started: AtomicBool,
+    /// Jobs this instance runs at once.
+    pub(crate) slots: usize,
 }
 
 impl Default for Planners {
     fn default() -> Self {
-        Planners { running: Mutex::new(HashMap::new()), status_wait: DEFAULT_STATUS_WAIT, hook: None }
+        Planners {
+            running: Mutex::new(HashMap::new()),
+            status_wait: DEFAULT_STATUS_WAIT,
+            hook: None,
+            instance: uuid::Uuid::new_v4().to_string(),
+            wake: Notify::new(),
+            started: AtomicBool::new(false),
+            slots: crate::export_worker::WORKER_SLOTS,
+        }
     }
 }
 
@@ -68,9 +88,19 @@ impl Planners {
         Planners { hook: Some(Arc::new(hook)), ..self }
     }
 
-    /// How many planners are running now.
+    /// How many jobs this instance runs at once (default [`crate::export_worker::WORKER_SLOTS`]).
+    pub fn with_slots(self, slots: usize) -> Planners {
+        Planners { slots: slots.max(1), ..self }
+    }
+
+    /// How many jobs this instance runs now.
     pub fn running(&self) -> usize {
         self.lock().len()
+    }
+
+    /// The lease owner this instance claims jobs as.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(TenantId, String), Arc<Planner>>> {
@@ -80,24 +110,38 @@ impl Planners {
     fn get(&self, tenant: TenantId, job_id: &str) -> Option<Arc<Planner>> {
         self.lock().get(&(tenant, job_id.to_owned())).cloned()
     }
+
+    /// Registers a job this instance has claimed.
+    pub(crate) fn register(&self, tenant: TenantId, job_id: &str) -> Arc<Planner> {
+        let (progress, _) = watch::channel(Progress::Queued);
+        let planner = Arc::new(Planner { progress, cancelled: AtomicBool::new(false) });
+        self.lock().insert((tenant, job_id.to_owned()), planner.clone());
+        planner
+    }
+
+    /// Unregisters a job once its row is finished (or its lease lost), then tells waiting polls.
+    pub(crate) fn unregister(&self, tenant: TenantId, job_id: &str, planner: &Planner) {
+        self.lock().remove(&(tenant, job_id.to_owned()));
+        planner.progress.send_replace(Progress::Finished);
+    }
 }
 
-/// One running planner: its progress (for `X-Progress` and for polls waiting on it) and whether
-/// its job was cancelled.
-struct Planner {
-    progress: watch::Sender<Progress>,
-    cancelled: AtomicBool,
+/// One job this instance runs: its progress (for `X-Progress` and for polls waiting on it) and
+/// whether it was cancelled here.
+pub(crate) struct Planner {
+    pub(crate) progress: watch::Sender<Progress>,
+    pub(crate) cancelled: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Progress {
+pub(crate) enum Progress {
     Queued,
     At(PlanStep),
     Finished,
 }
 
 impl Progress {
-    fn text(self) -> String {
+    pub(crate) fn text(self) -> String {
         match self {
             Progress::Queued | Progress::Finished => "planning".to_owned(),
             Progress::At(step) => step.to_string(),
@@ -105,45 +149,54 @@ impl Progress {
     }
 }
 
-/// Plans one export at its transaction time and builds its manifest (storing its export record).
-pub(crate) type BuildManifest =
-    Box<dyn FnOnce(&dyn Store, Micros, &PlanProgress<'_>) -> Result<Manifest, ApiError> + Send + 'static>;
-
 /// Starts an asynchronous export: sweeps expired jobs, checks the Group (the same 404/410 as a
-/// synchronous kick-off), reserves the transaction time and stores the job as planning, then
-/// answers 202 with the job's absolute status URL while `build` runs in the background.
+/// synchronous kick-off), reserves the transaction time and stores the job with its `work`
+/// unless the tenant is at its cap of running exports (429), then wakes this instance's worker
+/// and answers 202 with the job's absolute status URL.
 pub(crate) async fn accept(
     state: &AppState,
     caller: &Caller,
     base: &str,
     request: GroupExportRequest,
-    job_id: String,
-    expires: i64,
-    build: BuildManifest,
+    mut work: ExportWork,
 ) -> Result<Response, ApiError> {
+    let now = now_micros();
     let job = ExportJob {
-        id: job_id,
+        id: work.record.clone(),
         client_id: caller.client_id.clone(),
         visibility: caller.visibility.clone(),
-        created: now_micros(),
-        expires: expires.saturating_mul(MICROS_PER_SECOND),
+        created: now,
+        expires: work.expires.saturating_mul(MICROS_PER_SECOND),
         state: ExportJobState::Planning,
         manifest: String::new(),
     };
     let job_id = job.id.clone();
     let tenant = caller.tenant;
+    // 0: no cap (the store's meaning).
+    let cap = match crate::quotas::job_cap(state, caller) {
+        None => 0,
+        Some(0) => return Err(crate::quotas::exports_throttled(state, caller)),
+        Some(cap) => cap,
+    };
     let output = state.output.clone();
-    let transaction_time = state
+    let admitted = state
         .blocking(move |store| {
-            sweep_expired(store, output.as_deref(), now_micros());
+            sweep_expired(store, output.as_deref(), now);
             check_group(store, &request)?;
-            let transaction_time = store.reserve_transaction_time()?;
-            store.create_export_job(tenant, &job)?;
-            Ok(transaction_time)
+            work.transaction_time = store.reserve_transaction_time()?;
+            let admission = store.enqueue_export_job(tenant, &job, &work.to_json(), cap, now_micros())?;
+            let unfinished = store.unfinished_export_jobs(tenant, now_micros())?;
+            Ok((admission, work.transaction_time, unfinished))
         })
         .await?;
+    let (admission, transaction_time, unfinished) = admitted;
+    crate::quotas::note_exports_running(state, tenant, unfinished);
+    if let JobAdmission::AtCap { unfinished } = admission {
+        tracing::info!(unfinished, "export job refused: the tenant is at its cap");
+        return Err(crate::quotas::exports_throttled(state, caller));
+    }
     crate::audit::note_export_accepted(&job_id, transaction_time);
-    start_planner(state, tenant, job_id.clone(), transaction_time, build);
+    crate::export_worker::wake(state);
     tracing::info!(job = %job_id, "export job accepted");
     let status_url = format!("{base}/bulk-data/r4/$export-status/{job_id}");
     let outcome = operation_outcome(&[Issue::information(format!(
@@ -155,66 +208,9 @@ pub(crate) async fn accept(
     Ok(response)
 }
 
-/// Registers the job's planner and runs it on a blocking thread. Whatever happens to it (done,
-/// failed, cancelled, panicked), the job row is finished first and the planner unregistered
-/// after, so a poll never finds a planning job without either.
-fn start_planner(state: &AppState, tenant: TenantId, job_id: String, transaction_time: Micros, build: BuildManifest) {
-    let (progress, _) = watch::channel(Progress::Queued);
-    let planner = Arc::new(Planner { progress, cancelled: AtomicBool::new(false) });
-    state.planners.lock().insert((tenant, job_id.clone()), planner.clone());
-    let state = state.clone();
-    tokio::spawn(async move {
-        let store = state.store.clone();
-        let (work_planner, work_job, hook) = (planner.clone(), job_id.clone(), state.planners.hook.clone());
-        let output = state.output.clone();
-        let planned = tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let progress = |step: PlanStep| {
-                work_planner.progress.send_replace(Progress::At(step));
-                if let Some(hook) = &hook {
-                    hook(step)?;
-                }
-                if work_planner.cancelled.load(Ordering::Acquire) {
-                    return Err(bulkhead_export::ExportError::Cancelled);
-                }
-                Ok(())
-            };
-            let result = build(store.as_ref(), transaction_time, &progress);
-            tracing::info!(job = %work_job, ok = result.is_ok(), millis = started.elapsed().as_millis() as u64, "export job planned");
-            let (state, body) = match result {
-                Ok(manifest) => (ExportJobState::Complete, manifest.body.to_string()),
-                Err(error) => failure(error),
-            };
-            if !finish(store.as_ref(), tenant, &work_job, state, &body) {
-                // Cancelled while its output was being written: nobody will ask for it.
-                if let Some(output) = &output {
-                    let runtime = tokio::runtime::Handle::current();
-                    if let Err(error) = runtime.block_on(output.delete_job(tenant, &work_job)) {
-                        tracing::error!(job = %work_job, error = %error, "removing a cancelled job's output failed");
-                    }
-                }
-            }
-        })
-        .await;
-        if let Err(join_error) = planned {
-            tracing::error!(job = %job_id, error = %join_error, "export planner failed");
-            let (state_after, body) = failure(ApiError::internal());
-            let finish_job = job_id.clone();
-            let _ = state
-                .blocking(move |store| {
-                    finish(store, tenant, &finish_job, state_after, &body);
-                    Ok(())
-                })
-                .await;
-        }
-        state.planners.lock().remove(&(tenant, job_id));
-        planner.progress.send_replace(Progress::Finished);
-    });
-}
-
 /// A failed plan as the job keeps it: the status and OperationOutcome its poll answers with.
 /// Server-side failures get a diagnostic saying what to do.
-fn failure(error: ApiError) -> (ExportJobState, String) {
+pub(crate) fn failure(error: ApiError) -> (ExportJobState, String) {
     let error = if error.status == StatusCode::INTERNAL_SERVER_ERROR {
         ApiError::new(
             error.status,
@@ -225,22 +221,6 @@ fn failure(error: ApiError) -> (ExportJobState, String) {
         error
     };
     (ExportJobState::Failed { status: error.status.as_u16() }, operation_outcome(&error.issues).to_string())
-}
-
-/// Finishes a planning job; a job deleted meanwhile (cancelled) keeps no result. False when the
-/// result was discarded.
-fn finish(store: &dyn Store, tenant: TenantId, job_id: &str, state: ExportJobState, body: &str) -> bool {
-    match store.finish_export_job(tenant, job_id, state, body) {
-        Ok(true) => true,
-        Ok(false) => {
-            tracing::info!(job = %job_id, "export job cancelled or finished meanwhile: plan discarded");
-            false
-        }
-        Err(error) => {
-            tracing::error!(job = %job_id, error = %error, "finishing an export job failed");
-            false
-        }
-    }
 }
 
 /// Expired jobs whose output objects one sweep removes (the rest wait for the next kick-off).
@@ -297,42 +277,19 @@ pub async fn status(
     let caller = authorize(&state, &Method::GET, uri.path(), &headers).await?;
     check_accept(&headers)?;
     let mut job = lookup(&state, &caller, &job_id).await?;
-    let mut progress = Progress::Queued;
+    let mut progress = Progress::Queued.text();
     if job.state == ExportJobState::Planning {
-        match state.planners.get(caller.tenant, &job.id) {
-            Some(planner) => {
-                let mut updates = planner.progress.subscribe();
-                let finished = updates.wait_for(|progress| *progress == Progress::Finished);
-                let _ = tokio::time::timeout(state.planners.status_wait, finished).await;
-                progress = *planner.progress.borrow();
-            }
-            None => {
-                // No planner in this process: the server restarted while the job was planning.
-                let failed = ExportJobState::Failed { status: StatusCode::INTERNAL_SERVER_ERROR.as_u16() };
-                let body = operation_outcome(&[Issue::error(
-                    IssueType::Exception,
-                    "the server restarted while this export was being planned; kick the export off again",
-                )])
-                .to_string();
-                let (tenant, id) = (caller.tenant, job.id.clone());
-                state
-                    .blocking(move |store| {
-                        finish(store, tenant, &id, failed, &body);
-                        Ok(())
-                    })
-                    .await?;
-            }
-        }
+        progress = wait_for_job(&state, &caller, &job.id).await?;
         job = lookup(&state, &caller, &job_id).await?;
     }
     match job.state {
         ExportJobState::Planning => {
             let mut response = fhir_response(
                 StatusCode::ACCEPTED,
-                operation_outcome(&[Issue::information(progress.text())]).to_string(),
+                operation_outcome(&[Issue::information(progress.clone())]).to_string(),
             );
             let response_headers = response.headers_mut();
-            if let Ok(text) = HeaderValue::from_str(&progress.text()) {
+            if let Ok(text) = HeaderValue::from_str(&progress) {
                 response_headers.insert("x-progress", text);
             }
             response_headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
@@ -353,6 +310,41 @@ pub async fn status(
             }
             Ok(response)
         }
+    }
+}
+
+/// Waits up to the status wait for a planning job to finish and returns its progress text: on
+/// the job's own progress when this instance runs it, else by looking at the store (another
+/// instance runs it, or nobody yet: then this instance's worker is woken, so a job whose holder
+/// died is taken over as soon as its lease lapses).
+async fn wait_for_job(state: &AppState, caller: &Caller, job_id: &str) -> Result<String, ApiError> {
+    if let Some(planner) = state.planners.get(caller.tenant, job_id) {
+        let mut updates = planner.progress.subscribe();
+        let finished = updates.wait_for(|progress| *progress == Progress::Finished);
+        let _ = tokio::time::timeout(state.planners.status_wait, finished).await;
+        return Ok(planner.progress.borrow().text());
+    }
+    crate::export_worker::wake(state);
+    let deadline = tokio::time::Instant::now() + state.planners.status_wait;
+    loop {
+        let (tenant, id) = (caller.tenant, job_id.to_owned());
+        let (job, activity) = state
+            .blocking(move |store| Ok((store.export_job(tenant, &id)?, store.export_job_activity(tenant, &id)?)))
+            .await?;
+        let still_planning = job.is_some_and(|job| job.state == ExportJobState::Planning);
+        let now = tokio::time::Instant::now();
+        if !still_planning || now >= deadline {
+            let text = activity.map(|activity| activity.progress).filter(|text| !text.is_empty());
+            return Ok(text.unwrap_or_else(|| Progress::Queued.text()));
+        }
+        if let Some(planner) = state.planners.get(caller.tenant, job_id) {
+            // This instance's worker has claimed it meanwhile.
+            let mut updates = planner.progress.subscribe();
+            let finished = updates.wait_for(|progress| *progress == Progress::Finished);
+            let _ = tokio::time::timeout(deadline - now, finished).await;
+            return Ok(planner.progress.borrow().text());
+        }
+        tokio::time::sleep(REMOTE_POLL_INTERVAL.min(deadline - now)).await;
     }
 }
 

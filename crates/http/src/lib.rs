@@ -18,6 +18,8 @@ pub mod credentials;
 pub mod encoding;
 pub mod error;
 pub mod export_status;
+mod export_work;
+pub mod export_worker;
 pub mod health;
 pub mod jwks;
 pub mod log_value;

@@ -3,11 +3,13 @@
 //! (an OperationOutcome, `throttled`) and the refusal is counted in the metrics; other tenants
 //! are not affected, since every limit is kept per tenant.
 //!
-//! State lives in this process (one map per quota, keyed by tenant). To share quotas between
-//! several instances on one database, the same shapes move into the store: token buckets as
-//! `(tenant, quota, tokens, updated)` rows updated with a compare-and-swap per request (or
-//! per batch of requests, with a local allowance), and running exports as rows with a lease
-//! that expires when an instance dies.
+//! Running exports are counted from the store, so the cap holds across every instance on it:
+//! an asynchronous job counts from its kick-off until it finishes (or expires), counted in the
+//! transaction that stores it; a synchronous kick-off counts in this process while it is
+//! planned, on top of the store's count. The other quotas live in this process (one map per
+//! quota, keyed by tenant); to share them, the same shapes move into the store: token buckets
+//! as `(tenant, quota, tokens, updated)` rows updated with a compare-and-swap per request (or
+//! per batch of requests, with a local allowance).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -33,7 +35,8 @@ use crate::state::AppState;
 pub struct QuotaConfig {
     /// Authenticated requests per second per tenant (a token bucket holding one second's worth).
     pub requests_per_second: u32,
-    /// Exports of one tenant being planned at once (synchronous and asynchronous kick-offs).
+    /// Exports of one tenant at once, across instances: asynchronous jobs not yet finished and
+    /// synchronous kick-offs being planned.
     pub concurrent_exports: usize,
     /// Request body bytes of `$upload-ndjson` per tenant per minute.
     pub upload_bytes_per_minute: u64,
@@ -191,21 +194,43 @@ impl Drop for RunningExport {
     }
 }
 
-/// Admits one export kick-off of the caller's tenant (`tenant_concurrent_exports`); the export
-/// counts as running until the returned value is dropped (its plan is made).
-pub fn admit_export(state: &AppState, caller: &Caller) -> Result<RunningExport, ApiError> {
+/// The 429 of a kick-off beyond `tenant_concurrent_exports`.
+pub fn exports_throttled(state: &AppState, caller: &Caller) -> ApiError {
+    let limit = state.config.quotas.concurrent_exports;
+    throttled(state, caller, "exports", 1, format!("this tenant already has {limit} exports running"))
+}
+
+/// The cap an asynchronous kick-off's job insert applies to the tenant's unfinished jobs
+/// ([`bulkhead_store::Store::enqueue_export_job`]): `tenant_concurrent_exports` less this
+/// process's synchronous kick-offs being planned. `None`: no cap; `Some(0)`: refuse at once.
+pub fn job_cap(state: &AppState, caller: &Caller) -> Option<u64> {
+    let limit = state.config.quotas.concurrent_exports;
+    if limit == 0 {
+        return None;
+    }
+    let local = lock(&state.quotas.exports).get(&caller.tenant).copied().unwrap_or(0);
+    Some(limit.saturating_sub(local) as u64)
+}
+
+/// Sets the `exports_running` gauge of `tenant`: its `unfinished` jobs on the store (every
+/// instance's) and this process's synchronous kick-offs being planned.
+pub fn note_exports_running(state: &AppState, tenant: TenantId, unfinished: u64) {
+    if let Some(metrics) = &state.metrics {
+        let local = lock(&state.quotas.exports).get(&tenant).copied().unwrap_or(0);
+        metrics.exports_running(&metrics.tenant_name(tenant), local + unfinished as usize);
+    }
+}
+
+/// Admits one synchronous export kick-off of the caller's tenant (`tenant_concurrent_exports`),
+/// given the tenant's `unfinished` asynchronous jobs on the store; the export counts as running
+/// until the returned value is dropped (its plan is made).
+pub fn admit_export(state: &AppState, caller: &Caller, unfinished: u64) -> Result<RunningExport, ApiError> {
     let limit = state.config.quotas.concurrent_exports;
     let mut running = lock(&state.quotas.exports);
     let count = running.entry(caller.tenant).or_insert(0);
-    if limit > 0 && *count >= limit {
+    if limit > 0 && (*count as u64).saturating_add(unfinished) >= limit as u64 {
         drop(running);
-        return Err(throttled(
-            state,
-            caller,
-            "exports",
-            1,
-            format!("this tenant already has {limit} exports being planned"),
-        ));
+        return Err(exports_throttled(state, caller));
     }
     *count += 1;
     if let Some(metrics) = &state.metrics {

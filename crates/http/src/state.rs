@@ -61,6 +61,9 @@ pub struct HttpConfig {
     pub metrics: bool,
     /// Per-tenant limits.
     pub quotas: crate::quotas::QuotaConfig,
+    /// How long an instance's claim on an export job lasts without a heartbeat: an instance that
+    /// dies mid-job has its jobs taken over by another this long after its last heartbeat.
+    pub export_lease: Duration,
 }
 
 impl HttpConfig {
@@ -96,6 +99,7 @@ impl Default for HttpConfig {
             allow_http_jwks_urls: false,
             metrics: false,
             quotas: crate::quotas::QuotaConfig::default(),
+            export_lease: Duration::from_secs(30),
         }
     }
 }
@@ -136,7 +140,7 @@ pub struct AppState {
     /// Clients' JWK Sets fetched by URL.
     pub jwks: Arc<crate::jwks::JwksCache>,
     pub login_limiter: Arc<crate::login_limits::LoginLimiter>,
-    /// Background planners of asynchronous exports running in this process.
+    /// This instance's export worker and the jobs it runs.
     pub planners: Arc<crate::export_status::Planners>,
     /// Permits for streaming export files: `max_concurrent_downloads` of them.
     pub download_slots: Arc<tokio::sync::Semaphore>,

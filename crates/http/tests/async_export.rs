@@ -508,26 +508,60 @@ async fn a_failure_during_planning_is_an_operation_outcome_at_the_status_url() {
     assert_error(&server.send(get(&status).by(&client)).await, 404, "not-found");
 }
 
+/// An instance whose worker stalls mid-job (frozen, or dead: the store cannot tell) stops
+/// renewing its lease; once it lapses, another instance on the same store claims the job with
+/// the next fencing token and finishes it, and the stalled worker, when it wakes up, finds its
+/// lease gone and writes nothing.
 #[tokio::test]
-async fn a_job_left_planning_by_a_restart_fails_when_polled() {
+async fn a_job_whose_worker_stalls_past_its_lease_is_taken_over_by_another_instance() {
     let gate = Arc::new(Gate::default());
-    let (mut server, planners) = gated_server(&gate);
+    let config = HttpConfig { export_lease: Duration::from_millis(600), ..test_config() };
+    // Instance A runs one job at a time, and its worker stalls at the counting step.
+    let hook_gate = gate.clone();
+    let a_planners = Arc::new(Planners::default().with_slots(1).with_status_wait(Duration::from_millis(50)).with_hook(
+        move |step| {
+            hook_gate.hold(step, counting);
+            Ok(())
+        },
+    ));
+    let state_planners = a_planners.clone();
+    let mut server = Server::with_state(config.clone(), move |state| state.planners = state_planners);
     let (client, group) = populated(&server, "acme").await;
-    let status =
-        kick_off(&server, get(&format!("/bulk-data/r4/Group/{group}/$export")).by(&client).respond_async()).await;
+    let path = format!("/bulk-data/r4/Group/{group}/$export?_type=Patient,Observation,Group");
+    let sync_manifest = server.send(get(&path).by(&client)).await.json();
+    let status = kick_off(&server, get(&path).by(&client).respond_async()).await;
     gate.wait_for(counting).await;
+    assert_eq!(a_planners.running(), 1, "A holds the job");
 
-    // A new process over the same database: the job is planning and nobody plans it.
-    let before_restart =
-        std::mem::replace(&mut server.app, router(AppState::new(server.store.clone(), test_config(), token_keys())));
-    let reply = server.send(get(&status).by(&client).header("accept", "application/json")).await;
-    let outcome = assert_error(&reply, 500, "exception");
-    assert!(outcome["issue"][0]["diagnostics"].as_str().unwrap().contains("restarted"), "{outcome}");
+    // Instance B on the same store, polled from now on.
+    let b_planners = Arc::new(Planners::default());
+    let mut b_state = AppState::new(server.store.clone(), config, token_keys());
+    b_state.planners = b_planners.clone();
+    let instance_a = std::mem::replace(&mut server.app, router(b_state));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let manifest = loop {
+        let reply = server.send(get(&status).by(&client).header("accept", "application/json")).await;
+        if reply.status == 200 {
+            break reply.json();
+        }
+        assert_status(&reply, 202);
+        assert!(Instant::now() < deadline, "no instance took the job over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(redact_manifest(manifest.clone()), redact_manifest(sync_manifest.clone()));
+    assert_eq!(exported(&server, &client, &manifest).await, exported(&server, &client, &sync_manifest).await);
+    let job_id = status.rsplit('/').next().unwrap();
+    let tenant = server.store.tenant_by_name("acme").unwrap().unwrap().id;
+    let activity = server.store.export_job_activity(tenant, job_id).unwrap().unwrap();
+    assert_eq!(activity.fence, 2, "claimed twice");
+    assert_eq!(activity.owner.as_deref(), Some(b_planners.instance()), "by B the second time");
 
-    // The old planner finishing late does not overwrite the verdict.
+    // A wakes up: its next step finds the lease gone, so it stops and overwrites nothing.
     gate.open();
-    planners_done(&planners).await;
-    server.app = before_restart;
-    let again = server.send(get(&status).by(&client)).await;
-    assert_eq!((again.status, again.body), (reply.status, reply.body));
+    planners_done(&a_planners).await;
+    assert!(!gate.reached().contains(&PlanStep::Members), "A stopped at its next step: {:?}", gate.reached());
+    server.app = instance_a;
+    let again = server.send(get(&status).by(&client).header("accept", "application/json")).await;
+    assert_status(&again, 200);
+    assert_eq!(again.json(), manifest, "the job keeps B's manifest");
 }

@@ -7,6 +7,7 @@
 
 mod audit;
 mod error;
+mod job_lease;
 mod model;
 pub mod postgres;
 mod retention;
@@ -20,6 +21,7 @@ pub mod testsuite;
 
 pub use audit::{AuditCohort, AuditQuery, AuditRecord};
 pub use error::StoreError;
+pub use job_lease::{ClaimedJob, JobActivity, JobAdmission, JobLease, JobPart};
 pub use model::{
     AssociatedRequest, ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection,
     PartRange, ProvenanceSelection, ReferencedTypes, SelectionScope, StoredResource, Tenant, TenantId, Visibility,
@@ -255,6 +257,56 @@ pub trait Store: Send + Sync + 'static {
     /// job owns outside the store (its output objects) before [`Store::delete_export_job`], so a
     /// failed removal leaves the job to be found again by the next sweep.
     fn expired_export_jobs(&self, now: Micros, limit: usize) -> Result<Vec<(TenantId, String)>, StoreError>;
+
+    // ---- export job leases (background work shared by every instance on the store) ----
+
+    /// Stores a new [`ExportJobState::Planning`] job of `tenant` with its `work` (what a worker
+    /// needs to run it, as text the caller owns), due at once, unless the tenant already has
+    /// `cap` or more unfinished jobs (planning, not expired by `now`); `cap` 0 is no cap. The
+    /// count and the insert are one transaction, so instances sharing the store cannot together
+    /// pass the cap. An existing `(tenant, job.id)` is [`StoreError::Conflict`].
+    fn enqueue_export_job(
+        &self,
+        tenant: TenantId,
+        job: &ExportJob,
+        work: &str,
+        cap: u64,
+        now: Micros,
+    ) -> Result<JobAdmission, StoreError>;
+    /// How many unfinished jobs (planning, not expired by `now`) `tenant` has, across instances.
+    fn unfinished_export_jobs(&self, tenant: TenantId, now: Micros) -> Result<u64, StoreError>;
+    /// Claims one due job for `owner` until `now + lease_for`: a planning job, not expired, whose
+    /// lease is free (never claimed, or lapsed by `now`). Fair across tenants: a job of the
+    /// tenant with the fewest jobs under a live lease first, then the oldest job. The claim
+    /// increments the job's fencing token and hands over its work, checkpoint and recorded parts;
+    /// `None` when nothing is due. Exactly one of several concurrent claimers gets a given job.
+    fn claim_export_job(&self, owner: &str, now: Micros, lease_for: Micros) -> Result<Option<ClaimedJob>, StoreError>;
+    /// The holder's heartbeat: extends the lease to `now + lease_for` and records `progress`.
+    /// False when `lease` is stale (the job was claimed since), or the job finished or is gone
+    /// (cancelled): the holder stops and writes nothing more.
+    fn renew_export_job_lease(
+        &self,
+        lease: &JobLease,
+        now: Micros,
+        lease_for: Micros,
+        progress: &str,
+    ) -> Result<bool, StoreError>;
+    /// Saves a checkpoint of the work (replacing any earlier one) while `lease` holds; false
+    /// (nothing saved) when it is stale or the job is finished or gone.
+    fn save_export_job_checkpoint(&self, lease: &JobLease, checkpoint: &str) -> Result<bool, StoreError>;
+    /// Records a finished part of the work (replacing a record of the same index) while `lease`
+    /// holds; false (nothing recorded) when it is stale or the job is finished or gone.
+    fn record_export_job_part(&self, lease: &JobLease, part: &JobPart) -> Result<bool, StoreError>;
+    /// [`Store::finish_export_job`] under a lease: finishes the job only while `lease` holds
+    /// (false otherwise: the result is discarded) and forgets its recorded parts.
+    fn finish_leased_export_job(
+        &self,
+        lease: &JobLease,
+        state: ExportJobState,
+        manifest: &str,
+    ) -> Result<bool, StoreError>;
+    /// Who holds the job `job_id` of `tenant` and its last progress (None: no such job).
+    fn export_job_activity(&self, tenant: TenantId, job_id: &str) -> Result<Option<JobActivity>, StoreError>;
 
     // ---- export records (what file URLs refer to) ----
 

@@ -5,8 +5,9 @@ use serde_json::{json, Value};
 
 use crate::{
     AssociatedRequest, AuditCohort, AuditQuery, AuditRecord, ClientRegistration, ExportJob, ExportJobState,
-    ExportRecord, IdentifierQuery, LastUpdatedBound, MemberSelection, PartRange, ProvenanceSelection, ReferenceQuery,
-    ReferencedTypes, SearchQuery, SelectionScope, Store, StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
+    ExportRecord, IdentifierQuery, JobAdmission, JobLease, JobPart, LastUpdatedBound, MemberSelection, PartRange,
+    ProvenanceSelection, ReferenceQuery, ReferencedTypes, SearchQuery, SelectionScope, Store, StoreError, TenantId,
+    Visibility, WriteMode, WriteOp, Written,
 };
 use bulkhead_fhir::type_filter::{TypeFilter, TypeFilters};
 
@@ -34,7 +35,9 @@ macro_rules! store_test_suite {
             pruning_removes_history_before_the_horizon_only, pruning_keeps_what_unexpired_exports_need,
             storage_bytes_are_reported,
             tenant_scope_selects_every_resource_of_a_type, patients_at_a_time, type_filters_select_exactly,
-            associated_data_is_found_before_type_filters);
+            associated_data_is_found_before_type_filters,
+            export_job_claims_are_exclusive_and_fair_across_tenants, an_expired_lease_is_taken_over_and_the_stale_holder_fenced,
+            the_export_cap_is_counted_with_the_insert_across_instances, a_cancelled_job_stops_its_holder);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -1597,4 +1600,175 @@ pub fn associated_data_is_found_before_type_filters(store: &dyn Store) {
     );
     let filtered = MemberSelection { filters: nothing_kept(), ..plain };
     assert!(associated(store, acme, &filtered, &all()).is_empty(), "o1 is not sent: it forces nothing");
+}
+
+// ---- export job leases ----
+
+fn planning_job(id: &str, created: i64, expires: i64) -> ExportJob {
+    ExportJob {
+        state: ExportJobState::Planning,
+        manifest: String::new(),
+        created,
+        ..export_job(id, "c1", Visibility::Tenant, expires)
+    }
+}
+
+fn enqueue(store: &dyn Store, tenant: TenantId, id: &str, created: i64) {
+    let work = format!("{{\"job\":\"{id}\"}}");
+    let admitted = store.enqueue_export_job(tenant, &planning_job(id, created, 1_000_000), &work, 0, created);
+    assert_eq!(admitted.unwrap(), JobAdmission::Queued);
+}
+
+/// Each due job goes to exactly one claimer, however many claim at once; claims prefer the
+/// tenant with the fewest running jobs, then the oldest job.
+pub fn export_job_claims_are_exclusive_and_fair_across_tenants(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    enqueue(store, a, "a1", 10);
+    enqueue(store, a, "a2", 20);
+    enqueue(store, b, "b1", 30);
+    let claim = |owner: &str| store.claim_export_job(owner, 100, 50).unwrap();
+    let first = claim("i1").expect("a due job");
+    assert_eq!((first.lease.tenant, first.lease.job_id.as_str(), first.lease.fence), (a, "a1", 1), "oldest first");
+    assert_eq!((first.lease.owner.as_str(), first.lease.expires), ("i1", 150));
+    assert_eq!(first.work, "{\"job\":\"a1\"}", "the kick-off's work is handed over");
+    assert_eq!((first.checkpoint, first.parts), (None, Vec::new()));
+    let second = claim("i2").expect("a due job");
+    assert_eq!((second.lease.tenant, second.lease.job_id.as_str()), (b, "b1"), "b runs nothing, a runs one");
+    assert_eq!(claim("i1").expect("a due job").lease.job_id, "a2");
+    assert!(claim("i2").is_none(), "every job is leased");
+    let activity = store.export_job_activity(a, "a1").unwrap().unwrap();
+    assert_eq!((activity.owner.as_deref(), activity.lease_expires, activity.fence), (Some("i1"), 150, 1));
+    assert!(store.export_job_activity(b, "a1").unwrap().is_none(), "another tenant's job is not there");
+
+    // Concurrent claimers ("instances"): every job is claimed exactly once.
+    let c = tenant(store, "c");
+    for n in 0..12 {
+        enqueue(store, c, &format!("c{n:02}"), 40 + n);
+    }
+    let claimed: Vec<String> = std::thread::scope(|scope| {
+        let claimers: Vec<_> = (0..4)
+            .map(|instance| {
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    while let Some(job) = store.claim_export_job(&format!("i{instance}"), 100, 50).unwrap() {
+                        mine.push(job.lease.job_id);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        claimers.into_iter().flat_map(|claimer| claimer.join().unwrap()).collect()
+    });
+    let mut sorted = claimed.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!((claimed.len(), sorted.len()), (12, 12), "each job once: {claimed:?}");
+}
+
+/// A lease that lapsed is claimed by another instance with the next fencing token; the new
+/// holder gets the old holder's checkpoint and parts, and the old holder can write nothing more.
+pub fn an_expired_lease_is_taken_over_and_the_stale_holder_fenced(store: &dyn Store) {
+    let t = tenant(store, "t");
+    enqueue(store, t, "j", 10);
+    let old = store.claim_export_job("i1", 100, 50).unwrap().expect("due").lease;
+    let part = |index: u32| JobPart { index, bytes: 100 + u64::from(index), sha256: format!("{index:064}"), lines: 3 };
+    assert!(store.record_export_job_part(&old, &part(0)).unwrap());
+    assert!(store.record_export_job_part(&old, &part(1)).unwrap());
+    assert!(store.save_export_job_checkpoint(&old, "planned").unwrap());
+    assert!(store.claim_export_job("i2", 140, 50).unwrap().is_none(), "the lease is live until 150");
+    assert!(store.renew_export_job_lease(&old, 140, 50, "writing 2/5").unwrap(), "the heartbeat extends it");
+    assert!(store.claim_export_job("i2", 180, 50).unwrap().is_none(), "renewed until 190");
+    assert_eq!(store.export_job_activity(t, "j").unwrap().unwrap().progress, "writing 2/5");
+
+    let taken = store.claim_export_job("i2", 190, 50).unwrap().expect("lapsed at 190");
+    assert_eq!((taken.lease.owner.as_str(), taken.lease.fence, taken.lease.expires), ("i2", 2, 240));
+    assert_eq!(taken.checkpoint.as_deref(), Some("planned"), "the checkpoint is handed over");
+    assert_eq!(taken.parts, vec![part(0), part(1)], "recorded parts are handed over, not redone");
+
+    // The stale holder wakes up: every write it tries is refused and changes nothing.
+    assert!(!store.renew_export_job_lease(&old, 200, 50, "stale").unwrap());
+    assert!(!store.record_export_job_part(&old, &part(2)).unwrap());
+    assert!(!store.save_export_job_checkpoint(&old, "stale").unwrap());
+    assert!(!store.finish_leased_export_job(&old, ExportJobState::Complete, "{\"stale\":true}").unwrap());
+    let job = store.export_job(t, "j").unwrap().unwrap();
+    assert_eq!(job.state, ExportJobState::Planning, "the stale finish was refused");
+    assert_eq!(store.export_job_activity(t, "j").unwrap().unwrap().owner.as_deref(), Some("i2"));
+
+    let new = taken.lease;
+    assert!(store.record_export_job_part(&new, &part(2)).unwrap());
+    let forged = JobLease { fence: new.fence + 1, ..new.clone() };
+    assert!(!store.record_export_job_part(&forged, &part(3)).unwrap(), "only the newest token writes");
+    assert!(store.finish_leased_export_job(&new, ExportJobState::Complete, "{\"output\":[]}").unwrap());
+    let job = store.export_job(t, "j").unwrap().unwrap();
+    assert_eq!((job.state, job.manifest.as_str()), (ExportJobState::Complete, "{\"output\":[]}"));
+    assert!(!store.finish_leased_export_job(&new, ExportJobState::Failed { status: 500 }, "{}").unwrap());
+    assert!(!store.renew_export_job_lease(&new, 200, 50, "done").unwrap(), "a finished job has no lease");
+    assert!(store.claim_export_job("i3", 10_000, 50).unwrap().is_none(), "a finished job is never claimed");
+    assert!(matches!(store.finish_leased_export_job(&new, ExportJobState::Planning, ""), Err(StoreError::Invalid(_))));
+
+    // A job that expired is not claimed, whatever its lease.
+    store.enqueue_export_job(t, &planning_job("late", 10, 500), "{}", 0, 10).unwrap();
+    assert!(store.claim_export_job("i1", 500, 50).unwrap().is_none(), "expired at 500");
+}
+
+/// The per-tenant cap counts unfinished jobs in the insert's own transaction: concurrent
+/// kick-offs on several instances never pass it together; finished or expired jobs do not count.
+pub fn the_export_cap_is_counted_with_the_insert_across_instances(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    let admit = |tenant: TenantId, id: &str, cap: u64| {
+        store.enqueue_export_job(tenant, &planning_job(id, 10, 1_000), "{}", cap, 100).unwrap()
+    };
+    assert_eq!(admit(a, "a1", 2), JobAdmission::Queued);
+    assert_eq!(admit(a, "a2", 2), JobAdmission::Queued);
+    assert_eq!(admit(a, "a3", 2), JobAdmission::AtCap { unfinished: 2 });
+    assert!(store.export_job(a, "a3").unwrap().is_none(), "a refused job is not stored");
+    assert_eq!(admit(b, "b1", 2), JobAdmission::Queued, "another tenant has its own count");
+    assert_eq!(store.unfinished_export_jobs(a, 100).unwrap(), 2);
+    assert!(matches!(
+        store.enqueue_export_job(a, &planning_job("a1", 10, 1_000), "{}", 0, 100),
+        Err(StoreError::Conflict(_))
+    ));
+
+    let lease = store.claim_export_job("i1", 100, 50).unwrap().expect("due").lease;
+    assert_eq!(lease.job_id, "a1");
+    assert!(store.finish_leased_export_job(&lease, ExportJobState::Complete, "{}").unwrap());
+    assert_eq!(admit(a, "a3", 2), JobAdmission::Queued, "a finished job leaves room");
+    assert_eq!(store.unfinished_export_jobs(a, 1_000).unwrap(), 0, "expired jobs do not count");
+
+    // Eight kick-offs at once on as many "instances", cap 3: exactly three are stored.
+    let c = tenant(store, "c");
+    let admitted = std::thread::scope(|scope| {
+        let kick_offs: Vec<_> = (0..8)
+            .map(|n| {
+                scope.spawn(move || {
+                    store.enqueue_export_job(c, &planning_job(&format!("c{n}"), 10, 1_000), "{}", 3, 100)
+                })
+            })
+            .collect();
+        kick_offs
+            .into_iter()
+            .map(|kick_off| kick_off.join().unwrap().unwrap())
+            .filter(|admitted| *admitted == JobAdmission::Queued)
+            .count()
+    });
+    assert_eq!(admitted, 3);
+    assert_eq!(store.unfinished_export_jobs(c, 100).unwrap(), 3);
+}
+
+/// Deleting a job (a client's DELETE) stops its holder: its heartbeat and writes are refused, and
+/// the job's recorded parts go with it.
+pub fn a_cancelled_job_stops_its_holder(store: &dyn Store) {
+    let t = tenant(store, "t");
+    enqueue(store, t, "j", 10);
+    let lease = store.claim_export_job("i1", 100, 50).unwrap().expect("due").lease;
+    let part = JobPart { index: 0, bytes: 1, sha256: "0".repeat(64), lines: 1 };
+    assert!(store.record_export_job_part(&lease, &part).unwrap());
+    assert!(store.delete_export_job(t, "j").unwrap());
+    assert!(!store.renew_export_job_lease(&lease, 110, 50, "x").unwrap());
+    assert!(!store.record_export_job_part(&lease, &part).unwrap());
+    assert!(store.export_job_activity(t, "j").unwrap().is_none());
+    // The same id again (a new job) starts with no parts.
+    enqueue(store, t, "j", 20);
+    let again = store.claim_export_job("i2", 200, 50).unwrap().expect("due");
+    assert_eq!((again.lease.fence, again.parts), (1, Vec::new()));
 }

@@ -25,7 +25,7 @@ pub(super) fn migrate(connection: &Connection) -> Result<(), StoreError> {
 }
 
 /// The stored text of a state and its failure status.
-fn state_columns(state: ExportJobState) -> (&'static str, Option<u16>) {
+pub(super) fn state_columns(state: ExportJobState) -> (&'static str, Option<u16>) {
     match state {
         ExportJobState::Planning => ("planning", None),
         ExportJobState::Complete => ("complete", None),

@@ -6,6 +6,7 @@ mod audit;
 pub mod backup;
 mod export;
 mod jobs;
+mod leases;
 mod migrate;
 mod part_reader;
 mod plan_cache;
@@ -79,6 +80,7 @@ impl SqliteStore {
         migrate::migrate_v1_to_v2(&mut writer, SCHEMA)?;
         writer.execute_batch(SCHEMA)?;
         jobs::migrate(&writer)?;
+        leases::migrate(&mut writer)?;
         associated::migrate(&mut writer)?;
         if let Some(pages) = options.max_page_count {
             // Per connection; only the writer grows the file.
@@ -609,6 +611,70 @@ impl crate::Store for SqliteStore {
             std::fs::metadata(path).map_or(0, |metadata| metadata.len())
         };
         Ok(StorageBytes { database: size(""), wal: size("-wal") })
+    }
+
+    fn enqueue_export_job(
+        &self,
+        tenant: TenantId,
+        job: &ExportJob,
+        work: &str,
+        cap: u64,
+        now: Micros,
+    ) -> Result<crate::JobAdmission, StoreError> {
+        self.with_write(|transaction, _| leases::enqueue_export_job(transaction, tenant, job, work, cap, now))
+    }
+
+    fn unfinished_export_jobs(&self, tenant: TenantId, now: Micros) -> Result<u64, StoreError> {
+        self.with_read(|connection| leases::unfinished_export_jobs(connection, tenant, now))
+    }
+
+    fn claim_export_job(
+        &self,
+        owner: &str,
+        now: Micros,
+        lease_for: Micros,
+    ) -> Result<Option<crate::ClaimedJob>, StoreError> {
+        if !self.with_read(|connection| leases::any_due(connection, now))? {
+            return Ok(None);
+        }
+        self.with_write(|transaction, _| leases::claim_export_job(transaction, owner, now, lease_for))
+    }
+
+    fn renew_export_job_lease(
+        &self,
+        lease: &crate::JobLease,
+        now: Micros,
+        lease_for: Micros,
+        progress: &str,
+    ) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| leases::renew_export_job_lease(transaction, lease, now, lease_for, progress))
+    }
+
+    fn save_export_job_checkpoint(&self, lease: &crate::JobLease, checkpoint: &str) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| leases::save_export_job_checkpoint(transaction, lease, checkpoint))
+    }
+
+    fn record_export_job_part(&self, lease: &crate::JobLease, part: &crate::JobPart) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| leases::record_export_job_part(transaction, lease, part))
+    }
+
+    fn finish_leased_export_job(
+        &self,
+        lease: &crate::JobLease,
+        state: ExportJobState,
+        manifest: &str,
+    ) -> Result<bool, StoreError> {
+        if state == ExportJobState::Planning {
+            return Err(StoreError::Invalid("a job is finished as complete or failed, not planning".into()));
+        }
+        let (state, failure_status) = jobs::state_columns(state);
+        self.with_write(|transaction, _| {
+            leases::finish_leased_export_job(transaction, lease, state, failure_status, manifest)
+        })
+    }
+
+    fn export_job_activity(&self, tenant: TenantId, job_id: &str) -> Result<Option<crate::JobActivity>, StoreError> {
+        self.with_read(|connection| leases::export_job_activity(connection, tenant, job_id))
     }
 }
 

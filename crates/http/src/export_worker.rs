@@ -1,0 +1,235 @@
+//! This instance's export worker: claims due export jobs from the store under a lease (any
+//! instance's jobs: the store is shared), runs each on a blocking thread, and finishes it under
+//! the lease's fencing token.
+//!
+//! A job's lease lasts `export_lease`; the holder renews it from the job's progress callback
+//! (every plan step and every materialised file), at most every third of a lease. A holder that
+//! stops making progress (its process died, froze or lost the database) lets the lease lapse,
+//! and the next claim of any instance takes the job over with a new token: it resumes from the
+//! checkpointed plan and skips the files already recorded. The old holder, should it wake up,
+//! finds its token refused at its next write (heartbeat, part, checkpoint or finish) and stops
+//! without writing anything. A job claimed more than [`MAX_CLAIMS`] times (it keeps killing its
+//! holders) is failed instead of run again.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bulkhead_export::{ExportError, PlanStep};
+use bulkhead_fhir::{now_micros, operation_outcome, Issue, IssueType, Micros};
+use bulkhead_store::{ClaimedJob, ExportJobState, JobLease};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::ApiError;
+use crate::export_status::{failure, Planner, Progress};
+use crate::export_work::{ExportWork, WorkStop};
+use crate::state::AppState;
+
+/// Jobs one instance runs at once (each on a blocking thread).
+pub const WORKER_SLOTS: usize = 4;
+
+/// Claims of one job after which it is failed rather than run again.
+pub const MAX_CLAIMS: i64 = 5;
+
+fn micros(duration: Duration) -> Micros {
+    Micros::try_from(duration.as_micros()).unwrap_or(Micros::MAX)
+}
+
+/// Wakes this instance's worker (starting it on first use) to claim due jobs now.
+pub fn wake(state: &AppState) {
+    start(state);
+    state.planners.wake.notify_one();
+}
+
+/// Starts this instance's worker loop, once (on the current runtime): `serve` starts it, so an
+/// instance takes over jobs of dead ones without a kick-off of its own; a kick-off or a poll
+/// starts it otherwise.
+pub fn start(state: &AppState) {
+    if state.planners.started.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tracing::info!(instance = %state.planners.instance, lease_seconds = state.config.export_lease.as_secs_f64(), "export worker started");
+    tokio::spawn(claim_loop(state.clone()));
+}
+
+/// Claims due jobs while a slot is free, then waits for a wake-up or the next look.
+async fn claim_loop(state: AppState) {
+    let slots = Arc::new(Semaphore::new(state.planners.slots));
+    let lease = state.config.export_lease;
+    // A lapsed lease is noticed within a quarter of a lease (between 0.1 s and 1 s).
+    let idle = (lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    loop {
+        while let Ok(slot) = slots.clone().try_acquire_owned() {
+            let owner = state.planners.instance.clone();
+            let claimed =
+                state.blocking(move |store| Ok(store.claim_export_job(&owner, now_micros(), micros(lease))?)).await;
+            match claimed {
+                Ok(Some(job)) => run_claimed(&state, job, slot),
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(status = %error.status, "claiming export jobs failed; retrying");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = state.planners.wake.notified() => {}
+            _ = tokio::time::sleep(idle) => {}
+        }
+    }
+}
+
+/// Runs a claimed job on a blocking thread, holding `slot`. Whatever happens to it (done,
+/// failed, lease lost, panicked), the job is registered here until its row is finished.
+fn run_claimed(state: &AppState, claimed: ClaimedJob, slot: OwnedSemaphorePermit) {
+    let lease = claimed.lease.clone();
+    let planner = state.planners.register(lease.tenant, &lease.job_id);
+    tracing::info!(job = %lease.job_id, tenant = lease.tenant.0, fence = lease.fence, parts_done = claimed.parts.len(), "export job claimed");
+    let state = state.clone();
+    tokio::spawn(async move {
+        let (work_state, work_planner) = (state.clone(), planner.clone());
+        let ran = tokio::task::spawn_blocking(move || work(&work_state, claimed, &work_planner)).await;
+        if let Err(join_error) = ran {
+            tracing::error!(job = %lease.job_id, error = %join_error, "export job panicked");
+            let (failed, body) = failure(ApiError::internal());
+            let finish_lease = lease.clone();
+            let _ =
+                state.blocking(move |store| Ok(store.finish_leased_export_job(&finish_lease, failed, &body)?)).await;
+        }
+        state.planners.unregister(lease.tenant, &lease.job_id, &planner);
+        let tenant = lease.tenant;
+        if let Ok(unfinished) =
+            state.blocking(move |store| Ok(store.unfinished_export_jobs(tenant, now_micros())?)).await
+        {
+            crate::quotas::note_exports_running(&state, tenant, unfinished);
+        }
+        drop(slot);
+        state.planners.wake.notify_one();
+    });
+}
+
+/// The lease as its holder keeps it: renewed from the progress callback, lost for good once a
+/// renewal is refused.
+struct Heartbeat<'a> {
+    state: &'a AppState,
+    lease: &'a JobLease,
+    renewed: Mutex<Instant>,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl Heartbeat<'_> {
+    /// Renews the lease when a third of it has passed since the last renewal; false once lost.
+    fn beat(&self, progress: &str) -> bool {
+        if self.lost.load(Ordering::Acquire) {
+            return false;
+        }
+        let lease_for = self.state.config.export_lease;
+        let mut renewed = self.renewed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if renewed.elapsed() < lease_for / 3 {
+            return true;
+        }
+        match self.state.store.renew_export_job_lease(self.lease, now_micros(), micros(lease_for), progress) {
+            Ok(true) => *renewed = Instant::now(),
+            Ok(false) => {
+                tracing::warn!(job = %self.lease.job_id, fence = self.lease.fence, "export job lease lost: stopping");
+                self.lost.store(true, Ordering::Release);
+                return false;
+            }
+            // A failed renewal is retried at the next step; the lease may lapse meanwhile, and
+            // then the next fenced write tells.
+            Err(error) => {
+                tracing::warn!(job = %self.lease.job_id, error = %error, "renewing an export job lease failed")
+            }
+        }
+        true
+    }
+}
+
+/// Runs the claimed job's work and finishes the job under its lease (blocking).
+fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
+    let ClaimedJob { lease, work, checkpoint, parts } = claimed;
+    let store = state.store.as_ref();
+    let started = Instant::now();
+    let finish = |job_state: ExportJobState, body: &str| match store.finish_leased_export_job(&lease, job_state, body) {
+        Ok(finished) => finished,
+        Err(error) => {
+            tracing::error!(job = %lease.job_id, error = %error, "finishing an export job failed");
+            false
+        }
+    };
+    if lease.fence > MAX_CLAIMS {
+        tracing::error!(job = %lease.job_id, claims = lease.fence, "export job interrupted too often: failing it");
+        let (failed, body) = server_failure("this export was interrupted too often; kick the export off again");
+        finish(failed, &body);
+        return;
+    }
+    let Ok(work) = ExportWork::from_json(&work) else {
+        // A job stored before jobs had work (an older version planned it in its own process).
+        tracing::warn!(job = %lease.job_id, "export job without work: failing it");
+        let (failed, body) =
+            server_failure("the server restarted while this export was being planned; kick the export off again");
+        finish(failed, &body);
+        return;
+    };
+    let heartbeat = Heartbeat { state, lease: &lease, renewed: Mutex::new(Instant::now()), lost: false.into() };
+    let hook = state.planners.hook.clone();
+    let progress = |step: PlanStep| {
+        planner.progress.send_replace(Progress::At(step));
+        if let Some(hook) = &hook {
+            hook(step)?;
+        }
+        if planner.cancelled.load(Ordering::Acquire) || !heartbeat.beat(&step.to_string()) {
+            return Err(ExportError::Cancelled);
+        }
+        Ok(())
+    };
+    let result = crate::export_work::run(state, &work, &lease, checkpoint.as_deref(), &parts, &progress);
+    let millis = started.elapsed().as_millis() as u64;
+    let finished = match result {
+        Ok(manifest) => {
+            tracing::info!(job = %lease.job_id, fence = lease.fence, millis, "export job complete");
+            finish(ExportJobState::Complete, &manifest)
+        }
+        Err(WorkStop::Failed(error)) => {
+            tracing::info!(job = %lease.job_id, status = %error.status, millis, "export job failed");
+            let (failed, body) = failure(error);
+            let finished = finish(failed, &body);
+            if finished {
+                // Only while the lease held: a new holder writes the same keys.
+                remove_output(state, &lease, work.materialise);
+            }
+            finished
+        }
+        Err(WorkStop::LeaseLost) => false,
+    };
+    if !finished {
+        // Cancelled (the row is gone: remove what this holder wrote), or taken over by another
+        // instance (which writes the same keys: leave them).
+        match store.export_job(lease.tenant, &lease.job_id) {
+            Ok(None) => {
+                tracing::info!(job = %lease.job_id, "export job cancelled: result discarded");
+                remove_output(state, &lease, work.materialise);
+            }
+            Ok(Some(_)) => {
+                tracing::info!(job = %lease.job_id, fence = lease.fence, "export job taken over: result discarded")
+            }
+            Err(error) => tracing::warn!(job = %lease.job_id, error = %error, "looking up a stopped export job failed"),
+        }
+    }
+}
+
+/// A server-side failure's status and OperationOutcome.
+fn server_failure(diagnostics: &str) -> (ExportJobState, String) {
+    let failed = ExportJobState::Failed { status: axum::http::StatusCode::INTERNAL_SERVER_ERROR.as_u16() };
+    (failed, operation_outcome(&[Issue::error(IssueType::Exception, diagnostics)]).to_string())
+}
+
+/// Deletes the job's output objects (a failed or cancelled job's); failures are logged, and
+/// the expiry sweep removes what is left.
+fn remove_output(state: &AppState, lease: &JobLease, materialised: bool) {
+    let Some(output) = state.output.as_ref().filter(|_| materialised) else { return };
+    let runtime = tokio::runtime::Handle::current();
+    if let Err(error) = runtime.block_on(output.delete_job(lease.tenant, &lease.job_id)) {
+        tracing::error!(job = %lease.job_id, error = %error, "removing a stopped job's output failed");
+    }
+}
