@@ -7,7 +7,7 @@ use super::Db;
 use crate::{ExportJob, ExportJobState, ExportRecord, StoreError, TenantId, Visibility};
 
 /// The stored text of a state and its failure status.
-fn state_columns(state: ExportJobState) -> (&'static str, Option<i32>) {
+pub(super) fn state_columns(state: ExportJobState) -> (&'static str, Option<i32>) {
     match state {
         ExportJobState::Planning => ("planning", None),
         ExportJobState::Complete => ("complete", None),

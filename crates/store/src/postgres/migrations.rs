@@ -16,6 +16,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (2, "retention", include_str!("migrations/0002_retention.sql")),
     (3, "smart_clients", include_str!("migrations/0003_smart_clients.sql")),
     (4, "associated_data_and_audit", include_str!("migrations/0004_associated_data_and_audit.sql")),
+    (5, "job_leases", include_str!("migrations/0005_job_leases.sql")),
 ];
 
 /// The advisory lock key of the migration runner ("bulkhead" in ASCII, as an int8).

@@ -14,6 +14,7 @@ mod associated;
 mod audit;
 mod export;
 mod jobs;
+mod leases;
 pub mod migrations;
 mod part_reader;
 mod resources;
@@ -563,6 +564,65 @@ impl crate::Store for PgStore {
 
     fn expired_export_jobs(&self, now: Micros, limit: usize) -> Result<Vec<(TenantId, String)>, StoreError> {
         self.with_read(|db| jobs::expired_export_jobs(db, now, limit))
+    }
+
+    fn enqueue_export_job(
+        &self,
+        tenant: TenantId,
+        job: &ExportJob,
+        work: &str,
+        cap: u64,
+        now: Micros,
+    ) -> Result<crate::JobAdmission, StoreError> {
+        self.with_transaction(|db| leases::enqueue_export_job(db, tenant, job, work, cap, now))
+    }
+
+    fn unfinished_export_jobs(&self, tenant: TenantId, now: Micros) -> Result<u64, StoreError> {
+        self.with_read(|db| leases::unfinished_export_jobs(db, tenant, now))
+    }
+
+    fn claim_export_job(
+        &self,
+        owner: &str,
+        now: Micros,
+        lease_for: Micros,
+    ) -> Result<Option<crate::ClaimedJob>, StoreError> {
+        self.with_transaction(|db| leases::claim_export_job(db, owner, now, lease_for))
+    }
+
+    fn renew_export_job_lease(
+        &self,
+        lease: &crate::JobLease,
+        now: Micros,
+        lease_for: Micros,
+        progress: &str,
+    ) -> Result<bool, StoreError> {
+        self.with_transaction(|db| leases::renew_export_job_lease(db, lease, now, lease_for, progress))
+    }
+
+    fn save_export_job_checkpoint(&self, lease: &crate::JobLease, checkpoint: &str) -> Result<bool, StoreError> {
+        self.with_transaction(|db| leases::save_export_job_checkpoint(db, lease, checkpoint))
+    }
+
+    fn record_export_job_part(&self, lease: &crate::JobLease, part: &crate::JobPart) -> Result<bool, StoreError> {
+        self.with_transaction(|db| leases::record_export_job_part(db, lease, part))
+    }
+
+    fn finish_leased_export_job(
+        &self,
+        lease: &crate::JobLease,
+        state: ExportJobState,
+        manifest: &str,
+    ) -> Result<bool, StoreError> {
+        if state == ExportJobState::Planning {
+            return Err(StoreError::Invalid("a job is finished as complete or failed, not planning".into()));
+        }
+        let (state, failure_status) = jobs::state_columns(state);
+        self.with_transaction(|db| leases::finish_leased_export_job(db, lease, state, failure_status, manifest))
+    }
+
+    fn export_job_activity(&self, tenant: TenantId, job_id: &str) -> Result<Option<crate::JobActivity>, StoreError> {
+        self.with_read(|db| leases::export_job_activity(db, tenant, job_id))
     }
 
     fn create_export_record(&self, tenant: TenantId, record: &ExportRecord) -> Result<(), StoreError> {
