@@ -1,10 +1,14 @@
-//! `bulkhead tenant …` and `bulkhead client …`: direct access to the data directory, safe while
-//! a server runs on it (SQLite WAL).
+//! `bulkhead tenant …`, `bulkhead client …` and `bulkhead migrate`: direct access to the store
+//! (the data directory's SQLite, or PostgreSQL with `--database-url`), safe while a server runs
+//! on it.
 
 use anyhow::Context;
 use bulkhead_fhir::format_instant;
 use bulkhead_http::admin::valid_tenant_name;
 use bulkhead_http::credentials::register_client;
+use std::sync::Arc;
+
+use bulkhead_store::postgres::PgStore;
 use bulkhead_store::sqlite::{SqliteOptions, SqliteStore};
 use std::path::PathBuf;
 
@@ -13,33 +17,68 @@ use bulkhead_store::{ClientRegistration, Store, Tenant};
 use crate::config::Config;
 use crate::private_files::{create_private_dir, create_private_file, tighten_if_exists};
 
-/// Opens (creating if needed) the data directory's store, sized for a server. Only `serve`,
-/// `demo` and `tenant create` start a data directory; every other command uses
-/// [`open_existing_store`].
-pub fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
+/// The store a configuration names: PostgreSQL when `database_url` is set, else SQLite in the
+/// data directory. Derefs to the [`Store`] it holds.
+#[derive(Clone)]
+pub enum OpenedStore {
+    Sqlite(Arc<SqliteStore>),
+    Postgres(Arc<PgStore>),
+}
+
+impl OpenedStore {
+    /// The store as the server shares it.
+    pub fn shared(&self) -> Arc<dyn Store> {
+        match self {
+            OpenedStore::Sqlite(store) => store.clone(),
+            OpenedStore::Postgres(store) => store.clone(),
+        }
+    }
+}
+
+impl std::ops::Deref for OpenedStore {
+    type Target = dyn Store;
+    fn deref(&self) -> &(dyn Store + 'static) {
+        match self {
+            OpenedStore::Sqlite(store) => store.as_ref(),
+            OpenedStore::Postgres(store) => store.as_ref(),
+        }
+    }
+}
+
+/// Opens (creating if needed) the configured store, sized for a server; PostgreSQL gets its
+/// pending migrations. Only `serve`, `demo` and `tenant create` start a SQLite data directory;
+/// every other command uses [`open_existing_store`].
+pub fn open_store(config: &Config) -> anyhow::Result<OpenedStore> {
     open_store_with(config, SqliteOptions::default())
 }
 
-pub fn open_store_with(config: &Config, options: SqliteOptions) -> anyhow::Result<SqliteStore> {
+pub fn open_store_with(config: &Config, options: SqliteOptions) -> anyhow::Result<OpenedStore> {
+    if let Some(url) = &config.database_url {
+        let store = PgStore::open(url, config.postgres_options())
+            .with_context(|| format!("opening the PostgreSQL database {}", config.database_display()))?;
+        return Ok(OpenedStore::Postgres(Arc::new(store)));
+    }
     create_private_dir(&config.data_dir)?;
     let path = config.database_path();
     create_private_file(&path)?;
     for existing in ["bulkhead.db-wal", "bulkhead.db-shm", "token-keys", "output"] {
         tighten_if_exists(&config.data_dir.join(existing))?;
     }
-    SqliteStore::open_with(&path, options).with_context(|| format!("opening {}", path.display()))
+    let store = SqliteStore::open_with(&path, options).with_context(|| format!("opening {}", path.display()))?;
+    Ok(OpenedStore::Sqlite(Arc::new(store)))
 }
 
 /// Opens the store of a data directory that must already hold one: a mistyped `--data-dir`
-/// must not quietly start an empty database.
-pub fn open_existing_store(config: &Config) -> anyhow::Result<SqliteStore> {
+/// must not quietly start an empty database. (A PostgreSQL database is opened as it is: its URL
+/// names it exactly.)
+pub fn open_existing_store(config: &Config) -> anyhow::Result<OpenedStore> {
     open_existing_store_with(config, SqliteOptions::default())
 }
 
-pub fn open_existing_store_with(config: &Config, options: SqliteOptions) -> anyhow::Result<SqliteStore> {
+pub fn open_existing_store_with(config: &Config, options: SqliteOptions) -> anyhow::Result<OpenedStore> {
     let path = config.database_path();
     anyhow::ensure!(
-        path.is_file(),
+        config.database_url.is_some() || path.is_file(),
         "no Bulkhead database at {} (is the data directory right? start one with: bulkhead tenant create NAME {})",
         path.display(),
         data_dir_flag(config)
@@ -47,8 +86,31 @@ pub fn open_existing_store_with(config: &Config, options: SqliteOptions) -> anyh
     open_store_with(config, options)
 }
 
+/// `bulkhead migrate`: applies pending PostgreSQL migrations and prints the schema version.
+pub fn migrate(config: &Config) -> anyhow::Result<()> {
+    let Some(url) = &config.database_url else {
+        anyhow::bail!(
+            "bulkhead migrate is for PostgreSQL: give --database-url (or database_url / BULKHEAD_DATABASE_URL); \
+             a SQLite data directory is brought up to date whenever it is opened"
+        );
+    };
+    let store = PgStore::connect(url, config.postgres_options())?;
+    let applied = store.migrate().with_context(|| format!("migrating {}", config.database_display()))?;
+    let version = store.schema_version()?;
+    if applied.is_empty() {
+        say!("schema up to date at version {version}");
+    } else {
+        let list: Vec<String> = applied.iter().map(u32::to_string).collect();
+        say!("applied migration(s) {}; schema at version {version}", list.join(", "));
+    }
+    Ok(())
+}
+
 /// The `--data-dir …` a command needs to reach this configuration's data, for hints.
 pub fn data_dir_flag(config: &Config) -> String {
+    if config.database_url.is_some() {
+        return "--database-url URL".to_owned();
+    }
     let directory = config.data_dir.display().to_string();
     if directory.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+,:@".contains(c)) {
         format!("--data-dir {directory}")
@@ -67,7 +129,7 @@ pub fn create_tenant(config: &Config, name: &str) -> anyhow::Result<()> {
     anyhow::ensure!(valid_tenant_name(name), "tenant names are 1-64 letters, digits, '-', '_', '.'");
     let store = open_store(config)?;
     let tenant = store.create_tenant(name)?;
-    crate::audit::record_command(&store, tenant.id, "tenant.create", &tenant.name);
+    crate::audit::record_command(&*store, tenant.id, "tenant.create", &tenant.name);
     say!(
         "created tenant {} (next: bulkhead client create --tenant {} {})",
         tenant.name,
@@ -151,9 +213,9 @@ pub fn create_client(config: &Config, tenant_name: &str, json: bool, smart: &Sma
             .map_err(|error| anyhow::anyhow!(error))?;
     }
     let store = open_existing_store(config)?;
-    let tenant = find_tenant(&store, config, tenant_name)?;
+    let tenant = find_tenant(&*store, config, tenant_name)?;
     let (_, credentials) = bulkhead_http::registration::create_client(
-        &store,
+        &*store,
         tenant.id,
         registration.as_ref(),
         config.allow_http_jwks_urls,
@@ -162,7 +224,7 @@ pub fn create_client(config: &Config, tenant_name: &str, json: bool, smart: &Sma
         anyhow::anyhow!("{}", error.issues.first().map_or("invalid registration", |issue| issue.diagnostics.as_str()))
     })?;
     let (client_id, client_secret) = (credentials.client_id, credentials.client_secret);
-    crate::audit::record_command(&store, tenant.id, "client.create", &client_id);
+    crate::audit::record_command(&*store, tenant.id, "client.create", &client_id);
     if json {
         let mut body =
             serde_json::json!({"client_id": client_id, "client_secret": client_secret, "tenant": tenant_name});
@@ -185,7 +247,7 @@ pub fn create_client(config: &Config, tenant_name: &str, json: bool, smart: &Sma
 
 pub fn list_clients(config: &Config, tenant_name: &str) -> anyhow::Result<()> {
     let store = open_existing_store(config)?;
-    let tenant = find_tenant(&store, config, tenant_name)?;
+    let tenant = find_tenant(&*store, config, tenant_name)?;
     for client in store.list_clients(tenant.id)? {
         let state = if client.revoked { "revoked" } else { "active" };
         say!("{}\t{}\t{}", client.client_id, state, format_instant(client.created));
@@ -199,11 +261,11 @@ pub fn revoke_client(config: &Config, client_id: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         store.revoke_client(client_id)?,
         "no client '{client_id}' in {} (list them with: bulkhead client list --tenant NAME {})",
-        config.database_path().display(),
+        config.database_display(),
         data_dir_flag(config)
     );
     if let Some(tenant) = tenant {
-        crate::audit::record_command(&store, tenant, "client.revoke", client_id);
+        crate::audit::record_command(&*store, tenant, "client.revoke", client_id);
     }
     say!("revoked {client_id}");
     Ok(())

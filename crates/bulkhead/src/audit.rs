@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bulkhead_fhir::{format_instant, now_micros, parse_since};
 use bulkhead_http::audit_api::{patient_id, write_records, AuditFormat, AuditRequest};
-use bulkhead_store::sqlite::SqliteStore;
 use bulkhead_store::{AuditQuery, AuditRecord, Store, TenantId};
 use clap::Args;
 
@@ -51,11 +50,11 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     let config = args.config.load_for_tool()?;
     let store = open_existing_store(&config)?;
     if args.prune {
-        let pruned = prune(&store, config.audit_retention_days)?;
+        let pruned = prune(&*store, config.audit_retention_days)?;
         say!("pruned {pruned} audit records older than {} days", config.audit_retention_days);
         return Ok(());
     }
-    let tenant = find_tenant(&store, &config, args.tenant.as_deref().unwrap_or_default())?;
+    let tenant = find_tenant(&*store, &config, args.tenant.as_deref().unwrap_or_default())?;
     let since = args.since.as_deref().map(parse_since).transpose()?;
     let query = AuditQuery {
         since,
@@ -69,7 +68,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     let request = AuditRequest { tenant: tenant.name.clone(), query, limit: None, format };
     let base = config.public_base_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
     if args.json || args.fhir {
-        write_records(&store, &tenant, &request, &base, |chunk| crate::output::bytes(&chunk))?;
+        write_records(&*store, &tenant, &request, &base, |chunk| crate::output::bytes(&chunk))?;
         return Ok(());
     }
     // Text: one record per line, tab-separated, for a terminal.
@@ -108,7 +107,7 @@ pub fn prune(store: &dyn Store, retention_days: u64) -> anyhow::Result<u64> {
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Prunes the audit trail now and then hourly, for as long as the store lives.
-pub fn spawn_pruning(store: &Arc<SqliteStore>, retention_days: u64) {
+pub fn spawn_pruning(store: &Arc<dyn Store>, retention_days: u64) {
     if retention_days == 0 {
         return;
     }

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use bulkhead_store::sqlite::backup::{database_in_use, restore_backup};
-use bulkhead_store::Store;
 
-use crate::admin::{open_existing_store, open_existing_store_with};
+use crate::admin::{open_existing_store, open_existing_store_with, OpenedStore};
 use crate::config::Config;
 use crate::private_files::{create_private_dir, create_private_file};
 
@@ -42,12 +41,25 @@ fn key_files(data_dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     Ok(files)
 }
 
+/// Backups of a PostgreSQL database are PostgreSQL's business (docs/deploy.md).
+fn refuse_postgres(config: &Config, command: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.database_url.is_none(),
+        "bulkhead {command} copies a SQLite data directory; on PostgreSQL use pg_dump or pg_basebackup \
+         (and keep a copy of the data directory's token-keys), see docs/deploy.md"
+    );
+    Ok(())
+}
+
 /// `bulkhead backup --to FILE`: online (a running server keeps writing) and consistent (one
 /// snapshot of the database). The file is private (0600) and written under a temporary name
 /// first, so a failed backup never leaves a file that looks whole.
 pub fn backup(config: &Config, to: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(!to.exists(), "{} already exists: choose a new backup file", to.display());
-    let store = open_existing_store(config)?;
+    refuse_postgres(config, "backup")?;
+    let OpenedStore::Sqlite(store) = open_existing_store(config)? else {
+        anyhow::bail!("bulkhead backup needs a SQLite data directory")
+    };
     let files = key_files(&config.data_dir)?;
     let mut partial = to.as_os_str().to_owned();
     partial.push(".partial");
@@ -75,6 +87,7 @@ pub fn backup(config: &Config, to: &Path) -> anyhow::Result<()> {
 /// `--force`, over an existing one's database and keys, but never under a running server.
 pub fn restore(config: &Config, from: &Path, force: bool) -> anyhow::Result<()> {
     anyhow::ensure!(from.is_file(), "no backup file at {}", from.display());
+    refuse_postgres(config, "restore")?;
     let data_dir = &config.data_dir;
     let database = config.database_path();
     let occupied = std::fs::read_dir(data_dir).map(|mut entries| entries.next().is_some()).unwrap_or(false);

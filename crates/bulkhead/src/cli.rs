@@ -24,6 +24,11 @@ pub struct ConfigArgs {
     /// without a database.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// PostgreSQL to use instead of SQLite in the data directory:
+    /// `postgres://USER[:PASSWORD]@HOST:PORT/DATABASE` (config `database_url`, env
+    /// `BULKHEAD_DATABASE_URL`).
+    #[arg(long)]
+    pub database_url: Option<String>,
 }
 
 impl ConfigArgs {
@@ -32,9 +37,13 @@ impl ConfigArgs {
         self.load_with(Overrides { listen, ..Overrides::default() })
     }
 
-    /// Loads the configuration with command-line overrides besides `--data-dir`.
+    /// Loads the configuration with command-line overrides besides `--data-dir` and
+    /// `--database-url`.
     pub fn load_with(&self, overrides: Overrides) -> anyhow::Result<Config> {
-        Config::load(self.config.as_deref(), Overrides { data_dir: self.data_dir.clone(), ..overrides })
+        Config::load(
+            self.config.as_deref(),
+            Overrides { data_dir: self.data_dir.clone(), database_url: self.database_url.clone(), ..overrides },
+        )
     }
 
     /// Loads the configuration for a command-line tool, warning on stderr at once.
@@ -85,6 +94,12 @@ enum Command {
     Import(crate::import::ImportArgs),
     /// Measure import and export against the release binary (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
+    /// Apply pending PostgreSQL schema migrations (`serve` also applies them at start-up) and
+    /// print the schema version. SQLite data directories need no migration command.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Show a tenant's audit trail (who accessed which data, when, from where, with what outcome).
     Audit(crate::audit::AuditArgs),
     /// Write a consistent backup of a data directory (database, server keys and file-URL
@@ -204,6 +219,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(args) => crate::synth::run(args),
         Command::Import(args) => crate::import::run(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Migrate { config } => crate::admin::migrate(&config.load_for_tool()?),
         Command::Audit(args) => crate::audit::run(args),
         Command::Backup { to, config } => crate::backup::backup(&config.load_for_tool()?, &to),
         Command::Restore { from, force, config } => crate::backup::restore(&config.load_for_tool()?, &from, force),

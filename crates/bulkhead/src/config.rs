@@ -25,6 +25,17 @@ pub struct Config {
     pub listen: String,
     /// Directory holding the SQLite database, the token keys and the output directory.
     pub data_dir: PathBuf,
+    /// PostgreSQL instead of SQLite: `postgres://USER[:PASSWORD]@HOST:PORT/DATABASE`. The data
+    /// directory then holds only the token keys and the output directory.
+    pub database_url: Option<String>,
+    /// PostgreSQL connections this process keeps open at most (its pool's size).
+    pub database_max_connections: u32,
+    /// Seconds opening a PostgreSQL connection may take.
+    pub database_connect_timeout_seconds: u64,
+    /// Seconds a request waits for a free pooled connection before it is answered 503.
+    pub database_pool_timeout_seconds: u64,
+    /// Longest a single PostgreSQL statement may run, in seconds (`statement_timeout`).
+    pub database_statement_timeout_seconds: u64,
     /// Absolute base URL used in minted URLs; default: from the request's Host header when
     /// `trust_host_header`.
     pub public_base_url: Option<String>,
@@ -135,6 +146,11 @@ impl Default for Config {
             ignored_env: Vec::new(),
             listen: "127.0.0.1:8080".into(),
             data_dir: PathBuf::from("./bulkhead-data"),
+            database_url: None,
+            database_max_connections: 16,
+            database_connect_timeout_seconds: 5,
+            database_pool_timeout_seconds: 10,
+            database_statement_timeout_seconds: 60,
             public_base_url: None,
             trust_host_header: None,
             header_read_timeout_seconds: 10,
@@ -194,6 +210,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -290,6 +308,10 @@ impl Config {
             ("request_timeout_seconds", self.request_timeout_seconds),
             ("failed_login_window_seconds", self.failed_login_window_seconds),
             ("max_connections", self.max_connections as u64),
+            ("database_max_connections", u64::from(self.database_max_connections)),
+            ("database_connect_timeout_seconds", self.database_connect_timeout_seconds),
+            ("database_pool_timeout_seconds", self.database_pool_timeout_seconds),
+            ("database_statement_timeout_seconds", self.database_statement_timeout_seconds),
             ("failed_logins_per_peer", u64::from(self.failed_logins_per_peer)),
             ("failed_logins_per_client", u64::from(self.failed_logins_per_client)),
             ("access_token_ttl_seconds", self.access_token_ttl_seconds),
@@ -305,6 +327,12 @@ impl Config {
              sets Host)",
             self.listen
         );
+        if let Some(url) = &self.database_url {
+            anyhow::ensure!(
+                url.starts_with("postgres://") || url.starts_with("postgresql://"),
+                "invalid configuration: database_url must be a postgres:// URL"
+            );
+        }
         anyhow::ensure!(
             self.access_token_ttl_seconds <= bulkhead_http::access_token::MAX_ACCESS_TOKEN_TTL.as_secs(),
             "invalid configuration: access_token_ttl_seconds must be at most {}",
@@ -372,6 +400,26 @@ impl Config {
         self.data_dir.join("bulkhead.db")
     }
 
+    /// The PostgreSQL pool's settings (when `database_url` is set).
+    pub fn postgres_options(&self) -> bulkhead_store::postgres::PgOptions {
+        bulkhead_store::postgres::PgOptions {
+            max_connections: self.database_max_connections,
+            connect_timeout: Duration::from_secs(self.database_connect_timeout_seconds),
+            checkout_timeout: Duration::from_secs(self.database_pool_timeout_seconds),
+            statement_timeout: Duration::from_secs(self.database_statement_timeout_seconds),
+            local_dir: self.data_dir.clone(),
+        }
+    }
+
+    /// Where the data lives, for messages: the database URL without its password, or the
+    /// SQLite file.
+    pub fn database_display(&self) -> String {
+        match &self.database_url {
+            Some(url) => redact_password(url),
+            None => self.database_path().display().to_string(),
+        }
+    }
+
     pub fn http_config(&self) -> bulkhead_http::HttpConfig {
         bulkhead_http::HttpConfig {
             public_base_url: self.public_base_url.clone(),
@@ -424,6 +472,20 @@ impl Config {
     }
 }
 
+/// `url` with the password of its user part (`user:password@`) replaced by `***`.
+pub fn redact_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|index| index + 3) else { return url.to_owned() };
+    let authority_end = url[scheme_end..].find(['/', '?']).map_or(url.len(), |index| scheme_end + index);
+    let authority = &url[scheme_end..authority_end];
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) if user_info.contains(':') => {
+            let user = user_info.split_once(':').map_or(user_info, |(user, _)| user);
+            format!("{}{user}:***@{host}{}", &url[..scheme_end], &url[authority_end..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,6 +525,20 @@ mod tests {
         std::fs::write(&file, "listen = \"nowhere\"\n").unwrap();
         let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
         assert!(error.contains("listen"), "{error}");
+    }
+
+    #[test]
+    fn the_database_url_is_checked_and_its_password_never_shown() {
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("bulkhead.toml");
+        std::fs::write(&file, "database_url = \"mysql://x@h/db\"\n").unwrap();
+        let error = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
+        assert!(error.contains("database_url"), "{error}");
+        let overrides = Overrides { database_url: Some("postgres://u:s3cret@h:5/db".into()), ..Overrides::default() };
+        let config = Config::load(None, overrides).unwrap();
+        assert_eq!(config.database_display(), "postgres://u:***@h:5/db");
+        assert_eq!(redact_password("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(config.postgres_options().max_connections, 16);
     }
 
     #[test]

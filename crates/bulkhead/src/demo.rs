@@ -56,7 +56,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     config.warn_ignored();
     // Bind before anything else: a port in use must fail now, not after minutes of generating.
     let listener = std::net::TcpListener::bind(&config.listen).with_context(|| format!("binding {}", config.listen))?;
-    let store: Arc<dyn Store> = Arc::new(open_store(&config)?);
+    let store: Arc<dyn Store> = open_store(&config)?.shared();
     let (client_id, client_secret) = prepare_data(&store, &config, &args)?;
     let state = app_state(&config)?;
     runtime()?.block_on(async move {

@@ -40,7 +40,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     let config = args.config.load_for_tool()?;
     let files = collect_files(&args.paths)?;
     let store = open_existing_store_with(&config, SqliteOptions::bulk_load())?;
-    let tenant = find_tenant(&store, &config, &args.tenant)?;
+    let tenant = find_tenant(&*store, &config, &args.tenant)?;
     let total_bytes: u64 = files.iter().filter_map(|file| file.metadata().ok()).map(|meta| meta.len()).sum();
     let bar = indicatif::ProgressBar::new(total_bytes);
     bar.set_style(
@@ -48,7 +48,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let store: Arc<dyn Store> = Arc::new(store);
+    let store: Arc<dyn Store> = store.shared();
     let mut importer = Importer::new(store.clone(), tenant.id, args.user.clone(), config.max_group_members)
         .with_validation(config.validation_for(&args.tenant));
     let loaded = load_files(&mut importer, &files, |bytes, processed| {

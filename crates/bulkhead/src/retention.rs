@@ -36,7 +36,7 @@ pub fn prune(config: &Config, older_than: Option<&str>) -> anyhow::Result<()> {
         anyhow::bail!("no retention to apply: set history_retention (e.g. 90d) or pass --older-than");
     };
     let store = open_existing_store(config)?;
-    let report = prune_older_than(&store, retention)?;
+    let report = prune_older_than(&*store, retention)?;
     say!(
         "pruned history before {}: {} earlier versions, {} deleted resources, {} compartment rows, {} memberships",
         format_instant(report.horizon),

@@ -7,7 +7,7 @@ use anyhow::Context;
 use bulkhead_http::AppState;
 use bulkhead_store::sqlite::SqliteStore;
 
-use crate::admin::open_store;
+use crate::admin::{open_store, OpenedStore};
 use crate::config::{Config, LogFormat};
 
 /// Sets up `tracing` once for the process (`RUST_LOG` overrides the default `info`).
@@ -24,10 +24,14 @@ pub fn init_logging(format: LogFormat) {
 
 /// Builds the server state for a configuration.
 pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
-    let store = Arc::new(open_store(config)?);
+    let store = open_store(config)?;
+    crate::private_files::create_private_dir(&config.data_dir)?;
     crate::private_files::create_private_dir(&config.data_dir.join("output"))?;
     let keys = crate::keys::load_token_keys(config)?;
-    spawn_wal_checkpoints(&store);
+    if let OpenedStore::Sqlite(sqlite) = &store {
+        spawn_wal_checkpoints(sqlite);
+    }
+    let store = store.shared();
     crate::audit::spawn_pruning(&store, config.audit_retention_days);
     let mut state = AppState::new(store, config.http_config(), keys);
     if let Some(settings) = config.output_settings() {
@@ -96,6 +100,7 @@ pub fn serve_command(config: Config) -> anyhow::Result<()> {
         tracing::info!(
             address = %listener.local_addr()?,
             data_dir = %config.data_dir.display(),
+            database = %config.database_display(),
             public_base_url = config.public_base_url.as_deref().unwrap_or("unset"),
             trust_host_header = state.config.trust_host_header,
             max_connections = config.max_connections,

@@ -504,6 +504,7 @@ fn store_error_status(error: &StoreError) -> StatusCode {
         StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
         StoreError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
         StoreError::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+        StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

@@ -5,6 +5,9 @@ use axum::response::{IntoResponse, Response};
 use bulkhead_fhir::{operation_outcome, Issue, IssueType};
 use bulkhead_store::StoreError;
 
+/// What a 503 tells the client to wait before sending the request again.
+pub const RETRY_AFTER_SECONDS: &str = "5";
+
 /// An error a client sees: a status and the issues of its OperationOutcome.
 #[derive(Debug)]
 pub struct ApiError {
@@ -47,6 +50,16 @@ impl ApiError {
         )
     }
 
+    /// 503: the database cannot be reached now; nothing was done, and the same request can be
+    /// sent again after `Retry-After`.
+    pub fn store_unavailable() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            IssueType::Transient,
+            "the database is unavailable: nothing was done; try again shortly",
+        )
+    }
+
     pub fn internal() -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, IssueType::Exception, "internal server error")
     }
@@ -77,6 +90,10 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %detail, "storage full");
                 ApiError::insufficient_storage()
             }
+            StoreError::Unavailable(detail) => {
+                tracing::error!(error = %detail, "store unavailable");
+                ApiError::store_unavailable()
+            }
         }
     }
 }
@@ -96,6 +113,10 @@ impl IntoResponse for ApiError {
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::FHIR_JSON));
         if refused_credentials {
             response.extensions_mut().insert(crate::login_limits::CredentialsRefused);
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // A 503 is temporary (the database or the disk check): say when to come back.
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
         }
         response
     }

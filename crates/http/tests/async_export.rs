@@ -13,7 +13,7 @@ use bulkhead_export::PlanStep;
 use bulkhead_fhir::parse_since;
 use bulkhead_http::export_status::Planners;
 use bulkhead_http::{router, AppState, HttpConfig};
-use bulkhead_store::{Store, StoreError};
+use bulkhead_store::StoreError;
 use serde_json::{json, Value};
 
 use common::*;

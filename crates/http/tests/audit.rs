@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::Request;
-use bulkhead_store::{AuditQuery, AuditRecord, Store, TenantId};
+use bulkhead_store::{AuditQuery, AuditRecord, TenantId};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 

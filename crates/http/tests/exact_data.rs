@@ -5,7 +5,6 @@
 mod common;
 
 use bulkhead_http::ndjson_import::{Importer, Location};
-use bulkhead_store::Store;
 use common::*;
 use serde_json::{json, Value};
 

@@ -7,7 +7,6 @@ use axum::body::Body;
 use axum::http::Request;
 use axum::Router;
 use bulkhead_http::{router, AppState, HttpConfig};
-use bulkhead_store::Store;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;

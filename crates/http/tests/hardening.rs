@@ -15,7 +15,7 @@ use axum::http::{HeaderValue, Method, Request};
 use bulkhead_http::credentials::{legacy_argon2_hash, SecretVerifier};
 use bulkhead_http::login_limits::LoginLimits;
 use bulkhead_http::{ConnectionLimits, HttpConfig};
-use bulkhead_store::{Store, Visibility};
+use bulkhead_store::Visibility;
 use http_body_util::BodyExt;
 use serde_json::json;
 use tower::ServiceExt;

@@ -16,7 +16,6 @@ use bulkhead_fhir::{format_instant, now_micros};
 use bulkhead_http::export_status::Planners;
 use bulkhead_http::quotas::QuotaConfig;
 use bulkhead_http::HttpConfig;
-use bulkhead_store::Store;
 use common::*;
 use serde_json::{json, Value};
 use tower::ServiceExt;

@@ -12,7 +12,6 @@ use std::cmp::Ordering;
 use std::collections::BTreeSet;
 
 use bulkhead_http::HttpConfig;
-use bulkhead_store::Store;
 use serde_json::{json, Value};
 
 use common::*;

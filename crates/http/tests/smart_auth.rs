@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use bulkhead_store::{ClientRegistration, Store, TenantId};
+use bulkhead_store::{ClientRegistration, TenantId};
 use common::{
     assert_error, assert_status, get, group_of, local, patient, post, token_keys, Call, Client, Reply, Server,
 };

@@ -1,7 +1,7 @@
 use thiserror::Error;
 
 /// What can go wrong in a store. `Conflict`, `NotFound`, `VersionConflict` and `Invalid` are the caller's
-/// doing; `Database` and `StorageFull` are ours and their detail is logged, never shown to a client.
+/// doing; `Database`, `StorageFull` and `Unavailable` are ours and their detail is logged, never shown to a client.
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("not found: {0}")]
@@ -18,13 +18,18 @@ pub enum StoreError {
     /// the same request can succeed once space is freed.
     #[error("storage full: {0}")]
     StorageFull(String),
+    /// The database cannot be reached or is overloaded now (connection refused or lost, pool
+    /// exhausted, statement timeout): nothing was stored, and the same request can be sent again
+    /// shortly (503 + `Retry-After`).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl StoreError {
     /// The store's own failure rather than the request's: retrying the request entry by entry
     /// cannot help, so a batch stops at it.
     pub fn is_store_failure(&self) -> bool {
-        matches!(self, StoreError::Database(_) | StoreError::StorageFull(_))
+        matches!(self, StoreError::Database(_) | StoreError::StorageFull(_) | StoreError::Unavailable(_))
     }
 }
 

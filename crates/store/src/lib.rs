@@ -9,8 +9,10 @@ mod audit;
 mod error;
 mod job_lease;
 mod model;
+pub mod postgres;
 mod retention;
 mod search;
+mod selection;
 pub mod sqlite;
 mod write;
 
@@ -41,7 +43,7 @@ pub trait PartReader {
     fn next_window(&mut self, out: &mut Vec<u8>, max_bytes: usize) -> Result<u64, StoreError>;
 }
 
-/// The storage seam. Implementations: [`sqlite::SqliteStore`].
+/// The storage seam. Implementations: [`sqlite::SqliteStore`], [`postgres::PgStore`].
 pub trait Store: Send + Sync + 'static {
     // ---- tenants and clients (admin) ----
 
@@ -363,4 +365,4 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Makes the audit records of a write from its entries' results ([`Store::write_audited`]).
-pub type AuditRecords<'a> = dyn Fn(&[Result<Written, StoreError>]) -> Vec<AuditRecord> + 'a;
+pub type AuditRecords<'a> = dyn Fn(&[Result<Written, StoreError>]) -> Vec<AuditRecord> + Sync + 'a;

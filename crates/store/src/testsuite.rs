@@ -27,6 +27,7 @@ macro_rules! store_test_suite {
             a_fresh_store_is_writable_above_its_free_space_floor,
             export_windows_agree_whatever_is_written_between_them, client_registrations_round_trip,
             assertion_jtis_are_accepted_once_until_they_expire,
+            large_writes_mix_new_and_existing_resources, transaction_time_holds_across_concurrent_writers,
             associated_data_follows_references_and_provenance, associated_data_is_as_of_the_transaction_time,
             associated_data_follows_since_rules, associated_data_is_exact_after_pruning,
             audit_records_are_per_tenant_filtered_and_paged, audited_writes_commit_with_their_records,
@@ -821,6 +822,117 @@ pub fn export_windows_agree_whatever_is_written_between_them(store: &dyn Store) 
         assert!(text.contains(expected), "{expected} exported: {text}");
     }
     assert!(!text.contains("\"o1\""), "deleted before the transaction time: {text}");
+}
+
+/// A write of many entries (what imports and uploads send: a store may insert the new resources
+/// among them together) gives each entry the result, the index entries and the search tokens a
+/// write of its own would: new ones, a repeated id, existing ones, a Group, failing entries.
+pub fn large_writes_mix_new_and_existing_resources(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, Some("alice"), patient("old"));
+    let update = |resource_type: &str, id: &str, body: Value| WriteOp::Update {
+        resource_type: resource_type.into(),
+        id: id.into(),
+        body,
+        if_match: None,
+    };
+    let mut ops: Vec<WriteOp> =
+        (0..6).map(|n| update("Patient", &format!("p{n}"), patient(&format!("p{n}")))).collect();
+    ops.push(update("Observation", "o1", observation("o1", "p1", 1)));
+    ops.push(update("Observation", "twice", observation("twice", "p2", 1)));
+    ops.push(update("Observation", "twice", observation("twice", "p2", 2)));
+    ops.push(update("Patient", "old", json!({"resourceType": "Patient", "id": "old", "gender": "other"})));
+    ops.push(WriteOp::Create { resource_type: "Patient".into(), id: "old".into(), body: patient("old") });
+    ops.push(update("Group", "g", group("g", &["p1", "p2"])));
+    ops.push(WriteOp::Delete { resource_type: "Patient".into(), id: "missing".into() });
+    ops.push(WriteOp::Update {
+        resource_type: "Patient".into(),
+        id: "conditional".into(),
+        body: patient("conditional"),
+        if_match: Some(1),
+    });
+    let results = store.write(t, Some("alice"), &ops, WriteMode::Batch).unwrap();
+    assert_eq!(results.len(), ops.len());
+    for (index, result) in results.iter().enumerate().take(8) {
+        let written = result.as_ref().unwrap_or_else(|error| panic!("entry {index}: {error}"));
+        assert_eq!((written.version, written.created, written.changed), (1, true, true), "entry {index}");
+    }
+    let second = results[8].as_ref().unwrap();
+    assert_eq!((second.version, second.created), (2, false), "the repeated id is an update of the first");
+    let old = results[9].as_ref().unwrap();
+    assert_eq!((old.version, old.created), (2, false));
+    assert!(matches!(results[10], Err(StoreError::Conflict(_))));
+    assert!(results[11].is_ok());
+    assert!(matches!(results[12], Err(StoreError::NotFound(_))));
+    assert!(matches!(results[13], Err(StoreError::VersionConflict(_))));
+
+    // What each entry stored: bodies, owner, search tokens, compartments, membership.
+    let alice = Visibility::User("alice".into());
+    let p3 = store.read(t, &alice, "Patient", "p3").unwrap().expect("p3 is alice's");
+    assert_eq!((p3.version, p3.owner.as_deref()), (1, Some("alice")));
+    assert!(p3.body.unwrap().contains(r#""versionId":"1""#));
+    let by_mrn = SearchQuery {
+        resource_type: "Patient".into(),
+        identifiers: vec![IdentifierQuery { system: Some("urn:mrn".into()), value: "mrn-p4".into() }],
+        count: 10,
+        ..Default::default()
+    };
+    let found: Vec<String> = store.search(t, &alice, &by_mrn).unwrap().resources.into_iter().map(|r| r.id).collect();
+    assert_eq!(found, vec!["p4"]);
+    let members = selection(store, &[("p1", None), ("p2", None)], None);
+    assert_eq!(export_ids(store, t, &members, "Observation"), vec!["o1=1", "twice=2"]);
+    assert_eq!(export_ids(store, t, &members, "Patient"), vec!["p1", "p2"]);
+    let now = store.reserve_transaction_time().unwrap();
+    assert_eq!(store.members_at(t, "g", now).unwrap(), vec!["p1", "p2"]);
+    assert_eq!(store.history(t, &Visibility::Tenant, "Observation", "twice").unwrap().len(), 2);
+
+    // As one transaction, a failing entry among many stores none of them.
+    let mut ops: Vec<WriteOp> =
+        (10..20).map(|n| update("Patient", &format!("p{n}"), patient(&format!("p{n}")))).collect();
+    ops.push(WriteOp::Create { resource_type: "Patient".into(), id: "p1".into(), body: patient("p1") });
+    assert!(matches!(store.write(t, None, &ops, WriteMode::Transaction), Err(StoreError::Conflict(_))));
+    assert!(store.read(t, &Visibility::Tenant, "Patient", "p10").unwrap().is_none());
+    assert!(export_ids(store, t, &selection(store, &[("p10", None)], None), "Patient").is_empty());
+}
+
+/// The transaction time's promise (Bulk Data IG) with writers running at once: what is stored
+/// with `lastUpdated <= T` right after T is reserved is final, no write stamped before T commits
+/// later (timestamp order is commit order).
+pub fn transaction_time_holds_across_concurrent_writers(store: &dyn Store) {
+    let t = tenant(store, "t");
+    let upto = |at: i64| -> Vec<String> {
+        let query = SearchQuery {
+            resource_type: "Patient".into(),
+            last_updated: vec![LastUpdatedBound::Before(at + 1)],
+            count: 10_000,
+            ..Default::default()
+        };
+        store.search(t, &Visibility::Tenant, &query).unwrap().resources.into_iter().map(|r| r.id).collect()
+    };
+    let running = std::sync::atomic::AtomicBool::new(true);
+    let seen: Vec<(i64, Vec<String>)> = std::thread::scope(|scope| {
+        for writer in 0..4 {
+            let running = &running;
+            scope.spawn(move || {
+                let mut n = 0;
+                while running.load(std::sync::atomic::Ordering::Relaxed) && n < 200 {
+                    put(store, t, None, patient(&format!("w{writer}-{n}")));
+                    n += 1;
+                }
+            });
+        }
+        let mut seen = Vec::new();
+        for _ in 0..30 {
+            let at = store.reserve_transaction_time().unwrap();
+            seen.push((at, upto(at)));
+        }
+        running.store(false, std::sync::atomic::Ordering::Relaxed);
+        seen
+    });
+    assert!(seen.last().is_some_and(|(_, ids)| !ids.is_empty()), "the writers wrote while times were reserved");
+    for (at, ids) in seen {
+        assert_eq!(upto(at), ids, "a write stamped at or before {at} committed after it was reserved");
+    }
 }
 
 // ---- associated data ----

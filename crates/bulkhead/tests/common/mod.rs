@@ -171,6 +171,8 @@ pub struct Options {
     pub data_dir: Option<PathBuf>,
     /// The server's umask (default: the test's own).
     pub umask: Option<u32>,
+    /// PostgreSQL instead of SQLite (`serve --database-url`; [`Server::cli`] passes it on too).
+    pub database_url: Option<String>,
 }
 
 /// A running `bulkhead serve`, killed (by its own PID) when dropped.
@@ -180,6 +182,7 @@ pub struct Server {
     pub base: String,
     pub port: u16,
     pub data_dir: PathBuf,
+    pub database_url: Option<String>,
     log: PathBuf,
     _dir: TempDir,
 }
@@ -208,6 +211,9 @@ impl Server {
             if let Some(config) = &config {
                 command.arg("--config").arg(config);
             }
+            if let Some(url) = &options.database_url {
+                command.arg("--database-url").arg(url);
+            }
             command.envs(options.env.iter().map(|(name, value)| (name.as_str(), value.as_str())));
             if let Some(mask) = options.umask {
                 with_umask(&mut command, mask);
@@ -223,6 +229,7 @@ impl Server {
                 base: format!("http://127.0.0.1:{port}"),
                 port,
                 data_dir: data_dir.clone(),
+                database_url: options.database_url.clone(),
                 log,
                 _dir: dir,
             };
@@ -306,10 +313,13 @@ impl Server {
     }
 
     /// Runs a `bulkhead` subcommand against this server's data directory (appends
-    /// `--data-dir`), failing the test if it fails.
+    /// `--data-dir`, and `--database-url` on PostgreSQL), failing the test if it fails.
     pub fn cli(&self, args: &[&str]) -> String {
         let mut command = bulkhead();
         command.args(args).arg("--data-dir").arg(&self.data_dir);
+        if let Some(url) = &self.database_url {
+            command.arg("--database-url").arg(url);
+        }
         let output = run_with_deadline(command, Duration::from_secs(30));
         expect_success(&output, &format!("bulkhead {}", args.join(" ")))
     }

@@ -1,5 +1,6 @@
-//! The harness shared by the tier-2 tests of this crate: the real router over a fresh SQLite
-//! store in a temporary directory, driven in process with `tower::ServiceExt::oneshot`; tenants
+//! The harness shared by the tier-2 tests of this crate: the real router over a fresh store
+//! (SQLite in a temporary directory; a database of its own on the test PostgreSQL cluster when
+//! `BULKHEAD_TEST_STORE=postgres`, see [`Backing`]), driven in process with `tower::ServiceExt::oneshot`; tenants
 //! and clients made straight in the store; requests built with the 1upHealth client headers;
 //! replies read whole; and the checks every test repeats (status, OperationOutcome, redaction of
 //! what changes from run to run).
@@ -17,6 +18,7 @@ use axum::Router;
 use bulkhead_export::token::TokenKeys;
 use bulkhead_http::credentials::register_client;
 use bulkhead_http::{router, AppState, HttpConfig};
+use bulkhead_store::postgres::testing::TestDatabase;
 use bulkhead_store::sqlite::{SqliteOptions, SqliteStore};
 use bulkhead_store::{Store, TenantId};
 use http_body_util::BodyExt;
@@ -45,10 +47,49 @@ pub fn test_config() -> HttpConfig {
 /// A router over its own temporary database.
 pub struct Server {
     pub app: Router,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn Store>,
     /// The app's audit writer (its records reach the store just after the response).
     pub audit: Arc<bulkhead_http::audit_writer::AuditWriter>,
-    _dir: tempfile::TempDir,
+    backing: Backing,
+}
+
+/// Which store the tests run on: `BULKHEAD_TEST_STORE=postgres` selects PostgreSQL (the
+/// cluster of `BULKHEAD_TEST_DATABASE_URL`, as `scripts/with-postgres` sets it), anything else
+/// (or nothing) SQLite.
+pub enum Backing {
+    Sqlite(tempfile::TempDir),
+    /// Dropped after the store: the database goes when the test ends.
+    Postgres(TestDatabase),
+    /// A store the test made itself, or shares with another server.
+    Given,
+}
+
+/// True when this run's tests use PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var("BULKHEAD_TEST_STORE").is_ok_and(|store| store.eq_ignore_ascii_case("postgres"))
+}
+
+/// True (after saying so) when the test needs SQLite and this run is on PostgreSQL.
+pub fn skip_on_postgres(why: &str) -> bool {
+    if on_postgres() {
+        eprintln!("SKIPPED on PostgreSQL: {why}");
+    }
+    on_postgres()
+}
+
+/// A fresh store of the selected kind.
+pub fn fresh_store() -> (Arc<dyn Store>, Backing) {
+    if on_postgres() {
+        let database = bulkhead_store::postgres::testing::fresh_database()
+            .expect("BULKHEAD_TEST_STORE=postgres needs BULKHEAD_TEST_DATABASE_URL (scripts/with-postgres)");
+        let store =
+            bulkhead_store::postgres::PgStore::open(&database.url, bulkhead_store::postgres::testing::test_options())
+                .expect("open the test database");
+        return (Arc::new(store), Backing::Postgres(database));
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(SqliteStore::open(&dir.path().join("bulkhead.db")).expect("open store"));
+    (store, Backing::Sqlite(dir))
 }
 
 /// Client-header credentials.
@@ -70,17 +111,24 @@ impl Server {
 
     /// A server whose state `adjust` may change before the router is built.
     pub fn with_state(config: HttpConfig, adjust: impl FnOnce(&mut AppState)) -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Arc::new(SqliteStore::open(&dir.path().join("bulkhead.db")).expect("open store"));
+        let (store, backing) = fresh_store();
         let mut state = AppState::new(store.clone(), config, token_keys());
         adjust(&mut state);
-        Server { audit: state.audit.clone(), app: router(state), store, _dir: dir }
+        Server { audit: state.audit.clone(), app: router(state), store, backing }
+    }
+
+    /// A server over a store the test made (e.g. one whose database cannot be reached).
+    pub fn over_store(store: Arc<dyn Store>, config: HttpConfig) -> Server {
+        let state = AppState::new(store.clone(), config, token_keys());
+        Server { audit: state.audit.clone(), app: router(state), store, backing: Backing::Given }
     }
 
     /// The same database reopened under `config` with a cap of `extra_pages` pages
     /// beyond what it holds now: writes past the cap fail as on a full disk (SQLITE_FULL).
+    /// SQLite only (the callers skip on PostgreSQL, whose disk a test cannot fill).
     pub fn reopen_with_page_cap(self, config: HttpConfig, extra_pages: u64) -> Server {
-        let Server { app, store, audit, _dir } = self;
+        let Server { app, store, audit, backing } = self;
+        let Backing::Sqlite(_dir) = backing else { panic!("a page cap is a SQLite setting") };
         // The last connection to close checkpoints the WAL into the file, so its size is exact.
         drop((app, audit));
         drop(store);
@@ -95,14 +143,15 @@ impl Server {
         let options = SqliteOptions { max_page_count: Some(pages + extra_pages), ..SqliteOptions::default() };
         let store = Arc::new(SqliteStore::open_with(&path, options).expect("reopen store"));
         let state = AppState::new(store.clone(), config, token_keys());
-        Server { audit: state.audit.clone(), app: router(state), store, _dir }
+        Server { audit: state.audit.clone(), app: router(state), store, backing: Backing::Sqlite(_dir) }
     }
 
-    /// Another instance of the server (its own state: limiter, caches) on the same database.
+    /// Another instance of the server (its own state: limiter, caches) on the same database
+    /// (which lives as long as this server).
     pub fn sibling(&self) -> Server {
         let state = AppState::new(self.store.clone(), test_config(), token_keys());
         let audit = state.audit.clone();
-        Server { app: router(state), store: self.store.clone(), audit, _dir: tempfile::tempdir().expect("temp dir") }
+        Server { app: router(state), store: self.store.clone(), audit, backing: Backing::Given }
     }
 
     pub fn tenant(&self, name: &str) -> TenantId {

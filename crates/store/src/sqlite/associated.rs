@@ -19,6 +19,7 @@ use serde_json::Value;
 use super::export::{filter_matches, load_members, select_window, selected, type_span, Reach, VersionAt, WINDOW};
 use super::plan_cache::AssociatedSet;
 use super::SqliteStore;
+use crate::selection::{exported, visible_to, Via};
 use crate::{
     AssociatedRequest, MemberSelection, PartRange, PartReader, ProvenanceSelection, ReferencedTypes, StoreError,
     TenantId,
@@ -290,14 +291,6 @@ fn close(
 }
 
 // ---- planning ----
-
-/// What reaches an associated resource: the merged reach of the resources it was found through,
-/// and whether one of those is exported by this export ("forced": sent whatever `_since`).
-#[derive(Clone, Copy)]
-struct Via {
-    reach: Reach,
-    forced: bool,
-}
 
 const UPSERT_NODE: &str = "INSERT INTO temp.assoc_node (target_type, target_id, level, full_history, since, forced)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -653,7 +646,7 @@ fn find_provenance(
             Some(live) => *live,
             None => {
                 let live = state_at(connection, rid, at)?
-                    .filter(|state| !state.deleted && visible(selection, state.owner.as_deref()))
+                    .filter(|state| !state.deleted && visible_to(selection, state.owner.as_deref()))
                     .map(|state| state.last_updated);
                 found.states.insert(rid, live);
                 live
@@ -671,18 +664,6 @@ fn find_provenance(
         found.add(rid, via);
     }
     Ok(())
-}
-
-fn visible(selection: &MemberSelection, owner: Option<&str>) -> bool {
-    selection.visibility.user().is_none_or(|user| owner == Some(user))
-}
-
-/// Whether an associated resource with this version and reach is exported: changed since
-/// (`_since` of the members it was reached through), reached through a member added since, or
-/// forced by an exported resource; and before `_until`.
-fn exported(selection: &MemberSelection, via: Via, last_updated: Micros) -> bool {
-    (via.forced || via.reach.since().is_none_or(|since| last_updated > since))
-        && selection.until.is_none_or(|until| last_updated < until)
 }
 
 fn via_from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Via> {
@@ -758,7 +739,7 @@ fn resolve_level(
                 rid_of.query_row(params![tenant.0, target_type, target_id], |row| row.get(0)).optional()?;
             let Some(rid) = rid else { continue }; // referenced, never stored
             let Some(state) = state_at(connection, rid, at)? else { continue };
-            if state.deleted || !visible(selection, state.owner.as_deref()) {
+            if state.deleted || !visible_to(selection, state.owner.as_deref()) {
                 continue;
             }
             let sent = exported(selection, via, state.last_updated);

@@ -7,6 +7,7 @@
 use bulkhead_fhir::{resource_type_code, Micros};
 use rusqlite::{params, Connection, OptionalExtension};
 
+pub(super) use crate::selection::{selected, Reach, VersionAt};
 use crate::{MemberSelection, PartRange, SelectionScope, StoreError, StoredResource, TenantId, Visibility};
 
 use super::resources::stored_from_row;
@@ -75,42 +76,6 @@ fn members_digest(tenant: TenantId, selection: &MemberSelection) -> [u8; 32] {
         }
     }
     hasher.finalize().into()
-}
-
-/// The version of one resource (by key) as it was at the transaction time.
-pub(super) struct VersionAt {
-    pub(super) last_updated: Micros,
-    pub(super) deleted: bool,
-    /// The caller may see it (its owner matches a user-scoped selection).
-    pub(super) visible: bool,
-}
-
-/// Which members a candidate resource was found through.
-#[derive(Clone, Copy)]
-pub(super) struct Reach {
-    /// Some member gets its full history (added to the Group since `_since`).
-    pub(super) full_history: bool,
-    /// The smallest `since` among the other members, if any.
-    pub(super) existing_since: Option<Micros>,
-}
-
-impl Reach {
-    /// The lower bound on `lastUpdated` that applies (`None`: none).
-    pub(super) fn since(self) -> Option<Micros> {
-        if self.full_history {
-            None
-        } else {
-            self.existing_since
-        }
-    }
-
-    pub(super) fn merge(self, other: Reach) -> Reach {
-        let existing_since = match (self.existing_since, other.existing_since) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        Reach { full_history: self.full_history || other.full_history, existing_since }
-    }
 }
 
 /// One resource found through the members' compartment rows, with its version at the
@@ -416,13 +381,6 @@ fn for_each_selected(
         start = window_end + 1;
     }
     Ok(())
-}
-
-pub(super) fn selected(selection: &MemberSelection, reach: Reach, version: &VersionAt) -> bool {
-    !version.deleted
-        && reach.since().is_none_or(|since| version.last_updated > since)
-        && selection.until.is_none_or(|until| version.last_updated < until)
-        && version.visible
 }
 
 /// Splits the selected resources of one type into consecutive key ranges of at most

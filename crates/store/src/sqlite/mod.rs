@@ -723,7 +723,7 @@ impl crate::Store for SqliteStore {
 
 /// Bytes available to this process on the file system holding `directory`.
 #[cfg(unix)]
-fn available_bytes(directory: &Path) -> Option<u64> {
+pub(crate) fn available_bytes(directory: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(directory.as_os_str().as_bytes()).ok()?;
     let mut stats = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
@@ -738,7 +738,7 @@ fn available_bytes(directory: &Path) -> Option<u64> {
 }
 
 #[cfg(not(unix))]
-fn available_bytes(_directory: &Path) -> Option<u64> {
+pub(crate) fn available_bytes(_directory: &Path) -> Option<u64> {
     None
 }
 

@@ -1,0 +1,461 @@
+//! Export reads on PostgreSQL: the members' compartments as of a transaction time, a key window
+//! at a time. The same selection rules as the SQLite store (`sqlite/export.rs`):
+//!
+//! A resource is selected for a type when one of its compartment rows valid at the transaction
+//! time names a member, and its version at that time exists, is not deleted, is visible, and was
+//! last updated after the member's `since` (the most permissive member wins) and before `until`.
+//!
+//! The members travel as two array parameters (`unnest`) of patient keys and `since`s, not a
+//! temporary table: nothing is left on a pooled connection, and every statement is a plain,
+//! tenant-scoped join.
+
+use bulkhead_fhir::Micros;
+
+use super::resources::{stored_from_row, type_code, VERSION_COLUMNS};
+use super::Db;
+use crate::selection::add_to_parts;
+pub(super) use crate::selection::{selected, Reach, VersionAt};
+use crate::{MemberSelection, PartRange, SelectionScope, StoreError, StoredResource, TenantId, Visibility};
+
+/// The members of a selection as array parameters: patient keys and each one's `since`.
+pub(super) struct Members {
+    pkeys: Vec<i64>,
+    since: Vec<Option<i64>>,
+}
+
+impl Members {
+    /// Looks the members' patient keys up once. A member without a key has never been named by
+    /// any write, so it has no compartment rows; resolved at or after the transaction time
+    /// (every write stamped before it has committed), it cannot gain rows valid then.
+    pub(super) fn resolve(
+        db: &mut Db<'_>,
+        tenant: TenantId,
+        selection: &MemberSelection,
+    ) -> Result<Members, StoreError> {
+        let (ids, since): (Vec<&str>, Vec<Option<i64>>) =
+            selection.members.iter().map(|(id, since)| (id.as_str(), *since)).unzip();
+        let rows = db.query(
+            "SELECT k.pkey, m.since FROM unnest($2::text[], $3::int8[]) AS m(patient_id, since)
+             JOIN patient_keys k ON k.tenant_id = $1 AND k.patient_id = m.patient_id",
+            &[&tenant.0, &ids, &since],
+        )?;
+        let mut members = Members { pkeys: Vec::with_capacity(rows.len()), since: Vec::with_capacity(rows.len()) };
+        for row in &rows {
+            members.pkeys.push(row.try_get(0)?);
+            members.since.push(row.try_get(1)?);
+        }
+        Ok(members)
+    }
+}
+
+/// A resource chosen in a window: its key, its version at the transaction time, and the history
+/// version holding that version's body (0: the current row then).
+pub(super) struct Chosen {
+    pub(super) rid: i64,
+    /// Which members it was found through.
+    pub(super) reach: Reach,
+    pub(super) version: VersionAt,
+    pub(super) history_version: i64,
+}
+
+/// Keys examined at once: bounds the candidate list's memory whatever the export's size.
+/// (Tiny in unit tests, so the conformance suite crosses window edges.)
+pub(super) const WINDOW: i64 = if cfg!(test) { 3 } else { 1 << 17 };
+
+/// The smallest and largest key of the tenant's resources of a type (None: it has none).
+pub(super) fn type_span(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+) -> Result<Option<(i64, i64)>, StoreError> {
+    let row = db.query_one(
+        "SELECT min(rid), max(rid) FROM resources WHERE tenant_id = $1 AND resource_type = $2",
+        &[&tenant.0, &resource_type],
+    )?;
+    Ok(match (row.try_get::<_, Option<i64>>(0)?, row.try_get::<_, Option<i64>>(1)?) {
+        (Some(first), Some(last)) => Some((first, last)),
+        _ => None,
+    })
+}
+
+/// The resources in the members' compartments at the transaction time with a key within one
+/// window `[start, end]` whose version then passes `select`, in key order. The outcome depends
+/// only on the transaction time (the index is versioned by time, history keeps every replaced
+/// version), so windows read in separate transactions agree whatever was written between.
+pub(super) fn select_window(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    members: &Members,
+    resource_type: &str,
+    (start, end): (i64, i64),
+    select: impl Fn(Reach, &VersionAt) -> bool,
+) -> Result<Vec<Chosen>, StoreError> {
+    let at = selection.transaction_time;
+    let user = selection.visibility.user();
+    let candidates = match selection.scope {
+        SelectionScope::Members => {
+            let Ok(code) = type_code(resource_type) else { return Ok(Vec::new()) };
+            member_candidates(db, tenant, selection, members, code, (start, end))?
+        }
+        SelectionScope::Tenant => tenant_candidates(db, tenant, selection, resource_type, (start, end))?,
+    };
+    // `_typeFilter` needs the version's JSON: read only for filtered types.
+    let filtered = selection.filters.filters(resource_type);
+    let mut chosen = Vec::new();
+    for (rid, reach, version, historical) in candidates {
+        let (version, history_version) = if historical {
+            let then = db.query_opt(
+                "SELECT version, last_updated, deleted, owner FROM resource_history
+                 WHERE tenant_id = $1 AND rid = $2 AND last_updated <= $3 ORDER BY version DESC LIMIT 1",
+                &[&tenant.0, &rid, &at],
+            )?;
+            let Some(then) = then else { continue }; // created after the transaction time
+            let owner: Option<&str> = then.try_get(3)?;
+            let version = VersionAt {
+                last_updated: then.try_get(1)?,
+                deleted: then.try_get(2)?,
+                visible: user.is_none() || owner == user,
+            };
+            (version, then.try_get::<_, i64>(0)?)
+        } else {
+            (version, 0)
+        };
+        if select(reach, &version)
+            && (!filtered || filter_matches(db, tenant, selection, resource_type, rid, history_version)?)
+        {
+            chosen.push(Chosen { rid, reach, version, history_version });
+        }
+    }
+    Ok(chosen)
+}
+
+/// A candidate: `(key, reach, version per the row read, whether history decides the version)`.
+type Candidate = (i64, Reach, VersionAt, bool);
+
+/// Resources in the members' compartments at the transaction time within a key window, each
+/// once, in key order.
+fn member_candidates(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    members: &Members,
+    code: i16,
+    (start, end): (i64, i64),
+) -> Result<Vec<Candidate>, StoreError> {
+    let at = selection.transaction_time;
+    let user = selection.visibility.user();
+    // The member list drives: each member is one range scan of the compartment key.
+    let rows = db.query(
+        "SELECT c.rid, m.since IS NULL, m.since, c.last_updated, c.deleted, c.owner, c.to_ts IS NOT NULL
+         FROM unnest($3::int8[], $4::int8[]) AS m(pkey, since)
+         JOIN compartment c ON c.tenant_id = $1 AND c.pkey = m.pkey AND c.type_code = $2
+         WHERE c.rid BETWEEN $5 AND $6 AND c.from_ts <= $7 AND (c.to_ts IS NULL OR c.to_ts > $7)
+         ORDER BY c.rid",
+        &[&tenant.0, &code, &members.pkeys, &members.since, &start, &end, &at],
+    )?;
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let rid: i64 = row.try_get(0)?;
+        let last_updated: Micros = row.try_get(3)?;
+        let owner: Option<&str> = row.try_get(5)?;
+        let reach = Reach { full_history: row.try_get(1)?, existing_since: row.try_get(2)? };
+        let version = VersionAt { last_updated, deleted: row.try_get(4)?, visible: user.is_none() || owner == user };
+        // A row written after the transaction time, or closed by a later version, describes a
+        // version other than the one at the transaction time: history decides.
+        let historical = last_updated > at || row.try_get::<_, bool>(6)?;
+        match candidates.last_mut() {
+            Some(last) if last.0 == rid => {
+                last.1 = last.1.merge(reach);
+                last.3 |= historical;
+            }
+            _ => candidates.push((rid, reach, version, historical)),
+        }
+    }
+    Ok(candidates)
+}
+
+/// Every resource of the type in the tenant within a key window, in key order (a system-level
+/// export), from the resource rows; the export's `_since` applies to each.
+fn tenant_candidates(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+    (start, end): (i64, i64),
+) -> Result<Vec<Candidate>, StoreError> {
+    let at = selection.transaction_time;
+    let user = selection.visibility.user();
+    let rows = db.query(
+        "SELECT rid, last_updated, deleted, owner FROM resources
+         WHERE tenant_id = $1 AND resource_type = $2 AND rid BETWEEN $3 AND $4 ORDER BY rid",
+        &[&tenant.0, &resource_type, &start, &end],
+    )?;
+    let mut candidates = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let last_updated: Micros = row.try_get(1)?;
+        let owner: Option<&str> = row.try_get(3)?;
+        let reach = Reach { full_history: false, existing_since: selection.since };
+        let version = VersionAt { last_updated, deleted: row.try_get(2)?, visible: user.is_none() || owner == user };
+        // Written since the transaction time: history holds the version then, if any.
+        candidates.push((row.try_get(0)?, reach, version, last_updated > at));
+    }
+    Ok(candidates)
+}
+
+/// Whether the version of `rid` held by the current row (`history_version` 0) or by that
+/// history version matches the selection's `_typeFilter` for its type. Versions never change,
+/// so the plan's counts and the download's lines agree.
+pub(super) fn filter_matches(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+    rid: i64,
+    history_version: i64,
+) -> Result<bool, StoreError> {
+    let row = if history_version == 0 {
+        db.query_opt("SELECT body FROM resources WHERE tenant_id = $1 AND rid = $2", &[&tenant.0, &rid])?
+    } else {
+        db.query_opt(
+            "SELECT body FROM resource_history WHERE tenant_id = $1 AND rid = $2 AND version = $3",
+            &[&tenant.0, &rid, &history_version],
+        )?
+    };
+    let body: Option<&str> = match &row {
+        Some(row) => row.try_get(0)?,
+        None => None,
+    };
+    Ok(body.is_some_and(|body| selection.filters.matches_json(resource_type, body.as_bytes())))
+}
+
+/// Visits, in key order, every selected resource within `[first_key, last_key]`, a window at a
+/// time.
+#[allow(clippy::too_many_arguments)]
+fn for_each_selected(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    members: &Members,
+    resource_type: &str,
+    select: impl Fn(Reach, &VersionAt) -> bool,
+    mut visit: impl FnMut(i64, &VersionAt),
+) -> Result<(), StoreError> {
+    let Some((mut start, end)) = type_span(db, tenant, resource_type)? else { return Ok(()) };
+    while start <= end {
+        let window_end = start.saturating_add(WINDOW - 1).min(end);
+        for chosen in select_window(db, tenant, selection, members, resource_type, (start, window_end), &select)? {
+            visit(chosen.rid, &chosen.version);
+        }
+        if window_end == end {
+            break;
+        }
+        start = window_end + 1;
+    }
+    Ok(())
+}
+
+/// Splits the selected resources of one type into consecutive key ranges of at most
+/// `part_size` resources.
+pub(super) fn plan_type(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    members: &Members,
+    resource_type: &str,
+    part_size: u64,
+) -> Result<Vec<PartRange>, StoreError> {
+    let mut parts: Vec<PartRange> = Vec::new();
+    let select = |reach, version: &VersionAt| selected(selection, reach, version);
+    for_each_selected(db, tenant, selection, members, resource_type, select, |rid, _| {
+        add_to_parts(&mut parts, rid, part_size)
+    })?;
+    Ok(parts)
+}
+
+/// `deleted[]` of one type, in key order (see `sqlite/export.rs` for the two kinds).
+pub(super) fn deleted_in_compartments(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+) -> Result<Vec<(String, Micros)>, StoreError> {
+    let Some(since) = selection.since else { return Ok(Vec::new()) };
+    // Tombstones have no JSON to filter: every deletion of the type is listed (a superset).
+    let unfiltered;
+    let selection = if selection.filters.is_empty() {
+        selection
+    } else {
+        unfiltered = MemberSelection { filters: Default::default(), ..selection.clone() };
+        &unfiltered
+    };
+    let members = Members::resolve(db, tenant, selection)?;
+    let mut deleted: Vec<(i64, Micros)> = Vec::new();
+    let select = |reach: Reach, version: &VersionAt| {
+        reach.existing_since.is_some_and(|since| version.deleted && version.last_updated > since && version.visible)
+    };
+    for_each_selected(db, tenant, selection, &members, resource_type, select, |rid, version| {
+        deleted.push((rid, version.last_updated))
+    })?;
+    // A system-level export has no cohort to leave.
+    if selection.scope == SelectionScope::Members {
+        deleted.extend(left_the_cohort(db, tenant, selection, &members, resource_type, since)?);
+    }
+    deleted.sort_unstable_by_key(|(rid, _)| *rid);
+    deleted.dedup_by_key(|(rid, _)| *rid);
+    let mut listed = Vec::with_capacity(deleted.len());
+    for (rid, at) in deleted {
+        let row = db.query_one("SELECT id FROM resources WHERE tenant_id = $1 AND rid = $2", &[&tenant.0, &rid])?;
+        listed.push((row.try_get(0)?, at));
+    }
+    Ok(listed)
+}
+
+/// Resources live, visible and in a continuing member's compartment at `since` that at the
+/// transaction time are not live in any member's compartment, as `(rid, lastUpdated then)`.
+fn left_the_cohort(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    members: &Members,
+    resource_type: &str,
+    since: Micros,
+) -> Result<Vec<(i64, Micros)>, StoreError> {
+    let at = selection.transaction_time;
+    let user = selection.visibility.user();
+    let Ok(code) = type_code(resource_type) else { return Ok(Vec::new()) };
+    // The closed rows drive (through their partial index), not the members.
+    let moved = db.query(
+        "SELECT DISTINCT c.rid, c.owner FROM compartment c
+         JOIN unnest($3::int8[], $4::int8[]) AS m(pkey, since) ON m.pkey = c.pkey AND m.since IS NOT NULL
+         WHERE c.tenant_id = $1 AND c.type_code = $2 AND c.to_ts IS NOT NULL AND c.to_ts > $5 AND c.to_ts <= $6
+           AND c.from_ts <= $5",
+        &[&tenant.0, &code, &members.pkeys, &members.since, &since, &at],
+    )?;
+    let mut left = Vec::new();
+    for row in &moved {
+        let rid: i64 = row.try_get(0)?;
+        let owner: Option<&str> = row.try_get(1)?;
+        if user.is_some_and(|user| owner != Some(user)) {
+            continue;
+        }
+        if state_at(db, tenant, rid, since)?.is_none_or(|(_, deleted)| deleted) {
+            continue;
+        }
+        let Some((last_updated, deleted)) = state_at(db, tenant, rid, at)? else { continue };
+        let still_in_cohort = !deleted
+            && db
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM compartment WHERE tenant_id = $1 AND rid = $2
+                                    AND pkey = ANY($3) AND from_ts <= $4 AND (to_ts IS NULL OR to_ts > $4))",
+                    &[&tenant.0, &rid, &members.pkeys, &at],
+                )?
+                .try_get::<_, bool>(0)?;
+        if !still_in_cohort {
+            left.push((rid, last_updated));
+        }
+    }
+    Ok(left)
+}
+
+/// `(lastUpdated, deleted)` of a resource's version at `at`; `None` before it existed.
+fn state_at(db: &mut Db<'_>, tenant: TenantId, rid: i64, at: Micros) -> Result<Option<(Micros, bool)>, StoreError> {
+    let current = db.query_opt(
+        "SELECT last_updated, deleted FROM resources WHERE tenant_id = $1 AND rid = $2",
+        &[&tenant.0, &rid],
+    )?;
+    if let Some(current) = current {
+        let last_updated: Micros = current.try_get(0)?;
+        if last_updated <= at {
+            return Ok(Some((last_updated, current.try_get(1)?)));
+        }
+    }
+    let earlier = db.query_opt(
+        "SELECT last_updated, deleted FROM resource_history WHERE tenant_id = $1 AND rid = $2 AND last_updated <= $3
+         ORDER BY version DESC LIMIT 1",
+        &[&tenant.0, &rid, &at],
+    )?;
+    earlier.map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).transpose()
+}
+
+pub(super) fn version_at(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    id: &str,
+    at: Micros,
+) -> Result<Option<StoredResource>, StoreError> {
+    let sql =
+        format!("SELECT {VERSION_COLUMNS}, rid FROM resources WHERE tenant_id = $1 AND resource_type = $2 AND id = $3");
+    let Some(row) = db.query_opt(&sql, &[&tenant.0, &resource_type, &id])? else { return Ok(None) };
+    let current = stored_from_row(&row)?;
+    let version = if current.last_updated <= at {
+        Some(current)
+    } else {
+        let rid: i64 = row.try_get(7)?;
+        db.query_opt(
+            "SELECT $3::text, $4::text, version, last_updated, deleted, owner, body FROM resource_history
+             WHERE tenant_id = $1 AND rid = $2 AND last_updated <= $5 ORDER BY version DESC LIMIT 1",
+            &[&tenant.0, &rid, &resource_type, &id, &at],
+        )?
+        .as_ref()
+        .map(stored_from_row)
+        .transpose()?
+    };
+    Ok(version.filter(|version| !version.deleted))
+}
+
+pub(super) fn members_at(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    group_id: &str,
+    at: Micros,
+) -> Result<Vec<String>, StoreError> {
+    db.query(
+        "SELECT DISTINCT k.patient_id FROM group_membership g
+         JOIN patient_keys k ON k.tenant_id = g.tenant_id AND k.pkey = g.pkey
+         WHERE g.tenant_id = $1 AND g.added_at <= $3 AND (g.removed_at IS NULL OR g.removed_at > $3)
+           AND g.group_rid = (SELECT rid FROM resources WHERE tenant_id = $1 AND resource_type = 'Group' AND id = $2)
+         ORDER BY k.patient_id",
+        &[&tenant.0, &group_id, &at],
+    )?
+    .iter()
+    .map(|row| Ok(row.try_get(0)?))
+    .collect()
+}
+
+pub(super) fn existing_at(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    visibility: &Visibility,
+    resource_type: &str,
+    ids: &[String],
+    at: Micros,
+) -> Result<Vec<String>, StoreError> {
+    // Each id's version at `at`: the current row when no newer, else the newest history row.
+    let rows = db.query(
+        "SELECT r.id,
+                CASE WHEN r.last_updated <= $4 THEN r.deleted ELSE h.deleted END,
+                CASE WHEN r.last_updated <= $4 THEN r.owner ELSE h.owner END,
+                r.last_updated <= $4 OR h.version IS NOT NULL
+         FROM unnest($3::text[]) WITH ORDINALITY AS n(id, ord)
+         JOIN resources r ON r.tenant_id = $1 AND r.resource_type = $2 AND r.id = n.id
+         LEFT JOIN LATERAL (
+             SELECT version, deleted, owner FROM resource_history
+             WHERE tenant_id = $1 AND rid = r.rid AND last_updated <= $4 ORDER BY version DESC LIMIT 1
+         ) h ON r.last_updated > $4
+         ORDER BY n.ord",
+        &[&tenant.0, &resource_type, &ids, &at],
+    )?;
+    let user = visibility.user();
+    let mut existing = Vec::new();
+    for row in &rows {
+        let existed: bool = row.try_get(3)?;
+        let deleted: Option<bool> = row.try_get(1)?;
+        let owner: Option<&str> = row.try_get(2)?;
+        if existed && deleted == Some(false) && (user.is_none() || owner == user) {
+            existing.push(row.try_get(0)?);
+        }
+    }
+    Ok(existing)
+}

@@ -1,0 +1,798 @@
+//! The PostgreSQL store: the same [`crate::Store`] as SQLite, on a pool of blocking `postgres`
+//! connections (r2d2), for several stateless `bulkhead` instances sharing one database.
+//!
+//! - Versioned migrations ([`migrations`]) run at start-up under an advisory lock.
+//! - Every transaction is short: reads of an export part take one window each, so a stalled
+//!   download never holds a snapshot (and never holds back vacuum).
+//! - Connect, pool check-out and statement timeouts bound every call: while PostgreSQL is
+//!   unreachable calls fail fast with [`StoreError::Unavailable`] (503 + `Retry-After`).
+//! - Write transactions take the one-row clock first and keep its row lock until they commit,
+//!   so commit order is timestamp order across every instance (see [`PgStore::with_write`]).
+
+mod admin;
+mod associated;
+mod audit;
+mod export;
+mod jobs;
+mod leases;
+pub mod migrations;
+mod part_reader;
+mod resources;
+mod retention;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod testing;
+
+use std::collections::HashMap;
+use std::mem::ManuallyDrop;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bulkhead_fhir::{now_micros, Micros};
+use postgres::types::ToSql;
+use postgres::{NoTls, Row, Statement};
+
+use crate::{
+    AssociatedRequest, AuditQuery, AuditRecord, AuditRecords, ClientRecord, ClientRegistration, ExportJob,
+    ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, PruneReport, SearchPage, SearchQuery,
+    StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
+};
+
+/// Pool and timeout settings (config keys `database_*`).
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Connections this process opens at most.
+    pub max_connections: u32,
+    /// How long opening a connection (TCP + authentication) may take.
+    pub connect_timeout: Duration,
+    /// How long a call waits for a free pooled connection before it fails as unavailable.
+    pub checkout_timeout: Duration,
+    /// Longest a single statement may run (server-side `statement_timeout`).
+    pub statement_timeout: Duration,
+    /// The local directory whose free space `check_writable` compares with its floor (this
+    /// instance's data directory: output files and temporary upload files go there).
+    pub local_dir: PathBuf,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(5),
+            checkout_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(60),
+            local_dir: PathBuf::from("."),
+        }
+    }
+}
+
+/// A pooled connection with its prepared statements (PostgreSQL plans each once per session).
+pub(crate) struct Connection {
+    client: ManuallyDrop<postgres::Client>,
+    statements: HashMap<String, Statement>,
+}
+
+impl Drop for Connection {
+    /// Closing a blocking client runs its own small runtime, which must not happen on an async
+    /// runtime's thread (tokio panics): there the client is closed on a thread of its own.
+    fn drop(&mut self) {
+        // SAFETY: the client is taken exactly once, here, and `self` is never used again.
+        let client = unsafe { ManuallyDrop::take(&mut self.client) };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::Builder::new().name("pg-close".into()).spawn(move || drop(client));
+        } else {
+            drop(client);
+        }
+    }
+}
+
+/// Runs blocking database work, on a scoped thread of its own when called from an async
+/// runtime's thread (the blocking client cannot run there; the server always calls from
+/// blocking threads, so this is for tests and tools that hold a store in async code).
+fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return work();
+    }
+    std::thread::scope(|scope| scope.spawn(work).join()).unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Statements kept per connection; dynamic searches make many shapes, so the cache is bounded.
+const STATEMENT_CACHE: usize = 256;
+
+struct Manager {
+    config: postgres::Config,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Connection;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<Connection, postgres::Error> {
+        Ok(Connection { client: ManuallyDrop::new(self.config.connect(NoTls)?), statements: HashMap::new() })
+    }
+
+    fn is_valid(&self, connection: &mut Connection) -> Result<(), postgres::Error> {
+        connection.client.simple_query("").map(drop)
+    }
+
+    fn has_broken(&self, connection: &mut Connection) -> bool {
+        connection.client.is_closed()
+    }
+}
+
+/// One open transaction with the connection's statement cache: every query goes through a
+/// prepared statement.
+pub(crate) struct Db<'a> {
+    transaction: postgres::Transaction<'a>,
+    statements: &'a mut HashMap<String, Statement>,
+}
+
+type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+
+impl Db<'_> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, StoreError> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.transaction.prepare(sql)?;
+        if self.statements.len() >= STATEMENT_CACHE {
+            self.statements.clear();
+        }
+        self.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    pub(crate) fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StoreError> {
+        let statement = self.statement(sql)?;
+        Ok(self.transaction.query(&statement, params)?)
+    }
+
+    pub(crate) fn query_opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>, StoreError> {
+        let statement = self.statement(sql)?;
+        Ok(self.transaction.query_opt(&statement, params)?)
+    }
+
+    pub(crate) fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Row, StoreError> {
+        let statement = self.statement(sql)?;
+        Ok(self.transaction.query_one(&statement, params)?)
+    }
+
+    pub(crate) fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
+        let statement = self.statement(sql)?;
+        Ok(self.transaction.execute(&statement, params)?)
+    }
+
+    /// Runs statements without parameters (savepoints), unprepared.
+    pub(crate) fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.transaction.batch_execute(sql)?)
+    }
+}
+
+/// The PostgreSQL implementation of [`crate::Store`].
+pub struct PgStore {
+    pool: r2d2::Pool<Manager>,
+    options: PgOptions,
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user[:password]@host:port/database`), applies pending
+    /// migrations and returns the store. Fails when the database cannot be reached within the
+    /// connect timeout, or holds a schema newer than this binary knows.
+    pub fn open(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
+        let store = PgStore::connect(url, options)?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The migration runner needs the bare client.
+    fn with_client<T: Send>(
+        &self,
+        work: impl FnOnce(&mut postgres::Client) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        off_runtime(|| {
+            let mut connection = self.checkout()?;
+            work(&mut connection.client)
+        })
+    }
+
+    /// Connects without migrating (`bulkhead migrate` reports what it applies itself).
+    pub fn connect(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
+        let mut config: postgres::Config =
+            url.parse().map_err(|error| StoreError::Invalid(format!("database URL: {error}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(options.connect_timeout);
+        }
+        // A server that vanished mid-statement is noticed within seconds, not after the kernel's
+        // two-hour keepalive default.
+        config.keepalives(true).keepalives_idle(Duration::from_secs(10)).keepalives_interval(Duration::from_secs(5));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout(options.statement_timeout + Duration::from_secs(5));
+        let statement_ms = options.statement_timeout.as_millis().max(1);
+        // An abandoned transaction (a crashed caller) is ended by the server.
+        let idle_ms = (options.statement_timeout * 2).as_millis().max(1);
+        config.options(&format!(
+            "-c statement_timeout={statement_ms} -c idle_in_transaction_session_timeout={idle_ms} -c TimeZone=UTC"
+        ));
+        if config.get_application_name().is_none() {
+            config.application_name("bulkhead");
+        }
+        let pool = r2d2::Pool::builder()
+            .max_size(options.max_connections.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(options.checkout_timeout)
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .test_on_check_out(true)
+            .build_unchecked(Manager { config });
+        Ok(PgStore { pool, options })
+    }
+
+    /// Applies every migration this binary knows that the database lacks; returns the versions
+    /// applied (empty when up to date).
+    pub fn migrate(&self) -> Result<Vec<u32>, StoreError> {
+        self.with_client(migrations::apply)
+    }
+
+    /// The schema version the database is at (0: empty).
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        self.with_client(migrations::current_version)
+    }
+
+    fn checkout(&self) -> Result<r2d2::PooledConnection<Manager>, StoreError> {
+        self.pool.get().map_err(|error| StoreError::Unavailable(format!("no database connection: {error}")))
+    }
+
+    /// Runs `work` in a write transaction stamped with a fresh timestamp, committing only when
+    /// it returns `Ok`.
+    ///
+    /// The timestamp comes from the clock row, whose row lock the transaction then holds until it
+    /// commits: a later writer (or [`crate::Store::reserve_transaction_time`]) waits, so a
+    /// transaction time T is handed out only after every write stamped before T has committed,
+    /// and every write after it gets a later stamp (Bulk Data IG: transactionTime). This
+    /// serialises writers, as SQLite's single writer does.
+    fn with_write<T: Send>(
+        &self,
+        work: impl FnOnce(&mut Db<'_>, Micros) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        off_runtime(|| {
+            let mut connection = self.checkout()?;
+            let Connection { client, statements } = &mut *connection;
+            let mut db = Db { transaction: client.transaction()?, statements };
+            let timestamp = next_timestamp(&mut db)?;
+            let result = work(&mut db, timestamp)?;
+            db.transaction.commit()?;
+            Ok(result)
+        })
+    }
+
+    /// Runs `work` in one read-write transaction that does not take the clock (it writes nothing
+    /// versioned: audit records, associated sets), committing only when it returns `Ok`.
+    fn with_transaction<T: Send>(
+        &self,
+        work: impl FnOnce(&mut Db<'_>) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        off_runtime(|| {
+            let mut connection = self.checkout()?;
+            let Connection { client, statements } = &mut *connection;
+            let mut db = Db { transaction: client.transaction()?, statements };
+            let result = work(&mut db)?;
+            db.transaction.commit()?;
+            Ok(result)
+        })
+    }
+
+    /// Runs `work` in one read-only snapshot transaction.
+    fn with_read<T: Send>(
+        &self,
+        work: impl FnOnce(&mut Db<'_>) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        off_runtime(|| {
+            let mut connection = self.checkout()?;
+            let Connection { client, statements } = &mut *connection;
+            let transaction = client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let mut db = Db { transaction, statements };
+            let result = work(&mut db)?;
+            db.transaction.commit()?;
+            Ok(result)
+        })
+    }
+}
+
+/// The next timestamp: the wall clock, or one microsecond past the last one when the clock has
+/// not moved (or moved back), so timestamps never repeat.
+fn next_timestamp(db: &mut Db<'_>) -> Result<Micros, StoreError> {
+    let row =
+        db.query_one("UPDATE clock SET last = GREATEST(last + 1, $1) WHERE id = 0 RETURNING last", &[&now_micros()])?;
+    Ok(row.try_get(0)?)
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(error: postgres::Error) -> Self {
+        if let Some(db) = error.as_db_error() {
+            // The server's own message (the error's Display says only "db error").
+            let message = format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+            return match db.code().code() {
+                // disk_full, out_of_memory's neighbours in class 53 that mean "no space".
+                "53100" => StoreError::StorageFull(message),
+                // Class 08 (connection exception), admin/crash shutdown, cannot connect now, too
+                // many connections, a statement timeout, serialisation failure, deadlock: the
+                // same request can succeed later.
+                code if code.starts_with("08")
+                    || matches!(
+                        code,
+                        "57P01" | "57P02" | "57P03" | "53300" | "57014" | "40001" | "40P01" | "55P03"
+                    ) =>
+                {
+                    StoreError::Unavailable(message)
+                }
+                _ => StoreError::Database(message),
+            };
+        }
+        let io = std::error::Error::source(&error).is_some_and(|source| source.is::<std::io::Error>());
+        if error.is_closed() || io || error.to_string().contains("timeout") || error.to_string().contains("connect") {
+            StoreError::Unavailable(error.to_string())
+        } else {
+            StoreError::Database(error.to_string())
+        }
+    }
+}
+
+impl crate::Store for PgStore {
+    fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
+        self.with_write(|db, _| admin::create_tenant(db, name))
+    }
+
+    fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        self.with_read(admin::list_tenants)
+    }
+
+    fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
+        self.with_read(|db| admin::tenant_by_name(db, name))
+    }
+
+    fn create_client(&self, tenant: TenantId, client_id: &str, secret_hash: &str) -> Result<ClientRecord, StoreError> {
+        self.with_write(|db, _| admin::create_client(db, tenant, client_id, secret_hash))
+    }
+
+    fn list_clients(&self, tenant: TenantId) -> Result<Vec<ClientRecord>, StoreError> {
+        self.with_read(|db| admin::list_clients(db, tenant))
+    }
+
+    fn client(&self, client_id: &str) -> Result<Option<ClientRecord>, StoreError> {
+        self.with_read(|db| admin::client(db, client_id))
+    }
+
+    fn revoke_client(&self, client_id: &str) -> Result<bool, StoreError> {
+        self.with_write(|db, _| admin::revoke_client(db, client_id))
+    }
+
+    fn replace_client_secret_hash(&self, client_id: &str, expected: &str, new_hash: &str) -> Result<bool, StoreError> {
+        self.with_write(|db, _| admin::replace_client_secret_hash(db, client_id, expected, new_hash))
+    }
+
+    fn server_key(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.with_write(|db, _| admin::server_key(db, name, candidate))
+    }
+
+    fn write_audited(
+        &self,
+        tenant: TenantId,
+        owner: Option<&str>,
+        ops: &[WriteOp],
+        mode: WriteMode,
+        audit_records: &AuditRecords<'_>,
+    ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        self.with_write(|db, timestamp| {
+            let results = resources::write(db, tenant, owner, ops, mode, timestamp)?;
+            audit::append(db, &audit_records(&results))?;
+            Ok(results)
+        })
+    }
+
+    fn read(
+        &self,
+        tenant: TenantId,
+        visibility: &Visibility,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<StoredResource>, StoreError> {
+        self.with_read(|db| resources::read(db, tenant, visibility, resource_type, id))
+    }
+
+    fn vread(
+        &self,
+        tenant: TenantId,
+        visibility: &Visibility,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<StoredResource>, StoreError> {
+        self.with_read(|db| resources::vread(db, tenant, visibility, resource_type, id, version))
+    }
+
+    fn history(
+        &self,
+        tenant: TenantId,
+        visibility: &Visibility,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Vec<StoredResource>, StoreError> {
+        self.with_read(|db| resources::history(db, tenant, visibility, resource_type, id))
+    }
+
+    fn search(&self, tenant: TenantId, visibility: &Visibility, query: &SearchQuery) -> Result<SearchPage, StoreError> {
+        self.with_read(|db| resources::search(db, tenant, visibility, query))
+    }
+
+    fn reserve_transaction_time(&self) -> Result<Micros, StoreError> {
+        self.with_write(|_, timestamp| Ok(timestamp))
+    }
+
+    fn version_at(
+        &self,
+        tenant: TenantId,
+        resource_type: &str,
+        id: &str,
+        at: Micros,
+    ) -> Result<Option<StoredResource>, StoreError> {
+        self.with_read(|db| export::version_at(db, tenant, resource_type, id, at))
+    }
+
+    fn existing_at(
+        &self,
+        tenant: TenantId,
+        visibility: &Visibility,
+        resource_type: &str,
+        ids: &[String],
+        at: Micros,
+    ) -> Result<Vec<String>, StoreError> {
+        self.with_read(|db| export::existing_at(db, tenant, visibility, resource_type, ids, at))
+    }
+
+    fn members_at(&self, tenant: TenantId, group_id: &str, at: Micros) -> Result<Vec<String>, StoreError> {
+        self.with_read(|db| export::members_at(db, tenant, group_id, at))
+    }
+
+    fn plan_parts(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        resource_types: &[String],
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
+        let members = self.with_read(|db| export::Members::resolve(db, tenant, selection))?;
+        let mut planned = Vec::new();
+        // One short transaction per type: what a type selects depends only on the transaction
+        // time, so separate snapshots agree.
+        for resource_type in resource_types {
+            let parts =
+                self.with_read(|db| export::plan_type(db, tenant, selection, &members, resource_type, part_size))?;
+            if !parts.is_empty() {
+                planned.push((resource_type.clone(), parts));
+            }
+        }
+        Ok(planned)
+    }
+
+    fn part_reader<'a>(
+        &'a self,
+        tenant: TenantId,
+        selection: &'a MemberSelection,
+        resource_type: &'a str,
+        range: PartRange,
+    ) -> Box<dyn PartReader + 'a> {
+        Box::new(part_reader::PgPartReader::new(self, tenant, selection, resource_type, range))
+    }
+
+    fn deleted_in_compartments(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        resource_type: &str,
+    ) -> Result<Vec<(String, Micros)>, StoreError> {
+        self.with_read(|db| export::deleted_in_compartments(db, tenant, selection, resource_type))
+    }
+
+    fn plan_associated(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        request: &AssociatedRequest,
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
+        self.plan_associated_set(tenant, selection, request, part_size)
+    }
+
+    fn associated_reader<'a>(
+        &'a self,
+        tenant: TenantId,
+        selection: &'a MemberSelection,
+        set_id: &'a str,
+        resource_type: &'a str,
+        range: PartRange,
+    ) -> Box<dyn PartReader + 'a> {
+        Box::new(associated::AssociatedPartReader {
+            store: self,
+            tenant,
+            selection,
+            set_id,
+            resource_type,
+            next_key: Some(range.first_key),
+            last_key: range.last_key,
+            read_bytes: 0,
+            read_lines: 0,
+        })
+    }
+
+    fn associated_ids(
+        &self,
+        tenant: TenantId,
+        set_id: &str,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        self.with_read(|db| associated::associated_ids(db, tenant, set_id, resource_type, ids))
+    }
+
+    fn provenance_targeting(
+        &self,
+        tenant: TenantId,
+        targets: &[(String, String)],
+        at: Micros,
+    ) -> Result<Vec<String>, StoreError> {
+        self.with_read(|db| associated::provenance_targeting(db, tenant, targets, at))
+    }
+
+    fn create_export_job(&self, tenant: TenantId, job: &ExportJob) -> Result<(), StoreError> {
+        self.with_write(|db, _| jobs::create_export_job(db, tenant, job))
+    }
+
+    fn export_job(&self, tenant: TenantId, job_id: &str) -> Result<Option<ExportJob>, StoreError> {
+        self.with_read(|db| jobs::export_job(db, tenant, job_id))
+    }
+
+    fn finish_export_job(
+        &self,
+        tenant: TenantId,
+        job_id: &str,
+        state: ExportJobState,
+        manifest: &str,
+    ) -> Result<bool, StoreError> {
+        self.with_write(|db, _| jobs::finish_export_job(db, tenant, job_id, state, manifest))
+    }
+
+    fn delete_export_job(&self, tenant: TenantId, job_id: &str) -> Result<bool, StoreError> {
+        self.with_write(|db, _| jobs::delete_export_job(db, tenant, job_id))
+    }
+
+    fn delete_expired_export_jobs(&self, now: Micros) -> Result<u64, StoreError> {
+        self.with_write(|db, _| jobs::delete_expired_export_jobs(db, now))
+    }
+
+    fn expired_export_jobs(&self, now: Micros, limit: usize) -> Result<Vec<(TenantId, String)>, StoreError> {
+        self.with_read(|db| jobs::expired_export_jobs(db, now, limit))
+    }
+
+    fn enqueue_export_job(
+        &self,
+        tenant: TenantId,
+        job: &ExportJob,
+        work: &str,
+        cap: u64,
+        now: Micros,
+    ) -> Result<crate::JobAdmission, StoreError> {
+        self.with_transaction(|db| leases::enqueue_export_job(db, tenant, job, work, cap, now))
+    }
+
+    fn unfinished_export_jobs(&self, tenant: TenantId, now: Micros) -> Result<u64, StoreError> {
+        self.with_read(|db| leases::unfinished_export_jobs(db, tenant, now))
+    }
+
+    fn claim_export_job(
+        &self,
+        owner: &str,
+        now: Micros,
+        lease_for: Micros,
+    ) -> Result<Option<crate::ClaimedJob>, StoreError> {
+        self.with_transaction(|db| leases::claim_export_job(db, owner, now, lease_for))
+    }
+
+    fn renew_export_job_lease(
+        &self,
+        lease: &crate::JobLease,
+        now: Micros,
+        lease_for: Micros,
+        progress: &str,
+    ) -> Result<bool, StoreError> {
+        self.with_transaction(|db| leases::renew_export_job_lease(db, lease, now, lease_for, progress))
+    }
+
+    fn save_export_job_checkpoint(&self, lease: &crate::JobLease, checkpoint: &str) -> Result<bool, StoreError> {
+        self.with_transaction(|db| leases::save_export_job_checkpoint(db, lease, checkpoint))
+    }
+
+    fn record_export_job_part(&self, lease: &crate::JobLease, part: &crate::JobPart) -> Result<bool, StoreError> {
+        self.with_transaction(|db| leases::record_export_job_part(db, lease, part))
+    }
+
+    fn finish_leased_export_job(
+        &self,
+        lease: &crate::JobLease,
+        state: ExportJobState,
+        manifest: &str,
+    ) -> Result<bool, StoreError> {
+        if state == ExportJobState::Planning {
+            return Err(StoreError::Invalid("a job is finished as complete or failed, not planning".into()));
+        }
+        let (state, failure_status) = jobs::state_columns(state);
+        self.with_transaction(|db| leases::finish_leased_export_job(db, lease, state, failure_status, manifest))
+    }
+
+    fn export_job_activity(&self, tenant: TenantId, job_id: &str) -> Result<Option<crate::JobActivity>, StoreError> {
+        self.with_read(|db| leases::export_job_activity(db, tenant, job_id))
+    }
+
+    fn create_export_record(&self, tenant: TenantId, record: &ExportRecord) -> Result<(), StoreError> {
+        self.with_write(|db, _| jobs::create_export_record(db, tenant, record))
+    }
+
+    fn export_record(&self, tenant: TenantId, record_id: &str) -> Result<Option<ExportRecord>, StoreError> {
+        self.with_read(|db| jobs::export_record(db, tenant, record_id))
+    }
+
+    fn delete_expired_export_records(&self, now: Micros) -> Result<u64, StoreError> {
+        self.with_write(|db, _| jobs::delete_expired_export_records(db, now))
+    }
+
+    /// PostgreSQL's own disk is not visible to a client (a full one fails writes with SQLSTATE
+    /// 53100, answered 507); what is checked is this instance's local directory, and a real
+    /// write on the server.
+    fn check_writable(&self, min_free_bytes: u64) -> Result<(), StoreError> {
+        let directory = &self.options.local_dir;
+        if let Some(available) = crate::sqlite::available_bytes(directory) {
+            if available < min_free_bytes {
+                return Err(StoreError::StorageFull(format!(
+                    "{available} bytes available on the disk of {}, below the floor of {min_free_bytes}",
+                    directory.display()
+                )));
+            }
+        }
+        off_runtime(|| {
+            let mut connection = self.checkout()?;
+            let Connection { client, statements } = &mut *connection;
+            let mut db = Db { transaction: client.transaction()?, statements };
+            db.execute("UPDATE health_probe SET checked = $1 WHERE id = 0", &[&now_micros()])?;
+            db.transaction.commit()?;
+            Ok(())
+        })
+    }
+
+    fn set_client_registration(&self, client_id: &str, registration: &ClientRegistration) -> Result<bool, StoreError> {
+        self.with_write(|db, _| admin::set_client_registration(db, client_id, registration))
+    }
+
+    fn client_registration(&self, client_id: &str) -> Result<Option<ClientRegistration>, StoreError> {
+        self.with_read(|db| admin::client_registration(db, client_id))
+    }
+
+    fn record_assertion_jti(
+        &self,
+        tenant: TenantId,
+        client_id: &str,
+        jti: &str,
+        expires: Micros,
+        now: Micros,
+    ) -> Result<bool, StoreError> {
+        self.with_write(|db, _| admin::record_assertion_jti(db, tenant, client_id, jti, expires, now))
+    }
+
+    fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError> {
+        self.with_read(|db| {
+            let ids: Vec<String> = db
+                .query(
+                    "SELECT id FROM resources WHERE tenant_id = $1 AND resource_type = 'Patient' ORDER BY id",
+                    &[&tenant.0],
+                )?
+                .iter()
+                .map(|row| row.try_get(0))
+                .collect::<Result<_, _>>()?;
+            export::existing_at(db, tenant, visibility, "Patient", &ids, at)
+        })
+    }
+
+    fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        self.with_transaction(|db| audit::append(db, records))
+    }
+
+    fn audit_records(&self, tenant: TenantId, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.with_read(|db| audit::records(db, tenant, query))
+    }
+
+    fn prune_audit(&self, before: Micros) -> Result<u64, StoreError> {
+        self.with_transaction(|db| audit::prune(db, before))
+    }
+
+    fn history_horizon(&self) -> Result<Option<Micros>, StoreError> {
+        self.with_read(retention::history_horizon)
+    }
+
+    fn prune_history(&self, cutoff: Micros, now: Micros, batch: usize) -> Result<PruneReport, StoreError> {
+        retention::prune(self, cutoff, now, batch)
+    }
+
+    /// The database's size as PostgreSQL reports it; its WAL is the server's, shared with other
+    /// databases, so it is not counted here.
+    fn storage_bytes(&self) -> Result<StorageBytes, StoreError> {
+        let database: i64 =
+            self.with_read(|db| Ok(db.query_one("SELECT pg_database_size(current_database())", &[])?.try_get(0)?))?;
+        Ok(StorageBytes { database: database.max(0) as u64, wal: 0 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use crate::{Store, StoreError};
+
+    // Without BULKHEAD_TEST_DATABASE_URL each test returns at once (after a loud notice; under
+    // CI it fails instead): see `testing::fresh_store`.
+    crate::store_test_suite!(match super::testing::fresh_store() {
+        Some(store) => store,
+        None => return,
+    });
+
+    /// The audit trail is append-only in the database itself: an UPDATE fails, whoever runs it,
+    /// and the record stays as it was.
+    #[test]
+    fn audit_records_cannot_be_updated() {
+        use crate::{AuditQuery, AuditRecord};
+        let Some(store) = super::testing::fresh_store() else { return };
+        let tenant = store.create_tenant("t").unwrap().id;
+        let record = AuditRecord {
+            seq: 0,
+            time: 1,
+            tenant,
+            client: "c".into(),
+            user: None,
+            peer: None,
+            request_id: "r".into(),
+            action: "read".into(),
+            target: "Patient/a".into(),
+            outcome: "failure".into(),
+            status: 404,
+            detail: "{}".into(),
+            patients: vec!["a".into()],
+            cohort: None,
+        };
+        store.append_audit(&[record]).unwrap();
+        let updated = store.with_transaction(|db| db.execute("UPDATE audit_log SET outcome = 'success'", &[]));
+        match updated {
+            Err(StoreError::Database(message)) => assert!(message.contains("append-only"), "{message}"),
+            other => panic!("an UPDATE of the audit trail must fail, got {other:?}"),
+        }
+        let stored = store.audit_records(tenant, &AuditQuery { limit: 10, ..Default::default() }).unwrap();
+        assert_eq!((stored.len(), stored[0].outcome.as_str()), (1, "failure"));
+    }
+
+    /// Nothing listens: calls fail within the connect timeout as `Unavailable` (503), never hang.
+    #[test]
+    fn an_unreachable_database_is_unavailable_quickly() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let options = super::PgOptions {
+            connect_timeout: Duration::from_secs(1),
+            checkout_timeout: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let store = super::PgStore::connect(&format!("postgres://nobody@127.0.0.1:{port}/none"), options).unwrap();
+        let started = Instant::now();
+        match store.tenant_by_name("acme") {
+            Err(StoreError::Unavailable(_)) => {}
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "failed fast: {:?}", started.elapsed());
+        assert!(store.check_writable(0).is_err());
+    }
+}

@@ -1,0 +1,157 @@
+//! Reading one export part in windows on PostgreSQL, each in its own short read-only
+//! transaction, so a download never holds a snapshot (nor holds back vacuum) while it waits for
+//! its client. Keyset paging by key (`rid`), never `OFFSET`: between calls the reader keeps
+//! only the keys of the current key window's selected resources not yet read.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::export::{select_window, selected, type_span, Members, VersionAt, WINDOW};
+use super::{Db, PgStore};
+use crate::{MemberSelection, PartRange, PartReader, StoreError, TenantId};
+
+/// Bodies fetched per statement at most (one round trip for many resources).
+const BATCH: usize = 512;
+
+pub(super) struct PgPartReader<'a> {
+    store: &'a PgStore,
+    tenant: TenantId,
+    selection: &'a MemberSelection,
+    /// Resolved by the first window.
+    members: Option<Members>,
+    resource_type: &'a str,
+    range: PartRange,
+    /// The first key whose window is not resolved yet; `None` once the whole range is.
+    unresolved: Option<i64>,
+    last_key: i64,
+    /// Selected, not yet read: `(key, history version holding the body, or 0 for the current row)`.
+    pending: VecDeque<(i64, i64)>,
+    started: bool,
+    /// Bytes and lines read so far, to size the next batch to the caller's `max_bytes`.
+    read_bytes: u64,
+    read_lines: u64,
+}
+
+impl<'a> PgPartReader<'a> {
+    pub(super) fn new(
+        store: &'a PgStore,
+        tenant: TenantId,
+        selection: &'a MemberSelection,
+        resource_type: &'a str,
+        range: PartRange,
+    ) -> PgPartReader<'a> {
+        PgPartReader {
+            store,
+            tenant,
+            selection,
+            members: None,
+            resource_type,
+            range,
+            unresolved: None,
+            last_key: range.last_key,
+            pending: VecDeque::new(),
+            started: false,
+            read_bytes: 0,
+            read_lines: 0,
+        }
+    }
+
+    /// Resolves key windows until one selects something or the range is exhausted.
+    fn resolve(&mut self, db: &mut Db<'_>) -> Result<(), StoreError> {
+        if !self.started {
+            self.started = true;
+            let Some((type_first, type_last)) = type_span(db, self.tenant, self.resource_type)? else { return Ok(()) };
+            let first = self.range.first_key.max(type_first);
+            self.last_key = self.range.last_key.min(type_last);
+            self.unresolved = (first <= self.last_key).then_some(first);
+        }
+        let Some(mut start) = self.unresolved else { return Ok(()) };
+        let selection = self.selection;
+        if self.members.is_none() {
+            self.members = Some(Members::resolve(db, self.tenant, selection)?);
+        }
+        let Some(members) = &self.members else { return Ok(()) };
+        let select = |reach, version: &VersionAt| selected(selection, reach, version);
+        loop {
+            let end = start.saturating_add(WINDOW - 1).min(self.last_key);
+            let chosen = select_window(db, self.tenant, selection, members, self.resource_type, (start, end), select)?;
+            self.pending.extend(chosen.iter().map(|chosen| (chosen.rid, chosen.history_version)));
+            self.unresolved = (end < self.last_key).then(|| end + 1);
+            match self.unresolved {
+                Some(next) if self.pending.is_empty() => start = next,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// How many pending resources the next statement fetches: about what fills the rest of
+    /// `max_bytes` at the average size so far, so a small window reads one resource.
+    fn batch_size(&self, remaining: usize) -> usize {
+        let average = self.read_bytes.checked_div(self.read_lines).map_or(1024, |average| average.max(1));
+        ((remaining as u64).div_ceil(average) as usize).clamp(1, BATCH).min(self.pending.len())
+    }
+
+    /// Appends pending resources' bodies until `max_bytes` are appended; returns how many.
+    fn read_bodies(&mut self, db: &mut Db<'_>, out: &mut Vec<u8>, max_bytes: usize) -> Result<u64, StoreError> {
+        let at = self.selection.transaction_time;
+        let (start_len, mut count) = (out.len(), 0u64);
+        while out.len() - start_len < max_bytes && !self.pending.is_empty() {
+            let size = self.batch_size(max_bytes - (out.len() - start_len));
+            let batch: Vec<(i64, i64)> = self.pending.drain(..size).collect();
+            let current: Vec<i64> = batch.iter().filter(|(_, version)| *version == 0).map(|(rid, _)| *rid).collect();
+            let (history_rids, history_versions): (Vec<i64>, Vec<i64>) =
+                batch.iter().filter(|(_, version)| *version > 0).copied().unzip();
+            let mut bodies: HashMap<i64, Option<String>> = HashMap::with_capacity(batch.len());
+            for row in db.query(
+                "SELECT rid, last_updated, body FROM resources WHERE tenant_id = $1 AND rid = ANY($2)",
+                &[&self.tenant.0, &current],
+            )? {
+                let rid: i64 = row.try_get(0)?;
+                // Written since an earlier window resolved it: its version at `at` is in history.
+                let body = if row.try_get::<_, i64>(1)? <= at { row.try_get(2)? } else { self.body_at(db, rid)? };
+                bodies.insert(rid, body);
+            }
+            if !history_rids.is_empty() {
+                for row in db.query(
+                    "SELECT h.rid, h.body FROM unnest($2::int8[], $3::int8[]) AS n(rid, version)
+                     JOIN resource_history h ON h.tenant_id = $1 AND h.rid = n.rid AND h.version = n.version",
+                    &[&self.tenant.0, &history_rids, &history_versions],
+                )? {
+                    bodies.insert(row.try_get(0)?, row.try_get(1)?);
+                }
+            }
+            for (rid, _) in batch {
+                let Some(Some(body)) = bodies.remove(&rid) else {
+                    return Err(StoreError::Database(format!("export: no stored version of resource {rid} at {at}")));
+                };
+                out.extend_from_slice(body.as_bytes());
+                out.push(b'\n');
+                self.read_bytes += body.len() as u64 + 1;
+                self.read_lines += 1;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// The body of a resource's newest version no later than the transaction time.
+    fn body_at(&self, db: &mut Db<'_>, rid: i64) -> Result<Option<String>, StoreError> {
+        let row = db.query_opt(
+            "SELECT body FROM resource_history WHERE tenant_id = $1 AND rid = $2 AND last_updated <= $3
+             ORDER BY version DESC LIMIT 1",
+            &[&self.tenant.0, &rid, &self.selection.transaction_time],
+        )?;
+        Ok(row.map(|row| row.try_get(0)).transpose()?.flatten())
+    }
+}
+
+impl PartReader for PgPartReader<'_> {
+    fn next_window(&mut self, out: &mut Vec<u8>, max_bytes: usize) -> Result<u64, StoreError> {
+        let store = self.store;
+        store.with_read(|db| {
+            if self.pending.is_empty() {
+                self.resolve(db)?;
+            }
+            self.read_bodies(db, out, max_bytes)
+        })
+    }
+}

@@ -1,0 +1,750 @@
+//! Versioned resources on PostgreSQL: writes (with the compartment index, search tokens and
+//! Group membership history kept in step), reads, history and search. Every statement names
+//! the tenant.
+
+use std::collections::{HashMap, HashSet};
+
+use bulkhead_fhir::{compartment::patient_compartments_of, resource_type_code, Micros};
+use postgres::types::ToSql;
+use postgres::Row;
+use serde_json::Value;
+
+use super::Db;
+use crate::write::search_tokens;
+use crate::{
+    group_members, stamped_json, LastUpdatedBound, SearchPage, SearchQuery, StoreError, StoredResource, TenantId,
+    Visibility, WriteMode, WriteOp, Written,
+};
+
+/// The current row of a resource, without its body.
+struct Current {
+    rid: i64,
+    version: i64,
+    deleted: bool,
+    owner: Option<String>,
+}
+
+/// Search tokens as parallel arrays (type code, param, system, value, key) for one multi-row insert.
+type TokenColumns<'a> = (Vec<i16>, Vec<&'a str>, Vec<String>, Vec<String>, Vec<i64>);
+
+/// Writes at least this many at once go through [`insert_new`] for the new resources among them.
+const BULK_FROM: usize = 8;
+
+/// Applies `ops` in one transaction at `timestamp` (see [`crate::Store::write`]).
+pub(super) fn write(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    owner: Option<&str>,
+    ops: &[WriteOp],
+    mode: WriteMode,
+    timestamp: Micros,
+) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+    let mut results: Vec<Option<Result<Written, StoreError>>> = (0..ops.len()).map(|_| None).collect();
+    if ops.len() >= BULK_FROM {
+        for (index, written) in insert_new(db, tenant, owner, ops, timestamp)? {
+            results[index] = Some(Ok(written));
+        }
+    }
+    for (index, op) in ops.iter().enumerate() {
+        if results[index].is_some() {
+            continue;
+        }
+        let result = match mode {
+            WriteMode::Transaction => Ok(apply(db, tenant, owner, op, timestamp)?),
+            WriteMode::Batch => {
+                // A savepoint per entry: a failed entry leaves no partial rows behind.
+                db.batch("SAVEPOINT entry")?;
+                match apply(db, tenant, owner, op, timestamp) {
+                    Err(error) if error.is_store_failure() => return Err(error),
+                    Err(error) => {
+                        db.batch("ROLLBACK TO SAVEPOINT entry; RELEASE SAVEPOINT entry")?;
+                        Err(error)
+                    }
+                    Ok(written) => {
+                        db.batch("RELEASE SAVEPOINT entry")?;
+                        Ok(written)
+                    }
+                }
+            }
+        };
+        results[index] = Some(result);
+    }
+    Ok(results
+        .into_iter()
+        .map(|result| result.unwrap_or_else(|| Err(StoreError::Database("write skipped".into()))))
+        .collect())
+}
+
+/// Creates, with a handful of multi-row statements, every resource of `ops` that is new: a
+/// create or unconditional update of a `(type, id)` the tenant does not have and that no other
+/// op of the list names (Groups excepted: their membership history goes through [`apply`]).
+/// Such a write cannot fail on its own, so batch and transaction agree. Returns each one's
+/// index in `ops` and result.
+fn insert_new(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    owner: Option<&str>,
+    ops: &[WriteOp],
+    timestamp: Micros,
+) -> Result<Vec<(usize, Written)>, StoreError> {
+    let mut named: HashMap<(&str, &str), usize> = HashMap::new();
+    for op in ops {
+        *named.entry((op.resource_type(), op.id())).or_default() += 1;
+    }
+    let (types, ids): (Vec<&str>, Vec<&str>) = named.keys().copied().unzip();
+    let existing: HashSet<(String, String)> = db
+        .query(
+            "SELECT r.resource_type, r.id FROM resources r
+             JOIN unnest($2::text[], $3::text[]) AS n(resource_type, id)
+               ON r.tenant_id = $1 AND r.resource_type = n.resource_type AND r.id = n.id",
+            &[&tenant.0, &types, &ids],
+        )?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<Result<_, StoreError>>()?;
+    let mut chosen: Vec<(usize, &str, &str, &Value, String)> = Vec::new();
+    for (index, op) in ops.iter().enumerate() {
+        let body = match op {
+            WriteOp::Create { body, .. } | WriteOp::Update { body, if_match: None, .. } => body,
+            _ => continue,
+        };
+        let key = (op.resource_type(), op.id());
+        // A type outside R4 cannot be indexed: `apply` fails that entry alone.
+        if key.0 == "Group"
+            || named[&key] > 1
+            || existing.contains(&(key.0.to_owned(), key.1.to_owned()))
+            || resource_type_code(key.0).is_none()
+        {
+            continue;
+        }
+        chosen.push((index, key.0, key.1, body, stamped_json(body, key.1, 1, timestamp)?));
+    }
+    if chosen.is_empty() {
+        return Ok(Vec::new());
+    }
+    let types: Vec<&str> = chosen.iter().map(|chosen| chosen.1).collect();
+    let ids: Vec<&str> = chosen.iter().map(|chosen| chosen.2).collect();
+    let bodies: Vec<&str> = chosen.iter().map(|chosen| chosen.4.as_str()).collect();
+    let rids: HashMap<(String, String), i64> = db
+        .query(
+            "INSERT INTO resources (tenant_id, resource_type, id, version, last_updated, deleted, owner, body)
+             SELECT $1, n.resource_type, n.id, 1, $5, false, $6, n.body
+             FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS n(resource_type, id, body, ord)
+             ORDER BY n.ord
+             RETURNING rid, resource_type, id",
+            &[&tenant.0, &types, &ids, &bodies, &timestamp, &owner],
+        )?
+        .iter()
+        .map(|row| Ok(((row.try_get(1)?, row.try_get(2)?), row.try_get(0)?)))
+        .collect::<Result<_, StoreError>>()?;
+    let rid_of = |resource_type: &str, id: &str| {
+        rids.get(&(resource_type.to_owned(), id.to_owned()))
+            .copied()
+            .ok_or_else(|| StoreError::Database(format!("{resource_type}/{id}: no key after insert")))
+    };
+    let (mut patients, mut patient_types, mut patient_rids): (Vec<String>, Vec<i16>, Vec<i64>) = Default::default();
+    let mut tokens: TokenColumns<'_> = Default::default();
+    let mut referencing: Vec<(&str, i64, &Value)> = Vec::with_capacity(chosen.len());
+    for (_, resource_type, id, body, _) in &chosen {
+        let (resource_type, id, body) = (*resource_type, *id, *body);
+        let rid = rid_of(resource_type, id)?;
+        referencing.push((resource_type, rid, body));
+        let code = type_code(resource_type)?;
+        for patient in patient_compartments_of(resource_type, id, body) {
+            patients.push(patient);
+            patient_types.push(code);
+            patient_rids.push(rid);
+        }
+        for (param, system, value) in search_tokens(body) {
+            tokens.0.push(code);
+            tokens.1.push(param);
+            tokens.2.push(system);
+            tokens.3.push(value);
+            tokens.4.push(rid);
+        }
+    }
+    let pkeys = patient_keys(db, tenant, &patients)?;
+    db.execute(
+        "INSERT INTO compartment (tenant_id, pkey, type_code, rid, from_ts, last_updated, deleted, owner)
+         SELECT $1, n.pkey, n.type_code, n.rid, $5, $5, false, $6
+         FROM unnest($2::int8[], $3::int2[], $4::int8[]) AS n(pkey, type_code, rid)
+         ON CONFLICT DO NOTHING",
+        &[&tenant.0, &pkeys, &patient_types, &patient_rids, &timestamp, &owner],
+    )?;
+    db.execute(
+        "INSERT INTO search_token (tenant_id, type_code, param, system, value, rid)
+         SELECT $1, n.type_code, n.param, n.system, n.value, n.rid
+         FROM unnest($2::int2[], $3::text[], $4::text[], $5::text[], $6::int8[]) AS n(type_code, param, system, value, rid)
+         ON CONFLICT DO NOTHING",
+        &[&tenant.0, &tokens.0, &tokens.1, &tokens.2, &tokens.3, &tokens.4],
+    )?;
+    super::associated::index_new(db, tenant, &referencing, timestamp)?;
+    Ok(chosen
+        .into_iter()
+        .map(|(index, resource_type, id, _, text)| {
+            let written = Written {
+                resource_type: resource_type.to_owned(),
+                id: id.to_owned(),
+                version: 1,
+                last_updated: timestamp,
+                created: true,
+                deleted: false,
+                changed: true,
+                body: Some(text),
+            };
+            (index, written)
+        })
+        .collect())
+}
+
+fn current(db: &mut Db<'_>, tenant: TenantId, resource_type: &str, id: &str) -> Result<Option<Current>, StoreError> {
+    // FOR UPDATE: a concurrent writer of the same resource waits (they are serialised by the
+    // clock already; this keeps the row's version exact should that ever change).
+    let row = db.query_opt(
+        "SELECT rid, version, deleted, owner FROM resources WHERE tenant_id = $1 AND resource_type = $2 AND id = $3
+         FOR UPDATE",
+        &[&tenant.0, &resource_type, &id],
+    )?;
+    row.map(|row| {
+        Ok(Current { rid: row.try_get(0)?, version: row.try_get(1)?, deleted: row.try_get(2)?, owner: row.try_get(3)? })
+    })
+    .transpose()
+}
+
+/// Applies one write inside the open transaction at `timestamp`.
+fn apply(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    owner: Option<&str>,
+    op: &WriteOp,
+    timestamp: Micros,
+) -> Result<Written, StoreError> {
+    let resource_type = op.resource_type();
+    match op {
+        WriteOp::Create { id, body, .. } => {
+            if current(db, tenant, resource_type, id)?.is_some() {
+                return Err(StoreError::Conflict(format!("{resource_type}/{id} already exists")));
+            }
+            put(db, tenant, owner, resource_type, id, body, None, timestamp)
+        }
+        WriteOp::Update { id, body, if_match, .. } => {
+            let existing = current(db, tenant, resource_type, id)?;
+            if let Some(existing) = &existing {
+                if owner.is_some() && existing.owner.as_deref() != owner {
+                    // Another user's resource: not visible, so not updatable (and not revealed).
+                    return Err(StoreError::NotFound(format!("{resource_type}/{id}")));
+                }
+            }
+            if let Some(expected) = *if_match {
+                let actual = existing.as_ref().map(|existing| existing.version);
+                if actual != Some(expected) {
+                    return Err(StoreError::VersionConflict(format!(
+                        "{resource_type}/{id} is at version {}, not {expected}",
+                        actual.map_or("none".to_owned(), |v| v.to_string())
+                    )));
+                }
+            }
+            if let Some(existing) = existing.as_ref().filter(|existing| !existing.deleted) {
+                if let Some(unchanged) = unchanged_version(db, tenant, existing, resource_type, id, body)? {
+                    return Ok(unchanged);
+                }
+            }
+            put(db, tenant, owner, resource_type, id, body, existing, timestamp)
+        }
+        WriteOp::Delete { id, .. } => delete(db, tenant, owner, resource_type, id, timestamp),
+    }
+}
+
+/// When the new content equals the current version (ignoring `meta.versionId` and
+/// `meta.lastUpdated`), the write is a no-op and the current version is returned.
+fn unchanged_version(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    existing: &Current,
+    resource_type: &str,
+    id: &str,
+    body: &Value,
+) -> Result<Option<Written>, StoreError> {
+    let row = db.query_one(
+        "SELECT body, last_updated FROM resources WHERE tenant_id = $1 AND rid = $2",
+        &[&tenant.0, &existing.rid],
+    )?;
+    let (stored_text, last_updated): (String, Micros) = (row.try_get(0)?, row.try_get(1)?);
+    let mut stored: Value = bulkhead_fhir::parse_exact(stored_text.as_bytes())?;
+    let mut incoming = body.clone();
+    for value in [&mut stored, &mut incoming] {
+        if let Some(meta) = value.get_mut("meta").and_then(Value::as_object_mut) {
+            meta.remove("versionId");
+            meta.remove("lastUpdated");
+            if meta.is_empty() {
+                value.as_object_mut().map(|object| object.remove("meta"));
+            }
+        }
+        value.as_object_mut().map(|object| object.insert("id".into(), Value::String(id.to_owned())));
+    }
+    if stored != incoming {
+        return Ok(None);
+    }
+    Ok(Some(Written {
+        resource_type: resource_type.to_owned(),
+        id: id.to_owned(),
+        version: existing.version,
+        last_updated,
+        created: false,
+        deleted: false,
+        changed: false,
+        body: Some(stored_text),
+    }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn put(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    owner: Option<&str>,
+    resource_type: &str,
+    id: &str,
+    body: &Value,
+    existing: Option<Current>,
+    timestamp: Micros,
+) -> Result<Written, StoreError> {
+    let version = existing.as_ref().map_or(1, |existing| existing.version + 1);
+    let text = stamped_json(body, id, version, timestamp)?;
+    let created = existing.as_ref().is_none_or(|existing| existing.deleted);
+    let rid: i64 = match &existing {
+        Some(existing) => {
+            archive_current(db, tenant, existing.rid)?;
+            // The owner of an existing resource never changes.
+            db.execute(
+                "UPDATE resources SET version = $3, last_updated = $4, deleted = false, body = $5
+                 WHERE tenant_id = $1 AND rid = $2",
+                &[&tenant.0, &existing.rid, &version, &timestamp, &text],
+            )?;
+            existing.rid
+        }
+        None => db
+            .query_one(
+                "INSERT INTO resources (tenant_id, resource_type, id, version, last_updated, deleted, owner, body)
+                 VALUES ($1, $2, $3, 1, $4, false, $5, $6) RETURNING rid",
+                &[&tenant.0, &resource_type, &id, &timestamp, &owner, &text],
+            )?
+            .try_get(0)?,
+    };
+    let is_new_row = existing.is_none();
+    let stored_owner = match &existing {
+        Some(existing) => existing.owner.as_deref(),
+        None => owner,
+    };
+    let patients = patient_compartments_of(resource_type, id, body);
+    sync_compartments(db, tenant, resource_type, rid, patients, stored_owner, timestamp, is_new_row)?;
+    sync_search_tokens(db, tenant, resource_type, rid, body, is_new_row)?;
+    super::associated::sync_references(db, tenant, resource_type, rid, body, timestamp, is_new_row)?;
+    if resource_type == "Group" {
+        let members =
+            group_members(&text, timestamp).map_err(|error| StoreError::Invalid(format!("Group.member: {error}")))?;
+        sync_group_membership(db, tenant, rid, &members, timestamp)?;
+    }
+    Ok(Written {
+        resource_type: resource_type.to_owned(),
+        id: id.to_owned(),
+        version,
+        last_updated: timestamp,
+        created,
+        deleted: false,
+        changed: true,
+        body: Some(text),
+    })
+}
+
+fn delete(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    owner: Option<&str>,
+    resource_type: &str,
+    id: &str,
+    timestamp: Micros,
+) -> Result<Written, StoreError> {
+    let existing = current(db, tenant, resource_type, id)?
+        .filter(|existing| owner.is_none() || existing.owner.as_deref() == owner)
+        .ok_or_else(|| StoreError::NotFound(format!("{resource_type}/{id}")))?;
+    let mut written = Written {
+        resource_type: resource_type.to_owned(),
+        id: id.to_owned(),
+        version: existing.version,
+        last_updated: timestamp,
+        created: false,
+        deleted: true,
+        changed: false,
+        body: None,
+    };
+    if existing.deleted {
+        return Ok(written);
+    }
+    written.changed = true;
+    archive_current(db, tenant, existing.rid)?;
+    written.version = existing.version + 1;
+    db.execute(
+        "UPDATE resources SET version = $3, last_updated = $4, deleted = true, body = NULL
+         WHERE tenant_id = $1 AND rid = $2",
+        &[&tenant.0, &existing.rid, &written.version, &timestamp],
+    )?;
+    // Compartment rows stay open, marked deleted: deletions are found through them.
+    db.execute(
+        "UPDATE compartment SET last_updated = $3, deleted = true WHERE tenant_id = $1 AND rid = $2 AND to_ts IS NULL",
+        &[&tenant.0, &existing.rid, &timestamp],
+    )?;
+    db.execute("DELETE FROM search_token WHERE tenant_id = $1 AND rid = $2", &[&tenant.0, &existing.rid])?;
+    super::associated::close_references(db, tenant, existing.rid, timestamp)?;
+    if resource_type == "Group" {
+        sync_group_membership(db, tenant, existing.rid, &[], timestamp)?;
+    }
+    Ok(written)
+}
+
+fn archive_current(db: &mut Db<'_>, tenant: TenantId, rid: i64) -> Result<(), StoreError> {
+    db.execute(
+        "INSERT INTO resource_history (tenant_id, rid, version, last_updated, deleted, owner, body)
+         SELECT tenant_id, rid, version, last_updated, deleted, owner, body FROM resources
+         WHERE tenant_id = $1 AND rid = $2",
+        &[&tenant.0, &rid],
+    )?;
+    Ok(())
+}
+
+/// The index code of a resource type (its position in the R4 list): a type outside R4 cannot be
+/// indexed.
+pub(super) fn type_code(resource_type: &str) -> Result<i16, StoreError> {
+    resource_type_code(resource_type)
+        .and_then(|code| i16::try_from(code).ok())
+        .ok_or_else(|| StoreError::Invalid(format!("'{resource_type}' is not an R4 resource type")))
+}
+
+/// The tenant's keys of `patients` (in the order given), each created on first mention.
+fn patient_keys(db: &mut Db<'_>, tenant: TenantId, patients: &[String]) -> Result<Vec<i64>, StoreError> {
+    if patients.is_empty() {
+        return Ok(Vec::new());
+    }
+    db.execute(
+        "INSERT INTO patient_keys (tenant_id, patient_id) SELECT $1, p FROM unnest($2::text[]) AS p
+         ON CONFLICT DO NOTHING",
+        &[&tenant.0, &patients],
+    )?;
+    let keys: Vec<i64> = db
+        .query(
+            "SELECT k.pkey FROM unnest($2::text[]) WITH ORDINALITY AS n(patient_id, ord)
+             JOIN patient_keys k ON k.tenant_id = $1 AND k.patient_id = n.patient_id ORDER BY n.ord",
+            &[&tenant.0, &patients],
+        )?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    if keys.len() != patients.len() {
+        return Err(StoreError::Database("a patient key is missing after its insert".into()));
+    }
+    Ok(keys)
+}
+
+/// Closes compartment rows the new version left, opens rows for compartments it entered, and
+/// copies the new version's `lastUpdated` onto every open row.
+#[allow(clippy::too_many_arguments)]
+fn sync_compartments(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    rid: i64,
+    patients: Vec<String>,
+    owner: Option<&str>,
+    timestamp: Micros,
+    is_new_row: bool,
+) -> Result<(), StoreError> {
+    // `(pkey, patient id)` of the open rows.
+    let open: Vec<(i64, String)> = if is_new_row {
+        Vec::new()
+    } else {
+        db.query(
+            "SELECT c.pkey, k.patient_id FROM compartment c
+             JOIN patient_keys k ON k.tenant_id = c.tenant_id AND k.pkey = c.pkey
+             WHERE c.tenant_id = $1 AND c.rid = $2 AND c.to_ts IS NULL",
+            &[&tenant.0, &rid],
+        )?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<Result<_, StoreError>>()?
+    };
+    if open.is_empty() && patients.is_empty() {
+        return Ok(());
+    }
+    let code = type_code(resource_type)?;
+    let gone: Vec<i64> =
+        open.iter().filter(|(_, patient)| !patients.contains(patient)).map(|(pkey, _)| *pkey).collect();
+    if !gone.is_empty() {
+        db.execute(
+            "UPDATE compartment SET to_ts = $5
+             WHERE tenant_id = $1 AND pkey = ANY($2) AND type_code = $3 AND rid = $4 AND to_ts IS NULL",
+            &[&tenant.0, &gone, &code, &rid, &timestamp],
+        )?;
+    }
+    if open.iter().any(|(_, patient)| patients.contains(patient)) {
+        db.execute(
+            "UPDATE compartment SET last_updated = $3, deleted = false WHERE tenant_id = $1 AND rid = $2 AND to_ts IS NULL",
+            &[&tenant.0, &rid, &timestamp],
+        )?;
+    }
+    let entered: Vec<String> =
+        patients.into_iter().filter(|patient| !open.iter().any(|(_, open)| open == patient)).collect();
+    if !entered.is_empty() {
+        let pkeys = patient_keys(db, tenant, &entered)?;
+        db.execute(
+            "INSERT INTO compartment (tenant_id, pkey, type_code, rid, from_ts, last_updated, deleted, owner)
+             SELECT $1, pkey, $3, $4, $5, $5, false, $6 FROM unnest($2::int8[]) AS n(pkey)
+             ON CONFLICT DO NOTHING",
+            &[&tenant.0, &pkeys, &code, &rid, &timestamp, &owner],
+        )?;
+    }
+    Ok(())
+}
+
+fn sync_search_tokens(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    rid: i64,
+    body: &Value,
+    is_new_row: bool,
+) -> Result<(), StoreError> {
+    if !is_new_row {
+        db.execute("DELETE FROM search_token WHERE tenant_id = $1 AND rid = $2", &[&tenant.0, &rid])?;
+    }
+    let tokens = search_tokens(body);
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let code = type_code(resource_type)?;
+    let params: Vec<&str> = tokens.iter().map(|token| token.0).collect();
+    let systems: Vec<&str> = tokens.iter().map(|token| token.1.as_str()).collect();
+    let values: Vec<&str> = tokens.iter().map(|token| token.2.as_str()).collect();
+    db.execute(
+        "INSERT INTO search_token (tenant_id, type_code, param, system, value, rid)
+         SELECT $1, $2, n.param, n.system, n.value, $6
+         FROM unnest($3::text[], $4::text[], $5::text[]) AS n(param, system, value)
+         ON CONFLICT DO NOTHING",
+        &[&tenant.0, &code, &params, &systems, &values, &rid],
+    )?;
+    Ok(())
+}
+
+/// Records which patients joined and left the active membership of the Group (by its key) at
+/// `timestamp`.
+fn sync_group_membership(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    group_rid: i64,
+    members: &[String],
+    timestamp: Micros,
+) -> Result<(), StoreError> {
+    let open: Vec<(i64, String)> = db
+        .query(
+            "SELECT g.pkey, k.patient_id FROM group_membership g
+             JOIN patient_keys k ON k.tenant_id = g.tenant_id AND k.pkey = g.pkey
+             WHERE g.tenant_id = $1 AND g.group_rid = $2 AND g.removed_at IS NULL",
+            &[&tenant.0, &group_rid],
+        )?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<Result<_, StoreError>>()?;
+    let gone: Vec<i64> =
+        open.iter().filter(|(_, patient)| members.binary_search(patient).is_err()).map(|(pkey, _)| *pkey).collect();
+    if !gone.is_empty() {
+        db.execute(
+            "UPDATE group_membership SET removed_at = $4
+             WHERE tenant_id = $1 AND group_rid = $2 AND pkey = ANY($3) AND removed_at IS NULL",
+            &[&tenant.0, &group_rid, &gone, &timestamp],
+        )?;
+    }
+    let open: HashSet<&String> = open.iter().map(|(_, patient)| patient).collect();
+    let joined: Vec<String> = members.iter().filter(|patient| !open.contains(patient)).cloned().collect();
+    if !joined.is_empty() {
+        let pkeys = patient_keys(db, tenant, &joined)?;
+        db.execute(
+            "INSERT INTO group_membership (tenant_id, group_rid, pkey, added_at)
+             SELECT $1, $2, pkey, $4 FROM unnest($3::int8[]) AS n(pkey)",
+            &[&tenant.0, &group_rid, &pkeys, &timestamp],
+        )?;
+    }
+    Ok(())
+}
+
+// ---- reads ----
+
+pub(super) const VERSION_COLUMNS: &str = "resource_type, id, version, last_updated, deleted, owner, body";
+
+pub(super) fn stored_from_row(row: &Row) -> Result<StoredResource, StoreError> {
+    Ok(StoredResource {
+        resource_type: row.try_get(0)?,
+        id: row.try_get(1)?,
+        version: row.try_get(2)?,
+        last_updated: row.try_get(3)?,
+        deleted: row.try_get(4)?,
+        owner: row.try_get(5)?,
+        body: row.try_get(6)?,
+    })
+}
+
+fn visible(resource: &StoredResource, visibility: &Visibility) -> bool {
+    match visibility {
+        Visibility::Tenant => true,
+        Visibility::User(user) => resource.owner.as_deref() == Some(user),
+    }
+}
+
+/// The current row of a resource and its key.
+fn current_row(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<(i64, StoredResource)>, StoreError> {
+    let sql =
+        format!("SELECT {VERSION_COLUMNS}, rid FROM resources WHERE tenant_id = $1 AND resource_type = $2 AND id = $3");
+    db.query_opt(&sql, &[&tenant.0, &resource_type, &id])?
+        .map(|row| Ok((row.try_get(7)?, stored_from_row(&row)?)))
+        .transpose()
+}
+
+pub(super) fn read(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    visibility: &Visibility,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<StoredResource>, StoreError> {
+    Ok(current_row(db, tenant, resource_type, id)?.map(|(_, resource)| resource).filter(|r| visible(r, visibility)))
+}
+
+/// One version: the current row when it is that version, else the history row (visibility is
+/// the current owner's, which never changes).
+pub(super) fn vread(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    visibility: &Visibility,
+    resource_type: &str,
+    id: &str,
+    version: i64,
+) -> Result<Option<StoredResource>, StoreError> {
+    let Some((rid, current)) = current_row(db, tenant, resource_type, id)? else { return Ok(None) };
+    if !visible(&current, visibility) {
+        return Ok(None);
+    }
+    if current.version == version {
+        return Ok(Some(current));
+    }
+    let row = db.query_opt(
+        "SELECT $3::text, $4::text, version, last_updated, deleted, owner, body FROM resource_history
+         WHERE tenant_id = $1 AND rid = $2 AND version = $5",
+        &[&tenant.0, &rid, &resource_type, &id, &version],
+    )?;
+    row.as_ref().map(stored_from_row).transpose()
+}
+
+pub(super) fn history(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    visibility: &Visibility,
+    resource_type: &str,
+    id: &str,
+) -> Result<Vec<StoredResource>, StoreError> {
+    let Some((rid, current)) = current_row(db, tenant, resource_type, id)? else { return Ok(Vec::new()) };
+    if !visible(&current, visibility) {
+        return Ok(Vec::new());
+    }
+    let mut versions = vec![current];
+    for row in db.query(
+        "SELECT $3::text, $4::text, version, last_updated, deleted, owner, body FROM resource_history
+         WHERE tenant_id = $1 AND rid = $2 ORDER BY version DESC",
+        &[&tenant.0, &rid, &resource_type, &id],
+    )? {
+        versions.push(stored_from_row(&row)?);
+    }
+    Ok(versions)
+}
+
+pub(super) fn search(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    visibility: &Visibility,
+    query: &SearchQuery,
+) -> Result<SearchPage, StoreError> {
+    let mut values: Vec<Box<dyn ToSql + Sync>> =
+        vec![Box::new(tenant.0), Box::new(query.resource_type.clone()), Box::new(query.after_key.unwrap_or(0))];
+    let mut sql = format!(
+        "SELECT {VERSION_COLUMNS}, rid FROM resources
+         WHERE tenant_id = $1 AND resource_type = $2 AND deleted = false AND rid > $3"
+    );
+    // Appends a parameter and returns its placeholder.
+    let bind = |values: &mut Vec<Box<dyn ToSql + Sync>>, value: Box<dyn ToSql + Sync>| {
+        values.push(value);
+        format!("${}", values.len())
+    };
+    if let Some(user) = visibility.user() {
+        sql.push_str(&format!(" AND owner = {}", bind(&mut values, Box::new(user.to_owned()))));
+    }
+    if !query.ids.is_empty() {
+        sql.push_str(&format!(" AND id = ANY({})", bind(&mut values, Box::new(query.ids.clone()))));
+    }
+    for bound in &query.last_updated {
+        let (operator, at) = match bound {
+            LastUpdatedBound::AtLeast(at) => (">=", at),
+            LastUpdatedBound::Before(at) => ("<", at),
+        };
+        sql.push_str(&format!(" AND last_updated {operator} {}", bind(&mut values, Box::new(*at))));
+    }
+    // Bound only when a token condition needs it; a type outside R4 has no tokens (-1 matches none).
+    let code = if query.identifiers.is_empty() && query.references.is_empty() {
+        String::new()
+    } else {
+        bind(&mut values, Box::new(type_code(&query.resource_type).unwrap_or(-1)))
+    };
+    for identifier in &query.identifiers {
+        let value = bind(&mut values, Box::new(identifier.value.clone()));
+        sql.push_str(&format!(
+            " AND rid IN (SELECT rid FROM search_token WHERE tenant_id = $1 AND type_code = {code}
+                          AND param = 'identifier' AND value = {value}"
+        ));
+        if let Some(system) = &identifier.system {
+            sql.push_str(&format!(" AND system = {}", bind(&mut values, Box::new(system.clone()))));
+        }
+        sql.push(')');
+    }
+    for reference in &query.references {
+        // `patient=`: the `patient` element, or a `subject` that is a Patient.
+        let (params, target_type) = match reference.param {
+            "patient" => ("param IN ('patient', 'subject')", Some("Patient".to_owned())),
+            _ => ("param = 'subject'", reference.target_type.clone()),
+        };
+        let value = bind(&mut values, Box::new(reference.id.clone()));
+        sql.push_str(&format!(
+            " AND rid IN (SELECT rid FROM search_token WHERE tenant_id = $1 AND type_code = {code}
+                          AND {params} AND value = {value}"
+        ));
+        if let Some(target_type) = target_type {
+            sql.push_str(&format!(" AND system = {}", bind(&mut values, Box::new(target_type))));
+        }
+        sql.push(')');
+    }
+    let limit = bind(&mut values, Box::new(query.count as i64 + 1));
+    sql.push_str(&format!(" ORDER BY rid LIMIT {limit}"));
+    let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|value| value.as_ref()).collect();
+    let rows = db.query(&sql, &params)?;
+    let mut resources = Vec::new();
+    let mut last_key = None;
+    let mut has_more = false;
+    for row in &rows {
+        if resources.len() == query.count as usize {
+            has_more = true;
+            break;
+        }
+        resources.push(stored_from_row(row)?);
+        last_key = Some(row.try_get::<_, i64>(7)?);
+    }
+    Ok(SearchPage { resources, next_key: if has_more { last_key } else { None } })
+}

@@ -1,0 +1,87 @@
+//! The export selection rules every store applies alike, whatever its SQL: which version of a
+//! candidate resource an export sends, and which associated resources it adds. The stores find
+//! candidates (their compartment index, their reference index); these functions decide.
+
+use bulkhead_fhir::Micros;
+
+use crate::{MemberSelection, PartRange};
+
+/// The version of one resource as it was at the transaction time.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct VersionAt {
+    pub(crate) last_updated: Micros,
+    pub(crate) deleted: bool,
+    /// The caller may see it (its owner matches a user-scoped selection).
+    pub(crate) visible: bool,
+}
+
+/// Which members a candidate resource was found through.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reach {
+    /// Some member gets its full history (added to the Group since `_since`).
+    pub(crate) full_history: bool,
+    /// The smallest `since` among the other members, if any.
+    pub(crate) existing_since: Option<Micros>,
+}
+
+impl Reach {
+    /// The lower bound on `lastUpdated` that applies (`None`: none).
+    pub(crate) fn since(self) -> Option<Micros> {
+        if self.full_history {
+            None
+        } else {
+            self.existing_since
+        }
+    }
+
+    /// The reach of a resource found through both: the most permissive bound wins.
+    pub(crate) fn merge(self, other: Reach) -> Reach {
+        let existing_since = match (self.existing_since, other.existing_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Reach { full_history: self.full_history || other.full_history, existing_since }
+    }
+}
+
+/// Whether a compartment resource's version at the transaction time is exported: live, visible,
+/// changed after the `since` that applies, and before `_until`.
+pub(crate) fn selected(selection: &MemberSelection, reach: Reach, version: &VersionAt) -> bool {
+    !version.deleted
+        && reach.since().is_none_or(|since| version.last_updated > since)
+        && selection.until.is_none_or(|until| version.last_updated < until)
+        && version.visible
+}
+
+/// What reaches an associated resource: the merged reach of the resources it was found through,
+/// and whether one of those is exported by this export ("forced": sent whatever `_since`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Via {
+    pub(crate) reach: Reach,
+    pub(crate) forced: bool,
+}
+
+/// Whether an associated resource with this version and reach is exported: changed since
+/// (`_since` of the members it was reached through), reached through a member added since, or
+/// forced by an exported resource; and before `_until`.
+pub(crate) fn exported(selection: &MemberSelection, via: Via, last_updated: Micros) -> bool {
+    (via.forced || via.reach.since().is_none_or(|since| last_updated > since))
+        && selection.until.is_none_or(|until| last_updated < until)
+}
+
+/// Whether a user-scoped selection may see a resource owned by `owner`.
+pub(crate) fn visible_to(selection: &MemberSelection, owner: Option<&str>) -> bool {
+    selection.visibility.user().is_none_or(|user| owner == Some(user))
+}
+
+/// Adds the next selected key (keys arrive in ascending order) to a type's parts of at most
+/// `part_size` resources each.
+pub(crate) fn add_to_parts(parts: &mut Vec<PartRange>, key: i64, part_size: u64) {
+    match parts.last_mut() {
+        Some(part) if part.count < part_size.max(1) => {
+            part.last_key = key;
+            part.count += 1;
+        }
+        _ => parts.push(PartRange { first_key: key, last_key: key, count: 1 }),
+    }
+}
