@@ -1023,7 +1023,7 @@ async fn write_resource(
 }
 
 /// Runs a scenario; returns how often the server reused an associated set.
-async fn run(scenario: Scenario) -> u64 {
+async fn run(scenario: Scenario) -> Option<u64> {
     let server = Tenants::start(scenario.part_size);
     let mut models: [TenantModel; 2] = Default::default();
     for tenant in 0..2 {
@@ -1072,8 +1072,9 @@ async fn run(scenario: Scenario) -> u64 {
     if let Some((tenant, kicked)) = pending.take() {
         collect(&server, &models[tenant], tenant, kicked).await;
     }
-    let reused = server.server.store.plan_cache_stats().associated_hits;
-    count(&STATS.associated_reused, reused as usize);
+    // PostgreSQL has no plan cache: nothing is reused there.
+    let reused = server.server.plan_cache_stats().map(|stats| stats.associated_hits);
+    count(&STATS.associated_reused, reused.unwrap_or(0) as usize);
     reused
 }
 
@@ -1762,7 +1763,10 @@ struct Stats {
     standard: AtomicUsize,
     filtered: AtomicUsize,
     subsetted: AtomicUsize,
-         {} system/Patient-level exports ({} with _typeFilter, {} with _elements, {} repeated organised by patient); {} associated sets reused",
+    /// Patient-level exports repeated organised by patient.
+    organised: AtomicUsize,
+    /// Associated sets the server reused from an earlier export (plan cache hits).
+    associated_reused: AtomicUsize,
 }
 
 static STATS: Stats = Stats {
@@ -1994,6 +1998,7 @@ fn repeated_exports_see_changes_to_associated_data() {
     };
     let repeats = scenario.steps.iter().filter(|step| matches!(step, Step::Repeat { .. })).count() as u64;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let reused = runtime.block_on(run(scenario));
+    // On PostgreSQL (no plan cache) the exports above are still checked exactly; only the reuse count is not.
+    let Some(reused) = runtime.block_on(run(scenario)) else { return };
     assert!(reused >= repeats, "each repeat right after an export reuses its associated set: {reused} of {repeats}");
 }

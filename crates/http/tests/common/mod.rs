@@ -57,7 +57,8 @@ pub struct Server {
 /// cluster of `BULKHEAD_TEST_DATABASE_URL`, as `scripts/with-postgres` sets it), anything else
 /// (or nothing) SQLite.
 pub enum Backing {
-    Sqlite(tempfile::TempDir),
+    /// The directory, and the store typed (for SQLite-only statistics such as the plan cache's).
+    Sqlite(tempfile::TempDir, Arc<SqliteStore>),
     /// Dropped after the store: the database goes when the test ends.
     Postgres(TestDatabase),
     /// A store the test made itself, or shares with another server.
@@ -89,7 +90,7 @@ pub fn fresh_store() -> (Arc<dyn Store>, Backing) {
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(SqliteStore::open(&dir.path().join("bulkhead.db")).expect("open store"));
-    (store, Backing::Sqlite(dir))
+    (store.clone(), Backing::Sqlite(dir, store))
 }
 
 /// Client-header credentials.
@@ -128,9 +129,9 @@ impl Server {
     /// SQLite only (the callers skip on PostgreSQL, whose disk a test cannot fill).
     pub fn reopen_with_page_cap(self, config: HttpConfig, extra_pages: u64) -> Server {
         let Server { app, store, audit, backing } = self;
-        let Backing::Sqlite(_dir) = backing else { panic!("a page cap is a SQLite setting") };
+        let Backing::Sqlite(_dir, typed) = backing else { panic!("a page cap is a SQLite setting") };
         // The last connection to close checkpoints the WAL into the file, so its size is exact.
-        drop((app, audit));
+        drop((app, audit, typed));
         drop(store);
         let path = _dir.path().join("bulkhead.db");
         let file = std::fs::read(&path).expect("database file");
@@ -143,7 +144,15 @@ impl Server {
         let options = SqliteOptions { max_page_count: Some(pages + extra_pages), ..SqliteOptions::default() };
         let store = Arc::new(SqliteStore::open_with(&path, options).expect("reopen store"));
         let state = AppState::new(store.clone(), config, token_keys());
-        Server { audit: state.audit.clone(), app: router(state), store, backing: Backing::Sqlite(_dir) }
+        Server { audit: state.audit.clone(), app: router(state), backing: Backing::Sqlite(_dir, store.clone()), store }
+    }
+
+    /// The SQLite plan cache's statistics; `None` on PostgreSQL (which has no plan cache).
+    pub fn plan_cache_stats(&self) -> Option<bulkhead_store::sqlite::PlanCacheStats> {
+        match &self.backing {
+            Backing::Sqlite(_, store) => Some(store.plan_cache_stats()),
+            _ => None,
+        }
     }
 
     /// Another instance of the server (its own state: limiter, caches) on the same database
