@@ -29,7 +29,7 @@ const MAX_BATCH: usize = 512;
 const LINGER: Duration = Duration::from_millis(4);
 
 enum Message {
-    Record(AuditRecord),
+    Record(Box<AuditRecord>),
     /// Answered once every record sent before it is stored (or failed to be, and was logged).
     Flush(mpsc::Sender<()>),
 }
@@ -67,7 +67,7 @@ impl AuditWriter {
 
     /// Hands `record` to the writer, waiting (off the async workers) while the channel is full.
     pub async fn submit(&self, record: AuditRecord) {
-        match self.sender.try_send(Message::Record(record)) {
+        match self.sender.try_send(Message::Record(Box::new(record))) {
             Ok(()) => {}
             Err(TrySendError::Full(message)) => {
                 let sender = self.sender.clone();
@@ -84,7 +84,7 @@ impl AuditWriter {
     /// Hands `record` to the writer without waiting (from a response body's end, which cannot
     /// wait): when the channel is full a blocking task waits for room instead.
     pub fn submit_detached(&self, record: AuditRecord) {
-        match self.sender.try_send(Message::Record(record)) {
+        match self.sender.try_send(Message::Record(Box::new(record))) {
             Ok(()) => {}
             Err(TrySendError::Full(message)) => {
                 let (sender, store) = (self.sender.clone(), self.store.clone());
@@ -176,7 +176,7 @@ fn run(store: &dyn Store, receiver: &Receiver<Message>) {
         let mut next = Some(first);
         while let Some(message) = next.take() {
             match message {
-                Message::Record(record) => batch.push(record),
+                Message::Record(record) => batch.push(*record),
                 Message::Flush(done) => flushes.push(done),
             }
             if batch.len() >= MAX_BATCH {

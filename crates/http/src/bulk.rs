@@ -25,6 +25,7 @@ use crate::encoding::{encode, negotiate};
 use crate::error::ApiError;
 use crate::negotiation::{check_accept, JsonBody};
 use crate::object_output::{OutputStore, WrittenObject};
+use crate::planning_pool::permit_within;
 use crate::scopes::{Access, Grant};
 use crate::state::AppState;
 use crate::urls::base_url;
@@ -551,17 +552,7 @@ const POOL_RETRY_AFTER_SECONDS: u64 = 1;
 /// A permit to stream one file: waits up to `download_queue_wait` for one of the
 /// `max_concurrent_downloads` streams, then answers 429 with `Retry-After`.
 async fn download_slot(state: &AppState) -> Result<OwnedSemaphorePermit, Response> {
-    let slots = state.download_slots.clone();
-    let wait = state.config.download_queue_wait;
-    let acquired = match slots.clone().try_acquire_owned() {
-        Ok(permit) => Ok(permit),
-        Err(_) if wait.is_zero() => Err(()),
-        Err(_) => match tokio::time::timeout(wait, slots.acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(()),
-        },
-    };
-    acquired.map_err(|()| {
+    permit_within(&state.download_slots, state.config.download_queue_wait).await.ok_or_else(|| {
         tracing::info!(limit = state.config.max_concurrent_downloads, "download pool full; answering 429");
         let mut response = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,

@@ -10,10 +10,13 @@
 //! claimed by the export worker until a place is free; a synchronous kick-off waits up to
 //! `plan_queue_wait`, then gets 429 with `Retry-After`.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bulkhead_fhir::IssueType;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -24,17 +27,7 @@ pub const PLAN_RETRY_AFTER_SECONDS: u64 = 2;
 /// A permit to compute one plan for a synchronous kick-off: waits up to `plan_queue_wait` for
 /// one of the `max_concurrent_plans` planners, then answers 429 with `Retry-After`.
 pub(crate) async fn planning_slot(state: &AppState) -> Result<OwnedSemaphorePermit, Response> {
-    let slots = state.planning_slots.clone();
-    let wait = state.config.plan_queue_wait;
-    let acquired = match slots.clone().try_acquire_owned() {
-        Ok(permit) => Ok(permit),
-        Err(_) if wait.is_zero() => Err(()),
-        Err(_) => match tokio::time::timeout(wait, slots.acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(()),
-        },
-    };
-    acquired.map_err(|()| {
+    permit_within(&state.planning_slots, state.config.plan_queue_wait).await.ok_or_else(|| {
         tracing::info!(limit = state.config.max_concurrent_plans, "planning pool full; answering 429");
         let mut response = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -49,4 +42,16 @@ pub(crate) async fn planning_slot(state: &AppState) -> Result<OwnedSemaphorePerm
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(PLAN_RETRY_AFTER_SECONDS));
         response
     })
+}
+
+/// A permit of `slots` at once, or within `wait`; `None` when none came free in time (a zero
+/// `wait` does not queue). Shared by the planning pool and the download pool.
+pub(crate) async fn permit_within(slots: &Arc<Semaphore>, wait: Duration) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    if wait.is_zero() {
+        return None;
+    }
+    tokio::time::timeout(wait, slots.clone().acquire_owned()).await.ok()?.ok()
 }

@@ -174,6 +174,45 @@ pub(crate) fn search_tokens(body: &Value) -> Vec<(&'static str, String, String)>
     tokens
 }
 
+/// The no-op answer to an update whose `body` has the content of the current version
+/// (`stored_text`, ignoring `meta.versionId` and `meta.lastUpdated`): that version, unchanged.
+/// `None` when the content differs. The stored text is parsed as the incoming body was, so equal
+/// digits compare equal.
+pub(crate) fn unchanged_write(
+    stored_text: String,
+    last_updated: Micros,
+    version: i64,
+    resource_type: &str,
+    id: &str,
+    body: &Value,
+) -> Result<Option<Written>, crate::StoreError> {
+    let mut stored: Value = bulkhead_fhir::parse_exact(stored_text.as_bytes())?;
+    let mut incoming = body.clone();
+    for value in [&mut stored, &mut incoming] {
+        if let Some(meta) = value.get_mut("meta").and_then(Value::as_object_mut) {
+            meta.remove("versionId");
+            meta.remove("lastUpdated");
+            if meta.is_empty() {
+                value.as_object_mut().map(|object| object.remove("meta"));
+            }
+        }
+        value.as_object_mut().map(|object| object.insert("id".into(), Value::String(id.to_owned())));
+    }
+    if stored != incoming {
+        return Ok(None);
+    }
+    Ok(Some(Written {
+        resource_type: resource_type.to_owned(),
+        id: id.to_owned(),
+        version,
+        last_updated,
+        created: false,
+        deleted: false,
+        changed: false,
+        body: Some(stored_text),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -92,32 +92,7 @@ fn unchanged_version(
     let (stored_text, last_updated): (String, Micros) = transaction
         .prepare_cached("SELECT body, last_updated FROM resources WHERE rid = ?1")?
         .query_row([existing.rid], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    // Parsed as the incoming body was, so equal digits compare equal.
-    let mut stored: Value = bulkhead_fhir::parse_exact(stored_text.as_bytes())?;
-    let mut incoming = body.clone();
-    for value in [&mut stored, &mut incoming] {
-        if let Some(meta) = value.get_mut("meta").and_then(Value::as_object_mut) {
-            meta.remove("versionId");
-            meta.remove("lastUpdated");
-            if meta.is_empty() {
-                value.as_object_mut().map(|object| object.remove("meta"));
-            }
-        }
-        value.as_object_mut().map(|object| object.insert("id".into(), Value::String(id.to_owned())));
-    }
-    if stored != incoming {
-        return Ok(None);
-    }
-    Ok(Some(Written {
-        resource_type: resource_type.to_owned(),
-        id: id.to_owned(),
-        version: existing.version,
-        last_updated,
-        created: false,
-        deleted: false,
-        changed: false,
-        body: Some(stored_text),
-    }))
+    crate::write::unchanged_write(stored_text, last_updated, existing.version, resource_type, id, body)
 }
 
 #[allow(clippy::too_many_arguments)]
