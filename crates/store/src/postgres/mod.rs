@@ -85,14 +85,24 @@ impl Drop for Connection {
     }
 }
 
-/// Runs blocking database work, on a scoped thread of its own when called from an async
-/// runtime's thread (the blocking client cannot run there; the server always calls from
-/// blocking threads, so this is for tests and tools that hold a store in async code).
+/// Runs blocking database work where the blocking client may run: the blocking client drives
+/// its own runtime, which cannot start on a thread that is running async tasks.
+///
+/// Outside any runtime, and on a multi-threaded runtime's blocking threads (`spawn_blocking`,
+/// where the server calls from), the work runs right here: `block_in_place` runs it as it is
+/// there. On a multi-threaded runtime's worker thread `block_in_place` first hands the worker's
+/// tasks to another thread. Only a current-thread runtime (tests and tools that hold a store in
+/// async code) needs a scoped thread of its own. Spawning a thread per call, as every call once
+/// did, cost more than many of the calls themselves.
 fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return work();
+    match tokio::runtime::Handle::try_current() {
+        Err(_) => work(),
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        Ok(_) => std::thread::scope(|scope| scope.spawn(work).join())
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
     }
-    std::thread::scope(|scope| scope.spawn(work).join()).unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Statements kept per connection; dynamic searches make many shapes, so the cache is bounded.
