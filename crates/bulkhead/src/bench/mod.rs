@@ -300,6 +300,8 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, spec: &DataSpec) -> anyhow::Re
     if data_dir.exists() && !reused {
         std::fs::remove_dir_all(&data_dir)?;
     }
+    // On PostgreSQL no command makes the data directory before `serve`; the import's marker goes there.
+    crate::private_files::create_private_dir(&data_dir)?;
     let storage = Storage::prepare(args, spec, data_dir, reused)?;
     let (client_id, client_secret) = tenant_client(binary, &storage, "bench", !reused)?;
     // Uploads go to a tenant of their own, new each run, so every line is a create.
