@@ -9,7 +9,9 @@
 //! checkpointed plan and skips the files already recorded. The old holder, should it wake up,
 //! finds its token refused at its next write (heartbeat, part, checkpoint or finish) and stops
 //! without writing anything. A job claimed more than [`MAX_CLAIMS`] times (it keeps killing its
-//! holders) is failed instead of run again.
+//! holders) is failed instead of run again. A job whose work meets an unavailable database (an
+//! outage, a restart) is not failed: its holder gives it back to be resumed once the database
+//! answers again.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -202,8 +204,10 @@ fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
         // so it is not failed; it waits and runs again, resuming from what is recorded.
         Err(WorkStop::Failed(error)) if error.status == StatusCode::SERVICE_UNAVAILABLE => {
             tracing::warn!(job = %lease.job_id, fence = lease.fence, millis, "export job paused: the database is unavailable");
-            pause_for_outage(state, &lease);
-            return;
+            match pause_for_outage(state, &lease) {
+                LeaseAfterOutage::Gone => Ok(false),
+                LeaseAfterOutage::Shortened | LeaseAfterOutage::Lapsing => return,
+            }
         }
         Err(WorkStop::Failed(error)) => {
             tracing::info!(job = %lease.job_id, status = %error.status, millis, "export job failed");
@@ -221,8 +225,10 @@ fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
         Ok(finished) => finished,
         Err(StoreError::Unavailable(detail)) => {
             tracing::warn!(job = %lease.job_id, error = %detail, "finishing an export job failed: the database is unavailable");
-            pause_for_outage(state, &lease);
-            return;
+            match pause_for_outage(state, &lease) {
+                LeaseAfterOutage::Gone => false,
+                LeaseAfterOutage::Shortened | LeaseAfterOutage::Lapsing => return,
+            }
         }
         Err(error) => {
             tracing::error!(job = %lease.job_id, error = %error, "finishing an export job failed");
@@ -248,11 +254,21 @@ fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
 /// How soon a job paused by an unavailable database is due again once the database answers.
 const RESUME_AFTER_OUTAGE: Duration = Duration::from_secs(1);
 
+/// What became of a lease its holder gave back after an outage.
+enum LeaseAfterOutage {
+    /// Due again in [`RESUME_AFTER_OUTAGE`].
+    Shortened,
+    /// The database stayed unreachable: the lease lapses as it would have.
+    Lapsing,
+    /// Taken over or cancelled meanwhile: nothing of the job is this holder's any more.
+    Gone,
+}
+
 /// Gives a job whose work stopped on an unavailable database back to the queue: its lease is
 /// shortened to [`RESUME_AFTER_OUTAGE`], so any instance's next claim resumes it (from its
 /// checkpoint and recorded files) soon after the database is back, rather than a whole lease
 /// later. While the database stays unreachable this retries, until the lease has lapsed anyway.
-fn pause_for_outage(state: &AppState, lease: &JobLease) {
+fn pause_for_outage(state: &AppState, lease: &JobLease) -> LeaseAfterOutage {
     let started = Instant::now();
     let until_lapsed = state.config.export_lease;
     loop {
@@ -264,11 +280,10 @@ fn pause_for_outage(state: &AppState, lease: &JobLease) {
         ) {
             Ok(true) => {
                 tracing::info!(job = %lease.job_id, "export job queued again");
-                return;
+                return LeaseAfterOutage::Shortened;
             }
-            // Taken over or cancelled meanwhile: nothing of it is this holder's any more.
-            Ok(false) => return,
-            Err(_) if started.elapsed() >= until_lapsed => return,
+            Ok(false) => return LeaseAfterOutage::Gone,
+            Err(_) if started.elapsed() >= until_lapsed => return LeaseAfterOutage::Lapsing,
             Err(_) => std::thread::sleep(Duration::from_millis(250)),
         }
     }

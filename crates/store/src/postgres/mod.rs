@@ -113,7 +113,7 @@ impl r2d2::ManageConnection for Manager {
         let connected = self.config.connect(NoTls);
         // A server at its connection limit is up: check-outs keep waiting for a pooled one.
         let at_limit = |error: &postgres::Error| error.code() == Some(&postgres::error::SqlState::TOO_MANY_CONNECTIONS);
-        self.reachability.note_attempt(connected.as_ref().err().is_none_or(|error| at_limit(error)));
+        self.reachability.note_attempt(connected.as_ref().err().is_none_or(at_limit));
         Ok(Connection { client: ManuallyDrop::new(connected?), statements: HashMap::new() })
     }
 
