@@ -5,7 +5,8 @@
 //! once (not after the pool's check-out timeout) and never 500; the download in flight either
 //! completes whole or breaks visibly (never a short file that looks whole). PostgreSQL then
 //! starts again on the same port and, without restarting bulkhead (its pool reconnects), the
-//! job completes and every download is complete and correct.
+//! job completes and every download is complete and correct. Run for a clean stop (`fast`) and a
+//! crash (`immediate`).
 
 mod common;
 
@@ -109,6 +110,17 @@ async fn expect_unavailable(request: reqwest::RequestBuilder, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_and_its_downloads_survive_a_postgresql_restart() {
+    restart_scenario("fast").await;
+}
+
+/// The same with a crash (`pg_ctl stop -m immediate`: no session is told, recovery at start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_and_its_downloads_survive_a_postgresql_crash() {
+    restart_scenario("immediate").await;
+}
+
+/// Stops PostgreSQL with `pg_ctl stop -m mode` mid-export, then starts it again.
+async fn restart_scenario(mode: &'static str) {
     let Some(cluster) = tokio::task::spawn_blocking(PgCluster::start).await.expect("starting PostgreSQL") else {
         return;
     };
@@ -175,7 +187,7 @@ async fn an_export_and_its_downloads_survive_a_postgresql_restart() {
 
     let stopping = std::sync::Arc::new(cluster);
     let stop = stopping.clone();
-    tokio::task::spawn_blocking(move || stop.stop("fast")).await.expect("stopping PostgreSQL");
+    tokio::task::spawn_blocking(move || stop.stop(mode)).await.expect("stopping PostgreSQL");
 
     // The outage: every request that needs the database gets a prompt 503.
     let reads = [
