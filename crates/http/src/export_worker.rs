@@ -2,9 +2,11 @@
 //! instance's jobs: the store is shared), runs each on a blocking thread, and finishes it under
 //! the lease's fencing token.
 //!
-//! A job's lease lasts `export_lease`; the holder renews it from the job's progress callback
-//! (every plan step and every materialised file), at most every third of a lease. A holder that
-//! stops making progress (its process died, froze or lost the database) lets the lease lapse,
+//! A job's lease lasts `export_lease`; the holder renews it every third of a lease from a
+//! heartbeat thread of its own, so one long step (a large cohort's plan on a loaded database)
+//! does not cost the lease, for as long as the job reports progress (a plan step or a
+//! materialised file) at least every [`STALL_LEASES`] leases. A holder that stops making progress
+//! (its process died, froze or lost the database, or its work is stuck) lets the lease lapse,
 //! and the next claim of any instance takes the job over with a new token: it resumes from the
 //! checkpointed plan and skips the files already recorded. The old holder, should it wake up,
 //! finds its token refused at its next write (heartbeat, part, checkpoint or finish) and stops
@@ -33,6 +35,10 @@ pub const WORKER_SLOTS: usize = 4;
 
 /// Claims of one job after which it is failed rather than run again.
 pub const MAX_CLAIMS: i64 = 5;
+
+/// How many leases a job may go without reporting progress before its heartbeat stops renewing
+/// the lease (so a stuck worker's job is taken over, while a long step is not).
+pub const STALL_LEASES: u32 = 10;
 
 fn micros(duration: Duration) -> Micros {
     Micros::try_from(duration.as_micros()).unwrap_or(Micros::MAX)
@@ -118,18 +124,27 @@ fn run_claimed(state: &AppState, claimed: ClaimedJob, slot: (OwnedSemaphorePermi
     });
 }
 
-/// The lease as its holder keeps it: renewed from the progress callback, lost for good once a
-/// renewal is refused.
+/// The lease as its holder keeps it: renewed by [`Heartbeat::keep`]'s thread and from the
+/// progress callback, lost for good once a renewal is refused.
 struct Heartbeat<'a> {
     state: &'a AppState,
     lease: &'a JobLease,
     renewed: Mutex<Instant>,
+    /// The last progress reported, and when.
+    progress: Mutex<(Instant, String)>,
     lost: std::sync::atomic::AtomicBool,
 }
 
 impl Heartbeat<'_> {
-    /// Renews the lease when a third of it has passed since the last renewal; false once lost.
+    /// Records progress, and renews the lease when a third of it has passed since the last
+    /// renewal; false once lost.
     fn beat(&self, progress: &str) -> bool {
+        *self.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = (Instant::now(), progress.to_owned());
+        self.renew()
+    }
+
+    /// Renews the lease when a third of it has passed since the last renewal; false once lost.
+    fn renew(&self) -> bool {
         if self.lost.load(Ordering::Acquire) {
             return false;
         }
@@ -138,20 +153,34 @@ impl Heartbeat<'_> {
         if renewed.elapsed() < lease_for / 3 {
             return true;
         }
-        match self.state.store.renew_export_job_lease(self.lease, now_micros(), micros(lease_for), progress) {
+        let progress = self.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).1.clone();
+        match self.state.store.renew_export_job_lease(self.lease, now_micros(), micros(lease_for), &progress) {
             Ok(true) => *renewed = Instant::now(),
             Ok(false) => {
                 tracing::warn!(job = %self.lease.job_id, fence = self.lease.fence, "export job lease lost: stopping");
                 self.lost.store(true, Ordering::Release);
                 return false;
             }
-            // A failed renewal is retried at the next step; the lease may lapse meanwhile, and
+            // A failed renewal is retried at the next beat; the lease may lapse meanwhile, and
             // then the next fenced write tells.
             Err(error) => {
                 tracing::warn!(job = %self.lease.job_id, error = %error, "renewing an export job lease failed")
             }
         }
         true
+    }
+
+    /// Renews the lease in the background until `stop` is dropped (or the lease is lost), while
+    /// the job reported progress within [`STALL_LEASES`] leases.
+    fn keep(&self, stop: std::sync::mpsc::Receiver<()>) {
+        let lease_for = self.state.config.export_lease;
+        let stalled = lease_for * STALL_LEASES;
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(lease_for / 6) {
+            let since_progress = self.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).0.elapsed();
+            if since_progress < stalled && !self.renew() {
+                return;
+            }
+        }
     }
 }
 
@@ -180,7 +209,13 @@ fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
         finish_or_log(failed, &body);
         return;
     };
-    let heartbeat = Heartbeat { state, lease: &lease, renewed: Mutex::new(Instant::now()), lost: false.into() };
+    let heartbeat = Heartbeat {
+        state,
+        lease: &lease,
+        renewed: Mutex::new(Instant::now()),
+        progress: Mutex::new((Instant::now(), "claimed".to_owned())),
+        lost: false.into(),
+    };
     let hook = state.planners.hook.clone();
     let progress = |step: PlanStep| {
         planner.progress.send_replace(Progress::At(step));
@@ -192,7 +227,14 @@ fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
         }
         Ok(())
     };
-    let result = crate::export_work::run(state, &work, &lease, checkpoint.as_deref(), &parts, &progress);
+    let result = std::thread::scope(|scope| {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let heartbeat = &heartbeat;
+        scope.spawn(move || heartbeat.keep(stopped));
+        let result = crate::export_work::run(state, &work, &lease, checkpoint.as_deref(), &parts, &progress);
+        drop(stop);
+        result
+    });
     let millis = started.elapsed().as_millis() as u64;
     let finish = |job_state: ExportJobState, body: &str| store.finish_leased_export_job(&lease, job_state, body);
     let finished = match result {

@@ -509,7 +509,7 @@ async fn a_failure_during_planning_is_an_operation_outcome_at_the_status_url() {
 }
 
 /// An instance whose worker stalls mid-job (frozen, or dead: the store cannot tell) stops
-/// renewing its lease; once it lapses, another instance on the same store claims the job with
+/// renewing its lease once it reported no progress for `STALL_LEASES` leases; once it lapses, another instance on the same store claims the job with
 /// the next fencing token and finishes it, and the stalled worker, when it wakes up, finds its
 /// lease gone and writes nothing.
 #[tokio::test]
@@ -564,6 +564,42 @@ async fn a_job_whose_worker_stalls_past_its_lease_is_taken_over_by_another_insta
     let again = server.send(get(&status).by(&client).header("accept", "application/json")).await;
     assert_status(&again, 200);
     assert_eq!(again.json(), manifest, "the job keeps B's manifest");
+}
+
+/// One step longer than the lease (a large cohort's plan on a loaded database) does not cost
+/// the job its lease: the holder's heartbeat renews it while the step runs, so the job finishes
+/// under its first claim instead of being taken over again and again.
+#[tokio::test]
+async fn a_step_longer_than_the_lease_keeps_the_lease() {
+    let config = HttpConfig { export_lease: Duration::from_millis(600), ..test_config() };
+    let slept = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hook_slept = slept.clone();
+    let planners = Arc::new(Planners::default().with_status_wait(Duration::from_millis(50)).with_hook(move |step| {
+        if counting(step) && !hook_slept.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(2_500));
+        }
+        Ok(())
+    }));
+    let state_planners = planners.clone();
+    let server = Server::with_state(config, move |state| state.planners = state_planners);
+    let (client, group) = populated(&server, "acme").await;
+    let path = format!("/bulk-data/r4/Group/{group}/$export?_type=Patient,Observation,Group");
+    let status = kick_off(&server, get(&path).by(&client).respond_async()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = server.send(get(&status).by(&client).header("accept", "application/json")).await;
+        if reply.status == 200 {
+            break;
+        }
+        assert_status(&reply, 202);
+        assert!(Instant::now() < deadline, "the job did not complete");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(slept.load(std::sync::atomic::Ordering::SeqCst), "the long step ran");
+    let job_id = status.rsplit('/').next().unwrap();
+    let tenant = server.store.tenant_by_name("acme").unwrap().unwrap().id;
+    let activity = server.store.export_job_activity(tenant, job_id).unwrap().unwrap();
+    assert_eq!(activity.fence, 1, "claimed once: the lease held through the long step");
 }
 
 #[tokio::test]
