@@ -199,8 +199,10 @@ async fn a_repeated_manifest_is_served_from_the_plan_cache_until_what_it_reads_c
     let before = stats();
     let second = export(&server, &client, &path).await;
     let after = stats();
-    assert_eq!((after.hits, after.associated_hits), (before.hits + 1, before.associated_hits + 1), "a repeat is a hit");
-    assert_eq!(after.misses, before.misses);
+    // (The plan and the members' Patients are both answered from the cache: `hits` counts both.)
+    assert!(after.hits > before.hits, "a repeat is a hit");
+    assert_eq!((after.misses, after.associated_misses), (before.misses, before.associated_misses), "and nothing else");
+    assert_eq!(after.associated_hits, before.associated_hits + 1, "its associated set is shared");
     assert_eq!(exported(&server, &client, &second).await, exported(&server, &client, &first).await);
 
     // Outside the members' compartments and of a type the set does not reach: still a hit.
@@ -209,7 +211,9 @@ async fn a_repeated_manifest_is_served_from_the_plan_cache_until_what_it_reads_c
     .await;
     let before = stats();
     export(&server, &client, &path).await;
-    assert_eq!(stats().hits, before.hits + 1, "a non-member's write keeps the plan");
+    let after = stats();
+    assert_eq!((after.misses, after.associated_misses), (before.misses, before.associated_misses));
+    assert!(after.hits > before.hits, "a non-member's write keeps the plan");
 
     // A member's new Observation: the plan is computed again and counts it.
     put(json!({"resourceType": "Observation", "id": "obs2", "status": "final", "code": {"text": "x"},
@@ -217,7 +221,7 @@ async fn a_repeated_manifest_is_served_from_the_plan_cache_until_what_it_reads_c
     .await;
     let before = stats();
     let manifest = export(&server, &client, &path).await;
-    assert_eq!(stats().misses, before.misses + 1, "a member's write invalidates the plan");
+    assert!(stats().misses > before.misses, "a member's write invalidates the plan");
     assert!(exported(&server, &client, &manifest).await.contains("Observation/obs2"));
 
     // A referenced Practitioner renamed: the associated set is computed again, with the new name.
@@ -230,7 +234,7 @@ async fn a_repeated_manifest_is_served_from_the_plan_cache_until_what_it_reads_c
     let before = stats();
     let manifest = export(&server, &client, &path).await;
     let after = stats();
-    assert_eq!(after.hits, before.hits + 1, "the compartment plan is still valid");
+    assert_eq!(after.misses, before.misses, "the compartment plan is still valid");
     assert_eq!(after.associated_misses, before.associated_misses + 1, "a reachable type's write invalidates the set");
     let renamed = server
         .output_lines(&client, &manifest)
