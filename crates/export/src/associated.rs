@@ -144,8 +144,10 @@ pub fn plan_associated_files(
         reference_sources,
         depth: REFERENCE_DEPTH,
     };
+    // The set id may be an earlier export's (the same set, shared): files read that one.
     let planned = store.plan_associated(tenant, selection, &request, part_size)?;
     let files = planned
+        .parts
         .into_iter()
         .flat_map(|(resource_type, parts)| {
             parts.into_iter().map(move |part| PlannedFile {
@@ -159,7 +161,7 @@ pub fn plan_associated_files(
             })
         })
         .collect();
-    Ok((Some(request.set_id), files))
+    Ok((Some(planned.set_id), files))
 }
 
 /// `deleted[]` of one compartment type, less what the export's associated set exports: a

@@ -177,3 +177,69 @@ async fn an_asynchronous_export_lists_the_same_associated_files() {
     }
     assert!(!found.contains("Practitioner/other-doc") && !found.contains("Provenance/prov-s"), "{found:?}");
 }
+
+/// A repeated manifest is answered from the plan cache (its plan and its associated set, whose
+/// stored rows the repeat shares: the same set id, and the files read the same lines), on either
+/// store; a write to a member's compartment, or to a type the associated set reaches, makes the
+/// next one compute afresh, and its files show the change; a write elsewhere does not.
+#[tokio::test]
+async fn a_repeated_manifest_is_served_from_the_plan_cache_until_what_it_reads_changes() {
+    let server = Server::start();
+    let client = server.tenant_client("acme");
+    let group = world(&server, &client).await;
+    let (server_ref, client_ref) = (&server, &client);
+    let put = |body: Value| async move {
+        let path = format!("/r4/{}/{}", body["resourceType"].as_str().unwrap(), body["id"].as_str().unwrap());
+        let reply = server_ref.send(common::put(&path).json(&body).by(client_ref)).await;
+        assert!(reply.status.is_success(), "PUT {path}: {}", reply.text());
+    };
+    let stats = || server.plan_cache_stats().expect("both stores have a plan cache");
+    let path = format!("/bulk-data/r4/Group/{group}/$export");
+    let first = export(&server, &client, &path).await;
+    let before = stats();
+    let second = export(&server, &client, &path).await;
+    let after = stats();
+    // (The plan and the members' Patients are both answered from the cache: `hits` counts both.)
+    assert!(after.hits > before.hits, "a repeat is a hit");
+    assert_eq!((after.misses, after.associated_misses), (before.misses, before.associated_misses), "and nothing else");
+    assert_eq!(after.associated_hits, before.associated_hits + 1, "its associated set is shared");
+    assert_eq!(exported(&server, &client, &second).await, exported(&server, &client, &first).await);
+
+    // Outside the members' compartments and of a type the set does not reach: still a hit.
+    put(json!({"resourceType": "Observation", "id": "obs-s2", "status": "final", "code": {"text": "x"},
+        "subject": {"reference": "Patient/s"}}))
+    .await;
+    let before = stats();
+    export(&server, &client, &path).await;
+    let after = stats();
+    assert_eq!((after.misses, after.associated_misses), (before.misses, before.associated_misses));
+    assert!(after.hits > before.hits, "a non-member's write keeps the plan");
+
+    // A member's new Observation: the plan is computed again and counts it.
+    put(json!({"resourceType": "Observation", "id": "obs2", "status": "final", "code": {"text": "x"},
+        "subject": {"reference": "Patient/m"}}))
+    .await;
+    let before = stats();
+    let manifest = export(&server, &client, &path).await;
+    assert!(stats().misses > before.misses, "a member's write invalidates the plan");
+    assert!(exported(&server, &client, &manifest).await.contains("Observation/obs2"));
+
+    // A referenced Practitioner renamed: the associated set is computed again, with the new name.
+    let before = stats();
+    export(&server, &client, &path).await;
+    assert_eq!(stats().associated_hits, before.associated_hits + 1);
+    put(json!({"resourceType": "Practitioner", "id": "doc", "name": [{"family": "Renamed"}],
+        "qualification": [{"code": {"text": "md"}, "issuer": {"reference": "Organization/org"}}]}))
+    .await;
+    let before = stats();
+    let manifest = export(&server, &client, &path).await;
+    let after = stats();
+    assert_eq!(after.misses, before.misses, "the compartment plan is still valid");
+    assert_eq!(after.associated_misses, before.associated_misses + 1, "a reachable type's write invalidates the set");
+    let renamed = server
+        .output_lines(&client, &manifest)
+        .await
+        .into_iter()
+        .any(|(_, resource)| resource["id"] == "doc" && resource["name"][0]["family"] == "Renamed");
+    assert!(renamed, "the new set holds the Practitioner at its new version");
+}

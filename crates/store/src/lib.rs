@@ -9,6 +9,7 @@ mod audit;
 mod error;
 mod job_lease;
 mod model;
+mod plan_cache;
 pub mod postgres;
 mod retention;
 mod search;
@@ -23,9 +24,11 @@ pub use audit::{AuditCohort, AuditQuery, AuditRecord};
 pub use error::StoreError;
 pub use job_lease::{ClaimedJob, JobActivity, JobAdmission, JobLease, JobPart};
 pub use model::{
-    AssociatedRequest, ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord, MemberSelection,
-    PartRange, ProvenanceSelection, ReferencedTypes, SelectionScope, StoredResource, Tenant, TenantId, Visibility,
+    AssociatedPlan, AssociatedRequest, ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord,
+    MemberSelection, PartRange, ProvenanceSelection, ReferencedTypes, SelectionScope, StoredResource, Tenant, TenantId,
+    Visibility,
 };
+pub use plan_cache::PlanCacheStats;
 pub use retention::{PruneReport, StorageBytes};
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
 pub use write::{group_members, stamped_json, WriteMode, WriteOp, Written};
@@ -200,13 +203,17 @@ pub trait Store: Send + Sync + 'static {
     /// `request.expires` has passed), and splits each type's resources into consecutive key
     /// ranges of at most `part_size`, with exact counts (types with none get no entry). Memory
     /// stays bounded whatever the cohort's size: the working sets live in the database.
+    ///
+    /// A store may instead answer with a set it stored earlier that is provably the same set
+    /// (its plan cache): then the returned set id is that set's, and its expiry is extended to
+    /// at least `request.expires`. Readers use the returned set id.
     fn plan_associated(
         &self,
         tenant: TenantId,
         selection: &MemberSelection,
         request: &AssociatedRequest,
         part_size: u64,
-    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError>;
+    ) -> Result<AssociatedPlan, StoreError>;
     /// A reader of one planned part of a stored associated set (see [`Store::plan_associated`]):
     /// each resource's version at the selection's transaction time, in key order, a window at a
     /// time, like [`Store::part_reader`].
@@ -238,6 +245,11 @@ pub trait Store: Send + Sync + 'static {
         targets: &[(String, String)],
         at: Micros,
     ) -> Result<Vec<String>, StoreError>;
+    /// How often this store's plan cache answered plans, `deleted[]` lists and associated sets
+    /// (for tests and operators); `None` for a store without one.
+    fn plan_cache_stats(&self) -> Option<PlanCacheStats> {
+        None
+    }
 
     // ---- asynchronous export jobs ----
 

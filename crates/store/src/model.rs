@@ -191,7 +191,8 @@ pub enum ReferencedTypes {
 /// compartment data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AssociatedRequest {
-    /// A random id naming the materialised set.
+    /// A random id naming the set when it is computed (a reused set keeps its own id, see
+    /// [`AssociatedPlan`]).
     pub set_id: String,
     /// When the set may be swept (with its export's file URLs).
     pub expires: Micros,
@@ -204,4 +205,12 @@ pub struct AssociatedRequest {
     /// How many references away from the cohort a referenced resource may be (1: only those the
     /// cohort's resources reference directly).
     pub depth: u32,
+}
+
+/// A planned associated set ([`crate::Store::plan_associated`]): the id its rows are stored under
+/// (the request's, or that of an earlier export's identical set, shared) and each type's parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssociatedPlan {
+    pub set_id: String,
+    pub parts: Vec<(String, Vec<PartRange>)>,
 }

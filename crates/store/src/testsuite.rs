@@ -37,7 +37,11 @@ macro_rules! store_test_suite {
             tenant_scope_selects_every_resource_of_a_type, patients_at_a_time, type_filters_select_exactly,
             associated_data_is_found_before_type_filters, provenance_is_found_by_target,
             export_job_claims_are_exclusive_and_fair_across_tenants, an_expired_lease_is_taken_over_and_the_stale_holder_fenced,
-            the_export_cap_is_counted_with_the_insert_across_instances, a_cancelled_job_stops_its_holder);
+            the_export_cap_is_counted_with_the_insert_across_instances, a_cancelled_job_stops_its_holder,
+            plans_are_reused_exactly_while_the_members_compartments_are_unchanged,
+            associated_sets_are_reused_exactly_while_nothing_they_reach_changed,
+            shared_associated_sets_live_until_their_last_export_expires, text_keys_sort_by_bytes,
+            existing_patients_are_exact_through_the_plan_cache);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -962,11 +966,11 @@ fn associated(
 ) -> Vec<String> {
     let planned = store.plan_associated(tenant, selection, request, 2).unwrap();
     let mut found = Vec::new();
-    for (resource_type, parts) in planned {
+    for (resource_type, parts) in planned.parts {
         assert!(!parts.is_empty(), "a planned type has parts");
         for part in parts {
             assert!(part.count <= 2, "parts hold at most part_size");
-            let mut reader = store.associated_reader(tenant, selection, &request.set_id, &resource_type, part);
+            let mut reader = store.associated_reader(tenant, selection, &planned.set_id, &resource_type, part);
             let (mut text, mut written) = (Vec::new(), 0);
             loop {
                 match reader.next_window(&mut text, 1).unwrap() {
@@ -1114,13 +1118,274 @@ pub fn associated_data_follows_references_and_provenance(store: &dyn Store) {
     let ids: Vec<String> = ["prov1", "prov2", "prov3"].map(String::from).to_vec();
     assert_eq!(store.associated_ids(acme, &all.set_id, "Provenance", &ids).unwrap(), ["prov1", "prov3"]);
     assert!(store.associated_ids(other, &all.set_id, "Provenance", &ids).unwrap().is_empty(), "sets are per tenant");
+    // (Depth 2: not the request above, whose set a store with a plan cache would share.)
     let expiring =
-        AssociatedRequest { expires: 10, ..associated_request(ProvenanceSelection::Relevant, ReferencedTypes::All, 3) };
+        AssociatedRequest { expires: 10, ..associated_request(ProvenanceSelection::Relevant, ReferencedTypes::All, 2) };
     associated(store, acme, &chosen, &expiring);
     assert_eq!(store.associated_ids(acme, &expiring.set_id, "Provenance", &ids).unwrap().len(), 2);
     store.delete_expired_export_records(11).unwrap();
     assert!(store.associated_ids(acme, &expiring.set_id, "Provenance", &ids).unwrap().is_empty(), "swept");
     assert_eq!(store.associated_ids(acme, &all.set_id, "Provenance", &ids).unwrap().len(), 2, "unexpired kept");
+}
+
+/// A repeated plan is answered from the plan cache only while no member's compartment
+/// changed since it was computed: writes elsewhere keep it, every kind of write to a member's
+/// compartment (new resource, update, moving out, deletion, a first resource of a member that
+/// had none) replaces it, and an earlier transaction time never gets a later plan.
+pub fn plans_are_reused_exactly_while_the_members_compartments_are_unchanged(store: &dyn Store) {
+    let tenant = store.create_tenant("t").unwrap().id;
+    let put = |id: &str, patient: &str| {
+        let body = serde_json::json!({"resourceType": "Observation", "id": id,
+                                      "subject": {"reference": format!("Patient/{patient}")}});
+        let op = WriteOp::Update { resource_type: "Observation".into(), id: id.into(), body, if_match: None };
+        store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+    };
+    let delete = |id: &str| {
+        let op = WriteOp::Delete { resource_type: "Observation".into(), id: id.into() };
+        store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+    };
+    // Members a and z (z has no data yet); c is not a member.
+    let selection_at = |at| MemberSelection {
+        members: vec![("a".into(), None), ("z".into(), None)],
+        since: None,
+        until: None,
+        transaction_time: at,
+        visibility: Visibility::Tenant,
+        scope: Default::default(),
+        filters: Default::default(),
+    };
+    let count = |at| -> u64 {
+        let plan = store.plan_parts(tenant, &selection_at(at), &["Observation".to_owned()], 100).unwrap();
+        plan.iter().flat_map(|(_, parts)| parts).map(|part| part.count).sum()
+    };
+    let hits = || store.plan_cache_stats().expect("a plan cache").hits;
+
+    put("o1", "a");
+    let first = store.reserve_transaction_time().unwrap();
+    assert_eq!(count(first), 1);
+    assert_eq!(hits(), 0);
+    put("o2", "c");
+    assert_eq!(count(store.reserve_transaction_time().unwrap()), 1);
+    assert_eq!(hits(), 1, "a write outside the members' compartments keeps the plan");
+
+    put("o3", "a");
+    assert_eq!(count(store.reserve_transaction_time().unwrap()), 2, "a new resource of a member");
+    assert_eq!(hits(), 1);
+    assert_eq!(count(first), 1, "an earlier transaction time is planned as of then");
+    put("o2", "a");
+    assert_eq!(count(store.reserve_transaction_time().unwrap()), 3, "moved into a member's compartment");
+    put("o2", "c");
+    assert_eq!(count(store.reserve_transaction_time().unwrap()), 2, "moved out");
+    delete("o3");
+    assert_eq!(count(store.reserve_transaction_time().unwrap()), 1, "deleted");
+    put("o4", "z");
+    assert_eq!(count(store.reserve_transaction_time().unwrap()), 2, "the first resource of a member");
+    let misses = store.plan_cache_stats().expect("a plan cache").misses;
+    assert_eq!(count(store.reserve_transaction_time().unwrap()), 2);
+    assert_eq!(store.plan_cache_stats().expect("a plan cache").misses, misses, "and then the plan is reused again");
+
+    // `deleted[]` follows the same rule.
+    let since = store.reserve_transaction_time().unwrap();
+    let deleted = |at| {
+        let selection =
+            MemberSelection { members: vec![("a".into(), Some(since))], since: Some(since), ..selection_at(at) };
+        store.deleted_in_compartments(tenant, &selection, "Observation").unwrap().len()
+    };
+    assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 0);
+    put("o5", "c");
+    let before = hits();
+    assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 0);
+    assert_eq!(hits(), before + 1);
+    delete("o1");
+    assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 1, "a member's deletion is listed");
+
+    // A `_since` manifest asks for every type's list and the plan: all of them stay cached
+    // together, so the next one is answered from the cache throughout.
+    let types: Vec<String> =
+        bulkhead_fhir::compartment::compartment_types().iter().map(|name| name.to_string()).collect();
+    let since_manifest = |at| {
+        let selection =
+            MemberSelection { members: vec![("a".into(), Some(since))], since: Some(since), ..selection_at(at) };
+        for resource_type in &types {
+            store.deleted_in_compartments(tenant, &selection, resource_type).unwrap();
+        }
+        store.plan_parts(tenant, &selection, &types, 100).unwrap();
+    };
+    since_manifest(store.reserve_transaction_time().unwrap());
+    let before = hits();
+    since_manifest(store.reserve_transaction_time().unwrap());
+    assert_eq!(hits(), before + types.len() as u64 + 1, "every list and the plan reused");
+}
+
+/// An associated set (Provenance and referenced resources) is reused from the plan cache only
+/// while neither the members' compartments nor any type it reaches outside them changed: a
+/// referenced Practitioner updated, deleted or re-created, a Provenance about a member's
+/// Observation (not in any compartment), and a swept earlier copy each make it recompute, and
+/// every reused set reads (under the set id the store answers) exactly what a fresh one would.
+pub fn associated_sets_are_reused_exactly_while_nothing_they_reach_changed(store: &dyn Store) {
+    use std::collections::BTreeSet;
+    let tenant = store.create_tenant("t").unwrap().id;
+    let write = |body: serde_json::Value| {
+        let (resource_type, id) = (body["resourceType"].as_str().unwrap(), body["id"].as_str().unwrap());
+        let op =
+            WriteOp::Update { resource_type: resource_type.into(), id: id.into(), body: body.clone(), if_match: None };
+        store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+    };
+    let delete = |resource_type: &str, id: &str| {
+        let op = WriteOp::Delete { resource_type: resource_type.into(), id: id.into() };
+        store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+    };
+    let observation = |id: &str, patient: &str, practitioner: &str| {
+        write(serde_json::json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x"},
+            "subject": {"reference": format!("Patient/{patient}")},
+            "performer": [{"reference": format!("Practitioner/{practitioner}")}]}));
+    };
+    let practitioner = |id: &str, name: &str| {
+        write(serde_json::json!({"resourceType": "Practitioner", "id": id, "name": [{"family": name}]}));
+    };
+    let sets = std::cell::Cell::new(0);
+    let request = |referenced: ReferencedTypes| {
+        sets.set(sets.get() + 1);
+        AssociatedRequest {
+            set_id: format!("set{}", sets.get()),
+            expires: i64::MAX,
+            provenance: ProvenanceSelection::Relevant,
+            provenance_sources: vec!["Observation".into(), "Patient".into()],
+            referenced,
+            reference_sources: vec!["Observation".into()],
+            depth: 3,
+        }
+    };
+    // The set at a new transaction time, as read back through its own set id: each line's
+    // `type/id/name-or-target`.
+    let associated_as = |referenced: ReferencedTypes| -> BTreeSet<String> {
+        let at = store.reserve_transaction_time().unwrap();
+        let selection = MemberSelection {
+            members: vec![("a".into(), None)],
+            since: None,
+            until: None,
+            transaction_time: at,
+            visibility: Visibility::Tenant,
+            scope: Default::default(),
+            filters: Default::default(),
+        };
+        let request = request(referenced);
+        let plan = store.plan_associated(tenant, &selection, &request, 1).unwrap();
+        let mut lines = BTreeSet::new();
+        for (resource_type, parts) in plan.parts {
+            for part in parts {
+                let mut reader = store.associated_reader(tenant, &selection, &plan.set_id, &resource_type, part);
+                let mut out = Vec::new();
+                while reader.next_window(&mut out, 1 << 20).unwrap() > 0 {}
+                let read: Vec<&str> = std::str::from_utf8(&out).unwrap().lines().collect();
+                assert_eq!(read.len() as u64, part.count, "a part holds its planned count");
+                for line in read {
+                    let value: serde_json::Value = serde_json::from_str(line).unwrap();
+                    let detail = value["name"][0]["family"].as_str().or(value["target"][0]["reference"].as_str());
+                    lines.insert(format!(
+                        "{}/{}/{}",
+                        value["resourceType"].as_str().unwrap(),
+                        value["id"].as_str().unwrap(),
+                        detail.unwrap_or("")
+                    ));
+                }
+            }
+        }
+        lines
+    };
+    let associated = || associated_as(ReferencedTypes::All);
+    let set = |lines: &[&str]| lines.iter().map(|line| line.to_string()).collect::<BTreeSet<_>>();
+    let stats = || {
+        let stats = store.plan_cache_stats().expect("a plan cache");
+        (stats.associated_hits, stats.associated_misses)
+    };
+
+    write(serde_json::json!({"resourceType": "Patient", "id": "a"}));
+    practitioner("pr1", "One");
+    observation("o1", "a", "pr1");
+    assert_eq!(associated(), set(&["Practitioner/pr1/One"]));
+    assert_eq!(stats(), (0, 1));
+    assert_eq!(associated(), set(&["Practitioner/pr1/One"]));
+    assert_eq!(stats(), (1, 1), "nothing changed: reused");
+    observation("o2", "c", "pr2");
+    assert_eq!(associated(), set(&["Practitioner/pr1/One"]));
+    assert_eq!(stats(), (2, 1), "a non-member's new Observation changes nothing the set reaches");
+
+    practitioner("pr1", "Renamed");
+    assert_eq!(associated(), set(&["Practitioner/pr1/Renamed"]), "a referenced Practitioner updated");
+    assert_eq!(stats(), (2, 2));
+    delete("Practitioner", "pr1");
+    assert_eq!(associated(), set(&[]), "a referenced Practitioner deleted");
+    practitioner("pr1", "Back");
+    assert_eq!(associated(), set(&["Practitioner/pr1/Back"]), "and created again");
+    observation("o3", "a", "pr3");
+    assert_eq!(associated(), set(&["Practitioner/pr1/Back"]), "a member's new Observation, dangling reference");
+    practitioner("pr3", "Three");
+    assert_eq!(associated(), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]), "the dangling one created");
+    assert_eq!(stats(), (2, 6));
+
+    // A Provenance about the member's Observation only: in no patient's compartment.
+    write(serde_json::json!({"resourceType": "Provenance", "id": "v1", "recorded": "2020-01-01T00:00:00Z",
+        "target": [{"reference": "Observation/o1"}], "agent": [{"who": {"reference": "Practitioner/pr3"}}]}));
+    let with_provenance = set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three", "Provenance/v1/Observation/o1"]);
+    assert_eq!(associated(), with_provenance, "a new Provenance about a cohort resource");
+    assert_eq!(associated(), with_provenance);
+    assert_eq!(stats(), (3, 7));
+    delete("Provenance", "v1");
+    assert_eq!(associated(), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]), "the Provenance deleted");
+    assert_eq!(stats(), (3, 8));
+
+    // A type the request cannot reach changes nothing; one it can reach does.
+    let only = || ReferencedTypes::Only(vec!["Practitioner".into()]);
+    assert_eq!(associated_as(only()), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]));
+    write(serde_json::json!({"resourceType": "Organization", "id": "org1"}));
+    assert_eq!(associated_as(only()), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]));
+    assert_eq!(stats(), (4, 9), "an Organization written: a Practitioner-only set is reused");
+    assert_eq!(associated(), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]));
+    assert_eq!(stats(), (4, 10), "but a set of every referenced type is not");
+
+    // The stored copy a cached set names is swept: the set is computed again.
+    assert_eq!(associated(), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]));
+    assert_eq!(stats(), (5, 10));
+    store.delete_expired_export_records(i64::MAX).unwrap();
+    assert_eq!(associated(), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]));
+    assert_eq!(stats(), (5, 11), "swept: recomputed");
+    assert_eq!(associated(), set(&["Practitioner/pr1/Back", "Practitioner/pr3/Three"]));
+    assert_eq!(stats(), (6, 11));
+}
+
+/// A set shared by a later export (a plan cache's reuse) stays until the later export expires
+/// whatever the earlier one's expiry, a shorter later expiry never shortens it, and it goes once
+/// the last one has expired.
+pub fn shared_associated_sets_live_until_their_last_export_expires(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    associated_world(store, acme);
+    let ids: Vec<String> = ["prov1", "prov2", "prov3"].map(String::from).to_vec();
+    let plan = |expires| {
+        let request =
+            AssociatedRequest { expires, ..associated_request(ProvenanceSelection::Relevant, ReferencedTypes::All, 3) };
+        store.plan_associated(acme, &selection(store, &[("a", None)], None), &request, 100).unwrap()
+    };
+    let held = |set_id: &str| store.associated_ids(acme, set_id, "Provenance", &ids).unwrap();
+    let first = plan(10);
+    let second = plan(1_000);
+    let third = plan(20);
+    assert_eq!((&first.parts, &second.parts), (&third.parts, &third.parts), "the same set each time");
+    if store.plan_cache_stats().is_some() {
+        assert_eq!((&first.set_id, &second.set_id), (&third.set_id, &third.set_id), "shared, not copied");
+    }
+    store.delete_expired_export_records(21).unwrap();
+    for planned in [&second, &third] {
+        assert_eq!(held(&planned.set_id), ["prov1", "prov3"], "kept while an export sharing it lives");
+    }
+    if first.set_id != second.set_id {
+        assert!(held(&first.set_id).is_empty(), "an unshared set goes at its own expiry");
+    }
+    store.delete_expired_export_records(1_001).unwrap();
+    assert!(held(&second.set_id).is_empty(), "swept once the last export expired");
+    let again = plan(2_000);
+    assert_eq!(again.parts, second.parts, "a swept set is computed again");
+    assert_eq!(held(&again.set_id), ["prov1", "prov3"]);
 }
 
 pub fn associated_data_is_as_of_the_transaction_time(store: &dyn Store) {
@@ -1158,8 +1423,8 @@ pub fn associated_data_is_as_of_the_transaction_time(store: &dyn Store) {
     let all = fresh();
     let planned = store.plan_associated(acme, &before, &all, 100).unwrap();
     put(store, acme, None, json!({"resourceType": "Practitioner", "id": "pr5", "name": [{"family": "Later"}]}));
-    for (resource_type, parts) in planned {
-        let mut reader = store.associated_reader(acme, &before, &all.set_id, &resource_type, parts[0]);
+    for (resource_type, parts) in planned.parts {
+        let mut reader = store.associated_reader(acme, &before, &planned.set_id, &resource_type, parts[0]);
         let mut text = Vec::new();
         while reader.next_window(&mut text, 1 << 20).unwrap() > 0 {}
         let text = String::from_utf8(text).unwrap();
@@ -1798,4 +2063,61 @@ pub fn a_cancelled_job_stops_its_holder(store: &dyn Store) {
     enqueue(store, t, "j", 20);
     let again = store.claim_export_job("i2", 200, 50).unwrap().expect("due");
     assert_eq!((again.lease.fence, again.parts), (1, Vec::new()));
+}
+
+/// Ids that sort differently by bytes and by a language's rules (case, `-`, `.`, digits) come
+/// back in byte order (Rust's `str` order, which callers binary-search and merge with) from every
+/// call that returns them sorted: a Patient-level export's Patients, a Group's members, tenants.
+pub fn text_keys_sort_by_bytes(store: &dyn Store) {
+    let ids = ["b", "B", "a-2", "a.1", "a1", "A", "a", "Z", "a-B", "0", "aB", "ab"];
+    let acme = tenant(store, "acme");
+    for id in ids {
+        put(store, acme, None, patient(id));
+    }
+    put(store, acme, None, group("g", &ids));
+    let mut sorted: Vec<String> = ids.map(String::from).to_vec();
+    sorted.sort();
+    let at = store.reserve_transaction_time().unwrap();
+    assert_eq!(store.patients_at(acme, &Visibility::Tenant, at).unwrap(), sorted, "Patients by bytes");
+    assert_eq!(store.members_at(acme, "g", at).unwrap(), sorted, "members by bytes");
+    for name in ["beta", "Alpha", "alpha", "a-b", "a.b", "Beta"] {
+        tenant(store, name);
+    }
+    let listed: Vec<String> = store.list_tenants().unwrap().into_iter().map(|tenant| tenant.name).collect();
+    let mut names = listed.clone();
+    names.sort();
+    assert_eq!(listed, names, "tenants by bytes");
+}
+
+/// Which members' Patients exist at a time (checked at every Group kick-off) is remembered while
+/// the members are unchanged, and exact whatever happens: a repeat is a cache hit, a Patient
+/// created or deleted shows at once, an earlier time is answered as of then, and each
+/// visibility gets its own answer.
+pub fn existing_patients_are_exact_through_the_plan_cache(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    put(store, acme, None, patient("a"));
+    put(store, acme, None, patient("b"));
+    let ids: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+    let existing_as = |visibility: &Visibility, at| store.existing_at(acme, visibility, "Patient", &ids, at).unwrap();
+    let existing = || existing_as(&Visibility::Tenant, store.reserve_transaction_time().unwrap());
+    let first = store.reserve_transaction_time().unwrap();
+    assert_eq!(existing_as(&Visibility::Tenant, first), ["a", "b"]);
+    let hits = || store.plan_cache_stats().map(|stats| stats.hits);
+    let before = hits();
+    assert_eq!(existing(), ["a", "b"]);
+    assert_eq!(hits(), before.map(|hits| hits + 1), "a repeat is answered from the cache");
+    put(store, acme, None, observation("o", "a", 1));
+    assert_eq!(existing(), ["a", "b"], "a member's other data changed");
+    put(store, acme, None, patient("c"));
+    assert_eq!(existing(), ["a", "b", "c"], "a member's Patient created");
+    delete(store, acme, "Patient", "a");
+    assert_eq!(existing(), ["b", "c"], "a member's Patient deleted");
+    put(store, acme, None, patient("a"));
+    assert_eq!(existing(), ["a", "b", "c"], "and created again");
+    put(store, acme, Some("u"), patient("d"));
+    assert_eq!(existing(), ["a", "b", "c", "d"]);
+    let user = Visibility::User("u".into());
+    assert_eq!(existing_as(&user, store.reserve_transaction_time().unwrap()), ["d"], "per visibility");
+    assert_eq!(existing_as(&user, store.reserve_transaction_time().unwrap()), ["d"]);
+    assert_eq!(existing_as(&Visibility::Tenant, first), ["a", "b"], "an earlier time as of then");
 }

@@ -3,6 +3,8 @@
 
 use bulkhead_fhir::{compartment::parse_reference, format_instant, parse_range, Micros};
 use serde_json::Value;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 /// One write. Ids are assigned by the caller (the HTTP layer assigns server ids before a
 /// transaction so `urn:uuid:` references can be rewritten).
@@ -98,8 +100,50 @@ pub fn stamped_json(body: &Value, id: &str, version: i64, last_updated: Micros) 
 /// before `at`. Sorted and deduplicated.
 ///
 /// Reads only the member fields, borrowing from the text: a 100,000-member Group costs a list
-/// of ids, not a JSON tree.
+/// of ids, not a JSON tree. A large Group's list is remembered by the SHA-256 of its text (a
+/// kick-off reads its Group twice, and every repeated kick-off reads the same text again), so
+/// only the time filter runs again.
 pub fn group_members(group: &str, at: Micros) -> Result<Vec<String>, serde_json::Error> {
+    let listed = if group.len() < MEMO_FROM_BYTES { Arc::new(member_list(group)?) } else { memoized(group)? };
+    let mut members: Vec<String> =
+        listed.iter().filter(|(_, end)| end.is_none_or(|end| end > at)).map(|(id, _)| id.clone()).collect();
+    members.dedup();
+    Ok(members)
+}
+
+/// Groups whose member lists are remembered (the most recently read), and the members they may
+/// hold together (a few MB of ids; the newest list is kept whatever its size).
+const MEMBER_LISTS: usize = 8;
+const REMEMBERED_MEMBERS: usize = 200_000;
+/// Smaller Groups are parsed every time: cheaper than hashing them.
+const MEMO_FROM_BYTES: usize = 64 * 1024;
+
+type MemberList = Arc<Vec<(String, Option<Micros>)>>;
+
+static MEMBER_MEMO: Mutex<VecDeque<([u8; 32], MemberList)>> = Mutex::new(VecDeque::new());
+
+fn memoized(group: &str) -> Result<MemberList, serde_json::Error> {
+    use sha2::{Digest, Sha256};
+    let digest: [u8; 32] = Sha256::digest(group.as_bytes()).into();
+    let memo = || MEMBER_MEMO.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, listed)) = memo().iter().find(|(held, _)| *held == digest) {
+        return Ok(listed.clone());
+    }
+    let listed = Arc::new(member_list(group)?);
+    let mut memo = memo();
+    memo.retain(|(held, _)| *held != digest);
+    memo.push_back((digest, listed.clone()));
+    while memo.len() > 1
+        && (memo.len() > MEMBER_LISTS || memo.iter().map(|(_, list)| list.len()).sum::<usize>() > REMEMBERED_MEMBERS)
+    {
+        memo.pop_front();
+    }
+    Ok(listed)
+}
+
+/// The Patient members of a Group not marked inactive, each with the end of its `period.end`
+/// (None: no end, or one that does not parse), sorted.
+fn member_list(group: &str) -> Result<Vec<(String, Option<Micros>)>, serde_json::Error> {
     #[derive(serde::Deserialize)]
     struct Group<'a> {
         #[serde(borrow, default)]
@@ -124,21 +168,18 @@ pub fn group_members(group: &str, at: Micros) -> Result<Vec<String>, serde_json:
         end: Option<std::borrow::Cow<'a, str>>,
     }
     let group: Group<'_> = serde_json::from_str(group)?;
-    let mut members: Vec<String> = group
+    let mut members: Vec<(String, Option<Micros>)> = group
         .member
         .iter()
         .filter(|member| member.inactive != Some(true))
-        .filter(|member| {
+        .filter_map(|member| {
             let end = member.period.as_ref().and_then(|period| period.end.as_deref());
-            end.and_then(|end| parse_range(end).ok()).is_none_or(|range| range.end > at)
+            let end = end.and_then(|end| parse_range(end).ok()).map(|range| range.end);
+            let (target_type, id) = parse_reference(member.entity.as_ref()?.reference.as_deref()?)?;
+            (target_type == "Patient").then(|| (id.to_owned(), end))
         })
-        .filter_map(|member| member.entity.as_ref()?.reference.as_deref())
-        .filter_map(parse_reference)
-        .filter(|(target_type, _)| *target_type == "Patient")
-        .map(|(_, id)| id.to_owned())
         .collect();
     members.sort_unstable();
-    members.dedup();
     Ok(members)
 }
 
@@ -246,5 +287,32 @@ mod tests {
             {"entity": {"reference": "Practitioner/f"}},
         ]});
         assert_eq!(group_members(&group.to_string(), bulkhead_fhir::now_micros()).unwrap(), vec!["a", "b", "e"]);
+    }
+
+    /// A large Group's list comes from the memo on a second read, with the time filter applied
+    /// again each time, and a changed text is read afresh.
+    #[test]
+    fn a_large_groups_members_are_remembered_and_filtered_at_each_time() {
+        let members = |ended: &str| {
+            let mut member: Vec<Value> =
+                (0..3_000).map(|i| json!({"entity": {"reference": format!("Patient/p{i:05}")}})).collect();
+            member.push(json!({"entity": {"reference": "Patient/late"}, "period": {"end": ended}}));
+            member.push(json!({"entity": {"reference": "Patient/p00001"}, "period": {"end": "2001-01-01"}}));
+            json!({"resourceType": "Group", "member": member}).to_string()
+        };
+        let text = members("2010-01-01");
+        assert!(text.len() >= MEMO_FROM_BYTES, "large enough to be remembered");
+        let before = bulkhead_fhir::parse_since("2009-12-31").unwrap();
+        let after = bulkhead_fhir::parse_since("2010-01-02").unwrap();
+        let early = group_members(&text, before).unwrap();
+        assert_eq!(early.len(), 3_001);
+        assert!(early.contains(&"late".to_owned()) && early.contains(&"p00001".to_owned()));
+        assert!(early.windows(2).all(|pair| pair[0] < pair[1]), "sorted, each once");
+        let later = group_members(&text, after).unwrap();
+        assert_eq!(later.len(), 3_000, "the ended member is gone at a later time, from the same memo");
+        assert!(!later.contains(&"late".to_owned()));
+        assert!(later.contains(&"p00001".to_owned()), "still a member through its other entry");
+        let changed = members("2020-01-01");
+        assert_eq!(group_members(&changed, after).unwrap().len(), 3_001, "another text is parsed afresh");
     }
 }

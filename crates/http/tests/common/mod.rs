@@ -57,7 +57,7 @@ pub struct Server {
 /// cluster of `BULKHEAD_TEST_DATABASE_URL`, as `scripts/with-postgres` sets it), anything else
 /// (or nothing) SQLite.
 pub enum Backing {
-    /// The directory, and the store typed (for SQLite-only statistics such as the plan cache's).
+    /// The directory, and the store typed (for SQLite-only settings such as a page cap).
     Sqlite(tempfile::TempDir, Arc<SqliteStore>),
     /// Dropped after the store: the database goes when the test ends.
     Postgres(TestDatabase),
@@ -147,12 +147,9 @@ impl Server {
         Server { audit: state.audit.clone(), app: router(state), backing: Backing::Sqlite(_dir, store.clone()), store }
     }
 
-    /// The SQLite plan cache's statistics; `None` on PostgreSQL (which has no plan cache).
-    pub fn plan_cache_stats(&self) -> Option<bulkhead_store::sqlite::PlanCacheStats> {
-        match &self.backing {
-            Backing::Sqlite(_, store) => Some(store.plan_cache_stats()),
-            _ => None,
-        }
+    /// The store's plan cache statistics (both stores have one).
+    pub fn plan_cache_stats(&self) -> Option<bulkhead_store::PlanCacheStats> {
+        self.store.plan_cache_stats()
     }
 
     /// Another instance of the server (its own state: limiter, caches) on the same database

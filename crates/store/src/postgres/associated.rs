@@ -755,13 +755,14 @@ pub(super) fn provenance_targeting(
 }
 
 /// Housekeeping across tenants: removes the sets that expired by `now` (a scan of the small
-/// `associated_sets`; each set's rows go by their key prefix).
+/// `associated_sets`; each set's rows go by their key prefix). One statement: a registration
+/// leaves with its rows, and one whose expiry a sharing export extends meanwhile (its row lock
+/// makes the `DELETE` re-check it) stays with all of them (see `plan_watermarks`).
 pub(super) fn delete_expired_sets(db: &mut Db<'_>, now: Micros) -> Result<(), StoreError> {
     db.execute(
-        "DELETE FROM export_associated a USING associated_sets s
-         WHERE s.expires <= $1 AND a.tenant_id = s.tenant_id AND a.set_id = s.set_id",
+        "WITH expired AS (DELETE FROM associated_sets WHERE expires <= $1 RETURNING tenant_id, set_id)
+         DELETE FROM export_associated a USING expired e WHERE a.tenant_id = e.tenant_id AND a.set_id = e.set_id",
         &[&now],
     )?;
-    db.execute("DELETE FROM associated_sets WHERE expires <= $1", &[&now])?;
     Ok(())
 }

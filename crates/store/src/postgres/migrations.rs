@@ -17,6 +17,8 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (3, "smart_clients", include_str!("migrations/0003_smart_clients.sql")),
     (4, "associated_data_and_audit", include_str!("migrations/0004_associated_data_and_audit.sql")),
     (5, "job_leases", include_str!("migrations/0005_job_leases.sql")),
+    (6, "plan_cache_watermarks", include_str!("migrations/0006_plan_cache_watermarks.sql")),
+    (7, "byte_order", include_str!("migrations/0007_byte_order.sql")),
 ];
 
 /// The advisory lock key of the migration runner ("bulkhead" in ASCII, as an int8).

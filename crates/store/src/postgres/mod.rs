@@ -17,6 +17,7 @@ mod jobs;
 mod leases;
 pub mod migrations;
 mod part_reader;
+mod plan_watermarks;
 mod reachability;
 mod resources;
 mod retention;
@@ -34,9 +35,9 @@ use postgres::types::ToSql;
 use postgres::{NoTls, Row, Statement};
 
 use crate::{
-    AssociatedRequest, AuditQuery, AuditRecord, AuditRecords, ClientRecord, ClientRegistration, ExportJob,
-    ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, PruneReport, SearchPage, SearchQuery,
-    StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
+    AssociatedPlan, AssociatedRequest, AuditQuery, AuditRecord, AuditRecords, ClientRecord, ClientRegistration,
+    ExportJob, ExportJobState, ExportRecord, MemberSelection, PartRange, PartReader, PruneReport, SearchPage,
+    SearchQuery, StorageBytes, StoreError, StoredResource, Tenant, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 /// Pool and timeout settings (config keys `database_*`).
@@ -189,6 +190,9 @@ pub struct PgStore {
     pool: r2d2::Pool<Manager>,
     options: PgOptions,
     reachability: Arc<reachability::Reachability>,
+    /// This instance's plan cache (each instance has its own; the watermarks it checks are in
+    /// the database, so any instance's writes invalidate every instance's entries).
+    plans: crate::plan_cache::PlanCache,
 }
 
 impl PgStore {
@@ -243,7 +247,7 @@ impl PgStore {
             .idle_timeout(Some(Duration::from_secs(300)))
             .test_on_check_out(true)
             .build_unchecked(Manager { config, reachability: reachability.clone() });
-        Ok(PgStore { pool, options, reachability })
+        Ok(PgStore { pool, options, reachability, plans: crate::plan_cache::PlanCache::default() })
     }
 
     /// Applies every migration this binary knows that the database lacks; returns the versions
@@ -334,6 +338,41 @@ impl PgStore {
             db.transaction.commit()?;
             Ok(result)
         })
+    }
+}
+
+impl PgStore {
+    /// Whether a result computed at `planned_at` for `selection`'s members is still exact.
+    fn members_unchanged_since(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        planned_at: Micros,
+    ) -> Result<bool, StoreError> {
+        self.plans.members_unchanged_since(tenant, selection, planned_at, || {
+            self.with_read(|db| plan_watermarks::members_latest_change(db, tenant, selection))
+        })
+    }
+
+    /// [`crate::Store::plan_parts`], computed: one short transaction per type (what a type
+    /// selects depends only on the transaction time, so separate snapshots agree).
+    fn compute_plan(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        resource_types: &[String],
+        part_size: u64,
+    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
+        let members = self.with_read(|db| export::Members::resolve(db, tenant, selection))?;
+        let mut planned = Vec::new();
+        for resource_type in resource_types {
+            let parts =
+                self.with_read(|db| export::plan_type(db, tenant, selection, &members, resource_type, part_size))?;
+            if !parts.is_empty() {
+                planned.push((resource_type.clone(), parts));
+            }
+        }
+        Ok(planned)
     }
 }
 
@@ -485,7 +524,20 @@ impl crate::Store for PgStore {
         ids: &[String],
         at: Micros,
     ) -> Result<Vec<String>, StoreError> {
-        self.with_read(|db| export::existing_at(db, tenant, visibility, resource_type, ids, at))
+        let compute = || self.with_read(|db| export::existing_at(db, tenant, visibility, resource_type, ids, at));
+        if resource_type != "Patient" {
+            return compute();
+        }
+        // A Group's members, checked at every kick-off: remembered while they are unchanged.
+        crate::plan_cache::existing_patients(
+            &self.plans,
+            tenant,
+            visibility,
+            ids,
+            at,
+            |members, planned_at| self.members_unchanged_since(tenant, members, planned_at),
+            compute,
+        )
     }
 
     fn members_at(&self, tenant: TenantId, group_id: &str, at: Micros) -> Result<Vec<String>, StoreError> {
@@ -499,18 +551,19 @@ impl crate::Store for PgStore {
         resource_types: &[String],
         part_size: u64,
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
-        let members = self.with_read(|db| export::Members::resolve(db, tenant, selection))?;
-        let mut planned = Vec::new();
-        // One short transaction per type: what a type selects depends only on the transaction
-        // time, so separate snapshots agree.
-        for resource_type in resource_types {
-            let parts =
-                self.with_read(|db| export::plan_type(db, tenant, selection, &members, resource_type, part_size))?;
-            if !parts.is_empty() {
-                planned.push((resource_type.clone(), parts));
-            }
+        // A plan of the same request at an earlier time is this plan while no member's
+        // compartment changed since (see `crate::plan_cache`).
+        if selection.scope != crate::SelectionScope::Members {
+            return self.compute_plan(tenant, selection, resource_types, part_size);
         }
-        Ok(planned)
+        let key = crate::plan_cache::key(tenant, selection, "parts", resource_types, part_size);
+        let plan = self.plans.plan(
+            key,
+            selection.transaction_time,
+            |planned_at| self.members_unchanged_since(tenant, selection, planned_at),
+            || self.compute_plan(tenant, selection, resource_types, part_size),
+        )?;
+        Ok(plan.as_ref().clone())
     }
 
     fn part_reader<'a>(
@@ -529,7 +582,18 @@ impl crate::Store for PgStore {
         selection: &MemberSelection,
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError> {
-        self.with_read(|db| export::deleted_in_compartments(db, tenant, selection, resource_type))
+        let compute = || self.with_read(|db| export::deleted_in_compartments(db, tenant, selection, resource_type));
+        if selection.scope != crate::SelectionScope::Members {
+            return compute();
+        }
+        let key = crate::plan_cache::key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
+        let deleted = self.plans.deleted(
+            key,
+            selection.transaction_time,
+            |planned_at| self.members_unchanged_since(tenant, selection, planned_at),
+            compute,
+        )?;
+        Ok(deleted.as_ref().clone())
     }
 
     fn plan_associated(
@@ -538,8 +602,31 @@ impl crate::Store for PgStore {
         selection: &MemberSelection,
         request: &AssociatedRequest,
         part_size: u64,
-    ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
-        self.plan_associated_set(tenant, selection, request, part_size)
+    ) -> Result<AssociatedPlan, StoreError> {
+        let compute = || self.plan_associated_set(tenant, selection, request, part_size);
+        if selection.scope != crate::SelectionScope::Members {
+            return Ok(AssociatedPlan { set_id: request.set_id.clone(), parts: compute()? });
+        }
+        // A set computed earlier for the same request is this set while neither the members'
+        // compartments nor any type it reaches outside them changed since: its stored rows are
+        // shared (see `crate::plan_cache`).
+        let key = crate::plan_cache::associated_key(tenant, selection, request, part_size);
+        let (set_id, plan) = self.plans.associated(
+            key,
+            selection.transaction_time,
+            &request.set_id,
+            |planned_at| {
+                Ok(self.members_unchanged_since(tenant, selection, planned_at)?
+                    && !crate::plan_cache::reaches_any(
+                        request,
+                        &self
+                            .with_read(|db| plan_watermarks::associated_types_changed_since(db, tenant, planned_at))?,
+                    ))
+            },
+            |set_id| self.with_transaction(|db| plan_watermarks::share(db, tenant, set_id, request.expires)),
+            compute,
+        )?;
+        Ok(AssociatedPlan { set_id, parts: plan.as_ref().clone() })
     }
 
     fn associated_reader<'a>(
@@ -739,6 +826,10 @@ impl crate::Store for PgStore {
         })
     }
 
+    fn plan_cache_stats(&self) -> Option<crate::PlanCacheStats> {
+        Some(self.plans.stats())
+    }
+
     fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
         self.with_transaction(|db| audit::append(db, records))
     }
@@ -812,6 +903,25 @@ mod tests {
         }
         let stored = store.audit_records(tenant, &AuditQuery { limit: 10, ..Default::default() }).unwrap();
         assert_eq!((stored.len(), stored[0].outcome.as_str()), (1, "failure"));
+    }
+
+    /// On a database whose default collation is a language's (ICU en-US: case and punctuation
+    /// weigh less than letters, so "a" < "B" < "b"), text keys still sort by bytes, as on SQLite
+    /// and in Rust: the schema gives them the "C" collation. Without it the Patient ids of a
+    /// Patient-level export, a Group's members and tenant names come back in the language's order.
+    #[test]
+    fn text_keys_sort_by_bytes_under_a_language_collation() {
+        let Some(database) = super::testing::fresh_database_with(
+            "TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C' LOCALE_PROVIDER icu ICU_LOCALE 'en-US'",
+        ) else {
+            return;
+        };
+        let store = super::PgStore::open(&database.url, super::testing::test_options()).unwrap();
+        let language_order: bool =
+            store.with_read(|db| Ok(db.query_one("SELECT 'a'::text < 'B'::text", &[])?.try_get(0)?)).unwrap();
+        assert!(language_order, "the database's default collation is not byte order");
+        crate::testsuite::text_keys_sort_by_bytes(&store);
+        drop(store);
     }
 
     /// Nothing listens: calls fail within the connect timeout as `Unavailable` (503), never hang.

@@ -69,10 +69,63 @@ pub(super) fn write(
         };
         results[index] = Some(result);
     }
+    note_associated_types_changed(db, tenant, &results, timestamp)?;
     Ok(results
         .into_iter()
         .map(|result| result.unwrap_or_else(|| Err(StoreError::Database("write skipped".into()))))
         .collect())
+}
+
+/// Raises `associated_type_changes` for every type an associated set can reach (Provenance and
+/// the types outside the Patient compartment) that this write changed: the plan cache's watermark
+/// (see `crate::plan_cache`).
+fn note_associated_types_changed(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    results: &[Option<Result<Written, StoreError>>],
+    timestamp: Micros,
+) -> Result<(), StoreError> {
+    let mut types: Vec<&str> = results
+        .iter()
+        .filter_map(|result| match result {
+            Some(Ok(written)) if written.changed => Some(written.resource_type.as_str()),
+            _ => None,
+        })
+        .filter(|resource_type| {
+            *resource_type == "Provenance" || bulkhead_fhir::references::is_referenced_type(resource_type)
+        })
+        .collect();
+    types.sort_unstable();
+    types.dedup();
+    if types.is_empty() {
+        return Ok(());
+    }
+    db.execute(
+        "INSERT INTO associated_type_changes (tenant_id, resource_type, changed_at)
+         SELECT $1, t, $3 FROM unnest($2::text[]) AS t
+         ON CONFLICT (tenant_id, resource_type)
+         DO UPDATE SET changed_at = GREATEST(associated_type_changes.changed_at, excluded.changed_at)",
+        &[&tenant.0, &types, &timestamp],
+    )?;
+    Ok(())
+}
+
+/// Raises the `changed_at` of the patients `pkeys` to `timestamp`: a compartment row of theirs
+/// was opened, closed or changed (the plan cache's watermark, see `crate::plan_cache`).
+pub(super) fn mark_patients_changed(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    pkeys: &[i64],
+    timestamp: Micros,
+) -> Result<(), StoreError> {
+    if pkeys.is_empty() {
+        return Ok(());
+    }
+    db.execute(
+        "UPDATE patient_keys SET changed_at = GREATEST(changed_at, $3) WHERE tenant_id = $1 AND pkey = ANY($2)",
+        &[&tenant.0, &pkeys, &timestamp],
+    )?;
+    Ok(())
 }
 
 /// Creates, with a handful of multi-row statements, every resource of `ops` that is new: a
@@ -171,6 +224,10 @@ fn insert_new(
          ON CONFLICT DO NOTHING",
         &[&tenant.0, &pkeys, &patient_types, &patient_rids, &timestamp, &owner],
     )?;
+    let mut changed = pkeys;
+    changed.sort_unstable();
+    changed.dedup();
+    mark_patients_changed(db, tenant, &changed, timestamp)?;
     db.execute(
         "INSERT INTO search_token (tenant_id, type_code, param, system, value, rid)
          SELECT $1, n.type_code, n.param, n.system, n.value, n.rid
@@ -365,10 +422,16 @@ fn delete(
         &[&tenant.0, &existing.rid, &written.version, &timestamp],
     )?;
     // Compartment rows stay open, marked deleted: deletions are found through them.
-    db.execute(
-        "UPDATE compartment SET last_updated = $3, deleted = true WHERE tenant_id = $1 AND rid = $2 AND to_ts IS NULL",
-        &[&tenant.0, &existing.rid, &timestamp],
-    )?;
+    let patients: Vec<i64> = db
+        .query(
+            "UPDATE compartment SET last_updated = $3, deleted = true WHERE tenant_id = $1 AND rid = $2 AND to_ts IS NULL
+             RETURNING pkey",
+            &[&tenant.0, &existing.rid, &timestamp],
+        )?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    mark_patients_changed(db, tenant, &patients, timestamp)?;
     db.execute("DELETE FROM search_token WHERE tenant_id = $1 AND rid = $2", &[&tenant.0, &existing.rid])?;
     super::associated::close_references(db, tenant, existing.rid, timestamp)?;
     if resource_type == "Group" {
@@ -468,6 +531,9 @@ fn sync_compartments(
     }
     let entered: Vec<String> =
         patients.into_iter().filter(|patient| !open.iter().any(|(_, open)| open == patient)).collect();
+    // Every open row was closed or updated: its patient's compartment changed, as did those the
+    // version entered.
+    let mut changed: Vec<i64> = open.iter().map(|(pkey, _)| *pkey).collect();
     if !entered.is_empty() {
         let pkeys = patient_keys(db, tenant, &entered)?;
         db.execute(
@@ -476,8 +542,9 @@ fn sync_compartments(
              ON CONFLICT DO NOTHING",
             &[&tenant.0, &pkeys, &code, &rid, &timestamp, &owner],
         )?;
+        changed.extend(pkeys);
     }
-    Ok(())
+    mark_patients_changed(db, tenant, &changed, timestamp)
 }
 
 fn sync_search_tokens(

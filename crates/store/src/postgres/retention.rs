@@ -62,6 +62,13 @@ pub(super) fn prune(store: &PgStore, cutoff: Micros, now: Micros, batch: usize) 
         )?;
         for row in &gone {
             let (tenant, rid): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            // The plan cache's watermark: removing index rows changes those patients' compartments
+            // (this transaction holds the clock, whose `last` is its timestamp).
+            db.execute(
+                "UPDATE patient_keys SET changed_at = GREATEST(changed_at, (SELECT last FROM clock WHERE id = 0))
+                 WHERE tenant_id = $1 AND pkey IN (SELECT pkey FROM compartment WHERE tenant_id = $1 AND rid = $2)",
+                &[&tenant, &rid],
+            )?;
             for statement in [
                 "DELETE FROM resource_history WHERE tenant_id = $1 AND rid = $2",
                 "DELETE FROM compartment WHERE tenant_id = $1 AND rid = $2 AND to_ts IS NULL",
@@ -79,12 +86,21 @@ pub(super) fn prune(store: &PgStore, cutoff: Micros, now: Micros, batch: usize) 
         Ok(gone.len() as u64)
     })?;
     // Closed compartment rows and ended memberships are rare: bounded deletes until none is left.
+    // Their patients' compartments change (the plan cache's watermark, as above).
     report.compartment_rows = until_done(store, batch, |db| {
-        db.execute(
-            "DELETE FROM compartment WHERE ctid IN (
-                 SELECT ctid FROM compartment WHERE to_ts IS NOT NULL AND to_ts <= $1 LIMIT $2)",
+        let row = db.query_one(
+            "WITH gone AS (
+                 DELETE FROM compartment WHERE ctid IN (
+                     SELECT ctid FROM compartment WHERE to_ts IS NOT NULL AND to_ts <= $1 LIMIT $2)
+                 RETURNING tenant_id, pkey),
+             marked AS (
+                 UPDATE patient_keys k SET changed_at = GREATEST(k.changed_at, (SELECT last FROM clock WHERE id = 0))
+                 FROM (SELECT DISTINCT tenant_id, pkey FROM gone) g
+                 WHERE k.tenant_id = g.tenant_id AND k.pkey = g.pkey)
+             SELECT count(*) FROM gone",
             &[&horizon, &batch],
-        )
+        )?;
+        Ok(row.try_get::<_, i64>(0)? as u64)
     })?;
     // Closed reference-index rows: no export reads the references of versions before the horizon.
     until_done(store, batch, |db| {

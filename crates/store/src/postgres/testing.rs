@@ -51,12 +51,17 @@ pub fn cluster_url() -> Option<String> {
 
 /// A new, empty database on the test cluster (`None`: skipped, see [`cluster_url`]).
 pub fn fresh_database() -> Option<TestDatabase> {
+    fresh_database_with("")
+}
+
+/// [`fresh_database`] made with `options` appended to its `CREATE DATABASE` (e.g. a collation).
+pub fn fresh_database_with(options: &str) -> Option<TestDatabase> {
     let admin_url = cluster_url()?;
     let name = format!("bulkhead_test_{}", uuid::Uuid::new_v4().simple());
     super::off_runtime(|| {
         let mut client = postgres::Client::connect(&admin_url, NoTls)
             .unwrap_or_else(|error| panic!("connecting to {URL_VARIABLE}: {error}"));
-        client.batch_execute(&format!("CREATE DATABASE {name}")).expect("create a test database");
+        client.batch_execute(&format!("CREATE DATABASE {name} {options}")).expect("create a test database");
     });
     Some(TestDatabase { url: with_database(&admin_url, &name), name, admin_url })
 }

@@ -9,7 +9,8 @@
 //!
 //! Planning works in temporary tables on a connection of its own whose temporary storage is a
 //! file (bounded memory whatever the cohort's size), and stores the result in
-//! `export_associated` in batches of short write transactions.
+//! `export_associated` in batches of short write transactions (under a set registered first,
+//! see `plan_watermarks`).
 
 use bulkhead_fhir::references::{outgoing_references, OutgoingReference};
 use bulkhead_fhir::Micros;
@@ -17,7 +18,6 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 
 use super::export::{filter_matches, load_members, select_window, selected, type_span, Reach, VersionAt, WINDOW};
-use super::plan_cache::AssociatedSet;
 use super::SqliteStore;
 use crate::selection::{exported, visible_to, Via};
 use crate::{
@@ -373,33 +373,6 @@ impl SqliteStore {
         }
         Ok(planned)
     }
-}
-
-/// Copies the stored rows of a cached set under `set_id` (expiring at `expires`), in one write
-/// transaction; false (and nothing copied) when some of them are gone (swept once expired).
-pub(super) fn copy_set(
-    store: &SqliteStore,
-    tenant: TenantId,
-    cached: &AssociatedSet,
-    set_id: &str,
-    expires: Micros,
-) -> Result<bool, StoreError> {
-    store.with_write(|transaction, _| {
-        let copied = transaction
-            .prepare_cached(
-                "INSERT OR IGNORE INTO export_associated (tenant_id, set_id, resource_type, rid, expires)
-                 SELECT tenant_id, ?3, resource_type, rid, ?4 FROM export_associated
-                 WHERE tenant_id = ?1 AND set_id = ?2",
-            )?
-            .execute(params![tenant.0, cached.set_id, set_id, expires])?;
-        if copied as u64 == cached.len() {
-            return Ok(true);
-        }
-        transaction
-            .prepare_cached("DELETE FROM export_associated WHERE tenant_id = ?1 AND set_id = ?2")?
-            .execute(params![tenant.0, set_id])?;
-        Ok(false)
-    })
 }
 
 /// Fills `temp.assoc_out` with the set's `(type, key)` pairs.

@@ -146,7 +146,7 @@ pub(super) fn delete_expired_export_records(connection: &Connection, now: Micros
     let mut statement = connection.prepare_cached("DELETE FROM export_records WHERE expires <= ?1")?;
     let swept = statement.execute([now])? as u64;
     // The associated sets of those exports expire with them.
-    connection.prepare_cached("DELETE FROM export_associated WHERE expires <= ?1")?.execute([now])?;
+    super::plan_watermarks::delete_expired(connection, now)?;
     Ok(swept)
 }
 

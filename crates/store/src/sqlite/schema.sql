@@ -182,9 +182,11 @@ CREATE TABLE IF NOT EXISTS export_records (
 CREATE INDEX IF NOT EXISTS export_records_by_expiry ON export_records (expires);
 
 -- The associated data of one Patient or Group export (Provenance and referenced resources),
--- computed at planning and read by its file downloads; swept with the export records once
--- `expires` (micros) has passed. The reference index it is computed from (`reference_index`) is
--- created by `associated::migrate`, which backfills it on databases from before it.
+-- computed at planning and read by its file downloads (of every export that shares the set).
+-- The set's expiry is kept once, in `associated_sets` (`plan_watermarks::migrate`), and the set
+-- goes with it; the per-row `expires` is its first export's and is no longer read. The reference
+-- index it is computed from (`reference_index`) is created by `associated::migrate`, which
+-- backfills it on databases from before it.
 CREATE TABLE IF NOT EXISTS export_associated (
     tenant_id INTEGER NOT NULL,
     set_id TEXT NOT NULL,
@@ -193,7 +195,6 @@ CREATE TABLE IF NOT EXISTS export_associated (
     expires INTEGER NOT NULL,
     PRIMARY KEY (tenant_id, set_id, resource_type, rid)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS export_associated_by_expiry ON export_associated (expires);
 
 -- The audit trail: one row per audited request or file download, append-only (nothing updates
 -- it; rows leave only by age, `prune_audit`). The export's Group and transaction time

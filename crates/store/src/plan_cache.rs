@@ -1,0 +1,491 @@
+//! Export plans, `deleted[]` lists and associated sets remembered across kick-offs, so
+//! repeating a manifest whose members' data did not change costs a check of the members, not a
+//! pass over their compartments. Shared by both stores: the cache, its key and the reuse rule
+//! live here; each store supplies the watermark queries and the sharing of a stored set
+//! ([`PlanCache::plan`], [`PlanCache::deleted`], [`PlanCache::associated`] take them as closures).
+//!
+//! A result computed at transaction time T1 is the result at a later T2 when no compartment row
+//! of any member changed in (T1, T2]: the selection reads nothing else (a row carries its
+//! resource's `lastUpdated`, tombstone flag and owner; history is append-only; owners never
+//! change). Every write that opens, closes or changes a patient's compartment row raises that
+//! patient's `patient_keys.changed_at` to its timestamp in the same transaction, and timestamps
+//! are handed out in commit order (SQLite: one writer; PostgreSQL: every write transaction holds
+//! the clock row's lock until it commits, see `PgStore::with_write`), so "no member's
+//! `changed_at` is above T1", read in a snapshot taken after T2 was reserved, is exactly that
+//! condition. A member without a key yet has no rows; a key created later comes with
+//! `changed_at` above T1. The cache key is everything else the result depends on: tenant,
+//! members with their `since`, `_since`, `_until`, visibility, `_typeFilter`s, types, part size.
+//! Only member-scoped selections are cached: a system-level selection reads every resource of
+//! the tenant, which no patient watermark covers.
+//!
+//! An associated set (Provenance and referenced resources) also reads what lies outside the
+//! members' compartments: the Provenance targeting cohort resources, and the referenced
+//! resources (Practitioner, Organization, …) with their own references. Every write of a
+//! Provenance or of a type outside the compartment raises that type's
+//! `associated_type_changes.changed_at` in the same transaction, so a set computed at T1 is the
+//! set at T2 when, besides the members' rule, no such type it can reach changed in (T1, T2]
+//! ([`reaches_any`]). A set's rows are stored once (`export_associated` under its set id, its
+//! expiry in `associated_sets`): a kick-off that reuses it shares those rows by id and extends the
+//! set's expiry to its own (in one short write transaction, serialised with the expiry sweep,
+//! which removes a set's registration and its rows together), and recomputes when the set has
+//! already been swept. The cache never holds rows, only plans and set ids.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bulkhead_fhir::Micros;
+
+use crate::{
+    AssociatedRequest, MemberSelection, PartRange, ProvenanceSelection, ReferencedTypes, StoreError, TenantId,
+};
+
+/// Results kept (the oldest goes first). A `_since` manifest needs one entry per type (its
+/// `deleted[]` lists) besides its plan: room for several such manifests at once.
+const ENTRIES: usize = 1024;
+/// A `deleted[]` list longer than this is not kept; short lists are the "little changed" case.
+pub(crate) const MAX_CACHED_DELETED: usize = 1_000;
+/// Ids held in all kept `deleted[]` lists together (the oldest entries go first beyond it), so
+/// the cache stays within a few MB whatever the lists.
+const MAX_DELETED_IDS: usize = 20_000;
+
+pub(crate) type Plan = Arc<Vec<(String, Vec<PartRange>)>>;
+pub(crate) type Deleted = Arc<Vec<(String, Micros)>>;
+
+/// An associated set's plan, with the set id its rows are stored under.
+pub(crate) struct AssociatedSet {
+    pub(crate) set_id: String,
+    pub(crate) plan: Plan,
+}
+
+#[derive(Clone)]
+enum Cached {
+    Plan(Plan),
+    Deleted(Deleted),
+    Associated(Arc<AssociatedSet>),
+    /// The members whose Patient did not exist (live, visible) at the transaction time.
+    Missing(Arc<Vec<String>>),
+}
+
+struct Entry {
+    key: [u8; 32],
+    /// The transaction time the result was computed at (or last checked unchanged through).
+    planned_at: Micros,
+    value: Cached,
+}
+
+/// What the cache did, for tests and logs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PlanCacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Associated sets reused (shared with an earlier export) and computed.
+    pub associated_hits: u64,
+    pub associated_misses: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct PlanCache {
+    entries: Mutex<VecDeque<Entry>>,
+    stats: Mutex<PlanCacheStats>,
+    /// Recent members checks: `(digest of tenant and member ids, transaction time, the members'
+    /// latest change)`, so the plan, the associated set and the missing members of one kick-off
+    /// read the watermarks once.
+    checked: Mutex<VecDeque<([u8; 32], Micros, Micros)>>,
+}
+
+/// Members checks remembered (one per kick-off planned at once is plenty).
+const CHECKS: usize = 16;
+
+/// The cache key of a result: what it depends on besides the transaction time.
+pub(crate) fn key(
+    tenant: TenantId,
+    selection: &MemberSelection,
+    what: &str,
+    types: &[String],
+    part_size: u64,
+) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    let optional = |value: Option<Micros>| {
+        value.map_or([0u8; 9], |value| {
+            let mut bytes = [1u8; 9];
+            bytes[1..].copy_from_slice(&value.to_le_bytes());
+            bytes
+        })
+    };
+    field(what.as_bytes());
+    field(tenant.0.to_le_bytes().as_slice());
+    field((selection.members.len() as u64).to_le_bytes().as_slice());
+    for (patient, since) in &selection.members {
+        field(patient.as_bytes());
+        field(optional(*since).as_slice());
+    }
+    field(optional(selection.since).as_slice());
+    field(optional(selection.until).as_slice());
+    match selection.visibility.user() {
+        Some(user) => field(&[b"user:".as_slice(), user.as_bytes()].concat()),
+        None => field(b"tenant".as_slice()),
+    }
+    // `_typeFilter`s select by the stored JSON of versions at the transaction time: a change to
+    // those is a change to their compartment rows too, so only the filters themselves key.
+    field(format!("{:?}", selection.filters).as_bytes());
+    field((types.len() as u64).to_le_bytes().as_slice());
+    for resource_type in types {
+        field(resource_type.as_bytes());
+    }
+    field(part_size.to_le_bytes().as_slice());
+    hasher.finalize().into()
+}
+
+/// The cache key of an associated set: [`key`] plus what the request asks for (not its set id or
+/// expiry, which name where a computed result is stored).
+pub(crate) fn associated_key(
+    tenant: TenantId,
+    selection: &MemberSelection,
+    request: &AssociatedRequest,
+    part_size: u64,
+) -> [u8; 32] {
+    let what = format!(
+        "associated {:?} {:?} {:?} {:?} {}",
+        request.provenance, request.provenance_sources, request.referenced, request.reference_sources, request.depth
+    );
+    key(tenant, selection, &what, &[], part_size)
+}
+
+/// [`crate::Store::existing_at`] of Patients, through the cache: the ids of `ids` that exist at
+/// `at`, in their order, from the ids that do not (remembered under the members' rule, with
+/// `ids` as the members). `members_unchanged_since` is the store's members check, `compute` the
+/// uncached call.
+pub(crate) fn existing_patients(
+    cache: &PlanCache,
+    tenant: TenantId,
+    visibility: &crate::Visibility,
+    ids: &[String],
+    at: Micros,
+    members_unchanged_since: impl FnOnce(&MemberSelection, Micros) -> Result<bool, StoreError>,
+    compute: impl FnOnce() -> Result<Vec<String>, StoreError>,
+) -> Result<Vec<String>, StoreError> {
+    let selection = MemberSelection {
+        members: ids.iter().map(|id| (id.clone(), None)).collect(),
+        since: None,
+        until: None,
+        transaction_time: at,
+        visibility: visibility.clone(),
+        scope: crate::SelectionScope::Members,
+        filters: Default::default(),
+    };
+    let key = key(tenant, &selection, "missing Patients", &[], 0);
+    let missing = cache.missing(
+        key,
+        at,
+        |planned_at| members_unchanged_since(&selection, planned_at),
+        || {
+            let existing: std::collections::HashSet<String> = compute()?.into_iter().collect();
+            Ok(ids.iter().filter(|id| !existing.contains(*id)).cloned().collect())
+        },
+    )?;
+    if missing.is_empty() {
+        return Ok(ids.to_vec());
+    }
+    let missing: std::collections::HashSet<&String> = missing.iter().collect();
+    Ok(ids.iter().filter(|id| !missing.contains(id)).cloned().collect())
+}
+
+/// True when a set for `request` can reach one of `changed` (types outside the compartment, or
+/// Provenance, written since the set was computed): Provenance when it asks for Provenance, a
+/// referenced type when it follows references to that type.
+pub(crate) fn reaches_any(request: &AssociatedRequest, changed: &[String]) -> bool {
+    let reaches = |resource_type: &str| {
+        if resource_type == "Provenance" {
+            return request.provenance != ProvenanceSelection::None;
+        }
+        request.depth > 0
+            && match &request.referenced {
+                ReferencedTypes::None => false,
+                ReferencedTypes::All => true,
+                ReferencedTypes::Only(types) => types.iter().any(|t| t == resource_type),
+            }
+    };
+    changed.iter().any(|resource_type| reaches(resource_type))
+}
+
+impl PlanCache {
+    /// The newest entry under `key` computed no later than `at`, with its transaction time.
+    fn get(&self, key: &[u8; 32], at: Micros) -> Option<(Micros, Cached)> {
+        let entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        entries
+            .iter()
+            .filter(|entry| &entry.key == key && entry.planned_at <= at)
+            .max_by_key(|entry| entry.planned_at)
+            .map(|entry| (entry.planned_at, entry.value.clone()))
+    }
+
+    fn put(&self, key: [u8; 32], planned_at: Micros, value: Cached) {
+        let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        entries.retain(|entry| entry.key != key);
+        entries.push_back(Entry { key, planned_at, value });
+        let ids = |entry: &Entry| match &entry.value {
+            Cached::Deleted(deleted) => deleted.len(),
+            Cached::Missing(missing) => missing.len(),
+            Cached::Plan(_) | Cached::Associated(_) => 0,
+        };
+        let mut held: usize = entries.iter().map(ids).sum();
+        while entries.len() > ENTRIES || held > MAX_DELETED_IDS {
+            let Some(oldest) = entries.pop_front() else { break };
+            held -= ids(&oldest);
+        }
+    }
+
+    fn count(&self, hit: bool) {
+        let mut stats = self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if hit {
+            stats.hits += 1;
+        } else {
+            stats.misses += 1;
+        }
+    }
+
+    fn count_associated(&self, hit: bool) {
+        let mut stats = self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if hit {
+            stats.associated_hits += 1;
+        } else {
+            stats.associated_misses += 1;
+        }
+    }
+
+    /// True when no member of `selection` has a compartment row changed after `planned_at`, as
+    /// of the selection's transaction time T. `latest_change` is the store's query of the
+    /// members' greatest `changed_at`, run in a snapshot taken after T was reserved; its answer
+    /// is remembered per (members, T): every later check for T may use it (it covers every write
+    /// up to T, and any it saw after T only makes the check stricter).
+    pub(crate) fn members_unchanged_since(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        planned_at: Micros,
+        latest_change: impl FnOnce() -> Result<Micros, StoreError>,
+    ) -> Result<bool, StoreError> {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        hasher.update(tenant.0.to_le_bytes());
+        for (patient, _) in &selection.members {
+            hasher.update((patient.len() as u64).to_le_bytes());
+            hasher.update(patient.as_bytes());
+        }
+        let digest: [u8; 32] = hasher.finalize().into();
+        let at = selection.transaction_time;
+        let checked = || self.checked.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let known = checked().iter().find(|(held, checked_at, _)| *held == digest && *checked_at == at).map(|c| c.2);
+        let latest = match known {
+            Some(latest) => latest,
+            None => {
+                let latest = latest_change()?;
+                let mut checked = checked();
+                checked.push_back((digest, at, latest));
+                while checked.len() > CHECKS {
+                    checked.pop_front();
+                }
+                latest
+            }
+        };
+        Ok(latest <= planned_at)
+    }
+
+    pub(crate) fn stats(&self) -> PlanCacheStats {
+        *self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The plan under `key` if one computed at or before `at` is still exact (`still_valid` is
+    /// asked with its transaction time), else `compute`'s, remembered.
+    pub(crate) fn plan(
+        &self,
+        key: [u8; 32],
+        at: Micros,
+        still_valid: impl FnOnce(Micros) -> Result<bool, StoreError>,
+        compute: impl FnOnce() -> Result<Vec<(String, Vec<PartRange>)>, StoreError>,
+    ) -> Result<Plan, StoreError> {
+        if let Some((planned_at, Cached::Plan(plan))) = self.get(&key, at) {
+            if still_valid(planned_at)? {
+                self.count(true);
+                return Ok(plan);
+            }
+        }
+        self.count(false);
+        let plan = Arc::new(compute()?);
+        self.put(key, at, Cached::Plan(plan.clone()));
+        Ok(plan)
+    }
+
+    /// As [`PlanCache::plan`], for a `deleted[]` list (long lists are not remembered).
+    pub(crate) fn deleted(
+        &self,
+        key: [u8; 32],
+        at: Micros,
+        still_valid: impl FnOnce(Micros) -> Result<bool, StoreError>,
+        compute: impl FnOnce() -> Result<Vec<(String, Micros)>, StoreError>,
+    ) -> Result<Deleted, StoreError> {
+        if let Some((planned_at, Cached::Deleted(deleted))) = self.get(&key, at) {
+            if still_valid(planned_at)? {
+                self.count(true);
+                return Ok(deleted);
+            }
+        }
+        self.count(false);
+        let deleted = Arc::new(compute()?);
+        if deleted.len() <= MAX_CACHED_DELETED {
+            self.put(key, at, Cached::Deleted(deleted.clone()));
+        }
+        Ok(deleted)
+    }
+
+    /// As [`PlanCache::plan`], for the ids among a member list whose Patient did not exist at the
+    /// transaction time (long lists are not remembered). A Patient is in its own compartment, so
+    /// every write of `Patient/p` raises `p`'s watermark: the members' rule covers it.
+    pub(crate) fn missing(
+        &self,
+        key: [u8; 32],
+        at: Micros,
+        still_valid: impl FnOnce(Micros) -> Result<bool, StoreError>,
+        compute: impl FnOnce() -> Result<Vec<String>, StoreError>,
+    ) -> Result<Arc<Vec<String>>, StoreError> {
+        if let Some((planned_at, Cached::Missing(missing))) = self.get(&key, at) {
+            if still_valid(planned_at)? {
+                self.count(true);
+                return Ok(missing);
+            }
+        }
+        self.count(false);
+        let missing = Arc::new(compute()?);
+        if missing.len() <= MAX_CACHED_DELETED {
+            self.put(key, at, Cached::Missing(missing.clone()));
+        }
+        Ok(missing)
+    }
+
+    /// The associated set under `key`, as `(set id, plan)`: when one computed at or before `at`
+    /// is still exact (`still_valid` is asked with its transaction time) and `share` could keep
+    /// its stored rows for this export too (extending their expiry; false: they were swept),
+    /// that one, under its own set id; else `compute`'s, which stores its rows under `new_set_id`
+    /// itself.
+    pub(crate) fn associated(
+        &self,
+        key: [u8; 32],
+        at: Micros,
+        new_set_id: &str,
+        still_valid: impl FnOnce(Micros) -> Result<bool, StoreError>,
+        share: impl FnOnce(&str) -> Result<bool, StoreError>,
+        compute: impl FnOnce() -> Result<Vec<(String, Vec<PartRange>)>, StoreError>,
+    ) -> Result<(String, Plan), StoreError> {
+        if let Some((planned_at, Cached::Associated(set))) = self.get(&key, at) {
+            if still_valid(planned_at)? && share(&set.set_id)? {
+                self.count_associated(true);
+                // Checked unchanged through `at`: the set is the set at `at` too.
+                self.put(key, at, Cached::Associated(set.clone()));
+                return Ok((set.set_id.clone(), set.plan.clone()));
+            }
+        }
+        self.count_associated(false);
+        let plan = Arc::new(compute()?);
+        let computed = AssociatedSet { set_id: new_set_id.to_owned(), plan: plan.clone() };
+        self.put(key, at, Cached::Associated(Arc::new(computed)));
+        Ok((new_set_id.to_owned(), plan))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(provenance: ProvenanceSelection, referenced: ReferencedTypes, depth: u32) -> AssociatedRequest {
+        AssociatedRequest {
+            set_id: "s".into(),
+            expires: 0,
+            provenance,
+            provenance_sources: Vec::new(),
+            referenced,
+            reference_sources: Vec::new(),
+            depth,
+        }
+    }
+
+    #[test]
+    fn a_set_reaches_only_the_types_it_can_contain() {
+        let changed = |types: &[&str]| types.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        let all = request(ProvenanceSelection::Relevant, ReferencedTypes::All, 3);
+        assert!(reaches_any(&all, &changed(&["Provenance"])));
+        assert!(reaches_any(&all, &changed(&["Organization"])));
+        assert!(!reaches_any(&all, &changed(&[])));
+        let no_provenance = request(ProvenanceSelection::None, ReferencedTypes::All, 3);
+        assert!(!reaches_any(&no_provenance, &changed(&["Provenance"])));
+        assert!(reaches_any(&no_provenance, &changed(&["Provenance", "Practitioner"])));
+        let only = request(ProvenanceSelection::None, ReferencedTypes::Only(vec!["Practitioner".into()]), 3);
+        assert!(!reaches_any(&only, &changed(&["Organization"])));
+        assert!(reaches_any(&only, &changed(&["Practitioner"])));
+        let shallow = request(ProvenanceSelection::None, ReferencedTypes::All, 0);
+        assert!(!reaches_any(&shallow, &changed(&["Organization"])));
+    }
+
+    /// One watermark query per (members, transaction time), answering for any earlier plan time;
+    /// other members or another time query again.
+    #[test]
+    fn a_members_check_is_read_once_per_kick_off() {
+        let cache = PlanCache::default();
+        let selection = |members: &[&str], at| MemberSelection {
+            members: members.iter().map(|id| (id.to_string(), None)).collect(),
+            since: None,
+            until: None,
+            transaction_time: at,
+            visibility: crate::Visibility::Tenant,
+            scope: crate::SelectionScope::Members,
+            filters: Default::default(),
+        };
+        let queries = std::cell::Cell::new(0);
+        let latest = |value| {
+            queries.set(queries.get() + 1);
+            Ok(value)
+        };
+        let check = |members: &[&str], at, planned_at, value| {
+            cache.members_unchanged_since(TenantId(1), &selection(members, at), planned_at, || latest(value)).unwrap()
+        };
+        assert!(check(&["a", "b"], 100, 50, 40));
+        assert!(!check(&["a", "b"], 100, 30, 99), "remembered: 40 > 30");
+        assert!(check(&["a", "b"], 100, 40, 99));
+        assert_eq!(queries.get(), 1);
+        assert!(!check(&["a", "b"], 200, 50, 150), "another time reads again");
+        assert!(check(&["a"], 200, 50, 10), "other members read again");
+        assert_eq!(queries.get(), 3);
+    }
+
+    /// A reused set keeps its own set id (its rows are shared, not copied); a swept one (share
+    /// answers false) or a changed one is computed again under the new id.
+    #[test]
+    fn a_reused_set_is_shared_under_its_own_id() {
+        let cache = PlanCache::default();
+        let key = [7u8; 32];
+        let part = PartRange { first_key: 1, last_key: 1, count: 1 };
+        let compute = || Ok(vec![("Practitioner".to_owned(), vec![part])]);
+        let (first, _) = cache.associated(key, 10, "a", |_| Ok(true), |_| Ok(true), compute).unwrap();
+        assert_eq!(first, "a");
+        let mut shared = Vec::new();
+        let share = |id: &str| {
+            shared.push(id.to_owned());
+            Ok(true)
+        };
+        let (second, plan) = cache.associated(key, 20, "b", |at| Ok(at == 10), share, compute).unwrap();
+        assert_eq!((second.as_str(), plan.len()), ("a", 1));
+        assert_eq!(shared, ["a"]);
+        let (third, _) = cache.associated(key, 30, "c", |at| Ok(at == 20), |_| Ok(false), compute).unwrap();
+        assert_eq!(third, "c", "swept: computed again under the new id");
+        let (fourth, _) = cache.associated(key, 40, "d", |_| Ok(false), |_| Ok(true), compute).unwrap();
+        assert_eq!(fourth, "d", "changed: computed again");
+        let (earlier, _) = cache.associated(key, 35, "e", |_| Ok(true), |_| Ok(true), compute).unwrap();
+        assert_eq!(earlier, "e", "an entry from after the transaction time is never used");
+        let stats = cache.stats();
+        assert_eq!((stats.associated_hits, stats.associated_misses), (1, 4));
+    }
+}
