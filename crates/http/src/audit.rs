@@ -133,6 +133,11 @@ pub fn outcome_of(status: StatusCode) -> &'static str {
 /// Middleware: opens the request's pending record and appends it once the response is ready
 /// (a download's, once its body ends).
 pub async fn trail(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    // Off (`audit_trail = false`): no pending record, so every hook below and the writes'
+    // `WriteAudit` find none and record nothing.
+    if !state.config.audit_trail {
+        return next.run(request).await;
+    }
     let request_id = request
         .headers()
         .get(crate::REQUEST_ID)
