@@ -108,6 +108,9 @@ pub struct Config {
     pub tenant_validation: BTreeMap<String, ValidationMode>,
     /// Days audit records are kept before pruning (0: forever).
     pub audit_retention_days: u64,
+    /// Whether the server records requests in the audit trail. Default on; off only to measure
+    /// the trail's cost, or where no patient data is served.
+    pub audit_trail: bool,
     /// Lifetime of SMART access tokens, in seconds, for clients registered without their own
     /// (`--token-ttl`); at most 3600.
     pub access_token_ttl_seconds: u64,
@@ -186,6 +189,7 @@ impl Default for Config {
             tenant_validation: BTreeMap::new(),
             // Six years: HIPAA's retention period for compliance documentation.
             audit_retention_days: 6 * 366,
+            audit_trail: true,
             access_token_ttl_seconds: 300,
             jwks_fetch_timeout_seconds: 5,
             allow_http_jwks_urls: false,
@@ -456,6 +460,7 @@ impl Config {
             jwks_fetch_timeout: Duration::from_secs(self.jwks_fetch_timeout_seconds),
             allow_http_jwks_urls: self.allow_http_jwks_urls,
             metrics: self.metrics,
+            audit_trail: self.audit_trail,
             quotas: bulkhead_http::quotas::QuotaConfig {
                 requests_per_second: self.tenant_requests_per_second,
                 concurrent_exports: self.tenant_concurrent_exports,

@@ -33,6 +33,9 @@ pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     }
     let store = store.shared();
     crate::audit::spawn_pruning(&store, config.audit_retention_days);
+    if !config.audit_trail {
+        tracing::warn!("audit_trail = false: requests are not recorded in the audit trail (for measuring its cost, or where no patient data is served)");
+    }
     let mut state = AppState::new(store, config.http_config(), keys);
     if let Some(settings) = config.output_settings() {
         let output = bulkhead_http::object_output::OutputStore::connect(&settings)

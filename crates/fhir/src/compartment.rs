@@ -140,6 +140,188 @@ fn row(resource_type: &str) -> Option<&'static CompartmentRow> {
     Some(&table::ROWS[index])
 }
 
+/// [`patient_compartments_of`] for a resource's JSON text, without building a `Value`: only the
+/// type's compartment paths are followed, every other element is skipped as it is read. For
+/// code that has the stored text and no parsed resource (the audit trail, which names the
+/// patients of every resource a read or search returns). Text that is not JSON gives an empty Vec.
+pub fn patient_compartments_in_text(resource_type: &str, id: &str, text: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    if resource_type == "Patient" && is_id(id) {
+        ids.push(id.to_owned());
+    }
+    if let Some(row) = row(resource_type) {
+        let mut found = Vec::new();
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let walk = text_walk::Walk { paths: row.paths.to_vec(), out: &mut found };
+        if serde::de::DeserializeSeed::deserialize(walk, &mut deserializer).is_ok() && deserializer.end().is_ok() {
+            ids.append(&mut found);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The streaming walk of [`patient_compartments_in_text`]: a value is visited with the paths
+/// (suffixes) still to follow from it, as [`collect_patient_ids`] follows them in a `Value`.
+mod text_walk {
+    use std::fmt;
+
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    use super::parse_reference;
+
+    pub(super) struct Walk<'a> {
+        /// Paths from this value; an empty one ends here (this value is a Reference).
+        pub(super) paths: Vec<&'static [&'static str]>,
+        pub(super) out: &'a mut Vec<String>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+            deserializer.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("a FHIR element")
+        }
+
+        // A primitive where an element or Reference is expected: malformed, nothing to find.
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+            let Walk { paths, out } = self;
+            while items.next_element_seed(Walk { paths: paths.clone(), out: &mut *out })?.is_some() {}
+            Ok(())
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let Walk { paths, out } = self;
+            let is_reference = paths.iter().any(|path| path.is_empty());
+            while let Some(key) = map.next_key_seed(Key { paths: &paths, is_reference })? {
+                match key {
+                    Found::Reference => {
+                        if let Some(literal) = map.next_value::<Option<ReferenceText>>()?.and_then(|text| text.0) {
+                            if let Some(("Patient", id)) = parse_reference(&literal) {
+                                out.push(id.to_owned());
+                            }
+                        }
+                    }
+                    Found::Descend(rest) => map.next_value_seed(Walk { paths: rest, out: &mut *out })?,
+                    Found::Skip => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// What a key of an object on the paths leads to.
+    enum Found {
+        /// `reference` of a Reference at the end of a path.
+        Reference,
+        /// A step along paths: their rest.
+        Descend(Vec<&'static [&'static str]>),
+        Skip,
+    }
+
+    struct Key<'p> {
+        paths: &'p [&'static [&'static str]],
+        is_reference: bool,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Key<'_> {
+        type Value = Found;
+
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Found, D::Error> {
+            deserializer.deserialize_str(self)
+        }
+    }
+
+    impl Visitor<'_> for Key<'_> {
+        type Value = Found;
+
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("a property name")
+        }
+
+        fn visit_str<E>(self, key: &str) -> Result<Found, E> {
+            let rest: Vec<&'static [&'static str]> =
+                self.paths.iter().filter(|path| path.first() == Some(&key)).map(|path| &path[1..]).collect();
+            Ok(match (self.is_reference && key == "reference", rest.is_empty()) {
+                // A path ending at a Reference and another going on through its `reference`
+                // (no such pair in R4's table): the Reference wins, as a string has no elements.
+                (true, _) => Found::Reference,
+                (false, false) => Found::Descend(rest),
+                (false, true) => Found::Skip,
+            })
+        }
+    }
+
+    /// A `reference` value: its text when it is a string, `None` for anything else.
+    struct ReferenceText(Option<String>);
+
+    impl<'de> serde::Deserialize<'de> for ReferenceText {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Text;
+            impl<'de> Visitor<'de> for Text {
+                type Value = ReferenceText;
+                fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    formatter.write_str("a reference")
+                }
+                fn visit_str<E>(self, text: &str) -> Result<ReferenceText, E> {
+                    Ok(ReferenceText(Some(text.to_owned())))
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<ReferenceText, E> {
+                    Ok(ReferenceText(None))
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<ReferenceText, E> {
+                    Ok(ReferenceText(None))
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<ReferenceText, E> {
+                    Ok(ReferenceText(None))
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<ReferenceText, E> {
+                    Ok(ReferenceText(None))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<ReferenceText, A::Error> {
+                    while items.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(ReferenceText(None))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ReferenceText, A::Error> {
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(ReferenceText(None))
+                }
+            }
+            deserializer.deserialize_any(Text)
+        }
+    }
+}
+
 /// Follows `path` from `value`, fanning out over arrays, and pushes the id of every Reference at
 /// the end of the path that points at a Patient.
 fn collect_patient_ids(value: &Value, path: &[&str], out: &mut Vec<String>) {
@@ -183,6 +365,81 @@ mod tests {
     fn compartments(resource: Value) -> Vec<String> {
         let resource_type = resource["resourceType"].as_str().expect("test resource has a type");
         patient_compartments(resource_type, &resource)
+    }
+
+    /// The text walk agrees with the `Value` walk, for `resource` and its text.
+    fn assert_text_agrees(resource: &Value) {
+        let resource_type = resource["resourceType"].as_str().unwrap_or("Basic");
+        let id = resource["id"].as_str().unwrap_or("");
+        let text = resource.to_string();
+        assert_eq!(
+            patient_compartments_in_text(resource_type, id, &text),
+            patient_compartments_of(resource_type, id, resource),
+            "{text}"
+        );
+    }
+
+    /// Nests a Reference to `patient` (and a decoy to a Practitioner) at `path`, as an array at
+    /// every other level, with unrelated elements and numbers beside it.
+    fn nested(path: &[&str], patient: &str, depth: usize) -> Value {
+        match path.split_first() {
+            None => {
+                json!({"reference": format!("Patient/{patient}"), "display": "x", "extension": [{"valueDecimal": 1.50}]})
+            }
+            Some((property, rest)) => {
+                let child = nested(rest, patient, depth + 1);
+                let child = if depth % 2 == 0 { json!([{"reference": "Practitioner/p"}, child]) } else { child };
+                let mut object = json!({"other": {"reference": "Patient/decoy"}, "n": 12.000});
+                object[*property] = child;
+                object
+            }
+        }
+    }
+
+    #[test]
+    fn the_text_walk_finds_what_the_value_walk_finds_on_every_path_of_every_type() {
+        for (index, (resource_type, row)) in table::TYPES.iter().zip(table::ROWS.iter()).enumerate() {
+            let mut resource =
+                json!({"resourceType": resource_type, "id": format!("r{index}"), "meta": {"versionId": "1"}});
+            for (number, path) in row.paths.iter().enumerate() {
+                let branch = nested(path, &format!("p{index}-{number}"), 0);
+                // Paths sharing a first element: merge into the existing element.
+                let first = path[0];
+                match (resource.get(first).cloned(), branch.get(first).cloned()) {
+                    (Some(Value::Object(mut existing)), Some(Value::Object(more))) => {
+                        existing.extend(more);
+                        resource[first] = Value::Object(existing);
+                    }
+                    (_, Some(value)) => resource[first] = value,
+                    _ => {}
+                }
+                assert_text_agrees(&nested(path, "alone", 1));
+            }
+            assert_text_agrees(&resource);
+            assert!(
+                !patient_compartments_in_text(resource_type, "x", &resource.to_string()).is_empty()
+                    || row.paths.is_empty()
+            );
+        }
+    }
+
+    #[test]
+    fn the_text_walk_reads_reference_forms_and_ignores_malformed_text() {
+        for resource in [
+            json!({"resourceType": "Observation", "id": "o", "subject": {"reference": "https://h.example/fhir/Patient/a/_history/2"},
+                   "performer": [{"reference": "Patient/b"}, {"reference": "#c"}, {"reference": "urn:uuid:1"}, {"reference": 7}, "bad"]}),
+            json!({"resourceType": "Patient", "id": "me", "link": [{"other": {"reference": "Patient/other"}}]}),
+            json!({"resourceType": "Observation", "subject": {"reference": null}, "valueQuantity": {"value": 1.50}}),
+            json!({"resourceType": "Observation", "subject": [[{"reference": "Patient/deep"}]]}),
+            json!({"resourceType": "Organization", "id": "org", "partOf": {"reference": "Patient/a"}}),
+        ] {
+            assert_text_agrees(&resource);
+        }
+        assert_eq!(
+            patient_compartments_in_text("Observation", "o", r#"{"subject": {"reference": "Patient/a"}"#),
+            ids(&[])
+        );
+        assert_eq!(patient_compartments_in_text("Patient", "p", "not json"), ids(&["p"]));
     }
 
     fn ids(list: &[&str]) -> Vec<String> {

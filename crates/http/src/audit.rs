@@ -24,7 +24,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use bulkhead_export::token::FileClaims;
 use bulkhead_export::GroupExportPlan;
-use bulkhead_fhir::compartment::patient_compartments_of;
+use bulkhead_fhir::compartment::{patient_compartments_in_text, patient_compartments_of};
 use bulkhead_fhir::{now_micros, Micros};
 use bulkhead_store::{
     AuditCohort, AuditRecord, Store, StoreError, StoredResource, TenantId, WriteMode, WriteOp, Written,
@@ -133,6 +133,11 @@ pub fn outcome_of(status: StatusCode) -> &'static str {
 /// Middleware: opens the request's pending record and appends it once the response is ready
 /// (a download's, once its body ends).
 pub async fn trail(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    // Off (`audit_trail = false`): no pending record, so every hook below and the writes'
+    // `WriteAudit` find none and record nothing.
+    if !state.config.audit_trail {
+        return next.run(request).await;
+    }
     let request_id = request
         .headers()
         .get(crate::REQUEST_ID)
@@ -241,9 +246,10 @@ fn parameters(pairs: &[(String, String)]) -> Value {
         .into()
 }
 
+/// The patients of a stored resource, read from its text (no `Value` is built: a search's
+/// record names the patients of every resource it returns).
 fn patients_of(resource_type: &str, id: &str, body: &str) -> Vec<String> {
-    serde_json::from_str::<Value>(body)
-        .map_or_else(|_| Vec::new(), |value| patient_compartments_of(resource_type, id, &value))
+    patient_compartments_in_text(resource_type, id, body)
 }
 
 /// An export kick-off: its level (`Group/{id}`, `Patient`, `system`) and the parameters. Only
@@ -388,8 +394,12 @@ impl WriteAudit {
             Err(_) => None,
         };
         let Some(template) = template else { return store.write(tenant, owner, ops, mode) };
-        let records =
-            |results: &[Result<Written, StoreError>]| entry_records(&template, self.bundle.as_ref(), ops, results);
+        // What does not depend on the results is worked out here, before the store takes its
+        // write lock: the closure runs while every other write waits.
+        let patients: Vec<Vec<String>> = ops.iter().map(patients_written).collect();
+        let records = |results: &[Result<Written, StoreError>]| {
+            entry_records(&template, self.bundle.as_ref(), ops, &patients, results)
+        };
         let results = store.write_audited(tenant, owner, ops, mode, &records)?;
         if let Ok(mut pending) = pending.lock() {
             pending.stored = true;
@@ -406,12 +416,18 @@ fn entry_records(
     template: &AuditRecord,
     bundle: Option<&BundleEntries>,
     ops: &[WriteOp],
+    patients_of_ops: &[Vec<String>],
     results: &[Result<Written, StoreError>],
 ) -> Vec<AuditRecord> {
     let Some(bundle) = bundle else {
-        return ops.iter().zip(results).map(|(op, result)| written_record(template, op, result, Map::new())).collect();
+        return ops
+            .iter()
+            .zip(patients_of_ops)
+            .zip(results)
+            .map(|((op, patients), result)| written_record(template, op, patients, result))
+            .collect();
     };
-    let mut written = ops.iter().zip(results);
+    let mut written = ops.iter().zip(patients_of_ops).zip(results);
     let mut listed = Vec::with_capacity(bundle.entries.len());
     let mut patients = Vec::new();
     let mut failed = 0;
@@ -426,8 +442,8 @@ fn entry_records(
                 ..template.clone()
             },
             BundleEntry::Written => {
-                let Some((op, result)) = written.next() else { break };
-                written_record(template, op, result, Map::new())
+                let Some(((op, patients), result)) = written.next() else { break };
+                written_record(template, op, patients, result)
             }
         };
         failed += usize::from(record.outcome != "success");
@@ -448,17 +464,32 @@ fn entry_records(
     }]
 }
 
-/// The record of one written entry.
+/// The patients whose compartment a write op's resource is in, sorted.
+fn patients_written(op: &WriteOp) -> Vec<String> {
+    let mut patients = match op {
+        WriteOp::Create { body, .. } | WriteOp::Update { body, .. } => {
+            patient_compartments_of(op.resource_type(), op.id(), body)
+        }
+        WriteOp::Delete { .. } if op.resource_type() == "Patient" => vec![op.id().to_owned()],
+        WriteOp::Delete { .. } => Vec::new(),
+    };
+    patients.sort_unstable();
+    patients.dedup();
+    patients
+}
+
+/// The record of one written entry (`patients`: [`patients_written`] of `op`).
 fn written_record(
     template: &AuditRecord,
     op: &WriteOp,
+    patients: &[String],
     result: &Result<Written, StoreError>,
-    mut detail: Map<String, Value>,
 ) -> AuditRecord {
-    let (action, body) = match op {
-        WriteOp::Create { body, .. } => ("create", Some(body)),
-        WriteOp::Update { body, .. } => ("update", Some(body)),
-        WriteOp::Delete { .. } => ("delete", None),
+    let mut detail = Map::new();
+    let action = match op {
+        WriteOp::Create { .. } => "create",
+        WriteOp::Update { .. } => "update",
+        WriteOp::Delete { .. } => "delete",
     };
     let (action, target, outcome, status) = match result {
         Ok(written) => {
@@ -477,20 +508,13 @@ fn written_record(
             (action, format!("{}/{}", op.resource_type(), op.id()), outcome_of(status), status.as_u16())
         }
     };
-    let mut patients = match body {
-        Some(body) => patient_compartments_of(op.resource_type(), op.id(), body),
-        None if op.resource_type() == "Patient" => vec![op.id().to_owned()],
-        None => Vec::new(),
-    };
-    patients.sort_unstable();
-    patients.dedup();
     AuditRecord {
         action: action.to_owned(),
         target,
         outcome: outcome.to_owned(),
         status,
         detail: Value::Object(detail).to_string(),
-        patients,
+        patients: patients.to_vec(),
         ..template.clone()
     }
 }

@@ -64,6 +64,9 @@ pub struct HttpConfig {
     pub allow_http_jwks_urls: bool,
     /// Whether `GET /metrics` answers (with the admin token).
     pub metrics: bool,
+    /// Whether requests are recorded in the audit trail (off: only to measure its cost, or
+    /// where no patient data is served).
+    pub audit_trail: bool,
     /// Per-tenant limits.
     pub quotas: crate::quotas::QuotaConfig,
     /// How long an instance's claim on an export job lasts without a heartbeat: an instance that
@@ -105,6 +108,7 @@ impl Default for HttpConfig {
             jwks_fetch_timeout: Duration::from_secs(5),
             allow_http_jwks_urls: false,
             metrics: false,
+            audit_trail: true,
             quotas: crate::quotas::QuotaConfig::default(),
             export_lease: Duration::from_secs(30),
         }

@@ -200,3 +200,23 @@ async fn a_burst_of_concurrent_requests_leaves_exactly_one_record_each() {
     expected.sort();
     assert_eq!(found, expected, "exactly one record per request, with its outcome");
 }
+
+/// `audit_trail = false` (for measuring the trail's cost): nothing a request does is recorded,
+/// neither a write (in its transaction) nor a read or search (by the writer thread), while the
+/// requests are answered as usual.
+#[tokio::test]
+async fn with_the_trail_off_requests_leave_no_record() {
+    let server = Server::with_config(HttpConfig { audit_trail: false, ..test_config() });
+    let tenant = server.tenant("acme");
+    let client = server.client(tenant);
+    let patient = json!({"resourceType": "Patient", "id": "p1"});
+    assert_status(&server.send(put("/r4/Patient/p1").by(&client).json(&patient)).await, 201);
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                      "subject": {"reference": "Patient/p1"}}, "request": {"method": "POST", "url": "Observation"}},
+    ]});
+    assert_status(&server.send(post("/r4").by(&client).json(&bundle)).await, 200);
+    assert_status(&server.send(get("/r4/Patient/p1").by(&client)).await, 200);
+    assert_status(&server.send(get("/r4/Observation?patient=p1").by(&client)).await, 200);
+    assert_eq!(records(&server, tenant), Vec::<AuditRecord>::new());
+}

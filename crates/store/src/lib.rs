@@ -355,8 +355,11 @@ pub trait Store: Send + Sync + 'static {
     /// The audit records of `tenant` matching `query`, in append order (ascending `seq`), at most
     /// `query.limit`, each with its `patients`.
     fn audit_records(&self, tenant: TenantId, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
-    /// Housekeeping across all tenants (audit retention): deletes every audit record with
-    /// `time < before`; returns how many. The only way records leave the trail.
+    /// Housekeeping across all tenants (audit retention): deletes audit records with
+    /// `time < before`, never a later one; returns how many. The only way records leave the
+    /// trail. A store may keep an old record appended after a newer one of its tenant (a long
+    /// download's, recorded when it ends) until a later prune: at least every record appended
+    /// before the tenant's first one at or after `before` goes.
     fn prune_audit(&self, before: Micros) -> Result<u64, StoreError>;
 
     // ---- retention and operations ----

@@ -1,24 +1,40 @@
-//! The audit trail: `audit_log` (one row per record, append-only) and `audit_patient` (the
-//! patients a record touched, for `--patient`).
+//! The audit trail: `audit_log` (one row per record, append-only, clustered by tenant and
+//! `seq`) and `audit_patient` (the patients a record touched, for `--patient`).
+//!
+//! A write's record is appended in the write's own transaction, so every B-tree a record
+//! touches is one more page the write's commit puts in the WAL (and a checkpoint copies back):
+//! a record touches two, the table itself and `audit_patient` (see schema.sql).
 
 use bulkhead_fhir::Micros;
-use rusqlite::{params, Connection, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use crate::{AuditCohort, AuditQuery, AuditRecord, StoreError, TenantId};
 
-/// Appends records; `seq` is assigned here.
+/// Appends records; `seq` is assigned here, ascending per tenant.
 pub(super) fn append(connection: &Connection, records: &[AuditRecord]) -> Result<(), StoreError> {
+    let mut next_seq =
+        connection.prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM audit_log WHERE tenant_id = ?1")?;
     let mut insert = connection.prepare_cached(
-        "INSERT INTO audit_log (tenant_id, time, client_id, user_id, peer, request_id, action, target, outcome,
-                                status, detail, cohort_group, cohort_time)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        "INSERT INTO audit_log (tenant_id, seq, time, client_id, user_id, peer, request_id, action, target, outcome,
+                                status, detail, cohort_group, cohort_time, patients)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )?;
     let mut patient = connection
         .prepare_cached("INSERT OR IGNORE INTO audit_patient (tenant_id, patient_id, seq) VALUES (?1, ?2, ?3)")?;
     for record in records {
         let cohort = record.cohort.as_ref();
+        let seq: i64 = next_seq.query_row([record.tenant.0], |row| row.get(0))?;
+        let mut patients: Vec<&str> = record.patients.iter().map(String::as_str).collect();
+        patients.sort_unstable();
+        patients.dedup();
+        let listed = if patients.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_string(&patients).map_err(|error| StoreError::Database(error.to_string()))?)
+        };
         insert.execute(params![
             record.tenant.0,
+            seq,
             record.time,
             record.client,
             record.user,
@@ -31,9 +47,9 @@ pub(super) fn append(connection: &Connection, records: &[AuditRecord]) -> Result
             record.detail,
             cohort.map(|cohort| cohort.group_id.as_str()),
             cohort.map(|cohort| cohort.transaction_time),
+            listed,
         ])?;
-        let seq = connection.last_insert_rowid();
-        for id in &record.patients {
+        for id in patients {
             patient.execute(params![record.tenant.0, id, seq])?;
         }
     }
@@ -41,7 +57,7 @@ pub(super) fn append(connection: &Connection, records: &[AuditRecord]) -> Result
 }
 
 const COLUMNS: &str = "a.seq, a.tenant_id, a.time, a.client_id, a.user_id, a.peer, a.request_id, a.action, a.target,
-     a.outcome, a.status, a.detail, a.cohort_group, a.cohort_time";
+     a.outcome, a.status, a.detail, a.cohort_group, a.cohort_time, a.patients";
 
 /// Records of one tenant matching `query`, in append order.
 pub(super) fn records(
@@ -75,27 +91,48 @@ pub(super) fn records(
         params![tenant.0, query.after_seq.unwrap_or(0), query.since, query.client, query.action, query.patient, limit],
         record_from_row,
     )?;
-    let mut found: Vec<AuditRecord> = rows.collect::<Result<_, _>>()?;
-    let mut patients = connection
-        .prepare_cached("SELECT patient_id FROM audit_patient WHERE tenant_id = ?1 AND seq = ?2 ORDER BY patient_id")?;
-    for record in &mut found {
-        record.patients =
-            patients.query_map(params![tenant.0, record.seq], |row| row.get(0))?.collect::<Result<_, _>>()?;
-    }
-    Ok(found)
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Deletes every record (of every tenant) older than `before`; returns how many.
+/// Deletes records older than `before`, tenant by tenant: each tenant's records in `seq` order
+/// up to its first one at or after `before` (an early record appended late, a long download's,
+/// waits for a later prune: none is ever deleted early); returns how many. The scan stops at
+/// that first record, so a prune reads little more than what it deletes.
 pub(super) fn prune(connection: &Connection, before: Micros) -> Result<u64, StoreError> {
-    connection
-        .execute("DELETE FROM audit_patient WHERE seq IN (SELECT seq FROM audit_log WHERE time < ?1)", [before])?;
-    let deleted = connection.execute("DELETE FROM audit_log WHERE time < ?1", [before])?;
-    Ok(deleted as u64)
+    let tenants: Vec<i64> =
+        connection.prepare("SELECT id FROM tenants")?.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+    let mut boundary =
+        connection.prepare("SELECT seq FROM audit_log WHERE tenant_id = ?1 AND time >= ?2 ORDER BY seq LIMIT 1")?;
+    let mut old = connection.prepare("SELECT seq, patients FROM audit_log WHERE tenant_id = ?1 AND seq < ?2")?;
+    let mut unlink =
+        connection.prepare("DELETE FROM audit_patient WHERE tenant_id = ?1 AND patient_id = ?2 AND seq = ?3")?;
+    let mut delete = connection.prepare("DELETE FROM audit_log WHERE tenant_id = ?1 AND seq < ?2")?;
+    let mut deleted = 0;
+    for tenant in tenants {
+        let end: i64 = boundary.query_row(params![tenant, before], |row| row.get(0)).optional()?.unwrap_or(i64::MAX);
+        let rows: Vec<(i64, Option<String>)> =
+            old.query_map(params![tenant, end], |row| Ok((row.get(0)?, row.get(1)?)))?.collect::<Result<_, _>>()?;
+        for (seq, patients) in rows {
+            for id in patients_of(patients.as_deref()) {
+                unlink.execute(params![tenant, id, seq])?;
+            }
+        }
+        deleted += delete.execute(params![tenant, end])? as u64;
+    }
+    Ok(deleted)
+}
+
+/// The patient ids of a record's `patients` column.
+fn patients_of(listed: Option<&str>) -> Vec<String> {
+    listed.and_then(|text| serde_json::from_str(text).ok()).unwrap_or_default()
 }
 
 fn record_from_row(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
     let cohort_group: Option<String> = row.get(12)?;
     let cohort_time: Option<Micros> = row.get(13)?;
+    let listed: Option<String> = row.get(14)?;
+    let mut patients = patients_of(listed.as_deref());
+    patients.sort_unstable();
     Ok(AuditRecord {
         seq: row.get(0)?,
         tenant: TenantId(row.get(1)?),
@@ -109,9 +146,198 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
         outcome: row.get(9)?,
         status: row.get(10)?,
         detail: row.get(11)?,
-        patients: Vec::new(),
+        patients,
         cohort: cohort_group
             .zip(cohort_time)
             .map(|(group_id, transaction_time)| AuditCohort { group_id, transaction_time }),
     })
+}
+
+/// True while `audit_log` has the earlier layout (a rowid table without `patients`).
+fn is_rowid_layout(connection: &Connection) -> Result<bool, StoreError> {
+    Ok(connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_log')
+            AND NOT EXISTS (SELECT 1 FROM pragma_table_info('audit_log') WHERE name = 'patients')",
+        [],
+        |row| row.get(0),
+    )?)
+}
+
+/// Converts an audit trail of the earlier layout (a rowid table indexed by tenant and by time,
+/// `audit_patient` indexed by seq) to the current one, in one immediate transaction, keeping
+/// every record with its `seq`; does nothing on any other database. `schema` is the current DDL.
+pub(super) fn migrate(connection: &mut Connection, schema: &str) -> Result<(), StoreError> {
+    if !is_rowid_layout(connection)? {
+        return Ok(());
+    }
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Another process may have converted it while this one waited for the lock.
+    if !is_rowid_layout(&transaction)? {
+        return Ok(());
+    }
+    tracing::info!("converting the audit trail to its compact layout (clustered by tenant, two B-trees per record)");
+    transaction.execute_batch(
+        "DROP TRIGGER IF EXISTS audit_log_append_only;
+         DROP INDEX IF EXISTS audit_log_by_tenant;
+         DROP INDEX IF EXISTS audit_log_by_time;
+         ALTER TABLE audit_log RENAME TO audit_log_rowid;",
+    )?;
+    transaction.execute_batch(schema)?;
+    transaction.execute_batch(
+        "INSERT INTO audit_log (tenant_id, seq, time, client_id, user_id, peer, request_id, action, target, outcome,
+                                status, detail, cohort_group, cohort_time, patients)
+         SELECT a.tenant_id, a.seq, a.time, a.client_id, a.user_id, a.peer, a.request_id, a.action, a.target,
+                a.outcome, a.status, a.detail, a.cohort_group, a.cohort_time,
+                (SELECT json_group_array(patient_id) FROM
+                    (SELECT p.patient_id FROM audit_patient p WHERE p.seq = a.seq ORDER BY p.patient_id)
+                 HAVING COUNT(*) > 0)
+         FROM audit_log_rowid a ORDER BY a.tenant_id, a.seq;",
+    )?;
+    let count = |table: &str| -> Result<i64, StoreError> {
+        Ok(transaction.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |row| row.get(0))?)
+    };
+    let (before, after) = (count("audit_log_rowid")?, count("audit_log")?);
+    if before != after {
+        // Dropping the transaction rolls everything back.
+        return Err(StoreError::Database(format!(
+            "audit trail conversion: {before} records but {after} copied; the database is unchanged"
+        )));
+    }
+    transaction.execute_batch(
+        "DROP TABLE audit_log_rowid;
+         DROP INDEX IF EXISTS audit_patient_by_seq;",
+    )?;
+    transaction.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    use crate::sqlite::SqliteStore;
+    use crate::{AuditQuery, AuditRecord, Store, TenantId};
+
+    /// The earlier layout's DDL and three records as it stored them: tenant 1 has seq 1 (a read
+    /// of Patient a) and 3 (a search touching a and b), tenant 2 has seq 2 (no patients).
+    const ROWID_LAYOUT: &str = r#"
+        DROP TRIGGER audit_log_append_only;
+        DROP TABLE audit_log;
+        DROP TABLE audit_patient;
+        CREATE TABLE audit_log (
+            seq INTEGER PRIMARY KEY, tenant_id INTEGER NOT NULL, time INTEGER NOT NULL,
+            client_id TEXT NOT NULL, user_id TEXT, peer TEXT, request_id TEXT NOT NULL,
+            action TEXT NOT NULL, target TEXT NOT NULL, outcome TEXT NOT NULL, status INTEGER NOT NULL,
+            detail TEXT NOT NULL, cohort_group TEXT, cohort_time INTEGER);
+        CREATE INDEX audit_log_by_tenant ON audit_log (tenant_id, seq);
+        CREATE INDEX audit_log_by_time ON audit_log (time);
+        CREATE TABLE audit_patient (
+            tenant_id INTEGER NOT NULL, patient_id TEXT NOT NULL, seq INTEGER NOT NULL,
+            PRIMARY KEY (tenant_id, patient_id, seq)) WITHOUT ROWID;
+        CREATE INDEX audit_patient_by_seq ON audit_patient (seq);
+        CREATE TRIGGER audit_log_append_only BEFORE UPDATE ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+        INSERT INTO audit_log VALUES
+          (1, 1, 100, 'c1', 'u1', '127.0.0.1:1', 'r1', 'read', 'Patient/a/_history/1', 'success', 200, '{}', NULL, NULL),
+          (2, 2, 150, 'c9', NULL, NULL, 'r2', 'token.issue', 'c9', 'success', 200, '{"scope":"s"}', NULL, NULL),
+          (3, 1, 200, 'c2', NULL, NULL, 'r3', 'search', 'Observation', 'success', 200, '{"returned":2}', 'g', 190);
+        INSERT INTO audit_patient VALUES (1, 'a', 1), (1, 'b', 3), (1, 'a', 3);
+    "#;
+
+    fn summary(records: &[AuditRecord]) -> Vec<(i64, String, Vec<String>)> {
+        records.iter().map(|record| (record.seq, record.action.clone(), record.patients.clone())).collect()
+    }
+
+    fn all(store: &SqliteStore, tenant: i64) -> Vec<AuditRecord> {
+        store.audit_records(TenantId(tenant), &AuditQuery { limit: 100, ..AuditQuery::default() }).unwrap()
+    }
+
+    fn names(path: &std::path::Path, kind: &str) -> Vec<String> {
+        let connection = Connection::open(path).unwrap();
+        let mut statement = connection
+            .prepare("SELECT name FROM sqlite_master WHERE type = ?1 AND tbl_name LIKE 'audit%' ORDER BY name")
+            .unwrap();
+        statement.query_map([kind], |row| row.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+    }
+
+    #[test]
+    fn an_audit_trail_of_the_rowid_layout_is_converted_on_open_keeping_every_record() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("audit.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.create_tenant("t1").unwrap();
+            store.create_tenant("t2").unwrap();
+        }
+        Connection::open(&path).unwrap().execute_batch(ROWID_LAYOUT).unwrap();
+        assert!(names(&path, "index").contains(&"audit_log_by_time".to_owned()));
+
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(names(&path, "table"), ["audit_log", "audit_patient"], "the rowid table is gone");
+        assert!(names(&path, "index").iter().all(|name| name.starts_with("sqlite_autoindex")), "no secondary index");
+        let first = all(&store, 1);
+        assert_eq!(
+            summary(&first),
+            [(1, "read".to_owned(), vec!["a".to_owned()]), (3, "search".to_owned(), vec!["a".into(), "b".into()])]
+        );
+        assert_eq!(
+            first[1].cohort.as_ref().map(|cohort| (cohort.group_id.as_str(), cohort.transaction_time)),
+            Some(("g", 190))
+        );
+        assert_eq!((first[0].user.as_deref(), first[0].peer.as_deref()), (Some("u1"), Some("127.0.0.1:1")));
+        assert_eq!(summary(&all(&store, 2)), [(2, "token.issue".to_owned(), vec![])]);
+        let of_b = AuditQuery { patient: Some("b".into()), limit: 100, ..AuditQuery::default() };
+        assert_eq!(summary(&store.audit_records(TenantId(1), &of_b).unwrap())[0].0, 3, "found by patient");
+
+        // New records follow the converted ones; the trail is still append-only.
+        let next = AuditRecord { seq: 0, time: 300, patients: vec!["c".into()], ..first[0].clone() };
+        store.append_audit(&[next]).unwrap();
+        assert_eq!(all(&store, 1).iter().map(|record| record.seq).collect::<Vec<_>>(), [1, 3, 4]);
+        let refused = Connection::open(&path).unwrap().execute("UPDATE audit_log SET outcome = 'success'", []);
+        assert!(refused.unwrap_err().to_string().contains("append-only"));
+        drop(store);
+        // Reopening converts nothing twice.
+        assert_eq!(all(&SqliteStore::open(&path).unwrap(), 1).len(), 3);
+    }
+
+    #[test]
+    fn pruning_deletes_each_tenants_records_up_to_its_first_younger_one_with_their_patients() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&directory.path().join("audit.db")).unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        let record = |time: i64, patient: &str| AuditRecord {
+            seq: 0,
+            time,
+            tenant,
+            client: "c".into(),
+            user: None,
+            peer: None,
+            request_id: format!("r{time}"),
+            action: "read".into(),
+            target: format!("Patient/{patient}"),
+            outcome: "success".into(),
+            status: 200,
+            detail: "{}".into(),
+            patients: vec![patient.into()],
+            cohort: None,
+        };
+        // 250 is a download's record, appended when it ended, after a younger one.
+        store.append_audit(&[record(100, "a"), record(200, "b"), record(300, "c"), record(250, "d")]).unwrap();
+        assert_eq!(store.prune_audit(260).unwrap(), 2);
+        let left: Vec<i64> = all(&store, tenant.0).iter().map(|record| record.time).collect();
+        assert_eq!(left, [300, 250], "never a younger record; the late one waits");
+        let of = |patient: &str| {
+            let query = AuditQuery { patient: Some(patient.into()), limit: 10, ..AuditQuery::default() };
+            store.audit_records(tenant, &query).unwrap().len()
+        };
+        assert_eq!((of("a"), of("b"), of("c"), of("d")), (0, 0, 1, 1));
+        let links: i64 = store
+            .with_read(|connection| {
+                Ok(connection.query_row("SELECT COUNT(*) FROM audit_patient", [], |row| row.get(0))?)
+            })
+            .unwrap();
+        assert_eq!(links, 2, "the pruned records' patient rows are gone too");
+        assert_eq!(store.prune_audit(400).unwrap(), 2);
+        assert!(all(&store, tenant.0).is_empty());
+    }
 }

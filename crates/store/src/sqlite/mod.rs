@@ -85,6 +85,7 @@ impl SqliteStore {
     pub fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let mut writer = open_connection(path, options.writer_cache_mib)?;
         migrate::migrate_v1_to_v2(&mut writer, SCHEMA)?;
+        audit::migrate(&mut writer, SCHEMA)?;
         writer.execute_batch(SCHEMA)?;
         jobs::migrate(&writer)?;
         leases::migrate(&mut writer)?;

@@ -199,9 +199,16 @@ CREATE TABLE IF NOT EXISTS export_associated (
 -- The audit trail: one row per audited request or file download, append-only (nothing updates
 -- it; rows leave only by age, `prune_audit`). The export's Group and transaction time
 -- (cohort_*) let a patient's records include exports whose Group had them as a member.
+-- Kept lean, because a write's record is inserted in the write's own transaction: the table is
+-- clustered by (tenant, seq) (`seq` ascends per tenant), which is the order every query reads
+-- it in, so it needs no index of its own; `patients` (a JSON array) lists the record's
+-- patients for display and pruning, `audit_patient` finds records by patient. Each appended
+-- record thus touches two B-trees. Databases of the earlier layout (a rowid table with indexes
+-- by tenant and by time, and `audit_patient` indexed by seq) are converted on open
+-- (`audit::migrate`).
 CREATE TABLE IF NOT EXISTS audit_log (
-    seq INTEGER PRIMARY KEY,
     tenant_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
     time INTEGER NOT NULL,
     client_id TEXT NOT NULL,
     user_id TEXT,
@@ -213,10 +220,10 @@ CREATE TABLE IF NOT EXISTS audit_log (
     status INTEGER NOT NULL,
     detail TEXT NOT NULL,
     cohort_group TEXT,
-    cohort_time INTEGER
-);
-CREATE INDEX IF NOT EXISTS audit_log_by_tenant ON audit_log (tenant_id, seq);
-CREATE INDEX IF NOT EXISTS audit_log_by_time ON audit_log (time);
+    cohort_time INTEGER,
+    patients TEXT,
+    PRIMARY KEY (tenant_id, seq)
+) WITHOUT ROWID;
 
 -- The patients each audit record touched.
 CREATE TABLE IF NOT EXISTS audit_patient (
@@ -225,7 +232,6 @@ CREATE TABLE IF NOT EXISTS audit_patient (
     seq INTEGER NOT NULL,
     PRIMARY KEY (tenant_id, patient_id, seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS audit_patient_by_seq ON audit_patient (seq);
 -- Append-only, whatever a future code path tries.
 CREATE TRIGGER IF NOT EXISTS audit_log_append_only BEFORE UPDATE ON audit_log
 BEGIN
