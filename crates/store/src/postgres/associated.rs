@@ -81,15 +81,54 @@ impl ReferenceRows {
         if self.rids.is_empty() {
             return Ok(());
         }
+        // A Provenance target's row carries the target's key when its row exists (see
+        // `resolve_new_targets` for targets created later).
         db.execute(
-            "INSERT INTO reference_index (tenant_id, rid, provenance_target, target_type, target_id, from_ts)
-             SELECT $1, n.rid, n.provenance_target, n.target_type, n.target_id, $2
+            "INSERT INTO reference_index (tenant_id, rid, provenance_target, target_type, target_id, from_ts, target_rid)
+             SELECT $1, n.rid, n.provenance_target, n.target_type, n.target_id, $2,
+                    CASE WHEN n.provenance_target THEN (
+                        SELECT r.rid FROM resources r
+                        WHERE r.tenant_id = $1 AND r.resource_type = n.target_type AND r.id = n.target_id) END
              FROM unnest($3::int8[], $4::bool[], $5::text[], $6::text[]) AS n(rid, provenance_target, target_type, target_id)
              ON CONFLICT DO NOTHING",
             &[&tenant.0, &timestamp, &self.rids, &self.provenance, &self.types, &self.ids],
         )?;
         Ok(())
     }
+}
+
+/// Resource rows were just created for `(types[i], ids[i])` with keys `rids[i]`: the Provenance
+/// target rows that already name them (written before them, or naming a pruned tombstone) get
+/// their keys. Unresolved rows have a small index of their own (`provenance_unresolved`), so
+/// this costs a create little.
+pub(super) fn resolve_new_targets(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    types: &[&str],
+    ids: &[&str],
+    rids: &[i64],
+) -> Result<(), StoreError> {
+    if rids.is_empty() {
+        return Ok(());
+    }
+    db.execute(
+        "UPDATE reference_index x SET target_rid = n.rid
+         FROM unnest($2::text[], $3::text[], $4::int8[]) AS n(target_type, target_id, rid)
+         WHERE x.tenant_id = $1 AND x.provenance_target AND x.target_rid IS NULL
+           AND x.target_type = n.target_type AND x.target_id = n.target_id",
+        &[&tenant.0, &types, &ids, &rids],
+    )?;
+    Ok(())
+}
+
+/// The resource row with key `rid` is being removed (history pruning of a tombstone): target
+/// rows naming it lose the key until a resource of that type and id is created again.
+pub(super) fn forget_target(db: &mut Db<'_>, tenant: TenantId, rid: i64) -> Result<(), StoreError> {
+    db.execute(
+        "UPDATE reference_index SET target_rid = NULL WHERE tenant_id = $1 AND target_rid = $2 AND provenance_target",
+        &[&tenant.0, &rid],
+    )?;
+    Ok(())
 }
 
 /// Brings a resource's open reference rows in line with its new version (written at
@@ -359,7 +398,7 @@ fn compute(
                 add_references(db, tenant, &chosen, at, 1, &request.referenced)?;
             }
             if provenance {
-                add_provenance(db, tenant, selection, resource_type, &chosen, request.provenance)?;
+                add_provenance(db, tenant, selection, &chosen, request.provenance)?;
             }
             if end == last {
                 break;
@@ -460,14 +499,14 @@ fn states_at(db: &mut Db<'_>, tenant: TenantId, rids: &[i64], at: Micros) -> Res
     Ok(states)
 }
 
-/// Records the Provenance that targeted each of the `reached` resources (of `resource_type`) at
-/// the transaction time (only the latest per resource for [`ProvenanceSelection::Latest`]),
-/// merging each one's reach into those already found.
+/// Records the Provenance that targeted each of the `reached` resources at the transaction time
+/// (only the latest per resource for [`ProvenanceSelection::Latest`]), merging each one's reach
+/// into those already found. Target rows carry their target's key, so the resources' keys find
+/// them directly (`provenance_by_target_rid`).
 fn add_provenance(
     db: &mut Db<'_>,
     tenant: TenantId,
     selection: &MemberSelection,
-    resource_type: &str,
     reached: &Reached,
     mode: ProvenanceSelection,
 ) -> Result<(), StoreError> {
@@ -479,10 +518,9 @@ fn add_provenance(
     let targeting: Vec<(usize, i64)> = db
         .query(
             "SELECT n.ord, p.rid FROM unnest($2::int8[]) WITH ORDINALITY AS n(rid, ord)
-             JOIN resources s ON s.tenant_id = $1 AND s.rid = n.rid
-             JOIN reference_index p ON p.tenant_id = $1 AND p.provenance_target AND p.target_type = $3
-                  AND p.target_id = s.id AND p.from_ts <= $4 AND (p.to_ts IS NULL OR p.to_ts > $4)",
-            &[&tenant.0, &reached.rids, &resource_type, &at],
+             JOIN reference_index p ON p.tenant_id = $1 AND p.provenance_target AND p.target_rid = n.rid
+                  AND p.from_ts <= $3 AND (p.to_ts IS NULL OR p.to_ts > $3)",
+            &[&tenant.0, &reached.rids, &at],
         )?
         .iter()
         .map(|row| Ok((row.try_get::<_, i64>(0)? as usize - 1, row.try_get(1)?)))

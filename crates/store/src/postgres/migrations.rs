@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (3, "smart_clients", include_str!("migrations/0003_smart_clients.sql")),
     (4, "associated_data_and_audit", include_str!("migrations/0004_associated_data_and_audit.sql")),
     (5, "job_leases", include_str!("migrations/0005_job_leases.sql")),
+    (6, "provenance_target_keys", include_str!("migrations/0006_provenance_target_keys.sql")),
 ];
 
 /// The advisory lock key of the migration runner ("bulkhead" in ASCII, as an int8).

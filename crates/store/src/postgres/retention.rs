@@ -62,6 +62,7 @@ pub(super) fn prune(store: &PgStore, cutoff: Micros, now: Micros, batch: usize) 
         )?;
         for row in &gone {
             let (tenant, rid): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            super::associated::forget_target(db, crate::TenantId(tenant), rid)?;
             for statement in [
                 "DELETE FROM resource_history WHERE tenant_id = $1 AND rid = $2",
                 "DELETE FROM compartment WHERE tenant_id = $1 AND rid = $2 AND to_ts IS NULL",
