@@ -803,3 +803,137 @@ pub(super) fn delete_expired_sets(db: &mut Db<'_>, now: Micros) -> Result<(), St
     db.execute("DELETE FROM associated_sets WHERE expires <= $1", &[&now])?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use crate::{
+        AssociatedRequest, MemberSelection, ProvenanceSelection, ReferencedTypes, SelectionScope, Store, TenantId,
+        Visibility, WriteMode, WriteOp,
+    };
+
+    fn write(store: &dyn Store, tenant: TenantId, op: WriteOp) {
+        store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+    }
+
+    fn put(store: &dyn Store, tenant: TenantId, body: Value) {
+        let (resource_type, id) =
+            (body["resourceType"].as_str().unwrap().to_owned(), body["id"].as_str().unwrap().to_owned());
+        write(store, tenant, WriteOp::Update { resource_type, id, body, if_match: None });
+    }
+
+    fn provenance(id: &str, targets: &[&str]) -> Value {
+        let target: Vec<Value> = targets.iter().map(|target| json!({"reference": target})).collect();
+        json!({"resourceType": "Provenance", "id": id, "target": target, "recorded": "2020-01-01T00:00:00Z",
+               "agent": [{"who": {"reference": "Practitioner/x"}}]})
+    }
+
+    fn observation(id: &str) -> Value {
+        json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x"},
+               "subject": {"reference": "Patient/a"}})
+    }
+
+    /// Every reference row, with its target key.
+    fn rows(store: &super::PgStore) -> Vec<String> {
+        store
+            .with_transaction(|db| {
+                let rows = db.query(
+                    "SELECT tenant_id, rid, provenance_target, target_type, target_id, from_ts, to_ts, target_rid
+                     FROM reference_index ORDER BY 1, 2, 3, 4, 5, 6",
+                    &[],
+                )?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(format!(
+                            "{:?}",
+                            (
+                                row.try_get::<_, i64>(1)?,
+                                row.try_get::<_, bool>(2)?,
+                                row.try_get::<_, String>(3)?,
+                                row.try_get::<_, String>(4)?,
+                                row.try_get::<_, i64>(5)?,
+                                row.try_get::<_, Option<i64>>(6)?,
+                                row.try_get::<_, Option<i64>>(7)?
+                            )
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap()
+    }
+
+    /// How many Provenance member `a`'s associated set holds at `at`.
+    fn provenance_at(store: &dyn Store, tenant: TenantId, at: i64, set: &str) -> u64 {
+        let selection = MemberSelection {
+            members: vec![("a".into(), None)],
+            since: None,
+            until: None,
+            transaction_time: at,
+            visibility: Visibility::Tenant,
+            scope: SelectionScope::Members,
+            filters: Default::default(),
+        };
+        let sources = vec!["Patient".to_owned(), "Observation".to_owned()];
+        let request = AssociatedRequest {
+            set_id: set.into(),
+            expires: i64::MAX,
+            provenance: ProvenanceSelection::Relevant,
+            provenance_sources: sources.clone(),
+            referenced: ReferencedTypes::None,
+            reference_sources: sources,
+            depth: 1,
+        };
+        let planned = store.plan_associated(tenant, &selection, &request, 100).unwrap();
+        planned.iter().filter(|(resource_type, _)| resource_type == "Provenance").map(|(_, parts)| parts[0].count).sum()
+    }
+
+    /// Migration 6 gives a reference index written before it the keys the write path keeps
+    /// (resolved, or NULL for a target that does not exist), the same associated data at every
+    /// earlier time, and targets created afterwards resolve.
+    #[test]
+    fn migration_6_resolves_the_keys_of_existing_provenance_targets() {
+        let Some(database) = super::super::testing::fresh_database() else { return };
+        let options = super::super::testing::test_options;
+        let store = super::PgStore::open(&database.url, options()).unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        put(&store, tenant, json!({"resourceType": "Patient", "id": "a"}));
+        put(&store, tenant, provenance("p1", &["Observation/o1", "Patient/a"]));
+        put(&store, tenant, provenance("p3", &["Observation/later"]));
+        put(&store, tenant, observation("o1"));
+        let first = store.reserve_transaction_time().unwrap();
+        put(&store, tenant, provenance("p2", &["Observation/o1"]));
+        write(&store, tenant, WriteOp::Delete { resource_type: "Observation".into(), id: "o1".into() });
+        let second = store.reserve_transaction_time().unwrap();
+        put(&store, tenant, observation("o1"));
+        put(&store, tenant, provenance("p1", &["Observation/o2"]));
+        put(&store, tenant, observation("o2"));
+        let third = store.reserve_transaction_time().unwrap();
+        let kept = rows(&store);
+        assert!(kept.iter().any(|row| row.ends_with("None)")) && kept.iter().any(|row| row.ends_with("))")));
+        let times = [first, second, third];
+        let expected: Vec<u64> =
+            times.iter().enumerate().map(|(n, at)| provenance_at(&store, tenant, *at, &format!("a{n}"))).collect();
+        assert_eq!(expected, [1, 1, 2], "p1; p1 (o1 deleted); p1 through o2 and p2 through the re-created o1");
+        // Back to version 5.
+        store
+            .with_transaction(|db| {
+                db.batch(
+                    "DROP INDEX provenance_by_target_rid; DROP INDEX provenance_unresolved;
+                     ALTER TABLE reference_index DROP COLUMN target_rid;
+                     DELETE FROM schema_migrations WHERE version = 6;",
+                )
+            })
+            .unwrap();
+        drop(store);
+
+        let store = super::PgStore::open(&database.url, options()).unwrap();
+        assert_eq!(rows(&store), kept, "the migration resolves exactly the keys the writes kept");
+        let rebuilt: Vec<u64> =
+            times.iter().enumerate().map(|(n, at)| provenance_at(&store, tenant, *at, &format!("b{n}"))).collect();
+        assert_eq!(rebuilt, expected);
+        put(&store, tenant, observation("later"));
+        let now = store.reserve_transaction_time().unwrap();
+        assert_eq!(provenance_at(&store, tenant, now, "c"), 3, "a target created after the migration resolves");
+    }
+}
