@@ -269,6 +269,192 @@ fn a_tiny_benchmark_runs_end_to_end() {
     }
 }
 
+/// `--database-url`: the same tiny run on PostgreSQL (a database of the bench's own on the test
+/// cluster, no SQLite file), served by two instances
+/// whose peak RSS is reported one by one; with the S3 test server (`scripts/with-s3`) also
+/// `--output-url`, whose materialised asynchronous export downloads every resource the streamed
+/// one does. A second run reuses the import. Needs `scripts/with-postgres`; skipped loudly
+/// without it (a failure under CI).
+#[test]
+fn a_tiny_benchmark_runs_on_postgres_with_two_instances() {
+    let Some(server_url) = bulkhead_store::postgres::testing::cluster_url() else { return };
+    let s3 = match std::env::var("BULKHEAD_TEST_S3_ENDPOINT") {
+        Ok(endpoint) if !endpoint.is_empty() => Some(endpoint),
+        _ => {
+            eprintln!("\n*** bench on PostgreSQL: no S3 test server (scripts/with-s3): --output-url is SKIPPED ***\n");
+            None
+        }
+    };
+    // Seven patients: the database `bulkhead_bench_7` is this test's alone on the cluster.
+    let database = "bulkhead_bench_7";
+    let work = tempfile::tempdir().unwrap();
+    let json = work.path().join("bench.json");
+    let mut args: Vec<String> = [
+        "bench",
+        "--patients",
+        "7",
+        "--groups",
+        "3,7",
+        "--work-dir",
+        path(work.path()),
+        "--manifest-runs",
+        "2",
+        "--since-writes",
+        "2",
+        "--upload-resources",
+        "20",
+        "--concurrent-exports",
+        "2",
+        "--concurrent-members",
+        "7",
+        "--mixed-seconds",
+        "0",
+        "--creates",
+        "4",
+        "--bundles",
+        "1",
+        "--bundle-entries",
+        "3",
+        "--closure-runs",
+        "1",
+        "--instances",
+        "2",
+        "--database-url",
+        &server_url,
+        "--json",
+        path(&json),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+    if let Some(endpoint) = &s3 {
+        let bucket = format!("bench-{}", std::process::id());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let created = runtime.block_on(reqwest::Client::new().put(format!("{endpoint}/{bucket}")).send()).unwrap();
+        assert!(created.status().is_success(), "creating the bucket: {}", created.status());
+        args.extend([
+            "--output-url".to_owned(),
+            format!("s3://{bucket}/bench"),
+            "--async-runs".to_owned(),
+            "1".to_owned(),
+        ]);
+        command.env("AWS_ENDPOINT_URL", endpoint).env("AWS_ALLOW_HTTP", "true");
+    }
+    let run = command.args(&args).output().expect("run bulkhead bench");
+    let stdout = text(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", text(&run.stderr));
+    assert!(
+        stdout.contains("on PostgreSQL ") && stdout.contains(database),
+        "the data set line says which store: {stdout}"
+    );
+    assert!(!work.path().join("pg-7/bulkhead.db").exists(), "no SQLite database beside PostgreSQL");
+
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let dataset = &report["datasets"][0];
+    assert!(dataset["store"].as_str().unwrap().starts_with("PostgreSQL "), "{}", dataset["store"]);
+    assert_eq!(dataset["instances"], 2);
+    let resources = dataset["resources"].as_u64().unwrap();
+    assert_eq!(dataset["import_counts"]["created"].as_u64(), Some(resources));
+    assert_eq!(dataset["import_counts"]["failed"], 0);
+    assert!(!report["command"].as_str().unwrap().is_empty());
+
+    // The import is in the bench's own database on the server.
+    let stored: i64 = {
+        let mut client = postgres::Client::connect(&with_path(&server_url, database), postgres::NoTls).unwrap();
+        client
+            .query_one(
+                "SELECT count(*) FROM resources r JOIN tenants t ON t.id = r.tenant_id WHERE t.name = 'bench'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert!(stored as u64 >= resources, "{stored} rows for {resources} imported resources");
+
+    let two_peaks = |value: &serde_json::Value| {
+        let peaks = value["server_peak_rss_bytes_per_instance"].as_array().unwrap_or_else(|| panic!("{value}"));
+        assert_eq!(peaks.len(), 2, "one peak per instance: {value}");
+        assert!(peaks.iter().all(|peak| peak.as_u64().unwrap() > 1_000_000), "{value}");
+        let largest = peaks.iter().map(|peak| peak.as_u64().unwrap()).max();
+        assert_eq!(value["server_peak_rss_bytes"].as_u64(), largest, "the target is held to the larger");
+    };
+    let groups = dataset["groups"].as_array().unwrap();
+    assert_eq!(groups.iter().map(|g| g["members"].as_u64().unwrap()).collect::<Vec<_>>(), vec![3, 7]);
+    for group in groups {
+        let exports = group["exports"].as_array().unwrap();
+        for export in exports {
+            assert_eq!(export["resources"], exports[0]["resources"], "every encoding exports the same resources");
+            two_peaks(export);
+        }
+        let materialised = &group["materialised_export"];
+        if s3.is_some() {
+            assert_eq!(materialised["resources"], exports[0]["resources"], "materialised as streamed: {group}");
+            assert!(materialised["files"].as_u64().unwrap() > 0, "{group}");
+            two_peaks(materialised);
+        } else {
+            assert!(materialised.is_null(), "no output store, no materialised export: {group}");
+        }
+    }
+    assert_eq!(dataset["since"]["resources"], 2, "{}", dataset["since"]);
+    assert_eq!(dataset["upload"]["counts"]["created"].as_u64(), Some(20));
+    two_peaks(&dataset["upload"]);
+    two_peaks(&dataset["concurrent_exports"]);
+    two_peaks(&dataset["system_export"]);
+
+    // Again with --reuse-import: the database is kept, its import figures repeated.
+    let again = bulkhead(&[
+        "bench",
+        "--patients",
+        "7",
+        "--groups",
+        "7",
+        "--work-dir",
+        path(work.path()),
+        "--manifest-runs",
+        "1",
+        "--since-writes",
+        "0",
+        "--upload-resources",
+        "0",
+        "--concurrent-exports",
+        "0",
+        "--mixed-seconds",
+        "0",
+        "--creates",
+        "0",
+        "--bundles",
+        "0",
+        "--closure-runs",
+        "0",
+        "--skip-system-export",
+        "--reuse-import",
+        "--database-url",
+        &server_url,
+        "--json",
+        path(&json),
+    ]);
+    assert!(again.status.success(), "{}\n{}", text(&again.stdout), text(&again.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let reused = &report["datasets"][0];
+    assert_eq!(reused["import_counts"], dataset["import_counts"], "the recorded import");
+    assert_eq!(reused["instances"], 1);
+    let exported = |dataset: &serde_json::Value| {
+        dataset["groups"][dataset["groups"].as_array().unwrap().len() - 1]["exports"][0]["resources"].as_u64().unwrap()
+    };
+    assert!(exported(reused) >= exported(dataset), "the same data, and the first run's writes");
+
+    let mut admin = postgres::Client::connect(&server_url, postgres::NoTls).unwrap();
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).unwrap();
+}
+
+/// `url` with its path (the database) replaced by `name`.
+fn with_path(url: &str, name: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, String::new()), |(base, query)| (base, format!("?{query}")));
+    let authority = base.find("://").map_or(0, |index| index + 3);
+    let path = base[authority..].find('/').map_or(base.len(), |index| authority + index);
+    format!("{}/{name}{query}", &base[..path])
+}
+
 /// `--shape synthea`: the vendored Synthea sample copied twice with fresh ids, shared
 /// organisations and practitioners written once, imported without a refusal.
 #[test]

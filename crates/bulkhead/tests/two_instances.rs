@@ -1,10 +1,12 @@
-//! Two `bulkhead serve` processes on one store: SQLite in one shared data directory (WAL lets
-//! several processes use one database; timestamps, the plan cache's watermarks, key files and
-//! job leases all live in that directory, never in one process), and one bucket as the output
-//! store when the S3 test server is there (`scripts/with-s3`). Exports kicked off on instance 1
-//! are polled on instance 2; instance 1 is SIGKILLed in the middle of them; instance 2 takes
-//! over every job it held once the lease lapses and finishes it, and every resource is
-//! downloaded exactly once.
+//! Two `bulkhead serve` processes on one store, run on both backings: SQLite in one shared data
+//! directory (WAL lets several processes use one database; timestamps, the plan cache's
+//! watermarks, key files and job leases all live in that directory, never in one process), and
+//! PostgreSQL with a data directory per instance (only the token-keys file is copied, as
+//! docs/deploy.md tells operators to). One bucket is the output store when the S3 test server is
+//! there (`scripts/with-s3`). Exports kicked off on instance 1 are polled on instance 2;
+//! instance 1 is SIGKILLed in the middle of them; instance 2 takes over every job it held once
+//! the lease lapses and finishes it; a third instance started afterwards serves the downloads,
+//! and every resource written is downloaded exactly once per job.
 //!
 //! With S3 the kill is certain to land mid-job (instance 1 is killed once a job has written
 //! some of its files), and the test also checks that instance 2 resumed rather than redid the
@@ -26,24 +28,6 @@ const JOBS: usize = 3;
 /// Small files, so a materialised job writes ~170 objects and takes seconds.
 const PART_SIZE: usize = 2;
 const OBJECT_EXTENSION: &str = "https://bulkhead.example/fhir/bulk-data/extension/output-object";
-
-/// The S3 test server's endpoint, if `scripts/with-s3` started one (a failure under CI if not).
-fn s3_endpoint() -> Option<String> {
-    match std::env::var("BULKHEAD_TEST_S3_ENDPOINT") {
-        Ok(endpoint) if !endpoint.is_empty() => Some(endpoint),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("BULKHEAD_TEST_S3_ENDPOINT is unset in CI: run the tests through scripts/with-s3")
-        }
-        _ => {
-            let _ = std::io::Write::write_all(
-                &mut std::io::stderr(),
-                b"\n*** two_instances: no S3 test server (scripts/with-s3): exports are not materialised, so \
-                  the kill cannot be placed mid-job ***\n",
-            );
-            None
-        }
-    }
-}
 
 fn ndjson_data() -> String {
     let mut lines = Vec::new();
@@ -70,34 +54,68 @@ async fn manifest(api: &Api, status: &str, deadline: Instant) -> Value {
     }
 }
 
+/// Where the instances keep their data.
+enum Backing {
+    /// One SQLite data directory shared by every instance.
+    SharedSqlite(std::path::PathBuf),
+    /// One PostgreSQL database (its URL); each instance has a data directory of its own, under
+    /// the temporary directory.
+    Postgres(String, tempfile::TempDir),
+}
+
+impl Backing {
+    /// How to start an instance; `keys_from` is a running instance whose token keys it shares
+    /// (on PostgreSQL: copied into its own data directory before it starts).
+    fn options(&self, toml: &str, keys_from: Option<&Server>) -> Options {
+        let config_toml = Some(toml.to_owned());
+        match self {
+            Backing::SharedSqlite(data_dir) => {
+                Options { data_dir: Some(data_dir.clone()), config_toml, ..Options::default() }
+            }
+            Backing::Postgres(url, root) => {
+                let instance_dir = tempfile::tempdir_in(root.path()).expect("temporary directory");
+                let data_dir = instance_dir.keep().join("data");
+                if let Some(first) = keys_from {
+                    std::fs::create_dir_all(&data_dir).expect("creating the data directory");
+                    std::fs::copy(first.data_dir.join("token-keys"), data_dir.join("token-keys"))
+                        .expect("copying the token keys");
+                }
+                Options { data_dir: Some(data_dir), database_url: Some(url.clone()), config_toml, ..Options::default() }
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_instance_leaves_its_export_jobs_to_the_other() {
-    let s3 = s3_endpoint();
     let shared = tempfile::tempdir().expect("temporary directory");
-    let data_dir = shared.path().join("data");
+    sigkill_scenario(Backing::SharedSqlite(shared.path().join("data"))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_sigkilled_instance_leaves_its_export_jobs_to_the_other() {
+    let Some(database) = bulkhead_store::postgres::testing::fresh_database() else { return };
+    let root = tempfile::tempdir().expect("temporary directory");
+    sigkill_scenario(Backing::Postgres(database.url.clone(), root)).await;
+}
+
+async fn sigkill_scenario(backing: Backing) {
+    let s3 = s3_endpoint("two_instances", "exports are not materialised, so the kill cannot be placed mid-job");
     let mut toml = format!("export_lease_seconds = 2\nexport_part_size = {PART_SIZE}\n");
     if let Some(endpoint) = &s3 {
-        let bucket = format!("bulkhead-{}", uuid_like());
-        let created = reqwest::Client::new().put(format!("{endpoint}/{bucket}")).send().await.expect("create bucket");
-        assert!(created.status().is_success(), "creating bucket {bucket}: {}", created.status());
-        toml.push_str(&format!(
-            "output_url = \"s3://{bucket}/exports\"\noutput_endpoint = \"{endpoint}\"\noutput_region = \"us-east-1\"\n\
-             output_access_key_id = \"test\"\noutput_secret_access_key = \"test\"\noutput_allow_http = true\n"
-        ));
+        toml.push_str(&s3_output_toml(endpoint).await);
     }
-    let options =
-        || Options { data_dir: Some(data_dir.clone()), config_toml: Some(toml.clone()), ..Options::default() };
-    let mut one = Server::start_with(options()).await;
+    let mut one = Server::start_with(backing.options(&toml, None)).await;
     one.create_tenant("acme");
     let api_one = one.create_client("acme");
-    let data = shared.path().join("data.ndjson");
-    std::fs::write(&data, ndjson_data()).expect("writing the data");
-    one.cli(&["import", "--tenant", "acme", data.to_str().expect("UTF-8 path")]);
+    let data = tempfile::Builder::new().suffix(".ndjson").tempfile().expect("temporary file");
+    std::fs::write(data.path(), ndjson_data()).expect("writing the data");
+    one.cli(&["import", "--tenant", "acme", data.path().to_str().expect("UTF-8 path")]);
     let members: Vec<String> = (0..PATIENTS).map(|p| format!("p{p:03}")).collect();
     let member_refs: Vec<&str> = members.iter().map(String::as_str).collect();
     api_one.upsert(&group(Some("g1"), &member_refs)).await;
 
-    let two = Server::start_with(options()).await;
+    let two = Server::start_with(backing.options(&toml, Some(&one))).await;
     let api_two = Api { base: two.base.clone(), ..api_one.clone() };
 
     // Kick-offs on instance 1; their status URLs are read on instance 2.
@@ -135,17 +153,24 @@ async fn a_sigkilled_instance_leaves_its_export_jobs_to_the_other() {
     }
     one.sigkill();
 
+    // Instance 2 finishes every job.
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut total_files = 0;
+    let mut manifests = Vec::new();
     for status in &statuses {
-        let manifest = manifest(&api_two, status, deadline).await;
+        manifests.push(manifest(&api_two, status, deadline).await);
+    }
+    // A third instance, started once they are done, serves the downloads.
+    let three = Server::start_with(backing.options(&toml, Some(&two))).await;
+    let api_three = Api { base: three.base.clone(), ..api_one.clone() };
+    let mut total_files = 0;
+    for (status, manifest) in statuses.iter().zip(manifests) {
         let mut ids: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for item in manifest["output"].as_array().expect("output") {
             // URLs name the base the kick-off was sent to (behind a load balancer, every
-            // instance's); here that is instance 1's port, so they are sent to instance 2's.
+            // instance's); here that is instance 1's port, so they are sent to instance 3's.
             let url = item["url"].as_str().expect("url");
             let path = url.strip_prefix(&one.base).unwrap_or_else(|| panic!("{url} is not under the kick-off's base"));
-            let reply = api_two.get(path).await;
+            let reply = api_three.get(path).await;
             assert_eq!(reply.status, 200, "{url}: {}", reply.text());
             if s3.is_some() {
                 assert!(url.contains("/$export-object/"), "a materialised file: {url}");
@@ -162,11 +187,7 @@ async fn a_sigkilled_instance_leaves_its_export_jobs_to_the_other() {
             }
             total_files += 1;
         }
-        let count = |resource_type: &str| ids.get(resource_type).map_or(0, BTreeSet::len);
-        assert_eq!(count("Patient"), PATIENTS, "{status}");
-        assert_eq!(count("Observation"), PATIENTS * OBSERVATIONS_PER_PATIENT, "{status}");
-        assert_eq!(count("Group"), 1, "{status}");
-        assert_eq!(ids.len(), 3, "nothing else: {:?}", ids.keys());
+        assert_eq!(ids, written_ids(), "{status}: every resource written, each once, nothing else");
     }
     assert!(total_files >= JOBS * 3);
 
@@ -183,8 +204,14 @@ async fn a_sigkilled_instance_leaves_its_export_jobs_to_the_other() {
     }
 }
 
-/// A unique enough bucket suffix (no uuid crate in this test target).
-fn uuid_like() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("{nanos:x}-{}", std::process::id())
+/// The ids of what [`ndjson_data`] writes (and the Group), by type.
+fn written_ids() -> BTreeMap<String, BTreeSet<String>> {
+    let patients = (0..PATIENTS).map(|p| format!("p{p:03}"));
+    let observations =
+        (0..PATIENTS).flat_map(|p| (0..OBSERVATIONS_PER_PATIENT).map(move |o| format!("o{p:03}-{o:02}")));
+    BTreeMap::from([
+        ("Patient".to_owned(), patients.collect()),
+        ("Observation".to_owned(), observations.collect()),
+        ("Group".to_owned(), BTreeSet::from(["g1".to_owned()])),
+    ])
 }

@@ -9,15 +9,18 @@
 //! checkpointed plan and skips the files already recorded. The old holder, should it wake up,
 //! finds its token refused at its next write (heartbeat, part, checkpoint or finish) and stops
 //! without writing anything. A job claimed more than [`MAX_CLAIMS`] times (it keeps killing its
-//! holders) is failed instead of run again.
+//! holders) is failed instead of run again. A job whose work meets an unavailable database (an
+//! outage, a restart) is not failed: its holder gives it back to be resumed once the database
+//! answers again.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::http::StatusCode;
 use bulkhead_export::{ExportError, PlanStep};
 use bulkhead_fhir::{now_micros, operation_outcome, Issue, IssueType, Micros};
-use bulkhead_store::{ClaimedJob, ExportJobState, JobLease};
+use bulkhead_store::{ClaimedJob, ExportJobState, JobLease, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
@@ -157,17 +160,16 @@ fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
     let ClaimedJob { lease, work, checkpoint, parts } = claimed;
     let store = state.store.as_ref();
     let started = Instant::now();
-    let finish = |job_state: ExportJobState, body: &str| match store.finish_leased_export_job(&lease, job_state, body) {
-        Ok(finished) => finished,
-        Err(error) => {
+    let finish_or_log = |job_state: ExportJobState, body: &str| {
+        store.finish_leased_export_job(&lease, job_state, body).unwrap_or_else(|error| {
             tracing::error!(job = %lease.job_id, error = %error, "finishing an export job failed");
             false
-        }
+        })
     };
     if lease.fence > MAX_CLAIMS {
         tracing::error!(job = %lease.job_id, claims = lease.fence, "export job interrupted too often: failing it");
         let (failed, body) = server_failure("this export was interrupted too often; kick the export off again");
-        finish(failed, &body);
+        finish_or_log(failed, &body);
         return;
     }
     let Ok(work) = ExportWork::from_json(&work) else {
@@ -175,7 +177,7 @@ fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
         tracing::warn!(job = %lease.job_id, "export job without work: failing it");
         let (failed, body) =
             server_failure("the server restarted while this export was being planned; kick the export off again");
-        finish(failed, &body);
+        finish_or_log(failed, &body);
         return;
     };
     let heartbeat = Heartbeat { state, lease: &lease, renewed: Mutex::new(Instant::now()), lost: false.into() };
@@ -192,22 +194,46 @@ fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
     };
     let result = crate::export_work::run(state, &work, &lease, checkpoint.as_deref(), &parts, &progress);
     let millis = started.elapsed().as_millis() as u64;
+    let finish = |job_state: ExportJobState, body: &str| store.finish_leased_export_job(&lease, job_state, body);
     let finished = match result {
         Ok(manifest) => {
             tracing::info!(job = %lease.job_id, fence = lease.fence, millis, "export job complete");
             finish(ExportJobState::Complete, &manifest)
         }
+        // The database (or the disk check) is unavailable for now: the job is not the problem,
+        // so it is not failed; it waits and runs again, resuming from what is recorded.
+        Err(WorkStop::Failed(error)) if error.status == StatusCode::SERVICE_UNAVAILABLE => {
+            tracing::warn!(job = %lease.job_id, fence = lease.fence, millis, "export job paused: the database is unavailable");
+            match pause_for_outage(state, &lease) {
+                LeaseAfterOutage::Gone => Ok(false),
+                LeaseAfterOutage::Shortened | LeaseAfterOutage::Lapsing => return,
+            }
+        }
         Err(WorkStop::Failed(error)) => {
             tracing::info!(job = %lease.job_id, status = %error.status, millis, "export job failed");
             let (failed, body) = failure(error);
             let finished = finish(failed, &body);
-            if finished {
+            if matches!(finished, Ok(true)) {
                 // Only while the lease held: a new holder writes the same keys.
                 remove_output(state, &lease, work.materialise);
             }
             finished
         }
-        Err(WorkStop::LeaseLost) => false,
+        Err(WorkStop::LeaseLost) => Ok(false),
+    };
+    let finished = match finished {
+        Ok(finished) => finished,
+        Err(StoreError::Unavailable(detail)) => {
+            tracing::warn!(job = %lease.job_id, error = %detail, "finishing an export job failed: the database is unavailable");
+            match pause_for_outage(state, &lease) {
+                LeaseAfterOutage::Gone => false,
+                LeaseAfterOutage::Shortened | LeaseAfterOutage::Lapsing => return,
+            }
+        }
+        Err(error) => {
+            tracing::error!(job = %lease.job_id, error = %error, "finishing an export job failed");
+            false
+        }
     };
     if !finished {
         // Cancelled (the row is gone: remove what this holder wrote), or taken over by another
@@ -225,9 +251,47 @@ fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
     }
 }
 
+/// How soon a job paused by an unavailable database is due again once the database answers.
+const RESUME_AFTER_OUTAGE: Duration = Duration::from_secs(1);
+
+/// What became of a lease its holder gave back after an outage.
+enum LeaseAfterOutage {
+    /// Due again in [`RESUME_AFTER_OUTAGE`].
+    Shortened,
+    /// The database stayed unreachable: the lease lapses as it would have.
+    Lapsing,
+    /// Taken over or cancelled meanwhile: nothing of the job is this holder's any more.
+    Gone,
+}
+
+/// Gives a job whose work stopped on an unavailable database back to the queue: its lease is
+/// shortened to [`RESUME_AFTER_OUTAGE`], so any instance's next claim resumes it (from its
+/// checkpoint and recorded files) soon after the database is back, rather than a whole lease
+/// later. While the database stays unreachable this retries, until the lease has lapsed anyway.
+fn pause_for_outage(state: &AppState, lease: &JobLease) -> LeaseAfterOutage {
+    let started = Instant::now();
+    let until_lapsed = state.config.export_lease;
+    loop {
+        match state.store.renew_export_job_lease(
+            lease,
+            now_micros(),
+            micros(RESUME_AFTER_OUTAGE),
+            "waiting for the database",
+        ) {
+            Ok(true) => {
+                tracing::info!(job = %lease.job_id, "export job queued again");
+                return LeaseAfterOutage::Shortened;
+            }
+            Ok(false) => return LeaseAfterOutage::Gone,
+            Err(_) if started.elapsed() >= until_lapsed => return LeaseAfterOutage::Lapsing,
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
 /// A server-side failure's status and OperationOutcome.
 fn server_failure(diagnostics: &str) -> (ExportJobState, String) {
-    let failed = ExportJobState::Failed { status: axum::http::StatusCode::INTERNAL_SERVER_ERROR.as_u16() };
+    let failed = ExportJobState::Failed { status: StatusCode::INTERNAL_SERVER_ERROR.as_u16() };
     (failed, operation_outcome(&[Issue::error(IssueType::Exception, diagnostics)]).to_string())
 }
 

@@ -630,3 +630,27 @@ async fn poll_until_done(server: &Server, client: &Client, status_path: &str) ->
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A store unavailable for a moment (PostgreSQL restarting, a connection cut) pauses a job
+/// instead of failing it for good: the worker gives the job back, and the next claim runs it to
+/// the manifest a synchronous export gives. Polls meanwhile see a job still in progress.
+#[tokio::test]
+async fn a_job_interrupted_by_an_unavailable_store_runs_again_instead_of_failing() {
+    let counted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hook_counted = counted.clone();
+    let planners = Planners::default().with_status_wait(Duration::from_millis(50)).with_hook(move |step| match step {
+        PlanStep::Counting { .. } if hook_counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 => {
+            Err(StoreError::Unavailable("connection refused".into()))
+        }
+        _ => Ok(()),
+    });
+    let server = Server::with_state(test_config(), move |state| state.planners = Arc::new(planners));
+    let (client, group) = populated(&server, "acme").await;
+    let path = format!("/bulk-data/r4/Group/{group}/$export");
+    let status = kick_off(&server, get(&path).by(&client).respond_async()).await;
+    let manifest = poll_until_done(&server, &client, &status).await;
+    assert!(counted.load(std::sync::atomic::Ordering::SeqCst) >= 2, "the job was planned again");
+    let sync_manifest = server.send(get(&path).by(&client)).await;
+    assert_status(&sync_manifest, 200);
+    assert_eq!(redact_manifest(manifest), redact_manifest(sync_manifest.json()));
+}

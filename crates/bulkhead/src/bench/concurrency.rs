@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::client::Client;
-use super::measure::{peak_rss_during, CpuClock, Encoding};
+use super::measure::{peak_rss_during, CpuClock, Encoding, PeakRss};
 
 /// `exports` exports of the same Group at once, each downloading `concurrency` files at a time.
 pub struct ConcurrentResult {
@@ -14,7 +14,7 @@ pub struct ConcurrentResult {
     pub resources: u64,
     pub seconds: f64,
     pub throttled: u64,
-    pub peak_rss_bytes: Option<u64>,
+    pub peak_rss_bytes: PeakRss,
     pub client_cpu_share: f64,
 }
 
@@ -26,7 +26,7 @@ impl ConcurrentResult {
 
 pub async fn concurrent_exports(
     client: &Client,
-    server_pid: u32,
+    server_pids: &[u32],
     group_id: &str,
     members: usize,
     exports: usize,
@@ -36,7 +36,7 @@ pub async fn concurrent_exports(
     let started = Instant::now();
     let work =
         futures::future::try_join_all((0..exports).map(|_| client.export(group_id, Encoding::Identity, concurrency)));
-    let (results, peak_rss_bytes) = peak_rss_during(server_pid, work).await;
+    let (results, peak_rss_bytes) = peak_rss_during(server_pids, work).await;
     let results = results?;
     Ok(ConcurrentResult {
         exports,
@@ -97,7 +97,7 @@ pub struct MixedResult {
     pub export_resources: AtomicU64,
     /// Reads and searches (`GET /r4/Patient/{id}`, `GET /r4/Observation?patient=`).
     pub reads: ClassCounts,
-    pub peak_rss_bytes: Option<u64>,
+    pub peak_rss_bytes: PeakRss,
     pub client_cpu_share: f64,
 }
 
@@ -114,7 +114,7 @@ impl MixedResult {
 /// Runs every client in a loop until `load.duration` has passed.
 pub async fn mixed_load(
     client: &Client,
-    server_pid: u32,
+    server_pids: &[u32],
     group_id: &str,
     members: &[String],
     load: MixedLoad,
@@ -129,7 +129,7 @@ pub async fn mixed_load(
         exports: ClassCounts::default(),
         export_resources: AtomicU64::new(0),
         reads: ClassCounts::default(),
-        peak_rss_bytes: None,
+        peak_rss_bytes: PeakRss::default(),
         client_cpu_share: 0.0,
     };
     let clock = CpuClock::start();
@@ -137,7 +137,7 @@ pub async fn mixed_load(
     let deadline = started + load.duration;
     let result_ref = &result;
     let writers = (0..load.writers).map(|writer| async move {
-        let url = format!("{}/r4/Observation", client.base);
+        let url = format!("{}/r4/Observation", client.base());
         let mut index = writer;
         while Instant::now() < deadline {
             let patient = format!("Patient/{}", members[index % members.len()]);
@@ -159,8 +159,8 @@ pub async fn mixed_load(
         while Instant::now() < deadline {
             let patient = &members[index % members.len()];
             let url = match index % 2 {
-                0 => format!("{}/r4/Patient/{patient}", client.base),
-                _ => format!("{}/r4/Observation?patient={patient}&_count=50", client.base),
+                0 => format!("{}/r4/Patient/{patient}", client.base()),
+                _ => format!("{}/r4/Observation?patient={patient}&_count=50", client.base()),
             };
             result_ref.reads.record(read(client, &url).await);
             index += 1;
@@ -173,7 +173,7 @@ pub async fn mixed_load(
             futures::future::join_all(readers)
         )
     };
-    let (_, peak_rss_bytes) = peak_rss_during(server_pid, everyone).await;
+    let (_, peak_rss_bytes) = peak_rss_during(server_pids, everyone).await;
     result.seconds = started.elapsed().as_secs_f64();
     result.peak_rss_bytes = peak_rss_bytes;
     result.client_cpu_share = clock.share();

@@ -81,7 +81,7 @@ pub async fn since(
     anyhow::ensure!(!since.is_empty(), "the manifest has no transactionTime");
     // The next write must be later than `since` even at the clock's resolution.
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let url = format!("{}/r4/Observation", client.base);
+    let url = format!("{}/r4/Observation", client.base());
     for index in 0..writes {
         let patient = format!("Patient/{}", members[index % members.len()]);
         client.post(&url, super::writes::observation(&patient, index).to_string()).await?;

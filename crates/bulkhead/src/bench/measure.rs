@@ -127,27 +127,65 @@ fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Runs `work` while watching the server's resident memory; returns its result and the peak.
-/// The kernel's high-water mark is reset first (`clear_refs` 5) where allowed, and RSS is also
-/// sampled every 5 ms, so the figure covers this work only.
-pub async fn peak_rss_during<T>(pid: u32, work: impl std::future::Future<Output = T>) -> (T, Option<u64>) {
-    let reset = std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok();
-    let sampled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let sampler = {
-        let sampled = sampled.clone();
-        tokio::spawn(async move {
-            while let Some(rss) = proc_status_bytes(pid, "VmRSS") {
-                sampled.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+/// The peak resident memory of each server instance during one piece of work (`None` where it
+/// could not be read).
+#[derive(Debug, Clone, Default)]
+pub struct PeakRss(pub Vec<Option<u64>>);
+
+impl PeakRss {
+    /// The largest instance's peak: what a per-instance memory target is held to.
+    pub fn max(&self) -> Option<u64> {
+        self.0.iter().flatten().copied().max()
+    }
+
+    /// Each instance's peak, for the JSON report.
+    pub fn per_instance(&self) -> serde_json::Value {
+        serde_json::json!(self.0)
+    }
+
+    /// `120M`, or `120M/118M` with several instances, for the table.
+    pub fn text(&self) -> String {
+        match self.0.as_slice() {
+            [] => "?".to_owned(),
+            peaks => peaks.iter().map(|peak| super::report::mib(*peak)).collect::<Vec<_>>().join("/"),
+        }
+    }
+}
+
+/// Runs `work` while watching each server process's resident memory; returns its result and
+/// every process's peak. The kernel's high-water mark is reset first (`clear_refs` 5) where
+/// allowed, and RSS is also sampled every 5 ms, so the figures cover this work only.
+pub async fn peak_rss_during<T>(pids: &[u32], work: impl std::future::Future<Output = T>) -> (T, PeakRss) {
+    let watched: Vec<(u32, bool, std::sync::Arc<std::sync::atomic::AtomicU64>)> = pids
+        .iter()
+        .map(|&pid| {
+            let reset = std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok();
+            (pid, reset, std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)))
         })
-    };
+        .collect();
+    let samplers: Vec<_> = watched
+        .iter()
+        .map(|(pid, _, sampled)| {
+            let (pid, sampled) = (*pid, sampled.clone());
+            tokio::spawn(async move {
+                while let Some(rss) = proc_status_bytes(pid, "VmRSS") {
+                    sampled.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
     let output = work.await;
-    sampler.abort();
-    let sampled = sampled.load(std::sync::atomic::Ordering::Relaxed);
-    let high_water = if reset { proc_status_bytes(pid, "VmHWM").unwrap_or(0) } else { 0 };
-    let peak = high_water.max(sampled);
-    (output, Some(peak).filter(|peak| *peak > 0))
+    samplers.iter().for_each(tokio::task::JoinHandle::abort);
+    let peaks = watched
+        .iter()
+        .map(|(pid, reset, sampled)| {
+            let sampled = sampled.load(std::sync::atomic::Ordering::Relaxed);
+            let high_water = if *reset { proc_status_bytes(*pid, "VmHWM").unwrap_or(0) } else { 0 };
+            Some(high_water.max(sampled)).filter(|peak| *peak > 0)
+        })
+        .collect();
+    (output, PeakRss(peaks))
 }
 
 /// A finished child process: its exit, its output (captured in files, so a chatty child never

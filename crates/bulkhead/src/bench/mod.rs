@@ -7,6 +7,11 @@
 //! `_since` manifest latency, end-to-end export throughput (manifest plus every file) as NDJSON,
 //! gzip and zstd, `$upload-ndjson`, concurrent exports and a mixed load, with the server's peak
 //! RSS read from the server process and the benchmark's own CPU share beside each figure.
+//!
+//! By default the data set lives in SQLite in the data directory. With `--database-url` it is
+//! imported into a database of its own on that PostgreSQL server instead, with `--output-url`
+//! asynchronous exports are materialised in S3, and with `--instances N` that many `serve`
+//! processes share the store while the load client sends requests to each in turn.
 
 mod client;
 mod concurrency;
@@ -117,6 +122,25 @@ pub struct BenchArgs {
     /// The `bulkhead` binary to measure (default: this one).
     #[arg(long)]
     pub binary: Option<PathBuf>,
+    /// Measure on PostgreSQL instead of SQLite: a server URL,
+    /// `postgres://USER[:PASSWORD]@HOST:PORT/DATABASE`, whose role may create databases. Each
+    /// data set gets a database of its own there, `bulkhead_bench_<data set>`, dropped and
+    /// created afresh for each import (kept with --reuse-import).
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Materialise asynchronous exports in an output store, `s3://BUCKET/PREFIX` (the bucket
+    /// must exist; endpoint, region and credentials from the `AWS_*` variables, as `bulkhead
+    /// serve` reads them). Each Group then also gets an asynchronous export downloaded end to end.
+    #[arg(long)]
+    pub output_url: Option<String>,
+    /// `bulkhead serve` processes on the same store and data directory; requests go to each in
+    /// turn, and the server's peak RSS is reported per instance.
+    #[arg(long, default_value_t = 1)]
+    pub instances: usize,
+    /// Asynchronous exports per Group for the kick-off and completion latencies (default:
+    /// --manifest-runs). With --output-url each one materialises the whole export.
+    #[arg(long)]
+    pub async_runs: Option<usize>,
 }
 
 /// One data set to measure: where its NDJSON files are and what it holds.
@@ -130,6 +154,13 @@ struct DataSpec {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.instances >= 1, "--instances must be at least 1");
+    if let Some(url) = &args.output_url {
+        anyhow::ensure!(
+            url.strip_prefix("s3://").is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/')),
+            "--output-url must be s3://BUCKET or s3://BUCKET/PREFIX"
+        );
+    }
     let binary = match &args.binary {
         Some(binary) => binary.clone(),
         None => std::env::current_exe().context("locating the bulkhead binary")?,
@@ -194,9 +225,9 @@ fn synthea_dataset(args: &BenchArgs, scale: u64) -> anyhow::Result<DataSpec> {
 }
 
 /// Creates a tenant and a client of it with the CLI; returns the client's credentials.
-fn tenant_client(binary: &Path, data_dir: &Path, tenant: &str, create: bool) -> anyhow::Result<(String, String)> {
+fn tenant_client(binary: &Path, storage: &Storage, tenant: &str, create: bool) -> anyhow::Result<(String, String)> {
     let cli = |command: &[&str]| -> anyhow::Result<String> {
-        let output = Command::new(binary).args(command).arg("--data-dir").arg(data_dir).output()?;
+        let output = storage.add_args(Command::new(binary).args(command)).output()?;
         anyhow::ensure!(
             output.status.success(),
             "bulkhead {} failed: {}",
@@ -219,13 +250,13 @@ fn import(
     binary: &Path,
     args: &BenchArgs,
     spec: &DataSpec,
-    data_dir: &Path,
+    storage: &Storage,
     reused: bool,
 ) -> anyhow::Result<ImportResult> {
-    let marker = data_dir.join(".imported");
+    let marker = storage.data_dir.join(".imported");
     if reused {
         let recorded: Value = serde_json::from_str(&std::fs::read_to_string(&marker)?).context("bad .imported")?;
-        eprintln!("reusing the import in {}", data_dir.display());
+        eprintln!("reusing the import in {}", storage.describe());
         let number = |name: &str| recorded[name].as_u64().unwrap_or(0);
         return Ok(ImportResult {
             counts: ImportCounts {
@@ -240,7 +271,7 @@ fn import(
     }
     eprintln!("importing {}", spec.files.display());
     let mut command = Command::new(binary);
-    command.args(["import", "--tenant", "bench", "--data-dir"]).arg(data_dir).arg(&spec.files);
+    storage.add_args(command.args(["import", "--tenant", "bench"])).arg(&spec.files);
     let finished = measure::run_measured(command, &args.work_dir.join(format!("import-{}", spec.key)))?;
     anyhow::ensure!(finished.success, "bulkhead import failed: {}", tail(&finished.stderr));
     let counts = ImportCounts::parse(&finished.stdout)?;
@@ -261,28 +292,36 @@ fn tail(text: &str) -> String {
 }
 
 fn bench_dataset(binary: &Path, args: &BenchArgs, spec: &DataSpec) -> anyhow::Result<DatasetResult> {
-    let data_dir = args.work_dir.join(format!("db-{}", spec.key));
+    let data_dir = match args.database_url {
+        None => args.work_dir.join(format!("db-{}", spec.key)),
+        Some(_) => args.work_dir.join(format!("pg-{}", spec.key)),
+    };
     let reused = args.reuse_import && data_dir.join(".imported").exists();
     if data_dir.exists() && !reused {
         std::fs::remove_dir_all(&data_dir)?;
     }
-    let (client_id, client_secret) = tenant_client(binary, &data_dir, "bench", !reused)?;
+    // On PostgreSQL no command makes the data directory before `serve`; the import's marker goes there.
+    crate::private_files::create_private_dir(&data_dir)?;
+    let storage = Storage::prepare(args, spec, data_dir, reused)?;
+    let (client_id, client_secret) = tenant_client(binary, &storage, "bench", !reused)?;
     // Uploads go to a tenant of their own, new each run, so every line is a create.
     let upload_tenant =
         format!("upload-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs());
     let upload_credentials = match args.upload_resources {
         0 => None,
-        _ => Some(tenant_client(binary, &data_dir, &upload_tenant, true)?),
+        _ => Some(tenant_client(binary, &storage, &upload_tenant, true)?),
     };
-    let import = import(binary, args, spec, &data_dir, reused)?;
+    let import = import(binary, args, spec, &storage, reused)?;
     let upload_files = crate::import::collect_files(std::slice::from_ref(&spec.files))?;
 
-    let server = Server::start(binary, &data_dir)?;
+    let server = Servers::start(binary, &storage, args.instances)?;
     let runtime = crate::serve::runtime()?;
     let http = reqwest::Client::new();
-    let client = Client { http: http.clone(), base: server.base.clone(), client_id, client_secret };
+    let client = Client::new(http.clone(), server.bases(), client_id, client_secret);
     let mut result = DatasetResult {
         shape: spec.shape.clone(),
+        store: storage.describe(),
+        instances: args.instances,
         patients: spec.patients,
         resources: import.counts.processed() - import.counts.failed,
         import,
@@ -311,13 +350,13 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, spec: &DataSpec) -> anyhow::Re
             let group = format!("bench-all-{}", patient_ids.len());
             client.put_group(&group, &patient_ids).await?;
             let system =
-                system_export::measure(&client, server.pid, &group, patient_ids.len(), args.concurrency).await?;
+                system_export::measure(&client, &server.pids(), &group, patient_ids.len(), args.concurrency).await?;
             result.system = Some(system);
         }
         if let Some((client_id, client_secret)) = upload_credentials {
             eprintln!("uploading up to {} resources with $upload-ndjson", args.upload_resources);
-            let uploader = Client { http: http.clone(), base: server.base.clone(), client_id, client_secret };
-            let upload = upload::measure_upload(&uploader, server.pid, upload_files, args.upload_resources).await?;
+            let uploader = Client::new(http.clone(), server.bases(), client_id, client_secret);
+            let upload = upload::measure_upload(&uploader, &server.pids(), upload_files, args.upload_resources).await?;
             result.upload = Some(upload);
         }
         let members = &patient_ids[..args.concurrent_members.min(patient_ids.len())];
@@ -343,7 +382,7 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, spec: &DataSpec) -> anyhow::Re
 /// load, both on the Group of the first `--concurrent-members` patients.
 async fn under_load(
     client: &Client,
-    server: &Server,
+    server: &Servers,
     args: &BenchArgs,
     members: &[String],
     result: &mut DatasetResult,
@@ -357,7 +396,8 @@ async fn under_load(
         eprintln!("{} concurrent exports of {} members", args.concurrent_exports, members.len());
         let (exports, concurrency) = (args.concurrent_exports, args.concurrency);
         let concurrent =
-            concurrency::concurrent_exports(client, server.pid, &group, members.len(), exports, concurrency).await?;
+            concurrency::concurrent_exports(client, &server.pids(), &group, members.len(), exports, concurrency)
+                .await?;
         result.concurrent = Some(concurrent);
     }
     if args.mixed_seconds > 0.0 {
@@ -368,7 +408,7 @@ async fn under_load(
             duration: Duration::from_secs_f64(args.mixed_seconds),
         };
         eprintln!("mixed load {load:?}");
-        let mixed = concurrency::mixed_load(client, server.pid, &group, members, load, args.concurrency).await?;
+        let mixed = concurrency::mixed_load(client, &server.pids(), &group, members, load, args.concurrency).await?;
         result.mixed = Some(mixed);
     }
     Ok(())
@@ -380,7 +420,7 @@ fn group_id(members: usize) -> String {
 
 async fn bench_group(
     client: &Client,
-    server: &Server,
+    server: &Servers,
     args: &BenchArgs,
     members: &[String],
     offers_zstd: &mut bool,
@@ -390,7 +430,8 @@ async fn bench_group(
     client.put_group(&group_id, members).await?;
     let manifest = latency::synchronous(client, &group_id, args.manifest_runs).await?;
     let poll = Duration::from_millis(args.status_poll_ms.max(1));
-    let asynchronous = latency::asynchronous(client, &group_id, args.manifest_runs, poll).await?;
+    let async_runs = args.async_runs.unwrap_or(args.manifest_runs);
+    let asynchronous = latency::asynchronous(client, &group_id, async_runs, poll).await?;
     let mut exports = Vec::new();
     let encodings = [Encoding::Identity, Encoding::Gzip, Encoding::Zstd];
     for encoding in encodings {
@@ -398,7 +439,7 @@ async fn bench_group(
             continue;
         }
         let (result, peak_rss) =
-            peak_rss_during(server.pid, client.export(&group_id, encoding, args.concurrency)).await;
+            peak_rss_during(&server.pids(), client.export(&group_id, encoding, args.concurrency)).await;
         match result {
             Ok(mut result) => {
                 result.peak_rss_bytes = peak_rss;
@@ -416,7 +457,18 @@ async fn bench_group(
         0 => None,
         runs => Some(closure_cost(client, &group_id, args.concurrency, runs).await?),
     };
-    Ok(GroupResult { members: members.len(), manifest, asynchronous, exports, closure })
+    let materialised = match args.output_url {
+        None => None,
+        Some(_) => {
+            let (result, peak_rss) =
+                peak_rss_during(&server.pids(), client.export_async_downloaded(&group_id, poll, args.concurrency))
+                    .await;
+            let mut result = result?;
+            result.peak_rss_bytes = peak_rss;
+            Some(result)
+        }
+    };
+    Ok(GroupResult { members: members.len(), manifest, asynchronous, exports, closure, materialised })
 }
 
 /// The cost of referenced resources: `runs` NDJSON exports with them and `runs` without,
@@ -438,6 +490,100 @@ async fn closure_cost(client: &Client, group_id: &str, concurrency: usize, runs:
     Ok(ClosureCost { runs, with_resources, with_seconds, without_resources, without_seconds })
 }
 
+/// Where a data set is stored and served from, as the `bulkhead` commands are told.
+struct Storage {
+    /// Token keys (shared by every instance), the import's marker, and the SQLite database
+    /// when there is no PostgreSQL.
+    data_dir: PathBuf,
+    /// The data set's own PostgreSQL database, and the server's version.
+    postgres: Option<(String, String)>,
+    output_url: Option<String>,
+}
+
+impl Storage {
+    /// Creates the data set's PostgreSQL database afresh (or keeps it, when its import is
+    /// reused).
+    fn prepare(args: &BenchArgs, spec: &DataSpec, data_dir: PathBuf, reused: bool) -> anyhow::Result<Storage> {
+        let postgres = match &args.database_url {
+            None => None,
+            Some(server_url) => {
+                let name = database_name(&spec.key);
+                let mut admin = postgres::Client::connect(server_url, postgres::NoTls).with_context(|| {
+                    format!("connecting to --database-url {}", crate::config::redact_password(server_url))
+                })?;
+                let version: String = admin.query_one("SHOW server_version", &[])?.try_get(0)?;
+                if !reused {
+                    eprintln!("creating the PostgreSQL database {name}");
+                    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))?;
+                    admin.batch_execute(&format!("CREATE DATABASE {name}"))?;
+                }
+                Some((with_database(server_url, &name), version))
+            }
+        };
+        Ok(Storage { data_dir, postgres, output_url: args.output_url.clone() })
+    }
+
+    /// Adds `--data-dir` (and `--database-url`) to a `bulkhead` command.
+    fn add_args<'c>(&self, command: &'c mut Command) -> &'c mut Command {
+        command.arg("--data-dir").arg(&self.data_dir);
+        if let Some((url, _)) = &self.postgres {
+            command.args(["--database-url", url]);
+        }
+        command
+    }
+
+    /// For the report: `SQLite (DIR)` or `PostgreSQL 15.4 (database NAME)`, and the output store.
+    fn describe(&self) -> String {
+        let store = match &self.postgres {
+            None => format!("SQLite ({})", self.data_dir.join("bulkhead.db").display()),
+            Some((url, version)) => {
+                let name = url.rsplit('/').next().unwrap_or_default().split('?').next().unwrap_or_default();
+                format!("PostgreSQL {version} (database {name})")
+            }
+        };
+        match &self.output_url {
+            Some(output) => format!("{store}, output {output}"),
+            None => store,
+        }
+    }
+}
+
+/// The PostgreSQL database of a data set (`bulkhead_bench_10000`, `bulkhead_bench_synthea_x10`).
+fn database_name(key: &str) -> String {
+    let key: String =
+        key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+    format!("bulkhead_bench_{key}")
+}
+
+/// `url` with its database (the path) replaced by `name`, keeping any `?parameters`.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let authority_start = base.find("://").map_or(0, |index| index + 3);
+    let path_start = base[authority_start..].find('/').map_or(base.len(), |index| authority_start + index);
+    format!("{}/{name}{query}", &base[..path_start])
+}
+
+/// Every `bulkhead serve` instance of a run, stopped on drop.
+struct Servers(Vec<Server>);
+
+impl Servers {
+    fn start(binary: &Path, storage: &Storage, instances: usize) -> anyhow::Result<Servers> {
+        let servers = (0..instances).map(|_| Server::start(binary, storage)).collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Servers(servers))
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.0.iter().map(|server| server.pid).collect()
+    }
+
+    fn bases(&self) -> Vec<String> {
+        self.0.iter().map(|server| server.base.clone()).collect()
+    }
+}
+
 /// A `bulkhead serve` child process on a free loopback port, stopped on drop.
 struct Server {
     child: Child,
@@ -446,15 +592,14 @@ struct Server {
 }
 
 impl Server {
-    fn start(binary: &Path, data_dir: &Path) -> anyhow::Result<Server> {
+    fn start(binary: &Path, storage: &Storage) -> anyhow::Result<Server> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Command::new(binary)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting bulkhead serve")?;
+        let mut command = Command::new(binary);
+        storage.add_args(command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]));
+        if let Some(output) = &storage.output_url {
+            command.args(["--output-url", output]);
+        }
+        let child = command.env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().context("starting bulkhead serve")?;
         let server = Server { pid: child.id(), child, base: format!("http://127.0.0.1:{port}") };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -471,5 +616,17 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn each_data_set_gets_a_database_of_its_own_on_the_server() {
+        assert_eq!(super::database_name("10000"), "bulkhead_bench_10000");
+        assert_eq!(super::database_name("synthea-x10"), "bulkhead_bench_synthea_x10");
+        let url = "postgres://u:p@127.0.0.1:5432/postgres?sslmode=disable";
+        assert_eq!(super::with_database(url, "b"), "postgres://u:p@127.0.0.1:5432/b?sslmode=disable");
+        assert_eq!(super::with_database("postgres://u@h:5", "b"), "postgres://u@h:5/b");
     }
 }

@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 
 use super::concurrency::{ConcurrentResult, MixedResult};
 use super::latency::{AsyncLatency, Latency, SinceResult};
-use super::measure::Encoding;
+use super::measure::{Encoding, PeakRss};
 use super::summary::ImportCounts;
 use super::system_export::SystemResult;
 use super::targets::{targets, Target};
@@ -20,7 +20,7 @@ pub struct ExportResult {
     pub seconds: f64,
     /// `429` answers waited out.
     pub throttled: u64,
-    pub peak_rss_bytes: Option<u64>,
+    pub peak_rss_bytes: PeakRss,
     /// The benchmark process's CPU seconds per wall second during this export.
     pub client_cpu_share: f64,
 }
@@ -42,6 +42,9 @@ pub struct GroupResult {
     pub exports: Vec<ExportResult>,
     /// The cost of referenced resources (self-contained export) on the NDJSON export.
     pub closure: Option<ClosureCost>,
+    /// With an output store: one asynchronous export, materialised and downloaded, from the
+    /// kick-off to the last byte.
+    pub materialised: Option<ExportResult>,
 }
 
 /// Group export (NDJSON, end to end) with referenced resources (the default) and without them
@@ -77,6 +80,10 @@ impl ImportResult {
 pub struct DatasetResult {
     /// `synthetic` or `synthea ×K`.
     pub shape: String,
+    /// Where the data lives: `SQLite (…)` or `PostgreSQL 15.4 (database …)`, and any output store.
+    pub store: String,
+    /// `bulkhead serve` processes sharing the store.
+    pub instances: usize,
     pub patients: u64,
     pub resources: u64,
     pub import: ImportResult,
@@ -120,7 +127,7 @@ pub fn mib(bytes: Option<u64>) -> String {
 
 impl BenchReport {
     pub fn new() -> BenchReport {
-        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        let command = std::env::args().map(|arg| crate::config::redact_password(&arg)).collect::<Vec<_>>().join(" ");
         BenchReport { machine: machine(), command, datasets: Vec::new() }
     }
 
@@ -171,11 +178,13 @@ impl BenchReport {
 fn print_dataset(dataset: &DatasetResult) {
     let import = &dataset.import;
     say!(
-        "\ndata set: {} {} patients, {} resources ({}); import {:.1} s = {:.0} resources/s, import peak RSS {}",
+        "\ndata set: {} {} patients, {} resources ({}) on {}, {} serve instance(s); import {:.1} s = {:.0} resources/s, import peak RSS {}",
         dataset.patients,
         dataset.shape,
         dataset.resources,
         dataset.data_dir,
+        dataset.store,
+        dataset.instances,
         import.seconds,
         import.per_second(),
         mib(import.peak_rss_bytes),
@@ -207,7 +216,7 @@ fn print_dataset(dataset: &DatasetResult) {
                 export.per_second(),
                 export.mb_per_second(),
                 export.seconds,
-                mib(export.peak_rss_bytes),
+                export.peak_rss_bytes.text(),
                 export.client_cpu_share,
             );
         }
@@ -223,6 +232,21 @@ fn print_dataset(dataset: &DatasetResult) {
                 closure.without_resources,
                 closure.without_seconds,
                 closure.extra_percent()
+            );
+        }
+    }
+    for group in &dataset.groups {
+        if let Some(export) = &group.materialised {
+            say!(
+                "asynchronous export materialised in the output store, {}-member Group, kick-off to last byte: {} resources in {} files, {:.2} s = {:.0} res/s, {:.1} MB/s, server peak RSS {}, client CPU {:.2}",
+                group.members,
+                export.resources,
+                export.files,
+                export.seconds,
+                export.per_second(),
+                export.mb_per_second(),
+                export.peak_rss_bytes.text(),
+                export.client_cpu_share
             );
         }
     }
@@ -256,7 +280,7 @@ fn print_dataset(dataset: &DatasetResult) {
             system.system.files,
             system.system.seconds,
             system.system.per_second(),
-            mib(system.system.peak_rss_bytes),
+            system.system.peak_rss_bytes.text(),
             system.ratio(),
             system.members,
             system.group_before.per_second(),
@@ -269,7 +293,7 @@ fn print_dataset(dataset: &DatasetResult) {
             upload.counts.processed(),
             upload.seconds,
             upload.per_second(),
-            mib(upload.peak_rss_bytes),
+            upload.peak_rss_bytes.text(),
             upload.client_cpu_share
         );
     }
@@ -282,7 +306,7 @@ fn print_dataset(dataset: &DatasetResult) {
             concurrent.seconds,
             concurrent.per_second(),
             concurrent.throttled,
-            mib(concurrent.peak_rss_bytes),
+            concurrent.peak_rss_bytes.text(),
             concurrent.client_cpu_share
         );
     }
@@ -300,7 +324,7 @@ fn print_dataset(dataset: &DatasetResult) {
             mixed.exports.failed(),
             mixed.rate(&mixed.reads),
             mixed.reads.failed(),
-            mib(mixed.peak_rss_bytes),
+            mixed.peak_rss_bytes.text(),
             mixed.client_cpu_share
         );
     }
@@ -328,6 +352,8 @@ fn print_dataset(dataset: &DatasetResult) {
 fn dataset_json(d: &DatasetResult) -> Value {
     json!({
         "shape": d.shape,
+        "store": d.store,
+        "instances": d.instances,
         "patients": d.patients,
         "resources": d.resources,
         "data": d.data_dir,
@@ -361,9 +387,20 @@ fn dataset_json(d: &DatasetResult) -> Value {
                 "resources_per_second": e.per_second(),
                 "mb_per_second": e.mb_per_second(),
                 "throttled": e.throttled,
-                "server_peak_rss_bytes": e.peak_rss_bytes,
+                "server_peak_rss_bytes": e.peak_rss_bytes.max(),
+                "server_peak_rss_bytes_per_instance": e.peak_rss_bytes.per_instance(),
                 "client_cpu_share": e.client_cpu_share,
             })).collect::<Vec<_>>(),
+            "materialised_export": g.materialised.as_ref().map(|e| json!({
+                "files": e.files,
+                "resources": e.resources,
+                "bytes": e.bytes,
+                "seconds": e.seconds,
+                "resources_per_second": e.per_second(),
+                "server_peak_rss_bytes": e.peak_rss_bytes.max(),
+                "server_peak_rss_bytes_per_instance": e.peak_rss_bytes.per_instance(),
+                "client_cpu_share": e.client_cpu_share,
+            })),
             "referenced_resources": g.closure.as_ref().map(|c| json!({
                 "runs": c.runs,
                 "with_resources": c.with_resources,
@@ -386,7 +423,8 @@ fn dataset_json(d: &DatasetResult) -> Value {
             "files": s.system.files,
             "seconds": s.system.seconds,
             "resources_per_second": s.system.per_second(),
-            "server_peak_rss_bytes": s.system.peak_rss_bytes,
+            "server_peak_rss_bytes": s.system.peak_rss_bytes.max(),
+            "server_peak_rss_bytes_per_instance": s.system.peak_rss_bytes.per_instance(),
             "group_members": s.members,
             "group_before_resources_per_second": s.group_before.per_second(),
             "group_after_resources_per_second": s.group_after.per_second(),
@@ -397,7 +435,8 @@ fn dataset_json(d: &DatasetResult) -> Value {
             "counts": counts_json(&u.counts),
             "seconds": u.seconds,
             "resources_per_second": u.per_second(),
-            "server_peak_rss_bytes": u.peak_rss_bytes,
+            "server_peak_rss_bytes": u.peak_rss_bytes.max(),
+            "server_peak_rss_bytes_per_instance": u.peak_rss_bytes.per_instance(),
             "client_cpu_share": u.client_cpu_share,
         })),
         "concurrent_exports": d.concurrent.as_ref().map(|c| json!({
@@ -407,7 +446,8 @@ fn dataset_json(d: &DatasetResult) -> Value {
             "seconds": c.seconds,
             "resources_per_second": c.per_second(),
             "throttled": c.throttled,
-            "server_peak_rss_bytes": c.peak_rss_bytes,
+            "server_peak_rss_bytes": c.peak_rss_bytes.max(),
+            "server_peak_rss_bytes_per_instance": c.peak_rss_bytes.per_instance(),
             "client_cpu_share": c.client_cpu_share,
         })),
         "mixed_load": d.mixed.as_ref().map(|m| json!({
@@ -426,7 +466,8 @@ fn dataset_json(d: &DatasetResult) -> Value {
             "reads": m.reads.done(),
             "reads_failed": m.reads.failed(),
             "reads_per_second": m.rate(&m.reads),
-            "server_peak_rss_bytes": m.peak_rss_bytes,
+            "server_peak_rss_bytes": m.peak_rss_bytes.max(),
+            "server_peak_rss_bytes_per_instance": m.peak_rss_bytes.per_instance(),
             "client_cpu_share": m.client_cpu_share,
         })),
         "targets": targets(d).iter().map(|t| json!({

@@ -24,7 +24,7 @@ impl SystemResult {
 
 pub async fn measure(
     client: &Client,
-    server_pid: u32,
+    server_pids: &[u32],
     group_id: &str,
     members: usize,
     concurrency: usize,
@@ -34,7 +34,7 @@ pub async fn measure(
     let system_url = client.system_kick_off_url();
     let run = |url: String| async move {
         let (result, peak_rss) =
-            peak_rss_during(server_pid, client.export_from(&url, Encoding::Identity, concurrency)).await;
+            peak_rss_during(server_pids, client.export_from(&url, Encoding::Identity, concurrency)).await;
         result.map(|mut result| {
             result.peak_rss_bytes = peak_rss;
             result

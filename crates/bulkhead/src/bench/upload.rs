@@ -9,7 +9,7 @@ use std::time::Instant;
 use futures::SinkExt;
 
 use super::client::Client;
-use super::measure::{peak_rss_during, CpuClock};
+use super::measure::{peak_rss_during, CpuClock, PeakRss};
 use super::summary::ImportCounts;
 
 pub struct UploadResult {
@@ -17,7 +17,7 @@ pub struct UploadResult {
     pub sent: u64,
     pub counts: ImportCounts,
     pub seconds: f64,
-    pub peak_rss_bytes: Option<u64>,
+    pub peak_rss_bytes: PeakRss,
     pub client_cpu_share: f64,
 }
 
@@ -31,7 +31,7 @@ const CHUNK_BYTES: usize = 1 << 20;
 
 pub async fn measure_upload(
     client: &Client,
-    server_pid: u32,
+    server_pids: &[u32],
     files: Vec<PathBuf>,
     limit: u64,
 ) -> anyhow::Result<UploadResult> {
@@ -77,7 +77,7 @@ pub async fn measure_upload(
     let clock = CpuClock::start();
     let started = Instant::now();
     let (outcome, peak_rss_bytes) =
-        peak_rss_during(server_pid, client.upload_ndjson(reqwest::Body::wrap_stream(receiver))).await;
+        peak_rss_during(server_pids, client.upload_ndjson(reqwest::Body::wrap_stream(receiver))).await;
     let seconds = started.elapsed().as_secs_f64();
     let client_cpu_share = clock.share();
     let sent = reader.join().map_err(|_| anyhow::anyhow!("the upload reader panicked"))??;

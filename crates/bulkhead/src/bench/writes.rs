@@ -47,10 +47,9 @@ pub async fn measure_writes(
     entries: usize,
 ) -> anyhow::Result<WriteResult> {
     let started = Instant::now();
-    let observation_url = format!("{}/r4/Observation", client.base);
-    let mut posts = futures::stream::iter((0..creates).map(|index| {
+    let mut posts = futures::stream::iter((0..creates).map(|index| async move {
         let body = observation("Patient/bench-writes", index).to_string();
-        client.post(&observation_url, body)
+        client.post(&format!("{}/r4/Observation", client.base()), body).await
     }))
     .buffer_unordered(concurrency.max(1));
     while let Some(result) = posts.next().await {
@@ -68,7 +67,7 @@ pub async fn measure_writes(
         })];
         items.extend((1..entries).map(|index| json!({"resource": observation(&patient_url, index), "request": {"method": "POST", "url": "Observation"}})));
         let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": items});
-        client.post(&format!("{}/r4", client.base), bundle.to_string()).await?;
+        client.post(&format!("{}/r4", client.base()), bundle.to_string()).await?;
     }
     let bundle_seconds = started.elapsed().as_secs_f64();
     Ok(WriteResult { single_creates: creates, single_seconds, bundles, bundle_entries: entries, bundle_seconds })

@@ -15,12 +15,18 @@ use tempfile::TempDir;
 
 mod api;
 mod export;
+mod postgres_cluster;
+mod s3_bucket;
 
 // Each test crate uses a part of the harness.
 #[allow(unused_imports)]
 pub use api::*;
 #[allow(unused_imports)]
 pub use export::*;
+#[allow(unused_imports)]
+pub use postgres_cluster::*;
+#[allow(unused_imports)]
+pub use s3_bucket::*;
 
 /// The binary under test, built by cargo for this test target.
 pub const BIN: &str = env!("CARGO_BIN_EXE_bulkhead");

@@ -17,6 +17,7 @@ mod jobs;
 mod leases;
 pub mod migrations;
 mod part_reader;
+mod reachability;
 mod resources;
 mod retention;
 #[cfg(any(test, feature = "testsuite"))]
@@ -25,7 +26,8 @@ pub mod testing;
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bulkhead_fhir::{now_micros, Micros};
 use postgres::types::ToSql;
@@ -85,14 +87,24 @@ impl Drop for Connection {
     }
 }
 
-/// Runs blocking database work, on a scoped thread of its own when called from an async
-/// runtime's thread (the blocking client cannot run there; the server always calls from
-/// blocking threads, so this is for tests and tools that hold a store in async code).
+/// Runs blocking database work where the blocking client may run: the blocking client drives
+/// its own runtime, which cannot start on a thread that is running async tasks.
+///
+/// Outside any runtime, and on a multi-threaded runtime's blocking threads (`spawn_blocking`,
+/// where the server calls from), the work runs right here: `block_in_place` runs it as it is
+/// there. On a multi-threaded runtime's worker thread `block_in_place` first hands the worker's
+/// tasks to another thread. Only a current-thread runtime (tests and tools that hold a store in
+/// async code) needs a scoped thread of its own. Spawning a thread per call, as every call once
+/// did, cost more than many of the calls themselves.
 fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return work();
+    match tokio::runtime::Handle::try_current() {
+        Err(_) => work(),
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        Ok(_) => std::thread::scope(|scope| scope.spawn(work).join())
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
     }
-    std::thread::scope(|scope| scope.spawn(work).join()).unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Statements kept per connection; dynamic searches make many shapes, so the cache is bounded.
@@ -100,6 +112,7 @@ const STATEMENT_CACHE: usize = 256;
 
 struct Manager {
     config: postgres::Config,
+    reachability: Arc<reachability::Reachability>,
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -107,7 +120,11 @@ impl r2d2::ManageConnection for Manager {
     type Error = postgres::Error;
 
     fn connect(&self) -> Result<Connection, postgres::Error> {
-        Ok(Connection { client: ManuallyDrop::new(self.config.connect(NoTls)?), statements: HashMap::new() })
+        let connected = self.config.connect(NoTls);
+        // A server at its connection limit is up: check-outs keep waiting for a pooled one.
+        let at_limit = |error: &postgres::Error| error.code() == Some(&postgres::error::SqlState::TOO_MANY_CONNECTIONS);
+        self.reachability.note_attempt(connected.as_ref().err().is_none_or(at_limit));
+        Ok(Connection { client: ManuallyDrop::new(connected?), statements: HashMap::new() })
     }
 
     fn is_valid(&self, connection: &mut Connection) -> Result<(), postgres::Error> {
@@ -171,6 +188,7 @@ impl Db<'_> {
 pub struct PgStore {
     pool: r2d2::Pool<Manager>,
     options: PgOptions,
+    reachability: Arc<reachability::Reachability>,
 }
 
 impl PgStore {
@@ -215,14 +233,17 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("bulkhead");
         }
+        let reachability = Arc::new(reachability::Reachability::default());
+        // r2d2's own timeout only caps its reconnect backoff here (half of it): check-outs wait
+        // `checkout_timeout` in `checkout`.
         let pool = r2d2::Pool::builder()
             .max_size(options.max_connections.max(1))
             .min_idle(Some(0))
-            .connection_timeout(options.checkout_timeout)
+            .connection_timeout(reachability::RECONNECT_BACKOFF_CAP * 2)
             .idle_timeout(Some(Duration::from_secs(300)))
             .test_on_check_out(true)
-            .build_unchecked(Manager { config });
-        Ok(PgStore { pool, options })
+            .build_unchecked(Manager { config, reachability: reachability.clone() });
+        Ok(PgStore { pool, options, reachability })
     }
 
     /// Applies every migration this binary knows that the database lacks; returns the versions
@@ -236,8 +257,24 @@ impl PgStore {
         self.with_client(migrations::current_version)
     }
 
+    /// A pooled connection, waiting up to `checkout_timeout` while every connection is busy, but
+    /// failing at once while the database refuses connections (a restart, an outage): a request
+    /// then gets its 503 in milliseconds, not after the whole timeout.
     fn checkout(&self) -> Result<r2d2::PooledConnection<Manager>, StoreError> {
-        self.pool.get().map_err(|error| StoreError::Unavailable(format!("no database connection: {error}")))
+        let deadline = Instant::now() + self.options.checkout_timeout;
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now()).min(reachability::RECHECK);
+            match self.pool.get_timeout(wait) {
+                Ok(connection) => return Ok(connection),
+                Err(error) if self.reachability.unreachable() => {
+                    return Err(StoreError::Unavailable(format!("database unreachable: {error}")))
+                }
+                Err(error) if Instant::now() >= deadline => {
+                    return Err(StoreError::Unavailable(format!("no database connection: {error}")))
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// Runs `work` in a write transaction stamped with a fresh timestamp, committing only when
