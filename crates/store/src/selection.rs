@@ -61,6 +61,14 @@ pub(crate) struct Via {
     pub(crate) forced: bool,
 }
 
+impl Via {
+    /// What reaches a resource found through both (associative and commutative, so merging in
+    /// memory before merging into stored rows changes nothing).
+    pub(crate) fn merge(self, other: Via) -> Via {
+        Via { reach: self.reach.merge(other.reach), forced: self.forced || other.forced }
+    }
+}
+
 /// Whether an associated resource with this version and reach is exported: changed since
 /// (`_since` of the members it was reached through), reached through a member added since, or
 /// forced by an exported resource; and before `_until`.

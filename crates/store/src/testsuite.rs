@@ -36,6 +36,7 @@ macro_rules! store_test_suite {
             storage_bytes_are_reported,
             tenant_scope_selects_every_resource_of_a_type, patients_at_a_time, type_filters_select_exactly,
             associated_data_is_found_before_type_filters, provenance_is_found_by_target,
+            provenance_is_found_whatever_the_order_of_writes,
             export_job_claims_are_exclusive_and_fair_across_tenants, an_expired_lease_is_taken_over_and_the_stale_holder_fenced,
             the_export_cap_is_counted_with_the_insert_across_instances, a_cancelled_job_stops_its_holder,
             plans_are_reused_exactly_while_the_members_compartments_are_unchanged,
@@ -1892,6 +1893,84 @@ pub fn provenance_is_found_by_target(store: &dyn Store) {
     let later = store.reserve_transaction_time().unwrap();
     assert!(found(acme, &[target("Observation", "o1"), target("Patient", "a")], later).is_empty());
     assert_eq!(found(acme, &[target("Observation", "o2")], later), ["prov1", "prov2"]);
+}
+
+/// Provenance is found through the resources it targets whatever the order of the writes: a
+/// Provenance written before its target existed (in an earlier write, or earlier in the same
+/// write, single or bulk), a target deleted and re-created, a Provenance retargeted, each as of
+/// its transaction time; and after a target's tombstone is pruned (its key may be handed out
+/// again), only a resource of that type and id brings the Provenance back.
+pub fn provenance_is_found_whatever_the_order_of_writes(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    let found = |selection: &MemberSelection| {
+        let request = associated_request(ProvenanceSelection::Relevant, ReferencedTypes::None, 1);
+        associated(store, acme, selection, &request)
+    };
+    let update = |body: Value| WriteOp::Update {
+        resource_type: body["resourceType"].as_str().unwrap().to_owned(),
+        id: body["id"].as_str().unwrap().to_owned(),
+        body,
+        if_match: None,
+    };
+    put(store, acme, None, patient("a"));
+    put(store, acme, None, patient("b"));
+    put(store, acme, None, provenance("early", &["Observation/o1", "Observation/o2"], "Practitioner/x"));
+    let before_targets = selection(store, &[("a", None), ("b", None)], None);
+    put(store, acme, None, observation("o1", "a", 1));
+    // One transaction: each Provenance before its target.
+    let one_write = [provenance("same", &["Observation/o3"], "Practitioner/x"), observation("o3", "a", 1)];
+    store.write(acme, None, &one_write.map(update), WriteMode::Transaction).unwrap();
+    // A bulk write (new resources in a handful of statements where a store has such a path):
+    // Provenance targeting resources of the same write, before and after them, and one whose
+    // target comes in a later write.
+    let mut bulk = vec![provenance("bulk1", &["Observation/o5"], "Practitioner/x")];
+    for n in 5..12 {
+        bulk.push(observation(&format!("o{n}"), if n % 2 == 0 { "a" } else { "b" }, 1));
+    }
+    bulk.push(provenance("bulk2", &["Observation/o6", "Observation/o2"], "Practitioner/x"));
+    bulk.push(provenance("bulk3", &["Observation/o7"], "Practitioner/x"));
+    let written = store.write(acme, None, &bulk.into_iter().map(update).collect::<Vec<_>>(), WriteMode::Batch);
+    assert!(written.unwrap().iter().all(|entry| entry.as_ref().is_ok_and(|written| written.created)));
+    put(store, acme, None, observation("o2", "b", 1));
+    put(store, acme, None, observation("o4", "a", 1));
+    put(store, acme, None, provenance("late", &["Observation/o4"], "Practitioner/x"));
+    let first_a = selection(store, &[("a", None)], None);
+    let first_b = selection(store, &[("b", None)], None);
+    assert!(found(&before_targets).is_empty(), "as of before its targets existed, nothing targets the cohort");
+    let all_of_a = ["Provenance/bulk2", "Provenance/early", "Provenance/late", "Provenance/same"];
+    assert_eq!(found(&first_a), all_of_a);
+    assert_eq!(found(&first_b), ["Provenance/bulk1", "Provenance/bulk2", "Provenance/bulk3", "Provenance/early"]);
+    // Retargeted from a's o4 to b's o2; o1 deleted, then re-created.
+    put(store, acme, None, provenance("late", &["Observation/o2"], "Practitioner/x"));
+    delete(store, acme, "Observation", "o1");
+    let o1_deleted = selection(store, &[("a", None)], None);
+    put(store, acme, None, observation("o1", "a", 2));
+    let now_a = selection(store, &[("a", None)], None);
+    let now_b = selection(store, &[("b", None)], None);
+    assert_eq!(found(&first_a), all_of_a, "as of the first time, whatever was written since");
+    assert_eq!(found(&o1_deleted), ["Provenance/bulk2", "Provenance/same"], "o1 deleted; late moved to b");
+    assert_eq!(found(&now_a), ["Provenance/bulk2", "Provenance/early", "Provenance/same"], "o1 is back");
+    assert_eq!(
+        found(&now_b),
+        ["Provenance/bulk1", "Provenance/bulk2", "Provenance/bulk3", "Provenance/early", "Provenance/late"]
+    );
+    // The newest resource's tombstone is pruned; the next new resource may get its key.
+    put(store, acme, None, provenance("pruned", &["Observation/o99"], "Practitioner/x"));
+    put(store, acme, None, observation("o99", "a", 1));
+    assert!(found(&selection(store, &[("a", None)], None)).contains(&"Provenance/pruned".to_owned()));
+    delete(store, acme, "Observation", "o99");
+    let cutoff = store.reserve_transaction_time().unwrap() + 1;
+    store.prune_history(cutoff, cutoff + 1, 100).unwrap();
+    put(store, acme, None, observation("o100", "a", 1));
+    let after_prune = selection(store, &[("a", None)], None);
+    assert_eq!(found(&after_prune), ["Provenance/bulk2", "Provenance/early", "Provenance/same"], "o100 is not o99");
+    put(store, acme, None, observation("o99", "a", 2));
+    let recreated = selection(store, &[("a", None)], None);
+    assert_eq!(
+        found(&recreated),
+        ["Provenance/bulk2", "Provenance/early", "Provenance/pruned", "Provenance/same"],
+        "o99 created again"
+    );
 }
 
 // ---- export job leases ----

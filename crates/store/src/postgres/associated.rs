@@ -81,15 +81,54 @@ impl ReferenceRows {
         if self.rids.is_empty() {
             return Ok(());
         }
+        // A Provenance target's row carries the target's key when its row exists (see
+        // `resolve_new_targets` for targets created later).
         db.execute(
-            "INSERT INTO reference_index (tenant_id, rid, provenance_target, target_type, target_id, from_ts)
-             SELECT $1, n.rid, n.provenance_target, n.target_type, n.target_id, $2
+            "INSERT INTO reference_index (tenant_id, rid, provenance_target, target_type, target_id, from_ts, target_rid)
+             SELECT $1, n.rid, n.provenance_target, n.target_type, n.target_id, $2,
+                    CASE WHEN n.provenance_target THEN (
+                        SELECT r.rid FROM resources r
+                        WHERE r.tenant_id = $1 AND r.resource_type = n.target_type AND r.id = n.target_id) END
              FROM unnest($3::int8[], $4::bool[], $5::text[], $6::text[]) AS n(rid, provenance_target, target_type, target_id)
              ON CONFLICT DO NOTHING",
             &[&tenant.0, &timestamp, &self.rids, &self.provenance, &self.types, &self.ids],
         )?;
         Ok(())
     }
+}
+
+/// Resource rows were just created for `(types[i], ids[i])` with keys `rids[i]`: the Provenance
+/// target rows that already name them (written before them, or naming a pruned tombstone) get
+/// their keys. Unresolved rows have a small index of their own (`provenance_unresolved`), so
+/// this costs a create little.
+pub(super) fn resolve_new_targets(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    types: &[&str],
+    ids: &[&str],
+    rids: &[i64],
+) -> Result<(), StoreError> {
+    if rids.is_empty() {
+        return Ok(());
+    }
+    db.execute(
+        "UPDATE reference_index x SET target_rid = n.rid
+         FROM unnest($2::text[], $3::text[], $4::int8[]) AS n(target_type, target_id, rid)
+         WHERE x.tenant_id = $1 AND x.provenance_target AND x.target_rid IS NULL
+           AND x.target_type = n.target_type AND x.target_id = n.target_id",
+        &[&tenant.0, &types, &ids, &rids],
+    )?;
+    Ok(())
+}
+
+/// The resource row with key `rid` is being removed (history pruning of a tombstone): target
+/// rows naming it lose the key until a resource of that type and id is created again.
+pub(super) fn forget_target(db: &mut Db<'_>, tenant: TenantId, rid: i64) -> Result<(), StoreError> {
+    db.execute(
+        "UPDATE reference_index SET target_rid = NULL WHERE tenant_id = $1 AND target_rid = $2 AND provenance_target",
+        &[&tenant.0, &rid],
+    )?;
+    Ok(())
 }
 
 /// Brings a resource's open reference rows in line with its new version (written at
@@ -359,7 +398,7 @@ fn compute(
                 add_references(db, tenant, &chosen, at, 1, &request.referenced)?;
             }
             if provenance {
-                add_provenance(db, tenant, selection, resource_type, &chosen, request.provenance)?;
+                add_provenance(db, tenant, selection, &chosen, request.provenance)?;
             }
             if end == last {
                 break;
@@ -460,14 +499,14 @@ fn states_at(db: &mut Db<'_>, tenant: TenantId, rids: &[i64], at: Micros) -> Res
     Ok(states)
 }
 
-/// Records the Provenance that targeted each of the `reached` resources (of `resource_type`) at
-/// the transaction time (only the latest per resource for [`ProvenanceSelection::Latest`]),
-/// merging each one's reach into those already found.
+/// Records the Provenance that targeted each of the `reached` resources at the transaction time
+/// (only the latest per resource for [`ProvenanceSelection::Latest`]), merging each one's reach
+/// into those already found. Target rows carry their target's key, so the resources' keys find
+/// them directly (`provenance_by_target_rid`).
 fn add_provenance(
     db: &mut Db<'_>,
     tenant: TenantId,
     selection: &MemberSelection,
-    resource_type: &str,
     reached: &Reached,
     mode: ProvenanceSelection,
 ) -> Result<(), StoreError> {
@@ -479,10 +518,9 @@ fn add_provenance(
     let targeting: Vec<(usize, i64)> = db
         .query(
             "SELECT n.ord, p.rid FROM unnest($2::int8[]) WITH ORDINALITY AS n(rid, ord)
-             JOIN resources s ON s.tenant_id = $1 AND s.rid = n.rid
-             JOIN reference_index p ON p.tenant_id = $1 AND p.provenance_target AND p.target_type = $3
-                  AND p.target_id = s.id AND p.from_ts <= $4 AND (p.to_ts IS NULL OR p.to_ts > $4)",
-            &[&tenant.0, &reached.rids, &resource_type, &at],
+             JOIN reference_index p ON p.tenant_id = $1 AND p.provenance_target AND p.target_rid = n.rid
+                  AND p.from_ts <= $3 AND (p.to_ts IS NULL OR p.to_ts > $3)",
+            &[&tenant.0, &reached.rids, &at],
         )?
         .iter()
         .map(|row| Ok((row.try_get::<_, i64>(0)? as usize - 1, row.try_get(1)?)))
@@ -765,4 +803,138 @@ pub(super) fn delete_expired_sets(db: &mut Db<'_>, now: Micros) -> Result<(), St
         &[&now],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use crate::{
+        AssociatedRequest, MemberSelection, ProvenanceSelection, ReferencedTypes, SelectionScope, Store, TenantId,
+        Visibility, WriteMode, WriteOp,
+    };
+
+    fn write(store: &dyn Store, tenant: TenantId, op: WriteOp) {
+        store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+    }
+
+    fn put(store: &dyn Store, tenant: TenantId, body: Value) {
+        let (resource_type, id) =
+            (body["resourceType"].as_str().unwrap().to_owned(), body["id"].as_str().unwrap().to_owned());
+        write(store, tenant, WriteOp::Update { resource_type, id, body, if_match: None });
+    }
+
+    fn provenance(id: &str, targets: &[&str]) -> Value {
+        let target: Vec<Value> = targets.iter().map(|target| json!({"reference": target})).collect();
+        json!({"resourceType": "Provenance", "id": id, "target": target, "recorded": "2020-01-01T00:00:00Z",
+               "agent": [{"who": {"reference": "Practitioner/x"}}]})
+    }
+
+    fn observation(id: &str) -> Value {
+        json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x"},
+               "subject": {"reference": "Patient/a"}})
+    }
+
+    /// Every reference row, with its target key.
+    fn rows(store: &super::PgStore) -> Vec<String> {
+        store
+            .with_transaction(|db| {
+                let rows = db.query(
+                    "SELECT tenant_id, rid, provenance_target, target_type, target_id, from_ts, to_ts, target_rid
+                     FROM reference_index ORDER BY 1, 2, 3, 4, 5, 6",
+                    &[],
+                )?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(format!(
+                            "{:?}",
+                            (
+                                row.try_get::<_, i64>(1)?,
+                                row.try_get::<_, bool>(2)?,
+                                row.try_get::<_, String>(3)?,
+                                row.try_get::<_, String>(4)?,
+                                row.try_get::<_, i64>(5)?,
+                                row.try_get::<_, Option<i64>>(6)?,
+                                row.try_get::<_, Option<i64>>(7)?
+                            )
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap()
+    }
+
+    /// How many Provenance member `a`'s associated set holds at `at`.
+    fn provenance_at(store: &dyn Store, tenant: TenantId, at: i64, set: &str) -> u64 {
+        let selection = MemberSelection {
+            members: vec![("a".into(), None)],
+            since: None,
+            until: None,
+            transaction_time: at,
+            visibility: Visibility::Tenant,
+            scope: SelectionScope::Members,
+            filters: Default::default(),
+        };
+        let sources = vec!["Patient".to_owned(), "Observation".to_owned()];
+        let request = AssociatedRequest {
+            set_id: set.into(),
+            expires: i64::MAX,
+            provenance: ProvenanceSelection::Relevant,
+            provenance_sources: sources.clone(),
+            referenced: ReferencedTypes::None,
+            reference_sources: sources,
+            depth: 1,
+        };
+        let planned = store.plan_associated(tenant, &selection, &request, 100).unwrap();
+        planned.iter().filter(|(resource_type, _)| resource_type == "Provenance").map(|(_, parts)| parts[0].count).sum()
+    }
+
+    /// Migration 8 gives a reference index written before it the keys the write path keeps
+    /// (resolved, or NULL for a target that does not exist), the same associated data at every
+    /// earlier time, and targets created afterwards resolve.
+    #[test]
+    fn migration_8_resolves_the_keys_of_existing_provenance_targets() {
+        let Some(database) = super::super::testing::fresh_database() else { return };
+        let options = super::super::testing::test_options;
+        let store = super::PgStore::open(&database.url, options()).unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        put(&store, tenant, json!({"resourceType": "Patient", "id": "a"}));
+        put(&store, tenant, provenance("p1", &["Observation/o1", "Patient/a"]));
+        put(&store, tenant, provenance("p3", &["Observation/later"]));
+        put(&store, tenant, observation("o1"));
+        let first = store.reserve_transaction_time().unwrap();
+        put(&store, tenant, provenance("p2", &["Observation/o1"]));
+        write(&store, tenant, WriteOp::Delete { resource_type: "Observation".into(), id: "o1".into() });
+        let second = store.reserve_transaction_time().unwrap();
+        put(&store, tenant, observation("o1"));
+        put(&store, tenant, provenance("p1", &["Observation/o2"]));
+        put(&store, tenant, observation("o2"));
+        let third = store.reserve_transaction_time().unwrap();
+        let kept = rows(&store);
+        assert!(kept.iter().any(|row| row.ends_with("None)")) && kept.iter().any(|row| row.ends_with("))")));
+        let times = [first, second, third];
+        let expected: Vec<u64> =
+            times.iter().enumerate().map(|(n, at)| provenance_at(&store, tenant, *at, &format!("a{n}"))).collect();
+        assert_eq!(expected, [1, 1, 2], "p1; p1 (o1 deleted); p1 through o2 and p2 through the re-created o1");
+        // Back to version 7.
+        store
+            .with_transaction(|db| {
+                db.batch(
+                    "DROP INDEX provenance_by_target_rid; DROP INDEX provenance_unresolved;
+                     ALTER TABLE reference_index DROP COLUMN target_rid;
+                     DELETE FROM schema_migrations WHERE version = 8;",
+                )
+            })
+            .unwrap();
+        drop(store);
+
+        let store = super::PgStore::open(&database.url, options()).unwrap();
+        assert_eq!(rows(&store), kept, "the migration resolves exactly the keys the writes kept");
+        let rebuilt: Vec<u64> =
+            times.iter().enumerate().map(|(n, at)| provenance_at(&store, tenant, *at, &format!("b{n}"))).collect();
+        assert_eq!(rebuilt, expected);
+        put(&store, tenant, observation("later"));
+        let now = store.reserve_transaction_time().unwrap();
+        assert_eq!(provenance_at(&store, tenant, now, "c"), 3, "a target created after the migration resolves");
+    }
 }

@@ -236,6 +236,8 @@ fn insert_new(
         &[&tenant.0, &tokens.0, &tokens.1, &tokens.2, &tokens.3, &tokens.4],
     )?;
     super::associated::index_new(db, tenant, &referencing, timestamp)?;
+    let new_rids: Vec<i64> = referencing.iter().map(|(_, rid, _)| *rid).collect();
+    super::associated::resolve_new_targets(db, tenant, &types, &ids, &new_rids)?;
     Ok(chosen
         .into_iter()
         .map(|(index, resource_type, id, _, text)| {
@@ -372,6 +374,9 @@ fn put(
     sync_compartments(db, tenant, resource_type, rid, patients, stored_owner, timestamp, is_new_row)?;
     sync_search_tokens(db, tenant, resource_type, rid, body, is_new_row)?;
     super::associated::sync_references(db, tenant, resource_type, rid, body, timestamp, is_new_row)?;
+    if is_new_row {
+        super::associated::resolve_new_targets(db, tenant, &[resource_type], &[id], &[rid])?;
+    }
     if resource_type == "Group" {
         let members =
             group_members(&text, timestamp).map_err(|error| StoreError::Invalid(format!("Group.member: {error}")))?;

@@ -69,6 +69,7 @@ pub(super) fn prune(store: &PgStore, cutoff: Micros, now: Micros, batch: usize) 
                  WHERE tenant_id = $1 AND pkey IN (SELECT pkey FROM compartment WHERE tenant_id = $1 AND rid = $2)",
                 &[&tenant, &rid],
             )?;
+            super::associated::forget_target(db, crate::TenantId(tenant), rid)?;
             for statement in [
                 "DELETE FROM resource_history WHERE tenant_id = $1 AND rid = $2",
                 "DELETE FROM compartment WHERE tenant_id = $1 AND rid = $2 AND to_ts IS NULL",

@@ -18,7 +18,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 
 use super::export::{filter_matches, load_members, select_window, selected, type_span, Reach, VersionAt, WINDOW};
-use super::SqliteStore;
+use super::{provenance_targets, SqliteStore};
 use crate::selection::{exported, visible_to, Via};
 use crate::{
     AssociatedRequest, MemberSelection, PartRange, PartReader, ProvenanceSelection, ReferencedTypes, StoreError,
@@ -34,6 +34,7 @@ CREATE TABLE reference_index (
     from_ts INTEGER NOT NULL,
     to_ts INTEGER,
     tenant_id INTEGER NOT NULL,
+    target_rid INTEGER,
     PRIMARY KEY (rid, provenance_target, target_type, target_id, from_ts)
 ) WITHOUT ROWID;
 CREATE INDEX provenance_by_target ON reference_index (tenant_id, target_type, target_id)
@@ -103,12 +104,14 @@ pub(super) fn migrate(connection: &mut Connection) -> Result<u64, StoreError> {
     connection.execute_batch(ASSOCIATED_TYPE_CHANGES)?;
     if exists {
         connection.execute_batch(REFERENCING_TYPES)?;
+        provenance_targets::migrate(connection)?;
         return Ok(0);
     }
     let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     transaction.execute_batch(REFERENCE_INDEX)?;
     transaction.execute_batch(REFERENCING_TYPES)?;
     let backfilled = backfill(&transaction)?;
+    provenance_targets::resolve_all(&transaction)?;
     transaction.commit()?;
     if backfilled > 0 {
         tracing::info!(resources = backfilled, "reference index backfilled from stored resources");
@@ -216,10 +219,7 @@ pub(super) fn sync_references(
     for gone in open.iter().filter(|reference| !references.contains(reference)) {
         close(transaction, rid, Some(gone), timestamp)?;
     }
-    let mut insert = transaction.prepare_cached(
-        "INSERT INTO reference_index (rid, provenance_target, target_type, target_id, from_ts, tenant_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
+    let mut insert = transaction.prepare_cached(provenance_targets::INSERT_REFERENCE)?;
     for reference in references.iter().filter(|reference| !open.contains(reference)) {
         insert.execute(params![
             rid,
@@ -331,7 +331,7 @@ impl SqliteStore {
         connection.execute_batch("PRAGMA temp_store = FILE;")?;
         connection.execute_batch(WORK_TABLES)?;
         connection.execute_batch("BEGIN DEFERRED")?;
-        let computed = compute(&connection, tenant, selection, request);
+        let computed = compute(self, &connection, tenant, selection, request);
         connection.execute_batch("COMMIT")?;
         computed?;
         // Stores the set and plans its parts from the same sorted stream.
@@ -375,15 +375,14 @@ impl SqliteStore {
     }
 }
 
-/// Fills `temp.assoc_out` with the set's `(type, key)` pairs.
+/// Fills `temp.assoc_out` (on `connection`) with the set's `(type, key)` pairs.
 fn compute(
+    store: &SqliteStore,
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
     request: &AssociatedRequest,
 ) -> Result<(), StoreError> {
-    load_members(connection, tenant, selection)?;
-    let at = selection.transaction_time;
     let referencing = request.referenced != ReferencedTypes::None && request.depth > 0;
     let any_provenance: bool = request.provenance != ProvenanceSelection::None
         && connection
@@ -403,11 +402,10 @@ fn compute(
             }
         }
     }
-    let cohort = MemberSelection { filters: Default::default(), ..selection.clone() };
-    let mut id_of = connection.prepare_cached("SELECT id FROM resources WHERE rid = ?1")?;
     let mut has_references = connection.prepare_cached(
         "SELECT EXISTS (SELECT 1 FROM referencing_types WHERE tenant_id = ?1 AND resource_type = ?2)",
     )?;
+    let mut windows: Vec<SourceWindow<'_>> = Vec::new();
     for resource_type in sources {
         // A type none of whose resources ever referenced anything to follow is not read at all
         // for references (e.g. Observations in Synthea data).
@@ -419,51 +417,26 @@ fn compute(
             continue;
         }
         let Some((first, last)) = type_span(connection, tenant, resource_type)? else { continue };
-        let live = |_: Reach, version: &VersionAt| !version.deleted && version.visible;
-        // The cohort is found before `_typeFilter`: a filter narrows what is exported of its
-        // type, not which Provenance and referenced resources come. Only a resource the export
-        // sends (selected and, for a filtered type, matching) forces what it reaches.
-        let filtered = selection.filters.filters(resource_type);
         let mut start = first;
-        while start <= last {
+        loop {
             let end = start.saturating_add(WINDOW - 1).min(last);
-            let mut chosen: Vec<(i64, Via)> = Vec::new();
-            select_window(connection, tenant, &cohort, resource_type, (start, end), live, |found| {
-                let sent = selected(selection, found.reach, &found.version)
-                    && (!filtered
-                        || filter_matches(connection, selection, resource_type, found.rid, found.history_version)?);
-                chosen.push((found.rid, Via { reach: found.reach, forced: sent }));
-                Ok(())
-            })?;
-            if follow {
-                add_window_references(connection, &chosen, (start, end), at, &request.referenced)?;
-            }
-            if provenance {
-                let mut found = FoundProvenance::default();
-                for &(rid, via) in &chosen {
-                    let id: String = id_of.query_row([rid], |row| row.get(0))?;
-                    find_provenance(
-                        connection,
-                        tenant,
-                        selection,
-                        resource_type,
-                        &id,
-                        via,
-                        request.provenance,
-                        &mut found,
-                    )?;
-                }
-                found.record(connection)?;
-            }
+            windows.push(SourceWindow { resource_type, follow, provenance, span: (start, end) });
             if end == last {
                 break;
             }
             start = end + 1;
         }
     }
+    let mut nodes = FoundNodes::new(1, &request.referenced);
+    read_windows(store, tenant, selection, request, &windows, |found| {
+        nodes.absorb(found.nodes);
+        nodes.record_if_full(connection)?;
+        found.provenance.record(connection)
+    })?;
     if any_provenance {
-        resolve_provenance(connection, selection, request, referencing)?;
+        resolve_provenance(connection, selection, referencing, &mut nodes)?;
     }
+    nodes.record(connection)?;
     if referencing {
         for level in 1..=request.depth {
             resolve_level(connection, tenant, selection, request, level)?;
@@ -472,20 +445,155 @@ fn compute(
     Ok(())
 }
 
-/// Records the references of the window's chosen resources (sorted by key) as level-1 nodes.
-/// A dense window (at least one key in four is chosen: a large cohort, or a type imported in one
-/// go) reads the index once over the key range instead of seeking per resource.
+/// One key window of one source type of the cohort.
+struct SourceWindow<'a> {
+    resource_type: &'a str,
+    /// Its resources' references are followed.
+    follow: bool,
+    /// Its resources' Provenance is added.
+    provenance: bool,
+    span: (i64, i64),
+}
+
+/// What the cohort's resources in one window reach.
+struct WindowFound<'a> {
+    nodes: FoundNodes<'a>,
+    provenance: FoundProvenance,
+}
+
+/// Reads the windows on several read connections at once (one per core, at most 4), handing
+/// what each found to `record`, on this thread, as it comes: a few windows' findings are in
+/// flight at most. A window's findings depend only on the transaction time (the indexes are
+/// versioned by time), so the readers' snapshots agree, and merging them in any order gives the
+/// same set.
+fn read_windows<'a>(
+    store: &SqliteStore,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    request: &'a AssociatedRequest,
+    windows: &[SourceWindow<'_>],
+    mut record: impl FnMut(WindowFound<'a>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    if windows.is_empty() {
+        return Ok(());
+    }
+    // The cohort is found before `_typeFilter`: a filter narrows what is exported of its type,
+    // not which Provenance and referenced resources come.
+    let cohort = MemberSelection { filters: Default::default(), ..selection.clone() };
+    let next = AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(1, |cores| cores.get()).clamp(1, 4).min(windows.len());
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<WindowFound<'a>>(workers);
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..workers)
+            .map(|_| {
+                let (sender, next, cohort) = (sender.clone(), &next, &cohort);
+                scope.spawn(move || {
+                    let read = store.with_snapshot(|connection| {
+                        load_members(connection, tenant, selection)?;
+                        let mut states = ProvenanceStates::default();
+                        while let Some(window) = windows.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            let found =
+                                read_window(connection, tenant, selection, cohort, request, window, &mut states)?;
+                            if sender.send(found).is_err() {
+                                break; // the recorder failed: nobody wants the rest
+                            }
+                        }
+                        Ok(())
+                    });
+                    if read.is_err() {
+                        next.fetch_max(windows.len(), Ordering::Relaxed); // the others stop too
+                    }
+                    read
+                })
+            })
+            .collect();
+        drop(sender);
+        let mut result = Ok(());
+        for found in receiver.iter() {
+            if let Err(error) = record(found) {
+                result = Err(error);
+                break;
+            }
+        }
+        drop(receiver);
+        for reader in readers {
+            let read =
+                reader.join().map_err(|_| StoreError::Database("associated data planning thread panicked".into()))?;
+            if result.is_ok() {
+                result = read;
+            }
+        }
+        result
+    })
+}
+
+/// What the cohort's resources in one window reach: their references (level-1 nodes) and their
+/// Provenance. `cohort` is `selection` without `_typeFilter`: the window's resources are found
+/// through it, and only those the export sends (selected and, for a filtered type, matching)
+/// force what they reach.
+fn read_window<'a>(
+    connection: &Connection,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    cohort: &MemberSelection,
+    request: &'a AssociatedRequest,
+    window: &SourceWindow<'_>,
+    states: &mut ProvenanceStates,
+) -> Result<WindowFound<'a>, StoreError> {
+    let SourceWindow { resource_type, follow, provenance, span } = *window;
+    let at = selection.transaction_time;
+    let filtered = selection.filters.filters(resource_type);
+    let live = |_: Reach, version: &VersionAt| !version.deleted && version.visible;
+    let mut chosen: Vec<(i64, Via)> = Vec::new();
+    select_window(connection, tenant, cohort, resource_type, span, live, |found| {
+        let sent = selected(selection, found.reach, &found.version)
+            && (!filtered || filter_matches(connection, selection, resource_type, found.rid, found.history_version)?);
+        chosen.push((found.rid, Via { reach: found.reach, forced: sent }));
+        Ok(())
+    })?;
+    let mut found =
+        WindowFound { nodes: FoundNodes::new(1, &request.referenced), provenance: FoundProvenance::default() };
+    if follow {
+        add_window_references(connection, &chosen, span, at, &mut found.nodes)?;
+    }
+    if provenance {
+        let window = ProvenanceWindow { resource_type, chosen: &chosen, span };
+        find_window_provenance(
+            connection,
+            tenant,
+            selection,
+            window,
+            request.provenance,
+            states,
+            &mut found.provenance,
+        )?;
+    }
+    Ok(found)
+}
+
+/// Whether a window's chosen keys are dense in its key range (more than one key in `DENSE`):
+/// one scan of the range then reads fewer index entries than one seek per chosen resource.
+/// (Lower in unit tests, so the conformance suite's tiny windows take both paths.)
+fn dense(chosen: usize, (start, end): (i64, i64)) -> bool {
+    const DENSE: i64 = if cfg!(test) { 2 } else { 4 };
+    (chosen as i64).saturating_mul(DENSE) > end - start
+}
+
+/// Adds the references of the window's chosen resources (sorted by key) to `nodes`. A dense
+/// window (a large cohort, or a type imported in one go) reads the index once over the key
+/// range instead of seeking per resource.
 fn add_window_references(
     connection: &Connection,
     chosen: &[(i64, Via)],
     (start, end): (i64, i64),
     at: Micros,
-    allowed: &ReferencedTypes,
+    nodes: &mut FoundNodes<'_>,
 ) -> Result<(), StoreError> {
     let (Some(&(first, _)), Some(&(last, _))) = (chosen.first(), chosen.last()) else { return Ok(()) };
-    if (chosen.len() as i64).saturating_mul(4) <= end - start {
+    if !dense(chosen.len(), (start, end)) {
         for &(rid, via) in chosen {
-            add_references(connection, rid, at, via, 1, allowed)?;
+            add_references(connection, rid, at, via, nodes)?;
         }
         return Ok(());
     }
@@ -497,20 +605,18 @@ fn add_window_references(
     while let Some(row) = rows.next()? {
         let rid: i64 = row.get(0)?;
         let Ok(index) = chosen.binary_search_by_key(&rid, |(key, _)| *key) else { continue };
-        record_node(connection, row.get_ref(1)?.as_str()?, row.get_ref(2)?.as_str()?, 1, chosen[index].1, allowed)?;
+        nodes.add(row.get_ref(1)?.as_str()?, row.get_ref(2)?.as_str()?, chosen[index].1);
     }
     Ok(())
 }
 
-/// Records the references of `rid`'s version at `at` (to allowed types) as nodes of `level`,
-/// merging `via` into nodes of that level already found.
+/// Adds the references of `rid`'s version at `at` to `nodes`.
 fn add_references(
     connection: &Connection,
     rid: i64,
     at: Micros,
     via: Via,
-    level: u32,
-    allowed: &ReferencedTypes,
+    nodes: &mut FoundNodes<'_>,
 ) -> Result<(), StoreError> {
     let mut references = connection.prepare_cached(
         "SELECT target_type, target_id FROM reference_index
@@ -518,38 +624,105 @@ fn add_references(
     )?;
     let mut rows = references.query(params![rid, at])?;
     while let Some(row) = rows.next()? {
-        record_node(connection, row.get_ref(0)?.as_str()?, row.get_ref(1)?.as_str()?, level, via, allowed)?;
+        nodes.add(row.get_ref(0)?.as_str()?, row.get_ref(1)?.as_str()?, via);
     }
     Ok(())
 }
 
-/// Records one referenced resource (when its type is allowed) as a node of `level`, merging
-/// `via` into a node of that level already found; a node found at a lower level stays as it is.
-fn record_node(
-    connection: &Connection,
-    target_type: &str,
-    target_id: &str,
+/// Nodes recorded per statement batch at most: [`FoundNodes`] records itself once it holds this
+/// many.
+const NODE_BATCH: usize = 50_000;
+
+/// Referenced resources found for one level (those of allowed types), merged in memory and
+/// recorded in `temp.assoc_node` a batch at a time ([`UPSERT_NODE`] merges alike): the same
+/// Practitioner or Organization is referenced by thousands of a window's resources, and is
+/// written once per batch instead of once per reference. Holds at most [`NODE_BATCH`] nodes
+/// when its owner calls [`FoundNodes::record_if_full`] after each batch of additions.
+struct FoundNodes<'a> {
     level: u32,
-    via: Via,
-    allowed: &ReferencedTypes,
-) -> Result<(), StoreError> {
-    let allowed = match allowed {
-        ReferencedTypes::None => false,
-        ReferencedTypes::All => true,
-        ReferencedTypes::Only(types) => types.iter().any(|t| t == target_type),
-    };
-    if allowed {
-        let mut upsert = connection.prepare_cached(UPSERT_NODE)?;
-        upsert.execute(params![
-            target_type,
-            target_id,
-            level,
-            via.reach.full_history,
-            via.reach.existing_since,
-            via.forced
-        ])?;
+    allowed: &'a ReferencedTypes,
+    /// Type, then id, to what reaches that resource.
+    found: std::collections::HashMap<String, std::collections::HashMap<String, Via>>,
+    len: usize,
+}
+
+impl<'a> FoundNodes<'a> {
+    fn new(level: u32, allowed: &'a ReferencedTypes) -> Self {
+        FoundNodes { level, allowed, found: Default::default(), len: 0 }
     }
-    Ok(())
+
+    /// Merges `via` into what reaches `target_type/target_id`, when its type is allowed.
+    fn add(&mut self, target_type: &str, target_id: &str, via: Via) {
+        let allowed = match self.allowed {
+            ReferencedTypes::None => false,
+            ReferencedTypes::All => true,
+            ReferencedTypes::Only(types) => types.iter().any(|t| t == target_type),
+        };
+        if !allowed {
+            return;
+        }
+        if !self.found.contains_key(target_type) {
+            self.found.insert(target_type.to_owned(), Default::default());
+        }
+        let ids = self.found.get_mut(target_type).expect("inserted above");
+        match ids.get_mut(target_id) {
+            Some(held) => *held = held.merge(via),
+            None => {
+                ids.insert(target_id.to_owned(), via);
+                self.len += 1;
+            }
+        }
+    }
+
+    /// Merges nodes found elsewhere (of allowed types, at this level) into these.
+    fn absorb(&mut self, other: FoundNodes<'_>) {
+        for (target_type, ids) in other.found {
+            match self.found.get_mut(&target_type) {
+                None => {
+                    self.len += ids.len();
+                    self.found.insert(target_type, ids);
+                }
+                Some(held) => {
+                    for (target_id, via) in ids {
+                        match held.get_mut(&target_id) {
+                            Some(merged) => *merged = merged.merge(via),
+                            None => {
+                                held.insert(target_id, via);
+                                self.len += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn record_if_full(&mut self, connection: &Connection) -> Result<(), StoreError> {
+        if self.len >= NODE_BATCH {
+            self.record(connection)?;
+        }
+        Ok(())
+    }
+
+    /// Records the nodes held as nodes of this level, merging with those recorded earlier; a
+    /// node recorded at a lower level stays as it is.
+    fn record(&mut self, connection: &Connection) -> Result<(), StoreError> {
+        let mut upsert = connection.prepare_cached(UPSERT_NODE)?;
+        for (target_type, ids) in self.found.drain() {
+            for (target_id, via) in ids {
+                upsert.execute(params![
+                    target_type,
+                    target_id,
+                    self.level,
+                    via.reach.full_history,
+                    via.reach.existing_since,
+                    via.forced
+                ])?;
+            }
+        }
+        self.len = 0;
+        Ok(())
+    }
 }
 
 /// The Provenance found through one window of cohort resources, merged in memory and recorded
@@ -558,19 +731,12 @@ fn record_node(
 #[derive(Default)]
 struct FoundProvenance {
     found: std::collections::HashMap<i64, Via>,
-    /// Each Provenance looked up so far: `Some(lastUpdated)` when its version at the transaction
-    /// time is live and visible.
-    states: std::collections::HashMap<i64, Option<Micros>>,
 }
 
 impl FoundProvenance {
-    /// Merges `via` into what reaches each Provenance found (as [`UPSERT_NODE`] merges): the
-    /// merge is associative and commutative, so merging in memory first changes nothing.
+    /// Merges `via` into what reaches Provenance `rid`.
     fn add(&mut self, rid: i64, via: Via) {
-        self.found
-            .entry(rid)
-            .and_modify(|held| *held = Via { reach: held.reach.merge(via.reach), forced: held.forced || via.forced })
-            .or_insert(via);
+        self.found.entry(rid).and_modify(|held| *held = held.merge(via)).or_insert(via);
     }
 
     /// Records the window's Provenance in `temp.assoc_provenance`, merging with earlier windows'.
@@ -590,51 +756,109 @@ impl FoundProvenance {
     }
 }
 
-/// Finds the Provenance that targeted `resource_type/id` at the transaction time (only the
-/// latest one for [`ProvenanceSelection::Latest`]), merging `via` into those already found.
-#[allow(clippy::too_many_arguments)]
-fn find_provenance(
+/// Provenance states remembered at most: past it, [`ProvenanceStates`] starts over.
+const STATE_CACHE: usize = 100_000;
+
+/// Each Provenance looked up so far during one planning: `Some(lastUpdated)` when its version
+/// at the transaction time is live and visible. Kept across windows (a Provenance usually
+/// targets resources of several windows and types), bounded by [`STATE_CACHE`].
+#[derive(Default)]
+struct ProvenanceStates(std::collections::HashMap<i64, Option<Micros>>);
+
+impl ProvenanceStates {
+    fn live(
+        &mut self,
+        connection: &Connection,
+        selection: &MemberSelection,
+        rid: i64,
+    ) -> Result<Option<Micros>, StoreError> {
+        if let Some(live) = self.0.get(&rid) {
+            return Ok(*live);
+        }
+        if self.0.len() >= STATE_CACHE {
+            self.0.clear();
+        }
+        // A target row valid at the transaction time means that version was live then; the
+        // owner decides visibility, the version's time which one is latest.
+        let live = state_at(connection, rid, selection.transaction_time)?
+            .filter(|state| !state.deleted && visible_to(selection, state.owner.as_deref()))
+            .map(|state| state.last_updated);
+        self.0.insert(rid, live);
+        Ok(live)
+    }
+}
+
+/// One window of chosen cohort resources of one type, sorted by key, with what reaches each.
+struct ProvenanceWindow<'a> {
+    resource_type: &'a str,
+    chosen: &'a [(i64, Via)],
+    /// The window's key range.
+    span: (i64, i64),
+}
+
+/// Finds the Provenance that targeted the window's resources at the transaction time (only the
+/// latest one per resource for [`ProvenanceSelection::Latest`]), merging each resource's `via`
+/// into those found. Target rows carry their target's key (`target_rid`): a dense window reads
+/// the rows targeting its key range in one scan of `provenance_by_target_rid` (the index leads
+/// with the type, so other types' keys in the range are not read), a sparse one seeks per
+/// resource.
+fn find_window_provenance(
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
-    resource_type: &str,
-    id: &str,
-    via: Via,
+    window: ProvenanceWindow<'_>,
     mode: ProvenanceSelection,
+    states: &mut ProvenanceStates,
     found: &mut FoundProvenance,
 ) -> Result<(), StoreError> {
+    let ProvenanceWindow { resource_type, chosen, span } = window;
+    let (Some(&(first, _)), Some(&(last, _))) = (chosen.first(), chosen.last()) else { return Ok(()) };
     let at = selection.transaction_time;
-    let mut targeting = connection.prepare_cached(
-        "SELECT rid FROM reference_index INDEXED BY provenance_by_target
-         WHERE tenant_id = ?1 AND target_type = ?2 AND target_id = ?3 AND provenance_target = 1
-           AND from_ts <= ?4 AND (to_ts IS NULL OR to_ts > ?4)",
-    )?;
-    let rids: Vec<i64> =
-        targeting.query_map(params![tenant.0, resource_type, id, at], |row| row.get(0))?.collect::<Result<_, _>>()?;
-    // A row valid at the transaction time means that version was live then; the owner decides
-    // visibility, the version's time which one is latest.
-    let mut candidates = Vec::new();
-    for rid in rids {
-        let live = match found.states.get(&rid) {
-            Some(live) => *live,
-            None => {
-                let live = state_at(connection, rid, at)?
-                    .filter(|state| !state.deleted && visible_to(selection, state.owner.as_deref()))
-                    .map(|state| state.last_updated);
-                found.states.insert(rid, live);
-                live
+    // `(index in chosen, Provenance key)` of the rows valid at the transaction time, by target.
+    let mut targeting: Vec<(usize, i64)> = Vec::new();
+    if dense(chosen.len(), span) {
+        let mut statement = connection.prepare_cached(
+            "SELECT target_rid, rid FROM reference_index INDEXED BY provenance_by_target_rid
+             WHERE tenant_id = ?1 AND target_type = ?2 AND target_rid BETWEEN ?3 AND ?4 AND provenance_target = 1
+               AND from_ts <= ?5 AND (to_ts IS NULL OR to_ts > ?5)
+             ORDER BY target_rid",
+        )?;
+        let mut rows = statement.query(params![tenant.0, resource_type, first, last, at])?;
+        while let Some(row) = rows.next()? {
+            let target: i64 = row.get(0)?;
+            if let Ok(index) = chosen.binary_search_by_key(&target, |(key, _)| *key) {
+                targeting.push((index, row.get(1)?));
             }
-        };
-        if let Some(last_updated) = live {
-            candidates.push((last_updated, rid));
+        }
+    } else {
+        let mut statement = connection.prepare_cached(
+            "SELECT rid FROM reference_index INDEXED BY provenance_by_target_rid
+             WHERE tenant_id = ?1 AND target_type = ?2 AND target_rid = ?3 AND provenance_target = 1
+               AND from_ts <= ?4 AND (to_ts IS NULL OR to_ts > ?4)",
+        )?;
+        for (index, &(rid, _)) in chosen.iter().enumerate() {
+            let mut rows = statement.query(params![tenant.0, resource_type, rid, at])?;
+            while let Some(row) = rows.next()? {
+                targeting.push((index, row.get(0)?));
+            }
         }
     }
-    if mode == ProvenanceSelection::Latest {
-        candidates.sort_unstable();
-        candidates.drain(..candidates.len().saturating_sub(1));
-    }
-    for (_, rid) in candidates {
-        found.add(rid, via);
+    let mut candidates: Vec<(Micros, i64)> = Vec::new();
+    for rows in targeting.chunk_by(|a, b| a.0 == b.0) {
+        candidates.clear();
+        for &(_, provenance) in rows {
+            if let Some(last_updated) = states.live(connection, selection, provenance)? {
+                candidates.push((last_updated, provenance));
+            }
+        }
+        if mode == ProvenanceSelection::Latest {
+            candidates.sort_unstable();
+            candidates.drain(..candidates.len().saturating_sub(1));
+        }
+        let via = chosen[rows[0].0].1;
+        for &(_, provenance) in &candidates {
+            found.add(provenance, via);
+        }
     }
     Ok(())
 }
@@ -646,12 +870,12 @@ fn via_from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Via> 
     })
 }
 
-/// Moves the found Provenance into the output, and records their references as level-1 nodes.
+/// Moves the found Provenance into the output, and adds their references to the level-1 `nodes`.
 fn resolve_provenance(
     connection: &Connection,
     selection: &MemberSelection,
-    request: &AssociatedRequest,
     referencing: bool,
+    nodes: &mut FoundNodes<'_>,
 ) -> Result<(), StoreError> {
     let at = selection.transaction_time;
     let mut batch_statement = connection.prepare(
@@ -673,9 +897,10 @@ fn resolve_provenance(
                 output.execute([rid])?;
             }
             if referencing {
-                add_references(connection, rid, at, Via { forced: sent, ..via }, 1, &request.referenced)?;
+                add_references(connection, rid, at, Via { forced: sent, ..via }, nodes)?;
             }
         }
+        nodes.record_if_full(connection)?;
     }
 }
 
@@ -698,6 +923,7 @@ fn resolve_level(
         .prepare_cached("SELECT rid FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3")?;
     let mut output =
         connection.prepare_cached("INSERT OR IGNORE INTO temp.assoc_out (resource_type, rid) VALUES (?1, ?2)")?;
+    let mut next = FoundNodes::new(level + 1, &request.referenced);
     let mut after = (String::new(), String::new());
     loop {
         let batch: Vec<(String, String, Via)> = batch_statement
@@ -705,7 +931,7 @@ fn resolve_level(
                 Ok((row.get(0)?, row.get(1)?, via_from_row(row, 2)?))
             })?
             .collect::<Result<_, _>>()?;
-        let Some(last) = batch.last() else { return Ok(()) };
+        let Some(last) = batch.last() else { break };
         after = (last.0.clone(), last.1.clone());
         for (target_type, target_id, via) in batch {
             let rid: Option<i64> =
@@ -720,10 +946,13 @@ fn resolve_level(
                 output.execute(params![target_type, rid])?;
             }
             if level < request.depth {
-                add_references(connection, rid, at, Via { forced: sent, ..via }, level + 1, &request.referenced)?;
+                add_references(connection, rid, at, Via { forced: sent, ..via }, &mut next)?;
             }
         }
+        next.record_if_full(connection)?;
     }
+    // The next level's nodes are all recorded before it is resolved.
+    next.record(connection)
 }
 
 /// A resource's version at a time, as planning needs it.

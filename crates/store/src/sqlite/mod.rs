@@ -10,6 +10,7 @@ mod leases;
 mod migrate;
 mod part_reader;
 mod plan_watermarks;
+mod provenance_targets;
 mod resources;
 mod retention;
 
@@ -901,7 +902,7 @@ mod tests {
             store
                 .with_read(|connection| {
                     let mut statement = connection.prepare(
-                        "SELECT rid, provenance_target, target_type, target_id, from_ts, to_ts, tenant_id
+                        "SELECT rid, provenance_target, target_type, target_id, from_ts, to_ts, tenant_id, target_rid
                          FROM reference_index ORDER BY 1, 2, 3, 4, 5",
                     )?;
                     let rows = statement
@@ -915,7 +916,8 @@ mod tests {
                                     row.get::<_, String>(3)?,
                                     row.get::<_, i64>(4)?,
                                     row.get::<_, Option<i64>>(5)?,
-                                    row.get::<_, i64>(6)?
+                                    row.get::<_, i64>(6)?,
+                                    row.get::<_, Option<i64>>(7)?
                                 )
                             ))
                         })?

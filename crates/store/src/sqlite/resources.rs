@@ -140,6 +140,9 @@ fn put(
     sync_compartments(transaction, tenant, resource_type, rid, patients, stored_owner, timestamp, is_new_row)?;
     sync_search_tokens(transaction, tenant, resource_type, rid, body, is_new_row)?;
     super::associated::sync_references(transaction, tenant, resource_type, rid, body, timestamp, is_new_row)?;
+    if is_new_row {
+        super::provenance_targets::resolve_new_target(transaction, tenant, resource_type, id, rid)?;
+    }
     if resource_type == "Group" {
         let members =
             group_members(&text, timestamp).map_err(|error| StoreError::Invalid(format!("Group.member: {error}")))?;

@@ -63,7 +63,7 @@ pub(super) fn prune(store: &SqliteStore, cutoff: Micros, now: Micros, batch: usi
             )?
             .query_map(params![after, upto, horizon], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
             .collect::<Result<_, _>>()?;
-        for (rid, _tenant, resource_type, _id) in &gone {
+        for (rid, tenant, resource_type, _id) in &gone {
             // The export plan cache keys validity on the patients' change watermark: removing
             // index rows is a change to their compartments.
             transaction
@@ -75,6 +75,7 @@ pub(super) fn prune(store: &SqliteStore, cutoff: Micros, now: Micros, batch: usi
             if resource_type == "Group" {
                 transaction.prepare_cached("DELETE FROM group_membership WHERE group_rid = ?1")?.execute([rid])?;
             }
+            super::provenance_targets::forget_target(transaction, crate::TenantId(*tenant), resource_type, *rid)?;
             for statement in [
                 "DELETE FROM resource_history WHERE rid = ?1",
                 "DELETE FROM compartment WHERE rid = ?1 AND to_ts IS NULL",

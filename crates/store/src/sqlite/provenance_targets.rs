@@ -1,0 +1,266 @@
+//! Provenance targets by key: each `Provenance.target` row of the reference index carries the
+//! `rid` of the resource it names (`target_rid`), so planning finds a cohort resource's
+//! Provenance from the key it already holds: one range scan per dense window, or one seek per
+//! resource, instead of a lookup of the resource's id and a seek by `(type, id)` per resource.
+//!
+//! Invariant: a target row's `target_rid` is the key of the resource row of its
+//! `(tenant, target_type, target_id)` when that row exists, NULL otherwise. Keys are stable (a
+//! deleted resource keeps its row as a tombstone, and a re-created one gets that row back), so
+//! the key is set once:
+//! - on the Provenance's write, when the target's row exists ([`INSERT_REFERENCE`]);
+//! - when the target's row is created later ([`resolve_new_target`]; unresolved rows have an
+//!   index of their own, `provenance_unresolved`, small and hot, so each create checks it
+//!   cheaply);
+//! - and it is cleared when history pruning removes the target's tombstone row
+//!   ([`forget_target`]): SQLite may hand a removed key out again.
+//!
+//! The mapping from `(type, id)` to key does not depend on time, and a target row keeps its
+//! validity `[from_ts, to_ts)`, so exports as of earlier transaction times stay exact.
+
+use rusqlite::{params, Connection, Transaction, TransactionBehavior};
+
+use crate::{StoreError, TenantId};
+
+/// Inserts one reference row (`?1` rid, `?2` provenance_target, `?3` target_type, `?4`
+/// target_id, `?5` from_ts, `?6` tenant), resolving a Provenance target's key.
+pub(super) const INSERT_REFERENCE: &str =
+    "INSERT INTO reference_index (rid, provenance_target, target_type, target_id, from_ts, tenant_id, target_rid)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6,
+             CASE WHEN ?2 THEN (SELECT rid FROM resources WHERE tenant_id = ?6 AND resource_type = ?3 AND id = ?4) END)";
+
+/// `provenance_by_target_rid` covers planning's reads (the table's key columns, `rid` and
+/// `from_ts`, ride along in a WITHOUT ROWID table's index entries, and `to_ts` is in it), and
+/// leads with the type so that a window's range scan reads no other type's keys.
+const INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS provenance_by_target_rid ON reference_index (tenant_id, target_type, target_rid, to_ts)
+    WHERE provenance_target = 1 AND target_rid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS provenance_unresolved ON reference_index (tenant_id, target_type, target_id)
+    WHERE provenance_target = 1 AND target_rid IS NULL;
+";
+
+/// Whether the reference index has its `target_rid` column.
+fn has_target_keys(connection: &Connection) -> Result<bool, StoreError> {
+    Ok(connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('reference_index') WHERE name = 'target_rid')",
+        [],
+        |row| row.get(0),
+    )?)
+}
+
+/// Gives a reference index from before target keys its `target_rid` column, resolved for every
+/// row, and its indexes, in one immediate transaction: a crash or a second process sees the
+/// index either without the column or complete. Returns whether it migrated.
+pub(super) fn migrate(connection: &mut Connection) -> Result<bool, StoreError> {
+    if has_target_keys(connection)? {
+        return Ok(false);
+    }
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Another process may have migrated while this one waited for the lock.
+    if has_target_keys(&transaction)? {
+        return Ok(false);
+    }
+    tracing::info!("adding target keys to the reference index's Provenance rows");
+    transaction.execute_batch("ALTER TABLE reference_index ADD COLUMN target_rid INTEGER;")?;
+    resolve_all(&transaction)?;
+    transaction.commit()?;
+    Ok(true)
+}
+
+/// Resolves the key of every Provenance target row (after a backfill or when the column is new),
+/// then creates the indexes (built once, from the resolved rows).
+pub(super) fn resolve_all(transaction: &Transaction<'_>) -> Result<(), StoreError> {
+    transaction.execute_batch(
+        "UPDATE reference_index SET target_rid = (
+             SELECT r.rid FROM resources r
+             WHERE r.tenant_id = reference_index.tenant_id AND r.resource_type = reference_index.target_type
+               AND r.id = reference_index.target_id)
+         WHERE provenance_target = 1;",
+    )?;
+    transaction.execute_batch(INDEXES)?;
+    Ok(())
+}
+
+/// A resource row was just created for `resource_type/id` with key `rid`: the Provenance rows
+/// that already target it (written before it, or targeting a pruned tombstone) get its key.
+pub(super) fn resolve_new_target(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    id: &str,
+    rid: i64,
+) -> Result<(), StoreError> {
+    transaction
+        .prepare_cached(
+            "UPDATE reference_index INDEXED BY provenance_unresolved SET target_rid = ?4
+             WHERE tenant_id = ?1 AND target_type = ?2 AND target_id = ?3 AND provenance_target = 1
+               AND target_rid IS NULL",
+        )?
+        .execute(params![tenant.0, resource_type, id, rid])?;
+    Ok(())
+}
+
+/// The resource row with key `rid` is being removed (history pruning of a tombstone): rows that
+/// target it lose its key until a resource of that type and id is created again.
+pub(super) fn forget_target(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    rid: i64,
+) -> Result<(), StoreError> {
+    transaction
+        .prepare_cached(
+            "UPDATE reference_index INDEXED BY provenance_by_target_rid SET target_rid = NULL
+             WHERE tenant_id = ?1 AND target_type = ?2 AND target_rid = ?3 AND provenance_target = 1",
+        )?
+        .execute(params![tenant.0, resource_type, rid])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+    use serde_json::{json, Value};
+
+    use crate::sqlite::SqliteStore;
+    use crate::{
+        AssociatedRequest, MemberSelection, ProvenanceSelection, ReferencedTypes, SelectionScope, Store, TenantId,
+        Visibility, WriteMode, WriteOp,
+    };
+
+    fn put(store: &SqliteStore, tenant: TenantId, body: Value) {
+        let (resource_type, id) =
+            (body["resourceType"].as_str().unwrap().to_owned(), body["id"].as_str().unwrap().to_owned());
+        let op = WriteOp::Update { resource_type, id, body, if_match: None };
+        store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+    }
+
+    fn provenance(id: &str, targets: &[&str]) -> Value {
+        let target: Vec<Value> = targets.iter().map(|target| json!({"reference": target})).collect();
+        json!({"resourceType": "Provenance", "id": id, "target": target, "recorded": "2020-01-01T00:00:00Z",
+               "agent": [{"who": {"reference": "Practitioner/x"}}]})
+    }
+
+    fn observation(id: &str) -> Value {
+        json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x"},
+               "subject": {"reference": "Patient/a"}})
+    }
+
+    /// Every reference row, with its target key.
+    fn rows(path: &std::path::Path) -> Vec<String> {
+        let connection = Connection::open(path).unwrap();
+        let mut statement = connection
+            .prepare(
+                "SELECT rid, provenance_target, target_type, target_id, from_ts, to_ts, tenant_id, target_rid
+                 FROM reference_index ORDER BY 1, 2, 3, 4, 5",
+            )
+            .unwrap();
+        let rows = statement.query_map([], |row| {
+            Ok(format!(
+                "{:?}",
+                (
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, bool>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, i64>(4)?,
+                    row.get::<_, Option<i64>>(5)?,
+                    row.get::<_, i64>(6)?,
+                    row.get::<_, Option<i64>>(7)?
+                )
+            ))
+        });
+        rows.unwrap().collect::<Result<_, _>>().unwrap()
+    }
+
+    /// How many Provenance member `a`'s associated set holds at `at`.
+    fn provenance_at(store: &SqliteStore, tenant: TenantId, at: i64, set: &str) -> u64 {
+        let selection = MemberSelection {
+            members: vec![("a".into(), None)],
+            since: None,
+            until: None,
+            transaction_time: at,
+            visibility: Visibility::Tenant,
+            scope: SelectionScope::Members,
+            filters: Default::default(),
+        };
+        let sources = vec!["Patient".to_owned(), "Observation".to_owned()];
+        let request = AssociatedRequest {
+            set_id: set.into(),
+            expires: i64::MAX,
+            provenance: ProvenanceSelection::Relevant,
+            provenance_sources: sources.clone(),
+            referenced: ReferencedTypes::None,
+            reference_sources: sources,
+            depth: 1,
+        };
+        let planned = store.plan_associated(tenant, &selection, &request, 100).unwrap();
+        planned.iter().filter(|(resource_type, _)| resource_type == "Provenance").map(|(_, parts)| parts[0].count).sum()
+    }
+
+    /// A database whose reference index predates target keys gets them on open: exactly the keys
+    /// the write path would have kept (resolved, or NULL for a target that does not exist), the
+    /// same associated data at every earlier time, and targets created afterwards resolve.
+    #[test]
+    fn a_reference_index_without_target_keys_gets_them_on_open() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("old.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        put(&store, tenant, json!({"resourceType": "Patient", "id": "a"}));
+        put(&store, tenant, provenance("p1", &["Observation/o1", "Patient/a"]));
+        put(&store, tenant, provenance("p3", &["Observation/later"]));
+        put(&store, tenant, observation("o1"));
+        let first = store.reserve_transaction_time().unwrap();
+        put(&store, tenant, provenance("p2", &["Observation/o1"]));
+        store
+            .write(
+                tenant,
+                None,
+                &[WriteOp::Delete { resource_type: "Observation".into(), id: "o1".into() }],
+                WriteMode::Transaction,
+            )
+            .unwrap();
+        let second = store.reserve_transaction_time().unwrap();
+        put(&store, tenant, observation("o1"));
+        put(&store, tenant, provenance("p1", &["Observation/o2"]));
+        put(&store, tenant, observation("o2"));
+        let third = store.reserve_transaction_time().unwrap();
+        let kept = rows(&path);
+        assert!(kept.iter().any(|row| row.ends_with("None)")) && kept.iter().any(|row| row.ends_with("))")));
+        let expected: Vec<u64> = [first, second, third]
+            .iter()
+            .enumerate()
+            .map(|(n, at)| provenance_at(&store, tenant, *at, &format!("a{n}")))
+            .collect();
+        assert_eq!(expected, [1, 1, 2], "p1; p1 (o1 deleted); p1 through o2 and p2 through the re-created o1");
+        drop(store);
+
+        // Back to the reference index as it was before target keys.
+        let connection = Connection::open(&path).unwrap();
+        connection
+            .execute_batch(
+                "DROP INDEX provenance_by_target_rid; DROP INDEX provenance_unresolved;
+                 ALTER TABLE reference_index DROP COLUMN target_rid;",
+            )
+            .unwrap();
+        assert!(!super::has_target_keys(&connection).unwrap());
+        drop(connection);
+
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(rows(&path), kept, "the migration resolves exactly the keys the writes kept");
+        let rebuilt: Vec<u64> = [first, second, third]
+            .iter()
+            .enumerate()
+            .map(|(n, at)| provenance_at(&store, tenant, *at, &format!("b{n}")))
+            .collect();
+        assert_eq!(rebuilt, expected);
+        put(&store, tenant, observation("later"));
+        let now = store.reserve_transaction_time().unwrap();
+        assert_eq!(provenance_at(&store, tenant, now, "c"), 3, "a target created after the migration resolves");
+        let after_write = rows(&path);
+        drop(store);
+        // Opening again changes nothing.
+        drop(SqliteStore::open(&path).unwrap());
+        assert_eq!(rows(&path), after_write);
+    }
+}
