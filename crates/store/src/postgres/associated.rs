@@ -886,7 +886,7 @@ mod tests {
             depth: 1,
         };
         let planned = store.plan_associated(tenant, &selection, &request, 100).unwrap();
-        planned.iter().filter(|(resource_type, _)| resource_type == "Provenance").map(|(_, parts)| parts[0].count).sum()
+        planned.parts.iter().filter(|(resource_type, _)| resource_type == "Provenance").map(|(_, parts)| parts[0].count).sum()
     }
 
     /// Migration 8 gives a reference index written before it the keys the write path keeps

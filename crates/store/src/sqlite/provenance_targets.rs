@@ -194,7 +194,7 @@ mod tests {
             depth: 1,
         };
         let planned = store.plan_associated(tenant, &selection, &request, 100).unwrap();
-        planned.iter().filter(|(resource_type, _)| resource_type == "Provenance").map(|(_, parts)| parts[0].count).sum()
+        planned.parts.iter().filter(|(resource_type, _)| resource_type == "Provenance").map(|(_, parts)| parts[0].count).sum()
     }
 
     /// A database whose reference index predates target keys gets them on open: exactly the keys
