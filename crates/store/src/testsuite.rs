@@ -2200,3 +2200,34 @@ pub fn existing_patients_are_exact_through_the_plan_cache(store: &dyn Store) {
     assert_eq!(existing_as(&user, store.reserve_transaction_time().unwrap()), ["d"]);
     assert_eq!(existing_as(&Visibility::Tenant, first), ["a", "b"], "an earlier time as of then");
 }
+
+/// How many Provenance member `a`'s associated set holds at `at` (the stores' migration tests
+/// compare it before and after a migration).
+pub fn provenance_of_member_a_at(store: &dyn Store, tenant: TenantId, at: i64, set: &str) -> u64 {
+    let selection = MemberSelection {
+        members: vec![("a".into(), None)],
+        since: None,
+        until: None,
+        transaction_time: at,
+        visibility: Visibility::Tenant,
+        scope: SelectionScope::Members,
+        filters: Default::default(),
+    };
+    let sources = vec!["Patient".to_owned(), "Observation".to_owned()];
+    let request = AssociatedRequest {
+        set_id: set.into(),
+        expires: i64::MAX,
+        provenance: ProvenanceSelection::Relevant,
+        provenance_sources: sources.clone(),
+        referenced: ReferencedTypes::None,
+        reference_sources: sources,
+        depth: 1,
+    };
+    let planned = store.plan_associated(tenant, &selection, &request, 100).unwrap();
+    planned
+        .parts
+        .iter()
+        .filter(|(resource_type, _)| resource_type == "Provenance")
+        .map(|(_, parts)| parts[0].count)
+        .sum()
+}

@@ -809,10 +809,7 @@ pub(super) fn delete_expired_sets(db: &mut Db<'_>, now: Micros) -> Result<(), St
 mod tests {
     use serde_json::{json, Value};
 
-    use crate::{
-        AssociatedRequest, MemberSelection, ProvenanceSelection, ReferencedTypes, SelectionScope, Store, TenantId,
-        Visibility, WriteMode, WriteOp,
-    };
+    use crate::{Store, TenantId, WriteMode, WriteOp};
 
     fn write(store: &dyn Store, tenant: TenantId, op: WriteOp) {
         store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
@@ -864,31 +861,6 @@ mod tests {
             .unwrap()
     }
 
-    /// How many Provenance member `a`'s associated set holds at `at`.
-    fn provenance_at(store: &dyn Store, tenant: TenantId, at: i64, set: &str) -> u64 {
-        let selection = MemberSelection {
-            members: vec![("a".into(), None)],
-            since: None,
-            until: None,
-            transaction_time: at,
-            visibility: Visibility::Tenant,
-            scope: SelectionScope::Members,
-            filters: Default::default(),
-        };
-        let sources = vec!["Patient".to_owned(), "Observation".to_owned()];
-        let request = AssociatedRequest {
-            set_id: set.into(),
-            expires: i64::MAX,
-            provenance: ProvenanceSelection::Relevant,
-            provenance_sources: sources.clone(),
-            referenced: ReferencedTypes::None,
-            reference_sources: sources,
-            depth: 1,
-        };
-        let planned = store.plan_associated(tenant, &selection, &request, 100).unwrap();
-        planned.parts.iter().filter(|(resource_type, _)| resource_type == "Provenance").map(|(_, parts)| parts[0].count).sum()
-    }
-
     /// Migration 8 gives a reference index written before it the keys the write path keeps
     /// (resolved, or NULL for a target that does not exist), the same associated data at every
     /// earlier time, and targets created afterwards resolve.
@@ -913,8 +885,11 @@ mod tests {
         let kept = rows(&store);
         assert!(kept.iter().any(|row| row.ends_with("None)")) && kept.iter().any(|row| row.ends_with("))")));
         let times = [first, second, third];
-        let expected: Vec<u64> =
-            times.iter().enumerate().map(|(n, at)| provenance_at(&store, tenant, *at, &format!("a{n}"))).collect();
+        let expected: Vec<u64> = times
+            .iter()
+            .enumerate()
+            .map(|(n, at)| crate::testsuite::provenance_of_member_a_at(&store, tenant, *at, &format!("a{n}")))
+            .collect();
         assert_eq!(expected, [1, 1, 2], "p1; p1 (o1 deleted); p1 through o2 and p2 through the re-created o1");
         // Back to version 7.
         store
@@ -930,11 +905,18 @@ mod tests {
 
         let store = super::PgStore::open(&database.url, options()).unwrap();
         assert_eq!(rows(&store), kept, "the migration resolves exactly the keys the writes kept");
-        let rebuilt: Vec<u64> =
-            times.iter().enumerate().map(|(n, at)| provenance_at(&store, tenant, *at, &format!("b{n}"))).collect();
+        let rebuilt: Vec<u64> = times
+            .iter()
+            .enumerate()
+            .map(|(n, at)| crate::testsuite::provenance_of_member_a_at(&store, tenant, *at, &format!("b{n}")))
+            .collect();
         assert_eq!(rebuilt, expected);
         put(&store, tenant, observation("later"));
         let now = store.reserve_transaction_time().unwrap();
-        assert_eq!(provenance_at(&store, tenant, now, "c"), 3, "a target created after the migration resolves");
+        assert_eq!(
+            crate::testsuite::provenance_of_member_a_at(&store, tenant, now, "c"),
+            3,
+            "a target created after the migration resolves"
+        );
     }
 }

@@ -122,10 +122,7 @@ mod tests {
     use serde_json::{json, Value};
 
     use crate::sqlite::SqliteStore;
-    use crate::{
-        AssociatedRequest, MemberSelection, ProvenanceSelection, ReferencedTypes, SelectionScope, Store, TenantId,
-        Visibility, WriteMode, WriteOp,
-    };
+    use crate::{Store, TenantId, WriteMode, WriteOp};
 
     fn put(store: &SqliteStore, tenant: TenantId, body: Value) {
         let (resource_type, id) =
@@ -172,31 +169,6 @@ mod tests {
         rows.unwrap().collect::<Result<_, _>>().unwrap()
     }
 
-    /// How many Provenance member `a`'s associated set holds at `at`.
-    fn provenance_at(store: &SqliteStore, tenant: TenantId, at: i64, set: &str) -> u64 {
-        let selection = MemberSelection {
-            members: vec![("a".into(), None)],
-            since: None,
-            until: None,
-            transaction_time: at,
-            visibility: Visibility::Tenant,
-            scope: SelectionScope::Members,
-            filters: Default::default(),
-        };
-        let sources = vec!["Patient".to_owned(), "Observation".to_owned()];
-        let request = AssociatedRequest {
-            set_id: set.into(),
-            expires: i64::MAX,
-            provenance: ProvenanceSelection::Relevant,
-            provenance_sources: sources.clone(),
-            referenced: ReferencedTypes::None,
-            reference_sources: sources,
-            depth: 1,
-        };
-        let planned = store.plan_associated(tenant, &selection, &request, 100).unwrap();
-        planned.parts.iter().filter(|(resource_type, _)| resource_type == "Provenance").map(|(_, parts)| parts[0].count).sum()
-    }
-
     /// A database whose reference index predates target keys gets them on open: exactly the keys
     /// the write path would have kept (resolved, or NULL for a target that does not exist), the
     /// same associated data at every earlier time, and targets created afterwards resolve.
@@ -230,7 +202,7 @@ mod tests {
         let expected: Vec<u64> = [first, second, third]
             .iter()
             .enumerate()
-            .map(|(n, at)| provenance_at(&store, tenant, *at, &format!("a{n}")))
+            .map(|(n, at)| crate::testsuite::provenance_of_member_a_at(&store, tenant, *at, &format!("a{n}")))
             .collect();
         assert_eq!(expected, [1, 1, 2], "p1; p1 (o1 deleted); p1 through o2 and p2 through the re-created o1");
         drop(store);
@@ -251,12 +223,16 @@ mod tests {
         let rebuilt: Vec<u64> = [first, second, third]
             .iter()
             .enumerate()
-            .map(|(n, at)| provenance_at(&store, tenant, *at, &format!("b{n}")))
+            .map(|(n, at)| crate::testsuite::provenance_of_member_a_at(&store, tenant, *at, &format!("b{n}")))
             .collect();
         assert_eq!(rebuilt, expected);
         put(&store, tenant, observation("later"));
         let now = store.reserve_transaction_time().unwrap();
-        assert_eq!(provenance_at(&store, tenant, now, "c"), 3, "a target created after the migration resolves");
+        assert_eq!(
+            crate::testsuite::provenance_of_member_a_at(&store, tenant, now, "c"),
+            3,
+            "a target created after the migration resolves"
+        );
         let after_write = rows(&path);
         drop(store);
         // Opening again changes nothing.
