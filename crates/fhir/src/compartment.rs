@@ -388,7 +388,8 @@ mod tests {
             }
             Some((property, rest)) => {
                 let child = nested(rest, patient, depth + 1);
-                let child = if depth % 2 == 0 { json!([{"reference": "Practitioner/p"}, child]) } else { child };
+                let child =
+                    if depth.is_multiple_of(2) { json!([{"reference": "Practitioner/p"}, child]) } else { child };
                 let mut object = json!({"other": {"reference": "Patient/decoy"}, "n": 12.000});
                 object[*property] = child;
                 object

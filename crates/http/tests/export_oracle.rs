@@ -274,6 +274,9 @@ struct Shape {
     r: u8,
 }
 
+/// A client's replica: the `transactionTime` of its last export, and `(type, id)` → body.
+type Replica = (Micros, BTreeMap<(String, String), String>);
+
 #[derive(Default)]
 struct TenantModel {
     patients: Vec<String>,
@@ -289,7 +292,7 @@ struct TenantModel {
     counter: u64,
     checkpoints: Vec<Micros>,
     write_times: Vec<Micros>,
-    replica: Option<(Micros, BTreeMap<(String, String), String>)>,
+    replica: Option<Replica>,
     /// The `_since` of the previous Group export.
     last_since: Option<Micros>,
 }
@@ -1026,8 +1029,7 @@ async fn write_resource(
 async fn run(scenario: Scenario) -> Option<u64> {
     let server = Tenants::start(scenario.part_size);
     let mut models: [TenantModel; 2] = Default::default();
-    for tenant in 0..2 {
-        let model = &mut models[tenant];
+    for (tenant, model) in models.iter_mut().enumerate() {
         model.patients = (0..scenario.patients[tenant]).map(|i| format!("p{i}")).collect();
         for patient in model.patients.clone() {
             let shape = Shape { kind: "Patient", a: patient.clone(), b: None, r: model.patients.len() as u8 };
