@@ -478,21 +478,20 @@ impl crate::Store for SqliteStore {
         selection: &MemberSelection,
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError> {
-        if selection.scope != crate::SelectionScope::Members {
-            return self.with_snapshot(|connection| {
+        let compute = || {
+            self.with_snapshot(|connection| {
                 export::deleted_in_compartments(connection, tenant, selection, resource_type)
-            });
+            })
+        };
+        if selection.scope != crate::SelectionScope::Members {
+            return compute();
         }
         let key = crate::plan_cache::key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
         let deleted = self.plans.deleted(
             key,
             selection.transaction_time,
             |planned_at| self.members_unchanged_since(tenant, selection, planned_at),
-            || {
-                self.with_snapshot(|connection| {
-                    export::deleted_in_compartments(connection, tenant, selection, resource_type)
-                })
-            },
+            compute,
         )?;
         Ok(deleted.as_ref().clone())
     }
