@@ -466,6 +466,8 @@ impl Config {
                 concurrent_exports: self.tenant_concurrent_exports,
                 upload_bytes_per_minute: self.tenant_upload_bytes_per_minute,
                 concurrent_downloads: self.tenant_concurrent_downloads,
+                // Several instances share one PostgreSQL: quota and failed-login state goes there.
+                shared: self.database_url.is_some(),
             },
             export_lease: Duration::from_secs(self.export_lease_seconds),
         }
