@@ -546,6 +546,8 @@ mod tests {
         assert_eq!(config.database_display(), "postgres://u:***@h:5/db");
         assert_eq!(redact_password("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(config.postgres_options().max_connections, 16);
+        assert!(config.http_config().quotas.shared, "instances on PostgreSQL share quota state");
+        assert!(!Config::default().http_config().quotas.shared, "SQLite keeps it in the process");
     }
 
     #[test]
