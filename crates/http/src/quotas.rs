@@ -77,7 +77,7 @@ pub struct Quotas {
     uploads: Mutex<HashMap<TenantId, Bucket>>,
     exports: Mutex<HashMap<TenantId, usize>>,
     downloads: Mutex<HashMap<TenantId, Arc<Semaphore>>>,
-    allowances: Mutex<HashMap<(TenantId, &'static str), Arc<Mutex<Allowance>>>>,
+    allowances: Mutex<HashMap<(TenantId, &'static str), SharedAllowance>>,
 }
 
 /// Tokens of a shared bucket drawn by this process and not spent yet (negative: upload bytes
@@ -89,6 +89,9 @@ struct Allowance {
     /// The bucket was found empty: refuse here until then without asking the store.
     empty_until: Option<Instant>,
 }
+
+/// One tenant's allowance of one shared bucket, locked while it draws.
+type SharedAllowance = Arc<Mutex<Allowance>>;
 
 /// A tenant's bucket in the store ([`bulkhead_store::Store::draw_quota_tokens`]).
 #[derive(Debug, Clone, Copy)]
@@ -176,7 +179,7 @@ impl Quotas {
     /// from the store when the local allowance is short; `take`: spend them now (a request), or
     /// leave them for the charges as bytes arrive (an upload). `Ok(Err(seconds to wait))` when
     /// the bucket cannot give them.
-    fn from_shared(
+    fn take_shared(
         &self,
         store: &dyn bulkhead_store::Store,
         tenant: TenantId,
@@ -263,7 +266,7 @@ pub fn admit_request(state: &AppState, caller: &Caller) -> Result<(), ApiError> 
     let rate = f64::from(per_second);
     let bucket = SharedBucket { quota: "requests", capacity: rate, rate, keep: Duration::from_secs(1) };
     let admitted = match state.config.quotas.shared {
-        true => state.quotas.from_shared(state.store.as_ref(), caller.tenant, bucket, 1.0, true, now),
+        true => state.quotas.take_shared(state.store.as_ref(), caller.tenant, bucket, 1.0, true, now),
         false => Ok(state.quotas.take_request(caller.tenant, per_second, now)),
     };
     let admitted = admitted.unwrap_or_else(|error| {
@@ -352,7 +355,7 @@ pub fn metered_upload(state: &AppState, caller: &Caller, headers: &HeaderMap, bo
     let bucket = SharedBucket { quota: "upload_bytes", capacity, rate: capacity / 60.0, keep: Duration::from_secs(60) };
     let needed = announced.map_or(1.0, |bytes| (bytes as f64).clamp(1.0, capacity));
     let shared = state.config.quotas.shared
-        && match state.quotas.from_shared(state.store.as_ref(), caller.tenant, bucket, needed, false, now) {
+        && match state.quotas.take_shared(state.store.as_ref(), caller.tenant, bucket, needed, false, now) {
             Ok(Ok(())) => true,
             Ok(Err(seconds)) => {
                 let what = format!("tenant uploads above {per_minute} bytes per minute");
@@ -463,13 +466,13 @@ mod tests {
         let mut admitted = 0;
         for n in 0..40 {
             let quotas = if n % 2 == 0 { &one } else { &two };
-            if quotas.from_shared(&store, a, bucket, 1.0, true, now).unwrap().is_ok() {
+            if quotas.take_shared(&store, a, bucket, 1.0, true, now).unwrap().is_ok() {
                 admitted += 1;
             }
         }
         assert!((20..=20 + 2 * 2).contains(&admitted), "{admitted} admitted of a bucket of 20");
-        assert_eq!(one.from_shared(&store, a, bucket, 1.0, true, now).unwrap(), Err(1), "refused locally");
-        assert!(two.from_shared(&store, b, bucket, 1.0, true, now).unwrap().is_ok(), "another tenant is served");
+        assert_eq!(one.take_shared(&store, a, bucket, 1.0, true, now).unwrap(), Err(1), "refused locally");
+        assert!(two.take_shared(&store, b, bucket, 1.0, true, now).unwrap().is_ok(), "another tenant is served");
     }
 
     /// Upload bytes beyond what an admission drew are owed and paid from the shared bucket at
@@ -481,11 +484,11 @@ mod tests {
         let quotas = Quotas::default();
         let bucket = SharedBucket { quota: "upload_bytes", capacity: 6000.0, rate: 1.0, keep: Duration::from_secs(60) };
         let (tenant, now) = (TenantId(1), Instant::now());
-        assert_eq!(quotas.from_shared(&store, tenant, bucket, 1000.0, false, now).unwrap(), Ok(()));
+        assert_eq!(quotas.take_shared(&store, tenant, bucket, 1000.0, false, now).unwrap(), Ok(()));
         quotas.charge_shared(tenant, "upload_bytes", 5500);
         // 4500 owed: paid from the 5000 the bucket still holds, so 500 are left for the next.
-        assert!(quotas.from_shared(&store, tenant, bucket, 1000.0, false, now).unwrap().is_err());
+        assert!(quotas.take_shared(&store, tenant, bucket, 1000.0, false, now).unwrap().is_err());
         let other = Quotas::default();
-        assert!(other.from_shared(&store, tenant, bucket, 1.0, false, now).unwrap().is_err(), "the bucket is empty");
+        assert!(other.take_shared(&store, tenant, bucket, 1.0, false, now).unwrap().is_err(), "the bucket is empty");
     }
 }
