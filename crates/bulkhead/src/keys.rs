@@ -222,7 +222,8 @@ mod tests {
             tenant: 1,
             record: [7; 16],
             file: 0,
-            exp: now_seconds() + 60,
+            // Fixed (far ahead), so two calls make the same reference whenever they run.
+            exp: 4_000_000_000,
             requires_credentials: true,
         }
     }
