@@ -834,8 +834,10 @@ mod tests {
         let write = |tenant: TenantId, op: WriteOp| {
             store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
         };
+        let version = std::cell::Cell::new(0);
         let put = |tenant, id: &str, patient: &str| {
-            let body = json!({"resourceType": "Observation", "id": id, "status": "final",
+            version.set(version.get() + 1);
+            let body = json!({"resourceType": "Observation", "id": id, "status": "final", "valueInteger": version.get(),
                               "code": {"text": "x"}, "subject": {"reference": format!("Patient/{patient}")}});
             write(tenant, WriteOp::Update { resource_type: "Observation".into(), id: id.into(), body, if_match: None });
         };
@@ -847,7 +849,7 @@ mod tests {
                         [tenant.0],
                         |row| row.get(0),
                     )?;
-                    Ok((plan_watermarks::tenant_latest_change(connection, tenant)?, greatest))
+                    Ok((super::plan_watermarks::tenant_latest_change(connection, tenant)?, greatest))
                 })
                 .unwrap();
             assert_eq!(bound, greatest);
