@@ -256,6 +256,11 @@ pub fn missing_members(store: &dyn Store, tenant: TenantId, view: &ExportView) -
     let selection = &view.selection;
     let existing =
         store.existing_at(tenant, &selection.visibility, "Patient", &view.members, selection.transaction_time)?;
+    // The existing members are some of the members: as many means all of them (a large Group is
+    // then not searched member by member).
+    if existing.len() == view.members.len() {
+        return Ok(Vec::new());
+    }
     // Both lists are sorted.
     Ok(view.members.iter().filter(|member| existing.binary_search(member).is_err()).cloned().collect())
 }
