@@ -90,7 +90,7 @@ pub(crate) struct PlanCache {
     /// Recent members checks: `(tenant, digest of the members, transaction time, the members'
     /// latest change)`, so the plan, the associated set and the missing members of one kick-off
     /// read the watermarks once.
-    checked: Mutex<VecDeque<(TenantId, [u8; 32], Micros, Micros)>>,
+    checked: Mutex<VecDeque<MembersCheck>>,
     /// Recent tenant-wide bounds: `(tenant, transaction time, the tenant's latest patient
     /// change)`, read once per kick-off.
     tenant_checked: Mutex<VecDeque<(TenantId, Micros, Micros)>>,
@@ -102,6 +102,8 @@ pub(crate) struct PlanCache {
 const CHECKS: usize = 16;
 
 type MemberList = Arc<Vec<(String, Option<Micros>)>>;
+/// A members check: `(tenant, members digest, transaction time, the members' latest change)`.
+type MembersCheck = (TenantId, [u8; 32], Micros, Micros);
 /// Member lists whose digests are remembered (the most recent), the members they may hold
 /// together (a few MB; the newest list is kept whatever its size), and the size from which a list
 /// is remembered at all (smaller ones are hashed every time).
