@@ -350,7 +350,9 @@ impl PgStore {
         selection: &MemberSelection,
         planned_at: Micros,
     ) -> Result<bool, StoreError> {
-        self.plans.members_unchanged_since(tenant, selection, planned_at, || {
+        // No tenant-wide bound kept here: every check reads the members' watermarks.
+        let no_tenant_bound = || Ok(Micros::MAX);
+        self.plans.members_unchanged_since(tenant, selection, planned_at, no_tenant_bound, || {
             self.with_read(|db| plan_watermarks::members_latest_change(db, tenant, selection))
         })
     }
@@ -557,7 +559,7 @@ impl crate::Store for PgStore {
         if selection.scope != crate::SelectionScope::Members {
             return self.compute_plan(tenant, selection, resource_types, part_size);
         }
-        let key = crate::plan_cache::key(tenant, selection, "parts", resource_types, part_size);
+        let key = self.plans.key(tenant, selection, "parts", resource_types, part_size);
         let plan = self.plans.plan(
             key,
             selection.transaction_time,
@@ -587,7 +589,7 @@ impl crate::Store for PgStore {
         if selection.scope != crate::SelectionScope::Members {
             return compute();
         }
-        let key = crate::plan_cache::key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
+        let key = self.plans.key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
         let deleted = self.plans.deleted(
             key,
             selection.transaction_time,
@@ -611,7 +613,7 @@ impl crate::Store for PgStore {
         // A set computed earlier for the same request is this set while neither the members'
         // compartments nor any type it reaches outside them changed since: its stored rows are
         // shared (see `crate::plan_cache`).
-        let key = crate::plan_cache::associated_key(tenant, selection, request, part_size);
+        let key = self.plans.associated_key(tenant, selection, request, part_size);
         let (set_id, plan) = self.plans.associated(
             key,
             selection.transaction_time,

@@ -110,7 +110,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS resource_history_key ON resource_history (rid,
 --   names, created on first mention (the Patient resource need not exist yet) and never deleted.
 --   `changed_at` is the timestamp of the last write that opened, closed or changed a compartment
 --   row of that patient: an export plan computed at T stays valid at a later T' while no member's
---   `changed_at` exceeds T (the store's plan cache relies on it).
+--   `changed_at` exceeds T (the store's plan cache relies on it). `tenant_patient_changes` holds
+--   each tenant's greatest `changed_at`, kept by triggers (created with it on open, see
+--   `plan_watermarks.rs`): while it is not above T, the members are not checked one by one.
 -- * Resource types in indexes are `type_code`s: the position of the type in the R4 type list
 --   (`bulkhead_fhir::resource_type_code`, Account = 0 … Patient = 102 … VisionPrescription = 145).
 -- * `compartment` is keyed (pkey, type_code, rid, from_ts): all integers, so each key is a few
