@@ -107,20 +107,18 @@ pub(super) fn insert_new(
         return Ok(Vec::new());
     }
 
-    // Keys in the order of the writes, as the identity default would have given them.
-    let mut rids: Vec<i64> = db
-        .query(
-            "SELECT nextval(pg_get_serial_sequence('resources', 'rid')) FROM generate_series(1, $1::int8)",
-            &[&(chosen.len() as i64)],
+    // Keys in the order of the writes, as the identity default would have given them: one block
+    // of the sequence, taken with one call (not one `nextval` per resource). Every insert into
+    // `resources` runs under the clock's row lock (`PgStore::with_write`), so no other writer
+    // takes values between the `nextval` and the `setval`.
+    let count = chosen.len() as i64;
+    let last: i64 = db
+        .query_one(
+            "SELECT setval(s, nextval(s) + $1 - 1) FROM CAST(pg_get_serial_sequence('resources', 'rid') AS regclass) AS s",
+            &[&count],
         )?
-        .iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()?;
-    if rids.len() != chosen.len() {
-        return Err(StoreError::Database("the key sequence gave too few keys".into()));
-    }
-    rids.sort_unstable();
-    for (new, rid) in chosen.iter_mut().zip(rids) {
+        .try_get(0)?;
+    for (new, rid) in chosen.iter_mut().zip(last - count + 1..) {
         new.rid = rid;
     }
 
