@@ -127,19 +127,8 @@ pub(super) fn insert_new(
         "COPY resources (tenant_id, rid, resource_type, id, version, last_updated, deleted, owner, body)
          FROM STDIN (FORMAT binary)",
         &[Type::INT8, Type::INT8, Type::TEXT, Type::TEXT, Type::INT8, Type::INT8, Type::BOOL, Type::TEXT, Type::TEXT],
-        chosen.iter().map(|new| {
-            let row: Vec<&(dyn ToSql + Sync)> = vec![
-                &tenant.0,
-                &new.rid,
-                &new.resource_type,
-                &new.id,
-                &version,
-                &timestamp,
-                &deleted,
-                &owner,
-                &new.text,
-            ];
-            row
+        chosen.iter().map(|new| -> Vec<&(dyn ToSql + Sync)> {
+            vec![&tenant.0, &new.rid, &new.resource_type, &new.id, &version, &timestamp, &deleted, &owner, &new.text]
         }),
     )?;
 
@@ -206,10 +195,8 @@ fn copy_compartments(
         "COPY compartment (tenant_id, pkey, type_code, rid, from_ts, last_updated, deleted, owner)
          FROM STDIN (FORMAT binary)",
         &[Type::INT8, Type::INT8, Type::INT2, Type::INT8, Type::INT8, Type::INT8, Type::BOOL, Type::TEXT],
-        keyed.iter().map(|(pkey, code, rid)| {
-            let row: Vec<&(dyn ToSql + Sync)> =
-                vec![&tenant.0, pkey, code, rid, &timestamp, &timestamp, &deleted, &owner];
-            row
+        keyed.iter().map(|(pkey, code, rid)| -> Vec<&(dyn ToSql + Sync)> {
+            vec![&tenant.0, pkey, code, rid, &timestamp, &timestamp, &deleted, &owner]
         }),
     )?;
     let mut changed: Vec<i64> = pkeys.into_values().collect();
@@ -249,9 +236,8 @@ fn copy_search_tokens(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>]) -> 
     db.copy_rows(
         "COPY search_token (tenant_id, type_code, param, system, value, rid) FROM STDIN (FORMAT binary)",
         &[Type::INT8, Type::INT2, Type::TEXT, Type::TEXT, Type::TEXT, Type::INT8],
-        rows.iter().map(|(code, param, system, value, rid)| {
-            let row: Vec<&(dyn ToSql + Sync)> = vec![&tenant.0, code, param, system, value, rid];
-            row
+        rows.iter().map(|(code, param, system, value, rid)| -> Vec<&(dyn ToSql + Sync)> {
+            vec![&tenant.0, code, param, system, value, rid]
         }),
     )?;
     Ok(())
@@ -320,10 +306,8 @@ fn copy_references(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>], timest
         "COPY reference_index (tenant_id, rid, provenance_target, target_type, target_id, from_ts, target_rid)
          FROM STDIN (FORMAT binary)",
         &[Type::INT8, Type::INT8, Type::BOOL, Type::TEXT, Type::TEXT, Type::INT8, Type::INT8],
-        rows.iter().map(|(rid, provenance_target, target_type, target_id, target_rid)| {
-            let row: Vec<&(dyn ToSql + Sync)> =
-                vec![&tenant.0, rid, provenance_target, target_type, target_id, &timestamp, target_rid];
-            row
+        rows.iter().map(|(rid, provenance_target, target_type, target_id, target_rid)| -> Vec<&(dyn ToSql + Sync)> {
+            vec![&tenant.0, rid, provenance_target, target_type, target_id, &timestamp, target_rid]
         }),
     )?;
     Ok(())
