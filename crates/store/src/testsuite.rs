@@ -45,7 +45,7 @@ macro_rules! store_test_suite {
             shared_associated_sets_live_until_their_last_export_expires, text_keys_sort_by_bytes,
             existing_patients_are_exact_through_the_plan_cache,
             token_keys_are_stored_once_and_rotated, quota_buckets_are_shared_and_refill,
-            login_failures_count_in_fixed_windows);
+            login_failures_count_in_fixed_windows, bulk_writes_index_exactly_as_single_writes);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -1973,6 +1973,117 @@ pub fn provenance_is_found_whatever_the_order_of_writes(store: &dyn Store) {
         found(&recreated),
         ["Provenance/bulk2", "Provenance/early", "Provenance/pruned", "Provenance/same"],
         "o99 created again"
+    );
+}
+
+/// A write of many new resources at once (where a store has a bulk path: imports) stores and
+/// indexes each exactly as writing them one by one does: stored text, keys in write order,
+/// search tokens (an identifier listed twice), compartments (a resource in two), references
+/// (one listed twice) and Provenance targets (in the same write, stored before it, or missing).
+pub fn bulk_writes_index_exactly_as_single_writes(store: &dyn Store) {
+    let (bulk, single) = (tenant(store, "bulk"), tenant(store, "single"));
+    let mut twice = patient("p1");
+    twice["identifier"] = json!([{"system": "urn:mrn", "value": "m1"}, {"system": "urn:mrn", "value": "m1"}]);
+    let mut shared = observation("o2", "p1", 2);
+    shared["performer"] = json!([reference("Patient/p2"), reference("Practitioner/dr"), reference("Practitioner/dr")]);
+    shared["identifier"] = json!([{"value": "lab-2"}]);
+    let resources = vec![
+        provenance("early", &["Observation/o1", "Observation/before", "Observation/nowhere"], "Practitioner/dr"),
+        twice,
+        patient("p2"),
+        json!({"resourceType": "Practitioner", "id": "dr"}),
+        observation("o1", "p1", 1),
+        shared,
+        json!({"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "AMB"},
+               "subject": reference("Patient/p2"), "participant": [{"individual": reference("Practitioner/dr")}]}),
+        observation("o3", "p2", 3),
+        provenance("late", &["Observation/o3", "Patient/p2"], "Practitioner/dr"),
+    ];
+    for t in [bulk, single] {
+        put(store, t, None, observation("before", "p2", 0));
+    }
+    let ops: Vec<WriteOp> = resources
+        .iter()
+        .map(|body| WriteOp::Update {
+            resource_type: body["resourceType"].as_str().unwrap().to_owned(),
+            id: body["id"].as_str().unwrap().to_owned(),
+            body: body.clone(),
+            if_match: None,
+        })
+        .collect();
+    let written = store.write(bulk, Some("owner"), &ops, WriteMode::Transaction).unwrap();
+    assert!(written.iter().all(|entry| entry.as_ref().is_ok_and(|written| written.created && written.version == 1)));
+    for op in &ops {
+        store.write(single, Some("owner"), std::slice::from_ref(op), WriteMode::Transaction).unwrap();
+    }
+
+    // Stored text, with the time of each write's own transaction blanked.
+    let stored = |t: TenantId| -> Vec<Option<String>> {
+        ops.iter()
+            .map(|op| {
+                let resource =
+                    store.read(t, &Visibility::User("owner".into()), op.resource_type(), op.id()).unwrap()?;
+                let mut body: Value = serde_json::from_str(resource.body.as_deref()?).unwrap();
+                body["meta"]["lastUpdated"] = json!("T");
+                Some(format!("{}@{}", body, resource.version))
+            })
+            .collect()
+    };
+    assert!(stored(bulk).iter().all(Option::is_some));
+    assert_eq!(stored(bulk), stored(single));
+
+    let search = |t: TenantId, query: SearchQuery| -> Vec<String> {
+        store.search(t, &Visibility::Tenant, &query).unwrap().resources.into_iter().map(|r| r.id).collect()
+    };
+    let queries = || {
+        let identifier = |resource_type: &str, system: Option<&str>, value: &str| SearchQuery {
+            resource_type: resource_type.into(),
+            identifiers: vec![IdentifierQuery { system: system.map(str::to_owned), value: value.into() }],
+            count: 10,
+            ..Default::default()
+        };
+        let reference = |param: &'static str, id: &str| SearchQuery {
+            resource_type: "Observation".into(),
+            references: vec![ReferenceQuery { param, target_type: None, id: id.into() }],
+            count: 10,
+            ..Default::default()
+        };
+        vec![
+            identifier("Patient", Some("urn:mrn"), "m1"),
+            identifier("Patient", None, "mrn-p2"),
+            identifier("Observation", None, "lab-2"),
+            reference("subject", "p1"),
+            reference("patient", "p2"),
+            SearchQuery { resource_type: "Observation".into(), count: 10, ..Default::default() },
+        ]
+    };
+    let found: Vec<Vec<String>> = queries().into_iter().map(|query| search(bulk, query)).collect();
+    assert_eq!(found, queries().into_iter().map(|query| search(single, query)).collect::<Vec<_>>());
+    assert_eq!(found[0], ["p1"], "an identifier listed twice finds its resource once");
+    assert_eq!(found[5], ["before", "o1", "o2", "o3"], "keys follow the order of the writes");
+
+    // Compartments (o2 is in p1's through its subject and in p2's through its performer), then
+    // references and Provenance.
+    let exported = |t: TenantId| -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        for members in [&[("p1", None)][..], &[("p2", None)][..], &[("p1", None), ("p2", None)][..]] {
+            let chosen = selection(store, members, None);
+            for resource_type in ["Patient", "Observation", "Encounter", "Provenance"] {
+                out.push(export_ids(store, t, &chosen, resource_type));
+            }
+            let request = associated_request(ProvenanceSelection::Relevant, ReferencedTypes::All, 2);
+            out.push(associated(store, t, &chosen, &request));
+        }
+        out
+    };
+    let bulk_exported = exported(bulk);
+    assert_eq!(bulk_exported, exported(single));
+    assert_eq!(bulk_exported[1], ["o1=1", "o2=2"]);
+    assert_eq!(bulk_exported[6], ["before=0", "o2=2", "o3=3"]);
+    assert_eq!(
+        bulk_exported[9],
+        ["Practitioner/dr", "Provenance/early", "Provenance/late"],
+        "Provenance found through targets written in the same write and before it"
     );
 }
 

@@ -25,7 +25,11 @@ use crate::{
 // ---- the reference index, kept on write ----
 
 /// Notes that `resource_type` has references to follow in `tenant`.
-fn note_referencing_types(db: &mut Db<'_>, tenant: TenantId, resource_types: &[&str]) -> Result<(), StoreError> {
+pub(super) fn note_referencing_types(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    resource_types: &[&str],
+) -> Result<(), StoreError> {
     if resource_types.is_empty() {
         return Ok(());
     }
@@ -35,29 +39,6 @@ fn note_referencing_types(db: &mut Db<'_>, tenant: TenantId, resource_types: &[&
         &[&tenant.0, &resource_types],
     )?;
     Ok(())
-}
-
-/// The outgoing references of new resources (`(type, key, body)`), indexed from `timestamp`:
-/// one statement for all of them (imports).
-pub(super) fn index_new(
-    db: &mut Db<'_>,
-    tenant: TenantId,
-    resources: &[(&str, i64, &Value)],
-    timestamp: Micros,
-) -> Result<(), StoreError> {
-    let mut rows = ReferenceRows::default();
-    let mut referencing: Vec<&str> = Vec::new();
-    for &(resource_type, rid, body) in resources {
-        let references = outgoing_references(resource_type, body);
-        if references.iter().any(|reference| !reference.provenance_target) && !referencing.contains(&resource_type) {
-            referencing.push(resource_type);
-        }
-        for reference in references {
-            rows.push(rid, reference);
-        }
-    }
-    note_referencing_types(db, tenant, &referencing)?;
-    rows.insert(db, tenant, timestamp)
 }
 
 /// Reference rows as parallel arrays, for one multi-row insert.

@@ -12,6 +12,7 @@
 mod admin;
 mod associated;
 mod audit;
+mod bulk_insert;
 mod export;
 mod jobs;
 mod leases;

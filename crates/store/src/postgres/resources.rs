@@ -2,7 +2,7 @@
 //! Group membership history kept in step), reads, history and search. Every statement names
 //! the tenant.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use bulkhead_fhir::{compartment::patient_compartments_of, resource_type_code, Micros};
 use postgres::types::ToSql;
@@ -24,10 +24,8 @@ struct Current {
     owner: Option<String>,
 }
 
-/// Search tokens as parallel arrays (type code, param, system, value, key) for one multi-row insert.
-type TokenColumns<'a> = (Vec<i16>, Vec<&'a str>, Vec<String>, Vec<String>, Vec<i64>);
-
-/// Writes at least this many at once go through [`insert_new`] for the new resources among them.
+/// Writes at least this many at once go through [`super::bulk_insert::insert_new`] for the new
+/// resources among them.
 const BULK_FROM: usize = 8;
 
 /// Applies `ops` in one transaction at `timestamp` (see [`crate::Store::write`]).
@@ -41,7 +39,7 @@ pub(super) fn write(
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     let mut results: Vec<Option<Result<Written, StoreError>>> = (0..ops.len()).map(|_| None).collect();
     if ops.len() >= BULK_FROM {
-        for (index, written) in insert_new(db, tenant, owner, ops, timestamp)? {
+        for (index, written) in super::bulk_insert::insert_new(db, tenant, owner, ops, timestamp)? {
             results[index] = Some(Ok(written));
         }
     }
@@ -126,134 +124,6 @@ pub(super) fn mark_patients_changed(
         &[&tenant.0, &pkeys, &timestamp],
     )?;
     Ok(())
-}
-
-/// Creates, with a handful of multi-row statements, every resource of `ops` that is new: a
-/// create or unconditional update of a `(type, id)` the tenant does not have and that no other
-/// op of the list names (Groups excepted: their membership history goes through [`apply`]).
-/// Such a write cannot fail on its own, so batch and transaction agree. Returns each one's
-/// index in `ops` and result.
-fn insert_new(
-    db: &mut Db<'_>,
-    tenant: TenantId,
-    owner: Option<&str>,
-    ops: &[WriteOp],
-    timestamp: Micros,
-) -> Result<Vec<(usize, Written)>, StoreError> {
-    let mut named: HashMap<(&str, &str), usize> = HashMap::new();
-    for op in ops {
-        *named.entry((op.resource_type(), op.id())).or_default() += 1;
-    }
-    let (types, ids): (Vec<&str>, Vec<&str>) = named.keys().copied().unzip();
-    let existing: HashSet<(String, String)> = db
-        .query(
-            "SELECT r.resource_type, r.id FROM resources r
-             JOIN unnest($2::text[], $3::text[]) AS n(resource_type, id)
-               ON r.tenant_id = $1 AND r.resource_type = n.resource_type AND r.id = n.id",
-            &[&tenant.0, &types, &ids],
-        )?
-        .iter()
-        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-        .collect::<Result<_, StoreError>>()?;
-    let mut chosen: Vec<(usize, &str, &str, &Value, String)> = Vec::new();
-    for (index, op) in ops.iter().enumerate() {
-        let body = match op {
-            WriteOp::Create { body, .. } | WriteOp::Update { body, if_match: None, .. } => body,
-            _ => continue,
-        };
-        let key = (op.resource_type(), op.id());
-        // A type outside R4 cannot be indexed: `apply` fails that entry alone.
-        if key.0 == "Group"
-            || named[&key] > 1
-            || existing.contains(&(key.0.to_owned(), key.1.to_owned()))
-            || resource_type_code(key.0).is_none()
-        {
-            continue;
-        }
-        chosen.push((index, key.0, key.1, body, stamped_json(body, key.1, 1, timestamp)?));
-    }
-    if chosen.is_empty() {
-        return Ok(Vec::new());
-    }
-    let types: Vec<&str> = chosen.iter().map(|chosen| chosen.1).collect();
-    let ids: Vec<&str> = chosen.iter().map(|chosen| chosen.2).collect();
-    let bodies: Vec<&str> = chosen.iter().map(|chosen| chosen.4.as_str()).collect();
-    let rids: HashMap<(String, String), i64> = db
-        .query(
-            "INSERT INTO resources (tenant_id, resource_type, id, version, last_updated, deleted, owner, body)
-             SELECT $1, n.resource_type, n.id, 1, $5, false, $6, n.body
-             FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS n(resource_type, id, body, ord)
-             ORDER BY n.ord
-             RETURNING rid, resource_type, id",
-            &[&tenant.0, &types, &ids, &bodies, &timestamp, &owner],
-        )?
-        .iter()
-        .map(|row| Ok(((row.try_get(1)?, row.try_get(2)?), row.try_get(0)?)))
-        .collect::<Result<_, StoreError>>()?;
-    let rid_of = |resource_type: &str, id: &str| {
-        rids.get(&(resource_type.to_owned(), id.to_owned()))
-            .copied()
-            .ok_or_else(|| StoreError::Database(format!("{resource_type}/{id}: no key after insert")))
-    };
-    let (mut patients, mut patient_types, mut patient_rids): (Vec<String>, Vec<i16>, Vec<i64>) = Default::default();
-    let mut tokens: TokenColumns<'_> = Default::default();
-    let mut referencing: Vec<(&str, i64, &Value)> = Vec::with_capacity(chosen.len());
-    for (_, resource_type, id, body, _) in &chosen {
-        let (resource_type, id, body) = (*resource_type, *id, *body);
-        let rid = rid_of(resource_type, id)?;
-        referencing.push((resource_type, rid, body));
-        let code = type_code(resource_type)?;
-        for patient in patient_compartments_of(resource_type, id, body) {
-            patients.push(patient);
-            patient_types.push(code);
-            patient_rids.push(rid);
-        }
-        for (param, system, value) in search_tokens(body) {
-            tokens.0.push(code);
-            tokens.1.push(param);
-            tokens.2.push(system);
-            tokens.3.push(value);
-            tokens.4.push(rid);
-        }
-    }
-    let pkeys = patient_keys(db, tenant, &patients)?;
-    db.execute(
-        "INSERT INTO compartment (tenant_id, pkey, type_code, rid, from_ts, last_updated, deleted, owner)
-         SELECT $1, n.pkey, n.type_code, n.rid, $5, $5, false, $6
-         FROM unnest($2::int8[], $3::int2[], $4::int8[]) AS n(pkey, type_code, rid)
-         ON CONFLICT DO NOTHING",
-        &[&tenant.0, &pkeys, &patient_types, &patient_rids, &timestamp, &owner],
-    )?;
-    let mut changed = pkeys;
-    changed.sort_unstable();
-    changed.dedup();
-    mark_patients_changed(db, tenant, &changed, timestamp)?;
-    db.execute(
-        "INSERT INTO search_token (tenant_id, type_code, param, system, value, rid)
-         SELECT $1, n.type_code, n.param, n.system, n.value, n.rid
-         FROM unnest($2::int2[], $3::text[], $4::text[], $5::text[], $6::int8[]) AS n(type_code, param, system, value, rid)
-         ON CONFLICT DO NOTHING",
-        &[&tenant.0, &tokens.0, &tokens.1, &tokens.2, &tokens.3, &tokens.4],
-    )?;
-    super::associated::index_new(db, tenant, &referencing, timestamp)?;
-    let new_rids: Vec<i64> = referencing.iter().map(|(_, rid, _)| *rid).collect();
-    super::associated::resolve_new_targets(db, tenant, &types, &ids, &new_rids)?;
-    Ok(chosen
-        .into_iter()
-        .map(|(index, resource_type, id, _, text)| {
-            let written = Written {
-                resource_type: resource_type.to_owned(),
-                id: id.to_owned(),
-                version: 1,
-                last_updated: timestamp,
-                created: true,
-                deleted: false,
-                changed: true,
-                body: Some(text),
-            };
-            (index, written)
-        })
-        .collect())
 }
 
 fn current(db: &mut Db<'_>, tenant: TenantId, resource_type: &str, id: &str) -> Result<Option<Current>, StoreError> {
