@@ -11,6 +11,7 @@
 
 use bulkhead_fhir::Micros;
 
+use super::member_keys::MemberKeys;
 use super::resources::{stored_from_row, type_code, VERSION_COLUMNS};
 use super::Db;
 use crate::selection::add_to_parts;
@@ -29,20 +30,18 @@ impl Members {
     /// (every write stamped before it has committed), it cannot gain rows valid then.
     pub(super) fn resolve(
         db: &mut Db<'_>,
+        keys: &MemberKeys,
         tenant: TenantId,
         selection: &MemberSelection,
     ) -> Result<Members, StoreError> {
-        let (ids, since): (Vec<&str>, Vec<Option<i64>>) =
-            selection.members.iter().map(|(id, since)| (id.as_str(), *since)).unzip();
-        let rows = db.query(
-            "SELECT k.pkey, m.since FROM unnest($2::text[], $3::int8[]) AS m(patient_id, since)
-             JOIN patient_keys k ON k.tenant_id = $1 AND k.patient_id = m.patient_id",
-            &[&tenant.0, &ids, &since],
-        )?;
-        let mut members = Members { pkeys: Vec::with_capacity(rows.len()), since: Vec::with_capacity(rows.len()) };
-        for row in &rows {
-            members.pkeys.push(row.try_get(0)?);
-            members.since.push(row.try_get(1)?);
+        let ids: Vec<&str> = selection.members.iter().map(|(id, _)| id.as_str()).collect();
+        let resolved = keys.resolve(db, tenant, &ids)?;
+        let mut members = Members { pkeys: Vec::with_capacity(ids.len()), since: Vec::with_capacity(ids.len()) };
+        for ((_, since), pkey) in selection.members.iter().zip(resolved) {
+            if let Some(pkey) = pkey {
+                members.pkeys.push(pkey);
+                members.since.push(*since);
+            }
         }
         Ok(members)
     }
@@ -145,18 +144,22 @@ fn member_candidates(
 ) -> Result<Vec<Candidate>, StoreError> {
     let at = selection.transaction_time;
     let user = selection.visibility.user();
-    // The member list drives: each member is one range scan of the compartment key.
+    // The member list drives: each member is one range scan of the compartment key, whose rows
+    // come out in key order per member. No ORDER BY: sorting every member's rows together made
+    // PostgreSQL sort (spilling past `work_mem`) or pick a merge join over a sequential scan, at
+    // twice the cost of the nested loop plus a sort here.
     let rows = db.query(
         "SELECT c.rid, m.since IS NULL, m.since, c.last_updated, c.deleted, c.owner, c.to_ts IS NOT NULL
          FROM unnest($3::int8[], $4::int8[]) AS m(pkey, since)
          JOIN compartment c ON c.tenant_id = $1 AND c.pkey = m.pkey AND c.type_code = $2
-         WHERE c.rid BETWEEN $5 AND $6 AND c.from_ts <= $7 AND (c.to_ts IS NULL OR c.to_ts > $7)
-         ORDER BY c.rid",
+         WHERE c.rid BETWEEN $5 AND $6 AND c.from_ts <= $7 AND (c.to_ts IS NULL OR c.to_ts > $7)",
         &[&tenant.0, &code, &members.pkeys, &members.since, &start, &end, &at],
     )?;
-    let mut candidates: Vec<Candidate> = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let rid: i64 = row.try_get(0)?;
+    let mut by_key: Vec<(i64, &postgres::Row)> =
+        rows.iter().map(|row| Ok((row.try_get(0)?, row))).collect::<Result<_, StoreError>>()?;
+    by_key.sort_unstable_by_key(|(rid, _)| *rid);
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(by_key.len());
+    for (rid, row) in by_key {
         let last_updated: Micros = row.try_get(3)?;
         let owner: Option<&str> = row.try_get(5)?;
         let reach = Reach { full_history: row.try_get(1)?, existing_since: row.try_get(2)? };
@@ -276,6 +279,7 @@ pub(super) fn plan_type(
 /// `deleted[]` of one type, in key order (see `sqlite/export.rs` for the two kinds).
 pub(super) fn deleted_in_compartments(
     db: &mut Db<'_>,
+    keys: &MemberKeys,
     tenant: TenantId,
     selection: &MemberSelection,
     resource_type: &str,
@@ -289,7 +293,7 @@ pub(super) fn deleted_in_compartments(
         unfiltered = MemberSelection { filters: Default::default(), ..selection.clone() };
         &unfiltered
     };
-    let members = Members::resolve(db, tenant, selection)?;
+    let members = Members::resolve(db, keys, tenant, selection)?;
     let mut deleted: Vec<(i64, Micros)> = Vec::new();
     let select = |reach: Reach, version: &VersionAt| {
         reach.existing_since.is_some_and(|since| version.deleted && version.last_updated > since && version.visible)
