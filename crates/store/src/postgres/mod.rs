@@ -585,7 +585,11 @@ impl crate::Store for PgStore {
         selection: &MemberSelection,
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError> {
-        let compute = || self.with_read(|db| export::deleted_in_compartments(db, &self.member_keys, tenant, selection, resource_type));
+        let compute = || {
+            self.with_read(|db| {
+                export::deleted_in_compartments(db, &self.member_keys, tenant, selection, resource_type)
+            })
+        };
         if selection.scope != crate::SelectionScope::Members {
             return compute();
         }
