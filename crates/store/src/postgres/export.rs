@@ -205,8 +205,10 @@ fn member_candidates(
 }
 
 /// Windows of at most this many keys per member are read by key ([`candidates_by_key`]): a
-/// member's range scan costs about as much as reading a few index entries in key order.
-const KEYS_PER_MEMBER_READ_BY_KEY: i64 = 4;
+/// member's range scan costs about as much as reading a few index entries in key order. (1 in
+/// unit tests: with their 3-key windows, selections of one or two members take the other path,
+/// so the conformance suite runs both.)
+const KEYS_PER_MEMBER_READ_BY_KEY: i64 = if cfg!(test) { 1 } else { 4 };
 
 /// [`member_candidates`] driven by the window's keys: its open compartment rows of the type and
 /// those closed after the transaction time (each through its partial index on the key), in key
