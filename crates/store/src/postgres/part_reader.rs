@@ -158,26 +158,25 @@ impl<'a> PgPartReader<'a> {
         let (mut current, mut historical) = (current.iter(), historical.iter());
         let mut count = 0;
         for &(rid, version) in batch {
-            let body: Option<&str>;
             let fetched;
-            if version == 0 {
+            let body: Option<&str> = if version == 0 {
                 // Both in key order: skip nothing, since every run's key is in the batch.
                 let Some((_, row)) = current.next().filter(|(found, _)| *found == rid) else {
                     return Err(missing(rid));
                 };
-                body = if row.try_get::<_, i64>(1)? <= at {
+                if row.try_get::<_, i64>(1)? <= at {
                     row.try_get(2)?
                 } else {
                     // Written since an earlier window resolved it: its version at `at` is in history.
                     fetched = self.body_at(db, rid)?;
                     fetched.as_deref()
-                };
+                }
             } else {
                 let Some(row) = historical.next().filter(|row| row.try_get::<_, i64>(0).ok() == Some(rid)) else {
                     return Err(missing(rid));
                 };
-                body = row.try_get(1)?;
-            }
+                row.try_get(1)?
+            };
             let Some(body) = body else { return Err(missing(rid)) };
             out.extend_from_slice(body.as_bytes());
             out.push(b'\n');
