@@ -1,8 +1,8 @@
 //! Two `bulkhead serve` processes on one store, run on both backings: SQLite in one shared data
 //! directory (WAL lets several processes use one database; timestamps, the plan cache's
-//! watermarks, key files and job leases all live in that directory, never in one process), and
-//! PostgreSQL with a data directory per instance (only the token-keys file is copied, as
-//! docs/deploy.md tells operators to). One bucket is the output store when the S3 test server is
+//! watermarks, signing keys and job leases all live in that database, never in one process), and
+//! PostgreSQL with a data directory per instance (nothing copied between them: the token signing
+//! keys are in the database too). One bucket is the output store when the S3 test server is
 //! there (`scripts/with-s3`). Exports kicked off on instance 1 are polled on instance 2;
 //! instance 1 is SIGKILLed in the middle of them; instance 2 takes over every job it held once
 //! the lease lapses and finishes it; a third instance started afterwards serves the downloads,
@@ -71,9 +71,9 @@ enum Backing {
 }
 
 impl Backing {
-    /// How to start an instance; `keys_from` is a running instance whose token keys it shares
-    /// (on PostgreSQL: copied into its own data directory before it starts).
-    fn options(&self, toml: &str, keys_from: Option<&Server>) -> Options {
+    /// How to start an instance. On PostgreSQL each has a data directory of its own and nothing
+    /// is copied between them: the token signing keys are in the database.
+    fn options(&self, toml: &str) -> Options {
         let config_toml = Some(toml.to_owned());
         match self {
             Backing::SharedSqlite(data_dir) => {
@@ -82,11 +82,6 @@ impl Backing {
             Backing::Postgres(url, root) => {
                 let instance_dir = tempfile::tempdir_in(root.path()).expect("temporary directory");
                 let data_dir = instance_dir.keep().join("data");
-                if let Some(first) = keys_from {
-                    std::fs::create_dir_all(&data_dir).expect("creating the data directory");
-                    std::fs::copy(first.data_dir.join("token-keys"), data_dir.join("token-keys"))
-                        .expect("copying the token keys");
-                }
                 Options { data_dir: Some(data_dir), database_url: Some(url.clone()), config_toml, ..Options::default() }
             }
         }
@@ -151,7 +146,7 @@ async fn scenario(backing: Backing, stop: Stop) {
     if let Some(bucket) = &bucket {
         toml.push_str(&bucket.output_toml());
     }
-    let mut one = Server::start_with(backing.options(&toml, None)).await;
+    let mut one = Server::start_with(backing.options(&toml)).await;
     one.create_tenant("acme");
     let api_one = one.create_client("acme");
     let data = tempfile::Builder::new().suffix(".ndjson").tempfile().expect("temporary file");
@@ -161,7 +156,7 @@ async fn scenario(backing: Backing, stop: Stop) {
     let member_refs: Vec<&str> = members.iter().map(String::as_str).collect();
     api_one.upsert(&group(Some("g1"), &member_refs)).await;
 
-    let two = Server::start_with(backing.options(&toml, Some(&one))).await;
+    let two = Server::start_with(backing.options(&toml)).await;
     let api_two = Api { base: two.base.clone(), ..api_one.clone() };
 
     // Kick-offs on instance 1; their status URLs are read on instance 2.
@@ -205,7 +200,7 @@ async fn scenario(backing: Backing, stop: Stop) {
         manifests.push(manifest(&api_two, status, deadline).await);
     }
     // A third instance, started once they are done, serves the downloads.
-    let three = Server::start_with(backing.options(&toml, Some(&two))).await;
+    let three = Server::start_with(backing.options(&toml)).await;
     let api_three = Api { base: three.base.clone(), ..api_one.clone() };
     let mut total_files = 0;
     for (status, manifest) in statuses.iter().zip(manifests) {

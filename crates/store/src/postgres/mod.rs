@@ -22,6 +22,7 @@ mod plan_watermarks;
 mod reachability;
 mod resources;
 mod retention;
+mod shared_state;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testing;
 
@@ -863,6 +864,43 @@ impl crate::Store for PgStore {
         let database: i64 =
             self.with_read(|db| Ok(db.query_one("SELECT pg_database_size(current_database())", &[])?.try_get(0)?))?;
         Ok(StorageBytes { database: database.max(0) as u64, wal: 0 })
+    }
+
+    fn token_keys(&self) -> Result<Vec<crate::TokenKey>, StoreError> {
+        self.with_transaction(shared_state::token_keys)
+    }
+
+    fn token_keys_version(&self) -> Result<i64, StoreError> {
+        self.with_transaction(shared_state::token_keys_version)
+    }
+
+    fn init_token_keys(&self, keys: &[crate::TokenKey]) -> Result<bool, StoreError> {
+        self.with_transaction(|db| shared_state::init_token_keys(db, keys))
+    }
+
+    fn rotate_token_keys(
+        &self,
+        secret: &[u8],
+        now: i64,
+        drop_retired_before: i64,
+    ) -> Result<Vec<crate::TokenKey>, StoreError> {
+        self.with_transaction(|db| shared_state::rotate_token_keys(db, secret, now, drop_retired_before))
+    }
+
+    fn draw_quota_tokens(
+        &self,
+        tenant: TenantId,
+        quota: &str,
+        want: f64,
+        capacity: f64,
+        rate: f64,
+        now: Micros,
+    ) -> Result<f64, StoreError> {
+        self.with_transaction(|db| shared_state::draw_quota_tokens(db, tenant, quota, want, capacity, rate, now))
+    }
+
+    fn record_login_failure(&self, key: &str, window: Micros, now: Micros) -> Result<crate::LoginWindow, StoreError> {
+        self.with_transaction(|db| shared_state::record_login_failure(db, key, window, now))
     }
 }
 

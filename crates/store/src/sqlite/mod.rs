@@ -13,6 +13,7 @@ mod plan_watermarks;
 mod provenance_targets;
 mod resources;
 mod retention;
+mod shared_state;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -685,6 +686,47 @@ impl crate::Store for SqliteStore {
             std::fs::metadata(path).map_or(0, |metadata| metadata.len())
         };
         Ok(StorageBytes { database: size(""), wal: size("-wal") })
+    }
+
+    fn token_keys(&self) -> Result<Vec<crate::TokenKey>, StoreError> {
+        self.with_read(shared_state::token_keys)
+    }
+
+    fn token_keys_version(&self) -> Result<i64, StoreError> {
+        self.with_read(shared_state::token_keys_version)
+    }
+
+    fn init_token_keys(&self, keys: &[crate::TokenKey]) -> Result<bool, StoreError> {
+        self.with_untimed_write(|transaction| shared_state::init_token_keys(transaction, keys))
+    }
+
+    fn rotate_token_keys(
+        &self,
+        secret: &[u8],
+        now: i64,
+        drop_retired_before: i64,
+    ) -> Result<Vec<crate::TokenKey>, StoreError> {
+        self.with_untimed_write(|transaction| {
+            shared_state::rotate_token_keys(transaction, secret, now, drop_retired_before)
+        })
+    }
+
+    fn draw_quota_tokens(
+        &self,
+        tenant: TenantId,
+        quota: &str,
+        want: f64,
+        capacity: f64,
+        rate: f64,
+        now: Micros,
+    ) -> Result<f64, StoreError> {
+        self.with_untimed_write(|transaction| {
+            shared_state::draw_quota_tokens(transaction, tenant, quota, want, capacity, rate, now)
+        })
+    }
+
+    fn record_login_failure(&self, key: &str, window: Micros, now: Micros) -> Result<crate::LoginWindow, StoreError> {
+        self.with_untimed_write(|transaction| shared_state::record_login_failure(transaction, key, window, now))
     }
 
     fn enqueue_export_job(
