@@ -262,7 +262,7 @@ impl PgStore {
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
         self.with_transaction(|db| {
             db.batch(WORK_TABLES)?;
-            compute(db, tenant, selection, request)?;
+            compute(db, &self.member_keys, tenant, selection, request)?;
             store_set(db, tenant, request, part_size)
         })
     }
@@ -318,6 +318,7 @@ fn store_set(
 /// Fills `assoc_out` with the set's `(type, key)` pairs.
 fn compute(
     db: &mut Db<'_>,
+    keys: &super::member_keys::MemberKeys,
     tenant: TenantId,
     selection: &MemberSelection,
     request: &AssociatedRequest,
@@ -346,7 +347,7 @@ fn compute(
     // not which Provenance and referenced resources come. Only a resource the export sends
     // (selected and, for a filtered type, matching) forces what it reaches.
     let cohort = MemberSelection { filters: Default::default(), ..selection.clone() };
-    let members = Members::resolve(db, tenant, selection)?;
+    let members = Members::resolve(db, keys, tenant, selection)?;
     for resource_type in sources {
         // A type none of whose resources ever referenced anything to follow is not read at all
         // for references (e.g. Observations in Synthea data).

@@ -9,8 +9,12 @@
 //! temporary table: nothing is left on a pooled connection, and every statement is a plain,
 //! tenant-scoped join.
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
 use bulkhead_fhir::Micros;
 
+use super::member_keys::MemberKeys;
 use super::resources::{stored_from_row, type_code, VERSION_COLUMNS};
 use super::Db;
 use crate::selection::add_to_parts;
@@ -21,6 +25,8 @@ use crate::{MemberSelection, PartRange, SelectionScope, StoreError, StoredResour
 pub(super) struct Members {
     pkeys: Vec<i64>,
     since: Vec<Option<i64>>,
+    /// Each member's reach by key, built the first time a window is read by key.
+    by_key: OnceLock<HashMap<i64, Reach>>,
 }
 
 impl Members {
@@ -29,22 +35,36 @@ impl Members {
     /// (every write stamped before it has committed), it cannot gain rows valid then.
     pub(super) fn resolve(
         db: &mut Db<'_>,
+        keys: &MemberKeys,
         tenant: TenantId,
         selection: &MemberSelection,
     ) -> Result<Members, StoreError> {
-        let (ids, since): (Vec<&str>, Vec<Option<i64>>) =
-            selection.members.iter().map(|(id, since)| (id.as_str(), *since)).unzip();
-        let rows = db.query(
-            "SELECT k.pkey, m.since FROM unnest($2::text[], $3::int8[]) AS m(patient_id, since)
-             JOIN patient_keys k ON k.tenant_id = $1 AND k.patient_id = m.patient_id",
-            &[&tenant.0, &ids, &since],
-        )?;
-        let mut members = Members { pkeys: Vec::with_capacity(rows.len()), since: Vec::with_capacity(rows.len()) };
-        for row in &rows {
-            members.pkeys.push(row.try_get(0)?);
-            members.since.push(row.try_get(1)?);
+        let ids: Vec<&str> = selection.members.iter().map(|(id, _)| id.as_str()).collect();
+        let resolved = keys.resolve(db, tenant, &ids)?;
+        let mut members = Members {
+            pkeys: Vec::with_capacity(ids.len()),
+            since: Vec::with_capacity(ids.len()),
+            by_key: OnceLock::new(),
+        };
+        for ((_, since), pkey) in selection.members.iter().zip(resolved) {
+            if let Some(pkey) = pkey {
+                members.pkeys.push(pkey);
+                members.since.push(*since);
+            }
         }
         Ok(members)
+    }
+
+    /// The reach of each member's key (a patient listed twice: both reaches merged).
+    fn by_key(&self) -> &HashMap<i64, Reach> {
+        self.by_key.get_or_init(|| {
+            let mut by_key: HashMap<i64, Reach> = HashMap::with_capacity(self.pkeys.len());
+            for (pkey, since) in self.pkeys.iter().zip(&self.since) {
+                let reach = Reach { full_history: since.is_none(), existing_since: *since };
+                by_key.entry(*pkey).and_modify(|known| *known = known.merge(reach)).or_insert(reach);
+            }
+            by_key
+        })
     }
 }
 
@@ -145,18 +165,27 @@ fn member_candidates(
 ) -> Result<Vec<Candidate>, StoreError> {
     let at = selection.transaction_time;
     let user = selection.visibility.user();
-    // The member list drives: each member is one range scan of the compartment key.
+    // Many members for the window's keys (a large Group): the window's compartment rows of the
+    // type drive, one index range scan in key order, kept when their patient is a member. Few:
+    // the member list drives, each member one range scan of the compartment key; its rows come
+    // out in key order per member, sorted together here (an ORDER BY made PostgreSQL sort,
+    // spilling past `work_mem`, or merge-join over a full sort, at twice the cost).
+    let window_keys = end.saturating_sub(start).saturating_add(1);
+    if window_keys <= KEYS_PER_MEMBER_READ_BY_KEY.saturating_mul(members.pkeys.len() as i64) {
+        return candidates_by_key(db, tenant, selection, members, code, (start, end));
+    }
     let rows = db.query(
         "SELECT c.rid, m.since IS NULL, m.since, c.last_updated, c.deleted, c.owner, c.to_ts IS NOT NULL
          FROM unnest($3::int8[], $4::int8[]) AS m(pkey, since)
          JOIN compartment c ON c.tenant_id = $1 AND c.pkey = m.pkey AND c.type_code = $2
-         WHERE c.rid BETWEEN $5 AND $6 AND c.from_ts <= $7 AND (c.to_ts IS NULL OR c.to_ts > $7)
-         ORDER BY c.rid",
+         WHERE c.rid BETWEEN $5 AND $6 AND c.from_ts <= $7 AND (c.to_ts IS NULL OR c.to_ts > $7)",
         &[&tenant.0, &code, &members.pkeys, &members.since, &start, &end, &at],
     )?;
-    let mut candidates: Vec<Candidate> = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let rid: i64 = row.try_get(0)?;
+    let mut by_key: Vec<(i64, &postgres::Row)> =
+        rows.iter().map(|row| Ok((row.try_get(0)?, row))).collect::<Result<_, StoreError>>()?;
+    by_key.sort_unstable_by_key(|(rid, _)| *rid);
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(by_key.len());
+    for (rid, row) in by_key {
         let last_updated: Micros = row.try_get(3)?;
         let owner: Option<&str> = row.try_get(5)?;
         let reach = Reach { full_history: row.try_get(1)?, existing_since: row.try_get(2)? };
@@ -164,6 +193,60 @@ fn member_candidates(
         // A row written after the transaction time, or closed by a later version, describes a
         // version other than the one at the transaction time: history decides.
         let historical = last_updated > at || row.try_get::<_, bool>(6)?;
+        match candidates.last_mut() {
+            Some(last) if last.0 == rid => {
+                last.1 = last.1.merge(reach);
+                last.3 |= historical;
+            }
+            _ => candidates.push((rid, reach, version, historical)),
+        }
+    }
+    Ok(candidates)
+}
+
+/// Windows of at most this many keys per member are read by key ([`candidates_by_key`]): a
+/// member's range scan costs about as much as reading a few index entries in key order. (1 in
+/// unit tests: with their 3-key windows, selections of one or two members take the other path,
+/// so the conformance suite runs both.)
+const KEYS_PER_MEMBER_READ_BY_KEY: i64 = if cfg!(test) { 1 } else { 4 };
+
+/// [`member_candidates`] driven by the window's keys: its open compartment rows of the type and
+/// those closed after the transaction time (each through its partial index on the key), in key
+/// order, kept when their patient is a member.
+fn candidates_by_key(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    members: &Members,
+    code: i16,
+    (start, end): (i64, i64),
+) -> Result<Vec<Candidate>, StoreError> {
+    let at = selection.transaction_time;
+    let user = selection.visibility.user();
+    let rows = db.query(
+        "SELECT rid, pkey, last_updated, deleted, owner, false FROM compartment
+         WHERE tenant_id = $1 AND rid BETWEEN $2 AND $3 AND to_ts IS NULL AND type_code = $4 AND from_ts <= $5
+         UNION ALL
+         SELECT rid, pkey, last_updated, deleted, owner, true FROM compartment
+         WHERE tenant_id = $1 AND rid BETWEEN $2 AND $3 AND to_ts IS NOT NULL AND to_ts > $5 AND type_code = $4
+           AND from_ts <= $5",
+        &[&tenant.0, &start, &end, &code, &at],
+    )?;
+    let by_key = members.by_key();
+    let mut kept: Vec<(i64, Reach, &postgres::Row)> = Vec::new();
+    for row in &rows {
+        if let Some(reach) = by_key.get(&row.try_get::<_, i64>(1)?) {
+            kept.push((row.try_get(0)?, *reach, row));
+        }
+    }
+    // The two halves are each in key order only by their plan: sorted here.
+    kept.sort_by_key(|(rid, _, _)| *rid);
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(kept.len());
+    for (rid, reach, row) in kept {
+        let last_updated: Micros = row.try_get(2)?;
+        let owner: Option<&str> = row.try_get(4)?;
+        let version = VersionAt { last_updated, deleted: row.try_get(3)?, visible: user.is_none() || owner == user };
+        let historical = last_updated > at || row.try_get::<_, bool>(5)?;
         match candidates.last_mut() {
             Some(last) if last.0 == rid => {
                 last.1 = last.1.merge(reach);
@@ -276,6 +359,7 @@ pub(super) fn plan_type(
 /// `deleted[]` of one type, in key order (see `sqlite/export.rs` for the two kinds).
 pub(super) fn deleted_in_compartments(
     db: &mut Db<'_>,
+    keys: &MemberKeys,
     tenant: TenantId,
     selection: &MemberSelection,
     resource_type: &str,
@@ -289,7 +373,7 @@ pub(super) fn deleted_in_compartments(
         unfiltered = MemberSelection { filters: Default::default(), ..selection.clone() };
         &unfiltered
     };
-    let members = Members::resolve(db, tenant, selection)?;
+    let members = Members::resolve(db, keys, tenant, selection)?;
     let mut deleted: Vec<(i64, Micros)> = Vec::new();
     let select = |reach: Reach, version: &VersionAt| {
         reach.existing_since.is_some_and(|since| version.deleted && version.last_updated > since && version.visible)

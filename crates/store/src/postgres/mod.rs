@@ -16,6 +16,7 @@ mod bulk_insert;
 mod export;
 mod jobs;
 mod leases;
+mod member_keys;
 pub mod migrations;
 mod part_reader;
 mod plan_watermarks;
@@ -195,6 +196,8 @@ pub struct PgStore {
     /// This instance's plan cache (each instance has its own; the watermarks it checks are in
     /// the database, so any instance's writes invalidate every instance's entries).
     plans: crate::plan_cache::PlanCache,
+    /// Patient keys this instance has read (they never change: see [`member_keys`]).
+    member_keys: member_keys::MemberKeys,
 }
 
 impl PgStore {
@@ -249,7 +252,7 @@ impl PgStore {
             .idle_timeout(Some(Duration::from_secs(300)))
             .test_on_check_out(true)
             .build_unchecked(Manager { config, reachability: reachability.clone() });
-        Ok(PgStore { pool, options, reachability, plans: crate::plan_cache::PlanCache::default() })
+        Ok(PgStore { pool, options, reachability, plans: Default::default(), member_keys: Default::default() })
     }
 
     /// Applies every migration this binary knows that the database lacks; returns the versions
@@ -367,7 +370,7 @@ impl PgStore {
         resource_types: &[String],
         part_size: u64,
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
-        let members = self.with_read(|db| export::Members::resolve(db, tenant, selection))?;
+        let members = self.with_read(|db| export::Members::resolve(db, &self.member_keys, tenant, selection))?;
         let mut planned = Vec::new();
         for resource_type in resource_types {
             let parts =
@@ -586,7 +589,11 @@ impl crate::Store for PgStore {
         selection: &MemberSelection,
         resource_type: &str,
     ) -> Result<Vec<(String, Micros)>, StoreError> {
-        let compute = || self.with_read(|db| export::deleted_in_compartments(db, tenant, selection, resource_type));
+        let compute = || {
+            self.with_read(|db| {
+                export::deleted_in_compartments(db, &self.member_keys, tenant, selection, resource_type)
+            })
+        };
         if selection.scope != crate::SelectionScope::Members {
             return compute();
         }
