@@ -97,6 +97,8 @@ pub fn migrate(config: &Config) -> anyhow::Result<()> {
     let store = PgStore::connect(url, config.postgres_options())?;
     let applied = store.migrate().with_context(|| format!("migrating {}", config.database_display()))?;
     let version = store.schema_version()?;
+    // Keys of an earlier version's data directory (`token-keys`) move into the database now.
+    crate::keys::ensure_token_keys(config, &store)?;
     if applied.is_empty() {
         say!("schema up to date at version {version}");
     } else {

@@ -1,7 +1,8 @@
 //! `bulkhead backup` and `bulkhead restore`: one file holding a consistent copy of the database
-//! (tenants, clients, resources and history, export jobs and records, server keys) and the data
-//! directory's key files (the file-URL signing keys), so a restored server verifies the same
-//! client secrets and the file URLs it minted before the backup.
+//! (tenants, clients, resources and history, export jobs and records, server keys and the token
+//! signing keys) and any key files in the data directory (an earlier version's `token-keys`, not
+//! yet imported), so a restored server verifies the same client secrets and the file URLs it
+//! minted before the backup.
 
 use std::path::{Path, PathBuf};
 
@@ -18,8 +19,8 @@ const DATABASE_FILES: [&str; 3] = ["bulkhead.db", "bulkhead.db-wal", "bulkhead.d
 /// Key files larger than this are not what a data directory holds: refused rather than copied.
 const MAX_KEY_FILE_BYTES: u64 = 1024 * 1024;
 
-/// The data directory's files besides the database and `output/`: its keys (`token-keys`, and
-/// whatever key files later versions keep there), by name.
+/// The data directory's files besides the database and `output/` (an earlier version's
+/// `token-keys`, when the database has not imported it yet), by name.
 fn key_files(data_dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(data_dir).with_context(|| format!("reading {}", data_dir.display()))? {
@@ -46,7 +47,7 @@ fn refuse_postgres(config: &Config, command: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         config.database_url.is_none(),
         "bulkhead {command} copies a SQLite data directory; on PostgreSQL use pg_dump or pg_basebackup \
-         (and keep a copy of the data directory's token-keys), see docs/deploy.md"
+         (the token signing keys are in the database), see docs/deploy.md"
     );
     Ok(())
 }
@@ -74,11 +75,11 @@ pub fn backup(config: &Config, to: &Path) -> anyhow::Result<()> {
     std::fs::rename(&partial, to).with_context(|| format!("renaming {} to {}", partial.display(), to.display()))?;
     let bytes = std::fs::metadata(to).map_or(0, |metadata| metadata.len());
     let names: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).collect();
+    let files = if names.is_empty() { String::new() } else { format!(", and {}", names.join(", ")) };
     say!(
-        "backup of {} written to {} ({bytes} bytes; database and {})",
+        "backup of {} written to {} ({bytes} bytes; the database with its token signing keys{files})",
         config.data_dir.display(),
         to.display(),
-        names.join(", ")
     );
     Ok(())
 }

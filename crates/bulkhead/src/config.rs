@@ -466,6 +466,8 @@ impl Config {
                 concurrent_exports: self.tenant_concurrent_exports,
                 upload_bytes_per_minute: self.tenant_upload_bytes_per_minute,
                 concurrent_downloads: self.tenant_concurrent_downloads,
+                // Several instances share one PostgreSQL: quota and failed-login state goes there.
+                shared: self.database_url.is_some(),
             },
             export_lease: Duration::from_secs(self.export_lease_seconds),
         }
@@ -544,6 +546,8 @@ mod tests {
         assert_eq!(config.database_display(), "postgres://u:***@h:5/db");
         assert_eq!(redact_password("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(config.postgres_options().max_connections, 16);
+        assert!(config.http_config().quotas.shared, "instances on PostgreSQL share quota state");
+        assert!(!Config::default().http_config().quotas.shared, "SQLite keeps it in the process");
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
     let store = open_store(config)?;
     crate::private_files::create_private_dir(&config.data_dir)?;
     crate::private_files::create_private_dir(&config.data_dir.join("output"))?;
-    let keys = crate::keys::load_token_keys(config)?;
+    let keys = crate::keys::load_token_keys(config, &*store)?;
     if let OpenedStore::Sqlite(sqlite) = &store {
         spawn_wal_checkpoints(sqlite);
     }
@@ -43,7 +43,7 @@ pub fn app_state(config: &Config) -> anyhow::Result<AppState> {
         tracing::info!(output = ?output, presigned_urls = settings.presigned_urls, "asynchronous exports are written to the output store");
         state.output = Some(Arc::new(output));
     }
-    crate::keys::spawn_reloader(config, &state.token_keys);
+    crate::keys::spawn_reloader(config, &state.store, &state.token_keys);
     crate::retention::spawn_pruning(&state.store, config.history_retention()?);
     crate::memory::spawn_reporter();
     Ok(state)

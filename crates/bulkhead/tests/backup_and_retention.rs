@@ -90,7 +90,8 @@ async fn a_backup_under_writes_restores_acknowledged_writes_and_old_file_urls() 
         .unwrap()
     };
     let stdout = expect_success(&backup, "bulkhead backup");
-    assert!(stdout.contains("token-keys"), "{stdout}");
+    assert!(stdout.contains("token signing keys"), "{stdout}");
+    assert!(!data_dir.join("token-keys").exists(), "the signing keys live in the database, not in a file");
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Release);
     for writer in writers {
@@ -126,7 +127,7 @@ async fn a_backup_under_writes_restores_acknowledged_writes_and_old_file_urls() 
         run(&args)
     };
     expect_success(&restore(false), "bulkhead restore");
-    for (path, private) in [("", 0o700), ("bulkhead.db", 0o600), ("token-keys", 0o600), ("output", 0o700)] {
+    for (path, private) in [("", 0o700), ("bulkhead.db", 0o600), ("output", 0o700)] {
         assert_eq!(mode(&restored_dir.join(path)), private, "{path}");
     }
     let again = restore(false);

@@ -374,7 +374,7 @@ async fn the_data_directory_is_private_whatever_the_umask() {
     api.upsert(&patient(Some("p1"), "Private")).await;
     assert!(!server.log().contains("readable by other users"), "a false alarm:\n{}", server.log());
     let found = modes(&server.data_dir);
-    for name in ["bulkhead.db", "bulkhead.db-wal", "bulkhead.db-shm", "token-keys", "output"] {
+    for name in ["bulkhead.db", "bulkhead.db-wal", "bulkhead.db-shm", "output"] {
         assert!(found.iter().any(|(path, _)| path.ends_with(name)), "{name} not created: {found:?}");
     }
     let exposed: Vec<String> = found
@@ -391,13 +391,13 @@ async fn the_data_directory_is_private_whatever_the_umask() {
     let data_dir = dir.path().join("data");
     let first = Server::start_with(Options { data_dir: Some(data_dir.clone()), ..Default::default() }).await;
     drop(first);
-    for (name, loose) in [("", 0o755), ("bulkhead.db", 0o644), ("token-keys", 0o644), ("output", 0o777)] {
+    for (name, loose) in [("", 0o755), ("bulkhead.db", 0o644), ("output", 0o777)] {
         std::fs::set_permissions(data_dir.join(name), std::fs::Permissions::from_mode(loose)).unwrap();
     }
     let second = Server::start_with(Options { data_dir: Some(data_dir.clone()), ..Default::default() }).await;
     let log = second.log();
     assert!(log.contains("readable by other users"), "no warning:\n{log}");
-    for (name, private) in [("", 0o700), ("bulkhead.db", 0o600), ("token-keys", 0o600), ("output", 0o700)] {
+    for (name, private) in [("", 0o700), ("bulkhead.db", 0o600), ("output", 0o700)] {
         assert_eq!(mode(&data_dir.join(name)), private, "{name} after a restart: {:o}", mode(&data_dir.join(name)));
     }
 }

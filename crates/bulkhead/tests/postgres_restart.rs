@@ -244,7 +244,12 @@ async fn restart_scenario(mode: &'static str) {
             match reply.status {
                 200 => break reply.json(),
                 // Until the pool has reconnected, 503s are fine; 202 while the job resumes.
-                202 | 503 => assert!(Instant::now() < deadline, "the job did not complete within half a lease"),
+                202 | 503 => assert!(
+                    Instant::now() < deadline,
+                    "the job did not complete within half a lease (last status {}); the server's log:\n{}",
+                    reply.status,
+                    server.log()
+                ),
                 other => panic!("status after the restart: {other} {}", reply.text()),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -1,12 +1,16 @@
 //! Two `bulkhead serve` processes on one store, run on both backings: SQLite in one shared data
 //! directory (WAL lets several processes use one database; timestamps, the plan cache's
-//! watermarks, key files and job leases all live in that directory, never in one process), and
-//! PostgreSQL with a data directory per instance (only the token-keys file is copied, as
-//! docs/deploy.md tells operators to). One bucket is the output store when the S3 test server is
+//! watermarks, signing keys and job leases all live in that database, never in one process), and
+//! PostgreSQL with a data directory per instance (nothing copied between them: the token signing
+//! keys are in the database too). One bucket is the output store when the S3 test server is
 //! there (`scripts/with-s3`). Exports kicked off on instance 1 are polled on instance 2;
 //! instance 1 is SIGKILLed in the middle of them; instance 2 takes over every job it held once
 //! the lease lapses and finishes it; a third instance started afterwards serves the downloads,
 //! and every resource written is downloaded exactly once per job.
+//!
+//! The same on PostgreSQL with SIGTERM instead (a deploy or a scale-in): instance 1 stops
+//! promptly, handing its jobs' leases back, and instance 2 finishes them long before the (long)
+//! lease would have lapsed.
 //!
 //! With S3 the kill is certain to land mid-job (instance 1 is killed once a job has written
 //! some of its files), and the test also checks that instance 2 resumed rather than redid the
@@ -25,8 +29,11 @@ use serde_json::Value;
 const PATIENTS: usize = 30;
 const OBSERVATIONS_PER_PATIENT: usize = 10;
 const JOBS: usize = 3;
-/// Small files, so a materialised job writes ~170 objects and takes seconds.
+/// Small files, so a materialised job writes many objects and takes seconds.
 const PART_SIZE: usize = 2;
+/// The files of one job: Patients and Observations in parts of [`PART_SIZE`], and the Group.
+const FILES_PER_JOB: usize =
+    PATIENTS.div_ceil(PART_SIZE) + (PATIENTS * OBSERVATIONS_PER_PATIENT).div_ceil(PART_SIZE) + 1;
 const OBJECT_EXTENSION: &str = "https://bulkhead.example/fhir/bulk-data/extension/output-object";
 
 fn ndjson_data() -> String {
@@ -64,9 +71,9 @@ enum Backing {
 }
 
 impl Backing {
-    /// How to start an instance; `keys_from` is a running instance whose token keys it shares
-    /// (on PostgreSQL: copied into its own data directory before it starts).
-    fn options(&self, toml: &str, keys_from: Option<&Server>) -> Options {
+    /// How to start an instance. On PostgreSQL each has a data directory of its own and nothing
+    /// is copied between them: the token signing keys are in the database.
+    fn options(&self, toml: &str) -> Options {
         let config_toml = Some(toml.to_owned());
         match self {
             Backing::SharedSqlite(data_dir) => {
@@ -75,13 +82,36 @@ impl Backing {
             Backing::Postgres(url, root) => {
                 let instance_dir = tempfile::tempdir_in(root.path()).expect("temporary directory");
                 let data_dir = instance_dir.keep().join("data");
-                if let Some(first) = keys_from {
-                    std::fs::create_dir_all(&data_dir).expect("creating the data directory");
-                    std::fs::copy(first.data_dir.join("token-keys"), data_dir.join("token-keys"))
-                        .expect("copying the token keys");
-                }
                 Options { data_dir: Some(data_dir), database_url: Some(url.clone()), config_toml, ..Options::default() }
             }
+        }
+    }
+}
+
+/// How instance 1 stops.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// SIGKILL, as a crash would: its jobs wait for their (short) leases to lapse.
+    Kill,
+    /// SIGTERM, as a deploy would: it hands its jobs' (long) leases back as it stops.
+    Terminate,
+}
+
+impl Stop {
+    /// The jobs' lease: short for a kill (the test waits it out), far longer than the test for a
+    /// clean stop (only a lease handed back lets instance 2 finish in time).
+    fn lease_seconds(self) -> u64 {
+        match self {
+            Stop::Kill => 2,
+            Stop::Terminate => 600,
+        }
+    }
+
+    /// How long instance 2 may take to finish every job once instance 1 is gone.
+    fn finish_within(self) -> Duration {
+        match self {
+            Stop::Kill => Duration::from_secs(120),
+            Stop::Terminate => Duration::from_secs(self.lease_seconds() / 5),
         }
     }
 }
@@ -89,23 +119,34 @@ impl Backing {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_instance_leaves_its_export_jobs_to_the_other() {
     let shared = tempfile::tempdir().expect("temporary directory");
-    sigkill_scenario(Backing::SharedSqlite(shared.path().join("data"))).await;
+    scenario(Backing::SharedSqlite(shared.path().join("data")), Stop::Kill).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_a_sigkilled_instance_leaves_its_export_jobs_to_the_other() {
     let Some(database) = bulkhead_store::postgres::testing::fresh_database() else { return };
     let root = tempfile::tempdir().expect("temporary directory");
-    sigkill_scenario(Backing::Postgres(database.url.clone(), root)).await;
+    scenario(Backing::Postgres(database.url.clone(), root), Stop::Kill).await;
 }
 
-async fn sigkill_scenario(backing: Backing) {
-    let s3 = s3_endpoint("two_instances", "exports are not materialised, so the kill cannot be placed mid-job");
-    let mut toml = format!("export_lease_seconds = 2\nexport_part_size = {PART_SIZE}\n");
-    if let Some(endpoint) = &s3 {
-        toml.push_str(&s3_output_toml(endpoint).await);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_stopping_instance_hands_its_export_jobs_to_the_other() {
+    let Some(database) = bulkhead_store::postgres::testing::fresh_database() else { return };
+    let root = tempfile::tempdir().expect("temporary directory");
+    scenario(Backing::Postgres(database.url.clone(), root), Stop::Terminate).await;
+}
+
+async fn scenario(backing: Backing, stop: Stop) {
+    let s3 = s3_endpoint("two_instances", "exports are not materialised, so the stop cannot be placed mid-job");
+    let mut toml = format!("export_lease_seconds = {}\nexport_part_size = {PART_SIZE}\n", stop.lease_seconds());
+    let bucket = match &s3 {
+        Some(endpoint) => Some(S3Bucket::create(endpoint).await),
+        None => None,
+    };
+    if let Some(bucket) = &bucket {
+        toml.push_str(&bucket.output_toml());
     }
-    let mut one = Server::start_with(backing.options(&toml, None)).await;
+    let mut one = Server::start_with(backing.options(&toml)).await;
     one.create_tenant("acme");
     let api_one = one.create_client("acme");
     let data = tempfile::Builder::new().suffix(".ndjson").tempfile().expect("temporary file");
@@ -115,7 +156,7 @@ async fn sigkill_scenario(backing: Backing) {
     let member_refs: Vec<&str> = members.iter().map(String::as_str).collect();
     api_one.upsert(&group(Some("g1"), &member_refs)).await;
 
-    let two = Server::start_with(backing.options(&toml, Some(&one))).await;
+    let two = Server::start_with(backing.options(&toml)).await;
     let api_two = Api { base: two.base.clone(), ..api_one.clone() };
 
     // Kick-offs on instance 1; their status URLs are read on instance 2.
@@ -127,40 +168,39 @@ async fn sigkill_scenario(backing: Backing) {
         let path = location.strip_prefix(&one.base).unwrap_or_else(|| panic!("{location} is not instance 1's"));
         statuses.push(path.to_owned());
     }
-    if s3.is_some() {
-        // Wait until instance 2 sees a job of instance 1 with files written but not all.
+    if let Some(bucket) = &bucket {
+        // Stop instance 1 once its jobs have written a few files (so one has written two) and
+        // under half of all of them (so one has files left): mid-job, whatever the machine's
+        // speed. The bucket, not the status URLs: a poll waits a while for a running job.
         let deadline = Instant::now() + Duration::from_secs(60);
-        'watch: loop {
-            let mut finished = 0;
-            for status in &statuses {
-                let reply = api_two.get(status).await;
-                if reply.status == 200 {
-                    finished += 1;
-                    continue;
-                }
-                let progress = reply.header("x-progress").unwrap_or_default();
-                let written = progress
-                    .strip_prefix("writing output: ")
-                    .and_then(|rest| rest.split(' ').next())
-                    .and_then(|done| done.parse::<usize>().ok());
-                if written.is_some_and(|done| done >= 2) {
-                    break 'watch;
-                }
+        loop {
+            let written = bucket.object_count().await;
+            assert!(written < JOBS * FILES_PER_JOB / 2, "instance 1 wrote {written} files before it could be stopped");
+            if written >= JOBS * 2 {
+                break;
             }
-            assert!(finished < JOBS, "every job finished before instance 1 could be killed mid-job");
             assert!(Instant::now() < deadline, "no job reached its files on instance 1");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    one.sigkill();
+    match stop {
+        Stop::Kill => one.sigkill(),
+        Stop::Terminate => {
+            let stopping = Instant::now();
+            let exit = tokio::task::block_in_place(|| one.terminate(Duration::from_secs(60)));
+            assert!(exit.success(), "instance 1 stopped cleanly: {exit}\n{}", one.log());
+            eprintln!("two_instances: instance 1 stopped {:?} after SIGTERM", stopping.elapsed());
+        }
+    }
 
-    // Instance 2 finishes every job.
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Instance 2 finishes every job (after a clean stop, long before a lease could lapse).
+    let deadline = Instant::now() + stop.finish_within();
     let mut manifests = Vec::new();
     for status in &statuses {
         manifests.push(manifest(&api_two, status, deadline).await);
     }
     // A third instance, started once they are done, serves the downloads.
-    let three = Server::start_with(backing.options(&toml, Some(&two))).await;
+    let three = Server::start_with(backing.options(&toml)).await;
     let api_three = Api { base: three.base.clone(), ..api_one.clone() };
     let mut total_files = 0;
     for (status, manifest) in statuses.iter().zip(manifests) {
@@ -192,6 +232,13 @@ async fn sigkill_scenario(backing: Backing) {
     assert!(total_files >= JOBS * 3);
 
     let log = two.log();
+    if s3.is_some() && stop == Stop::Terminate {
+        let log = one.log();
+        assert!(
+            log.contains("export job handed back: this instance is stopping"),
+            "instance 1 handed a job back:\n{log}"
+        );
+    }
     if s3.is_some() {
         let took_over = log.lines().any(|line| line.contains("export job claimed") && !line.contains("fence=1"));
         assert!(took_over, "instance 2 took over a job of instance 1:\n{log}");

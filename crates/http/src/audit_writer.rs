@@ -10,15 +10,23 @@
 //! every request answered before it, and the server calls it at shutdown once the last response
 //! is done); dropping the last handle stores what is left before its thread ends.
 //!
+//! While the store cannot take records (PostgreSQL unreachable, a full disk), the writer keeps
+//! them in memory, up to [`MAX_PENDING`], and writes them, oldest first, once the store takes
+//! writes again (it retries every [`RETRY_INTERVAL`]); a flush meanwhile returns once the
+//! records before it are stored or kept. Records made while the buffer is full are dropped,
+//! counted in an error line, so the earliest records of an outage survive it; records still
+//! kept when the server stops are lost, and an error line says how many.
+//!
 //! A write's records do not come here: the store appends them in the write's own transaction
 //! (`Store::write_audited`), so a write and its record commit or fail together.
 
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::collections::VecDeque;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bulkhead_store::{AuditRecord, Store};
+use bulkhead_store::{AuditRecord, Store, StoreError};
 
 /// Records waiting at most; beyond it, requests wait for the writer (backpressure).
 pub const CHANNEL_RECORDS: usize = 4096;
@@ -27,6 +35,10 @@ const MAX_BATCH: usize = 512;
 /// How long the writer waits for more records after the first of a batch. Records of busy
 /// moments share a transaction; a lone record is stored within this time.
 const LINGER: Duration = Duration::from_millis(4);
+/// Records kept in memory at most while the store cannot take them (about 1 KiB each).
+pub const MAX_PENDING: usize = 100_000;
+/// How often kept records are retried when no new record comes.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 enum Message {
     Record(Box<AuditRecord>),
@@ -55,11 +67,17 @@ impl AuditWriter {
 
     /// [`AuditWriter::start`] with a channel of `capacity` records (tests use a small one).
     pub fn with_capacity(store: Arc<dyn Store>, capacity: usize) -> AuditWriter {
+        AuditWriter::with_limits(store, capacity, MAX_PENDING)
+    }
+
+    /// [`AuditWriter::with_capacity`] keeping at most `pending` records while the store cannot
+    /// take them.
+    pub fn with_limits(store: Arc<dyn Store>, capacity: usize, pending: usize) -> AuditWriter {
         let (sender, receiver) = mpsc::sync_channel(capacity.max(1));
         let thread_store = store.clone();
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(thread_store.as_ref(), &receiver))
+            .spawn(move || run(thread_store.as_ref(), &receiver, pending))
             .map_err(|error| tracing::error!(target: "bulkhead::audit", error = %error, "could not start the audit writer: records are stored one by one"))
             .ok();
         AuditWriter { sender, store, thread: Mutex::new(thread) }
@@ -165,15 +183,106 @@ pub fn append_or_log(store: &dyn Store, records: &[AuditRecord]) {
     }
 }
 
+/// Whether a failure to store is the store's passing condition (worth keeping the records for).
+fn is_transient(error: &StoreError) -> bool {
+    matches!(error, StoreError::Unavailable(_) | StoreError::StorageFull(_))
+}
+
+/// Records the store could not take yet, oldest first.
+struct Pending {
+    records: VecDeque<AuditRecord>,
+    capacity: usize,
+    dropped: u64,
+}
+
+impl Pending {
+    fn new(capacity: usize) -> Pending {
+        Pending { records: VecDeque::new(), capacity, dropped: 0 }
+    }
+
+    /// Keeps `records` (the newest dropped once full).
+    fn keep(&mut self, records: &mut Vec<AuditRecord>, error: &StoreError) {
+        if self.records.is_empty() {
+            tracing::warn!(
+                target: "bulkhead::audit",
+                error = %error,
+                "audit records kept in memory until the store takes writes again"
+            );
+        }
+        let room = self.capacity.saturating_sub(self.records.len());
+        let dropped = records.len().saturating_sub(room);
+        self.records.extend(records.drain(..records.len() - dropped));
+        if dropped > 0 {
+            records.clear();
+            self.dropped += dropped as u64;
+            tracing::error!(
+                target: "bulkhead::audit",
+                dropped,
+                dropped_in_outage = self.dropped,
+                kept = self.records.len(),
+                "audit records lost: the store is unavailable and the buffer is full"
+            );
+        }
+    }
+
+    /// Stores the kept records, then `batch`, in order; on a transient failure keeps what was
+    /// not stored (a record the store refuses otherwise is logged and dropped, as before).
+    fn write(&mut self, store: &dyn Store, batch: &mut Vec<AuditRecord>) {
+        while !self.records.is_empty() {
+            let count = self.records.len().min(MAX_BATCH);
+            match store.append_audit(&self.records.make_contiguous()[..count]) {
+                Ok(()) => {
+                    self.records.drain(..count);
+                    if self.records.is_empty() {
+                        tracing::info!(target: "bulkhead::audit", "the audit records kept during the outage are stored");
+                        self.dropped = 0;
+                    }
+                }
+                Err(error) if is_transient(&error) => return self.keep(batch, &error),
+                Err(error) => {
+                    tracing::error!(target: "bulkhead::audit", error = %error, records = count, "audit records could not be stored");
+                    self.records.drain(..count);
+                }
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        match store.append_audit(batch) {
+            Ok(()) => batch.clear(),
+            Err(error) if is_transient(&error) => self.keep(batch, &error),
+            Err(error) => {
+                tracing::error!(target: "bulkhead::audit", error = %error, records = batch.len(), "audit records could not be stored");
+                batch.clear();
+            }
+        }
+    }
+}
+
 /// The writer thread: waits for a first record, gathers more for up to [`LINGER`] (a flush or
-/// a full batch ends the wait), stores them in one transaction, answers the flushes. It ends
-/// once every sender is gone and the channel is empty, so nothing sent is left behind.
-fn run(store: &dyn Store, receiver: &Receiver<Message>) {
+/// a full batch ends the wait), stores them in one transaction (after any kept records),
+/// answers the flushes; with records kept, it retries every [`RETRY_INTERVAL`] even when none
+/// come. It ends once every sender is gone and the channel is empty, so nothing sent is left
+/// behind.
+fn run(store: &dyn Store, receiver: &Receiver<Message>, pending_capacity: usize) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut flushes = Vec::new();
-    while let Ok(first) = receiver.recv() {
+    let mut pending = Pending::new(pending_capacity);
+    loop {
+        let first = if pending.records.is_empty() {
+            match receiver.recv() {
+                Ok(message) => Some(message),
+                Err(_) => break,
+            }
+        } else {
+            match receiver.recv_timeout(RETRY_INTERVAL) {
+                Ok(message) => Some(message),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        };
         let deadline = Instant::now() + LINGER;
-        let mut next = Some(first);
+        let mut next = first;
         while let Some(message) = next.take() {
             match message {
                 Message::Record(record) => batch.push(*record),
@@ -190,11 +299,18 @@ fn run(store: &dyn Store, receiver: &Receiver<Message>) {
                 receiver.try_recv().ok()
             };
         }
-        append_or_log(store, &batch);
-        batch.clear();
+        pending.write(store, &mut batch);
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
+    }
+    pending.write(store, &mut batch);
+    if !pending.records.is_empty() {
+        tracing::error!(
+            target: "bulkhead::audit",
+            lost = pending.records.len(),
+            "the server stops with audit records the store could not take"
+        );
     }
 }
 
@@ -309,5 +425,60 @@ mod tests {
         let counts = stored(&store, tenant);
         assert_eq!(counts.len(), 1_000);
         assert!(counts.values().all(|count| *count == 1));
+    }
+
+    /// Forwards connections to `port` on to `to`, from now on (the database "returns").
+    fn forward(port: u16, to: String) {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(&to) else { continue };
+                let (mut client_in, mut server_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut client_in, &mut server_out));
+                let (mut server_in, mut client_out) = (server, client);
+                std::thread::spawn(move || std::io::copy(&mut server_in, &mut client_out));
+            }
+        });
+    }
+
+    /// Records made while PostgreSQL cannot be reached are kept and written, each once and in
+    /// order, when it returns, without a new record to prompt it; past the buffer's size the
+    /// newest are dropped.
+    #[test]
+    fn records_made_while_the_database_is_unreachable_are_written_when_it_returns() {
+        use bulkhead_store::postgres::{testing, PgOptions, PgStore};
+        let Some(database) = testing::fresh_database() else { return };
+        let direct = PgStore::open(&database.url, testing::test_options()).unwrap();
+        let tenant = direct.create_tenant("t").unwrap().id;
+        // The same database behind a port where nothing listens yet.
+        let (user, rest) = database.url.split_once('@').unwrap();
+        let (address, name) = rest.split_once('/').unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let options = PgOptions {
+            connect_timeout: Duration::from_secs(1),
+            checkout_timeout: Duration::from_secs(2),
+            ..testing::test_options()
+        };
+        let flaky = PgStore::connect(&format!("{user}@127.0.0.1:{port}/{name}"), options).unwrap();
+        let writer = AuditWriter::with_limits(Arc::new(flaky), 64, 40);
+        for index in 0..50 {
+            writer.submit_detached(record(tenant, format!("r-{index:02}")));
+        }
+        writer.flush_blocking();
+        let all = || direct.audit_records(tenant, &AuditQuery { limit: 1_000, ..AuditQuery::default() }).unwrap();
+        assert!(all().is_empty());
+
+        forward(port, address.to_owned());
+        let started = Instant::now();
+        while all().len() < 40 {
+            assert!(started.elapsed() < Duration::from_secs(20), "the kept records were not written");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let ids: Vec<String> = all().into_iter().map(|found| found.request_id).collect();
+        let expected: Vec<String> = (0..40).map(|index| format!("r-{index:02}")).collect();
+        assert_eq!(ids, expected, "the first 40 kept, in order, each once; the 10 beyond the buffer dropped");
+        writer.submit_detached(record(tenant, "after".into()));
+        writer.flush_blocking();
+        assert_eq!(all().len(), 41);
     }
 }

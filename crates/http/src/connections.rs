@@ -44,6 +44,7 @@ pub async fn serve(
     let stall_limit = state.config.download_stall_timeout;
     let metrics = state.metrics.clone();
     let audit = state.audit.clone();
+    let jobs = state.clone();
     let app = crate::router(state);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
@@ -94,9 +95,13 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: finishing in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(grace_seconds = grace.as_secs(), "in-flight requests did not finish in time");
-    }
+    // Export jobs go back to the queue (for other instances) while the last requests finish.
+    let requests = async {
+        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+            tracing::warn!(grace_seconds = grace.as_secs(), "in-flight requests did not finish in time");
+        }
+    };
+    tokio::join!(requests, crate::export_worker::drain(&jobs, grace));
     // The records of the last requests (and downloads) are stored before the process ends.
     audit.flush().await;
     Ok(())

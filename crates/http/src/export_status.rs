@@ -60,6 +60,9 @@ pub struct Planners {
     pub(crate) instance: String,
     pub(crate) wake: Notify,
     pub(crate) started: AtomicBool,
+    /// Set when the server shuts down: the worker claims nothing more, and the jobs it runs hand
+    /// their leases back at their next step (see [`crate::export_worker::drain`]).
+    pub(crate) draining: AtomicBool,
     /// Jobs this instance runs at once.
     pub(crate) slots: usize,
 }
@@ -73,6 +76,7 @@ impl Default for Planners {
             instance: uuid::Uuid::new_v4().to_string(),
             wake: Notify::new(),
             started: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             slots: crate::export_worker::WORKER_SLOTS,
         }
     }

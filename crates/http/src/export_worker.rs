@@ -13,7 +13,9 @@
 //! without writing anything. A job claimed more than [`MAX_CLAIMS`] times (it keeps killing its
 //! holders) is failed instead of run again. A job whose work meets an unavailable database (an
 //! outage, a restart) is not failed: its holder gives it back to be resumed once the database
-//! answers again.
+//! answers again. Nor is a job whose instance shuts down (SIGTERM: a deploy, a scale-in): the
+//! worker stops claiming, and each running job hands its lease back at its next step, so another
+//! instance resumes it at once instead of a whole lease later ([`drain`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -67,7 +69,7 @@ async fn claim_loop(state: AppState) {
     let lease = state.config.export_lease;
     // A lapsed lease is noticed within a quarter of a lease (between 0.1 s and 1 s).
     let idle = (lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
-    loop {
+    while !state.planners.draining.load(Ordering::Acquire) {
         // A job is claimed only with a worker slot and a place in the server-wide planning pool
         // (`max_concurrent_plans`, shared with synchronous kick-offs); without one it waits.
         while let Some((slot, planning)) = slots
@@ -92,6 +94,34 @@ async fn claim_loop(state: AppState) {
             _ = state.planners.wake.notified() => {}
             _ = tokio::time::sleep(idle) => {}
         }
+    }
+}
+
+/// How often [`drain`] looks whether the running jobs have handed their leases back.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// Shuts this instance's worker down (the server is stopping): it claims no more jobs, and each
+/// job it runs stops at its next step (a plan step or a written file) and hands its lease back,
+/// due at once, so any other instance's next claim resumes it from its checkpoint and recorded
+/// files. Returns once no job runs here, or when `within` has passed (a job in one long step;
+/// its lease then lapses as if the process had died). Whatever a job had not recorded is redone
+/// by its next holder.
+pub async fn drain(state: &AppState, within: Duration) {
+    state.planners.draining.store(true, Ordering::Release);
+    state.planners.wake.notify_one();
+    let running = state.planners.running();
+    if running == 0 {
+        return;
+    }
+    tracing::info!(running, "shutting down: export jobs hand their leases back");
+    let deadline = Instant::now() + within;
+    while state.planners.running() > 0 {
+        if Instant::now() >= deadline {
+            let running = state.planners.running();
+            tracing::warn!(running, "export jobs did not stop in time: their leases lapse instead");
+            return;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
     }
 }
 
@@ -222,7 +252,10 @@ fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
         if let Some(hook) = &hook {
             hook(step)?;
         }
-        if planner.cancelled.load(Ordering::Acquire) || !heartbeat.beat(&step.to_string()) {
+        if planner.cancelled.load(Ordering::Acquire)
+            || state.planners.draining.load(Ordering::Acquire)
+            || !heartbeat.beat(&step.to_string())
+        {
             return Err(ExportError::Cancelled);
         }
         Ok(())
@@ -260,6 +293,15 @@ fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
                 remove_output(state, &lease, work.materialise);
             }
             finished
+        }
+        // Stopped by the shutdown, not by a lost lease or a cancel: the job goes to another
+        // instance.
+        Err(WorkStop::LeaseLost)
+            if state.planners.draining.load(Ordering::Acquire)
+                && !heartbeat.lost.load(Ordering::Acquire)
+                && !planner.cancelled.load(Ordering::Acquire) =>
+        {
+            return hand_back(state, &lease);
         }
         Err(WorkStop::LeaseLost) => Ok(false),
     };
@@ -327,6 +369,20 @@ fn pause_for_outage(state: &AppState, lease: &JobLease) -> LeaseAfterOutage {
             Ok(false) => return LeaseAfterOutage::Gone,
             Err(_) if started.elapsed() >= until_lapsed => return LeaseAfterOutage::Lapsing,
             Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+/// Gives the lease of a job this instance stopped at shutdown back, due at once (one attempt:
+/// should it fail, the lease lapses as it would have).
+fn hand_back(state: &AppState, lease: &JobLease) {
+    match state.store.renew_export_job_lease(lease, now_micros(), 0, "handed back by a stopping instance") {
+        Ok(true) => {
+            tracing::info!(job = %lease.job_id, fence = lease.fence, "export job handed back: this instance is stopping")
+        }
+        Ok(false) => tracing::info!(job = %lease.job_id, "export job taken over or cancelled while stopping"),
+        Err(error) => {
+            tracing::warn!(job = %lease.job_id, error = %error, "handing an export job back failed: its lease lapses instead")
         }
     }
 }

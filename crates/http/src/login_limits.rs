@@ -67,7 +67,22 @@ impl<K: Hash + Eq + Clone> Windows<K> {
     }
 
     fn record(&mut self, key: K, window: Duration, max_tracked: usize, now: Instant) {
-        if !self.counts.contains_key(&key) && self.counts.len() >= max_tracked {
+        self.make_room(&key, window, max_tracked, now);
+        let entry = self.counts.entry(key).or_insert(Window { started: now, failures: 0 });
+        if entry.started + window <= now {
+            *entry = Window { started: now, failures: 0 };
+        }
+        entry.failures = entry.failures.saturating_add(1);
+    }
+
+    /// Takes the window as the store counted it (every instance's failures).
+    fn set(&mut self, key: K, counted: Window, window: Duration, max_tracked: usize, now: Instant) {
+        self.make_room(&key, window, max_tracked, now);
+        self.counts.insert(key, counted);
+    }
+
+    fn make_room(&mut self, key: &K, window: Duration, max_tracked: usize, now: Instant) {
+        if !self.counts.contains_key(key) && self.counts.len() >= max_tracked {
             self.counts.retain(|_, entry| entry.started + window > now);
             if self.counts.len() >= max_tracked {
                 let oldest = self.counts.iter().min_by_key(|(_, entry)| entry.started).map(|(key, _)| key.clone());
@@ -76,24 +91,52 @@ impl<K: Hash + Eq + Clone> Windows<K> {
                 }
             }
         }
-        let entry = self.counts.entry(key).or_insert(Window { started: now, failures: 0 });
-        if entry.started + window <= now {
-            *entry = Window { started: now, failures: 0 };
-        }
-        entry.failures = entry.failures.saturating_add(1);
     }
 }
 
 /// The failure counters of one server.
+///
+/// With a store ([`LoginLimiter::shared_through`]: several instances on PostgreSQL), every
+/// failure is counted in the store, in one row per peer or client id, and the store's count
+/// (every instance's failures) comes back into this instance's table, which decides alone
+/// whether a request is refused: a request that presents credentials costs no database round
+/// trip, a refused login one. An instance learns of the others' failures at its own next
+/// failure for the same key, so across N instances at most N - 1 failures beyond the limit are
+/// checked before every instance refuses. While the store cannot be reached, failures are
+/// counted here alone.
 pub struct LoginLimiter {
     limits: LoginLimits,
     peers: Mutex<Windows<IpAddr>>,
     clients: Mutex<Windows<Vec<u8>>>,
+    store: Option<std::sync::Arc<dyn bulkhead_store::Store>>,
 }
 
 impl LoginLimiter {
     pub fn new(limits: LoginLimits) -> LoginLimiter {
-        LoginLimiter { limits, peers: Mutex::new(Windows::new()), clients: Mutex::new(Windows::new()) }
+        LoginLimiter { limits, peers: Mutex::new(Windows::new()), clients: Mutex::new(Windows::new()), store: None }
+    }
+
+    /// Counts failures in `store`, shared with every instance on it.
+    pub fn shared_through(mut self, store: std::sync::Arc<dyn bulkhead_store::Store>) -> LoginLimiter {
+        self.store = Some(store);
+        self
+    }
+
+    /// The store's window of `key` after counting one more failure, as a local window.
+    fn count_in_store(&self, key: &str, now: Instant) -> Option<Window> {
+        let store = self.store.as_ref()?;
+        let now_micros = bulkhead_fhir::now_micros();
+        let window = i64::try_from(self.limits.window.as_micros()).unwrap_or(i64::MAX);
+        match store.record_login_failure(key, window, now_micros) {
+            Ok(counted) => {
+                let age = Duration::from_micros(now_micros.saturating_sub(counted.started).max(0) as u64);
+                Some(Window { started: now.checked_sub(age).unwrap_or(now), failures: counted.failures })
+            }
+            Err(error) => {
+                tracing::debug!(error = %error, "failed login counted in this process only");
+                None
+            }
+        }
     }
 
     /// How long a request from `peer` presenting `client_id` must wait, if it must.
@@ -111,10 +154,19 @@ impl LoginLimiter {
         let now = Instant::now();
         let limits = &self.limits;
         if let Some(peer) = peer {
-            lock(&self.peers).record(peer_key(peer), limits.window, limits.max_tracked, now);
+            let key = peer_key(peer);
+            match self.count_in_store(&format!("peer:{key}"), now) {
+                Some(counted) => lock(&self.peers).set(key, counted, limits.window, limits.max_tracked, now),
+                None => lock(&self.peers).record(key, limits.window, limits.max_tracked, now),
+            }
         }
         if let Some(id) = client_id {
-            lock(&self.clients).record(client_key(id), limits.window, limits.max_tracked, now);
+            let key = client_key(id);
+            let hex: String = key.iter().map(|byte| format!("{byte:02x}")).collect();
+            match self.count_in_store(&format!("client:{hex}"), now) {
+                Some(counted) => lock(&self.clients).set(key, counted, limits.window, limits.max_tracked, now),
+                None => lock(&self.clients).record(key, limits.window, limits.max_tracked, now),
+            }
         }
     }
 }
@@ -227,6 +279,27 @@ mod tests {
         limiter.record_failure(Some(two.into()), None);
         assert!(limiter.retry_after(Some(one.into()), None).is_some());
         assert!(limiter.retry_after(Some(other.into()), None).is_none());
+    }
+
+    /// Two instances on one store: the failures one saw count at the other's next failure, so
+    /// the other refuses after one more, not after a limit of its own.
+    #[test]
+    fn failures_are_counted_across_instances_through_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: std::sync::Arc<dyn bulkhead_store::Store> =
+            std::sync::Arc::new(bulkhead_store::sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+        let one = limiter(3, 100, 100).shared_through(store.clone());
+        let two = limiter(3, 100, 100).shared_through(store);
+        let peer: IpAddr = "10.0.0.9".parse().unwrap();
+        one.record_failure(Some(peer), Some(b"x"));
+        one.record_failure(Some(peer), Some(b"x"));
+        assert!(two.retry_after(Some(peer), None).is_none(), "two has seen none of them itself");
+        two.record_failure(Some(peer), Some(b"x"));
+        let wait = two.retry_after(Some(peer), None).expect("the third failure in total blocks at two");
+        assert!(wait > Duration::from_secs(50), "the window began at the first failure, on one: {wait:?}");
+        assert!(one.retry_after(Some(peer), None).is_none(), "one learns at its next failure");
+        one.record_failure(Some(peer), None);
+        assert!(one.retry_after(Some(peer), None).is_some());
     }
 
     #[test]

@@ -6,15 +6,26 @@
 //! Running exports are counted from the store, so the cap holds across every instance on it:
 //! an asynchronous job counts from its kick-off until it finishes (or expires), counted in the
 //! transaction that stores it; a synchronous kick-off counts in this process while it is
-//! planned, on top of the store's count. The other quotas live in this process (one map per
-//! quota, keyed by tenant); to share them, the same shapes move into the store: token buckets
-//! as `(tenant, quota, tokens, updated)` rows updated with a compare-and-swap per request (or
-//! per batch of requests, with a local allowance).
+//! planned, on top of the store's count.
+//!
+//! The request rate and upload bytes are token buckets. On one machine (SQLite) they live in
+//! this process, one per tenant. With [`QuotaConfig::shared`] (several instances on PostgreSQL)
+//! each tenant's bucket is a row of the store (`quota_buckets`) and every instance draws
+//! batches from it, a tenth of the bucket at a time, into a local allowance it serves requests
+//! from: most requests cost no database round trip, and the instances together never take more
+//! from the bucket than it holds. What they can serve beyond one bucket is what they hold at
+//! once: at most a batch each (N instances: N tenths of a second's requests), plus the upload
+//! bytes that arrive beyond what an upload's admission drew, which its instance owes the bucket
+//! and pays at its next draw. Drawn tokens an instance does not spend within the bucket's
+//! window (a second, a minute) are dropped, never saved up. An instance that finds the bucket
+//! empty waits for a batch to refill before it asks again (refusing locally meanwhile), so a
+//! tenant over its limit costs the database at most ten draws a second per instance. While the
+//! store cannot be reached, this process's own buckets count.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -42,6 +53,9 @@ pub struct QuotaConfig {
     pub upload_bytes_per_minute: u64,
     /// Export files of one tenant streamed at once (its share of `max_concurrent_downloads`).
     pub concurrent_downloads: usize,
+    /// Keep the request-rate and upload buckets (and the failed-login counts) in the store,
+    /// shared by every instance on it (set on PostgreSQL), instead of in this process.
+    pub shared: bool,
 }
 
 impl Default for QuotaConfig {
@@ -51,6 +65,7 @@ impl Default for QuotaConfig {
             concurrent_exports: 0,
             upload_bytes_per_minute: 0,
             concurrent_downloads: 4,
+            shared: false,
         }
     }
 }
@@ -62,7 +77,34 @@ pub struct Quotas {
     uploads: Mutex<HashMap<TenantId, Bucket>>,
     exports: Mutex<HashMap<TenantId, usize>>,
     downloads: Mutex<HashMap<TenantId, Arc<Semaphore>>>,
+    allowances: Mutex<HashMap<(TenantId, &'static str), SharedAllowance>>,
 }
+
+/// Tokens of a shared bucket drawn by this process and not spent yet (negative: upload bytes
+/// owed to the bucket).
+#[derive(Debug, Default)]
+struct Allowance {
+    tokens: f64,
+    drawn: Option<Instant>,
+    /// The bucket was found empty: refuse here until then without asking the store.
+    empty_until: Option<Instant>,
+}
+
+/// One tenant's allowance of one shared bucket, locked while it draws.
+type SharedAllowance = Arc<Mutex<Allowance>>;
+
+/// A tenant's bucket in the store ([`bulkhead_store::Store::draw_quota_tokens`]).
+#[derive(Debug, Clone, Copy)]
+struct SharedBucket {
+    quota: &'static str,
+    capacity: f64,
+    rate: f64,
+    /// How long drawn tokens may wait here to be spent.
+    keep: Duration,
+}
+
+/// Each draw asks for this fraction of the bucket (more when one upload needs more).
+const BATCH_FRACTION: f64 = 0.1;
 
 /// A token bucket: `capacity` tokens, refilled at `rate` per second; it may go below zero (an
 /// upload is charged as its bytes arrive), and then refuses until it is positive again.
@@ -119,11 +161,61 @@ impl Quotas {
         Ok(())
     }
 
+    /// Charges `bytes` to `tenant`'s allowance of a shared bucket (it may go below zero: a debt
+    /// the next draw pays).
+    fn charge_shared(&self, tenant: TenantId, quota: &'static str, bytes: u64) {
+        let cell = lock(&self.allowances).entry((tenant, quota)).or_default().clone();
+        lock(&cell).tokens -= bytes as f64;
+    }
+
     /// Charges `bytes` of upload to `tenant`.
     fn charge_upload(&self, tenant: TenantId, bytes: u64) {
         if let Some(bucket) = lock(&self.uploads).get_mut(&tenant) {
             bucket.tokens -= bytes as f64;
         }
+    }
+
+    /// Makes `needed` tokens of `tenant`'s shared `bucket` available in this process, drawing
+    /// from the store when the local allowance is short; `take`: spend them now (a request), or
+    /// leave them for the charges as bytes arrive (an upload). `Ok(Err(seconds to wait))` when
+    /// the bucket cannot give them.
+    fn take_shared(
+        &self,
+        store: &dyn bulkhead_store::Store,
+        tenant: TenantId,
+        bucket: SharedBucket,
+        needed: f64,
+        take: bool,
+        now: Instant,
+    ) -> Result<Result<(), u64>, bulkhead_store::StoreError> {
+        let cell = lock(&self.allowances).entry((tenant, bucket.quota)).or_default().clone();
+        let mut allowance = lock(&cell);
+        if allowance.tokens > 0.0
+            && allowance.drawn.is_some_and(|drawn| now.saturating_duration_since(drawn) >= bucket.keep)
+        {
+            allowance.tokens = 0.0;
+        }
+        if allowance.tokens < needed {
+            if allowance.empty_until.is_some_and(|until| until > now) {
+                return Ok(Err(seconds_until(allowance.tokens, needed, bucket.rate)));
+            }
+            let batch = (bucket.capacity * BATCH_FRACTION).max(1.0);
+            let want = (needed - allowance.tokens).max(batch);
+            let now_micros = bulkhead_fhir::now_micros();
+            let granted =
+                store.draw_quota_tokens(tenant, bucket.quota, want, bucket.capacity, bucket.rate, now_micros)?;
+            allowance.tokens += granted;
+            allowance.drawn = Some(now);
+            if allowance.tokens < needed {
+                allowance.empty_until = Some(now + Duration::from_secs_f64(batch / bucket.rate));
+                return Ok(Err(seconds_until(allowance.tokens, needed, bucket.rate)));
+            }
+            allowance.empty_until = None;
+        }
+        if take {
+            allowance.tokens -= needed;
+        }
+        Ok(Ok(()))
     }
 
     /// The pool share of `tenant`: a semaphore of `permits`.
@@ -170,7 +262,18 @@ pub fn admit_request(state: &AppState, caller: &Caller) -> Result<(), ApiError> 
     if per_second == 0 {
         return Ok(());
     }
-    state.quotas.take_request(caller.tenant, per_second, Instant::now()).map_err(|seconds| {
+    let now = Instant::now();
+    let rate = f64::from(per_second);
+    let bucket = SharedBucket { quota: "requests", capacity: rate, rate, keep: Duration::from_secs(1) };
+    let admitted = match state.config.quotas.shared {
+        true => state.quotas.take_shared(state.store.as_ref(), caller.tenant, bucket, 1.0, true, now),
+        false => Ok(state.quotas.take_request(caller.tenant, per_second, now)),
+    };
+    let admitted = admitted.unwrap_or_else(|error| {
+        tracing::debug!(error = %error, "request rate counted in this process only");
+        state.quotas.take_request(caller.tenant, per_second, now)
+    });
+    admitted.map_err(|seconds| {
         throttled(state, caller, "requests", seconds, format!("tenant request rate above {per_second} per second"))
     })
 }
@@ -247,13 +350,35 @@ pub fn metered_upload(state: &AppState, caller: &Caller, headers: &HeaderMap, bo
         return Ok(body);
     }
     let announced = headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse().ok());
-    state.quotas.admit_upload(caller.tenant, per_minute, announced, Instant::now()).map_err(|seconds| {
-        throttled(state, caller, "upload_bytes", seconds, format!("tenant uploads above {per_minute} bytes per minute"))
-    })?;
+    let now = Instant::now();
+    let capacity = per_minute as f64;
+    let bucket = SharedBucket { quota: "upload_bytes", capacity, rate: capacity / 60.0, keep: Duration::from_secs(60) };
+    let needed = announced.map_or(1.0, |bytes| (bytes as f64).clamp(1.0, capacity));
+    let shared = state.config.quotas.shared
+        && match state.quotas.take_shared(state.store.as_ref(), caller.tenant, bucket, needed, false, now) {
+            Ok(Ok(())) => true,
+            Ok(Err(seconds)) => {
+                let what = format!("tenant uploads above {per_minute} bytes per minute");
+                return Err(throttled(state, caller, "upload_bytes", seconds, what));
+            }
+            Err(error) => {
+                tracing::debug!(error = %error, "upload bytes counted in this process only");
+                false
+            }
+        };
+    if !shared {
+        state.quotas.admit_upload(caller.tenant, per_minute, announced, now).map_err(|seconds| {
+            let what = format!("tenant uploads above {per_minute} bytes per minute");
+            throttled(state, caller, "upload_bytes", seconds, what)
+        })?;
+    }
     let (state, tenant) = (state.clone(), caller.tenant);
     Ok(Body::from_stream(body.into_data_stream().inspect(move |chunk| {
         if let Ok(chunk) = chunk {
-            state.quotas.charge_upload(tenant, chunk.len() as u64);
+            match shared {
+                true => state.quotas.charge_shared(tenant, "upload_bytes", chunk.len() as u64),
+                false => state.quotas.charge_upload(tenant, chunk.len() as u64),
+            }
         }
     })))
 }
@@ -297,8 +422,6 @@ pub async fn download_share(state: &AppState, tenant: TenantId) -> Result<Downlo
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
@@ -328,5 +451,44 @@ mod tests {
         assert_eq!(quotas.admit_upload(tenant, 6000, Some(1), start + Duration::from_secs(31)), Ok(()));
         // Larger than a minute's allowance: admitted with a full bucket.
         assert_eq!(quotas.admit_upload(TenantId(2), 6000, Some(1 << 30), start), Ok(()));
+    }
+
+    /// Two processes on one store draw a tenant's requests from one bucket: together they
+    /// admit what it holds (plus at most what one has drawn and not spent), not twice that.
+    #[test]
+    fn shared_request_buckets_hold_across_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = bulkhead_store::sqlite::SqliteStore::open(&dir.path().join("db")).unwrap();
+        let (one, two) = (Quotas::default(), Quotas::default());
+        let bucket = SharedBucket { quota: "requests", capacity: 20.0, rate: 20.0, keep: Duration::from_secs(1) };
+        let (a, b) = (TenantId(1), TenantId(2));
+        let now = Instant::now();
+        let mut admitted = 0;
+        for n in 0..40 {
+            let quotas = if n % 2 == 0 { &one } else { &two };
+            if quotas.take_shared(&store, a, bucket, 1.0, true, now).unwrap().is_ok() {
+                admitted += 1;
+            }
+        }
+        assert!((20..=20 + 2 * 2).contains(&admitted), "{admitted} admitted of a bucket of 20");
+        assert_eq!(one.take_shared(&store, a, bucket, 1.0, true, now).unwrap(), Err(1), "refused locally");
+        assert!(two.take_shared(&store, b, bucket, 1.0, true, now).unwrap().is_ok(), "another tenant is served");
+    }
+
+    /// Upload bytes beyond what an admission drew are owed and paid from the shared bucket at
+    /// the next admission.
+    #[test]
+    fn shared_upload_debt_is_paid_at_the_next_draw() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = bulkhead_store::sqlite::SqliteStore::open(&dir.path().join("db")).unwrap();
+        let quotas = Quotas::default();
+        let bucket = SharedBucket { quota: "upload_bytes", capacity: 6000.0, rate: 1.0, keep: Duration::from_secs(60) };
+        let (tenant, now) = (TenantId(1), Instant::now());
+        assert_eq!(quotas.take_shared(&store, tenant, bucket, 1000.0, false, now).unwrap(), Ok(()));
+        quotas.charge_shared(tenant, "upload_bytes", 5500);
+        // 4500 owed: paid from the 5000 the bucket still holds, so 500 are left for the next.
+        assert!(quotas.take_shared(&store, tenant, bucket, 1000.0, false, now).unwrap().is_err());
+        let other = Quotas::default();
+        assert!(other.take_shared(&store, tenant, bucket, 1.0, false, now).unwrap().is_err(), "the bucket is empty");
     }
 }

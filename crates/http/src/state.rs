@@ -171,8 +171,14 @@ impl AppState {
     pub fn new(store: Arc<dyn Store>, config: HttpConfig, token_keys: TokenKeys) -> AppState {
         AppState {
             audit: Arc::new(crate::audit_writer::AuditWriter::start(store.clone())),
+            login_limiter: Arc::new(match config.quotas.shared {
+                true => {
+                    crate::login_limits::LoginLimiter::new(config.login_limits.clone()).shared_through(store.clone())
+                }
+                false => crate::login_limits::LoginLimiter::new(config.login_limits.clone()),
+            }),
             store,
-            login_limiter: Arc::new(crate::login_limits::LoginLimiter::new(config.login_limits.clone())),
+
             download_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_downloads.max(1))),
             planning_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_plans.max(1))),
             jwks: Arc::new(crate::jwks::JwksCache::new(config.jwks_fetch_timeout, config.allow_http_jwks_urls)),

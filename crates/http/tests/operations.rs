@@ -144,6 +144,38 @@ async fn a_tenant_over_its_request_rate_gets_429_while_another_is_served() {
     assert!(!samples.keys().any(|series| series.contains(r#"tenant="calm",quota"#)));
 }
 
+/// Two instances on one store with shared quotas (as on PostgreSQL): the tenant's request rate
+/// holds in total across both, 429 with `Retry-After` past it, while another tenant is served
+/// by either. (Each on its own would admit 4 a second of its own, 8 in total.)
+#[tokio::test]
+async fn the_request_rate_holds_in_total_across_two_instances_on_one_store() {
+    let config = with_quotas(QuotaConfig { requests_per_second: 4, shared: true, ..QuotaConfig::default() });
+    let one = Server::with_config(config.clone());
+    let two = one.sibling_with(config);
+    let (busy, calm) = (one.tenant_client("busy"), one.tenant_client("calm"));
+    let started = std::time::Instant::now();
+    let (mut admitted, mut refused) = (0, 0);
+    for n in 0..16 {
+        let instance = if n % 2 == 0 { &one } else { &two };
+        let reply = instance.send(get("/r4/Patient?_count=1").by(&busy)).await;
+        match reply.status.as_u16() {
+            200 => admitted += 1,
+            429 => {
+                assert!(assert_throttled(&reply) >= 1);
+                refused += 1;
+            }
+            other => panic!("{other}: {}", reply.text()),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // The bucket's 4, what it refilled meanwhile, and at most one drawn batch (1) per instance.
+    let bound = 4.0 + 4.0 * elapsed + 2.0;
+    assert!(admitted >= 4 && f64::from(admitted) <= bound, "{admitted} admitted in {elapsed:.2} s (bound {bound:.1})");
+    assert!(refused > 0);
+    assert_status(&one.send(get("/r4/Patient?_count=1").by(&calm)).await, 200);
+    assert_status(&two.send(get("/r4/Patient?_count=1").by(&calm)).await, 200);
+}
+
 #[tokio::test]
 async fn a_tenant_over_its_upload_bytes_gets_429_while_another_uploads() {
     let server =

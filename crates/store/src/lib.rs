@@ -14,6 +14,7 @@ pub mod postgres;
 mod retention;
 mod search;
 mod selection;
+mod shared_state;
 pub mod sqlite;
 mod write;
 
@@ -31,6 +32,7 @@ pub use model::{
 pub use plan_cache::PlanCacheStats;
 pub use retention::{PruneReport, StorageBytes};
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
+pub use shared_state::{next_kid, LoginWindow, TokenKey};
 pub use write::{group_members, stamped_json, WriteMode, WriteOp, Written};
 
 use bulkhead_fhir::Micros;
@@ -377,6 +379,40 @@ pub trait Store: Send + Sync + 'static {
     fn prune_history(&self, cutoff: Micros, now: Micros, batch: usize) -> Result<PruneReport, StoreError>;
     /// The store's size on disk.
     fn storage_bytes(&self) -> Result<StorageBytes, StoreError>;
+
+    // ---- state shared by every instance on the store (signing keys, quotas, failed logins) ----
+
+    /// The keys that sign and verify file URLs and access tokens, newest first (the first one
+    /// not retired signs); empty until [`Store::init_token_keys`].
+    fn token_keys(&self) -> Result<Vec<TokenKey>, StoreError>;
+    /// A number that changes whenever the token keys change (one indexed read: every instance
+    /// polls it once a second).
+    fn token_keys_version(&self) -> Result<i64, StoreError>;
+    /// Stores `keys` (newest first) if the store holds no token keys yet, atomically across
+    /// processes; false (nothing changed) when it already holds some.
+    fn init_token_keys(&self, keys: &[TokenKey]) -> Result<bool, StoreError>;
+    /// Rotation, in one transaction: every key not yet retired is retired at `now` (Unix
+    /// seconds), keys retired before `drop_retired_before` are removed, and `secret` becomes the
+    /// signing key under [`next_kid`]. Returns the keys after it, newest first.
+    fn rotate_token_keys(&self, secret: &[u8], now: i64, drop_retired_before: i64)
+        -> Result<Vec<TokenKey>, StoreError>;
+    /// Takes up to `want` tokens from the shared token bucket `(tenant, quota)`, atomically
+    /// across processes: the bucket starts full at `capacity` and refills at `rate` per second of
+    /// `now` (microseconds) since its last draw, up to `capacity`. Returns the tokens taken (0
+    /// when it is empty).
+    fn draw_quota_tokens(
+        &self,
+        tenant: TenantId,
+        quota: &str,
+        want: f64,
+        capacity: f64,
+        rate: f64,
+        now: Micros,
+    ) -> Result<f64, StoreError>;
+    /// Counts one failed login for `key` (a peer address or a client id) in its fixed window of
+    /// `window` microseconds (a new window starts at `now` when there is none or it has ended),
+    /// atomically across processes; windows that ended are removed. Returns the window after it.
+    fn record_login_failure(&self, key: &str, window: Micros, now: Micros) -> Result<LoginWindow, StoreError>;
 }
 
 /// Makes the audit records of a write from its entries' results ([`Store::write_audited`]).

@@ -87,18 +87,35 @@ pub struct PlanCacheStats {
 pub(crate) struct PlanCache {
     entries: Mutex<VecDeque<Entry>>,
     stats: Mutex<PlanCacheStats>,
-    /// Recent members checks: `(digest of tenant and member ids, transaction time, the members'
+    /// Recent members checks: `(tenant, digest of the members, transaction time, the members'
     /// latest change)`, so the plan, the associated set and the missing members of one kick-off
     /// read the watermarks once.
-    checked: Mutex<VecDeque<([u8; 32], Micros, Micros)>>,
+    checked: Mutex<VecDeque<MembersCheck>>,
+    /// Recent tenant-wide bounds: `(tenant, transaction time, the tenant's latest patient
+    /// change)`, read once per kick-off.
+    tenant_checked: Mutex<VecDeque<(TenantId, Micros, Micros)>>,
+    /// Recent large member lists with their digests ([`PlanCache::members_digest`]).
+    digests: Mutex<VecDeque<(MemberList, [u8; 32])>>,
 }
 
 /// Members checks remembered (one per kick-off planned at once is plenty).
 const CHECKS: usize = 16;
 
-/// The cache key of a result: what it depends on besides the transaction time.
-pub(crate) fn key(
+type MemberList = Arc<Vec<(String, Option<Micros>)>>;
+/// A members check: `(tenant, members digest, transaction time, the members' latest change)`.
+type MembersCheck = (TenantId, [u8; 32], Micros, Micros);
+/// Member lists whose digests are remembered (the most recent), the members they may hold
+/// together (a few MB; the newest list is kept whatever its size), and the size from which a list
+/// is remembered at all (smaller ones are hashed every time).
+const DIGESTS: usize = 4;
+const DIGEST_MEMBERS: usize = 100_000;
+const REMEMBER_DIGESTS_FROM: usize = 1_000;
+
+/// The cache key of a result: what it depends on besides the transaction time (the members by
+/// their [`PlanCache::members_digest`]).
+fn key_with(
     tenant: TenantId,
+    members: &[u8; 32],
     selection: &MemberSelection,
     what: &str,
     types: &[String],
@@ -119,11 +136,7 @@ pub(crate) fn key(
     };
     field(what.as_bytes());
     field(tenant.0.to_le_bytes().as_slice());
-    field((selection.members.len() as u64).to_le_bytes().as_slice());
-    for (patient, since) in &selection.members {
-        field(patient.as_bytes());
-        field(optional(*since).as_slice());
-    }
+    field(members.as_slice());
     field(optional(selection.since).as_slice());
     field(optional(selection.until).as_slice());
     match selection.visibility.user() {
@@ -141,19 +154,23 @@ pub(crate) fn key(
     hasher.finalize().into()
 }
 
-/// The cache key of an associated set: [`key`] plus what the request asks for (not its set id or
-/// expiry, which name where a computed result is stored).
-pub(crate) fn associated_key(
-    tenant: TenantId,
-    selection: &MemberSelection,
-    request: &AssociatedRequest,
-    part_size: u64,
-) -> [u8; 32] {
-    let what = format!(
-        "associated {:?} {:?} {:?} {:?} {}",
-        request.provenance, request.provenance_sources, request.referenced, request.reference_sources, request.depth
-    );
-    key(tenant, selection, &what, &[], part_size)
+/// SHA-256 of a member list, each member with its `since`: equal digests mean equal lists.
+fn digest_members(members: &[(String, Option<Micros>)]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update((members.len() as u64).to_le_bytes());
+    for (patient, since) in members {
+        hasher.update((patient.len() as u64).to_le_bytes());
+        hasher.update(patient.as_bytes());
+        match since {
+            Some(since) => {
+                hasher.update([1u8]);
+                hasher.update(since.to_le_bytes());
+            }
+            None => hasher.update([0u8]),
+        }
+    }
+    hasher.finalize().into()
 }
 
 /// [`crate::Store::existing_at`] of Patients, through the cache: the ids of `ids` that exist at
@@ -178,7 +195,7 @@ pub(crate) fn existing_patients(
         scope: crate::SelectionScope::Members,
         filters: Default::default(),
     };
-    let key = key(tenant, &selection, "missing Patients", &[], 0);
+    let key = cache.key(tenant, &selection, "missing Patients", &[], 0);
     let missing = cache.missing(
         key,
         at,
@@ -214,6 +231,64 @@ pub(crate) fn reaches_any(request: &AssociatedRequest, changed: &[String]) -> bo
 }
 
 impl PlanCache {
+    /// The cache key of a result: what it depends on besides the transaction time: tenant,
+    /// members with their `since`, `_since`, `_until`, visibility, `_typeFilter`s, `what`,
+    /// types, part size.
+    pub(crate) fn key(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        what: &str,
+        types: &[String],
+        part_size: u64,
+    ) -> [u8; 32] {
+        key_with(tenant, &self.members_digest(&selection.members), selection, what, types, part_size)
+    }
+
+    /// The cache key of an associated set: [`PlanCache::key`] plus what the request asks for
+    /// (not its set id or expiry, which name where a computed result is stored).
+    pub(crate) fn associated_key(
+        &self,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        request: &AssociatedRequest,
+        part_size: u64,
+    ) -> [u8; 32] {
+        let what = format!(
+            "associated {:?} {:?} {:?} {:?} {}",
+            request.provenance,
+            request.provenance_sources,
+            request.referenced,
+            request.reference_sources,
+            request.depth
+        );
+        self.key(tenant, selection, &what, &[], part_size)
+    }
+
+    /// The digest of a member list ([`digest_members`]), hashed once per kick-off: the plan,
+    /// the associated set, the missing members and the members check of one kick-off each key
+    /// by the same list, and comparing a remembered copy is several times cheaper than hashing
+    /// it again. Exact: a list is only matched by an equal one.
+    fn members_digest(&self, members: &[(String, Option<Micros>)]) -> [u8; 32] {
+        if members.len() < REMEMBER_DIGESTS_FROM {
+            return digest_members(members);
+        }
+        let held: Vec<(MemberList, [u8; 32])> =
+            self.digests.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().cloned().collect();
+        if let Some((_, digest)) = held.iter().find(|(list, _)| list.as_slice() == members) {
+            return *digest;
+        }
+        let digest = digest_members(members);
+        let mut digests = self.digests.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        digests.push_back((Arc::new(members.to_vec()), digest));
+        while digests.len() > 1
+            && (digests.len() > DIGESTS || digests.iter().map(|(list, _)| list.len()).sum::<usize>() > DIGEST_MEMBERS)
+        {
+            digests.pop_front();
+        }
+        digest
+    }
+
     /// The newest entry under `key` computed no later than `at`, with its transaction time.
     fn get(&self, key: &[u8; 32], at: Micros) -> Option<(Micros, Cached)> {
         let entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -259,34 +334,51 @@ impl PlanCache {
     }
 
     /// True when no member of `selection` has a compartment row changed after `planned_at`, as
-    /// of the selection's transaction time T. `latest_change` is the store's query of the
-    /// members' greatest `changed_at`, run in a snapshot taken after T was reserved; its answer
-    /// is remembered per (members, T): every later check for T may use it (it covers every write
-    /// up to T, and any it saw after T only makes the check stricter).
+    /// of the selection's transaction time T. `tenant_latest` is the store's upper bound of every
+    /// patient's `changed_at` in the tenant (`Micros::MAX` when it keeps none), `latest_change`
+    /// its query of the members' greatest `changed_at`; both run in a snapshot taken after T was
+    /// reserved. When the tenant's bound is not above `planned_at`, no member changed and the
+    /// members are not read (nor hashed). Each answer is remembered per T (the members' per
+    /// (members, T)): every later check for T may use it (it covers every write up to T, and any
+    /// it saw after T only makes the check stricter).
     pub(crate) fn members_unchanged_since(
         &self,
         tenant: TenantId,
         selection: &MemberSelection,
         planned_at: Micros,
+        tenant_latest: impl FnOnce() -> Result<Micros, StoreError>,
         latest_change: impl FnOnce() -> Result<Micros, StoreError>,
     ) -> Result<bool, StoreError> {
-        use sha2::{Digest, Sha256};
-        let mut hasher = Sha256::new();
-        hasher.update(tenant.0.to_le_bytes());
-        for (patient, _) in &selection.members {
-            hasher.update((patient.len() as u64).to_le_bytes());
-            hasher.update(patient.as_bytes());
-        }
-        let digest: [u8; 32] = hasher.finalize().into();
         let at = selection.transaction_time;
+        let bounds = || self.tenant_checked.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let known = bounds().iter().find(|(held, checked_at, _)| *held == tenant && *checked_at == at).map(|c| c.2);
+        let bound = match known {
+            Some(bound) => bound,
+            None => {
+                let bound = tenant_latest()?;
+                let mut bounds = bounds();
+                bounds.push_back((tenant, at, bound));
+                while bounds.len() > CHECKS {
+                    bounds.pop_front();
+                }
+                bound
+            }
+        };
+        if bound <= planned_at {
+            return Ok(true);
+        }
+        let digest = self.members_digest(&selection.members);
         let checked = || self.checked.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let known = checked().iter().find(|(held, checked_at, _)| *held == digest && *checked_at == at).map(|c| c.2);
+        let known = checked()
+            .iter()
+            .find(|(held_tenant, held, checked_at, _)| *held_tenant == tenant && *held == digest && *checked_at == at)
+            .map(|c| c.3);
         let latest = match known {
             Some(latest) => latest,
             None => {
                 let latest = latest_change()?;
                 let mut checked = checked();
-                checked.push_back((digest, at, latest));
+                checked.push_back((tenant, digest, at, latest));
                 while checked.len() > CHECKS {
                     checked.pop_front();
                 }
@@ -450,7 +542,10 @@ mod tests {
             Ok(value)
         };
         let check = |members: &[&str], at, planned_at, value| {
-            cache.members_unchanged_since(TenantId(1), &selection(members, at), planned_at, || latest(value)).unwrap()
+            let no_bound = || Ok(Micros::MAX);
+            cache
+                .members_unchanged_since(TenantId(1), &selection(members, at), planned_at, no_bound, || latest(value))
+                .unwrap()
         };
         assert!(check(&["a", "b"], 100, 50, 40));
         assert!(!check(&["a", "b"], 100, 30, 99), "remembered: 40 > 30");
@@ -459,6 +554,80 @@ mod tests {
         assert!(!check(&["a", "b"], 200, 50, 150), "another time reads again");
         assert!(check(&["a"], 200, 50, 10), "other members read again");
         assert_eq!(queries.get(), 3);
+    }
+
+    /// The tenant's bound short-cuts the members' check when it is not above the plan's time
+    /// (read once per transaction time); above it, the members' own watermarks decide.
+    #[test]
+    fn a_tenant_bound_skips_the_members_check_only_when_nothing_changed() {
+        let cache = PlanCache::default();
+        let selection = |at| MemberSelection {
+            members: vec![("a".to_owned(), None)],
+            since: None,
+            until: None,
+            transaction_time: at,
+            visibility: crate::Visibility::Tenant,
+            scope: crate::SelectionScope::Members,
+            filters: Default::default(),
+        };
+        let (bounds, members) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let check = |at, planned_at, bound, latest| {
+            let tenant_latest = || {
+                bounds.set(bounds.get() + 1);
+                Ok(bound)
+            };
+            let latest_change = || {
+                members.set(members.get() + 1);
+                Ok(latest)
+            };
+            cache
+                .members_unchanged_since(TenantId(1), &selection(at), planned_at, tenant_latest, latest_change)
+                .unwrap()
+        };
+        assert!(check(100, 50, 50, 99), "nothing in the tenant changed after 50: the members are not read");
+        assert_eq!((bounds.get(), members.get()), (1, 0));
+        assert!(check(100, 60, 99, 99), "the bound read at 100 is remembered");
+        assert_eq!((bounds.get(), members.get()), (1, 0));
+        assert!(check(200, 50, 150, 40), "another patient changed: the members' own watermark decides");
+        assert!(!check(300, 50, 150, 60), "a member changed after the plan");
+        assert_eq!((bounds.get(), members.get()), (3, 2));
+    }
+
+    /// A remembered member list answers only for an equal list: one changed id or `since` in a
+    /// large list, or another tenant, gives another key.
+    #[test]
+    fn keys_share_a_members_digest_only_between_equal_lists() {
+        let cache = PlanCache::default();
+        let selection = |members: Vec<(String, Option<Micros>)>| MemberSelection {
+            members,
+            since: None,
+            until: None,
+            transaction_time: 1,
+            visibility: crate::Visibility::Tenant,
+            scope: crate::SelectionScope::Members,
+            filters: Default::default(),
+        };
+        let large: Vec<(String, Option<Micros>)> = (0..2_000).map(|i| (format!("p{i:05}"), None)).collect();
+        let key = |members: &Vec<(String, Option<Micros>)>, tenant| {
+            cache.key(TenantId(tenant), &selection(members.clone()), "parts", &[], 10)
+        };
+        let first = key(&large, 1);
+        assert_eq!(cache.digests.lock().unwrap().len(), 1, "a large list is remembered");
+        assert_eq!(key(&large, 1), first);
+        assert_eq!(cache.digests.lock().unwrap().len(), 1, "and matched, not added again");
+        assert_eq!(first, key_with(TenantId(1), &digest_members(&large), &selection(large.clone()), "parts", &[], 10));
+        let mut other_id = large.clone();
+        other_id[1_000].0 = "q01000".to_owned();
+        let mut other_since = large.clone();
+        other_since[1_999].1 = Some(5);
+        for changed in [&other_id, &other_since] {
+            assert_ne!(key(changed, 1), first);
+        }
+        assert_ne!(key(&large, 2), first, "another tenant");
+        let small: Vec<(String, Option<Micros>)> = large[..10].to_vec();
+        let mut small_changed = small.clone();
+        small_changed[3].0 = "x".to_owned();
+        assert_ne!(key(&small, 1), key(&small_changed, 1));
     }
 
     /// A reused set keeps its own set id (its rows are shared, not copied); a swept one (share

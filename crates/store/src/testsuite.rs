@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use crate::TokenKey;
 use crate::{
     AssociatedRequest, AuditCohort, AuditQuery, AuditRecord, ClientRegistration, ExportJob, ExportJobState,
     ExportRecord, IdentifierQuery, JobAdmission, JobLease, JobPart, LastUpdatedBound, MemberSelection, PartRange,
@@ -43,7 +44,9 @@ macro_rules! store_test_suite {
             plans_are_reused_exactly_while_the_members_compartments_are_unchanged,
             associated_sets_are_reused_exactly_while_nothing_they_reach_changed,
             shared_associated_sets_live_until_their_last_export_expires, text_keys_sort_by_bytes,
-            existing_patients_are_exact_through_the_plan_cache);
+            existing_patients_are_exact_through_the_plan_cache,
+            token_keys_are_stored_once_and_rotated, quota_buckets_are_shared_and_refill,
+            login_failures_count_in_fixed_windows);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -2254,4 +2257,81 @@ pub fn provenance_of_member_a_at(store: &dyn Store, tenant: TenantId, at: i64, s
         .filter(|(resource_type, _)| resource_type == "Provenance")
         .map(|(_, parts)| parts[0].count)
         .sum()
+}
+
+/// Token signing keys: stored once (a second start keeps the first keys), rotated in one step
+/// (new signing key first, the previous one retired, long-retired ones dropped), with a version
+/// that changes on every change and a `Debug` that never shows a secret.
+pub fn token_keys_are_stored_once_and_rotated(store: &dyn Store) {
+    assert_eq!(store.token_keys().unwrap(), vec![]);
+    let empty_version = store.token_keys_version().unwrap();
+    let imported = vec![
+        TokenKey { kid: "k2".into(), secret: vec![2; 32], retired: None },
+        TokenKey { kid: "k1".into(), secret: vec![1; 32], retired: Some(100) },
+    ];
+    assert!(store.init_token_keys(&imported).unwrap());
+    assert_eq!(store.token_keys().unwrap(), imported, "newest first, as given");
+    let version = store.token_keys_version().unwrap();
+    assert_ne!(version, empty_version);
+    let other = [TokenKey { kid: "k1".into(), secret: vec![9; 32], retired: None }];
+    assert!(!store.init_token_keys(&other).unwrap(), "a second first start keeps the stored keys");
+    assert_eq!(store.token_keys().unwrap(), imported);
+    assert_eq!(store.token_keys_version().unwrap(), version);
+
+    let rotated = store.rotate_token_keys(&[3; 32], 1_000, 500).unwrap();
+    let expected = vec![
+        TokenKey { kid: "k3".into(), secret: vec![3; 32], retired: None },
+        TokenKey { kid: "k2".into(), secret: vec![2; 32], retired: Some(1_000) },
+    ];
+    assert_eq!(rotated, expected, "k1 (retired at 100) is past its retention at 500");
+    assert_eq!(store.token_keys().unwrap(), expected);
+    let after = store.token_keys_version().unwrap();
+    assert_ne!(after, version);
+    let again = store.rotate_token_keys(&[4; 32], 2_000, 500).unwrap();
+    let kids: Vec<(&str, Option<i64>)> = again.iter().map(|key| (key.kid.as_str(), key.retired)).collect();
+    assert_eq!(kids, [("k4", None), ("k3", Some(2_000)), ("k2", Some(1_000))], "a retired key keeps its time");
+    assert_ne!(store.token_keys_version().unwrap(), after);
+    let shown = format!("{again:?}");
+    assert!(!shown.contains("[4, 4") && shown.contains("k4"), "Debug shows no secret: {shown}");
+}
+
+/// A quota's token bucket is shared: draws take what is left (never more than asked, never
+/// below empty), refill with time up to the capacity, and concurrent draws never hand out more
+/// than the bucket held; each tenant and quota has its own bucket.
+pub fn quota_buckets_are_shared_and_refill(store: &dyn Store) {
+    let (a, b) = (tenant(store, "a"), tenant(store, "b"));
+    let start = 1_000_000_000;
+    let draw = |tenant, quota, want, now| store.draw_quota_tokens(tenant, quota, want, 10.0, 5.0, now).unwrap();
+    assert_eq!(draw(a, "requests", 4.0, start), 4.0, "a new bucket starts full");
+    assert_eq!(draw(a, "requests", 4.0, start), 4.0);
+    assert_eq!(draw(a, "requests", 4.0, start), 2.0, "what is left");
+    assert_eq!(draw(a, "requests", 4.0, start), 0.0, "empty");
+    assert_eq!(draw(b, "requests", 4.0, start), 4.0, "another tenant's bucket");
+    assert_eq!(draw(a, "uploads", 4.0, start), 4.0, "another quota's bucket");
+    assert_eq!(draw(a, "requests", 4.0, start + 400_000), 2.0, "0.4 s at 5/s refills 2");
+    assert_eq!(draw(a, "requests", 4.0, start + 100_000), 0.0, "a clock behind the last draw adds nothing");
+    assert_eq!(draw(a, "requests", 20.0, start + 60_000_000), 10.0, "refilled to the capacity only");
+
+    let later = start + 120_000_000;
+    let taken: f64 = std::thread::scope(|scope| {
+        let draws: Vec<_> =
+            (0..4).map(|_| scope.spawn(move || (0..5).map(|_| draw(b, "requests", 1.0, later)).sum::<f64>())).collect();
+        draws.into_iter().map(|draw| draw.join().unwrap()).sum()
+    });
+    assert_eq!(taken, 10.0, "concurrent draws share one full bucket");
+}
+
+/// Failed logins are counted per key in a fixed window from the first failure; a new window
+/// starts once it has ended; keys are counted apart.
+pub fn login_failures_count_in_fixed_windows(store: &dyn Store) {
+    let window = 60_000_000;
+    let start = 5_000_000_000;
+    for failures in 1..=3 {
+        let counted = store.record_login_failure("peer:10.0.0.1", window, start + failures * 1_000).unwrap();
+        assert_eq!(counted, crate::LoginWindow { started: start + 1_000, failures: failures as u32 });
+    }
+    let other = store.record_login_failure("client:abc", window, start + 5_000).unwrap();
+    assert_eq!(other.failures, 1);
+    let next = store.record_login_failure("peer:10.0.0.1", window, start + 1_000 + window).unwrap();
+    assert_eq!(next, crate::LoginWindow { started: start + 1_000 + window, failures: 1 }, "a new window");
 }

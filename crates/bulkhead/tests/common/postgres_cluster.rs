@@ -2,7 +2,10 @@
 //! cluster of `scripts/with-postgres` must stay up for every other test). Set up as that script
 //! does it: `initdb` in a temporary directory, run as an unprivileged user when the test runs as
 //! root (PostgreSQL refuses root), listening on 127.0.0.1 and a free port only, tuned for tests
-//! (no fsync). Stopped (immediately) and deleted when dropped.
+//! (no fsync: the machine does not crash in a test), but with `synchronous_commit` on: these tests
+//! kill the server, and a commit it acknowledged must survive that (with it off, a job's finish
+//! acknowledged just before `pg_ctl stop -m immediate` was lost, and the job sat with a live
+//! lease). Stopped (immediately) and deleted when dropped.
 //!
 //! Without PostgreSQL's binaries the test is skipped with a loud notice, unless `CI` is set:
 //! then it fails.
@@ -93,8 +96,7 @@ impl PgCluster {
 
     fn try_start(&self) -> bool {
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c max_connections=100",
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c full_page_writes=off -c max_connections=100",
             self.port,
             self.dir.path().display()
         );

@@ -49,9 +49,3 @@ impl S3Bucket {
         listing.text().await.expect("the listing").matches("<Key>").count()
     }
 }
-
-/// Creates a fresh bucket on `endpoint` and returns the config lines that make a server write
-/// asynchronous exports to it.
-pub async fn s3_output_toml(endpoint: &str) -> String {
-    S3Bucket::create(endpoint).await.output_toml()
-}

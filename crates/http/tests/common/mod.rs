@@ -155,7 +155,12 @@ impl Server {
     /// Another instance of the server (its own state: limiter, caches) on the same database
     /// (which lives as long as this server).
     pub fn sibling(&self) -> Server {
-        let state = AppState::new(self.store.clone(), test_config(), token_keys());
+        self.sibling_with(test_config())
+    }
+
+    /// [`Server::sibling`] under `config`.
+    pub fn sibling_with(&self, config: HttpConfig) -> Server {
+        let state = AppState::new(self.store.clone(), config, token_keys());
         let audit = state.audit.clone();
         Server { app: router(state), store: self.store.clone(), audit, backing: Backing::Given }
     }

@@ -897,7 +897,7 @@ mod tests {
                 db.batch(
                     "DROP INDEX provenance_by_target_rid; DROP INDEX provenance_unresolved;
                      ALTER TABLE reference_index DROP COLUMN target_rid;
-                     DELETE FROM schema_migrations WHERE version = 8;",
+                     DELETE FROM schema_migrations WHERE version >= 8;",
                 )
             })
             .unwrap();

@@ -21,6 +21,7 @@ mod plan_watermarks;
 mod reachability;
 mod resources;
 mod retention;
+mod shared_state;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testing;
 
@@ -349,7 +350,9 @@ impl PgStore {
         selection: &MemberSelection,
         planned_at: Micros,
     ) -> Result<bool, StoreError> {
-        self.plans.members_unchanged_since(tenant, selection, planned_at, || {
+        // No tenant-wide bound kept here: every check reads the members' watermarks.
+        let no_tenant_bound = || Ok(Micros::MAX);
+        self.plans.members_unchanged_since(tenant, selection, planned_at, no_tenant_bound, || {
             self.with_read(|db| plan_watermarks::members_latest_change(db, tenant, selection))
         })
     }
@@ -556,7 +559,7 @@ impl crate::Store for PgStore {
         if selection.scope != crate::SelectionScope::Members {
             return self.compute_plan(tenant, selection, resource_types, part_size);
         }
-        let key = crate::plan_cache::key(tenant, selection, "parts", resource_types, part_size);
+        let key = self.plans.key(tenant, selection, "parts", resource_types, part_size);
         let plan = self.plans.plan(
             key,
             selection.transaction_time,
@@ -586,7 +589,7 @@ impl crate::Store for PgStore {
         if selection.scope != crate::SelectionScope::Members {
             return compute();
         }
-        let key = crate::plan_cache::key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
+        let key = self.plans.key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
         let deleted = self.plans.deleted(
             key,
             selection.transaction_time,
@@ -610,7 +613,7 @@ impl crate::Store for PgStore {
         // A set computed earlier for the same request is this set while neither the members'
         // compartments nor any type it reaches outside them changed since: its stored rows are
         // shared (see `crate::plan_cache`).
-        let key = crate::plan_cache::associated_key(tenant, selection, request, part_size);
+        let key = self.plans.associated_key(tenant, selection, request, part_size);
         let (set_id, plan) = self.plans.associated(
             key,
             selection.transaction_time,
@@ -856,6 +859,43 @@ impl crate::Store for PgStore {
         let database: i64 =
             self.with_read(|db| Ok(db.query_one("SELECT pg_database_size(current_database())", &[])?.try_get(0)?))?;
         Ok(StorageBytes { database: database.max(0) as u64, wal: 0 })
+    }
+
+    fn token_keys(&self) -> Result<Vec<crate::TokenKey>, StoreError> {
+        self.with_transaction(shared_state::token_keys)
+    }
+
+    fn token_keys_version(&self) -> Result<i64, StoreError> {
+        self.with_transaction(shared_state::token_keys_version)
+    }
+
+    fn init_token_keys(&self, keys: &[crate::TokenKey]) -> Result<bool, StoreError> {
+        self.with_transaction(|db| shared_state::init_token_keys(db, keys))
+    }
+
+    fn rotate_token_keys(
+        &self,
+        secret: &[u8],
+        now: i64,
+        drop_retired_before: i64,
+    ) -> Result<Vec<crate::TokenKey>, StoreError> {
+        self.with_transaction(|db| shared_state::rotate_token_keys(db, secret, now, drop_retired_before))
+    }
+
+    fn draw_quota_tokens(
+        &self,
+        tenant: TenantId,
+        quota: &str,
+        want: f64,
+        capacity: f64,
+        rate: f64,
+        now: Micros,
+    ) -> Result<f64, StoreError> {
+        self.with_transaction(|db| shared_state::draw_quota_tokens(db, tenant, quota, want, capacity, rate, now))
+    }
+
+    fn record_login_failure(&self, key: &str, window: Micros, now: Micros) -> Result<crate::LoginWindow, StoreError> {
+        self.with_transaction(|db| shared_state::record_login_failure(db, key, window, now))
     }
 }
 

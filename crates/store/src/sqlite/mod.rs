@@ -13,6 +13,7 @@ mod plan_watermarks;
 mod provenance_targets;
 mod resources;
 mod retention;
+mod shared_state;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -93,6 +94,7 @@ impl SqliteStore {
         leases::migrate(&mut writer)?;
         associated::migrate(&mut writer)?;
         plan_watermarks::migrate(&mut writer)?;
+        plan_watermarks::migrate_tenant_changes(&mut writer)?;
         if let Some(pages) = options.max_page_count {
             // Per connection; only the writer grows the file.
             writer.pragma_update(None, "max_page_count", pages)?;
@@ -113,7 +115,8 @@ impl SqliteStore {
         selection: &MemberSelection,
         planned_at: Micros,
     ) -> Result<bool, StoreError> {
-        self.plans.members_unchanged_since(tenant, selection, planned_at, || {
+        let tenant_latest = || self.with_read(|connection| plan_watermarks::tenant_latest_change(connection, tenant));
+        self.plans.members_unchanged_since(tenant, selection, planned_at, tenant_latest, || {
             self.with_snapshot(|connection| {
                 export::load_members(connection, tenant, selection)?;
                 plan_watermarks::members_latest_change(connection)
@@ -453,7 +456,7 @@ impl crate::Store for SqliteStore {
         if selection.scope != crate::SelectionScope::Members {
             return self.compute_plan(tenant, selection, resource_types, part_size);
         }
-        let key = crate::plan_cache::key(tenant, selection, "parts", resource_types, part_size);
+        let key = self.plans.key(tenant, selection, "parts", resource_types, part_size);
         let plan = self.plans.plan(
             key,
             selection.transaction_time,
@@ -487,7 +490,7 @@ impl crate::Store for SqliteStore {
         if selection.scope != crate::SelectionScope::Members {
             return compute();
         }
-        let key = crate::plan_cache::key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
+        let key = self.plans.key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
         let deleted = self.plans.deleted(
             key,
             selection.transaction_time,
@@ -517,7 +520,7 @@ impl crate::Store for SqliteStore {
         if selection.scope != crate::SelectionScope::Members {
             return Ok(AssociatedPlan { set_id: request.set_id.clone(), parts: compute()? });
         }
-        let key = crate::plan_cache::associated_key(tenant, selection, request, part_size);
+        let key = self.plans.associated_key(tenant, selection, request, part_size);
         let (set_id, plan) = self.plans.associated(
             key,
             selection.transaction_time,
@@ -688,6 +691,47 @@ impl crate::Store for SqliteStore {
         Ok(StorageBytes { database: size(""), wal: size("-wal") })
     }
 
+    fn token_keys(&self) -> Result<Vec<crate::TokenKey>, StoreError> {
+        self.with_read(shared_state::token_keys)
+    }
+
+    fn token_keys_version(&self) -> Result<i64, StoreError> {
+        self.with_read(shared_state::token_keys_version)
+    }
+
+    fn init_token_keys(&self, keys: &[crate::TokenKey]) -> Result<bool, StoreError> {
+        self.with_untimed_write(|transaction| shared_state::init_token_keys(transaction, keys))
+    }
+
+    fn rotate_token_keys(
+        &self,
+        secret: &[u8],
+        now: i64,
+        drop_retired_before: i64,
+    ) -> Result<Vec<crate::TokenKey>, StoreError> {
+        self.with_untimed_write(|transaction| {
+            shared_state::rotate_token_keys(transaction, secret, now, drop_retired_before)
+        })
+    }
+
+    fn draw_quota_tokens(
+        &self,
+        tenant: TenantId,
+        quota: &str,
+        want: f64,
+        capacity: f64,
+        rate: f64,
+        now: Micros,
+    ) -> Result<f64, StoreError> {
+        self.with_untimed_write(|transaction| {
+            shared_state::draw_quota_tokens(transaction, tenant, quota, want, capacity, rate, now)
+        })
+    }
+
+    fn record_login_failure(&self, key: &str, window: Micros, now: Micros) -> Result<crate::LoginWindow, StoreError> {
+        self.with_untimed_write(|transaction| shared_state::record_login_failure(transaction, key, window, now))
+    }
+
     fn enqueue_export_job(
         &self,
         tenant: TenantId,
@@ -817,6 +861,76 @@ mod tests {
             connection.execute_batch("PRAGMA page_size = 4096; PRAGMA journal_mode = WAL;").unwrap();
         }
         assert_eq!(page_size(&super::SqliteStore::open(&old).unwrap()).unwrap(), 4096);
+    }
+
+    /// The tenant's bound of its patients' watermarks, kept by triggers, is their greatest
+    /// `changed_at` after every kind of write (a new patient key, a raise, a delete, pruning),
+    /// per tenant; a database from before it gets it seeded on open.
+    #[test]
+    fn the_tenant_watermark_is_the_greatest_patient_watermark() {
+        use crate::{Store, TenantId, WriteMode, WriteOp};
+        use serde_json::json;
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("test.db");
+        let store = super::SqliteStore::open(&path).unwrap();
+        let (one, two) = (store.create_tenant("one").unwrap().id, store.create_tenant("two").unwrap().id);
+        let write = |tenant: TenantId, op: WriteOp| {
+            store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+        };
+        let version = std::cell::Cell::new(0);
+        let put = |tenant, id: &str, patient: &str| {
+            version.set(version.get() + 1);
+            let body = json!({"resourceType": "Observation", "id": id, "status": "final", "valueInteger": version.get(),
+                              "code": {"text": "x"}, "subject": {"reference": format!("Patient/{patient}")}});
+            write(tenant, WriteOp::Update { resource_type: "Observation".into(), id: id.into(), body, if_match: None });
+        };
+        let check = |store: &super::SqliteStore, tenant: TenantId| {
+            let (bound, greatest) = store
+                .with_read(|connection| {
+                    let greatest: i64 = connection.query_row(
+                        "SELECT COALESCE(max(changed_at), 0) FROM patient_keys WHERE tenant_id = ?1",
+                        [tenant.0],
+                        |row| row.get(0),
+                    )?;
+                    Ok((super::plan_watermarks::tenant_latest_change(connection, tenant)?, greatest))
+                })
+                .unwrap();
+            assert_eq!(bound, greatest);
+            bound
+        };
+        assert_eq!(check(&store, one), 0, "no patient yet");
+        put(one, "o1", "a");
+        let after_a = check(&store, one);
+        assert!(after_a > 0);
+        put(one, "o2", "b");
+        put(two, "o3", "a");
+        let after_b = check(&store, one);
+        assert!(after_b > after_a, "a new patient key raises it");
+        assert!(check(&store, two) > after_b, "per tenant");
+        put(one, "o1", "a");
+        let again = check(&store, one);
+        assert!(again > after_b, "a raise of an existing patient raises it");
+        write(one, WriteOp::Delete { resource_type: "Observation".into(), id: "o2".into() });
+        let deleted = check(&store, one);
+        assert!(deleted > again);
+        let now = bulkhead_fhir::now_micros();
+        store.prune_history(now + 1, now + 1, 100).unwrap();
+        assert!(check(&store, one) >= deleted, "pruning closed rows raises it (or keeps it)");
+        drop(store);
+
+        // A database from before the table: seeded on open.
+        {
+            let connection = rusqlite::Connection::open(&path).unwrap();
+            connection
+                .execute_batch(
+                    "DROP TRIGGER patient_keys_raise_tenant_on_insert; DROP TRIGGER patient_keys_raise_tenant_on_update;
+                     DROP TABLE tenant_patient_changes;",
+                )
+                .unwrap();
+        }
+        let store = super::SqliteStore::open(&path).unwrap();
+        assert!(check(&store, one) >= deleted);
+        assert!(check(&store, two) > after_b);
     }
 
     /// A database from before the reference index gets it on open, backfilled from every stored

@@ -8,7 +8,7 @@
 //! rows, and a reuse that finds it keeps them until its own export expires.
 
 use bulkhead_fhir::Micros;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{StoreError, TenantId};
 
@@ -20,6 +20,64 @@ CREATE TABLE associated_sets (
     PRIMARY KEY (tenant_id, set_id)
 ) WITHOUT ROWID;
 ";
+
+/// The greatest `changed_at` of each tenant's patients, kept by triggers on `patient_keys` (so
+/// every path that raises a patient's watermark raises it, in the same transaction): while it is
+/// not above a plan's time, no patient of the tenant, member or not, changed since, and a repeated
+/// manifest skips the per-member check. One row per tenant, one hot page per write.
+const TENANT_PATIENT_CHANGES: &str = "
+CREATE TABLE tenant_patient_changes (
+    tenant_id INTEGER PRIMARY KEY,
+    changed_at INTEGER NOT NULL
+);
+CREATE TRIGGER patient_keys_raise_tenant_on_insert AFTER INSERT ON patient_keys
+BEGIN
+    INSERT INTO tenant_patient_changes (tenant_id, changed_at) VALUES (NEW.tenant_id, NEW.changed_at)
+    ON CONFLICT (tenant_id) DO UPDATE SET changed_at = max(changed_at, excluded.changed_at);
+END;
+CREATE TRIGGER patient_keys_raise_tenant_on_update AFTER UPDATE OF changed_at ON patient_keys
+WHEN NEW.changed_at > OLD.changed_at
+BEGIN
+    INSERT INTO tenant_patient_changes (tenant_id, changed_at) VALUES (NEW.tenant_id, NEW.changed_at)
+    ON CONFLICT (tenant_id) DO UPDATE SET changed_at = max(changed_at, excluded.changed_at);
+END;
+";
+
+/// Creates `tenant_patient_changes` and its triggers when the database has none, seeded with
+/// each tenant's greatest patient `changed_at`, in one transaction (a second process opening the
+/// file waits, then finds it done).
+pub(super) fn migrate_tenant_changes(connection: &mut Connection) -> Result<(), StoreError> {
+    let exists = |connection: &Connection| -> Result<bool, StoreError> {
+        Ok(connection.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tenant_patient_changes')",
+            [],
+            |row| row.get(0),
+        )?)
+    };
+    if exists(connection)? {
+        return Ok(());
+    }
+    let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if !exists(&transaction)? {
+        transaction.execute_batch(TENANT_PATIENT_CHANGES)?;
+        transaction.execute_batch(
+            "INSERT INTO tenant_patient_changes (tenant_id, changed_at)
+             SELECT tenant_id, max(changed_at) FROM patient_keys GROUP BY tenant_id",
+        )?;
+    }
+    transaction.commit()?;
+    Ok(())
+}
+
+/// The greatest `changed_at` of any patient of `tenant` (0: none has a compartment row): an
+/// upper bound of any members' [`members_latest_change`], read in one row.
+pub(super) fn tenant_latest_change(connection: &Connection, tenant: TenantId) -> Result<Micros, StoreError> {
+    let latest: Option<Micros> = connection
+        .prepare_cached("SELECT changed_at FROM tenant_patient_changes WHERE tenant_id = ?1")?
+        .query_row([tenant.0], |row| row.get(0))
+        .optional()?;
+    Ok(latest.unwrap_or(0))
+}
 
 /// Creates `associated_sets` when the database has none, registering the sets stored before it
 /// (each under the latest expiry of its rows), all in one transaction. The per-row expiry of

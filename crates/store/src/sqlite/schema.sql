@@ -41,6 +41,32 @@ CREATE TABLE IF NOT EXISTS server_keys (
     key BLOB NOT NULL
 );
 
+-- The keys that sign file URLs and access tokens (newest first by seq; the first one not
+-- retired signs), shared by every process on this database; `retired` is Unix seconds.
+CREATE TABLE IF NOT EXISTS token_signing_keys (
+    seq INTEGER PRIMARY KEY,
+    kid TEXT NOT NULL UNIQUE,
+    secret BLOB NOT NULL,
+    retired INTEGER
+);
+
+-- Token buckets of per-tenant quotas drawn by every process (tokens left, last refill in µs).
+CREATE TABLE IF NOT EXISTS quota_buckets (
+    tenant_id INTEGER NOT NULL,
+    quota TEXT NOT NULL,
+    tokens REAL NOT NULL,
+    updated INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, quota)
+);
+
+-- Failed logins per peer address or client id in a fixed window starting at `started` (µs).
+CREATE TABLE IF NOT EXISTS login_failures (
+    key TEXT PRIMARY KEY,
+    started INTEGER NOT NULL,
+    failures INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS login_failures_by_start ON login_failures (started);
+
 -- One row: the last timestamp handed out. Writes and transaction-time reservations bump it
 -- inside the write lock, so timestamps are unique and ordered across processes.
 CREATE TABLE IF NOT EXISTS clock (
@@ -84,7 +110,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS resource_history_key ON resource_history (rid,
 --   names, created on first mention (the Patient resource need not exist yet) and never deleted.
 --   `changed_at` is the timestamp of the last write that opened, closed or changed a compartment
 --   row of that patient: an export plan computed at T stays valid at a later T' while no member's
---   `changed_at` exceeds T (the store's plan cache relies on it).
+--   `changed_at` exceeds T (the store's plan cache relies on it). `tenant_patient_changes` holds
+--   each tenant's greatest `changed_at`, kept by triggers (created with it on open, see
+--   `plan_watermarks.rs`): while it is not above T, the members are not checked one by one.
 -- * Resource types in indexes are `type_code`s: the position of the type in the R4 type list
 --   (`bulkhead_fhir::resource_type_code`, Account = 0 … Patient = 102 … VisionPrescription = 145).
 -- * `compartment` is keyed (pkey, type_code, rid, from_ts): all integers, so each key is a few
