@@ -33,6 +33,7 @@ macro_rules! store_test_suite {
             associated_data_follows_since_rules, associated_data_is_exact_after_pruning,
             audit_records_are_per_tenant_filtered_and_paged, audited_writes_commit_with_their_records,
             audit_finds_exports_through_group_membership_at_their_time, audit_records_are_pruned_by_age,
+            audit_patient_queries_match_whole_ids_only,
             pruning_removes_history_before_the_horizon_only, pruning_keeps_what_unexpired_exports_need,
             storage_bytes_are_reported,
             tenant_scope_selects_every_resource_of_a_type, patients_at_a_time, type_filters_select_exactly,
@@ -1630,6 +1631,29 @@ pub fn audit_finds_exports_through_group_membership_at_their_time(store: &dyn St
         .audit_records(other, &AuditQuery { patient: Some("b".into()), ..audit_query(100) })
         .unwrap()
         .is_empty());
+}
+
+/// A patient query finds the records listing exactly that id: not one whose id merely contains
+/// it, or is contained in it, whatever characters the ids hold.
+pub fn audit_patient_queries_match_whole_ids_only(store: &dyn Store) {
+    let t = tenant(store, "t");
+    let odd = ["p1", "p10", "xp1", "a\"b", "\"p1\"", "c,d", "\\", "\u{1}", "ü"];
+    let records: Vec<AuditRecord> =
+        odd.iter().map(|id| audit_record(t, 100, "c", "read", &format!("Patient/{id}"), &[id])).collect();
+    store.append_audit(&records).unwrap();
+    store.append_audit(&[audit_record(t, 200, "c", "search", "Observation", &["b", "p1", "q"])]).unwrap();
+    for id in odd {
+        let query = AuditQuery { patient: Some(id.into()), ..audit_query(100) };
+        let mut found: Vec<String> = store.audit_records(t, &query).unwrap().into_iter().map(|r| r.target).collect();
+        found.retain(|target| target != "Observation");
+        assert_eq!(found, [format!("Patient/{id}")], "patient {id:?}");
+    }
+    let of_p1 = AuditQuery { patient: Some("p1".into()), ..audit_query(100) };
+    assert_eq!(audited(store, t, of_p1).len(), 2, "the search lists p1 among others");
+    for absent in ["p", "1", "b\"", ",", "\"", "c", "d"] {
+        let query = AuditQuery { patient: Some(absent.into()), ..audit_query(100) };
+        assert!(store.audit_records(t, &query).unwrap().is_empty(), "patient {absent:?} is in no record");
+    }
 }
 
 pub fn audit_records_are_pruned_by_age(store: &dyn Store) {

@@ -11,43 +11,46 @@ use crate::{AuditCohort, AuditQuery, AuditRecord, StoreError, TenantId};
 /// commit order, so a reader paging by `seq` never skips a record that committed after it read.
 const APPEND_LOCK: i64 = 0x0061_7564_6974;
 
-/// Appends records inside the open transaction; `seq` is assigned here.
+/// Appends records inside the open transaction; `seq` is assigned here. One statement (one
+/// round trip) per record: the lock, the record and its patients. A write's record is appended
+/// while the write holds the clock row, so every round trip here lengthens the section in which
+/// writers are serialised.
 pub(super) fn append(db: &mut Db<'_>, records: &[AuditRecord]) -> Result<(), StoreError> {
-    if records.is_empty() {
-        return Ok(());
-    }
-    db.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])?;
+    // `lock` is read by the insert's source, so the lock is held before the identity default
+    // hands out `seq`; `inserted` runs exactly once, whether or not the record has patients.
+    const APPEND: &str = "WITH lock AS (SELECT pg_advisory_xact_lock($14::int8)),
+             inserted AS (
+                 INSERT INTO audit_log (tenant_id, time, client_id, user_id, peer, request_id, action, target,
+                                        outcome, status, detail, cohort_group, cohort_time)
+                 SELECT $1::int8, $2::int8, $3::text, $4::text, $5::text, $6::text, $7::text, $8::text, $9::text,
+                        $10::int4, $11::text, $12::text, $13::int8
+                 FROM lock
+                 RETURNING seq)
+         INSERT INTO audit_patient (tenant_id, patient_id, seq)
+         SELECT $1::int8, p, inserted.seq FROM inserted, unnest($15::text[]) AS p
+         ON CONFLICT DO NOTHING";
     for record in records {
         let cohort = record.cohort.as_ref();
-        let seq: i64 = db
-            .query_one(
-                "INSERT INTO audit_log (tenant_id, time, client_id, user_id, peer, request_id, action, target, outcome,
-                                        status, detail, cohort_group, cohort_time)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING seq",
-                &[
-                    &record.tenant.0,
-                    &record.time,
-                    &record.client,
-                    &record.user,
-                    &record.peer,
-                    &record.request_id,
-                    &record.action,
-                    &record.target,
-                    &record.outcome,
-                    &i32::from(record.status),
-                    &record.detail,
-                    &cohort.map(|cohort| cohort.group_id.as_str()),
-                    &cohort.map(|cohort| cohort.transaction_time),
-                ],
-            )?
-            .try_get(0)?;
-        if !record.patients.is_empty() {
-            db.execute(
-                "INSERT INTO audit_patient (tenant_id, patient_id, seq) SELECT $1, p, $3 FROM unnest($2::text[]) AS p
-                 ON CONFLICT DO NOTHING",
-                &[&record.tenant.0, &record.patients, &seq],
-            )?;
-        }
+        db.execute(
+            APPEND,
+            &[
+                &record.tenant.0,
+                &record.time,
+                &record.client,
+                &record.user,
+                &record.peer,
+                &record.request_id,
+                &record.action,
+                &record.target,
+                &record.outcome,
+                &i32::from(record.status),
+                &record.detail,
+                &cohort.map(|cohort| cohort.group_id.as_str()),
+                &cohort.map(|cohort| cohort.transaction_time),
+                &APPEND_LOCK,
+                &record.patients,
+            ],
+        )?;
     }
     Ok(())
 }

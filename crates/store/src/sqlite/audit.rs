@@ -1,9 +1,14 @@
-//! The audit trail: `audit_log` (one row per record, append-only, clustered by tenant and
-//! `seq`) and `audit_patient` (the patients a record touched, for `--patient`).
+//! The audit trail: `audit_log`, one row per record, append-only, clustered by tenant and
+//! `seq`, with the patients a record touched inline (`patients`, a JSON array).
 //!
 //! A write's record is appended in the write's own transaction, so every B-tree a record
 //! touches is one more page the write's commit puts in the WAL (and a checkpoint copies back):
-//! a record touches two, the table itself and `audit_patient` (see schema.sql).
+//! a record touches one, the table itself. The table `audit_patient` (patient, seq) that
+//! earlier layouts kept beside it was a second page per write, and on a random leaf (ordered by
+//! patient); no query was driven by it (a `--patient` query reads the tenant's records in `seq`
+//! order and tested each against it), so it is gone: the test reads the record's own
+//! `patients` (see [`records`]), and databases that have the table drop it on open
+//! ([`drop_patient_table`]).
 
 use bulkhead_fhir::Micros;
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
@@ -19,8 +24,6 @@ pub(super) fn append(connection: &Connection, records: &[AuditRecord]) -> Result
                                 status, detail, cohort_group, cohort_time, patients)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )?;
-    let mut patient = connection
-        .prepare_cached("INSERT OR IGNORE INTO audit_patient (tenant_id, patient_id, seq) VALUES (?1, ?2, ?3)")?;
     for record in records {
         let cohort = record.cohort.as_ref();
         let seq: i64 = next_seq.query_row([record.tenant.0], |row| row.get(0))?;
@@ -49,11 +52,17 @@ pub(super) fn append(connection: &Connection, records: &[AuditRecord]) -> Result
             cohort.map(|cohort| cohort.transaction_time),
             listed,
         ])?;
-        for id in patients {
-            patient.execute(params![record.tenant.0, id, seq])?;
-        }
     }
     Ok(())
+}
+
+/// The text a patient id has inside a `patients` array when it needs no JSON escape (then
+/// every writer of the array, serde_json here and SQLite's `json_group_array` in [`migrate`],
+/// spells it the same way): a cheap `instr` test that rules out most records before the exact
+/// `json_each` one. `None` for an id with a quote, backslash or control character: only the
+/// exact test then.
+fn quoted_patient(id: &str) -> Option<String> {
+    id.chars().all(|c| c >= ' ' && c != '"' && c != '\\').then(|| format!("\"{id}\""))
 }
 
 const COLUMNS: &str = "a.seq, a.tenant_id, a.time, a.client_id, a.user_id, a.peer, a.request_id, a.action, a.target,
@@ -75,7 +84,8 @@ pub(super) fn records(
            AND (?4 IS NULL OR a.client_id = ?4)
            AND (?5 IS NULL OR a.action = ?5)
            AND (?6 IS NULL
-                OR EXISTS (SELECT 1 FROM audit_patient p WHERE p.tenant_id = ?1 AND p.patient_id = ?6 AND p.seq = a.seq)
+                OR (a.patients IS NOT NULL AND (?8 IS NULL OR instr(a.patients, ?8) > 0)
+                    AND EXISTS (SELECT 1 FROM json_each(a.patients) WHERE json_each.value = ?6))
                 OR (a.cohort_group IS NOT NULL AND EXISTS (
                     SELECT 1 FROM group_membership m
                     JOIN resources g ON g.rid = m.group_rid
@@ -88,7 +98,16 @@ pub(super) fn records(
     let mut statement = connection.prepare_cached(&sql)?;
     let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
     let rows = statement.query_map(
-        params![tenant.0, query.after_seq.unwrap_or(0), query.since, query.client, query.action, query.patient, limit],
+        params![
+            tenant.0,
+            query.after_seq.unwrap_or(0),
+            query.since,
+            query.client,
+            query.action,
+            query.patient,
+            limit,
+            query.patient.as_deref().and_then(quoted_patient),
+        ],
         record_from_row,
     )?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -103,20 +122,10 @@ pub(super) fn prune(connection: &Connection, before: Micros) -> Result<u64, Stor
         connection.prepare("SELECT id FROM tenants")?.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
     let mut boundary =
         connection.prepare("SELECT seq FROM audit_log WHERE tenant_id = ?1 AND time >= ?2 ORDER BY seq LIMIT 1")?;
-    let mut old = connection.prepare("SELECT seq, patients FROM audit_log WHERE tenant_id = ?1 AND seq < ?2")?;
-    let mut unlink =
-        connection.prepare("DELETE FROM audit_patient WHERE tenant_id = ?1 AND patient_id = ?2 AND seq = ?3")?;
     let mut delete = connection.prepare("DELETE FROM audit_log WHERE tenant_id = ?1 AND seq < ?2")?;
     let mut deleted = 0;
     for tenant in tenants {
         let end: i64 = boundary.query_row(params![tenant, before], |row| row.get(0)).optional()?.unwrap_or(i64::MAX);
-        let rows: Vec<(i64, Option<String>)> =
-            old.query_map(params![tenant, end], |row| Ok((row.get(0)?, row.get(1)?)))?.collect::<Result<_, _>>()?;
-        for (seq, patients) in rows {
-            for id in patients_of(patients.as_deref()) {
-                unlink.execute(params![tenant, id, seq])?;
-            }
-        }
         deleted += delete.execute(params![tenant, end])? as u64;
     }
     Ok(deleted)
@@ -163,8 +172,8 @@ fn is_rowid_layout(connection: &Connection) -> Result<bool, StoreError> {
     )?)
 }
 
-/// Converts an audit trail of the earlier layout (a rowid table indexed by tenant and by time,
-/// `audit_patient` indexed by seq) to the current one, in one immediate transaction, keeping
+/// Converts an audit trail of the earliest layout (a rowid table indexed by tenant and by time,
+/// its patients only in `audit_patient`, indexed by seq) to the current one, in one immediate transaction, keeping
 /// every record with its `seq`; does nothing on any other database. `schema` is the current DDL.
 pub(super) fn migrate(connection: &mut Connection, schema: &str) -> Result<(), StoreError> {
     if !is_rowid_layout(connection)? {
@@ -175,7 +184,7 @@ pub(super) fn migrate(connection: &mut Connection, schema: &str) -> Result<(), S
     if !is_rowid_layout(&transaction)? {
         return Ok(());
     }
-    tracing::info!("converting the audit trail to its compact layout (clustered by tenant, two B-trees per record)");
+    tracing::info!("converting the audit trail to its compact layout (clustered by tenant, one B-tree per record)");
     transaction.execute_batch(
         "DROP TRIGGER IF EXISTS audit_log_append_only;
          DROP INDEX IF EXISTS audit_log_by_tenant;
@@ -205,9 +214,25 @@ pub(super) fn migrate(connection: &mut Connection, schema: &str) -> Result<(), S
     }
     transaction.execute_batch(
         "DROP TABLE audit_log_rowid;
-         DROP INDEX IF EXISTS audit_patient_by_seq;",
+         DROP TABLE audit_patient;",
     )?;
     transaction.commit()?;
+    Ok(())
+}
+
+/// Drops `audit_patient`, the patient index of the two-B-tree layout: every record lists its
+/// patients inline (that layout wrote both from the same list, and [`migrate`] fills the
+/// column from the table), so nothing is lost. Does nothing once it is gone.
+pub(super) fn drop_patient_table(connection: &Connection) -> Result<(), StoreError> {
+    let present: bool = connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_patient')",
+        [],
+        |row| row.get(0),
+    )?;
+    if present {
+        tracing::info!("dropping the audit trail's patient index: records list their patients inline");
+        connection.execute_batch("DROP TABLE IF EXISTS audit_patient")?;
+    }
     Ok(())
 }
 
@@ -223,7 +248,7 @@ mod tests {
     const ROWID_LAYOUT: &str = r#"
         DROP TRIGGER audit_log_append_only;
         DROP TABLE audit_log;
-        DROP TABLE audit_patient;
+        DROP TABLE IF EXISTS audit_patient;
         CREATE TABLE audit_log (
             seq INTEGER PRIMARY KEY, tenant_id INTEGER NOT NULL, time INTEGER NOT NULL,
             client_id TEXT NOT NULL, user_id TEXT, peer TEXT, request_id TEXT NOT NULL,
@@ -273,7 +298,7 @@ mod tests {
         assert!(names(&path, "index").contains(&"audit_log_by_time".to_owned()));
 
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(names(&path, "table"), ["audit_log", "audit_patient"], "the rowid table is gone");
+        assert_eq!(names(&path, "table"), ["audit_log"], "the rowid table and the patient index are gone");
         assert!(names(&path, "index").iter().all(|name| name.starts_with("sqlite_autoindex")), "no secondary index");
         let first = all(&store, 1);
         assert_eq!(
@@ -301,7 +326,7 @@ mod tests {
     }
 
     #[test]
-    fn pruning_deletes_each_tenants_records_up_to_its_first_younger_one_with_their_patients() {
+    fn pruning_deletes_each_tenants_records_up_to_its_first_younger_one() {
         let directory = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&directory.path().join("audit.db")).unwrap();
         let tenant = store.create_tenant("t").unwrap().id;
@@ -331,13 +356,41 @@ mod tests {
             store.audit_records(tenant, &query).unwrap().len()
         };
         assert_eq!((of("a"), of("b"), of("c"), of("d")), (0, 0, 1, 1));
-        let links: i64 = store
-            .with_read(|connection| {
-                Ok(connection.query_row("SELECT COUNT(*) FROM audit_patient", [], |row| row.get(0))?)
-            })
-            .unwrap();
-        assert_eq!(links, 2, "the pruned records' patient rows are gone too");
         assert_eq!(store.prune_audit(400).unwrap(), 2);
         assert!(all(&store, tenant.0).is_empty());
+    }
+
+    /// The layout before this one: `audit_log` as now, plus the patient index `audit_patient`
+    /// that every record's patients were also written to.
+    const PATIENT_INDEX_LAYOUT: &str = r#"
+        CREATE TABLE audit_patient (
+            tenant_id INTEGER NOT NULL, patient_id TEXT NOT NULL, seq INTEGER NOT NULL,
+            PRIMARY KEY (tenant_id, patient_id, seq)) WITHOUT ROWID;
+        INSERT INTO audit_log (tenant_id, seq, time, client_id, request_id, action, target, outcome, status, detail,
+                               patients)
+        VALUES (1, 1, 100, 'c', 'r1', 'read', 'Patient/a', 'success', 200, '{}', '["a"]'),
+               (1, 2, 200, 'c', 'r2', 'search', 'Observation', 'success', 200, '{}', '["a","b"]');
+        INSERT INTO audit_patient VALUES (1, 'a', 1), (1, 'a', 2), (1, 'b', 2);
+    "#;
+
+    #[test]
+    fn the_patient_index_of_the_previous_layout_is_dropped_on_open_and_patients_still_find_their_records() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("audit.db");
+        drop(SqliteStore::open(&path).unwrap().create_tenant("t1").unwrap());
+        Connection::open(&path).unwrap().execute_batch(PATIENT_INDEX_LAYOUT).unwrap();
+        assert_eq!(names(&path, "table"), ["audit_log", "audit_patient"]);
+
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(names(&path, "table"), ["audit_log"], "the patient index is gone");
+        let of = |patient: &str| {
+            let query = AuditQuery { patient: Some(patient.into()), limit: 10, ..AuditQuery::default() };
+            store.audit_records(TenantId(1), &query).unwrap().iter().map(|record| record.seq).collect::<Vec<_>>()
+        };
+        assert_eq!((of("a"), of("b"), of("c")), (vec![1, 2], vec![2], vec![]));
+        let next =
+            AuditRecord { seq: 0, time: 300, patients: vec!["c".into(), "a".into()], ..all(&store, 1)[0].clone() };
+        store.append_audit(&[next]).unwrap();
+        assert_eq!((of("a"), of("c")), (vec![1, 2, 3], vec![3]));
     }
 }

@@ -88,6 +88,7 @@ impl SqliteStore {
         let mut writer = open_connection(path, options.writer_cache_mib)?;
         migrate::migrate_v1_to_v2(&mut writer, SCHEMA)?;
         audit::migrate(&mut writer, SCHEMA)?;
+        audit::drop_patient_table(&writer)?;
         writer.execute_batch(SCHEMA)?;
         jobs::migrate(&writer)?;
         leases::migrate(&mut writer)?;

@@ -230,10 +230,10 @@ CREATE TABLE IF NOT EXISTS export_associated (
 -- Kept lean, because a write's record is inserted in the write's own transaction: the table is
 -- clustered by (tenant, seq) (`seq` ascends per tenant), which is the order every query reads
 -- it in, so it needs no index of its own; `patients` (a JSON array) lists the record's
--- patients for display and pruning, `audit_patient` finds records by patient. Each appended
--- record thus touches two B-trees. Databases of the earlier layout (a rowid table with indexes
--- by tenant and by time, and `audit_patient` indexed by seq) are converted on open
--- (`audit::migrate`).
+-- patients, which `--patient` tests. Each appended record thus touches one B-tree, always at
+-- its right edge. Databases of earlier layouts (a rowid table with indexes by tenant and by
+-- time; a patient index `audit_patient`) are converted on open (`audit::migrate`,
+-- `audit::drop_patient_table`).
 CREATE TABLE IF NOT EXISTS audit_log (
     tenant_id INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -251,14 +251,6 @@ CREATE TABLE IF NOT EXISTS audit_log (
     cohort_time INTEGER,
     patients TEXT,
     PRIMARY KEY (tenant_id, seq)
-) WITHOUT ROWID;
-
--- The patients each audit record touched.
-CREATE TABLE IF NOT EXISTS audit_patient (
-    tenant_id INTEGER NOT NULL,
-    patient_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (tenant_id, patient_id, seq)
 ) WITHOUT ROWID;
 -- Append-only, whatever a future code path tries.
 CREATE TRIGGER IF NOT EXISTS audit_log_append_only BEFORE UPDATE ON audit_log
