@@ -392,6 +392,34 @@ impl PlanCache {
         *self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The value under `key` if one computed at or before `at` is still exact (`still_valid` is
+    /// asked with its transaction time), else `compute`'s, remembered as `entry` makes it (None:
+    /// not remembered). `variant` picks the value out of an entry of its kind.
+    fn reuse_or_compute<T>(
+        &self,
+        key: [u8; 32],
+        at: Micros,
+        still_valid: impl FnOnce(Micros) -> Result<bool, StoreError>,
+        compute: impl FnOnce() -> Result<T, StoreError>,
+        variant: fn(Cached) -> Option<Arc<T>>,
+        entry: fn(&Arc<T>) -> Option<Cached>,
+    ) -> Result<Arc<T>, StoreError> {
+        if let Some((planned_at, value)) = self.get(&key, at) {
+            if let Some(value) = variant(value) {
+                if still_valid(planned_at)? {
+                    self.count(true);
+                    return Ok(value);
+                }
+            }
+        }
+        self.count(false);
+        let value = Arc::new(compute()?);
+        if let Some(remembered) = entry(&value) {
+            self.put(key, at, remembered);
+        }
+        Ok(value)
+    }
+
     /// The plan under `key` if one computed at or before `at` is still exact (`still_valid` is
     /// asked with its transaction time), else `compute`'s, remembered.
     pub(crate) fn plan(
@@ -401,16 +429,8 @@ impl PlanCache {
         still_valid: impl FnOnce(Micros) -> Result<bool, StoreError>,
         compute: impl FnOnce() -> Result<Vec<(String, Vec<PartRange>)>, StoreError>,
     ) -> Result<Plan, StoreError> {
-        if let Some((planned_at, Cached::Plan(plan))) = self.get(&key, at) {
-            if still_valid(planned_at)? {
-                self.count(true);
-                return Ok(plan);
-            }
-        }
-        self.count(false);
-        let plan = Arc::new(compute()?);
-        self.put(key, at, Cached::Plan(plan.clone()));
-        Ok(plan)
+        let variant = |value| if let Cached::Plan(plan) = value { Some(plan) } else { None };
+        self.reuse_or_compute(key, at, still_valid, compute, variant, |plan| Some(Cached::Plan(plan.clone())))
     }
 
     /// As [`PlanCache::plan`], for a `deleted[]` list (long lists are not remembered).
@@ -421,18 +441,9 @@ impl PlanCache {
         still_valid: impl FnOnce(Micros) -> Result<bool, StoreError>,
         compute: impl FnOnce() -> Result<Vec<(String, Micros)>, StoreError>,
     ) -> Result<Deleted, StoreError> {
-        if let Some((planned_at, Cached::Deleted(deleted))) = self.get(&key, at) {
-            if still_valid(planned_at)? {
-                self.count(true);
-                return Ok(deleted);
-            }
-        }
-        self.count(false);
-        let deleted = Arc::new(compute()?);
-        if deleted.len() <= MAX_CACHED_DELETED {
-            self.put(key, at, Cached::Deleted(deleted.clone()));
-        }
-        Ok(deleted)
+        let variant = |value| if let Cached::Deleted(deleted) = value { Some(deleted) } else { None };
+        let entry = |deleted: &Deleted| (deleted.len() <= MAX_CACHED_DELETED).then(|| Cached::Deleted(deleted.clone()));
+        self.reuse_or_compute(key, at, still_valid, compute, variant, entry)
     }
 
     /// As [`PlanCache::plan`], for the ids among a member list whose Patient did not exist at the
@@ -445,18 +456,11 @@ impl PlanCache {
         still_valid: impl FnOnce(Micros) -> Result<bool, StoreError>,
         compute: impl FnOnce() -> Result<Vec<String>, StoreError>,
     ) -> Result<Arc<Vec<String>>, StoreError> {
-        if let Some((planned_at, Cached::Missing(missing))) = self.get(&key, at) {
-            if still_valid(planned_at)? {
-                self.count(true);
-                return Ok(missing);
-            }
-        }
-        self.count(false);
-        let missing = Arc::new(compute()?);
-        if missing.len() <= MAX_CACHED_DELETED {
-            self.put(key, at, Cached::Missing(missing.clone()));
-        }
-        Ok(missing)
+        let variant = |value| if let Cached::Missing(missing) = value { Some(missing) } else { None };
+        let entry = |missing: &Arc<Vec<String>>| {
+            (missing.len() <= MAX_CACHED_DELETED).then(|| Cached::Missing(missing.clone()))
+        };
+        self.reuse_or_compute(key, at, still_valid, compute, variant, entry)
     }
 
     /// The associated set under `key`, as `(set id, plan)`: when one computed at or before `at`

@@ -153,6 +153,18 @@ pub(super) fn select_window(
 /// A candidate: `(key, reach, version per the row read, whether history decides the version)`.
 type Candidate = (i64, Reach, VersionAt, bool);
 
+/// Appends a candidate to a list in key order; a key already last (in two compartments of the
+/// window) merges its reach and whether history decides.
+fn push_candidate(candidates: &mut Vec<Candidate>, candidate: Candidate) {
+    match candidates.last_mut() {
+        Some(last) if last.0 == candidate.0 => {
+            last.1 = last.1.merge(candidate.1);
+            last.3 |= candidate.3;
+        }
+        _ => candidates.push(candidate),
+    }
+}
+
 /// Resources in the members' compartments at the transaction time within a key window, each
 /// once, in key order.
 fn member_candidates(
@@ -193,13 +205,7 @@ fn member_candidates(
         // A row written after the transaction time, or closed by a later version, describes a
         // version other than the one at the transaction time: history decides.
         let historical = last_updated > at || row.try_get::<_, bool>(6)?;
-        match candidates.last_mut() {
-            Some(last) if last.0 == rid => {
-                last.1 = last.1.merge(reach);
-                last.3 |= historical;
-            }
-            _ => candidates.push((rid, reach, version, historical)),
-        }
+        push_candidate(&mut candidates, (rid, reach, version, historical));
     }
     Ok(candidates)
 }
@@ -247,13 +253,7 @@ fn candidates_by_key(
         let owner: Option<&str> = row.try_get(4)?;
         let version = VersionAt { last_updated, deleted: row.try_get(3)?, visible: user.is_none() || owner == user };
         let historical = last_updated > at || row.try_get::<_, bool>(5)?;
-        match candidates.last_mut() {
-            Some(last) if last.0 == rid => {
-                last.1 = last.1.merge(reach);
-                last.3 |= historical;
-            }
-            _ => candidates.push((rid, reach, version, historical)),
-        }
+        push_candidate(&mut candidates, (rid, reach, version, historical));
     }
     Ok(candidates)
 }
