@@ -404,7 +404,7 @@ pub fn compartment_index_follows_updates(store: &dyn Store) {
     let only_b = selection(store, &[("b", None)], None);
     assert_eq!(export_ids(store, t, &only_b, "Observation"), vec!["o1=2"]);
     // The snapshot taken before the move still sees the old version, in a's compartment.
-    let only_a_before = MemberSelection { members: vec![("a".into(), None)], ..before_move };
+    let only_a_before = MemberSelection { members: vec![("a".into(), None)].into(), ..before_move };
     assert_eq!(export_ids(store, t, &only_a_before, "Observation"), vec!["o1=1"]);
 }
 
@@ -467,7 +467,7 @@ pub fn export_reports_deletions(store: &dyn Store) {
         vec![("gone".to_owned(), gone_at)]
     );
     assert!(export_ids(store, t, &selection, "Observation").is_empty());
-    let without_since = MemberSelection { since: None, members: vec![("a".into(), None)], ..selection };
+    let without_since = MemberSelection { since: None, members: vec![("a".into(), None)].into(), ..selection };
     assert!(store.deleted_in_compartments(t, &without_since, "Observation").unwrap().is_empty());
 }
 
@@ -539,7 +539,7 @@ pub fn export_reports_resources_that_left_the_cohort(store: &dyn Store) {
     assert!(store.deleted_in_compartments(t, &without_since, "Observation").unwrap().is_empty());
     let later = MemberSelection {
         since: Some(selection.transaction_time),
-        members: vec![("a".into(), Some(selection.transaction_time))],
+        members: vec![("a".into(), Some(selection.transaction_time))].into(),
         transaction_time: store.reserve_transaction_time().unwrap(),
         ..selection.clone()
     };
@@ -1151,7 +1151,7 @@ pub fn plans_are_reused_exactly_while_the_members_compartments_are_unchanged(sto
     };
     // Members a and z (z has no data yet); c is not a member.
     let selection_at = |at| MemberSelection {
-        members: vec![("a".into(), None), ("z".into(), None)],
+        members: vec![("a".into(), None), ("z".into(), None)].into(),
         since: None,
         until: None,
         transaction_time: at,
@@ -1193,7 +1193,7 @@ pub fn plans_are_reused_exactly_while_the_members_compartments_are_unchanged(sto
     let since = store.reserve_transaction_time().unwrap();
     let deleted = |at| {
         let selection =
-            MemberSelection { members: vec![("a".into(), Some(since))], since: Some(since), ..selection_at(at) };
+            MemberSelection { members: vec![("a".into(), Some(since))].into(), since: Some(since), ..selection_at(at) };
         store.deleted_in_compartments(tenant, &selection, "Observation").unwrap().len()
     };
     assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 0);
@@ -1210,7 +1210,7 @@ pub fn plans_are_reused_exactly_while_the_members_compartments_are_unchanged(sto
         bulkhead_fhir::compartment::compartment_types().iter().map(|name| name.to_string()).collect();
     let since_manifest = |at| {
         let selection =
-            MemberSelection { members: vec![("a".into(), Some(since))], since: Some(since), ..selection_at(at) };
+            MemberSelection { members: vec![("a".into(), Some(since))].into(), since: Some(since), ..selection_at(at) };
         for resource_type in &types {
             store.deleted_in_compartments(tenant, &selection, resource_type).unwrap();
         }
@@ -1266,7 +1266,7 @@ pub fn associated_sets_are_reused_exactly_while_nothing_they_reach_changed(store
     let associated_as = |referenced: ReferencedTypes| -> BTreeSet<String> {
         let at = store.reserve_transaction_time().unwrap();
         let selection = MemberSelection {
-            members: vec![("a".into(), None)],
+            members: vec![("a".into(), None)].into(),
             since: None,
             until: None,
             transaction_time: at,
@@ -1797,7 +1797,7 @@ pub fn tenant_scope_selects_every_resource_of_a_type(store: &dyn Store) {
     put(store, acme, Some("u"), json!({"resourceType": "Practitioner", "id": "dr2"}));
     put(store, other, None, json!({"resourceType": "Practitioner", "id": "dr9"}));
     let everything =
-        MemberSelection { members: Vec::new(), scope: SelectionScope::Tenant, ..selection(store, &[], None) };
+        MemberSelection { members: Default::default(), scope: SelectionScope::Tenant, ..selection(store, &[], None) };
     put(store, acme, None, json!({"resourceType": "Practitioner", "id": "dr3"})); // after the transaction time
     put(store, acme, None, observation("o1", "a", 10)); // changed after it: exported as it was
     assert_eq!(export_ids(store, acme, &everything, "Practitioner"), ["dr1", "dr2"]);
@@ -1856,7 +1856,7 @@ pub fn type_filters_select_exactly(store: &dyn Store) {
     put(store, acme, None, body);
     assert_eq!(export_ids(store, acme, &filtered, "Observation"), ["o1=1", "o3=1", "o4=1"]);
     assert_eq!(export_ids(store, acme, &filtered, "Patient"), ["a"]);
-    let everything = MemberSelection { members: Vec::new(), scope: SelectionScope::Tenant, ..filtered };
+    let everything = MemberSelection { members: Default::default(), scope: SelectionScope::Tenant, ..filtered };
     assert_eq!(export_ids(store, acme, &everything, "Observation"), ["o1=1", "o3=1", "o4=1"]);
 }
 
@@ -2343,7 +2343,7 @@ pub fn existing_patients_are_exact_through_the_plan_cache(store: &dyn Store) {
 /// compare it before and after a migration).
 pub fn provenance_of_member_a_at(store: &dyn Store, tenant: TenantId, at: i64, set: &str) -> u64 {
     let selection = MemberSelection {
-        members: vec![("a".into(), None)],
+        members: vec![("a".into(), None)].into(),
         since: None,
         until: None,
         transaction_time: at,
