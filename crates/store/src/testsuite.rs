@@ -46,6 +46,7 @@ macro_rules! store_test_suite {
             associated_sets_are_reused_exactly_while_nothing_they_reach_changed,
             shared_associated_sets_live_until_their_last_export_expires, text_keys_sort_by_bytes,
             existing_patients_are_exact_through_the_plan_cache,
+            groups_at_a_time_share_each_versions_members, missing_members_are_exact_through_the_plan_cache,
             token_keys_are_stored_once_and_rotated, quota_buckets_are_shared_and_refill,
             login_failures_count_in_fixed_windows, bulk_writes_index_exactly_as_single_writes);
     };
@@ -405,7 +406,7 @@ pub fn compartment_index_follows_updates(store: &dyn Store) {
     let only_b = selection(store, &[("b", None)], None);
     assert_eq!(export_ids(store, t, &only_b, "Observation"), vec!["o1=2"]);
     // The snapshot taken before the move still sees the old version, in a's compartment.
-    let only_a_before = MemberSelection { members: vec![("a".into(), None)], ..before_move };
+    let only_a_before = MemberSelection { members: vec![("a".into(), None)].into(), ..before_move };
     assert_eq!(export_ids(store, t, &only_a_before, "Observation"), vec!["o1=1"]);
 }
 
@@ -468,7 +469,7 @@ pub fn export_reports_deletions(store: &dyn Store) {
         vec![("gone".to_owned(), gone_at)]
     );
     assert!(export_ids(store, t, &selection, "Observation").is_empty());
-    let without_since = MemberSelection { since: None, members: vec![("a".into(), None)], ..selection };
+    let without_since = MemberSelection { since: None, members: vec![("a".into(), None)].into(), ..selection };
     assert!(store.deleted_in_compartments(t, &without_since, "Observation").unwrap().is_empty());
 }
 
@@ -540,7 +541,7 @@ pub fn export_reports_resources_that_left_the_cohort(store: &dyn Store) {
     assert!(store.deleted_in_compartments(t, &without_since, "Observation").unwrap().is_empty());
     let later = MemberSelection {
         since: Some(selection.transaction_time),
-        members: vec![("a".into(), Some(selection.transaction_time))],
+        members: vec![("a".into(), Some(selection.transaction_time))].into(),
         transaction_time: store.reserve_transaction_time().unwrap(),
         ..selection.clone()
     };
@@ -1164,7 +1165,7 @@ pub fn plans_are_reused_exactly_while_the_members_compartments_are_unchanged(sto
     };
     // Members a and z (z has no data yet); c is not a member.
     let selection_at = |at| MemberSelection {
-        members: vec![("a".into(), None), ("z".into(), None)],
+        members: vec![("a".into(), None), ("z".into(), None)].into(),
         since: None,
         until: None,
         transaction_time: at,
@@ -1206,7 +1207,7 @@ pub fn plans_are_reused_exactly_while_the_members_compartments_are_unchanged(sto
     let since = store.reserve_transaction_time().unwrap();
     let deleted = |at| {
         let selection =
-            MemberSelection { members: vec![("a".into(), Some(since))], since: Some(since), ..selection_at(at) };
+            MemberSelection { members: vec![("a".into(), Some(since))].into(), since: Some(since), ..selection_at(at) };
         store.deleted_in_compartments(tenant, &selection, "Observation").unwrap().len()
     };
     assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 0);
@@ -1223,7 +1224,7 @@ pub fn plans_are_reused_exactly_while_the_members_compartments_are_unchanged(sto
         bulkhead_fhir::compartment::compartment_types().iter().map(|name| name.to_string()).collect();
     let since_manifest = |at| {
         let selection =
-            MemberSelection { members: vec![("a".into(), Some(since))], since: Some(since), ..selection_at(at) };
+            MemberSelection { members: vec![("a".into(), Some(since))].into(), since: Some(since), ..selection_at(at) };
         for resource_type in &types {
             store.deleted_in_compartments(tenant, &selection, resource_type).unwrap();
         }
@@ -1279,7 +1280,7 @@ pub fn associated_sets_are_reused_exactly_while_nothing_they_reach_changed(store
     let associated_as = |referenced: ReferencedTypes| -> BTreeSet<String> {
         let at = store.reserve_transaction_time().unwrap();
         let selection = MemberSelection {
-            members: vec![("a".into(), None)],
+            members: vec![("a".into(), None)].into(),
             since: None,
             until: None,
             transaction_time: at,
@@ -1810,7 +1811,7 @@ pub fn tenant_scope_selects_every_resource_of_a_type(store: &dyn Store) {
     put(store, acme, Some("u"), json!({"resourceType": "Practitioner", "id": "dr2"}));
     put(store, other, None, json!({"resourceType": "Practitioner", "id": "dr9"}));
     let everything =
-        MemberSelection { members: Vec::new(), scope: SelectionScope::Tenant, ..selection(store, &[], None) };
+        MemberSelection { members: Default::default(), scope: SelectionScope::Tenant, ..selection(store, &[], None) };
     put(store, acme, None, json!({"resourceType": "Practitioner", "id": "dr3"})); // after the transaction time
     put(store, acme, None, observation("o1", "a", 10)); // changed after it: exported as it was
     assert_eq!(export_ids(store, acme, &everything, "Practitioner"), ["dr1", "dr2"]);
@@ -1869,7 +1870,7 @@ pub fn type_filters_select_exactly(store: &dyn Store) {
     put(store, acme, None, body);
     assert_eq!(export_ids(store, acme, &filtered, "Observation"), ["o1=1", "o3=1", "o4=1"]);
     assert_eq!(export_ids(store, acme, &filtered, "Patient"), ["a"]);
-    let everything = MemberSelection { members: Vec::new(), scope: SelectionScope::Tenant, ..filtered };
+    let everything = MemberSelection { members: Default::default(), scope: SelectionScope::Tenant, ..filtered };
     assert_eq!(export_ids(store, acme, &everything, "Observation"), ["o1=1", "o3=1", "o4=1"]);
 }
 
@@ -2395,7 +2396,7 @@ pub fn existing_patients_are_exact_through_the_plan_cache(store: &dyn Store) {
 /// compare it before and after a migration).
 pub fn provenance_of_member_a_at(store: &dyn Store, tenant: TenantId, at: i64, set: &str) -> u64 {
     let selection = MemberSelection {
-        members: vec![("a".into(), None)],
+        members: vec![("a".into(), None)].into(),
         since: None,
         until: None,
         transaction_time: at,
@@ -2497,4 +2498,93 @@ pub fn login_failures_count_in_fixed_windows(store: &dyn Store) {
     assert_eq!(other.failures, 1);
     let next = store.record_login_failure("peer:10.0.0.1", window, start + 1_000 + window).unwrap();
     assert_eq!(next, crate::LoginWindow { started: start + 1_000 + window, failures: 1 }, "a new window");
+}
+
+/// A Group as of a time: its version then (tombstones included, no text), and the members that
+/// version lists, filtered by each member's `period.end` at the time asked. A version's list is
+/// shared by every call that finds it; another version, Group or tenant has its own.
+pub fn groups_at_a_time_share_each_versions_members(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    let other = tenant(store, "other");
+    let before = store.reserve_transaction_time().unwrap();
+    put(store, acme, Some("u"), group("g", &["b", "a"]));
+    put(store, other, None, group("g", &["x"]));
+    let first = store.reserve_transaction_time().unwrap();
+    let ids = |group: &crate::GroupAt, at| group.members.at(at).ids().map(str::to_owned).collect::<Vec<_>>();
+    assert!(store.group_at(acme, "g", before).unwrap().is_none(), "no version yet");
+    assert!(store.group_at(acme, "nope", first).unwrap().is_none());
+    let at_first = store.group_at(acme, "g", first).unwrap().expect("a version");
+    assert_eq!((at_first.version.version, at_first.version.deleted), (1, false));
+    assert_eq!((at_first.version.owner.as_deref(), at_first.version.body.as_deref()), (Some("u"), None));
+    assert_eq!(ids(&at_first, first), ["a", "b"]);
+    let again = store.group_at(acme, "g", store.reserve_transaction_time().unwrap()).unwrap().unwrap();
+    assert!(again.members.at(first).shares(&at_first.members.at(first)), "one list per version, shared");
+    assert_eq!(ids(&store.group_at(other, "g", first).unwrap().unwrap(), first), ["x"], "per tenant");
+
+    let ended = json!({"resourceType": "Group", "id": "g", "type": "person", "actual": true, "member": [
+        {"entity": {"reference": "Patient/a"}, "period": {"end": "2000-01-01"}},
+        {"entity": {"reference": "Patient/c"}},
+        {"entity": {"reference": "Patient/d"}, "inactive": true},
+        {"entity": {"reference": "Practitioner/e"}},
+    ]});
+    put(store, acme, Some("u"), ended);
+    let second = store.reserve_transaction_time().unwrap();
+    let at_second = store.group_at(acme, "g", second).unwrap().unwrap();
+    assert_eq!(at_second.version.version, 2);
+    assert_eq!(ids(&at_second, second), ["c"]);
+    let in_1999 = bulkhead_fhir::parse_since("1999-06-01").unwrap();
+    assert_eq!(ids(&at_second, in_1999), ["a", "c"], "a member until its period ends");
+    assert_eq!(ids(&store.group_at(acme, "g", first).unwrap().unwrap(), first), ["a", "b"], "as of then");
+
+    delete(store, acme, "Group", "g");
+    let gone = store.group_at(acme, "g", store.reserve_transaction_time().unwrap()).unwrap().unwrap();
+    assert!(gone.version.deleted && gone.members.at(second).is_empty(), "a tombstone has no members");
+    assert_eq!(ids(&store.group_at(acme, "g", second).unwrap().unwrap(), second), ["c"], "still as of then");
+}
+
+/// A Group export's missing members (whose Patient did not exist, live and visible, at the
+/// transaction time) are remembered while the members are unchanged, and exact whatever happens:
+/// a repeat is a cache hit, a member's Patient created or deleted shows at once, an earlier time
+/// is answered as of then, and each visibility gets its own answer.
+pub fn missing_members_are_exact_through_the_plan_cache(store: &dyn Store) {
+    let acme = tenant(store, "acme");
+    put(store, acme, None, patient("a"));
+    put(store, acme, None, patient("b"));
+    let members: crate::Members = ["a", "b", "c", "d"].iter().map(|id| (id.to_string(), None)).collect();
+    let missing_as = |visibility: &Visibility, at| {
+        let selection = MemberSelection {
+            members: members.clone(),
+            since: None,
+            until: None,
+            transaction_time: at,
+            visibility: visibility.clone(),
+            scope: SelectionScope::Members,
+            filters: Default::default(),
+        };
+        store.missing_members(acme, &selection).unwrap()
+    };
+    let missing = || missing_as(&Visibility::Tenant, store.reserve_transaction_time().unwrap());
+    let first = store.reserve_transaction_time().unwrap();
+    assert_eq!(missing_as(&Visibility::Tenant, first), ["c", "d"]);
+    let hits = || store.plan_cache_stats().map(|stats| stats.hits);
+    let before = hits();
+    assert_eq!(missing(), ["c", "d"]);
+    assert_eq!(hits(), before.map(|hits| hits + 1), "a repeat is answered from the cache");
+    put(store, acme, None, observation("o", "a", 1));
+    assert_eq!(missing(), ["c", "d"], "a member's other data changed");
+    put(store, acme, None, patient("c"));
+    assert_eq!(missing(), ["d"], "a member's Patient created");
+    delete(store, acme, "Patient", "a");
+    assert_eq!(missing(), ["a", "d"], "a member's Patient deleted");
+    put(store, acme, None, patient("a"));
+    assert_eq!(missing(), ["d"], "and created again");
+    put(store, acme, Some("u"), patient("d"));
+    assert!(missing().is_empty());
+    let user = Visibility::User("u".into());
+    assert_eq!(missing_as(&user, store.reserve_transaction_time().unwrap()), ["a", "b", "c"], "per visibility");
+    assert_eq!(missing_as(&user, store.reserve_transaction_time().unwrap()), ["a", "b", "c"]);
+    assert_eq!(missing_as(&Visibility::Tenant, first), ["c", "d"], "an earlier time as of then");
+    let other = tenant(store, "other");
+    let selection = MemberSelection { members: members.clone(), ..selection(store, &[], None) };
+    assert_eq!(store.missing_members(other, &selection).unwrap(), ["a", "b", "c", "d"], "per tenant");
 }
