@@ -560,3 +560,100 @@ fn copy_references(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>], timest
     copy.finish()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::super::PgStore;
+    use crate::{Store, TenantId, Visibility, WriteMode, WriteOp};
+
+    fn put(store: &PgStore, tenant: TenantId, body: Value) {
+        let (resource_type, id) =
+            (body["resourceType"].as_str().unwrap().to_owned(), body["id"].as_str().unwrap().to_owned());
+        let op = WriteOp::Update { resource_type, id, body, if_match: None };
+        store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+    }
+
+    /// A body large enough for PostgreSQL to compress.
+    fn large(id: &str) -> Value {
+        json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x".repeat(20_000)},
+               "subject": {"reference": "Patient/a"}})
+    }
+
+    fn compression(store: &PgStore, tenant: TenantId, id: &str) -> String {
+        store
+            .with_read(|db| {
+                let row = db.query_one(
+                    "SELECT pg_column_compression(body) FROM resources WHERE tenant_id = $1 AND id = $2",
+                    &[&tenant.0, &id],
+                )?;
+                Ok(row.try_get::<_, Option<String>>(0)?.unwrap_or_default())
+            })
+            .unwrap()
+    }
+
+    /// Migration 11 keeps every body and every Provenance found by target: bodies compressed
+    /// before it (pglz) read back as written, new ones are compressed with LZ4 where the server
+    /// has it, and the index on target text is gone.
+    #[test]
+    fn migration_11_keeps_bodies_and_provenance_by_target() {
+        let Some(database) = super::super::testing::fresh_database() else { return };
+        let options = super::super::testing::test_options;
+        let store = PgStore::open(&database.url, options()).unwrap();
+        // The schema before migration 11.
+        store
+            .with_transaction(|db| {
+                db.batch(
+                    "ALTER TABLE resources ALTER COLUMN body SET COMPRESSION pglz;
+                     ALTER TABLE resource_history ALTER COLUMN body SET COMPRESSION pglz;
+                     CREATE INDEX provenance_by_target ON reference_index (tenant_id, target_type, target_id)
+                         WHERE provenance_target;
+                     DELETE FROM schema_migrations WHERE version >= 11;",
+                )
+            })
+            .unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        put(&store, tenant, json!({"resourceType": "Patient", "id": "a"}));
+        put(&store, tenant, large("old"));
+        let provenance = json!({"resourceType": "Provenance", "id": "p1", "recorded": "2020-01-01T00:00:00Z",
+            "target": [{"reference": "Observation/old"}, {"reference": "Observation/later"}],
+            "agent": [{"who": {"reference": "Practitioner/x"}}]});
+        put(&store, tenant, provenance);
+        assert_eq!(compression(&store, tenant, "old"), "pglz");
+        let read = |store: &PgStore, id: &str| store.read(tenant, &Visibility::Tenant, "Observation", id).unwrap();
+        let old = read(&store, "old").expect("stored");
+        let at = store.reserve_transaction_time().unwrap();
+        let targets = |ids: &[&str]| -> Vec<(String, String)> {
+            ids.iter().map(|id| ("Observation".to_owned(), (*id).to_owned())).collect()
+        };
+        let found = |store: &PgStore, ids: &[&str]| store.provenance_targeting(tenant, &targets(ids), at).unwrap();
+        assert_eq!(found(&store, &["old"]), ["p1"]);
+        assert_eq!(found(&store, &["later"]), ["p1"]);
+        drop(store);
+
+        let store = PgStore::open(&database.url, options()).unwrap();
+        let (lz4, index): (bool, bool) = store
+            .with_read(|db| {
+                let row = db.query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_settings
+                                    WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)),
+                            to_regclass('provenance_by_target') IS NOT NULL",
+                    &[],
+                )?;
+                Ok((row.try_get(0)?, row.try_get(1)?))
+            })
+            .unwrap();
+        assert!(!index, "the index on target text is dropped");
+        assert_eq!(read(&store, "old"), Some(old), "a body compressed before the migration reads back as written");
+        assert_eq!(compression(&store, tenant, "old"), "pglz", "stored bodies are not rewritten");
+        assert_eq!(
+            (found(&store, &["old"]), found(&store, &["later", "old"])),
+            (vec!["p1".to_owned()], vec!["p1".to_owned()])
+        );
+        put(&store, tenant, large("new"));
+        assert_eq!(compression(&store, tenant, "new"), if lz4 { "lz4" } else { "pglz" });
+        let new = read(&store, "new").expect("stored").body.expect("a body");
+        assert!(new.contains(&"x".repeat(20_000)) && new.contains(r#""id":"new""#));
+    }
+}
