@@ -127,9 +127,10 @@ impl<'t> CopyIn<'t> {
 
     fn opt_text(&mut self, value: Option<&str>) -> Result<(), StoreError> {
         match value {
-            Some(value) => self.text(value),
-            None => Ok(self.null()),
+            Some(value) => self.text(value)?,
+            None => self.null(),
         }
+        Ok(())
     }
 
     fn opt_int8(&mut self, value: Option<i64>) {
