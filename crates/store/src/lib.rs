@@ -330,6 +330,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     /// Who holds the job `job_id` of `tenant` and its last progress (None: no such job).
     fn export_job_activity(&self, tenant: TenantId, job_id: &str) -> Result<Option<JobActivity>, StoreError>;
+    /// A live holder gives its job back (its instance is stopping): the lease ends at `now`, so
+    /// any instance's next claim resumes the job, and the hand-back is counted, so that claim
+    /// is not counted as an interrupted one ([`ClaimedJob::interrupted_claims`]). The fencing
+    /// token is left as it is: the next claim increments it, so this holder can write nothing
+    /// more. False (nothing changed) when `lease` is stale or the job is finished or gone.
+    fn hand_back_export_job(&self, lease: &JobLease, now: Micros, progress: &str) -> Result<bool, StoreError>;
 
     // ---- export records (what file URLs refer to) ----
 

@@ -769,6 +769,10 @@ impl crate::Store for PgStore {
         self.with_read(|db| leases::export_job_activity(db, tenant, job_id))
     }
 
+    fn hand_back_export_job(&self, lease: &crate::JobLease, now: Micros, progress: &str) -> Result<bool, StoreError> {
+        self.with_transaction(|db| leases::hand_back_export_job(db, lease, now, progress))
+    }
+
     fn create_export_record(&self, tenant: TenantId, record: &ExportRecord) -> Result<(), StoreError> {
         self.with_write(|db, _| jobs::create_export_record(db, tenant, record))
     }

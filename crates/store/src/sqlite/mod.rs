@@ -795,6 +795,10 @@ impl crate::Store for SqliteStore {
     fn export_job_activity(&self, tenant: TenantId, job_id: &str) -> Result<Option<crate::JobActivity>, StoreError> {
         self.with_read(|connection| leases::export_job_activity(connection, tenant, job_id))
     }
+
+    fn hand_back_export_job(&self, lease: &crate::JobLease, now: Micros, progress: &str) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| leases::hand_back_export_job(transaction, lease, now, progress))
+    }
 }
 
 /// Bytes available to this process on the file system holding `directory`.
