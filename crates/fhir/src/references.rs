@@ -55,10 +55,16 @@ pub fn outgoing_references(resource_type: &str, resource: &Value) -> Vec<Outgoin
 fn walk(value: &Value, provenance_target: bool, out: &mut Vec<OutgoingReference>) {
     match value {
         Value::Array(items) => items.iter().for_each(|item| walk(item, provenance_target, out)),
+        // One pass over the members, no lookup by key (each would hash "reference"); the
+        // caller sorts what is found.
         Value::Object(object) => {
-            if let Some((target_type, target_id)) =
-                object.get("reference").and_then(Value::as_str).and_then(parse_reference)
-            {
+            for (key, child) in object {
+                if key != "reference" {
+                    // Below a target Reference (its extensions) nothing is a target any more.
+                    walk(child, false, out);
+                    continue;
+                }
+                let Some((target_type, target_id)) = child.as_str().and_then(parse_reference) else { continue };
                 if provenance_target || is_referenced_type(target_type) {
                     out.push(OutgoingReference {
                         target_type: target_type.to_owned(),
@@ -73,12 +79,6 @@ fn walk(value: &Value, provenance_target: bool, out: &mut Vec<OutgoingReference>
                         target_id: target_id.to_owned(),
                         provenance_target: false,
                     });
-                }
-            }
-            for (key, child) in object {
-                if key != "reference" {
-                    // Below a target Reference (its extensions) nothing is a target any more.
-                    walk(child, false, out);
                 }
             }
         }

@@ -1934,6 +1934,18 @@ pub fn provenance_is_found_by_target(store: &dyn Store) {
     let later = store.reserve_transaction_time().unwrap();
     assert!(found(acme, &[target("Observation", "o1"), target("Patient", "a")], later).is_empty());
     assert_eq!(found(acme, &[target("Observation", "o2")], later), ["prov1", "prov2"]);
+    // A target that does not exist yet, then is created, then deleted: found throughout.
+    put(store, acme, None, provenance("prov9", &["Observation/ghost", "Observation/o2"], "Practitioner/pr7"));
+    let unwritten = store.reserve_transaction_time().unwrap();
+    assert_eq!(found(acme, &[target("Observation", "ghost")], unwritten), ["prov9"], "a target not yet written");
+    put(store, acme, None, observation("ghost", "a", 9));
+    let written = store.reserve_transaction_time().unwrap();
+    delete(store, acme, "Observation", "ghost");
+    let deleted = store.reserve_transaction_time().unwrap();
+    for at in [written, deleted] {
+        assert_eq!(found(acme, &[target("Observation", "ghost"), target("Observation", "nope")], at), ["prov9"]);
+    }
+    assert_eq!(found(acme, &[target("Observation", "o2")], deleted), ["prov1", "prov2", "prov9"]);
 }
 
 /// Provenance is found through the resources it targets whatever the order of the writes: a

@@ -65,6 +65,21 @@ pub struct Written {
 ///
 /// Serialises straight from the caller's value, so a write never copies the resource tree.
 pub fn stamped_json(body: &Value, id: &str, version: i64, last_updated: Micros) -> Result<String, serde_json::Error> {
+    let mut text = Vec::with_capacity(256);
+    write_stamped_json(&mut text, body, id, version, last_updated)?;
+    // serde_json writes valid UTF-8.
+    Ok(String::from_utf8(text).unwrap_or_default())
+}
+
+/// [`stamped_json`], appended to `out`: a caller that builds a larger buffer (the PostgreSQL
+/// store's binary `COPY` of a batch) serialises each body once, in place.
+pub fn write_stamped_json(
+    out: &mut Vec<u8>,
+    body: &Value,
+    id: &str,
+    version: i64,
+    last_updated: Micros,
+) -> Result<(), serde_json::Error> {
     use serde::ser::{SerializeMap, Serializer};
 
     let empty = serde_json::Map::new();
@@ -75,8 +90,7 @@ pub fn stamped_json(body: &Value, id: &str, version: i64, last_updated: Micros) 
     };
     meta.insert("versionId".into(), Value::String(version.to_string()));
     meta.insert("lastUpdated".into(), Value::String(format_instant(last_updated)));
-    let mut text = Vec::with_capacity(256);
-    let mut serializer = serde_json::Serializer::new(&mut text);
+    let mut serializer = serde_json::Serializer::new(out);
     let mut map = serializer.serialize_map(None)?;
     if let Some(resource_type) = object.get("resourceType") {
         map.serialize_entry("resourceType", resource_type)?;
@@ -88,9 +102,7 @@ pub fn stamped_json(body: &Value, id: &str, version: i64, last_updated: Micros) 
             map.serialize_entry(key, value)?;
         }
     }
-    map.end()?;
-    // serde_json writes valid UTF-8.
-    Ok(String::from_utf8(text).unwrap_or_default())
+    map.end()
 }
 
 /// The patient ids a Group (as stored JSON text) exports at time `at`: every `member.entity`

@@ -751,8 +751,10 @@ pub(super) fn associated_ids(
     .collect()
 }
 
-/// The Provenance whose `target`, at `at`, names one of `targets`: one indexed lookup
-/// (`provenance_by_target`) for all of them, sorted and each once.
+/// The Provenance whose `target`, at `at`, names one of `targets`, sorted and each once. A
+/// target row carries its target's key whenever the target's row exists, so the rows naming a
+/// `(type, id)` are those with its key (`provenance_by_target_rid`) and those without a key
+/// (`provenance_unresolved`): two indexed lookups, and no index on the target's text.
 pub(super) fn provenance_targeting(
     db: &mut Db<'_>,
     tenant: TenantId,
@@ -761,11 +763,16 @@ pub(super) fn provenance_targeting(
 ) -> Result<Vec<String>, StoreError> {
     let (types, ids): (Vec<&str>, Vec<&str>) = targets.iter().map(|(t, id)| (t.as_str(), id.as_str())).unzip();
     let found = db.query(
-        "SELECT DISTINCT r.id FROM unnest($2::text[], $3::text[]) AS n(target_type, target_id)
-         JOIN reference_index x ON x.tenant_id = $1 AND x.provenance_target
-              AND x.target_type = n.target_type AND x.target_id = n.target_id
-              AND x.from_ts <= $4 AND (x.to_ts IS NULL OR x.to_ts > $4)
-         JOIN resources r ON r.tenant_id = $1 AND r.rid = x.rid",
+        "WITH targeting AS (
+             SELECT x.rid, x.from_ts, x.to_ts FROM unnest($2::text[], $3::text[]) AS n(target_type, target_id)
+             JOIN resources t ON t.tenant_id = $1 AND t.resource_type = n.target_type AND t.id = n.target_id
+             JOIN reference_index x ON x.tenant_id = $1 AND x.target_rid = t.rid AND x.provenance_target
+             UNION ALL
+             SELECT x.rid, x.from_ts, x.to_ts FROM unnest($2::text[], $3::text[]) AS n(target_type, target_id)
+             JOIN reference_index x ON x.tenant_id = $1 AND x.provenance_target AND x.target_rid IS NULL
+                  AND x.target_type = n.target_type AND x.target_id = n.target_id)
+         SELECT DISTINCT r.id FROM targeting x JOIN resources r ON r.tenant_id = $1 AND r.rid = x.rid
+         WHERE x.from_ts <= $4 AND (x.to_ts IS NULL OR x.to_ts > $4)",
         &[&tenant.0, &types, &ids, &at],
     )?;
     // Sorted here, by bytes as SQLite sorts, whatever the database's collation.

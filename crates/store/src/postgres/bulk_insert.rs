@@ -5,43 +5,203 @@
 //! What makes `COPY` possible where the single-write path uses `INSERT ... ON CONFLICT`:
 //! - the resources' keys (`rid`) are taken from the table's identity sequence up front, in the
 //!   order of the writes, so the index rows can be built before the resource rows go in;
-//! - the resources are new (checked under the clock's row lock, which every writer takes
-//!   first, so no other writer can create them meanwhile) and their rows carry those new keys,
-//!   so no index row can already exist; duplicates within one resource (an identifier listed
-//!   twice) are removed here instead of by `ON CONFLICT DO NOTHING`.
+//! - the resources are new (the `(tenant, type, id)` unique key refuses a `COPY` naming one that
+//!   exists, under the clock's row lock, which every writer takes first, so no other writer can
+//!   create them meanwhile) and their rows carry those new keys, so no index row can already
+//!   exist; duplicates within one resource (an identifier listed twice) are removed here instead
+//!   of by `ON CONFLICT DO NOTHING`.
 //!
 //! The rows are exactly those the single-write path writes (`put` in `resources.rs` and
 //! `sync_references` in `associated.rs`); the conformance test
 //! `bulk_writes_index_exactly_as_single_writes` compares the two.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::io::Write;
 
 use bulkhead_fhir::compartment::patient_compartments_of;
-use bulkhead_fhir::references::outgoing_references;
+use bulkhead_fhir::references::{outgoing_references, OutgoingReference};
 use bulkhead_fhir::{resource_type_code, Micros};
-use postgres::binary_copy::BinaryCopyInWriter;
-use postgres::types::{ToSql, Type};
+use postgres::error::SqlState;
 use serde_json::Value;
 
 use super::resources::mark_patients_changed;
 use super::Db;
-use crate::write::search_tokens;
-use crate::{stamped_json, StoreError, TenantId, WriteOp, Written};
+use crate::write::{search_tokens, write_stamped_json};
+use crate::{StoreError, TenantId, WriteOp, Written};
 
-impl Db<'_> {
-    /// Streams `rows` into `copy` (a `COPY table (columns) FROM STDIN (FORMAT binary)` whose
-    /// columns have `types`) inside the open transaction; returns the rows written.
-    fn copy_rows<'r>(
-        &mut self,
-        copy: &str,
-        types: &[Type],
-        rows: impl Iterator<Item = Vec<&'r (dyn ToSql + Sync)>>,
-    ) -> Result<u64, StoreError> {
-        let mut writer = BinaryCopyInWriter::new(self.transaction.copy_in(copy)?, types);
-        for row in rows {
-            writer.write(&row)?;
+/// Bytes of encoded rows handed to the driver at a time: one call into its runtime per chunk
+/// instead of one per row, and PostgreSQL works through a chunk while the next is encoded.
+const CHUNK: usize = 256 * 1024;
+
+/// How a `COPY` failed: the driver's error, or its error wrapped by the writer's `io::Write`.
+enum CopyError {
+    Postgres(postgres::Error),
+    Io(std::io::Error),
+}
+
+impl CopyError {
+    /// The database error behind this failure, if any.
+    fn database(&self) -> Option<&postgres::error::DbError> {
+        match self {
+            CopyError::Postgres(error) => error.as_db_error(),
+            CopyError::Io(error) => {
+                error.get_ref().and_then(|inner| inner.downcast_ref::<postgres::Error>()).and_then(|e| e.as_db_error())
+            }
         }
-        Ok(writer.finish()?)
+    }
+
+    /// A row named a key that exists (`unique_violation`).
+    fn is_unique_violation(&self) -> bool {
+        self.database().is_some_and(|error| *error.code() == SqlState::UNIQUE_VIOLATION)
+    }
+}
+
+impl From<postgres::Error> for CopyError {
+    fn from(error: postgres::Error) -> Self {
+        CopyError::Postgres(error)
+    }
+}
+
+impl From<CopyError> for StoreError {
+    fn from(error: CopyError) -> Self {
+        match error {
+            CopyError::Postgres(error) => error.into(),
+            CopyError::Io(error) => match error.into_inner().map(|inner| inner.downcast::<postgres::Error>()) {
+                Some(Ok(error)) => (*error).into(),
+                Some(Err(other)) => StoreError::Unavailable(other.to_string()),
+                None => StoreError::Unavailable("the COPY stream failed".into()),
+            },
+        }
+    }
+}
+
+/// A binary `COPY ... FROM STDIN` in progress, its rows encoded here in PostgreSQL's binary
+/// copy format (a header, then per row a field count and each field as a length and its bytes
+/// in network order, `-1` for NULL, then a `-1` trailer).
+struct CopyIn<'t> {
+    writer: postgres::CopyInWriter<'t>,
+    buffer: Vec<u8>,
+}
+
+impl<'t> CopyIn<'t> {
+    /// Starts `copy` (a `COPY table (columns) FROM STDIN (FORMAT binary)`) in the open transaction.
+    fn start(db: &'t mut Db<'_>, copy: &str) -> Result<CopyIn<'t>, CopyError> {
+        let writer = db.transaction.copy_in(copy)?;
+        let mut buffer = Vec::with_capacity(CHUNK + 64 * 1024);
+        // Signature, flags (no OIDs), header extension length.
+        buffer.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        buffer.extend_from_slice(&0i32.to_be_bytes());
+        buffer.extend_from_slice(&0i32.to_be_bytes());
+        Ok(CopyIn { writer, buffer })
+    }
+
+    fn row(&mut self, fields: i16) {
+        self.buffer.extend_from_slice(&fields.to_be_bytes());
+    }
+
+    fn int8(&mut self, value: i64) {
+        self.buffer.extend_from_slice(&8i32.to_be_bytes());
+        self.buffer.extend_from_slice(&value.to_be_bytes());
+    }
+
+    fn int2(&mut self, value: i16) {
+        self.buffer.extend_from_slice(&2i32.to_be_bytes());
+        self.buffer.extend_from_slice(&value.to_be_bytes());
+    }
+
+    fn bool(&mut self, value: bool) {
+        self.buffer.extend_from_slice(&1i32.to_be_bytes());
+        self.buffer.push(u8::from(value));
+    }
+
+    fn null(&mut self) {
+        self.buffer.extend_from_slice(&(-1i32).to_be_bytes());
+    }
+
+    fn text(&mut self, value: &str) -> Result<(), StoreError> {
+        let length = i32::try_from(value.len()).map_err(|_| StoreError::Invalid("a value is too large".into()))?;
+        self.buffer.extend_from_slice(&length.to_be_bytes());
+        self.buffer.extend_from_slice(value.as_bytes());
+        Ok(())
+    }
+
+    fn opt_text(&mut self, value: Option<&str>) -> Result<(), StoreError> {
+        match value {
+            Some(value) => self.text(value)?,
+            None => self.null(),
+        }
+        Ok(())
+    }
+
+    fn opt_int8(&mut self, value: Option<i64>) {
+        match value {
+            Some(value) => self.int8(value),
+            None => self.null(),
+        }
+    }
+
+    /// A text field whose bytes `write` appends to the buffer; returns where they are in it
+    /// (valid until the row ends).
+    fn text_with(
+        &mut self,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<std::ops::Range<usize>, StoreError> {
+        let at = self.buffer.len();
+        self.buffer.extend_from_slice(&0i32.to_be_bytes());
+        write(&mut self.buffer)?;
+        let length = i32::try_from(self.buffer.len() - at - 4)
+            .map_err(|_| StoreError::Invalid("a resource is too large".into()))?;
+        self.buffer[at..at + 4].copy_from_slice(&length.to_be_bytes());
+        Ok(at + 4..self.buffer.len())
+    }
+
+    /// Ends a row: a full chunk goes to the server.
+    fn end_row(&mut self) -> Result<(), CopyError> {
+        if self.buffer.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> Result<(), CopyError> {
+        self.writer.write_all(&self.buffer).map_err(CopyError::Io)?;
+        self.writer.flush().map_err(CopyError::Io)?;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Sends the trailer and waits for the server: the rows written.
+    fn finish(mut self) -> Result<u64, CopyError> {
+        self.buffer.extend_from_slice(&(-1i16).to_be_bytes());
+        self.send()?;
+        Ok(self.writer.finish()?)
+    }
+}
+
+/// Either error of a step that encodes rows (`StoreError`) and streams them (`CopyError`).
+enum Failure {
+    Copy(CopyError),
+    Store(StoreError),
+}
+
+impl From<CopyError> for Failure {
+    fn from(error: CopyError) -> Self {
+        Failure::Copy(error)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(error: StoreError) -> Self {
+        Failure::Store(error)
+    }
+}
+
+impl From<Failure> for StoreError {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Copy(error) => error.into(),
+            Failure::Store(error) => error,
+        }
     }
 }
 
@@ -74,17 +234,6 @@ pub(super) fn insert_new(
     for op in ops {
         *named.entry((op.resource_type(), op.id())).or_default() += 1;
     }
-    let (types, ids): (Vec<&str>, Vec<&str>) = named.keys().copied().unzip();
-    let existing: HashSet<(String, String)> = db
-        .query(
-            "SELECT r.resource_type, r.id FROM resources r
-             JOIN unnest($2::text[], $3::text[]) AS n(resource_type, id)
-               ON r.tenant_id = $1 AND r.resource_type = n.resource_type AND r.id = n.id",
-            &[&tenant.0, &types, &ids],
-        )?
-        .iter()
-        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-        .collect::<Result<_, StoreError>>()?;
     let mut chosen: Vec<New<'_>> = Vec::new();
     for (index, op) in ops.iter().enumerate() {
         let body = match op {
@@ -94,14 +243,10 @@ pub(super) fn insert_new(
         let (resource_type, id) = (op.resource_type(), op.id());
         // A type outside R4 cannot be indexed: the single-write path fails that entry alone.
         let Some(code) = resource_type_code(resource_type).and_then(|code| i16::try_from(code).ok()) else { continue };
-        if resource_type == "Group"
-            || named[&(resource_type, id)] > 1
-            || existing.contains(&(resource_type.to_owned(), id.to_owned()))
-        {
+        if resource_type == "Group" || named[&(resource_type, id)] > 1 {
             continue;
         }
-        let text = stamped_json(body, id, 1, timestamp)?;
-        chosen.push(New { index, resource_type, code, id, body, text, rid: 0 });
+        chosen.push(New { index, resource_type, code, id, body, text: String::new(), rid: 0 });
     }
     if chosen.is_empty() {
         return Ok(Vec::new());
@@ -118,27 +263,58 @@ pub(super) fn insert_new(
             &[&count],
         )?
         .try_get(0)?;
-    for (new, rid) in chosen.iter_mut().zip(last - count + 1..) {
+    let first = last - count + 1;
+    for (new, rid) in chosen.iter_mut().zip(first..) {
         new.rid = rid;
     }
 
-    let (version, deleted) = (1i64, false);
-    db.copy_rows(
-        "COPY resources (tenant_id, rid, resource_type, id, version, last_updated, deleted, owner, body)
-         FROM STDIN (FORMAT binary)",
-        &[Type::INT8, Type::INT8, Type::TEXT, Type::TEXT, Type::INT8, Type::INT8, Type::BOOL, Type::TEXT, Type::TEXT],
-        chosen.iter().map(|new| -> Vec<&(dyn ToSql + Sync)> {
-            vec![&tenant.0, &new.rid, &new.resource_type, &new.id, &version, &timestamp, &deleted, &owner, &new.text]
-        }),
-    )?;
+    // Bulk writes are mostly of new resources (an import of new data), so the rows go in without
+    // looking for existing ones first: when one exists, the unique key `(tenant, type, id)`
+    // refuses the `COPY`, which is undone to the savepoint; then the existing ones are looked up
+    // and left to the single-write path, and the others are copied again.
+    // No JIT compilation in this transaction: the key lookups of a large batch are estimated
+    // costly enough to be compiled (~100 ms a statement) though they are plain index probes.
+    db.batch("SET LOCAL jit = off; SAVEPOINT bulk_new")?;
+    match copy_resources(db, tenant, owner, &mut chosen, timestamp) {
+        Ok(()) => db.batch("RELEASE SAVEPOINT bulk_new")?,
+        Err(Failure::Copy(error)) if error.is_unique_violation() => {
+            db.batch("ROLLBACK TO SAVEPOINT bulk_new; RELEASE SAVEPOINT bulk_new")?;
+            let keys: Vec<(&str, &str)> = chosen.iter().map(|new| (new.resource_type, new.id)).collect();
+            let stored = stored_keys(db, tenant, keys)?;
+            chosen.retain(|new| !stored.contains_key(&(new.resource_type, new.id)));
+            if chosen.is_empty() {
+                return Ok(Vec::new());
+            }
+            // The block's first keys, still in the order of the writes: the undone rows hold none.
+            for (new, rid) in chosen.iter_mut().zip(first..) {
+                new.rid = rid;
+            }
+            copy_resources(db, tenant, owner, &mut chosen, timestamp)?;
+        }
+        Err(failure) => return Err(failure.into()),
+    }
 
     copy_compartments(db, tenant, owner, &chosen, timestamp)?;
     copy_search_tokens(db, tenant, &chosen)?;
     copy_references(db, tenant, &chosen, timestamp)?;
-    let types: Vec<&str> = chosen.iter().map(|new| new.resource_type).collect();
-    let ids: Vec<&str> = chosen.iter().map(|new| new.id).collect();
-    let new_rids: Vec<i64> = chosen.iter().map(|new| new.rid).collect();
-    super::associated::resolve_new_targets(db, tenant, &types, &ids, &new_rids)?;
+    // Target rows without a key (a Provenance written before its target) are few and have an
+    // index of their own: one probe says whether this batch's resources can resolve any. (In
+    // index order with a limit, so the planner reads that index, whatever it estimates; under
+    // `EXISTS` it may scan the table for a row that is not there.)
+    let unresolved: bool = db
+        .query_one(
+            "SELECT (SELECT true FROM reference_index
+                     WHERE tenant_id = $1 AND provenance_target AND target_rid IS NULL
+                     ORDER BY target_type, target_id LIMIT 1) IS NOT NULL",
+            &[&tenant.0],
+        )?
+        .try_get(0)?;
+    if unresolved {
+        let types: Vec<&str> = chosen.iter().map(|new| new.resource_type).collect();
+        let ids: Vec<&str> = chosen.iter().map(|new| new.id).collect();
+        let new_rids: Vec<i64> = chosen.iter().map(|new| new.rid).collect();
+        super::associated::resolve_new_targets(db, tenant, &types, &ids, &new_rids)?;
+    }
     Ok(chosen
         .into_iter()
         .map(|new| {
@@ -155,6 +331,40 @@ pub(super) fn insert_new(
             (new.index, written)
         })
         .collect())
+}
+
+/// The resource rows of `chosen`, each body stamped (version 1 at `timestamp`) straight into
+/// the `COPY` stream and kept as the write's result.
+fn copy_resources(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    owner: Option<&str>,
+    chosen: &mut [New<'_>],
+    timestamp: Micros,
+) -> Result<(), Failure> {
+    let mut copy = CopyIn::start(
+        db,
+        "COPY resources (tenant_id, rid, resource_type, id, version, last_updated, deleted, owner, body)
+         FROM STDIN (FORMAT binary)",
+    )?;
+    for new in chosen.iter_mut() {
+        copy.row(9);
+        copy.int8(tenant.0);
+        copy.int8(new.rid);
+        copy.text(new.resource_type)?;
+        copy.text(new.id)?;
+        copy.int8(1);
+        copy.int8(timestamp);
+        copy.bool(false);
+        copy.opt_text(owner)?;
+        let (body, id) = (new.body, new.id);
+        let text = copy.text_with(|out| Ok(write_stamped_json(out, body, id, 1, timestamp)?))?;
+        // serde_json writes valid UTF-8.
+        new.text = String::from_utf8_lossy(&copy.buffer[text]).into_owned();
+        copy.end_row()?;
+    }
+    copy.finish()?;
+    Ok(())
 }
 
 /// The compartment rows of the new resources (one per patient compartment a resource is in,
@@ -180,45 +390,104 @@ fn copy_compartments(
     patients.sort_unstable();
     patients.dedup();
     let pkeys = patient_keys(db, tenant, &patients)?;
-    let pkey_of = |patient: &str| {
-        pkeys
-            .get(patient)
-            .copied()
-            .ok_or_else(|| StoreError::Database("a patient key is missing after its insert".into()))
-    };
-    let keyed: Vec<(i64, i16, i64)> = rows
-        .iter()
-        .map(|(patient, code, rid)| Ok((pkey_of(patient)?, *code, *rid)))
-        .collect::<Result<_, StoreError>>()?;
-    let deleted = false;
-    db.copy_rows(
+    let mut copy = CopyIn::start(
+        db,
         "COPY compartment (tenant_id, pkey, type_code, rid, from_ts, last_updated, deleted, owner)
          FROM STDIN (FORMAT binary)",
-        &[Type::INT8, Type::INT8, Type::INT2, Type::INT8, Type::INT8, Type::INT8, Type::BOOL, Type::TEXT],
-        keyed.iter().map(|(pkey, code, rid)| -> Vec<&(dyn ToSql + Sync)> {
-            vec![&tenant.0, pkey, code, rid, &timestamp, &timestamp, &deleted, &owner]
-        }),
     )?;
+    for (patient, code, rid) in &rows {
+        let pkey = *pkeys
+            .get(patient.as_str())
+            .ok_or_else(|| StoreError::Database("a patient key is missing after its insert".into()))?;
+        copy.row(8);
+        copy.int8(tenant.0);
+        copy.int8(pkey);
+        copy.int2(*code);
+        copy.int8(*rid);
+        copy.int8(timestamp);
+        copy.int8(timestamp);
+        copy.bool(false);
+        copy.opt_text(owner)?;
+        copy.end_row()?;
+    }
+    copy.finish()?;
     let mut changed: Vec<i64> = pkeys.into_values().collect();
     changed.sort_unstable();
     mark_patients_changed(db, tenant, &changed, timestamp)
 }
 
-/// The tenant's keys of `patients` (distinct), each created on first mention.
-fn patient_keys(db: &mut Db<'_>, tenant: TenantId, patients: &[&str]) -> Result<HashMap<String, i64>, StoreError> {
-    db.execute(
-        "INSERT INTO patient_keys (tenant_id, patient_id) SELECT $1, p FROM unnest($2::text[]) AS p
-         ON CONFLICT DO NOTHING",
+/// The tenant's keys of `patients` (sorted, distinct), each created on first mention: one read
+/// when all exist (the usual case past a load's first batches), else an insert of the missing.
+fn patient_keys<'p>(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    patients: &[&'p str],
+) -> Result<HashMap<&'p str, i64>, StoreError> {
+    let mut keys = read_patient_keys(db, tenant, patients)?;
+    let missing: Vec<&str> = patients.iter().copied().filter(|patient| !keys.contains_key(patient)).collect();
+    if !missing.is_empty() {
+        db.execute(
+            "INSERT INTO patient_keys (tenant_id, patient_id) SELECT $1, p FROM unnest($2::text[]) AS p
+             ON CONFLICT DO NOTHING",
+            &[&tenant.0, &missing],
+        )?;
+        keys.extend(read_patient_keys(db, tenant, &missing)?);
+    }
+    Ok(keys)
+}
+
+/// The keys of those of `patients` that have one (one index probe each, not a scan of the table
+/// with the whole list tested against every row).
+fn read_patient_keys<'p>(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    patients: &[&'p str],
+) -> Result<HashMap<&'p str, i64>, StoreError> {
+    let rows = db.query(
+        "SELECT n.ord, k.pkey FROM unnest($2::text[]) WITH ORDINALITY AS n(patient_id, ord)
+         JOIN patient_keys k ON k.tenant_id = $1 AND k.patient_id = n.patient_id",
         &[&tenant.0, &patients],
     )?;
-    db.query(
-        "SELECT k.patient_id, k.pkey FROM patient_keys k
-         WHERE k.tenant_id = $1 AND k.patient_id = ANY($2::text[])",
-        &[&tenant.0, &patients],
-    )?
-    .iter()
-    .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-    .collect()
+    let mut keys = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let ord: i64 = row.try_get(0)?;
+        let patient = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|index| patients.get(index))
+            .ok_or_else(|| StoreError::Database("a patient key row names no patient".into()))?;
+        keys.insert(*patient, row.try_get(1)?);
+    }
+    Ok(keys)
+}
+
+/// The keys of those `(type, id)` pairs that have a resource row (deleted or not): one index
+/// probe per pair, in key order (a scalar subquery, so the planner never turns it into a scan
+/// of the whole table hashed against the list).
+fn stored_keys<'k>(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    mut keys: Vec<(&'k str, &'k str)>,
+) -> Result<HashMap<(&'k str, &'k str), i64>, StoreError> {
+    keys.sort_unstable();
+    keys.dedup();
+    let (types, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+    let rows = db.query(
+        "SELECT n.ord, (SELECT r.rid FROM resources r
+                        WHERE r.tenant_id = $1 AND r.resource_type = n.resource_type AND r.id = n.id)
+         FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS n(resource_type, id, ord)",
+        &[&tenant.0, &types, &ids],
+    )?;
+    let mut stored = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let Some(rid) = row.try_get::<_, Option<i64>>(1)? else { continue };
+        let ord: i64 = row.try_get(0)?;
+        let key = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|index| keys.get(index))
+            .ok_or_else(|| StoreError::Database("a key row names no resource".into()))?;
+        stored.insert(*key, rid);
+    }
+    Ok(stored)
 }
 
 /// The search tokens of the new resources, each distinct token of a resource once.
@@ -233,13 +502,21 @@ fn copy_search_tokens(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>]) -> 
     if rows.is_empty() {
         return Ok(());
     }
-    db.copy_rows(
+    let mut copy = CopyIn::start(
+        db,
         "COPY search_token (tenant_id, type_code, param, system, value, rid) FROM STDIN (FORMAT binary)",
-        &[Type::INT8, Type::INT2, Type::TEXT, Type::TEXT, Type::TEXT, Type::INT8],
-        rows.iter().map(|(code, param, system, value, rid)| -> Vec<&(dyn ToSql + Sync)> {
-            vec![&tenant.0, code, param, system, value, rid]
-        }),
     )?;
+    for (code, param, system, value, rid) in &rows {
+        copy.row(6);
+        copy.int8(tenant.0);
+        copy.int2(*code);
+        copy.text(param)?;
+        copy.text(system)?;
+        copy.text(value)?;
+        copy.int8(*rid);
+        copy.end_row()?;
+    }
+    copy.finish()?;
     Ok(())
 }
 
@@ -247,68 +524,153 @@ fn copy_search_tokens(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>]) -> 
 /// target's row carries its target's key when the target's row exists: one of this batch, or
 /// one already stored (deleted or not), as the single-write path's insert looks it up.
 fn copy_references(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>], timestamp: Micros) -> Result<(), StoreError> {
-    // (rid, provenance target, target type, target id, target rid)
-    let mut rows: Vec<(i64, bool, String, String, Option<i64>)> = Vec::new();
+    // (rid, reference); each resource's references sorted and distinct.
+    let mut rows: Vec<(i64, OutgoingReference)> = Vec::new();
     let mut referencing: Vec<&str> = Vec::new();
     for new in chosen {
-        // Sorted and distinct.
         let references = outgoing_references(new.resource_type, new.body);
         if references.iter().any(|reference| !reference.provenance_target) && !referencing.contains(&new.resource_type)
         {
             referencing.push(new.resource_type);
         }
-        rows.extend(
-            references.into_iter().map(|reference| {
-                (new.rid, reference.provenance_target, reference.target_type, reference.target_id, None)
-            }),
-        );
+        rows.extend(references.into_iter().map(|reference| (new.rid, reference)));
     }
     super::associated::note_referencing_types(db, tenant, &referencing)?;
     if rows.is_empty() {
         return Ok(());
     }
-    let in_batch: HashMap<(&str, &str), i64> =
-        chosen.iter().map(|new| ((new.resource_type, new.id), new.rid)).collect();
-    let mut unresolved: (Vec<&str>, Vec<&str>) = Default::default();
-    let mut resolved_here: Vec<Option<i64>> = Vec::with_capacity(rows.len());
-    for (_, provenance_target, target_type, target_id, _) in &rows {
-        let here = match provenance_target {
-            true => in_batch.get(&(target_type.as_str(), target_id.as_str())).copied(),
-            false => None,
-        };
-        if *provenance_target && here.is_none() {
-            unresolved.0.push(target_type);
-            unresolved.1.push(target_id);
+    // Provenance targets' keys: those of this batch, then the stored ones, looked up at once.
+    let mut targets: HashMap<(&str, &str), i64> = HashMap::new();
+    if rows.iter().any(|(_, reference)| reference.provenance_target) {
+        targets = chosen.iter().map(|new| ((new.resource_type, new.id), new.rid)).collect();
+        let elsewhere: Vec<(&str, &str)> = rows
+            .iter()
+            .filter(|(_, reference)| reference.provenance_target)
+            .map(|(_, reference)| (reference.target_type.as_str(), reference.target_id.as_str()))
+            .filter(|key| !targets.contains_key(key))
+            .collect();
+        if !elsewhere.is_empty() {
+            let stored = stored_keys(db, tenant, elsewhere)?;
+            targets.extend(stored);
         }
-        resolved_here.push(here);
     }
-    let stored: HashMap<(String, String), i64> = if unresolved.0.is_empty() {
-        HashMap::new()
-    } else {
-        db.query(
-            "SELECT r.resource_type, r.id, r.rid FROM resources r
-             JOIN unnest($2::text[], $3::text[]) AS n(resource_type, id)
-               ON r.tenant_id = $1 AND r.resource_type = n.resource_type AND r.id = n.id",
-            &[&tenant.0, &unresolved.0, &unresolved.1],
-        )?
-        .iter()
-        .map(|row| Ok(((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?)))
-        .collect::<Result<_, StoreError>>()?
-    };
-    for (row, here) in rows.iter_mut().zip(resolved_here) {
-        row.4 = match (row.1, here) {
-            (false, _) => None,
-            (true, Some(rid)) => Some(rid),
-            (true, None) => stored.get(&(row.2.clone(), row.3.clone())).copied(),
-        };
-    }
-    db.copy_rows(
+    let mut copy = CopyIn::start(
+        db,
         "COPY reference_index (tenant_id, rid, provenance_target, target_type, target_id, from_ts, target_rid)
          FROM STDIN (FORMAT binary)",
-        &[Type::INT8, Type::INT8, Type::BOOL, Type::TEXT, Type::TEXT, Type::INT8, Type::INT8],
-        rows.iter().map(|(rid, provenance_target, target_type, target_id, target_rid)| -> Vec<&(dyn ToSql + Sync)> {
-            vec![&tenant.0, rid, provenance_target, target_type, target_id, &timestamp, target_rid]
-        }),
     )?;
+    for (rid, reference) in &rows {
+        let target_rid = match reference.provenance_target {
+            true => targets.get(&(reference.target_type.as_str(), reference.target_id.as_str())).copied(),
+            false => None,
+        };
+        copy.row(7);
+        copy.int8(tenant.0);
+        copy.int8(*rid);
+        copy.bool(reference.provenance_target);
+        copy.text(&reference.target_type)?;
+        copy.text(&reference.target_id)?;
+        copy.int8(timestamp);
+        copy.opt_int8(target_rid);
+        copy.end_row()?;
+    }
+    copy.finish()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::super::PgStore;
+    use crate::{Store, TenantId, Visibility, WriteMode, WriteOp};
+
+    fn put(store: &PgStore, tenant: TenantId, body: Value) {
+        let (resource_type, id) =
+            (body["resourceType"].as_str().unwrap().to_owned(), body["id"].as_str().unwrap().to_owned());
+        let op = WriteOp::Update { resource_type, id, body, if_match: None };
+        store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+    }
+
+    /// A body large enough for PostgreSQL to compress.
+    fn large(id: &str) -> Value {
+        json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x".repeat(20_000)},
+               "subject": {"reference": "Patient/a"}})
+    }
+
+    fn compression(store: &PgStore, tenant: TenantId, id: &str) -> String {
+        store
+            .with_read(|db| {
+                let row = db.query_one(
+                    "SELECT pg_column_compression(body) FROM resources WHERE tenant_id = $1 AND id = $2",
+                    &[&tenant.0, &id],
+                )?;
+                Ok(row.try_get::<_, Option<String>>(0)?.unwrap_or_default())
+            })
+            .unwrap()
+    }
+
+    /// Migration 11 keeps every body and every Provenance found by target: bodies compressed
+    /// before it (pglz) read back as written, new ones are compressed with LZ4 where the server
+    /// has it, and the index on target text is gone.
+    #[test]
+    fn migration_11_keeps_bodies_and_provenance_by_target() {
+        let Some(database) = super::super::testing::fresh_database() else { return };
+        let options = super::super::testing::test_options;
+        let store = PgStore::open(&database.url, options()).unwrap();
+        // The schema before migration 11.
+        store
+            .with_transaction(|db| {
+                db.batch(
+                    "ALTER TABLE resources ALTER COLUMN body SET COMPRESSION pglz;
+                     ALTER TABLE resource_history ALTER COLUMN body SET COMPRESSION pglz;
+                     CREATE INDEX provenance_by_target ON reference_index (tenant_id, target_type, target_id)
+                         WHERE provenance_target;
+                     DELETE FROM schema_migrations WHERE version >= 11;",
+                )
+            })
+            .unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        put(&store, tenant, json!({"resourceType": "Patient", "id": "a"}));
+        put(&store, tenant, large("old"));
+        let provenance = json!({"resourceType": "Provenance", "id": "p1", "recorded": "2020-01-01T00:00:00Z",
+            "target": [{"reference": "Observation/old"}, {"reference": "Observation/later"}],
+            "agent": [{"who": {"reference": "Practitioner/x"}}]});
+        put(&store, tenant, provenance);
+        assert_eq!(compression(&store, tenant, "old"), "pglz");
+        let read = |store: &PgStore, id: &str| store.read(tenant, &Visibility::Tenant, "Observation", id).unwrap();
+        let old = read(&store, "old").expect("stored");
+        let at = store.reserve_transaction_time().unwrap();
+        let targets = |ids: &[&str]| -> Vec<(String, String)> {
+            ids.iter().map(|id| ("Observation".to_owned(), (*id).to_owned())).collect()
+        };
+        let found = |store: &PgStore, ids: &[&str]| store.provenance_targeting(tenant, &targets(ids), at).unwrap();
+        assert_eq!(found(&store, &["old"]), ["p1"]);
+        assert_eq!(found(&store, &["later"]), ["p1"]);
+        drop(store);
+
+        let store = PgStore::open(&database.url, options()).unwrap();
+        let (lz4, index): (bool, bool) = store
+            .with_read(|db| {
+                let row = db.query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_settings
+                                    WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)),
+                            to_regclass('provenance_by_target') IS NOT NULL",
+                    &[],
+                )?;
+                Ok((row.try_get(0)?, row.try_get(1)?))
+            })
+            .unwrap();
+        assert!(!index, "the index on target text is dropped");
+        assert_eq!(read(&store, "old"), Some(old), "a body compressed before the migration reads back as written");
+        assert_eq!(compression(&store, tenant, "old"), "pglz", "stored bodies are not rewritten");
+        assert_eq!(
+            (found(&store, &["old"]), found(&store, &["later", "old"])),
+            (vec!["p1".to_owned()], vec!["p1".to_owned()])
+        );
+        put(&store, tenant, large("new"));
+        assert_eq!(compression(&store, tenant, "new"), if lz4 { "lz4" } else { "pglz" });
+        let new = read(&store, "new").expect("stored").body.expect("a body");
+        assert!(new.contains(&"x".repeat(20_000)) && new.contains(r#""id":"new""#));
+    }
 }

@@ -21,6 +21,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (7, "byte_order", include_str!("migrations/0007_byte_order.sql")),
     (8, "provenance_target_keys", include_str!("migrations/0008_provenance_target_keys.sql")),
     (9, "shared_state", include_str!("migrations/0009_shared_state.sql")),
+    (11, "import_costs", include_str!("migrations/0011_import_costs.sql")),
     (
         12,
         "handbacks_and_inline_audit_patients",
