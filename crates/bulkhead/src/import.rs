@@ -136,6 +136,10 @@ fn collect_directory(directory: &Path) -> anyhow::Result<Vec<PathBuf>> {
     entries.sort();
     let mut files = Vec::new();
     for entry in entries {
+        // Hidden entries (`.DS_Store`, `.git`, a tool's marker files) are never data.
+        if entry.file_name().is_some_and(|name| name.to_string_lossy().starts_with('.')) {
+            continue;
+        }
         if entry.is_dir() {
             files.extend(collect_directory(&entry)?);
         } else if is_importable(&entry) {

@@ -318,6 +318,11 @@ fn import_reads_jsonl_refuses_an_empty_directory_and_says_what_it_stored() {
     std::io::Write::write_all(&mut gz, b"{\"resourceType\":\"Patient\",\"id\":\"b\"}\n").unwrap();
     std::fs::write(files.join("b.jsonl.gz"), gz.finish().unwrap()).unwrap();
     std::fs::write(files.join("notes.txt"), "not data").unwrap();
+    // Hidden entries are skipped without a word, even when named like data.
+    std::fs::write(files.join(".complete"), "").unwrap();
+    std::fs::create_dir_all(files.join(".cache")).unwrap();
+    std::fs::write(files.join(".cache").join("c.ndjson"), "{\"resourceType\":\"Patient\",\"id\":\"hidden\"}\n")
+        .unwrap();
     let output = run(&["import", "--tenant", "t", files.to_str().unwrap()], Some(&data));
     let stdout = expect_success(&output, "import of .jsonl files");
     assert!(stdout.contains("imported 2 resources") && stdout.contains("2 created"), "{stdout}");
@@ -326,6 +331,7 @@ fn import_reads_jsonl_refuses_an_empty_directory_and_says_what_it_stored() {
         "{}",
         text(&output.stderr)
     );
+    assert!(!text(&output.stderr).contains(".complete"), "{}", text(&output.stderr));
 
     // One resource is "1 resource".
     let one = dir.path().join("one.ndjson");

@@ -7,7 +7,7 @@ use bulkhead_store::{PartRange, Store, TenantId, Visibility};
 use serde_json::json;
 
 use crate::elements::ElementSubset;
-use crate::group::{deleted_ids, export_view, missing_members, ExportError, ExportView, ViewSpec};
+use crate::group::{deleted_ids, export_view, group_text, missing_members, ExportError, ExportView, ViewSpec};
 use crate::organize::BlockWriter;
 use crate::token::{FileClaims, FileKind};
 
@@ -56,8 +56,9 @@ pub fn write_file(
     let subset = subset.filter(|subset| subset.applies_to(&claims.resource_type));
     match (claims.kind, claims.resource_type.as_str(), &view.group) {
         // A Group export's own Group line.
-        (FileKind::Output, "Group", Some(group)) => {
-            let body = group.body.as_deref().unwrap_or("{}");
+        (FileKind::Output, "Group", Some(_)) => {
+            let text = group_text(store, tenant, view)?;
+            let body = text.as_deref().unwrap_or("{}");
             let mut line = Vec::new();
             match &subset {
                 Some(subset) => subset.apply("Group", body.as_bytes(), &mut line),

@@ -5,7 +5,7 @@
 use bulkhead_fhir::type_filter::TypeFilters;
 use bulkhead_fhir::{operation_outcome, Issue, Micros};
 use bulkhead_store::{
-    group_members, MemberSelection, SelectionScope, Store, StoreError, StoredResource, TenantId, Visibility,
+    MemberSelection, Members, SelectionScope, Store, StoreError, StoredResource, TenantId, Visibility,
 };
 
 use crate::associated::{deleted_outside_set, plan_associated_files};
@@ -107,12 +107,12 @@ pub struct GroupExportPlan {
 
 /// The frozen view of one export.
 pub struct ExportView {
-    /// The exported Group at the transaction time (Group level only).
+    /// The exported Group's version at the transaction time (Group level only), without its
+    /// text ([`group_text`] reads it for the Group line).
     pub group: Option<StoredResource>,
+    /// `members` are the members at the transaction time, sorted: the Group's (Group level) or
+    /// the tenant's Patients (Patient level), narrowed by `patient`; none at the system level.
     pub selection: MemberSelection,
-    /// Members (at the transaction time), sorted: the Group's (Group level) or the tenant's
-    /// Patients (Patient level), narrowed by `patient`; empty at the system level.
-    pub members: Vec<String>,
     /// Patient level with `_since`: the Patients live at `_since` and deleted since (narrowed
     /// by `patient`), sorted. They are the export's removed members, and their Patient
     /// resources are listed in `deleted[]`.
@@ -154,8 +154,8 @@ pub fn export_view(
     };
     match spec.level {
         ExportLevel::System => {
-            let selection = selection(Vec::new(), SelectionScope::Tenant);
-            Ok(ExportView { group: None, selection, members: Vec::new(), removed: Vec::new() })
+            let selection = selection(Members::default(), SelectionScope::Tenant);
+            Ok(ExportView { group: None, selection, removed: Vec::new() })
         }
         ExportLevel::Patient => {
             let mut members = store.patients_at(tenant, visibility, transaction_time)?;
@@ -177,49 +177,58 @@ pub fn export_view(
                 }
                 members = patients.to_vec();
             }
-            let selection_members = members.iter().map(|member| (member.clone(), since)).collect();
+            let selection_members = members.into_iter().map(|member| (member, since)).collect();
             let selection = selection(selection_members, SelectionScope::Members);
-            Ok(ExportView { group: None, selection, members, removed })
+            Ok(ExportView { group: None, selection, removed })
         }
         ExportLevel::Group(group_id) => {
+            // The version's member list is shared with every kick-off of it (not copied).
             let group = store
-                .version_at(tenant, "Group", group_id, transaction_time)?
-                .filter(|group| visibility.user().is_none() || group.owner.as_deref() == visibility.user())
+                .group_at(tenant, group_id, transaction_time)?
+                .filter(|group| !group.version.deleted)
+                .filter(|group| visibility.user().is_none() || group.version.owner.as_deref() == visibility.user())
                 .ok_or_else(|| ExportError::NotFound(format!("Group/{group_id} not found")))?;
-            let mut members =
-                group_members(group.body.as_deref().unwrap_or("{}"), transaction_time).map_err(StoreError::from)?;
+            let mut members = group.members.at(transaction_time);
             if let Some(patients) = spec.patients {
                 // Bulk Data IG §patient: a patient who is not a member SHOULD fail the request.
-                if let Some(outsider) = patients.iter().find(|p| members.binary_search(*p).is_err()) {
+                if let Some(outsider) = patients.iter().find(|p| !members.contains(p)) {
                     return Err(ExportError::Invalid(format!(
                         "patient: Patient/{outsider} is not a member of Group/{group_id}"
                     )));
                 }
-                members = patients.to_vec();
+                members = patients.iter().map(|patient| (patient.clone(), None)).collect();
             }
-            let members_at_since = match since {
-                Some(since) => Some(store.members_at(tenant, group_id, since)?),
-                None => None,
-            };
-            let selection_members = members
-                .iter()
-                .map(|member| {
-                    // A member who was already in the Group at `_since` gets only changes; one
-                    // added since gets its full history (Bulk Data IG: group export and `_since`).
-                    let member_since = match &members_at_since {
-                        Some(earlier) if earlier.binary_search(member).is_ok() => since,
-                        _ => None,
-                    };
-                    (member.clone(), member_since)
-                })
-                .collect();
+            if let Some(since) = since {
+                // A member who was already in the Group at `_since` gets only changes; one added
+                // since gets its full history (Bulk Data IG: group export and `_since`).
+                let earlier = store.members_at(tenant, group_id, since)?;
+                members = members
+                    .ids()
+                    .map(|member| {
+                        let member_since =
+                            earlier.binary_search_by(|held| held.as_str().cmp(member)).ok().and(Some(since));
+                        (member.to_owned(), member_since)
+                    })
+                    .collect();
+            }
             Ok(ExportView {
-                group: Some(group),
-                selection: selection(selection_members, SelectionScope::Members),
-                members,
+                group: Some(group.version),
+                selection: selection(members, SelectionScope::Members),
                 removed: Vec::new(),
             })
         }
+    }
+}
+
+/// The text of a Group export's Group (its version at the transaction time), for its Group line;
+/// None at the other levels. The view keeps only the version: a large Group's text is read when
+/// its line is written, not at every kick-off.
+pub fn group_text(store: &dyn Store, tenant: TenantId, view: &ExportView) -> Result<Option<String>, ExportError> {
+    let Some(group) = &view.group else { return Ok(None) };
+    let version = store.version_at(tenant, "Group", &group.id, view.selection.transaction_time)?;
+    match version {
+        Some(version) if version.version == group.version => Ok(version.body),
+        _ => Err(ExportError::NotFound(format!("Group/{} version {} is no longer kept", group.id, group.version))),
     }
 }
 
@@ -253,16 +262,7 @@ pub fn missing_members(store: &dyn Store, tenant: TenantId, view: &ExportView) -
     if view.group.is_none() {
         return Ok(Vec::new());
     }
-    let selection = &view.selection;
-    let existing =
-        store.existing_at(tenant, &selection.visibility, "Patient", &view.members, selection.transaction_time)?;
-    // The existing members are some of the members: as many means all of them (a large Group is
-    // then not searched member by member).
-    if existing.len() == view.members.len() {
-        return Ok(Vec::new());
-    }
-    // Both lists are sorted.
-    Ok(view.members.iter().filter(|member| existing.binary_search(member).is_err()).cloned().collect())
+    Ok(store.missing_members(tenant, &view.selection)?)
 }
 
 /// The target Group itself is exported as a Group line when its version at the transaction
@@ -300,18 +300,22 @@ pub fn check_group(store: &dyn Store, request: &GroupExportRequest) -> Result<()
             }
         }
         ExportLevel::Group(group_id) => {
-            let group = match store.read(request.tenant, &request.visibility, "Group", group_id)? {
+            // The current version (its text is not read; its members are parsed once per version).
+            let group = store.group_at(request.tenant, group_id, Micros::MAX)?.filter(|group| {
+                request.visibility.user().is_none() || group.version.owner.as_deref() == request.visibility.user()
+            });
+            let group = match group {
                 None => return Err(ExportError::NotFound(format!("Group/{group_id} not found"))),
-                Some(group) if group.deleted => return Err(ExportError::Gone(format!("Group/{group_id} was deleted"))),
+                Some(group) if group.version.deleted => {
+                    return Err(ExportError::Gone(format!("Group/{group_id} was deleted")))
+                }
                 Some(group) => group,
             };
             if patients.is_empty() {
-                // Nothing to check against the member list: a large Group is not hashed or parsed here.
                 return Ok(());
             }
-            let now = bulkhead_fhir::now_micros();
-            let members = group_members(group.body.as_deref().unwrap_or("{}"), now).map_err(StoreError::from)?;
-            match patients.iter().find(|p| members.binary_search(*p).is_err()) {
+            let members = group.members.at(bulkhead_fhir::now_micros());
+            match patients.iter().find(|p| !members.contains(p)) {
                 Some(outsider) => Err(ExportError::Invalid(format!(
                     "patient: Patient/{outsider} is not a member of Group/{group_id}"
                 ))),
@@ -460,7 +464,7 @@ pub fn plan_group_export_at(
             let before = store.members_at(request.tenant, group_id, since)?;
             before
                 .into_iter()
-                .filter(|member| view.members.binary_search(member).is_err())
+                .filter(|member| !view.selection.members.contains(member))
                 // Restricted by `patient`: only the named patients' removal is news.
                 .filter(|member| params.patients.as_ref().is_none_or(|named| named.binary_search(member).is_ok()))
                 .collect()

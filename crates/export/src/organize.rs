@@ -143,7 +143,7 @@ impl BlockWriter<'_> {
     pub fn write_members(&self, first: usize, end: usize, out: &mut dyn Write) -> Result<u64, ExportError> {
         let subset = self.elements.map(ElementSubset::new);
         let mut lines = 0;
-        for index in first..end.min(self.view.members.len()) {
+        for index in first..end.min(self.view.selection.members.len()) {
             lines += self.write_block(index, subset.as_ref(), out)?;
         }
         Ok(lines)
@@ -156,13 +156,10 @@ impl BlockWriter<'_> {
         subset: Option<&ElementSubset>,
         out: &mut dyn Write,
     ) -> Result<u64, ExportError> {
-        let member = &self.view.members[index];
         let selection = &self.view.selection;
-        let member_since = selection
-            .members
-            .binary_search_by(|(patient, _)| patient.as_str().cmp(member))
-            .map_or(selection.since, |found| selection.members[found].1);
-        let exported = MemberSelection { members: vec![(member.clone(), member_since)], ..selection.clone() };
+        let (member, member_since) = &selection.members[index];
+        let member_since = *member_since;
+        let exported = MemberSelection { members: vec![(member.clone(), member_since)].into(), ..selection.clone() };
         let mut block = BlockOut { out, header: header_line(member), lines: 0, subset, scratch: Vec::new() };
         let with_associated = self.set_id.is_some() && (self.spec.provenance || self.spec.referenced.is_some());
         // The associated set is found from the member's whole compartment at the transaction
@@ -176,7 +173,7 @@ impl BlockWriter<'_> {
         self.read_compartment(&exported, Some(&mut block), with_associated && unfiltered, &mut leads)?;
         if with_associated && !unfiltered {
             let cohort = MemberSelection {
-                members: vec![(member.clone(), None)],
+                members: vec![(member.clone(), None)].into(),
                 since: None,
                 until: None,
                 filters: TypeFilters::default(),
@@ -190,7 +187,8 @@ impl BlockWriter<'_> {
                 let passes = selection.since.is_none_or(|since| updated > since)
                     && selection.until.is_none_or(|until| updated < until);
                 if passes {
-                    block.line("Group", group.body.as_deref().unwrap_or("{}").as_bytes())?;
+                    let text = crate::group::group_text(self.store, self.tenant, self.view)?;
+                    block.line("Group", text.as_deref().unwrap_or("{}").as_bytes())?;
                 }
             }
         }
@@ -342,7 +340,7 @@ pub fn plan_blocks(
     part_size: u64,
     progress: &PlanProgress<'_>,
 ) -> Result<Vec<PlannedFile>, ExportError> {
-    let members = writer.view.members.len();
+    let members = writer.view.selection.members.len();
     let subset = writer.elements.map(ElementSubset::new);
     let mut files = Vec::new();
     let (mut first, mut lines) = (0usize, 0u64);

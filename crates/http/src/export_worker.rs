@@ -10,8 +10,8 @@
 //! and the next claim of any instance takes the job over with a new token: it resumes from the
 //! checkpointed plan and skips the files already recorded. The old holder, should it wake up,
 //! finds its token refused at its next write (heartbeat, part, checkpoint or finish) and stops
-//! without writing anything. A job claimed more than [`MAX_CLAIMS`] times (it keeps killing its
-//! holders) is failed instead of run again. A job whose work meets an unavailable database (an
+//! without writing anything. A job claimed more than [`MAX_CLAIMS`] times without a hand-back
+//! before the claim (it keeps killing its holders) is failed instead of run again. A job whose work meets an unavailable database (an
 //! outage, a restart) is not failed: its holder gives it back to be resumed once the database
 //! answers again. Nor is a job whose instance shuts down (SIGTERM: a deploy, a scale-in): the
 //! worker stops claiming, and each running job hands its lease back at its next step, so another
@@ -35,7 +35,8 @@ use crate::state::AppState;
 /// Jobs one instance runs at once (each on a blocking thread).
 pub const WORKER_SLOTS: usize = 4;
 
-/// Claims of one job after which it is failed rather than run again.
+/// Interrupted claims of one job ([`ClaimedJob::interrupted_claims`]: not those that follow a
+/// graceful hand-back) after which it is failed rather than run again.
 pub const MAX_CLAIMS: i64 = 5;
 
 /// How many leases a job may go without reporting progress before its heartbeat stops renewing
@@ -216,7 +217,8 @@ impl Heartbeat<'_> {
 
 /// Runs the claimed job's work and finishes the job under its lease (blocking).
 fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
-    let ClaimedJob { lease, work, checkpoint, parts } = claimed;
+    let interrupted_claims = claimed.interrupted_claims();
+    let ClaimedJob { lease, work, checkpoint, parts, .. } = claimed;
     let store = state.store.as_ref();
     let started = Instant::now();
     let finish_or_log = |job_state: ExportJobState, body: &str| {
@@ -225,8 +227,10 @@ fn work(state: &AppState, claimed: ClaimedJob, planner: &Planner) {
             false
         })
     };
-    if lease.fence > MAX_CLAIMS {
-        tracing::error!(job = %lease.job_id, claims = lease.fence, "export job interrupted too often: failing it");
+    // A stopping instance hands its jobs back (a deploy restarts every instance): only the
+    // claims that followed a lost lease tell of a job that kills its workers.
+    if interrupted_claims > MAX_CLAIMS {
+        tracing::error!(job = %lease.job_id, claims = lease.fence, interrupted_claims, "export job interrupted too often: failing it");
         let (failed, body) = server_failure("this export was interrupted too often; kick the export off again");
         finish_or_log(failed, &body);
         return;
@@ -373,10 +377,11 @@ fn pause_for_outage(state: &AppState, lease: &JobLease) -> LeaseAfterOutage {
     }
 }
 
-/// Gives the lease of a job this instance stopped at shutdown back, due at once (one attempt:
-/// should it fail, the lease lapses as it would have).
+/// Gives the lease of a job this instance stopped at shutdown back, due at once and counted as
+/// a hand-back, not an interruption (one attempt: should it fail, the lease lapses as it would
+/// have, and the next claim counts as an interrupted one).
 fn hand_back(state: &AppState, lease: &JobLease) {
-    match state.store.renew_export_job_lease(lease, now_micros(), 0, "handed back by a stopping instance") {
+    match state.store.hand_back_export_job(lease, now_micros(), "handed back by a stopping instance") {
         Ok(true) => {
             tracing::info!(job = %lease.job_id, fence = lease.fence, "export job handed back: this instance is stopping")
         }

@@ -690,3 +690,64 @@ async fn a_job_interrupted_by_an_unavailable_store_runs_again_instead_of_failing
     assert_status(&sync_manifest, 200);
     assert_eq!(redact_manifest(manifest), redact_manifest(sync_manifest.json()));
 }
+
+/// A deploy restarts every instance, so a long job may be handed back many times: each stopping
+/// instance gives its lease back ([`bulkhead_http::export_worker::drain`]) and the next one
+/// resumes it at once. Those claims are not interruptions: a job that lives through more
+/// graceful restarts than `MAX_CLAIMS` still completes, under the newest fencing token.
+#[tokio::test]
+async fn a_job_handed_back_by_more_stopping_instances_than_max_claims_still_completes() {
+    use bulkhead_http::export_worker::{drain, wake, MAX_CLAIMS};
+    // A long lease: only a hand-back makes the job due again within the test.
+    let config = HttpConfig { export_lease: Duration::from_secs(600), ..test_config() };
+    let gated = |gate: &Arc<Gate>| {
+        let hook_gate = gate.clone();
+        Arc::new(Planners::default().with_status_wait(Duration::from_millis(50)).with_hook(move |step| {
+            hook_gate.hold(step, counting);
+            Ok(())
+        }))
+    };
+    let mut gate = Arc::new(Gate::default());
+    let first_planners = gated(&gate);
+    let mut instance = None;
+    let mut server = Server::with_state(config.clone(), |state| {
+        state.planners = first_planners;
+        instance = Some(state.clone());
+    });
+    let mut instance = instance.expect("the first instance's state");
+    let (client, group) = populated(&server, "acme").await;
+    let path = format!("/bulk-data/r4/Group/{group}/$export?_type=Patient,Observation,Group");
+    let sync_manifest = server.send(get(&path).by(&client)).await.json();
+    let status = kick_off(&server, get(&path).by(&client).respond_async()).await;
+    let job_id = status.rsplit('/').next().unwrap().to_owned();
+    let tenant = server.store.tenant_by_name("acme").unwrap().unwrap().id;
+
+    let restarts = MAX_CLAIMS + 1;
+    for restart in 1..=restarts {
+        // The instance holds the job mid-plan, then stops: the job goes back to the store.
+        wake(&instance);
+        gate.wait_for(counting).await;
+        let stopping = instance.clone();
+        let drained = tokio::spawn(async move { drain(&stopping, Duration::from_secs(30)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gate.open();
+        drained.await.expect("drain");
+        assert_eq!(instance.planners.running(), 0, "restart {restart}: the job was handed back");
+        let activity = server.store.export_job_activity(tenant, &job_id).unwrap().unwrap();
+        assert_eq!(activity.fence, restart, "claimed once per instance");
+        assert_eq!(activity.progress, "handed back by a stopping instance");
+
+        // The next instance on the same store.
+        gate = Arc::new(Gate::default());
+        let planners = if restart < restarts { gated(&gate) } else { Arc::new(Planners::default()) };
+        instance = AppState::new(server.store.clone(), config.clone(), token_keys());
+        instance.planners = planners;
+        server.app = router(instance.clone());
+    }
+    wake(&instance);
+    let manifest = poll_until_done(&server, &client, &status).await;
+    assert_eq!(redact_manifest(manifest.clone()), redact_manifest(sync_manifest.clone()));
+    assert_eq!(exported(&server, &client, &manifest).await, exported(&server, &client, &sync_manifest).await);
+    let activity = server.store.export_job_activity(tenant, &job_id).unwrap().unwrap();
+    assert_eq!(activity.fence, restarts + 1, "the fencing token still counts every claim");
+}

@@ -34,6 +34,19 @@ pub struct ClaimedJob {
     pub checkpoint: Option<String>,
     /// Parts recorded by earlier holders, by ascending index.
     pub parts: Vec<JobPart>,
+    /// How many earlier claims ended with their holder handing the job back
+    /// ([`crate::Store::hand_back_export_job`]: its instance was stopping) rather than losing
+    /// the lease.
+    pub handed_back: i64,
+}
+
+impl ClaimedJob {
+    /// The claims of the job, this one included, that did not follow a hand-back: the ones
+    /// whose holder died, froze or lost its lease. A job that keeps killing its workers shows
+    /// here; one that lived through graceful restarts does not.
+    pub fn interrupted_claims(&self) -> i64 {
+        self.lease.fence.saturating_sub(self.handed_back)
+    }
 }
 
 /// One finished part of a job's work (a materialised file): recorded under the lease, so a

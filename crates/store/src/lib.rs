@@ -8,6 +8,7 @@
 mod audit;
 mod error;
 mod job_lease;
+mod members;
 mod model;
 mod plan_cache;
 pub mod postgres;
@@ -24,6 +25,7 @@ pub mod testsuite;
 pub use audit::{AuditCohort, AuditQuery, AuditRecord};
 pub use error::StoreError;
 pub use job_lease::{ClaimedJob, JobActivity, JobAdmission, JobLease, JobPart};
+pub use members::{GroupAt, GroupMembers, Members};
 pub use model::{
     AssociatedPlan, AssociatedRequest, ClientRecord, ClientRegistration, ExportJob, ExportJobState, ExportRecord,
     MemberSelection, PartRange, ProvenanceSelection, ReferencedTypes, SelectionScope, StoredResource, Tenant, TenantId,
@@ -252,6 +254,18 @@ pub trait Store: Send + Sync + 'static {
     fn plan_cache_stats(&self) -> Option<PlanCacheStats> {
         None
     }
+    /// `Group/group_id` as of `at`, for an export: its version then (a tombstone included;
+    /// `body` left out) and the Patient members that version lists (time-filtered by
+    /// [`GroupMembers::at`] as [`group_members`] filters them). None when it had no version by
+    /// `at`. The caller checks visibility (`owner`). A store parses each version's members once
+    /// and shares the list between kick-offs: a repeated kick-off of a large Group neither reads
+    /// its text nor copies its members.
+    fn group_at(&self, tenant: TenantId, group_id: &str, at: Micros) -> Result<Option<GroupAt>, StoreError>;
+    /// The members of `selection` (ids, in member order) whose Patient did not exist, not
+    /// deleted and visible for the selection's visibility, at its transaction time (a Group
+    /// export's error file names them). A store may answer from its plan cache while no member
+    /// changed, as [`Store::existing_at`] of Patients does.
+    fn missing_members(&self, tenant: TenantId, selection: &MemberSelection) -> Result<Vec<String>, StoreError>;
 
     // ---- asynchronous export jobs ----
 
@@ -330,6 +344,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     /// Who holds the job `job_id` of `tenant` and its last progress (None: no such job).
     fn export_job_activity(&self, tenant: TenantId, job_id: &str) -> Result<Option<JobActivity>, StoreError>;
+    /// A live holder gives its job back (its instance is stopping): the lease ends at `now`, so
+    /// any instance's next claim resumes the job, and the hand-back is counted, so that claim
+    /// is not counted as an interrupted one ([`ClaimedJob::interrupted_claims`]). The fencing
+    /// token is left as it is: the next claim increments it, so this holder can write nothing
+    /// more. False (nothing changed) when `lease` is stale or the job is finished or gone.
+    fn hand_back_export_job(&self, lease: &JobLease, now: Micros, progress: &str) -> Result<bool, StoreError>;
 
     // ---- export records (what file URLs refer to) ----
 

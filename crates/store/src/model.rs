@@ -75,8 +75,9 @@ pub struct StoredResource {
 /// `_since`), an optional `_until`, the transaction time and the user scope.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemberSelection {
-    /// `(patient id, since)`, sorted by patient id, without duplicates.
-    pub members: Vec<(String, Option<Micros>)>,
+    /// `(patient id, since)`, sorted by patient id, without duplicates; shared, so cloning a
+    /// selection does not copy its members.
+    pub members: crate::Members,
     /// The `_since` of the export, used for deletions.
     pub since: Option<Micros>,
     pub until: Option<Micros>,

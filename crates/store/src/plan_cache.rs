@@ -94,25 +94,18 @@ pub(crate) struct PlanCache {
     /// Recent tenant-wide bounds: `(tenant, transaction time, the tenant's latest patient
     /// change)`, read once per kick-off.
     tenant_checked: Mutex<VecDeque<(TenantId, Micros, Micros)>>,
-    /// Recent large member lists with their digests ([`PlanCache::members_digest`]).
-    digests: Mutex<VecDeque<(MemberList, [u8; 32])>>,
+    /// Group versions' member lists, parsed once each ([`crate::members::GroupMemo`]).
+    pub(crate) groups: crate::members::GroupMemo,
 }
 
 /// Members checks remembered (one per kick-off planned at once is plenty).
 const CHECKS: usize = 16;
 
-type MemberList = Arc<Vec<(String, Option<Micros>)>>;
 /// A members check: `(tenant, members digest, transaction time, the members' latest change)`.
 type MembersCheck = (TenantId, [u8; 32], Micros, Micros);
-/// Member lists whose digests are remembered (the most recent), the members they may hold
-/// together (a few MB; the newest list is kept whatever its size), and the size from which a list
-/// is remembered at all (smaller ones are hashed every time).
-const DIGESTS: usize = 4;
-const DIGEST_MEMBERS: usize = 100_000;
-const REMEMBER_DIGESTS_FROM: usize = 1_000;
 
 /// The cache key of a result: what it depends on besides the transaction time (the members by
-/// their [`PlanCache::members_digest`]).
+/// their [`crate::Members::digest`]).
 fn key_with(
     tenant: TenantId,
     members: &[u8; 32],
@@ -151,25 +144,6 @@ fn key_with(
         field(resource_type.as_bytes());
     }
     field(part_size.to_le_bytes().as_slice());
-    hasher.finalize().into()
-}
-
-/// SHA-256 of a member list, each member with its `since`: equal digests mean equal lists.
-fn digest_members(members: &[(String, Option<Micros>)]) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    hasher.update((members.len() as u64).to_le_bytes());
-    for (patient, since) in members {
-        hasher.update((patient.len() as u64).to_le_bytes());
-        hasher.update(patient.as_bytes());
-        match since {
-            Some(since) => {
-                hasher.update([1u8]);
-                hasher.update(since.to_le_bytes());
-            }
-            None => hasher.update([0u8]),
-        }
-    }
     hasher.finalize().into()
 }
 
@@ -212,6 +186,30 @@ pub(crate) fn existing_patients(
     Ok(ids.iter().filter(|id| !missing.contains(id)).cloned().collect())
 }
 
+/// [`crate::Store::missing_members`], through the cache: the members of `selection` whose
+/// Patient did not exist (live, visible) at its transaction time, remembered under the members'
+/// rule (every write of `Patient/p` raises `p`'s watermark). `members_unchanged_since` is the
+/// store's members check, `existing` its uncached [`crate::Store::existing_at`] of Patients at
+/// the transaction time. The member ids are copied out of the shared list only on a miss.
+pub(crate) fn missing_members(
+    cache: &PlanCache,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    members_unchanged_since: impl FnOnce(Micros) -> Result<bool, StoreError>,
+    existing: impl FnOnce(&[String]) -> Result<Vec<String>, StoreError>,
+) -> Result<Vec<String>, StoreError> {
+    if selection.members.is_empty() {
+        return Ok(Vec::new());
+    }
+    let key = cache.key(tenant, selection, "missing members", &[], 0);
+    let missing = cache.missing(key, selection.transaction_time, members_unchanged_since, || {
+        let ids: Vec<String> = selection.members.ids().map(str::to_owned).collect();
+        let existing: std::collections::HashSet<String> = existing(&ids)?.into_iter().collect();
+        Ok(ids.into_iter().filter(|id| !existing.contains(id)).collect())
+    })?;
+    Ok(missing.as_ref().clone())
+}
+
 /// True when a set for `request` can reach one of `changed` (types outside the compartment, or
 /// Provenance, written since the set was computed): Provenance when it asks for Provenance, a
 /// referenced type when it follows references to that type.
@@ -242,7 +240,7 @@ impl PlanCache {
         types: &[String],
         part_size: u64,
     ) -> [u8; 32] {
-        key_with(tenant, &self.members_digest(&selection.members), selection, what, types, part_size)
+        key_with(tenant, &selection.members.digest(), selection, what, types, part_size)
     }
 
     /// The cache key of an associated set: [`PlanCache::key`] plus what the request asks for
@@ -263,30 +261,6 @@ impl PlanCache {
             request.depth
         );
         self.key(tenant, selection, &what, &[], part_size)
-    }
-
-    /// The digest of a member list ([`digest_members`]), hashed once per kick-off: the plan,
-    /// the associated set, the missing members and the members check of one kick-off each key
-    /// by the same list, and comparing a remembered copy is several times cheaper than hashing
-    /// it again. Exact: a list is only matched by an equal one.
-    fn members_digest(&self, members: &[(String, Option<Micros>)]) -> [u8; 32] {
-        if members.len() < REMEMBER_DIGESTS_FROM {
-            return digest_members(members);
-        }
-        let held: Vec<(MemberList, [u8; 32])> =
-            self.digests.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().cloned().collect();
-        if let Some((_, digest)) = held.iter().find(|(list, _)| list.as_slice() == members) {
-            return *digest;
-        }
-        let digest = digest_members(members);
-        let mut digests = self.digests.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        digests.push_back((Arc::new(members.to_vec()), digest));
-        while digests.len() > 1
-            && (digests.len() > DIGESTS || digests.iter().map(|(list, _)| list.len()).sum::<usize>() > DIGEST_MEMBERS)
-        {
-            digests.pop_front();
-        }
-        digest
     }
 
     /// The newest entry under `key` computed no later than `at`, with its transaction time.
@@ -367,7 +341,7 @@ impl PlanCache {
         if bound <= planned_at {
             return Ok(true);
         }
-        let digest = self.members_digest(&selection.members);
+        let digest = selection.members.digest();
         let checked = || self.checked.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let known = checked()
             .iter()
@@ -566,7 +540,7 @@ mod tests {
     fn a_tenant_bound_skips_the_members_check_only_when_nothing_changed() {
         let cache = PlanCache::default();
         let selection = |at| MemberSelection {
-            members: vec![("a".to_owned(), None)],
+            members: vec![("a".to_owned(), None)].into(),
             since: None,
             until: None,
             transaction_time: at,
@@ -597,12 +571,13 @@ mod tests {
         assert_eq!((bounds.get(), members.get()), (3, 2));
     }
 
-    /// A remembered member list answers only for an equal list: one changed id or `since` in a
-    /// large list, or another tenant, gives another key.
+    /// Keys share a members digest only between equal lists: one changed id or `since` in a large
+    /// list, or another tenant, gives another key. A shared list is hashed once, however many
+    /// keys its selection makes.
     #[test]
     fn keys_share_a_members_digest_only_between_equal_lists() {
         let cache = PlanCache::default();
-        let selection = |members: Vec<(String, Option<Micros>)>| MemberSelection {
+        let selection = |members: crate::Members| MemberSelection {
             members,
             since: None,
             until: None,
@@ -613,13 +588,15 @@ mod tests {
         };
         let large: Vec<(String, Option<Micros>)> = (0..2_000).map(|i| (format!("p{i:05}"), None)).collect();
         let key = |members: &Vec<(String, Option<Micros>)>, tenant| {
-            cache.key(TenantId(tenant), &selection(members.clone()), "parts", &[], 10)
+            cache.key(TenantId(tenant), &selection(members.clone().into()), "parts", &[], 10)
         };
         let first = key(&large, 1);
-        assert_eq!(cache.digests.lock().unwrap().len(), 1, "a large list is remembered");
-        assert_eq!(key(&large, 1), first);
-        assert_eq!(cache.digests.lock().unwrap().len(), 1, "and matched, not added again");
-        assert_eq!(first, key_with(TenantId(1), &digest_members(&large), &selection(large.clone()), "parts", &[], 10));
+        assert_eq!(key(&large, 1), first, "an equal list, another copy");
+        let shared = selection(large.clone().into());
+        assert_eq!(cache.key(TenantId(1), &shared, "parts", &[], 10), first);
+        assert!(shared.members.clone().hashed(), "hashed once, for every clone");
+        let digest = crate::members::digest_members(&large);
+        assert_eq!(first, key_with(TenantId(1), &digest, &shared, "parts", &[], 10));
         let mut other_id = large.clone();
         other_id[1_000].0 = "q01000".to_owned();
         let mut other_since = large.clone();

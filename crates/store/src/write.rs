@@ -3,8 +3,6 @@
 
 use bulkhead_fhir::{compartment::parse_reference, format_instant, parse_range, Micros};
 use serde_json::Value;
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 
 /// One write. Ids are assigned by the caller (the HTTP layer assigns server ids before a
 /// transaction so `urn:uuid:` references can be rewritten).
@@ -100,50 +98,16 @@ pub fn stamped_json(body: &Value, id: &str, version: i64, last_updated: Micros) 
 /// before `at`. Sorted and deduplicated.
 ///
 /// Reads only the member fields, borrowing from the text: a 100,000-member Group costs a list
-/// of ids, not a JSON tree. A large Group's list is remembered by the SHA-256 of its text (a
-/// kick-off reads its Group twice, and every repeated kick-off reads the same text again), so
-/// only the time filter runs again.
+/// of ids, not a JSON tree. (An export reads a Group's members through
+/// [`crate::Store::group_at`] instead, which parses each stored version once.)
 pub fn group_members(group: &str, at: Micros) -> Result<Vec<String>, serde_json::Error> {
-    let listed = if group.len() < MEMO_FROM_BYTES { Arc::new(member_list(group)?) } else { memoized(group)? };
-    let mut members: Vec<String> =
-        listed.iter().filter(|(_, end)| end.is_none_or(|end| end > at)).map(|(id, _)| id.clone()).collect();
-    members.dedup();
-    Ok(members)
-}
-
-/// Groups whose member lists are remembered (the most recently read), and the members they may
-/// hold together (a few MB of ids; the newest list is kept whatever its size).
-const MEMBER_LISTS: usize = 8;
-const REMEMBERED_MEMBERS: usize = 200_000;
-/// Smaller Groups are parsed every time: cheaper than hashing them.
-const MEMO_FROM_BYTES: usize = 64 * 1024;
-
-type MemberList = Arc<Vec<(String, Option<Micros>)>>;
-
-static MEMBER_MEMO: Mutex<VecDeque<([u8; 32], MemberList)>> = Mutex::new(VecDeque::new());
-
-fn memoized(group: &str) -> Result<MemberList, serde_json::Error> {
-    use sha2::{Digest, Sha256};
-    let digest: [u8; 32] = Sha256::digest(group.as_bytes()).into();
-    let memo = || MEMBER_MEMO.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some((_, listed)) = memo().iter().find(|(held, _)| *held == digest) {
-        return Ok(listed.clone());
-    }
-    let listed = Arc::new(member_list(group)?);
-    let mut memo = memo();
-    memo.retain(|(held, _)| *held != digest);
-    memo.push_back((digest, listed.clone()));
-    while memo.len() > 1
-        && (memo.len() > MEMBER_LISTS || memo.iter().map(|(_, list)| list.len()).sum::<usize>() > REMEMBERED_MEMBERS)
-    {
-        memo.pop_front();
-    }
-    Ok(listed)
+    let members = crate::members::GroupMembers::from_listed(member_list(group)?).at(at);
+    Ok(members.ids().map(str::to_owned).collect())
 }
 
 /// The Patient members of a Group not marked inactive, each with the end of its `period.end`
 /// (None: no end, or one that does not parse), sorted.
-fn member_list(group: &str) -> Result<Vec<(String, Option<Micros>)>, serde_json::Error> {
+pub(crate) fn member_list(group: &str) -> Result<Vec<(String, Option<Micros>)>, serde_json::Error> {
     #[derive(serde::Deserialize)]
     struct Group<'a> {
         #[serde(borrow, default)]
@@ -289,10 +253,10 @@ mod tests {
         assert_eq!(group_members(&group.to_string(), bulkhead_fhir::now_micros()).unwrap(), vec!["a", "b", "e"]);
     }
 
-    /// A large Group's list comes from the memo on a second read, with the time filter applied
-    /// again each time, and a changed text is read afresh.
+    /// A large Group's list, filtered at each time: an ended member goes, one listed again
+    /// without an end stays.
     #[test]
-    fn a_large_groups_members_are_remembered_and_filtered_at_each_time() {
+    fn a_large_groups_members_are_filtered_at_each_time() {
         let members = |ended: &str| {
             let mut member: Vec<Value> =
                 (0..3_000).map(|i| json!({"entity": {"reference": format!("Patient/p{i:05}")}})).collect();
@@ -301,7 +265,6 @@ mod tests {
             json!({"resourceType": "Group", "member": member}).to_string()
         };
         let text = members("2010-01-01");
-        assert!(text.len() >= MEMO_FROM_BYTES, "large enough to be remembered");
         let before = bulkhead_fhir::parse_since("2009-12-31").unwrap();
         let after = bulkhead_fhir::parse_since("2010-01-02").unwrap();
         let early = group_members(&text, before).unwrap();
@@ -309,7 +272,7 @@ mod tests {
         assert!(early.contains(&"late".to_owned()) && early.contains(&"p00001".to_owned()));
         assert!(early.windows(2).all(|pair| pair[0] < pair[1]), "sorted, each once");
         let later = group_members(&text, after).unwrap();
-        assert_eq!(later.len(), 3_000, "the ended member is gone at a later time, from the same memo");
+        assert_eq!(later.len(), 3_000, "the ended member is gone at a later time");
         assert!(!later.contains(&"late".to_owned()));
         assert!(later.contains(&"p00001".to_owned()), "still a member through its other entry");
         let changed = members("2020-01-01");

@@ -1,5 +1,8 @@
-//! The audit trail on PostgreSQL: `audit_log` (one row per record, append-only: a trigger
-//! refuses every UPDATE) and `audit_patient` (the patients a record touched).
+//! The audit trail on PostgreSQL: `audit_log`, one row per record, append-only (a trigger
+//! refuses every UPDATE), with the patients a record touched inline (`patients`, a sorted
+//! array). The table `audit_patient` that earlier schemas kept beside it was a second insert
+//! (and two index entries) in every audited write's transaction, and no query was driven by it;
+//! migration 12 moved its rows into `patients` and dropped it.
 
 use bulkhead_fhir::Micros;
 use postgres::Row;
@@ -12,25 +15,25 @@ use crate::{AuditCohort, AuditQuery, AuditRecord, StoreError, TenantId};
 const APPEND_LOCK: i64 = 0x0061_7564_6974;
 
 /// Appends records inside the open transaction; `seq` is assigned here. One statement (one
-/// round trip) per record: the lock, the record and its patients. A write's record is appended
-/// while the write holds the clock row, so every round trip here lengthens the section in which
-/// writers are serialised.
+/// round trip, one insert) per record: the lock and the record with its patients. A write's
+/// record is appended while the write holds the clock row, so every round trip here lengthens
+/// the section in which writers are serialised.
 pub(super) fn append(db: &mut Db<'_>, records: &[AuditRecord]) -> Result<(), StoreError> {
     // `lock` is read by the insert's source, so the lock is held before the identity default
-    // hands out `seq`; `inserted` runs exactly once, whether or not the record has patients.
-    const APPEND: &str = "WITH lock AS (SELECT pg_advisory_xact_lock($14::int8)),
-             inserted AS (
-                 INSERT INTO audit_log (tenant_id, time, client_id, user_id, peer, request_id, action, target,
-                                        outcome, status, detail, cohort_group, cohort_time)
-                 SELECT $1::int8, $2::int8, $3::text, $4::text, $5::text, $6::text, $7::text, $8::text, $9::text,
-                        $10::int4, $11::text, $12::text, $13::int8
-                 FROM lock
-                 RETURNING seq)
-         INSERT INTO audit_patient (tenant_id, patient_id, seq)
-         SELECT $1::int8, p, inserted.seq FROM inserted, unnest($15::text[]) AS p
-         ON CONFLICT DO NOTHING";
+    // hands out `seq`.
+    const APPEND: &str = "WITH lock AS (SELECT pg_advisory_xact_lock($14::int8))
+         INSERT INTO audit_log (tenant_id, time, client_id, user_id, peer, request_id, action, target,
+                                outcome, status, detail, cohort_group, cohort_time, patients)
+         SELECT $1::int8, $2::int8, $3::text, $4::text, $5::text, $6::text, $7::text, $8::text, $9::text,
+                $10::int4, $11::text, $12::text, $13::int8, $15::text[]
+         FROM lock";
     for record in records {
         let cohort = record.cohort.as_ref();
+        // Sorted by bytes and distinct, as the table's key kept them; none is NULL.
+        let mut patients: Vec<&str> = record.patients.iter().map(String::as_str).collect();
+        patients.sort_unstable();
+        patients.dedup();
+        let patients = (!patients.is_empty()).then_some(patients);
         db.execute(
             APPEND,
             &[
@@ -48,7 +51,7 @@ pub(super) fn append(db: &mut Db<'_>, records: &[AuditRecord]) -> Result<(), Sto
                 &cohort.map(|cohort| cohort.group_id.as_str()),
                 &cohort.map(|cohort| cohort.transaction_time),
                 &APPEND_LOCK,
-                &record.patients,
+                &patients,
             ],
         )?;
     }
@@ -56,7 +59,7 @@ pub(super) fn append(db: &mut Db<'_>, records: &[AuditRecord]) -> Result<(), Sto
 }
 
 const COLUMNS: &str = "a.seq, a.tenant_id, a.time, a.client_id, a.user_id, a.peer, a.request_id, a.action, a.target,
-     a.outcome, a.status, a.detail, a.cohort_group, a.cohort_time";
+     a.outcome, a.status, a.detail, a.cohort_group, a.cohort_time, a.patients";
 
 /// Records of one tenant matching `query`, in append order.
 pub(super) fn records(db: &mut Db<'_>, tenant: TenantId, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
@@ -70,7 +73,7 @@ pub(super) fn records(db: &mut Db<'_>, tenant: TenantId, query: &AuditQuery) -> 
            AND ($4::text IS NULL OR a.client_id = $4)
            AND ($5::text IS NULL OR a.action = $5)
            AND ($6::text IS NULL
-                OR EXISTS (SELECT 1 FROM audit_patient p WHERE p.tenant_id = $1 AND p.patient_id = $6 AND p.seq = a.seq)
+                OR $6 = ANY (a.patients)
                 OR (a.cohort_group IS NOT NULL AND EXISTS (
                     SELECT 1 FROM group_membership m
                     JOIN resources g ON g.tenant_id = m.tenant_id AND g.rid = m.group_rid
@@ -85,20 +88,7 @@ pub(super) fn records(db: &mut Db<'_>, tenant: TenantId, query: &AuditQuery) -> 
         &sql,
         &[&tenant.0, &query.after_seq.unwrap_or(0), &query.since, &query.client, &query.action, &query.patient, &limit],
     )?;
-    let mut found: Vec<AuditRecord> = rows.iter().map(record_from_row).collect::<Result<_, _>>()?;
-    let seqs: Vec<i64> = found.iter().map(|record| record.seq).collect();
-    if !seqs.is_empty() {
-        for row in db.query(
-            "SELECT seq, patient_id FROM audit_patient WHERE tenant_id = $1 AND seq = ANY($2) ORDER BY seq, patient_id",
-            &[&tenant.0, &seqs],
-        )? {
-            let seq: i64 = row.try_get(0)?;
-            if let Some(record) = found.iter_mut().find(|record| record.seq == seq) {
-                record.patients.push(row.try_get(1)?);
-            }
-        }
-    }
-    Ok(found)
+    rows.iter().map(record_from_row).collect()
 }
 
 /// Deletes every record older than `before`, tenant by tenant (each statement stays in one
@@ -108,11 +98,6 @@ pub(super) fn prune(db: &mut Db<'_>, before: Micros) -> Result<u64, StoreError> 
         db.query("SELECT id FROM tenants", &[])?.iter().map(|row| row.try_get(0)).collect::<Result<_, _>>()?;
     let mut deleted = 0;
     for tenant in tenants {
-        db.execute(
-            "DELETE FROM audit_patient WHERE tenant_id = $1
-             AND seq IN (SELECT seq FROM audit_log WHERE tenant_id = $1 AND time < $2)",
-            &[&tenant, &before],
-        )?;
         deleted += db.execute("DELETE FROM audit_log WHERE tenant_id = $1 AND time < $2", &[&tenant, &before])?;
     }
     Ok(deleted)
@@ -135,9 +120,96 @@ fn record_from_row(row: &Row) -> Result<AuditRecord, StoreError> {
         outcome: row.try_get(9)?,
         status: u16::try_from(status).unwrap_or(0),
         detail: row.try_get(11)?,
-        patients: Vec::new(),
+        patients: row.try_get::<_, Option<Vec<String>>>(14)?.unwrap_or_default(),
         cohort: cohort_group
             .zip(cohort_time)
             .map(|(group_id, transaction_time)| AuditCohort { group_id, transaction_time }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::postgres::migrations::MIGRATIONS;
+    use crate::postgres::testing::{fresh_database, test_options};
+    use crate::postgres::PgStore;
+    use crate::{AuditQuery, AuditRecord, Store, TenantId};
+
+    fn record(tenant: TenantId, time: i64, patients: &[&str]) -> AuditRecord {
+        AuditRecord {
+            seq: 0,
+            time,
+            tenant,
+            client: "c".into(),
+            user: None,
+            peer: None,
+            request_id: format!("r{time}"),
+            action: "read".into(),
+            target: "Patient/a".into(),
+            outcome: "success".into(),
+            status: 200,
+            detail: "{}".into(),
+            patients: patients.iter().map(|id| id.to_string()).collect(),
+            cohort: None,
+        }
+    }
+
+    fn of(store: &PgStore, tenant: TenantId, patient: &str) -> Vec<(i64, Vec<String>)> {
+        let query = AuditQuery { patient: Some(patient.into()), limit: 10, ..AuditQuery::default() };
+        store.audit_records(tenant, &query).unwrap().into_iter().map(|record| (record.seq, record.patients)).collect()
+    }
+
+    fn has_patient_table(store: &PgStore) -> bool {
+        store
+            .with_read(|db| Ok(db.query_one("SELECT to_regclass('audit_patient') IS NOT NULL", &[])?.try_get(0)?))
+            .unwrap()
+    }
+
+    /// Migration 12 moves the patients of records written with `audit_patient` into the
+    /// records (sorted, as that table's key kept them) and drops the table: `--patient` finds
+    /// the same records; stepped back and run again, it changes nothing.
+    #[test]
+    fn migration_12_moves_audit_patients_inline_and_keeps_every_record() {
+        let Some(database) = fresh_database() else { return };
+        let store = PgStore::open(&database.url, test_options()).unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        store
+            .append_audit(&[record(tenant, 1, &["a"]), record(tenant, 2, &["b", "a", "b"]), record(tenant, 3, &[])])
+            .unwrap();
+        let version = MIGRATIONS.iter().find(|(_, name, _)| *name == "handbacks_and_inline_audit_patients").unwrap().0;
+        // The layout before it: patients only in audit_patient.
+        let step_back = format!("DELETE FROM schema_migrations WHERE version >= {version}");
+        store
+            .with_transaction(|db| {
+                db.batch(&format!(
+                    "CREATE TABLE audit_patient (
+                         tenant_id bigint NOT NULL, patient_id text COLLATE \"C\" NOT NULL, seq bigint NOT NULL,
+                         PRIMARY KEY (tenant_id, patient_id, seq));
+                     CREATE INDEX audit_patient_by_seq ON audit_patient (tenant_id, seq);
+                     INSERT INTO audit_patient SELECT tenant_id, unnest(patients), seq FROM audit_log;
+                     ALTER TABLE audit_log DROP COLUMN patients;
+                     ALTER TABLE export_jobs DROP COLUMN handbacks;
+                     {step_back};"
+                ))
+            })
+            .unwrap();
+        drop(store);
+
+        let store = PgStore::open(&database.url, test_options()).unwrap();
+        assert!(!has_patient_table(&store), "audit_patient is dropped");
+        let (a, b) = (vec!["a".to_owned()], vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!(of(&store, tenant, "a"), [(1, a.clone()), (2, b.clone())]);
+        assert_eq!(of(&store, tenant, "b"), [(2, b.clone())]);
+        assert!(of(&store, tenant, "c").is_empty());
+        let all = store.audit_records(tenant, &AuditQuery { limit: 10, ..AuditQuery::default() }).unwrap();
+        assert_eq!(all.len(), 3, "every record is kept");
+        assert!(all[2].patients.is_empty());
+
+        // Run again on the migrated schema: nothing changes.
+        store.with_transaction(|db| db.batch(&step_back)).unwrap();
+        drop(store);
+        let store = PgStore::open(&database.url, test_options()).unwrap();
+        assert_eq!(of(&store, tenant, "b"), [(2, b.clone())]);
+        store.append_audit(&[record(tenant, 4, &["b"])]).unwrap();
+        assert_eq!(of(&store, tenant, "b"), [(2, b), (4, vec!["b".to_owned()])]);
+    }
 }

@@ -517,6 +517,69 @@ pub(super) fn version_at(
     Ok(version.filter(|version| !version.deleted))
 }
 
+/// The version of `resource_type/id` at `at` without its body, tombstones included, with the
+/// resource's `rid` (None: no version by `at`): a large Group's text is not fetched.
+pub(super) fn version_head_at(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    resource_type: &str,
+    id: &str,
+    at: Micros,
+) -> Result<Option<(i64, StoredResource)>, StoreError> {
+    let head = |row: &postgres::Row, first: usize| -> Result<StoredResource, StoreError> {
+        Ok(StoredResource {
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            version: row.try_get(first)?,
+            last_updated: row.try_get(first + 1)?,
+            deleted: row.try_get(first + 2)?,
+            owner: row.try_get(first + 3)?,
+            body: None,
+        })
+    };
+    let Some(row) = db.query_opt(
+        "SELECT rid, version, last_updated, deleted, owner FROM resources
+         WHERE tenant_id = $1 AND resource_type = $2 AND id = $3",
+        &[&tenant.0, &resource_type, &id],
+    )?
+    else {
+        return Ok(None);
+    };
+    let rid: i64 = row.try_get(0)?;
+    let current = head(&row, 1)?;
+    if current.last_updated <= at {
+        return Ok(Some((rid, current)));
+    }
+    let earlier = db.query_opt(
+        "SELECT version, last_updated, deleted, owner FROM resource_history
+         WHERE tenant_id = $1 AND rid = $2 AND last_updated <= $3 ORDER BY version DESC LIMIT 1",
+        &[&tenant.0, &rid, &at],
+    )?;
+    earlier.map(|row| Ok((rid, head(&row, 0)?))).transpose()
+}
+
+/// The body of version `version` of the resource `rid` (the current row's, or an earlier one's
+/// from history); None for a tombstone or a version no longer kept.
+pub(super) fn version_body(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    rid: i64,
+    version: i64,
+) -> Result<Option<String>, StoreError> {
+    let current = db.query_opt(
+        "SELECT body FROM resources WHERE tenant_id = $1 AND rid = $2 AND version = $3",
+        &[&tenant.0, &rid, &version],
+    )?;
+    let row = match current {
+        Some(row) => Some(row),
+        None => db.query_opt(
+            "SELECT body FROM resource_history WHERE tenant_id = $1 AND rid = $2 AND version = $3",
+            &[&tenant.0, &rid, &version],
+        )?,
+    };
+    Ok(row.map(|row| row.try_get::<_, Option<String>>(0)).transpose()?.flatten())
+}
+
 pub(super) fn members_at(
     db: &mut Db<'_>,
     tenant: TenantId,

@@ -66,7 +66,7 @@ pub(super) fn claim_export_job(
              FOR UPDATE SKIP LOCKED)
          UPDATE export_jobs AS j SET lease_owner = $1, lease_expires = $3, fence = j.fence + 1, progress = ''
          FROM candidate WHERE j.tenant_id = candidate.tenant_id AND j.job_id = candidate.job_id
-         RETURNING j.tenant_id, j.job_id, j.fence, j.work, j.checkpoint",
+         RETURNING j.tenant_id, j.job_id, j.fence, j.work, j.checkpoint, j.handbacks",
         &[&owner, &now, &expires],
     )?;
     let Some(row) = claimed else { return Ok(None) };
@@ -74,7 +74,8 @@ pub(super) fn claim_export_job(
     let job_id: String = row.try_get(1)?;
     let parts = parts(db, tenant, &job_id)?;
     let lease = JobLease { tenant, job_id, owner: owner.to_owned(), fence: row.try_get(2)?, expires };
-    Ok(Some(ClaimedJob { lease, work: row.try_get(3)?, checkpoint: row.try_get(4)?, parts }))
+    let (work, checkpoint, handed_back) = (row.try_get(3)?, row.try_get(4)?, row.try_get(5)?);
+    Ok(Some(ClaimedJob { lease, work, checkpoint, parts, handed_back }))
 }
 
 fn parts(db: &mut Db<'_>, tenant: TenantId, job_id: &str) -> Result<Vec<JobPart>, StoreError> {
@@ -106,6 +107,19 @@ pub(super) fn renew_export_job_lease(
         "UPDATE export_jobs SET lease_expires = $4, progress = $5
          WHERE tenant_id = $1 AND job_id = $2 AND fence = $3 AND state = 'planning'",
         &[&lease.tenant.0, &lease.job_id, &lease.fence, &expires, &progress],
+    )? > 0)
+}
+
+pub(super) fn hand_back_export_job(
+    db: &mut Db<'_>,
+    lease: &JobLease,
+    now: Micros,
+    progress: &str,
+) -> Result<bool, StoreError> {
+    Ok(db.execute(
+        "UPDATE export_jobs SET lease_expires = $4, progress = $5, handbacks = handbacks + 1
+         WHERE tenant_id = $1 AND job_id = $2 AND fence = $3 AND state = 'planning'",
+        &[&lease.tenant.0, &lease.job_id, &lease.fence, &now, &progress],
     )? > 0)
 }
 

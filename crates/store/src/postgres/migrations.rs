@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (7, "byte_order", include_str!("migrations/0007_byte_order.sql")),
     (8, "provenance_target_keys", include_str!("migrations/0008_provenance_target_keys.sql")),
     (9, "shared_state", include_str!("migrations/0009_shared_state.sql")),
+    (
+        12,
+        "handbacks_and_inline_audit_patients",
+        include_str!("migrations/0012_handbacks_and_inline_audit_patients.sql"),
+    ),
 ];
 
 /// The advisory lock key of the migration runner ("bulkhead" in ASCII, as an int8).

@@ -786,6 +786,10 @@ impl crate::Store for PgStore {
         self.with_read(|db| leases::export_job_activity(db, tenant, job_id))
     }
 
+    fn hand_back_export_job(&self, lease: &crate::JobLease, now: Micros, progress: &str) -> Result<bool, StoreError> {
+        self.with_transaction(|db| leases::hand_back_export_job(db, lease, now, progress))
+    }
+
     fn create_export_record(&self, tenant: TenantId, record: &ExportRecord) -> Result<(), StoreError> {
         self.with_write(|db, _| jobs::create_export_record(db, tenant, record))
     }
@@ -856,6 +860,28 @@ impl crate::Store for PgStore {
 
     fn plan_cache_stats(&self) -> Option<crate::PlanCacheStats> {
         Some(self.plans.stats())
+    }
+
+    fn group_at(&self, tenant: TenantId, group_id: &str, at: Micros) -> Result<Option<crate::GroupAt>, StoreError> {
+        // One transaction: the body read on a memo miss is the version's whatever is pruned meanwhile.
+        self.with_read(|db| {
+            let Some((rid, version)) = export::version_head_at(db, tenant, "Group", group_id, at)? else {
+                return Ok(None);
+            };
+            let number = version.version;
+            self.plans.groups.group_at(tenant, version, || export::version_body(db, tenant, rid, number)).map(Some)
+        })
+    }
+
+    fn missing_members(&self, tenant: TenantId, selection: &MemberSelection) -> Result<Vec<String>, StoreError> {
+        let at = selection.transaction_time;
+        crate::plan_cache::missing_members(
+            &self.plans,
+            tenant,
+            selection,
+            |planned_at| self.members_unchanged_since(tenant, selection, planned_at),
+            |ids| self.with_read(|db| export::existing_at(db, tenant, &selection.visibility, "Patient", ids, at)),
+        )
     }
 
     fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {

@@ -62,19 +62,13 @@ pub(super) fn load_members(
     Ok(())
 }
 
-/// SHA-256 of the member list and each member's `since`: equal digests mean equal tables.
+/// The tenant with the members' digest ([`crate::Members::digest`], hashed once per shared
+/// list): equal digests mean equal tables.
 fn members_digest(tenant: TenantId, selection: &MemberSelection) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
     hasher.update(tenant.0.to_le_bytes());
-    for (patient, since) in &selection.members {
-        hasher.update((patient.len() as u64).to_le_bytes());
-        hasher.update(patient.as_bytes());
-        match since {
-            Some(since) => hasher.update([[1u8].as_slice(), &since.to_le_bytes()].concat()),
-            None => hasher.update([0u8]),
-        }
-    }
+    hasher.update(selection.members.digest());
     hasher.finalize().into()
 }
 
@@ -564,6 +558,67 @@ pub(super) fn version_at(
             .optional()?
     };
     Ok(version.filter(|version| !version.deleted))
+}
+
+/// The version of `resource_type/id` at `at` without its body, tombstones included, with the
+/// resource's `rid` (None: no version by `at`). The body, the last column of both tables, is not
+/// read: a large Group's overflow pages stay untouched.
+pub(super) fn version_head_at(
+    connection: &Connection,
+    tenant: TenantId,
+    resource_type: &str,
+    id: &str,
+    at: Micros,
+) -> Result<Option<(i64, StoredResource)>, StoreError> {
+    let head = |rid: i64, row: &rusqlite::Row<'_>, first: usize| -> rusqlite::Result<(i64, StoredResource)> {
+        Ok((
+            rid,
+            StoredResource {
+                resource_type: resource_type.to_owned(),
+                id: id.to_owned(),
+                version: row.get(first)?,
+                last_updated: row.get(first + 1)?,
+                deleted: row.get(first + 2)?,
+                owner: row.get(first + 3)?,
+                body: None,
+            },
+        ))
+    };
+    let current = connection
+        .prepare_cached(
+            "SELECT rid, version, last_updated, deleted, owner FROM resources
+             WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3",
+        )?
+        .query_row(params![tenant.0, resource_type, id], |row| head(row.get(0)?, row, 1))
+        .optional()?;
+    let Some((rid, current)) = current else { return Ok(None) };
+    if current.last_updated <= at {
+        return Ok(Some((rid, current)));
+    }
+    Ok(connection
+        .prepare_cached(
+            "SELECT version, last_updated, deleted, owner FROM resource_history WHERE rid = ?1 AND last_updated <= ?2
+             ORDER BY version DESC LIMIT 1",
+        )?
+        .query_row(params![rid, at], |row| head(rid, row, 0))
+        .optional()?)
+}
+
+/// The body of version `version` of the resource `rid` (the current row's, or an earlier one's
+/// from history); None for a tombstone or a version no longer kept.
+pub(super) fn version_body(connection: &Connection, rid: i64, version: i64) -> Result<Option<String>, StoreError> {
+    let current: Option<Option<String>> = connection
+        .prepare_cached("SELECT body FROM resources WHERE rid = ?1 AND version = ?2")?
+        .query_row(params![rid, version], |row| row.get(0))
+        .optional()?;
+    if let Some(body) = current {
+        return Ok(body);
+    }
+    Ok(connection
+        .prepare_cached("SELECT body FROM resource_history WHERE rid = ?1 AND version = ?2")?
+        .query_row(params![rid, version], |row| row.get::<_, Option<String>>(0))
+        .optional()?
+        .flatten())
 }
 
 pub(super) fn members_at(

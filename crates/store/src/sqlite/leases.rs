@@ -29,6 +29,15 @@ pub(super) fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
              ALTER TABLE export_jobs ADD COLUMN progress TEXT NOT NULL DEFAULT '';",
         )?;
     }
+    let has_handbacks: bool = transaction.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('export_jobs') WHERE name = 'handbacks')",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_handbacks {
+        // How many claims ended in a hand-back (a stopping instance), not a lost lease.
+        transaction.execute_batch("ALTER TABLE export_jobs ADD COLUMN handbacks INTEGER NOT NULL DEFAULT 0;")?;
+    }
     transaction.execute_batch(
         "CREATE INDEX IF NOT EXISTS export_jobs_due ON export_jobs (state, lease_expires);
          -- The finished parts of a job's work (materialised files), recorded under its lease.
@@ -117,7 +126,7 @@ pub(super) fn claim_export_job(
                              AND running.lease_expires > ?2),
                           candidate.created, candidate.tenant_id, candidate.job_id
                  LIMIT 1)
-             RETURNING tenant_id, job_id, fence, work, checkpoint",
+             RETURNING tenant_id, job_id, fence, work, checkpoint, handbacks",
             params![owner, now, expires],
             |row| {
                 Ok((
@@ -126,14 +135,15 @@ pub(super) fn claim_export_job(
                     row.get::<_, i64>(2)?,
                     row.get::<_, String>(3)?,
                     row.get::<_, Option<String>>(4)?,
+                    row.get::<_, i64>(5)?,
                 ))
             },
         )
         .optional()?;
-    let Some((tenant, job_id, fence, work, checkpoint)) = claimed else { return Ok(None) };
+    let Some((tenant, job_id, fence, work, checkpoint, handed_back)) = claimed else { return Ok(None) };
     let parts = parts(transaction, tenant, &job_id)?;
     let lease = JobLease { tenant, job_id, owner: owner.to_owned(), fence, expires };
-    Ok(Some(ClaimedJob { lease, work, checkpoint, parts }))
+    Ok(Some(ClaimedJob { lease, work, checkpoint, parts, handed_back }))
 }
 
 fn parts(connection: &Connection, tenant: TenantId, job_id: &str) -> Result<Vec<JobPart>, StoreError> {
@@ -173,6 +183,19 @@ pub(super) fn renew_export_job_lease(
     )?;
     let expires = now.saturating_add(lease_for);
     Ok(statement.execute(params![lease.tenant.0, lease.job_id, lease.fence, expires, progress])? > 0)
+}
+
+pub(super) fn hand_back_export_job(
+    connection: &Connection,
+    lease: &JobLease,
+    now: Micros,
+    progress: &str,
+) -> Result<bool, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "UPDATE export_jobs SET lease_expires = ?4, progress = ?5, handbacks = handbacks + 1
+         WHERE tenant_id = ?1 AND job_id = ?2 AND fence = ?3 AND state = 'planning'",
+    )?;
+    Ok(statement.execute(params![lease.tenant.0, lease.job_id, lease.fence, now, progress])? > 0)
 }
 
 pub(super) fn save_export_job_checkpoint(

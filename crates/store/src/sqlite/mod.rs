@@ -583,6 +583,32 @@ impl crate::Store for SqliteStore {
     fn plan_cache_stats(&self) -> Option<crate::PlanCacheStats> {
         Some(self.plans.stats())
     }
+
+    fn group_at(&self, tenant: TenantId, group_id: &str, at: Micros) -> Result<Option<crate::GroupAt>, StoreError> {
+        // One snapshot: the body read on a memo miss is the version's whatever is pruned meanwhile.
+        self.with_snapshot(|connection| {
+            let Some((rid, version)) = export::version_head_at(connection, tenant, "Group", group_id, at)? else {
+                return Ok(None);
+            };
+            let number = version.version;
+            self.plans.groups.group_at(tenant, version, || export::version_body(connection, rid, number)).map(Some)
+        })
+    }
+
+    fn missing_members(&self, tenant: TenantId, selection: &MemberSelection) -> Result<Vec<String>, StoreError> {
+        let at = selection.transaction_time;
+        crate::plan_cache::missing_members(
+            &self.plans,
+            tenant,
+            selection,
+            |planned_at| self.members_unchanged_since(tenant, selection, planned_at),
+            |ids| {
+                self.with_snapshot(|connection| {
+                    export::existing_at(connection, tenant, &selection.visibility, "Patient", ids, at)
+                })
+            },
+        )
+    }
     fn patients_at(&self, tenant: TenantId, visibility: &Visibility, at: Micros) -> Result<Vec<String>, StoreError> {
         self.with_snapshot(|connection| {
             let ids: Vec<String> = connection
@@ -795,6 +821,10 @@ impl crate::Store for SqliteStore {
     fn export_job_activity(&self, tenant: TenantId, job_id: &str) -> Result<Option<crate::JobActivity>, StoreError> {
         self.with_read(|connection| leases::export_job_activity(connection, tenant, job_id))
     }
+
+    fn hand_back_export_job(&self, lease: &crate::JobLease, now: Micros, progress: &str) -> Result<bool, StoreError> {
+        self.with_write(|transaction, _| leases::hand_back_export_job(transaction, lease, now, progress))
+    }
 }
 
 /// Bytes available to this process on the file system holding `directory`.
@@ -991,7 +1021,7 @@ mod tests {
         let associated_at = |store: &super::SqliteStore, at| {
             set.set(set.get() + 1);
             let selection = MemberSelection {
-                members: vec![("a".into(), None)],
+                members: vec![("a".into(), None)].into(),
                 since: None,
                 until: None,
                 transaction_time: at,
