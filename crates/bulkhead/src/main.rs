@@ -71,7 +71,10 @@ pub fn set_memory_profile(profile: MemoryProfile) {
     unsafe {
         match profile {
             MemoryProfile::Server => {
-                libmimalloc_sys::mi_option_set(purge_delay, 0);
+                // mimalloc's own `MIMALLOC_PURGE_DELAY` (milliseconds), when set, overrides this.
+                if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+                    libmimalloc_sys::mi_option_set(purge_delay, 0);
+                }
                 #[cfg(all(target_os = "linux", target_env = "gnu"))]
                 libc::mallopt(libc::M_ARENA_MAX, 2);
             }

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use crate::auth::{authenticate, authorize, AuthMethod, Caller};
+use crate::chunk_pool::{CHUNKS, CHUNK_BYTES};
 use crate::encoding::{encode, negotiate};
 use crate::error::ApiError;
 use crate::negotiation::{check_accept, JsonBody};
@@ -30,9 +31,8 @@ use crate::scopes::{Access, Grant};
 use crate::state::AppState;
 use crate::urls::base_url;
 
-/// Bytes handed to the response body at a time; with the channel depth this bounds the memory
-/// of a download, whatever the file's size.
-const CHUNK_BYTES: usize = 256 * 1024;
+/// Chunks of `CHUNK_BYTES` waiting for the response body at most: with them this bounds the
+/// memory of a download, whatever the file's size.
 const CHANNEL_DEPTH: usize = 4;
 
 const MICROS_PER_SECOND: i64 = 1_000_000;
@@ -510,8 +510,7 @@ pub async fn download(
             }
         };
         let _ = ready_tx.send(Ok(()));
-        let mut writer =
-            ChunkWriter { buffer: Vec::with_capacity(CHUNK_BYTES), chunks: chunks_tx, runtime, stall_timeout, sent: 0 };
+        let mut writer = ChunkWriter { buffer: CHUNKS.take(), chunks: chunks_tx, runtime, stall_timeout, sent: 0 };
         let result = encode(coding, |out| write_file(store.as_ref(), &claims, &view, out), &mut writer);
         let result = result.and_then(|written| {
             writer
@@ -716,7 +715,7 @@ impl tokio_stream::Stream for FileBody {
     }
 }
 
-/// A `Write` that hands fixed-size chunks to the response body. It blocks (on a blocking
+/// A `Write` that hands fixed-size chunks (pooled buffers) to the response body. It blocks (on a blocking
 /// thread, never inside a store transaction) while the client is slower than the store, which
 /// keeps memory bounded, and gives up when the client has taken nothing for `stall_timeout`.
 struct ChunkWriter {
@@ -746,9 +745,15 @@ impl ChunkWriter {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK_BYTES));
+        let chunk = std::mem::replace(&mut self.buffer, CHUNKS.take());
         self.sent += chunk.len() as u64;
-        self.send(Piece::Bytes(Bytes::from(chunk)))
+        self.send(Piece::Bytes(CHUNKS.bytes(chunk)))
+    }
+}
+
+impl Drop for ChunkWriter {
+    fn drop(&mut self) {
+        CHUNKS.give(std::mem::take(&mut self.buffer));
     }
 }
 

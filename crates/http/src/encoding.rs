@@ -12,6 +12,8 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use axum::http::{header, HeaderMap};
 use bulkhead_export::ExportError;
 
+use crate::chunk_pool::{CHUNKS, CHUNK_BYTES};
+
 /// A download's content coding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Coding {
@@ -78,8 +80,9 @@ pub fn negotiate(headers: &HeaderMap) -> Coding {
     }
 }
 
-/// Bytes handed from the reading thread to the compressing thread at a time.
-const HANDOFF_BYTES: usize = 256 * 1024;
+/// Bytes handed from the reading thread to the compressing thread at a time (a pooled buffer,
+/// given back once compressed).
+const HANDOFF_BYTES: usize = CHUNK_BYTES;
 
 /// Runs `produce` (which writes the file's bytes) and encodes what it writes into `sink` with
 /// `coding`. A compressing coding runs `produce` on a second thread, so reading the store and
@@ -96,7 +99,7 @@ where
     std::thread::scope(|scope| {
         let (handoff, received) = sync_channel::<Vec<u8>>(1);
         let producer = scope.spawn(move || {
-            let mut writer = Handoff { buffer: Vec::with_capacity(HANDOFF_BYTES), handoff };
+            let mut writer = Handoff { buffer: CHUNKS.take(), handoff };
             let written = produce(&mut writer)?;
             writer.send().map_err(sink_error)?;
             Ok(written)
@@ -110,6 +113,7 @@ where
         let mut compressed = Ok(());
         while let Ok(buffer) = received.recv() {
             compressed = encoder.write_all(&buffer);
+            CHUNKS.give(buffer);
             if compressed.is_err() {
                 break;
             }
@@ -184,8 +188,14 @@ impl Handoff {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let full = std::mem::replace(&mut self.buffer, Vec::with_capacity(HANDOFF_BYTES));
+        let full = std::mem::replace(&mut self.buffer, CHUNKS.take());
         self.handoff.send(full).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "compression ended"))
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        CHUNKS.give(std::mem::take(&mut self.buffer));
     }
 }
 

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod bulk;
 pub mod bundle;
 pub mod capability;
+mod chunk_pool;
 pub mod connections;
 pub mod counted_body;
 pub mod credentials;

@@ -108,22 +108,44 @@ pub(super) fn select_window(
     selection: &MemberSelection,
     members: &Members,
     resource_type: &str,
-    (start, end): (i64, i64),
+    window: (i64, i64),
     select: impl Fn(Reach, &VersionAt) -> bool,
 ) -> Result<Vec<Chosen>, StoreError> {
+    let mut chosen = Vec::new();
+    let mut scratch = Vec::new();
+    select_window_each(db, tenant, selection, members, resource_type, window, select, &mut scratch, |found| {
+        chosen.push(found)
+    })?;
+    Ok(chosen)
+}
+
+/// [`select_window`] handing each chosen resource to `visit`, with `scratch` (emptied first)
+/// for the window's candidates: a caller reading many windows keeps one allocation for all.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn select_window_each(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    members: &Members,
+    resource_type: &str,
+    (start, end): (i64, i64),
+    select: impl Fn(Reach, &VersionAt) -> bool,
+    scratch: &mut Vec<Candidate>,
+    mut visit: impl FnMut(Chosen),
+) -> Result<(), StoreError> {
     let at = selection.transaction_time;
     let user = selection.visibility.user();
-    let candidates = match selection.scope {
+    scratch.clear();
+    match selection.scope {
         SelectionScope::Members => {
-            let Ok(code) = type_code(resource_type) else { return Ok(Vec::new()) };
-            member_candidates(db, tenant, selection, members, code, (start, end))?
+            let Ok(code) = type_code(resource_type) else { return Ok(()) };
+            member_candidates(db, tenant, selection, members, code, (start, end), scratch)?
         }
-        SelectionScope::Tenant => tenant_candidates(db, tenant, selection, resource_type, (start, end))?,
+        SelectionScope::Tenant => tenant_candidates(db, tenant, selection, resource_type, (start, end), scratch)?,
     };
     // `_typeFilter` needs the version's JSON: read only for filtered types.
     let filtered = selection.filters.filters(resource_type);
-    let mut chosen = Vec::new();
-    for (rid, reach, version, historical) in candidates {
+    for &(rid, reach, version, historical) in scratch.iter() {
         let (version, history_version) = if historical {
             let then = db.query_opt(
                 "SELECT version, last_updated, deleted, owner FROM resource_history
@@ -144,25 +166,29 @@ pub(super) fn select_window(
         if select(reach, &version)
             && (!filtered || filter_matches(db, tenant, selection, resource_type, rid, history_version)?)
         {
-            chosen.push(Chosen { rid, reach, version, history_version });
+            visit(Chosen { rid, reach, version, history_version });
         }
     }
-    Ok(chosen)
+    Ok(())
 }
 
 /// A candidate: `(key, reach, version per the row read, whether history decides the version)`.
-type Candidate = (i64, Reach, VersionAt, bool);
+pub(super) type Candidate = (i64, Reach, VersionAt, bool);
 
-/// Appends a candidate to a list in key order; a key already last (in two compartments of the
-/// window) merges its reach and whether history decides.
-fn push_candidate(candidates: &mut Vec<Candidate>, candidate: Candidate) {
-    match candidates.last_mut() {
-        Some(last) if last.0 == candidate.0 => {
-            last.1 = last.1.merge(candidate.1);
-            last.3 |= candidate.3;
-        }
-        _ => candidates.push(candidate),
+/// Sorts candidates by key and merges those of one key (found in two compartments of the
+/// window): their reaches merge, and history decides if it does for either.
+fn in_key_order(candidates: &mut Vec<Candidate>) {
+    if !candidates.is_sorted_by_key(|candidate| candidate.0) {
+        candidates.sort_unstable_by_key(|candidate| candidate.0);
     }
+    candidates.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 = kept.1.merge(later.1);
+            kept.3 |= later.3;
+        }
+        same
+    });
 }
 
 /// Resources in the members' compartments at the transaction time within a key window, each
@@ -174,7 +200,8 @@ fn member_candidates(
     members: &Members,
     code: i16,
     (start, end): (i64, i64),
-) -> Result<Vec<Candidate>, StoreError> {
+    candidates: &mut Vec<Candidate>,
+) -> Result<(), StoreError> {
     let at = selection.transaction_time;
     let user = selection.visibility.user();
     // Many members for the window's keys (a large Group): the window's compartment rows of the
@@ -184,30 +211,32 @@ fn member_candidates(
     // spilling past `work_mem`, or merge-join over a full sort, at twice the cost).
     let window_keys = end.saturating_sub(start).saturating_add(1);
     if window_keys <= KEYS_PER_MEMBER_READ_BY_KEY.saturating_mul(members.pkeys.len() as i64) {
-        return candidates_by_key(db, tenant, selection, members, code, (start, end));
+        return candidates_by_key(db, tenant, selection, members, code, (start, end), candidates);
     }
-    let rows = db.query(
+    // Streamed: each row becomes a small candidate as it arrives, never a whole `Row` (a window
+    // of a large Group is up to `WINDOW` rows; holding them cost more in allocation and page
+    // faults than reading them).
+    db.query_each(
         "SELECT c.rid, m.since IS NULL, m.since, c.last_updated, c.deleted, c.owner, c.to_ts IS NOT NULL
          FROM unnest($3::int8[], $4::int8[]) AS m(pkey, since)
          JOIN compartment c ON c.tenant_id = $1 AND c.pkey = m.pkey AND c.type_code = $2
          WHERE c.rid BETWEEN $5 AND $6 AND c.from_ts <= $7 AND (c.to_ts IS NULL OR c.to_ts > $7)",
         &[&tenant.0, &code, &members.pkeys, &members.since, &start, &end, &at],
+        |row| {
+            let last_updated: Micros = row.try_get(3)?;
+            let owner: Option<&str> = row.try_get(5)?;
+            let reach = Reach { full_history: row.try_get(1)?, existing_since: row.try_get(2)? };
+            let version =
+                VersionAt { last_updated, deleted: row.try_get(4)?, visible: user.is_none() || owner == user };
+            // A row written after the transaction time, or closed by a later version, describes a
+            // version other than the one at the transaction time: history decides.
+            let historical = last_updated > at || row.try_get::<_, bool>(6)?;
+            candidates.push((row.try_get(0)?, reach, version, historical));
+            Ok(())
+        },
     )?;
-    let mut by_key: Vec<(i64, &postgres::Row)> =
-        rows.iter().map(|row| Ok((row.try_get(0)?, row))).collect::<Result<_, StoreError>>()?;
-    by_key.sort_unstable_by_key(|(rid, _)| *rid);
-    let mut candidates: Vec<Candidate> = Vec::with_capacity(by_key.len());
-    for (rid, row) in by_key {
-        let last_updated: Micros = row.try_get(3)?;
-        let owner: Option<&str> = row.try_get(5)?;
-        let reach = Reach { full_history: row.try_get(1)?, existing_since: row.try_get(2)? };
-        let version = VersionAt { last_updated, deleted: row.try_get(4)?, visible: user.is_none() || owner == user };
-        // A row written after the transaction time, or closed by a later version, describes a
-        // version other than the one at the transaction time: history decides.
-        let historical = last_updated > at || row.try_get::<_, bool>(6)?;
-        push_candidate(&mut candidates, (rid, reach, version, historical));
-    }
-    Ok(candidates)
+    in_key_order(candidates);
+    Ok(())
 }
 
 /// Windows of at most this many keys per member are read by key ([`candidates_by_key`]): a
@@ -226,10 +255,12 @@ fn candidates_by_key(
     members: &Members,
     code: i16,
     (start, end): (i64, i64),
-) -> Result<Vec<Candidate>, StoreError> {
+    candidates: &mut Vec<Candidate>,
+) -> Result<(), StoreError> {
     let at = selection.transaction_time;
     let user = selection.visibility.user();
-    let rows = db.query(
+    let by_key = members.by_key();
+    db.query_each(
         "SELECT rid, pkey, last_updated, deleted, owner, false FROM compartment
          WHERE tenant_id = $1 AND rid BETWEEN $2 AND $3 AND to_ts IS NULL AND type_code = $4 AND from_ts <= $5
          UNION ALL
@@ -237,25 +268,20 @@ fn candidates_by_key(
          WHERE tenant_id = $1 AND rid BETWEEN $2 AND $3 AND to_ts IS NOT NULL AND to_ts > $5 AND type_code = $4
            AND from_ts <= $5",
         &[&tenant.0, &start, &end, &code, &at],
+        |row| {
+            let Some(reach) = by_key.get(&row.try_get::<_, i64>(1)?) else { return Ok(()) };
+            let last_updated: Micros = row.try_get(2)?;
+            let owner: Option<&str> = row.try_get(4)?;
+            let version =
+                VersionAt { last_updated, deleted: row.try_get(3)?, visible: user.is_none() || owner == user };
+            let historical = last_updated > at || row.try_get::<_, bool>(5)?;
+            candidates.push((row.try_get(0)?, *reach, version, historical));
+            Ok(())
+        },
     )?;
-    let by_key = members.by_key();
-    let mut kept: Vec<(i64, Reach, &postgres::Row)> = Vec::new();
-    for row in &rows {
-        if let Some(reach) = by_key.get(&row.try_get::<_, i64>(1)?) {
-            kept.push((row.try_get(0)?, *reach, row));
-        }
-    }
-    // The two halves are each in key order only by their plan: sorted here.
-    kept.sort_by_key(|(rid, _, _)| *rid);
-    let mut candidates: Vec<Candidate> = Vec::with_capacity(kept.len());
-    for (rid, reach, row) in kept {
-        let last_updated: Micros = row.try_get(2)?;
-        let owner: Option<&str> = row.try_get(4)?;
-        let version = VersionAt { last_updated, deleted: row.try_get(3)?, visible: user.is_none() || owner == user };
-        let historical = last_updated > at || row.try_get::<_, bool>(5)?;
-        push_candidate(&mut candidates, (rid, reach, version, historical));
-    }
-    Ok(candidates)
+    // The two halves are each in key order only by their plan.
+    in_key_order(candidates);
+    Ok(())
 }
 
 /// Every resource of the type in the tenant within a key window, in key order (a system-level
@@ -266,24 +292,26 @@ fn tenant_candidates(
     selection: &MemberSelection,
     resource_type: &str,
     (start, end): (i64, i64),
-) -> Result<Vec<Candidate>, StoreError> {
+    candidates: &mut Vec<Candidate>,
+) -> Result<(), StoreError> {
     let at = selection.transaction_time;
     let user = selection.visibility.user();
-    let rows = db.query(
+    db.query_each(
         "SELECT rid, last_updated, deleted, owner FROM resources
          WHERE tenant_id = $1 AND resource_type = $2 AND rid BETWEEN $3 AND $4 ORDER BY rid",
         &[&tenant.0, &resource_type, &start, &end],
+        |row| {
+            let last_updated: Micros = row.try_get(1)?;
+            let owner: Option<&str> = row.try_get(3)?;
+            let reach = Reach { full_history: false, existing_since: selection.since };
+            let version =
+                VersionAt { last_updated, deleted: row.try_get(2)?, visible: user.is_none() || owner == user };
+            // Written since the transaction time: history holds the version then, if any.
+            candidates.push((row.try_get(0)?, reach, version, last_updated > at));
+            Ok(())
+        },
     )?;
-    let mut candidates = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let last_updated: Micros = row.try_get(1)?;
-        let owner: Option<&str> = row.try_get(3)?;
-        let reach = Reach { full_history: false, existing_since: selection.since };
-        let version = VersionAt { last_updated, deleted: row.try_get(2)?, visible: user.is_none() || owner == user };
-        // Written since the transaction time: history holds the version then, if any.
-        candidates.push((row.try_get(0)?, reach, version, last_updated > at));
-    }
-    Ok(candidates)
+    Ok(())
 }
 
 /// Whether the version of `rid` held by the current row (`history_version` 0) or by that

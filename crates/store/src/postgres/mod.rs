@@ -167,6 +167,23 @@ impl Db<'_> {
         Ok(self.transaction.query(&statement, params)?)
     }
 
+    /// Runs a query and hands each row to `visit` as it arrives, so a long result is never held
+    /// whole (nor its rows allocated together): for results turned into something smaller.
+    pub(crate) fn query_each(
+        &mut self,
+        sql: &str,
+        params: Params<'_>,
+        mut visit: impl FnMut(&Row) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        use postgres::fallible_iterator::FallibleIterator;
+        let statement = self.statement(sql)?;
+        let mut rows = self.transaction.query_raw(&statement, params.iter().copied())?;
+        while let Some(row) = rows.next()? {
+            visit(&row)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn query_opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>, StoreError> {
         let statement = self.statement(sql)?;
         Ok(self.transaction.query_opt(&statement, params)?)

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use super::export::{select_window, selected, type_span, Members, VersionAt, WINDOW};
+use super::export::{select_window_each, selected, type_span, Candidate, Members, VersionAt, WINDOW};
 use super::{Db, PgStore};
 use crate::{MemberSelection, PartRange, PartReader, StoreError, TenantId};
 
@@ -25,6 +25,8 @@ pub(super) struct PgPartReader<'a> {
     last_key: i64,
     /// Selected, not yet read: `(key, history version holding the body, or 0 for the current row)`.
     pending: VecDeque<(i64, i64)>,
+    /// The current window's candidates, kept (empty) between windows for the next one.
+    scratch: Vec<Candidate>,
     started: bool,
     /// Bytes and lines read so far, to size the next batch to the caller's `max_bytes`.
     read_bytes: u64,
@@ -49,6 +51,7 @@ impl<'a> PgPartReader<'a> {
             unresolved: None,
             last_key: range.last_key,
             pending: VecDeque::new(),
+            scratch: Vec::new(),
             started: false,
             read_bytes: 0,
             read_lines: 0,
@@ -73,8 +76,19 @@ impl<'a> PgPartReader<'a> {
         let select = |reach, version: &VersionAt| selected(selection, reach, version);
         loop {
             let end = start.saturating_add(WINDOW - 1).min(self.last_key);
-            let chosen = select_window(db, self.tenant, selection, members, self.resource_type, (start, end), select)?;
-            self.pending.extend(chosen.iter().map(|chosen| (chosen.rid, chosen.history_version)));
+            let (pending, scratch) = (&mut self.pending, &mut self.scratch);
+            let window = (start, end);
+            select_window_each(
+                db,
+                self.tenant,
+                selection,
+                members,
+                self.resource_type,
+                window,
+                select,
+                scratch,
+                |chosen| pending.push_back((chosen.rid, chosen.history_version)),
+            )?;
             self.unresolved = (end < self.last_key).then(|| end + 1);
             match self.unresolved {
                 Some(next) if self.pending.is_empty() => start = next,
