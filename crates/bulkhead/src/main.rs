@@ -56,6 +56,10 @@ pub enum MemoryProfile {
     /// across the pool of blocking threads whatever the export's size. mimalloc purges
     /// immediately (instead of when the possibly idle thread next allocates), and glibc, which
     /// SQLite's page caches allocate from, gets two arenas instead of one per thread.
+    ///
+    /// Transparent huge pages are off for the process: mimalloc asks for them on its arenas,
+    /// and a purged 4 KiB page inside a 2 MiB one stays resident, so under concurrent exports
+    /// and writes the resident set grew to twice what was in use (BENCHMARKS.md, session 7).
     Server,
     /// Bulk loads: freed memory is kept for the next batch; purging it cost a fifth of the
     /// import's time in page faults.
@@ -67,7 +71,7 @@ pub fn set_memory_profile(profile: MemoryProfile) {
     // The Rust binding names no constant for `mi_option_purge_delay`; in mimalloc.h (v2 and v3)
     // it is the option just before `mi_option_use_numa_nodes`.
     let purge_delay = libmimalloc_sys::mi_option_use_numa_nodes - 1;
-    // SAFETY: these calls only adjust allocator parameters.
+    // SAFETY: these calls only adjust allocator and memory-policy parameters.
     unsafe {
         match profile {
             MemoryProfile::Server => {
@@ -77,6 +81,10 @@ pub fn set_memory_profile(profile: MemoryProfile) {
                 }
                 #[cfg(all(target_os = "linux", target_env = "gnu"))]
                 libc::mallopt(libc::M_ARENA_MAX, 2);
+                #[cfg(target_os = "linux")]
+                if libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0 {
+                    warn("could not turn transparent huge pages off; resident memory may grow under load");
+                }
             }
             MemoryProfile::BulkLoad => libmimalloc_sys::mi_option_set(purge_delay, -1),
         }
