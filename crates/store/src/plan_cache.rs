@@ -471,6 +471,19 @@ impl PlanCache {
 mod tests {
     use super::*;
 
+    /// A selection of `members` at `at`, as a Group kick-off makes it.
+    fn members_selection(members: crate::Members, at: Micros) -> MemberSelection {
+        MemberSelection {
+            members,
+            since: None,
+            until: None,
+            transaction_time: at,
+            visibility: crate::Visibility::Tenant,
+            scope: crate::SelectionScope::Members,
+            filters: Default::default(),
+        }
+    }
+
     fn request(provenance: ProvenanceSelection, referenced: ReferencedTypes, depth: u32) -> AssociatedRequest {
         AssociatedRequest {
             set_id: "s".into(),
@@ -505,15 +518,8 @@ mod tests {
     #[test]
     fn a_members_check_is_read_once_per_kick_off() {
         let cache = PlanCache::default();
-        let selection = |members: &[&str], at| MemberSelection {
-            members: members.iter().map(|id| (id.to_string(), None)).collect(),
-            since: None,
-            until: None,
-            transaction_time: at,
-            visibility: crate::Visibility::Tenant,
-            scope: crate::SelectionScope::Members,
-            filters: Default::default(),
-        };
+        let selection =
+            |members: &[&str], at| members_selection(members.iter().map(|id| (id.to_string(), None)).collect(), at);
         let queries = std::cell::Cell::new(0);
         let latest = |value| {
             queries.set(queries.get() + 1);
@@ -539,15 +545,7 @@ mod tests {
     #[test]
     fn a_tenant_bound_skips_the_members_check_only_when_nothing_changed() {
         let cache = PlanCache::default();
-        let selection = |at| MemberSelection {
-            members: vec![("a".to_owned(), None)].into(),
-            since: None,
-            until: None,
-            transaction_time: at,
-            visibility: crate::Visibility::Tenant,
-            scope: crate::SelectionScope::Members,
-            filters: Default::default(),
-        };
+        let selection = |at| members_selection(vec![("a".to_owned(), None)].into(), at);
         let (bounds, members) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
         let check = |at, planned_at, bound, latest| {
             let tenant_latest = || {
@@ -577,15 +575,7 @@ mod tests {
     #[test]
     fn keys_share_a_members_digest_only_between_equal_lists() {
         let cache = PlanCache::default();
-        let selection = |members: crate::Members| MemberSelection {
-            members,
-            since: None,
-            until: None,
-            transaction_time: 1,
-            visibility: crate::Visibility::Tenant,
-            scope: crate::SelectionScope::Members,
-            filters: Default::default(),
-        };
+        let selection = |members: crate::Members| members_selection(members, 1);
         let large: Vec<(String, Option<Micros>)> = (0..2_000).map(|i| (format!("p{i:05}"), None)).collect();
         let key = |members: &Vec<(String, Option<Micros>)>, tenant| {
             cache.key(TenantId(tenant), &selection(members.clone().into()), "parts", &[], 10)
