@@ -61,8 +61,8 @@ pub enum MemoryProfile {
     /// and a purged 4 KiB page inside a 2 MiB one stays resident, so under concurrent exports
     /// and writes the resident set grew to twice what was in use (BENCHMARKS.md, session 7).
     Server,
-    /// Bulk loads: freed memory is kept for the next batch; purging it cost a fifth of the
-    /// import's time in page faults.
+    /// Bulk loads and the benchmark's load client: freed memory is kept for the next batch (or
+    /// response buffer); purging it cost a fifth of the import's time in page faults.
     BulkLoad,
 }
 

@@ -195,6 +195,10 @@ fn a_tiny_benchmark_runs_end_to_end() {
                 "peak RSS is read from the server process"
             );
             cpu_share(export);
+            assert!(
+                export["server_cpu_seconds"].as_f64().is_some_and(|cpu| cpu >= 0.0),
+                "the server's CPU time is read from /proc: {export}"
+            );
         }
     }
     let largest_export = groups[1]["exports"][0]["resources"].as_u64().unwrap();

@@ -167,6 +167,7 @@ impl Client {
             throttled: totals.throttled,
             peak_rss_bytes: PeakRss::default(),
             client_cpu_share: clock.share(),
+            server_cpu_seconds: None,
         })
     }
 
@@ -267,6 +268,7 @@ impl Client {
             throttled: totals.throttled,
             peak_rss_bytes: PeakRss::default(),
             client_cpu_share: clock.share(),
+            server_cpu_seconds: None,
         })
     }
 

@@ -154,6 +154,10 @@ struct DataSpec {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    // The load client keeps the memory it frees: with the default purge it page-faulted (and the
+    // kernel zeroed) a fresh response buffer every few hundred KiB of a download, CPU taken from
+    // the server it measures on the same cores. The servers it starts set their own profile.
+    crate::set_memory_profile(crate::MemoryProfile::BulkLoad);
     anyhow::ensure!(args.instances >= 1, "--instances must be at least 1");
     if let Some(url) = &args.output_url {
         anyhow::ensure!(
@@ -438,11 +442,14 @@ async fn bench_group(
         if encoding == Encoding::Zstd && !*offers_zstd {
             continue;
         }
+        let cpu_before = measure::cpu_seconds_of(&server.pids());
         let (result, peak_rss) =
             peak_rss_during(&server.pids(), client.export(&group_id, encoding, args.concurrency)).await;
+        let cpu_after = measure::cpu_seconds_of(&server.pids());
         match result {
             Ok(mut result) => {
                 result.peak_rss_bytes = peak_rss;
+                result.server_cpu_seconds = cpu_after.zip(cpu_before).map(|(after, before)| after - before);
                 exports.push(result);
             }
             // A server without zstd answers identity: that row is skipped, not failed.

@@ -23,11 +23,26 @@ pub struct ExportResult {
     pub peak_rss_bytes: PeakRss,
     /// The benchmark process's CPU seconds per wall second during this export.
     pub client_cpu_share: f64,
+    /// CPU seconds (user + system) the server processes used during this export, when read.
+    pub server_cpu_seconds: Option<f64>,
 }
 
 impl ExportResult {
     pub fn per_second(&self) -> f64 {
         self.resources as f64 / self.seconds.max(1e-9)
+    }
+
+    /// The servers' CPU seconds per wall second (1.0 = one core busy all the time).
+    fn server_cpu_share(&self) -> Option<f64> {
+        self.server_cpu_seconds.map(|cpu| cpu / self.seconds.max(1e-9))
+    }
+
+    /// CPU microseconds per exported resource: the servers' and the benchmark client's. On a
+    /// machine whose cores are all busy, throughput is their sum's inverse, so these say where
+    /// a change moved the cost even when the machine's load moves the wall clock.
+    fn cpu_micros_per_resource(&self) -> (Option<f64>, f64) {
+        let per_resource = |cpu: f64| cpu * 1e6 / (self.resources.max(1) as f64);
+        (self.server_cpu_seconds.map(per_resource), per_resource(self.client_cpu_share * self.seconds))
     }
 
     fn mb_per_second(&self) -> f64 {
@@ -190,7 +205,7 @@ fn print_dataset(dataset: &DatasetResult) {
         mib(import.peak_rss_bytes),
     );
     say!(
-        "{:>8} {:>9} {:>9} {:>9} {:>8} {:>10} {:>11} {:>9} {:>8} {:>9} {:>10}",
+        "{:>8} {:>9} {:>9} {:>9} {:>8} {:>10} {:>11} {:>9} {:>8} {:>9} {:>10} {:>10}",
         "members",
         "p50 ms",
         "p95 ms",
@@ -201,12 +216,14 @@ fn print_dataset(dataset: &DatasetResult) {
         "MB/s",
         "seconds",
         "peak RSS",
-        "client CPU"
+        "client CPU",
+        "server CPU"
     );
     for group in &dataset.groups {
         for export in &group.exports {
+            let server_cpu = export.server_cpu_share().map_or("?".to_owned(), |share| format!("{share:.2}"));
             say!(
-                "{:>8} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>10} {:>11.0} {:>9.1} {:>8.2} {:>9} {:>10.2}",
+                "{:>8} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>10} {:>11.0} {:>9.1} {:>8.2} {:>9} {:>10.2} {:>10}",
                 group.members,
                 group.manifest.p50_ms,
                 group.manifest.p95_ms,
@@ -218,6 +235,7 @@ fn print_dataset(dataset: &DatasetResult) {
                 export.seconds,
                 export.peak_rss_bytes.text(),
                 export.client_cpu_share,
+                server_cpu,
             );
         }
     }
@@ -390,6 +408,10 @@ fn dataset_json(d: &DatasetResult) -> Value {
                 "server_peak_rss_bytes": e.peak_rss_bytes.max(),
                 "server_peak_rss_bytes_per_instance": e.peak_rss_bytes.per_instance(),
                 "client_cpu_share": e.client_cpu_share,
+                "server_cpu_seconds": e.server_cpu_seconds,
+                "server_cpu_share": e.server_cpu_share(),
+                "server_cpu_us_per_resource": e.cpu_micros_per_resource().0,
+                "client_cpu_us_per_resource": e.cpu_micros_per_resource().1,
             })).collect::<Vec<_>>(),
             "materialised_export": g.materialised.as_ref().map(|e| json!({
                 "files": e.files,
