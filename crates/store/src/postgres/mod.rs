@@ -114,11 +114,6 @@ fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
 /// Statements kept per connection; dynamic searches make many shapes, so the cache is bounded.
 const STATEMENT_CACHE: usize = 256;
 
-/// Rows [`Db::query_each`] fetches per round trip: its callers read narrow rows (keys and a few
-/// flags, ~100 bytes with the client's per-row overhead), so a batch is a few hundred KiB at
-/// most. (Tiny in unit tests, so the conformance suite crosses batch edges.)
-const EACH_BATCH_ROWS: i32 = if cfg!(test) { 2 } else { 2048 };
-
 struct Manager {
     config: postgres::Config,
     reachability: Arc<reachability::Reachability>,
@@ -172,30 +167,21 @@ impl Db<'_> {
         Ok(self.transaction.query(&statement, params)?)
     }
 
-    /// Runs a query and hands its rows to `visit` [`EACH_BATCH_ROWS`] at a time, so a long result
-    /// is never held whole: for results turned into something smaller.
-    ///
-    /// The rows come through a portal, a batch per round trip: the blocking client enters its
-    /// runtime once per call, so a row-by-row iterator (`query_raw`) entered it once per row,
-    /// and that was most of the cost of reading a long result (session 7's profile: 54 % of an
-    /// export's server time).
+    /// Runs a query and hands each row to `visit` as it arrives, so a long result is never held
+    /// whole (nor its rows allocated together): for results turned into something smaller.
     pub(crate) fn query_each(
         &mut self,
         sql: &str,
         params: Params<'_>,
         mut visit: impl FnMut(&Row) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        use postgres::fallible_iterator::FallibleIterator;
         let statement = self.statement(sql)?;
-        let portal = self.transaction.bind(&statement, params)?;
-        loop {
-            let rows = self.transaction.query_portal(&portal, EACH_BATCH_ROWS)?;
-            for row in &rows {
-                visit(row)?;
-            }
-            if rows.len() < EACH_BATCH_ROWS as usize {
-                return Ok(());
-            }
+        let mut rows = self.transaction.query_raw(&statement, params.iter().copied())?;
+        while let Some(row) = rows.next()? {
+            visit(&row)?;
         }
+        Ok(())
     }
 
     pub(crate) fn query_opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>, StoreError> {

@@ -12,12 +12,6 @@ use crate::{MemberSelection, PartRange, PartReader, StoreError, TenantId};
 /// Bodies fetched per statement at most (one round trip for many resources).
 const BATCH: usize = 4096;
 
-/// Body bytes a statement's batch is sized to hold at most, at the longest line read so far.
-const BATCH_BYTES: u64 = 4 << 20;
-
-/// Bodies the first statement of a reader fetches, before it knows their sizes.
-const FIRST_BATCH: u64 = 32;
-
 pub(super) struct PgPartReader<'a> {
     store: &'a PgStore,
     tenant: TenantId,
@@ -37,8 +31,6 @@ pub(super) struct PgPartReader<'a> {
     /// Bytes and lines read so far, to size the next batch to the caller's `max_bytes`.
     read_bytes: u64,
     read_lines: u64,
-    /// The longest line read so far (bytes), to bound a batch's rows held at once.
-    longest_line: u64,
 }
 
 impl<'a> PgPartReader<'a> {
@@ -63,7 +55,6 @@ impl<'a> PgPartReader<'a> {
             started: false,
             read_bytes: 0,
             read_lines: 0,
-            longest_line: 0,
         }
     }
 
@@ -107,18 +98,10 @@ impl<'a> PgPartReader<'a> {
     }
 
     /// How many pending resources the next statement fetches: about what fills the rest of
-    /// `max_bytes` at the average size so far (so a small window reads one resource), and no
-    /// more than [`BATCH_BYTES`] would hold at the longest line so far, since a statement's rows
-    /// are held together. Before any is read, sizes are unknown: at most [`FIRST_BATCH`].
+    /// `max_bytes` at the average size so far, so a small window reads one resource.
     fn batch_size(&self, remaining: usize) -> usize {
-        let size = match self.read_bytes.checked_div(self.read_lines) {
-            None => (remaining as u64).div_ceil(1024).min(FIRST_BATCH),
-            Some(average) => {
-                let filling = (remaining as u64).div_ceil(average.max(1));
-                filling.min(BATCH_BYTES / self.longest_line.max(1))
-            }
-        };
-        (size as usize).clamp(1, BATCH).min(self.pending.len())
+        let average = self.read_bytes.checked_div(self.read_lines).map_or(1024, |average| average.max(1));
+        ((remaining as u64).div_ceil(average) as usize).clamp(1, BATCH).min(self.pending.len())
     }
 
     /// Appends pending resources' bodies until `max_bytes` are appended; returns how many.
@@ -128,25 +111,21 @@ impl<'a> PgPartReader<'a> {
             let size = self.batch_size(max_bytes - (out.len() - start_len));
             let batch: Vec<(i64, i64)> = self.pending.drain(..size).collect();
             let before = out.len();
-            let (read, longest) = self.read_batch(db, &batch, out)?;
+            let read = self.read_batch(db, &batch, out)?;
             self.read_bytes += (out.len() - before) as u64;
             self.read_lines += read;
-            self.longest_line = self.longest_line.max(longest as u64);
             count += read;
         }
         Ok(count)
     }
 
-    /// Appends the bodies of `batch` (in key order) to `out`, in its order; returns how many
-    /// and the longest line's length.
+    /// Appends the bodies of `batch` (in key order) to `out`, in its order.
     ///
     /// Current rows are read by runs of consecutive keys, one index range scan per run (a dense
     /// part is one run per batch), not one index descent per key: several times cheaper per row
-    /// in PostgreSQL. Each statement's rows arrive together (one round trip, one entry into the
-    /// blocking client's runtime: entering it per row, as a row iterator does, cost more than
-    /// the rows), so a batch is sized by bytes ([`Self::batch_size`]). The text goes from the row
-    /// buffer to `out` as it came, never parsed nor copied into a `String` of its own.
-    fn read_batch(&self, db: &mut Db<'_>, batch: &[(i64, i64)], out: &mut Vec<u8>) -> Result<(u64, usize), StoreError> {
+    /// in PostgreSQL. The text goes from the row buffer to `out` as it came, never parsed nor
+    /// copied into a `String` of its own.
+    fn read_batch(&self, db: &mut Db<'_>, batch: &[(i64, i64)], out: &mut Vec<u8>) -> Result<u64, StoreError> {
         let at = self.selection.transaction_time;
         let (mut run_starts, mut run_ends): (Vec<i64>, Vec<i64>) = (Vec::new(), Vec::new());
         for &(rid, _) in batch.iter().filter(|(_, version)| *version == 0) {
@@ -158,11 +137,13 @@ impl<'a> PgPartReader<'a> {
                 }
             }
         }
+        if run_starts.len() == 1 && batch.iter().all(|(_, version)| *version == 0) {
+            return self.stream_run(db, (run_starts[0], run_ends[0]), out);
+        }
         let current = match run_starts.len() {
             0 => Vec::new(),
             1 => db.query(
-                "SELECT rid, last_updated, body FROM resources WHERE tenant_id = $1 AND rid BETWEEN $2 AND $3
-                 ORDER BY rid",
+                "SELECT rid, last_updated, body FROM resources WHERE tenant_id = $1 AND rid BETWEEN $2 AND $3",
                 &[&self.tenant.0, &run_starts[0], &run_ends[0]],
             )?,
             _ => db.query(
@@ -189,34 +170,75 @@ impl<'a> PgPartReader<'a> {
         };
         let missing = |rid: i64| StoreError::Database(format!("export: no stored version of resource {rid} at {at}"));
         let (mut current, mut historical) = (current.iter(), historical.iter());
-        let (mut count, mut longest) = (0, 0);
+        let mut count = 0;
         for &(rid, version) in batch {
             let fetched;
-            let body: Option<&[u8]> = if version == 0 {
+            let body: Option<&str> = if version == 0 {
                 // Both in key order: skip nothing, since every run's key is in the batch.
                 let Some((_, row)) = current.next().filter(|(found, _)| *found == rid) else {
                     return Err(missing(rid));
                 };
                 if row.try_get::<_, i64>(1)? <= at {
-                    row.try_get::<_, Option<Text>>(2)?.map(|Text(body)| body)
+                    row.try_get(2)?
                 } else {
                     // Written since an earlier window resolved it: its version at `at` is in history.
                     fetched = self.body_at(db, rid)?;
-                    fetched.as_deref().map(str::as_bytes)
+                    fetched.as_deref()
                 }
             } else {
                 let Some(row) = historical.next().filter(|row| row.try_get::<_, i64>(0).ok() == Some(rid)) else {
                     return Err(missing(rid));
                 };
-                row.try_get::<_, Option<Text>>(1)?.map(|Text(body)| body)
+                row.try_get(1)?
             };
             let Some(body) = body else { return Err(missing(rid)) };
-            out.extend_from_slice(body);
+            out.extend_from_slice(body.as_bytes());
             out.push(b'\n');
-            longest = longest.max(body.len() + 1);
             count += 1;
         }
-        Ok((count, longest))
+        Ok(count)
+    }
+
+    /// [`Self::read_batch`] of one run of consecutive keys, all current rows: each row's text is
+    /// appended as it arrives and the row dropped, so the client's receive buffer is reused
+    /// instead of holding (and the allocator faulting in, then returning) a whole batch of rows.
+    fn stream_run(&self, db: &mut Db<'_>, (first, last): (i64, i64), out: &mut Vec<u8>) -> Result<u64, StoreError> {
+        use postgres::fallible_iterator::FallibleIterator;
+        let at = self.selection.transaction_time;
+        let missing = |rid: i64| StoreError::Database(format!("export: no stored version of resource {rid} at {at}"));
+        let statement = db.statement(
+            "SELECT rid, last_updated, body FROM resources WHERE tenant_id = $1 AND rid BETWEEN $2 AND $3 ORDER BY rid",
+        )?;
+        let params: [&(dyn postgres::types::ToSql + Sync); 3] = [&self.tenant.0, &first, &last];
+        // Written since an earlier window resolved them: their versions at `at` are in history,
+        // read once the stream is done and put in their places (by offset in `out`).
+        let mut later: Vec<(usize, i64)> = Vec::new();
+        let mut expected = first;
+        let mut rows = db.transaction.query_raw(&statement, params)?;
+        while let Some(row) = rows.next()? {
+            let rid: i64 = row.try_get(0)?;
+            if rid != expected {
+                return Err(missing(expected));
+            }
+            expected += 1;
+            if row.try_get::<_, i64>(1)? > at {
+                later.push((out.len(), rid));
+                continue;
+            }
+            let Some(Text(body)) = row.try_get(2)? else { return Err(missing(rid)) };
+            out.extend_from_slice(body);
+            out.push(b'\n');
+        }
+        drop(rows);
+        if expected != last + 1 {
+            return Err(missing(expected));
+        }
+        for (offset, rid) in later.into_iter().rev() {
+            let Some(body) = self.body_at(db, rid)? else { return Err(missing(rid)) };
+            let line = body.bytes().chain(std::iter::once(b'\n'));
+            out.splice(offset..offset, line);
+        }
+        Ok((last - first + 1) as u64)
     }
 
     /// The body of a resource's newest version no later than the transaction time.
