@@ -371,9 +371,9 @@ impl PgStore {
         selection: &MemberSelection,
         planned_at: Micros,
     ) -> Result<bool, StoreError> {
-        // No tenant-wide bound kept here: every check reads the members' watermarks.
-        let no_tenant_bound = || Ok(Micros::MAX);
-        self.plans.members_unchanged_since(tenant, selection, planned_at, no_tenant_bound, || {
+        // While no patient of the tenant changed since, the members are not sent at all.
+        let tenant_latest = || self.with_read(|db| plan_watermarks::tenant_latest_change(db, tenant));
+        self.plans.members_unchanged_since(tenant, selection, planned_at, tenant_latest, || {
             self.with_read(|db| plan_watermarks::members_latest_change(db, tenant, selection))
         })
     }
