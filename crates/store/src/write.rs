@@ -84,12 +84,11 @@ pub fn write_stamped_json(
 
     let empty = serde_json::Map::new();
     let object = body.as_object().unwrap_or(&empty);
-    let mut meta = match object.get("meta") {
-        Some(Value::Object(meta)) => meta.clone(),
-        _ => serde_json::Map::new(),
+    let meta = StampedMeta {
+        meta: object.get("meta").and_then(Value::as_object).unwrap_or(&empty),
+        version_id: &version.to_string(),
+        last_updated: &instant_text(last_updated),
     };
-    meta.insert("versionId".into(), Value::String(version.to_string()));
-    meta.insert("lastUpdated".into(), Value::String(format_instant(last_updated)));
     let mut serializer = serde_json::Serializer::new(out);
     let mut map = serializer.serialize_map(None)?;
     if let Some(resource_type) = object.get("resourceType") {
@@ -103,6 +102,57 @@ pub fn write_stamped_json(
         }
     }
     map.end()
+}
+
+/// A resource's `meta` with `versionId` and `lastUpdated` set, serialised from the stored
+/// resource's own `meta` without copying it: the other elements keep their order, a stamp the
+/// `meta` already had keeps its place (with the new value), and a missing one comes last
+/// (`versionId` first), exactly as inserting them into a copy of the map would.
+struct StampedMeta<'a> {
+    meta: &'a serde_json::Map<String, Value>,
+    version_id: &'a str,
+    last_updated: &'a str,
+}
+
+impl serde::Serialize for StampedMeta<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+
+        let mut map = serializer.serialize_map(None)?;
+        for (key, value) in self.meta {
+            match key.as_str() {
+                "versionId" => map.serialize_entry(key, self.version_id)?,
+                "lastUpdated" => map.serialize_entry(key, self.last_updated)?,
+                _ => map.serialize_entry(key, value)?,
+            }
+        }
+        if !self.meta.contains_key("versionId") {
+            map.serialize_entry("versionId", self.version_id)?;
+        }
+        if !self.meta.contains_key("lastUpdated") {
+            map.serialize_entry("lastUpdated", self.last_updated)?;
+        }
+        map.end()
+    }
+}
+
+/// [`format_instant`], remembered for the last instant formatted on this thread: every resource
+/// of a batch is stamped with the same one.
+fn instant_text(at: Micros) -> String {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Micros, String)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((cached, text)) if *cached == at => text.clone(),
+            _ => {
+                let text = format_instant(at);
+                *last = Some((at, text.clone()));
+                text
+            }
+        }
+    })
 }
 
 /// The patient ids a Group (as stored JSON text) exports at time `at`: every `member.entity`
@@ -249,6 +299,32 @@ mod tests {
         assert_eq!(body["meta"]["versionId"], "3");
         assert_eq!(body["meta"]["lastUpdated"], "1970-01-01T00:00:00.000000Z");
         assert_eq!(body["meta"]["profile"][0], "p");
+    }
+
+    /// The stamped `meta` is byte for byte what inserting the stamps into a copy of the map
+    /// gives: a stamp already there keeps its place, missing ones come last, `versionId` first.
+    #[test]
+    fn stamps_replace_in_place_and_append_in_order() {
+        let cases = [
+            json!({"resourceType": "Patient"}),
+            json!({"resourceType": "Patient", "meta": {}}),
+            json!({"resourceType": "Patient", "meta": "not an object"}),
+            json!({"resourceType": "Patient", "meta": {"lastUpdated": "x", "tag": [{"code": "t"}], "versionId": "7"}}),
+            json!({"resourceType": "Patient", "meta": {"source": "s", "lastUpdated": "x"}}),
+            json!({"resourceType": "Patient", "meta": {"versionId": "2", "profile": ["p"]}}),
+        ];
+        for (index, body) in cases.iter().enumerate() {
+            let at = 1_700_000_000_123_456 + index as i64;
+            let mut meta = match body.get("meta") {
+                Some(Value::Object(meta)) => meta.clone(),
+                _ => serde_json::Map::new(),
+            };
+            meta.insert("versionId".into(), Value::String("3".into()));
+            meta.insert("lastUpdated".into(), Value::String(format_instant(at)));
+            let expected = format!(r#"{{"resourceType":"Patient","id":"a","meta":{}}}"#, Value::Object(meta));
+            assert_eq!(stamped_json(body, "a", 3, at).unwrap(), expected, "case {index}");
+            assert_eq!(stamped_json(body, "a", 3, at).unwrap(), expected, "case {index}, the instant remembered");
+        }
     }
 
     #[test]
