@@ -104,6 +104,78 @@ pub fn write_stamped_json(
     map.end()
 }
 
+/// A resource's stored text prepared before its write, up to its stamps: a bulk load builds it
+/// on its own thread, and the writer only fills in `meta.versionId` and `meta.lastUpdated`.
+/// [`StampTemplate::stamp`] gives exactly [`stamped_json`]'s bytes.
+#[derive(Debug, Clone)]
+pub struct StampTemplate {
+    /// `{"resourceType":…,"id":…,"meta":{` and the other `meta` elements, each followed by a
+    /// comma; then, from `tail`, `}` and the resource's other elements and the closing brace.
+    text: Vec<u8>,
+    tail: usize,
+}
+
+impl StampTemplate {
+    /// `None` when the resource's `meta` already has a stamp (whose place the stamped text keeps)
+    /// or the body is not an object: such a resource is stamped by [`stamped_json`].
+    pub fn new(body: &Value, id: &str) -> Option<StampTemplate> {
+        let object = body.as_object()?;
+        let empty = serde_json::Map::new();
+        let meta = match object.get("meta") {
+            Some(Value::Object(meta)) => meta,
+            _ => &empty,
+        };
+        if meta.contains_key("versionId") || meta.contains_key("lastUpdated") {
+            return None;
+        }
+        let mut text = Vec::with_capacity(1024);
+        text.push(b'{');
+        if let Some(resource_type) = object.get("resourceType") {
+            template_entry(&mut text, "resourceType", resource_type)?;
+            text.push(b',');
+        }
+        template_entry(&mut text, "id", id)?;
+        text.extend_from_slice(b",\"meta\":{");
+        for (key, value) in meta {
+            template_entry(&mut text, key, value)?;
+            text.push(b',');
+        }
+        let tail = text.len();
+        text.push(b'}');
+        for (key, value) in object {
+            if !matches!(key.as_str(), "resourceType" | "id" | "meta") {
+                text.push(b',');
+                template_entry(&mut text, key, value)?;
+            }
+        }
+        text.push(b'}');
+        Some(StampTemplate { text, tail })
+    }
+
+    /// The stored text of the version `version` written at `last_updated`.
+    pub fn stamp(&self, version: i64, last_updated: Micros) -> String {
+        let (head, tail) = self.text.split_at(self.tail);
+        let last_updated = instant_text(last_updated);
+        let mut text = String::with_capacity(self.text.len() + 64);
+        // Built by serde_json from `str`s: valid UTF-8, and the stamps are ASCII.
+        text.push_str(std::str::from_utf8(head).unwrap_or_default());
+        text.push_str("\"versionId\":\"");
+        text.push_str(&version.to_string());
+        text.push_str("\",\"lastUpdated\":\"");
+        text.push_str(&last_updated);
+        text.push('"');
+        text.push_str(std::str::from_utf8(tail).unwrap_or_default());
+        text
+    }
+}
+
+/// `"key":value`, as serde_json's compact map serialisation writes an entry.
+fn template_entry<T: serde::Serialize + ?Sized>(text: &mut Vec<u8>, key: &str, value: &T) -> Option<()> {
+    serde_json::to_writer(&mut *text, key).ok()?;
+    text.push(b':');
+    serde_json::to_writer(&mut *text, value).ok()
+}
+
 /// A resource's `meta` with `versionId` and `lastUpdated` set, serialised from the stored
 /// resource's own `meta` without copying it: the other elements keep their order, a stamp the
 /// `meta` already had keeps its place (with the new value), and a missing one comes last
@@ -325,6 +397,33 @@ mod tests {
             assert_eq!(stamped_json(body, "a", 3, at).unwrap(), expected, "case {index}");
             assert_eq!(stamped_json(body, "a", 3, at).unwrap(), expected, "case {index}, the instant remembered");
         }
+    }
+
+    /// A template stamps exactly the bytes `stamped_json` writes, whatever the element order,
+    /// escapes, numbers and `meta`; a `meta` that already has a stamp gets no template.
+    #[test]
+    fn templates_stamp_the_same_bytes() {
+        let bodies = [
+            r#"{"resourceType":"Observation","id":"o","status":"final","valueQuantity":{"value":1.50}}"#,
+            r#"{"status":"final","id":"other","resourceType":"Observation","meta":{"profile":["p"]}}"#,
+            r#"{"resourceType":"Patient","meta":{},"name":[{"text":"a \"q\" \\ \u0001 é \/ \u00e9"}],"n":1e2}"#,
+            r#"{"meta":{"tag":[{"code":"t"}],"source":"s"},"resourceType":"Patient","a":[],"b":{},"c":null}"#,
+            r#"{"resourceType":"Patient","meta":"not an object","x":-0.0}"#,
+            r#"{"id":"no-type"}"#,
+        ];
+        for (index, text) in bodies.iter().enumerate() {
+            let body = bulkhead_fhir::parse_exact(text.as_bytes()).unwrap();
+            let at = 1_700_000_000_000_001 + index as i64;
+            let template = StampTemplate::new(&body, "new-id").unwrap();
+            for version in [1, 12] {
+                assert_eq!(template.stamp(version, at), stamped_json(&body, "new-id", version, at).unwrap(), "{text}");
+            }
+        }
+        for stamped in [r#"{"resourceType":"Patient","meta":{"versionId":"3"}}"#, r#"{"meta":{"lastUpdated":"x"}}"#] {
+            let body: Value = serde_json::from_str(stamped).unwrap();
+            assert!(StampTemplate::new(&body, "a").is_none(), "{stamped}");
+        }
+        assert!(StampTemplate::new(&json!([1]), "a").is_none());
     }
 
     #[test]

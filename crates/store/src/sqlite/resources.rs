@@ -8,8 +8,8 @@ use serde_json::Value;
 use super::write_memo::WriteMemo;
 use crate::write::search_tokens;
 use crate::{
-    group_members, stamped_json, LastUpdatedBound, SearchPage, SearchQuery, StoreError, StoredResource, TenantId,
-    Visibility, WriteOp, Written,
+    group_members, stamped_json, LastUpdatedBound, SearchPage, SearchQuery, StampTemplate, StoreError, StoredResource,
+    TenantId, Visibility, WriteOp, Written,
 };
 
 /// The current row of a resource, without its body.
@@ -44,6 +44,7 @@ pub(super) fn apply(
     tenant: TenantId,
     owner: Option<&str>,
     op: &WriteOp,
+    template: Option<&StampTemplate>,
     timestamp: Micros,
 ) -> Result<Written, StoreError> {
     let resource_type = op.resource_type().to_owned();
@@ -52,7 +53,7 @@ pub(super) fn apply(
             if current(transaction, tenant, &resource_type, id)?.is_some() {
                 return Err(StoreError::Conflict(format!("{resource_type}/{id} already exists")));
             }
-            put(transaction, memo, tenant, owner, &resource_type, id, body, None, timestamp)
+            put(transaction, memo, tenant, owner, &resource_type, id, (body, template), None, timestamp)
         }
         WriteOp::Update { id, body, if_match, .. } => {
             let existing = current(transaction, tenant, &resource_type, id)?;
@@ -76,7 +77,7 @@ pub(super) fn apply(
                     return Ok(unchanged);
                 }
             }
-            put(transaction, memo, tenant, owner, &resource_type, id, body, existing, timestamp)
+            put(transaction, memo, tenant, owner, &resource_type, id, (body, template), existing, timestamp)
         }
         WriteOp::Delete { id, .. } => delete(transaction, memo, tenant, owner, &resource_type, id, timestamp),
     }
@@ -105,12 +106,16 @@ fn put(
     owner: Option<&str>,
     resource_type: &str,
     id: &str,
-    body: &Value,
+    (body, template): (&Value, Option<&StampTemplate>),
     existing: Option<Current>,
     timestamp: Micros,
 ) -> Result<Written, StoreError> {
     let version = existing.as_ref().map_or(1, |existing| existing.version + 1);
-    let text = stamped_json(body, id, version, timestamp)?;
+    let text = match template {
+        // Prepared by the caller from this body and id.
+        Some(template) => template.stamp(version, timestamp),
+        None => stamped_json(body, id, version, timestamp)?,
+    };
     let created = existing.as_ref().is_none_or(|existing| existing.deleted);
     let rid = match &existing {
         Some(existing) => {
