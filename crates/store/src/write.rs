@@ -104,6 +104,31 @@ pub fn write_stamped_json(
     map.end()
 }
 
+/// What a write derives from a resource's body, computed before the write: a bulk load prepares
+/// it on its own thread while the previous batch is written, and the writer only stamps the text
+/// and inserts the rows. Built from the op's type, id and body ([`PreparedWrite::new`]), it holds
+/// exactly what the writer would have computed from them.
+#[derive(Debug, Clone)]
+pub struct PreparedWrite {
+    pub(crate) template: Option<StampTemplate>,
+    /// `patient_compartments_of`: the patients whose compartments hold the resource.
+    pub(crate) patients: Vec<String>,
+    /// `outgoing_references`: references outside the Patient compartment and Provenance targets.
+    pub(crate) references: Vec<bulkhead_fhir::references::OutgoingReference>,
+    pub(crate) tokens: Vec<(&'static str, String, String)>,
+}
+
+impl PreparedWrite {
+    pub fn new(resource_type: &str, id: &str, body: &Value) -> PreparedWrite {
+        PreparedWrite {
+            template: StampTemplate::new(body, id),
+            patients: bulkhead_fhir::compartment::patient_compartments_of(resource_type, id, body),
+            references: bulkhead_fhir::references::outgoing_references(resource_type, body),
+            tokens: search_tokens(body),
+        }
+    }
+}
+
 /// A resource's stored text prepared before its write, up to its stamps: a bulk load builds it
 /// on its own thread, and the writer only fills in `meta.versionId` and `meta.lastUpdated`.
 /// [`StampTemplate::stamp`] gives exactly [`stamped_json`]'s bytes.

@@ -214,12 +214,11 @@ pub(super) fn sync_references(
     tenant: TenantId,
     resource_type: &str,
     rid: i64,
-    body: &Value,
+    references: &[OutgoingReference],
     timestamp: Micros,
     is_new_row: bool,
 ) -> Result<(), StoreError> {
     note_type_changed(transaction, memo, tenant, resource_type, timestamp)?;
-    let references = outgoing_references(resource_type, body);
     if references.iter().any(|reference| !reference.provenance_target) && memo.first_referencing_type(resource_type) {
         note_referencing_type(transaction, tenant.0, resource_type)?;
     }

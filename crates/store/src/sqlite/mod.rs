@@ -44,32 +44,20 @@ pub struct SqliteOptions {
     /// A cap on the database file, in pages (`PRAGMA max_page_count`): writes past it fail as
     /// [`StoreError::StorageFull`], as on a full disk. `None`: no cap but the disk's.
     pub max_page_count: Option<u64>,
-    /// WAL pages after which a commit checkpoints (`PRAGMA wal_autocheckpoint`; `None`: SQLite's
-    /// 1,000). Commits are as durable either way; a larger WAL copies an index page that many
-    /// commits rewrote into the database once instead of once per checkpoint.
-    pub wal_autocheckpoint_pages: Option<u32>,
 }
 
 impl Default for SqliteOptions {
     /// Sized for a server: its memory must stay small during exports of any size.
     fn default() -> Self {
-        SqliteOptions {
-            writer_cache_mib: 16,
-            reader_cache_mib: 4,
-            idle_readers: 4,
-            max_page_count: None,
-            wal_autocheckpoint_pages: None,
-        }
+        SqliteOptions { writer_cache_mib: 16, reader_cache_mib: 4, idle_readers: 4, max_page_count: None }
     }
 }
 
 impl SqliteOptions {
     /// Sized for a bulk load: a large writer cache keeps the indexes' hot pages in memory, within
-    /// an import's 400 MB budget (the rest is batches in flight), and the WAL grows to 256 MiB
-    /// (16 KiB pages) between checkpoints: a bulk load's random-key index pages are rewritten by
-    /// nearly every commit, and each checkpoint copies them back once.
+    /// an import's 400 MB budget (the rest is batches in flight).
     pub fn bulk_load() -> Self {
-        SqliteOptions { writer_cache_mib: 128, wal_autocheckpoint_pages: Some(16_384), ..SqliteOptions::default() }
+        SqliteOptions { writer_cache_mib: 128, ..SqliteOptions::default() }
     }
 }
 
@@ -111,9 +99,6 @@ impl SqliteStore {
         if let Some(pages) = options.max_page_count {
             // Per connection; only the writer grows the file.
             writer.pragma_update(None, "max_page_count", pages)?;
-        }
-        if let Some(pages) = options.wal_autocheckpoint_pages {
-            writer.pragma_update(None, "wal_autocheckpoint", pages)?;
         }
         Ok(SqliteStore {
             writer: Mutex::new(writer),
@@ -202,14 +187,14 @@ impl SqliteStore {
         Ok(size(&wal))
     }
 
-    /// [`crate::Store::write_audited`] with the ops' stamp templates (`templates[i]` for
-    /// `ops[i]`; missing entries: none).
+    /// [`crate::Store::write_audited`] with what was prepared for the ops (`prepared[i]` for
+    /// `ops[i]`; missing entries: nothing).
     fn write_ops(
         &self,
         tenant: TenantId,
         owner: Option<&str>,
         ops: &[WriteOp],
-        templates: &[Option<crate::StampTemplate>],
+        prepared: &[Option<crate::PreparedWrite>],
         mode: WriteMode,
         audit_records: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
@@ -217,7 +202,7 @@ impl SqliteStore {
             let mut results = Vec::with_capacity(ops.len());
             let mut memo = write_memo::WriteMemo::default();
             for (index, op) in ops.iter().enumerate() {
-                let template = templates.get(index).and_then(Option::as_ref);
+                let prepared = prepared.get(index).and_then(Option::as_ref);
                 match mode {
                     WriteMode::Transaction => {
                         results.push(Ok(resources::apply(
@@ -226,14 +211,14 @@ impl SqliteStore {
                             tenant,
                             owner,
                             op,
-                            template,
+                            prepared,
                             timestamp,
                         )?));
                     }
                     WriteMode::Batch => {
                         // A savepoint per entry: a failed entry leaves no partial rows behind.
                         transaction.prepare_cached("SAVEPOINT entry")?.execute([])?;
-                        let result = resources::apply(transaction, &mut memo, tenant, owner, op, template, timestamp);
+                        let result = resources::apply(transaction, &mut memo, tenant, owner, op, prepared, timestamp);
                         // The store's own failure ends the whole write; SQLite may already have
                         // rolled the transaction back (it does on SQLITE_FULL), savepoint and all.
                         if let Err(error) = result {
@@ -407,15 +392,15 @@ impl crate::Store for SqliteStore {
         self.write_ops(tenant, owner, ops, &[], mode, audit_records)
     }
 
-    fn write_templated(
+    fn write_prepared(
         &self,
         tenant: TenantId,
         owner: Option<&str>,
         ops: &[WriteOp],
-        templates: &[Option<crate::StampTemplate>],
+        prepared: &[Option<crate::PreparedWrite>],
         mode: WriteMode,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
-        self.write_ops(tenant, owner, ops, templates, mode, &|_: &[Result<Written, StoreError>]| Vec::new())
+        self.write_ops(tenant, owner, ops, prepared, mode, &|_: &[Result<Written, StoreError>]| Vec::new())
     }
 
     fn read(

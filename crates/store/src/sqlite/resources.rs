@@ -1,6 +1,7 @@
 //! Versioned resources: writes (with the compartment index, search tokens and Group membership
 //! history kept in step), reads, history and search.
 
+use bulkhead_fhir::references::outgoing_references;
 use bulkhead_fhir::{compartment::patient_compartments_of, resource_type_code, Micros};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, ToSql, Transaction};
 use serde_json::Value;
@@ -8,7 +9,7 @@ use serde_json::Value;
 use super::write_memo::WriteMemo;
 use crate::write::search_tokens;
 use crate::{
-    group_members, stamped_json, LastUpdatedBound, SearchPage, SearchQuery, StampTemplate, StoreError, StoredResource,
+    group_members, stamped_json, LastUpdatedBound, PreparedWrite, SearchPage, SearchQuery, StoreError, StoredResource,
     TenantId, Visibility, WriteOp, Written,
 };
 
@@ -44,7 +45,7 @@ pub(super) fn apply(
     tenant: TenantId,
     owner: Option<&str>,
     op: &WriteOp,
-    template: Option<&StampTemplate>,
+    prepared: Option<&PreparedWrite>,
     timestamp: Micros,
 ) -> Result<Written, StoreError> {
     let resource_type = op.resource_type().to_owned();
@@ -53,7 +54,7 @@ pub(super) fn apply(
             if current(transaction, tenant, &resource_type, id)?.is_some() {
                 return Err(StoreError::Conflict(format!("{resource_type}/{id} already exists")));
             }
-            put(transaction, memo, tenant, owner, &resource_type, id, (body, template), None, timestamp)
+            put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), None, timestamp)
         }
         WriteOp::Update { id, body, if_match, .. } => {
             let existing = current(transaction, tenant, &resource_type, id)?;
@@ -77,7 +78,7 @@ pub(super) fn apply(
                     return Ok(unchanged);
                 }
             }
-            put(transaction, memo, tenant, owner, &resource_type, id, (body, template), existing, timestamp)
+            put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), existing, timestamp)
         }
         WriteOp::Delete { id, .. } => delete(transaction, memo, tenant, owner, &resource_type, id, timestamp),
     }
@@ -106,13 +107,26 @@ fn put(
     owner: Option<&str>,
     resource_type: &str,
     id: &str,
-    (body, template): (&Value, Option<&StampTemplate>),
+    (body, prepared): (&Value, Option<&PreparedWrite>),
     existing: Option<Current>,
     timestamp: Micros,
 ) -> Result<Written, StoreError> {
     let version = existing.as_ref().map_or(1, |existing| existing.version + 1);
-    let text = match template {
-        // Prepared by the caller from this body and id.
+    // What the caller prepared from this body, type and id, or computed here.
+    let computed;
+    let derived = match prepared {
+        Some(prepared) => prepared,
+        None => {
+            computed = PreparedWrite {
+                template: None,
+                patients: patient_compartments_of(resource_type, id, body),
+                references: outgoing_references(resource_type, body),
+                tokens: search_tokens(body),
+            };
+            &computed
+        }
+    };
+    let text = match &derived.template {
         Some(template) => template.stamp(version, timestamp),
         None => stamped_json(body, id, version, timestamp)?,
     };
@@ -144,11 +158,20 @@ fn put(
         Some(existing) => existing.owner.as_deref(),
         None => owner,
     };
-    let patients = patient_compartments_of(resource_type, id, body);
-    let compartments = Compartments { patients, owner: stored_owner, is_new_row };
+    let compartments = Compartments { patients: &derived.patients, owner: stored_owner, is_new_row };
     sync_compartments(transaction, memo, tenant, resource_type, rid, compartments, timestamp)?;
-    sync_search_tokens(transaction, tenant, resource_type, rid, body, is_new_row)?;
-    super::associated::sync_references(transaction, memo, tenant, resource_type, rid, body, timestamp, is_new_row)?;
+    sync_search_tokens(transaction, tenant, resource_type, rid, &derived.tokens, is_new_row)?;
+    let references = &derived.references;
+    super::associated::sync_references(
+        transaction,
+        memo,
+        tenant,
+        resource_type,
+        rid,
+        references,
+        timestamp,
+        is_new_row,
+    )?;
     // Most writes find no Provenance waiting for them; the memo knows when none can be.
     if is_new_row && memo.may_have_unresolved_targets(transaction, tenant)? {
         super::provenance_targets::resolve_new_target(transaction, tenant, resource_type, id, rid)?;
@@ -287,7 +310,7 @@ fn patient_key(transaction: &Transaction<'_>, tenant: TenantId, patient: &str) -
 
 /// The patient compartments of a new version, its owner, and whether its resource row is new.
 struct Compartments<'a> {
-    patients: Vec<String>,
+    patients: &'a [String],
     owner: Option<&'a str>,
     is_new_row: bool,
 }
@@ -338,7 +361,7 @@ fn sync_compartments(
         "INSERT INTO compartment (pkey, type_code, rid, from_ts, tenant_id, last_updated, deleted, owner)
          VALUES (?1, ?2, ?3, ?4, ?5, ?4, 0, ?6)",
     )?;
-    for patient in &patients {
+    for patient in patients {
         // Every patient of the new version has a row that changed (opened or updated).
         let pkey = touch_patient(transaction, memo, tenant, patient, timestamp)?;
         if !open.iter().any(|(_, open)| open == patient) {
@@ -353,13 +376,12 @@ fn sync_search_tokens(
     tenant: TenantId,
     resource_type: &str,
     rid: i64,
-    body: &Value,
+    tokens: &[(&'static str, String, String)],
     is_new_row: bool,
 ) -> Result<(), StoreError> {
     if !is_new_row {
         transaction.prepare_cached("DELETE FROM search_token WHERE rid = ?1")?.execute([rid])?;
     }
-    let tokens = search_tokens(body);
     if tokens.is_empty() {
         return Ok(());
     }
