@@ -174,6 +174,8 @@ impl StampTemplate {
             }
         }
         text.push(b'}');
+        // A batch's templates live until it is written: no doubling slack (a server's memory).
+        text.shrink_to_fit();
         Some(StampTemplate { text, tail })
     }
 
