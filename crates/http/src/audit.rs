@@ -427,41 +427,101 @@ fn entry_records(
             .map(|((op, patients), result)| written_record(template, op, patients, result))
             .collect();
     };
+    // Per entry only what the listing shows is worked out (this runs under the store's write
+    // lock, once per entry of Bundles of thousands): no per-entry record, no JSON tree.
     let mut written = ops.iter().zip(patients_of_ops).zip(results);
     let mut listed = Vec::with_capacity(bundle.entries.len());
-    let mut patients = Vec::new();
+    let mut patients: Vec<&String> = Vec::new();
     let mut failed = 0;
     for (index, entry) in bundle.entries.iter().enumerate() {
-        let record = match *entry {
+        let outcome = match *entry {
             BundleEntry::Unwritten => continue,
-            BundleEntry::Refused(status) => AuditRecord {
-                action: "refused".into(),
+            BundleEntry::Refused(status) => EntryOutcome {
+                action: "refused",
                 target: format!("Bundle.entry[{index}]"),
-                outcome: outcome_of(status).to_owned(),
+                outcome: outcome_of(status),
                 status: status.as_u16(),
-                ..template.clone()
             },
             BundleEntry::Written => {
-                let Some(((op, patients), result)) = written.next() else { break };
-                written_record(template, op, patients, result)
+                let Some(((op, entry_patients), result)) = written.next() else { break };
+                patients.extend(entry_patients);
+                EntryOutcome::of(op, result)
             }
         };
-        failed += usize::from(record.outcome != "success");
-        listed.push(json!({"entry": index, "action": record.action, "target": record.target,
-            "outcome": record.outcome, "status": record.status}));
-        patients.extend(record.patients);
+        failed += usize::from(outcome.outcome != "success");
+        listed.push(ListedEntry { entry: index, outcome });
     }
     patients.sort_unstable();
     patients.dedup();
+    let detail = serde_json::to_string(&BundleDetail { entries: &listed, failed })
+        .expect("a Bundle's audit detail is plain strings and numbers");
     vec![AuditRecord {
         action: bundle.kind.to_owned(),
         target: "Bundle".into(),
         outcome: if failed == 0 { "success" } else { "failure" }.into(),
         status: 200,
-        detail: json!({"entries": listed, "failed": failed}).to_string(),
-        patients,
+        detail,
+        patients: patients.into_iter().cloned().collect(),
         ..template.clone()
     }]
+}
+
+/// What one written entry came to: its record's action, target, outcome and status.
+#[derive(serde::Serialize)]
+struct EntryOutcome {
+    action: &'static str,
+    target: String,
+    outcome: &'static str,
+    status: u16,
+}
+
+impl EntryOutcome {
+    fn of(op: &WriteOp, result: &Result<Written, StoreError>) -> EntryOutcome {
+        match result {
+            Ok(written) => EntryOutcome {
+                action: if written.created { "create" } else { op_action(op) },
+                target: format!("{}/{}/_history/{}", written.resource_type, written.id, written.version),
+                outcome: "success",
+                status: match (written.created, written.deleted) {
+                    (true, _) => 201,
+                    (_, true) => 204,
+                    _ => 200,
+                },
+            },
+            Err(error) => {
+                let status = store_error_status(error);
+                EntryOutcome {
+                    action: op_action(op),
+                    target: format!("{}/{}", op.resource_type(), op.id()),
+                    outcome: outcome_of(status),
+                    status: status.as_u16(),
+                }
+            }
+        }
+    }
+}
+
+fn op_action(op: &WriteOp) -> &'static str {
+    match op {
+        WriteOp::Create { .. } => "create",
+        WriteOp::Update { .. } => "update",
+        WriteOp::Delete { .. } => "delete",
+    }
+}
+
+/// One line of a Bundle record's `detail.entries`.
+#[derive(serde::Serialize)]
+struct ListedEntry {
+    entry: usize,
+    #[serde(flatten)]
+    outcome: EntryOutcome,
+}
+
+/// A Bundle record's `detail`.
+#[derive(serde::Serialize)]
+struct BundleDetail<'a> {
+    entries: &'a [ListedEntry],
+    failed: usize,
 }
 
 /// The patients whose compartment a write op's resource is in, sorted.
@@ -486,28 +546,10 @@ fn written_record(
     result: &Result<Written, StoreError>,
 ) -> AuditRecord {
     let mut detail = Map::new();
-    let action = match op {
-        WriteOp::Create { .. } => "create",
-        WriteOp::Update { .. } => "update",
-        WriteOp::Delete { .. } => "delete",
-    };
-    let (action, target, outcome, status) = match result {
-        Ok(written) => {
-            let action = if written.created { "create" } else { action };
-            detail.insert("changed".into(), json!(written.changed));
-            let target = format!("{}/{}/_history/{}", written.resource_type, written.id, written.version);
-            let status = match (written.created, written.deleted) {
-                (true, _) => 201,
-                (_, true) => 204,
-                _ => 200,
-            };
-            (action, target, "success", status)
-        }
-        Err(error) => {
-            let status = store_error_status(error);
-            (action, format!("{}/{}", op.resource_type(), op.id()), outcome_of(status), status.as_u16())
-        }
-    };
+    if let Ok(written) = result {
+        detail.insert("changed".into(), json!(written.changed));
+    }
+    let EntryOutcome { action, target, outcome, status } = EntryOutcome::of(op, result);
     AuditRecord {
         action: action.to_owned(),
         target,

@@ -328,7 +328,14 @@ fn compute(
     let any_provenance = request.provenance != ProvenanceSelection::None
         && db
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM reference_index WHERE tenant_id = $1 AND provenance_target)",
+                // One probe into each of the two partial indexes that together hold every
+                // Provenance.target row (with and without its target's key): `provenance_target`
+                // alone matches neither index, and read the tenant's whole reference index when
+                // it has no Provenance at all.
+                "SELECT EXISTS (SELECT 1 FROM reference_index
+                                WHERE tenant_id = $1 AND provenance_target AND target_rid IS NOT NULL)
+                     OR EXISTS (SELECT 1 FROM reference_index
+                                WHERE tenant_id = $1 AND provenance_target AND target_rid IS NULL)",
                 &[&tenant.0],
             )?
             .try_get::<_, bool>(0)?;
