@@ -12,7 +12,7 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use bulkhead_store::{Store, StoreError, TenantId, WriteMode, WriteOp, Written};
+use bulkhead_store::{PreparedWrite, Store, StoreError, TenantId, WriteMode, WriteOp, Written};
 use serde_json::Value;
 
 use crate::validate::{describe_issues, parse_resource, validate_resource, ValidationMode};
@@ -78,10 +78,12 @@ impl ImportSummary {
     }
 }
 
-/// A batch on its way to the writer thread.
-type Batch = (Vec<Location>, Vec<WriteOp>);
+/// A batch on its way to the writer thread: each op with what its write derives from its body
+/// (the stored text up to the stamps, compartments, references, search tokens) prepared here,
+/// beside the parsing, while the writer thread writes the previous batch.
+type Batch = (Vec<Location>, Vec<WriteOp>, Vec<Option<PreparedWrite>>);
 /// A written batch coming back (its operations too, so they are freed on the importing thread).
-type WrittenBatch = Result<(Vec<Location>, Vec<WriteOp>, Vec<Result<Written, StoreError>>), StoreError>;
+type WrittenBatch = Result<(Batch, Vec<Result<Written, StoreError>>), StoreError>;
 
 /// The thread that writes batches while the importer prepares the next one (parsing, validating
 /// and resolving references overlap with SQLite's work).
@@ -104,7 +106,7 @@ pub struct Importer {
     known: KnownIds,
     /// `fullUrl` → `Type/id` for Bundle entries whose fullUrl is not `urn:uuid:<their id>`.
     aliases: HashMap<String, String>,
-    pending: Vec<(Location, WriteOp)>,
+    pending: Vec<(Location, WriteOp, Option<PreparedWrite>)>,
     /// JSON text bytes of the pending batch.
     pending_bytes: usize,
     /// The text size of the resource being added (set by `add_line`).
@@ -258,7 +260,8 @@ impl Importer {
             self.fail(location, describe_issues(&error.issues));
             return Ok(());
         }
-        self.pending.push((location, WriteOp::Update { resource_type, id, body: resource, if_match: None }));
+        let prepared = Some(PreparedWrite::new(&resource_type, &id, &resource));
+        self.pending.push((location, WriteOp::Update { resource_type, id, body: resource, if_match: None }, prepared));
         self.pending_bytes += self.size_hint;
         if self.pending.len() >= BATCH || self.pending_bytes >= self.batch_bytes {
             self.flush()?;
@@ -306,7 +309,14 @@ impl Importer {
             return Ok(());
         }
         self.pending_bytes = 0;
-        let batch: Batch = std::mem::take(&mut self.pending).into_iter().unzip();
+        let pending = std::mem::take(&mut self.pending);
+        let mut batch: Batch =
+            (Vec::with_capacity(pending.len()), Vec::with_capacity(pending.len()), Vec::with_capacity(pending.len()));
+        for (location, op, prepared) in pending {
+            batch.0.push(location);
+            batch.1.push(op);
+            batch.2.push(prepared);
+        }
         let writer = match &mut self.writer {
             Some(writer) => writer,
             None => self.writer.insert(start_writer(self.store.clone(), self.tenant, self.owner.clone())),
@@ -328,7 +338,7 @@ impl Importer {
 
     /// Counts a written batch's outcomes; per-entry failures are recorded, database failures abort.
     fn record(&mut self, written: WrittenBatch) -> Result<(), StoreError> {
-        let (locations, _ops, results) = written?;
+        let ((locations, _ops, _prepared), results) = written?;
         for (location, result) in locations.into_iter().zip(results) {
             match result {
                 Ok(written) => self.summary.count(&written),
@@ -376,12 +386,12 @@ fn start_writer(store: Arc<dyn Store>, tenant: TenantId, owner: Option<String>) 
     let (batches, incoming) = sync_channel::<Batch>(1);
     let (outgoing, written) = channel::<WrittenBatch>();
     let thread = std::thread::spawn(move || {
-        for (locations, ops) in incoming {
-            let results = write_batch(store.as_ref(), tenant, owner.as_deref(), &ops);
+        for (locations, ops, prepared) in incoming {
+            let results = write_batch(store.as_ref(), tenant, owner.as_deref(), &ops, &prepared);
             // Stop at a failed batch: nothing after it is written, so what was recorded before
             // the error is exactly what is stored.
             let failed = results.is_err();
-            if outgoing.send(results.map(|results| (locations, ops, results))).is_err() || failed {
+            if outgoing.send(results.map(|results| ((locations, ops, prepared), results))).is_err() || failed {
                 return;
             }
         }
@@ -396,11 +406,12 @@ fn write_batch(
     tenant: TenantId,
     owner: Option<&str>,
     ops: &[WriteOp],
+    prepared: &[Option<PreparedWrite>],
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
-    match store.write(tenant, owner, ops, WriteMode::Transaction) {
+    match store.write_prepared(tenant, owner, ops, prepared, WriteMode::Transaction) {
         Ok(results) => Ok(results),
         Err(error) if error.is_store_failure() => Err(error),
-        Err(_) => store.write(tenant, owner, ops, WriteMode::Batch),
+        Err(_) => store.write_prepared(tenant, owner, ops, prepared, WriteMode::Batch),
     }
 }
 

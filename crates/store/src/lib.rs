@@ -35,7 +35,7 @@ pub use plan_cache::PlanCacheStats;
 pub use retention::{PruneReport, StorageBytes};
 pub use search::{IdentifierQuery, LastUpdatedBound, ReferenceQuery, SearchPage, SearchQuery};
 pub use shared_state::{next_kid, LoginWindow, TokenKey};
-pub use write::{group_members, stamped_json, WriteMode, WriteOp, Written};
+pub use write::{group_members, stamped_json, PreparedWrite, StampTemplate, WriteMode, WriteOp, Written};
 
 use bulkhead_fhir::Micros;
 
@@ -118,6 +118,23 @@ pub trait Store: Send + Sync + 'static {
         mode: WriteMode,
         audit: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError>;
+
+    /// [`Store::write`] with what each op's write derives from its body prepared ahead
+    /// (`prepared[i]` for `ops[i]`, built by [`PreparedWrite::new`] from that op's type, id and
+    /// body; `None`, or a missing entry, for ops without one): a bulk load prepares them on its
+    /// own thread while the previous batch is written. The result is exactly [`Store::write`]'s;
+    /// a store that has no use for them writes the ops as they are.
+    fn write_prepared(
+        &self,
+        tenant: TenantId,
+        owner: Option<&str>,
+        ops: &[WriteOp],
+        prepared: &[Option<PreparedWrite>],
+        mode: WriteMode,
+    ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        let _ = prepared;
+        self.write(tenant, owner, ops, mode)
+    }
 
     /// The current version (possibly a tombstone) of a resource visible to `visibility`.
     fn read(

@@ -7,8 +7,8 @@ use crate::TokenKey;
 use crate::{
     AssociatedRequest, AuditCohort, AuditQuery, AuditRecord, ClientRegistration, ExportJob, ExportJobState,
     ExportRecord, IdentifierQuery, JobAdmission, JobLease, JobPart, LastUpdatedBound, MemberSelection, PartRange,
-    ProvenanceSelection, ReferenceQuery, ReferencedTypes, SearchQuery, SelectionScope, Store, StoreError, TenantId,
-    Visibility, WriteMode, WriteOp, Written,
+    PreparedWrite, ProvenanceSelection, ReferenceQuery, ReferencedTypes, SearchQuery, SelectionScope, Store,
+    StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 use bulkhead_fhir::type_filter::{TypeFilter, TypeFilters};
 
@@ -48,7 +48,8 @@ macro_rules! store_test_suite {
             existing_patients_are_exact_through_the_plan_cache,
             groups_at_a_time_share_each_versions_members, missing_members_are_exact_through_the_plan_cache,
             token_keys_are_stored_once_and_rotated, quota_buckets_are_shared_and_refill,
-            login_failures_count_in_fixed_windows, bulk_writes_index_exactly_as_single_writes);
+            login_failures_count_in_fixed_windows, bulk_writes_index_exactly_as_single_writes,
+            prepared_writes_store_what_plain_writes_store);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -2599,4 +2600,91 @@ pub fn missing_members_are_exact_through_the_plan_cache(store: &dyn Store) {
     let other = tenant(store, "other");
     let selection = MemberSelection { members: members.clone(), ..selection(store, &[], None) };
     assert_eq!(store.missing_members(other, &selection).unwrap(), ["a", "b", "c", "d"], "per tenant");
+}
+
+/// A write with its ops prepared ahead (a bulk load's) stores exactly what the same write without
+/// them stores: the same outcomes, versions and no-ops, each new version's text byte for byte
+/// ([`crate::stamped_json`] of its body at its time, read back as written), and the same
+/// compartment and search index entries.
+pub fn prepared_writes_store_what_plain_writes_store(store: &dyn Store) {
+    let update = |body: Value| WriteOp::Update {
+        resource_type: body["resourceType"].as_str().unwrap().to_owned(),
+        id: body["id"].as_str().unwrap().to_owned(),
+        body,
+        if_match: None,
+    };
+    let bodies = [
+        patient("p1"),
+        observation("o1", "p1", 1),
+        json!({"status": "final", "resourceType": "Observation", "id": "o2",
+               "meta": {"profile": ["urn:p"], "tag": [{"code": "t"}]}, "code": {"text": "é \"q\" \\ \u{1}"},
+               "subject": {"reference": "Patient/p1"}, "valueQuantity": {"value": 1.50}}),
+        // A stamp already in meta: no template.
+        json!({"resourceType": "Patient", "id": "p2", "meta": {"versionId": "9"}}),
+    ];
+    for mode in [WriteMode::Transaction, WriteMode::Batch] {
+        let plain = tenant(store, &format!("plain-{mode:?}"));
+        let templated = tenant(store, &format!("templated-{mode:?}"));
+        for round in 0..3 {
+            let mut ops: Vec<WriteOp> = bodies.iter().cloned().map(update).collect();
+            if round == 1 {
+                // An update of one resource; the others are unchanged.
+                ops[1] = update(observation("o1", "p1", 2));
+            }
+            if round == 2 {
+                ops.push(WriteOp::Delete { resource_type: "Patient".into(), id: "p2".into() });
+            }
+            // One op (the last) has no entry at all.
+            let prepared: Vec<Option<PreparedWrite>> = ops[..ops.len() - 1]
+                .iter()
+                .map(|op| match op {
+                    WriteOp::Update { resource_type, body, id, .. } => {
+                        Some(PreparedWrite::new(resource_type, id, body))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let expected = store.write(plain, None, &ops, mode).unwrap();
+            let written = store.write_prepared(templated, None, &ops, &prepared, mode).unwrap();
+            for ((op, expected), written) in ops.iter().zip(expected).zip(written) {
+                let (expected, written) = (expected.unwrap(), written.unwrap());
+                let outcome = |w: &Written| (w.version, w.created, w.deleted, w.changed, w.body.is_some());
+                assert_eq!(outcome(&written), outcome(&expected), "{mode:?} round {round}: {}", op.id());
+                let stored = store.read(templated, &Visibility::Tenant, op.resource_type(), op.id()).unwrap().unwrap();
+                // (In round 2, p2's update is followed by its deletion.)
+                if round < 2 || op.id() != "p2" {
+                    assert_eq!(stored.body, written.body, "read back as written");
+                }
+                if let (WriteOp::Update { body, id, .. }, true) = (op, written.changed) {
+                    let text = crate::stamped_json(body, id, written.version, written.last_updated).unwrap();
+                    assert_eq!(written.body.as_deref(), Some(text.as_str()), "{mode:?} round {round}: {id}");
+                }
+            }
+            // The same index entries: search tokens and the patient's compartment.
+            let found = |t: TenantId, query: SearchQuery| -> Vec<String> {
+                let page = store.search(t, &Visibility::Tenant, &query).unwrap();
+                page.resources.into_iter().map(|resource| resource.id).collect()
+            };
+            let by_patient = || SearchQuery {
+                resource_type: "Observation".into(),
+                count: 10,
+                references: vec![ReferenceQuery { param: "patient", target_type: None, id: "p1".into() }],
+                ..Default::default()
+            };
+            let by_identifier = || SearchQuery {
+                resource_type: "Patient".into(),
+                count: 10,
+                identifiers: vec![IdentifierQuery { system: Some("urn:mrn".into()), value: "mrn-p1".into() }],
+                ..Default::default()
+            };
+            assert_eq!(found(templated, by_patient()), ["o1", "o2"]);
+            assert_eq!(found(templated, by_identifier()), ["p1"]);
+            assert_eq!(found(templated, by_patient()), found(plain, by_patient()));
+            let members = [("p1", None)];
+            assert_eq!(
+                export_ids(store, templated, &selection(store, &members, None), "Observation"),
+                export_ids(store, plain, &selection(store, &members, None), "Observation"),
+            );
+        }
+    }
 }

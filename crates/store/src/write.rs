@@ -84,12 +84,11 @@ pub fn write_stamped_json(
 
     let empty = serde_json::Map::new();
     let object = body.as_object().unwrap_or(&empty);
-    let mut meta = match object.get("meta") {
-        Some(Value::Object(meta)) => meta.clone(),
-        _ => serde_json::Map::new(),
+    let meta = StampedMeta {
+        meta: object.get("meta").and_then(Value::as_object).unwrap_or(&empty),
+        version_id: &version.to_string(),
+        last_updated: &instant_text(last_updated),
     };
-    meta.insert("versionId".into(), Value::String(version.to_string()));
-    meta.insert("lastUpdated".into(), Value::String(format_instant(last_updated)));
     let mut serializer = serde_json::Serializer::new(out);
     let mut map = serializer.serialize_map(None)?;
     if let Some(resource_type) = object.get("resourceType") {
@@ -103,6 +102,156 @@ pub fn write_stamped_json(
         }
     }
     map.end()
+}
+
+/// What a write derives from a resource's body, computed before the write: a bulk load prepares
+/// it on its own thread while the previous batch is written, and the writer only stamps the text
+/// and inserts the rows. Built from the op's type, id and body ([`PreparedWrite::new`]), it holds
+/// exactly what the writer would have computed from them.
+#[derive(Debug, Clone)]
+pub struct PreparedWrite {
+    pub(crate) template: Option<StampTemplate>,
+    /// `patient_compartments_of`: the patients whose compartments hold the resource.
+    pub(crate) patients: Vec<String>,
+    /// `outgoing_references`: references outside the Patient compartment and Provenance targets.
+    pub(crate) references: Vec<bulkhead_fhir::references::OutgoingReference>,
+    pub(crate) tokens: Vec<(&'static str, String, String)>,
+}
+
+impl PreparedWrite {
+    pub fn new(resource_type: &str, id: &str, body: &Value) -> PreparedWrite {
+        PreparedWrite {
+            template: StampTemplate::new(body, id),
+            patients: bulkhead_fhir::compartment::patient_compartments_of(resource_type, id, body),
+            references: bulkhead_fhir::references::outgoing_references(resource_type, body),
+            tokens: search_tokens(body),
+        }
+    }
+}
+
+/// A resource's stored text prepared before its write, up to its stamps: a bulk load builds it
+/// on its own thread, and the writer only fills in `meta.versionId` and `meta.lastUpdated`.
+/// [`StampTemplate::stamp`] gives exactly [`stamped_json`]'s bytes.
+#[derive(Debug, Clone)]
+pub struct StampTemplate {
+    /// `{"resourceType":…,"id":…,"meta":{` and the other `meta` elements, each followed by a
+    /// comma; then, from `tail`, `}` and the resource's other elements and the closing brace.
+    text: Vec<u8>,
+    tail: usize,
+}
+
+impl StampTemplate {
+    /// `None` when the resource's `meta` already has a stamp (whose place the stamped text keeps)
+    /// or the body is not an object: such a resource is stamped by [`stamped_json`].
+    pub fn new(body: &Value, id: &str) -> Option<StampTemplate> {
+        let object = body.as_object()?;
+        let empty = serde_json::Map::new();
+        let meta = match object.get("meta") {
+            Some(Value::Object(meta)) => meta,
+            _ => &empty,
+        };
+        if meta.contains_key("versionId") || meta.contains_key("lastUpdated") {
+            return None;
+        }
+        let mut text = Vec::with_capacity(1024);
+        text.push(b'{');
+        if let Some(resource_type) = object.get("resourceType") {
+            template_entry(&mut text, "resourceType", resource_type)?;
+            text.push(b',');
+        }
+        template_entry(&mut text, "id", id)?;
+        text.extend_from_slice(b",\"meta\":{");
+        for (key, value) in meta {
+            template_entry(&mut text, key, value)?;
+            text.push(b',');
+        }
+        let tail = text.len();
+        text.push(b'}');
+        for (key, value) in object {
+            if !matches!(key.as_str(), "resourceType" | "id" | "meta") {
+                text.push(b',');
+                template_entry(&mut text, key, value)?;
+            }
+        }
+        text.push(b'}');
+        // A batch's templates live until it is written: no doubling slack (a server's memory).
+        text.shrink_to_fit();
+        Some(StampTemplate { text, tail })
+    }
+
+    /// The stored text of the version `version` written at `last_updated`.
+    pub fn stamp(&self, version: i64, last_updated: Micros) -> String {
+        let (head, tail) = self.text.split_at(self.tail);
+        let last_updated = instant_text(last_updated);
+        let mut text = String::with_capacity(self.text.len() + 64);
+        // Built by serde_json from `str`s: valid UTF-8, and the stamps are ASCII.
+        text.push_str(std::str::from_utf8(head).unwrap_or_default());
+        text.push_str("\"versionId\":\"");
+        text.push_str(&version.to_string());
+        text.push_str("\",\"lastUpdated\":\"");
+        text.push_str(&last_updated);
+        text.push('"');
+        text.push_str(std::str::from_utf8(tail).unwrap_or_default());
+        text
+    }
+}
+
+/// `"key":value`, as serde_json's compact map serialisation writes an entry.
+fn template_entry<T: serde::Serialize + ?Sized>(text: &mut Vec<u8>, key: &str, value: &T) -> Option<()> {
+    serde_json::to_writer(&mut *text, key).ok()?;
+    text.push(b':');
+    serde_json::to_writer(&mut *text, value).ok()
+}
+
+/// A resource's `meta` with `versionId` and `lastUpdated` set, serialised from the stored
+/// resource's own `meta` without copying it: the other elements keep their order, a stamp the
+/// `meta` already had keeps its place (with the new value), and a missing one comes last
+/// (`versionId` first), exactly as inserting them into a copy of the map would.
+struct StampedMeta<'a> {
+    meta: &'a serde_json::Map<String, Value>,
+    version_id: &'a str,
+    last_updated: &'a str,
+}
+
+impl serde::Serialize for StampedMeta<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+
+        let mut map = serializer.serialize_map(None)?;
+        for (key, value) in self.meta {
+            match key.as_str() {
+                "versionId" => map.serialize_entry(key, self.version_id)?,
+                "lastUpdated" => map.serialize_entry(key, self.last_updated)?,
+                _ => map.serialize_entry(key, value)?,
+            }
+        }
+        if !self.meta.contains_key("versionId") {
+            map.serialize_entry("versionId", self.version_id)?;
+        }
+        if !self.meta.contains_key("lastUpdated") {
+            map.serialize_entry("lastUpdated", self.last_updated)?;
+        }
+        map.end()
+    }
+}
+
+/// [`format_instant`], remembered for the last instant formatted on this thread: every resource
+/// of a batch is stamped with the same one.
+fn instant_text(at: Micros) -> String {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Micros, String)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((cached, text)) if *cached == at => text.clone(),
+            _ => {
+                let text = format_instant(at);
+                *last = Some((at, text.clone()));
+                text
+            }
+        }
+    })
 }
 
 /// The patient ids a Group (as stored JSON text) exports at time `at`: every `member.entity`
@@ -249,6 +398,59 @@ mod tests {
         assert_eq!(body["meta"]["versionId"], "3");
         assert_eq!(body["meta"]["lastUpdated"], "1970-01-01T00:00:00.000000Z");
         assert_eq!(body["meta"]["profile"][0], "p");
+    }
+
+    /// The stamped `meta` is byte for byte what inserting the stamps into a copy of the map
+    /// gives: a stamp already there keeps its place, missing ones come last, `versionId` first.
+    #[test]
+    fn stamps_replace_in_place_and_append_in_order() {
+        let cases = [
+            json!({"resourceType": "Patient"}),
+            json!({"resourceType": "Patient", "meta": {}}),
+            json!({"resourceType": "Patient", "meta": "not an object"}),
+            json!({"resourceType": "Patient", "meta": {"lastUpdated": "x", "tag": [{"code": "t"}], "versionId": "7"}}),
+            json!({"resourceType": "Patient", "meta": {"source": "s", "lastUpdated": "x"}}),
+            json!({"resourceType": "Patient", "meta": {"versionId": "2", "profile": ["p"]}}),
+        ];
+        for (index, body) in cases.iter().enumerate() {
+            let at = 1_700_000_000_123_456 + index as i64;
+            let mut meta = match body.get("meta") {
+                Some(Value::Object(meta)) => meta.clone(),
+                _ => serde_json::Map::new(),
+            };
+            meta.insert("versionId".into(), Value::String("3".into()));
+            meta.insert("lastUpdated".into(), Value::String(format_instant(at)));
+            let expected = format!(r#"{{"resourceType":"Patient","id":"a","meta":{}}}"#, Value::Object(meta));
+            assert_eq!(stamped_json(body, "a", 3, at).unwrap(), expected, "case {index}");
+            assert_eq!(stamped_json(body, "a", 3, at).unwrap(), expected, "case {index}, the instant remembered");
+        }
+    }
+
+    /// A template stamps exactly the bytes `stamped_json` writes, whatever the element order,
+    /// escapes, numbers and `meta`; a `meta` that already has a stamp gets no template.
+    #[test]
+    fn templates_stamp_the_same_bytes() {
+        let bodies = [
+            r#"{"resourceType":"Observation","id":"o","status":"final","valueQuantity":{"value":1.50}}"#,
+            r#"{"status":"final","id":"other","resourceType":"Observation","meta":{"profile":["p"]}}"#,
+            r#"{"resourceType":"Patient","meta":{},"name":[{"text":"a \"q\" \\ \u0001 é \/ \u00e9"}],"n":1e2}"#,
+            r#"{"meta":{"tag":[{"code":"t"}],"source":"s"},"resourceType":"Patient","a":[],"b":{},"c":null}"#,
+            r#"{"resourceType":"Patient","meta":"not an object","x":-0.0}"#,
+            r#"{"id":"no-type"}"#,
+        ];
+        for (index, text) in bodies.iter().enumerate() {
+            let body = bulkhead_fhir::parse_exact(text.as_bytes()).unwrap();
+            let at = 1_700_000_000_000_001 + index as i64;
+            let template = StampTemplate::new(&body, "new-id").unwrap();
+            for version in [1, 12] {
+                assert_eq!(template.stamp(version, at), stamped_json(&body, "new-id", version, at).unwrap(), "{text}");
+            }
+        }
+        for stamped in [r#"{"resourceType":"Patient","meta":{"versionId":"3"}}"#, r#"{"meta":{"lastUpdated":"x"}}"#] {
+            let body: Value = serde_json::from_str(stamped).unwrap();
+            assert!(StampTemplate::new(&body, "a").is_none(), "{stamped}");
+        }
+        assert!(StampTemplate::new(&json!([1]), "a").is_none());
     }
 
     #[test]

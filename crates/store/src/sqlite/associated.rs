@@ -18,6 +18,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 
 use super::export::{filter_matches, load_members, select_window, selected, type_span, Reach, VersionAt, WINDOW};
+use super::write_memo::WriteMemo;
 use super::{provenance_targets, SqliteStore};
 use crate::selection::{exported, visible_to, Via};
 use crate::{
@@ -68,11 +69,16 @@ CREATE TABLE IF NOT EXISTS associated_type_changes (
 /// can reach that type (a Provenance, or a type outside the Patient compartment).
 fn note_type_changed(
     transaction: &Transaction<'_>,
+    memo: &mut WriteMemo,
     tenant: TenantId,
     resource_type: &str,
     timestamp: Micros,
 ) -> Result<(), StoreError> {
     if resource_type != "Provenance" && !bulkhead_fhir::references::is_referenced_type(resource_type) {
+        return Ok(());
+    }
+    // Once per write and type: the write has one timestamp.
+    if !memo.first_type_change(resource_type) {
         return Ok(());
     }
     transaction
@@ -201,18 +207,19 @@ fn references_of(resource_type: &str, body: &str) -> Result<Vec<OutgoingReferenc
 
 /// Brings a resource's open reference rows in line with its new version (written at
 /// `timestamp`): closes the rows of references it dropped, opens rows for new ones.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn sync_references(
     transaction: &Transaction<'_>,
+    memo: &mut WriteMemo,
     tenant: TenantId,
     resource_type: &str,
     rid: i64,
-    body: &Value,
+    references: &[OutgoingReference],
     timestamp: Micros,
     is_new_row: bool,
 ) -> Result<(), StoreError> {
-    note_type_changed(transaction, tenant, resource_type, timestamp)?;
-    let references = outgoing_references(resource_type, body);
-    if references.iter().any(|reference| !reference.provenance_target) {
+    note_type_changed(transaction, memo, tenant, resource_type, timestamp)?;
+    if references.iter().any(|reference| !reference.provenance_target) && memo.first_referencing_type(resource_type) {
         note_referencing_type(transaction, tenant.0, resource_type)?;
     }
     let open: Vec<OutgoingReference> = if is_new_row { Vec::new() } else { open_references(transaction, rid)? };
@@ -221,6 +228,9 @@ pub(super) fn sync_references(
     }
     let mut insert = transaction.prepare_cached(provenance_targets::INSERT_REFERENCE)?;
     for reference in references.iter().filter(|reference| !open.contains(reference)) {
+        if reference.provenance_target {
+            memo.provenance_target_added();
+        }
         insert.execute(params![
             rid,
             reference.provenance_target,
@@ -236,12 +246,13 @@ pub(super) fn sync_references(
 /// Closes every open reference row of a deleted resource.
 pub(super) fn close_references(
     transaction: &Transaction<'_>,
+    memo: &mut WriteMemo,
     tenant: TenantId,
     resource_type: &str,
     rid: i64,
     timestamp: Micros,
 ) -> Result<(), StoreError> {
-    note_type_changed(transaction, tenant, resource_type, timestamp)?;
+    note_type_changed(transaction, memo, tenant, resource_type, timestamp)?;
     close(transaction, rid, None, timestamp)
 }
 

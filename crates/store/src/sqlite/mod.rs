@@ -14,6 +14,7 @@ mod provenance_targets;
 mod resources;
 mod retention;
 mod shared_state;
+mod write_memo;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -186,6 +187,61 @@ impl SqliteStore {
         Ok(size(&wal))
     }
 
+    /// [`crate::Store::write_audited`] with what was prepared for the ops (`prepared[i]` for
+    /// `ops[i]`; missing entries: nothing).
+    fn write_ops(
+        &self,
+        tenant: TenantId,
+        owner: Option<&str>,
+        ops: &[WriteOp],
+        prepared: &[Option<crate::PreparedWrite>],
+        mode: WriteMode,
+        audit_records: &AuditRecords<'_>,
+    ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        self.with_write(|transaction, timestamp| {
+            let mut results = Vec::with_capacity(ops.len());
+            let mut memo = write_memo::WriteMemo::default();
+            for (index, op) in ops.iter().enumerate() {
+                let prepared = prepared.get(index).and_then(Option::as_ref);
+                match mode {
+                    WriteMode::Transaction => {
+                        results.push(Ok(resources::apply(
+                            transaction,
+                            &mut memo,
+                            tenant,
+                            owner,
+                            op,
+                            prepared,
+                            timestamp,
+                        )?));
+                    }
+                    WriteMode::Batch => {
+                        // A savepoint per entry: a failed entry leaves no partial rows behind.
+                        transaction.prepare_cached("SAVEPOINT entry")?.execute([])?;
+                        let result = resources::apply(transaction, &mut memo, tenant, owner, op, prepared, timestamp);
+                        // The store's own failure ends the whole write; SQLite may already have
+                        // rolled the transaction back (it does on SQLITE_FULL), savepoint and all.
+                        if let Err(error) = result {
+                            if error.is_store_failure() {
+                                return Err(error);
+                            }
+                            transaction.prepare_cached("ROLLBACK TO entry")?.execute([])?;
+                            transaction.prepare_cached("RELEASE entry")?.execute([])?;
+                            // What the entry recorded may be undone with it.
+                            memo.forget();
+                            results.push(Err(error));
+                            continue;
+                        }
+                        transaction.prepare_cached("RELEASE entry")?.execute([])?;
+                        results.push(result);
+                    }
+                }
+            }
+            audit::append(transaction, &audit_records(&results))?;
+            Ok(results)
+        })
+    }
+
     /// Runs `work` inside an immediate (write-locked) transaction with a fresh timestamp,
     /// committing only when it returns `Ok`.
     fn with_write<T>(
@@ -333,36 +389,18 @@ impl crate::Store for SqliteStore {
         mode: WriteMode,
         audit_records: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
-        self.with_write(|transaction, timestamp| {
-            let mut results = Vec::with_capacity(ops.len());
-            for op in ops {
-                match mode {
-                    WriteMode::Transaction => {
-                        results.push(Ok(resources::apply(transaction, tenant, owner, op, timestamp)?));
-                    }
-                    WriteMode::Batch => {
-                        // A savepoint per entry: a failed entry leaves no partial rows behind.
-                        transaction.prepare_cached("SAVEPOINT entry")?.execute([])?;
-                        let result = resources::apply(transaction, tenant, owner, op, timestamp);
-                        // The store's own failure ends the whole write; SQLite may already have
-                        // rolled the transaction back (it does on SQLITE_FULL), savepoint and all.
-                        if let Err(error) = result {
-                            if error.is_store_failure() {
-                                return Err(error);
-                            }
-                            transaction.prepare_cached("ROLLBACK TO entry")?.execute([])?;
-                            transaction.prepare_cached("RELEASE entry")?.execute([])?;
-                            results.push(Err(error));
-                            continue;
-                        }
-                        transaction.prepare_cached("RELEASE entry")?.execute([])?;
-                        results.push(result);
-                    }
-                }
-            }
-            audit::append(transaction, &audit_records(&results))?;
-            Ok(results)
-        })
+        self.write_ops(tenant, owner, ops, &[], mode, audit_records)
+    }
+
+    fn write_prepared(
+        &self,
+        tenant: TenantId,
+        owner: Option<&str>,
+        ops: &[WriteOp],
+        prepared: &[Option<crate::PreparedWrite>],
+        mode: WriteMode,
+    ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        self.write_ops(tenant, owner, ops, prepared, mode, &|_: &[Result<Written, StoreError>]| Vec::new())
     }
 
     fn read(

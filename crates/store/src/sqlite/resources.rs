@@ -1,14 +1,16 @@
 //! Versioned resources: writes (with the compartment index, search tokens and Group membership
 //! history kept in step), reads, history and search.
 
+use bulkhead_fhir::references::outgoing_references;
 use bulkhead_fhir::{compartment::patient_compartments_of, resource_type_code, Micros};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, ToSql, Transaction};
 use serde_json::Value;
 
+use super::write_memo::WriteMemo;
 use crate::write::search_tokens;
 use crate::{
-    group_members, stamped_json, LastUpdatedBound, SearchPage, SearchQuery, StoreError, StoredResource, TenantId,
-    Visibility, WriteOp, Written,
+    group_members, stamped_json, LastUpdatedBound, PreparedWrite, SearchPage, SearchQuery, StoreError, StoredResource,
+    TenantId, Visibility, WriteOp, Written,
 };
 
 /// The current row of a resource, without its body.
@@ -39,9 +41,11 @@ fn current(
 /// Applies one write inside an open transaction at `timestamp`.
 pub(super) fn apply(
     transaction: &Transaction<'_>,
+    memo: &mut WriteMemo,
     tenant: TenantId,
     owner: Option<&str>,
     op: &WriteOp,
+    prepared: Option<&PreparedWrite>,
     timestamp: Micros,
 ) -> Result<Written, StoreError> {
     let resource_type = op.resource_type().to_owned();
@@ -50,7 +54,7 @@ pub(super) fn apply(
             if current(transaction, tenant, &resource_type, id)?.is_some() {
                 return Err(StoreError::Conflict(format!("{resource_type}/{id} already exists")));
             }
-            put(transaction, tenant, owner, &resource_type, id, body, None, timestamp)
+            put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), None, timestamp)
         }
         WriteOp::Update { id, body, if_match, .. } => {
             let existing = current(transaction, tenant, &resource_type, id)?;
@@ -74,9 +78,9 @@ pub(super) fn apply(
                     return Ok(unchanged);
                 }
             }
-            put(transaction, tenant, owner, &resource_type, id, body, existing, timestamp)
+            put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), existing, timestamp)
         }
-        WriteOp::Delete { id, .. } => delete(transaction, tenant, owner, &resource_type, id, timestamp),
+        WriteOp::Delete { id, .. } => delete(transaction, memo, tenant, owner, &resource_type, id, timestamp),
     }
 }
 
@@ -98,16 +102,34 @@ fn unchanged_version(
 #[allow(clippy::too_many_arguments)]
 fn put(
     transaction: &Transaction<'_>,
+    memo: &mut WriteMemo,
     tenant: TenantId,
     owner: Option<&str>,
     resource_type: &str,
     id: &str,
-    body: &Value,
+    (body, prepared): (&Value, Option<&PreparedWrite>),
     existing: Option<Current>,
     timestamp: Micros,
 ) -> Result<Written, StoreError> {
     let version = existing.as_ref().map_or(1, |existing| existing.version + 1);
-    let text = stamped_json(body, id, version, timestamp)?;
+    // What the caller prepared from this body, type and id, or computed here.
+    let computed;
+    let derived = match prepared {
+        Some(prepared) => prepared,
+        None => {
+            computed = PreparedWrite {
+                template: None,
+                patients: patient_compartments_of(resource_type, id, body),
+                references: outgoing_references(resource_type, body),
+                tokens: search_tokens(body),
+            };
+            &computed
+        }
+    };
+    let text = match &derived.template {
+        Some(template) => template.stamp(version, timestamp),
+        None => stamped_json(body, id, version, timestamp)?,
+    };
     let created = existing.as_ref().is_none_or(|existing| existing.deleted);
     let rid = match &existing {
         Some(existing) => {
@@ -136,11 +158,22 @@ fn put(
         Some(existing) => existing.owner.as_deref(),
         None => owner,
     };
-    let patients = patient_compartments_of(resource_type, id, body);
-    sync_compartments(transaction, tenant, resource_type, rid, patients, stored_owner, timestamp, is_new_row)?;
-    sync_search_tokens(transaction, tenant, resource_type, rid, body, is_new_row)?;
-    super::associated::sync_references(transaction, tenant, resource_type, rid, body, timestamp, is_new_row)?;
-    if is_new_row {
+    let compartments = Compartments { patients: &derived.patients, owner: stored_owner, is_new_row };
+    sync_compartments(transaction, memo, tenant, resource_type, rid, compartments, timestamp)?;
+    sync_search_tokens(transaction, tenant, resource_type, rid, &derived.tokens, is_new_row)?;
+    let references = &derived.references;
+    super::associated::sync_references(
+        transaction,
+        memo,
+        tenant,
+        resource_type,
+        rid,
+        references,
+        timestamp,
+        is_new_row,
+    )?;
+    // Most writes find no Provenance waiting for them; the memo knows when none can be.
+    if is_new_row && memo.may_have_unresolved_targets(transaction, tenant)? {
         super::provenance_targets::resolve_new_target(transaction, tenant, resource_type, id, rid)?;
     }
     if resource_type == "Group" {
@@ -162,6 +195,7 @@ fn put(
 
 fn delete(
     transaction: &Transaction<'_>,
+    memo: &mut WriteMemo,
     tenant: TenantId,
     owner: Option<&str>,
     resource_type: &str,
@@ -203,7 +237,7 @@ fn delete(
         mark_patient_changed(transaction, pkey, timestamp)?;
     }
     transaction.prepare_cached("DELETE FROM search_token WHERE rid = ?1")?.execute([existing.rid])?;
-    super::associated::close_references(transaction, tenant, resource_type, existing.rid, timestamp)?;
+    super::associated::close_references(transaction, memo, tenant, resource_type, existing.rid, timestamp)?;
     if resource_type == "Group" {
         sync_group_membership(transaction, tenant, existing.rid, &[], timestamp)?;
     }
@@ -232,10 +266,14 @@ pub(super) fn type_code(resource_type: &str) -> Result<i64, StoreError> {
 /// [`mark_patient_changed`].
 fn touch_patient(
     transaction: &Transaction<'_>,
+    memo: &mut WriteMemo,
     tenant: TenantId,
     patient: &str,
     timestamp: Micros,
 ) -> Result<i64, StoreError> {
+    if let Some(pkey) = memo.touched_patient(patient) {
+        return Ok(pkey);
+    }
     let pkey = transaction
         .prepare_cached(
             "INSERT INTO patient_keys (tenant_id, patient_id, changed_at) VALUES (?1, ?2, ?3)
@@ -243,6 +281,7 @@ fn touch_patient(
              RETURNING pkey",
         )?
         .query_row(params![tenant.0, patient, timestamp], |row| row.get(0))?;
+    memo.note_touched_patient(patient, pkey);
     Ok(pkey)
 }
 
@@ -269,20 +308,26 @@ fn patient_key(transaction: &Transaction<'_>, tenant: TenantId, patient: &str) -
     Ok(transaction.last_insert_rowid())
 }
 
+/// The patient compartments of a new version, its owner, and whether its resource row is new.
+struct Compartments<'a> {
+    patients: &'a [String],
+    owner: Option<&'a str>,
+    is_new_row: bool,
+}
+
 /// Closes compartment rows the new version left, opens rows for compartments it entered, and
 /// copies the new version's `lastUpdated` (and owner) onto every open row, so export planning
 /// reads a resource's state from the index alone.
-#[allow(clippy::too_many_arguments)]
 fn sync_compartments(
     transaction: &Transaction<'_>,
+    memo: &mut WriteMemo,
     tenant: TenantId,
     resource_type: &str,
     rid: i64,
-    patients: Vec<String>,
-    owner: Option<&str>,
+    compartments: Compartments<'_>,
     timestamp: Micros,
-    is_new_row: bool,
 ) -> Result<(), StoreError> {
+    let Compartments { patients, owner, is_new_row } = compartments;
     // `(pkey, patient id)` of the open rows.
     let open: Vec<(i64, String)> = if is_new_row {
         Vec::new()
@@ -316,9 +361,9 @@ fn sync_compartments(
         "INSERT INTO compartment (pkey, type_code, rid, from_ts, tenant_id, last_updated, deleted, owner)
          VALUES (?1, ?2, ?3, ?4, ?5, ?4, 0, ?6)",
     )?;
-    for patient in &patients {
+    for patient in patients {
         // Every patient of the new version has a row that changed (opened or updated).
-        let pkey = touch_patient(transaction, tenant, patient, timestamp)?;
+        let pkey = touch_patient(transaction, memo, tenant, patient, timestamp)?;
         if !open.iter().any(|(_, open)| open == patient) {
             insert.execute(params![pkey, code, rid, timestamp, tenant.0, owner])?;
         }
@@ -331,13 +376,12 @@ fn sync_search_tokens(
     tenant: TenantId,
     resource_type: &str,
     rid: i64,
-    body: &Value,
+    tokens: &[(&'static str, String, String)],
     is_new_row: bool,
 ) -> Result<(), StoreError> {
     if !is_new_row {
         transaction.prepare_cached("DELETE FROM search_token WHERE rid = ?1")?.execute([rid])?;
     }
-    let tokens = search_tokens(body);
     if tokens.is_empty() {
         return Ok(());
     }
