@@ -46,10 +46,12 @@ pub async fn upload_ndjson(
     );
     // Returns what was stored, and the store's error when it stopped the upload part-way.
     let importer = tokio::task::spawn_blocking(move || -> (ImportSummary, Option<StoreError>) {
-        // Small batches: this runs inside the server, whose memory must stay small.
-        let mut importer = Importer::new(store, tenant, owner, max_members)
-            .with_batch_bytes(2 * 1024 * 1024)
-            .with_validation(validation);
+        // Small batches: this runs inside the server, whose memory must stay small. A batch in
+        // flight holds its parsed resources and their prepared rows (~10× its text), and a few
+        // are alive at once (see `BATCH_BYTES`); 1 MiB of text per batch kept the server
+        // 35–45 MB smaller than 2 MiB at the same rate (BENCHMARKS.md, session 8).
+        let mut importer =
+            Importer::new(store, tenant, owner, max_members).with_batch_bytes(1024 * 1024).with_validation(validation);
         while let Some((line, text)) = lines_rx.blocking_recv() {
             if let Err(error) = importer.add_line(Location { source: SOURCE.into(), line }, &text) {
                 return (importer.summary().clone(), Some(error));
