@@ -18,6 +18,13 @@
 //! Only member-scoped selections are cached: a system-level selection reads every resource of
 //! the tenant, which no patient watermark covers.
 //!
+//! Group rows are the exception ([`raises_member_watermarks`]): a Group is in the compartment
+//! of each of its members, but no export reads members' Groups (only the exported Group itself,
+//! by version), so a Group's rows raise no watermark: writing a cohort does not invalidate the
+//! cached plans of every Group sharing its members. A result over Group rows is therefore never
+//! cached ([`cacheable`]); a key a Group row makes starts at `changed_at` 0 (its member has no
+//! row a cached result reads yet).
+//!
 //! An associated set (Provenance and referenced resources) also reads what lies outside the
 //! members' compartments: the Provenance targeting cohort resources, and the referenced
 //! resources (Practitioner, Organization, …) with their own references. Every write of a
@@ -145,6 +152,19 @@ fn key_with(
     }
     field(part_size.to_le_bytes().as_slice());
     hasher.finalize().into()
+}
+
+/// False for the one compartment type whose rows raise no patient's `changed_at`: `Group`
+/// (see the module documentation). Both stores' write paths ask this.
+pub(crate) fn raises_member_watermarks(resource_type: &str) -> bool {
+    resource_type != "Group"
+}
+
+/// True when a result over the compartment rows of `types` for `selection` may come from the
+/// cache: a member-scoped selection of types whose rows raise the members' watermarks.
+pub(crate) fn cacheable(selection: &MemberSelection, types: impl IntoIterator<Item: AsRef<str>>) -> bool {
+    selection.scope == crate::SelectionScope::Members
+        && types.into_iter().all(|resource_type| raises_member_watermarks(resource_type.as_ref()))
 }
 
 /// [`crate::Store::existing_at`] of Patients, through the cache: the ids of `ids` that exist at

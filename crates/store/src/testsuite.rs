@@ -1151,7 +1151,8 @@ pub fn associated_data_follows_references_and_provenance(store: &dyn Store) {
 /// A repeated plan is answered from the plan cache only while no member's compartment
 /// changed since it was computed: writes elsewhere keep it, every kind of write to a member's
 /// compartment (new resource, update, moving out, deletion, a first resource of a member that
-/// had none) replaces it, and an earlier transaction time never gets a later plan.
+/// had none) replaces it, and an earlier transaction time never gets a later plan. A Group
+/// written over the members (in their compartments, never exported from them) keeps it.
 pub fn plans_are_reused_exactly_while_the_members_compartments_are_unchanged(store: &dyn Store) {
     let tenant = store.create_tenant("t").unwrap().id;
     let put = |id: &str, patient: &str| {
@@ -1220,9 +1221,13 @@ pub fn plans_are_reused_exactly_while_the_members_compartments_are_unchanged(sto
     assert_eq!(deleted(store.reserve_transaction_time().unwrap()), 1, "a member's deletion is listed");
 
     // A `_since` manifest asks for every type's list and the plan: all of them stay cached
-    // together, so the next one is answered from the cache throughout.
-    let types: Vec<String> =
-        bulkhead_fhir::compartment::compartment_types().iter().map(|name| name.to_string()).collect();
+    // together, so the next one is answered from the cache throughout. (Its types are a Group
+    // export's: every compartment type but Group, see below.)
+    let types: Vec<String> = bulkhead_fhir::compartment::compartment_types()
+        .iter()
+        .filter(|name| **name != "Group")
+        .map(|name| name.to_string())
+        .collect();
     let since_manifest = |at| {
         let selection =
             MemberSelection { members: vec![("a".into(), Some(since))].into(), since: Some(since), ..selection_at(at) };
@@ -1235,6 +1240,40 @@ pub fn plans_are_reused_exactly_while_the_members_compartments_are_unchanged(sto
     let before = hits();
     since_manifest(store.reserve_transaction_time().unwrap());
     assert_eq!(hits(), before + types.len() as u64 + 1, "every list and the plan reused");
+
+    // A Group is in each member's compartment, but no export reads members' Groups: writing,
+    // changing and deleting a cohort of the members keeps their plans...
+    let group = |members: &[&str]| {
+        let member: Vec<_> =
+            members.iter().map(|id| serde_json::json!({"entity": {"reference": format!("Patient/{id}")}})).collect();
+        let body = serde_json::json!({"resourceType": "Group", "id": "cohort", "type": "person", "actual": true,
+            "member": member});
+        let op = WriteOp::Update { resource_type: "Group".into(), id: "cohort".into(), body, if_match: None };
+        store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+    };
+    let observations = count(store.reserve_transaction_time().unwrap());
+    for write in [&["a", "z", "new"][..], &["a"][..], &["z", "c"][..]] {
+        group(write);
+        let before = hits();
+        assert_eq!(count(store.reserve_transaction_time().unwrap()), observations);
+        assert_eq!(hits(), before + 1, "a cohort written over the members keeps their plan");
+    }
+    let op = WriteOp::Delete { resource_type: "Group".into(), id: "cohort".into() };
+    store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+    let before = hits();
+    assert_eq!(count(store.reserve_transaction_time().unwrap()), observations);
+    assert_eq!(hits(), before + 1, "and so does deleting it");
+    // ...so a plan over Group rows is never taken from the cache, and stays exact.
+    let groups = |at| -> u64 {
+        let plan = store.plan_parts(tenant, &selection_at(at), &["Group".to_owned()], 100).unwrap();
+        plan.iter().flat_map(|(_, parts)| parts).map(|part| part.count).sum()
+    };
+    group(&["a"]);
+    assert_eq!(groups(store.reserve_transaction_time().unwrap()), 1);
+    group(&["c"]);
+    let before = hits();
+    assert_eq!(groups(store.reserve_transaction_time().unwrap()), 0, "the cohort left the members' compartments");
+    assert_eq!(hits(), before, "not from the cache");
 }
 
 /// An associated set (Provenance and referenced resources) is reused from the plan cache only

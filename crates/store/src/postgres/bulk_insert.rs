@@ -26,6 +26,7 @@ use serde_json::Value;
 
 use super::resources::mark_patients_changed;
 use super::Db;
+use crate::plan_cache::raises_member_watermarks;
 use crate::write::{search_tokens, write_stamped_json};
 use crate::{StoreError, TenantId, WriteOp, Written};
 
@@ -376,11 +377,13 @@ fn copy_compartments(
     chosen: &[New<'_>],
     timestamp: Micros,
 ) -> Result<(), StoreError> {
-    // (patient, type code, rid); `patient_compartments_of` lists each patient once.
-    let mut rows: Vec<(String, i16, i64)> = Vec::new();
+    // (patient, type code, rid, whether the row raises the patient's watermark: not a Group's);
+    // `patient_compartments_of` lists each patient once.
+    let mut rows: Vec<(String, i16, i64, bool)> = Vec::new();
     for new in chosen {
+        let raises = raises_member_watermarks(new.resource_type);
         for patient in patient_compartments_of(new.resource_type, new.id, new.body) {
-            rows.push((patient, new.code, new.rid));
+            rows.push((patient, new.code, new.rid, raises));
         }
     }
     if rows.is_empty() {
@@ -395,7 +398,7 @@ fn copy_compartments(
         "COPY compartment (tenant_id, pkey, type_code, rid, from_ts, last_updated, deleted, owner)
          FROM STDIN (FORMAT binary)",
     )?;
-    for (patient, code, rid) in &rows {
+    for (patient, code, rid, _) in &rows {
         let pkey = *pkeys
             .get(patient.as_str())
             .ok_or_else(|| StoreError::Database("a patient key is missing after its insert".into()))?;
@@ -411,8 +414,10 @@ fn copy_compartments(
         copy.end_row()?;
     }
     copy.finish()?;
-    let mut changed: Vec<i64> = pkeys.into_values().collect();
+    let mut changed: Vec<i64> =
+        rows.iter().filter(|row| row.3).filter_map(|row| pkeys.get(row.0.as_str()).copied()).collect();
     changed.sort_unstable();
+    changed.dedup();
     mark_patients_changed(db, tenant, &changed, timestamp)
 }
 

@@ -577,7 +577,7 @@ impl crate::Store for PgStore {
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
         // A plan of the same request at an earlier time is this plan while no member's
         // compartment changed since (see `crate::plan_cache`).
-        if selection.scope != crate::SelectionScope::Members {
+        if !crate::plan_cache::cacheable(selection, resource_types) {
             return self.compute_plan(tenant, selection, resource_types, part_size);
         }
         let key = self.plans.key(tenant, selection, "parts", resource_types, part_size);
@@ -611,7 +611,7 @@ impl crate::Store for PgStore {
                 export::deleted_in_compartments(db, &self.member_keys, tenant, selection, resource_type)
             })
         };
-        if selection.scope != crate::SelectionScope::Members {
+        if !crate::plan_cache::cacheable(selection, [resource_type]) {
             return compute();
         }
         let key = self.plans.key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
@@ -632,7 +632,8 @@ impl crate::Store for PgStore {
         part_size: u64,
     ) -> Result<AssociatedPlan, StoreError> {
         let compute = || self.plan_associated_set(tenant, selection, request, part_size);
-        if selection.scope != crate::SelectionScope::Members {
+        if !crate::plan_cache::cacheable(selection, request.reference_sources.iter().chain(&request.provenance_sources))
+        {
             return Ok(AssociatedPlan { set_id: request.set_id.clone(), parts: compute()? });
         }
         // A set computed earlier for the same request is this set while neither the members'

@@ -10,6 +10,7 @@ use postgres::Row;
 use serde_json::Value;
 
 use super::Db;
+use crate::plan_cache::raises_member_watermarks;
 use crate::write::search_tokens;
 use crate::{
     group_members, stamped_json, LastUpdatedBound, SearchPage, SearchQuery, StoreError, StoredResource, TenantId,
@@ -306,7 +307,9 @@ fn delete(
         .iter()
         .map(|row| row.try_get(0))
         .collect::<Result<_, _>>()?;
-    mark_patients_changed(db, tenant, &patients, timestamp)?;
+    if raises_member_watermarks(resource_type) {
+        mark_patients_changed(db, tenant, &patients, timestamp)?;
+    }
     db.execute("DELETE FROM search_token WHERE tenant_id = $1 AND rid = $2", &[&tenant.0, &existing.rid])?;
     super::associated::close_references(db, tenant, existing.rid, timestamp)?;
     if resource_type == "Group" {
@@ -418,6 +421,9 @@ fn sync_compartments(
             &[&tenant.0, &pkeys, &code, &rid, &timestamp, &owner],
         )?;
         changed.extend(pkeys);
+    }
+    if !raises_member_watermarks(resource_type) {
+        return Ok(());
     }
     mark_patients_changed(db, tenant, &changed, timestamp)
 }

@@ -491,7 +491,7 @@ impl crate::Store for SqliteStore {
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
         // A plan of the same request at an earlier time is this plan while no member's
         // compartment changed since (see `plan_cache`).
-        if selection.scope != crate::SelectionScope::Members {
+        if !crate::plan_cache::cacheable(selection, resource_types) {
             return self.compute_plan(tenant, selection, resource_types, part_size);
         }
         let key = self.plans.key(tenant, selection, "parts", resource_types, part_size);
@@ -525,7 +525,7 @@ impl crate::Store for SqliteStore {
                 export::deleted_in_compartments(connection, tenant, selection, resource_type)
             })
         };
-        if selection.scope != crate::SelectionScope::Members {
+        if !crate::plan_cache::cacheable(selection, [resource_type]) {
             return compute();
         }
         let key = self.plans.key(tenant, selection, "deleted", &[resource_type.to_owned()], 0);
@@ -555,7 +555,8 @@ impl crate::Store for SqliteStore {
         // A set computed earlier for the same request is this set while neither the members'
         // compartments nor any type it reaches outside them changed since: its stored rows are
         // shared (see `crate::plan_cache`).
-        if selection.scope != crate::SelectionScope::Members {
+        if !crate::plan_cache::cacheable(selection, request.reference_sources.iter().chain(&request.provenance_sources))
+        {
             return Ok(AssociatedPlan { set_id: request.set_id.clone(), parts: compute()? });
         }
         let key = self.plans.associated_key(tenant, selection, request, part_size);

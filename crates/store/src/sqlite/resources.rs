@@ -7,6 +7,7 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, ToS
 use serde_json::Value;
 
 use super::write_memo::WriteMemo;
+use crate::plan_cache::raises_member_watermarks;
 use crate::write::search_tokens;
 use crate::{
     group_members, stamped_json, LastUpdatedBound, PreparedWrite, SearchPage, SearchQuery, StoreError, StoredResource,
@@ -233,8 +234,10 @@ fn delete(
         )?
         .query_map(params![existing.rid, timestamp], |row| row.get(0))?
         .collect::<Result<_, _>>()?;
-    for pkey in patients {
-        mark_patient_changed(transaction, pkey, timestamp)?;
+    if raises_member_watermarks(resource_type) {
+        for pkey in patients {
+            mark_patient_changed(transaction, pkey, timestamp)?;
+        }
     }
     transaction.prepare_cached("DELETE FROM search_token WHERE rid = ?1")?.execute([existing.rid])?;
     super::associated::close_references(transaction, memo, tenant, resource_type, existing.rid, timestamp)?;
@@ -343,6 +346,7 @@ fn sync_compartments(
         return Ok(());
     }
     let code = type_code(resource_type)?;
+    let raises = raises_member_watermarks(resource_type);
     for (pkey, _) in open.iter().filter(|(_, patient)| !patients.contains(patient)) {
         transaction
             .prepare_cached(
@@ -350,7 +354,9 @@ fn sync_compartments(
                  WHERE pkey = ?1 AND type_code = ?2 AND rid = ?3 AND to_ts IS NULL",
             )?
             .execute(params![pkey, code, rid, timestamp])?;
-        mark_patient_changed(transaction, *pkey, timestamp)?;
+        if raises {
+            mark_patient_changed(transaction, *pkey, timestamp)?;
+        }
     }
     if open.iter().any(|(_, patient)| patients.contains(patient)) {
         transaction
@@ -363,7 +369,11 @@ fn sync_compartments(
     )?;
     for patient in patients {
         // Every patient of the new version has a row that changed (opened or updated).
-        let pkey = touch_patient(transaction, memo, tenant, patient, timestamp)?;
+        let pkey = if raises {
+            touch_patient(transaction, memo, tenant, patient, timestamp)?
+        } else {
+            patient_key(transaction, tenant, patient)?
+        };
         if !open.iter().any(|(_, open)| open == patient) {
             insert.execute(params![pkey, code, rid, timestamp, tenant.0, owner])?;
         }
