@@ -7,9 +7,11 @@
 use bulkhead_fhir::{resource_type_code, Micros};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::selection::add_to_parts;
 pub(super) use crate::selection::{selected, Reach, VersionAt};
 use crate::{MemberSelection, PartRange, SelectionScope, StoreError, StoredResource, TenantId, Visibility};
 
+use super::cohort::CohortKeys;
 use super::resources::stored_from_row;
 
 /// Loads the members into this connection's temporary member table, each with its patient key
@@ -391,6 +393,7 @@ pub(super) fn plan_type(
     selection: &MemberSelection,
     resource_type: &str,
     part_size: u64,
+    cohort: Option<&CohortKeys>,
 ) -> Result<Vec<PartRange>, StoreError> {
     // One index seek rules out the many compartment types a tenant never stored.
     let present: bool = connection
@@ -401,15 +404,23 @@ pub(super) fn plan_type(
         return Ok(parts);
     }
     let part_size = part_size.max(1);
+    // The cohort's keys read in one pass over the members, when they cover the type.
+    if let Some(cohort) = cohort.filter(|cohort| cohort.covers(resource_type)) {
+        let filtered = selection.filters.filters(resource_type);
+        cohort.visit(connection, selection, resource_type, (i64::MIN, i64::MAX), |found| {
+            if found.selected
+                && (!filtered
+                    || filter_matches(connection, selection, resource_type, found.rid, found.history_version)?)
+            {
+                add_to_parts(&mut parts, found.rid, part_size);
+            }
+            Ok(())
+        })?;
+        return Ok(parts);
+    }
     let select = |reach, version: &VersionAt| selected(selection, reach, version);
     for_each_selected(connection, tenant, selection, resource_type, (i64::MIN, i64::MAX), select, |rid, _| {
-        match parts.last_mut() {
-            Some(part) if part.count < part_size => {
-                part.last_key = rid;
-                part.count += 1;
-            }
-            _ => parts.push(PartRange { first_key: rid, last_key: rid, count: 1 }),
-        }
+        add_to_parts(&mut parts, rid, part_size);
         Ok(())
     })?;
     Ok(parts)

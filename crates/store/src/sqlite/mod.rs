@@ -4,6 +4,7 @@ mod admin;
 mod associated;
 mod audit;
 pub mod backup;
+mod cohort;
 mod export;
 mod jobs;
 mod leases;
@@ -68,6 +69,8 @@ pub struct SqliteStore {
     path: std::path::PathBuf,
     options: SqliteOptions,
     plans: crate::plan_cache::PlanCache,
+    /// The cohort keys of the last count pass, for the associated-data pass after it.
+    cohorts: cohort::CohortStash,
 }
 
 pub use crate::plan_cache::PlanCacheStats;
@@ -106,6 +109,7 @@ impl SqliteStore {
             path: path.to_owned(),
             options,
             plans: crate::plan_cache::PlanCache::default(),
+            cohorts: cohort::CohortStash::default(),
         })
     }
 
@@ -133,6 +137,16 @@ impl SqliteStore {
         resource_types: &[String],
         part_size: u64,
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
+        // The cohort's keys of every type in one pass over the members (types it does not
+        // cover are read a key window at a time). Patient's too: the associated-data pass that
+        // follows finds Provenance through it even when it is not exported (the pass reads every
+        // type's rows anyway; a type costs only its keys' bytes).
+        let mut type_names: Vec<&str> = resource_types.iter().map(String::as_str).collect();
+        if !type_names.contains(&"Patient") {
+            type_names.push("Patient");
+        }
+        let read = cohort::CohortKeys::read(self, tenant, selection, &type_names)?;
+        let cohort = read.as_ref();
         // Types are planned on several connections at once, one per core. A type's plan depends
         // only on the transaction time, so the workers' snapshots agree.
         let next_type = std::sync::atomic::AtomicUsize::new(0);
@@ -143,7 +157,10 @@ impl SqliteStore {
                 loop {
                     let index = next_type.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(resource_type) = resource_types.get(index) else { return Ok(planned) };
-                    planned.push((index, export::plan_type(connection, tenant, selection, resource_type, part_size)?));
+                    planned.push((
+                        index,
+                        export::plan_type(connection, tenant, selection, resource_type, part_size, cohort)?,
+                    ));
                 }
             })
         };
@@ -159,6 +176,9 @@ impl SqliteStore {
             Ok::<_, StoreError>(planned)
         })?;
         planned.sort_unstable_by_key(|(index, _)| *index);
+        if let Some(read) = read {
+            self.cohorts.put(cohort::StashKey::of(tenant, selection), read);
+        }
         Ok(planned
             .into_iter()
             .filter(|(_, parts)| !parts.is_empty())
