@@ -39,9 +39,12 @@ CREATE TABLE reference_index (
     target_rid INTEGER,
     PRIMARY KEY (rid, provenance_target, target_type, target_id, from_ts)
 ) WITHOUT ROWID;
-CREATE INDEX provenance_by_target ON reference_index (tenant_id, target_type, target_id)
-    WHERE provenance_target = 1;
 ";
+
+/// Provenance target rows were once also indexed by `(tenant, target type, target id)`; the
+/// target keys (`provenance_targets`) answer every lookup by target now, so a database that
+/// still has that index loses it on open (one index fewer to write per target row).
+const DROP_TARGET_ID_INDEX: &str = "DROP INDEX IF EXISTS provenance_by_target;";
 
 /// The types of a tenant whose resources have ever referenced a resource outside the compartment
 /// (only grows): planning follows no references from the other types' cohort resources.
@@ -112,6 +115,7 @@ pub(super) fn migrate(connection: &mut Connection) -> Result<u64, StoreError> {
     if exists {
         connection.execute_batch(REFERENCING_TYPES)?;
         provenance_targets::migrate(connection)?;
+        connection.execute_batch(DROP_TARGET_ID_INDEX)?;
         return Ok(0);
     }
     let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -399,8 +403,10 @@ fn compute(
     let any_provenance: bool = request.provenance != ProvenanceSelection::None
         && connection
             .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM reference_index INDEXED BY provenance_by_target
-                                WHERE tenant_id = ?1 AND provenance_target = 1)",
+                "SELECT EXISTS (SELECT 1 FROM reference_index INDEXED BY provenance_by_target_rid
+                                WHERE tenant_id = ?1 AND provenance_target = 1 AND target_rid IS NOT NULL)
+                     OR EXISTS (SELECT 1 FROM reference_index INDEXED BY provenance_unresolved
+                                WHERE tenant_id = ?1 AND provenance_target = 1 AND target_rid IS NULL)",
             )?
             .query_row([tenant.0], |row| row.get(0))?;
     let mut sources: Vec<&String> = Vec::new();
@@ -1168,22 +1174,37 @@ pub(super) fn associated_ids(
     Ok(held)
 }
 
-/// The Provenance whose target rows valid at `at` name one of `targets` (one seek each into
-/// `provenance_by_target`; a deleted Provenance's rows are closed), sorted and deduplicated.
+/// The Provenance whose target rows valid at `at` name one of `targets` (a deleted Provenance's
+/// rows are closed), sorted and deduplicated. A target row carries the key of the resource it
+/// names whenever that resource has a row, and no key otherwise (`provenance_targets`), so each
+/// target is one seek into `provenance_by_target_rid` or, for a resource without a row, into
+/// `provenance_unresolved`.
 pub(super) fn provenance_targeting(
     connection: &Connection,
     tenant: TenantId,
     targets: &[(String, String)],
     at: Micros,
 ) -> Result<Vec<String>, StoreError> {
-    let mut statement = connection.prepare_cached(
-        "SELECT r.id FROM reference_index x JOIN resources r ON r.rid = x.rid
-         WHERE x.tenant_id = ?1 AND x.target_type = ?2 AND x.target_id = ?3 AND x.provenance_target = 1
+    let mut key = connection
+        .prepare_cached("SELECT rid FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3")?;
+    let mut by_key = connection.prepare_cached(
+        "SELECT r.id FROM reference_index x INDEXED BY provenance_by_target_rid JOIN resources r ON r.rid = x.rid
+         WHERE x.tenant_id = ?1 AND x.target_type = ?2 AND x.target_rid = ?3 AND x.provenance_target = 1
            AND x.from_ts <= ?4 AND (x.to_ts IS NULL OR x.to_ts > ?4)",
+    )?;
+    let mut unresolved = connection.prepare_cached(
+        "SELECT r.id FROM reference_index x INDEXED BY provenance_unresolved JOIN resources r ON r.rid = x.rid
+         WHERE x.tenant_id = ?1 AND x.target_type = ?2 AND x.target_id = ?3 AND x.provenance_target = 1
+           AND x.target_rid IS NULL AND x.from_ts <= ?4 AND (x.to_ts IS NULL OR x.to_ts > ?4)",
     )?;
     let mut ids = Vec::new();
     for (target_type, target_id) in targets {
-        let mut rows = statement.query(params![tenant.0, target_type, target_id, at])?;
+        let target: Option<i64> =
+            key.query_row(params![tenant.0, target_type, target_id], |row| row.get(0)).optional()?;
+        let mut rows = match target {
+            Some(target) => by_key.query(params![tenant.0, target_type, target, at])?,
+            None => unresolved.query(params![tenant.0, target_type, target_id, at])?,
+        };
         while let Some(row) = rows.next()? {
             ids.push(row.get::<_, String>(0)?);
         }

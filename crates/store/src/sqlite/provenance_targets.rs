@@ -239,4 +239,72 @@ mod tests {
         drop(SqliteStore::open(&path).unwrap());
         assert_eq!(rows(&path), after_write);
     }
+
+    fn index_exists(path: &std::path::Path, name: &str) -> bool {
+        let connection = Connection::open(path).unwrap();
+        connection
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?1)",
+                [name],
+                |row| row.get(0),
+            )
+            .unwrap()
+    }
+
+    /// A database from before the target keys answered every lookup by target still has the
+    /// index of target rows by `(type, id)`: opening it drops that index, and lookups by target
+    /// (of a resource that exists, of one that does not yet, and of one created afterwards) and
+    /// the associated data of exports give the same answers as before.
+    #[test]
+    fn the_index_of_targets_by_id_is_dropped_on_open_and_lookups_keep_their_answers() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("old.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        put(&store, tenant, json!({"resourceType": "Patient", "id": "a"}));
+        put(&store, tenant, observation("o1"));
+        put(&store, tenant, provenance("p1", &["Observation/o1", "Observation/missing"]));
+        put(&store, tenant, provenance("p2", &["Observation/o1", "Patient/a"]));
+        let at = store.reserve_transaction_time().unwrap();
+        let targets = |ids: &[&str]| -> Vec<(String, String)> {
+            ids.iter()
+                .map(|target| {
+                    let (resource_type, id) = target.split_once('/').unwrap();
+                    (resource_type.to_owned(), id.to_owned())
+                })
+                .collect()
+        };
+        let asked = targets(&["Observation/o1", "Observation/missing", "Observation/none", "Patient/a"]);
+        let found = store.provenance_targeting(tenant, &asked, at).unwrap();
+        assert_eq!(found, ["p1", "p2"]);
+        assert_eq!(store.provenance_targeting(tenant, &targets(&["Observation/missing"]), at).unwrap(), ["p1"]);
+        let exported = crate::testsuite::provenance_of_member_a_at(&store, tenant, at, "before");
+        drop(store);
+
+        // The index as databases of earlier versions have it.
+        let connection = Connection::open(&path).unwrap();
+        connection
+            .execute_batch(
+                "CREATE INDEX provenance_by_target ON reference_index (tenant_id, target_type, target_id)
+                     WHERE provenance_target = 1;",
+            )
+            .unwrap();
+        drop(connection);
+        assert!(index_exists(&path, "provenance_by_target"));
+        let kept = rows(&path);
+
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(!index_exists(&path, "provenance_by_target"), "dropped on open");
+        assert_eq!(rows(&path), kept, "no row changes");
+        assert_eq!(store.provenance_targeting(tenant, &asked, at).unwrap(), found);
+        assert_eq!(crate::testsuite::provenance_of_member_a_at(&store, tenant, at, "after"), exported);
+        // The missing target is created: its Provenance is found through the target's key.
+        put(&store, tenant, observation("missing"));
+        let now = store.reserve_transaction_time().unwrap();
+        assert_eq!(store.provenance_targeting(tenant, &targets(&["Observation/missing"]), now).unwrap(), ["p1"]);
+        assert_eq!(store.provenance_targeting(tenant, &targets(&["Observation/missing"]), at).unwrap(), ["p1"]);
+        drop(store);
+        drop(SqliteStore::open(&path).unwrap());
+        assert!(!index_exists(&path, "provenance_by_target"), "and it stays dropped");
+    }
 }

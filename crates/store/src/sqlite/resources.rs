@@ -51,13 +51,22 @@ pub(super) fn apply(
 ) -> Result<Written, StoreError> {
     let resource_type = op.resource_type().to_owned();
     match op {
+        // A new id is inserted straight away: the insert's own uniqueness check finds an
+        // existing row, so a bulk load of new resources looks nothing up first.
         WriteOp::Create { id, body, .. } => {
-            if current(transaction, tenant, &resource_type, id)?.is_some() {
-                return Err(StoreError::Conflict(format!("{resource_type}/{id} already exists")));
-            }
-            put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), None, timestamp)
+            put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), None, timestamp)?
+                .ok_or_else(|| StoreError::Conflict(format!("{resource_type}/{id} already exists")))
         }
         WriteOp::Update { id, body, if_match, .. } => {
+            // A bulk load (which prepares its writes) mostly brings new ids; other updates mostly
+            // find their resource, and look it up first.
+            if if_match.is_none() && prepared.is_some() {
+                let created =
+                    put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), None, timestamp)?;
+                if let Some(created) = created {
+                    return Ok(created);
+                }
+            }
             let existing = current(transaction, tenant, &resource_type, id)?;
             if let Some(existing) = &existing {
                 if owner.is_some() && existing.owner.as_deref() != owner {
@@ -79,7 +88,10 @@ pub(super) fn apply(
                     return Ok(unchanged);
                 }
             }
-            put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), existing, timestamp)
+            let written =
+                put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), existing, timestamp)?;
+            // Only a new row can be refused, and only when a row exists; `current` found none.
+            written.ok_or_else(|| StoreError::Database(format!("{resource_type}/{id} is neither found nor insertable")))
         }
         WriteOp::Delete { id, .. } => delete(transaction, memo, tenant, owner, &resource_type, id, timestamp),
     }
@@ -100,6 +112,8 @@ fn unchanged_version(
     crate::write::unchanged_write(stored_text, last_updated, existing.version, resource_type, id, body)
 }
 
+/// Writes a new version: over `existing`, or as a new resource row when `existing` is `None`.
+/// `Ok(None)`: there was no `existing` but the resource has a row after all (nothing written).
 #[allow(clippy::too_many_arguments)]
 fn put(
     transaction: &Transaction<'_>,
@@ -111,7 +125,7 @@ fn put(
     (body, prepared): (&Value, Option<&PreparedWrite>),
     existing: Option<Current>,
     timestamp: Micros,
-) -> Result<Written, StoreError> {
+) -> Result<Option<Written>, StoreError> {
     let version = existing.as_ref().map_or(1, |existing| existing.version + 1);
     // What the caller prepared from this body, type and id, or computed here.
     let computed;
@@ -145,12 +159,16 @@ fn put(
             existing.rid
         }
         None => {
-            transaction
+            let inserted = transaction
                 .prepare_cached(
                     "INSERT INTO resources (tenant_id, resource_type, id, version, last_updated, deleted, owner, body)
-                     VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?6)",
+                     VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?6)
+                     ON CONFLICT (tenant_id, resource_type, id) DO NOTHING",
                 )?
                 .execute(params![tenant.0, resource_type, id, timestamp, owner, text])?;
+            if inserted == 0 {
+                return Ok(None);
+            }
             transaction.last_insert_rowid()
         }
     };
@@ -182,7 +200,7 @@ fn put(
             group_members(&text, timestamp).map_err(|error| StoreError::Invalid(format!("Group.member: {error}")))?;
         sync_group_membership(transaction, tenant, rid, &members, timestamp)?;
     }
-    Ok(Written {
+    Ok(Some(Written {
         resource_type: resource_type.to_owned(),
         id: id.to_owned(),
         version,
@@ -191,7 +209,7 @@ fn put(
         deleted: false,
         changed: true,
         body: Some(text),
-    })
+    }))
 }
 
 fn delete(
