@@ -7,7 +7,9 @@
 //! time membership is a binary search for the type plus a walk of a few paths, with no allocation
 //! beyond the returned ids.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use crate::json_view::JsonView;
 
 // Generated data; see the header of that file for how to regenerate it.
 #[path = "compartment_table.rs"]
@@ -59,6 +61,11 @@ pub fn patient_compartments(resource_type: &str, resource: &Value) -> Vec<String
 /// As [`patient_compartments`], for a resource stored under `id` whatever id its body carries
 /// (a create assigns the id): a Patient is in its own compartment by that id.
 pub fn patient_compartments_of(resource_type: &str, id: &str, resource: &Value) -> Vec<String> {
+    patient_compartments_in(resource_type, id, resource)
+}
+
+/// [`patient_compartments_of`] for any [`JsonView`] of the resource.
+pub fn patient_compartments_in<'a, J: JsonView<'a>>(resource_type: &str, id: &str, resource: J) -> Vec<String> {
     let mut ids = Vec::new();
     if resource_type == "Patient" && is_id(id) {
         ids.push(id.to_owned());
@@ -134,10 +141,15 @@ fn is_id(id: &str) -> bool {
     (1..=MAX_ID_LEN).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
-/// The generated row for a type (binary search: `TYPES` is sorted and parallel to `ROWS`).
+/// The generated row for a type (`TYPES` is sorted and parallel to `ROWS`), found through the
+/// type's position in [`crate::RESOURCE_TYPES`]: every write asks for every reference it holds.
 fn row(resource_type: &str) -> Option<&'static CompartmentRow> {
-    let index = table::TYPES.binary_search(&resource_type).ok()?;
-    Some(&table::ROWS[index])
+    static ROW_OF_TYPE: std::sync::LazyLock<Vec<Option<u8>>> = std::sync::LazyLock::new(|| {
+        let row = |name: &&str| table::TYPES.binary_search(name).ok().and_then(|index| u8::try_from(index).ok());
+        crate::RESOURCE_TYPES.iter().map(row).collect()
+    });
+    let index = ROW_OF_TYPE[crate::resource_type::resource_type_index(resource_type)?]?;
+    Some(&table::ROWS[usize::from(index)])
 }
 
 /// [`patient_compartments_of`] for a resource's JSON text, without building a `Value`: only the
@@ -324,32 +336,30 @@ mod text_walk {
 
 /// Follows `path` from `value`, fanning out over arrays, and pushes the id of every Reference at
 /// the end of the path that points at a Patient.
-fn collect_patient_ids(value: &Value, path: &[&str], out: &mut Vec<String>) {
-    match value {
-        Value::Array(items) => {
-            for item in items {
-                collect_patient_ids(item, path, out);
-            }
+fn collect_patient_ids<'a, J: JsonView<'a>>(value: J, path: &[&str], out: &mut Vec<String>) {
+    if value.is_array() {
+        for item in value.items() {
+            collect_patient_ids(item, path, out);
         }
-        Value::Object(object) => match path.split_first() {
+    } else if value.is_object() {
+        match path.split_first() {
             Some((property, rest)) => {
-                if let Some(child) = object.get(*property) {
+                if let Some(child) = value.get(property) {
                     collect_patient_ids(child, rest, out);
                 }
             }
             None => {
-                if let Some(id) = referenced_patient(object) {
+                if let Some(id) = referenced_patient(value) {
                     out.push(id.to_owned());
                 }
             }
-        },
-        // A primitive where an element or Reference is expected: malformed, nothing to find.
-        _ => {}
+        }
     }
+    // A primitive where an element or Reference is expected: malformed, nothing to find.
 }
 
 /// The patient id a Reference object points at, if it is a literal reference to a Patient.
-fn referenced_patient(reference: &Map<String, Value>) -> Option<&str> {
+fn referenced_patient<'a, J: JsonView<'a>>(reference: J) -> Option<&'a str> {
     let literal = reference.get("reference")?.as_str()?;
     match parse_reference(literal)? {
         ("Patient", id) => Some(id),

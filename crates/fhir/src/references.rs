@@ -13,6 +13,7 @@
 use serde_json::Value;
 
 use crate::compartment::{is_compartment_type, parse_reference};
+use crate::json_view::{JsonType, JsonView};
 
 /// One outgoing reference.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -34,17 +35,20 @@ pub fn is_referenced_type(resource_type: &str) -> bool {
 /// (`Type/id`, absolute URLs, `/_history/n` forms); contained (`#x`), `urn:` and
 /// identifier-only references resolve to nothing stored and are skipped.
 pub fn outgoing_references(resource_type: &str, resource: &Value) -> Vec<OutgoingReference> {
+    outgoing_references_in(resource_type, resource)
+}
+
+/// [`outgoing_references`] for any [`JsonView`] of the resource.
+pub fn outgoing_references_in<'a, J: JsonView<'a>>(resource_type: &str, resource: J) -> Vec<OutgoingReference> {
     let mut found = Vec::new();
-    if let Some(object) = resource.as_object() {
-        for (key, value) in object {
-            // `contained` resources are part of this one, so their references count too; `meta`
-            // and `text` hold none worth following.
-            if matches!(key.as_str(), "meta" | "text" | "resourceType" | "id") {
-                continue;
-            }
-            let provenance_target = resource_type == "Provenance" && key == "target";
-            walk(value, provenance_target, &mut found);
+    for (key, value) in resource.entries() {
+        // `contained` resources are part of this one, so their references count too; `meta`
+        // and `text` hold none worth following.
+        if matches!(key, "meta" | "text" | "resourceType" | "id") {
+            continue;
         }
+        let provenance_target = resource_type == "Provenance" && key == "target";
+        walk(value, provenance_target, &mut found);
     }
     found.sort_unstable();
     found.dedup();
@@ -52,13 +56,13 @@ pub fn outgoing_references(resource_type: &str, resource: &Value) -> Vec<Outgoin
 }
 
 /// Collects references below `value`. `provenance_target`: `value` is `Provenance.target`.
-fn walk(value: &Value, provenance_target: bool, out: &mut Vec<OutgoingReference>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|item| walk(item, provenance_target, out)),
+fn walk<'a, J: JsonView<'a>>(value: J, provenance_target: bool, out: &mut Vec<OutgoingReference>) {
+    match value.json_type() {
+        JsonType::Array => value.items().for_each(|item| walk(item, provenance_target, out)),
         // One pass over the members, no lookup by key (each would hash "reference"); the
         // caller sorts what is found.
-        Value::Object(object) => {
-            for (key, child) in object {
+        JsonType::Object => {
+            for (key, child) in value.entries() {
                 if key != "reference" {
                     // Below a target Reference (its extensions) nothing is a target any more.
                     walk(child, false, out);

@@ -16,8 +16,9 @@
 
 mod primitive;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
+use crate::json_view::{JsonType, JsonView};
 use crate::IssueType;
 pub use primitive::Primitive;
 use primitive::PrimitiveError;
@@ -47,6 +48,12 @@ pub struct Violation {
 /// Validates one resource (a JSON object with a `resourceType`) and returns every problem found,
 /// at most [`MAX_VIOLATIONS`]; an empty list means the resource is structurally valid R4.
 pub fn validate_resource(resource: &Value) -> Vec<Violation> {
+    validate_json(resource)
+}
+
+/// [`validate_resource`] for any [`JsonView`] of the resource (a bulk load validates the tape of
+/// each line): the same checks and the same messages.
+pub fn validate_json<'a, J: JsonView<'a>>(resource: J) -> Vec<Violation> {
     let mut validator = Validator { violations: Vec::new() };
     validator.resource(resource, None, false);
     validator.violations
@@ -203,7 +210,8 @@ fn slot_hash(name: &[u8]) -> u32 {
 }
 
 fn resource_row(resource_type: &str) -> Option<&'static Row> {
-    let index = table::RESOURCES.binary_search_by(|(name, _)| (*name).cmp(resource_type)).ok()?;
+    // `RESOURCES` lists `RESOURCE_TYPES` (a test checks it).
+    let index = crate::resource_type::resource_type_index(resource_type)?;
     Some(&table::ROWS[usize::from(table::RESOURCES[index].1)])
 }
 
@@ -286,16 +294,17 @@ impl Validator {
     }
 
     /// A resource at the root (`at` is None) or inside another (`contained`, `Bundle.entry.resource`).
-    fn resource(&mut self, value: &Value, at: Option<&Path>, contained: bool) {
+    fn resource<'a, J: JsonView<'a>>(&mut self, value: J, at: Option<&Path>, contained: bool) {
         let unnamed = Path::root("");
         let here = at.unwrap_or(&unnamed);
-        let Value::Object(object) = value else {
+        if !value.is_object() {
             let found = primitive::json_type_name(value);
             self.report(here, IssueType::Structure, format!("a resource must be a JSON object, not {found}"));
             return;
-        };
+        }
+        let object = value;
         let resource_type = match object.get("resourceType") {
-            Some(Value::String(name)) => name.as_str(),
+            Some(name) if name.json_type() == JsonType::String => name.as_str().unwrap_or_default(),
             Some(other) => {
                 let found = primitive::json_type_name(other);
                 let message = format!("resourceType must be a string naming an R4 resource type, not {found}");
@@ -320,10 +329,10 @@ impl Validator {
     }
 
     /// The properties of one JSON object whose type is `row`.
-    fn object(&mut self, object: &Map<String, Value>, row: &'static Row, path: &Path, kind: ObjectKind) {
+    fn object<'a, J: JsonView<'a>>(&mut self, object: J, row: &'static Row, path: &Path, kind: ObjectKind) {
         let mut choices_seen = 0u32;
         let mut required_seen = 0u64;
-        for (key, value) in object {
+        for (key, value) in object.entries() {
             if self.full() {
                 return;
             }
@@ -332,7 +341,7 @@ impl Validator {
             }
             let (name, underscore) = match key.strip_prefix('_') {
                 Some(name) => (name, true),
-                None => (key.as_str(), false),
+                None => (key, false),
             };
             let Some(element) = row.find(name) else {
                 let message = format!("unknown element '{key}' in {}", row.name);
@@ -344,7 +353,7 @@ impl Validator {
                 self.report(&path.field(key), IssueType::Structure, message);
                 continue;
             }
-            if element.choice != 0 && !(underscore && object.contains_key(name)) {
+            if element.choice != 0 && !(underscore && object.get(name).is_some()) {
                 let bit = 1u32 << (element.choice - 1);
                 if choices_seen & bit != 0 {
                     let message = self.two_choices(object, row, element, key);
@@ -369,21 +378,21 @@ impl Validator {
         }
         if std::ptr::eq(row, &table::ROWS[usize::from(table::EXTENSION_ROW)])
             && choices_seen != 0
-            && object.get("extension").is_some_and(|nested| nested.as_array().is_none_or(|n| !n.is_empty()))
+            && object.get("extension").is_some_and(|nested| nested.array_len().is_none_or(|n| n != 0))
         {
             let message = "an extension has either a value[x] or nested extensions, not both (ext-1)".to_owned();
             self.report(path, IssueType::Structure, message);
         }
     }
 
-    fn two_choices(&self, object: &Map<String, Value>, row: &Row, element: &Element, key: &str) -> String {
+    fn two_choices<'a, J: JsonView<'a>>(&self, object: J, row: &Row, element: &Element, key: &str) -> String {
         let other = object
-            .keys()
+            .entries()
+            .map(|(other, _)| other)
             .find(|other| {
-                other.as_str() != key
+                *other != key
                     && row.find(other).is_some_and(|e| e.choice == element.choice && !std::ptr::eq(e, element))
             })
-            .map(String::as_str)
             .unwrap_or("another");
         format!("only one of {} may be present, but both '{other}' and '{key}' are", element.display_name())
     }
@@ -403,41 +412,35 @@ impl Validator {
     }
 
     /// One property's value: an array or a single value, as the element's max says.
-    fn property(
+    #[allow(clippy::too_many_arguments)]
+    fn property<'a, J: JsonView<'a>>(
         &mut self,
-        object: &Map<String, Value>,
+        object: J,
         element: &Element,
         key: &str,
-        value: &Value,
+        value: J,
         path: &Path,
         underscore: bool,
     ) {
-        match (value, element.many) {
-            (Value::Array(items), true) => {
+        match (value.array_len(), element.many) {
+            (Some(items), true) => {
                 // Primitive arrays and their `_name` twin are aligned, with nulls for the gaps.
-                let twin = match underscore.then(|| object.get(&key[1..])).flatten() {
-                    Some(Value::Array(values)) => Some(values),
-                    _ => None,
-                };
+                let twin = underscore.then(|| object.get(&key[1..])).flatten().and_then(JsonView::array_len);
                 if let Some(values) = twin {
-                    if values.len() != items.len() {
-                        let message = format!(
-                            "'{key}' has {} entries but '{}' has {}; they must align",
-                            items.len(),
-                            &key[1..],
-                            values.len()
-                        );
+                    if values != items {
+                        let message =
+                            format!("'{key}' has {items} entries but '{}' has {values}; they must align", &key[1..]);
                         self.report(path, IssueType::Structure, message);
                     }
                 }
-                for (index, item) in items.iter().enumerate() {
+                for (index, item) in value.items().enumerate() {
                     if item.is_null() && self.null_allowed(object, element, key, index, underscore) {
                         continue;
                     }
                     self.single(element, key, item, &path.index(index), underscore);
                 }
             }
-            (Value::Array(_), false) => {
+            (Some(_), false) => {
                 let message = format!("'{key}' takes a single value (max 1), not an array");
                 self.report(path, IssueType::Structure, message);
             }
@@ -451,9 +454,9 @@ impl Validator {
 
     /// A null in a primitive array stands for "no value" or "no extension" at that index; the
     /// value array may hold one only where the `_name` array has an extension, and vice versa.
-    fn null_allowed(
+    fn null_allowed<'a, J: JsonView<'a>>(
         &self,
-        object: &Map<String, Value>,
+        object: J,
         element: &Element,
         key: &str,
         index: usize,
@@ -464,18 +467,18 @@ impl Validator {
         }
         let twin = if underscore { object.get(&key[1..]) } else { object.get(&format!("_{key}")) };
         match twin {
-            Some(Value::Array(twins)) => twins.get(index).is_some_and(|t| !t.is_null()),
+            Some(twins) if twins.is_array() => twins.items().nth(index).is_some_and(|t| !t.is_null()),
             // `_given` alone: nulls mark entries without extensions.
             None => underscore,
             Some(_) => false,
         }
     }
 
-    fn single(&mut self, element: &Element, key: &str, value: &Value, path: &Path, underscore: bool) {
+    fn single<'a, J: JsonView<'a>>(&mut self, element: &Element, key: &str, value: J, path: &Path, underscore: bool) {
         if underscore {
             let element_row = &table::ROWS[usize::from(table::ELEMENT_ROW)];
             match value {
-                Value::Object(object) => self.object(object, element_row, path, ObjectKind::Element),
+                object if object.is_object() => self.object(object, element_row, path, ObjectKind::Element),
                 other => {
                     let found = primitive::json_type_name(other);
                     let message = format!("'{key}' must be a JSON object (id, extension), not {found}");
@@ -488,7 +491,7 @@ impl Validator {
             Kind::Primitive(primitive) => self.primitive(element, primitive, key, value, path),
             Kind::Resource => self.resource(value, Some(path), key == "contained"),
             Kind::Row(row) => match value {
-                Value::Object(object) => self.object(object, row, path, ObjectKind::Element),
+                object if object.is_object() => self.object(object, row, path, ObjectKind::Element),
                 other => {
                     let found = primitive::json_type_name(other);
                     let message = format!("'{key}' must be a JSON object ({}), not {found}", row.name);
@@ -498,7 +501,14 @@ impl Validator {
         }
     }
 
-    fn primitive(&mut self, element: &Element, primitive: Primitive, key: &str, value: &Value, path: &Path) {
+    fn primitive<'a, J: JsonView<'a>>(
+        &mut self,
+        element: &Element,
+        primitive: Primitive,
+        key: &str,
+        value: J,
+        path: &Path,
+    ) {
         let name = primitive.name();
         match primitive::check(primitive, value) {
             Ok(()) => {}
@@ -516,10 +526,10 @@ impl Validator {
             return;
         }
         let binding = &table::BINDINGS[usize::from(element.binding)];
-        let Value::String(code) = value else {
+        let Some(code) = value.as_str() else {
             return;
         };
-        if binding.codes.binary_search(&code.as_str()).is_err() {
+        if binding.codes.binary_search(&code).is_err() {
             let allowed = if binding.codes.len() <= 12 {
                 binding.codes.join(" | ")
             } else {
@@ -532,11 +542,11 @@ impl Validator {
 }
 
 /// A value quoted for a message, cut short if long.
-fn shown(value: &Value) -> String {
-    let text = match value {
-        Value::String(text) => format!("'{text}'"),
-        Value::Number(number) => number.as_str().to_owned(),
-        other => other.to_string(),
+fn shown<'a, J: JsonView<'a>>(value: J) -> String {
+    let text = match (value.as_str(), value.number_text()) {
+        (Some(text), _) => format!("'{text}'"),
+        (_, Some(number)) => number.to_owned(),
+        _ => value.to_value().to_string(),
     };
     match text.char_indices().nth(80) {
         Some((cut, _)) => format!("{}…", &text[..cut]),

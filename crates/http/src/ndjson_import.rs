@@ -12,10 +12,11 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use bulkhead_fhir::{JsonTape, JsonView, TapeBuffers};
 use bulkhead_store::{PreparedWrite, Store, StoreError, TenantId, WriteMode, WriteOp, Written};
 use serde_json::Value;
 
-use crate::validate::{describe_issues, parse_resource, validate_resource, ValidationMode};
+use crate::validate::{describe_issues, parse_resource, validate_json, validate_resource, ValidationMode};
 
 /// A batch is written when it holds this many resources…
 const BATCH: usize = 10_000;
@@ -116,6 +117,8 @@ pub struct Importer {
     /// most lines of some types wait, and a load's memory must not grow with it).
     deferred: Deferred,
     summary: ImportSummary,
+    /// The buffers each line's tape is parsed into, reused.
+    tape: TapeBuffers,
 }
 
 impl Importer {
@@ -135,6 +138,7 @@ impl Importer {
             batch_bytes: BATCH_BYTES,
             deferred: Deferred::default(),
             summary: ImportSummary::default(),
+            tape: TapeBuffers::default(),
         }
     }
 
@@ -168,6 +172,13 @@ impl Importer {
         if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(());
         }
+        let mut tape = std::mem::take(&mut self.tape);
+        let added = self.add_line_from_tape(location, line, &mut tape);
+        self.tape = tape;
+        let location = match added {
+            Ok(added) => return added,
+            Err(location) => location,
+        };
         match parse_resource(line) {
             Ok(resource) => {
                 self.size_hint = line.len();
@@ -180,6 +191,47 @@ impl Importer {
                 Ok(())
             }
         }
+    }
+
+    /// [`Importer::add_line`] without a `Value`: the line is parsed into a tape, validated, and
+    /// its stored text and index rows prepared from the tape, by the same code and with the same
+    /// messages as a `Value`. `None` leaves the line to the `Value` path: text the tape does not
+    /// take (see [`JsonTape`]), a line with `urn:uuid:` references (rewritten in a `Value`), a
+    /// missing or malformed type or id (refused there with REST's words), or a `meta` with stamps
+    /// (no template). `Err` gives the location back for that path.
+    fn add_line_from_tape(
+        &mut self,
+        location: Location,
+        line: &[u8],
+        buffers: &mut TapeBuffers,
+    ) -> Result<Result<(), StoreError>, Location> {
+        let Ok(text) = std::str::from_utf8(line) else { return Err(location) };
+        if memchr::memmem::find(line, b"urn:uuid:").is_some() {
+            return Err(location);
+        }
+        let Some(tape) = JsonTape::parse(text, buffers) else { return Err(location) };
+        let resource = tape.root();
+        let resource_type = resource.get("resourceType").and_then(JsonView::as_str).and_then(static_type);
+        let id = resource.get("id").and_then(JsonView::as_str).filter(|id| bulkhead_fhir::is_valid_id(id));
+        let (Some(resource_type), Some(id)) = (resource_type, id) else { return Err(location) };
+        if resource.get("meta").and_then(|meta| meta.get("versionId").or_else(|| meta.get("lastUpdated"))).is_some() {
+            return Err(location);
+        }
+        self.known.insert(id, resource_type);
+        if let Err(error) = validate_json(resource, resource_type, Some(id), self.max_group_members, self.validation) {
+            self.fail(location, describe_issues(&error.issues));
+            return Ok(Ok(()));
+        }
+        let Some(prepared) = PreparedWrite::detached(resource_type, id, resource, line.len()) else {
+            return Err(location);
+        };
+        // The body is the template's text (see `PreparedWrite::detached`).
+        let (resource_type, id) = (resource_type.to_owned(), id.to_owned());
+        let op = WriteOp::Update { resource_type, id, body: Value::Null, if_match: None };
+        self.size_hint = line.len();
+        let queued = self.push(location, op, Some(prepared));
+        self.size_hint = ENTRY_BYTES;
+        Ok(queued)
     }
 
     /// Adds a whole Bundle (file import): each entry's resource, with its `fullUrl` resolved.
@@ -261,7 +313,12 @@ impl Importer {
             return Ok(());
         }
         let prepared = Some(PreparedWrite::new(&resource_type, &id, &resource));
-        self.pending.push((location, WriteOp::Update { resource_type, id, body: resource, if_match: None }, prepared));
+        self.push(location, WriteOp::Update { resource_type, id, body: resource, if_match: None }, prepared)
+    }
+
+    /// Adds a checked write to the pending batch, written when the batch is full.
+    fn push(&mut self, location: Location, op: WriteOp, prepared: Option<PreparedWrite>) -> Result<(), StoreError> {
+        self.pending.push((location, op, prepared));
         self.pending_bytes += self.size_hint;
         if self.pending.len() >= BATCH || self.pending_bytes >= self.batch_bytes {
             self.flush()?;
@@ -309,7 +366,9 @@ impl Importer {
             return Ok(());
         }
         self.pending_bytes = 0;
-        let pending = std::mem::take(&mut self.pending);
+        // The next batch is about as long as this one: no growing from empty, a batch at a time.
+        let capacity = self.pending.len();
+        let pending = std::mem::replace(&mut self.pending, Vec::with_capacity(capacity));
         let mut batch: Batch =
             (Vec::with_capacity(pending.len()), Vec::with_capacity(pending.len()), Vec::with_capacity(pending.len()));
         for (location, op, prepared) in pending {
@@ -512,7 +571,7 @@ impl KnownIds {
     }
 
     fn insert(&mut self, id: &str, resource_type: &'static str) {
-        let Ok(index) = bulkhead_fhir::RESOURCE_TYPES.binary_search(&resource_type) else { return };
+        let Some(index) = bulkhead_fhir::resource_type_index(resource_type) else { return };
         let index = index as u8;
         match KnownIds::uuid_key(id) {
             Some(key) => self.uuids.insert(key, index),
@@ -531,7 +590,7 @@ impl KnownIds {
 
 /// The `'static` name of an R4 resource type.
 fn static_type(name: &str) -> Option<&'static str> {
-    let index = bulkhead_fhir::RESOURCE_TYPES.binary_search(&name).ok()?;
+    let index = bulkhead_fhir::resource_type_index(name)?;
     Some(bulkhead_fhir::RESOURCE_TYPES[index])
 }
 
@@ -559,6 +618,57 @@ mod tests {
         assert_eq!(known.get("6f1c7c1e-3b8a-4c4e-9d5f-0a1b2c3d4e50"), None);
         known.insert(lower, "Group");
         assert_eq!(known.get(lower), Some("Group"), "the last type seen wins, as before");
+    }
+
+    /// Lines read through the tape are stored byte for byte as a REST write of the same body
+    /// stores them, and refused with the words REST's validation gives.
+    #[test]
+    fn tape_lines_store_and_refuse_as_rest_does() {
+        let lines = [
+            r#"{"resourceType":"Patient","id":"p1","name":[{"text":"a \u00e9 \/ \"q\""}],"birthDate":"2000-01-01"}"#,
+            r#"{"resourceType":"Observation","id":"o1","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/p1"},"valueQuantity":{"value":1.50}}"#,
+            r#" { "resourceType" : "Observation", "id":"o2", "meta":{"profile":["x"]}, "status":"final", "code":{"text":"y"} } "#,
+            r#"{"resourceType":"Group","id":"g1","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/p1"}}]}"#,
+            r#"{"resourceType":"Patient","id":"bad1","gender":"banana","foo":1}"#,
+            r#"{"resourceType":"Observation","id":"bad2","status":"final","code":{"text":"x"},"subject":{"reference":"Nope/1"}}"#,
+            r#"{"resourceType":"Group","id":"bad3","type":"person","actual":true,"member":[{"entity":{"reference":"Practitioner/x"}}]}"#,
+            r#"{"resourceType":"Observation","id":"bad4","valueString":"a","valueBoolean":true}"#,
+        ];
+        let directory = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&directory.path().join("t.db")).unwrap());
+        let (imported, written) = (store.create_tenant("i").unwrap().id, store.create_tenant("w").unwrap().id);
+        let mut importer = Importer::new(store.clone(), imported, None, 100);
+        for (index, line) in lines.iter().enumerate() {
+            importer.add_line(Location { source: "t.ndjson".into(), line: index as u64 + 1 }, line.as_bytes()).unwrap();
+        }
+        let summary = importer.finish().unwrap();
+        let without_stamps = |text: String| {
+            let (head, rest) = text.split_once(r#""lastUpdated":""#).unwrap();
+            format!("{head}{}", &rest[rest.find('"').unwrap()..])
+        };
+        let mut refused = Vec::new();
+        for line in lines {
+            let body = parse_resource(line.as_bytes()).unwrap();
+            let (resource_type, id) = (body["resourceType"].as_str().unwrap(), body["id"].as_str().unwrap());
+            if let Err(error) = validate_resource(&body, resource_type, Some(id), 100, ValidationMode::Strict) {
+                refused.push(describe_issues(&error.issues));
+                continue;
+            }
+            let op = WriteOp::Update {
+                resource_type: resource_type.into(),
+                id: id.into(),
+                body: body.clone(),
+                if_match: None,
+            };
+            store.write(written, None, &[op], WriteMode::Transaction).unwrap();
+            let read =
+                |tenant| store.read(tenant, &Visibility::Tenant, resource_type, id).unwrap().unwrap().body.unwrap();
+            assert_eq!(without_stamps(read(imported)), without_stamps(read(written)), "{line}");
+        }
+        assert_eq!(summary.created, 4);
+        let messages: Vec<String> = summary.errors.into_iter().map(|error| error.message).collect();
+        assert_eq!(messages, refused);
+        assert!(refused.iter().all(|message| !message.is_empty()));
     }
 
     /// Lines waiting for their targets past the in-memory budget go through the temporary file

@@ -4,8 +4,8 @@
 
 use axum::http::StatusCode;
 use bulkhead_fhir::compartment::parse_reference;
-use bulkhead_fhir::validation::validate_resource as validate_structure;
-use bulkhead_fhir::{is_resource_type, is_valid_id, parse_exact, Issue, IssueType};
+use bulkhead_fhir::validation::validate_json as validate_structure;
+use bulkhead_fhir::{is_resource_type, is_valid_id, parse_exact, Issue, IssueType, JsonType, JsonView};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -47,11 +47,24 @@ pub fn validate_resource(
     max_group_members: usize,
     mode: ValidationMode,
 ) -> Result<(), ApiError> {
-    let Some(object) = body.as_object() else {
+    validate_json(body, expected_type, expected_id, max_group_members, mode)
+}
+
+/// [`validate_resource`] for any [`JsonView`] of the body (a bulk load's tape of each line): the
+/// same checks, the same messages.
+pub fn validate_json<'a, J: JsonView<'a>>(
+    body: J,
+    expected_type: &str,
+    expected_id: Option<&str>,
+    max_group_members: usize,
+    mode: ValidationMode,
+) -> Result<(), ApiError> {
+    if !body.is_object() {
         return Err(ApiError::unprocessable(IssueType::Structure, "a resource must be a JSON object"));
-    };
-    let resource_type = match object.get("resourceType") {
-        Some(Value::String(name)) => name.as_str(),
+    }
+    let object = body;
+    let resource_type = match object.get("resourceType").and_then(JsonView::as_str) {
+        Some(name) => name,
         _ => return Err(ApiError::unprocessable(IssueType::Required, "resourceType is missing").at("resourceType")),
     };
     if !is_resource_type(resource_type) {
@@ -65,12 +78,13 @@ pub fn validate_resource(
         )
         .at("resourceType"));
     }
-    match (object.get("id"), expected_id) {
-        (Some(Value::String(id)), _) if !is_valid_id(id) => {
+    let id = object.get("id").map(|id| id.as_str().ok_or(id));
+    match (id, expected_id) {
+        (Some(Ok(id)), _) if !is_valid_id(id) => {
             return Err(ApiError::bad_request(IssueType::Value, format!("'{id}' is not a valid FHIR id"))
                 .at(format!("{resource_type}.id")));
         }
-        (Some(Value::String(id)), Some(expected)) if id != expected => {
+        (Some(Ok(id)), Some(expected)) if id != expected => {
             return Err(ApiError::bad_request(
                 IssueType::Invalid,
                 format!("body id '{id}' does not match the URL id '{expected}'"),
@@ -84,7 +98,7 @@ pub fn validate_resource(
             )
             .at(format!("{resource_type}.id")));
         }
-        (Some(Value::String(_)) | None, _) => {}
+        (Some(Ok(_)) | None, _) => {}
         (Some(_), _) => {
             return Err(
                 ApiError::unprocessable(IssueType::Structure, "id must be a string").at(format!("{resource_type}.id"))
@@ -123,7 +137,7 @@ pub fn describe_issues(issues: &[Issue]) -> String {
 
 /// Every `reference` string must be a well-formed reference: relative `Type/id`, absolute URL,
 /// `urn:uuid:`/`urn:oid:`, or a contained `#id`.
-fn check_references(value: &Value, resource_type: &str) -> Result<(), ApiError> {
+fn check_references<'a, J: JsonView<'a>>(value: J, resource_type: &str) -> Result<(), ApiError> {
     let mut path = Vec::new();
     match find_bad_reference(value, &mut path) {
         None => Ok(()),
@@ -138,14 +152,12 @@ fn check_references(value: &Value, resource_type: &str) -> Result<(), ApiError> 
 }
 
 /// The first malformed reference, with the keys leading to it pushed innermost first.
-fn find_bad_reference<'a>(value: &'a Value, path: &mut Vec<&'a str>) -> Option<&'a str> {
-    match value {
-        Value::Object(object) => {
-            for (key, child) in object {
-                let found = match (key.as_str(), child) {
-                    ("reference", Value::String(reference)) => {
-                        (!is_well_formed_reference(reference)).then_some(reference.as_str())
-                    }
+fn find_bad_reference<'a, J: JsonView<'a>>(value: J, path: &mut Vec<&'a str>) -> Option<&'a str> {
+    match value.json_type() {
+        JsonType::Object => {
+            for (key, child) in value.entries() {
+                let found = match (key, child.as_str()) {
+                    ("reference", Some(reference)) => (!is_well_formed_reference(reference)).then_some(reference),
                     // Contained resources and extensions are checked like the rest.
                     _ => find_bad_reference(child, path),
                 };
@@ -156,7 +168,7 @@ fn find_bad_reference<'a>(value: &'a Value, path: &mut Vec<&'a str>) -> Option<&
             }
             None
         }
-        Value::Array(items) => items.iter().find_map(|item| find_bad_reference(item, path)),
+        JsonType::Array => value.items().find_map(|item| find_bad_reference(item, path)),
         _ => None,
     }
 }
@@ -180,35 +192,37 @@ fn is_well_formed_reference(reference: &str) -> bool {
 }
 
 /// R4 requires `type` and `actual`; members must reference Patients; the member count is capped.
-fn validate_group(group: &Value, max_members: usize) -> Result<(), ApiError> {
-    if !group.get("type").is_some_and(Value::is_string) {
+fn validate_group<'a, J: JsonView<'a>>(group: J, max_members: usize) -> Result<(), ApiError> {
+    if !group.get("type").is_some_and(|kind| kind.json_type() == JsonType::String) {
         return Err(ApiError::unprocessable(IssueType::Required, "Group.type is required").at("Group.type"));
     }
-    if !group.get("actual").is_some_and(Value::is_boolean) {
+    if !group.get("actual").is_some_and(|actual| actual.json_type() == JsonType::Bool) {
         return Err(
             ApiError::unprocessable(IssueType::Required, "Group.actual is required (true or false)").at("Group.actual")
         );
     }
     let members = match group.get("member") {
         None => return Ok(()),
-        Some(Value::Array(members)) => members,
+        Some(members) if members.is_array() => members,
         Some(_) => {
             return Err(
                 ApiError::unprocessable(IssueType::Structure, "Group.member must be an array").at("Group.member")
             )
         }
     };
-    if members.len() > max_members {
+    let count = members.array_len().unwrap_or_default();
+    if count > max_members {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             IssueType::TooCostly,
-            format!("Group has {} members; the limit is {max_members}", members.len()),
+            format!("Group has {count} members; the limit is {max_members}"),
         )
         .at("Group.member"));
     }
-    for (index, member) in members.iter().enumerate() {
-        let well_typed = member.get("inactive").is_none_or(Value::is_boolean)
-            && member.pointer("/period/end").is_none_or(Value::is_string);
+    for (index, member) in members.items().enumerate() {
+        let period_end = member.get("period").and_then(|period| period.get("end"));
+        let well_typed = member.get("inactive").is_none_or(|inactive| inactive.json_type() == JsonType::Bool)
+            && period_end.is_none_or(|end| end.json_type() == JsonType::String);
         if !well_typed {
             return Err(ApiError::unprocessable(
                 IssueType::Structure,
@@ -216,7 +230,7 @@ fn validate_group(group: &Value, max_members: usize) -> Result<(), ApiError> {
             )
             .at(format!("Group.member[{index}]")));
         }
-        let reference = member.pointer("/entity/reference").and_then(Value::as_str);
+        let reference = member.get("entity").and_then(|entity| entity.get("reference")).and_then(JsonView::as_str);
         let is_patient = reference.and_then(parse_reference).is_some_and(|(target_type, _)| target_type == "Patient");
         if !is_patient {
             let shown = reference.unwrap_or("(no reference)");

@@ -123,7 +123,9 @@ pub trait Store: Send + Sync + 'static {
     /// (`prepared[i]` for `ops[i]`, built by [`PreparedWrite::new`] from that op's type, id and
     /// body; `None`, or a missing entry, for ops without one): a bulk load prepares them on its
     /// own thread while the previous batch is written. The result is exactly [`Store::write`]'s;
-    /// a store that has no use for them writes the ops as they are.
+    /// a store that has no use for them writes the ops as they are. An op prepared by
+    /// [`PreparedWrite::detached`] carries a placeholder body: the body is its template's text,
+    /// parsed only when a write needs it ([`PreparedWrite::detached_body`]).
     fn write_prepared(
         &self,
         tenant: TenantId,
@@ -132,8 +134,19 @@ pub trait Store: Send + Sync + 'static {
         prepared: &[Option<PreparedWrite>],
         mode: WriteMode,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
-        let _ = prepared;
-        self.write(tenant, owner, ops, mode)
+        // Only the bodies of detached writes are needed from what was prepared.
+        if !prepared.iter().flatten().any(|prepared| prepared.detached) {
+            return self.write(tenant, owner, ops, mode);
+        }
+        let ops = ops
+            .iter()
+            .enumerate()
+            .map(|(index, op)| match prepared.get(index).and_then(Option::as_ref) {
+                Some(prepared) => prepared.attach(op),
+                None => Ok(op.clone()),
+            })
+            .collect::<Result<Vec<WriteOp>, _>>()?;
+        self.write(tenant, owner, &ops, mode)
     }
 
     /// The current version (possibly a tombstone) of a resource visible to `visibility`.

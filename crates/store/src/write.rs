@@ -1,7 +1,7 @@
 //! Writes: the operations a caller asks for, and the pieces every implementation shares
 //! (meta stamping, Group member extraction, search tokens).
 
-use bulkhead_fhir::{compartment::parse_reference, format_instant, parse_range, Micros};
+use bulkhead_fhir::{compartment::parse_reference, format_instant, parse_range, JsonView, Micros};
 use serde_json::Value;
 
 /// One write. Ids are assigned by the caller (the HTTP layer assigns server ids before a
@@ -111,6 +111,9 @@ pub fn write_stamped_json(
 #[derive(Debug, Clone)]
 pub struct PreparedWrite {
     pub(crate) template: Option<StampTemplate>,
+    /// Built by [`PreparedWrite::detached`]: the op's body is a placeholder, and the body is
+    /// the template's text.
+    pub(crate) detached: bool,
     /// `patient_compartments_of`: the patients whose compartments hold the resource.
     pub(crate) patients: Vec<String>,
     /// `outgoing_references`: references outside the Patient compartment and Provenance targets.
@@ -122,10 +125,57 @@ impl PreparedWrite {
     pub fn new(resource_type: &str, id: &str, body: &Value) -> PreparedWrite {
         PreparedWrite {
             template: StampTemplate::new(body, id),
+            detached: false,
             patients: bulkhead_fhir::compartment::patient_compartments_of(resource_type, id, body),
             references: bulkhead_fhir::references::outgoing_references(resource_type, body),
             tokens: search_tokens(body),
         }
+    }
+
+    /// Prepared from a view of the body that is not a `Value` (a bulk load's tape of each
+    /// line, [`bulkhead_fhir::JsonTape`]), so that no `Value` is ever built for it: its op carries
+    /// `Value::Null` as its body, and a store that needs the body (to compare it with the
+    /// current version, or a store that does not use prepared writes) parses it back from
+    /// the template ([`PreparedWrite::detached_body`]). `None` when the body's `meta` already
+    /// has a stamp (no template): such a body is written from a `Value`.
+    ///
+    /// `size_hint`: the body's text length, to size the template in one allocation.
+    pub fn detached<'a, J: JsonView<'a>>(
+        resource_type: &str,
+        id: &str,
+        body: J,
+        size_hint: usize,
+    ) -> Option<PreparedWrite> {
+        Some(PreparedWrite {
+            template: Some(StampTemplate::build(body, id, size_hint + id.len() + 48)?),
+            detached: true,
+            patients: bulkhead_fhir::compartment::patient_compartments_in(resource_type, id, body),
+            references: bulkhead_fhir::references::outgoing_references_in(resource_type, body),
+            tokens: search_tokens(body),
+        })
+    }
+
+    /// The body of a [`PreparedWrite::detached`] write (its op's body is a placeholder),
+    /// parsed from the template; `None` for other prepared writes, whose op carries the body.
+    /// (Its `meta` has the stamps of version 1 at time 0: every reader of it ignores them.)
+    pub fn detached_body(&self) -> Option<Result<Value, serde_json::Error>> {
+        let template = self.template.as_ref().filter(|_| self.detached)?;
+        Some(bulkhead_fhir::parse_exact(template.stamp(1, 0).as_bytes()))
+    }
+
+    /// `op` with its body, when it is the placeholder of a detached write (a store that writes
+    /// the ops as they are needs the body itself).
+    pub fn attach(&self, op: &WriteOp) -> Result<WriteOp, serde_json::Error> {
+        let Some(body) = self.detached_body().transpose()? else { return Ok(op.clone()) };
+        Ok(match op {
+            WriteOp::Create { resource_type, id, .. } => {
+                WriteOp::Create { resource_type: resource_type.clone(), id: id.clone(), body }
+            }
+            WriteOp::Update { resource_type, id, if_match, .. } => {
+                WriteOp::Update { resource_type: resource_type.clone(), id: id.clone(), body, if_match: *if_match }
+            }
+            WriteOp::Delete { .. } => op.clone(),
+        })
     }
 }
 
@@ -144,38 +194,44 @@ impl StampTemplate {
     /// `None` when the resource's `meta` already has a stamp (whose place the stamped text keeps)
     /// or the body is not an object: such a resource is stamped by [`stamped_json`].
     pub fn new(body: &Value, id: &str) -> Option<StampTemplate> {
-        let object = body.as_object()?;
-        let empty = serde_json::Map::new();
-        let meta = match object.get("meta") {
-            Some(Value::Object(meta)) => meta,
-            _ => &empty,
-        };
-        if meta.contains_key("versionId") || meta.contains_key("lastUpdated") {
+        StampTemplate::build(body, id, 1024)
+    }
+
+    /// [`StampTemplate::new`] for any [`JsonView`] of the body, in a buffer of `capacity`.
+    fn build<'a, J: JsonView<'a>>(body: J, id: &str, capacity: usize) -> Option<StampTemplate> {
+        if !body.is_object() {
             return None;
         }
-        let mut text = Vec::with_capacity(1024);
+        let meta = body.get("meta").filter(|meta| meta.is_object());
+        if meta.is_some_and(|meta| meta.get("versionId").is_some() || meta.get("lastUpdated").is_some()) {
+            return None;
+        }
+        let mut text = Vec::with_capacity(capacity);
         text.push(b'{');
-        if let Some(resource_type) = object.get("resourceType") {
-            template_entry(&mut text, "resourceType", resource_type)?;
+        if let Some(resource_type) = body.get("resourceType") {
+            template_entry(&mut text, "resourceType", resource_type);
             text.push(b',');
         }
-        template_entry(&mut text, "id", id)?;
+        text.extend_from_slice(b"\"id\":");
+        serde_json::to_writer(&mut text, id).ok()?;
         text.extend_from_slice(b",\"meta\":{");
-        for (key, value) in meta {
-            template_entry(&mut text, key, value)?;
+        for (key, value) in meta.into_iter().flat_map(JsonView::entries) {
+            template_entry(&mut text, key, value);
             text.push(b',');
         }
         let tail = text.len();
         text.push(b'}');
-        for (key, value) in object {
-            if !matches!(key.as_str(), "resourceType" | "id" | "meta") {
+        for (key, value) in body.entries() {
+            if !matches!(key, "resourceType" | "id" | "meta") {
                 text.push(b',');
-                template_entry(&mut text, key, value)?;
+                template_entry(&mut text, key, value);
             }
         }
         text.push(b'}');
         // A batch's templates live until it is written: no doubling slack (a server's memory).
-        text.shrink_to_fit();
+        if text.capacity() - text.len() > 64 {
+            text.shrink_to_fit();
+        }
         Some(StampTemplate { text, tail })
     }
 
@@ -197,10 +253,11 @@ impl StampTemplate {
 }
 
 /// `"key":value`, as serde_json's compact map serialisation writes an entry.
-fn template_entry<T: serde::Serialize + ?Sized>(text: &mut Vec<u8>, key: &str, value: &T) -> Option<()> {
-    serde_json::to_writer(&mut *text, key).ok()?;
+fn template_entry<'a, J: JsonView<'a>>(text: &mut Vec<u8>, key: &str, value: J) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *text, key);
     text.push(b':');
-    serde_json::to_writer(&mut *text, value).ok()
+    value.write_compact(text);
 }
 
 /// A resource's `meta` with `versionId` and `lastUpdated` set, serialised from the stored
@@ -310,34 +367,33 @@ pub(crate) fn member_list(group: &str) -> Result<Vec<(String, Option<Micros>)>, 
 
 /// A search token: `(param, system, value)`. Identifiers give `("identifier", system, value)`;
 /// `subject` and `patient` references give `(param, target type, target id)`.
-pub(crate) fn search_tokens(body: &Value) -> Vec<(&'static str, String, String)> {
+pub(crate) fn search_tokens<'a, J: JsonView<'a>>(body: J) -> Vec<(&'static str, String, String)> {
     let mut tokens = Vec::new();
-    let identifiers = match body.get("identifier") {
-        Some(Value::Array(items)) => items.iter().collect::<Vec<_>>(),
-        Some(item @ Value::Object(_)) => vec![item],
-        _ => Vec::new(),
-    };
-    for identifier in identifiers {
-        if let Some(value) = identifier.get("value").and_then(Value::as_str) {
-            let system = identifier.get("system").and_then(Value::as_str).unwrap_or("");
+    each_element(body.get("identifier"), |identifier| {
+        if let Some(value) = identifier.get("value").and_then(JsonView::as_str) {
+            let system = identifier.get("system").and_then(JsonView::as_str).unwrap_or("");
             tokens.push(("identifier", system.to_owned(), value.to_owned()));
         }
-    }
+    });
     for param in ["subject", "patient"] {
-        let references = match body.get(param) {
-            Some(Value::Array(items)) => items.iter().collect::<Vec<_>>(),
-            Some(item @ Value::Object(_)) => vec![item],
-            _ => Vec::new(),
-        };
-        for reference in references {
+        each_element(body.get(param), |reference| {
             if let Some((target_type, id)) =
-                reference.get("reference").and_then(Value::as_str).and_then(parse_reference)
+                reference.get("reference").and_then(JsonView::as_str).and_then(parse_reference)
             {
                 tokens.push((param, target_type.to_owned(), id.to_owned()));
             }
-        }
+        });
     }
     tokens
+}
+
+/// Each item of an array, or an object itself (a repeating element sent as one value).
+fn each_element<'a, J: JsonView<'a>>(value: Option<J>, mut visit: impl FnMut(J)) {
+    match value {
+        Some(items) if items.is_array() => items.items().for_each(visit),
+        Some(item) if item.is_object() => visit(item),
+        _ => {}
+    }
 }
 
 /// The no-op answer to an update whose `body` has the content of the current version
@@ -451,6 +507,51 @@ mod tests {
             assert!(StampTemplate::new(&body, "a").is_none(), "{stamped}");
         }
         assert!(StampTemplate::new(&json!([1]), "a").is_none());
+    }
+
+    /// Prepared from a tape of the text, a write holds exactly what it holds prepared from the
+    /// text's `Value`: the same stored bytes, compartments, references and search tokens, and
+    /// the body read back from the template is the `Value`.
+    #[test]
+    fn detached_writes_prepare_what_value_writes_prepare() {
+        let bodies = [
+            r#"{"resourceType":"Observation","id":"o","status":"final","subject":{"reference":"Patient/p"},"valueQuantity":{"value":1.50}}"#,
+            r#"{"status":"final","id":"o2","resourceType":"Observation","meta":{"profile":["p"]},"performer":[{"reference":"Practitioner/x"}]}"#,
+            r#"{"resourceType":"Patient","id":"p","meta":{},"name":[{"text":"a \"q\" \\ \u0001 é \/ \u00e9"}],"n":-0.0}"#,
+            r#" {"meta" : {"tag":[{"code":"t"}],"source":"s"},"resourceType":"Patient","id":"p2","identifier":{"system":"s","value":"v"},"a":[],"b":{},"c":null} "#,
+            r#"{"resourceType":"Provenance","id":"v","target":[{"reference":"Observation/o"},{"reference":"Practitioner/x"}],"patient":[{"reference":"Patient/p"}]}"#,
+            r#"{"resourceType":"Patient","id":"p3","meta":"not an object","link":[{"other":{"reference":"Patient/p"}}]}"#,
+        ];
+        for (index, text) in bodies.iter().enumerate() {
+            let value = bulkhead_fhir::parse_exact(text.as_bytes()).unwrap();
+            let resource_type = value["resourceType"].as_str().unwrap();
+            let id = value["id"].as_str().unwrap();
+            let mut buffers = bulkhead_fhir::TapeBuffers::default();
+            let tape = bulkhead_fhir::JsonTape::parse(text, &mut buffers).unwrap();
+            let detached = PreparedWrite::detached(resource_type, id, tape.root(), text.len()).unwrap();
+            let plain = PreparedWrite::new(resource_type, id, &value);
+            let at = 1_700_000_000_000_001 + index as i64;
+            let stamped = stamped_json(&value, id, 4, at).unwrap();
+            assert_eq!(detached.template.as_ref().unwrap().stamp(4, at), stamped, "{text}");
+            assert_eq!(plain.template.as_ref().unwrap().stamp(4, at), stamped, "{text}");
+            assert_eq!(detached.patients, plain.patients, "{text}");
+            assert_eq!(detached.references, plain.references, "{text}");
+            assert_eq!(detached.tokens, plain.tokens, "{text}");
+            let mut body = detached.detached_body().unwrap().unwrap();
+            let meta = body["meta"].as_object_mut().unwrap();
+            meta.remove("versionId");
+            meta.remove("lastUpdated");
+            let mut expected = value.clone();
+            if !expected["meta"].is_object() {
+                expected.as_object_mut().unwrap().insert("meta".into(), json!({}));
+            }
+            assert_eq!(body, expected, "{text}");
+            assert!(plain.detached_body().is_none());
+        }
+        let stamped = r#"{"resourceType":"Patient","id":"a","meta":{"versionId":"3"}}"#;
+        let mut buffers = bulkhead_fhir::TapeBuffers::default();
+        let tape = bulkhead_fhir::JsonTape::parse(stamped, &mut buffers).unwrap();
+        assert!(PreparedWrite::detached("Patient", "a", tape.root(), stamped.len()).is_none());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! 4.0.1 StructureDefinitions, `http://hl7.org/fhir/StructureDefinition/regex`), matched by hand
 //! on bytes so that checking a valid value never allocates.
 
-use serde_json::Value;
+use crate::json_view::{JsonType, JsonView};
 
 /// The R4 primitive types, in the type-number order of the generated table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,12 +109,12 @@ pub(super) enum PrimitiveError {
 }
 
 /// Checks one primitive value (never `null`, arrays or objects: the caller reports those).
-pub(super) fn check(primitive: Primitive, value: &Value) -> Result<(), PrimitiveError> {
+pub(super) fn check<'a, J: JsonView<'a>>(primitive: Primitive, value: J) -> Result<(), PrimitiveError> {
     let kind = primitive.json_kind();
-    match (kind, value) {
-        (JsonKind::Boolean, Value::Bool(_)) => Ok(()),
-        (JsonKind::Number, Value::Number(number)) => check_number(primitive, number.as_str()),
-        (JsonKind::String, Value::String(text)) => check_string(primitive, text),
+    match (kind, value.json_type()) {
+        (JsonKind::Boolean, JsonType::Bool) => Ok(()),
+        (JsonKind::Number, JsonType::Number) => check_number(primitive, value.number_text().unwrap_or_default()),
+        (JsonKind::String, JsonType::String) => check_string(primitive, value.as_str().unwrap_or_default()),
         (JsonKind::Boolean, _) => Err(PrimitiveError::JsonType("a JSON boolean (true or false)")),
         (JsonKind::Number, _) => Err(PrimitiveError::JsonType("a JSON number")),
         (JsonKind::String, _) => Err(PrimitiveError::JsonType("a JSON string")),
@@ -122,14 +122,14 @@ pub(super) fn check(primitive: Primitive, value: &Value) -> Result<(), Primitive
 }
 
 /// The JSON type name of a value, for messages.
-pub(super) fn json_type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+pub(super) fn json_type_name<'a, J: JsonView<'a>>(value: J) -> &'static str {
+    match value.json_type() {
+        JsonType::Null => "null",
+        JsonType::Bool => "a boolean",
+        JsonType::Number => "a number",
+        JsonType::String => "a string",
+        JsonType::Array => "an array",
+        JsonType::Object => "an object",
     }
 }
 
@@ -369,7 +369,7 @@ fn is_date_time(bytes: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn ok(primitive: Primitive, value: Value) -> bool {
         check(primitive, &value).is_ok()

@@ -84,6 +84,10 @@ pub(super) fn apply(
                 }
             }
             if let Some(existing) = existing.as_ref().filter(|existing| !existing.deleted) {
+                // A detached write's body is read back from its template only here, when there
+                // is a current version to compare it with.
+                let detached = prepared.and_then(PreparedWrite::detached_body).transpose()?;
+                let body = detached.as_ref().unwrap_or(body);
                 if let Some(unchanged) = unchanged_version(transaction, existing, &resource_type, id, body)? {
                     return Ok(unchanged);
                 }
@@ -134,6 +138,7 @@ fn put(
         None => {
             computed = PreparedWrite {
                 template: None,
+                detached: false,
                 patients: patient_compartments_of(resource_type, id, body),
                 references: outgoing_references(resource_type, body),
                 tokens: search_tokens(body),
