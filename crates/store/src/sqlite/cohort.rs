@@ -18,7 +18,7 @@
 use bulkhead_fhir::{resource_type_code, Micros};
 use rusqlite::{params, Connection};
 
-use super::export::{load_members, type_span};
+use super::export::{load_members, type_span, version_in_history};
 use super::SqliteStore;
 use crate::selection::{selected, Reach, VersionAt};
 use crate::{MemberSelection, SelectionScope, StoreError, TenantId};
@@ -314,12 +314,6 @@ impl CohortKeys {
         mut visit: impl FnMut(CohortResource) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let Some(keys) = self.keys(resource_type) else { return Ok(()) };
-        let at = selection.transaction_time;
-        let user = selection.visibility.user();
-        let mut earlier = connection.prepare_cached(
-            "SELECT version, last_updated, deleted, owner FROM resource_history
-             WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1",
-        )?;
         let last = keys.first + keys.flags.len() as i64 - 1;
         let (start, end) = (start.max(keys.first), end.min(last));
         if start > end {
@@ -339,20 +333,8 @@ impl CohortKeys {
                 let selected = if reach.full_history { flag & SELECTED_FULL } else { flag & SELECTED_EXISTING };
                 CohortResource { rid, reach, live: flag & LIVE != 0, selected: selected != 0, history_version: 0 }
             } else {
-                let then = earlier.query_row(params![rid, at], |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        VersionAt {
-                            last_updated: row.get(1)?,
-                            deleted: row.get(2)?,
-                            visible: user.is_none() || row.get_ref(3)?.as_str_or_null()? == user,
-                        },
-                    ))
-                });
-                let (history_version, version) = match then {
-                    Ok(then) => then,
-                    Err(rusqlite::Error::QueryReturnedNoRows) => continue, // created after the transaction time
-                    Err(error) => return Err(error.into()),
+                let Some((history_version, version)) = version_in_history(connection, selection, rid)? else {
+                    continue; // created after the transaction time
                 };
                 CohortResource {
                     rid,

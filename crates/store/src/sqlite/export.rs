@@ -295,31 +295,13 @@ pub(super) fn select_window(
     select: impl Fn(Reach, &VersionAt) -> bool,
     mut visit: impl FnMut(Chosen) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
-    let at = selection.transaction_time;
     // `_typeFilter` needs the version's JSON: read only for filtered types.
     let filtered = selection.filters.filters(resource_type);
-    let user = selection.visibility.user();
-    let mut earlier = connection.prepare_cached(
-        "SELECT version, last_updated, deleted, owner FROM resource_history
-         WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1",
-    )?;
     // Resolve versions changed since the transaction time, then keep the selected ones;
     // historical ones remember which version holds their body.
     for candidate in candidates(connection, tenant, selection, resource_type, (start, end))? {
         let (version, history_version) = if candidate.historical() {
-            let then = earlier
-                .query_row(params![candidate.rid, at], |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        VersionAt {
-                            last_updated: row.get(1)?,
-                            deleted: row.get(2)?,
-                            visible: user.is_none() || row.get_ref(3)?.as_str_or_null()? == user,
-                        },
-                    ))
-                })
-                .optional()?;
-            match then {
+            match version_in_history(connection, selection, candidate.rid)? {
                 Some((number, version)) => (version, number),
                 None => continue, // created after the transaction time
             }
@@ -334,6 +316,34 @@ pub(super) fn select_window(
         }
     }
     Ok(())
+}
+
+/// The history version of `rid` current at the selection's transaction time, with its state as
+/// the selection rules read it (visibility for the selection's user); None when the resource was
+/// created after that time.
+pub(super) fn version_in_history(
+    connection: &Connection,
+    selection: &MemberSelection,
+    rid: i64,
+) -> Result<Option<(i64, VersionAt)>, StoreError> {
+    let user = selection.visibility.user();
+    let found = connection
+        .prepare_cached(
+            "SELECT version, last_updated, deleted, owner FROM resource_history
+             WHERE rid = ?1 AND last_updated <= ?2 ORDER BY version DESC LIMIT 1",
+        )?
+        .query_row(params![rid, selection.transaction_time], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                VersionAt {
+                    last_updated: row.get(1)?,
+                    deleted: row.get(2)?,
+                    visible: user.is_none() || row.get_ref(3)?.as_str_or_null()? == user,
+                },
+            ))
+        })
+        .optional()?;
+    Ok(found)
 }
 
 /// Whether the version of `rid` held by the current row (`history_version` 0) or by that history
