@@ -706,12 +706,13 @@ mod tests {
     }
 
     /// Every row of `tenant` as text, keys replaced by what they name (type and id, patient id)
-    /// and times by whether they are the resource's own: comparable across tenants and writes.
+    /// and times by whether they are the resource's own: comparable across tenants and writes
+    /// (keys' order is compared by `bulk_writes_index_exactly_as_single_writes`).
     fn rows(store: &PgStore, tenant: TenantId) -> Vec<String> {
         let queries = [
             "SELECT concat_ws('|', resource_type, id, version, deleted, owner,
                               regexp_replace(body, '\"lastUpdated\":\"[^\"]*\"', '\"lastUpdated\":\"T\"'))
-             FROM resources WHERE tenant_id = $1 ORDER BY rid",
+             FROM resources WHERE tenant_id = $1 ORDER BY 1",
             "SELECT concat_ws('|', k.patient_id, c.type_code, r.resource_type, r.id, c.from_ts = r.last_updated,
                               c.to_ts IS NULL, c.last_updated = r.last_updated, c.deleted, c.owner)
              FROM compartment c JOIN patient_keys k ON k.tenant_id = c.tenant_id AND k.pkey = c.pkey
@@ -748,8 +749,9 @@ mod tests {
     /// A bulk write with its ops prepared ahead, as an import prepares them (most detached from
     /// a tape of their line, their op's body a placeholder; one prepared from its `Value`; one
     /// not prepared), stores and indexes exactly what the plain write of the same resources
-    /// does, including the ops the bulk path leaves to single writes (an existing resource, a
-    /// Group, an id named twice), whose bodies come from their templates.
+    /// does, and what writing them one at a time does, including the ops the bulk path leaves
+    /// to single writes (an existing resource, a Group, an id named twice), whose bodies come
+    /// from their templates.
     #[test]
     fn prepared_bulk_writes_store_what_plain_bulk_writes_store() {
         let Some(database) = super::super::testing::fresh_database() else { return };
@@ -769,13 +771,14 @@ mod tests {
             r#"{"resourceType":"Provenance","id":"late","recorded":"2020-01-01T00:00:00Z","target":[{"reference":"Observation/o2"},{"reference":"Patient/p2"}],"agent":[{"who":{"reference":"Practitioner/dr"}}]}"#,
         ];
         let before = r#"{"resourceType":"Observation","id":"before","status":"final","code":{"text":"c"},"subject":{"reference":"Patient/p1"}}"#;
-        let (plain, prepared_tenant) = (store.create_tenant("plain").unwrap().id, store.create_tenant("prepared").unwrap().id);
+        let tenant = |name: &str| store.create_tenant(name).unwrap().id;
+        let (plain, prepared_tenant, single) = (tenant("plain"), tenant("prepared"), tenant("single"));
         let op = |text: &str, body: Value| {
             let value = bulkhead_fhir::parse_exact(text.as_bytes()).unwrap();
             let (resource_type, id) = (value["resourceType"].as_str().unwrap(), value["id"].as_str().unwrap());
             WriteOp::Update { resource_type: resource_type.into(), id: id.into(), body, if_match: None }
         };
-        for tenant in [plain, prepared_tenant] {
+        for tenant in [plain, prepared_tenant, single] {
             let op = op(before, bulkhead_fhir::parse_exact(before.as_bytes()).unwrap());
             store.write(tenant, Some("owner"), &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
         }
@@ -802,6 +805,11 @@ mod tests {
             ops.push(op(text, value));
         }
         for mode in [WriteMode::Transaction, WriteMode::Batch] {
+            // One write per resource (the two writes of `twice` together, so that its first
+            // version's rows open and close at the same time, as in one write of all).
+            for ops in plain_ops.chunk_by(|a, b| a.id() == b.id()) {
+                assert!(store.write(single, Some("owner"), ops, mode).unwrap().iter().all(Result::is_ok));
+            }
             let expected = store.write(plain, Some("owner"), &plain_ops, mode).unwrap();
             let written = store.write_prepared(prepared_tenant, Some("owner"), &ops, &prepared, mode).unwrap();
             assert_eq!(written.len(), expected.len());
@@ -815,6 +823,7 @@ mod tests {
             }
             let (expected, stored) = (rows(&store, plain), rows(&store, prepared_tenant));
             assert_eq!(stored, expected, "{mode:?}");
+            assert_eq!(stored, rows(&store, single), "{mode:?}");
             assert!(stored.iter().any(|row| row.starts_with("Observation|before|2|")), "{mode:?}: {stored:?}");
         }
     }
