@@ -438,8 +438,7 @@ fn copy_compartments(
         copy.end_row()?;
     }
     copy.finish()?;
-    let mut changed: Vec<i64> =
-        rows.iter().filter(|row| row.3).filter_map(|row| pkeys.get(row.0).copied()).collect();
+    let mut changed: Vec<i64> = rows.iter().filter(|row| row.3).filter_map(|row| pkeys.get(row.0).copied()).collect();
     changed.sort_unstable();
     changed.dedup();
     mark_patients_changed(db, tenant, &changed, timestamp)
@@ -525,7 +524,8 @@ fn copy_search_tokens(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>]) -> 
     let mut tokens: Vec<(&'static str, &str, &str)> = Vec::new();
     for new in chosen {
         tokens.clear();
-        tokens.extend(new.prepared.tokens.iter().map(|(param, system, value)| (*param, system.as_str(), value.as_str())));
+        tokens
+            .extend(new.prepared.tokens.iter().map(|(param, system, value)| (*param, system.as_str(), value.as_str())));
         tokens.sort_unstable();
         tokens.dedup();
         rows.extend(tokens.iter().map(|&(param, system, value)| (new.code, param, system, value, new.rid)));

@@ -13,8 +13,8 @@ use super::Db;
 use crate::plan_cache::raises_member_watermarks;
 use crate::write::search_tokens;
 use crate::{
-    group_members, stamped_json, LastUpdatedBound, PreparedWrite, SearchPage, SearchQuery, StoreError, StoredResource, TenantId,
-    Visibility, WriteMode, WriteOp, Written,
+    group_members, stamped_json, LastUpdatedBound, PreparedWrite, SearchPage, SearchQuery, StoreError, StoredResource,
+    TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 /// The current row of a resource, without its body.
