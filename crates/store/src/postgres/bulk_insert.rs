@@ -15,11 +15,11 @@
 //! `sync_references` in `associated.rs`); the conformance test
 //! `bulk_writes_index_exactly_as_single_writes` compares the two.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write;
 
-use bulkhead_fhir::compartment::patient_compartments_of;
-use bulkhead_fhir::references::{outgoing_references, OutgoingReference};
+use bulkhead_fhir::references::OutgoingReference;
 use bulkhead_fhir::{resource_type_code, Micros};
 use postgres::error::SqlState;
 use serde_json::Value;
@@ -27,8 +27,8 @@ use serde_json::Value;
 use super::resources::mark_patients_changed;
 use super::Db;
 use crate::plan_cache::raises_member_watermarks;
-use crate::write::{search_tokens, write_stamped_json};
-use crate::{StoreError, TenantId, WriteOp, Written};
+use crate::write::write_stamped_json;
+use crate::{PreparedWrite, StoreError, TenantId, WriteOp, Written};
 
 /// Bytes of encoded rows handed to the driver at a time: one call into its runtime per chunk
 /// instead of one per row, and PostgreSQL works through a chunk while the next is encoded.
@@ -206,14 +206,19 @@ impl From<Failure> for StoreError {
     }
 }
 
-/// A new resource chosen for the bulk path: its index in the ops, type, id, body, stored text
-/// and key.
+/// A new resource chosen for the bulk path: its index in the ops, type, id, body, what its rows
+/// derive from the body, stored text and key.
 struct New<'a> {
     index: usize,
     resource_type: &'a str,
     code: i16,
     id: &'a str,
+    /// The op's body: a placeholder (`Value::Null`) when `prepared` is detached, whose template
+    /// is then the body's text.
     body: &'a Value,
+    /// Compartments, references, search tokens and (mostly) the stamp template: prepared by the
+    /// caller (a bulk load, on its own thread), else computed here from `body`.
+    prepared: Cow<'a, PreparedWrite>,
     text: String,
     rid: i64,
 }
@@ -224,18 +229,23 @@ struct New<'a> {
 /// Such a write cannot fail on its own, so batch and transaction agree. Returns each one's
 /// index in `ops` and result; any database error fails the whole write (its transaction is
 /// rolled back, nothing of it stays).
-pub(super) fn insert_new(
+///
+/// `prepared[i]`, when present, is what `ops[i]`'s rows derive from its body
+/// ([`crate::Store::write_prepared`]): its rows and text are taken from it, and a detached op's
+/// placeholder body is never parsed back.
+pub(super) fn insert_new<'a>(
     db: &mut Db<'_>,
     tenant: TenantId,
     owner: Option<&str>,
-    ops: &[WriteOp],
+    ops: &'a [WriteOp],
+    prepared: &'a [Option<PreparedWrite>],
     timestamp: Micros,
 ) -> Result<Vec<(usize, Written)>, StoreError> {
     let mut named: HashMap<(&str, &str), usize> = HashMap::with_capacity(ops.len());
     for op in ops {
         *named.entry((op.resource_type(), op.id())).or_default() += 1;
     }
-    let mut chosen: Vec<New<'_>> = Vec::new();
+    let mut chosen: Vec<New<'a>> = Vec::new();
     for (index, op) in ops.iter().enumerate() {
         let body = match op {
             WriteOp::Create { body, .. } | WriteOp::Update { body, if_match: None, .. } => body,
@@ -247,7 +257,11 @@ pub(super) fn insert_new(
         if resource_type == "Group" || named[&(resource_type, id)] > 1 {
             continue;
         }
-        chosen.push(New { index, resource_type, code, id, body, text: String::new(), rid: 0 });
+        let prepared = match prepared.get(index).and_then(Option::as_ref) {
+            Some(prepared) => Cow::Borrowed(prepared),
+            None => Cow::Owned(PreparedWrite::new(resource_type, id, body)),
+        };
+        chosen.push(New { index, resource_type, code, id, body, prepared, text: String::new(), rid: 0 });
     }
     if chosen.is_empty() {
         return Ok(Vec::new());
@@ -358,10 +372,20 @@ fn copy_resources(
         copy.int8(timestamp);
         copy.bool(false);
         copy.opt_text(owner)?;
-        let (body, id) = (new.body, new.id);
-        let text = copy.text_with(|out| Ok(write_stamped_json(out, body, id, 1, timestamp)?))?;
-        // serde_json writes valid UTF-8.
-        new.text = String::from_utf8_lossy(&copy.buffer[text]).into_owned();
+        match &new.prepared.template {
+            // The template's text is the body's (detached or not) up to the stamps.
+            Some(template) => {
+                new.text = template.stamp(1, timestamp);
+                copy.text(&new.text)?;
+            }
+            // A body whose `meta` has stamps already has no template (and is never detached).
+            None => {
+                let (body, id) = (new.body, new.id);
+                let text = copy.text_with(|out| Ok(write_stamped_json(out, body, id, 1, timestamp)?))?;
+                // serde_json writes valid UTF-8.
+                new.text = String::from_utf8_lossy(&copy.buffer[text]).into_owned();
+            }
+        }
         copy.end_row()?;
     }
     copy.finish()?;
@@ -379,17 +403,17 @@ fn copy_compartments(
 ) -> Result<(), StoreError> {
     // (patient, type code, rid, whether the row raises the patient's watermark: not a Group's);
     // `patient_compartments_of` lists each patient once.
-    let mut rows: Vec<(String, i16, i64, bool)> = Vec::new();
+    let mut rows: Vec<(&str, i16, i64, bool)> = Vec::new();
     for new in chosen {
         let raises = raises_member_watermarks(new.resource_type);
-        for patient in patient_compartments_of(new.resource_type, new.id, new.body) {
+        for patient in &new.prepared.patients {
             rows.push((patient, new.code, new.rid, raises));
         }
     }
     if rows.is_empty() {
         return Ok(());
     }
-    let mut patients: Vec<&str> = rows.iter().map(|row| row.0.as_str()).collect();
+    let mut patients: Vec<&str> = rows.iter().map(|row| row.0).collect();
     patients.sort_unstable();
     patients.dedup();
     let pkeys = patient_keys(db, tenant, &patients)?;
@@ -400,7 +424,7 @@ fn copy_compartments(
     )?;
     for (patient, code, rid, _) in &rows {
         let pkey = *pkeys
-            .get(patient.as_str())
+            .get(patient)
             .ok_or_else(|| StoreError::Database("a patient key is missing after its insert".into()))?;
         copy.row(8);
         copy.int8(tenant.0);
@@ -414,8 +438,7 @@ fn copy_compartments(
         copy.end_row()?;
     }
     copy.finish()?;
-    let mut changed: Vec<i64> =
-        rows.iter().filter(|row| row.3).filter_map(|row| pkeys.get(row.0.as_str()).copied()).collect();
+    let mut changed: Vec<i64> = rows.iter().filter(|row| row.3).filter_map(|row| pkeys.get(row.0).copied()).collect();
     changed.sort_unstable();
     changed.dedup();
     mark_patients_changed(db, tenant, &changed, timestamp)
@@ -497,12 +520,15 @@ fn stored_keys<'k>(
 
 /// The search tokens of the new resources, each distinct token of a resource once.
 fn copy_search_tokens(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>]) -> Result<(), StoreError> {
-    let mut rows: Vec<(i16, &'static str, String, String, i64)> = Vec::new();
+    let mut rows: Vec<(i16, &'static str, &str, &str, i64)> = Vec::new();
+    let mut tokens: Vec<(&'static str, &str, &str)> = Vec::new();
     for new in chosen {
-        let mut tokens = search_tokens(new.body);
+        tokens.clear();
+        tokens
+            .extend(new.prepared.tokens.iter().map(|(param, system, value)| (*param, system.as_str(), value.as_str())));
         tokens.sort_unstable();
         tokens.dedup();
-        rows.extend(tokens.into_iter().map(|(param, system, value)| (new.code, param, system, value, new.rid)));
+        rows.extend(tokens.iter().map(|&(param, system, value)| (new.code, param, system, value, new.rid)));
     }
     if rows.is_empty() {
         return Ok(());
@@ -529,16 +555,16 @@ fn copy_search_tokens(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>]) -> 
 /// target's row carries its target's key when the target's row exists: one of this batch, or
 /// one already stored (deleted or not), as the single-write path's insert looks it up.
 fn copy_references(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>], timestamp: Micros) -> Result<(), StoreError> {
-    // (rid, reference); each resource's references sorted and distinct.
-    let mut rows: Vec<(i64, OutgoingReference)> = Vec::new();
+    // (rid, reference); each resource's references sorted and distinct (`outgoing_references`).
+    let mut rows: Vec<(i64, &OutgoingReference)> = Vec::new();
     let mut referencing: Vec<&str> = Vec::new();
     for new in chosen {
-        let references = outgoing_references(new.resource_type, new.body);
+        let references = &new.prepared.references;
         if references.iter().any(|reference| !reference.provenance_target) && !referencing.contains(&new.resource_type)
         {
             referencing.push(new.resource_type);
         }
-        rows.extend(references.into_iter().map(|reference| (new.rid, reference)));
+        rows.extend(references.iter().map(|reference| (new.rid, reference)));
     }
     super::associated::note_referencing_types(db, tenant, &referencing)?;
     if rows.is_empty() {
@@ -588,7 +614,7 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::super::PgStore;
-    use crate::{Store, TenantId, Visibility, WriteMode, WriteOp};
+    use crate::{PreparedWrite, Store, TenantId, Visibility, WriteMode, WriteOp};
 
     fn put(store: &PgStore, tenant: TenantId, body: Value) {
         let (resource_type, id) =
@@ -677,5 +703,128 @@ mod tests {
         assert_eq!(compression(&store, tenant, "new"), if lz4 { "lz4" } else { "pglz" });
         let new = read(&store, "new").expect("stored").body.expect("a body");
         assert!(new.contains(&"x".repeat(20_000)) && new.contains(r#""id":"new""#));
+    }
+
+    /// Every row of `tenant` as text, keys replaced by what they name (type and id, patient id)
+    /// and times by whether they are the resource's own: comparable across tenants and writes
+    /// (keys' order is compared by `bulk_writes_index_exactly_as_single_writes`).
+    fn rows(store: &PgStore, tenant: TenantId) -> Vec<String> {
+        let queries = [
+            "SELECT concat_ws('|', resource_type, id, version, deleted, owner,
+                              regexp_replace(body, '\"lastUpdated\":\"[^\"]*\"', '\"lastUpdated\":\"T\"'))
+             FROM resources WHERE tenant_id = $1 ORDER BY 1",
+            "SELECT concat_ws('|', k.patient_id, c.type_code, r.resource_type, r.id, c.from_ts = r.last_updated,
+                              c.to_ts IS NULL, c.last_updated = r.last_updated, c.deleted, c.owner)
+             FROM compartment c JOIN patient_keys k ON k.tenant_id = c.tenant_id AND k.pkey = c.pkey
+             JOIN resources r ON r.tenant_id = c.tenant_id AND r.rid = c.rid WHERE c.tenant_id = $1 ORDER BY 1",
+            "SELECT concat_ws('|', s.type_code, s.param, s.system, s.value, r.resource_type, r.id)
+             FROM search_token s JOIN resources r ON r.tenant_id = s.tenant_id AND r.rid = s.rid
+             WHERE s.tenant_id = $1 ORDER BY 1",
+            "SELECT concat_ws('|', r.resource_type, r.id, x.provenance_target, x.target_type, x.target_id,
+                              x.from_ts = r.last_updated, x.to_ts IS NULL, t.resource_type, t.id)
+             FROM reference_index x JOIN resources r ON r.tenant_id = x.tenant_id AND r.rid = x.rid
+             LEFT JOIN resources t ON t.tenant_id = x.tenant_id AND t.rid = x.target_rid
+             WHERE x.tenant_id = $1 ORDER BY 1",
+            "SELECT concat_ws('|', patient_id, changed_at > 0) FROM patient_keys WHERE tenant_id = $1 ORDER BY 1",
+            "SELECT concat_ws('|', resource_type) FROM referencing_types WHERE tenant_id = $1 ORDER BY 1",
+            "SELECT concat_ws('|', resource_type) FROM associated_type_changes WHERE tenant_id = $1 ORDER BY 1",
+            "SELECT concat_ws('|', g.id, k.patient_id, m.removed_at IS NULL) FROM group_membership m
+             JOIN resources g ON g.tenant_id = m.tenant_id AND g.rid = m.group_rid
+             JOIN patient_keys k ON k.tenant_id = m.tenant_id AND k.pkey = m.pkey WHERE m.tenant_id = $1 ORDER BY 1",
+        ];
+        store
+            .with_read(|db| {
+                let mut out = Vec::new();
+                for query in queries {
+                    out.push(format!("-- {}", query.split_whitespace().take(4).collect::<Vec<_>>().join(" ")));
+                    for row in db.query(query, &[&tenant.0])? {
+                        out.push(row.try_get(0)?);
+                    }
+                }
+                Ok(out)
+            })
+            .unwrap()
+    }
+
+    /// A bulk write with its ops prepared ahead, as an import prepares them (most detached from
+    /// a tape of their line, their op's body a placeholder; one prepared from its `Value`; one
+    /// not prepared), stores and indexes exactly what the plain write of the same resources
+    /// does, and what writing them one at a time does, including the ops the bulk path leaves
+    /// to single writes (an existing resource, a Group, an id named twice), whose bodies come
+    /// from their templates.
+    #[test]
+    fn prepared_bulk_writes_store_what_plain_bulk_writes_store() {
+        let Some(database) = super::super::testing::fresh_database() else { return };
+        let store = PgStore::open(&database.url, super::super::testing::test_options()).unwrap();
+        let lines = [
+            r#"{"resourceType":"Provenance","id":"early","recorded":"2020-01-01T00:00:00Z","target":[{"reference":"Observation/o1"},{"reference":"Observation/before"},{"reference":"Observation/nowhere"}],"agent":[{"who":{"reference":"Practitioner/dr"}}]}"#,
+            r#"{"resourceType":"Patient","id":"p1","identifier":[{"system":"urn:mrn","value":"m1"},{"system":"urn:mrn","value":"m1"}]}"#,
+            r#"{"resourceType":"Patient","id":"p2","meta":{"profile":["urn:p"]},"name":[{"text":"é \"q\" \\ \u0001"}]}"#,
+            r#"{"resourceType":"Practitioner","id":"dr"}"#,
+            r#"{"resourceType":"Observation","id":"o1","status":"final","code":{"text":"c"},"subject":{"reference":"Patient/p1"},"valueQuantity":{"value":1.50}}"#,
+            r#"{"resourceType":"Observation","id":"o2","status":"final","code":{"text":"c"},"subject":{"reference":"Patient/p1"},"performer":[{"reference":"Patient/p2"},{"reference":"Practitioner/dr"},{"reference":"Practitioner/dr"}],"identifier":[{"value":"lab-2"}]}"#,
+            r#"{"resourceType":"Observation","id":"before","status":"amended","code":{"text":"c"},"subject":{"reference":"Patient/p2"}}"#,
+            r#"{"resourceType":"Group","id":"g","type":"person","actual":true,"member":[{"entity":{"reference":"Patient/p1"}}]}"#,
+            r#"{"resourceType":"Encounter","id":"e1","status":"finished","class":{"code":"AMB"},"subject":{"reference":"Patient/p2"},"participant":[{"individual":{"reference":"Practitioner/dr"}}]}"#,
+            r#"{"resourceType":"Observation","id":"twice","status":"final","code":{"text":"1"},"subject":{"reference":"Patient/p1"}}"#,
+            r#"{"resourceType":"Observation","id":"twice","status":"final","code":{"text":"2"},"subject":{"reference":"Patient/p2"}}"#,
+            r#"{"resourceType":"Provenance","id":"late","recorded":"2020-01-01T00:00:00Z","target":[{"reference":"Observation/o2"},{"reference":"Patient/p2"}],"agent":[{"who":{"reference":"Practitioner/dr"}}]}"#,
+        ];
+        let before = r#"{"resourceType":"Observation","id":"before","status":"final","code":{"text":"c"},"subject":{"reference":"Patient/p1"}}"#;
+        let tenant = |name: &str| store.create_tenant(name).unwrap().id;
+        let (plain, prepared_tenant, single) = (tenant("plain"), tenant("prepared"), tenant("single"));
+        let op = |text: &str, body: Value| {
+            let value = bulkhead_fhir::parse_exact(text.as_bytes()).unwrap();
+            let (resource_type, id) = (value["resourceType"].as_str().unwrap(), value["id"].as_str().unwrap());
+            WriteOp::Update { resource_type: resource_type.into(), id: id.into(), body, if_match: None }
+        };
+        for tenant in [plain, prepared_tenant, single] {
+            let op = op(before, bulkhead_fhir::parse_exact(before.as_bytes()).unwrap());
+            store.write(tenant, Some("owner"), &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+        }
+        let plain_ops: Vec<WriteOp> =
+            lines.iter().map(|text| op(text, bulkhead_fhir::parse_exact(text.as_bytes()).unwrap())).collect();
+        let mut ops = Vec::new();
+        let mut prepared = Vec::new();
+        for (index, text) in lines.iter().enumerate() {
+            let value = bulkhead_fhir::parse_exact(text.as_bytes()).unwrap();
+            let (resource_type, id) = (value["resourceType"].as_str().unwrap(), value["id"].as_str().unwrap());
+            let mut buffers = bulkhead_fhir::TapeBuffers::default();
+            let tape = bulkhead_fhir::JsonTape::parse(text, &mut buffers).unwrap();
+            match index {
+                // Prepared from its `Value`, which the op carries.
+                3 => prepared.push(Some(PreparedWrite::new(resource_type, id, &value))),
+                // Not prepared.
+                8 => prepared.push(None),
+                _ => {
+                    prepared.push(Some(PreparedWrite::detached(resource_type, id, tape.root(), text.len()).unwrap()));
+                    ops.push(op(text, Value::Null));
+                    continue;
+                }
+            }
+            ops.push(op(text, value));
+        }
+        for mode in [WriteMode::Transaction, WriteMode::Batch] {
+            // One write per resource (the two writes of `twice` together, so that its first
+            // version's rows open and close at the same time, as in one write of all).
+            for ops in plain_ops.chunk_by(|a, b| a.id() == b.id()) {
+                assert!(store.write(single, Some("owner"), ops, mode).unwrap().iter().all(Result::is_ok));
+            }
+            let expected = store.write(plain, Some("owner"), &plain_ops, mode).unwrap();
+            let written = store.write_prepared(prepared_tenant, Some("owner"), &ops, &prepared, mode).unwrap();
+            assert_eq!(written.len(), expected.len());
+            for (index, (expected, written)) in expected.into_iter().zip(written).enumerate() {
+                let (expected, written) = (expected.unwrap(), written.unwrap());
+                let outcome = |w: &crate::Written| (w.version, w.created, w.changed, w.deleted);
+                assert_eq!(outcome(&written), outcome(&expected), "{mode:?} {index}");
+                let body = bulkhead_fhir::parse_exact(lines[index].as_bytes()).unwrap();
+                let text = crate::stamped_json(&body, ops[index].id(), written.version, written.last_updated).unwrap();
+                assert_eq!(written.body.as_deref(), Some(text.as_str()), "{mode:?} {index}");
+            }
+            let (expected, stored) = (rows(&store, plain), rows(&store, prepared_tenant));
+            assert_eq!(stored, expected, "{mode:?}");
+            assert_eq!(stored, rows(&store, single), "{mode:?}");
+            assert!(stored.iter().any(|row| row.starts_with("Observation|before|2|")), "{mode:?}: {stored:?}");
+        }
     }
 }

@@ -485,10 +485,24 @@ impl crate::Store for PgStore {
         audit_records: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
         self.with_write(|db, timestamp| {
-            let results = resources::write(db, tenant, owner, ops, mode, timestamp)?;
+            let results = resources::write(db, tenant, owner, ops, &[], mode, timestamp)?;
             audit::append(db, &audit_records(&results))?;
             Ok(results)
         })
+    }
+
+    /// Takes each new resource's stored text and index rows from what was prepared (no detached
+    /// body is parsed back, nor its rows derived again); only the ops the bulk path leaves to
+    /// single writes get their bodies.
+    fn write_prepared(
+        &self,
+        tenant: TenantId,
+        owner: Option<&str>,
+        ops: &[WriteOp],
+        prepared: &[Option<crate::PreparedWrite>],
+        mode: WriteMode,
+    ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        self.with_write(|db, timestamp| resources::write(db, tenant, owner, ops, prepared, mode, timestamp))
     }
 
     fn read(

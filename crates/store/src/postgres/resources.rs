@@ -13,8 +13,8 @@ use super::Db;
 use crate::plan_cache::raises_member_watermarks;
 use crate::write::search_tokens;
 use crate::{
-    group_members, stamped_json, LastUpdatedBound, SearchPage, SearchQuery, StoreError, StoredResource, TenantId,
-    Visibility, WriteMode, WriteOp, Written,
+    group_members, stamped_json, LastUpdatedBound, PreparedWrite, SearchPage, SearchQuery, StoreError, StoredResource,
+    TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 
 /// The current row of a resource, without its body.
@@ -29,18 +29,21 @@ struct Current {
 /// resources among them.
 const BULK_FROM: usize = 8;
 
-/// Applies `ops` in one transaction at `timestamp` (see [`crate::Store::write`]).
+/// Applies `ops` in one transaction at `timestamp` (see [`crate::Store::write`]), with what
+/// was prepared for them (`prepared[i]` for `ops[i]`, see [`crate::Store::write_prepared`]; an
+/// empty list for none).
 pub(super) fn write(
     db: &mut Db<'_>,
     tenant: TenantId,
     owner: Option<&str>,
     ops: &[WriteOp],
+    prepared: &[Option<PreparedWrite>],
     mode: WriteMode,
     timestamp: Micros,
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     let mut results: Vec<Option<Result<Written, StoreError>>> = (0..ops.len()).map(|_| None).collect();
     if ops.len() >= BULK_FROM {
-        for (index, written) in super::bulk_insert::insert_new(db, tenant, owner, ops, timestamp)? {
+        for (index, written) in super::bulk_insert::insert_new(db, tenant, owner, ops, prepared, timestamp)? {
             results[index] = Some(Ok(written));
         }
     }
@@ -48,6 +51,16 @@ pub(super) fn write(
         if results[index].is_some() {
             continue;
         }
+        // The single-write path needs a detached op's body itself (its op carries a placeholder):
+        // parsed back here, for the few ops the bulk path left (existing resources, Groups).
+        let attached;
+        let op = match prepared.get(index).and_then(Option::as_ref) {
+            Some(prepared) if prepared.detached => {
+                attached = prepared.attach(op)?;
+                &attached
+            }
+            _ => op,
+        };
         let result = match mode {
             WriteMode::Transaction => Ok(apply(db, tenant, owner, op, timestamp)?),
             WriteMode::Batch => {
