@@ -512,7 +512,13 @@ impl<'a> FoundNodes<'a> {
     /// Adds the references of the `reached` resources (dense in their key range, in key order)
     /// at `at`: one range scan of the reference index over their keys, the rows of other
     /// resources in the range skipped here.
-    fn add_dense(&mut self, db: &mut Db<'_>, tenant: TenantId, reached: &Reached, at: Micros) -> Result<(), StoreError> {
+    fn add_dense(
+        &mut self,
+        db: &mut Db<'_>,
+        tenant: TenantId,
+        reached: &Reached,
+        at: Micros,
+    ) -> Result<(), StoreError> {
         let (Some(&first), Some(&last)) = (reached.rids.first(), reached.rids.last()) else { return Ok(()) };
         let mut position = SortedKeys::new(&reached.rids);
         // No ORDER BY: the planner reads the range through a bitmap, mostly in key order, and a
@@ -726,8 +732,8 @@ impl FoundProvenance {
         Ok(())
     }
 
-    /// Looks up the states of the Provenance `rids` not known yet (forgetting those known when
-    /// too many are).
+    /// Looks up the states of the Provenance `rids` not known yet; when too many would be known,
+    /// forgets the others first. Every one of `rids` is known on return.
     fn look_up(
         &mut self,
         db: &mut Db<'_>,
@@ -735,15 +741,18 @@ impl FoundProvenance {
         selection: &MemberSelection,
         rids: impl Iterator<Item = i64>,
     ) -> Result<(), StoreError> {
-        let mut unknown: Vec<i64> = rids.filter(|rid| !self.live.contains_key(rid)).collect();
+        let wanted: Vec<i64> = rids.collect();
+        let mut unknown: Vec<i64> = wanted.iter().copied().filter(|rid| !self.live.contains_key(rid)).collect();
         if unknown.is_empty() {
             return Ok(());
         }
+        if self.live.len() + unknown.len() > PROVENANCE_HELD {
+            // Forgotten, then every one asked for looked up: all of them are known on return.
+            self.live.clear();
+            unknown = wanted;
+        }
         unknown.sort_unstable();
         unknown.dedup();
-        if self.live.len() + unknown.len() > PROVENANCE_HELD {
-            self.live.clear();
-        }
         let states = states_at(db, tenant, &unknown, selection.transaction_time)?;
         for rid in unknown {
             // A target row valid at the transaction time means that version was live then; the

@@ -184,8 +184,11 @@ pub(super) fn version_in_history(
     )?;
     let Some(then) = then else { return Ok(None) };
     let owner: Option<&str> = then.try_get(3)?;
-    let version =
-        VersionAt { last_updated: then.try_get(1)?, deleted: then.try_get(2)?, visible: user.is_none() || owner == user };
+    let version = VersionAt {
+        last_updated: then.try_get(1)?,
+        deleted: then.try_get(2)?,
+        visible: user.is_none() || owner == user,
+    };
     Ok(Some((then.try_get(0)?, version)))
 }
 
@@ -400,7 +403,8 @@ pub(super) fn plan_type(
         let filtered = selection.filters.filters(resource_type);
         cohort.visit(db, tenant, selection, resource_type, (i64::MIN, i64::MAX), |db, found| {
             if found.selected
-                && (!filtered || filter_matches(db, tenant, selection, resource_type, found.rid, found.history_version)?)
+                && (!filtered
+                    || filter_matches(db, tenant, selection, resource_type, found.rid, found.history_version)?)
             {
                 add_to_parts(&mut parts, found.rid, part_size);
             }
