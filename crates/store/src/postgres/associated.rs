@@ -14,6 +14,7 @@ use bulkhead_fhir::references::{outgoing_references, OutgoingReference};
 use bulkhead_fhir::Micros;
 use serde_json::Value;
 
+use super::cohort::{CohortKeys, CohortStash, StashKey};
 use super::export::{filter_matches, select_window, type_span, Members, WINDOW};
 use super::{Db, PgStore};
 use crate::selection::{add_to_parts, exported, selected, visible_to, Reach, Via};
@@ -262,7 +263,7 @@ impl PgStore {
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
         self.with_transaction(|db| {
             db.batch(WORK_TABLES)?;
-            compute(db, &self.member_keys, tenant, selection, request)?;
+            compute(db, &self.member_keys, &self.cohorts, tenant, selection, request)?;
             store_set(db, tenant, request, part_size)
         })
     }
@@ -319,6 +320,7 @@ fn store_set(
 fn compute(
     db: &mut Db<'_>,
     keys: &super::member_keys::MemberKeys,
+    cohorts: &CohortStash,
     tenant: TenantId,
     selection: &MemberSelection,
     request: &AssociatedRequest,
@@ -355,6 +357,8 @@ fn compute(
     // (selected and, for a filtered type, matching) forces what it reaches.
     let cohort = MemberSelection { filters: Default::default(), ..selection.clone() };
     let members = Members::resolve(db, keys, tenant, selection)?;
+    // `(type, follow its references, find its Provenance)` of each source type read.
+    let mut read: Vec<(&str, bool, bool)> = Vec::new();
     for resource_type in sources {
         // A type none of whose resources ever referenced anything to follow is not read at all
         // for references (e.g. Observations in Synthea data).
@@ -367,27 +371,55 @@ fn compute(
                 )?
                 .try_get::<_, bool>(0)?;
         let provenance = any_provenance && request.provenance_sources.contains(resource_type);
-        if !follow && !provenance {
-            continue;
+        if follow || provenance {
+            read.push((resource_type.as_str(), follow, provenance));
         }
+    }
+    // The cohort's keys of the source types read in one pass over the members: those the count
+    // pass just read, or read now (types they do not cover are read a key window at a time).
+    let source_types: Vec<&str> = read.iter().map(|(resource_type, _, _)| *resource_type).collect();
+    let cohort_keys = match cohorts.take(&StashKey::of(tenant, selection), &source_types) {
+        Some(kept) => Some(kept),
+        None if source_types.is_empty() => None,
+        None => CohortKeys::read(db, tenant, &cohort, &members, &source_types)?,
+    };
+    let cohort_keys = cohort_keys.as_ref();
+    let mut found_provenance = FoundProvenance::default();
+    let mut found_nodes = FoundNodes::new(1, &request.referenced);
+    for (resource_type, follow, provenance) in read {
         let Some((first, last)) = type_span(db, tenant, resource_type)? else { continue };
         let filtered = selection.filters.filters(resource_type);
-        let live = |_: Reach, version: &crate::selection::VersionAt| !version.deleted && version.visible;
+        let sent = |db: &mut Db<'_>, rid: i64, history_version: i64| -> Result<bool, StoreError> {
+            Ok(!filtered || filter_matches(db, tenant, selection, resource_type, rid, history_version)?)
+        };
         let mut start = first;
         while start <= last {
             let end = start.saturating_add(WINDOW - 1).min(last);
             let mut chosen = Reached::default();
-            for found in select_window(db, tenant, &cohort, &members, resource_type, (start, end), live)? {
-                let sent = selected(selection, found.reach, &found.version)
-                    && (!filtered
-                        || filter_matches(db, tenant, selection, resource_type, found.rid, found.history_version)?);
-                chosen.push(found.rid, Via { reach: found.reach, forced: sent });
+            match cohort_keys.filter(|keys| keys.covers(resource_type)) {
+                Some(keys) => keys.visit(db, tenant, &cohort, resource_type, (start, end), |db, found| {
+                    if found.live {
+                        let forced = found.selected && sent(db, found.rid, found.history_version)?;
+                        chosen.push(found.rid, Via { reach: found.reach, forced });
+                    }
+                    Ok(())
+                })?,
+                None => {
+                    let live = |_: Reach, version: &crate::selection::VersionAt| !version.deleted && version.visible;
+                    for found in select_window(db, tenant, &cohort, &members, resource_type, (start, end), live)? {
+                        let forced = selected(selection, found.reach, &found.version)
+                            && sent(db, found.rid, found.history_version)?;
+                        chosen.push(found.rid, Via { reach: found.reach, forced });
+                    }
+                }
             }
-            if follow {
+            if follow && dense(&chosen) {
+                found_nodes.add_dense(db, tenant, &chosen, at)?;
+            } else if follow {
                 add_references(db, tenant, &chosen, at, 1, &request.referenced)?;
             }
             if provenance {
-                add_provenance(db, tenant, selection, &chosen, request.provenance)?;
+                found_provenance.find(db, tenant, selection, &chosen, request.provenance)?;
             }
             if end == last {
                 break;
@@ -395,6 +427,8 @@ fn compute(
             start = end + 1;
         }
     }
+    found_provenance.record(db)?;
+    found_nodes.record(db)?;
     if any_provenance {
         resolve_provenance(db, tenant, selection, request, referencing)?;
     }
@@ -455,6 +489,114 @@ fn add_references(
     Ok(())
 }
 
+/// Nodes held at most before [`FoundNodes`] records them.
+const NODES_HELD: usize = if cfg!(test) { 4 } else { 50_000 };
+
+/// Referenced resources found for one level (those of allowed types), merged in memory and
+/// recorded in `assoc_node` when many are held, and at the end: the same Practitioner or
+/// Organization is referenced by thousands of a window's resources, and is written once
+/// instead of aggregated per window from the joined rows.
+struct FoundNodes<'a> {
+    level: u32,
+    allowed: &'a ReferencedTypes,
+    /// Type, then id, to what reaches that resource.
+    found: HashMap<String, HashMap<String, Via>>,
+    len: usize,
+}
+
+impl<'a> FoundNodes<'a> {
+    fn new(level: u32, allowed: &'a ReferencedTypes) -> Self {
+        FoundNodes { level, allowed, found: HashMap::new(), len: 0 }
+    }
+
+    /// Adds the references of the `reached` resources (dense in their key range, in key order)
+    /// at `at`: one range scan of the reference index over their keys, the rows of other
+    /// resources in the range skipped here.
+    fn add_dense(
+        &mut self,
+        db: &mut Db<'_>,
+        tenant: TenantId,
+        reached: &Reached,
+        at: Micros,
+    ) -> Result<(), StoreError> {
+        let (Some(&first), Some(&last)) = (reached.rids.first(), reached.rids.last()) else { return Ok(()) };
+        let mut position = SortedKeys::new(&reached.rids);
+        // No ORDER BY: the planner reads the range through a bitmap, mostly in key order, and a
+        // sort of it spilled past `work_mem`; [`SortedKeys`] finds keys in any order.
+        db.query_each(
+            "SELECT rid, target_type, target_id FROM reference_index
+             WHERE tenant_id = $1 AND rid BETWEEN $2 AND $3 AND NOT provenance_target
+               AND from_ts <= $4 AND (to_ts IS NULL OR to_ts > $4)",
+            &[&tenant.0, &first, &last, &at],
+            |row| {
+                let Some(index) = position.of(row.try_get(0)?) else { return Ok(()) };
+                let via = Via {
+                    reach: Reach { full_history: reached.full_history[index], existing_since: reached.since[index] },
+                    forced: reached.forced[index],
+                };
+                self.add(row.try_get(1)?, row.try_get(2)?, via);
+                Ok(())
+            },
+        )?;
+        if self.len >= NODES_HELD {
+            self.record(db)?;
+        }
+        Ok(())
+    }
+
+    /// Merges `via` into what reaches `target_type/target_id`, when its type is allowed.
+    fn add(&mut self, target_type: &str, target_id: &str, via: Via) {
+        let allowed = match self.allowed {
+            ReferencedTypes::None => false,
+            ReferencedTypes::All => true,
+            ReferencedTypes::Only(types) => types.iter().any(|t| t == target_type),
+        };
+        if !allowed {
+            return;
+        }
+        if !self.found.contains_key(target_type) {
+            self.found.insert(target_type.to_owned(), HashMap::new());
+        }
+        let ids = self.found.get_mut(target_type).expect("inserted above");
+        match ids.get_mut(target_id) {
+            Some(held) => *held = held.merge(via),
+            None => {
+                ids.insert(target_id.to_owned(), via);
+                self.len += 1;
+            }
+        }
+    }
+
+    /// Records the nodes held as nodes of this level, merging with those recorded earlier; a
+    /// node recorded at a lower level stays as it is.
+    fn record(&mut self, db: &mut Db<'_>) -> Result<(), StoreError> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        let (mut types, mut ids, mut reached) = (Vec::new(), Vec::new(), Reached::default());
+        for (target_type, found) in self.found.drain() {
+            for (target_id, via) in found {
+                types.push(target_type.clone());
+                ids.push(target_id);
+                reached.push(0, via);
+            }
+        }
+        self.len = 0;
+        db.execute(
+            "INSERT INTO assoc_node (target_type, target_id, level, full_history, since, forced)
+             SELECT t, i, $1, f, s, o FROM unnest($2::text[], $3::text[], $4::bool[], $5::int8[], $6::bool[]) AS n(t, i, f, s, o)
+             ON CONFLICT (target_type, target_id) DO UPDATE SET
+                 full_history = assoc_node.full_history OR excluded.full_history,
+                 since = CASE WHEN assoc_node.since IS NULL THEN excluded.since WHEN excluded.since IS NULL
+                              THEN assoc_node.since ELSE LEAST(assoc_node.since, excluded.since) END,
+                 forced = assoc_node.forced OR excluded.forced
+             WHERE assoc_node.level = excluded.level",
+            &[&(self.level as i32), &types, &ids, &reached.full_history, &reached.since, &reached.forced],
+        )?;
+        Ok(())
+    }
+}
+
 /// A resource's version at a time, as planning needs it.
 struct StateAt {
     last_updated: Micros,
@@ -488,75 +630,188 @@ fn states_at(db: &mut Db<'_>, tenant: TenantId, rids: &[i64], at: Micros) -> Res
     Ok(states)
 }
 
-/// Records the Provenance that targeted each of the `reached` resources at the transaction time
-/// (only the latest per resource for [`ProvenanceSelection::Latest`]), merging each one's reach
-/// into those already found. Target rows carry their target's key, so the resources' keys find
-/// them directly (`provenance_by_target_rid`).
-fn add_provenance(
-    db: &mut Db<'_>,
-    tenant: TenantId,
-    selection: &MemberSelection,
-    reached: &Reached,
-    mode: ProvenanceSelection,
-) -> Result<(), StoreError> {
-    if reached.rids.is_empty() {
-        return Ok(());
-    }
-    let at = selection.transaction_time;
-    // `(index in reached, Provenance key)` of every row valid at the transaction time.
-    let targeting: Vec<(usize, i64)> = db
-        .query(
-            "SELECT n.ord, p.rid FROM unnest($2::int8[]) WITH ORDINALITY AS n(rid, ord)
-             JOIN reference_index p ON p.tenant_id = $1 AND p.provenance_target AND p.target_rid = n.rid
-                  AND p.from_ts <= $3 AND (p.to_ts IS NULL OR p.to_ts > $3)",
-            &[&tenant.0, &reached.rids, &at],
-        )?
-        .iter()
-        .map(|row| Ok((row.try_get::<_, i64>(0)? as usize - 1, row.try_get(1)?)))
-        .collect::<Result<_, StoreError>>()?;
-    if targeting.is_empty() {
-        return Ok(());
-    }
-    let mut provenance_rids: Vec<i64> = targeting.iter().map(|(_, rid)| *rid).collect();
-    provenance_rids.sort_unstable();
-    provenance_rids.dedup();
-    let states = states_at(db, tenant, &provenance_rids, at)?;
-    // Per targeted resource, its candidates `(lastUpdated, key)`: a row valid at the transaction
-    // time means that version was live then; the owner decides visibility.
-    let mut candidates: HashMap<usize, Vec<(Micros, i64)>> = HashMap::new();
-    for (index, rid) in targeting {
-        let Some(state) = states.get(&rid) else { continue };
-        if !state.deleted && visible_to(selection, state.owner.as_deref()) {
-            candidates.entry(index).or_default().push((state.last_updated, rid));
+/// Provenance found and states looked up at most before [`FoundProvenance`] records or
+/// forgets them.
+const PROVENANCE_HELD: usize = if cfg!(test) { 4 } else { 100_000 };
+
+/// Whether the `reached` resources are dense in their key range (more than one key in
+/// `DENSE`): one range scan of the index then reads fewer entries than one probe per resource.
+/// (Lower in unit tests, so the conformance suite's tiny windows take both paths.)
+fn dense(reached: &Reached) -> bool {
+    const DENSE: i64 = if cfg!(test) { 2 } else { 4 };
+    let (Some(first), Some(last)) = (reached.rids.first(), reached.rids.last()) else { return false };
+    (reached.rids.len() as i64).saturating_mul(DENSE) > last - first
+}
+
+/// The Provenance found through the cohort's resources, merged in memory (a Provenance usually
+/// targets many resources of a window and of several types) and recorded in
+/// `assoc_provenance` when many are held, and at the end; with each Provenance's state at the
+/// transaction time as looked up, kept across windows. Both bounded by [`PROVENANCE_HELD`].
+#[derive(Default)]
+struct FoundProvenance {
+    found: HashMap<i64, Via>,
+    /// `Some(lastUpdated)` when the Provenance's version at the transaction time is live and
+    /// visible.
+    live: HashMap<i64, Option<Micros>>,
+}
+
+impl FoundProvenance {
+    /// Finds the Provenance that targeted each of the `reached` resources (in key order) at the
+    /// transaction time (only the latest per resource for [`ProvenanceSelection::Latest`]),
+    /// merging each resource's reach into those found. Target rows carry their target's key, so
+    /// the resources' keys find them directly (`provenance_by_target_rid`): dense keys in one
+    /// range scan of it, others by one probe each.
+    fn find(
+        &mut self,
+        db: &mut Db<'_>,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        reached: &Reached,
+        mode: ProvenanceSelection,
+    ) -> Result<(), StoreError> {
+        let (Some(&first), Some(&last)) = (reached.rids.first(), reached.rids.last()) else { return Ok(()) };
+        let at = selection.transaction_time;
+        // `(index in reached, Provenance key)` of every row valid at the transaction time, by target.
+        let mut targeting: Vec<(usize, i64)> = Vec::new();
+        if dense(reached) {
+            let mut position = SortedKeys::new(&reached.rids);
+            db.query_each(
+                "SELECT target_rid, rid FROM reference_index
+                 WHERE tenant_id = $1 AND provenance_target AND target_rid IS NOT NULL AND target_rid BETWEEN $2 AND $3
+                   AND from_ts <= $4 AND (to_ts IS NULL OR to_ts > $4)
+                 ORDER BY target_rid",
+                &[&tenant.0, &first, &last, &at],
+                |row| {
+                    if let Some(index) = position.of(row.try_get(0)?) {
+                        targeting.push((index, row.try_get(1)?));
+                    }
+                    Ok(())
+                },
+            )?;
+        } else {
+            db.query_each(
+                "SELECT n.ord, p.rid FROM unnest($2::int8[]) WITH ORDINALITY AS n(rid, ord)
+                 JOIN reference_index p ON p.tenant_id = $1 AND p.provenance_target AND p.target_rid = n.rid
+                      AND p.from_ts <= $3 AND (p.to_ts IS NULL OR p.to_ts > $3)
+                 ORDER BY n.ord",
+                &[&tenant.0, &reached.rids, &at],
+                |row| {
+                    targeting.push((row.try_get::<_, i64>(0)? as usize - 1, row.try_get(1)?));
+                    Ok(())
+                },
+            )?;
         }
-    }
-    let mut found = Reached::default();
-    for (index, mut candidates) in candidates {
-        if mode == ProvenanceSelection::Latest {
-            candidates.sort_unstable();
-            candidates.drain(..candidates.len().saturating_sub(1));
+        if targeting.is_empty() {
+            return Ok(());
         }
-        let via = Via {
-            reach: Reach { full_history: reached.full_history[index], existing_since: reached.since[index] },
-            forced: reached.forced[index],
-        };
-        for (_, rid) in candidates {
+        self.look_up(db, tenant, selection, targeting.iter().map(|(_, rid)| *rid))?;
+        let mut candidates: Vec<(Micros, i64)> = Vec::new();
+        for rows in targeting.chunk_by(|a, b| a.0 == b.0) {
+            candidates.clear();
+            for &(_, provenance) in rows {
+                if let Some(Some(last_updated)) = self.live.get(&provenance) {
+                    candidates.push((*last_updated, provenance));
+                }
+            }
+            if mode == ProvenanceSelection::Latest {
+                candidates.sort_unstable();
+                candidates.drain(..candidates.len().saturating_sub(1));
+            }
+            let index = rows[0].0;
+            let via = Via {
+                reach: Reach { full_history: reached.full_history[index], existing_since: reached.since[index] },
+                forced: reached.forced[index],
+            };
+            for &(_, provenance) in &candidates {
+                self.found.entry(provenance).and_modify(|held| *held = held.merge(via)).or_insert(via);
+            }
+        }
+        if self.found.len() >= PROVENANCE_HELD {
+            self.record(db)?;
+        }
+        Ok(())
+    }
+
+    /// Looks up the states of the Provenance `rids` not known yet; when too many would be known,
+    /// forgets the others first. Every one of `rids` is known on return.
+    fn look_up(
+        &mut self,
+        db: &mut Db<'_>,
+        tenant: TenantId,
+        selection: &MemberSelection,
+        rids: impl Iterator<Item = i64>,
+    ) -> Result<(), StoreError> {
+        let wanted: Vec<i64> = rids.collect();
+        let mut unknown: Vec<i64> = wanted.iter().copied().filter(|rid| !self.live.contains_key(rid)).collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        if self.live.len() + unknown.len() > PROVENANCE_HELD {
+            // Forgotten, then every one asked for looked up: all of them are known on return.
+            self.live.clear();
+            unknown = wanted;
+        }
+        unknown.sort_unstable();
+        unknown.dedup();
+        let states = states_at(db, tenant, &unknown, selection.transaction_time)?;
+        for rid in unknown {
+            // A target row valid at the transaction time means that version was live then; the
+            // owner decides visibility, the version's time which one is latest.
+            let live = states
+                .get(&rid)
+                .filter(|state| !state.deleted && visible_to(selection, state.owner.as_deref()))
+                .map(|state| state.last_updated);
+            self.live.insert(rid, live);
+        }
+        Ok(())
+    }
+
+    /// Records the Provenance held in `assoc_provenance`, merging each with what was recorded.
+    fn record(&mut self, db: &mut Db<'_>) -> Result<(), StoreError> {
+        if self.found.is_empty() {
+            return Ok(());
+        }
+        let mut found = Reached::default();
+        for (rid, via) in self.found.drain() {
             found.push(rid, via);
         }
+        db.execute(
+            "INSERT INTO assoc_provenance (rid, full_history, since, forced)
+             SELECT * FROM unnest($1::int8[], $2::bool[], $3::int8[], $4::bool[])
+             ON CONFLICT (rid) DO UPDATE SET
+                 full_history = assoc_provenance.full_history OR excluded.full_history,
+                 since = CASE WHEN assoc_provenance.since IS NULL THEN excluded.since WHEN excluded.since IS NULL
+                              THEN assoc_provenance.since ELSE LEAST(assoc_provenance.since, excluded.since) END,
+                 forced = assoc_provenance.forced OR excluded.forced",
+            &[&found.rids, &found.full_history, &found.since, &found.forced],
+        )?;
+        Ok(())
     }
-    db.execute(
-        "INSERT INTO assoc_provenance (rid, full_history, since, forced)
-         SELECT rid, bool_or(full_history), min(since), bool_or(forced)
-         FROM unnest($1::int8[], $2::bool[], $3::int8[], $4::bool[]) AS n(rid, full_history, since, forced)
-         GROUP BY rid
-         ON CONFLICT (rid) DO UPDATE SET
-             full_history = assoc_provenance.full_history OR excluded.full_history,
-             since = CASE WHEN assoc_provenance.since IS NULL THEN excluded.since WHEN excluded.since IS NULL
-                          THEN assoc_provenance.since ELSE LEAST(assoc_provenance.since, excluded.since) END,
-             forced = assoc_provenance.forced OR excluded.forced",
-        &[&found.rids, &found.full_history, &found.since, &found.forced],
-    )?;
-    Ok(())
+}
+
+/// Positions in sorted keys for keys that mostly arrive in ascending order, as a range scan's
+/// rows do: a walk forward instead of a binary search per row; a key below the last one found
+/// is still found, by a binary search.
+struct SortedKeys<'a> {
+    keys: &'a [i64],
+    next: usize,
+}
+
+impl<'a> SortedKeys<'a> {
+    fn new(keys: &'a [i64]) -> Self {
+        SortedKeys { keys, next: 0 }
+    }
+
+    /// The index of `key` in the keys.
+    fn of(&mut self, key: i64) -> Option<usize> {
+        if self.next > 0 && self.keys[self.next - 1] >= key {
+            self.next = self.keys.partition_point(|held| *held < key);
+        }
+        while self.keys.get(self.next).is_some_and(|held| *held < key) {
+            self.next += 1;
+        }
+        (self.keys.get(self.next) == Some(&key)).then_some(self.next)
+    }
 }
 
 fn via_from_row(row: &postgres::Row, first: usize) -> Result<Via, StoreError> {

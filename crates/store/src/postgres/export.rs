@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 
 use bulkhead_fhir::Micros;
 
+use super::cohort::CohortKeys;
 use super::member_keys::MemberKeys;
 use super::resources::{stored_from_row, type_code, VERSION_COLUMNS};
 use super::Db;
@@ -53,6 +54,11 @@ impl Members {
             }
         }
         Ok(members)
+    }
+
+    /// Distinct member keys in key order, each with its reach bits (see [`super::cohort`]).
+    pub(super) fn reach_bits(&self) -> (Vec<i64>, Vec<i32>) {
+        super::cohort::reach_bits(self.pkeys.iter().zip(&self.since))
     }
 
     /// The reach of each member's key (a patient listed twice: both reaches merged).
@@ -133,8 +139,6 @@ pub(super) fn select_window_each(
     scratch: &mut Vec<Candidate>,
     mut visit: impl FnMut(Chosen),
 ) -> Result<(), StoreError> {
-    let at = selection.transaction_time;
-    let user = selection.visibility.user();
     scratch.clear();
     match selection.scope {
         SelectionScope::Members => {
@@ -147,19 +151,10 @@ pub(super) fn select_window_each(
     let filtered = selection.filters.filters(resource_type);
     for &(rid, reach, version, historical) in scratch.iter() {
         let (version, history_version) = if historical {
-            let then = db.query_opt(
-                "SELECT version, last_updated, deleted, owner FROM resource_history
-                 WHERE tenant_id = $1 AND rid = $2 AND last_updated <= $3 ORDER BY version DESC LIMIT 1",
-                &[&tenant.0, &rid, &at],
-            )?;
-            let Some(then) = then else { continue }; // created after the transaction time
-            let owner: Option<&str> = then.try_get(3)?;
-            let version = VersionAt {
-                last_updated: then.try_get(1)?,
-                deleted: then.try_get(2)?,
-                visible: user.is_none() || owner == user,
+            let Some((history_version, version)) = version_in_history(db, tenant, selection, rid)? else {
+                continue; // created after the transaction time
             };
-            (version, then.try_get::<_, i64>(0)?)
+            (version, history_version)
         } else {
             (version, 0)
         };
@@ -170,6 +165,31 @@ pub(super) fn select_window_each(
         }
     }
     Ok(())
+}
+
+/// The version of `rid` at the selection's transaction time from history, with its history
+/// version: for a resource whose compartment row describes a later version. None: the resource
+/// was created after the transaction time.
+pub(super) fn version_in_history(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    rid: i64,
+) -> Result<Option<(i64, VersionAt)>, StoreError> {
+    let user = selection.visibility.user();
+    let then = db.query_opt(
+        "SELECT version, last_updated, deleted, owner FROM resource_history
+         WHERE tenant_id = $1 AND rid = $2 AND last_updated <= $3 ORDER BY version DESC LIMIT 1",
+        &[&tenant.0, &rid, &selection.transaction_time],
+    )?;
+    let Some(then) = then else { return Ok(None) };
+    let owner: Option<&str> = then.try_get(3)?;
+    let version = VersionAt {
+        last_updated: then.try_get(1)?,
+        deleted: then.try_get(2)?,
+        visible: user.is_none() || owner == user,
+    };
+    Ok(Some((then.try_get(0)?, version)))
 }
 
 /// A candidate: `(key, reach, version per the row read, whether history decides the version)`.
@@ -375,8 +395,23 @@ pub(super) fn plan_type(
     members: &Members,
     resource_type: &str,
     part_size: u64,
+    cohort: Option<&CohortKeys>,
 ) -> Result<Vec<PartRange>, StoreError> {
     let mut parts: Vec<PartRange> = Vec::new();
+    // The cohort's keys read in one pass over the members, when they cover the type.
+    if let Some(cohort) = cohort.filter(|cohort| cohort.covers(resource_type)) {
+        let filtered = selection.filters.filters(resource_type);
+        cohort.visit(db, tenant, selection, resource_type, (i64::MIN, i64::MAX), |db, found| {
+            if found.selected
+                && (!filtered
+                    || filter_matches(db, tenant, selection, resource_type, found.rid, found.history_version)?)
+            {
+                add_to_parts(&mut parts, found.rid, part_size);
+            }
+            Ok(())
+        })?;
+        return Ok(parts);
+    }
     let select = |reach, version: &VersionAt| selected(selection, reach, version);
     for_each_selected(db, tenant, selection, members, resource_type, select, |rid, _| {
         add_to_parts(&mut parts, rid, part_size)

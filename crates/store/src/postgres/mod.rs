@@ -13,6 +13,7 @@ mod admin;
 mod associated;
 mod audit;
 mod bulk_insert;
+mod cohort;
 mod export;
 mod jobs;
 mod leases;
@@ -215,6 +216,8 @@ pub struct PgStore {
     plans: crate::plan_cache::PlanCache,
     /// Patient keys this instance has read (they never change: see [`member_keys`]).
     member_keys: member_keys::MemberKeys,
+    /// The cohort keys of the latest plan, for its associated-data pass (see [`cohort`]).
+    cohorts: cohort::CohortStash,
 }
 
 impl PgStore {
@@ -269,7 +272,14 @@ impl PgStore {
             .idle_timeout(Some(Duration::from_secs(300)))
             .test_on_check_out(true)
             .build_unchecked(Manager { config, reachability: reachability.clone() });
-        Ok(PgStore { pool, options, reachability, plans: Default::default(), member_keys: Default::default() })
+        Ok(PgStore {
+            pool,
+            options,
+            reachability,
+            plans: Default::default(),
+            member_keys: Default::default(),
+            cohorts: Default::default(),
+        })
     }
 
     /// Applies every migration this binary knows that the database lacks; returns the versions
@@ -387,14 +397,25 @@ impl PgStore {
         resource_types: &[String],
         part_size: u64,
     ) -> Result<Vec<(String, Vec<PartRange>)>, StoreError> {
-        let members = self.with_read(|db| export::Members::resolve(db, &self.member_keys, tenant, selection))?;
+        // The members' rows of every type read once (`cohort.rs`), kept for the associated-data
+        // pass that follows.
+        let types: Vec<&str> = resource_types.iter().map(String::as_str).collect();
+        let (members, cohort) = self.with_read(|db| {
+            let members = export::Members::resolve(db, &self.member_keys, tenant, selection)?;
+            let cohort = cohort::CohortKeys::read(db, tenant, selection, &members, &types)?;
+            Ok((members, cohort))
+        })?;
         let mut planned = Vec::new();
         for resource_type in resource_types {
-            let parts =
-                self.with_read(|db| export::plan_type(db, tenant, selection, &members, resource_type, part_size))?;
+            let parts = self.with_read(|db| {
+                export::plan_type(db, tenant, selection, &members, resource_type, part_size, cohort.as_ref())
+            })?;
             if !parts.is_empty() {
                 planned.push((resource_type.clone(), parts));
             }
+        }
+        if let Some(cohort) = cohort {
+            self.cohorts.put(cohort::StashKey::of(tenant, selection), cohort);
         }
         Ok(planned)
     }
