@@ -6,6 +6,7 @@
 //! conformance suite every implementation runs.
 
 mod audit;
+mod cohort_keys;
 mod error;
 mod job_lease;
 mod members;

@@ -14,9 +14,9 @@ use bulkhead_fhir::references::{outgoing_references, OutgoingReference};
 use bulkhead_fhir::Micros;
 use serde_json::Value;
 
-use super::cohort::{CohortKeys, CohortStash, StashKey};
 use super::export::{filter_matches, select_window, type_span, Members, WINDOW};
 use super::{Db, PgStore};
+use crate::cohort_keys::{CohortStash, StashKey};
 use crate::selection::{add_to_parts, exported, selected, visible_to, Reach, Via};
 use crate::{
     AssociatedRequest, MemberSelection, PartRange, PartReader, ProvenanceSelection, ReferencedTypes, StoreError,
@@ -381,7 +381,7 @@ fn compute(
     let cohort_keys = match cohorts.take(&StashKey::of(tenant, selection), &source_types) {
         Some(kept) => Some(kept),
         None if source_types.is_empty() => None,
-        None => CohortKeys::read(db, tenant, &cohort, &members, &source_types)?,
+        None => super::cohort::read(db, tenant, &cohort, &members, &source_types)?,
     };
     let cohort_keys = cohort_keys.as_ref();
     let mut found_provenance = FoundProvenance::default();
@@ -397,13 +397,15 @@ fn compute(
             let end = start.saturating_add(WINDOW - 1).min(last);
             let mut chosen = Reached::default();
             match cohort_keys.filter(|keys| keys.covers(resource_type)) {
-                Some(keys) => keys.visit(db, tenant, &cohort, resource_type, (start, end), |db, found| {
-                    if found.live {
-                        let forced = found.selected && sent(db, found.rid, found.history_version)?;
-                        chosen.push(found.rid, Via { reach: found.reach, forced });
-                    }
-                    Ok(())
-                })?,
+                Some(keys) => {
+                    super::cohort::visit(keys, db, tenant, &cohort, resource_type, (start, end), |db, found| {
+                        if found.live {
+                            let forced = found.selected && sent(db, found.rid, found.history_version)?;
+                            chosen.push(found.rid, Via { reach: found.reach, forced });
+                        }
+                        Ok(())
+                    })?
+                }
                 None => {
                     let live = |_: Reach, version: &crate::selection::VersionAt| !version.deleted && version.visible;
                     for found in select_window(db, tenant, &cohort, &members, resource_type, (start, end), live)? {

@@ -1,6 +1,6 @@
 //! The members' compartment rows at the transaction time, read in one statement over the members
-//! (all types at once) into a byte per key of each type: what planning an export needs of every
-//! resource the cohort reaches. The PostgreSQL side of `sqlite/cohort.rs`.
+//! (all types at once) into the cohort's keys ([`crate::cohort_keys`]). The PostgreSQL side of
+//! `sqlite/cohort.rs`.
 //!
 //! The windowed reads of [`super::export::select_window`] join the members once per key window
 //! of every type: at 10,000 members, each of the ~50 windows of a 1.5 M-resource tenant was a
@@ -8,13 +8,6 @@
 //! rows are read once, in one statement the planner may answer with one scan of the
 //! compartment table, and a key costs one byte instead of a candidate, so a type's whole key
 //! range is held at once within [`KEY_BUDGET`].
-//!
-//! Exact as the windowed reads are: a resource's rows valid at the transaction time describe
-//! the same version unless one of them is historical (then history decides, as there); and what
-//! the rows of one resource decide is an OR over its rows. Which members reach a resource
-//! ([`Reach`]) is two bits, because the members' `since` takes at most one value besides none
-//! (a Group export with `_since`: members then and members added since); other selections are
-//! not covered and take the windowed reads.
 
 use std::collections::HashMap;
 
@@ -23,116 +16,11 @@ use bulkhead_fhir::Micros;
 use super::export::{version_in_history, Members};
 use super::resources::type_code;
 use super::Db;
-use crate::selection::{selected, Reach, VersionAt};
-use crate::{MemberSelection, SelectionScope, StoreError, TenantId};
+use crate::cohort_keys::{CohortKeys, CohortResource, CohortRow, EXISTING, FULL};
+use crate::{MemberSelection, StoreError, TenantId};
 
 /// Keys (bytes) the flags may cover, over all types: types past it take the windowed reads.
 const KEY_BUDGET: i64 = if cfg!(test) { 1 << 10 } else { 16 << 20 };
-
-/// Reached through a member without `since` (full history).
-const FULL: u8 = 1;
-/// Reached through a member with the selection's `since`.
-const EXISTING: u8 = 2;
-/// A row of the resource describes a version other than the one at the transaction time
-/// (written since, or closed): history decides, and the version bits below mean nothing.
-const HISTORICAL: u8 = 4;
-/// The version at the transaction time is not deleted and visible to the caller.
-const LIVE: u8 = 8;
-/// [`selected`] with a full-history reach.
-const SELECTED_FULL: u8 = 16;
-/// [`selected`] with the existing members' reach.
-const SELECTED_EXISTING: u8 = 32;
-
-/// One resource the cohort reaches, with its version at the transaction time as the selection
-/// rules need it.
-pub(super) struct CohortResource {
-    pub(super) rid: i64,
-    pub(super) reach: Reach,
-    /// Not deleted and visible.
-    pub(super) live: bool,
-    /// [`selected`] (before `_typeFilter`).
-    pub(super) selected: bool,
-    /// The history version holding that version's body; 0 when it was the current row then.
-    pub(super) history_version: i64,
-}
-
-/// The flags of one type's keys `first..first + flags.len()`.
-struct TypeKeys {
-    first: i64,
-    flags: Vec<u8>,
-}
-
-/// The cohort's resources of the covered types.
-pub(super) struct CohortKeys {
-    /// By type code.
-    types: Vec<Option<TypeKeys>>,
-    /// The `since` of the members that have one.
-    since: Option<Micros>,
-    /// The types asked for (covered, or without resources, or past the budget).
-    asked: Vec<String>,
-}
-
-/// What cohort keys were read for: equal keys, equal flags (`_typeFilter` is applied after).
-#[derive(PartialEq)]
-pub(super) struct StashKey {
-    tenant: TenantId,
-    members: [u8; 32],
-    transaction_time: Micros,
-    since: Option<Micros>,
-    until: Option<Micros>,
-    visibility: crate::Visibility,
-}
-
-impl StashKey {
-    pub(super) fn of(tenant: TenantId, selection: &MemberSelection) -> StashKey {
-        StashKey {
-            tenant,
-            members: selection.members.digest(),
-            transaction_time: selection.transaction_time,
-            since: selection.since,
-            until: selection.until,
-            visibility: selection.visibility.clone(),
-        }
-    }
-}
-
-/// The cohort keys an export's count pass read, kept for its associated-data pass, which
-/// follows at once and needs the same keys: one read of the members' rows instead of two. One
-/// export's keys at a time (at most [`KEY_BUDGET`] bytes), handed out once.
-#[derive(Default)]
-pub(super) struct CohortStash(std::sync::Mutex<Option<(StashKey, CohortKeys)>>);
-
-impl CohortStash {
-    pub(super) fn put(&self, key: StashKey, keys: CohortKeys) {
-        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((key, keys));
-    }
-
-    /// The keys kept for `key` when they were read for every one of `resource_types`.
-    pub(super) fn take(&self, key: &StashKey, resource_types: &[&str]) -> Option<CohortKeys> {
-        let mut held = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let fits = held.as_ref().is_some_and(|(held_key, keys)| {
-            held_key == key && resource_types.iter().all(|asked| keys.asked.iter().any(|held| held == asked))
-        });
-        if !fits {
-            return None;
-        }
-        held.take().map(|(_, keys)| keys)
-    }
-}
-
-/// The single `since` of the members that have one; `Err` when they have several.
-fn members_since(selection: &MemberSelection) -> Result<Option<Micros>, ()> {
-    let mut since = None;
-    for (_, member_since) in &selection.members {
-        match (since, member_since) {
-            (_, None) => {}
-            (None, Some(value)) => since = Some(*value),
-            (Some(held), Some(value)) if held == *value => {}
-            (Some(_), Some(_)) => return Err(()),
-        }
-    }
-    Ok(since)
-}
 
 /// The smallest and largest key of each of `types` in the tenant (absent: none), two index
 /// probes per type, one round trip.
@@ -158,166 +46,75 @@ const ROW_CLOSED: i32 = 8;
 /// The row's owner is the selection's user.
 const ROW_OWNED: i32 = 16;
 
-impl CohortKeys {
-    /// Reads the cohort's rows of `resource_types` (those that fit [`KEY_BUDGET`], in the order
-    /// given) in one statement. None when the selection is not covered (a system-level export,
-    /// or members with several `since`).
-    pub(super) fn read(
-        db: &mut Db<'_>,
-        tenant: TenantId,
-        selection: &MemberSelection,
-        members: &Members,
-        resource_types: &[&str],
-    ) -> Result<Option<CohortKeys>, StoreError> {
-        if selection.scope != SelectionScope::Members {
-            return Ok(None);
+/// Reads the cohort's rows of `resource_types` (those that fit [`KEY_BUDGET`], in the order
+/// given) in one statement. None when the selection is not covered (see [`CohortKeys::new`]).
+pub(super) fn read(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    members: &Members,
+    resource_types: &[&str],
+) -> Result<Option<CohortKeys>, StoreError> {
+    let Some(mut keys) = CohortKeys::new(selection, resource_types) else { return Ok(None) };
+    let mut budget = KEY_BUDGET;
+    let mut codes: Vec<i16> = Vec::new();
+    for row in db.query(SPANS_SQL, &[&tenant.0, &resource_types])? {
+        let resource_type: &str = row.try_get(0)?;
+        let (Some(first), Some(last)) = (row.try_get::<_, Option<i64>>(1)?, row.try_get::<_, Option<i64>>(2)?) else {
+            continue;
+        };
+        let Ok(code) = type_code(resource_type) else { continue };
+        let span = last.saturating_sub(first).saturating_add(1);
+        if span > budget || codes.contains(&code) {
+            continue;
         }
-        let Ok(since) = members_since(selection) else { return Ok(None) };
-        let mut keys =
-            CohortKeys { types: Vec::new(), since, asked: resource_types.iter().map(|t| (*t).to_owned()).collect() };
-        let mut budget = KEY_BUDGET;
-        let mut codes: Vec<i16> = Vec::new();
-        for row in db.query(SPANS_SQL, &[&tenant.0, &resource_types])? {
-            let resource_type: &str = row.try_get(0)?;
-            let (Some(first), Some(last)) = (row.try_get::<_, Option<i64>>(1)?, row.try_get::<_, Option<i64>>(2)?)
-            else {
-                continue;
-            };
-            let Ok(code) = type_code(resource_type) else { continue };
-            let span = last.saturating_sub(first).saturating_add(1);
-            if span > budget || codes.contains(&code) {
-                continue;
-            }
-            budget -= span;
-            codes.push(code);
-            let index = code as usize;
-            if keys.types.len() <= index {
-                keys.types.resize_with(index + 1, || None);
-            }
-            keys.types[index] = Some(TypeKeys { first, flags: vec![0; span as usize] });
-        }
-        let (pkeys, reaches) = members.reach_bits();
-        if codes.is_empty() || pkeys.is_empty() {
-            return Ok(Some(keys));
-        }
-        keys.fill(db, tenant, selection, &pkeys, &reaches, &codes)?;
-        Ok(Some(keys))
+        budget -= span;
+        codes.push(code);
+        keys.cover(i64::from(code), (first, last));
     }
-
-    /// Marks the members' rows of the types `codes`.
-    fn fill(
-        &mut self,
-        db: &mut Db<'_>,
-        tenant: TenantId,
-        selection: &MemberSelection,
-        pkeys: &[i64],
-        reaches: &[i32],
-        codes: &[i16],
-    ) -> Result<(), StoreError> {
-        let at = selection.transaction_time;
-        let user = selection.visibility.user();
-        let full_reach = Reach { full_history: true, existing_since: None };
-        let existing_reach = Reach { full_history: false, existing_since: self.since };
-        // The verdicts of a row's version depend on its `lastUpdated` and two bits: computed once
-        // per distinct triple would save little; they are a few comparisons.
-        let since = self.since;
-        let types = &mut self.types;
-        db.query_each(COHORT_SQL, &[&tenant.0, &pkeys, &reaches, &at, &user, &codes], |row| {
-            let Some(Some(keys)) = usize::try_from(row.try_get::<_, i16>(0)?).ok().and_then(|code| types.get_mut(code))
-            else {
-                return Ok(());
-            };
-            let rid: i64 = row.try_get(1)?;
-            // Outside the type's range read at the start: not valid at the transaction time.
-            let Some(flags) = usize::try_from(rid - keys.first).ok().and_then(|offset| keys.flags.get_mut(offset))
-            else {
-                return Ok(());
-            };
-            let last_updated: Micros = row.try_get(2)?;
-            let facts: i32 = row.try_get(3)?;
-            let mut flag = (facts & ROW_REACH) as u8;
-            // A closed row describes a version that has since been replaced.
-            if last_updated > at || facts & ROW_CLOSED != 0 {
-                flag |= HISTORICAL;
-            } else {
-                let version = VersionAt {
-                    last_updated,
-                    deleted: facts & ROW_DELETED != 0,
-                    visible: user.is_none() || facts & ROW_OWNED != 0,
-                };
-                if !version.deleted && version.visible {
-                    flag |= LIVE;
-                }
-                if selected(selection, full_reach, &version) {
-                    flag |= SELECTED_FULL;
-                }
-                if since.is_some() && selected(selection, existing_reach, &version) {
-                    flag |= SELECTED_EXISTING;
-                }
-            }
-            *flags |= flag;
-            Ok(())
-        })
+    let (pkeys, reaches) = members.reach_bits();
+    if codes.is_empty() || pkeys.is_empty() {
+        return Ok(Some(keys));
     }
-
-    /// Whether `resource_type`'s keys were read.
-    pub(super) fn covers(&self, resource_type: &str) -> bool {
-        self.keys(resource_type).is_some()
-    }
-
-    fn keys(&self, resource_type: &str) -> Option<&TypeKeys> {
-        let code = type_code(resource_type).ok()?;
-        self.types.get(usize::try_from(code).ok()?)?.as_ref()
-    }
-
-    /// Visits, in key order, every resource of `resource_type` (a covered type) with a key in
-    /// `[start, end]` that the cohort reached at the transaction time and that existed then,
-    /// resolving in history the versions replaced since, as
-    /// [`super::export::select_window`] does.
-    pub(super) fn visit(
-        &self,
-        db: &mut Db<'_>,
-        tenant: TenantId,
-        selection: &MemberSelection,
-        resource_type: &str,
-        (start, end): (i64, i64),
-        mut visit: impl FnMut(&mut Db<'_>, CohortResource) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let Some(keys) = self.keys(resource_type) else { return Ok(()) };
-        let last = keys.first + keys.flags.len() as i64 - 1;
-        let (start, end) = (start.max(keys.first), end.min(last));
-        if start > end {
-            return Ok(());
-        }
-        let window = &keys.flags[(start - keys.first) as usize..=(end - keys.first) as usize];
-        for (offset, &flag) in window.iter().enumerate() {
-            if flag == 0 {
-                continue;
-            }
-            let rid = start + offset as i64;
-            let reach = Reach {
-                full_history: flag & FULL != 0,
-                existing_since: if flag & EXISTING != 0 { self.since } else { None },
-            };
-            let resource = if flag & HISTORICAL == 0 {
-                let selected = if reach.full_history { flag & SELECTED_FULL } else { flag & SELECTED_EXISTING };
-                CohortResource { rid, reach, live: flag & LIVE != 0, selected: selected != 0, history_version: 0 }
-            } else {
-                let Some((history_version, version)) = version_in_history(db, tenant, selection, rid)? else {
-                    continue; // created after the transaction time
-                };
-                CohortResource {
-                    rid,
-                    reach,
-                    live: !version.deleted && version.visible,
-                    selected: selected(selection, reach, &version),
-                    history_version,
-                }
-            };
-            visit(db, resource)?;
-        }
+    let at = selection.transaction_time;
+    let user = selection.visibility.user();
+    db.query_each(COHORT_SQL, &[&tenant.0, &pkeys, &reaches, &at, &user, &codes], |row| {
+        let facts: i32 = row.try_get(3)?;
+        keys.mark(
+            selection,
+            CohortRow {
+                type_code: i64::from(row.try_get::<_, i16>(0)?),
+                rid: row.try_get(1)?,
+                last_updated: row.try_get(2)?,
+                reach: (facts & ROW_REACH) as u8,
+                deleted: facts & ROW_DELETED != 0,
+                closed: facts & ROW_CLOSED != 0,
+                owned: facts & ROW_OWNED != 0,
+            },
+        );
         Ok(())
-    }
+    })?;
+    Ok(Some(keys))
+}
+
+/// [`CohortKeys::visit`], with the versions replaced since resolved in the tenant's history.
+pub(super) fn visit(
+    keys: &CohortKeys,
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    resource_type: &str,
+    span: (i64, i64),
+    mut visit: impl FnMut(&mut Db<'_>, CohortResource) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    keys.visit(
+        db,
+        selection,
+        resource_type,
+        span,
+        |db, rid| version_in_history(db, tenant, selection, rid),
+        |db, found| visit(db, found),
+    )
 }
 
 /// Distinct member keys in key order, each with its reach bits ([`FULL`], [`EXISTING`]).
@@ -336,7 +133,8 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
-    use crate::{Store, Visibility, WriteMode, WriteOp};
+    use crate::selection::{selected, Reach, VersionAt};
+    use crate::{SelectionScope, Store, Visibility, WriteMode, WriteOp};
 
     fn write(store: &dyn Store, tenant: TenantId, owner: Option<&str>, op: WriteOp) {
         store.write(tenant, owner, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
@@ -372,7 +170,7 @@ mod tests {
         store
             .with_read(|db| {
                 let members = Members::resolve(db, &store.member_keys, tenant, selection)?;
-                let keys = CohortKeys::read(db, tenant, selection, &members, &[resource_type])?.unwrap();
+                let keys = read(db, tenant, selection, &members, &[resource_type])?.unwrap();
                 assert!(keys.covers(resource_type));
                 let Some(span) = super::super::export::type_span(db, tenant, resource_type)? else {
                     return Ok((Vec::new(), Vec::new()));
@@ -389,7 +187,7 @@ mod tests {
                         })
                         .collect();
                 let mut cohort = Vec::new();
-                keys.visit(db, tenant, selection, resource_type, (i64::MIN, i64::MAX), |_, found| {
+                visit(&keys, db, tenant, selection, resource_type, (i64::MIN, i64::MAX), |_, found| {
                     let reach = found.reach;
                     cohort.push((
                         found.rid,
@@ -483,7 +281,7 @@ mod tests {
             store
                 .with_read(|db| {
                     let members = Members::resolve(db, &store.member_keys, tenant, &selection)?;
-                    Ok(CohortKeys::read(db, tenant, &selection, &members, &["Observation"])?.is_some())
+                    Ok(read(db, tenant, &selection, &members, &["Observation"])?.is_some())
                 })
                 .unwrap()
         };

@@ -14,10 +14,10 @@ use std::sync::OnceLock;
 
 use bulkhead_fhir::Micros;
 
-use super::cohort::CohortKeys;
 use super::member_keys::MemberKeys;
 use super::resources::{stored_from_row, type_code, VERSION_COLUMNS};
 use super::Db;
+use crate::cohort_keys::CohortKeys;
 use crate::selection::add_to_parts;
 pub(super) use crate::selection::{selected, Reach, VersionAt};
 use crate::{MemberSelection, PartRange, SelectionScope, StoreError, StoredResource, TenantId, Visibility};
@@ -401,7 +401,7 @@ pub(super) fn plan_type(
     // The cohort's keys read in one pass over the members, when they cover the type.
     if let Some(cohort) = cohort.filter(|cohort| cohort.covers(resource_type)) {
         let filtered = selection.filters.filters(resource_type);
-        cohort.visit(db, tenant, selection, resource_type, (i64::MIN, i64::MAX), |db, found| {
+        super::cohort::visit(cohort, db, tenant, selection, resource_type, (i64::MIN, i64::MAX), |db, found| {
             if found.selected
                 && (!filtered
                     || filter_matches(db, tenant, selection, resource_type, found.rid, found.history_version)?)

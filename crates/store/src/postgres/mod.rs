@@ -217,7 +217,7 @@ pub struct PgStore {
     /// Patient keys this instance has read (they never change: see [`member_keys`]).
     member_keys: member_keys::MemberKeys,
     /// The cohort keys of the latest plan, for its associated-data pass (see [`cohort`]).
-    cohorts: cohort::CohortStash,
+    cohorts: crate::cohort_keys::CohortStash,
 }
 
 impl PgStore {
@@ -402,7 +402,7 @@ impl PgStore {
         let types: Vec<&str> = resource_types.iter().map(String::as_str).collect();
         let (members, cohort) = self.with_read(|db| {
             let members = export::Members::resolve(db, &self.member_keys, tenant, selection)?;
-            let cohort = cohort::CohortKeys::read(db, tenant, selection, &members, &types)?;
+            let cohort = cohort::read(db, tenant, selection, &members, &types)?;
             Ok((members, cohort))
         })?;
         let mut planned = Vec::new();
@@ -415,7 +415,7 @@ impl PgStore {
             }
         }
         if let Some(cohort) = cohort {
-            self.cohorts.put(cohort::StashKey::of(tenant, selection), cohort);
+            self.cohorts.put(crate::cohort_keys::StashKey::of(tenant, selection), cohort);
         }
         Ok(planned)
     }

@@ -17,10 +17,10 @@ use bulkhead_fhir::Micros;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 
-use super::cohort::{CohortKeys, StashKey};
 use super::export::{filter_matches, load_members, select_window, selected, type_span, Reach, VersionAt, WINDOW};
 use super::write_memo::WriteMemo;
 use super::{provenance_targets, SqliteStore};
+use crate::cohort_keys::{CohortKeys, StashKey};
 use crate::selection::{exported, visible_to, Via};
 use crate::{
     AssociatedRequest, MemberSelection, PartRange, PartReader, ProvenanceSelection, ReferencedTypes, StoreError,
@@ -456,7 +456,7 @@ fn compute(
     let cohort = match store.cohorts.take(&StashKey::of(tenant, selection), &source_types) {
         Some(kept) => Some(kept),
         None if source_types.is_empty() => None,
-        None => CohortKeys::read(store, tenant, selection, &source_types)?,
+        None => super::cohort::read(store, tenant, selection, &source_types)?,
     };
     let mut nodes = FoundNodes::new(1, &request.referenced);
     read_windows(store, tenant, selection, request, &windows, cohort.as_ref(), |found| {
@@ -590,7 +590,7 @@ fn read_window<'a>(
     };
     let mut chosen: Vec<(i64, Via)> = Vec::new();
     match cohort.keys.filter(|keys| keys.covers(resource_type)) {
-        Some(keys) => keys.visit(connection, cohort.selection, resource_type, span, |found| {
+        Some(keys) => super::cohort::visit(keys, connection, cohort.selection, resource_type, span, |found| {
             if found.live {
                 let forced = found.selected && sent(found.rid, found.history_version)?;
                 chosen.push((found.rid, Via { reach: found.reach, forced }));

@@ -11,8 +11,8 @@ use crate::selection::add_to_parts;
 pub(super) use crate::selection::{selected, Reach, VersionAt};
 use crate::{MemberSelection, PartRange, SelectionScope, StoreError, StoredResource, TenantId, Visibility};
 
-use super::cohort::CohortKeys;
 use super::resources::stored_from_row;
+use crate::cohort_keys::CohortKeys;
 
 /// Loads the members into this connection's temporary member table, each with its patient key
 /// (NULL for an id no write has named yet), unless it already holds exactly these members: the
@@ -417,7 +417,7 @@ pub(super) fn plan_type(
     // The cohort's keys read in one pass over the members, when they cover the type.
     if let Some(cohort) = cohort.filter(|cohort| cohort.covers(resource_type)) {
         let filtered = selection.filters.filters(resource_type);
-        cohort.visit(connection, selection, resource_type, (i64::MIN, i64::MAX), |found| {
+        super::cohort::visit(cohort, connection, selection, resource_type, (i64::MIN, i64::MAX), |found| {
             if found.selected
                 && (!filtered
                     || filter_matches(connection, selection, resource_type, found.rid, found.history_version)?)

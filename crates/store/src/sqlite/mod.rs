@@ -82,7 +82,7 @@ pub struct SqliteStore {
     options: SqliteOptions,
     plans: crate::plan_cache::PlanCache,
     /// The cohort keys of the last count pass, for the associated-data pass after it.
-    cohorts: cohort::CohortStash,
+    cohorts: crate::cohort_keys::CohortStash,
 }
 
 pub use crate::plan_cache::PlanCacheStats;
@@ -122,7 +122,7 @@ impl SqliteStore {
             path: path.to_owned(),
             options,
             plans: crate::plan_cache::PlanCache::default(),
-            cohorts: cohort::CohortStash::default(),
+            cohorts: crate::cohort_keys::CohortStash::default(),
         })
     }
 
@@ -158,7 +158,7 @@ impl SqliteStore {
         if !type_names.contains(&"Patient") {
             type_names.push("Patient");
         }
-        let read = cohort::CohortKeys::read(self, tenant, selection, &type_names)?;
+        let read = cohort::read(self, tenant, selection, &type_names)?;
         let cohort = read.as_ref();
         // Types are planned on several connections at once, one per core. A type's plan depends
         // only on the transaction time, so the workers' snapshots agree.
@@ -190,7 +190,7 @@ impl SqliteStore {
         })?;
         planned.sort_unstable_by_key(|(index, _)| *index);
         if let Some(read) = read {
-            self.cohorts.put(cohort::StashKey::of(tenant, selection), read);
+            self.cohorts.put(crate::cohort_keys::StashKey::of(tenant, selection), read);
         }
         Ok(planned
             .into_iter()
