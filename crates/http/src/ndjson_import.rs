@@ -408,12 +408,9 @@ impl Importer {
         }
         let writer = match &mut self.writer {
             Some(writer) => writer,
-            None => self.writer.insert(start_writer(
-                self.store.clone(),
-                self.tenant,
-                self.owner.clone(),
-                self.commit_bytes,
-            )),
+            None => {
+                self.writer.insert(start_writer(self.store.clone(), self.tenant, self.owner.clone(), self.commit_bytes))
+            }
         };
         if writer.batches.send((locations, batch, bytes)).is_err() {
             // The writer stopped at a store failure: its report is waiting to be read.

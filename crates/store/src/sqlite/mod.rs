@@ -1225,6 +1225,72 @@ mod tests {
         assert_eq!(rows(&super::SqliteStore::open(&path).unwrap()), kept);
     }
 
+    /// A bulk load writes every batch that is ready into one transaction; when an entry of one
+    /// fails, that transaction is rolled back and its batches are written again one by one: the
+    /// failed entry alone is refused, every other entry is stored once, and outcomes are handed
+    /// over only with a commit.
+    #[test]
+    fn a_bulk_load_with_a_failed_entry_stores_every_other_entry() {
+        use crate::{BulkBatch, BulkSource, Store, StoreError, Visibility, WriteMode, WriteOp, Written};
+        struct Source {
+            waiting: std::collections::VecDeque<BulkBatch>,
+            replay: std::collections::VecDeque<BulkBatch>,
+            written: Vec<(BulkBatch, Vec<Result<Written, StoreError>>)>,
+            committed: Vec<Vec<Result<Written, StoreError>>>,
+            commits: usize,
+            rewinds: usize,
+        }
+        impl BulkSource for Source {
+            fn next_batch(&mut self, _wait: bool) -> Option<BulkBatch> {
+                self.replay.pop_front().or_else(|| self.waiting.pop_front())
+            }
+            fn written(&mut self, batch: BulkBatch, results: Vec<Result<Written, StoreError>>) {
+                self.written.push((batch, results));
+            }
+            fn committed(&mut self) {
+                self.commits += 1;
+                self.committed.extend(self.written.drain(..).map(|(_, results)| results));
+            }
+            fn rewind(&mut self) {
+                self.rewinds += 1;
+                let rewound: Vec<BulkBatch> = self.written.drain(..).map(|(batch, _)| batch).collect();
+                self.replay.extend(rewound);
+            }
+        }
+        let store = fresh_store();
+        let tenant = store.create_tenant("t").unwrap().id;
+        let patient = |id: &str| WriteOp::Update {
+            resource_type: "Patient".into(),
+            id: id.into(),
+            body: serde_json::json!({"resourceType": "Patient", "id": id}),
+            if_match: None,
+        };
+        // Another user's resource: not updatable by the load's owner.
+        store.write(tenant, Some("other"), &[patient("x")], WriteMode::Transaction).unwrap();
+        let batch = |ids: &[&str]| BulkBatch { ops: ids.iter().map(|id| patient(id)).collect(), prepared: Vec::new() };
+        let mut source = Source {
+            waiting: [batch(&["a", "b"]), batch(&["c", "x", "d"]), batch(&["e"])].into(),
+            replay: Default::default(),
+            written: Vec::new(),
+            committed: Vec::new(),
+            commits: 0,
+            rewinds: 0,
+        };
+        store.write_bulk(tenant, Some("u"), &mut source).unwrap();
+        assert_eq!(source.rewinds, 1, "the transaction of the failed entry was rolled back once");
+        assert_eq!(source.commits, 3, "then each batch was written in a transaction of its own");
+        let outcomes: Vec<Vec<bool>> =
+            source.committed.iter().map(|results| results.iter().map(Result::is_ok).collect()).collect();
+        assert_eq!(outcomes, [vec![true, true], vec![true, false, true], vec![true]]);
+        assert!(matches!(source.committed[1][1], Err(StoreError::NotFound(_))), "{:?}", source.committed[1][1]);
+        for id in ["a", "b", "c", "d", "e"] {
+            let stored = store.read(tenant, &Visibility::Tenant, "Patient", id).unwrap().unwrap();
+            assert_eq!((stored.version, stored.owner.as_deref()), (1, Some("u")), "{id}");
+        }
+        let x = store.read(tenant, &Visibility::Tenant, "Patient", "x").unwrap().unwrap();
+        assert_eq!((x.version, x.owner.as_deref()), (1, Some("other")));
+    }
+
     /// SQLITE_FULL (a full disk, or the page cap reached) is `StorageFull`, and a batch stops
     /// at it instead of reporting it per entry.
     #[test]
