@@ -91,11 +91,14 @@ impl ImportSummary {
 /// batch.
 type Batch = (Vec<Location>, BulkBatch, usize);
 
+/// The outcome of each op of a written batch, in order.
+type Outcomes = Vec<Result<Written, StoreError>>;
+
 /// What the writer thread reports, in order.
 enum WriterReport {
     /// A batch written and committed, given back to be freed on the importing thread, with its
     /// results (counted at the `Committed` that follows).
-    Written(Vec<Location>, BulkBatch, Vec<Result<Written, StoreError>>),
+    Written(Vec<Location>, BulkBatch, Outcomes),
     /// Every batch reported `Written` so far is committed.
     Committed,
     /// The store failed: batches not yet committed are not stored, and nothing more is written.
@@ -131,7 +134,7 @@ pub struct Importer {
     /// Bytes of JSON text a bulk transaction may grow to (see `COMMIT_BYTES`).
     commit_bytes: usize,
     /// Outcomes of batches written but not yet committed: counted in the summary at the commit.
-    uncommitted: Vec<(Vec<Location>, Vec<Result<Written, StoreError>>)>,
+    uncommitted: Vec<(Vec<Location>, Outcomes)>,
     /// Resources waiting for a reference's target, spilled to a temporary file (in real exports
     /// most lines of some types wait, and a load's memory must not grow with it).
     deferred: Deferred,
@@ -523,7 +526,7 @@ struct WriterSource {
     /// The locations of the batch being written.
     locations: Option<Vec<Location>>,
     /// Batches written since the last commit, with their outcomes.
-    written: Vec<(Vec<Location>, BulkBatch, Vec<Result<Written, StoreError>>)>,
+    written: Vec<(Vec<Location>, BulkBatch, Outcomes)>,
     /// Batches of a rolled-back transaction, to hand out again before any new one.
     replay: std::collections::VecDeque<(Vec<Location>, BulkBatch)>,
 }
