@@ -40,6 +40,45 @@ pub use write::{group_members, stamped_json, PreparedWrite, StampTemplate, Write
 
 use bulkhead_fhir::Micros;
 
+/// One batch of a bulk load ([`Store::write_bulk`]): ops with what was prepared for them
+/// (`prepared[i]` for `ops[i]`, as in [`Store::write_prepared`]).
+pub struct BulkBatch {
+    pub ops: Vec<WriteOp>,
+    pub prepared: Vec<Option<PreparedWrite>>,
+}
+
+/// Where a bulk load's batches come from and where their outcomes go ([`Store::write_bulk`]).
+pub trait BulkSource {
+    /// The next batch. `wait` is true when no transaction is open: wait for one (`None`: the
+    /// load is over). `wait` is false while a transaction is open: a batch that is already
+    /// waiting, when the source lets the transaction grow (`None`: commit now). A store never
+    /// waits on its source with a transaction open.
+    fn next_batch(&mut self, wait: bool) -> Option<BulkBatch>;
+    /// A batch written in the open transaction, given back with its results: they are stored
+    /// only once [`BulkSource::committed`] follows (after an `Err` from `write_bulk`, they are not).
+    fn written(&mut self, batch: BulkBatch, results: Vec<Result<Written, StoreError>>);
+    /// Every batch `written` since the last call is committed.
+    fn committed(&mut self);
+    /// The open transaction was rolled back (an entry failed): every batch `written` since the
+    /// last commit is not stored, and `next_batch` hands them out again, in order, first.
+    fn rewind(&mut self);
+}
+
+/// Writes one bulk batch as one transaction: as a whole, and only when an entry fails (entries
+/// are checked ahead, so that is rare) entry by entry.
+pub(crate) fn write_bulk_batch<S: Store + ?Sized>(
+    store: &S,
+    tenant: TenantId,
+    owner: Option<&str>,
+    batch: &BulkBatch,
+) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+    match store.write_prepared(tenant, owner, &batch.ops, &batch.prepared, WriteMode::Transaction) {
+        Ok(results) => Ok(results),
+        Err(error) if error.is_store_failure() => Err(error),
+        Err(_) => store.write_prepared(tenant, owner, &batch.ops, &batch.prepared, WriteMode::Batch),
+    }
+}
+
 /// Reads one planned part of an export a window at a time ([`Store::part_reader`]).
 pub trait PartReader {
     /// Appends the part's next resources to `out`, in key order, each as one NDJSON line (its
@@ -148,6 +187,21 @@ pub trait Store: Send + Sync + 'static {
             })
             .collect::<Result<Vec<WriteOp>, _>>()?;
         self.write(tenant, owner, &ops, mode)
+    }
+
+    /// Writes a bulk load's batches, pulled from `source` until it has no more: each batch as
+    /// [`Store::write_prepared`] would in [`WriteMode::Transaction`], or, when an entry fails,
+    /// in [`WriteMode::Batch`]. A store may write several batches in one transaction (as many as
+    /// the source hands over without waiting): a bulk load then rewrites its indexes' hot pages
+    /// once per transaction instead of once per batch. By default, one transaction per batch.
+    /// `Err` (the store's own failure) stops the load; batches not yet committed are not stored.
+    fn write_bulk(&self, tenant: TenantId, owner: Option<&str>, source: &mut dyn BulkSource) -> Result<(), StoreError> {
+        while let Some(batch) = source.next_batch(true) {
+            let results = write_bulk_batch(self, tenant, owner, &batch)?;
+            source.written(batch, results);
+            source.committed();
+        }
+        Ok(())
     }
 
     /// The current version (possibly a tombstone) of a resource visible to `visibility`.

@@ -232,44 +232,8 @@ impl SqliteStore {
         audit_records: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
         self.with_write(|transaction, timestamp| {
-            let mut results = Vec::with_capacity(ops.len());
             let mut memo = write_memo::WriteMemo::default();
-            for (index, op) in ops.iter().enumerate() {
-                let prepared = prepared.get(index).and_then(Option::as_ref);
-                match mode {
-                    WriteMode::Transaction => {
-                        results.push(Ok(resources::apply(
-                            transaction,
-                            &mut memo,
-                            tenant,
-                            owner,
-                            op,
-                            prepared,
-                            timestamp,
-                        )?));
-                    }
-                    WriteMode::Batch => {
-                        // A savepoint per entry: a failed entry leaves no partial rows behind.
-                        transaction.prepare_cached("SAVEPOINT entry")?.execute([])?;
-                        let result = resources::apply(transaction, &mut memo, tenant, owner, op, prepared, timestamp);
-                        // The store's own failure ends the whole write; SQLite may already have
-                        // rolled the transaction back (it does on SQLITE_FULL), savepoint and all.
-                        if let Err(error) = result {
-                            if error.is_store_failure() {
-                                return Err(error);
-                            }
-                            transaction.prepare_cached("ROLLBACK TO entry")?.execute([])?;
-                            transaction.prepare_cached("RELEASE entry")?.execute([])?;
-                            // What the entry recorded may be undone with it.
-                            memo.forget();
-                            results.push(Err(error));
-                            continue;
-                        }
-                        transaction.prepare_cached("RELEASE entry")?.execute([])?;
-                        results.push(result);
-                    }
-                }
-            }
+            let results = apply_ops(transaction, &mut memo, tenant, owner, ops, prepared, mode, timestamp)?;
             audit::append(transaction, &audit_records(&results))?;
             Ok(results)
         })
@@ -345,6 +309,52 @@ fn open_connection(path: &Path, cache_mib: u32) -> Result<Connection, StoreError
     connection.pragma_update(None, "cache_size", -(i64::from(cache_mib) * 1024))?;
     connection.set_prepared_statement_cache_capacity(64);
     Ok(connection)
+}
+
+/// Applies `ops` in an open transaction at `timestamp`: in `Transaction` mode the first failed
+/// entry fails the whole (the caller rolls back); in `Batch` mode each entry in a savepoint of
+/// its own, a failed one rolled back and reported in its place.
+#[allow(clippy::too_many_arguments)]
+fn apply_ops(
+    transaction: &Transaction<'_>,
+    memo: &mut write_memo::WriteMemo,
+    tenant: TenantId,
+    owner: Option<&str>,
+    ops: &[WriteOp],
+    prepared: &[Option<crate::PreparedWrite>],
+    mode: WriteMode,
+    timestamp: Micros,
+) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+    let mut results = Vec::with_capacity(ops.len());
+    for (index, op) in ops.iter().enumerate() {
+        let prepared = prepared.get(index).and_then(Option::as_ref);
+        match mode {
+            WriteMode::Transaction => {
+                results.push(Ok(resources::apply(transaction, memo, tenant, owner, op, prepared, timestamp)?));
+            }
+            WriteMode::Batch => {
+                // A savepoint per entry: a failed entry leaves no partial rows behind.
+                transaction.prepare_cached("SAVEPOINT entry")?.execute([])?;
+                let result = resources::apply(transaction, memo, tenant, owner, op, prepared, timestamp);
+                // The store's own failure ends the whole write; SQLite may already have
+                // rolled the transaction back (it does on SQLITE_FULL), savepoint and all.
+                if let Err(error) = result {
+                    if error.is_store_failure() {
+                        return Err(error);
+                    }
+                    transaction.prepare_cached("ROLLBACK TO entry")?.execute([])?;
+                    transaction.prepare_cached("RELEASE entry")?.execute([])?;
+                    // What the entry recorded may be undone with it.
+                    memo.forget();
+                    results.push(Err(error));
+                    continue;
+                }
+                transaction.prepare_cached("RELEASE entry")?.execute([])?;
+                results.push(result);
+            }
+        }
+    }
+    Ok(results)
 }
 
 /// Hands out the next timestamp: the wall clock, or one microsecond past the last one when the
@@ -434,6 +444,60 @@ impl crate::Store for SqliteStore {
         mode: WriteMode,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
         self.write_ops(tenant, owner, ops, prepared, mode, &|_: &[Result<Written, StoreError>]| Vec::new())
+    }
+
+    /// Several batches to a transaction: every batch the source has ready when the previous one
+    /// is written goes into the same transaction (with one timestamp), until the source asks
+    /// for a commit. The connection is never held while the source waits. No savepoint per batch
+    /// (it would copy every page a batch changes): when an entry fails, which validation ahead
+    /// makes rare, the transaction is rolled back and its batches are written again one
+    /// transaction each, as `write_prepared` would.
+    fn write_bulk(
+        &self,
+        tenant: TenantId,
+        owner: Option<&str>,
+        source: &mut dyn crate::BulkSource,
+    ) -> Result<(), StoreError> {
+        // Batches to write one per transaction, after a rollback.
+        let mut one_by_one = 0usize;
+        while let Some(first) = source.next_batch(true) {
+            if one_by_one > 0 {
+                one_by_one -= 1;
+                let results = crate::write_bulk_batch(self, tenant, owner, &first)?;
+                source.written(first, results);
+                source.committed();
+                continue;
+            }
+            let mut batches = 0usize;
+            let written = self.with_write(|transaction, timestamp| {
+                let mut memo = write_memo::WriteMemo::default();
+                let mut next = Some(first);
+                while let Some(batch) = next {
+                    batches += 1;
+                    let mode = WriteMode::Transaction;
+                    match apply_ops(transaction, &mut memo, tenant, owner, &batch.ops, &batch.prepared, mode, timestamp)
+                    {
+                        Ok(results) => source.written(batch, results),
+                        Err(error) => {
+                            // Given back unwritten: rolled back with the others, then rewound.
+                            source.written(batch, Vec::new());
+                            return Err(error);
+                        }
+                    }
+                    next = source.next_batch(false);
+                }
+                Ok(())
+            });
+            match written {
+                Ok(()) => source.committed(),
+                Err(error) if error.is_store_failure() => return Err(error),
+                Err(_) => {
+                    source.rewind();
+                    one_by_one = batches;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn read(
@@ -1159,6 +1223,72 @@ mod tests {
         drop(reopened);
         // Opening again changes nothing.
         assert_eq!(rows(&super::SqliteStore::open(&path).unwrap()), kept);
+    }
+
+    /// A bulk load writes every batch that is ready into one transaction; when an entry of one
+    /// fails, that transaction is rolled back and its batches are written again one by one: the
+    /// failed entry alone is refused, every other entry is stored once, and outcomes are handed
+    /// over only with a commit.
+    #[test]
+    fn a_bulk_load_with_a_failed_entry_stores_every_other_entry() {
+        use crate::{BulkBatch, BulkSource, Store, StoreError, Visibility, WriteMode, WriteOp, Written};
+        struct Source {
+            waiting: std::collections::VecDeque<BulkBatch>,
+            replay: std::collections::VecDeque<BulkBatch>,
+            written: Vec<(BulkBatch, Vec<Result<Written, StoreError>>)>,
+            committed: Vec<Vec<Result<Written, StoreError>>>,
+            commits: usize,
+            rewinds: usize,
+        }
+        impl BulkSource for Source {
+            fn next_batch(&mut self, _wait: bool) -> Option<BulkBatch> {
+                self.replay.pop_front().or_else(|| self.waiting.pop_front())
+            }
+            fn written(&mut self, batch: BulkBatch, results: Vec<Result<Written, StoreError>>) {
+                self.written.push((batch, results));
+            }
+            fn committed(&mut self) {
+                self.commits += 1;
+                self.committed.extend(self.written.drain(..).map(|(_, results)| results));
+            }
+            fn rewind(&mut self) {
+                self.rewinds += 1;
+                let rewound: Vec<BulkBatch> = self.written.drain(..).map(|(batch, _)| batch).collect();
+                self.replay.extend(rewound);
+            }
+        }
+        let store = fresh_store();
+        let tenant = store.create_tenant("t").unwrap().id;
+        let patient = |id: &str| WriteOp::Update {
+            resource_type: "Patient".into(),
+            id: id.into(),
+            body: serde_json::json!({"resourceType": "Patient", "id": id}),
+            if_match: None,
+        };
+        // Another user's resource: not updatable by the load's owner.
+        store.write(tenant, Some("other"), &[patient("x")], WriteMode::Transaction).unwrap();
+        let batch = |ids: &[&str]| BulkBatch { ops: ids.iter().map(|id| patient(id)).collect(), prepared: Vec::new() };
+        let mut source = Source {
+            waiting: [batch(&["a", "b"]), batch(&["c", "x", "d"]), batch(&["e"])].into(),
+            replay: Default::default(),
+            written: Vec::new(),
+            committed: Vec::new(),
+            commits: 0,
+            rewinds: 0,
+        };
+        store.write_bulk(tenant, Some("u"), &mut source).unwrap();
+        assert_eq!(source.rewinds, 1, "the transaction of the failed entry was rolled back once");
+        assert_eq!(source.commits, 3, "then each batch was written in a transaction of its own");
+        let outcomes: Vec<Vec<bool>> =
+            source.committed.iter().map(|results| results.iter().map(Result::is_ok).collect()).collect();
+        assert_eq!(outcomes, [vec![true, true], vec![true, false, true], vec![true]]);
+        assert!(matches!(source.committed[1][1], Err(StoreError::NotFound(_))), "{:?}", source.committed[1][1]);
+        for id in ["a", "b", "c", "d", "e"] {
+            let stored = store.read(tenant, &Visibility::Tenant, "Patient", id).unwrap().unwrap();
+            assert_eq!((stored.version, stored.owner.as_deref()), (1, Some("u")), "{id}");
+        }
+        let x = store.read(tenant, &Visibility::Tenant, "Patient", "x").unwrap().unwrap();
+        assert_eq!((x.version, x.owner.as_deref()), (1, Some("other")));
     }
 
     /// SQLITE_FULL (a full disk, or the page cap reached) is `StorageFull`, and a batch stops
