@@ -2,9 +2,11 @@
 //! candidate resource an export sends, and which associated resources it adds. The stores find
 //! candidates (their compartment index, their reference index); these functions decide.
 
+use std::collections::HashMap;
+
 use bulkhead_fhir::Micros;
 
-use crate::{MemberSelection, PartRange};
+use crate::{MemberSelection, PartRange, ReferencedTypes};
 
 /// The version of one resource as it was at the transaction time.
 #[derive(Debug, Clone, Copy)]
@@ -91,5 +93,85 @@ pub(crate) fn add_to_parts(parts: &mut Vec<PartRange>, key: i64, part_size: u64)
             part.count += 1;
         }
         _ => parts.push(PartRange { first_key: key, last_key: key, count: 1 }),
+    }
+}
+
+/// Referenced resources found for one level of an associated-data pass (those of allowed
+/// types), merged in memory: the same Practitioner or Organization is referenced by thousands
+/// of a window's resources, and is recorded once per batch instead of once per reference. Each
+/// store records them in its own node table, and decides when ([`FoundNodes::len`]).
+pub(crate) struct FoundNodes<'a> {
+    level: u32,
+    allowed: &'a ReferencedTypes,
+    /// Type, then id, to what reaches that resource.
+    found: HashMap<String, HashMap<String, Via>>,
+    len: usize,
+}
+
+impl<'a> FoundNodes<'a> {
+    pub(crate) fn new(level: u32, allowed: &'a ReferencedTypes) -> Self {
+        FoundNodes { level, allowed, found: HashMap::new(), len: 0 }
+    }
+
+    /// The level these nodes are recorded at.
+    pub(crate) fn level(&self) -> u32 {
+        self.level
+    }
+
+    /// Nodes held.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Merges `via` into what reaches `target_type/target_id`, when its type is allowed.
+    pub(crate) fn add(&mut self, target_type: &str, target_id: &str, via: Via) {
+        let allowed = match self.allowed {
+            ReferencedTypes::None => false,
+            ReferencedTypes::All => true,
+            ReferencedTypes::Only(types) => types.iter().any(|t| t == target_type),
+        };
+        if !allowed {
+            return;
+        }
+        if !self.found.contains_key(target_type) {
+            self.found.insert(target_type.to_owned(), HashMap::new());
+        }
+        let ids = self.found.get_mut(target_type).expect("inserted above");
+        match ids.get_mut(target_id) {
+            Some(held) => *held = held.merge(via),
+            None => {
+                ids.insert(target_id.to_owned(), via);
+                self.len += 1;
+            }
+        }
+    }
+
+    /// Merges nodes found elsewhere (of allowed types, at this level) into these.
+    pub(crate) fn absorb(&mut self, other: FoundNodes<'_>) {
+        for (target_type, ids) in other.found {
+            match self.found.get_mut(&target_type) {
+                None => {
+                    self.len += ids.len();
+                    self.found.insert(target_type, ids);
+                }
+                Some(held) => {
+                    for (target_id, via) in ids {
+                        match held.get_mut(&target_id) {
+                            Some(merged) => *merged = merged.merge(via),
+                            None => {
+                                held.insert(target_id, via);
+                                self.len += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands out every node held, by type (id to what reaches it), holding none after.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = (String, HashMap<String, Via>)> + '_ {
+        self.len = 0;
+        self.found.drain()
     }
 }

@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::export::{filter_matches, select_window, type_span, Members, WINDOW};
 use super::{Db, PgStore};
 use crate::cohort_keys::{CohortStash, StashKey};
-use crate::selection::{add_to_parts, exported, selected, visible_to, Reach, Via};
+use crate::selection::{add_to_parts, exported, selected, visible_to, FoundNodes, Reach, Via};
 use crate::{
     AssociatedRequest, MemberSelection, PartRange, PartReader, ProvenanceSelection, ReferencedTypes, StoreError,
     TenantId,
@@ -416,7 +416,7 @@ fn compute(
                 }
             }
             if follow && dense(&chosen) {
-                found_nodes.add_dense(db, tenant, &chosen, at)?;
+                add_dense_references(&mut found_nodes, db, tenant, &chosen, at)?;
             } else if follow {
                 add_references(db, tenant, &chosen, at, 1, &request.referenced)?;
             }
@@ -430,7 +430,7 @@ fn compute(
         }
     }
     found_provenance.record(db)?;
-    found_nodes.record(db)?;
+    record_nodes(&mut found_nodes, db)?;
     if any_provenance {
         resolve_provenance(db, tenant, selection, request, referencing)?;
     }
@@ -491,112 +491,71 @@ fn add_references(
     Ok(())
 }
 
-/// Nodes held at most before [`FoundNodes`] records them.
+/// Nodes held at most before [`add_dense_references`] records them.
 const NODES_HELD: usize = if cfg!(test) { 4 } else { 50_000 };
 
-/// Referenced resources found for one level (those of allowed types), merged in memory and
-/// recorded in `assoc_node` when many are held, and at the end: the same Practitioner or
-/// Organization is referenced by thousands of a window's resources, and is written once
-/// instead of aggregated per window from the joined rows.
-struct FoundNodes<'a> {
-    level: u32,
-    allowed: &'a ReferencedTypes,
-    /// Type, then id, to what reaches that resource.
-    found: HashMap<String, HashMap<String, Via>>,
-    len: usize,
+/// Adds to `nodes` the references of the `reached` resources (dense in their key range, in key
+/// order) at `at`: one range scan of the reference index over their keys, the rows of other
+/// resources in the range skipped here. Records the nodes once they are [`NODES_HELD`].
+fn add_dense_references(
+    nodes: &mut FoundNodes<'_>,
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    reached: &Reached,
+    at: Micros,
+) -> Result<(), StoreError> {
+    let (Some(&first), Some(&last)) = (reached.rids.first(), reached.rids.last()) else { return Ok(()) };
+    let mut position = SortedKeys::new(&reached.rids);
+    // No ORDER BY: the planner reads the range through a bitmap, mostly in key order, and a
+    // sort of it spilled past `work_mem`; [`SortedKeys`] finds keys in any order.
+    db.query_each(
+        "SELECT rid, target_type, target_id FROM reference_index
+         WHERE tenant_id = $1 AND rid BETWEEN $2 AND $3 AND NOT provenance_target
+           AND from_ts <= $4 AND (to_ts IS NULL OR to_ts > $4)",
+        &[&tenant.0, &first, &last, &at],
+        |row| {
+            let Some(index) = position.of(row.try_get(0)?) else { return Ok(()) };
+            let via = Via {
+                reach: Reach { full_history: reached.full_history[index], existing_since: reached.since[index] },
+                forced: reached.forced[index],
+            };
+            nodes.add(row.try_get(1)?, row.try_get(2)?, via);
+            Ok(())
+        },
+    )?;
+    if nodes.len() >= NODES_HELD {
+        record_nodes(nodes, db)?;
+    }
+    Ok(())
 }
 
-impl<'a> FoundNodes<'a> {
-    fn new(level: u32, allowed: &'a ReferencedTypes) -> Self {
-        FoundNodes { level, allowed, found: HashMap::new(), len: 0 }
+/// Records the nodes held in `assoc_node` as nodes of their level, merging with those recorded
+/// earlier; a node recorded at a lower level stays as it is.
+fn record_nodes(nodes: &mut FoundNodes<'_>, db: &mut Db<'_>) -> Result<(), StoreError> {
+    if nodes.len() == 0 {
+        return Ok(());
     }
-
-    /// Adds the references of the `reached` resources (dense in their key range, in key order)
-    /// at `at`: one range scan of the reference index over their keys, the rows of other
-    /// resources in the range skipped here.
-    fn add_dense(
-        &mut self,
-        db: &mut Db<'_>,
-        tenant: TenantId,
-        reached: &Reached,
-        at: Micros,
-    ) -> Result<(), StoreError> {
-        let (Some(&first), Some(&last)) = (reached.rids.first(), reached.rids.last()) else { return Ok(()) };
-        let mut position = SortedKeys::new(&reached.rids);
-        // No ORDER BY: the planner reads the range through a bitmap, mostly in key order, and a
-        // sort of it spilled past `work_mem`; [`SortedKeys`] finds keys in any order.
-        db.query_each(
-            "SELECT rid, target_type, target_id FROM reference_index
-             WHERE tenant_id = $1 AND rid BETWEEN $2 AND $3 AND NOT provenance_target
-               AND from_ts <= $4 AND (to_ts IS NULL OR to_ts > $4)",
-            &[&tenant.0, &first, &last, &at],
-            |row| {
-                let Some(index) = position.of(row.try_get(0)?) else { return Ok(()) };
-                let via = Via {
-                    reach: Reach { full_history: reached.full_history[index], existing_since: reached.since[index] },
-                    forced: reached.forced[index],
-                };
-                self.add(row.try_get(1)?, row.try_get(2)?, via);
-                Ok(())
-            },
-        )?;
-        if self.len >= NODES_HELD {
-            self.record(db)?;
-        }
-        Ok(())
-    }
-
-    /// Merges `via` into what reaches `target_type/target_id`, when its type is allowed.
-    fn add(&mut self, target_type: &str, target_id: &str, via: Via) {
-        let allowed = match self.allowed {
-            ReferencedTypes::None => false,
-            ReferencedTypes::All => true,
-            ReferencedTypes::Only(types) => types.iter().any(|t| t == target_type),
-        };
-        if !allowed {
-            return;
-        }
-        if !self.found.contains_key(target_type) {
-            self.found.insert(target_type.to_owned(), HashMap::new());
-        }
-        let ids = self.found.get_mut(target_type).expect("inserted above");
-        match ids.get_mut(target_id) {
-            Some(held) => *held = held.merge(via),
-            None => {
-                ids.insert(target_id.to_owned(), via);
-                self.len += 1;
-            }
+    let level = nodes.level() as i32;
+    let (mut types, mut ids, mut reached) = (Vec::new(), Vec::new(), Reached::default());
+    for (target_type, found) in nodes.drain() {
+        for (target_id, via) in found {
+            types.push(target_type.clone());
+            ids.push(target_id);
+            reached.push(0, via);
         }
     }
-
-    /// Records the nodes held as nodes of this level, merging with those recorded earlier; a
-    /// node recorded at a lower level stays as it is.
-    fn record(&mut self, db: &mut Db<'_>) -> Result<(), StoreError> {
-        if self.len == 0 {
-            return Ok(());
-        }
-        let (mut types, mut ids, mut reached) = (Vec::new(), Vec::new(), Reached::default());
-        for (target_type, found) in self.found.drain() {
-            for (target_id, via) in found {
-                types.push(target_type.clone());
-                ids.push(target_id);
-                reached.push(0, via);
-            }
-        }
-        self.len = 0;
-        db.execute(
-            "INSERT INTO assoc_node (target_type, target_id, level, full_history, since, forced)
-             SELECT t, i, $1, f, s, o FROM unnest($2::text[], $3::text[], $4::bool[], $5::int8[], $6::bool[]) AS n(t, i, f, s, o)
-             ON CONFLICT (target_type, target_id) DO UPDATE SET
-                 full_history = assoc_node.full_history OR excluded.full_history,
-                 since = CASE WHEN assoc_node.since IS NULL THEN excluded.since WHEN excluded.since IS NULL
-                              THEN assoc_node.since ELSE LEAST(assoc_node.since, excluded.since) END,
-                 forced = assoc_node.forced OR excluded.forced
-             WHERE assoc_node.level = excluded.level",
-            &[&(self.level as i32), &types, &ids, &reached.full_history, &reached.since, &reached.forced],
-        )?;
-        Ok(())
-    }
+    db.execute(
+        "INSERT INTO assoc_node (target_type, target_id, level, full_history, since, forced)
+         SELECT t, i, $1, f, s, o FROM unnest($2::text[], $3::text[], $4::bool[], $5::int8[], $6::bool[]) AS n(t, i, f, s, o)
+         ON CONFLICT (target_type, target_id) DO UPDATE SET
+             full_history = assoc_node.full_history OR excluded.full_history,
+             since = CASE WHEN assoc_node.since IS NULL THEN excluded.since WHEN excluded.since IS NULL
+                          THEN assoc_node.since ELSE LEAST(assoc_node.since, excluded.since) END,
+             forced = assoc_node.forced OR excluded.forced
+         WHERE assoc_node.level = excluded.level",
+        &[&level, &types, &ids, &reached.full_history, &reached.since, &reached.forced],
+    )?;
+    Ok(())
 }
 
 /// A resource's version at a time, as planning needs it.

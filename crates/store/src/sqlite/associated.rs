@@ -21,7 +21,7 @@ use super::export::{filter_matches, load_members, select_window, selected, type_
 use super::write_memo::WriteMemo;
 use super::{provenance_targets, SqliteStore};
 use crate::cohort_keys::{CohortKeys, StashKey};
-use crate::selection::{exported, visible_to, Via};
+use crate::selection::{exported, visible_to, FoundNodes, Via};
 use crate::{
     AssociatedRequest, MemberSelection, PartRange, PartReader, ProvenanceSelection, ReferencedTypes, StoreError,
     TenantId,
@@ -461,13 +461,13 @@ fn compute(
     let mut nodes = FoundNodes::new(1, &request.referenced);
     read_windows(store, tenant, selection, request, &windows, cohort.as_ref(), |found| {
         nodes.absorb(found.nodes);
-        nodes.record_if_full(connection)?;
+        record_nodes_if_full(&mut nodes, connection)?;
         found.provenance.record(connection)
     })?;
     if any_provenance {
         resolve_provenance(connection, selection, referencing, &mut nodes)?;
     }
-    nodes.record(connection)?;
+    record_nodes(&mut nodes, connection)?;
     if referencing {
         for level in 1..=request.depth {
             resolve_level(connection, tenant, selection, request, level)?;
@@ -712,100 +712,36 @@ fn add_references(
     Ok(())
 }
 
-/// Nodes recorded per statement batch at most: [`FoundNodes`] records itself once it holds this
-/// many.
+/// Nodes held at most: [`record_nodes_if_full`] records them once they are this many.
 const NODE_BATCH: usize = 50_000;
 
-/// Referenced resources found for one level (those of allowed types), merged in memory and
-/// recorded in `temp.assoc_node` a batch at a time ([`UPSERT_NODE`] merges alike): the same
-/// Practitioner or Organization is referenced by thousands of a window's resources, and is
-/// written once per batch instead of once per reference. Holds at most [`NODE_BATCH`] nodes
-/// when its owner calls [`FoundNodes::record_if_full`] after each batch of additions.
-struct FoundNodes<'a> {
-    level: u32,
-    allowed: &'a ReferencedTypes,
-    /// Type, then id, to what reaches that resource.
-    found: std::collections::HashMap<String, std::collections::HashMap<String, Via>>,
-    len: usize,
+/// Records `nodes` in `temp.assoc_node` ([`UPSERT_NODE`] merges alike) once they hold
+/// [`NODE_BATCH`]: called after each batch of additions, it bounds what they hold.
+fn record_nodes_if_full(nodes: &mut FoundNodes<'_>, connection: &Connection) -> Result<(), StoreError> {
+    if nodes.len() >= NODE_BATCH {
+        record_nodes(nodes, connection)?;
+    }
+    Ok(())
 }
 
-impl<'a> FoundNodes<'a> {
-    fn new(level: u32, allowed: &'a ReferencedTypes) -> Self {
-        FoundNodes { level, allowed, found: Default::default(), len: 0 }
-    }
-
-    /// Merges `via` into what reaches `target_type/target_id`, when its type is allowed.
-    fn add(&mut self, target_type: &str, target_id: &str, via: Via) {
-        let allowed = match self.allowed {
-            ReferencedTypes::None => false,
-            ReferencedTypes::All => true,
-            ReferencedTypes::Only(types) => types.iter().any(|t| t == target_type),
-        };
-        if !allowed {
-            return;
-        }
-        if !self.found.contains_key(target_type) {
-            self.found.insert(target_type.to_owned(), Default::default());
-        }
-        let ids = self.found.get_mut(target_type).expect("inserted above");
-        match ids.get_mut(target_id) {
-            Some(held) => *held = held.merge(via),
-            None => {
-                ids.insert(target_id.to_owned(), via);
-                self.len += 1;
-            }
+/// Records the nodes held as nodes of their level, merging with those recorded earlier; a node
+/// recorded at a lower level stays as it is.
+fn record_nodes(nodes: &mut FoundNodes<'_>, connection: &Connection) -> Result<(), StoreError> {
+    let mut upsert = connection.prepare_cached(UPSERT_NODE)?;
+    let level = nodes.level();
+    for (target_type, ids) in nodes.drain() {
+        for (target_id, via) in ids {
+            upsert.execute(params![
+                target_type,
+                target_id,
+                level,
+                via.reach.full_history,
+                via.reach.existing_since,
+                via.forced
+            ])?;
         }
     }
-
-    /// Merges nodes found elsewhere (of allowed types, at this level) into these.
-    fn absorb(&mut self, other: FoundNodes<'_>) {
-        for (target_type, ids) in other.found {
-            match self.found.get_mut(&target_type) {
-                None => {
-                    self.len += ids.len();
-                    self.found.insert(target_type, ids);
-                }
-                Some(held) => {
-                    for (target_id, via) in ids {
-                        match held.get_mut(&target_id) {
-                            Some(merged) => *merged = merged.merge(via),
-                            None => {
-                                held.insert(target_id, via);
-                                self.len += 1;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn record_if_full(&mut self, connection: &Connection) -> Result<(), StoreError> {
-        if self.len >= NODE_BATCH {
-            self.record(connection)?;
-        }
-        Ok(())
-    }
-
-    /// Records the nodes held as nodes of this level, merging with those recorded earlier; a
-    /// node recorded at a lower level stays as it is.
-    fn record(&mut self, connection: &Connection) -> Result<(), StoreError> {
-        let mut upsert = connection.prepare_cached(UPSERT_NODE)?;
-        for (target_type, ids) in self.found.drain() {
-            for (target_id, via) in ids {
-                upsert.execute(params![
-                    target_type,
-                    target_id,
-                    self.level,
-                    via.reach.full_history,
-                    via.reach.existing_since,
-                    via.forced
-                ])?;
-            }
-        }
-        self.len = 0;
-        Ok(())
-    }
+    Ok(())
 }
 
 /// The Provenance found through one window of cohort resources, merged in memory and recorded
@@ -984,7 +920,7 @@ fn resolve_provenance(
                 add_references(connection, rid, at, Via { forced: sent, ..via }, nodes)?;
             }
         }
-        nodes.record_if_full(connection)?;
+        record_nodes_if_full(nodes, connection)?;
     }
 }
 
@@ -1033,10 +969,10 @@ fn resolve_level(
                 add_references(connection, rid, at, Via { forced: sent, ..via }, &mut next)?;
             }
         }
-        next.record_if_full(connection)?;
+        record_nodes_if_full(&mut next, connection)?;
     }
     // The next level's nodes are all recorded before it is resolved.
-    next.record(connection)
+    record_nodes(&mut next, connection)
 }
 
 /// A resource's version at a time, as planning needs it.
