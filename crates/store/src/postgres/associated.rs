@@ -442,6 +442,19 @@ fn compute(
     Ok(())
 }
 
+/// How a node found again merges into `assoc_node` (the merge [`Via::merge`] makes in memory): a
+/// node recorded at a lower level stays as it is.
+macro_rules! merge_node {
+    () => {
+        "ON CONFLICT (target_type, target_id) DO UPDATE SET
+             full_history = assoc_node.full_history OR excluded.full_history,
+             since = CASE WHEN assoc_node.since IS NULL THEN excluded.since WHEN excluded.since IS NULL
+                          THEN assoc_node.since ELSE LEAST(assoc_node.since, excluded.since) END,
+             forced = assoc_node.forced OR excluded.forced
+         WHERE assoc_node.level = excluded.level"
+    };
+}
+
 /// Records the references (to allowed types) of the `reached` resources' versions at `at` as
 /// nodes of `level`, merging each one's reach into nodes of that level already found; a node
 /// found at a lower level stays as it is.
@@ -463,19 +476,16 @@ fn add_references(
     }
     // Grouped first: one INSERT may not update the same node twice.
     db.execute(
-        "INSERT INTO assoc_node (target_type, target_id, level, full_history, since, forced)
+        concat!(
+            "INSERT INTO assoc_node (target_type, target_id, level, full_history, since, forced)
          SELECT r.target_type, r.target_id, $3, bool_or(n.full_history), min(n.since), bool_or(n.forced)
          FROM unnest($4::int8[], $5::bool[], $6::int8[], $7::bool[]) AS n(rid, full_history, since, forced)
          JOIN reference_index r ON r.tenant_id = $1 AND r.rid = n.rid AND NOT r.provenance_target
               AND r.from_ts <= $2 AND (r.to_ts IS NULL OR r.to_ts > $2)
          WHERE $8 OR r.target_type = ANY($9::text[])
-         GROUP BY r.target_type, r.target_id
-         ON CONFLICT (target_type, target_id) DO UPDATE SET
-             full_history = assoc_node.full_history OR excluded.full_history,
-             since = CASE WHEN assoc_node.since IS NULL THEN excluded.since WHEN excluded.since IS NULL
-                          THEN assoc_node.since ELSE LEAST(assoc_node.since, excluded.since) END,
-             forced = assoc_node.forced OR excluded.forced
-         WHERE assoc_node.level = excluded.level",
+         GROUP BY r.target_type, r.target_id ",
+            merge_node!()
+        ),
         &[
             &tenant.0,
             &at,
@@ -545,14 +555,11 @@ fn record_nodes(nodes: &mut FoundNodes<'_>, db: &mut Db<'_>) -> Result<(), Store
         }
     }
     db.execute(
-        "INSERT INTO assoc_node (target_type, target_id, level, full_history, since, forced)
-         SELECT t, i, $1, f, s, o FROM unnest($2::text[], $3::text[], $4::bool[], $5::int8[], $6::bool[]) AS n(t, i, f, s, o)
-         ON CONFLICT (target_type, target_id) DO UPDATE SET
-             full_history = assoc_node.full_history OR excluded.full_history,
-             since = CASE WHEN assoc_node.since IS NULL THEN excluded.since WHEN excluded.since IS NULL
-                          THEN assoc_node.since ELSE LEAST(assoc_node.since, excluded.since) END,
-             forced = assoc_node.forced OR excluded.forced
-         WHERE assoc_node.level = excluded.level",
+        concat!(
+            "INSERT INTO assoc_node (target_type, target_id, level, full_history, since, forced)
+         SELECT t, i, $1, f, s, o FROM unnest($2::text[], $3::text[], $4::bool[], $5::int8[], $6::bool[]) AS n(t, i, f, s, o) ",
+            merge_node!()
+        ),
         &[&level, &types, &ids, &reached.full_history, &reached.since, &reached.forced],
     )?;
     Ok(())
