@@ -30,6 +30,7 @@ use self::stored_set::store_set;
 use crate::cohort_keys::{CohortStash, StashKey};
 use crate::postgres::export::{filter_matches, select_window, type_span, Members, WINDOW};
 use crate::postgres::{Db, PgStore};
+use crate::range_scan;
 use crate::selection::{selected, FoundNodes, Reach, Via};
 use crate::{
     AssociatedRequest, MemberSelection, PartRange, ProvenanceSelection, ReferencedTypes, StoreError, TenantId,
@@ -259,38 +260,11 @@ fn states_at(db: &mut Db<'_>, tenant: TenantId, rids: &[i64], at: Micros) -> Res
     Ok(states)
 }
 
-/// Whether the `reached` resources are dense in their key range (more than one key in
-/// `DENSE`): one range scan of the index then reads fewer entries than one probe per resource.
-/// (Lower in unit tests, so the conformance suite's tiny windows take both paths.)
+/// Whether the `reached` resources are dense in the range from their first key to their last
+/// ([`range_scan::dense`]).
 fn dense(reached: &Reached) -> bool {
-    const DENSE: i64 = if cfg!(test) { 2 } else { 4 };
-    let (Some(first), Some(last)) = (reached.rids.first(), reached.rids.last()) else { return false };
-    (reached.rids.len() as i64).saturating_mul(DENSE) > last - first
-}
-
-/// Positions in sorted keys for keys that mostly arrive in ascending order, as a range scan's
-/// rows do: a walk forward instead of a binary search per row; a key below the last one found
-/// is still found, by a binary search.
-struct SortedKeys<'a> {
-    keys: &'a [i64],
-    next: usize,
-}
-
-impl<'a> SortedKeys<'a> {
-    fn new(keys: &'a [i64]) -> Self {
-        SortedKeys { keys, next: 0 }
-    }
-
-    /// The index of `key` in the keys.
-    fn of(&mut self, key: i64) -> Option<usize> {
-        if self.next > 0 && self.keys[self.next - 1] >= key {
-            self.next = self.keys.partition_point(|held| *held < key);
-        }
-        while self.keys.get(self.next).is_some_and(|held| *held < key) {
-            self.next += 1;
-        }
-        (self.keys.get(self.next) == Some(&key)).then_some(self.next)
-    }
+    let (Some(&first), Some(&last)) = (reached.rids.first(), reached.rids.last()) else { return false };
+    range_scan::dense(reached.rids.len(), (first, last))
 }
 
 fn via_from_row(row: &postgres::Row, first: usize) -> Result<Via, StoreError> {

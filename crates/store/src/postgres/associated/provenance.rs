@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use bulkhead_fhir::Micros;
 
 use super::references::add_references;
-use super::{dense, output, states_at, via_from_row, Reached, SortedKeys, BATCH};
+use super::{dense, output, states_at, via_from_row, Reached, BATCH};
 use crate::postgres::Db;
+use crate::range_scan::SortedKeys;
 use crate::selection::{exported, visible_to, Reach, Via};
 use crate::{AssociatedRequest, MemberSelection, ProvenanceSelection, StoreError, TenantId};
 
@@ -48,7 +49,7 @@ impl FoundProvenance {
         // `(index in reached, Provenance key)` of every row valid at the transaction time, by target.
         let mut targeting: Vec<(usize, i64)> = Vec::new();
         if dense(reached) {
-            let mut position = SortedKeys::new(&reached.rids);
+            let mut found_in = SortedKeys::new(&reached.rids, |&rid| rid);
             db.query_each(
                 "SELECT target_rid, rid FROM reference_index
                  WHERE tenant_id = $1 AND provenance_target AND target_rid IS NOT NULL AND target_rid BETWEEN $2 AND $3
@@ -56,7 +57,7 @@ impl FoundProvenance {
                  ORDER BY target_rid",
                 &[&tenant.0, &first, &last, &at],
                 |row| {
-                    if let Some(index) = position.of(row.try_get(0)?) {
+                    if let Some(index) = found_in.position(row.try_get(0)?) {
                         targeting.push((index, row.try_get(1)?));
                     }
                     Ok(())

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 
 use bulkhead_fhir::Micros;
 
-use super::{output, states_at, via_from_row, Reached, SortedKeys, BATCH};
+use super::{output, states_at, via_from_row, Reached, BATCH};
 use crate::postgres::Db;
+use crate::range_scan::SortedKeys;
 use crate::selection::{exported, visible_to, FoundNodes, Reach, Via};
 use crate::{AssociatedRequest, MemberSelection, ReferencedTypes, StoreError, TenantId};
 
@@ -84,7 +85,7 @@ pub(super) fn add_dense_references(
     at: Micros,
 ) -> Result<(), StoreError> {
     let (Some(&first), Some(&last)) = (reached.rids.first(), reached.rids.last()) else { return Ok(()) };
-    let mut position = SortedKeys::new(&reached.rids);
+    let mut found_in = SortedKeys::new(&reached.rids, |&rid| rid);
     // No ORDER BY: the planner reads the range through a bitmap, mostly in key order, and a
     // sort of it spilled past `work_mem`; [`SortedKeys`] finds keys in any order.
     db.query_each(
@@ -93,7 +94,7 @@ pub(super) fn add_dense_references(
            AND from_ts <= $4 AND (to_ts IS NULL OR to_ts > $4)",
         &[&tenant.0, &first, &last, &at],
         |row| {
-            let Some(index) = position.of(row.try_get(0)?) else { return Ok(()) };
+            let Some(index) = found_in.position(row.try_get(0)?) else { return Ok(()) };
             let via = Via {
                 reach: Reach { full_history: reached.full_history[index], existing_since: reached.since[index] },
                 forced: reached.forced[index],

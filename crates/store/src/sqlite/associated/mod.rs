@@ -310,40 +310,6 @@ fn read_window<'a>(
     Ok(found)
 }
 
-/// Whether a window's chosen keys are dense in its key range (more than one key in `DENSE`):
-/// one scan of the range then reads fewer index entries than one seek per chosen resource.
-/// (Lower in unit tests, so the conformance suite's tiny windows take both paths.)
-fn dense(chosen: usize, (start, end): (i64, i64)) -> bool {
-    const DENSE: i64 = if cfg!(test) { 2 } else { 4 };
-    (chosen as i64).saturating_mul(DENSE) > end - start
-}
-
-/// Finds keys in a window's chosen resources (sorted by key) for keys that arrive in ascending
-/// order, as a range scan's rows do: a walk forward instead of a binary search per row (those
-/// searches were ~8 % of a first manifest's time at 10,000 members, session 9). A key below the
-/// last one found is still found, by a binary search.
-struct SortedKeys<'a> {
-    chosen: &'a [(i64, Via)],
-    next: usize,
-}
-
-impl<'a> SortedKeys<'a> {
-    fn new(chosen: &'a [(i64, Via)]) -> Self {
-        SortedKeys { chosen, next: 0 }
-    }
-
-    /// The index of `key` in the chosen resources.
-    fn position(&mut self, key: i64) -> Option<usize> {
-        if self.next > 0 && self.chosen[self.next - 1].0 >= key {
-            self.next = self.chosen.partition_point(|(held, _)| *held < key);
-        }
-        while self.chosen.get(self.next).is_some_and(|(held, _)| *held < key) {
-            self.next += 1;
-        }
-        self.chosen.get(self.next).is_some_and(|(held, _)| *held == key).then_some(self.next)
-    }
-}
-
 fn via_from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Via> {
     Ok(Via {
         reach: Reach { full_history: row.get(first)?, existing_since: row.get(first + 1)? },
@@ -376,20 +342,5 @@ fn state_at(connection: &Connection, rid: i64, at: Micros) -> Result<Option<Stat
             .query_row(params![rid, at], row)
             .optional()?),
         None => Ok(None),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Keys are found walking forward, repeated, skipped, missing, or going back.
-    #[test]
-    fn sorted_keys_find_every_key_in_any_order() {
-        let via = Via { reach: Reach { full_history: true, existing_since: None }, forced: true };
-        let chosen: Vec<(i64, Via)> = [2, 5, 9, 14].iter().map(|&key| (key, via)).collect();
-        let mut keys = SortedKeys::new(&chosen);
-        let found: Vec<Option<usize>> = [1, 2, 2, 5, 6, 14, 9, 15, 2].iter().map(|&key| keys.position(key)).collect();
-        assert_eq!(found, [None, Some(0), Some(0), Some(1), None, Some(3), Some(2), None, Some(0)]);
     }
 }

@@ -7,7 +7,8 @@ use bulkhead_fhir::Micros;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::references::{add_references, record_nodes_if_full};
-use super::{dense, state_at, via_from_row, SortedKeys, LEVEL_BATCH};
+use super::{state_at, via_from_row, LEVEL_BATCH};
+use crate::range_scan::{dense, SortedKeys};
 use crate::selection::{exported, visible_to, FoundNodes, Via};
 use crate::{MemberSelection, ProvenanceSelection, StoreError, TenantId};
 
@@ -110,7 +111,7 @@ pub(super) fn find_window_provenance(
              ORDER BY target_rid",
         )?;
         let mut rows = statement.query(params![tenant.0, resource_type, first, last, at])?;
-        let mut found_in = SortedKeys::new(chosen);
+        let mut found_in = SortedKeys::new(chosen, |&(rid, _)| rid);
         while let Some(row) = rows.next()? {
             let target: i64 = row.get(0)?;
             if let Some(index) = found_in.position(target) {

@@ -5,7 +5,8 @@
 use bulkhead_fhir::Micros;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{dense, state_at, via_from_row, SortedKeys, LEVEL_BATCH};
+use super::{state_at, via_from_row, LEVEL_BATCH};
+use crate::range_scan::{dense, SortedKeys};
 use crate::selection::{exported, visible_to, FoundNodes, Via};
 use crate::{AssociatedRequest, MemberSelection, StoreError, TenantId};
 
@@ -41,7 +42,7 @@ pub(super) fn add_window_references(
          ORDER BY rid",
     )?;
     let mut rows = references.query(params![first, last, at])?;
-    let mut found_in = SortedKeys::new(chosen);
+    let mut found_in = SortedKeys::new(chosen, |&(rid, _)| rid);
     while let Some(row) = rows.next()? {
         let rid: i64 = row.get(0)?;
         let Some(index) = found_in.position(rid) else { continue };
