@@ -77,6 +77,14 @@ impl Reached {
         self.since.push(via.reach.existing_since);
         self.forced.push(via.forced);
     }
+
+    /// What reaches the resource at `index`.
+    fn via(&self, index: usize) -> Via {
+        Via {
+            reach: Reach { full_history: self.full_history[index], existing_since: self.since[index] },
+            forced: self.forced[index],
+        }
+    }
 }
 
 impl PgStore {

@@ -11,7 +11,7 @@ use super::references::add_references;
 use super::{dense, output, states_at, via_from_row, Reached, BATCH};
 use crate::postgres::Db;
 use crate::range_scan::SortedKeys;
-use crate::selection::{exported, visible_to, Reach, Via};
+use crate::selection::{bring_provenance, exported, visible_to, Via};
 use crate::{AssociatedRequest, MemberSelection, ProvenanceSelection, StoreError, TenantId};
 
 /// Provenance found and states looked up at most before [`FoundProvenance`] records or
@@ -80,27 +80,12 @@ impl FoundProvenance {
             return Ok(());
         }
         self.look_up(db, tenant, selection, targeting.iter().map(|(_, rid)| *rid))?;
-        let mut candidates: Vec<(Micros, i64)> = Vec::new();
-        for rows in targeting.chunk_by(|a, b| a.0 == b.0) {
-            candidates.clear();
-            for &(_, provenance) in rows {
-                if let Some(Some(last_updated)) = self.live.get(&provenance) {
-                    candidates.push((*last_updated, provenance));
-                }
-            }
-            if mode == ProvenanceSelection::Latest {
-                candidates.sort_unstable();
-                candidates.drain(..candidates.len().saturating_sub(1));
-            }
-            let index = rows[0].0;
-            let via = Via {
-                reach: Reach { full_history: reached.full_history[index], existing_since: reached.since[index] },
-                forced: reached.forced[index],
-            };
-            for &(_, provenance) in &candidates {
-                self.found.entry(provenance).and_modify(|held| *held = held.merge(via)).or_insert(via);
-            }
-        }
+        let (live, found) = (&self.live, &mut self.found);
+        let live = |provenance| Ok(live.get(&provenance).copied().flatten());
+        bring_provenance(&targeting, mode, live, |index, provenance| {
+            let via = reached.via(index);
+            found.entry(provenance).and_modify(|held| *held = held.merge(via)).or_insert(via);
+        })?;
         if self.found.len() >= PROVENANCE_HELD {
             self.record(db)?;
         }

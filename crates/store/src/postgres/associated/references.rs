@@ -9,7 +9,7 @@ use bulkhead_fhir::Micros;
 use super::{output, states_at, via_from_row, Reached, BATCH};
 use crate::postgres::Db;
 use crate::range_scan::SortedKeys;
-use crate::selection::{exported, visible_to, FoundNodes, Reach, Via};
+use crate::selection::{exported, visible_to, FoundNodes, Via};
 use crate::{AssociatedRequest, MemberSelection, ReferencedTypes, StoreError, TenantId};
 
 /// How a node found again merges into `assoc_node` (the merge [`Via::merge`] makes in memory): a
@@ -95,11 +95,7 @@ pub(super) fn add_dense_references(
         &[&tenant.0, &first, &last, &at],
         |row| {
             let Some(index) = found_in.position(row.try_get(0)?) else { return Ok(()) };
-            let via = Via {
-                reach: Reach { full_history: reached.full_history[index], existing_since: reached.since[index] },
-                forced: reached.forced[index],
-            };
-            nodes.add(row.try_get(1)?, row.try_get(2)?, via);
+            nodes.add(row.try_get(1)?, row.try_get(2)?, reached.via(index));
             Ok(())
         },
     )?;

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::references::{add_references, record_nodes_if_full};
 use super::{state_at, via_from_row, LEVEL_BATCH};
 use crate::range_scan::{dense, SortedKeys};
-use crate::selection::{exported, visible_to, FoundNodes, Via};
+use crate::selection::{bring_provenance, exported, visible_to, FoundNodes, Via};
 use crate::{MemberSelection, ProvenanceSelection, StoreError, TenantId};
 
 /// The Provenance found through one window of cohort resources, merged in memory and recorded
@@ -131,24 +131,8 @@ pub(super) fn find_window_provenance(
             }
         }
     }
-    let mut candidates: Vec<(Micros, i64)> = Vec::new();
-    for rows in targeting.chunk_by(|a, b| a.0 == b.0) {
-        candidates.clear();
-        for &(_, provenance) in rows {
-            if let Some(last_updated) = states.live(connection, selection, provenance)? {
-                candidates.push((last_updated, provenance));
-            }
-        }
-        if mode == ProvenanceSelection::Latest {
-            candidates.sort_unstable();
-            candidates.drain(..candidates.len().saturating_sub(1));
-        }
-        let via = chosen[rows[0].0].1;
-        for &(_, provenance) in &candidates {
-            found.add(provenance, via);
-        }
-    }
-    Ok(())
+    let live = |provenance| states.live(connection, selection, provenance);
+    bring_provenance(&targeting, mode, live, |index, provenance| found.add(provenance, chosen[index].1))
 }
 
 /// Moves the found Provenance into the output, and adds their references to the level-1 `nodes`.
