@@ -27,11 +27,11 @@ use bulkhead_fhir::Micros;
 use self::provenance::{resolve_provenance, FoundProvenance};
 use self::references::{add_dense_references, add_references, record_nodes, resolve_level};
 use self::stored_set::store_set;
-use crate::cohort_keys::{CohortStash, StashKey};
+use crate::cohort_keys::{CohortKeys, CohortStash, StashKey};
 use crate::postgres::export::{filter_matches, select_window, type_span, Members, WINDOW};
 use crate::postgres::{Db, PgStore};
 use crate::range_scan;
-use crate::selection::{selected, FoundNodes, Reach, Via};
+use crate::selection::{selected, FoundNodes, Reach, VersionAt, Via};
 use crate::{
     AssociatedRequest, MemberSelection, PartRange, ProvenanceSelection, ReferencedTypes, StoreError, TenantId,
 };
@@ -140,8 +140,7 @@ fn compute(
         }
     }
     // The cohort is found before `_typeFilter`: a filter narrows what is exported of its type,
-    // not which Provenance and referenced resources come. Only a resource the export sends
-    // (selected and, for a filtered type, matching) forces what it reaches.
+    // not which Provenance and referenced resources come.
     let cohort = MemberSelection { filters: Default::default(), ..selection.clone() };
     let members = Members::resolve(db, keys, tenant, selection)?;
     // `(type, follow its references, find its Provenance)` of each source type read.
@@ -170,44 +169,15 @@ fn compute(
         None if source_types.is_empty() => None,
         None => crate::postgres::cohort::read(db, tenant, &cohort, &members, &source_types)?,
     };
-    let cohort_keys = cohort_keys.as_ref();
+    let cohort = Cohort { selection: &cohort, members: &members, keys: cohort_keys.as_ref() };
     let mut found_provenance = FoundProvenance::default();
     let mut found_nodes = FoundNodes::new(1, &request.referenced);
     for (resource_type, follow, provenance) in read {
         let Some((first, last)) = type_span(db, tenant, resource_type)? else { continue };
-        let filtered = selection.filters.filters(resource_type);
-        let sent = |db: &mut Db<'_>, rid: i64, history_version: i64| -> Result<bool, StoreError> {
-            Ok(!filtered || filter_matches(db, tenant, selection, resource_type, rid, history_version)?)
-        };
         let mut start = first;
         while start <= last {
             let end = start.saturating_add(WINDOW - 1).min(last);
-            let mut chosen = Reached::default();
-            match cohort_keys.filter(|keys| keys.covers(resource_type)) {
-                Some(keys) => crate::postgres::cohort::visit(
-                    keys,
-                    db,
-                    tenant,
-                    &cohort,
-                    resource_type,
-                    (start, end),
-                    |db, found| {
-                        if found.live {
-                            let forced = found.selected && sent(db, found.rid, found.history_version)?;
-                            chosen.push(found.rid, Via { reach: found.reach, forced });
-                        }
-                        Ok(())
-                    },
-                )?,
-                None => {
-                    let live = |_: Reach, version: &crate::selection::VersionAt| !version.deleted && version.visible;
-                    for found in select_window(db, tenant, &cohort, &members, resource_type, (start, end), live)? {
-                        let forced = selected(selection, found.reach, &found.version)
-                            && sent(db, found.rid, found.history_version)?;
-                        chosen.push(found.rid, Via { reach: found.reach, forced });
-                    }
-                }
-            }
+            let chosen = choose_window(db, tenant, selection, cohort, resource_type, (start, end))?;
             if follow && dense(&chosen) {
                 add_dense_references(&mut found_nodes, db, tenant, &chosen, at)?;
             } else if follow {
@@ -233,6 +203,53 @@ fn compute(
         }
     }
     Ok(())
+}
+
+/// How a window finds the cohort's resources: `selection` without `_typeFilter`, its members,
+/// and the keys read in one pass over the members when they cover the window's type.
+#[derive(Clone, Copy)]
+struct Cohort<'a> {
+    selection: &'a MemberSelection,
+    members: &'a Members,
+    keys: Option<&'a CohortKeys>,
+}
+
+/// The cohort's live resources in one key window of `resource_type`, in key order, with what
+/// reaches each. They are found through `cohort` (`selection` without `_typeFilter`), and only
+/// those the export sends (selected and, for a filtered type, matching) force what they reach.
+fn choose_window(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    cohort: Cohort<'_>,
+    resource_type: &str,
+    span: (i64, i64),
+) -> Result<Reached, StoreError> {
+    let filtered = selection.filters.filters(resource_type);
+    let sent = |db: &mut Db<'_>, rid: i64, history_version: i64| -> Result<bool, StoreError> {
+        Ok(!filtered || filter_matches(db, tenant, selection, resource_type, rid, history_version)?)
+    };
+    let mut chosen = Reached::default();
+    match cohort.keys.filter(|keys| keys.covers(resource_type)) {
+        Some(keys) => {
+            crate::postgres::cohort::visit(keys, db, tenant, cohort.selection, resource_type, span, |db, found| {
+                if found.live {
+                    let forced = found.selected && sent(db, found.rid, found.history_version)?;
+                    chosen.push(found.rid, Via { reach: found.reach, forced });
+                }
+                Ok(())
+            })?
+        }
+        None => {
+            let live = |_: Reach, version: &VersionAt| !version.deleted && version.visible;
+            for found in select_window(db, tenant, cohort.selection, cohort.members, resource_type, span, live)? {
+                let forced =
+                    selected(selection, found.reach, &found.version) && sent(db, found.rid, found.history_version)?;
+                chosen.push(found.rid, Via { reach: found.reach, forced });
+            }
+        }
+    }
+    Ok(chosen)
 }
 
 /// A resource's version at a time, as planning needs it.

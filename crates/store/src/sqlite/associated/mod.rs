@@ -252,10 +252,8 @@ struct Cohort<'a> {
     keys: Option<&'a CohortKeys>,
 }
 
-/// What the cohort's resources in one window reach: their references (level-1 nodes) and their
-/// Provenance. The window's resources are found through `cohort` (`selection` without
-/// `_typeFilter`), and only those the export sends (selected and, for a filtered type, matching)
-/// force what they reach.
+/// What the cohort's resources in one window ([`choose_window`]) reach: their references
+/// (level-1 nodes) and their Provenance.
 fn read_window<'a>(
     connection: &Connection,
     tenant: TenantId,
@@ -267,6 +265,38 @@ fn read_window<'a>(
 ) -> Result<WindowFound<'a>, StoreError> {
     let SourceWindow { resource_type, follow, provenance, span } = *window;
     let at = selection.transaction_time;
+    let chosen = choose_window(connection, tenant, selection, cohort, resource_type, span)?;
+    let mut found =
+        WindowFound { nodes: FoundNodes::new(1, &request.referenced), provenance: FoundProvenance::default() };
+    if follow {
+        add_window_references(connection, &chosen, span, at, &mut found.nodes)?;
+    }
+    if provenance {
+        let window = ProvenanceWindow { resource_type, chosen: &chosen, span };
+        find_window_provenance(
+            connection,
+            tenant,
+            selection,
+            window,
+            request.provenance,
+            states,
+            &mut found.provenance,
+        )?;
+    }
+    Ok(found)
+}
+
+/// The cohort's live resources in one key window of `resource_type`, in key order, with what
+/// reaches each. They are found through `cohort` (`selection` without `_typeFilter`), and only
+/// those the export sends (selected and, for a filtered type, matching) force what they reach.
+fn choose_window(
+    connection: &Connection,
+    tenant: TenantId,
+    selection: &MemberSelection,
+    cohort: Cohort<'_>,
+    resource_type: &str,
+    span: (i64, i64),
+) -> Result<Vec<(i64, Via)>, StoreError> {
     let filtered = selection.filters.filters(resource_type);
     let sent = |rid: i64, history_version: i64| -> Result<bool, StoreError> {
         Ok(!filtered || filter_matches(connection, selection, resource_type, rid, history_version)?)
@@ -290,24 +320,7 @@ fn read_window<'a>(
             })?
         }
     }
-    let mut found =
-        WindowFound { nodes: FoundNodes::new(1, &request.referenced), provenance: FoundProvenance::default() };
-    if follow {
-        add_window_references(connection, &chosen, span, at, &mut found.nodes)?;
-    }
-    if provenance {
-        let window = ProvenanceWindow { resource_type, chosen: &chosen, span };
-        find_window_provenance(
-            connection,
-            tenant,
-            selection,
-            window,
-            request.provenance,
-            states,
-            &mut found.provenance,
-        )?;
-    }
-    Ok(found)
+    Ok(chosen)
 }
 
 fn via_from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Via> {
