@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use bulkhead_fhir::Micros;
 
-use crate::{MemberSelection, PartRange, ProvenanceSelection, ReferencedTypes, StoreError};
+use crate::{AssociatedRequest, MemberSelection, PartRange, ProvenanceSelection, ReferencedTypes, StoreError};
 
 /// The version of one resource as it was at the transaction time.
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +77,24 @@ impl Via {
 pub(crate) fn exported(selection: &MemberSelection, via: Via, last_updated: Micros) -> bool {
     (via.forced || via.reach.since().is_none_or(|since| last_updated > since))
         && selection.until.is_none_or(|until| last_updated < until)
+}
+
+/// The types whose cohort resources an associated-data pass reads, each once: those whose
+/// references it follows (when `referencing`), then those whose Provenance it adds (when
+/// `any_provenance`: the tenant has Provenance targets at all).
+pub(crate) fn source_types(request: &AssociatedRequest, referencing: bool, any_provenance: bool) -> Vec<&String> {
+    let mut sources: Vec<&String> = Vec::new();
+    if referencing {
+        sources.extend(&request.reference_sources);
+    }
+    if any_provenance {
+        for resource_type in &request.provenance_sources {
+            if !sources.contains(&resource_type) {
+                sources.push(resource_type);
+            }
+        }
+    }
+    sources
 }
 
 /// Which Provenance the exported resources bring: `targeting` holds `(target, Provenance key)`

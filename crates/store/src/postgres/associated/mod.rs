@@ -31,7 +31,7 @@ use crate::cohort_keys::{CohortKeys, CohortStash, StashKey};
 use crate::postgres::export::{filter_matches, select_window, type_span, Members, WINDOW};
 use crate::postgres::{Db, PgStore};
 use crate::range_scan;
-use crate::selection::{selected, FoundNodes, Reach, VersionAt, Via};
+use crate::selection::{selected, source_types, FoundNodes, Reach, VersionAt, Via};
 use crate::{
     AssociatedRequest, MemberSelection, PartRange, ProvenanceSelection, ReferencedTypes, StoreError, TenantId,
 };
@@ -128,17 +128,7 @@ fn compute(
                 &[&tenant.0],
             )?
             .try_get::<_, bool>(0)?;
-    let mut sources: Vec<&String> = Vec::new();
-    if referencing {
-        sources.extend(&request.reference_sources);
-    }
-    if any_provenance {
-        for resource_type in &request.provenance_sources {
-            if !sources.contains(&resource_type) {
-                sources.push(resource_type);
-            }
-        }
-    }
+    let sources = source_types(request, referencing, any_provenance);
     // The cohort is found before `_typeFilter`: a filter narrows what is exported of its type,
     // not which Provenance and referenced resources come.
     let cohort = MemberSelection { filters: Default::default(), ..selection.clone() };

@@ -26,7 +26,7 @@ use self::provenance::{
 use self::references::{add_window_references, record_nodes, record_nodes_if_full, resolve_level};
 use self::stored_set::store_set;
 use crate::cohort_keys::{CohortKeys, StashKey};
-use crate::selection::{FoundNodes, Via};
+use crate::selection::{source_types, FoundNodes, Via};
 use crate::sqlite::export::{
     filter_matches, load_members, select_window, selected, type_span, Reach, VersionAt, WINDOW,
 };
@@ -92,17 +92,7 @@ fn compute(
                                 WHERE tenant_id = ?1 AND provenance_target = 1 AND target_rid IS NULL)",
             )?
             .query_row([tenant.0], |row| row.get(0))?;
-    let mut sources: Vec<&String> = Vec::new();
-    if referencing {
-        sources.extend(&request.reference_sources);
-    }
-    if any_provenance {
-        for resource_type in &request.provenance_sources {
-            if !sources.contains(&resource_type) {
-                sources.push(resource_type);
-            }
-        }
-    }
+    let sources = source_types(request, referencing, any_provenance);
     let mut has_references = connection.prepare_cached(
         "SELECT EXISTS (SELECT 1 FROM referencing_types WHERE tenant_id = ?1 AND resource_type = ?2)",
     )?;
