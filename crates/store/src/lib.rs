@@ -13,6 +13,7 @@ mod members;
 mod model;
 mod plan_cache;
 pub mod postgres;
+mod range_scan;
 mod retention;
 mod search;
 mod selection;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use bulkhead_fhir::Micros;
 
-use crate::{MemberSelection, PartRange, ReferencedTypes};
+use crate::{AssociatedRequest, MemberSelection, PartRange, ProvenanceSelection, ReferencedTypes, StoreError};
 
 /// The version of one resource as it was at the transaction time.
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +77,54 @@ impl Via {
 pub(crate) fn exported(selection: &MemberSelection, via: Via, last_updated: Micros) -> bool {
     (via.forced || via.reach.since().is_none_or(|since| last_updated > since))
         && selection.until.is_none_or(|until| last_updated < until)
+}
+
+/// The types whose cohort resources an associated-data pass reads, each once: those whose
+/// references it follows (when `referencing`), then those whose Provenance it adds (when
+/// `any_provenance`: the tenant has Provenance targets at all).
+pub(crate) fn source_types(request: &AssociatedRequest, referencing: bool, any_provenance: bool) -> Vec<&String> {
+    let mut sources: Vec<&String> = Vec::new();
+    if referencing {
+        sources.extend(&request.reference_sources);
+    }
+    if any_provenance {
+        for resource_type in &request.provenance_sources {
+            if !sources.contains(&resource_type) {
+                sources.push(resource_type);
+            }
+        }
+    }
+    sources
+}
+
+/// Which Provenance the exported resources bring: `targeting` holds `(target, Provenance key)`
+/// for each target row valid at the transaction time, a target's rows together; `live` gives a
+/// Provenance's `lastUpdated` when its version then is live and visible to the caller (`None`:
+/// it brings nothing). Every live one comes, or only a target's latest for
+/// [`ProvenanceSelection::Latest`]; `bring(target, Provenance key)` is called for each.
+pub(crate) fn bring_provenance(
+    targeting: &[(usize, i64)],
+    mode: ProvenanceSelection,
+    mut live: impl FnMut(i64) -> Result<Option<Micros>, StoreError>,
+    mut bring: impl FnMut(usize, i64),
+) -> Result<(), StoreError> {
+    let mut candidates: Vec<(Micros, i64)> = Vec::new();
+    for rows in targeting.chunk_by(|a, b| a.0 == b.0) {
+        candidates.clear();
+        for &(_, provenance) in rows {
+            if let Some(last_updated) = live(provenance)? {
+                candidates.push((last_updated, provenance));
+            }
+        }
+        if mode == ProvenanceSelection::Latest {
+            candidates.sort_unstable();
+            candidates.drain(..candidates.len().saturating_sub(1));
+        }
+        for &(_, provenance) in &candidates {
+            bring(rows[0].0, provenance);
+        }
+    }
+    Ok(())
 }
 
 /// Whether a user-scoped selection may see a resource owned by `owner`.

@@ -12,7 +12,7 @@
 //!   of by `ON CONFLICT DO NOTHING`.
 //!
 //! The rows are exactly those the single-write path writes (`put` in `resources.rs` and
-//! `sync_references` in `associated.rs`); the conformance test
+//! `sync_references` in `associated/reference_index.rs`); the conformance test
 //! `bulk_writes_index_exactly_as_single_writes` compares the two.
 
 use std::borrow::Cow;
