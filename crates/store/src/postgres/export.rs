@@ -249,9 +249,7 @@ fn member_candidates(
     // in key order, where the member-driven join of a 10,000-member Group sorted each window
     // (spilling to disk) at about twice PostgreSQL's time per row (BENCHMARKS.md, session 11).
     let window_keys = end.saturating_sub(start).saturating_add(1);
-    if members.most_of_tenant
-        || window_keys <= KEYS_PER_MEMBER_READ_BY_KEY.saturating_mul(members.pkeys.len() as i64)
-    {
+    if members.most_of_tenant || window_keys <= KEYS_PER_MEMBER_READ_BY_KEY.saturating_mul(members.pkeys.len() as i64) {
         return candidates_by_key(db, tenant, selection, members, code, (start, end), candidates);
     }
     // Streamed: each row becomes a small candidate as it arrives, never a whole `Row` (a window
