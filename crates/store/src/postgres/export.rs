@@ -26,8 +26,12 @@ use crate::{MemberSelection, PartRange, SelectionScope, StoreError, StoredResour
 pub(super) struct Members {
     pkeys: Vec<i64>,
     since: Vec<Option<i64>>,
-    /// Each member's reach by key, built the first time a window is read by key.
+    /// Each member's reach by key, built by the first window read by key (or, for a large
+    /// selection, when resolved, to count the distinct members).
     by_key: OnceLock<HashMap<i64, Reach>>,
+    /// At least half the tenant's patients are members: every window is read by key (see
+    /// [`member_candidates`]).
+    most_of_tenant: bool,
 }
 
 impl Members {
@@ -46,12 +50,24 @@ impl Members {
             pkeys: Vec::with_capacity(ids.len()),
             since: Vec::with_capacity(ids.len()),
             by_key: OnceLock::new(),
+            most_of_tenant: false,
         };
         for ((_, since), pkey) in selection.members.iter().zip(resolved) {
             if let Some(pkey) = pkey {
                 members.pkeys.push(pkey);
                 members.since.push(*since);
             }
+        }
+        if members.pkeys.len() >= MEMBERS_TO_COUNT_PATIENTS {
+            let distinct = members.by_key().len() as i64;
+            // Counts at most twice the members, so a small Group in a large tenant stays cheap.
+            let patients: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM (SELECT 1 FROM patient_keys WHERE tenant_id = $1 LIMIT $2) AS p",
+                    &[&tenant.0, &(2 * distinct + 1)],
+                )?
+                .try_get(0)?;
+            members.most_of_tenant = 2 * distinct >= patients;
         }
         Ok(members)
     }
@@ -228,9 +244,12 @@ fn member_candidates(
     // type drive, one index range scan in key order, kept when their patient is a member. Few:
     // the member list drives, each member one range scan of the compartment key; its rows come
     // out in key order per member, sorted together here (an ORDER BY made PostgreSQL sort,
-    // spilling past `work_mem`, or merge-join over a full sort, at twice the cost).
+    // spilling past `work_mem`, or merge-join over a full sort, at twice the cost). Members that
+    // are most of the tenant read by key whatever the window: at most twice the members' rows,
+    // in key order, where the member-driven join of a 10,000-member Group sorted each window
+    // (spilling to disk) at about twice PostgreSQL's time per row (BENCHMARKS.md, session 11).
     let window_keys = end.saturating_sub(start).saturating_add(1);
-    if window_keys <= KEYS_PER_MEMBER_READ_BY_KEY.saturating_mul(members.pkeys.len() as i64) {
+    if members.most_of_tenant || window_keys <= KEYS_PER_MEMBER_READ_BY_KEY.saturating_mul(members.pkeys.len() as i64) {
         return candidates_by_key(db, tenant, selection, members, code, (start, end), candidates);
     }
     // Streamed: each row becomes a small candidate as it arrives, never a whole `Row` (a window
@@ -258,6 +277,10 @@ fn member_candidates(
     in_key_order(candidates);
     Ok(())
 }
+
+/// Selections of at least this many members are compared with the tenant's patient count
+/// (small in unit tests, so the conformance suite's larger selections read by key).
+const MEMBERS_TO_COUNT_PATIENTS: usize = if cfg!(test) { 3 } else { 256 };
 
 /// Windows of at most this many keys per member are read by key ([`candidates_by_key`]): a
 /// member's range scan costs about as much as reading a few index entries in key order. (1 in
