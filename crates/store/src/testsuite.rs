@@ -49,7 +49,8 @@ macro_rules! store_test_suite {
             groups_at_a_time_share_each_versions_members, missing_members_are_exact_through_the_plan_cache,
             token_keys_are_stored_once_and_rotated, quota_buckets_are_shared_and_refill,
             login_failures_count_in_fixed_windows, bulk_writes_index_exactly_as_single_writes,
-            prepared_writes_store_what_plain_writes_store);
+            prepared_writes_store_what_plain_writes_store,
+            search_tokens_follow_updates_and_deletes);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -2726,4 +2727,57 @@ pub fn prepared_writes_store_what_plain_writes_store(store: &dyn Store) {
             );
         }
     }
+}
+
+/// Search finds a resource by the identifiers and references of its current version only:
+/// an update replaces its tokens (keeping those it still has, dropping the others, through plain
+/// and prepared writes alike), a delete removes them all, and a re-creation brings its tokens
+/// back. An identifier listed twice leaves with its one row.
+pub fn search_tokens_follow_updates_and_deletes(store: &dyn Store) {
+    let t = tenant(store, "t");
+    let with_identifiers = |values: &[&str], patient: &str, n: i64| -> Value {
+        let mut body = observation("o1", patient, n);
+        body["identifier"] = values.iter().map(|value| json!({"system": "urn:lab", "value": value})).collect();
+        body
+    };
+    let found = |identifier: &str, patient: &str| -> (Vec<String>, Vec<String>) {
+        let search = |query: SearchQuery| -> Vec<String> {
+            let query = SearchQuery { resource_type: "Observation".into(), count: 10, ..query };
+            store.search(t, &Visibility::Tenant, &query).unwrap().resources.into_iter().map(|r| r.id).collect()
+        };
+        let by_identifier = SearchQuery {
+            identifiers: vec![IdentifierQuery { system: Some("urn:lab".into()), value: identifier.into() }],
+            ..Default::default()
+        };
+        let by_patient = SearchQuery {
+            references: vec![ReferenceQuery { param: "patient", target_type: None, id: patient.into() }],
+            ..Default::default()
+        };
+        (search(by_identifier), search(by_patient))
+    };
+    let o1 = || vec!["o1".to_owned()];
+    let none = Vec::<String>::new;
+    put(store, t, None, with_identifiers(&["x1", "kept", "x1"], "p1", 1));
+    assert_eq!(found("x1", "p1"), (o1(), o1()));
+    put(store, t, None, with_identifiers(&["kept", "x2"], "p2", 2));
+    assert_eq!(found("x1", "p1"), (none(), none()), "the replaced version's tokens are gone");
+    assert_eq!(found("kept", "p2"), (o1(), o1()));
+    assert_eq!(found("x2", "p2"), (o1(), o1()));
+    // Through a prepared write (a bulk load's path), which finds the resource after trying to
+    // insert it.
+    let body = with_identifiers(&["x3"], "p3", 3);
+    let op =
+        WriteOp::Update { resource_type: "Observation".into(), id: "o1".into(), body: body.clone(), if_match: None };
+    let prepared = [Some(PreparedWrite::new("Observation", "o1", &body))];
+    store.write_prepared(t, None, std::slice::from_ref(&op), &prepared, WriteMode::Transaction).unwrap();
+    assert_eq!(found("kept", "p2"), (none(), none()));
+    assert_eq!(found("x3", "p3"), (o1(), o1()));
+    // Other content changes, the tokens do not.
+    put(store, t, None, with_identifiers(&["x3"], "p3", 4));
+    assert_eq!(found("x3", "p3"), (o1(), o1()));
+    delete(store, t, "Observation", "o1");
+    assert_eq!(found("x3", "p3"), (none(), none()), "a tombstone has no tokens");
+    put(store, t, None, with_identifiers(&["x1"], "p1", 5));
+    assert_eq!(found("x1", "p1"), (o1(), o1()), "re-created");
+    assert_eq!(found("x3", "p3"), (none(), none()));
 }
