@@ -212,4 +212,82 @@ mod tests {
         store.append_audit(&[record(tenant, 4, &["b"])]).unwrap();
         assert_eq!(of(&store, tenant, "b"), [(2, b), (4, vec!["b".to_owned()])]);
     }
+
+    /// Migration 14: a large record (a Bundle's, listing its entries) is stored with LZ4 where
+    /// the server has it, one stored before the migration keeps pglz, and both read back as
+    /// written; run again, the migration changes nothing.
+    #[test]
+    fn migration_14_compresses_large_audit_records_with_lz4() {
+        let Some(database) = fresh_database() else { return };
+        let store = PgStore::open(&database.url, test_options()).unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        let large = |time: i64| {
+            let entries: Vec<String> = (0..500)
+                .map(|entry| {
+                    format!(r#"{{"entry":{entry},"action":"create","target":"Observation/o{entry}/_history/1","outcome":"success","status":201}}"#)
+                })
+                .collect();
+            let patients: Vec<String> = (0..200).map(|patient| format!("patient-{patient:04}")).collect();
+            let patients: Vec<&str> = patients.iter().map(String::as_str).collect();
+            AuditRecord {
+                detail: format!(r#"{{"entries":[{}],"failed":0}}"#, entries.join(",")),
+                ..record(tenant, time, &patients)
+            }
+        };
+        let compression = |store: &PgStore, time: i64| -> (Option<String>, Option<String>) {
+            store
+                .with_read(|db| {
+                    let row = db.query_one(
+                        "SELECT pg_column_compression(detail), pg_column_compression(patients)
+                         FROM audit_log WHERE tenant_id = $1 AND time = $2",
+                        &[&tenant.0, &time],
+                    )?;
+                    Ok((row.try_get(0)?, row.try_get(1)?))
+                })
+                .unwrap()
+        };
+        let lz4: bool = store
+            .with_read(|db| {
+                let sql = "SELECT EXISTS (SELECT 1 FROM pg_settings
+                                          WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals))";
+                Ok(db.query_one(sql, &[])?.try_get(0)?)
+            })
+            .unwrap();
+        let version = MIGRATIONS.iter().find(|(_, name, _)| *name == "audit_compression").unwrap().0;
+        let step_back = format!(
+            "ALTER TABLE audit_log ALTER COLUMN detail SET COMPRESSION pglz;
+             ALTER TABLE audit_log ALTER COLUMN patients SET COMPRESSION pglz;
+             DELETE FROM schema_migrations WHERE version >= {version};"
+        );
+        store.with_transaction(|db| db.batch(&step_back)).unwrap();
+        store.append_audit(&[large(1)]).unwrap();
+        let pglz = (Some("pglz".to_owned()), Some("pglz".to_owned()));
+        assert_eq!(compression(&store, 1), pglz);
+        drop(store);
+
+        let store = PgStore::open(&database.url, test_options()).unwrap();
+        store.append_audit(&[large(2)]).unwrap();
+        let method = Some(if lz4 { "lz4" } else { "pglz" }.to_owned());
+        let expected = (method.clone(), method);
+        assert_eq!(compression(&store, 2), expected);
+        assert_eq!(compression(&store, 1), pglz, "stored records are not rewritten");
+        let all = store.audit_records(tenant, &AuditQuery { limit: 10, ..AuditQuery::default() }).unwrap();
+        for (read, time) in all.iter().zip([1, 2]) {
+            let written = large(time);
+            assert_eq!(
+                (&read.detail, &read.patients),
+                (&written.detail, &written.patients),
+                "record {time} reads back"
+            );
+        }
+
+        // Run again on the migrated schema: nothing changes.
+        store
+            .with_transaction(|db| db.batch(&format!("DELETE FROM schema_migrations WHERE version >= {version}")))
+            .unwrap();
+        drop(store);
+        let store = PgStore::open(&database.url, test_options()).unwrap();
+        store.append_audit(&[large(3)]).unwrap();
+        assert_eq!(compression(&store, 3), expected);
+    }
 }

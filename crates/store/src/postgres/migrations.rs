@@ -28,6 +28,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         include_str!("migrations/0012_handbacks_and_inline_audit_patients.sql"),
     ),
     (13, "tenant_patient_changes", include_str!("migrations/0013_tenant_patient_changes.sql")),
+    (14, "audit_compression", include_str!("migrations/0014_audit_compression.sql")),
 ];
 
 /// The advisory lock key of the migration runner ("bulkhead" in ASCII, as an int8).
