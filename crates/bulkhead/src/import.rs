@@ -14,7 +14,7 @@ use clap::Args;
 
 use bulkhead_store::sqlite::SqliteOptions;
 
-use crate::admin::{find_tenant, open_existing_store_with};
+use crate::admin::{find_tenant, open_existing_store_with, OpenedStore};
 use crate::cli::ConfigArgs;
 use crate::config::Config;
 use crate::output::count;
@@ -39,8 +39,8 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     crate::set_memory_profile(crate::MemoryProfile::BulkLoad);
     let config = args.config.load_for_tool()?;
     let files = collect_files(&args.paths)?;
-    let store = open_existing_store_with(&config, SqliteOptions::bulk_load())?;
-    let tenant = find_tenant(&*store, &config, &args.tenant)?;
+    let opened = open_existing_store_with(&config, SqliteOptions::bulk_load())?;
+    let tenant = find_tenant(&*opened, &config, &args.tenant)?;
     let total_bytes: u64 = files.iter().filter_map(|file| file.metadata().ok()).map(|meta| meta.len()).sum();
     let bar = indicatif::ProgressBar::new(total_bytes);
     bar.set_style(
@@ -48,7 +48,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let store: Arc<dyn Store> = store.shared();
+    let store: Arc<dyn Store> = opened.shared();
     let mut importer = Importer::new(store.clone(), tenant.id, args.user.clone(), config.max_group_members)
         .with_validation(config.validation_for(&args.tenant));
     let loaded = load_files(&mut importer, &files, |bytes, processed| {
@@ -73,6 +73,13 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         }
     };
     report(&summary, started.elapsed().as_secs_f64());
+    if let OpenedStore::Postgres(postgres) = &opened {
+        if summary.created + summary.updated > 0 {
+            let analysed = Instant::now();
+            postgres.refresh_statistics().context("refreshing PostgreSQL's planner statistics after the import")?;
+            say!("refreshed PostgreSQL's planner statistics in {:.1} s", analysed.elapsed().as_secs_f64());
+        }
+    }
     anyhow::ensure!(summary.failed == 0, "{} not imported (see above)", count(summary.failed, "resource"));
     Ok(())
 }
