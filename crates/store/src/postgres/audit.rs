@@ -130,7 +130,7 @@ fn record_from_row(row: &Row) -> Result<AuditRecord, StoreError> {
 #[cfg(test)]
 mod tests {
     use crate::postgres::migrations::MIGRATIONS;
-    use crate::postgres::testing::{fresh_database, test_options};
+    use crate::postgres::testing::{fresh_database, has_lz4, test_options};
     use crate::postgres::PgStore;
     use crate::{AuditQuery, AuditRecord, Store, TenantId};
 
@@ -246,13 +246,7 @@ mod tests {
                 })
                 .unwrap()
         };
-        let lz4: bool = store
-            .with_read(|db| {
-                let sql = "SELECT EXISTS (SELECT 1 FROM pg_settings
-                                          WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals))";
-                Ok(db.query_one(sql, &[])?.try_get(0)?)
-            })
-            .unwrap();
+        let lz4 = has_lz4(&store);
         let version = MIGRATIONS.iter().find(|(_, name, _)| *name == "audit_compression").unwrap().0;
         let step_back = format!(
             "ALTER TABLE audit_log ALTER COLUMN detail SET COMPRESSION pglz;

@@ -118,3 +118,15 @@ mod tests {
         assert_eq!(super::with_database("postgres://u@h/x?sslmode=disable", "t"), "postgres://u@h/t?sslmode=disable");
     }
 }
+
+/// Whether the server was built with LZ4 compression (what migrations 11 and 14 check before
+/// asking for it).
+pub fn has_lz4(store: &PgStore) -> bool {
+    store
+        .with_read(|db| {
+            let sql = "SELECT EXISTS (SELECT 1 FROM pg_settings
+                                      WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals))";
+            Ok(db.query_one(sql, &[])?.try_get(0)?)
+        })
+        .unwrap()
+}
