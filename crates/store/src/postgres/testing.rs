@@ -109,16 +109,6 @@ pub fn fresh_store() -> Option<TestStore> {
     Some(TestStore { store, _database: database })
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_database_of_a_url_is_replaced() {
-        assert_eq!(super::with_database("postgres://u@127.0.0.1:5/postgres", "t"), "postgres://u@127.0.0.1:5/t");
-        assert_eq!(super::with_database("postgres://u@h:5", "t"), "postgres://u@h:5/t");
-        assert_eq!(super::with_database("postgres://u@h/x?sslmode=disable", "t"), "postgres://u@h/t?sslmode=disable");
-    }
-}
-
 /// Whether the server was built with LZ4 compression (what migrations 11 and 14 check before
 /// asking for it).
 pub fn has_lz4(store: &PgStore) -> bool {
@@ -129,4 +119,14 @@ pub fn has_lz4(store: &PgStore) -> bool {
             Ok(db.query_one(sql, &[])?.try_get(0)?)
         })
         .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_database_of_a_url_is_replaced() {
+        assert_eq!(super::with_database("postgres://u@127.0.0.1:5/postgres", "t"), "postgres://u@127.0.0.1:5/t");
+        assert_eq!(super::with_database("postgres://u@h:5", "t"), "postgres://u@h:5/t");
+        assert_eq!(super::with_database("postgres://u@h/x?sslmode=disable", "t"), "postgres://u@h/t?sslmode=disable");
+    }
 }
