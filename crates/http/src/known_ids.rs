@@ -121,7 +121,7 @@ impl<const K: usize> SpillingMap<K> {
     /// Writes the table out as a run (its allocation is kept for the next entries).
     fn spill(&mut self) -> io::Result<()> {
         let mut entries: Vec<([u8; K], u8)> = self.memory.drain().collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        entries.sort_unstable_by_key(|entry| entry.0);
         let mut writer = RunWriter::new()?;
         for (key, value) in &entries {
             writer.push(key, *value)?;
@@ -138,8 +138,7 @@ impl<const K: usize> SpillingMap<K> {
         let mut readers = self.runs.iter().map(Run::reader).collect::<io::Result<Vec<_>>>()?;
         let mut heads = readers.iter_mut().map(RunReader::next).collect::<io::Result<Vec<_>>>()?;
         let mut writer = RunWriter::new()?;
-        loop {
-            let Some(smallest) = heads.iter().filter_map(|head| head.map(|(key, _)| key)).min() else { break };
+        while let Some(smallest) = heads.iter().filter_map(|head| head.map(|(key, _)| key)).min() {
             // Every run holding the key moves past it; the latest run's value is the one kept.
             let mut value = 0;
             for (run, head) in heads.iter_mut().enumerate() {
