@@ -217,7 +217,7 @@ impl<const K: usize> RunWriter<K> {
 
     /// Appends a record; keys come in ascending order.
     fn push(&mut self, key: &[u8; K], value: u8) -> io::Result<()> {
-        if self.records % BLOCK == 0 {
+        if self.records.is_multiple_of(BLOCK) {
             self.firsts.push(*key);
         }
         self.file.write_all(key)?;
