@@ -24,6 +24,7 @@ mod export_work;
 pub mod export_worker;
 pub mod health;
 pub mod jwks;
+mod known_ids;
 pub mod log_value;
 pub mod login_limits;
 mod materialise;

@@ -16,6 +16,7 @@ use bulkhead_fhir::{JsonTape, JsonView, TapeBuffers};
 use bulkhead_store::{BulkBatch, BulkSource, PreparedWrite, Store, StoreError, TenantId, WriteOp, Written};
 use serde_json::Value;
 
+use crate::known_ids::KnownIds;
 use crate::validate::{describe_issues, parse_resource, validate_json, validate_resource, ValidationMode};
 
 /// A batch is written when it holds this many resources…
@@ -250,7 +251,9 @@ impl Importer {
         if resource.get("meta").and_then(|meta| meta.get("versionId").or_else(|| meta.get("lastUpdated"))).is_some() {
             return Err(location);
         }
-        self.known.insert(id, resource_type);
+        if let Err(error) = self.known.insert(id, resource_type) {
+            return Ok(Err(spill_error(error)));
+        }
         if let Err(error) = validate_json(resource, resource_type, Some(id), self.max_group_members, self.validation) {
             self.fail(location, describe_issues(&error.issues));
             return Ok(Ok(()));
@@ -328,8 +331,8 @@ impl Importer {
         if let Some(full_url) = full_url.filter(|url| url.strip_prefix("urn:uuid:") != Some(id.as_str())) {
             self.aliases.insert(full_url, format!("{resource_type}/{id}"));
         }
-        self.known.insert(&id, resource_type);
-        if self.resolve_references(&mut resource) {
+        self.known.insert(&id, resource_type).map_err(spill_error)?;
+        if self.resolve_references(&mut resource)? {
             self.queue(location, resource)
         } else {
             self.deferred.push(location, resource, self.size_hint)
@@ -360,7 +363,7 @@ impl Importer {
     }
 
     /// Rewrites `urn:uuid:` references it can; false when one still waits for its target.
-    fn resolve_references(&self, value: &mut Value) -> bool {
+    fn resolve_references(&self, value: &mut Value) -> Result<bool, StoreError> {
         match value {
             Value::Object(object) => {
                 let mut resolved = true;
@@ -368,27 +371,30 @@ impl Importer {
                     if key == "reference" {
                         if let Value::String(reference) = child {
                             if let Some(uuid) = reference.strip_prefix("urn:uuid:") {
-                                match self
-                                    .aliases
-                                    .get(reference.as_str())
-                                    .cloned()
-                                    .or_else(|| self.known.get(uuid).map(|t| format!("{t}/{uuid}")))
-                                {
+                                let target = match self.aliases.get(reference.as_str()) {
+                                    Some(alias) => Some(alias.clone()),
+                                    None => self.known.get(uuid).map_err(spill_error)?.map(|t| format!("{t}/{uuid}")),
+                                };
+                                match target {
                                     Some(target) => *reference = target,
                                     None => resolved = false,
                                 }
                             }
                         }
                     } else {
-                        resolved &= self.resolve_references(child);
+                        resolved &= self.resolve_references(child)?;
                     }
                 }
-                resolved
+                Ok(resolved)
             }
             Value::Array(items) => {
-                items.iter_mut().fold(true, |resolved, item| self.resolve_references(item) & resolved)
+                let mut resolved = true;
+                for item in items {
+                    resolved &= self.resolve_references(item)?;
+                }
+                Ok(resolved)
             }
-            _ => true,
+            _ => Ok(true),
         }
     }
 
@@ -468,7 +474,7 @@ impl Importer {
         self.flush()?;
         let mut deferred = std::mem::take(&mut self.deferred).into_reader()?;
         while let Some((location, mut resource, size)) = deferred.next()? {
-            self.resolve_references(&mut resource);
+            self.resolve_references(&mut resource)?;
             self.size_hint = size;
             let queued = self.queue(location, resource);
             self.size_hint = ENTRY_BYTES;
@@ -643,48 +649,6 @@ impl DeferredReader {
     }
 }
 
-/// The type of every id seen in a load, kept compactly since it grows with the load: an id in the
-/// canonical UUID form (lower-case hex with hyphens, as Synthea and most exporters write them)
-/// takes 17 bytes, as its 16 bytes and its type's index in [`bulkhead_fhir::RESOURCE_TYPES`];
-/// any other id is kept as text.
-#[derive(Default)]
-struct KnownIds {
-    // (A type index fits a byte.)
-    uuids: HashMap<[u8; 16], u8>,
-    others: HashMap<Box<str>, u8>,
-}
-
-const _: () = assert!(bulkhead_fhir::RESOURCE_TYPES.len() <= 256);
-
-impl KnownIds {
-    /// The 16 bytes of an id that is exactly a canonical UUID (so no two ids share a key).
-    fn uuid_key(id: &str) -> Option<[u8; 16]> {
-        if id.len() != 36 {
-            return None;
-        }
-        let uuid = uuid::Uuid::try_parse(id).ok()?;
-        let mut text = [0u8; 36];
-        (uuid.hyphenated().encode_lower(&mut text).as_bytes() == id.as_bytes()).then(|| uuid.into_bytes())
-    }
-
-    fn insert(&mut self, id: &str, resource_type: &'static str) {
-        let Some(index) = bulkhead_fhir::resource_type_index(resource_type) else { return };
-        let index = index as u8;
-        match KnownIds::uuid_key(id) {
-            Some(key) => self.uuids.insert(key, index),
-            None => self.others.insert(id.into(), index),
-        };
-    }
-
-    fn get(&self, id: &str) -> Option<&'static str> {
-        let index = match KnownIds::uuid_key(id) {
-            Some(key) => self.uuids.get(&key),
-            None => self.others.get(id),
-        }?;
-        bulkhead_fhir::RESOURCE_TYPES.get(usize::from(*index)).copied()
-    }
-}
-
 /// The `'static` name of an R4 resource type.
 fn static_type(name: &str) -> Option<&'static str> {
     let index = bulkhead_fhir::resource_type_index(name)?;
@@ -697,28 +661,6 @@ mod tests {
     use bulkhead_store::sqlite::SqliteStore;
     use bulkhead_store::{Visibility, WriteMode};
 
-    /// A canonical UUID is kept as 16 bytes; any other spelling of an id (upper case, no
-    /// hyphens, not a UUID at all) is a different id and is kept as its text.
-    #[test]
-    fn known_ids_keep_every_spelling_apart() {
-        let mut known = KnownIds::default();
-        let lower = "6f1c7c1e-3b8a-4c4e-9d5f-0a1b2c3d4e5f";
-        known.insert(lower, "Patient");
-        known.insert(&lower.to_uppercase(), "Practitioner");
-        known.insert(&lower.replace('-', ""), "Organization");
-        known.insert("p1", "Encounter");
-        assert_eq!((known.uuids.len(), known.others.len()), (1, 3));
-        assert_eq!(known.get(lower), Some("Patient"));
-        assert_eq!(known.get(&lower.to_uppercase()), Some("Practitioner"));
-        assert_eq!(known.get(&lower.replace('-', "")), Some("Organization"));
-        assert_eq!(known.get("p1"), Some("Encounter"));
-        assert_eq!(known.get("6f1c7c1e-3b8a-4c4e-9d5f-0a1b2c3d4e50"), None);
-        known.insert(lower, "Group");
-        assert_eq!(known.get(lower), Some("Group"), "the last type seen wins, as before");
-    }
-
-    /// Lines read through the tape are stored byte for byte as a REST write of the same body
-    /// stores them, and refused with the words REST's validation gives.
     #[test]
     fn tape_lines_store_and_refuse_as_rest_does() {
         let lines = [
