@@ -4,7 +4,6 @@ mod admin;
 mod associated;
 mod audit;
 pub mod backup;
-mod bulk_checkpoint;
 mod cohort;
 mod export;
 mod jobs;
@@ -273,72 +272,6 @@ impl SqliteStore {
         })
     }
 
-    /// [`crate::Store::write_bulk`]: several batches to a transaction: every batch the source
-    /// has ready when the previous one is written goes into the same transaction (with one
-    /// timestamp), until the source asks for a commit. The connection is never held while the
-    /// source waits. No savepoint per batch (it would copy every page a batch changes): when an
-    /// entry fails, which validation ahead makes rare, the transaction is rolled back and its
-    /// batches are written again one transaction each, as `write_prepared` would.
-    fn write_bulk_transactions(
-        &self,
-        tenant: TenantId,
-        owner: Option<&str>,
-        source: &mut dyn crate::BulkSource,
-        checkpointer: &bulk_checkpoint::BulkCheckpointer,
-    ) -> Result<(), StoreError> {
-        // Batches to write one per transaction, after a rollback.
-        let mut one_by_one = 0usize;
-        while let Some(first) = source.next_batch(true) {
-            if one_by_one > 0 {
-                one_by_one -= 1;
-                let results = crate::write_bulk_batch(self, tenant, owner, &first)?;
-                source.written(first, results);
-                source.committed();
-                checkpointer.committed();
-                continue;
-            }
-            let mut batches = 0usize;
-            let written = self.with_write(|transaction, timestamp| {
-                let mut memo = write_memo::WriteMemo::for_bulk_load();
-                let mut next = Some(first);
-                while let Some(batch) = next {
-                    batches += 1;
-                    let mode = WriteMode::Transaction;
-                    match apply_ops(transaction, &mut memo, tenant, owner, &batch.ops, &batch.prepared, mode, timestamp)
-                    {
-                        Ok(results) => source.written(batch, results),
-                        Err(error) => {
-                            // Given back unwritten: rolled back with the others, then rewound.
-                            source.written(batch, Vec::new());
-                            return Err(error);
-                        }
-                    }
-                    next = source.next_batch(false);
-                }
-                memo.flush_targets(transaction, tenant)
-            });
-            match written {
-                Ok(()) => {
-                    source.committed();
-                    checkpointer.committed();
-                }
-                Err(error) if error.is_store_failure() => return Err(error),
-                Err(_) => {
-                    source.rewind();
-                    one_by_one = batches;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Sets the writer's `wal_autocheckpoint` (pages).
-    fn set_wal_autocheckpoint(&self, pages: u32) -> Result<(), StoreError> {
-        let connection = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        connection.pragma_update(None, "wal_autocheckpoint", pages)?;
-        Ok(())
-    }
-
     /// Runs `work` on a pooled read connection.
     fn with_read<T>(&self, work: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let pooled = self.readers.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
@@ -515,20 +448,58 @@ impl crate::Store for SqliteStore {
         self.write_ops(tenant, owner, ops, prepared, mode, &|_: &[Result<Written, StoreError>]| Vec::new())
     }
 
-    /// Several batches to a transaction ([`SqliteStore::write_bulk_transactions`]), while WAL
-    /// checkpoints run on a thread of their own (see `bulk_checkpoint`).
+    /// Several batches to a transaction: every batch the source has ready when the previous one
+    /// is written goes into the same transaction (with one timestamp), until the source asks
+    /// for a commit. The connection is never held while the source waits. No savepoint per batch
+    /// (it would copy every page a batch changes): when an entry fails, which validation ahead
+    /// makes rare, the transaction is rolled back and its batches are written again one
+    /// transaction each, as `write_prepared` would.
     fn write_bulk(
         &self,
         tenant: TenantId,
         owner: Option<&str>,
         source: &mut dyn crate::BulkSource,
     ) -> Result<(), StoreError> {
-        let usual = self.options.wal_autocheckpoint_pages;
-        self.set_wal_autocheckpoint(0)?;
-        let written = bulk_checkpoint::BulkCheckpointer::start(&self.path, usual)
-            .and_then(|checkpointer| self.write_bulk_transactions(tenant, owner, source, &checkpointer));
-        let restored = self.set_wal_autocheckpoint(usual);
-        written.and(restored)
+        // Batches to write one per transaction, after a rollback.
+        let mut one_by_one = 0usize;
+        while let Some(first) = source.next_batch(true) {
+            if one_by_one > 0 {
+                one_by_one -= 1;
+                let results = crate::write_bulk_batch(self, tenant, owner, &first)?;
+                source.written(first, results);
+                source.committed();
+                continue;
+            }
+            let mut batches = 0usize;
+            let written = self.with_write(|transaction, timestamp| {
+                let mut memo = write_memo::WriteMemo::for_bulk_load();
+                let mut next = Some(first);
+                while let Some(batch) = next {
+                    batches += 1;
+                    let mode = WriteMode::Transaction;
+                    match apply_ops(transaction, &mut memo, tenant, owner, &batch.ops, &batch.prepared, mode, timestamp)
+                    {
+                        Ok(results) => source.written(batch, results),
+                        Err(error) => {
+                            // Given back unwritten: rolled back with the others, then rewound.
+                            source.written(batch, Vec::new());
+                            return Err(error);
+                        }
+                    }
+                    next = source.next_batch(false);
+                }
+                memo.flush_targets(transaction, tenant)
+            });
+            match written {
+                Ok(()) => source.committed(),
+                Err(error) if error.is_store_failure() => return Err(error),
+                Err(_) => {
+                    source.rewind();
+                    one_by_one = batches;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn read(
