@@ -5,9 +5,9 @@ use serde_json::{json, Value};
 
 use crate::TokenKey;
 use crate::{
-    AssociatedRequest, AuditCohort, AuditQuery, AuditRecord, ClientRegistration, ExportJob, ExportJobState,
-    ExportRecord, IdentifierQuery, JobAdmission, JobLease, JobPart, LastUpdatedBound, MemberSelection, PartRange,
-    PreparedWrite, ProvenanceSelection, ReferenceQuery, ReferencedTypes, SearchQuery, SelectionScope, Store,
+    AssociatedRequest, AuditCohort, AuditQuery, AuditRecord, BulkBatch, BulkSource, ClientRegistration, ExportJob,
+    ExportJobState, ExportRecord, IdentifierQuery, JobAdmission, JobLease, JobPart, LastUpdatedBound, MemberSelection,
+    PartRange, PreparedWrite, ProvenanceSelection, ReferenceQuery, ReferencedTypes, SearchQuery, SelectionScope, Store,
     StoreError, TenantId, Visibility, WriteMode, WriteOp, Written,
 };
 use bulkhead_fhir::type_filter::{TypeFilter, TypeFilters};
@@ -50,7 +50,7 @@ macro_rules! store_test_suite {
             token_keys_are_stored_once_and_rotated, quota_buckets_are_shared_and_refill,
             login_failures_count_in_fixed_windows, bulk_writes_index_exactly_as_single_writes,
             prepared_writes_store_what_plain_writes_store,
-            search_tokens_follow_updates_and_deletes);
+            search_tokens_follow_updates_and_deletes, bulk_loads_find_provenance_targets_wherever_they_were_written);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -2175,6 +2175,140 @@ pub fn bulk_writes_index_exactly_as_single_writes(store: &dyn Store) {
         bulk_exported[9],
         ["Practitioner/dr", "Provenance/early", "Provenance/late"],
         "Provenance found through targets written in the same write and before it"
+    );
+}
+
+/// A bulk load's source: the batches of each inner list are handed over without waiting (a
+/// store may write them in one transaction), the lists one after the other. Every entry must
+/// succeed.
+struct LoadSource {
+    transactions: std::collections::VecDeque<std::collections::VecDeque<BulkBatch>>,
+    written: usize,
+}
+
+impl BulkSource for LoadSource {
+    fn next_batch(&mut self, wait: bool) -> Option<BulkBatch> {
+        while wait && self.transactions.front().is_some_and(std::collections::VecDeque::is_empty) {
+            self.transactions.pop_front();
+        }
+        self.transactions.front_mut()?.pop_front()
+    }
+    fn written(&mut self, _batch: BulkBatch, results: Vec<Result<Written, StoreError>>) {
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        self.written += results.len();
+    }
+    fn committed(&mut self) {}
+    fn rewind(&mut self) {
+        panic!("no entry of this load fails");
+    }
+}
+
+/// Loads `transactions` (lists of batches of resources) with [`Store::write_bulk`], each
+/// resource prepared as an import prepares it.
+fn bulk_load(store: &dyn Store, tenant: TenantId, transactions: &[Vec<Vec<Value>>]) {
+    let batch = |bodies: &Vec<Value>| {
+        let (ops, prepared) = bodies
+            .iter()
+            .map(|body| {
+                let (resource_type, id) = (body["resourceType"].as_str().unwrap(), body["id"].as_str().unwrap());
+                let prepared = PreparedWrite::new(resource_type, id, body);
+                let op = WriteOp::Update {
+                    resource_type: resource_type.into(),
+                    id: id.into(),
+                    body: body.clone(),
+                    if_match: None,
+                };
+                (op, Some(prepared))
+            })
+            .unzip();
+        BulkBatch { ops, prepared }
+    };
+    let mut source = LoadSource {
+        transactions: transactions.iter().map(|batches| batches.iter().map(batch).collect()).collect(),
+        written: 0,
+    };
+    store.write_bulk(tenant, None, &mut source).unwrap();
+    assert_eq!(source.written, transactions.iter().flatten().flatten().count());
+}
+
+/// A bulk load finds each Provenance target's resource wherever it was written: earlier in the
+/// same batch or after the Provenance in it, in an earlier batch of the same transaction, in an
+/// earlier transaction of the load, in an earlier load, in a later load, never; a Provenance
+/// targeting itself or another Provenance; a Provenance rewritten in the same transaction; and
+/// many targets to a Provenance. The associated data and lookups by target are those of the
+/// same resources written one by one.
+pub fn bulk_loads_find_provenance_targets_wherever_they_were_written(store: &dyn Store) {
+    let (bulk, single) = (tenant(store, "bulk"), tenant(store, "single"));
+    let obs = |id: &str, patient: &str| observation(id, patient, 1);
+    let numbered = |from: usize, to: usize, patient: &str| -> Vec<Value> {
+        (from..to).map(|n| obs(&format!("t{n}"), patient)).collect()
+    };
+    let many: Vec<String> = (0..20).map(|n| format!("Observation/t{n}")).collect();
+    let mut p2_targets = vec!["Observation/o1", "Observation/o2"];
+    p2_targets.extend(many.iter().map(String::as_str));
+    let first_p1 = ["Observation/old", "Observation/o1", "Observation/o2", "Observation/o3", "Observation/never"];
+    let mut batch_3 = vec![
+        provenance("p1", &["Observation/o2", "Observation/later"], "Practitioner/x"),
+        provenance("p4", &["Observation/o2", "Observation/t15"], "Practitioner/x"),
+    ];
+    batch_3.extend(numbered(0, 10, "a"));
+    batch_3.push(provenance("p4", &["Observation/t6"], "Practitioner/x"));
+    let mut batch_4 = vec![obs("o3", "b")];
+    batch_4.extend(numbered(10, 20, "b"));
+    batch_4.push(provenance("p3", &["Provenance/p1", "Observation/o3", "Observation/never"], "Practitioner/x"));
+    batch_4.push(provenance("p5", &["Provenance/p5", "Patient/a"], "Practitioner/x"));
+    let loads = [
+        vec![vec![vec![patient("a"), patient("b"), obs("old", "a")]]],
+        vec![
+            vec![
+                vec![
+                    provenance("p1", &[&first_p1[..], &["Observation/later", "Patient/a"]].concat(), "Practitioner/x"),
+                    obs("o1", "a"),
+                ],
+                vec![obs("o2", "b"), provenance("p2", &p2_targets, "Practitioner/x")],
+                batch_3,
+            ],
+            vec![batch_4],
+        ],
+        vec![vec![vec![obs("later", "a")]]],
+    ];
+    let request = || associated_request(ProvenanceSelection::Relevant, ReferencedTypes::None, 1);
+    let found =
+        |t: TenantId, member: &str| associated(store, t, &selection(store, &[(member, None)], None), &request());
+    let by_target = |t: TenantId, target: &str, at: i64| {
+        let (resource_type, id) = target.split_once('/').unwrap();
+        store.provenance_targeting(t, &[(resource_type.to_owned(), id.to_owned())], at).unwrap()
+    };
+    let mut seen = Vec::new();
+    for (n, load) in loads.iter().enumerate() {
+        bulk_load(store, bulk, load);
+        for body in load.iter().flatten().flatten() {
+            put(store, single, None, body.clone());
+        }
+        if n == 0 {
+            continue;
+        }
+        let at = store.reserve_transaction_time().unwrap();
+        for member in ["a", "b"] {
+            let bulk_found = found(bulk, member);
+            assert_eq!(bulk_found, found(single, member), "load {n}, member {member}");
+            seen.push(bulk_found);
+        }
+        for target in ["Observation/never", "Observation/later", "Provenance/p1", "Provenance/p5", "Observation/t19"] {
+            assert_eq!(by_target(bulk, target, at), by_target(single, target, at), "load {n}, {target}");
+        }
+        assert_eq!(by_target(bulk, "Observation/never", at), ["p3"], "a target never written");
+    }
+    assert_eq!(
+        seen,
+        [
+            vec!["Provenance/p2", "Provenance/p4", "Provenance/p5"],
+            vec!["Provenance/p1", "Provenance/p2", "Provenance/p3"],
+            vec!["Provenance/p1", "Provenance/p2", "Provenance/p4", "Provenance/p5"],
+            vec!["Provenance/p1", "Provenance/p2", "Provenance/p3"],
+        ],
+        "a through o1, t0–t9, Patient/a and, once written, later; b through o2, o3 and t10–t19 (p4 \
+         moved from b's to a's)"
     );
 }
 

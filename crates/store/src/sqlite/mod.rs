@@ -333,7 +333,9 @@ fn apply_ops(
                 results.push(Ok(resources::apply(transaction, memo, tenant, owner, op, prepared, timestamp)?));
             }
             WriteMode::Batch => {
-                // A savepoint per entry: a failed entry leaves no partial rows behind.
+                // A savepoint per entry: a failed entry leaves no partial rows behind (and its
+                // pending target rows are dropped with the memo: the earlier entries' are written).
+                memo.flush_targets(transaction, tenant)?;
                 transaction.prepare_cached("SAVEPOINT entry")?.execute([])?;
                 let result = resources::apply(transaction, memo, tenant, owner, op, prepared, timestamp);
                 // The store's own failure ends the whole write; SQLite may already have
@@ -470,7 +472,7 @@ impl crate::Store for SqliteStore {
             }
             let mut batches = 0usize;
             let written = self.with_write(|transaction, timestamp| {
-                let mut memo = write_memo::WriteMemo::default();
+                let mut memo = write_memo::WriteMemo::for_bulk_load();
                 let mut next = Some(first);
                 while let Some(batch) = next {
                     batches += 1;
@@ -486,7 +488,7 @@ impl crate::Store for SqliteStore {
                     }
                     next = source.next_batch(false);
                 }
-                Ok(())
+                memo.flush_targets(transaction, tenant)
             });
             match written {
                 Ok(()) => source.committed(),

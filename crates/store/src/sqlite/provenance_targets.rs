@@ -17,7 +17,8 @@
 //! The mapping from `(type, id)` to key does not depend on time, and a target row keeps its
 //! validity `[from_ts, to_ts)`, so exports as of earlier transaction times stay exact.
 
-use rusqlite::{params, Connection, Transaction, TransactionBehavior};
+use bulkhead_fhir::Micros;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use crate::{StoreError, TenantId};
 
@@ -27,6 +28,112 @@ pub(super) const INSERT_REFERENCE: &str =
     "INSERT INTO reference_index (rid, provenance_target, target_type, target_id, from_ts, tenant_id, target_rid)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6,
              CASE WHEN ?2 THEN (SELECT rid FROM resources WHERE tenant_id = ?6 AND resource_type = ?3 AND id = ?4) END)";
+
+/// Inserts one Provenance target row whose key was looked up already (`?1` rid, `?2` target_type,
+/// `?3` target_id, `?4` from_ts, `?5` tenant, `?6` target_rid or NULL).
+const INSERT_RESOLVED_TARGET: &str =
+    "INSERT INTO reference_index (rid, provenance_target, target_type, target_id, from_ts, tenant_id, target_rid)
+     VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6)";
+
+/// Memory that a bulk load's pending target rows may take before they are written (ids and
+/// types, plus a fixed size per row): bounded whatever the size of a transaction.
+const PENDING_BYTES: usize = if cfg!(test) { 256 } else { 8 << 20 };
+
+/// A bulk load's Provenance target rows, written in batches: their keys are looked up in
+/// `(type, id)` order, so that consecutive lookups of the `resources` unique index land on the
+/// same or neighbouring leaf pages, where one lookup per row in write order (random ids) misses
+/// the writer's page cache once the index outgrows it; then the rows are inserted in the order
+/// they were added (their resources' keys).
+///
+/// Rows that are written later give the same key as rows written at once (the invariant of this
+/// module): between the write of a Provenance and the flush, within one transaction, a resource
+/// row may be created (found by the lookup, as [`resolve_new_target`] would have set it) but
+/// none is removed (only history pruning removes rows, never inside a bulk load). Anything that
+/// reads a resource's reference rows in the same transaction (an update or delete of that
+/// Provenance) flushes first ([`PendingTargets::flush_if_pending`]), and a bulk load flushes
+/// before it commits.
+#[derive(Default)]
+pub(super) struct PendingTargets {
+    rows: Vec<PendingTarget>,
+    /// Every row's target type and id, back to back.
+    text: String,
+    /// The resources whose rows are pending.
+    rids: std::collections::HashSet<i64>,
+}
+
+struct PendingTarget {
+    rid: i64,
+    from_ts: Micros,
+    /// `text[start..split]` is the target type, `text[split..end]` its id.
+    start: usize,
+    split: usize,
+    end: usize,
+}
+
+impl PendingTargets {
+    /// Adds the target row of the resource `rid` (written at `from_ts`) naming
+    /// `target_type/target_id`. True when the pending rows have reached their memory bound and
+    /// must be flushed.
+    pub(super) fn push(&mut self, rid: i64, target_type: &str, target_id: &str, from_ts: Micros) -> bool {
+        let start = self.text.len();
+        self.text.push_str(target_type);
+        let split = self.text.len();
+        self.text.push_str(target_id);
+        self.rows.push(PendingTarget { rid, from_ts, start, split, end: self.text.len() });
+        self.rids.insert(rid);
+        self.text.len() + self.rows.len() * std::mem::size_of::<PendingTarget>() >= PENDING_BYTES
+    }
+
+    fn key(&self, row: &PendingTarget) -> (&str, &str) {
+        (&self.text[row.start..row.split], &self.text[row.split..row.end])
+    }
+
+    /// Writes the pending rows of `rid`, if any, so that a statement reading them finds them.
+    pub(super) fn flush_if_pending(
+        &mut self,
+        transaction: &Transaction<'_>,
+        tenant: TenantId,
+        rid: i64,
+    ) -> Result<bool, StoreError> {
+        if !self.rids.contains(&rid) {
+            return Ok(false);
+        }
+        self.flush(transaction, tenant)
+    }
+
+    /// Looks up every pending row's key (in `(type, id)` order, each distinct target once),
+    /// inserts the rows and empties the buffer. Returns whether a row without a key was written
+    /// (its target does not exist yet).
+    pub(super) fn flush(&mut self, transaction: &Transaction<'_>, tenant: TenantId) -> Result<bool, StoreError> {
+        if self.rows.is_empty() {
+            return Ok(false);
+        }
+        let mut order: Vec<usize> = (0..self.rows.len()).collect();
+        order.sort_unstable_by(|&a, &b| self.key(&self.rows[a]).cmp(&self.key(&self.rows[b])));
+        let mut keys: Vec<Option<i64>> = vec![None; self.rows.len()];
+        let mut lookup = transaction
+            .prepare_cached("SELECT rid FROM resources WHERE tenant_id = ?1 AND resource_type = ?2 AND id = ?3")?;
+        let mut previous: Option<(usize, Option<i64>)> = None;
+        for index in order {
+            let (target_type, target_id) = self.key(&self.rows[index]);
+            let key = match previous {
+                Some((seen, key)) if self.key(&self.rows[seen]) == (target_type, target_id) => key,
+                _ => lookup.query_row(params![tenant.0, target_type, target_id], |row| row.get(0)).optional()?,
+            };
+            keys[index] = key;
+            previous = Some((index, key));
+        }
+        let mut insert = transaction.prepare_cached(INSERT_RESOLVED_TARGET)?;
+        for (row, key) in self.rows.iter().zip(&keys) {
+            let (target_type, target_id) = self.key(row);
+            insert.execute(params![row.rid, target_type, target_id, row.from_ts, tenant.0, key])?;
+        }
+        self.rows.clear();
+        self.text.clear();
+        self.rids.clear();
+        Ok(keys.iter().any(Option::is_none))
+    }
+}
 
 /// `provenance_by_target_rid` covers planning's reads (the table's key columns, `rid` and
 /// `from_ts`, ride along in a WITHOUT ROWID table's index entries, and `to_ts` is in it), and
@@ -238,6 +345,32 @@ mod tests {
         // Opening again changes nothing.
         drop(SqliteStore::open(&path).unwrap());
         assert_eq!(rows(&path), after_write);
+    }
+
+    /// After bulk loads whose target rows were written in sorted batches (several per
+    /// transaction: the bound is small in tests), every target row holds exactly the key of its
+    /// target's resource row, or NULL when there is none.
+    #[test]
+    fn bulk_loaded_target_rows_hold_their_targets_keys() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("bulk.db");
+        let store = SqliteStore::open(&path).unwrap();
+        crate::testsuite::bulk_loads_find_provenance_targets_wherever_they_were_written(&store);
+        let connection = Connection::open(&path).unwrap();
+        let (targets, wrong, unresolved): (i64, i64, i64) = connection
+            .query_row(
+                "SELECT COUNT(*),
+                        SUM(target_rid IS NOT (SELECT r.rid FROM resources r WHERE r.tenant_id = x.tenant_id
+                              AND r.resource_type = x.target_type AND r.id = x.target_id)),
+                        SUM(target_rid IS NULL)
+                 FROM reference_index x WHERE provenance_target = 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .unwrap();
+        assert!(targets > 50, "{targets}");
+        assert_eq!(wrong, 0, "every key is its target's");
+        assert!(unresolved > 0, "Observation/never has no key");
     }
 
     fn index_exists(path: &std::path::Path, name: &str) -> bool {

@@ -9,8 +9,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use bulkhead_fhir::Micros;
 use rusqlite::{params, Transaction};
 
+use super::provenance_targets::PendingTargets;
 use crate::{StoreError, TenantId};
 
 #[derive(Default)]
@@ -25,12 +27,71 @@ pub(super) struct WriteMemo {
     /// Whether the tenant may have Provenance target rows without a key (`provenance_unresolved`):
     /// `None` until asked, and again after this write inserted a Provenance target row.
     unresolved_targets: Option<bool>,
+    /// A bulk load's Provenance target rows not yet written ([`PendingTargets`]); `None`: every
+    /// row is written at once. Not a fact like the others: rows of an entry rolled back to its
+    /// savepoint go with [`WriteMemo::forget`], so `Batch` mode flushes before each savepoint.
+    pending_targets: Option<PendingTargets>,
 }
 
 impl WriteMemo {
-    /// Drops everything remembered (after a rollback to a savepoint).
+    /// The memo of a bulk load's transaction: Provenance target rows are written in sorted
+    /// batches ([`PendingTargets`]). The transaction must call [`WriteMemo::flush_targets`]
+    /// before it commits.
+    pub(super) fn for_bulk_load() -> WriteMemo {
+        WriteMemo { pending_targets: Some(PendingTargets::default()), ..WriteMemo::default() }
+    }
+
+    /// Drops everything remembered (after a rollback to a savepoint), and the target rows not
+    /// yet written (those of the entry rolled back: earlier entries' rows were flushed before it).
     pub(super) fn forget(&mut self) {
+        let deferring = self.pending_targets.is_some();
         *self = WriteMemo::default();
+        if deferring {
+            self.pending_targets = Some(PendingTargets::default());
+        }
+    }
+
+    /// Takes the Provenance target row of `rid` naming `target_type/target_id` to write later,
+    /// when this write defers them (flushing when the pending rows reach their memory bound).
+    /// False: the caller writes it now.
+    pub(super) fn defer_target(
+        &mut self,
+        transaction: &Transaction<'_>,
+        tenant: TenantId,
+        rid: i64,
+        (target_type, target_id): (&str, &str),
+        from_ts: Micros,
+    ) -> Result<bool, StoreError> {
+        let Some(pending) = &mut self.pending_targets else { return Ok(false) };
+        if pending.push(rid, target_type, target_id, from_ts) {
+            self.flush_targets(transaction, tenant)?;
+        }
+        Ok(true)
+    }
+
+    /// Writes every pending target row.
+    pub(super) fn flush_targets(&mut self, transaction: &Transaction<'_>, tenant: TenantId) -> Result<(), StoreError> {
+        if let Some(pending) = &mut self.pending_targets {
+            if pending.flush(transaction, tenant)? {
+                self.provenance_target_added();
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the pending target rows when some are `rid`'s, before a statement reads them.
+    pub(super) fn flush_targets_of(
+        &mut self,
+        transaction: &Transaction<'_>,
+        tenant: TenantId,
+        rid: i64,
+    ) -> Result<(), StoreError> {
+        if let Some(pending) = &mut self.pending_targets {
+            if pending.flush_if_pending(transaction, tenant, rid)? {
+                self.provenance_target_added();
+            }
+        }
+        Ok(())
     }
 
     /// The key of a patient this write has already touched.

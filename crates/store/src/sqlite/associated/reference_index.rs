@@ -213,13 +213,22 @@ pub(in crate::sqlite) fn sync_references(
     if references.iter().any(|reference| !reference.provenance_target) && memo.first_referencing_type(resource_type) {
         note_referencing_type(transaction, tenant.0, resource_type)?;
     }
-    let open: Vec<OutgoingReference> = if is_new_row { Vec::new() } else { open_references(transaction, rid)? };
+    let open: Vec<OutgoingReference> = if is_new_row {
+        Vec::new()
+    } else {
+        memo.flush_targets_of(transaction, tenant, rid)?;
+        open_references(transaction, rid)?
+    };
     for gone in open.iter().filter(|reference| !references.contains(reference)) {
         close(transaction, rid, Some(gone), timestamp)?;
     }
     let mut insert = transaction.prepare_cached(provenance_targets::INSERT_REFERENCE)?;
     for reference in references.iter().filter(|reference| !open.contains(reference)) {
         if reference.provenance_target {
+            let target = (reference.target_type.as_str(), reference.target_id.as_str());
+            if memo.defer_target(transaction, tenant, rid, target, timestamp)? {
+                continue;
+            }
             memo.provenance_target_added();
         }
         insert.execute(params![
@@ -244,6 +253,7 @@ pub(in crate::sqlite) fn close_references(
     timestamp: Micros,
 ) -> Result<(), StoreError> {
     note_type_changed(transaction, memo, tenant, resource_type, timestamp)?;
+    memo.flush_targets_of(transaction, tenant, rid)?;
     close(transaction, rid, None, timestamp)
 }
 
