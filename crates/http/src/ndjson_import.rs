@@ -32,8 +32,8 @@ const BATCH_BYTES: usize = 2 * 1024 * 1024;
 /// for the 260 MB of a 1,000-patient import. A transaction's batches are kept until it commits
 /// (a rolled-back one is written again), so this bounds their memory with `BATCH_BYTES`.
 const COMMIT_BYTES: usize = 16 * 1024 * 1024;
-/// Deferred resources (waiting for a reference's target) kept in memory up to this many bytes of
-/// JSON text; past it they go to a temporary file.
+/// Deferred resources (waiting for a reference's target) kept in memory, as text, up to this
+/// many bytes; past it they go to a temporary file.
 const DEFERRED_BYTES: usize = 4 * 1024 * 1024;
 /// Size assumed for a resource that did not come as a line of text (a Bundle entry).
 const ENTRY_BYTES: usize = 2 * 1024;
@@ -335,7 +335,7 @@ impl Importer {
         if self.resolve_references(&mut resource)? {
             self.queue(location, resource)
         } else {
-            self.deferred.push(location, resource, self.size_hint)
+            self.deferred.push(location, resource)
         }
     }
 
@@ -348,6 +348,15 @@ impl Importer {
             self.fail(location, describe_issues(&error.issues));
             return Ok(());
         }
+        // Prepared from the `Value` as a line is from its tape, and then dropped: a parsed
+        // resource takes several times its text, and a batch is kept until its transaction
+        // commits (deferred Synthea lines, written at the end, took 7–8× their text this way).
+        if let Some(prepared) = PreparedWrite::detached(&resource_type, &id, &resource, self.size_hint) {
+            drop(resource);
+            let op = WriteOp::Update { resource_type, id, body: Value::Null, if_match: None };
+            return self.push(location, op, Some(prepared));
+        }
+        // A `meta` with stamps has no template: such a body is written from its `Value`.
         let prepared = Some(PreparedWrite::new(&resource_type, &id, &resource));
         self.push(location, WriteOp::Update { resource_type, id, body: resource, if_match: None }, prepared)
     }
@@ -357,7 +366,17 @@ impl Importer {
         self.pending.push((location, op, prepared));
         self.pending_bytes += self.size_hint;
         if self.pending.len() >= BATCH || self.pending_bytes >= self.batch_bytes {
-            self.flush()?;
+            return self.flush();
+        }
+        // Batches the writer committed are freed now rather than at the next flush: a whole
+        // transaction's batches would otherwise stay alive beside the next one's.
+        self.record_reports()
+    }
+
+    /// Takes in the writer's reports that are already waiting.
+    fn record_reports(&mut self) -> Result<(), StoreError> {
+        while let Some(report) = self.writer.as_ref().and_then(|writer| writer.reports.try_recv().ok()) {
+            self.record(report)?;
         }
         Ok(())
     }
@@ -423,24 +442,20 @@ impl Importer {
         };
         if writer.batches.send((locations, batch, bytes)).is_err() {
             // The writer stopped at a store failure: its report is waiting to be read.
-            let reports: Vec<WriterReport> = writer.reports.try_iter().collect();
-            reports.into_iter().try_for_each(|report| self.record(report))?;
+            self.record_reports()?;
             return Err(StoreError::Database("the import writer stopped".into()));
         }
-        let reports: Vec<WriterReport> = writer.reports.try_iter().collect();
-        reports.into_iter().try_for_each(|report| self.record(report))
+        self.record_reports()
     }
 
     /// Takes in one report of the writer: outcomes wait for their commit; per-entry failures are
     /// recorded, the store's failure aborts.
     fn record(&mut self, report: WriterReport) -> Result<(), StoreError> {
         match report {
-            WriterReport::Written(locations, batch, mut results) => {
-                // Freed here, not on the writer thread; only the outcomes wait for the commit.
+            WriterReport::Written(locations, batch, results) => {
+                // Freed here, where it was built, not on the writer thread; only the outcomes
+                // wait for the commit.
                 drop(batch);
-                for written in results.iter_mut().flatten() {
-                    written.body = None;
-                }
                 self.uncommitted.push((locations, results));
             }
             WriterReport::Committed => {
@@ -556,7 +571,12 @@ impl BulkSource for WriterSource {
         Some(batch)
     }
 
-    fn written(&mut self, batch: BulkBatch, results: Vec<Result<Written, StoreError>>) {
+    fn written(&mut self, batch: BulkBatch, mut results: Vec<Result<Written, StoreError>>) {
+        // The stored text of each write, a copy of the batch's text, is not needed (the import
+        // counts outcomes): dropped at once, on the thread that made it, not kept to the commit.
+        for written in results.iter_mut().flatten() {
+            written.body = None;
+        }
         let locations = self.locations.take().unwrap_or_default();
         self.written.push((locations, batch, results));
     }
@@ -577,15 +597,18 @@ impl BulkSource for WriterSource {
     }
 }
 
-/// Resources set aside until the end of a load, in arrival order: the first few in memory, the
-/// rest one JSON line each (`[source, line, resource]`) in an anonymous temporary file, so a
-/// load whose every line waits (Synthea's per-type files reference types that come later) keeps
-/// its memory whatever its size.
+/// Resources set aside until the end of a load, in arrival order, as one JSON line each
+/// (`[source, line, resource]`): the first few in memory, the rest in an anonymous temporary
+/// file, so a load whose every line waits (Synthea's per-type files reference types that come
+/// later) keeps its memory whatever its size. They are kept as text, not as `Value`s, which take
+/// several times their text: the memory held is the bytes counted.
 #[derive(Default)]
 struct Deferred {
-    memory: Vec<(Location, Value, usize)>,
-    memory_bytes: usize,
+    /// Lines kept in memory, at most `DEFERRED_BYTES` of them.
+    memory: Vec<u8>,
     file: Option<std::io::BufWriter<std::fs::File>>,
+    /// The line being written (reused).
+    line: Vec<u8>,
     /// Resources spilled to the file (for tests).
     spilled: u64,
 }
@@ -595,11 +618,18 @@ fn spill_error(error: impl std::fmt::Display) -> StoreError {
 }
 
 impl Deferred {
-    fn push(&mut self, location: Location, resource: Value, size: usize) -> Result<(), StoreError> {
+    fn push(&mut self, location: Location, resource: Value) -> Result<(), StoreError> {
         use std::io::Write;
-        if self.file.is_none() && self.memory_bytes + size <= DEFERRED_BYTES {
-            self.memory_bytes += size;
-            self.memory.push((location, resource, size));
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, &(&location.source, location.line, &resource)).map_err(spill_error)?;
+        drop(resource);
+        self.line.push(b'\n');
+        if self.file.is_none() && self.memory.len() + self.line.len() <= DEFERRED_BYTES {
+            if self.memory.is_empty() {
+                // Reserved once (only the pages written become resident): never grown past it.
+                self.memory.reserve_exact(DEFERRED_BYTES);
+            }
+            self.memory.extend_from_slice(&self.line);
             return Ok(());
         }
         self.spilled += 1;
@@ -607,13 +637,12 @@ impl Deferred {
             Some(file) => file,
             None => self.file.insert(std::io::BufWriter::new(tempfile::tempfile().map_err(spill_error)?)),
         };
-        serde_json::to_writer(&mut *file, &(&location.source, location.line, &resource)).map_err(spill_error)?;
-        file.write_all(b"\n").map_err(spill_error)
+        file.write_all(&self.line).map_err(spill_error)
     }
 
     fn into_reader(self) -> Result<DeferredReader, StoreError> {
         use std::io::Seek;
-        let reader = match self.file {
+        let file = match self.file {
             Some(file) => {
                 let mut file = file.into_inner().map_err(|error| spill_error(error.error()))?;
                 file.rewind().map_err(spill_error)?;
@@ -621,13 +650,13 @@ impl Deferred {
             }
             None => None,
         };
-        Ok(DeferredReader { memory: self.memory.into_iter(), reader, line: Vec::new() })
+        Ok(DeferredReader { memory: std::io::Cursor::new(self.memory), file, line: self.line })
     }
 }
 
 struct DeferredReader {
-    memory: std::vec::IntoIter<(Location, Value, usize)>,
-    reader: Option<std::io::BufReader<std::fs::File>>,
+    memory: std::io::Cursor<Vec<u8>>,
+    file: Option<std::io::BufReader<std::fs::File>>,
     line: Vec<u8>,
 }
 
@@ -635,13 +664,16 @@ impl DeferredReader {
     /// The next deferred resource, with its location and text size.
     fn next(&mut self) -> Result<Option<(Location, Value, usize)>, StoreError> {
         use std::io::BufRead;
-        if let Some(kept) = self.memory.next() {
-            return Ok(Some(kept));
-        }
-        let Some(reader) = &mut self.reader else { return Ok(None) };
         self.line.clear();
-        if reader.read_until(b'\n', &mut self.line).map_err(spill_error)? == 0 {
-            return Ok(None);
+        if self.memory.read_until(b'\n', &mut self.line).map_err(spill_error)? == 0 {
+            // The lines in memory are all read: freed before the file's are.
+            if !self.memory.get_ref().is_empty() {
+                self.memory = std::io::Cursor::new(Vec::new());
+            }
+            let Some(file) = &mut self.file else { return Ok(None) };
+            if file.read_until(b'\n', &mut self.line).map_err(spill_error)? == 0 {
+                return Ok(None);
+            }
         }
         // Written by `push` from a parsed resource (numbers keep their text both ways).
         let (source, line, resource): (String, u64, Value) = serde_json::from_slice(&self.line).map_err(spill_error)?;
@@ -732,6 +764,7 @@ mod tests {
         }
         assert!(importer.deferred.spilled > 0, "some lines went to the file");
         assert!(!importer.deferred.memory.is_empty(), "the first ones stayed in memory");
+        assert!(importer.deferred.memory.capacity() <= DEFERRED_BYTES, "the memory kept is the bytes counted");
         // One refused line among the spilled ones keeps its location.
         importer
             .add_line(
@@ -754,5 +787,64 @@ mod tests {
             assert!(body.contains(&format!(r#""reference":"Patient/{patient}""#)), "o{index}: {body}");
             assert!(body.contains(r#""value":1.50"#), "o{index}: {body}");
         }
+    }
+
+    /// Lines whose `urn:uuid:` references are rewritten go through a `Value`, which is not kept:
+    /// their batch holds the prepared text, as for any other line, and they are stored as REST
+    /// stores the rewritten body; re-importing them finds them unchanged. A body whose `meta`
+    /// has stamps (no template) is still written from its `Value`.
+    #[test]
+    fn rewritten_lines_are_batched_as_text_and_stored_as_rest_stores_them() {
+        let patient = "0d4c7b2e-51a4-4f3c-8f7e-5b2a9c1d3e4f";
+        let lines = [
+            format!(
+                r#"{{"resourceType":"Observation","id":"early","status":"final","code":{{"text":"é"}},"subject":{{"reference":"urn:uuid:{patient}"}},"valueQuantity":{{"value":1.50}}}}"#
+            ),
+            format!(r#"{{"resourceType":"Patient","id":"{patient}","birthDate":"2000-01-01"}}"#),
+            format!(
+                r#"{{"resourceType":"Observation","id":"late","status":"final","code":{{"text":"x"}},"subject":{{"reference":"urn:uuid:{patient}"}}}}"#
+            ),
+            format!(
+                r#"{{"resourceType":"Observation","id":"stamped","meta":{{"versionId":"7"}},"status":"final","code":{{"text":"x"}},"subject":{{"reference":"urn:uuid:{patient}"}}}}"#
+            ),
+        ];
+        let directory = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&directory.path().join("t.db")).unwrap());
+        let (imported, written) = (store.create_tenant("i").unwrap().id, store.create_tenant("w").unwrap().id);
+        let import = |lines: &[String]| {
+            let mut importer = Importer::new(store.clone(), imported, None, 100);
+            for (index, line) in lines.iter().enumerate() {
+                let location = Location { source: "t.ndjson".into(), line: index as u64 + 1 };
+                importer.add_line(location, line.as_bytes()).unwrap();
+                if let Some((_, WriteOp::Update { id, body, .. }, prepared)) = importer.pending.last() {
+                    let from_value = id == "stamped";
+                    assert_eq!(body.is_null(), !from_value, "{id}: its batch holds its text, not its Value");
+                    assert!(prepared.is_some());
+                }
+            }
+            importer.finish().unwrap()
+        };
+        let summary = import(&lines);
+        assert_eq!((summary.created, summary.failed), (4, 0), "{:?}", summary.errors);
+        let without_stamps = |text: String| {
+            let (head, rest) = text.split_once(r#""lastUpdated":""#).unwrap();
+            format!("{head}{}", &rest[rest.find('"').unwrap()..])
+        };
+        for line in &lines {
+            let body = parse_resource(line.replace("urn:uuid:", "Patient/").as_bytes()).unwrap();
+            let (resource_type, id) = (body["resourceType"].as_str().unwrap(), body["id"].as_str().unwrap());
+            let op = WriteOp::Update {
+                resource_type: resource_type.into(),
+                id: id.into(),
+                body: body.clone(),
+                if_match: None,
+            };
+            store.write(written, None, &[op], WriteMode::Transaction).unwrap();
+            let read =
+                |tenant| store.read(tenant, &Visibility::Tenant, resource_type, id).unwrap().unwrap().body.unwrap();
+            assert_eq!(without_stamps(read(imported)), without_stamps(read(written)), "{line}");
+        }
+        let again = import(&lines);
+        assert_eq!((again.created, again.updated, again.unchanged), (0, 0, 4));
     }
 }

@@ -18,6 +18,45 @@ use crate::state::AppState;
 
 const SOURCE: &str = "request body";
 
+/// Bytes of the body's lines read ahead of the importer, waiting for it: the reader waits when
+/// they are in flight. Bounded by bytes, not by a count of lines, since a line can be 50 KB (a
+/// Synthea ExplanationOfBenefit) or one byte.
+const LINES_AHEAD_BYTES: u32 = 1024 * 1024;
+/// What a line in flight costs beyond its text (its buffer and its place in the queue), so that a
+/// body of blank lines is bounded too.
+const LINE_OVERHEAD_BYTES: usize = 64;
+
+/// A line on its way to the importer, holding its share of [`LINES_AHEAD_BYTES`] until it is
+/// taken in.
+struct QueuedLine {
+    number: u64,
+    text: Vec<u8>,
+    _budget: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The queue of lines from the body's reader to the importer, bounded by bytes.
+struct LineQueue {
+    sender: mpsc::UnboundedSender<QueuedLine>,
+    budget: std::sync::Arc<tokio::sync::Semaphore>,
+    capacity: u32,
+}
+
+impl LineQueue {
+    fn new(capacity: u32) -> (LineQueue, mpsc::UnboundedReceiver<QueuedLine>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(capacity as usize));
+        (LineQueue { sender, budget, capacity }, receiver)
+    }
+
+    /// Queues a line once its bytes fit in the budget (a line longer than the whole budget waits
+    /// until nothing else is in flight); `false` once the importer stopped taking lines.
+    async fn send(&self, number: u64, text: Vec<u8>) -> bool {
+        let cost = u32::try_from(text.len() + LINE_OVERHEAD_BYTES).unwrap_or(u32::MAX).min(self.capacity);
+        let Ok(budget) = self.budget.clone().acquire_many_owned(cost).await else { return false };
+        self.sender.send(QueuedLine { number, text, _budget: budget }).is_ok()
+    }
+}
+
 /// Streams the body line by line into an [`Importer`] running on a blocking thread.
 pub async fn upload_ndjson(
     state: AppState,
@@ -36,7 +75,7 @@ pub async fn upload_ndjson(
         .at("Content-Type"));
     }
     let body = crate::quotas::metered_upload(&state, &caller, &headers, body)?;
-    let (lines_tx, mut lines_rx) = mpsc::channel::<(u64, Vec<u8>)>(256);
+    let (lines_tx, mut lines_rx) = LineQueue::new(LINES_AHEAD_BYTES);
     let store = state.store.clone();
     let (tenant, owner, max_members, validation) = (
         caller.tenant,
@@ -52,8 +91,9 @@ pub async fn upload_ndjson(
         // 35–45 MB smaller than 2 MiB at the same rate (BENCHMARKS.md, session 8).
         let mut importer =
             Importer::new(store, tenant, owner, max_members).with_batch_bytes(1024 * 1024).with_validation(validation);
-        while let Some((line, text)) = lines_rx.blocking_recv() {
-            if let Err(error) = importer.add_line(Location { source: SOURCE.into(), line }, &text) {
+        while let Some(line) = lines_rx.blocking_recv() {
+            // The line's share of the budget is given back once it is taken in (dropped here).
+            if let Err(error) = importer.add_line(Location { source: SOURCE.into(), line: line.number }, &line.text) {
                 return (importer.summary().clone(), Some(error));
             }
         }
@@ -94,7 +134,7 @@ pub async fn upload_ndjson(
             start = newline + 1;
             searched = start;
             line_number += 1;
-            if lines_tx.send((line_number, line)).await.is_err() {
+            if !lines_tx.send(line_number, line).await {
                 buffer.clear();
                 break 'read;
             }
@@ -107,7 +147,7 @@ pub async fn upload_ndjson(
     }
     if read_error.is_none() && !buffer.is_empty() {
         line_number += 1;
-        let _ = lines_tx.send((line_number, std::mem::take(&mut buffer))).await;
+        let _ = lines_tx.send(line_number, std::mem::take(&mut buffer)).await;
     }
     drop(lines_tx);
     // Lines already read are written even when the body broke off; the outcome says so.
@@ -169,4 +209,44 @@ fn summary_issues(summary: &ImportSummary) -> Vec<Issue> {
         issues.push(Issue::warning(IssueType::TooCostly, format!("{unlisted} more failed lines are not listed")));
     }
     issues
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    /// The reader waits once the lines in flight hold the budget's bytes, whatever their count,
+    /// and goes on as soon as the importer takes one in.
+    #[tokio::test]
+    async fn lines_in_flight_are_bounded_by_their_bytes() {
+        let (queue, mut received) = LineQueue::new(1_000);
+        let line = |bytes: usize| vec![b'x'; bytes];
+        assert_eq!(queue.send(1, line(400)).now_or_never(), Some(true));
+        assert_eq!(queue.send(2, line(400)).now_or_never(), Some(true));
+        // 2 × (400 + 64) are in flight: 100 more bytes do not fit.
+        assert_eq!(queue.send(3, line(100)).now_or_never(), None);
+        drop(received.recv().await);
+        assert_eq!(queue.send(3, line(100)).now_or_never(), Some(true));
+        drop((received.recv().await, received.recv().await));
+
+        // A line longer than the whole budget goes alone.
+        assert_eq!(queue.send(4, line(5_000)).now_or_never(), Some(true));
+        assert_eq!(queue.send(5, line(1)).now_or_never(), None);
+        let long = received.recv().await.unwrap();
+        assert_eq!((long.number, long.text.len()), (4, 5_000));
+        drop(long);
+
+        // Blank lines are bounded too: 1,000 / (1 + 64) of them.
+        let mut queued = 0;
+        while queue.send(6 + queued, line(1)).now_or_never() == Some(true) {
+            queued += 1;
+        }
+        assert_eq!(queued, 15);
+
+        // Once the importer stops, the reader is told.
+        drop(received);
+        queue.budget.add_permits(1_000);
+        assert_eq!(queue.send(100, line(1)).now_or_never(), Some(false));
+    }
 }

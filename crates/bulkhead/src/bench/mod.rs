@@ -141,6 +141,10 @@ pub struct BenchArgs {
     /// --manifest-runs). With --output-url each one materialises the whole export.
     #[arg(long)]
     pub async_runs: Option<usize>,
+    /// The servers' `RUST_LOG` (their logs go to this command's stderr); for where their memory
+    /// goes during a run: `warn,bulkhead::memory=debug`.
+    #[arg(long, default_value = "warn")]
+    pub server_log: String,
 }
 
 /// One data set to measure: where its NDJSON files are and what it holds.
@@ -318,7 +322,7 @@ fn bench_dataset(binary: &Path, args: &BenchArgs, spec: &DataSpec) -> anyhow::Re
     let import = import(binary, args, spec, &storage, reused)?;
     let upload_files = crate::import::collect_files(std::slice::from_ref(&spec.files))?;
 
-    let server = Servers::start(binary, &storage, args.instances)?;
+    let server = Servers::start(binary, &storage, args)?;
     let runtime = crate::serve::runtime()?;
     let http = reqwest::Client::new();
     let client = Client::new(http.clone(), server.bases(), client_id, client_secret);
@@ -577,8 +581,10 @@ fn with_database(url: &str, name: &str) -> String {
 struct Servers(Vec<Server>);
 
 impl Servers {
-    fn start(binary: &Path, storage: &Storage, instances: usize) -> anyhow::Result<Servers> {
-        let servers = (0..instances).map(|_| Server::start(binary, storage)).collect::<anyhow::Result<Vec<_>>>()?;
+    fn start(binary: &Path, storage: &Storage, args: &BenchArgs) -> anyhow::Result<Servers> {
+        let servers = (0..args.instances)
+            .map(|_| Server::start(binary, storage, &args.server_log))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Servers(servers))
     }
 
@@ -599,14 +605,15 @@ struct Server {
 }
 
 impl Server {
-    fn start(binary: &Path, storage: &Storage) -> anyhow::Result<Server> {
+    fn start(binary: &Path, storage: &Storage, log_filter: &str) -> anyhow::Result<Server> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut command = Command::new(binary);
         storage.add_args(command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]));
         if let Some(output) = &storage.output_url {
             command.args(["--output-url", output]);
         }
-        let child = command.env("RUST_LOG", "warn").stdout(Stdio::null()).spawn().context("starting bulkhead serve")?;
+        let child =
+            command.env("RUST_LOG", log_filter).stdout(Stdio::null()).spawn().context("starting bulkhead serve")?;
         let server = Server { pid: child.id(), child, base: format!("http://127.0.0.1:{port}") };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
