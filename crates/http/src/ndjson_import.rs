@@ -693,6 +693,26 @@ mod tests {
     use bulkhead_store::sqlite::SqliteStore;
     use bulkhead_store::{Visibility, WriteMode};
 
+    /// Writes `body` into the tenant `written` as one REST write does and checks that the tenant
+    /// `imported` holds the same stored text, the `lastUpdated` stamps aside.
+    fn assert_stored_as_rest_stores(
+        store: &SqliteStore,
+        (imported, written): (TenantId, TenantId),
+        body: &Value,
+        line: &str,
+    ) {
+        let (resource_type, id) = (body["resourceType"].as_str().unwrap(), body["id"].as_str().unwrap());
+        let op =
+            WriteOp::Update { resource_type: resource_type.into(), id: id.into(), body: body.clone(), if_match: None };
+        store.write(written, None, &[op], WriteMode::Transaction).unwrap();
+        let read = |tenant| store.read(tenant, &Visibility::Tenant, resource_type, id).unwrap().unwrap().body.unwrap();
+        let without_stamps = |text: String| {
+            let (head, rest) = text.split_once(r#""lastUpdated":""#).unwrap();
+            format!("{head}{}", &rest[rest.find('"').unwrap()..])
+        };
+        assert_eq!(without_stamps(read(imported)), without_stamps(read(written)), "{line}");
+    }
+
     #[test]
     fn tape_lines_store_and_refuse_as_rest_does() {
         let lines = [
@@ -713,10 +733,6 @@ mod tests {
             importer.add_line(Location { source: "t.ndjson".into(), line: index as u64 + 1 }, line.as_bytes()).unwrap();
         }
         let summary = importer.finish().unwrap();
-        let without_stamps = |text: String| {
-            let (head, rest) = text.split_once(r#""lastUpdated":""#).unwrap();
-            format!("{head}{}", &rest[rest.find('"').unwrap()..])
-        };
         let mut refused = Vec::new();
         for line in lines {
             let body = parse_resource(line.as_bytes()).unwrap();
@@ -725,16 +741,7 @@ mod tests {
                 refused.push(describe_issues(&error.issues));
                 continue;
             }
-            let op = WriteOp::Update {
-                resource_type: resource_type.into(),
-                id: id.into(),
-                body: body.clone(),
-                if_match: None,
-            };
-            store.write(written, None, &[op], WriteMode::Transaction).unwrap();
-            let read =
-                |tenant| store.read(tenant, &Visibility::Tenant, resource_type, id).unwrap().unwrap().body.unwrap();
-            assert_eq!(without_stamps(read(imported)), without_stamps(read(written)), "{line}");
+            assert_stored_as_rest_stores(&store, (imported, written), &body, line);
         }
         assert_eq!(summary.created, 4);
         let messages: Vec<String> = summary.errors.into_iter().map(|error| error.message).collect();
@@ -826,23 +833,9 @@ mod tests {
         };
         let summary = import(&lines);
         assert_eq!((summary.created, summary.failed), (4, 0), "{:?}", summary.errors);
-        let without_stamps = |text: String| {
-            let (head, rest) = text.split_once(r#""lastUpdated":""#).unwrap();
-            format!("{head}{}", &rest[rest.find('"').unwrap()..])
-        };
         for line in &lines {
             let body = parse_resource(line.replace("urn:uuid:", "Patient/").as_bytes()).unwrap();
-            let (resource_type, id) = (body["resourceType"].as_str().unwrap(), body["id"].as_str().unwrap());
-            let op = WriteOp::Update {
-                resource_type: resource_type.into(),
-                id: id.into(),
-                body: body.clone(),
-                if_match: None,
-            };
-            store.write(written, None, &[op], WriteMode::Transaction).unwrap();
-            let read =
-                |tenant| store.read(tenant, &Visibility::Tenant, resource_type, id).unwrap().unwrap().body.unwrap();
-            assert_eq!(without_stamps(read(imported)), without_stamps(read(written)), "{line}");
+            assert_stored_as_rest_stores(&store, (imported, written), &body, line);
         }
         let again = import(&lines);
         assert_eq!((again.created, again.updated, again.unchanged), (0, 0, 4));
