@@ -713,6 +713,8 @@ mod tests {
         assert_eq!(without_stamps(read(imported)), without_stamps(read(written)), "{line}");
     }
 
+    /// Lines read through the tape are stored byte for byte as a REST write of the same body
+    /// stores them, and refused with the words REST's validation gives.
     #[test]
     fn tape_lines_store_and_refuse_as_rest_does() {
         let lines = [
