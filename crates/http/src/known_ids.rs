@@ -68,18 +68,22 @@ impl KnownIds {
     pub(crate) fn insert(&mut self, id: &str, resource_type: &'static str) -> io::Result<()> {
         let Some(index) = bulkhead_fhir::resource_type_index(resource_type) else { return Ok(()) };
         let index = index as u8;
-        match (KnownIds::uuid_key(id), KnownIds::text_key(id)) {
-            (Some(key), _) => self.uuids.insert(key, index),
-            (None, Some(key)) => self.others.insert(key, index),
-            (None, None) => Ok(()),
+        if let Some(key) = KnownIds::uuid_key(id) {
+            return self.uuids.insert(key, index);
+        }
+        match KnownIds::text_key(id) {
+            Some(key) => self.others.insert(key, index),
+            None => Ok(()),
         }
     }
 
     pub(crate) fn get(&self, id: &str) -> io::Result<Option<&'static str>> {
-        let index = match (KnownIds::uuid_key(id), KnownIds::text_key(id)) {
-            (Some(key), _) => self.uuids.get(&key)?,
-            (None, Some(key)) => self.others.get(&key)?,
-            (None, None) => None,
+        let index = match KnownIds::uuid_key(id) {
+            Some(key) => self.uuids.get(&key)?,
+            None => match KnownIds::text_key(id) {
+                Some(key) => self.others.get(&key)?,
+                None => None,
+            },
         };
         Ok(index.and_then(|index| bulkhead_fhir::RESOURCE_TYPES.get(usize::from(index)).copied()))
     }
