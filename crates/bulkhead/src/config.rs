@@ -98,6 +98,9 @@ pub struct Config {
     /// it is answered 429 with `Retry-After` (0: at once). Asynchronous jobs wait as long as it
     /// takes.
     pub plan_queue_seconds: u64,
+    /// Threads for blocking work (store calls, export streams, uploads) at most; more such work
+    /// queues. Each thread keeps its own allocator heap, so fewer threads hold less memory.
+    pub max_blocking_threads: usize,
     /// Seconds in-flight requests get to finish on shutdown.
     pub shutdown_grace_seconds: u64,
     /// `text` or `json` log lines.
@@ -183,6 +186,7 @@ impl Default for Config {
             download_queue_seconds: 10,
             max_concurrent_plans: 2,
             plan_queue_seconds: 30,
+            max_blocking_threads: 32,
             shutdown_grace_seconds: 30,
             log_format: LogFormat::Text,
             validation: ValidationMode::Strict,
@@ -299,6 +303,15 @@ impl Config {
         anyhow::ensure!(
             self.max_concurrent_plans >= 1,
             "invalid configuration: max_concurrent_plans must be at least 1"
+        );
+        // Downloads and plans (export jobs included) hold a blocking thread for as long as they
+        // run, and a job writing to the output store waits on requests whose name lookups run
+        // on the same pool: at least one thread must stay free for everything else.
+        anyhow::ensure!(
+            self.max_blocking_threads > self.max_concurrent_downloads + self.max_concurrent_plans,
+            "invalid configuration: max_blocking_threads ({}) must exceed max_concurrent_downloads + max_concurrent_plans ({})",
+            self.max_blocking_threads,
+            self.max_concurrent_downloads + self.max_concurrent_plans
         );
         if let Some(base) = &self.public_base_url {
             anyhow::ensure!(

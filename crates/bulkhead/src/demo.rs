@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::admin::{data_dir_flag, find_tenant, new_client, open_store};
 use crate::config::{Config, Overrides};
 use crate::output::count;
-use crate::serve::{app_state, init_logging, runtime, shutdown_signal};
+use crate::serve::{app_state, init_logging, server_runtime, shutdown_signal};
 
 const TENANT: &str = "demo";
 const GROUP: &str = "demo-cohort";
@@ -59,7 +59,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = open_store(&config)?.shared();
     let (client_id, client_secret) = prepare_data(&store, &config, &args)?;
     let state = app_state(&config)?;
-    runtime()?.block_on(async move {
+    server_runtime(&config)?.block_on(async move {
         listener.set_nonblocking(true).context("configuring the listener")?;
         let listener = tokio::net::TcpListener::from_std(listener).context("configuring the listener")?;
         let base = format!("http://{}", listener.local_addr()?);

@@ -87,8 +87,24 @@ pub async fn shutdown_signal() {
     interrupt.await.unwrap_or(());
 }
 
+/// The async runtime of the benchmark's load client: tokio's defaults.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// The server's runtime: tokio's workers, and at most `config.max_blocking_threads` threads for
+/// blocking work (store calls, export streams, uploads), beyond which such work queues.
+///
+/// Every thread that allocates gets its own mimalloc heap, which keeps the pages it freed for
+/// its next allocation; with tokio's default of 512 the pool grew to ~90 threads under the
+/// mixed load (16 writers waiting for the one SQLite writer), holding ~200 MiB of freed memory
+/// for ~20 MiB in use (BENCHMARKS.md, sessions 12 and 13).
+pub fn server_runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(config.max_blocking_threads)
+        .build()
+        .context("starting the async runtime")
 }
 
 pub fn serve_command(config: Config) -> anyhow::Result<()> {
@@ -96,7 +112,7 @@ pub fn serve_command(config: Config) -> anyhow::Result<()> {
     init_logging(config.log_format);
     config.warn_ignored();
     let state = app_state(&config)?;
-    runtime()?.block_on(async {
+    server_runtime(&config)?.block_on(async {
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
