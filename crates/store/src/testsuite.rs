@@ -50,7 +50,8 @@ macro_rules! store_test_suite {
             token_keys_are_stored_once_and_rotated, quota_buckets_are_shared_and_refill,
             login_failures_count_in_fixed_windows, bulk_writes_index_exactly_as_single_writes,
             prepared_writes_store_what_plain_writes_store,
-            search_tokens_follow_updates_and_deletes, bulk_loads_find_provenance_targets_wherever_they_were_written);
+            search_tokens_follow_updates_and_deletes, bulk_loads_find_provenance_targets_wherever_they_were_written,
+            keys_spread_thinly_then_densely_export_exactly);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -575,6 +576,42 @@ pub fn export_parts_split_by_size(store: &dyn Store) {
         lines += read_part(store, t, &selection, "Observation", part, usize::MAX).1;
     }
     assert_eq!(lines, 7);
+}
+
+/// A type whose keys are spread thinly among another type's, then dense, exports exactly, for
+/// every member and for the tenant, whatever changed after the transaction time (a store may
+/// widen its key windows over sparse keys and must narrow them again where keys are dense).
+pub fn keys_spread_thinly_then_densely_export_exactly(store: &dyn Store) {
+    let t = tenant(store, "t");
+    put(store, t, None, patient("a"));
+    put(store, t, None, patient("b"));
+    let condition = |id: &str, patient: &str| json!({"resourceType": "Condition", "id": id, "subject": {"reference": format!("Patient/{patient}")}});
+    let (mut of_a, mut all) = (Vec::new(), Vec::new());
+    for i in 0..80 {
+        if i % 13 == 0 || i >= 64 {
+            let id = format!("c{i:02}");
+            let owner = if i % 3 == 0 { "a" } else { "b" };
+            put(store, t, None, condition(&id, owner));
+            if owner == "a" {
+                of_a.push(id.clone());
+            }
+            all.push(id);
+        } else {
+            put(store, t, None, observation(&format!("o{i}"), "b", i));
+        }
+    }
+    let both = selection(store, &[("a", None), ("b", None)], None);
+    let only_a = selection(store, &[("a", None)], None);
+    let tenant_wide =
+        MemberSelection { members: Default::default(), scope: SelectionScope::Tenant, ..selection(store, &[], None) };
+    // Written after the transaction time: exported as they were.
+    delete(store, t, "Condition", "c00");
+    put(store, t, None, condition("c65", "a"));
+    put(store, t, None, condition("c99", "a"));
+    assert_eq!(export_ids(store, t, &both, "Condition"), all);
+    assert_eq!(export_ids(store, t, &only_a, "Condition"), of_a);
+    assert_eq!(export_ids(store, t, &tenant_wide, "Condition"), all);
+    assert_eq!(export_ids(store, t, &only_a, "Observation"), Vec::<String>::new());
 }
 
 pub fn transaction_time_orders_writes(store: &dyn Store) {

@@ -204,6 +204,7 @@ mod tests {
                     selection,
                     resource_type,
                     span,
+                    None,
                     any,
                     |chosen| {
                         let live = !chosen.version.deleted && chosen.version.visible;

@@ -163,23 +163,29 @@ const CANDIDATES_SQL: &str =
      WHERE c.rid BETWEEN ?3 AND ?4 AND c.from_ts <= ?5 AND (c.to_ts IS NULL OR c.to_ts > ?5)
        AND c.tenant_id = ?1";
 
+///
+/// None when the window holds more than `row_limit` rows (the rows read so far are dropped).
 fn candidates(
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
     resource_type: &str,
     (first_key, last_key): (i64, i64),
-) -> Result<Vec<Candidate>, StoreError> {
+    row_limit: Option<usize>,
+) -> Result<Option<Vec<Candidate>>, StoreError> {
     if selection.scope == SelectionScope::Tenant {
-        return tenant_candidates(connection, tenant, selection, resource_type, (first_key, last_key));
+        return tenant_candidates(connection, tenant, selection, resource_type, (first_key, last_key), row_limit);
     }
     let at = selection.transaction_time;
     let user = selection.visibility.user();
-    let Some(code) = resource_type_code(resource_type) else { return Ok(Vec::new()) };
+    let Some(code) = resource_type_code(resource_type) else { return Ok(Some(Vec::new())) };
     let mut statement = connection.prepare_cached(CANDIDATES_SQL)?;
     let mut rows = statement.query(params![tenant.0, code, first_key, last_key, at])?;
     let mut found: Vec<Candidate> = Vec::new();
     while let Some(row) = rows.next()? {
+        if row_limit.is_some_and(|limit| found.len() == limit) {
+            return Ok(None);
+        }
         let last_updated: Micros = row.get(3)?;
         found.push(Candidate::new(
             row.get(0)?,
@@ -205,19 +211,20 @@ fn candidates(
         earlier.set(Candidate::HISTORICAL, historical);
         true
     });
-    Ok(found)
+    Ok(Some(found))
 }
 
 /// Every resource of `resource_type` in the tenant with a key within `[first_key, last_key]`, in
 /// key order (a system-level export): read by type in key order from the resource rows, not
-/// through the compartment index. The export's `_since` applies to each.
+/// through the compartment index. The export's `_since` applies to each. None past `row_limit`.
 fn tenant_candidates(
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
     resource_type: &str,
     (first_key, last_key): (i64, i64),
-) -> Result<Vec<Candidate>, StoreError> {
+    row_limit: Option<usize>,
+) -> Result<Option<Vec<Candidate>>, StoreError> {
     let at = selection.transaction_time;
     let user = selection.visibility.user();
     let mut statement = connection.prepare_cached(
@@ -227,6 +234,9 @@ fn tenant_candidates(
     let mut rows = statement.query(params![tenant.0, resource_type, first_key, last_key])?;
     let mut found = Vec::new();
     while let Some(row) = rows.next()? {
+        if row_limit.is_some_and(|limit| found.len() == limit) {
+            return Ok(None);
+        }
         let last_updated: Micros = row.get(1)?;
         found.push(Candidate::new(
             row.get(0)?,
@@ -240,12 +250,62 @@ fn tenant_candidates(
             last_updated > at,
         ));
     }
-    Ok(found)
+    Ok(Some(found))
 }
 
-/// Keys examined at once: bounds the candidate list's memory whatever the export's size.
-/// (Tiny in unit tests, so the conformance suite crosses window edges.)
+/// Keys examined at once at first: bounds the candidate list's memory whatever the export's
+/// size. (Tiny in unit tests, so the conformance suite crosses window edges.)
 pub(super) const WINDOW: i64 = if cfg!(test) { 3 } else { 1 << 17 };
+
+/// How reading one key window went.
+pub(super) enum WindowRead {
+    /// Every selected resource was visited; the window held this many candidates.
+    Read(usize),
+    /// The window held more rows than its limit: nothing was visited.
+    TooManyRows,
+}
+
+/// Successive key windows over a key range, each read in one pass over the members.
+///
+/// A window starts [`WINDOW`] keys wide. One that held fewer than half as many candidates makes
+/// the next twice as wide; a wider one is read with a limit of [`WINDOW`] rows and, past it,
+/// read again at half the width. So no window holds more rows than one [`WINDOW`] keys wide
+/// would, while a type whose keys are spread among other types' takes a few passes over the
+/// members instead of one per [`WINDOW`] keys (Synthea ×100: 27,800 CarePlans spread over 25
+/// windows' keys, and 10,000 members' compartment pages read again for each).
+pub(super) struct KeyWindows {
+    /// The first key not read yet; None once the range is.
+    start: Option<i64>,
+    last: i64,
+    width: i64,
+}
+
+impl KeyWindows {
+    pub(super) fn new(first: i64, last: i64) -> KeyWindows {
+        KeyWindows { start: (first <= last).then_some(first), last, width: WINDOW }
+    }
+
+    /// The window to read next and its row limit; None once the whole range is read.
+    pub(super) fn current(&self) -> Option<((i64, i64), Option<usize>)> {
+        let start = self.start?;
+        let end = start.saturating_add(self.width - 1).min(self.last);
+        Some(((start, end), (self.width > WINDOW).then_some(WINDOW as usize)))
+    }
+
+    /// Records how the window [`KeyWindows::current`] gave was read.
+    pub(super) fn record(&mut self, read: WindowRead) {
+        let Some(((_, end), _)) = self.current() else { return };
+        match read {
+            WindowRead::Read(candidates) => {
+                self.start = (end < self.last).then(|| end + 1);
+                if (candidates as i64) < WINDOW / 2 {
+                    self.width = self.width.saturating_mul(2);
+                }
+            }
+            WindowRead::TooManyRows => self.width = (self.width / 2).max(WINDOW),
+        }
+    }
+}
 
 /// The smallest and largest key of the tenant's resources of `resource_type` (None: it has none).
 pub(super) fn type_span(
@@ -285,21 +345,28 @@ pub(super) struct Chosen {
 /// The outcome depends only on the transaction time, not on the snapshot that reads it: the
 /// compartment index is versioned by time and history keeps every replaced version, so windows
 /// read in separate transactions agree whatever was written in between. The members must be
-/// loaded on this connection ([`load_members`]).
+/// loaded on this connection ([`load_members`]). With a `row_limit`, a window holding more rows
+/// visits nothing.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn select_window(
     connection: &Connection,
     tenant: TenantId,
     selection: &MemberSelection,
     resource_type: &str,
     (start, end): (i64, i64),
+    row_limit: Option<usize>,
     select: impl Fn(Reach, &VersionAt) -> bool,
     mut visit: impl FnMut(Chosen) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
+) -> Result<WindowRead, StoreError> {
     // `_typeFilter` needs the version's JSON: read only for filtered types.
     let filtered = selection.filters.filters(resource_type);
+    let Some(candidates) = candidates(connection, tenant, selection, resource_type, (start, end), row_limit)? else {
+        return Ok(WindowRead::TooManyRows);
+    };
+    let count = candidates.len();
     // Resolve versions changed since the transaction time, then keep the selected ones;
     // historical ones remember which version holds their body.
-    for candidate in candidates(connection, tenant, selection, resource_type, (start, end))? {
+    for candidate in candidates {
         let (version, history_version) = if candidate.historical() {
             match version_in_history(connection, selection, candidate.rid)? {
                 Some((number, version)) => (version, number),
@@ -315,7 +382,7 @@ pub(super) fn select_window(
             visit(Chosen { rid: candidate.rid, reach, version, history_version })?;
         }
     }
-    Ok(())
+    Ok(WindowRead::Read(count))
 }
 
 /// The history version of `rid` current at the selection's transaction time, with its state as
@@ -379,17 +446,12 @@ fn for_each_selected(
     mut visit: impl FnMut(i64, &VersionAt) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let Some((type_first, type_last)) = type_span(connection, tenant, resource_type)? else { return Ok(()) };
-    let (mut start, end) = (first_key.max(type_first), last_key.min(type_last));
-    while start <= end {
-        let window_end = start.saturating_add(WINDOW - 1).min(end);
-        let window = (start, window_end);
-        select_window(connection, tenant, selection, resource_type, window, &select, |chosen| {
+    let mut windows = KeyWindows::new(first_key.max(type_first), last_key.min(type_last));
+    while let Some((window, row_limit)) = windows.current() {
+        let read = select_window(connection, tenant, selection, resource_type, window, row_limit, &select, |chosen| {
             visit(chosen.rid, &chosen.version)
         })?;
-        if window_end == end {
-            break;
-        }
-        start = window_end + 1;
+        windows.record(read);
     }
     Ok(())
 }
@@ -712,6 +774,33 @@ pub(super) fn existing_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Windows tile the range without gap or overlap; sparse ones double the next one's width,
+    /// and a wide one that held too many rows is read again, narrower, from the same key, never
+    /// narrower than [`WINDOW`].
+    #[test]
+    fn key_windows_widen_over_sparse_keys_and_narrow_past_their_row_limit() {
+        let mut windows = KeyWindows::new(10, 40);
+        assert_eq!(windows.current(), Some(((10, 12), None)));
+        windows.record(WindowRead::Read(0));
+        assert_eq!(windows.current(), Some(((13, 18), Some(3))));
+        windows.record(WindowRead::Read(0));
+        assert_eq!(windows.current(), Some(((19, 30), Some(3))));
+        windows.record(WindowRead::TooManyRows);
+        assert_eq!(windows.current(), Some(((19, 24), Some(3))));
+        windows.record(WindowRead::TooManyRows);
+        assert_eq!(windows.current(), Some(((19, 21), None)));
+        windows.record(WindowRead::TooManyRows);
+        assert_eq!(windows.current(), Some(((19, 21), None)), "never narrower than WINDOW");
+        windows.record(WindowRead::Read(3));
+        assert_eq!(windows.current(), Some(((22, 24), None)), "a full window keeps the width");
+        windows.record(WindowRead::Read(0));
+        windows.record(WindowRead::Read(0));
+        assert_eq!(windows.current(), Some(((31, 40), Some(3))), "the last window ends at the range's end");
+        windows.record(WindowRead::Read(1));
+        assert_eq!(windows.current(), None);
+        assert_eq!(KeyWindows::new(5, 4).current(), None);
+    }
 
     /// The candidates' join walks the members in patient-key order and seeks each one's rows by
     /// the compartment's primary key (the plan the download cost model relies on).

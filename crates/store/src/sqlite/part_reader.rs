@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 
 use rusqlite::{params, Connection, Row, Rows, Statement};
 
-use super::export::{load_members, select_window, selected, type_span, VersionAt, WINDOW};
+use super::export::{load_members, select_window, selected, type_span, KeyWindows, VersionAt};
 use super::SqliteStore;
 use crate::{MemberSelection, PartRange, PartReader, StoreError, TenantId};
 
@@ -22,13 +22,11 @@ pub(super) struct SqlitePartReader<'a> {
     selection: &'a MemberSelection,
     resource_type: &'a str,
     range: PartRange,
-    /// The first key whose window is not resolved yet; `None` once the whole range is.
-    unresolved: Option<i64>,
-    /// The end of the range, clamped to the type's keys on the first window.
-    last_key: i64,
+    /// The key windows not resolved yet, over the range clamped to the type's keys (None until
+    /// the first window).
+    windows: Option<KeyWindows>,
     /// Selected, not yet read: `(key, history version holding the body, or 0 for the current row)`.
     pending: VecDeque<(i64, i64)>,
-    started: bool,
 }
 
 impl<'a> SqlitePartReader<'a> {
@@ -39,48 +37,45 @@ impl<'a> SqlitePartReader<'a> {
         resource_type: &'a str,
         range: PartRange,
     ) -> SqlitePartReader<'a> {
-        SqlitePartReader {
-            store,
-            tenant,
-            selection,
-            resource_type,
-            range,
-            unresolved: None,
-            last_key: range.last_key,
-            pending: VecDeque::new(),
-            started: false,
-        }
+        SqlitePartReader { store, tenant, selection, resource_type, range, windows: None, pending: VecDeque::new() }
     }
 
     /// Resolves key windows until one selects something or the range is exhausted.
     fn resolve(&mut self, connection: &Connection) -> Result<(), StoreError> {
-        if !self.started {
-            self.started = true;
-            let Some((type_first, type_last)) = type_span(connection, self.tenant, self.resource_type)? else {
-                return Ok(());
-            };
-            let first = self.range.first_key.max(type_first);
-            self.last_key = self.range.last_key.min(type_last);
-            self.unresolved = (first <= self.last_key).then_some(first);
+        if self.windows.is_none() {
+            // A type with no resources has an empty range.
+            let (first, last) = type_span(connection, self.tenant, self.resource_type)?
+                .map_or((1, 0), |(first, last)| (self.range.first_key.max(first), self.range.last_key.min(last)));
+            self.windows = Some(KeyWindows::new(first, last));
         }
-        let Some(mut start) = self.unresolved else { return Ok(()) };
+        let Some(windows) = self.windows.as_mut() else { return Ok(()) };
+        if windows.current().is_none() {
+            return Ok(());
+        }
         let selection = self.selection;
         load_members(connection, self.tenant, selection)?;
         let select = |reach, version: &VersionAt| selected(selection, reach, version);
-        loop {
-            let end = start.saturating_add(WINDOW - 1).min(self.last_key);
-            let window = (start, end);
+        while let Some((window, row_limit)) = windows.current() {
             let pending = &mut self.pending;
-            select_window(connection, self.tenant, selection, self.resource_type, window, select, |chosen| {
-                pending.push_back((chosen.rid, chosen.history_version));
-                Ok(())
-            })?;
-            self.unresolved = (end < self.last_key).then(|| end + 1);
-            match self.unresolved {
-                Some(next) if self.pending.is_empty() => start = next,
-                _ => return Ok(()),
+            let read = select_window(
+                connection,
+                self.tenant,
+                selection,
+                self.resource_type,
+                window,
+                row_limit,
+                select,
+                |chosen| {
+                    pending.push_back((chosen.rid, chosen.history_version));
+                    Ok(())
+                },
+            )?;
+            windows.record(read);
+            if !self.pending.is_empty() {
+                break;
             }
         }
+        Ok(())
     }
 
     /// Appends pending resources' bodies until `max_bytes` are appended; returns how many.

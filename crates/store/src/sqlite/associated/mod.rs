@@ -302,12 +302,12 @@ fn choose_window(
         })?,
         None => {
             let live = |_: Reach, version: &VersionAt| !version.deleted && version.visible;
-            select_window(connection, tenant, cohort.selection, resource_type, span, live, |found| {
+            select_window(connection, tenant, cohort.selection, resource_type, span, None, live, |found| {
                 let forced =
                     selected(selection, found.reach, &found.version) && sent(found.rid, found.history_version)?;
                 chosen.push((found.rid, Via { reach: found.reach, forced }));
                 Ok(())
-            })?
+            })?;
         }
     }
     Ok(chosen)
