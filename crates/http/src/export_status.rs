@@ -232,8 +232,8 @@ const OUTPUT_SWEEP_BATCH: usize = 16;
 
 /// Opportunistic housekeeping at every kick-off: deletes expired jobs and export records of
 /// every tenant, and with an output store each expired job's objects first (a job whose objects
-/// could not be removed stays, invisible, for the next sweep). A failed sweep is logged and
-/// never fails the kick-off. Runs on a blocking thread.
+/// could not be removed stays, invisible, for the next sweep; one kick-off at a time sweeps
+/// objects). A failed sweep is logged and never fails the kick-off. Runs on a blocking thread.
 pub(crate) fn sweep_expired(store: &dyn Store, output: Option<&OutputStore>, now: Micros) {
     match output {
         None => match store.delete_expired_export_jobs(now) {
@@ -251,6 +251,8 @@ pub(crate) fn sweep_expired(store: &dyn Store, output: Option<&OutputStore>, now
 }
 
 fn sweep_expired_output(store: &dyn Store, output: &OutputStore, now: Micros) {
+    // Another kick-off is sweeping: the next one will find what is left.
+    let Some(_turn) = output.sweep_turn() else { return };
     let expired = match store.expired_export_jobs(now, OUTPUT_SWEEP_BATCH) {
         Ok(expired) => expired,
         Err(error) => return tracing::warn!(error = %error, "listing expired export jobs failed"),

@@ -8,6 +8,7 @@
 //! parts uploading, so a file of any size takes a fixed amount of memory.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,6 +71,17 @@ pub struct OutputStore {
     s3: Arc<AmazonS3>,
     prefix: Vec<String>,
     presigned_urls: bool,
+    /// An expired-output sweep is running (see [`OutputStore::sweep_turn`]).
+    sweeping: AtomicBool,
+}
+
+/// The one expired-output sweep an instance runs at a time; dropping it ends the turn.
+pub(crate) struct SweepTurn<'a>(&'a AtomicBool);
+
+impl Drop for SweepTurn<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for OutputStore {
@@ -104,7 +116,12 @@ impl OutputStore {
             builder = builder.with_allow_http(allow_http);
         }
         let prefix = prefix.split('/').filter(|part| !part.is_empty()).map(str::to_owned).collect();
-        Ok(OutputStore { s3: Arc::new(builder.build()?), prefix, presigned_urls: settings.presigned_urls })
+        Ok(OutputStore {
+            s3: Arc::new(builder.build()?),
+            prefix,
+            presigned_urls: settings.presigned_urls,
+            sweeping: AtomicBool::new(false),
+        })
     }
 
     /// Whether manifests list presigned S3 URLs.
@@ -157,6 +174,15 @@ impl OutputStore {
         runtime.block_on(upload.finish())?;
         let sha256 = hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect();
         Ok(WrittenObject { bytes, sha256, lines })
+    }
+
+    /// The turn to delete expired jobs' objects, None while another sweep holds it. Kick-offs
+    /// sweep on blocking threads and wait there for the object store (its name lookups run on
+    /// the same bounded pool): arriving together, they would each hold a thread for the same
+    /// expired jobs.
+    pub(crate) fn sweep_turn(&self) -> Option<SweepTurn<'_>> {
+        self.sweeping.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).ok()?;
+        Some(SweepTurn(&self.sweeping))
     }
 
     /// Deletes every object of the job (none is fine); returns how many.
@@ -236,6 +262,15 @@ mod tests {
         assert_eq!(output.object_path(TenantId(7), "job-1", 3).as_ref(), "exports/prod/7/job-1/00003.ndjson");
         let bare = store("s3://bucket").unwrap();
         assert_eq!(bare.object_path(TenantId(7), "job-1", 12).as_ref(), "7/job-1/00012.ndjson");
+    }
+
+    #[test]
+    fn one_sweep_runs_at_a_time() {
+        let output = store("s3://bucket").unwrap();
+        let turn = output.sweep_turn().expect("the first sweep gets the turn");
+        assert!(output.sweep_turn().is_none(), "a second sweep waits for none and skips");
+        drop(turn);
+        assert!(output.sweep_turn().is_some(), "the turn is free again once the sweep ends");
     }
 
     #[test]
