@@ -98,6 +98,10 @@ pub struct Config {
     /// it is answered 429 with `Retry-After` (0: at once). Asynchronous jobs wait as long as it
     /// takes.
     pub plan_queue_seconds: u64,
+    /// `$upload-ndjson` bodies imported at once; one more waits `upload_queue_seconds` for a
+    /// place, then gets 429 with `Retry-After`.
+    pub max_concurrent_uploads: usize,
+    pub upload_queue_seconds: u64,
     /// Threads for blocking work (store calls, export streams, uploads) at most; more such work
     /// queues. Each thread keeps its own allocator heap, so fewer threads hold less memory.
     pub max_blocking_threads: usize,
@@ -186,6 +190,8 @@ impl Default for Config {
             download_queue_seconds: 10,
             max_concurrent_plans: 2,
             plan_queue_seconds: 30,
+            max_concurrent_uploads: 2,
+            upload_queue_seconds: 10,
             max_blocking_threads: 32,
             shutdown_grace_seconds: 30,
             log_format: LogFormat::Text,
@@ -304,14 +310,18 @@ impl Config {
             self.max_concurrent_plans >= 1,
             "invalid configuration: max_concurrent_plans must be at least 1"
         );
-        // Downloads and plans (export jobs included) hold a blocking thread for as long as they
-        // run, and a job writing to the output store waits on requests whose name lookups run
-        // on the same pool: at least one thread must stay free for everything else.
         anyhow::ensure!(
-            self.max_blocking_threads > self.max_concurrent_downloads + self.max_concurrent_plans,
-            "invalid configuration: max_blocking_threads ({}) must exceed max_concurrent_downloads + max_concurrent_plans ({})",
+            self.max_concurrent_uploads >= 1,
+            "invalid configuration: max_concurrent_uploads must be at least 1"
+        );
+        // Downloads, plans (export jobs included) and uploads hold a blocking thread for as long
+        // as they run, and a job writing to the output store waits on requests whose name
+        // lookups run on the same pool: at least one thread must stay free for everything else.
+        let held = self.max_concurrent_downloads + self.max_concurrent_plans + self.max_concurrent_uploads;
+        anyhow::ensure!(
+            self.max_blocking_threads > held,
+            "invalid configuration: max_blocking_threads ({}) must exceed max_concurrent_downloads + max_concurrent_plans + max_concurrent_uploads ({held})",
             self.max_blocking_threads,
-            self.max_concurrent_downloads + self.max_concurrent_plans
         );
         if let Some(base) = &self.public_base_url {
             anyhow::ensure!(
@@ -469,6 +479,8 @@ impl Config {
             download_queue_wait: Duration::from_secs(self.download_queue_seconds),
             max_concurrent_plans: self.max_concurrent_plans,
             plan_queue_wait: Duration::from_secs(self.plan_queue_seconds),
+            max_concurrent_uploads: self.max_concurrent_uploads,
+            upload_queue_wait: Duration::from_secs(self.upload_queue_seconds),
             access_token_ttl: Duration::from_secs(self.access_token_ttl_seconds),
             jwks_fetch_timeout: Duration::from_secs(self.jwks_fetch_timeout_seconds),
             allow_http_jwks_urls: self.allow_http_jwks_urls,

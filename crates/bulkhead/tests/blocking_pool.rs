@@ -1,6 +1,7 @@
 //! Black-box tests (tier 3): with the smallest pool of blocking threads the configuration
 //! allows, a mixed load of writes, reads, exports and an upload all finish (work beyond the
-//! pool queues, it never deadlocks), and a pool that downloads and plans could fill is refused.
+//! pool queues, it never deadlocks); a pool that downloads, plans and uploads could fill is
+//! refused; uploads beyond their own pool are answered 429.
 
 #[allow(unused_imports)] // not every helper is used here
 mod common;
@@ -27,15 +28,16 @@ fn slow_upload_body(lines: usize, pause: Duration) -> reqwest::Body {
     reqwest::Body::wrap_stream(pieces)
 }
 
-/// Three blocking threads: one each for a download and a plan, one for everything else. Eight
-/// writers (all waiting for the one SQLite writer), four readers, two exporters and a slow
-/// upload at once.
+/// Four blocking threads: one each for a download, a plan and an upload, one for everything
+/// else. Eight writers (all waiting for the one SQLite writer), four readers, two exporters and
+/// a slow upload at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_smallest_blocking_pool_queues_a_mixed_load_and_never_hangs() {
     let env = [
-        ("BULKHEAD_MAX_BLOCKING_THREADS", "3"),
+        ("BULKHEAD_MAX_BLOCKING_THREADS", "4"),
         ("BULKHEAD_MAX_CONCURRENT_DOWNLOADS", "1"),
         ("BULKHEAD_MAX_CONCURRENT_PLANS", "1"),
+        ("BULKHEAD_MAX_CONCURRENT_UPLOADS", "1"),
         // Queued downloads and plans wait rather than get 429: this test is about queueing.
         ("BULKHEAD_DOWNLOAD_QUEUE_SECONDS", "120"),
         ("BULKHEAD_PLAN_QUEUE_SECONDS", "120"),
@@ -111,17 +113,57 @@ async fn the_smallest_blocking_pool_queues_a_mixed_load_and_never_hangs() {
     api.read("Patient/uploaded-9").await;
 }
 
-/// A pool that downloads and plans could take whole is refused at startup, naming the key.
+/// A pool that downloads, plans and uploads could take whole is refused at startup, naming the
+/// key.
 #[test]
-fn a_blocking_pool_no_larger_than_downloads_and_plans_is_refused() {
+fn a_blocking_pool_no_larger_than_downloads_plans_and_uploads_is_refused() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut command = bulkhead();
     command
         .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port()), "--data-dir"])
         .arg(dir.path())
-        .env("BULKHEAD_MAX_BLOCKING_THREADS", "10"); // 8 downloads + 2 plans by default
+        .env("BULKHEAD_MAX_BLOCKING_THREADS", "12"); // 8 downloads + 2 plans + 2 uploads by default
     let output = run_with_deadline(command, Duration::from_secs(30));
-    assert!(!output.status.success(), "started with a pool of 10");
+    assert!(!output.status.success(), "started with a pool of 12");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("max_blocking_threads"), "{stderr}");
+}
+
+/// An upload beyond `max_concurrent_uploads` is answered 429 with `Retry-After` and an
+/// OperationOutcome while the pool is full, and stores nothing; once the upload holding the
+/// place ends, the next is imported.
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_beyond_their_pool_are_answered_429_until_a_place_is_free() {
+    let env = [("BULKHEAD_MAX_CONCURRENT_UPLOADS", "1"), ("BULKHEAD_UPLOAD_QUEUE_SECONDS", "0")];
+    let env = env.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect();
+    let server = Server::start_with(Options { env, ..Options::default() }).await;
+    server.create_tenant("acme");
+    let api = server.create_client("acme");
+    let upload = |body: reqwest::Body| {
+        api.request(reqwest::Method::POST, "/r4/$upload-ndjson")
+            .header("content-type", "application/fhir+ndjson")
+            .body(body)
+    };
+    let slow = tokio::spawn(Api::send(upload(slow_upload_body(40, Duration::from_millis(100)))));
+    let line = |id: &str| json!({"resourceType": "Patient", "id": id, "gender": "other"}).to_string();
+    // Small uploads until one finds the slow upload holding the only place.
+    let mut attempt = 0;
+    let refused = loop {
+        attempt += 1;
+        let reply = Api::send(upload(reqwest::Body::from(line(&format!("attempt-{attempt}"))))).await;
+        if reply.status == 429 {
+            break reply;
+        }
+        reply.expect(200);
+        assert!(!slow.is_finished(), "the slow upload ended before any upload was refused\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    refused.expect_outcome(429);
+    assert_eq!(refused.header("retry-after").as_deref(), Some("5"));
+    api.get(&format!("/r4/Patient/attempt-{attempt}")).await.expect(404);
+    let outcome = slow.await.expect("the slow upload's task").expect(200);
+    assert!(outcome.to_string().contains("40 resources stored"), "{outcome}");
+    let outcome = Api::send(upload(reqwest::Body::from(line("after")))).await.expect(200);
+    assert!(outcome.to_string().contains("1 resources stored"), "{outcome}");
+    api.read("Patient/after").await;
 }

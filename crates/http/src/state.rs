@@ -56,6 +56,11 @@ pub struct HttpConfig {
     /// synchronous kick-off waits up to `plan_queue_wait`, then gets 429 + `Retry-After`.
     pub max_concurrent_plans: usize,
     pub plan_queue_wait: Duration,
+    /// `$upload-ndjson` bodies imported at once, server-wide (each holds a blocking thread for
+    /// its whole body, and every import goes through the store's writer); one more waits up to
+    /// `upload_queue_wait`, then gets 429 + `Retry-After`.
+    pub max_concurrent_uploads: usize,
+    pub upload_queue_wait: Duration,
     /// Lifetime of access tokens for clients registered without their own.
     pub access_token_ttl: Duration,
     /// Timeout of one fetch of a client's JWKS URL.
@@ -104,6 +109,8 @@ impl Default for HttpConfig {
             download_queue_wait: Duration::from_secs(10),
             max_concurrent_plans: 2,
             plan_queue_wait: Duration::from_secs(30),
+            max_concurrent_uploads: 2,
+            upload_queue_wait: Duration::from_secs(10),
             access_token_ttl: Duration::from_secs(300),
             jwks_fetch_timeout: Duration::from_secs(5),
             allow_http_jwks_urls: false,
@@ -157,6 +164,8 @@ pub struct AppState {
     pub download_slots: Arc<tokio::sync::Semaphore>,
     /// Permits for computing export plans: `max_concurrent_plans` of them.
     pub planning_slots: Arc<tokio::sync::Semaphore>,
+    /// Permits for importing an upload's body: `max_concurrent_uploads` of them.
+    pub upload_slots: Arc<tokio::sync::Semaphore>,
     /// Prometheus metrics; `None` when `metrics` is off.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// The per-tenant quotas' running state.
@@ -181,6 +190,7 @@ impl AppState {
 
             download_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_downloads.max(1))),
             planning_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_plans.max(1))),
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads.max(1))),
             jwks: Arc::new(crate::jwks::JwksCache::new(config.jwks_fetch_timeout, config.allow_http_jwks_urls)),
             metrics: config.metrics.then(|| Arc::new(crate::metrics::Metrics::new())),
             quotas: Arc::default(),

@@ -3,8 +3,8 @@
 //! drafts that name means "pull from these URLs", a different operation.)
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use bulkhead_fhir::{operation_outcome, Issue, IssueType};
 use bulkhead_store::StoreError;
 use futures::StreamExt;
@@ -181,6 +181,30 @@ pub async fn upload_ndjson(
         return Err(ApiError { status: StatusCode::BAD_REQUEST, issues });
     }
     Ok(fhir_response(StatusCode::OK, operation_outcome(&summary_issues(&summary)).to_string()))
+}
+
+/// Seconds an upload turned away by a full upload pool is told to wait.
+const UPLOAD_RETRY_AFTER_SECONDS: u64 = 5;
+
+/// A permit to import one upload's body: waits up to `upload_queue_wait` for one of the
+/// `max_concurrent_uploads` places, then answers 429 with `Retry-After`. Each upload holds a
+/// blocking thread for as long as its body arrives, so without this a few slow uploads could
+/// take every thread of the server's bounded pool from every other tenant's requests.
+pub(crate) async fn upload_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+    crate::planning_pool::permit_within(&state.upload_slots, state.config.upload_queue_wait).await.ok_or_else(|| {
+        tracing::info!(limit = state.config.max_concurrent_uploads, "upload pool full; answering 429");
+        let mut response = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            IssueType::Throttled,
+            format!(
+                "{} uploads are already being imported; retry after {UPLOAD_RETRY_AFTER_SECONDS} s",
+                state.config.max_concurrent_uploads
+            ),
+        )
+        .into_response();
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(UPLOAD_RETRY_AFTER_SECONDS));
+        response
+    })
 }
 
 fn line_too_long(line: u64, max_line: usize) -> ApiError {
