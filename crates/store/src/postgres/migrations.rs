@@ -29,6 +29,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     ),
     (13, "tenant_patient_changes", include_str!("migrations/0013_tenant_patient_changes.sql")),
     (14, "audit_compression", include_str!("migrations/0014_audit_compression.sql")),
+    (15, "no_body_statistics", include_str!("migrations/0015_no_body_statistics.sql")),
 ];
 
 /// The advisory lock key of the migration runner ("bulkhead" in ASCII, as an int8).
@@ -84,4 +85,80 @@ pub fn apply(client: &mut Client) -> Result<Vec<u32>, StoreError> {
         applied.push(*version);
     }
     Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::super::testing::{fresh_database, test_options};
+    use super::super::PgStore;
+    use super::MIGRATIONS;
+    use crate::{Store, WriteMode, WriteOp};
+
+    /// Migration 15: `ANALYZE` keeps statistics on every column of `resources` but the body;
+    /// stepped back and run again, it changes nothing.
+    #[test]
+    fn migration_15_analyses_every_column_but_bodies() {
+        let Some(database) = fresh_database() else { return };
+        let store = PgStore::open(&database.url, test_options()).unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        let ops: Vec<WriteOp> = (0..10)
+            .map(|n| {
+                let body = json!({"resourceType": "Patient", "id": format!("p{n}")});
+                WriteOp::Update { resource_type: "Patient".into(), id: format!("p{n}"), body, if_match: None }
+            })
+            .collect();
+        store.write(tenant, None, &ops, WriteMode::Transaction).unwrap();
+        store.refresh_statistics().unwrap();
+        let analysed = |store: &PgStore| -> Vec<String> {
+            store
+                .with_read(|db| {
+                    let rows = db.query(
+                        "SELECT attname::text FROM pg_stats WHERE tablename = 'resources' ORDER BY attname",
+                        &[],
+                    )?;
+                    rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
+                })
+                .unwrap()
+        };
+        let columns = ["deleted", "id", "last_updated", "owner", "resource_type", "rid", "tenant_id", "version"];
+        assert_eq!(analysed(&store), columns);
+        let targets = |store: &PgStore| -> Vec<i32> {
+            store
+                .with_read(|db| {
+                    let rows = db.query(
+                        "SELECT CAST(attstattarget AS integer) FROM pg_attribute
+                         WHERE attrelid IN ('resources'::regclass, 'resource_history'::regclass) AND attname = 'body'",
+                        &[],
+                    )?;
+                    rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
+                })
+                .unwrap()
+        };
+        assert_eq!(targets(&store), [0, 0]);
+
+        // Stepped back, bodies are analysed; migrated again, their statistics target is 0 again.
+        let version = MIGRATIONS.iter().find(|(_, name, _)| *name == "no_body_statistics").unwrap().0;
+        store
+            .with_transaction(|db| {
+                db.batch(&format!(
+                    "ALTER TABLE resources ALTER COLUMN body SET STATISTICS -1;
+                     ALTER TABLE resource_history ALTER COLUMN body SET STATISTICS -1;
+                     DELETE FROM schema_migrations WHERE version >= {version};"
+                ))
+            })
+            .unwrap();
+        store.refresh_statistics().unwrap();
+        assert!(analysed(&store).contains(&"body".to_owned()));
+        drop(store);
+        let store = PgStore::open(&database.url, test_options()).unwrap();
+        assert_eq!(targets(&store), [0, 0]);
+        store
+            .with_transaction(|db| db.batch(&format!("DELETE FROM schema_migrations WHERE version >= {version}")))
+            .unwrap();
+        drop(store);
+        let store = PgStore::open(&database.url, test_options()).unwrap();
+        assert_eq!(targets(&store), [0, 0]);
+    }
 }
