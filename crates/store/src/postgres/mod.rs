@@ -13,6 +13,7 @@ mod admin;
 mod associated;
 mod audit;
 mod bulk_insert;
+mod bulk_load;
 mod cohort;
 mod export;
 mod jobs;
@@ -533,6 +534,17 @@ impl crate::Store for PgStore {
         mode: WriteMode,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
         self.with_write(|db, timestamp| resources::write(db, tenant, owner, ops, prepared, mode, timestamp))
+    }
+
+    /// One transaction per batch, its commit not waiting for the WAL while more batches wait;
+    /// the WAL flushed before any batch is reported stored (`bulk_load.rs`).
+    fn write_bulk(
+        &self,
+        tenant: TenantId,
+        owner: Option<&str>,
+        source: &mut dyn crate::BulkSource,
+    ) -> Result<(), StoreError> {
+        bulk_load::write_bulk(self, tenant, owner, source)
     }
 
     fn read(
