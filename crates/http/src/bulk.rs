@@ -553,17 +553,13 @@ const POOL_RETRY_AFTER_SECONDS: u64 = 1;
 async fn download_slot(state: &AppState) -> Result<OwnedSemaphorePermit, Response> {
     permit_within(&state.download_slots, state.config.download_queue_wait).await.ok_or_else(|| {
         tracing::info!(limit = state.config.max_concurrent_downloads, "download pool full; answering 429");
-        let mut response = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            IssueType::Throttled,
+        crate::planning_pool::pool_full(
             format!(
                 "{} export files are already being downloaded; retry after {POOL_RETRY_AFTER_SECONDS} s",
                 state.config.max_concurrent_downloads
             ),
+            POOL_RETRY_AFTER_SECONDS,
         )
-        .into_response();
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(POOL_RETRY_AFTER_SECONDS));
-        response
     })
 }
 

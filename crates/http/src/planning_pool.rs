@@ -29,19 +29,22 @@ pub const PLAN_RETRY_AFTER_SECONDS: u64 = 2;
 pub(crate) async fn planning_slot(state: &AppState) -> Result<OwnedSemaphorePermit, Response> {
     permit_within(&state.planning_slots, state.config.plan_queue_wait).await.ok_or_else(|| {
         tracing::info!(limit = state.config.max_concurrent_plans, "planning pool full; answering 429");
-        let mut response = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            IssueType::Throttled,
+        pool_full(
             format!(
                 "{} exports are already being planned; retry after {PLAN_RETRY_AFTER_SECONDS} s \
                  (or kick off with Prefer: respond-async to be queued)",
                 state.config.max_concurrent_plans
             ),
+            PLAN_RETRY_AFTER_SECONDS,
         )
-        .into_response();
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(PLAN_RETRY_AFTER_SECONDS));
-        response
     })
+}
+
+/// The answer to a request turned away by a full pool: 429, `message` and `Retry-After`.
+pub(crate) fn pool_full(message: String, retry_after_seconds: u64) -> Response {
+    let mut response = ApiError::new(StatusCode::TOO_MANY_REQUESTS, IssueType::Throttled, message).into_response();
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+    response
 }
 
 /// A permit of `slots` at once, or within `wait`; `None` when none came free in time (a zero

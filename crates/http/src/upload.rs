@@ -3,8 +3,8 @@
 //! drafts that name means "pull from these URLs", a different operation.)
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
 use bulkhead_fhir::{operation_outcome, Issue, IssueType};
 use bulkhead_store::StoreError;
 use futures::StreamExt;
@@ -193,17 +193,13 @@ const UPLOAD_RETRY_AFTER_SECONDS: u64 = 5;
 pub(crate) async fn upload_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
     crate::planning_pool::permit_within(&state.upload_slots, state.config.upload_queue_wait).await.ok_or_else(|| {
         tracing::info!(limit = state.config.max_concurrent_uploads, "upload pool full; answering 429");
-        let mut response = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            IssueType::Throttled,
+        crate::planning_pool::pool_full(
             format!(
                 "{} uploads are already being imported; retry after {UPLOAD_RETRY_AFTER_SECONDS} s",
                 state.config.max_concurrent_uploads
             ),
+            UPLOAD_RETRY_AFTER_SECONDS,
         )
-        .into_response();
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(UPLOAD_RETRY_AFTER_SECONDS));
-        response
     })
 }
 
