@@ -70,43 +70,7 @@ impl SqliteOptions {
     /// an import's 400 MB budget (the rest is batches in flight).
     pub fn bulk_load() -> Self {
         // 128 MiB of WAL between checkpoints (disk, not memory: the WAL index is 1/500 of it).
-        SqliteOptions {
-            writer_cache_mib: 128,
-            wal_autocheckpoint_pages: BULK_WAL_AUTOCHECKPOINT_PAGES,
-            ..SqliteOptions::default()
-        }
-    }
-}
-
-/// WAL pages between checkpoints during any bulk load ([`SqliteOptions::bulk_load`], and a
-/// server's `$upload-ndjson` for as long as it writes): each commit of a load rewrites the same
-/// index pages, and a checkpoint copies each page once however many commits rewrote it.
-const BULK_WAL_AUTOCHECKPOINT_PAGES: u32 = 8192;
-
-/// The writer's checkpoint interval raised to [`BULK_WAL_AUTOCHECKPOINT_PAGES`] while it lives,
-/// and set back to the store's own when dropped (whatever the load's outcome).
-struct BulkCheckpoints<'a> {
-    writer: &'a Mutex<Connection>,
-    usual_pages: u32,
-}
-
-impl<'a> BulkCheckpoints<'a> {
-    fn raise(writer: &'a Mutex<Connection>, usual_pages: u32) -> Result<Option<BulkCheckpoints<'a>>, StoreError> {
-        if usual_pages >= BULK_WAL_AUTOCHECKPOINT_PAGES {
-            return Ok(None);
-        }
-        let connection = writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        connection.pragma_update(None, "wal_autocheckpoint", BULK_WAL_AUTOCHECKPOINT_PAGES)?;
-        Ok(Some(BulkCheckpoints { writer, usual_pages }))
-    }
-}
-
-impl Drop for BulkCheckpoints<'_> {
-    fn drop(&mut self) {
-        let connection = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Err(error) = connection.pragma_update(None, "wal_autocheckpoint", self.usual_pages) {
-            tracing::warn!(%error, "the writer's checkpoint interval was not set back after a bulk load");
-        }
+        SqliteOptions { writer_cache_mib: 128, wal_autocheckpoint_pages: 8192, ..SqliteOptions::default() }
     }
 }
 
@@ -496,7 +460,6 @@ impl crate::Store for SqliteStore {
         owner: Option<&str>,
         source: &mut dyn crate::BulkSource,
     ) -> Result<(), StoreError> {
-        let _checkpoints = BulkCheckpoints::raise(&self.writer, self.options.wal_autocheckpoint_pages)?;
         // Batches to write one per transaction, after a rollback.
         let mut one_by_one = 0usize;
         while let Some(first) = source.next_batch(true) {
@@ -1045,63 +1008,6 @@ mod tests {
     }
 
     crate::store_test_suite!(fresh_store());
-
-    /// A bulk load into a server's store checkpoints at the bulk-load interval while it writes,
-    /// and the store's own interval is back once it is over.
-    #[test]
-    fn a_bulk_load_checkpoints_less_often_only_while_it_writes() {
-        use crate::{BulkBatch, BulkSource, Store, WriteOp, Written};
-        struct Probe<'a> {
-            store: &'a super::SqliteStore,
-            batches: Vec<BulkBatch>,
-            intervals_seen: Vec<u32>,
-        }
-        impl BulkSource for Probe<'_> {
-            fn next_batch(&mut self, wait: bool) -> Option<BulkBatch> {
-                if wait {
-                    // No transaction is open: the writer is free to ask.
-                    self.intervals_seen.push(checkpoint_interval(self.store));
-                }
-                self.batches.pop()
-            }
-            fn written(&mut self, _: BulkBatch, results: Vec<Result<Written, crate::StoreError>>) {
-                assert!(results.iter().all(Result::is_ok));
-            }
-            fn committed(&mut self) {}
-            fn rewind(&mut self) {}
-        }
-        fn checkpoint_interval(store: &super::SqliteStore) -> u32 {
-            let writer = store.writer.lock().unwrap();
-            writer.query_row("PRAGMA wal_autocheckpoint", [], |row| row.get(0)).unwrap()
-        }
-        let directory = tempfile::tempdir().unwrap();
-        let store = super::SqliteStore::open(&directory.path().join("test.db")).unwrap();
-        let tenant = store.create_tenant("bulk").unwrap().id;
-        assert_eq!(checkpoint_interval(&store), 1000);
-        let patient = |id: &str| BulkBatch {
-            ops: vec![WriteOp::Update {
-                resource_type: "Patient".into(),
-                id: id.into(),
-                body: serde_json::json!({"resourceType": "Patient", "id": id}),
-                if_match: None,
-            }],
-            prepared: vec![None],
-        };
-        let mut probe = Probe { store: &store, batches: vec![patient("a"), patient("b")], intervals_seen: Vec::new() };
-        store.write_bulk(tenant, None, &mut probe).unwrap();
-        assert_eq!(probe.intervals_seen, [super::BULK_WAL_AUTOCHECKPOINT_PAGES; 2]);
-        assert_eq!(checkpoint_interval(&store), 1000);
-        assert!(store.read(tenant, &crate::Visibility::Tenant, "Patient", "a").unwrap().is_some());
-
-        // A store opened for bulk loads keeps its interval.
-        drop(store);
-        let options = super::SqliteOptions::bulk_load();
-        let store = super::SqliteStore::open_with(&directory.path().join("test.db"), options).unwrap();
-        let mut probe = Probe { store: &store, batches: vec![patient("c")], intervals_seen: Vec::new() };
-        store.write_bulk(tenant, None, &mut probe).unwrap();
-        assert_eq!(probe.intervals_seen, [8192; 2]);
-        assert_eq!(checkpoint_interval(&store), 8192);
-    }
 
     /// A new database gets 16 KiB pages (the pragma must come before WAL mode writes the header);
     /// an existing database keeps the page size it was created with.
