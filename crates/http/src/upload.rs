@@ -27,9 +27,9 @@ const LINES_AHEAD_BYTES: u32 = 1024 * 1024;
 const LINE_OVERHEAD_BYTES: usize = 64;
 /// Whole lines are handed to the importer in blocks of about this many bytes (a longer line goes
 /// alone): one queue operation and at most one wake-up of the importing thread per block, not
-/// per line (per line, they took a fifth of the server's CPU in an upload of small resources).
-/// Small against [`LINES_AHEAD_BYTES`], so that several blocks are in flight and the reader reads
-/// ahead while the importer works.
+/// per line (per line, the reading threads took ~15 % of the server's CPU in an upload of small
+/// resources: BENCHMARKS.md, session 13). Small against [`LINES_AHEAD_BYTES`], so that several
+/// blocks are in flight and the reader reads ahead while the importer works.
 const BLOCK_BYTES: usize = 64 * 1024;
 
 /// Consecutive whole lines of the body on their way to the importer, holding their share of
