@@ -22,38 +22,127 @@ const SOURCE: &str = "request body";
 /// they are in flight. Bounded by bytes, not by a count of lines, since a line can be 50 KB (a
 /// Synthea ExplanationOfBenefit) or one byte.
 const LINES_AHEAD_BYTES: u32 = 1024 * 1024;
-/// What a line in flight costs beyond its text (its buffer and its place in the queue), so that a
-/// body of blank lines is bounded too.
+/// What a line in flight costs beyond its text (its place in the block and its location), so
+/// that a body of blank lines is bounded too.
 const LINE_OVERHEAD_BYTES: usize = 64;
+/// Whole lines are handed to the importer in blocks of about this many bytes (a longer line goes
+/// alone): one queue operation and at most one wake-up of the importing thread per block, not
+/// per line (per line, the reading threads took ~15 % of the server's CPU in an upload of small
+/// resources: BENCHMARKS.md, session 13). Small against [`LINES_AHEAD_BYTES`], so that several
+/// blocks are in flight and the reader reads ahead while the importer works.
+const BLOCK_BYTES: usize = 64 * 1024;
 
-/// A line on its way to the importer, holding its share of [`LINES_AHEAD_BYTES`] until it is
-/// taken in.
-struct QueuedLine {
-    number: u64,
+/// Consecutive whole lines of the body on their way to the importer, holding their share of
+/// [`LINES_AHEAD_BYTES`] until all of them are taken in.
+struct LineBlock {
+    /// The number of the block's first line in the body (from 1).
+    first_line: u64,
+    /// The lines, each with its `\n` (the body's last line may have none).
     text: Vec<u8>,
     _budget: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// The queue of lines from the body's reader to the importer, bounded by bytes.
+impl LineBlock {
+    /// Each line with its number.
+    fn lines(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        (self.first_line..).zip(self.text.split_inclusive(|byte| *byte == b'\n'))
+    }
+}
+
+/// The queue of line blocks from the body's reader to the importer, bounded by bytes.
 struct LineQueue {
-    sender: mpsc::UnboundedSender<QueuedLine>,
+    sender: mpsc::UnboundedSender<LineBlock>,
     budget: std::sync::Arc<tokio::sync::Semaphore>,
     capacity: u32,
 }
 
 impl LineQueue {
-    fn new(capacity: u32) -> (LineQueue, mpsc::UnboundedReceiver<QueuedLine>) {
+    fn new(capacity: u32) -> (LineQueue, mpsc::UnboundedReceiver<LineBlock>) {
         let (sender, receiver) = mpsc::unbounded_channel();
         let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(capacity as usize));
         (LineQueue { sender, budget, capacity }, receiver)
     }
 
-    /// Queues a line once its bytes fit in the budget (a line longer than the whole budget waits
-    /// until nothing else is in flight); `false` once the importer stopped taking lines.
-    async fn send(&self, number: u64, text: Vec<u8>) -> bool {
-        let cost = u32::try_from(text.len() + LINE_OVERHEAD_BYTES).unwrap_or(u32::MAX).min(self.capacity);
+    /// Queues `lines` whole lines starting at line `first_line` once their bytes fit in the
+    /// budget (a block costlier than the whole budget waits until nothing else is in flight);
+    /// `false` once the importer stopped taking lines.
+    async fn send(&self, first_line: u64, lines: u64, text: Vec<u8>) -> bool {
+        let overhead = usize::try_from(lines).unwrap_or(usize::MAX).saturating_mul(LINE_OVERHEAD_BYTES);
+        let cost = u32::try_from(text.len().saturating_add(overhead)).unwrap_or(u32::MAX).min(self.capacity);
         let Ok(budget) = self.budget.clone().acquire_many_owned(cost).await else { return false };
-        self.sender.send(QueuedLine { number, text, _budget: budget }).is_ok()
+        self.sender.send(LineBlock { first_line, text, _budget: budget }).is_ok()
+    }
+}
+
+/// Cuts a body's bytes into blocks of whole lines, checking each line's length as it goes.
+struct LineBlocks {
+    /// Bytes received and not yet handed out: whole lines first, then the start of a line.
+    buffer: Vec<u8>,
+    /// Where in `buffer` the lines not yet handed out start.
+    block_start: usize,
+    /// Where in `buffer` the next line starts (the end of the last whole line found).
+    line_start: usize,
+    /// Whole lines in `buffer[block_start..line_start]`.
+    block_lines: u64,
+    /// Lines handed out so far.
+    handed_out: u64,
+    max_line: usize,
+}
+
+/// A block of whole lines cut from the body: its first line's number, its line count, its text.
+type Block = (u64, u64, Vec<u8>);
+
+impl LineBlocks {
+    fn new(max_line: usize) -> LineBlocks {
+        LineBlocks { buffer: Vec::new(), block_start: 0, line_start: 0, block_lines: 0, handed_out: 0, max_line }
+    }
+
+    /// Takes in a chunk of the body and cuts the blocks it completes, in order, into `blocks`;
+    /// `Err` with the number of a line longer than the limit (the blocks before it are cut).
+    fn push(&mut self, chunk: &[u8], blocks: &mut Vec<Block>) -> Result<(), u64> {
+        // Only the new bytes are searched for line ends: a long line arriving in many small
+        // chunks must not be rescanned from its start each time.
+        let mut searched = self.buffer.len();
+        self.buffer.extend_from_slice(chunk);
+        while let Some(newline) = memchr::memchr(b'\n', &self.buffer[searched..]).map(|at| at + searched) {
+            if newline - self.line_start > self.max_line {
+                blocks.extend(self.cut());
+                return Err(self.handed_out + 1);
+            }
+            if newline + 1 - self.block_start > BLOCK_BYTES && self.block_lines > 0 {
+                blocks.extend(self.cut());
+            }
+            self.line_start = newline + 1;
+            self.block_lines += 1;
+            searched = self.line_start;
+        }
+        blocks.extend(self.cut());
+        // The handed-out lines are cut off the buffer once per chunk, not once per block.
+        self.buffer.drain(..self.block_start);
+        self.line_start -= self.block_start;
+        self.block_start = 0;
+        if self.buffer.len() > self.max_line {
+            return Err(self.handed_out + 1);
+        }
+        Ok(())
+    }
+
+    /// The whole lines found since the last block, if any.
+    fn cut(&mut self) -> Option<Block> {
+        if self.block_lines == 0 {
+            return None;
+        }
+        let block = (self.handed_out + 1, self.block_lines, self.buffer[self.block_start..self.line_start].to_vec());
+        self.handed_out += self.block_lines;
+        self.block_lines = 0;
+        self.block_start = self.line_start;
+        Some(block)
+    }
+
+    /// The body's last line when it has no `\n` (after the last chunk).
+    fn finish(mut self) -> Option<Block> {
+        self.buffer.drain(..self.block_start);
+        (!self.buffer.is_empty()).then(|| (self.handed_out + 1, 1, self.buffer))
     }
 }
 
@@ -91,11 +180,14 @@ pub async fn upload_ndjson(
         // 35–45 MB smaller than 2 MiB at the same rate (BENCHMARKS.md, session 8).
         let mut importer =
             Importer::new(store, tenant, owner, max_members).with_batch_bytes(1024 * 1024).with_validation(validation);
-        while let Some(line) = lines_rx.blocking_recv() {
-            // The line's share of the budget is given back once it is taken in (dropped here).
-            if let Err(error) = importer.add_line(Location { source: SOURCE.into(), line: line.number }, &line.text) {
-                return (importer.summary().clone(), Some(error));
+        while let Some(block) = lines_rx.blocking_recv() {
+            for (number, line) in block.lines() {
+                if let Err(error) = importer.add_line(Location { source: SOURCE.into(), line: number }, line) {
+                    return (importer.summary().clone(), Some(error));
+                }
             }
+            // The block's share of the budget is given back once all its lines are taken in.
+            drop(block);
         }
         match importer.finish() {
             Ok(summary) => (summary, None),
@@ -104,8 +196,8 @@ pub async fn upload_ndjson(
     });
     let max_line = state.config.max_body_bytes;
     let mut stream = body.into_data_stream();
-    let mut buffer: Vec<u8> = Vec::new();
-    let mut line_number = 0u64;
+    let mut cutter = LineBlocks::new(max_line);
+    let mut blocks = Vec::new();
     let mut read_error = None;
     'read: while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
@@ -118,36 +210,22 @@ pub async fn upload_ndjson(
                 break;
             }
         };
-        // Only the new bytes are searched for line ends: a long line arriving in many small
-        // chunks must not be rescanned from its start each time. The chunk's whole lines are
-        // cut off the buffer at once afterwards (draining line by line moved the rest of the
-        // buffer once per line).
-        let mut start = 0;
-        let mut searched = buffer.len();
-        buffer.extend_from_slice(&chunk);
-        while let Some(newline) = buffer[searched..].iter().position(|b| *b == b'\n').map(|at| at + searched) {
-            if newline - start > max_line {
-                read_error = Some(line_too_long(line_number + 1, max_line));
-                break 'read;
-            }
-            let line = buffer[start..=newline].to_vec();
-            start = newline + 1;
-            searched = start;
-            line_number += 1;
-            if !lines_tx.send(line_number, line).await {
-                buffer.clear();
+        let cut = cutter.push(&chunk, &mut blocks);
+        // The lines before a line that is too long are written.
+        for (first_line, lines, text) in blocks.drain(..) {
+            if !lines_tx.send(first_line, lines, text).await {
                 break 'read;
             }
         }
-        buffer.drain(..start);
-        if buffer.len() > max_line {
-            read_error = Some(line_too_long(line_number + 1, max_line));
+        if let Err(line) = cut {
+            read_error = Some(line_too_long(line, max_line));
             break;
         }
     }
-    if read_error.is_none() && !buffer.is_empty() {
-        line_number += 1;
-        let _ = lines_tx.send(line_number, std::mem::take(&mut buffer)).await;
+    if read_error.is_none() {
+        if let Some((first_line, lines, text)) = cutter.finish() {
+            let _ = lines_tx.send(first_line, lines, text).await;
+        }
     }
     drop(lines_tx);
     // Lines already read are written even when the body broke off; the outcome says so.
@@ -236,37 +314,91 @@ mod tests {
     use super::*;
     use futures::FutureExt;
 
-    /// The reader waits once the lines in flight hold the budget's bytes, whatever their count,
+    /// The reader waits once the blocks in flight hold the budget's bytes, whatever their count,
     /// and goes on as soon as the importer takes one in.
     #[tokio::test]
     async fn lines_in_flight_are_bounded_by_their_bytes() {
         let (queue, mut received) = LineQueue::new(1_000);
-        let line = |bytes: usize| vec![b'x'; bytes];
-        assert_eq!(queue.send(1, line(400)).now_or_never(), Some(true));
-        assert_eq!(queue.send(2, line(400)).now_or_never(), Some(true));
+        let text = |bytes: usize| vec![b'x'; bytes];
+        assert_eq!(queue.send(1, 1, text(400)).now_or_never(), Some(true));
+        assert_eq!(queue.send(2, 1, text(400)).now_or_never(), Some(true));
         // 2 × (400 + 64) are in flight: 100 more bytes do not fit.
-        assert_eq!(queue.send(3, line(100)).now_or_never(), None);
+        assert_eq!(queue.send(3, 1, text(100)).now_or_never(), None);
         drop(received.recv().await);
-        assert_eq!(queue.send(3, line(100)).now_or_never(), Some(true));
+        assert_eq!(queue.send(3, 1, text(100)).now_or_never(), Some(true));
         drop((received.recv().await, received.recv().await));
 
-        // A line longer than the whole budget goes alone.
-        assert_eq!(queue.send(4, line(5_000)).now_or_never(), Some(true));
-        assert_eq!(queue.send(5, line(1)).now_or_never(), None);
+        // A block longer than the whole budget goes alone.
+        assert_eq!(queue.send(4, 1, text(5_000)).now_or_never(), Some(true));
+        assert_eq!(queue.send(5, 1, text(1)).now_or_never(), None);
         let long = received.recv().await.unwrap();
-        assert_eq!((long.number, long.text.len()), (4, 5_000));
+        assert_eq!((long.first_line, long.text.len()), (4, 5_000));
         drop(long);
 
-        // Blank lines are bounded too: 1,000 / (1 + 64) of them.
-        let mut queued = 0;
-        while queue.send(6 + queued, line(1)).now_or_never() == Some(true) {
-            queued += 1;
-        }
-        assert_eq!(queued, 15);
+        // Blank lines are bounded too: each costs 64 bytes beyond its text. Beside one line of
+        // 65 bytes, a block of 14 blank lines fits (910 bytes) and one of 15 (975) waits.
+        assert_eq!(queue.send(6, 1, text(1)).now_or_never(), Some(true));
+        assert_eq!(queue.send(7, 15, text(15)).now_or_never(), None);
+        assert_eq!(queue.send(7, 14, text(14)).now_or_never(), Some(true));
+        drop((received.recv().await, received.recv().await));
 
         // Once the importer stops, the reader is told.
         drop(received);
-        queue.budget.add_permits(1_000);
-        assert_eq!(queue.send(100, line(1)).now_or_never(), Some(false));
+        assert_eq!(queue.send(100, 1, text(1)).now_or_never(), Some(false));
+    }
+
+    /// Every line comes out once, whole and numbered, whatever the chunks' boundaries; blocks
+    /// stay near their size; a line over the limit stops the cutting after the lines before it.
+    #[test]
+    fn lines_are_cut_into_numbered_blocks_across_chunks() {
+        let body: Vec<u8> =
+            (0..5_000).flat_map(|n| format!("{{\"n\":{n}{}}}\n", " ".repeat(n % 97)).into_bytes()).collect();
+        for chunk_size in [1, 7, 1_000, 65_536, 200_000, body.len()] {
+            let mut cutter = LineBlocks::new(1_000);
+            let mut blocks = Vec::new();
+            for chunk in body.chunks(chunk_size) {
+                cutter.push(chunk, &mut blocks).unwrap();
+            }
+            assert!(cutter.finish().is_none(), "the body ends with a newline");
+            let mut next = 1;
+            let mut joined = Vec::new();
+            for (first_line, lines, text) in &blocks {
+                assert_eq!(*first_line, next);
+                assert!(text.len() <= BLOCK_BYTES, "{} bytes", text.len());
+                let block = LineBlock { first_line: *first_line, text: text.clone(), _budget: permit() };
+                assert_eq!(block.lines().count() as u64, *lines);
+                for (number, line) in block.lines() {
+                    assert_eq!(
+                        line,
+                        format!("{{\"n\":{}{}}}\n", number - 1, " ".repeat((number as usize - 1) % 97)).as_bytes()
+                    );
+                }
+                next += lines;
+                joined.extend_from_slice(text);
+            }
+            assert_eq!((next, joined.len()), (5_001, body.len()), "chunks of {chunk_size}");
+        }
+
+        // The last line without a newline comes out at the end.
+        let mut cutter = LineBlocks::new(1_000);
+        let mut blocks = Vec::new();
+        cutter.push(b"a\n\nb", &mut blocks).unwrap();
+        assert_eq!(blocks, vec![(1, 2, b"a\n\n".to_vec())]);
+        assert_eq!(cutter.finish(), Some((3, 1, b"b".to_vec())));
+
+        // Too long: within a chunk, or as the unfinished line at a chunk's end.
+        let mut cutter = LineBlocks::new(3);
+        let mut blocks = Vec::new();
+        assert_eq!(cutter.push(b"ab\ncd\nefgh\nij\n", &mut blocks), Err(3));
+        assert_eq!(blocks, vec![(1, 2, b"ab\ncd\n".to_vec())]);
+        let mut cutter = LineBlocks::new(3);
+        let mut blocks = Vec::new();
+        assert_eq!(cutter.push(b"ab\nc", &mut blocks), Ok(()));
+        assert_eq!(cutter.push(b"def", &mut blocks), Err(2));
+        assert_eq!(blocks, vec![(1, 1, b"ab\n".to_vec())]);
+    }
+
+    fn permit() -> tokio::sync::OwnedSemaphorePermit {
+        std::sync::Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().unwrap()
     }
 }
