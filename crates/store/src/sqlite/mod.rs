@@ -111,6 +111,9 @@ impl SqliteStore {
         associated::migrate(&mut writer)?;
         plan_watermarks::migrate(&mut writer)?;
         plan_watermarks::migrate_tenant_changes(&mut writer)?;
+        // An acknowledged write survives power loss, not only a crash of the process: each
+        // commit syncs the WAL (`NORMAL` syncs it only at checkpoints). Readers never commit.
+        writer.pragma_update(None, "synchronous", "FULL")?;
         writer.pragma_update(None, "wal_autocheckpoint", options.wal_autocheckpoint_pages)?;
         if let Some(pages) = options.max_page_count {
             // Per connection; only the writer grows the file.
@@ -1008,6 +1011,15 @@ mod tests {
     }
 
     crate::store_test_suite!(fresh_store());
+
+    /// Writes commit with `synchronous = FULL` (2): the WAL is synced at every commit, so an
+    /// acknowledged write survives power loss, not only a crash of the process.
+    #[test]
+    fn the_writer_syncs_the_wal_at_every_commit() {
+        let store = fresh_store();
+        let writer = store.writer.lock().unwrap();
+        assert_eq!(writer.query_row("PRAGMA synchronous", [], |row| row.get::<_, i64>(0)).unwrap(), 2);
+    }
 
     /// A new database gets 16 KiB pages (the pragma must come before WAL mode writes the header);
     /// an existing database keeps the page size it was created with.
