@@ -129,12 +129,14 @@ fn a_blocking_pool_no_larger_than_downloads_plans_and_uploads_is_refused() {
     assert!(stderr.contains("max_blocking_threads"), "{stderr}");
 }
 
-/// An upload beyond `max_concurrent_uploads` is answered 429 with `Retry-After` and an
-/// OperationOutcome while the pool is full, and stores nothing; once the upload holding the
-/// place ends, the next is imported.
+/// An upload beyond `max_concurrent_uploads` waits `upload_queue_seconds` for a place, then is
+/// answered 429 with `Retry-After` and an OperationOutcome while the pool stays full, and stores
+/// nothing; once the upload holding the place ends, the next is imported.
 #[tokio::test(flavor = "multi_thread")]
 async fn uploads_beyond_their_pool_are_answered_429_until_a_place_is_free() {
-    let env = [("BULKHEAD_MAX_CONCURRENT_UPLOADS", "1"), ("BULKHEAD_UPLOAD_QUEUE_SECONDS", "0")];
+    // Two seconds' wait: the slow upload gets its place even behind a small one that arrived
+    // first, and a small one behind the slow upload (6 s) is refused.
+    let env = [("BULKHEAD_MAX_CONCURRENT_UPLOADS", "1"), ("BULKHEAD_UPLOAD_QUEUE_SECONDS", "2")];
     let env = env.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect();
     let server = Server::start_with(Options { env, ..Options::default() }).await;
     server.create_tenant("acme");
@@ -144,7 +146,7 @@ async fn uploads_beyond_their_pool_are_answered_429_until_a_place_is_free() {
             .header("content-type", "application/fhir+ndjson")
             .body(body)
     };
-    let slow = tokio::spawn(Api::send(upload(slow_upload_body(40, Duration::from_millis(100)))));
+    let slow = tokio::spawn(Api::send(upload(slow_upload_body(40, Duration::from_millis(150)))));
     let line = |id: &str| json!({"resourceType": "Patient", "id": id, "gender": "other"}).to_string();
     // Small uploads until one finds the slow upload holding the only place.
     let mut attempt = 0;
