@@ -176,10 +176,6 @@ async fn type_post(
     }
     let caller = auth::authorize(&state, request.method(), request.uri().path(), &headers).await?;
     if resource_type == "$upload-ndjson" {
-        let _slot = match upload::upload_slot(&state).await {
-            Ok(slot) => slot,
-            Err(throttled) => return Ok(throttled),
-        };
         return upload::upload_ndjson(state, caller, headers, request.into_body()).await;
     }
     let body = negotiation::JsonBody::from_request(request, &state).await?;

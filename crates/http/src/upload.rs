@@ -163,6 +163,11 @@ pub async fn upload_ndjson(
         )
         .at("Content-Type"));
     }
+    // Held until the body is imported (or the request is dropped).
+    let _slot = match upload_slot(&state).await {
+        Ok(slot) => slot,
+        Err(throttled) => return Ok(throttled),
+    };
     let body = crate::quotas::metered_upload(&state, &caller, &headers, body)?;
     let (lines_tx, mut lines_rx) = LineQueue::new(LINES_AHEAD_BYTES);
     let store = state.store.clone();
@@ -268,7 +273,7 @@ const UPLOAD_RETRY_AFTER_SECONDS: u64 = 5;
 /// `max_concurrent_uploads` places, then answers 429 with `Retry-After`. Each upload holds a
 /// blocking thread for as long as its body arrives, so without this a few slow uploads could
 /// take every thread of the server's bounded pool from every other tenant's requests.
-pub(crate) async fn upload_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+async fn upload_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
     crate::planning_pool::permit_within(&state.upload_slots, state.config.upload_queue_wait).await.ok_or_else(|| {
         tracing::info!(limit = state.config.max_concurrent_uploads, "upload pool full; answering 429");
         crate::planning_pool::pool_full(
