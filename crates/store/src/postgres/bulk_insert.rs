@@ -24,6 +24,7 @@ use bulkhead_fhir::{resource_type_code, Micros};
 use postgres::error::SqlState;
 use serde_json::Value;
 
+use super::created_keys::CreatedKeys;
 use super::resources::mark_patients_changed;
 use super::Db;
 use crate::plan_cache::raises_member_watermarks;
@@ -233,6 +234,10 @@ struct New<'a> {
 /// `prepared[i]`, when present, is what `ops[i]`'s rows derive from its body
 /// ([`crate::Store::write_prepared`]): its rows and text are taken from it, and a detached op's
 /// placeholder body is never parsed back.
+///
+/// `created`, in a bulk load, holds the keys of the resources the load created in earlier
+/// batches: Provenance targets among them are not probed, and the resources created here are
+/// noted in it.
 pub(super) fn insert_new<'a>(
     db: &mut Db<'_>,
     tenant: TenantId,
@@ -240,6 +245,7 @@ pub(super) fn insert_new<'a>(
     ops: &'a [WriteOp],
     prepared: &'a [Option<PreparedWrite>],
     timestamp: Micros,
+    mut created: Option<&mut CreatedKeys>,
 ) -> Result<Vec<(usize, Written)>, StoreError> {
     let mut named: HashMap<(&str, &str), usize> = HashMap::with_capacity(ops.len());
     for op in ops {
@@ -311,7 +317,10 @@ pub(super) fn insert_new<'a>(
 
     copy_compartments(db, tenant, owner, &chosen, timestamp)?;
     copy_search_tokens(db, tenant, &chosen)?;
-    copy_references(db, tenant, &chosen, timestamp)?;
+    if let Some(created) = created.as_deref_mut() {
+        created.check_removals(db, tenant)?;
+    }
+    copy_references(db, tenant, &chosen, timestamp, created.as_deref())?;
     // Target rows without a key (a Provenance written before its target) are few and have an
     // index of their own: one probe says whether this batch's resources can resolve any. (In
     // index order with a limit, so the planner reads that index, whatever it estimates; under
@@ -329,6 +338,11 @@ pub(super) fn insert_new<'a>(
         let ids: Vec<&str> = chosen.iter().map(|new| new.id).collect();
         let new_rids: Vec<i64> = chosen.iter().map(|new| new.rid).collect();
         super::associated::resolve_new_targets(db, tenant, &types, &ids, &new_rids)?;
+    }
+    if let Some(created) = created {
+        for new in &chosen {
+            created.created(new.code, new.id, new.rid);
+        }
     }
     Ok(chosen
         .into_iter()
@@ -552,9 +566,16 @@ fn copy_search_tokens(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>]) -> 
 }
 
 /// The reference-index rows of the new resources (open from `timestamp`). A Provenance
-/// target's row carries its target's key when the target's row exists: one of this batch, or
-/// one already stored (deleted or not), as the single-write path's insert looks it up.
-fn copy_references(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>], timestamp: Micros) -> Result<(), StoreError> {
+/// target's row carries its target's key when the target's row exists: one of this batch, one
+/// the load created before (`created`), or one already stored (deleted or not), as the
+/// single-write path's insert looks it up.
+fn copy_references(
+    db: &mut Db<'_>,
+    tenant: TenantId,
+    chosen: &[New<'_>],
+    timestamp: Micros,
+    created: Option<&CreatedKeys>,
+) -> Result<(), StoreError> {
     // (rid, reference); each resource's references sorted and distinct (`outgoing_references`).
     let mut rows: Vec<(i64, &OutgoingReference)> = Vec::new();
     let mut referencing: Vec<&str> = Vec::new();
@@ -570,16 +591,24 @@ fn copy_references(db: &mut Db<'_>, tenant: TenantId, chosen: &[New<'_>], timest
     if rows.is_empty() {
         return Ok(());
     }
-    // Provenance targets' keys: those of this batch, then the stored ones, looked up at once.
+    // Provenance targets' keys: those of this batch, those the load created before, then the
+    // other stored ones, looked up at once.
     let mut targets: HashMap<(&str, &str), i64> = HashMap::new();
     if rows.iter().any(|(_, reference)| reference.provenance_target) {
         targets = chosen.iter().map(|new| ((new.resource_type, new.id), new.rid)).collect();
-        let elsewhere: Vec<(&str, &str)> = rows
-            .iter()
-            .filter(|(_, reference)| reference.provenance_target)
-            .map(|(_, reference)| (reference.target_type.as_str(), reference.target_id.as_str()))
-            .filter(|key| !targets.contains_key(key))
-            .collect();
+        let mut elsewhere: Vec<(&str, &str)> = Vec::new();
+        for (_, reference) in rows.iter().filter(|(_, reference)| reference.provenance_target) {
+            let key = (reference.target_type.as_str(), reference.target_id.as_str());
+            if targets.contains_key(&key) {
+                continue;
+            }
+            match created.and_then(|created| created.get(key.0, key.1)) {
+                Some(rid) => {
+                    targets.insert(key, rid);
+                }
+                None => elsewhere.push(key),
+            }
+        }
         if !elsewhere.is_empty() {
             let stored = stored_keys(db, tenant, elsewhere)?;
             targets.extend(stored);

@@ -11,7 +11,11 @@
 //! reported. What the commit of an unflushed batch does not change: it is visible to other
 //! transactions at once (as any commit), and every write that follows it takes the clock after
 //! it and flushes the WAL past it when it commits.
+//!
+//! The load keeps the keys of the resources it created ([`CreatedKeys`]), so that a later
+//! batch's Provenance finds its targets' keys without a probe each.
 
+use super::created_keys::CreatedKeys;
 use super::{resources, PgStore};
 use crate::{BulkBatch, BulkSource, StoreError, TenantId, WriteMode, Written};
 
@@ -25,6 +29,7 @@ pub(super) fn write_bulk(
 ) -> Result<(), StoreError> {
     // Batches committed (and given back with `written`) since the last flush.
     let mut unflushed = false;
+    let mut created = CreatedKeys::new();
     loop {
         // While batches wait unconfirmed, take only one that is already waiting (`next_batch`
         // never blocks then, and says `None` once the source wants a confirmation).
@@ -37,7 +42,7 @@ pub(super) fn write_bulk(
             unflushed = false;
             continue;
         };
-        match write_batch_unflushed(store, tenant, owner, &batch) {
+        match write_batch_unflushed(store, tenant, owner, &batch, &mut created) {
             Ok(results) => {
                 source.written(batch, results);
                 unflushed = true;
@@ -55,18 +60,25 @@ pub(super) fn write_bulk(
 }
 
 /// One batch as [`crate::write_bulk_batch`] writes it (as a whole, or entry by entry when an
-/// entry fails), its commit not waiting for the WAL flush.
+/// entry fails), its commit not waiting for the WAL flush; the keys it created are kept in
+/// `created` once it commits.
 fn write_batch_unflushed(
     store: &PgStore,
     tenant: TenantId,
     owner: Option<&str>,
     batch: &BulkBatch,
+    created: &mut CreatedKeys,
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
-    let write = |mode| {
-        store.with_write(|db, timestamp| {
+    let mut write = |mode| {
+        let written = store.with_write(|db, timestamp| {
             db.batch("SET LOCAL synchronous_commit = off")?;
-            resources::write(db, tenant, owner, &batch.ops, &batch.prepared, mode, timestamp)
-        })
+            resources::write(db, tenant, owner, &batch.ops, &batch.prepared, mode, timestamp, Some(&mut *created))
+        });
+        match written {
+            Ok(_) => created.committed(),
+            Err(_) => created.rolled_back(),
+        }
+        written
     };
     match write(WriteMode::Transaction) {
         Ok(results) => Ok(results),
@@ -90,7 +102,7 @@ mod tests {
 
     use super::super::testing::{fresh_database, test_options};
     use super::super::PgStore;
-    use crate::{BulkBatch, BulkSource, PreparedWrite, Store, StoreError, Visibility, WriteOp, Written};
+    use crate::{BulkBatch, BulkSource, PreparedWrite, Store, StoreError, Visibility, WriteMode, WriteOp, Written};
 
     /// The WAL position, in bytes: where the next record goes (`insert`) or how far it is on
     /// disk (`flush`).
@@ -146,6 +158,116 @@ mod tests {
             })
             .unzip();
         BulkBatch { ops, prepared }
+    }
+
+    fn op(body: serde_json::Value) -> (WriteOp, Option<PreparedWrite>) {
+        let (resource_type, id) = (body["resourceType"].as_str().unwrap(), body["id"].as_str().unwrap());
+        let prepared = PreparedWrite::new(resource_type, id, &body);
+        let (resource_type, id) = (resource_type.to_owned(), id.to_owned());
+        (WriteOp::Update { resource_type, id, body, if_match: None }, Some(prepared))
+    }
+
+    /// UUID ids (the form whose keys a load keeps), one per `n`.
+    fn uuid(n: usize) -> String {
+        format!("00000000-0000-4000-8000-{n:012x}")
+    }
+
+    /// Hands out its batches, running `between` (once) before the second.
+    struct InterruptedSource<'s> {
+        batches: VecDeque<BulkBatch>,
+        handed: usize,
+        between: Option<Box<dyn FnOnce() + 's>>,
+    }
+
+    impl BulkSource for InterruptedSource<'_> {
+        fn next_batch(&mut self, _wait: bool) -> Option<BulkBatch> {
+            if self.handed == 1 {
+                if let Some(between) = self.between.take() {
+                    between();
+                }
+            }
+            self.handed += 1;
+            self.batches.pop_front()
+        }
+        fn written(&mut self, _batch: BulkBatch, results: Vec<Result<Written, StoreError>>) {
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+        }
+        fn committed(&mut self) {}
+        fn rewind(&mut self) {
+            panic!("no entry of this load fails");
+        }
+    }
+
+    /// A Provenance of a later batch gets the keys of targets the load created earlier, and the
+    /// right ones when some of them were deleted and pruned meanwhile: one created again (a new
+    /// key), one gone (no key), one untouched.
+    #[test]
+    fn provenance_targets_created_by_the_load_keep_their_keys_across_a_prune() {
+        let Some(database) = fresh_database() else { return };
+        let store = PgStore::open(&database.url, test_options()).unwrap();
+        let tenant = store.create_tenant("t").unwrap().id;
+        let observation = |id: &str| {
+            json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "c"},
+                   "subject": {"reference": format!("Patient/{}", uuid(0))}})
+        };
+        let (recreated, gone, kept) = (uuid(100), uuid(101), uuid(102));
+        // Batches of at least eight writes, as the bulk path takes them.
+        let patients = |ids: std::ops::Range<usize>| ids.map(|n| op(json!({"resourceType": "Patient", "id": uuid(n)})));
+        let batch = |ops: Vec<(WriteOp, Option<PreparedWrite>)>| {
+            let (ops, prepared) = ops.into_iter().unzip();
+            BulkBatch { ops, prepared }
+        };
+        let first = batch(
+            [op(observation(&recreated)), op(observation(&gone)), op(observation(&kept))]
+                .into_iter()
+                .chain(patients(0..5))
+                .collect(),
+        );
+        let provenance = json!({"resourceType": "Provenance", "id": uuid(200), "recorded": "2020-01-01T00:00:00Z",
+            "target": [{"reference": format!("Observation/{recreated}")}, {"reference": format!("Observation/{gone}")},
+                       {"reference": format!("Observation/{kept}")}],
+            "agent": [{"who": {"reference": format!("Patient/{}", uuid(0))}}]});
+        let second = batch([op(provenance)].into_iter().chain(patients(10..17)).collect());
+        let rid = |id: &str| -> Option<i64> {
+            store
+                .with_read(|db| {
+                    let row = db.query_opt(
+                        "SELECT rid FROM resources WHERE tenant_id = $1 AND resource_type = 'Observation' AND id = $2",
+                        &[&tenant.0, &id],
+                    )?;
+                    Ok(row.map(|row| row.try_get(0)).transpose()?)
+                })
+                .unwrap()
+        };
+        let first_key = std::cell::Cell::new(None);
+        let between = || {
+            first_key.set(rid(&recreated));
+            let delete = |id: &str| WriteOp::Delete { resource_type: "Observation".into(), id: id.into() };
+            let deleted = store.write(tenant, None, &[delete(&recreated), delete(&gone)], WriteMode::Transaction);
+            assert!(deleted.unwrap().iter().all(Result::is_ok));
+            let report = store.prune_history(i64::MAX / 2, 0, 100).unwrap();
+            assert_eq!(report.tombstones, 2);
+            let op = op(observation(&recreated)).0;
+            store.write(tenant, None, &[op], WriteMode::Transaction).unwrap().remove(0).unwrap();
+        };
+        let mut source =
+            InterruptedSource { batches: VecDeque::from([first, second]), handed: 0, between: Some(Box::new(between)) };
+        store.write_bulk(tenant, None, &mut source).unwrap();
+        assert!(source.between.is_none() && source.batches.is_empty());
+
+        let targets: Vec<(String, Option<i64>)> = store
+            .with_read(|db| {
+                let rows = db.query(
+                    "SELECT target_id, target_rid FROM reference_index
+                     WHERE tenant_id = $1 AND provenance_target ORDER BY target_id",
+                    &[&tenant.0],
+                )?;
+                Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+            })
+            .unwrap();
+        let recreated_key = rid(&recreated);
+        assert!(recreated_key.is_some() && recreated_key != first_key.get(), "created again under a new key");
+        assert_eq!(targets, [(recreated.clone(), recreated_key), (gone.clone(), None), (kept.clone(), rid(&kept))]);
     }
 
     /// A bulk load reports batches stored only once the WAL is flushed past their commits: the

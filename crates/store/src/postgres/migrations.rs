@@ -31,6 +31,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (14, "audit_compression", include_str!("migrations/0014_audit_compression.sql")),
     (15, "no_body_statistics", include_str!("migrations/0015_no_body_statistics.sql")),
     (16, "key_text_byte_order", include_str!("migrations/0016_key_text_byte_order.sql")),
+    (17, "resource_removals", include_str!("migrations/0017_resource_removals.sql")),
 ];
 
 /// The advisory lock key of the migration runner ("bulkhead" in ASCII, as an int8).

@@ -15,6 +15,7 @@ mod audit;
 mod bulk_insert;
 mod bulk_load;
 mod cohort;
+mod created_keys;
 mod export;
 mod jobs;
 mod leases;
@@ -516,7 +517,7 @@ impl crate::Store for PgStore {
         audit_records: &AuditRecords<'_>,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
         self.with_write(|db, timestamp| {
-            let results = resources::write(db, tenant, owner, ops, &[], mode, timestamp)?;
+            let results = resources::write(db, tenant, owner, ops, &[], mode, timestamp, None)?;
             audit::append(db, &audit_records(&results))?;
             Ok(results)
         })
@@ -533,7 +534,7 @@ impl crate::Store for PgStore {
         prepared: &[Option<crate::PreparedWrite>],
         mode: WriteMode,
     ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
-        self.with_write(|db, timestamp| resources::write(db, tenant, owner, ops, prepared, mode, timestamp))
+        self.with_write(|db, timestamp| resources::write(db, tenant, owner, ops, prepared, mode, timestamp, None))
     }
 
     /// One transaction per batch, its commit not waiting for the WAL while more batches wait;

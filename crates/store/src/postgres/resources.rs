@@ -9,6 +9,7 @@ use postgres::types::ToSql;
 use postgres::Row;
 use serde_json::Value;
 
+use super::created_keys::CreatedKeys;
 use super::Db;
 use crate::plan_cache::raises_member_watermarks;
 use crate::write::search_tokens;
@@ -31,7 +32,9 @@ const BULK_FROM: usize = 8;
 
 /// Applies `ops` in one transaction at `timestamp` (see [`crate::Store::write`]), with what
 /// was prepared for them (`prepared[i]` for `ops[i]`, see [`crate::Store::write_prepared`]; an
-/// empty list for none).
+/// empty list for none). A bulk load passes the keys of the resources it created so far
+/// (`created`), which notes those this write creates in bulk.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn write(
     db: &mut Db<'_>,
     tenant: TenantId,
@@ -40,10 +43,11 @@ pub(super) fn write(
     prepared: &[Option<PreparedWrite>],
     mode: WriteMode,
     timestamp: Micros,
+    created: Option<&mut CreatedKeys>,
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     let mut results: Vec<Option<Result<Written, StoreError>>> = (0..ops.len()).map(|_| None).collect();
     if ops.len() >= BULK_FROM {
-        for (index, written) in super::bulk_insert::insert_new(db, tenant, owner, ops, prepared, timestamp)? {
+        for (index, written) in super::bulk_insert::insert_new(db, tenant, owner, ops, prepared, timestamp, created)? {
             results[index] = Some(Ok(written));
         }
     }

@@ -83,6 +83,12 @@ pub(super) fn prune(store: &PgStore, cutoff: Micros, now: Micros, batch: usize) 
             if row.try_get::<_, &str>(2)? == "Group" {
                 db.execute("DELETE FROM group_membership WHERE tenant_id = $1 AND group_rid = $2", &[&tenant, &rid])?;
             }
+            // A bulk load that kept this row's key forgets it (`created_keys.rs`).
+            db.execute(
+                "INSERT INTO resource_removals (tenant_id, removed) VALUES ($1, 1)
+                 ON CONFLICT (tenant_id) DO UPDATE SET removed = resource_removals.removed + 1",
+                &[&tenant],
+            )?;
         }
         Ok(gone.len() as u64)
     })?;
