@@ -5,8 +5,9 @@
 //! Provenance come after their targets).
 //!
 //! Bounded whatever the load's size: only ids that are UUIDs in canonical lowercase form are
-//! kept (packed into 16 bytes, so a key is exact, never a hash), at most [`MAX_KEYS`] of them
-//! (~70 MB); past that, and for any other id, targets are probed as before.
+//! kept (packed into 16 bytes, so a key is exact, never a hash), with the type's code and the
+//! key in 8 more, at most [`MAX_KEYS`] of them (~50 MB); past that, for any other id, and for a
+//! UUID the load created under two types, targets are probed as before.
 //!
 //! A key kept here stays right while the resource's row exists: updates and deletes keep a
 //! resource's `rid`, and only pruning removes a row (after which the `(type, id)` may be
@@ -22,20 +23,21 @@ use bulkhead_fhir::resource_type_code;
 use super::Db;
 use crate::{StoreError, TenantId};
 
-/// At most this many keys: a hash table of 2^21 buckets at its 7/8 load, 32 bytes a bucket.
+/// At most this many keys: a hash table of 2^21 buckets at its 7/8 load, 24 bytes a bucket.
 const MAX_KEYS: usize = 1_835_008;
 
-/// A resource named by its type's code and its id, a UUID packed into its 16 bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-struct PackedKey {
-    code: i16,
-    id: [u8; 16],
-}
+/// A kept key's entry: the type's code in the top 16 bits, the resource's key below.
+type Entry = u64;
 
-impl PackedKey {
-    fn new(code: i16, id: &str) -> Option<PackedKey> {
-        Some(PackedKey { code, id: pack_uuid(id)? })
-    }
+/// The entry of a UUID the load created under two types: neither is served from here.
+const AMBIGUOUS: Entry = u64::MAX;
+
+const KEY_BITS: u32 = 48;
+
+fn entry(code: i16, rid: i64) -> Option<Entry> {
+    let code = u64::from(u16::try_from(code).ok()?);
+    let rid = u64::try_from(rid).ok().filter(|rid| *rid < 1 << KEY_BITS)?;
+    Some(code << KEY_BITS | rid)
 }
 
 /// The 16 bytes of `id` when it is a UUID written as 8-4-4-4-12 lowercase hex digits (the only
@@ -68,10 +70,11 @@ fn pack_uuid(id: &str) -> Option<[u8; 16]> {
 /// The keys of the resources a bulk load created, those of its open transaction kept apart
 /// until it commits.
 pub(super) struct CreatedKeys {
-    keys: HashMap<PackedKey, i64>,
+    /// By the id's 16 bytes.
+    keys: HashMap<[u8; 16], Entry>,
     /// Created in the open transaction: kept by [`CreatedKeys::committed`], dropped by
     /// [`CreatedKeys::rolled_back`].
-    pending: Vec<(PackedKey, i64)>,
+    pending: Vec<([u8; 16], Entry)>,
     /// The tenant's `resource_removals` count when `keys` were last known right.
     removals: Option<i64>,
     max_keys: usize,
@@ -88,20 +91,21 @@ impl CreatedKeys {
 
     /// Notes a resource created in the open transaction.
     pub(super) fn created(&mut self, code: i16, id: &str, rid: i64) {
-        if let Some(key) = PackedKey::new(code, id) {
-            self.pending.push((key, rid));
+        if let (Some(id), Some(entry)) = (pack_uuid(id), entry(code, rid)) {
+            self.pending.push((id, entry));
         }
     }
 
     /// The open transaction committed: its keys are kept, up to the bound.
     pub(super) fn committed(&mut self) {
-        for (key, rid) in self.pending.drain(..) {
-            if self.keys.len() >= self.max_keys {
-                break;
+        for (id, entry) in self.pending.drain(..) {
+            if let Some(kept) = self.keys.get_mut(&id) {
+                // Created under another type (a resource's `(type, id)` is created once).
+                *kept = AMBIGUOUS;
+            } else if self.keys.len() < self.max_keys {
+                self.keys.insert(id, entry);
             }
-            self.keys.insert(key, rid);
         }
-        self.pending.clear();
     }
 
     /// The open transaction was rolled back: the keys it took name no row.
@@ -133,8 +137,12 @@ impl CreatedKeys {
 
     /// The key of `(resource_type, id)` if this load created it (and committed).
     pub(super) fn get(&self, resource_type: &str, id: &str) -> Option<i64> {
-        let code = i16::try_from(resource_type_code(resource_type)?).ok()?;
-        self.keys.get(&PackedKey::new(code, id)?).copied()
+        let code = u64::try_from(resource_type_code(resource_type)?).ok()?;
+        let entry = *self.keys.get(&pack_uuid(id)?)?;
+        if entry == AMBIGUOUS || entry >> KEY_BITS != code {
+            return None;
+        }
+        i64::try_from(entry & ((1 << KEY_BITS) - 1)).ok()
     }
 }
 
@@ -188,6 +196,19 @@ mod tests {
         keys.created(code("Patient"), "p1", 9);
         keys.committed();
         assert_eq!(keys.get("Patient", "p1"), None, "not a UUID: probed instead");
+    }
+
+    /// A UUID created under two types is served for neither (both are probed).
+    #[test]
+    fn a_uuid_created_under_two_types_is_probed() {
+        let mut keys = CreatedKeys::new();
+        keys.created(code("Observation"), A, 7);
+        keys.committed();
+        keys.created(code("Condition"), A, 8);
+        keys.created(code("Observation"), B, (1 << KEY_BITS) + 1);
+        keys.committed();
+        assert_eq!((keys.get("Observation", A), keys.get("Condition", A)), (None, None));
+        assert_eq!(keys.get("Observation", B), None, "a key past 48 bits is not kept");
     }
 
     /// No more keys than the bound are kept; the first ones stay.
