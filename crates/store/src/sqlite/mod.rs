@@ -67,10 +67,10 @@ impl Default for SqliteOptions {
 
 impl SqliteOptions {
     /// Sized for a bulk load, within an import's 400 MB budget: a writer cache for the indexes'
-    /// hot pages, and the rest for the batches of a transaction in flight. A commit rewrites every
-    /// leaf its random keys touched, so memory buys more as larger transactions than as cache
-    /// (the leaves are in the OS's page cache anyway): 64 MiB here beside 48 MiB transactions
-    /// (`bulkhead import`) took 0.85× the writer's CPU of 128 MiB beside 16 MiB (session 14).
+    /// hot pages, the rest for a transaction's batches in flight. A commit rewrites every leaf its
+    /// random keys touched, so memory buys more as larger transactions than as cache (the leaves
+    /// are in the OS's page cache anyway): 64 MiB here, beside `bulkhead import`'s 48 MiB
+    /// transactions (BENCHMARKS.md, session 14).
     pub fn bulk_load() -> Self {
         // 128 MiB of WAL between checkpoints (disk, not memory: the WAL index is 1/500 of it).
         SqliteOptions { writer_cache_mib: 64, wal_autocheckpoint_pages: 8192, ..SqliteOptions::default() }
