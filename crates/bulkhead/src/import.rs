@@ -51,6 +51,9 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = opened.shared();
     let mut importer = Importer::new(store.clone(), tenant.id, args.user.clone(), config.max_group_members)
         .with_validation(config.validation_for(&args.tenant));
+    if let OpenedStore::Sqlite(_) = &opened {
+        importer = importer.with_batch_bytes(SQLITE_BATCH_BYTES).with_commit_bytes(SQLITE_COMMIT_BYTES);
+    }
     let loaded = load_files(&mut importer, &files, |bytes, processed| {
         bar.set_position(bytes);
         let rate = processed as f64 / started.elapsed().as_secs_f64().max(0.001);
@@ -109,6 +112,17 @@ pub fn report(summary: &ImportSummary, seconds: f64) {
         if summary.failed == 0 { "" } else { " (not stored)" }
     );
 }
+
+/// JSON text a SQLite import commits at a time (the importer's default is 16 MiB): every commit
+/// writes each index leaf its random keys touched to the WAL (and a checkpoint copies it again),
+/// so fewer, larger transactions write each leaf fewer times. A transaction's batches stay in
+/// memory until it commits (about twice their text), and with `SqliteOptions::bulk_load`'s
+/// 64 MiB cache this keeps an import near 360 MB (BENCHMARKS.md, session 14).
+const SQLITE_COMMIT_BYTES: usize = 48 * 1024 * 1024;
+/// JSON text of a SQLite import's batch (the importer's default is 2 MiB): the store inserts a
+/// batch's new rows in key order, so a larger batch walks the unique index's leaves in longer
+/// runs. 8 MiB took the import past 400 MB.
+const SQLITE_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// What an import reads; anything else in a directory is skipped with a warning.
 const IMPORTABLE: [&str; 6] = [".ndjson", ".jsonl", ".json", ".ndjson.gz", ".jsonl.gz", ".json.gz"];

@@ -66,11 +66,14 @@ impl Default for SqliteOptions {
 }
 
 impl SqliteOptions {
-    /// Sized for a bulk load: a large writer cache keeps the indexes' hot pages in memory, within
-    /// an import's 400 MB budget (the rest is batches in flight).
+    /// Sized for a bulk load, within an import's 400 MB budget: a writer cache for the indexes'
+    /// hot pages, the rest for a transaction's batches in flight. A commit rewrites every leaf its
+    /// random keys touched, so memory buys more as larger transactions than as cache (the leaves
+    /// are in the OS's page cache anyway): 64 MiB here, beside `bulkhead import`'s 48 MiB
+    /// transactions (BENCHMARKS.md, session 14).
     pub fn bulk_load() -> Self {
         // 128 MiB of WAL between checkpoints (disk, not memory: the WAL index is 1/500 of it).
-        SqliteOptions { writer_cache_mib: 128, wal_autocheckpoint_pages: 8192, ..SqliteOptions::default() }
+        SqliteOptions { writer_cache_mib: 64, wal_autocheckpoint_pages: 8192, ..SqliteOptions::default() }
     }
 }
 
@@ -329,18 +332,25 @@ fn apply_ops(
     timestamp: Micros,
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     let mut results = Vec::with_capacity(ops.len());
+    // A transaction's new rows first, in key order (a failed entry rolls everything back).
+    let mut first_passes = match mode {
+        WriteMode::Transaction => resources::insert_new_rows(transaction, tenant, owner, ops, prepared, timestamp)?,
+        WriteMode::Batch => Vec::new(),
+    }
+    .into_iter();
     for (index, op) in ops.iter().enumerate() {
         let prepared = prepared.get(index).and_then(Option::as_ref);
+        let first = first_passes.next().unwrap_or(resources::FirstPass::NotTried);
         match mode {
             WriteMode::Transaction => {
-                results.push(Ok(resources::apply(transaction, memo, tenant, owner, op, prepared, timestamp)?));
+                results.push(Ok(resources::apply(transaction, memo, tenant, owner, op, prepared, first, timestamp)?));
             }
             WriteMode::Batch => {
                 // A savepoint per entry: a failed entry leaves no partial rows behind (and its
                 // pending target rows are dropped with the memo: the earlier entries' are written).
                 memo.flush_targets(transaction, tenant)?;
                 transaction.prepare_cached("SAVEPOINT entry")?.execute([])?;
-                let result = resources::apply(transaction, memo, tenant, owner, op, prepared, timestamp);
+                let result = resources::apply(transaction, memo, tenant, owner, op, prepared, first, timestamp);
                 // The store's own failure ends the whole write; SQLite may already have
                 // rolled the transaction back (it does on SQLITE_FULL), savepoint and all.
                 if let Err(error) = result {
@@ -1303,6 +1313,64 @@ mod tests {
         }
         let x = store.read(tenant, &Visibility::Tenant, "Patient", "x").unwrap().unwrap();
         assert_eq!((x.version, x.owner.as_deref()), (1, Some("other")));
+    }
+
+    /// A prepared batch's new resource rows are inserted in `(type, id)` order before the batch is
+    /// written in its own order: keys ascend by id within the batch, a resource written twice
+    /// gets its row from its first write (the second is its version 2), and one that existed is
+    /// updated. A batch with a write that does not insert first (a delete) keeps arrival order.
+    #[test]
+    fn a_prepared_batch_inserts_its_new_rows_in_key_order() {
+        use crate::{PreparedWrite, Store, Visibility, WriteMode, WriteOp};
+        let store = fresh_store();
+        let tenant = store.create_tenant("t").unwrap().id;
+        let patient = |id: &str, gender: &str| {
+            let body = serde_json::json!({"resourceType": "Patient", "id": id, "gender": gender});
+            let prepared = PreparedWrite::new("Patient", id, &body);
+            (WriteOp::Update { resource_type: "Patient".into(), id: id.into(), body, if_match: None }, Some(prepared))
+        };
+        let write = |batch: Vec<(WriteOp, Option<PreparedWrite>)>| {
+            let (ops, prepared): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            store.write_prepared(tenant, None, &ops, &prepared, WriteMode::Transaction).unwrap()
+        };
+        write(vec![patient("e", "male")]);
+        let results = write(vec![
+            patient("c", "male"),
+            patient("a", "male"),
+            patient("e", "female"),
+            patient("b", "male"),
+            patient("a", "female"),
+        ]);
+        let outcomes: Vec<(String, i64, bool)> =
+            results.into_iter().map(Result::unwrap).map(|w| (w.id, w.version, w.created)).collect();
+        let expected = [("c", 1, true), ("a", 1, true), ("e", 2, false), ("b", 1, true), ("a", 2, false)];
+        assert_eq!(outcomes, expected.map(|(id, version, created)| (id.to_owned(), version, created)));
+        for (id, gender) in [("a", "female"), ("b", "male"), ("c", "male"), ("e", "female")] {
+            let stored = store.read(tenant, &Visibility::Tenant, "Patient", id).unwrap().unwrap();
+            assert!(stored.body.unwrap().contains(&format!("\"gender\":\"{gender}\"")), "{id}");
+        }
+        let keys = |ids: &[&str]| -> Vec<i64> {
+            store
+                .with_read(|connection| {
+                    let mut keys = Vec::new();
+                    for id in ids {
+                        keys.push(
+                            connection.query_row("SELECT rid FROM resources WHERE id = ?1", [id], |row| row.get(0))?,
+                        );
+                    }
+                    Ok(keys)
+                })
+                .unwrap()
+        };
+        let [a, b, c] = keys(&["a", "b", "c"])[..] else { unreachable!() };
+        assert!(a < b && b < c, "new rows in key order: a {a}, b {b}, c {c}");
+
+        let (delete, _) = (WriteOp::Delete { resource_type: "Patient".into(), id: "e".into() }, ());
+        let (z, y) = (patient("z", "male"), patient("y", "male"));
+        let (ops, prepared): (Vec<_>, Vec<_>) = [z, y].into_iter().chain([(delete, None)]).unzip();
+        store.write_prepared(tenant, None, &ops, &prepared, WriteMode::Transaction).unwrap();
+        let [z, y] = keys(&["z", "y"])[..] else { unreachable!() };
+        assert!(z < y, "arrival order beside a delete: z {z}, y {y}");
     }
 
     /// SQLITE_FULL (a full disk, or the page cap reached) is `StorageFull`, and a batch stops

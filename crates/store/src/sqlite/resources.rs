@@ -39,7 +39,64 @@ fn current(
     Ok(row)
 }
 
-/// Applies one write inside an open transaction at `timestamp`.
+/// What [`insert_new_rows`] did for one write of a batch.
+pub(super) enum FirstPass {
+    /// Nothing: [`apply`] writes it whole.
+    NotTried,
+    /// Inserted its resource's row (version 1, stored text `text`): [`apply`] indexes it.
+    Inserted { rid: i64, text: String },
+    /// Found that its resource has a row already.
+    Exists,
+}
+
+/// The first pass over a batch in one transaction: inserts the rows of its new resources in
+/// `(type, id)` order, before [`apply`] writes the batch in its own order. A bulk load's ids are
+/// random (UUIDs): inserted in arrival order, each seeks the unique index `(tenant, type, id)`
+/// somewhere else, and once that index outgrows the writer's cache most seeks read a page back;
+/// in key order consecutive inserts walk neighbouring leaves. Rows keep ascending keys (`rid`s
+/// are handed out in this order), and everything else a write touches (compartments, tokens,
+/// references) is still written in arrival order, where a file's resources of one patient come
+/// together.
+///
+/// Only for batches whose every write inserts first when it can (creates, and unconditional
+/// prepared updates): none of them can tell that a row came first, and of several writes of one
+/// resource the first in the batch gets the row (the sort is stable), the others find it, as
+/// they would have. Otherwise every write is `NotTried`.
+pub(super) fn insert_new_rows(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    owner: Option<&str>,
+    ops: &[WriteOp],
+    prepared: &[Option<PreparedWrite>],
+    timestamp: Micros,
+) -> Result<Vec<FirstPass>, StoreError> {
+    // A write that inserts first, with what it was prepared from.
+    let insertable = |index: usize| match (&ops[index], prepared.get(index)) {
+        (WriteOp::Create { body, .. }, Some(Some(derived))) => Some((body, derived)),
+        (WriteOp::Update { body, if_match: None, .. }, Some(Some(derived))) => Some((body, derived)),
+        _ => None,
+    };
+    let mut passes: Vec<FirstPass> = ops.iter().map(|_| FirstPass::NotTried).collect();
+    if ops.len() < 2 || !(0..ops.len()).all(|index| insertable(index).is_some()) {
+        return Ok(passes);
+    }
+    let key = |index: usize| (ops[index].resource_type(), ops[index].id());
+    let mut order: Vec<usize> = (0..ops.len()).collect();
+    order.sort_by(|&a, &b| key(a).cmp(&key(b)));
+    for index in order {
+        let ((resource_type, id), Some((body, derived))) = (key(index), insertable(index)) else { continue };
+        let text = stored_text(derived, body, id, 1, timestamp)?;
+        passes[index] = match insert_row(transaction, tenant, owner, resource_type, id, &text, timestamp)? {
+            Some(rid) => FirstPass::Inserted { rid, text },
+            None => FirstPass::Exists,
+        };
+    }
+    Ok(passes)
+}
+
+/// Applies one write inside an open transaction at `timestamp` (`first`: what
+/// [`insert_new_rows`] did for it).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn apply(
     transaction: &Transaction<'_>,
     memo: &mut WriteMemo,
@@ -47,20 +104,41 @@ pub(super) fn apply(
     owner: Option<&str>,
     op: &WriteOp,
     prepared: Option<&PreparedWrite>,
+    first: FirstPass,
     timestamp: Micros,
 ) -> Result<Written, StoreError> {
     let resource_type = op.resource_type().to_owned();
+    if let FirstPass::Inserted { rid, text } = first {
+        let derived = prepared.ok_or_else(|| StoreError::Database("a first pass wrote an unprepared row".into()))?;
+        let version = Version { number: 1, existing_owner: None, is_new_row: true };
+        return index_version(
+            transaction,
+            memo,
+            tenant,
+            owner,
+            &resource_type,
+            (op.id(), derived),
+            rid,
+            text,
+            version,
+            timestamp,
+        );
+    }
+    let exists = matches!(first, FirstPass::Exists);
     match op {
         // A new id is inserted straight away: the insert's own uniqueness check finds an
         // existing row, so a bulk load of new resources looks nothing up first.
         WriteOp::Create { id, body, .. } => {
-            put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), None, timestamp)?
-                .ok_or_else(|| StoreError::Conflict(format!("{resource_type}/{id} already exists")))
+            let written = match exists {
+                true => None,
+                false => put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), None, timestamp)?,
+            };
+            written.ok_or_else(|| StoreError::Conflict(format!("{resource_type}/{id} already exists")))
         }
         WriteOp::Update { id, body, if_match, .. } => {
             // A bulk load (which prepares its writes) mostly brings new ids; other updates mostly
             // find their resource, and look it up first.
-            if if_match.is_none() && prepared.is_some() {
+            if if_match.is_none() && prepared.is_some() && !exists {
                 let created =
                     put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), None, timestamp)?;
                 if let Some(created) = created {
@@ -146,11 +224,7 @@ fn put(
             &computed
         }
     };
-    let text = match &derived.template {
-        Some(template) => template.stamp(version, timestamp),
-        None => stamped_json(body, id, version, timestamp)?,
-    };
-    let created = existing.as_ref().is_none_or(|existing| existing.deleted);
+    let text = stored_text(derived, body, id, version, timestamp)?;
     let rid = match &existing {
         Some(existing) => {
             archive_current(transaction, existing.rid)?;
@@ -163,23 +237,83 @@ fn put(
                 .execute(params![existing.rid, version, timestamp, text])?;
             existing.rid
         }
-        None => {
-            let inserted = transaction
-                .prepare_cached(
-                    "INSERT INTO resources (tenant_id, resource_type, id, version, last_updated, deleted, owner, body)
-                     VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?6)
-                     ON CONFLICT (tenant_id, resource_type, id) DO NOTHING",
-                )?
-                .execute(params![tenant.0, resource_type, id, timestamp, owner, text])?;
-            if inserted == 0 {
-                return Ok(None);
-            }
-            transaction.last_insert_rowid()
-        }
+        None => match insert_row(transaction, tenant, owner, resource_type, id, &text, timestamp)? {
+            Some(rid) => rid,
+            None => return Ok(None),
+        },
     };
-    let is_new_row = existing.is_none();
-    let stored_owner = match &existing {
-        Some(existing) => existing.owner.as_deref(),
+    let version = Version {
+        number: version,
+        existing_owner: existing.as_ref().map(|existing| (existing.owner.as_deref(), existing.deleted)),
+        is_new_row: existing.is_none(),
+    };
+    index_version(transaction, memo, tenant, owner, resource_type, (id, derived), rid, text, version, timestamp)
+        .map(Some)
+}
+
+/// The stored text of version `version` of a write.
+fn stored_text(
+    derived: &PreparedWrite,
+    body: &Value,
+    id: &str,
+    version: i64,
+    timestamp: Micros,
+) -> Result<String, StoreError> {
+    match &derived.template {
+        Some(template) => Ok(template.stamp(version, timestamp)),
+        None => Ok(stamped_json(body, id, version, timestamp)?),
+    }
+}
+
+/// Inserts a new resource row (version 1); `None` when the resource has a row already.
+fn insert_row(
+    transaction: &Transaction<'_>,
+    tenant: TenantId,
+    owner: Option<&str>,
+    resource_type: &str,
+    id: &str,
+    text: &str,
+    timestamp: Micros,
+) -> Result<Option<i64>, StoreError> {
+    let inserted = transaction
+        .prepare_cached(
+            "INSERT INTO resources (tenant_id, resource_type, id, version, last_updated, deleted, owner, body)
+             VALUES (?1, ?2, ?3, 1, ?4, 0, ?5, ?6)
+             ON CONFLICT (tenant_id, resource_type, id) DO NOTHING",
+        )?
+        .execute(params![tenant.0, resource_type, id, timestamp, owner, text])?;
+    Ok((inserted > 0).then(|| transaction.last_insert_rowid()))
+}
+
+/// The version a write stored, for [`index_version`].
+struct Version<'a> {
+    number: i64,
+    /// The owner of the resource's row and whether its current version was a deletion, when
+    /// the row existed before this write.
+    existing_owner: Option<(Option<&'a str>, bool)>,
+    /// Whether the resource's row was created by this write.
+    is_new_row: bool,
+}
+
+/// Brings the indexes in step with a version just stored in row `rid` (the compartment index,
+/// search tokens, references, Provenance targets waiting for it, Group membership).
+#[allow(clippy::too_many_arguments)]
+fn index_version(
+    transaction: &Transaction<'_>,
+    memo: &mut WriteMemo,
+    tenant: TenantId,
+    owner: Option<&str>,
+    resource_type: &str,
+    (id, derived): (&str, &PreparedWrite),
+    rid: i64,
+    text: String,
+    version: Version<'_>,
+    timestamp: Micros,
+) -> Result<Written, StoreError> {
+    let Version { number: version, existing_owner, is_new_row } = version;
+    let created = existing_owner.is_none_or(|(_, deleted)| deleted);
+    let stored_owner = match existing_owner {
+        Some((existing_owner, _)) => existing_owner,
         None => owner,
     };
     let compartments = Compartments { patients: &derived.patients, owner: stored_owner, is_new_row };
@@ -205,7 +339,7 @@ fn put(
             group_members(&text, timestamp).map_err(|error| StoreError::Invalid(format!("Group.member: {error}")))?;
         sync_group_membership(transaction, tenant, rid, &members, timestamp)?;
     }
-    Ok(Some(Written {
+    Ok(Written {
         resource_type: resource_type.to_owned(),
         id: id.to_owned(),
         version,
@@ -214,7 +348,7 @@ fn put(
         deleted: false,
         changed: true,
         body: Some(text),
-    }))
+    })
 }
 
 fn delete(
