@@ -1365,7 +1365,7 @@ mod tests {
         let [a, b, c] = keys(&["a", "b", "c"])[..] else { unreachable!() };
         assert!(a < b && b < c, "new rows in key order: a {a}, b {b}, c {c}");
 
-        let (delete, _) = (WriteOp::Delete { resource_type: "Patient".into(), id: "e".into() }, ());
+        let delete = WriteOp::Delete { resource_type: "Patient".into(), id: "e".into() };
         let (z, y) = (patient("z", "male"), patient("y", "male"));
         let (ops, prepared): (Vec<_>, Vec<_>) = [z, y].into_iter().chain([(delete, None)]).unzip();
         store.write_prepared(tenant, None, &ops, &prepared, WriteMode::Transaction).unwrap();

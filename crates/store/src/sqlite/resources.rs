@@ -110,7 +110,7 @@ pub(super) fn apply(
     let resource_type = op.resource_type().to_owned();
     if let FirstPass::Inserted { rid, text } = first {
         let derived = prepared.ok_or_else(|| StoreError::Database("a first pass wrote an unprepared row".into()))?;
-        let version = Version { number: 1, existing_owner: None, is_new_row: true };
+        let version = Version { number: 1, existing_owner: None };
         return index_version(
             transaction,
             memo,
@@ -129,9 +129,10 @@ pub(super) fn apply(
         // A new id is inserted straight away: the insert's own uniqueness check finds an
         // existing row, so a bulk load of new resources looks nothing up first.
         WriteOp::Create { id, body, .. } => {
-            let written = match exists {
-                true => None,
-                false => put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), None, timestamp)?,
+            let written = if exists {
+                None
+            } else {
+                put(transaction, memo, tenant, owner, &resource_type, id, (body, prepared), None, timestamp)?
             };
             written.ok_or_else(|| StoreError::Conflict(format!("{resource_type}/{id} already exists")))
         }
@@ -245,7 +246,6 @@ fn put(
     let version = Version {
         number: version,
         existing_owner: existing.as_ref().map(|existing| (existing.owner.as_deref(), existing.deleted)),
-        is_new_row: existing.is_none(),
     };
     index_version(transaction, memo, tenant, owner, resource_type, (id, derived), rid, text, version, timestamp)
         .map(Some)
@@ -289,10 +289,8 @@ fn insert_row(
 struct Version<'a> {
     number: i64,
     /// The owner of the resource's row and whether its current version was a deletion, when
-    /// the row existed before this write.
+    /// the row existed before this write (`None`: this write created the row).
     existing_owner: Option<(Option<&'a str>, bool)>,
-    /// Whether the resource's row was created by this write.
-    is_new_row: bool,
 }
 
 /// Brings the indexes in step with a version just stored in row `rid` (the compartment index,
@@ -310,7 +308,8 @@ fn index_version(
     version: Version<'_>,
     timestamp: Micros,
 ) -> Result<Written, StoreError> {
-    let Version { number: version, existing_owner, is_new_row } = version;
+    let Version { number: version, existing_owner } = version;
+    let is_new_row = existing_owner.is_none();
     let created = existing_owner.is_none_or(|(_, deleted)| deleted);
     let stored_owner = match existing_owner {
         Some((existing_owner, _)) => existing_owner,
