@@ -26,7 +26,6 @@ use crate::encoding::{encode, negotiate};
 use crate::error::ApiError;
 use crate::negotiation::{check_accept, JsonBody};
 use crate::object_output::{OutputStore, WrittenObject};
-use crate::planning_pool::permit_within;
 use crate::scopes::{Access, Grant};
 use crate::state::AppState;
 use crate::urls::base_url;
@@ -551,16 +550,14 @@ const POOL_RETRY_AFTER_SECONDS: u64 = 1;
 /// A permit to stream one file: waits up to `download_queue_wait` for one of the
 /// `max_concurrent_downloads` streams, then answers 429 with `Retry-After`.
 async fn download_slot(state: &AppState) -> Result<OwnedSemaphorePermit, Response> {
-    permit_within(&state.download_slots, state.config.download_queue_wait).await.ok_or_else(|| {
-        tracing::info!(limit = state.config.max_concurrent_downloads, "download pool full; answering 429");
-        crate::planning_pool::pool_full(
-            format!(
-                "{} export files are already being downloaded; retry after {POOL_RETRY_AFTER_SECONDS} s",
-                state.config.max_concurrent_downloads
-            ),
-            POOL_RETRY_AFTER_SECONDS,
+    let (slots, wait) = (&state.download_slots, state.config.download_queue_wait);
+    crate::planning_pool::slot(slots, wait, "download", POOL_RETRY_AFTER_SECONDS, || {
+        format!(
+            "{} export files are already being downloaded; retry after {POOL_RETRY_AFTER_SECONDS} s",
+            state.config.max_concurrent_downloads
         )
     })
+    .await
 }
 
 /// Resolves a file URL to the claims of its file and checks that the caller may download it.

@@ -27,29 +27,43 @@ pub const PLAN_RETRY_AFTER_SECONDS: u64 = 2;
 /// A permit to compute one plan for a synchronous kick-off: waits up to `plan_queue_wait` for
 /// one of the `max_concurrent_plans` planners, then answers 429 with `Retry-After`.
 pub(crate) async fn planning_slot(state: &AppState) -> Result<OwnedSemaphorePermit, Response> {
-    permit_within(&state.planning_slots, state.config.plan_queue_wait).await.ok_or_else(|| {
-        tracing::info!(limit = state.config.max_concurrent_plans, "planning pool full; answering 429");
-        pool_full(
-            format!(
-                "{} exports are already being planned; retry after {PLAN_RETRY_AFTER_SECONDS} s \
-                 (or kick off with Prefer: respond-async to be queued)",
-                state.config.max_concurrent_plans
-            ),
-            PLAN_RETRY_AFTER_SECONDS,
+    slot(&state.planning_slots, state.config.plan_queue_wait, "planning", PLAN_RETRY_AFTER_SECONDS, || {
+        format!(
+            "{} exports are already being planned; retry after {PLAN_RETRY_AFTER_SECONDS} s \
+             (or kick off with Prefer: respond-async to be queued)",
+            state.config.max_concurrent_plans
         )
+    })
+    .await
+}
+
+/// A place in one of the server's pools (planning, downloads, uploads): at once or within
+/// `wait`; otherwise the 429 answer, with the message `busy()` and `Retry-After`, logged with
+/// the pool's name.
+pub(crate) async fn slot(
+    slots: &Arc<Semaphore>,
+    wait: Duration,
+    pool: &'static str,
+    retry_after_seconds: u64,
+    busy: impl FnOnce() -> String,
+) -> Result<OwnedSemaphorePermit, Response> {
+    permit_within(slots, wait).await.ok_or_else(|| {
+        let message = busy();
+        tracing::info!(pool, message = %message, "pool full; answering 429");
+        pool_full(message, retry_after_seconds)
     })
 }
 
 /// The answer to a request turned away by a full pool: 429, `message` and `Retry-After`.
-pub(crate) fn pool_full(message: String, retry_after_seconds: u64) -> Response {
+fn pool_full(message: String, retry_after_seconds: u64) -> Response {
     let mut response = ApiError::new(StatusCode::TOO_MANY_REQUESTS, IssueType::Throttled, message).into_response();
     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
     response
 }
 
 /// A permit of `slots` at once, or within `wait`; `None` when none came free in time (a zero
-/// `wait` does not queue). Shared by the planning pool and the download pool.
-pub(crate) async fn permit_within(slots: &Arc<Semaphore>, wait: Duration) -> Option<OwnedSemaphorePermit> {
+/// `wait` does not queue).
+async fn permit_within(slots: &Arc<Semaphore>, wait: Duration) -> Option<OwnedSemaphorePermit> {
     if let Ok(permit) = slots.clone().try_acquire_owned() {
         return Some(permit);
     }

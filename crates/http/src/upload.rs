@@ -274,16 +274,14 @@ const UPLOAD_RETRY_AFTER_SECONDS: u64 = 5;
 /// blocking thread for as long as its body arrives, so without this a few slow uploads could
 /// take every thread of the server's bounded pool from every other tenant's requests.
 async fn upload_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
-    crate::planning_pool::permit_within(&state.upload_slots, state.config.upload_queue_wait).await.ok_or_else(|| {
-        tracing::info!(limit = state.config.max_concurrent_uploads, "upload pool full; answering 429");
-        crate::planning_pool::pool_full(
-            format!(
-                "{} uploads are already being imported; retry after {UPLOAD_RETRY_AFTER_SECONDS} s",
-                state.config.max_concurrent_uploads
-            ),
-            UPLOAD_RETRY_AFTER_SECONDS,
+    let (slots, wait) = (&state.upload_slots, state.config.upload_queue_wait);
+    crate::planning_pool::slot(slots, wait, "upload", UPLOAD_RETRY_AFTER_SECONDS, || {
+        format!(
+            "{} uploads are already being imported; retry after {UPLOAD_RETRY_AFTER_SECONDS} s",
+            state.config.max_concurrent_uploads
         )
     })
+    .await
 }
 
 fn line_too_long(line: u64, max_line: usize) -> ApiError {
