@@ -675,8 +675,15 @@ impl DeferredReader {
                 return Ok(None);
             }
         }
-        // Written by `push` from a parsed resource (numbers keep their text both ways).
-        let (source, line, resource): (String, u64, Value) = serde_json::from_slice(&self.line).map_err(spill_error)?;
+        // Written by `push` from a parsed resource. Read back as a request body is (a plain
+        // parse would respell an exponent, `1.50E2` as `1.50e+2`), so numbers keep their text.
+        // (Not through `serde_json::from_value` either: it respells them too.)
+        let parsed = bulkhead_fhir::parse_exact(&self.line).map_err(spill_error)?;
+        let Value::Array(items) = parsed else { return Err(spill_error("a deferred line is not an array")) };
+        let Ok([Value::String(source), line, resource]) = <[Value; 3]>::try_from(items) else {
+            return Err(spill_error("a deferred line is not [source, line, resource]"));
+        };
+        let line = line.as_u64().ok_or_else(|| spill_error("a deferred line has no line number"))?;
         Ok(Some((Location { source, line }, resource, self.line.len())))
     }
 }
@@ -765,7 +772,7 @@ mod tests {
         let count = 2 * DEFERRED_BYTES / 2_000 + 10;
         for index in 0..count {
             let line = format!(
-                r#"{{"resourceType":"Observation","id":"o{index}","status":"final","code":{{"text":"{padding}"}},"subject":{{"reference":"urn:uuid:{patient}"}},"valueQuantity":{{"value":1.50}}}}"#
+                r#"{{"resourceType":"Observation","id":"o{index}","status":"final","code":{{"text":"{padding}"}},"subject":{{"reference":"urn:uuid:{patient}"}},"valueQuantity":{{"value":1.50E2}}}}"#
             );
             importer
                 .add_line(Location { source: "obs.ndjson".into(), line: index as u64 + 1 }, line.as_bytes())
@@ -794,7 +801,7 @@ mod tests {
             let stored = store.read(tenant, &Visibility::Tenant, "Observation", &format!("o{index}")).unwrap().unwrap();
             let body = stored.body.unwrap();
             assert!(body.contains(&format!(r#""reference":"Patient/{patient}""#)), "o{index}: {body}");
-            assert!(body.contains(r#""value":1.50"#), "o{index}: {body}");
+            assert!(body.contains(r#""value":1.50E2"#), "o{index}: {body}");
         }
     }
 
