@@ -7,7 +7,6 @@
 //! with that id is part of the load; a line whose target comes later in the load waits until
 //! the end, and a reference that never resolves is kept as it is.
 
-use std::collections::HashMap;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,7 +15,7 @@ use bulkhead_fhir::{JsonTape, JsonView, TapeBuffers};
 use bulkhead_store::{BulkBatch, BulkSource, PreparedWrite, Store, StoreError, TenantId, WriteOp, Written};
 use serde_json::Value;
 
-use crate::known_ids::KnownIds;
+use crate::known_ids::{FullUrlAliases, KnownIds};
 use crate::validate::{describe_issues, parse_resource, validate_json, validate_resource, ValidationMode};
 
 /// A batch is written when it holds this many resources…
@@ -124,8 +123,9 @@ pub struct Importer {
     validation: ValidationMode,
     /// `id` → type of every resource seen in this load (for `urn:uuid:` references).
     known: KnownIds,
-    /// `fullUrl` → `Type/id` for Bundle entries whose fullUrl is not `urn:uuid:<their id>`.
-    aliases: HashMap<String, String>,
+    /// `urn:uuid:` fullUrl → `Type/id` for Bundle entries whose fullUrl's uuid is not their id
+    /// (only `urn:uuid:` references are looked up: other fullUrls are not kept).
+    aliases: FullUrlAliases,
     pending: Vec<(Location, WriteOp, Option<PreparedWrite>)>,
     /// JSON text bytes of the pending batch.
     pending_bytes: usize,
@@ -154,7 +154,7 @@ impl Importer {
             max_group_members,
             validation: ValidationMode::Strict,
             known: KnownIds::default(),
-            aliases: HashMap::new(),
+            aliases: FullUrlAliases::default(),
             pending: Vec::with_capacity(BATCH),
             pending_bytes: 0,
             size_hint: ENTRY_BYTES,
@@ -328,8 +328,9 @@ impl Importer {
                 id
             }
         };
-        if let Some(full_url) = full_url.filter(|url| url.strip_prefix("urn:uuid:") != Some(id.as_str())) {
-            self.aliases.insert(full_url, format!("{resource_type}/{id}"));
+        let alias = full_url.as_deref().and_then(|url| url.strip_prefix("urn:uuid:")).filter(|uuid| *uuid != id);
+        if let Some(uuid) = alias {
+            self.aliases.insert(uuid, resource_type, &id).map_err(spill_error)?;
         }
         self.known.insert(&id, resource_type).map_err(spill_error)?;
         if self.resolve_references(&mut resource)? {
@@ -390,8 +391,8 @@ impl Importer {
                     if key == "reference" {
                         if let Value::String(reference) = child {
                             if let Some(uuid) = reference.strip_prefix("urn:uuid:") {
-                                let target = match self.aliases.get(reference.as_str()) {
-                                    Some(alias) => Some(alias.clone()),
+                                let target = match self.aliases.get(uuid).map_err(spill_error)? {
+                                    Some(alias) => Some(alias),
                                     None => self.known.get(uuid).map_err(spill_error)?.map(|t| format!("{t}/{uuid}")),
                                 };
                                 match target {
@@ -802,6 +803,45 @@ mod tests {
             let body = stored.body.unwrap();
             assert!(body.contains(&format!(r#""reference":"Patient/{patient}""#)), "o{index}: {body}");
             assert!(body.contains(r#""value":1.50E2"#), "o{index}: {body}");
+        }
+    }
+
+    /// Of Bundle fullUrls, only a `urn:uuid:` whose uuid is not its resource's id is kept (the
+    /// only kind a reference is looked up by): an absolute fullUrl is not, and references
+    /// resolve as they always did. An absolute one stays as written, `urn:uuid:<id>` finds its
+    /// id, an alias its target.
+    #[test]
+    fn only_urn_uuid_full_urls_that_differ_from_the_id_are_kept() {
+        let (alias, same) = ("0d4c7b2e-51a4-4f3c-8f7e-5b2a9c1d3e41", "0d4c7b2e-51a4-4f3c-8f7e-5b2a9c1d3e42");
+        let observation = |id: &str, reference: &str| {
+            serde_json::json!({"resource": {"resourceType": "Observation", "id": id, "status": "final",
+                "code": {"text": "x"}, "subject": {"reference": reference}}})
+        };
+        let bundle = serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": [
+            {"fullUrl": "http://example.org/fhir/Patient/p1", "resource": {"resourceType": "Patient", "id": "p1"}},
+            {"fullUrl": format!("urn:uuid:{alias}"), "resource": {"resourceType": "Patient", "id": "p2"}},
+            {"fullUrl": format!("urn:uuid:{same}"), "resource": {"resourceType": "Patient", "id": same}},
+            observation("o1", "http://example.org/fhir/Patient/p1"),
+            observation("o2", "urn:uuid:p1"),
+            observation("o3", &format!("urn:uuid:{alias}")),
+            observation("o4", &format!("urn:uuid:{same}")),
+        ]});
+        let directory = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&directory.path().join("t.db")).unwrap());
+        let tenant = store.create_tenant("t").unwrap().id;
+        let mut importer = Importer::new(store.clone(), tenant, None, 100);
+        importer.add_bundle("b.json", bundle).unwrap();
+        assert_eq!(importer.aliases.in_memory(), 1, "only the urn:uuid fullUrl of p2 is kept");
+        let summary = importer.finish().unwrap();
+        assert_eq!((summary.created, summary.failed), (7, 0), "{:?}", summary.errors);
+        for (id, subject) in [
+            ("o1", "http://example.org/fhir/Patient/p1".to_owned()),
+            ("o2", "Patient/p1".to_owned()),
+            ("o3", "Patient/p2".to_owned()),
+            ("o4", format!("Patient/{same}")),
+        ] {
+            let body = store.read(tenant, &Visibility::Tenant, "Observation", id).unwrap().unwrap().body.unwrap();
+            assert!(body.contains(&format!(r#""subject":{{"reference":"{subject}"}}"#)), "{id}: {body}");
         }
     }
 
