@@ -34,10 +34,17 @@ const COMMIT_BYTES: usize = 16 * 1024 * 1024;
 /// Deferred resources (waiting for a reference's target) kept in memory, as text, up to this
 /// many bytes; past it they go to a temporary file.
 const DEFERRED_BYTES: usize = 4 * 1024 * 1024;
-/// Size assumed for a resource that did not come as a line of text (a Bundle entry).
+/// Size assumed for a resource that did not come as text of a known length (a Bundle's entry
+/// parsed with the whole Bundle).
 const ENTRY_BYTES: usize = 2 * 1024;
 /// Line errors kept for the summary; later ones are only counted.
 const KEPT_ERRORS: usize = 1_000;
+
+/// The refusal of a line longer than the limit for one resource (`max_body_bytes`), in the same
+/// words for `$upload-ndjson` and `bulkhead import`.
+pub fn line_too_long(line: u64, max_line: usize) -> String {
+    format!("line {line} is longer than {max_line} bytes")
+}
 
 /// Where a resource came from, for error reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,20 +278,47 @@ impl Importer {
     }
 
     /// Adds a whole Bundle (file import): each entry's resource, with its `fullUrl` resolved.
-    pub fn add_bundle(&mut self, source: &str, bundle: Value) -> Result<(), StoreError> {
-        let entries = match bundle.get("entry") {
-            Some(Value::Array(entries)) => entries.clone(),
+    pub fn add_bundle(&mut self, source: &str, mut bundle: Value) -> Result<(), StoreError> {
+        let entries = match bundle.get_mut("entry").map(Value::take) {
+            Some(Value::Array(entries)) => entries,
             _ => Vec::new(),
         };
-        for (index, mut entry) in entries.into_iter().enumerate() {
-            let location = Location { source: format!("{source} entry[{index}]"), line: index as u64 + 1 };
-            let full_url = entry.get("fullUrl").and_then(Value::as_str).map(str::to_owned);
-            match entry.get_mut("resource").map(Value::take) {
-                Some(resource) => self.add_resource(location, resource, full_url)?,
-                None => self.fail(location, "Bundle entry has no resource"),
-            }
+        for (index, entry) in entries.into_iter().enumerate() {
+            self.add_bundle_entry(source, index, entry, ENTRY_BYTES)?;
         }
         Ok(())
+    }
+
+    /// Adds element `index` of a Bundle's `entry` (a file import reads a Bundle entry by entry:
+    /// see `bulkhead import`), `text_bytes` long: its resource, with its `fullUrl` resolved.
+    pub fn add_bundle_entry(
+        &mut self,
+        source: &str,
+        index: usize,
+        mut entry: Value,
+        text_bytes: usize,
+    ) -> Result<(), StoreError> {
+        let location = Location { source: format!("{source} entry[{index}]"), line: index as u64 + 1 };
+        let full_url = entry.get("fullUrl").and_then(Value::as_str).map(str::to_owned);
+        match entry.get_mut("resource").map(Value::take) {
+            Some(resource) => {
+                // Batches are bounded by their text: a large entry counts as large.
+                self.size_hint = text_bytes;
+                let added = self.add_resource(location, resource, full_url);
+                self.size_hint = ENTRY_BYTES;
+                added
+            }
+            None => {
+                self.fail(location, "Bundle entry has no resource");
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts a resource refused before it could be parsed (a line longer than the limit for one
+    /// resource), with the words the caller gives (see [`line_too_long`]).
+    pub fn refuse(&mut self, location: Location, message: impl Into<String>) {
+        self.fail(location, message);
     }
 
     /// Adds one resource; `full_url` is its Bundle `fullUrl`, if any.
