@@ -219,11 +219,12 @@ pub fn load_files(
                 progress(done_bytes + count.get(), processed)
             })?;
         } else {
-            let streamed = bundle_file::stream_bundle(importer, &name, &mut reader, max_resource)?;
+            let streamed = bundle_file::stream_bundle(importer, &name, &mut reader, max_resource, &mut |processed| {
+                progress(done_bytes + count.get(), processed)
+            })?;
             if streamed == bundle_file::Streamed::NotStreamable {
                 // Read again from the start, whole: one resource (or a Bundle whose entries
                 // come before its resourceType), within the limit for one resource.
-                done_bytes += count.get();
                 count.set(0);
                 load_whole(importer, &name, open(path, &count)?, max_resource)?;
             }

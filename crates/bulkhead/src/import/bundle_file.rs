@@ -31,13 +31,14 @@ pub enum Streamed {
 /// Reads the JSON document in `reader` (a file named `source`) and, when it is a Bundle whose
 /// `resourceType` comes first, adds its entries one at a time. One entry's text may be at most
 /// `max_entry` bytes (the limit for one resource): a longer one is refused and the rest of the
-/// file is not read. `Err` for the store's failure or a failure to read the file, which stop
-/// the import.
+/// file is not read. `progress(resources_processed)` now and then. `Err` for the store's
+/// failure or a failure to read the file, which stop the import.
 pub fn stream_bundle<R: BufRead>(
     importer: &mut Importer,
     source: &str,
     mut reader: R,
     max_entry: usize,
+    progress: &mut dyn FnMut(u64),
 ) -> anyhow::Result<Streamed> {
     // Anything but an object is no Bundle: the whole-file path words the refusal (the parser
     // would read a top-level string whole to name it in its error).
@@ -53,6 +54,7 @@ pub fn stream_bundle<R: BufRead>(
         max_entry,
         position,
         limit,
+        progress,
         streaming: false,
         next_index: 0,
         outcome: Outcome::Read,
@@ -154,6 +156,7 @@ struct BundleState<'a> {
     /// Bytes the parser has read, and where it must stop (see [`Bounded`]).
     position: Rc<Cell<u64>>,
     limit: Rc<Cell<u64>>,
+    progress: &'a mut dyn FnMut(u64),
     /// `resourceType` was `Bundle`, before any `entry`.
     streaming: bool,
     /// The index of the next entry (a repeated `entry` key's elements continue the count).
@@ -264,6 +267,9 @@ impl<'de> Visitor<'de> for EntriesSeed<'_, '_> {
             if let Err(error) = added {
                 return Err(state.stop(Outcome::StoreFailed(error)));
             }
+            if state.next_index.is_multiple_of(4096) {
+                (state.progress)(state.importer.processed());
+            }
         }
         state.limit.set(u64::MAX);
         Ok(())
@@ -340,7 +346,8 @@ mod tests {
         for (text, expected) in [(streamed, Streamed::Bundle), (whole, Streamed::NotStreamable)] {
             let directory = tempfile::tempdir().unwrap();
             let (store, tenant, mut importer) = store_and_importer(directory.path());
-            let read = stream_bundle(&mut importer, "b.json", BufReader::new(Cursor::new(text.clone())), 1_024);
+            let read =
+                stream_bundle(&mut importer, "b.json", BufReader::new(Cursor::new(text.clone())), 1_024, &mut |_| {});
             assert_eq!(read.unwrap(), expected);
             if expected == Streamed::NotStreamable {
                 importer.add_bundle("b.json", bulkhead_fhir::parse_exact(text.as_bytes()).unwrap()).unwrap();
@@ -413,7 +420,8 @@ mod tests {
         };
         let check_at = text.len() as u64 - 500;
         let mut watched = Watched { text: Cursor::new(text.into_bytes()), check_at, check: first_stored, seen: None };
-        let read = stream_bundle(&mut importer, "b.json", BufReader::with_capacity(256, &mut watched), 1_024);
+        let read =
+            stream_bundle(&mut importer, "b.json", BufReader::with_capacity(256, &mut watched), 1_024, &mut |_| {});
         assert_eq!(read.unwrap(), Streamed::Bundle);
         assert_eq!(watched.seen, Some(true), "entry[0] was stored before the last 500 bytes were read");
         assert_eq!(importer.finish().unwrap().created, 400);
@@ -433,7 +441,7 @@ mod tests {
         };
         let entries = [entry("p0", 10), entry("p1", 3_000), entry("p2", 10)].join(",");
         let text = format!("{{\"resourceType\":\"Bundle\",\"entry\":[{entries}]}}");
-        let read = stream_bundle(&mut importer, "b.json", BufReader::new(Cursor::new(text)), 1_024);
+        let read = stream_bundle(&mut importer, "b.json", BufReader::new(Cursor::new(text)), 1_024, &mut |_| {});
         assert_eq!(read.unwrap(), Streamed::Bundle);
         let summary = importer.finish().unwrap();
         let message =
