@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use bulkhead_http::ndjson_import::{ImportSummary, Importer, Location};
+use bulkhead_http::ndjson_import::{line_too_long, ImportSummary, Importer, Location};
 use bulkhead_store::Store;
 use clap::Args;
 
@@ -18,6 +18,8 @@ use crate::admin::{find_tenant, open_existing_store_with, OpenedStore};
 use crate::cli::ConfigArgs;
 use crate::config::Config;
 use crate::output::count;
+
+mod bundle_file;
 
 #[derive(Args)]
 pub struct ImportArgs {
@@ -54,7 +56,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     if let OpenedStore::Sqlite(_) = &opened {
         importer = importer.with_batch_bytes(SQLITE_BATCH_BYTES).with_commit_bytes(SQLITE_COMMIT_BYTES);
     }
-    let loaded = load_files(&mut importer, &files, |bytes, processed| {
+    let loaded = load_files(&mut importer, &files, config.max_body_bytes, |bytes, processed| {
         bar.set_position(bytes);
         let rate = processed as f64 / started.elapsed().as_secs_f64().max(0.001);
         bar.set_message(format!("{processed} resources, {rate:.0}/s"));
@@ -197,51 +199,154 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-/// Feeds every file to the importer; `progress(bytes_read, resources_processed)`.
+/// Feeds every file to the importer; `progress(bytes_read, resources_processed)`. One resource
+/// (an NDJSON line, a Bundle's entry, a `.json` file that is no Bundle) may be at most
+/// `max_resource` bytes, the server's limit for one request body: a longer one is refused, so
+/// memory does not grow with the input.
 pub fn load_files(
     importer: &mut Importer,
     files: &[PathBuf],
+    max_resource: usize,
     mut progress: impl FnMut(u64, u64),
 ) -> anyhow::Result<()> {
     let mut done_bytes = 0u64;
     for path in files {
         let name = path.display().to_string();
         let count = std::rc::Rc::new(std::cell::Cell::new(0u64));
-        let file = File::open(path).with_context(|| format!("opening {name}"))?;
-        let raw = Counting { inner: file, count: count.clone() };
-        let reader: Box<dyn Read> =
-            if name.ends_with(".gz") { Box::new(flate2::read::MultiGzDecoder::new(raw)) } else { Box::new(raw) };
-        let mut reader = BufReader::with_capacity(256 * 1024, reader);
+        let mut reader = open(path, &count)?;
         if is_ndjson(&name) {
-            // Lines are handed over as bytes: the importer checks them exactly as the server
-            // checks a request body (text that is not UTF-8 is refused, never repaired).
-            let mut line = Vec::new();
-            let mut number = 0u64;
-            loop {
-                line.clear();
-                if reader.read_until(b'\n', &mut line).with_context(|| format!("reading {name}"))? == 0 {
-                    break;
-                }
-                number += 1;
-                importer.add_line(Location { source: name.clone(), line: number }, &line)?;
-                if number.is_multiple_of(4096) {
-                    progress(done_bytes + count.get(), importer.processed());
-                }
-            }
+            load_ndjson(importer, &name, reader, max_resource, |processed| {
+                progress(done_bytes + count.get(), processed)
+            })?;
         } else {
-            let mut text = Vec::new();
-            reader.read_to_end(&mut text).with_context(|| format!("reading {name}"))?;
-            match bulkhead_fhir::parse_exact(&text) {
-                Ok(value) if value.get("resourceType").and_then(|t| t.as_str()) == Some("Bundle") => {
-                    importer.add_bundle(&name, value)?
-                }
-                Ok(value) => importer.add_resource(Location { source: name.clone(), line: 1 }, value, None)?,
-                // The importer words the refusal (not UTF-8, not JSON) as it does for any line.
-                Err(error) => importer.add_line(Location { source: name.clone(), line: error.line() as u64 }, &text)?,
+            let streamed = bundle_file::stream_bundle(importer, &name, &mut reader, max_resource, &mut |processed| {
+                progress(done_bytes + count.get(), processed)
+            })?;
+            if streamed == bundle_file::Streamed::NotStreamable {
+                // Read again from the start, whole: one resource (or a Bundle whose entries
+                // come before its resourceType), within the limit for one resource.
+                count.set(0);
+                load_whole(importer, &name, open(path, &count)?, max_resource)?;
             }
         }
         done_bytes += count.get();
         progress(done_bytes, importer.processed());
+    }
+    Ok(())
+}
+
+/// The file's text (gunzipped for `.gz`), counting the bytes read from the file into `count`.
+fn open(path: &Path, count: &std::rc::Rc<std::cell::Cell<u64>>) -> anyhow::Result<BufReader<Box<dyn Read>>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let raw = Counting { inner: file, count: count.clone() };
+    let reader: Box<dyn Read> = if path.to_string_lossy().ends_with(".gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(raw))
+    } else {
+        Box::new(raw)
+    };
+    Ok(BufReader::with_capacity(256 * 1024, reader))
+}
+
+/// One resource per line; a line longer than `max_line` is refused (with `$upload-ndjson`'s
+/// words) and skipped without being kept; `progress(resources_processed)` now and then.
+fn load_ndjson(
+    importer: &mut Importer,
+    name: &str,
+    mut reader: impl BufRead,
+    max_line: usize,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<()> {
+    // Lines are handed over as bytes: the importer checks them exactly as the server checks a
+    // request body (text that is not UTF-8 is refused, never repaired).
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    loop {
+        line.clear();
+        let read = read_line_within(&mut reader, &mut line, max_line).with_context(|| format!("reading {name}"))?;
+        let location = Location { source: name.to_owned(), line: number + 1 };
+        match read {
+            LineRead::End => break,
+            LineRead::Line => importer.add_line(location, &line)?,
+            LineRead::TooLong => importer.refuse(location, line_too_long(number + 1, max_line)),
+        }
+        number += 1;
+        if number.is_multiple_of(4096) {
+            progress(importer.processed());
+        }
+    }
+    Ok(())
+}
+
+/// What [`read_line_within`] read.
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    /// A line (with its `\n`, but for the last line of a file without one).
+    Line,
+    /// A line longer than the limit (its `\n` aside), read past and not kept.
+    TooLong,
+    /// The end of the input.
+    End,
+}
+
+/// Reads one line into `line` as `read_until(b'\n')` does, but keeps at most `max_line` bytes
+/// of it (as `$upload-ndjson` measures a line: without its `\n`): the rest of a longer line is
+/// read past without being kept, so a file without newlines costs no more than one line.
+fn read_line_within(reader: &mut impl BufRead, line: &mut Vec<u8>, max_line: usize) -> std::io::Result<LineRead> {
+    let mut too_long = false;
+    let mut read_any = false;
+    loop {
+        let buffer = reader.fill_buf()?;
+        if buffer.is_empty() {
+            break;
+        }
+        read_any = true;
+        let (taken, ended) = match memchr::memchr(b'\n', buffer) {
+            Some(newline) => (newline + 1, true),
+            None => (buffer.len(), false),
+        };
+        if !too_long {
+            let text = &buffer[..taken - usize::from(ended)];
+            if line.len() + text.len() > max_line {
+                too_long = true;
+                line.clear();
+            } else {
+                line.extend_from_slice(&buffer[..taken]);
+            }
+        }
+        reader.consume(taken);
+        if ended {
+            break;
+        }
+    }
+    Ok(match (read_any, too_long) {
+        (false, _) => LineRead::End,
+        (true, false) => LineRead::Line,
+        (true, true) => LineRead::TooLong,
+    })
+}
+
+/// A `.json` file that is not streamed as a Bundle: parsed whole, if it is at most `max_bytes`
+/// (beyond, it is refused and not read further).
+fn load_whole(importer: &mut Importer, name: &str, reader: impl Read, max_bytes: usize) -> anyhow::Result<()> {
+    let mut text = Vec::new();
+    let limit = u64::try_from(max_bytes).unwrap_or(u64::MAX).saturating_add(1);
+    reader.take(limit).read_to_end(&mut text).with_context(|| format!("reading {name}"))?;
+    let location = |line: u64| Location { source: name.to_owned(), line };
+    if text.len() > max_bytes {
+        let refusal = format!(
+            "the file is longer than {max_bytes} bytes, the limit for one resource (a Bundle is read entry by \
+             entry only when its resourceType comes before its entry)"
+        );
+        importer.refuse(location(1), refusal);
+        return Ok(());
+    }
+    match bulkhead_fhir::parse_exact(&text) {
+        Ok(value) if value.get("resourceType").and_then(|t| t.as_str()) == Some("Bundle") => {
+            importer.add_bundle(name, value)?
+        }
+        Ok(value) => importer.add_resource(location(1), value, None)?,
+        // The importer words the refusal (not UTF-8, not JSON) as it does for any line.
+        Err(error) => importer.add_line(location(error.line() as u64), &text)?,
     }
     Ok(())
 }
@@ -257,6 +362,123 @@ pub fn import_into(
     let files = collect_files(paths)?;
     let mut importer = Importer::new(store, tenant.id, None, config.max_group_members)
         .with_validation(config.validation_for(tenant_name));
-    load_files(&mut importer, &files, |_, _| {})?;
+    load_files(&mut importer, &files, config.max_body_bytes, |_, _| {})?;
     Ok(importer.finish()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_store::sqlite::SqliteStore;
+    use bulkhead_store::{TenantId, Visibility};
+
+    /// A fresh SQLite store with one tenant, and an importer into it.
+    pub(super) fn store_and_importer(directory: &Path) -> (Arc<SqliteStore>, TenantId, Importer) {
+        let store = Arc::new(SqliteStore::open(&directory.join("t.db")).unwrap());
+        let tenant = store.create_tenant("t").unwrap().id;
+        let importer = Importer::new(store.clone(), tenant, None, 100);
+        (store, tenant, importer)
+    }
+
+    pub(super) fn stored_body(store: &SqliteStore, tenant: TenantId, resource_type: &str, id: &str) -> Option<String> {
+        store.read(tenant, &Visibility::Tenant, resource_type, id).unwrap().and_then(|stored| stored.body)
+    }
+
+    /// What a summary refused, as `(source, line, message)`.
+    pub(super) fn refusals(summary: &ImportSummary) -> Vec<(String, u64, String)> {
+        let errors = summary.errors.iter();
+        errors.map(|error| (error.location.source.clone(), error.location.line, error.message.clone())).collect()
+    }
+
+    fn patient(id: &str, name_bytes: usize) -> String {
+        format!(r#"{{"resourceType":"Patient","id":"{id}","name":[{{"text":"{}"}}]}}"#, "n".repeat(name_bytes))
+    }
+
+    /// A line longer than the limit for one resource is refused with `$upload-ndjson`'s words
+    /// and skipped, also as the file's last line without a newline; the lines around it load.
+    #[test]
+    fn ndjson_lines_longer_than_the_limit_are_refused_and_the_rest_loads() {
+        let directory = tempfile::tempdir().unwrap();
+        let (store, tenant, mut importer) = store_and_importer(directory.path());
+        let file = directory.path().join("p.ndjson");
+        let text = [patient("p1", 10), patient("p2", 3_000), patient("p3", 10), patient("p4", 3_000)].join("\n");
+        std::fs::write(&file, text).unwrap();
+        load_files(&mut importer, std::slice::from_ref(&file), 1_024, |_, _| {}).unwrap();
+        let summary = importer.finish().unwrap();
+        let name = file.display().to_string();
+        assert_eq!(
+            refusals(&summary),
+            [
+                (name.clone(), 2, "line 2 is longer than 1024 bytes".to_owned()),
+                (name, 4, "line 4 is longer than 1024 bytes".to_owned())
+            ]
+        );
+        assert_eq!((summary.created, summary.failed), (2, 2));
+        assert!(stored_body(&store, tenant, "Patient", "p3").is_some());
+        assert!(stored_body(&store, tenant, "Patient", "p2").is_none());
+    }
+
+    /// A line far longer than the limit is read past without being kept: the buffer never holds
+    /// more than the limit, and the next line is read whole.
+    #[test]
+    fn a_long_line_is_skipped_without_being_buffered() {
+        let long = std::io::repeat(b'x').take(8 * 1024 * 1024);
+        let mut reader = BufReader::with_capacity(4_096, long.chain(&b"\nnext\n"[..]));
+        let mut line = Vec::new();
+        assert_eq!(read_line_within(&mut reader, &mut line, 1_024).unwrap(), LineRead::TooLong);
+        assert!(line.capacity() <= 2_048, "{} bytes kept", line.capacity());
+        line.clear();
+        assert_eq!(read_line_within(&mut reader, &mut line, 1_024).unwrap(), LineRead::Line);
+        assert_eq!(line, b"next\n");
+        line.clear();
+        assert_eq!(read_line_within(&mut reader, &mut line, 1_024).unwrap(), LineRead::End);
+        // Exactly the limit (its newline aside) is a line; one byte more is not.
+        for (length, expected) in [(1_024, LineRead::Line), (1_025, LineRead::TooLong)] {
+            let text = [vec![b'y'; length], b"\n".to_vec()].concat();
+            line.clear();
+            assert_eq!(read_line_within(&mut &text[..], &mut line, 1_024).unwrap(), expected, "{length}");
+        }
+    }
+
+    /// A `.json` file that is one resource is read whole only within the limit for one
+    /// resource: a larger one is refused, not parsed.
+    #[test]
+    fn a_json_resource_file_longer_than_the_limit_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let (store, tenant, mut importer) = store_and_importer(directory.path());
+        let (small, large) = (directory.path().join("small.json"), directory.path().join("large.json"));
+        std::fs::write(&small, patient("small", 10)).unwrap();
+        std::fs::write(&large, patient("large", 3_000)).unwrap();
+        load_files(&mut importer, &[small, large.clone()], 1_024, |_, _| {}).unwrap();
+        let summary = importer.finish().unwrap();
+        assert_eq!((summary.created, summary.failed), (1, 1));
+        let (source, line, message) = refusals(&summary).remove(0);
+        assert_eq!((source, line), (large.display().to_string(), 1));
+        assert!(message.starts_with("the file is longer than 1024 bytes, the limit for one resource"), "{message}");
+        assert!(stored_body(&store, tenant, "Patient", "small").is_some());
+    }
+
+    /// A Bundle is imported entry by entry: the entries before a malformed tail (a file cut
+    /// short) are stored, and the tail is refused at its line with the words a request body gets.
+    #[test]
+    fn a_bundle_with_a_malformed_tail_keeps_the_entries_before_it() {
+        let directory = tempfile::tempdir().unwrap();
+        let (store, tenant, mut importer) = store_and_importer(directory.path());
+        let file = directory.path().join("cut.json");
+        let entries: Vec<String> =
+            (0..3).map(|n| format!(r#"{{"resource":{}}}"#, patient(&format!("p{n}"), 10))).collect();
+        let text = format!(
+            "{{\"resourceType\":\"Bundle\",\"type\":\"collection\",\"entry\":[\n{},\n{{\"resource\":{{\"resourceType\":\"Pat",
+            entries.join(",\n")
+        );
+        std::fs::write(&file, &text).unwrap();
+        load_files(&mut importer, std::slice::from_ref(&file), 1_024, |_, _| {}).unwrap();
+        let summary = importer.finish().unwrap();
+        assert_eq!((summary.created, summary.failed), (3, 1));
+        // The words and the place the whole file's parse gives.
+        let whole = bulkhead_fhir::parse_exact(text.as_bytes()).unwrap_err();
+        assert_eq!(whole.line(), 5);
+        assert_eq!(refusals(&summary), [(file.display().to_string(), 5, format!("not valid JSON: {whole}"))]);
+        assert!(stored_body(&store, tenant, "Patient", "p2").is_some());
+    }
 }

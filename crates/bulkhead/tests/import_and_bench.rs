@@ -568,3 +568,46 @@ fn database_text(path: &Path) -> String {
     }
     text
 }
+
+/// What bounds `bulkhead import`'s memory, through the binary: a line longer than
+/// `max_body_bytes` is refused with `$upload-ndjson`'s words and the next lines load; a Bundle
+/// is read entry by entry, so one cut short keeps the entries before the break, reported with
+/// its entries' locations.
+#[test]
+fn import_refuses_lines_over_the_body_limit_and_keeps_a_cut_bundles_entries() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let patient = |id: &str, name: usize| {
+        format!(r#"{{"resourceType":"Patient","id":"{id}","name":[{{"text":"{}"}}]}}"#, "n".repeat(name))
+    };
+    let lines = work.path().join("long.ndjson");
+    std::fs::write(&lines, [patient("a", 10), patient("b", 2_000), patient("c", 10)].join("\n")).unwrap();
+    let bundle = work.path().join("cut.json");
+    let entries = [
+        format!(r#"{{"resource":{}}}"#, patient("d", 10)),
+        r#"{"fullUrl":"http://example.org/fhir/Patient/x"}"#.to_owned(),
+        format!(r#"{{"resource":{}}}"#, patient("e", 10)),
+    ];
+    let cut = format!(
+        "{{\"resourceType\":\"Bundle\",\"type\":\"collection\",\"entry\":[\n{},\n{{\"resou",
+        entries.join(",\n")
+    );
+    std::fs::write(&bundle, cut).unwrap();
+    assert!(bulkhead(&["tenant", "create", "t", "--data-dir", path(&data)]).status.success());
+    let import = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["import", "--tenant", "t", "--data-dir", path(&data), path(&lines), path(&bundle)])
+        .env("BULKHEAD_MAX_BODY_BYTES", "1024")
+        .output()
+        .expect("run bulkhead");
+    assert!(!import.status.success(), "a partial import exits non-zero");
+    let (errors, out) = (text(&import.stderr), text(&import.stdout));
+    let (lines, bundle) = (path(&lines), path(&bundle));
+    for expected in [
+        format!("{lines}:2: line 2 is longer than 1024 bytes"),
+        format!("{bundle} entry[1]:2: Bundle entry has no resource"),
+        format!("{bundle}:5: not valid JSON: EOF while parsing"),
+    ] {
+        assert!(errors.contains(&expected), "{expected:?} in {errors}");
+    }
+    assert!(out.contains("imported 4 of 7 resources") && out.contains("4 created"), "{out}");
+}

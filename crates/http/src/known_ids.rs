@@ -29,8 +29,8 @@ const MAX_RUNS: usize = 4;
 /// write them, and as FHIR's `uuid` type requires) is keyed by its 16 bytes; any other id by its
 /// text (a valid FHIR id is at most 64 bytes and has no NUL, so zero padding keeps keys apart).
 pub(crate) struct KnownIds {
-    uuids: SpillingMap<16>,
-    others: SpillingMap<64>,
+    uuids: SpillingMap<16, 1>,
+    others: SpillingMap<64, 1>,
 }
 
 const _: () = assert!(bulkhead_fhir::RESOURCE_TYPES.len() <= 256);
@@ -69,10 +69,10 @@ impl KnownIds {
         let Some(index) = bulkhead_fhir::resource_type_index(resource_type) else { return Ok(()) };
         let index = index as u8;
         if let Some(key) = KnownIds::uuid_key(id) {
-            return self.uuids.insert(key, index);
+            return self.uuids.insert(key, [index]);
         }
         match KnownIds::text_key(id) {
-            Some(key) => self.others.insert(key, index),
+            Some(key) => self.others.insert(key, [index]),
             None => Ok(()),
         }
     }
@@ -85,24 +85,101 @@ impl KnownIds {
                 None => None,
             },
         };
-        Ok(index.and_then(|index| bulkhead_fhir::RESOURCE_TYPES.get(usize::from(index)).copied()))
+        Ok(index.and_then(|[index]| bulkhead_fhir::RESOURCE_TYPES.get(usize::from(index)).copied()))
     }
 }
 
-/// Fixed-width keys → a byte, at most `limit` of them in memory, the rest in sorted runs.
-struct SpillingMap<const K: usize> {
-    memory: HashMap<[u8; K], u8>,
-    limit: usize,
-    /// Oldest first: a key in a later run (or in memory) was recorded later.
-    runs: Vec<Run<K>>,
+/// `urn:uuid:` aliases kept in memory: 7/8 of 2^16 slots of 81 bytes (5.3 MB at most), and of
+/// 2^14 slots of 129 bytes for other keys (2.1 MB). Real loads have few (an alias is a Bundle
+/// entry whose resource has an id other than its fullUrl's uuid), so the tables stay small.
+const ALIASES_IN_MEMORY: (usize, usize) = (57_344, 14_336);
+
+/// The `Type/id` that a Bundle entry's `urn:uuid:<uuid>` fullUrl stands for, when `<uuid>` is
+/// not the resource's id (a reference `urn:uuid:<uuid>` is then rewritten to that `Type/id`).
+/// Only `urn:uuid:` fullUrls are kept: no other reference is looked up. Bounded as
+/// [`KnownIds`] is: a uuid is keyed as an id is, a tail longer than a FHIR id (no UUID) by its
+/// SHA-256; the value is the type's index and the id (a valid FHIR id: at most 64 bytes, no NUL).
+pub(crate) struct FullUrlAliases {
+    uuids: SpillingMap<16, 65>,
+    others: SpillingMap<64, 65>,
 }
 
-impl<const K: usize> SpillingMap<K> {
-    fn new(limit: usize) -> SpillingMap<K> {
+impl Default for FullUrlAliases {
+    fn default() -> FullUrlAliases {
+        FullUrlAliases::with_limits(ALIASES_IN_MEMORY.0, ALIASES_IN_MEMORY.1)
+    }
+}
+
+impl FullUrlAliases {
+    /// At most `uuids` and `others` aliases in memory (tests use small limits).
+    fn with_limits(uuids: usize, others: usize) -> FullUrlAliases {
+        FullUrlAliases { uuids: SpillingMap::new(uuids), others: SpillingMap::new(others) }
+    }
+
+    /// The key of `uuid`, the text after `urn:uuid:`: its 16 bytes or its text as for an id, or
+    /// for a longer text its SHA-256 followed by 32 bytes of 0xFF, which no UTF-8 text has.
+    fn key(uuid: &str) -> Result<[u8; 16], [u8; 64]> {
+        if let Some(key) = KnownIds::uuid_key(uuid) {
+            return Ok(key);
+        }
+        Err(KnownIds::text_key(uuid).unwrap_or_else(|| {
+            use sha2::Digest;
+            let mut key = [0xFF; 64];
+            key[..32].copy_from_slice(&sha2::Sha256::digest(uuid.as_bytes()));
+            key
+        }))
+    }
+
+    /// Records that `urn:uuid:<uuid>` stands for `resource_type/id`; the last one recorded wins.
+    /// An id that is no valid FHIR id is not recorded: its resource is refused anyway.
+    pub(crate) fn insert(&mut self, uuid: &str, resource_type: &'static str, id: &str) -> io::Result<()> {
+        let Some(index) = bulkhead_fhir::resource_type_index(resource_type) else { return Ok(()) };
+        let Some(text) = KnownIds::text_key(id) else { return Ok(()) };
+        let mut value = [0u8; 65];
+        value[0] = index as u8;
+        value[1..].copy_from_slice(&text);
+        match FullUrlAliases::key(uuid) {
+            Ok(key) => self.uuids.insert(key, value),
+            Err(key) => self.others.insert(key, value),
+        }
+    }
+
+    /// Aliases held in memory (for tests).
+    #[cfg(test)]
+    pub(crate) fn in_memory(&self) -> usize {
+        self.uuids.memory.len() + self.others.memory.len()
+    }
+
+    /// The `Type/id` that `urn:uuid:<uuid>` stands for, if it was recorded.
+    pub(crate) fn get(&self, uuid: &str) -> io::Result<Option<String>> {
+        let value = match FullUrlAliases::key(uuid) {
+            Ok(key) => self.uuids.get(&key)?,
+            Err(key) => self.others.get(&key)?,
+        };
+        Ok(value.and_then(|value| {
+            let resource_type = bulkhead_fhir::RESOURCE_TYPES.get(usize::from(value[0]))?;
+            let id = &value[1..];
+            let id = std::str::from_utf8(&id[..id.iter().position(|byte| *byte == 0).unwrap_or(id.len())]).ok()?;
+            Some(format!("{resource_type}/{id}"))
+        }))
+    }
+}
+
+/// Fixed-width keys → fixed-width values, at most `limit` of them in memory, the rest in sorted
+/// runs.
+struct SpillingMap<const K: usize, const V: usize> {
+    memory: HashMap<[u8; K], [u8; V]>,
+    limit: usize,
+    /// Oldest first: a key in a later run (or in memory) was recorded later.
+    runs: Vec<Run<K, V>>,
+}
+
+impl<const K: usize, const V: usize> SpillingMap<K, V> {
+    fn new(limit: usize) -> SpillingMap<K, V> {
         SpillingMap { memory: HashMap::new(), limit: limit.max(1), runs: Vec::new() }
     }
 
-    fn insert(&mut self, key: [u8; K], value: u8) -> io::Result<()> {
+    fn insert(&mut self, key: [u8; K], value: [u8; V]) -> io::Result<()> {
         self.memory.insert(key, value);
         if self.memory.len() >= self.limit {
             self.spill()?;
@@ -110,7 +187,7 @@ impl<const K: usize> SpillingMap<K> {
         Ok(())
     }
 
-    fn get(&self, key: &[u8; K]) -> io::Result<Option<u8>> {
+    fn get(&self, key: &[u8; K]) -> io::Result<Option<[u8; V]>> {
         if let Some(value) = self.memory.get(key) {
             return Ok(Some(*value));
         }
@@ -124,11 +201,11 @@ impl<const K: usize> SpillingMap<K> {
 
     /// Writes the table out as a run (its allocation is kept for the next entries).
     fn spill(&mut self) -> io::Result<()> {
-        let mut entries: Vec<([u8; K], u8)> = self.memory.drain().collect();
+        let mut entries: Vec<([u8; K], [u8; V])> = self.memory.drain().collect();
         entries.sort_unstable_by_key(|entry| entry.0);
         let mut writer = RunWriter::new()?;
         for (key, value) in &entries {
-            writer.push(key, *value)?;
+            writer.push(key, value)?;
         }
         self.runs.push(writer.finish()?);
         if self.runs.len() > MAX_RUNS {
@@ -144,7 +221,7 @@ impl<const K: usize> SpillingMap<K> {
         let mut writer = RunWriter::new()?;
         while let Some(smallest) = heads.iter().filter_map(|head| head.map(|(key, _)| key)).min() {
             // Every run holding the key moves past it; the latest run's value is the one kept.
-            let mut value = 0;
+            let mut value = [0; V];
             for (run, head) in heads.iter_mut().enumerate() {
                 if let Some((key, run_value)) = *head {
                     if key == smallest {
@@ -153,25 +230,25 @@ impl<const K: usize> SpillingMap<K> {
                     }
                 }
             }
-            writer.push(&smallest, value)?;
+            writer.push(&smallest, &value)?;
         }
         self.runs = vec![writer.finish()?];
         Ok(())
     }
 }
 
-/// Records of a run: `K` bytes of key and one byte of value, sorted by key, keys unique.
-struct Run<const K: usize> {
+/// Records of a run: `K` bytes of key and `V` bytes of value, sorted by key, keys unique.
+struct Run<const K: usize, const V: usize> {
     file: File,
     records: usize,
     /// The first key of each block of [`BLOCK`] records.
     firsts: Vec<[u8; K]>,
 }
 
-impl<const K: usize> Run<K> {
-    const RECORD: usize = K + 1;
+impl<const K: usize, const V: usize> Run<K, V> {
+    const RECORD: usize = K + V;
 
-    fn get(&self, key: &[u8; K]) -> io::Result<Option<u8>> {
+    fn get(&self, key: &[u8; K]) -> io::Result<Option<[u8; V]>> {
         let Some(block) = self.firsts.partition_point(|first| first <= key).checked_sub(1) else {
             return Ok(None);
         };
@@ -180,57 +257,58 @@ impl<const K: usize> Run<K> {
         let mut bytes = vec![0u8; count * Self::RECORD];
         self.file.read_exact_at(&mut bytes, (start * Self::RECORD) as u64)?;
         let records: Vec<&[u8]> = bytes.chunks_exact(Self::RECORD).collect();
-        Ok(records.binary_search_by(|record| record[..K].cmp(key)).ok().map(|found| records[found][K]))
+        let found = records.binary_search_by(|record| record[..K].cmp(key)).ok();
+        Ok(found.and_then(|found| records[found][K..].try_into().ok()))
     }
 
-    fn reader(&self) -> io::Result<RunReader<K>> {
+    fn reader(&self) -> io::Result<RunReader<K, V>> {
         let mut file = self.file.try_clone()?;
         file.rewind()?;
         Ok(RunReader { file: BufReader::new(file) })
     }
 }
 
-struct RunReader<const K: usize> {
+struct RunReader<const K: usize, const V: usize> {
     file: BufReader<File>,
 }
 
-impl<const K: usize> RunReader<K> {
-    fn next(&mut self) -> io::Result<Option<([u8; K], u8)>> {
+impl<const K: usize, const V: usize> RunReader<K, V> {
+    fn next(&mut self) -> io::Result<Option<([u8; K], [u8; V])>> {
         let mut key = [0u8; K];
         match self.file.read_exact(&mut key) {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(error) => return Err(error),
         }
-        let mut value = [0u8; 1];
+        let mut value = [0u8; V];
         self.file.read_exact(&mut value)?;
-        Ok(Some((key, value[0])))
+        Ok(Some((key, value)))
     }
 }
 
-struct RunWriter<const K: usize> {
+struct RunWriter<const K: usize, const V: usize> {
     file: BufWriter<File>,
     records: usize,
     firsts: Vec<[u8; K]>,
 }
 
-impl<const K: usize> RunWriter<K> {
-    fn new() -> io::Result<RunWriter<K>> {
+impl<const K: usize, const V: usize> RunWriter<K, V> {
+    fn new() -> io::Result<RunWriter<K, V>> {
         Ok(RunWriter { file: BufWriter::new(tempfile::tempfile()?), records: 0, firsts: Vec::new() })
     }
 
     /// Appends a record; keys come in ascending order.
-    fn push(&mut self, key: &[u8; K], value: u8) -> io::Result<()> {
+    fn push(&mut self, key: &[u8; K], value: &[u8; V]) -> io::Result<()> {
         if self.records.is_multiple_of(BLOCK) {
             self.firsts.push(*key);
         }
         self.file.write_all(key)?;
-        self.file.write_all(&[value])?;
+        self.file.write_all(value)?;
         self.records += 1;
         Ok(())
     }
 
-    fn finish(self) -> io::Result<Run<K>> {
+    fn finish(self) -> io::Result<Run<K, V>> {
         let file = self.file.into_inner().map_err(io::IntoInnerError::into_error)?;
         Ok(Run { file, records: self.records, firsts: self.firsts })
     }
@@ -292,6 +370,37 @@ mod tests {
         // Keys below the first of a run and above its last are absent, not errors.
         assert_eq!(known.get("0").unwrap(), None);
         assert_eq!(known.get("zzzz").unwrap(), None);
+    }
+
+    /// Aliases past the memory limit go to runs and are found with the `Type/id` recorded last;
+    /// a uuid, another tail and a tail longer than an id (keyed by its hash) are kept apart.
+    #[test]
+    fn full_url_aliases_past_the_memory_limit_are_found_with_their_last_target() {
+        let types = bulkhead_fhir::RESOURCE_TYPES;
+        let mut aliases = FullUrlAliases::with_limits(50, 10);
+        let long = |n: u64| format!("{}-{n}", "l".repeat(80));
+        let count = 2_000u64;
+        for n in 0..count {
+            aliases.insert(&uuid(n), types[(n % 7) as usize], &format!("u{n}")).unwrap();
+            aliases.insert(&format!("tail-{n}"), types[(n % 5) as usize], &format!("t{n}")).unwrap();
+            aliases.insert(&long(n), "Patient", &"i".repeat(64)).unwrap();
+        }
+        for n in (0..count).step_by(3) {
+            aliases.insert(&uuid(n), "Group", &format!("again{n}")).unwrap();
+        }
+        assert!(aliases.uuids.memory.len() < 50 && aliases.others.memory.len() < 10, "memory stays bounded");
+        assert!(!aliases.uuids.runs.is_empty() && aliases.uuids.runs.len() <= MAX_RUNS);
+        for n in 0..count {
+            let expected =
+                if n % 3 == 0 { format!("Group/again{n}") } else { format!("{}/u{n}", types[(n % 7) as usize]) };
+            assert_eq!(aliases.get(&uuid(n)).unwrap(), Some(expected), "uuid {n}");
+            let tail = aliases.get(&format!("tail-{n}")).unwrap();
+            assert_eq!(tail, Some(format!("{}/t{n}", types[(n % 5) as usize])), "tail {n}");
+            assert_eq!(aliases.get(&long(n)).unwrap(), Some(format!("Patient/{}", "i".repeat(64))), "long {n}");
+        }
+        assert_eq!(aliases.get(&uuid(count)).unwrap(), None);
+        assert_eq!(aliases.get(&long(count)).unwrap(), None);
+        assert_eq!(aliases.get(&uuid(1).to_uppercase()).unwrap(), None, "another spelling is another alias");
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! with that id is part of the load; a line whose target comes later in the load waits until
 //! the end, and a reference that never resolves is kept as it is.
 
-use std::collections::HashMap;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,7 +15,7 @@ use bulkhead_fhir::{JsonTape, JsonView, TapeBuffers};
 use bulkhead_store::{BulkBatch, BulkSource, PreparedWrite, Store, StoreError, TenantId, WriteOp, Written};
 use serde_json::Value;
 
-use crate::known_ids::KnownIds;
+use crate::known_ids::{FullUrlAliases, KnownIds};
 use crate::validate::{describe_issues, parse_resource, validate_json, validate_resource, ValidationMode};
 
 /// A batch is written when it holds this many resources…
@@ -35,10 +34,17 @@ const COMMIT_BYTES: usize = 16 * 1024 * 1024;
 /// Deferred resources (waiting for a reference's target) kept in memory, as text, up to this
 /// many bytes; past it they go to a temporary file.
 const DEFERRED_BYTES: usize = 4 * 1024 * 1024;
-/// Size assumed for a resource that did not come as a line of text (a Bundle entry).
+/// Size assumed for a resource that did not come as text of a known length (a Bundle's entry
+/// parsed with the whole Bundle).
 const ENTRY_BYTES: usize = 2 * 1024;
 /// Line errors kept for the summary; later ones are only counted.
 const KEPT_ERRORS: usize = 1_000;
+
+/// The refusal of a line longer than the limit for one resource (`max_body_bytes`), in the same
+/// words for `$upload-ndjson` and `bulkhead import`.
+pub fn line_too_long(line: u64, max_line: usize) -> String {
+    format!("line {line} is longer than {max_line} bytes")
+}
 
 /// Where a resource came from, for error reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,8 +130,9 @@ pub struct Importer {
     validation: ValidationMode,
     /// `id` → type of every resource seen in this load (for `urn:uuid:` references).
     known: KnownIds,
-    /// `fullUrl` → `Type/id` for Bundle entries whose fullUrl is not `urn:uuid:<their id>`.
-    aliases: HashMap<String, String>,
+    /// `urn:uuid:` fullUrl → `Type/id` for Bundle entries whose fullUrl's uuid is not their id
+    /// (only `urn:uuid:` references are looked up: other fullUrls are not kept).
+    aliases: FullUrlAliases,
     pending: Vec<(Location, WriteOp, Option<PreparedWrite>)>,
     /// JSON text bytes of the pending batch.
     pending_bytes: usize,
@@ -154,7 +161,7 @@ impl Importer {
             max_group_members,
             validation: ValidationMode::Strict,
             known: KnownIds::default(),
-            aliases: HashMap::new(),
+            aliases: FullUrlAliases::default(),
             pending: Vec::with_capacity(BATCH),
             pending_bytes: 0,
             size_hint: ENTRY_BYTES,
@@ -271,20 +278,47 @@ impl Importer {
     }
 
     /// Adds a whole Bundle (file import): each entry's resource, with its `fullUrl` resolved.
-    pub fn add_bundle(&mut self, source: &str, bundle: Value) -> Result<(), StoreError> {
-        let entries = match bundle.get("entry") {
-            Some(Value::Array(entries)) => entries.clone(),
+    pub fn add_bundle(&mut self, source: &str, mut bundle: Value) -> Result<(), StoreError> {
+        let entries = match bundle.get_mut("entry").map(Value::take) {
+            Some(Value::Array(entries)) => entries,
             _ => Vec::new(),
         };
-        for (index, mut entry) in entries.into_iter().enumerate() {
-            let location = Location { source: format!("{source} entry[{index}]"), line: index as u64 + 1 };
-            let full_url = entry.get("fullUrl").and_then(Value::as_str).map(str::to_owned);
-            match entry.get_mut("resource").map(Value::take) {
-                Some(resource) => self.add_resource(location, resource, full_url)?,
-                None => self.fail(location, "Bundle entry has no resource"),
-            }
+        for (index, entry) in entries.into_iter().enumerate() {
+            self.add_bundle_entry(source, index, entry, ENTRY_BYTES)?;
         }
         Ok(())
+    }
+
+    /// Adds element `index` of a Bundle's `entry` (a file import reads a Bundle entry by entry:
+    /// see `bulkhead import`), `text_bytes` long: its resource, with its `fullUrl` resolved.
+    pub fn add_bundle_entry(
+        &mut self,
+        source: &str,
+        index: usize,
+        mut entry: Value,
+        text_bytes: usize,
+    ) -> Result<(), StoreError> {
+        let location = Location { source: format!("{source} entry[{index}]"), line: index as u64 + 1 };
+        let full_url = entry.get("fullUrl").and_then(Value::as_str).map(str::to_owned);
+        match entry.get_mut("resource").map(Value::take) {
+            Some(resource) => {
+                // Batches are bounded by their text: a large entry counts as large.
+                self.size_hint = text_bytes;
+                let added = self.add_resource(location, resource, full_url);
+                self.size_hint = ENTRY_BYTES;
+                added
+            }
+            None => {
+                self.fail(location, "Bundle entry has no resource");
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts a resource refused before it could be parsed (a line longer than the limit for one
+    /// resource), with the words the caller gives (see [`line_too_long`]).
+    pub fn refuse(&mut self, location: Location, message: impl Into<String>) {
+        self.fail(location, message);
     }
 
     /// Adds one resource; `full_url` is its Bundle `fullUrl`, if any.
@@ -328,8 +362,9 @@ impl Importer {
                 id
             }
         };
-        if let Some(full_url) = full_url.filter(|url| url.strip_prefix("urn:uuid:") != Some(id.as_str())) {
-            self.aliases.insert(full_url, format!("{resource_type}/{id}"));
+        let alias = full_url.as_deref().and_then(|url| url.strip_prefix("urn:uuid:")).filter(|uuid| *uuid != id);
+        if let Some(uuid) = alias {
+            self.aliases.insert(uuid, resource_type, &id).map_err(spill_error)?;
         }
         self.known.insert(&id, resource_type).map_err(spill_error)?;
         if self.resolve_references(&mut resource)? {
@@ -390,8 +425,8 @@ impl Importer {
                     if key == "reference" {
                         if let Value::String(reference) = child {
                             if let Some(uuid) = reference.strip_prefix("urn:uuid:") {
-                                let target = match self.aliases.get(reference.as_str()) {
-                                    Some(alias) => Some(alias.clone()),
+                                let target = match self.aliases.get(uuid).map_err(spill_error)? {
+                                    Some(alias) => Some(alias),
                                     None => self.known.get(uuid).map_err(spill_error)?.map(|t| format!("{t}/{uuid}")),
                                 };
                                 match target {
@@ -675,8 +710,15 @@ impl DeferredReader {
                 return Ok(None);
             }
         }
-        // Written by `push` from a parsed resource (numbers keep their text both ways).
-        let (source, line, resource): (String, u64, Value) = serde_json::from_slice(&self.line).map_err(spill_error)?;
+        // Written by `push` from a parsed resource. Read back as a request body is (a plain
+        // parse would respell an exponent, `1.50E2` as `1.50e+2`), so numbers keep their text.
+        // (Not through `serde_json::from_value` either: it respells them too.)
+        let parsed = bulkhead_fhir::parse_exact(&self.line).map_err(spill_error)?;
+        let Value::Array(items) = parsed else { return Err(spill_error("a deferred line is not an array")) };
+        let Ok([Value::String(source), line, resource]) = <[Value; 3]>::try_from(items) else {
+            return Err(spill_error("a deferred line is not [source, line, resource]"));
+        };
+        let line = line.as_u64().ok_or_else(|| spill_error("a deferred line has no line number"))?;
         Ok(Some((Location { source, line }, resource, self.line.len())))
     }
 }
@@ -765,7 +807,7 @@ mod tests {
         let count = 2 * DEFERRED_BYTES / 2_000 + 10;
         for index in 0..count {
             let line = format!(
-                r#"{{"resourceType":"Observation","id":"o{index}","status":"final","code":{{"text":"{padding}"}},"subject":{{"reference":"urn:uuid:{patient}"}},"valueQuantity":{{"value":1.50}}}}"#
+                r#"{{"resourceType":"Observation","id":"o{index}","status":"final","code":{{"text":"{padding}"}},"subject":{{"reference":"urn:uuid:{patient}"}},"valueQuantity":{{"value":1.50E2}}}}"#
             );
             importer
                 .add_line(Location { source: "obs.ndjson".into(), line: index as u64 + 1 }, line.as_bytes())
@@ -794,7 +836,46 @@ mod tests {
             let stored = store.read(tenant, &Visibility::Tenant, "Observation", &format!("o{index}")).unwrap().unwrap();
             let body = stored.body.unwrap();
             assert!(body.contains(&format!(r#""reference":"Patient/{patient}""#)), "o{index}: {body}");
-            assert!(body.contains(r#""value":1.50"#), "o{index}: {body}");
+            assert!(body.contains(r#""value":1.50E2"#), "o{index}: {body}");
+        }
+    }
+
+    /// Of Bundle fullUrls, only a `urn:uuid:` whose uuid is not its resource's id is kept (the
+    /// only kind a reference is looked up by): an absolute fullUrl is not, and references
+    /// resolve as they always did. An absolute one stays as written, `urn:uuid:<id>` finds its
+    /// id, an alias its target.
+    #[test]
+    fn only_urn_uuid_full_urls_that_differ_from_the_id_are_kept() {
+        let (alias, same) = ("0d4c7b2e-51a4-4f3c-8f7e-5b2a9c1d3e41", "0d4c7b2e-51a4-4f3c-8f7e-5b2a9c1d3e42");
+        let observation = |id: &str, reference: &str| {
+            serde_json::json!({"resource": {"resourceType": "Observation", "id": id, "status": "final",
+                "code": {"text": "x"}, "subject": {"reference": reference}}})
+        };
+        let bundle = serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": [
+            {"fullUrl": "http://example.org/fhir/Patient/p1", "resource": {"resourceType": "Patient", "id": "p1"}},
+            {"fullUrl": format!("urn:uuid:{alias}"), "resource": {"resourceType": "Patient", "id": "p2"}},
+            {"fullUrl": format!("urn:uuid:{same}"), "resource": {"resourceType": "Patient", "id": same}},
+            observation("o1", "http://example.org/fhir/Patient/p1"),
+            observation("o2", "urn:uuid:p1"),
+            observation("o3", &format!("urn:uuid:{alias}")),
+            observation("o4", &format!("urn:uuid:{same}")),
+        ]});
+        let directory = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&directory.path().join("t.db")).unwrap());
+        let tenant = store.create_tenant("t").unwrap().id;
+        let mut importer = Importer::new(store.clone(), tenant, None, 100);
+        importer.add_bundle("b.json", bundle).unwrap();
+        assert_eq!(importer.aliases.in_memory(), 1, "only the urn:uuid fullUrl of p2 is kept");
+        let summary = importer.finish().unwrap();
+        assert_eq!((summary.created, summary.failed), (7, 0), "{:?}", summary.errors);
+        for (id, subject) in [
+            ("o1", "http://example.org/fhir/Patient/p1".to_owned()),
+            ("o2", "Patient/p1".to_owned()),
+            ("o3", "Patient/p2".to_owned()),
+            ("o4", format!("Patient/{same}")),
+        ] {
+            let body = store.read(tenant, &Visibility::Tenant, "Observation", id).unwrap().unwrap().body.unwrap();
+            assert!(body.contains(&format!(r#""subject":{{"reference":"{subject}"}}"#)), "{id}: {body}");
         }
     }
 

@@ -288,7 +288,7 @@ fn line_too_long(line: u64, max_line: usize) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         IssueType::TooCostly,
-        format!("line {line} is longer than {max_line} bytes"),
+        crate::ndjson_import::line_too_long(line, max_line),
     )
     .at(format!("line {line}"))
 }
