@@ -445,6 +445,19 @@ async fn every_bad_token_request_is_answered_as_rfc_6749_says_and_issues_no_toke
             "invalid_scope",
         ),
         ("a patient scope", token_request(&sign(&ec, &claims(&client.id)), "patient/*.read"), 400, "invalid_scope"),
+        (
+            // RFC 7521 §4.2: a client_id sent alongside the assertion must name the same client.
+            "a client_id naming another client",
+            token_form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", "bh_other"),
+                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                ("client_assertion", &sign(&ec, &claims(&client.id))),
+                ("scope", good_scope),
+            ]),
+            401,
+            "invalid_client",
+        ),
         ("not a form", post("/auth/token").raw("application/json", "{}"), 400, "invalid_request"),
     ];
     for (name, call, status, error) in cases {
