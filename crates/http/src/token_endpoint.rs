@@ -7,6 +7,8 @@
 //! registered key has that `kid` and fits the `alg`; the signature verifies; `aud` is this token
 //! URL; `exp` is in the future and at most five minutes (plus leeway) ahead; and its `jti` was
 //! never seen for this client while unexpired (recorded in the store, so every instance agrees).
+//! A `client_id` form field is optional (the assertion names the client) but, if sent, must be
+//! that client (RFC 7521 §4.2).
 //! Every failure is `invalid_client` (401) and counts toward the failed-login limit.
 
 use axum::body::Bytes;
@@ -134,6 +136,10 @@ async fn issue_token(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Resu
     let requested = field("scope").ok_or_else(|| OAuthError::invalid_request("scope is required"))?.to_owned();
     let audience = token_url(state, headers);
     let (client, registration) = verify_assertion(state, assertion, &audience).await?;
+    // RFC 7521 §4.2: the assertion identifies the client; a client_id sent as well must agree.
+    if field("client_id").is_some_and(|client_id| client_id != client.client_id) {
+        return Err(OAuthError::invalid_client("client_id is not the client the assertion names"));
+    }
 
     let requested = parse_scopes(&requested).map_err(OAuthError::invalid_scope)?;
     let registered = match registration.scopes.as_deref() {

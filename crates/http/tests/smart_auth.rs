@@ -445,6 +445,19 @@ async fn every_bad_token_request_is_answered_as_rfc_6749_says_and_issues_no_toke
             "invalid_scope",
         ),
         ("a patient scope", token_request(&sign(&ec, &claims(&client.id)), "patient/*.read"), 400, "invalid_scope"),
+        (
+            // RFC 7521 §4.2: a client_id sent alongside the assertion must name the same client.
+            "a client_id naming another client",
+            token_form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", "bh_other"),
+                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                ("client_assertion", &sign(&ec, &claims(&client.id))),
+                ("scope", good_scope),
+            ]),
+            401,
+            "invalid_client",
+        ),
         ("not a form", post("/auth/token").raw("application/json", "{}"), 400, "invalid_request"),
     ];
     for (name, call, status, error) in cases {
@@ -557,8 +570,11 @@ async fn discovery_advertises_the_token_endpoint_at_each_fhir_base() {
     assert_eq!(security["extension"][0]["extension"][0], json!({"url": "token", "valueUri": TOKEN_URL}));
 }
 
-/// Fills a tenant with two patients, an Observation and a Condition each, and a Group of both.
+/// Fills a tenant with two patients, an Observation (by a Practitioner outside the Patient
+/// compartment) and a Condition each, and a Group of both.
 async fn cohort(server: &Server, client: &Client) -> String {
+    let practitioner = server.create(client, json!({"resourceType": "Practitioner"})).await;
+    let performer = json!([{"reference": format!("Practitioner/{}", practitioner["id"].as_str().unwrap())}]);
     let mut members = Vec::new();
     for family in ["One", "Two"] {
         let created = server.create(client, patient(family)).await;
@@ -567,7 +583,8 @@ async fn cohort(server: &Server, client: &Client) -> String {
         server
             .create(
                 client,
-                json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": subject}),
+                json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": subject,
+                    "performer": performer}),
             )
             .await;
         server.create(client, json!({"resourceType": "Condition", "subject": subject, "code": {"text": "y"}})).await;
@@ -626,11 +643,12 @@ async fn scopes_limit_exports_and_files_belong_to_the_client_that_started_them()
     let granted_scope = server.send(token_request(&sign(&ec, &claims(&client.id)), "system/Patient.read")).await.json();
     assert_eq!(granted_scope["scope"], "system/Patient.read system/Group.rs");
 
-    // Everything readable: every type, and the files need the token of this client.
+    // Everything readable: every type, and the resources the compartments reference, as with
+    // client credentials; the files need the token of this client.
     let reply = server.send(bearer(get(&kick_off), &everything).respond_async()).await;
     let status_url = local(reply.header("content-location"));
     let manifest = server.send(bearer(get(&status_url), &everything)).await.json();
-    assert_eq!(output_types(&manifest), ["Condition", "Group", "Observation", "Patient"]);
+    assert_eq!(output_types(&manifest), ["Condition", "Group", "Observation", "Patient", "Practitioner"]);
     let file = local(manifest["output"][0]["url"].as_str().unwrap());
     assert_error(&server.send(get(&file)).await, 401, "login");
     assert_status(&server.send(bearer(get(&file), &everything)).await, 200);
