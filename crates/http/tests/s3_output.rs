@@ -263,10 +263,14 @@ async fn a_failure_while_writing_fails_the_job_and_leaves_no_objects() {
     let reply = finished(&server, &client, &job).await;
     let outcome = assert_error(&reply, 500, "exception");
     assert_eq!(outcome["resourceType"], "OperationOutcome");
-    assert!(
-        keys(&endpoint, &bucket, &format!("exports/{}/{job}/", tenant.0)).await.is_empty(),
-        "partial output removed"
-    );
+    // The worker fails the job first and then removes what it wrote (in that order, so that it
+    // never removes a new lease holder's objects): a poll may see the failure a moment before.
+    let prefix = format!("exports/{}/{job}/", tenant.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !keys(&endpoint, &bucket, &prefix).await.is_empty() {
+        assert!(Instant::now() < deadline, "partial output removed within 10 s of the failure");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A bucket that does not exist: the upload itself fails.
     let missing = output_store(&endpoint, "no-such-bucket-bulkhead", false);
