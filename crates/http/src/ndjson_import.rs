@@ -200,7 +200,10 @@ impl Importer {
         self.summary.processed()
     }
 
-    fn fail(&mut self, location: Location, message: impl Into<String>) {
+    /// Counts a refused resource with its message (kept for the summary up to `KEPT_ERRORS`);
+    /// callers that read the input themselves refuse what never reaches the importer (a line
+    /// longer than the limit for one resource: [`line_too_long`]).
+    pub fn refuse(&mut self, location: Location, message: impl Into<String>) {
         self.summary.failed += 1;
         if self.summary.errors.len() < KEPT_ERRORS {
             self.summary.errors.push(LineError { location, message: message.into() });
@@ -228,7 +231,7 @@ impl Importer {
                 added
             }
             Err(error) => {
-                self.fail(location, describe_issues(&error.issues));
+                self.refuse(location, describe_issues(&error.issues));
                 Ok(())
             }
         }
@@ -262,7 +265,7 @@ impl Importer {
             return Ok(Err(spill_error(error)));
         }
         if let Err(error) = validate_json(resource, resource_type, Some(id), self.max_group_members, self.validation) {
-            self.fail(location, describe_issues(&error.issues));
+            self.refuse(location, describe_issues(&error.issues));
             return Ok(Ok(()));
         }
         let Some(prepared) = PreparedWrite::detached(resource_type, id, resource, line.len()) else {
@@ -309,16 +312,10 @@ impl Importer {
                 added
             }
             None => {
-                self.fail(location, "Bundle entry has no resource");
+                self.refuse(location, "Bundle entry has no resource");
                 Ok(())
             }
         }
-    }
-
-    /// Counts a resource refused before it could be parsed (a line longer than the limit for one
-    /// resource), with the words the caller gives (see [`line_too_long`]).
-    pub fn refuse(&mut self, location: Location, message: impl Into<String>) {
-        self.fail(location, message);
     }
 
     /// Adds one resource; `full_url` is its Bundle `fullUrl`, if any.
@@ -334,7 +331,7 @@ impl Importer {
                 .err()
                 .map(|error| describe_issues(&error.issues))
                 .unwrap_or_else(|| "resourceType is not an R4 resource type".to_owned());
-            self.fail(location, refusal);
+            self.refuse(location, refusal);
             return Ok(());
         };
         let id = match resource.get("id") {
@@ -347,7 +344,7 @@ impl Importer {
                         .err()
                         .map(|error| describe_issues(&error.issues))
                         .unwrap_or_else(|| "the resource id is not valid".to_owned());
-                self.fail(location, refusal);
+                self.refuse(location, refusal);
                 return Ok(());
             }
             None => {
@@ -380,7 +377,7 @@ impl Importer {
         if let Err(error) =
             validate_resource(&resource, &resource_type, Some(&id), self.max_group_members, self.validation)
         {
-            self.fail(location, describe_issues(&error.issues));
+            self.refuse(location, describe_issues(&error.issues));
             return Ok(());
         }
         // Prepared from the `Value` as a line is from its tape, and then dropped: a parsed
@@ -498,7 +495,7 @@ impl Importer {
                     for (location, result) in locations.into_iter().zip(results) {
                         match result {
                             Ok(written) => self.summary.count(&written),
-                            Err(error) => self.fail(location, error.to_string()),
+                            Err(error) => self.refuse(location, error.to_string()),
                         }
                     }
                 }
